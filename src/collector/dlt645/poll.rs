@@ -1,0 +1,292 @@
+//! Polling the meters of one bus: schedules, reading values into
+//! [`Reading`]s, clock skew, degrade mode.
+
+use std::time::Duration;
+
+use chrono::{FixedOffset, NaiveDate, TimeZone, Utc};
+use rust_decimal::Decimal;
+use tokio::time::Instant;
+
+use super::bus::{Bus, TxError};
+use crate::collector::config::{ResolvedMeter, Schedule, When};
+use crate::metrics;
+use crate::model::{now_ms, Channel, Protocol, Quality, Reading, Source};
+use crate::protocol::dlt645::catalogue::{clock_dis, lookup, TimeRef};
+use crate::protocol::dlt645::frame::{hex, Frame};
+use crate::protocol::dlt645::message::{self, FollowUp};
+use crate::protocol::dlt645::{Di, MeterTime, Value, ValueError};
+
+/// Settings shared by the meters of a bus.
+#[derive(Debug, Clone)]
+pub struct PollSettings {
+    pub collector_id: String,
+    pub offset: FixedOffset,
+    pub skew_threshold: Duration,
+    pub time_sync: bool,
+    pub degrade_after_cycles: u32,
+    pub degraded_interval: Duration,
+}
+
+/// One meter and what the bus remembers about it.
+#[derive(Debug, Clone)]
+pub struct MeterState {
+    pub meter: ResolvedMeter,
+    /// Per schedule: when it last ran (monotonic) and on which meter-local day.
+    last_run: Vec<Option<Instant>>,
+    last_day: Vec<Option<NaiveDate>>,
+    pub failed_cycles: u32,
+    pub degraded: bool,
+    next_try: Option<Instant>,
+}
+
+impl MeterState {
+    pub fn new(meter: ResolvedMeter) -> MeterState {
+        let n = meter.schedules.len();
+        MeterState { meter, last_run: vec![None; n], last_day: vec![None; n], failed_cycles: 0, degraded: false, next_try: None }
+    }
+
+    fn due(&self, i: usize, now: Instant, today: NaiveDate, local_time: chrono::NaiveTime) -> bool {
+        match self.meter.schedules[i].when {
+            When::Every(d) => self.last_run[i].is_none_or(|t| now >= t + d),
+            When::DailyAt(at) => local_time >= at && self.last_day[i] != Some(today),
+        }
+    }
+
+    /// When this meter next has something due (for sleeping between cycles;
+    /// at most a second ahead so daily schedules are noticed).
+    pub fn next_due(&self, now: Instant) -> Instant {
+        let horizon = now + Duration::from_secs(1);
+        if let Some(t) = self.next_try.filter(|t| self.degraded && *t > now) {
+            return t.min(horizon);
+        }
+        let mut next = horizon;
+        for (i, s) in self.meter.schedules.iter().enumerate() {
+            if let When::Every(d) = s.when {
+                next = next.min(self.last_run[i].map_or(now, |t| t + d));
+            }
+        }
+        next
+    }
+}
+
+/// What one meter's turn produced.
+#[derive(Debug, Default)]
+pub struct MeterOutcome {
+    pub readings: Vec<Reading>,
+    pub answered: bool,
+    pub skewed: bool,
+    pub errors: Vec<String>,
+}
+
+/// A lost link: the cycle stops and the bus reconnects.
+#[derive(Debug)]
+pub struct LinkLost(pub std::io::Error);
+
+/// Reads the due schedules of one meter (all schedules if `all`).
+pub async fn poll_meter(
+    bus: &mut Bus,
+    st: &mut MeterState,
+    s: &PollSettings,
+    all: bool,
+) -> Result<Option<MeterOutcome>, LinkLost> {
+    let now = Instant::now();
+    if !all && st.degraded && st.next_try.is_some_and(|t| now < t) {
+        return Ok(None);
+    }
+    let local = Utc::now().with_timezone(&s.offset).naive_local();
+    let due: Vec<usize> =
+        (0..st.meter.schedules.len()).filter(|&i| all || st.due(i, now, local.date(), local.time())).collect();
+    if due.is_empty() {
+        return Ok(None);
+    }
+    let label = format!("{}/{}", bus.name, st.meter.address);
+    let mut out = MeterOutcome::default();
+    let mut dis: Vec<Di> = vec![];
+    let mut read_clock = false;
+    for &i in &due {
+        let sch: &Schedule = &st.meter.schedules[i];
+        read_clock |= sch.read_clock;
+        for di in &sch.dis {
+            if !dis.contains(di) {
+                dis.push(*di);
+            }
+        }
+    }
+    let source = Source { protocol: Protocol::Dlt645, collector: s.collector_id.clone(), address: label.clone() };
+    let mut quality = Quality::OK;
+    let mut dead = false;
+
+    if read_clock {
+        match read_clock_skew(bus, &st.meter, s, &label).await {
+            Ok(Some(skew_ms)) => {
+                out.answered = true;
+                let skewed = skew_ms.unsigned_abs() > s.skew_threshold.as_millis() as u64;
+                if skewed {
+                    quality = Quality::CLOCK_SKEW;
+                    out.skewed = true;
+                    tracing::warn!(meter = %st.meter.meter_id, bus = %bus.name, skew_s = skew_ms / 1000, "meter clock skew beyond threshold");
+                }
+                metrics::gauge_set("meterflow_dlt645_clock_skew_seconds", &[("bus", &bus.name), ("meter", &label)], skew_ms as f64 / 1000.0);
+                let t = now_ms();
+                out.readings.push(Reading {
+                    meter_id: st.meter.meter_id.clone(),
+                    ts_ms: t,
+                    channel: Channel::ClockSkew,
+                    value: Decimal::new(skew_ms, 3),
+                    quality,
+                    source: source.clone(),
+                    received_ms: t,
+                });
+            }
+            Ok(None) => out.answered = true,
+            Err(TxError::Io(e)) => return Err(LinkLost(e)),
+            Err(e @ TxError::Timeout(_)) => {
+                out.errors.push(format!("clock: {e}"));
+                dead = true;
+            }
+            Err(e) => {
+                out.answered |= matches!(e, TxError::Refused(_));
+                out.errors.push(format!("clock: {e}"));
+            }
+        }
+    }
+
+    let mut frozen_at: Option<Option<i64>> = None;
+    for di in dis {
+        if dead {
+            break;
+        }
+        let Some(info) = lookup(di) else { continue };
+        let ts = match info.time {
+            TimeRef::ReadTime => now_ms(),
+            TimeRef::FrozenAt(time_di) => {
+                if frozen_at.is_none() {
+                    frozen_at = Some(match read_value(bus, &st.meter, time_di, &label).await {
+                        Ok(Value::DateTime(t)) => meter_time_to_ms(t, s.offset),
+                        Ok(_) => None,
+                        Err(TxError::Io(e)) => return Err(LinkLost(e)),
+                        Err(e) => {
+                            out.errors.push(format!("{time_di}: {e}"));
+                            None
+                        }
+                    });
+                }
+                match frozen_at.flatten() {
+                    Some(t) => t,
+                    None => continue,
+                }
+            }
+        };
+        match read_value(bus, &st.meter, di, &label).await {
+            Ok(v) => {
+                out.answered = true;
+                let received = now_ms();
+                for (channel, value, at) in values_of(&v, info.channels) {
+                    out.readings.push(Reading {
+                        meter_id: st.meter.meter_id.clone(),
+                        ts_ms: at.and_then(|t| meter_time_to_ms(t, s.offset)).unwrap_or(ts),
+                        channel,
+                        value,
+                        quality,
+                        source: source.clone(),
+                        received_ms: received,
+                    });
+                }
+            }
+            Err(TxError::Io(e)) => return Err(LinkLost(e)),
+            Err(e @ TxError::Timeout(_)) => {
+                // A silent meter costs its own timeout once, not once per DI.
+                out.errors.push(format!("{di}: {e}"));
+                dead = true;
+            }
+            Err(e) => {
+                out.answered |= matches!(e, TxError::Refused(_));
+                tracing::warn!(meter = %st.meter.meter_id, bus = %bus.name, %di, error = %e, "read failed");
+                out.errors.push(format!("{di}: {e}"));
+            }
+        }
+    }
+
+    for &i in &due {
+        st.last_run[i] = Some(now);
+        st.last_day[i] = Some(local.date());
+    }
+    if out.answered {
+        if st.degraded {
+            tracing::info!(meter = %st.meter.meter_id, bus = %bus.name, "meter answers again; leaving degrade mode");
+        }
+        st.failed_cycles = 0;
+        st.degraded = false;
+        st.next_try = None;
+    } else {
+        st.failed_cycles += 1;
+        if st.failed_cycles >= s.degrade_after_cycles {
+            if !st.degraded {
+                tracing::warn!(meter = %st.meter.meter_id, bus = %bus.name, cycles = st.failed_cycles, "meter degraded: polling it less often");
+            }
+            st.degraded = true;
+            st.next_try = Some(Instant::now() + s.degraded_interval);
+        }
+    }
+    metrics::gauge_set("meterflow_dlt645_meter_degraded", &[("bus", &bus.name), ("meter", &label)], if st.degraded { 1.0 } else { 0.0 });
+    metrics::counter_add("meterflow_dlt645_readings_total", &[("bus", &bus.name), ("meter", &label)], out.readings.len() as u64);
+    Ok(Some(out))
+}
+
+/// Pairs decoded values with the DI's channels.
+fn values_of(v: &Value, channels: &[Channel]) -> Vec<(Channel, Decimal, Option<MeterTime>)> {
+    match v {
+        Value::Number(x) => channels.first().map(|c| vec![(*c, *x, None)]).unwrap_or_default(),
+        Value::Numbers(xs) => channels.iter().zip(xs).map(|(c, x)| (*c, *x, None)).collect(),
+        Value::NumberAt { value, at } => channels.first().map(|c| vec![(*c, *value, Some(*at))]).unwrap_or_default(),
+        _ => vec![],
+    }
+}
+
+/// Converts a meter-local time to UTC milliseconds.
+pub fn meter_time_to_ms(t: MeterTime, offset: FixedOffset) -> Option<i64> {
+    let naive = t.to_naive()?;
+    offset.from_local_datetime(&naive).single().map(|d| d.timestamp_millis())
+}
+
+/// Reads one DI, following up multi-frame answers, and decodes it.
+pub async fn read_value(bus: &mut Bus, meter: &ResolvedMeter, di: Di, label: &str) -> Result<Value, TxError> {
+    let req = message::read_request(meter.address, di);
+    let first = bus.transact(&req, label).await?;
+    let mut fu = FollowUp::start(meter.address, di, &first);
+    while let Some(next) = fu.next_request() {
+        let reply = bus.transact(&next, label).await?;
+        fu.push(&reply)?;
+    }
+    let format = lookup(di).map(|i| i.format).ok_or(ValueError::Mismatch)?;
+    format.decode(fu.data()).map_err(|e| {
+        tracing::warn!(bus = %bus.name, meter = label, %di, error = %e, hex = %hex(fu.data()), "undecodable value");
+        TxError::Value(e)
+    })
+}
+
+/// Reads date and time; returns meter minus collector clock in ms.
+async fn read_clock_skew(bus: &mut Bus, meter: &ResolvedMeter, s: &PollSettings, label: &str) -> Result<Option<i64>, TxError> {
+    let (date_di, time_di) = clock_dis(meter.edition);
+    let before = now_ms();
+    let date = read_value(bus, meter, date_di, label).await?;
+    let time = read_value(bus, meter, time_di, label).await?;
+    let after = now_ms();
+    let (Value::Date { year, month, day, .. }, Value::Time { hour, minute, second }) = (date, time) else {
+        return Ok(None);
+    };
+    let t = MeterTime { year, month, day, hour, minute, second };
+    let Some(meter_ms) = meter_time_to_ms(t, s.offset) else { return Ok(None) };
+    // The time register was read last: compare with the end of the exchange,
+    // at one-second resolution.
+    let _ = before;
+    let skew = meter_ms - (after / 1000) * 1000;
+    Ok(Some(skew))
+}
+
+/// Broadcasts the collector's clock (as meter-local time) to every meter on the bus.
+pub async fn time_sync(bus: &mut Bus, offset: FixedOffset) -> Result<(), TxError> {
+    let local = Utc::now().with_timezone(&offset).naive_local();
+    let f: Frame = message::time_sync_request(MeterTime::from_naive(local));
+    bus.broadcast(&f).await
+}

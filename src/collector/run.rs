@@ -1,0 +1,187 @@
+//! The `collect` engine: one task per DL/T 645 bus and per Modbus
+//! connection, all sending `Vec<Reading>` to one lake-writer task that makes
+//! them durable (`Lake::accept`) and commits them to Parquet (`Lake::flush`)
+//! periodically and at shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::config::CollectorConfig;
+use super::dlt645::{self, BusReport};
+use crate::model::Reading;
+use crate::store::{Lake, LakeOptions, StoreError};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    pub lake_dir: PathBuf,
+    /// One cycle of every bus and connection, flush, exit.
+    pub once: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct CollectStats {
+    /// Readings made durable in the lake.
+    pub readings: u64,
+    /// Readings committed to Parquet by flushes.
+    pub flushed: u64,
+    pub buses: Vec<BusReport>,
+    /// Modbus connections that ended with an error.
+    pub modbus_errors: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("lake: {0}")]
+    Lake(#[from] StoreError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
+    #[error("lake writer task failed: {0}")]
+    Writer(String),
+}
+
+/// Runs one cycle of every bus and connection in `cfg`, writes the readings
+/// to the lake at `lake_dir` and flushes it.
+pub async fn collect_once(cfg: CollectorConfig, lake_dir: &Path) -> Result<CollectStats, CollectError> {
+    let (_tx, rx) = watch::channel(false);
+    run(cfg, CollectOptions { lake_dir: lake_dir.to_path_buf(), once: true, metrics_addr: None }, rx).await
+}
+
+/// Runs until `shutdown` turns true (or one cycle with `opts.once`).
+pub async fn run(cfg: CollectorConfig, opts: CollectOptions, shutdown: watch::Receiver<bool>) -> Result<CollectStats, CollectError> {
+    let metrics_task = match opts.metrics_addr {
+        Some(addr) => Some(crate::metrics::serve(addr).await.map_err(|source| CollectError::Metrics { addr, source })?),
+        None => None,
+    };
+    let lake_dir = opts.lake_dir.clone();
+    let writer_id = format!("collect-{}", cfg.collector_id);
+    let lake = tokio::task::spawn_blocking(move || Lake::open(&lake_dir, LakeOptions::new(writer_id)))
+        .await
+        .map_err(|e| CollectError::Writer(e.to_string()))??;
+
+    let (tx, rx) = mpsc::channel::<Vec<Reading>>(256);
+    let writer = tokio::spawn(lake_writer(
+        lake,
+        rx,
+        Duration::from_secs(cfg.lake.flush_interval_s.max(1)),
+        cfg.lake.flush_max_readings.max(1),
+    ));
+
+    let mut bus_tasks = vec![];
+    for (bus, meters, settings) in dlt645::plan(&cfg) {
+        let name = bus.name.clone();
+        let t = tokio::spawn(dlt645::run_bus(bus, meters, settings, tx.clone(), opts.once, shutdown.clone()));
+        bus_tasks.push((name, t));
+    }
+    let mut modbus_tasks = vec![];
+    for c in cfg.modbus.clone() {
+        let name = c.name.clone();
+        let t = tokio::spawn(crate::collector::modbus::run_connection(
+            c,
+            cfg.collector_id.clone(),
+            tx.clone(),
+            opts.once,
+            shutdown.clone(),
+        ));
+        modbus_tasks.push((name, t));
+    }
+    drop(tx);
+
+    let mut stats = CollectStats::default();
+    for (name, t) in bus_tasks {
+        match t.await {
+            Ok(Ok(r)) => stats.buses.push(r),
+            Ok(Err(e)) => {
+                tracing::error!(bus = %name, error = %e, "bus stopped");
+                stats.buses.push(BusReport { bus: name, error: Some(e.to_string()), ..Default::default() });
+            }
+            Err(e) => stats.buses.push(BusReport { bus: name, error: Some(format!("task failed: {e}")), ..Default::default() }),
+        }
+    }
+    for (name, t) in modbus_tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => stats.modbus_errors.push(format!("{name}: {e}")),
+            Err(e) => stats.modbus_errors.push(format!("{name}: task failed: {e}")),
+        }
+    }
+    // Every sender is gone: the writer drains the channel, flushes and ends.
+    let (accepted, flushed) = writer.await.map_err(|e| CollectError::Writer(e.to_string()))??;
+    stats.readings = accepted;
+    stats.flushed = flushed;
+    if let Some(m) = metrics_task {
+        m.abort();
+    }
+    Ok(stats)
+}
+
+/// Receives batches, makes each durable, flushes on a timer, on size and at the end.
+async fn lake_writer(
+    lake: Lake,
+    mut rx: mpsc::Receiver<Vec<Reading>>,
+    every: Duration,
+    max_pending: usize,
+) -> Result<(u64, u64), CollectError> {
+    let mut lake = Some(lake);
+    let mut accepted = 0u64;
+    let mut flushed = 0u64;
+    let mut pending = 0usize;
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        let batch = tokio::select! {
+            b = rx.recv() => b,
+            _ = tick.tick() => {
+                if pending > 0 {
+                    flushed += flush(&mut lake).await? as u64;
+                    pending = 0;
+                }
+                continue;
+            }
+        };
+        let Some(batch) = batch else { break };
+        let n = batch.len();
+        let mut l = lake.take().expect("lake is put back after every use");
+        let (l, r) = tokio::task::spawn_blocking(move || {
+            let r = l.accept(&batch);
+            (l, r)
+        })
+        .await
+        .map_err(|e| CollectError::Writer(e.to_string()))?;
+        lake = Some(l);
+        if let Err(e) = r {
+            // Not durable: say so loudly; the next cycle reads the meters again.
+            tracing::error!(error = %e, readings = n, "lake refused a batch");
+            return Err(e.into());
+        }
+        accepted += n as u64;
+        pending += n;
+        if pending >= max_pending {
+            flushed += flush(&mut lake).await? as u64;
+            pending = 0;
+        }
+    }
+    flushed += flush(&mut lake).await? as u64;
+    Ok((accepted, flushed))
+}
+
+async fn flush(lake: &mut Option<Lake>) -> Result<usize, CollectError> {
+    let mut l = lake.take().expect("lake is put back after every use");
+    let (l, r) = tokio::task::spawn_blocking(move || {
+        let r = l.flush();
+        (l, r)
+    })
+    .await
+    .map_err(|e| CollectError::Writer(e.to_string()))?;
+    *lake = Some(l);
+    let s = r?;
+    if s.readings > 0 {
+        tracing::info!(readings = s.readings, files = s.files, "lake flushed");
+    }
+    Ok(s.readings)
+}

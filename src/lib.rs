@@ -1,0 +1,16 @@
+// ENGINEERS WORKING CONCURRENTLY: read AGENTS.md at the repo root first (shared build dir, file ownership, no git commands, deadline 04:30 UTC).
+//! meterflow: meter readings in, bills, prepayment deductions and alerts out.
+//!
+//! Data flows one way: `protocol` codecs -> `collector`s -> `store` (the readings
+//! lake) -> `billing` (with `tariff`) -> ledger/alerts -> reports.
+
+pub mod master;
+pub mod model;
+pub mod sim;
+pub mod store;
+pub mod ingest;
+pub mod tariff;
+pub mod cli;
+pub mod metrics;
+pub mod protocol;
+pub mod collector;

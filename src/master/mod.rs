@@ -1,0 +1,108 @@
+//! Master data: meters, accounts and payments, as CSV files in one folder
+//! (`meters.csv`, `accounts.csv`, `payments.csv`). Formats: docs/data-model.md.
+//!
+//! Loading never stops at the first bad row: every bad row is reported with
+//! file, line and field, and the good rows are kept.
+
+mod load;
+
+pub use load::{load_accounts, load_meters, load_payments, Loaded, RowError};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+pub const METERS_FILE: &str = "meters.csv";
+pub const ACCOUNTS_FILE: &str = "accounts.csv";
+pub const PAYMENTS_FILE: &str = "payments.csv";
+
+/// One physical meter installed for an account. A meter exchange is two rows
+/// for one account: the old meter with `removed_on`, the new one with `installed_on`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meter {
+    pub meter_id: String,
+    pub account_id: String,
+    /// residential_1p, commercial_3p, industrial_ct (free text, for reports).
+    pub meter_type: String,
+    /// Current transformer ratio (primary/secondary), 1 for direct-connected meters.
+    pub ct_ratio: Decimal,
+    /// Voltage transformer ratio, 1 for low-voltage meters.
+    pub pt_ratio: Decimal,
+    /// Integer digits of the energy registers: they roll over at 10^digits.
+    pub register_digits: u8,
+    pub installed_on: NaiveDate,
+    pub removed_on: Option<NaiveDate>,
+    pub feeder: String,
+}
+
+impl Meter {
+    /// CT x PT: consumption = register delta x multiplier.
+    pub fn multiplier(&self) -> Decimal {
+        self.ct_ratio * self.pt_ratio
+    }
+    /// Register modulus (10^digits).
+    pub fn modulus(&self) -> Decimal {
+        Decimal::from(10u64.pow(self.register_digits as u32))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CustomerClass {
+    Residential,
+    Commercial,
+    Industrial,
+    Agricultural,
+}
+
+impl CustomerClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomerClass::Residential => "residential",
+            CustomerClass::Commercial => "commercial",
+            CustomerClass::Industrial => "industrial",
+            CustomerClass::Agricultural => "agricultural",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentMode {
+    Prepaid,
+    Postpaid,
+}
+
+/// A customer account: who pays, how, and on which tariff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub account_id: String,
+    pub name: String,
+    pub phone: String,
+    pub id_number: String,
+    pub address: String,
+    pub district: String,
+    pub age_band: String,
+    pub occupation: String,
+    pub gender: String,
+    pub customer_class: CustomerClass,
+    pub tariff_id: String,
+    pub payment_mode: PaymentMode,
+    /// Contracted (transformer) capacity, kVA; 0 when not applicable.
+    pub contracted_kva: Decimal,
+    pub household_size: u8,
+    pub opened_on: NaiveDate,
+}
+
+/// A payment received through a channel (top-up for prepaid, bill payment for postpaid).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    /// The channel's transaction id: the idempotency key of the credit.
+    pub txn_id: String,
+    /// wechat, alipay, bank or counter.
+    pub channel: String,
+    pub account_id: String,
+    /// Yuan, exact decimal, positive.
+    pub amount: Decimal,
+    pub paid_at: DateTime<Utc>,
+}

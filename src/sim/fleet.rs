@@ -1,0 +1,602 @@
+//! Deterministic synthetic fleet: master data plus cumulative register
+//! readings written straight into a lake (atomic Parquet commits).
+//!
+//! Everything derives from `seed` and the meter index, so the same options
+//! always give byte-identical master data and identical readings.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{Datelike, Duration as Days, NaiveDate, NaiveTime, Weekday};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::model::Channel;
+use crate::store::columns::ReadingsBuilder;
+use crate::store::schema::{readings_schema, READINGS};
+use crate::store::{atomic, partition_dir, StoreError};
+
+/// Options of `meterflow sim fleet`.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub meters: usize,
+    /// Days of consumption; D+1 daily snapshots are written (00:00 of each day and of the day after).
+    pub days: u32,
+    pub start: NaiveDate,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Also write 15-minute `import_active_interval` profiles (96 rows per meter-day).
+    pub interval: bool,
+    /// Share of meters (per mille) with an anomaly: gap, backwards reading, spike, rollover, exchange.
+    pub anomaly_per_mille: u32,
+    /// Share of residential accounts (percent) on prepayment.
+    pub prepaid_percent: u32,
+    /// Offset of local time from UTC, hours (+8 for China); snapshots are at local midnight.
+    pub utc_offset_hours: i32,
+    /// Meters per generated file (and per parallel task).
+    pub chunk_meters: usize,
+}
+
+impl FleetOptions {
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        FleetOptions {
+            meters: 300,
+            days: 31,
+            start: NaiveDate::from_ymd_opt(2026, 10, 1).expect("valid date"),
+            seed: 42,
+            out: out.into(),
+            interval: false,
+            anomaly_per_mille: 10,
+            prepaid_percent: 30,
+            utc_offset_hours: 8,
+            chunk_meters: 250_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FleetSummary {
+    pub meters: usize,
+    pub accounts: usize,
+    pub readings: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub payments: usize,
+    pub elapsed_ms: u128,
+    pub master_dir: String,
+    pub lake_dir: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid option: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    Residential,
+    Commercial,
+    Industrial,
+    Agricultural,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Anomaly {
+    None,
+    Gap(u32),
+    Backwards(u32),
+    Spike(u32),
+    Rollover,
+    Exchange(u32),
+}
+
+/// Everything about one meter that the generator needs, derived from (seed, index).
+#[derive(Clone, Debug)]
+struct Plan {
+    index: usize,
+    class: Class,
+    household: u8,
+    /// Mean daily use in 0.01 kWh of the register (secondary side for CT meters).
+    daily_centi: u64,
+    ct: u32,
+    pt: u32,
+    start_centi: [u64; 4],
+    split: [u32; 4],
+    anomaly: Anomaly,
+    prepaid: bool,
+    pf_per_mille: u32,
+}
+
+const MODULUS_CENTI: u64 = 100_000_000; // 10^6 kWh in 0.01 kWh
+
+fn rng_for(seed: u64, index: usize, salt: u64) -> SmallRng {
+    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.rotate_left(17);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    SmallRng::seed_from_u64(z ^ (z >> 31))
+}
+
+fn plan(o: &FleetOptions, index: usize) -> Plan {
+    let mut r = rng_for(o.seed, index, 1);
+    let c = r.gen_range(0..1000);
+    let class = match c {
+        0..=899 => Class::Residential,
+        900..=969 => Class::Commercial,
+        970..=994 => Class::Industrial,
+        _ => Class::Agricultural,
+    };
+    let household = r.gen_range(1..=5u8);
+    let (daily_centi, ct, pt) = match class {
+        Class::Residential => (350 + household as u64 * 250 + r.gen_range(0..400), 1, 1),
+        Class::Commercial => (r.gen_range(5_000..50_000), 1, 1),
+        // Secondary-side register: primary use / (CT x PT).
+        Class::Industrial => {
+            let ct = [40u32, 60, 80, 100, 150][r.gen_range(0..5)];
+            let pt = 100u32;
+            let primary_centi: u64 = r.gen_range(400_000..4_000_000);
+            (primary_centi / (ct as u64 * pt as u64) + 1, ct, pt)
+        }
+        Class::Agricultural => (r.gen_range(500..5_000), 1, 1),
+    };
+    let total_start: u64 = r.gen_range(0..5_000_000);
+    let split = [
+        r.gen_range(3..8),
+        r.gen_range(25..35),
+        r.gen_range(30..40),
+        r.gen_range(20..35),
+    ];
+    let mut start_centi = [0u64; 4];
+    let sum: u32 = split.iter().sum();
+    for (i, s) in split.iter().enumerate() {
+        start_centi[i] = total_start * *s as u64 / sum as u64;
+    }
+    let days = o.days.max(1);
+    let anomaly = if r.gen_range(0..1000) < o.anomaly_per_mille {
+        let day = r.gen_range(1..days.max(2));
+        match r.gen_range(0..5) {
+            0 => Anomaly::Gap(day),
+            1 => Anomaly::Backwards(day),
+            2 => Anomaly::Spike(day),
+            3 => Anomaly::Rollover,
+            _ => Anomaly::Exchange(day),
+        }
+    } else {
+        Anomaly::None
+    };
+    if anomaly == Anomaly::Rollover {
+        // Close enough to 999999.99 kWh that the registers wrap inside the period.
+        let total_near = MODULUS_CENTI - daily_centi * (days as u64 / 2 + 1);
+        for (i, s) in split.iter().enumerate() {
+            start_centi[i] = total_near * *s as u64 / sum as u64;
+        }
+    }
+    Plan {
+        index,
+        class,
+        household,
+        daily_centi,
+        ct,
+        pt,
+        start_centi,
+        split,
+        anomaly,
+        prepaid: class == Class::Residential && r.gen_range(0..100) < o.prepaid_percent,
+        pf_per_mille: r.gen_range(820..990),
+    }
+}
+
+pub fn meter_id(index: usize) -> String {
+    format!("{:012}", 300_000_000_000u64 + index as u64)
+}
+
+/// Id of the replacement meter installed at an exchange.
+pub fn replacement_meter_id(index: usize) -> String {
+    format!("{:012}", 900_000_000_000u64 + index as u64)
+}
+
+pub fn account_id(index: usize) -> String {
+    format!("A{:09}", index + 1)
+}
+
+fn season_factor(date: NaiveDate) -> u64 {
+    // percent: summer cooling and winter heating peaks
+    match date.month() {
+        7 | 8 => 140,
+        6 | 9 => 115,
+        12 | 1 | 2 => 125,
+        _ => 100,
+    }
+}
+
+/// Local midnight of `date` as UTC milliseconds.
+fn local_midnight_ms(date: NaiveDate, utc_offset_hours: i32) -> i64 {
+    date.and_time(NaiveTime::MIN).and_utc().timestamp_millis()
+        - utc_offset_hours as i64 * 3_600_000
+}
+
+/// Generates the fleet. `progress` is called with (done, total) work units.
+pub fn generate(o: &FleetOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<FleetSummary, SimError> {
+    if o.meters == 0 || o.days == 0 {
+        return Err(SimError::Invalid("--meters and --days must be positive".into()));
+    }
+    if o.chunk_meters == 0 {
+        return Err(SimError::Invalid("chunk size must be positive".into()));
+    }
+    let t0 = Instant::now();
+    let master = o.out.join("master");
+    let lake = o.out.clone();
+    let plans: Vec<Plan> = (0..o.meters).into_par_iter().map(|i| plan(o, i)).collect();
+    let (meters_csv, accounts_csv, payments_csv, payments) = master_files(o, &plans);
+    atomic::write_file_atomic(&master.join(crate::master::METERS_FILE), meters_csv.as_bytes())?;
+    atomic::write_file_atomic(&master.join(crate::master::ACCOUNTS_FILE), accounts_csv.as_bytes())?;
+    atomic::write_file_atomic(&master.join(crate::master::PAYMENTS_FILE), payments_csv.as_bytes())?;
+
+    let chunks: Vec<&[Plan]> = plans.chunks(o.chunk_meters).collect();
+    let total_units = (chunks.len() as u64) * (o.days as u64 + 1);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let results: Vec<Result<(u64, usize, u64), SimError>> = chunks
+        .par_iter()
+        .enumerate()
+        .map(|(ci, chunk)| {
+            write_chunk(o, &lake, ci, chunk, &|| {
+                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                progress(d, total_units);
+            })
+        })
+        .collect();
+    let mut s = FleetSummary {
+        meters: plans.len()
+            + plans
+                .iter()
+                .filter(|p| matches!(p.anomaly, Anomaly::Exchange(_)))
+                .count(),
+        accounts: plans.len(),
+        payments,
+        master_dir: master.display().to_string(),
+        lake_dir: lake.display().to_string(),
+        ..Default::default()
+    };
+    for r in results {
+        let (rows, files, bytes) = r?;
+        s.readings += rows;
+        s.files += files;
+        s.bytes += bytes;
+    }
+    s.elapsed_ms = t0.elapsed().as_millis();
+    Ok(s)
+}
+
+/// Register state of one meter (0.01 kWh units, before the modulus).
+#[derive(Clone, Copy)]
+struct State {
+    t: [u64; 4],
+    reactive_centi: u64,
+    demand_centi: u64,
+    /// Old meter's registers at an exchange: the new meter counts from there.
+    exchange_base: [u64; 4],
+}
+
+fn write_chunk(
+    o: &FleetOptions,
+    lake: &Path,
+    chunk_index: usize,
+    plans: &[Plan],
+    tick: &(dyn Fn() + Sync),
+) -> Result<(u64, usize, u64), SimError> {
+    let ids: Vec<String> = plans.iter().map(|p| meter_id(p.index)).collect();
+    let new_ids: Vec<String> = plans.iter().map(|p| replacement_meter_id(p.index)).collect();
+    let feeders: Vec<String> = plans.iter().map(|p| format!("F{:03}", p.index % 200)).collect();
+    let mut state: Vec<State> = plans
+        .iter()
+        .map(|p| State {
+            t: p.start_centi,
+            reactive_centi: p.start_centi.iter().sum::<u64>() / 3,
+            demand_centi: 0,
+            exchange_base: [0; 4],
+        })
+        .collect();
+    let (mut rows, mut files, mut bytes) = (0u64, 0usize, 0u64);
+    let name = format!("part-sim-c{chunk_index:04}.parquet");
+    let mut rng = rng_for(o.seed, chunk_index, 7);
+    for day in 0..=o.days {
+        let date = o.start + Days::days(day as i64);
+        let ts = local_midnight_ms(date, o.utc_offset_hours);
+        let per_meter = if o.interval { 5 + 96 } else { 5 };
+        let mut b = ReadingsBuilder::with_capacity(plans.len() * per_meter + 64);
+        for (k, p) in plans.iter().enumerate() {
+            if day > 0 {
+                advance(p, &mut state[k], date - Days::days(1), &mut rng);
+            }
+            let st = &state[k];
+            let received = ts + 300_000 + (p.index as i64 % 600) * 1000;
+            let exchanged = matches!(p.anomaly, Anomaly::Exchange(d) if day >= d);
+            let id = if exchanged { &new_ids[k] } else { &ids[k] };
+            if let Anomaly::Exchange(d) = p.anomaly {
+                if day == d {
+                    // Final reading of the old meter at the exchange, same instant.
+                    push_registers(&mut b, &ids[k], ts, st, p, day, received, &feeders[k], false);
+                    state[k].exchange_base = state[k].t;
+                }
+            }
+            let st = &state[k];
+            if matches!(p.anomaly, Anomaly::Gap(d) if d == day) {
+                continue;
+            }
+            // A replacement meter starts from its own near-zero registers.
+            let shown = if exchanged {
+                State {
+                    t: [0, 1, 2, 3].map(|i| st.t[i] - st.exchange_base[i]),
+                    ..*st
+                }
+            } else {
+                *st
+            };
+            push_registers(&mut b, id, ts, &shown, p, day, received, &feeders[k], true);
+            if o.interval && day < o.days {
+                push_intervals(&mut b, id, ts, p, date, &feeders[k]);
+            }
+        }
+        let batch = b.finish();
+        rows += batch.num_rows() as u64;
+        if batch.num_rows() > 0 {
+            let utc_date = chrono::DateTime::from_timestamp_millis(ts)
+                .map(|t| t.date_naive())
+                .unwrap_or(date);
+            let path = partition_dir(lake, READINGS, utc_date).join(&name);
+            bytes += atomic::write_parquet_atomic(&path, readings_schema(), &[batch])?;
+            files += 1;
+        }
+        tick();
+    }
+    Ok((rows, files, bytes))
+}
+
+fn advance(p: &Plan, st: &mut State, date: NaiveDate, rng: &mut SmallRng) {
+    let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
+    let mut use_centi = p.daily_centi * season_factor(date) / 100;
+    if weekend && p.class == Class::Residential {
+        use_centi = use_centi * 110 / 100;
+    }
+    if weekend && p.class == Class::Industrial {
+        use_centi = use_centi * 60 / 100;
+    }
+    let noise = rng.gen_range(70..=130u64);
+    use_centi = use_centi * noise / 100;
+    let sum: u32 = p.split.iter().sum();
+    let mut given = 0;
+    for i in 0..3 {
+        let part = use_centi * p.split[i] as u64 / sum as u64;
+        st.t[i] += part;
+        given += part;
+    }
+    st.t[3] += use_centi - given;
+    // tan(phi) from the plan's power factor, in per mille
+    let pf = p.pf_per_mille as u64;
+    let tan_pm = (1_000_000 - pf * pf).isqrt() * 1000 / pf.max(1);
+    st.reactive_centi += use_centi * tan_pm / 1000;
+    let peak_kw_centi = use_centi * 100 / 24 * 180 / 100 / 100;
+    if date.day() == 1 {
+        st.demand_centi = 0;
+    }
+    st.demand_centi = st.demand_centi.max(peak_kw_centi);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_registers(
+    b: &mut ReadingsBuilder,
+    id: &str,
+    ts: i64,
+    st: &State,
+    p: &Plan,
+    day: u32,
+    received: i64,
+    feeder: &str,
+    apply_anomaly: bool,
+) {
+    let mut t = st.t;
+    let mut total: u64 = t.iter().sum();
+    if apply_anomaly {
+        match p.anomaly {
+            Anomaly::Backwards(d) if d == day => {
+                let back = p.daily_centi * 3;
+                total = total.saturating_sub(back);
+                t[2] = t[2].saturating_sub(back);
+            }
+            Anomaly::Spike(d) if d == day => {
+                total += p.daily_centi * 200;
+                t[2] += p.daily_centi * 200;
+            }
+            _ => {}
+        }
+    }
+    // Registers show the value modulo 10^6 kWh; values are in 0.01 kWh -> scale 4 is x100.
+    let reg = |v: u64| ((v % MODULUS_CENTI) as i128) * 100;
+    let q = "ok";
+    b.push_scaled(id, ts, Channel::ImportActiveT1, reg(t[0]), q, "sim", "fleet", feeder, received);
+    b.push_scaled(id, ts, Channel::ImportActiveT2, reg(t[1]), q, "sim", "fleet", feeder, received);
+    b.push_scaled(id, ts, Channel::ImportActiveT3, reg(t[2]), q, "sim", "fleet", feeder, received);
+    b.push_scaled(id, ts, Channel::ImportActiveT4, reg(t[3]), q, "sim", "fleet", feeder, received);
+    b.push_scaled(id, ts, Channel::ImportActiveTotal, reg(total), q, "sim", "fleet", feeder, received);
+    if p.class == Class::Industrial {
+        b.push_scaled(id, ts, Channel::ImportReactiveTotal, reg(st.reactive_centi), q, "sim", "fleet", feeder, received);
+        b.push_scaled(id, ts, Channel::MaxDemandImport, st.demand_centi as i128 * 100, q, "sim", "fleet", feeder, received);
+    }
+}
+
+/// 15-minute profile of the day starting at `ts` (local midnight); sums to the
+/// plan's mean daily use exactly. Interval rows are stamped at interval end.
+fn push_intervals(b: &mut ReadingsBuilder, id: &str, ts: i64, p: &Plan, date: NaiveDate, feeder: &str) {
+    const SHAPE: [u64; 24] = [3, 2, 2, 2, 2, 3, 5, 7, 6, 5, 5, 6, 6, 5, 5, 5, 6, 8, 10, 11, 10, 8, 6, 4];
+    let daily = p.daily_centi * season_factor(date) / 100;
+    let shape_sum: u64 = SHAPE.iter().sum::<u64>() * 4;
+    let mut given = 0u64;
+    for i in 0..96usize {
+        let v = if i == 95 {
+            daily - given
+        } else {
+            daily * SHAPE[i / 4] / shape_sum
+        };
+        given += v;
+        b.push_scaled(
+            id,
+            ts + (i as i64 + 1) * 900_000,
+            Channel::ImportActiveInterval,
+            v as i128 * 100,
+            "ok",
+            "sim",
+            "fleet",
+            feeder,
+            ts + 86_400_000,
+        );
+    }
+}
+
+const FAMILY: [&str; 20] = [
+    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭", "何", "高", "林", "罗",
+];
+const GIVEN: [&str; 20] = [
+    "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英", "华", "平",
+];
+const DISTRICTS: [(&str, &str); 8] = [
+    ("东城区", "110101"),
+    ("西城区", "110102"),
+    ("朝阳区", "110105"),
+    ("丰台区", "110106"),
+    ("海淀区", "110108"),
+    ("通州区", "110112"),
+    ("昌平区", "110114"),
+    ("大兴区", "110115"),
+];
+const STREETS: [&str; 6] = ["建国路", "长安街", "中关村大街", "望京街", "学院路", "光华路"];
+const OCCUPATIONS: [&str; 8] = [
+    "employee", "worker", "teacher", "retired", "self_employed", "farmer", "student", "civil_servant",
+];
+
+/// GB 11643 check digit of an 18-digit ID number.
+fn id_check_digit(first17: &str) -> char {
+    const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const C: [char; 11] = ['1', '0', 'X', '9', '8', '7', '6', '5', '4', '3', '2'];
+    let s: u32 = first17
+        .chars()
+        .zip(W)
+        .map(|(c, w)| c.to_digit(10).unwrap_or(0) * w)
+        .sum();
+    C[(s % 11) as usize]
+}
+
+fn tariff_for(p: &Plan) -> (&'static str, &'static str, u32) {
+    match p.class {
+        Class::Residential if p.index % 5 == 4 => ("residential", "bj-residential-annual", 0),
+        Class::Residential => ("residential", "bj-residential-monthly", 0),
+        Class::Commercial => ("commercial", "gd-tou-commercial", 0),
+        Class::Industrial => ("industrial", "industry-two-part", [315u32, 400, 630, 800, 1000][p.index % 5]),
+        Class::Agricultural => ("agricultural", "bj-residential-monthly", 0),
+    }
+}
+
+fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, usize) {
+    let mut meters = String::from(
+        "meter_id,account_id,meter_type,ct_ratio,pt_ratio,register_digits,installed_on,removed_on,feeder\n",
+    );
+    let mut accounts = String::from(
+        "account_id,name,phone,id_number,address,district,age_band,occupation,gender,customer_class,tariff_id,payment_mode,contracted_kva,household_size,opened_on\n",
+    );
+    let mut payments = String::from("txn_id,channel,account_id,amount,paid_at\n");
+    let mut n_pay = 0;
+    for p in plans {
+        let mut r = rng_for(o.seed, p.index, 2);
+        let installed = NaiveDate::from_ymd_opt(2015 + (p.index % 10) as i32, 1 + (p.index % 12) as u32, 1 + (p.index % 28) as u32)
+            .unwrap_or(o.start);
+        let installed = installed.min(o.start - Days::days(30));
+        let meter_type = match p.class {
+            Class::Residential => "residential_1p",
+            Class::Industrial => "industrial_ct",
+            _ => "commercial_3p",
+        };
+        let feeder = format!("F{:03}", p.index % 200);
+        let aid = account_id(p.index);
+        match p.anomaly {
+            Anomaly::Exchange(d) => {
+                let ex = o.start + Days::days(d as i64);
+                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{installed},{ex},{feeder}", meter_id(p.index), p.ct, p.pt);
+                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{ex},,{feeder}", replacement_meter_id(p.index), p.ct, p.pt);
+            }
+            _ => {
+                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{installed},,{feeder}", meter_id(p.index), p.ct, p.pt);
+            }
+        }
+        let (district, code) = DISTRICTS[r.gen_range(0..DISTRICTS.len())];
+        let year = r.gen_range(1945..2004);
+        let birth = format!("{year}{:02}{:02}", r.gen_range(1..=12), r.gen_range(1..=28));
+        let seq: u32 = r.gen_range(100..999);
+        let first17 = format!("{code}{birth}{seq}");
+        let id_number = format!("{first17}{}", id_check_digit(&first17));
+        let gender = if seq % 2 == 1 { "male" } else { "female" };
+        let age = 2026 - year;
+        let age_band = match age {
+            ..=29 => "18-29",
+            30..=44 => "30-44",
+            45..=59 => "45-59",
+            _ => "60+",
+        };
+        let name = format!(
+            "{}{}{}",
+            FAMILY[r.gen_range(0..FAMILY.len())],
+            GIVEN[r.gen_range(0..GIVEN.len())],
+            if r.gen_bool(0.5) { GIVEN[r.gen_range(0..GIVEN.len())] } else { "" }
+        );
+        let phone = format!("1{}{:09}", r.gen_range(3..=9), r.gen_range(0..1_000_000_000u64));
+        let address = format!(
+            "北京市{district}{}{}号{}单元{}室",
+            STREETS[r.gen_range(0..STREETS.len())],
+            r.gen_range(1..300),
+            r.gen_range(1..6),
+            r.gen_range(101..2400)
+        );
+        let occupation = if age >= 62 { "retired" } else { OCCUPATIONS[r.gen_range(0..OCCUPATIONS.len())] };
+        let (class, tariff, kva) = tariff_for(p);
+        let mode = if p.prepaid { "prepaid" } else { "postpaid" };
+        let household = if p.class == Class::Residential { p.household } else { 0 };
+        let _ = writeln!(
+            accounts,
+            "{aid},{name},{phone},{id_number},{address},{district},{age_band},{occupation},{gender},{class},{tariff},{mode},{kva},{household},{installed}"
+        );
+        // Payments: prepaid top-ups at the start and mid-period; postpaid pays last month's bill.
+        let channels = ["wechat", "alipay", "bank", "counter"];
+        let pay_days: Vec<u32> = if p.prepaid { vec![0, o.days / 2] } else { vec![r.gen_range(3..20.min(o.days.max(4)))] };
+        for (j, d) in pay_days.into_iter().enumerate() {
+            let est_month_yuan_fen = p.daily_centi * 30 * 55 / 100; // ~0.55 yuan/kWh, in fen
+            let amount_fen = if p.prepaid {
+                [5_000u64, 10_000, 20_000, 30_000][r.gen_range(0..4)]
+            } else {
+                est_month_yuan_fen * p.ct as u64 * p.pt as u64 * r.gen_range(85..115) / 100 + 1
+            };
+            let at = (o.start + Days::days(d as i64))
+                .and_hms_opt(r.gen_range(1..14), r.gen_range(0..60), r.gen_range(0..60))
+                .unwrap_or_default()
+                .and_utc();
+            let ch = channels[r.gen_range(0..channels.len())];
+            let _ = writeln!(
+                payments,
+                "{}-{:09}-{j},{ch},{aid},{}.{:02},{}",
+                ch.to_uppercase(),
+                p.index + 1,
+                amount_fen / 100,
+                amount_fen % 100,
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            n_pay += 1;
+        }
+    }
+    (meters, accounts, payments, n_pay)
+}
+
+/// Elapsed helper for summaries.
+pub fn fmt_duration(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}

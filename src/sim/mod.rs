@@ -1,0 +1,4 @@
+//! Simulators: a synthetic fleet written straight to a lake, and simulated
+//! meters that are real network/serial peers.
+
+pub mod fleet;

@@ -1,0 +1,257 @@
+//! The lake writer: accept -> spool (durable) -> flush -> committed Parquet.
+//!
+//! File names carry the spool segment id, so flushing a segment twice (a
+//! crash after committing some partitions, then a replay) never writes a row
+//! twice: partitions whose file already exists are skipped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{BinaryBuilder, StringBuilder, TimestampMillisecondArray};
+use arrow::record_batch::RecordBatch;
+use chrono::NaiveDate;
+use std::sync::Arc;
+
+use super::columns::ReadingsBuilder;
+use super::schema::{quarantine_schema, QUARANTINE, READINGS};
+use super::spool::{self, Entry, QuarantineRecord, Segment};
+use super::{atomic, partition_dir, StoreError};
+use crate::model::Reading;
+
+#[derive(Debug, Clone)]
+pub struct LakeOptions {
+    /// Names this writer's files and spool; two processes writing one lake need different ids.
+    pub writer_id: String,
+    /// Where the spool lives; default `<lake>/_spool/<writer_id>`.
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl LakeOptions {
+    pub fn new(writer_id: impl Into<String>) -> Self {
+        LakeOptions {
+            writer_id: writer_id.into(),
+            spool_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FlushStats {
+    pub readings: usize,
+    pub quarantined: usize,
+    pub files: usize,
+    pub rejected: usize,
+}
+
+pub struct Lake {
+    root: PathBuf,
+    writer_id: String,
+    spool_dir: PathBuf,
+    segment: Segment,
+    pending: Vec<Entry>,
+    /// Flush statistics of the spool replay done at open.
+    pub replayed: FlushStats,
+}
+
+impl Lake {
+    /// Opens (creating if needed) a lake and replays any spool a crash left behind.
+    pub fn open(root: &Path, opts: LakeOptions) -> Result<Lake, StoreError> {
+        validate_writer_id(&opts.writer_id)?;
+        std::fs::create_dir_all(root).map_err(|e| StoreError::io(root, e))?;
+        let spool_dir = opts
+            .spool_dir
+            .unwrap_or_else(|| root.join("_spool").join(&opts.writer_id));
+        let mut replayed = FlushStats::default();
+        for (id, path) in spool::list_segments(&spool_dir)? {
+            let replay = spool::read_segment(&path)?;
+            tracing::info!(segment = %path.display(), entries = replay.entries.len(), "replaying spool segment");
+            let stats = commit_entries(root, &opts.writer_id, &id, &replay.entries)?;
+            replayed.readings += stats.readings;
+            replayed.quarantined += stats.quarantined;
+            replayed.files += stats.files;
+            replayed.rejected += stats.rejected;
+            std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            atomic::sync_dir(&spool_dir)?;
+        }
+        let segment = Segment::create(&spool_dir, spool::new_segment_id())?;
+        Ok(Lake {
+            root: root.to_path_buf(),
+            writer_id: opts.writer_id,
+            spool_dir,
+            segment,
+            pending: Vec::new(),
+            replayed,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Number of accepted entries not yet committed to Parquet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Makes readings durable in the spool. When this returns Ok the source may be acknowledged.
+    pub fn accept(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<Entry> = readings.iter().cloned().map(Entry::Reading).collect();
+        self.segment.append(&entries)?;
+        self.pending.extend(entries);
+        Ok(())
+    }
+
+    /// Makes quarantined input durable; it lands in the `quarantine` dataset at the next flush.
+    pub fn quarantine(&mut self, recs: &[QuarantineRecord]) -> Result<(), StoreError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<Entry> = recs.iter().cloned().map(Entry::Quarantine).collect();
+        self.segment.append(&entries)?;
+        self.pending.extend(entries);
+        Ok(())
+    }
+
+    /// Commits everything pending to Parquet, then removes its spool segment.
+    pub fn flush(&mut self) -> Result<FlushStats, StoreError> {
+        if self.pending.is_empty() {
+            return Ok(FlushStats::default());
+        }
+        let next = Segment::create(&self.spool_dir, spool::new_segment_id())?;
+        let sealed = std::mem::replace(&mut self.segment, next);
+        let entries = std::mem::take(&mut self.pending);
+        let stats = commit_entries(&self.root, &self.writer_id, &sealed.id, &entries)?;
+        std::fs::remove_file(&sealed.path).map_err(|e| StoreError::io(&sealed.path, e))?;
+        atomic::sync_dir(&self.spool_dir)?;
+        Ok(stats)
+    }
+}
+
+impl Drop for Lake {
+    fn drop(&mut self) {
+        // An empty segment carries nothing: remove it so idle restarts leave no litter.
+        if self.pending.is_empty() {
+            let _ = std::fs::remove_file(&self.segment.path);
+        }
+    }
+}
+
+fn validate_writer_id(id: &str) -> Result<(), StoreError> {
+    let ok = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!(
+            "writer id '{id}' must be non-empty ASCII letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+pub(crate) fn utc_date(ts_ms: i64) -> NaiveDate {
+    chrono::DateTime::from_timestamp_millis(ts_ms)
+        .map(|t| t.date_naive())
+        .unwrap_or(NaiveDate::MIN)
+}
+
+/// Writes one segment's entries, one file per date partition and dataset.
+fn commit_entries(
+    root: &Path,
+    writer_id: &str,
+    segment_id: &str,
+    entries: &[Entry],
+) -> Result<FlushStats, StoreError> {
+    let mut stats = FlushStats::default();
+    let mut readings: BTreeMap<NaiveDate, Vec<&Reading>> = BTreeMap::new();
+    let mut quarantined: BTreeMap<NaiveDate, Vec<QuarantineRecord>> = BTreeMap::new();
+    for e in entries {
+        match e {
+            Entry::Reading(r) => readings.entry(utc_date(r.ts_ms)).or_default().push(r),
+            Entry::Quarantine(q) => quarantined
+                .entry(utc_date(q.received_ms))
+                .or_default()
+                .push(q.clone()),
+        }
+    }
+    let file_name = format!("part-{writer_id}-{segment_id}.parquet");
+    for (date, mut rows) in readings {
+        rows.sort_by(|a, b| {
+            (&a.meter_id, a.channel, a.ts_ms).cmp(&(&b.meter_id, b.channel, b.ts_ms))
+        });
+        let mut b = ReadingsBuilder::with_capacity(rows.len());
+        for r in rows {
+            if let Err(e) = b.push(r) {
+                // Values that do not fit the lake's decimal go to quarantine, never rounded.
+                stats.rejected += 1;
+                tracing::warn!(meter = %r.meter_id, channel = %r.channel, error = %e, "reading quarantined");
+                quarantined
+                    .entry(utc_date(r.received_ms))
+                    .or_default()
+                    .push(QuarantineRecord {
+                        received_ms: r.received_ms,
+                        protocol: r.source.protocol,
+                        collector: r.source.collector.clone(),
+                        address: r.source.address.clone(),
+                        reason: e.to_string(),
+                        payload: serde_json::to_vec(r).unwrap_or_default(),
+                    });
+            }
+        }
+        if b.is_empty() {
+            continue;
+        }
+        let path = partition_dir(root, READINGS, date).join(&file_name);
+        stats.readings += b.len();
+        if path.exists() {
+            continue; // committed before a crash; replay must not double it
+        }
+        atomic::write_parquet_atomic(&path, super::schema::readings_schema(), &[b.finish()])?;
+        stats.files += 1;
+    }
+    for (date, recs) in quarantined {
+        let path = partition_dir(root, QUARANTINE, date).join(&file_name);
+        stats.quarantined += recs.len();
+        if path.exists() {
+            continue;
+        }
+        atomic::write_parquet_atomic(&path, quarantine_schema(), &[quarantine_batch(&recs)])?;
+        stats.files += 1;
+    }
+    Ok(stats)
+}
+
+pub(crate) fn quarantine_batch(recs: &[QuarantineRecord]) -> RecordBatch {
+    let mut protocol = StringBuilder::new();
+    let mut collector = StringBuilder::new();
+    let mut address = StringBuilder::new();
+    let mut reason = StringBuilder::new();
+    let mut payload = BinaryBuilder::new();
+    for q in recs {
+        protocol.append_value(q.protocol.as_str());
+        collector.append_value(&q.collector);
+        address.append_value(&q.address);
+        reason.append_value(&q.reason);
+        payload.append_value(&q.payload);
+    }
+    let received = TimestampMillisecondArray::from(
+        recs.iter().map(|q| q.received_ms).collect::<Vec<_>>(),
+    )
+    .with_timezone("UTC");
+    RecordBatch::try_new(
+        quarantine_schema(),
+        vec![
+            Arc::new(received),
+            Arc::new(protocol.finish()),
+            Arc::new(collector.finish()),
+            Arc::new(address.finish()),
+            Arc::new(reason.finish()),
+            Arc::new(payload.finish()),
+        ],
+    )
+    .expect("columns match schema")
+}
