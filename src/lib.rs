@@ -9,6 +9,7 @@ pub mod model;
 pub mod sim;
 pub mod store;
 pub mod ingest;
+pub mod uplink;
 pub mod tariff;
 pub mod cli;
 pub mod metrics;

@@ -7,9 +7,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod collect;
 pub mod demo;
+pub mod dlt645;
+pub mod ingest;
+pub mod modbus;
+pub mod mqtt;
+pub mod progress;
 pub mod sim;
+pub mod sim_dlt645;
+pub mod sim_modbus;
 pub mod store;
+pub mod tariff;
 
 /// meterflow: electricity meter readings in; bills, prepayment deductions and alerts out.
 ///
@@ -38,15 +47,39 @@ pub enum Command {
     /// Inspect and compact the readings lake.
     #[command(subcommand)]
     Store(store::StoreCmd),
+    /// Ingest readings from outside: MQTT subscriptions into the lake.
+    #[command(subcommand)]
+    Ingest(ingest::IngestCmd),
+    /// MQTT helpers: publish simulated readings, measure a discarding subscriber.
+    #[command(subcommand)]
+    Mqtt(mqtt::MqttCmd),
+    /// Validate tariff files and print them as readable tables.
+    #[command(subcommand)]
+    Tariff(tariff::TariffCmd),
+    /// Modbus tools: print request plans, list meter profiles, bench a loopback cycle.
+    #[command(subcommand)]
+    Modbus(modbus::ModbusCmd),
+    /// Poll DL/T 645 buses and Modbus connections from a collectors.toml into the lake.
+    Collect(collect::CollectArgs),
+    /// DL/T 645 tools: find meters, read values, relay control.
+    #[command(subcommand)]
+    Dlt645(dlt645::Dlt645Cmd),
 }
 
 pub fn main() -> ExitCode {
+    reset_sigpipe();
     let cli = Cli::parse();
     init_logging(&cli.log_format, &cli.log);
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Sim(c) => sim::run(c),
         Command::Store(c) => store::run(c),
+        Command::Tariff(c) => tariff::run(c),
+        Command::Ingest(c) => ingest::run(c),
+        Command::Mqtt(c) => mqtt::run(c),
+        Command::Modbus(c) => modbus::run(c),
+        Command::Collect(a) => collect::run(a),
+        Command::Dlt645(c) => dlt645::run(c),
     };
     match result {
         Ok(code) => code,
@@ -67,5 +100,14 @@ fn init_logging(format: &str, filter: &str) {
         let _ = builder.json().try_init();
     } else {
         let _ = builder.try_init();
+    }
+}
+
+/// `meterflow ... | head` should end quietly, not panic on a closed pipe.
+fn reset_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: restoring the default disposition before any thread starts.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
     }
 }

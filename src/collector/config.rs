@@ -18,6 +18,7 @@ use crate::protocol::modbus::config::{ConfigError, FieldError, FieldPath};
 #[serde(deny_unknown_fields)]
 pub struct CollectorConfig {
     /// Names this collector in every reading's source and in the lake's writer id.
+    #[serde(default = "d_collector_id")]
     pub collector_id: String,
     #[serde(default)]
     pub lake: LakeSection,
@@ -205,6 +206,9 @@ pub struct MeterConfig {
     pub group: Option<String>,
 }
 
+fn d_collector_id() -> String {
+    "collector".into()
+}
 fn d_flush_interval() -> u64 {
     10
 }
@@ -448,6 +452,16 @@ pub fn parse_offset(s: &str) -> Result<FixedOffset, String> {
     let h: i32 = h.parse().map_err(|_| bad())?;
     let m: i32 = m.parse().map_err(|_| bad())?;
     FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
+}
+
+impl BusConfig {
+    /// A bus with every knob at its default (for the `dlt645` tools and tests).
+    pub fn new(name: &str, tcp: Option<String>, serial: Option<SerialSettings>) -> BusConfig {
+        let mut b: BusConfig = toml::from_str(&format!("name = {:?}", name)).expect("defaults parse");
+        b.tcp = tcp;
+        b.serial = serial;
+        b
+    }
 }
 
 impl CollectorConfig {

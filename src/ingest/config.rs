@@ -64,6 +64,38 @@ pub struct MqttConfig {
     pub client_key_file: Option<PathBuf>,
 }
 
+impl MqttConfig {
+    /// A broker config with defaults (no credentials, no TLS).
+    pub fn new(url: &str, client_id: &str) -> MqttConfig {
+        MqttConfig {
+            url: url.to_string(),
+            client_id: client_id.to_string(),
+            keepalive_secs: default_keepalive(),
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
+
+    /// The password, from its file (first line; relative to `base_dir`) or environment variable.
+    pub fn password(&self, base_dir: &Path) -> Result<Option<String>, String> {
+        if let Some(f) = &self.password_file {
+            let f = if f.is_absolute() { f.clone() } else { base_dir.join(f) };
+            let s = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            return Ok(Some(s.lines().next().unwrap_or("").to_string()));
+        }
+        if let Some(v) = &self.password_env {
+            return std::env::var(v)
+                .map(Some)
+                .map_err(|_| format!("environment variable {v} (mqtt.password_env) is not set"));
+        }
+        Ok(None)
+    }
+}
+
 fn default_keepalive() -> u64 {
     30
 }
@@ -276,17 +308,7 @@ impl IngestConfig {
 
     /// The password, from its file or environment variable.
     pub fn password(&self) -> Result<Option<String>, String> {
-        if let Some(f) = &self.mqtt.password_file {
-            let f = self.resolve(f);
-            let s = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
-            return Ok(Some(s.lines().next().unwrap_or("").to_string()));
-        }
-        if let Some(v) = &self.mqtt.password_env {
-            return std::env::var(v)
-                .map(Some)
-                .map_err(|_| format!("environment variable {v} (mqtt.password_env) is not set"));
-        }
-        Ok(None)
+        self.mqtt.password(&self.base_dir)
     }
 
     /// Meter ids from `known_meters_csv`, if configured.

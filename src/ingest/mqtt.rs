@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, Transport};
 use tokio::sync::mpsc;
 
-use super::config::IngestConfig;
+use super::config::{IngestConfig, MqttConfig};
 use super::decode::{encode_canonical, Decoder, Limits};
 use crate::metrics;
 use crate::model::{now_ms, Protocol, Reading};
@@ -46,6 +46,10 @@ pub struct IngestOptions {
     pub shared_group: Option<String>,
     /// Lake writer id (default: the MQTT client id).
     pub writer_id: Option<String>,
+    /// Notified each time the broker confirms the subscriptions (tests, demo).
+    pub subscribed: Option<Arc<tokio::sync::Notify>>,
+    /// Stop (after committing) once this many readings were decoded (benchmarks).
+    pub stop_after_readings: Option<u64>,
 }
 
 /// Counters of one run.
@@ -55,6 +59,8 @@ pub struct IngestStats {
     pub readings: u64,
     pub dead_letters: u64,
     pub committed: u64,
+    /// Milliseconds from the first message to the final commit.
+    pub busy_ms: u64,
 }
 
 /// Parses `mqtt://host[:port]` / `mqtts://host[:port]` into (tls, host, port).
@@ -77,41 +83,54 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.to_string(), port))
 }
 
-/// Builds rumqttc options from the config: fixed client id, persistent
-/// session, manual acks, TLS and credentials from files/environment.
+/// Builds rumqttc options for ingest: fixed client id, persistent session,
+/// manual acks, plus the connection settings of `connect_options`.
 pub fn mqtt_options(cfg: &IngestConfig, client_id: &str) -> Result<MqttOptions, IngestError> {
-    let (tls, host, port) = parse_url(&cfg.mqtt.url).map_err(IngestError::Config)?;
-    let mut o = MqttOptions::new(client_id, host, port);
-    o.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_secs.max(5)));
+    let mut o = connect_options(&cfg.mqtt, &cfg.base_dir, client_id)?;
     o.set_clean_session(false);
     o.set_manual_acks(true);
+    Ok(o)
+}
+
+/// Broker address, keepalive, packet limits, credentials (password from
+/// file or environment) and TLS (rustls, ring) from an `[mqtt]` table.
+/// Relative file paths resolve against `base_dir`.
+pub fn connect_options(
+    m: &MqttConfig,
+    base_dir: &std::path::Path,
+    client_id: &str,
+) -> Result<MqttOptions, IngestError> {
+    let (tls, host, port) = parse_url(&m.url).map_err(IngestError::Config)?;
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(m.keepalive_secs.max(5)));
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_request_channel_capacity(4096);
     o.set_inflight(200);
-    if let Some(user) = &cfg.mqtt.username {
-        let pw = cfg.password().map_err(IngestError::Config)?.unwrap_or_default();
+    if let Some(user) = &m.username {
+        let pw = m.password(base_dir).map_err(IngestError::Config)?.unwrap_or_default();
         o.set_credentials(user.clone(), pw);
     }
     if tls {
         o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(
-            tls_config(cfg)?,
+            tls_config(m, base_dir)?,
         ))));
     }
     Ok(o)
 }
 
 /// rustls client config (ring provider) with the configured CA and client cert.
-pub fn tls_config(cfg: &IngestConfig) -> Result<rustls::ClientConfig, IngestError> {
+pub fn tls_config(m: &MqttConfig, base_dir: &std::path::Path) -> Result<rustls::ClientConfig, IngestError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let err = |what: &str, p: &std::path::Path, e: &dyn std::fmt::Display| {
         IngestError::Config(format!("{what} {}: {e}", p.display()))
     };
+    let resolve = |p: &std::path::Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
     let mut roots = rustls::RootCertStore::empty();
-    let Some(ca) = &cfg.mqtt.ca_file else {
+    let Some(ca) = &m.ca_file else {
         return Err(IngestError::Config("mqtts:// needs mqtt.ca_file".into()));
     };
-    let ca = cfg.resolve(ca);
+    let ca = resolve(ca);
     for c in CertificateDer::pem_file_iter(&ca).map_err(|e| err("ca_file", &ca, &e))? {
         let c = c.map_err(|e| err("ca_file", &ca, &e))?;
         roots.add(c).map_err(|e| err("ca_file", &ca, &e))?;
@@ -121,9 +140,9 @@ pub fn tls_config(cfg: &IngestConfig) -> Result<rustls::ClientConfig, IngestErro
         .with_safe_default_protocol_versions()
         .map_err(|e| IngestError::Config(e.to_string()))?
         .with_root_certificates(roots);
-    match (&cfg.mqtt.client_cert_file, &cfg.mqtt.client_key_file) {
+    match (&m.client_cert_file, &m.client_key_file) {
         (Some(cert), Some(key)) => {
-            let (cert, key) = (cfg.resolve(cert), cfg.resolve(key));
+            let (cert, key) = (resolve(cert), resolve(key));
             let certs = CertificateDer::pem_file_iter(&cert)
                 .map_err(|e| err("client_cert_file", &cert, &e))?
                 .collect::<Result<Vec<_>, _>>()
@@ -187,12 +206,19 @@ pub async fn run_ingest(
 
     let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &client_id)?, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let conn = tokio::spawn(connection_task(eventloop, client.clone(), filters, tx));
+    let conn = tokio::spawn(connection_task(
+        eventloop,
+        client.clone(),
+        filters,
+        tx,
+        opts.subscribed.clone(),
+    ));
     describe_metrics();
 
     let mut stats = IngestStats::default();
     let flush_every = Duration::from_secs(cfg.ingest.flush_secs.max(1));
     let mut last_flush = Instant::now();
+    let mut first_message: Option<Instant> = None;
     tokio::pin!(shutdown);
     let result = loop {
         let first = tokio::select! {
@@ -211,8 +237,12 @@ pub async fn run_ingest(
             }
         }
         if !batch.is_empty() {
+            first_message.get_or_insert_with(Instant::now);
             if let Err(e) = process_batch(&batch, &mut decoders, &mut lake, &client, &mut stats).await {
                 break Err(e);
+            }
+            if opts.stop_after_readings.is_some_and(|n| stats.readings >= n) {
+                break Ok(());
             }
         }
         if lake.pending() >= cfg.ingest.flush_readings
@@ -236,6 +266,7 @@ pub async fn run_ingest(
     conn.abort();
     result?;
     stats.committed += flushed?.readings as u64;
+    stats.busy_ms = first_message.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
     tracing::info!(
         messages = stats.messages,
         readings = stats.readings,
@@ -349,6 +380,7 @@ async fn connection_task(
     client: AsyncClient,
     filters: Vec<String>,
     tx: mpsc::UnboundedSender<FromConn>,
+    subscribed: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut subscribed_once = false;
@@ -373,10 +405,13 @@ async fn connection_task(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
-                for c in &s.return_codes {
-                    if matches!(c, SubscribeReasonCode::Failure) {
-                        tracing::error!(?filters, "broker refused a subscription");
-                    }
+                if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                    tracing::error!(?filters, "broker refused a subscription");
+                } else {
+                    tracing::info!(?filters, "subscribed");
+                }
+                if let Some(n) = &subscribed {
+                    n.notify_one();
                 }
             }
             Ok(_) => {}
@@ -474,28 +509,56 @@ pub async fn demo_publish_and_ingest(
     );
     let config = IngestConfig::parse(&text, std::path::Path::new("<demo>"))
         .map_err(|e| IngestError::Config(e.to_string()))?;
+    let ready = Arc::new(tokio::sync::Notify::new());
     let opts = IngestOptions {
         config,
         lake: lake.to_path_buf(),
         shared_group: None,
         writer_id: Some(format!("demo-mqtt-{tag}")),
+        subscribed: Some(ready.clone()),
+        stop_after_readings: None,
     };
-    let want = readings.len() as u64;
+    let counted = || metrics::counter_value("meterflow_mqtt_readings_total", &[("source", "demo")]);
+    let want = counted() + readings.len() as u64;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let ingest = tokio::spawn(run_ingest(opts, async move {
         let _ = stop_rx.await;
     }));
-    // Let the subscription land before publishing (a new session has no queue yet).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Publish only once subscribed (a new session has no queue yet).
+    let _ = tokio::time::timeout(Duration::from_secs(10), ready.notified()).await;
     publish_canonical(url, &format!("meterflow-demo-pub-{tag}"), &topic, "demo-sim", readings, 500).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metrics::counter_value("meterflow_mqtt_readings_total", &[("source", "demo")]) < want
-        && Instant::now() < deadline
+    while counted() < want && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = stop_tx.send(());
-    ingest
+    let stats = ingest
         .await
-        .map_err(|e| IngestError::Client(e.to_string()))?
+        .map_err(|e| IngestError::Client(e.to_string()))??;
+    forget_session(url, &format!("meterflow-demo-ingest-{tag}")).await;
+    Ok(stats)
+}
+
+/// Drops the broker's persistent session of `client_id` (connect with a clean
+/// session, then disconnect), so one-off runs leave no queue behind.
+pub async fn forget_session(url: &str, client_id: &str) {
+    let Ok((_, host, port)) = parse_url(url) else {
+        return;
+    };
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_clean_session(true);
+    let (client, mut ev) = AsyncClient::new(o, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }

@@ -56,3 +56,22 @@ pub fn partition_dir(root: &Path, dataset: &str, date: NaiveDate) -> PathBuf {
     root.join(dataset)
         .join(format!("date={}", date.format("%Y-%m-%d")))
 }
+
+/// The `i`-th synthetic reading of `meterflow store soak` (crash tests): unique
+/// key (meter, channel, ts) per `i`, value derived from `i`.
+pub fn soak_reading(i: usize) -> crate::model::Reading {
+    use crate::model::{Channel, Protocol, Quality, Reading, Source};
+    Reading {
+        meter_id: format!("{:012}", i % 97),
+        ts_ms: 1_790_000_000_000 + (i as i64) * 60_000,
+        channel: Channel::ImportActiveTotal,
+        value: Decimal::new(i as i64, 2),
+        quality: Quality::OK,
+        source: Source {
+            protocol: Protocol::Sim,
+            collector: "soak".into(),
+            address: "mem".into(),
+        },
+        received_ms: 1_790_000_000_000,
+    }
+}

@@ -274,7 +274,8 @@ pub struct BillQuantities {
     pub month_basis_days: i64,
     pub capacity_kva: Decimal,
     pub max_demand_kw: Decimal,
-    pub kvarh: Decimal,
+    /// Reactive energy of the period; `None` when not measured (no PF adjustment then).
+    pub kvarh: Option<Decimal>,
 }
 
 /// A priced line with the version it was priced under.
@@ -328,7 +329,7 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
     }
     let v = last.version;
     if let Some(pf) = &v.power_factor {
-        if let Some(k) = monthly_pf_hundredths(kwh, q.kvarh) {
+        if let Some(k) = q.kvarh.and_then(|kvarh| monthly_pf_hundredths(kwh, kvarh)) {
             let percent = pf.standard.percent(k);
             let base: Decimal = out
                 .iter()

@@ -112,22 +112,16 @@ fn version(s: &mut String, v: &TariffVersion) {
             let mut rows = Vec::new();
             for dt in DayType::ALL {
                 if let Some(day) = &season.days[dt as usize] {
-                    let ranges: Vec<String> = day
-                        .ranges
-                        .iter()
-                        .map(|r| {
-                            format!(
-                                "{}-{} {}",
-                                hhmm(r.start),
-                                hhmm(r.end),
-                                tou.periods[r.period as usize].name
-                            )
-                        })
-                        .collect();
-                    rows.push(vec![dt.to_string(), ranges.join(", ")]);
+                    for (i, r) in day.ranges.iter().enumerate() {
+                        rows.push(vec![
+                            if i == 0 { dt.to_string() } else { String::new() },
+                            format!("{}-{}", hhmm(r.start), hhmm(r.end)),
+                            tou.periods[r.period as usize].name.clone(),
+                        ]);
+                    }
                 }
             }
-            table(s, &["day type", "ranges"], &rows);
+            table(s, &["day type", "time", "period"], &rows);
         }
     }
     if !v.funds.is_empty() {

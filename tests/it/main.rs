@@ -1,4 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod common;
+mod dlt645;
 mod store;
+mod mqtt;
+mod modbus;

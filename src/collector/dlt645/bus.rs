@@ -225,7 +225,8 @@ impl Bus {
                     return None;
                 }
                 Decoded::Invalid { error, consumed, noise, bytes } => {
-                    self.note_invalid(error, bytes, label);
+                    let bytes = bytes.to_vec();
+                    self.note_invalid(error, &bytes, label);
                     self.note_noise(noise, 0, label);
                     self.buf.drain(..consumed);
                     if matches!(error, FrameError::BadChecksum { .. }) {
@@ -233,9 +234,9 @@ impl Bus {
                     }
                 }
                 Decoded::Frame { frame, consumed, skipped, noise } => {
-                    self.note_noise(noise, skipped, label);
                     let m = classify(req, &frame);
                     let owned = frame.to_frame();
+                    self.note_noise(noise, skipped, label);
                     self.buf.drain(..consumed);
                     match m {
                         Match::Answer => {

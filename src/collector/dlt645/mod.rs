@@ -7,6 +7,7 @@ pub mod bus;
 pub mod link;
 pub mod poll;
 pub mod relay;
+pub mod scan;
 
 use std::time::Duration;
 

@@ -63,6 +63,90 @@ fn describe_metrics() {
     metrics::describe("meterflow_modbus_cycle_seconds", "Time to poll all due devices of a connection");
 }
 
+/// A connection's devices, links and health: one [`Poller::cycle`] polls
+/// every due device once.
+pub struct Poller {
+    cfg: ModbusConnectionConfig,
+    collector_id: String,
+    devices: Vec<ResolvedDevice>,
+    health: Vec<DeviceHealth>,
+    links: Vec<Link>,
+    knobs: Knobs,
+}
+
+impl Poller {
+    /// Validates the connection and plans its devices.
+    pub fn new(cfg: ModbusConnectionConfig, collector_id: String) -> Result<Poller, ModbusError> {
+        let devices = cfg.resolve(&FieldPath::default().key("modbus")).map_err(|e| {
+            ModbusError::Config(format!("connection '{}': {}: {}", cfg.name, e.path, e.message))
+        })?;
+        describe_metrics();
+        let knobs = Knobs {
+            poll: Duration::from_millis(cfg.poll_interval_ms),
+            degrade_after: cfg.degrade_after_cycles.max(1),
+            degraded_poll: Duration::from_millis(cfg.degraded_poll_interval_ms),
+            policy: RetryPolicy {
+                retries: cfg.retries,
+                backoff: Duration::from_millis(cfg.retry_backoff_ms),
+                pause_between_requests: Duration::from_millis(cfg.pause_between_requests_ms),
+            },
+        };
+        let settings = LinkSettings::from_config(&cfg);
+        let links: Vec<Link> = (0..cfg.concurrency().min(devices.len()).max(1))
+            .map(|_| Link::new(settings.clone()))
+            .collect();
+        let now = Instant::now();
+        let health = devices
+            .iter()
+            .map(|_| DeviceHealth {
+                failed_cycles: 0,
+                degraded: false,
+                next_due: now,
+                last_success_ms: None,
+            })
+            .collect();
+        Ok(Poller {
+            cfg,
+            collector_id,
+            devices,
+            health,
+            links,
+            knobs,
+        })
+    }
+
+    pub fn devices(&self) -> &[ResolvedDevice] {
+        &self.devices
+    }
+
+    pub fn health(&self) -> &[DeviceHealth] {
+        &self.health
+    }
+
+    /// Requests one cycle issues for all devices.
+    pub fn planned_requests(&self) -> usize {
+        self.devices.iter().map(|d| d.requests.len()).sum()
+    }
+
+    /// Polls every due device once (`all`: every device, degraded or not).
+    pub async fn cycle(&mut self, all: bool) -> Vec<Reading> {
+        let batch = run_cycle(
+            &self.cfg,
+            &self.collector_id,
+            &self.devices,
+            &mut self.health,
+            &mut self.links,
+            &self.knobs,
+            all,
+        )
+        .await;
+        if self.cfg.close_after_cycle {
+            self.links.iter_mut().for_each(|l| l.reset(false));
+        }
+        batch
+    }
+}
+
 /// Polls a connection's devices until `shutdown` turns true (or once, with
 /// `once`), sending each cycle's readings as one batch on `tx`.
 pub async fn run_connection(
@@ -72,39 +156,13 @@ pub async fn run_connection(
     once: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ModbusError> {
-    let devices = cfg
-        .resolve(&FieldPath::default().key("modbus"))
-        .map_err(|e| ModbusError::Config(format!("connection '{}': {}: {}", cfg.name, e.path, e.message)))?;
-    describe_metrics();
-    let knobs = Knobs {
-        poll: Duration::from_millis(cfg.poll_interval_ms),
-        degrade_after: cfg.degrade_after_cycles.max(1),
-        degraded_poll: Duration::from_millis(cfg.degraded_poll_interval_ms),
-        policy: RetryPolicy {
-            retries: cfg.retries,
-            backoff: Duration::from_millis(cfg.retry_backoff_ms),
-            pause_between_requests: Duration::from_millis(cfg.pause_between_requests_ms),
-        },
-    };
-    let settings = LinkSettings::from_config(&cfg);
-    let mut links: Vec<Link> = (0..cfg.concurrency().min(devices.len()).max(1))
-        .map(|_| Link::new(settings.clone()))
-        .collect();
-    let start = Instant::now();
-    let mut health: Vec<DeviceHealth> = devices
-        .iter()
-        .map(|_| DeviceHealth {
-            failed_cycles: 0,
-            degraded: false,
-            next_due: start,
-            last_success_ms: None,
-        })
-        .collect();
-    let requests: usize = devices.iter().map(|d| d.requests.len()).sum();
-    let registers: usize = devices.iter().map(|d| d.registers.len()).sum();
-    tracing::info!(connection = %cfg.name, transport = ?cfg.transport, devices = devices.len(), requests, registers,
-        concurrency = links.len(), "modbus connection starting");
-    let mut ticker = tokio::time::interval(knobs.poll);
+    let mut poller = Poller::new(cfg, collector_id)?;
+    let name = poller.cfg.name.clone();
+    tracing::info!(connection = %name, transport = ?poller.cfg.transport, devices = poller.devices.len(),
+        requests = poller.planned_requests(),
+        registers = poller.devices.iter().map(|d| d.registers.len()).sum::<usize>(),
+        concurrency = poller.links.len(), "modbus connection starting");
+    let mut ticker = tokio::time::interval(poller.knobs.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -114,18 +172,15 @@ pub async fn run_connection(
         if *shutdown.borrow() {
             break;
         }
-        let batch = run_cycle(&cfg, &collector_id, &devices, &mut health, &mut links, &knobs, once).await;
+        let batch = poller.cycle(once).await;
         if !batch.is_empty() && tx.send(batch).await.is_err() {
             return Err(ModbusError::ChannelClosed);
-        }
-        if cfg.close_after_cycle {
-            links.iter_mut().for_each(|l| l.reset(false));
         }
         if once {
             break;
         }
     }
-    tracing::info!(connection = %cfg.name, "modbus connection stopped");
+    tracing::info!(connection = %name, "modbus connection stopped");
     Ok(())
 }
 
@@ -167,7 +222,11 @@ async fn run_cycle(
         update_health(cfg, &devices[i], &mut health[i], &o, knobs, t0);
         batch.extend(o.readings);
     }
-    metrics::histogram_observe("meterflow_modbus_cycle_seconds", &[("connection", cfg.name.as_str())], t0.elapsed().as_secs_f64());
+    metrics::histogram_observe(
+        "meterflow_modbus_cycle_seconds",
+        &[("connection", cfg.name.as_str())],
+        t0.elapsed().as_secs_f64(),
+    );
     batch
 }
 
@@ -215,5 +274,4 @@ fn update_health(
         tracing::info!(connection = %cfg.name, meter = %dev.meter_id, readings = o.readings.len(), failed_requests = o.requests_failed,
             errors = o.errors.len(), "device partly read");
     }
-    let _ = knobs.poll;
 }

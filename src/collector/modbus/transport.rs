@@ -18,7 +18,7 @@ use crate::protocol::modbus::{Area, ReadRequest};
 pub enum ReadError {
     #[error("timed out after {0} ms")]
     Timeout(u64),
-    #[error("exception code {0:#04x} ({})", exception_name(*.0))]
+    #[error("exception code {0:#04x} ({name})", name = exception_name(*.0))]
     Exception(u8),
     #[error("connect failed: {0}")]
     Connect(String),

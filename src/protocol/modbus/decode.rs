@@ -223,7 +223,8 @@ mod tests {
 
     fn reg(t: DataType, order: &str) -> Register {
         let mut r = Register::new("r", Area::Holding, 0, t);
-        r.order = Order::parse(order, t.words()).unwrap();
+        let w = if matches!(t, DataType::String { .. }) { 1 } else { t.words() };
+        r.order = Order::parse(order, w).unwrap();
         r
     }
 
@@ -283,7 +284,7 @@ mod tests {
         assert_eq!(num(&r, &w), dec!(230.10));
         let mut r64 = reg(DataType::F64, "ABCDEFGH");
         r64.precision = 3;
-        let w = canonical_words(&12345.6785f64.to_be_bytes());
+        let w = canonical_words(&12345.6786f64.to_be_bytes());
         assert_eq!(num(&r64, &w), dec!(12345.679));
     }
 

@@ -1,0 +1,533 @@
+//! One account's bill for one period: meter register values at the period's
+//! boundaries (with VEE), consumption per segment and TOU period, then the
+//! tariff engine's price function.
+
+use chrono::{Datelike, NaiveDate};
+use rust_decimal::Decimal;
+
+use super::flags::Flags;
+use super::period::{local_midnight_ms, BillPeriod};
+use super::vee::{
+    register_delta, MeterState, Source, VeeConfig, REG_REACTIVE_EXPORT, REG_REACTIVE_IMPORT,
+    REG_T1, REG_TOTAL,
+};
+use crate::master::{Account, Meter};
+use crate::model::Quality;
+use crate::tariff::price::{rate_bill, BillQuantities, ChargeLine, LineKind, Segment, Usage};
+use crate::tariff::tiered::{Accumulation, Tiers};
+use crate::tariff::tou::MAX_PERIODS;
+use crate::tariff::Tariff;
+
+/// Why an account could not be billed. Written to the `exceptions` output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exception {
+    /// Stable machine code (see docs/billing.md).
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Exception {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Exception {
+        Exception { code, detail: detail.into() }
+    }
+}
+
+/// What the bill run must track for an account, decided before reading.
+#[derive(Debug, Clone)]
+pub struct AccountPlan<'t> {
+    pub tariff: &'t Tariff,
+    /// Local boundary dates: [tier-year start,] period start, price changes, period end.
+    pub dates: Vec<NaiveDate>,
+    /// Index of the period start in `dates`.
+    pub first: usize,
+    /// Registers to track (bit per `vee` register index).
+    pub mask: u8,
+    /// Start of this account's annual tier window when it precedes the period.
+    pub ytd_from: Option<NaiveDate>,
+}
+
+pub fn plan_account<'t>(
+    tariff: &'t Tariff,
+    account: &Account,
+    period: &BillPeriod,
+) -> Result<AccountPlan<'t>, Exception> {
+    let mut dates = vec![period.start];
+    for v in &tariff.versions {
+        for d in [Some(v.effective_from), v.effective_to].into_iter().flatten() {
+            if d > period.start && d < period.end {
+                dates.push(d);
+            }
+        }
+    }
+    dates.push(period.end);
+    dates.sort();
+    dates.dedup();
+    // Every day of the period needs a version.
+    for w in dates.windows(2) {
+        tariff.version_on(w[0]).map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+    }
+    let mut mask = 1u8 << REG_TOTAL;
+    let mut ytd_from = None;
+    for v in &tariff.versions {
+        if !(v.effective_from < period.end && v.effective_to.is_none_or(|t| t > period.start)) {
+            continue;
+        }
+        if let Some(tou) = &v.tou {
+            if tou.registers.iter().any(|r| r.is_some()) {
+                mask |= 0b1111 << REG_T1;
+            }
+        }
+        if let Some(pf) = &v.power_factor {
+            mask |= 1 << REG_REACTIVE_IMPORT;
+            if pf.include_export_reactive {
+                mask |= 1 << REG_REACTIVE_EXPORT;
+            }
+        }
+        if let Some(Tiers { accumulation: Accumulation::Annual { start_month }, .. }) = &v.tiers {
+            let ys = Tiers::tier_year_start(*start_month, period.start).max(account.opened_on);
+            if ys < period.start {
+                ytd_from = Some(ys);
+            }
+        }
+    }
+    let first = usize::from(ytd_from.is_some());
+    if let Some(y) = ytd_from {
+        dates.insert(0, y);
+    }
+    Ok(AccountPlan { tariff, dates, first, mask, ytd_from })
+}
+
+impl AccountPlan<'_> {
+    /// Boundary timestamps for one meter, clamped to its installation window.
+    /// `None` when the meter was not installed during the period.
+    pub fn meter_bounds(&self, m: &Meter) -> Option<Vec<i64>> {
+        let off = self.tariff.utc_offset_secs;
+        let inst = local_midnight_ms(m.installed_on, off);
+        let rem = m.removed_on.map_or(i64::MAX, |d| local_midnight_ms(d, off));
+        let start = local_midnight_ms(self.dates[self.first], off);
+        let end = local_midnight_ms(*self.dates.last().expect("two dates"), off);
+        if inst >= end || rem <= start || rem <= inst {
+            return None;
+        }
+        Some(self.dates.iter().map(|d| local_midnight_ms(*d, off).clamp(inst, rem)).collect())
+    }
+
+    pub fn meter_state(&self, m: &Meter) -> Option<MeterState> {
+        self.meter_bounds(m)
+            .map(|b| MeterState::new(b, self.first, m.register_digits, self.mask))
+    }
+}
+
+/// One priced line with the version it was priced under and its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BillLine {
+    pub version_index: usize,
+    pub line: ChargeLine,
+    pub flags: Flags,
+}
+
+/// A computed bill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountBill {
+    pub account_id: String,
+    pub tariff_id: String,
+    /// Version ids used, joined with '+'.
+    pub versions: String,
+    pub lines: Vec<BillLine>,
+    pub kwh: Decimal,
+    pub total: Decimal,
+    pub flags: Flags,
+    pub days: i64,
+    /// Annual tiers: position (kWh since the tier-year start) before and after the period.
+    pub ytd_before: Option<Decimal>,
+    pub ytd_after: Option<Decimal>,
+    pub power_factor: Option<Decimal>,
+    pub max_demand_kw: Option<Decimal>,
+}
+
+fn scaled(v: i64) -> Decimal {
+    Decimal::new(v, 4)
+}
+
+/// Per meter and register: values at every bound (None = not needed or missing).
+struct MeterValues {
+    vals: Vec<[Option<i64>; super::vee::NREG]>,
+}
+
+/// Bills one account from its meters' states.
+pub fn bill_account(
+    account: &Account,
+    plan: &AccountPlan<'_>,
+    meters: &[(&Meter, &MeterState)],
+    period: &BillPeriod,
+    cfg: &VeeConfig,
+) -> Result<AccountBill, Exception> {
+    let tariff = plan.tariff;
+    let nb = plan.dates.len();
+    let nseg = nb - 1 - plan.first;
+    if meters.is_empty() {
+        return Err(Exception::new("no_meter", "no meter installed for the account during the period"));
+    }
+    let mut flags = Flags::NONE;
+    if meters.len() > 1 {
+        flags |= Flags::METER_EXCHANGE;
+    }
+    if nseg > 1 {
+        flags |= Flags::PRICE_CHANGE;
+    }
+    // 1. Register values at every bound, per meter.
+    let mut mv: Vec<MeterValues> = Vec::with_capacity(meters.len());
+    let mut tou_registers_ok = true;
+    for (m, st) in meters {
+        flags |= st.step_flags();
+        let mut vals = vec![[None; super::vee::NREG]; nb];
+        for reg in 0..super::vee::NREG {
+            if plan.mask & (1 << reg) == 0 {
+                continue;
+            }
+            for (b, slot) in vals.iter_mut().enumerate() {
+                // A bound clamped onto the same instant as its neighbour needs no value
+                // when the meter contributes nothing there; still read it if present.
+                match st.value_at(reg, b, cfg) {
+                    Some((v, src, q)) => {
+                        if src != Source::Measured && b >= plan.first {
+                            flags |= Flags::ESTIMATED;
+                        }
+                        if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) {
+                            flags |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                        }
+                        slot[reg] = Some(v);
+                    }
+                    None if b < plan.first => {}
+                    None => {
+                        let degenerate = st.bounds[b] == st.bounds[if b > plan.first { b - 1 } else { b + 1 }];
+                        if reg == REG_TOTAL && !degenerate {
+                            return Err(Exception::new(
+                                "no_reading",
+                                format!(
+                                    "meter {}: no import_active_total reading near {} (UTC ms {}), none to interpolate or extrapolate from",
+                                    m.meter_id, plan.dates[b], st.bounds[b]
+                                ),
+                            ));
+                        }
+                        if (REG_T1..REG_T1 + 4).contains(&reg) {
+                            tou_registers_ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        mv.push(MeterValues { vals });
+    }
+    // 2. Consumption per segment (kWh, x CT x PT), register by register.
+    let delta = |mi: usize, reg: usize, b0: usize, b1: usize| -> Result<Option<Decimal>, Exception> {
+        let (m, st) = meters[mi];
+        if st.bounds[b0] == st.bounds[b1] {
+            return Ok(Some(Decimal::ZERO));
+        }
+        let (Some(a), Some(b)) = (mv[mi].vals[b0][reg], mv[mi].vals[b1][reg]) else { return Ok(None) };
+        match register_delta(a, b, st.modulus) {
+            Some((d, _)) => Ok(Some(scaled(d) * m.multiplier())),
+            None => Err(Exception::new(
+                "register_backwards",
+                format!(
+                    "meter {}: register {} went backwards from {} to {} between {} and {} (not a rollover at 10^{})",
+                    m.meter_id, reg, scaled(a), scaled(b), plan.dates[b0], plan.dates[b1], m.register_digits
+                ),
+            )),
+        }
+    };
+    let mut rolled = false;
+    for (mi, (_, st)) in meters.iter().enumerate() {
+        for reg in 0..super::vee::NREG {
+            let (a, b) = (mv[mi].vals[plan.first][reg], mv[mi].vals[nb - 1][reg]);
+            if let (Some(a), Some(b)) = (a, b) {
+                if matches!(register_delta(a, b, st.modulus), Some((_, true))) {
+                    rolled = true;
+                }
+            }
+        }
+    }
+    if rolled {
+        flags |= Flags::ROLLOVER;
+    }
+    let mut seg_usage: Vec<Usage> = Vec::with_capacity(nseg);
+    let mut total_register_kwh = Decimal::ZERO;
+    for k in 0..nseg {
+        let (b0, b1) = (plan.first + k, plan.first + k + 1);
+        let mut u = Usage::default();
+        for mi in 0..meters.len() {
+            u.total += delta(mi, REG_TOTAL, b0, b1)?.unwrap_or_default();
+        }
+        total_register_kwh += u.total;
+        let version = tariff.version_on(plan.dates[b0]).map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+        if let Some(tou) = &version.tou {
+            let mut periods = [Decimal::ZERO; MAX_PERIODS];
+            let all_intervals = meters.iter().all(|(_, st)| {
+                st.interval.as_ref().is_some_and(|acc| {
+                    let (from, to) = st.window();
+                    acc.count as i64 >= (to - from) / 900_000
+                })
+            });
+            if all_intervals {
+                for (m, st) in meters {
+                    let acc = st.interval.as_ref().expect("checked");
+                    if let Some(seg) = acc.per_segment.get(k) {
+                        for (p, v) in seg.iter().enumerate() {
+                            periods[p] += scaled(*v) * m.multiplier();
+                        }
+                    }
+                }
+            } else if tou_registers_ok && tou.registers.iter().any(|r| r.is_some()) {
+                for (mi, _) in meters.iter().enumerate() {
+                    for (r, p) in tou.registers.iter().enumerate() {
+                        if let Some(p) = p {
+                            periods[*p as usize] += delta(mi, REG_T1 + r, b0, b1)?.unwrap_or_default();
+                        }
+                    }
+                }
+            } else if meters.iter().any(|(_, st)| st.interval.is_some()) {
+                // Partial interval data: share the register's energy by the profile seen.
+                let mut seen = [Decimal::ZERO; MAX_PERIODS];
+                for (m, st) in meters {
+                    if let Some(seg) = st.interval.as_ref().and_then(|a| a.per_segment.get(k)) {
+                        for (p, v) in seg.iter().enumerate() {
+                            seen[p] += scaled(*v) * m.multiplier();
+                        }
+                    }
+                }
+                let sum: Decimal = seen.iter().copied().sum();
+                if sum.is_zero() {
+                    return Err(Exception::new("no_tou_split", "interval data too sparse to split energy into TOU periods"));
+                }
+                let mut given = Decimal::ZERO;
+                let last = seen.iter().rposition(|x| !x.is_zero()).unwrap_or(0);
+                for p in 0..MAX_PERIODS {
+                    if p == last {
+                        periods[p] = u.total - given;
+                    } else {
+                        periods[p] = (u.total * seen[p] / sum).round_dp(4);
+                        given += periods[p];
+                    }
+                }
+                flags |= Flags::INTERVAL_ESTIMATED | Flags::ESTIMATED;
+            } else {
+                return Err(Exception::new(
+                    "no_tou_split",
+                    "TOU tariff but neither tariff registers T1..T4 nor interval data for the period",
+                ));
+            }
+            let sum: Decimal = periods.iter().copied().sum();
+            let tolerance = Decimal::new(cfg.interval_tolerance * meters.len() as i64, 4)
+                * meters.iter().map(|(m, _)| m.multiplier()).max().unwrap_or(Decimal::ONE);
+            if (sum - u.total).abs() > tolerance {
+                flags |= if all_intervals { Flags::INTERVAL_MISMATCH } else { Flags::REGISTER_SUM_MISMATCH };
+            }
+            u.periods = periods;
+            u.total = sum;
+        }
+        seg_usage.push(u);
+    }
+    // 3. Tier positions and limits.
+    let off = tariff.utc_offset_secs;
+    let _ = off;
+    let cover_from = meters
+        .iter()
+        .map(|(m, _)| m.installed_on)
+        .min()
+        .unwrap_or(period.start)
+        .max(period.start)
+        .max(account.opened_on);
+    let cover_to = if meters.iter().any(|(m, _)| m.removed_on.is_none()) {
+        period.end
+    } else {
+        meters.iter().filter_map(|(m, _)| m.removed_on).max().unwrap_or(period.end).min(period.end)
+    };
+    let days = (cover_to - cover_from).num_days().max(0);
+    let mut ytd = Decimal::ZERO;
+    let mut ytd_known = None;
+    let end_version = tariff
+        .version_on(plan.dates[nb - 2])
+        .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+    if let Some(from) = plan.ytd_from {
+        let mut known = true;
+        let mut sum = Decimal::ZERO;
+        for mi in 0..meters.len() {
+            match delta(mi, REG_TOTAL, 0, plan.first) {
+                Ok(Some(d)) => sum += d,
+                _ => known = false,
+            }
+        }
+        if known {
+            ytd = sum;
+        } else {
+            // Historical average: the period's daily use over the days since the tier-year start.
+            let period_kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
+            let before_days = (period.start - from).num_days();
+            ytd = (period_kwh * Decimal::from(before_days) / Decimal::from(days.max(1))).round_dp(2);
+            flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
+        }
+        ytd_known = Some(ytd);
+    }
+    let mut segments: Vec<Segment<'_>> = Vec::with_capacity(nseg);
+    let mut pos = Usage::total(ytd);
+    let mut version_ids: Vec<&str> = Vec::new();
+    for (k, u) in seg_usage.iter().enumerate() {
+        let from = plan.dates[plan.first + k];
+        let to = plan.dates[plan.first + k + 1];
+        let vi = tariff
+            .versions
+            .iter()
+            .position(|v| v.applies_on(from))
+            .ok_or_else(|| Exception::new("no_tariff_version", format!("no version on {from}")))?;
+        let v = &tariff.versions[vi];
+        if !version_ids.contains(&v.id.as_str()) {
+            version_ids.push(&v.id);
+        }
+        let limits = match &v.tiers {
+            None => Vec::new(),
+            Some(t) => match t.accumulation {
+                Accumulation::Monthly => {
+                    if period.whole_month && days == period.days() {
+                        t.limits.clone()
+                    } else {
+                        flags |= Flags::PRORATED;
+                        Tiers::prorate(&t.limits, days, period.month_basis_days())
+                    }
+                }
+                Accumulation::Annual { start_month } => {
+                    let ys = Tiers::tier_year_start(start_month, period.start);
+                    let ye = NaiveDate::from_ymd_opt(ys.year() + 1, ys.month(), 1).expect("valid");
+                    let opened = account.opened_on.max(meters.iter().map(|(m, _)| m.installed_on).min().unwrap_or(ys));
+                    if opened > ys {
+                        flags |= Flags::PRORATED;
+                        Tiers::prorate(&t.limits, (ye - opened).num_days(), (ye - ys).num_days())
+                    } else {
+                        t.limits.clone()
+                    }
+                }
+            },
+        };
+        let upto = pos.add(u);
+        segments.push(Segment { version: v, version_index: vi, from, to, limits, start: pos, upto });
+        pos = upto;
+    }
+    let kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
+    // 4. Demand, reactive energy.
+    let mut max_demand = None;
+    for (m, st) in meters {
+        if let Some(d) = st.max_demand {
+            let kw = scaled(d) * m.multiplier();
+            max_demand = Some(max_demand.map_or(kw, |x: Decimal| x.max(kw)));
+        }
+    }
+    let mut kvarh = None;
+    if let Some(pf) = &end_version.power_factor {
+        let mut sum = Some(Decimal::ZERO);
+        for mi in 0..meters.len() {
+            let mut add = |reg| -> Result<(), Exception> {
+                let d = delta(mi, reg, plan.first, nb - 1)?;
+                sum = sum.zip(d).map(|(a, b)| a + b);
+                Ok(())
+            };
+            add(REG_REACTIVE_IMPORT)?;
+            if pf.include_export_reactive {
+                add(REG_REACTIVE_EXPORT)?;
+            }
+        }
+        if sum.is_none() {
+            flags |= Flags::PF_MISSING;
+        }
+        kvarh = sum;
+    }
+    if end_version
+        .demand
+        .as_ref()
+        .is_some_and(|d| d.basis == crate::tariff::demand::DemandBasis::MaxDemand)
+        && max_demand.is_none()
+    {
+        flags |= Flags::DEMAND_MISSING;
+    }
+    let q = BillQuantities {
+        month_basis_days: period.month_basis_days(),
+        capacity_kva: account.contracted_kva,
+        max_demand_kw: max_demand.unwrap_or_default(),
+        kvarh,
+    };
+    let rated = rate_bill(&segments, &q);
+    let usage_flags = Flags(flags.0 & (Flags::ESTIMATED | Flags::INTERVAL_ESTIMATED | Flags::YTD_ESTIMATED | Flags::ROLLOVER | Flags::METER_EXCHANGE | Flags::SOURCE_QUALITY).0);
+    let mut lines = Vec::with_capacity(rated.len());
+    let mut pf_value = None;
+    for r in rated {
+        let lf = match r.line.kind {
+            LineKind::Energy | LineKind::Period | LineKind::TierSurcharge | LineKind::Fund => usage_flags,
+            LineKind::PowerFactor => {
+                pf_value = Some(r.line.quantity);
+                usage_flags
+            }
+            LineKind::Minimum => {
+                flags |= Flags::MINIMUM_CHARGE;
+                Flags::MINIMUM_CHARGE
+            }
+            _ => Flags::NONE,
+        };
+        lines.push(BillLine { version_index: r.version_index, line: r.line, flags: lf });
+    }
+    let total = lines.iter().map(|l| l.line.amount).sum();
+    let _ = total_register_kwh;
+    Ok(AccountBill {
+        account_id: account.account_id.clone(),
+        tariff_id: tariff.id.clone(),
+        versions: version_ids.join("+"),
+        lines,
+        kwh,
+        total,
+        flags,
+        days,
+        ytd_before: ytd_known,
+        ytd_after: ytd_known.map(|y| y + kwh),
+        power_factor: pf_value,
+        max_demand_kw: max_demand,
+    })
+}
+
+/// Routes one reading to a meter's state: registers to boundary tracking and
+/// checks, demand to the maximum, interval energy to its TOU period (the
+/// interval ending at `ts` is assigned by its start, in the tariff's local time).
+pub fn apply_reading(
+    st: &mut MeterState,
+    plan: &AccountPlan<'_>,
+    channel: crate::model::Channel,
+    ts: i64,
+    value: i64,
+    quality: Quality,
+    cfg: &VeeConfig,
+) -> Result<(), Exception> {
+    use crate::model::Channel;
+    if let Some(reg) = super::vee::register_index(channel) {
+        st.register(reg, ts, value, quality, cfg);
+        return Ok(());
+    }
+    match channel {
+        Channel::MaxDemandImport => st.demand(ts, value),
+        Channel::ClockSkew => st.clock_skew(value, cfg),
+        Channel::ImportActiveInterval => {
+            let (from, to) = st.window();
+            if ts <= from || ts > to {
+                return Ok(());
+            }
+            let (date, minute) = super::period::local_date_minute(ts - 900_000, plan.tariff.utc_offset_secs);
+            let v = plan
+                .tariff
+                .version_on(date)
+                .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+            let period = match &v.tou {
+                Some(tou) => tou.period_at(date, minute).map_err(|e| Exception::new("calendar_missing", e))?,
+                None => 0,
+            };
+            st.interval(ts, value, period);
+        }
+        _ => {}
+    }
+    Ok(())
+}

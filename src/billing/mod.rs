@@ -1,0 +1,8 @@
+//! Batch billing: consumption from readings (with VEE), rating with the
+//! tariff engine, and the bill run that writes `bills`, `bill_lines`,
+//! `exceptions` and a manifest. Outputs and flags: docs/billing.md.
+
+pub mod flags;
+pub mod vee;
+pub mod account;
+pub mod period;

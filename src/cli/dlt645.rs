@@ -1,0 +1,221 @@
+//! `meterflow dlt645 ...`: one-off tools for a DL/T 645 bus: find meters,
+//! read a value, switch a relay.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::collector::config::{BusConfig, SerialSettings};
+use crate::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, RelayOutcome};
+use crate::collector::dlt645::{link, poll, scan, Bus, BusTiming, Endpoint};
+use crate::protocol::dlt645::{Address, Di, Edition, Operator, Password, RelayCommand};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Dlt645Cmd {
+    /// Find meters: the address of the only meter on a bus (AA wildcard), or probe candidate addresses.
+    ///
+    /// Example: meterflow dlt645 scan --tcp 127.0.0.1:6450 --candidates 398192000337,000000000414
+    Scan(ScanArgs),
+    /// Read data identifiers from one meter and print their decoded values.
+    ///
+    /// Example: meterflow dlt645 read --tcp 127.0.0.1:6450 --meter 398192000337 --di 0001FF00 --di 04000102
+    Read(ReadArgs),
+    /// Relay control for remote fee control. Dry-run unless --execute; every command is audited.
+    ///
+    /// Example: meterflow dlt645 relay --tcp 127.0.0.1:6450 --meter 398192000337 trip --execute
+    Relay(RelayArgs),
+}
+
+/// Where the bus is and how to talk on it.
+#[derive(Debug, clap::Args)]
+pub struct BusArgs {
+    /// host:port of a transparent serial-to-TCP gateway.
+    #[arg(long, conflicts_with = "serial")]
+    pub tcp: Option<String>,
+    /// Serial port (RS-485 adapter or pty).
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Serial baud rate.
+    #[arg(long, default_value_t = 2400)]
+    pub baud: u32,
+    /// Serial parity: even, odd or none.
+    #[arg(long, default_value = "even")]
+    pub parity: String,
+    /// Reply timeout, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+    /// Extra attempts after a timeout or corrupt reply.
+    #[arg(long, default_value_t = 1)]
+    pub retries: u32,
+}
+
+impl BusArgs {
+    fn bus_config(&self) -> anyhow::Result<BusConfig> {
+        let serial = self.serial.as_ref().map(|p| {
+            let mut s = SerialSettings::with_port(p.clone());
+            s.baud = self.baud;
+            s.parity = self.parity.clone();
+            s
+        });
+        if self.tcp.is_none() && serial.is_none() {
+            bail!("give the bus: --tcp HOST:PORT or --serial PATH");
+        }
+        let mut b = BusConfig::new("cli", self.tcp.clone(), serial);
+        b.timeout_ms = self.timeout_ms;
+        b.retries = self.retries;
+        Ok(b)
+    }
+
+    async fn connect(&self) -> anyhow::Result<(Bus, String)> {
+        let cfg = self.bus_config()?;
+        let ep = Endpoint::of(&cfg);
+        let l = link::open(&ep, Duration::from_secs(5)).await.with_context(|| format!("cannot open {ep}"))?;
+        Ok((Bus::new("cli", l, BusTiming::of(&cfg)), ep.to_string()))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScanArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Candidate addresses to probe (comma-separated); without them, read the address of the single meter on the bus.
+    #[arg(long, value_delimiter = ',')]
+    pub candidates: Vec<Address>,
+    /// Edition used to probe candidates: 2007 or 1997.
+    #[arg(long, default_value = "2007")]
+    pub edition: Edition,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Meter address (nameplate number, 12 digits).
+    #[arg(long)]
+    pub meter: Address,
+    /// Data identifier(s): 8 hex digits for 2007 (00010000), 4 for 1997 (9010). Repeatable.
+    #[arg(long = "di", required = true)]
+    pub dis: Vec<Di>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    /// Meter address.
+    #[arg(long)]
+    pub meter: Address,
+    /// trip | allow-close | direct-close | alarm-on | alarm-off | protect-on | protect-off
+    pub command: RelayCommand,
+    /// Password: level PA then the 6-digit code (8 hex digits). Prefer the environment variable.
+    #[arg(long, env = "METERFLOW_DLT645_PASSWORD", hide_env_values = true, default_value = "02000000")]
+    pub password: Password,
+    /// Operator code, 8 hex digits.
+    #[arg(long, default_value = "00000000")]
+    pub operator: Operator,
+    /// The meter refuses the command after this many minutes.
+    #[arg(long, default_value_t = 10)]
+    pub expiry_minutes: i64,
+    /// Offset of the meter's clock from UTC.
+    #[arg(long, default_value = "+08:00", allow_hyphen_values = true)]
+    pub utc_offset: String,
+    /// Append-only audit log (JSON lines).
+    #[arg(long, default_value = "dlt645-relay-audit.jsonl")]
+    pub audit_log: PathBuf,
+    /// Really send the command; without it only the frame is shown and the dry run audited.
+    #[arg(long)]
+    pub execute: bool,
+}
+
+pub fn run(c: Dlt645Cmd) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match c {
+            Dlt645Cmd::Scan(a) => scan_cmd(a).await,
+            Dlt645Cmd::Read(a) => read_cmd(a).await,
+            Dlt645Cmd::Relay(a) => relay_cmd(a).await,
+        }
+    })
+}
+
+async fn scan_cmd(a: ScanArgs) -> anyhow::Result<ExitCode> {
+    let (mut bus, ep) = a.bus.connect().await?;
+    if a.candidates.is_empty() {
+        return match scan::read_single_address(&mut bus).await {
+            Ok(addr) => {
+                println!("{addr}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("no single meter answered the wildcard read on {ep}: {e} (several meters on the bus? probe --candidates)");
+                Ok(ExitCode::from(2))
+            }
+        };
+    }
+    let found = scan::probe(&mut bus, &a.candidates, a.edition).await.context("bus lost")?;
+    let mut any = false;
+    for p in &found {
+        match &p.result {
+            Ok(()) => println!("{} present", p.address),
+            Err(e) if p.present() => println!("{} present ({e})", p.address),
+            Err(e) => println!("{} absent ({e})", p.address),
+        }
+        any |= p.present();
+    }
+    Ok(if any { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+async fn read_cmd(a: ReadArgs) -> anyhow::Result<ExitCode> {
+    let (mut bus, _) = a.bus.connect().await?;
+    let edition = a.dis[0].edition;
+    let meter = crate::collector::config::ResolvedMeter {
+        address: a.meter,
+        meter_id: a.meter.to_string(),
+        edition,
+        schedules: vec![],
+    };
+    let mut failed = false;
+    for di in a.dis {
+        let name = di.info().map_or("(not in catalogue)", |i| i.name);
+        let unit = di.info().map_or("", |i| i.unit);
+        match poll::read_value(&mut bus, &meter, di, &a.meter.to_string()).await {
+            Ok(v) => println!("{di}  {v} {unit}  # {name}"),
+            Err(e) => {
+                failed = true;
+                println!("{di}  error: {e}  # {name}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}
+
+async fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
+    let offset = crate::collector::config::parse_offset(&a.utc_offset).map_err(anyhow::Error::msg)?;
+    let order = RelayOrder::expiring_in(a.meter, a.command, a.password, a.operator, a.expiry_minutes, offset);
+    let audit = AuditLog::new(&a.audit_log);
+    let (mut bus, ep) = if a.execute {
+        let (b, ep) = a.bus.connect().await?;
+        (Some(b), ep)
+    } else {
+        (None, a.bus.bus_config().map(|c| Endpoint::of(&c).to_string())?)
+    };
+    let out = relay_control(bus.as_mut(), &ep, &order, &audit, a.execute).await?;
+    match out {
+        RelayOutcome::DryRun { request_hex } => {
+            println!("dry run: would send {} to {} via {ep}", a.command, a.meter);
+            println!("  frame: {request_hex}");
+            println!("  add --execute to send it; audited in {}", audit.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        RelayOutcome::Accepted => {
+            println!("{}: {} accepted (audited in {})", a.meter, a.command, audit.path().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        RelayOutcome::Refused(s) => {
+            println!("{}: {} refused: {s} (audited in {})", a.meter, a.command, audit.path().display());
+            Ok(ExitCode::from(2))
+        }
+    }
+}

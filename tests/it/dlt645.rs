@@ -1,0 +1,297 @@
+//! DL/T 645: simulated meters on real TCP sockets and a real pty, read by the
+//! collector into a real lake.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+use meterflow::collector::config::{BusConfig, CollectorConfig, MeterConfig, SerialSettings};
+use meterflow::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, RelayOutcome};
+use meterflow::collector::dlt645::{link, scan, Bus, BusTiming, Endpoint};
+use meterflow::collector::run::collect_once;
+use meterflow::model::{Channel, Quality, Reading};
+use meterflow::protocol::dlt645::{lookup, Address, Di, Edition, RelayCommand, Value};
+use meterflow::sim::dlt645::{spawn_pty, spawn_tcp, Faults, Served, SimFile, SimMeterConfig};
+
+fn addr(s: &str) -> Address {
+    s.parse().unwrap()
+}
+
+fn sim_meter(a: &str, kwh: i64) -> SimMeterConfig {
+    let mut m = SimMeterConfig::new(addr(a), Decimal::new(kwh, 0));
+    m.load_w = 2500;
+    m
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A config reading registers, power and the clock of every meter on one bus.
+fn config(bus: BusConfig, meters: &[(&str, Edition)]) -> CollectorConfig {
+    let text = String::from(
+        r#"collector_id = "it-dlt645"
+[[dlt645.group]]
+name = "g2007"
+[[dlt645.group.schedule]]
+every_s = 900
+dis = ["0001FF00", "02030000", "02010100"]
+read_clock = true
+[[dlt645.group]]
+name = "g1997"
+[[dlt645.group.schedule]]
+every_s = 900
+dis = ["901F", "B611"]
+"#,
+    );
+    let mut cfg = CollectorConfig::parse(Path::new("it.toml"), &text).unwrap();
+    let mut bus = bus;
+    bus.meters = meters
+        .iter()
+        .map(|(a, e)| MeterConfig {
+            address: addr(a),
+            meter_id: Some(format!("M-{a}")),
+            edition: *e,
+            group: Some(if *e == Edition::V2007 { "g2007" } else { "g1997" }.into()),
+        })
+        .collect();
+    cfg.dlt645.buses = vec![bus];
+    cfg
+}
+
+fn fast_bus(name: &str, tcp: Option<SocketAddr>, serial: Option<SerialSettings>) -> BusConfig {
+    let mut b = BusConfig::new(name, tcp.map(|a| a.to_string()), serial);
+    b.timeout_ms = 300;
+    b.retries = 1;
+    b.retry_backoff_ms = 10;
+    b.silent_gap_ms = 2;
+    b.drain_ms = 30;
+    b
+}
+
+fn lake_readings(lake: &Path) -> Vec<Reading> {
+    let today = chrono::Utc::now().date_naive();
+    meterflow::store::reader::read_readings(lake, today - chrono::Duration::days(2), today + chrono::Duration::days(2)).unwrap()
+}
+
+/// What the simulator served, as (meter id, channel) -> value.
+fn served_values(served: &[Served]) -> BTreeMap<(String, Channel), Decimal> {
+    let mut out = BTreeMap::new();
+    for s in served {
+        let Some(info) = lookup(s.di) else { continue };
+        let values: Vec<Decimal> = match &s.value {
+            Value::Number(x) => vec![*x],
+            Value::Numbers(xs) => xs.clone(),
+            _ => continue,
+        };
+        for (c, v) in info.channels.iter().zip(values) {
+            out.insert((format!("M-{}", s.address), *c), v);
+        }
+    }
+    out
+}
+
+fn lake_values(readings: &[Reading]) -> BTreeMap<(String, Channel), Decimal> {
+    readings.iter().filter(|r| r.channel != Channel::ClockSkew).map(|r| ((r.meter_id.clone(), r.channel), r.value)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
+    let mut meters: Vec<SimMeterConfig> = (1..=6).map(|i| sim_meter(&format!("{:012}", 1000 + i), 1000 * i)).collect();
+    // One meter answers a block read in follow-up frames; one is a 1997 meter; one runs an hour fast.
+    meters[1].max_frame_data = 12;
+    meters[2].edition = Edition::V1997;
+    meters[3].clock_offset_s = 3600;
+    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
+    let mut list: Vec<(String, Edition)> = (1..=6).map(|i| (format!("{:012}", 1000 + i), Edition::V2007)).collect();
+    list[2].1 = Edition::V1997;
+    let list_ref: Vec<(&str, Edition)> = list.iter().map(|(a, e)| (a.as_str(), *e)).collect();
+    let cfg = config(fast_bus("gw1", Some(sim.addr), None), &list_ref);
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    let readings = lake_readings(lake.path());
+    assert_eq!(stats.readings as usize, readings.len());
+    let expected = served_values(&sim.handle.served());
+    let got = lake_values(&readings);
+    assert_eq!(got, expected, "the lake holds exactly what the meters served");
+    // 5 meters x (5 registers + power + voltage) + the 1997 meter's 5 registers + voltage.
+    assert_eq!(got.len(), 5 * 7 + 6);
+    // Follow-up frames were assembled into the full block.
+    assert!(got.contains_key(&("M-000000001002".to_string(), Channel::ImportActiveT4)));
+    for r in &readings {
+        assert_eq!(r.source.protocol, meterflow::model::Protocol::Dlt645);
+        assert_eq!(r.source.collector, "it-dlt645");
+        assert_eq!(r.source.address, format!("gw1/{}", &r.meter_id[2..]));
+    }
+    // The fast clock is flagged on that meter's readings and nowhere else.
+    for r in &readings {
+        let skewed = r.meter_id == "M-000000001004";
+        assert_eq!(r.quality.contains(Quality::CLOCK_SKEW), skewed, "{r:?}");
+    }
+    let skew = readings.iter().find(|r| r.meter_id == "M-000000001004" && r.channel == Channel::ClockSkew).unwrap();
+    assert!((skew.value - Decimal::new(3600, 0)).abs() <= Decimal::new(2, 0), "{}", skew.value);
+    assert_eq!(stats.buses[0].meters_skewed, vec!["M-000000001004".to_string()]);
+    assert_eq!(stats.buses[0].counters.timeouts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_meter_does_not_stall_others_and_late_reply_is_discarded() {
+    let mut meters = vec![sim_meter("000000002001", 10), sim_meter("000000002002", 20), sim_meter("000000002003", 30), sim_meter("000000002004", 40)];
+    meters[1].faults = Faults { no_reply: true, ..Default::default() };
+    // Answers 400 ms late: after the collector's 300 ms timeout, while it asks the next meter.
+    meters[2].faults = Faults { late_reply_ms: 400, ..Default::default() };
+    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
+    let list = [("000000002001", Edition::V2007), ("000000002002", Edition::V2007), ("000000002003", Edition::V2007), ("000000002004", Edition::V2007)];
+    let mut bus = fast_bus("gw-dead", Some(sim.addr), None);
+    bus.drain_ms = 5; // a short drain lets the late reply arrive during the next exchange
+    bus.retries = 0;
+    let cfg = config(bus, &list);
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    let got = lake_values(&lake_readings(lake.path()));
+    let expected = served_values(&sim.handle.served());
+    assert_eq!(got, expected, "no late value is attributed to another meter");
+    let meters_read: std::collections::BTreeSet<&str> = got.keys().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(meters_read.into_iter().collect::<Vec<_>>(), vec!["M-000000002001", "M-000000002004"]);
+    let b = &stats.buses[0];
+    assert_eq!(b.meters_silent, vec!["M-000000002002".to_string(), "M-000000002003".to_string()]);
+    // Each silent meter cost one timeout: the rest of its DIs were skipped.
+    assert_eq!(b.counters.timeouts, 2);
+    assert!(b.counters.late_replies + b.counters.stray_frames >= 1, "{:?}", b.counters);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_noisy_and_refusing_meters_are_counted_and_never_misread() {
+    let mut meters = vec![sim_meter("000000003001", 1), sim_meter("000000003002", 2), sim_meter("000000003003", 3), sim_meter("000000003004", 4), sim_meter("000000003005", 5)];
+    meters[0].faults = Faults { bad_checksum: true, every_nth: 2, ..Default::default() };
+    meters[1].faults = Faults { garbage: true, ..Default::default() };
+    meters[2].faults = Faults { error_reply: true, ..Default::default() };
+    meters[3].faults = Faults { wrong_address: true, ..Default::default() };
+    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
+    let list: Vec<(&str, Edition)> = ["000000003001", "000000003002", "000000003003", "000000003004", "000000003005"].iter().map(|a| (*a, Edition::V2007)).collect();
+    let cfg = config(fast_bus("gw-faults", Some(sim.addr), None), &list);
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    let got = lake_values(&lake_readings(lake.path()));
+    assert_eq!(got, served_values(&sim.handle.served()));
+    let c = &stats.buses[0].counters;
+    assert!(c.bad_checksum >= 1, "{c:?}");
+    assert!(c.noise_bytes >= 1, "{c:?}");
+    assert!(c.refused >= 1, "{c:?}");
+    assert!(c.stray_frames >= 1, "{c:?}");
+    let meters_read: std::collections::BTreeSet<&str> = got.keys().map(|(m, _)| m.as_str()).collect();
+    // The corrupt meter is read after retries, the noisy one despite the noise;
+    // the refusing one gives nothing, the one answering as another address neither.
+    assert_eq!(meters_read.into_iter().collect::<Vec<_>>(), vec!["M-000000003001", "M-000000003002", "M-000000003005"]);
+    assert!(!stats.buses[0].meters_silent.contains(&"M-000000003003".to_string()), "a refusing meter is alive");
+    let labels = [("bus", "gw-faults"), ("meter", "gw-faults/000000003001")];
+    assert!(meterflow::metrics::counter_value("meterflow_dlt645_bad_checksum_total", &labels) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_serial_bus_is_read_as_serial_with_pacing() {
+    let mut file = SimFile { meters: vec![sim_meter("000000004001", 100), sim_meter("000000004002", 200)], ..Default::default() };
+    file.meters[1].edition = Edition::V1997;
+    file.bus.baud = Some(9600);
+    file.bus.turnaround_ms = 20;
+    let sim = spawn_pty(file).unwrap();
+    let mut serial = SerialSettings::with_port(sim.path.display().to_string());
+    serial.baud = 9600;
+    let mut bus = fast_bus("rs485-1", None, Some(serial));
+    bus.timeout_ms = 1000;
+    let cfg = config(bus, &[("000000004001", Edition::V2007), ("000000004002", Edition::V1997)]);
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    let got = lake_values(&lake_readings(lake.path()));
+    assert_eq!(got, served_values(&sim.handle.served()));
+    assert_eq!(got.len(), 7 + 6);
+    assert_eq!(stats.buses[0].counters.timeouts, 0);
+}
+
+async fn connect(a: SocketAddr) -> Bus {
+    let cfg = fast_bus("tools", Some(a), None);
+    let l = link::open(&Endpoint::of(&cfg), Duration::from_secs(2)).await.unwrap();
+    Bus::new("tools", l, BusTiming::of(&cfg))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_finds_the_single_meter_and_probes_candidates() {
+    let one = spawn_tcp(SimFile { meters: vec![sim_meter("398192000337", 1)], ..Default::default() }, localhost()).await.unwrap();
+    let mut bus = connect(one.addr).await;
+    assert_eq!(scan::read_single_address(&mut bus).await.unwrap(), addr("398192000337"));
+
+    let many = spawn_tcp(SimFile { meters: vec![sim_meter("000000005001", 1), sim_meter("000000005003", 1)], ..Default::default() }, localhost()).await.unwrap();
+    let mut bus = connect(many.addr).await;
+    assert!(scan::read_single_address(&mut bus).await.is_err(), "answers collide with two meters");
+    let found = scan::probe(&mut bus, &[addr("000000005001"), addr("000000005002"), addr("000000005003")], Edition::V2007).await.unwrap();
+    let present: Vec<bool> = found.iter().map(|p| p.present()).collect();
+    assert_eq!(present, vec![true, false, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_trip_is_dry_run_unless_executed_and_always_audited() {
+    let mut m = sim_meter("398192000337", 1);
+    m.password = "02123456".into();
+    let sim = spawn_tcp(SimFile { meters: vec![m], ..Default::default() }, localhost()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = AuditLog::new(dir.path().join("audit.jsonl"));
+    let offset = meterflow::collector::config::parse_offset("+08:00").unwrap();
+    let order = |pw: &str| RelayOrder::expiring_in(addr("398192000337"), RelayCommand::Trip, pw.parse().unwrap(), "00000001".parse().unwrap(), 10, offset);
+    let mut bus = connect(sim.addr).await;
+
+    let dry = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, false).await.unwrap();
+    assert!(matches!(dry, RelayOutcome::DryRun { .. }));
+    assert!(sim.handle.relay_log().is_empty(), "a dry run sends nothing");
+
+    let wrong = relay_control(Some(&mut bus), "test", &order("02999999"), &audit, true).await.unwrap();
+    assert!(matches!(wrong, RelayOutcome::Refused(s) if s.unauthorised()));
+    assert!(!sim.handle.relay_state(addr("398192000337")).unwrap().tripped);
+
+    let ok = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, true).await.unwrap();
+    assert_eq!(ok, RelayOutcome::Accepted);
+    assert!(sim.handle.relay_state(addr("398192000337")).unwrap().tripped);
+
+    let log = std::fs::read_to_string(audit.path()).unwrap();
+    let events: Vec<String> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_string()).collect();
+    assert_eq!(events, vec!["dry_run", "sent", "refused", "sent", "accepted"]);
+    assert!(!log.contains("123456"), "the password never reaches the audit log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_gateway_is_reported_in_once_mode_without_stalling_other_buses() {
+    let sim = spawn_tcp(SimFile { meters: vec![sim_meter("000000006001", 1)], ..Default::default() }, localhost()).await.unwrap();
+    let mut cfg = config(fast_bus("good", Some(sim.addr), None), &[("000000006001", Edition::V2007)]);
+    // A gateway nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut bad = fast_bus("unreachable", Some(dead), None);
+    bad.reconnect_backoff_ms = 10;
+    bad.meters = cfg.dlt645.buses[0].meters.clone();
+    cfg.dlt645.buses.push(bad);
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    assert_eq!(stats.buses.len(), 2);
+    assert!(stats.buses[0].error.is_none());
+    assert!(stats.buses[0].readings > 0);
+    assert!(stats.buses[1].error.as_deref().unwrap_or("").contains("cannot connect"), "{:?}", stats.buses[1]);
+}
+
+#[test]
+fn sample_collectors_config_is_valid() {
+    let cfg = CollectorConfig::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/sample-data/collectors.toml"))).unwrap();
+    assert!(!cfg.dlt645.buses.is_empty());
+    SimFile::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/sample-data/dlt645-meters.toml"))).unwrap();
+    let _ = Di::v2007(0);
+}
