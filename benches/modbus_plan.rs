@@ -9,22 +9,43 @@ use meterflow::protocol::modbus::{plan, profiles, Area, DataType, PlanOptions, R
 use rust_decimal::Decimal;
 
 fn bench_plan(c: &mut Criterion) {
-    let sdm = profiles::get("eastron_sdm630").unwrap().unwrap().registers.clone();
+    let sdm = profiles::get("eastron_sdm630")
+        .unwrap()
+        .unwrap()
+        .registers
+        .clone();
     c.bench_function("plan_sdm630_profile", |b| {
         b.iter(|| plan(black_box(&sdm), &PlanOptions::default()))
     });
     // a big sparse map: 500 f32 registers with gaps of 0..7 words
     let big: Vec<Register> = (0..500u16)
-        .map(|i| Register::new(&format!("r{i}"), Area::Holding, i * 2 + (i % 4) * 2 + i / 10 * 4, DataType::F32))
+        .map(|i| {
+            Register::new(
+                &format!("r{i}"),
+                Area::Holding,
+                i * 2 + (i % 4) * 2 + i / 10 * 4,
+                DataType::F32,
+            )
+        })
         .collect();
     c.bench_function("plan_500_sparse_registers", |b| {
         b.iter(|| plan(black_box(&big), &PlanOptions::default()))
     });
     let all: Vec<Vec<Register>> = (0..1000)
-        .map(|i| profiles::get(profiles::names()[i % 3]).unwrap().unwrap().registers.clone())
+        .map(|i| {
+            profiles::get(profiles::names()[i % 3])
+                .unwrap()
+                .unwrap()
+                .registers
+                .clone()
+        })
         .collect();
     c.bench_function("plan_1000_devices", |b| {
-        b.iter(|| all.iter().map(|r| plan(r, &PlanOptions::default()).len()).sum::<usize>())
+        b.iter(|| {
+            all.iter()
+                .map(|r| plan(r, &PlanOptions::default()).len())
+                .sum::<usize>()
+        })
     });
 }
 
@@ -54,7 +75,9 @@ fn bench_decode(c: &mut Criterion) {
     });
     let mut u = Register::new("e", Area::Holding, 0, DataType::U32);
     u.scale = Decimal::new(1, 1);
-    c.bench_function("decode_u32_scaled", |b| b.iter(|| decode(&u, black_box(&[0x0001, 0x2345]))));
+    c.bench_function("decode_u32_scaled", |b| {
+        b.iter(|| decode(&u, black_box(&[0x0001, 0x2345])))
+    });
 }
 
 criterion_group!(benches, bench_plan, bench_decode);

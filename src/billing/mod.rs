@@ -6,3 +6,6 @@ pub mod flags;
 pub mod vee;
 pub mod account;
 pub mod period;
+pub mod engine;
+pub mod output;
+pub mod run;

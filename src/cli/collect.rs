@@ -43,7 +43,16 @@ pub fn run(a: CollectArgs) -> anyhow::Result<ExitCode> {
                 let _ = tx.send(true);
             }
         });
-        run::run(cfg, CollectOptions { lake_dir: lake_dir.clone(), once: a.once, metrics_addr: a.metrics_addr }, rx).await
+        run::run(
+            cfg,
+            CollectOptions {
+                lake_dir: lake_dir.clone(),
+                once: a.once,
+                metrics_addr: a.metrics_addr,
+            },
+            rx,
+        )
+        .await
     })?;
     let mut failed = false;
     for b in &stats.buses {
@@ -67,6 +76,13 @@ pub fn run(a: CollectArgs) -> anyhow::Result<ExitCode> {
         println!("modbus {e}");
         failed = true;
     }
-    println!("{} readings made durable, {} committed to Parquet", stats.readings, stats.flushed);
-    Ok(if failed { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    println!(
+        "{} readings made durable, {} committed to Parquet",
+        stats.readings, stats.flushed
+    );
+    Ok(if failed {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

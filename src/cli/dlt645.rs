@@ -26,6 +26,31 @@ pub enum Dlt645Cmd {
     ///
     /// Example: meterflow dlt645 relay --tcp 127.0.0.1:6450 --meter 398192000337 trip --execute
     Relay(RelayArgs),
+    /// Measure bus efficiency against paced simulated gateways on 127.0.0.1 (see scripts/bench-dlt645-bus.sh).
+    BenchBus(BenchBusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchBusArgs {
+    /// Buses (simulated gateways) polled concurrently.
+    #[arg(long, default_value_t = 1)]
+    pub buses: usize,
+    #[arg(long, default_value_t = 4)]
+    pub meters_per_bus: usize,
+    #[arg(long, default_value_t = 2400)]
+    pub baud: u32,
+    /// Meter turnaround (response delay), ms.
+    #[arg(long, default_value_t = 20)]
+    pub turnaround_ms: u64,
+    /// Collector's silent gap between a reply and the next request, ms.
+    #[arg(long, default_value_t = 5)]
+    pub silent_gap_ms: u64,
+    /// FE bytes before requests and replies.
+    #[arg(long, default_value_t = 4)]
+    pub preamble: usize,
+    /// Seconds to measure (after 1 s warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
 }
 
 /// Where the bus is and how to talk on it.
@@ -71,7 +96,9 @@ impl BusArgs {
     async fn connect(&self) -> anyhow::Result<(Bus, String)> {
         let cfg = self.bus_config()?;
         let ep = Endpoint::of(&cfg);
-        let l = link::open(&ep, Duration::from_secs(5)).await.with_context(|| format!("cannot open {ep}"))?;
+        let l = link::open(&ep, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("cannot open {ep}"))?;
         Ok((Bus::new("cli", l, BusTiming::of(&cfg)), ep.to_string()))
     }
 }
@@ -110,7 +137,12 @@ pub struct RelayArgs {
     /// trip | allow-close | direct-close | alarm-on | alarm-off | protect-on | protect-off
     pub command: RelayCommand,
     /// Password: level PA then the 6-digit code (8 hex digits). Prefer the environment variable.
-    #[arg(long, env = "METERFLOW_DLT645_PASSWORD", hide_env_values = true, default_value = "02000000")]
+    #[arg(
+        long,
+        env = "METERFLOW_DLT645_PASSWORD",
+        hide_env_values = true,
+        default_value = "02000000"
+    )]
     pub password: Password,
     /// Operator code, 8 hex digits.
     #[arg(long, default_value = "00000000")]
@@ -136,6 +168,7 @@ pub fn run(c: Dlt645Cmd) -> anyhow::Result<ExitCode> {
             Dlt645Cmd::Scan(a) => scan_cmd(a).await,
             Dlt645Cmd::Read(a) => read_cmd(a).await,
             Dlt645Cmd::Relay(a) => relay_cmd(a).await,
+            Dlt645Cmd::BenchBus(a) => bench_cmd(a).await,
         }
     })
 }
@@ -154,7 +187,9 @@ async fn scan_cmd(a: ScanArgs) -> anyhow::Result<ExitCode> {
             }
         };
     }
-    let found = scan::probe(&mut bus, &a.candidates, a.edition).await.context("bus lost")?;
+    let found = scan::probe(&mut bus, &a.candidates, a.edition)
+        .await
+        .context("bus lost")?;
     let mut any = false;
     for p in &found {
         match &p.result {
@@ -164,7 +199,11 @@ async fn scan_cmd(a: ScanArgs) -> anyhow::Result<ExitCode> {
         }
         any |= p.present();
     }
-    Ok(if any { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if any {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn read_cmd(a: ReadArgs) -> anyhow::Result<ExitCode> {
@@ -188,34 +227,89 @@ async fn read_cmd(a: ReadArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
-    let offset = crate::collector::config::parse_offset(&a.utc_offset).map_err(anyhow::Error::msg)?;
-    let order = RelayOrder::expiring_in(a.meter, a.command, a.password, a.operator, a.expiry_minutes, offset);
+    let offset =
+        crate::collector::config::parse_offset(&a.utc_offset).map_err(anyhow::Error::msg)?;
+    let order = RelayOrder::expiring_in(
+        a.meter,
+        a.command,
+        a.password,
+        a.operator,
+        a.expiry_minutes,
+        offset,
+    );
     let audit = AuditLog::new(&a.audit_log);
     let (mut bus, ep) = if a.execute {
         let (b, ep) = a.bus.connect().await?;
         (Some(b), ep)
     } else {
-        (None, a.bus.bus_config().map(|c| Endpoint::of(&c).to_string())?)
+        (
+            None,
+            a.bus.bus_config().map(|c| Endpoint::of(&c).to_string())?,
+        )
     };
     let out = relay_control(bus.as_mut(), &ep, &order, &audit, a.execute).await?;
     match out {
         RelayOutcome::DryRun { request_hex } => {
             println!("dry run: would send {} to {} via {ep}", a.command, a.meter);
             println!("  frame: {request_hex}");
-            println!("  add --execute to send it; audited in {}", audit.path().display());
+            println!(
+                "  add --execute to send it; audited in {}",
+                audit.path().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         RelayOutcome::Accepted => {
-            println!("{}: {} accepted (audited in {})", a.meter, a.command, audit.path().display());
+            println!(
+                "{}: {} accepted (audited in {})",
+                a.meter,
+                a.command,
+                audit.path().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         RelayOutcome::Refused(s) => {
-            println!("{}: {} refused: {s} (audited in {})", a.meter, a.command, audit.path().display());
+            println!(
+                "{}: {} refused: {s} (audited in {})",
+                a.meter,
+                a.command,
+                audit.path().display()
+            );
             Ok(ExitCode::from(2))
         }
     }
+}
+
+async fn bench_cmd(a: BenchBusArgs) -> anyhow::Result<ExitCode> {
+    use crate::collector::dlt645::bench;
+    let b = bench::BusBench {
+        buses: a.buses,
+        meters_per_bus: a.meters_per_bus,
+        baud: a.baud,
+        turnaround_ms: a.turnaround_ms,
+        silent_gap_ms: a.silent_gap_ms,
+        preamble: a.preamble,
+        duration: Duration::from_secs(a.seconds),
+    };
+    let r = bench::run(&b).await?;
+    let per_bus = r.reads_per_s / a.buses as f64;
+    println!(
+        "buses={} meters/bus={} baud={} turnaround={}ms gap={}ms frames={}+{} bytes: {} reads in {:.1}s = {:.2} reads/s ({:.2}/bus)",
+        a.buses, a.meters_per_bus, a.baud, a.turnaround_ms, a.silent_gap_ms, r.request_bytes, r.reply_bytes, r.reads, r.seconds, r.reads_per_s, per_bus
+    );
+    println!(
+        "  efficiency: {:.1}% of the wire+turnaround bound ({:.2} reads/s/bus), {:.1}% of the wire-only bound ({:.2} reads/s/bus)",
+        100.0 * per_bus / r.wire_turnaround_bound_per_bus,
+        r.wire_turnaround_bound_per_bus,
+        100.0 * per_bus / r.wire_bound_per_bus,
+        r.wire_bound_per_bus
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -9,16 +9,21 @@ use clap::{Parser, Subcommand};
 
 pub mod collect;
 pub mod demo;
+pub mod master;
 pub mod dlt645;
 pub mod ingest;
+pub mod ledger;
 pub mod modbus;
 pub mod mqtt;
+pub mod prepay;
 pub mod progress;
 pub mod sim;
 pub mod sim_dlt645;
 pub mod sim_modbus;
 pub mod store;
+pub mod stream;
 pub mod tariff;
+pub mod bill;
 
 /// meterflow: electricity meter readings in; bills, prepayment deductions and alerts out.
 ///
@@ -44,6 +49,9 @@ pub enum Command {
     /// Simulators: a synthetic fleet written to a lake, or simulated meters on the network.
     #[command(subcommand)]
     Sim(sim::SimCmd),
+    /// Validate master data (meters, accounts, payments).
+    #[command(subcommand)]
+    Master(master::MasterCmd),
     /// Inspect and compact the readings lake.
     #[command(subcommand)]
     Store(store::StoreCmd),
@@ -56,6 +64,8 @@ pub enum Command {
     /// Validate tariff files and print them as readable tables.
     #[command(subcommand)]
     Tariff(tariff::TariffCmd),
+    /// Bill every account for a period: bills, bill lines, exceptions, manifest.
+    Bill(bill::BillArgs),
     /// Modbus tools: print request plans, list meter profiles, bench a loopback cycle.
     #[command(subcommand)]
     Modbus(modbus::ModbusCmd),
@@ -64,6 +74,14 @@ pub enum Command {
     /// DL/T 645 tools: find meters, read values, relay control.
     #[command(subcommand)]
     Dlt645(dlt645::Dlt645Cmd),
+    /// Prepayment ledger: migrate, balances, history, Parquet export, payment-file import.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCmd),
+    /// Prepaid deductions over the lake, alerts and remote fee control.
+    #[command(subcommand)]
+    Prepay(prepay::PrepayCmd),
+    /// Streaming prepaid deductions from MQTT readings (exactly-once effect).
+    Stream(stream::StreamArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -74,12 +92,17 @@ pub fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Sim(c) => sim::run(c),
         Command::Store(c) => store::run(c),
+        Command::Master(c) => master::run(c),
         Command::Tariff(c) => tariff::run(c),
+        Command::Bill(a) => bill::run(a),
         Command::Ingest(c) => ingest::run(c),
         Command::Mqtt(c) => mqtt::run(c),
         Command::Modbus(c) => modbus::run(c),
         Command::Collect(a) => collect::run(a),
         Command::Dlt645(c) => dlt645::run(c),
+        Command::Ledger(c) => ledger::run(c),
+        Command::Prepay(c) => prepay::run(c),
+        Command::Stream(a) => stream::run(a),
     };
     match result {
         Ok(code) => code,

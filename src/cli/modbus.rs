@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::collector::modbus::{load_file, ModbusConnectionConfig, ModbusDeviceConfig, Poller, Transport};
+use crate::collector::modbus::{load_file, ModbusConnectionConfig, ModbusDeviceConfig, Poller};
 use crate::protocol::modbus::{plan, profiles, PlanOptions};
 use crate::sim::modbus::{SimDeviceConfig, Simulator};
 
@@ -66,8 +66,13 @@ pub fn run(c: ModbusCmd) -> anyhow::Result<ExitCode> {
         ModbusCmd::Plan(a) => plan_cmd(a),
         ModbusCmd::Profiles => {
             for n in profiles::names() {
-                let p = profiles::get(n).map_err(|e| anyhow::anyhow!("{e}"))?.context("profile")?;
-                println!("{} — {} {}\n  source: {}", p.name, p.vendor, p.model, p.source);
+                let p = profiles::get(n)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .context("profile")?;
+                println!(
+                    "{} — {} {}\n  source: {}",
+                    p.name, p.vendor, p.model, p.source
+                );
                 for r in &p.registers {
                     println!(
                         "  {:<12} {:<8} {:#06x} {:<4} {:<9} scale {:<7} -> {}",
@@ -75,7 +80,10 @@ pub fn run(c: ModbusCmd) -> anyhow::Result<ExitCode> {
                         r.area,
                         r.address,
                         r.data_type.name(),
-                        r.order.name(match r.data_type.words() { 1 => 1, w => w }),
+                        r.order.name(match r.data_type.words() {
+                            1 => 1,
+                            w => w,
+                        }),
                         r.scale,
                         r.channel.map(|c| c.as_str()).unwrap_or("-")
                     );
@@ -103,12 +111,25 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<ExitCode> {
             .resolve(&crate::protocol::modbus::FieldPath::default())
             .map_err(|e| anyhow::anyhow!("{}: {}", e.path, e.message))?;
         if !a.json {
-            println!("connection {} ({:?}, {} devices, {} in flight)", c.name, c.transport, devs.len(), c.concurrency());
+            println!(
+                "connection {} ({:?}, {} devices, {} in flight)",
+                c.name,
+                c.transport,
+                devs.len(),
+                c.concurrency()
+            );
         }
         for d in &devs {
             total_req += d.requests.len();
             total_regs += d.registers.len();
-            let single = plan(&d.registers, &PlanOptions { one_per_field: true, ..PlanOptions::default() }).len();
+            let single = plan(
+                &d.registers,
+                &PlanOptions {
+                    one_per_field: true,
+                    ..PlanOptions::default()
+                },
+            )
+            .len();
             if a.json {
                 json.push(serde_json::json!({
                     "connection": c.name, "meter_id": d.meter_id, "unit_id": d.unit_id,
@@ -129,7 +150,11 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<ExitCode> {
                 single
             );
             for r in &d.requests {
-                let names: Vec<&str> = r.fields.iter().map(|f| d.registers[f.register].name.as_str()).collect();
+                let names: Vec<&str> = r
+                    .fields
+                    .iter()
+                    .map(|f| d.registers[f.register].name.as_str())
+                    .collect();
                 println!(
                     "    {:<14} start {:#06x} count {:>3} (unused {:>2}): {}",
                     r.area.as_str(),
@@ -144,7 +169,9 @@ fn plan_cmd(a: PlanArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        println!("total: {total_req} requests per cycle instead of {total_regs} (one per register)");
+        println!(
+            "total: {total_req} requests per cycle instead of {total_regs} (one per register)"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -175,37 +202,15 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<ExitCode> {
             let sim = Simulator::new(sims).map_err(|e| anyhow::anyhow!("{e}"))?;
             let (addr, h) = sim.spawn_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
             handles.push(h);
-            let cfg = ModbusConnectionConfig {
-                name: format!("gw{g}"),
-                transport: Transport::Tcp,
-                address: Some(addr.to_string()),
-                serial: None,
-                poll_interval_ms: 1000,
-                timeout_ms: 1000,
-                retries: 1,
-                retry_backoff_ms: 50,
-                max_concurrency: Some(a.concurrency),
-                pause_between_requests_ms: 0,
-                pause_after_connect_ms: 0,
-                close_after_cycle: false,
-                drain_ms: 50,
-                degrade_after_cycles: 2,
-                degraded_poll_interval_ms: 600_000,
-                devices: profiles_of
-                    .iter()
-                    .enumerate()
-                    .map(|(k, p)| ModbusDeviceConfig {
-                        meter_id: format!("B{:05}", made + k),
-                        unit_id: (k + 1) as u8,
-                        profile: Some(p.clone()),
-                        numbering: None,
-                        registers: vec![],
-                        max_hole: 50,
-                        max_registers_per_request: 125,
-                        one_request_per_field: false,
-                    })
-                    .collect(),
-            };
+            let devices = profiles_of
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    ModbusDeviceConfig::with_profile(&format!("B{:05}", made + k), (k + 1) as u8, p)
+                })
+                .collect();
+            let mut cfg = ModbusConnectionConfig::tcp(&format!("gw{g}"), addr, devices);
+            cfg.max_concurrency = Some(a.concurrency);
             pollers.push(Poller::new(cfg, "bench".into()).map_err(|e| anyhow::anyhow!("{e}"))?);
             made += n;
         }

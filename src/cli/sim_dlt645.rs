@@ -43,16 +43,20 @@ pub fn run(a: SimDlt645Args) -> anyhow::Result<ExitCode> {
             let p = dlt645::spawn_pty(file).context("cannot open a pty")?;
             if let Some(link) = &a.pty_link {
                 let _ = std::fs::remove_file(link);
-                std::os::unix::fs::symlink(&p.path, link).with_context(|| format!("cannot link {}", link.display()))?;
+                std::os::unix::fs::symlink(&p.path, link)
+                    .with_context(|| format!("cannot link {}", link.display()))?;
             }
             println!("sim dlt645: {n} meters on pty {}", p.path.display());
             p.task
         } else if let Some(port) = &a.serial {
-            let (_h, t) = dlt645::spawn_serial(file, port).with_context(|| format!("cannot open {port}"))?;
+            let (_h, t) =
+                dlt645::spawn_serial(file, port).with_context(|| format!("cannot open {port}"))?;
             println!("sim dlt645: {n} meters on {port}");
             t
         } else {
-            let s = dlt645::spawn_tcp(file, a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+            let s = dlt645::spawn_tcp(file, a.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
             println!("sim dlt645: {n} meters listening on {}", s.addr);
             s.task
         };

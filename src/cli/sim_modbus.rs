@@ -65,7 +65,9 @@ pub fn run(a: SimModbusArgs) -> anyhow::Result<ExitCode> {
             None
         };
         tracing::info!("simulator running; Ctrl-C stops it");
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
         Ok(ExitCode::SUCCESS)
     })
 }

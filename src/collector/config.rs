@@ -45,7 +45,11 @@ pub struct LakeSection {
 
 impl Default for LakeSection {
     fn default() -> Self {
-        LakeSection { out: None, flush_interval_s: d_flush_interval(), flush_max_readings: d_flush_readings() }
+        LakeSection {
+            out: None,
+            flush_interval_s: d_flush_interval(),
+            flush_max_readings: d_flush_readings(),
+        }
     }
 }
 
@@ -140,7 +144,9 @@ impl SerialSettings {
 
     /// Bits on the wire per byte (start + data + parity + stop).
     pub fn bits_per_char(&self) -> u32 {
-        1 + self.data_bits as u32 + if self.parity == "none" { 0 } else { 1 } + self.stop_bits as u32
+        1 + self.data_bits as u32
+            + if self.parity == "none" { 0 } else { 1 }
+            + self.stop_bits as u32
     }
 }
 
@@ -317,7 +323,10 @@ impl Dlt645Section {
         for (gi, g) in self.groups.iter().enumerate() {
             let gp = root.key("group").index(gi);
             if groups.contains_key(g.name.as_str()) {
-                return Err(fe(gp.key("name"), format!("duplicate group name '{}'", g.name)));
+                return Err(fe(
+                    gp.key("name"),
+                    format!("duplicate group name '{}'", g.name),
+                ));
             }
             let mut scheds = vec![];
             for (si, s) in g.schedules.iter().enumerate() {
@@ -325,7 +334,10 @@ impl Dlt645Section {
                 scheds.push(resolve_schedule(s, &sp)?);
             }
             if scheds.is_empty() {
-                return Err(fe(gp.key("schedule"), format!("group '{}' has no schedule", g.name)));
+                return Err(fe(
+                    gp.key("schedule"),
+                    format!("group '{}' has no schedule", g.name),
+                ));
             }
             groups.insert(g.name.as_str(), scheds);
         }
@@ -334,17 +346,32 @@ impl Dlt645Section {
         for (bi, b) in self.buses.iter().enumerate() {
             let bp = root.key("bus").index(bi);
             if !bus_names.insert(b.name.as_str()) {
-                return Err(fe(bp.key("name"), format!("duplicate bus name '{}'", b.name)));
+                return Err(fe(
+                    bp.key("name"),
+                    format!("duplicate bus name '{}'", b.name),
+                ));
             }
             if b.name.is_empty() || b.name.contains('/') {
-                return Err(fe(bp.key("name"), "bus name must be non-empty and contain no '/'".into()));
+                return Err(fe(
+                    bp.key("name"),
+                    "bus name must be non-empty and contain no '/'".into(),
+                ));
             }
             match (&b.tcp, &b.serial) {
                 (Some(_), Some(_)) => {
-                    return Err(fe(bp.key("serial"), "a bus has either `tcp` or `serial`, not both".into()))
+                    return Err(fe(
+                        bp.key("serial"),
+                        "a bus has either `tcp` or `serial`, not both".into(),
+                    ))
                 }
                 (None, None) => {
-                    return Err(fe(bp.key("name"), format!("bus '{}' needs `tcp = \"host:port\"` or a `[serial]` table", b.name)))
+                    return Err(fe(
+                        bp.key("name"),
+                        format!(
+                            "bus '{}' needs `tcp = \"host:port\"` or a `[serial]` table",
+                            b.name
+                        ),
+                    ))
                 }
                 (Some(addr), None) => {
                     if !addr.contains(':') {
@@ -353,13 +380,22 @@ impl Dlt645Section {
                 }
                 (None, Some(s)) => {
                     if !["even", "odd", "none"].contains(&s.parity.as_str()) {
-                        return Err(fe(bp.key("serial").key("parity"), format!("parity '{}' is not even, odd or none", s.parity)));
+                        return Err(fe(
+                            bp.key("serial").key("parity"),
+                            format!("parity '{}' is not even, odd or none", s.parity),
+                        ));
                     }
                     if !(5..=8).contains(&s.data_bits) {
-                        return Err(fe(bp.key("serial").key("data_bits"), "data_bits must be 5..8".into()));
+                        return Err(fe(
+                            bp.key("serial").key("data_bits"),
+                            "data_bits must be 5..8".into(),
+                        ));
                     }
                     if !(1..=2).contains(&s.stop_bits) {
-                        return Err(fe(bp.key("serial").key("stop_bits"), "stop_bits must be 1 or 2".into()));
+                        return Err(fe(
+                            bp.key("serial").key("stop_bits"),
+                            "stop_bits must be 1 or 2".into(),
+                        ));
                     }
                 }
             }
@@ -371,24 +407,32 @@ impl Dlt645Section {
             for (mi, m) in b.meters.iter().enumerate() {
                 let mp = bp.key("meter").index(mi);
                 if m.address.has_wildcard() || m.address.is_broadcast() {
-                    return Err(fe(mp.key("address"), format!("{} is a wildcard/broadcast address, not a meter", m.address)));
+                    return Err(fe(
+                        mp.key("address"),
+                        format!("{} is a wildcard/broadcast address, not a meter", m.address),
+                    ));
                 }
                 if !seen.insert(m.address) {
-                    return Err(fe(mp.key("address"), format!("address {} appears twice on bus '{}'", m.address, b.name)));
+                    return Err(fe(
+                        mp.key("address"),
+                        format!("address {} appears twice on bus '{}'", m.address, b.name),
+                    ));
                 }
                 let schedules = match &m.group {
                     None => default_schedules(m.edition),
-                    Some(g) => groups
-                        .get(g.as_str())
-                        .cloned()
-                        .ok_or_else(|| fe(mp.key("group"), format!("no [[dlt645.group]] named '{g}'")))?,
+                    Some(g) => groups.get(g.as_str()).cloned().ok_or_else(|| {
+                        fe(mp.key("group"), format!("no [[dlt645.group]] named '{g}'"))
+                    })?,
                 };
                 for s in &schedules {
                     for di in &s.dis {
                         if di.edition != m.edition {
                             return Err(fe(
                                 mp.key("group"),
-                                format!("schedule '{}' reads {} DI {di} but meter {} speaks {}", s.name, di.edition, m.address, m.edition),
+                                format!(
+                                    "schedule '{}' reads {} DI {di} but meter {} speaks {}",
+                                    s.name, di.edition, m.address, m.edition
+                                ),
                             ));
                         }
                     }
@@ -411,26 +455,48 @@ fn resolve_schedule(s: &ScheduleConfig, p: &FieldPath) -> Result<Schedule, Field
     let when = match (s.every_s, &s.daily_at) {
         (Some(n), None) => When::Every(std::time::Duration::from_secs(n)),
         (None, Some(t)) => When::DailyAt(
-            NaiveTime::parse_from_str(t, "%H:%M").map_err(|_| fe(p.key("daily_at"), format!("'{t}' is not HH:MM")))?,
+            NaiveTime::parse_from_str(t, "%H:%M")
+                .map_err(|_| fe(p.key("daily_at"), format!("'{t}' is not HH:MM")))?,
         ),
-        _ => return Err(fe(p.key("every_s"), "a schedule has exactly one of `every_s` or `daily_at`".into())),
+        _ => {
+            return Err(fe(
+                p.key("every_s"),
+                "a schedule has exactly one of `every_s` or `daily_at`".into(),
+            ))
+        }
     };
     if s.dis.is_empty() && !s.read_clock {
-        return Err(fe(p.key("dis"), "schedule reads nothing: give `dis` or `read_clock = true`".into()));
+        return Err(fe(
+            p.key("dis"),
+            "schedule reads nothing: give `dis` or `read_clock = true`".into(),
+        ));
     }
     for (i, di) in s.dis.iter().enumerate() {
         match di.info() {
             Some(info) if !info.channels.is_empty() => {}
-            Some(info) => {
-                return Err(fe(p.key("dis").index(i), format!("DI {di} ({}) is not stored as a reading; read it with `meterflow dlt645 read`", info.name)))
-            }
+            Some(info) => return Err(fe(
+                p.key("dis").index(i),
+                format!(
+                    "DI {di} ({}) is not stored as a reading; read it with `meterflow dlt645 read`",
+                    info.name
+                ),
+            )),
             None => {
-                return Err(fe(p.key("dis").index(i), format!("DI {di} is not in the catalogue (see docs/collectors.md)")))
+                return Err(fe(
+                    p.key("dis").index(i),
+                    format!("DI {di} is not in the catalogue (see docs/collectors.md)"),
+                ))
             }
         }
     }
     Ok(Schedule {
-        name: s.name.clone().unwrap_or_else(|| s.dis.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("+")),
+        name: s.name.clone().unwrap_or_else(|| {
+            s.dis
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("+")
+        }),
         when,
         dis: s.dis.clone(),
         read_clock: s.read_clock,
@@ -457,7 +523,8 @@ pub fn parse_offset(s: &str) -> Result<FixedOffset, String> {
 impl BusConfig {
     /// A bus with every knob at its default (for the `dlt645` tools and tests).
     pub fn new(name: &str, tcp: Option<String>, serial: Option<SerialSettings>) -> BusConfig {
-        let mut b: BusConfig = toml::from_str(&format!("name = {:?}", name)).expect("defaults parse");
+        let mut b: BusConfig =
+            toml::from_str(&format!("name = {:?}", name)).expect("defaults parse");
         b.tcp = tcp;
         b.serial = serial;
         b
@@ -468,9 +535,13 @@ impl CollectorConfig {
     /// Parses and validates a collectors.toml text; `file` names it in errors.
     pub fn parse(file: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
         let f = file.display().to_string();
-        let cfg: CollectorConfig = toml::from_str(text).map_err(|e| ConfigError::from_toml(&f, text, &e))?;
+        let cfg: CollectorConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(&f, text, &e))?;
         if cfg.collector_id.is_empty()
-            || !cfg.collector_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !cfg
+                .collector_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             let e = FieldError {
                 path: FieldPath::default().key("collector_id"),
@@ -478,7 +549,9 @@ impl CollectorConfig {
             };
             return Err(ConfigError::at(&f, text, &e));
         }
-        cfg.dlt645.resolve(&FieldPath::default().key("dlt645")).map_err(|e| ConfigError::at(&f, text, &e))?;
+        cfg.dlt645
+            .resolve(&FieldPath::default().key("dlt645"))
+            .map_err(|e| ConfigError::at(&f, text, &e))?;
         crate::collector::modbus::validate_in_file(file, text, &cfg.modbus)?;
         Ok(cfg)
     }
@@ -495,7 +568,12 @@ impl CollectorConfig {
     }
 
     /// A minimal config for one TCP bus (tests, demo).
-    pub fn single_tcp_bus(collector_id: &str, bus: &str, addr: std::net::SocketAddr, meters: Vec<MeterConfig>) -> Self {
+    pub fn single_tcp_bus(
+        collector_id: &str,
+        bus: &str,
+        addr: std::net::SocketAddr,
+        meters: Vec<MeterConfig>,
+    ) -> Self {
         let mut cfg: CollectorConfig = toml::from_str(&format!(
             "collector_id = \"{collector_id}\"\n[[dlt645.bus]]\nname = \"{bus}\"\ntcp = \"{addr}\"\n"
         ))
@@ -549,12 +627,18 @@ baud = 2400
     #[test]
     fn complete_config_parses_and_resolves() {
         let cfg = CollectorConfig::parse(Path::new("c.toml"), GOOD).unwrap();
-        let resolved = cfg.dlt645.resolve(&FieldPath::default().key("dlt645")).unwrap();
+        let resolved = cfg
+            .dlt645
+            .resolve(&FieldPath::default().key("dlt645"))
+            .unwrap();
         assert_eq!(resolved[0].len(), 2);
         assert_eq!(resolved[0][0].schedules.len(), 2);
         assert_eq!(resolved[0][1].schedules[0].dis, vec![Di::v1997(0x901F)]);
         assert_eq!(cfg.dlt645.buses[1].serial.as_ref().unwrap().parity, "even");
-        assert_eq!(cfg.dlt645.buses[1].serial.as_ref().unwrap().bits_per_char(), 11);
+        assert_eq!(
+            cfg.dlt645.buses[1].serial.as_ref().unwrap().bits_per_char(),
+            11
+        );
     }
 
     fn err(text: &str) -> ConfigError {
@@ -580,7 +664,9 @@ baud = 2400
 
     #[test]
     fn unknown_key_and_unknown_di_are_refused() {
-        let e = err(&GOOD.replace("retries", "x").replace("flush_interval_s = 5", "flush_interval = 5"));
+        let e = err(&GOOD
+            .replace("retries", "x")
+            .replace("flush_interval_s = 5", "flush_interval = 5"));
         assert!(e.to_string().contains("flush_interval"), "{e}");
         let e = err(&GOOD.replace("\"02030000\"", "\"12345678\""));
         assert_eq!(e.field, "dlt645.group[0].schedule[0].dis[1]");
@@ -592,7 +678,10 @@ baud = 2400
     fn bus_without_transport_and_edition_mismatch_are_refused() {
         let e = err(&GOOD.replace("tcp = \"127.0.0.1:9001\"", ""));
         assert_eq!(e.field, "dlt645.bus[0].name");
-        let e = err(&GOOD.replace("edition = \"1997\"", "edition = \"1997\"\ngroup = \"residential\""));
+        let e = err(&GOOD.replace(
+            "edition = \"1997\"",
+            "edition = \"1997\"\ngroup = \"residential\"",
+        ));
         assert!(e.message.contains("speaks 1997"), "{e}");
     }
 }

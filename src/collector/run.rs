@@ -40,29 +40,53 @@ pub enum CollectError {
     #[error("lake: {0}")]
     Lake(#[from] StoreError),
     #[error("metrics endpoint {addr}: {source}")]
-    Metrics { addr: SocketAddr, source: std::io::Error },
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("lake writer task failed: {0}")]
     Writer(String),
 }
 
 /// Runs one cycle of every bus and connection in `cfg`, writes the readings
 /// to the lake at `lake_dir` and flushes it.
-pub async fn collect_once(cfg: CollectorConfig, lake_dir: &Path) -> Result<CollectStats, CollectError> {
+pub async fn collect_once(
+    cfg: CollectorConfig,
+    lake_dir: &Path,
+) -> Result<CollectStats, CollectError> {
     let (_tx, rx) = watch::channel(false);
-    run(cfg, CollectOptions { lake_dir: lake_dir.to_path_buf(), once: true, metrics_addr: None }, rx).await
+    run(
+        cfg,
+        CollectOptions {
+            lake_dir: lake_dir.to_path_buf(),
+            once: true,
+            metrics_addr: None,
+        },
+        rx,
+    )
+    .await
 }
 
 /// Runs until `shutdown` turns true (or one cycle with `opts.once`).
-pub async fn run(cfg: CollectorConfig, opts: CollectOptions, shutdown: watch::Receiver<bool>) -> Result<CollectStats, CollectError> {
+pub async fn run(
+    cfg: CollectorConfig,
+    opts: CollectOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<CollectStats, CollectError> {
     let metrics_task = match opts.metrics_addr {
-        Some(addr) => Some(crate::metrics::serve(addr).await.map_err(|source| CollectError::Metrics { addr, source })?),
+        Some(addr) => Some(
+            crate::metrics::serve(addr)
+                .await
+                .map_err(|source| CollectError::Metrics { addr, source })?,
+        ),
         None => None,
     };
     let lake_dir = opts.lake_dir.clone();
     let writer_id = format!("collect-{}", cfg.collector_id);
-    let lake = tokio::task::spawn_blocking(move || Lake::open(&lake_dir, LakeOptions::new(writer_id)))
-        .await
-        .map_err(|e| CollectError::Writer(e.to_string()))??;
+    let lake =
+        tokio::task::spawn_blocking(move || Lake::open(&lake_dir, LakeOptions::new(writer_id)))
+            .await
+            .map_err(|e| CollectError::Writer(e.to_string()))??;
 
     let (tx, rx) = mpsc::channel::<Vec<Reading>>(256);
     let writer = tokio::spawn(lake_writer(
@@ -75,7 +99,14 @@ pub async fn run(cfg: CollectorConfig, opts: CollectOptions, shutdown: watch::Re
     let mut bus_tasks = vec![];
     for (bus, meters, settings) in dlt645::plan(&cfg) {
         let name = bus.name.clone();
-        let t = tokio::spawn(dlt645::run_bus(bus, meters, settings, tx.clone(), opts.once, shutdown.clone()));
+        let t = tokio::spawn(dlt645::run_bus(
+            bus,
+            meters,
+            settings,
+            tx.clone(),
+            opts.once,
+            shutdown.clone(),
+        ));
         bus_tasks.push((name, t));
     }
     let mut modbus_tasks = vec![];
@@ -98,20 +129,32 @@ pub async fn run(cfg: CollectorConfig, opts: CollectOptions, shutdown: watch::Re
             Ok(Ok(r)) => stats.buses.push(r),
             Ok(Err(e)) => {
                 tracing::error!(bus = %name, error = %e, "bus stopped");
-                stats.buses.push(BusReport { bus: name, error: Some(e.to_string()), ..Default::default() });
+                stats.buses.push(BusReport {
+                    bus: name,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
             }
-            Err(e) => stats.buses.push(BusReport { bus: name, error: Some(format!("task failed: {e}")), ..Default::default() }),
+            Err(e) => stats.buses.push(BusReport {
+                bus: name,
+                error: Some(format!("task failed: {e}")),
+                ..Default::default()
+            }),
         }
     }
     for (name, t) in modbus_tasks {
         match t.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => stats.modbus_errors.push(format!("{name}: {e}")),
-            Err(e) => stats.modbus_errors.push(format!("{name}: task failed: {e}")),
+            Err(e) => stats
+                .modbus_errors
+                .push(format!("{name}: task failed: {e}")),
         }
     }
     // Every sender is gone: the writer drains the channel, flushes and ends.
-    let (accepted, flushed) = writer.await.map_err(|e| CollectError::Writer(e.to_string()))??;
+    let (accepted, flushed) = writer
+        .await
+        .map_err(|e| CollectError::Writer(e.to_string()))??;
     stats.readings = accepted;
     stats.flushed = flushed;
     if let Some(m) = metrics_task {

@@ -464,6 +464,16 @@ channels = { "ENERGY.Power" = { channel = "active_power_total", unit = "W" } }
     }
 
     #[test]
+    fn the_sample_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample-data/ingest.toml");
+        let c = IngestConfig::load(&p).unwrap();
+        assert_eq!(c.sources.len(), 6);
+        for s in &c.sources {
+            crate::ingest::decode::Decoder::new(s, Default::default()).unwrap();
+        }
+    }
+
+    #[test]
     fn units_convert_by_si_prefix_only() {
         assert_eq!(unit_factor("Wh", "kWh").unwrap(), dec!(0.001));
         assert_eq!(unit_factor("MWh", "kWh").unwrap(), dec!(1000));

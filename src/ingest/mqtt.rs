@@ -562,3 +562,56 @@ pub async fn forget_session(url: &str, client_id: &str) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_give_tls_host_and_default_ports() {
+        assert_eq!(parse_url("mqtt://127.0.0.1").unwrap(), (false, "127.0.0.1".into(), 1883));
+        assert_eq!(parse_url("mqtts://broker:8884").unwrap(), (true, "broker".into(), 8884));
+        assert!(parse_url("http://x").is_err());
+        assert!(parse_url("mqtt://:1883").is_err());
+    }
+
+    #[test]
+    fn topic_filters_match_like_the_broker() {
+        assert!(topic_matches("tele/+/SENSOR", "tele/m1/SENSOR"));
+        assert!(!topic_matches("tele/+/SENSOR", "tele/m1/STATE"));
+        assert!(topic_matches("spBv1.0/g/#", "spBv1.0/g/DDATA/e/d"));
+        assert!(topic_matches("a/#", "a"));
+        assert!(!topic_matches("#", "$SYS/x"));
+        assert!(!topic_matches("a/+", "a/b/c"));
+    }
+
+    #[test]
+    fn tls_needs_a_ca_file_and_reads_pem_files_relative_to_the_config() {
+        let mut m = MqttConfig::new("mqtts://127.0.0.1:8883", "c");
+        let e = connect_options(&m, std::path::Path::new("."), "c").unwrap_err();
+        assert!(e.to_string().contains("ca_file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        m.ca_file = Some("ca.pem".into());
+        // An empty/garbage bundle is refused with the file named, not a panic.
+        match tls_config(&m, dir.path()) {
+            Ok(_) => {}
+            Err(e) => assert!(e.to_string().contains("ca.pem"), "{e}"),
+        }
+        m.ca_file = Some("missing.pem".into());
+        let e = tls_config(&m, dir.path()).unwrap_err();
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn password_comes_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let mut m = MqttConfig::new("mqtt://127.0.0.1", "c");
+        m.password_file = Some("pw".into());
+        assert_eq!(m.password(dir.path()).unwrap().as_deref(), Some("s3cret"));
+        m.password_file = None;
+        m.password_env = Some("METERFLOW_TEST_UNSET_PASSWORD_VAR".into());
+        assert!(m.password(dir.path()).is_err());
+    }
+}

@@ -28,7 +28,9 @@ use tokio::time::Instant;
 
 use crate::protocol::dlt645::catalogue::{lookup, Format};
 use crate::protocol::dlt645::frame::{control, decode, Decoded, Frame};
-use crate::protocol::dlt645::message::{self, parse_relay_request, ErrorStatus, Password, RelayCommand};
+use crate::protocol::dlt645::message::{
+    self, parse_relay_request, ErrorStatus, Password, RelayCommand,
+};
 use crate::protocol::dlt645::{Address, Di, Edition, MeterTime, Value};
 
 /// The meters file: `[bus]` settings and `[[meter]]`s.
@@ -184,9 +186,12 @@ fn d_offset() -> String {
     "+08:00".into()
 }
 fn d_tou() -> Vec<String> {
-    ["00:00=4", "08:00=2", "10:00=1", "11:00=2", "12:00=3", "17:00=2", "19:00=1", "21:00=3", "23:00=4"]
-        .map(String::from)
-        .to_vec()
+    [
+        "00:00=4", "08:00=2", "10:00=1", "11:00=2", "12:00=3", "17:00=2", "19:00=1", "21:00=3",
+        "23:00=4",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn d_load() -> u32 {
     800
@@ -205,28 +210,59 @@ fn d_max_data() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum SimConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}:{line}: {message}")]
-    Parse { file: String, line: usize, message: String },
+    Parse {
+        file: String,
+        line: usize,
+        message: String,
+    },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
 }
 
 impl SimFile {
+    /// `n` healthy 2007 meters with varied registers and loads (addresses 000000000001..), for demos.
+    pub fn demo(n: usize) -> SimFile {
+        let meters = (1..=n)
+            .map(|i| {
+                let mut m = SimMeterConfig::new(
+                    Address::from_index(i),
+                    Decimal::new(100_000 + 37_129 * i as i64, 2),
+                );
+                m.load_w = 400 + (i as u32 * 173) % 2400;
+                m
+            })
+            .collect();
+        SimFile {
+            meters,
+            ..Default::default()
+        }
+    }
+
     pub fn parse(file: &Path, text: &str) -> Result<SimFile, SimConfigError> {
         let f = file.display().to_string();
         let sf: SimFile = toml::from_str(text).map_err(|e| SimConfigError::Parse {
             file: f.clone(),
-            line: e.span().map(|s| crate::protocol::modbus::config::line_of(text, s.start)).unwrap_or(0),
+            line: e
+                .span()
+                .map(|s| crate::protocol::modbus::config::line_of(text, s.start))
+                .unwrap_or(0),
             message: e.message().to_string(),
         })?;
-        sf.validate().map_err(|message| SimConfigError::Invalid { file: f, message })?;
+        sf.validate()
+            .map_err(|message| SimConfigError::Invalid { file: f, message })?;
         Ok(sf)
     }
 
     pub fn load(file: &Path) -> Result<SimFile, SimConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| SimConfigError::Read { file: file.display().to_string(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| SimConfigError::Read {
+            file: file.display().to_string(),
+            source,
+        })?;
         Self::parse(file, &text)
     }
 
@@ -238,7 +274,9 @@ impl SimFile {
             if !seen.insert(m.address) {
                 return Err(format!("meter[{i}].address: {} appears twice", m.address));
             }
-            m.password.parse::<Password>().map_err(|e| format!("meter[{i}].password: {e}"))?;
+            m.password
+                .parse::<Password>()
+                .map_err(|e| format!("meter[{i}].password: {e}"))?;
             if m.max_frame_data < 8 || m.max_frame_data > 255 {
                 return Err(format!("meter[{i}].max_frame_data: must be 8..255"));
             }
@@ -255,9 +293,17 @@ fn parse_offset(s: &str) -> Result<FixedOffset, String> {
 fn parse_tou(v: &[String]) -> Result<Vec<(u32, usize)>, String> {
     let mut out = vec![];
     for s in v {
-        let (t, r) = s.split_once('=').ok_or_else(|| format!("tou '{s}' is not \"HH:MM=T\""))?;
-        let t = NaiveTime::parse_from_str(t.trim(), "%H:%M").map_err(|_| format!("tou '{s}': bad time"))?;
-        let r: usize = r.trim().parse().ok().filter(|r| (1..=4).contains(r)).ok_or_else(|| format!("tou '{s}': tariff must be 1..4"))?;
+        let (t, r) = s
+            .split_once('=')
+            .ok_or_else(|| format!("tou '{s}' is not \"HH:MM=T\""))?;
+        let t = NaiveTime::parse_from_str(t.trim(), "%H:%M")
+            .map_err(|_| format!("tou '{s}': bad time"))?;
+        let r: usize = r
+            .trim()
+            .parse()
+            .ok()
+            .filter(|r| (1..=4).contains(r))
+            .ok_or_else(|| format!("tou '{s}': tariff must be 1..4"))?;
         out.push((t.hour() * 60 + t.minute(), r - 1));
     }
     out.sort();
@@ -273,8 +319,10 @@ const MJ_PER_CENTI_KWH: i128 = 36_000_000;
 const REGISTER_MODULUS: i128 = 100_000_000;
 
 /// Residential load profile, per mille of the average, by hour.
-const PROFILE: [i64; 24] =
-    [500, 450, 400, 400, 400, 500, 800, 1100, 1000, 900, 900, 1000, 1100, 1000, 900, 900, 1000, 1300, 1600, 1700, 1500, 1200, 900, 700];
+const PROFILE: [i64; 24] = [
+    500, 450, 400, 400, 400, 500, 800, 1100, 1000, 900, 900, 1000, 1100, 1000, 900, 900, 1000,
+    1300, 1600, 1700, 1500, 1200, 900, 700,
+];
 
 /// Relay and alarm state of a meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -314,7 +362,8 @@ struct SimMeter {
 }
 
 fn split_initial(kwh: Decimal) -> [i128; 4] {
-    let centi = (kwh * Decimal::ONE_HUNDRED).trunc().mantissa() / 10i128.pow((kwh * Decimal::ONE_HUNDRED).trunc().scale());
+    let centi = (kwh * Decimal::ONE_HUNDRED).trunc().mantissa()
+        / 10i128.pow((kwh * Decimal::ONE_HUNDRED).trunc().scale());
     // 10% sharp, 30% peak, the rest flat, 30% valley.
     let t1 = centi / 10;
     let t2 = centi * 3 / 10;
@@ -344,11 +393,14 @@ impl SimMeter {
             sim_ms: now_ms,
             power_w: cfg.load_w as i64,
             max_demand: (0, now_ms),
-            frozen: (import, export, now_ms),
+            frozen: (import, export, 0),
             clock_offset_ms: cfg.clock_offset_s * 1000,
             requests: 0,
             params: HashMap::new(),
-            relay: RelayState { close_allowed: true, ..Default::default() },
+            relay: RelayState {
+                close_allowed: true,
+                ..Default::default()
+            },
             pending: HashMap::new(),
             cfg,
         }
@@ -356,7 +408,16 @@ impl SimMeter {
 
     fn jitter(&self, salt: i64) -> i64 {
         // Deterministic per meter and minute: -50..=50 per mille.
-        let mut h: u64 = u64::from_le_bytes([self.cfg.address.0[0], self.cfg.address.0[1], self.cfg.address.0[2], self.cfg.address.0[3], self.cfg.address.0[4], self.cfg.address.0[5], 0, 0]);
+        let mut h: u64 = u64::from_le_bytes([
+            self.cfg.address.0[0],
+            self.cfg.address.0[1],
+            self.cfg.address.0[2],
+            self.cfg.address.0[3],
+            self.cfg.address.0[4],
+            self.cfg.address.0[5],
+            0,
+            0,
+        ]);
         h ^= salt as u64;
         h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         h ^= h >> 29;
@@ -367,10 +428,21 @@ impl SimMeter {
     fn advance(&mut self, sim_now: i64, off: FixedOffset, tou: &[(u32, usize)]) {
         while self.sim_ms < sim_now {
             let step = (sim_now - self.sim_ms).min(60_000);
-            let local = off.timestamp_millis_opt(self.sim_ms).single().map(|d| d.naive_local()).unwrap_or_default();
+            let local = off
+                .timestamp_millis_opt(self.sim_ms)
+                .single()
+                .map(|d| d.naive_local())
+                .unwrap_or_default();
             let minute = local.hour() * 60 + local.minute();
-            let tariff = tou.iter().rev().find(|(m, _)| *m <= minute).map(|p| p.1).unwrap_or(2);
-            let w = self.cfg.load_w as i64 * PROFILE[local.hour() as usize] / 1000 * (1000 + self.jitter(self.sim_ms / 60_000)) / 1000;
+            let tariff = tou
+                .iter()
+                .rev()
+                .find(|(m, _)| *m <= minute)
+                .map(|p| p.1)
+                .unwrap_or(2);
+            let w = self.cfg.load_w as i64 * PROFILE[local.hour() as usize] / 1000
+                * (1000 + self.jitter(self.sim_ms / 60_000))
+                / 1000;
             self.power_w = w;
             if w > self.max_demand.0 {
                 self.max_demand = (w, self.sim_ms);
@@ -384,17 +456,30 @@ impl SimMeter {
             }
             let next = self.sim_ms + step;
             // Daily freeze at local midnight.
-            let next_local = off.timestamp_millis_opt(next).single().map(|d| d.naive_local()).unwrap_or_default();
+            let next_local = off
+                .timestamp_millis_opt(next)
+                .single()
+                .map(|d| d.naive_local())
+                .unwrap_or_default();
             if next_local.date() != local.date() {
-                let midnight = off.from_local_datetime(&next_local.date().and_hms_opt(0, 0, 0).expect("midnight")).single();
-                self.frozen = (self.import, self.export, midnight.map(|d| d.timestamp_millis()).unwrap_or(next));
+                let midnight = off
+                    .from_local_datetime(&next_local.date().and_hms_opt(0, 0, 0).expect("midnight"))
+                    .single();
+                self.frozen = (
+                    self.import,
+                    self.export,
+                    midnight.map(|d| d.timestamp_millis()).unwrap_or(next),
+                );
             }
             self.sim_ms = next;
         }
     }
 
     fn clock(&self, now_ms: i64, off: FixedOffset) -> chrono::NaiveDateTime {
-        off.timestamp_millis_opt(now_ms + self.clock_offset_ms).single().map(|d| d.naive_local()).unwrap_or_default()
+        off.timestamp_millis_opt(now_ms + self.clock_offset_ms)
+            .single()
+            .map(|d| d.naive_local())
+            .unwrap_or_default()
     }
 
     /// The value of `di`, or `None` if this meter has no such data.
@@ -410,31 +495,55 @@ impl SimMeter {
         let amps_milli = self.power_w * 10_000 / volts_deci.max(1);
         let clock = self.clock(now_ms, off);
         let three = self.cfg.phases == 3;
+        let phases = if three { 3 } else { 1 };
         let n = |m: i64, s: u32| Some(Value::Number(Decimal::new(m, s)));
         let code = di.code;
         match di.edition {
             Edition::V2007 => match code {
                 0x0000_0000 => Some(Value::Number(kwh(imp_total + exp_total))),
                 0x0001_0000 => Some(Value::Number(kwh(imp_total))),
-                0x0001_0100..=0x0001_0400 if code & 0xFF == 0 => Some(Value::Number(kwh(self.import[((code >> 8) & 0xFF) as usize - 1]))),
+                0x0001_0100..=0x0001_0400 if code & 0xFF == 0 => Some(Value::Number(kwh(
+                    self.import[((code >> 8) & 0xFF) as usize - 1]
+                ))),
                 0x0001_FF00 => Some(block(&self.import)),
                 0x0002_0000 => Some(Value::Number(kwh(exp_total))),
-                0x0002_0100..=0x0002_0400 if code & 0xFF == 0 => Some(Value::Number(kwh(self.export[((code >> 8) & 0xFF) as usize - 1]))),
+                0x0002_0100..=0x0002_0400 if code & 0xFF == 0 => Some(Value::Number(kwh(
+                    self.export[((code >> 8) & 0xFF) as usize - 1]
+                ))),
                 0x0002_FF00 => Some(block(&self.export)),
+                // Reactive energy follows active energy at a fixed ratio.
+                0x0003_0000 => Some(Value::Number(kwh(imp_total * 3 / 10))),
+                0x0004_0000 => Some(Value::Number(kwh(exp_total / 10))),
                 0x0090_0200 => self.cfg.balance.map(Value::Number),
                 0x0101_0000 => {
                     let at = self.clock(self.max_demand.1, off);
                     let mut at = MeterTime::from_naive(at);
                     at.second = 0;
-                    Some(Value::NumberAt { value: Decimal::new(self.max_demand.0 * 10, 4), at })
+                    Some(Value::NumberAt {
+                        value: Decimal::new(self.max_demand.0 * 10, 4),
+                        at,
+                    })
                 }
                 0x0201_0100 => n(volts_deci, 1),
                 0x0201_0200 | 0x0201_0300 if three => n(volts_deci + 3, 1),
                 0x0201_FF00 if three => Some(Value::Numbers(vec![Decimal::new(volts_deci, 1); 3])),
-                0x0202_0100 => n(amps_milli, 3),
-                0x0202_0200 | 0x0202_0300 if three => n(amps_milli, 3),
-                0x0203_0000 | 0x0203_0100 => n(self.power_w * 10, 4),
-                0x0203_0200 | 0x0203_0300 if three => n(0, 4),
+                0x0202_0100 => n(amps_milli / phases, 3),
+                0x0202_0200 | 0x0202_0300 if three => n(amps_milli / 3, 3),
+                0x0202_FF00 if three => {
+                    Some(Value::Numbers(vec![Decimal::new(amps_milli / 3, 3); 3]))
+                }
+                0x0203_0000 => n(self.power_w * 10, 4),
+                0x0203_0100 => n(self.power_w * 10 / phases, 4),
+                0x0203_0200 | 0x0203_0300 if three => n(self.power_w * 10 / 3, 4),
+                0x0203_FF00 if three => {
+                    let per = Decimal::new(self.power_w * 10 / 3, 4);
+                    Some(Value::Numbers(vec![
+                        Decimal::new(self.power_w * 10, 4),
+                        per,
+                        per,
+                        per,
+                    ]))
+                }
                 0x0204_0000 => n(self.power_w * 3, 4),
                 0x0205_0000 => n(self.power_w * 105 / 10, 4),
                 0x0206_0000 => n(950 + self.jitter(7) / 5, 3),
@@ -443,8 +552,18 @@ impl SimMeter {
                 0x0400_0102 => Some(time_value(clock)),
                 0x0400_0401 => Some(Value::Address(self.cfg.address)),
                 0x0400_1001..=0x0400_1005 => {
-                    let bytes = self.params.get(&code).cloned().unwrap_or_else(|| vec![0; 4]);
-                    Format::Bcd { len: 4, scale: 2, signed: false }.decode(&bytes).ok()
+                    let bytes = self
+                        .params
+                        .get(&code)
+                        .cloned()
+                        .unwrap_or_else(|| vec![0; 4]);
+                    Format::Bcd {
+                        len: 4,
+                        scale: 2,
+                        signed: false,
+                    }
+                    .decode(&bytes)
+                    .ok()
                 }
                 0x0506_0001 => {
                     let t = self.clock(self.frozen.2 - self.clock_offset_ms, off);
@@ -474,11 +593,20 @@ impl SimMeter {
 
 fn date_value(t: chrono::NaiveDateTime) -> Value {
     use chrono::Datelike;
-    Value::Date { year: t.year() as u16, month: t.month() as u8, day: t.day() as u8, weekday: t.weekday().num_days_from_sunday() as u8 }
+    Value::Date {
+        year: t.year() as u16,
+        month: t.month() as u8,
+        day: t.day() as u8,
+        weekday: t.weekday().num_days_from_sunday() as u8,
+    }
 }
 
 fn time_value(t: chrono::NaiveDateTime) -> Value {
-    Value::Time { hour: t.hour() as u8, minute: t.minute() as u8, second: t.second() as u8 }
+    Value::Time {
+        hour: t.hour() as u8,
+        minute: t.minute() as u8,
+        second: t.second() as u8,
+    }
 }
 
 /// A reply to send: after the turnaround plus `extra`.
@@ -506,7 +634,11 @@ impl SimBus {
         let offset = parse_offset(&file.bus.utc_offset)?;
         let tou = parse_tou(&file.bus.tou)?;
         Ok(SimBus {
-            meters: file.meters.into_iter().map(|m| SimMeter::new(m, now_ms)).collect(),
+            meters: file
+                .meters
+                .into_iter()
+                .map(|m| SimMeter::new(m, now_ms))
+                .collect(),
             settings: file.bus,
             offset,
             tou,
@@ -521,7 +653,8 @@ impl SimBus {
     }
 
     fn encode(&self, f: &Frame) -> Vec<u8> {
-        f.encode(self.settings.preamble).expect("replies fit in a frame")
+        f.encode(self.settings.preamble)
+            .expect("replies fit in a frame")
     }
 
     /// Handles one request frame received at `now_ms`; returns what goes back on the line.
@@ -542,13 +675,18 @@ impl SimBus {
             }
             return vec![];
         }
-        let selected: Vec<usize> = (0..self.meters.len()).filter(|&i| req.address.selects(&self.meters[i].cfg.address)).collect();
+        let selected: Vec<usize> = (0..self.meters.len())
+            .filter(|&i| req.address.selects(&self.meters[i].cfg.address))
+            .collect();
         match selected.len() {
             0 => vec![],
             1 => self.answer(selected[0], req, now_ms),
             _ => {
                 // Several meters answer at once: a collision, i.e. garbage on the line.
-                vec![Outgoing { extra: Duration::ZERO, bytes: vec![0xFE, 0x68, 0xE7, 0x1F, 0x00, 0x68, 0x93, 0xFF, 0x01, 0x16] }]
+                vec![Outgoing {
+                    extra: Duration::ZERO,
+                    bytes: vec![0xFE, 0x68, 0xE7, 0x1F, 0x00, 0x68, 0x93, 0xFF, 0x01, 0x16],
+                }]
             }
         }
     }
@@ -569,9 +707,15 @@ impl SimBus {
         let mut served = None;
         let reply: Frame = match f {
             control::READ | control::READ_1997 => {
-                let edition = if f == control::READ { Edition::V2007 } else { Edition::V1997 };
+                let edition = if f == control::READ {
+                    Edition::V2007
+                } else {
+                    Edition::V1997
+                };
                 match Di::read(edition, &req.data) {
-                    _ if active && faults.error_reply => message::error_reply(addr, req.control, ErrorStatus(0x02)),
+                    _ if active && faults.error_reply => {
+                        message::error_reply(addr, req.control, ErrorStatus(0x02))
+                    }
                     None => message::error_reply(addr, req.control, ErrorStatus(0x01)),
                     Some(di) => match (m.value(di, now_ms, off), lookup(di)) {
                         (Some(v), Some(info)) => {
@@ -579,11 +723,18 @@ impl SimBus {
                             if info.format.encode(&v, &mut bytes).is_err() {
                                 message::error_reply(addr, req.control, ErrorStatus(0x01))
                             } else {
-                                served = Some(Served { address: addr, di, value: v });
+                                served = Some(Served {
+                                    address: addr,
+                                    di,
+                                    value: v,
+                                });
                                 let room = m.cfg.max_frame_data - di.wire_len();
                                 if bytes.len() > room && edition == Edition::V2007 {
                                     let room_next = m.cfg.max_frame_data - di.wire_len() - 1;
-                                    let rest: Vec<Vec<u8>> = bytes[room..].chunks(room_next).map(<[u8]>::to_vec).collect();
+                                    let rest: Vec<Vec<u8>> = bytes[room..]
+                                        .chunks(room_next)
+                                        .map(<[u8]>::to_vec)
+                                        .collect();
                                     m.pending.insert(di, rest);
                                     message::read_reply(addr, di, &bytes[..room], true)
                                 } else {
@@ -596,24 +747,30 @@ impl SimBus {
                 }
             }
             control::READ_FOLLOW => match (Di::read(Edition::V2007, &req.data), req.data.get(4)) {
-                (Some(di), Some(&seq)) if seq >= 1 => match m.pending.get(&di).and_then(|c| c.get(seq as usize - 1)) {
-                    Some(part) => {
-                        let last = m.pending[&di].len() == seq as usize;
-                        let r = message::follow_reply(addr, di, &part.clone(), seq, !last);
-                        if last {
-                            m.pending.remove(&di);
+                (Some(di), Some(&seq)) if seq >= 1 => {
+                    match m.pending.get(&di).and_then(|c| c.get(seq as usize - 1)) {
+                        Some(part) => {
+                            let last = m.pending[&di].len() == seq as usize;
+                            let r = message::follow_reply(addr, di, &part.clone(), seq, !last);
+                            if last {
+                                m.pending.remove(&di);
+                            }
+                            r
                         }
-                        r
+                        None => message::error_reply(addr, req.control, ErrorStatus(0x02)),
                     }
-                    None => message::error_reply(addr, req.control, ErrorStatus(0x02)),
-                },
+                }
                 _ => message::error_reply(addr, req.control, ErrorStatus(0x01)),
             },
             control::READ_ADDRESS => message::read_address_reply(addr),
             control::WRITE => {
                 if req.data.len() < 12 {
                     message::error_reply(addr, req.control, ErrorStatus(0x01))
-                } else if (Password { level: req.data[4], code: [req.data[5], req.data[6], req.data[7]] }) != m.password {
+                } else if (Password {
+                    level: req.data[4],
+                    code: [req.data[5], req.data[6], req.data[7]],
+                }) != m.password
+                {
                     message::error_reply(addr, req.control, ErrorStatus(0x04))
                 } else {
                     let di = Di::read(Edition::V2007, &req.data).expect("length checked");
@@ -623,7 +780,9 @@ impl SimBus {
             }
             control::RELAY => match parse_relay_request(&req.data) {
                 None => message::error_reply(addr, req.control, ErrorStatus(0x01)),
-                Some(r) if r.password != m.password => message::error_reply(addr, req.control, ErrorStatus(0x04)),
+                Some(r) if r.password != m.password => {
+                    message::error_reply(addr, req.control, ErrorStatus(0x04))
+                }
                 Some(r) => {
                     let expired = r.expiry.to_naive().is_none_or(|e| e < m.clock(now_ms, off));
                     match r.command {
@@ -657,7 +816,11 @@ impl SimBus {
             bytes = g;
         }
         let late = active && faults.late_reply_ms > 0;
-        let extra = if late { Duration::from_millis(faults.late_reply_ms) } else { Duration::ZERO };
+        let extra = if late {
+            Duration::from_millis(faults.late_reply_ms)
+        } else {
+            Duration::ZERO
+        };
         if let Some(s) = served.filter(|_| !corrupt && !late) {
             let _ = m;
             self.served.push(s);
@@ -688,7 +851,15 @@ fn apply_relay(r: &mut RelayState, c: RelayCommand) {
 
 fn parse_sync(d: &[u8]) -> Option<chrono::NaiveDateTime> {
     let b = |i: usize| crate::protocol::dlt645::bcd::byte_to_u8(d[i]);
-    MeterTime { second: b(0)?, minute: b(1)?, hour: b(2)?, day: b(3)?, month: b(4)?, year: 2000 + b(5)? as u16 }.to_naive()
+    MeterTime {
+        second: b(0)?,
+        minute: b(1)?,
+        hour: b(2)?,
+        day: b(3)?,
+        month: b(4)?,
+        year: 2000 + b(5)? as u16,
+    }
+    .to_naive()
 }
 
 /// A running simulator's shared state, for tests and tools.
@@ -713,19 +884,32 @@ impl SimHandle {
     }
 
     pub fn relay_state(&self, address: Address) -> Option<RelayState> {
-        self.lock().meters.iter().find(|m| m.cfg.address == address).map(|m| m.relay)
+        self.lock()
+            .meters
+            .iter()
+            .find(|m| m.cfg.address == address)
+            .map(|m| m.relay)
     }
 
     /// Changes a meter's faults while running.
     pub fn set_faults(&self, address: Address, faults: Faults) {
-        if let Some(m) = self.lock().meters.iter_mut().find(|m| m.cfg.address == address) {
+        if let Some(m) = self
+            .lock()
+            .meters
+            .iter_mut()
+            .find(|m| m.cfg.address == address)
+        {
             m.cfg.faults = faults;
         }
     }
 
     /// Requests each meter has received.
     pub fn requests(&self, address: Address) -> u64 {
-        self.lock().meters.iter().find(|m| m.cfg.address == address).map_or(0, |m| m.requests)
+        self.lock()
+            .meters
+            .iter()
+            .find(|m| m.cfg.address == address)
+            .map_or(0, |m| m.requests)
     }
 }
 
@@ -740,13 +924,17 @@ pub struct SimServer {
 /// Serves the meters of `file` on `addr` (port 0 picks one) as a transparent gateway.
 pub async fn spawn_tcp(file: SimFile, addr: SocketAddr) -> std::io::Result<SimServer> {
     let bus = SimBus::new(file, crate::model::now_ms()).map_err(std::io::Error::other)?;
-    let handle = SimHandle { bus: Arc::new(Mutex::new(bus)) };
+    let handle = SimHandle {
+        bus: Arc::new(Mutex::new(bus)),
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let h = handle.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((sock, peer)) = listener.accept().await else { continue };
+            let Ok((sock, peer)) = listener.accept().await else {
+                continue;
+            };
             let _ = sock.set_nodelay(true);
             tracing::info!(%peer, "sim dlt645: client connected");
             let h = h.clone();
@@ -771,7 +959,9 @@ pub struct SimPty {
 /// Serves the meters of `file` on a new pty pair; the collector opens `path`.
 pub fn spawn_pty(file: SimFile) -> std::io::Result<SimPty> {
     let bus = SimBus::new(file, crate::model::now_ms()).map_err(std::io::Error::other)?;
-    let handle = SimHandle { bus: Arc::new(Mutex::new(bus)) };
+    let handle = SimHandle {
+        bus: Arc::new(Mutex::new(bus)),
+    };
     let (master, slave, path) = pty::open()?;
     let h = handle.clone();
     let task = tokio::spawn(async move {
@@ -787,8 +977,12 @@ pub fn spawn_pty(file: SimFile) -> std::io::Result<SimPty> {
 /// Serves the meters of `file` on an existing serial device (e.g. one end of a socat pty pair).
 pub fn spawn_serial(file: SimFile, port: &str) -> std::io::Result<(SimHandle, JoinHandle<()>)> {
     let bus = SimBus::new(file, crate::model::now_ms()).map_err(std::io::Error::other)?;
-    let handle = SimHandle { bus: Arc::new(Mutex::new(bus)) };
-    let s = crate::collector::dlt645::link::open_serial(&crate::collector::config::SerialSettings::with_port(port))?;
+    let handle = SimHandle {
+        bus: Arc::new(Mutex::new(bus)),
+    };
+    let s = crate::collector::dlt645::link::open_serial(
+        &crate::collector::config::SerialSettings::with_port(port),
+    )?;
     let h = handle.clone();
     let task = tokio::spawn(async move {
         if let Err(e) = serve(s, h).await {
@@ -799,11 +993,16 @@ pub fn spawn_serial(file: SimFile, port: &str) -> std::io::Result<(SimHandle, Jo
 }
 
 fn char_time(s: &SimBusSettings) -> Option<Duration> {
-    s.baud.filter(|b| *b > 0).map(|b| Duration::from_nanos(1_000_000_000u64 * s.bits_per_char as u64 / b as u64))
+    s.baud
+        .filter(|b| *b > 0)
+        .map(|b| Duration::from_nanos(1_000_000_000u64 * s.bits_per_char as u64 / b as u64))
 }
 
 /// Reads requests, answers them with pacing. One bus: requests are handled in order.
-async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, handle: SimHandle) -> std::io::Result<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    handle: SimHandle,
+) -> std::io::Result<()> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let settings = handle.lock().settings.clone();
     let ct = char_time(&settings);
@@ -834,7 +1033,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, handle: Si
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match decode(&buf) {
-                Decoded::Frame { frame, consumed, .. } => {
+                Decoded::Frame {
+                    frame, consumed, ..
+                } => {
                     let req = frame.to_frame();
                     // The request occupies the line for its wire time.
                     let wire = ct.map_or(Duration::ZERO, |c| c * consumed as u32);
@@ -845,7 +1046,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, handle: Si
                     for o in outs {
                         let at = end + turnaround + o.extra;
                         if o.extra.is_zero() {
-                            line_free_at = at + ct.map_or(Duration::ZERO, |c| c * o.bytes.len() as u32);
+                            line_free_at =
+                                at + ct.map_or(Duration::ZERO, |c| c * o.bytes.len() as u32);
                         }
                         let _ = tx.send((at, o.bytes));
                     }
@@ -867,7 +1069,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, handle: Si
 }
 
 /// Writes one byte per character time, each when its stop bit would end.
-async fn paced_write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8], ct: Duration) -> std::io::Result<()> {
+async fn paced_write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    ct: Duration,
+) -> std::io::Result<()> {
     let start = Instant::now();
     let mut sent = 0usize;
     while sent < bytes.len() {
@@ -909,8 +1115,11 @@ mod pty {
         tcsetattr(&p.slave, SetArg::TCSANOW, &t).map_err(std::io::Error::from)?;
         let path = nix::unistd::ttyname(&p.slave).map_err(std::io::Error::from)?;
         let flags = fcntl(p.master.as_raw_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
-        fcntl(p.master.as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK))
-            .map_err(std::io::Error::from)?;
+        fcntl(
+            p.master.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(std::io::Error::from)?;
         // SAFETY: the File owns the master fd and lives inside the AsyncFd, so the
         // fd stays open for as long as it is registered.
         let master = unsafe { AsyncFd::register(File::from(p.master)) }?;
@@ -918,7 +1127,11 @@ mod pty {
     }
 
     impl AsyncRead for Master {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
             loop {
                 let mut guard = ready!(self.0.poll_read_ready(cx))?;
                 let unfilled = buf.initialize_unfilled();
@@ -935,7 +1148,11 @@ mod pty {
     }
 
     impl AsyncWrite for Master {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
             loop {
                 let mut guard = ready!(self.0.poll_write_ready(cx))?;
                 match guard.try_io(|inner| (&*inner.get_ref()).write(data)) {
@@ -960,7 +1177,17 @@ mod tests {
     use rust_decimal_macros::dec;
 
     fn bus(meters: Vec<SimMeterConfig>) -> SimBus {
-        SimBus::new(SimFile { bus: SimBusSettings { preamble: 0, ..Default::default() }, meters }, 1_700_000_000_000).unwrap()
+        SimBus::new(
+            SimFile {
+                bus: SimBusSettings {
+                    preamble: 0,
+                    ..Default::default()
+                },
+                meters,
+            },
+            1_700_000_000_000,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -969,9 +1196,14 @@ mod tests {
         m.load_w = 0;
         let mut b = bus(vec![m]);
         let req = parse_hex("68 37 03 00 92 81 39 68 11 04 33 33 34 33 38 16").unwrap();
-        let Decoded::Frame { frame, .. } = decode(&req) else { panic!() };
+        let Decoded::Frame { frame, .. } = decode(&req) else {
+            panic!()
+        };
         let out = b.handle(&frame.to_frame(), 1_700_000_000_000);
-        assert_eq!(out[0].bytes, parse_hex("68 37 03 00 92 81 39 68 91 08 33 33 34 33 37 33 33 33 8C 16").unwrap());
+        assert_eq!(
+            out[0].bytes,
+            parse_hex("68 37 03 00 92 81 39 68 91 08 33 33 34 33 37 33 33 33 8C 16").unwrap()
+        );
     }
 
     #[test]
@@ -979,21 +1211,32 @@ mod tests {
         let a: Address = "000000000001".parse().unwrap();
         let mut m = SimMeterConfig::new(a, dec!(1000));
         m.load_w = 3000;
-        let mut s = SimFile { meters: vec![m], ..Default::default() };
+        let mut s = SimFile {
+            meters: vec![m],
+            ..Default::default()
+        };
         s.bus.time_scale = 3600;
         let mut b = SimBus::new(s, 1_700_000_000_000).unwrap();
         let t0 = 1_700_000_000_000;
         let di = Di::v2007(0x0001_FF00);
-        let read = |b: &mut SimBus, t| b.meters[0].advance(b.sim_now(t), b.offset, &b.tou.clone());
+        let read = |b: &mut SimBus, t| {
+            let (now, off, tou) = (b.sim_now(t), b.offset, b.tou.clone());
+            b.meters[0].advance(now, off, &tou)
+        };
         read(&mut b, t0);
         let v0 = b.meters[0].value(di, t0, b.offset).unwrap();
         // 10 real seconds = 10 simulated hours.
         read(&mut b, t0 + 10_000);
-        let Value::Numbers(v1) = b.meters[0].value(di, t0 + 10_000, b.offset).unwrap() else { panic!() };
+        let Value::Numbers(v1) = b.meters[0].value(di, t0 + 10_000, b.offset).unwrap() else {
+            panic!()
+        };
         let Value::Numbers(v0) = v0 else { panic!() };
         assert!(v1[0] > v0[0] + dec!(10), "{v0:?} -> {v1:?}");
         let sum: Decimal = v1[1..].iter().sum();
-        assert!(v1[0] - sum >= Decimal::ZERO && v1[0] - sum < dec!(0.05), "{v1:?}");
+        assert!(
+            v1[0] - sum >= Decimal::ZERO && v1[0] - sum < dec!(0.05),
+            "{v1:?}"
+        );
         // More than one tariff register moved over 10 hours.
         let moved = v1[1..].iter().zip(&v0[1..]).filter(|(a, b)| a > b).count();
         assert!(moved >= 2, "{v0:?} -> {v1:?}");

@@ -86,7 +86,7 @@ fn one() -> u64 {
 impl FaultConfig {
     fn hits(&self, n: u64) -> bool {
         n > self.after
-            && (n - self.after) % self.every.max(1) == 0
+            && (n - self.after).is_multiple_of(self.every.max(1))
             && self.until.is_none_or(|u| n <= u)
     }
 }
@@ -132,10 +132,12 @@ struct DevicesFile {
 
 /// Parses a devices file text; errors carry file, line and field.
 pub fn parse_devices(file: &str, text: &str) -> Result<Vec<SimDeviceConfig>, ConfigError> {
-    let f: DevicesFile = toml::from_str(text).map_err(|e| ConfigError::from_toml(file, text, &e))?;
+    let f: DevicesFile =
+        toml::from_str(text).map_err(|e| ConfigError::from_toml(file, text, &e))?;
     let root = FieldPath::default().key("device");
     for (i, d) in f.devices.iter().enumerate() {
-        check_device(d, &root.index(i), &f.devices[..i]).map_err(|e| ConfigError::at(file, text, &e))?;
+        check_device(d, &root.index(i), &f.devices[..i])
+            .map_err(|e| ConfigError::at(file, text, &e))?;
     }
     Ok(f.devices)
 }
@@ -152,23 +154,46 @@ pub fn load_devices(path: &Path) -> Result<Vec<SimDeviceConfig>, ConfigError> {
     parse_devices(&file, &text)
 }
 
-fn check_device(d: &SimDeviceConfig, p: &FieldPath, before: &[SimDeviceConfig]) -> Result<(), FieldError> {
-    let e = |k: &str, m: String| FieldError { path: p.key(k), message: m };
+fn check_device(
+    d: &SimDeviceConfig,
+    p: &FieldPath,
+    before: &[SimDeviceConfig],
+) -> Result<(), FieldError> {
+    let e = |k: &str, m: String| FieldError {
+        path: p.key(k),
+        message: m,
+    };
     if profiles::get(&d.profile).ok().flatten().is_none() {
-        return Err(e("profile", format!("unknown profile '{}' (built-in: {})", d.profile, profiles::names().join(", "))));
+        return Err(e(
+            "profile",
+            format!(
+                "unknown profile '{}' (built-in: {})",
+                d.profile,
+                profiles::names().join(", ")
+            ),
+        ));
     }
     if d.unit_id == 0 || d.unit_id > 247 {
-        return Err(e("unit_id", format!("unit id {} is not 1..=247", d.unit_id)));
+        return Err(e(
+            "unit_id",
+            format!("unit id {} is not 1..=247", d.unit_id),
+        ));
     }
     if before.iter().any(|b| b.unit_id == d.unit_id) {
         return Err(e("unit_id", format!("unit id {} appears twice", d.unit_id)));
     }
     for k in d.values.keys() {
-        k.parse::<Channel>().map_err(|err| FieldError { path: p.key("values").key(k), message: err.to_string() })?;
+        k.parse::<Channel>().map_err(|err| FieldError {
+            path: p.key("values").key(k),
+            message: err.to_string(),
+        })?;
     }
     for (i, f) in d.faults.iter().enumerate() {
         if f.kind == FaultKind::Exception && f.code.is_none() {
-            return Err(FieldError { path: p.key("fault").index(i).key("code"), message: "an exception fault needs a code".into() });
+            return Err(FieldError {
+                path: p.key("fault").index(i).key("code"),
+                message: "an exception fault needs a code".into(),
+            });
         }
     }
     Ok(())
@@ -203,7 +228,11 @@ pub fn default_value(c: Channel) -> Decimal {
 /// Rounds a value to what the register can carry exactly (its scale and, for
 /// floats, its declared precision).
 pub fn quantize(reg: &Register, v: Decimal) -> Decimal {
-    let places = if reg.data_type.is_float() { reg.precision } else { 0 };
+    let places = if reg.data_type.is_float() {
+        reg.precision
+    } else {
+        0
+    };
     let raw = (v - reg.offset)
         .checked_div(reg.scale)
         .unwrap_or(Decimal::ZERO)
@@ -258,7 +287,9 @@ impl Simulator {
 
     /// Requests a unit has received so far.
     pub fn requests(&self, unit: u8) -> u64 {
-        self.devices.get(&unit).map_or(0, |d| d.requests.load(Ordering::Relaxed))
+        self.devices
+            .get(&unit)
+            .map_or(0, |d| d.requests.load(Ordering::Relaxed))
     }
 
     /// The value a unit serves for a channel right now (exactly as encoded).
@@ -269,9 +300,18 @@ impl Simulator {
     }
 
     fn value_of(&self, d: &SimDevice, r: &Register) -> Decimal {
-        let Some(c) = r.channel else { return Decimal::ZERO };
-        let mut v = d.cfg.values.get(c.as_str()).copied().unwrap_or_else(|| default_value(c));
-        if matches!(c, Channel::ImportActiveTotal | Channel::CombinedActiveTotal) && !d.cfg.energy_per_hour.is_zero() {
+        let Some(c) = r.channel else {
+            return Decimal::ZERO;
+        };
+        let mut v = d
+            .cfg
+            .values
+            .get(c.as_str())
+            .copied()
+            .unwrap_or_else(|| default_value(c));
+        if matches!(c, Channel::ImportActiveTotal | Channel::CombinedActiveTotal)
+            && !d.cfg.energy_per_hour.is_zero()
+        {
             let ms = Decimal::from(self.started.elapsed().as_millis() as u64);
             v += d.cfg.energy_per_hour * ms / Decimal::from(3_600_000u64);
         }
@@ -281,7 +321,10 @@ impl Simulator {
     /// Register image for a read: every profile register overlapping the range, zeros elsewhere.
     fn image(&self, d: &SimDevice, req: &ReadReq, nan: bool) -> Vec<u16> {
         let mut words = vec![0u16; usize::from(req.count)];
-        let (lo, hi) = (u32::from(req.start), u32::from(req.start) + u32::from(req.count));
+        let (lo, hi) = (
+            u32::from(req.start),
+            u32::from(req.start) + u32::from(req.count),
+        );
         for r in d.registers.iter().filter(|r| r.area == req.area) {
             let (rs, re) = (u32::from(r.address), r.end());
             if re <= lo || rs >= hi {
@@ -309,7 +352,10 @@ impl Simulator {
         let fc = req_pdu.first().copied().unwrap_or(0);
         let Some(d) = self.devices.get(&unit) else {
             return if tcp {
-                Action::Reply(pdu::exception_response(fc, pdu::GATEWAY_TARGET_FAILED), Duration::ZERO)
+                Action::Reply(
+                    pdu::exception_response(fc, pdu::GATEWAY_TARGET_FAILED),
+                    Duration::ZERO,
+                )
             } else {
                 Action::Silent
             };
@@ -324,7 +370,10 @@ impl Simulator {
         for f in d.cfg.faults.iter().filter(|f| f.hits(n)) {
             match f.kind {
                 FaultKind::Exception => {
-                    return Action::Reply(pdu::exception_response(fc, f.code.unwrap_or(4)), Duration::ZERO)
+                    return Action::Reply(
+                        pdu::exception_response(fc, f.code.unwrap_or(4)),
+                        Duration::ZERO,
+                    )
                 }
                 FaultKind::Timeout => return Action::Silent,
                 FaultKind::Garbage => return Action::Garbage,
@@ -344,7 +393,9 @@ impl Simulator {
     /// Serves Modbus TCP on a listener until the task is dropped.
     pub async fn serve_tcp(self, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let sim = self.clone();
             tokio::spawn(async move { sim.serve_tcp_conn(stream).await });
@@ -357,7 +408,9 @@ impl Simulator {
         loop {
             while let Some(n) = pdu::tcp_frame_len(&buf) {
                 let frame: Vec<u8> = buf.drain(..n).collect();
-                let Some((tid, unit, req)) = pdu::tcp_unwrap(&frame) else { return };
+                let Some((tid, unit, req)) = pdu::tcp_unwrap(&frame) else {
+                    return;
+                };
                 let out = match self.handle(unit, req, true) {
                     Action::Silent => continue,
                     Action::Garbage => (GARBAGE.to_vec(), Duration::ZERO),
@@ -412,7 +465,10 @@ impl Simulator {
     }
 
     /// Listens for Modbus TCP; returns the bound address.
-    pub async fn spawn_tcp(&self, addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    pub async fn spawn_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
         let l = TcpListener::bind(addr).await?;
         let local = l.local_addr()?;
         let sim = self.clone();
@@ -420,13 +476,18 @@ impl Simulator {
     }
 
     /// Listens for RTU frames over TCP (a simulated serial gateway).
-    pub async fn spawn_rtu_over_tcp(&self, addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    pub async fn spawn_rtu_over_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
         let l = TcpListener::bind(addr).await?;
         let local = l.local_addr()?;
         let sim = self.clone();
         let h = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = l.accept().await else { continue };
+                let Ok((stream, _)) = l.accept().await else {
+                    continue;
+                };
                 let sim = sim.clone();
                 tokio::spawn(async move { sim.serve_rtu(stream).await });
             }
@@ -463,7 +524,10 @@ enum Action {
 }
 
 /// Demo hook: serves `devices` over Modbus TCP at `addr` (port 0 picks one).
-pub async fn spawn_tcp(devices: Vec<SimDeviceConfig>, addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn spawn_tcp(
+    devices: Vec<SimDeviceConfig>,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let sim = Simulator::new(devices).map_err(|e| std::io::Error::other(e.to_string()))?;
     sim.spawn_tcp(addr).await
 }
@@ -492,7 +556,14 @@ mod tests {
 
     #[test]
     fn faults_hit_every_nth_request_after_the_first_ones() {
-        let f = FaultConfig { kind: FaultKind::Timeout, code: None, every: 2, after: 1, delay_ms: 0, until: Some(5) };
+        let f = FaultConfig {
+            kind: FaultKind::Timeout,
+            code: None,
+            every: 2,
+            after: 1,
+            delay_ms: 0,
+            until: Some(5),
+        };
         let hits: Vec<u64> = (1..=8).filter(|n| f.hits(*n)).collect();
         assert_eq!(hits, [3, 5]);
     }

@@ -55,7 +55,14 @@ dis = ["901F", "B611"]
             address: addr(a),
             meter_id: Some(format!("M-{a}")),
             edition: *e,
-            group: Some(if *e == Edition::V2007 { "g2007" } else { "g1997" }.into()),
+            group: Some(
+                if *e == Edition::V2007 {
+                    "g2007"
+                } else {
+                    "g1997"
+                }
+                .into(),
+            ),
         })
         .collect();
     cfg.dlt645.buses = vec![bus];
@@ -74,7 +81,12 @@ fn fast_bus(name: &str, tcp: Option<SocketAddr>, serial: Option<SerialSettings>)
 
 fn lake_readings(lake: &Path) -> Vec<Reading> {
     let today = chrono::Utc::now().date_naive();
-    meterflow::store::reader::read_readings(lake, today - chrono::Duration::days(2), today + chrono::Duration::days(2)).unwrap()
+    meterflow::store::reader::read_readings(
+        lake,
+        today - chrono::Duration::days(2),
+        today + chrono::Duration::days(2),
+    )
+    .unwrap()
 }
 
 /// What the simulator served, as (meter id, channel) -> value.
@@ -95,18 +107,34 @@ fn served_values(served: &[Served]) -> BTreeMap<(String, Channel), Decimal> {
 }
 
 fn lake_values(readings: &[Reading]) -> BTreeMap<(String, Channel), Decimal> {
-    readings.iter().filter(|r| r.channel != Channel::ClockSkew).map(|r| ((r.meter_id.clone(), r.channel), r.value)).collect()
+    readings
+        .iter()
+        .filter(|r| r.channel != Channel::ClockSkew)
+        .map(|r| ((r.meter_id.clone(), r.channel), r.value))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
-    let mut meters: Vec<SimMeterConfig> = (1..=6).map(|i| sim_meter(&format!("{:012}", 1000 + i), 1000 * i)).collect();
+    let mut meters: Vec<SimMeterConfig> = (1..=6)
+        .map(|i| sim_meter(&format!("{:012}", 1000 + i), 1000 * i))
+        .collect();
     // One meter answers a block read in follow-up frames; one is a 1997 meter; one runs an hour fast.
     meters[1].max_frame_data = 12;
     meters[2].edition = Edition::V1997;
     meters[3].clock_offset_s = 3600;
-    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
-    let mut list: Vec<(String, Edition)> = (1..=6).map(|i| (format!("{:012}", 1000 + i), Edition::V2007)).collect();
+    let sim = spawn_tcp(
+        SimFile {
+            meters,
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let mut list: Vec<(String, Edition)> = (1..=6)
+        .map(|i| (format!("{:012}", 1000 + i), Edition::V2007))
+        .collect();
     list[2].1 = Edition::V1997;
     let list_ref: Vec<(&str, Edition)> = list.iter().map(|(a, e)| (a.as_str(), *e)).collect();
     let cfg = config(fast_bus("gw1", Some(sim.addr), None), &list_ref);
@@ -118,7 +146,10 @@ async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
     assert_eq!(stats.readings as usize, readings.len());
     let expected = served_values(&sim.handle.served());
     let got = lake_values(&readings);
-    assert_eq!(got, expected, "the lake holds exactly what the meters served");
+    assert_eq!(
+        got, expected,
+        "the lake holds exactly what the meters served"
+    );
     // 5 meters x (5 registers + power + voltage) + the 1997 meter's 5 registers + voltage.
     assert_eq!(got.len(), 5 * 7 + 6);
     // Follow-up frames were assembled into the full block.
@@ -133,20 +164,54 @@ async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
         let skewed = r.meter_id == "M-000000001004";
         assert_eq!(r.quality.contains(Quality::CLOCK_SKEW), skewed, "{r:?}");
     }
-    let skew = readings.iter().find(|r| r.meter_id == "M-000000001004" && r.channel == Channel::ClockSkew).unwrap();
-    assert!((skew.value - Decimal::new(3600, 0)).abs() <= Decimal::new(2, 0), "{}", skew.value);
-    assert_eq!(stats.buses[0].meters_skewed, vec!["M-000000001004".to_string()]);
+    let skew = readings
+        .iter()
+        .find(|r| r.meter_id == "M-000000001004" && r.channel == Channel::ClockSkew)
+        .unwrap();
+    assert!(
+        (skew.value - Decimal::new(3600, 0)).abs() <= Decimal::new(2, 0),
+        "{}",
+        skew.value
+    );
+    assert_eq!(
+        stats.buses[0].meters_skewed,
+        vec!["M-000000001004".to_string()]
+    );
     assert_eq!(stats.buses[0].counters.timeouts, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_meter_does_not_stall_others_and_late_reply_is_discarded() {
-    let mut meters = vec![sim_meter("000000002001", 10), sim_meter("000000002002", 20), sim_meter("000000002003", 30), sim_meter("000000002004", 40)];
-    meters[1].faults = Faults { no_reply: true, ..Default::default() };
+    let mut meters = vec![
+        sim_meter("000000002001", 10),
+        sim_meter("000000002002", 20),
+        sim_meter("000000002003", 30),
+        sim_meter("000000002004", 40),
+    ];
+    meters[1].faults = Faults {
+        no_reply: true,
+        ..Default::default()
+    };
     // Answers 400 ms late: after the collector's 300 ms timeout, while it asks the next meter.
-    meters[2].faults = Faults { late_reply_ms: 400, ..Default::default() };
-    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
-    let list = [("000000002001", Edition::V2007), ("000000002002", Edition::V2007), ("000000002003", Edition::V2007), ("000000002004", Edition::V2007)];
+    meters[2].faults = Faults {
+        late_reply_ms: 400,
+        ..Default::default()
+    };
+    let sim = spawn_tcp(
+        SimFile {
+            meters,
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let list = [
+        ("000000002001", Edition::V2007),
+        ("000000002002", Edition::V2007),
+        ("000000002003", Edition::V2007),
+        ("000000002004", Edition::V2007),
+    ];
     let mut bus = fast_bus("gw-dead", Some(sim.addr), None);
     bus.drain_ms = 5; // a short drain lets the late reply arrive during the next exchange
     bus.retries = 0;
@@ -157,25 +222,75 @@ async fn dead_meter_does_not_stall_others_and_late_reply_is_discarded() {
 
     let got = lake_values(&lake_readings(lake.path()));
     let expected = served_values(&sim.handle.served());
-    assert_eq!(got, expected, "no late value is attributed to another meter");
-    let meters_read: std::collections::BTreeSet<&str> = got.keys().map(|(m, _)| m.as_str()).collect();
-    assert_eq!(meters_read.into_iter().collect::<Vec<_>>(), vec!["M-000000002001", "M-000000002004"]);
+    assert_eq!(
+        got, expected,
+        "no late value is attributed to another meter"
+    );
+    let meters_read: std::collections::BTreeSet<&str> =
+        got.keys().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(
+        meters_read.into_iter().collect::<Vec<_>>(),
+        vec!["M-000000002001", "M-000000002004"]
+    );
     let b = &stats.buses[0];
-    assert_eq!(b.meters_silent, vec!["M-000000002002".to_string(), "M-000000002003".to_string()]);
+    assert_eq!(
+        b.meters_silent,
+        vec!["M-000000002002".to_string(), "M-000000002003".to_string()]
+    );
     // Each silent meter cost one timeout: the rest of its DIs were skipped.
     assert_eq!(b.counters.timeouts, 2);
-    assert!(b.counters.late_replies + b.counters.stray_frames >= 1, "{:?}", b.counters);
+    assert!(
+        b.counters.late_replies + b.counters.stray_frames >= 1,
+        "{:?}",
+        b.counters
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_noisy_and_refusing_meters_are_counted_and_never_misread() {
-    let mut meters = vec![sim_meter("000000003001", 1), sim_meter("000000003002", 2), sim_meter("000000003003", 3), sim_meter("000000003004", 4), sim_meter("000000003005", 5)];
-    meters[0].faults = Faults { bad_checksum: true, every_nth: 2, ..Default::default() };
-    meters[1].faults = Faults { garbage: true, ..Default::default() };
-    meters[2].faults = Faults { error_reply: true, ..Default::default() };
-    meters[3].faults = Faults { wrong_address: true, ..Default::default() };
-    let sim = spawn_tcp(SimFile { meters, ..Default::default() }, localhost()).await.unwrap();
-    let list: Vec<(&str, Edition)> = ["000000003001", "000000003002", "000000003003", "000000003004", "000000003005"].iter().map(|a| (*a, Edition::V2007)).collect();
+    let mut meters = vec![
+        sim_meter("000000003001", 1),
+        sim_meter("000000003002", 2),
+        sim_meter("000000003003", 3),
+        sim_meter("000000003004", 4),
+        sim_meter("000000003005", 5),
+    ];
+    meters[0].faults = Faults {
+        bad_checksum: true,
+        every_nth: 2,
+        ..Default::default()
+    };
+    meters[1].faults = Faults {
+        garbage: true,
+        ..Default::default()
+    };
+    meters[2].faults = Faults {
+        error_reply: true,
+        ..Default::default()
+    };
+    meters[3].faults = Faults {
+        wrong_address: true,
+        ..Default::default()
+    };
+    let sim = spawn_tcp(
+        SimFile {
+            meters,
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let list: Vec<(&str, Edition)> = [
+        "000000003001",
+        "000000003002",
+        "000000003003",
+        "000000003004",
+        "000000003005",
+    ]
+    .iter()
+    .map(|a| (*a, Edition::V2007))
+    .collect();
     let cfg = config(fast_bus("gw-faults", Some(sim.addr), None), &list);
     let lake = tempfile::tempdir().unwrap();
 
@@ -188,18 +303,33 @@ async fn corrupt_noisy_and_refusing_meters_are_counted_and_never_misread() {
     assert!(c.noise_bytes >= 1, "{c:?}");
     assert!(c.refused >= 1, "{c:?}");
     assert!(c.stray_frames >= 1, "{c:?}");
-    let meters_read: std::collections::BTreeSet<&str> = got.keys().map(|(m, _)| m.as_str()).collect();
+    let meters_read: std::collections::BTreeSet<&str> =
+        got.keys().map(|(m, _)| m.as_str()).collect();
     // The corrupt meter is read after retries, the noisy one despite the noise;
     // the refusing one gives nothing, the one answering as another address neither.
-    assert_eq!(meters_read.into_iter().collect::<Vec<_>>(), vec!["M-000000003001", "M-000000003002", "M-000000003005"]);
-    assert!(!stats.buses[0].meters_silent.contains(&"M-000000003003".to_string()), "a refusing meter is alive");
+    assert_eq!(
+        meters_read.into_iter().collect::<Vec<_>>(),
+        vec!["M-000000003001", "M-000000003002", "M-000000003005"]
+    );
+    assert!(
+        !stats.buses[0]
+            .meters_silent
+            .contains(&"M-000000003003".to_string()),
+        "a refusing meter is alive"
+    );
     let labels = [("bus", "gw-faults"), ("meter", "gw-faults/000000003001")];
     assert!(meterflow::metrics::counter_value("meterflow_dlt645_bad_checksum_total", &labels) >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pty_serial_bus_is_read_as_serial_with_pacing() {
-    let mut file = SimFile { meters: vec![sim_meter("000000004001", 100), sim_meter("000000004002", 200)], ..Default::default() };
+    let mut file = SimFile {
+        meters: vec![
+            sim_meter("000000004001", 100),
+            sim_meter("000000004002", 200),
+        ],
+        ..Default::default()
+    };
     file.meters[1].edition = Edition::V1997;
     file.bus.baud = Some(9600);
     file.bus.turnaround_ms = 20;
@@ -208,7 +338,13 @@ async fn pty_serial_bus_is_read_as_serial_with_pacing() {
     serial.baud = 9600;
     let mut bus = fast_bus("rs485-1", None, Some(serial));
     bus.timeout_ms = 1000;
-    let cfg = config(bus, &[("000000004001", Edition::V2007), ("000000004002", Edition::V1997)]);
+    let cfg = config(
+        bus,
+        &[
+            ("000000004001", Edition::V2007),
+            ("000000004002", Edition::V1997),
+        ],
+    );
     let lake = tempfile::tempdir().unwrap();
 
     let stats = collect_once(cfg, lake.path()).await.unwrap();
@@ -221,20 +357,54 @@ async fn pty_serial_bus_is_read_as_serial_with_pacing() {
 
 async fn connect(a: SocketAddr) -> Bus {
     let cfg = fast_bus("tools", Some(a), None);
-    let l = link::open(&Endpoint::of(&cfg), Duration::from_secs(2)).await.unwrap();
+    let l = link::open(&Endpoint::of(&cfg), Duration::from_secs(2))
+        .await
+        .unwrap();
     Bus::new("tools", l, BusTiming::of(&cfg))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_finds_the_single_meter_and_probes_candidates() {
-    let one = spawn_tcp(SimFile { meters: vec![sim_meter("398192000337", 1)], ..Default::default() }, localhost()).await.unwrap();
+    let one = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("398192000337", 1)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
     let mut bus = connect(one.addr).await;
-    assert_eq!(scan::read_single_address(&mut bus).await.unwrap(), addr("398192000337"));
+    assert_eq!(
+        scan::read_single_address(&mut bus).await.unwrap(),
+        addr("398192000337")
+    );
 
-    let many = spawn_tcp(SimFile { meters: vec![sim_meter("000000005001", 1), sim_meter("000000005003", 1)], ..Default::default() }, localhost()).await.unwrap();
+    let many = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("000000005001", 1), sim_meter("000000005003", 1)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
     let mut bus = connect(many.addr).await;
-    assert!(scan::read_single_address(&mut bus).await.is_err(), "answers collide with two meters");
-    let found = scan::probe(&mut bus, &[addr("000000005001"), addr("000000005002"), addr("000000005003")], Edition::V2007).await.unwrap();
+    assert!(
+        scan::read_single_address(&mut bus).await.is_err(),
+        "answers collide with two meters"
+    );
+    let found = scan::probe(
+        &mut bus,
+        &[
+            addr("000000005001"),
+            addr("000000005002"),
+            addr("000000005003"),
+        ],
+        Edition::V2007,
+    )
+    .await
+    .unwrap();
     let present: Vec<bool> = found.iter().map(|p| p.present()).collect();
     assert_eq!(present, vec![true, false, true]);
 }
@@ -243,37 +413,98 @@ async fn scan_finds_the_single_meter_and_probes_candidates() {
 async fn relay_trip_is_dry_run_unless_executed_and_always_audited() {
     let mut m = sim_meter("398192000337", 1);
     m.password = "02123456".into();
-    let sim = spawn_tcp(SimFile { meters: vec![m], ..Default::default() }, localhost()).await.unwrap();
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![m],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let audit = AuditLog::new(dir.path().join("audit.jsonl"));
     let offset = meterflow::collector::config::parse_offset("+08:00").unwrap();
-    let order = |pw: &str| RelayOrder::expiring_in(addr("398192000337"), RelayCommand::Trip, pw.parse().unwrap(), "00000001".parse().unwrap(), 10, offset);
+    let order = |pw: &str| {
+        RelayOrder::expiring_in(
+            addr("398192000337"),
+            RelayCommand::Trip,
+            pw.parse().unwrap(),
+            "00000001".parse().unwrap(),
+            10,
+            offset,
+        )
+    };
     let mut bus = connect(sim.addr).await;
 
-    let dry = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, false).await.unwrap();
+    let dry = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, false)
+        .await
+        .unwrap();
     assert!(matches!(dry, RelayOutcome::DryRun { .. }));
     assert!(sim.handle.relay_log().is_empty(), "a dry run sends nothing");
 
-    let wrong = relay_control(Some(&mut bus), "test", &order("02999999"), &audit, true).await.unwrap();
+    let wrong = relay_control(Some(&mut bus), "test", &order("02999999"), &audit, true)
+        .await
+        .unwrap();
     assert!(matches!(wrong, RelayOutcome::Refused(s) if s.unauthorised()));
-    assert!(!sim.handle.relay_state(addr("398192000337")).unwrap().tripped);
+    assert!(
+        !sim.handle
+            .relay_state(addr("398192000337"))
+            .unwrap()
+            .tripped
+    );
 
-    let ok = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, true).await.unwrap();
+    let ok = relay_control(Some(&mut bus), "test", &order("02123456"), &audit, true)
+        .await
+        .unwrap();
     assert_eq!(ok, RelayOutcome::Accepted);
-    assert!(sim.handle.relay_state(addr("398192000337")).unwrap().tripped);
+    assert!(
+        sim.handle
+            .relay_state(addr("398192000337"))
+            .unwrap()
+            .tripped
+    );
 
     let log = std::fs::read_to_string(audit.path()).unwrap();
-    let events: Vec<String> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_string()).collect();
-    assert_eq!(events, vec!["dry_run", "sent", "refused", "sent", "accepted"]);
-    assert!(!log.contains("123456"), "the password never reaches the audit log");
+    let events: Vec<String> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec!["dry_run", "sent", "refused", "sent", "accepted"]
+    );
+    assert!(
+        !log.contains("123456"),
+        "the password never reaches the audit log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_gateway_is_reported_in_once_mode_without_stalling_other_buses() {
-    let sim = spawn_tcp(SimFile { meters: vec![sim_meter("000000006001", 1)], ..Default::default() }, localhost()).await.unwrap();
-    let mut cfg = config(fast_bus("good", Some(sim.addr), None), &[("000000006001", Edition::V2007)]);
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("000000006001", 1)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(
+        fast_bus("good", Some(sim.addr), None),
+        &[("000000006001", Edition::V2007)],
+    );
     // A gateway nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut bad = fast_bus("unreachable", Some(dead), None);
     bad.reconnect_backoff_ms = 10;
     bad.meters = cfg.dlt645.buses[0].meters.clone();
@@ -285,13 +516,140 @@ async fn lost_gateway_is_reported_in_once_mode_without_stalling_other_buses() {
     assert_eq!(stats.buses.len(), 2);
     assert!(stats.buses[0].error.is_none());
     assert!(stats.buses[0].readings > 0);
-    assert!(stats.buses[1].error.as_deref().unwrap_or("").contains("cannot connect"), "{:?}", stats.buses[1]);
+    assert!(
+        stats.buses[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot connect"),
+        "{:?}",
+        stats.buses[1]
+    );
 }
 
 #[test]
 fn sample_collectors_config_is_valid() {
-    let cfg = CollectorConfig::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/sample-data/collectors.toml"))).unwrap();
+    let cfg = CollectorConfig::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sample-data/collectors.toml"
+    )))
+    .unwrap();
     assert!(!cfg.dlt645.buses.is_empty());
-    SimFile::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/sample-data/dlt645-meters.toml"))).unwrap();
+    SimFile::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sample-data/dlt645-meters.toml"
+    )))
+    .unwrap();
     let _ = Di::v2007(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_frozen_values_are_timestamped_at_the_freeze() {
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("000000007001", 5000)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let text = r#"
+collector_id = "it-frozen"
+[[dlt645.group]]
+name = "daily"
+[[dlt645.group.schedule]]
+daily_at = "00:00"
+dis = ["05060101"]
+"#;
+    let mut cfg = CollectorConfig::parse(Path::new("frozen.toml"), text).unwrap();
+    let mut bus = fast_bus("gw-frozen", Some(sim.addr), None);
+    bus.meters = vec![MeterConfig {
+        address: addr("000000007001"),
+        meter_id: None,
+        edition: Edition::V2007,
+        group: Some("daily".into()),
+    }];
+    cfg.dlt645.buses = vec![bus];
+    let lake = tempfile::tempdir().unwrap();
+
+    collect_once(cfg, lake.path()).await.unwrap();
+
+    let readings = lake_readings(lake.path());
+    assert_eq!(readings.len(), 5);
+    // The simulator's last freeze is local (UTC+8) midnight today.
+    let local_now = chrono::Utc::now() + chrono::Duration::hours(8);
+    let midnight_local = local_now.date_naive().and_hms_opt(0, 0, 0).unwrap();
+    let expected_ts = (midnight_local - chrono::Duration::hours(8))
+        .and_utc()
+        .timestamp_millis();
+    for r in &readings {
+        assert_eq!(r.ts_ms, expected_ts, "{r:?}");
+        assert_eq!(r.meter_id, "000000007001");
+    }
+    let total = readings
+        .iter()
+        .find(|r| r.channel == Channel::ImportActiveTotal)
+        .unwrap();
+    assert_eq!(total.value, Decimal::new(500_000, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_command_once_against_the_simulator() {
+    let sim = spawn_tcp(SimFile::demo(3), localhost()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("collectors.toml");
+    let mut text = format!(
+        "collector_id = \"cli\"\n[[dlt645.bus]]\nname = \"gw\"\ntcp = \"{}\"\n",
+        sim.addr
+    );
+    for i in 1..=3 {
+        text.push_str(&format!("[[dlt645.bus.meter]]\naddress = \"{i}\"\n"));
+    }
+    std::fs::write(&cfg_path, text).unwrap();
+    let lake = dir.path().join("lake");
+    let out = tokio::process::Command::new(crate::common::bin())
+        .args(["collect", "--once", "--config"])
+        .arg(&cfg_path)
+        .arg("--out")
+        .arg(&lake)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Default group: register block (5) + clock skew (1) per meter.
+    assert!(
+        stdout.contains("18 readings made durable, 18 committed to Parquet"),
+        "{stdout}"
+    );
+    assert_eq!(lake_values(&lake_readings(&lake)), {
+        let mut m = served_values(&sim.handle.served());
+        // The config has no meter ids: readings carry the address.
+        m = m
+            .into_iter()
+            .map(|((id, c), v)| ((id.trim_start_matches("M-").to_string(), c), v))
+            .collect();
+        m
+    });
+
+    // A config mistake names file, line and field, and exits 1.
+    std::fs::write(&cfg_path, "collector_id = \"cli\"\n[[dlt645.bus]]\nname = \"gw\"\ntcp = \"x:1\"\n[[dlt645.bus.meter]]\naddress = \"12AB\"\n").unwrap();
+    let out = std::process::Command::new(crate::common::bin())
+        .args(["collect", "--once", "--out"])
+        .arg(&lake)
+        .arg("--config")
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("collectors.toml:6") && err.contains("12AB"),
+        "{err}"
+    );
 }

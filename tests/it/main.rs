@@ -1,7 +1,9 @@
 //! Integration tests: one binary, one module per area.
 
+mod billing;
 mod common;
 mod dlt645;
 mod store;
 mod mqtt;
 mod modbus;
+mod prepay;

@@ -26,7 +26,10 @@ fn sims() -> Vec<SimDeviceConfig> {
         .enumerate()
         .map(|(i, p)| {
             let mut d = SimDeviceConfig::new(i as u8 + 1, p);
-            d.values.insert("import_active_total".into(), dec!(4321.5) + Decimal::from(i));
+            d.values.insert(
+                "import_active_total".into(),
+                dec!(4321.5) + Decimal::from(i),
+            );
             d
         })
         .collect()
@@ -45,7 +48,12 @@ fn device(unit: u8, profile: &str) -> ModbusDeviceConfig {
     }
 }
 
-fn connection(name: &str, transport: Transport, addr: Option<String>, serial: Option<String>) -> ModbusConnectionConfig {
+fn connection(
+    name: &str,
+    transport: Transport,
+    addr: Option<String>,
+    serial: Option<String>,
+) -> ModbusConnectionConfig {
     ModbusConnectionConfig {
         name: name.to_string(),
         transport,
@@ -99,7 +107,11 @@ fn assert_exact(sim: &Simulator, readings: &[Reading], unit: u8, profile: &str) 
 async fn every_profile_is_read_exactly_over_modbus_tcp() {
     let sim = Simulator::new(sims()).unwrap();
     let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
-    let mut p = Poller::new(connection("tcp", Transport::Tcp, Some(addr.to_string()), None), "it".into()).unwrap();
+    let mut p = Poller::new(
+        connection("tcp", Transport::Tcp, Some(addr.to_string()), None),
+        "it".into(),
+    )
+    .unwrap();
     let readings = p.cycle(true).await;
     for (i, prof) in PROFILES.iter().enumerate() {
         assert_exact(&sim, &readings, i as u8 + 1, prof);
@@ -111,7 +123,12 @@ async fn every_profile_is_read_exactly_over_modbus_tcp() {
 async fn every_profile_is_read_exactly_over_rtu_on_a_pty() {
     let sim = Simulator::new(sims()).unwrap();
     let (path, _h) = sim.spawn_pty().unwrap();
-    let cfg = connection("bus", Transport::Rtu, None, Some(path.display().to_string()));
+    let cfg = connection(
+        "bus",
+        Transport::Rtu,
+        None,
+        Some(path.display().to_string()),
+    );
     let mut p = Poller::new(cfg, "it".into()).unwrap();
     let readings = p.cycle(true).await;
     for (i, prof) in PROFILES.iter().enumerate() {
@@ -138,12 +155,15 @@ async fn collect_once_writes_the_simulated_values_exactly_into_the_lake() {
     let cfg = connection("tcp", Transport::Tcp, Some(addr.to_string()), None);
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    run_connection(cfg, "it-collector".into(), tx, true, stop_rx).await.unwrap();
+    run_connection(cfg, "it-collector".into(), tx, true, stop_rx)
+        .await
+        .unwrap();
     let batch = rx.recv().await.expect("one batch");
     assert!(rx.recv().await.is_none(), "once means one cycle");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut lake = meterflow::store::Lake::open(dir.path(), meterflow::store::LakeOptions::new("it")).unwrap();
+    let mut lake =
+        meterflow::store::Lake::open(dir.path(), meterflow::store::LakeOptions::new("it")).unwrap();
     lake.accept(&batch).unwrap();
     lake.flush().unwrap();
     let stored = meterflow::store::reader::read_all_readings(dir.path()).unwrap();
@@ -164,7 +184,12 @@ async fn energy_registers_advance_between_cycles() {
     cfg.devices.truncate(1);
     cfg.devices[0] = device(1, "eastron_sdm630");
     let mut p = Poller::new(cfg, "it".into()).unwrap();
-    let energy = |rs: &[Reading]| rs.iter().find(|r| r.channel == Channel::ImportActiveTotal).unwrap().value;
+    let energy = |rs: &[Reading]| {
+        rs.iter()
+            .find(|r| r.channel == Channel::ImportActiveTotal)
+            .unwrap()
+            .value
+    };
     let first = energy(&p.cycle(true).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let second = energy(&p.cycle(true).await);
@@ -250,10 +275,18 @@ async fn exceptions_are_recorded_per_register_and_other_requests_still_read() {
     let mut p = Poller::new(cfg, "it".into()).unwrap();
     let readings = p.cycle(true).await;
     assert!(readings.iter().any(|r| r.channel == Channel::VoltageA));
-    assert!(!readings.iter().any(|r| r.channel == Channel::ImportActiveTotal));
+    assert!(!readings
+        .iter()
+        .any(|r| r.channel == Channel::ImportActiveTotal));
     let n = meterflow::metrics::counter_value(
         "meterflow_modbus_exceptions_total",
-        &[("connection", "exc"), ("meter", "M1"), ("unit", "1"), ("register", "imp_ep"), ("code", "0x04")],
+        &[
+            ("connection", "exc"),
+            ("meter", "M1"),
+            ("unit", "1"),
+            ("register", "imp_ep"),
+            ("code", "0x04"),
+        ],
     );
     assert_eq!(n, 1);
 }
@@ -264,7 +297,11 @@ async fn garbage_reply_on_tcp_reconnects_and_the_retry_reads_exactly() {
     f.until = Some(1);
     let sim = Simulator::new(with_fault(sims(), 1, f)).unwrap();
     let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
-    let mut p = Poller::new(connection("tcp", Transport::Tcp, Some(addr.to_string()), None), "it".into()).unwrap();
+    let mut p = Poller::new(
+        connection("tcp", Transport::Tcp, Some(addr.to_string()), None),
+        "it".into(),
+    )
+    .unwrap();
     let readings = p.cycle(true).await;
     for (i, prof) in PROFILES.iter().enumerate() {
         assert_exact(&sim, &readings, i as u8 + 1, prof);
@@ -274,33 +311,53 @@ async fn garbage_reply_on_tcp_reconnects_and_the_retry_reads_exactly() {
 }
 
 #[tokio::test]
-async fn late_reply_after_timeout_is_discarded_on_an_rtu_line() {
+async fn late_reply_after_timeout_is_drained_not_taken_by_the_next_slave() {
+    // unit 1 answers its first request 450 ms late; the collector gives up at
+    // 300 ms and moves on to unit 2 on the same line. Undrained, the late reply
+    // would arrive while unit 2's request is in flight.
     let mut f = fault(FaultKind::Slow);
-    f.delay_ms = 450; // the collector times out after 300 ms
+    f.delay_ms = 450;
     f.until = Some(1);
     let sim = Simulator::new(with_fault(sims(), 1, f)).unwrap();
     let (path, _h) = sim.spawn_pty().unwrap();
-    let mut cfg = connection("late-rtu", Transport::Rtu, None, Some(path.display().to_string()));
-    cfg.drain_ms = 1;
+    let mut cfg = connection(
+        "late-rtu",
+        Transport::Rtu,
+        None,
+        Some(path.display().to_string()),
+    );
+    cfg.retries = 0;
+    cfg.drain_ms = 250;
     let mut p = Poller::new(cfg, "it".into()).unwrap();
     let readings = p.cycle(true).await;
-    for (i, prof) in PROFILES.iter().enumerate() {
-        assert_exact(&sim, &readings, i as u8 + 1, prof);
-    }
-    assert_eq!(sim.requests(1), 3, "slow request, its retry, the energy request");
-    // a second cycle on the same line is still in step
-    let again = p.cycle(true).await;
-    assert_eq!(again.len(), readings.len());
-    // the late reply was drained, never parsed as an answer to a later request
-    let errors = |kind: &str| {
+    assert!(
+        readings.iter().all(|r| r.meter_id != "M1"),
+        "unit 1 timed out this cycle"
+    );
+    assert_exact(&sim, &readings, 2, PROFILES[1]);
+    assert_exact(&sim, &readings, 3, PROFILES[2]);
+    let errors = |unit: &str, kind: &str| {
         meterflow::metrics::counter_value(
             "meterflow_modbus_errors_total",
-            &[("connection", "late-rtu"), ("meter", "M1"), ("unit", "1"), ("kind", kind)],
+            &[
+                ("connection", "late-rtu"),
+                ("meter", &format!("M{unit}")),
+                ("unit", unit),
+                ("kind", kind),
+            ],
         )
     };
-    assert_eq!(errors("timeout"), 1);
-    assert_eq!(errors("protocol"), 0);
-    assert_eq!(errors("io"), 0);
+    assert_eq!(errors("1", "timeout"), 1);
+    assert_eq!(
+        errors("2", "protocol"),
+        0,
+        "late reply of unit 1 was drained"
+    );
+    // the next cycle on the same line is in step for everyone
+    let again = p.cycle(true).await;
+    for (i, prof) in PROFILES.iter().enumerate() {
+        assert_exact(&sim, &again, i as u8 + 1, prof);
+    }
 }
 
 #[tokio::test]
@@ -310,25 +367,45 @@ async fn late_reply_after_timeout_on_tcp_is_not_taken_for_the_next_answer() {
     f.until = Some(1);
     let sim = Simulator::new(with_fault(sims(), 1, f)).unwrap();
     let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
-    let mut p = Poller::new(connection("tcp", Transport::Tcp, Some(addr.to_string()), None), "it".into()).unwrap();
+    let mut p = Poller::new(
+        connection("tcp", Transport::Tcp, Some(addr.to_string()), None),
+        "it".into(),
+    )
+    .unwrap();
     let readings = p.cycle(true).await;
     for (i, prof) in PROFILES.iter().enumerate() {
         assert_exact(&sim, &readings, i as u8 + 1, prof);
     }
-    assert_eq!(sim.requests(1), 3, "slow request, its retry, the energy request");
+    assert_eq!(
+        sim.requests(1),
+        3,
+        "slow request, its retry, the energy request"
+    );
 }
 
 #[tokio::test]
 async fn nan_floats_are_counted_errors_not_readings() {
     let sim = Simulator::new(with_fault(sims(), 2, fault(FaultKind::Nan))).unwrap();
     let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
-    let mut p = Poller::new(connection("nan", Transport::Tcp, Some(addr.to_string()), None), "it".into()).unwrap();
+    let mut p = Poller::new(
+        connection("nan", Transport::Tcp, Some(addr.to_string()), None),
+        "it".into(),
+    )
+    .unwrap();
     let readings = p.cycle(true).await;
-    assert!(readings.iter().all(|r| r.meter_id != "M2"), "every SDM630 register is a float");
+    assert!(
+        readings.iter().all(|r| r.meter_id != "M2"),
+        "every SDM630 register is a float"
+    );
     assert_exact(&sim, &readings, 1, PROFILES[0]);
     let n = meterflow::metrics::counter_value(
         "meterflow_modbus_errors_total",
-        &[("connection", "nan"), ("meter", "M2"), ("unit", "2"), ("kind", "not_finite")],
+        &[
+            ("connection", "nan"),
+            ("meter", "M2"),
+            ("unit", "2"),
+            ("kind", "not_finite"),
+        ],
     );
     assert_eq!(n, 18);
 }
@@ -336,10 +413,16 @@ async fn nan_floats_are_counted_errors_not_readings() {
 #[tokio::test]
 async fn out_of_range_values_are_flagged_device_error() {
     let mut devs = sims();
-    devs[1].values.insert("power_factor_total".into(), dec!(1.5));
+    devs[1]
+        .values
+        .insert("power_factor_total".into(), dec!(1.5));
     let sim = Simulator::new(devs).unwrap();
     let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
-    let mut p = Poller::new(connection("tcp", Transport::Tcp, Some(addr.to_string()), None), "it".into()).unwrap();
+    let mut p = Poller::new(
+        connection("tcp", Transport::Tcp, Some(addr.to_string()), None),
+        "it".into(),
+    )
+    .unwrap();
     let readings = p.cycle(true).await;
     let pf = readings
         .iter()
@@ -367,12 +450,22 @@ async fn one_request_per_field_issues_one_read_per_register() {
 fn modbus_plan_prints_requests_against_one_per_register() {
     let out = std::process::Command::new(crate::common::bin())
         .args(["modbus", "plan", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/sample-data/collectors-modbus.toml"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sample-data/collectors-modbus.toml"
+        ))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("unit   1 meter MB-0001: 2 request(s) instead of 15"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("unit   1 meter MB-0001: 2 request(s) instead of 15"),
+        "{text}"
+    );
     assert!(text.contains("total:"), "{text}");
 }
 
@@ -392,5 +485,8 @@ fn modbus_plan_rejects_a_bad_config_with_file_line_and_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("collectors.toml:9: field `modbus[0].devices[0].profile`: unknown profile"), "{err}");
+    assert!(
+        err.contains("collectors.toml:9: field `modbus[0].devices[0].profile`: unknown profile"),
+        "{err}"
+    );
 }

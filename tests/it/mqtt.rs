@@ -89,6 +89,7 @@ dynamic_filters = true
         let _ = broker.start();
     });
     let url = format!("mqtt://127.0.0.1:{port}");
+    eprintln!("no broker at MQTT_URL or 127.0.0.1:1883: started an embedded rumqttd at {url}");
     let t = Instant::now();
     while !answers(&url) {
         assert!(t.elapsed() < Duration::from_secs(10), "embedded broker did not start");
@@ -158,12 +159,16 @@ struct Running {
 
 /// Starts ingest in this process and returns once the broker confirmed the subscription.
 async fn start_ingest(cfg: IngestConfig, lake: &Path) -> Running {
+    start_ingest_in(cfg, lake, None).await
+}
+
+async fn start_ingest_in(cfg: IngestConfig, lake: &Path, shared_group: Option<String>) -> Running {
     let ready = Arc::new(tokio::sync::Notify::new());
     let client_id = cfg.mqtt.client_id.clone();
     let opts = IngestOptions {
         config: cfg,
         lake: lake.to_path_buf(),
-        shared_group: None,
+        shared_group,
         writer_id: None,
         subscribed: Some(ready.clone()),
         stop_after_readings: None,
@@ -631,6 +636,27 @@ async fn broker_connection_dropped_mid_stream_loses_nothing() {
     let keys: BTreeSet<_> = got.iter().map(key).collect();
     assert_eq!(keys, want, "lost readings: {}", want.difference(&keys).count());
     assert!(stats.messages >= 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_splits_one_stream_between_two_ingest_processes() {
+    let url = broker_url();
+    let p = uniq("share");
+    let group = uniq("grp");
+    let lake = tempfile::tempdir().unwrap();
+    let sources = format!("[[source]]\nname = \"c\"\nfilter = \"{p}/#\"\nformat = \"canonical\"\n");
+    let a = start_ingest_in(config(&url, &uniq("ingest-sa"), &sources), lake.path(), Some(group.clone())).await;
+    let b = start_ingest_in(config(&url, &uniq("ingest-sb"), &sources), lake.path(), Some(group)).await;
+    let n = 1000;
+    let rs = sim(n, 10, now_ms() - 200 * 60_000);
+    let want: BTreeSet<_> = rs.iter().map(key).collect();
+    publish_all(&url, canonical_messages(&format!("{p}/r"), &rs, 10), 0, Duration::ZERO).await;
+    let got = wait_for_readings(lake.path(), n, 60).await;
+    let (sa, sb) = (a.stop(&url).await, b.stop(&url).await);
+    let keys: BTreeSet<_> = got.iter().map(key).collect();
+    assert_eq!(keys, want);
+    assert_eq!(sa.messages + sb.messages, 100, "each message went to exactly one member");
+    assert!(sa.messages > 0 && sb.messages > 0, "both members got a share: {sa:?} {sb:?}");
 }
 
 // ---------------------------------------------------------------- uplink

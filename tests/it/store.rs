@@ -272,3 +272,38 @@ fn duckdb_pyarrow_and_polars_read_the_lake_exactly_as_written() {
         assert!(stdout.contains(&format!("{engine}: ok")), "{stdout}");
     }
 }
+
+#[test]
+fn fleet_writer_killed_mid_file_leaves_no_partial_file_visible() {
+    for delay in [150u64, 400, 900] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(bin())
+            .args(["sim", "fleet", "--meters", "60000", "--days", "10", "--out"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_all_visible_files_readable(dir.path());
+    }
+}
+
+#[test]
+fn master_check_names_file_line_and_field_and_fails_only_when_nothing_is_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("meters.csv"),
+        "meter_id,account_id,ct_ratio,pt_ratio,installed_on\nM1,A1,1,1,2026-01-01\nM2,A1,-5,1,2026-01-01\n",
+    )
+    .unwrap();
+    let out = Command::new(bin()).args(["master", "check"]).arg(dir.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("meters.csv:3: field 'ct_ratio': must be positive"), "{text}");
+    std::fs::write(dir.path().join("meters.csv"), "meter_id,account_id,ct_ratio,pt_ratio,installed_on\nM2,A1,x,1,2026-01-01\n").unwrap();
+    let out = Command::new(bin()).args(["master", "check"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -103,6 +103,9 @@ pub struct Bus {
     timing: BusTiming,
     /// When the line last went quiet (end of our last read or write).
     quiet_since: Instant,
+    /// Noise seen during the current exchange (logged once when it ends).
+    noise_seen: Vec<u8>,
+    noise_count: usize,
     pub counters: BusCounters,
 }
 
@@ -111,19 +114,52 @@ fn count(name: &str, bus: &str, meter: &str, n: u64) {
 }
 
 pub fn describe_metrics() {
-    metrics::describe("meterflow_dlt645_requests_total", "DL/T 645 requests sent, per bus and meter");
-    metrics::describe("meterflow_dlt645_answers_total", "Matching replies received");
+    metrics::describe(
+        "meterflow_dlt645_requests_total",
+        "DL/T 645 requests sent, per bus and meter",
+    );
+    metrics::describe(
+        "meterflow_dlt645_answers_total",
+        "Matching replies received",
+    );
     metrics::describe("meterflow_dlt645_timeouts_total", "Requests that timed out");
-    metrics::describe("meterflow_dlt645_refused_total", "Error replies (meter refused the request)");
-    metrics::describe("meterflow_dlt645_bad_checksum_total", "Frames with a wrong checksum");
-    metrics::describe("meterflow_dlt645_bad_frames_total", "Frame-shaped input with a wrong end byte");
-    metrics::describe("meterflow_dlt645_noise_bytes_total", "Bytes of line noise skipped (FE preamble not counted)");
-    metrics::describe("meterflow_dlt645_stray_frames_total", "Valid frames that did not answer the request in flight");
-    metrics::describe("meterflow_dlt645_late_replies_total", "Replies that arrived after their request timed out (discarded)");
-    metrics::describe("meterflow_dlt645_readings_total", "Readings produced, per bus and meter");
+    metrics::describe(
+        "meterflow_dlt645_refused_total",
+        "Error replies (meter refused the request)",
+    );
+    metrics::describe(
+        "meterflow_dlt645_bad_checksum_total",
+        "Frames with a wrong checksum",
+    );
+    metrics::describe(
+        "meterflow_dlt645_bad_frames_total",
+        "Frame-shaped input with a wrong end byte",
+    );
+    metrics::describe(
+        "meterflow_dlt645_noise_bytes_total",
+        "Bytes of line noise skipped (FE preamble not counted)",
+    );
+    metrics::describe(
+        "meterflow_dlt645_stray_frames_total",
+        "Valid frames that did not answer the request in flight",
+    );
+    metrics::describe(
+        "meterflow_dlt645_late_replies_total",
+        "Replies that arrived after their request timed out (discarded)",
+    );
+    metrics::describe(
+        "meterflow_dlt645_readings_total",
+        "Readings produced, per bus and meter",
+    );
     metrics::describe("meterflow_dlt645_reconnects_total", "Bus (re)connections");
-    metrics::describe("meterflow_dlt645_meter_degraded", "1 while the meter is degraded (polled less often)");
-    metrics::describe("meterflow_dlt645_clock_skew_seconds", "Meter clock minus collector clock at the last clock read");
+    metrics::describe(
+        "meterflow_dlt645_meter_degraded",
+        "1 while the meter is degraded (polled less often)",
+    );
+    metrics::describe(
+        "meterflow_dlt645_clock_skew_seconds",
+        "Meter clock minus collector clock at the last clock read",
+    );
 }
 
 impl Bus {
@@ -134,6 +170,8 @@ impl Bus {
             buf: Vec::with_capacity(512),
             timing,
             quiet_since: Instant::now(),
+            noise_seen: Vec::new(),
+            noise_count: 0,
             counters: BusCounters::default(),
         }
     }
@@ -149,7 +187,9 @@ impl Bus {
         loop {
             match self.exchange(req, label).await {
                 Ok(f) => return Ok(f),
-                Err(e @ (TxError::Timeout(_) | TxError::Corrupt(_))) if attempt < self.timing.retries => {
+                Err(e @ (TxError::Timeout(_) | TxError::Corrupt(_)))
+                    if attempt < self.timing.retries =>
+                {
                     let backoff = self.timing.retry_backoff * 2u32.saturating_pow(attempt);
                     tracing::debug!(bus = %self.name, meter = label, attempt, error = %e, "retrying");
                     tokio::time::sleep(backoff).await;
@@ -163,7 +203,9 @@ impl Bus {
     /// Sends a frame nobody answers (broadcast time sync).
     pub async fn broadcast(&mut self, req: &Frame) -> Result<(), TxError> {
         self.wait_silent_gap().await;
-        let wire = req.encode(self.timing.preamble).expect("requests are short");
+        let wire = req
+            .encode(self.timing.preamble)
+            .expect("requests are short");
         tracing::info!(bus = %self.name, hex = %hex(&wire), "broadcast");
         self.link.write_all(&wire).await?;
         self.link.flush().await?;
@@ -177,12 +219,24 @@ impl Bus {
 
     /// One attempt: send, then read until the matching reply, the deadline, or a corrupt frame.
     async fn exchange(&mut self, req: &Frame, label: &str) -> Result<Frame, TxError> {
+        let r = self.exchange_inner(req, label).await;
+        if self.noise_count > 0 {
+            tracing::warn!(bus = %self.name, meter = label, bytes = self.noise_count, hex = %hex(&self.noise_seen), "line noise skipped");
+            self.noise_seen.clear();
+            self.noise_count = 0;
+        }
+        r
+    }
+
+    async fn exchange_inner(&mut self, req: &Frame, label: &str) -> Result<Frame, TxError> {
         self.wait_silent_gap().await;
         // Anything already buffered arrived unasked: account for it, then drop it.
         if !self.buf.is_empty() {
             self.account_unasked(label);
         }
-        let wire = req.encode(self.timing.preamble).expect("requests are short");
+        let wire = req
+            .encode(self.timing.preamble)
+            .expect("requests are short");
         tracing::trace!(bus = %self.name, meter = label, hex = %hex(&wire), "request");
         self.counters.requests += 1;
         count("meterflow_dlt645_requests_total", &self.name, label, 1);
@@ -224,7 +278,12 @@ impl Bus {
                     self.buf.drain(..skipped);
                     return None;
                 }
-                Decoded::Invalid { error, consumed, noise, bytes } => {
+                Decoded::Invalid {
+                    error,
+                    consumed,
+                    noise,
+                    bytes,
+                } => {
                     let bytes = bytes.to_vec();
                     self.note_invalid(error, &bytes, label);
                     self.note_noise(noise, 0, label);
@@ -233,7 +292,12 @@ impl Bus {
                         return Some(Err(TxError::Corrupt(error)));
                     }
                 }
-                Decoded::Frame { frame, consumed, skipped, noise } => {
+                Decoded::Frame {
+                    frame,
+                    consumed,
+                    skipped,
+                    noise,
+                } => {
                     let m = classify(req, &frame);
                     let owned = frame.to_frame();
                     self.note_noise(noise, skipped, label);
@@ -259,9 +323,21 @@ impl Bus {
     fn note_noise(&mut self, noise: usize, skipped: usize, label: &str) {
         if noise > 0 {
             self.counters.noise_bytes += noise as u64;
-            count("meterflow_dlt645_noise_bytes_total", &self.name, label, noise as u64);
-            let shown = &self.buf[..skipped.min(self.buf.len()).min(64)];
-            tracing::warn!(bus = %self.name, meter = label, noise, hex = %hex(shown), "line noise skipped");
+            count(
+                "meterflow_dlt645_noise_bytes_total",
+                &self.name,
+                label,
+                noise as u64,
+            );
+            self.noise_count += noise;
+            let room = 64usize.saturating_sub(self.noise_seen.len());
+            let skipped = skipped.min(self.buf.len());
+            self.noise_seen.extend(
+                self.buf[..skipped]
+                    .iter()
+                    .filter(|&&b| b != 0xFE)
+                    .take(room),
+            );
         }
     }
 
@@ -296,14 +372,21 @@ impl Bus {
         let mut rest = std::mem::take(&mut self.buf);
         loop {
             match crate::protocol::dlt645::decode(&rest) {
-                Decoded::Frame { frame, consumed, .. } => {
+                Decoded::Frame {
+                    frame, consumed, ..
+                } => {
                     self.counters.late_replies += 1;
                     count("meterflow_dlt645_late_replies_total", &self.name, label, 1);
                     let wire = frame.to_frame().encode(0).unwrap_or_default();
                     tracing::warn!(bus = %self.name, from = %frame.address, hex = %hex(&wire), "discarding late reply");
                     rest.drain(..consumed);
                 }
-                Decoded::Invalid { error, consumed, bytes, .. } => {
+                Decoded::Invalid {
+                    error,
+                    consumed,
+                    bytes,
+                    ..
+                } => {
                     self.note_invalid(error, bytes, label);
                     rest.drain(..consumed);
                 }
@@ -322,7 +405,10 @@ impl Bus {
             let quiet_until = (Instant::now() + self.timing.drain).min(limit);
             match tokio::time::timeout_at(quiet_until, self.link.read(&mut chunk)).await {
                 Ok(Ok(0)) => {
-                    return Err(TxError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed")))
+                    return Err(TxError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )))
                 }
                 Ok(Ok(n)) => {
                     self.buf.extend_from_slice(&chunk[..n]);

@@ -42,7 +42,15 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
-            Endpoint::Serial(s) => write!(f, "{} ({} {}{}{})", s.port, s.baud, s.data_bits, s.parity.chars().next().unwrap_or('n').to_ascii_uppercase(), s.stop_bits),
+            Endpoint::Serial(s) => write!(
+                f,
+                "{} ({} {}{}{})",
+                s.port,
+                s.baud,
+                s.data_bits,
+                s.parity.chars().next().unwrap_or('n').to_ascii_uppercase(),
+                s.stop_bits
+            ),
         }
     }
 }
@@ -53,7 +61,12 @@ pub async fn open(ep: &Endpoint, timeout: Duration) -> std::io::Result<Link> {
         Endpoint::Tcp(addr) => {
             let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr.as_str()))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {addr} timed out"),
+                    )
+                })??;
             s.set_nodelay(true)?;
             Ok(Box::new(s))
         }
@@ -75,7 +88,11 @@ pub fn open_serial(s: &SerialSettings) -> std::io::Result<tokio_serial::SerialSt
         "none" => Parity::None,
         _ => Parity::Even,
     };
-    let stop_bits = if s.stop_bits == 2 { StopBits::Two } else { StopBits::One };
+    let stop_bits = if s.stop_bits == 2 {
+        StopBits::Two
+    } else {
+        StopBits::One
+    };
     let builder = tokio_serial::new(&s.port, s.baud)
         .data_bits(data_bits)
         .parity(parity)

@@ -3,6 +3,7 @@
 //! meter costs its own timeout (and retries) once per cycle, then is degraded;
 //! a lost link is re-established with backoff, forever.
 
+pub mod bench;
 pub mod bus;
 pub mod link;
 pub mod poll;
@@ -41,15 +42,30 @@ pub struct BusReport {
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus {bus}: cannot connect to {endpoint}: {source}")]
-    Connect { bus: String, endpoint: String, source: std::io::Error },
+    Connect {
+        bus: String,
+        endpoint: String,
+        source: std::io::Error,
+    },
     #[error("readings channel closed")]
     ChannelClosed,
+}
+
+/// Opens a bus described by `cfg` (for one-off tools such as relay control).
+pub async fn connect(cfg: &BusConfig) -> std::io::Result<Bus> {
+    let ep = Endpoint::of(cfg);
+    let timing = BusTiming::of(cfg);
+    let l = link::open(&ep, timing.timeout.max(Duration::from_secs(2))).await?;
+    Ok(Bus::new(cfg.name.clone(), l, timing))
 }
 
 /// Resolves the buses of a config: (bus, its meters, settings).
 pub fn plan(cfg: &CollectorConfig) -> Vec<(BusConfig, Vec<ResolvedMeter>, PollSettings)> {
     let root = crate::protocol::modbus::config::FieldPath::default().key("dlt645");
-    let resolved = cfg.dlt645.resolve(&root).expect("config was validated at load");
+    let resolved = cfg
+        .dlt645
+        .resolve(&root)
+        .expect("config was validated at load");
     let offset = cfg.dlt645.offset().expect("config was validated at load");
     cfg.dlt645
         .buses
@@ -83,9 +99,13 @@ pub async fn run_bus(
     let endpoint = Endpoint::of(&cfg);
     let timing = BusTiming::of(&cfg);
     let mut states: Vec<MeterState> = meters.into_iter().map(MeterState::new).collect();
-    let mut report = BusReport { bus: cfg.name.clone(), ..Default::default() };
+    let mut report = BusReport {
+        bus: cfg.name.clone(),
+        ..Default::default()
+    };
     let mut backoff = Duration::from_millis(cfg.reconnect_backoff_ms);
-    let max_backoff = Duration::from_millis(cfg.reconnect_backoff_max_ms.max(cfg.reconnect_backoff_ms));
+    let max_backoff =
+        Duration::from_millis(cfg.reconnect_backoff_max_ms.max(cfg.reconnect_backoff_ms));
     let connect_timeout = timing.timeout.max(Duration::from_secs(2));
 
     'connect: loop {
@@ -98,7 +118,11 @@ pub async fn run_bus(
                 report.connect_failures += 1;
                 if once && report.connect_failures > cfg.retries as u64 {
                     report.error = Some(format!("cannot connect to {endpoint}: {e}"));
-                    return Err(BusError::Connect { bus: cfg.name.clone(), endpoint: endpoint.to_string(), source: e });
+                    return Err(BusError::Connect {
+                        bus: cfg.name.clone(),
+                        endpoint: endpoint.to_string(),
+                        source: e,
+                    });
                 }
                 tracing::warn!(bus = %cfg.name, %endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "bus connect failed");
                 tokio::select! {
@@ -109,7 +133,11 @@ pub async fn run_bus(
                 continue 'connect;
             }
         };
-        metrics::counter_add("meterflow_dlt645_reconnects_total", &[("bus", &cfg.name)], 1);
+        metrics::counter_add(
+            "meterflow_dlt645_reconnects_total",
+            &[("bus", &cfg.name)],
+            1,
+        );
         tracing::info!(bus = %cfg.name, %endpoint, meters = states.len(), "bus connected");
         backoff = Duration::from_millis(cfg.reconnect_backoff_ms);
         let mut bus = Bus::new(cfg.name.clone(), link, timing);
@@ -170,7 +198,11 @@ pub async fn run_bus(
             }
             tracing::debug!(bus = %cfg.name, ms = cycle_start.elapsed().as_millis() as u64, "cycle done");
             let now = Instant::now();
-            let next = states.iter().map(|s| s.next_due(now)).min().unwrap_or(now + Duration::from_secs(1));
+            let next = states
+                .iter()
+                .map(|s| s.next_due(now))
+                .min()
+                .unwrap_or(now + Duration::from_secs(1));
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = shutdown.changed() => {}

@@ -42,7 +42,14 @@ pub struct MeterState {
 impl MeterState {
     pub fn new(meter: ResolvedMeter) -> MeterState {
         let n = meter.schedules.len();
-        MeterState { meter, last_run: vec![None; n], last_day: vec![None; n], failed_cycles: 0, degraded: false, next_try: None }
+        MeterState {
+            meter,
+            last_run: vec![None; n],
+            last_day: vec![None; n],
+            failed_cycles: 0,
+            degraded: false,
+            next_try: None,
+        }
     }
 
     fn due(&self, i: usize, now: Instant, today: NaiveDate, local_time: chrono::NaiveTime) -> bool {
@@ -94,8 +101,9 @@ pub async fn poll_meter(
         return Ok(None);
     }
     let local = Utc::now().with_timezone(&s.offset).naive_local();
-    let due: Vec<usize> =
-        (0..st.meter.schedules.len()).filter(|&i| all || st.due(i, now, local.date(), local.time())).collect();
+    let due: Vec<usize> = (0..st.meter.schedules.len())
+        .filter(|&i| all || st.due(i, now, local.date(), local.time()))
+        .collect();
     if due.is_empty() {
         return Ok(None);
     }
@@ -112,7 +120,11 @@ pub async fn poll_meter(
             }
         }
     }
-    let source = Source { protocol: Protocol::Dlt645, collector: s.collector_id.clone(), address: label.clone() };
+    let source = Source {
+        protocol: Protocol::Dlt645,
+        collector: s.collector_id.clone(),
+        address: label.clone(),
+    };
     let mut quality = Quality::OK;
     let mut dead = false;
 
@@ -126,7 +138,11 @@ pub async fn poll_meter(
                     out.skewed = true;
                     tracing::warn!(meter = %st.meter.meter_id, bus = %bus.name, skew_s = skew_ms / 1000, "meter clock skew beyond threshold");
                 }
-                metrics::gauge_set("meterflow_dlt645_clock_skew_seconds", &[("bus", &bus.name), ("meter", &label)], skew_ms as f64 / 1000.0);
+                metrics::gauge_set(
+                    "meterflow_dlt645_clock_skew_seconds",
+                    &[("bus", &bus.name), ("meter", &label)],
+                    skew_ms as f64 / 1000.0,
+                );
                 let t = now_ms();
                 out.readings.push(Reading {
                     meter_id: st.meter.meter_id.clone(),
@@ -228,17 +244,35 @@ pub async fn poll_meter(
             st.next_try = Some(Instant::now() + s.degraded_interval);
         }
     }
-    metrics::gauge_set("meterflow_dlt645_meter_degraded", &[("bus", &bus.name), ("meter", &label)], if st.degraded { 1.0 } else { 0.0 });
-    metrics::counter_add("meterflow_dlt645_readings_total", &[("bus", &bus.name), ("meter", &label)], out.readings.len() as u64);
+    metrics::gauge_set(
+        "meterflow_dlt645_meter_degraded",
+        &[("bus", &bus.name), ("meter", &label)],
+        if st.degraded { 1.0 } else { 0.0 },
+    );
+    metrics::counter_add(
+        "meterflow_dlt645_readings_total",
+        &[("bus", &bus.name), ("meter", &label)],
+        out.readings.len() as u64,
+    );
     Ok(Some(out))
 }
 
 /// Pairs decoded values with the DI's channels.
 fn values_of(v: &Value, channels: &[Channel]) -> Vec<(Channel, Decimal, Option<MeterTime>)> {
     match v {
-        Value::Number(x) => channels.first().map(|c| vec![(*c, *x, None)]).unwrap_or_default(),
-        Value::Numbers(xs) => channels.iter().zip(xs).map(|(c, x)| (*c, *x, None)).collect(),
-        Value::NumberAt { value, at } => channels.first().map(|c| vec![(*c, *value, Some(*at))]).unwrap_or_default(),
+        Value::Number(x) => channels
+            .first()
+            .map(|c| vec![(*c, *x, None)])
+            .unwrap_or_default(),
+        Value::Numbers(xs) => channels
+            .iter()
+            .zip(xs)
+            .map(|(c, x)| (*c, *x, None))
+            .collect(),
+        Value::NumberAt { value, at } => channels
+            .first()
+            .map(|c| vec![(*c, *value, Some(*at))])
+            .unwrap_or_default(),
         _ => vec![],
     }
 }
@@ -246,11 +280,19 @@ fn values_of(v: &Value, channels: &[Channel]) -> Vec<(Channel, Decimal, Option<M
 /// Converts a meter-local time to UTC milliseconds.
 pub fn meter_time_to_ms(t: MeterTime, offset: FixedOffset) -> Option<i64> {
     let naive = t.to_naive()?;
-    offset.from_local_datetime(&naive).single().map(|d| d.timestamp_millis())
+    offset
+        .from_local_datetime(&naive)
+        .single()
+        .map(|d| d.timestamp_millis())
 }
 
 /// Reads one DI, following up multi-frame answers, and decodes it.
-pub async fn read_value(bus: &mut Bus, meter: &ResolvedMeter, di: Di, label: &str) -> Result<Value, TxError> {
+pub async fn read_value(
+    bus: &mut Bus,
+    meter: &ResolvedMeter,
+    di: Di,
+    label: &str,
+) -> Result<Value, TxError> {
     let req = message::read_request(meter.address, di);
     let first = bus.transact(&req, label).await?;
     let mut fu = FollowUp::start(meter.address, di, &first);
@@ -266,17 +308,41 @@ pub async fn read_value(bus: &mut Bus, meter: &ResolvedMeter, di: Di, label: &st
 }
 
 /// Reads date and time; returns meter minus collector clock in ms.
-async fn read_clock_skew(bus: &mut Bus, meter: &ResolvedMeter, s: &PollSettings, label: &str) -> Result<Option<i64>, TxError> {
+async fn read_clock_skew(
+    bus: &mut Bus,
+    meter: &ResolvedMeter,
+    s: &PollSettings,
+    label: &str,
+) -> Result<Option<i64>, TxError> {
     let (date_di, time_di) = clock_dis(meter.edition);
     let before = now_ms();
     let date = read_value(bus, meter, date_di, label).await?;
     let time = read_value(bus, meter, time_di, label).await?;
     let after = now_ms();
-    let (Value::Date { year, month, day, .. }, Value::Time { hour, minute, second }) = (date, time) else {
+    let (
+        Value::Date {
+            year, month, day, ..
+        },
+        Value::Time {
+            hour,
+            minute,
+            second,
+        },
+    ) = (date, time)
+    else {
         return Ok(None);
     };
-    let t = MeterTime { year, month, day, hour, minute, second };
-    let Some(meter_ms) = meter_time_to_ms(t, s.offset) else { return Ok(None) };
+    let t = MeterTime {
+        year,
+        month,
+        day,
+        hour,
+        minute,
+        second,
+    };
+    let Some(meter_ms) = meter_time_to_ms(t, s.offset) else {
+        return Ok(None);
+    };
     // The time register was read last: compare with the end of the exchange,
     // at one-second resolution.
     let _ = before;

@@ -53,7 +53,10 @@ impl AuditLog {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         let mut line = serde_json::to_string(rec).map_err(std::io::Error::other)?;
         line.push('\n');
         f.write_all(line.as_bytes())?;
@@ -65,7 +68,9 @@ impl AuditLog {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayOutcome {
     /// Not sent (no `--execute`); the frame that would have been sent.
-    DryRun { request_hex: String },
+    DryRun {
+        request_hex: String,
+    },
     Accepted,
     Refused(ErrorStatus),
 }
@@ -91,9 +96,24 @@ pub struct RelayOrder {
 
 impl RelayOrder {
     /// Expiry `minutes` from now in meter-local time.
-    pub fn expiring_in(address: Address, command: RelayCommand, password: Password, operator: Operator, minutes: i64, offset: FixedOffset) -> RelayOrder {
-        let local = (Utc::now() + chrono::Duration::minutes(minutes)).with_timezone(&offset).naive_local();
-        RelayOrder { address, command, password, operator, expiry: MeterTime::from_naive(local) }
+    pub fn expiring_in(
+        address: Address,
+        command: RelayCommand,
+        password: Password,
+        operator: Operator,
+        minutes: i64,
+        offset: FixedOffset,
+    ) -> RelayOrder {
+        let local = (Utc::now() + chrono::Duration::minutes(minutes))
+            .with_timezone(&offset)
+            .naive_local();
+        RelayOrder {
+            address,
+            command,
+            password,
+            operator,
+            expiry: MeterTime::from_naive(local),
+        }
     }
 }
 
@@ -105,7 +125,13 @@ pub async fn relay_control(
     audit: &AuditLog,
     execute: bool,
 ) -> Result<RelayOutcome, RelayError> {
-    let frame = relay_request(order.address, order.command, order.password, order.operator, order.expiry);
+    let frame = relay_request(
+        order.address,
+        order.command,
+        order.password,
+        order.operator,
+        order.expiry,
+    );
     let request_hex = hex(&frame.encode(0).expect("relay frames are short"));
     let e = order.expiry;
     let mut rec = AuditRecord {
@@ -115,7 +141,10 @@ pub async fn relay_control(
         endpoint: endpoint.to_string(),
         command: order.command.to_string(),
         operator: order.operator.to_string(),
-        expiry: format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", e.year, e.month, e.day, e.hour, e.minute, e.second),
+        expiry: format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            e.year, e.month, e.day, e.hour, e.minute, e.second
+        ),
         request_hex: request_hex.clone(),
         response: None,
         user: std::env::var("USER").unwrap_or_default(),
@@ -153,6 +182,8 @@ pub async fn relay_control(
     audit.append(&rec).map_err(RelayError::Audit)?;
     match outcome {
         Ok(o) => Ok(o),
-        Err(()) => Err(RelayError::Tx(result.err().expect("failure recorded above"))),
+        Err(()) => Err(RelayError::Tx(
+            result.err().expect("failure recorded above"),
+        )),
     }
 }

@@ -9,7 +9,9 @@ use crate::protocol::dlt645::{Address, Edition};
 /// Reads the address of the single meter on the bus. With several meters the
 /// answers collide and this fails (timeout or corrupt reply).
 pub async fn read_single_address(bus: &mut Bus) -> Result<Address, TxError> {
-    let reply = bus.transact(&read_address_request(), "AAAAAAAAAAAA").await?;
+    let reply = bus
+        .transact(&read_address_request(), "AAAAAAAAAAAA")
+        .await?;
     let mut a = [0u8; 6];
     if reply.data.len() >= 6 {
         a.copy_from_slice(&reply.data[..6]);
@@ -35,7 +37,11 @@ impl Probe {
 }
 
 /// Probes each candidate with a read of forward active energy.
-pub async fn probe(bus: &mut Bus, candidates: &[Address], edition: Edition) -> Result<Vec<Probe>, std::io::Error> {
+pub async fn probe(
+    bus: &mut Bus,
+    candidates: &[Address],
+    edition: Edition,
+) -> Result<Vec<Probe>, std::io::Error> {
     let mut out = vec![];
     for &address in candidates {
         let req = read_request(address, probe_di(edition));

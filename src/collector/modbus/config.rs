@@ -240,7 +240,49 @@ impl ModbusDeviceConfig {
     }
 }
 
+impl ModbusDeviceConfig {
+    /// A device read with a built-in profile and default planning.
+    pub fn with_profile(meter_id: &str, unit_id: u8, profile: &str) -> ModbusDeviceConfig {
+        ModbusDeviceConfig {
+            meter_id: meter_id.to_string(),
+            unit_id,
+            profile: Some(profile.to_string()),
+            numbering: None,
+            registers: Vec::new(),
+            max_hole: d_hole(),
+            max_registers_per_request: d_max_regs(),
+            one_request_per_field: false,
+        }
+    }
+}
+
 impl ModbusConnectionConfig {
+    /// A Modbus TCP connection with default settings (for demos and tools).
+    pub fn tcp(
+        name: &str,
+        address: std::net::SocketAddr,
+        devices: Vec<ModbusDeviceConfig>,
+    ) -> ModbusConnectionConfig {
+        ModbusConnectionConfig {
+            name: name.to_string(),
+            transport: Transport::Tcp,
+            address: Some(address.to_string()),
+            serial: None,
+            poll_interval_ms: d_poll(),
+            timeout_ms: d_timeout(),
+            retries: d_retries(),
+            retry_backoff_ms: d_backoff(),
+            max_concurrency: None,
+            pause_between_requests_ms: 0,
+            pause_after_connect_ms: 0,
+            close_after_cycle: false,
+            drain_ms: d_drain(),
+            degrade_after_cycles: d_degrade_after(),
+            degraded_poll_interval_ms: d_degraded_poll(),
+            devices,
+        }
+    }
+
     /// Effective number of parallel requests.
     pub fn concurrency(&self) -> usize {
         if self.transport.is_rtu() {
@@ -263,7 +305,10 @@ impl ModbusConnectionConfig {
             Transport::Tcp | Transport::RtuOverTcp => match &self.address {
                 None => return Err(e("address", "tcp transports need address = \"host:port\"")),
                 Some(a) if a.parse::<std::net::SocketAddr>().is_err() => {
-                    return Err(e("address", "address must be ip:port, e.g. \"127.0.0.1:502\""))
+                    return Err(e(
+                        "address",
+                        "address must be ip:port, e.g. \"127.0.0.1:502\"",
+                    ))
                 }
                 _ => {}
             },
@@ -404,7 +449,10 @@ words = 4
     }
 
     fn line_of(text: &str, needle: &str) -> Option<usize> {
-        Some(crate::protocol::modbus::config::line_of(text, text.find(needle)?))
+        Some(crate::protocol::modbus::config::line_of(
+            text,
+            text.find(needle)?,
+        ))
     }
 
     #[test]

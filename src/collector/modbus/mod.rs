@@ -54,13 +54,31 @@ struct Knobs {
 }
 
 fn describe_metrics() {
-    metrics::describe("meterflow_modbus_requests_total", "Modbus read requests sent, per device");
+    metrics::describe(
+        "meterflow_modbus_requests_total",
+        "Modbus read requests sent, per device",
+    );
     metrics::describe("meterflow_modbus_errors_total", "Modbus errors per device by kind (timeout, exception_XX, io, protocol, not_finite, out_of_range, ...)");
-    metrics::describe("meterflow_modbus_exceptions_total", "Modbus exception responses per device, register and code");
-    metrics::describe("meterflow_modbus_request_seconds", "Modbus request latency, including timeouts");
-    metrics::describe("meterflow_modbus_last_success_timestamp_seconds", "Unix time of the device's last successful cycle");
-    metrics::describe("meterflow_modbus_device_degraded", "1 while the device is degraded (polled less often)");
-    metrics::describe("meterflow_modbus_cycle_seconds", "Time to poll all due devices of a connection");
+    metrics::describe(
+        "meterflow_modbus_exceptions_total",
+        "Modbus exception responses per device, register and code",
+    );
+    metrics::describe(
+        "meterflow_modbus_request_seconds",
+        "Modbus request latency, including timeouts",
+    );
+    metrics::describe(
+        "meterflow_modbus_last_success_timestamp_seconds",
+        "Unix time of the device's last successful cycle",
+    );
+    metrics::describe(
+        "meterflow_modbus_device_degraded",
+        "1 while the device is degraded (polled less often)",
+    );
+    metrics::describe(
+        "meterflow_modbus_cycle_seconds",
+        "Time to poll all due devices of a connection",
+    );
 }
 
 /// A connection's devices, links and health: one [`Poller::cycle`] polls
@@ -77,9 +95,14 @@ pub struct Poller {
 impl Poller {
     /// Validates the connection and plans its devices.
     pub fn new(cfg: ModbusConnectionConfig, collector_id: String) -> Result<Poller, ModbusError> {
-        let devices = cfg.resolve(&FieldPath::default().key("modbus")).map_err(|e| {
-            ModbusError::Config(format!("connection '{}': {}: {}", cfg.name, e.path, e.message))
-        })?;
+        let devices = cfg
+            .resolve(&FieldPath::default().key("modbus"))
+            .map_err(|e| {
+                ModbusError::Config(format!(
+                    "connection '{}': {}: {}",
+                    cfg.name, e.path, e.message
+                ))
+            })?;
         describe_metrics();
         let knobs = Knobs {
             poll: Duration::from_millis(cfg.poll_interval_ms),
@@ -209,8 +232,12 @@ async fn run_cycle(
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                 let Some(i) = next else { break };
-                let o = poll_device(link, &devices[i], &knobs.policy, &cfg.name, collector_id).await;
-                results.lock().unwrap_or_else(|e| e.into_inner()).push((i, o));
+                let o =
+                    poll_device(link, &devices[i], &knobs.policy, &cfg.name, collector_id).await;
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((i, o));
             }
         }
     });
@@ -253,7 +280,11 @@ fn update_health(
         h.degraded = false;
         let ms = now_ms();
         h.last_success_ms = Some(ms);
-        metrics::gauge_set("meterflow_modbus_last_success_timestamp_seconds", &labels, ms as f64 / 1000.0);
+        metrics::gauge_set(
+            "meterflow_modbus_last_success_timestamp_seconds",
+            &labels,
+            ms as f64 / 1000.0,
+        );
         h.next_due = now;
     } else {
         h.failed_cycles += 1;
@@ -269,7 +300,11 @@ fn update_health(
             h.next_due = now;
         }
     }
-    metrics::gauge_set("meterflow_modbus_device_degraded", &labels, if h.degraded { 1.0 } else { 0.0 });
+    metrics::gauge_set(
+        "meterflow_modbus_device_degraded",
+        &labels,
+        if h.degraded { 1.0 } else { 0.0 },
+    );
     if ok && (o.requests_failed > 0 || !o.errors.is_empty()) {
         tracing::info!(connection = %cfg.name, meter = %dev.meter_id, readings = o.readings.len(), failed_requests = o.requests_failed,
             errors = o.errors.len(), "device partly read");

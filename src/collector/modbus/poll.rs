@@ -134,12 +134,23 @@ pub async fn poll_device(
                         area: r.area,
                         start: r.address,
                         count: r.words(),
-                        fields: vec![Field { register: f.register, offset: 0 }],
+                        fields: vec![Field {
+                            register: f.register,
+                            offset: 0,
+                        }],
                     };
                     match read_with_retries(link, dev.unit_id, &single, policy, &labels).await {
                         Ok(words) => {
                             out.requests_ok += 1;
-                            decode_fields(dev, &single, &words, now_ms(), &source, &labels, &mut out);
+                            decode_fields(
+                                dev,
+                                &single,
+                                &words,
+                                now_ms(),
+                                &source,
+                                &labels,
+                                &mut out,
+                            );
                         }
                         Err(e) => {
                             out.requests_failed += 1;

@@ -26,7 +26,7 @@ pub enum ReadError {
     Io(String),
     #[error("protocol error: {0}")]
     Protocol(String),
-    #[error("reply has {got} values, expected {want}")]
+    #[error("reply has {got} values, expected {want} (a stale reply?)")]
     ShortReply { want: usize, got: usize },
 }
 
@@ -150,8 +150,12 @@ impl Link {
                 }
             }
             Transport::Rtu => {
-                let sc = s.serial.clone().ok_or_else(|| ReadError::Connect("no serial settings".into()))?;
-                let mut port = open_serial(&sc).map_err(|e| ReadError::Connect(format!("{}: {e}", sc.device)))?;
+                let sc = s
+                    .serial
+                    .clone()
+                    .ok_or_else(|| ReadError::Connect("no serial settings".into()))?;
+                let mut port = open_serial(&sc)
+                    .map_err(|e| ReadError::Connect(format!("{}: {e}", sc.device)))?;
                 if self.dirty {
                     let n = drain(&mut port, s.drain).await;
                     if n > 0 {
@@ -212,7 +216,15 @@ impl Link {
             }
             Ok(Ok(Err(code))) => Err(ReadError::Exception(u8::from(code))),
             Ok(Ok(Ok(words))) => {
-                if words.len() < usize::from(count) {
+                // RTU has no transaction id: a reply of another length answers
+                // some other request (a stale one); never decode it as ours
+                let bad_len = if req.area.is_bit() {
+                    words.len() < usize::from(count)
+                } else {
+                    words.len() != usize::from(count)
+                };
+                if bad_len {
+                    self.reset(true);
                     return Err(ReadError::ShortReply {
                         want: usize::from(count),
                         got: words.len(),
@@ -238,7 +250,11 @@ pub fn open_serial(sc: &SerialConfig) -> std::io::Result<tokio_serial::SerialStr
         7 => DataBits::Seven,
         _ => DataBits::Eight,
     };
-    let stop_bits = if sc.stop_bits == 2 { StopBits::Two } else { StopBits::One };
+    let stop_bits = if sc.stop_bits == 2 {
+        StopBits::Two
+    } else {
+        StopBits::One
+    };
     let builder = tokio_serial::new(&sc.device, sc.baud)
         .parity(parity)
         .data_bits(data_bits)

@@ -302,3 +302,26 @@ fn canonical_encoding_round_trips_through_the_decoder() {
     want.source.collector = "sub-1".into();
     assert_eq!(d.readings, vec![want]);
 }
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            for f in [Format::Canonical, Format::Values, Format::Tasmota, Format::Shelly, Format::Sparkplug] {
+                let _ = decoder(source(f)).decode("spBv1.0/g/DDATA/e/d", &data, NOW);
+            }
+        }
+
+        #[test]
+        fn canonical_values_keep_their_digits(mantissa in -99_999_999_999_999i64..99_999_999_999_999, scale in 0u32..5) {
+            let v = Decimal::new(mantissa, scale);
+            let p = format!(r#"{{"meter_id":"M","ts":1763799000000,"channel":"import_active_total","value":{v}}}"#);
+            let d = decoder(source(Format::Canonical)).decode("t", p.as_bytes(), NOW).unwrap();
+            prop_assert_eq!(d.readings[0].value, v);
+        }
+    }
+}

@@ -113,14 +113,23 @@ mod tests {
     #[test]
     fn decodes_energy_lowest_byte_first() {
         // 000000.04 kWh as the verified vector carries it.
-        assert_eq!(decode_decimal(&[0x04, 0, 0, 0], 2, false).unwrap(), dec!(0.04));
+        assert_eq!(
+            decode_decimal(&[0x04, 0, 0, 0], 2, false).unwrap(),
+            dec!(0.04)
+        );
         // 009580.15 kWh from the 1997 vector.
-        assert_eq!(decode_decimal(&[0x15, 0x80, 0x95, 0x00], 2, false).unwrap(), dec!(9580.15));
+        assert_eq!(
+            decode_decimal(&[0x15, 0x80, 0x95, 0x00], 2, false).unwrap(),
+            dec!(9580.15)
+        );
     }
 
     #[test]
     fn sign_bit_is_top_bit_of_last_byte() {
-        assert_eq!(decode_decimal(&[0x00, 0x50, 0x81], 4, true).unwrap(), dec!(-1.5000));
+        assert_eq!(
+            decode_decimal(&[0x00, 0x50, 0x81], 4, true).unwrap(),
+            dec!(-1.5000)
+        );
         let mut out = vec![];
         encode_decimal(dec!(-1.5), 3, 4, true, &mut out).unwrap();
         assert_eq!(out, vec![0x00, 0x50, 0x81]);
@@ -128,7 +137,10 @@ mod tests {
 
     #[test]
     fn rejects_non_bcd_and_overflow() {
-        assert!(matches!(decode_decimal(&[0x0A], 0, false), Err(BcdError::NotBcd { .. })));
+        assert!(matches!(
+            decode_decimal(&[0x0A], 0, false),
+            Err(BcdError::NotBcd { .. })
+        ));
         let mut out = vec![];
         assert!(encode_decimal(dec!(1000000), 4, 2, false, &mut out).is_err());
         assert!(encode_decimal(dec!(0.001), 4, 2, false, &mut out).is_err());

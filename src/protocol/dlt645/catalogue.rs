@@ -42,7 +42,9 @@ impl FromStr for Edition {
         match s {
             "2007" => Ok(Edition::V2007),
             "1997" => Ok(Edition::V1997),
-            other => Err(format!("unknown DL/T 645 edition '{other}' (expected \"2007\" or \"1997\")")),
+            other => Err(format!(
+                "unknown DL/T 645 edition '{other}' (expected \"2007\" or \"1997\")"
+            )),
         }
     }
 }
@@ -83,10 +85,16 @@ pub struct Di {
 
 impl Di {
     pub const fn v2007(code: u32) -> Di {
-        Di { edition: Edition::V2007, code }
+        Di {
+            edition: Edition::V2007,
+            code,
+        }
     }
     pub const fn v1997(code: u16) -> Di {
-        Di { edition: Edition::V1997, code: code as u32 }
+        Di {
+            edition: Edition::V1997,
+            code: code as u32,
+        }
     }
 
     /// Bytes the DI takes in a frame.
@@ -153,7 +161,10 @@ pub struct DiError(pub String);
 impl FromStr for Di {
     type Err = DiError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t: String = s.chars().filter(|c| !c.is_whitespace() && *c != '-' && *c != '_').collect();
+        let t: String = s
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '-' && *c != '_')
+            .collect();
         let t = t.strip_prefix("0x").unwrap_or(&t);
         let code = u32::from_str_radix(t, 16).map_err(|_| DiError(s.to_string()))?;
         match t.len() {
@@ -208,7 +219,14 @@ impl MeterTime {
 
     /// `ss mm hh DD MM YY` as sent (lowest first): time sync and relay expiry.
     pub fn write_yymmddhhmmss(self, out: &mut Vec<u8>) {
-        for v in [self.second, self.minute, self.hour, self.day, self.month, (self.year % 100) as u8] {
+        for v in [
+            self.second,
+            self.minute,
+            self.hour,
+            self.day,
+            self.month,
+            (self.year % 100) as u8,
+        ] {
             out.push(bcd::u8_to_byte(v));
         }
     }
@@ -253,13 +271,20 @@ impl Format {
     /// Decodes value bytes (offset already removed).
     pub fn decode(self, b: &[u8]) -> Result<Value, ValueError> {
         let need = self.len();
-        let short = || ValueError::Length { expected: need, got: b.len() };
+        let short = || ValueError::Length {
+            expected: need,
+            got: b.len(),
+        };
         match self {
             Format::Bcd { len, scale, signed } => {
                 if b.len() < len as usize {
                     return Err(short());
                 }
-                Ok(Value::Number(bcd::decode_decimal(&b[..len as usize], scale as u32, signed)?))
+                Ok(Value::Number(bcd::decode_decimal(
+                    &b[..len as usize],
+                    scale as u32,
+                    signed,
+                )?))
             }
             Format::Block { len, scale, signed } => {
                 let len = len as usize;
@@ -288,13 +313,22 @@ impl Format {
                 let day = bcd_digit(b, 1)?;
                 let month = bcd_digit(b, 2)?;
                 let year = 2000 + bcd_digit(b, 3)? as u16;
-                Ok(Value::Date { year, month, day, weekday: wd })
+                Ok(Value::Date {
+                    year,
+                    month,
+                    day,
+                    weekday: wd,
+                })
             }
             Format::Time => {
                 if b.len() < 3 {
                     return Err(short());
                 }
-                Ok(Value::Time { hour: bcd_digit(b, 2)?, minute: bcd_digit(b, 1)?, second: bcd_digit(b, 0)? })
+                Ok(Value::Time {
+                    hour: bcd_digit(b, 2)?,
+                    minute: bcd_digit(b, 1)?,
+                    second: bcd_digit(b, 0)?,
+                })
             }
             Format::DateTimeMinute => {
                 if b.len() < 5 {
@@ -330,12 +364,27 @@ impl Format {
                     out.push(bcd::u8_to_byte(v));
                 }
             }
-            (Format::DateWeek, Value::Date { year, month, day, weekday }) => {
+            (
+                Format::DateWeek,
+                Value::Date {
+                    year,
+                    month,
+                    day,
+                    weekday,
+                },
+            ) => {
                 for v in [*weekday, *day, *month, (*year % 100) as u8] {
                     out.push(bcd::u8_to_byte(v));
                 }
             }
-            (Format::Time, Value::Time { hour, minute, second }) => {
+            (
+                Format::Time,
+                Value::Time {
+                    hour,
+                    minute,
+                    second,
+                },
+            ) => {
                 for v in [*second, *minute, *hour] {
                     out.push(bcd::u8_to_byte(v));
                 }
@@ -353,7 +402,10 @@ impl Format {
 }
 
 fn bcd_digit(b: &[u8], i: usize) -> Result<u8, ValueError> {
-    bcd::byte_to_u8(b[i]).ok_or(ValueError::Bcd(BcdError::NotBcd { offset: i, byte: b[i] }))
+    bcd::byte_to_u8(b[i]).ok_or(ValueError::Bcd(BcdError::NotBcd {
+        offset: i,
+        byte: b[i],
+    }))
 }
 
 fn decode_yymmddhhmm(b: &[u8]) -> Result<MeterTime, ValueError> {
@@ -372,9 +424,21 @@ fn decode_yymmddhhmm(b: &[u8]) -> Result<MeterTime, ValueError> {
 pub enum Value {
     Number(Decimal),
     Numbers(Vec<Decimal>),
-    NumberAt { value: Decimal, at: MeterTime },
-    Date { year: u16, month: u8, day: u8, weekday: u8 },
-    Time { hour: u8, minute: u8, second: u8 },
+    NumberAt {
+        value: Decimal,
+        at: MeterTime,
+    },
+    Date {
+        year: u16,
+        month: u8,
+        day: u8,
+        weekday: u8,
+    },
+    Time {
+        hour: u8,
+        minute: u8,
+        second: u8,
+    },
     DateTime(MeterTime),
     Address(Address),
 }
@@ -392,12 +456,25 @@ impl fmt::Display for Value {
                 "{value} at {:04}-{:02}-{:02} {:02}:{:02}",
                 at.year, at.month, at.day, at.hour, at.minute
             ),
-            Value::Date { year, month, day, weekday } => {
+            Value::Date {
+                year,
+                month,
+                day,
+                weekday,
+            } => {
                 write!(f, "{year:04}-{month:02}-{day:02} (weekday {weekday})")
             }
-            Value::Time { hour, minute, second } => write!(f, "{hour:02}:{minute:02}:{second:02}"),
+            Value::Time {
+                hour,
+                minute,
+                second,
+            } => write!(f, "{hour:02}:{minute:02}:{second:02}"),
             Value::DateTime(t) => {
-                write!(f, "{:04}-{:02}-{:02} {:02}:{:02}", t.year, t.month, t.day, t.hour, t.minute)
+                write!(
+                    f,
+                    "{:04}-{:02}-{:02} {:02}:{:02}",
+                    t.year, t.month, t.day, t.hour, t.minute
+                )
             }
             Value::Address(a) => write!(f, "{a}"),
         }
@@ -437,26 +514,84 @@ pub struct DiInfo {
     pub time: TimeRef,
 }
 
-const E: Format = Format::Bcd { len: 4, scale: 2, signed: false };
-const E_SIGNED: Format = Format::Bcd { len: 4, scale: 2, signed: true };
-const E_BLOCK: Format = Format::Block { len: 4, scale: 2, signed: false };
-const MONEY: Format = Format::Bcd { len: 4, scale: 2, signed: false };
-const V1: Format = Format::Bcd { len: 2, scale: 1, signed: false };
-const V1_BLOCK: Format = Format::Block { len: 2, scale: 1, signed: false };
-const A3: Format = Format::Bcd { len: 3, scale: 3, signed: true };
-const A3_BLOCK: Format = Format::Block { len: 3, scale: 3, signed: true };
-const P4: Format = Format::Bcd { len: 3, scale: 4, signed: true };
-const P4_BLOCK: Format = Format::Block { len: 3, scale: 4, signed: true };
-const PF: Format = Format::Bcd { len: 2, scale: 3, signed: true };
-const HZ: Format = Format::Bcd { len: 2, scale: 2, signed: false };
+const E: Format = Format::Bcd {
+    len: 4,
+    scale: 2,
+    signed: false,
+};
+const E_SIGNED: Format = Format::Bcd {
+    len: 4,
+    scale: 2,
+    signed: true,
+};
+const E_BLOCK: Format = Format::Block {
+    len: 4,
+    scale: 2,
+    signed: false,
+};
+const MONEY: Format = Format::Bcd {
+    len: 4,
+    scale: 2,
+    signed: false,
+};
+const V1: Format = Format::Bcd {
+    len: 2,
+    scale: 1,
+    signed: false,
+};
+const V1_BLOCK: Format = Format::Block {
+    len: 2,
+    scale: 1,
+    signed: false,
+};
+const A3: Format = Format::Bcd {
+    len: 3,
+    scale: 3,
+    signed: true,
+};
+const A3_BLOCK: Format = Format::Block {
+    len: 3,
+    scale: 3,
+    signed: true,
+};
+const P4: Format = Format::Bcd {
+    len: 3,
+    scale: 4,
+    signed: true,
+};
+const P4_BLOCK: Format = Format::Block {
+    len: 3,
+    scale: 4,
+    signed: true,
+};
+const PF: Format = Format::Bcd {
+    len: 2,
+    scale: 3,
+    signed: true,
+};
+const HZ: Format = Format::Bcd {
+    len: 2,
+    scale: 2,
+    signed: false,
+};
 
 const DAILY_FREEZE_TIME: Di = Di::v2007(0x0506_0001);
 
 use Channel as C;
-const IMPORT_BLOCK: &[Channel] =
-    &[C::ImportActiveTotal, C::ImportActiveT1, C::ImportActiveT2, C::ImportActiveT3, C::ImportActiveT4];
-const EXPORT_BLOCK: &[Channel] =
-    &[C::ExportActiveTotal, C::ExportActiveT1, C::ExportActiveT2, C::ExportActiveT3, C::ExportActiveT4];
+const IMPORT_BLOCK: &[Channel] = &[
+    C::ImportActiveTotal,
+    C::ImportActiveT1,
+    C::ImportActiveT2,
+    C::ImportActiveT3,
+    C::ImportActiveT4,
+];
+const EXPORT_BLOCK: &[Channel] = &[
+    C::ExportActiveTotal,
+    C::ExportActiveT1,
+    C::ExportActiveT2,
+    C::ExportActiveT3,
+    C::ExportActiveT4,
+];
 
 macro_rules! entry {
     ($di:expr, $name:literal, $fmt:expr, $unit:literal, [$($ch:expr),*]) => {
@@ -472,94 +607,542 @@ const fn frozen(mut e: DiInfo) -> DiInfo {
     e
 }
 
-
 /// The catalogue, sorted by (edition, code) for binary search.
 /// 1997 entries come first because `Edition::V1997 < Edition::V2007`.
 pub static CATALOGUE: &[DiInfo] = &[
     // ---- DL/T 645-1997 ----
-    entry!(Di::v1997(0x9010), "forward active energy, total", E, "kWh", [C::ImportActiveTotal]),
-    entry!(Di::v1997(0x9011), "forward active energy, tariff 1", E, "kWh", [C::ImportActiveT1]),
-    entry!(Di::v1997(0x9012), "forward active energy, tariff 2", E, "kWh", [C::ImportActiveT2]),
-    entry!(Di::v1997(0x9013), "forward active energy, tariff 3", E, "kWh", [C::ImportActiveT3]),
-    entry!(Di::v1997(0x9014), "forward active energy, tariff 4", E, "kWh", [C::ImportActiveT4]),
-    entry!(Di::v1997(0x901F), "forward active energy, block (total + tariffs)", E_BLOCK, "kWh", IMPORT_BLOCK),
-    entry!(Di::v1997(0x9020), "reverse active energy, total", E, "kWh", [C::ExportActiveTotal]),
-    entry!(Di::v1997(0x902F), "reverse active energy, block", E_BLOCK, "kWh", EXPORT_BLOCK),
-    entry!(Di::v1997(0xB611), "phase A voltage", Format::Bcd { len: 2, scale: 0, signed: false }, "V", [C::VoltageA]),
-    entry!(Di::v1997(0xB612), "phase B voltage", Format::Bcd { len: 2, scale: 0, signed: false }, "V", [C::VoltageB]),
-    entry!(Di::v1997(0xB613), "phase C voltage", Format::Bcd { len: 2, scale: 0, signed: false }, "V", [C::VoltageC]),
-    entry!(Di::v1997(0xB621), "phase A current", Format::Bcd { len: 2, scale: 2, signed: false }, "A", [C::CurrentA]),
-    entry!(Di::v1997(0xB622), "phase B current", Format::Bcd { len: 2, scale: 2, signed: false }, "A", [C::CurrentB]),
-    entry!(Di::v1997(0xB623), "phase C current", Format::Bcd { len: 2, scale: 2, signed: false }, "A", [C::CurrentC]),
-    entry!(Di::v1997(0xB630), "total active power", Format::Bcd { len: 3, scale: 4, signed: false }, "kW", [C::ActivePowerTotal]),
-    entry!(Di::v1997(0xC010), "date and weekday", Format::DateWeek, "", []),
+    entry!(
+        Di::v1997(0x9010),
+        "forward active energy, total",
+        E,
+        "kWh",
+        [C::ImportActiveTotal]
+    ),
+    entry!(
+        Di::v1997(0x9011),
+        "forward active energy, tariff 1",
+        E,
+        "kWh",
+        [C::ImportActiveT1]
+    ),
+    entry!(
+        Di::v1997(0x9012),
+        "forward active energy, tariff 2",
+        E,
+        "kWh",
+        [C::ImportActiveT2]
+    ),
+    entry!(
+        Di::v1997(0x9013),
+        "forward active energy, tariff 3",
+        E,
+        "kWh",
+        [C::ImportActiveT3]
+    ),
+    entry!(
+        Di::v1997(0x9014),
+        "forward active energy, tariff 4",
+        E,
+        "kWh",
+        [C::ImportActiveT4]
+    ),
+    entry!(
+        Di::v1997(0x901F),
+        "forward active energy, block (total + tariffs)",
+        E_BLOCK,
+        "kWh",
+        IMPORT_BLOCK
+    ),
+    entry!(
+        Di::v1997(0x9020),
+        "reverse active energy, total",
+        E,
+        "kWh",
+        [C::ExportActiveTotal]
+    ),
+    entry!(
+        Di::v1997(0x902F),
+        "reverse active energy, block",
+        E_BLOCK,
+        "kWh",
+        EXPORT_BLOCK
+    ),
+    entry!(
+        Di::v1997(0xB611),
+        "phase A voltage",
+        Format::Bcd {
+            len: 2,
+            scale: 0,
+            signed: false
+        },
+        "V",
+        [C::VoltageA]
+    ),
+    entry!(
+        Di::v1997(0xB612),
+        "phase B voltage",
+        Format::Bcd {
+            len: 2,
+            scale: 0,
+            signed: false
+        },
+        "V",
+        [C::VoltageB]
+    ),
+    entry!(
+        Di::v1997(0xB613),
+        "phase C voltage",
+        Format::Bcd {
+            len: 2,
+            scale: 0,
+            signed: false
+        },
+        "V",
+        [C::VoltageC]
+    ),
+    entry!(
+        Di::v1997(0xB621),
+        "phase A current",
+        Format::Bcd {
+            len: 2,
+            scale: 2,
+            signed: false
+        },
+        "A",
+        [C::CurrentA]
+    ),
+    entry!(
+        Di::v1997(0xB622),
+        "phase B current",
+        Format::Bcd {
+            len: 2,
+            scale: 2,
+            signed: false
+        },
+        "A",
+        [C::CurrentB]
+    ),
+    entry!(
+        Di::v1997(0xB623),
+        "phase C current",
+        Format::Bcd {
+            len: 2,
+            scale: 2,
+            signed: false
+        },
+        "A",
+        [C::CurrentC]
+    ),
+    entry!(
+        Di::v1997(0xB630),
+        "total active power",
+        Format::Bcd {
+            len: 3,
+            scale: 4,
+            signed: false
+        },
+        "kW",
+        [C::ActivePowerTotal]
+    ),
+    entry!(
+        Di::v1997(0xC010),
+        "date and weekday",
+        Format::DateWeek,
+        "",
+        []
+    ),
     entry!(Di::v1997(0xC011), "time", Format::Time, "", []),
     entry!(Di::v1997(0xC032), "comm address", Format::Address, "", []),
     // ---- DL/T 645-2007 ----
-    entry!(Di::v2007(0x0000_0000), "combined active energy, total", E_SIGNED, "kWh", [C::CombinedActiveTotal]),
-    entry!(Di::v2007(0x0001_0000), "forward active energy, total", E, "kWh", [C::ImportActiveTotal]),
-    entry!(Di::v2007(0x0001_0001), "forward active energy, total, 1st previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0002), "forward active energy, total, 2nd previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0003), "forward active energy, total, 3rd previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0004), "forward active energy, total, 4th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0005), "forward active energy, total, 5th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0006), "forward active energy, total, 6th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0007), "forward active energy, total, 7th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0008), "forward active energy, total, 8th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0009), "forward active energy, total, 9th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_000A), "forward active energy, total, 10th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_000B), "forward active energy, total, 11th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_000C), "forward active energy, total, 12th previous settlement", E, "kWh", []),
-    entry!(Di::v2007(0x0001_0100), "forward active energy, tariff 1 (sharp)", E, "kWh", [C::ImportActiveT1]),
-    entry!(Di::v2007(0x0001_0200), "forward active energy, tariff 2 (peak)", E, "kWh", [C::ImportActiveT2]),
-    entry!(Di::v2007(0x0001_0300), "forward active energy, tariff 3 (flat)", E, "kWh", [C::ImportActiveT3]),
-    entry!(Di::v2007(0x0001_0400), "forward active energy, tariff 4 (valley)", E, "kWh", [C::ImportActiveT4]),
-    entry!(Di::v2007(0x0001_FF00), "forward active energy, block (total + tariffs)", E_BLOCK, "kWh", IMPORT_BLOCK),
-    entry!(Di::v2007(0x0002_0000), "reverse active energy, total", E, "kWh", [C::ExportActiveTotal]),
-    entry!(Di::v2007(0x0002_0100), "reverse active energy, tariff 1", E, "kWh", [C::ExportActiveT1]),
-    entry!(Di::v2007(0x0002_0200), "reverse active energy, tariff 2", E, "kWh", [C::ExportActiveT2]),
-    entry!(Di::v2007(0x0002_0300), "reverse active energy, tariff 3", E, "kWh", [C::ExportActiveT3]),
-    entry!(Di::v2007(0x0002_0400), "reverse active energy, tariff 4", E, "kWh", [C::ExportActiveT4]),
-    entry!(Di::v2007(0x0002_FF00), "reverse active energy, block (total + tariffs)", E_BLOCK, "kWh", EXPORT_BLOCK),
-    entry!(Di::v2007(0x0003_0000), "combined reactive energy 1, total", E_SIGNED, "kvarh", [C::ImportReactiveTotal]),
-    entry!(Di::v2007(0x0004_0000), "combined reactive energy 2, total", E_SIGNED, "kvarh", [C::ExportReactiveTotal]),
-    entry!(Di::v2007(0x0090_0200), "remaining amount (prepayment meters)", MONEY, "CNY", [C::Balance]),
-    entry!(Di::v2007(0x0101_0000), "forward active maximum demand and its time", Format::DemandAt, "kW", [C::MaxDemandImport]),
-    entry!(Di::v2007(0x0201_0100), "phase A voltage", V1, "V", [C::VoltageA]),
-    entry!(Di::v2007(0x0201_0200), "phase B voltage", V1, "V", [C::VoltageB]),
-    entry!(Di::v2007(0x0201_0300), "phase C voltage", V1, "V", [C::VoltageC]),
-    entry!(Di::v2007(0x0201_FF00), "voltage block (A, B, C)", V1_BLOCK, "V", &[C::VoltageA, C::VoltageB, C::VoltageC]),
-    entry!(Di::v2007(0x0202_0100), "phase A current", A3, "A", [C::CurrentA]),
-    entry!(Di::v2007(0x0202_0200), "phase B current", A3, "A", [C::CurrentB]),
-    entry!(Di::v2007(0x0202_0300), "phase C current", A3, "A", [C::CurrentC]),
-    entry!(Di::v2007(0x0202_FF00), "current block (A, B, C)", A3_BLOCK, "A", &[C::CurrentA, C::CurrentB, C::CurrentC]),
-    entry!(Di::v2007(0x0203_0000), "total active power", P4, "kW", [C::ActivePowerTotal]),
-    entry!(Di::v2007(0x0203_0100), "phase A active power", P4, "kW", [C::ActivePowerA]),
-    entry!(Di::v2007(0x0203_0200), "phase B active power", P4, "kW", [C::ActivePowerB]),
-    entry!(Di::v2007(0x0203_0300), "phase C active power", P4, "kW", [C::ActivePowerC]),
-    entry!(Di::v2007(0x0203_FF00), "active power block (total, A, B, C)", P4_BLOCK, "kW",
-        &[C::ActivePowerTotal, C::ActivePowerA, C::ActivePowerB, C::ActivePowerC]),
-    entry!(Di::v2007(0x0204_0000), "total reactive power", P4, "kvar", [C::ReactivePowerTotal]),
-    entry!(Di::v2007(0x0205_0000), "total apparent power", P4, "kVA", [C::ApparentPowerTotal]),
-    entry!(Di::v2007(0x0206_0000), "total power factor", PF, "1", [C::PowerFactorTotal]),
-    entry!(Di::v2007(0x0280_0002), "grid frequency", HZ, "Hz", [C::Frequency]),
-    entry!(Di::v2007(0x0400_0101), "date and weekday", Format::DateWeek, "", []),
+    entry!(
+        Di::v2007(0x0000_0000),
+        "combined active energy, total",
+        E_SIGNED,
+        "kWh",
+        [C::CombinedActiveTotal]
+    ),
+    entry!(
+        Di::v2007(0x0001_0000),
+        "forward active energy, total",
+        E,
+        "kWh",
+        [C::ImportActiveTotal]
+    ),
+    entry!(
+        Di::v2007(0x0001_0001),
+        "forward active energy, total, 1st previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0002),
+        "forward active energy, total, 2nd previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0003),
+        "forward active energy, total, 3rd previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0004),
+        "forward active energy, total, 4th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0005),
+        "forward active energy, total, 5th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0006),
+        "forward active energy, total, 6th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0007),
+        "forward active energy, total, 7th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0008),
+        "forward active energy, total, 8th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0009),
+        "forward active energy, total, 9th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_000A),
+        "forward active energy, total, 10th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_000B),
+        "forward active energy, total, 11th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_000C),
+        "forward active energy, total, 12th previous settlement",
+        E,
+        "kWh",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0001_0100),
+        "forward active energy, tariff 1 (sharp)",
+        E,
+        "kWh",
+        [C::ImportActiveT1]
+    ),
+    entry!(
+        Di::v2007(0x0001_0200),
+        "forward active energy, tariff 2 (peak)",
+        E,
+        "kWh",
+        [C::ImportActiveT2]
+    ),
+    entry!(
+        Di::v2007(0x0001_0300),
+        "forward active energy, tariff 3 (flat)",
+        E,
+        "kWh",
+        [C::ImportActiveT3]
+    ),
+    entry!(
+        Di::v2007(0x0001_0400),
+        "forward active energy, tariff 4 (valley)",
+        E,
+        "kWh",
+        [C::ImportActiveT4]
+    ),
+    entry!(
+        Di::v2007(0x0001_FF00),
+        "forward active energy, block (total + tariffs)",
+        E_BLOCK,
+        "kWh",
+        IMPORT_BLOCK
+    ),
+    entry!(
+        Di::v2007(0x0002_0000),
+        "reverse active energy, total",
+        E,
+        "kWh",
+        [C::ExportActiveTotal]
+    ),
+    entry!(
+        Di::v2007(0x0002_0100),
+        "reverse active energy, tariff 1",
+        E,
+        "kWh",
+        [C::ExportActiveT1]
+    ),
+    entry!(
+        Di::v2007(0x0002_0200),
+        "reverse active energy, tariff 2",
+        E,
+        "kWh",
+        [C::ExportActiveT2]
+    ),
+    entry!(
+        Di::v2007(0x0002_0300),
+        "reverse active energy, tariff 3",
+        E,
+        "kWh",
+        [C::ExportActiveT3]
+    ),
+    entry!(
+        Di::v2007(0x0002_0400),
+        "reverse active energy, tariff 4",
+        E,
+        "kWh",
+        [C::ExportActiveT4]
+    ),
+    entry!(
+        Di::v2007(0x0002_FF00),
+        "reverse active energy, block (total + tariffs)",
+        E_BLOCK,
+        "kWh",
+        EXPORT_BLOCK
+    ),
+    entry!(
+        Di::v2007(0x0003_0000),
+        "combined reactive energy 1, total",
+        E_SIGNED,
+        "kvarh",
+        [C::ImportReactiveTotal]
+    ),
+    entry!(
+        Di::v2007(0x0004_0000),
+        "combined reactive energy 2, total",
+        E_SIGNED,
+        "kvarh",
+        [C::ExportReactiveTotal]
+    ),
+    entry!(
+        Di::v2007(0x0090_0200),
+        "remaining amount (prepayment meters)",
+        MONEY,
+        "CNY",
+        [C::Balance]
+    ),
+    entry!(
+        Di::v2007(0x0101_0000),
+        "forward active maximum demand and its time",
+        Format::DemandAt,
+        "kW",
+        [C::MaxDemandImport]
+    ),
+    entry!(
+        Di::v2007(0x0201_0100),
+        "phase A voltage",
+        V1,
+        "V",
+        [C::VoltageA]
+    ),
+    entry!(
+        Di::v2007(0x0201_0200),
+        "phase B voltage",
+        V1,
+        "V",
+        [C::VoltageB]
+    ),
+    entry!(
+        Di::v2007(0x0201_0300),
+        "phase C voltage",
+        V1,
+        "V",
+        [C::VoltageC]
+    ),
+    entry!(
+        Di::v2007(0x0201_FF00),
+        "voltage block (A, B, C)",
+        V1_BLOCK,
+        "V",
+        &[C::VoltageA, C::VoltageB, C::VoltageC]
+    ),
+    entry!(
+        Di::v2007(0x0202_0100),
+        "phase A current",
+        A3,
+        "A",
+        [C::CurrentA]
+    ),
+    entry!(
+        Di::v2007(0x0202_0200),
+        "phase B current",
+        A3,
+        "A",
+        [C::CurrentB]
+    ),
+    entry!(
+        Di::v2007(0x0202_0300),
+        "phase C current",
+        A3,
+        "A",
+        [C::CurrentC]
+    ),
+    entry!(
+        Di::v2007(0x0202_FF00),
+        "current block (A, B, C)",
+        A3_BLOCK,
+        "A",
+        &[C::CurrentA, C::CurrentB, C::CurrentC]
+    ),
+    entry!(
+        Di::v2007(0x0203_0000),
+        "total active power",
+        P4,
+        "kW",
+        [C::ActivePowerTotal]
+    ),
+    entry!(
+        Di::v2007(0x0203_0100),
+        "phase A active power",
+        P4,
+        "kW",
+        [C::ActivePowerA]
+    ),
+    entry!(
+        Di::v2007(0x0203_0200),
+        "phase B active power",
+        P4,
+        "kW",
+        [C::ActivePowerB]
+    ),
+    entry!(
+        Di::v2007(0x0203_0300),
+        "phase C active power",
+        P4,
+        "kW",
+        [C::ActivePowerC]
+    ),
+    entry!(
+        Di::v2007(0x0203_FF00),
+        "active power block (total, A, B, C)",
+        P4_BLOCK,
+        "kW",
+        &[
+            C::ActivePowerTotal,
+            C::ActivePowerA,
+            C::ActivePowerB,
+            C::ActivePowerC
+        ]
+    ),
+    entry!(
+        Di::v2007(0x0204_0000),
+        "total reactive power",
+        P4,
+        "kvar",
+        [C::ReactivePowerTotal]
+    ),
+    entry!(
+        Di::v2007(0x0205_0000),
+        "total apparent power",
+        P4,
+        "kVA",
+        [C::ApparentPowerTotal]
+    ),
+    entry!(
+        Di::v2007(0x0206_0000),
+        "total power factor",
+        PF,
+        "1",
+        [C::PowerFactorTotal]
+    ),
+    entry!(
+        Di::v2007(0x0280_0002),
+        "grid frequency",
+        HZ,
+        "Hz",
+        [C::Frequency]
+    ),
+    entry!(
+        Di::v2007(0x0400_0101),
+        "date and weekday",
+        Format::DateWeek,
+        "",
+        []
+    ),
     entry!(Di::v2007(0x0400_0102), "time", Format::Time, "", []),
-    entry!(Di::v2007(0x0400_0401), "comm address", Format::Address, "", []),
+    entry!(
+        Di::v2007(0x0400_0401),
+        "comm address",
+        Format::Address,
+        "",
+        []
+    ),
     entry!(Di::v2007(0x0400_1001), "alert amount 1", MONEY, "CNY", []),
     entry!(Di::v2007(0x0400_1002), "alert amount 2", MONEY, "CNY", []),
     entry!(Di::v2007(0x0400_1003), "overdraft limit", MONEY, "CNY", []),
-    entry!(Di::v2007(0x0400_1004), "hoarding (maximum balance) limit", MONEY, "CNY", []),
-    entry!(Di::v2007(0x0400_1005), "reconnect-allowed amount", MONEY, "CNY", []),
-    entry!(Di::v2007(0x0506_0001), "last daily freeze time", Format::DateTimeMinute, "", []),
-    frozen(entry!(Di::v2007(0x0506_0101), "last daily frozen forward active energy (total + tariffs)", E_BLOCK, "kWh", IMPORT_BLOCK)),
-    frozen(entry!(Di::v2007(0x0506_0201), "last daily frozen reverse active energy (total + tariffs)", E_BLOCK, "kWh", EXPORT_BLOCK)),
+    entry!(
+        Di::v2007(0x0400_1004),
+        "hoarding (maximum balance) limit",
+        MONEY,
+        "CNY",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0400_1005),
+        "reconnect-allowed amount",
+        MONEY,
+        "CNY",
+        []
+    ),
+    entry!(
+        Di::v2007(0x0506_0001),
+        "last daily freeze time",
+        Format::DateTimeMinute,
+        "",
+        []
+    ),
+    frozen(entry!(
+        Di::v2007(0x0506_0101),
+        "last daily frozen forward active energy (total + tariffs)",
+        E_BLOCK,
+        "kWh",
+        IMPORT_BLOCK
+    )),
+    frozen(entry!(
+        Di::v2007(0x0506_0201),
+        "last daily frozen reverse active energy (total + tariffs)",
+        E_BLOCK,
+        "kWh",
+        EXPORT_BLOCK
+    )),
 ];
 
 /// Looks a DI up in the catalogue.
 #[inline]
 pub fn lookup(di: Di) -> Option<&'static DiInfo> {
-    CATALOGUE.binary_search_by(|e| e.di.cmp(&di)).ok().map(|i| &CATALOGUE[i])
+    CATALOGUE
+        .binary_search_by(|e| e.di.cmp(&di))
+        .ok()
+        .map(|i| &CATALOGUE[i])
 }
 
 /// The DIs of the date and time registers, for clock reads.
@@ -598,7 +1181,11 @@ mod tests {
             }
             if e.channels.len() > 1 {
                 assert!(matches!(e.format, Format::Block { .. }), "{}", e.di);
-                assert!(e.di.is_block() || matches!(e.time, TimeRef::FrozenAt(_)), "{}", e.di);
+                assert!(
+                    e.di.is_block() || matches!(e.time, TimeRef::FrozenAt(_)),
+                    "{}",
+                    e.di
+                );
             }
         }
         assert!(lookup(Di::v2007(0x1234_5678)).is_none());
@@ -627,14 +1214,51 @@ mod tests {
     fn formats_round_trip() {
         use rust_decimal_macros::dec;
         let cases = [
-            (Format::DemandAt, Value::NumberAt {
-                value: dec!(12.3456),
-                at: MeterTime { year: 2024, month: 5, day: 17, hour: 13, minute: 45, second: 0 },
-            }),
-            (Format::DateWeek, Value::Date { year: 2024, month: 5, day: 17, weekday: 5 }),
-            (Format::Time, Value::Time { hour: 23, minute: 59, second: 58 }),
-            (Format::Address, Value::Address("398192000337".parse().unwrap())),
-            (E_BLOCK, Value::Numbers(vec![dec!(10.00), dec!(1.00), dec!(2.00), dec!(3.00), dec!(4.00)])),
+            (
+                Format::DemandAt,
+                Value::NumberAt {
+                    value: dec!(12.3456),
+                    at: MeterTime {
+                        year: 2024,
+                        month: 5,
+                        day: 17,
+                        hour: 13,
+                        minute: 45,
+                        second: 0,
+                    },
+                },
+            ),
+            (
+                Format::DateWeek,
+                Value::Date {
+                    year: 2024,
+                    month: 5,
+                    day: 17,
+                    weekday: 5,
+                },
+            ),
+            (
+                Format::Time,
+                Value::Time {
+                    hour: 23,
+                    minute: 59,
+                    second: 58,
+                },
+            ),
+            (
+                Format::Address,
+                Value::Address("398192000337".parse().unwrap()),
+            ),
+            (
+                E_BLOCK,
+                Value::Numbers(vec![
+                    dec!(10.00),
+                    dec!(1.00),
+                    dec!(2.00),
+                    dec!(3.00),
+                    dec!(4.00),
+                ]),
+            ),
             (P4, Value::Number(dec!(-3.2100))),
         ];
         for (f, v) in cases {

@@ -40,7 +40,21 @@ impl Address {
 
     /// Does a meter whose address is `meter` answer a request sent to `self`?
     pub fn selects(&self, meter: &Address) -> bool {
-        self.0.iter().zip(meter.0.iter()).all(|(&a, &m)| a == 0xAA || a == m)
+        self.0
+            .iter()
+            .zip(meter.0.iter())
+            .all(|(&a, &m)| a == 0xAA || a == m)
+    }
+
+    /// The address whose nameplate number is `n` (mod 10^12): handy for generated fleets.
+    pub fn from_index(n: usize) -> Address {
+        let mut out = [0u8; 6];
+        let mut n = n as u64 % 1_000_000_000_000;
+        for b in out.iter_mut() {
+            *b = super::bcd::u8_to_byte((n % 100) as u8);
+            n /= 100;
+        }
+        Address(out)
     }
 
     /// The 12-digit nameplate form, most significant digits first.
@@ -173,13 +187,21 @@ impl<'a> FrameRef<'a> {
 
     /// DATA bytes `range` with the offset removed, into `out`.
     pub fn data_into(&self, range: std::ops::Range<usize>, out: &mut Vec<u8>) {
-        out.extend(self.raw_data[range].iter().map(|b| b.wrapping_sub(DATA_OFFSET)));
+        out.extend(
+            self.raw_data[range]
+                .iter()
+                .map(|b| b.wrapping_sub(DATA_OFFSET)),
+        );
     }
 
     pub fn to_frame(&self) -> Frame {
         let mut data = Vec::with_capacity(self.raw_data.len());
         self.data_into(0..self.raw_data.len(), &mut data);
-        Frame { address: self.address, control: self.control, data }
+        Frame {
+            address: self.address,
+            control: self.control,
+            data,
+        }
     }
 }
 
@@ -198,7 +220,11 @@ pub struct TooLong(pub usize);
 
 impl Frame {
     pub fn new(address: Address, control: u8, data: Vec<u8>) -> Frame {
-        Frame { address, control, data }
+        Frame {
+            address,
+            control,
+            data,
+        }
     }
 
     /// Size on the wire without preamble.
@@ -252,12 +278,22 @@ pub enum FrameError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoded<'a> {
     /// A valid frame. Drop `consumed` bytes (it includes the `skipped` bytes before it).
-    Frame { frame: FrameRef<'a>, consumed: usize, skipped: usize, noise: usize },
+    Frame {
+        frame: FrameRef<'a>,
+        consumed: usize,
+        skipped: usize,
+        noise: usize,
+    },
     /// No complete frame yet. The first `skipped` bytes can never start one and may be dropped.
     Incomplete { skipped: usize, noise: usize },
     /// A frame-shaped run of bytes that failed its checks. Drop `consumed` bytes
     /// (the candidate itself and what came before it); `bytes` is the offending candidate.
-    Invalid { error: FrameError, consumed: usize, noise: usize, bytes: &'a [u8] },
+    Invalid {
+        error: FrameError,
+        consumed: usize,
+        noise: usize,
+        bytes: &'a [u8],
+    },
 }
 
 /// Examines a candidate frame starting at `i` (buf[i] == 0x68).
@@ -298,7 +334,11 @@ fn candidate(buf: &[u8], i: usize) -> Candidate<'_> {
     let mut address = [0u8; 6];
     address.copy_from_slice(&rest[1..7]);
     Candidate::Valid(
-        FrameRef { address: Address(address), control: rest[8], raw_data: &rest[10..10 + len] },
+        FrameRef {
+            address: Address(address),
+            control: rest[8],
+            raw_data: &rest[10..10 + len],
+        },
         total,
     )
 }
@@ -329,14 +369,24 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
                 i += 1;
             }
             Candidate::Valid(frame, total) => {
-                return Decoded::Frame { frame, consumed: i + total, skipped: i, noise };
+                return Decoded::Frame {
+                    frame,
+                    consumed: i + total,
+                    skipped: i,
+                    noise,
+                };
             }
             Candidate::Invalid(error, total) => {
                 let consumed = match error {
                     FrameError::BadEnd(_) => i + 1,
                     FrameError::BadChecksum { .. } => i + total,
                 };
-                return Decoded::Invalid { error, consumed, noise, bytes: &buf[i..i + total] };
+                return Decoded::Invalid {
+                    error,
+                    consumed,
+                    noise,
+                    bytes: &buf[i..i + total],
+                };
             }
             Candidate::Incomplete => {
                 // A complete frame further on means this start was noise.
@@ -355,7 +405,10 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
             }
         }
     }
-    Decoded::Incomplete { skipped: buf.len(), noise }
+    Decoded::Incomplete {
+        skipped: buf.len(),
+        noise,
+    }
 }
 
 fn later_valid_frame(buf: &[u8], from: usize) -> Option<usize> {
@@ -408,26 +461,43 @@ mod tests {
         let partial: Address = "AAAA92000337".parse().unwrap();
         assert!(partial.selects(&"398192000337".parse().unwrap()));
         assert!(!partial.selects(&"398193000337".parse().unwrap()));
+        assert_eq!(Address::from_index(398192000337), a);
     }
 
     #[test]
     fn decode_handles_truncation_everywhere() {
-        let f = Frame::new("398192000337".parse().unwrap(), 0x91, vec![0, 0, 1, 0, 4, 0, 0, 0]);
+        let f = Frame::new(
+            "398192000337".parse().unwrap(),
+            0x91,
+            vec![0, 0, 1, 0, 4, 0, 0, 0],
+        );
         let wire = f.encode(4).unwrap();
         for cut in 0..wire.len() {
-            assert!(matches!(decode(&wire[..cut]), Decoded::Incomplete { .. }), "cut {cut}");
+            assert!(
+                matches!(decode(&wire[..cut]), Decoded::Incomplete { .. }),
+                "cut {cut}"
+            );
         }
         assert!(matches!(decode(&wire), Decoded::Frame { .. }));
     }
 
     #[test]
     fn bad_checksum_consumes_frame_and_reports_hex() {
-        let f = Frame::new("398192000337".parse().unwrap(), 0x91, vec![0, 0, 1, 0, 4, 0, 0, 0]);
+        let f = Frame::new(
+            "398192000337".parse().unwrap(),
+            0x91,
+            vec![0, 0, 1, 0, 4, 0, 0, 0],
+        );
         let mut wire = f.encode(0).unwrap();
         let n = wire.len();
         wire[n - 2] ^= 0xFF;
         match decode(&wire) {
-            Decoded::Invalid { error: FrameError::BadChecksum { .. }, consumed, bytes, .. } => {
+            Decoded::Invalid {
+                error: FrameError::BadChecksum { .. },
+                consumed,
+                bytes,
+                ..
+            } => {
                 assert_eq!(consumed, n);
                 assert_eq!(bytes.len(), n);
             }
@@ -437,12 +507,18 @@ mod tests {
 
     #[test]
     fn noise_with_fake_start_does_not_hide_a_later_frame() {
-        let f = Frame::new("000000000001".parse().unwrap(), 0x93, vec![1, 0, 0, 0, 0, 0]);
+        let f = Frame::new(
+            "000000000001".parse().unwrap(),
+            0x93,
+            vec![1, 0, 0, 0, 0, 0],
+        );
         // A fake header claiming 200 bytes of data, then a real frame.
         let mut buf = vec![0x00, 0x68, 1, 2, 3, 4, 5, 6, 0x68, 0x91, 200, 0x55];
         buf.extend(f.encode(2).unwrap());
         match decode(&buf) {
-            Decoded::Frame { frame, consumed, .. } => {
+            Decoded::Frame {
+                frame, consumed, ..
+            } => {
                 assert_eq!(frame.to_frame(), f);
                 assert_eq!(consumed, buf.len());
             }

@@ -48,7 +48,10 @@ impl ErrorStatus {
 
     /// Names of the bits set.
     pub fn reasons(self) -> Vec<&'static str> {
-        (0..7).filter(|b| self.0 & (1 << b) != 0).map(|b| Self::BITS[b]).collect()
+        (0..7)
+            .filter(|b| self.0 & (1 << b) != 0)
+            .map(|b| Self::BITS[b])
+            .collect()
     }
 }
 
@@ -130,7 +133,11 @@ pub fn classify(request: &Frame, reply: &FrameRef<'_>) -> Match {
         return Match::Stray(StrayReason::OtherAddress);
     }
     if control::is_error(reply.control) {
-        let status = if reply.data_len() > 0 { reply.data(0) } else { 0 };
+        let status = if reply.data_len() > 0 {
+            reply.data(0)
+        } else {
+            0
+        };
         return Match::Refused(ErrorStatus(status));
     }
     let f = control::function(request.control);
@@ -139,7 +146,11 @@ pub fn classify(request: &Frame, reply: &FrameRef<'_>) -> Match {
         control::READ | control::READ_FOLLOW | control::READ_1997 | control::READ_FOLLOW_1997
     );
     if carries_di {
-        let n = if f == control::READ || f == control::READ_FOLLOW { 4 } else { 2 };
+        let n = if f == control::READ || f == control::READ_FOLLOW {
+            4
+        } else {
+            2
+        };
         if reply.data_len() < n || request.data.len() < n {
             return Match::Stray(StrayReason::OtherDi);
         }
@@ -195,8 +206,13 @@ impl FromStr for Password {
         let b = hex::decode(s.trim())
             .ok()
             .filter(|b| b.len() == 4)
-            .ok_or_else(|| "password must be 8 hex digits: level PA then the 6-digit code".to_string())?;
-        Ok(Password { level: b[0], code: [b[3], b[2], b[1]] })
+            .ok_or_else(|| {
+                "password must be 8 hex digits: level PA then the 6-digit code".to_string()
+            })?;
+        Ok(Password {
+            level: b[0],
+            code: [b[3], b[2], b[1]],
+        })
     }
 }
 
@@ -217,7 +233,9 @@ impl FromStr for Operator {
         if s.len() != 8 {
             return Err("operator code must be 8 hex digits".into());
         }
-        u32::from_str_radix(s, 16).map(Operator).map_err(|_| "operator code must be 8 hex digits".into())
+        u32::from_str_radix(s, 16)
+            .map(Operator)
+            .map_err(|_| "operator code must be 8 hex digits".into())
     }
 }
 
@@ -228,7 +246,13 @@ impl fmt::Display for Operator {
 }
 
 /// Write data (2007 0x14): DI, password, operator code, value bytes.
-pub fn write_request(address: Address, di: Di, password: Password, operator: Operator, value: &[u8]) -> Frame {
+pub fn write_request(
+    address: Address,
+    di: Di,
+    password: Password,
+    operator: Operator,
+    value: &[u8],
+) -> Frame {
     let mut data = Vec::with_capacity(12 + value.len());
     di.write(&mut data);
     password.write(&mut data);
@@ -298,10 +322,13 @@ impl fmt::Display for RelayCommand {
 impl FromStr for RelayCommand {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|r| r.as_str()).collect();
-            format!("unknown relay command '{s}' (one of {})", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|r| r.as_str()).collect();
+                format!("unknown relay command '{s}' (one of {})", names.join(", "))
+            })
     }
 }
 
@@ -340,7 +367,10 @@ pub fn parse_relay_request(data: &[u8]) -> Option<RelayRequest> {
     }
     let bcd = |b: u8| super::bcd::byte_to_u8(b);
     Some(RelayRequest {
-        password: Password { level: data[0], code: [data[1], data[2], data[3]] },
+        password: Password {
+            level: data[0],
+            code: [data[1], data[2], data[3]],
+        },
         operator: Operator(u32::from_le_bytes([data[4], data[5], data[6], data[7]])),
         command: RelayCommand::from_code(data[8]),
         command_byte: data[8],
@@ -372,7 +402,10 @@ impl Payload {
         for (o, &b) in bytes.iter_mut().zip(raw) {
             *o = b.wrapping_sub(DATA_OFFSET);
         }
-        Payload { len: raw.len() as u8, bytes }
+        Payload {
+            len: raw.len() as u8,
+            bytes,
+        }
     }
 
     #[inline]
@@ -383,7 +416,11 @@ impl Payload {
 
 /// Decodes the value of a normal read reply with the given format.
 #[inline]
-pub fn decode_read_value(reply: &FrameRef<'_>, di: Di, format: Format) -> Result<Value, ValueError> {
+pub fn decode_read_value(
+    reply: &FrameRef<'_>,
+    di: Di,
+    format: Format,
+) -> Result<Value, ValueError> {
     let p = Payload::of_read_reply(reply, di);
     format.decode(p.as_slice())
 }
@@ -407,7 +444,14 @@ impl FollowUp {
     pub fn start(address: Address, di: Di, first: &Frame) -> FollowUp {
         let skip = di.wire_len().min(first.data.len());
         let data = first.data[skip..].to_vec();
-        FollowUp { address, di, data, next_seq: 1, complete: !control::has_more(first.control), frames: 1 }
+        FollowUp {
+            address,
+            di,
+            data,
+            next_seq: 1,
+            complete: !control::has_more(first.control),
+            frames: 1,
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -443,13 +487,21 @@ impl FollowUp {
         }
         let got = Di::read(self.di.edition, body).expect("length checked");
         if got != self.di {
-            return Err(ReplyError::WrongDi { expected: self.di, got });
+            return Err(ReplyError::WrongDi {
+                expected: self.di,
+                got,
+            });
         }
         let mut payload = &body[n..];
         if self.di.edition == Edition::V2007 {
-            let (&seq, rest) = payload.split_last().ok_or(ReplyError::TooShort(body.len()))?;
+            let (&seq, rest) = payload
+                .split_last()
+                .ok_or(ReplyError::TooShort(body.len()))?;
             if seq != self.next_seq {
-                return Err(ReplyError::WrongSequence { expected: self.next_seq, got: seq });
+                return Err(ReplyError::WrongSequence {
+                    expected: self.next_seq,
+                    got: seq,
+                });
             }
             payload = rest;
         }
@@ -491,15 +543,27 @@ pub fn follow_reply(address: Address, di: Di, part: &[u8], seq: u8, more: bool) 
         }
         Edition::V1997 => control::READ_FOLLOW_1997,
     };
-    Frame::new(address, base | control::REPLY | if more { control::MORE } else { 0 }, data)
+    Frame::new(
+        address,
+        base | control::REPLY | if more { control::MORE } else { 0 },
+        data,
+    )
 }
 
 /// Builds an error reply to `request_control` with `status`.
 pub fn error_reply(address: Address, request_control: u8, status: ErrorStatus) -> Frame {
-    Frame::new(address, control::function(request_control) | control::REPLY | control::ERROR, vec![status.0])
+    Frame::new(
+        address,
+        control::function(request_control) | control::REPLY | control::ERROR,
+        vec![status.0],
+    )
 }
 
 /// Reply to read-address (0x93 with the address as DATA).
 pub fn read_address_reply(address: Address) -> Frame {
-    Frame::new(address, control::READ_ADDRESS | control::REPLY, address.0.to_vec())
+    Frame::new(
+        address,
+        control::READ_ADDRESS | control::REPLY,
+        address.0.to_vec(),
+    )
 }

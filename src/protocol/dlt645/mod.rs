@@ -16,7 +16,9 @@ pub mod message;
 
 pub use catalogue::{lookup, Di, DiInfo, Edition, Format, MeterTime, TimeRef, Value, ValueError};
 pub use frame::{decode, hex, Address, Decoded, Frame, FrameError, FrameRef};
-pub use message::{classify, ErrorStatus, FollowUp, Match, Operator, Password, RelayCommand, ReplyError};
+pub use message::{
+    classify, ErrorStatus, FollowUp, Match, Operator, Password, RelayCommand, ReplyError,
+};
 
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,9 @@ fn h(s: &str) -> Vec<u8> {
 
 fn only_frame(buf: &[u8]) -> (Frame, usize) {
     match decode(buf) {
-        Decoded::Frame { frame, consumed, .. } => (frame.to_frame(), consumed),
+        Decoded::Frame {
+            frame, consumed, ..
+        } => (frame.to_frame(), consumed),
         other => panic!("expected a frame, got {other:?}"),
     }
 }
@@ -38,7 +40,12 @@ fn vector_2007_response_decodes_to_0_04_kwh() {
     let req = read_request(addr, di);
     for preamble in ["", "FE", "FE FE FE FE"] {
         let wire = h(&format!("{preamble} {RESP_2007}"));
-        let Decoded::Frame { frame, consumed, .. } = decode(&wire) else { panic!() };
+        let Decoded::Frame {
+            frame, consumed, ..
+        } = decode(&wire)
+        else {
+            panic!()
+        };
         assert_eq!(consumed, wire.len());
         assert_eq!(frame.address, addr);
         assert_eq!(frame.control, 0x91);
@@ -60,17 +67,32 @@ fn vector_1997_request_and_response() {
     let req = read_request(addr, di);
     assert_eq!(req.encode(0).unwrap(), h(REQ_1997));
     let wire = h(&format!("FE FE {RESP_1997}"));
-    let Decoded::Frame { frame, .. } = decode(&wire) else { panic!() };
+    let Decoded::Frame { frame, .. } = decode(&wire) else {
+        panic!()
+    };
     assert_eq!(classify(&req, &frame), Match::Answer);
     let v = decode_read_value(&frame, di, lookup(di).unwrap().format).unwrap();
     assert_eq!(v, Value::Number(dec!(9580.15)));
-    assert_eq!(read_reply(addr, di, &[0x15, 0x80, 0x95, 0x00], false).encode(0).unwrap(), h(RESP_1997));
+    assert_eq!(
+        read_reply(addr, di, &[0x15, 0x80, 0x95, 0x00], false)
+            .encode(0)
+            .unwrap(),
+        h(RESP_1997)
+    );
 }
 
 #[test]
 fn garbage_before_start_is_skipped_and_counted() {
     let wire = h(&format!("00 13 FF 68 01 FE FE {RESP_2007}"));
-    let Decoded::Frame { frame, consumed, skipped, noise } = decode(&wire) else { panic!() };
+    let Decoded::Frame {
+        frame,
+        consumed,
+        skipped,
+        noise,
+    } = decode(&wire)
+    else {
+        panic!()
+    };
     assert_eq!(consumed, wire.len());
     assert_eq!(skipped, 7);
     assert_eq!(noise, 5);
@@ -83,7 +105,16 @@ fn wrong_checksum_is_invalid() {
     let mut wire = h(RESP_2007);
     let n = wire.len();
     wire[n - 2] = 0xB6;
-    assert!(matches!(decode(&wire), Decoded::Invalid { error: FrameError::BadChecksum { found: 0xB6, computed: 0x8C }, .. }));
+    assert!(matches!(
+        decode(&wire),
+        Decoded::Invalid {
+            error: FrameError::BadChecksum {
+                found: 0xB6,
+                computed: 0x8C
+            },
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -94,27 +125,46 @@ fn late_reply_from_another_meter_or_di_is_stray() {
     let req_b = read_request(b, di);
     let late = read_reply(a, di, &[4, 0, 0, 0], false).encode(0).unwrap();
     let (f, _) = only_frame(&late);
-    let Decoded::Frame { frame, .. } = decode(&late) else { panic!() };
+    let Decoded::Frame { frame, .. } = decode(&late) else {
+        panic!()
+    };
     assert_eq!(f.address, a);
-    assert_eq!(classify(&req_b, &frame), Match::Stray(StrayReason::OtherAddress));
+    assert_eq!(
+        classify(&req_b, &frame),
+        Match::Stray(StrayReason::OtherAddress)
+    );
     let req_a_other_di = read_request(a, Di::v2007(0x0203_0000));
-    assert_eq!(classify(&req_a_other_di, &frame), Match::Stray(StrayReason::OtherDi));
+    assert_eq!(
+        classify(&req_a_other_di, &frame),
+        Match::Stray(StrayReason::OtherDi)
+    );
     // Our own request echoed back by a half-duplex adapter is not an answer.
     let echo = req_b.encode(0).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&echo) else { panic!() };
-    assert_eq!(classify(&req_b, &frame), Match::Stray(StrayReason::NotAReply));
+    let Decoded::Frame { frame, .. } = decode(&echo) else {
+        panic!()
+    };
+    assert_eq!(
+        classify(&req_b, &frame),
+        Match::Stray(StrayReason::NotAReply)
+    );
 }
 
 #[test]
 fn error_reply_is_typed() {
     let a: Address = "398192000337".parse().unwrap();
     let req = read_request(a, Di::v2007(0x0001_0000));
-    let wire = error_reply(a, control::READ, ErrorStatus(0x02)).encode(0).unwrap();
+    let wire = error_reply(a, control::READ, ErrorStatus(0x02))
+        .encode(0)
+        .unwrap();
     // D1 01 35: status 0x02 + 0x33.
     assert_eq!(wire[8], 0xD1);
     assert_eq!(wire[10], 0x35);
-    let Decoded::Frame { frame, .. } = decode(&wire) else { panic!() };
-    let Match::Refused(status) = classify(&req, &frame) else { panic!() };
+    let Decoded::Frame { frame, .. } = decode(&wire) else {
+        panic!()
+    };
+    let Match::Refused(status) = classify(&req, &frame) else {
+        panic!()
+    };
     assert!(status.no_data());
     assert!(!status.unauthorised());
     assert_eq!(status.reasons(), vec!["no requested data"]);
@@ -126,17 +176,32 @@ fn error_reply_is_typed() {
 #[test]
 fn read_address_wildcard() {
     let req = read_address_request();
-    assert_eq!(req.encode(0).unwrap(), h("68 AA AA AA AA AA AA 68 13 00 DF 16"));
+    assert_eq!(
+        req.encode(0).unwrap(),
+        h("68 AA AA AA AA AA AA 68 13 00 DF 16")
+    );
     let a: Address = "398192000337".parse().unwrap();
     let reply = read_address_reply(a).encode(4).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&reply) else { panic!() };
+    let Decoded::Frame { frame, .. } = decode(&reply) else {
+        panic!()
+    };
     assert_eq!(classify(&req, &frame), Match::Answer);
-    assert_eq!(Format::Address.decode(&frame.to_frame().data).unwrap(), Value::Address(a));
+    assert_eq!(
+        Format::Address.decode(&frame.to_frame().data).unwrap(),
+        Value::Address(a)
+    );
 }
 
 #[test]
 fn time_sync_is_broadcast_seconds_first() {
-    let t = MeterTime { year: 2024, month: 5, day: 17, hour: 13, minute: 45, second: 30 };
+    let t = MeterTime {
+        year: 2024,
+        month: 5,
+        day: 17,
+        hour: 13,
+        minute: 45,
+        second: 30,
+    };
     let f = time_sync_request(t);
     assert_eq!(f.address, Address::BROADCAST);
     assert_eq!(f.control, 0x08);
@@ -148,7 +213,14 @@ fn relay_layout() {
     let a: Address = "398192000337".parse().unwrap();
     let pw: Password = "02123456".parse().unwrap();
     let op: Operator = "00000001".parse().unwrap();
-    let exp = MeterTime { year: 2024, month: 5, day: 17, hour: 14, minute: 0, second: 0 };
+    let exp = MeterTime {
+        year: 2024,
+        month: 5,
+        day: 17,
+        hour: 14,
+        minute: 0,
+        second: 0,
+    };
     let f = relay_request(a, RelayCommand::Trip, pw, op, exp);
     assert_eq!(f.control, 0x1C);
     assert_eq!(
@@ -168,7 +240,13 @@ fn relay_layout() {
 #[test]
 fn write_layout() {
     let a: Address = "398192000337".parse().unwrap();
-    let f = write_request(a, Di::v2007(0x0400_1001), "02000000".parse().unwrap(), Operator(0), &[0, 0, 1, 0]);
+    let f = write_request(
+        a,
+        Di::v2007(0x0400_1001),
+        "02000000".parse().unwrap(),
+        Operator(0),
+        &[0, 0, 1, 0],
+    );
     assert_eq!(f.control, 0x14);
     assert_eq!(f.data.len(), 4 + 4 + 4 + 4);
     assert_eq!(&f.data[..4], &[0x01, 0x10, 0x00, 0x04]);
@@ -178,8 +256,12 @@ fn write_layout() {
 fn follow_up_frames_assemble() {
     let a: Address = "398192000337".parse().unwrap();
     let di = Di::v2007(0x0001_FF00);
-    let first = read_reply(a, di, &[1, 0, 0, 0, 2, 0, 0, 0], true).encode(0).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&first) else { panic!() };
+    let first = read_reply(a, di, &[1, 0, 0, 0, 2, 0, 0, 0], true)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&first) else {
+        panic!()
+    };
     assert_eq!(frame.control, 0xB1);
     assert_eq!(classify(&read_request(a, di), &frame), Match::Answer);
     let mut fu = FollowUp::start(a, di, &frame.to_frame());
@@ -187,25 +269,52 @@ fn follow_up_frames_assemble() {
     let req = fu.next_request().unwrap();
     assert_eq!(req.control, 0x12);
     assert_eq!(req.data, vec![0x00, 0xFF, 0x01, 0x00, 1]);
-    let second = follow_reply(a, di, &[3, 0, 0, 0], 1, true).encode(0).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&second) else { panic!() };
+    let second = follow_reply(a, di, &[3, 0, 0, 0], 1, true)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&second) else {
+        panic!()
+    };
     assert_eq!(frame.control, 0xB2);
     assert_eq!(classify(&req, &frame), Match::Answer);
     fu.push(&frame.to_frame()).unwrap();
     let req = fu.next_request().unwrap();
     assert_eq!(*req.data.last().unwrap(), 2);
     // A frame with the wrong sequence number is refused.
-    let wrong = follow_reply(a, di, &[9, 0, 0, 0], 7, false).encode(0).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&wrong) else { panic!() };
-    assert!(matches!(fu.push(&frame.to_frame()), Err(ReplyError::WrongSequence { expected: 2, got: 7 })));
-    let last = follow_reply(a, di, &[4, 0, 0, 0, 5, 0, 0, 0], 2, false).encode(0).unwrap();
-    let Decoded::Frame { frame, .. } = decode(&last) else { panic!() };
+    let wrong = follow_reply(a, di, &[9, 0, 0, 0], 7, false)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&wrong) else {
+        panic!()
+    };
+    assert!(matches!(
+        fu.push(&frame.to_frame()),
+        Err(ReplyError::WrongSequence {
+            expected: 2,
+            got: 7
+        })
+    ));
+    let last = follow_reply(a, di, &[4, 0, 0, 0, 5, 0, 0, 0], 2, false)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&last) else {
+        panic!()
+    };
     assert_eq!(frame.control, 0x92);
     fu.push(&frame.to_frame()).unwrap();
     assert!(fu.is_complete());
     assert!(fu.next_request().is_none());
     let v = lookup(di).unwrap().format.decode(fu.data()).unwrap();
-    assert_eq!(v, Value::Numbers(vec![dec!(0.01), dec!(0.02), dec!(0.03), dec!(0.04), dec!(0.05)]));
+    assert_eq!(
+        v,
+        Value::Numbers(vec![
+            dec!(0.01),
+            dec!(0.02),
+            dec!(0.03),
+            dec!(0.04),
+            dec!(0.05)
+        ])
+    );
 }
 
 fn arb_address() -> impl Strategy<Value = Address> {
@@ -213,12 +322,16 @@ fn arb_address() -> impl Strategy<Value = Address> {
 }
 
 fn arb_di() -> impl Strategy<Value = Di> {
-    prop_oneof![any::<u32>().prop_map(Di::v2007), any::<u16>().prop_map(Di::v1997)]
+    prop_oneof![
+        any::<u32>().prop_map(Di::v2007),
+        any::<u16>().prop_map(Di::v1997)
+    ]
 }
 
 const CONTROLS: &[u8] = &[
-    0x01, 0x02, 0x04, 0x08, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x1C, 0x81, 0x82, 0x84, 0x91, 0x92,
-    0x93, 0x94, 0x95, 0x96, 0x97, 0x9C, 0xA1, 0xB1, 0xB2, 0xC1, 0xD1, 0xD2, 0xD4, 0xD6, 0xD7, 0xDC,
+    0x01, 0x02, 0x04, 0x08, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x1C, 0x81, 0x82, 0x84, 0x91,
+    0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x9C, 0xA1, 0xB1, 0xB2, 0xC1, 0xD1, 0xD2, 0xD4, 0xD6, 0xD7,
+    0xDC,
 ];
 
 proptest! {

@@ -277,12 +277,18 @@ pub fn resolve_register(
     let data_type = match (&spec.data_type, base) {
         (Some(t), _) => DataType::parse(t, spec.words).ok_or_else(|| {
             if t == "string" {
-                err(path, "words", "a string needs `words` (its length in registers)")
+                err(
+                    path,
+                    "words",
+                    "a string needs `words` (its length in registers)",
+                )
             } else {
                 err(
                     path,
                     "type",
-                    format!("unknown type '{t}' (bool, u16, i16, u32, i32, u64, i64, f32, f64, string)"),
+                    format!(
+                        "unknown type '{t}' (bool, u16, i16, u32, i32, u64, i64, f32, f64, string)"
+                    ),
                 )
             }
         })?,
@@ -300,7 +306,11 @@ pub fn resolve_register(
         ));
     }
     if matches!(data_type, DataType::String { words } if words == 0 || words > 125) {
-        return Err(err(path, "words", "string length must be 1..=125 registers"));
+        return Err(err(
+            path,
+            "words",
+            "string length must be 1..=125 registers",
+        ));
     }
     let order_words = match data_type {
         DataType::String { .. } | DataType::Bool => 1,
@@ -328,7 +338,11 @@ pub fn resolve_register(
     }
     let precision = spec.precision.or(base.map(|b| b.precision)).unwrap_or(3);
     if precision > 10 {
-        return Err(err(path, "precision", "precision must be 0..=10 decimal places"));
+        return Err(err(
+            path,
+            "precision",
+            "precision must be 0..=10 decimal places",
+        ));
     }
     let channel = match (&spec.channel, base) {
         (Some(c), _) => Some(
@@ -339,7 +353,11 @@ pub fn resolve_register(
         (None, None) => None,
     };
     if channel.is_some() && matches!(data_type, DataType::String { .. }) {
-        return Err(err(path, "channel", "a string register cannot feed a numeric channel"));
+        return Err(err(
+            path,
+            "channel",
+            "a string register cannot feed a numeric channel",
+        ));
     }
     let unit = spec
         .unit
@@ -373,7 +391,10 @@ pub fn resolve_register(
         data_type,
         order,
         scale,
-        offset: spec.offset.or(base.map(|b| b.offset)).unwrap_or(Decimal::ZERO),
+        offset: spec
+            .offset
+            .or(base.map(|b| b.offset))
+            .unwrap_or(Decimal::ZERO),
         precision,
         unit,
         channel,
@@ -406,7 +427,11 @@ pub fn validate(regs: &[Register], paths: &[FieldPath]) -> Result<(), FieldError
             });
         }
         if a.end() > 65536 {
-            return Err(err(&paths[w[0]], "address", "register runs past address 65535"));
+            return Err(err(
+                &paths[w[0]],
+                "address",
+                "register runs past address 65535",
+            ));
         }
     }
     for i in 0..regs.len() {
@@ -438,7 +463,10 @@ pub fn validate(regs: &[Register], paths: &[FieldPath]) -> Result<(), FieldError
 pub fn resolve_map(map: &MapFile) -> Result<Vec<Register>, FieldError> {
     let numbering = Numbering::parse(&map.numbering).ok_or_else(|| FieldError {
         path: FieldPath::default().key("numbering"),
-        message: format!("unknown numbering '{}' (zero_based, one_based)", map.numbering),
+        message: format!(
+            "unknown numbering '{}' (zero_based, one_based)",
+            map.numbering
+        ),
     })?;
     let root = FieldPath::default().key("register");
     let mut regs = Vec::new();
@@ -478,7 +506,10 @@ pub fn apply_overrides(
                     return Err(err(
                         &p,
                         "name",
-                        format!("cannot disable '{}': no such register in the profile", spec.name),
+                        format!(
+                            "cannot disable '{}': no such register in the profile",
+                            spec.name
+                        ),
                     ))
                 }
             }
@@ -549,7 +580,10 @@ channel = "import_active_total"
         let e = load_map_str("maps/t.toml", &text).unwrap_err();
         assert_eq!(e.file, "maps/t.toml");
         assert_eq!(e.field, "register[1].address");
-        assert_eq!(e.line, Some(line_of(&text, text.find("address = 2").unwrap())));
+        assert_eq!(
+            e.line,
+            Some(line_of(&text, text.find("address = 2").unwrap()))
+        );
         assert!(e.message.contains("overlaps"), "{e}");
         assert!(e.to_string().starts_with("maps/t.toml:"), "{e}");
     }
@@ -566,7 +600,10 @@ channel = "import_active_total"
     #[test]
     fn a_64_bit_order_on_a_32_bit_value_is_rejected() {
         let text = GOOD.replace("\"CDAB\"", "\"GHEFCDAB\"");
-        assert_eq!(load_map_str("t.toml", &text).unwrap_err().field, "register[0].order");
+        assert_eq!(
+            load_map_str("t.toml", &text).unwrap_err().field,
+            "register[0].order"
+        );
     }
 
     #[test]
@@ -586,7 +623,8 @@ channel = "import_active_total"
             data_type: Some("u16".into()),
             ..Default::default()
         };
-        let e = apply_overrides(&[], &[spec], None, &FieldPath::default().key("registers")).unwrap_err();
+        let e = apply_overrides(&[], &[spec], None, &FieldPath::default().key("registers"))
+            .unwrap_err();
         assert_eq!(e.path.to_string(), "registers[0].numbering");
     }
 
@@ -622,6 +660,9 @@ channel = "import_active_total"
     #[test]
     fn bool_type_only_in_bit_areas() {
         let text = GOOD.replace("type = \"u32\"", "type = \"bool\"");
-        assert_eq!(load_map_str("t.toml", &text).unwrap_err().field, "register[1].type");
+        assert_eq!(
+            load_map_str("t.toml", &text).unwrap_err().field,
+            "register[1].type"
+        );
     }
 }

@@ -25,7 +25,10 @@ pub enum DecodeError {
         got: usize,
     },
     #[error("register '{register}': float is {what}")]
-    NotFinite { register: String, what: &'static str },
+    NotFinite {
+        register: String,
+        what: &'static str,
+    },
     #[error("register '{register}': value {raw} does not fit an exact decimal")]
     OutOfRange { register: String, raw: String },
     #[error("register '{register}': scale/offset overflowed")]
@@ -104,8 +107,12 @@ pub fn decode_raw(reg: &Register, words: &[u16]) -> Result<Value, DecodeError> {
         DataType::I16 => n(Decimal::from(i16::from_be_bytes([b[0], b[1]]))),
         DataType::U32 => n(Decimal::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
         DataType::I32 => n(Decimal::from(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))),
-        DataType::U64 => n(Decimal::from(u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])))),
-        DataType::I64 => n(Decimal::from(i64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])))),
+        DataType::U64 => n(Decimal::from(u64::from_be_bytes(
+            b[..8].try_into().unwrap_or([0; 8]),
+        ))),
+        DataType::I64 => n(Decimal::from(i64::from_be_bytes(
+            b[..8].try_into().unwrap_or([0; 8]),
+        ))),
         DataType::F32 => {
             let v = f32::from_be_bytes([b[0], b[1], b[2], b[3]]);
             float_to_decimal(reg, f64::from(v)).map(Value::Number)
@@ -184,7 +191,13 @@ pub fn encode(reg: &Register, value: Decimal) -> Result<Vec<u16>, EncodeError> {
     };
     let raw = value
         .checked_sub(reg.offset)
-        .and_then(|v| if reg.scale.is_zero() { None } else { v.checked_div(reg.scale) })
+        .and_then(|v| {
+            if reg.scale.is_zero() {
+                None
+            } else {
+                v.checked_div(reg.scale)
+            }
+        })
         .ok_or_else(err)?;
     let int = || {
         if raw.fract().is_zero() {
@@ -223,7 +236,11 @@ mod tests {
 
     fn reg(t: DataType, order: &str) -> Register {
         let mut r = Register::new("r", Area::Holding, 0, t);
-        let w = if matches!(t, DataType::String { .. }) { 1 } else { t.words() };
+        let w = if matches!(t, DataType::String { .. }) {
+            1
+        } else {
+            t.words()
+        };
         r.order = Order::parse(order, w).unwrap();
         r
     }
@@ -245,7 +262,11 @@ mod tests {
             ("DCBA", [0x4433, 0x2211]),
         ];
         for (o, w) in cases {
-            assert_eq!(num(&reg(DataType::U32, o), &w), dec!(287454020), "order {o}");
+            assert_eq!(
+                num(&reg(DataType::U32, o), &w),
+                dec!(287454020),
+                "order {o}"
+            );
         }
     }
 
@@ -265,7 +286,9 @@ mod tests {
     }
 
     fn canonical_words(b: &[u8]) -> Vec<u16> {
-        b.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()
+        b.chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect()
     }
 
     #[test]
@@ -296,7 +319,10 @@ mod tests {
         assert_eq!(e.kind(), "not_finite");
         assert!(e.to_string().contains("'r'"));
         let inf = canonical_words(&f32::NEG_INFINITY.to_be_bytes());
-        assert!(matches!(decode(&r, &inf), Err(DecodeError::NotFinite { what: "-inf", .. })));
+        assert!(matches!(
+            decode(&r, &inf),
+            Err(DecodeError::NotFinite { what: "-inf", .. })
+        ));
     }
 
     #[test]
@@ -318,7 +344,12 @@ mod tests {
 
     #[test]
     fn too_few_words_is_an_error() {
-        assert_eq!(decode(&reg(DataType::U32, "ABCD"), &[1]).unwrap_err().kind(), "short");
+        assert_eq!(
+            decode(&reg(DataType::U32, "ABCD"), &[1])
+                .unwrap_err()
+                .kind(),
+            "short"
+        );
     }
 
     #[test]
@@ -335,5 +366,25 @@ mod tests {
     fn encoding_a_fraction_into_an_integer_register_fails() {
         assert!(encode(&reg(DataType::U16, "AB"), dec!(1.5)).is_err());
         assert!(encode(&reg(DataType::U16, "AB"), dec!(70000)).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_scaled_i32_survives_encode_then_decode_in_every_order(raw in proptest::num::i32::ANY, o in 0usize..4, places in 0u32..5) {
+            let mut r = reg(DataType::I32, ["ABCD", "CDAB", "BADC", "DCBA"][o]);
+            r.scale = Decimal::new(1, places);
+            let v = Decimal::from(raw) * r.scale;
+            let w = encode(&r, v).unwrap();
+            proptest::prop_assert_eq!(decode(&r, &w).unwrap(), Value::Number(v));
+        }
+
+        #[test]
+        fn arbitrary_words_never_panic(words in proptest::collection::vec(proptest::num::u16::ANY, 0..6), t in 0usize..9) {
+            let types = [DataType::U16, DataType::I16, DataType::U32, DataType::I32, DataType::U64,
+                DataType::I64, DataType::F32, DataType::F64, DataType::String { words: 3 }];
+            let mut r = Register::new("r", Area::Holding, 0, types[t]);
+            r.scale = Decimal::new(1, 28);
+            let _ = decode(&r, &words);
+        }
     }
 }

@@ -89,7 +89,11 @@ pub fn tcp_unwrap(frame: &[u8]) -> Option<(u16, u8, &[u8])> {
     if frame.len() < 8 || frame[2..4] != [0, 0] {
         return None;
     }
-    Some((u16::from_be_bytes([frame[0], frame[1]]), frame[6], &frame[7..]))
+    Some((
+        u16::from_be_bytes([frame[0], frame[1]]),
+        frame[6],
+        &frame[7..],
+    ))
 }
 
 /// Wraps a PDU into an MBAP frame.
@@ -109,7 +113,11 @@ pub fn crc16(data: &[u8]) -> u16 {
     for b in data {
         crc ^= u16::from(*b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xA001 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
         }
     }
     crc
@@ -194,15 +202,30 @@ mod tests {
 
     #[test]
     fn bad_requests_map_to_exception_codes() {
-        assert_eq!(parse_read_request(&[0x06, 0, 0, 0, 1]), Err(ILLEGAL_FUNCTION));
-        assert_eq!(parse_read_request(&[0x03, 0, 0, 0, 126]), Err(ILLEGAL_DATA_VALUE));
-        assert_eq!(parse_read_request(&[0x03, 0xFF, 0xFF, 0, 2]), Err(ILLEGAL_DATA_ADDRESS));
+        assert_eq!(
+            parse_read_request(&[0x06, 0, 0, 0, 1]),
+            Err(ILLEGAL_FUNCTION)
+        );
+        assert_eq!(
+            parse_read_request(&[0x03, 0, 0, 0, 126]),
+            Err(ILLEGAL_DATA_VALUE)
+        );
+        assert_eq!(
+            parse_read_request(&[0x03, 0xFF, 0xFF, 0, 2]),
+            Err(ILLEGAL_DATA_ADDRESS)
+        );
         assert_eq!(parse_read_request(&[]), Err(ILLEGAL_FUNCTION));
     }
 
     #[test]
     fn bits_pack_lsb_first() {
-        assert_eq!(bits_response(1, &[true, false, true, false, false, false, false, false, true]), vec![1, 2, 0b101, 1]);
+        assert_eq!(
+            bits_response(
+                1,
+                &[true, false, true, false, false, false, false, false, true]
+            ),
+            vec![1, 2, 0b101, 1]
+        );
         assert_eq!(exception_response(3, 2), vec![0x83, 2]);
         assert_eq!(words_response(3, &[0x1234]), vec![3, 2, 0x12, 0x34]);
     }

@@ -119,7 +119,10 @@ mod tests {
         let p = plan(&regs, &PlanOptions::default());
         assert_eq!(p.len(), 1);
         assert_eq!((p[0].start, p[0].count), (0, 8));
-        assert_eq!(p[0].fields.iter().map(|f| f.offset).collect::<Vec<_>>(), [0, 2, 4, 6]);
+        assert_eq!(
+            p[0].fields.iter().map(|f| f.offset).collect::<Vec<_>>(),
+            [0, 2, 4, 6]
+        );
     }
 
     #[test]
@@ -133,7 +136,13 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].start, p[0].count), (0, 14));
         assert_eq!(p[0].unused(&regs), 10);
-        let strict = plan(&regs, &PlanOptions { max_hole: 0, ..opts });
+        let strict = plan(
+            &regs,
+            &PlanOptions {
+                max_hole: 0,
+                ..opts
+            },
+        );
         assert_eq!(strict.len(), 3);
     }
 
@@ -174,7 +183,19 @@ mod tests {
         let regs = f32s(Area::Input, &[10, 0]);
         let p = plan(&regs, &PlanOptions::default());
         assert_eq!(p[0].start, 0);
-        assert_eq!(p[0].fields[0], Field { register: 1, offset: 0 });
-        assert_eq!(p[0].fields[1], Field { register: 0, offset: 10 });
+        assert_eq!(
+            p[0].fields[0],
+            Field {
+                register: 1,
+                offset: 0
+            }
+        );
+        assert_eq!(
+            p[0].fields[1],
+            Field {
+                register: 0,
+                offset: 10
+            }
+        );
     }
 }

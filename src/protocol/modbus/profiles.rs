@@ -7,7 +7,10 @@ use super::regmap::Register;
 
 const BUILTIN: &[(&str, &str)] = &[
     ("chint_dtsu666", include_str!("profiles/chint_dtsu666.toml")),
-    ("eastron_sdm630", include_str!("profiles/eastron_sdm630.toml")),
+    (
+        "eastron_sdm630",
+        include_str!("profiles/eastron_sdm630.toml"),
+    ),
     ("acrel_adl400", include_str!("profiles/acrel_adl400.toml")),
 ];
 
@@ -71,8 +74,10 @@ mod tests {
             assert_eq!(p.name, n);
             assert!(!p.source.is_empty(), "{n} must cite its source");
             assert!(p.registers.len() >= 10, "{n}");
-            assert!(p.registers.iter().any(|r| r.channel
-                == Some(crate::model::Channel::ImportActiveTotal)));
+            assert!(p
+                .registers
+                .iter()
+                .any(|r| r.channel == Some(crate::model::Channel::ImportActiveTotal)));
         }
     }
 

@@ -113,7 +113,9 @@ pub enum DataType {
     F32,
     F64,
     /// ASCII text over `words` registers (two characters each).
-    String { words: u16 },
+    String {
+        words: u16,
+    },
 }
 
 impl DataType {

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Prepayment performance:
+#  * streaming: `meterflow stream` deductions/s on SQLite and on PostgreSQL
+#    (readings published to Mosquitto by `meterflow mqtt publish-sim`, one
+#    deduction per reading after each meter's first; goal >= 20,000/s on SQLite);
+#  * batch: daily deductions (`prepay run`) for a fleet of prepaid accounts
+#    over one day, printed beside the bill run (`bill run`) time for the same
+#    fleet (goal: no more than 1.5x).
+# usage: scripts/bench-prepay.sh [ACCOUNTS] [STREAM_READINGS]   (default 1000000 200000)
+# env: MQTT_URL (mqtt://127.0.0.1:1883), DATABASE_URL (postgres://postgres@127.0.0.1:5432/test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ACCOUNTS=${1:-1000000}
+READINGS=${2:-200000}
+METERS=1000
+MQTT_URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
+DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+WORK=${BENCH_DIR:-/var/tmp/meterflow-bench}/prepay
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow
+rm -rf "$WORK"; mkdir -p "$WORK/master"
+
+# ---------- streaming ----------
+{
+  echo "account_id,customer_class,tariff_id,payment_mode"
+  for i in $(seq 0 $((METERS - 1))); do printf 'S%06d,residential,bj-residential-monthly,prepaid\n' "$i"; done
+} > "$WORK/master/accounts.csv"
+{
+  echo "meter_id,account_id,ct_ratio,pt_ratio,installed_on"
+  for i in $(seq 0 $((METERS - 1))); do printf 'SIM%06d,S%06d,1,1,2015-01-01\n' "$i" "$i"; done
+} > "$WORK/master/meters.csv"
+DEDUCTIONS=$((READINGS - METERS))
+START_MS=1790800000000   # 2026-10-01T00:26:40Z: inside one bill month
+
+stream_bench() { # $1 = label, $2 = ledger url
+  local label=$1 ledger=$2 run=$RANDOM
+  cat > "$WORK/stream-$run.toml" <<TOML
+ledger = "$ledger"
+master = "master"
+tariffs = "$(pwd)/tariffs"
+[mqtt]
+url = "$MQTT_URL"
+client_id = "bench-prepay-$run"
+topic = "bench/prepay/$run"
+[batch]
+max_messages = 200
+max_wait_ms = 20
+TOML
+  "$BIN" stream --config "$WORK/stream-$run.toml" --stop-after "$DEDUCTIONS" --idle-exit-secs 30 > "$WORK/stream-$run.out" 2> "$WORK/stream-$run.err" &
+  local pid=$!
+  for _ in $(seq 1 100); do grep -q "subscription confirmed" "$WORK/stream-$run.err" 2>/dev/null && break; sleep 0.1; done
+  local t0; t0=$(date +%s.%N)
+  "$BIN" mqtt publish-sim --url "$MQTT_URL" --topic "bench/prepay/$run" --readings "$READINGS" --meters "$METERS" \
+    --per-message 100 --client-id "bench-pub-$run" --start-ms "$START_MS" > /dev/null
+  wait "$pid"
+  local t1; t1=$(date +%s.%N)
+  local n; n=$(grep -o '[0-9]* deductions' "$WORK/stream-$run.out" | cut -d' ' -f1)
+  printf 'stream %-10s %9d deductions in %6.2f s = %9.0f deductions/s\n' "$label" "$n" "$(echo "$t1 - $t0" | bc)" "$(echo "$n / ($t1 - $t0)" | bc -l)"
+}
+stream_bench sqlite "$WORK/stream.sqlite"
+if "$BIN" ledger migrate --ledger "$DATABASE_URL?schema=bench_$$" > /dev/null 2>&1; then
+  stream_bench postgres "$DATABASE_URL?schema=bench_$$"
+else
+  echo "stream postgres: skipped (no PostgreSQL at $DATABASE_URL)"
+fi
+
+# ---------- batch: one day of a prepaid fleet, beside the bill run ----------
+"$BIN" sim fleet --meters "$ACCOUNTS" --days 1 --prepaid-percent 100 --out "$WORK/fleet" > /dev/null
+t0=$(date +%s.%N)
+"$BIN" bill run --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
+  --period 2026-10-01..2026-10-02 --out "$WORK/bills" > /dev/null
+t1=$(date +%s.%N)
+"$BIN" prepay run --ledger "$WORK/batch.sqlite" --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
+  --through 2026-10-01T24:00 --chunk 5000 > "$WORK/prepay-run.out"
+t2=$(date +%s.%N)
+BILL=$(echo "$t1 - $t0" | bc); PREPAY=$(echo "$t2 - $t1" | bc)
+echo "batch: $ACCOUNTS accounts, one day"
+printf '  bill run    %8.1f s\n  prepay run  %8.1f s  (%.2fx the bill run; goal <= 1.5x)\n' "$BILL" "$PREPAY" "$(echo "$PREPAY / $BILL" | bc -l)"
+echo "  $(cat "$WORK/prepay-run.out")"

@@ -1,0 +1,150 @@
+//! Loading what analytics and the report read: master data, the lake scan
+//! and bill runs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+
+use super::scan::{scan_lake, Scan};
+use super::table::{Col, Table};
+use super::AnalyticsError;
+use crate::master::{self, Account, Meter, Payment};
+
+/// One issued bill, as far as analytics needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillRow {
+    pub account_id: String,
+    pub period: String,
+    /// The day the bill was issued: the end of its period (exclusive end date).
+    pub bill_date: NaiveDate,
+    /// kWh, scale 4.
+    pub kwh_e4: i128,
+    /// Yuan, scale 2.
+    pub total_e2: i128,
+}
+
+pub struct Inputs {
+    pub meters: Vec<Meter>,
+    pub accounts: Vec<Account>,
+    pub payments: Vec<Payment>,
+    pub scan: Scan,
+    pub bills: Vec<BillRow>,
+    /// Account index of each meter (None: account not in accounts.csv).
+    pub meter_account: Vec<Option<usize>>,
+    pub account_index: HashMap<String, usize>,
+    pub utc_offset_secs: i32,
+}
+
+fn master_err(e: impl std::fmt::Display) -> AnalyticsError {
+    AnalyticsError::Master(e.to_string())
+}
+
+impl Inputs {
+    pub fn load(lake: &Path, master_dir: &Path, runs: Option<&Path>, utc_offset_secs: i32) -> Result<Inputs, AnalyticsError> {
+        let meters = master::load_meters(&master_dir.join(master::METERS_FILE)).map_err(master_err)?.rows;
+        let accounts = master::load_accounts(&master_dir.join(master::ACCOUNTS_FILE)).map_err(master_err)?.rows;
+        let pay_path = master_dir.join(master::PAYMENTS_FILE);
+        let payments = if pay_path.exists() {
+            master::load_payments(&pay_path).map_err(master_err)?.rows
+        } else {
+            Vec::new()
+        };
+        let scan = scan_lake(lake, &meters, utc_offset_secs)?;
+        let bills = match runs {
+            Some(r) => load_bill_runs(r)?,
+            None => Vec::new(),
+        };
+        Ok(Inputs::assemble(meters, accounts, payments, scan, bills, utc_offset_secs))
+    }
+
+    pub fn assemble(
+        meters: Vec<Meter>,
+        accounts: Vec<Account>,
+        payments: Vec<Payment>,
+        scan: Scan,
+        bills: Vec<BillRow>,
+        utc_offset_secs: i32,
+    ) -> Inputs {
+        let account_index: HashMap<String, usize> =
+            accounts.iter().enumerate().map(|(i, a)| (a.account_id.clone(), i)).collect();
+        let meter_account = meters.iter().map(|m| account_index.get(&m.account_id).copied()).collect();
+        Inputs { meters, accounts, payments, scan, bills, meter_account, account_index, utc_offset_secs }
+    }
+}
+
+/// Bill run directories under `runs` (or `runs` itself), newest revision of each period.
+pub fn run_dirs(runs: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if runs.join("manifest.json").exists() {
+        out.push(runs.to_path_buf());
+    }
+    if let Ok(rd) = std::fs::read_dir(runs) {
+        let mut subs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.join("manifest.json").exists()).collect();
+        subs.sort();
+        out.extend(subs);
+    }
+    out
+}
+
+/// The manifest of a run directory as JSON.
+pub fn manifest(dir: &Path) -> Result<serde_json::Value, AnalyticsError> {
+    let p = dir.join("manifest.json");
+    let bytes = std::fs::read(&p).map_err(|source| AnalyticsError::Io { path: p.clone(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))
+}
+
+/// Bills of every run directory found under `runs`.
+pub fn load_bill_runs(runs: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
+    let mut out = Vec::new();
+    for dir in run_dirs(runs) {
+        out.extend(load_bills(&dir)?);
+    }
+    Ok(out)
+}
+
+/// Bills of one run directory (`bills.parquet` + `manifest.json`).
+pub fn load_bills(dir: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
+    let m = manifest(dir)?;
+    let bill_date = m["period_end_exclusive"]
+        .as_str()
+        .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        .ok_or_else(|| AnalyticsError::Invalid(format!("{}: manifest has no period_end_exclusive", dir.display())))?;
+    let path = dir.join("bills.parquet");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let t = Table::read_parquet(&path)?;
+    let (Some(Col::Str(acc)), Some(Col::Str(period))) = (t.col("account_id"), t.col("period")) else {
+        return Err(AnalyticsError::Invalid(format!("{}: no account_id/period columns", path.display())));
+    };
+    let dec = |name: &str, want: u8| -> Vec<i128> {
+        match t.col(name) {
+            Some(Col::Dec(v, s)) => v.iter().map(|x| rescale(x.unwrap_or(0), *s, want)).collect(),
+            _ => vec![0; t.rows()],
+        }
+    };
+    let kwh = dec("kwh", 4);
+    let total = dec("total", 2);
+    Ok((0..t.rows())
+        .map(|i| BillRow {
+            account_id: acc[i].clone().unwrap_or_default(),
+            period: period[i].clone().unwrap_or_default(),
+            bill_date,
+            kwh_e4: kwh[i],
+            total_e2: total[i],
+        })
+        .collect())
+}
+
+/// Changes the scale of a scaled integer (rounding half away from zero when shrinking).
+pub fn rescale(raw: i128, from: u8, to: u8) -> i128 {
+    if from == to {
+        raw
+    } else if from < to {
+        raw * 10i128.pow((to - from) as u32)
+    } else {
+        let d = rust_decimal::Decimal::from_i128_with_scale(raw, from as u32).round_dp(to as u32);
+        d.mantissa() * 10i128.pow(to as u32 - d.scale().min(to as u32))
+    }
+}

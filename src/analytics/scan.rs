@@ -1,0 +1,316 @@
+//! One pass over the readings lake: daily consumption per meter from the
+//! cumulative registers, 15-minute interval energy, communication gaps,
+//! zero-voltage readings and per-collector counts. Everything exact: energy
+//! is kept as i64 in units of 0.0001 kWh (the lake's scale).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
+use chrono::{Duration, NaiveDate};
+use rust_decimal::Decimal;
+
+use super::AnalyticsError;
+use crate::master::Meter;
+use crate::store::reader;
+
+/// Lake values and all energy here: 4 decimals.
+pub const SCALE: u8 = 4;
+const DAY_MS: i64 = 86_400_000;
+
+/// Registers read for daily use: total, then tariff 1..4 (sharp, peak, flat, valley).
+pub const REGISTERS: [&str; 5] =
+    ["import_active_total", "import_active_t1", "import_active_t2", "import_active_t3", "import_active_t4"];
+
+/// Energy of one meter on one local day, primary side (x CT x PT).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DayUse {
+    pub meter: u32,
+    pub date: NaiveDate,
+    /// Total and tariff 1..4, units of 0.0001 kWh; None when a register was missing.
+    pub regs: [Option<i64>; 5],
+    /// Spread over a gap of missing snapshots, or read from estimated values.
+    pub estimated: bool,
+}
+
+/// Interval energy (15-minute load profile), primary side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IntervalUse {
+    pub meter: u32,
+    pub ts_ms: i64,
+    pub e4: i64,
+}
+
+/// A stretch of time a meter was not heard from, or read zero volts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterEvent {
+    pub meter: u32,
+    /// `comm_loss` (daily snapshots missing) or `zero_voltage`.
+    pub kind: &'static str,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Snapshots missed (comm_loss) or zero readings seen (zero_voltage).
+    pub count: i64,
+}
+
+/// Reading counts of one collector (and bus: the source address before its first `/`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CollectorStats {
+    pub readings: u64,
+    pub ok: u64,
+    pub estimated: u64,
+    pub suspect: u64,
+    pub device_error: u64,
+    pub offline: u64,
+    pub quarantined: u64,
+    pub meters: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub daily: Vec<DayUse>,
+    pub intervals: Vec<IntervalUse>,
+    pub events: Vec<MeterEvent>,
+    /// (collector, bus) -> counts; bus "" for the collector as a whole.
+    pub collectors: BTreeMap<(String, String), CollectorStats>,
+    pub unknown_meter_readings: u64,
+    pub backwards_pairs: u64,
+    pub readings: u64,
+    pub first_date: Option<NaiveDate>,
+    pub last_date: Option<NaiveDate>,
+}
+
+/// Local calendar date of a UTC instant.
+pub fn local_date(ts_ms: i64, offset_secs: i32) -> NaiveDate {
+    let local = ts_ms + offset_secs as i64 * 1000;
+    NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid") + Duration::days(local.div_euclid(DAY_MS))
+}
+
+/// Local hour of day (0..23) of a UTC instant.
+pub fn local_hour(ts_ms: i64, offset_secs: i32) -> u32 {
+    ((ts_ms + offset_secs as i64 * 1000).rem_euclid(DAY_MS) / 3_600_000) as u32
+}
+
+fn to_primary(delta_e4: i64, multiplier: Decimal) -> i64 {
+    let v = Decimal::from_i128_with_scale(delta_e4 as i128, SCALE as u32) * multiplier;
+    let v = v.round_dp(SCALE as u32);
+    let m = v.mantissa() * 10i128.pow(SCALE as u32 - v.scale().min(SCALE as u32));
+    m.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// Reads the lake's `readings` (and `quarantine` counts). `meters` gives
+/// multipliers and register moduli; readings of meters not in it are counted
+/// and skipped.
+pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan, AnalyticsError> {
+    let index: HashMap<&str, u32> = meters.iter().enumerate().map(|(i, m)| (m.meter_id.as_str(), i as u32)).collect();
+    let mut scan = Scan::default();
+    // (meter, register) -> snapshots (ts, raw, estimated)
+    let mut regs: HashMap<(u32, u8), Vec<(i64, i64, bool)>> = HashMap::new();
+    let mut volts: HashMap<u32, Vec<(i64, bool)>> = HashMap::new();
+    let mut collector_meters: BTreeMap<(String, String), std::collections::HashSet<u32>> = BTreeMap::new();
+    let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
+    let cols = ["meter_id", "ts", "channel", "value", "quality", "source_collector", "source_address"];
+    for (_, path) in &files {
+        for b in reader::read_file_columns(path, Some(&cols))? {
+            let get = |n: &str| b.column_by_name(n).ok_or_else(|| AnalyticsError::Invalid(format!("{}: no column {n}", path.display())));
+            let meter_id = get("meter_id")?.as_any().downcast_ref::<StringArray>();
+            let ts = get("ts")?.as_any().downcast_ref::<TimestampMillisecondArray>();
+            let channel = get("channel")?.as_any().downcast_ref::<StringArray>();
+            let value = get("value")?.as_any().downcast_ref::<Decimal128Array>();
+            let quality = get("quality")?.as_any().downcast_ref::<StringArray>();
+            let collector = get("source_collector")?.as_any().downcast_ref::<StringArray>();
+            let address = get("source_address")?.as_any().downcast_ref::<StringArray>();
+            let (Some(meter_id), Some(ts), Some(channel), Some(value), Some(quality), Some(collector), Some(address)) =
+                (meter_id, ts, channel, value, quality, collector, address)
+            else {
+                return Err(AnalyticsError::Invalid(format!("{}: not a readings file", path.display())));
+            };
+            for i in 0..b.num_rows() {
+                scan.readings += 1;
+                let q = quality.value(i);
+                let col = collector.value(i).to_string();
+                let addr = address.value(i);
+                let bus = addr.split('/').next().unwrap_or("").to_string();
+                let m = index.get(meter_id.value(i)).copied();
+                for key in [(col.clone(), String::new()), (col.clone(), bus)] {
+                    let s = scan.collectors.entry(key.clone()).or_default();
+                    s.readings += 1;
+                    if q == "ok" {
+                        s.ok += 1;
+                    }
+                    for (flag, n) in [
+                        ("estimated", &mut s.estimated),
+                        ("suspect", &mut s.suspect),
+                        ("device_error", &mut s.device_error),
+                        ("offline", &mut s.offline),
+                    ] {
+                        if q.split(',').any(|f| f == flag) {
+                            *n += 1;
+                        }
+                    }
+                    if let Some(m) = m {
+                        collector_meters.entry(key).or_default().insert(m);
+                    }
+                }
+                let Some(m) = m else {
+                    scan.unknown_meter_readings += 1;
+                    continue;
+                };
+                let t = ts.value(i);
+                let d = local_date(t, offset_secs);
+                scan.first_date = Some(scan.first_date.map_or(d, |x| x.min(d)));
+                scan.last_date = Some(scan.last_date.map_or(d, |x| x.max(d)));
+                let ch = channel.value(i);
+                let raw = value.value(i);
+                let raw = raw.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+                if let Some(r) = REGISTERS.iter().position(|x| *x == ch) {
+                    let est = q.contains("estimated");
+                    regs.entry((m, r as u8)).or_default().push((t, raw, est));
+                } else if ch == "import_active_interval" {
+                    let mult = meters[m as usize].multiplier();
+                    scan.intervals.push(IntervalUse { meter: m, ts_ms: t, e4: to_primary(raw, mult) });
+                } else if ch.starts_with("voltage_") {
+                    volts.entry(m).or_default().push((t, raw == 0));
+                }
+            }
+        }
+    }
+    for ((col, bus), set) in collector_meters {
+        if let Some(s) = scan.collectors.get_mut(&(col, bus)) {
+            s.meters = set.len() as u64;
+        }
+    }
+    count_quarantine(lake, &mut scan)?;
+    daily_from_registers(meters, regs, offset_secs, &mut scan);
+    zero_voltage_events(volts, &mut scan);
+    silent_meters(meters, offset_secs, &mut scan);
+    scan.daily.sort_by_key(|d| (d.meter, d.date));
+    scan.events.sort_by_key(|e| (e.meter, e.start_ms));
+    Ok(scan)
+}
+
+fn count_quarantine(lake: &Path, scan: &mut Scan) -> Result<(), AnalyticsError> {
+    for (_, path) in reader::list_files(lake, "quarantine", NaiveDate::MIN, NaiveDate::MAX)? {
+        for b in reader::read_file_columns(&path, Some(&["source_collector", "source_address"]))? {
+            let (Some(c), Some(a)) = (
+                b.column_by_name("source_collector").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+                b.column_by_name("source_address").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+            ) else {
+                continue;
+            };
+            for i in 0..b.num_rows() {
+                let col = c.value(i).to_string();
+                let bus = a.value(i).split('/').next().unwrap_or("").to_string();
+                scan.collectors.entry((col.clone(), String::new())).or_default().quarantined += 1;
+                scan.collectors.entry((col, bus)).or_default().quarantined += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn daily_from_registers(
+    meters: &[Meter],
+    regs: HashMap<(u32, u8), Vec<(i64, i64, bool)>>,
+    offset_secs: i32,
+    scan: &mut Scan,
+) {
+    let mut days: BTreeMap<(u32, NaiveDate), DayUse> = BTreeMap::new();
+    for ((m, r), mut snaps) in regs {
+        snaps.sort_by_key(|s| s.0);
+        snaps.dedup_by_key(|s| s.0);
+        let meter = &meters[m as usize];
+        let modulus = (meter.modulus() * Decimal::from(10_000)).try_into().unwrap_or(i64::MAX);
+        let mult = meter.multiplier();
+        for w in snaps.windows(2) {
+            let ((tp, vp, ep), (t, v, e)) = (w[0], w[1]);
+            let span = ((t - tp) as f64 / DAY_MS as f64).round() as i64;
+            if span < 1 {
+                continue;
+            }
+            let mut delta = v - vp;
+            if delta < 0 {
+                // A wrap near the top of the register is a rollover; anything else went backwards.
+                if vp > modulus / 10 * 9 && v < modulus / 10 {
+                    delta += modulus;
+                } else {
+                    if r == 0 {
+                        scan.backwards_pairs += 1;
+                    }
+                    continue;
+                }
+            }
+            if r == 0 && span > 1 {
+                scan.events.push(MeterEvent { meter: m, kind: "comm_loss", start_ms: tp, end_ms: t, count: span - 1 });
+            }
+            let primary = to_primary(delta, mult);
+            let start = local_date(tp, offset_secs);
+            // Spread a multi-day gap evenly; the remainder goes to the last day.
+            let each = primary / span;
+            for k in 0..span {
+                let part = if k == span - 1 { primary - each * (span - 1) } else { each };
+                let d = start + Duration::days(k);
+                let du = days.entry((m, d)).or_insert(DayUse { meter: m, date: d, regs: [None; 5], estimated: false });
+                du.regs[r as usize] = Some(du.regs[r as usize].unwrap_or(0) + part);
+                du.estimated |= span > 1 || ep || e;
+            }
+        }
+    }
+    scan.daily.extend(days.into_values());
+}
+
+fn zero_voltage_events(volts: HashMap<u32, Vec<(i64, bool)>>, scan: &mut Scan) {
+    for (m, mut v) in volts {
+        v.sort();
+        let mut open: Option<(i64, i64, i64)> = None; // start, last zero, count
+        for (t, zero) in v {
+            match (zero, open) {
+                (true, None) => open = Some((t, t, 1)),
+                (true, Some((s, _, n))) => open = Some((s, t, n + 1)),
+                (false, Some((s, _, n))) => {
+                    scan.events.push(MeterEvent { meter: m, kind: "zero_voltage", start_ms: s, end_ms: t, count: n });
+                    open = None;
+                }
+                (false, None) => {}
+            }
+        }
+        if let Some((s, l, n)) = open {
+            scan.events.push(MeterEvent { meter: m, kind: "zero_voltage", start_ms: s, end_ms: l, count: n });
+        }
+    }
+}
+
+/// Meters installed over the whole scanned period that sent no register at all.
+fn silent_meters(meters: &[Meter], offset_secs: i32, scan: &mut Scan) {
+    let (Some(first), Some(last)) = (scan.first_date, scan.last_date) else { return };
+    let heard: std::collections::HashSet<u32> = scan.daily.iter().map(|d| d.meter).collect();
+    let off = offset_secs as i64 * 1000;
+    let ms = |d: NaiveDate| (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() * DAY_MS - off;
+    for (i, m) in meters.iter().enumerate() {
+        let active = m.installed_on <= first && m.removed_on.is_none_or(|r| r > last);
+        if active && !heard.contains(&(i as u32)) {
+            let days = (last - first).num_days() + 1;
+            scan.events.push(MeterEvent { meter: i as u32, kind: "comm_loss", start_ms: ms(first), end_ms: ms(last + Duration::days(1)), count: days });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_dates_follow_the_offset() {
+        // 2026-09-30T16:00Z is local midnight of 1 October at UTC+8.
+        let t = chrono::DateTime::parse_from_rfc3339("2026-09-30T16:00:00Z").unwrap().timestamp_millis();
+        assert_eq!(local_date(t, 8 * 3600), NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+        assert_eq!(local_date(t, 0), NaiveDate::from_ymd_opt(2026, 9, 30).unwrap());
+        assert_eq!(local_hour(t, 8 * 3600), 0);
+    }
+
+    #[test]
+    fn primary_energy_applies_the_multiplier_exactly() {
+        assert_eq!(to_primary(12_345, Decimal::from(4000)), 49_380_000);
+        assert_eq!(to_primary(1, Decimal::new(15, 1)), 2);
+    }
+}

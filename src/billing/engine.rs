@@ -1,0 +1,245 @@
+//! The in-memory core of a bill run: plan every account, route readings to
+//! meter states, then bill every account in parallel. IO lives in `run`.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use rayon::prelude::*;
+
+use super::account::{apply_reading, bill_account, plan_account, AccountBill, AccountPlan, Exception};
+use super::period::BillPeriod;
+use super::vee::{MeterState, VeeConfig};
+use crate::master::{Account, Meter};
+use crate::model::{Channel, Quality, Reading};
+use crate::tariff::TariffSet;
+
+/// A small fast hasher for meter-id lookups on the hot path (FxHash-style;
+/// ids come from our own master data, so no adversarial keys).
+#[derive(Default, Clone, Copy)]
+pub struct Fx(u64);
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
+/// An account that cannot be billed, or a reading that belongs to no account.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExceptionRow {
+    pub account_id: String,
+    pub meter_id: String,
+    pub code: String,
+    pub detail: String,
+}
+
+/// Accounts, meters and their states for one period.
+pub struct Engine<'a> {
+    pub period: BillPeriod,
+    pub cfg: VeeConfig,
+    accounts: Vec<&'a Account>,
+    plans: Vec<Result<AccountPlan<'a>, Exception>>,
+    /// Meter id -> dense index.
+    pub meter_index: FxMap<&'a str, u32>,
+    meters: Vec<&'a Meter>,
+    meter_account: Vec<u32>,
+    states: Vec<Option<MeterState>>,
+    /// Unknown meter ids seen in readings, with counts.
+    pub unknown_meters: HashMap<String, u64>,
+    pub readings_seen: u64,
+    /// Meters attached to no known account (master data problem).
+    orphan_meters: Vec<&'a Meter>,
+    /// First error raised while routing readings, per account.
+    route_errors: HashMap<u32, Exception>,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(
+        accounts: &'a [Account],
+        meters: &'a [Meter],
+        tariffs: &'a TariffSet,
+        period: BillPeriod,
+        cfg: VeeConfig,
+    ) -> Engine<'a> {
+        let mut accs: Vec<&Account> = accounts.iter().collect();
+        accs.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let account_index: HashMap<&str, u32> =
+            accs.iter().enumerate().map(|(i, a)| (a.account_id.as_str(), i as u32)).collect();
+        let plans: Vec<Result<AccountPlan<'a>, Exception>> = accs
+            .par_iter()
+            .map(|a| match tariffs.get(&a.tariff_id) {
+                Ok(t) => plan_account(t, a, &period),
+                Err(e) => Err(Exception::new("unknown_tariff", e.to_string())),
+            })
+            .collect();
+        let mut meter_index = FxMap::with_capacity_and_hasher(meters.len(), Default::default());
+        let mut ms = Vec::with_capacity(meters.len());
+        let mut meter_account = Vec::with_capacity(meters.len());
+        let mut orphan_meters = Vec::new();
+        for m in meters {
+            match account_index.get(m.account_id.as_str()) {
+                Some(ai) => {
+                    meter_index.insert(m.meter_id.as_str(), ms.len() as u32);
+                    ms.push(m);
+                    meter_account.push(*ai);
+                }
+                None => orphan_meters.push(m),
+            }
+        }
+        let states: Vec<Option<MeterState>> = ms
+            .par_iter()
+            .zip(meter_account.par_iter())
+            .map(|(m, ai)| match &plans[*ai as usize] {
+                Ok(p) => p.meter_state(m),
+                Err(_) => None,
+            })
+            .collect();
+        Engine {
+            period,
+            cfg,
+            accounts: accs,
+            plans,
+            meter_index,
+            meters: ms,
+            meter_account,
+            states,
+            unknown_meters: HashMap::new(),
+            readings_seen: 0,
+            orphan_meters,
+            route_errors: HashMap::new(),
+        }
+    }
+
+    /// UTC ms range of readings any meter needs (all bounds, with the
+    /// estimation margin), for choosing lake partitions.
+    pub fn needed_range(&self) -> Option<(i64, i64)> {
+        let mut lo = i64::MAX;
+        let mut hi = i64::MIN;
+        for s in self.states.iter().flatten() {
+            lo = lo.min(s.bounds[0]);
+            hi = hi.max(*s.bounds.last().expect("bounds"));
+        }
+        (lo <= hi).then_some((lo - self.cfg.max_interpolation_gap_ms, hi + self.cfg.max_interpolation_gap_ms))
+    }
+
+    /// All boundary instants of all meters (UTC ms, deduplicated), for reading
+    /// only the partitions around them when intermediate days are not needed.
+    pub fn bound_instants(&self) -> Vec<i64> {
+        let mut v: Vec<i64> = self.states.iter().flatten().flat_map(|s| s.bounds.iter().copied()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Routes one reading (value scaled by 10^4) to its meter.
+    pub fn apply(&mut self, meter: u32, channel: Channel, ts: i64, value: i64, q: Quality) {
+        self.readings_seen += 1;
+        let m = meter as usize;
+        let Some(st) = self.states[m].as_mut() else { return };
+        let ai = self.meter_account[m];
+        let Ok(plan) = &self.plans[ai as usize] else { return };
+        if let Err(e) = apply_reading(st, plan, channel, ts, value, q, &self.cfg) {
+            self.route_errors.entry(ai).or_insert(e);
+        }
+    }
+
+    pub fn apply_unknown(&mut self, meter_id: &str) {
+        self.readings_seen += 1;
+        *self.unknown_meters.entry(meter_id.to_string()).or_insert(0) += 1;
+    }
+
+    /// Looks a meter up and applies; unknown meters are counted for the exceptions output.
+    pub fn apply_reading(&mut self, r: &Reading) {
+        match self.meter_index.get(r.meter_id.as_str()) {
+            Some(&i) => {
+                let v = crate::store::columns::to_scaled(r.value).map(|x| x as i64).unwrap_or(0);
+                self.apply(i, r.channel, r.ts_ms, v, r.quality)
+            }
+            None => self.apply_unknown(&r.meter_id),
+        }
+    }
+
+    /// Bills every account in parallel; results sorted by account id.
+    pub fn finish(self) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
+        let mut by_account: Vec<Vec<u32>> = vec![Vec::new(); self.accounts.len()];
+        for (m, ai) in self.meter_account.iter().enumerate() {
+            if self.states[m].is_some() {
+                by_account[*ai as usize].push(m as u32);
+            }
+        }
+        let results: Vec<Result<AccountBill, Exception>> = (0..self.accounts.len())
+            .into_par_iter()
+            .map(|ai| {
+                let plan = self.plans[ai].as_ref().map_err(|e| e.clone())?;
+                if let Some(e) = self.route_errors.get(&(ai as u32)) {
+                    return Err(e.clone());
+                }
+                let mut ms: Vec<(&Meter, &MeterState)> = by_account[ai]
+                    .iter()
+                    .map(|&m| (self.meters[m as usize], self.states[m as usize].as_ref().expect("filtered")))
+                    .collect();
+                ms.sort_by(|a, b| (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id)));
+                bill_account(self.accounts[ai], plan, &ms, &self.period, &self.cfg)
+            })
+            .collect();
+        let mut bills = Vec::with_capacity(results.len());
+        let mut exceptions = Vec::new();
+        for (ai, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(b) => bills.push(b),
+                Err(e) => exceptions.push(ExceptionRow {
+                    account_id: self.accounts[ai].account_id.clone(),
+                    meter_id: String::new(),
+                    code: e.code.to_string(),
+                    detail: e.detail,
+                }),
+            }
+        }
+        for m in &self.orphan_meters {
+            exceptions.push(ExceptionRow {
+                account_id: m.account_id.clone(),
+                meter_id: m.meter_id.clone(),
+                code: "unknown_account".into(),
+                detail: format!("meters.csv names account '{}', which accounts.csv does not have", m.account_id),
+            });
+        }
+        let mut unknown: Vec<(String, u64)> = self.unknown_meters.into_iter().collect();
+        unknown.sort();
+        for (id, n) in unknown {
+            exceptions.push(ExceptionRow {
+                account_id: String::new(),
+                meter_id: id,
+                code: "unknown_meter".into(),
+                detail: format!("{n} reading(s) for a meter that meters.csv does not list"),
+            });
+        }
+        exceptions.sort();
+        (bills, exceptions)
+    }
+}
+
+/// Bills accounts from readings held in memory (tests, golden vectors, small runs).
+pub fn bill_readings(
+    accounts: &[Account],
+    meters: &[Meter],
+    tariffs: &TariffSet,
+    period: BillPeriod,
+    readings: &[Reading],
+) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
+    let mut e = Engine::new(accounts, meters, tariffs, period, VeeConfig::default());
+    let mut order: Vec<&Reading> = readings.iter().collect();
+    order.sort_by_key(|r| r.ts_ms);
+    for r in order {
+        e.apply_reading(r);
+    }
+    e.finish()
+}

@@ -1,0 +1,315 @@
+//! Arrow schemas and Parquet encoding of the bill run's outputs:
+//! `bills`, `bill_lines`, `exceptions` (docs/billing.md).
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Decimal128Builder, Int32Builder, RecordBatch, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use rust_decimal::Decimal;
+
+use super::account::AccountBill;
+use super::engine::ExceptionRow;
+use super::flags::Flags;
+use crate::tariff::price::LineKind;
+use crate::tariff::TariffSet;
+
+pub const AMOUNT: (u8, i8) = (18, 2);
+pub const QTY: (u8, i8) = (28, 6);
+pub const PRICE: (u8, i8) = (18, 6);
+pub const KWH: (u8, i8) = (28, 4);
+
+fn dec_t(p: (u8, i8)) -> DataType {
+    DataType::Decimal128(p.0, p.1)
+}
+
+pub fn bills_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("period", DataType::Utf8, false),
+        Field::new("account_id", DataType::Utf8, false),
+        Field::new("tariff_id", DataType::Utf8, false),
+        Field::new("tariff_versions", DataType::Utf8, false),
+        Field::new("days", DataType::Int32, false),
+        Field::new("kwh", dec_t(KWH), false),
+        Field::new("total", dec_t(AMOUNT), false),
+        Field::new("line_count", DataType::Int32, false),
+        Field::new("estimated", DataType::Boolean, false),
+        Field::new("flags", DataType::Utf8, false),
+        Field::new("ytd_kwh_before", dec_t(KWH), true),
+        Field::new("ytd_kwh_after", dec_t(KWH), true),
+        Field::new("power_factor", dec_t((5, 2)), true),
+        Field::new("max_demand_kw", dec_t(KWH), true),
+        Field::new("issued_total", dec_t(AMOUNT), true),
+        Field::new("adjustment", dec_t(AMOUNT), true),
+    ]))
+}
+
+pub fn lines_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("period", DataType::Utf8, false),
+        Field::new("account_id", DataType::Utf8, false),
+        Field::new("line_no", DataType::Int32, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("tier", DataType::Int32, true),
+        Field::new("tou_period", DataType::Utf8, true),
+        Field::new("quantity", dec_t(QTY), false),
+        Field::new("unit", DataType::Utf8, false),
+        Field::new("unit_price", dec_t(PRICE), false),
+        Field::new("amount", dec_t(AMOUNT), false),
+        Field::new("tariff_id", DataType::Utf8, false),
+        Field::new("tariff_version", DataType::Utf8, false),
+        Field::new("flags", DataType::Utf8, false),
+        Field::new("is_adjustment", DataType::Boolean, false),
+    ]))
+}
+
+pub fn exceptions_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("period", DataType::Utf8, false),
+        Field::new("account_id", DataType::Utf8, false),
+        Field::new("meter_id", DataType::Utf8, false),
+        Field::new("code", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+    ]))
+}
+
+/// Decimal to a scaled i128 at `scale`, rounding half away from zero beyond it.
+pub fn to_i128(d: Decimal, scale: i8) -> i128 {
+    let mut r = d.round_dp_with_strategy(scale as u32, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    r.rescale(scale as u32);
+    r.mantissa()
+}
+
+fn dec_builder(cap: usize, p: (u8, i8)) -> Decimal128Builder {
+    Decimal128Builder::with_capacity(cap).with_precision_and_scale(p.0, p.1).expect("valid decimal type")
+}
+
+/// One output line (a priced line, or an adjustment against an issued one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutLine {
+    pub kind: LineKind,
+    pub label: String,
+    pub tier: Option<i32>,
+    pub tou_period: Option<String>,
+    pub quantity: Decimal,
+    pub unit: &'static str,
+    pub unit_price: Decimal,
+    pub amount: Decimal,
+    pub tariff_version: String,
+    pub flags: Flags,
+    pub is_adjustment: bool,
+}
+
+/// The lines of a bill in output form.
+pub fn out_lines(b: &AccountBill, tariffs: &TariffSet) -> Vec<OutLine> {
+    let t = tariffs.get(&b.tariff_id).expect("billed with this tariff");
+    b.lines
+        .iter()
+        .map(|l| {
+            let v = &t.versions[l.version_index];
+            let i = l.line.index as i32;
+            OutLine {
+                kind: l.line.kind,
+                label: l.line.label(v),
+                tier: matches!(l.line.kind, LineKind::Energy | LineKind::TierSurcharge)
+                    .then_some(i + 1)
+                    .filter(|_| v.tiers.is_some()),
+                tou_period: (l.line.kind == LineKind::Period).then(|| l.line.label(v)),
+                quantity: l.line.quantity,
+                unit: l.line.unit(v),
+                unit_price: l.line.unit_price,
+                amount: l.line.amount,
+                tariff_version: v.id.clone(),
+                flags: l.flags,
+                is_adjustment: false,
+            }
+        })
+        .collect()
+}
+
+/// A bill row ready for output (issued/adjustment set on revisions).
+pub struct OutBill<'a> {
+    pub bill: &'a AccountBill,
+    pub total: Decimal,
+    pub line_count: usize,
+    pub issued_total: Option<Decimal>,
+    pub adjustment: Option<Decimal>,
+}
+
+pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBatch {
+    let n = rows.len();
+    let mut run = StringBuilder::with_capacity(n, n * run_id.len());
+    let mut per = StringBuilder::with_capacity(n, n * period.len());
+    let mut acc = StringBuilder::with_capacity(n, n * 12);
+    let mut tar = StringBuilder::with_capacity(n, n * 20);
+    let mut ver = StringBuilder::with_capacity(n, n * 8);
+    let mut days = Int32Builder::with_capacity(n);
+    let mut kwh = dec_builder(n, KWH);
+    let mut total = dec_builder(n, AMOUNT);
+    let mut lc = Int32Builder::with_capacity(n);
+    let mut est = BooleanBuilder::with_capacity(n);
+    let mut flags = StringBuilder::with_capacity(n, n * 4);
+    let mut yb = dec_builder(n, KWH);
+    let mut ya = dec_builder(n, KWH);
+    let mut pf = dec_builder(n, (5, 2));
+    let mut md = dec_builder(n, KWH);
+    let mut it = dec_builder(n, AMOUNT);
+    let mut adj = dec_builder(n, AMOUNT);
+    for r in rows {
+        let b = r.bill;
+        run.append_value(run_id);
+        per.append_value(period);
+        acc.append_value(&b.account_id);
+        tar.append_value(&b.tariff_id);
+        ver.append_value(&b.versions);
+        days.append_value(b.days as i32);
+        kwh.append_value(to_i128(b.kwh, KWH.1));
+        total.append_value(to_i128(r.total, AMOUNT.1));
+        lc.append_value(r.line_count as i32);
+        est.append_value(b.flags.contains(Flags::ESTIMATED));
+        flags.append_value(b.flags.to_string());
+        yb.append_option(b.ytd_before.map(|x| to_i128(x, KWH.1)));
+        ya.append_option(b.ytd_after.map(|x| to_i128(x, KWH.1)));
+        pf.append_option(b.power_factor.map(|x| to_i128(x, 2)));
+        md.append_option(b.max_demand_kw.map(|x| to_i128(x, KWH.1)));
+        it.append_option(r.issued_total.map(|x| to_i128(x, AMOUNT.1)));
+        adj.append_option(r.adjustment.map(|x| to_i128(x, AMOUNT.1)));
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(run.finish()),
+        Arc::new(per.finish()),
+        Arc::new(acc.finish()),
+        Arc::new(tar.finish()),
+        Arc::new(ver.finish()),
+        Arc::new(days.finish()),
+        Arc::new(kwh.finish()),
+        Arc::new(total.finish()),
+        Arc::new(lc.finish()),
+        Arc::new(est.finish()),
+        Arc::new(flags.finish()),
+        Arc::new(yb.finish()),
+        Arc::new(ya.finish()),
+        Arc::new(pf.finish()),
+        Arc::new(md.finish()),
+        Arc::new(it.finish()),
+        Arc::new(adj.finish()),
+    ];
+    RecordBatch::try_new(bills_schema(), cols).expect("columns match schema")
+}
+
+/// Builder of `bill_lines` batches.
+pub struct LinesBuilder {
+    run: StringBuilder,
+    per: StringBuilder,
+    acc: StringBuilder,
+    no: Int32Builder,
+    kind: StringBuilder,
+    label: StringBuilder,
+    tier: Int32Builder,
+    period: StringBuilder,
+    qty: Decimal128Builder,
+    unit: StringBuilder,
+    price: Decimal128Builder,
+    amount: Decimal128Builder,
+    tariff: StringBuilder,
+    version: StringBuilder,
+    flags: StringBuilder,
+    adj: BooleanBuilder,
+    pub rows: usize,
+}
+
+impl LinesBuilder {
+    pub fn new(cap: usize) -> LinesBuilder {
+        LinesBuilder {
+            run: StringBuilder::with_capacity(cap, cap * 16),
+            per: StringBuilder::with_capacity(cap, cap * 7),
+            acc: StringBuilder::with_capacity(cap, cap * 10),
+            no: Int32Builder::with_capacity(cap),
+            kind: StringBuilder::with_capacity(cap, cap * 8),
+            label: StringBuilder::with_capacity(cap, cap * 16),
+            tier: Int32Builder::with_capacity(cap),
+            period: StringBuilder::with_capacity(cap, cap * 2),
+            qty: dec_builder(cap, QTY),
+            unit: StringBuilder::with_capacity(cap, cap * 3),
+            price: dec_builder(cap, PRICE),
+            amount: dec_builder(cap, AMOUNT),
+            tariff: StringBuilder::with_capacity(cap, cap * 20),
+            version: StringBuilder::with_capacity(cap, cap * 8),
+            flags: StringBuilder::with_capacity(cap, cap * 2),
+            adj: BooleanBuilder::with_capacity(cap),
+            rows: 0,
+        }
+    }
+
+    pub fn push(&mut self, run_id: &str, period: &str, account: &str, tariff: &str, no: usize, l: &OutLine) {
+        self.run.append_value(run_id);
+        self.per.append_value(period);
+        self.acc.append_value(account);
+        self.no.append_value(no as i32);
+        self.kind.append_value(l.kind.as_str());
+        self.label.append_value(&l.label);
+        self.tier.append_option(l.tier);
+        self.period.append_option(l.tou_period.as_deref());
+        self.qty.append_value(to_i128(l.quantity, QTY.1));
+        self.unit.append_value(l.unit);
+        self.price.append_value(to_i128(l.unit_price, PRICE.1));
+        self.amount.append_value(to_i128(l.amount, AMOUNT.1));
+        self.tariff.append_value(tariff);
+        self.version.append_value(&l.tariff_version);
+        self.flags.append_value(l.flags.to_string());
+        self.adj.append_value(l.is_adjustment);
+        self.rows += 1;
+    }
+
+    pub fn finish(&mut self) -> RecordBatch {
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.run.finish()),
+            Arc::new(self.per.finish()),
+            Arc::new(self.acc.finish()),
+            Arc::new(self.no.finish()),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.label.finish()),
+            Arc::new(self.tier.finish()),
+            Arc::new(self.period.finish()),
+            Arc::new(self.qty.finish()),
+            Arc::new(self.unit.finish()),
+            Arc::new(self.price.finish()),
+            Arc::new(self.amount.finish()),
+            Arc::new(self.tariff.finish()),
+            Arc::new(self.version.finish()),
+            Arc::new(self.flags.finish()),
+            Arc::new(self.adj.finish()),
+        ];
+        self.rows = 0;
+        RecordBatch::try_new(lines_schema(), cols).expect("columns match schema")
+    }
+}
+
+pub fn exceptions_batch(run_id: &str, period: &str, rows: &[ExceptionRow]) -> RecordBatch {
+    let n = rows.len();
+    let mut b: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::with_capacity(n, n * 16)).collect();
+    for r in rows {
+        for (i, v) in [run_id, period, &r.account_id, &r.meter_id, &r.code, &r.detail].iter().enumerate() {
+            b[i].append_value(v);
+        }
+    }
+    let cols: Vec<ArrayRef> = b.iter_mut().map(|x| Arc::new(x.finish()) as ArrayRef).collect();
+    RecordBatch::try_new(exceptions_schema(), cols).expect("columns match schema")
+}
+
+/// Encodes batches as one Parquet file in memory (deterministic bytes).
+pub fn parquet_bytes(schema: SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, schema, Some(crate::store::atomic::writer_properties()))?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.close()?;
+    Ok(buf)
+}

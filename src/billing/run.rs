@@ -1,0 +1,513 @@
+//! The bill run: master data + tariffs + the readings lake in, `bills`,
+//! `bill_lines`, `exceptions` Parquet and `manifest.json` out, committed
+//! atomically as one directory. Re-running a period whose run directory
+//! already holds an issued run writes a revision with adjustment lines.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray, TimestampMillisecondArray};
+use chrono::DateTime;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use rayon::prelude::*;
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use super::account::AccountBill;
+use super::engine::{Engine, ExceptionRow};
+use super::flags::Flags;
+use super::output::{self, OutBill, OutLine};
+use super::period::BillPeriod;
+use super::vee::VeeConfig;
+use crate::model::{Channel, Quality};
+use crate::tariff::price::LineKind;
+
+/// Errors that stop a bill run (nothing is committed then).
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("{0}")]
+    Tariff(#[from] crate::tariff::TariffError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("master data: {0}")]
+    Master(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writing Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
+    move |source| BillingError::Io { path: path.to_path_buf(), source }
+}
+
+/// Options of a bill run (`meterflow bill`).
+pub struct BillRunOptions {
+    pub lake: PathBuf,
+    /// Folder with meters.csv and accounts.csv.
+    pub master: PathBuf,
+    /// Folder of tariff TOML files (calendars in `calendars/`).
+    pub tariffs: PathBuf,
+    /// `2026-10` or `2026-10-05..2026-11-19`.
+    pub period: String,
+    pub out: PathBuf,
+    /// Compute everything, commit nothing; the summary matches the real run.
+    pub preview: bool,
+    pub vee: VeeConfig,
+    /// Called as files are read: (done, total).
+    pub progress: Option<Box<dyn Fn(u64, u64) + Sync>>,
+}
+
+impl BillRunOptions {
+    pub fn new(lake: impl Into<PathBuf>, master: impl Into<PathBuf>, tariffs: impl Into<PathBuf>, period: &str, out: impl Into<PathBuf>) -> Self {
+        BillRunOptions {
+            lake: lake.into(),
+            master: master.into(),
+            tariffs: tariffs.into(),
+            period: period.to_string(),
+            out: out.into(),
+            preview: false,
+            vee: VeeConfig::default(),
+            progress: None,
+        }
+    }
+}
+
+/// One output file: name, rows, bytes, SHA-256.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct OutputFile {
+    pub name: String,
+    pub rows: usize,
+    pub bytes: usize,
+    pub sha256: String,
+}
+
+/// What a bill run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BillRunSummary {
+    pub run_id: String,
+    pub period: String,
+    pub preview: bool,
+    /// Where the outputs were committed (None for a preview).
+    pub dir: Option<PathBuf>,
+    /// 0 for the issued run, N for the Nth re-run (adjustments).
+    pub revision: u32,
+    pub accounts: usize,
+    pub bills: usize,
+    pub estimated_bills: usize,
+    pub exceptions: usize,
+    pub lines: usize,
+    pub total_amount: Decimal,
+    pub total_kwh: Decimal,
+    pub adjusted_accounts: usize,
+    pub adjustment_amount: Decimal,
+    pub readings: u64,
+    pub files_read: usize,
+    pub outputs: Vec<OutputFile>,
+    pub elapsed_ms: u128,
+}
+
+fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
+}
+
+/// Reads one lake file's relevant rows into compact updates.
+type Update = (u32, Channel, i64, i64, Quality);
+
+struct FileScan {
+    updates: Vec<Update>,
+    unknown: Vec<String>,
+    rows: u64,
+}
+
+fn scan_file(path: &Path, index: &super::engine::FxMap<&str, u32>, lo: i64, hi: i64) -> Result<FileScan, BillingError> {
+    let perr = |e: parquet::errors::ParquetError| crate::store::StoreError::parquet(path, e);
+    let file = File::open(path).map_err(io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(64 * 1024);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["meter_id", "ts", "channel", "value", "quality"]);
+    let reader = builder.with_projection(mask).build().map_err(perr)?;
+    let mut out = FileScan { updates: Vec::new(), unknown: Vec::new(), rows: 0 };
+    let mut last_unknown: Option<String> = None;
+    for batch in reader {
+        let batch = batch.map_err(|e| crate::store::StoreError::parquet(path, e))?;
+        let col = |name: &str| batch.column_by_name(name).cloned();
+        let bad = || crate::store::StoreError::Schema(format!("{}: unexpected readings schema", path.display()));
+        let (Some(mid), Some(ts), Some(ch), Some(val), Some(q)) = (col("meter_id"), col("ts"), col("channel"), col("value"), col("quality")) else {
+            return Err(bad().into());
+        };
+        let mid = mid.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
+        let ts = ts.as_any().downcast_ref::<TimestampMillisecondArray>().ok_or_else(bad)?;
+        let ch = ch.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
+        let val = val.as_any().downcast_ref::<Decimal128Array>().ok_or_else(bad)?;
+        let q = q.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
+        if val.scale() != crate::store::schema::VALUE_SCALE {
+            return Err(bad().into());
+        }
+        out.rows += batch.num_rows() as u64;
+        out.updates.reserve(batch.num_rows());
+        let (mut last_ch, mut last_channel): (&str, Option<Channel>) = ("", None);
+        for i in 0..batch.num_rows() {
+            let t = ts.value(i);
+            if t < lo || t > hi {
+                continue;
+            }
+            let c = ch.value(i);
+            if c != last_ch {
+                last_ch = c;
+                last_channel = c.parse::<Channel>().ok().filter(|c| {
+                    super::vee::register_index(*c).is_some()
+                        || matches!(c, Channel::MaxDemandImport | Channel::ImportActiveInterval | Channel::ClockSkew)
+                });
+            }
+            let Some(channel) = last_channel else { continue };
+            let id = mid.value(i);
+            let Some(&m) = index.get(id) else {
+                if last_unknown.as_deref() != Some(id) {
+                    last_unknown = Some(id.to_string());
+                    out.unknown.push(id.to_string());
+                }
+                continue;
+            };
+            let qs = q.value(i);
+            let quality = if qs == "ok" { Quality::OK } else { Quality::parse(qs).unwrap_or(Quality::SUSPECT) };
+            out.updates.push((m, channel, t, val.value(i) as i64, quality));
+        }
+    }
+    Ok(out)
+}
+
+/// Aggregation key of a line for comparing runs.
+type LineKey = (String, String, String, String);
+
+struct Issued {
+    /// (account, kind, label, version) -> (quantity, amount, tariff id)
+    lines: BTreeMap<LineKey, (Decimal, Decimal, String)>,
+    totals: BTreeMap<String, Decimal>,
+    run_id: String,
+}
+
+fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
+    let mut is = Issued { lines: BTreeMap::new(), totals: BTreeMap::new(), run_id: String::new() };
+    for (n, dir) in dirs.iter().enumerate() {
+        if n == 0 {
+            let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
+                .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
+            is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
+        }
+        for batch in crate::store::reader::read_file(&dir.join("bill_lines.parquet"))? {
+            let s = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+            let d = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned());
+            let bad = || BillingError::Invalid(format!("{}: unexpected bill_lines schema", dir.display()));
+            let (acc, kind, label, ver, tar) = (s("account_id").ok_or_else(bad)?, s("kind").ok_or_else(bad)?, s("label").ok_or_else(bad)?, s("tariff_version").ok_or_else(bad)?, s("tariff_id").ok_or_else(bad)?);
+            let (qty, amt) = (d("quantity").ok_or_else(bad)?, d("amount").ok_or_else(bad)?);
+            let adj = batch.column_by_name("is_adjustment").and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned()).ok_or_else(bad)?;
+            for i in 0..batch.num_rows() {
+                if n > 0 && !adj.value(i) {
+                    continue;
+                }
+                let key = (acc.value(i).to_string(), kind.value(i).to_string(), label.value(i).to_string(), ver.value(i).to_string());
+                let q = Decimal::from_i128_with_scale(qty.value(i), output::QTY.1 as u32);
+                let a = Decimal::from_i128_with_scale(amt.value(i), output::AMOUNT.1 as u32);
+                *is.totals.entry(key.0.clone()).or_default() += a;
+                let e = is.lines.entry(key).or_insert((Decimal::ZERO, Decimal::ZERO, tar.value(i).to_string()));
+                e.0 += q;
+                e.1 += a;
+            }
+        }
+    }
+    Ok(is)
+}
+
+/// Runs a bill run. See docs/billing.md.
+pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
+    let t0 = Instant::now();
+    let period = BillPeriod::parse(&opts.period).map_err(BillingError::Invalid)?;
+    let tariffs = crate::tariff::load_dir(&opts.tariffs)?;
+    let meters_path = opts.master.join(crate::master::METERS_FILE);
+    let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
+    let meters = crate::master::load_meters(&meters_path).map_err(|e| BillingError::Master(e.to_string()))?;
+    let accounts = crate::master::load_accounts(&accounts_path).map_err(|e| BillingError::Master(e.to_string()))?;
+    let mut master_exceptions: Vec<ExceptionRow> = Vec::new();
+    for e in meters.errors.iter().chain(accounts.errors.iter()) {
+        master_exceptions.push(ExceptionRow {
+            account_id: String::new(),
+            meter_id: String::new(),
+            code: "master_row".into(),
+            detail: e.to_string(),
+        });
+    }
+    let t_load = t0.elapsed();
+
+    // Revision? An issued run in `out` makes this a re-run with adjustments.
+    let mut issued_dirs = Vec::new();
+    if opts.out.join("manifest.json").exists() {
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(opts.out.join("manifest.json")).map_err(io(&opts.out))?)
+            .map_err(|e| BillingError::Invalid(format!("{}: {e}", opts.out.display())))?;
+        if m["period"].as_str() != Some(period.label.as_str()) {
+            return Err(BillingError::Invalid(format!(
+                "{} holds the run of period {}, not {}: use another --out",
+                opts.out.display(),
+                m["period"].as_str().unwrap_or("?"),
+                period.label
+            )));
+        }
+        issued_dirs.push(opts.out.clone());
+        let mut n = 1;
+        while opts.out.join(format!("revision-{n}")).join("manifest.json").exists() {
+            issued_dirs.push(opts.out.join(format!("revision-{n}")));
+            n += 1;
+        }
+    } else if opts.out.exists() && std::fs::read_dir(&opts.out).map_err(io(&opts.out))?.next().is_some() {
+        return Err(BillingError::Invalid(format!(
+            "{} exists, is not empty and holds no committed run (no manifest.json): refusing to mix outputs",
+            opts.out.display()
+        )));
+    }
+    let revision = issued_dirs.len() as u32;
+
+    // Plan, then stream the lake day by day.
+    let mut engine = Engine::new(&accounts.rows, &meters.rows, &tariffs, period.clone(), opts.vee.clone());
+    let mut lake_files: Vec<(chrono::NaiveDate, PathBuf)> = Vec::new();
+    if let Some((lo, hi)) = engine.needed_range() {
+        let day = |ms: i64| DateTime::from_timestamp_millis(ms).map(|t| t.date_naive()).unwrap_or_default();
+        lake_files = crate::store::reader::list_files(&opts.lake, crate::store::schema::READINGS, day(lo), day(hi))?;
+        let total = lake_files.len() as u64;
+        let mut done = 0u64;
+        let mut i = 0;
+        while i < lake_files.len() {
+            let date = lake_files[i].0;
+            let j = lake_files[i..].iter().position(|(d, _)| *d != date).map_or(lake_files.len(), |k| i + k);
+            let scans: Vec<Result<FileScan, BillingError>> =
+                lake_files[i..j].par_iter().map(|(_, p)| scan_file(p, &engine.meter_index, lo, hi)).collect();
+            for s in scans {
+                let s = s?;
+                for (m, c, t, v, q) in s.updates {
+                    engine.apply(m, c, t, v, q);
+                }
+                for u in s.unknown {
+                    engine.apply_unknown(&u);
+                }
+                engine.readings_seen += 0;
+                done += 1;
+                if let Some(p) = &opts.progress {
+                    p(done, total);
+                }
+            }
+            i = j;
+        }
+    }
+    let readings = engine.readings_seen;
+    let t_scan = t0.elapsed();
+    let accounts_n = accounts.rows.len();
+    let (bills, mut exceptions) = engine.finish();
+    exceptions.extend(master_exceptions);
+    exceptions.sort();
+    let t_rate = t0.elapsed();
+
+    // Input hashes: SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
+    let mut inputs_master = Vec::new();
+    for p in [&meters_path, &accounts_path] {
+        let (h, n) = sha256_file(p)?;
+        inputs_master.push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+    }
+    let mut inputs_tariffs = Vec::new();
+    for p in tariffs.files() {
+        let (h, n) = sha256_file(&p)?;
+        inputs_tariffs.push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+    }
+    let lake_hashes: Vec<Result<serde_json::Value, BillingError>> = lake_files
+        .par_iter()
+        .map(|(_, p)| {
+            let bytes = std::fs::read(p).map_err(io(p))?;
+            Ok(serde_json::json!({"path": p.strip_prefix(&opts.lake).unwrap_or(p).display().to_string(), "crc32": format!("{:08x}", crc32fast::hash(&bytes)), "bytes": bytes.len()}))
+        })
+        .collect();
+    let inputs_lake: Vec<serde_json::Value> = lake_hashes.into_iter().collect::<Result<_, _>>()?;
+    let mut id_hash = Sha256::new();
+    id_hash.update(period.label.as_bytes());
+    id_hash.update(revision.to_le_bytes());
+    for v in inputs_master.iter().chain(&inputs_tariffs).chain(&inputs_lake) {
+        id_hash.update(v.to_string().as_bytes());
+    }
+    let run_id = hex::encode(&id_hash.finalize()[..8]);
+
+    // Outputs.
+    let mut lb = output::LinesBuilder::new(bills.len() * 6);
+    let mut out_bills: Vec<OutBill<'_>> = Vec::with_capacity(bills.len());
+    let mut adjusted = 0usize;
+    let mut adjustment_amount = Decimal::ZERO;
+    let issued = if revision > 0 { Some(read_issued(&issued_dirs)?) } else { None };
+    let mut total_amount = Decimal::ZERO;
+    let mut total_kwh = Decimal::ZERO;
+    let mut by_tariff: BTreeMap<&str, (usize, Decimal)> = BTreeMap::new();
+    let mut versions_used: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for b in &bills {
+        let lines = output::out_lines(b, &tariffs);
+        total_amount += b.total;
+        total_kwh += b.kwh;
+        let e = by_tariff.entry(b.tariff_id.as_str()).or_default();
+        e.0 += 1;
+        e.1 += b.total;
+        let vu = versions_used.entry(b.tariff_id.as_str()).or_default();
+        for v in b.versions.split('+') {
+            if !vu.contains(&v) {
+                vu.push(v);
+            }
+        }
+        match &issued {
+            None => {
+                for (n, l) in lines.iter().enumerate() {
+                    lb.push(&run_id, &period.label, &b.account_id, &b.tariff_id, n + 1, l);
+                }
+                out_bills.push(OutBill { bill: b, total: b.total, line_count: lines.len(), issued_total: None, adjustment: None });
+            }
+            Some(is) => {
+                let adj = adjustments(b, &lines, is);
+                if adj.is_empty() {
+                    continue;
+                }
+                let issued_total = is.totals.get(&b.account_id).copied().unwrap_or_default();
+                let diff: Decimal = adj.iter().map(|l| l.amount).sum();
+                for (n, l) in adj.iter().enumerate() {
+                    lb.push(&run_id, &period.label, &b.account_id, &b.tariff_id, n + 1, l);
+                }
+                adjusted += 1;
+                adjustment_amount += diff;
+                out_bills.push(OutBill { bill: b, total: b.total, line_count: adj.len(), issued_total: Some(issued_total), adjustment: Some(diff) });
+            }
+        }
+    }
+    let lines_n = lb.rows;
+    let files = vec![
+        ("bills.parquet", out_bills.len(), output::parquet_bytes(output::bills_schema(), &[output::bills_batch(&run_id, &period.label, &out_bills)])?),
+        ("bill_lines.parquet", lines_n, output::parquet_bytes(output::lines_schema(), &[lb.finish()])?),
+        ("exceptions.parquet", exceptions.len(), output::parquet_bytes(output::exceptions_schema(), &[output::exceptions_batch(&run_id, &period.label, &exceptions)])?),
+    ];
+    let outputs: Vec<OutputFile> = files
+        .iter()
+        .map(|(name, rows, bytes)| OutputFile { name: name.to_string(), rows: *rows, bytes: bytes.len(), sha256: hex::encode(Sha256::digest(bytes)) })
+        .collect();
+    let estimated = bills.iter().filter(|b| b.flags.contains(Flags::ESTIMATED)).count();
+    let t_encode = t0.elapsed();
+    let manifest = serde_json::json!({
+        "run_id": run_id,
+        "period": period.label,
+        "period_start": period.start.to_string(),
+        "period_end_exclusive": period.end.to_string(),
+        "revision": revision,
+        "adjusts_run": issued.as_ref().map(|i| i.run_id.clone()),
+        "created_by": format!("meterflow {}", env!("CARGO_PKG_VERSION")),
+        "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake},
+        "tariff_versions": versions_used,
+        "counts": {"accounts": accounts_n, "bills": bills.len(), "estimated_bills": estimated, "exceptions": exceptions.len(),
+                   "lines": lines_n, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": adjusted},
+        "sums": {"total_amount": total_amount.to_string(), "total_kwh": total_kwh.to_string(), "adjustment_amount": adjustment_amount.to_string(),
+                 "by_tariff": by_tariff.iter().map(|(k, (n, a))| (k.to_string(), serde_json::json!({"bills": n, "total_amount": a.to_string()}))).collect::<BTreeMap<_, _>>()},
+        "outputs": outputs,
+        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "rate": (t_rate - t_scan).as_millis(), "encode": (t_encode - t_rate).as_millis()},
+    });
+    let mut dir = None;
+    if !opts.preview {
+        let target = if revision == 0 { opts.out.clone() } else { opts.out.join(format!("revision-{revision}")) };
+        commit_dir(&target, &files, &manifest)?;
+        dir = Some(target);
+    }
+    Ok(BillRunSummary {
+        run_id,
+        period: period.label,
+        preview: opts.preview,
+        dir,
+        revision,
+        accounts: accounts_n,
+        bills: bills.len(),
+        estimated_bills: estimated,
+        exceptions: exceptions.len(),
+        lines: lines_n,
+        total_amount,
+        total_kwh,
+        adjusted_accounts: adjusted,
+        adjustment_amount,
+        readings,
+        files_read: lake_files.len(),
+        outputs,
+        elapsed_ms: t0.elapsed().as_millis(),
+    })
+}
+
+/// Adjustment lines of a re-rated bill against what was issued: per line key,
+/// the difference in quantity and amount. Empty when nothing changed.
+fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> {
+    let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine)> = BTreeMap::new();
+    for l in lines {
+        let e = now.entry((l.kind.as_str().to_string(), l.label.clone(), l.tariff_version.clone())).or_insert((Decimal::ZERO, Decimal::ZERO, l));
+        e.0 += l.quantity;
+        e.1 += l.amount;
+    }
+    let mut out = Vec::new();
+    let prefix = (b.account_id.clone(), String::new(), String::new(), String::new());
+    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> =
+        is.lines.range(prefix..).take_while(|(k, _)| k.0 == b.account_id).collect();
+    for ((kind, label, ver), (q, a, l)) in &now {
+        let key = (b.account_id.clone(), kind.clone(), label.clone(), ver.clone());
+        let (iq, ia) = is.lines.get(&key).map_or((Decimal::ZERO, Decimal::ZERO), |x| (x.0, x.1));
+        if *q != iq || *a != ia {
+            out.push(OutLine { quantity: *q - iq, amount: *a - ia, is_adjustment: true, flags: l.flags | Flags::ADJUSTED, ..(*l).clone() });
+        }
+    }
+    for (k, (iq, ia, _)) in issued {
+        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone())) && (!iq.is_zero() || !ia.is_zero()) {
+            out.push(OutLine {
+                kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
+                label: k.2.clone(),
+                tier: None,
+                tou_period: None,
+                quantity: -*iq,
+                unit: "",
+                unit_price: Decimal::ZERO,
+                amount: -*ia,
+                tariff_version: k.3.clone(),
+                flags: Flags::ADJUSTED,
+                is_adjustment: true,
+            });
+        }
+    }
+    out
+}
+
+/// Writes every file into a hidden temporary sibling directory, fsyncs, then
+/// renames it into place: readers see the whole run or nothing.
+fn commit_dir(target: &Path, files: &[(&str, usize, Vec<u8>)], manifest: &serde_json::Value) -> Result<(), BillingError> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let write = |p: PathBuf, bytes: &[u8]| -> Result<(), BillingError> {
+        let mut f = File::create(&p).map_err(io(&p))?;
+        f.write_all(bytes).map_err(io(&p))?;
+        f.sync_all().map_err(io(&p))
+    };
+    for (n, _, bytes) in files {
+        write(tmp.join(n), bytes)?;
+    }
+    let text = serde_json::to_vec_pretty(manifest).map_err(|e| BillingError::Invalid(e.to_string()))?;
+    write(tmp.join("manifest.json"), &text)?;
+    crate::store::atomic::sync_dir(&tmp)?;
+    if target.exists() {
+        // An empty directory made by the user: replace it.
+        std::fs::remove_dir(target).map_err(io(target))?;
+    }
+    std::fs::rename(&tmp, target).map_err(io(target))?;
+    crate::store::atomic::sync_dir(parent)?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! `meterflow bill`: the batch bill run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::billing::run::{bill_run, BillRunOptions};
+
+/// Bill every account for one period from the readings lake.
+///
+/// Writes `bills.parquet`, `bill_lines.parquet`, `exceptions.parquet` and
+/// `manifest.json` into RUN_DIR, committed atomically (the directory appears
+/// whole or not at all). Running again into a RUN_DIR that holds an issued run
+/// writes `RUN_DIR/revision-N/` with adjustment lines against the issued bills;
+/// the issued run is never rewritten. Same inputs give byte-identical Parquet.
+/// Files and flags: docs/billing.md.
+#[derive(Debug, clap::Args)]
+pub struct BillArgs {
+    /// Readings lake root (holds `readings/date=YYYY-MM-DD/`).
+    #[arg(long)]
+    pub lake: PathBuf,
+    /// Master data folder with meters.csv and accounts.csv.
+    #[arg(long)]
+    pub master: PathBuf,
+    /// Tariff folder (`*.toml`, calendars in `calendars/`).
+    #[arg(long, default_value = "tariffs")]
+    pub tariffs: PathBuf,
+    /// Bill period in local time: `2026-10`, or `2026-10-05..2026-11-19` (end exclusive).
+    #[arg(long)]
+    pub period: String,
+    /// Run directory to create (or holding the issued run, for a re-run).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Compute everything and print the summary, but write nothing.
+    #[arg(long)]
+    pub preview: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
+    let bar = super::progress::bar(0, "reading lake");
+    let pb = bar.clone();
+    let mut opts = BillRunOptions::new(&a.lake, &a.master, &a.tariffs, &a.period, &a.out);
+    opts.preview = a.preview;
+    opts.progress = Some(Box::new(move |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    }));
+    let s = bill_run(&opts)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let what = if s.preview { "preview (nothing written)" } else if s.revision > 0 { "re-run (adjustments)" } else { "bill run" };
+    println!("{what} {} for period {}", s.run_id, s.period);
+    println!("  accounts      {}", s.accounts);
+    println!("  bills         {} ({} estimated)", s.bills, s.estimated_bills);
+    println!("  exceptions    {}", s.exceptions);
+    println!("  bill lines    {}", s.lines);
+    println!("  total         {} CNY for {} kWh", s.total_amount, s.total_kwh);
+    if s.revision > 0 {
+        println!("  adjusted      {} account(s), {} CNY against the issued run", s.adjusted_accounts, s.adjustment_amount);
+    }
+    println!("  readings      {} from {} lake file(s)", s.readings, s.files_read);
+    for o in &s.outputs {
+        println!("  {:<20} {:>9} rows  sha256 {}", o.name, o.rows, &o.sha256[..16]);
+    }
+    match &s.dir {
+        Some(d) => println!("  committed to  {}", d.display()),
+        None => println!("  (preview: run without --preview to commit)"),
+    }
+    println!("  elapsed       {:.2} s", s.elapsed_ms as f64 / 1000.0);
+    Ok(ExitCode::SUCCESS)
+}

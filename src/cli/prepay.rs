@@ -1,0 +1,173 @@
+//! `meterflow prepay ...`: deduction runs over the readings lake.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use chrono::{NaiveDate, NaiveDateTime};
+
+use super::ledger::LedgerArg;
+use crate::prepay::alerts::Thresholds;
+use crate::prepay::control::Control;
+use crate::prepay::pricing::TariffPricer;
+use crate::prepay::run::{run_batch, Fleet, PrepayHook, RunOptions};
+use crate::prepay::sinks::{deliver, publish_qos1, Sinks};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PrepayCmd {
+    /// Deduct everything in the lake not yet deducted, through a time.
+    ///
+    /// Charges come from the tariff engine, cumulatively within each bill
+    /// month (tier year for annual tiers), so daily deductions add up to the
+    /// month's energy bill. Safe to re-run, to kill at any point and to run
+    /// twice at once: each chunk of meters commits with its cursors.
+    /// Alerts and relay orders are written to the ledger outbox in the same
+    /// transaction and then delivered to the configured sinks.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub l: LedgerArg,
+    /// Readings lake root.
+    #[arg(long)]
+    pub lake: PathBuf,
+    /// Master data folder (accounts.csv, meters.csv): prepaid accounts are deducted.
+    #[arg(long)]
+    pub master: PathBuf,
+    /// Tariff folder (tariffs/*.toml, calendars/).
+    #[arg(long)]
+    pub tariffs: PathBuf,
+    /// Deduct readings up to this local time, e.g. `2026-10-31T24:00` (end of October), or RFC 3339 with offset.
+    #[arg(long)]
+    pub through: String,
+    /// Time zone of --through without an offset.
+    #[arg(long, default_value = "Asia/Shanghai")]
+    pub tz: String,
+    /// First lake partition (UTC date) to read; default: 40 days before --through.
+    #[arg(long)]
+    pub from: Option<NaiveDate>,
+    /// Thresholds file: alert levels, zero, overdraft limit, forecast days, remote fee control (see docs/prepay.md).
+    #[arg(long)]
+    pub thresholds: Option<PathBuf>,
+    /// Write alerts to the `alerts` Parquet dataset under this root.
+    #[arg(long)]
+    pub alerts_out: Option<PathBuf>,
+    /// Publish alerts to this MQTT broker (QoS 1).
+    #[arg(long)]
+    pub mqtt_url: Option<String>,
+    /// MQTT topic for alerts.
+    #[arg(long, default_value = "meterflow/alerts")]
+    pub alerts_topic: String,
+    /// POST each alert as JSON to this webhook (retried 5 times).
+    #[arg(long)]
+    pub webhook: Option<String>,
+    /// Meters per ledger transaction.
+    #[arg(long, default_value_t = 500)]
+    pub chunk: usize,
+    /// Clock for alerts and relay rules (RFC 3339); default now.
+    #[arg(long)]
+    pub now: Option<String>,
+    /// Send relay commands instead of the dry run. Not available yet: relay
+    /// orders are audited as dry runs; send them with `meterflow dlt645 relay`.
+    #[arg(long)]
+    pub execute: bool,
+    /// Print the counters as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `YYYY-MM-DDTHH:MM` (24:00 allowed) in `offset_secs`, or RFC 3339.
+pub fn parse_through(s: &str, offset_secs: i32) -> anyhow::Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    let (date, time) = s.split_once('T').unwrap_or((s, "24:00"));
+    let d: NaiveDate = date.parse().with_context(|| format!("--through '{s}': date is not YYYY-MM-DD"))?;
+    let local = if time.starts_with("24:00") {
+        d.succ_opt().context("date out of range")?.and_hms_opt(0, 0, 0).context("time")?
+    } else {
+        let fmt = if time.len() > 5 { "%Y-%m-%dT%H:%M:%S" } else { "%Y-%m-%dT%H:%M" };
+        NaiveDateTime::parse_from_str(s, fmt).with_context(|| format!("--through '{s}': not YYYY-MM-DDTHH:MM"))?
+    };
+    Ok(local.and_utc().timestamp_millis() - offset_secs as i64 * 1000)
+}
+
+pub fn run(cmd: PrepayCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PrepayCmd::Run(a) => run_cmd(a),
+    }
+}
+
+fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
+    if a.execute {
+        bail!("--execute is not available from `prepay run` yet: relay orders are audited as dry runs; send them with `meterflow dlt645 relay`");
+    }
+    let off = crate::tariff::parse_timezone(&a.tz).with_context(|| format!("--tz '{}': unknown time zone", a.tz))?;
+    let through_ms = parse_through(&a.through, off)?;
+    let from = a.from.unwrap_or_else(|| {
+        let (d, _) = crate::prepay::pricing::local_date_minute(through_ms, 0);
+        d - chrono::Duration::days(40)
+    });
+    let mut led = crate::ledger::open_migrated(&a.l.ledger)?;
+    let fleet = Fleet::load(&a.master)?;
+    let set = crate::tariff::load_dir(&a.tariffs)?;
+    let pricer = TariffPricer::new(set);
+    let th = match &a.thresholds {
+        Some(p) => Thresholds::load(p)?,
+        None => Thresholds::builtin(),
+    };
+    let control = match &th.control {
+        Some(c) => Some(Control::new(c.clone(), &th.base_dir)?),
+        None => None,
+    };
+    let now_ms = match &a.now {
+        Some(n) => Some(chrono::DateTime::parse_from_rfc3339(n).context("--now is not RFC 3339")?.timestamp_millis()),
+        None => None,
+    };
+    let mut hook = PrepayHook { thresholds: &th, control: control.as_ref(), fleet: &fleet, daily_spend: HashMap::new(), now_ms };
+    let opts = RunOptions { lake: &a.lake, from, through_ms, chunk: a.chunk, evaluate_all: true };
+    let started = std::time::Instant::now();
+    let stats = run_batch(led.as_mut(), &pricer, &fleet, &mut hook, &opts)?;
+    let sinks = Sinks {
+        alerts_root: a.alerts_out.clone(),
+        webhook: a.webhook.clone(),
+        webhook_attempts: 5,
+        relay_audit: th.control.as_ref().map(|c| {
+            let p = c.audit_log.clone().unwrap_or_else(|| "relay-audit.jsonl".into());
+            th.base_dir.join(p)
+        }),
+        alerts_topic: a.mqtt_url.as_ref().map(|_| a.alerts_topic.clone()),
+    };
+    let mut outgoing = Vec::new();
+    let delivered = deliver(led.as_mut(), &sinks, &mut |t, p| {
+        outgoing.push((t.to_string(), p.to_vec()));
+        Ok(())
+    })?;
+    if let Some(url) = &a.mqtt_url {
+        publish_qos1(url, &format!("meterflow-prepay-{}", std::process::id()), &outgoing)?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "run": stats, "delivered": delivered, "seconds": started.elapsed().as_secs_f64() }));
+    } else {
+        println!(
+            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} not priced, {} conflicts; {} alerts, {} relay orders ({} dry-run frames) in {:.2}s",
+            stats.meters,
+            stats.readings,
+            stats.deductions,
+            stats.amount,
+            stats.duplicates,
+            stats.stale,
+            stats.backwards,
+            stats.unpriced,
+            stats.conflicts,
+            delivered.alerts,
+            delivered.relay_orders,
+            delivered.relay_frames,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if stats.conflicts > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}

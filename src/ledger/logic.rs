@@ -1,0 +1,95 @@
+//! The commit algorithm, written once over the primitive operations each
+//! backend provides inside its open transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rust_decimal::Decimal;
+
+use super::{Batch, CommitHook, CommitReport, Cursor, LedgerError, NewEntry, OutboxMsg, Outcome};
+
+/// Primitive operations inside one open transaction.
+pub trait Tx {
+    /// Locks (creating at zero if missing) the balance rows of `accounts`, in the given (sorted) order.
+    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError>;
+    /// Balance and entry count.
+    fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError>;
+    fn set_balance(&mut self, account: &str, balance: Decimal, added_entries: i64) -> Result<(), LedgerError>;
+    /// Inserts unless the key exists; returns the stored identity when it did.
+    fn insert_entry(&mut self, e: &NewEntry, now_ms: i64) -> Result<Option<String>, LedgerError>;
+    /// Locks and returns the cursor's `(last_ts_ms, first_ts_ms)` (None if absent).
+    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError>;
+    fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError>;
+    fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError>;
+    fn set_flag(&mut self, account: &str, flag: &str, now_ms: i64) -> Result<(), LedgerError>;
+    fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError>;
+    /// Inserts unless the id exists.
+    fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError>;
+}
+
+/// Applies `batch` through `tx`. Returns the report; the caller commits
+/// (or rolls back when `stale`).
+pub fn commit_batch(
+    tx: &mut dyn Tx,
+    batch: &Batch,
+    hook: &dyn CommitHook,
+    now_ms: i64,
+) -> Result<CommitReport, LedgerError> {
+    let mut report = CommitReport::default();
+    // Lock order: balances (sorted), then cursors (sorted): no deadlocks between writers.
+    let mut accounts: BTreeSet<String> = batch.entries.iter().map(|e| e.account_id.clone()).collect();
+    accounts.extend(batch.evaluate.iter().cloned());
+    let accounts: Vec<String> = accounts.into_iter().collect();
+    tx.lock_balances(&accounts)?;
+    let mut expect = batch.expect.clone();
+    expect.sort();
+    for (meter, channel, want) in &expect {
+        if tx.cursor_ts_for_update(meter, channel)? != *want {
+            report.stale = true;
+            return Ok(report);
+        }
+    }
+    let mut delta: BTreeMap<&str, (Decimal, i64)> = BTreeMap::new();
+    for e in &batch.entries {
+        let outcome = match tx.insert_entry(e, now_ms)? {
+            None => {
+                let d = delta.entry(e.account_id.as_str()).or_default();
+                d.0 += e.amount;
+                d.1 += 1;
+                Outcome::Inserted
+            }
+            Some(stored) if stored == e.identity() => Outcome::Duplicate,
+            Some(stored) => Outcome::Conflict { stored },
+        };
+        report.outcomes.push(outcome);
+    }
+    let mut cursors: Vec<&Cursor> = batch.cursors.iter().collect();
+    cursors.sort_by(|a, b| (&a.meter_id, &a.channel).cmp(&(&b.meter_id, &b.channel)));
+    for c in cursors {
+        let stored = tx.cursor_ts_for_update(&c.meter_id, &c.channel)?;
+        if stored.is_none_or(|(ts, _)| ts <= c.last_ts_ms) {
+            tx.upsert_cursor(c)?;
+        }
+    }
+    for account in &accounts {
+        let (mut bal, mut count) = tx.balance(account)?;
+        if let Some((d, n)) = delta.get(account.as_str()) {
+            bal += *d;
+            count += *n;
+            tx.set_balance(account, bal, *n)?;
+        }
+        let flags = tx.flags(account)?;
+        let out = hook.after(account, bal, count, &flags, now_ms);
+        for f in &out.clear_flags {
+            tx.clear_flag(account, f)?;
+        }
+        for f in &out.set_flags {
+            tx.set_flag(account, f, now_ms)?;
+        }
+        for m in out.outbox {
+            if tx.insert_outbox(&m)? {
+                report.outbox.push(m);
+            }
+        }
+    }
+    Ok(report)
+}

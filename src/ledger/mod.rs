@@ -1,0 +1,294 @@
+//! The prepayment ledger: append-only entries per account, balance = sum of
+//! entries (cached per account, checkable against the sum), idempotency keys.
+//!
+//! One interface ([`Ledger`]), two backends: SQLite (embedded default, one
+//! file, WAL) and PostgreSQL (several processes sharing one ledger).
+//! A [`Batch`] commits in one transaction: entries, meter cursors (so a
+//! deduction and the reading position it consumed move together) and the
+//! outbox messages a [`CommitHook`] derives from the new balances (alerts,
+//! relay orders). A crash before commit leaves nothing; after commit, all.
+//!
+//! Signs: credits (top-up, refund to the account, positive adjustment) are
+//! positive amounts, debits (deduction, fee) negative.
+
+pub mod export;
+mod logic;
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+pub use logic::commit_batch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("idempotency key '{key}' already used with different content (stored: {stored}; new: {new})")]
+    Conflict { key: String, stored: String, new: String },
+    #[error("bad ledger url '{0}': use a file path, sqlite:PATH or postgres://user@host:port/db[?schema=NAME]")]
+    BadUrl(String),
+    #[error("corrupt ledger row: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Db(e.to_string())
+    }
+}
+
+impl From<::postgres::Error> for LedgerError {
+    fn from(e: ::postgres::Error) -> Self {
+        LedgerError::Db(e.to_string())
+    }
+}
+
+/// What an entry is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    TopUp,
+    Deduction,
+    Adjustment,
+    Refund,
+    Fee,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::TopUp => "top_up",
+            EntryKind::Deduction => "deduction",
+            EntryKind::Adjustment => "adjustment",
+            EntryKind::Refund => "refund",
+            EntryKind::Fee => "fee",
+        }
+    }
+    pub fn parse(s: &str) -> Option<EntryKind> {
+        Some(match s {
+            "top_up" => EntryKind::TopUp,
+            "deduction" => EntryKind::Deduction,
+            "adjustment" => EntryKind::Adjustment,
+            "refund" => EntryKind::Refund,
+            "fee" => EntryKind::Fee,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An entry to append. Two entries with the same `key` are the same entry
+/// when `account_id`, `kind`, `amount`, `ts_ms` and `source` agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEntry {
+    pub key: String,
+    pub account_id: String,
+    pub kind: EntryKind,
+    /// Yuan, signed (credits positive).
+    pub amount: Decimal,
+    /// When the money moved (payment time, interval end), UTC ms.
+    pub ts_ms: i64,
+    /// Where it came from: `wechat`, `prepay-run`, `stream`, a file name.
+    pub source: String,
+    /// Free text / JSON detail (kWh, tariff version); not part of identity.
+    pub detail: String,
+}
+
+impl NewEntry {
+    /// The identity compared on a duplicate key.
+    pub fn identity(&self) -> String {
+        format!(
+            "{} {} {} {} {}",
+            self.account_id,
+            self.kind,
+            self.amount.normalize(),
+            self.ts_ms,
+            self.source
+        )
+    }
+}
+
+/// A stored entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Commit order (unique, increasing per backend).
+    pub seq: i64,
+    pub entry: NewEntry,
+    pub recorded_ms: i64,
+}
+
+/// Position of a meter register consumed by deductions (see `prepay::deduct`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub meter_id: String,
+    pub channel: String,
+    /// Start of the accumulation window (bill month or tier year), UTC ms.
+    pub window_start_ms: i64,
+    /// kWh consumed in the window so far (after CT x PT).
+    pub position: Decimal,
+    /// Timestamp and raw register value of the last reading consumed.
+    pub last_ts_ms: i64,
+    pub last_value: Decimal,
+    /// The earliest reading consumed in this window (position 0), so a
+    /// reading that arrives late but is older can still be charged in front.
+    pub first_ts_ms: i64,
+    pub first_value: Decimal,
+}
+
+/// A message to deliver after commit (alert, relay order), written in the same
+/// transaction as the entries that caused it. `id` is stable: delivering twice
+/// sends the same id, so consumers can de-duplicate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxMsg {
+    pub id: String,
+    /// `alert` or `relay`.
+    pub kind: String,
+    pub account_id: String,
+    pub created_ms: i64,
+    /// JSON payload.
+    pub payload: String,
+}
+
+/// What the hook decides for one account after the batch's entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookOut {
+    pub set_flags: Vec<String>,
+    pub clear_flags: Vec<String>,
+    pub outbox: Vec<OutboxMsg>,
+}
+
+/// Called inside the transaction for every account the batch touched (or
+/// every account listed in `Batch::evaluate`), with its new balance, its
+/// entry count (a deterministic clock for stable ids) and the flags stored
+/// for it (alert levels crossed, relay tripped, ...).
+pub trait CommitHook {
+    fn after(&self, account_id: &str, balance: Decimal, entries: i64, flags: &BTreeSet<String>, now_ms: i64) -> HookOut;
+}
+
+/// A hook that does nothing.
+pub struct NoHook;
+
+impl CommitHook for NoHook {
+    fn after(&self, _: &str, _: Decimal, _: i64, _: &BTreeSet<String>, _: i64) -> HookOut {
+        HookOut::default()
+    }
+}
+
+/// A cursor precondition: meter, channel, expected `(last_ts_ms, first_ts_ms)`.
+pub type Expect = (String, String, Option<(i64, i64)>);
+
+/// One transaction's worth of changes.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub entries: Vec<NewEntry>,
+    /// Cursor updates; applied only if the stored cursor is not newer
+    /// (`last_ts_ms` greater), which keeps overlapping runs from going back.
+    pub cursors: Vec<Cursor>,
+    /// Extra accounts to run the hook for (e.g. a re-evaluation after start).
+    pub evaluate: Vec<String>,
+    /// Cursor preconditions: the batch is applied only if each listed cursor
+    /// still has this `(last_ts_ms, first_ts_ms)` (None = must not exist).
+    /// Otherwise the commit returns `stale = true` and changes nothing.
+    pub expect: Vec<Expect>,
+}
+
+/// The outcome of one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Inserted,
+    /// Same key, same content: ignored.
+    Duplicate,
+    /// Same key, different content: rejected (not written); the rest of the batch is.
+    Conflict { stored: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    pub outcomes: Vec<Outcome>,
+    /// A cursor precondition failed (another writer got there first); nothing was written.
+    pub stale: bool,
+    pub outbox: Vec<OutboxMsg>,
+}
+
+impl CommitReport {
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|o| f(o)).count()
+    }
+}
+
+/// Cached balance against the sum of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BalanceCheck {
+    pub account_id: String,
+    pub cached: Decimal,
+    pub sum: Decimal,
+    pub entries: i64,
+}
+
+impl BalanceCheck {
+    pub fn ok(&self) -> bool {
+        self.cached == self.sum
+    }
+}
+
+/// The ledger interface both backends implement.
+pub trait Ledger: Send {
+    /// Creates or upgrades the tables (idempotent).
+    fn migrate(&mut self) -> Result<(), LedgerError>;
+    /// Applies a batch in one transaction.
+    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError>;
+    /// Cached balance (zero for an unknown account).
+    fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError>;
+    /// Every account's cached balance, by account id.
+    fn balances(&mut self) -> Result<Vec<(String, Decimal)>, LedgerError>;
+    /// Cached balances against the sum of entries, every account.
+    fn check(&mut self) -> Result<Vec<BalanceCheck>, LedgerError>;
+    /// Entries of one account (all accounts when `None`) with `seq > after`, in seq order.
+    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError>;
+    fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError>;
+    fn cursors(&mut self) -> Result<Vec<Cursor>, LedgerError>;
+    fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError>;
+    /// Outbox messages not yet marked delivered, oldest first.
+    fn pending_outbox(&mut self, limit: usize) -> Result<Vec<OutboxMsg>, LedgerError>;
+    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError>;
+    /// Every outbox message ever written (delivered or not), oldest first.
+    fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;
+    /// Backend name for logs (`sqlite:PATH`, `postgres:HOST/schema`).
+    fn describe(&self) -> String;
+}
+
+/// Opens a ledger by URL: a path or `sqlite:PATH` (SQLite), or
+/// `postgres://user@host:port/db[?schema=NAME]` (PostgreSQL; the schema is
+/// created on migrate, `public` by default). Does not migrate.
+pub fn open(url: &str) -> Result<Box<dyn Ledger>, LedgerError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Box::new(postgres::PgLedger::connect(url)?))
+    } else {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        if path.is_empty() {
+            return Err(LedgerError::BadUrl(url.into()));
+        }
+        Ok(Box::new(sqlite::SqliteLedger::open(std::path::Path::new(path))?))
+    }
+}
+
+/// Opens and migrates.
+pub fn open_migrated(url: &str) -> Result<Box<dyn Ledger>, LedgerError> {
+    let mut l = open(url)?;
+    l.migrate()?;
+    Ok(l)
+}
+
+pub(crate) fn parse_amount(s: &str) -> Result<Decimal, LedgerError> {
+    s.trim().parse::<Decimal>().map_err(|_| LedgerError::Corrupt(format!("amount '{s}' is not a decimal")))
+}

@@ -1,0 +1,379 @@
+//! PostgreSQL backend for several processes sharing one ledger. Amounts are
+//! NUMERIC (sent and read as text, never floats). Writers lock the balance
+//! rows of the accounts they touch (sorted) and take a transaction-scoped
+//! advisory lock per meter cursor, so two processes cannot consume the same
+//! reading interval twice.
+
+use std::collections::BTreeSet;
+
+use postgres::{Client, NoTls, Transaction};
+use rust_decimal::Decimal;
+
+use super::logic::{commit_batch, Tx};
+use super::sqlite::build_entry;
+use super::{
+    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, Ledger, LedgerError,
+    NewEntry, OutboxMsg,
+};
+use crate::model::now_ms;
+
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE entries (
+        seq BIGSERIAL PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        amount NUMERIC NOT NULL,
+        ts_ms BIGINT NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        recorded_ms BIGINT NOT NULL
+     );
+     CREATE INDEX entries_account ON entries(account_id, seq);
+     CREATE TABLE balances (
+        account_id TEXT PRIMARY KEY,
+        balance NUMERIC NOT NULL,
+        entries BIGINT NOT NULL
+     );
+     CREATE TABLE cursors (
+        meter_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        window_start_ms BIGINT NOT NULL,
+        position NUMERIC NOT NULL,
+        last_ts_ms BIGINT NOT NULL,
+        last_value NUMERIC NOT NULL,
+        first_ts_ms BIGINT NOT NULL,
+        first_value NUMERIC NOT NULL,
+        PRIMARY KEY (meter_id, channel)
+     );
+     CREATE TABLE flags (
+        account_id TEXT NOT NULL,
+        flag TEXT NOT NULL,
+        set_ms BIGINT NOT NULL,
+        PRIMARY KEY (account_id, flag)
+     );
+     CREATE TABLE outbox (
+        n BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        payload TEXT NOT NULL,
+        delivered_ms BIGINT
+     );",
+];
+
+pub struct PgLedger {
+    client: Client,
+    describe: String,
+}
+
+/// Splits `?schema=NAME` off a PostgreSQL URL.
+pub fn split_schema(url: &str) -> Result<(String, String), LedgerError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), "public".into()));
+    };
+    let mut schema = "public".to_string();
+    let mut rest = Vec::new();
+    for kv in query.split('&') {
+        match kv.strip_prefix("schema=") {
+            Some(s) => schema = s.to_string(),
+            None => rest.push(kv),
+        }
+    }
+    if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(LedgerError::BadUrl(url.into()));
+    }
+    let base = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    Ok((base, schema))
+}
+
+impl PgLedger {
+    pub fn connect(url: &str) -> Result<PgLedger, LedgerError> {
+        let (base, schema) = split_schema(url)?;
+        let mut client = Client::connect(&base, NoTls)?;
+        // Concurrent CREATE SCHEMA IF NOT EXISTS can race on the catalog; ignore that error.
+        let _ = client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
+        client.batch_execute(&format!("SET search_path TO {schema}"))?;
+        let host = base.rsplit('@').next().unwrap_or(&base).to_string();
+        Ok(PgLedger { client, describe: format!("postgres:{host}/{schema}") })
+    }
+}
+
+struct PgTx<'a, 'b> {
+    tx: &'a mut Transaction<'b>,
+}
+
+fn lock_key(meter: &str, channel: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("{meter}\u{1f}{channel}").as_bytes());
+    i64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
+}
+
+impl Tx for PgTx<'_, '_> {
+    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
+        let ins = self.tx.prepare(
+            "INSERT INTO balances(account_id, balance, entries) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+        )?;
+        let lock = self.tx.prepare("SELECT 1 FROM balances WHERE account_id = $1 FOR UPDATE")?;
+        for a in accounts {
+            self.tx.execute(&ins, &[a])?;
+            self.tx.query(&lock, &[a])?;
+        }
+        Ok(())
+    }
+    fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
+        let rows = self.tx.query("SELECT balance::text, entries FROM balances WHERE account_id = $1", &[&account])?;
+        rows.first().map_or(Ok((Decimal::ZERO, 0)), |r| Ok((parse_amount(r.get(0))?, r.get(1))))
+    }
+    fn set_balance(&mut self, account: &str, balance: Decimal, added: i64) -> Result<(), LedgerError> {
+        self.tx.execute(
+            "UPDATE balances SET balance = CAST($2::text AS NUMERIC), entries = entries + $3 WHERE account_id = $1",
+            &[&account, &balance.normalize().to_string(), &added],
+        )?;
+        Ok(())
+    }
+    fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
+        let n = self.tx.execute(
+            "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
+             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, $6, $7, $8) ON CONFLICT (key) DO NOTHING",
+            &[
+                &e.key,
+                &e.account_id,
+                &e.kind.as_str(),
+                &e.amount.normalize().to_string(),
+                &e.ts_ms,
+                &e.source,
+                &e.detail,
+                &now,
+            ],
+        )?;
+        if n == 1 {
+            return Ok(None);
+        }
+        let r = self.tx.query_one(
+            "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries WHERE key = $1",
+            &[&e.key],
+        )?;
+        let raw = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8));
+        Ok(Some(build_entry(raw)?.entry.identity()))
+    }
+    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError> {
+        self.tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(meter, channel)])?;
+        let rows = self.tx.query(
+            "SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = $1 AND channel = $2",
+            &[&meter, &channel],
+        )?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+    fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
+        self.tx.execute(
+            "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value)
+             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, CAST($6::text AS NUMERIC), $7, CAST($8::text AS NUMERIC))
+             ON CONFLICT (meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
+               position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
+               first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value",
+            &[
+                &c.meter_id,
+                &c.channel,
+                &c.window_start_ms,
+                &c.position.normalize().to_string(),
+                &c.last_ts_ms,
+                &c.last_value.normalize().to_string(),
+                &c.first_ts_ms,
+                &c.first_value.normalize().to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+    fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
+        let rows = self.tx.query("SELECT flag FROM flags WHERE account_id = $1", &[&account])?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+    fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
+        self.tx.execute(
+            "INSERT INTO flags(account_id, flag, set_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&account, &flag, &now],
+        )?;
+        Ok(())
+    }
+    fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError> {
+        self.tx.execute("DELETE FROM flags WHERE account_id = $1 AND flag = $2", &[&account, &flag])?;
+        Ok(())
+    }
+    fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError> {
+        let n = self.tx.execute(
+            "INSERT INTO outbox(id, kind, account_id, created_ms, payload) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO NOTHING",
+            &[&m.id, &m.kind, &m.account_id, &m.created_ms, &m.payload],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+fn outbox_from(rows: Vec<postgres::Row>) -> Vec<OutboxMsg> {
+    rows.iter()
+        .map(|r| OutboxMsg {
+            id: r.get(0),
+            kind: r.get(1),
+            account_id: r.get(2),
+            created_ms: r.get(3),
+            payload: r.get(4),
+        })
+        .collect()
+}
+
+impl Ledger for PgLedger {
+    fn migrate(&mut self) -> Result<(), LedgerError> {
+        let mut tx = self.client.transaction()?;
+        // One migrator at a time across processes.
+        tx.execute("SELECT pg_advisory_xact_lock(7007)", &[])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)")?;
+        let v: Option<i32> = tx.query_one("SELECT max(version) FROM schema_version", &[])?.get(0);
+        let v = v.unwrap_or(0) as usize;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(v) {
+            tx.batch_execute(sql)?;
+            tx.execute("INSERT INTO schema_version(version) VALUES ($1)", &[&((i + 1) as i32)])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError> {
+        // Deadlocks cannot happen by lock order, but retry a serialization hiccup once or twice anyway.
+        let mut attempt = 0;
+        loop {
+            let mut tx = self.client.transaction()?;
+            let res = commit_batch(&mut PgTx { tx: &mut tx }, batch, hook, now_ms());
+            match res {
+                Ok(report) if report.stale => {
+                    tx.rollback()?;
+                    return Ok(report);
+                }
+                Ok(report) => match tx.commit() {
+                    Ok(()) => return Ok(report),
+                    Err(e) if attempt < 3 && is_retryable(&e) => attempt += 1,
+                    Err(e) => return Err(e.into()),
+                },
+                Err(LedgerError::Db(msg)) if attempt < 3 && (msg.contains("deadlock") || msg.contains("serializ")) => {
+                    drop(tx);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError> {
+        let rows = self.client.query("SELECT balance::text FROM balances WHERE account_id = $1", &[&account_id])?;
+        rows.first().map_or(Ok(Decimal::ZERO), |r| parse_amount(r.get(0)))
+    }
+
+    fn balances(&mut self) -> Result<Vec<(String, Decimal)>, LedgerError> {
+        let rows = self.client.query("SELECT account_id, balance::text FROM balances ORDER BY account_id", &[])?;
+        rows.iter().map(|r| Ok((r.get(0), parse_amount(r.get(1))?))).collect()
+    }
+
+    fn check(&mut self) -> Result<Vec<BalanceCheck>, LedgerError> {
+        let mut tx = self.client.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start()?;
+        let rows = tx.query(
+            "SELECT coalesce(b.account_id, s.account_id), coalesce(b.balance, 0)::text, coalesce(s.total, 0)::text,
+                    coalesce(s.n, 0), coalesce(b.entries, -1)
+             FROM balances b FULL OUTER JOIN
+                  (SELECT account_id, sum(amount) AS total, count(*) AS n FROM entries GROUP BY account_id) s
+             ON b.account_id = s.account_id ORDER BY 1",
+            &[],
+        )?;
+        tx.commit()?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.get(3);
+                let cached_n: i64 = r.get(4);
+                Ok(BalanceCheck {
+                    account_id: r.get(0),
+                    cached: parse_amount(r.get(1))?,
+                    sum: parse_amount(r.get(2))?,
+                    entries: if n == cached_n { n } else { -n },
+                })
+            })
+            .collect()
+    }
+
+    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries
+             WHERE seq > $1 AND ($2::text IS NULL OR account_id = $2) ORDER BY seq LIMIT $3",
+            &[&after_seq, &account_id, &(limit.min(i64::MAX as usize) as i64)],
+        )?;
+        rows.iter()
+            .map(|r| build_entry((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8))))
+            .collect()
+    }
+
+    fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError> {
+        Ok(self.cursors_where(Some((meter_id, channel)))?.pop())
+    }
+
+    fn cursors(&mut self) -> Result<Vec<Cursor>, LedgerError> {
+        self.cursors_where(None)
+    }
+
+    fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError> {
+        let rows = self.client.query("SELECT flag FROM flags WHERE account_id = $1", &[&account_id])?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    fn pending_outbox(&mut self, limit: usize) -> Result<Vec<OutboxMsg>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox WHERE delivered_ms IS NULL ORDER BY n LIMIT $1",
+            &[&(limit.min(i64::MAX as usize) as i64)],
+        )?;
+        Ok(outbox_from(rows))
+    }
+
+    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.client
+            .execute("UPDATE outbox SET delivered_ms = $2 WHERE id = ANY($1)", &[&ids, &now_ms()])?;
+        Ok(())
+    }
+
+    fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError> {
+        let rows = self.client.query("SELECT id, kind, account_id, created_ms, payload FROM outbox ORDER BY n", &[])?;
+        Ok(outbox_from(rows))
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+fn is_retryable(e: &postgres::Error) -> bool {
+    let s = e.to_string();
+    s.contains("deadlock") || s.contains("serializ")
+}
+
+impl PgLedger {
+    fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
+        let (m, c) = key.unzip();
+        let rows = self.client.query(
+            "SELECT meter_id, channel, window_start_ms, position::text, last_ts_ms, last_value::text, first_ts_ms, first_value::text FROM cursors
+             WHERE ($1::text IS NULL OR (meter_id = $1 AND channel = $2)) ORDER BY meter_id, channel",
+            &[&m, &c],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(Cursor {
+                    meter_id: r.get(0),
+                    channel: r.get(1),
+                    window_start_ms: r.get(2),
+                    position: parse_amount(r.get(3))?,
+                    last_ts_ms: r.get(4),
+                    last_value: parse_amount(r.get(5))?,
+                    first_ts_ms: r.get(6),
+                    first_value: parse_amount(r.get(7))?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,401 @@
+//! SQLite backend: one file, WAL, `BEGIN IMMEDIATE` transactions (one writer
+//! at a time; other processes wait on the busy timeout). Amounts are stored
+//! as decimal TEXT, never REAL.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rust_decimal::Decimal;
+
+use super::logic::{commit_batch, Tx};
+use super::{
+    parse_amount, Batch, BalanceCheck, CommitHook, CommitReport, Cursor, Entry, EntryKind, Ledger,
+    LedgerError, NewEntry, OutboxMsg,
+};
+use crate::model::now_ms;
+
+/// Schema versions, applied in order by `migrate`.
+const MIGRATIONS: &[&str] = &[
+    // 1: entries, cached balances, cursors, flags, outbox.
+    "CREATE TABLE entries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE,
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        recorded_ms INTEGER NOT NULL
+     );
+     CREATE INDEX entries_account ON entries(account_id, seq);
+     CREATE TABLE balances (
+        account_id TEXT PRIMARY KEY,
+        balance TEXT NOT NULL,
+        entries INTEGER NOT NULL
+     );
+     CREATE TABLE cursors (
+        meter_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        window_start_ms INTEGER NOT NULL,
+        position TEXT NOT NULL,
+        last_ts_ms INTEGER NOT NULL,
+        last_value TEXT NOT NULL,
+        first_ts_ms INTEGER NOT NULL,
+        first_value TEXT NOT NULL,
+        PRIMARY KEY (meter_id, channel)
+     );
+     CREATE TABLE flags (
+        account_id TEXT NOT NULL,
+        flag TEXT NOT NULL,
+        set_ms INTEGER NOT NULL,
+        PRIMARY KEY (account_id, flag)
+     );
+     CREATE TABLE outbox (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        delivered_ms INTEGER
+     );",
+];
+
+pub struct SqliteLedger {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl SqliteLedger {
+    pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| LedgerError::Db(format!("{}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(60))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed transaction survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(SqliteLedger { path: path.to_path_buf(), conn })
+    }
+}
+
+/// seq, key, account, kind, amount, ts, source, detail, recorded.
+pub(crate) type RawEntry = (i64, String, String, String, String, i64, String, String, i64);
+
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+}
+
+pub(crate) fn build_entry(raw: RawEntry) -> Result<Entry, LedgerError> {
+    let (seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms) = raw;
+    let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerError::Corrupt(format!("entry {seq}: kind '{kind}'")))?;
+    Ok(Entry {
+        seq,
+        entry: NewEntry { key, account_id, kind, amount: parse_amount(&amount)?, ts_ms, source, detail },
+        recorded_ms,
+    })
+}
+
+struct SqlTx<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+}
+
+impl Tx for SqlTx<'_> {
+    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
+        // BEGIN IMMEDIATE already holds the write lock; just make the rows exist.
+        let mut st = self
+            .tx
+            .prepare_cached("INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)")?;
+        for a in accounts {
+            st.execute(params![a])?;
+        }
+        Ok(())
+    }
+    fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
+        let s: Option<(String, i64)> = self
+            .tx
+            .prepare_cached("SELECT balance, entries FROM balances WHERE account_id = ?1")?
+            .query_row(params![account], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        s.map_or(Ok((Decimal::ZERO, 0)), |(s, n)| Ok((parse_amount(&s)?, n)))
+    }
+    fn set_balance(&mut self, account: &str, balance: Decimal, added: i64) -> Result<(), LedgerError> {
+        self.tx
+            .prepare_cached("UPDATE balances SET balance = ?2, entries = entries + ?3 WHERE account_id = ?1")?
+            .execute(params![account, balance.normalize().to_string(), added])?;
+        Ok(())
+    }
+    fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
+            )?
+            .execute(params![
+                e.key,
+                e.account_id,
+                e.kind.as_str(),
+                e.amount.normalize().to_string(),
+                e.ts_ms,
+                e.source,
+                e.detail,
+                now
+            ])?;
+        if n == 1 {
+            return Ok(None);
+        }
+        let raw = self
+            .tx
+            .prepare_cached(
+                "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1",
+            )?
+            .query_row(params![e.key], entry_from_row)?;
+        Ok(Some(build_entry(raw)?.entry.identity()))
+    }
+    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2")?
+            .query_row(params![meter, channel], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+    fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
+                   position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
+                   first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value",
+            )?
+            .execute(params![
+                c.meter_id,
+                c.channel,
+                c.window_start_ms,
+                c.position.normalize().to_string(),
+                c.last_ts_ms,
+                c.last_value.normalize().to_string(),
+                c.first_ts_ms,
+                c.first_value.normalize().to_string()
+            ])?;
+        Ok(())
+    }
+    fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
+        let mut st = self.tx.prepare_cached("SELECT flag FROM flags WHERE account_id = ?1")?;
+        let rows = st.query_map(params![account], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO flags(account_id, flag, set_ms) VALUES (?1, ?2, ?3)")?
+            .execute(params![account, flag, now])?;
+        Ok(())
+    }
+    fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError> {
+        self.tx
+            .prepare_cached("DELETE FROM flags WHERE account_id = ?1 AND flag = ?2")?
+            .execute(params![account, flag])?;
+        Ok(())
+    }
+    fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO outbox(id, kind, account_id, created_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![m.id, m.kind, m.account_id, m.created_ms, m.payload])?;
+        Ok(n == 1)
+    }
+}
+
+fn outbox_rows(conn: &Connection, sql: &str, limit: i64) -> Result<Vec<OutboxMsg>, LedgerError> {
+    let mut st = conn.prepare_cached(sql)?;
+    let rows = st.query_map(params![limit], |r| {
+        Ok(OutboxMsg {
+            id: r.get(0)?,
+            kind: r.get(1)?,
+            account_id: r.get(2)?,
+            created_ms: r.get(3)?,
+            payload: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl Ledger for SqliteLedger {
+    fn migrate(&mut self) -> Result<(), LedgerError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+        let v: Option<i64> = tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
+        let v = v.unwrap_or(0) as usize;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(v) {
+            tx.execute_batch(sql)?;
+            tx.execute("INSERT INTO schema_version(version) VALUES (?1)", params![(i + 1) as i64])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let report = commit_batch(&mut SqlTx { tx: &tx }, batch, hook, now_ms())?;
+        if report.stale {
+            tx.rollback()?;
+        } else {
+            tx.commit()?;
+        }
+        Ok(report)
+    }
+
+    fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError> {
+        let s: Option<String> = self
+            .conn
+            .query_row("SELECT balance FROM balances WHERE account_id = ?1", params![account_id], |r| r.get(0))
+            .optional()?;
+        s.map_or(Ok(Decimal::ZERO), |s| parse_amount(&s))
+    }
+
+    fn balances(&mut self) -> Result<Vec<(String, Decimal)>, LedgerError> {
+        let mut st = self.conn.prepare("SELECT account_id, balance FROM balances ORDER BY account_id")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (a, b) = r?;
+            out.push((a, parse_amount(&b)?));
+        }
+        Ok(out)
+    }
+
+    fn check(&mut self) -> Result<Vec<BalanceCheck>, LedgerError> {
+        // Read in one snapshot so a concurrent writer cannot make it look wrong.
+        let tx = self.conn.transaction()?;
+        let mut sums: std::collections::BTreeMap<String, (Decimal, i64)> = Default::default();
+        {
+            let mut st = tx.prepare("SELECT account_id, amount FROM entries")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let s = sums.entry(r.get(0)?).or_default();
+                s.0 += parse_amount(&r.get::<_, String>(1)?)?;
+                s.1 += 1;
+            }
+        }
+        let mut out = Vec::new();
+        {
+            let mut st = tx.prepare("SELECT account_id, balance, entries FROM balances ORDER BY account_id")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let a: String = r.get(0)?;
+                let (sum, n) = sums.remove(&a).unwrap_or_default();
+                let cached = parse_amount(&r.get::<_, String>(1)?)?;
+                let cached_n: i64 = r.get(2)?;
+                // An entry count mismatch is a mismatch too: report it through `entries`.
+                out.push(BalanceCheck { account_id: a, cached, sum, entries: if cached_n == n { n } else { -n } });
+            }
+        }
+        for (a, (sum, n)) in sums {
+            out.push(BalanceCheck { account_id: a, cached: Decimal::ZERO, sum, entries: -n });
+        }
+        Ok(out)
+    }
+
+    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError> {
+        let sql = "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries
+                   WHERE seq > ?1 AND (?2 IS NULL OR account_id = ?2) ORDER BY seq LIMIT ?3";
+        let mut st = self.conn.prepare_cached(sql)?;
+        let rows = st.query_map(params![after_seq, account_id, limit as i64], entry_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(build_entry(r?)?);
+        }
+        Ok(out)
+    }
+
+    fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError> {
+        Ok(self.cursors_where(Some((meter_id, channel)))?.pop())
+    }
+
+    fn cursors(&mut self) -> Result<Vec<Cursor>, LedgerError> {
+        self.cursors_where(None)
+    }
+
+    fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError> {
+        let tx = self.conn.transaction()?;
+        let f = SqlTx { tx: &tx }.flags(account_id)?;
+        Ok(f)
+    }
+
+    fn pending_outbox(&mut self, limit: usize) -> Result<Vec<OutboxMsg>, LedgerError> {
+        outbox_rows(
+            &self.conn,
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox WHERE delivered_ms IS NULL ORDER BY n LIMIT ?1",
+            limit as i64,
+        )
+    }
+
+    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare_cached("UPDATE outbox SET delivered_ms = ?2 WHERE id = ?1")?;
+            let now = now_ms();
+            for id in ids {
+                st.execute(params![id, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError> {
+        outbox_rows(
+            &self.conn,
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox ORDER BY n LIMIT ?1",
+            i64::MAX,
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+}
+
+impl SqliteLedger {
+    fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
+        let (m, c) = key.unzip();
+        let mut st = self.conn.prepare_cached(
+            "SELECT meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value FROM cursors
+             WHERE (?1 IS NULL OR (meter_id = ?1 AND channel = ?2)) ORDER BY meter_id, channel",
+        )?;
+        let rows = st.query_map(params![m, c], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first) = r?;
+            out.push(Cursor {
+                meter_id,
+                channel,
+                window_start_ms,
+                position: parse_amount(&pos)?,
+                last_ts_ms,
+                last_value: parse_amount(&last)?,
+                first_ts_ms,
+                first_value: parse_amount(&first)?,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,262 @@
+//! The deduction state machine (pure: no IO). A meter's `import_active_total`
+//! register readings, in time order, move a [`Cursor`]; each step from one
+//! reading to the next becomes one deduction priced by a [`Pricer`].
+//!
+//! Rules:
+//! * The first reading of a meter only sets the baseline (position 0 unless
+//!   it is exactly the start of a window, which is position 0 anyway).
+//! * A reading at or before the cursor's last timestamp is stale: ignored
+//!   (replays, duplicates, a second process that got there first) -- unless
+//!   it is older than the first reading consumed in the current window and
+//!   still inside that window (it arrived late, e.g. through another member
+//!   of a shared subscription): then the consumption between it and that
+//!   first reading is charged "in front", as the step from position P to
+//!   P + delta, which keeps the window's total exactly f(total).
+//! * The interval ending at `ts` belongs to the window containing `ts - 1 ms`:
+//!   a snapshot at local midnight on the 1st closes the previous month, and
+//!   the cursor then rolls to position 0 of the new window.
+//! * A gap across a window boundary (no reading at the boundary) charges the
+//!   whole gap in the new window from position 0.
+//! * Register rollover (a drop from the top tenth of the modulus into the
+//!   bottom tenth) counts through the wrap; any other drop is a backwards
+//!   reading, skipped without moving the cursor.
+//!
+//! Idempotency key of a deduction: `ded:ACCOUNT:METER:CHANNEL:END_MS:TARIFF@VERSION`.
+
+use rust_decimal::Decimal;
+
+use super::pricing::{PriceError, Pricer};
+use crate::ledger::{Cursor, EntryKind, NewEntry};
+use crate::master::{Account, Meter};
+
+pub const CHANNEL: &str = "import_active_total";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// First reading: the cursor only.
+    Baseline(Cursor),
+    /// A deduction (None when the charge is zero) and the new cursor.
+    Deduct(Option<NewEntry>, Cursor),
+    Stale,
+    Backwards,
+}
+
+/// Register delta with rollover at `modulus`; None for a backwards reading.
+pub fn register_delta(from: Decimal, to: Decimal, modulus: Decimal) -> Option<Decimal> {
+    if to >= from {
+        return Some(to - from);
+    }
+    let tenth = modulus / Decimal::TEN;
+    if from >= modulus - tenth && to < tenth {
+        Some(to + modulus - from)
+    } else {
+        None
+    }
+}
+
+/// One step of the state machine for reading (`ts_ms`, raw register `value`).
+pub fn step(
+    pricer: &dyn Pricer,
+    account: &Account,
+    meter: &Meter,
+    cursor: Option<&Cursor>,
+    ts_ms: i64,
+    value: Decimal,
+    source: &str,
+) -> Result<Step, PriceError> {
+    let Some(c) = cursor else {
+        let w = pricer.window(account, ts_ms)?;
+        return Ok(Step::Baseline(Cursor {
+            meter_id: meter.meter_id.clone(),
+            channel: CHANNEL.into(),
+            window_start_ms: w.start_ms,
+            position: Decimal::ZERO,
+            last_ts_ms: ts_ms,
+            last_value: value,
+            first_ts_ms: ts_ms,
+            first_value: value,
+        }));
+    };
+    if ts_ms < c.first_ts_ms && ts_ms >= c.window_start_ms {
+        return prepend(pricer, account, meter, c, ts_ms, value, source);
+    }
+    if ts_ms <= c.last_ts_ms {
+        return Ok(Step::Stale);
+    }
+    let Some(raw) = register_delta(c.last_value, value, meter.modulus()) else {
+        return Ok(Step::Backwards);
+    };
+    let kwh = raw * meter.multiplier();
+    let w = pricer.window(account, ts_ms - 1)?;
+    let same_window = w.start_ms == c.window_start_ms;
+    let before = if same_window { c.position } else { Decimal::ZERO };
+    let after = before + kwh;
+    let charge = pricer.charge(account, &w, ts_ms, before, after)?;
+    let entry = (!charge.amount.is_zero()).then(|| NewEntry {
+        key: format!("ded:{}:{}:{}:{}:{}", account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version),
+        account_id: account.account_id.clone(),
+        kind: EntryKind::Deduction,
+        amount: -charge.amount,
+        ts_ms,
+        source: source.to_string(),
+        detail: format!(
+            "{{\"meter\":\"{}\",\"kwh\":\"{}\",\"position_before\":\"{}\",\"position_after\":\"{}\",\"tariff\":\"{}\"}}",
+            meter.meter_id,
+            kwh.normalize(),
+            before.normalize(),
+            after.normalize(),
+            charge.version
+        ),
+    });
+    let mut next = Cursor {
+        meter_id: meter.meter_id.clone(),
+        channel: CHANNEL.into(),
+        window_start_ms: w.start_ms,
+        position: after,
+        last_ts_ms: ts_ms,
+        last_value: value,
+        first_ts_ms: if same_window { c.first_ts_ms } else { c.last_ts_ms },
+        first_value: if same_window { c.first_value } else { c.last_value },
+    };
+    if ts_ms >= w.end_ms {
+        // The reading closes the window exactly: the next one starts at 0.
+        next.window_start_ms = w.end_ms;
+        next.position = Decimal::ZERO;
+        next.first_ts_ms = ts_ms;
+        next.first_value = value;
+    }
+    Ok(Step::Deduct(entry, next))
+}
+
+/// A late reading older than the window's first: charge `P -> P + delta`.
+fn prepend(
+    pricer: &dyn Pricer,
+    account: &Account,
+    meter: &Meter,
+    c: &Cursor,
+    ts_ms: i64,
+    value: Decimal,
+    source: &str,
+) -> Result<Step, PriceError> {
+    let Some(raw) = register_delta(value, c.first_value, meter.modulus()) else {
+        return Ok(Step::Backwards);
+    };
+    let kwh = raw * meter.multiplier();
+    let w = pricer.window(account, c.first_ts_ms)?;
+    let (before, after) = (c.position, c.position + kwh);
+    let charge = pricer.charge(account, &w, c.first_ts_ms, before, after)?;
+    let entry = (!charge.amount.is_zero()).then(|| NewEntry {
+        key: format!(
+            "ded:{}:{}:{}:{}:from:{}:{}",
+            account.account_id, meter.meter_id, CHANNEL, c.first_ts_ms, ts_ms, charge.version
+        ),
+        account_id: account.account_id.clone(),
+        kind: EntryKind::Deduction,
+        amount: -charge.amount,
+        ts_ms: c.first_ts_ms,
+        source: source.to_string(),
+        detail: format!(
+            "{{\"meter\":\"{}\",\"kwh\":\"{}\",\"late_reading\":{ts_ms},\"position_before\":\"{}\",\"position_after\":\"{}\",\"tariff\":\"{}\"}}",
+            meter.meter_id,
+            kwh.normalize(),
+            before.normalize(),
+            after.normalize(),
+            charge.version
+        ),
+    });
+    let next = Cursor { position: after, first_ts_ms: ts_ms, first_value: value, ..c.clone() };
+    Ok(Step::Deduct(entry, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepay::pricing::{Charge, Window};
+    use rust_decimal_macros::dec;
+
+    /// Flat 1 yuan/kWh, windows of 10 000 ms.
+    struct Flat;
+    impl Pricer for Flat {
+        fn window(&self, _: &Account, ts: i64) -> Result<Window, PriceError> {
+            let s = ts.div_euclid(10_000) * 10_000;
+            Ok(Window { start_ms: s, end_ms: s + 10_000, limits: vec![] })
+        }
+        fn charge(&self, _: &Account, _: &Window, _: i64, b: Decimal, a: Decimal) -> Result<Charge, PriceError> {
+            Ok(Charge { amount: a - b, version: "flat@1".into() })
+        }
+    }
+
+    fn meter() -> Meter {
+        Meter {
+            meter_id: "M1".into(),
+            account_id: "A1".into(),
+            meter_type: String::new(),
+            ct_ratio: dec!(1),
+            pt_ratio: dec!(1),
+            register_digits: 6,
+            installed_on: chrono::NaiveDate::from_ymd_opt(2015, 1, 1).unwrap(),
+            removed_on: None,
+            feeder: String::new(),
+        }
+    }
+
+    fn run(readings: &[(i64, Decimal)]) -> (Vec<NewEntry>, Option<Cursor>, usize) {
+        let a = crate::prepay::pricing::tests::account("x");
+        let m = meter();
+        let mut c: Option<Cursor> = None;
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        for (ts, v) in readings {
+            match step(&Flat, &a, &m, c.as_ref(), *ts, *v, "test").unwrap() {
+                Step::Baseline(n) => c = Some(n),
+                Step::Deduct(e, n) => {
+                    out.extend(e);
+                    c = Some(n);
+                }
+                Step::Stale | Step::Backwards => skipped += 1,
+            }
+        }
+        (out, c, skipped)
+    }
+
+    #[test]
+    fn replayed_and_older_readings_are_stale() {
+        let (e, _, skipped) = run(&[(1000, dec!(5)), (2000, dec!(7)), (2000, dec!(7)), (1500, dec!(6))]);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].amount, dec!(-2));
+        assert_eq!(skipped, 2);
+    }
+
+    #[test]
+    fn a_reading_at_the_window_end_closes_it_and_resets_the_position() {
+        let (e, c, _) = run(&[(0, dec!(0)), (10_000, dec!(4)), (15_000, dec!(5))]);
+        assert_eq!(e.len(), 2);
+        let c = c.unwrap();
+        assert_eq!((c.window_start_ms, c.position), (10_000, dec!(1)));
+    }
+
+    #[test]
+    fn register_rollover_counts_through_the_wrap_and_backwards_is_skipped() {
+        assert_eq!(register_delta(dec!(999999.5), dec!(0.5), dec!(1000000)), Some(dec!(1)));
+        assert_eq!(register_delta(dec!(500), dec!(400), dec!(1000000)), None);
+        let (e, _, skipped) = run(&[(0, dec!(10)), (1000, dec!(9)), (2000, dec!(12))]);
+        assert_eq!((e.len(), skipped), (1, 1));
+        assert_eq!(e[0].amount, dec!(-2));
+    }
+
+    #[test]
+    fn a_late_older_reading_is_charged_in_front_and_the_total_is_unchanged() {
+        let (e, c, skipped) = run(&[(3000, dec!(7)), (5000, dec!(9)), (1000, dec!(2)), (1000, dec!(2))]);
+        assert_eq!(skipped, 1);
+        let sum: Decimal = e.iter().map(|x| x.amount).sum();
+        assert_eq!(sum, dec!(-7));
+        let c = c.unwrap();
+        assert_eq!((c.first_ts_ms, c.position, c.last_ts_ms), (1000, dec!(7), 5000));
+    }
+
+    #[test]
+    fn deduction_keys_name_account_meter_channel_end_and_version() {
+        let (e, _, _) = run(&[(0, dec!(0)), (1000, dec!(1))]);
+        assert_eq!(e[0].key, "ded:A1:M1:import_active_total:1000:flat@1");
+    }
+}

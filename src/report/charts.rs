@@ -1,0 +1,78 @@
+//! SVG charts with plotters. Values are integers (whole kWh, counts,
+//! per-mille shares): exact figures live in the tables next to the charts.
+
+use plotters::prelude::*;
+
+use super::ReportError;
+
+fn perr(e: impl std::fmt::Display) -> ReportError {
+    ReportError::Plot(e.to_string())
+}
+
+const W: u32 = 620;
+const H: u32 = 300;
+
+/// Vertical bars, one per label.
+pub fn bars(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Result<String, ReportError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        let n = labels.len().max(1) as u32;
+        let max = values.iter().copied().max().unwrap_or(0).max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0u32..n).into_segmented(), 0u64..max + max / 10 + 1)
+            .map_err(perr)?;
+        let fmt = |v: &SegmentValue<u32>| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(labels.len().max(1))
+            .x_label_formatter(&fmt)
+            .y_desc(y_desc)
+            .draw()
+            .map_err(perr)?;
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(RGBColor(52, 101, 164).filled())
+                    .margin(4)
+                    .data(values.iter().enumerate().map(|(i, v)| (i as u32, *v))),
+            )
+            .map_err(perr)?;
+        root.present().map_err(perr)?;
+    }
+    Ok(svg)
+}
+
+/// A line over day indexes 0..n with labels for the first and last day.
+pub fn line(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Result<String, ReportError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        let n = values.len().max(2) as u32;
+        let max = values.iter().copied().max().unwrap_or(0).max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0u32..n - 1, 0u64..max + max / 10 + 1)
+            .map_err(perr)?;
+        let fmt = |i: &u32| labels.get(*i as usize).cloned().unwrap_or_default();
+        chart.configure_mesh().x_labels(6).x_label_formatter(&fmt).y_desc(y_desc).draw().map_err(perr)?;
+        chart
+            .draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), RGBColor(204, 0, 0).stroke_width(2)))
+            .map_err(perr)?;
+        root.present().map_err(perr)?;
+    }
+    Ok(svg)
+}

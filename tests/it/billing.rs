@@ -1,0 +1,253 @@
+//! Billing: golden vectors (tests/golden/*.csv), the cumulative price
+//! function's telescoping property, and end-to-end bill runs over a small lake.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::{NaiveDate, NaiveDateTime};
+use meterflow::billing::engine::bill_readings;
+use meterflow::billing::period::BillPeriod;
+use meterflow::master::{Account, CustomerClass, Meter, PaymentMode};
+use meterflow::model::{Channel, Protocol, Quality, Reading, Source};
+use meterflow::tariff::power_factor::{monthly_pf_hundredths, PfStandard};
+use meterflow::tariff::price::{energy_charge, incremental_charge, Usage};
+use meterflow::tariff::{self, TariffSet};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+
+fn root() -> PathBuf {
+    option_env!("MF_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn tariffs() -> TariffSet {
+    let mut set = tariff::load_dir(&root().join("tariffs")).expect("shipped tariffs load");
+    let extra = tariff::load_dir(&root().join("tests/golden/tariffs")).expect("test tariffs load");
+    set.tariffs.extend(extra.tariffs);
+    set
+}
+
+fn d(s: &str) -> NaiveDate {
+    s.parse().unwrap()
+}
+
+fn dec(s: &str) -> Decimal {
+    s.trim().parse().unwrap_or_else(|_| panic!("'{s}' is not a decimal"))
+}
+
+fn local_ms(s: &str) -> i64 {
+    let t = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap();
+    t.and_utc().timestamp_millis() - 8 * 3_600_000
+}
+
+fn reading(meter: &str, ts: i64, channel: Channel, value: Decimal) -> Reading {
+    Reading {
+        meter_id: meter.into(),
+        ts_ms: ts,
+        channel,
+        value,
+        quality: Quality::OK,
+        source: Source { protocol: Protocol::Sim, collector: "golden".into(), address: meter.into() },
+        received_ms: ts,
+    }
+}
+
+fn account(id: &str, tariff: &str, kva: &str, opened: &str) -> Account {
+    Account {
+        account_id: id.into(),
+        name: String::new(),
+        phone: String::new(),
+        id_number: String::new(),
+        address: String::new(),
+        district: String::new(),
+        age_band: String::new(),
+        occupation: String::new(),
+        gender: String::new(),
+        customer_class: CustomerClass::Residential,
+        tariff_id: tariff.into(),
+        payment_mode: PaymentMode::Postpaid,
+        contracted_kva: dec(kva),
+        household_size: 3,
+        opened_on: d(opened),
+    }
+}
+
+#[derive(Default)]
+struct Case {
+    period: String,
+    accounts: Vec<Account>,
+    meters: Vec<Meter>,
+    readings: Vec<Reading>,
+    lines: Vec<(String, Decimal, Decimal, Decimal)>,
+    total: Option<Decimal>,
+    flags: Option<String>,
+    exception: Option<String>,
+}
+
+fn load_cases(file: &str) -> BTreeMap<String, Case> {
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .from_path(root().join("tests/golden").join(file))
+        .unwrap();
+    let mut cases: BTreeMap<String, Case> = BTreeMap::new();
+    for rec in rdr.records() {
+        let r = rec.unwrap();
+        let f = |i: usize| r.get(i).unwrap_or("").trim().to_string();
+        let c = cases.entry(f(0)).or_default();
+        match f(1).as_str() {
+            "period" => c.period = f(2),
+            "account" => c.accounts.push(account(&f(2), &f(3), &f(4), &f(5))),
+            "meter" => c.meters.push(Meter {
+                meter_id: f(2),
+                account_id: f(3),
+                meter_type: "golden".into(),
+                ct_ratio: dec(&f(4)),
+                pt_ratio: dec(&f(5)),
+                register_digits: f(6).parse().unwrap(),
+                installed_on: d(&f(7)),
+                removed_on: if f(8).is_empty() { None } else { Some(d(&f(8))) },
+                feeder: String::new(),
+            }),
+            "reading" => c.readings.push(reading(&f(2), local_ms(&f(3)), f(4).parse().unwrap(), dec(&f(5)))),
+            "daily" => {
+                let ch: Channel = f(3).parse().unwrap();
+                let (mut day, last) = (d(&f(4)), d(&f(5)));
+                let (mut v, step) = (dec(&f(6)), dec(&f(7)));
+                while day <= last {
+                    c.readings.push(reading(&f(2), local_ms(&format!("{day} 00:00")), ch, v));
+                    v += step;
+                    day = day.succ_opt().unwrap();
+                }
+            }
+            "intervals" => {
+                let (from, to) = (local_ms(&format!("{} 00:00", f(3))), local_ms(&format!("{} 00:00", f(4))));
+                let mut ts = from + 900_000;
+                while ts <= to {
+                    c.readings.push(reading(&f(2), ts, Channel::ImportActiveInterval, dec(&f(5))));
+                    ts += 900_000;
+                }
+            }
+            "line" => c.lines.push((f(2), dec(&f(3)), dec(&f(4)), dec(&f(5)))),
+            "total" => c.total = Some(dec(&f(2))),
+            "flags" => c.flags = Some(f(2)),
+            "exception" => c.exception = Some(f(2)),
+            other => panic!("unknown row kind '{other}'"),
+        }
+    }
+    cases
+}
+
+#[test]
+fn golden_bills_match_the_hand_computed_vectors() {
+    let set = tariffs();
+    let cases = load_cases("billing.csv");
+    assert!(cases.len() >= 15, "golden file has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for (name, c) in &cases {
+        let period = BillPeriod::parse(&c.period).unwrap();
+        let (bills, exceptions) = bill_readings(&c.accounts, &c.meters, &set, period, &c.readings);
+        if let Some(code) = &c.exception {
+            if !exceptions.iter().any(|e| &e.code == code) || !bills.is_empty() {
+                failures.push(format!("{name}: expected exception {code}, got {exceptions:?} and {} bill(s)", bills.len()));
+            }
+            continue;
+        }
+        if bills.len() != 1 {
+            failures.push(format!("{name}: expected one bill, got {} and exceptions {exceptions:?}", bills.len()));
+            continue;
+        }
+        let b = &bills[0];
+        let t = set.get(&b.tariff_id).unwrap();
+        let got: Vec<(String, Decimal, Decimal, Decimal)> = b
+            .lines
+            .iter()
+            .map(|l| {
+                let v = &t.versions[l.version_index];
+                (l.line.label(v), l.line.quantity.normalize(), l.line.unit_price.normalize(), l.line.amount)
+            })
+            .collect();
+        let want: Vec<(String, Decimal, Decimal, Decimal)> =
+            c.lines.iter().map(|(l, q, p, a)| (l.clone(), q.normalize(), p.normalize(), *a)).collect();
+        if got != want {
+            failures.push(format!("{name}: lines differ\n  got  {got:?}\n  want {want:?}"));
+        }
+        if let Some(total) = c.total {
+            if b.total != total {
+                failures.push(format!("{name}: total {} != {}", b.total, total));
+            }
+        }
+        if let Some(flags) = &c.flags {
+            if &b.flags.to_string() != flags {
+                failures.push(format!("{name}: flags '{}' != '{}'", b.flags, flags));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn power_factor_adjustment_at_every_table_breakpoint() {
+    let mut rdr = csv::ReaderBuilder::new()
+        .comment(Some(b'#'))
+        .from_path(root().join("tests/golden/power_factor.csv"))
+        .unwrap();
+    let mut n = 0;
+    for rec in rdr.records() {
+        let r = rec.unwrap();
+        let standard: PfStandard = r[0].parse().unwrap();
+        let pf = monthly_pf_hundredths(dec(&r[1]), dec(&r[2])).unwrap();
+        assert_eq!(Decimal::new(pf as i64, 2), dec(&r[3]), "row {r:?}");
+        assert_eq!(standard.percent(pf), dec(&r[4]), "row {r:?}");
+        n += 1;
+    }
+    assert!(n >= 30);
+}
+
+#[test]
+fn shipped_tariffs_load_and_have_the_documented_ids() {
+    let set = tariff::load_dir(&root().join("tariffs")).unwrap();
+    let ids: Vec<&str> = set.tariffs.keys().map(|s| s.as_str()).collect();
+    assert_eq!(ids, ["bj-residential-annual", "bj-residential-monthly", "gd-tou-commercial", "industry-two-part"]);
+}
+
+fn kwh(cents: u32) -> Decimal {
+    Decimal::new(cents as i64, 2)
+}
+
+proptest! {
+    /// Daily deductions f(after) - f(before) add up to the monthly bill, to the fen,
+    /// for tiers crossed mid-day, TOU periods and annual positions.
+    #[test]
+    fn daily_incremental_charges_sum_to_the_monthly_bill(
+        days in proptest::collection::vec((0u32..3000, 0u32..3000, 0u32..3000, 0u32..3000), 28..=31),
+        ytd in 0u32..600_000,
+        which in 0usize..3,
+    ) {
+        let set = tariffs();
+        let id = ["bj-residential-monthly", "bj-residential-annual", "gd-tou-commercial"][which];
+        let v = &set.get(id).unwrap().versions[0];
+        let limits = v.tiers.as_ref().map(|t| t.limits.clone()).unwrap_or_default();
+        let start = if which == 1 { Usage::total(kwh(ytd)) } else { Usage::default() };
+        let mut pos = start;
+        let mut sums: Vec<Decimal> = Vec::new();
+        for (a, b, c, e) in &days {
+            let mut next = pos;
+            if v.tou.is_some() {
+                for (p, x) in [a, b, c, e].iter().enumerate() {
+                    next.periods[p] += kwh(**x);
+                    next.total += kwh(**x);
+                }
+            } else {
+                next.total += kwh(a + b + c + e);
+            }
+            let inc = incremental_charge(v, &limits, &start, &pos, &next);
+            if sums.is_empty() { sums = vec![Decimal::ZERO; inc.len()]; }
+            for (s, l) in sums.iter_mut().zip(&inc) { *s += l.amount; }
+            pos = next;
+        }
+        let month = energy_charge(v, &limits, &start, &pos);
+        let want: Vec<Decimal> = month.iter().map(|l| l.amount).collect();
+        prop_assert_eq!(sums, want);
+    }
+}

@@ -1,0 +1,644 @@
+//! Prepayment: ledger idempotency on SQLite and PostgreSQL, payment files,
+//! deduction runs against an independent recomputation from the tariff
+//! engine, overlapping and SIGKILLed runs, streaming with Mosquitto, alerts.
+//!
+//! PostgreSQL: `DATABASE_URL` set -> must be reachable; unset -> tries
+//! 127.0.0.1:5432, skipped with a printed reason when nothing answers.
+//! Mosquitto: `MQTT_URL` likewise (127.0.0.1:1883).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meterflow::ledger::{self, Batch, EntryKind, Ledger, NewEntry, NoHook, Outcome};
+use meterflow::model::{Channel, Protocol, Quality, Reading, Source};
+use meterflow::prepay::alerts::Thresholds;
+use meterflow::prepay::pricing::TariffPricer;
+use meterflow::prepay::run::{run_batch, Fleet, PrepayHook, RunOptions};
+use meterflow::tariff::price::{energy_charge, total, Usage};
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+
+use super::common::bin;
+
+// ---------- backends ----------
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("t_{}_{}_{}", name, std::process::id(), nanos)
+}
+
+fn answers(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// A PostgreSQL ledger URL with a fresh schema, or None (skipped, reason printed).
+fn pg_url(test: &str) -> Option<String> {
+    let base = match std::env::var("DATABASE_URL") {
+        Ok(u) => u,
+        Err(_) => {
+            if !answers("127.0.0.1:5432") {
+                eprintln!("SKIP {test} on PostgreSQL: DATABASE_URL unset and nothing answers at 127.0.0.1:5432");
+                return None;
+            }
+            "postgres://postgres@127.0.0.1:5432/test".into()
+        }
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}schema={}", unique(test));
+    // Reachability is a hard requirement once we decided to use it.
+    ledger::open(&url).unwrap_or_else(|e| panic!("PostgreSQL at {base} unreachable: {e}"));
+    Some(url)
+}
+
+/// The broker URL, or None (skipped, reason printed).
+fn mqtt_url(test: &str) -> Option<String> {
+    match std::env::var("MQTT_URL") {
+        Ok(u) => {
+            let hp = u.trim_start_matches("mqtt://").trim_start_matches("tcp://").to_string();
+            assert!(answers(&hp), "MQTT_URL={u} is set but no broker answers there");
+            Some(u)
+        }
+        Err(_) if answers("127.0.0.1:1883") => Some("mqtt://127.0.0.1:1883".into()),
+        Err(_) => {
+            eprintln!("SKIP {test}: MQTT_URL unset and nothing answers at 127.0.0.1:1883");
+            None
+        }
+    }
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    dir.join("ledger.sqlite").display().to_string()
+}
+
+fn entry(key: &str, account: &str, amount: Decimal) -> NewEntry {
+    NewEntry {
+        key: key.into(),
+        account_id: account.into(),
+        kind: EntryKind::TopUp,
+        amount,
+        ts_ms: 1_790_000_000_000,
+        source: "wechat".into(),
+        detail: String::new(),
+    }
+}
+
+fn duplicate_ignored_conflict_rejected(l: &mut dyn Ledger) {
+    let b = Batch { entries: vec![entry("k1", "A1", dec!(100)), entry("k2", "A1", dec!(50.25))], ..Default::default() };
+    let r = l.commit(&b, &NoHook).unwrap();
+    assert_eq!(r.outcomes, vec![Outcome::Inserted, Outcome::Inserted]);
+    let again = l.commit(&b, &NoHook).unwrap();
+    assert_eq!(again.outcomes, vec![Outcome::Duplicate, Outcome::Duplicate]);
+    let conflicting = Batch { entries: vec![entry("k1", "A1", dec!(999)), entry("k3", "A2", dec!(-1.5))], ..Default::default() };
+    let r = l.commit(&conflicting, &NoHook).unwrap();
+    assert!(matches!(r.outcomes[0], Outcome::Conflict { .. }));
+    assert_eq!(r.outcomes[1], Outcome::Inserted);
+    assert_eq!(l.balance("A1").unwrap(), dec!(150.25));
+    assert_eq!(l.balance("A2").unwrap(), dec!(-1.5));
+    let checks = l.check().unwrap();
+    assert!(checks.iter().all(|c| c.ok() && c.entries >= 0), "{checks:?}");
+    assert_eq!(l.entries(Some("A1"), 0, 10).unwrap().len(), 2);
+}
+
+#[test]
+fn sqlite_ledger_ignores_duplicate_keys_and_rejects_conflicting_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
+    l.migrate().unwrap(); // migrations are idempotent
+    duplicate_ignored_conflict_rejected(l.as_mut());
+}
+
+#[test]
+fn postgres_ledger_ignores_duplicate_keys_and_rejects_conflicting_ones() {
+    let Some(url) = pg_url("dup") else { return };
+    let mut l = ledger::open_migrated(&url).unwrap();
+    l.migrate().unwrap();
+    duplicate_ignored_conflict_rejected(l.as_mut());
+}
+
+#[test]
+fn ledger_export_writes_every_entry_to_parquet_with_exact_amounts() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
+    duplicate_ignored_conflict_rejected(l.as_mut());
+    let out = d.path().join("entries.parquet");
+    assert_eq!(ledger::export::export_parquet(l.as_mut(), &out).unwrap(), 3);
+    let batches = meterflow::store::reader::read_file(&out).unwrap();
+    let amounts = batches[0].column(4).as_any().downcast_ref::<arrow::array::Decimal128Array>().unwrap();
+    assert_eq!(amounts.value(1), 502_500); // 50.25 at scale 4
+}
+
+// ---------- payment files ----------
+
+fn write_payments(path: &Path, rows: &[(&str, &str, &str, &str)]) {
+    let mut s = String::from("txn_id,channel,account_id,amount,paid_at\n");
+    for (t, c, a, amt) in rows {
+        s.push_str(&format!("{t},{c},{a},{amt},2026-10-01T09:51:53Z\n"));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn payment_files_credit_once(url: &str, dir: &Path) {
+    let f1 = dir.join("wechat-1001.csv");
+    let f2 = dir.join("wechat-1002.csv");
+    write_payments(&f1, &[("W1", "wechat", "A1", "100.00"), ("W2", "wechat", "A2", "30")]);
+    // Overlaps f1 in W2, adds W3.
+    write_payments(&f2, &[("W2", "wechat", "A2", "30.00"), ("W3", "alipay", "A1", "20.5")]);
+    let run = |files: &[&Path]| {
+        let mut c = Command::new(bin());
+        c.args(["ledger", "import-payments", "--ledger", url]);
+        c.args(files);
+        c.output().unwrap()
+    };
+    let o = run(&[&f1, &f1, &f2]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&[&f2]);
+    assert!(o.status.success());
+    let mut l = ledger::open(url).unwrap();
+    assert_eq!(l.balance("A1").unwrap(), dec!(120.5));
+    assert_eq!(l.balance("A2").unwrap(), dec!(30));
+    // A re-used transaction id with another amount is rejected and reported; exit 2.
+    let f3 = dir.join("bad.csv");
+    write_payments(&f3, &[("W1", "wechat", "A1", "1000.00"), ("W9", "counter", "A2", "5")]);
+    let o = run(&[&f3]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("conflict: pay:wechat:W1"), "{err}");
+    assert_eq!(l.balance("A1").unwrap(), dec!(120.5));
+    assert_eq!(l.balance("A2").unwrap(), dec!(35));
+}
+
+#[test]
+fn importing_duplicate_and_overlapping_payment_files_credits_each_payment_once_on_sqlite() {
+    let d = tempfile::tempdir().unwrap();
+    payment_files_credit_once(&sqlite_url(d.path()), d.path());
+}
+
+#[test]
+fn importing_duplicate_and_overlapping_payment_files_credits_each_payment_once_on_postgres() {
+    let Some(url) = pg_url("pay") else { return };
+    let d = tempfile::tempdir().unwrap();
+    payment_files_credit_once(&url, d.path());
+}
+
+// ---------- a prepaid fleet and its lake ----------
+
+const OCT1_LOCAL_MIDNIGHT: i64 = 1_790_784_000_000; // 2026-09-30T16:00Z
+const DAY: i64 = 86_400_000;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    lake: PathBuf,
+    master: PathBuf,
+    tariffs: PathBuf,
+    /// meter -> snapshots (ts, register)
+    readings: BTreeMap<String, Vec<(i64, Decimal)>>,
+}
+
+fn meter_id(i: usize) -> String {
+    format!("{:012}", 500_000_000_000u64 + i as u64)
+}
+
+/// `n` prepaid accounts (one meter each) on bj-residential-monthly, daily
+/// snapshots at local midnight from 1 Oct through 1 Nov 2026 (32 readings).
+fn fixture(n: usize, seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let master = root.join("master");
+    std::fs::create_dir_all(&master).unwrap();
+    let mut acc = String::from("account_id,customer_class,tariff_id,payment_mode\n");
+    let mut met = String::from("meter_id,account_id,ct_ratio,pt_ratio,installed_on\n");
+    for i in 0..n {
+        acc.push_str(&format!("P{i:05},residential,bj-residential-monthly,prepaid\n"));
+        met.push_str(&format!("{},P{i:05},1,1,2015-01-01\n", meter_id(i)));
+    }
+    // A postpaid account is never deducted.
+    acc.push_str("Q00000,residential,bj-residential-monthly,postpaid\n");
+    met.push_str(&format!("{},Q00000,1,1,2015-01-01\n", meter_id(99_999)));
+    std::fs::write(master.join("accounts.csv"), acc).unwrap();
+    std::fs::write(master.join("meters.csv"), met).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut readings = BTreeMap::new();
+    let mut all = Vec::new();
+    for i in (0..n).chain([99_999]) {
+        let mut v = Decimal::new(rng.gen_range(0..5_000_000), 2);
+        let mut snaps = Vec::new();
+        for d in 0..32 {
+            if d > 0 {
+                // Some days cross tier limits: 0..30 kWh a day, a few heavy users.
+                let heavy = if i % 7 == 0 { 3 } else { 1 };
+                v += Decimal::new(rng.gen_range(0..3000) * heavy, 2);
+            }
+            let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
+            snaps.push((ts, v));
+            all.push(Reading {
+                meter_id: meter_id(i),
+                ts_ms: ts,
+                channel: Channel::ImportActiveTotal,
+                value: v,
+                quality: Quality::OK,
+                source: Source { protocol: Protocol::Sim, collector: "t".into(), address: "t".into() },
+                received_ms: ts,
+            });
+        }
+        readings.insert(meter_id(i), snaps);
+    }
+    let lake = root.join("lake");
+    let mut l = meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions { writer_id: "t".into(), spool_dir: None }).unwrap();
+    l.accept(&all).unwrap();
+    l.flush().unwrap();
+    let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
+    Fixture { _dir: dir, root, lake, master, tariffs, readings }
+}
+
+/// Independent recomputation: each prepaid account's October energy bill
+/// from the tariff engine, on the month's total consumption.
+fn expected_bills(f: &Fixture) -> BTreeMap<String, Decimal> {
+    let set = meterflow::tariff::load_dir(&f.tariffs).unwrap();
+    let t = set.get("bj-residential-monthly").unwrap();
+    let v = t.version_on(chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap()).unwrap();
+    let limits = v.tiers.as_ref().unwrap().limits.clone();
+    let mut out = BTreeMap::new();
+    for (m, snaps) in &f.readings {
+        if m == &meter_id(99_999) {
+            continue;
+        }
+        let kwh = snaps.last().unwrap().1 - snaps[0].1;
+        let bill = total(&energy_charge(v, &limits, &Usage::default(), &Usage::total(kwh)));
+        let i: usize = (m.parse::<u64>().unwrap() - 500_000_000_000) as usize;
+        out.insert(format!("P{i:05}"), -bill);
+    }
+    out
+}
+
+fn ledger_balances(url: &str) -> BTreeMap<String, Decimal> {
+    let mut l = ledger::open(url).unwrap();
+    let checks = l.check().unwrap();
+    assert!(checks.iter().all(|c| c.ok() && c.entries >= 0), "cached balance differs from the sum of entries: {checks:?}");
+    l.balances().unwrap().into_iter().filter(|(_, b)| !b.is_zero()).collect()
+}
+
+fn assert_matches_recomputation(url: &str, f: &Fixture) {
+    let want: BTreeMap<String, Decimal> = expected_bills(f).into_iter().filter(|(_, b)| !b.is_zero()).collect();
+    let got = ledger_balances(url);
+    assert_eq!(got, want, "ledger differs from the independent recomputation");
+}
+
+fn prepay_run_args(f: &Fixture, url: &str, through: &str, chunk: usize) -> Vec<String> {
+    vec![
+        "prepay".into(),
+        "run".into(),
+        "--ledger".into(),
+        url.into(),
+        "--lake".into(),
+        f.lake.display().to_string(),
+        "--master".into(),
+        f.master.display().to_string(),
+        "--tariffs".into(),
+        f.tariffs.display().to_string(),
+        "--through".into(),
+        through.into(),
+        "--chunk".into(),
+        chunk.to_string(),
+    ]
+}
+
+fn run_lib(f: &Fixture, url: &str, through_ms: i64) -> meterflow::prepay::run::RunStats {
+    let mut l = ledger::open_migrated(url).unwrap();
+    let fleet = Fleet::load(&f.master).unwrap();
+    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
+    let th = Thresholds::builtin();
+    let mut hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
+    let opts = RunOptions { lake: &f.lake, from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(), through_ms, chunk: 7, evaluate_all: true };
+    run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
+}
+
+#[test]
+fn daily_deductions_of_a_month_add_up_to_its_bill_and_rerunning_changes_nothing() {
+    let f = fixture(40, 1);
+    let url = sqlite_url(&f.root);
+    // Deduct in three steps (mid-month, again mid-month, month end): same result as one run.
+    let s1 = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 10 * DAY);
+    assert!(s1.deductions > 0);
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 10 * DAY);
+    let s3 = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert!(s3.deductions > 0);
+    assert_matches_recomputation(&url, &f);
+    let again = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!((again.deductions, again.conflicts), (0, 0));
+    assert_matches_recomputation(&url, &f);
+}
+
+#[test]
+fn the_cli_run_through_month_end_deducts_the_month_on_postgres() {
+    let Some(url) = pg_url("run") else { return };
+    let f = fixture(25, 2);
+    let o = Command::new(bin()).args(prepay_run_args(&f, &url, "2026-10-31T24:00", 10)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_matches_recomputation(&url, &f);
+}
+
+fn overlapping_runs(url: &str, f: &Fixture) {
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(bin())
+                .args(prepay_run_args(f, url, "2026-10-31T24:00", 3))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_matches_recomputation(url, f);
+}
+
+#[test]
+fn overlapping_runs_deduct_each_interval_once_on_sqlite() {
+    let f = fixture(30, 3);
+    let url = sqlite_url(&f.root);
+    ledger::open_migrated(&url).unwrap();
+    overlapping_runs(&url, &f);
+}
+
+#[test]
+fn overlapping_runs_deduct_each_interval_once_on_postgres() {
+    let Some(url) = pg_url("overlap") else { return };
+    let f = fixture(30, 4);
+    ledger::open_migrated(&url).unwrap();
+    overlapping_runs(&url, &f);
+}
+
+fn kill_at(child: &mut std::process::Child, after: Duration) {
+    std::thread::sleep(after);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+#[test]
+fn sigkill_of_prepay_run_at_random_points_leaves_no_double_or_missing_deduction() {
+    let f = fixture(120, 5);
+    let url = sqlite_url(&f.root);
+    ledger::open_migrated(&url).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(42);
+    // 12 kills at random points, each followed by nothing: the next run carries on.
+    for _ in 0..12 {
+        let mut c = Command::new(bin())
+            .args(prepay_run_args(&f, &url, "2026-10-31T24:00", 2))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        kill_at(&mut c, Duration::from_millis(rng.gen_range(20..700)));
+        // Whatever was committed is consistent right now.
+        ledger_balances(&url);
+    }
+    let o = Command::new(bin()).args(prepay_run_args(&f, &url, "2026-10-31T24:00", 2)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_matches_recomputation(&url, &f);
+}
+
+// ---------- streaming ----------
+
+fn write_stream_config(f: &Fixture, ledger: &str, mqtt: &str, client: &str, topic: &str, group: Option<&str>) -> PathBuf {
+    let p = f.root.join(format!("stream-{client}.toml"));
+    let group = group.map(|g| format!("shared_group = \"{g}\"\n")).unwrap_or_default();
+    std::fs::write(
+        &p,
+        format!(
+            "ledger = \"{ledger}\"\nmaster = \"{}\"\ntariffs = \"{}\"\nalerts_dataset = \"{}\"\n[mqtt]\nurl = \"{mqtt}\"\nclient_id = \"{client}\"\ntopic = \"{topic}/#\"\nalerts_topic = \"{topic}-alerts\"\n{group}[batch]\nmax_messages = 50\nmax_wait_ms = 10\n",
+            f.master.display(),
+            f.tariffs.display(),
+            f.root.join("alerts-out").display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn spawn_stream(cfg: &Path, idle_exit: Option<u64>) -> std::process::Child {
+    let mut c = Command::new(bin());
+    c.args(["stream", "--config"]).arg(cfg);
+    if let Some(s) = idle_exit {
+        c.args(["--idle-exit-secs", &s.to_string()]);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info").spawn().unwrap()
+}
+
+/// Waits until the stream logged its confirmed subscription.
+fn wait_subscribed(child: &mut std::process::Child) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("subscription confirmed") {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).expect("stream subscribed");
+    h
+}
+
+/// Publishes every snapshot (one message per meter and day, canonical JSON) at QoS 1.
+fn publish_fixture(url: &str, topic: &str, f: &Fixture) {
+    let days = f.readings.values().next().unwrap().len();
+    let mut msgs = Vec::new();
+    for d in 0..days {
+        for (m, snaps) in &f.readings {
+            let r = Reading {
+                meter_id: m.clone(),
+                ts_ms: snaps[d].0,
+                channel: Channel::ImportActiveTotal,
+                value: snaps[d].1,
+                quality: Quality::OK,
+                source: Source { protocol: Protocol::Mqtt, collector: "t".into(), address: topic.into() },
+                received_ms: snaps[d].0,
+            };
+            msgs.push((format!("{topic}/{m}"), meterflow::ingest::decode::encode_canonical("t", &[r])));
+        }
+    }
+    meterflow::prepay::sinks::publish_qos1(url, &unique("pub"), &msgs).unwrap();
+}
+
+#[test]
+fn sigkill_of_stream_at_random_points_gives_the_same_ledger_as_no_crash() {
+    let Some(mqtt) = mqtt_url("stream kill") else { return };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    // 8 iterations, each with a fresh ledger, topic and session, killed 1..3 times.
+    for it in 0..8 {
+        let f = fixture(15, 100 + it);
+        let url = sqlite_url(&f.root);
+        let client = unique("kill");
+        let topic = format!("meterflow-test/{client}");
+        let cfg = write_stream_config(&f, &url, &mqtt, &client, &topic, None);
+        let mut c = spawn_stream(&cfg, None);
+        let _h = wait_subscribed(&mut c);
+        publish_fixture(&mqtt, &topic, &f);
+        kill_at(&mut c, Duration::from_millis(rng.gen_range(0..600)));
+        for _ in 0..rng.gen_range(0..3) {
+            let mut c = spawn_stream(&cfg, None);
+            kill_at(&mut c, Duration::from_millis(rng.gen_range(100..900)));
+        }
+        let c = spawn_stream(&cfg, Some(3));
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_matches_recomputation(&url, &f);
+    }
+}
+
+#[test]
+fn two_stream_processes_share_one_subscription_and_one_postgres_ledger() {
+    let Some(mqtt) = mqtt_url("shared stream") else { return };
+    let Some(url) = pg_url("shared") else { return };
+    let f = fixture(30, 9);
+    let topic = format!("meterflow-test/{}", unique("shared"));
+    let group = unique("g");
+    let cfg_a = write_stream_config(&f, &url, &mqtt, &unique("a"), &topic, Some(&group));
+    let cfg_b = write_stream_config(&f, &url, &mqtt, &unique("b"), &topic, Some(&group));
+    ledger::open_migrated(&url).unwrap();
+    let mut a = spawn_stream(&cfg_a, Some(4));
+    let mut b = spawn_stream(&cfg_b, Some(4));
+    let ha = wait_subscribed(&mut a);
+    let hb = wait_subscribed(&mut b);
+    publish_fixture(&mqtt, &topic, &f);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for c in [&mut a, &mut b] {
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                assert!(s.success());
+                break;
+            }
+            assert!(Instant::now() < deadline, "stream did not finish");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = (ha.join(), hb.join());
+    assert_matches_recomputation(&url, &f);
+}
+
+// ---------- alerts ----------
+
+#[test]
+fn alerts_fire_once_per_level_crossing_are_rearmed_by_a_top_up_and_land_in_the_dataset_once() {
+    let f = fixture(1, 11);
+    let url = sqlite_url(&f.root);
+    let mut l = ledger::open_migrated(&url).unwrap();
+    let fleet = Fleet::load(&f.master).unwrap();
+    let th = Thresholds::builtin();
+    let hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: Some(1_790_000_000_000) };
+    let mut commit = |key: &str, amount: Decimal| {
+        let mut e = entry(key, "P00000", amount);
+        e.kind = if amount > Decimal::ZERO { EntryKind::TopUp } else { EntryKind::Deduction };
+        l.commit(&Batch { entries: vec![e], ..Default::default() }, &hook).unwrap().outbox.len()
+    };
+    assert_eq!(commit("t1", dec!(60)), 0);
+    assert_eq!(commit("d1", dec!(-15)), 1); // 45 < 50
+    assert_eq!(commit("d2", dec!(-3)), 0); // still below 50, above 20
+    assert_eq!(commit("d2", dec!(-3)), 0); // replayed entry: nothing
+    assert_eq!(commit("t2", dec!(100)), 0); // 142: re-armed
+    assert_eq!(commit("d3", dec!(-100)), 1); // 42 < 50 again: one new alert
+    drop(commit);
+    let sinks = meterflow::prepay::sinks::Sinks { alerts_root: Some(f.root.clone()), ..Default::default() };
+    let d = meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap();
+    assert_eq!(d.alerts, 2);
+    // Delivering again sends nothing; the dataset holds each alert id once.
+    assert_eq!(meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap().alerts, 0);
+    let rows = meterflow::prepay::sinks::read_alerts_dataset(&f.root).unwrap();
+    let mut ids: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((rows.len(), ids.len()), (2, 2));
+}
+
+#[test]
+fn webhook_alerts_are_retried_until_the_receiver_answers() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        for (i, s) in listener.incoming().take(3).enumerate() {
+            let mut s = s.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).unwrap();
+            bodies.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            let status = if i < 2 { "503 Service Unavailable" } else { "200 OK" };
+            let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        }
+        bodies
+    });
+    let d = tempfile::tempdir().unwrap();
+    let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
+    let th = Thresholds::builtin();
+    let fleet = Fleet::default();
+    let hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
+    l.commit(&Batch { entries: vec![entry("x", "A1", dec!(10))], ..Default::default() }, &hook).unwrap();
+    let sinks = meterflow::prepay::sinks::Sinks {
+        webhook: Some(format!("http://127.0.0.1:{port}/alerts")),
+        webhook_attempts: 5,
+        ..Default::default()
+    };
+    // 10 yuan: below 50 and 20 -> two alerts; the first needs three attempts.
+    let h = std::thread::spawn(move || meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap());
+    let bodies = server.join().unwrap();
+    assert!(bodies.iter().all(|b| b.starts_with("POST /alerts HTTP/1.1") && b.contains("Idempotency-Key")));
+    let stats = h.join().unwrap();
+    // Both alerts delivered to the other sinks; the second found no receiver any more.
+    assert_eq!((stats.alerts, stats.webhook_failures), (2, 1));
+}
+
+#[test]
+fn no_trip_in_protected_windows_from_the_holiday_calendar() {
+    use meterflow::prepay::alerts::ControlConfig;
+    use meterflow::prepay::control::Control;
+    let cfg = ControlConfig {
+        enabled: true,
+        grace_hours: 0,
+        friendly_hours: vec!["16:00-08:00".into()],
+        protect_weekends: true,
+        protect_holidays: true,
+        calendars: vec!["calendars/cn-holidays.toml".into()],
+        ..Default::default()
+    };
+    let c = Control::new(cfg, &Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs")).unwrap();
+    let local = |d: &str, h: u32| {
+        chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap().and_hms_opt(h, 0, 0).unwrap().and_utc().timestamp_millis() - 8 * 3_600_000
+    };
+    // National Day (Thursday 1 Oct 2026) is a holiday; Monday 12 Oct 10:00 is not protected.
+    assert_eq!(c.protected("A1", local("2026-10-01", 10)), Some("holiday"));
+    assert_eq!(c.protected("A1", local("2026-10-12", 10)), None);
+    let mut out = meterflow::ledger::HookOut::default();
+    c.evaluate("A1", &["500000000000".into()], dec!(-30), dec!(-40), 5, &Default::default(), local("2026-10-01", 10), &mut out);
+    assert!(out.outbox.is_empty(), "tripped on a holiday");
+    let mut out = meterflow::ledger::HookOut::default();
+    c.evaluate("A1", &["500000000000".into()], dec!(-30), dec!(-40), 5, &Default::default(), local("2026-10-12", 10), &mut out);
+    assert_eq!(out.outbox.len(), 1);
+}
+
+#[test]
+fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample_fleet() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let s = meterflow::prepay::demo::run(&root.join("sample-data"), &root.join("sample-data/master"), &root.join("tariffs"), out.path()).unwrap();
+    assert!(s.balances_check_ok);
+    assert!(s.run.deductions > 0 && s.top_ups > 0, "{s}");
+    assert!(!s.example_alerts.is_empty(), "{s}");
+    // The same run again deducts nothing more.
+    let again = meterflow::prepay::demo::run(&root.join("sample-data"), &root.join("sample-data/master"), &root.join("tariffs"), out.path()).unwrap();
+    assert_eq!(again.run.amount, s.run.amount);
+    println!("{s}");
+}
