@@ -3,13 +3,18 @@
 # measure (1) a subscriber that discards them and (2) `meterflow ingest mqtt`
 # writing them into committed Parquet. Prints both rates and their ratio.
 #
-#   scripts/bench-mqtt.sh                 # N=1000000, 500 readings per message
+# Mosquitto drops QoS 1 messages queued for a subscriber beyond
+# max_queued_messages (default 1000): keep N/PER at or below that, or raise
+# it in mosquitto.conf, or the ingest run stalls (TIMEOUT) short of N.
+#
+#   scripts/bench-mqtt.sh                 # N=1000000, 1000 readings per message
 #   N=200000 PER=200 scripts/bench-mqtt.sh
 #   MQTT_URL=mqtt://127.0.0.1:1883 BIN=target/release/meterflow scripts/bench-mqtt.sh
 set -euo pipefail
 
 N=${N:-1000000}
-PER=${PER:-500}
+PER=${PER:-1000}
+TIMEOUT=${TIMEOUT:-120}
 METERS=${METERS:-1000}
 URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -30,7 +35,7 @@ echo "broker $URL: $N readings, $PER per message ($msgs messages), $METERS meter
 
 # 1. Baseline: the broker delivering the stream to a subscriber that discards it.
 "$BIN" mqtt discard --url "$URL" --filter "$tag/discard/#" --messages "$msgs" \
-  --client-id "$tag-discard" > "$work/discard.out" &
+  --client-id "$tag-discard" --idle-secs 10 > "$work/discard.out" &
 discard_pid=$!
 sleep 1
 "$BIN" mqtt publish-sim --url "$URL" --topic "$tag/discard/r" --readings "$N" \
@@ -51,13 +56,18 @@ name = "bench"
 filter = "$tag/ingest/#"
 format = "canonical"
 TOML
-"$BIN" --log warn ingest mqtt --config "$work/ingest.toml" --out "$work/lake" \
+timeout "$TIMEOUT" "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" --out "$work/lake" \
   --stop-after-readings "$N" > "$work/ingest.out" &
 ingest_pid=$!
 sleep 1
 "$BIN" mqtt publish-sim --url "$URL" --topic "$tag/ingest/r" --readings "$N" \
   --meters "$METERS" --per-message "$PER" --client-id "$tag-pub2" > "$work/pub2.out"
-wait "$ingest_pid"
+if ! wait "$ingest_pid"; then
+  ingest_pid=
+  echo "ingest did not receive all $N readings within ${TIMEOUT}s: did the broker drop" >&2
+  echo "messages (mosquitto max_queued_messages)? Try a larger PER or a smaller N." >&2
+  exit 1
+fi
 ingest_pid=
 i_secs=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/ingest.out")
 files=$(find "$work/lake/readings" -name '*.parquet' | wc -l)

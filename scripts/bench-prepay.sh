@@ -4,10 +4,10 @@
 #    (readings published to Mosquitto by `meterflow mqtt publish-sim`, one
 #    deduction per reading after each meter's first; goal >= 20,000/s on SQLite);
 #  * batch: daily deductions (`prepay run`) for a fleet of prepaid accounts
-#    over one day, printed beside the bill run (`bill run`) time for the same
+#    over one day, printed beside the bill run (`bill`) time for the same
 #    fleet (goal: no more than 1.5x).
 # usage: scripts/bench-prepay.sh [ACCOUNTS] [STREAM_READINGS]   (default 1000000 200000)
-# env: MQTT_URL (mqtt://127.0.0.1:1883), DATABASE_URL (postgres://postgres@127.0.0.1:5432/test)
+# env: MF_BIN, BENCH_DIR, MQTT_URL (mqtt://127.0.0.1:1883), DATABASE_URL (postgres://postgres@127.0.0.1:5432/test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ACCOUNTS=${1:-1000000}
@@ -16,8 +16,9 @@ METERS=1000
 MQTT_URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
 DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 WORK=${BENCH_DIR:-/var/tmp/meterflow-bench}/prepay
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow
+# MF_BIN=path/to/meterflow skips the release build (e.g. a quick check with a debug binary).
+if [ -z "${MF_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN=${MF_BIN:-${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow}
 rm -rf "$WORK"; mkdir -p "$WORK/master"
 
 # ---------- streaming ----------
@@ -67,7 +68,7 @@ fi
 # ---------- batch: one day of a prepaid fleet, beside the bill run ----------
 "$BIN" sim fleet --meters "$ACCOUNTS" --days 1 --prepaid-percent 100 --out "$WORK/fleet" > /dev/null
 t0=$(date +%s.%N)
-"$BIN" bill run --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
+"$BIN" bill --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
   --period 2026-10-01..2026-10-02 --out "$WORK/bills" > /dev/null
 t1=$(date +%s.%N)
 "$BIN" prepay run --ledger "$WORK/batch.sqlite" --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \

@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v socat >/dev/null || need+=(socat)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "install-deps: missing ${need[*]}; run as root or install them" >&2

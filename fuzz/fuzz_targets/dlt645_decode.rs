@@ -7,16 +7,16 @@
 
 // The codec's own sources, compiled here without the rest of meterflow.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/model/mod.rs"]
-mod model;
-#[allow(dead_code, unused_imports)]
 #[path = "../../src/protocol/dlt645/mod.rs"]
 mod dlt645;
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/model/mod.rs"]
+mod model;
 
-use libfuzzer_sys::fuzz_target;
 use dlt645::catalogue::CATALOGUE;
 use dlt645::message::{classify, read_request, FollowUp, Payload};
 use dlt645::{decode, Address, Decoded, Di};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let req = read_request(

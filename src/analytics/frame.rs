@@ -20,7 +20,9 @@ pub fn to_table(df: &DataFrame, scaled: &[&str], scale: u8) -> Result<Table, Ana
         let name = s.name().to_string();
         let col = match s.dtype() {
             DataType::String => Col::Str(s.str()?.iter().map(|o| o.map(str::to_string)).collect()),
-            DataType::Float64 | DataType::Float32 => Col::Ratio(s.cast(&DataType::Float64)?.f64()?.iter().collect()),
+            DataType::Float64 | DataType::Float32 => {
+                Col::Ratio(s.cast(&DataType::Float64)?.f64()?.iter().collect())
+            }
             DataType::Boolean => Col::Bool(s.bool()?.iter().collect()),
             _ => {
                 let v: Vec<Option<i64>> = s.cast(&DataType::Int64)?.i64()?.iter().collect();

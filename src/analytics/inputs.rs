@@ -41,9 +41,18 @@ fn master_err(e: impl std::fmt::Display) -> AnalyticsError {
 }
 
 impl Inputs {
-    pub fn load(lake: &Path, master_dir: &Path, runs: Option<&Path>, utc_offset_secs: i32) -> Result<Inputs, AnalyticsError> {
-        let meters = master::load_meters(&master_dir.join(master::METERS_FILE)).map_err(master_err)?.rows;
-        let accounts = master::load_accounts(&master_dir.join(master::ACCOUNTS_FILE)).map_err(master_err)?.rows;
+    pub fn load(
+        lake: &Path,
+        master_dir: &Path,
+        runs: Option<&Path>,
+        utc_offset_secs: i32,
+    ) -> Result<Inputs, AnalyticsError> {
+        let meters = master::load_meters(&master_dir.join(master::METERS_FILE))
+            .map_err(master_err)?
+            .rows;
+        let accounts = master::load_accounts(&master_dir.join(master::ACCOUNTS_FILE))
+            .map_err(master_err)?
+            .rows;
         let pay_path = master_dir.join(master::PAYMENTS_FILE);
         let payments = if pay_path.exists() {
             master::load_payments(&pay_path).map_err(master_err)?.rows
@@ -55,7 +64,14 @@ impl Inputs {
             Some(r) => load_bill_runs(r)?,
             None => Vec::new(),
         };
-        Ok(Inputs::assemble(meters, accounts, payments, scan, bills, utc_offset_secs))
+        Ok(Inputs::assemble(
+            meters,
+            accounts,
+            payments,
+            scan,
+            bills,
+            utc_offset_secs,
+        ))
     }
 
     pub fn assemble(
@@ -66,10 +82,25 @@ impl Inputs {
         bills: Vec<BillRow>,
         utc_offset_secs: i32,
     ) -> Inputs {
-        let account_index: HashMap<String, usize> =
-            accounts.iter().enumerate().map(|(i, a)| (a.account_id.clone(), i)).collect();
-        let meter_account = meters.iter().map(|m| account_index.get(&m.account_id).copied()).collect();
-        Inputs { meters, accounts, payments, scan, bills, meter_account, account_index, utc_offset_secs }
+        let account_index: HashMap<String, usize> = accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.account_id.clone(), i))
+            .collect();
+        let meter_account = meters
+            .iter()
+            .map(|m| account_index.get(&m.account_id).copied())
+            .collect();
+        Inputs {
+            meters,
+            accounts,
+            payments,
+            scan,
+            bills,
+            meter_account,
+            account_index,
+            utc_offset_secs,
+        }
     }
 }
 
@@ -80,7 +111,11 @@ pub fn run_dirs(runs: &Path) -> Vec<PathBuf> {
         out.push(runs.to_path_buf());
     }
     if let Ok(rd) = std::fs::read_dir(runs) {
-        let mut subs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.join("manifest.json").exists()).collect();
+        let mut subs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("manifest.json").exists())
+            .collect();
         subs.sort();
         out.extend(subs);
     }
@@ -90,8 +125,12 @@ pub fn run_dirs(runs: &Path) -> Vec<PathBuf> {
 /// The manifest of a run directory as JSON.
 pub fn manifest(dir: &Path) -> Result<serde_json::Value, AnalyticsError> {
     let p = dir.join("manifest.json");
-    let bytes = std::fs::read(&p).map_err(|source| AnalyticsError::Io { path: p.clone(), source })?;
-    serde_json::from_slice(&bytes).map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))
+    let bytes = std::fs::read(&p).map_err(|source| AnalyticsError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))
 }
 
 /// Bills of every run directory found under `runs`.
@@ -109,18 +148,30 @@ pub fn load_bills(dir: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
     let bill_date = m["period_end_exclusive"]
         .as_str()
         .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
-        .ok_or_else(|| AnalyticsError::Invalid(format!("{}: manifest has no period_end_exclusive", dir.display())))?;
+        .ok_or_else(|| {
+            AnalyticsError::Invalid(format!(
+                "{}: manifest has no period_end_exclusive",
+                dir.display()
+            ))
+        })?;
     let path = dir.join("bills.parquet");
     if !path.exists() {
         return Ok(Vec::new());
     }
     let t = Table::read_parquet(&path)?;
-    let (Some(Col::Str(acc)), Some(Col::Str(period))) = (t.col("account_id"), t.col("period")) else {
-        return Err(AnalyticsError::Invalid(format!("{}: no account_id/period columns", path.display())));
+    let (Some(Col::Str(acc)), Some(Col::Str(period))) = (t.col("account_id"), t.col("period"))
+    else {
+        return Err(AnalyticsError::Invalid(format!(
+            "{}: no account_id/period columns",
+            path.display()
+        )));
     };
     let dec = |name: &str, want: u8| -> Vec<i128> {
         match t.col(name) {
-            Some(Col::Dec(v, s)) => v.iter().map(|x| rescale(x.unwrap_or(0), *s, want)).collect(),
+            Some(Col::Dec(v, s)) => v
+                .iter()
+                .map(|x| rescale(x.unwrap_or(0), *s, want))
+                .collect(),
             _ => vec![0; t.rows()],
         }
     };

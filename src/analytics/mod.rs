@@ -9,6 +9,7 @@
 mod datasets;
 pub mod frame;
 pub mod inputs;
+pub mod query;
 pub mod risk;
 pub mod scan;
 pub mod table;
@@ -30,7 +31,10 @@ pub enum AnalyticsError {
     #[error("master data: {0}")]
     Master(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -59,7 +63,11 @@ pub struct AnalyzeOptions {
 }
 
 impl AnalyzeOptions {
-    pub fn new(lake: impl Into<PathBuf>, master: impl Into<PathBuf>, out: impl Into<PathBuf>) -> AnalyzeOptions {
+    pub fn new(
+        lake: impl Into<PathBuf>,
+        master: impl Into<PathBuf>,
+        out: impl Into<PathBuf>,
+    ) -> AnalyzeOptions {
         AnalyzeOptions {
             lake: lake.into(),
             master: master.into(),
@@ -96,18 +104,35 @@ pub struct AnalyzeSummary {
 /// Computes every dataset and writes them to `opts.out` (atomically, one file each).
 pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> {
     let t0 = std::time::Instant::now();
-    let inputs = Inputs::load(&opts.lake, &opts.master, opts.runs.as_deref(), opts.utc_offset_secs)?;
+    let inputs = Inputs::load(
+        &opts.lake,
+        &opts.master,
+        opts.runs.as_deref(),
+        opts.utc_offset_secs,
+    )?;
     let tables = datasets::all(&inputs, opts)?;
-    std::fs::create_dir_all(&opts.out).map_err(|source| AnalyticsError::Io { path: opts.out.clone(), source })?;
+    std::fs::create_dir_all(&opts.out).map_err(|source| AnalyticsError::Io {
+        path: opts.out.clone(),
+        source,
+    })?;
     let mut written = Vec::new();
     for (name, table, pii) in tables {
         if pii && !opts.pii {
             continue;
         }
-        let file = if pii { format!("{name}.pii.parquet") } else { format!("{name}.parquet") };
+        let file = if pii {
+            format!("{name}.pii.parquet")
+        } else {
+            format!("{name}.parquet")
+        };
         let path = opts.out.join(file);
         table.write_parquet(&path)?;
-        written.push(Written { name: name.to_string(), path, rows: table.rows(), pii });
+        written.push(Written {
+            name: name.to_string(),
+            path,
+            rows: table.rows(),
+            pii,
+        });
     }
     let summary = AnalyzeSummary {
         datasets: written,
@@ -116,7 +141,8 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
         as_of: datasets::as_of(&inputs, opts),
         elapsed_ms: t0.elapsed().as_millis(),
     };
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| AnalyticsError::Invalid(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| AnalyticsError::Invalid(e.to_string()))?;
     crate::store::atomic::write_file_atomic(&opts.out.join("analytics.json"), &json)?;
     Ok(summary)
 }
@@ -124,7 +150,10 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
 /// Names of data-team files in `dir` (everything but `*.pii.parquet`).
 pub fn data_team_files(dir: &Path) -> Result<Vec<PathBuf>, AnalyticsError> {
     let mut out = Vec::new();
-    let rd = std::fs::read_dir(dir).map_err(|source| AnalyticsError::Io { path: dir.to_path_buf(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| AnalyticsError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.ends_with(".parquet") && !n.ends_with(".pii.parquet") && !n.starts_with('.') {

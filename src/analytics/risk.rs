@@ -23,8 +23,14 @@ pub struct RiskFacts {
 /// Days after the bill date a payment counts as on time.
 pub const GRACE_DAYS: i64 = 15;
 
-pub const FACTORS: [&str; 6] =
-    ["pts_late_history", "pts_overdue", "pts_no_payment", "pts_usage_jump", "pts_counter_only", "pts_new_account"];
+pub const FACTORS: [&str; 6] = [
+    "pts_late_history",
+    "pts_overdue",
+    "pts_no_payment",
+    "pts_usage_jump",
+    "pts_counter_only",
+    "pts_new_account",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RiskScore {
@@ -67,7 +73,11 @@ pub fn score(f: &RiskFacts, on: NaiveDate) -> RiskScore {
     };
     let points = [late, overdue, no_payment, jump, counter, new];
     let score = points.iter().sum();
-    RiskScore { points, score, band: band(score) }
+    RiskScore {
+        points,
+        score,
+        band: band(score),
+    }
 }
 
 #[cfg(test)]
@@ -80,7 +90,12 @@ mod tests {
 
     #[test]
     fn a_prompt_payer_with_history_scores_low() {
-        let f = RiskFacts { days_to_pay: vec![3, 5], has_payment: true, opened_on: Some(day("2015-01-01")), ..Default::default() };
+        let f = RiskFacts {
+            days_to_pay: vec![3, 5],
+            has_payment: true,
+            opened_on: Some(day("2015-01-01")),
+            ..Default::default()
+        };
         let s = score(&f, day("2026-10-31"));
         assert_eq!(s.score, 0);
         assert_eq!(s.band, "low");
@@ -88,7 +103,12 @@ mod tests {
 
     #[test]
     fn overdue_bills_and_late_history_add_up_to_high() {
-        let f = RiskFacts { days_to_pay: vec![25, 35], overdue_bills: 1, has_payment: true, ..Default::default() };
+        let f = RiskFacts {
+            days_to_pay: vec![25, 35],
+            overdue_bills: 1,
+            has_payment: true,
+            ..Default::default()
+        };
         let s = score(&f, day("2026-10-31"));
         assert_eq!(s.points, [20, 25, 0, 0, 0, 0]);
         assert_eq!(s.band, "high");
@@ -96,7 +116,11 @@ mod tests {
 
     #[test]
     fn overdue_points_are_capped() {
-        let f = RiskFacts { overdue_bills: 5, has_payment: true, ..Default::default() };
+        let f = RiskFacts {
+            overdue_bills: 5,
+            has_payment: true,
+            ..Default::default()
+        };
         assert_eq!(score(&f, day("2026-10-31")).points[1], 50);
     }
 }

@@ -19,8 +19,13 @@ pub const SCALE: u8 = 4;
 const DAY_MS: i64 = 86_400_000;
 
 /// Registers read for daily use: total, then tariff 1..4 (sharp, peak, flat, valley).
-pub const REGISTERS: [&str; 5] =
-    ["import_active_total", "import_active_t1", "import_active_t2", "import_active_t3", "import_active_t4"];
+pub const REGISTERS: [&str; 5] = [
+    "import_active_total",
+    "import_active_t1",
+    "import_active_t2",
+    "import_active_t3",
+    "import_active_t4",
+];
 
 /// Energy of one meter on one local day, primary side (x CT x PT).
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +85,9 @@ pub struct Scan {
     pub last_date: Option<NaiveDate>,
 }
 
+/// (meter, register) -> snapshots (ts, raw value, estimated).
+type Snapshots = HashMap<(u32, u8), Vec<(i64, i64, bool)>>;
+
 /// Local calendar date of a UTC instant.
 pub fn local_date(ts_ms: i64, offset_secs: i32) -> NaiveDate {
     let local = ts_ms + offset_secs as i64 * 1000;
@@ -102,56 +110,117 @@ fn to_primary(delta_e4: i64, multiplier: Decimal) -> i64 {
 /// multipliers and register moduli; readings of meters not in it are counted
 /// and skipped.
 pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan, AnalyticsError> {
-    let index: HashMap<&str, u32> = meters.iter().enumerate().map(|(i, m)| (m.meter_id.as_str(), i as u32)).collect();
+    let index: HashMap<&str, u32> = meters
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.meter_id.as_str(), i as u32))
+        .collect();
     let mut scan = Scan::default();
     // (meter, register) -> snapshots (ts, raw, estimated)
-    let mut regs: HashMap<(u32, u8), Vec<(i64, i64, bool)>> = HashMap::new();
+    let mut regs: Snapshots = HashMap::new();
     let mut volts: HashMap<u32, Vec<(i64, bool)>> = HashMap::new();
-    let mut collector_meters: BTreeMap<(String, String), std::collections::HashSet<u32>> = BTreeMap::new();
+    let mut slots: HashMap<(String, String), usize> = HashMap::new();
+    let mut stats: Vec<(CollectorStats, std::collections::HashSet<u32>)> = Vec::new();
+    let mut cache = RowCache::default();
+    let mut last_meter_id = String::new();
+    let mut last_meter: Option<u32> = None;
     let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
-    let cols = ["meter_id", "ts", "channel", "value", "quality", "source_collector", "source_address"];
+    let cols = [
+        "meter_id",
+        "ts",
+        "channel",
+        "value",
+        "quality",
+        "source_collector",
+        "source_address",
+    ];
     for (_, path) in &files {
         for b in reader::read_file_columns(path, Some(&cols))? {
-            let get = |n: &str| b.column_by_name(n).ok_or_else(|| AnalyticsError::Invalid(format!("{}: no column {n}", path.display())));
+            let get = |n: &str| {
+                b.column_by_name(n).ok_or_else(|| {
+                    AnalyticsError::Invalid(format!("{}: no column {n}", path.display()))
+                })
+            };
             let meter_id = get("meter_id")?.as_any().downcast_ref::<StringArray>();
-            let ts = get("ts")?.as_any().downcast_ref::<TimestampMillisecondArray>();
+            let ts = get("ts")?
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>();
             let channel = get("channel")?.as_any().downcast_ref::<StringArray>();
             let value = get("value")?.as_any().downcast_ref::<Decimal128Array>();
             let quality = get("quality")?.as_any().downcast_ref::<StringArray>();
-            let collector = get("source_collector")?.as_any().downcast_ref::<StringArray>();
-            let address = get("source_address")?.as_any().downcast_ref::<StringArray>();
-            let (Some(meter_id), Some(ts), Some(channel), Some(value), Some(quality), Some(collector), Some(address)) =
-                (meter_id, ts, channel, value, quality, collector, address)
+            let collector = get("source_collector")?
+                .as_any()
+                .downcast_ref::<StringArray>();
+            let address = get("source_address")?
+                .as_any()
+                .downcast_ref::<StringArray>();
+            let (
+                Some(meter_id),
+                Some(ts),
+                Some(channel),
+                Some(value),
+                Some(quality),
+                Some(collector),
+                Some(address),
+            ) = (meter_id, ts, channel, value, quality, collector, address)
             else {
-                return Err(AnalyticsError::Invalid(format!("{}: not a readings file", path.display())));
+                return Err(AnalyticsError::Invalid(format!(
+                    "{}: not a readings file",
+                    path.display()
+                )));
             };
             for i in 0..b.num_rows() {
                 scan.readings += 1;
                 let q = quality.value(i);
-                let col = collector.value(i).to_string();
-                let addr = address.value(i);
-                let bus = addr.split('/').next().unwrap_or("").to_string();
-                let m = index.get(meter_id.value(i)).copied();
-                for key in [(col.clone(), String::new()), (col.clone(), bus)] {
-                    let s = scan.collectors.entry(key.clone()).or_default();
+                let col = collector.value(i);
+                let bus = address.value(i).split('/').next().unwrap_or("");
+                // Rows come sorted by meter: the collector, bus and meter rarely change.
+                if !cache.ready || col != cache.col || bus != cache.bus {
+                    cache.ready = true;
+                    cache.col = col.to_string();
+                    cache.bus = bus.to_string();
+                    cache.slots = [
+                        slot(&mut slots, &mut stats, (cache.col.clone(), String::new())),
+                        slot(
+                            &mut slots,
+                            &mut stats,
+                            (cache.col.clone(), cache.bus.clone()),
+                        ),
+                    ];
+                    cache.meter = None;
+                }
+                let mid = meter_id.value(i);
+                if mid != last_meter_id {
+                    last_meter_id.clear();
+                    last_meter_id.push_str(mid);
+                    last_meter = index.get(mid).copied();
+                }
+                let m = last_meter;
+                let flags: [bool; 5] = if q == "ok" {
+                    [true, false, false, false, false]
+                } else {
+                    let has = |f: &str| q.split(',').any(|x| x == f);
+                    [
+                        false,
+                        has("estimated"),
+                        has("suspect"),
+                        has("device_error"),
+                        has("offline"),
+                    ]
+                };
+                for k in cache.slots {
+                    let (s, set) = &mut stats[k];
                     s.readings += 1;
-                    if q == "ok" {
-                        s.ok += 1;
-                    }
-                    for (flag, n) in [
-                        ("estimated", &mut s.estimated),
-                        ("suspect", &mut s.suspect),
-                        ("device_error", &mut s.device_error),
-                        ("offline", &mut s.offline),
-                    ] {
-                        if q.split(',').any(|f| f == flag) {
-                            *n += 1;
-                        }
-                    }
-                    if let Some(m) = m {
-                        collector_meters.entry(key).or_default().insert(m);
+                    s.ok += flags[0] as u64;
+                    s.estimated += flags[1] as u64;
+                    s.suspect += flags[2] as u64;
+                    s.device_error += flags[3] as u64;
+                    s.offline += flags[4] as u64;
+                    if let Some(m) = m.filter(|m| cache.meter != Some(*m)) {
+                        set.insert(m);
                     }
                 }
+                cache.meter = m;
                 let Some(m) = m else {
                     scan.unknown_meter_readings += 1;
                     continue;
@@ -168,17 +237,21 @@ pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan
                     regs.entry((m, r as u8)).or_default().push((t, raw, est));
                 } else if ch == "import_active_interval" {
                     let mult = meters[m as usize].multiplier();
-                    scan.intervals.push(IntervalUse { meter: m, ts_ms: t, e4: to_primary(raw, mult) });
+                    scan.intervals.push(IntervalUse {
+                        meter: m,
+                        ts_ms: t,
+                        e4: to_primary(raw, mult),
+                    });
                 } else if ch.starts_with("voltage_") {
                     volts.entry(m).or_default().push((t, raw == 0));
                 }
             }
         }
     }
-    for ((col, bus), set) in collector_meters {
-        if let Some(s) = scan.collectors.get_mut(&(col, bus)) {
-            s.meters = set.len() as u64;
-        }
+    for (key, k) in slots {
+        let (mut s, set) = std::mem::take(&mut stats[k]);
+        s.meters = set.len() as u64;
+        scan.collectors.insert(key, s);
     }
     count_quarantine(lake, &mut scan)?;
     daily_from_registers(meters, regs, offset_secs, &mut scan);
@@ -189,19 +262,45 @@ pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan
     Ok(scan)
 }
 
+/// The collector/bus slots of the previous row.
+#[derive(Default)]
+struct RowCache {
+    ready: bool,
+    col: String,
+    bus: String,
+    slots: [usize; 2],
+    meter: Option<u32>,
+}
+
+fn slot(
+    slots: &mut HashMap<(String, String), usize>,
+    stats: &mut Vec<(CollectorStats, std::collections::HashSet<u32>)>,
+    key: (String, String),
+) -> usize {
+    *slots.entry(key).or_insert_with(|| {
+        stats.push(Default::default());
+        stats.len() - 1
+    })
+}
+
 fn count_quarantine(lake: &Path, scan: &mut Scan) -> Result<(), AnalyticsError> {
     for (_, path) in reader::list_files(lake, "quarantine", NaiveDate::MIN, NaiveDate::MAX)? {
         for b in reader::read_file_columns(&path, Some(&["source_collector", "source_address"]))? {
             let (Some(c), Some(a)) = (
-                b.column_by_name("source_collector").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
-                b.column_by_name("source_address").and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+                b.column_by_name("source_collector")
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+                b.column_by_name("source_address")
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
             ) else {
                 continue;
             };
             for i in 0..b.num_rows() {
                 let col = c.value(i).to_string();
                 let bus = a.value(i).split('/').next().unwrap_or("").to_string();
-                scan.collectors.entry((col.clone(), String::new())).or_default().quarantined += 1;
+                scan.collectors
+                    .entry((col.clone(), String::new()))
+                    .or_default()
+                    .quarantined += 1;
                 scan.collectors.entry((col, bus)).or_default().quarantined += 1;
             }
         }
@@ -209,18 +308,15 @@ fn count_quarantine(lake: &Path, scan: &mut Scan) -> Result<(), AnalyticsError> 
     Ok(())
 }
 
-fn daily_from_registers(
-    meters: &[Meter],
-    regs: HashMap<(u32, u8), Vec<(i64, i64, bool)>>,
-    offset_secs: i32,
-    scan: &mut Scan,
-) {
+fn daily_from_registers(meters: &[Meter], regs: Snapshots, offset_secs: i32, scan: &mut Scan) {
     let mut days: BTreeMap<(u32, NaiveDate), DayUse> = BTreeMap::new();
     for ((m, r), mut snaps) in regs {
         snaps.sort_by_key(|s| s.0);
         snaps.dedup_by_key(|s| s.0);
         let meter = &meters[m as usize];
-        let modulus = (meter.modulus() * Decimal::from(10_000)).try_into().unwrap_or(i64::MAX);
+        let modulus = (meter.modulus() * Decimal::from(10_000))
+            .try_into()
+            .unwrap_or(i64::MAX);
         let mult = meter.multiplier();
         for w in snaps.windows(2) {
             let ((tp, vp, ep), (t, v, e)) = (w[0], w[1]);
@@ -241,16 +337,31 @@ fn daily_from_registers(
                 }
             }
             if r == 0 && span > 1 {
-                scan.events.push(MeterEvent { meter: m, kind: "comm_loss", start_ms: tp, end_ms: t, count: span - 1 });
+                scan.events.push(MeterEvent {
+                    meter: m,
+                    kind: "comm_loss",
+                    start_ms: tp,
+                    end_ms: t,
+                    count: span - 1,
+                });
             }
             let primary = to_primary(delta, mult);
             let start = local_date(tp, offset_secs);
             // Spread a multi-day gap evenly; the remainder goes to the last day.
             let each = primary / span;
             for k in 0..span {
-                let part = if k == span - 1 { primary - each * (span - 1) } else { each };
+                let part = if k == span - 1 {
+                    primary - each * (span - 1)
+                } else {
+                    each
+                };
                 let d = start + Duration::days(k);
-                let du = days.entry((m, d)).or_insert(DayUse { meter: m, date: d, regs: [None; 5], estimated: false });
+                let du = days.entry((m, d)).or_insert(DayUse {
+                    meter: m,
+                    date: d,
+                    regs: [None; 5],
+                    estimated: false,
+                });
                 du.regs[r as usize] = Some(du.regs[r as usize].unwrap_or(0) + part);
                 du.estimated |= span > 1 || ep || e;
             }
@@ -268,29 +379,51 @@ fn zero_voltage_events(volts: HashMap<u32, Vec<(i64, bool)>>, scan: &mut Scan) {
                 (true, None) => open = Some((t, t, 1)),
                 (true, Some((s, _, n))) => open = Some((s, t, n + 1)),
                 (false, Some((s, _, n))) => {
-                    scan.events.push(MeterEvent { meter: m, kind: "zero_voltage", start_ms: s, end_ms: t, count: n });
+                    scan.events.push(MeterEvent {
+                        meter: m,
+                        kind: "zero_voltage",
+                        start_ms: s,
+                        end_ms: t,
+                        count: n,
+                    });
                     open = None;
                 }
                 (false, None) => {}
             }
         }
         if let Some((s, l, n)) = open {
-            scan.events.push(MeterEvent { meter: m, kind: "zero_voltage", start_ms: s, end_ms: l, count: n });
+            scan.events.push(MeterEvent {
+                meter: m,
+                kind: "zero_voltage",
+                start_ms: s,
+                end_ms: l,
+                count: n,
+            });
         }
     }
 }
 
 /// Meters installed over the whole scanned period that sent no register at all.
 fn silent_meters(meters: &[Meter], offset_secs: i32, scan: &mut Scan) {
-    let (Some(first), Some(last)) = (scan.first_date, scan.last_date) else { return };
+    let (Some(first), Some(last)) = (scan.first_date, scan.last_date) else {
+        return;
+    };
     let heard: std::collections::HashSet<u32> = scan.daily.iter().map(|d| d.meter).collect();
     let off = offset_secs as i64 * 1000;
-    let ms = |d: NaiveDate| (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() * DAY_MS - off;
+    let ms = |d: NaiveDate| {
+        (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() * DAY_MS - off
+    };
     for (i, m) in meters.iter().enumerate() {
         let active = m.installed_on <= first && m.removed_on.is_none_or(|r| r > last);
         if active && !heard.contains(&(i as u32)) {
             let days = (last - first).num_days() + 1;
-            scan.events.push(MeterEvent { meter: i as u32, kind: "comm_loss", start_ms: ms(first), end_ms: ms(last + Duration::days(1)), count: days });
+            scan.events.push(MeterEvent {
+                meter: i as u32,
+                kind: "comm_loss",
+                start_ms: ms(first),
+                end_ms: ms(last + Duration::days(1)),
+                count: days,
+            });
         }
     }
 }
@@ -302,9 +435,17 @@ mod tests {
     #[test]
     fn local_dates_follow_the_offset() {
         // 2026-09-30T16:00Z is local midnight of 1 October at UTC+8.
-        let t = chrono::DateTime::parse_from_rfc3339("2026-09-30T16:00:00Z").unwrap().timestamp_millis();
-        assert_eq!(local_date(t, 8 * 3600), NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
-        assert_eq!(local_date(t, 0), NaiveDate::from_ymd_opt(2026, 9, 30).unwrap());
+        let t = chrono::DateTime::parse_from_rfc3339("2026-09-30T16:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(
+            local_date(t, 8 * 3600),
+            NaiveDate::from_ymd_opt(2026, 10, 1).unwrap()
+        );
+        assert_eq!(
+            local_date(t, 0),
+            NaiveDate::from_ymd_opt(2026, 9, 30).unwrap()
+        );
         assert_eq!(local_hour(t, 8 * 3600), 0);
     }
 

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    Array, ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int64Array,
+    RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::NaiveDate;
@@ -45,7 +46,9 @@ impl Col {
         match self {
             Col::Str(v) => v[i].clone().unwrap_or_default(),
             Col::Int(v) => v[i].map(|x| x.to_string()).unwrap_or_default(),
-            Col::Dec(v, s) => v[i].map(|x| Decimal::from_i128_with_scale(x, *s as u32).to_string()).unwrap_or_default(),
+            Col::Dec(v, s) => v[i]
+                .map(|x| Decimal::from_i128_with_scale(x, *s as u32).to_string())
+                .unwrap_or_default(),
             Col::Ratio(v) => v[i].map(|x| format!("{x:.3}")).unwrap_or_default(),
             Col::Bool(v) => v[i].map(|x| x.to_string()).unwrap_or_default(),
             Col::Date(v) => v[i].map(|x| x.to_string()).unwrap_or_default(),
@@ -57,8 +60,12 @@ impl Col {
         match self {
             Col::Str(v) => v[i].clone().map_or(Value::Null, Value::String),
             Col::Int(v) => v[i].map_or(Value::Null, |x| x.into()),
-            Col::Dec(v, s) => v[i].map_or(Value::Null, |x| Value::String(Decimal::from_i128_with_scale(x, *s as u32).to_string())),
-            Col::Ratio(v) => v[i].and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number),
+            Col::Dec(v, s) => v[i].map_or(Value::Null, |x| {
+                Value::String(Decimal::from_i128_with_scale(x, *s as u32).to_string())
+            }),
+            Col::Ratio(v) => v[i]
+                .and_then(serde_json::Number::from_f64)
+                .map_or(Value::Null, Value::Number),
             Col::Bool(v) => v[i].map_or(Value::Null, Value::Bool),
             Col::Date(v) => v[i].map_or(Value::Null, |d| Value::String(d.to_string())),
         }
@@ -84,7 +91,9 @@ impl Col {
             ),
             Col::Ratio(v) => Arc::new(Float64Array::from(v.clone())),
             Col::Bool(v) => Arc::new(BooleanArray::from(v.clone())),
-            Col::Date(v) => Arc::new(Date32Array::from(v.iter().map(|d| d.map(date32)).collect::<Vec<_>>())),
+            Col::Date(v) => Arc::new(Date32Array::from(
+                v.iter().map(|d| d.map(date32)).collect::<Vec<_>>(),
+            )),
         }
     }
 }
@@ -119,24 +128,34 @@ impl Table {
     }
     pub fn schema(&self) -> SchemaRef {
         Arc::new(Schema::new(
-            self.columns.iter().map(|(n, c)| Field::new(n, c.data_type(), true)).collect::<Vec<_>>(),
+            self.columns
+                .iter()
+                .map(|(n, c)| Field::new(n, c.data_type(), true))
+                .collect::<Vec<_>>(),
         ))
     }
     pub fn to_batch(&self) -> Result<RecordBatch, AnalyticsError> {
         let arrays: Vec<ArrayRef> = self.columns.iter().map(|(_, c)| c.to_arrow()).collect();
-        RecordBatch::try_new(self.schema(), arrays).map_err(|e| AnalyticsError::Invalid(format!("building a batch: {e}")))
+        RecordBatch::try_new(self.schema(), arrays)
+            .map_err(|e| AnalyticsError::Invalid(format!("building a batch: {e}")))
     }
     /// Writes the table as one zstd Parquet file, atomically.
     pub fn write_parquet(&self, path: &Path) -> Result<u64, AnalyticsError> {
         let batch = self.to_batch()?;
-        Ok(crate::store::atomic::write_parquet_atomic(path, self.schema(), &[batch])?)
+        Ok(crate::store::atomic::write_parquet_atomic(
+            path,
+            self.schema(),
+            &[batch],
+        )?)
     }
     /// Reads any Parquet file whose columns are of the types above (other
     /// types are rendered as text).
     pub fn read_parquet(path: &Path) -> Result<Table, AnalyticsError> {
         let batches = crate::store::reader::read_file(path)?;
         let mut t = Table::new();
-        let Some(first) = batches.first() else { return Ok(t) };
+        let Some(first) = batches.first() else {
+            return Ok(t);
+        };
         for (ci, f) in first.schema().fields().iter().enumerate() {
             let mut col = match f.data_type() {
                 DataType::Int64 | DataType::Int32 => Col::Int(Vec::new()),
@@ -157,16 +176,26 @@ impl Table {
     pub fn to_json(&self) -> serde_json::Value {
         let rows: Vec<serde_json::Value> = (0..self.rows())
             .map(|i| {
-                serde_json::Value::Object(self.columns.iter().map(|(n, c)| (n.clone(), c.json(i))).collect())
+                serde_json::Value::Object(
+                    self.columns
+                        .iter()
+                        .map(|(n, c)| (n.clone(), c.json(i)))
+                        .collect(),
+                )
             })
             .collect();
         serde_json::Value::Array(rows)
     }
     /// A plain text table with aligned columns.
     pub fn to_text(&self) -> String {
-        let mut widths: Vec<usize> = self.columns.iter().map(|(n, _)| n.chars().count()).collect();
-        let cells: Vec<Vec<String>> =
-            (0..self.rows()).map(|i| self.columns.iter().map(|(_, c)| c.text(i)).collect()).collect();
+        let mut widths: Vec<usize> = self
+            .columns
+            .iter()
+            .map(|(n, _)| n.chars().count())
+            .collect();
+        let cells: Vec<Vec<String>> = (0..self.rows())
+            .map(|i| self.columns.iter().map(|(_, c)| c.text(i)).collect())
+            .collect();
         for r in &cells {
             for (w, c) in widths.iter_mut().zip(r) {
                 *w = (*w).max(c.chars().count());
@@ -244,7 +273,13 @@ fn append(col: &mut Col, a: &dyn Array) {
             } else {
                 let opts = arrow::util::display::FormatOptions::default();
                 match arrow::util::display::ArrayFormatter::try_new(a, &opts) {
-                    Ok(f) => v.extend((0..a.len()).map(|i| if a.is_null(i) { None } else { Some(f.value(i).to_string()) })),
+                    Ok(f) => v.extend((0..a.len()).map(|i| {
+                        if a.is_null(i) {
+                            None
+                        } else {
+                            Some(f.value(i).to_string())
+                        }
+                    })),
                     Err(_) => v.extend((0..a.len()).map(|_| None)),
                 }
             }

@@ -28,7 +28,10 @@ pub struct Exception {
 
 impl Exception {
     pub fn new(code: &'static str, detail: impl Into<String>) -> Exception {
-        Exception { code, detail: detail.into() }
+        Exception {
+            code,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -53,7 +56,10 @@ pub fn plan_account<'t>(
 ) -> Result<AccountPlan<'t>, Exception> {
     let mut dates = vec![period.start];
     for v in &tariff.versions {
-        for d in [Some(v.effective_from), v.effective_to].into_iter().flatten() {
+        for d in [Some(v.effective_from), v.effective_to]
+            .into_iter()
+            .flatten()
+        {
             if d > period.start && d < period.end {
                 dates.push(d);
             }
@@ -64,7 +70,9 @@ pub fn plan_account<'t>(
     dates.dedup();
     // Every day of the period needs a version.
     for w in dates.windows(2) {
-        tariff.version_on(w[0]).map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+        tariff
+            .version_on(w[0])
+            .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
     }
     let mut mask = 1u8 << REG_TOTAL;
     let mut ytd_from = None;
@@ -83,7 +91,11 @@ pub fn plan_account<'t>(
                 mask |= 1 << REG_REACTIVE_EXPORT;
             }
         }
-        if let Some(Tiers { accumulation: Accumulation::Annual { start_month }, .. }) = &v.tiers {
+        if let Some(Tiers {
+            accumulation: Accumulation::Annual { start_month },
+            ..
+        }) = &v.tiers
+        {
             let ys = Tiers::tier_year_start(*start_month, period.start).max(account.opened_on);
             if ys < period.start {
                 ytd_from = Some(ys);
@@ -94,7 +106,13 @@ pub fn plan_account<'t>(
     if let Some(y) = ytd_from {
         dates.insert(0, y);
     }
-    Ok(AccountPlan { tariff, dates, first, mask, ytd_from })
+    Ok(AccountPlan {
+        tariff,
+        dates,
+        first,
+        mask,
+        ytd_from,
+    })
 }
 
 impl AccountPlan<'_> {
@@ -109,7 +127,12 @@ impl AccountPlan<'_> {
         if inst >= end || rem <= start || rem <= inst {
             return None;
         }
-        Some(self.dates.iter().map(|d| local_midnight_ms(*d, off).clamp(inst, rem)).collect())
+        Some(
+            self.dates
+                .iter()
+                .map(|d| local_midnight_ms(*d, off).clamp(inst, rem))
+                .collect(),
+        )
     }
 
     pub fn meter_state(&self, m: &Meter) -> Option<MeterState> {
@@ -166,7 +189,10 @@ pub fn bill_account(
     let nb = plan.dates.len();
     let nseg = nb - 1 - plan.first;
     if meters.is_empty() {
-        return Err(Exception::new("no_meter", "no meter installed for the account during the period"));
+        return Err(Exception::new(
+            "no_meter",
+            "no meter installed for the account during the period",
+        ));
     }
     let mut flags = Flags::NONE;
     if meters.len() > 1 {
@@ -200,7 +226,8 @@ pub fn bill_account(
                     }
                     None if b < plan.first => {}
                     None => {
-                        let degenerate = st.bounds[b] == st.bounds[if b > plan.first { b - 1 } else { b + 1 }];
+                        let degenerate =
+                            st.bounds[b] == st.bounds[if b > plan.first { b - 1 } else { b + 1 }];
                         if reg == REG_TOTAL && !degenerate {
                             return Err(Exception::new(
                                 "no_reading",
@@ -220,12 +247,18 @@ pub fn bill_account(
         mv.push(MeterValues { vals });
     }
     // 2. Consumption per segment (kWh, x CT x PT), register by register.
-    let delta = |mi: usize, reg: usize, b0: usize, b1: usize| -> Result<Option<Decimal>, Exception> {
+    let delta = |mi: usize,
+                 reg: usize,
+                 b0: usize,
+                 b1: usize|
+     -> Result<Option<Decimal>, Exception> {
         let (m, st) = meters[mi];
         if st.bounds[b0] == st.bounds[b1] {
             return Ok(Some(Decimal::ZERO));
         }
-        let (Some(a), Some(b)) = (mv[mi].vals[b0][reg], mv[mi].vals[b1][reg]) else { return Ok(None) };
+        let (Some(a), Some(b)) = (mv[mi].vals[b0][reg], mv[mi].vals[b1][reg]) else {
+            return Ok(None);
+        };
         match register_delta(a, b, st.modulus) {
             Some((d, _)) => Ok(Some(scaled(d) * m.multiplier())),
             None => Err(Exception::new(
@@ -252,15 +285,15 @@ pub fn bill_account(
         flags |= Flags::ROLLOVER;
     }
     let mut seg_usage: Vec<Usage> = Vec::with_capacity(nseg);
-    let mut total_register_kwh = Decimal::ZERO;
     for k in 0..nseg {
         let (b0, b1) = (plan.first + k, plan.first + k + 1);
         let mut u = Usage::default();
         for mi in 0..meters.len() {
             u.total += delta(mi, REG_TOTAL, b0, b1)?.unwrap_or_default();
         }
-        total_register_kwh += u.total;
-        let version = tariff.version_on(plan.dates[b0]).map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
+        let version = tariff
+            .version_on(plan.dates[b0])
+            .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
         if let Some(tou) = &version.tou {
             let mut periods = [Decimal::ZERO; MAX_PERIODS];
             let all_intervals = meters.iter().all(|(_, st)| {
@@ -282,7 +315,8 @@ pub fn bill_account(
                 for (mi, _) in meters.iter().enumerate() {
                     for (r, p) in tou.registers.iter().enumerate() {
                         if let Some(p) = p {
-                            periods[*p as usize] += delta(mi, REG_T1 + r, b0, b1)?.unwrap_or_default();
+                            periods[*p as usize] +=
+                                delta(mi, REG_T1 + r, b0, b1)?.unwrap_or_default();
                         }
                     }
                 }
@@ -298,7 +332,10 @@ pub fn bill_account(
                 }
                 let sum: Decimal = seen.iter().copied().sum();
                 if sum.is_zero() {
-                    return Err(Exception::new("no_tou_split", "interval data too sparse to split energy into TOU periods"));
+                    return Err(Exception::new(
+                        "no_tou_split",
+                        "interval data too sparse to split energy into TOU periods",
+                    ));
                 }
                 let mut given = Decimal::ZERO;
                 let last = seen.iter().rposition(|x| !x.is_zero()).unwrap_or(0);
@@ -319,9 +356,17 @@ pub fn bill_account(
             }
             let sum: Decimal = periods.iter().copied().sum();
             let tolerance = Decimal::new(cfg.interval_tolerance * meters.len() as i64, 4)
-                * meters.iter().map(|(m, _)| m.multiplier()).max().unwrap_or(Decimal::ONE);
+                * meters
+                    .iter()
+                    .map(|(m, _)| m.multiplier())
+                    .max()
+                    .unwrap_or(Decimal::ONE);
             if (sum - u.total).abs() > tolerance {
-                flags |= if all_intervals { Flags::INTERVAL_MISMATCH } else { Flags::REGISTER_SUM_MISMATCH };
+                flags |= if all_intervals {
+                    Flags::INTERVAL_MISMATCH
+                } else {
+                    Flags::REGISTER_SUM_MISMATCH
+                };
             }
             u.periods = periods;
             u.total = sum;
@@ -329,8 +374,6 @@ pub fn bill_account(
         seg_usage.push(u);
     }
     // 3. Tier positions and limits.
-    let off = tariff.utc_offset_secs;
-    let _ = off;
     let cover_from = meters
         .iter()
         .map(|(m, _)| m.installed_on)
@@ -341,7 +384,12 @@ pub fn bill_account(
     let cover_to = if meters.iter().any(|(m, _)| m.removed_on.is_none()) {
         period.end
     } else {
-        meters.iter().filter_map(|(m, _)| m.removed_on).max().unwrap_or(period.end).min(period.end)
+        meters
+            .iter()
+            .filter_map(|(m, _)| m.removed_on)
+            .max()
+            .unwrap_or(period.end)
+            .min(period.end)
     };
     let days = (cover_to - cover_from).num_days().max(0);
     let mut ytd = Decimal::ZERO;
@@ -364,7 +412,8 @@ pub fn bill_account(
             // Historical average: the period's daily use over the days since the tier-year start.
             let period_kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
             let before_days = (period.start - from).num_days();
-            ytd = (period_kwh * Decimal::from(before_days) / Decimal::from(days.max(1))).round_dp(2);
+            ytd =
+                (period_kwh * Decimal::from(before_days) / Decimal::from(days.max(1))).round_dp(2);
             flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
         }
         ytd_known = Some(ytd);
@@ -398,7 +447,13 @@ pub fn bill_account(
                 Accumulation::Annual { start_month } => {
                     let ys = Tiers::tier_year_start(start_month, period.start);
                     let ye = NaiveDate::from_ymd_opt(ys.year() + 1, ys.month(), 1).expect("valid");
-                    let opened = account.opened_on.max(meters.iter().map(|(m, _)| m.installed_on).min().unwrap_or(ys));
+                    let opened = account.opened_on.max(
+                        meters
+                            .iter()
+                            .map(|(m, _)| m.installed_on)
+                            .min()
+                            .unwrap_or(ys),
+                    );
                     if opened > ys {
                         flags |= Flags::PRORATED;
                         Tiers::prorate(&t.limits, (ye - opened).num_days(), (ye - ys).num_days())
@@ -409,7 +464,15 @@ pub fn bill_account(
             },
         };
         let upto = pos.add(u);
-        segments.push(Segment { version: v, version_index: vi, from, to, limits, start: pos, upto });
+        segments.push(Segment {
+            version: v,
+            version_index: vi,
+            from,
+            to,
+            limits,
+            start: pos,
+            upto,
+        });
         pos = upto;
     }
     let kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
@@ -455,12 +518,23 @@ pub fn bill_account(
         kvarh,
     };
     let rated = rate_bill(&segments, &q);
-    let usage_flags = Flags(flags.0 & (Flags::ESTIMATED | Flags::INTERVAL_ESTIMATED | Flags::YTD_ESTIMATED | Flags::ROLLOVER | Flags::METER_EXCHANGE | Flags::SOURCE_QUALITY).0);
+    let usage_flags = Flags(
+        flags.0
+            & (Flags::ESTIMATED
+                | Flags::INTERVAL_ESTIMATED
+                | Flags::YTD_ESTIMATED
+                | Flags::ROLLOVER
+                | Flags::METER_EXCHANGE
+                | Flags::SOURCE_QUALITY)
+                .0,
+    );
     let mut lines = Vec::with_capacity(rated.len());
     let mut pf_value = None;
     for r in rated {
         let lf = match r.line.kind {
-            LineKind::Energy | LineKind::Period | LineKind::TierSurcharge | LineKind::Fund => usage_flags,
+            LineKind::Energy | LineKind::Period | LineKind::TierSurcharge | LineKind::Fund => {
+                usage_flags
+            }
             LineKind::PowerFactor => {
                 pf_value = Some(r.line.quantity);
                 usage_flags
@@ -471,10 +545,13 @@ pub fn bill_account(
             }
             _ => Flags::NONE,
         };
-        lines.push(BillLine { version_index: r.version_index, line: r.line, flags: lf });
+        lines.push(BillLine {
+            version_index: r.version_index,
+            line: r.line,
+            flags: lf,
+        });
     }
     let total = lines.iter().map(|l| l.line.amount).sum();
-    let _ = total_register_kwh;
     Ok(AccountBill {
         account_id: account.account_id.clone(),
         tariff_id: tariff.id.clone(),
@@ -516,13 +593,16 @@ pub fn apply_reading(
             if ts <= from || ts > to {
                 return Ok(());
             }
-            let (date, minute) = super::period::local_date_minute(ts - 900_000, plan.tariff.utc_offset_secs);
+            let (date, minute) =
+                super::period::local_date_minute(ts - 900_000, plan.tariff.utc_offset_secs);
             let v = plan
                 .tariff
                 .version_on(date)
                 .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
             let period = match &v.tou {
-                Some(tou) => tou.period_at(date, minute).map_err(|e| Exception::new("calendar_missing", e))?,
+                Some(tou) => tou
+                    .period_at(date, minute)
+                    .map_err(|e| Exception::new("calendar_missing", e))?,
                 None => 0,
             };
             st.interval(ts, value, period);

@@ -6,7 +6,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use rayon::prelude::*;
 
-use super::account::{apply_reading, bill_account, plan_account, AccountBill, AccountPlan, Exception};
+use super::account::{
+    apply_reading, bill_account, plan_account, AccountBill, AccountPlan, Exception,
+};
 use super::period::BillPeriod;
 use super::vee::{MeterState, VeeConfig};
 use crate::master::{Account, Meter};
@@ -23,7 +25,8 @@ impl Hasher for Fx {
         for chunk in bytes.chunks(8) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
     fn finish(&self) -> u64 {
@@ -72,8 +75,11 @@ impl<'a> Engine<'a> {
     ) -> Engine<'a> {
         let mut accs: Vec<&Account> = accounts.iter().collect();
         accs.sort_by(|a, b| a.account_id.cmp(&b.account_id));
-        let account_index: HashMap<&str, u32> =
-            accs.iter().enumerate().map(|(i, a)| (a.account_id.as_str(), i as u32)).collect();
+        let account_index: HashMap<&str, u32> = accs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.account_id.as_str(), i as u32))
+            .collect();
         let plans: Vec<Result<AccountPlan<'a>, Exception>> = accs
             .par_iter()
             .map(|a| match tariffs.get(&a.tariff_id) {
@@ -128,13 +134,34 @@ impl<'a> Engine<'a> {
             lo = lo.min(s.bounds[0]);
             hi = hi.max(*s.bounds.last().expect("bounds"));
         }
-        (lo <= hi).then_some((lo - self.cfg.max_interpolation_gap_ms, hi + self.cfg.max_interpolation_gap_ms))
+        (lo <= hi).then_some((
+            lo - self.cfg.max_interpolation_gap_ms,
+            hi + self.cfg.max_interpolation_gap_ms,
+        ))
+    }
+
+    /// UTC ms range covered by the bill period of any meter (without the
+    /// bounds before it, such as tier-year starts).
+    pub fn period_window(&self) -> Option<(i64, i64)> {
+        let mut lo = i64::MAX;
+        let mut hi = i64::MIN;
+        for s in self.states.iter().flatten() {
+            let (a, b) = s.window();
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+        (lo <= hi).then_some((lo, hi))
     }
 
     /// All boundary instants of all meters (UTC ms, deduplicated), for reading
     /// only the partitions around them when intermediate days are not needed.
     pub fn bound_instants(&self) -> Vec<i64> {
-        let mut v: Vec<i64> = self.states.iter().flatten().flat_map(|s| s.bounds.iter().copied()).collect();
+        let mut v: Vec<i64> = self
+            .states
+            .iter()
+            .flatten()
+            .flat_map(|s| s.bounds.iter().copied())
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -144,27 +171,34 @@ impl<'a> Engine<'a> {
     pub fn apply(&mut self, meter: u32, channel: Channel, ts: i64, value: i64, q: Quality) {
         self.readings_seen += 1;
         let m = meter as usize;
-        let Some(st) = self.states[m].as_mut() else { return };
+        let Some(st) = self.states[m].as_mut() else {
+            return;
+        };
         let ai = self.meter_account[m];
-        let Ok(plan) = &self.plans[ai as usize] else { return };
+        let Ok(plan) = &self.plans[ai as usize] else {
+            return;
+        };
         if let Err(e) = apply_reading(st, plan, channel, ts, value, q, &self.cfg) {
             self.route_errors.entry(ai).or_insert(e);
         }
     }
 
-    pub fn apply_unknown(&mut self, meter_id: &str) {
-        self.readings_seen += 1;
-        *self.unknown_meters.entry(meter_id.to_string()).or_insert(0) += 1;
+    /// Counts `n` readings of a meter id that meters.csv does not list.
+    pub fn apply_unknown(&mut self, meter_id: &str, n: u64) {
+        self.readings_seen += n;
+        *self.unknown_meters.entry(meter_id.to_string()).or_insert(0) += n;
     }
 
     /// Looks a meter up and applies; unknown meters are counted for the exceptions output.
     pub fn apply_reading(&mut self, r: &Reading) {
         match self.meter_index.get(r.meter_id.as_str()) {
             Some(&i) => {
-                let v = crate::store::columns::to_scaled(r.value).map(|x| x as i64).unwrap_or(0);
+                let v = crate::store::columns::to_scaled(r.value)
+                    .map(|x| x as i64)
+                    .unwrap_or(0);
                 self.apply(i, r.channel, r.ts_ms, v, r.quality)
             }
-            None => self.apply_unknown(&r.meter_id),
+            None => self.apply_unknown(&r.meter_id, 1),
         }
     }
 
@@ -185,9 +219,16 @@ impl<'a> Engine<'a> {
                 }
                 let mut ms: Vec<(&Meter, &MeterState)> = by_account[ai]
                     .iter()
-                    .map(|&m| (self.meters[m as usize], self.states[m as usize].as_ref().expect("filtered")))
+                    .map(|&m| {
+                        (
+                            self.meters[m as usize],
+                            self.states[m as usize].as_ref().expect("filtered"),
+                        )
+                    })
                     .collect();
-                ms.sort_by(|a, b| (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id)));
+                ms.sort_by(|a, b| {
+                    (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id))
+                });
                 bill_account(self.accounts[ai], plan, &ms, &self.period, &self.cfg)
             })
             .collect();
@@ -209,7 +250,10 @@ impl<'a> Engine<'a> {
                 account_id: m.account_id.clone(),
                 meter_id: m.meter_id.clone(),
                 code: "unknown_account".into(),
-                detail: format!("meters.csv names account '{}', which accounts.csv does not have", m.account_id),
+                detail: format!(
+                    "meters.csv names account '{}', which accounts.csv does not have",
+                    m.account_id
+                ),
             });
         }
         let mut unknown: Vec<(String, u64)> = self.unknown_meters.into_iter().collect();

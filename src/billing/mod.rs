@@ -2,10 +2,10 @@
 //! tariff engine, and the bill run that writes `bills`, `bill_lines`,
 //! `exceptions` and a manifest. Outputs and flags: docs/billing.md.
 
-pub mod flags;
-pub mod vee;
 pub mod account;
-pub mod period;
 pub mod engine;
+pub mod flags;
 pub mod output;
+pub mod period;
 pub mod run;
+pub mod vee;

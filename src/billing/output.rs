@@ -81,13 +81,18 @@ pub fn exceptions_schema() -> SchemaRef {
 
 /// Decimal to a scaled i128 at `scale`, rounding half away from zero beyond it.
 pub fn to_i128(d: Decimal, scale: i8) -> i128 {
-    let mut r = d.round_dp_with_strategy(scale as u32, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    let mut r = d.round_dp_with_strategy(
+        scale as u32,
+        rust_decimal::RoundingStrategy::MidpointAwayFromZero,
+    );
     r.rescale(scale as u32);
     r.mantissa()
 }
 
 fn dec_builder(cap: usize, p: (u8, i8)) -> Decimal128Builder {
-    Decimal128Builder::with_capacity(cap).with_precision_and_scale(p.0, p.1).expect("valid decimal type")
+    Decimal128Builder::with_capacity(cap)
+        .with_precision_and_scale(p.0, p.1)
+        .expect("valid decimal type")
 }
 
 /// One output line (a priced line, or an adjustment against an issued one).
@@ -247,7 +252,15 @@ impl LinesBuilder {
         }
     }
 
-    pub fn push(&mut self, run_id: &str, period: &str, account: &str, tariff: &str, no: usize, l: &OutLine) {
+    pub fn push(
+        &mut self,
+        run_id: &str,
+        period: &str,
+        account: &str,
+        tariff: &str,
+        no: usize,
+        l: &OutLine,
+    ) {
         self.run.append_value(run_id);
         self.per.append_value(period);
         self.acc.append_value(account);
@@ -293,20 +306,42 @@ impl LinesBuilder {
 
 pub fn exceptions_batch(run_id: &str, period: &str, rows: &[ExceptionRow]) -> RecordBatch {
     let n = rows.len();
-    let mut b: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::with_capacity(n, n * 16)).collect();
+    let mut b: Vec<StringBuilder> = (0..6)
+        .map(|_| StringBuilder::with_capacity(n, n * 16))
+        .collect();
     for r in rows {
-        for (i, v) in [run_id, period, &r.account_id, &r.meter_id, &r.code, &r.detail].iter().enumerate() {
+        for (i, v) in [
+            run_id,
+            period,
+            &r.account_id,
+            &r.meter_id,
+            &r.code,
+            &r.detail,
+        ]
+        .iter()
+        .enumerate()
+        {
             b[i].append_value(v);
         }
     }
-    let cols: Vec<ArrayRef> = b.iter_mut().map(|x| Arc::new(x.finish()) as ArrayRef).collect();
+    let cols: Vec<ArrayRef> = b
+        .iter_mut()
+        .map(|x| Arc::new(x.finish()) as ArrayRef)
+        .collect();
     RecordBatch::try_new(exceptions_schema(), cols).expect("columns match schema")
 }
 
 /// Encodes batches as one Parquet file in memory (deterministic bytes).
-pub fn parquet_bytes(schema: SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+pub fn parquet_bytes(
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(&mut buf, schema, Some(crate::store::atomic::writer_properties()))?;
+    let mut w = ArrowWriter::try_new(
+        &mut buf,
+        schema,
+        Some(crate::store::atomic::writer_properties()),
+    )?;
     for b in batches {
         w.write(b)?;
     }

@@ -27,11 +27,21 @@ impl BillPeriod {
                 return Err(format!("period {s}: the end must be after the start"));
             }
             let whole_month = start.day() == 1 && next_month(start) == end;
-            return Ok(BillPeriod { label: s.to_string(), start, end, whole_month });
+            return Ok(BillPeriod {
+                label: s.to_string(),
+                start,
+                end,
+                whole_month,
+            });
         }
         let start = NaiveDate::parse_from_str(&format!("{}-01", s.trim()), "%Y-%m-%d")
             .map_err(|_| format!("period '{s}' is not YYYY-MM or YYYY-MM-DD..YYYY-MM-DD"))?;
-        Ok(BillPeriod { label: s.trim().to_string(), start, end: next_month(start), whole_month: true })
+        Ok(BillPeriod {
+            label: s.trim().to_string(),
+            start,
+            end: next_month(start),
+            whole_month: true,
+        })
     }
 
     pub fn days(&self) -> i64 {
@@ -50,7 +60,11 @@ impl BillPeriod {
 }
 
 pub fn next_month(d: NaiveDate) -> NaiveDate {
-    let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+    let (y, m) = if d.month() == 12 {
+        (d.year() + 1, 1)
+    } else {
+        (d.year(), d.month() + 1)
+    };
     NaiveDate::from_ymd_opt(y, m, 1).expect("valid")
 }
 
@@ -75,11 +89,17 @@ mod tests {
     #[test]
     fn periods_parse() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        assert_eq!((p.days(), p.whole_month, p.month_basis_days()), (31, true, 31));
+        assert_eq!(
+            (p.days(), p.whole_month, p.month_basis_days()),
+            (31, true, 31)
+        );
         let p = BillPeriod::parse("2026-12").unwrap();
         assert_eq!(p.end, NaiveDate::from_ymd_opt(2027, 1, 1).unwrap());
         let p = BillPeriod::parse("2026-10-05..2026-11-19").unwrap();
-        assert_eq!((p.days(), p.whole_month, p.month_basis_days()), (45, false, 30));
+        assert_eq!(
+            (p.days(), p.whole_month, p.month_basis_days()),
+            (45, false, 30)
+        );
         assert!(BillPeriod::parse("2026-13").is_err());
     }
 
@@ -88,6 +108,9 @@ mod tests {
         let d = NaiveDate::from_ymd_opt(2026, 10, 1).unwrap();
         let ms = local_midnight_ms(d, 8 * 3600);
         assert_eq!(local_date_minute(ms, 8 * 3600), (d, 0));
-        assert_eq!(local_date_minute(ms - 60_000, 8 * 3600), (d.pred_opt().unwrap(), 1439));
+        assert_eq!(
+            local_date_minute(ms - 60_000, 8 * 3600),
+            (d.pred_opt().unwrap(), 1439)
+        );
     }
 }

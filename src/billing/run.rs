@@ -36,7 +36,10 @@ pub enum BillingError {
     #[error("master data: {0}")]
     Master(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("writing Parquet: {0}")]
@@ -44,7 +47,10 @@ pub enum BillingError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
-    move |source| BillingError::Io { path: path.to_path_buf(), source }
+    move |source| BillingError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Options of a bill run (`meterflow bill`).
@@ -65,7 +71,13 @@ pub struct BillRunOptions {
 }
 
 impl BillRunOptions {
-    pub fn new(lake: impl Into<PathBuf>, master: impl Into<PathBuf>, tariffs: impl Into<PathBuf>, period: &str, out: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        lake: impl Into<PathBuf>,
+        master: impl Into<PathBuf>,
+        tariffs: impl Into<PathBuf>,
+        period: &str,
+        out: impl Into<PathBuf>,
+    ) -> Self {
         BillRunOptions {
             lake: lake.into(),
             master: master.into(),
@@ -123,29 +135,60 @@ type Update = (u32, Channel, i64, i64, Quality);
 
 struct FileScan {
     updates: Vec<Update>,
-    unknown: Vec<String>,
+    /// Unknown meter ids with their reading counts (consecutive rows merged).
+    unknown: Vec<(String, u64)>,
     rows: u64,
 }
 
-fn scan_file(path: &Path, index: &super::engine::FxMap<&str, u32>, lo: i64, hi: i64) -> Result<FileScan, BillingError> {
+fn scan_file(
+    path: &Path,
+    index: &super::engine::FxMap<&str, u32>,
+    lo: i64,
+    hi: i64,
+) -> Result<FileScan, BillingError> {
     let perr = |e: parquet::errors::ParquetError| crate::store::StoreError::parquet(path, e);
     let file = File::open(path).map_err(io(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(64 * 1024);
-    let mask = ProjectionMask::columns(builder.parquet_schema(), ["meter_id", "ts", "channel", "value", "quality"]);
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(perr)?
+        .with_batch_size(64 * 1024);
+    let mask = ProjectionMask::columns(
+        builder.parquet_schema(),
+        ["meter_id", "ts", "channel", "value", "quality"],
+    );
     let reader = builder.with_projection(mask).build().map_err(perr)?;
-    let mut out = FileScan { updates: Vec::new(), unknown: Vec::new(), rows: 0 };
-    let mut last_unknown: Option<String> = None;
+    let mut out = FileScan {
+        updates: Vec::new(),
+        unknown: Vec::new(),
+        rows: 0,
+    };
     for batch in reader {
         let batch = batch.map_err(|e| crate::store::StoreError::parquet(path, e))?;
         let col = |name: &str| batch.column_by_name(name).cloned();
-        let bad = || crate::store::StoreError::Schema(format!("{}: unexpected readings schema", path.display()));
-        let (Some(mid), Some(ts), Some(ch), Some(val), Some(q)) = (col("meter_id"), col("ts"), col("channel"), col("value"), col("quality")) else {
+        let bad = || {
+            crate::store::StoreError::Schema(format!(
+                "{}: unexpected readings schema",
+                path.display()
+            ))
+        };
+        let (Some(mid), Some(ts), Some(ch), Some(val), Some(q)) = (
+            col("meter_id"),
+            col("ts"),
+            col("channel"),
+            col("value"),
+            col("quality"),
+        ) else {
             return Err(bad().into());
         };
         let mid = mid.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
-        let ts = ts.as_any().downcast_ref::<TimestampMillisecondArray>().ok_or_else(bad)?;
+        let ts = ts
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .ok_or_else(bad)?;
         let ch = ch.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
-        let val = val.as_any().downcast_ref::<Decimal128Array>().ok_or_else(bad)?;
+        let val = val
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .ok_or_else(bad)?;
         let q = q.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
         if val.scale() != crate::store::schema::VALUE_SCALE {
             return Err(bad().into());
@@ -163,21 +206,33 @@ fn scan_file(path: &Path, index: &super::engine::FxMap<&str, u32>, lo: i64, hi: 
                 last_ch = c;
                 last_channel = c.parse::<Channel>().ok().filter(|c| {
                     super::vee::register_index(*c).is_some()
-                        || matches!(c, Channel::MaxDemandImport | Channel::ImportActiveInterval | Channel::ClockSkew)
+                        || matches!(
+                            c,
+                            Channel::MaxDemandImport
+                                | Channel::ImportActiveInterval
+                                | Channel::ClockSkew
+                        )
                 });
             }
-            let Some(channel) = last_channel else { continue };
+            let Some(channel) = last_channel else {
+                continue;
+            };
             let id = mid.value(i);
             let Some(&m) = index.get(id) else {
-                if last_unknown.as_deref() != Some(id) {
-                    last_unknown = Some(id.to_string());
-                    out.unknown.push(id.to_string());
+                match out.unknown.last_mut() {
+                    Some((last, n)) if last == id => *n += 1,
+                    _ => out.unknown.push((id.to_string(), 1)),
                 }
                 continue;
             };
             let qs = q.value(i);
-            let quality = if qs == "ok" { Quality::OK } else { Quality::parse(qs).unwrap_or(Quality::SUSPECT) };
-            out.updates.push((m, channel, t, val.value(i) as i64, quality));
+            let quality = if qs == "ok" {
+                Quality::OK
+            } else {
+                Quality::parse(qs).unwrap_or(Quality::SUSPECT)
+            };
+            out.updates
+                .push((m, channel, t, val.value(i) as i64, quality));
         }
     }
     Ok(out)
@@ -194,29 +249,62 @@ struct Issued {
 }
 
 fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
-    let mut is = Issued { lines: BTreeMap::new(), totals: BTreeMap::new(), run_id: String::new() };
+    let mut is = Issued {
+        lines: BTreeMap::new(),
+        totals: BTreeMap::new(),
+        run_id: String::new(),
+    };
     for (n, dir) in dirs.iter().enumerate() {
         if n == 0 {
-            let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
-                .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
+                    .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
             is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
         }
         for batch in crate::store::reader::read_file(&dir.join("bill_lines.parquet"))? {
-            let s = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-            let d = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned());
-            let bad = || BillingError::Invalid(format!("{}: unexpected bill_lines schema", dir.display()));
-            let (acc, kind, label, ver, tar) = (s("account_id").ok_or_else(bad)?, s("kind").ok_or_else(bad)?, s("label").ok_or_else(bad)?, s("tariff_version").ok_or_else(bad)?, s("tariff_id").ok_or_else(bad)?);
+            let s = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+            };
+            let d = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned())
+            };
+            let bad = || {
+                BillingError::Invalid(format!("{}: unexpected bill_lines schema", dir.display()))
+            };
+            let (acc, kind, label, ver, tar) = (
+                s("account_id").ok_or_else(bad)?,
+                s("kind").ok_or_else(bad)?,
+                s("label").ok_or_else(bad)?,
+                s("tariff_version").ok_or_else(bad)?,
+                s("tariff_id").ok_or_else(bad)?,
+            );
             let (qty, amt) = (d("quantity").ok_or_else(bad)?, d("amount").ok_or_else(bad)?);
-            let adj = batch.column_by_name("is_adjustment").and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned()).ok_or_else(bad)?;
+            let adj = batch
+                .column_by_name("is_adjustment")
+                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned())
+                .ok_or_else(bad)?;
             for i in 0..batch.num_rows() {
                 if n > 0 && !adj.value(i) {
                     continue;
                 }
-                let key = (acc.value(i).to_string(), kind.value(i).to_string(), label.value(i).to_string(), ver.value(i).to_string());
+                let key = (
+                    acc.value(i).to_string(),
+                    kind.value(i).to_string(),
+                    label.value(i).to_string(),
+                    ver.value(i).to_string(),
+                );
                 let q = Decimal::from_i128_with_scale(qty.value(i), output::QTY.1 as u32);
                 let a = Decimal::from_i128_with_scale(amt.value(i), output::AMOUNT.1 as u32);
                 *is.totals.entry(key.0.clone()).or_default() += a;
-                let e = is.lines.entry(key).or_insert((Decimal::ZERO, Decimal::ZERO, tar.value(i).to_string()));
+                let e = is.lines.entry(key).or_insert((
+                    Decimal::ZERO,
+                    Decimal::ZERO,
+                    tar.value(i).to_string(),
+                ));
                 e.0 += q;
                 e.1 += a;
             }
@@ -232,8 +320,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let tariffs = crate::tariff::load_dir(&opts.tariffs)?;
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
-    let meters = crate::master::load_meters(&meters_path).map_err(|e| BillingError::Master(e.to_string()))?;
-    let accounts = crate::master::load_accounts(&accounts_path).map_err(|e| BillingError::Master(e.to_string()))?;
+    let meters = crate::master::load_meters(&meters_path)
+        .map_err(|e| BillingError::Master(e.to_string()))?;
+    let accounts = crate::master::load_accounts(&accounts_path)
+        .map_err(|e| BillingError::Master(e.to_string()))?;
     let mut master_exceptions: Vec<ExceptionRow> = Vec::new();
     for e in meters.errors.iter().chain(accounts.errors.iter()) {
         master_exceptions.push(ExceptionRow {
@@ -248,8 +338,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     // Revision? An issued run in `out` makes this a re-run with adjustments.
     let mut issued_dirs = Vec::new();
     if opts.out.join("manifest.json").exists() {
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(opts.out.join("manifest.json")).map_err(io(&opts.out))?)
-            .map_err(|e| BillingError::Invalid(format!("{}: {e}", opts.out.display())))?;
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(opts.out.join("manifest.json")).map_err(io(&opts.out))?,
+        )
+        .map_err(|e| BillingError::Invalid(format!("{}: {e}", opts.out.display())))?;
         if m["period"].as_str() != Some(period.label.as_str()) {
             return Err(BillingError::Invalid(format!(
                 "{} holds the run of period {}, not {}: use another --out",
@@ -260,11 +352,21 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         }
         issued_dirs.push(opts.out.clone());
         let mut n = 1;
-        while opts.out.join(format!("revision-{n}")).join("manifest.json").exists() {
+        while opts
+            .out
+            .join(format!("revision-{n}"))
+            .join("manifest.json")
+            .exists()
+        {
             issued_dirs.push(opts.out.join(format!("revision-{n}")));
             n += 1;
         }
-    } else if opts.out.exists() && std::fs::read_dir(&opts.out).map_err(io(&opts.out))?.next().is_some() {
+    } else if opts.out.exists()
+        && std::fs::read_dir(&opts.out)
+            .map_err(io(&opts.out))?
+            .next()
+            .is_some()
+    {
         return Err(BillingError::Invalid(format!(
             "{} exists, is not empty and holds no committed run (no manifest.json): refusing to mix outputs",
             opts.out.display()
@@ -273,28 +375,58 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let revision = issued_dirs.len() as u32;
 
     // Plan, then stream the lake day by day.
-    let mut engine = Engine::new(&accounts.rows, &meters.rows, &tariffs, period.clone(), opts.vee.clone());
+    let mut engine = Engine::new(
+        &accounts.rows,
+        &meters.rows,
+        &tariffs,
+        period.clone(),
+        opts.vee.clone(),
+    );
     let mut lake_files: Vec<(chrono::NaiveDate, PathBuf)> = Vec::new();
     if let Some((lo, hi)) = engine.needed_range() {
-        let day = |ms: i64| DateTime::from_timestamp_millis(ms).map(|t| t.date_naive()).unwrap_or_default();
-        lake_files = crate::store::reader::list_files(&opts.lake, crate::store::schema::READINGS, day(lo), day(hi))?;
+        let day = |ms: i64| {
+            DateTime::from_timestamp_millis(ms)
+                .map(|t| t.date_naive())
+                .unwrap_or_default()
+        };
+        // Partitions inside the period, plus a margin around every boundary (a
+        // tier-year start months earlier reads a few days, not the months between).
+        let margin = opts.vee.max_interpolation_gap_ms;
+        let (p_lo, p_hi) = engine.period_window().unwrap_or((lo, hi));
+        let mut wanted = vec![(day(p_lo - margin), day(p_hi + margin))];
+        for b in engine.bound_instants() {
+            wanted.push((day(b - margin), day(b + margin)));
+        }
+        lake_files = crate::store::reader::list_files(
+            &opts.lake,
+            crate::store::schema::READINGS,
+            day(lo),
+            day(hi),
+        )?
+        .into_iter()
+        .filter(|(d, _)| wanted.iter().any(|(a, b)| d >= a && d <= b))
+        .collect();
         let total = lake_files.len() as u64;
         let mut done = 0u64;
         let mut i = 0;
         while i < lake_files.len() {
             let date = lake_files[i].0;
-            let j = lake_files[i..].iter().position(|(d, _)| *d != date).map_or(lake_files.len(), |k| i + k);
-            let scans: Vec<Result<FileScan, BillingError>> =
-                lake_files[i..j].par_iter().map(|(_, p)| scan_file(p, &engine.meter_index, lo, hi)).collect();
+            let j = lake_files[i..]
+                .iter()
+                .position(|(d, _)| *d != date)
+                .map_or(lake_files.len(), |k| i + k);
+            let scans: Vec<Result<FileScan, BillingError>> = lake_files[i..j]
+                .par_iter()
+                .map(|(_, p)| scan_file(p, &engine.meter_index, lo, hi))
+                .collect();
             for s in scans {
                 let s = s?;
                 for (m, c, t, v, q) in s.updates {
                     engine.apply(m, c, t, v, q);
                 }
-                for u in s.unknown {
-                    engine.apply_unknown(&u);
+                for (id, n) in s.unknown {
+                    engine.apply_unknown(&id, n);
                 }
-                engine.readings_seen += 0;
                 done += 1;
                 if let Some(p) = &opts.progress {
                     p(done, total);
@@ -315,12 +447,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut inputs_master = Vec::new();
     for p in [&meters_path, &accounts_path] {
         let (h, n) = sha256_file(p)?;
-        inputs_master.push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+        inputs_master
+            .push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
     }
     let mut inputs_tariffs = Vec::new();
     for p in tariffs.files() {
         let (h, n) = sha256_file(&p)?;
-        inputs_tariffs.push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+        inputs_tariffs
+            .push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
     }
     let lake_hashes: Vec<Result<serde_json::Value, BillingError>> = lake_files
         .par_iter()
@@ -333,7 +467,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut id_hash = Sha256::new();
     id_hash.update(period.label.as_bytes());
     id_hash.update(revision.to_le_bytes());
-    for v in inputs_master.iter().chain(&inputs_tariffs).chain(&inputs_lake) {
+    for v in inputs_master
+        .iter()
+        .chain(&inputs_tariffs)
+        .chain(&inputs_lake)
+    {
         id_hash.update(v.to_string().as_bytes());
     }
     let run_id = hex::encode(&id_hash.finalize()[..8]);
@@ -343,7 +481,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut out_bills: Vec<OutBill<'_>> = Vec::with_capacity(bills.len());
     let mut adjusted = 0usize;
     let mut adjustment_amount = Decimal::ZERO;
-    let issued = if revision > 0 { Some(read_issued(&issued_dirs)?) } else { None };
+    let issued = if revision > 0 {
+        Some(read_issued(&issued_dirs)?)
+    } else {
+        None
+    };
     let mut total_amount = Decimal::ZERO;
     let mut total_kwh = Decimal::ZERO;
     let mut by_tariff: BTreeMap<&str, (usize, Decimal)> = BTreeMap::new();
@@ -364,9 +506,22 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         match &issued {
             None => {
                 for (n, l) in lines.iter().enumerate() {
-                    lb.push(&run_id, &period.label, &b.account_id, &b.tariff_id, n + 1, l);
+                    lb.push(
+                        &run_id,
+                        &period.label,
+                        &b.account_id,
+                        &b.tariff_id,
+                        n + 1,
+                        l,
+                    );
                 }
-                out_bills.push(OutBill { bill: b, total: b.total, line_count: lines.len(), issued_total: None, adjustment: None });
+                out_bills.push(OutBill {
+                    bill: b,
+                    total: b.total,
+                    line_count: lines.len(),
+                    issued_total: None,
+                    adjustment: None,
+                });
             }
             Some(is) => {
                 let adj = adjustments(b, &lines, is);
@@ -376,25 +531,68 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 let issued_total = is.totals.get(&b.account_id).copied().unwrap_or_default();
                 let diff: Decimal = adj.iter().map(|l| l.amount).sum();
                 for (n, l) in adj.iter().enumerate() {
-                    lb.push(&run_id, &period.label, &b.account_id, &b.tariff_id, n + 1, l);
+                    lb.push(
+                        &run_id,
+                        &period.label,
+                        &b.account_id,
+                        &b.tariff_id,
+                        n + 1,
+                        l,
+                    );
                 }
                 adjusted += 1;
                 adjustment_amount += diff;
-                out_bills.push(OutBill { bill: b, total: b.total, line_count: adj.len(), issued_total: Some(issued_total), adjustment: Some(diff) });
+                out_bills.push(OutBill {
+                    bill: b,
+                    total: b.total,
+                    line_count: adj.len(),
+                    issued_total: Some(issued_total),
+                    adjustment: Some(diff),
+                });
             }
         }
     }
     let lines_n = lb.rows;
     let files = vec![
-        ("bills.parquet", out_bills.len(), output::parquet_bytes(output::bills_schema(), &[output::bills_batch(&run_id, &period.label, &out_bills)])?),
-        ("bill_lines.parquet", lines_n, output::parquet_bytes(output::lines_schema(), &[lb.finish()])?),
-        ("exceptions.parquet", exceptions.len(), output::parquet_bytes(output::exceptions_schema(), &[output::exceptions_batch(&run_id, &period.label, &exceptions)])?),
+        (
+            "bills.parquet",
+            out_bills.len(),
+            output::parquet_bytes(
+                output::bills_schema(),
+                &[output::bills_batch(&run_id, &period.label, &out_bills)],
+            )?,
+        ),
+        (
+            "bill_lines.parquet",
+            lines_n,
+            output::parquet_bytes(output::lines_schema(), &[lb.finish()])?,
+        ),
+        (
+            "exceptions.parquet",
+            exceptions.len(),
+            output::parquet_bytes(
+                output::exceptions_schema(),
+                &[output::exceptions_batch(
+                    &run_id,
+                    &period.label,
+                    &exceptions,
+                )],
+            )?,
+        ),
     ];
     let outputs: Vec<OutputFile> = files
         .iter()
-        .map(|(name, rows, bytes)| OutputFile { name: name.to_string(), rows: *rows, bytes: bytes.len(), sha256: hex::encode(Sha256::digest(bytes)) })
+        .map(|(name, rows, bytes)| OutputFile {
+            name: name.to_string(),
+            rows: *rows,
+            bytes: bytes.len(),
+            sha256: hex::encode(Sha256::digest(bytes)),
+        })
         .collect();
-    let estimated = bills.iter().filter(|b| b.flags.contains(Flags::ESTIMATED)).count();
+    let estimated = bills
+        .iter()
+        .filter(|b| b.flags.contains(Flags::ESTIMATED))
+        .count();
     let t_encode = t0.elapsed();
     let manifest = serde_json::json!({
         "run_id": run_id,
@@ -415,7 +613,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     });
     let mut dir = None;
     if !opts.preview {
-        let target = if revision == 0 { opts.out.clone() } else { opts.out.join(format!("revision-{revision}")) };
+        let target = if revision == 0 {
+            opts.out.clone()
+        } else {
+            opts.out.join(format!("revision-{revision}"))
+        };
         commit_dir(&target, &files, &manifest)?;
         dir = Some(target);
     }
@@ -446,23 +648,53 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
 fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> {
     let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine)> = BTreeMap::new();
     for l in lines {
-        let e = now.entry((l.kind.as_str().to_string(), l.label.clone(), l.tariff_version.clone())).or_insert((Decimal::ZERO, Decimal::ZERO, l));
+        let e = now
+            .entry((
+                l.kind.as_str().to_string(),
+                l.label.clone(),
+                l.tariff_version.clone(),
+            ))
+            .or_insert((Decimal::ZERO, Decimal::ZERO, l));
         e.0 += l.quantity;
         e.1 += l.amount;
     }
     let mut out = Vec::new();
-    let prefix = (b.account_id.clone(), String::new(), String::new(), String::new());
-    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> =
-        is.lines.range(prefix..).take_while(|(k, _)| k.0 == b.account_id).collect();
+    let prefix = (
+        b.account_id.clone(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> = is
+        .lines
+        .range(prefix..)
+        .take_while(|(k, _)| k.0 == b.account_id)
+        .collect();
     for ((kind, label, ver), (q, a, l)) in &now {
-        let key = (b.account_id.clone(), kind.clone(), label.clone(), ver.clone());
-        let (iq, ia) = is.lines.get(&key).map_or((Decimal::ZERO, Decimal::ZERO), |x| (x.0, x.1));
+        let key = (
+            b.account_id.clone(),
+            kind.clone(),
+            label.clone(),
+            ver.clone(),
+        );
+        let (iq, ia) = is
+            .lines
+            .get(&key)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |x| (x.0, x.1));
         if *q != iq || *a != ia {
-            out.push(OutLine { quantity: *q - iq, amount: *a - ia, is_adjustment: true, flags: l.flags | Flags::ADJUSTED, ..(*l).clone() });
+            out.push(OutLine {
+                quantity: *q - iq,
+                amount: *a - ia,
+                is_adjustment: true,
+                flags: l.flags | Flags::ADJUSTED,
+                ..(*l).clone()
+            });
         }
     }
     for (k, (iq, ia, _)) in issued {
-        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone())) && (!iq.is_zero() || !ia.is_zero()) {
+        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone()))
+            && (!iq.is_zero() || !ia.is_zero())
+        {
             out.push(OutLine {
                 kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
                 label: k.2.clone(),
@@ -483,10 +715,20 @@ fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> 
 
 /// Writes every file into a hidden temporary sibling directory, fsyncs, then
 /// renames it into place: readers see the whole run or nothing.
-fn commit_dir(target: &Path, files: &[(&str, usize, Vec<u8>)], manifest: &serde_json::Value) -> Result<(), BillingError> {
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+fn commit_dir(
+    target: &Path,
+    files: &[(&str, usize, Vec<u8>)],
+    manifest: &serde_json::Value,
+) -> Result<(), BillingError> {
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
     let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -500,7 +742,8 @@ fn commit_dir(target: &Path, files: &[(&str, usize, Vec<u8>)], manifest: &serde_
     for (n, _, bytes) in files {
         write(tmp.join(n), bytes)?;
     }
-    let text = serde_json::to_vec_pretty(manifest).map_err(|e| BillingError::Invalid(e.to_string()))?;
+    let text =
+        serde_json::to_vec_pretty(manifest).map_err(|e| BillingError::Invalid(e.to_string()))?;
     write(tmp.join("manifest.json"), &text)?;
     crate::store::atomic::sync_dir(&tmp)?;
     if target.exists() {

@@ -85,7 +85,14 @@ pub struct Near {
 
 impl Default for Near {
     fn default() -> Self {
-        Near { before_ts: NONE_TS, before_v: 0, after_ts: NONE_TS, after_v: 0, before_q: 0, after_q: 0 }
+        Near {
+            before_ts: NONE_TS,
+            before_v: 0,
+            after_ts: NONE_TS,
+            after_v: 0,
+            before_q: 0,
+            after_q: 0,
+        }
     }
 }
 
@@ -151,7 +158,10 @@ impl MeterState {
             mask,
             first,
             near: vec![Near::default(); slots * n],
-            steps: Steps { prev_ts: NONE_TS, ..Steps::default() },
+            steps: Steps {
+                prev_ts: NONE_TS,
+                ..Steps::default()
+            },
             max_demand: None,
             interval: None,
             flags: Flags::NONE,
@@ -173,7 +183,10 @@ impl MeterState {
     /// Bill segment containing `ts` (within the window).
     pub fn segment_of(&self, ts: i64) -> usize {
         let inner = &self.bounds[self.first + 1..];
-        inner.iter().position(|b| ts <= *b).unwrap_or(inner.len().saturating_sub(1))
+        inner
+            .iter()
+            .position(|b| ts <= *b)
+            .unwrap_or(inner.len().saturating_sub(1))
     }
 
     /// Feeds one register reading. Readings must come in time order per meter
@@ -205,7 +218,10 @@ impl MeterState {
 
     fn step(&mut self, ts: i64, v: i64, q: Quality, cfg: &VeeConfig) {
         let s = &mut self.steps;
-        if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) || q.contains(Quality::SUSPECT) {
+        if q.contains(Quality::ESTIMATED)
+            || q.contains(Quality::EDITED)
+            || q.contains(Quality::SUSPECT)
+        {
             s.flags |= Flags::SOURCE_QUALITY;
         }
         if q.contains(Quality::CLOCK_SKEW) {
@@ -226,7 +242,10 @@ impl MeterState {
             if d < 0 {
                 s.flags |= Flags::NEGATIVE_STEP;
             } else {
-                if s.steps >= 3 && d > cfg.spike_floor && d > cfg.spike_factor * (s.sum / s.steps as i64).max(1) {
+                if s.steps >= 3
+                    && d > cfg.spike_floor
+                    && d > cfg.spike_factor * (s.sum / s.steps as i64).max(1)
+                {
                     s.flags |= Flags::SPIKE;
                 }
                 if d == 0 {
@@ -271,7 +290,8 @@ impl MeterState {
             let segments = self.bounds.len() - 1 - self.first;
             let acc = self.interval.get_or_insert_with(Box::default);
             if acc.per_segment.len() < segments {
-                acc.per_segment.resize(segments, [0; crate::tariff::tou::MAX_PERIODS]);
+                acc.per_segment
+                    .resize(segments, [0; crate::tariff::tou::MAX_PERIODS]);
             }
             acc.per_segment[seg][period as usize] += v;
             acc.count += 1;
@@ -294,33 +314,55 @@ impl MeterState {
     }
 
     /// Register value at boundary `b`, measured or estimated.
-    pub fn value_at(&self, reg: usize, b: usize, cfg: &VeeConfig) -> Option<(i64, Source, Quality)> {
+    pub fn value_at(
+        &self,
+        reg: usize,
+        b: usize,
+        cfg: &VeeConfig,
+    ) -> Option<(i64, Source, Quality)> {
         let slot = self.slot(reg)?;
         let near = &self.near[slot * self.bounds.len() + b];
         let at = self.bounds[b];
         if near.before_ts == at {
-            return Some((near.before_v, Source::Measured, Quality::from_bits(near.before_q)));
+            return Some((
+                near.before_v,
+                Source::Measured,
+                Quality::from_bits(near.before_q),
+            ));
         }
         if near.after_ts == at {
-            return Some((near.after_v, Source::Measured, Quality::from_bits(near.after_q)));
+            return Some((
+                near.after_v,
+                Source::Measured,
+                Quality::from_bits(near.after_q),
+            ));
         }
         let q = Quality::from_bits(near.before_q | near.after_q);
-        if near.before_ts != NONE_TS && near.after_ts != NONE_TS && near.after_ts - near.before_ts <= cfg.max_interpolation_gap_ms {
+        if near.before_ts != NONE_TS
+            && near.after_ts != NONE_TS
+            && near.after_ts - near.before_ts <= cfg.max_interpolation_gap_ms
+        {
             let mut dv = near.after_v - near.before_v;
             if dv < 0 && -dv > self.modulus / 2 {
                 dv += self.modulus;
             }
             let v = near.before_v
-                + div_round(dv as i128 * (at - near.before_ts) as i128, (near.after_ts - near.before_ts) as i128);
+                + div_round(
+                    dv as i128 * (at - near.before_ts) as i128,
+                    (near.after_ts - near.before_ts) as i128,
+                );
             return Some((v.rem_euclid(self.modulus), Source::Interpolated, q));
         }
         let (sum, span) = self.rate().unwrap_or((0, 0));
-        if near.before_ts != NONE_TS && at - near.before_ts <= cfg.max_extrapolation_ms && span > 0 {
-            let v = near.before_v + div_round(sum as i128 * (at - near.before_ts) as i128, span as i128);
+        if near.before_ts != NONE_TS && at - near.before_ts <= cfg.max_extrapolation_ms && span > 0
+        {
+            let v = near.before_v
+                + div_round(sum as i128 * (at - near.before_ts) as i128, span as i128);
             return Some((v.rem_euclid(self.modulus), Source::Extrapolated, q));
         }
         if near.after_ts != NONE_TS && near.after_ts - at <= cfg.max_extrapolation_ms && span > 0 {
-            let v = near.after_v - div_round(sum as i128 * (near.after_ts - at) as i128, span as i128);
+            let v =
+                near.after_v - div_round(sum as i128 * (near.after_ts - at) as i128, span as i128);
             return Some((v.rem_euclid(self.modulus), Source::Extrapolated, q));
         }
         None
@@ -344,7 +386,11 @@ impl MeterState {
 pub fn div_round(n: i128, d: i128) -> i64 {
     let q = n / d;
     let r = n % d;
-    let adj = if 2 * r.abs() >= d.abs() { n.signum() * d.signum() } else { 0 };
+    let adj = if 2 * r.abs() >= d.abs() {
+        n.signum() * d.signum()
+    } else {
+        0
+    };
     (q + adj) as i64
 }
 
@@ -377,17 +423,28 @@ mod tests {
     #[test]
     fn exact_boundary_readings_are_measured() {
         let mut s = MeterState::new(vec![0, 10 * DAY], 0, 6, 1);
-        feed(&mut s, &(0..=10).map(|d| (d * DAY, 1000 + d * 10_000)).collect::<Vec<_>>());
+        feed(
+            &mut s,
+            &(0..=10)
+                .map(|d| (d * DAY, 1000 + d * 10_000))
+                .collect::<Vec<_>>(),
+        );
         let cfg = VeeConfig::default();
         assert_eq!(s.value_at(REG_TOTAL, 0, &cfg).unwrap().0, 1000);
-        assert_eq!(s.value_at(REG_TOTAL, 1, &cfg).unwrap(), (101_000, Source::Measured, Quality::OK));
+        assert_eq!(
+            s.value_at(REG_TOTAL, 1, &cfg).unwrap(),
+            (101_000, Source::Measured, Quality::OK)
+        );
         assert!(s.step_flags().is_empty());
     }
 
     #[test]
     fn missing_end_reading_is_extrapolated_from_the_average() {
         let mut s = MeterState::new(vec![0, 10 * DAY], 0, 6, 1);
-        feed(&mut s, &(0..=9).map(|d| (d * DAY, d * 10_000)).collect::<Vec<_>>());
+        feed(
+            &mut s,
+            &(0..=9).map(|d| (d * DAY, d * 10_000)).collect::<Vec<_>>(),
+        );
         let (v, src, _) = s.value_at(REG_TOTAL, 1, &VeeConfig::default()).unwrap();
         assert_eq!((v, src), (100_000, Source::Extrapolated));
     }
@@ -407,7 +464,15 @@ mod tests {
         assert_eq!(register_delta(m - 50_000, 30_000, m), Some((80_000, true)));
         assert_eq!(register_delta(50_000, 30_000, m), None);
         let mut s = MeterState::new(vec![0, 3 * DAY], 0, 6, 1);
-        feed(&mut s, &[(0, m - 10_000), (DAY, 5_000), (2 * DAY, 1_000), (3 * DAY, 20_000)]);
+        feed(
+            &mut s,
+            &[
+                (0, m - 10_000),
+                (DAY, 5_000),
+                (2 * DAY, 1_000),
+                (3 * DAY, 20_000),
+            ],
+        );
         assert!(s.step_flags().contains(Flags::ROLLOVER));
         assert!(s.step_flags().contains(Flags::NEGATIVE_STEP));
     }

@@ -53,19 +53,42 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let what = if s.preview { "preview (nothing written)" } else if s.revision > 0 { "re-run (adjustments)" } else { "bill run" };
+    let what = if s.preview {
+        "preview (nothing written)"
+    } else if s.revision > 0 {
+        "re-run (adjustments)"
+    } else {
+        "bill run"
+    };
     println!("{what} {} for period {}", s.run_id, s.period);
     println!("  accounts      {}", s.accounts);
-    println!("  bills         {} ({} estimated)", s.bills, s.estimated_bills);
+    println!(
+        "  bills         {} ({} estimated)",
+        s.bills, s.estimated_bills
+    );
     println!("  exceptions    {}", s.exceptions);
     println!("  bill lines    {}", s.lines);
-    println!("  total         {} CNY for {} kWh", s.total_amount, s.total_kwh);
+    println!(
+        "  total         {} CNY for {} kWh",
+        s.total_amount, s.total_kwh
+    );
     if s.revision > 0 {
-        println!("  adjusted      {} account(s), {} CNY against the issued run", s.adjusted_accounts, s.adjustment_amount);
+        println!(
+            "  adjusted      {} account(s), {} CNY against the issued run",
+            s.adjusted_accounts, s.adjustment_amount
+        );
     }
-    println!("  readings      {} from {} lake file(s)", s.readings, s.files_read);
+    println!(
+        "  readings      {} from {} lake file(s)",
+        s.readings, s.files_read
+    );
     for o in &s.outputs {
-        println!("  {:<20} {:>9} rows  sha256 {}", o.name, o.rows, &o.sha256[..16]);
+        println!(
+            "  {:<20} {:>9} rows  sha256 {}",
+            o.name,
+            o.rows,
+            &o.sha256[..16]
+        );
     }
     match &s.dir {
         Some(d) => println!("  committed to  {}", d.display()),

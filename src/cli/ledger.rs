@@ -86,21 +86,43 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
             let mut led = ledger::open_migrated(&l.ledger)?;
             let checks = led.check()?;
             let mut bad = 0;
-            for c in checks.iter().filter(|c| account.as_ref().is_none_or(|a| *a == c.account_id)) {
-                let mark = if c.ok() && c.entries >= 0 { "ok" } else { "MISMATCH" };
+            for c in checks
+                .iter()
+                .filter(|c| account.as_ref().is_none_or(|a| *a == c.account_id))
+            {
+                let mark = if c.ok() && c.entries >= 0 {
+                    "ok"
+                } else {
+                    "MISMATCH"
+                };
                 if mark != "ok" {
                     bad += 1;
                 }
-                println!("{:<16} {:>14} entries={:<6} sum={:<14} {mark}", c.account_id, c.cached, c.entries.abs(), c.sum);
+                println!(
+                    "{:<16} {:>14} entries={:<6} sum={:<14} {mark}",
+                    c.account_id,
+                    c.cached,
+                    c.entries.abs(),
+                    c.sum
+                );
             }
             if let Some(a) = &account {
                 if !checks.iter().any(|c| &c.account_id == a) {
                     println!("{a:<16} {:>14} (no entries)", 0);
                 }
             }
-            Ok(if bad > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+            Ok(if bad > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        LedgerCmd::History { l, account, limit, json } => {
+        LedgerCmd::History {
+            l,
+            account,
+            limit,
+            json,
+        } => {
             let mut led = ledger::open_migrated(&l.ledger)?;
             let mut bal = rust_decimal::Decimal::ZERO;
             for e in led.entries(Some(&account), 0, limit)? {
@@ -108,7 +130,9 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 if json {
                     println!("{}", serde_json::to_string(&e)?);
                 } else {
-                    let ts = chrono::DateTime::from_timestamp_millis(e.entry.ts_ms).map(|t| t.to_rfc3339()).unwrap_or_default();
+                    let ts = chrono::DateTime::from_timestamp_millis(e.entry.ts_ms)
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default();
                     println!(
                         "{:>6} {ts:<25} {:<10} {:>12} {:>12}  {:<11} {}",
                         e.seq, e.entry.kind, e.entry.amount, bal, e.entry.source, e.entry.key
@@ -123,7 +147,12 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
             println!("exported {n} entries to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        LedgerCmd::ImportPayments { l, files, thresholds, master } => {
+        LedgerCmd::ImportPayments {
+            l,
+            files,
+            thresholds,
+            master,
+        } => {
             let mut led = ledger::open_migrated(&l.ledger)?;
             let th = match &thresholds {
                 Some(p) => Thresholds::load(p)?,
@@ -133,7 +162,13 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 Some(m) => Fleet::load(m)?,
                 None => Fleet::default(),
             };
-            let hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
+            let hook = PrepayHook {
+                thresholds: &th,
+                control: None,
+                fleet: &fleet,
+                daily_spend: HashMap::new(),
+                now_ms: None,
+            };
             let mut conflicts = 0;
             for f in &files {
                 let r = crate::prepay::payments::import_file(led.as_mut(), f, &hook, 1000)
@@ -156,7 +191,11 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 }
                 conflicts += r.conflicts.len();
             }
-            Ok(if conflicts > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+            Ok(if conflicts > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

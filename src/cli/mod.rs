@@ -24,6 +24,9 @@ pub mod store;
 pub mod stream;
 pub mod tariff;
 pub mod bill;
+pub mod analyze;
+pub mod query;
+pub mod report;
 
 /// meterflow: electricity meter readings in; bills, prepayment deductions and alerts out.
 ///
@@ -66,6 +69,13 @@ pub enum Command {
     Tariff(tariff::TariffCmd),
     /// Bill every account for a period: bills, bill lines, exceptions, manifest.
     Bill(bill::BillArgs),
+    /// Decision-support analytics as Parquet datasets, personal data masked.
+    Analyze(analyze::AnalyzeArgs),
+    /// Write the HTML report of a bill run (self-contained, opens offline).
+    Report(report::ReportArgs),
+    /// Look up an account: usage, bills, payments.
+    #[command(subcommand)]
+    Query(query::QueryCmd),
     /// Modbus tools: print request plans, list meter profiles, bench a loopback cycle.
     #[command(subcommand)]
     Modbus(modbus::ModbusCmd),
@@ -95,6 +105,9 @@ pub fn main() -> ExitCode {
         Command::Master(c) => master::run(c),
         Command::Tariff(c) => tariff::run(c),
         Command::Bill(a) => bill::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Query(c) => query::run(c),
         Command::Ingest(c) => ingest::run(c),
         Command::Mqtt(c) => mqtt::run(c),
         Command::Modbus(c) => modbus::run(c),

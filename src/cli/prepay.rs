@@ -85,12 +85,22 @@ pub fn parse_through(s: &str, offset_secs: i32) -> anyhow::Result<i64> {
         return Ok(t.timestamp_millis());
     }
     let (date, time) = s.split_once('T').unwrap_or((s, "24:00"));
-    let d: NaiveDate = date.parse().with_context(|| format!("--through '{s}': date is not YYYY-MM-DD"))?;
+    let d: NaiveDate = date
+        .parse()
+        .with_context(|| format!("--through '{s}': date is not YYYY-MM-DD"))?;
     let local = if time.starts_with("24:00") {
-        d.succ_opt().context("date out of range")?.and_hms_opt(0, 0, 0).context("time")?
+        d.succ_opt()
+            .context("date out of range")?
+            .and_hms_opt(0, 0, 0)
+            .context("time")?
     } else {
-        let fmt = if time.len() > 5 { "%Y-%m-%dT%H:%M:%S" } else { "%Y-%m-%dT%H:%M" };
-        NaiveDateTime::parse_from_str(s, fmt).with_context(|| format!("--through '{s}': not YYYY-MM-DDTHH:MM"))?
+        let fmt = if time.len() > 5 {
+            "%Y-%m-%dT%H:%M:%S"
+        } else {
+            "%Y-%m-%dT%H:%M"
+        };
+        NaiveDateTime::parse_from_str(s, fmt)
+            .with_context(|| format!("--through '{s}': not YYYY-MM-DDTHH:MM"))?
     };
     Ok(local.and_utc().timestamp_millis() - offset_secs as i64 * 1000)
 }
@@ -105,7 +115,8 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     if a.execute {
         bail!("--execute is not available from `prepay run` yet: relay orders are audited as dry runs; send them with `meterflow dlt645 relay`");
     }
-    let off = crate::tariff::parse_timezone(&a.tz).with_context(|| format!("--tz '{}': unknown time zone", a.tz))?;
+    let off = crate::tariff::parse_timezone(&a.tz)
+        .with_context(|| format!("--tz '{}': unknown time zone", a.tz))?;
     let through_ms = parse_through(&a.through, off)?;
     let from = a.from.unwrap_or_else(|| {
         let (d, _) = crate::prepay::pricing::local_date_minute(through_ms, 0);
@@ -124,11 +135,27 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let now_ms = match &a.now {
-        Some(n) => Some(chrono::DateTime::parse_from_rfc3339(n).context("--now is not RFC 3339")?.timestamp_millis()),
+        Some(n) => Some(
+            chrono::DateTime::parse_from_rfc3339(n)
+                .context("--now is not RFC 3339")?
+                .timestamp_millis(),
+        ),
         None => None,
     };
-    let mut hook = PrepayHook { thresholds: &th, control: control.as_ref(), fleet: &fleet, daily_spend: HashMap::new(), now_ms };
-    let opts = RunOptions { lake: &a.lake, from, through_ms, chunk: a.chunk, evaluate_all: true };
+    let mut hook = PrepayHook {
+        thresholds: &th,
+        control: control.as_ref(),
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms,
+    };
+    let opts = RunOptions {
+        lake: &a.lake,
+        from,
+        through_ms,
+        chunk: a.chunk,
+        evaluate_all: true,
+    };
     let started = std::time::Instant::now();
     let stats = run_batch(led.as_mut(), &pricer, &fleet, &mut hook, &opts)?;
     let sinks = Sinks {
@@ -136,7 +163,10 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         webhook: a.webhook.clone(),
         webhook_attempts: 5,
         relay_audit: th.control.as_ref().map(|c| {
-            let p = c.audit_log.clone().unwrap_or_else(|| "relay-audit.jsonl".into());
+            let p = c
+                .audit_log
+                .clone()
+                .unwrap_or_else(|| "relay-audit.jsonl".into());
             th.base_dir.join(p)
         }),
         alerts_topic: a.mqtt_url.as_ref().map(|_| a.alerts_topic.clone()),
@@ -147,10 +177,17 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(())
     })?;
     if let Some(url) = &a.mqtt_url {
-        publish_qos1(url, &format!("meterflow-prepay-{}", std::process::id()), &outgoing)?;
+        publish_qos1(
+            url,
+            &format!("meterflow-prepay-{}", std::process::id()),
+            &outgoing,
+        )?;
     }
     if a.json {
-        println!("{}", serde_json::json!({ "run": stats, "delivered": delivered, "seconds": started.elapsed().as_secs_f64() }));
+        println!(
+            "{}",
+            serde_json::json!({ "run": stats, "delivered": delivered, "seconds": started.elapsed().as_secs_f64() })
+        );
     } else {
         println!(
             "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} not priced, {} conflicts; {} alerts, {} relay orders ({} dry-run frames) in {:.2}s",
@@ -169,5 +206,9 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(if stats.conflicts > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if stats.conflicts > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

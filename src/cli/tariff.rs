@@ -51,7 +51,9 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut bad = 0;
     for f in &files {
         let cal = a.calendars.clone().unwrap_or_else(|| {
-            f.parent().unwrap_or(std::path::Path::new(".")).join("calendars")
+            f.parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("calendars")
         });
         match tariff::load_file(f, &cal) {
             Ok(t) => {
@@ -59,7 +61,11 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
                 for w in tariff::table::warnings(&t) {
                     println!("warning: {w}");
                 }
-                println!("ok: {} is valid ({} version(s))\n", f.display(), t.versions.len());
+                println!(
+                    "ok: {} is valid ({} version(s))\n",
+                    f.display(),
+                    t.versions.len()
+                );
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -67,5 +73,9 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }

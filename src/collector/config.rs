@@ -474,13 +474,15 @@ fn resolve_schedule(s: &ScheduleConfig, p: &FieldPath) -> Result<Schedule, Field
     for (i, di) in s.dis.iter().enumerate() {
         match di.info() {
             Some(info) if !info.channels.is_empty() => {}
-            Some(info) => return Err(fe(
-                p.key("dis").index(i),
-                format!(
+            Some(info) => {
+                return Err(fe(
+                    p.key("dis").index(i),
+                    format!(
                     "DI {di} ({}) is not stored as a reading; read it with `meterflow dlt645 read`",
                     info.name
                 ),
-            )),
+                ))
+            }
             None => {
                 return Err(fe(
                     p.key("dis").index(i),

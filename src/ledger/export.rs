@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Decimal128Builder, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    ArrayRef, Decimal128Builder, Int64Array, StringArray, TimestampMillisecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use rust_decimal::Decimal;
@@ -20,7 +22,11 @@ pub fn entries_schema() -> SchemaRef {
         Field::new("key", DataType::Utf8, false),
         Field::new("account_id", DataType::Utf8, false),
         Field::new("kind", DataType::Utf8, false),
-        Field::new("amount", DataType::Decimal128(AMOUNT_PRECISION, AMOUNT_SCALE), false),
+        Field::new(
+            "amount",
+            DataType::Decimal128(AMOUNT_PRECISION, AMOUNT_SCALE),
+            false,
+        ),
         Field::new("ts", ts(), false),
         Field::new("source", DataType::Utf8, false),
         Field::new("detail", DataType::Utf8, false),
@@ -33,7 +39,9 @@ pub fn to_scaled(x: Decimal) -> Result<i128, LedgerError> {
     let mut y = x;
     y.rescale(AMOUNT_SCALE as u32);
     if y != x {
-        return Err(LedgerError::Corrupt(format!("amount {x} has more than 4 decimals")));
+        return Err(LedgerError::Corrupt(format!(
+            "amount {x} has more than 4 decimals"
+        )));
     }
     Ok(y.mantissa())
 }
@@ -56,10 +64,16 @@ pub fn entries_batch(entries: &[Entry]) -> Result<RecordBatch, LedgerError> {
         s(&|e| e.entry.account_id.as_str()),
         s(&|e| e.entry.kind.as_str()),
         Arc::new(amount),
-        Arc::new(TimestampMillisecondArray::from_iter_values(entries.iter().map(|e| e.entry.ts_ms)).with_timezone("UTC")),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(entries.iter().map(|e| e.entry.ts_ms))
+                .with_timezone("UTC"),
+        ),
         s(&|e| e.entry.source.as_str()),
         s(&|e| e.entry.detail.as_str()),
-        Arc::new(TimestampMillisecondArray::from_iter_values(entries.iter().map(|e| e.recorded_ms)).with_timezone("UTC")),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(entries.iter().map(|e| e.recorded_ms))
+                .with_timezone("UTC"),
+        ),
     ];
     RecordBatch::try_new(entries_schema(), cols).map_err(|e| LedgerError::Corrupt(e.to_string()))
 }

@@ -13,11 +13,20 @@ pub trait Tx {
     fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError>;
     /// Balance and entry count.
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError>;
-    fn set_balance(&mut self, account: &str, balance: Decimal, added_entries: i64) -> Result<(), LedgerError>;
+    fn set_balance(
+        &mut self,
+        account: &str,
+        balance: Decimal,
+        added_entries: i64,
+    ) -> Result<(), LedgerError>;
     /// Inserts unless the key exists; returns the stored identity when it did.
     fn insert_entry(&mut self, e: &NewEntry, now_ms: i64) -> Result<Option<String>, LedgerError>;
     /// Locks and returns the cursor's `(last_ts_ms, first_ts_ms)` (None if absent).
-    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError>;
+    fn cursor_ts_for_update(
+        &mut self,
+        meter: &str,
+        channel: &str,
+    ) -> Result<Option<(i64, i64)>, LedgerError>;
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError>;
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError>;
     fn set_flag(&mut self, account: &str, flag: &str, now_ms: i64) -> Result<(), LedgerError>;
@@ -36,7 +45,8 @@ pub fn commit_batch(
 ) -> Result<CommitReport, LedgerError> {
     let mut report = CommitReport::default();
     // Lock order: balances (sorted), then cursors (sorted): no deadlocks between writers.
-    let mut accounts: BTreeSet<String> = batch.entries.iter().map(|e| e.account_id.clone()).collect();
+    let mut accounts: BTreeSet<String> =
+        batch.entries.iter().map(|e| e.account_id.clone()).collect();
     accounts.extend(batch.evaluate.iter().cloned());
     let accounts: Vec<String> = accounts.into_iter().collect();
     tx.lock_balances(&accounts)?;

@@ -29,7 +29,11 @@ pub enum LedgerError {
     #[error("database: {0}")]
     Db(String),
     #[error("idempotency key '{key}' already used with different content (stored: {stored}; new: {new})")]
-    Conflict { key: String, stored: String, new: String },
+    Conflict {
+        key: String,
+        stored: String,
+        new: String,
+    },
     #[error("bad ledger url '{0}': use a file path, sqlite:PATH or postgres://user@host:port/db[?schema=NAME]")]
     BadUrl(String),
     #[error("corrupt ledger row: {0}")]
@@ -172,7 +176,14 @@ pub struct HookOut {
 /// entry count (a deterministic clock for stable ids) and the flags stored
 /// for it (alert levels crossed, relay tripped, ...).
 pub trait CommitHook {
-    fn after(&self, account_id: &str, balance: Decimal, entries: i64, flags: &BTreeSet<String>, now_ms: i64) -> HookOut;
+    fn after(
+        &self,
+        account_id: &str,
+        balance: Decimal,
+        entries: i64,
+        flags: &BTreeSet<String>,
+        now_ms: i64,
+    ) -> HookOut;
 }
 
 /// A hook that does nothing.
@@ -209,7 +220,9 @@ pub enum Outcome {
     /// Same key, same content: ignored.
     Duplicate,
     /// Same key, different content: rejected (not written); the rest of the batch is.
-    Conflict { stored: String },
+    Conflict {
+        stored: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -246,7 +259,8 @@ pub trait Ledger: Send {
     /// Creates or upgrades the tables (idempotent).
     fn migrate(&mut self) -> Result<(), LedgerError>;
     /// Applies a batch in one transaction.
-    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError>;
+    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook)
+        -> Result<CommitReport, LedgerError>;
     /// Cached balance (zero for an unknown account).
     fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError>;
     /// Every account's cached balance, by account id.
@@ -254,7 +268,12 @@ pub trait Ledger: Send {
     /// Cached balances against the sum of entries, every account.
     fn check(&mut self) -> Result<Vec<BalanceCheck>, LedgerError>;
     /// Entries of one account (all accounts when `None`) with `seq > after`, in seq order.
-    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError>;
+    fn entries(
+        &mut self,
+        account_id: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, LedgerError>;
     fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError>;
     fn cursors(&mut self) -> Result<Vec<Cursor>, LedgerError>;
     fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError>;
@@ -278,7 +297,9 @@ pub fn open(url: &str) -> Result<Box<dyn Ledger>, LedgerError> {
         if path.is_empty() {
             return Err(LedgerError::BadUrl(url.into()));
         }
-        Ok(Box::new(sqlite::SqliteLedger::open(std::path::Path::new(path))?))
+        Ok(Box::new(sqlite::SqliteLedger::open(std::path::Path::new(
+            path,
+        ))?))
     }
 }
 
@@ -290,5 +311,7 @@ pub fn open_migrated(url: &str) -> Result<Box<dyn Ledger>, LedgerError> {
 }
 
 pub(crate) fn parse_amount(s: &str) -> Result<Decimal, LedgerError> {
-    s.trim().parse::<Decimal>().map_err(|_| LedgerError::Corrupt(format!("amount '{s}' is not a decimal")))
+    s.trim()
+        .parse::<Decimal>()
+        .map_err(|_| LedgerError::Corrupt(format!("amount '{s}' is not a decimal")))
 }

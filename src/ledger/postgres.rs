@@ -12,13 +12,12 @@ use rust_decimal::Decimal;
 use super::logic::{commit_batch, Tx};
 use super::sqlite::build_entry;
 use super::{
-    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, Ledger, LedgerError,
-    NewEntry, OutboxMsg,
+    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, Ledger,
+    LedgerError, NewEntry, OutboxMsg,
 };
 use crate::model::now_ms;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE entries (
+const MIGRATIONS: &[&str] = &["CREATE TABLE entries (
         seq BIGSERIAL PRIMARY KEY,
         key TEXT NOT NULL UNIQUE,
         account_id TEXT NOT NULL,
@@ -60,8 +59,7 @@ const MIGRATIONS: &[&str] = &[
         created_ms BIGINT NOT NULL,
         payload TEXT NOT NULL,
         delivered_ms BIGINT
-     );",
-];
+     );"];
 
 pub struct PgLedger {
     client: Client,
@@ -81,10 +79,18 @@ pub fn split_schema(url: &str) -> Result<(String, String), LedgerError> {
             None => rest.push(kv),
         }
     }
-    if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if schema.is_empty()
+        || !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
         return Err(LedgerError::BadUrl(url.into()));
     }
-    let base = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    let base = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
     Ok((base, schema))
 }
 
@@ -96,7 +102,10 @@ impl PgLedger {
         let _ = client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
         client.batch_execute(&format!("SET search_path TO {schema}"))?;
         let host = base.rsplit('@').next().unwrap_or(&base).to_string();
-        Ok(PgLedger { client, describe: format!("postgres:{host}/{schema}") })
+        Ok(PgLedger {
+            client,
+            describe: format!("postgres:{host}/{schema}"),
+        })
     }
 }
 
@@ -115,7 +124,9 @@ impl Tx for PgTx<'_, '_> {
         let ins = self.tx.prepare(
             "INSERT INTO balances(account_id, balance, entries) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
         )?;
-        let lock = self.tx.prepare("SELECT 1 FROM balances WHERE account_id = $1 FOR UPDATE")?;
+        let lock = self
+            .tx
+            .prepare("SELECT 1 FROM balances WHERE account_id = $1 FOR UPDATE")?;
         for a in accounts {
             self.tx.execute(&ins, &[a])?;
             self.tx.query(&lock, &[a])?;
@@ -123,10 +134,20 @@ impl Tx for PgTx<'_, '_> {
         Ok(())
     }
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
-        let rows = self.tx.query("SELECT balance::text, entries FROM balances WHERE account_id = $1", &[&account])?;
-        rows.first().map_or(Ok((Decimal::ZERO, 0)), |r| Ok((parse_amount(r.get(0))?, r.get(1))))
+        let rows = self.tx.query(
+            "SELECT balance::text, entries FROM balances WHERE account_id = $1",
+            &[&account],
+        )?;
+        rows.first().map_or(Ok((Decimal::ZERO, 0)), |r| {
+            Ok((parse_amount(r.get(0))?, r.get(1)))
+        })
     }
-    fn set_balance(&mut self, account: &str, balance: Decimal, added: i64) -> Result<(), LedgerError> {
+    fn set_balance(
+        &mut self,
+        account: &str,
+        balance: Decimal,
+        added: i64,
+    ) -> Result<(), LedgerError> {
         self.tx.execute(
             "UPDATE balances SET balance = CAST($2::text AS NUMERIC), entries = entries + $3 WHERE account_id = $1",
             &[&account, &balance.normalize().to_string(), &added],
@@ -155,11 +176,28 @@ impl Tx for PgTx<'_, '_> {
             "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries WHERE key = $1",
             &[&e.key],
         )?;
-        let raw = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8));
+        let raw = (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+            r.get(7),
+            r.get(8),
+        );
         Ok(Some(build_entry(raw)?.entry.identity()))
     }
-    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError> {
-        self.tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(meter, channel)])?;
+    fn cursor_ts_for_update(
+        &mut self,
+        meter: &str,
+        channel: &str,
+    ) -> Result<Option<(i64, i64)>, LedgerError> {
+        self.tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&lock_key(meter, channel)],
+        )?;
         let rows = self.tx.query(
             "SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = $1 AND channel = $2",
             &[&meter, &channel],
@@ -187,7 +225,9 @@ impl Tx for PgTx<'_, '_> {
         Ok(())
     }
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
-        let rows = self.tx.query("SELECT flag FROM flags WHERE account_id = $1", &[&account])?;
+        let rows = self
+            .tx
+            .query("SELECT flag FROM flags WHERE account_id = $1", &[&account])?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
     fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
@@ -198,7 +238,10 @@ impl Tx for PgTx<'_, '_> {
         Ok(())
     }
     fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError> {
-        self.tx.execute("DELETE FROM flags WHERE account_id = $1 AND flag = $2", &[&account, &flag])?;
+        self.tx.execute(
+            "DELETE FROM flags WHERE account_id = $1 AND flag = $2",
+            &[&account, &flag],
+        )?;
         Ok(())
     }
     fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError> {
@@ -229,17 +272,26 @@ impl Ledger for PgLedger {
         // One migrator at a time across processes.
         tx.execute("SELECT pg_advisory_xact_lock(7007)", &[])?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)")?;
-        let v: Option<i32> = tx.query_one("SELECT max(version) FROM schema_version", &[])?.get(0);
+        let v: Option<i32> = tx
+            .query_one("SELECT max(version) FROM schema_version", &[])?
+            .get(0);
         let v = v.unwrap_or(0) as usize;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(v) {
             tx.batch_execute(sql)?;
-            tx.execute("INSERT INTO schema_version(version) VALUES ($1)", &[&((i + 1) as i32)])?;
+            tx.execute(
+                "INSERT INTO schema_version(version) VALUES ($1)",
+                &[&((i + 1) as i32)],
+            )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError> {
+    fn commit(
+        &mut self,
+        batch: &Batch,
+        hook: &dyn CommitHook,
+    ) -> Result<CommitReport, LedgerError> {
         // Deadlocks cannot happen by lock order, but retry a serialization hiccup once or twice anyway.
         let mut attempt = 0;
         loop {
@@ -255,7 +307,9 @@ impl Ledger for PgLedger {
                     Err(e) if attempt < 3 && is_retryable(&e) => attempt += 1,
                     Err(e) => return Err(e.into()),
                 },
-                Err(LedgerError::Db(msg)) if attempt < 3 && (msg.contains("deadlock") || msg.contains("serializ")) => {
+                Err(LedgerError::Db(msg))
+                    if attempt < 3 && (msg.contains("deadlock") || msg.contains("serializ")) =>
+                {
                     drop(tx);
                     attempt += 1;
                 }
@@ -265,17 +319,30 @@ impl Ledger for PgLedger {
     }
 
     fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError> {
-        let rows = self.client.query("SELECT balance::text FROM balances WHERE account_id = $1", &[&account_id])?;
-        rows.first().map_or(Ok(Decimal::ZERO), |r| parse_amount(r.get(0)))
+        let rows = self.client.query(
+            "SELECT balance::text FROM balances WHERE account_id = $1",
+            &[&account_id],
+        )?;
+        rows.first()
+            .map_or(Ok(Decimal::ZERO), |r| parse_amount(r.get(0)))
     }
 
     fn balances(&mut self) -> Result<Vec<(String, Decimal)>, LedgerError> {
-        let rows = self.client.query("SELECT account_id, balance::text FROM balances ORDER BY account_id", &[])?;
-        rows.iter().map(|r| Ok((r.get(0), parse_amount(r.get(1))?))).collect()
+        let rows = self.client.query(
+            "SELECT account_id, balance::text FROM balances ORDER BY account_id",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), parse_amount(r.get(1))?)))
+            .collect()
     }
 
     fn check(&mut self) -> Result<Vec<BalanceCheck>, LedgerError> {
-        let mut tx = self.client.build_transaction().isolation_level(postgres::IsolationLevel::RepeatableRead).start()?;
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .start()?;
         let rows = tx.query(
             "SELECT coalesce(b.account_id, s.account_id), coalesce(b.balance, 0)::text, coalesce(s.total, 0)::text,
                     coalesce(s.n, 0), coalesce(b.entries, -1)
@@ -299,14 +366,31 @@ impl Ledger for PgLedger {
             .collect()
     }
 
-    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError> {
+    fn entries(
+        &mut self,
+        account_id: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, LedgerError> {
         let rows = self.client.query(
             "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries
              WHERE seq > $1 AND ($2::text IS NULL OR account_id = $2) ORDER BY seq LIMIT $3",
             &[&after_seq, &account_id, &(limit.min(i64::MAX as usize) as i64)],
         )?;
         rows.iter()
-            .map(|r| build_entry((r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6), r.get(7), r.get(8))))
+            .map(|r| {
+                build_entry((
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                    r.get(7),
+                    r.get(8),
+                ))
+            })
             .collect()
     }
 
@@ -319,7 +403,10 @@ impl Ledger for PgLedger {
     }
 
     fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError> {
-        let rows = self.client.query("SELECT flag FROM flags WHERE account_id = $1", &[&account_id])?;
+        let rows = self.client.query(
+            "SELECT flag FROM flags WHERE account_id = $1",
+            &[&account_id],
+        )?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -333,13 +420,18 @@ impl Ledger for PgLedger {
 
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.client
-            .execute("UPDATE outbox SET delivered_ms = $2 WHERE id = ANY($1)", &[&ids, &now_ms()])?;
+        self.client.execute(
+            "UPDATE outbox SET delivered_ms = $2 WHERE id = ANY($1)",
+            &[&ids, &now_ms()],
+        )?;
         Ok(())
     }
 
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError> {
-        let rows = self.client.query("SELECT id, kind, account_id, created_ms, payload FROM outbox ORDER BY n", &[])?;
+        let rows = self.client.query(
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox ORDER BY n",
+            &[],
+        )?;
         Ok(outbox_from(rows))
     }
 

@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 
 use super::logic::{commit_batch, Tx};
 use super::{
-    parse_amount, Batch, BalanceCheck, CommitHook, CommitReport, Cursor, Entry, EntryKind, Ledger,
+    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, EntryKind, Ledger,
     LedgerError, NewEntry, OutboxMsg,
 };
 use crate::model::now_ms;
@@ -72,30 +72,63 @@ pub struct SqliteLedger {
 impl SqliteLedger {
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| LedgerError::Db(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LedgerError::Db(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(60))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed transaction survives power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(SqliteLedger { path: path.to_path_buf(), conn })
+        Ok(SqliteLedger {
+            path: path.to_path_buf(),
+            conn,
+        })
     }
 }
 
 /// seq, key, account, kind, amount, ts, source, detail, recorded.
-pub(crate) type RawEntry = (i64, String, String, String, String, i64, String, String, i64);
+pub(crate) type RawEntry = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    i64,
+);
 
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
 }
 
 pub(crate) fn build_entry(raw: RawEntry) -> Result<Entry, LedgerError> {
     let (seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms) = raw;
-    let kind = EntryKind::parse(&kind).ok_or_else(|| LedgerError::Corrupt(format!("entry {seq}: kind '{kind}'")))?;
+    let kind = EntryKind::parse(&kind)
+        .ok_or_else(|| LedgerError::Corrupt(format!("entry {seq}: kind '{kind}'")))?;
     Ok(Entry {
         seq,
-        entry: NewEntry { key, account_id, kind, amount: parse_amount(&amount)?, ts_ms, source, detail },
+        entry: NewEntry {
+            key,
+            account_id,
+            kind,
+            amount: parse_amount(&amount)?,
+            ts_ms,
+            source,
+            detail,
+        },
         recorded_ms,
     })
 }
@@ -107,9 +140,9 @@ struct SqlTx<'a> {
 impl Tx for SqlTx<'_> {
     fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
         // BEGIN IMMEDIATE already holds the write lock; just make the rows exist.
-        let mut st = self
-            .tx
-            .prepare_cached("INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)")?;
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)",
+        )?;
         for a in accounts {
             st.execute(params![a])?;
         }
@@ -123,9 +156,16 @@ impl Tx for SqlTx<'_> {
             .optional()?;
         s.map_or(Ok((Decimal::ZERO, 0)), |(s, n)| Ok((parse_amount(&s)?, n)))
     }
-    fn set_balance(&mut self, account: &str, balance: Decimal, added: i64) -> Result<(), LedgerError> {
+    fn set_balance(
+        &mut self,
+        account: &str,
+        balance: Decimal,
+        added: i64,
+    ) -> Result<(), LedgerError> {
         self.tx
-            .prepare_cached("UPDATE balances SET balance = ?2, entries = entries + ?3 WHERE account_id = ?1")?
+            .prepare_cached(
+                "UPDATE balances SET balance = ?2, entries = entries + ?3 WHERE account_id = ?1",
+            )?
             .execute(params![account, balance.normalize().to_string(), added])?;
         Ok(())
     }
@@ -157,10 +197,16 @@ impl Tx for SqlTx<'_> {
             .query_row(params![e.key], entry_from_row)?;
         Ok(Some(build_entry(raw)?.entry.identity()))
     }
-    fn cursor_ts_for_update(&mut self, meter: &str, channel: &str) -> Result<Option<(i64, i64)>, LedgerError> {
+    fn cursor_ts_for_update(
+        &mut self,
+        meter: &str,
+        channel: &str,
+    ) -> Result<Option<(i64, i64)>, LedgerError> {
         Ok(self
             .tx
-            .prepare_cached("SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2")?
+            .prepare_cached(
+                "SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2",
+            )?
             .query_row(params![meter, channel], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?)
     }
@@ -186,13 +232,17 @@ impl Tx for SqlTx<'_> {
         Ok(())
     }
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
-        let mut st = self.tx.prepare_cached("SELECT flag FROM flags WHERE account_id = ?1")?;
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT flag FROM flags WHERE account_id = ?1")?;
         let rows = st.query_map(params![account], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
     fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
         self.tx
-            .prepare_cached("INSERT OR IGNORE INTO flags(account_id, flag, set_ms) VALUES (?1, ?2, ?3)")?
+            .prepare_cached(
+                "INSERT OR IGNORE INTO flags(account_id, flag, set_ms) VALUES (?1, ?2, ?3)",
+            )?
             .execute(params![account, flag, now])?;
         Ok(())
     }
@@ -229,20 +279,32 @@ fn outbox_rows(conn: &Connection, sql: &str, limit: i64) -> Result<Vec<OutboxMsg
 
 impl Ledger for SqliteLedger {
     fn migrate(&mut self) -> Result<(), LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let v: Option<i64> = tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
+        let v: Option<i64> =
+            tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
         let v = v.unwrap_or(0) as usize;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(v) {
             tx.execute_batch(sql)?;
-            tx.execute("INSERT INTO schema_version(version) VALUES (?1)", params![(i + 1) as i64])?;
+            tx.execute(
+                "INSERT INTO schema_version(version) VALUES (?1)",
+                params![(i + 1) as i64],
+            )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn commit(&mut self, batch: &Batch, hook: &dyn CommitHook) -> Result<CommitReport, LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    fn commit(
+        &mut self,
+        batch: &Batch,
+        hook: &dyn CommitHook,
+    ) -> Result<CommitReport, LedgerError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let report = commit_batch(&mut SqlTx { tx: &tx }, batch, hook, now_ms())?;
         if report.stale {
             tx.rollback()?;
@@ -255,13 +317,19 @@ impl Ledger for SqliteLedger {
     fn balance(&mut self, account_id: &str) -> Result<Decimal, LedgerError> {
         let s: Option<String> = self
             .conn
-            .query_row("SELECT balance FROM balances WHERE account_id = ?1", params![account_id], |r| r.get(0))
+            .query_row(
+                "SELECT balance FROM balances WHERE account_id = ?1",
+                params![account_id],
+                |r| r.get(0),
+            )
             .optional()?;
         s.map_or(Ok(Decimal::ZERO), |s| parse_amount(&s))
     }
 
     fn balances(&mut self) -> Result<Vec<(String, Decimal)>, LedgerError> {
-        let mut st = self.conn.prepare("SELECT account_id, balance FROM balances ORDER BY account_id")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT account_id, balance FROM balances ORDER BY account_id")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for r in rows {
@@ -286,7 +354,8 @@ impl Ledger for SqliteLedger {
         }
         let mut out = Vec::new();
         {
-            let mut st = tx.prepare("SELECT account_id, balance, entries FROM balances ORDER BY account_id")?;
+            let mut st = tx
+                .prepare("SELECT account_id, balance, entries FROM balances ORDER BY account_id")?;
             let mut rows = st.query([])?;
             while let Some(r) = rows.next()? {
                 let a: String = r.get(0)?;
@@ -294,16 +363,31 @@ impl Ledger for SqliteLedger {
                 let cached = parse_amount(&r.get::<_, String>(1)?)?;
                 let cached_n: i64 = r.get(2)?;
                 // An entry count mismatch is a mismatch too: report it through `entries`.
-                out.push(BalanceCheck { account_id: a, cached, sum, entries: if cached_n == n { n } else { -n } });
+                out.push(BalanceCheck {
+                    account_id: a,
+                    cached,
+                    sum,
+                    entries: if cached_n == n { n } else { -n },
+                });
             }
         }
         for (a, (sum, n)) in sums {
-            out.push(BalanceCheck { account_id: a, cached: Decimal::ZERO, sum, entries: -n });
+            out.push(BalanceCheck {
+                account_id: a,
+                cached: Decimal::ZERO,
+                sum,
+                entries: -n,
+            });
         }
         Ok(out)
     }
 
-    fn entries(&mut self, account_id: Option<&str>, after_seq: i64, limit: usize) -> Result<Vec<Entry>, LedgerError> {
+    fn entries(
+        &mut self,
+        account_id: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, LedgerError> {
         let sql = "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries
                    WHERE seq > ?1 AND (?2 IS NULL OR account_id = ?2) ORDER BY seq LIMIT ?3";
         let mut st = self.conn.prepare_cached(sql)?;
@@ -338,7 +422,9 @@ impl Ledger for SqliteLedger {
     }
 
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut st = tx.prepare_cached("UPDATE outbox SET delivered_ms = ?2 WHERE id = ?1")?;
             let now = now_ms();
@@ -384,7 +470,8 @@ impl SqliteLedger {
         })?;
         let mut out = Vec::new();
         for r in rows {
-            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first) = r?;
+            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first) =
+                r?;
             out.push(Cursor {
                 meter_id,
                 channel,

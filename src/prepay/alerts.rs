@@ -130,7 +130,12 @@ impl Thresholds {
                 .nth(1)
                 .map(str::to_string)
                 .unwrap_or_else(|| "-".into());
-            PrepayError::Config { file: path.display().to_string(), line, field, message: msg }
+            PrepayError::Config {
+                file: path.display().to_string(),
+                line,
+                field,
+                message: msg,
+            }
         })?;
         let t = Thresholds {
             default: f.default,
@@ -233,7 +238,12 @@ pub fn evaluate(
         let flag = format!("alert:{kind}:{}", threshold.normalize());
         let was = flags.contains(&flag);
         if below && !was {
-            let id = stable_id(&[account_id, kind, &threshold.normalize().to_string(), &entries.to_string()]);
+            let id = stable_id(&[
+                account_id,
+                kind,
+                &threshold.normalize().to_string(),
+                &entries.to_string(),
+            ]);
             let alert = Alert {
                 id: id.clone(),
                 account_id: account_id.to_string(),
@@ -277,7 +287,11 @@ mod tests {
                 flags.remove(&f);
             }
             flags.extend(out.set_flags);
-            all.extend(out.outbox.iter().map(|m| serde_json::from_str::<Alert>(&m.payload).unwrap()));
+            all.extend(
+                out.outbox
+                    .iter()
+                    .map(|m| serde_json::from_str::<Alert>(&m.payload).unwrap()),
+            );
         }
         all
     }
@@ -286,7 +300,10 @@ mod tests {
     fn one_alert_per_level_crossing_until_back_above() {
         let a = alerts_for(&[dec!(100), dec!(45), dec!(40), dec!(30), dec!(45)]);
         assert_eq!(a.len(), 1);
-        assert_eq!((a[0].kind.as_str(), a[0].threshold), ("below_level", dec!(50)));
+        assert_eq!(
+            (a[0].kind.as_str(), a[0].threshold),
+            ("below_level", dec!(50))
+        );
         // A top-up above 50 re-arms the level; the next fall alerts again with a new id.
         let a = alerts_for(&[dec!(45), dec!(80), dec!(45)]);
         assert_eq!(a.len(), 2);
@@ -311,7 +328,16 @@ mod tests {
     #[test]
     fn forecast_alerts_when_days_left_fall_below() {
         let mut out = HookOut::default();
-        evaluate("A1", &levels(), dec!(100), 1, Some(dec!(40)), &BTreeSet::new(), 0, &mut out);
+        evaluate(
+            "A1",
+            &levels(),
+            dec!(100),
+            1,
+            Some(dec!(40)),
+            &BTreeSet::new(),
+            0,
+            &mut out,
+        );
         let kinds: Vec<_> = out.set_flags.clone();
         assert_eq!(kinds, vec!["alert:low_days:3".to_string()]);
         assert_eq!(days_left(dec!(100), Some(dec!(40))), Some(dec!(2.5)));
@@ -332,7 +358,11 @@ mod tests {
 
     #[test]
     fn config_errors_name_file_line_and_field() {
-        let e = Thresholds::parse("[default]\nlevels=[\"50\"]\nzerro=true\n", Path::new("t.toml")).unwrap_err();
+        let e = Thresholds::parse(
+            "[default]\nlevels=[\"50\"]\nzerro=true\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err();
         let s = e.to_string();
         assert!(s.starts_with("t.toml:3:"), "{s}");
         assert!(s.contains("zerro"), "{s}");

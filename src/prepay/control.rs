@@ -43,17 +43,26 @@ impl Control {
         let mut calendar = Calendar::default();
         for c in &cfg.calendars {
             let p = base_dir.join(c);
-            let cal = crate::tariff::load_calendar(&p).map_err(|e| PrepayError::Input(e.to_string()))?;
+            let cal =
+                crate::tariff::load_calendar(&p).map_err(|e| PrepayError::Input(e.to_string()))?;
             calendar.merge(&cal);
         }
-        let tz = cfg.timezone.clone().unwrap_or_else(|| "Asia/Shanghai".into());
-        let utc_offset_secs = crate::tariff::parse_timezone(&tz)
-            .ok_or_else(|| PrepayError::Input(format!("control.timezone: unknown time zone '{tz}'")))?;
+        let tz = cfg
+            .timezone
+            .clone()
+            .unwrap_or_else(|| "Asia/Shanghai".into());
+        let utc_offset_secs = crate::tariff::parse_timezone(&tz).ok_or_else(|| {
+            PrepayError::Input(format!("control.timezone: unknown time zone '{tz}'"))
+        })?;
         let mut friendly = Vec::new();
         for r in &cfg.friendly_hours {
-            let bad = || PrepayError::Input(format!("control.friendly_hours: '{r}' is not HH:MM-HH:MM"));
+            let bad =
+                || PrepayError::Input(format!("control.friendly_hours: '{r}' is not HH:MM-HH:MM"));
             let (a, b) = r.split_once('-').ok_or_else(bad)?;
-            let (a, b) = (parse_hhmm(a).ok_or_else(bad)?, parse_hhmm(b).ok_or_else(bad)?);
+            let (a, b) = (
+                parse_hhmm(a).ok_or_else(bad)?,
+                parse_hhmm(b).ok_or_else(bad)?,
+            );
             if a < b {
                 friendly.push((a, b));
             } else {
@@ -61,7 +70,12 @@ impl Control {
                 friendly.push((0, b));
             }
         }
-        Ok(Control { cfg, calendar, utc_offset_secs, friendly })
+        Ok(Control {
+            cfg,
+            calendar,
+            utc_offset_secs,
+            friendly,
+        })
     }
 
     /// Why `now_ms` is protected for `account_id`, if it is.
@@ -79,7 +93,11 @@ impl Control {
         {
             return Some("weekend");
         }
-        if self.friendly.iter().any(|(a, b)| minute >= *a && minute < *b) {
+        if self
+            .friendly
+            .iter()
+            .any(|(a, b)| minute >= *a && minute < *b)
+        {
             return Some("friendly_hours");
         }
         None
@@ -101,9 +119,10 @@ impl Control {
         if !self.cfg.enabled {
             return;
         }
-        let since = flags
-            .iter()
-            .find_map(|f| f.strip_prefix("control:below_since:").and_then(|s| s.parse::<i64>().ok()));
+        let since = flags.iter().find_map(|f| {
+            f.strip_prefix("control:below_since:")
+                .and_then(|s| s.parse::<i64>().ok())
+        });
         let tripped = flags.contains("control:tripped");
         let mut order = |command: &str, reason: String| {
             let id = stable_id(&[account_id, command, &entries.to_string()]);
@@ -133,15 +152,32 @@ impl Control {
                 }
             };
             let grace_ms = self.cfg.grace_hours as i64 * 3_600_000;
-            if !tripped && now_ms - since >= grace_ms && self.protected(account_id, now_ms).is_none() {
-                order("trip", format!("balance {} at or below the overdraft limit {}", balance.normalize(), overdraft_limit.normalize()));
+            if !tripped
+                && now_ms - since >= grace_ms
+                && self.protected(account_id, now_ms).is_none()
+            {
+                order(
+                    "trip",
+                    format!(
+                        "balance {} at or below the overdraft limit {}",
+                        balance.normalize(),
+                        overdraft_limit.normalize()
+                    ),
+                );
                 out.set_flags.push("control:tripped".into());
             }
         } else if let Some(s) = since {
             out.clear_flags.push(format!("control:below_since:{s}"));
         }
         if tripped && balance >= self.cfg.reconnect_amount {
-            order("allow_close", format!("balance {} at or above the reconnect amount {}", balance.normalize(), self.cfg.reconnect_amount.normalize()));
+            order(
+                "allow_close",
+                format!(
+                    "balance {} at or above the reconnect amount {}",
+                    balance.normalize(),
+                    self.cfg.reconnect_amount.normalize()
+                ),
+            );
             out.clear_flags.push("control:tripped".into());
         }
     }
@@ -162,7 +198,10 @@ pub struct RelayOrderMsg {
 
 /// Sends one order's commands through the DL/T 645 relay control: dry-run
 /// (audit only) here; with a bus (`--execute`) the collector sends them.
-pub fn dispatch_dry_run(msg: &RelayOrderMsg, audit: &std::path::Path) -> Result<Vec<String>, PrepayError> {
+pub fn dispatch_dry_run(
+    msg: &RelayOrderMsg,
+    audit: &std::path::Path,
+) -> Result<Vec<String>, PrepayError> {
     use crate::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, RelayOutcome};
     use crate::protocol::dlt645::message::{Operator, Password, RelayCommand};
     let log = AuditLog::new(audit);
@@ -182,13 +221,22 @@ pub fn dispatch_dry_run(msg: &RelayOrderMsg, audit: &std::path::Path) -> Result<
         let order = RelayOrder::expiring_in(
             address,
             command,
-            Password { level: 2, code: [0, 0, 0] },
+            Password {
+                level: 2,
+                code: [0, 0, 0],
+            },
             Operator::default(),
             30,
             chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"),
         );
         let outcome = rt
-            .block_on(relay_control(None, &format!("prepay:{}", msg.id), &order, &log, false))
+            .block_on(relay_control(
+                None,
+                &format!("prepay:{}", msg.id),
+                &order,
+                &log,
+                false,
+            ))
             .map_err(|e| PrepayError::Input(e.to_string()))?;
         if let RelayOutcome::DryRun { request_hex } = outcome {
             frames.push(request_hex);
@@ -218,14 +266,23 @@ mod tests {
         };
         let mut c = Control::new(cfg, std::path::Path::new(".")).unwrap();
         c.calendar.years.insert(2026);
-        c.calendar.holidays.insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
-        c.calendar.workdays.insert(NaiveDate::from_ymd_opt(2026, 10, 10).unwrap());
+        c.calendar
+            .holidays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+        c.calendar
+            .workdays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 10).unwrap());
         c
     }
 
     /// UTC ms of a local (UTC+8) time.
     fn local(y: i32, m: u32, d: u32, h: u32) -> i64 {
-        NaiveDate::from_ymd_opt(y, m, d).unwrap().and_hms_opt(h, 0, 0).unwrap().and_utc().timestamp_millis()
+        NaiveDate::from_ymd_opt(y, m, d)
+            .unwrap()
+            .and_hms_opt(h, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
             - 8 * 3_600_000
     }
 
@@ -235,10 +292,19 @@ mod tests {
         assert_eq!(c.protected("A1", local(2026, 10, 1, 10)), Some("holiday"));
         assert_eq!(c.protected("A1", local(2026, 10, 11, 10)), Some("weekend")); // Sunday
         assert_eq!(c.protected("A1", local(2026, 10, 10, 10)), None); // a Saturday worked
-        assert_eq!(c.protected("A1", local(2026, 10, 12, 17)), Some("friendly_hours"));
-        assert_eq!(c.protected("A1", local(2026, 10, 12, 7)), Some("friendly_hours"));
+        assert_eq!(
+            c.protected("A1", local(2026, 10, 12, 17)),
+            Some("friendly_hours")
+        );
+        assert_eq!(
+            c.protected("A1", local(2026, 10, 12, 7)),
+            Some("friendly_hours")
+        );
         assert_eq!(c.protected("A1", local(2026, 10, 12, 10)), None);
-        assert_eq!(c.protected("AP", local(2026, 10, 12, 10)), Some("account_protected"));
+        assert_eq!(
+            c.protected("AP", local(2026, 10, 12, 10)),
+            Some("account_protected")
+        );
     }
 
     fn run(c: &Control, account: &str, steps: &[(Decimal, i64)]) -> Vec<String> {
@@ -246,13 +312,26 @@ mod tests {
         let mut cmds = Vec::new();
         for (i, (b, now)) in steps.iter().enumerate() {
             let mut out = HookOut::default();
-            c.evaluate(account, &["300000000001".into()], dec!(-30), *b, i as i64, &flags, *now, &mut out);
+            c.evaluate(
+                account,
+                &["300000000001".into()],
+                dec!(-30),
+                *b,
+                i as i64,
+                &flags,
+                *now,
+                &mut out,
+            );
             for f in out.clear_flags {
                 flags.remove(&f);
             }
             flags.extend(out.set_flags);
             for m in out.outbox {
-                cmds.push(serde_json::from_str::<RelayOrderMsg>(&m.payload).unwrap().command);
+                cmds.push(
+                    serde_json::from_str::<RelayOrderMsg>(&m.payload)
+                        .unwrap()
+                        .command,
+                );
             }
         }
         cmds
@@ -262,13 +341,38 @@ mod tests {
     fn trip_only_after_the_grace_period_and_outside_protected_windows() {
         let c = control();
         // Falls below on Monday 12 Oct 10:00; Tuesday 09:00 is inside grace; Tuesday 10:00 trips.
-        let cmds = run(&c, "A1", &[(dec!(-31), local(2026, 10, 12, 10)), (dec!(-32), local(2026, 10, 13, 9)), (dec!(-33), local(2026, 10, 13, 10)), (dec!(-34), local(2026, 10, 13, 11))]);
+        let cmds = run(
+            &c,
+            "A1",
+            &[
+                (dec!(-31), local(2026, 10, 12, 10)),
+                (dec!(-32), local(2026, 10, 13, 9)),
+                (dec!(-33), local(2026, 10, 13, 10)),
+                (dec!(-34), local(2026, 10, 13, 11)),
+            ],
+        );
         assert_eq!(cmds, vec!["trip"]);
         // Grace over on a Saturday: held until Monday 08:00 (friendly hours end).
-        let cmds = run(&c, "A1", &[(dec!(-31), local(2026, 10, 16, 10)), (dec!(-31), local(2026, 10, 17, 12)), (dec!(-31), local(2026, 10, 19, 7)), (dec!(-31), local(2026, 10, 19, 8))]);
+        let cmds = run(
+            &c,
+            "A1",
+            &[
+                (dec!(-31), local(2026, 10, 16, 10)),
+                (dec!(-31), local(2026, 10, 17, 12)),
+                (dec!(-31), local(2026, 10, 19, 7)),
+                (dec!(-31), local(2026, 10, 19, 8)),
+            ],
+        );
         assert_eq!(cmds, vec!["trip"]);
         // A protected account is never tripped.
-        let cmds = run(&c, "AP", &[(dec!(-31), local(2026, 10, 12, 10)), (dec!(-31), local(2026, 10, 14, 10))]);
+        let cmds = run(
+            &c,
+            "AP",
+            &[
+                (dec!(-31), local(2026, 10, 12, 10)),
+                (dec!(-31), local(2026, 10, 14, 10)),
+            ],
+        );
         assert!(cmds.is_empty());
     }
 
@@ -276,7 +380,16 @@ mod tests {
     fn allow_close_after_a_top_up_above_the_reconnect_amount() {
         let c = control();
         let t = local(2026, 10, 12, 10);
-        let cmds = run(&c, "A1", &[(dec!(-31), t), (dec!(-31), t + 86_400_000), (dec!(5), t + 90_000_000), (dec!(50), t + 91_000_000)]);
+        let cmds = run(
+            &c,
+            "A1",
+            &[
+                (dec!(-31), t),
+                (dec!(-31), t + 86_400_000),
+                (dec!(5), t + 90_000_000),
+                (dec!(50), t + 91_000_000),
+            ],
+        );
         assert_eq!(cmds, vec!["trip", "allow_close"]);
     }
 }

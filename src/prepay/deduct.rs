@@ -13,10 +13,12 @@
 //!   first reading is charged "in front", as the step from position P to
 //!   P + delta, which keeps the window's total exactly f(total).
 //! * The interval ending at `ts` belongs to the window containing `ts - 1 ms`:
-//!   a snapshot at local midnight on the 1st closes the previous month, and
-//!   the cursor then rolls to position 0 of the new window.
-//! * A gap across a window boundary (no reading at the boundary) charges the
-//!   whole gap in the new window from position 0.
+//!   a snapshot at local midnight on the 1st closes the previous month. The
+//!   cursor moves to the new window (position 0 at that snapshot) only with
+//!   the first reading after it, so a late reading of the closed month can
+//!   still be charged in front until then.
+//! * A gap across a window boundary (no reading exactly at the boundary)
+//!   charges the whole gap in the new window from position 0.
 //! * Register rollover (a drop from the top tenth of the modulus into the
 //!   bottom tenth) counts through the wrap; any other drop is a backwards
 //!   reading, skipped without moving the cursor.
@@ -89,7 +91,11 @@ pub fn step(
     let kwh = raw * meter.multiplier();
     let w = pricer.window(account, ts_ms - 1)?;
     let same_window = w.start_ms == c.window_start_ms;
-    let before = if same_window { c.position } else { Decimal::ZERO };
+    let before = if same_window {
+        c.position
+    } else {
+        Decimal::ZERO
+    };
     let after = before + kwh;
     let charge = pricer.charge(account, &w, ts_ms, before, after)?;
     let entry = (!charge.amount.is_zero()).then(|| NewEntry {
@@ -108,23 +114,24 @@ pub fn step(
             charge.version
         ),
     });
-    let mut next = Cursor {
+    let next = Cursor {
         meter_id: meter.meter_id.clone(),
         channel: CHANNEL.into(),
         window_start_ms: w.start_ms,
         position: after,
         last_ts_ms: ts_ms,
         last_value: value,
-        first_ts_ms: if same_window { c.first_ts_ms } else { c.last_ts_ms },
-        first_value: if same_window { c.first_value } else { c.last_value },
+        first_ts_ms: if same_window {
+            c.first_ts_ms
+        } else {
+            c.last_ts_ms
+        },
+        first_value: if same_window {
+            c.first_value
+        } else {
+            c.last_value
+        },
     };
-    if ts_ms >= w.end_ms {
-        // The reading closes the window exactly: the next one starts at 0.
-        next.window_start_ms = w.end_ms;
-        next.position = Decimal::ZERO;
-        next.first_ts_ms = ts_ms;
-        next.first_value = value;
-    }
     Ok(Step::Deduct(entry, next))
 }
 
@@ -164,7 +171,12 @@ fn prepend(
             charge.version
         ),
     });
-    let next = Cursor { position: after, first_ts_ms: ts_ms, first_value: value, ..c.clone() };
+    let next = Cursor {
+        position: after,
+        first_ts_ms: ts_ms,
+        first_value: value,
+        ..c.clone()
+    };
     Ok(Step::Deduct(entry, next))
 }
 
@@ -179,10 +191,24 @@ mod tests {
     impl Pricer for Flat {
         fn window(&self, _: &Account, ts: i64) -> Result<Window, PriceError> {
             let s = ts.div_euclid(10_000) * 10_000;
-            Ok(Window { start_ms: s, end_ms: s + 10_000, limits: vec![] })
+            Ok(Window {
+                start_ms: s,
+                end_ms: s + 10_000,
+                limits: vec![],
+            })
         }
-        fn charge(&self, _: &Account, _: &Window, _: i64, b: Decimal, a: Decimal) -> Result<Charge, PriceError> {
-            Ok(Charge { amount: a - b, version: "flat@1".into() })
+        fn charge(
+            &self,
+            _: &Account,
+            _: &Window,
+            _: i64,
+            b: Decimal,
+            a: Decimal,
+        ) -> Result<Charge, PriceError> {
+            Ok(Charge {
+                amount: a - b,
+                version: "flat@1".into(),
+            })
         }
     }
 
@@ -221,7 +247,12 @@ mod tests {
 
     #[test]
     fn replayed_and_older_readings_are_stale() {
-        let (e, _, skipped) = run(&[(1000, dec!(5)), (2000, dec!(7)), (2000, dec!(7)), (1500, dec!(6))]);
+        let (e, _, skipped) = run(&[
+            (1000, dec!(5)),
+            (2000, dec!(7)),
+            (2000, dec!(7)),
+            (1500, dec!(6)),
+        ]);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].amount, dec!(-2));
         assert_eq!(skipped, 2);
@@ -237,7 +268,10 @@ mod tests {
 
     #[test]
     fn register_rollover_counts_through_the_wrap_and_backwards_is_skipped() {
-        assert_eq!(register_delta(dec!(999999.5), dec!(0.5), dec!(1000000)), Some(dec!(1)));
+        assert_eq!(
+            register_delta(dec!(999999.5), dec!(0.5), dec!(1000000)),
+            Some(dec!(1))
+        );
         assert_eq!(register_delta(dec!(500), dec!(400), dec!(1000000)), None);
         let (e, _, skipped) = run(&[(0, dec!(10)), (1000, dec!(9)), (2000, dec!(12))]);
         assert_eq!((e.len(), skipped), (1, 1));
@@ -246,12 +280,20 @@ mod tests {
 
     #[test]
     fn a_late_older_reading_is_charged_in_front_and_the_total_is_unchanged() {
-        let (e, c, skipped) = run(&[(3000, dec!(7)), (5000, dec!(9)), (1000, dec!(2)), (1000, dec!(2))]);
+        let (e, c, skipped) = run(&[
+            (3000, dec!(7)),
+            (5000, dec!(9)),
+            (1000, dec!(2)),
+            (1000, dec!(2)),
+        ]);
         assert_eq!(skipped, 1);
         let sum: Decimal = e.iter().map(|x| x.amount).sum();
         assert_eq!(sum, dec!(-7));
         let c = c.unwrap();
-        assert_eq!((c.first_ts_ms, c.position, c.last_ts_ms), (1000, dec!(7), 5000));
+        assert_eq!(
+            (c.first_ts_ms, c.position, c.last_ts_ms),
+            (1000, dec!(7), 5000)
+        );
     }
 
     #[test]

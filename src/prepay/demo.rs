@@ -45,12 +45,23 @@ impl std::fmt::Display for DemoSummary {
             self.delivered.alerts,
             self.alerts_dir.display()
         )?;
-        writeln!(f, "  balances = sum of entries: {}", if self.balances_check_ok { "yes" } else { "NO" })?;
+        writeln!(
+            f,
+            "  balances = sum of entries: {}",
+            if self.balances_check_ok { "yes" } else { "NO" }
+        )?;
         if let Some(a) = &self.example_account {
             writeln!(f, "  account {a} (balance now {}):", self.example_balance)?;
             for x in &self.example_alerts {
-                let days = x.days_left.map(|d| format!(", {d} days of credit left")).unwrap_or_default();
-                writeln!(f, "    alert {} {} {}: balance {}{days}", x.id, x.kind, x.threshold, x.balance)?;
+                let days = x
+                    .days_left
+                    .map(|d| format!(", {d} days of credit left"))
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "    alert {} {} {}: balance {}{days}",
+                    x.id, x.kind, x.threshold, x.balance
+                )?;
             }
         }
         Ok(())
@@ -58,7 +69,12 @@ impl std::fmt::Display for DemoSummary {
 }
 
 /// Runs the prepayment chain on a lake and master data; writes under `out`.
-pub fn run(lake: &Path, master: &Path, tariffs: &Path, out: &Path) -> Result<DemoSummary, PrepayError> {
+pub fn run(
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    out: &Path,
+) -> Result<DemoSummary, PrepayError> {
     std::fs::create_dir_all(out).map_err(|e| PrepayError::io(out, e))?;
     let ledger_path = out.join("prepay-ledger.sqlite");
     for suffix in ["", "-wal", "-shm"] {
@@ -69,13 +85,22 @@ pub fn run(lake: &Path, master: &Path, tariffs: &Path, out: &Path) -> Result<Dem
     let set = crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
     let pricer = TariffPricer::new(set);
     let thresholds = Thresholds::builtin();
-    let mut hook = PrepayHook { thresholds: &thresholds, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
+    let mut hook = PrepayHook {
+        thresholds: &thresholds,
+        control: None,
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: None,
+    };
     let payments = master.join(crate::master::PAYMENTS_FILE);
     let mut top_ups = 0;
     if payments.exists() {
         top_ups = import_file(ledger.as_mut(), &payments, &hook, 1000)?.credited;
     }
-    let through = NaiveDate::from_ymd_opt(2100, 1, 1).expect("valid").and_hms_opt(0, 0, 0).expect("valid");
+    let through = NaiveDate::from_ymd_opt(2100, 1, 1)
+        .expect("valid")
+        .and_hms_opt(0, 0, 0)
+        .expect("valid");
     let opts = RunOptions {
         lake,
         from: NaiveDate::MIN,
@@ -84,7 +109,10 @@ pub fn run(lake: &Path, master: &Path, tariffs: &Path, out: &Path) -> Result<Dem
         evaluate_all: true,
     };
     let run = run_batch(ledger.as_mut(), &pricer, &fleet, &mut hook, &opts)?;
-    let sinks = Sinks { alerts_root: Some(out.to_path_buf()), ..Default::default() };
+    let sinks = Sinks {
+        alerts_root: Some(out.to_path_buf()),
+        ..Default::default()
+    };
     let delivered = deliver(ledger.as_mut(), &sinks, &mut |_, _| Ok(()))?;
     let balances_check_ok = ledger.check()?.iter().all(|c| c.ok());
     let mut per: HashMap<String, Vec<Alert>> = HashMap::new();
@@ -95,7 +123,10 @@ pub fn run(lake: &Path, master: &Path, tariffs: &Path, out: &Path) -> Result<Dem
             }
         }
     }
-    let example = per.iter().max_by_key(|(k, v)| (v.len(), std::cmp::Reverse((*k).clone()))).map(|(k, _)| k.clone());
+    let example = per
+        .iter()
+        .max_by_key(|(k, v)| (v.len(), std::cmp::Reverse((*k).clone())))
+        .map(|(k, _)| k.clone());
     let (example_balance, example_alerts) = match &example {
         Some(a) => (ledger.balance(a)?, per.remove(a).unwrap_or_default()),
         None => (Decimal::ZERO, Vec::new()),

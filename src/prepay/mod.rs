@@ -23,7 +23,12 @@ pub enum PrepayError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("{file}:{line}: {field}: {message}")]
-    Config { file: String, line: usize, field: String, message: String },
+    Config {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
     #[error("{0}")]
     Input(String),
     #[error("{path}: {message}")]
@@ -34,11 +39,18 @@ pub enum PrepayError {
 
 impl PrepayError {
     pub fn io(path: &std::path::Path, e: impl std::fmt::Display) -> PrepayError {
-        PrepayError::Io { path: path.display().to_string(), message: e.to_string() }
+        PrepayError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
     }
 }
 
 /// 1-based line of a byte offset (for config errors from toml spans).
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }

@@ -33,7 +33,10 @@ pub fn entry_for(p: &Payment, file: &str) -> NewEntry {
         amount: p.amount,
         ts_ms: p.paid_at.timestamp_millis(),
         source: p.channel.clone(),
-        detail: format!("{{\"file\":{}}}", serde_json::to_string(file).unwrap_or_default()),
+        detail: format!(
+            "{{\"file\":{}}}",
+            serde_json::to_string(file).unwrap_or_default()
+        ),
     }
 }
 
@@ -44,15 +47,22 @@ pub fn import_file(
     hook: &dyn CommitHook,
     chunk: usize,
 ) -> Result<ImportReport, PrepayError> {
-    let loaded = crate::master::load_payments(path).map_err(|e| PrepayError::Input(e.to_string()))?;
+    let loaded =
+        crate::master::load_payments(path).map_err(|e| PrepayError::Input(e.to_string()))?;
     let mut report = ImportReport {
         rows: loaded.rows.len() + loaded.errors.len(),
         bad_rows: loaded.errors.iter().map(|e| e.to_string()).collect(),
         ..Default::default()
     };
-    let file = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
     for rows in loaded.rows.chunks(chunk.max(1)) {
-        let batch = Batch { entries: rows.iter().map(|p| entry_for(p, &file)).collect(), ..Default::default() };
+        let batch = Batch {
+            entries: rows.iter().map(|p| entry_for(p, &file)).collect(),
+            ..Default::default()
+        };
         let r = ledger.commit(&batch, hook)?;
         for (o, e) in r.outcomes.iter().zip(&batch.entries) {
             match o {
@@ -60,7 +70,10 @@ pub fn import_file(
                 Outcome::Duplicate => report.duplicates += 1,
                 Outcome::Conflict { stored } => report.conflicts.push((
                     e.key.clone(),
-                    format!("transaction id already credited as [{stored}]; this file says [{}]", e.identity()),
+                    format!(
+                        "transaction id already credited as [{stored}]; this file says [{}]",
+                        e.identity()
+                    ),
                 )),
             }
         }

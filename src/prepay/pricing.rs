@@ -68,17 +68,26 @@ pub struct TariffPricer {
 
 impl TariffPricer {
     pub fn new(set: TariffSet) -> TariffPricer {
-        TariffPricer { set, cache: Default::default() }
+        TariffPricer {
+            set,
+            cache: Default::default(),
+        }
     }
 
     fn tariff(&self, id: &str) -> Result<&Tariff, PriceError> {
-        self.set.tariffs.get(id).ok_or_else(|| PriceError::UnknownTariff(id.to_string()))
+        self.set
+            .tariffs
+            .get(id)
+            .ok_or_else(|| PriceError::UnknownTariff(id.to_string()))
     }
 }
 
 /// UTC ms of local midnight starting `date` (same rule as the bill run).
 pub fn local_midnight_ms(date: NaiveDate, utc_offset_secs: i32) -> i64 {
-    date.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis() - utc_offset_secs as i64 * 1000
+    date.and_time(chrono::NaiveTime::MIN)
+        .and_utc()
+        .timestamp_millis()
+        - utc_offset_secs as i64 * 1000
 }
 
 /// Local date and minute of day of a UTC instant.
@@ -86,12 +95,17 @@ pub fn local_date_minute(ts_ms: i64, utc_offset_secs: i32) -> (NaiveDate, u16) {
     let local = ts_ms + utc_offset_secs as i64 * 1000;
     let days = local.div_euclid(86_400_000);
     let minute = (local.rem_euclid(86_400_000) / 60_000) as u16;
-    let date = NaiveDate::from_num_days_from_ce_opt(719_163 + days as i32).unwrap_or(NaiveDate::MIN);
+    let date =
+        NaiveDate::from_num_days_from_ce_opt(719_163 + days as i32).unwrap_or(NaiveDate::MIN);
     (date, minute)
 }
 
 pub fn next_month(d: NaiveDate) -> NaiveDate {
-    let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+    let (y, m) = if d.month() == 12 {
+        (d.year() + 1, 1)
+    } else {
+        (d.year(), d.month() + 1)
+    };
     NaiveDate::from_ymd_opt(y, m, 1).expect("valid")
 }
 
@@ -105,29 +119,48 @@ impl Pricer for TariffPricer {
         let off = t.utc_offset_secs;
         let (date, _) = local_date_minute(ts_ms, off);
         let month_start = NaiveDate::from_ymd_opt(date.year(), date.month(), 1).expect("valid");
-        let key = (t.id.clone(), account.opened_on, local_midnight_ms(month_start, off));
+        let key = (
+            t.id.clone(),
+            account.opened_on,
+            local_midnight_ms(month_start, off),
+        );
         if let Some(w) = self.cache.lock().expect("not poisoned").get(&key) {
             if ts_ms >= w.start_ms && ts_ms < w.end_ms {
                 return Ok(w.clone());
             }
         }
-        let v = t
-            .version_on(date)
-            .map_err(|_| PriceError::NoVersion { tariff: t.id.clone(), date })?;
+        let v = t.version_on(date).map_err(|_| PriceError::NoVersion {
+            tariff: t.id.clone(),
+            date,
+        })?;
         if v.tou.is_some() {
             return Err(PriceError::Unsupported(t.id.clone()));
         }
         let w = match &v.tiers {
-            Some(Tiers { accumulation: Accumulation::Annual { start_month }, limits, .. }) => {
+            Some(Tiers {
+                accumulation: Accumulation::Annual { start_month },
+                limits,
+                ..
+            }) => {
                 let year_start = Tiers::tier_year_start(*start_month, date);
-                let year_end = NaiveDate::from_ymd_opt(year_start.year() + 1, year_start.month(), 1).expect("valid");
+                let year_end =
+                    NaiveDate::from_ymd_opt(year_start.year() + 1, year_start.month(), 1)
+                        .expect("valid");
                 let start = year_start.max(account.opened_on);
                 let limits = if start > year_start {
-                    Tiers::prorate(limits, days_between(start, year_end), days_between(year_start, year_end))
+                    Tiers::prorate(
+                        limits,
+                        days_between(start, year_end),
+                        days_between(year_start, year_end),
+                    )
                 } else {
                     limits.clone()
                 };
-                Window { start_ms: local_midnight_ms(start, off), end_ms: local_midnight_ms(year_end, off), limits }
+                Window {
+                    start_ms: local_midnight_ms(start, off),
+                    end_ms: local_midnight_ms(year_end, off),
+                    limits,
+                }
             }
             tiers => Window {
                 start_ms: local_midnight_ms(month_start, off),
@@ -135,7 +168,10 @@ impl Pricer for TariffPricer {
                 limits: tiers.as_ref().map(|t| t.limits.clone()).unwrap_or_default(),
             },
         };
-        self.cache.lock().expect("not poisoned").insert(key, w.clone());
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .insert(key, w.clone());
         Ok(w)
     }
 
@@ -150,14 +186,24 @@ impl Pricer for TariffPricer {
         let t = self.tariff(&account.tariff_id)?;
         // The version in effect on the local day the interval ends in.
         let (date, _) = local_date_minute(end_ms - 1, t.utc_offset_secs);
-        let v = t
-            .version_on(date)
-            .map_err(|_| PriceError::NoVersion { tariff: t.id.clone(), date })?;
+        let v = t.version_on(date).map_err(|_| PriceError::NoVersion {
+            tariff: t.id.clone(),
+            date,
+        })?;
         if v.tou.is_some() {
             return Err(PriceError::Unsupported(t.id.clone()));
         }
-        let lines = incremental_charge(v, &window.limits, &Usage::default(), &Usage::total(before), &Usage::total(after));
-        Ok(Charge { amount: total(&lines), version: format!("{}@{}", t.id, v.id) })
+        let lines = incremental_charge(
+            v,
+            &window.limits,
+            &Usage::default(),
+            &Usage::total(before),
+            &Usage::total(after),
+        );
+        Ok(Charge {
+            amount: total(&lines),
+            version: format!("{}@{}", t.id, v.id),
+        })
     }
 }
 
@@ -210,13 +256,28 @@ pub(crate) mod tests {
         let p = pricer();
         let a = account("bj-residential-monthly");
         let w = p.window(&a, 1_792_022_400_000).unwrap();
-        let c = p.charge(&a, &w, w.start_ms + 86_400_000, dec!(230), dec!(250)).unwrap();
+        let c = p
+            .charge(&a, &w, w.start_ms + 86_400_000, dec!(230), dec!(250))
+            .unwrap();
         let t = p.set.get("bj-residential-monthly").unwrap();
-        let v = t.version_on(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap()).unwrap();
-        let f = |x| total(&energy_charge(v, &w.limits, &Usage::default(), &Usage::total(x)));
+        let v = t
+            .version_on(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap())
+            .unwrap();
+        let f = |x| {
+            total(&energy_charge(
+                v,
+                &w.limits,
+                &Usage::default(),
+                &Usage::total(x),
+            ))
+        };
         assert_eq!(c.amount, f(dec!(250)) - f(dec!(230)));
         // 10 kWh at 0.4883 and 10 at 0.5383 (about 10.27): more than 20 kWh of tier 1 (9.77).
-        assert!(c.amount > dec!(10.2) && c.amount < dec!(10.3), "{}", c.amount);
+        assert!(
+            c.amount > dec!(10.2) && c.amount < dec!(10.3),
+            "{}",
+            c.amount
+        );
         assert_eq!(c.version, "bj-residential-monthly@2012-07");
     }
 

@@ -54,7 +54,10 @@ impl Fleet {
         }
         for m in meters {
             if f.accounts.contains_key(&m.account_id) {
-                f.meters_of.entry(m.account_id.clone()).or_default().push(m.meter_id.clone());
+                f.meters_of
+                    .entry(m.account_id.clone())
+                    .or_default()
+                    .push(m.meter_id.clone());
                 f.meters.insert(m.meter_id.clone(), m);
             }
         }
@@ -74,20 +77,41 @@ pub struct PrepayHook<'a> {
 }
 
 impl CommitHook for PrepayHook<'_> {
-    fn after(&self, account_id: &str, balance: Decimal, entries: i64, flags: &BTreeSet<String>, now: i64) -> HookOut {
+    fn after(
+        &self,
+        account_id: &str,
+        balance: Decimal,
+        entries: i64,
+        flags: &BTreeSet<String>,
+        now: i64,
+    ) -> HookOut {
         let now = self.now_ms.unwrap_or(now);
         let mut out = HookOut::default();
-        let (tariff, class) = self
-            .fleet
-            .accounts
-            .get(account_id)
-            .map_or(("", ""), |a| (a.tariff_id.as_str(), a.customer_class.as_str()));
+        let (tariff, class) = self.fleet.accounts.get(account_id).map_or(("", ""), |a| {
+            (a.tariff_id.as_str(), a.customer_class.as_str())
+        });
         let levels = self.thresholds.for_account(account_id, tariff, class);
-        alerts::evaluate(account_id, &levels, balance, entries, self.daily_spend.get(account_id).copied(), flags, now, &mut out);
+        alerts::evaluate(
+            account_id,
+            &levels,
+            balance,
+            entries,
+            self.daily_spend.get(account_id).copied(),
+            flags,
+            now,
+            &mut out,
+        );
         if let Some(c) = self.control {
-            let meters = self.fleet.meters_of.get(account_id).cloned().unwrap_or_default();
+            let meters = self
+                .fleet
+                .meters_of
+                .get(account_id)
+                .cloned()
+                .unwrap_or_default();
             let limit = levels.overdraft_limit.unwrap_or(Decimal::ZERO);
-            c.evaluate(account_id, &meters, limit, balance, entries, flags, now, &mut out);
+            c.evaluate(
+                account_id, &meters, limit, balance, entries, flags, now, &mut out,
+            );
         }
         out
     }
@@ -124,7 +148,17 @@ pub fn load_register_readings(
     let mut out: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
     let want = Channel::ImportActiveTotal.as_str();
     for (_, path) in crate::store::reader::list_files(lake, "readings", from, to)? {
-        let cols = ["meter_id", "ts", "channel", "value", "quality", "source_protocol", "source_collector", "source_address", "received_at"];
+        let cols = [
+            "meter_id",
+            "ts",
+            "channel",
+            "value",
+            "quality",
+            "source_protocol",
+            "source_collector",
+            "source_address",
+            "received_at",
+        ];
         for batch in crate::store::reader::read_file_columns(&path, Some(&cols))? {
             let v = ReadingsView::new(&batch)?;
             for i in 0..v.len() {
@@ -139,11 +173,16 @@ pub fn load_register_readings(
                 if q != "ok" {
                     // Suspect, conflicting or device-error values are not charged; estimates are.
                     let q = Quality::parse(q).unwrap_or(Quality::SUSPECT);
-                    if q.contains(Quality::SUSPECT) || q.contains(Quality::CONFLICT) || q.contains(Quality::DEVICE_ERROR) {
+                    if q.contains(Quality::SUSPECT)
+                        || q.contains(Quality::CONFLICT)
+                        || q.contains(Quality::DEVICE_ERROR)
+                    {
                         continue;
                     }
                 }
-                out.entry(v.meter_id.value(i).to_string()).or_default().push((ts, from_scaled(v.value.value(i))));
+                out.entry(v.meter_id.value(i).to_string())
+                    .or_default()
+                    .push((ts, from_scaled(v.value.value(i))));
             }
         }
     }
@@ -164,8 +203,12 @@ pub fn deduct_meter(
     source: &str,
     stats: &mut RunStats,
 ) -> (Vec<crate::ledger::NewEntry>, Option<Cursor>) {
-    let Some(meter) = fleet.meters.get(meter_id) else { return (Vec::new(), cursor) };
-    let Some(account) = fleet.accounts.get(&meter.account_id) else { return (Vec::new(), cursor) };
+    let Some(meter) = fleet.meters.get(meter_id) else {
+        return (Vec::new(), cursor);
+    };
+    let Some(account) = fleet.accounts.get(&meter.account_id) else {
+        return (Vec::new(), cursor);
+    };
     let mut cur = cursor;
     let mut entries = Vec::new();
     for (ts, value) in readings {
@@ -179,7 +222,11 @@ pub fn deduct_meter(
             Ok(Step::Stale) => stats.stale += 1,
             Ok(Step::Backwards) => {
                 stats.backwards += 1;
-                tracing::warn!(meter = meter_id, ts, "register went backwards: reading not charged");
+                tracing::warn!(
+                    meter = meter_id,
+                    ts,
+                    "register went backwards: reading not charged"
+                );
             }
             Err(e) => {
                 stats.unpriced += 1;
@@ -232,22 +279,39 @@ pub fn run_batch(
             let mut local = RunStats::default();
             for m in chunk {
                 let before = cursors.get(*m).cloned();
-                batch.expect.push(((*m).clone(), CHANNEL.into(), before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms))));
-                let (entries, cur) = deduct_meter(pricer, fleet, m, before.clone(), &readings[*m], "prepay-run", &mut local);
+                batch.expect.push((
+                    (*m).clone(),
+                    CHANNEL.into(),
+                    before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms)),
+                ));
+                let (entries, cur) = deduct_meter(
+                    pricer,
+                    fleet,
+                    m,
+                    before.clone(),
+                    &readings[*m],
+                    "prepay-run",
+                    &mut local,
+                );
                 if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
                     batch.cursors.push(c);
                 }
                 batch.entries.extend(entries);
             }
             for e in &batch.entries {
-                let s = spend.entry(e.account_id.clone()).or_insert((Decimal::ZERO, i64::MAX, i64::MIN));
+                let s = spend.entry(e.account_id.clone()).or_insert((
+                    Decimal::ZERO,
+                    i64::MAX,
+                    i64::MIN,
+                ));
                 s.0 -= e.amount;
                 s.1 = s.1.min(e.ts_ms);
                 s.2 = s.2.max(e.ts_ms);
             }
             for (a, (sum, lo, hi)) in &spend {
                 let days = ((hi - lo) / 86_400_000).max(1);
-                hook.daily_spend.insert(a.clone(), sum / Decimal::from(days));
+                hook.daily_spend
+                    .insert(a.clone(), sum / Decimal::from(days));
             }
             let report = ledger.commit(&batch, hook)?;
             if report.stale {
@@ -255,7 +319,10 @@ pub fn run_batch(
                 attempt += 1;
                 stats.retries += 1;
                 if attempt > 20 {
-                    return Err(PrepayError::Input("cursors keep moving under this run; is another run stuck in a loop?".into()));
+                    return Err(PrepayError::Input(
+                        "cursors keep moving under this run; is another run stuck in a loop?"
+                            .into(),
+                    ));
                 }
                 for m in chunk {
                     match ledger.cursor(m, CHANNEL)? {
@@ -294,7 +361,10 @@ pub fn run_batch(
         let mut accounts: Vec<String> = fleet.accounts.keys().cloned().collect();
         accounts.sort();
         for chunk in accounts.chunks(1000) {
-            let batch = Batch { evaluate: chunk.to_vec(), ..Default::default() };
+            let batch = Batch {
+                evaluate: chunk.to_vec(),
+                ..Default::default()
+            };
             let report = ledger.commit(&batch, hook)?;
             count_outbox(&report.outbox, &mut stats);
         }

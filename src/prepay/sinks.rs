@@ -52,7 +52,11 @@ pub fn alerts_schema() -> SchemaRef {
         Field::new("threshold", dec.clone(), false),
         Field::new("balance", dec.clone(), false),
         Field::new("days_left", dec, true),
-        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
     ]))
 }
 
@@ -65,9 +69,15 @@ fn alerts_batch(alerts: &[Alert]) -> Result<RecordBatch, PrepayError> {
                 None => b.append_null(),
             }
         }
-        Ok(Arc::new(b.finish().with_precision_and_scale(20, 4).map_err(|e| PrepayError::Input(e.to_string()))?))
+        Ok(Arc::new(
+            b.finish()
+                .with_precision_and_scale(20, 4)
+                .map_err(|e| PrepayError::Input(e.to_string()))?,
+        ))
     };
-    let s = |f: &dyn Fn(&Alert) -> &str| -> ArrayRef { Arc::new(StringArray::from_iter_values(alerts.iter().map(f))) };
+    let s = |f: &dyn Fn(&Alert) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(alerts.iter().map(f)))
+    };
     let cols = vec![
         s(&|a| a.id.as_str()),
         s(&|a| a.account_id.as_str()),
@@ -75,7 +85,10 @@ fn alerts_batch(alerts: &[Alert]) -> Result<RecordBatch, PrepayError> {
         dec(alerts.iter().map(|a| Some(a.threshold)).collect())?,
         dec(alerts.iter().map(|a| Some(a.balance)).collect())?,
         dec(alerts.iter().map(|a| a.days_left).collect())?,
-        Arc::new(TimestampMillisecondArray::from_iter_values(alerts.iter().map(|a| a.ts_ms)).with_timezone("UTC")) as ArrayRef,
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(alerts.iter().map(|a| a.ts_ms))
+                .with_timezone("UTC"),
+        ) as ArrayRef,
     ];
     RecordBatch::try_new(alerts_schema(), cols).map_err(|e| PrepayError::Input(e.to_string()))
 }
@@ -83,7 +96,10 @@ fn alerts_batch(alerts: &[Alert]) -> Result<RecordBatch, PrepayError> {
 /// Writes alerts to `root/alerts/date=D/part-<ids hash>.parquet`, one file per
 /// UTC date, atomically. The name depends only on the alert ids, so a
 /// re-delivery after a crash rewrites the same file instead of adding one.
-pub fn write_alerts_dataset(root: &std::path::Path, alerts: &[Alert]) -> Result<usize, PrepayError> {
+pub fn write_alerts_dataset(
+    root: &std::path::Path,
+    alerts: &[Alert],
+) -> Result<usize, PrepayError> {
     let mut by_date: std::collections::BTreeMap<chrono::NaiveDate, Vec<Alert>> = Default::default();
     for a in alerts {
         let (d, _) = super::pricing::local_date_minute(a.ts_ms, 0);
@@ -92,22 +108,40 @@ pub fn write_alerts_dataset(root: &std::path::Path, alerts: &[Alert]) -> Result<
     let mut files = 0;
     for (d, list) in by_date {
         let ids: Vec<&str> = list.iter().map(|a| a.id.as_str()).collect();
-        let path = crate::store::partition_dir(root, ALERTS, d).join(format!("part-{}.parquet", stable_id(&ids)));
-        crate::store::atomic::write_parquet_atomic(&path, alerts_schema(), &[alerts_batch(&list)?])?;
+        let path = crate::store::partition_dir(root, ALERTS, d)
+            .join(format!("part-{}.parquet", stable_id(&ids)));
+        crate::store::atomic::write_parquet_atomic(
+            &path,
+            alerts_schema(),
+            &[alerts_batch(&list)?],
+        )?;
         files += 1;
     }
     Ok(files)
 }
 
 /// Reads every alert of the dataset (tests, demo).
-pub fn read_alerts_dataset(root: &std::path::Path) -> Result<Vec<(String, String, String)>, PrepayError> {
+pub fn read_alerts_dataset(
+    root: &std::path::Path,
+) -> Result<Vec<(String, String, String)>, PrepayError> {
     let mut out = Vec::new();
-    for (_, path) in crate::store::reader::list_files(root, ALERTS, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX)? {
+    for (_, path) in crate::store::reader::list_files(
+        root,
+        ALERTS,
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )? {
         for b in crate::store::reader::read_file(&path)? {
             let col = |i: usize| b.column(i).as_any().downcast_ref::<StringArray>().cloned();
-            let (Some(id), Some(acc), Some(kind)) = (col(0), col(1), col(2)) else { continue };
+            let (Some(id), Some(acc), Some(kind)) = (col(0), col(1), col(2)) else {
+                continue;
+            };
             for i in 0..b.num_rows() {
-                out.push((id.value(i).to_string(), acc.value(i).to_string(), kind.value(i).to_string()));
+                out.push((
+                    id.value(i).to_string(),
+                    acc.value(i).to_string(),
+                    kind.value(i).to_string(),
+                ));
             }
         }
     }
@@ -116,14 +150,18 @@ pub fn read_alerts_dataset(root: &std::path::Path) -> Result<Vec<(String, String
 
 /// `http://host:port/path` -> (host:port, path).
 fn split_http(url: &str) -> Result<(String, String), PrepayError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| PrepayError::Input(format!("webhook '{url}': only http:// URLs are supported")))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        PrepayError::Input(format!("webhook '{url}': only http:// URLs are supported"))
+    })?;
     let (hp, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let hp = if hp.contains(':') { hp.to_string() } else { format!("{hp}:80") };
+    let hp = if hp.contains(':') {
+        hp.to_string()
+    } else {
+        format!("{hp}:80")
+    };
     Ok((hp, path.to_string()))
 }
 
@@ -134,13 +172,17 @@ pub fn post_json(url: &str, body: &[u8], id: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .next()
         .ok_or("no address")?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {hp}\r\nContent-Type: application/json\r\nIdempotency-Key: {id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).map_err(|e| e.to_string())?;
+    s.write_all(head.as_bytes())
+        .and_then(|_| s.write_all(body))
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).map_err(|e| e.to_string())?;
     let status = String::from_utf8_lossy(&buf[..n]);
@@ -148,7 +190,10 @@ pub fn post_json(url: &str, body: &[u8], id: &str) -> Result<(), String> {
     if code.starts_with('2') {
         Ok(())
     } else {
-        Err(format!("webhook answered '{}'", status.lines().next().unwrap_or("")))
+        Err(format!(
+            "webhook answered '{}'",
+            status.lines().next().unwrap_or("")
+        ))
     }
 }
 
@@ -205,7 +250,9 @@ pub fn deliver(
                         .map_err(|e| PrepayError::Input(format!("outbox {}: {e}", m.id)))?;
                     match &sinks.relay_audit {
                         Some(p) => stats.relay_frames += dispatch_dry_run(&o, p)?.len(),
-                        None => tracing::warn!(order = %o.id, "relay order not dispatched: no audit log configured"),
+                        None => {
+                            tracing::warn!(order = %o.id, "relay order not dispatched: no audit log configured")
+                        }
                     }
                     stats.relay_orders += 1;
                 }
@@ -223,7 +270,11 @@ pub fn deliver(
 }
 
 /// Publishes `(topic, payload)` pairs at QoS 1 and waits for every PUBACK.
-pub fn publish_qos1(url: &str, client_id: &str, msgs: &[(String, Vec<u8>)]) -> Result<(), PrepayError> {
+pub fn publish_qos1(
+    url: &str,
+    client_id: &str,
+    msgs: &[(String, Vec<u8>)],
+) -> Result<(), PrepayError> {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     if msgs.is_empty() {
         return Ok(());
@@ -233,13 +284,18 @@ pub fn publish_qos1(url: &str, client_id: &str, msgs: &[(String, Vec<u8>)]) -> R
     o.set_keep_alive(Duration::from_secs(10));
     let (client, mut conn) = Client::new(o, msgs.len() + 10);
     for (t, p) in msgs {
-        client.publish(t.clone(), QoS::AtLeastOnce, false, p.clone()).map_err(|e| PrepayError::Mqtt(e.to_string()))?;
+        client
+            .publish(t.clone(), QoS::AtLeastOnce, false, p.clone())
+            .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
     }
     let mut acked = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while acked < msgs.len() {
         if std::time::Instant::now() > deadline {
-            return Err(PrepayError::Mqtt(format!("only {acked} of {} alerts acknowledged", msgs.len())));
+            return Err(PrepayError::Mqtt(format!(
+                "only {acked} of {} alerts acknowledged",
+                msgs.len()
+            )));
         }
         match conn.recv_timeout(Duration::from_millis(500)) {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,

@@ -64,7 +64,10 @@ fn default_max_wait() -> u64 {
 
 impl Default for StreamBatch {
     fn default() -> Self {
-        StreamBatch { max_messages: default_max_messages(), max_wait_ms: default_max_wait() }
+        StreamBatch {
+            max_messages: default_max_messages(),
+            max_wait_ms: default_max_wait(),
+        }
     }
 }
 
@@ -99,7 +102,12 @@ impl StreamConfig {
             let line = e.span().map_or(0, |s| line_of(&text, s.start));
             let msg = e.message().to_string();
             let field = msg.split('`').nth(1).unwrap_or("-").to_string();
-            PrepayError::Config { file: path.display().to_string(), line, field, message: msg }
+            PrepayError::Config {
+                file: path.display().to_string(),
+                line,
+                field,
+                message: msg,
+            }
         })?;
         c.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(c)
@@ -118,7 +126,9 @@ impl StreamConfig {
         if self.ledger.starts_with("postgres") {
             self.ledger.clone()
         } else {
-            self.resolve(self.ledger.strip_prefix("sqlite:").unwrap_or(&self.ledger)).display().to_string()
+            self.resolve(self.ledger.strip_prefix("sqlite:").unwrap_or(&self.ledger))
+                .display()
+                .to_string()
         }
     }
 }
@@ -138,7 +148,8 @@ pub struct StreamOptions {
 pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, PrepayError> {
     let mut ledger = crate::ledger::open_migrated(&cfg.ledger_url())?;
     let fleet = Fleet::load(&cfg.resolve(&cfg.master))?;
-    let tariffs = crate::tariff::load_dir(&cfg.resolve(&cfg.tariffs)).map_err(|e| PrepayError::Input(e.to_string()))?;
+    let tariffs = crate::tariff::load_dir(&cfg.resolve(&cfg.tariffs))
+        .map_err(|e| PrepayError::Input(e.to_string()))?;
     let pricer = TariffPricer::new(tariffs);
     let thresholds = match &cfg.thresholds {
         Some(t) => Thresholds::load(&cfg.resolve(t))?,
@@ -148,27 +159,36 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         Some(c) => Some(Control::new(c.clone(), &thresholds.base_dir)?),
         None => None,
     };
-    let mut hook = PrepayHook { thresholds: &thresholds, control: control.as_ref(), fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
+    let mut hook = PrepayHook {
+        thresholds: &thresholds,
+        control: control.as_ref(),
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: None,
+    };
     let sinks = Sinks {
         alerts_root: cfg.alerts_dataset.as_ref().map(|p| cfg.resolve(p)),
         webhook: cfg.webhook.clone(),
         webhook_attempts: 5,
-        relay_audit: thresholds.control.as_ref().map(|c| {
-            cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl"))
-        }),
+        relay_audit: thresholds
+            .control
+            .as_ref()
+            .map(|c| cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl"))),
         alerts_topic: cfg.mqtt.alerts_topic.clone(),
     };
     let mut lake = match &cfg.dead_letter_lake {
-        Some(l) => Some(
-            crate::store::Lake::open(
-                &cfg.resolve(l),
-                crate::store::LakeOptions { writer_id: cfg.mqtt.client_id.clone(), spool_dir: None },
-            )?,
-        ),
+        Some(l) => Some(crate::store::Lake::open(
+            &cfg.resolve(l),
+            crate::store::LakeOptions {
+                writer_id: cfg.mqtt.client_id.clone(),
+                spool_dir: None,
+            },
+        )?),
         None => None,
     };
 
-    let (_, host, port) = crate::ingest::mqtt::parse_url(&cfg.mqtt.url).map_err(PrepayError::Mqtt)?;
+    let (_, host, port) =
+        crate::ingest::mqtt::parse_url(&cfg.mqtt.url).map_err(PrepayError::Mqtt)?;
     let mut o = MqttOptions::new(cfg.mqtt.client_id.clone(), host, port);
     o.set_keep_alive(Duration::from_secs(15));
     o.set_clean_session(false);
@@ -180,7 +200,9 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         Some(g) => format!("$share/{g}/{}", cfg.mqtt.topic),
         None => cfg.mqtt.topic.clone(),
     };
-    client.subscribe(filter.clone(), QoS::AtLeastOnce).map_err(|e| PrepayError::Mqtt(e.to_string()))?;
+    client
+        .subscribe(filter.clone(), QoS::AtLeastOnce)
+        .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
     tracing::info!(ledger = %ledger.describe(), topic = %filter, "stream: subscribed");
 
     let src: crate::ingest::config::SourceConfig = toml::from_str(&format!(
@@ -188,10 +210,13 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         toml::Value::String(cfg.mqtt.topic.clone())
     ))
     .map_err(|e| PrepayError::Input(format!("canonical decoder: {e}")))?;
-    let mut decoder = crate::ingest::decode::Decoder::new(&src, crate::ingest::decode::Limits {
-        collector: cfg.mqtt.client_id.clone(),
-        ..Default::default()
-    })
+    let mut decoder = crate::ingest::decode::Decoder::new(
+        &src,
+        crate::ingest::decode::Limits {
+            collector: cfg.mqtt.client_id.clone(),
+            ..Default::default()
+        },
+    )
     .map_err(PrepayError::Input)?;
 
     // Alerts left undelivered by a previous crash go out first.
@@ -214,7 +239,9 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     let stop = opts.stop.clone().unwrap_or_default();
     loop {
         for (t, p) in outgoing.drain(..) {
-            client.publish(t, QoS::AtLeastOnce, false, p).map_err(|e| PrepayError::Mqtt(e.to_string()))?;
+            client
+                .publish(t, QoS::AtLeastOnce, false, p)
+                .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
         }
         let wait = Duration::from_millis(cfg.batch.max_wait_ms.max(1));
         match conn.recv_timeout(wait) {
@@ -225,7 +252,9 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 pending.push(p);
                 last_message = Instant::now();
             }
-            Ok(Ok(Event::Incoming(Packet::SubAck(s)))) => tracing::info!("stream: subscription confirmed {:?}", s.return_codes),
+            Ok(Ok(Event::Incoming(Packet::SubAck(s)))) => {
+                tracing::info!("stream: subscription confirmed {:?}", s.return_codes)
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!("mqtt connection: {e}; reconnecting");
@@ -249,15 +278,21 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
             )?;
             // Acknowledge only now: the ledger transaction has committed.
             for p in pending.drain(..) {
-                client.ack(&p).map_err(|e| PrepayError::Mqtt(e.to_string()))?;
+                client
+                    .ack(&p)
+                    .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
             }
             deliver(ledger.as_mut(), &sinks, &mut |t, p| {
                 outgoing.push((t.to_string(), p.to_vec()));
                 Ok(())
             })?;
         }
-        let done = opts.stop_after_deductions.is_some_and(|n| stats.deductions >= n)
-            || opts.idle_exit.is_some_and(|d| pending.is_empty() && last_message.elapsed() >= d)
+        let done = opts
+            .stop_after_deductions
+            .is_some_and(|n| stats.deductions >= n)
+            || opts
+                .idle_exit
+                .is_some_and(|d| pending.is_empty() && last_message.elapsed() >= d)
             || stop.load(Ordering::Relaxed);
         if done && pending.is_empty() {
             // Let the acks and alert publishes leave before disconnecting.
@@ -297,8 +332,13 @@ fn process(
         match decoder.decode(&topic, &p.payload, now) {
             Ok(d) => {
                 for r in d.readings {
-                    if r.channel == Channel::ImportActiveTotal && fleet.meters.contains_key(&r.meter_id) {
-                        by_meter.entry(r.meter_id).or_default().push((r.ts_ms, r.value));
+                    if r.channel == Channel::ImportActiveTotal
+                        && fleet.meters.contains_key(&r.meter_id)
+                    {
+                        by_meter
+                            .entry(r.meter_id)
+                            .or_default()
+                            .push((r.ts_ms, r.value));
                     }
                 }
                 for e in d.problems {
@@ -341,8 +381,20 @@ fn process(
         let mut local = RunStats::default();
         for m in &meters {
             let before = cursors.get(m).cloned();
-            batch.expect.push((m.clone(), CHANNEL.into(), before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms))));
-            let (entries, cur) = deduct_meter(pricer, fleet, m, before.clone(), &by_meter[m], "stream", &mut local);
+            batch.expect.push((
+                m.clone(),
+                CHANNEL.into(),
+                before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms)),
+            ));
+            let (entries, cur) = deduct_meter(
+                pricer,
+                fleet,
+                m,
+                before.clone(),
+                &by_meter[m],
+                "stream",
+                &mut local,
+            );
             if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
                 batch.cursors.push(c);
             }
@@ -353,7 +405,9 @@ fn process(
             attempt += 1;
             stats.retries += 1;
             if attempt > 50 {
-                return Err(PrepayError::Input("cursors keep moving under this stream".into()));
+                return Err(PrepayError::Input(
+                    "cursors keep moving under this stream".into(),
+                ));
             }
             for m in &meters {
                 match ledger.cursor(m, CHANNEL)? {

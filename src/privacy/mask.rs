@@ -3,7 +3,8 @@
 
 /// Two-character Chinese family names; every other name keeps one character.
 const COMPOUND_SURNAMES: &[&str] = &[
-    "欧阳", "司马", "上官", "诸葛", "东方", "皇甫", "尉迟", "公孙", "慕容", "长孙", "宇文", "司徒", "夏侯", "令狐", "澹台", "轩辕",
+    "欧阳", "司马", "上官", "诸葛", "东方", "皇甫", "尉迟", "公孙", "慕容", "长孙", "宇文", "司徒",
+    "夏侯", "令狐", "澹台", "轩辕",
 ];
 
 /// Keeps the family name, masks the rest: `郭超` -> `郭*`, `欧阳娜娜` -> `欧阳**`.
@@ -19,17 +20,31 @@ pub fn mask_name(name: &str) -> String {
         return words
             .iter()
             .enumerate()
-            .map(|(i, w)| if i == last { (*w).to_string() } else { "*".repeat(w.chars().count()) })
+            .map(|(i, w)| {
+                if i == last {
+                    (*w).to_string()
+                } else {
+                    "*".repeat(w.chars().count())
+                }
+            })
             .collect::<Vec<_>>()
             .join(" ");
     }
-    let keep = if COMPOUND_SURNAMES.iter().any(|s| name.starts_with(s)) && name.chars().count() > 2 { 2 } else { 1 };
+    let keep = if COMPOUND_SURNAMES.iter().any(|s| name.starts_with(s)) && name.chars().count() > 2
+    {
+        2
+    } else {
+        1
+    };
     let n = name.chars().count();
     if n <= keep {
         // A lone family name would be the whole name: mask it all.
         return "*".repeat(n);
     }
-    name.chars().take(keep).chain(std::iter::repeat_n('*', n - keep)).collect()
+    name.chars()
+        .take(keep)
+        .chain(std::iter::repeat_n('*', n - keep))
+        .collect()
 }
 
 /// Keeps the first 3 and last 4 digits: `18205525202` -> `182****5202`.
@@ -67,7 +82,10 @@ pub fn mask_address(address: &str, district: &str) -> String {
             return address[..i + district.len()].to_string();
         }
     }
-    match address.char_indices().find(|(_, c)| matches!(c, '区' | '县' | '旗')) {
+    match address
+        .char_indices()
+        .find(|(_, c)| matches!(c, '区' | '县' | '旗'))
+    {
         Some((i, c)) => address[..i + c.len_utf8()].to_string(),
         None => String::new(),
     }
@@ -103,8 +121,14 @@ mod tests {
 
     #[test]
     fn addresses_are_cut_after_the_district() {
-        assert_eq!(mask_address("北京市海淀区望京街109号3单元798室", "海淀区"), "北京市海淀区");
-        assert_eq!(mask_address("北京市丰台区中关村大街169号", ""), "北京市丰台区");
+        assert_eq!(
+            mask_address("北京市海淀区望京街109号3单元798室", "海淀区"),
+            "北京市海淀区"
+        );
+        assert_eq!(
+            mask_address("北京市丰台区中关村大街169号", ""),
+            "北京市丰台区"
+        );
         assert_eq!(mask_address("12 Main Street", ""), "");
     }
 

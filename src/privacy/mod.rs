@@ -23,10 +23,15 @@ pub const MIN_SECRET_LEN: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum PrivacyError {
     #[error("{path}: reading the pseudonymization secret: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no pseudonymization secret: pass --secret-file FILE or set {SECRET_ENV}")]
     NoSecret,
-    #[error("pseudonymization secret from {from} is {len} bytes; at least {MIN_SECRET_LEN} are needed")]
+    #[error(
+        "pseudonymization secret from {from} is {len} bytes; at least {MIN_SECRET_LEN} are needed"
+    )]
     ShortSecret { from: String, len: usize },
 }
 
@@ -46,7 +51,10 @@ impl std::fmt::Debug for Pseudonymizer {
 impl Pseudonymizer {
     pub fn new(key: &[u8]) -> Result<Pseudonymizer, PrivacyError> {
         if key.len() < MIN_SECRET_LEN {
-            return Err(PrivacyError::ShortSecret { from: "key".into(), len: key.len() });
+            return Err(PrivacyError::ShortSecret {
+                from: "key".into(),
+                len: key.len(),
+            });
         }
         Ok(Pseudonymizer { key: key.to_vec() })
     }
@@ -58,7 +66,10 @@ impl Pseudonymizer {
         let (from, mut key) = match file {
             Some(p) => (
                 p.display().to_string(),
-                std::fs::read(p).map_err(|source| PrivacyError::Io { path: p.to_path_buf(), source })?,
+                std::fs::read(p).map_err(|source| PrivacyError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
             ),
             None => match std::env::var_os(SECRET_ENV) {
                 Some(v) => (SECRET_ENV.to_string(), v.into_encoded_bytes()),
@@ -69,7 +80,10 @@ impl Pseudonymizer {
             key.pop();
         }
         if key.len() < MIN_SECRET_LEN {
-            return Err(PrivacyError::ShortSecret { from, len: key.len() });
+            return Err(PrivacyError::ShortSecret {
+                from,
+                len: key.len(),
+            });
         }
         Ok(Pseudonymizer { key })
     }
@@ -122,7 +136,10 @@ mod tests {
 
     #[test]
     fn short_secrets_are_refused() {
-        assert!(matches!(Pseudonymizer::new(b"short"), Err(PrivacyError::ShortSecret { .. })));
+        assert!(matches!(
+            Pseudonymizer::new(b"short"),
+            Err(PrivacyError::ShortSecret { .. })
+        ));
     }
 
     #[test]

@@ -13,7 +13,12 @@ const W: u32 = 620;
 const H: u32 = 300;
 
 /// Vertical bars, one per label.
-pub fn bars(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Result<String, ReportError> {
+pub fn bars(
+    title: &str,
+    y_desc: &str,
+    labels: &[String],
+    values: &[u64],
+) -> Result<String, ReportError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
@@ -53,7 +58,12 @@ pub fn bars(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Res
 }
 
 /// A line over day indexes 0..n with labels for the first and last day.
-pub fn line(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Result<String, ReportError> {
+pub fn line(
+    title: &str,
+    y_desc: &str,
+    labels: &[String],
+    values: &[u64],
+) -> Result<String, ReportError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
@@ -68,9 +78,18 @@ pub fn line(title: &str, y_desc: &str, labels: &[String], values: &[u64]) -> Res
             .build_cartesian_2d(0u32..n - 1, 0u64..max + max / 10 + 1)
             .map_err(perr)?;
         let fmt = |i: &u32| labels.get(*i as usize).cloned().unwrap_or_default();
-        chart.configure_mesh().x_labels(6).x_label_formatter(&fmt).y_desc(y_desc).draw().map_err(perr)?;
         chart
-            .draw_series(LineSeries::new(values.iter().enumerate().map(|(i, v)| (i as u32, *v)), RGBColor(204, 0, 0).stroke_width(2)))
+            .configure_mesh()
+            .x_labels(6)
+            .x_label_formatter(&fmt)
+            .y_desc(y_desc)
+            .draw()
+            .map_err(perr)?;
+        chart
+            .draw_series(LineSeries::new(
+                values.iter().enumerate().map(|(i, v)| (i as u32, *v)),
+                RGBColor(204, 0, 0).stroke_width(2),
+            ))
             .map_err(perr)?;
         root.present().map_err(perr)?;
     }

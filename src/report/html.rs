@@ -28,18 +28,26 @@ pub struct Page {
 
 impl Page {
     pub fn new(title: &str) -> Page {
-        Page { body: format!("<h1>{}</h1>\n", esc(title)), title: title.to_string() }
+        Page {
+            body: format!("<h1>{}</h1>\n", esc(title)),
+            title: title.to_string(),
+        }
     }
     pub fn h2(&mut self, t: &str) {
         self.body.push_str(&format!("<h2>{}</h2>\n", esc(t)));
     }
     pub fn note(&mut self, t: &str) {
-        self.body.push_str(&format!("<p class=\"note\">{}</p>\n", esc(t)));
+        self.body
+            .push_str(&format!("<p class=\"note\">{}</p>\n", esc(t)));
     }
     /// Inline SVG produced by plotters (trusted: generated here).
     pub fn svg(&mut self, svg: &str) {
         let svg = svg.trim_start_matches(|c| c != '<');
-        let svg = if let Some(i) = svg.find("<svg") { &svg[i..] } else { svg };
+        let svg = if let Some(i) = svg.find("<svg") {
+            &svg[i..]
+        } else {
+            svg
+        };
         self.body.push_str("<div class=\"chart\">");
         self.body.push_str(svg);
         self.body.push_str("</div>\n");
@@ -48,7 +56,8 @@ impl Page {
     pub fn kv(&mut self, rows: &[(&str, String)]) {
         self.body.push_str("<table class=\"kv\">");
         for (k, v) in rows {
-            self.body.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v)));
+            self.body
+                .push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v)));
         }
         self.body.push_str("</table>\n");
     }

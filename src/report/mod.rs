@@ -47,7 +47,15 @@ pub struct ReportOptions {
 
 impl ReportOptions {
     pub fn new(run_dir: impl Into<PathBuf>, out: impl Into<PathBuf>) -> ReportOptions {
-        ReportOptions { run_dir: run_dir.into(), out: out.into(), master: None, lake: None, ledger: None, alerts: None, utc_offset_secs: 8 * 3600 }
+        ReportOptions {
+            run_dir: run_dir.into(),
+            out: out.into(),
+            master: None,
+            lake: None,
+            ledger: None,
+            alerts: None,
+            utc_offset_secs: 8 * 3600,
+        }
     }
 }
 
@@ -99,7 +107,10 @@ fn str_col<'a>(t: &'a Table, n: &str) -> Vec<&'a str> {
 
 fn dec_col(t: &Table, n: &str, want: u8) -> Vec<i128> {
     match t.col(n) {
-        Some(Col::Dec(v, s)) => v.iter().map(|o| rescale(o.unwrap_or(0), *s, want)).collect(),
+        Some(Col::Dec(v, s)) => v
+            .iter()
+            .map(|o| rescale(o.unwrap_or(0), *s, want))
+            .collect(),
         _ => vec![0; t.rows()],
     }
 }
@@ -113,37 +124,89 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     let exceptions = read_opt(&run.join("exceptions.parquet"))?.unwrap_or_default();
     let master = master_dir(opts, &m);
     let accounts = match &master {
-        Some(d) => master::load_accounts(&d.join(master::ACCOUNTS_FILE)).map(|l| l.rows).unwrap_or_default(),
+        Some(d) => master::load_accounts(&d.join(master::ACCOUNTS_FILE))
+            .map(|l| l.rows)
+            .unwrap_or_default(),
         None => Vec::new(),
     };
     let payments = match &master {
-        Some(d) if d.join(master::PAYMENTS_FILE).exists() => master::load_payments(&d.join(master::PAYMENTS_FILE)).map(|l| l.rows).unwrap_or_default(),
+        Some(d) if d.join(master::PAYMENTS_FILE).exists() => {
+            master::load_payments(&d.join(master::PAYMENTS_FILE))
+                .map(|l| l.rows)
+                .unwrap_or_default()
+        }
         _ => Vec::new(),
     };
     let meters = match &master {
-        Some(d) => master::load_meters(&d.join(master::METERS_FILE)).map(|l| l.rows).unwrap_or_default(),
+        Some(d) => master::load_meters(&d.join(master::METERS_FILE))
+            .map(|l| l.rows)
+            .unwrap_or_default(),
         None => Vec::new(),
     };
-    let lake = opts.lake.clone().or_else(|| master.as_ref().and_then(|d| d.parent().map(Path::to_path_buf))).filter(|l| l.join("readings").exists());
-    let acc_by_id: BTreeMap<&str, &master::Account> = accounts.iter().map(|a| (a.account_id.as_str(), a)).collect();
+    let lake = opts
+        .lake
+        .clone()
+        .or_else(|| {
+            master
+                .as_ref()
+                .and_then(|d| d.parent().map(Path::to_path_buf))
+        })
+        .filter(|l| l.join("readings").exists());
+    let acc_by_id: BTreeMap<&str, &master::Account> = accounts
+        .iter()
+        .map(|a| (a.account_id.as_str(), a))
+        .collect();
+    let lake_inp = match &lake {
+        Some(l) => {
+            let sc = scan::scan_lake(l, &meters, opts.utc_offset_secs)?;
+            Some(inputs::Inputs::assemble(
+                meters.clone(),
+                accounts.clone(),
+                Vec::new(),
+                sc,
+                Vec::new(),
+                opts.utc_offset_secs,
+            ))
+        }
+        None => None,
+    };
 
-    let mut p = Page::new(&format!("Run report {}", m["period"].as_str().unwrap_or("")));
+    let mut p = Page::new(&format!(
+        "Run report {}",
+        m["period"].as_str().unwrap_or("")
+    ));
     // Summary.
     let counts = &m["counts"];
     let sums = &m["sums"];
     p.h2("Summary");
     p.kv(&[
         ("Run id", m["run_id"].as_str().unwrap_or("").to_string()),
-        ("Period", format!("{} .. {} (exclusive)", m["period_start"].as_str().unwrap_or(""), m["period_end_exclusive"].as_str().unwrap_or(""))),
+        (
+            "Period",
+            format!(
+                "{} .. {} (exclusive)",
+                m["period_start"].as_str().unwrap_or(""),
+                m["period_end_exclusive"].as_str().unwrap_or("")
+            ),
+        ),
         ("Revision", m["revision"].to_string()),
         ("Accounts", counts["accounts"].to_string()),
         ("Bills", counts["bills"].to_string()),
         ("Estimated bills", counts["estimated_bills"].to_string()),
         ("Exceptions", counts["exceptions"].to_string()),
-        ("Total kWh", sums["total_kwh"].as_str().unwrap_or("").to_string()),
-        ("Total amount (CNY)", sums["total_amount"].as_str().unwrap_or("").to_string()),
+        (
+            "Total kWh",
+            sums["total_kwh"].as_str().unwrap_or("").to_string(),
+        ),
+        (
+            "Total amount (CNY)",
+            sums["total_amount"].as_str().unwrap_or("").to_string(),
+        ),
         ("Readings used", counts["readings"].to_string()),
-        ("Created by", m["created_by"].as_str().unwrap_or("").to_string()),
+        (
+            "Created by",
+            m["created_by"].as_str().unwrap_or("").to_string(),
+        ),
     ]);
 
     // Consumption distribution.
@@ -162,9 +225,18 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         for v in &sorted {
             counts[((v / width) as usize).min(10)] += 1;
         }
-        p.svg(&charts::bars("Bills by kWh billed (bucket lower bound)", "bills", &labels, &counts)?);
+        p.svg(&charts::bars(
+            "Bills by kWh billed (bucket lower bound)",
+            "bills",
+            &labels,
+            &counts,
+        )?);
         let median = sorted[sorted.len() / 2];
-        p.kv(&[("Median kWh per bill", median.to_string()), ("95th percentile", p95.to_string()), ("Largest", sorted[sorted.len() - 1].to_string())]);
+        p.kv(&[
+            ("Median kWh per bill", median.to_string()),
+            ("95th percentile", p95.to_string()),
+            ("Largest", sorted[sorted.len() - 1].to_string()),
+        ]);
     }
 
     // Tiers and TOU.
@@ -200,21 +272,61 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         p.note("No tiered energy lines in this run.");
     } else {
         let labels: Vec<String> = tiers.keys().map(|t| format!("tier {t}")).collect();
-        p.svg(&charts::bars("Energy by tier", "kWh", &labels, &tiers.values().map(|v| whole(v.0, SCALE)).collect::<Vec<_>>())?);
+        p.svg(&charts::bars(
+            "Energy by tier",
+            "kWh",
+            &labels,
+            &tiers
+                .values()
+                .map(|v| whole(v.0, SCALE))
+                .collect::<Vec<_>>(),
+        )?);
         let total: i128 = tiers.values().map(|v| v.0).sum();
         p.table(
             &["tier", "kWh", "share", "amount (CNY)"],
-            tiers.iter().map(|(t, v)| vec![t.to_string(), dec_text(v.0, SCALE), permille(v.0, total), dec_text(v.1, 2)]).collect(),
+            tiers
+                .iter()
+                .map(|(t, v)| {
+                    vec![
+                        t.to_string(),
+                        dec_text(v.0, SCALE),
+                        permille(v.0, total),
+                        dec_text(v.1, 2),
+                    ]
+                })
+                .collect(),
         );
     }
     p.h2("Time-of-use shares");
+    if tous.is_empty() {
+        if let Some(inp) = &lake_inp {
+            // No TOU bill lines (flat or tiered tariffs): the meters' tariff registers still tell the shares.
+            let names = ["sharp (T1)", "peak (T2)", "flat (T3)", "valley (T4)"];
+            for d in &inp.scan.daily {
+                for (r, n) in names.iter().enumerate() {
+                    *tous.entry(n.to_string()).or_default() += d.regs[r + 1].unwrap_or(0) as i128;
+                }
+            }
+            p.note("No time-of-use bill lines in this run: shares below are from the meters' tariff registers in the lake, all days scanned.");
+        }
+    }
     if tous.is_empty() {
         p.note("No time-of-use energy lines in this run.");
     } else {
         let total: i128 = tous.values().sum();
         let labels: Vec<String> = tous.keys().cloned().collect();
-        p.svg(&charts::bars("Energy by time-of-use period", "kWh", &labels, &tous.values().map(|v| whole(*v, SCALE)).collect::<Vec<_>>())?);
-        p.table(&["period", "kWh", "share"], tous.iter().map(|(k, v)| vec![esc(k), dec_text(*v, SCALE), permille(*v, total)]).collect());
+        p.svg(&charts::bars(
+            "Energy by time-of-use period",
+            "kWh",
+            &labels,
+            &tous.values().map(|v| whole(*v, SCALE)).collect::<Vec<_>>(),
+        )?);
+        p.table(
+            &["period", "kWh", "share"],
+            tous.iter()
+                .map(|(k, v)| vec![esc(k), dec_text(*v, SCALE), permille(*v, total)])
+                .collect(),
+        );
     }
 
     // Bills by class.
@@ -223,7 +335,9 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     p.h2("Bills by customer class");
     let mut by_class: BTreeMap<String, (u64, i128, i128)> = BTreeMap::new();
     for i in 0..bills.rows() {
-        let class = acc_by_id.get(acc[i]).map_or("unknown".to_string(), |a| a.customer_class.as_str().to_string());
+        let class = acc_by_id.get(acc[i]).map_or("unknown".to_string(), |a| {
+            a.customer_class.as_str().to_string()
+        });
         let e = by_class.entry(class).or_default();
         e.0 += 1;
         e.1 += kwh[i];
@@ -233,10 +347,32 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         p.note("No bills.");
     } else {
         let labels: Vec<String> = by_class.keys().cloned().collect();
-        p.svg(&charts::bars("Billed amount by customer class", "CNY", &labels, &by_class.values().map(|v| whole(v.2, 2)).collect::<Vec<_>>())?);
+        p.svg(&charts::bars(
+            "Billed amount by customer class",
+            "CNY",
+            &labels,
+            &by_class.values().map(|v| whole(v.2, 2)).collect::<Vec<_>>(),
+        )?);
         p.table(
-            &["class", "bills", "kWh", "amount (CNY)", "average bill (CNY)"],
-            by_class.iter().map(|(k, v)| vec![esc(k), v.0.to_string(), dec_text(v.1, SCALE), dec_text(v.2, 2), dec_text(v.2 / v.0.max(1) as i128, 2)]).collect(),
+            &[
+                "class",
+                "bills",
+                "kWh",
+                "amount (CNY)",
+                "average bill (CNY)",
+            ],
+            by_class
+                .iter()
+                .map(|(k, v)| {
+                    vec![
+                        esc(k),
+                        v.0.to_string(),
+                        dec_text(v.1, SCALE),
+                        dec_text(v.2, 2),
+                        dec_text(v.2 / v.0.max(1) as i128, 2),
+                    ]
+                })
+                .collect(),
         );
     }
 
@@ -255,9 +391,18 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
             *flag_counts.entry(x).or_default() += 1;
         }
     }
-    p.kv(&[("Estimated bills", est.to_string()), ("Exceptions", exceptions.rows().to_string())]);
+    p.kv(&[
+        ("Estimated bills", est.to_string()),
+        ("Exceptions", exceptions.rows().to_string()),
+    ]);
     if !flag_counts.is_empty() {
-        p.table(&["bill flag", "bills"], flag_counts.iter().map(|(k, v)| vec![esc(k), v.to_string()]).collect());
+        p.table(
+            &["bill flag", "bills"],
+            flag_counts
+                .iter()
+                .map(|(k, v)| vec![esc(k), v.to_string()])
+                .collect(),
+        );
     }
     let codes = str_col(&exceptions, "code");
     let details = str_col(&exceptions, "detail");
@@ -268,17 +413,26 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     }
     if !by_code.is_empty() {
         let labels: Vec<String> = by_code.keys().map(|s| s.to_string()).collect();
-        p.svg(&charts::bars("Exceptions by reason", "exceptions", &labels, &by_code.values().map(|v| v.0).collect::<Vec<_>>())?);
-        p.table(&["reason", "count", "example"], by_code.iter().map(|(k, v)| vec![esc(k), v.0.to_string(), esc(v.1)]).collect());
+        p.svg(&charts::bars(
+            "Exceptions by reason",
+            "exceptions",
+            &labels,
+            &by_code.values().map(|v| v.0).collect::<Vec<_>>(),
+        )?);
+        p.table(
+            &["reason", "count", "example"],
+            by_code
+                .iter()
+                .map(|(k, v)| vec![esc(k), v.0.to_string(), esc(v.1)])
+                .collect(),
+        );
     }
 
     // Collection from the lake.
     p.h2("Collection success");
-    match &lake {
-        Some(l) => {
-            let sc = scan::scan_lake(l, &meters, opts.utc_offset_secs)?;
-            let inp = inputs::Inputs::assemble(meters.clone(), accounts.clone(), Vec::new(), sc, Vec::new(), opts.utc_offset_secs);
-            let t = crate::analytics::datasets_collection(&inp);
+    match &lake_inp {
+        Some(inp) => {
+            let t = crate::analytics::datasets_collection(inp);
             let coll = str_col(&t, "collector");
             let bus = str_col(&t, "bus");
             let cols: Vec<String> = t.columns.iter().map(|(n, _)| n.clone()).collect();
@@ -297,13 +451,21 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
                 ("Communication gaps (meters x stretches)", gaps.to_string()),
                 ("Backwards register steps", inp.scan.backwards_pairs.to_string()),
             ]);
-            daily_chart(&mut p, &inp)?;
+            daily_chart(&mut p, inp)?;
         }
         None => p.note("No readings lake found next to the master data (pass --lake): collection figures not shown."),
     }
 
     prepaid(&mut p, opts, &accounts)?;
-    arrears(&mut p, &m, &acc, &total, &acc_by_id, &payments, opts.utc_offset_secs);
+    arrears(
+        &mut p,
+        &m,
+        &acc,
+        &total,
+        &acc_by_id,
+        &payments,
+        opts.utc_offset_secs,
+    );
     Ok(p.finish())
 }
 
@@ -321,17 +483,33 @@ fn daily_chart(p: &mut Page, inp: &inputs::Inputs) -> Result<(), ReportError> {
         *per_day.entry(d.date).or_default() += d.regs[0].unwrap_or(0) as i128;
     }
     if per_day.len() >= 2 {
-        let labels: Vec<String> = per_day.keys().map(|d| d.format("%m-%d").to_string()).collect();
+        let labels: Vec<String> = per_day
+            .keys()
+            .map(|d| d.format("%m-%d").to_string())
+            .collect();
         let vals: Vec<u64> = per_day.values().map(|v| whole(*v, SCALE)).collect();
-        p.svg(&charts::line("Fleet consumption per day (from the lake)", "kWh", &labels, &vals)?);
+        p.svg(&charts::line(
+            "Fleet consumption per day (from the lake)",
+            "kWh",
+            &labels,
+            &vals,
+        )?);
     }
     Ok(())
 }
 
 /// Month-over-month and year-over-year change against earlier runs found next to this one.
-fn movers(p: &mut Page, opts: &ReportOptions, m: &serde_json::Value, acc: &[&str], kwh: &[i128]) -> Result<(), ReportError> {
+fn movers(
+    p: &mut Page,
+    opts: &ReportOptions,
+    m: &serde_json::Value,
+    acc: &[&str],
+    kwh: &[i128],
+) -> Result<(), ReportError> {
     p.h2("Change against earlier runs");
-    let start = m["period_start"].as_str().and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok());
+    let start = m["period_start"]
+        .as_str()
+        .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok());
     let parent = opts.run_dir.parent().map(Path::to_path_buf);
     let (Some(start), Some(parent)) = (start, parent) else {
         p.note("Run period unknown.");
@@ -339,22 +517,53 @@ fn movers(p: &mut Page, opts: &ReportOptions, m: &serde_json::Value, acc: &[&str
     };
     let mut found = false;
     for (label, months) in [("month-over-month", 1), ("year-over-year", 12)] {
-        let want = start.checked_sub_months(chrono::Months::new(months)).map(|d| d.to_string());
+        let want = start
+            .checked_sub_months(chrono::Months::new(months))
+            .map(|d| d.to_string());
         let prev = inputs::run_dirs(&parent).into_iter().find(|d| {
-            d != &opts.run_dir && manifest(d).ok().and_then(|x| x["period_start"].as_str().map(str::to_string)) == want
+            d != &opts.run_dir
+                && manifest(d)
+                    .ok()
+                    .and_then(|x| x["period_start"].as_str().map(str::to_string))
+                    == want
         });
         let Some(prev) = prev else { continue };
         found = true;
-        let before: BTreeMap<String, i128> = load_bills(&prev)?.into_iter().map(|b| (b.account_id, b.kwh_e4)).collect();
+        let before: BTreeMap<String, i128> = load_bills(&prev)?
+            .into_iter()
+            .map(|b| (b.account_id, b.kwh_e4))
+            .collect();
         let now_total: i128 = kwh.iter().sum();
         let before_total: i128 = before.values().sum();
-        p.kv(&[(label, format!("{} kWh now, {} kWh before ({})", dec_text(now_total, SCALE), dec_text(before_total, SCALE), permille(now_total - before_total, before_total)))]);
-        let mut moves: Vec<(i128, &str, i128, i128)> =
-            acc.iter().zip(kwh).filter_map(|(a, k)| before.get(*a).map(|b| (*k - *b, *a, *b, *k))).collect();
+        p.kv(&[(
+            label,
+            format!(
+                "{} kWh now, {} kWh before ({})",
+                dec_text(now_total, SCALE),
+                dec_text(before_total, SCALE),
+                permille(now_total - before_total, before_total)
+            ),
+        )]);
+        let mut moves: Vec<(i128, &str, i128, i128)> = acc
+            .iter()
+            .zip(kwh)
+            .filter_map(|(a, k)| before.get(*a).map(|b| (*k - *b, *a, *b, *k)))
+            .collect();
         moves.sort_by_key(|x| std::cmp::Reverse(x.0.abs()));
         p.table(
             &["account", "kWh before", "kWh now", "change"],
-            moves.iter().take(10).map(|x| vec![esc(x.1), dec_text(x.2, SCALE), dec_text(x.3, SCALE), permille(x.0, x.2)]).collect(),
+            moves
+                .iter()
+                .take(10)
+                .map(|x| {
+                    vec![
+                        esc(x.1),
+                        dec_text(x.2, SCALE),
+                        dec_text(x.3, SCALE),
+                        permille(x.0, x.2),
+                    ]
+                })
+                .collect(),
         );
     }
     if !found {
@@ -363,11 +572,22 @@ fn movers(p: &mut Page, opts: &ReportOptions, m: &serde_json::Value, acc: &[&str
     Ok(())
 }
 
-fn prepaid(p: &mut Page, opts: &ReportOptions, accounts: &[master::Account]) -> Result<(), ReportError> {
+fn prepaid(
+    p: &mut Page,
+    opts: &ReportOptions,
+    accounts: &[master::Account],
+) -> Result<(), ReportError> {
     p.h2("Prepaid balances and alerts");
-    let prepaid_n = accounts.iter().filter(|a| a.payment_mode == PaymentMode::Prepaid).count();
+    let prepaid_n = accounts
+        .iter()
+        .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+        .count();
     p.kv(&[("Prepaid accounts", prepaid_n.to_string())]);
-    let ledger = opts.ledger.clone().or_else(|| Some(opts.run_dir.join("ledger.parquet"))).filter(|l| l.exists());
+    let ledger = opts
+        .ledger
+        .clone()
+        .or_else(|| Some(opts.run_dir.join("ledger.parquet")))
+        .filter(|l| l.exists());
     match ledger {
         Some(l) => {
             let t = Table::read_parquet(&l)?;
@@ -402,7 +622,13 @@ fn prepaid(p: &mut Page, opts: &ReportOptions, accounts: &[master::Account]) -> 
             *by_kind.entry(k.to_string()).or_default() += 1;
         }
     }
-    p.table(&["alert kind", "alerts"], by_kind.iter().map(|(k, v)| vec![esc(k), v.to_string()]).collect());
+    p.table(
+        &["alert kind", "alerts"],
+        by_kind
+            .iter()
+            .map(|(k, v)| vec![esc(k), v.to_string()])
+            .collect(),
+    );
     Ok(())
 }
 
@@ -436,18 +662,24 @@ fn arrears(
     off: i32,
 ) {
     p.h2("Arrears");
-    let Some(bill_date) = m["period_end_exclusive"].as_str().and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()) else {
+    let Some(bill_date) = m["period_end_exclusive"]
+        .as_str()
+        .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+    else {
         return;
     };
     let mut paid: BTreeMap<&str, i128> = BTreeMap::new();
     for pay in payments {
         if scan::local_date(pay.paid_at.timestamp_millis(), off) >= bill_date {
-            *paid.entry(pay.account_id.as_str()).or_default() += rescale(pay.amount.mantissa(), pay.amount.scale() as u8, 2);
+            *paid.entry(pay.account_id.as_str()).or_default() +=
+                rescale(pay.amount.mantissa(), pay.amount.scale() as u8, 2);
         }
     }
     let mut open: Vec<(i128, &str)> = Vec::new();
     for i in 0..acc.len() {
-        let post = acc_by_id.get(acc[i]).is_some_and(|a| a.payment_mode == PaymentMode::Postpaid);
+        let post = acc_by_id
+            .get(acc[i])
+            .is_some_and(|a| a.payment_mode == PaymentMode::Postpaid);
         if post {
             let o = total[i] - paid.get(acc[i]).copied().unwrap_or(0);
             if o > 0 {
@@ -458,7 +690,10 @@ fn arrears(
     open.sort_by_key(|x| std::cmp::Reverse(x.0));
     let sum: i128 = open.iter().map(|x| x.0).sum();
     p.kv(&[
-        ("Postpaid bills not yet paid in full", open.len().to_string()),
+        (
+            "Postpaid bills not yet paid in full",
+            open.len().to_string(),
+        ),
         ("Open amount (CNY)", dec_text(sum, 2)),
         ("Payments counted", format!("made on or after {bill_date}")),
     ]);
@@ -467,7 +702,16 @@ fn arrears(
             &["account", "name (masked)", "open (CNY)"],
             open.iter()
                 .take(10)
-                .map(|(o, a)| vec![esc(a), esc(&acc_by_id.get(a).map(|x| mask_name(&x.name)).unwrap_or_default()), dec_text(*o, 2)])
+                .map(|(o, a)| {
+                    vec![
+                        esc(a),
+                        esc(&acc_by_id
+                            .get(a)
+                            .map(|x| mask_name(&x.name))
+                            .unwrap_or_default()),
+                        dec_text(*o, 2),
+                    ]
+                })
                 .collect(),
         );
     }

@@ -633,11 +633,25 @@ impl SimBus {
         file.validate()?;
         let offset = parse_offset(&file.bus.utc_offset)?;
         let tou = parse_tou(&file.bus.tou)?;
+        // The registers at start are what the last daily freeze (local midnight) saw.
+        let local = offset
+            .timestamp_millis_opt(now_ms)
+            .single()
+            .map(|d| d.naive_local())
+            .unwrap_or_default();
+        let midnight = offset
+            .from_local_datetime(&local.date().and_hms_opt(0, 0, 0).expect("midnight"))
+            .single()
+            .map_or(now_ms, |d| d.timestamp_millis());
         Ok(SimBus {
             meters: file
                 .meters
                 .into_iter()
-                .map(|m| SimMeter::new(m, now_ms))
+                .map(|m| {
+                    let mut m = SimMeter::new(m, now_ms);
+                    m.frozen.2 = midnight;
+                    m
+                })
                 .collect(),
             settings: file.bus,
             offset,
@@ -698,7 +712,7 @@ impl SimBus {
         m.advance(sim_now, off, &tou);
         m.requests += 1;
         let faults = m.cfg.faults.clone();
-        let active = faults.every_nth <= 1 || m.requests % faults.every_nth as u64 == 0;
+        let active = faults.every_nth <= 1 || m.requests.is_multiple_of(faults.every_nth as u64);
         if active && faults.no_reply {
             return vec![];
         }
@@ -1135,7 +1149,7 @@ mod pty {
             loop {
                 let mut guard = ready!(self.0.poll_read_ready(cx))?;
                 let unfilled = buf.initialize_unfilled();
-                match guard.try_io(|inner| (&*inner.get_ref()).read(unfilled)) {
+                match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
                     Ok(Ok(n)) => {
                         buf.advance(n);
                         return Poll::Ready(Ok(()));
@@ -1155,7 +1169,7 @@ mod pty {
         ) -> Poll<std::io::Result<usize>> {
             loop {
                 let mut guard = ready!(self.0.poll_write_ready(cx))?;
-                match guard.try_io(|inner| (&*inner.get_ref()).write(data)) {
+                match guard.try_io(|inner| inner.get_ref().write(data)) {
                     Ok(r) => return Poll::Ready(r),
                     Err(_would_block) => continue,
                 }

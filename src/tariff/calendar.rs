@@ -33,7 +33,8 @@ impl Calendar {
         self.years.extend(other.years.iter().copied());
         self.holidays.extend(other.holidays.iter().copied());
         self.workdays.extend(other.workdays.iter().copied());
-        self.critical_peak_days.extend(other.critical_peak_days.iter().copied());
+        self.critical_peak_days
+            .extend(other.critical_peak_days.iter().copied());
     }
 
     pub fn covers(&self, date: NaiveDate) -> bool {

@@ -25,7 +25,9 @@ impl FromStr for DemandBasis {
         match s {
             "capacity" => Ok(DemandBasis::Capacity),
             "max_demand" => Ok(DemandBasis::MaxDemand),
-            o => Err(format!("basis must be 'capacity' or 'max_demand' (got '{o}')")),
+            o => Err(format!(
+                "basis must be 'capacity' or 'max_demand' (got '{o}')"
+            )),
         }
     }
 }

@@ -76,7 +76,10 @@ mod tests {
     #[test]
     fn residential_one_per_mille_with_a_one_yuan_floor() {
         let r = LateFeeRule::default();
-        let a = [Arrear { due: d("2026-10-15"), amount: dec!(200) }];
+        let a = [Arrear {
+            due: d("2026-10-15"),
+            amount: dec!(200),
+        }];
         assert_eq!(r.fee(true, &a, d("2026-10-25")), dec!(2.000));
         assert_eq!(r.fee(true, &a, d("2026-10-17")), dec!(1)); // 0.40 -> minimum
         assert_eq!(r.fee(true, &a, d("2026-10-15")), dec!(0));
@@ -86,8 +89,14 @@ mod tests {
     fn others_pay_more_for_earlier_years() {
         let r = LateFeeRule::default();
         let a = [
-            Arrear { due: d("2025-12-20"), amount: dec!(1000) },
-            Arrear { due: d("2026-01-05"), amount: dec!(1000) },
+            Arrear {
+                due: d("2025-12-20"),
+                amount: dec!(1000),
+            },
+            Arrear {
+                due: d("2026-01-05"),
+                amount: dec!(1000),
+            },
         ];
         // 2025 arrear: 20 days x 3 per mille = 60; 2026: 4 days x 2 per mille = 8.
         assert_eq!(r.fee(false, &a, d("2026-01-09")), dec!(68.000));

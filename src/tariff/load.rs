@@ -37,7 +37,10 @@ impl<'de> Deserialize<'de> for Dec {
                 f.write_str("a decimal number or a string holding one")
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dec, E> {
-                s.trim().parse::<Decimal>().map(Dec).map_err(|_| E::custom(format!("'{s}' is not a decimal number")))
+                s.trim()
+                    .parse::<Decimal>()
+                    .map(Dec)
+                    .map_err(|_| E::custom(format!("'{s}' is not a decimal number")))
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dec, E> {
                 Ok(Dec(Decimal::from(n)))
@@ -203,7 +206,12 @@ impl Src<'_> {
         self.text[..at].bytes().filter(|b| *b == b'\n').count() + 1
     }
 
-    fn err(&self, span: Range<usize>, field: impl Into<String>, msg: impl Into<String>) -> TariffError {
+    fn err(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> TariffError {
         TariffError::Invalid {
             file: self.file.clone(),
             line: self.line(span),
@@ -232,31 +240,52 @@ impl Src<'_> {
     }
 
     fn date(&self, s: &Spanned<String>, field: &str) -> Result<NaiveDate, TariffError> {
-        NaiveDate::parse_from_str(s.get_ref(), "%Y-%m-%d")
-            .map_err(|_| self.err(s.span(), field, format!("'{}' is not a date YYYY-MM-DD", s.get_ref())))
+        NaiveDate::parse_from_str(s.get_ref(), "%Y-%m-%d").map_err(|_| {
+            self.err(
+                s.span(),
+                field,
+                format!("'{}' is not a date YYYY-MM-DD", s.get_ref()),
+            )
+        })
     }
 }
 
 fn read(path: &Path) -> Result<String, TariffError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| TariffError::Io { file: path.display().to_string(), source: e })
+    std::fs::read_to_string(path).map_err(|e| TariffError::Io {
+        file: path.display().to_string(),
+        source: e,
+    })
 }
 
 /// Loads a calendar file.
 pub fn load_calendar(path: &Path) -> Result<Calendar, TariffError> {
     let text = read(path)?;
-    let src = Src { file: path.display().to_string(), text: &text };
+    let src = Src {
+        file: path.display().to_string(),
+        text: &text,
+    };
     let raw: RawCalendar = toml::from_str(&text).map_err(|e| src.toml_err(e))?;
     let _ = raw.name;
-    let mut c = Calendar { ids: vec![raw.id.get_ref().clone()], ..Calendar::default() };
+    let mut c = Calendar {
+        ids: vec![raw.id.get_ref().clone()],
+        ..Calendar::default()
+    };
     if raw.years.get_ref().is_empty() {
-        return Err(src.err(raw.years.span(), "years", "list the years this calendar is complete for"));
+        return Err(src.err(
+            raw.years.span(),
+            "years",
+            "list the years this calendar is complete for",
+        ));
     }
     c.years.extend(raw.years.get_ref().iter().copied());
     for (list, name, set) in [
         (&raw.holidays, "holidays", &mut c.holidays),
         (&raw.workdays, "workdays", &mut c.workdays),
-        (&raw.critical_peak_days, "critical_peak_days", &mut c.critical_peak_days),
+        (
+            &raw.critical_peak_days,
+            "critical_peak_days",
+            &mut c.critical_peak_days,
+        ),
     ] {
         for (i, d) in list.iter().enumerate() {
             set.insert(src.date(d, &format!("{name}[{i}]"))?);
@@ -274,10 +303,17 @@ pub fn load_file(path: &Path, calendar_dir: &Path) -> Result<Tariff, TariffError
 
 /// Like [`load_file`] from text already read; `path` is for messages and the file stem check.
 pub fn load_str(text: &str, path: &Path, calendar_dir: &Path) -> Result<Tariff, TariffError> {
-    let src = Src { file: path.display().to_string(), text };
+    let src = Src {
+        file: path.display().to_string(),
+        text,
+    };
     let raw: RawTariff = toml::from_str(text).map_err(|e| src.toml_err(e))?;
     let id = raw.id.get_ref().trim().to_string();
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(src.err(raw.id.span(), "id", "use letters, digits, '-' and '_'"));
     }
     if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
@@ -292,14 +328,22 @@ pub fn load_str(text: &str, path: &Path, calendar_dir: &Path) -> Result<Tariff, 
     let class = match &raw.class {
         None => CustomerClass::Residential,
         Some(c) => CustomerClass::parse(c.get_ref()).ok_or_else(|| {
-            src.err(c.span(), "class", "one of residential, commercial, industrial, agricultural")
+            src.err(
+                c.span(),
+                "class",
+                "one of residential, commercial, industrial, agricultural",
+            )
         })?,
     };
     let (timezone, utc_offset_secs) = match &raw.timezone {
         None => ("Asia/Shanghai".to_string(), 8 * 3600),
         Some(t) => {
             let off = parse_timezone(t.get_ref()).ok_or_else(|| {
-                src.err(t.span(), "timezone", "a fixed offset like +08:00 or Asia/Shanghai, UTC")
+                src.err(
+                    t.span(),
+                    "timezone",
+                    "a fixed offset like +08:00 or Asia/Shanghai, UTC",
+                )
             })?;
             (t.get_ref().clone(), off)
         }
@@ -310,7 +354,13 @@ pub fn load_str(text: &str, path: &Path, calendar_dir: &Path) -> Result<Tariff, 
     let mut versions = Vec::new();
     let mut calendars: BTreeMap<String, Calendar> = BTreeMap::new();
     for (i, rv) in raw.versions.iter().enumerate() {
-        versions.push(version(&src, &format!("version[{i}]"), rv, calendar_dir, &mut calendars)?);
+        versions.push(version(
+            &src,
+            &format!("version[{i}]"),
+            rv,
+            calendar_dir,
+            &mut calendars,
+        )?);
     }
     // Sorted, non-overlapping.
     let mut order: Vec<usize> = (0..versions.len()).collect();
@@ -328,12 +378,17 @@ pub fn load_str(text: &str, path: &Path, calendar_dir: &Path) -> Result<Tariff, 
                     b.effective_from,
                     a.id,
                     a.effective_from,
-                    a.effective_to.map_or("open end".to_string(), |d| d.to_string())
+                    a.effective_to
+                        .map_or("open end".to_string(), |d| d.to_string())
                 ),
             ));
         }
         if a.id == b.id {
-            return Err(src.err(raw.versions[w[1]].get_ref().id.span(), "id", "version ids must be unique"));
+            return Err(src.err(
+                raw.versions[w[1]].get_ref().id.span(),
+                "id",
+                "version ids must be unique",
+            ));
         }
     }
     let mut sorted = Vec::with_capacity(versions.len());
@@ -383,7 +438,10 @@ fn version(
             let r = r.get_ref();
             let mode = match &r.mode {
                 None => RoundingMode::default(),
-                Some(m) => m.get_ref().parse().map_err(|e: String| src.err(m.span(), f("rounding.mode"), e))?,
+                Some(m) => m
+                    .get_ref()
+                    .parse()
+                    .map_err(|e: String| src.err(m.span(), f("rounding.mode"), e))?,
             };
             match &r.unit {
                 None => Rounding { mode, decimals: 2 },
@@ -395,31 +453,61 @@ fn version(
     let neg_ok = rv.allow_negative_prices;
     let check_price = |d: &Spanned<Dec>, field: String| -> Result<Decimal, TariffError> {
         if d.get_ref().0 < Decimal::ZERO && !neg_ok {
-            return Err(src.err(d.span(), field, "negative price (set allow_negative_prices = true if intended)"));
+            return Err(src.err(
+                d.span(),
+                field,
+                "negative price (set allow_negative_prices = true if intended)",
+            ));
         }
         Ok(d.get_ref().0)
     };
     let mut funds = Vec::new();
     for (i, n) in rv.funds.iter().enumerate() {
         let n = n.get_ref();
-        let rate = n.rate.as_ref().ok_or_else(|| src.err(n.name.span(), format!("{at}.fund[{i}].rate"), "missing rate (yuan/kWh)"))?;
+        let rate = n.rate.as_ref().ok_or_else(|| {
+            src.err(
+                n.name.span(),
+                format!("{at}.fund[{i}].rate"),
+                "missing rate (yuan/kWh)",
+            )
+        })?;
         if n.monthly.is_some() {
-            return Err(src.err(n.name.span(), format!("{at}.fund[{i}].monthly"), "funds have a rate per kWh, not a monthly amount"));
+            return Err(src.err(
+                n.name.span(),
+                format!("{at}.fund[{i}].monthly"),
+                "funds have a rate per kWh, not a monthly amount",
+            ));
         }
-        funds.push(Fund { name: n.name.get_ref().clone(), rate: check_price(rate, format!("{at}.fund[{i}].rate"))? });
+        funds.push(Fund {
+            name: n.name.get_ref().clone(),
+            rate: check_price(rate, format!("{at}.fund[{i}].rate"))?,
+        });
     }
     let funds_total: Decimal = funds.iter().map(|x| x.rate).sum();
     let mut fixed = Vec::new();
     for (i, n) in rv.fixed.iter().enumerate() {
         let n = n.get_ref();
-        let m = n.monthly.as_ref().ok_or_else(|| src.err(n.name.span(), format!("{at}.fixed[{i}].monthly"), "missing monthly amount"))?;
-        fixed.push(FixedCharge { name: n.name.get_ref().clone(), monthly: check_price(m, format!("{at}.fixed[{i}].monthly"))? });
+        let m = n.monthly.as_ref().ok_or_else(|| {
+            src.err(
+                n.name.span(),
+                format!("{at}.fixed[{i}].monthly"),
+                "missing monthly amount",
+            )
+        })?;
+        fixed.push(FixedCharge {
+            name: n.name.get_ref().clone(),
+            monthly: check_price(m, format!("{at}.fixed[{i}].monthly"))?,
+        });
     }
     let energy_price = match &rv.energy_price {
         Some(p) => {
             let v = check_price(p, f("energy_price"))?;
             if v - funds_total < Decimal::ZERO && !neg_ok {
-                return Err(src.err(p.span(), f("energy_price"), format!("price {v} is below the funds it includes ({funds_total})")));
+                return Err(src.err(
+                    p.span(),
+                    f("energy_price"),
+                    format!("price {v} is below the funds it includes ({funds_total})"),
+                ));
             }
             Some(v)
         }
@@ -431,34 +519,80 @@ fn version(
     };
     let tou = match &rv.tou {
         None => None,
-        Some(t) => Some(tou_schedule(src, &f("tou"), t, calendar_dir, calendars, neg_ok, funds_total)?),
+        Some(t) => Some(tou_schedule(
+            src,
+            &f("tou"),
+            t,
+            calendar_dir,
+            calendars,
+            neg_ok,
+            funds_total,
+        )?),
     };
     if tou.is_none() && energy_price.is_none() && rv.demand.is_none() {
-        return Err(src.err(sv.span(), f("energy_price"), "set energy_price or a [version.tou] schedule"));
+        return Err(src.err(
+            sv.span(),
+            f("energy_price"),
+            "set energy_price or a [version.tou] schedule",
+        ));
     }
     if tou.is_some() && energy_price.is_some() {
-        return Err(src.err(rv.energy_price.as_ref().unwrap().span(), f("energy_price"), "with a TOU schedule prices belong to the periods; remove energy_price"));
+        return Err(src.err(
+            rv.energy_price.as_ref().unwrap().span(),
+            f("energy_price"),
+            "with a TOU schedule prices belong to the periods; remove energy_price",
+        ));
     }
     let demand = match &rv.demand {
         None => None,
         Some(d) => {
             let r = d.get_ref();
-            let basis: DemandBasis = r.basis.get_ref().parse().map_err(|e: String| src.err(r.basis.span(), f("demand.basis"), e))?;
-            let get = |x: &Option<Spanned<Dec>>, name: &str, need: bool| -> Result<Decimal, TariffError> {
+            let basis: DemandBasis = r
+                .basis
+                .get_ref()
+                .parse()
+                .map_err(|e: String| src.err(r.basis.span(), f("demand.basis"), e))?;
+            let get = |x: &Option<Spanned<Dec>>,
+                       name: &str,
+                       need: bool|
+             -> Result<Decimal, TariffError> {
                 match x {
                     Some(v) => check_price(v, f(&format!("demand.{name}"))),
-                    None if need => Err(src.err(d.span(), f(&format!("demand.{name}")), format!("basis '{basis}' needs {name}"))),
+                    None if need => Err(src.err(
+                        d.span(),
+                        f(&format!("demand.{name}")),
+                        format!("basis '{basis}' needs {name}"),
+                    )),
                     None => Ok(Decimal::ZERO),
                 }
             };
-            let capacity_price = get(&r.capacity_price, "capacity_price", basis == DemandBasis::Capacity)?;
-            let demand_price = get(&r.demand_price, "demand_price", basis == DemandBasis::MaxDemand)?;
+            let capacity_price = get(
+                &r.capacity_price,
+                "capacity_price",
+                basis == DemandBasis::Capacity,
+            )?;
+            let demand_price = get(
+                &r.demand_price,
+                "demand_price",
+                basis == DemandBasis::MaxDemand,
+            )?;
             let high_use_discount = match (&r.high_use_kwh_per_kva, &r.high_use_factor) {
                 (None, None) => None,
                 (Some(a), Some(b)) => Some((a.get_ref().0, b.get_ref().0)),
-                _ => return Err(src.err(d.span(), f("demand.high_use_factor"), "set both high_use_kwh_per_kva and high_use_factor")),
+                _ => {
+                    return Err(src.err(
+                        d.span(),
+                        f("demand.high_use_factor"),
+                        "set both high_use_kwh_per_kva and high_use_factor",
+                    ))
+                }
             };
-            Some(Demand { basis, capacity_price, demand_price, high_use_discount })
+            Some(Demand {
+                basis,
+                capacity_price,
+                demand_price,
+                high_use_discount,
+            })
         }
     };
     let power_factor = match &rv.power_factor {
@@ -466,8 +600,13 @@ fn version(
         Some(p) => {
             let r = p.get_ref();
             let s = r.standard.get_ref().0;
-            let standard: PfStandard = format!("{:.2}", s).parse().map_err(|e: String| src.err(r.standard.span(), f("power_factor.standard"), e))?;
-            Some(PowerFactorRule { standard, include_export_reactive: r.include_export_reactive })
+            let standard: PfStandard = format!("{:.2}", s)
+                .parse()
+                .map_err(|e: String| src.err(r.standard.span(), f("power_factor.standard"), e))?;
+            Some(PowerFactorRule {
+                standard,
+                include_export_reactive: r.include_export_reactive,
+            })
         }
     };
     let late_fee = rv.late_fee.as_ref().map(|l| {
@@ -508,18 +647,32 @@ fn tiers(src: &Src, at: &str, t: &Spanned<RawTiers>) -> Result<Tiers, TariffErro
     let accumulation = match r.accumulation.get_ref().as_str() {
         "monthly" => {
             if let Some(m) = &r.year_start_month {
-                return Err(src.err(m.span(), f("year_start_month"), "only for accumulation = \"annual\""));
+                return Err(src.err(
+                    m.span(),
+                    f("year_start_month"),
+                    "only for accumulation = \"annual\"",
+                ));
             }
             Accumulation::Monthly
         }
         "annual" => {
             let m = r.year_start_month.as_ref().map_or(1, |m| *m.get_ref());
             if !(1..=12).contains(&m) {
-                return Err(src.err(r.year_start_month.as_ref().unwrap().span(), f("year_start_month"), "a month 1..12"));
+                return Err(src.err(
+                    r.year_start_month.as_ref().unwrap().span(),
+                    f("year_start_month"),
+                    "a month 1..12",
+                ));
             }
             Accumulation::Annual { start_month: m }
         }
-        _ => return Err(src.err(r.accumulation.span(), f("accumulation"), "\"monthly\" or \"annual\"")),
+        _ => {
+            return Err(src.err(
+                r.accumulation.span(),
+                f("accumulation"),
+                "\"monthly\" or \"annual\"",
+            ))
+        }
     };
     let limits = dec_list(&r.limits);
     if limits.is_empty() {
@@ -528,7 +681,11 @@ fn tiers(src: &Src, at: &str, t: &Spanned<RawTiers>) -> Result<Tiers, TariffErro
     let mut prev = Decimal::ZERO;
     for l in &limits {
         if *l <= prev {
-            return Err(src.err(r.limits.span(), f("limits"), "limits must be positive and strictly ascending"));
+            return Err(src.err(
+                r.limits.span(),
+                f("limits"),
+                "limits must be positive and strictly ascending",
+            ));
         }
         prev = *l;
     }
@@ -549,7 +706,11 @@ fn tiers(src: &Src, at: &str, t: &Spanned<RawTiers>) -> Result<Tiers, TariffErro
             ),
         ));
     }
-    Ok(Tiers { accumulation, limits, surcharges })
+    Ok(Tiers {
+        accumulation,
+        limits,
+        surcharges,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -572,7 +733,11 @@ fn tou_schedule(
         let p = p.get_ref();
         let name = p.name.get_ref().clone();
         if periods.iter().any(|x| x.name == name) {
-            return Err(src.err(p.name.span(), format!("{at}.period[{i}].name"), format!("period '{name}' defined twice")));
+            return Err(src.err(
+                p.name.span(),
+                format!("{at}.period[{i}].name"),
+                format!("period '{name}' defined twice"),
+            ));
         }
         let price = p.price.get_ref().0;
         if (price < Decimal::ZERO || price - funds_total < Decimal::ZERO) && !neg_ok {
@@ -589,9 +754,21 @@ fn tou_schedule(
                 "t2" => 1,
                 "t3" => 2,
                 "t4" => 3,
-                _ => return Err(src.err(m.span(), f(&format!("registers.{k}")), "keys are t1, t2, t3, t4")),
+                _ => {
+                    return Err(src.err(
+                        m.span(),
+                        f(&format!("registers.{k}")),
+                        "keys are t1, t2, t3, t4",
+                    ))
+                }
             };
-            registers[slot] = Some(index(v).ok_or_else(|| src.err(m.span(), f(&format!("registers.{k}")), format!("unknown period '{v}'")))?);
+            registers[slot] = Some(index(v).ok_or_else(|| {
+                src.err(
+                    m.span(),
+                    f(&format!("registers.{k}")),
+                    format!("unknown period '{v}'"),
+                )
+            })?);
         }
     }
     let mut seasons = Vec::new();
@@ -601,10 +778,18 @@ fn tou_schedule(
         let sat = format!("{at}.season[{si}]");
         for m in s.months.get_ref() {
             if !(1..=12).contains(m) {
-                return Err(src.err(s.months.span(), format!("{sat}.months"), format!("{m} is not a month")));
+                return Err(src.err(
+                    s.months.span(),
+                    format!("{sat}.months"),
+                    format!("{m} is not a month"),
+                ));
             }
             if let Some(o) = month_owner[*m as usize] {
-                return Err(src.err(s.months.span(), format!("{sat}.months"), format!("month {m} is already in season[{o}]")));
+                return Err(src.err(
+                    s.months.span(),
+                    format!("{sat}.months"),
+                    format!("month {m} is already in season[{o}]"),
+                ));
             }
             month_owner[*m as usize] = Some(si);
         }
@@ -619,8 +804,15 @@ fn tou_schedule(
             let field = format!("{sat}.{}", dt.as_str());
             let mut ranges = Vec::new();
             for (i, item) in list.iter().enumerate() {
-                let (start, end, name) = tou::parse_range(item.get_ref()).map_err(|e| src.err(item.span(), format!("{field}[{i}]"), e))?;
-                let period = index(name).ok_or_else(|| src.err(item.span(), format!("{field}[{i}]"), format!("unknown period '{name}'")))?;
+                let (start, end, name) = tou::parse_range(item.get_ref())
+                    .map_err(|e| src.err(item.span(), format!("{field}[{i}]"), e))?;
+                let period = index(name).ok_or_else(|| {
+                    src.err(
+                        item.span(),
+                        format!("{field}[{i}]"),
+                        format!("unknown period '{name}'"),
+                    )
+                })?;
                 ranges.push((tou::Range { start, end, period }, item.span()));
             }
             ranges.sort_by_key(|(r, _)| r.start);
@@ -632,9 +824,17 @@ fn tou_schedule(
             days[dt as usize] = Some(DaySchedule { ranges: plain });
         }
         if days[DayType::Weekday as usize].is_none() {
-            return Err(src.err(s.name.span(), format!("{sat}.weekday"), "every season needs a weekday schedule"));
+            return Err(src.err(
+                s.name.span(),
+                format!("{sat}.weekday"),
+                "every season needs a weekday schedule",
+            ));
         }
-        seasons.push(Season { name: s.name.get_ref().clone(), months: s.months.get_ref().clone(), days });
+        seasons.push(Season {
+            name: s.name.get_ref().clone(),
+            months: s.months.get_ref().clone(),
+            days,
+        });
     }
     if let Some(m) = (1..=12).find(|m| month_owner[*m].is_none()) {
         return Err(src.err(t.span(), f("season"), format!("no season covers month {m}")));
@@ -646,7 +846,11 @@ fn tou_schedule(
         if !calendars.contains_key(&id) {
             let path = calendar_dir.join(format!("{id}.toml"));
             if !path.exists() {
-                return Err(src.err(c.span(), f(&format!("calendars[{i}]")), format!("calendar file {} not found", path.display())));
+                return Err(src.err(
+                    c.span(),
+                    f(&format!("calendars[{i}]")),
+                    format!("calendar file {} not found", path.display()),
+                ));
             }
             calendars.insert(id.clone(), load_calendar(&path)?);
         }
@@ -654,15 +858,28 @@ fn tou_schedule(
         calendar_ids.push(id);
     }
     if calendar_ids.is_empty() {
-        return Err(src.err(t.span(), f("calendars"), "name at least one calendar file (holidays decide day types)"));
+        return Err(src.err(
+            t.span(),
+            f("calendars"),
+            "name at least one calendar file (holidays decide day types)",
+        ));
     }
-    Ok(Tou { periods, seasons, calendar_ids, calendar, registers })
+    Ok(Tou {
+        periods,
+        seasons,
+        calendar_ids,
+        calendar,
+        registers,
+    })
 }
 
 /// Loads every `*.toml` in `dir` (not recursing; calendars live in
 /// `dir/calendars/`). Ids must be unique.
 pub fn load_dir(dir: &Path) -> Result<TariffSet, TariffError> {
-    let io = |e| TariffError::Io { file: dir.display().to_string(), source: e };
+    let io = |e| TariffError::Io {
+        file: dir.display().to_string(),
+        source: e,
+    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -670,7 +887,10 @@ pub fn load_dir(dir: &Path) -> Result<TariffSet, TariffError> {
         .collect();
     files.sort();
     let cal = dir.join("calendars");
-    let mut set = TariffSet { dir: dir.to_path_buf(), tariffs: BTreeMap::new() };
+    let mut set = TariffSet {
+        dir: dir.to_path_buf(),
+        tariffs: BTreeMap::new(),
+    };
     for p in files {
         let t = load_file(&p, &cal)?;
         if set.tariffs.contains_key(&t.id) {

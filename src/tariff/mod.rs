@@ -39,9 +39,17 @@ use tou::Tou;
 pub enum TariffError {
     /// A file is syntactically or semantically wrong: names file, line and field.
     #[error("{file}:{line}: {field}: {message}")]
-    Invalid { file: String, line: usize, field: String, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
     #[error("{file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("unknown tariff id '{0}' (no tariffs/<id>.toml defines it)")]
     UnknownTariff(String),
     #[error("tariff '{tariff}' has no version in effect on {date}")]
@@ -157,10 +165,13 @@ pub struct Tariff {
 
 impl Tariff {
     pub fn version_on(&self, date: NaiveDate) -> Result<&TariffVersion, TariffError> {
-        self.versions.iter().find(|v| v.applies_on(date)).ok_or_else(|| TariffError::NoVersion {
-            tariff: self.id.clone(),
-            date,
-        })
+        self.versions
+            .iter()
+            .find(|v| v.applies_on(date))
+            .ok_or_else(|| TariffError::NoVersion {
+                tariff: self.id.clone(),
+                date,
+            })
     }
 }
 
@@ -173,7 +184,9 @@ pub struct TariffSet {
 
 impl TariffSet {
     pub fn get(&self, id: &str) -> Result<&Tariff, TariffError> {
-        self.tariffs.get(id).ok_or_else(|| TariffError::UnknownTariff(id.to_string()))
+        self.tariffs
+            .get(id)
+            .ok_or_else(|| TariffError::UnknownTariff(id.to_string()))
     }
 
     /// Files that make up the set (tariffs and the calendars they use), for manifests.
@@ -202,10 +215,15 @@ impl TariffSet {
 /// Named zones are the fixed-offset zones billing needs (no DST rules).
 pub fn parse_timezone(s: &str) -> Option<i32> {
     let named = match s {
-        "Asia/Shanghai" | "Asia/Chongqing" | "Asia/Harbin" | "Asia/Urumqi_Beijing"
-        | "Asia/Hong_Kong" | "Asia/Macau" | "Asia/Taipei" | "Asia/Singapore" | "PRC" => {
-            Some(8 * 3600)
-        }
+        "Asia/Shanghai"
+        | "Asia/Chongqing"
+        | "Asia/Harbin"
+        | "Asia/Urumqi_Beijing"
+        | "Asia/Hong_Kong"
+        | "Asia/Macau"
+        | "Asia/Taipei"
+        | "Asia/Singapore"
+        | "PRC" => Some(8 * 3600),
         "UTC" | "Etc/UTC" | "Z" => Some(0),
         _ => None,
     };

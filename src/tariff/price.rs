@@ -37,7 +37,10 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(total: Decimal) -> Usage {
-        Usage { total, ..Usage::default() }
+        Usage {
+            total,
+            ..Usage::default()
+        }
     }
 
     pub fn add(&self, other: &Usage) -> Usage {
@@ -134,10 +137,14 @@ impl ChargeLine {
                 .and_then(|t| t.periods.get(i))
                 .map_or_else(|| format!("period {i}"), |p| p.name.clone()),
             LineKind::TierSurcharge => format!("tier {} surcharge", i + 1),
-            LineKind::Fund => v.funds.get(i).map_or_else(|| format!("fund {i}"), |f| f.name.clone()),
-            LineKind::Fixed => {
-                v.fixed.get(i).map_or_else(|| format!("fixed {i}"), |f| f.name.clone())
-            }
+            LineKind::Fund => v
+                .funds
+                .get(i)
+                .map_or_else(|| format!("fund {i}"), |f| f.name.clone()),
+            LineKind::Fixed => v
+                .fixed
+                .get(i)
+                .map_or_else(|| format!("fixed {i}"), |f| f.name.clone()),
             LineKind::Basic => match &v.demand {
                 Some(d) => format!("basic charge ({})", d.basis),
                 None => "basic charge".into(),
@@ -214,7 +221,13 @@ pub fn energy_charge(
         }
         (None, None) => {
             let q = upto.total - start.total;
-            out.push(line(v, LineKind::Energy, 0, q, v.energy_price.unwrap_or_default() - funds));
+            out.push(line(
+                v,
+                LineKind::Energy,
+                0,
+                q,
+                v.energy_price.unwrap_or_default() - funds,
+            ));
         }
     }
     for (i, f) in v.funds.iter().enumerate() {
@@ -291,7 +304,9 @@ pub struct RatedLine {
 /// Lines with zero quantity and zero amount are left out.
 pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine> {
     let mut out: Vec<RatedLine> = Vec::with_capacity(8);
-    let Some(last) = segments.last() else { return out };
+    let Some(last) = segments.last() else {
+        return out;
+    };
     let basis = Decimal::from(q.month_basis_days.max(1));
     let mut kwh = Decimal::ZERO;
     let mut month_fraction_total = Decimal::ZERO;
@@ -302,7 +317,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
         kwh += s.upto.total - s.start.total;
         for l in energy_charge(v, &s.limits, &s.start, &s.upto) {
             if !(l.quantity.is_zero() && l.amount.is_zero()) {
-                out.push(RatedLine { version_index: s.version_index, line: l });
+                out.push(RatedLine {
+                    version_index: s.version_index,
+                    line: l,
+                });
             }
         }
         if let Some(d) = &v.demand {
@@ -314,7 +332,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
                 unit_price: b.unit_price,
                 amount: v.rounding.round(b.exact),
             };
-            out.push(RatedLine { version_index: s.version_index, line: l });
+            out.push(RatedLine {
+                version_index: s.version_index,
+                line: l,
+            });
         }
         for (i, f) in v.fixed.iter().enumerate() {
             let l = ChargeLine {
@@ -324,7 +345,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
                 unit_price: f.monthly,
                 amount: v.rounding.round(f.monthly * frac),
             };
-            out.push(RatedLine { version_index: s.version_index, line: l });
+            out.push(RatedLine {
+                version_index: s.version_index,
+                line: l,
+            });
         }
     }
     let v = last.version;
@@ -336,7 +360,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
                 .filter(|r| {
                     matches!(
                         r.line.kind,
-                        LineKind::Energy | LineKind::Period | LineKind::TierSurcharge | LineKind::Basic
+                        LineKind::Energy
+                            | LineKind::Period
+                            | LineKind::TierSurcharge
+                            | LineKind::Basic
                     )
                 })
                 .map(|r| r.line.amount)
@@ -348,7 +375,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
                 unit_price: percent,
                 amount: v.rounding.round(base * percent / Decimal::ONE_HUNDRED),
             };
-            out.push(RatedLine { version_index: last.version_index, line: l });
+            out.push(RatedLine {
+                version_index: last.version_index,
+                line: l,
+            });
         }
     }
     if let Some(min) = v.minimum_charge {
@@ -362,7 +392,10 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
                 unit_price: min,
                 amount: floor - sub,
             };
-            out.push(RatedLine { version_index: last.version_index, line: l });
+            out.push(RatedLine {
+                version_index: last.version_index,
+                line: l,
+            });
         }
     }
     out

@@ -24,8 +24,12 @@ pub enum RoundingMode {
 }
 
 impl RoundingMode {
-    pub const NAMES: &'static [&'static str] =
-        &["half_away_from_zero", "half_even", "toward_zero", "away_from_zero"];
+    pub const NAMES: &'static [&'static str] = &[
+        "half_away_from_zero",
+        "half_even",
+        "toward_zero",
+        "away_from_zero",
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -80,7 +84,10 @@ pub struct Rounding {
 
 impl Default for Rounding {
     fn default() -> Self {
-        Rounding { mode: RoundingMode::HalfAwayFromZero, decimals: 2 }
+        Rounding {
+            mode: RoundingMode::HalfAwayFromZero,
+            decimals: 2,
+        }
     }
 }
 
@@ -93,7 +100,10 @@ impl Rounding {
                 "rounding unit must be 1, 0.1, 0.01, 0.001 or 0.0001 (got {unit})"
             ));
         }
-        Ok(Rounding { mode, decimals: u.scale() })
+        Ok(Rounding {
+            mode,
+            decimals: u.scale(),
+        })
     }
 
     pub fn unit(&self) -> Decimal {
@@ -127,19 +137,38 @@ mod tests {
         assert_eq!(r.round(dec!(0.0049999)), dec!(0.00));
         assert_eq!(r.round(dec!(117.192)).to_string(), "117.19");
         assert_eq!(r.round(dec!(2)).to_string(), "2.00");
-        let e = Rounding { mode: RoundingMode::HalfEven, decimals: 2 };
+        let e = Rounding {
+            mode: RoundingMode::HalfEven,
+            decimals: 2,
+        };
         assert_eq!(e.round(dec!(0.005)), dec!(0.00));
         assert_eq!(e.round(dec!(0.015)), dec!(0.02));
-        let t = Rounding { mode: RoundingMode::TowardZero, decimals: 2 };
+        let t = Rounding {
+            mode: RoundingMode::TowardZero,
+            decimals: 2,
+        };
         assert_eq!(t.round(dec!(0.019)), dec!(0.01));
-        let a = Rounding { mode: RoundingMode::AwayFromZero, decimals: 2 };
+        let a = Rounding {
+            mode: RoundingMode::AwayFromZero,
+            decimals: 2,
+        };
         assert_eq!(a.round(dec!(0.011)), dec!(0.02));
     }
 
     #[test]
     fn unit_must_be_a_power_of_ten() {
         assert!(Rounding::new(RoundingMode::HalfEven, dec!(0.05)).is_err());
-        assert_eq!(Rounding::new(RoundingMode::HalfEven, dec!(0.10)).unwrap().decimals, 1);
-        assert_eq!(Rounding::new(RoundingMode::HalfEven, dec!(1)).unwrap().decimals, 0);
+        assert_eq!(
+            Rounding::new(RoundingMode::HalfEven, dec!(0.10))
+                .unwrap()
+                .decimals,
+            1
+        );
+        assert_eq!(
+            Rounding::new(RoundingMode::HalfEven, dec!(1))
+                .unwrap()
+                .decimals,
+            0
+        );
     }
 }

@@ -61,8 +61,14 @@ fn table(s: &mut String, head: &[&str], rows: &[Vec<String>]) {
 }
 
 fn version(s: &mut String, v: &TariffVersion) {
-    let to = v.effective_to.map_or("(open)".to_string(), |d| d.to_string());
-    let _ = writeln!(s, "version {}: {} .. {}   rounding {}", v.id, v.effective_from, to, v.rounding);
+    let to = v
+        .effective_to
+        .map_or("(open)".to_string(), |d| d.to_string());
+    let _ = writeln!(
+        s,
+        "version {}: {} .. {}   rounding {}",
+        v.id, v.effective_from, to, v.rounding
+    );
     let funds = v.funds_per_kwh();
     if let Some(t) = &v.tiers {
         let acc = match t.accumulation {
@@ -73,14 +79,23 @@ fn version(s: &mut String, v: &TariffVersion) {
         let mut lo = Decimal::ZERO;
         for (i, sur) in t.surcharges.iter().enumerate() {
             let range = match t.limits.get(i) {
-                Some(hi) => format!("{} - {} kWh", if i == 0 { lo } else { lo + Decimal::ONE }, hi),
+                Some(hi) => format!(
+                    "{} - {} kWh",
+                    if i == 0 { lo } else { lo + Decimal::ONE },
+                    hi
+                ),
                 None => format!("above {lo} kWh"),
             };
             let price = match (&v.tou, v.energy_price) {
                 (None, Some(p)) => (p + *sur).to_string(),
                 _ => format!("period price + {sur}"),
             };
-            rows.push(vec![format!("tier {}", i + 1), range, sur.to_string(), price]);
+            rows.push(vec![
+                format!("tier {}", i + 1),
+                range,
+                sur.to_string(),
+                price,
+            ]);
             if let Some(hi) = t.limits.get(i) {
                 lo = *hi;
             }
@@ -104,7 +119,11 @@ fn version(s: &mut String, v: &TariffVersion) {
                 vec![p.name.clone(), p.price.to_string(), reg]
             })
             .collect();
-        let _ = writeln!(s, " time-of-use periods (calendars: {}):", tou.calendar_ids.join(", "));
+        let _ = writeln!(
+            s,
+            " time-of-use periods (calendars: {}):",
+            tou.calendar_ids.join(", ")
+        );
         table(s, &["period", "price yuan/kWh", "meter register"], &rows);
         for season in &tou.seasons {
             let months: Vec<String> = season.months.iter().map(|m| m.to_string()).collect();
@@ -114,7 +133,11 @@ fn version(s: &mut String, v: &TariffVersion) {
                 if let Some(day) = &season.days[dt as usize] {
                     for (i, r) in day.ranges.iter().enumerate() {
                         rows.push(vec![
-                            if i == 0 { dt.to_string() } else { String::new() },
+                            if i == 0 {
+                                dt.to_string()
+                            } else {
+                                String::new()
+                            },
                             format!("{}-{}", hhmm(r.start), hhmm(r.end)),
                             tou.periods[r.period as usize].name.clone(),
                         ]);
@@ -125,10 +148,19 @@ fn version(s: &mut String, v: &TariffVersion) {
         }
     }
     if !v.funds.is_empty() {
-        let mut rows: Vec<Vec<String>> =
-            v.funds.iter().map(|f| vec![f.name.clone(), f.rate.to_string()]).collect();
-        rows.push(vec!["(total, included in prices)".into(), funds.to_string()]);
-        let _ = writeln!(s, " government funds and surcharges (shown as separate lines):");
+        let mut rows: Vec<Vec<String>> = v
+            .funds
+            .iter()
+            .map(|f| vec![f.name.clone(), f.rate.to_string()])
+            .collect();
+        rows.push(vec![
+            "(total, included in prices)".into(),
+            funds.to_string(),
+        ]);
+        let _ = writeln!(
+            s,
+            " government funds and surcharges (shown as separate lines):"
+        );
         table(s, &["fund", "yuan/kWh"], &rows);
     }
     if let Some(d) = &v.demand {
@@ -146,7 +178,11 @@ fn version(s: &mut String, v: &TariffVersion) {
             s,
             " power factor adjustment: standard {} (1983 table){}",
             p.standard,
-            if p.include_export_reactive { ", reverse kvarh counted" } else { "" }
+            if p.include_export_reactive {
+                ", reverse kvarh counted"
+            } else {
+                ""
+            }
         );
     }
     for f in &v.fixed {
@@ -173,13 +209,20 @@ pub fn warnings(t: &Tariff) -> Vec<String> {
         let price = |n: &str| tou.periods.iter().find(|p| p.name == n).map(|p| p.price);
         if let (Some(peak), Some(valley)) = (price("peak"), price("valley")) {
             if valley > Decimal::ZERO && peak < valley * Decimal::from(3) {
-                w.push(format!("version {}: peak/valley ratio {:.2} is below 3:1", v.id, peak / valley));
+                w.push(format!(
+                    "version {}: peak/valley ratio {:.2} is below 3:1",
+                    v.id,
+                    peak / valley
+                ));
             }
         }
         for sharp in ["sharp", "critical_peak"] {
             if let (Some(s), Some(peak)) = (price(sharp), price("peak")) {
                 if s < peak * Decimal::new(12, 1) {
-                    w.push(format!("version {}: {sharp} is less than 20% above peak", v.id));
+                    w.push(format!(
+                        "version {}: {sharp} is less than 20% above peak",
+                        v.id
+                    ));
                 }
             }
         }

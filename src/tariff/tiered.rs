@@ -38,7 +38,11 @@ impl Tiers {
 
     /// The start of the tier year containing `date` (annual accumulation).
     pub fn tier_year_start(start_month: u32, date: NaiveDate) -> NaiveDate {
-        let y = if date.month() >= start_month { date.year() } else { date.year() - 1 };
+        let y = if date.month() >= start_month {
+            date.year()
+        } else {
+            date.year() - 1
+        };
         NaiveDate::from_ymd_opt(y, start_month, 1).expect("valid month")
     }
 
@@ -104,7 +108,13 @@ mod tests {
     #[test]
     fn tier_year_start_wraps() {
         let d = NaiveDate::from_ymd_opt(2026, 2, 3).unwrap();
-        assert_eq!(Tiers::tier_year_start(1, d), NaiveDate::from_ymd_opt(2026, 1, 1).unwrap());
-        assert_eq!(Tiers::tier_year_start(7, d), NaiveDate::from_ymd_opt(2025, 7, 1).unwrap());
+        assert_eq!(
+            Tiers::tier_year_start(1, d),
+            NaiveDate::from_ymd_opt(2026, 1, 1).unwrap()
+        );
+        assert_eq!(
+            Tiers::tier_year_start(7, d),
+            NaiveDate::from_ymd_opt(2025, 7, 1).unwrap()
+        );
     }
 }

@@ -25,8 +25,12 @@ pub enum DayType {
 }
 
 impl DayType {
-    pub const ALL: [DayType; 4] =
-        [DayType::Weekday, DayType::Weekend, DayType::Holiday, DayType::CriticalPeak];
+    pub const ALL: [DayType; 4] = [
+        DayType::Weekday,
+        DayType::Weekend,
+        DayType::Holiday,
+        DayType::CriticalPeak,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -127,7 +131,9 @@ pub fn parse_range(s: &str) -> Result<(u16, u16, &str), String> {
     };
     let (start, end) = (minutes(a)?, minutes(b)?);
     if end <= start {
-        return Err(format!("range '{times}' ends before it starts (split ranges that cross midnight)"));
+        return Err(format!(
+            "range '{times}' ends before it starts (split ranges that cross midnight)"
+        ));
     }
     Ok((start, end, name.trim()))
 }
@@ -154,7 +160,10 @@ pub struct Tou {
 
 impl Tou {
     pub fn period_index(&self, name: &str) -> Option<u8> {
-        self.periods.iter().position(|p| p.name == name).map(|i| i as u8)
+        self.periods
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| i as u8)
     }
 
     pub fn season(&self, month: u32) -> &Season {
@@ -179,7 +188,9 @@ impl Tou {
             if let Some(s) = &season.days[t as usize] {
                 return Ok((s, t));
             }
-            t = t.fallback().expect("validated: every season has a weekday schedule");
+            t = t
+                .fallback()
+                .expect("validated: every season has a weekday schedule");
         }
     }
 
@@ -195,11 +206,21 @@ mod tests {
 
     #[test]
     fn ranges_parse_and_cover() {
-        assert_eq!(parse_range("00:00-08:00 valley").unwrap(), (0, 480, "valley"));
-        assert_eq!(parse_range("19:00-24:00 flat").unwrap(), (1140, 1440, "flat"));
+        assert_eq!(
+            parse_range("00:00-08:00 valley").unwrap(),
+            (0, 480, "valley")
+        );
+        assert_eq!(
+            parse_range("19:00-24:00 flat").unwrap(),
+            (1140, 1440, "flat")
+        );
         assert!(parse_range("22:00-06:00 valley").is_err());
         assert!(parse_range("8-9 peak").is_err());
-        let r = |s, e| Range { start: s, end: e, period: 0 };
+        let r = |s, e| Range {
+            start: s,
+            end: e,
+            period: 0,
+        };
         assert!(DaySchedule::check_cover(&[r(0, 480), r(480, 1440)]).is_ok());
         assert!(DaySchedule::check_cover(&[r(0, 480), r(500, 1440)])
             .unwrap_err()
@@ -207,6 +228,8 @@ mod tests {
         assert!(DaySchedule::check_cover(&[r(0, 480), r(400, 1440)])
             .unwrap_err()
             .contains("overlap"));
-        assert!(DaySchedule::check_cover(&[r(0, 480)]).unwrap_err().contains("24:00"));
+        assert!(DaySchedule::check_cover(&[r(0, 480)])
+            .unwrap_err()
+            .contains("24:00"));
     }
 }

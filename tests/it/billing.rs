@@ -16,7 +16,9 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 fn root() -> PathBuf {
-    option_env!("MF_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    option_env!("MF_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn tariffs() -> TariffSet {
@@ -31,7 +33,9 @@ fn d(s: &str) -> NaiveDate {
 }
 
 fn dec(s: &str) -> Decimal {
-    s.trim().parse().unwrap_or_else(|_| panic!("'{s}' is not a decimal"))
+    s.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("'{s}' is not a decimal"))
 }
 
 fn local_ms(s: &str) -> i64 {
@@ -46,7 +50,11 @@ fn reading(meter: &str, ts: i64, channel: Channel, value: Decimal) -> Reading {
         channel,
         value,
         quality: Quality::OK,
-        source: Source { protocol: Protocol::Sim, collector: "golden".into(), address: meter.into() },
+        source: Source {
+            protocol: Protocol::Sim,
+            collector: "golden".into(),
+            address: meter.into(),
+        },
         received_ms: ts,
     }
 }
@@ -106,25 +114,43 @@ fn load_cases(file: &str) -> BTreeMap<String, Case> {
                 pt_ratio: dec(&f(5)),
                 register_digits: f(6).parse().unwrap(),
                 installed_on: d(&f(7)),
-                removed_on: if f(8).is_empty() { None } else { Some(d(&f(8))) },
+                removed_on: if f(8).is_empty() {
+                    None
+                } else {
+                    Some(d(&f(8)))
+                },
                 feeder: String::new(),
             }),
-            "reading" => c.readings.push(reading(&f(2), local_ms(&f(3)), f(4).parse().unwrap(), dec(&f(5)))),
+            "reading" => c.readings.push(reading(
+                &f(2),
+                local_ms(&f(3)),
+                f(4).parse().unwrap(),
+                dec(&f(5)),
+            )),
             "daily" => {
                 let ch: Channel = f(3).parse().unwrap();
                 let (mut day, last) = (d(&f(4)), d(&f(5)));
                 let (mut v, step) = (dec(&f(6)), dec(&f(7)));
                 while day <= last {
-                    c.readings.push(reading(&f(2), local_ms(&format!("{day} 00:00")), ch, v));
+                    c.readings
+                        .push(reading(&f(2), local_ms(&format!("{day} 00:00")), ch, v));
                     v += step;
                     day = day.succ_opt().unwrap();
                 }
             }
             "intervals" => {
-                let (from, to) = (local_ms(&format!("{} 00:00", f(3))), local_ms(&format!("{} 00:00", f(4))));
+                let (from, to) = (
+                    local_ms(&format!("{} 00:00", f(3))),
+                    local_ms(&format!("{} 00:00", f(4))),
+                );
                 let mut ts = from + 900_000;
                 while ts <= to {
-                    c.readings.push(reading(&f(2), ts, Channel::ImportActiveInterval, dec(&f(5))));
+                    c.readings.push(reading(
+                        &f(2),
+                        ts,
+                        Channel::ImportActiveInterval,
+                        dec(&f(5)),
+                    ));
                     ts += 900_000;
                 }
             }
@@ -149,12 +175,18 @@ fn golden_bills_match_the_hand_computed_vectors() {
         let (bills, exceptions) = bill_readings(&c.accounts, &c.meters, &set, period, &c.readings);
         if let Some(code) = &c.exception {
             if !exceptions.iter().any(|e| &e.code == code) || !bills.is_empty() {
-                failures.push(format!("{name}: expected exception {code}, got {exceptions:?} and {} bill(s)", bills.len()));
+                failures.push(format!(
+                    "{name}: expected exception {code}, got {exceptions:?} and {} bill(s)",
+                    bills.len()
+                ));
             }
             continue;
         }
         if bills.len() != 1 {
-            failures.push(format!("{name}: expected one bill, got {} and exceptions {exceptions:?}", bills.len()));
+            failures.push(format!(
+                "{name}: expected one bill, got {} and exceptions {exceptions:?}",
+                bills.len()
+            ));
             continue;
         }
         let b = &bills[0];
@@ -164,13 +196,23 @@ fn golden_bills_match_the_hand_computed_vectors() {
             .iter()
             .map(|l| {
                 let v = &t.versions[l.version_index];
-                (l.line.label(v), l.line.quantity.normalize(), l.line.unit_price.normalize(), l.line.amount)
+                (
+                    l.line.label(v),
+                    l.line.quantity.normalize(),
+                    l.line.unit_price.normalize(),
+                    l.line.amount,
+                )
             })
             .collect();
-        let want: Vec<(String, Decimal, Decimal, Decimal)> =
-            c.lines.iter().map(|(l, q, p, a)| (l.clone(), q.normalize(), p.normalize(), *a)).collect();
+        let want: Vec<(String, Decimal, Decimal, Decimal)> = c
+            .lines
+            .iter()
+            .map(|(l, q, p, a)| (l.clone(), q.normalize(), p.normalize(), *a))
+            .collect();
         if got != want {
-            failures.push(format!("{name}: lines differ\n  got  {got:?}\n  want {want:?}"));
+            failures.push(format!(
+                "{name}: lines differ\n  got  {got:?}\n  want {want:?}"
+            ));
         }
         if let Some(total) = c.total {
             if b.total != total {
@@ -208,7 +250,15 @@ fn power_factor_adjustment_at_every_table_breakpoint() {
 fn shipped_tariffs_load_and_have_the_documented_ids() {
     let set = tariff::load_dir(&root().join("tariffs")).unwrap();
     let ids: Vec<&str> = set.tariffs.keys().map(|s| s.as_str()).collect();
-    assert_eq!(ids, ["bj-residential-annual", "bj-residential-monthly", "gd-tou-commercial", "industry-two-part"]);
+    assert_eq!(
+        ids,
+        [
+            "bj-residential-annual",
+            "bj-residential-monthly",
+            "gd-tou-commercial",
+            "industry-two-part"
+        ]
+    );
 }
 
 fn kwh(cents: u32) -> Decimal {
@@ -249,5 +299,112 @@ proptest! {
         let month = energy_charge(v, &limits, &start, &pos);
         let want: Vec<Decimal> = month.iter().map(|l| l.amount).collect();
         prop_assert_eq!(sums, want);
+    }
+}
+
+mod end_to_end {
+    use super::root;
+    use meterflow::billing::run::{bill_run, BillRunOptions};
+    use meterflow::sim::fleet::{generate, FleetOptions};
+    use rust_decimal::Decimal;
+
+    fn fleet(dir: &std::path::Path) {
+        let mut o = FleetOptions::new(dir);
+        o.meters = 300;
+        o.anomaly_per_mille = 100;
+        generate(&o, &|_, _| {}).unwrap();
+    }
+
+    fn opts(lake: &std::path::Path, out: &std::path::Path) -> BillRunOptions {
+        BillRunOptions::new(
+            lake,
+            lake.join("master"),
+            root().join("tariffs"),
+            "2026-10",
+            out,
+        )
+    }
+
+    #[test]
+    fn same_inputs_give_byte_identical_outputs_and_preview_matches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        fleet(&lake);
+        let mut p = opts(&lake, &tmp.path().join("preview"));
+        p.preview = true;
+        let preview = bill_run(&p).unwrap();
+        assert!(
+            !tmp.path().join("preview").exists(),
+            "a preview writes nothing"
+        );
+        let a = bill_run(&opts(&lake, &tmp.path().join("a"))).unwrap();
+        let b = bill_run(&opts(&lake, &tmp.path().join("b"))).unwrap();
+        assert_eq!(a.outputs, b.outputs);
+        assert_eq!(preview.outputs, a.outputs);
+        assert_eq!(a.bills + a.exceptions, 300);
+        assert!(a.total_amount > Decimal::ZERO);
+        for f in ["bills.parquet", "bill_lines.parquet", "exceptions.parquet"] {
+            let x = std::fs::read(tmp.path().join("a").join(f)).unwrap();
+            let y = std::fs::read(tmp.path().join("b").join(f)).unwrap();
+            assert_eq!(x, y, "{f} differs between identical runs");
+        }
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("a/manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            m["sums"]["total_amount"].as_str().unwrap(),
+            a.total_amount.to_string()
+        );
+        assert!(m["inputs"]["lake"].as_array().unwrap().len() >= 32);
+        // Nothing half-written is left beside the run directory.
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn late_data_gives_adjustment_lines_against_the_issued_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        fleet(&lake);
+        // The end-of-period snapshot (local 2026-11-01 00:00 = UTC 2026-10-31 16:00) arrives late.
+        let part = lake.join("readings/date=2026-10-31");
+        let held = tmp.path().join("held-back");
+        std::fs::rename(&part, &held).unwrap();
+        let out = tmp.path().join("run");
+        let issued = bill_run(&opts(&lake, &out)).unwrap();
+        assert!(issued.estimated_bills > 0, "the end reading was estimated");
+        let issued_bytes = std::fs::read(out.join("bills.parquet")).unwrap();
+        std::fs::rename(&held, &part).unwrap();
+        let rerun = bill_run(&opts(&lake, &out)).unwrap();
+        assert_eq!(rerun.revision, 1);
+        assert!(rerun.adjusted_accounts > 0);
+        assert_eq!(
+            rerun.total_amount - issued.total_amount,
+            rerun.adjustment_amount
+        );
+        assert_eq!(
+            std::fs::read(out.join("bills.parquet")).unwrap(),
+            issued_bytes,
+            "issued bill untouched"
+        );
+        assert!(out.join("revision-1/bill_lines.parquet").exists());
+        // A second re-run with nothing new adjusts nothing.
+        let again = bill_run(&opts(&lake, &out)).unwrap();
+        assert_eq!((again.revision, again.adjusted_accounts), (2, 0));
+    }
+
+    #[test]
+    fn a_run_directory_with_foreign_content_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        fleet(&lake);
+        let out = tmp.path().join("run");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("notes.txt"), "x").unwrap();
+        assert!(bill_run(&opts(&lake, &out)).is_err());
     }
 }

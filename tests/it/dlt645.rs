@@ -541,6 +541,13 @@ fn sample_collectors_config_is_valid() {
     )))
     .unwrap();
     let _ = Di::v2007(0);
+    // The Modbus part parses with the same loader.
+    let modbus = CollectorConfig::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sample-data/collectors-modbus.toml"
+    )))
+    .unwrap();
+    assert!(!modbus.modbus.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

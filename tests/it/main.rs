@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod analytics;
 mod billing;
 mod common;
 mod dlt645;

@@ -26,7 +26,10 @@ use super::common::bin;
 // ---------- backends ----------
 
 fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("t_{}_{}_{}", name, std::process::id(), nanos)
 }
 
@@ -61,8 +64,14 @@ fn pg_url(test: &str) -> Option<String> {
 fn mqtt_url(test: &str) -> Option<String> {
     match std::env::var("MQTT_URL") {
         Ok(u) => {
-            let hp = u.trim_start_matches("mqtt://").trim_start_matches("tcp://").to_string();
-            assert!(answers(&hp), "MQTT_URL={u} is set but no broker answers there");
+            let hp = u
+                .trim_start_matches("mqtt://")
+                .trim_start_matches("tcp://")
+                .to_string();
+            assert!(
+                answers(&hp),
+                "MQTT_URL={u} is set but no broker answers there"
+            );
             Some(u)
         }
         Err(_) if answers("127.0.0.1:1883") => Some("mqtt://127.0.0.1:1883".into()),
@@ -90,19 +99,28 @@ fn entry(key: &str, account: &str, amount: Decimal) -> NewEntry {
 }
 
 fn duplicate_ignored_conflict_rejected(l: &mut dyn Ledger) {
-    let b = Batch { entries: vec![entry("k1", "A1", dec!(100)), entry("k2", "A1", dec!(50.25))], ..Default::default() };
+    let b = Batch {
+        entries: vec![entry("k1", "A1", dec!(100)), entry("k2", "A1", dec!(50.25))],
+        ..Default::default()
+    };
     let r = l.commit(&b, &NoHook).unwrap();
     assert_eq!(r.outcomes, vec![Outcome::Inserted, Outcome::Inserted]);
     let again = l.commit(&b, &NoHook).unwrap();
     assert_eq!(again.outcomes, vec![Outcome::Duplicate, Outcome::Duplicate]);
-    let conflicting = Batch { entries: vec![entry("k1", "A1", dec!(999)), entry("k3", "A2", dec!(-1.5))], ..Default::default() };
+    let conflicting = Batch {
+        entries: vec![entry("k1", "A1", dec!(999)), entry("k3", "A2", dec!(-1.5))],
+        ..Default::default()
+    };
     let r = l.commit(&conflicting, &NoHook).unwrap();
     assert!(matches!(r.outcomes[0], Outcome::Conflict { .. }));
     assert_eq!(r.outcomes[1], Outcome::Inserted);
     assert_eq!(l.balance("A1").unwrap(), dec!(150.25));
     assert_eq!(l.balance("A2").unwrap(), dec!(-1.5));
     let checks = l.check().unwrap();
-    assert!(checks.iter().all(|c| c.ok() && c.entries >= 0), "{checks:?}");
+    assert!(
+        checks.iter().all(|c| c.ok() && c.entries >= 0),
+        "{checks:?}"
+    );
     assert_eq!(l.entries(Some("A1"), 0, 10).unwrap().len(), 2);
 }
 
@@ -130,7 +148,11 @@ fn ledger_export_writes_every_entry_to_parquet_with_exact_amounts() {
     let out = d.path().join("entries.parquet");
     assert_eq!(ledger::export::export_parquet(l.as_mut(), &out).unwrap(), 3);
     let batches = meterflow::store::reader::read_file(&out).unwrap();
-    let amounts = batches[0].column(4).as_any().downcast_ref::<arrow::array::Decimal128Array>().unwrap();
+    let amounts = batches[0]
+        .column(4)
+        .as_any()
+        .downcast_ref::<arrow::array::Decimal128Array>()
+        .unwrap();
     assert_eq!(amounts.value(1), 502_500); // 50.25 at scale 4
 }
 
@@ -147,9 +169,21 @@ fn write_payments(path: &Path, rows: &[(&str, &str, &str, &str)]) {
 fn payment_files_credit_once(url: &str, dir: &Path) {
     let f1 = dir.join("wechat-1001.csv");
     let f2 = dir.join("wechat-1002.csv");
-    write_payments(&f1, &[("W1", "wechat", "A1", "100.00"), ("W2", "wechat", "A2", "30")]);
+    write_payments(
+        &f1,
+        &[
+            ("W1", "wechat", "A1", "100.00"),
+            ("W2", "wechat", "A2", "30"),
+        ],
+    );
     // Overlaps f1 in W2, adds W3.
-    write_payments(&f2, &[("W2", "wechat", "A2", "30.00"), ("W3", "alipay", "A1", "20.5")]);
+    write_payments(
+        &f2,
+        &[
+            ("W2", "wechat", "A2", "30.00"),
+            ("W3", "alipay", "A1", "20.5"),
+        ],
+    );
     let run = |files: &[&Path]| {
         let mut c = Command::new(bin());
         c.args(["ledger", "import-payments", "--ledger", url]);
@@ -165,7 +199,13 @@ fn payment_files_credit_once(url: &str, dir: &Path) {
     assert_eq!(l.balance("A2").unwrap(), dec!(30));
     // A re-used transaction id with another amount is rejected and reported; exit 2.
     let f3 = dir.join("bad.csv");
-    write_payments(&f3, &[("W1", "wechat", "A1", "1000.00"), ("W9", "counter", "A2", "5")]);
+    write_payments(
+        &f3,
+        &[
+            ("W1", "wechat", "A1", "1000.00"),
+            ("W9", "counter", "A2", "5"),
+        ],
+    );
     let o = run(&[&f3]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -216,7 +256,9 @@ fn fixture(n: usize, seed: u64) -> Fixture {
     let mut acc = String::from("account_id,customer_class,tariff_id,payment_mode\n");
     let mut met = String::from("meter_id,account_id,ct_ratio,pt_ratio,installed_on\n");
     for i in 0..n {
-        acc.push_str(&format!("P{i:05},residential,bj-residential-monthly,prepaid\n"));
+        acc.push_str(&format!(
+            "P{i:05},residential,bj-residential-monthly,prepaid\n"
+        ));
         met.push_str(&format!("{},P{i:05},1,1,2015-01-01\n", meter_id(i)));
     }
     // A postpaid account is never deducted.
@@ -244,18 +286,36 @@ fn fixture(n: usize, seed: u64) -> Fixture {
                 channel: Channel::ImportActiveTotal,
                 value: v,
                 quality: Quality::OK,
-                source: Source { protocol: Protocol::Sim, collector: "t".into(), address: "t".into() },
+                source: Source {
+                    protocol: Protocol::Sim,
+                    collector: "t".into(),
+                    address: "t".into(),
+                },
                 received_ms: ts,
             });
         }
         readings.insert(meter_id(i), snaps);
     }
     let lake = root.join("lake");
-    let mut l = meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions { writer_id: "t".into(), spool_dir: None }).unwrap();
+    let mut l = meterflow::store::Lake::open(
+        &lake,
+        meterflow::store::LakeOptions {
+            writer_id: "t".into(),
+            spool_dir: None,
+        },
+    )
+    .unwrap();
     l.accept(&all).unwrap();
     l.flush().unwrap();
     let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
-    Fixture { _dir: dir, root, lake, master, tariffs, readings }
+    Fixture {
+        _dir: dir,
+        root,
+        lake,
+        master,
+        tariffs,
+        readings,
+    }
 }
 
 /// Independent recomputation: each prepaid account's October energy bill
@@ -263,7 +323,9 @@ fn fixture(n: usize, seed: u64) -> Fixture {
 fn expected_bills(f: &Fixture) -> BTreeMap<String, Decimal> {
     let set = meterflow::tariff::load_dir(&f.tariffs).unwrap();
     let t = set.get("bj-residential-monthly").unwrap();
-    let v = t.version_on(chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap()).unwrap();
+    let v = t
+        .version_on(chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap())
+        .unwrap();
     let limits = v.tiers.as_ref().unwrap().limits.clone();
     let mut out = BTreeMap::new();
     for (m, snaps) in &f.readings {
@@ -271,7 +333,12 @@ fn expected_bills(f: &Fixture) -> BTreeMap<String, Decimal> {
             continue;
         }
         let kwh = snaps.last().unwrap().1 - snaps[0].1;
-        let bill = total(&energy_charge(v, &limits, &Usage::default(), &Usage::total(kwh)));
+        let bill = total(&energy_charge(
+            v,
+            &limits,
+            &Usage::default(),
+            &Usage::total(kwh),
+        ));
         let i: usize = (m.parse::<u64>().unwrap() - 500_000_000_000) as usize;
         out.insert(format!("P{i:05}"), -bill);
     }
@@ -281,14 +348,27 @@ fn expected_bills(f: &Fixture) -> BTreeMap<String, Decimal> {
 fn ledger_balances(url: &str) -> BTreeMap<String, Decimal> {
     let mut l = ledger::open(url).unwrap();
     let checks = l.check().unwrap();
-    assert!(checks.iter().all(|c| c.ok() && c.entries >= 0), "cached balance differs from the sum of entries: {checks:?}");
-    l.balances().unwrap().into_iter().filter(|(_, b)| !b.is_zero()).collect()
+    assert!(
+        checks.iter().all(|c| c.ok() && c.entries >= 0),
+        "cached balance differs from the sum of entries: {checks:?}"
+    );
+    l.balances()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, b)| !b.is_zero())
+        .collect()
 }
 
 fn assert_matches_recomputation(url: &str, f: &Fixture) {
-    let want: BTreeMap<String, Decimal> = expected_bills(f).into_iter().filter(|(_, b)| !b.is_zero()).collect();
+    let want: BTreeMap<String, Decimal> = expected_bills(f)
+        .into_iter()
+        .filter(|(_, b)| !b.is_zero())
+        .collect();
     let got = ledger_balances(url);
-    assert_eq!(got, want, "ledger differs from the independent recomputation");
+    assert_eq!(
+        got, want,
+        "ledger differs from the independent recomputation"
+    );
 }
 
 fn prepay_run_args(f: &Fixture, url: &str, through: &str, chunk: usize) -> Vec<String> {
@@ -315,8 +395,20 @@ fn run_lib(f: &Fixture, url: &str, through_ms: i64) -> meterflow::prepay::run::R
     let fleet = Fleet::load(&f.master).unwrap();
     let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
     let th = Thresholds::builtin();
-    let mut hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
-    let opts = RunOptions { lake: &f.lake, from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(), through_ms, chunk: 7, evaluate_all: true };
+    let mut hook = PrepayHook {
+        thresholds: &th,
+        control: None,
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: None,
+    };
+    let opts = RunOptions {
+        lake: &f.lake,
+        from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
+        through_ms,
+        chunk: 7,
+        evaluate_all: true,
+    };
     run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
 }
 
@@ -340,7 +432,10 @@ fn daily_deductions_of_a_month_add_up_to_its_bill_and_rerunning_changes_nothing(
 fn the_cli_run_through_month_end_deducts_the_month_on_postgres() {
     let Some(url) = pg_url("run") else { return };
     let f = fixture(25, 2);
-    let o = Command::new(bin()).args(prepay_run_args(&f, &url, "2026-10-31T24:00", 10)).output().unwrap();
+    let o = Command::new(bin())
+        .args(prepay_run_args(&f, &url, "2026-10-31T24:00", 10))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_matches_recomputation(&url, &f);
 }
@@ -381,7 +476,10 @@ fn overlapping_runs_deduct_each_interval_once_on_postgres() {
 
 fn kill_at(child: &mut std::process::Child, after: Duration) {
     std::thread::sleep(after);
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     let _ = child.wait();
 }
 
@@ -403,16 +501,28 @@ fn sigkill_of_prepay_run_at_random_points_leaves_no_double_or_missing_deduction(
         // Whatever was committed is consistent right now.
         ledger_balances(&url);
     }
-    let o = Command::new(bin()).args(prepay_run_args(&f, &url, "2026-10-31T24:00", 2)).output().unwrap();
+    let o = Command::new(bin())
+        .args(prepay_run_args(&f, &url, "2026-10-31T24:00", 2))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_matches_recomputation(&url, &f);
 }
 
 // ---------- streaming ----------
 
-fn write_stream_config(f: &Fixture, ledger: &str, mqtt: &str, client: &str, topic: &str, group: Option<&str>) -> PathBuf {
+fn write_stream_config(
+    f: &Fixture,
+    ledger: &str,
+    mqtt: &str,
+    client: &str,
+    topic: &str,
+    group: Option<&str>,
+) -> PathBuf {
     let p = f.root.join(format!("stream-{client}.toml"));
-    let group = group.map(|g| format!("shared_group = \"{g}\"\n")).unwrap_or_default();
+    let group = group
+        .map(|g| format!("shared_group = \"{g}\"\n"))
+        .unwrap_or_default();
     std::fs::write(
         &p,
         format!(
@@ -432,7 +542,11 @@ fn spawn_stream(cfg: &Path, idle_exit: Option<u64>) -> std::process::Child {
     if let Some(s) = idle_exit {
         c.args(["--idle-exit-secs", &s.to_string()]);
     }
-    c.stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info").spawn().unwrap()
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap()
 }
 
 /// Waits until the stream logged its confirmed subscription.
@@ -442,14 +556,18 @@ fn wait_subscribed(child: &mut std::process::Child) -> std::thread::JoinHandle<(
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
         let mut sent = false;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if !sent && line.contains("subscription confirmed") {
                 let _ = tx.send(());
                 sent = true;
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30)).expect("stream subscribed");
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("stream subscribed");
     h
 }
 
@@ -465,10 +583,17 @@ fn publish_fixture(url: &str, topic: &str, f: &Fixture) {
                 channel: Channel::ImportActiveTotal,
                 value: snaps[d].1,
                 quality: Quality::OK,
-                source: Source { protocol: Protocol::Mqtt, collector: "t".into(), address: topic.into() },
+                source: Source {
+                    protocol: Protocol::Mqtt,
+                    collector: "t".into(),
+                    address: topic.into(),
+                },
                 received_ms: snaps[d].0,
             };
-            msgs.push((format!("{topic}/{m}"), meterflow::ingest::decode::encode_canonical("t", &[r])));
+            msgs.push((
+                format!("{topic}/{m}"),
+                meterflow::ingest::decode::encode_canonical("t", &[r]),
+            ));
         }
     }
     meterflow::prepay::sinks::publish_qos1(url, &unique("pub"), &msgs).unwrap();
@@ -476,7 +601,9 @@ fn publish_fixture(url: &str, topic: &str, f: &Fixture) {
 
 #[test]
 fn sigkill_of_stream_at_random_points_gives_the_same_ledger_as_no_crash() {
-    let Some(mqtt) = mqtt_url("stream kill") else { return };
+    let Some(mqtt) = mqtt_url("stream kill") else {
+        return;
+    };
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     // 8 iterations, each with a fresh ledger, topic and session, killed 1..3 times.
     for it in 0..8 {
@@ -502,7 +629,9 @@ fn sigkill_of_stream_at_random_points_gives_the_same_ledger_as_no_crash() {
 
 #[test]
 fn two_stream_processes_share_one_subscription_and_one_postgres_ledger() {
-    let Some(mqtt) = mqtt_url("shared stream") else { return };
+    let Some(mqtt) = mqtt_url("shared stream") else {
+        return;
+    };
     let Some(url) = pg_url("shared") else { return };
     let f = fixture(30, 9);
     let topic = format!("meterflow-test/{}", unique("shared"));
@@ -510,8 +639,8 @@ fn two_stream_processes_share_one_subscription_and_one_postgres_ledger() {
     let cfg_a = write_stream_config(&f, &url, &mqtt, &unique("a"), &topic, Some(&group));
     let cfg_b = write_stream_config(&f, &url, &mqtt, &unique("b"), &topic, Some(&group));
     ledger::open_migrated(&url).unwrap();
-    let mut a = spawn_stream(&cfg_a, Some(4));
-    let mut b = spawn_stream(&cfg_b, Some(4));
+    let mut a = spawn_stream(&cfg_a, Some(8));
+    let mut b = spawn_stream(&cfg_b, Some(8));
     let ha = wait_subscribed(&mut a);
     let hb = wait_subscribed(&mut b);
     publish_fixture(&mqtt, &topic, &f);
@@ -527,6 +656,12 @@ fn two_stream_processes_share_one_subscription_and_one_postgres_ledger() {
         }
     }
     let _ = (ha.join(), hb.join());
+    // A member that idled out while the broker still routed messages to its
+    // persistent session gets them on its next start: drain both sessions.
+    for cfg in [&cfg_a, &cfg_b] {
+        let o = spawn_stream(cfg, Some(3)).wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     assert_matches_recomputation(&url, &f);
 }
 
@@ -539,24 +674,52 @@ fn alerts_fire_once_per_level_crossing_are_rearmed_by_a_top_up_and_land_in_the_d
     let mut l = ledger::open_migrated(&url).unwrap();
     let fleet = Fleet::load(&f.master).unwrap();
     let th = Thresholds::builtin();
-    let hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: Some(1_790_000_000_000) };
-    let mut commit = |key: &str, amount: Decimal| {
-        let mut e = entry(key, "P00000", amount);
-        e.kind = if amount > Decimal::ZERO { EntryKind::TopUp } else { EntryKind::Deduction };
-        l.commit(&Batch { entries: vec![e], ..Default::default() }, &hook).unwrap().outbox.len()
+    let hook = PrepayHook {
+        thresholds: &th,
+        control: None,
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: Some(1_790_000_000_000),
     };
-    assert_eq!(commit("t1", dec!(60)), 0);
-    assert_eq!(commit("d1", dec!(-15)), 1); // 45 < 50
-    assert_eq!(commit("d2", dec!(-3)), 0); // still below 50, above 20
-    assert_eq!(commit("d2", dec!(-3)), 0); // replayed entry: nothing
-    assert_eq!(commit("t2", dec!(100)), 0); // 142: re-armed
-    assert_eq!(commit("d3", dec!(-100)), 1); // 42 < 50 again: one new alert
-    drop(commit);
-    let sinks = meterflow::prepay::sinks::Sinks { alerts_root: Some(f.root.clone()), ..Default::default() };
+    {
+        let mut commit = |key: &str, amount: Decimal| {
+            let mut e = entry(key, "P00000", amount);
+            e.kind = if amount > Decimal::ZERO {
+                EntryKind::TopUp
+            } else {
+                EntryKind::Deduction
+            };
+            l.commit(
+                &Batch {
+                    entries: vec![e],
+                    ..Default::default()
+                },
+                &hook,
+            )
+            .unwrap()
+            .outbox
+            .len()
+        };
+        assert_eq!(commit("t1", dec!(60)), 0);
+        assert_eq!(commit("d1", dec!(-15)), 1); // 45 < 50
+        assert_eq!(commit("d2", dec!(-3)), 0); // still below 50, above 20
+        assert_eq!(commit("d2", dec!(-3)), 0); // replayed entry: nothing
+        assert_eq!(commit("t2", dec!(100)), 0); // 142: re-armed
+        assert_eq!(commit("d3", dec!(-100)), 1); // 42 < 50 again: one new alert
+    }
+    let sinks = meterflow::prepay::sinks::Sinks {
+        alerts_root: Some(f.root.clone()),
+        ..Default::default()
+    };
     let d = meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap();
     assert_eq!(d.alerts, 2);
     // Delivering again sends nothing; the dataset holds each alert id once.
-    assert_eq!(meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap().alerts, 0);
+    assert_eq!(
+        meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(()))
+            .unwrap()
+            .alerts,
+        0
+    );
     let rows = meterflow::prepay::sinks::read_alerts_dataset(&f.root).unwrap();
     let mut ids: Vec<_> = rows.iter().map(|r| r.0.clone()).collect();
     ids.sort();
@@ -576,8 +739,13 @@ fn webhook_alerts_are_retried_until_the_receiver_answers() {
             let mut buf = vec![0u8; 8192];
             let n = s.read(&mut buf).unwrap();
             bodies.push(String::from_utf8_lossy(&buf[..n]).to_string());
-            let status = if i < 2 { "503 Service Unavailable" } else { "200 OK" };
-            let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            let status = if i < 2 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ =
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
         }
         bodies
     });
@@ -585,17 +753,34 @@ fn webhook_alerts_are_retried_until_the_receiver_answers() {
     let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
     let th = Thresholds::builtin();
     let fleet = Fleet::default();
-    let hook = PrepayHook { thresholds: &th, control: None, fleet: &fleet, daily_spend: HashMap::new(), now_ms: None };
-    l.commit(&Batch { entries: vec![entry("x", "A1", dec!(10))], ..Default::default() }, &hook).unwrap();
+    let hook = PrepayHook {
+        thresholds: &th,
+        control: None,
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: None,
+    };
+    l.commit(
+        &Batch {
+            entries: vec![entry("x", "A1", dec!(10))],
+            ..Default::default()
+        },
+        &hook,
+    )
+    .unwrap();
     let sinks = meterflow::prepay::sinks::Sinks {
         webhook: Some(format!("http://127.0.0.1:{port}/alerts")),
         webhook_attempts: 5,
         ..Default::default()
     };
     // 10 yuan: below 50 and 20 -> two alerts; the first needs three attempts.
-    let h = std::thread::spawn(move || meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap());
+    let h = std::thread::spawn(move || {
+        meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap()
+    });
     let bodies = server.join().unwrap();
-    assert!(bodies.iter().all(|b| b.starts_with("POST /alerts HTTP/1.1") && b.contains("Idempotency-Key")));
+    assert!(bodies
+        .iter()
+        .all(|b| b.starts_with("POST /alerts HTTP/1.1") && b.contains("Idempotency-Key")));
     let stats = h.join().unwrap();
     // Both alerts delivered to the other sinks; the second found no receiver any more.
     assert_eq!((stats.alerts, stats.webhook_failures), (2, 1));
@@ -616,16 +801,40 @@ fn no_trip_in_protected_windows_from_the_holiday_calendar() {
     };
     let c = Control::new(cfg, &Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs")).unwrap();
     let local = |d: &str, h: u32| {
-        chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap().and_hms_opt(h, 0, 0).unwrap().and_utc().timestamp_millis() - 8 * 3_600_000
+        chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+            .unwrap()
+            .and_hms_opt(h, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
+            - 8 * 3_600_000
     };
     // National Day (Thursday 1 Oct 2026) is a holiday; Monday 12 Oct 10:00 is not protected.
     assert_eq!(c.protected("A1", local("2026-10-01", 10)), Some("holiday"));
     assert_eq!(c.protected("A1", local("2026-10-12", 10)), None);
     let mut out = meterflow::ledger::HookOut::default();
-    c.evaluate("A1", &["500000000000".into()], dec!(-30), dec!(-40), 5, &Default::default(), local("2026-10-01", 10), &mut out);
+    c.evaluate(
+        "A1",
+        &["500000000000".into()],
+        dec!(-30),
+        dec!(-40),
+        5,
+        &Default::default(),
+        local("2026-10-01", 10),
+        &mut out,
+    );
     assert!(out.outbox.is_empty(), "tripped on a holiday");
     let mut out = meterflow::ledger::HookOut::default();
-    c.evaluate("A1", &["500000000000".into()], dec!(-30), dec!(-40), 5, &Default::default(), local("2026-10-12", 10), &mut out);
+    c.evaluate(
+        "A1",
+        &["500000000000".into()],
+        dec!(-30),
+        dec!(-40),
+        5,
+        &Default::default(),
+        local("2026-10-12", 10),
+        &mut out,
+    );
     assert_eq!(out.outbox.len(), 1);
 }
 
@@ -633,12 +842,24 @@ fn no_trip_in_protected_windows_from_the_holiday_calendar() {
 fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample_fleet() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
-    let s = meterflow::prepay::demo::run(&root.join("sample-data"), &root.join("sample-data/master"), &root.join("tariffs"), out.path()).unwrap();
+    let s = meterflow::prepay::demo::run(
+        &root.join("sample-data"),
+        &root.join("sample-data/master"),
+        &root.join("tariffs"),
+        out.path(),
+    )
+    .unwrap();
     assert!(s.balances_check_ok);
     assert!(s.run.deductions > 0 && s.top_ups > 0, "{s}");
     assert!(!s.example_alerts.is_empty(), "{s}");
     // The same run again deducts nothing more.
-    let again = meterflow::prepay::demo::run(&root.join("sample-data"), &root.join("sample-data/master"), &root.join("tariffs"), out.path()).unwrap();
+    let again = meterflow::prepay::demo::run(
+        &root.join("sample-data"),
+        &root.join("sample-data/master"),
+        &root.join("tariffs"),
+        out.path(),
+    )
+    .unwrap();
     assert_eq!(again.run.amount, s.run.amount);
     println!("{s}");
 }

@@ -162,7 +162,7 @@ pub async fn relay_control(
     let label = format!("{}/{}", bus.name, order.address);
     let result = bus.transact(&frame, &label).await;
     rec.ts = Utc::now().to_rfc3339();
-    let outcome = match &result {
+    let outcome = match result {
         Ok(reply) => {
             rec.event = "accepted".into();
             rec.response = Some(hex(&reply.encode(0).unwrap_or_default()));
@@ -171,19 +171,14 @@ pub async fn relay_control(
         Err(TxError::Refused(status)) => {
             rec.event = "refused".into();
             rec.response = Some(status.to_string());
-            Ok(RelayOutcome::Refused(*status))
+            Ok(RelayOutcome::Refused(status))
         }
         Err(other) => {
             rec.event = "failed".into();
             rec.response = Some(other.to_string());
-            Err(())
+            Err(RelayError::Tx(other))
         }
     };
     audit.append(&rec).map_err(RelayError::Audit)?;
-    match outcome {
-        Ok(o) => Ok(o),
-        Err(()) => Err(RelayError::Tx(
-            result.err().expect("failure recorded above"),
-        )),
-    }
+    outcome
 }

@@ -288,7 +288,7 @@ impl Format {
             }
             Format::Block { len, scale, signed } => {
                 let len = len as usize;
-                if b.is_empty() || b.len() % len != 0 {
+                if b.is_empty() || !b.len().is_multiple_of(len) {
                     return Err(short());
                 }
                 let v = b

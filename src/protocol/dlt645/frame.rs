@@ -237,7 +237,7 @@ impl Frame {
         if self.data.len() > 255 {
             return Err(TooLong(self.data.len()));
         }
-        out.extend(std::iter::repeat(PREAMBLE).take(preamble));
+        out.extend(std::iter::repeat_n(PREAMBLE, preamble));
         let start = out.len();
         out.push(START);
         out.extend_from_slice(&self.address.0);

@@ -421,6 +421,18 @@ pub fn decode_read_value(
     di: Di,
     format: Format,
 ) -> Result<Value, ValueError> {
+    // Fast path for the common single number: no 255-byte payload copy.
+    if let Format::Bcd { .. } = format {
+        let skip = di.wire_len().min(reply.raw_data.len());
+        let raw = &reply.raw_data[skip..];
+        let mut small = [0u8; 8];
+        if raw.len() <= small.len() {
+            for (o, &b) in small.iter_mut().zip(raw) {
+                *o = b.wrapping_sub(DATA_OFFSET);
+            }
+            return format.decode(&small[..raw.len()]);
+        }
+    }
     let p = Payload::of_read_reply(reply, di);
     format.decode(p.as_slice())
 }

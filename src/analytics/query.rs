@@ -1,0 +1,169 @@
+//! Operator queries about one account (`meterflow query`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::NaiveDate;
+
+use super::inputs::{manifest, run_dirs};
+use super::scan::{scan_lake, SCALE};
+use super::table::{Col, Table};
+use super::AnalyticsError;
+use crate::master;
+
+/// Daily (or monthly) consumption of one account, summed over its meters.
+pub fn usage(
+    lake: &Path,
+    master_dir: &Path,
+    account: &str,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+    monthly: bool,
+    utc_offset_secs: i32,
+) -> Result<Table, AnalyticsError> {
+    let meters: Vec<master::Meter> = master::load_meters(&master_dir.join(master::METERS_FILE))
+        .map_err(|e| AnalyticsError::Master(e.to_string()))?
+        .rows
+        .into_iter()
+        .filter(|m| m.account_id == account)
+        .collect();
+    if meters.is_empty() {
+        return Err(AnalyticsError::Invalid(format!(
+            "account {account} has no meters in meters.csv"
+        )));
+    }
+    let scan = scan_lake(lake, &meters, utc_offset_secs)?;
+    let mut rows: BTreeMap<String, (i128, i64, bool)> = BTreeMap::new();
+    for d in &scan.daily {
+        if from.is_some_and(|f| d.date < f) || to.is_some_and(|t| d.date > t) {
+            continue;
+        }
+        let key = if monthly {
+            d.date.format("%Y-%m").to_string()
+        } else {
+            d.date.to_string()
+        };
+        let e = rows.entry(key).or_default();
+        e.0 += d.regs[0].unwrap_or(0) as i128;
+        e.1 += 1;
+        e.2 |= d.estimated;
+    }
+    let r: Vec<_> = rows.into_iter().collect();
+    Ok(Table::new()
+        .with(
+            if monthly { "month" } else { "date" },
+            Col::Str(r.iter().map(|x| Some(x.0.clone())).collect()),
+        )
+        .with(
+            "kwh",
+            Col::Dec(r.iter().map(|x| Some(x.1 .0)).collect(), SCALE),
+        )
+        .with(
+            "meter_days",
+            Col::Int(r.iter().map(|x| Some(x.1 .1)).collect()),
+        )
+        .with(
+            "estimated",
+            Col::Bool(r.iter().map(|x| Some(x.1 .2)).collect()),
+        ))
+}
+
+/// Bills of one account in every run directory under `runs`.
+pub fn bills(runs: &Path, account: &str) -> Result<Table, AnalyticsError> {
+    let mut out: Option<Table> = None;
+    for dir in run_dirs(runs) {
+        let path = dir.join("bills.parquet");
+        if !path.exists() {
+            continue;
+        }
+        let m = manifest(&dir)?;
+        let t = Table::read_parquet(&path)?;
+        let Some(Col::Str(acc)) = t.col("account_id") else {
+            continue;
+        };
+        let keep: Vec<usize> = (0..t.rows())
+            .filter(|i| acc[*i].as_deref() == Some(account))
+            .collect();
+        let mut part = t.take(&keep);
+        let want = [
+            "run_id",
+            "period",
+            "tariff_id",
+            "days",
+            "kwh",
+            "total",
+            "estimated",
+            "flags",
+            "adjustment",
+        ];
+        part.columns.retain(|(n, _)| want.contains(&n.as_str()));
+        part.columns.push((
+            "revision".into(),
+            Col::Int(keep.iter().map(|_| m["revision"].as_i64()).collect()),
+        ));
+        out = Some(match out {
+            None => part,
+            Some(mut o) => {
+                if o.columns.len() == part.columns.len() {
+                    for ((_, a), (_, b)) in o.columns.iter_mut().zip(part.columns) {
+                        append_col(a, b);
+                    }
+                }
+                o
+            }
+        });
+    }
+    Ok(out.unwrap_or_default())
+}
+
+fn append_col(a: &mut Col, b: Col) {
+    match (a, b) {
+        (Col::Str(x), Col::Str(y)) => x.extend(y),
+        (Col::Int(x), Col::Int(y)) => x.extend(y),
+        (Col::Dec(x, _), Col::Dec(y, _)) => x.extend(y),
+        (Col::Ratio(x), Col::Ratio(y)) => x.extend(y),
+        (Col::Bool(x), Col::Bool(y)) => x.extend(y),
+        (Col::Date(x), Col::Date(y)) => x.extend(y),
+        _ => {}
+    }
+}
+
+/// Payments of one account from payments.csv, oldest first.
+pub fn payments(master_dir: &Path, account: &str) -> Result<Table, AnalyticsError> {
+    let mut p: Vec<master::Payment> =
+        master::load_payments(&master_dir.join(master::PAYMENTS_FILE))
+            .map_err(|e| AnalyticsError::Master(e.to_string()))?
+            .rows
+            .into_iter()
+            .filter(|p| p.account_id == account)
+            .collect();
+    p.sort_by_key(|x| x.paid_at);
+    Ok(Table::new()
+        .with(
+            "paid_at",
+            Col::Str(p.iter().map(|x| Some(x.paid_at.to_rfc3339())).collect()),
+        )
+        .with(
+            "channel",
+            Col::Str(p.iter().map(|x| Some(x.channel.clone())).collect()),
+        )
+        .with(
+            "txn_id",
+            Col::Str(p.iter().map(|x| Some(x.txn_id.clone())).collect()),
+        )
+        .with(
+            "amount",
+            Col::Dec(
+                p.iter()
+                    .map(|x| {
+                        Some(super::inputs::rescale(
+                            x.amount.mantissa(),
+                            x.amount.scale() as u8,
+                            2,
+                        ))
+                    })
+                    .collect(),
+                2,
+            ),
+        ))
+}

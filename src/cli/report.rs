@@ -1,0 +1,51 @@
+//! `meterflow report`: the run report as one HTML file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::report::{write_report_with, ReportOptions};
+
+/// Write the report of a bill run: one self-contained HTML file (inline SVG
+/// charts and CSS, no scripts, no external assets; opens offline).
+///
+/// Sections: summary, consumption distribution, tiers, time-of-use shares,
+/// bills by customer class, month-over-month / year-over-year change with top
+/// movers (earlier runs next to RUN_DIR), estimated bills and exceptions by
+/// reason, collection success per collector and bus (from the lake), prepaid
+/// balances and alerts (from --ledger / --alerts), arrears.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Bill run directory (holds manifest.json, bills.parquet, ...).
+    pub run_dir: PathBuf,
+    /// Where to write the HTML file.
+    #[arg(long, default_value = "report.html")]
+    pub out: PathBuf,
+    /// Master data folder; default: the one named in the run's manifest.
+    #[arg(long)]
+    pub master: Option<PathBuf>,
+    /// Readings lake root; default: the master folder's parent when it holds `readings/`.
+    #[arg(long)]
+    pub lake: Option<PathBuf>,
+    /// Ledger export (Parquet with account_id and amount) for prepaid balances.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+    /// Alerts dataset (folder of Parquet files with a `kind` column).
+    #[arg(long)]
+    pub alerts: Option<PathBuf>,
+}
+
+pub fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let mut opts = ReportOptions::new(&a.run_dir, &a.out);
+    opts.master = a.master;
+    opts.lake = a.lake;
+    opts.ledger = a.ledger;
+    opts.alerts = a.alerts;
+    let t0 = std::time::Instant::now();
+    let path = write_report_with(&opts)?;
+    println!(
+        "report written to {} in {} ms",
+        path.display(),
+        t0.elapsed().as_millis()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,473 @@
+//! Analytics, privacy and the run report, end to end on a small simulated
+//! fleet: datasets are written, no raw personal value leaks into data-team
+//! files, and the report renders in headless Chromium.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use meterflow::analytics::table::parquet_cells_as_text;
+use meterflow::analytics::{data_team_files, Col, Table};
+
+use super::common::bin;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let mut c = Command::new(bin());
+    c.args(args).env("RUST_LOG", "warn");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let out = c.output().expect("meterflow runs");
+    assert!(
+        out.status.success(),
+        "meterflow {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 40-meter fleet over two months with 15-minute intervals, built once.
+fn fleet() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().to_str().unwrap().to_string();
+        run(
+            &[
+                "sim",
+                "fleet",
+                "--meters",
+                "40",
+                "--days",
+                "61",
+                "--start",
+                "2026-09-01",
+                "--interval",
+                "--out",
+                &p,
+            ],
+            &[],
+        );
+        d
+    })
+    .path()
+}
+
+/// Bill runs for September and October next to each other.
+fn runs() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let lake = fleet().to_str().unwrap();
+        let master = fleet().join("master");
+        let tariffs = root().join("tariffs");
+        for period in ["2026-09", "2026-10"] {
+            let out = d.path().join(period);
+            run(
+                &[
+                    "bill",
+                    "--lake",
+                    lake,
+                    "--master",
+                    master.to_str().unwrap(),
+                    "--tariffs",
+                    tariffs.to_str().unwrap(),
+                    "--period",
+                    period,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+                &[],
+            );
+        }
+        d
+    })
+    .path()
+}
+
+const SECRET: &str = "a-test-secret-of-enough-length";
+
+fn analyze(out: &Path, extra: &[&str]) {
+    let lake = fleet().to_str().unwrap().to_string();
+    let master = fleet().join("master").to_str().unwrap().to_string();
+    let runs = runs().to_str().unwrap().to_string();
+    let mut args = vec![
+        "analyze",
+        "--lake",
+        &lake,
+        "--master",
+        &master,
+        "--runs",
+        &runs,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[("METERFLOW_PSEUDONYM_SECRET", SECRET)]);
+}
+
+fn rows(dir: &Path, name: &str) -> usize {
+    Table::read_parquet(&dir.join(format!("{name}.parquet")))
+        .unwrap()
+        .rows()
+}
+
+#[test]
+fn analyze_writes_every_dataset_for_a_small_fleet() {
+    let out = tempfile::tempdir().unwrap();
+    analyze(out.path(), &[]);
+    for name in [
+        "accounts",
+        "daily_usage",
+        "peak_periods",
+        "usage_habits",
+        "history_change",
+        "segment_change",
+        "payment_habits",
+        "arrears_risk",
+        "arrears_backtest",
+        "collection",
+    ] {
+        assert!(rows(out.path(), name) > 0, "{name} is empty");
+    }
+    for name in ["outage_events", "feeder_events", "usage_warnings"] {
+        assert!(
+            out.path().join(format!("{name}.parquet")).exists(),
+            "{name} missing"
+        );
+    }
+    assert!(
+        !out.path().join("accounts.pii.parquet").exists(),
+        "raw data written without --pii"
+    );
+    // Two months of data: October has a month-over-month change.
+    let h = Table::read_parquet(&out.path().join("history_change.parquet")).unwrap();
+    let Some(Col::Ratio(mom)) = h.col("mom_change_pct") else {
+        panic!("no mom_change_pct")
+    };
+    assert!(mom.iter().any(Option::is_some));
+    // Peak hours: each group marks exactly three.
+    let p = Table::read_parquet(&out.path().join("peak_periods.parquet")).unwrap();
+    let Some(Col::Bool(peak)) = p.col("is_peak_hour") else {
+        panic!("no is_peak_hour")
+    };
+    assert_eq!(
+        peak.iter().filter(|b| **b == Some(true)).count() * 8,
+        p.rows()
+    );
+    // Risk points add up to the score.
+    let r = Table::read_parquet(&out.path().join("arrears_risk.parquet")).unwrap();
+    let int = |n: &str| match r.col(n) {
+        Some(Col::Int(v)) => v.clone(),
+        _ => panic!("no {n}"),
+    };
+    let score = int("score");
+    let parts: Vec<Vec<Option<i64>>> = meterflow::analytics::risk::FACTORS
+        .iter()
+        .map(|f| int(f))
+        .collect();
+    for i in 0..r.rows() {
+        assert_eq!(score[i], Some(parts.iter().map(|p| p[i].unwrap()).sum()));
+    }
+}
+
+/// Every raw personal value of the master data.
+fn raw_personal_values() -> BTreeSet<String> {
+    let accounts = meterflow::master::load_accounts(&fleet().join("master/accounts.csv"))
+        .unwrap()
+        .rows;
+    let mut set = BTreeSet::new();
+    for a in accounts {
+        for v in [a.name, a.phone, a.id_number, a.address] {
+            if !v.trim().is_empty() {
+                set.insert(v);
+            }
+        }
+    }
+    set
+}
+
+fn leaks(files: &[PathBuf], raw: &BTreeSet<String>) -> Vec<String> {
+    let mut found = Vec::new();
+    for f in files {
+        for (col, cell) in parquet_cells_as_text(f).unwrap() {
+            for r in raw {
+                if cell.contains(r.as_str()) {
+                    found.push(format!("{}: column {col}: {cell}", f.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_raw_personal_value_appears_in_data_team_outputs() {
+    let out = tempfile::tempdir().unwrap();
+    analyze(out.path(), &["--pseudonymize", "--pii"]);
+    let raw = raw_personal_values();
+    assert!(raw.len() > 100, "the fleet has personal data to look for");
+    let files = data_team_files(out.path()).unwrap();
+    assert!(files.len() >= 10);
+    let found = leaks(&files, &raw);
+    assert!(
+        found.is_empty(),
+        "raw personal data in data-team files:\n{}",
+        found.join("\n")
+    );
+    // The scan does find raw values where they are allowed: the --pii file.
+    let pii = out.path().join("accounts.pii.parquet");
+    assert!(
+        !leaks(&[pii], &raw).is_empty(),
+        "the scan would not notice a leak"
+    );
+    // Pseudonymized: no account id either.
+    let ids: BTreeSet<String> =
+        meterflow::master::load_accounts(&fleet().join("master/accounts.csv"))
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|a| a.account_id)
+            .collect();
+    let found = leaks(&files, &ids);
+    assert!(
+        found.is_empty(),
+        "account ids left after --pseudonymize:\n{}",
+        found.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn pseudonymize_without_a_secret_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args([
+            "analyze",
+            "--lake",
+            fleet().to_str().unwrap(),
+            "--master",
+            fleet().join("master").to_str().unwrap(),
+        ])
+        .args(["--out", out.path().to_str().unwrap(), "--pseudonymize"])
+        .env_remove("METERFLOW_PSEUDONYM_SECRET")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("METERFLOW_PSEUDONYM_SECRET"));
+    assert!(!out.path().join("accounts.parquet").exists());
+}
+
+#[test]
+fn queries_answer_usage_bills_and_payments_as_json() {
+    let lake = fleet().to_str().unwrap();
+    let master = fleet().join("master");
+    let m = master.to_str().unwrap();
+    let usage = run(
+        &[
+            "query",
+            "usage",
+            "--account",
+            "A000000001",
+            "--lake",
+            lake,
+            "--master",
+            m,
+            "--monthly",
+            "--json",
+        ],
+        &[],
+    );
+    let v: serde_json::Value = serde_json::from_str(&usage).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        2,
+        "September and October: {usage}"
+    );
+    let bills = run(
+        &[
+            "query",
+            "bills",
+            "--account",
+            "A000000001",
+            "--runs",
+            runs().to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    let v: serde_json::Value = serde_json::from_str(&bills).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{bills}");
+    let table = run(
+        &[
+            "query",
+            "payments",
+            "--account",
+            "A000000001",
+            "--master",
+            m,
+        ],
+        &[],
+    );
+    assert!(table.starts_with("paid_at"), "{table}");
+}
+
+fn report(run_dir: &Path, out: &Path) -> String {
+    run(
+        &[
+            "report",
+            run_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    std::fs::read_to_string(out).unwrap()
+}
+
+#[test]
+fn report_is_one_self_contained_html_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let html = report(&runs().join("2026-10"), &dir.path().join("report.html"));
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.matches("<svg").count() >= 4, "charts inline");
+    for external in [
+        "<script",
+        "src=\"http",
+        "href=\"http",
+        "<link",
+        "@import",
+        "url(",
+    ] {
+        assert!(!html.contains(external), "report references {external}");
+    }
+    for section in [
+        "Consumption distribution",
+        "Tier distribution",
+        "Time-of-use shares",
+        "Bills by customer class",
+        "Collection success",
+        "Arrears",
+    ] {
+        assert!(html.contains(section), "missing section {section}");
+    }
+    assert!(
+        html.contains("month-over-month"),
+        "September run found next to October"
+    );
+    // No raw personal data in the report either.
+    let found: Vec<String> = raw_personal_values()
+        .into_iter()
+        .filter(|r| html.contains(r.as_str()))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "raw personal values in the report: {found:?}"
+    );
+}
+
+/// Distinct RGB colours of a PNG, decoded with python3's zlib (stdlib only).
+fn png_colours(png: &Path) -> Option<usize> {
+    let script = r#"
+import sys, zlib, struct
+d = open(sys.argv[1], 'rb').read()
+assert d[:8] == b'\x89PNG\r\n\x1a\n'
+i, idat, w, h, ct = 8, b'', 0, 0, 0
+while i < len(d):
+    n = struct.unpack('>I', d[i:i+4])[0]; t = d[i+4:i+8]; c = d[i+8:i+8+n]
+    if t == b'IHDR': w, h, bd, ct = struct.unpack('>IIBB', c[:10])
+    if t == b'IDAT': idat += c
+    i += 12 + n
+bpp = {2: 3, 6: 4}[ct]
+raw = zlib.decompress(idat); stride = w * bpp
+prev = bytearray(stride); cols = set(); p = 0
+for y in range(h):
+    f = raw[p]; line = bytearray(raw[p+1:p+1+stride]); p += 1 + stride
+    for x in range(stride):
+        a = line[x-bpp] if x >= bpp else 0; b = prev[x]; c = prev[x-bpp] if x >= bpp else 0
+        if f == 1: line[x] = (line[x] + a) & 255
+        elif f == 2: line[x] = (line[x] + b) & 255
+        elif f == 3: line[x] = (line[x] + (a + b) // 2) & 255
+        elif f == 4:
+            pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+            pr = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            line[x] = (line[x] + pr) & 255
+    if y % 4 == 0:
+        for x in range(0, stride, bpp * 2): cols.add(bytes(line[x:x+3]))
+    prev = line
+print(len(cols))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(png)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[test]
+fn report_renders_in_headless_chromium_without_console_errors() {
+    let chromium = Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        panic!("chromium missing: run scripts/install-deps.sh");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let html_path = dir.path().join("report.html");
+    report(&runs().join("2026-10"), &html_path);
+    let png = dir.path().join("shot.png");
+    let profile = tempfile::tempdir().unwrap();
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,2000",
+    ];
+    let url = format!("file://{}", html_path.display());
+    let shot = Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(&url)
+        .output()
+        .expect("chromium runs");
+    let stderr = String::from_utf8_lossy(&shot.stderr);
+    assert!(shot.status.success(), "chromium failed: {stderr}");
+    for bad in ["Uncaught", "ERROR:CONSOLE", "Failed to load resource"] {
+        assert!(
+            !stderr.contains(bad),
+            "console error while rendering: {stderr}"
+        );
+    }
+    let size = std::fs::metadata(&png).expect("screenshot written").len();
+    assert!(size > 30_000, "screenshot is only {size} bytes");
+    if let Some(n) = png_colours(&png) {
+        assert!(n >= 5, "screenshot has only {n} distinct colours");
+    }
+    // The DOM after rendering holds the charts.
+    let profile = tempfile::tempdir().unwrap();
+    let dom = Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains("<svg") && dom.contains("Run report"),
+        "rendered DOM lacks the report"
+    );
+}
