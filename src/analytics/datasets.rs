@@ -682,8 +682,15 @@ fn trend_pct_per_30_days(vals: &[(NaiveDate, i128)]) -> Option<f64> {
 
 /// Bill dates per account: from bill runs, else the 1st of every month in the data.
 fn bill_dates(inp: &Inputs) -> BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> {
+    bill_dates_from(inp, !inp.bills.is_empty())
+}
+
+fn bill_dates_from(
+    inp: &Inputs,
+    from_runs: bool,
+) -> BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> {
     let mut out: BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> = BTreeMap::new();
-    if !inp.bills.is_empty() {
+    if from_runs {
         for b in &inp.bills {
             let postpaid = |a: &usize| inp.accounts[*a].payment_mode == PaymentMode::Postpaid;
             // Prepaid accounts settle through their balance, not by paying bills.
@@ -920,7 +927,16 @@ fn arrears_backtest(inp: &Inputs, m: &Monthly, last: Option<NaiveDate>) -> Table
         return Table::new();
     };
     let pays = payments_by_account(inp);
-    let bills = bill_dates(inp);
+    let scorable = |b: &BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>>| {
+        b.values()
+            .flatten()
+            .any(|(bd, _)| (last - *bd).num_days() >= GRACE_DAYS)
+    };
+    let mut bills = bill_dates(inp);
+    if !scorable(&bills) {
+        // Runs too recent to have an outcome: fall back to bills on the 1st of each month.
+        bills = bill_dates_from(inp, false);
+    }
     let mut by_band: BTreeMap<&'static str, (i64, i64, i64)> = BTreeMap::new();
     for (a, bs) in &bills {
         let p = pays.get(a).map_or(&[][..], |v| v);

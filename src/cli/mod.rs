@@ -97,7 +97,13 @@ pub enum Command {
 pub fn main() -> ExitCode {
     reset_sigpipe();
     let cli = Cli::parse();
-    init_logging(&cli.log_format, &cli.log);
+    // The demo prints its own story; keep routine logs out of it unless asked.
+    let log = if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() && cli.log == "info" {
+        "warn"
+    } else {
+        &cli.log
+    };
+    init_logging(&cli.log_format, log);
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Sim(c) => sim::run(c),

@@ -190,7 +190,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} not priced, {} conflicts; {} alerts, {} relay orders ({} dry-run frames) in {:.2}s",
+            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} held jumps, {} spikes dropped, {} not priced, {} conflicts; {} alerts, {} relay orders ({} dry-run frames) in {:.2}s",
             stats.meters,
             stats.readings,
             stats.deductions,
@@ -198,6 +198,8 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
             stats.duplicates,
             stats.stale,
             stats.backwards,
+            stats.held,
+            stats.spikes,
             stats.unpriced,
             stats.conflicts,
             delivered.alerts,

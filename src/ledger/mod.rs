@@ -147,6 +147,11 @@ pub struct Cursor {
     /// reading that arrives late but is older can still be charged in front.
     pub first_ts_ms: i64,
     pub first_value: Decimal,
+    /// A suspicious jump `(ts, raw value)` after `last_ts_ms`, not yet charged:
+    /// the next reading confirms it (charged then) or shows it was a transient
+    /// spike (dropped), so a spike never becomes the base.
+    #[serde(default)]
+    pub held: Option<(i64, Decimal)>,
 }
 
 /// A message to deliver after commit (alert, relay order), written in the same

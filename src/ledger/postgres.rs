@@ -59,7 +59,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE entries (
         created_ms BIGINT NOT NULL,
         payload TEXT NOT NULL,
         delivered_ms BIGINT
-     );"];
+     );",
+    // 2: a held (unconfirmed) jump per cursor, see `prepay::deduct`.
+    "ALTER TABLE cursors ADD COLUMN held_ts_ms BIGINT, ADD COLUMN held_value NUMERIC;",
+];
 
 pub struct PgLedger {
     client: Client,
@@ -206,11 +209,12 @@ impl Tx for PgTx<'_, '_> {
     }
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
         self.tx.execute(
-            "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value)
-             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, CAST($6::text AS NUMERIC), $7, CAST($8::text AS NUMERIC))
+            "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value)
+             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, CAST($6::text AS NUMERIC), $7, CAST($8::text AS NUMERIC), $9, CAST($10::text AS NUMERIC))
              ON CONFLICT (meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
                position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
-               first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value",
+               first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
+               held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value",
             &[
                 &c.meter_id,
                 &c.channel,
@@ -220,6 +224,8 @@ impl Tx for PgTx<'_, '_> {
                 &c.last_value.normalize().to_string(),
                 &c.first_ts_ms,
                 &c.first_value.normalize().to_string(),
+                &c.held.map(|h| h.0),
+                &c.held.map(|h| h.1.normalize().to_string()),
             ],
         )?;
         Ok(())
@@ -449,7 +455,7 @@ impl PgLedger {
     fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
         let (m, c) = key.unzip();
         let rows = self.client.query(
-            "SELECT meter_id, channel, window_start_ms, position::text, last_ts_ms, last_value::text, first_ts_ms, first_value::text FROM cursors
+            "SELECT meter_id, channel, window_start_ms, position::text, last_ts_ms, last_value::text, first_ts_ms, first_value::text, held_ts_ms, held_value::text FROM cursors
              WHERE ($1::text IS NULL OR (meter_id = $1 AND channel = $2)) ORDER BY meter_id, channel",
             &[&m, &c],
         )?;
@@ -464,6 +470,10 @@ impl PgLedger {
                     last_value: parse_amount(r.get(5))?,
                     first_ts_ms: r.get(6),
                     first_value: parse_amount(r.get(7))?,
+                    held: match (r.get::<_, Option<i64>>(8), r.get::<_, Option<&str>>(9)) {
+                        (Some(t), Some(v)) => Some((t, parse_amount(v)?)),
+                        _ => None,
+                    },
                 })
             })
             .collect()

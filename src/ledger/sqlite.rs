@@ -62,6 +62,9 @@ const MIGRATIONS: &[&str] = &[
         payload TEXT NOT NULL,
         delivered_ms INTEGER
      );",
+    // 2: a held (unconfirmed) jump per cursor, see `prepay::deduct`.
+    "ALTER TABLE cursors ADD COLUMN held_ts_ms INTEGER;
+     ALTER TABLE cursors ADD COLUMN held_value TEXT;",
 ];
 
 pub struct SqliteLedger {
@@ -213,11 +216,12 @@ impl Tx for SqlTx<'_> {
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
         self.tx
             .prepare_cached(
-                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT(meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
                    position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
-                   first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value",
+                   first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
+                   held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value",
             )?
             .execute(params![
                 c.meter_id,
@@ -227,7 +231,9 @@ impl Tx for SqlTx<'_> {
                 c.last_ts_ms,
                 c.last_value.normalize().to_string(),
                 c.first_ts_ms,
-                c.first_value.normalize().to_string()
+                c.first_value.normalize().to_string(),
+                c.held.map(|h| h.0),
+                c.held.map(|h| h.1.normalize().to_string())
             ])?;
         Ok(())
     }
@@ -453,7 +459,7 @@ impl SqliteLedger {
     fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
         let (m, c) = key.unzip();
         let mut st = self.conn.prepare_cached(
-            "SELECT meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value FROM cursors
+            "SELECT meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value FROM cursors
              WHERE (?1 IS NULL OR (meter_id = ?1 AND channel = ?2)) ORDER BY meter_id, channel",
         )?;
         let rows = st.query_map(params![m, c], |r| {
@@ -466,12 +472,18 @@ impl SqliteLedger {
                 r.get::<_, String>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, String>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+                r.get::<_, Option<String>>(9)?,
             ))
         })?;
         let mut out = Vec::new();
         for r in rows {
-            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first) =
+            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first, hts, hv) =
                 r?;
+            let held = match (hts, hv) {
+                (Some(t), Some(v)) => Some((t, parse_amount(&v)?)),
+                _ => None,
+            };
             out.push(Cursor {
                 meter_id,
                 channel,
@@ -481,6 +493,7 @@ impl SqliteLedger {
                 last_value: parse_amount(&last)?,
                 first_ts_ms,
                 first_value: parse_amount(&first)?,
+                held,
             });
         }
         Ok(out)

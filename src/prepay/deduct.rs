@@ -37,10 +37,31 @@ pub const CHANNEL: &str = "import_active_total";
 pub enum Step {
     /// First reading: the cursor only.
     Baseline(Cursor),
-    /// A deduction (None when the charge is zero) and the new cursor.
-    Deduct(Option<NewEntry>, Cursor),
+    /// Deductions (none for a zero charge) and the new cursor.
+    Deduct(Vec<NewEntry>, Cursor),
+    /// A suspicious jump: held in the cursor, not charged, until the next reading.
+    Hold(Cursor),
+    /// The held jump was a transient spike and is dropped; this reading's
+    /// deductions and the new cursor.
+    Spike(Vec<NewEntry>, Cursor),
     Stale,
     Backwards,
+}
+
+/// A step is a suspicious jump when it is above [`SPIKE_FLOOR_KWH`] and more
+/// than `SPIKE_FACTOR` times what the window's average rate predicts for its
+/// duration (same factor and floor as the billing VEE's spike check).
+pub const SPIKE_FACTOR: i64 = 10;
+pub const SPIKE_FLOOR_KWH: Decimal = Decimal::from_parts(5, 0, 0, false, 0);
+
+/// Whether a step of `kwh` ending at `ts_ms` is out of line with the cursor's history.
+pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal) -> bool {
+    let span = c.last_ts_ms - c.first_ts_ms;
+    if kwh <= SPIKE_FLOOR_KWH || span <= 0 {
+        return false; // small, or no history to judge by
+    }
+    kwh * Decimal::from(span)
+        > Decimal::from(SPIKE_FACTOR) * c.position * Decimal::from(ts_ms - c.last_ts_ms)
 }
 
 /// Register delta with rollover at `modulus`; None for a backwards reading.
@@ -57,6 +78,13 @@ pub fn register_delta(from: Decimal, to: Decimal, modulus: Decimal) -> Option<De
 }
 
 /// One step of the state machine for reading (`ts_ms`, raw register `value`).
+///
+/// A suspicious jump (see [`suspicious`]) is held in the cursor instead of
+/// becoming the base: a later reading at or above it confirms it (both are
+/// charged then, in order), a later reading below it but not below the base
+/// shows it was a transient spike (dropped: the consumption is charged from
+/// the base to the later reading). Registers are cumulative, so dropping a
+/// reading never loses energy; it only merges two intervals.
 pub fn step(
     pricer: &dyn Pricer,
     account: &Account,
@@ -77,6 +105,7 @@ pub fn step(
             last_value: value,
             first_ts_ms: ts_ms,
             first_value: value,
+            held: None,
         }));
     };
     if ts_ms < c.first_ts_ms && ts_ms >= c.window_start_ms {
@@ -85,10 +114,79 @@ pub fn step(
     if ts_ms <= c.last_ts_ms {
         return Ok(Step::Stale);
     }
+    let Some((hts, hv)) = c.held else {
+        return advance(pricer, account, meter, c, ts_ms, value, source, true);
+    };
+    if ts_ms == hts {
+        return Ok(Step::Stale);
+    }
+    let bare = Cursor {
+        held: None,
+        ..c.clone()
+    };
+    if ts_ms < hts {
+        // Between the base and the held jump: an ordinary step; keep holding.
+        return Ok(
+            match advance(pricer, account, meter, &bare, ts_ms, value, source, true)? {
+                Step::Deduct(e, n) => Step::Deduct(e, Cursor { held: c.held, ..n }),
+                other => other,
+            },
+        );
+    }
+    let modulus = meter.modulus();
+    if register_delta(hv, value, modulus).is_some() {
+        // Confirmed: charge the held reading, then this one.
+        let (mut entries, base) =
+            match advance(pricer, account, meter, &bare, hts, hv, source, false)? {
+                Step::Deduct(e, n) => (e, n),
+                _ => (Vec::new(), bare.clone()),
+            };
+        return Ok(
+            match advance(pricer, account, meter, &base, ts_ms, value, source, true)? {
+                Step::Deduct(e, n) => {
+                    entries.extend(e);
+                    Step::Deduct(entries, n)
+                }
+                Step::Hold(n) => Step::Deduct(entries, n),
+                _ => Step::Deduct(entries, base),
+            },
+        );
+    }
+    if register_delta(c.last_value, value, modulus).is_some() {
+        // Below the held jump, not below the base: the jump was a transient spike.
+        return Ok(
+            match advance(pricer, account, meter, &bare, ts_ms, value, source, true)? {
+                Step::Deduct(e, n) => Step::Spike(e, n),
+                Step::Hold(n) => Step::Spike(Vec::new(), n),
+                _ => Step::Spike(Vec::new(), bare),
+            },
+        );
+    }
+    Ok(Step::Backwards)
+}
+
+/// A step forward from `c` (no held jump); `check` = may hold a suspicious jump.
+#[allow(clippy::too_many_arguments)]
+fn advance(
+    pricer: &dyn Pricer,
+    account: &Account,
+    meter: &Meter,
+    c: &Cursor,
+    ts_ms: i64,
+    value: Decimal,
+    source: &str,
+    check: bool,
+) -> Result<Step, PriceError> {
     let Some(raw) = register_delta(c.last_value, value, meter.modulus()) else {
         return Ok(Step::Backwards);
     };
     let kwh = raw * meter.multiplier();
+    if check && suspicious(c, ts_ms, kwh) {
+        return Ok(Step::Hold(Cursor {
+            held: Some((ts_ms, value)),
+            ..c.clone()
+        }));
+    }
     let w = pricer.window(account, ts_ms - 1)?;
     let same_window = w.start_ms == c.window_start_ms;
     let before = if same_window {
@@ -98,7 +196,8 @@ pub fn step(
     };
     let after = before + kwh;
     let charge = pricer.charge(account, &w, ts_ms, before, after)?;
-    let entry = (!charge.amount.is_zero()).then(|| NewEntry {
+    let entry: Vec<NewEntry> = (!charge.amount.is_zero())
+        .then(|| NewEntry {
         key: format!("ded:{}:{}:{}:{}:{}", account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version),
         account_id: account.account_id.clone(),
         kind: EntryKind::Deduction,
@@ -113,7 +212,9 @@ pub fn step(
             after.normalize(),
             charge.version
         ),
-    });
+        })
+        .into_iter()
+        .collect();
     let next = Cursor {
         meter_id: meter.meter_id.clone(),
         channel: CHANNEL.into(),
@@ -131,6 +232,7 @@ pub fn step(
         } else {
             c.last_value
         },
+        held: None,
     };
     Ok(Step::Deduct(entry, next))
 }
@@ -177,7 +279,7 @@ fn prepend(
         first_value: value,
         ..c.clone()
     };
-    Ok(Step::Deduct(entry, next))
+    Ok(Step::Deduct(entry.into_iter().collect(), next))
 }
 
 #[cfg(test)]
@@ -235,10 +337,11 @@ mod tests {
         for (ts, v) in readings {
             match step(&Flat, &a, &m, c.as_ref(), *ts, *v, "test").unwrap() {
                 Step::Baseline(n) => c = Some(n),
-                Step::Deduct(e, n) => {
+                Step::Deduct(e, n) | Step::Spike(e, n) => {
                     out.extend(e);
                     c = Some(n);
                 }
+                Step::Hold(n) => c = Some(n),
                 Step::Stale | Step::Backwards => skipped += 1,
             }
         }

@@ -127,6 +127,10 @@ pub struct RunStats {
     pub conflicts: usize,
     pub stale: usize,
     pub backwards: usize,
+    /// Suspicious jumps held until the next reading.
+    pub held: usize,
+    /// Held jumps the next reading showed to be transient spikes (not charged).
+    pub spikes: usize,
     pub unpriced: usize,
     pub skipped_quality: usize,
     pub amount: Decimal,
@@ -216,6 +220,16 @@ pub fn deduct_meter(
         match deduct::step(pricer, account, meter, cur.as_ref(), *ts, *value, source) {
             Ok(Step::Baseline(c)) => cur = Some(c),
             Ok(Step::Deduct(e, c)) => {
+                entries.extend(e);
+                cur = Some(c);
+            }
+            Ok(Step::Hold(c)) => {
+                stats.held += 1;
+                cur = Some(c);
+            }
+            Ok(Step::Spike(e, c)) => {
+                stats.spikes += 1;
+                tracing::info!(meter = meter_id, ts, "transient register spike dropped");
                 entries.extend(e);
                 cur = Some(c);
             }
@@ -339,6 +353,8 @@ pub fn run_batch(
             stats.readings += local.readings;
             stats.stale += local.stale;
             stats.backwards += local.backwards;
+            stats.held += local.held;
+            stats.spikes += local.spikes;
             stats.unpriced += local.unpriced;
             for (o, e) in report.outcomes.iter().zip(&batch.entries) {
                 match o {

@@ -423,6 +423,8 @@ fn process(
         stats.readings += local.readings;
         stats.stale += local.stale;
         stats.backwards += local.backwards;
+        stats.held += local.held;
+        stats.spikes += local.spikes;
         stats.unpriced += local.unpriced;
         for (o, e) in report.outcomes.iter().zip(&batch.entries) {
             match o {

@@ -66,8 +66,13 @@ pub fn write_report(run_dir: &Path, out_html: &Path) -> Result<PathBuf, ReportEr
 
 pub fn write_report_with(opts: &ReportOptions) -> Result<PathBuf, ReportError> {
     let html = render(opts)?;
-    crate::store::atomic::write_file_atomic(&opts.out, html.as_bytes())?;
-    Ok(opts.out.clone())
+    // A bare file name has an empty parent, which cannot be fsynced: anchor it at ".".
+    let out = match opts.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => opts.out.clone(),
+        _ => Path::new(".").join(&opts.out),
+    };
+    crate::store::atomic::write_file_atomic(&out, html.as_bytes())?;
+    Ok(out)
 }
 
 fn read_opt(path: &Path) -> Result<Option<Table>, ReportError> {
@@ -436,8 +441,21 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
             let coll = str_col(&t, "collector");
             let bus = str_col(&t, "bus");
             let cols: Vec<String> = t.columns.iter().map(|(n, _)| n.clone()).collect();
-            let rows: Vec<Vec<String>> = (0..t.rows()).map(|i| t.columns.iter().map(|(_, c)| esc(&c.text(i))).collect()).collect();
             let whole_rows: Vec<usize> = (0..t.rows()).filter(|i| bus[*i].is_empty()).collect();
+            // Every collector, then the buses collecting worst (a long tail of healthy buses says nothing).
+            let mut bus_rows: Vec<usize> = (0..t.rows()).filter(|i| !bus[*i].is_empty()).collect();
+            if let Some(Col::Ratio(sr)) = t.col("success_ratio") {
+                bus_rows.sort_by(|a, b| sr[*a].unwrap_or(0.0).total_cmp(&sr[*b].unwrap_or(0.0)).then(a.cmp(b)));
+            }
+            let shown = MAX_BUS_ROWS.min(bus_rows.len());
+            let rows: Vec<Vec<String>> = whole_rows
+                .iter()
+                .chain(&bus_rows[..shown])
+                .map(|i| t.columns.iter().map(|(_, c)| esc(&c.text(*i))).collect())
+                .collect();
+            if bus_rows.len() > shown {
+                p.note(&format!("{} buses; the table shows the {shown} with the lowest success ratio.", bus_rows.len()));
+            }
             if let Some(Col::Ratio(sr)) = t.col("success_ratio") {
                 let labels: Vec<String> = whole_rows.iter().map(|i| coll[*i].to_string()).collect();
                 let vals: Vec<u64> = whole_rows.iter().map(|i| (sr[*i].unwrap_or(0.0) * 1000.0).round() as u64).collect();
@@ -468,6 +486,9 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     );
     Ok(p.finish())
 }
+
+/// Bus rows shown in the collection table.
+const MAX_BUS_ROWS: usize = 15;
 
 fn permille(part: i128, total: i128) -> String {
     if total == 0 {

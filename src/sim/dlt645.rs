@@ -917,6 +917,15 @@ impl SimHandle {
         }
     }
 
+    /// A meter's clock minus the true clock, in ms (changed by a broadcast time sync).
+    pub fn clock_offset_ms(&self, address: Address) -> Option<i64> {
+        self.lock()
+            .meters
+            .iter()
+            .find(|m| m.cfg.address == address)
+            .map(|m| m.clock_offset_ms)
+    }
+
     /// Requests each meter has received.
     pub fn requests(&self, address: Address) -> u64 {
         self.lock()

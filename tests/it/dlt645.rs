@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use meterflow::collector::config::{BusConfig, CollectorConfig, MeterConfig, SerialSettings};
 use meterflow::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, RelayOutcome};
 use meterflow::collector::dlt645::{link, scan, Bus, BusTiming, Endpoint};
-use meterflow::collector::run::collect_once;
+use meterflow::collector::run::{collect_once, run, CollectOptions, CollectStats};
 use meterflow::model::{Channel, Quality, Reading};
 use meterflow::protocol::dlt645::{lookup, Address, Di, Edition, RelayCommand, Value};
 use meterflow::sim::dlt645::{spawn_pty, spawn_tcp, Faults, Served, SimFile, SimMeterConfig};
@@ -32,12 +32,17 @@ fn localhost() -> SocketAddr {
 
 /// A config reading registers, power and the clock of every meter on one bus.
 fn config(bus: BusConfig, meters: &[(&str, Edition)]) -> CollectorConfig {
-    let text = String::from(
+    config_every(900, bus, meters)
+}
+
+/// Like [`config`], with the register schedule every `every_s` seconds.
+fn config_every(every_s: u64, bus: BusConfig, meters: &[(&str, Edition)]) -> CollectorConfig {
+    let text = format!(
         r#"collector_id = "it-dlt645"
 [[dlt645.group]]
 name = "g2007"
 [[dlt645.group.schedule]]
-every_s = 900
+every_s = {every_s}
 dis = ["0001FF00", "02030000", "02010100"]
 read_clock = true
 [[dlt645.group]]
@@ -659,4 +664,224 @@ async fn collect_command_once_against_the_simulator() {
         err.contains("collectors.toml:6") && err.contains("12AB"),
         "{err}"
     );
+}
+
+/// Runs the collector continuously until the returned sender says stop.
+fn run_continuous(
+    cfg: CollectorConfig,
+    lake: &Path,
+    metrics_addr: Option<SocketAddr>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<CollectStats, meterflow::collector::run::CollectError>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let opts = CollectOptions {
+        lake_dir: lake.to_path_buf(),
+        once: false,
+        metrics_addr,
+    };
+    (tx, tokio::spawn(run(cfg, opts, rx)))
+}
+
+/// Waits (up to `secs`) until `f` holds.
+async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn metric_line<'a>(text: &'a str, name: &str, meter: &str) -> Option<&'a str> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("meter=\"{meter}\"")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_meter_is_polled_less_often_until_it_answers_again_and_metrics_show_it() {
+    let (healthy, dead) = ("000000005001", "000000005002");
+    let mut meters = vec![sim_meter(healthy, 10), sim_meter(dead, 20)];
+    meters[1].faults = Faults {
+        no_reply: true,
+        ..Default::default()
+    };
+    let sim = spawn_tcp(
+        SimFile {
+            meters,
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let mut bus = fast_bus("gw-degrade", Some(sim.addr), None);
+    bus.retries = 0;
+    bus.degrade_after_cycles = 2;
+    bus.degraded_poll_interval_s = 4;
+    let cfg = config_every(
+        1,
+        bus,
+        &[(healthy, Edition::V2007), (dead, Edition::V2007)],
+    );
+    let lake = tempfile::tempdir().unwrap();
+    let metrics_addr = free_port();
+    let (stop, task) = run_continuous(cfg, lake.path(), Some(metrics_addr));
+
+    // Cycles at about 0 s, 1 s, 2 s, 3 s: the dead meter fails twice, then is left alone.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (h, d) = (sim.handle.requests(addr(healthy)), sim.handle.requests(addr(dead)));
+    assert!(h >= 3 * 5, "the healthy meter is read every cycle: {h}");
+    assert_eq!(d, 2, "one timed-out request per failing cycle, none once degraded");
+    let text = http_get(metrics_addr, "/metrics").await;
+    let label = format!("gw-degrade/{dead}");
+    let degraded = metric_line(&text, "meterflow_dlt645_meter_degraded", &label).unwrap();
+    assert!(degraded.ends_with(" 1"), "{degraded}");
+    let timeouts = metric_line(&text, "meterflow_dlt645_timeouts_total", &label).unwrap();
+    assert!(timeouts.ends_with(" 2"), "{timeouts}");
+    let ok = metric_line(
+        &text,
+        "meterflow_dlt645_requests_total",
+        &format!("gw-degrade/{healthy}"),
+    )
+    .unwrap();
+    assert!(!ok.ends_with(" 0"), "{ok}");
+
+    // It comes back: the degraded retry (about 5 s in) answers, then it is read every cycle.
+    sim.handle.set_faults(addr(dead), Faults::default());
+    let back = eventually(6, || sim.handle.requests(addr(dead)) >= 2 + 5 * 2).await;
+    assert!(back, "requests: {}", sim.handle.requests(addr(dead)));
+    let text = http_get(metrics_addr, "/metrics").await;
+    let degraded = metric_line(&text, "meterflow_dlt645_meter_degraded", &label).unwrap();
+    assert!(degraded.ends_with(" 0"), "{degraded}");
+
+    stop.send(true).unwrap();
+    let stats = task.await.unwrap().unwrap();
+    assert!(stats.buses[0].cycles >= 5, "{:?}", stats.buses[0]);
+    let readings = lake_readings(lake.path());
+    assert!(readings.iter().any(|r| r.meter_id == format!("M-{dead}")));
+}
+
+/// A transparent gateway on loopback that can be switched off (its
+/// connections die with it) and on again at the same port.
+fn gateway(listener: tokio::net::TcpListener, upstream: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_resume_after_the_gateway_goes_away_and_comes_back() {
+    let a = "000000006001";
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter(a, 10)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let gw_addr = listener.local_addr().unwrap();
+    let gw = gateway(listener, sim.addr);
+    let mut bus = fast_bus("gw-flaky", Some(gw_addr), None);
+    bus.reconnect_backoff_ms = 100;
+    bus.reconnect_backoff_max_ms = 400;
+    let cfg = config_every(1, bus, &[(a, Edition::V2007)]);
+    let lake = tempfile::tempdir().unwrap();
+    let (stop, task) = run_continuous(cfg, lake.path(), None);
+
+    assert!(eventually(5, || sim.handle.requests(addr(a)) >= 5).await);
+    gw.abort();
+    let _ = gw.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = sim.handle.requests(addr(a));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sim.handle.requests(addr(a)), during, "nothing reaches the meter while the gateway is down");
+
+    let restarted_ms = meterflow::model::now_ms();
+    let listener = tokio::net::TcpListener::bind(gw_addr).await.unwrap();
+    let gw = gateway(listener, sim.addr);
+    assert!(
+        eventually(5, || sim.handle.requests(addr(a)) >= during + 10).await,
+        "readings resume after the gateway returns"
+    );
+    stop.send(true).unwrap();
+    let stats = task.await.unwrap().unwrap();
+    gw.abort();
+    assert!(stats.buses[0].connect_failures >= 1, "{:?}", stats.buses[0]);
+    assert!(stats.buses[0].error.is_none());
+    let readings = lake_readings(lake.path());
+    assert!(
+        readings
+            .iter()
+            .any(|r| r.received_ms >= restarted_ms && r.channel == Channel::ImportActiveTotal),
+        "readings taken after the reconnect reach the lake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_meter_clock_is_corrected_by_broadcast_time_sync() {
+    let a = "000000007001";
+    let mut m = sim_meter(a, 10);
+    m.clock_offset_s = 3600;
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![m],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(fast_bus("gw-sync", Some(sim.addr), None), &[(a, Edition::V2007)]);
+    cfg.dlt645.time_sync = true;
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg.clone(), lake.path()).await.unwrap();
+    assert_eq!(stats.buses[0].meters_skewed, vec![format!("M-{a}")]);
+    // The simulator applied the 0x08 broadcast: its clock is now (nearly) right.
+    assert!(
+        eventually(2, || sim
+            .handle
+            .clock_offset_ms(addr(a))
+            .is_some_and(|o| o.abs() < 2000))
+        .await,
+        "offset {:?}",
+        sim.handle.clock_offset_ms(addr(a))
+    );
+    let again = collect_once(cfg, lake.path()).await.unwrap();
+    assert!(again.buses[0].meters_skewed.is_empty(), "{:?}", again.buses[0]);
 }
