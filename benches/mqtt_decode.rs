@@ -64,15 +64,29 @@ fn bench(c: &mut Criterion) {
     );
     g.throughput(Throughput::Elements(8));
     g.bench_function("gateway_values_8_tags", |b| {
-        b.iter(|| black_box(d.decode("gw/n7", black_box(values.as_bytes()), now).unwrap()))
+        b.iter(|| {
+            black_box(
+                d.decode("gw/n7", black_box(values.as_bytes()), now)
+                    .unwrap(),
+            )
+        })
     });
 
-    let time = chrono::DateTime::from_timestamp(ts / 1000, 0).unwrap().format("%Y-%m-%dT%H:%M:%S");
-    let tasmota = format!(r#"{{"Time":"{time}","SML":{{"Total_in":12345.6789,"Total_out":12.5,"Power_curr":350}}}}"#);
+    let time = chrono::DateTime::from_timestamp(ts / 1000, 0)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%S");
+    let tasmota = format!(
+        r#"{{"Time":"{time}","SML":{{"Total_in":12345.6789,"Total_out":12.5,"Power_curr":350}}}}"#
+    );
     let mut d = decoder(Format::Tasmota, "");
     g.throughput(Throughput::Elements(3));
     g.bench_function("tasmota_sml_3_values", |b| {
-        b.iter(|| black_box(d.decode("tele/m1/SENSOR", black_box(tasmota.as_bytes()), now).unwrap()))
+        b.iter(|| {
+            black_box(
+                d.decode("tele/m1/SENSOR", black_box(tasmota.as_bytes()), now)
+                    .unwrap(),
+            )
+        })
     });
 
     let shelly = format!(
@@ -82,13 +96,22 @@ fn bench(c: &mut Criterion) {
     let mut d = decoder(Format::Shelly, "");
     g.throughput(Throughput::Elements(12));
     g.bench_function("shelly_notify_status_12_values", |b| {
-        b.iter(|| black_box(d.decode("s/events/rpc", black_box(shelly.as_bytes()), now).unwrap()))
+        b.iter(|| {
+            black_box(
+                d.decode("s/events/rpc", black_box(shelly.as_bytes()), now)
+                    .unwrap(),
+            )
+        })
     });
 
     let map_payload = format!(
         r#"{{"rows":[{}]}}"#,
         (0..50)
-            .map(|i| format!(r#"{{"dev":"D{i}","t":{},"m":{{"e":{}.5,"u":230.{i}}}}}"#, ts / 1000, 1000 + i))
+            .map(|i| format!(
+                r#"{{"dev":"D{i}","t":{},"m":{{"e":{}.5,"u":230.{i}}}}}"#,
+                ts / 1000,
+                1000 + i
+            ))
             .collect::<Vec<_>>()
             .join(",")
     );
@@ -98,7 +121,12 @@ fn bench(c: &mut Criterion) {
     );
     g.throughput(Throughput::Elements(100));
     g.bench_function("json_map_50_records_100_values", |b| {
-        b.iter(|| black_box(d.decode("site/x", black_box(map_payload.as_bytes()), now).unwrap()))
+        b.iter(|| {
+            black_box(
+                d.decode("site/x", black_box(map_payload.as_bytes()), now)
+                    .unwrap(),
+            )
+        })
     });
 
     // Sparkplug: DDATA by alias after one birth; seq advances each message.
@@ -119,12 +147,36 @@ fn bench(c: &mut Criterion) {
             body: None,
         })
     };
-    d.decode("spBv1.0/g/NBIRTH/e", &payload(0, vec![]), now).unwrap();
-    let names = ["import_active_total", "export_active_total", "voltage_a", "voltage_b", "voltage_c", "current_a", "current_b", "current_c", "active_power_total", "frequency"];
-    let birth: Vec<Metric> = names.iter().enumerate().map(|(i, n)| metric(Some(n), i as u64, 1.0)).collect();
-    d.decode("spBv1.0/g/DBIRTH/e/m1", &payload(1, birth), now).unwrap();
+    d.decode("spBv1.0/g/NBIRTH/e", &payload(0, vec![]), now)
+        .unwrap();
+    let names = [
+        "import_active_total",
+        "export_active_total",
+        "voltage_a",
+        "voltage_b",
+        "voltage_c",
+        "current_a",
+        "current_b",
+        "current_c",
+        "active_power_total",
+        "frequency",
+    ];
+    let birth: Vec<Metric> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| metric(Some(n), i as u64, 1.0))
+        .collect();
+    d.decode("spBv1.0/g/DBIRTH/e/m1", &payload(1, birth), now)
+        .unwrap();
     let data: Vec<Vec<u8>> = (0..256u64)
-        .map(|s| payload(s, (0..10).map(|i| metric(None, i, 100.25 + i as f64)).collect()))
+        .map(|s| {
+            payload(
+                s,
+                (0..10)
+                    .map(|i| metric(None, i, 100.25 + i as f64))
+                    .collect(),
+            )
+        })
         .collect();
     let mut seq = 2usize;
     g.throughput(Throughput::Elements(10));

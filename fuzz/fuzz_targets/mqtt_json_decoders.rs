@@ -41,7 +41,11 @@ values = { "e" = "/m/e", "voltage_a" = "/m/u" }
 
 fuzz_target!(|data: &[u8]| {
     let cfg = IngestConfig::parse(CONFIG, std::path::Path::new("fuzz.toml")).unwrap();
-    for (src, topic) in cfg.sources.iter().zip(["c/x", "v/x", "tele/x/SENSOR", "s/x", "m/x"]) {
+    for (src, topic) in cfg
+        .sources
+        .iter()
+        .zip(["c/x", "v/x", "tele/x/SENSOR", "s/x", "m/x"])
+    {
         let mut d = Decoder::new(src, Limits::default()).unwrap();
         let _ = d.decode(topic, data, 1_763_800_000_000);
     }

@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     // First byte of each chunk picks the topic; chunks are split on 0xff.
     let mut state = State::new();
     for chunk in data.split(|b| *b == 0xff) {
-        let Some((&t, rest)) = chunk.split_first() else { continue };
+        let Some((&t, rest)) = chunk.split_first() else {
+            continue;
+        };
         let topic = Topic::parse(TOPICS[t as usize % TOPICS.len()]).unwrap();
         if let Ok(p) = decode_payload(rest) {
             let _ = state.handle(&topic, &p);

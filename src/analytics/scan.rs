@@ -449,6 +449,92 @@ mod tests {
         assert_eq!(local_hour(t, 8 * 3600), 0);
     }
 
+    fn meter(digits: u8) -> Meter {
+        Meter {
+            meter_id: "m1".into(),
+            account_id: "a1".into(),
+            meter_type: String::new(),
+            ct_ratio: Decimal::ONE,
+            pt_ratio: Decimal::ONE,
+            register_digits: digits,
+            installed_on: NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
+            removed_on: None,
+            feeder: "F1".into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_snapshot_is_spread_flagged_and_reported_as_comm_loss() {
+        let mut regs = Snapshots::new();
+        // Snapshots on days 0, 1 and 3 (day 2 missing): 10 kWh, then 30 kWh over two days.
+        regs.insert(
+            (0, 0),
+            vec![
+                (0, 0, false),
+                (DAY_MS, 100_000, false),
+                (3 * DAY_MS, 400_000, false),
+            ],
+        );
+        let mut scan = Scan::default();
+        daily_from_registers(&[meter(6)], regs, 0, &mut scan);
+        let days: Vec<(i64, bool)> = scan
+            .daily
+            .iter()
+            .map(|d| (d.regs[0].unwrap(), d.estimated))
+            .collect();
+        assert_eq!(
+            days,
+            vec![(100_000, false), (150_000, true), (150_000, true)]
+        );
+        assert_eq!(scan.events.len(), 1);
+        assert_eq!(
+            (scan.events[0].kind, scan.events[0].count),
+            ("comm_loss", 1)
+        );
+    }
+
+    #[test]
+    fn a_register_wrapping_at_its_modulus_is_a_rollover_not_a_fall() {
+        let mut regs = Snapshots::new();
+        // 4-digit register: 9999.0 -> 0001.0 is 2 kWh.
+        regs.insert(
+            (0, 0),
+            vec![(0, 99_990_000, false), (DAY_MS, 10_000, false)],
+        );
+        let mut scan = Scan::default();
+        daily_from_registers(&[meter(4)], regs, 0, &mut scan);
+        assert_eq!(scan.daily[0].regs[0], Some(20_000));
+        assert_eq!(scan.backwards_pairs, 0);
+    }
+
+    #[test]
+    fn a_register_going_backwards_is_left_out_and_counted() {
+        let mut regs = Snapshots::new();
+        regs.insert((0, 0), vec![(0, 500_000, false), (DAY_MS, 400_000, false)]);
+        let mut scan = Scan::default();
+        daily_from_registers(&[meter(6)], regs, 0, &mut scan);
+        assert!(scan.daily.is_empty());
+        assert_eq!(scan.backwards_pairs, 1);
+    }
+
+    #[test]
+    fn consecutive_zero_voltage_readings_make_one_event() {
+        let mut volts = HashMap::new();
+        volts.insert(
+            0u32,
+            vec![(0, false), (10, true), (20, true), (30, false), (40, true)],
+        );
+        let mut scan = Scan::default();
+        zero_voltage_events(volts, &mut scan);
+        scan.events.sort_by_key(|e| e.start_ms);
+        let ev: Vec<(i64, i64, i64)> = scan
+            .events
+            .iter()
+            .map(|e| (e.start_ms, e.end_ms, e.count))
+            .collect();
+        assert_eq!(ev, vec![(10, 30, 2), (40, 40, 1)]);
+    }
+
     #[test]
     fn primary_energy_applies_the_multiplier_exactly() {
         assert_eq!(to_primary(12_345, Decimal::from(4000)), 49_380_000);

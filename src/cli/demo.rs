@@ -66,13 +66,40 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         field_lake.display()
     );
 
-    // 3. Prepayment: top-ups, daily deductions through month end, alerts.
+    // 3. The October bill run over the lake, then its HTML report.
+    let runs = out.join("runs");
+    let bill = crate::billing::run::bill_run(&crate::billing::run::BillRunOptions::new(
+        &fleet_dir,
+        fleet_dir.join("master"),
+        tariffs_dir(),
+        "2026-10",
+        runs.join("2026-10"),
+    ))
+    .context("bill run")?;
+    println!(
+        "  [bill]    period {}: {} bills ({} on estimates), {} exceptions, {} lines, {} kWh, {} yuan -> {}",
+        bill.period,
+        bill.bills,
+        bill.estimated_bills,
+        bill.exceptions,
+        bill.lines,
+        bill.total_kwh,
+        bill.total_amount,
+        bill.dir.as_deref().unwrap_or(&runs).display()
+    );
+
+    // 4. Prepayment: top-ups, daily deductions through month end, alerts.
     let prepay_out = out.join("prepay");
     let p = crate::prepay::demo::run(&fleet_dir, &fleet_dir.join("master"), &tariffs_dir(), &prepay_out)
         .context("prepayment demo")?;
     for line in p.to_string().lines() {
         println!("  [prepay]  {line}");
     }
+
+    // 5. The run report: one self-contained HTML file.
+    let run_dir = bill.dir.clone().unwrap_or_else(|| runs.join("2026-10"));
+    let report = crate::report::write_report(&run_dir, &out.join("report.html")).context("run report")?;
+    println!("  [report]  {}", report.display());
 
     println!("done: every output is under {}", out.display());
     Ok(ExitCode::SUCCESS)

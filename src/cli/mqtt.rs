@@ -99,7 +99,15 @@ async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
     let start = a.start_ms.unwrap_or_else(|| now_ms() - steps * 60_000);
     let readings = sim_readings(a.readings, a.meters, start);
     let t = Instant::now();
-    let msgs = publish_canonical(&a.url, &a.client_id, &a.topic, "publish-sim", &readings, a.per_message).await?;
+    let msgs = publish_canonical(
+        &a.url,
+        &a.client_id,
+        &a.topic,
+        "publish-sim",
+        &readings,
+        a.per_message,
+    )
+    .await?;
     let secs = t.elapsed().as_secs_f64();
     println!(
         "published {} readings in {msgs} messages to {} in {secs:.2} s ({:.0} readings/s)",
@@ -136,5 +144,9 @@ async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
     }
     let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
     println!("discarded {n} messages ({bytes} bytes) in {secs:.3} s");
-    Ok(if n == a.messages { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if n == a.messages {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }

@@ -1,7 +1,8 @@
 //! The `collect` engine: one task per DL/T 645 bus and per Modbus
-//! connection, all sending `Vec<Reading>` to one lake-writer task that makes
-//! them durable (`Lake::accept`) and commits them to Parquet (`Lake::flush`)
-//! periodically and at shutdown.
+//! connection, all sending [`LakeMsg`]s (readings, or bad input kept with its
+//! reason) to one lake-writer task that makes them durable (`Lake::accept`,
+//! `Lake::quarantine`) in arrival order and commits them to Parquet
+//! (`Lake::flush`) periodically and at shutdown.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,18 @@ use tokio::sync::{mpsc, watch};
 use super::config::CollectorConfig;
 use super::dlt645::{self, BusReport};
 use crate::model::Reading;
-use crate::store::{Lake, LakeOptions, StoreError};
+use crate::store::{Lake, LakeOptions, QuarantineRecord, StoreError};
+
+/// What a bus or connection task sends to the lake writer.
+#[derive(Debug)]
+pub enum LakeMsg {
+    Readings(Vec<Reading>),
+    /// Malformed frames, noise and undecodable values, with their reason.
+    Quarantine(Vec<QuarantineRecord>),
+}
+
+/// Sender half used by the bus and connection tasks.
+pub type LakeTx = mpsc::Sender<LakeMsg>;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -30,6 +42,8 @@ pub struct CollectStats {
     pub readings: u64,
     /// Readings committed to Parquet by flushes.
     pub flushed: u64,
+    /// Quarantine records made durable.
+    pub quarantined: u64,
     pub buses: Vec<BusReport>,
     /// Modbus connections that ended with an error.
     pub modbus_errors: Vec<String>,
@@ -88,7 +102,7 @@ pub async fn run(
             .await
             .map_err(|e| CollectError::Writer(e.to_string()))??;
 
-    let (tx, rx) = mpsc::channel::<Vec<Reading>>(256);
+    let (tx, rx) = mpsc::channel::<LakeMsg>(256);
     let writer = tokio::spawn(lake_writer(
         lake,
         rx,
@@ -152,27 +166,36 @@ pub async fn run(
         }
     }
     // Every sender is gone: the writer drains the channel, flushes and ends.
-    let (accepted, flushed) = writer
+    let w = writer
         .await
         .map_err(|e| CollectError::Writer(e.to_string()))??;
-    stats.readings = accepted;
-    stats.flushed = flushed;
+    stats.readings = w.accepted;
+    stats.flushed = w.flushed;
+    stats.quarantined = w.quarantined;
     if let Some(m) = metrics_task {
         m.abort();
     }
     Ok(stats)
 }
 
+#[derive(Debug, Default)]
+struct WriterStats {
+    accepted: u64,
+    flushed: u64,
+    quarantined: u64,
+}
+
 /// Receives batches, makes each durable, flushes on a timer, on size and at the end.
 async fn lake_writer(
     lake: Lake,
-    mut rx: mpsc::Receiver<Vec<Reading>>,
+    mut rx: mpsc::Receiver<LakeMsg>,
     every: Duration,
     max_pending: usize,
-) -> Result<(u64, u64), CollectError> {
+) -> Result<WriterStats, CollectError> {
     let mut lake = Some(lake);
     let mut accepted = 0u64;
     let mut flushed = 0u64;
+    let mut quarantined = 0u64;
     let mut pending = 0usize;
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -187,11 +210,17 @@ async fn lake_writer(
                 continue;
             }
         };
-        let Some(batch) = batch else { break };
-        let n = batch.len();
+        let Some(msg) = batch else { break };
+        let (n, is_readings) = match &msg {
+            LakeMsg::Readings(b) => (b.len(), true),
+            LakeMsg::Quarantine(q) => (q.len(), false),
+        };
         let mut l = lake.take().expect("lake is put back after every use");
         let (l, r) = tokio::task::spawn_blocking(move || {
-            let r = l.accept(&batch);
+            let r = match &msg {
+                LakeMsg::Readings(b) => l.accept(b),
+                LakeMsg::Quarantine(q) => l.quarantine(q),
+            };
             (l, r)
         })
         .await
@@ -199,10 +228,14 @@ async fn lake_writer(
         lake = Some(l);
         if let Err(e) = r {
             // Not durable: say so loudly; the next cycle reads the meters again.
-            tracing::error!(error = %e, readings = n, "lake refused a batch");
+            tracing::error!(error = %e, records = n, is_readings, "lake refused a batch");
             return Err(e.into());
         }
-        accepted += n as u64;
+        if is_readings {
+            accepted += n as u64;
+        } else {
+            quarantined += n as u64;
+        }
         pending += n;
         if pending >= max_pending {
             flushed += flush(&mut lake).await? as u64;
@@ -210,7 +243,11 @@ async fn lake_writer(
         }
     }
     flushed += flush(&mut lake).await? as u64;
-    Ok((accepted, flushed))
+    Ok(WriterStats {
+        accepted,
+        flushed,
+        quarantined,
+    })
 }
 
 async fn flush(lake: &mut Option<Lake>) -> Result<usize, CollectError> {

@@ -83,7 +83,11 @@ impl MqttConfig {
     /// The password, from its file (first line; relative to `base_dir`) or environment variable.
     pub fn password(&self, base_dir: &Path) -> Result<Option<String>, String> {
         if let Some(f) = &self.password_file {
-            let f = if f.is_absolute() { f.clone() } else { base_dir.join(f) };
+            let f = if f.is_absolute() {
+                f.clone()
+            } else {
+                base_dir.join(f)
+            };
             let s = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
             return Ok(Some(s.lines().next().unwrap_or("").to_string()));
         }
@@ -243,10 +247,7 @@ impl IngestConfig {
     /// Parses and validates; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<IngestConfig, ConfigError> {
         let cfg: IngestConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| line_of(text, s.start))
-                .unwrap_or(0);
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             let msg = e.message().to_string();
             ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -262,34 +263,64 @@ impl IngestConfig {
             message,
         };
         if cfg.mqtt.password_file.is_some() && cfg.mqtt.password_env.is_some() {
-            return Err(invalid("password_", "mqtt.password_file", "give password_file or password_env, not both".into()));
+            return Err(invalid(
+                "password_",
+                "mqtt.password_file",
+                "give password_file or password_env, not both".into(),
+            ));
         }
         if cfg.mqtt.client_cert_file.is_some() != cfg.mqtt.client_key_file.is_some() {
-            return Err(invalid("client_", "mqtt.client_cert_file", "client_cert_file and client_key_file go together".into()));
+            return Err(invalid(
+                "client_",
+                "mqtt.client_cert_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
         }
-        crate::ingest::mqtt::parse_url(&cfg.mqtt.url)
-            .map_err(|m| invalid("url", "mqtt.url", m))?;
+        crate::ingest::mqtt::parse_url(&cfg.mqtt.url).map_err(|m| invalid("url", "mqtt.url", m))?;
         if cfg.sources.is_empty() {
-            return Err(invalid("[mqtt]", "source", "at least one [[source]] is needed".into()));
+            return Err(invalid(
+                "[mqtt]",
+                "source",
+                "at least one [[source]] is needed".into(),
+            ));
         }
         let mut names = HashSet::new();
         for s in &cfg.sources {
             if !names.insert(s.name.clone()) {
-                return Err(invalid(&s.name, "source.name", format!("duplicate source name '{}'", s.name)));
+                return Err(invalid(
+                    &s.name,
+                    "source.name",
+                    format!("duplicate source name '{}'", s.name),
+                ));
             }
             if s.filter.is_empty() || s.filter.starts_with("$share/") {
-                return Err(invalid(&s.filter, "source.filter", "a plain topic filter is needed (use --shared-group for $share)".into()));
+                return Err(invalid(
+                    &s.filter,
+                    "source.filter",
+                    "a plain topic filter is needed (use --shared-group for $share)".into(),
+                ));
             }
             for (field, spec) in &s.channels {
-                resolve_channel(spec).map_err(|m| invalid(field, &format!("source.channels.{field}"), m))?;
+                resolve_channel(spec)
+                    .map_err(|m| invalid(field, &format!("source.channels.{field}"), m))?;
             }
             if s.format == Format::JsonMap && s.map.is_none() {
-                return Err(invalid(&s.name, "source.map", "format json_map needs a [source.map] table".into()));
+                return Err(invalid(
+                    &s.name,
+                    "source.map",
+                    "format json_map needs a [source.map] table".into(),
+                ));
             }
             if let Some(m) = &s.map {
                 for (field, p) in &m.values {
                     if !s.channels.contains_key(field) && field.parse::<Channel>().is_err() {
-                        return Err(invalid(p, &format!("source.map.values.{field}"), format!("'{field}' is neither a channel nor listed in [source.channels]")));
+                        return Err(invalid(
+                            p,
+                            &format!("source.map.values.{field}"),
+                            format!(
+                                "'{field}' is neither a channel nor listed in [source.channels]"
+                            ),
+                        ));
                     }
                 }
             }
@@ -348,7 +379,9 @@ pub fn resolve_channel(spec: &ChannelSpec) -> Result<ChannelMap, String> {
             scale,
         } => (channel.as_str(), unit.as_deref(), scale.as_deref()),
     };
-    let channel: Channel = name.parse().map_err(|e: crate::model::UnknownChannel| e.to_string())?;
+    let channel: Channel = name
+        .parse()
+        .map_err(|e: crate::model::UnknownChannel| e.to_string())?;
     let scale = match scale {
         None => Decimal::ONE,
         Some(s) => s
@@ -384,7 +417,9 @@ pub fn unit_factor(from: &str, to: &str) -> Result<Decimal, String> {
     let (fe, fb) = split(from);
     let (te, tb) = split(to);
     if fb != tb {
-        return Err(format!("unit '{from}' cannot be converted to the channel's unit '{to}'"));
+        return Err(format!(
+            "unit '{from}' cannot be converted to the channel's unit '{to}'"
+        ));
     }
     let e = fe - te;
     let ten = Decimal::TEN;
@@ -449,8 +484,13 @@ channels = { "ENERGY.Power" = { channel = "active_power_total", unit = "W" } }
 
     #[test]
     fn unknown_field_names_file_line_and_field() {
-        let text = GOOD.replace("client_id = \"ingest-1\"", "client_id = \"ingest-1\"\nclientid = 3");
-        let e = IngestConfig::parse(&text, Path::new("ingest.toml")).unwrap_err().to_string();
+        let text = GOOD.replace(
+            "client_id = \"ingest-1\"",
+            "client_id = \"ingest-1\"\nclientid = 3",
+        );
+        let e = IngestConfig::parse(&text, Path::new("ingest.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("ingest.toml:5:"), "{e}");
         assert!(e.contains("clientid"), "{e}");
     }
@@ -458,7 +498,9 @@ channels = { "ENERGY.Power" = { channel = "active_power_total", unit = "W" } }
     #[test]
     fn unknown_channel_names_its_line() {
         let text = GOOD.replace("active_power_total", "active_power_totl");
-        let e = IngestConfig::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+        let e = IngestConfig::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("x.toml:10:"), "{e}");
         assert!(e.contains("source.channels.ENERGY.Power"), "{e}");
     }

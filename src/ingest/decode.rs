@@ -16,7 +16,9 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::config::{resolve_channel, ChannelMap, ChannelSpec, Format, SourceConfig, TsFormat, Unmapped};
+use super::config::{
+    resolve_channel, ChannelMap, ChannelSpec, Format, SourceConfig, TsFormat, Unmapped,
+};
 use crate::model::{Channel, Protocol, Quality, Reading, Source};
 use crate::protocol::sparkplug;
 
@@ -69,9 +71,9 @@ impl DecodeError {
             DecodeError::BadNumber { .. } | DecodeError::ValueOutOfRange(_) => "bad_number",
             DecodeError::AbsurdTimestamp(_) | DecodeError::BadTimestamp(_) => "bad_timestamp",
             DecodeError::UnknownMeter(_) => "unknown_meter",
-            DecodeError::Unmapped(_) | DecodeError::UnknownChannel(_) | DecodeError::WrongUnit { .. } => {
-                "unmapped"
-            }
+            DecodeError::Unmapped(_)
+            | DecodeError::UnknownChannel(_)
+            | DecodeError::WrongUnit { .. } => "unmapped",
             DecodeError::DeviceError { .. } => "device_error",
             DecodeError::Sparkplug(_) => "sparkplug",
         }
@@ -129,7 +131,10 @@ impl Decoder {
             channels.insert(k, resolve_channel(&spec)?);
         }
         for (k, spec) in &src.channels {
-            channels.insert(k.clone(), resolve_channel(spec).map_err(|e| format!("{k}: {e}"))?);
+            channels.insert(
+                k.clone(),
+                resolve_channel(spec).map_err(|e| format!("{k}: {e}"))?,
+            );
         }
         Ok(Decoder {
             unmapped: src.unmapped(),
@@ -149,7 +154,12 @@ impl Decoder {
     }
 
     /// Decodes one message received at `now_ms`.
-    pub fn decode(&mut self, topic: &str, payload: &[u8], now_ms: i64) -> Result<Decoded, DecodeError> {
+    pub fn decode(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: i64,
+    ) -> Result<Decoded, DecodeError> {
         if payload.len() > self.limits.max_payload_bytes {
             return Err(DecodeError::Oversized {
                 len: payload.len(),
@@ -168,7 +178,13 @@ impl Decoder {
         Ok(out)
     }
 
-    fn canonical(&self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
+    fn canonical(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         let env: Canonical = parse_json(payload)?;
         let collector = env.collector.as_deref().unwrap_or(&self.limits.collector);
         let one;
@@ -208,10 +224,18 @@ impl Decoder {
         collector: &str,
         now: i64,
     ) -> Result<(Reading, bool), DecodeError> {
-        let meter = r.meter_id.as_deref().ok_or_else(|| DecodeError::MissingField("meter_id".into()))?;
+        let meter = r
+            .meter_id
+            .as_deref()
+            .ok_or_else(|| DecodeError::MissingField("meter_id".into()))?;
         let meter = self.meter_for(&[meter])?;
-        let ch_name = r.channel.as_deref().ok_or_else(|| DecodeError::MissingField("channel".into()))?;
-        let channel: Channel = ch_name.parse().map_err(|_| DecodeError::UnknownChannel(ch_name.to_string()))?;
+        let ch_name = r
+            .channel
+            .as_deref()
+            .ok_or_else(|| DecodeError::MissingField("channel".into()))?;
+        let channel: Channel = ch_name
+            .parse()
+            .map_err(|_| DecodeError::UnknownChannel(ch_name.to_string()))?;
         if let Some(u) = &r.unit {
             if u != channel.unit() {
                 return Err(DecodeError::WrongUnit {
@@ -221,9 +245,14 @@ impl Decoder {
                 });
             }
         }
-        let ts = r.ts.as_ref().ok_or_else(|| DecodeError::MissingField("ts".into()))?;
+        let ts =
+            r.ts.as_ref()
+                .ok_or_else(|| DecodeError::MissingField("ts".into()))?;
         let ts_ms = self.check_ts(ts_from(ts, TsFormat::Auto, 0, "ts")?, now)?;
-        let value = r.value.as_ref().ok_or_else(|| DecodeError::MissingField("value".into()))?;
+        let value = r
+            .value
+            .as_ref()
+            .ok_or_else(|| DecodeError::MissingField("value".into()))?;
         let (value, rounded) = self.fit(number(value, "value")?)?;
         let quality = match &r.quality {
             None => Quality::OK,
@@ -231,7 +260,8 @@ impl Decoder {
         };
         let protocol = match &r.protocol {
             None => Protocol::Mqtt,
-            Some(p) => Protocol::parse(p).ok_or_else(|| DecodeError::WrongType(format!("protocol '{p}'")))?,
+            Some(p) => Protocol::parse(p)
+                .ok_or_else(|| DecodeError::WrongType(format!("protocol '{p}'")))?,
         };
         Ok((
             Reading {
@@ -251,15 +281,31 @@ impl Decoder {
         ))
     }
 
-    fn values(&self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
+    fn values(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         let v: Value = parse_json(payload)?;
-        let obj = v.as_object().ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
         let node = str_field(obj.get("node"), "node")?;
         let group = obj.get("group").and_then(Value::as_str).unwrap_or("");
         let key = format!("{group}/{node}");
         let meter = self.meter_for(&[node, &key])?;
         let ts = match obj.get("timestamp") {
-            Some(t) => self.check_ts(ts_from(t, self.src.ts_format, self.src.tz_offset_minutes, "timestamp")?, now)?,
+            Some(t) => self.check_ts(
+                ts_from(
+                    t,
+                    self.src.ts_format,
+                    self.src.tz_offset_minutes,
+                    "timestamp",
+                )?,
+                now,
+            )?,
             None => now,
         };
         let values = obj
@@ -271,7 +317,16 @@ impl Decoder {
             if val.is_null() {
                 continue;
             }
-            self.push(out, &meter, tag, ts, number(val, tag), topic, Quality::OK, now);
+            self.push(
+                out,
+                &meter,
+                tag,
+                ts,
+                number(val, tag),
+                topic,
+                Quality::OK,
+                now,
+            );
         }
         if let Some(errs) = obj.get("errors").and_then(Value::as_object) {
             for (tag, code) in errs {
@@ -284,15 +339,30 @@ impl Decoder {
         Ok(())
     }
 
-    fn tasmota(&self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
+    fn tasmota(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         let v: Value = parse_json(payload)?;
-        let obj = v.as_object().ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
         // tele/<device>/SENSOR (or a custom full topic: the level before SENSOR).
         let levels: Vec<&str> = topic.split('/').collect();
-        let device = if levels.len() >= 2 { levels[levels.len() - 2] } else { topic };
+        let device = if levels.len() >= 2 {
+            levels[levels.len() - 2]
+        } else {
+            topic
+        };
         let meter = self.meter_for(&[device, topic])?;
         let ts = match obj.get("Time") {
-            Some(t) => self.check_ts(ts_from(t, self.src.ts_format, self.src.tz_offset_minutes, "Time")?, now)?,
+            Some(t) => self.check_ts(
+                ts_from(t, self.src.ts_format, self.src.tz_offset_minutes, "Time")?,
+                now,
+            )?,
             None => now,
         };
         let mut fields = Vec::new();
@@ -302,14 +372,31 @@ impl Decoder {
             }
         }
         for (field, val) in fields {
-            self.push(out, &meter, &field, ts, number(val, &field), topic, Quality::OK, now);
+            self.push(
+                out,
+                &meter,
+                &field,
+                ts,
+                number(val, &field),
+                topic,
+                Quality::OK,
+                now,
+            );
         }
         Ok(())
     }
 
-    fn shelly(&self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
+    fn shelly(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         let v: Value = parse_json(payload)?;
-        let obj = v.as_object().ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| DecodeError::WrongType("payload is not an object".into()))?;
         let method = obj.get("method").and_then(Value::as_str).unwrap_or("");
         if method != "NotifyStatus" && method != "NotifyFullStatus" {
             // NotifyEvent and friends carry no measurements.
@@ -336,17 +423,35 @@ impl Decoder {
             if field.ends_with(".id") {
                 continue;
             }
-            self.push(out, &meter, &field, ts, number(val, &field), topic, Quality::OK, now);
+            self.push(
+                out,
+                &meter,
+                &field,
+                ts,
+                number(val, &field),
+                topic,
+                Quality::OK,
+                now,
+            );
         }
         Ok(())
     }
 
-    fn sparkplug(&mut self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
+    fn sparkplug(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
         let t = sparkplug::Topic::parse(topic)?;
         let p = sparkplug::decode_payload(payload)?;
         let o = self.sparkplug.handle(&t, &p);
         if o.rebirth_needed {
-            out.rebirth = Some((t.rebirth_topic(), sparkplug::rebirth_request(now.max(0) as u64)));
+            out.rebirth = Some((
+                t.rebirth_topic(),
+                sparkplug::rebirth_request(now.max(0) as u64),
+            ));
         }
         for (edge, dev) in &o.offline {
             out.offline.push(match dev {
@@ -354,7 +459,8 @@ impl Decoder {
                 None => edge.clone(),
             });
         }
-        out.problems.extend(o.problems.into_iter().map(DecodeError::Sparkplug));
+        out.problems
+            .extend(o.problems.into_iter().map(DecodeError::Sparkplug));
         for nv in o.values {
             let full = match &nv.device {
                 Some(d) => format!("{}/{}", nv.edge, d),
@@ -369,7 +475,10 @@ impl Decoder {
                 // Text metrics (properties, names) are only a problem when mapped to a channel.
                 sparkplug::Value::Text(s) => {
                     if self.channel_for(&nv.name).is_some() {
-                        Err(DecodeError::BadNumber { field: nv.name.clone(), text: s })
+                        Err(DecodeError::BadNumber {
+                            field: nv.name.clone(),
+                            text: s,
+                        })
                     } else {
                         continue;
                     }
@@ -393,14 +502,28 @@ impl Decoder {
                 },
                 None => now,
             };
-            let q = if nv.after_death { Quality::OFFLINE } else { Quality::OK };
+            let q = if nv.after_death {
+                Quality::OFFLINE
+            } else {
+                Quality::OK
+            };
             self.push(out, &meter, &nv.name, ts, value, topic, q, now);
         }
         Ok(())
     }
 
-    fn json_map(&self, topic: &str, payload: &[u8], now: i64, out: &mut Decoded) -> Result<(), DecodeError> {
-        let map = self.src.map.as_ref().ok_or_else(|| DecodeError::MissingField("map".into()))?;
+    fn json_map(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+        out: &mut Decoded,
+    ) -> Result<(), DecodeError> {
+        let map = self
+            .src
+            .map
+            .as_ref()
+            .ok_or_else(|| DecodeError::MissingField("map".into()))?;
         let v: Value = parse_json(payload)?;
         let records: Vec<&Value> = match &map.each {
             None => vec![&v],
@@ -416,13 +539,24 @@ impl Decoder {
         for rec in records {
             let device = match map.meter_id.strip_prefix("topic:") {
                 Some(n) => {
-                    let i: usize = n.parse().map_err(|_| DecodeError::MissingField(map.meter_id.clone()))?;
-                    levels.get(i).copied().ok_or_else(|| DecodeError::MissingField(map.meter_id.clone()))?.to_string()
+                    let i: usize = n
+                        .parse()
+                        .map_err(|_| DecodeError::MissingField(map.meter_id.clone()))?;
+                    levels
+                        .get(i)
+                        .copied()
+                        .ok_or_else(|| DecodeError::MissingField(map.meter_id.clone()))?
+                        .to_string()
                 }
                 None => match rec.pointer(&map.meter_id) {
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Number(n)) => n.as_str().to_string(),
-                    Some(_) => return Err(DecodeError::WrongType(format!("{} is not a string", map.meter_id))),
+                    Some(_) => {
+                        return Err(DecodeError::WrongType(format!(
+                            "{} is not a string",
+                            map.meter_id
+                        )))
+                    }
                     None => return Err(DecodeError::MissingField(map.meter_id.clone())),
                 },
             };
@@ -436,7 +570,9 @@ impl Decoder {
             let ts = match &map.ts {
                 None => now,
                 Some(p) => {
-                    let t = rec.pointer(p).ok_or_else(|| DecodeError::MissingField(p.clone()));
+                    let t = rec
+                        .pointer(p)
+                        .ok_or_else(|| DecodeError::MissingField(p.clone()));
                     match t
                         .and_then(|t| ts_from(t, self.src.ts_format, self.src.tz_offset_minutes, p))
                         .and_then(|t| self.check_ts(t, now))
@@ -453,8 +589,19 @@ impl Decoder {
             fields.sort();
             for (field, ptr) in fields {
                 match rec.pointer(ptr) {
-                    None | Some(Value::Null) => out.problems.push(DecodeError::MissingField(ptr.clone())),
-                    Some(val) => self.push(out, &meter, field, ts, number(val, field), topic, Quality::OK, now),
+                    None | Some(Value::Null) => {
+                        out.problems.push(DecodeError::MissingField(ptr.clone()))
+                    }
+                    Some(val) => self.push(
+                        out,
+                        &meter,
+                        field,
+                        ts,
+                        number(val, field),
+                        topic,
+                        Quality::OK,
+                        now,
+                    ),
                 }
             }
         }
@@ -520,7 +667,9 @@ impl Decoder {
         let mapped = keys.iter().find_map(|k| self.src.meters.get(*k));
         let id = match mapped {
             Some(m) => m.clone(),
-            None if self.src.strict_meters => return Err(DecodeError::UnknownMeter(keys[0].to_string())),
+            None if self.src.strict_meters => {
+                return Err(DecodeError::UnknownMeter(keys[0].to_string()))
+            }
             None => keys[0].to_string(),
         };
         if id.is_empty() {
@@ -640,7 +789,12 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
 
 /// Timestamp in UTC ms from a number (ms or s) or a string (RFC 3339, or
 /// zone-less local time shifted by `tz_offset_minutes`).
-pub fn ts_from(v: &Value, fmt: TsFormat, tz_offset_minutes: i32, field: &str) -> Result<i64, DecodeError> {
+pub fn ts_from(
+    v: &Value,
+    fmt: TsFormat,
+    tz_offset_minutes: i32,
+    field: &str,
+) -> Result<i64, DecodeError> {
     let bad = || DecodeError::BadTimestamp(field.to_string());
     let from_number = |d: Decimal| -> Result<i64, DecodeError> {
         let secs = match fmt {
@@ -649,7 +803,11 @@ pub fn ts_from(v: &Value, fmt: TsFormat, tz_offset_minutes: i32, field: &str) ->
             TsFormat::Auto => d.abs() < Decimal::from(100_000_000_000i64),
             TsFormat::Rfc3339 => return Err(bad()),
         };
-        let ms = if secs { d.checked_mul(Decimal::ONE_THOUSAND).ok_or_else(bad)? } else { d };
+        let ms = if secs {
+            d.checked_mul(Decimal::ONE_THOUSAND).ok_or_else(bad)?
+        } else {
+            d
+        };
         ms.trunc().to_i64().ok_or_else(bad)
     };
     match v {
@@ -710,9 +868,18 @@ fn default_channels(format: Format) -> Vec<(String, ChannelSpec)> {
             .map(|(k, c, u)| (k.to_string(), spec(c, u)))
             .collect();
             for p in ["a", "b", "c"] {
-                v.push((format!("em:0.{p}_voltage"), spec(&format!("voltage_{p}"), "V")));
-                v.push((format!("em:0.{p}_current"), spec(&format!("current_{p}"), "A")));
-                v.push((format!("em:0.{p}_act_power"), spec(&format!("active_power_{p}"), "W")));
+                v.push((
+                    format!("em:0.{p}_voltage"),
+                    spec(&format!("voltage_{p}"), "V"),
+                ));
+                v.push((
+                    format!("em:0.{p}_current"),
+                    spec(&format!("current_{p}"), "A"),
+                ));
+                v.push((
+                    format!("em:0.{p}_act_power"),
+                    spec(&format!("active_power_{p}"), "W"),
+                ));
             }
             v
         }

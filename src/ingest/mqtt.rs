@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
+    Transport,
+};
 use tokio::sync::mpsc;
 
 use super::config::{IngestConfig, MqttConfig};
@@ -65,16 +68,28 @@ pub struct IngestStats {
 
 /// Parses `mqtt://host[:port]` / `mqtts://host[:port]` into (tls, host, port).
 pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")) {
+    let (tls, rest) = if let Some(r) = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+    {
         (false, r)
-    } else if let Some(r) = url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://")) {
+    } else if let Some(r) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
         (true, r)
     } else {
-        return Err(format!("'{url}' is not mqtt://host:port or mqtts://host:port"));
+        return Err(format!(
+            "'{url}' is not mqtt://host:port or mqtts://host:port"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in '{url}'"))?),
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("bad port in '{url}'"))?,
+        ),
         None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
@@ -107,25 +122,37 @@ pub fn connect_options(
     o.set_request_channel_capacity(4096);
     o.set_inflight(200);
     if let Some(user) = &m.username {
-        let pw = m.password(base_dir).map_err(IngestError::Config)?.unwrap_or_default();
+        let pw = m
+            .password(base_dir)
+            .map_err(IngestError::Config)?
+            .unwrap_or_default();
         o.set_credentials(user.clone(), pw);
     }
     if tls {
-        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(
-            tls_config(m, base_dir)?,
-        ))));
+        o.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(m, base_dir)?)),
+        ));
     }
     Ok(o)
 }
 
 /// rustls client config (ring provider) with the configured CA and client cert.
-pub fn tls_config(m: &MqttConfig, base_dir: &std::path::Path) -> Result<rustls::ClientConfig, IngestError> {
+pub fn tls_config(
+    m: &MqttConfig,
+    base_dir: &std::path::Path,
+) -> Result<rustls::ClientConfig, IngestError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let err = |what: &str, p: &std::path::Path, e: &dyn std::fmt::Display| {
         IngestError::Config(format!("{what} {}: {e}", p.display()))
     };
-    let resolve = |p: &std::path::Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+    let resolve = |p: &std::path::Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     let Some(ca) = &m.ca_file else {
         return Err(IngestError::Config("mqtts:// needs mqtt.ca_file".into()));
@@ -147,7 +174,8 @@ pub fn tls_config(m: &MqttConfig, base_dir: &std::path::Path) -> Result<rustls::
                 .map_err(|e| err("client_cert_file", &cert, &e))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| err("client_cert_file", &cert, &e))?;
-            let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| err("client_key_file", &key, &e))?;
+            let key =
+                PrivateKeyDer::from_pem_file(&key).map_err(|e| err("client_key_file", &key, &e))?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| IngestError::Config(format!("client certificate: {e}")))
@@ -182,7 +210,10 @@ pub async fn run_ingest(
 ) -> Result<IngestStats, IngestError> {
     let cfg = &opts.config;
     let client_id = cfg.mqtt.client_id.clone();
-    let known = cfg.known_meters().map_err(IngestError::Config)?.map(Arc::new);
+    let known = cfg
+        .known_meters()
+        .map_err(IngestError::Config)?
+        .map(Arc::new);
     let limits = Limits {
         max_payload_bytes: cfg.ingest.max_payload_bytes,
         max_future_ms: cfg.ingest.max_future_secs.saturating_mul(1000),
@@ -193,7 +224,10 @@ pub async fn run_ingest(
     for s in &cfg.sources {
         decoders.push(Decoder::new(s, limits.clone()).map_err(IngestError::Config)?);
     }
-    let writer = opts.writer_id.clone().unwrap_or_else(|| sanitize(&client_id));
+    let writer = opts
+        .writer_id
+        .clone()
+        .unwrap_or_else(|| sanitize(&client_id));
     let mut lake = Lake::open(&opts.lake, LakeOptions::new(writer))?;
     let filters: Vec<String> = cfg
         .sources
@@ -238,10 +272,15 @@ pub async fn run_ingest(
         }
         if !batch.is_empty() {
             first_message.get_or_insert_with(Instant::now);
-            if let Err(e) = process_batch(&batch, &mut decoders, &mut lake, &client, &mut stats).await {
+            if let Err(e) =
+                process_batch(&batch, &mut decoders, &mut lake, &client, &mut stats).await
+            {
                 break Err(e);
             }
-            if opts.stop_after_readings.is_some_and(|n| stats.readings >= n) {
+            if opts
+                .stop_after_readings
+                .is_some_and(|n| stats.readings >= n)
+            {
                 break Ok(());
             }
         }
@@ -252,7 +291,11 @@ pub async fn run_ingest(
             match lake.flush() {
                 Ok(s) => {
                     stats.committed += s.readings as u64;
-                    metrics::histogram_observe("meterflow_mqtt_flush_seconds", &[], t.elapsed().as_secs_f64());
+                    metrics::histogram_observe(
+                        "meterflow_mqtt_flush_seconds",
+                        &[],
+                        t.elapsed().as_secs_f64(),
+                    );
                 }
                 Err(e) => break Err(e.into()),
             }
@@ -266,7 +309,9 @@ pub async fn run_ingest(
     conn.abort();
     result?;
     stats.committed += flushed?.readings as u64;
-    stats.busy_ms = first_message.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+    stats.busy_ms = first_message
+        .map(|t| t.elapsed().as_millis() as u64)
+        .unwrap_or(0);
     tracing::info!(
         messages = stats.messages,
         readings = stats.readings,
@@ -290,29 +335,63 @@ async fn process_batch(
     for p in batch {
         stats.messages += 1;
         let topic = p.topic.as_str();
-        let Some(dec) = decoders.iter_mut().find(|d| topic_matches(&d.source().filter, topic)) else {
-            dead.push(dead_letter(now, "", topic, "no source matches the topic".into(), &p.payload));
-            metrics::counter_add("meterflow_mqtt_dead_letters_total", &[("source", ""), ("reason", "no_source")], 1);
+        let Some(dec) = decoders
+            .iter_mut()
+            .find(|d| topic_matches(&d.source().filter, topic))
+        else {
+            dead.push(dead_letter(
+                now,
+                "",
+                topic,
+                "no source matches the topic".into(),
+                &p.payload,
+            ));
+            metrics::counter_add(
+                "meterflow_mqtt_dead_letters_total",
+                &[("source", ""), ("reason", "no_source")],
+                1,
+            );
             continue;
         };
         let name = dec.source().name.clone();
         let collector = dec.source().name.clone();
         match dec.decode(topic, &p.payload, now) {
             Ok(d) => {
-                metrics::counter_add("meterflow_mqtt_readings_total", &[("source", &name)], d.readings.len() as u64);
+                metrics::counter_add(
+                    "meterflow_mqtt_readings_total",
+                    &[("source", &name)],
+                    d.readings.len() as u64,
+                );
                 if d.rounded > 0 {
-                    metrics::counter_add("meterflow_mqtt_values_rounded_total", &[("source", &name)], d.rounded as u64);
+                    metrics::counter_add(
+                        "meterflow_mqtt_values_rounded_total",
+                        &[("source", &name)],
+                        d.rounded as u64,
+                    );
                 }
                 for o in &d.offline {
                     tracing::warn!(source = %name, device = %o, "sparkplug device offline");
-                    metrics::counter_add("meterflow_mqtt_sparkplug_offline_total", &[("source", &name)], 1);
+                    metrics::counter_add(
+                        "meterflow_mqtt_sparkplug_offline_total",
+                        &[("source", &name)],
+                        1,
+                    );
                 }
                 stats.readings += d.readings.len() as u64;
                 readings.extend(d.readings);
                 if !d.problems.is_empty() {
-                    let reason = d.problems.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+                    let reason = d
+                        .problems
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     for e in &d.problems {
-                        metrics::counter_add("meterflow_mqtt_dead_letters_total", &[("source", &name), ("reason", e.kind())], 1);
+                        metrics::counter_add(
+                            "meterflow_mqtt_dead_letters_total",
+                            &[("source", &name), ("reason", e.kind())],
+                            1,
+                        );
                     }
                     tracing::warn!(source = %name, topic, %reason, "partly unusable message dead-lettered");
                     dead.push(dead_letter(now, &collector, topic, reason, &p.payload));
@@ -323,8 +402,18 @@ async fn process_batch(
             }
             Err(e) => {
                 tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
-                metrics::counter_add("meterflow_mqtt_dead_letters_total", &[("source", &name), ("reason", e.kind())], 1);
-                dead.push(dead_letter(now, &collector, topic, e.to_string(), &p.payload));
+                metrics::counter_add(
+                    "meterflow_mqtt_dead_letters_total",
+                    &[("source", &name), ("reason", e.kind())],
+                    1,
+                );
+                dead.push(dead_letter(
+                    now,
+                    &collector,
+                    topic,
+                    e.to_string(),
+                    &p.payload,
+                ));
             }
         }
     }
@@ -354,11 +443,20 @@ async fn process_batch(
     Ok(())
 }
 
-fn dead_letter(now: i64, collector: &str, topic: &str, reason: String, payload: &[u8]) -> QuarantineRecord {
+fn dead_letter(
+    now: i64,
+    collector: &str,
+    topic: &str,
+    reason: String,
+    payload: &[u8],
+) -> QuarantineRecord {
     let (payload, reason) = if payload.len() > MAX_KEPT_PAYLOAD {
         (
             payload[..MAX_KEPT_PAYLOAD].to_vec(),
-            format!("{reason} (payload truncated to {MAX_KEPT_PAYLOAD} of {} bytes)", payload.len()),
+            format!(
+                "{reason} (payload truncated to {MAX_KEPT_PAYLOAD} of {} bytes)",
+                payload.len()
+            ),
         )
     } else {
         (payload.to_vec(), reason)
@@ -397,7 +495,9 @@ async fn connection_task(
                 tracing::info!(session_present = ack.session_present, "mqtt connected");
                 // rumqttc does not restore subscriptions on a new session.
                 if !ack.session_present || !subscribed_once {
-                    let subs = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    let subs = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
                     if let Err(e) = client.try_subscribe_many(subs) {
                         tracing::error!(error = %e, "could not queue the subscription");
                     }
@@ -405,7 +505,10 @@ async fn connection_task(
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                if s.return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
                     tracing::error!(?filters, "broker refused a subscription");
                 } else {
                     tracing::info!(?filters, "subscribed");
@@ -427,17 +530,38 @@ async fn connection_task(
 }
 
 fn describe_metrics() {
-    metrics::describe("meterflow_mqtt_messages_total", "MQTT messages received by ingest");
-    metrics::describe("meterflow_mqtt_readings_total", "Readings decoded from MQTT messages");
-    metrics::describe("meterflow_mqtt_dead_letters_total", "Messages (or parts) dead-lettered, by reason");
+    metrics::describe(
+        "meterflow_mqtt_messages_total",
+        "MQTT messages received by ingest",
+    );
+    metrics::describe(
+        "meterflow_mqtt_readings_total",
+        "Readings decoded from MQTT messages",
+    );
+    metrics::describe(
+        "meterflow_mqtt_dead_letters_total",
+        "Messages (or parts) dead-lettered, by reason",
+    );
     metrics::describe("meterflow_mqtt_reconnects_total", "Lost MQTT connections");
-    metrics::describe("meterflow_mqtt_rebirth_requests_total", "Sparkplug rebirth requests sent");
-    metrics::describe("meterflow_mqtt_connected", "1 while connected to the broker");
+    metrics::describe(
+        "meterflow_mqtt_rebirth_requests_total",
+        "Sparkplug rebirth requests sent",
+    );
+    metrics::describe(
+        "meterflow_mqtt_connected",
+        "1 while connected to the broker",
+    );
 }
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -447,7 +571,11 @@ pub async fn broker_reachable(url: &str) -> bool {
         return false;
     };
     matches!(
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((host.as_str(), port))).await,
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((host.as_str(), port))
+        )
+        .await,
         Ok(Ok(_))
     )
 }
@@ -475,7 +603,11 @@ pub async fn publish_canonical(
     let c2 = client.clone();
     let sender = tokio::spawn(async move {
         for payload in chunks {
-            if c2.publish(t.clone(), QoS::AtLeastOnce, false, payload).await.is_err() {
+            if c2
+                .publish(t.clone(), QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -526,10 +658,17 @@ pub async fn demo_publish_and_ingest(
     }));
     // Publish only once subscribed (a new session has no queue yet).
     let _ = tokio::time::timeout(Duration::from_secs(10), ready.notified()).await;
-    publish_canonical(url, &format!("meterflow-demo-pub-{tag}"), &topic, "demo-sim", readings, 500).await?;
+    publish_canonical(
+        url,
+        &format!("meterflow-demo-pub-{tag}"),
+        &topic,
+        "demo-sim",
+        readings,
+        500,
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while counted() < want && Instant::now() < deadline
-    {
+    while counted() < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = stop_tx.send(());
@@ -569,8 +708,14 @@ mod tests {
 
     #[test]
     fn urls_give_tls_host_and_default_ports() {
-        assert_eq!(parse_url("mqtt://127.0.0.1").unwrap(), (false, "127.0.0.1".into(), 1883));
-        assert_eq!(parse_url("mqtts://broker:8884").unwrap(), (true, "broker".into(), 8884));
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1").unwrap(),
+            (false, "127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_url("mqtts://broker:8884").unwrap(),
+            (true, "broker".into(), 8884)
+        );
         assert!(parse_url("http://x").is_err());
         assert!(parse_url("mqtt://:1883").is_err());
     }

@@ -92,6 +92,19 @@ impl fmt::Display for Quality {
     }
 }
 
+impl serde::Serialize for Quality {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Quality {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Quality::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,18 +117,5 @@ mod tests {
         assert_eq!(Quality::OK.to_string(), "ok");
         assert_eq!(Quality::parse("ok").unwrap(), Quality::OK);
         assert!(Quality::parse("shiny").is_err());
-    }
-}
-
-impl serde::Serialize for Quality {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Quality {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Quality::parse(&s).map_err(serde::de::Error::custom)
     }
 }

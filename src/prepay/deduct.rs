@@ -48,20 +48,30 @@ pub enum Step {
     Backwards,
 }
 
-/// A step is a suspicious jump when it is above [`SPIKE_FLOOR_KWH`] and more
-/// than `SPIKE_FACTOR` times what the window's average rate predicts for its
-/// duration (same factor and floor as the billing VEE's spike check).
+/// A step is a suspicious jump when it is above [`SPIKE_FLOOR_KWH`], more
+/// than the contracted capacity could draw in its duration (contracted kVA x
+/// hours; [`DEFAULT_CAPACITY_KVA`] when the master data has none) and more
+/// than `SPIKE_FACTOR` times what the window's average rate predicts (same
+/// factor and floor as the billing VEE's spike check). Requiring all three
+/// keeps clean data from being held.
 pub const SPIKE_FACTOR: i64 = 10;
 pub const SPIKE_FLOOR_KWH: Decimal = Decimal::from_parts(5, 0, 0, false, 0);
+pub const DEFAULT_CAPACITY_KVA: Decimal = Decimal::from_parts(20, 0, 0, false, 0);
 
-/// Whether a step of `kwh` ending at `ts_ms` is out of line with the cursor's history.
-pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal) -> bool {
-    let span = c.last_ts_ms - c.first_ts_ms;
-    if kwh <= SPIKE_FLOOR_KWH || span <= 0 {
-        return false; // small, or no history to judge by
+/// Whether a step of `kwh` ending at `ts_ms` is out of line with the cursor's
+/// history and the account's contracted capacity `kva` (0 = unknown).
+pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal, kva: Decimal) -> bool {
+    let dt = Decimal::from(ts_ms - c.last_ts_ms);
+    let kva = if kva > Decimal::ZERO {
+        kva
+    } else {
+        DEFAULT_CAPACITY_KVA
+    };
+    if kwh <= SPIKE_FLOOR_KWH || kwh * Decimal::from(3_600_000) <= kva * dt {
+        return false;
     }
-    kwh * Decimal::from(span)
-        > Decimal::from(SPIKE_FACTOR) * c.position * Decimal::from(ts_ms - c.last_ts_ms)
+    let span = c.last_ts_ms - c.first_ts_ms;
+    span <= 0 || kwh * Decimal::from(span) > Decimal::from(SPIKE_FACTOR) * c.position * dt
 }
 
 /// Register delta with rollover at `modulus`; None for a backwards reading.
@@ -181,7 +191,7 @@ fn advance(
         return Ok(Step::Backwards);
     };
     let kwh = raw * meter.multiplier();
-    if check && suspicious(c, ts_ms, kwh) {
+    if check && suspicious(c, ts_ms, kwh, account.contracted_kva) {
         return Ok(Step::Hold(Cursor {
             held: Some((ts_ms, value)),
             ..c.clone()
@@ -403,5 +413,66 @@ mod tests {
     fn deduction_keys_name_account_meter_channel_end_and_version() {
         let (e, _, _) = run(&[(0, dec!(0)), (1000, dec!(1))]);
         assert_eq!(e[0].key, "ded:A1:M1:import_active_total:1000:flat@1");
+    }
+
+    #[test]
+    fn a_one_reading_spike_is_dropped_and_the_meter_keeps_being_charged() {
+        let (e, c, skipped) = run(&[
+            (0, dec!(0)),
+            (1000, dec!(1)),
+            (2000, dec!(2)),
+            (3000, dec!(1002)),
+            (4000, dec!(3)),
+            (5000, dec!(4)),
+        ]);
+        assert_eq!(skipped, 0);
+        let ends: Vec<i64> = e.iter().map(|x| x.ts_ms).collect();
+        assert_eq!(ends, vec![1000, 2000, 4000, 5000]);
+        let sum: Decimal = e.iter().map(|x| x.amount).sum();
+        assert_eq!(sum, dec!(-4));
+        let c = c.unwrap();
+        assert_eq!((c.last_value, c.held), (dec!(4), None));
+    }
+
+    #[test]
+    fn a_held_jump_confirmed_by_the_next_reading_is_charged_in_order() {
+        let (e, c, _) = run(&[
+            (0, dec!(0)),
+            (1000, dec!(1)),
+            (2000, dec!(2)),
+            (3000, dec!(1002)),
+            (4000, dec!(1003)),
+        ]);
+        let ends: Vec<(i64, Decimal)> = e.iter().map(|x| (x.ts_ms, x.amount)).collect();
+        assert_eq!(
+            ends,
+            vec![
+                (1000, dec!(-1)),
+                (2000, dec!(-1)),
+                (3000, dec!(-1000)),
+                (4000, dec!(-1))
+            ]
+        );
+        assert_eq!(c.unwrap().held, None);
+    }
+
+    #[test]
+    fn an_ordinary_step_is_never_held() {
+        let c = Cursor {
+            meter_id: "M1".into(),
+            channel: CHANNEL.into(),
+            window_start_ms: 0,
+            position: dec!(10),
+            last_ts_ms: 86_400_000,
+            last_value: dec!(10),
+            first_ts_ms: 0,
+            first_value: dec!(0),
+            held: None,
+        };
+        // 90 kWh in a day after 10 kWh/day: above 10x, but a 20 kVA supply can draw it.
+        assert!(!suspicious(&c, 2 * 86_400_000, dec!(90), Decimal::ZERO));
+        assert!(suspicious(&c, 2 * 86_400_000, dec!(2000), Decimal::ZERO));
+        // Within capacity and the window's rate: not held even above the floor.
+        assert!(!suspicious(&c, 2 * 86_400_000, dec!(20), dec!(1)));
     }
 }

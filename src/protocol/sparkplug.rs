@@ -186,7 +186,10 @@ impl Topic {
                 device: None,
             });
         }
-        let kind = parts.get(2).and_then(|s| MessageType::parse(s)).ok_or_else(bad)?;
+        let kind = parts
+            .get(2)
+            .and_then(|s| MessageType::parse(s))
+            .ok_or_else(bad)?;
         let want = if kind.is_device() { 5 } else { 4 };
         if parts.len() != want {
             return Err(bad());
@@ -357,7 +360,8 @@ impl State {
         // Every other node-originated message carries seq 0..=255.
         let seq = match p.seq {
             None => {
-                out.problems.push(SparkplugError::MissingSeq(topic.kind.as_str()));
+                out.problems
+                    .push(SparkplugError::MissingSeq(topic.kind.as_str()));
                 None
             }
             Some(s) if s > 255 => {
@@ -391,7 +395,8 @@ impl State {
             MessageType::NBirth | MessageType::NData => {
                 let birth = topic.kind == MessageType::NBirth;
                 if !birth && !node.born {
-                    out.problems.push(SparkplugError::NoBirth(topic.edge.clone()));
+                    out.problems
+                        .push(SparkplugError::NoBirth(topic.edge.clone()));
                 }
                 resolve(
                     &mut node.aliases,
@@ -508,7 +513,9 @@ fn resolve(
             }
         };
         // Node control and properties are not measurements.
-        if name.starts_with("Node Control/") || name.starts_with("Device Control/") || name == "bdSeq"
+        if name.starts_with("Node Control/")
+            || name.starts_with("Device Control/")
+            || name == "bdSeq"
         {
             continue;
         }
@@ -582,7 +589,15 @@ mod tests {
 
     #[test]
     fn payload_round_trips_through_protobuf() {
-        let p = payload(3, vec![metric(Some("E"), Some(1), datatype::DOUBLE, MetricValue::DoubleValue(1.5))]);
+        let p = payload(
+            3,
+            vec![metric(
+                Some("E"),
+                Some(1),
+                datatype::DOUBLE,
+                MetricValue::DoubleValue(1.5),
+            )],
+        );
         assert_eq!(decode_payload(&encode_payload(&p)).unwrap(), p);
     }
 
@@ -597,11 +612,19 @@ mod tests {
         s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![]));
         let birth = payload(
             1,
-            vec![metric(Some("Energy/Import"), Some(7), datatype::DOUBLE, MetricValue::DoubleValue(10.25))],
+            vec![metric(
+                Some("Energy/Import"),
+                Some(7),
+                datatype::DOUBLE,
+                MetricValue::DoubleValue(10.25),
+            )],
         );
         let o = s.handle(&t("spBv1.0/g/DBIRTH/e/m1"), &birth);
         assert_eq!(o.values[0].value, Value::Number(dec!(10.25)));
-        let data = payload(2, vec![metric(None, Some(7), 0, MetricValue::DoubleValue(10.5))]);
+        let data = payload(
+            2,
+            vec![metric(None, Some(7), 0, MetricValue::DoubleValue(10.5))],
+        );
         let o = s.handle(&t("spBv1.0/g/DDATA/e/m1"), &data);
         assert!(!o.rebirth_needed, "{o:?}");
         assert_eq!(o.values[0].name, "Energy/Import");
@@ -614,9 +637,20 @@ mod tests {
         let mut s = State::new();
         s.handle(
             &t("spBv1.0/g/NBIRTH/e"),
-            &payload(0, vec![metric(Some("V"), Some(1), datatype::INT32, MetricValue::IntValue(1))]),
+            &payload(
+                0,
+                vec![metric(
+                    Some("V"),
+                    Some(1),
+                    datatype::INT32,
+                    MetricValue::IntValue(1),
+                )],
+            ),
         );
-        let o = s.handle(&t("spBv1.0/g/NDATA/e"), &payload(5, vec![metric(None, Some(1), 0, MetricValue::IntValue(2))]));
+        let o = s.handle(
+            &t("spBv1.0/g/NDATA/e"),
+            &payload(5, vec![metric(None, Some(1), 0, MetricValue::IntValue(2))]),
+        );
         assert!(o.rebirth_needed);
         assert_eq!(o.values.len(), 1);
         // After the gap the count continues from the new seq.
@@ -635,7 +669,10 @@ mod tests {
     #[test]
     fn unknown_alias_is_a_problem_and_asks_for_rebirth() {
         let mut s = State::new();
-        let o = s.handle(&t("spBv1.0/g/NDATA/e"), &payload(4, vec![metric(None, Some(9), 0, MetricValue::IntValue(2))]));
+        let o = s.handle(
+            &t("spBv1.0/g/NDATA/e"),
+            &payload(4, vec![metric(None, Some(9), 0, MetricValue::IntValue(2))]),
+        );
         assert!(o.rebirth_needed);
         assert!(o.values.is_empty());
         assert!(o.problems.contains(&SparkplugError::UnknownAlias(9)));
@@ -647,13 +684,27 @@ mod tests {
         s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![]));
         s.handle(
             &t("spBv1.0/g/DBIRTH/e/m1"),
-            &payload(1, vec![metric(Some("P"), Some(1), datatype::FLOAT, MetricValue::FloatValue(0.1))]),
+            &payload(
+                1,
+                vec![metric(
+                    Some("P"),
+                    Some(1),
+                    datatype::FLOAT,
+                    MetricValue::FloatValue(0.1),
+                )],
+            ),
         );
         assert!(s.is_online("g", "e", Some("m1")));
         let o = s.handle(&t("spBv1.0/g/DDEATH/e/m1"), &payload(2, vec![]));
         assert_eq!(o.offline, vec![("e".to_string(), Some("m1".to_string()))]);
         assert!(!s.is_online("g", "e", Some("m1")));
-        let o = s.handle(&t("spBv1.0/g/DDATA/e/m1"), &payload(3, vec![metric(None, Some(1), 0, MetricValue::FloatValue(0.2))]));
+        let o = s.handle(
+            &t("spBv1.0/g/DDATA/e/m1"),
+            &payload(
+                3,
+                vec![metric(None, Some(1), 0, MetricValue::FloatValue(0.2))],
+            ),
+        );
         assert!(o.values[0].after_death);
         assert_eq!(o.values[0].value, Value::Number(dec!(0.2)));
         let o = s.handle(&t("spBv1.0/g/NDEATH/e"), &Payload::default());
@@ -663,9 +714,21 @@ mod tests {
 
     #[test]
     fn signed_ints_are_read_as_twos_complement() {
-        assert_eq!(exact_value(datatype::INT16, &MetricValue::IntValue(0xffff)), Value::Number(dec!(-1)));
-        assert_eq!(exact_value(datatype::INT64, &MetricValue::LongValue(u64::MAX)), Value::Number(dec!(-1)));
-        assert_eq!(exact_value(datatype::UINT32, &MetricValue::IntValue(u32::MAX)), Value::Number(dec!(4294967295)));
-        assert_eq!(exact_value(datatype::DOUBLE, &MetricValue::DoubleValue(f64::NAN)), Value::Null);
+        assert_eq!(
+            exact_value(datatype::INT16, &MetricValue::IntValue(0xffff)),
+            Value::Number(dec!(-1))
+        );
+        assert_eq!(
+            exact_value(datatype::INT64, &MetricValue::LongValue(u64::MAX)),
+            Value::Number(dec!(-1))
+        );
+        assert_eq!(
+            exact_value(datatype::UINT32, &MetricValue::IntValue(u32::MAX)),
+            Value::Number(dec!(4294967295))
+        );
+        assert_eq!(
+            exact_value(datatype::DOUBLE, &MetricValue::DoubleValue(f64::NAN)),
+            Value::Null
+        );
     }
 }

@@ -18,7 +18,7 @@
 //! import_active_total = "12345.67"
 //! voltage_a = "230.1"
 //! [[device.fault]]
-//! kind = "exception"              # exception | timeout | garbage | slow | nan
+//! kind = "exception"              # exception | timeout | garbage | slow | nan | refuse_holes
 //! code = 2                        # exception code (exception only)
 //! every = 1                       # hit every Nth request (1 = all)
 //! after = 0                       # start after this many requests
@@ -59,6 +59,10 @@ pub enum FaultKind {
     Slow,
     /// Reply with NaN in every float register.
     Nan,
+    /// Refuse (exception 0x02, illegal data address) any read that spans an
+    /// address holding no register: devices that do not allow reads across
+    /// holes in their map.
+    RefuseHoles,
 }
 
 /// One injected fault.
@@ -379,6 +383,13 @@ impl Simulator {
                 FaultKind::Garbage => return Action::Garbage,
                 FaultKind::Slow => delay = Duration::from_millis(f.delay_ms),
                 FaultKind::Nan => nan = true,
+                FaultKind::RefuseHoles if spans_hole(d, &req) => {
+                    return Action::Reply(
+                        pdu::exception_response(fc, pdu::ILLEGAL_DATA_ADDRESS),
+                        Duration::ZERO,
+                    )
+                }
+                FaultKind::RefuseHoles => {}
             }
         }
         let body = if req.area.is_bit() {
@@ -567,4 +578,15 @@ mod tests {
         let hits: Vec<u64> = (1..=8).filter(|n| f.hits(*n)).collect();
         assert_eq!(hits, [3, 5]);
     }
+}
+
+/// True when some address of the read belongs to no register of the device.
+fn spans_hole(d: &SimDevice, req: &ReadReq) -> bool {
+    let lo = u32::from(req.start);
+    let hi = lo + u32::from(req.count);
+    (lo..hi).any(|a| {
+        !d.registers
+            .iter()
+            .any(|r| r.area == req.area && (u32::from(r.address)..r.end()).contains(&a))
+    })
 }

@@ -905,3 +905,84 @@ pub fn load_dir(dir: &Path) -> Result<TariffSet, TariffError> {
     }
     Ok(set)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Tariff, TariffError> {
+        load_str(text, Path::new("t.toml"), Path::new("/nonexistent"))
+    }
+
+    fn err(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    const HEAD: &str = "id = \"t\"\n";
+
+    #[test]
+    fn overlapping_versions_are_refused_with_file_line_and_field() {
+        let e = err(&format!(
+            "{HEAD}[[version]]\nid = \"a\"\neffective_from = \"2026-01-01\"\nenergy_price = 0.5\n\
+             [[version]]\nid = \"b\"\neffective_from = \"2026-06-01\"\nenergy_price = \"0.6\"\n"
+        ));
+        assert!(e.starts_with("t.toml:8: version[1].effective_from:"), "{e}");
+        assert!(e.contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn negative_prices_and_bad_tiers_are_refused() {
+        let e = err(&format!(
+            "{HEAD}[[version]]\nid = \"a\"\neffective_from = \"2026-01-01\"\nenergy_price = -0.5\n"
+        ));
+        assert!(
+            e.contains("t.toml:5: version[0].energy_price: negative price"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{HEAD}[[version]]\nid = \"a\"\neffective_from = \"2026-01-01\"\nenergy_price = 0.5\n\
+             [version.tiers]\naccumulation = \"monthly\"\nlimits = [400, 240]\nsurcharges = [\"0.05\", \"0.3\"]\n"
+        ));
+        assert!(e.contains("t.toml:8: version[0].tiers.limits"), "{e}");
+    }
+
+    #[test]
+    fn tou_gaps_unknown_periods_and_missing_calendars_are_refused() {
+        let tou = |ranges: &str, cal: &str| {
+            format!(
+                "{HEAD}[[version]]\nid = \"a\"\neffective_from = \"2026-01-01\"\n[version.tou]\ncalendars = [{cal}]\n\
+                 [[version.tou.period]]\nname = \"peak\"\nprice = 1\n[[version.tou.period]]\nname = \"valley\"\nprice = \"0.3\"\n\
+                 [[version.tou.season]]\nname = \"all\"\nmonths = [1,2,3,4,5,6,7,8,9,10,11,12]\nweekday = [{ranges}]\n"
+            )
+        };
+        let e = err(&tou(
+            "\"00:00-08:00 valley\", \"09:00-24:00 peak\"",
+            "\"cn\"",
+        ));
+        assert!(e.contains("weekday: gap from 08:00 to 09:00"), "{e}");
+        let e = err(&tou(
+            "\"00:00-08:00 valley\", \"08:00-24:00 shoulder\"",
+            "\"cn\"",
+        ));
+        assert!(e.contains("weekday[1]: unknown period 'shoulder'"), "{e}");
+        let e = err(&tou(
+            "\"00:00-08:00 valley\", \"07:00-24:00 peak\"",
+            "\"cn\"",
+        ));
+        assert!(e.contains("overlap"), "{e}");
+        let e = err(&tou(
+            "\"00:00-08:00 valley\", \"08:00-24:00 peak\"",
+            "\"cn\"",
+        ));
+        assert!(
+            e.contains("calendars[0]: calendar file /nonexistent/cn.toml not found"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn floats_are_read_as_their_decimal_text() {
+        let t = load(&format!("{HEAD}[[version]]\nid = \"a\"\neffective_from = \"2026-01-01\"\nenergy_price = 0.4883\n")).unwrap();
+        assert_eq!(t.versions[0].energy_price.unwrap().to_string(), "0.4883");
+    }
+}

@@ -89,21 +89,34 @@ impl Uplink {
     /// and starts publishing in the background.
     pub fn start(cfg: UplinkConfig) -> Result<Uplink, UplinkError> {
         // Fail early on bad TLS files or URLs.
-        connect_options(&cfg.mqtt, &cfg.base_dir, &cfg.mqtt.client_id).map_err(|e| UplinkError::Config(e.to_string()))?;
+        connect_options(&cfg.mqtt, &cfg.base_dir, &cfg.mqtt.client_id)
+            .map_err(|e| UplinkError::Config(e.to_string()))?;
         let spool = Spool::open(&cfg.spool_dir)?;
         if spool.torn_bytes > 0 {
-            tracing::warn!(bytes = spool.torn_bytes, "uplink spool had a torn tail (crash mid-write); cut off");
+            tracing::warn!(
+                bytes = spool.torn_bytes,
+                "uplink spool had a torn tail (crash mid-write); cut off"
+            );
         }
         if !spool.is_empty() {
-            tracing::info!(entries = spool.len(), "uplink spool has unsent messages from a previous run");
+            tracing::info!(
+                entries = spool.len(),
+                "uplink spool has unsent messages from a previous run"
+            );
         }
         let shared = Arc::new(Shared {
             spool: Mutex::new(spool),
             wake: Notify::new(),
             alarm: Mutex::new(false),
         });
-        metrics::describe("meterflow_uplink_spool_bytes", "Payload bytes spooled and not yet acknowledged by the broker");
-        metrics::describe("meterflow_uplink_spool_alarm", "1 while the uplink spool is above its alarm level");
+        metrics::describe(
+            "meterflow_uplink_spool_bytes",
+            "Payload bytes spooled and not yet acknowledged by the broker",
+        );
+        metrics::describe(
+            "meterflow_uplink_spool_alarm",
+            "1 while the uplink spool is above its alarm level",
+        );
         let task = tokio::spawn(publisher(shared.clone(), cfg.clone()));
         Ok(Uplink { shared, cfg, task })
     }
@@ -141,7 +154,11 @@ impl Uplink {
         let level = (self.cfg.cap_bytes as f64 * self.cfg.alarm_ratio) as u64;
         let mut alarm = lock(&self.shared.alarm);
         if bytes >= level && !*alarm {
-            tracing::error!(bytes, cap = self.cfg.cap_bytes, "uplink spool above alarm level: link down?");
+            tracing::error!(
+                bytes,
+                cap = self.cfg.cap_bytes,
+                "uplink spool above alarm level: link down?"
+            );
             metrics::gauge_set("meterflow_uplink_spool_alarm", &[], 1.0);
             *alarm = true;
         }
@@ -247,10 +264,17 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
             }
             if connected {
                 let s = lock(&shared.spool);
-                let room = cfg.window.saturating_sub(awaiting_pkid.len() + by_pkid.len());
+                let room = cfg
+                    .window
+                    .saturating_sub(awaiting_pkid.len() + by_pkid.len());
                 for e in s.unacked_from(next).take(room) {
                     if client
-                        .try_publish(cfg.topic.clone(), QoS::AtLeastOnce, false, e.payload.clone())
+                        .try_publish(
+                            cfg.topic.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            e.payload.clone(),
+                        )
                         .is_err()
                     {
                         break;

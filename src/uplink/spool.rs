@@ -99,7 +99,10 @@ impl Spool {
             let (entries, good_len, file_len) = read_segment(&path)?;
             if good_len < file_len {
                 s.torn_bytes += file_len - good_len;
-                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
                 f.set_len(good_len).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
@@ -193,9 +196,11 @@ impl Spool {
             return Ok(());
         }
         let path = self.dir.join("acked");
-        atomic::write_file_atomic(&path, self.cursor.to_string().as_bytes()).map_err(|e| SpoolError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
+        atomic::write_file_atomic(&path, self.cursor.to_string().as_bytes()).map_err(|e| {
+            SpoolError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
         })?;
         self.cursor_saved = self.cursor;
         self.drop_acked_segments()
@@ -343,7 +348,13 @@ mod tests {
         s.checkpoint().unwrap();
         let segs = std::fs::read_dir(d.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
             .count();
         assert_eq!(segs, 1);
     }

@@ -885,3 +885,100 @@ async fn skewed_meter_clock_is_corrected_by_broadcast_time_sync() {
     let again = collect_once(cfg, lake.path()).await.unwrap();
     assert!(again.buses[0].meters_skewed.is_empty(), "{:?}", again.buses[0]);
 }
+
+/// The lake's quarantine rows as (address, collector, reason, payload).
+pub(crate) fn quarantine_rows(lake: &Path) -> Vec<(String, String, String, Vec<u8>)> {
+    use arrow::array::{Array, BinaryArray, StringArray};
+    let today = chrono::Utc::now().date_naive();
+    let files = meterflow::store::reader::list_files(
+        lake,
+        "quarantine",
+        today - chrono::Duration::days(2),
+        today + chrono::Duration::days(2),
+    )
+    .unwrap();
+    let mut out = vec![];
+    for (_, f) in files {
+        for b in meterflow::store::reader::read_file(&f).unwrap() {
+            let s = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (addr, coll, reason) = (s("source_address"), s("source_collector"), s("reason"));
+            let payload = b.column_by_name("payload").unwrap();
+            let payload = payload.as_any().downcast_ref::<BinaryArray>().unwrap();
+            for i in 0..b.num_rows() {
+                out.push((
+                    addr.value(i).to_string(),
+                    coll.value(i).to_string(),
+                    reason.value(i).to_string(),
+                    payload.value(i).to_vec(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_corrupt_frames_are_quarantined_in_the_lake_with_their_bytes() {
+    let (noisy, corrupt) = ("000000008001", "000000008002");
+    let mut meters = vec![sim_meter(noisy, 1), sim_meter(corrupt, 2)];
+    meters[0].faults = Faults {
+        garbage: true,
+        ..Default::default()
+    };
+    meters[1].faults = Faults {
+        bad_checksum: true,
+        every_nth: 2,
+        ..Default::default()
+    };
+    let sim = spawn_tcp(
+        SimFile {
+            meters,
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let cfg = config(
+        fast_bus("gw-q", Some(sim.addr), None),
+        &[(noisy, Edition::V2007), (corrupt, Edition::V2007)],
+    );
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = collect_once(cfg, lake.path()).await.unwrap();
+
+    // The values still arrive exactly...
+    assert_eq!(
+        lake_values(&lake_readings(lake.path())),
+        served_values(&sim.handle.served())
+    );
+    // ...and the bad bytes are kept, with why.
+    let rows = quarantine_rows(lake.path());
+    assert_eq!(stats.quarantined as usize, rows.len());
+    let noise: Vec<_> = rows
+        .iter()
+        .filter(|r| r.0 == format!("gw-q/{noisy}"))
+        .collect();
+    assert!(!noise.is_empty(), "{rows:?}");
+    for (_, collector, reason, payload) in &noise {
+        assert_eq!(collector, "it-dlt645");
+        assert!(reason.starts_with("line noise"), "{reason}");
+        assert!(payload.windows(3).any(|w| w == [0x13, 0xFF, 0x55]), "{payload:02X?}");
+    }
+    let bad: Vec<_> = rows
+        .iter()
+        .filter(|r| r.0 == format!("gw-q/{corrupt}"))
+        .collect();
+    assert_eq!(bad.len() as u64, stats.buses[0].counters.bad_checksum);
+    for (_, _, reason, payload) in &bad {
+        assert!(reason.contains("malformed frame") && reason.contains("checksum"), "{reason}");
+        assert_eq!((payload[0], *payload.last().unwrap()), (0x68, 0x16));
+    }
+}

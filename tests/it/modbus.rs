@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use meterflow::collector::run::LakeMsg;
 use meterflow::collector::modbus::{
     run_connection, ModbusConnectionConfig, ModbusDeviceConfig, Poller, SerialConfig, Transport,
 };
@@ -158,7 +159,9 @@ async fn collect_once_writes_the_simulated_values_exactly_into_the_lake() {
     run_connection(cfg, "it-collector".into(), tx, true, stop_rx)
         .await
         .unwrap();
-    let batch = rx.recv().await.expect("one batch");
+    let Some(LakeMsg::Readings(batch)) = rx.recv().await else {
+        panic!("one batch of readings")
+    };
     assert!(rx.recv().await.is_none(), "once means one cycle");
 
     let dir = tempfile::tempdir().unwrap();
@@ -489,4 +492,62 @@ fn modbus_plan_rejects_a_bad_config_with_file_line_and_field() {
         err.contains("collectors.toml:9: field `modbus[0].devices[0].profile`: unknown profile"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn device_refusing_reads_across_holes_is_read_field_by_field_with_every_value() {
+    let mut devs = sims();
+    for d in &mut devs {
+        d.faults.push(fault(FaultKind::RefuseHoles));
+    }
+    let sim = Simulator::new(devs).unwrap();
+    let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
+    let cfg = connection("holes", Transport::Tcp, Some(addr.to_string()), None);
+    let mut p = Poller::new(cfg, "it".into()).unwrap();
+    let planned = p.planned_requests() as u64;
+
+    let readings = p.cycle(true).await;
+
+    for (i, prof) in PROFILES.iter().enumerate() {
+        assert_exact(&sim, &readings, i as u8 + 1, prof);
+    }
+    let sent: u64 = (1..=3).map(|u| sim.requests(u)).sum();
+    assert!(
+        sent > planned,
+        "some merged read spanned a hole and was split: {sent} requests for a plan of {planned}"
+    );
+    assert!(p.health().iter().all(|h| !h.degraded && h.failed_cycles == 0));
+}
+
+#[tokio::test]
+async fn undecodable_registers_are_quarantined_in_the_lake_with_their_words() {
+    let sim = Simulator::new(with_fault(sims(), 2, fault(FaultKind::Nan))).unwrap();
+    let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
+    let mut cfg = meterflow::collector::config::CollectorConfig::parse(
+        std::path::Path::new("it.toml"),
+        "collector_id = \"it-modbus\"\n",
+    )
+    .unwrap();
+    cfg.modbus = vec![connection(
+        "nanq",
+        Transport::Tcp,
+        Some(addr.to_string()),
+        None,
+    )];
+    let lake = tempfile::tempdir().unwrap();
+
+    let stats = meterflow::collector::run::collect_once(cfg, lake.path())
+        .await
+        .unwrap();
+
+    let rows = crate::dlt645::quarantine_rows(lake.path());
+    assert_eq!(rows.len(), 18, "one row per SDM630 float register");
+    assert_eq!(stats.quarantined, 18);
+    for (address, collector, reason, payload) in &rows {
+        assert_eq!(address, "nanq/unit 2");
+        assert_eq!(collector, "it-modbus");
+        assert!(reason.starts_with("register "), "{reason}");
+        // An SDM630 float is two words; NaN is 0x7FC00000 in ABCD order.
+        assert_eq!(payload, &vec![0x7F, 0xC0, 0x00, 0x00], "{reason}");
+    }
 }

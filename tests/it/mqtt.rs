@@ -31,7 +31,10 @@ pub fn broker_url() -> String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
         if let Ok(url) = std::env::var("MQTT_URL") {
-            assert!(answers(&url), "MQTT_URL={url} is set but no broker answers there");
+            assert!(
+                answers(&url),
+                "MQTT_URL={url} is set but no broker answers there"
+            );
             return url;
         }
         let local = "mqtt://127.0.0.1:1883".to_string();
@@ -92,7 +95,10 @@ dynamic_filters = true
     eprintln!("no broker at MQTT_URL or 127.0.0.1:1883: started an embedded rumqttd at {url}");
     let t = Instant::now();
     while !answers(&url) {
-        assert!(t.elapsed() < Duration::from_secs(10), "embedded broker did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "embedded broker did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     url
@@ -180,7 +186,11 @@ async fn start_ingest_in(cfg: IngestConfig, lake: &Path, shared_group: Option<St
     tokio::time::timeout(Duration::from_secs(15), ready.notified())
         .await
         .expect("ingest did not subscribe");
-    Running { stop, handle, client_id }
+    Running {
+        stop,
+        handle,
+        client_id,
+    }
 }
 
 impl Running {
@@ -212,8 +222,13 @@ fn key(r: &Reading) -> (String, &'static str, i64) {
 fn dead_letters(lake: &Path) -> Vec<(String, String)> {
     use arrow::array::{Array, StringArray};
     let mut out = Vec::new();
-    let files = reader::list_files(lake, "quarantine", chrono::NaiveDate::MIN, chrono::NaiveDate::MAX)
-        .unwrap_or_default();
+    let files = reader::list_files(
+        lake,
+        "quarantine",
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap_or_default();
     for (_, f) in files {
         for b in reader::read_file(&f).unwrap() {
             let addr = b.column_by_name("source_address").unwrap();
@@ -352,22 +367,61 @@ values = {{ "e" = "/data/energy" }}
         }
     };
     let stats = run.stop(&url).await;
-    let find = |m: &str, c: Channel| rs.iter().find(|r| r.meter_id == m && r.channel == c).cloned();
-    assert_eq!(find("C1", Channel::ImportActiveTotal).unwrap().value, dec!(123456.7891));
-    assert_eq!(find("GW7", Channel::ImportActiveTotal).unwrap().value, dec!(42.5));
-    assert_eq!(find("GW7", Channel::ActivePowerTotal).unwrap().value, dec!(1.5));
-    assert_eq!(find("plug9", Channel::ImportActiveTotal).unwrap().value, dec!(7.125));
+    let find = |m: &str, c: Channel| {
+        rs.iter()
+            .find(|r| r.meter_id == m && r.channel == c)
+            .cloned()
+    };
+    assert_eq!(
+        find("C1", Channel::ImportActiveTotal).unwrap().value,
+        dec!(123456.7891)
+    );
+    assert_eq!(
+        find("GW7", Channel::ImportActiveTotal).unwrap().value,
+        dec!(42.5)
+    );
+    assert_eq!(
+        find("GW7", Channel::ActivePowerTotal).unwrap().value,
+        dec!(1.5)
+    );
+    assert_eq!(
+        find("plug9", Channel::ImportActiveTotal).unwrap().value,
+        dec!(7.125)
+    );
     assert_eq!(find("plug9", Channel::VoltageA).unwrap().value, dec!(231));
-    assert_eq!(find("shellypro3em-1", Channel::ImportActiveTotal).unwrap().value, dec!(1.5));
-    assert_eq!(find("shellypro3em-1", Channel::VoltageA).unwrap().ts_ms, secs * 1000 + 500);
-    assert_eq!(find("M55", Channel::ImportActiveTotal).unwrap().value, dec!(2.5));
+    assert_eq!(
+        find("shellypro3em-1", Channel::ImportActiveTotal)
+            .unwrap()
+            .value,
+        dec!(1.5)
+    );
+    assert_eq!(
+        find("shellypro3em-1", Channel::VoltageA).unwrap().ts_ms,
+        secs * 1000 + 500
+    );
+    assert_eq!(
+        find("M55", Channel::ImportActiveTotal).unwrap().value,
+        dec!(2.5)
+    );
     let c1 = find("C1", Channel::ImportActiveTotal).unwrap();
     assert_eq!(c1.source.protocol, Protocol::Mqtt);
     assert_eq!(c1.source.address, format!("{p}/canonical/a"));
     assert_eq!(dl.len(), 3, "{dl:?}");
-    assert!(dl.iter().any(|(a, r)| a.ends_with("bad1") && r.contains("malformed JSON")), "{dl:?}");
-    assert!(dl.iter().any(|(a, r)| a.ends_with("bad2") && r.contains("wrong type")), "{dl:?}");
-    assert!(dl.iter().any(|(a, r)| a.ends_with("bad3") && r.contains("timestamp")), "{dl:?}");
+    assert!(
+        dl.iter()
+            .any(|(a, r)| a.ends_with("bad1") && r.contains("malformed JSON")),
+        "{dl:?}"
+    );
+    assert!(
+        dl.iter()
+            .any(|(a, r)| a.ends_with("bad2") && r.contains("wrong type")),
+        "{dl:?}"
+    );
+    assert!(
+        dl.iter()
+            .any(|(a, r)| a.ends_with("bad3") && r.contains("timestamp")),
+        "{dl:?}"
+    );
     assert_eq!(stats.messages, 8);
 }
 
@@ -442,7 +496,10 @@ meters = {{ "gw1/m1" = "SPB1" }}
         &url,
         vec![
             (t("NBIRTH", None), spb(0, vec![])),
-            (t("DBIRTH", Some("m1")), spb(1, vec![spm(Some("Energy/Import"), 5, 100.25)])),
+            (
+                t("DBIRTH", Some("m1")),
+                spb(1, vec![spm(Some("Energy/Import"), 5, 100.25)]),
+            ),
             (t("DDATA", Some("m1")), spb(2, vec![spm(None, 5, 100.5)])),
         ],
         0,
@@ -450,12 +507,22 @@ meters = {{ "gw1/m1" = "SPB1" }}
     )
     .await;
     let rs = wait_for_readings(lake.path(), 2, 20).await;
-    let mut values: Vec<Decimal> = rs.iter().filter(|r| r.meter_id == "SPB1").map(|r| r.value).collect();
+    let mut values: Vec<Decimal> = rs
+        .iter()
+        .filter(|r| r.meter_id == "SPB1")
+        .map(|r| r.value)
+        .collect();
     values.sort();
     assert_eq!(values, vec![dec!(100.25), dec!(100.5)]);
 
     // seq 7 after 2: a gap, so the node is asked to rebirth.
-    publish_all(&url, vec![(t("DDATA", Some("m1")), spb(7, vec![spm(None, 5, 101.0)]))], 0, Duration::ZERO).await;
+    publish_all(
+        &url,
+        vec![(t("DDATA", Some("m1")), spb(7, vec![spm(None, 5, 101.0)]))],
+        0,
+        Duration::ZERO,
+    )
+    .await;
     let cmd = tokio::time::timeout(Duration::from_secs(15), seen_rx.recv())
         .await
         .expect("no rebirth request")
@@ -476,7 +543,10 @@ meters = {{ "gw1/m1" = "SPB1" }}
     )
     .await;
     let rs = wait_for_readings(lake.path(), 4, 20).await;
-    let late = rs.iter().find(|r| r.value == dec!(102)).expect("data after death is kept");
+    let late = rs
+        .iter()
+        .find(|r| r.value == dec!(102))
+        .expect("data after death is kept");
     assert!(late.quality.contains(Quality::OFFLINE));
     run.stop(&url).await;
     watcher.abort();
@@ -541,21 +611,35 @@ async fn ingest_killed_mid_stream_then_restarted_loses_nothing_and_compacts_to_n
     // 300 messages of 10 readings, paced over about 3 s.
     let msgs = canonical_messages(&format!("{p}/r"), &rs, 10);
     let u = url.clone();
-    let publisher = tokio::spawn(async move { publish_all(&u, msgs, 10, Duration::from_millis(100)).await });
+    let publisher =
+        tokio::spawn(async move { publish_all(&u, msgs, 10, Duration::from_millis(100)).await });
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     a.wait().unwrap();
     publisher.await.unwrap();
 
     let (mut b, b_log) = spawn_ingest_binary(&cfg_path, &lake);
     wait_for_line(&b_log, "mqtt connected");
     let got = wait_for_readings(&lake, n, 60).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     assert!(b.wait().unwrap().success());
     forget_session(&url, &client_id).await;
 
     let before: BTreeSet<_> = got.iter().map(key).collect();
-    assert_eq!(before, want, "lost readings: {}", want.difference(&before).count());
+    assert_eq!(
+        before,
+        want,
+        "lost readings: {}",
+        want.difference(&before).count()
+    );
     compact::compact(&lake, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
     let after = reader::read_all_readings(&lake).unwrap();
     assert_eq!(after.len(), n, "duplicates left after compaction");
@@ -579,7 +663,9 @@ impl Proxy {
         let (d, c) = (down.clone(), conns.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
@@ -616,14 +702,19 @@ async fn broker_connection_dropped_mid_stream_loses_nothing() {
     let p = uniq("drop");
     let lake = tempfile::tempdir().unwrap();
     let sources = format!("[[source]]\nname = \"c\"\nfilter = \"{p}/#\"\nformat = \"canonical\"\n");
-    let run = start_ingest(config(&via_proxy, &uniq("ingest-drop"), &sources), lake.path()).await;
+    let run = start_ingest(
+        config(&via_proxy, &uniq("ingest-drop"), &sources),
+        lake.path(),
+    )
+    .await;
 
     let n = 2000;
     let rs = sim(n, 40, now_ms() - 100 * 60_000);
     let want: BTreeSet<_> = rs.iter().map(key).collect();
     let msgs = canonical_messages(&format!("{p}/r"), &rs, 10);
     let u = url.clone();
-    let publisher = tokio::spawn(async move { publish_all(&u, msgs, 10, Duration::from_millis(100)).await });
+    let publisher =
+        tokio::spawn(async move { publish_all(&u, msgs, 10, Duration::from_millis(100)).await });
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         proxy.cut();
@@ -634,7 +725,12 @@ async fn broker_connection_dropped_mid_stream_loses_nothing() {
     let got = wait_for_readings(lake.path(), n, 60).await;
     let stats = run.stop(&url).await;
     let keys: BTreeSet<_> = got.iter().map(key).collect();
-    assert_eq!(keys, want, "lost readings: {}", want.difference(&keys).count());
+    assert_eq!(
+        keys,
+        want,
+        "lost readings: {}",
+        want.difference(&keys).count()
+    );
     assert!(stats.messages >= 200);
 }
 
@@ -645,18 +741,41 @@ async fn a_shared_group_splits_one_stream_between_two_ingest_processes() {
     let group = uniq("grp");
     let lake = tempfile::tempdir().unwrap();
     let sources = format!("[[source]]\nname = \"c\"\nfilter = \"{p}/#\"\nformat = \"canonical\"\n");
-    let a = start_ingest_in(config(&url, &uniq("ingest-sa"), &sources), lake.path(), Some(group.clone())).await;
-    let b = start_ingest_in(config(&url, &uniq("ingest-sb"), &sources), lake.path(), Some(group)).await;
+    let a = start_ingest_in(
+        config(&url, &uniq("ingest-sa"), &sources),
+        lake.path(),
+        Some(group.clone()),
+    )
+    .await;
+    let b = start_ingest_in(
+        config(&url, &uniq("ingest-sb"), &sources),
+        lake.path(),
+        Some(group),
+    )
+    .await;
     let n = 1000;
     let rs = sim(n, 10, now_ms() - 200 * 60_000);
     let want: BTreeSet<_> = rs.iter().map(key).collect();
-    publish_all(&url, canonical_messages(&format!("{p}/r"), &rs, 10), 0, Duration::ZERO).await;
+    publish_all(
+        &url,
+        canonical_messages(&format!("{p}/r"), &rs, 10),
+        0,
+        Duration::ZERO,
+    )
+    .await;
     let got = wait_for_readings(lake.path(), n, 60).await;
     let (sa, sb) = (a.stop(&url).await, b.stop(&url).await);
     let keys: BTreeSet<_> = got.iter().map(key).collect();
     assert_eq!(keys, want);
-    assert_eq!(sa.messages + sb.messages, 100, "each message went to exactly one member");
-    assert!(sa.messages > 0 && sb.messages > 0, "both members got a share: {sa:?} {sb:?}");
+    assert_eq!(
+        sa.messages + sb.messages,
+        100,
+        "each message went to exactly one member"
+    );
+    assert!(
+        sa.messages > 0 && sb.messages > 0,
+        "both members got a share: {sa:?} {sb:?}"
+    );
 }
 
 // ---------------------------------------------------------------- uplink
@@ -676,7 +795,12 @@ async fn uplink_spools_while_the_broker_is_unreachable_and_delivers_everything_w
     let central = start_ingest(config(&url, &uniq("ingest-up"), &sources), &lake).await;
 
     let mqtt = MqttConfig::new(&format!("mqtt://127.0.0.1:{}", proxy.port), &uniq("uplink"));
-    let mut cfg = UplinkConfig::new(mqtt, &format!("{p}/readings"), "sub-9", dir.path().join("spool"));
+    let mut cfg = UplinkConfig::new(
+        mqtt,
+        &format!("{p}/readings"),
+        "sub-9",
+        dir.path().join("spool"),
+    );
     cfg.per_message = 25;
     cfg.cap_bytes = 4 << 20;
     cfg.alarm_ratio = 0.0001;
@@ -688,7 +812,11 @@ async fn uplink_spools_while_the_broker_is_unreachable_and_delivers_everything_w
         uplink.send(chunk.to_vec()).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(uplink.pending(), n / 25, "nothing can be acknowledged while the link is down");
+    assert_eq!(
+        uplink.pending(),
+        n / 25,
+        "nothing can be acknowledged while the link is down"
+    );
     assert!(uplink.alarm());
     // A restart while down keeps the spool.
     uplink.shutdown().await;
@@ -696,7 +824,10 @@ async fn uplink_spools_while_the_broker_is_unreachable_and_delivers_everything_w
     assert_eq!(uplink.pending(), n / 25);
 
     proxy.restore();
-    assert!(uplink.drain(Duration::from_secs(60)).await, "spool did not drain");
+    assert!(
+        uplink.drain(Duration::from_secs(60)).await,
+        "spool did not drain"
+    );
     assert!(!uplink.alarm());
     let got = wait_for_readings(&lake, n, 60).await;
     uplink.shutdown().await;

@@ -249,6 +249,12 @@ fn meter_id(i: usize) -> String {
 /// `n` prepaid accounts (one meter each) on bj-residential-monthly, daily
 /// snapshots at local midnight from 1 Oct through 1 Nov 2026 (32 readings).
 fn fixture(n: usize, seed: u64) -> Fixture {
+    fixture_with_spike(n, seed, None)
+}
+
+/// Like [`fixture`]; `spike = Some((i, day))` makes meter `i` read 5000 kWh
+/// too high on that day only (a transient register spike).
+fn fixture_with_spike(n: usize, seed: u64, spike: Option<(usize, i64)>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let master = root.join("master");
@@ -279,12 +285,13 @@ fn fixture(n: usize, seed: u64) -> Fixture {
                 v += Decimal::new(rng.gen_range(0..3000) * heavy, 2);
             }
             let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
-            snaps.push((ts, v));
+            let shown = if spike == Some((i, d)) { v + dec!(5000) } else { v };
+            snaps.push((ts, shown));
             all.push(Reading {
                 meter_id: meter_id(i),
                 ts_ms: ts,
                 channel: Channel::ImportActiveTotal,
-                value: v,
+                value: shown,
                 quality: Quality::OK,
                 source: Source {
                     protocol: Protocol::Sim,
@@ -425,6 +432,55 @@ fn daily_deductions_of_a_month_add_up_to_its_bill_and_rerunning_changes_nothing(
     assert_matches_recomputation(&url, &f);
     let again = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
     assert_eq!((again.deductions, again.conflicts), (0, 0));
+    assert_matches_recomputation(&url, &f);
+}
+
+fn deduction_times(url: &str, account: &str) -> Vec<i64> {
+    let mut l = ledger::open(url).unwrap();
+    l.entries(Some(account), 0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.entry.kind == EntryKind::Deduction)
+        .map(|e| e.entry.ts_ms)
+        .collect()
+}
+
+#[test]
+fn a_meter_with_a_one_day_spike_keeps_being_deducted_and_pays_the_bill_of_its_validated_use() {
+    // Meter 3 reads 5000 kWh too high on 10 October only. Its October bill is
+    // the tariff on (1 Nov reading - 1 Oct reading): the spike is not use.
+    let f = fixture_with_spike(12, 5, Some((3, 9)));
+    let url = sqlite_url(&f.root);
+    let s = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!((s.spikes, s.backwards, s.conflicts), (1, 0, 0));
+    let spike_ts = OCT1_LOCAL_MIDNIGHT + 9 * DAY;
+    let times = deduction_times(&url, "P00003");
+    assert!(!times.contains(&spike_ts), "the spike itself is charged");
+    assert!(
+        times.iter().filter(|t| **t > spike_ts).count() >= 15,
+        "the meter stalled after the spike: {times:?}"
+    );
+    assert_matches_recomputation(&url, &f);
+}
+
+#[test]
+fn a_jump_held_at_the_end_of_one_run_is_judged_by_the_next_run() {
+    // The streaming case: the spike is the newest reading when a run ends, so
+    // it is held in the cursor (durably) and the next run drops it.
+    let f = fixture_with_spike(12, 6, Some((3, 9)));
+    let url = sqlite_url(&f.root);
+    let s1 = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 9 * DAY);
+    assert_eq!((s1.held, s1.spikes), (1, 0));
+    let mut l = ledger::open(&url).unwrap();
+    let c = l
+        .cursor(&meter_id(3), "import_active_total")
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.held.map(|h| h.0), Some(OCT1_LOCAL_MIDNIGHT + 9 * DAY));
+    assert_eq!(c.last_ts_ms, OCT1_LOCAL_MIDNIGHT + 8 * DAY);
+    drop(l);
+    let s2 = run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!((s2.spikes, s2.backwards), (1, 0));
     assert_matches_recomputation(&url, &f);
 }
 

@@ -108,7 +108,8 @@ pub async fn run(b: &BusBench) -> std::io::Result<BusBenchResult> {
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(batch) => {
+                Some(msg) => {
+                    let crate::collector::run::LakeMsg::Readings(batch) = msg else { continue };
                     if counting_since.is_some() {
                         reads += batch.len() as u64;
                     } else if start.elapsed() >= warmup {

@@ -9,6 +9,8 @@ use tokio::time::Instant;
 
 use super::link::Link;
 use crate::metrics;
+use crate::model::{now_ms, Protocol};
+use crate::store::QuarantineRecord;
 use crate::protocol::dlt645::frame::{hex, Decoded, Frame, FrameError};
 use crate::protocol::dlt645::message::{classify, ErrorStatus, Match, ReplyError, StrayReason};
 use crate::protocol::dlt645::ValueError;
@@ -107,7 +109,13 @@ pub struct Bus {
     noise_seen: Vec<u8>,
     noise_count: usize,
     pub counters: BusCounters,
+    /// Malformed frames and line noise kept with their reason, until the
+    /// bus task hands them to the lake (`collector` is filled in there).
+    pub quarantined: Vec<QuarantineRecord>,
 }
+
+/// Noise bytes kept per quarantine record (the count is in the reason).
+const NOISE_KEPT: usize = 64;
 
 fn count(name: &str, bus: &str, meter: &str, n: u64) {
     metrics::counter_add(name, &[("bus", bus), ("meter", meter)], n);
@@ -153,6 +161,10 @@ pub fn describe_metrics() {
     );
     metrics::describe("meterflow_dlt645_reconnects_total", "Bus (re)connections");
     metrics::describe(
+        "meterflow_dlt645_quarantined_total",
+        "Malformed frames, noise and undecodable values kept in the lake's quarantine",
+    );
+    metrics::describe(
         "meterflow_dlt645_meter_degraded",
         "1 while the meter is degraded (polled less often)",
     );
@@ -173,6 +185,7 @@ impl Bus {
             noise_seen: Vec::new(),
             noise_count: 0,
             counters: BusCounters::default(),
+            quarantined: Vec::new(),
         }
     }
 
@@ -222,7 +235,9 @@ impl Bus {
         let r = self.exchange_inner(req, label).await;
         if self.noise_count > 0 {
             tracing::warn!(bus = %self.name, meter = label, bytes = self.noise_count, hex = %hex(&self.noise_seen), "line noise skipped");
-            self.noise_seen.clear();
+            let reason = format!("line noise: {} bytes skipped before a frame", self.noise_count);
+            let payload = std::mem::take(&mut self.noise_seen);
+            self.keep(label, reason, payload);
             self.noise_count = 0;
         }
         r
@@ -330,7 +345,7 @@ impl Bus {
                 noise as u64,
             );
             self.noise_count += noise;
-            let room = 64usize.saturating_sub(self.noise_seen.len());
+            let room = NOISE_KEPT.saturating_sub(self.noise_seen.len());
             let skipped = skipped.min(self.buf.len());
             self.noise_seen.extend(
                 self.buf[..skipped]
@@ -353,6 +368,19 @@ impl Bus {
             }
         }
         tracing::warn!(bus = %self.name, meter = label, %error, hex = %hex(bytes), "malformed frame");
+        self.keep(label, format!("malformed frame: {error}"), bytes.to_vec());
+    }
+
+    /// Keeps bad input for the lake's quarantine dataset.
+    pub fn keep(&mut self, label: &str, reason: String, payload: Vec<u8>) {
+        self.quarantined.push(QuarantineRecord {
+            received_ms: now_ms(),
+            protocol: Protocol::Dlt645,
+            collector: String::new(),
+            address: label.to_string(),
+            reason,
+            payload,
+        });
     }
 
     fn note_stray(&mut self, reason: StrayReason, f: &Frame, label: &str) {

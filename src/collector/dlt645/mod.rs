@@ -12,7 +12,7 @@ pub mod scan;
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use bus::{Bus, BusCounters, BusTiming, TxError};
@@ -20,8 +20,8 @@ pub use link::{Endpoint, Link};
 pub use poll::{MeterState, PollSettings};
 
 use crate::collector::config::{BusConfig, CollectorConfig, ResolvedMeter};
+use crate::collector::run::{LakeMsg, LakeTx};
 use crate::metrics;
-use crate::model::Reading;
 
 /// What a bus task did, for `collect --once` reports and tests.
 #[derive(Debug, Clone, Default)]
@@ -85,13 +85,38 @@ pub fn plan(cfg: &CollectorConfig) -> Vec<(BusConfig, Vec<ResolvedMeter>, PollSe
         .collect()
 }
 
+/// Hands the bus's kept bad input to the lake writer.
+async fn send_quarantine(bus: &mut Bus, collector: &str, tx: &LakeTx) -> Result<(), BusError> {
+    if bus.quarantined.is_empty() {
+        return Ok(());
+    }
+    let mut recs = std::mem::take(&mut bus.quarantined);
+    report_quarantine(&bus.name, &recs);
+    for r in &mut recs {
+        r.collector = collector.to_string();
+    }
+    tx.send(LakeMsg::Quarantine(recs))
+        .await
+        .map_err(|_| BusError::ChannelClosed)
+}
+
+fn report_quarantine(bus: &str, recs: &[crate::store::QuarantineRecord]) {
+    for r in recs {
+        metrics::counter_add(
+            "meterflow_dlt645_quarantined_total",
+            &[("bus", bus), ("meter", &r.address)],
+            1,
+        );
+    }
+}
+
 /// Polls one bus until `shutdown` (or for one cycle with `once`), sending
 /// each meter's readings on `tx` as soon as its turn is over.
 pub async fn run_bus(
     cfg: BusConfig,
     meters: Vec<ResolvedMeter>,
     settings: PollSettings,
-    tx: mpsc::Sender<Vec<Reading>>,
+    tx: LakeTx,
     once: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<BusReport, BusError> {
@@ -165,14 +190,19 @@ pub async fn run_bus(
                         }
                         needs_sync |= out.skewed;
                         report.readings += out.readings.len() as u64;
-                        if !out.readings.is_empty() && tx.send(out.readings).await.is_err() {
+                        if !out.readings.is_empty()
+                            && tx.send(LakeMsg::Readings(out.readings)).await.is_err()
+                        {
                             return Err(BusError::ChannelClosed);
                         }
                     }
                     Err(poll::LinkLost(e)) => {
                         lost = Some(e);
-                        break;
                     }
+                }
+                send_quarantine(&mut bus, &settings.collector_id, &tx).await?;
+                if lost.is_some() {
+                    break;
                 }
             }
             report.counters.add(&bus.counters);

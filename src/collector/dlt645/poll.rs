@@ -301,10 +301,14 @@ pub async fn read_value(
         fu.push(&reply)?;
     }
     let format = lookup(di).map(|i| i.format).ok_or(ValueError::Mismatch)?;
-    format.decode(fu.data()).map_err(|e| {
-        tracing::warn!(bus = %bus.name, meter = label, %di, error = %e, hex = %hex(fu.data()), "undecodable value");
-        TxError::Value(e)
-    })
+    match format.decode(fu.data()) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            tracing::warn!(bus = %bus.name, meter = label, %di, error = %e, hex = %hex(fu.data()), "undecodable value");
+            bus.keep(label, format!("undecodable value of DI {di}: {e}"), fu.data().to_vec());
+            Err(TxError::Value(e))
+        }
+    }
 }
 
 /// Reads date and time; returns meter minus collector clock in ms.

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use config::{
     load_file, parse_str, validate_in_file, ModbusConnectionConfig, ModbusDeviceConfig,
@@ -23,8 +23,10 @@ pub use config::{
 use poll::{poll_device, DeviceOutcome, RetryPolicy};
 use transport::{Link, LinkSettings};
 
+use crate::collector::run::{LakeMsg, LakeTx};
 use crate::metrics;
 use crate::model::{now_ms, Reading};
+use crate::store::QuarantineRecord;
 use crate::protocol::modbus::FieldPath;
 
 /// Why a connection stopped.
@@ -90,6 +92,7 @@ pub struct Poller {
     health: Vec<DeviceHealth>,
     links: Vec<Link>,
     knobs: Knobs,
+    quarantined: Vec<QuarantineRecord>,
 }
 
 impl Poller {
@@ -135,6 +138,7 @@ impl Poller {
             health,
             links,
             knobs,
+            quarantined: Vec::new(),
         })
     }
 
@@ -151,9 +155,15 @@ impl Poller {
         self.devices.iter().map(|d| d.requests.len()).sum()
     }
 
+    /// Undecodable registers and replies seen since the last call.
+    pub fn take_quarantine(&mut self) -> Vec<QuarantineRecord> {
+        std::mem::take(&mut self.quarantined)
+    }
+
     /// Polls every due device once (`all`: every device, degraded or not).
+    /// Bad input seen on the way waits in [`Poller::take_quarantine`].
     pub async fn cycle(&mut self, all: bool) -> Vec<Reading> {
-        let batch = run_cycle(
+        let (batch, bad) = run_cycle(
             &self.cfg,
             &self.collector_id,
             &self.devices,
@@ -166,6 +176,7 @@ impl Poller {
         if self.cfg.close_after_cycle {
             self.links.iter_mut().for_each(|l| l.reset(false));
         }
+        self.quarantined.extend(bad);
         batch
     }
 }
@@ -175,7 +186,7 @@ impl Poller {
 pub async fn run_connection(
     cfg: ModbusConnectionConfig,
     collector_id: String,
-    tx: mpsc::Sender<Vec<Reading>>,
+    tx: LakeTx,
     once: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ModbusError> {
@@ -196,7 +207,11 @@ pub async fn run_connection(
             break;
         }
         let batch = poller.cycle(once).await;
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
+        if !batch.is_empty() && tx.send(LakeMsg::Readings(batch)).await.is_err() {
+            return Err(ModbusError::ChannelClosed);
+        }
+        let bad = poller.take_quarantine();
+        if !bad.is_empty() && tx.send(LakeMsg::Quarantine(bad)).await.is_err() {
             return Err(ModbusError::ChannelClosed);
         }
         if once {
@@ -216,13 +231,13 @@ async fn run_cycle(
     links: &mut [Link],
     knobs: &Knobs,
     all: bool,
-) -> Vec<Reading> {
+) -> (Vec<Reading>, Vec<QuarantineRecord>) {
     let t0 = Instant::now();
     let due: VecDeque<usize> = (0..devices.len())
         .filter(|&i| all || health[i].next_due <= t0)
         .collect();
     if due.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let queue = Mutex::new(due);
     let results: Mutex<Vec<(usize, DeviceOutcome)>> = Mutex::new(Vec::new());
@@ -245,16 +260,18 @@ async fn run_cycle(
     let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     results.sort_by_key(|(i, _)| *i);
     let mut batch = Vec::new();
-    for (i, o) in results {
+    let mut bad = Vec::new();
+    for (i, mut o) in results {
         update_health(cfg, &devices[i], &mut health[i], &o, knobs, t0);
-        batch.extend(o.readings);
+        batch.append(&mut o.readings);
+        bad.append(&mut o.quarantine);
     }
     metrics::histogram_observe(
         "meterflow_modbus_cycle_seconds",
         &[("connection", cfg.name.as_str())],
         t0.elapsed().as_secs_f64(),
     );
-    batch
+    (batch, bad)
 }
 
 fn update_health(

@@ -9,6 +9,7 @@ use crate::metrics;
 use crate::model::{now_ms, Protocol, Quality, Reading, Source};
 use crate::protocol::modbus::decode::{decode, in_range, Value};
 use crate::protocol::modbus::{Field, ReadRequest};
+use crate::store::QuarantineRecord;
 
 /// Retry policy for one connection.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +29,19 @@ pub struct DeviceOutcome {
     pub errors: Vec<(String, String)>,
     /// The device answered nothing at all (timeouts / transport errors only).
     pub silent: bool,
+    /// Undecodable registers and replies, kept for the lake's quarantine.
+    pub quarantine: Vec<QuarantineRecord>,
+}
+
+fn keep(out: &mut DeviceOutcome, source: &Source, reason: String, payload: Vec<u8>) {
+    out.quarantine.push(QuarantineRecord {
+        received_ms: now_ms(),
+        protocol: Protocol::Modbus,
+        collector: source.collector.clone(),
+        address: source.address.clone(),
+        reason,
+        payload,
+    });
 }
 
 /// Labels shared by the device's metrics.
@@ -154,7 +168,7 @@ pub async fn poll_device(
                         }
                         Err(e) => {
                             out.requests_failed += 1;
-                            record_error(dev, &single, &e, &labels, &mut out);
+                            record_error(dev, &single, &e, &labels, &source, &mut out);
                         }
                     }
                 }
@@ -166,7 +180,7 @@ pub async fn poll_device(
                 if !give_up && !matches!(e, ReadError::Io(_)) {
                     answered = true;
                 }
-                record_error(dev, req, &e, &labels, &mut out);
+                record_error(dev, req, &e, &labels, &source, &mut out);
                 if give_up {
                     let rest = dev.requests.len() - ri - 1;
                     out.requests_failed += rest as u32;
@@ -187,9 +201,23 @@ fn record_error(
     req: &ReadRequest,
     e: &ReadError,
     labels: &DeviceLabels<'_>,
+    source: &Source,
     out: &mut DeviceOutcome,
 ) {
     let names = field_names(dev, &req.fields);
+    if matches!(e, ReadError::Protocol(_) | ReadError::ShortReply { .. }) {
+        // An undecodable reply: the transport does not hand us its bytes, so
+        // the request is kept as the payload and the error as the reason.
+        let mut payload = vec![dev.unit_id, req.area.function_code()];
+        payload.extend_from_slice(&req.start.to_be_bytes());
+        payload.extend_from_slice(&req.count.to_be_bytes());
+        keep(
+            out,
+            source,
+            format!("undecodable reply to {} {}+{} ({names}): {e}", req.area, req.start, req.count),
+            payload,
+        );
+    }
     if let ReadError::Exception(code) = e {
         let code_s = format!("{code:#04x}");
         for f in &req.fields {
@@ -254,6 +282,16 @@ fn decode_fields(
                 metrics::counter_add("meterflow_modbus_errors_total", &l, 1);
                 tracing::warn!(connection = labels.connection, meter = %dev.meter_id, unit = dev.unit_id,
                     register = %reg.name, address = reg.address, error = %e, "cannot decode register; no reading");
+                let payload: Vec<u8> = words[from.min(to)..to]
+                    .iter()
+                    .flat_map(|w| w.to_be_bytes())
+                    .collect();
+                keep(
+                    out,
+                    source,
+                    format!("register {} at {} {}: {e}", reg.name, reg.area, reg.address),
+                    payload,
+                );
                 out.errors.push((reg.name.clone(), e.to_string()));
             }
         }

@@ -29,7 +29,9 @@ fn canonical_envelope_keeps_every_digit_of_the_value() {
     let p = br#"{"v":1,"collector":"sub-7","readings":[
         {"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":12345678901234.1234},
         {"meter_id":"M2","ts":"2025-11-22T08:00:00Z","channel":"voltage_a","value":"229.9","unit":"V","quality":"estimated"}]}"#;
-    let d = decoder(source(Format::Canonical)).decode("t/x", p, NOW).unwrap();
+    let d = decoder(source(Format::Canonical))
+        .decode("t/x", p, NOW)
+        .unwrap();
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     assert_eq!(d.readings[0].value, dec!(12345678901234.1234));
     assert_eq!(d.readings[0].source.collector, "sub-7");
@@ -41,7 +43,9 @@ fn canonical_envelope_keeps_every_digit_of_the_value() {
 #[test]
 fn canonical_single_reading_is_accepted() {
     let p = br#"{"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":1.5}"#;
-    let d = decoder(source(Format::Canonical)).decode("t", p, NOW).unwrap();
+    let d = decoder(source(Format::Canonical))
+        .decode("t", p, NOW)
+        .unwrap();
     assert_eq!(d.readings.len(), 1);
 }
 
@@ -52,7 +56,9 @@ fn canonical_bad_reading_is_a_problem_and_the_rest_still_count() {
         {"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":"abc"},
         {"meter_id":"M1","ts":1763799000000,"channel":"voltage_a","value":1,"unit":"kV"},
         {"meter_id":"M1","ts":1763799000000,"channel":"voltage_a","value":230}]}"#;
-    let d = decoder(source(Format::Canonical)).decode("t", p, NOW).unwrap();
+    let d = decoder(source(Format::Canonical))
+        .decode("t", p, NOW)
+        .unwrap();
     assert_eq!(d.readings.len(), 1);
     assert_eq!(d.problems.len(), 3);
     assert!(matches!(d.problems[0], DecodeError::UnknownChannel(_)));
@@ -66,16 +72,29 @@ fn absurd_timestamps_are_refused() {
     for ts in ["946684799999", "1999-12-31T23:59:59Z", "1863800000000"] {
         let p = format!(r#"{{"meter_id":"M1","ts":"{ts}","channel":"voltage_a","value":1}}"#);
         let d = dec.decode("t", p.as_bytes(), NOW).unwrap();
-        assert!(matches!(d.problems[0], DecodeError::AbsurdTimestamp(_)), "{ts}: {:?}", d.problems);
+        assert!(
+            matches!(d.problems[0], DecodeError::AbsurdTimestamp(_)),
+            "{ts}: {:?}",
+            d.problems
+        );
     }
 }
 
 #[test]
 fn malformed_json_and_wrong_types_are_typed_errors() {
     let mut dec = decoder(source(Format::Canonical));
-    assert!(matches!(dec.decode("t", b"{\"readings\":[", NOW), Err(DecodeError::Json(_))));
-    assert!(matches!(dec.decode("t", b"{\"readings\":7}", NOW), Err(DecodeError::WrongType(_))));
-    assert!(matches!(dec.decode("t", b"{}", NOW), Err(DecodeError::MissingField(_))));
+    assert!(matches!(
+        dec.decode("t", b"{\"readings\":[", NOW),
+        Err(DecodeError::Json(_))
+    ));
+    assert!(matches!(
+        dec.decode("t", b"{\"readings\":7}", NOW),
+        Err(DecodeError::WrongType(_))
+    ));
+    assert!(matches!(
+        dec.decode("t", b"{}", NOW),
+        Err(DecodeError::MissingField(_))
+    ));
 }
 
 #[test]
@@ -110,7 +129,10 @@ fn unknown_meters_are_refused_when_known_meters_are_given() {
 fn gateway_values_map_tags_and_report_device_errors() {
     let mut s = source(Format::Values);
     s.meters.insert("line1/node7".into(), "M7".into());
-    s.channels.insert("kwh".into(), ChannelSpec::Name("import_active_total".into()));
+    s.channels.insert(
+        "kwh".into(),
+        ChannelSpec::Name("import_active_total".into()),
+    );
     s.channels.insert(
         "p".into(),
         ChannelSpec::Full {
@@ -123,11 +145,18 @@ fn gateway_values_map_tags_and_report_device_errors() {
         "values":{"kwh":1024.5,"p":1500,"temp":21},"errors":{"ua":-3}}"#;
     let d = decoder(s).decode("gw/data", p, NOW).unwrap();
     assert_eq!(d.readings.len(), 2);
-    let p_kw = d.readings.iter().find(|r| r.channel == Channel::ActivePowerTotal).unwrap();
+    let p_kw = d
+        .readings
+        .iter()
+        .find(|r| r.channel == Channel::ActivePowerTotal)
+        .unwrap();
     assert_eq!(p_kw.value, dec!(1.5));
     assert_eq!(p_kw.meter_id, "M7");
     assert!(d.problems.contains(&DecodeError::Unmapped("temp".into())));
-    assert!(d.problems.iter().any(|e| matches!(e, DecodeError::DeviceError { .. })));
+    assert!(d
+        .problems
+        .iter()
+        .any(|e| matches!(e, DecodeError::DeviceError { .. })));
 }
 
 #[test]
@@ -140,9 +169,17 @@ fn tasmota_sml_sensor_reads_with_local_time() {
     assert_eq!(d.readings.len(), 3);
     assert_eq!(d.readings[0].meter_id, "meter-7");
     assert_eq!(d.readings[0].ts_ms, 1_763_798_400_000);
-    let total = d.readings.iter().find(|r| r.channel == Channel::ImportActiveTotal).unwrap();
+    let total = d
+        .readings
+        .iter()
+        .find(|r| r.channel == Channel::ImportActiveTotal)
+        .unwrap();
     assert_eq!(total.value, dec!(12345.6789));
-    let p = d.readings.iter().find(|r| r.channel == Channel::ActivePowerTotal).unwrap();
+    let p = d
+        .readings
+        .iter()
+        .find(|r| r.channel == Channel::ActivePowerTotal)
+        .unwrap();
     assert_eq!(p.value, dec!(-0.35));
 }
 
@@ -153,11 +190,17 @@ fn shelly_notify_status_reads_three_phases_and_energy_in_kwh() {
         "emdata:0":{"id":0,"total_act":123456.78,"total_act_ret":10}}}"#;
     let mut s = source(Format::Shelly);
     s.meters.insert("shellypro3em-abc".into(), "M3".into());
-    let d = decoder(s).decode("shellies/abc/events/rpc", p, NOW).unwrap();
+    let d = decoder(s)
+        .decode("shellies/abc/events/rpc", p, NOW)
+        .unwrap();
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     assert_eq!(d.readings.len(), 7);
     assert_eq!(d.readings[0].ts_ms, 1_763_799_000_250);
-    let e = d.readings.iter().find(|r| r.channel == Channel::ImportActiveTotal).unwrap();
+    let e = d
+        .readings
+        .iter()
+        .find(|r| r.channel == Channel::ImportActiveTotal)
+        .unwrap();
     assert_eq!(e.value, dec!(123.4568));
     assert_eq!(d.rounded, 1);
 }
@@ -193,9 +236,12 @@ fn json_map_reads_records_by_pointer_and_topic_level() {
         each: Some("/rows".into()),
         meter_id: "/dev".into(),
         ts: Some("/t".into()),
-        values: [("e".to_string(), "/m/e".to_string()), ("voltage_a".to_string(), "/m/u".to_string())]
-            .into_iter()
-            .collect(),
+        values: [
+            ("e".to_string(), "/m/e".to_string()),
+            ("voltage_a".to_string(), "/m/u".to_string()),
+        ]
+        .into_iter()
+        .collect(),
     });
     let p = br#"{"rows":[{"dev":"A","t":1763799000,"m":{"e":1000,"u":"230.5"}},{"dev":"B","t":1763799000,"m":{"e":true}}]}"#;
     let d = decoder(s).decode("site/x", p, NOW).unwrap();
@@ -250,34 +296,58 @@ mod spb {
         );
         s.unmapped = Some(Unmapped::Ignore);
         let mut d = decoder(s);
-        d.decode("spBv1.0/g/NBIRTH/gw1", &msg(0, vec![]), NOW).unwrap();
+        d.decode("spBv1.0/g/NBIRTH/gw1", &msg(0, vec![]), NOW)
+            .unwrap();
         let b = d
             .decode(
                 "spBv1.0/g/DBIRTH/gw1/m1",
-                &msg(1, vec![m(Some("Energy/Import"), 3, MetricValue::DoubleValue(100.25))]),
+                &msg(
+                    1,
+                    vec![m(
+                        Some("Energy/Import"),
+                        3,
+                        MetricValue::DoubleValue(100.25),
+                    )],
+                ),
                 NOW,
             )
             .unwrap();
         assert_eq!(b.readings[0].meter_id, "M1");
         let o = d
-            .decode("spBv1.0/g/DDATA/gw1/m1", &msg(2, vec![m(None, 3, MetricValue::DoubleValue(100.5))]), NOW)
+            .decode(
+                "spBv1.0/g/DDATA/gw1/m1",
+                &msg(2, vec![m(None, 3, MetricValue::DoubleValue(100.5))]),
+                NOW,
+            )
             .unwrap();
         assert_eq!(o.readings[0].value, dec!(100.5));
         assert_eq!(o.readings[0].channel, Channel::ImportActiveTotal);
         assert!(o.rebirth.is_none());
         let gap = d
-            .decode("spBv1.0/g/DDATA/gw1/m1", &msg(9, vec![m(None, 3, MetricValue::DoubleValue(101.0))]), NOW)
+            .decode(
+                "spBv1.0/g/DDATA/gw1/m1",
+                &msg(9, vec![m(None, 3, MetricValue::DoubleValue(101.0))]),
+                NOW,
+            )
             .unwrap();
         assert_eq!(gap.rebirth.as_ref().unwrap().0, "spBv1.0/g/NCMD/gw1");
-        let death = d.decode("spBv1.0/g/DDEATH/gw1/m1", &msg(10, vec![]), NOW).unwrap();
+        let death = d
+            .decode("spBv1.0/g/DDEATH/gw1/m1", &msg(10, vec![]), NOW)
+            .unwrap();
         assert_eq!(death.offline, vec!["gw1/m1".to_string()]);
     }
 
     #[test]
     fn broken_sparkplug_protobuf_and_topic_are_errors() {
         let mut d = decoder(source(Format::Sparkplug));
-        assert!(matches!(d.decode("spBv1.0/g/NDATA/e", &[0x12, 0x05, 1], NOW), Err(DecodeError::Sparkplug(_))));
-        assert!(matches!(d.decode("foo/bar", &[], NOW), Err(DecodeError::Sparkplug(_))));
+        assert!(matches!(
+            d.decode("spBv1.0/g/NDATA/e", &[0x12, 0x05, 1], NOW),
+            Err(DecodeError::Sparkplug(_))
+        ));
+        assert!(matches!(
+            d.decode("foo/bar", &[], NOW),
+            Err(DecodeError::Sparkplug(_))
+        ));
     }
 }
 
@@ -297,7 +367,9 @@ fn canonical_encoding_round_trips_through_the_decoder() {
         received_ms: NOW,
     };
     let bytes = encode_canonical("sub-1", std::slice::from_ref(&r));
-    let d = decoder(source(Format::Canonical)).decode("t", &bytes, NOW).unwrap();
+    let d = decoder(source(Format::Canonical))
+        .decode("t", &bytes, NOW)
+        .unwrap();
     let mut want = r.clone();
     want.source.collector = "sub-1".into();
     assert_eq!(d.readings, vec![want]);
