@@ -66,6 +66,39 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         field_lake.display()
     );
 
+    // 2b. MQTT: readings published as canonical JSON, ingested through the broker.
+    let mqtt_url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    if rt.block_on(crate::ingest::mqtt::broker_reachable(&mqtt_url)) {
+        let now = crate::model::now_ms();
+        let readings: Vec<crate::model::Reading> = (0..100)
+            .map(|i| crate::model::Reading {
+                meter_id: format!("MQ{:010}", i % 10),
+                ts_ms: now - (i / 10) as i64 * 900_000,
+                channel: crate::model::Channel::ImportActiveTotal,
+                value: rust_decimal::Decimal::new(1_000_000 + i as i64 * 37, 2),
+                quality: crate::model::Quality::OK,
+                source: crate::model::Source {
+                    protocol: crate::model::Protocol::Mqtt,
+                    collector: "demo".into(),
+                    address: "meters/demo".into(),
+                },
+                received_ms: now,
+            })
+            .collect();
+        let m = rt
+            .block_on(crate::ingest::mqtt::demo_publish_and_ingest(&mqtt_url, &field_lake, &readings))
+            .context("MQTT ingest")?;
+        println!(
+            "  [mqtt]    {} messages, {} readings ingested via {mqtt_url} (QoS 1, acked after durable), {} dead letters -> {}/readings",
+            m.messages,
+            m.readings,
+            m.dead_letters,
+            field_lake.display()
+        );
+    } else {
+        println!("  [mqtt]    skipped: no broker at {mqtt_url} (set MQTT_URL, or start mosquitto)");
+    }
+
     // 3. The October bill run over the lake, then its HTML report.
     let runs = out.join("runs");
     let bill = crate::billing::run::bill_run(&crate::billing::run::BillRunOptions::new(

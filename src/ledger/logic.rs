@@ -52,11 +52,15 @@ pub fn commit_batch(
     tx.lock_balances(&accounts)?;
     let mut expect = batch.expect.clone();
     expect.sort();
+    // Cursors checked here are locked and known: no second lookup below.
+    let mut known: BTreeMap<(&str, &str), Option<(i64, i64)>> = BTreeMap::new();
     for (meter, channel, want) in &expect {
-        if tx.cursor_ts_for_update(meter, channel)? != *want {
+        let got = tx.cursor_ts_for_update(meter, channel)?;
+        if got != *want {
             report.stale = true;
             return Ok(report);
         }
+        known.insert((meter.as_str(), channel.as_str()), got);
     }
     let mut delta: BTreeMap<&str, (Decimal, i64)> = BTreeMap::new();
     for e in &batch.entries {
@@ -75,7 +79,10 @@ pub fn commit_batch(
     let mut cursors: Vec<&Cursor> = batch.cursors.iter().collect();
     cursors.sort_by(|a, b| (&a.meter_id, &a.channel).cmp(&(&b.meter_id, &b.channel)));
     for c in cursors {
-        let stored = tx.cursor_ts_for_update(&c.meter_id, &c.channel)?;
+        let stored = match known.get(&(c.meter_id.as_str(), c.channel.as_str())) {
+            Some(s) => *s,
+            None => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
+        };
         if stored.is_none_or(|(ts, _)| ts <= c.last_ts_ms) {
             tx.upsert_cursor(c)?;
         }

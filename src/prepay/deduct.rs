@@ -62,6 +62,9 @@ pub const DEFAULT_CAPACITY_KVA: Decimal = Decimal::from_parts(20, 0, 0, false, 0
 /// history and the account's contracted capacity `kva` (0 = unknown).
 pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal, kva: Decimal) -> bool {
     let dt = Decimal::from(ts_ms - c.last_ts_ms);
+    if dt > Decimal::ZERO {
+        return false;
+    }
     let kva = if kva > Decimal::ZERO {
         kva
     } else {

@@ -314,21 +314,25 @@ impl Bus {
                     noise,
                 } => {
                     let m = classify(req, &frame);
-                    let owned = frame.to_frame();
+                    // Own the frame only when it is kept or logged (not for refusals).
+                    let owned = (!matches!(m, Match::Refused(_))).then(|| frame.to_frame());
                     self.note_noise(noise, skipped, label);
                     self.buf.drain(..consumed);
-                    match m {
-                        Match::Answer => {
+                    match (m, owned) {
+                        (Match::Answer, Some(owned)) => {
                             self.counters.answers += 1;
                             count("meterflow_dlt645_answers_total", &self.name, label, 1);
                             return Some(Ok(owned));
                         }
-                        Match::Refused(status) => {
+                        (Match::Refused(status), _) => {
                             self.counters.refused += 1;
                             count("meterflow_dlt645_refused_total", &self.name, label, 1);
                             return Some(Err(TxError::Refused(status)));
                         }
-                        Match::Stray(reason) => self.note_stray(reason, &owned, label),
+                        (Match::Stray(reason), Some(owned)) => {
+                            self.note_stray(reason, &owned, label)
+                        }
+                        (_, None) => {}
                     }
                 }
             }

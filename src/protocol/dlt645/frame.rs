@@ -355,13 +355,17 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     let mut i = 0;
     let mut noise = 0;
     while i < buf.len() {
-        let b = buf[i];
-        if b != START {
-            if b != PREAMBLE {
-                noise += 1;
+        // Jump to the next start byte in one scan; FE preamble is not noise.
+        let k = buf[i..]
+            .iter()
+            .position(|&b| b == START)
+            .unwrap_or(buf.len() - i);
+        if k > 0 {
+            noise += buf[i..i + k].iter().filter(|&&b| b != PREAMBLE).count();
+            i += k;
+            if i == buf.len() {
+                break;
             }
-            i += 1;
-            continue;
         }
         match candidate(buf, i) {
             Candidate::NotAFrame => {

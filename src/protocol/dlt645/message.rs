@@ -151,13 +151,16 @@ pub fn classify(request: &Frame, reply: &FrameRef<'_>) -> Match {
         } else {
             2
         };
-        if reply.data_len() < n || request.data.len() < n {
+        // One bounds check, then a plain compare (the reply's DI carries the +0x33 offset).
+        let (Some(got), Some(want)) = (reply.raw_data.get(..n), request.data.get(..n)) else {
             return Match::Stray(StrayReason::OtherDi);
-        }
-        for i in 0..n {
-            if reply.data(i) != request.data[i] {
-                return Match::Stray(StrayReason::OtherDi);
-            }
+        };
+        if got
+            .iter()
+            .zip(want)
+            .any(|(&g, &w)| g.wrapping_sub(DATA_OFFSET) != w)
+        {
+            return Match::Stray(StrayReason::OtherDi);
         }
     }
     Match::Answer
