@@ -11,8 +11,10 @@ METERS=${1:-1000000}
 DAYS=${2:-31}
 WORK=${BENCH_DIR:-/var/tmp/meterflow-bench}/fleet-$METERS-$DAYS
 scripts/venv.sh
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow
+if [[ -z "${BIN:-}" ]]; then   # BIN=path/to/meterflow skips the build
+  cargo build --release --quiet
+  BIN=${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow
+fi
 rm -rf "$WORK"; mkdir -p "$WORK"
 CORES=$(nproc)
 

@@ -77,8 +77,8 @@ pub fn run(a: CollectArgs) -> anyhow::Result<ExitCode> {
         failed = true;
     }
     println!(
-        "{} readings made durable, {} committed to Parquet",
-        stats.readings, stats.flushed
+        "{} readings made durable, {} committed to Parquet, {} bad inputs quarantined",
+        stats.readings, stats.flushed, stats.quarantined
     );
     Ok(if failed {
         ExitCode::from(3)

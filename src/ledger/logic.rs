@@ -21,6 +21,15 @@ pub trait Tx {
     ) -> Result<(), LedgerError>;
     /// Inserts unless the key exists; returns the stored identity when it did.
     fn insert_entry(&mut self, e: &NewEntry, now_ms: i64) -> Result<Option<String>, LedgerError>;
+    /// [`Tx::insert_entry`] for each entry, in order; a backend may do it in
+    /// one statement (PostgreSQL: one round trip instead of one per entry).
+    fn insert_entries(
+        &mut self,
+        es: &[NewEntry],
+        now_ms: i64,
+    ) -> Result<Vec<Option<String>>, LedgerError> {
+        es.iter().map(|e| self.insert_entry(e, now_ms)).collect()
+    }
     /// Locks and returns the cursor's `(last_ts_ms, first_ts_ms)` (None if absent).
     fn cursor_ts_for_update(
         &mut self,
@@ -63,8 +72,9 @@ pub fn commit_batch(
         known.insert((meter.as_str(), channel.as_str()), got);
     }
     let mut delta: BTreeMap<&str, (Decimal, i64)> = BTreeMap::new();
-    for e in &batch.entries {
-        let outcome = match tx.insert_entry(e, now_ms)? {
+    let stored = tx.insert_entries(&batch.entries, now_ms)?;
+    for (e, stored) in batch.entries.iter().zip(stored) {
+        let outcome = match stored {
             None => {
                 let d = delta.entry(e.account_id.as_str()).or_default();
                 d.0 += e.amount;

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::model::now_ms;
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE entries (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE entries (
         seq BIGSERIAL PRIMARY KEY,
         key TEXT NOT NULL UNIQUE,
         account_id TEXT NOT NULL,
@@ -114,6 +115,8 @@ impl PgLedger {
 
 struct PgTx<'a, 'b> {
     tx: &'a mut Transaction<'b>,
+    /// Balances read while locking them (one round trip for all accounts).
+    balances: std::collections::HashMap<String, (Decimal, i64)>,
 }
 
 fn lock_key(meter: &str, channel: &str) -> i64 {
@@ -122,21 +125,52 @@ fn lock_key(meter: &str, channel: &str) -> i64 {
     i64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
+impl PgTx<'_, '_> {
+    /// Identity of the stored entry with this key (it exists).
+    fn stored_identity(&mut self, key: &str) -> Result<String, LedgerError> {
+        let r = self.tx.query_one(
+            "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries WHERE key = $1",
+            &[&key],
+        )?;
+        let raw = (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+            r.get(7),
+            r.get(8),
+        );
+        Ok(build_entry(raw)?.entry.identity())
+    }
+}
+
 impl Tx for PgTx<'_, '_> {
     fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
-        let ins = self.tx.prepare(
-            "INSERT INTO balances(account_id, balance, entries) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+        // Two round trips for the whole batch; rows are locked in sorted order
+        // (LockRows runs above the sort), like the per-row loop it replaces.
+        self.tx.execute(
+            "INSERT INTO balances(account_id, balance, entries)
+             SELECT a, 0, 0 FROM unnest($1::text[]) AS a ORDER BY a ON CONFLICT DO NOTHING",
+            &[&accounts],
         )?;
-        let lock = self
-            .tx
-            .prepare("SELECT 1 FROM balances WHERE account_id = $1 FOR UPDATE")?;
-        for a in accounts {
-            self.tx.execute(&ins, &[a])?;
-            self.tx.query(&lock, &[a])?;
+        let rows = self.tx.query(
+            "SELECT account_id, balance::text, entries FROM balances
+             WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+            &[&accounts],
+        )?;
+        for r in rows {
+            let bal = parse_amount(r.get(1))?;
+            self.balances.insert(r.get(0), (bal, r.get(2)));
         }
         Ok(())
     }
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
+        if let Some(b) = self.balances.get(account) {
+            return Ok(*b);
+        }
         let rows = self.tx.query(
             "SELECT balance::text, entries FROM balances WHERE account_id = $1",
             &[&account],
@@ -155,6 +189,9 @@ impl Tx for PgTx<'_, '_> {
             "UPDATE balances SET balance = CAST($2::text AS NUMERIC), entries = entries + $3 WHERE account_id = $1",
             &[&account, &balance.normalize().to_string(), &added],
         )?;
+        if let Some(b) = self.balances.get_mut(account) {
+            *b = (balance, b.1 + added);
+        }
         Ok(())
     }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
@@ -175,22 +212,47 @@ impl Tx for PgTx<'_, '_> {
         if n == 1 {
             return Ok(None);
         }
-        let r = self.tx.query_one(
-            "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries WHERE key = $1",
-            &[&e.key],
+        self.stored_identity(&e.key).map(Some)
+    }
+    fn insert_entries(
+        &mut self,
+        es: &[NewEntry],
+        now: i64,
+    ) -> Result<Vec<Option<String>>, LedgerError> {
+        let mut seen = std::collections::HashSet::new();
+        if es.len() < 2 || !es.iter().all(|e| seen.insert(e.key.as_str())) {
+            // Repeated keys inside one batch: entry by entry keeps their order exact.
+            return es.iter().map(|e| self.insert_entry(e, now)).collect();
+        }
+        let keys: Vec<&str> = es.iter().map(|e| e.key.as_str()).collect();
+        let accounts: Vec<&str> = es.iter().map(|e| e.account_id.as_str()).collect();
+        let kinds: Vec<&str> = es.iter().map(|e| e.kind.as_str()).collect();
+        let amounts: Vec<String> = es
+            .iter()
+            .map(|e| e.amount.normalize().to_string())
+            .collect();
+        let ts: Vec<i64> = es.iter().map(|e| e.ts_ms).collect();
+        let sources: Vec<&str> = es.iter().map(|e| e.source.as_str()).collect();
+        let details: Vec<&str> = es.iter().map(|e| e.detail.as_str()).collect();
+        let rows = self.tx.query(
+            "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
+             SELECT k, a, kd, CAST(am AS NUMERIC), t, s, d, $8
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[])
+                  WITH ORDINALITY AS u(k, a, kd, am, t, s, d, o)
+             ORDER BY o
+             ON CONFLICT (key) DO NOTHING RETURNING key",
+            &[&keys, &accounts, &kinds, &amounts, &ts, &sources, &details, &now],
         )?;
-        let raw = (
-            r.get(0),
-            r.get(1),
-            r.get(2),
-            r.get(3),
-            r.get(4),
-            r.get(5),
-            r.get(6),
-            r.get(7),
-            r.get(8),
-        );
-        Ok(Some(build_entry(raw)?.entry.identity()))
+        let inserted: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        es.iter()
+            .map(|e| {
+                if inserted.contains(&e.key) {
+                    Ok(None)
+                } else {
+                    self.stored_identity(&e.key).map(Some)
+                }
+            })
+            .collect()
     }
     fn cursor_ts_for_update(
         &mut self,
@@ -302,7 +364,15 @@ impl Ledger for PgLedger {
         let mut attempt = 0;
         loop {
             let mut tx = self.client.transaction()?;
-            let res = commit_batch(&mut PgTx { tx: &mut tx }, batch, hook, now_ms());
+            let res = commit_batch(
+                &mut PgTx {
+                    tx: &mut tx,
+                    balances: Default::default(),
+                },
+                batch,
+                hook,
+                now_ms(),
+            );
             match res {
                 Ok(report) if report.stale => {
                     tx.rollback()?;

@@ -478,8 +478,18 @@ impl SqliteLedger {
         })?;
         let mut out = Vec::new();
         for r in rows {
-            let (meter_id, channel, window_start_ms, pos, last_ts_ms, last, first_ts_ms, first, hts, hv) =
-                r?;
+            let (
+                meter_id,
+                channel,
+                window_start_ms,
+                pos,
+                last_ts_ms,
+                last,
+                first_ts_ms,
+                first,
+                hts,
+                hv,
+            ) = r?;
             let held = match (hts, hv) {
                 (Some(t), Some(v)) => Some((t, parse_amount(&v)?)),
                 _ => None,

@@ -59,22 +59,20 @@ pub const SPIKE_FLOOR_KWH: Decimal = Decimal::from_parts(5, 0, 0, false, 0);
 pub const DEFAULT_CAPACITY_KVA: Decimal = Decimal::from_parts(20, 0, 0, false, 0);
 
 /// Whether a step of `kwh` ending at `ts_ms` is out of line with the cursor's
-/// history and the account's contracted capacity `kva` (0 = unknown).
+/// history and the account's contracted capacity `kva` (0 = unknown). The
+/// first step after a baseline has no history and is never held.
 pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal, kva: Decimal) -> bool {
     let dt = Decimal::from(ts_ms - c.last_ts_ms);
-    if dt > Decimal::ZERO {
-        return false;
-    }
     let kva = if kva > Decimal::ZERO {
         kva
     } else {
         DEFAULT_CAPACITY_KVA
     };
-    if kwh <= SPIKE_FLOOR_KWH || kwh * Decimal::from(3_600_000) <= kva * dt {
-        return false;
-    }
     let span = c.last_ts_ms - c.first_ts_ms;
-    span <= 0 || kwh * Decimal::from(span) > Decimal::from(SPIKE_FACTOR) * c.position * dt
+    if span <= 0 || kwh <= SPIKE_FLOOR_KWH || kwh * Decimal::from(3_600_000) <= kva * dt {
+        return false; // no history to judge by, small, or physically possible
+    }
+    kwh * Decimal::from(span) > Decimal::from(SPIKE_FACTOR) * c.position * dt
 }
 
 /// Register delta with rollover at `modulus`; None for a backwards reading.

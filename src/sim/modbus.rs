@@ -543,6 +543,17 @@ pub async fn spawn_tcp(
     sim.spawn_tcp(addr).await
 }
 
+/// True when some address of the read belongs to no register of the device.
+fn spans_hole(d: &SimDevice, req: &ReadReq) -> bool {
+    let lo = u32::from(req.start);
+    let hi = lo + u32::from(req.count);
+    (lo..hi).any(|a| {
+        !d.registers
+            .iter()
+            .any(|r| r.area == req.area && (u32::from(r.address)..r.end()).contains(&a))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,15 +589,4 @@ mod tests {
         let hits: Vec<u64> = (1..=8).filter(|n| f.hits(*n)).collect();
         assert_eq!(hits, [3, 5]);
     }
-}
-
-/// True when some address of the read belongs to no register of the device.
-fn spans_hole(d: &SimDevice, req: &ReadReq) -> bool {
-    let lo = u32::from(req.start);
-    let hi = lo + u32::from(req.count);
-    (lo..hi).any(|a| {
-        !d.registers
-            .iter()
-            .any(|r| r.area == req.area && (u32::from(r.address)..r.end()).contains(&a))
-    })
 }

@@ -740,20 +740,22 @@ async fn failing_meter_is_polled_less_often_until_it_answers_again_and_metrics_s
     bus.retries = 0;
     bus.degrade_after_cycles = 2;
     bus.degraded_poll_interval_s = 4;
-    let cfg = config_every(
-        1,
-        bus,
-        &[(healthy, Edition::V2007), (dead, Edition::V2007)],
-    );
+    let cfg = config_every(1, bus, &[(healthy, Edition::V2007), (dead, Edition::V2007)]);
     let lake = tempfile::tempdir().unwrap();
     let metrics_addr = free_port();
     let (stop, task) = run_continuous(cfg, lake.path(), Some(metrics_addr));
 
     // Cycles at about 0 s, 1 s, 2 s, 3 s: the dead meter fails twice, then is left alone.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let (h, d) = (sim.handle.requests(addr(healthy)), sim.handle.requests(addr(dead)));
+    let (h, d) = (
+        sim.handle.requests(addr(healthy)),
+        sim.handle.requests(addr(dead)),
+    );
     assert!(h >= 3 * 5, "the healthy meter is read every cycle: {h}");
-    assert_eq!(d, 2, "one timed-out request per failing cycle, none once degraded");
+    assert_eq!(
+        d, 2,
+        "one timed-out request per failing cycle, none once degraded"
+    );
     let text = http_get(metrics_addr, "/metrics").await;
     let label = format!("gw-degrade/{dead}");
     let degraded = metric_line(&text, "meterflow_dlt645_meter_degraded", &label).unwrap();
@@ -829,7 +831,11 @@ async fn readings_resume_after_the_gateway_goes_away_and_comes_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during = sim.handle.requests(addr(a));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(sim.handle.requests(addr(a)), during, "nothing reaches the meter while the gateway is down");
+    assert_eq!(
+        sim.handle.requests(addr(a)),
+        during,
+        "nothing reaches the meter while the gateway is down"
+    );
 
     let restarted_ms = meterflow::model::now_ms();
     let listener = tokio::net::TcpListener::bind(gw_addr).await.unwrap();
@@ -866,7 +872,10 @@ async fn skewed_meter_clock_is_corrected_by_broadcast_time_sync() {
     )
     .await
     .unwrap();
-    let mut cfg = config(fast_bus("gw-sync", Some(sim.addr), None), &[(a, Edition::V2007)]);
+    let mut cfg = config(
+        fast_bus("gw-sync", Some(sim.addr), None),
+        &[(a, Edition::V2007)],
+    );
     cfg.dlt645.time_sync = true;
     let lake = tempfile::tempdir().unwrap();
 
@@ -883,7 +892,11 @@ async fn skewed_meter_clock_is_corrected_by_broadcast_time_sync() {
         sim.handle.clock_offset_ms(addr(a))
     );
     let again = collect_once(cfg, lake.path()).await.unwrap();
-    assert!(again.buses[0].meters_skewed.is_empty(), "{:?}", again.buses[0]);
+    assert!(
+        again.buses[0].meters_skewed.is_empty(),
+        "{:?}",
+        again.buses[0]
+    );
 }
 
 /// The lake's quarantine rows as (address, collector, reason, payload).
@@ -970,7 +983,10 @@ async fn garbage_and_corrupt_frames_are_quarantined_in_the_lake_with_their_bytes
     for (_, collector, reason, payload) in &noise {
         assert_eq!(collector, "it-dlt645");
         assert!(reason.starts_with("line noise"), "{reason}");
-        assert!(payload.windows(3).any(|w| w == [0x13, 0xFF, 0x55]), "{payload:02X?}");
+        assert!(
+            payload.windows(3).any(|w| w == [0x13, 0xFF, 0x55]),
+            "{payload:02X?}"
+        );
     }
     let bad: Vec<_> = rows
         .iter()
@@ -978,7 +994,10 @@ async fn garbage_and_corrupt_frames_are_quarantined_in_the_lake_with_their_bytes
         .collect();
     assert_eq!(bad.len() as u64, stats.buses[0].counters.bad_checksum);
     for (_, _, reason, payload) in &bad {
-        assert!(reason.contains("malformed frame") && reason.contains("checksum"), "{reason}");
+        assert!(
+            reason.contains("malformed frame") && reason.contains("checksum"),
+            "{reason}"
+        );
         assert_eq!((payload[0], *payload.last().unwrap()), (0x68, 0x16));
     }
 }

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use meterflow::collector::run::LakeMsg;
 use meterflow::collector::modbus::{
     run_connection, ModbusConnectionConfig, ModbusDeviceConfig, Poller, SerialConfig, Transport,
 };
+use meterflow::collector::run::LakeMsg;
 use meterflow::model::{Channel, Protocol, Quality, Reading};
 use meterflow::protocol::modbus::profiles;
 use meterflow::sim::modbus::{FaultConfig, FaultKind, SimDeviceConfig, Simulator};
@@ -516,7 +516,10 @@ async fn device_refusing_reads_across_holes_is_read_field_by_field_with_every_va
         sent > planned,
         "some merged read spanned a hole and was split: {sent} requests for a plan of {planned}"
     );
-    assert!(p.health().iter().all(|h| !h.degraded && h.failed_cycles == 0));
+    assert!(p
+        .health()
+        .iter()
+        .all(|h| !h.degraded && h.failed_cycles == 0));
 }
 
 #[tokio::test]

@@ -285,7 +285,11 @@ fn fixture_with_spike(n: usize, seed: u64, spike: Option<(usize, i64)>) -> Fixtu
                 v += Decimal::new(rng.gen_range(0..3000) * heavy, 2);
             }
             let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
-            let shown = if spike == Some((i, d)) { v + dec!(5000) } else { v };
+            let shown = if spike == Some((i, d)) {
+                v + dec!(5000)
+            } else {
+                v
+            };
             snaps.push((ts, shown));
             all.push(Reading {
                 meter_id: meter_id(i),

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use super::link::Link;
 use crate::metrics;
 use crate::model::{now_ms, Protocol};
-use crate::store::QuarantineRecord;
 use crate::protocol::dlt645::frame::{hex, Decoded, Frame, FrameError};
 use crate::protocol::dlt645::message::{classify, ErrorStatus, Match, ReplyError, StrayReason};
 use crate::protocol::dlt645::ValueError;
+use crate::store::QuarantineRecord;
 
 /// Timing and retry knobs of a bus.
 #[derive(Debug, Clone, Copy)]
@@ -235,7 +235,10 @@ impl Bus {
         let r = self.exchange_inner(req, label).await;
         if self.noise_count > 0 {
             tracing::warn!(bus = %self.name, meter = label, bytes = self.noise_count, hex = %hex(&self.noise_seen), "line noise skipped");
-            let reason = format!("line noise: {} bytes skipped before a frame", self.noise_count);
+            let reason = format!(
+                "line noise: {} bytes skipped before a frame",
+                self.noise_count
+            );
             let payload = std::mem::take(&mut self.noise_seen);
             self.keep(label, reason, payload);
             self.noise_count = 0;

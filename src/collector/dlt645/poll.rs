@@ -305,7 +305,11 @@ pub async fn read_value(
         Ok(v) => Ok(v),
         Err(e) => {
             tracing::warn!(bus = %bus.name, meter = label, %di, error = %e, hex = %hex(fu.data()), "undecodable value");
-            bus.keep(label, format!("undecodable value of DI {di}: {e}"), fu.data().to_vec());
+            bus.keep(
+                label,
+                format!("undecodable value of DI {di}: {e}"),
+                fu.data().to_vec(),
+            );
             Err(TxError::Value(e))
         }
     }

@@ -26,8 +26,8 @@ use transport::{Link, LinkSettings};
 use crate::collector::run::{LakeMsg, LakeTx};
 use crate::metrics;
 use crate::model::{now_ms, Reading};
-use crate::store::QuarantineRecord;
 use crate::protocol::modbus::FieldPath;
+use crate::store::QuarantineRecord;
 
 /// Why a connection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,9 @@ fn describe_metrics() {
         "Time to poll all due devices of a connection",
     );
 }
+
+/// Quarantine records a [`Poller`] holds until [`Poller::take_quarantine`].
+const MAX_HELD_QUARANTINE: usize = 10_000;
 
 /// A connection's devices, links and health: one [`Poller::cycle`] polls
 /// every due device once.
@@ -177,6 +180,12 @@ impl Poller {
             self.links.iter_mut().for_each(|l| l.reset(false));
         }
         self.quarantined.extend(bad);
+        // Nobody collecting them (a tool driving cycles itself): keep memory bounded.
+        if self.quarantined.len() > MAX_HELD_QUARANTINE {
+            let drop = self.quarantined.len() - MAX_HELD_QUARANTINE;
+            tracing::warn!(connection = %self.cfg.name, dropped = drop, "quarantine records not collected; dropping the oldest");
+            self.quarantined.drain(..drop);
+        }
         batch
     }
 }

@@ -214,7 +214,10 @@ fn record_error(
         keep(
             out,
             source,
-            format!("undecodable reply to {} {}+{} ({names}): {e}", req.area, req.start, req.count),
+            format!(
+                "undecodable reply to {} {}+{} ({names}): {e}",
+                req.area, req.start, req.count
+            ),
             payload,
         );
     }

@@ -424,16 +424,19 @@ pub fn decode_read_value(
     di: Di,
     format: Format,
 ) -> Result<Value, ValueError> {
-    // Fast path for the common single number: no 255-byte payload copy.
-    if let Format::Bcd { .. } = format {
+    // Fast path for the common single number: no 255-byte payload copy and
+    // straight to the BCD decoder (same result as `format.decode`).
+    if let Format::Bcd { len, scale, signed } = format {
+        let len = len as usize;
         let skip = di.wire_len().min(reply.raw_data.len());
         let raw = &reply.raw_data[skip..];
         let mut small = [0u8; 8];
-        if raw.len() <= small.len() {
-            for (o, &b) in small.iter_mut().zip(raw) {
+        if len <= small.len() && raw.len() >= len {
+            for (o, &b) in small.iter_mut().zip(&raw[..len]) {
                 *o = b.wrapping_sub(DATA_OFFSET);
             }
-            return format.decode(&small[..raw.len()]);
+            let v = super::bcd::decode_decimal(&small[..len], scale as u32, signed)?;
+            return Ok(Value::Number(v));
         }
     }
     let p = Payload::of_read_reply(reply, di);

@@ -423,3 +423,22 @@ proptest! {
 }
 
 const CATALOGUE_LEN: usize = catalogue::CATALOGUE.len();
+
+#[test]
+fn buffer_without_a_start_byte_is_all_skippable_and_fe_is_not_noise() {
+    let wire = h("FE 00 FE 13 FF FE");
+    assert_eq!(
+        decode(&wire),
+        Decoded::Incomplete {
+            skipped: 6,
+            noise: 3
+        }
+    );
+    assert_eq!(
+        decode(&h("FE FE 00 68 37")),
+        Decoded::Incomplete {
+            skipped: 3,
+            noise: 1
+        }
+    );
+}
