@@ -12,7 +12,14 @@ fn fleet_batches(meters: usize) -> (tempfile::TempDir, Vec<arrow::record_batch::
     o.days = 1;
     fleet::generate(&o, &|_, _| {}).unwrap();
     let mut batches = Vec::new();
-    for (_, f) in reader::list_files(dir.path(), schema::READINGS, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap() {
+    for (_, f) in reader::list_files(
+        dir.path(),
+        schema::READINGS,
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap()
+    {
         batches.extend(reader::read_file(&f).unwrap());
     }
     (dir, batches)
@@ -29,7 +36,9 @@ fn write_committed_parquet(c: &mut Criterion) {
     g.bench_function("committed_parquet_file", |b| {
         b.iter(|| {
             n += 1;
-            let p = out.path().join(format!("readings/date=2026-10-01/bench-{n}.parquet"));
+            let p = out
+                .path()
+                .join(format!("readings/date=2026-10-01/bench-{n}.parquet"));
             atomic::write_parquet_atomic(&p, schema::readings_schema(), &batches).unwrap();
             std::fs::remove_file(&p).unwrap();
         })

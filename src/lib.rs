@@ -4,20 +4,20 @@
 //! Data flows one way: `protocol` codecs -> `collector`s -> `store` (the readings
 //! lake) -> `billing` (with `tariff`) -> ledger/alerts -> reports.
 
-pub mod master;
-pub mod model;
-pub mod sim;
-pub mod store;
-pub mod ingest;
-pub mod uplink;
-pub mod tariff;
+pub mod analytics;
 pub mod billing;
 pub mod cli;
-pub mod metrics;
-pub mod protocol;
 pub mod collector;
+pub mod ingest;
 pub mod ledger;
+pub mod master;
+pub mod metrics;
+pub mod model;
 pub mod prepay;
-pub mod analytics;
 pub mod privacy;
+pub mod protocol;
 pub mod report;
+pub mod sim;
+pub mod store;
+pub mod tariff;
+pub mod uplink;

@@ -86,7 +86,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             })
             .collect();
         let m = rt
-            .block_on(crate::ingest::mqtt::demo_publish_and_ingest(&mqtt_url, &field_lake, &readings))
+            .block_on(crate::ingest::mqtt::demo_publish_and_ingest(
+                &mqtt_url,
+                &field_lake,
+                &readings,
+            ))
             .context("MQTT ingest")?;
         println!(
             "  [mqtt]    {} messages, {} readings ingested via {mqtt_url} (QoS 1, acked after durable), {} dead letters -> {}/readings",
@@ -123,15 +127,21 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // 4. Prepayment: top-ups, daily deductions through month end, alerts.
     let prepay_out = out.join("prepay");
-    let p = crate::prepay::demo::run(&fleet_dir, &fleet_dir.join("master"), &tariffs_dir(), &prepay_out)
-        .context("prepayment demo")?;
+    let p = crate::prepay::demo::run(
+        &fleet_dir,
+        &fleet_dir.join("master"),
+        &tariffs_dir(),
+        &prepay_out,
+    )
+    .context("prepayment demo")?;
     for line in p.to_string().lines() {
         println!("  [prepay]  {line}");
     }
 
     // 5. The run report: one self-contained HTML file.
     let run_dir = bill.dir.clone().unwrap_or_else(|| runs.join("2026-10"));
-    let report = crate::report::write_report(&run_dir, &out.join("report.html")).context("run report")?;
+    let report =
+        crate::report::write_report(&run_dir, &out.join("report.html")).context("run report")?;
     println!("  [report]  {}", report.display());
 
     println!("done: every output is under {}", out.display());
@@ -178,7 +188,8 @@ async fn collect_from_simulators(lake: &std::path::Path) -> anyhow::Result<Colle
         .enumerate()
         .map(|(i, p)| ModbusDeviceConfig::with_profile(&format!("MB{:010}", i + 1), i as u8 + 1, p))
         .collect();
-    cfg.modbus.push(ModbusConnectionConfig::tcp("mb-gw", mb_addr, devices));
+    cfg.modbus
+        .push(ModbusConnectionConfig::tcp("mb-gw", mb_addr, devices));
     let stats = crate::collector::run::collect_once(cfg, lake).await?;
     dlt.task.abort();
     mb_task.abort();

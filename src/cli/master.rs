@@ -29,7 +29,11 @@ pub fn run(c: MasterCmd) -> anyhow::Result<ExitCode> {
     };
     let mut accounts = std::collections::HashSet::new();
     let mut meters_accounts = Vec::new();
-    for file in [master::ACCOUNTS_FILE, master::METERS_FILE, master::PAYMENTS_FILE] {
+    for file in [
+        master::ACCOUNTS_FILE,
+        master::METERS_FILE,
+        master::PAYMENTS_FILE,
+    ] {
         let path = dir.join(file);
         if !path.exists() {
             println!("{file}: not present");
@@ -41,7 +45,11 @@ pub fn run(c: MasterCmd) -> anyhow::Result<ExitCode> {
                 (l.rows.len(), l.errors)
             }),
             master::METERS_FILE => master::load_meters(&path).map(|l| {
-                meters_accounts.extend(l.rows.iter().map(|m| (m.meter_id.clone(), m.account_id.clone())));
+                meters_accounts.extend(
+                    l.rows
+                        .iter()
+                        .map(|m| (m.meter_id.clone(), m.account_id.clone())),
+                );
                 (l.rows.len(), l.errors)
             }),
             _ => master::load_payments(&path).map(|l| (l.rows.len(), l.errors)),
@@ -55,7 +63,10 @@ pub fn run(c: MasterCmd) -> anyhow::Result<ExitCode> {
         }
     }
     if !accounts.is_empty() {
-        let orphans: Vec<_> = meters_accounts.iter().filter(|(_, a)| !accounts.contains(a)).collect();
+        let orphans: Vec<_> = meters_accounts
+            .iter()
+            .filter(|(_, a)| !accounts.contains(a))
+            .collect();
         for (m, a) in orphans.iter().take(20) {
             println!("  meter {m}: account {a} is not in accounts.csv");
         }

@@ -7,33 +7,39 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod analyze;
+pub mod bill;
 pub mod collect;
 pub mod demo;
-pub mod master;
 pub mod dlt645;
 pub mod ingest;
 pub mod ledger;
+pub mod master;
 pub mod modbus;
 pub mod mqtt;
 pub mod prepay;
 pub mod progress;
+pub mod query;
+pub mod report;
 pub mod sim;
 pub mod sim_dlt645;
 pub mod sim_modbus;
 pub mod store;
 pub mod stream;
 pub mod tariff;
-pub mod bill;
-pub mod analyze;
-pub mod query;
-pub mod report;
 
 /// meterflow: electricity meter readings in; bills, prepayment deductions and alerts out.
 ///
 /// Start with `meterflow demo`: it runs the whole chain on simulated meters and
 /// prints where every output went. Every subcommand has its own `--help`.
 #[derive(Debug, Parser)]
-#[command(name = "meterflow", version, about, long_about, propagate_version = true)]
+#[command(
+    name = "meterflow",
+    version,
+    about,
+    long_about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log shippers.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -98,7 +104,10 @@ pub fn main() -> ExitCode {
     reset_sigpipe();
     let cli = Cli::parse();
     // The demo prints its own story; keep routine logs out of it unless asked.
-    let log = if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() && cli.log == "info" {
+    let log = if matches!(cli.command, Command::Demo(_))
+        && std::env::var_os("RUST_LOG").is_none()
+        && cli.log == "info"
+    {
         "warn"
     } else {
         &cli.log

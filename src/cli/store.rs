@@ -57,7 +57,8 @@ pub enum StoreCmd {
 pub fn run(c: StoreCmd) -> anyhow::Result<ExitCode> {
     match c {
         StoreCmd::Inspect { dir, json } => {
-            let r = inspect::inspect(&dir).with_context(|| format!("inspecting {}", dir.display()))?;
+            let r =
+                inspect::inspect(&dir).with_context(|| format!("inspecting {}", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -69,9 +70,18 @@ pub fn run(c: StoreCmd) -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
-        StoreCmd::Compact { dir, from, to, json } => {
-            let s = compact::compact(&dir, from.unwrap_or(NaiveDate::MIN), to.unwrap_or(NaiveDate::MAX))
-                .with_context(|| format!("compacting {}", dir.display()))?;
+        StoreCmd::Compact {
+            dir,
+            from,
+            to,
+            json,
+        } => {
+            let s = compact::compact(
+                &dir,
+                from.unwrap_or(NaiveDate::MIN),
+                to.unwrap_or(NaiveDate::MAX),
+            )
+            .with_context(|| format!("compacting {}", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -81,18 +91,37 @@ pub fn run(c: StoreCmd) -> anyhow::Result<ExitCode> {
                     s.exact_duplicates_removed, s.conflicts
                 );
                 if s.conflicts > 0 {
-                    println!("  conflicting readings are listed in {}/conflicts/", dir.display());
+                    println!(
+                        "  conflicting readings are listed in {}/conflicts/",
+                        dir.display()
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        StoreCmd::Soak { lake, readings, batch, flush_every, writer_id } => {
-            soak(&lake, readings, batch.max(1), flush_every.max(1), &writer_id)
-        }
+        StoreCmd::Soak {
+            lake,
+            readings,
+            batch,
+            flush_every,
+            writer_id,
+        } => soak(
+            &lake,
+            readings,
+            batch.max(1),
+            flush_every.max(1),
+            &writer_id,
+        ),
     }
 }
 
-fn soak(lake: &std::path::Path, n: usize, batch: usize, flush_every: usize, writer_id: &str) -> anyhow::Result<ExitCode> {
+fn soak(
+    lake: &std::path::Path,
+    n: usize,
+    batch: usize,
+    flush_every: usize,
+    writer_id: &str,
+) -> anyhow::Result<ExitCode> {
     use std::io::Write;
     let mut l = crate::store::Lake::open(lake, crate::store::LakeOptions::new(writer_id))?;
     let mut out = std::io::stdout().lock();
@@ -128,7 +157,10 @@ fn print_report(r: &inspect::LakeReport) {
     if let (Some(a), Some(b)) = (&r.first_ts, &r.last_ts) {
         println!("  time range {a} .. {b}");
     }
-    println!("  {:<12} {:>6} {:>12} {:>10} {:>10}", "date", "files", "rows", "meters", "MB");
+    println!(
+        "  {:<12} {:>6} {:>12} {:>10} {:>10}",
+        "date", "files", "rows", "meters", "MB"
+    );
     for p in &r.partitions {
         println!(
             "  {:<12} {:>6} {:>12} {:>10} {:>10.1}",

@@ -164,7 +164,13 @@ fn load<T>(
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
     load(
         path,
-        &["meter_id", "account_id", "ct_ratio", "pt_ratio", "installed_on"],
+        &[
+            "meter_id",
+            "account_id",
+            "ct_ratio",
+            "pt_ratio",
+            "installed_on",
+        ],
         |r| {
             let ct = r.decimal("ct_ratio")?;
             let pt = r.decimal("pt_ratio")?;
@@ -205,12 +211,7 @@ pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
 pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
     load(
         path,
-        &[
-            "account_id",
-            "customer_class",
-            "tariff_id",
-            "payment_mode",
-        ],
+        &["account_id", "customer_class", "tariff_id", "payment_mode"],
         |r| {
             let class = match r.raw("customer_class")? {
                 "residential" => CustomerClass::Residential,
@@ -238,9 +239,9 @@ pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
             }
             let household_size = match r.raw("household_size") {
                 Ok("") | Err(_) => 0,
-                Ok(v) => v
-                    .parse()
-                    .map_err(|_| r.err("household_size", format!("'{v}' is not a small integer")))?,
+                Ok(v) => v.parse().map_err(|_| {
+                    r.err("household_size", format!("'{v}' is not a small integer"))
+                })?,
             };
             Ok(Account {
                 account_id: r.text("account_id")?,
@@ -274,7 +275,10 @@ pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
             }
             let channel = r.text("channel")?;
             if !["wechat", "alipay", "bank", "counter"].contains(&channel.as_str()) {
-                return Err(r.err("channel", format!("'{channel}' is not wechat|alipay|bank|counter")));
+                return Err(r.err(
+                    "channel",
+                    format!("'{channel}' is not wechat|alipay|bank|counter"),
+                ));
             }
             let paid = r.raw("paid_at")?;
             let paid_at = DateTime::parse_from_rfc3339(paid)
@@ -314,7 +318,9 @@ mod tests {
         assert_eq!(l.errors[0].field, "ct_ratio");
         assert_eq!(l.errors[1].line, 4);
         assert_eq!(l.errors[1].field, "installed_on");
-        assert!(l.errors[0].to_string().contains("meters.csv:3: field 'ct_ratio'"));
+        assert!(l.errors[0]
+            .to_string()
+            .contains("meters.csv:3: field 'ct_ratio'"));
     }
 
     #[test]

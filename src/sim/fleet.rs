@@ -215,14 +215,18 @@ fn season_factor(date: NaiveDate) -> u64 {
 
 /// Local midnight of `date` as UTC milliseconds.
 fn local_midnight_ms(date: NaiveDate, utc_offset_hours: i32) -> i64 {
-    date.and_time(NaiveTime::MIN).and_utc().timestamp_millis()
-        - utc_offset_hours as i64 * 3_600_000
+    date.and_time(NaiveTime::MIN).and_utc().timestamp_millis() - utc_offset_hours as i64 * 3_600_000
 }
 
 /// Generates the fleet. `progress` is called with (done, total) work units.
-pub fn generate(o: &FleetOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<FleetSummary, SimError> {
+pub fn generate(
+    o: &FleetOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<FleetSummary, SimError> {
     if o.meters == 0 || o.days == 0 {
-        return Err(SimError::Invalid("--meters and --days must be positive".into()));
+        return Err(SimError::Invalid(
+            "--meters and --days must be positive".into(),
+        ));
     }
     if o.chunk_meters == 0 {
         return Err(SimError::Invalid("chunk size must be positive".into()));
@@ -232,9 +236,18 @@ pub fn generate(o: &FleetOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Resul
     let lake = o.out.clone();
     let plans: Vec<Plan> = (0..o.meters).into_par_iter().map(|i| plan(o, i)).collect();
     let (meters_csv, accounts_csv, payments_csv, payments) = master_files(o, &plans);
-    atomic::write_file_atomic(&master.join(crate::master::METERS_FILE), meters_csv.as_bytes())?;
-    atomic::write_file_atomic(&master.join(crate::master::ACCOUNTS_FILE), accounts_csv.as_bytes())?;
-    atomic::write_file_atomic(&master.join(crate::master::PAYMENTS_FILE), payments_csv.as_bytes())?;
+    atomic::write_file_atomic(
+        &master.join(crate::master::METERS_FILE),
+        meters_csv.as_bytes(),
+    )?;
+    atomic::write_file_atomic(
+        &master.join(crate::master::ACCOUNTS_FILE),
+        accounts_csv.as_bytes(),
+    )?;
+    atomic::write_file_atomic(
+        &master.join(crate::master::PAYMENTS_FILE),
+        payments_csv.as_bytes(),
+    )?;
 
     let chunks: Vec<&[Plan]> = plans.chunks(o.chunk_meters).collect();
     let total_units = (chunks.len() as u64) * (o.days as u64 + 1);
@@ -289,8 +302,14 @@ fn write_chunk(
     tick: &(dyn Fn() + Sync),
 ) -> Result<(u64, usize, u64), SimError> {
     let ids: Vec<String> = plans.iter().map(|p| meter_id(p.index)).collect();
-    let new_ids: Vec<String> = plans.iter().map(|p| replacement_meter_id(p.index)).collect();
-    let feeders: Vec<String> = plans.iter().map(|p| format!("F{:03}", p.index % 200)).collect();
+    let new_ids: Vec<String> = plans
+        .iter()
+        .map(|p| replacement_meter_id(p.index))
+        .collect();
+    let feeders: Vec<String> = plans
+        .iter()
+        .map(|p| format!("F{:03}", p.index % 200))
+        .collect();
     let mut state: Vec<State> = plans
         .iter()
         .map(|p| State {
@@ -319,7 +338,17 @@ fn write_chunk(
             if let Anomaly::Exchange(d) = p.anomaly {
                 if day == d {
                     // Final reading of the old meter at the exchange, same instant.
-                    push_registers(&mut b, &ids[k], ts, st, p, day, received, &feeders[k], false);
+                    push_registers(
+                        &mut b,
+                        &ids[k],
+                        ts,
+                        st,
+                        p,
+                        day,
+                        received,
+                        &feeders[k],
+                        false,
+                    );
                     state[k].exchange_base = state[k].t;
                 }
             }
@@ -417,21 +446,100 @@ fn push_registers(
     // Registers show the value modulo 10^6 kWh; values are in 0.01 kWh -> scale 4 is x100.
     let reg = |v: u64| ((v % MODULUS_CENTI) as i128) * 100;
     let q = "ok";
-    b.push_scaled(id, ts, Channel::ImportActiveT1, reg(t[0]), q, "sim", "fleet", feeder, received);
-    b.push_scaled(id, ts, Channel::ImportActiveT2, reg(t[1]), q, "sim", "fleet", feeder, received);
-    b.push_scaled(id, ts, Channel::ImportActiveT3, reg(t[2]), q, "sim", "fleet", feeder, received);
-    b.push_scaled(id, ts, Channel::ImportActiveT4, reg(t[3]), q, "sim", "fleet", feeder, received);
-    b.push_scaled(id, ts, Channel::ImportActiveTotal, reg(total), q, "sim", "fleet", feeder, received);
+    b.push_scaled(
+        id,
+        ts,
+        Channel::ImportActiveT1,
+        reg(t[0]),
+        q,
+        "sim",
+        "fleet",
+        feeder,
+        received,
+    );
+    b.push_scaled(
+        id,
+        ts,
+        Channel::ImportActiveT2,
+        reg(t[1]),
+        q,
+        "sim",
+        "fleet",
+        feeder,
+        received,
+    );
+    b.push_scaled(
+        id,
+        ts,
+        Channel::ImportActiveT3,
+        reg(t[2]),
+        q,
+        "sim",
+        "fleet",
+        feeder,
+        received,
+    );
+    b.push_scaled(
+        id,
+        ts,
+        Channel::ImportActiveT4,
+        reg(t[3]),
+        q,
+        "sim",
+        "fleet",
+        feeder,
+        received,
+    );
+    b.push_scaled(
+        id,
+        ts,
+        Channel::ImportActiveTotal,
+        reg(total),
+        q,
+        "sim",
+        "fleet",
+        feeder,
+        received,
+    );
     if p.class == Class::Industrial {
-        b.push_scaled(id, ts, Channel::ImportReactiveTotal, reg(st.reactive_centi), q, "sim", "fleet", feeder, received);
-        b.push_scaled(id, ts, Channel::MaxDemandImport, st.demand_centi as i128 * 100, q, "sim", "fleet", feeder, received);
+        b.push_scaled(
+            id,
+            ts,
+            Channel::ImportReactiveTotal,
+            reg(st.reactive_centi),
+            q,
+            "sim",
+            "fleet",
+            feeder,
+            received,
+        );
+        b.push_scaled(
+            id,
+            ts,
+            Channel::MaxDemandImport,
+            st.demand_centi as i128 * 100,
+            q,
+            "sim",
+            "fleet",
+            feeder,
+            received,
+        );
     }
 }
 
 /// 15-minute profile of the day starting at `ts` (local midnight); sums to the
 /// plan's mean daily use exactly. Interval rows are stamped at interval end.
-fn push_intervals(b: &mut ReadingsBuilder, id: &str, ts: i64, p: &Plan, date: NaiveDate, feeder: &str) {
-    const SHAPE: [u64; 24] = [3, 2, 2, 2, 2, 3, 5, 7, 6, 5, 5, 6, 6, 5, 5, 5, 6, 8, 10, 11, 10, 8, 6, 4];
+fn push_intervals(
+    b: &mut ReadingsBuilder,
+    id: &str,
+    ts: i64,
+    p: &Plan,
+    date: NaiveDate,
+    feeder: &str,
+) {
+    const SHAPE: [u64; 24] = [
+        3, 2, 2, 2, 2, 3, 5, 7, 6, 5, 5, 6, 6, 5, 5, 5, 6, 8, 10, 11, 10, 8, 6, 4,
+    ];
     let daily = p.daily_centi * season_factor(date) / 100;
     let shape_sum: u64 = SHAPE.iter().sum::<u64>() * 4;
     let mut given = 0u64;
@@ -457,10 +565,12 @@ fn push_intervals(b: &mut ReadingsBuilder, id: &str, ts: i64, p: &Plan, date: Na
 }
 
 const FAMILY: [&str; 20] = [
-    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭", "何", "高", "林", "罗",
+    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭",
+    "何", "高", "林", "罗",
 ];
 const GIVEN: [&str; 20] = [
-    "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英", "华", "平",
+    "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明",
+    "超", "秀英", "华", "平",
 ];
 const DISTRICTS: [(&str, &str); 8] = [
     ("东城区", "110101"),
@@ -472,9 +582,23 @@ const DISTRICTS: [(&str, &str); 8] = [
     ("昌平区", "110114"),
     ("大兴区", "110115"),
 ];
-const STREETS: [&str; 6] = ["建国路", "长安街", "中关村大街", "望京街", "学院路", "光华路"];
+const STREETS: [&str; 6] = [
+    "建国路",
+    "长安街",
+    "中关村大街",
+    "望京街",
+    "学院路",
+    "光华路",
+];
 const OCCUPATIONS: [&str; 8] = [
-    "employee", "worker", "teacher", "retired", "self_employed", "farmer", "student", "civil_servant",
+    "employee",
+    "worker",
+    "teacher",
+    "retired",
+    "self_employed",
+    "farmer",
+    "student",
+    "civil_servant",
 ];
 
 /// GB 11643 check digit of an 18-digit ID number.
@@ -494,7 +618,11 @@ fn tariff_for(p: &Plan) -> (&'static str, &'static str, u32) {
         Class::Residential if p.index % 5 == 4 => ("residential", "bj-residential-annual", 0),
         Class::Residential => ("residential", "bj-residential-monthly", 0),
         Class::Commercial => ("commercial", "gd-tou-commercial", 0),
-        Class::Industrial => ("industrial", "industry-two-part", [315u32, 400, 630, 800, 1000][p.index % 5]),
+        Class::Industrial => (
+            "industrial",
+            "industry-two-part",
+            [315u32, 400, 630, 800, 1000][p.index % 5],
+        ),
         Class::Agricultural => ("agricultural", "bj-residential-monthly", 0),
     }
 }
@@ -510,8 +638,12 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
     let mut n_pay = 0;
     for p in plans {
         let mut r = rng_for(o.seed, p.index, 2);
-        let installed = NaiveDate::from_ymd_opt(2015 + (p.index % 10) as i32, 1 + (p.index % 12) as u32, 1 + (p.index % 28) as u32)
-            .unwrap_or(o.start);
+        let installed = NaiveDate::from_ymd_opt(
+            2015 + (p.index % 10) as i32,
+            1 + (p.index % 12) as u32,
+            1 + (p.index % 28) as u32,
+        )
+        .unwrap_or(o.start);
         let installed = installed.min(o.start - Days::days(30));
         let meter_type = match p.class {
             Class::Residential => "residential_1p",
@@ -523,11 +655,29 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
         match p.anomaly {
             Anomaly::Exchange(d) => {
                 let ex = o.start + Days::days(d as i64);
-                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{installed},{ex},{feeder}", meter_id(p.index), p.ct, p.pt);
-                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{ex},,{feeder}", replacement_meter_id(p.index), p.ct, p.pt);
+                let _ = writeln!(
+                    meters,
+                    "{},{aid},{meter_type},{},{},6,{installed},{ex},{feeder}",
+                    meter_id(p.index),
+                    p.ct,
+                    p.pt
+                );
+                let _ = writeln!(
+                    meters,
+                    "{},{aid},{meter_type},{},{},6,{ex},,{feeder}",
+                    replacement_meter_id(p.index),
+                    p.ct,
+                    p.pt
+                );
             }
             _ => {
-                let _ = writeln!(meters, "{},{aid},{meter_type},{},{},6,{installed},,{feeder}", meter_id(p.index), p.ct, p.pt);
+                let _ = writeln!(
+                    meters,
+                    "{},{aid},{meter_type},{},{},6,{installed},,{feeder}",
+                    meter_id(p.index),
+                    p.ct,
+                    p.pt
+                );
             }
         }
         let (district, code) = DISTRICTS[r.gen_range(0..DISTRICTS.len())];
@@ -548,9 +698,17 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
             "{}{}{}",
             FAMILY[r.gen_range(0..FAMILY.len())],
             GIVEN[r.gen_range(0..GIVEN.len())],
-            if r.gen_bool(0.5) { GIVEN[r.gen_range(0..GIVEN.len())] } else { "" }
+            if r.gen_bool(0.5) {
+                GIVEN[r.gen_range(0..GIVEN.len())]
+            } else {
+                ""
+            }
         );
-        let phone = format!("1{}{:09}", r.gen_range(3..=9), r.gen_range(0..1_000_000_000u64));
+        let phone = format!(
+            "1{}{:09}",
+            r.gen_range(3..=9),
+            r.gen_range(0..1_000_000_000u64)
+        );
         let address = format!(
             "北京市{district}{}{}号{}单元{}室",
             STREETS[r.gen_range(0..STREETS.len())],
@@ -558,17 +716,29 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
             r.gen_range(1..6),
             r.gen_range(101..2400)
         );
-        let occupation = if age >= 62 { "retired" } else { OCCUPATIONS[r.gen_range(0..OCCUPATIONS.len())] };
+        let occupation = if age >= 62 {
+            "retired"
+        } else {
+            OCCUPATIONS[r.gen_range(0..OCCUPATIONS.len())]
+        };
         let (class, tariff, kva) = tariff_for(p);
         let mode = if p.prepaid { "prepaid" } else { "postpaid" };
-        let household = if p.class == Class::Residential { p.household } else { 0 };
+        let household = if p.class == Class::Residential {
+            p.household
+        } else {
+            0
+        };
         let _ = writeln!(
             accounts,
             "{aid},{name},{phone},{id_number},{address},{district},{age_band},{occupation},{gender},{class},{tariff},{mode},{kva},{household},{installed}"
         );
         // Payments: prepaid top-ups at the start and mid-period; postpaid pays last month's bill.
         let channels = ["wechat", "alipay", "bank", "counter"];
-        let pay_days: Vec<u32> = if p.prepaid { vec![0, o.days / 2] } else { vec![r.gen_range(3..20.min(o.days.max(4)))] };
+        let pay_days: Vec<u32> = if p.prepaid {
+            vec![0, o.days / 2]
+        } else {
+            vec![r.gen_range(3..20.min(o.days.max(4)))]
+        };
         for (j, d) in pay_days.into_iter().enumerate() {
             let est_month_yuan_fen = p.daily_centi * 30 * 55 / 100; // ~0.55 yuan/kWh, in fen
             let amount_fen = if p.prepaid {

@@ -21,7 +21,9 @@ pub const ROW_GROUP_ROWS: usize = 1 << 20;
 /// Writer settings shared by every Parquet dataset meterflow produces.
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid zstd level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_writer_version(WriterVersion::PARQUET_1_0)
         // Ids are sorted: prefix (delta) encoding beats a dictionary that overflows.
@@ -111,7 +113,8 @@ impl ParquetFileWriter {
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), StoreError> {
         let w = self.writer.as_mut().expect("writer open until commit");
-        w.write(batch).map_err(|e| StoreError::parquet(&self.tmp, e))
+        w.write(batch)
+            .map_err(|e| StoreError::parquet(&self.tmp, e))
     }
 
     pub fn commit(mut self) -> Result<u64, StoreError> {

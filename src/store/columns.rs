@@ -118,8 +118,8 @@ impl ReadingsBuilder {
 
     pub fn finish(&mut self) -> RecordBatch {
         let ts = TimestampMillisecondArray::from(std::mem::take(&mut self.ts)).with_timezone("UTC");
-        let received =
-            TimestampMillisecondArray::from(std::mem::take(&mut self.received)).with_timezone("UTC");
+        let received = TimestampMillisecondArray::from(std::mem::take(&mut self.received))
+            .with_timezone("UTC");
         let value = Decimal128Array::from(std::mem::take(&mut self.value))
             .with_precision_and_scale(VALUE_PRECISION, VALUE_SCALE)
             .expect("valid decimal type");
@@ -197,7 +197,10 @@ impl<'a> ReadingsView<'a> {
             .map_err(|e: crate::model::UnknownChannel| StoreError::Schema(e.to_string()))?;
         let quality = Quality::parse(self.quality.value(i)).map_err(StoreError::Schema)?;
         let protocol = Protocol::parse(self.protocol.value(i)).ok_or_else(|| {
-            StoreError::Schema(format!("unknown source protocol '{}'", self.protocol.value(i)))
+            StoreError::Schema(format!(
+                "unknown source protocol '{}'",
+                self.protocol.value(i)
+            ))
         })?;
         Ok(Reading {
             meter_id: self.meter_id.value(i).to_string(),

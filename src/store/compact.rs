@@ -61,7 +61,8 @@ fn compact_partition(root: &Path, date: NaiveDate, dir: &Path) -> Result<Compact
     for f in &files {
         batches.extend(reader::read_file(f)?);
     }
-    let all = concat_batches(&readings_schema(), &batches).map_err(|e| StoreError::Schema(e.to_string()))?;
+    let all = concat_batches(&readings_schema(), &batches)
+        .map_err(|e| StoreError::Schema(e.to_string()))?;
     stats.rows_in = all.num_rows();
     let plan = plan(&all)?;
     stats.exact_duplicates_removed = plan.exact_duplicates;
@@ -102,7 +103,12 @@ fn compact_partition(root: &Path, date: NaiveDate, dir: &Path) -> Result<Compact
 fn inputs_tag(files: &[PathBuf]) -> String {
     let mut h = Sha256::new();
     for f in files {
-        h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
+        h.update(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_bytes(),
+        );
         h.update([0]);
     }
     hex::encode(&h.finalize()[..8])
@@ -193,9 +199,12 @@ fn build_output(all: &RecordBatch, plan: &Plan) -> Result<RecordBatch, StoreErro
 
 fn conflicts_batch(all: &RecordBatch, pairs: &[(u32, u32)]) -> Result<RecordBatch, StoreError> {
     let v = ReadingsView::new(all)?;
-    let (a, b): (Vec<usize>, Vec<usize>) = pairs.iter().map(|&(a, b)| (a as usize, b as usize)).unzip();
+    let (a, b): (Vec<usize>, Vec<usize>) =
+        pairs.iter().map(|&(a, b)| (a as usize, b as usize)).unzip();
     let strings = |rows: &[usize], f: &dyn Fn(usize) -> String| -> ArrayRef {
-        Arc::new(StringArray::from(rows.iter().map(|&r| f(r)).collect::<Vec<_>>()))
+        Arc::new(StringArray::from(
+            rows.iter().map(|&r| f(r)).collect::<Vec<_>>(),
+        ))
     };
     let source = |r: usize| {
         format!(

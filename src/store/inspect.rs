@@ -50,26 +50,36 @@ pub fn inspect(root: &Path) -> Result<LakeReport, StoreError> {
         for f in reader::partition_files(&dir)? {
             part.files += 1;
             part.bytes += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
-            let batches = match reader::read_file_columns(&f, Some(&["meter_id", "ts", "channel", "quality"])) {
+            let batches = match reader::read_file_columns(
+                &f,
+                Some(&["meter_id", "ts", "channel", "quality"]),
+            ) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(file = %f.display(), error = %e, "unreadable Parquet file");
-                    rep.unreadable_files.push((f.display().to_string(), e.to_string()));
+                    rep.unreadable_files
+                        .push((f.display().to_string(), e.to_string()));
                     continue;
                 }
             };
             for b in &batches {
                 let get = |name: &str| b.column_by_name(name).cloned();
-                let (Some(m), Some(t), Some(c), Some(q)) = (get("meter_id"), get("ts"), get("channel"), get("quality")) else {
-                    rep.unreadable_files.push((f.display().to_string(), "missing columns".into()));
+                let (Some(m), Some(t), Some(c), Some(q)) =
+                    (get("meter_id"), get("ts"), get("channel"), get("quality"))
+                else {
+                    rep.unreadable_files
+                        .push((f.display().to_string(), "missing columns".into()));
                     continue;
                 };
                 let m = m.as_any().downcast_ref::<arrow::array::StringArray>();
-                let t = t.as_any().downcast_ref::<arrow::array::TimestampMillisecondArray>();
+                let t = t
+                    .as_any()
+                    .downcast_ref::<arrow::array::TimestampMillisecondArray>();
                 let c = c.as_any().downcast_ref::<arrow::array::StringArray>();
                 let q = q.as_any().downcast_ref::<arrow::array::StringArray>();
                 let (Some(m), Some(t), Some(c), Some(q)) = (m, t, c, q) else {
-                    rep.unreadable_files.push((f.display().to_string(), "columns of the wrong type".into()));
+                    rep.unreadable_files
+                        .push((f.display().to_string(), "columns of the wrong type".into()));
                     continue;
                 };
                 part.rows += b.num_rows() as u64;
@@ -110,10 +120,11 @@ pub fn inspect(root: &Path) -> Result<LakeReport, StoreError> {
         for f in reader::partition_files(&dir)? {
             match reader::file_rows(&f) {
                 Ok(n) => rep.quarantined_rows += n,
-                Err(e) => rep.unreadable_files.push((f.display().to_string(), e.to_string())),
+                Err(e) => rep
+                    .unreadable_files
+                    .push((f.display().to_string(), e.to_string())),
             }
         }
     }
     Ok(rep)
 }
-

@@ -238,10 +238,9 @@ pub(crate) fn quarantine_batch(recs: &[QuarantineRecord]) -> RecordBatch {
         reason.append_value(&q.reason);
         payload.append_value(&q.payload);
     }
-    let received = TimestampMillisecondArray::from(
-        recs.iter().map(|q| q.received_ms).collect::<Vec<_>>(),
-    )
-    .with_timezone("UTC");
+    let received =
+        TimestampMillisecondArray::from(recs.iter().map(|q| q.received_ms).collect::<Vec<_>>())
+            .with_timezone("UTC");
     RecordBatch::try_new(
         quarantine_schema(),
         vec![

@@ -14,7 +14,10 @@ use super::StoreError;
 use crate::model::Reading;
 
 /// Partition dates present in a dataset, ascending.
-pub fn list_partitions(root: &Path, dataset: &str) -> Result<Vec<(NaiveDate, PathBuf)>, StoreError> {
+pub fn list_partitions(
+    root: &Path,
+    dataset: &str,
+) -> Result<Vec<(NaiveDate, PathBuf)>, StoreError> {
     let dir = root.join(dataset);
     let mut out = Vec::new();
     let rd = match fs::read_dir(&dir) {
@@ -76,7 +79,10 @@ pub fn read_file(path: &Path) -> Result<Vec<RecordBatch>, StoreError> {
 }
 
 /// Record batches of one file, optionally only the named columns.
-pub fn read_file_columns(path: &Path, columns: Option<&[&str]>) -> Result<Vec<RecordBatch>, StoreError> {
+pub fn read_file_columns(
+    path: &Path,
+    columns: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| StoreError::parquet(path, e))?

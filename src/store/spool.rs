@@ -210,13 +210,16 @@ impl<'a> Cursor<'a> {
         self.take(1).map(|b| b[0])
     }
     fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
+        self.take(2)
+            .map(|b| u16::from_le_bytes(b.try_into().unwrap()))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     }
     fn i64(&mut self) -> Option<i64> {
-        self.take(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        self.take(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
     }
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;

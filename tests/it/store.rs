@@ -33,7 +33,14 @@ fn reading(meter: &str, ts_ms: i64, value: Decimal) -> Reading {
 /// Every visible Parquet file of the lake must open and decode completely.
 fn assert_all_visible_files_readable(root: &Path) {
     for dataset in ["readings", "quarantine"] {
-        for (_, f) in reader::list_files(root, dataset, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap() {
+        for (_, f) in reader::list_files(
+            root,
+            dataset,
+            chrono::NaiveDate::MIN,
+            chrono::NaiveDate::MAX,
+        )
+        .unwrap()
+        {
             reader::read_file(&f).unwrap_or_else(|e| panic!("visible file unreadable: {e}"));
         }
     }
@@ -42,7 +49,15 @@ fn assert_all_visible_files_readable(root: &Path) {
 #[test]
 fn accepted_readings_survive_a_restart_without_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let rs: Vec<Reading> = (0..100).map(|i| reading("398192000337", 1_790_000_000_000 + i * 900_000, Decimal::new(i, 2))).collect();
+    let rs: Vec<Reading> = (0..100)
+        .map(|i| {
+            reading(
+                "398192000337",
+                1_790_000_000_000 + i * 900_000,
+                Decimal::new(i, 2),
+            )
+        })
+        .collect();
     {
         let mut lake = Lake::open(dir.path(), LakeOptions::new("w1")).unwrap();
         lake.accept(&rs).unwrap();
@@ -59,13 +74,23 @@ fn accepted_readings_survive_a_restart_without_flush() {
 fn values_that_do_not_fit_the_decimal_are_quarantined_not_rounded() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = Lake::open(dir.path(), LakeOptions::new("w1")).unwrap();
-    lake.accept(&[reading("1", 1_790_000_000_000, dec!(1.00001)), reading("2", 1_790_000_000_000, dec!(2.5))]).unwrap();
+    lake.accept(&[
+        reading("1", 1_790_000_000_000, dec!(1.00001)),
+        reading("2", 1_790_000_000_000, dec!(2.5)),
+    ])
+    .unwrap();
     let s = lake.flush().unwrap();
     assert_eq!(s.rejected, 1);
     let back = reader::read_all_readings(dir.path()).unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].value, dec!(2.5));
-    let q = reader::list_files(dir.path(), "quarantine", chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    let q = reader::list_files(
+        dir.path(),
+        "quarantine",
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap();
     assert_eq!(q.len(), 1);
 }
 
@@ -75,11 +100,17 @@ fn torn_spool_tail_is_dropped_and_earlier_readings_kept() {
     let spool = dir.path().join("_spool").join("w1");
     {
         let mut lake = Lake::open(dir.path(), LakeOptions::new("w1")).unwrap();
-        lake.accept(&[reading("1", 1_790_000_000_000, dec!(1))]).unwrap();
-        lake.accept(&[reading("1", 1_790_000_900_000, dec!(2))]).unwrap();
+        lake.accept(&[reading("1", 1_790_000_000_000, dec!(1))])
+            .unwrap();
+        lake.accept(&[reading("1", 1_790_000_900_000, dec!(2))])
+            .unwrap();
         std::mem::forget(lake);
     }
-    let seg = store::spool::list_segments(&spool).unwrap().pop().unwrap().1;
+    let seg = store::spool::list_segments(&spool)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1;
     let data = std::fs::read(&seg).unwrap();
     std::fs::write(&seg, &data[..data.len() - 5]).unwrap();
     let _lake = Lake::open(dir.path(), LakeOptions::new("w1")).unwrap();
@@ -94,7 +125,14 @@ fn soak_and_kill(lake: &Path, after: Duration) -> usize {
     let mut child = Command::new(bin())
         .args(["store", "soak", "--lake"])
         .arg(lake)
-        .args(["--readings", "400000", "--batch", "500", "--flush-every", "7"])
+        .args([
+            "--readings",
+            "400000",
+            "--batch",
+            "500",
+            "--flush-every",
+            "7",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -139,15 +177,26 @@ fn writer_killed_at_random_points_loses_nothing_acked_and_doubles_nothing() {
         let back = reader::read_all_readings(&lake).unwrap();
         let mut seen: HashMap<(String, i64), Decimal> = HashMap::new();
         for r in &back {
-            assert!(seen.insert((r.meter_id.clone(), r.ts_ms), r.value).is_none(), "duplicate row after replay: {r:?}");
+            assert!(
+                seen.insert((r.meter_id.clone(), r.ts_ms), r.value)
+                    .is_none(),
+                "duplicate row after replay: {r:?}"
+            );
         }
         for i in 0..acked {
             let want = store::soak_reading(i);
-            assert_eq!(seen.get(&(want.meter_id.clone(), want.ts_ms)), Some(&want.value), "acked reading {i} lost (acked {acked})");
+            assert_eq!(
+                seen.get(&(want.meter_id.clone(), want.ts_ms)),
+                Some(&want.value),
+                "acked reading {i} lost (acked {acked})"
+            );
         }
         expected_max = expected_max.max(acked);
     }
-    assert!(expected_max > 0, "the soak process never acknowledged anything");
+    assert!(
+        expected_max > 0,
+        "the soak process never acknowledged anything"
+    );
 }
 
 #[test]
@@ -155,14 +204,25 @@ fn compaction_removes_exact_duplicates_and_keeps_conflicts_with_both_values() {
     let dir = tempfile::tempdir().unwrap();
     let t = 1_790_000_000_000;
     for (w, rs) in [
-        ("a", vec![reading("m1", t, dec!(10)), reading("m1", t + 900_000, dec!(11)), reading("m2", t, dec!(5))]),
-        ("b", vec![reading("m1", t, dec!(10)), reading("m2", t, dec!(6))]),
+        (
+            "a",
+            vec![
+                reading("m1", t, dec!(10)),
+                reading("m1", t + 900_000, dec!(11)),
+                reading("m2", t, dec!(5)),
+            ],
+        ),
+        (
+            "b",
+            vec![reading("m1", t, dec!(10)), reading("m2", t, dec!(6))],
+        ),
     ] {
         let mut lake = Lake::open(dir.path(), LakeOptions::new(w)).unwrap();
         lake.accept(&rs).unwrap();
         lake.flush().unwrap();
     }
-    let s = store::compact::compact(dir.path(), chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    let s = store::compact::compact(dir.path(), chrono::NaiveDate::MIN, chrono::NaiveDate::MAX)
+        .unwrap();
     assert_eq!(s.rows_in, 5);
     assert_eq!(s.exact_duplicates_removed, 1);
     assert_eq!(s.conflicts, 1);
@@ -171,12 +231,19 @@ fn compaction_removes_exact_duplicates_and_keeps_conflicts_with_both_values() {
     let m2: Vec<_> = back.iter().filter(|r| r.meter_id == "m2").collect();
     assert_eq!(m2.len(), 2);
     assert!(m2.iter().all(|r| r.quality.contains(Quality::CONFLICT)));
-    let c = reader::list_files(dir.path(), "conflicts", chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    let c = reader::list_files(
+        dir.path(),
+        "conflicts",
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap();
     assert_eq!(c.len(), 1);
     let batches = reader::read_file(&c[0].1).unwrap();
     assert_eq!(batches[0].num_rows(), 1);
     // Compacting again changes nothing.
-    let again = store::compact::compact(dir.path(), chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    let again = store::compact::compact(dir.path(), chrono::NaiveDate::MIN, chrono::NaiveDate::MAX)
+        .unwrap();
     assert_eq!(again.partitions_rewritten, 0);
     assert_eq!(again.rows_out, 4);
 }
@@ -185,16 +252,24 @@ fn compaction_removes_exact_duplicates_and_keeps_conflicts_with_both_values() {
 fn inspect_reports_a_corrupt_file_by_name_and_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = Lake::open(dir.path(), LakeOptions::new("w")).unwrap();
-    lake.accept(&[reading("m1", 1_790_000_000_000, dec!(1))]).unwrap();
+    lake.accept(&[reading("m1", 1_790_000_000_000, dec!(1))])
+        .unwrap();
     lake.flush().unwrap();
     let part = dir.path().join("readings/date=2026-09-21");
     std::fs::create_dir_all(&part).unwrap();
     std::fs::write(part.join("broken.parquet"), b"PAR1 this is not parquet").unwrap();
-    let out = Command::new(bin()).args(["store", "inspect", "--json"]).arg(dir.path()).output().unwrap();
+    let out = Command::new(bin())
+        .args(["store", "inspect", "--json"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"], 1);
-    assert!(v["unreadable_files"][0][0].as_str().unwrap().ends_with("broken.parquet"));
+    assert!(v["unreadable_files"][0][0]
+        .as_str()
+        .unwrap()
+        .ends_with("broken.parquet"));
 }
 
 #[test]
@@ -203,14 +278,34 @@ fn sim_fleet_is_deterministic_and_inspectable() {
     let b = tempfile::tempdir().unwrap();
     for d in [a.path(), b.path()] {
         let st = Command::new(bin())
-            .args(["sim", "fleet", "--meters", "300", "--days", "5", "--seed", "7", "--anomaly-per-mille", "100", "--out"])
+            .args([
+                "sim",
+                "fleet",
+                "--meters",
+                "300",
+                "--days",
+                "5",
+                "--seed",
+                "7",
+                "--anomaly-per-mille",
+                "100",
+                "--out",
+            ])
             .arg(d)
             .status()
             .unwrap();
         assert!(st.success());
     }
-    for f in ["master/meters.csv", "master/accounts.csv", "master/payments.csv"] {
-        assert_eq!(std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap(), "{f}");
+    for f in [
+        "master/meters.csv",
+        "master/accounts.csv",
+        "master/payments.csv",
+    ] {
+        assert_eq!(
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+            "{f}"
+        );
     }
     let ra = reader::read_all_readings(a.path()).unwrap();
     let rb = reader::read_all_readings(b.path()).unwrap();
@@ -230,7 +325,11 @@ fn sim_fleet_is_deterministic_and_inspectable() {
 fn python() -> std::path::PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let py = root.join(".venv/bin/python");
-    assert!(py.exists(), "missing {}: run scripts/venv.sh (scripts/test.sh does it)", py.display());
+    assert!(
+        py.exists(),
+        "missing {}: run scripts/venv.sh (scripts/test.sh does it)",
+        py.display()
+    );
     py
 }
 
@@ -238,7 +337,15 @@ fn python() -> std::path::PathBuf {
 fn duckdb_pyarrow_and_polars_read_the_lake_exactly_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let lake_dir = dir.path().join("lake");
-    let values = [dec!(0), dec!(0.0001), dec!(-0.0001), dec!(999999.99), dec!(12345678901234.5678), dec!(-99999999999999.9999), dec!(42.5)];
+    let values = [
+        dec!(0),
+        dec!(0.0001),
+        dec!(-0.0001),
+        dec!(999999.99),
+        dec!(12345678901234.5678),
+        dec!(-99999999999999.9999),
+        dec!(42.5),
+    ];
     let mut rs = Vec::new();
     for (i, v) in values.iter().enumerate() {
         // Spread over two UTC dates to check the partition column.
@@ -254,13 +361,23 @@ fn duckdb_pyarrow_and_polars_read_the_lake_exactly_as_written() {
     lake.flush().unwrap();
     let mut expected = String::from("meter_id,ts_ms,date,value,quality\n");
     for r in &rs {
-        let date = chrono::DateTime::from_timestamp_millis(r.ts_ms).unwrap().date_naive();
-        expected.push_str(&format!("{},{},{},{:.4},\"{}\"\n", r.meter_id, r.ts_ms, date, r.value, r.quality));
+        let date = chrono::DateTime::from_timestamp_millis(r.ts_ms)
+            .unwrap()
+            .date_naive();
+        expected.push_str(&format!(
+            "{},{},{},{:.4},\"{}\"\n",
+            r.meter_id, r.ts_ms, date, r.value, r.quality
+        ));
     }
     let exp = dir.path().join("expected.csv");
     std::fs::write(&exp, expected).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/interop_check.py");
-    let out = Command::new(python()).arg(script).arg(&lake_dir).arg(&exp).output().unwrap();
+    let out = Command::new(python())
+        .arg(script)
+        .arg(&lake_dir)
+        .arg(&exp)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "interop check failed:\n{}\n{}",
@@ -299,11 +416,26 @@ fn master_check_names_file_line_and_field_and_fails_only_when_nothing_is_usable(
         "meter_id,account_id,ct_ratio,pt_ratio,installed_on\nM1,A1,1,1,2026-01-01\nM2,A1,-5,1,2026-01-01\n",
     )
     .unwrap();
-    let out = Command::new(bin()).args(["master", "check"]).arg(dir.path()).output().unwrap();
+    let out = Command::new(bin())
+        .args(["master", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("meters.csv:3: field 'ct_ratio': must be positive"), "{text}");
-    std::fs::write(dir.path().join("meters.csv"), "meter_id,account_id,ct_ratio,pt_ratio,installed_on\nM2,A1,x,1,2026-01-01\n").unwrap();
-    let out = Command::new(bin()).args(["master", "check"]).arg(dir.path()).output().unwrap();
+    assert!(
+        text.contains("meters.csv:3: field 'ct_ratio': must be positive"),
+        "{text}"
+    );
+    std::fs::write(
+        dir.path().join("meters.csv"),
+        "meter_id,account_id,ct_ratio,pt_ratio,installed_on\nM2,A1,x,1,2026-01-01\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["master", "check"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
