@@ -1,4 +1,3 @@
-// ENGINEERS WORKING CONCURRENTLY: read AGENTS.md at the repo root first (shared build dir, file ownership, no git commands, deadline 04:30 UTC).
 //! meterflow: meter readings in, bills, prepayment deductions and alerts out.
 //!
 //! Data flows one way: `protocol` codecs -> `collector`s -> `store` (the readings
