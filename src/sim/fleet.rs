@@ -445,84 +445,20 @@ fn push_registers(
     }
     // Registers show the value modulo 10^6 kWh; values are in 0.01 kWh -> scale 4 is x100.
     let reg = |v: u64| ((v % MODULUS_CENTI) as i128) * 100;
-    let q = "ok";
-    b.push_scaled(
-        id,
-        ts,
-        Channel::ImportActiveT1,
-        reg(t[0]),
-        q,
-        "sim",
-        "fleet",
-        feeder,
-        received,
-    );
-    b.push_scaled(
-        id,
-        ts,
-        Channel::ImportActiveT2,
-        reg(t[1]),
-        q,
-        "sim",
-        "fleet",
-        feeder,
-        received,
-    );
-    b.push_scaled(
-        id,
-        ts,
-        Channel::ImportActiveT3,
-        reg(t[2]),
-        q,
-        "sim",
-        "fleet",
-        feeder,
-        received,
-    );
-    b.push_scaled(
-        id,
-        ts,
-        Channel::ImportActiveT4,
-        reg(t[3]),
-        q,
-        "sim",
-        "fleet",
-        feeder,
-        received,
-    );
-    b.push_scaled(
-        id,
-        ts,
-        Channel::ImportActiveTotal,
-        reg(total),
-        q,
-        "sim",
-        "fleet",
-        feeder,
-        received,
-    );
-    if p.class == Class::Industrial {
+    let registers = [
+        (Channel::ImportActiveT1, reg(t[0])),
+        (Channel::ImportActiveT2, reg(t[1])),
+        (Channel::ImportActiveT3, reg(t[2])),
+        (Channel::ImportActiveT4, reg(t[3])),
+        (Channel::ImportActiveTotal, reg(total)),
+        (Channel::ImportReactiveTotal, reg(st.reactive_centi)),
+        (Channel::MaxDemandImport, st.demand_centi as i128 * 100),
+    ];
+    // Only industrial meters report reactive energy and demand.
+    let n = if p.class == Class::Industrial { 7 } else { 5 };
+    for &(channel, value) in &registers[..n] {
         b.push_scaled(
-            id,
-            ts,
-            Channel::ImportReactiveTotal,
-            reg(st.reactive_centi),
-            q,
-            "sim",
-            "fleet",
-            feeder,
-            received,
-        );
-        b.push_scaled(
-            id,
-            ts,
-            Channel::MaxDemandImport,
-            st.demand_centi as i128 * 100,
-            q,
-            "sim",
-            "fleet",
-            feeder,
-            received,
+            id, ts, channel, value, "ok", "sim", "fleet", feeder, received,
         );
     }
 }
