@@ -82,23 +82,8 @@ impl TariffPricer {
     }
 }
 
-/// UTC ms of local midnight starting `date` (same rule as the bill run).
-pub fn local_midnight_ms(date: NaiveDate, utc_offset_secs: i32) -> i64 {
-    date.and_time(chrono::NaiveTime::MIN)
-        .and_utc()
-        .timestamp_millis()
-        - utc_offset_secs as i64 * 1000
-}
-
-/// Local date and minute of day of a UTC instant.
-pub fn local_date_minute(ts_ms: i64, utc_offset_secs: i32) -> (NaiveDate, u16) {
-    let local = ts_ms + utc_offset_secs as i64 * 1000;
-    let days = local.div_euclid(86_400_000);
-    let minute = (local.rem_euclid(86_400_000) / 60_000) as u16;
-    let date =
-        NaiveDate::from_num_days_from_ce_opt(719_163 + days as i32).unwrap_or(NaiveDate::MIN);
-    (date, minute)
-}
+/// Same local-time rules as the bill run, so deductions and bills agree.
+pub use crate::billing::period::{local_date_minute, local_midnight_ms};
 
 pub fn next_month(d: NaiveDate) -> NaiveDate {
     let (y, m) = if d.month() == 12 {

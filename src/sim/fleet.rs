@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chrono::{Datelike, Duration as Days, NaiveDate, NaiveTime, Weekday};
+use chrono::{Datelike, Duration as Days, NaiveDate, Weekday};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -213,11 +213,6 @@ fn season_factor(date: NaiveDate) -> u64 {
     }
 }
 
-/// Local midnight of `date` as UTC milliseconds.
-fn local_midnight_ms(date: NaiveDate, utc_offset_hours: i32) -> i64 {
-    date.and_time(NaiveTime::MIN).and_utc().timestamp_millis() - utc_offset_hours as i64 * 3_600_000
-}
-
 /// Generates the fleet. `progress` is called with (done, total) work units.
 pub fn generate(
     o: &FleetOptions,
@@ -324,7 +319,7 @@ fn write_chunk(
     let mut rng = rng_for(o.seed, chunk_index, 7);
     for day in 0..=o.days {
         let date = o.start + Days::days(day as i64);
-        let ts = local_midnight_ms(date, o.utc_offset_hours);
+        let ts = crate::billing::period::local_midnight_ms(date, o.utc_offset_hours * 3600);
         let per_meter = if o.interval { 5 + 96 } else { 5 };
         let mut b = ReadingsBuilder::with_capacity(plans.len() * per_meter + 64);
         for (k, p) in plans.iter().enumerate() {
