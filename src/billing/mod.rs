@@ -3,6 +3,7 @@
 //! `exceptions` and a manifest. Outputs and flags: docs/billing.md.
 
 pub mod account;
+pub mod arrears;
 pub mod engine;
 pub mod flags;
 pub mod output;

@@ -44,6 +44,7 @@ pub fn bills_schema() -> SchemaRef {
         Field::new("max_demand_kw", dec_t(KWH), true),
         Field::new("issued_total", dec_t(AMOUNT), true),
         Field::new("adjustment", dec_t(AMOUNT), true),
+        Field::new("due_date", DataType::Utf8, true),
     ]))
 }
 
@@ -145,6 +146,8 @@ pub struct OutBill<'a> {
     pub line_count: usize,
     pub issued_total: Option<Decimal>,
     pub adjustment: Option<Decimal>,
+    /// Postpaid accounts with a late-fee rule: the day after which the bill is overdue.
+    pub due_date: Option<chrono::NaiveDate>,
 }
 
 pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBatch {
@@ -166,6 +169,7 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
     let mut md = dec_builder(n, KWH);
     let mut it = dec_builder(n, AMOUNT);
     let mut adj = dec_builder(n, AMOUNT);
+    let mut due = StringBuilder::with_capacity(n, n * 10);
     for r in rows {
         let b = r.bill;
         run.append_value(run_id);
@@ -185,6 +189,7 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
         md.append_option(b.max_demand_kw.map(|x| to_i128(x, KWH.1)));
         it.append_option(r.issued_total.map(|x| to_i128(x, AMOUNT.1)));
         adj.append_option(r.adjustment.map(|x| to_i128(x, AMOUNT.1)));
+        due.append_option(r.due_date.map(|d| d.to_string()));
     }
     let cols: Vec<ArrayRef> = vec![
         Arc::new(run.finish()),
@@ -204,6 +209,7 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
         Arc::new(md.finish()),
         Arc::new(it.finish()),
         Arc::new(adj.finish()),
+        Arc::new(due.finish()),
     ];
     RecordBatch::try_new(bills_schema(), cols).expect("columns match schema")
 }

@@ -68,6 +68,8 @@ pub struct BillRunOptions {
     pub vee: VeeConfig,
     /// Called as files are read: (done, total).
     pub progress: Option<Box<dyn Fn(u64, u64) + Sync>>,
+    /// Earlier runs whose unpaid bills (with `master/payments.csv`) bear late fees.
+    pub previous: Vec<PathBuf>,
 }
 
 impl BillRunOptions {
@@ -87,6 +89,7 @@ impl BillRunOptions {
             preview: false,
             vee: VeeConfig::default(),
             progress: None,
+            previous: Vec::new(),
         }
     }
 }
@@ -438,7 +441,15 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let readings = engine.readings_seen;
     let t_scan = t0.elapsed();
     let accounts_n = accounts.rows.len();
-    let (bills, mut exceptions) = engine.finish();
+    let (mut bills, mut exceptions) = engine.finish();
+    let (due_dates, inputs_history) = late_fees(
+        opts,
+        &period,
+        &accounts.rows,
+        &tariffs,
+        &mut bills,
+        &mut master_exceptions,
+    )?;
     exceptions.extend(master_exceptions);
     exceptions.sort();
     let t_rate = t0.elapsed();
@@ -471,6 +482,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         .iter()
         .chain(&inputs_tariffs)
         .chain(&inputs_lake)
+        .chain(&inputs_history)
     {
         id_hash.update(v.to_string().as_bytes());
     }
@@ -521,6 +533,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                     line_count: lines.len(),
                     issued_total: None,
                     adjustment: None,
+                    due_date: due_dates.get(b.account_id.as_str()).copied(),
                 });
             }
             Some(is) => {
@@ -548,6 +561,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                     line_count: adj.len(),
                     issued_total: Some(issued_total),
                     adjustment: Some(diff),
+                    due_date: due_dates.get(b.account_id.as_str()).copied(),
                 });
             }
         }
@@ -602,7 +616,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "revision": revision,
         "adjusts_run": issued.as_ref().map(|i| i.run_id.clone()),
         "created_by": format!("meterflow {}", env!("CARGO_PKG_VERSION")),
-        "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake},
+        "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake, "history": inputs_history},
         "tariff_versions": versions_used,
         "counts": {"accounts": accounts_n, "bills": bills.len(), "estimated_bills": estimated, "exceptions": exceptions.len(),
                    "lines": lines_n, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": adjusted},
@@ -641,6 +655,110 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         outputs,
         elapsed_ms: t0.elapsed().as_millis(),
     })
+}
+
+/// Late fees of postpaid accounts on the unpaid bills of `opts.previous`
+/// runs, added to `bills` as lines. Returns each such account's due date for
+/// this bill and the history inputs (hashed into the manifest).
+#[allow(clippy::type_complexity)]
+fn late_fees<'a>(
+    opts: &BillRunOptions,
+    period: &BillPeriod,
+    accounts: &'a [crate::master::Account],
+    tariffs: &crate::tariff::TariffSet,
+    bills: &mut [AccountBill],
+    exceptions: &mut Vec<ExceptionRow>,
+) -> Result<(BTreeMap<&'a str, chrono::NaiveDate>, Vec<serde_json::Value>), BillingError> {
+    use crate::master::{CustomerClass, PaymentMode};
+    let by_id: std::collections::HashMap<&str, &crate::master::Account> = accounts
+        .iter()
+        .map(|a| (a.account_id.as_str(), a))
+        .collect();
+    let last_day = period.end.pred_opt().unwrap_or(period.end);
+    let mut inputs = Vec::new();
+    let prior = if opts.previous.is_empty() {
+        Default::default()
+    } else {
+        for dir in &opts.previous {
+            let p = dir.join("bills.parquet");
+            let (h, n) = sha256_file(&p)?;
+            inputs.push(
+                serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}),
+            );
+        }
+        super::arrears::read_prior_bills(&opts.previous)?
+    };
+    let mut payments: BTreeMap<&str, Vec<(chrono::NaiveDate, Decimal)>> = BTreeMap::new();
+    let payments_path = opts.master.join(crate::master::PAYMENTS_FILE);
+    let loaded;
+    if !prior.is_empty() && payments_path.exists() {
+        let (h, n) = sha256_file(&payments_path)?;
+        inputs.push(serde_json::json!({"path": payments_path.display().to_string(), "sha256": h, "bytes": n}));
+        loaded = crate::master::load_payments(&payments_path)
+            .map_err(|e| BillingError::Master(e.to_string()))?;
+        for e in &loaded.errors {
+            exceptions.push(ExceptionRow {
+                account_id: String::new(),
+                meter_id: String::new(),
+                code: "master_row".into(),
+                detail: e.to_string(),
+            });
+        }
+        for p in &loaded.rows {
+            let Some(a) = by_id.get(p.account_id.as_str()) else {
+                continue;
+            };
+            let offset = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
+            let (date, _) = super::period::local_date_minute(p.paid_at.timestamp_millis(), offset);
+            payments
+                .entry(a.account_id.as_str())
+                .or_default()
+                .push((date, p.amount));
+        }
+    }
+    let mut due = BTreeMap::new();
+    for b in bills.iter_mut() {
+        let Some(a) = by_id.get(b.account_id.as_str()) else {
+            continue;
+        };
+        if a.payment_mode != PaymentMode::Postpaid {
+            continue;
+        }
+        let Ok(t) = tariffs.get(&b.tariff_id) else {
+            continue;
+        };
+        let Some((vi, v)) = t
+            .versions
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.applies_on(last_day))
+        else {
+            continue;
+        };
+        let Some(rule) = &v.late_fee else { continue };
+        due.insert(
+            a.account_id.as_str(),
+            super::arrears::due_date(period, rule),
+        );
+        let Some(prior) = prior.get(&b.account_id) else {
+            continue;
+        };
+        let pays = payments
+            .get(a.account_id.as_str())
+            .map_or(&[][..], |v| v.as_slice());
+        let residential = a.customer_class == CustomerClass::Residential;
+        for line in
+            super::arrears::late_fee_lines(rule, residential, prior, pays, period, &v.rounding)
+        {
+            b.total += line.amount;
+            b.lines.push(super::account::BillLine {
+                version_index: vi,
+                line,
+                flags: Flags::NONE,
+            });
+        }
+    }
+    Ok((due, inputs))
 }
 
 /// Adjustment lines of a re-rated bill against what was issued: per line key,

@@ -33,6 +33,11 @@ pub struct BillArgs {
     /// Compute everything and print the summary, but write nothing.
     #[arg(long)]
     pub preview: bool,
+    /// An earlier run directory (repeatable): its postpaid bills still unpaid
+    /// after their due date, net of `payments.csv` in --master, bear late-payment
+    /// fees on this bill (the tariff's `[version.late_fee]` rule).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub previous: Vec<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +48,7 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
     let pb = bar.clone();
     let mut opts = BillRunOptions::new(&a.lake, &a.master, &a.tariffs, &a.period, &a.out);
     opts.preview = a.preview;
+    opts.previous = a.previous.clone();
     opts.progress = Some(Box::new(move |done, total| {
         pb.set_length(total);
         pb.set_position(done);

@@ -743,8 +743,10 @@ impl SimBus {
                                     value: v,
                                 });
                                 let room = m.cfg.max_frame_data - di.wire_len();
-                                if bytes.len() > room && edition == Edition::V2007 {
-                                    let room_next = m.cfg.max_frame_data - di.wire_len() - 1;
+                                if bytes.len() > room {
+                                    // 2007 follow-ups carry a sequence byte; 1997 ones do not.
+                                    let seq_len = usize::from(edition == Edition::V2007);
+                                    let room_next = m.cfg.max_frame_data - di.wire_len() - seq_len;
                                     let rest: Vec<Vec<u8>> = bytes[room..]
                                         .chunks(room_next)
                                         .map(<[u8]>::to_vec)
@@ -775,6 +777,21 @@ impl SimBus {
                     }
                 }
                 _ => message::error_reply(addr, req.control, ErrorStatus(0x01)),
+            },
+            // 1997 follow-ups have no sequence number: chunks are served in order.
+            control::READ_FOLLOW_1997 => match Di::read(Edition::V1997, &req.data) {
+                Some(di) => match m.pending.get_mut(&di) {
+                    Some(chunks) if !chunks.is_empty() => {
+                        let part = chunks.remove(0);
+                        let more = !chunks.is_empty();
+                        if !more {
+                            m.pending.remove(&di);
+                        }
+                        message::follow_reply(addr, di, &part, 0, more)
+                    }
+                    _ => message::error_reply(addr, req.control, ErrorStatus(0x02)),
+                },
+                None => message::error_reply(addr, req.control, ErrorStatus(0x01)),
             },
             control::READ_ADDRESS => message::read_address_reply(addr),
             control::WRITE => {

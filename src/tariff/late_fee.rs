@@ -17,6 +17,8 @@ pub struct LateFeeRule {
     pub earlier_years_daily: Decimal,
     /// Smallest fee charged (1 yuan).
     pub minimum: Decimal,
+    /// A bill is due this many days after its period ends; the fee runs from the day after.
+    pub due_days: u32,
 }
 
 impl Default for LateFeeRule {
@@ -26,6 +28,7 @@ impl Default for LateFeeRule {
             current_year_daily: Decimal::new(2, 3),
             earlier_years_daily: Decimal::new(3, 3),
             minimum: Decimal::ONE,
+            due_days: 15,
         }
     }
 }

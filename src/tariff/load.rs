@@ -168,6 +168,7 @@ struct RawLateFee {
     current_year_daily: Option<Dec>,
     earlier_years_daily: Option<Dec>,
     minimum: Option<Dec>,
+    due_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -617,6 +618,7 @@ fn version(
             current_year_daily: l.current_year_daily.map_or(d.current_year_daily, |x| x.0),
             earlier_years_daily: l.earlier_years_daily.map_or(d.earlier_years_daily, |x| x.0),
             minimum: l.minimum.map_or(d.minimum, |x| x.0),
+            due_days: l.due_days.unwrap_or(d.due_days),
         }
     });
     let minimum_charge = match &rv.minimum_charge {

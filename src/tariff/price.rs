@@ -154,7 +154,12 @@ impl ChargeLine {
                 None => "power factor adjustment".into(),
             },
             LineKind::Minimum => "minimum charge top-up".into(),
-            LineKind::LateFee => "late payment fee".into(),
+            LineKind::LateFee => match self.index {
+                1 => "late payment fee (arrears of this year)".into(),
+                2 => "late payment fee (arrears of earlier years)".into(),
+                3 => "late payment fee (minimum)".into(),
+                _ => "late payment fee".into(),
+            },
             LineKind::Adjustment => "adjustment".into(),
         }
     }
@@ -169,7 +174,9 @@ impl ChargeLine {
             },
             LineKind::Fixed | LineKind::Minimum => "month",
             LineKind::PowerFactor => "pf",
-            LineKind::LateFee | LineKind::Adjustment => "CNY",
+            // quantity = overdue yuan x days; the minimum line carries the same quantity
+            LineKind::LateFee => "CNY-day",
+            LineKind::Adjustment => "CNY",
         }
     }
 }

@@ -194,8 +194,8 @@ fn version(s: &mut String, v: &TariffVersion) {
     if let Some(l) = &v.late_fee {
         let _ = writeln!(
             s,
-            " late fee per day: residential {}, others {} (current year) / {} (earlier years), minimum {}",
-            l.residential_daily, l.current_year_daily, l.earlier_years_daily, l.minimum
+            " late fee per day: residential {}, others {} (current year) / {} (earlier years), minimum {}; due {} days after the period",
+            l.residential_daily, l.current_year_daily, l.earlier_years_daily, l.minimum, l.due_days
         );
     }
 }

@@ -307,6 +307,7 @@ mod end_to_end {
     use meterflow::billing::run::{bill_run, BillRunOptions};
     use meterflow::sim::fleet::{generate, FleetOptions};
     use rust_decimal::Decimal;
+    use std::collections::BTreeMap;
 
     fn fleet(dir: &std::path::Path) {
         let mut o = FleetOptions::new(dir);
@@ -395,6 +396,114 @@ mod end_to_end {
         // A second re-run with nothing new adjusts nothing.
         let again = bill_run(&opts(&lake, &out)).unwrap();
         assert_eq!((again.revision, again.adjusted_accounts), (2, 0));
+    }
+
+    /// Reads (account, kind, label, amount) of every bill line.
+    fn lines(run: &std::path::Path) -> Vec<(String, String, String, Decimal)> {
+        use arrow::array::{Array, Decimal128Array, StringArray};
+        let f = std::fs::File::open(run.join("bill_lines.parquet")).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut out = vec![];
+        for b in r {
+            let b = b.unwrap();
+            let s = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (acc, kind, label) = (s("account_id"), s("kind"), s("label"));
+            let amt = b.column_by_name("amount").unwrap();
+            let amt = amt.as_any().downcast_ref::<Decimal128Array>().unwrap();
+            for i in 0..b.num_rows() {
+                out.push((
+                    acc.value(i).to_string(),
+                    kind.value(i).to_string(),
+                    label.value(i).to_string(),
+                    Decimal::from_i128_with_scale(amt.value(i), amt.scale() as u32),
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpaid_bills_of_an_earlier_run_bear_late_fees_net_of_payments() {
+        use meterflow::billing::arrears::read_prior_bills;
+        use rust_decimal_macros::dec;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        let mut o = FleetOptions::new(&lake);
+        o.meters = 120;
+        o.start = "2026-09-01".parse().unwrap();
+        o.days = 61;
+        generate(&o, &|_, _| {}).unwrap();
+        let sep = tmp.path().join("sep");
+        let mut s = opts(&lake, &sep);
+        s.period = "2026-09".into();
+        bill_run(&s).unwrap();
+        let prior = read_prior_bills(std::slice::from_ref(&sep)).unwrap();
+        // Three postpaid residential accounts on a monthly tariff with a bill over 10 yuan.
+        let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
+        let mut picked: Vec<(String, Decimal)> = vec![];
+        for line in accounts.lines().skip(1) {
+            let id = line.split(',').next().unwrap().to_string();
+            if line.contains(",residential,") && line.contains(",postpaid,") {
+                if let Some(b) = prior.get(&id).and_then(|v| v.first()) {
+                    assert_eq!(b.due, "2026-10-16".parse().unwrap(), "15 days after 1 Oct");
+                    if b.amount > dec!(10) && picked.len() < 3 {
+                        picked.push((id, b.amount));
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            picked.len(),
+            3,
+            "the fleet has postpaid residential accounts"
+        );
+        let (paid, half, unpaid) = (&picked[0], &picked[1], &picked[2]);
+        let fen = |x: Decimal| {
+            x.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+        };
+        let half_paid = fen(half.1 / dec!(2));
+        std::fs::write(
+            lake.join("master/payments.csv"),
+            format!(
+                "txn_id,channel,account_id,amount,paid_at\n\
+                 T1,bank,{},{},2026-10-10T02:00:00Z\n\
+                 T2,wechat,{},{},2026-10-21T02:00:00Z\n",
+                paid.0, paid.1, half.0, half_paid
+            ),
+        )
+        .unwrap();
+        let oct = tmp.path().join("oct");
+        let mut o2 = opts(&lake, &oct);
+        o2.previous = vec![sep.clone()];
+        let run = bill_run(&o2).unwrap();
+        let fees: BTreeMap<String, Decimal> = lines(&oct)
+            .into_iter()
+            .filter(|l| l.1 == "late_fee")
+            .map(|l| (l.0, l.3))
+            .collect();
+        let floor = |x: Decimal| if x < dec!(1) { dec!(1) } else { x };
+        assert!(!fees.contains_key(&paid.0), "paid before the due date");
+        // Overdue from 17 Oct: half paid on 21 Oct (local), so 4 days in full, 11 days half.
+        let want_half = floor(fen(
+            (half.1 * dec!(4) + (half.1 - half_paid) * dec!(11)) * dec!(0.001)
+        ));
+        assert_eq!(fees.get(&half.0), Some(&want_half));
+        let want_unpaid = floor(fen(unpaid.1 * dec!(15) * dec!(0.001)));
+        assert_eq!(fees.get(&unpaid.0), Some(&want_unpaid));
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(oct.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["inputs"]["history"].as_array().unwrap().len(), 2, "{m}");
+        assert!(run.total_amount > Decimal::ZERO);
     }
 
     #[test]

@@ -124,9 +124,11 @@ async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
     let mut meters: Vec<SimMeterConfig> = (1..=6)
         .map(|i| sim_meter(&format!("{:012}", 1000 + i), 1000 * i))
         .collect();
-    // One meter answers a block read in follow-up frames; one is a 1997 meter; one runs an hour fast.
+    // Two meters answer a block read in follow-up frames (a 2007 one with sequence
+    // numbers, a 1997 one without); one runs an hour fast.
     meters[1].max_frame_data = 12;
     meters[2].edition = Edition::V1997;
+    meters[2].max_frame_data = 10;
     meters[3].clock_offset_s = 3600;
     let sim = spawn_tcp(
         SimFile {
@@ -159,6 +161,7 @@ async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
     assert_eq!(got.len(), 5 * 7 + 6);
     // Follow-up frames were assembled into the full block.
     assert!(got.contains_key(&("M-000000001002".to_string(), Channel::ImportActiveT4)));
+    assert!(got.contains_key(&("M-000000001003".to_string(), Channel::ImportActiveT4)));
     for r in &readings {
         assert_eq!(r.source.protocol, meterflow::model::Protocol::Dlt645);
         assert_eq!(r.source.collector, "it-dlt645");

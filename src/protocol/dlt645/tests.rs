@@ -237,6 +237,86 @@ fn relay_layout() {
     }
 }
 
+/// The plaintext relay frame of DL/T 645-2007 (control 0x1C, L = 0x10):
+/// PA P0 P1 P2 | C0..C3 | N1 command | N2 reserved 00 | N3..N8 expiry ssmmhhDDMMYY,
+/// every byte +0x33; the meter answers 0x9C with L = 0, or 0xDC with one error byte.
+/// Bytes computed independently (offset and checksum by hand).
+#[test]
+fn relay_frame_matches_the_standard_layout() {
+    let a: Address = "398192000337".parse().unwrap();
+    let exp = MeterTime {
+        year: 2024,
+        month: 5,
+        day: 17,
+        hour: 14,
+        minute: 0,
+        second: 0,
+    };
+    let f = relay_request(
+        a,
+        RelayCommand::Trip,
+        "02123456".parse().unwrap(),
+        "00000001".parse().unwrap(),
+        exp,
+    );
+    assert_eq!(
+        f.encode(0).unwrap(),
+        parse_hex(
+            "68 37 03 00 92 81 39 68 1C 10 35 89 67 45 34 33 33 33 4D 33 33 33 47 4A 38 57 BF 16"
+        )
+        .unwrap()
+    );
+    let ok = parse_hex("68 37 03 00 92 81 39 68 9C 00 F2 16").unwrap();
+    let Decoded::Frame { frame, .. } = decode(&ok) else {
+        panic!()
+    };
+    assert_eq!(classify(&f, &frame), Match::Answer);
+    let refused = parse_hex("68 37 03 00 92 81 39 68 DC 01 37 6A 16").unwrap();
+    let Decoded::Frame { frame, .. } = decode(&refused) else {
+        panic!()
+    };
+    assert_eq!(frame.control, 0xDC);
+    assert_eq!((frame.data_len(), frame.data(0)), (1, 0x04));
+    assert_eq!(classify(&f, &frame), Match::Refused(ErrorStatus(0x04)));
+}
+
+/// 1997 follow-ups (0x02, replies 0x82 / 0xA2) carry no sequence number.
+#[test]
+fn follow_up_frames_assemble_1997() {
+    let a: Address = "000000000414".parse().unwrap();
+    let di = Di::v1997(0x901F);
+    let first = read_reply(a, di, &[1, 0, 0, 0, 2, 0, 0, 0], true)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&first) else {
+        panic!()
+    };
+    assert_eq!(frame.control, 0xA1);
+    let mut fu = FollowUp::start(a, di, &frame.to_frame());
+    let req = fu.next_request().unwrap();
+    assert_eq!(req.control, 0x02);
+    assert_eq!(req.data, vec![0x1F, 0x90]);
+    let second = follow_reply(a, di, &[3, 0, 0, 0], 0, true)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&second) else {
+        panic!()
+    };
+    assert_eq!(frame.control, 0xA2);
+    assert_eq!(classify(&req, &frame), Match::Answer);
+    fu.push(&frame.to_frame()).unwrap();
+    let last = follow_reply(a, di, &[4, 0, 0, 0, 5, 0, 0, 0], 0, false)
+        .encode(0)
+        .unwrap();
+    let Decoded::Frame { frame, .. } = decode(&last) else {
+        panic!()
+    };
+    assert_eq!(frame.control, 0x82);
+    fu.push(&frame.to_frame()).unwrap();
+    assert!(fu.is_complete());
+    assert_eq!(fu.data().len(), 20);
+}
+
 #[test]
 fn write_layout() {
     let a: Address = "398192000337".parse().unwrap();

@@ -1,0 +1,315 @@
+//! Late-payment fees on a postpaid account's overdue bills.
+//!
+//! Each overdue day is charged once, on the bill of the period the day falls
+//! in: the fee on this period's bill covers the days of this period after a
+//! prior bill's due date on which part of it was still unpaid. Payments are
+//! applied to the oldest bill first (a payment made on a day stops that day's
+//! fee). The rule's minimum applies to the fee of one bill.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, Decimal128Array, StringArray};
+use chrono::{Datelike, NaiveDate};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rust_decimal::Decimal;
+
+use super::period::BillPeriod;
+use super::run::BillingError;
+use crate::tariff::late_fee::LateFeeRule;
+use crate::tariff::price::{ChargeLine, LineKind};
+use crate::tariff::rounding::Rounding;
+
+/// Line index of late-fee lines (see `ChargeLine::label`).
+pub const RESIDENTIAL: u8 = 0;
+pub const CURRENT_YEAR: u8 = 1;
+pub const EARLIER_YEARS: u8 = 2;
+pub const MINIMUM: u8 = 3;
+
+/// An issued bill of an earlier period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriorBill {
+    pub period: String,
+    pub due: NaiveDate,
+    pub amount: Decimal,
+}
+
+/// Issued bills by account, read from earlier runs (`--previous`).
+pub type PriorBills = BTreeMap<String, Vec<PriorBill>>;
+
+/// Reads `bills.parquet` of each run directory; a run's revisions
+/// (`revision-N/`) replace the totals of the accounts they adjust.
+/// Bills without a due date (runs of accounts without a late-fee rule) are skipped.
+pub fn read_prior_bills(dirs: &[PathBuf]) -> Result<PriorBills, BillingError> {
+    let mut out: PriorBills = BTreeMap::new();
+    for dir in dirs {
+        let mut latest: BTreeMap<String, PriorBill> = BTreeMap::new();
+        read_bills_file(&dir.join("bills.parquet"), &mut latest)?;
+        let mut n = 1;
+        while dir
+            .join(format!("revision-{n}"))
+            .join("bills.parquet")
+            .exists()
+        {
+            read_bills_file(
+                &dir.join(format!("revision-{n}")).join("bills.parquet"),
+                &mut latest,
+            )?;
+            n += 1;
+        }
+        for (account, b) in latest {
+            out.entry(account).or_default().push(b);
+        }
+    }
+    for bills in out.values_mut() {
+        bills.sort_by(|a, b| (a.due, &a.period).cmp(&(b.due, &b.period)));
+        bills.dedup_by(|a, b| a.period == b.period);
+    }
+    Ok(out)
+}
+
+fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result<(), BillingError> {
+    let bad = |what: String| BillingError::Invalid(format!("{}: {what}", path.display()));
+    let file = File::open(path).map_err(|source| BillingError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| bad(e.to_string()))?;
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(e.to_string()))?;
+        let Some(due) = batch.column_by_name("due_date") else {
+            return Ok(()); // a run written before due dates existed: nothing to charge on
+        };
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| bad(format!("no column {name}")))
+        };
+        let (acc, per, total) = (col("account_id")?, col("period")?, col("total")?);
+        let acc = acc.as_any().downcast_ref::<StringArray>();
+        let per = per.as_any().downcast_ref::<StringArray>();
+        let due = due.as_any().downcast_ref::<StringArray>();
+        let total = total.as_any().downcast_ref::<Decimal128Array>();
+        let (Some(acc), Some(per), Some(due), Some(total)) = (acc, per, due, total) else {
+            return Err(bad("unexpected bills schema".into()));
+        };
+        for i in 0..batch.num_rows() {
+            if due.is_null(i) {
+                continue;
+            }
+            let d: NaiveDate = due
+                .value(i)
+                .parse()
+                .map_err(|e| bad(format!("due_date '{}': {e}", due.value(i))))?;
+            out.insert(
+                acc.value(i).to_string(),
+                PriorBill {
+                    period: per.value(i).to_string(),
+                    due: d,
+                    amount: Decimal::from_i128_with_scale(total.value(i), total.scale() as u32),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The due date of a bill for `period`: `due_days` after the day the period ends.
+pub fn due_date(period: &BillPeriod, rule: &LateFeeRule) -> NaiveDate {
+    period.end + chrono::Days::new(u64::from(rule.due_days))
+}
+
+/// Late-fee lines for this period's bill (empty when nothing is overdue).
+/// `payments`: (local date, amount), any order.
+pub fn late_fee_lines(
+    rule: &LateFeeRule,
+    residential: bool,
+    prior: &[PriorBill],
+    payments: &[(NaiveDate, Decimal)],
+    period: &BillPeriod,
+    rounding: &Rounding,
+) -> Vec<ChargeLine> {
+    let mut bills: Vec<&PriorBill> = prior.iter().filter(|b| b.due < period.end).collect();
+    bills.sort_by_key(|b| b.due);
+    if bills.is_empty() {
+        return vec![];
+    }
+    let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
+    pays.sort();
+    // yuan-days per rate class
+    let mut yuan_days = [Decimal::ZERO; 3];
+    let mut paid = Decimal::ZERO;
+    let mut next_pay = 0;
+    // Payments before the period count from its first day.
+    let mut day = period.start;
+    while day < period.end {
+        while next_pay < pays.len() && pays[next_pay].0 <= day {
+            paid += pays[next_pay].1;
+            next_pay += 1;
+        }
+        let mut covered = paid;
+        for b in &bills {
+            let from_payments = covered.min(b.amount).max(Decimal::ZERO);
+            covered -= from_payments;
+            let open = b.amount - from_payments;
+            if day > b.due && open > Decimal::ZERO {
+                let class = if residential {
+                    RESIDENTIAL
+                } else if b.due.year() == day.year() {
+                    CURRENT_YEAR
+                } else {
+                    EARLIER_YEARS
+                };
+                yuan_days[class as usize] += open;
+            }
+        }
+        day = day.succ_opt().expect("date in range");
+    }
+    let rates = [
+        rule.residential_daily,
+        rule.current_year_daily,
+        rule.earlier_years_daily,
+    ];
+    let mut lines: Vec<ChargeLine> = (0..3)
+        .filter(|&i| yuan_days[i] > Decimal::ZERO)
+        .map(|i| ChargeLine {
+            kind: LineKind::LateFee,
+            index: i as u8,
+            quantity: yuan_days[i],
+            unit_price: rates[i],
+            amount: rounding.round(yuan_days[i] * rates[i]),
+        })
+        .collect();
+    let sum: Decimal = lines.iter().map(|l| l.amount).sum();
+    if !lines.is_empty() && sum < rule.minimum {
+        let quantity = yuan_days.iter().sum();
+        lines = vec![ChargeLine {
+            kind: LineKind::LateFee,
+            index: MINIMUM,
+            quantity,
+            unit_price: Decimal::ZERO,
+            amount: rounding.round(rule.minimum),
+        }];
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tariff::rounding::RoundingMode;
+    use rust_decimal_macros::dec;
+
+    fn d(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    fn fen() -> Rounding {
+        Rounding::new(RoundingMode::HalfAwayFromZero, dec!(0.01)).unwrap()
+    }
+
+    fn sept_bill(amount: Decimal) -> PriorBill {
+        PriorBill {
+            period: "2026-09".into(),
+            due: d("2026-10-15"),
+            amount,
+        }
+    }
+
+    #[test]
+    fn unpaid_bill_is_charged_for_the_days_after_its_due_date_in_this_period() {
+        let p = BillPeriod::parse("2026-10").unwrap();
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(200))],
+            &[],
+            &p,
+            &fen(),
+        );
+        // 16..31 October: 16 days x 200 x 1 per mille = 3.20
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].quantity, dec!(3200));
+        assert_eq!(lines[0].amount, dec!(3.20));
+        // November charges November's days only: 30 x 0.2 = 6.00.
+        let nov = BillPeriod::parse("2026-11").unwrap();
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(200))],
+            &[],
+            &nov,
+            &fen(),
+        );
+        assert_eq!(lines[0].amount, dec!(6.00));
+    }
+
+    #[test]
+    fn a_payment_stops_the_fee_on_the_day_it_is_made_and_pays_the_oldest_bill_first() {
+        let p = BillPeriod::parse("2026-10").unwrap();
+        let aug = PriorBill {
+            period: "2026-08".into(),
+            due: d("2026-09-15"),
+            amount: dec!(100),
+        };
+        // 150 paid on 21 Oct: August (100) is settled first, then 50 of September's 200.
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            false,
+            &[sept_bill(dec!(200)), aug],
+            &[(d("2026-10-21"), dec!(150))],
+            &p,
+            &fen(),
+        );
+        // August: 1..20 Oct = 20 days x 100; September: 16..20 Oct 5 x 200 + 21..31 Oct 11 x 150.
+        // (20 x 100 + 5 x 200 + 11 x 150) x 2 per mille = 4650 x 0.002 = 9.30
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].index, CURRENT_YEAR);
+        assert_eq!(lines[0].quantity, dec!(4650));
+        assert_eq!(lines[0].amount, dec!(9.30));
+    }
+
+    #[test]
+    fn small_fees_are_raised_to_the_minimum_and_paid_bills_cost_nothing() {
+        let p = BillPeriod::parse("2026-10").unwrap();
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(20))],
+            &[],
+            &p,
+            &fen(),
+        );
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].index, MINIMUM);
+        assert_eq!(lines[0].amount, dec!(1.00));
+        let paid = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(20))],
+            &[(d("2026-10-10"), dec!(20))],
+            &p,
+            &fen(),
+        );
+        assert!(paid.is_empty());
+    }
+
+    #[test]
+    fn arrears_of_earlier_years_cost_more_for_non_residential_accounts() {
+        let p = BillPeriod::parse("2027-01").unwrap();
+        let dec_bill = PriorBill {
+            period: "2026-11".into(),
+            due: d("2026-12-16"),
+            amount: dec!(1000),
+        };
+        let lines = late_fee_lines(&LateFeeRule::default(), false, &[dec_bill], &[], &p, &fen());
+        // 31 January days, arrear of 2026: 3 per mille -> 31 x 1000 x 0.003 = 93.00
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].index, EARLIER_YEARS);
+        assert_eq!(lines[0].amount, dec!(93.00));
+    }
+}
