@@ -132,7 +132,7 @@ fn awkward_readings(start: i64) -> Vec<Reading> {
         dec!(0.3),
         dec!(10.50),
         dec!(0),
-        dec!(4503599627370497.1),
+        dec!(90071992547.4099),
         dec!(1234.5),
     ];
     let mut out = vec![];
