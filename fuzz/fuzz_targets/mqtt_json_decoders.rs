@@ -10,15 +10,14 @@
 #[path = "../../src/model/mod.rs"]
 mod model;
 #[allow(dead_code, unused_imports)]
+#[path = "../../src/protocol"]
 mod protocol {
-    #[path = "../../../src/protocol/sparkplug.rs"]
     pub mod sparkplug;
 }
 #[allow(dead_code, unused_imports)]
+#[path = "../../src/ingest"]
 mod ingest {
-    #[path = "../../../src/ingest/config.rs"]
     pub mod config;
-    #[path = "../../../src/ingest/decode.rs"]
     pub mod decode;
     /// Shim: the config only needs the URL check of the MQTT module.
     pub mod mqtt {
@@ -89,14 +88,26 @@ values = { "e" = "/m/e", "voltage_a" = "/m/u" }
 
 const NOW: i64 = 1_763_800_000_000;
 
+/// The JSON decoders keep no state between messages: build them once.
+fn decoders() -> &'static std::sync::Mutex<Vec<Decoder>> {
+    static D: std::sync::OnceLock<std::sync::Mutex<Vec<Decoder>>> = std::sync::OnceLock::new();
+    D.get_or_init(|| {
+        let cfg = IngestConfig::parse(CONFIG, std::path::Path::new("fuzz.toml")).unwrap();
+        let ds = cfg
+            .sources
+            .iter()
+            .map(|s| Decoder::new(s, Limits::default()).unwrap())
+            .collect();
+        std::sync::Mutex::new(ds)
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
-    let cfg = IngestConfig::parse(CONFIG, std::path::Path::new("fuzz.toml")).unwrap();
-    for (src, topic) in cfg
-        .sources
-        .iter()
+    let mut ds = decoders().lock().unwrap_or_else(|e| e.into_inner());
+    for (d, topic) in ds
+        .iter_mut()
         .zip(["c/x", "v/x", "tele/x/SENSOR", "s/x", "m/x"])
     {
-        let mut d = Decoder::new(src, Limits::default()).unwrap();
         if let Ok(out) = d.decode(topic, data, NOW) {
             for r in &out.readings {
                 assert!(store::columns::to_scaled(r.value).is_ok(), "{r:?}");

@@ -9,13 +9,13 @@
 #[path = "../../src/model/mod.rs"]
 mod model;
 #[allow(dead_code, unused_imports)]
+#[path = "../../src/protocol"]
 mod protocol {
-    #[path = "../../../src/protocol/sparkplug.rs"]
     pub mod sparkplug;
 }
 #[allow(dead_code, unused_imports)]
+#[path = "../../src/uplink"]
 mod uplink {
-    #[path = "../../../src/uplink/sparkplug.rs"]
     pub mod sparkplug;
 }
 /// Shim: the lake's decimal scale.

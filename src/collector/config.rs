@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use crate::ingest::config::MqttConfig;
 use crate::protocol::dlt645::{Address, Di, Edition};
-use crate::uplink::{sparkplug::valid_id, UplinkConfig, UplinkFormat};
 use crate::protocol::modbus::config::{ConfigError, FieldError, FieldPath};
+use crate::uplink::{sparkplug::valid_id, UplinkConfig, UplinkFormat};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -1000,11 +1000,16 @@ client_id = "sub-7-uplink"
         assert_eq!((e.field.as_str(), e.line), ("uplink.alarm_ratio", Some(10)));
         let e = err(&UPLINK.replace("mqtt://127.0.0.1:1883", "mqtts://127.0.0.1:8883"));
         assert_eq!(e.field, "uplink.mqtt.ca_file");
-        let e = err(&format!("{UPLINK}password_env = \"MF_NO_SUCH_VAR_FOR_TEST\"\nusername = \"u\"\n"));
+        let e = err(&format!(
+            "{UPLINK}password_env = \"MF_NO_SUCH_VAR_FOR_TEST\"\nusername = \"u\"\n"
+        ));
         assert_eq!(e.field, "uplink.mqtt.password_env");
         assert!(e.message.contains("MF_NO_SUCH_VAR_FOR_TEST"), "{e}");
         let e = err(&format!("{UPLINK}password = \"secret\"\n"));
-        assert!(e.to_string().contains("password"), "no password in the file: {e}");
+        assert!(
+            e.to_string().contains("password"),
+            "no password in the file: {e}"
+        );
         let e = err(&UPLINK.replace("spool_dir = \"spool\"\n", ""));
         assert!(e.to_string().contains("spool_dir"), "{e}");
     }

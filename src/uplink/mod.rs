@@ -310,10 +310,9 @@ fn next_bd_seq(dir: &Path) -> u8 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    if let Err(e) = crate::store::atomic::write_file_atomic(
-        &path,
-        cur.wrapping_add(1).to_string().as_bytes(),
-    ) {
+    if let Err(e) =
+        crate::store::atomic::write_file_atomic(&path, cur.wrapping_add(1).to_string().as_bytes())
+    {
         tracing::warn!(error = %e, "cannot save the Sparkplug bdSeq");
     }
     cur
@@ -477,7 +476,13 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
                             })
                             .collect(),
                         Ok(_) => {
-                            reject(&shared, &cfg, e.seq, &e.payload, "meter id not usable as a Sparkplug device id");
+                            reject(
+                                &shared,
+                                &cfg,
+                                e.seq,
+                                &e.payload,
+                                "meter id not usable as a Sparkplug device id",
+                            );
                             continue;
                         }
                         Err(m) => {

@@ -237,7 +237,11 @@ impl EdgeNode {
 /// `decimalScale`, else (a mantissa beyond 64 bits) the decimal as a String.
 pub fn value_metric(v: Decimal) -> Metric {
     let n = v.normalize();
-    let long = |m: i128| i64::try_from(m).ok().map(|m| MetricValue::LongValue(m as u64));
+    let long = |m: i128| {
+        i64::try_from(m)
+            .ok()
+            .map(|m| MetricValue::LongValue(m as u64))
+    };
     if n.scale() <= BIRTH_SCALE {
         let at_birth = n
             .mantissa()
@@ -389,7 +393,10 @@ mod tests {
         let mut state = State::new();
         ingest(&mut state, &node.births(0));
         for k in 0..300 {
-            let msgs = node.data(&[r("m", Channel::ImportActiveTotal, 1, Decimal::from(k))], 0);
+            let msgs = node.data(
+                &[r("m", Channel::ImportActiveTotal, 1, Decimal::from(k))],
+                0,
+            );
             ingest(&mut state, &msgs);
         }
         // 1 NBIRTH + 1 DBIRTH + 300 DDATA: the next seq is 302 mod 256.

@@ -153,7 +153,13 @@ fn awkward_readings(start: i64) -> Vec<Reading> {
 }
 
 /// A raw subscriber recording (topic, payload) of everything under `filter`.
-async fn observe(url: &str, filter: &str) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+async fn observe(
+    url: &str,
+    filter: &str,
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
     let (_, host, port) = parse_url(url).unwrap();
     let mut o = MqttOptions::new(uniq("obs"), host, port);
     o.set_max_packet_size(1 << 24, 1 << 24);
@@ -245,15 +251,28 @@ async fn sparkplug_uplink_is_read_back_by_ingest_with_exact_values_and_answers_r
     for c in rs.chunks(20) {
         uplink.send(c.to_vec()).unwrap();
     }
-    assert!(uplink.drain(Duration::from_secs(30)).await, "spool did not drain");
+    assert!(
+        uplink.drain(Duration::from_secs(30)).await,
+        "spool did not drain"
+    );
     let (dt, dbirth) = next_of(&mut seen, MessageType::DBirth).await;
     assert!(dt.device.as_deref().unwrap().starts_with("SP"));
-    assert!(dbirth.metrics.iter().all(|m| m.alias.is_some() && m.name.is_some()));
+    assert!(dbirth
+        .metrics
+        .iter()
+        .all(|m| m.alias.is_some() && m.name.is_some()));
     let (_, ddata) = next_of(&mut seen, MessageType::DData).await;
-    assert!(ddata.metrics.iter().all(|m| m.name.is_none() && m.alias.is_some()));
+    assert!(ddata
+        .metrics
+        .iter()
+        .all(|m| m.name.is_none() && m.alias.is_some()));
 
     let got = wait_for_readings(&lake, rs.len(), 30).await;
-    assert_eq!(values(&got), values(&rs), "the lake holds exactly the collected values");
+    assert_eq!(
+        values(&got),
+        values(&rs),
+        "the lake holds exactly the collected values"
+    );
     assert!(got.iter().all(|r| r.quality == Quality::OK));
 
     // A host asks for a rebirth: NBIRTH (same bdSeq, seq 0) and every DBIRTH again.
@@ -276,7 +295,12 @@ async fn sparkplug_uplink_is_read_back_by_ingest_with_exact_values_and_answers_r
         reborn.insert(t.device.unwrap());
     }
     // Data after the rebirth still lands (the aliases were re-declared).
-    let more = vec![reading("SP00", Channel::ImportActiveTotal, now_ms() - 1000, dec!(7.0007))];
+    let more = vec![reading(
+        "SP00",
+        Channel::ImportActiveTotal,
+        now_ms() - 1000,
+        dec!(7.0007),
+    )];
     uplink.send(more.clone()).unwrap();
     assert!(uplink.drain(Duration::from_secs(30)).await);
     let got = wait_for_readings(&lake, rs.len() + 1, 30).await;
@@ -359,9 +383,14 @@ timeout_ms = 300
     assert_eq!(stats.uplinked, stats.readings);
     assert_eq!(stats.uplink_refused, 0);
     assert_eq!(stats.uplink_pending, 0, "drained before exit");
-    assert!(dir.path().join("spool").is_dir(), "spool is relative to the config file");
     assert!(
-        reader::read_all_readings(&local).unwrap_or_default().is_empty(),
+        dir.path().join("spool").is_dir(),
+        "spool is relative to the config file"
+    );
+    assert!(
+        reader::read_all_readings(&local)
+            .unwrap_or_default()
+            .is_empty(),
         "lake = false: no readings in the local lake"
     );
     let got = wait_for_readings(&central, stats.readings as usize, 30).await;
@@ -460,12 +489,31 @@ fn tls_broker(dir: &Path, user: &str, password: &str) -> Option<TlsBroker> {
         c
     };
     run(ossl().args([
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        "/CN=meterflow test CA", "-keyout", "ca.key", "-out", "ca.pem",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=meterflow test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
     ]));
     run(ossl().args([
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
-        "server.key", "-out", "server.csr",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
     ]));
     std::fs::write(
         p("ext.cnf"),
@@ -473,8 +521,21 @@ fn tls_broker(dir: &Path, user: &str, password: &str) -> Option<TlsBroker> {
     )
     .unwrap();
     run(ossl().args([
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
     ]));
     run(Command::new("mosquitto_passwd").args([
         "-b",
@@ -544,14 +605,32 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     mqtt.username = Some("mf".into());
     mqtt.password_env = Some(env.into());
     mqtt.ca_file = Some(broker.ca.clone());
-    let cfg = UplinkConfig::new(mqtt.clone(), "secure/readings", "sub-tls", dir.path().join("spool"));
+    let cfg = UplinkConfig::new(
+        mqtt.clone(),
+        "secure/readings",
+        "sub-tls",
+        dir.path().join("spool"),
+    );
     let uplink = Uplink::start(cfg).unwrap();
     let rs = vec![
-        reading("TLS1", Channel::ImportActiveTotal, now_ms() - 5000, dec!(42.4242)),
-        reading("TLS2", Channel::ImportActiveTotal, now_ms() - 5000, dec!(0.0001)),
+        reading(
+            "TLS1",
+            Channel::ImportActiveTotal,
+            now_ms() - 5000,
+            dec!(42.4242),
+        ),
+        reading(
+            "TLS2",
+            Channel::ImportActiveTotal,
+            now_ms() - 5000,
+            dec!(0.0001),
+        ),
     ];
     uplink.send(rs.clone()).unwrap();
-    assert!(uplink.drain(Duration::from_secs(30)).await, "uplink over TLS did not drain");
+    assert!(
+        uplink.drain(Duration::from_secs(30)).await,
+        "uplink over TLS did not drain"
+    );
     let got = wait_for_readings(&lake, rs.len(), 30).await;
     assert_eq!(values(&got), values(&rs));
     uplink.shutdown().await;
