@@ -111,6 +111,10 @@ pub enum PropertyKind {
 /// metric it applies to that value only.
 pub const DECIMAL_SCALE: &str = "decimalScale";
 
+/// Metric property (String) meterflow uses for a value's quality flags
+/// (`clock_skew,estimated`, the names of `model::Quality`); absent means ok.
+pub const QUALITY: &str = "quality";
+
 impl PropertySet {
     /// A property set holding just `decimalScale`.
     pub fn decimal_scale(scale: u32) -> PropertySet {
@@ -121,6 +125,31 @@ impl PropertySet {
                 is_null: None,
                 value: Some(PropertyKind::IntValue(scale)),
             }],
+        }
+    }
+
+    /// Adds (or replaces) a property.
+    pub fn set(&mut self, key: &str, value: PropertyKind, dtype: u32) {
+        let v = PropertyValue {
+            r#type: Some(dtype),
+            is_null: None,
+            value: Some(value),
+        };
+        match self.keys.iter().position(|k| k == key) {
+            Some(i) if i < self.values.len() => self.values[i] = v,
+            _ => {
+                self.keys.push(key.to_string());
+                self.values.push(v);
+            }
+        }
+    }
+
+    /// The text value of property `key`, if present and a string.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        let i = self.keys.iter().position(|k| k == key)?;
+        match self.values.get(i)?.value.as_ref()? {
+            PropertyKind::StringValue(s) => Some(s),
+            _ => None,
         }
     }
 
@@ -358,6 +387,8 @@ pub struct NamedValue {
     pub value: Value,
     /// Data arrived for a node or device that had been declared dead.
     pub after_death: bool,
+    /// The metric's `quality` property (meterflow uplinks), if any.
+    pub quality: Option<String>,
 }
 
 /// What one message meant.
@@ -653,6 +684,11 @@ fn resolve(
             ts_ms,
             value,
             after_death,
+            quality: m
+                .properties
+                .as_ref()
+                .and_then(|p| p.text(QUALITY))
+                .map(String::from),
         });
     }
 }

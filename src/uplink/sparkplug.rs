@@ -13,7 +13,8 @@
 //!   rebirth never repeats a reading;
 //! - readings go out as `DDATA` by alias, one metric per reading with its own
 //!   timestamp, value = the decimal times 10^4 as Int64 (exact for every value
-//!   the lake's DECIMAL(18,4) holds);
+//!   the lake's DECIMAL(18,4) holds), and quality flags other than ok in a
+//!   String property `quality`;
 //! - seq counts 0..=255 over NBIRTH, DBIRTH and DDATA and wraps;
 //! - an `NCMD` with `Node Control/Rebirth` = true is answered by `births`.
 
@@ -23,7 +24,8 @@ use rust_decimal::Decimal;
 
 use crate::model::{Channel, Reading};
 use crate::protocol::sparkplug::{
-    datatype, encode_payload, Metric, MetricValue, Payload, PropertySet, NAMESPACE,
+    datatype, encode_payload, Metric, MetricValue, Payload, PropertyKind, PropertySet, NAMESPACE,
+    QUALITY,
 };
 use crate::store::schema::VALUE_SCALE;
 
@@ -211,6 +213,13 @@ impl EdgeNode {
                 .iter()
                 .map(|r| {
                     let mut m = value_metric(r.value);
+                    if !r.quality.is_ok() {
+                        m.properties.get_or_insert_with(PropertySet::default).set(
+                            QUALITY,
+                            PropertyKind::StringValue(r.quality.to_string()),
+                            datatype::STRING,
+                        );
+                    }
                     m.alias = Some(self.alias(meter, r.channel));
                     m.timestamp = Some(r.ts_ms.max(0) as u64);
                     m
@@ -442,6 +451,27 @@ mod tests {
             );
             assert!(o.values.iter().all(|v| v.value == Value::Null), "{o:?}");
         }
+    }
+
+    #[test]
+    fn quality_flags_travel_as_a_property() {
+        let mut node = EdgeNode::new("g", "e", 0);
+        let mut state = State::new();
+        ingest(&mut state, &node.births(0));
+        let mut flagged = r("m", Channel::ImportActiveTotal, 1, dec!(1.123456789));
+        flagged.quality = Quality::parse("clock_skew").unwrap();
+        let msgs = node.data(
+            &[flagged, r("m", Channel::ImportActiveTotal, 2, dec!(2))],
+            0,
+        );
+        let v = ingest(&mut state, &msgs);
+        assert_eq!(v[0].quality.as_deref(), Some("clock_skew"));
+        assert_eq!(
+            v[0].value,
+            Value::Number(dec!(1.123456789)),
+            "scale and quality together"
+        );
+        assert_eq!(v[1].quality, None);
     }
 
     #[test]
