@@ -326,7 +326,7 @@ async fn sparkplug_uplink_is_read_back_by_ingest_with_exact_values_and_answers_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collector_with_uplink_only_publishes_its_readings_and_keeps_none_locally() {
+async fn collector_uplinks_instead_of_or_as_well_as_writing_its_lake() {
     use meterflow::sim::dlt645::{spawn_tcp, SimFile, SimMeterConfig};
     let url = broker_url();
     let group = uniq("mfc");
@@ -403,8 +403,21 @@ timeout_ms = 300
         "lake = false: no readings in the local lake"
     );
     let got = wait_for_readings(&central, stats.readings as usize, 30).await;
-    ingest.stop().await;
     assert_eq!(got.len() as u64, stats.readings);
+
+    // `lake = true`: the same cycle lands in both places.
+    std::fs::write(&file, toml.replace("lake = false", "lake = true")).unwrap();
+    let both = collect_once(CollectorConfig::load(&file).unwrap(), &local)
+        .await
+        .unwrap();
+    assert_eq!(both.uplinked, both.readings);
+    let local_rs = reader::read_all_readings(&local).unwrap();
+    assert_eq!(local_rs.len() as u64, both.readings);
+    let central_rs = wait_for_readings(&central, 2 * stats.readings as usize, 30).await;
+    ingest.stop().await;
+    let local_keys: std::collections::BTreeSet<_> = values(&local_rs).into_keys().collect();
+    let central_keys: std::collections::BTreeSet<_> = values(&central_rs).into_keys().collect();
+    assert!(local_keys.is_subset(&central_keys));
     // Every simulated register arrived with its exact value.
     let want: BTreeMap<(String, Channel), Decimal> = sim
         .handle
