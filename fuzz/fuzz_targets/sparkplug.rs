@@ -83,7 +83,10 @@ fuzz_target!(|data: &[u8]| {
     let mut st = State::new();
     let mut got = Vec::new();
     for m in node.births(0).into_iter().chain(node.data(&readings, 0)) {
-        let o = st.handle(&Topic::parse(&m.topic).unwrap(), &decode_payload(&m.payload).unwrap());
+        let o = st.handle(
+            &Topic::parse(&m.topic).unwrap(),
+            &decode_payload(&m.payload).unwrap(),
+        );
         assert!(!o.rebirth_needed && o.problems.is_empty(), "{o:?}");
         got.extend(o.values.into_iter().filter(|v| v.value != Value::Null));
     }
