@@ -676,3 +676,37 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     ingest.stop().await;
     drop(broker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_counts_nothing_as_collected_when_the_uplink_spool_is_full() {
+    use meterflow::sim::dlt645::{spawn_tcp, SimFile, SimMeterConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![SimMeterConfig::new(
+                "000000003001".parse().unwrap(),
+                Decimal::new(5, 0),
+            )],
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    // The broker is unreachable and the cap is tiny: the first batch is refused.
+    let toml = format!(
+        "collector_id = \"sub-full\"\n[[dlt645.bus]]\nname = \"gw\"\ntcp = \"{}\"\ntimeout_ms = 300\n[[dlt645.bus.meter]]\naddress = \"000000003001\"\n\n[uplink]\nspool_dir = \"spool\"\nlake = false\ncap_bytes = 10\ndrain_on_exit_s = 0\n[uplink.mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"sub-full\"\n",
+        sim.addr,
+        free_port()
+    );
+    let file = dir.path().join("collectors.toml");
+    std::fs::write(&file, toml).unwrap();
+    let local = dir.path().join("local");
+    let stats = collect_once(CollectorConfig::load(&file).unwrap(), &local)
+        .await
+        .unwrap();
+    assert!(stats.uplink_refused > 0);
+    assert_eq!(stats.uplinked, 0);
+    assert_eq!(stats.readings, 0, "refused readings are not collected");
+    assert_eq!(stats.uplink_pending, 0);
+}
