@@ -1,5 +1,5 @@
 //! `meterflow collect`: poll the DL/T 645 buses and Modbus connections of a
-//! collectors.toml and write their readings into the lake.
+//! collectors.toml and write their readings into the lake and/or the uplink.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,11 +29,14 @@ pub struct CollectArgs {
 
 pub fn run(a: CollectArgs) -> anyhow::Result<ExitCode> {
     let cfg = CollectorConfig::load(&a.config)?;
+    let cfg_uplink = cfg.uplink.is_some();
     let lake_dir = a
         .out
         .clone()
         .or_else(|| cfg.lake.out.clone())
-        .context("no lake: give --out LAKE or set `out` in [lake]")?;
+        .context(
+            "no lake: give --out LAKE or set `out` in [lake] (with `[uplink] lake = false` it still keeps quarantined input)",
+        )?;
     let rt = tokio::runtime::Runtime::new()?;
     let stats = rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -80,6 +83,15 @@ pub fn run(a: CollectArgs) -> anyhow::Result<ExitCode> {
         "{} readings made durable, {} committed to Parquet, {} bad inputs quarantined",
         stats.readings, stats.flushed, stats.quarantined
     );
+    if cfg_uplink {
+        println!(
+            "uplink: {} readings spooled, {} refused, {} messages still pending (sent on the next start)",
+            stats.uplinked, stats.uplink_refused, stats.uplink_pending
+        );
+        if stats.uplink_refused > 0 {
+            failed = true;
+        }
+    }
     Ok(if failed {
         ExitCode::from(3)
     } else {

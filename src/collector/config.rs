@@ -1,5 +1,6 @@
 //! The shared `collectors.toml`: collector id, lake options, DL/T 645 buses
-//! (`[[dlt645.bus]]`) and Modbus connections (`[[modbus]]`).
+//! (`[[dlt645.bus]]`), Modbus connections (`[[modbus]]`) and the optional
+//! MQTT uplink (`[uplink]`).
 //! Documented in `docs/collectors.md`; complete example in `sample-data/collectors.toml`.
 //!
 //! Errors name the file, the line and the field.
@@ -10,8 +11,10 @@ use std::path::{Path, PathBuf};
 use chrono::{FixedOffset, NaiveTime};
 use serde::Deserialize;
 
+use crate::ingest::config::MqttConfig;
 use crate::protocol::dlt645::{Address, Di, Edition};
 use crate::protocol::modbus::config::{ConfigError, FieldError, FieldPath};
+use crate::uplink::{sparkplug::valid_id, UplinkConfig, UplinkFormat};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +29,63 @@ pub struct CollectorConfig {
     pub dlt645: Dlt645Section,
     #[serde(default)]
     pub modbus: Vec<crate::collector::modbus::ModbusConnectionConfig>,
+    /// Publish readings to a broker (store-and-forward).
+    #[serde(default)]
+    pub uplink: Option<UplinkSection>,
+    /// Directory the file was read from; relative paths in it resolve against this.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[uplink]`: publish readings to a central broker, instead of or as well
+/// as the local lake. Readings count as collected once durable in the spool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSection {
+    /// Broker connection, exactly as `[mqtt]` of ingest.toml (secrets from
+    /// `password_file` / `password_env` only).
+    pub mqtt: MqttConfig,
+    /// `canonical` (JSON) or `sparkplug` (Sparkplug B).
+    #[serde(default)]
+    pub format: UplinkFormatName,
+    /// Canonical: topic to publish to; default `meterflow/<collector_id>/readings`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Sparkplug: group id.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Sparkplug: edge node id; default the collector id.
+    #[serde(default)]
+    pub edge_node_id: Option<String>,
+    /// Spool directory (relative to this file's directory).
+    pub spool_dir: PathBuf,
+    /// Refuse new readings once this many bytes wait for acknowledgement.
+    #[serde(default = "d_cap_bytes")]
+    pub cap_bytes: u64,
+    /// Alarm (error log, metric) when the spool reaches this share of the cap.
+    #[serde(default = "d_alarm_ratio")]
+    pub alarm_ratio: f64,
+    /// Also write readings to the local lake (`false`: uplink only; the lake
+    /// directory still keeps quarantined bad input).
+    #[serde(default = "d_true")]
+    pub lake: bool,
+    /// Readings per spool entry (and per canonical message).
+    #[serde(default = "d_per_message")]
+    pub per_message: usize,
+    /// Messages in flight (published, PUBACK not yet received).
+    #[serde(default = "d_window")]
+    pub window: usize,
+    /// At exit, wait this long for the spool to drain (the rest is sent on the next start).
+    #[serde(default = "d_drain_on_exit")]
+    pub drain_on_exit_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkFormatName {
+    #[default]
+    Canonical,
+    Sparkplug,
 }
 
 /// `[lake]`: where readings go and how often they are committed to Parquet.
@@ -212,6 +272,24 @@ pub struct MeterConfig {
     pub group: Option<String>,
 }
 
+fn d_cap_bytes() -> u64 {
+    512 << 20
+}
+fn d_alarm_ratio() -> f64 {
+    0.8
+}
+fn d_true() -> bool {
+    true
+}
+fn d_per_message() -> usize {
+    500
+}
+fn d_window() -> usize {
+    64
+}
+fn d_drain_on_exit() -> u64 {
+    10
+}
 fn d_collector_id() -> String {
     "collector".into()
 }
@@ -505,6 +583,138 @@ fn resolve_schedule(s: &ScheduleConfig, p: &FieldPath) -> Result<Schedule, Field
     })
 }
 
+impl UplinkSection {
+    /// Checks the section, including that the password and TLS files can be read.
+    pub fn validate(&self, p: &FieldPath, base_dir: &Path) -> Result<(), FieldError> {
+        let fe = |path: FieldPath, message: String| Err(FieldError { path, message });
+        let m = p.key("mqtt");
+        let tls = match crate::ingest::mqtt::parse_url(&self.mqtt.url) {
+            Ok((tls, _, _)) => tls,
+            Err(e) => return fe(m.key("url"), e),
+        };
+        if self.mqtt.client_id.is_empty() {
+            return fe(m.key("client_id"), "client_id must not be empty".into());
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.password_env.is_some() {
+            return fe(
+                m.key("password_env"),
+                "give password_file or password_env, not both".into(),
+            );
+        }
+        if let Err(e) = self.mqtt.password(base_dir) {
+            let k = if self.mqtt.password_file.is_some() {
+                "password_file"
+            } else {
+                "password_env"
+            };
+            return fe(m.key(k), e);
+        }
+        match (&self.mqtt.client_cert_file, &self.mqtt.client_key_file) {
+            (Some(_), None) => {
+                return fe(
+                    m.key("client_key_file"),
+                    "client_cert_file needs client_key_file".into(),
+                )
+            }
+            (None, Some(_)) => {
+                return fe(
+                    m.key("client_cert_file"),
+                    "client_key_file needs client_cert_file".into(),
+                )
+            }
+            _ => {}
+        }
+        if tls {
+            if self.mqtt.ca_file.is_none() {
+                return fe(m.key("ca_file"), "an mqtts:// url needs ca_file".into());
+            }
+            if let Err(e) = crate::ingest::mqtt::tls_config(&self.mqtt, base_dir) {
+                let e = e.to_string();
+                let k = if e.contains("client") {
+                    "client_cert_file"
+                } else {
+                    "ca_file"
+                };
+                return fe(m.key(k), e);
+            }
+        } else if self.mqtt.ca_file.is_some() || self.mqtt.client_cert_file.is_some() {
+            return fe(
+                m.key("url"),
+                "TLS files are given but the url is not mqtts://".into(),
+            );
+        }
+        match self.format {
+            UplinkFormatName::Canonical => {
+                if let Some(t) = &self.topic {
+                    if t.is_empty() || t.contains(['+', '#']) {
+                        return fe(
+                            p.key("topic"),
+                            format!("'{t}' is not a topic to publish to (empty or wildcard)"),
+                        );
+                    }
+                }
+                if self.group_id.is_some() || self.edge_node_id.is_some() {
+                    return fe(
+                        p.key("group_id"),
+                        "group_id / edge_node_id are for format = \"sparkplug\"".into(),
+                    );
+                }
+            }
+            UplinkFormatName::Sparkplug => {
+                if self.topic.is_some() {
+                    return fe(
+                        p.key("topic"),
+                        "Sparkplug topics are spBv1.0/<group_id>/...: give group_id, not topic"
+                            .into(),
+                    );
+                }
+                match &self.group_id {
+                    None => {
+                        return fe(
+                            p.key("format"),
+                            "format = \"sparkplug\" needs group_id".into(),
+                        )
+                    }
+                    Some(g) if !valid_id(g) => {
+                        return fe(
+                            p.key("group_id"),
+                            format!("'{g}' must be non-empty without '/', '+' or '#'"),
+                        )
+                    }
+                    _ => {}
+                }
+                if let Some(e) = &self.edge_node_id {
+                    if !valid_id(e) {
+                        return fe(
+                            p.key("edge_node_id"),
+                            format!("'{e}' must be non-empty without '/', '+' or '#'"),
+                        );
+                    }
+                }
+            }
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            return fe(p.key("spool_dir"), "spool_dir must not be empty".into());
+        }
+        if self.cap_bytes == 0 {
+            return fe(p.key("cap_bytes"), "cap_bytes must be > 0".into());
+        }
+        if !(self.alarm_ratio > 0.0 && self.alarm_ratio <= 1.0) {
+            return fe(
+                p.key("alarm_ratio"),
+                format!("alarm_ratio {} is not in (0, 1]", self.alarm_ratio),
+            );
+        }
+        if self.per_message == 0 {
+            return fe(p.key("per_message"), "per_message must be > 0".into());
+        }
+        if !(1..=u16::MAX as usize).contains(&self.window) {
+            return fe(p.key("window"), "window must be 1..65535".into());
+        }
+        Ok(())
+    }
+}
+
 /// Parses `+08:00`, `-05:30`, `Z` or `UTC`.
 pub fn parse_offset(s: &str) -> Result<FixedOffset, String> {
     if s == "Z" || s.eq_ignore_ascii_case("utc") {
@@ -555,7 +765,52 @@ impl CollectorConfig {
             .resolve(&FieldPath::default().key("dlt645"))
             .map_err(|e| ConfigError::at(&f, text, &e))?;
         crate::collector::modbus::validate_in_file(file, text, &cfg.modbus)?;
+        let mut cfg = cfg;
+        cfg.base_dir = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if let Some(u) = &cfg.uplink {
+            u.validate(&FieldPath::default().key("uplink"), &cfg.base_dir)
+                .map_err(|e| ConfigError::at(&f, text, &e))?;
+        }
         Ok(cfg)
+    }
+
+    /// Readings go to the local lake (no uplink, or `[uplink] lake = true`).
+    pub fn writes_lake(&self) -> bool {
+        self.uplink.as_ref().is_none_or(|u| u.lake)
+    }
+
+    /// The uplink's runtime config, paths resolved against the file's directory.
+    pub fn uplink_config(&self) -> Option<UplinkConfig> {
+        let u = self.uplink.as_ref()?;
+        let topic = u
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("meterflow/{}/readings", self.collector_id));
+        let spool_dir = if u.spool_dir.is_absolute() {
+            u.spool_dir.clone()
+        } else {
+            self.base_dir.join(&u.spool_dir)
+        };
+        let mut c = UplinkConfig::new(u.mqtt.clone(), &topic, &self.collector_id, spool_dir);
+        c.base_dir = self.base_dir.clone();
+        c.format = match u.format {
+            UplinkFormatName::Canonical => UplinkFormat::Canonical,
+            UplinkFormatName::Sparkplug => UplinkFormat::Sparkplug {
+                group: u.group_id.clone().unwrap_or_default(),
+                edge: u
+                    .edge_node_id
+                    .clone()
+                    .unwrap_or_else(|| self.collector_id.clone()),
+            },
+        };
+        c.cap_bytes = u.cap_bytes;
+        c.alarm_ratio = u.alarm_ratio;
+        c.per_message = u.per_message;
+        c.window = u.window;
+        Some(c)
     }
 
     /// Reads, parses and validates a collectors.toml file.
@@ -685,5 +940,93 @@ baud = 2400
             "edition = \"1997\"\ngroup = \"residential\"",
         ));
         assert!(e.message.contains("speaks 1997"), "{e}");
+    }
+
+    const UPLINK: &str = r#"
+collector_id = "sub-7"
+
+[uplink]
+format = "sparkplug"
+group_id = "plant"
+spool_dir = "spool"
+lake = false
+cap_bytes = 1000000
+alarm_ratio = 0.5
+
+[uplink.mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "sub-7-uplink"
+"#;
+
+    #[test]
+    fn uplink_section_parses_with_paths_resolved_against_the_file() {
+        let cfg = CollectorConfig::parse(Path::new("/etc/mf/collectors.toml"), UPLINK).unwrap();
+        assert!(!cfg.writes_lake());
+        let u = cfg.uplink_config().unwrap();
+        assert_eq!(u.spool_dir, Path::new("/etc/mf/spool"));
+        assert_eq!(u.base_dir, Path::new("/etc/mf"));
+        assert_eq!(
+            u.format,
+            UplinkFormat::Sparkplug {
+                group: "plant".into(),
+                edge: "sub-7".into()
+            }
+        );
+        assert_eq!(u.cap_bytes, 1_000_000);
+        let canon = UPLINK
+            .replace("format = \"sparkplug\"\ngroup_id = \"plant\"\n", "")
+            .replace("lake = false\n", "");
+        let cfg = CollectorConfig::parse(Path::new("c.toml"), &canon).unwrap();
+        assert!(cfg.writes_lake());
+        let u = cfg.uplink_config().unwrap();
+        assert_eq!(u.format, UplinkFormat::Canonical);
+        assert_eq!(u.topic, "meterflow/sub-7/readings");
+        assert_eq!(u.spool_dir, Path::new("./spool"));
+        let none = CollectorConfig::parse(Path::new("c.toml"), GOOD).unwrap();
+        assert!(none.writes_lake() && none.uplink_config().is_none());
+    }
+
+    #[test]
+    fn uplink_errors_name_file_line_and_field() {
+        let e = err(&UPLINK.replace("mqtt://127.0.0.1:1883", "http://x"));
+        assert_eq!(e.field, "uplink.mqtt.url");
+        assert_eq!(e.line, Some(13), "{e}");
+        assert!(e.to_string().starts_with("collectors.toml:13"), "{e}");
+        let e = err(&UPLINK.replace("group_id = \"plant\"", "group_id = \"pl/ant\""));
+        assert_eq!((e.field.as_str(), e.line), ("uplink.group_id", Some(6)));
+        let e = err(&UPLINK.replace("group_id = \"plant\"\n", ""));
+        assert_eq!(e.field, "uplink.format");
+        let e = err(&UPLINK.replace("alarm_ratio = 0.5", "alarm_ratio = 1.5"));
+        assert_eq!((e.field.as_str(), e.line), ("uplink.alarm_ratio", Some(10)));
+        let e = err(&UPLINK.replace("mqtt://127.0.0.1:1883", "mqtts://127.0.0.1:8883"));
+        assert_eq!(e.field, "uplink.mqtt.ca_file");
+        let e = err(&format!(
+            "{UPLINK}password_env = \"MF_NO_SUCH_VAR_FOR_TEST\"\nusername = \"u\"\n"
+        ));
+        assert_eq!(e.field, "uplink.mqtt.password_env");
+        assert!(e.message.contains("MF_NO_SUCH_VAR_FOR_TEST"), "{e}");
+        let e = err(&format!("{UPLINK}password = \"secret\"\n"));
+        assert!(
+            e.to_string().contains("password"),
+            "no password in the file: {e}"
+        );
+        let e = err(&UPLINK.replace("spool_dir = \"spool\"\n", ""));
+        assert!(e.to_string().contains("spool_dir"), "{e}");
+    }
+
+    #[test]
+    fn sample_uplink_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample-data/collectors-uplink.toml");
+        let cfg = CollectorConfig::load(&p).unwrap();
+        assert!(!cfg.writes_lake());
+        let u = cfg.uplink_config().unwrap();
+        assert!(u.spool_dir.ends_with("sample-data/spool/uplink"));
+        assert_eq!(
+            u.format,
+            UplinkFormat::Sparkplug {
+                group: "substations".into(),
+                edge: "substation-7".into()
+            }
+        );
     }
 }

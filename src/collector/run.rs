@@ -3,9 +3,15 @@
 //! reason) to one lake-writer task that makes them durable (`Lake::accept`,
 //! `Lake::quarantine`) in arrival order and commits them to Parquet
 //! (`Lake::flush`) periodically and at shutdown.
+//!
+//! With an `[uplink]`, readings are also (or, with `lake = false`, only)
+//! written to the uplink's spool; a batch counts as collected once it is
+//! durable in every place it goes. Quarantined input always stays in the
+//! local lake.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -14,6 +20,7 @@ use super::config::CollectorConfig;
 use super::dlt645::{self, BusReport};
 use crate::model::Reading;
 use crate::store::{Lake, LakeOptions, QuarantineRecord, StoreError};
+use crate::uplink::{SpoolError, Uplink, UplinkError};
 
 /// What a bus or connection task sends to the lake writer.
 #[derive(Debug)]
@@ -38,8 +45,14 @@ pub struct CollectOptions {
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct CollectStats {
-    /// Readings made durable in the lake.
+    /// Readings collected: durable in the lake and/or the uplink spool.
     pub readings: u64,
+    /// Readings made durable in the uplink spool.
+    pub uplinked: u64,
+    /// Readings the uplink refused (spool at its cap, unusable meter id).
+    pub uplink_refused: u64,
+    /// Uplink messages still unacknowledged at exit (sent on the next start).
+    pub uplink_pending: usize,
     /// Readings committed to Parquet by flushes.
     pub flushed: u64,
     /// Quarantine records made durable.
@@ -60,6 +73,8 @@ pub enum CollectError {
     },
     #[error("lake writer task failed: {0}")]
     Writer(String),
+    #[error("uplink: {0}")]
+    Uplink(#[from] UplinkError),
 }
 
 /// Runs one cycle of every bus and connection in `cfg`, writes the readings
@@ -102,12 +117,20 @@ pub async fn run(
             .await
             .map_err(|e| CollectError::Writer(e.to_string()))??;
 
+    let uplink = match cfg.uplink_config() {
+        Some(u) => Some(Arc::new(Uplink::start(u)?)),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<LakeMsg>(256);
     let writer = tokio::spawn(lake_writer(
         lake,
         rx,
         Duration::from_secs(cfg.lake.flush_interval_s.max(1)),
         cfg.lake.flush_max_readings.max(1),
+        Sinks {
+            lake: cfg.writes_lake(),
+            uplink: uplink.clone(),
+        },
     ));
 
     let mut bus_tasks = vec![];
@@ -172,6 +195,22 @@ pub async fn run(
     stats.readings = w.accepted;
     stats.flushed = w.flushed;
     stats.quarantined = w.quarantined;
+    stats.uplinked = w.uplinked;
+    stats.uplink_refused = w.uplink_refused;
+    if let Some(u) = uplink {
+        let drain = Duration::from_secs(cfg.uplink.as_ref().map_or(0, |u| u.drain_on_exit_s));
+        if !u.drain(drain).await {
+            tracing::warn!(
+                pending = u.pending(),
+                "uplink not drained at exit; the rest is sent on the next start"
+            );
+        }
+        stats.uplink_pending = u.pending();
+        match Arc::try_unwrap(u) {
+            Ok(u) => u.shutdown().await,
+            Err(_) => tracing::error!("uplink still shared at exit"),
+        }
+    }
     if let Some(m) = metrics_task {
         m.abort();
     }
@@ -183,6 +222,14 @@ struct WriterStats {
     accepted: u64,
     flushed: u64,
     quarantined: u64,
+    uplinked: u64,
+    uplink_refused: u64,
+}
+
+/// Where readings go.
+struct Sinks {
+    lake: bool,
+    uplink: Option<Arc<Uplink>>,
 }
 
 /// Receives batches, makes each durable, flushes on a timer, on size and at the end.
@@ -191,11 +238,14 @@ async fn lake_writer(
     mut rx: mpsc::Receiver<LakeMsg>,
     every: Duration,
     max_pending: usize,
+    sinks: Sinks,
 ) -> Result<WriterStats, CollectError> {
     let mut lake = Some(lake);
     let mut accepted = 0u64;
     let mut flushed = 0u64;
     let mut quarantined = 0u64;
+    let mut uplinked = 0u64;
+    let mut uplink_refused = 0u64;
     let mut pending = 0usize;
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -211,6 +261,39 @@ async fn lake_writer(
             }
         };
         let Some(msg) = batch else { break };
+        // Uplink first: once this returns the readings are durable in its spool.
+        let mut in_uplink = false;
+        if let (LakeMsg::Readings(b), Some(u)) = (&msg, &sinks.uplink) {
+            let (u, b) = (u.clone(), b.clone());
+            let n = b.len() as u64;
+            match tokio::task::spawn_blocking(move || u.send(b))
+                .await
+                .map_err(|e| CollectError::Writer(e.to_string()))?
+            {
+                Ok(()) => {
+                    uplinked += n;
+                    in_uplink = true;
+                }
+                Err(UplinkError::Spool(SpoolError::Io { path, source })) => {
+                    tracing::error!(path = %path.display(), error = %source, "uplink spool write failed");
+                    return Err(UplinkError::Spool(SpoolError::Io { path, source }).into());
+                }
+                Err(e) => {
+                    // Spool full (alarm raised long before) or a meter id Sparkplug
+                    // cannot carry: not collected; the next cycle reads the meters again.
+                    uplink_refused += n;
+                    tracing::error!(error = %e, readings = n, "uplink refused a batch");
+                }
+            }
+        }
+        if !sinks.lake {
+            if let LakeMsg::Readings(b) = &msg {
+                if in_uplink {
+                    accepted += b.len() as u64;
+                }
+                continue;
+            }
+        }
         let (n, is_readings) = match &msg {
             LakeMsg::Readings(b) => (b.len(), true),
             LakeMsg::Quarantine(q) => (q.len(), false),
@@ -247,6 +330,8 @@ async fn lake_writer(
         accepted,
         flushed,
         quarantined,
+        uplinked,
+        uplink_refused,
     })
 }
 

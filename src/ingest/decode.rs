@@ -502,11 +502,17 @@ impl Decoder {
                 },
                 None => now,
             };
-            let q = if nv.after_death {
+            let mut q = if nv.after_death {
                 Quality::OFFLINE
             } else {
                 Quality::OK
             };
+            // Flags a meterflow uplink sent in the metric's `quality` property.
+            match nv.quality.as_deref().map(Quality::parse) {
+                Some(Ok(f)) => q = q.with(f),
+                Some(Err(e)) => out.problems.push(DecodeError::WrongType(e)),
+                None => {}
+            }
             self.push(out, &meter, &nv.name, ts, value, topic, q, now);
         }
         Ok(())

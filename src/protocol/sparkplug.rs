@@ -45,7 +45,7 @@ pub struct Payload {
     pub body: Option<Vec<u8>>,
 }
 
-/// `Payload.Metric` (metadata, properties, datasets and templates are skipped).
+/// `Payload.Metric` (metadata, datasets and templates are skipped).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Metric {
     #[prost(string, optional, tag = "1")]
@@ -62,8 +62,114 @@ pub struct Metric {
     pub is_transient: Option<bool>,
     #[prost(bool, optional, tag = "7")]
     pub is_null: Option<bool>,
+    #[prost(message, optional, tag = "9")]
+    pub properties: Option<PropertySet>,
     #[prost(oneof = "MetricValue", tags = "10, 11, 12, 13, 14, 15, 16")]
     pub value: Option<MetricValue>,
+}
+
+/// `Payload.PropertySet`: parallel lists of keys and values.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PropertySet {
+    #[prost(string, repeated, tag = "1")]
+    pub keys: Vec<String>,
+    #[prost(message, repeated, tag = "2")]
+    pub values: Vec<PropertyValue>,
+}
+
+/// `Payload.PropertyValue` (nested property sets are skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PropertyValue {
+    #[prost(uint32, optional, tag = "1")]
+    pub r#type: Option<u32>,
+    #[prost(bool, optional, tag = "2")]
+    pub is_null: Option<bool>,
+    #[prost(oneof = "PropertyKind", tags = "3, 4, 5, 6, 7, 8")]
+    pub value: Option<PropertyKind>,
+}
+
+/// The `value` oneof of a property.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum PropertyKind {
+    #[prost(uint32, tag = "3")]
+    IntValue(u32),
+    #[prost(uint64, tag = "4")]
+    LongValue(u64),
+    #[prost(float, tag = "5")]
+    FloatValue(f32),
+    #[prost(double, tag = "6")]
+    DoubleValue(f64),
+    #[prost(bool, tag = "7")]
+    BooleanValue(bool),
+    #[prost(string, tag = "8")]
+    StringValue(String),
+}
+
+/// Metric property meterflow uses to carry exact decimals in integer
+/// metrics: the value is `integer / 10^decimalScale` (0..=28). Given in a
+/// birth it applies to every later value of that metric; given on a data
+/// metric it applies to that value only.
+pub const DECIMAL_SCALE: &str = "decimalScale";
+
+/// Metric property (String) meterflow uses for a value's quality flags
+/// (`clock_skew,estimated`, the names of `model::Quality`); absent means ok.
+pub const QUALITY: &str = "quality";
+
+impl PropertySet {
+    /// A property set holding just `decimalScale`.
+    pub fn decimal_scale(scale: u32) -> PropertySet {
+        PropertySet {
+            keys: vec![DECIMAL_SCALE.to_string()],
+            values: vec![PropertyValue {
+                r#type: Some(datatype::UINT32),
+                is_null: None,
+                value: Some(PropertyKind::IntValue(scale)),
+            }],
+        }
+    }
+
+    /// Adds (or replaces) a property.
+    pub fn set(&mut self, key: &str, value: PropertyKind, dtype: u32) {
+        let v = PropertyValue {
+            r#type: Some(dtype),
+            is_null: None,
+            value: Some(value),
+        };
+        match self.keys.iter().position(|k| k == key) {
+            Some(i) if i < self.values.len() => self.values[i] = v,
+            _ => {
+                self.keys.push(key.to_string());
+                self.values.push(v);
+            }
+        }
+    }
+
+    /// The text value of property `key`, if present and a string.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        let i = self.keys.iter().position(|k| k == key)?;
+        match self.values.get(i)?.value.as_ref()? {
+            PropertyKind::StringValue(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer value of property `key`, if present and integral.
+    pub fn int(&self, key: &str) -> Option<u64> {
+        let i = self.keys.iter().position(|k| k == key)?;
+        match self.values.get(i)?.value.as_ref()? {
+            PropertyKind::IntValue(v) => Some(u64::from(*v)),
+            PropertyKind::LongValue(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// `decimalScale` of a metric, if it has one in range.
+fn metric_scale(m: &Metric) -> Option<u32> {
+    m.properties
+        .as_ref()
+        .and_then(|p| p.int(DECIMAL_SCALE))
+        .and_then(|s| u32::try_from(s).ok())
 }
 
 /// The `value` oneof of a metric.
@@ -111,6 +217,8 @@ pub enum SparkplugError {
     NoNameOrAlias,
     #[error("data from {0} before its birth; rebirth requested")]
     NoBirth(String),
+    #[error("metric {0}: decimalScale {1} out of range 0..=28")]
+    BadScale(String, u32),
 }
 
 /// Message types of a Sparkplug topic.
@@ -279,6 +387,8 @@ pub struct NamedValue {
     pub value: Value,
     /// Data arrived for a node or device that had been declared dead.
     pub after_death: bool,
+    /// The metric's `quality` property (meterflow uplinks), if any.
+    pub quality: Option<String>,
 }
 
 /// What one message meant.
@@ -293,15 +403,25 @@ pub struct Outcome {
     pub problems: Vec<SparkplugError>,
 }
 
+/// What a birth declared about one metric.
+#[derive(Debug, Clone)]
+struct Declared {
+    name: String,
+    dtype: u32,
+    scale: Option<u32>,
+}
+
+type AliasTable = HashMap<u64, Declared>;
+
 #[derive(Debug, Default)]
 struct Device {
-    aliases: HashMap<u64, (String, u32)>,
+    aliases: AliasTable,
     alive: bool,
 }
 
 #[derive(Debug, Default)]
 struct Node {
-    aliases: HashMap<u64, (String, u32)>,
+    aliases: AliasTable,
     born: bool,
     alive: bool,
     /// Seq expected on the next message from this node.
@@ -470,8 +590,8 @@ impl State {
 /// collects values.
 #[allow(clippy::too_many_arguments)]
 fn resolve(
-    table: &mut HashMap<u64, (String, u32)>,
-    fallback: Option<&HashMap<u64, (String, u32)>>,
+    table: &mut AliasTable,
+    fallback: Option<&AliasTable>,
     birth: bool,
     topic: &Topic,
     p: &Payload,
@@ -480,28 +600,39 @@ fn resolve(
     out: &mut Outcome,
 ) {
     for m in &p.metrics {
-        let (name, dtype) = match (&m.name, m.alias) {
+        let own_scale = metric_scale(m);
+        let (name, dtype, scale) = match (&m.name, m.alias) {
             (Some(n), alias) => {
                 let dt = m.datatype.unwrap_or(0);
-                if let Some(a) = alias {
-                    if birth {
-                        table.insert(a, (n.clone(), dt));
+                if birth {
+                    if let Some(a) = alias {
+                        table.insert(
+                            a,
+                            Declared {
+                                name: n.clone(),
+                                dtype: dt,
+                                scale: own_scale,
+                            },
+                        );
                     }
                 }
-                // Data messages may name metrics without datatype: take it from the birth.
+                // Data messages may name metrics without datatype or scale:
+                // take them from the birth.
+                let declared = || table.values().find(|d| &d.name == n);
                 let dt = if dt == 0 {
-                    table
-                        .values()
-                        .find(|(tn, _)| tn == n)
-                        .map(|(_, d)| *d)
-                        .unwrap_or(0)
+                    declared().map(|d| d.dtype).unwrap_or(0)
                 } else {
                     dt
                 };
-                (n.clone(), dt)
+                let scale = own_scale.or_else(|| declared().and_then(|d| d.scale));
+                (n.clone(), dt, scale)
             }
             (None, Some(a)) => match table.get(&a).or_else(|| fallback.and_then(|f| f.get(&a))) {
-                Some((n, dt)) => (n.clone(), m.datatype.unwrap_or(*dt)),
+                Some(d) => (
+                    d.name.clone(),
+                    m.datatype.unwrap_or(d.dtype),
+                    own_scale.or(d.scale),
+                ),
                 None => {
                     out.problems.push(SparkplugError::UnknownAlias(a));
                     continue;
@@ -527,6 +658,21 @@ fn resolve(
                 None => Value::Null,
             }
         };
+        let value = match (value, scale, &m.value) {
+            // Only integers carry a decimal scale; floats are already decimals.
+            (
+                Value::Number(mut d),
+                Some(s),
+                Some(MetricValue::IntValue(_) | MetricValue::LongValue(_)),
+            ) if s > 0 => {
+                if d.set_scale(s).is_err() {
+                    out.problems.push(SparkplugError::BadScale(name, s));
+                    continue;
+                }
+                Value::Number(d)
+            }
+            (v, _, _) => v,
+        };
         let ts_ms = m
             .timestamp
             .and_then(|t| i64::try_from(t).ok())
@@ -538,6 +684,11 @@ fn resolve(
             ts_ms,
             value,
             after_death,
+            quality: m
+                .properties
+                .as_ref()
+                .and_then(|p| p.text(QUALITY))
+                .map(String::from),
         });
     }
 }

@@ -3,36 +3,49 @@
 //!
 //! `Uplink::send` writes the readings to the on-disk spool (fsynced) before
 //! returning; a background task publishes spooled messages in order at QoS 1
-//! as canonical JSON and forgets an entry only when its PUBACK arrives. While
-//! the link is down the spool grows up to `cap_bytes` (an alarm is raised at
-//! `alarm_ratio` of it, and `send` refuses beyond it); when the link returns
-//! it drains in order. Every (re)connection starts a fresh MQTT session and
-//! re-publishes everything not yet acknowledged, so delivery is at least
-//! once; the central lake's compaction removes the duplicates.
+//! (canonical JSON, or Sparkplug B: see [`sparkplug`]) and forgets an entry
+//! only when the PUBACKs of all its messages arrived. While the link is down
+//! the spool grows up to `cap_bytes` (an alarm is raised at `alarm_ratio` of
+//! it, and `send` refuses beyond it); when the link returns it drains in
+//! order. Every (re)connection starts a fresh MQTT session and re-publishes
+//! everything not yet acknowledged, so delivery is at least once; the
+//! central lake's compaction removes the duplicates.
 
+pub mod sparkplug;
 pub mod spool;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
+use rust_decimal::Decimal;
 use tokio::sync::Notify;
 
 use crate::ingest::config::MqttConfig;
 use crate::ingest::decode::encode_canonical;
 use crate::ingest::mqtt::connect_options;
 use crate::metrics;
-use crate::model::Reading;
+use crate::model::{Channel, Protocol, Quality, Reading, Source};
 pub use spool::{Spool, SpoolError};
+
+/// What goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkFormat {
+    /// meterflow's canonical JSON, `per_message` readings per message, to `UplinkConfig::topic`.
+    Canonical,
+    /// Sparkplug B as edge node `edge` of `group`; each meter is a device.
+    Sparkplug { group: String, edge: String },
+}
 
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
     pub mqtt: MqttConfig,
     /// Directory relative TLS / password file paths resolve against.
     pub base_dir: PathBuf,
-    /// Topic the readings are published to.
+    pub format: UplinkFormat,
+    /// Topic the readings are published to (canonical format).
     pub topic: String,
     /// `collector` written into the canonical JSON envelope.
     pub collector: String,
@@ -41,9 +54,10 @@ pub struct UplinkConfig {
     pub cap_bytes: u64,
     /// Raise the alarm (error log, `meterflow_uplink_spool_alarm` = 1) at this share of the cap.
     pub alarm_ratio: f64,
-    /// Readings per MQTT message.
+    /// Readings per spool entry (and per canonical message).
     pub per_message: usize,
-    /// Messages published but not yet acknowledged, at most.
+    /// Messages published but not yet acknowledged, at most (a spool entry
+    /// is started only below it).
     pub window: usize,
 }
 
@@ -52,6 +66,7 @@ impl UplinkConfig {
         UplinkConfig {
             mqtt,
             base_dir: PathBuf::from("."),
+            format: UplinkFormat::Canonical,
             topic: topic.to_string(),
             collector: collector.to_string(),
             spool_dir,
@@ -69,6 +84,8 @@ pub enum UplinkError {
     Spool(#[from] SpoolError),
     #[error("uplink config: {0}")]
     Config(String),
+    #[error("meter id '{0}' cannot be a Sparkplug device id (empty, or has '/', '+' or '#')")]
+    BadMeterId(String),
 }
 
 struct Shared {
@@ -91,6 +108,13 @@ impl Uplink {
         // Fail early on bad TLS files or URLs.
         connect_options(&cfg.mqtt, &cfg.base_dir, &cfg.mqtt.client_id)
             .map_err(|e| UplinkError::Config(e.to_string()))?;
+        if let UplinkFormat::Sparkplug { group, edge } = &cfg.format {
+            if !sparkplug::valid_id(group) || !sparkplug::valid_id(edge) {
+                return Err(UplinkError::Config(format!(
+                    "Sparkplug group '{group}' / edge node '{edge}' must be non-empty without '/', '+', '#'"
+                )));
+            }
+        }
         let spool = Spool::open(&cfg.spool_dir)?;
         if spool.torn_bytes > 0 {
             tracing::warn!(
@@ -121,16 +145,31 @@ impl Uplink {
         Ok(Uplink { shared, cfg, task })
     }
 
-    /// Spools readings durably; they are published when the link allows.
+    /// Spools readings durably (fsync; blocking: call from a blocking
+    /// context in async code); they are published when the link allows.
     /// Refuses (SpoolError::Full) when the spool is at its cap: keep them elsewhere.
     pub fn send(&self, readings: Vec<Reading>) -> Result<(), UplinkError> {
         if readings.is_empty() {
             return Ok(());
         }
-        let payloads: Vec<Vec<u8>> = readings
-            .chunks(self.cfg.per_message.max(1))
-            .map(|c| encode_canonical(&self.cfg.collector, c))
-            .collect();
+        let chunks = readings.chunks(self.cfg.per_message.max(1));
+        let payloads: Vec<Vec<u8>> = match &self.cfg.format {
+            UplinkFormat::Canonical => chunks
+                .map(|c| encode_canonical(&self.cfg.collector, c))
+                .collect(),
+            UplinkFormat::Sparkplug { .. } => {
+                if let Some(r) = readings.iter().find(|r| !sparkplug::valid_id(&r.meter_id)) {
+                    metrics::counter_add(
+                        "meterflow_uplink_refused_total",
+                        &[],
+                        readings.len() as u64,
+                    );
+                    return Err(UplinkError::BadMeterId(r.meter_id.clone()));
+                }
+                // Encoded at publish time (seq and aliases belong to the session).
+                chunks.map(encode_entry).collect()
+            }
+        };
         let add: u64 = payloads.iter().map(|p| p.len() as u64).sum();
         let bytes = {
             let mut s = lock(&self.shared.spool);
@@ -188,7 +227,8 @@ impl Uplink {
     }
 
     /// Stops publishing and saves the acknowledgement cursor. Unacknowledged
-    /// messages stay spooled for the next start.
+    /// messages stay spooled for the next start. The connection is dropped
+    /// without DISCONNECT, so a Sparkplug uplink's NDEATH will is published.
     pub async fn shutdown(self) {
         self.task.abort();
         let _ = self.task.await;
@@ -200,10 +240,100 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A Sparkplug spool entry: the readings as a JSON array (values as exact
+/// decimal strings).
+fn encode_entry(readings: &[Reading]) -> Vec<u8> {
+    serde_json::to_vec(readings).unwrap_or_default()
+}
+
+/// Readings of a spool entry: a JSON array of readings, or canonical JSON
+/// (an entry spooled while the format was `canonical`).
+fn decode_entry(payload: &[u8]) -> Result<Vec<Reading>, String> {
+    if payload.first() == Some(&b'[') {
+        return serde_json::from_slice(payload).map_err(|e| e.to_string());
+    }
+    #[derive(serde::Deserialize)]
+    struct Env {
+        collector: Option<String>,
+        readings: Vec<One>,
+    }
+    #[derive(serde::Deserialize)]
+    struct One {
+        meter_id: String,
+        ts: i64,
+        channel: String,
+        value: serde_json::Number,
+        quality: Option<String>,
+        address: Option<String>,
+    }
+    let env: Env = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    env.readings
+        .into_iter()
+        .map(|o| {
+            let value = Decimal::from_str_exact(&o.value.to_string())
+                .or_else(|_| Decimal::from_scientific(&o.value.to_string()))
+                .map_err(|e| format!("value {}: {e}", o.value))?;
+            let channel: Channel = o.channel.parse().map_err(|e| format!("{e}"))?;
+            let quality = match o.quality {
+                Some(q) => Quality::parse(&q)?,
+                None => Quality::OK,
+            };
+            Ok(Reading {
+                meter_id: o.meter_id,
+                ts_ms: o.ts,
+                channel,
+                value,
+                quality,
+                source: Source {
+                    protocol: Protocol::Mqtt,
+                    collector: env.collector.clone().unwrap_or_default(),
+                    address: o.address.unwrap_or_default(),
+                },
+                received_ms: o.ts,
+            })
+        })
+        .collect()
+}
+
+/// One message queued for rumqttc, tagged with the spool entry it carries.
+struct Out {
+    topic: String,
+    payload: Vec<u8>,
+    entry: Option<u64>,
+}
+
+/// The Sparkplug `bdSeq` of the next connection, kept in the spool
+/// directory so it advances across restarts too.
+fn next_bd_seq(dir: &Path) -> u8 {
+    let path = dir.join("bdseq");
+    let cur: u8 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if let Err(e) =
+        crate::store::atomic::write_file_atomic(&path, cur.wrapping_add(1).to_string().as_bytes())
+    {
+        tracing::warn!(error = %e, "cannot save the Sparkplug bdSeq");
+    }
+    cur
+}
+
+/// Keeps an entry that cannot be decoded aside (so it neither wedges the
+/// queue nor vanishes) and returns where.
+fn reject_entry(dir: &Path, seq: u64, payload: &[u8]) -> PathBuf {
+    let path = dir.join(format!("rejected-{seq:020}.bin"));
+    if let Err(e) = crate::store::atomic::write_file_atomic(&path, payload) {
+        tracing::error!(error = %e, "cannot keep a rejected uplink entry");
+    }
+    path
+}
+
 /// Connects, publishes the spool in order within the window, maps PUBACKs
-/// back to spool seqs, and starts over with a fresh session after any error.
+/// back to spool entries, answers Sparkplug rebirth commands, and starts
+/// over with a fresh session after any error.
 async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
     let mut backoff = Duration::from_millis(100);
+    let now = || crate::model::now_ms().max(0) as u64;
     loop {
         let mut opts = match connect_options(&cfg.mqtt, &cfg.base_dir, &cfg.mqtt.client_id) {
             Ok(o) => o,
@@ -214,46 +344,66 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
         };
         opts.set_clean_session(true);
         opts.set_inflight(cfg.window.clamp(1, u16::MAX as usize) as u16);
-        let (client, mut ev) = AsyncClient::new(opts, cfg.window * 2 + 16);
+        let mut node = match &cfg.format {
+            UplinkFormat::Canonical => None,
+            UplinkFormat::Sparkplug { group, edge } => {
+                let n = sparkplug::EdgeNode::new(group, edge, next_bd_seq(&cfg.spool_dir));
+                let d = n.death(now());
+                opts.set_last_will(LastWill::new(d.topic, d.payload, QoS::AtLeastOnce, false));
+                Some(n)
+            }
+        };
+        let ncmd = node.as_ref().map(|n| n.ncmd_topic());
+        let (client, mut ev) = AsyncClient::new(opts, cfg.window + 16);
         let mut connected = false;
-        // Seqs handed to rumqttc, waiting for their packet id ...
-        let mut awaiting_pkid: VecDeque<u64> = VecDeque::new();
-        // ... and packet id -> seq once sent.
-        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        // Encoded, in order, not yet handed to rumqttc ...
+        let mut outq: VecDeque<Out> = VecDeque::new();
+        // ... handed over, waiting for their packet id ...
+        let mut awaiting_pkid: VecDeque<Option<u64>> = VecDeque::new();
+        // ... and packet id -> entry once sent.
+        let mut by_pkid: HashMap<u16, Option<u64>> = HashMap::new();
+        // Entry -> its messages not yet acknowledged.
+        let mut remaining: HashMap<u64, usize> = HashMap::new();
         let mut next: u64 = 0;
         let mut last_checkpoint = Instant::now();
         let err = loop {
+            let mut acked: Vec<u64> = Vec::new();
             tokio::select! {
                 e = ev.poll() => match e {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
                         backoff = Duration::from_millis(100);
                         next = lock(&shared.spool).first_unacked();
+                        if let (Some(n), Some(t)) = (node.as_mut(), &ncmd) {
+                            if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                                tracing::warn!(error = %e, "uplink cannot subscribe to its NCMD topic");
+                            }
+                            outq.extend(n.births(now()).into_iter().map(|m| Out { topic: m.topic, payload: m.payload, entry: None }));
+                        }
                         tracing::info!(pending = lock(&shared.spool).len(), "uplink connected; draining spool");
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(seq) = awaiting_pkid.pop_front() {
-                            by_pkid.insert(pkid, seq);
+                        if let Some(tag) = awaiting_pkid.pop_front() {
+                            by_pkid.insert(pkid, tag);
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        if let Some(seq) = by_pkid.remove(&a.pkid) {
-                            let mut s = lock(&shared.spool);
-                            s.ack(seq);
-                            metrics::counter_add("meterflow_uplink_acked_total", &[], 1);
-                            if s.is_empty() || last_checkpoint.elapsed() > Duration::from_millis(200) {
-                                if let Err(e) = s.checkpoint() {
-                                    tracing::error!(error = %e, "uplink spool checkpoint failed");
+                        if let Some(Some(seq)) = by_pkid.remove(&a.pkid) {
+                            if let Some(r) = remaining.get_mut(&seq) {
+                                *r = r.saturating_sub(1);
+                                if *r == 0 {
+                                    remaining.remove(&seq);
+                                    acked.push(seq);
                                 }
-                                last_checkpoint = Instant::now();
-                                metrics::gauge_set("meterflow_uplink_spool_bytes", &[], s.bytes() as f64);
-                                let level = (cfg.cap_bytes as f64 * cfg.alarm_ratio) as u64;
-                                let mut alarm = lock(&shared.alarm);
-                                if *alarm && s.bytes() < level {
-                                    *alarm = false;
-                                    metrics::gauge_set("meterflow_uplink_spool_alarm", &[], 0.0);
-                                    tracing::info!("uplink spool back below alarm level");
-                                }
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let (Some(n), Some(t)) = (node.as_mut(), &ncmd) {
+                            if connected && &p.topic == t && sparkplug::is_rebirth_request(&p.payload) {
+                                tracing::info!("Sparkplug rebirth requested; publishing births");
+                                metrics::counter_add("meterflow_uplink_rebirths_total", &[], 1);
+                                outq.extend(n.births(now()).into_iter().map(|m| Out { topic: m.topic, payload: m.payload, entry: None }));
                             }
                         }
                     }
@@ -262,25 +412,103 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
                 },
                 _ = shared.wake.notified() => {}
             }
-            if connected {
-                let s = lock(&shared.spool);
-                let room = cfg
-                    .window
-                    .saturating_sub(awaiting_pkid.len() + by_pkid.len());
-                for e in s.unacked_from(next).take(room) {
-                    if client
-                        .try_publish(
-                            cfg.topic.clone(),
-                            QoS::AtLeastOnce,
-                            false,
-                            e.payload.clone(),
-                        )
-                        .is_err()
-                    {
-                        break;
+            if !acked.is_empty() {
+                let mut s = lock(&shared.spool);
+                for seq in acked {
+                    s.ack(seq);
+                    metrics::counter_add("meterflow_uplink_acked_total", &[], 1);
+                }
+                if s.is_empty() || last_checkpoint.elapsed() > Duration::from_millis(200) {
+                    if let Err(e) = s.checkpoint() {
+                        tracing::error!(error = %e, "uplink spool checkpoint failed");
                     }
-                    awaiting_pkid.push_back(e.seq);
-                    next = e.seq + 1;
+                    last_checkpoint = Instant::now();
+                    metrics::gauge_set("meterflow_uplink_spool_bytes", &[], s.bytes() as f64);
+                    let level = (cfg.cap_bytes as f64 * cfg.alarm_ratio) as u64;
+                    let mut alarm = lock(&shared.alarm);
+                    if *alarm && s.bytes() < level {
+                        *alarm = false;
+                        metrics::gauge_set("meterflow_uplink_spool_alarm", &[], 0.0);
+                        tracing::info!("uplink spool back below alarm level");
+                    }
+                }
+            }
+            if !connected {
+                continue;
+            }
+            // Encode further entries while the window has room.
+            loop {
+                if outq.len() + awaiting_pkid.len() + by_pkid.len() >= cfg.window.max(1) {
+                    break;
+                }
+                let entry = {
+                    let s = lock(&shared.spool);
+                    let e = s.unacked_from(next).next().cloned();
+                    e
+                };
+                let Some(e) = entry else { break };
+                next = e.seq + 1;
+                let msgs: Vec<Out> = match (&mut node, e.payload.first()) {
+                    (None, Some(b'{')) => vec![Out {
+                        topic: cfg.topic.clone(),
+                        payload: e.payload.clone(),
+                        entry: Some(e.seq),
+                    }],
+                    (None, _) => match decode_entry(&e.payload) {
+                        Ok(rs) => vec![Out {
+                            topic: cfg.topic.clone(),
+                            payload: encode_canonical(&cfg.collector, &rs),
+                            entry: Some(e.seq),
+                        }],
+                        Err(m) => {
+                            reject(&shared, &cfg, e.seq, &e.payload, &m);
+                            continue;
+                        }
+                    },
+                    (Some(n), _) => match decode_entry(&e.payload) {
+                        Ok(rs) if rs.iter().all(|r| sparkplug::valid_id(&r.meter_id)) => n
+                            .data(&rs, now())
+                            .into_iter()
+                            .map(|m| Out {
+                                topic: m.topic,
+                                payload: m.payload,
+                                entry: m.data.then_some(e.seq),
+                            })
+                            .collect(),
+                        Ok(_) => {
+                            reject(
+                                &shared,
+                                &cfg,
+                                e.seq,
+                                &e.payload,
+                                "meter id not usable as a Sparkplug device id",
+                            );
+                            continue;
+                        }
+                        Err(m) => {
+                            reject(&shared, &cfg, e.seq, &e.payload, &m);
+                            continue;
+                        }
+                    },
+                };
+                let data = msgs.iter().filter(|m| m.entry.is_some()).count();
+                if data == 0 {
+                    lock(&shared.spool).ack(e.seq);
+                } else {
+                    remaining.insert(e.seq, data);
+                }
+                outq.extend(msgs);
+            }
+            // Hand queued messages to rumqttc as far as its channel takes them.
+            while let Some(m) = outq.front() {
+                if client
+                    .try_publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload.clone())
+                    .is_err()
+                {
+                    break;
+                }
+                if let Some(m) = outq.pop_front() {
+                    awaiting_pkid.push_back(m.entry);
                 }
             }
         };
@@ -289,4 +517,12 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// An entry that cannot be published: kept aside in a file, then acknowledged.
+fn reject(shared: &Shared, cfg: &UplinkConfig, seq: u64, payload: &[u8], why: &str) {
+    let kept = reject_entry(&cfg.spool_dir, seq, payload);
+    tracing::error!(seq, reason = why, kept = %kept.display(), "uplink entry cannot be published; kept aside");
+    metrics::counter_add("meterflow_uplink_rejected_total", &[], 1);
+    lock(&shared.spool).ack(seq);
 }

@@ -8,3 +8,4 @@ mod modbus;
 mod mqtt;
 mod prepay;
 mod store;
+mod uplink;
