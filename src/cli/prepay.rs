@@ -298,9 +298,11 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
         print_relay(&delivered.relay);
     }
-    Ok(if stats.conflicts > 0 || delivered.relay.refused + delivered.relay.failed > 0 {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if stats.conflicts > 0 || delivered.relay.refused + delivered.relay.failed > 0 {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }

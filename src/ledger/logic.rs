@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rust_decimal::Decimal;
 
 use super::{
-    Batch, CommitHook, CommitReport, Cursor, CursorStamp, LedgerError, NewEntry, OutboxMsg,
-    Outcome,
+    Batch, CommitHook, CommitReport, Cursor, CursorStamp, LedgerError, NewEntry, OutboxMsg, Outcome,
 };
 
 /// Primitive operations inside one open transaction.

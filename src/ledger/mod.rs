@@ -327,8 +327,11 @@ pub trait Ledger: Send {
     fn pending_outbox(&mut self, limit: usize) -> Result<Vec<OutboxMsg>, LedgerError>;
     /// Pending messages of one kind (`alert`, `relay`), oldest first: relay
     /// orders may stay pending (dry run, protected window) without holding up alerts.
-    fn pending_outbox_of(&mut self, kind: &str, limit: usize)
-        -> Result<Vec<OutboxMsg>, LedgerError>;
+    fn pending_outbox_of(
+        &mut self,
+        kind: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxMsg>, LedgerError>;
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError>;
     /// Every outbox message ever written (delivered or not), oldest first.
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;

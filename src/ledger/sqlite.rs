@@ -11,8 +11,8 @@ use rust_decimal::Decimal;
 
 use super::logic::{commit_batch, Tx};
 use super::{
-    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, EntryKind, Ledger,
-    CursorStamp, LedgerError, NewEntry, OutboxMsg, TouCursor,
+    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, CursorStamp, Entry,
+    EntryKind, Ledger, LedgerError, NewEntry, OutboxMsg, TouCursor,
 };
 use crate::model::now_ms;
 

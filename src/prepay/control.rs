@@ -303,7 +303,8 @@ impl RelayDispatch {
         let password = match std::env::var("METERFLOW_DLT645_PASSWORD") {
             Ok(p) => p.parse().map_err(|_| {
                 PrepayError::Input(
-                    "METERFLOW_DLT645_PASSWORD must be 8 digits: level then the 6-digit code".into(),
+                    "METERFLOW_DLT645_PASSWORD must be 8 digits: level then the 6-digit code"
+                        .into(),
                 )
             })?,
             Err(_) => Password {
@@ -425,11 +426,12 @@ fn audit_note(
         user: std::env::var("USER").unwrap_or_default(),
         command_id: Some(cmd_id.to_string()),
     };
-    log.append(&rec)
-        .map_err(|e| PrepayError::io(log.path(), e))
+    log.append(&rec).map_err(|e| PrepayError::io(log.path(), e))
 }
 
-fn runtime(rt: &mut Option<tokio::runtime::Runtime>) -> Result<&tokio::runtime::Runtime, PrepayError> {
+fn runtime(
+    rt: &mut Option<tokio::runtime::Runtime>,
+) -> Result<&tokio::runtime::Runtime, PrepayError> {
     if rt.is_none() {
         *rt = Some(
             tokio::runtime::Builder::new_current_thread()
@@ -482,7 +484,11 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
         };
         let superseded = latest.get(m.account_id.as_str()) != Some(&i);
         if !superseded && command == RelayCommand::Trip {
-            if let Some(why) = d.control.as_ref().and_then(|c| c.protected(&o.account_id, now_ms)) {
+            if let Some(why) = d
+                .control
+                .as_ref()
+                .and_then(|c| c.protected(&o.account_id, now_ms))
+            {
                 tracing::info!(order = %o.id, account = %o.account_id, why, "trip held: protected");
                 stats.held_protected += 1;
                 continue;
@@ -497,7 +503,7 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
             }
             let route = d.routes.meters.get(meter).copied();
             let Some(address) = route.map(|r| r.1).or_else(|| meter.parse().ok()) else {
-                tracing::error!(meter, "relay order for a meter that is not a DL/T 645 address");
+                tracing::error!(meter = %meter, "relay order for a meter that is not a DL/T 645 address");
                 stats.failed += 1;
                 all_acknowledged = false;
                 continue;
@@ -530,15 +536,16 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
             if !d.execute {
                 all_acknowledged = false;
                 if seen.dry_run.insert(cmd_id.clone()) {
-                    runtime(&mut rt)?.block_on(relay_control_keyed(
-                        None,
-                        &endpoint,
-                        &order,
-                        &log,
-                        false,
-                        Some(&cmd_id),
-                    ))
-                    .map_err(|e| PrepayError::Input(e.to_string()))?;
+                    runtime(&mut rt)?
+                        .block_on(relay_control_keyed(
+                            None,
+                            &endpoint,
+                            &order,
+                            &log,
+                            false,
+                            Some(&cmd_id),
+                        ))
+                        .map_err(|e| PrepayError::Input(e.to_string()))?;
                     stats.dry_run += 1;
                 }
                 continue;
@@ -557,12 +564,21 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
                 continue;
             };
             if let std::collections::hash_map::Entry::Vacant(v) = buses.entry(b) {
-                match runtime(&mut rt)?.block_on(crate::collector::dlt645::connect(&d.routes.buses[b])) {
+                match runtime(&mut rt)?
+                    .block_on(crate::collector::dlt645::connect(&d.routes.buses[b]))
+                {
                     Ok(bus) => {
                         v.insert(bus);
                     }
                     Err(e) => {
-                        audit_note(&log, &order, &endpoint, "failed", format!("cannot connect: {e}"), &cmd_id)?;
+                        audit_note(
+                            &log,
+                            &order,
+                            &endpoint,
+                            "failed",
+                            format!("cannot connect: {e}"),
+                            &cmd_id,
+                        )?;
                         stats.failed += 1;
                         all_acknowledged = false;
                         continue;
@@ -583,13 +599,13 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
                     seen.acknowledged.insert(cmd_id);
                 }
                 Ok(RelayOutcome::Refused(s)) => {
-                    tracing::error!(meter, command = %command, "relay command refused: {s}");
+                    tracing::error!(meter = %meter, command = %command, "relay command refused: {s}");
                     stats.refused += 1;
                     all_acknowledged = false;
                 }
                 Ok(RelayOutcome::DryRun { .. }) => all_acknowledged = false,
                 Err(RelayError::Tx(e)) => {
-                    tracing::error!(meter, command = %command, "relay command not answered: {e}");
+                    tracing::error!(meter = %meter, command = %command, "relay command not answered: {e}");
                     if matches!(e, TxError::Io(_)) {
                         buses.remove(&b);
                     }

@@ -29,9 +29,9 @@ use rust_decimal::Decimal;
 
 use super::pricing::{PriceError, Pricer};
 use crate::ledger::{Cursor, EntryKind, NewEntry, TouCursor};
+use crate::master::{Account, Meter};
 use crate::tariff::price::Usage;
 use crate::tariff::tou::MAX_PERIODS;
-use crate::master::{Account, Meter};
 
 pub const CHANNEL: &str = "import_active_total";
 
@@ -183,7 +183,9 @@ pub fn step(
     if ts_ms < hts {
         // Between the base and the held jump: an ordinary step; keep holding.
         return Ok(
-            match advance(pricer, account, meter, &bare, ts_ms, value, regs, source, true)? {
+            match advance(
+                pricer, account, meter, &bare, ts_ms, value, regs, source, true,
+            )? {
                 Step::Deduct(e, n) => Step::Deduct(e, with_held(n, c.held, hregs)),
                 other => other,
             },
@@ -198,7 +200,9 @@ pub fn step(
                 _ => (Vec::new(), bare.clone()),
             };
         return Ok(
-            match advance(pricer, account, meter, &base, ts_ms, value, regs, source, true)? {
+            match advance(
+                pricer, account, meter, &base, ts_ms, value, regs, source, true,
+            )? {
                 Step::Deduct(e, n) => {
                     entries.extend(e);
                     Step::Deduct(entries, n)
@@ -211,7 +215,9 @@ pub fn step(
     if register_delta(c.last_value, value, modulus).is_some() {
         // Below the held jump, not below the base: the jump was a transient spike.
         return Ok(
-            match advance(pricer, account, meter, &bare, ts_ms, value, regs, source, true)? {
+            match advance(
+                pricer, account, meter, &bare, ts_ms, value, regs, source, true,
+            )? {
                 Step::Deduct(e, n) => Step::Spike(e, n),
                 Step::Hold(n) => Step::Spike(Vec::new(), n),
                 _ => Step::Spike(Vec::new(), bare),
@@ -238,7 +244,14 @@ fn period_deltas(
     Some(out)
 }
 
-fn entry_detail(meter: &Meter, kwh: Decimal, before: &Usage, after: &Usage, version: &str, late: Option<i64>) -> String {
+fn entry_detail(
+    meter: &Meter,
+    kwh: Decimal,
+    before: &Usage,
+    after: &Usage,
+    version: &str,
+    late: Option<i64>,
+) -> String {
     let late = late.map_or(String::new(), |ts| format!("\"late_reading\":{ts},"));
     let periods = if after.periods.iter().any(|p| !p.is_zero()) {
         let kwh: Vec<String> = after

@@ -269,7 +269,13 @@ pub(crate) mod tests {
         let a = account("bj-residential-monthly");
         let w = p.window(&a, 1_792_022_400_000).unwrap();
         let c = p
-            .charge(&a, &w, w.start_ms + 86_400_000, &Usage::total(dec!(230)), &Usage::total(dec!(250)))
+            .charge(
+                &a,
+                &w,
+                w.start_ms + 86_400_000,
+                &Usage::total(dec!(230)),
+                &Usage::total(dec!(250)),
+            )
             .unwrap();
         let t = p.set.get("bj-residential-monthly").unwrap();
         let v = t

@@ -331,7 +331,16 @@ pub fn deduct_meter(
     let mut entries = Vec::new();
     for (ts, value, regs) in readings {
         stats.readings += 1;
-        match deduct::step(pricer, account, meter, cur.as_ref(), *ts, *value, *regs, source) {
+        match deduct::step(
+            pricer,
+            account,
+            meter,
+            cur.as_ref(),
+            *ts,
+            *value,
+            *regs,
+            source,
+        ) {
             Ok(Step::Baseline(c)) => cur = Some(c),
             Ok(Step::Deduct(e, c)) => {
                 entries.extend(e);
@@ -350,7 +359,11 @@ pub fn deduct_meter(
             Ok(Step::Stale) => stats.stale += 1,
             Ok(Step::Incomplete) => {
                 stats.incomplete += 1;
-                tracing::debug!(meter = meter_id, ts, "TOU reading without all of T1..T4: not charged");
+                tracing::debug!(
+                    meter = meter_id,
+                    ts,
+                    "TOU reading without all of T1..T4: not charged"
+                );
             }
             Ok(Step::Backwards) => {
                 stats.backwards += 1;
@@ -543,4 +556,3 @@ pub fn run_batch(
     }
     Ok(stats)
 }
-

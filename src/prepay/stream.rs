@@ -179,15 +179,15 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     };
     // Dry run: orders stay pending for `prepay relay --execute` (docs/prepay.md).
     let relay = match &thresholds.control {
-            Some(c) => Some(RelayDispatch::from_config(
-                c,
-                &thresholds.base_dir,
-                cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl")),
-                None,
-                false,
-                control.clone(),
-            )?),
-            None => None,
+        Some(c) => Some(RelayDispatch::from_config(
+            c,
+            &thresholds.base_dir,
+            cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl")),
+            None,
+            false,
+            control.clone(),
+        )?),
+        None => None,
     };
     let mut lake = match &cfg.dead_letter_lake {
         Some(l) => Some(crate::store::Lake::open(
@@ -307,7 +307,10 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 outgoing.push((t.to_string(), p.to_vec()));
                 Ok(())
             })?;
-            if let Some(r) = relay.as_ref().filter(|_| stats.relay_orders > relay_orders_seen) {
+            if let Some(r) = relay
+                .as_ref()
+                .filter(|_| stats.relay_orders > relay_orders_seen)
+            {
                 dispatch(ledger.as_mut(), r)?;
                 relay_orders_seen = stats.relay_orders;
             }

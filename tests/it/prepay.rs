@@ -927,10 +927,22 @@ fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample
 // ---------- remote fee control: --execute against a simulated DL/T 645 meter ----------
 
 /// `prepay run --json` at `now` (RFC 3339), optionally `--execute`; the parsed output.
-fn prepay_run_at(f: &Fixture, url: &str, thresholds: &Path, now: &str, execute: bool) -> serde_json::Value {
+fn prepay_run_at(
+    f: &Fixture,
+    url: &str,
+    thresholds: &Path,
+    now: &str,
+    execute: bool,
+) -> serde_json::Value {
     let mut c = Command::new(bin());
     c.args(prepay_run_args(f, url, "2026-10-31T24:00", 50));
-    c.args(["--thresholds", &thresholds.display().to_string(), "--now", now, "--json"]);
+    c.args([
+        "--thresholds",
+        &thresholds.display().to_string(),
+        "--now",
+        now,
+        "--json",
+    ]);
     if execute {
         c.arg("--execute");
     }
@@ -1028,7 +1040,10 @@ operator = "00000001"
 
     // Monday 9 Nov without --execute: the trip is ordered and audited as a dry run, not sent.
     let v = prepay_run_at(&f, &url, &th, "2026-11-09T10:00:00+08:00", false);
-    assert_eq!((relay(&v)["orders"].as_u64(), relay(&v)["dry_run"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (relay(&v)["orders"].as_u64(), relay(&v)["dry_run"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert!(sim.handle.relay_log().is_empty(), "a dry run sends nothing");
 
     // Saturday 14 Nov with --execute: the pending trip is held (protected at send time).
@@ -1059,7 +1074,10 @@ operator = "00000001"
     assert_eq!(relay(&v)["accepted"], 1);
     assert_eq!(
         sim.handle.relay_log(),
-        vec![(address, RelayCommand::Trip), (address, RelayCommand::AllowClose)]
+        vec![
+            (address, RelayCommand::Trip),
+            (address, RelayCommand::AllowClose)
+        ]
     );
     let st = sim.handle.relay_state(address).unwrap();
     assert!(st.close_allowed, "{st:?}");
@@ -1069,7 +1087,10 @@ operator = "00000001"
 
     // The audit: dry run, then sent + accepted for each command, each with its own stable id.
     let ev = audit_events(&audit);
-    let kinds: Vec<(&str, &str)> = ev.iter().map(|(e, c, _)| (e.as_str(), c.as_str())).collect();
+    let kinds: Vec<(&str, &str)> = ev
+        .iter()
+        .map(|(e, c, _)| (e.as_str(), c.as_str()))
+        .collect();
     assert_eq!(
         kinds,
         vec![
@@ -1081,7 +1102,10 @@ operator = "00000001"
         ]
     );
     assert!(ev.iter().all(|(_, _, id)| !id.is_empty()));
-    assert_eq!(ev[0].2, ev[2].2, "the dry run and the real send share the command id");
+    assert_eq!(
+        ev[0].2, ev[2].2,
+        "the dry run and the real send share the command id"
+    );
     assert_ne!(ev[2].2, ev[4].2);
     drop(rt);
 }
@@ -1138,14 +1162,27 @@ fn execute_needs_the_collectors_config_and_leaves_unanswered_orders_pending() {
             // Deduct first (dry run) so there is an order.
             let mut r = Command::new(bin());
             r.args(prepay_run_args(&f, &url, "2026-10-31T24:00", 50));
-            r.args(["--thresholds", &th.display().to_string(), "--now", "2026-11-16T10:00:00+08:00"]);
+            r.args([
+                "--thresholds",
+                &th.display().to_string(),
+                "--now",
+                "2026-11-16T10:00:00+08:00",
+            ]);
             assert!(r.output().unwrap().status.success());
         }
         let o = c.output().unwrap();
-        assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let v: serde_json::Value =
             serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
-        assert_eq!((v["relay"]["orders"].as_u64(), v["relay"]["failed"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(
+            (v["relay"]["orders"].as_u64(), v["relay"]["failed"].as_u64()),
+            (Some(1), Some(1))
+        );
     }
     let ev = audit_events(&f.root.join("audit.jsonl"));
     assert_eq!(ev.iter().filter(|e| e.0 == "failed").count(), 2, "{ev:?}");
@@ -1245,7 +1282,11 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
     };
     // Mid-month, then month end: daily deductions priced per TOU period.
     let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY);
-    assert_eq!((s1.deductions, s1.unpriced, s1.incomplete), (24, 0, 0), "{s1:?}");
+    assert_eq!(
+        (s1.deductions, s1.unpriced, s1.incomplete),
+        (24, 0, 0),
+        "{s1:?}"
+    );
     let s2 = run(OCT1_LOCAL_MIDNIGHT + 31 * DAY);
     assert_eq!(s2.deductions, 38, "{s2:?}");
     assert_eq!(run(OCT1_LOCAL_MIDNIGHT + 31 * DAY).deductions, 0);
@@ -1278,7 +1319,9 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
         };
         let (a, b) = (OCT1_LOCAL_MIDNIGHT, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
         let mult = Decimal::from(i as i64 + 1);
-        let mut u = Usage::total((at(b, Channel::ImportActiveTotal) - at(a, Channel::ImportActiveTotal)) * mult);
+        let mut u = Usage::total(
+            (at(b, Channel::ImportActiveTotal) - at(a, Channel::ImportActiveTotal)) * mult,
+        );
         for (r, c) in [
             Channel::ImportActiveT1,
             Channel::ImportActiveT2,
@@ -1340,7 +1383,10 @@ fn a_hold_makes_a_stale_writer_recompute(l: &mut dyn Ledger) {
         ..c.clone()
     };
     assert!(commit(l, &b, Some(&c)));
-    assert_eq!(l.cursor("M1", ch).unwrap().unwrap().held, Some((2000, dec!(5000))));
+    assert_eq!(
+        l.cursor("M1", ch).unwrap().unwrap().held,
+        Some((2000, dec!(5000)))
+    );
     // After re-reading, B's step applies.
     let seen = l.cursor("M1", ch).unwrap().unwrap();
     assert!(!commit(l, &b, Some(&seen)));
