@@ -14,6 +14,8 @@ use crate::prepay::pricing::TariffPricer;
 use crate::prepay::run::{run_batch, Fleet, PrepayHook, RunOptions};
 use crate::prepay::sinks::{deliver, publish_qos1, Sinks};
 
+// Parsed once per process: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum PrepayCmd {
     /// Deduct everything in the lake not yet deducted, through a time.
