@@ -1405,3 +1405,31 @@ fn a_hold_makes_a_stale_writer_recompute_on_postgres() {
     let mut l = ledger::open_migrated(&url).unwrap();
     a_hold_makes_a_stale_writer_recompute(l.as_mut());
 }
+
+#[test]
+fn days_of_credit_forecast_raises_one_low_days_alert_per_account_in_the_batch_run() {
+    let f = fixture(5, 2);
+    let url = sqlite_url(&f.root);
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 10 * DAY);
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 20 * DAY);
+    let low = |url: &str| -> Vec<meterflow::prepay::alerts::Alert> {
+        ledger::open(url)
+            .unwrap()
+            .outbox_all()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.kind == "alert")
+            .map(|m| serde_json::from_str::<meterflow::prepay::alerts::Alert>(&m.payload).unwrap())
+            .filter(|a| a.kind == "low_days")
+            .collect()
+    };
+    let a = low(&url);
+    // No top-ups: every account is at or below zero, so 0 days of credit at its recent use.
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert!(a
+        .iter()
+        .all(|x| x.days_left == Some(Decimal::ZERO) && x.threshold == dec!(3)));
+    // The state is kept: more runs raise no new forecast alert.
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!(low(&url).len(), 5);
+}
