@@ -9,11 +9,13 @@ use chrono::{NaiveDate, NaiveDateTime};
 
 use super::ledger::LedgerArg;
 use crate::prepay::alerts::Thresholds;
-use crate::prepay::control::Control;
+use crate::prepay::control::{dispatch, Control, RelayDispatch, RelayStats};
 use crate::prepay::pricing::TariffPricer;
 use crate::prepay::run::{run_batch, Fleet, PrepayHook, RunOptions};
 use crate::prepay::sinks::{deliver, publish_qos1, Sinks};
 
+// Parsed once per process: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum PrepayCmd {
     /// Deduct everything in the lake not yet deducted, through a time.
@@ -25,6 +27,41 @@ pub enum PrepayCmd {
     /// Alerts and relay orders are written to the ledger outbox in the same
     /// transaction and then delivered to the configured sinks.
     Run(RunArgs),
+    /// Send (or dry-run) the pending relay orders of the ledger outbox, e.g.
+    /// those a `stream` process ordered. Same rules and audit as `prepay run`.
+    ///
+    /// Example: meterflow prepay relay --ledger prepay.sqlite --thresholds sample-data/thresholds.toml --execute
+    Relay(RelayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub l: LedgerArg,
+    /// Thresholds file with the `[control]` section.
+    #[arg(long)]
+    pub thresholds: PathBuf,
+    #[command(flatten)]
+    pub x: ExecuteArgs,
+    /// Clock for protected windows (RFC 3339); default now.
+    #[arg(long)]
+    pub now: Option<String>,
+    /// Print the counters as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sending relay commands.
+#[derive(Debug, clap::Args)]
+pub struct ExecuteArgs {
+    /// Send relay commands through the DL/T 645 relay control (0x1C) and wait
+    /// for each answer; without it they are only audited as dry runs and stay
+    /// pending. Password: METERFLOW_DLT645_PASSWORD (default 02000000).
+    #[arg(long)]
+    pub execute: bool,
+    /// collectors.toml routing meters to their bus (overrides `[control] collectors`).
+    #[arg(long)]
+    pub collectors: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,10 +107,8 @@ pub struct RunArgs {
     /// Clock for alerts and relay rules (RFC 3339); default now.
     #[arg(long)]
     pub now: Option<String>,
-    /// Send relay commands instead of the dry run. Not available yet: relay
-    /// orders are audited as dry runs; send them with `meterflow dlt645 relay`.
-    #[arg(long)]
-    pub execute: bool,
+    #[command(flatten)]
+    pub x: ExecuteArgs,
     /// Print the counters as JSON.
     #[arg(long)]
     pub json: bool,
@@ -108,13 +143,81 @@ pub fn parse_through(s: &str, offset_secs: i32) -> anyhow::Result<i64> {
 pub fn run(cmd: PrepayCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         PrepayCmd::Run(a) => run_cmd(a),
+        PrepayCmd::Relay(a) => relay_cmd(a),
     }
 }
 
-fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
-    if a.execute {
-        bail!("--execute is not available from `prepay run` yet: relay orders are audited as dry runs; send them with `meterflow dlt645 relay`");
+fn parse_now(now: &Option<String>) -> anyhow::Result<Option<i64>> {
+    Ok(match now {
+        Some(n) => Some(
+            chrono::DateTime::parse_from_rfc3339(n)
+                .context("--now is not RFC 3339")?
+                .timestamp_millis(),
+        ),
+        None => None,
+    })
+}
+
+/// The relay dispatch of a thresholds file's `[control]` (None without one).
+fn relay_dispatch(
+    th: &Thresholds,
+    control: Option<&Control>,
+    x: &ExecuteArgs,
+    now_ms: Option<i64>,
+) -> anyhow::Result<Option<RelayDispatch>> {
+    let Some(c) = &th.control else {
+        if x.execute {
+            bail!("--execute needs a thresholds file with a [control] section");
+        }
+        return Ok(None);
+    };
+    let audit = th
+        .base_dir
+        .join(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl"));
+    let mut d = RelayDispatch::from_config(
+        c,
+        &th.base_dir,
+        audit,
+        x.collectors.clone(),
+        x.execute,
+        control.cloned(),
+    )?;
+    d.now_ms = now_ms;
+    Ok(Some(d))
+}
+
+fn print_relay(r: &RelayStats) {
+    println!(
+        "relay orders: {} pending looked at; {} commands accepted, {} refused, {} failed, {} already acknowledged, {} dry-run audited; {} trips held (protected), {} orders superseded",
+        r.orders, r.accepted, r.refused, r.failed, r.already_acknowledged, r.dry_run, r.held_protected, r.superseded
+    );
+}
+
+fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
+    let th = Thresholds::load(&a.thresholds)?;
+    let control = match &th.control {
+        Some(c) => Some(Control::new(c.clone(), &th.base_dir)?),
+        None => None,
+    };
+    let now_ms = parse_now(&a.now)?;
+    let Some(d) = relay_dispatch(&th, control.as_ref(), &a.x, now_ms)? else {
+        bail!("{}: no [control] section", a.thresholds.display());
+    };
+    let mut led = crate::ledger::open_migrated(&a.l.ledger)?;
+    let r = dispatch(led.as_mut(), &d)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "relay": r }));
+    } else {
+        print_relay(&r);
     }
+    Ok(if r.refused + r.failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     let off = crate::tariff::parse_timezone(&a.tz)
         .with_context(|| format!("--tz '{}': unknown time zone", a.tz))?;
     let through_ms = parse_through(&a.through, off)?;
@@ -134,14 +237,9 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         Some(c) => Some(Control::new(c.clone(), &th.base_dir)?),
         None => None,
     };
-    let now_ms = match &a.now {
-        Some(n) => Some(
-            chrono::DateTime::parse_from_rfc3339(n)
-                .context("--now is not RFC 3339")?
-                .timestamp_millis(),
-        ),
-        None => None,
-    };
+    let now_ms = parse_now(&a.now)?;
+    // Checked before deducting: a bad collectors config fails fast.
+    let relay = relay_dispatch(&th, control.as_ref(), &a.x, now_ms)?;
     let mut hook = PrepayHook {
         thresholds: &th,
         control: control.as_ref(),
@@ -162,13 +260,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         alerts_root: a.alerts_out.clone(),
         webhook: a.webhook.clone(),
         webhook_attempts: 5,
-        relay_audit: th.control.as_ref().map(|c| {
-            let p = c
-                .audit_log
-                .clone()
-                .unwrap_or_else(|| "relay-audit.jsonl".into());
-            th.base_dir.join(p)
-        }),
+        relay,
         alerts_topic: a.mqtt_url.as_ref().map(|_| a.alerts_topic.clone()),
     };
     let mut outgoing = Vec::new();
@@ -190,7 +282,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} held jumps, {} spikes dropped, {} not priced, {} conflicts; {} alerts, {} relay orders ({} dry-run frames) in {:.2}s",
+            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} held jumps, {} spikes dropped, {} not priced, {} conflicts; {} alerts, {} relay orders in {:.2}s",
             stats.meters,
             stats.readings,
             stats.deductions,
@@ -203,14 +295,16 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
             stats.unpriced,
             stats.conflicts,
             delivered.alerts,
-            delivered.relay_orders,
-            delivered.relay_frames,
+            stats.relay_orders,
             started.elapsed().as_secs_f64()
         );
+        print_relay(&delivered.relay);
     }
-    Ok(if stats.conflicts > 0 {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(
+        if stats.conflicts > 0 || delivered.relay.refused + delivered.relay.failed > 0 {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rust_decimal::Decimal;
 
-use super::{Batch, CommitHook, CommitReport, Cursor, LedgerError, NewEntry, OutboxMsg, Outcome};
+use super::{
+    Batch, CommitHook, CommitReport, Cursor, CursorStamp, LedgerError, NewEntry, OutboxMsg, Outcome,
+};
 
 /// Primitive operations inside one open transaction.
 pub trait Tx {
@@ -30,12 +32,12 @@ pub trait Tx {
     ) -> Result<Vec<Option<String>>, LedgerError> {
         es.iter().map(|e| self.insert_entry(e, now_ms)).collect()
     }
-    /// Locks and returns the cursor's `(last_ts_ms, first_ts_ms)` (None if absent).
+    /// Locks and returns the cursor's stamp (None if absent).
     fn cursor_ts_for_update(
         &mut self,
         meter: &str,
         channel: &str,
-    ) -> Result<Option<(i64, i64)>, LedgerError>;
+    ) -> Result<Option<CursorStamp>, LedgerError>;
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError>;
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError>;
     fn set_flag(&mut self, account: &str, flag: &str, now_ms: i64) -> Result<(), LedgerError>;
@@ -62,7 +64,7 @@ pub fn commit_batch(
     let mut expect = batch.expect.clone();
     expect.sort();
     // Cursors checked here are locked and known: no second lookup below.
-    let mut known: BTreeMap<(&str, &str), Option<(i64, i64)>> = BTreeMap::new();
+    let mut known: BTreeMap<(&str, &str), Option<CursorStamp>> = BTreeMap::new();
     for (meter, channel, want) in &expect {
         let got = tx.cursor_ts_for_update(meter, channel)?;
         if got != *want {
@@ -93,7 +95,7 @@ pub fn commit_batch(
             Some(s) => *s,
             None => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
         };
-        if stored.is_none_or(|(ts, _)| ts <= c.last_ts_ms) {
+        if stored.is_none_or(|(ts, _, _)| ts <= c.last_ts_ms) {
             tx.upsert_cursor(c)?;
         }
     }

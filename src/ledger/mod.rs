@@ -152,6 +152,35 @@ pub struct Cursor {
     /// spike (dropped), so a spike never becomes the base.
     #[serde(default)]
     pub held: Option<(i64, Decimal)>,
+    /// Tariff-register state for time-of-use prices (None for flat and tiered).
+    #[serde(default)]
+    pub tou: Option<TouCursor>,
+}
+
+/// The tariff registers T1..T4 of a cursor on a time-of-use tariff: each
+/// step charges `f(total, periods after) - f(total, periods before)`, so the
+/// window's deductions add up to the bill priced from the same registers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TouCursor {
+    /// Raw T1..T4 values at `last_ts_ms`.
+    pub last: [Decimal; 4],
+    /// Raw T1..T4 values at `first_ts_ms`.
+    pub first: [Decimal; 4],
+    /// kWh per TOU period (the version's period index) since the window start.
+    pub periods: Vec<Decimal>,
+    /// T1..T4 of the held jump (with `Cursor::held`).
+    #[serde(default)]
+    pub held: Option<[Decimal; 4]>,
+}
+
+impl TouCursor {
+    /// JSON for the ledger's `tou` column.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("serializes")
+    }
+    pub fn from_json(s: &str) -> Result<TouCursor, LedgerError> {
+        serde_json::from_str(s).map_err(|e| LedgerError::Corrupt(format!("cursor tou '{s}': {e}")))
+    }
 }
 
 /// A message to deliver after commit (alert, relay order), written in the same
@@ -200,8 +229,20 @@ impl CommitHook for NoHook {
     }
 }
 
-/// A cursor precondition: meter, channel, expected `(last_ts_ms, first_ts_ms)`.
-pub type Expect = (String, String, Option<(i64, i64)>);
+/// What a cursor precondition compares: `(last_ts_ms, first_ts_ms, held ts)`.
+/// The held jump is part of it, so a process that did not see another's
+/// hold (two `stream`s splitting one meter's readings) recomputes instead of
+/// overwriting it.
+pub type CursorStamp = (i64, i64, Option<i64>);
+
+impl Cursor {
+    pub fn stamp(&self) -> CursorStamp {
+        (self.last_ts_ms, self.first_ts_ms, self.held.map(|h| h.0))
+    }
+}
+
+/// A cursor precondition: meter, channel, expected stamp (None = no cursor).
+pub type Expect = (String, String, Option<CursorStamp>);
 
 /// One transaction's worth of changes.
 #[derive(Debug, Clone, Default)]
@@ -213,7 +254,7 @@ pub struct Batch {
     /// Extra accounts to run the hook for (e.g. a re-evaluation after start).
     pub evaluate: Vec<String>,
     /// Cursor preconditions: the batch is applied only if each listed cursor
-    /// still has this `(last_ts_ms, first_ts_ms)` (None = must not exist).
+    /// still has this stamp (None = must not exist).
     /// Otherwise the commit returns `stale = true` and changes nothing.
     pub expect: Vec<Expect>,
 }
@@ -284,6 +325,13 @@ pub trait Ledger: Send {
     fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError>;
     /// Outbox messages not yet marked delivered, oldest first.
     fn pending_outbox(&mut self, limit: usize) -> Result<Vec<OutboxMsg>, LedgerError>;
+    /// Pending messages of one kind (`alert`, `relay`), oldest first: relay
+    /// orders may stay pending (dry run, protected window) without holding up alerts.
+    fn pending_outbox_of(
+        &mut self,
+        kind: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxMsg>, LedgerError>;
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError>;
     /// Every outbox message ever written (delivered or not), oldest first.
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;

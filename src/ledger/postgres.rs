@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: a held (unconfirmed) jump per cursor, see `prepay::deduct`.
     "ALTER TABLE cursors ADD COLUMN held_ts_ms BIGINT, ADD COLUMN held_value NUMERIC;",
+    // 3: tariff-register state of time-of-use cursors (JSON), see `ledger::TouCursor`.
+    "ALTER TABLE cursors ADD COLUMN tou TEXT;",
 ];
 
 pub struct PgLedger {
@@ -258,25 +260,25 @@ impl Tx for PgTx<'_, '_> {
         &mut self,
         meter: &str,
         channel: &str,
-    ) -> Result<Option<(i64, i64)>, LedgerError> {
+    ) -> Result<Option<super::CursorStamp>, LedgerError> {
         self.tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&lock_key(meter, channel)],
         )?;
         let rows = self.tx.query(
-            "SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = $1 AND channel = $2",
+            "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = $1 AND channel = $2",
             &[&meter, &channel],
         )?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+        Ok(rows.first().map(|r| (r.get(0), r.get(1), r.get(2))))
     }
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
         self.tx.execute(
-            "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value)
-             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, CAST($6::text AS NUMERIC), $7, CAST($8::text AS NUMERIC), $9, CAST($10::text AS NUMERIC))
+            "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou)
+             VALUES ($1, $2, $3, CAST($4::text AS NUMERIC), $5, CAST($6::text AS NUMERIC), $7, CAST($8::text AS NUMERIC), $9, CAST($10::text AS NUMERIC), $11)
              ON CONFLICT (meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
                position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
                first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
-               held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value",
+               held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value, tou = excluded.tou",
             &[
                 &c.meter_id,
                 &c.channel,
@@ -288,6 +290,7 @@ impl Tx for PgTx<'_, '_> {
                 &c.first_value.normalize().to_string(),
                 &c.held.map(|h| h.0),
                 &c.held.map(|h| h.1.normalize().to_string()),
+                &c.tou.as_ref().map(|t| t.to_json()),
             ],
         )?;
         Ok(())
@@ -494,6 +497,18 @@ impl Ledger for PgLedger {
         Ok(outbox_from(rows))
     }
 
+    fn pending_outbox_of(
+        &mut self,
+        kind: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxMsg>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox WHERE delivered_ms IS NULL AND kind = $1 ORDER BY n LIMIT $2",
+            &[&kind, &(limit.min(i64::MAX as usize) as i64)],
+        )?;
+        Ok(outbox_from(rows))
+    }
+
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         self.client.execute(
@@ -525,7 +540,7 @@ impl PgLedger {
     fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
         let (m, c) = key.unzip();
         let rows = self.client.query(
-            "SELECT meter_id, channel, window_start_ms, position::text, last_ts_ms, last_value::text, first_ts_ms, first_value::text, held_ts_ms, held_value::text FROM cursors
+            "SELECT meter_id, channel, window_start_ms, position::text, last_ts_ms, last_value::text, first_ts_ms, first_value::text, held_ts_ms, held_value::text, tou FROM cursors
              WHERE ($1::text IS NULL OR (meter_id = $1 AND channel = $2)) ORDER BY meter_id, channel",
             &[&m, &c],
         )?;
@@ -544,6 +559,10 @@ impl PgLedger {
                         (Some(t), Some(v)) => Some((t, parse_amount(v)?)),
                         _ => None,
                     },
+                    tou: r
+                        .get::<_, Option<&str>>(10)
+                        .map(super::TouCursor::from_json)
+                        .transpose()?,
                 })
             })
             .collect()

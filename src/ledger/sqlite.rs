@@ -11,8 +11,8 @@ use rust_decimal::Decimal;
 
 use super::logic::{commit_batch, Tx};
 use super::{
-    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, EntryKind, Ledger,
-    LedgerError, NewEntry, OutboxMsg,
+    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, CursorStamp, Entry,
+    EntryKind, Ledger, LedgerError, NewEntry, OutboxMsg, TouCursor,
 };
 use crate::model::now_ms;
 
@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: a held (unconfirmed) jump per cursor, see `prepay::deduct`.
     "ALTER TABLE cursors ADD COLUMN held_ts_ms INTEGER;
      ALTER TABLE cursors ADD COLUMN held_value TEXT;",
+    // 3: tariff-register state of time-of-use cursors (JSON), see `ledger::TouCursor`.
+    "ALTER TABLE cursors ADD COLUMN tou TEXT;",
 ];
 
 pub struct SqliteLedger {
@@ -204,24 +206,24 @@ impl Tx for SqlTx<'_> {
         &mut self,
         meter: &str,
         channel: &str,
-    ) -> Result<Option<(i64, i64)>, LedgerError> {
+    ) -> Result<Option<CursorStamp>, LedgerError> {
         Ok(self
             .tx
             .prepare_cached(
-                "SELECT last_ts_ms, first_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2",
+                "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2",
             )?
-            .query_row(params![meter, channel], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(params![meter, channel], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?)
     }
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
         self.tx
             .prepare_cached(
-                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT(meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
                    position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
                    first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
-                   held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value",
+                   held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value, tou = excluded.tou",
             )?
             .execute(params![
                 c.meter_id,
@@ -233,7 +235,8 @@ impl Tx for SqlTx<'_> {
                 c.first_ts_ms,
                 c.first_value.normalize().to_string(),
                 c.held.map(|h| h.0),
-                c.held.map(|h| h.1.normalize().to_string())
+                c.held.map(|h| h.1.normalize().to_string()),
+                c.tou.as_ref().map(|t| t.to_json())
             ])?;
         Ok(())
     }
@@ -427,6 +430,26 @@ impl Ledger for SqliteLedger {
         )
     }
 
+    fn pending_outbox_of(
+        &mut self,
+        kind: &str,
+        limit: usize,
+    ) -> Result<Vec<OutboxMsg>, LedgerError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, kind, account_id, created_ms, payload FROM outbox WHERE delivered_ms IS NULL AND kind = ?1 ORDER BY n LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![kind, limit.min(i64::MAX as usize) as i64], |r| {
+            Ok(OutboxMsg {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                account_id: r.get(2)?,
+                created_ms: r.get(3)?,
+                payload: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
         let tx = self
             .conn
@@ -459,7 +482,7 @@ impl SqliteLedger {
     fn cursors_where(&mut self, key: Option<(&str, &str)>) -> Result<Vec<Cursor>, LedgerError> {
         let (m, c) = key.unzip();
         let mut st = self.conn.prepare_cached(
-            "SELECT meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value FROM cursors
+            "SELECT meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou FROM cursors
              WHERE (?1 IS NULL OR (meter_id = ?1 AND channel = ?2)) ORDER BY meter_id, channel",
         )?;
         let rows = st.query_map(params![m, c], |r| {
@@ -474,6 +497,7 @@ impl SqliteLedger {
                 r.get::<_, String>(7)?,
                 r.get::<_, Option<i64>>(8)?,
                 r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<String>>(10)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -489,6 +513,7 @@ impl SqliteLedger {
                 first,
                 hts,
                 hv,
+                tou,
             ) = r?;
             let held = match (hts, hv) {
                 (Some(t), Some(v)) => Some((t, parse_amount(&v)?)),
@@ -504,6 +529,7 @@ impl SqliteLedger {
                 first_ts_ms,
                 first_value: parse_amount(&first)?,
                 held,
+                tou: tou.as_deref().map(TouCursor::from_json).transpose()?,
             });
         }
         Ok(out)

@@ -30,7 +30,7 @@ pub struct Levels {
     pub zero: Option<bool>,
     /// The lowest balance allowed (<= 0): alert when it is used up; relay rules trip below it.
     pub overdraft_limit: Option<Decimal>,
-    /// Alert when the forecast days of credit left fall below this.
+    /// Alert when the forecast days of credit left are at or below this.
     pub forecast_days: Option<Decimal>,
 }
 
@@ -72,8 +72,14 @@ pub struct ControlConfig {
     pub protected_accounts: Vec<String>,
     /// Time zone of friendly hours and calendar days (default Asia/Shanghai).
     pub timezone: Option<String>,
-    /// Append-only audit log of relay commands (default `relay-audit.jsonl` beside the ledger).
+    /// Append-only audit log of relay commands (default `relay-audit.jsonl` beside the thresholds file).
     pub audit_log: Option<String>,
+    /// `collectors.toml` that routes each meter to its bus (relative to the thresholds file); `--collectors` overrides.
+    pub collectors: Option<String>,
+    /// Operator code sent with relay commands, 8 hex digits (default `00000000`).
+    pub operator: Option<String>,
+    /// The meter refuses a relay command this many minutes after it was built (default 10).
+    pub command_expiry_minutes: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -228,11 +234,10 @@ pub fn evaluate(
     if let Some(o) = levels.overdraft_limit {
         checks.push(("overdraft", o, balance <= o));
     }
+    // Without a forecast (no recent use known, e.g. a new meter) the state
+    // is kept: neither raised nor re-armed, so a restart cannot repeat it.
     if let (Some(f), Some(d)) = (levels.forecast_days, days) {
-        checks.push(("low_days", f, d < f));
-    } else if let Some(f) = levels.forecast_days {
-        // No forecast possible: re-arm rather than hold a stale state.
-        checks.push(("low_days", f, false));
+        checks.push(("low_days", f, d <= f));
     }
     for (kind, threshold, below) in checks {
         let flag = format!("alert:{kind}:{}", threshold.normalize());

@@ -7,19 +7,30 @@
 //! * Tripped and the balance back at or above `reconnect_amount`: allow-close.
 //! * Protected (never trip): the account's protect flag, friendly hours,
 //!   weekends, holidays of the calendar files. Allow-close is never held back.
-//! * Orders go to the ledger outbox in the same transaction; the dispatcher
-//!   sends them dry-run (audit log only) unless `--execute`.
+//! * Orders go to the ledger outbox in the same transaction; [`dispatch`]
+//!   audits them as dry runs (they stay pending) or, with `--execute`, sends
+//!   them over the meter's bus (routes from `collectors.toml`), waits for the
+//!   answers and audits each command with a stable id, never re-sending one
+//!   the audit shows acknowledged.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
-use chrono::{Datelike, Weekday};
+use chrono::{Datelike, FixedOffset, Weekday};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::alerts::{stable_id, ControlConfig};
 use super::pricing::local_date_minute;
 use super::PrepayError;
-use crate::ledger::{HookOut, OutboxMsg};
+use crate::collector::config::{BusConfig, CollectorConfig};
+use crate::collector::dlt645::relay::{
+    relay_control_keyed, AuditLog, AuditRecord, RelayError, RelayOrder, RelayOutcome,
+};
+use crate::collector::dlt645::{Bus, Endpoint, TxError};
+use crate::ledger::{HookOut, Ledger, OutboxMsg};
+use crate::protocol::dlt645::message::{Operator, Password, RelayCommand};
+use crate::protocol::dlt645::Address;
 use crate::tariff::calendar::Calendar;
 
 /// Control settings resolved for evaluation.
@@ -196,53 +207,425 @@ pub struct RelayOrderMsg {
     pub ts_ms: i64,
 }
 
-/// Sends one order's commands through the DL/T 645 relay control: dry-run
-/// (audit only) here; with a bus (`--execute`) the collector sends them.
-pub fn dispatch_dry_run(
-    msg: &RelayOrderMsg,
-    audit: &std::path::Path,
-) -> Result<Vec<String>, PrepayError> {
-    use crate::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, RelayOutcome};
-    use crate::protocol::dlt645::message::{Operator, Password, RelayCommand};
-    let log = AuditLog::new(audit);
-    let command = match msg.command.as_str() {
-        "trip" => RelayCommand::Trip,
-        _ => RelayCommand::AllowClose,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| PrepayError::Input(e.to_string()))?;
-    let mut frames = Vec::new();
-    for m in &msg.meters {
-        let address = m
-            .parse()
-            .map_err(|_| PrepayError::Input(format!("meter '{m}' is not a DL/T 645 address")))?;
-        let order = RelayOrder::expiring_in(
-            address,
-            command,
-            Password {
+/// How to reach each meter's relay: `meter_id -> (bus, address)` from the
+/// collectors config (`collectors.toml`), the file that already says which
+/// gateway or serial line every meter hangs on. Master data says which
+/// meters an account has; the head-end's routing belongs to the collector.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    pub buses: Vec<BusConfig>,
+    pub meters: HashMap<String, (usize, Address)>,
+    /// Offset of the meters' clocks from UTC (command expiry is meter-local).
+    pub offset: Option<FixedOffset>,
+}
+
+impl Routes {
+    pub fn from_collectors(cfg: &CollectorConfig) -> Routes {
+        let mut r = Routes {
+            offset: cfg.dlt645.offset().ok(),
+            ..Default::default()
+        };
+        for (i, (bus, meters, _)) in crate::collector::dlt645::plan(cfg).into_iter().enumerate() {
+            for m in meters {
+                r.meters.insert(m.meter_id.clone(), (i, m.address));
+            }
+            r.buses.push(bus);
+        }
+        r
+    }
+
+    pub fn load(path: &Path) -> Result<Routes, PrepayError> {
+        let cfg = CollectorConfig::load(path).map_err(|e| PrepayError::Input(e.to_string()))?;
+        Ok(Routes::from_collectors(&cfg))
+    }
+}
+
+/// How relay orders leave the ledger outbox.
+#[derive(Debug, Clone)]
+pub struct RelayDispatch {
+    /// Append-only audit log (JSON lines); also the memory of which commands
+    /// a meter acknowledged.
+    pub audit: PathBuf,
+    /// Send (true) or only audit the frames that would be sent (dry run).
+    pub execute: bool,
+    pub routes: Routes,
+    pub password: Password,
+    pub operator: Operator,
+    /// The meter refuses a command this many minutes after it was built.
+    pub expiry_minutes: i64,
+    /// Protected windows are checked again when a trip is sent.
+    pub control: Option<Control>,
+    /// Clock override (tests, `--now`); wall clock otherwise.
+    pub now_ms: Option<i64>,
+}
+
+impl RelayDispatch {
+    /// Dry run with the defaults (no routes: meter ids are taken as addresses).
+    pub fn dry_run(audit: PathBuf) -> RelayDispatch {
+        RelayDispatch {
+            audit,
+            execute: false,
+            routes: Routes::default(),
+            password: Password {
                 level: 2,
                 code: [0, 0, 0],
             },
-            Operator::default(),
-            30,
-            chrono::FixedOffset::east_opt(8 * 3600).expect("valid offset"),
-        );
-        let outcome = rt
-            .block_on(relay_control(
-                None,
-                &format!("prepay:{}", msg.id),
-                &order,
-                &log,
-                false,
-            ))
-            .map_err(|e| PrepayError::Input(e.to_string()))?;
-        if let RelayOutcome::DryRun { request_hex } = outcome {
-            frames.push(request_hex);
+            operator: Operator::default(),
+            expiry_minutes: 10,
+            control: None,
+            now_ms: None,
         }
     }
-    Ok(frames)
+}
+
+impl RelayDispatch {
+    /// Settings from `[control]`: routes from `collectors` (or the override),
+    /// operator and expiry; the password from `METERFLOW_DLT645_PASSWORD`
+    /// (level + 6 digits, default `02000000`), never from a file.
+    pub fn from_config(
+        c: &ControlConfig,
+        base_dir: &Path,
+        audit: PathBuf,
+        collectors: Option<PathBuf>,
+        execute: bool,
+        control: Option<Control>,
+    ) -> Result<RelayDispatch, PrepayError> {
+        let collectors = collectors.or_else(|| c.collectors.as_ref().map(|p| base_dir.join(p)));
+        let routes = match &collectors {
+            Some(p) => Routes::load(p)?,
+            None if execute => {
+                return Err(PrepayError::Input(
+                    "--execute needs the collectors config that routes meters to buses: set [control] collectors or pass --collectors".into(),
+                ))
+            }
+            None => Routes::default(),
+        };
+        let password = match std::env::var("METERFLOW_DLT645_PASSWORD") {
+            Ok(p) => p.parse().map_err(|_| {
+                PrepayError::Input(
+                    "METERFLOW_DLT645_PASSWORD must be 8 digits: level then the 6-digit code"
+                        .into(),
+                )
+            })?,
+            Err(_) => Password {
+                level: 2,
+                code: [0, 0, 0],
+            },
+        };
+        let operator = match &c.operator {
+            Some(o) => o
+                .parse()
+                .map_err(|e| PrepayError::Input(format!("control.operator: {e}")))?,
+            None => Operator::default(),
+        };
+        Ok(RelayDispatch {
+            audit,
+            execute,
+            routes,
+            password,
+            operator,
+            expiry_minutes: c.command_expiry_minutes.unwrap_or(10).max(1),
+            control,
+            now_ms: None,
+        })
+    }
+}
+
+/// Counters of one dispatch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RelayStats {
+    /// Pending orders looked at.
+    pub orders: usize,
+    /// Commands audited as dry runs (each once).
+    pub dry_run: usize,
+    pub accepted: usize,
+    /// Answered with an error byte (left pending, tried again next time).
+    pub refused: usize,
+    /// No answer, link down or meter not routable (left pending).
+    pub failed: usize,
+    /// Commands acknowledged by an earlier run (not sent again).
+    pub already_acknowledged: usize,
+    /// Trips held back because `now` is protected (left pending).
+    pub held_protected: usize,
+    /// Orders replaced by a later order of the same account (not sent).
+    pub superseded: usize,
+}
+
+/// The idempotency key of one command: order id + meter.
+pub fn command_id(order_id: &str, meter: &str) -> String {
+    stable_id(&[order_id, meter])
+}
+
+/// What the audit log says about each command id: acknowledged, dry-run audited.
+#[derive(Debug, Default)]
+struct AuditState {
+    acknowledged: HashSet<String>,
+    dry_run: HashSet<String>,
+}
+
+fn read_audit(path: &Path) -> Result<AuditState, PrepayError> {
+    let mut st = AuditState::default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
+        Err(e) => return Err(PrepayError::io(path, e)),
+    };
+    // A torn last line (crash mid-append) does not parse and is skipped.
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(id), Some(ev)) = (v["command_id"].as_str(), v["event"].as_str()) else {
+            continue;
+        };
+        match ev {
+            "accepted" => {
+                st.acknowledged.insert(id.to_string());
+            }
+            "dry_run" => {
+                st.dry_run.insert(id.to_string());
+            }
+            _ => {}
+        }
+    }
+    Ok(st)
+}
+
+/// An audit line written by the dispatcher itself (not sent: superseded, unroutable).
+fn audit_note(
+    log: &AuditLog,
+    order: &RelayOrder,
+    endpoint: &str,
+    event: &str,
+    response: String,
+    cmd_id: &str,
+) -> Result<(), PrepayError> {
+    use crate::protocol::dlt645::frame::hex;
+    use crate::protocol::dlt645::message::relay_request;
+    let frame = relay_request(
+        order.address,
+        order.command,
+        order.password,
+        order.operator,
+        order.expiry,
+    );
+    let e = order.expiry;
+    let rec = AuditRecord {
+        ts: chrono::Utc::now().to_rfc3339(),
+        event: event.to_string(),
+        meter: order.address.to_string(),
+        endpoint: endpoint.to_string(),
+        command: order.command.to_string(),
+        operator: order.operator.to_string(),
+        expiry: format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            e.year, e.month, e.day, e.hour, e.minute, e.second
+        ),
+        request_hex: hex(&frame.encode(0).expect("relay frames are short")),
+        response: Some(response),
+        user: std::env::var("USER").unwrap_or_default(),
+        command_id: Some(cmd_id.to_string()),
+    };
+    log.append(&rec).map_err(|e| PrepayError::io(log.path(), e))
+}
+
+fn runtime(
+    rt: &mut Option<tokio::runtime::Runtime>,
+) -> Result<&tokio::runtime::Runtime, PrepayError> {
+    if rt.is_none() {
+        *rt = Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| PrepayError::Input(e.to_string()))?,
+        );
+    }
+    Ok(rt.as_ref().expect("just built"))
+}
+
+/// Dispatches the pending relay orders of the ledger outbox through the
+/// DL/T 645 relay control (`collector::dlt645::relay::relay_control_keyed`).
+///
+/// Per order, oldest first: an order followed by a later one for the same
+/// account is superseded (a trip never goes out after the top-up that
+/// cancelled it); a trip is held while `now` is protected; each meter's
+/// command has a stable id (order id + meter) written on its audit lines, and
+/// a command the audit shows acknowledged is never sent again. An order
+/// leaves the outbox once every meter acknowledged it; dry runs, refusals,
+/// timeouts and held trips stay pending for the next run.
+pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats, PrepayError> {
+    let mut stats = RelayStats::default();
+    let pending = ledger.pending_outbox_of("relay", 100_000)?;
+    if pending.is_empty() {
+        return Ok(stats);
+    }
+    let now_ms = d.now_ms.unwrap_or_else(crate::model::now_ms);
+    let log = AuditLog::new(&d.audit);
+    let mut seen = read_audit(&d.audit)?;
+    let mut latest: HashMap<&str, usize> = HashMap::new();
+    for (i, m) in pending.iter().enumerate() {
+        latest.insert(m.account_id.as_str(), i);
+    }
+    let offset = d
+        .routes
+        .offset
+        .unwrap_or_else(|| FixedOffset::east_opt(8 * 3600).expect("valid offset"));
+    // Built on first use: a dispatch with nothing to send or audit needs none.
+    let mut rt: Option<tokio::runtime::Runtime> = None;
+    let mut buses: HashMap<usize, Bus> = HashMap::new();
+    let mut done = Vec::new();
+    for (i, m) in pending.iter().enumerate() {
+        let o: RelayOrderMsg = serde_json::from_str(&m.payload)
+            .map_err(|e| PrepayError::Input(format!("outbox {}: {e}", m.id)))?;
+        stats.orders += 1;
+        let command = match o.command.as_str() {
+            "trip" => RelayCommand::Trip,
+            _ => RelayCommand::AllowClose,
+        };
+        let superseded = latest.get(m.account_id.as_str()) != Some(&i);
+        if !superseded && command == RelayCommand::Trip {
+            if let Some(why) = d
+                .control
+                .as_ref()
+                .and_then(|c| c.protected(&o.account_id, now_ms))
+            {
+                tracing::info!(order = %o.id, account = %o.account_id, why, "trip held: protected");
+                stats.held_protected += 1;
+                continue;
+            }
+        }
+        let mut all_acknowledged = true;
+        for meter in &o.meters {
+            let cmd_id = command_id(&o.id, meter);
+            if seen.acknowledged.contains(&cmd_id) {
+                stats.already_acknowledged += 1;
+                continue;
+            }
+            let route = d.routes.meters.get(meter).copied();
+            let Some(address) = route.map(|r| r.1).or_else(|| meter.parse().ok()) else {
+                tracing::error!(meter = %meter, "relay order for a meter that is not a DL/T 645 address");
+                stats.failed += 1;
+                all_acknowledged = false;
+                continue;
+            };
+            let endpoint = route.map_or_else(
+                || "unrouted".to_string(),
+                |(b, _)| Endpoint::of(&d.routes.buses[b]).to_string(),
+            );
+            let order = RelayOrder::expiring_in(
+                address,
+                command,
+                d.password,
+                d.operator,
+                d.expiry_minutes,
+                offset,
+            );
+            if superseded {
+                if d.execute {
+                    audit_note(
+                        &log,
+                        &order,
+                        &endpoint,
+                        "superseded",
+                        "a later order for the account replaces it".into(),
+                        &cmd_id,
+                    )?;
+                }
+                continue;
+            }
+            if !d.execute {
+                all_acknowledged = false;
+                if seen.dry_run.insert(cmd_id.clone()) {
+                    runtime(&mut rt)?
+                        .block_on(relay_control_keyed(
+                            None,
+                            &endpoint,
+                            &order,
+                            &log,
+                            false,
+                            Some(&cmd_id),
+                        ))
+                        .map_err(|e| PrepayError::Input(e.to_string()))?;
+                    stats.dry_run += 1;
+                }
+                continue;
+            }
+            let Some((b, _)) = route else {
+                audit_note(
+                    &log,
+                    &order,
+                    &endpoint,
+                    "failed",
+                    format!("meter {meter} is in no bus of the collectors config"),
+                    &cmd_id,
+                )?;
+                stats.failed += 1;
+                all_acknowledged = false;
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(v) = buses.entry(b) {
+                match runtime(&mut rt)?
+                    .block_on(crate::collector::dlt645::connect(&d.routes.buses[b]))
+                {
+                    Ok(bus) => {
+                        v.insert(bus);
+                    }
+                    Err(e) => {
+                        audit_note(
+                            &log,
+                            &order,
+                            &endpoint,
+                            "failed",
+                            format!("cannot connect: {e}"),
+                            &cmd_id,
+                        )?;
+                        stats.failed += 1;
+                        all_acknowledged = false;
+                        continue;
+                    }
+                }
+            }
+            let bus = buses.get_mut(&b).expect("inserted above");
+            match runtime(&mut rt)?.block_on(relay_control_keyed(
+                Some(bus),
+                &endpoint,
+                &order,
+                &log,
+                true,
+                Some(&cmd_id),
+            )) {
+                Ok(RelayOutcome::Accepted) => {
+                    stats.accepted += 1;
+                    seen.acknowledged.insert(cmd_id);
+                }
+                Ok(RelayOutcome::Refused(s)) => {
+                    tracing::error!(meter = %meter, command = %command, "relay command refused: {s}");
+                    stats.refused += 1;
+                    all_acknowledged = false;
+                }
+                Ok(RelayOutcome::DryRun { .. }) => all_acknowledged = false,
+                Err(RelayError::Tx(e)) => {
+                    tracing::error!(meter = %meter, command = %command, "relay command not answered: {e}");
+                    if matches!(e, TxError::Io(_)) {
+                        buses.remove(&b);
+                    }
+                    stats.failed += 1;
+                    all_acknowledged = false;
+                }
+                Err(RelayError::Audit(e)) => return Err(PrepayError::io(log.path(), e)),
+            }
+        }
+        if superseded {
+            stats.superseded += 1;
+            if d.execute {
+                done.push(m.id.clone());
+            }
+        } else if all_acknowledged {
+            done.push(m.id.clone());
+        }
+    }
+    ledger.mark_delivered(&done)?;
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -263,6 +646,7 @@ mod tests {
             protected_accounts: vec!["AP".into()],
             timezone: None,
             audit_log: None,
+            ..Default::default()
         };
         let mut c = Control::new(cfg, std::path::Path::new(".")).unwrap();
         c.calendar.years.insert(2026);

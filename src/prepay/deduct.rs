@@ -28,8 +28,10 @@
 use rust_decimal::Decimal;
 
 use super::pricing::{PriceError, Pricer};
-use crate::ledger::{Cursor, EntryKind, NewEntry};
+use crate::ledger::{Cursor, EntryKind, NewEntry, TouCursor};
 use crate::master::{Account, Meter};
+use crate::tariff::price::Usage;
+use crate::tariff::tou::MAX_PERIODS;
 
 pub const CHANNEL: &str = "import_active_total";
 
@@ -46,6 +48,9 @@ pub enum Step {
     Spike(Vec<NewEntry>, Cursor),
     Stale,
     Backwards,
+    /// A time-of-use account's reading without all tariff registers T1..T4
+    /// at the same instant: not charged, the cursor does not move.
+    Incomplete,
 }
 
 /// A step is a suspicious jump when it is above [`SPIKE_FLOOR_KWH`], more
@@ -88,7 +93,35 @@ pub fn register_delta(from: Decimal, to: Decimal, modulus: Decimal) -> Option<De
     }
 }
 
-/// One step of the state machine for reading (`ts_ms`, raw register `value`).
+/// Tariff registers T1..T4 of a reading (time-of-use accounts), raw values.
+pub type Regs = [Decimal; 4];
+
+/// The window positions of a cursor as tariff-engine quantities.
+pub fn usage_of(c: &Cursor) -> Usage {
+    let mut u = Usage::total(c.position);
+    if let Some(t) = &c.tou {
+        for (slot, p) in u.periods.iter_mut().zip(&t.periods) {
+            *slot = *p;
+        }
+    }
+    u
+}
+
+fn held_regs(c: &Cursor) -> Option<Regs> {
+    c.tou.as_ref().and_then(|t| t.held)
+}
+
+/// `c` with its held jump (total and registers) replaced by `held` / `regs`.
+fn with_held(c: Cursor, held: Option<(i64, Decimal)>, regs: Option<Regs>) -> Cursor {
+    Cursor {
+        held,
+        tou: c.tou.map(|t| TouCursor { held: regs, ..t }),
+        ..c
+    }
+}
+
+/// One step of the state machine for reading (`ts_ms`, raw register `value`;
+/// `regs` = T1..T4 at the same instant, needed on time-of-use tariffs).
 ///
 /// A suspicious jump (see [`suspicious`]) is held in the cursor instead of
 /// becoming the base: a later reading at or above it confirms it (both are
@@ -96,6 +129,7 @@ pub fn register_delta(from: Decimal, to: Decimal, modulus: Decimal) -> Option<De
 /// shows it was a transient spike (dropped: the consumption is charged from
 /// the base to the later reading). Registers are cumulative, so dropping a
 /// reading never loses energy; it only merges two intervals.
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     pricer: &dyn Pricer,
     account: &Account,
@@ -103,9 +137,16 @@ pub fn step(
     cursor: Option<&Cursor>,
     ts_ms: i64,
     value: Decimal,
+    regs: Option<Regs>,
     source: &str,
 ) -> Result<Step, PriceError> {
-    let Some(c) = cursor else {
+    let tou = pricer.registers(account, ts_ms)?.is_some();
+    if tou && regs.is_none() {
+        return Ok(Step::Incomplete);
+    }
+    let Some(c) = cursor.filter(|c| !tou || c.tou.is_some()) else {
+        // First reading (or the first with registers after a change to a
+        // time-of-use tariff): the base of the next step.
         let w = pricer.window(account, ts_ms)?;
         return Ok(Step::Baseline(Cursor {
             meter_id: meter.meter_id.clone(),
@@ -117,29 +158,35 @@ pub fn step(
             first_ts_ms: ts_ms,
             first_value: value,
             held: None,
+            tou: regs.filter(|_| tou).map(|r| TouCursor {
+                last: r,
+                first: r,
+                periods: vec![Decimal::ZERO; MAX_PERIODS],
+                held: None,
+            }),
         }));
     };
     if ts_ms < c.first_ts_ms && ts_ms >= c.window_start_ms {
-        return prepend(pricer, account, meter, c, ts_ms, value, source);
+        return prepend(pricer, account, meter, c, ts_ms, value, regs, source);
     }
     if ts_ms <= c.last_ts_ms {
         return Ok(Step::Stale);
     }
     let Some((hts, hv)) = c.held else {
-        return advance(pricer, account, meter, c, ts_ms, value, source, true);
+        return advance(pricer, account, meter, c, ts_ms, value, regs, source, true);
     };
     if ts_ms == hts {
         return Ok(Step::Stale);
     }
-    let bare = Cursor {
-        held: None,
-        ..c.clone()
-    };
+    let hregs = held_regs(c);
+    let bare = with_held(c.clone(), None, None);
     if ts_ms < hts {
         // Between the base and the held jump: an ordinary step; keep holding.
         return Ok(
-            match advance(pricer, account, meter, &bare, ts_ms, value, source, true)? {
-                Step::Deduct(e, n) => Step::Deduct(e, Cursor { held: c.held, ..n }),
+            match advance(
+                pricer, account, meter, &bare, ts_ms, value, regs, source, true,
+            )? {
+                Step::Deduct(e, n) => Step::Deduct(e, with_held(n, c.held, hregs)),
                 other => other,
             },
         );
@@ -148,12 +195,14 @@ pub fn step(
     if register_delta(hv, value, modulus).is_some() {
         // Confirmed: charge the held reading, then this one.
         let (mut entries, base) =
-            match advance(pricer, account, meter, &bare, hts, hv, source, false)? {
+            match advance(pricer, account, meter, &bare, hts, hv, hregs, source, false)? {
                 Step::Deduct(e, n) => (e, n),
                 _ => (Vec::new(), bare.clone()),
             };
         return Ok(
-            match advance(pricer, account, meter, &base, ts_ms, value, source, true)? {
+            match advance(
+                pricer, account, meter, &base, ts_ms, value, regs, source, true,
+            )? {
                 Step::Deduct(e, n) => {
                     entries.extend(e);
                     Step::Deduct(entries, n)
@@ -166,7 +215,9 @@ pub fn step(
     if register_delta(c.last_value, value, modulus).is_some() {
         // Below the held jump, not below the base: the jump was a transient spike.
         return Ok(
-            match advance(pricer, account, meter, &bare, ts_ms, value, source, true)? {
+            match advance(
+                pricer, account, meter, &bare, ts_ms, value, regs, source, true,
+            )? {
                 Step::Deduct(e, n) => Step::Spike(e, n),
                 Step::Hold(n) => Step::Spike(Vec::new(), n),
                 _ => Step::Spike(Vec::new(), bare),
@@ -174,6 +225,53 @@ pub fn step(
         );
     }
     Ok(Step::Backwards)
+}
+
+/// Per-period kWh of the register steps `from -> to` (None: a register went backwards).
+fn period_deltas(
+    map: &[Option<u8>; 4],
+    from: &Regs,
+    to: &Regs,
+    meter: &Meter,
+) -> Option<[Decimal; MAX_PERIODS]> {
+    let mut out = [Decimal::ZERO; MAX_PERIODS];
+    for r in 0..4 {
+        let d = register_delta(from[r], to[r], meter.modulus())?;
+        if let Some(p) = map[r] {
+            out[p as usize] += d * meter.multiplier();
+        }
+    }
+    Some(out)
+}
+
+fn entry_detail(
+    meter: &Meter,
+    kwh: Decimal,
+    before: &Usage,
+    after: &Usage,
+    version: &str,
+    late: Option<i64>,
+) -> String {
+    let late = late.map_or(String::new(), |ts| format!("\"late_reading\":{ts},"));
+    let periods = if after.periods.iter().any(|p| !p.is_zero()) {
+        let kwh: Vec<String> = after
+            .periods
+            .iter()
+            .zip(before.periods.iter())
+            .map(|(a, b)| format!("\"{}\"", (a - b).normalize()))
+            .collect();
+        format!(",\"period_kwh\":[{}]", kwh.join(","))
+    } else {
+        String::new()
+    };
+    format!(
+        "{{\"meter\":\"{}\",\"kwh\":\"{}\",{late}\"position_before\":\"{}\",\"position_after\":\"{}\",\"tariff\":\"{}\"{periods}}}",
+        meter.meter_id,
+        kwh.normalize(),
+        before.total.normalize(),
+        after.total.normalize(),
+        version
+    )
 }
 
 /// A step forward from `c` (no held jump); `check` = may hold a suspicious jump.
@@ -185,6 +283,7 @@ fn advance(
     c: &Cursor,
     ts_ms: i64,
     value: Decimal,
+    regs: Option<Regs>,
     source: &str,
     check: bool,
 ) -> Result<Step, PriceError> {
@@ -192,37 +291,51 @@ fn advance(
         return Ok(Step::Backwards);
     };
     let kwh = raw * meter.multiplier();
+    let map = pricer.registers(account, ts_ms)?;
+    let tou_step = match (&c.tou, map, regs) {
+        (Some(t), Some(map), Some(r)) => match period_deltas(&map, &t.last, &r, meter) {
+            Some(d) => Some((t, r, d)),
+            None => return Ok(Step::Backwards),
+        },
+        (Some(_), Some(_), None) => return Ok(Step::Incomplete),
+        _ => None,
+    };
     if check && suspicious(c, ts_ms, kwh, account.contracted_kva) {
-        return Ok(Step::Hold(Cursor {
-            held: Some((ts_ms, value)),
-            ..c.clone()
-        }));
+        return Ok(Step::Hold(with_held(c.clone(), Some((ts_ms, value)), regs)));
     }
     let w = pricer.window(account, ts_ms - 1)?;
     let same_window = w.start_ms == c.window_start_ms;
     let before = if same_window {
-        c.position
+        usage_of(c)
     } else {
-        Decimal::ZERO
+        Usage::default()
     };
-    let after = before + kwh;
-    let charge = pricer.charge(account, &w, ts_ms, before, after)?;
+    let mut after = before;
+    after.total += kwh;
+    let tou = tou_step.map(|(t, r, d)| {
+        for (p, x) in after.periods.iter_mut().zip(d) {
+            *p += x;
+        }
+        TouCursor {
+            last: r,
+            first: if same_window { t.first } else { t.last },
+            periods: after.periods.to_vec(),
+            held: None,
+        }
+    });
+    let charge = pricer.charge(account, &w, ts_ms, &before, &after)?;
     let entry: Vec<NewEntry> = (!charge.amount.is_zero())
         .then(|| NewEntry {
-        key: format!("ded:{}:{}:{}:{}:{}", account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version),
-        account_id: account.account_id.clone(),
-        kind: EntryKind::Deduction,
-        amount: -charge.amount,
-        ts_ms,
-        source: source.to_string(),
-        detail: format!(
-            "{{\"meter\":\"{}\",\"kwh\":\"{}\",\"position_before\":\"{}\",\"position_after\":\"{}\",\"tariff\":\"{}\"}}",
-            meter.meter_id,
-            kwh.normalize(),
-            before.normalize(),
-            after.normalize(),
-            charge.version
-        ),
+            key: format!(
+                "ded:{}:{}:{}:{}:{}",
+                account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version
+            ),
+            account_id: account.account_id.clone(),
+            kind: EntryKind::Deduction,
+            amount: -charge.amount,
+            ts_ms,
+            source: source.to_string(),
+            detail: entry_detail(meter, kwh, &before, &after, &charge.version, None),
         })
         .into_iter()
         .collect();
@@ -230,7 +343,7 @@ fn advance(
         meter_id: meter.meter_id.clone(),
         channel: CHANNEL.into(),
         window_start_ms: w.start_ms,
-        position: after,
+        position: after.total,
         last_ts_ms: ts_ms,
         last_value: value,
         first_ts_ms: if same_window {
@@ -244,11 +357,13 @@ fn advance(
             c.last_value
         },
         held: None,
+        tou,
     };
     Ok(Step::Deduct(entry, next))
 }
 
 /// A late reading older than the window's first: charge `P -> P + delta`.
+#[allow(clippy::too_many_arguments)]
 fn prepend(
     pricer: &dyn Pricer,
     account: &Account,
@@ -256,6 +371,7 @@ fn prepend(
     c: &Cursor,
     ts_ms: i64,
     value: Decimal,
+    regs: Option<Regs>,
     source: &str,
 ) -> Result<Step, PriceError> {
     let Some(raw) = register_delta(value, c.first_value, meter.modulus()) else {
@@ -263,8 +379,27 @@ fn prepend(
     };
     let kwh = raw * meter.multiplier();
     let w = pricer.window(account, c.first_ts_ms)?;
-    let (before, after) = (c.position, c.position + kwh);
-    let charge = pricer.charge(account, &w, c.first_ts_ms, before, after)?;
+    let before = usage_of(c);
+    let mut after = before;
+    after.total += kwh;
+    let tou = match (&c.tou, pricer.registers(account, c.first_ts_ms)?, regs) {
+        (Some(t), Some(map), Some(r)) => {
+            let Some(d) = period_deltas(&map, &r, &t.first, meter) else {
+                return Ok(Step::Backwards);
+            };
+            for (p, x) in after.periods.iter_mut().zip(d) {
+                *p += x;
+            }
+            Some(TouCursor {
+                first: r,
+                periods: after.periods.to_vec(),
+                ..t.clone()
+            })
+        }
+        (Some(_), Some(_), None) => return Ok(Step::Incomplete),
+        _ => c.tou.clone(),
+    };
+    let charge = pricer.charge(account, &w, c.first_ts_ms, &before, &after)?;
     let entry = (!charge.amount.is_zero()).then(|| NewEntry {
         key: format!(
             "ded:{}:{}:{}:{}:from:{}:{}",
@@ -275,19 +410,13 @@ fn prepend(
         amount: -charge.amount,
         ts_ms: c.first_ts_ms,
         source: source.to_string(),
-        detail: format!(
-            "{{\"meter\":\"{}\",\"kwh\":\"{}\",\"late_reading\":{ts_ms},\"position_before\":\"{}\",\"position_after\":\"{}\",\"tariff\":\"{}\"}}",
-            meter.meter_id,
-            kwh.normalize(),
-            before.normalize(),
-            after.normalize(),
-            charge.version
-        ),
+        detail: entry_detail(meter, kwh, &before, &after, &charge.version, Some(ts_ms)),
     });
     let next = Cursor {
-        position: after,
+        position: after.total,
         first_ts_ms: ts_ms,
         first_value: value,
+        tou,
         ..c.clone()
     };
     Ok(Step::Deduct(entry.into_iter().collect(), next))
@@ -315,11 +444,11 @@ mod tests {
             _: &Account,
             _: &Window,
             _: i64,
-            b: Decimal,
-            a: Decimal,
+            b: &Usage,
+            a: &Usage,
         ) -> Result<Charge, PriceError> {
             Ok(Charge {
-                amount: a - b,
+                amount: a.total - b.total,
                 version: "flat@1".into(),
             })
         }
@@ -346,14 +475,14 @@ mod tests {
         let mut out = Vec::new();
         let mut skipped = 0;
         for (ts, v) in readings {
-            match step(&Flat, &a, &m, c.as_ref(), *ts, *v, "test").unwrap() {
+            match step(&Flat, &a, &m, c.as_ref(), *ts, *v, None, "test").unwrap() {
                 Step::Baseline(n) => c = Some(n),
                 Step::Deduct(e, n) | Step::Spike(e, n) => {
                     out.extend(e);
                     c = Some(n);
                 }
                 Step::Hold(n) => c = Some(n),
-                Step::Stale | Step::Backwards => skipped += 1,
+                Step::Stale | Step::Backwards | Step::Incomplete => skipped += 1,
             }
         }
         (out, c, skipped)
@@ -469,6 +598,7 @@ mod tests {
             first_ts_ms: 0,
             first_value: dec!(0),
             held: None,
+            tou: None,
         };
         // 90 kWh in a day after 10 kWh/day: above 10x, but a 20 kVA supply can draw it.
         assert!(!suspicious(&c, 2 * 86_400_000, dec!(90), Decimal::ZERO));

@@ -23,7 +23,7 @@ pub enum PriceError {
     UnknownTariff(String),
     #[error("tariff '{tariff}' has no version on {date}")]
     NoVersion { tariff: String, date: NaiveDate },
-    #[error("tariff '{0}' is time-of-use: prepaid deductions support flat and tiered energy prices only")]
+    #[error("tariff '{0}' is time-of-use without a tariff-register map: prepaid deductions price TOU from the meter's registers T1..T4")]
     Unsupported(String),
 }
 
@@ -47,16 +47,26 @@ pub struct Charge {
 pub trait Pricer {
     /// The window containing instant `ts_ms` (start inclusive).
     fn window(&self, account: &Account, ts_ms: i64) -> Result<Window, PriceError>;
-    /// Charge for the positions `before..after` (kWh since window start) of an
-    /// interval ending at `end_ms` inside `window`.
+    /// Charge for the positions `before..after` (kWh since window start, in
+    /// total and per TOU period) of an interval ending at `end_ms` inside `window`.
     fn charge(
         &self,
         account: &Account,
         window: &Window,
         end_ms: i64,
-        before: Decimal,
-        after: Decimal,
+        before: &Usage,
+        after: &Usage,
     ) -> Result<Charge, PriceError>;
+    /// For a time-of-use tariff in effect for the interval ending at
+    /// `end_ms`: the TOU period of each tariff register T1..T4. None when
+    /// prices do not depend on the time of use.
+    fn registers(
+        &self,
+        _account: &Account,
+        _end_ms: i64,
+    ) -> Result<Option<[Option<u8>; 4]>, PriceError> {
+        Ok(None)
+    }
 }
 
 /// The adapter over the tariff engine.
@@ -118,9 +128,6 @@ impl Pricer for TariffPricer {
             tariff: t.id.clone(),
             date,
         })?;
-        if v.tou.is_some() {
-            return Err(PriceError::Unsupported(t.id.clone()));
-        }
         let w = match &v.tiers {
             Some(Tiers {
                 accumulation: Accumulation::Annual { start_month },
@@ -165,8 +172,8 @@ impl Pricer for TariffPricer {
         account: &Account,
         window: &Window,
         end_ms: i64,
-        before: Decimal,
-        after: Decimal,
+        before: &Usage,
+        after: &Usage,
     ) -> Result<Charge, PriceError> {
         let t = self.tariff(&account.tariff_id)?;
         // The version in effect on the local day the interval ends in.
@@ -175,20 +182,40 @@ impl Pricer for TariffPricer {
             tariff: t.id.clone(),
             date,
         })?;
-        if v.tou.is_some() {
-            return Err(PriceError::Unsupported(t.id.clone()));
-        }
-        let lines = incremental_charge(
-            v,
-            &window.limits,
-            &Usage::default(),
-            &Usage::total(before),
-            &Usage::total(after),
-        );
+        let lines = incremental_charge(v, &window.limits, &Usage::default(), before, after);
         Ok(Charge {
             amount: total(&lines),
             version: format!("{}@{}", t.id, v.id),
         })
+    }
+
+    fn registers(
+        &self,
+        account: &Account,
+        end_ms: i64,
+    ) -> Result<Option<[Option<u8>; 4]>, PriceError> {
+        self.tou_registers(account, end_ms)
+    }
+}
+
+impl TariffPricer {
+    /// [`Pricer::registers`] of the tariff engine.
+    fn tou_registers(
+        &self,
+        account: &Account,
+        end_ms: i64,
+    ) -> Result<Option<[Option<u8>; 4]>, PriceError> {
+        let t = self.tariff(&account.tariff_id)?;
+        let (date, _) = local_date_minute(end_ms - 1, t.utc_offset_secs);
+        let v = t.version_on(date).map_err(|_| PriceError::NoVersion {
+            tariff: t.id.clone(),
+            date,
+        })?;
+        match &v.tou {
+            None => Ok(None),
+            Some(tou) if tou.registers.iter().any(|r| r.is_some()) => Ok(Some(tou.registers)),
+            Some(_) => Err(PriceError::Unsupported(t.id.clone())),
+        }
     }
 }
 
@@ -242,7 +269,13 @@ pub(crate) mod tests {
         let a = account("bj-residential-monthly");
         let w = p.window(&a, 1_792_022_400_000).unwrap();
         let c = p
-            .charge(&a, &w, w.start_ms + 86_400_000, dec!(230), dec!(250))
+            .charge(
+                &a,
+                &w,
+                w.start_ms + 86_400_000,
+                &Usage::total(dec!(230)),
+                &Usage::total(dec!(250)),
+            )
             .unwrap();
         let t = p.set.get("bj-residential-monthly").unwrap();
         let v = t
@@ -276,7 +309,7 @@ pub(crate) mod tests {
             let mut sum = Decimal::ZERO;
             for (i, d) in days.iter().enumerate() {
                 let next = pos + Decimal::new(*d as i64, 2);
-                sum += p.charge(&a, &w, w.start_ms + (i as i64 + 1) * 86_400_000, pos, next).unwrap().amount;
+                sum += p.charge(&a, &w, w.start_ms + (i as i64 + 1) * 86_400_000, &Usage::total(pos), &Usage::total(next)).unwrap().amount;
                 pos = next;
             }
             let t = p.set.get("bj-residential-monthly").unwrap();

@@ -7,7 +7,7 @@
 //! Overlapping runs are safe: a chunk whose cursors moved since they were
 //! read is recomputed (`Batch::expect`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use chrono::NaiveDate;
@@ -15,10 +15,10 @@ use rust_decimal::Decimal;
 
 use super::alerts::{self, Thresholds};
 use super::control::Control;
-use super::deduct::{self, Step, CHANNEL};
+use super::deduct::{self, Regs, Step, CHANNEL};
 use super::pricing::{local_date_minute, Pricer};
 use super::PrepayError;
-use crate::ledger::{Batch, CommitHook, Cursor, HookOut, Ledger, Outcome};
+use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
 use crate::master::{Account, Meter, PaymentMode};
 use crate::model::{Channel, Quality};
 
@@ -132,6 +132,8 @@ pub struct RunStats {
     /// Held jumps the next reading showed to be transient spikes (not charged).
     pub spikes: usize,
     pub unpriced: usize,
+    /// Time-of-use readings without all tariff registers T1..T4 (not charged).
+    pub incomplete: usize,
     pub skipped_quality: usize,
     pub amount: Decimal,
     pub alerts: usize,
@@ -140,13 +142,103 @@ pub struct RunStats {
     pub retries: usize,
 }
 
+impl RunStats {
+    /// Folds one committed batch into the counters: the stepping counters of
+    /// `local` (gathered while building it), the outcome of each entry and
+    /// the outbox messages the commit produced. One place for `prepay run`
+    /// and `stream`.
+    pub fn absorb(&mut self, local: &RunStats, batch: &Batch, report: &CommitReport) {
+        self.readings += local.readings;
+        self.stale += local.stale;
+        self.backwards += local.backwards;
+        self.held += local.held;
+        self.spikes += local.spikes;
+        self.unpriced += local.unpriced;
+        self.incomplete += local.incomplete;
+        for (o, e) in report.outcomes.iter().zip(&batch.entries) {
+            match o {
+                Outcome::Inserted => {
+                    self.deductions += 1;
+                    self.amount -= e.amount;
+                }
+                Outcome::Duplicate => self.duplicates += 1,
+                Outcome::Conflict { stored } => {
+                    self.conflicts += 1;
+                    tracing::error!(key = %e.key, "deduction conflicts with stored entry: {stored}");
+                }
+            }
+        }
+        self.count_outbox(&report.outbox);
+    }
+
+    pub fn count_outbox(&mut self, msgs: &[crate::ledger::OutboxMsg]) {
+        for m in msgs {
+            match m.kind.as_str() {
+                "alert" => self.alerts += 1,
+                _ => self.relay_orders += 1,
+            }
+        }
+    }
+}
+
+/// One register reading: time, total register, tariff registers T1..T4
+/// (only for meters on time-of-use tariffs, when all four were read then).
+pub type RegisterReading = (i64, Decimal, Option<Regs>);
+
+/// Meters whose account's tariff prices by time of use at `ts_ms`.
+pub fn tou_meters(pricer: &dyn Pricer, fleet: &Fleet, ts_ms: i64) -> HashSet<String> {
+    fleet
+        .meters
+        .values()
+        .filter(|m| {
+            fleet.accounts.get(&m.account_id).is_some_and(|a| {
+                pricer
+                    .registers(a, ts_ms)
+                    .map(|r| r.is_some())
+                    .unwrap_or(false)
+            })
+        })
+        .map(|m| m.meter_id.clone())
+        .collect()
+}
+
+/// Tariff register index (0..4) of a channel.
+pub fn tariff_register(c: Channel) -> Option<usize> {
+    match c {
+        Channel::ImportActiveT1 => Some(0),
+        Channel::ImportActiveT2 => Some(1),
+        Channel::ImportActiveT3 => Some(2),
+        Channel::ImportActiveT4 => Some(3),
+        _ => None,
+    }
+}
+
+/// Joins tariff register readings to the total readings of the same instant.
+pub fn join_registers(
+    totals: Vec<(i64, Decimal)>,
+    regs: Option<&HashMap<i64, [Option<Decimal>; 4]>>,
+) -> Vec<RegisterReading> {
+    totals
+        .into_iter()
+        .map(|(ts, v)| {
+            let r = regs
+                .and_then(|m| m.get(&ts))
+                .and_then(|r| Some([r[0]?, r[1]?, r[2]?, r[3]?]));
+            (ts, v, r)
+        })
+        .collect()
+}
+
 /// Register readings per prepaid meter, sorted by time, from the lake.
 pub fn load_register_readings(
     lake: &Path,
     fleet: &Fleet,
+    pricer: &dyn Pricer,
     from: NaiveDate,
     through_ms: i64,
-) -> Result<HashMap<String, Vec<(i64, Decimal)>>, PrepayError> {
+) -> Result<HashMap<String, Vec<RegisterReading>>, PrepayError> {
+    let tou = tou_meters(pricer, fleet, through_ms);
+    let mut regs: HashMap<String, HashMap<i64, [Option<Decimal>; 4]>> = HashMap::new();
     use crate::store::columns::{from_scaled, ReadingsView};
     let (to, _) = local_date_minute(through_ms, 0);
     let mut out: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
@@ -166,9 +258,17 @@ pub fn load_register_readings(
         for batch in crate::store::reader::read_file_columns(&path, Some(&cols))? {
             let v = ReadingsView::new(&batch)?;
             for i in 0..v.len() {
-                if v.channel.value(i) != want {
+                let channel = v.channel.value(i);
+                let reg = if channel == want {
+                    None
+                } else if tou.is_empty() {
                     continue;
-                }
+                } else {
+                    match channel.parse::<Channel>().ok().and_then(tariff_register) {
+                        Some(r) if tou.contains(v.meter_id.value(i)) => Some(r),
+                        _ => continue,
+                    }
+                };
                 let ts = v.ts.value(i);
                 if ts > through_ms || !fleet.meters.contains_key(v.meter_id.value(i)) {
                     continue;
@@ -184,17 +284,31 @@ pub fn load_register_readings(
                         continue;
                     }
                 }
-                out.entry(v.meter_id.value(i).to_string())
-                    .or_default()
-                    .push((ts, from_scaled(v.value.value(i))));
+                let value = from_scaled(v.value.value(i));
+                match reg {
+                    None => out
+                        .entry(v.meter_id.value(i).to_string())
+                        .or_default()
+                        .push((ts, value)),
+                    Some(r) => {
+                        regs.entry(v.meter_id.value(i).to_string())
+                            .or_default()
+                            .entry(ts)
+                            .or_default()[r] = Some(value)
+                    }
+                }
             }
         }
     }
-    for r in out.values_mut() {
-        r.sort_by_key(|x| x.0);
-        r.dedup_by_key(|x| x.0);
-    }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|(m, mut r)| {
+            r.sort_by_key(|x| x.0);
+            r.dedup_by_key(|x| x.0);
+            let joined = join_registers(r, regs.get(&m));
+            (m, joined)
+        })
+        .collect())
 }
 
 /// Steps one meter's readings from `cursor`; returns entries and the last cursor.
@@ -203,7 +317,7 @@ pub fn deduct_meter(
     fleet: &Fleet,
     meter_id: &str,
     cursor: Option<Cursor>,
-    readings: &[(i64, Decimal)],
+    readings: &[RegisterReading],
     source: &str,
     stats: &mut RunStats,
 ) -> (Vec<crate::ledger::NewEntry>, Option<Cursor>) {
@@ -215,9 +329,18 @@ pub fn deduct_meter(
     };
     let mut cur = cursor;
     let mut entries = Vec::new();
-    for (ts, value) in readings {
+    for (ts, value, regs) in readings {
         stats.readings += 1;
-        match deduct::step(pricer, account, meter, cur.as_ref(), *ts, *value, source) {
+        match deduct::step(
+            pricer,
+            account,
+            meter,
+            cur.as_ref(),
+            *ts,
+            *value,
+            *regs,
+            source,
+        ) {
             Ok(Step::Baseline(c)) => cur = Some(c),
             Ok(Step::Deduct(e, c)) => {
                 entries.extend(e);
@@ -234,6 +357,14 @@ pub fn deduct_meter(
                 cur = Some(c);
             }
             Ok(Step::Stale) => stats.stale += 1,
+            Ok(Step::Incomplete) => {
+                stats.incomplete += 1;
+                tracing::debug!(
+                    meter = meter_id,
+                    ts,
+                    "TOU reading without all of T1..T4: not charged"
+                );
+            }
             Ok(Step::Backwards) => {
                 stats.backwards += 1;
                 tracing::warn!(
@@ -250,6 +381,72 @@ pub fn deduct_meter(
         }
     }
     (entries, cur)
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Recent daily spend of one meter (yuan/day) for the days-of-credit
+/// forecast: what its consumption so far in the accumulation window (the
+/// bill month; the tier year for annual tiers) costs, over the days that
+/// consumption covers (`first_ts_ms..last_ts_ms` of the cursor). None when
+/// the cursor covers less than a day (too little to forecast from).
+pub fn meter_daily_spend(pricer: &dyn Pricer, fleet: &Fleet, c: &Cursor) -> Option<Decimal> {
+    let meter = fleet.meters.get(&c.meter_id)?;
+    let account = fleet.accounts.get(&meter.account_id)?;
+    let span = c.last_ts_ms - c.first_ts_ms;
+    if span < DAY_MS {
+        return None;
+    }
+    let w = pricer.window(account, c.last_ts_ms - 1).ok()?;
+    if w.start_ms != c.window_start_ms {
+        return None;
+    }
+    let amount = pricer
+        .charge(
+            account,
+            &w,
+            c.last_ts_ms,
+            &crate::tariff::price::Usage::default(),
+            &deduct::usage_of(c),
+        )
+        .ok()?
+        .amount;
+    Some((amount * Decimal::from(DAY_MS) / Decimal::from(span)).round_dp(4))
+}
+
+/// Updates the per-account daily spend (the sum over the account's meters)
+/// for the meters whose cursors are about to be committed.
+pub fn note_spend(
+    pricer: &dyn Pricer,
+    fleet: &Fleet,
+    per_meter: &mut HashMap<String, Decimal>,
+    daily: &mut HashMap<String, Decimal>,
+    cursors: &[Cursor],
+) {
+    let mut accounts = BTreeSet::new();
+    for c in cursors {
+        match meter_daily_spend(pricer, fleet, c) {
+            Some(s) => per_meter.insert(c.meter_id.clone(), s),
+            None => per_meter.remove(&c.meter_id),
+        };
+        if let Some(m) = fleet.meters.get(&c.meter_id) {
+            accounts.insert(m.account_id.as_str());
+        }
+    }
+    for a in accounts {
+        let spends: Vec<Decimal> = fleet
+            .meters_of
+            .get(a)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| per_meter.get(m).copied())
+            .collect();
+        if spends.is_empty() {
+            daily.remove(a);
+        } else {
+            daily.insert(a.to_string(), spends.into_iter().sum());
+        }
+    }
 }
 
 /// Options of a batch run.
@@ -274,18 +471,17 @@ pub fn run_batch(
     opts: &RunOptions<'_>,
 ) -> Result<RunStats, PrepayError> {
     let mut stats = RunStats::default();
-    let readings = load_register_readings(opts.lake, fleet, opts.from, opts.through_ms)?;
+    let readings = load_register_readings(opts.lake, fleet, pricer, opts.from, opts.through_ms)?;
     let mut cursors: HashMap<String, Cursor> = ledger
         .cursors()?
         .into_iter()
         .filter(|c| c.channel == CHANNEL)
         .map(|c| (c.meter_id.clone(), c))
         .collect();
-    // Recent daily spend for the forecast: this run's deductions over its days.
     let mut meters: Vec<&String> = readings.keys().collect();
     meters.sort();
     stats.meters = meters.len();
-    let mut spend: HashMap<String, (Decimal, i64, i64)> = HashMap::new();
+    let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
     for chunk in meters.chunks(opts.chunk.max(1)) {
         let mut attempt = 0;
         loop {
@@ -296,7 +492,7 @@ pub fn run_batch(
                 batch.expect.push((
                     (*m).clone(),
                     CHANNEL.into(),
-                    before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms)),
+                    before.as_ref().map(Cursor::stamp),
                 ));
                 let (entries, cur) = deduct_meter(
                     pricer,
@@ -312,21 +508,13 @@ pub fn run_batch(
                 }
                 batch.entries.extend(entries);
             }
-            for e in &batch.entries {
-                let s = spend.entry(e.account_id.clone()).or_insert((
-                    Decimal::ZERO,
-                    i64::MAX,
-                    i64::MIN,
-                ));
-                s.0 -= e.amount;
-                s.1 = s.1.min(e.ts_ms);
-                s.2 = s.2.max(e.ts_ms);
-            }
-            for (a, (sum, lo, hi)) in &spend {
-                let days = ((hi - lo) / 86_400_000).max(1);
-                hook.daily_spend
-                    .insert(a.clone(), sum / Decimal::from(days));
-            }
+            note_spend(
+                pricer,
+                fleet,
+                &mut meter_spend,
+                &mut hook.daily_spend,
+                &batch.cursors,
+            );
             let report = ledger.commit(&batch, hook)?;
             if report.stale {
                 // Another run moved these cursors: re-read them and recompute the chunk.
@@ -346,30 +534,11 @@ pub fn run_batch(
                 }
                 continue;
             }
+            stats.chunks += 1;
+            stats.absorb(&local, &batch, &report);
             for c in batch.cursors {
                 cursors.insert(c.meter_id.clone(), c);
             }
-            stats.chunks += 1;
-            stats.readings += local.readings;
-            stats.stale += local.stale;
-            stats.backwards += local.backwards;
-            stats.held += local.held;
-            stats.spikes += local.spikes;
-            stats.unpriced += local.unpriced;
-            for (o, e) in report.outcomes.iter().zip(&batch.entries) {
-                match o {
-                    Outcome::Inserted => {
-                        stats.deductions += 1;
-                        stats.amount -= e.amount;
-                    }
-                    Outcome::Duplicate => stats.duplicates += 1,
-                    Outcome::Conflict { stored } => {
-                        stats.conflicts += 1;
-                        tracing::error!(key = %e.key, "deduction conflicts with stored entry: {stored}");
-                    }
-                }
-            }
-            count_outbox(&report.outbox, &mut stats);
             break;
         }
     }
@@ -382,17 +551,8 @@ pub fn run_batch(
                 ..Default::default()
             };
             let report = ledger.commit(&batch, hook)?;
-            count_outbox(&report.outbox, &mut stats);
+            stats.count_outbox(&report.outbox);
         }
     }
     Ok(stats)
-}
-
-fn count_outbox(msgs: &[crate::ledger::OutboxMsg], stats: &mut RunStats) {
-    for m in msgs {
-        match m.kind.as_str() {
-            "alert" => stats.alerts += 1,
-            _ => stats.relay_orders += 1,
-        }
-    }
 }

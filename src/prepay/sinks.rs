@@ -1,7 +1,8 @@
 //! Delivery of the ledger outbox: alerts to the `alerts` Parquet dataset, an
 //! MQTT topic and an optional webhook; relay orders to the DL/T 645 relay
-//! control (dry-run + audit log). A message is marked delivered only after
-//! every sink took it; a crash in between re-delivers it with the same id.
+//! control ([`super::control::dispatch`]: dry run or `--execute`, audited).
+//! An alert is marked delivered only after every sink took it; a crash in
+//! between re-delivers it with the same id.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +15,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use super::alerts::{stable_id, Alert};
-use super::control::{dispatch_dry_run, RelayOrderMsg};
+use super::control::{dispatch, RelayDispatch, RelayStats};
 use super::PrepayError;
 use crate::ledger::export::to_scaled;
 use crate::ledger::{Ledger, OutboxMsg};
@@ -29,8 +30,9 @@ pub struct Sinks {
     /// `http://127.0.0.1:PORT/path`: each alert POSTed as JSON, retried.
     pub webhook: Option<String>,
     pub webhook_attempts: u32,
-    /// Relay audit log (relay orders are dropped with a warning without one).
-    pub relay_audit: Option<PathBuf>,
+    /// Relay order dispatch (dry run or `--execute`); without it relay
+    /// orders stay pending in the outbox.
+    pub relay: Option<RelayDispatch>,
     /// MQTT topic for alerts (with a publisher passed to `deliver`).
     pub alerts_topic: Option<String>,
 }
@@ -38,9 +40,8 @@ pub struct Sinks {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeliverStats {
     pub alerts: usize,
-    pub relay_orders: usize,
-    pub relay_frames: usize,
     pub webhook_failures: usize,
+    pub relay: RelayStats,
 }
 
 pub fn alerts_schema() -> SchemaRef {
@@ -209,64 +210,50 @@ pub fn deliver(
 ) -> Result<DeliverStats, PrepayError> {
     let mut stats = DeliverStats::default();
     loop {
-        let pending: Vec<OutboxMsg> = ledger.pending_outbox(1000)?;
+        let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", 1000)?;
         if pending.is_empty() {
-            return Ok(stats);
+            break;
         }
         let mut alerts = Vec::new();
         let mut done = Vec::new();
         for m in &pending {
-            match m.kind.as_str() {
-                "alert" => {
-                    let a: Alert = serde_json::from_str(&m.payload)
-                        .map_err(|e| PrepayError::Input(format!("outbox {}: {e}", m.id)))?;
-                    if let Some(t) = &sinks.alerts_topic {
-                        publish(t, m.payload.as_bytes()).map_err(PrepayError::Mqtt)?;
-                    }
-                    if let Some(url) = &sinks.webhook {
-                        let attempts = sinks.webhook_attempts.max(1);
-                        let mut ok = false;
-                        for i in 0..attempts {
-                            match post_json(url, m.payload.as_bytes(), &m.id) {
-                                Ok(()) => {
-                                    ok = true;
-                                    break;
-                                }
-                                Err(e) => {
-                                    tracing::warn!(alert = %m.id, attempt = i + 1, "webhook: {e}");
-                                    std::thread::sleep(Duration::from_millis(100 << i.min(6)));
-                                }
-                            }
-                        }
-                        if !ok {
-                            stats.webhook_failures += 1;
-                        }
-                    }
-                    alerts.push(a);
-                    stats.alerts += 1;
-                }
-                "relay" => {
-                    let o: RelayOrderMsg = serde_json::from_str(&m.payload)
-                        .map_err(|e| PrepayError::Input(format!("outbox {}: {e}", m.id)))?;
-                    match &sinks.relay_audit {
-                        Some(p) => stats.relay_frames += dispatch_dry_run(&o, p)?.len(),
-                        None => {
-                            tracing::warn!(order = %o.id, "relay order not dispatched: no audit log configured")
-                        }
-                    }
-                    stats.relay_orders += 1;
-                }
-                other => tracing::warn!(id = %m.id, "unknown outbox kind '{other}'"),
+            let a: Alert = serde_json::from_str(&m.payload)
+                .map_err(|e| PrepayError::Input(format!("outbox {}: {e}", m.id)))?;
+            if let Some(t) = &sinks.alerts_topic {
+                publish(t, m.payload.as_bytes()).map_err(PrepayError::Mqtt)?;
             }
+            if let Some(url) = &sinks.webhook {
+                let attempts = sinks.webhook_attempts.max(1);
+                let mut ok = false;
+                for i in 0..attempts {
+                    match post_json(url, m.payload.as_bytes(), &m.id) {
+                        Ok(()) => {
+                            ok = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(alert = %m.id, attempt = i + 1, "webhook: {e}");
+                            std::thread::sleep(Duration::from_millis(100 << i.min(6)));
+                        }
+                    }
+                }
+                if !ok {
+                    stats.webhook_failures += 1;
+                }
+            }
+            alerts.push(a);
+            stats.alerts += 1;
             done.push(m.id.clone());
         }
         if let Some(root) = &sinks.alerts_root {
-            if !alerts.is_empty() {
-                write_alerts_dataset(root, &alerts)?;
-            }
+            write_alerts_dataset(root, &alerts)?;
         }
         ledger.mark_delivered(&done)?;
     }
+    if let Some(d) = &sinks.relay {
+        stats.relay = dispatch(ledger, d)?;
+    }
+    Ok(stats)
 }
 
 /// Publishes `(topic, payload)` pairs at QoS 1 and waits for every PUBACK.

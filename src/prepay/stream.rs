@@ -9,7 +9,7 @@
 //! cursors now mark stale: the same ledger as without the crash.
 //! Several processes may share one PostgreSQL ledger and one `$share` group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,13 +20,16 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use super::alerts::Thresholds;
-use super::control::Control;
+use super::control::{dispatch, Control, RelayDispatch};
 use super::deduct::CHANNEL;
 use super::pricing::{Pricer, TariffPricer};
-use super::run::{deduct_meter, Fleet, PrepayHook, RunStats};
+use super::run::{
+    deduct_meter, join_registers, note_spend, tariff_register, tou_meters, Fleet, PrepayHook,
+    RegisterReading, RunStats,
+};
 use super::sinks::{deliver, Sinks};
 use super::{line_of, PrepayError};
-use crate::ledger::{Batch, Cursor, Ledger, Outcome};
+use crate::ledger::{Batch, Cursor, Ledger};
 use crate::model::Channel;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,11 +173,21 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         alerts_root: cfg.alerts_dataset.as_ref().map(|p| cfg.resolve(p)),
         webhook: cfg.webhook.clone(),
         webhook_attempts: 5,
-        relay_audit: thresholds
-            .control
-            .as_ref()
-            .map(|c| cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl"))),
+        // Dispatched below, only when a commit ordered something.
+        relay: None,
         alerts_topic: cfg.mqtt.alerts_topic.clone(),
+    };
+    // Dry run: orders stay pending for `prepay relay --execute` (docs/prepay.md).
+    let relay = match &thresholds.control {
+        Some(c) => Some(RelayDispatch::from_config(
+            c,
+            &thresholds.base_dir,
+            cfg.resolve(c.audit_log.as_deref().unwrap_or("relay-audit.jsonl")),
+            None,
+            false,
+            control.clone(),
+        )?),
+        None => None,
     };
     let mut lake = match &cfg.dead_letter_lake {
         Some(l) => Some(crate::store::Lake::open(
@@ -225,6 +238,10 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         outgoing.push((t.to_string(), p.to_vec()));
         Ok(())
     })?;
+    if let Some(r) = &relay {
+        dispatch(ledger.as_mut(), r)?;
+    }
+    let mut relay_orders_seen = 0;
 
     let mut cursors: HashMap<String, Cursor> = ledger
         .cursors()?
@@ -233,6 +250,8 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         .map(|c| (c.meter_id.clone(), c))
         .collect();
     let mut stats = RunStats::default();
+    let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
+    let tou = tou_meters(&pricer, &fleet, crate::model::now_ms());
     let mut last_message = Instant::now();
     let mut pending: Vec<Publish> = Vec::new();
     let mut batch_started = Instant::now();
@@ -274,6 +293,8 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 &mut decoder,
                 lake.as_mut(),
                 &mut cursors,
+                &mut meter_spend,
+                &tou,
                 &mut stats,
             )?;
             // Acknowledge only now: the ledger transaction has committed.
@@ -286,6 +307,13 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 outgoing.push((t.to_string(), p.to_vec()));
                 Ok(())
             })?;
+            if let Some(r) = relay
+                .as_ref()
+                .filter(|_| stats.relay_orders > relay_orders_seen)
+            {
+                dispatch(ledger.as_mut(), r)?;
+                relay_orders_seen = stats.relay_orders;
+            }
         }
         let done = opts
             .stop_after_deductions
@@ -322,23 +350,35 @@ fn process(
     decoder: &mut crate::ingest::decode::Decoder,
     lake: Option<&mut crate::store::Lake>,
     cursors: &mut HashMap<String, Cursor>,
+    meter_spend: &mut HashMap<String, Decimal>,
+    tou: &HashSet<String>,
     stats: &mut RunStats,
 ) -> Result<(), PrepayError> {
     let now = crate::model::now_ms();
     let mut by_meter: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
+    let mut regs: HashMap<String, HashMap<i64, [Option<Decimal>; 4]>> = HashMap::new();
     let mut dead = Vec::new();
     for p in pending.iter() {
         let topic = p.topic.to_string();
         match decoder.decode(&topic, &p.payload, now) {
             Ok(d) => {
                 for r in d.readings {
-                    if r.channel == Channel::ImportActiveTotal
-                        && fleet.meters.contains_key(&r.meter_id)
-                    {
+                    if !fleet.meters.contains_key(&r.meter_id) {
+                        continue;
+                    }
+                    if r.channel == Channel::ImportActiveTotal {
                         by_meter
                             .entry(r.meter_id)
                             .or_default()
                             .push((r.ts_ms, r.value));
+                    } else if let Some(i) = tariff_register(r.channel) {
+                        // Kept for time-of-use accounts (a message carries a meter's whole snapshot).
+                        if tou.contains(&r.meter_id) {
+                            regs.entry(r.meter_id)
+                                .or_default()
+                                .entry(r.ts_ms)
+                                .or_default()[i] = Some(r.value);
+                        }
                     }
                 }
                 for e in d.problems {
@@ -371,10 +411,15 @@ fn process(
     }
     let mut meters: Vec<String> = by_meter.keys().cloned().collect();
     meters.sort();
-    for r in by_meter.values_mut() {
-        r.sort_by_key(|x| x.0);
-        r.dedup_by_key(|x| x.0);
-    }
+    let by_meter: HashMap<String, Vec<RegisterReading>> = by_meter
+        .into_iter()
+        .map(|(m, mut r)| {
+            r.sort_by_key(|x| x.0);
+            r.dedup_by_key(|x| x.0);
+            let joined = join_registers(r, regs.get(&m));
+            (m, joined)
+        })
+        .collect();
     let mut attempt = 0;
     loop {
         let mut batch = Batch::default();
@@ -384,7 +429,7 @@ fn process(
             batch.expect.push((
                 m.clone(),
                 CHANNEL.into(),
-                before.as_ref().map(|c| (c.last_ts_ms, c.first_ts_ms)),
+                before.as_ref().map(Cursor::stamp),
             ));
             let (entries, cur) = deduct_meter(
                 pricer,
@@ -400,6 +445,14 @@ fn process(
             }
             batch.entries.extend(entries);
         }
+        // The forecast uses the cursors this commit stores.
+        note_spend(
+            pricer,
+            fleet,
+            meter_spend,
+            &mut hook.daily_spend,
+            &batch.cursors,
+        );
         let report = ledger.commit(&batch, hook)?;
         if report.stale {
             attempt += 1;
@@ -417,26 +470,10 @@ fn process(
             }
             continue;
         }
+        stats.absorb(&local, &batch, &report);
         for c in batch.cursors {
             cursors.insert(c.meter_id.clone(), c);
         }
-        stats.readings += local.readings;
-        stats.stale += local.stale;
-        stats.backwards += local.backwards;
-        stats.held += local.held;
-        stats.spikes += local.spikes;
-        stats.unpriced += local.unpriced;
-        for (o, e) in report.outcomes.iter().zip(&batch.entries) {
-            match o {
-                Outcome::Inserted => {
-                    stats.deductions += 1;
-                    stats.amount -= e.amount;
-                }
-                Outcome::Duplicate => stats.duplicates += 1,
-                Outcome::Conflict { .. } => stats.conflicts += 1,
-            }
-        }
-        stats.alerts += report.outbox.iter().filter(|m| m.kind == "alert").count();
         return Ok(());
     }
 }

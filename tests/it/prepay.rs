@@ -923,3 +923,513 @@ fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample
     assert_eq!(again.run.amount, s.run.amount);
     println!("{s}");
 }
+
+// ---------- remote fee control: --execute against a simulated DL/T 645 meter ----------
+
+/// `prepay run --json` at `now` (RFC 3339), optionally `--execute`; the parsed output.
+fn prepay_run_at(
+    f: &Fixture,
+    url: &str,
+    thresholds: &Path,
+    now: &str,
+    execute: bool,
+) -> serde_json::Value {
+    let mut c = Command::new(bin());
+    c.args(prepay_run_args(f, url, "2026-10-31T24:00", 50));
+    c.args([
+        "--thresholds",
+        &thresholds.display().to_string(),
+        "--now",
+        now,
+        "--json",
+    ]);
+    if execute {
+        c.arg("--execute");
+    }
+    c.env("METERFLOW_DLT645_PASSWORD", "02123456");
+    let o = c.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "prepay run at {now} failed: {out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn audit_events(path: &Path) -> Vec<(String, String, String)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["event"].as_str().unwrap().to_string(),
+                v["command"].as_str().unwrap().to_string(),
+                v["command_id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn execute_trips_and_reconnects_a_simulated_dlt645_meter_once_and_never_in_protected_windows() {
+    use meterflow::protocol::dlt645::{Address, RelayCommand};
+    use meterflow::sim::dlt645::{spawn_tcp, SimFile, SimMeterConfig};
+    let f = fixture(1, 3); // P00000 uses ~45 kWh a day: far below -30 by month end
+    let address: Address = meter_id(0).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut m = SimMeterConfig::new(address, dec!(100));
+    m.password = "02123456".into();
+    let sim = rt
+        .block_on(spawn_tcp(
+            SimFile {
+                meters: vec![m],
+                ..Default::default()
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .unwrap();
+    std::fs::write(
+        f.root.join("collectors.toml"),
+        format!(
+            "collector_id = \"t\"\n[[dlt645.bus]]\nname = \"b1\"\ntcp = \"{}\"\ntimeout_ms = 2000\n[[dlt645.bus.meter]]\naddress = \"{}\"\n",
+            sim.addr,
+            meter_id(0)
+        ),
+    )
+    .unwrap();
+    let th = f.root.join("thresholds.toml");
+    std::fs::write(
+        &th,
+        format!(
+            r#"[default]
+levels = ["50", "20"]
+zero = true
+overdraft_limit = "-30"
+[control]
+enabled = true
+grace_hours = 0
+reconnect_amount = "10"
+friendly_hours = ["16:00-08:00"]
+protect_weekends = true
+protect_holidays = true
+calendars = ["{}"]
+audit_log = "relay-audit.jsonl"
+collectors = "collectors.toml"
+operator = "00000001"
+"#,
+            f.tariffs.join("calendars/cn-holidays.toml").display()
+        ),
+    )
+    .unwrap();
+    let audit = f.root.join("relay-audit.jsonl");
+    let url = sqlite_url(&f.root);
+    let relay = |v: &serde_json::Value| v["delivered"]["relay"].clone();
+
+    // Saturday 7 Nov: below the overdraft limit, but a weekend: no order, nothing sent.
+    let v = prepay_run_at(&f, &url, &th, "2026-11-07T10:00:00+08:00", true);
+    assert!(v["run"]["deductions"].as_u64().unwrap() > 0);
+    assert_eq!(relay(&v)["orders"], 0);
+    assert!(sim.handle.relay_log().is_empty());
+
+    // Monday 9 Nov without --execute: the trip is ordered and audited as a dry run, not sent.
+    let v = prepay_run_at(&f, &url, &th, "2026-11-09T10:00:00+08:00", false);
+    assert_eq!(
+        (relay(&v)["orders"].as_u64(), relay(&v)["dry_run"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(sim.handle.relay_log().is_empty(), "a dry run sends nothing");
+
+    // Saturday 14 Nov with --execute: the pending trip is held (protected at send time).
+    let v = prepay_run_at(&f, &url, &th, "2026-11-14T10:00:00+08:00", true);
+    assert_eq!(relay(&v)["held_protected"], 1);
+    assert!(sim.handle.relay_log().is_empty(), "tripped on a weekend");
+
+    // Monday 16 Nov with --execute: sent, answered, the meter's relay is open.
+    let v = prepay_run_at(&f, &url, &th, "2026-11-16T10:00:00+08:00", true);
+    assert_eq!(relay(&v)["accepted"], 1);
+    assert_eq!(sim.handle.relay_log(), vec![(address, RelayCommand::Trip)]);
+    assert!(sim.handle.relay_state(address).unwrap().tripped);
+    // A re-run sends nothing new.
+    let v = prepay_run_at(&f, &url, &th, "2026-11-16T10:30:00+08:00", true);
+    assert_eq!(relay(&v)["orders"], 0);
+    assert_eq!(sim.handle.relay_log().len(), 1);
+
+    // A top-up above the reconnect amount: allow-close is sent (never held back).
+    let pay = f.root.join("counter.csv");
+    write_payments(&pay, &[("C1", "counter", "P00000", "2000")]);
+    let o = Command::new(bin())
+        .args(["ledger", "import-payments", "--ledger", &url])
+        .arg(&pay)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = prepay_run_at(&f, &url, &th, "2026-11-21T20:00:00+08:00", true);
+    assert_eq!(relay(&v)["accepted"], 1);
+    assert_eq!(
+        sim.handle.relay_log(),
+        vec![
+            (address, RelayCommand::Trip),
+            (address, RelayCommand::AllowClose)
+        ]
+    );
+    let st = sim.handle.relay_state(address).unwrap();
+    assert!(st.close_allowed, "{st:?}");
+    let v = prepay_run_at(&f, &url, &th, "2026-11-21T20:30:00+08:00", true);
+    assert_eq!(relay(&v)["orders"], 0);
+    assert_eq!(sim.handle.relay_log().len(), 2);
+
+    // The audit: dry run, then sent + accepted for each command, each with its own stable id.
+    let ev = audit_events(&audit);
+    let kinds: Vec<(&str, &str)> = ev
+        .iter()
+        .map(|(e, c, _)| (e.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("dry_run", "trip"),
+            ("sent", "trip"),
+            ("accepted", "trip"),
+            ("sent", "allow-close"),
+            ("accepted", "allow-close")
+        ]
+    );
+    assert!(ev.iter().all(|(_, _, id)| !id.is_empty()));
+    assert_eq!(
+        ev[0].2, ev[2].2,
+        "the dry run and the real send share the command id"
+    );
+    assert_ne!(ev[2].2, ev[4].2);
+    drop(rt);
+}
+
+#[test]
+fn execute_needs_the_collectors_config_and_leaves_unanswered_orders_pending() {
+    // A bus nobody listens on: the trip fails, stays pending and is tried again.
+    let f = fixture(1, 3);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    std::fs::write(
+        f.root.join("collectors.toml"),
+        format!(
+            "collector_id = \"t\"\n[[dlt645.bus]]\nname = \"b1\"\ntcp = \"127.0.0.1:{port}\"\ntimeout_ms = 300\nretries = 0\n[[dlt645.bus.meter]]\naddress = \"{}\"\n",
+            meter_id(0)
+        ),
+    )
+    .unwrap();
+    let th = f.root.join("thresholds.toml");
+    std::fs::write(
+        &th,
+        "[default]\noverdraft_limit = \"-30\"\n[control]\nenabled = true\naudit_log = \"audit.jsonl\"\n",
+    )
+    .unwrap();
+    let url = sqlite_url(&f.root);
+    let mut c = Command::new(bin());
+    c.args(prepay_run_args(&f, &url, "2026-10-31T24:00", 50));
+    c.args(["--thresholds", &th.display().to_string(), "--execute"]);
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("collectors"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for attempt in 0..2 {
+        let mut c = Command::new(bin());
+        c.args([
+            "prepay",
+            "relay",
+            "--ledger",
+            &url,
+            "--thresholds",
+            &th.display().to_string(),
+            "--collectors",
+            &f.root.join("collectors.toml").display().to_string(),
+            "--now",
+            "2026-11-16T10:00:00+08:00",
+            "--execute",
+            "--json",
+        ]);
+        if attempt == 0 {
+            // Deduct first (dry run) so there is an order.
+            let mut r = Command::new(bin());
+            r.args(prepay_run_args(&f, &url, "2026-10-31T24:00", 50));
+            r.args([
+                "--thresholds",
+                &th.display().to_string(),
+                "--now",
+                "2026-11-16T10:00:00+08:00",
+            ]);
+            assert!(r.output().unwrap().status.success());
+        }
+        let o = c.output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        assert_eq!(
+            (v["relay"]["orders"].as_u64(), v["relay"]["failed"].as_u64()),
+            (Some(1), Some(1))
+        );
+    }
+    let ev = audit_events(&f.root.join("audit.jsonl"));
+    assert_eq!(ev.iter().filter(|e| e.0 == "failed").count(), 2, "{ev:?}");
+}
+
+// ---------- time-of-use prepaid accounts ----------
+
+#[test]
+fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let master = root.join("master");
+    std::fs::create_dir_all(&master).unwrap();
+    // Two prepaid commercial accounts on the Guangdong TOU tariff (funds per kWh on the total).
+    std::fs::write(
+        master.join("accounts.csv"),
+        "account_id,customer_class,tariff_id,payment_mode\nT00000,commercial,gd-tou-commercial,prepaid\nT00001,commercial,gd-tou-commercial,prepaid\n",
+    )
+    .unwrap();
+    std::fs::write(
+        master.join("meters.csv"),
+        format!(
+            "meter_id,account_id,ct_ratio,pt_ratio,installed_on\n{},T00000,1,1,2015-01-01\n{},T00001,2,1,2015-01-01\n",
+            meter_id(0),
+            meter_id(1)
+        ),
+    )
+    .unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut all = Vec::new();
+    for i in 0..2 {
+        let mut regs = [0i64; 4].map(|_| rng.gen_range(0..1_000_000i64));
+        for d in 0..32 {
+            if d > 0 {
+                for r in regs.iter_mut() {
+                    *r += rng.gen_range(0..4000); // 0..40 kWh per register a day
+                }
+            }
+            let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
+            let total: i64 = regs.iter().sum();
+            let mut push = |channel, v: i64| {
+                all.push(Reading {
+                    meter_id: meter_id(i),
+                    ts_ms: ts,
+                    channel,
+                    value: Decimal::new(v, 2),
+                    quality: Quality::OK,
+                    source: Source {
+                        protocol: Protocol::Sim,
+                        collector: "t".into(),
+                        address: "t".into(),
+                    },
+                    received_ms: ts,
+                })
+            };
+            push(Channel::ImportActiveTotal, total);
+            push(Channel::ImportActiveT1, regs[0]);
+            push(Channel::ImportActiveT2, regs[1]);
+            push(Channel::ImportActiveT3, regs[2]);
+            push(Channel::ImportActiveT4, regs[3]);
+        }
+    }
+    let lake = root.join("lake");
+    let mut l = meterflow::store::Lake::open(
+        &lake,
+        meterflow::store::LakeOptions {
+            writer_id: "t".into(),
+            spool_dir: None,
+        },
+    )
+    .unwrap();
+    l.accept(&all).unwrap();
+    l.flush().unwrap();
+    let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
+
+    let url = sqlite_url(root);
+    let run = |through_ms: i64| {
+        let mut l = ledger::open_migrated(&url).unwrap();
+        let fleet = Fleet::load(&master).unwrap();
+        let pricer = TariffPricer::new(meterflow::tariff::load_dir(&tariffs).unwrap());
+        let th = Thresholds::builtin();
+        let mut hook = PrepayHook {
+            thresholds: &th,
+            control: None,
+            fleet: &fleet,
+            daily_spend: HashMap::new(),
+            now_ms: None,
+        };
+        let opts = RunOptions {
+            lake: &lake,
+            from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
+            through_ms,
+            chunk: 1,
+            evaluate_all: false,
+        };
+        run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
+    };
+    // Mid-month, then month end: daily deductions priced per TOU period.
+    let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY);
+    assert_eq!(
+        (s1.deductions, s1.unpriced, s1.incomplete),
+        (24, 0, 0),
+        "{s1:?}"
+    );
+    let s2 = run(OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!(s2.deductions, 38, "{s2:?}");
+    assert_eq!(run(OCT1_LOCAL_MIDNIGHT + 31 * DAY).deductions, 0);
+
+    // The bill run of October over the same lake: each account's deductions sum to its bill, to the fen.
+    let out = root.join("bills");
+    let summary = meterflow::billing::run::bill_run(&meterflow::billing::run::BillRunOptions::new(
+        &lake, &master, &tariffs, "2026-10", &out,
+    ))
+    .unwrap();
+    assert_eq!((summary.bills, summary.exceptions), (2, 0), "{summary:?}");
+    let balances = ledger_balances(&url);
+    let deducted: Decimal = balances.values().map(|b| -*b).sum();
+    assert_eq!(deducted, summary.total_amount);
+    // Per account, against the tariff engine on the month's register deltas.
+    let set = meterflow::tariff::load_dir(&tariffs).unwrap();
+    let v = set
+        .get("gd-tou-commercial")
+        .unwrap()
+        .version_on(chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap())
+        .unwrap();
+    let map = v.tou.as_ref().unwrap().registers;
+    for i in 0..2usize {
+        let m = meter_id(i);
+        let at = |ts: i64, c: Channel| {
+            all.iter()
+                .find(|r| r.meter_id == m && r.ts_ms == ts && r.channel == c)
+                .unwrap()
+                .value
+        };
+        let (a, b) = (OCT1_LOCAL_MIDNIGHT, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+        let mult = Decimal::from(i as i64 + 1);
+        let mut u = Usage::total(
+            (at(b, Channel::ImportActiveTotal) - at(a, Channel::ImportActiveTotal)) * mult,
+        );
+        for (r, c) in [
+            Channel::ImportActiveT1,
+            Channel::ImportActiveT2,
+            Channel::ImportActiveT3,
+            Channel::ImportActiveT4,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            u.periods[map[r].unwrap() as usize] += (at(b, c) - at(a, c)) * mult;
+        }
+        let bill = total(&energy_charge(v, &[], &Usage::default(), &u));
+        assert_eq!(balances[&format!("T0000{i}")], -bill, "account T0000{i}");
+    }
+}
+
+// ---------- two writers and a held jump ----------
+
+/// A writer whose cached cursor predates another writer's hold must not
+/// overwrite the held jump: the hold is part of the cursor precondition.
+fn a_hold_makes_a_stale_writer_recompute(l: &mut dyn Ledger) {
+    use meterflow::ledger::Cursor;
+    let ch = meterflow::prepay::deduct::CHANNEL;
+    let c = Cursor {
+        meter_id: "M1".into(),
+        channel: ch.into(),
+        window_start_ms: 0,
+        position: Decimal::ZERO,
+        last_ts_ms: 1000,
+        last_value: dec!(1),
+        first_ts_ms: 0,
+        first_value: dec!(0),
+        held: None,
+        tou: None,
+    };
+    let commit = |l: &mut dyn Ledger, cur: &Cursor, expect: Option<&Cursor>| {
+        l.commit(
+            &Batch {
+                cursors: vec![cur.clone()],
+                expect: vec![("M1".into(), ch.into(), expect.map(Cursor::stamp))],
+                ..Default::default()
+            },
+            &NoHook,
+        )
+        .unwrap()
+        .stale
+    };
+    assert!(!commit(l, &c, None));
+    // Writer A holds a jump at 2000 (last_ts and first_ts unchanged).
+    let held = Cursor {
+        held: Some((2000, dec!(5000))),
+        ..c.clone()
+    };
+    assert!(!commit(l, &held, Some(&c)));
+    // Writer B still has the cursor without the hold: refused, it must re-read.
+    let b = Cursor {
+        last_ts_ms: 3000,
+        last_value: dec!(3),
+        ..c.clone()
+    };
+    assert!(commit(l, &b, Some(&c)));
+    assert_eq!(
+        l.cursor("M1", ch).unwrap().unwrap().held,
+        Some((2000, dec!(5000)))
+    );
+    // After re-reading, B's step applies.
+    let seen = l.cursor("M1", ch).unwrap().unwrap();
+    assert!(!commit(l, &b, Some(&seen)));
+}
+
+#[test]
+fn a_hold_makes_a_stale_writer_recompute_on_sqlite() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
+    a_hold_makes_a_stale_writer_recompute(l.as_mut());
+}
+
+#[test]
+fn a_hold_makes_a_stale_writer_recompute_on_postgres() {
+    let Some(url) = pg_url("hold") else { return };
+    let mut l = ledger::open_migrated(&url).unwrap();
+    a_hold_makes_a_stale_writer_recompute(l.as_mut());
+}
+
+#[test]
+fn days_of_credit_forecast_raises_one_low_days_alert_per_account_in_the_batch_run() {
+    let f = fixture(5, 2);
+    let url = sqlite_url(&f.root);
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 10 * DAY);
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 20 * DAY);
+    let low = |url: &str| -> Vec<meterflow::prepay::alerts::Alert> {
+        ledger::open(url)
+            .unwrap()
+            .outbox_all()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.kind == "alert")
+            .map(|m| serde_json::from_str::<meterflow::prepay::alerts::Alert>(&m.payload).unwrap())
+            .filter(|a| a.kind == "low_days")
+            .collect()
+    };
+    let a = low(&url);
+    // No top-ups: every account is at or below zero, so 0 days of credit at its recent use.
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert!(a
+        .iter()
+        .all(|x| x.days_left == Some(Decimal::ZERO) && x.threshold == dec!(3)));
+    // The state is kept: more runs raise no new forecast alert.
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!(low(&url).len(), 5);
+}

@@ -37,6 +37,9 @@ pub struct AuditRecord {
     pub response: Option<String>,
     /// Who ran it (the `USER` environment variable).
     pub user: String,
+    /// Caller's idempotency key of the command (prepaid relay orders), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
 }
 
 impl AuditLog {
@@ -125,6 +128,19 @@ pub async fn relay_control(
     audit: &AuditLog,
     execute: bool,
 ) -> Result<RelayOutcome, RelayError> {
+    relay_control_keyed(bus, endpoint, order, audit, execute, None).await
+}
+
+/// [`relay_control`] with the caller's idempotency key written on every
+/// audit line of the command, so a later run can tell it was answered.
+pub async fn relay_control_keyed(
+    bus: Option<&mut Bus>,
+    endpoint: &str,
+    order: &RelayOrder,
+    audit: &AuditLog,
+    execute: bool,
+    command_id: Option<&str>,
+) -> Result<RelayOutcome, RelayError> {
     let frame = relay_request(
         order.address,
         order.command,
@@ -148,6 +164,7 @@ pub async fn relay_control(
         request_hex: request_hex.clone(),
         response: None,
         user: std::env::var("USER").unwrap_or_default(),
+        command_id: command_id.map(str::to_string),
     };
     let bus = match bus {
         Some(b) if execute => b,
