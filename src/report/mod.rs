@@ -163,15 +163,20 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         .collect();
     let lake_inp = match &lake {
         Some(l) => {
-            let sc = scan::scan_lake(l, &meters, opts.utc_offset_secs)?;
-            Some(inputs::Inputs::assemble(
+            let mut inp = inputs::Inputs::assemble(
                 meters.clone(),
                 accounts.clone(),
                 Vec::new(),
-                sc,
+                Default::default(),
                 Vec::new(),
                 opts.utc_offset_secs,
-            ))
+            );
+            let lo = inputs::LoadOptions {
+                utc_offset_secs: opts.utc_offset_secs,
+                ..Default::default()
+            };
+            inp.scan_lake(l, &lo, &mut |_: &scan::DayBatch<'_>| Ok(()))?;
+            Some(inp)
         }
         None => None,
     };
@@ -307,10 +312,8 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         if let Some(inp) = &lake_inp {
             // No TOU bill lines (flat or tiered tariffs): the meters' tariff registers still tell the shares.
             let names = ["sharp (T1)", "peak (T2)", "flat (T3)", "valley (T4)"];
-            for d in &inp.scan.daily {
-                for (r, n) in names.iter().enumerate() {
-                    *tous.entry(n.to_string()).or_default() += d.regs[r + 1].unwrap_or(0) as i128;
-                }
+            for (r, n) in names.iter().enumerate() {
+                *tous.entry(n.to_string()).or_default() += inp.scan.fleet_tou[r];
             }
             p.note("No time-of-use bill lines in this run: shares below are from the meters' tariff registers in the lake, all days scanned.");
         }
@@ -499,10 +502,7 @@ fn permille(part: i128, total: i128) -> String {
 }
 
 fn daily_chart(p: &mut Page, inp: &inputs::Inputs) -> Result<(), ReportError> {
-    let mut per_day: BTreeMap<chrono::NaiveDate, i128> = BTreeMap::new();
-    for d in &inp.scan.daily {
-        *per_day.entry(d.date).or_default() += d.regs[0].unwrap_or(0) as i128;
-    }
+    let per_day = &inp.scan.fleet_daily;
     if per_day.len() >= 2 {
         let labels: Vec<String> = per_day
             .keys()
