@@ -829,7 +829,11 @@ fn arrears_backtest(
         return Table::new();
     };
     let mut bills = bill_dates(inp);
-    let mut source = "bill_runs";
+    let mut source = if inp.bills.is_empty() {
+        "assumed_1st_of_month"
+    } else {
+        "bill_runs"
+    };
     if backtest_cutoff(&bills, last).is_none() && cutoff.is_none() {
         // Runs too recent to have an outcome: fall back to bills on the 1st of each month.
         bills = bill_dates_from(inp, false);
@@ -851,9 +855,15 @@ fn arrears_backtest(
         }
         let (f, _) = risk_facts(inp, *a, c, bs, p);
         let s = risk::score(&f, c);
+        // Behind on bills GRACE_DAYS after an outcome bill: fewer payments
+        // since the first bill than bills issued (a late payment of the bill
+        // before does not count as paying this one).
+        let first = bs[0].0;
         let bad = outcome_bills.iter().any(|bd| {
-            !p.iter()
-                .any(|x| x.0 >= *bd && (x.0 - *bd).num_days() <= GRACE_DAYS)
+            let issued = bs.iter().filter(|b| b.0 <= *bd).count();
+            let due = *bd + Duration::days(GRACE_DAYS);
+            let paid = p.iter().filter(|x| x.0 >= first && x.0 <= due).count();
+            paid < issued
         });
         let e = by_band.entry(s.band).or_default();
         e.0 += 1;

@@ -102,5 +102,10 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
             if d.pii { "  (RAW PERSONAL DATA)" } else { "" }
         );
     }
+    // The backtest is small and tells whether the risk bands mean anything.
+    if let Some(d) = s.datasets.iter().find(|d| d.name == "arrears_backtest") {
+        let t = crate::analytics::Table::read_parquet(&d.path)?;
+        println!("arrears backtest:\n{}", t.to_text());
+    }
     Ok(ExitCode::SUCCESS)
 }
