@@ -37,7 +37,11 @@ pub fn all(inp: &Inputs, opts: &AnalyzeOptions) -> Result<Vec<Named>, AnalyticsE
         ("usage_habits", usage_habits(inp, opts), false),
         ("history_change", history_change(inp, opts), false),
         ("segment_change", segment_change(inp)?, false),
-        ("payment_habits", payment_habits(inp, opts, &pays, &bills), false),
+        (
+            "payment_habits",
+            payment_habits(inp, opts, &pays, &bills),
+            false,
+        ),
         (
             "arrears_risk",
             arrears_risk(inp, opts, on, &pays, &bills),
@@ -52,6 +56,7 @@ pub fn all(inp: &Inputs, opts: &AnalyzeOptions) -> Result<Vec<Named>, AnalyticsE
         ("feeder_events", feeder_events(inp), false),
         ("usage_warnings", usage_warnings(inp, opts), false),
         ("collection", collection(inp), false),
+        ("fleet_daily", fleet_daily(inp), false),
     ]);
     Ok(out)
 }
@@ -99,7 +104,10 @@ fn dec4(v: Vec<Option<i128>>) -> Col {
 
 /// The account key of every account (id or pseudonym), computed once.
 pub fn account_keys(accounts: &[Account], opts: &AnalyzeOptions) -> Vec<String> {
-    accounts.iter().map(|a| opts.key.key(&a.account_id)).collect()
+    accounts
+        .iter()
+        .map(|a| opts.key.key(&a.account_id))
+        .collect()
 }
 
 fn keys(inp: &Inputs, opts: &AnalyzeOptions, idx: impl Iterator<Item = usize>) -> Col {
@@ -292,7 +300,11 @@ fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
     for (_, f) in SEGMENTS {
         let set: BTreeSet<&str> = inp.accounts.iter().map(f).collect();
         let v: Vec<String> = set.iter().map(|s| s.to_string()).collect();
-        let idx: HashMap<&str, i64> = set.iter().enumerate().map(|(i, s)| (*s, i as i64)).collect();
+        let idx: HashMap<&str, i64> = set
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i as i64))
+            .collect();
         codes.push(inp.accounts.iter().map(|a| idx[f(a)]).collect());
         names.push(v);
     }
@@ -322,13 +334,20 @@ fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
         .sort(["kind", "segment", "month"], Default::default())
         .collect()?;
     let t = to_table(&g, &["kwh"], SCALE)?;
-    let (Some(Col::Int(k)), Some(Col::Int(s)), Some(Col::Int(mo)), Some(Col::Int(cnt)), Some(Col::Dec(e, _))) = (
+    let (
+        Some(Col::Int(k)),
+        Some(Col::Int(s)),
+        Some(Col::Int(mo)),
+        Some(Col::Int(cnt)),
+        Some(Col::Dec(e, _)),
+    ) = (
         t.col("kind"),
         t.col("segment"),
         t.col("month"),
         t.col("accounts"),
         t.col("kwh"),
-    ) else {
+    )
+    else {
         return Ok(Table::new());
     };
     let code = |v: &Option<i64>| v.unwrap_or(0);
@@ -353,7 +372,11 @@ fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
     Ok(Table::new()
         .with(
             "segment_kind",
-            Col::Str((0..rows).map(|i| Some(SEGMENTS[code(&k[i]) as usize].0.to_string())).collect()),
+            Col::Str(
+                (0..rows)
+                    .map(|i| Some(SEGMENTS[code(&k[i]) as usize].0.to_string()))
+                    .collect(),
+            ),
         )
         .with(
             "segment",
@@ -365,7 +388,11 @@ fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
         )
         .with(
             "month",
-            Col::Str((0..rows).map(|i| Some(month_of(m.months[code(&mo[i]) as usize]))).collect()),
+            Col::Str(
+                (0..rows)
+                    .map(|i| Some(month_of(m.months[code(&mo[i]) as usize])))
+                    .collect(),
+            ),
         )
         .with("accounts", Col::Int(cnt.clone()))
         .with("kwh", Col::Dec(e.clone(), SCALE))
@@ -377,7 +404,11 @@ fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
 /// Load by hour of day and day type per district / feeder and customer
 /// class, from 15-minute interval energy summed during the scan.
 fn peak_periods(inp: &Inputs) -> Table {
-    let mut rows: Vec<(&(&'static str, String, String), usize, &super::scan::HourLoad)> = inp
+    let mut rows: Vec<(
+        &(&'static str, String, String),
+        usize,
+        &super::scan::HourLoad,
+    )> = inp
         .scan
         .peak
         .iter()
@@ -503,7 +534,11 @@ fn usage_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
         )
         .with(
             "avg_daily_kwh",
-            dec4(acc.iter().map(|a| mean(stats(a).sum, stats(a).days)).collect()),
+            dec4(
+                acc.iter()
+                    .map(|a| mean(stats(a).sum, stats(a).days))
+                    .collect(),
+            ),
         )
         .with(
             "weekday_avg_kwh",
@@ -527,7 +562,10 @@ fn usage_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
                 acc.iter()
                     .map(|a| {
                         let s = stats(a);
-                        match (mean(s.weekday_sum, s.weekday_days), mean(s.weekend_sum, s.weekend_days)) {
+                        match (
+                            mean(s.weekday_sum, s.weekday_days),
+                            mean(s.weekend_sum, s.weekend_days),
+                        ) {
                             (Some(x), Some(y)) => ratio(x, y),
                             _ => None,
                         }
@@ -540,7 +578,11 @@ fn usage_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
         .with("seasonality_ratio", Col::Ratio(season))
         .with(
             "trend_pct_per_30d",
-            Col::Ratio(acc.iter().map(|a| stats(a).trend_pct_per_30_days()).collect()),
+            Col::Ratio(
+                acc.iter()
+                    .map(|a| stats(a).trend_pct_per_30_days())
+                    .collect(),
+            ),
         )
 }
 
@@ -774,13 +816,7 @@ fn arrears_risk(
     let mut pts: [Vec<Option<i64>>; 6] = Default::default();
     let (mut score, mut band, mut open) = (vec![], vec![], vec![]);
     for a in &accs {
-        let (f, o) = risk_facts(
-            inp,
-            *a,
-            on,
-            bills.get(a).map_or(&[][..], |v| v),
-            &pays[*a],
-        );
+        let (f, o) = risk_facts(inp, *a, on, bills.get(a).map_or(&[][..], |v| v), &pays[*a]);
         let s = risk::score(&f, on);
         for (col, p) in pts.iter_mut().zip(s.points) {
             col.push(Some(p));
@@ -814,8 +850,7 @@ pub fn backtest_cutoff(bills: &BTreeMap<usize, Bills>, last: NaiveDate) -> Optio
     let first = *dates.iter().next()?;
     dates
         .into_iter()
-        .filter(|d| *d > first && (last - *d).num_days() >= GRACE_DAYS)
-        .next_back()
+        .rfind(|d| *d > first && (last - *d).num_days() >= GRACE_DAYS)
         .or(Some(first).filter(|d| (last - *d).num_days() >= GRACE_DAYS))
 }
 
@@ -887,10 +922,7 @@ fn backtest_table(
         .collect();
     rows.push(("all".to_string(), all));
     Table::new()
-        .with(
-            "cutoff",
-            Col::Date(rows.iter().map(|_| cutoff).collect()),
-        )
+        .with("cutoff", Col::Date(rows.iter().map(|_| cutoff).collect()))
         .with(
             "bill_dates_from",
             Col::Str(rows.iter().map(|_| Some(source.to_string())).collect()),
@@ -1091,7 +1123,7 @@ fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
         } else {
             Some(prior.iter().sum::<i128>() / prior.len() as i128)
         };
-    let residential = inp.accounts[a].customer_class.as_str() == "residential";
+        let residential = inp.accounts[a].customer_class.as_str() == "residential";
         let mut stage = None;
         let mut threshold = None;
         if residential {
@@ -1164,6 +1196,102 @@ fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
             "stage",
             Col::Str(rows.iter().map(|r| Some(r.5.clone())).collect()),
         )
+}
+
+/// Fleet energy per local day (every known meter), and the TOU registers
+/// over all days on a row with no date: what the run report charts.
+fn fleet_daily(inp: &Inputs) -> Table {
+    let s = &inp.scan;
+    let mut date: Vec<Option<NaiveDate>> = s.fleet_daily.keys().map(|d| Some(*d)).collect();
+    let mut kwh: Vec<Option<i128>> = s.fleet_daily.values().map(|v| Some(*v)).collect();
+    let mut tou: [Vec<Option<i128>>; 4] = Default::default();
+    for t in &mut tou {
+        t.extend(date.iter().map(|_| None));
+    }
+    date.push(None);
+    kwh.push(None);
+    for (k, t) in tou.iter_mut().enumerate() {
+        t.push(Some(s.fleet_tou[k]));
+    }
+    let [t1, t2, t3, t4] = tou;
+    Table::new()
+        .with("date", Col::Date(date))
+        .with("kwh", dec4(kwh))
+        .with("sharp_kwh", dec4(t1))
+        .with("peak_kwh", dec4(t2))
+        .with("flat_kwh", dec4(t3))
+        .with("valley_kwh", dec4(t4))
+}
+
+/// The scan as far as the run report needs it, rebuilt from an `analyze`
+/// output folder (collection, fleet_daily, analytics.json): no lake scan.
+pub fn scan_from_analytics(dir: &std::path::Path) -> Result<super::scan::Scan, AnalyticsError> {
+    let mut s = super::scan::Scan::default();
+    let json: serde_json::Value = {
+        let p = dir.join("analytics.json");
+        let b = std::fs::read(&p).map_err(|source| AnalyticsError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&b)
+            .map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))?
+    };
+    let n = |k: &str| json[k].as_u64().unwrap_or(0);
+    s.readings = n("readings");
+    s.unknown_meter_readings = n("unknown_meter_readings");
+    s.backwards_pairs = n("backwards_pairs");
+    s.comm_loss_events = n("comm_loss_events");
+    let c = Table::read_parquet(&dir.join("collection.parquet"))?;
+    let text = |name: &str, i: usize| c.col(name).map(|x| x.text(i)).unwrap_or_default();
+    let int = |name: &str, i: usize| match c.col(name) {
+        Some(Col::Int(v)) => v[i].unwrap_or(0) as u64,
+        _ => 0,
+    };
+    for i in 0..c.rows() {
+        s.collectors.insert(
+            (text("collector", i), text("bus", i)),
+            super::scan::CollectorStats {
+                readings: int("readings", i),
+                ok: int("ok", i),
+                estimated: int("estimated", i),
+                suspect: int("suspect", i),
+                device_error: int("device_error", i),
+                offline: int("offline", i),
+                quarantined: int("quarantined", i),
+                meters: int("meters", i),
+            },
+        );
+    }
+    let f = Table::read_parquet(&dir.join("fleet_daily.parquet"))?;
+    let dec = |name: &str| match f.col(name) {
+        Some(Col::Dec(v, sc)) => v
+            .iter()
+            .map(|x| x.map(|x| rescale(x, *sc, SCALE)))
+            .collect(),
+        _ => vec![None; f.rows()],
+    };
+    let kwh = dec("kwh");
+    let tous = [
+        dec("sharp_kwh"),
+        dec("peak_kwh"),
+        dec("flat_kwh"),
+        dec("valley_kwh"),
+    ];
+    if let Some(Col::Date(d)) = f.col("date") {
+        for i in 0..f.rows() {
+            match (d[i], kwh[i]) {
+                (Some(d), Some(v)) => {
+                    s.fleet_daily.insert(d, v);
+                }
+                _ => {
+                    for (t, col) in s.fleet_tou.iter_mut().zip(&tous) {
+                        *t += col[i].unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(s)
 }
 
 /// Collection success per collector and per bus.

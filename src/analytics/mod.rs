@@ -108,6 +108,9 @@ pub struct AnalyzeSummary {
     /// Account-days completed after their day was written (gaps longer than
     /// `scan::OPEN_DAYS`): extra `daily_usage` rows.
     pub late_rows: u64,
+    pub unknown_meter_readings: u64,
+    pub backwards_pairs: u64,
+    pub comm_loss_events: u64,
     pub elapsed_ms: u128,
     /// Lake scan (with `daily_usage` written alongside) and the rest.
     pub scan_ms: u128,
@@ -130,9 +133,10 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
         source,
     })?;
     let calendar = match &opts.calendar {
-        Some(p) => Some(crate::tariff::load_calendar(p).map_err(|e| {
-            AnalyticsError::Invalid(format!("calendar {}: {e}", p.display()))
-        })?),
+        Some(p) => Some(
+            crate::tariff::load_calendar(p)
+                .map_err(|e| AnalyticsError::Invalid(format!("calendar {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     let lo = inputs::LoadOptions {
@@ -160,11 +164,14 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
                 }
             }
         }
-        Err(AnalyticsError::Invalid("daily_usage: stopped before the end".into()))
+        Err(AnalyticsError::Invalid(
+            "daily_usage: stopped before the end".into(),
+        ))
     });
     let mut keys: Vec<String> = Vec::new();
     let loaded = (|| -> Result<Inputs, AnalyticsError> {
-        let mut inp = Inputs::load_master(&opts.master, opts.runs.as_deref(), opts.utc_offset_secs)?;
+        let mut inp =
+            Inputs::load_master(&opts.master, opts.runs.as_deref(), opts.utc_offset_secs)?;
         keys = datasets::account_keys(&inp.accounts, opts);
         let mut sink = |d: &scan::DayBatch<'_>| -> Result<(), AnalyticsError> {
             let b = datasets::daily_usage_batch(&keys, d)?;
@@ -217,6 +224,9 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
         as_of: datasets::as_of(&inputs, opts),
         calendar: opts.calendar.clone(),
         late_rows: inputs.scan.late_rows,
+        unknown_meter_readings: inputs.scan.unknown_meter_readings,
+        backwards_pairs: inputs.scan.backwards_pairs,
+        comm_loss_events: inputs.scan.comm_loss_events,
         elapsed_ms: t0.elapsed().as_millis(),
         scan_ms,
     };
@@ -242,6 +252,8 @@ pub fn data_team_files(dir: &Path) -> Result<Vec<PathBuf>, AnalyticsError> {
     out.sort();
     Ok(out)
 }
+
+pub use datasets::scan_from_analytics;
 
 /// Collection success per collector and bus (also used by the run report).
 pub fn datasets_collection(inp: &Inputs) -> Table {

@@ -205,6 +205,8 @@ pub struct Scan {
     /// than `OPEN_DAYS`): handed on again at the end, as extra rows.
     pub late_rows: u64,
     pub readings: u64,
+    /// `comm_loss` events (meters x stretches).
+    pub comm_loss_events: u64,
     pub files: usize,
     pub first_date: Option<NaiveDate>,
     pub last_date: Option<NaiveDate>,
@@ -437,6 +439,11 @@ struct DayBuf {
 const EST: u8 = 1 << 5;
 const TOUCHED: u8 = 1 << 6;
 
+/// Account-days completed after their day was handed on.
+type LateRows = BTreeMap<(NaiveDate, u32), ([Option<i64>; NREG], bool)>;
+/// Accounts, registers and estimated flags of one day, by account.
+type DayRows = (Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>);
+
 /// Per meter state of the pass.
 struct State<'p> {
     plan: &'p ScanPlan<'p>,
@@ -450,10 +457,10 @@ struct State<'p> {
     pool: Vec<DayBuf>,
     /// Days before this one were handed on.
     flushed_before: Option<NaiveDate>,
-    late: BTreeMap<(NaiveDate, u32), ([Option<i64>; NREG], bool)>,
+    late: LateRows,
     scan: Scan,
     /// Reused between flushes.
-    rows: (Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>),
+    rows: DayRows,
 }
 
 /// Sink of completed account-days (e.g. the `daily_usage` writer).
@@ -581,6 +588,7 @@ pub fn scan_lake(
     count_quarantine(lake, &mut scan)?;
     silent_meters(meters, &heard, plan.utc_offset_secs, &mut scan);
     scan.events.sort_by_key(|e| (e.meter, e.start_ms, e.kind));
+    scan.comm_loss_events = scan.events.iter().filter(|e| e.kind == "comm_loss").count() as u64;
     Ok(scan)
 }
 
@@ -817,7 +825,7 @@ impl State<'_> {
     fn flush_late(&mut self, sink: &mut DaySink<'_>) -> Result<(), AnalyticsError> {
         let late = std::mem::take(&mut self.late);
         self.scan.late_rows = late.len() as u64;
-        let mut rows: (Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>) = Default::default();
+        let mut rows: DayRows = Default::default();
         let mut cur: Option<NaiveDate> = None;
         for ((d, a), (r, e)) in late {
             if cur.is_some_and(|c| c != d) {
@@ -839,7 +847,7 @@ impl State<'_> {
     fn day(
         &mut self,
         date: NaiveDate,
-        rows: &(Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>),
+        rows: &DayRows,
         sink: &mut DaySink<'_>,
     ) -> Result<(), AnalyticsError> {
         let (accs, regs, ests) = rows;
@@ -887,7 +895,8 @@ impl State<'_> {
             }
         }
         if any {
-            self.scan.last_day_with_data = Some(self.scan.last_day_with_data.map_or(date, |d| d.max(date)));
+            self.scan.last_day_with_data =
+                Some(self.scan.last_day_with_data.map_or(date, |d| d.max(date)));
         }
         sink(&DayBatch {
             date,
@@ -1145,8 +1154,10 @@ mod tests {
     fn holidays_and_adjusted_working_days_set_the_day_type() {
         let mut c = crate::tariff::calendar::Calendar::default();
         c.years.insert(2026);
-        c.holidays.insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
-        c.workdays.insert(NaiveDate::from_ymd_opt(2026, 10, 10).unwrap());
+        c.holidays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+        c.workdays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 10).unwrap());
         let d = |day| NaiveDate::from_ymd_opt(2026, 10, day).unwrap();
         assert_eq!(DAY_TYPES[day_type(Some(&c), d(1))], "holiday");
         assert_eq!(DAY_TYPES[day_type(Some(&c), d(10))], "weekday"); // a Saturday worked

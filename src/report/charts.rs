@@ -28,7 +28,11 @@ fn svg(draw: impl FnOnce(&Area<'_>) -> Result<(), ReportError>) -> Result<String
 }
 
 /// The common frame: title, margins and label areas.
-fn frame<'a, 'b>(root: &'a Area<'b>, title: &str, y_label_area: u32) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+fn frame<'a, 'b>(
+    root: &'a Area<'b>,
+    title: &str,
+    y_label_area: u32,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
     let mut b = ChartBuilder::on(root);
     b.caption(title, ("sans-serif", 16))
         .margin(10)

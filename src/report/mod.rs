@@ -38,6 +38,9 @@ pub struct ReportOptions {
     pub out: PathBuf,
     pub master: Option<PathBuf>,
     pub lake: Option<PathBuf>,
+    /// An `analyze` output folder: collection and fleet figures are taken
+    /// from it instead of scanning the lake (fast on large fleets).
+    pub analytics: Option<PathBuf>,
     /// A ledger export (Parquet with `account_id`, `amount`): prepaid balances.
     pub ledger: Option<PathBuf>,
     /// A folder (or file) of alert Parquet files with a `kind` column.
@@ -52,6 +55,7 @@ impl ReportOptions {
             out: out.into(),
             master: None,
             lake: None,
+            analytics: None,
             ledger: None,
             alerts: None,
             utc_offset_secs: 8 * 3600,
@@ -161,8 +165,16 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         .iter()
         .map(|a| (a.account_id.as_str(), a))
         .collect();
-    let lake_inp = match &lake {
-        Some(l) => {
+    let lake_inp = match (&opts.analytics, &lake) {
+        (Some(dir), _) => Some(inputs::Inputs::assemble(
+            meters.clone(),
+            accounts.clone(),
+            Vec::new(),
+            crate::analytics::scan_from_analytics(dir)?,
+            Vec::new(),
+            opts.utc_offset_secs,
+        )),
+        (None, Some(l)) => {
             let mut inp = inputs::Inputs::assemble(
                 meters.clone(),
                 accounts.clone(),
@@ -178,7 +190,7 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
             inp.scan_lake(l, &lo, &mut |_: &scan::DayBatch<'_>| Ok(()))?;
             Some(inp)
         }
-        None => None,
+        (None, None) => None,
     };
 
     let mut p = Page::new(&format!(
@@ -465,7 +477,7 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
                 p.svg(&charts::bars("Readings with quality ok per collector (per mille)", "per mille", &labels, &vals)?);
             }
             p.table(&cols.iter().map(String::as_str).collect::<Vec<_>>(), rows);
-            let gaps = inp.scan.events.iter().filter(|e| e.kind == "comm_loss").count();
+            let gaps = inp.scan.comm_loss_events;
             p.kv(&[
                 ("Readings in lake", inp.scan.readings.to_string()),
                 ("Readings of unknown meters", inp.scan.unknown_meter_readings.to_string()),
