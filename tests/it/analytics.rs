@@ -161,6 +161,13 @@ fn analyze_writes_every_dataset_for_a_small_fleet() {
         peak.iter().filter(|b| **b == Some(true)).count() * 8,
         p.rows()
     );
+    // The October holidays of tariffs/calendars/cn-holidays.toml are a day type.
+    let Some(Col::Str(dt)) = p.col("day_type") else {
+        panic!("no day_type")
+    };
+    for t in ["weekday", "weekend", "holiday"] {
+        assert!(dt.iter().any(|d| d.as_deref() == Some(t)), "no {t} rows");
+    }
     // Risk points add up to the score.
     let r = Table::read_parquet(&out.path().join("arrears_risk.parquet")).unwrap();
     let int = |n: &str| match r.col(n) {
