@@ -1,16 +1,21 @@
 //! The datasets of `meterflow analyze`. Each function returns a `Table`;
-//! energy columns are exact decimals (scale 4), money scale 2.
+//! energy columns are exact decimals (scale 4), money scale 2. Everything
+//! here works from the scan's per-account and per-month accumulators, never
+//! from per-day rows (`daily_usage` is written while the lake streams by).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use chrono::{Datelike, Duration, NaiveDate, Weekday};
+use arrow::array::{ArrayRef, BooleanArray, Date32Array, Decimal128Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use chrono::{Datelike, Duration, NaiveDate};
 use polars::prelude::*;
 use rust_decimal::Decimal;
 
 use super::frame::to_table;
 use super::inputs::{rescale, Inputs};
 use super::risk::{self, RiskFacts, FACTORS, GRACE_DAYS};
-use super::scan::{local_date, local_hour, SCALE};
+use super::scan::{local_date, DayBatch, Monthly, DAY_TYPES, SCALE};
 use super::table::{Col, Table};
 use super::{AnalyticsError, AnalyzeOptions};
 use crate::master::{Account, PaymentMode};
@@ -18,49 +23,49 @@ use crate::privacy::{mask_address, mask_id_number, mask_name, mask_phone};
 
 type Named = (&'static str, Table, bool);
 
-/// Every dataset: (name, table, holds raw personal data).
+/// Every dataset but `daily_usage`: (name, table, holds raw personal data).
 pub fn all(inp: &Inputs, opts: &AnalyzeOptions) -> Result<Vec<Named>, AnalyticsError> {
-    let days = account_days(inp);
-    let monthly = monthly(&days)?;
-    Ok(vec![
-        ("accounts", accounts(inp, opts, false), false),
-        ("accounts", accounts(inp, opts, true), true),
-        ("daily_usage", daily_usage(inp, opts, &days), false),
-        ("peak_periods", peak_periods(inp)?, false),
+    let on = as_of(inp, opts);
+    let pays = payments_by_account(inp);
+    let bills = bill_dates(inp);
+    let mut out = vec![("accounts", accounts(inp, opts, false), false)];
+    if opts.pii {
+        out.push(("accounts", accounts(inp, opts, true), true));
+    }
+    out.extend([
+        ("peak_periods", peak_periods(inp), false),
+        ("usage_habits", usage_habits(inp, opts), false),
+        ("history_change", history_change(inp, opts), false),
+        ("segment_change", segment_change(inp)?, false),
         (
-            "usage_habits",
-            usage_habits(inp, opts, &days, &monthly),
+            "payment_habits",
+            payment_habits(inp, opts, &pays, &bills),
             false,
         ),
-        ("history_change", history_change(inp, opts, &monthly), false),
-        ("segment_change", segment_change(inp, &monthly)?, false),
-        ("payment_habits", payment_habits(inp, opts), false),
         (
             "arrears_risk",
-            arrears_risk(inp, opts, &monthly, as_of(inp, opts)),
+            arrears_risk(inp, opts, on, &pays, &bills),
             false,
         ),
         (
             "arrears_backtest",
-            arrears_backtest(inp, &monthly, as_of(inp, opts)),
+            arrears_backtest(inp, on, opts.backtest_cutoff, &pays),
             false,
         ),
         ("outage_events", outage_events(inp, opts), false),
         ("feeder_events", feeder_events(inp), false),
-        (
-            "usage_warnings",
-            usage_warnings(inp, opts, &days, &monthly),
-            false,
-        ),
+        ("usage_warnings", usage_warnings(inp, opts), false),
         ("collection", collection(inp), false),
-    ])
+        ("fleet_daily", fleet_daily(inp), false),
+    ]);
+    Ok(out)
 }
 
+/// The as-of day: `--as-of`, else the last local day with energy.
 pub fn as_of(inp: &Inputs, opts: &AnalyzeOptions) -> Option<NaiveDate> {
-    opts.as_of.or(inp.scan.last_date.map(|d| {
-        // The last local date in the lake is only the closing snapshot's day.
-        inp.scan.daily.iter().map(|x| x.date).max().unwrap_or(d)
-    }))
+    opts.as_of
+        .or(inp.scan.last_day_with_data)
+        .or(inp.scan.last_date)
 }
 
 fn ratio(a: i128, b: i128) -> Option<f64> {
@@ -83,53 +88,37 @@ fn month_of(d: NaiveDate) -> String {
 
 fn days_in_month(d: NaiveDate) -> i64 {
     let first = d.with_day(1).expect("day 1 exists");
-    let next = if d.month() == 12 {
-        NaiveDate::from_ymd_opt(d.year() + 1, 1, 1)
-    } else {
-        NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1)
-    }
-    .expect("valid month");
-    (next - first).num_days()
+    (add_months(first, 1) - first).num_days()
 }
 
-/// Per account and local day: total and tariff 1..4 energy (scale 4), estimated.
-pub struct AccountDay {
-    pub account: usize,
-    pub date: NaiveDate,
-    pub regs: [Option<i64>; 5],
-    pub estimated: bool,
-}
-
-fn account_days(inp: &Inputs) -> Vec<AccountDay> {
-    let mut map: BTreeMap<(usize, NaiveDate), AccountDay> = BTreeMap::new();
-    for d in &inp.scan.daily {
-        let Some(a) = inp.meter_account[d.meter as usize] else {
-            continue;
-        };
-        let e = map.entry((a, d.date)).or_insert(AccountDay {
-            account: a,
-            date: d.date,
-            regs: [None; 5],
-            estimated: false,
-        });
-        for r in 0..5 {
-            if let Some(v) = d.regs[r] {
-                e.regs[r] = Some(e.regs[r].unwrap_or(0) + v);
-            }
-        }
-        e.estimated |= d.estimated;
-    }
-    map.into_values().collect()
+/// First day of the month `n` months after `first` (negative: before).
+fn add_months(first: NaiveDate, n: i32) -> NaiveDate {
+    let idx = first.year() * 12 + first.month0() as i32 + n;
+    NaiveDate::from_ymd_opt(idx.div_euclid(12), idx.rem_euclid(12) as u32 + 1, 1)
+        .expect("valid month")
 }
 
 fn dec4(v: Vec<Option<i128>>) -> Col {
     Col::Dec(v, SCALE)
 }
 
+/// The account key of every account (id or pseudonym), computed once.
+pub fn account_keys(accounts: &[Account], opts: &AnalyzeOptions) -> Vec<String> {
+    accounts
+        .iter()
+        .map(|a| opts.key.key(&a.account_id))
+        .collect()
+}
+
 fn keys(inp: &Inputs, opts: &AnalyzeOptions, idx: impl Iterator<Item = usize>) -> Col {
     Col::Str(
-        idx.map(|a| Some(opts.key.key(&inp.accounts[a].account_id)))
-            .collect(),
+        idx.map(|a| {
+            Some(match inp.keys.get(a) {
+                Some(k) => k.clone(),
+                None => opts.key.key(&inp.accounts[a].account_id),
+            })
+        })
+        .collect(),
     )
 }
 
@@ -177,113 +166,86 @@ fn mode(a: &Account) -> &'static str {
     }
 }
 
-fn daily_usage(inp: &Inputs, opts: &AnalyzeOptions, days: &[AccountDay]) -> Table {
-    let reg = |r: usize| dec4(days.iter().map(|d| d.regs[r].map(i128::from)).collect());
-    Table::new()
-        .with(
-            "account_key",
-            keys(inp, opts, days.iter().map(|d| d.account)),
-        )
-        .with(
-            "date",
-            Col::Date(days.iter().map(|d| Some(d.date)).collect()),
-        )
-        .with("kwh", reg(0))
-        .with("sharp_kwh", reg(1))
-        .with("peak_kwh", reg(2))
-        .with("flat_kwh", reg(3))
-        .with("valley_kwh", reg(4))
-        .with(
-            "estimated",
-            Col::Bool(days.iter().map(|d| Some(d.estimated)).collect()),
-        )
+/// Schema of `daily_usage.parquet`.
+pub fn daily_usage_schema() -> SchemaRef {
+    let dec = || DataType::Decimal128(18, SCALE as i8);
+    Arc::new(Schema::new(vec![
+        Field::new("account_key", DataType::Utf8, true),
+        Field::new("date", DataType::Date32, true),
+        Field::new("kwh", dec(), true),
+        Field::new("sharp_kwh", dec(), true),
+        Field::new("peak_kwh", dec(), true),
+        Field::new("flat_kwh", dec(), true),
+        Field::new("valley_kwh", dec(), true),
+        Field::new("estimated", DataType::Boolean, true),
+    ]))
 }
 
-/// One (account, month) entry of `Monthly`.
-type MonthRow<'a> = (&'a (usize, String), &'a (i128, i64, bool));
-
-/// Monthly energy per account, via polars: (account, month) -> (kWh e4, days, estimated).
-pub struct Monthly {
-    pub rows: BTreeMap<(usize, String), (i128, i64, bool)>,
+/// One completed day of the scan as a `daily_usage` batch.
+pub fn daily_usage_batch(
+    keys: &[String],
+    day: &DayBatch<'_>,
+) -> Result<arrow::record_batch::RecordBatch, AnalyticsError> {
+    let n = day.accounts.len();
+    let date = (day.date - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() as i32;
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            day.accounts.iter().map(|a| keys[*a as usize].as_str()),
+        )),
+        Arc::new(Date32Array::from(vec![date; n])),
+    ];
+    for r in 0..5 {
+        cols.push(Arc::new(
+            Decimal128Array::from_iter(day.regs.iter().map(|x| x[r].map(i128::from)))
+                .with_precision_and_scale(18, SCALE as i8)
+                .map_err(|e| AnalyticsError::Invalid(e.to_string()))?,
+        ));
+    }
+    cols.push(Arc::new(BooleanArray::from(day.estimated.to_vec())));
+    arrow::record_batch::RecordBatch::try_new(daily_usage_schema(), cols)
+        .map_err(|e| AnalyticsError::Invalid(format!("daily_usage batch: {e}")))
 }
 
-fn monthly(days: &[AccountDay]) -> Result<Monthly, AnalyticsError> {
-    let df = df!(
-        "account" => days.iter().map(|d| d.account as i64).collect::<Vec<_>>(),
-        "month" => days.iter().map(|d| month_of(d.date)).collect::<Vec<_>>(),
-        "e4" => days.iter().map(|d| d.regs[0]).collect::<Vec<_>>(),
-        "estimated" => days.iter().map(|d| d.estimated).collect::<Vec<_>>(),
-    )?;
-    let out = df
-        .lazy()
-        .group_by([col("account"), col("month")])
-        .agg([
-            col("e4").sum().alias("e4"),
-            col("e4").count().alias("days"),
-            col("estimated").any(true).alias("estimated"),
-        ])
-        .collect()?;
-    let t = to_table(&out, &[], SCALE)?;
-    let mut rows = BTreeMap::new();
-    if let (
-        Some(Col::Int(a)),
-        Some(Col::Str(m)),
-        Some(Col::Int(e)),
-        Some(Col::Int(n)),
-        Some(Col::Bool(est)),
-    ) = (
-        t.col("account"),
-        t.col("month"),
-        t.col("e4"),
-        t.col("days"),
-        t.col("estimated"),
-    ) {
-        for i in 0..t.rows() {
-            rows.insert(
-                (a[i].unwrap_or(0) as usize, m[i].clone().unwrap_or_default()),
-                (
-                    e[i].unwrap_or(0) as i128,
-                    n[i].unwrap_or(0),
-                    est[i].unwrap_or(false),
-                ),
-            );
+/// Every (account, month) with data, in account then month order.
+fn month_rows(m: &Monthly, accounts: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for a in 0..accounts {
+        for k in 0..m.months.len() {
+            if m.by_month[k][a].days > 0 {
+                out.push((a, k));
+            }
         }
     }
-    Ok(Monthly { rows })
+    out
 }
 
-fn prev_month(m: &str, back: i32) -> String {
-    let y: i32 = m[..4].parse().unwrap_or(0);
-    let mo: i32 = m[5..].parse().unwrap_or(1);
-    let idx = y * 12 + (mo - 1) - back;
-    format!("{:04}-{:02}", idx.div_euclid(12), idx.rem_euclid(12) + 1)
-}
-
-fn history_change(inp: &Inputs, opts: &AnalyzeOptions, m: &Monthly) -> Table {
-    let rows: Vec<MonthRow<'_>> = m.rows.iter().collect();
-    let get = |a: usize, month: String| m.rows.get(&(a, month)).map(|x| x.0);
-    let prev: Vec<Option<i128>> = rows
-        .iter()
-        .map(|((a, mo), _)| get(*a, prev_month(mo, 1)))
-        .collect();
-    let yoy: Vec<Option<i128>> = rows
-        .iter()
-        .map(|((a, mo), _)| get(*a, prev_month(mo, 12)))
-        .collect();
+fn history_change(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
+    let m = &inp.scan.monthly;
+    let rows = month_rows(m, inp.accounts.len());
+    let get = |a: usize, k: usize, back: i32| {
+        m.get(a, add_months(m.months[k], -back))
+            .map(|x| x.e4 as i128)
+    };
+    let cur = |r: &(usize, usize)| m.by_month[r.1][r.0];
+    let prev: Vec<Option<i128>> = rows.iter().map(|r| get(r.0, r.1, 1)).collect();
+    let yoy: Vec<Option<i128>> = rows.iter().map(|r| get(r.0, r.1, 12)).collect();
     Table::new()
-        .with("account_key", keys(inp, opts, rows.iter().map(|r| r.0 .0)))
+        .with("account_key", keys(inp, opts, rows.iter().map(|r| r.0)))
         .with(
             "month",
-            Col::Str(rows.iter().map(|r| Some(r.0 .1.clone())).collect()),
+            Col::Str(rows.iter().map(|r| Some(month_of(m.months[r.1]))).collect()),
         )
-        .with("kwh", dec4(rows.iter().map(|r| Some(r.1 .0)).collect()))
+        .with(
+            "kwh",
+            dec4(rows.iter().map(|r| Some(cur(r).e4 as i128)).collect()),
+        )
         .with(
             "days",
-            Col::Int(rows.iter().map(|r| Some(r.1 .1)).collect()),
+            Col::Int(rows.iter().map(|r| Some(cur(r).days as i64)).collect()),
         )
         .with(
             "estimated",
-            Col::Bool(rows.iter().map(|r| Some(r.1 .2)).collect()),
+            Col::Bool(rows.iter().map(|r| Some(cur(r).estimated)).collect()),
         )
         .with("prev_month_kwh", dec4(prev.clone()))
         .with(
@@ -291,7 +253,7 @@ fn history_change(inp: &Inputs, opts: &AnalyzeOptions, m: &Monthly) -> Table {
             Col::Ratio(
                 rows.iter()
                     .zip(&prev)
-                    .map(|(r, p)| pct_change(r.1 .0, *p))
+                    .map(|(r, p)| pct_change(cur(r).e4 as i128, *p))
                     .collect(),
             ),
         )
@@ -301,225 +263,203 @@ fn history_change(inp: &Inputs, opts: &AnalyzeOptions, m: &Monthly) -> Table {
             Col::Ratio(
                 rows.iter()
                     .zip(&yoy)
-                    .map(|(r, p)| pct_change(r.1 .0, *p))
+                    .map(|(r, p)| pct_change(cur(r).e4 as i128, *p))
                     .collect(),
             ),
         )
 }
 
-fn segment_change(inp: &Inputs, m: &Monthly) -> Result<Table, AnalyticsError> {
-    let mut out = Table::new();
-    let rows: Vec<MonthRow<'_>> = m.rows.iter().collect();
-    let mut kinds: Vec<String> = Vec::new();
-    let mut segs: Vec<String> = Vec::new();
-    let mut months: Vec<String> = Vec::new();
-    let mut accts: Vec<i64> = Vec::new();
-    let mut e4: Vec<i64> = Vec::new();
-    for (kind, f) in [
-        (
-            "age_band",
-            (|a: &Account| a.age_band.clone()) as fn(&Account) -> String,
-        ),
-        ("occupation", |a: &Account| a.occupation.clone()),
-        ("gender", |a: &Account| a.gender.clone()),
-        ("customer_class", |a: &Account| {
-            a.customer_class.as_str().to_string()
-        }),
-    ] {
-        for ((a, mo), v) in &rows {
-            kinds.push(kind.to_string());
-            segs.push(f(&inp.accounts[*a]));
-            months.push(mo.clone());
-            accts.push(*a as i64);
-            e4.push(v.0 as i64);
+/// Segment kinds of `segment_change`, with the account field they read.
+type SegmentOf = fn(&Account) -> &str;
+fn seg_age(a: &Account) -> &str {
+    &a.age_band
+}
+fn seg_class(a: &Account) -> &str {
+    a.customer_class.as_str()
+}
+fn seg_gender(a: &Account) -> &str {
+    &a.gender
+}
+fn seg_occupation(a: &Account) -> &str {
+    &a.occupation
+}
+const SEGMENTS: [(&str, SegmentOf); 4] = [
+    ("age_band", seg_age),
+    ("customer_class", seg_class),
+    ("gender", seg_gender),
+    ("occupation", seg_occupation),
+];
+
+/// Per segment and month, via a polars group-by over integer codes.
+fn segment_change(inp: &Inputs) -> Result<Table, AnalyticsError> {
+    let m = &inp.scan.monthly;
+    let rows = month_rows(m, inp.accounts.len());
+    // Segment values get codes in sorted order, so sorting codes sorts names.
+    let mut names: Vec<Vec<String>> = Vec::new();
+    let mut codes: Vec<Vec<i64>> = Vec::new();
+    for (_, f) in SEGMENTS {
+        let set: BTreeSet<&str> = inp.accounts.iter().map(f).collect();
+        let v: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        let idx: HashMap<&str, i64> = set
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i as i64))
+            .collect();
+        codes.push(inp.accounts.iter().map(|a| idx[f(a)]).collect());
+        names.push(v);
+    }
+    let n = rows.len() * SEGMENTS.len();
+    let (mut kind, mut seg, mut month, mut e4) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (k, c) in codes.iter().enumerate() {
+        for (a, mo) in &rows {
+            kind.push(k as i64);
+            seg.push(c[*a]);
+            month.push(*mo as i64);
+            e4.push(m.by_month[*mo][*a].e4);
         }
     }
-    let df = df!("segment_kind" => kinds, "segment" => segs, "month" => months, "account" => accts, "e4" => e4)?;
+    let df = df!("kind" => kind, "segment" => seg, "month" => month, "e4" => e4)?;
     let g = df
         .lazy()
-        .group_by([col("segment_kind"), col("segment"), col("month")])
+        .group_by([col("kind"), col("segment"), col("month")])
         .agg([
-            col("account").n_unique().alias("accounts"),
+            col("e4").count().alias("accounts"),
             col("e4").sum().alias("kwh"),
         ])
-        .sort(["segment_kind", "segment", "month"], Default::default())
+        .sort(["kind", "segment", "month"], Default::default())
         .collect()?;
     let t = to_table(&g, &["kwh"], SCALE)?;
     let (
-        Some(Col::Str(k)),
-        Some(Col::Str(s)),
-        Some(Col::Str(mo)),
-        Some(Col::Int(n)),
+        Some(Col::Int(k)),
+        Some(Col::Int(s)),
+        Some(Col::Int(mo)),
+        Some(Col::Int(cnt)),
         Some(Col::Dec(e, _)),
     ) = (
-        t.col("segment_kind"),
+        t.col("kind"),
         t.col("segment"),
         t.col("month"),
         t.col("accounts"),
         t.col("kwh"),
     )
     else {
-        return Ok(out);
+        return Ok(Table::new());
     };
-    let idx: HashMap<(String, String, String), usize> = (0..t.rows())
-        .map(|i| {
-            (
-                (
-                    k[i].clone().unwrap_or_default(),
-                    s[i].clone().unwrap_or_default(),
-                    mo[i].clone().unwrap_or_default(),
-                ),
-                i,
-            )
-        })
+    let code = |v: &Option<i64>| v.unwrap_or(0);
+    let idx: HashMap<(i64, i64, i64), usize> = (0..t.rows())
+        .map(|i| ((code(&k[i]), code(&s[i]), code(&mo[i])), i))
         .collect();
     let per_acct: Vec<Option<i128>> = (0..t.rows())
-        .map(|i| e[i].map(|x| x / n[i].unwrap_or(1).max(1) as i128))
+        .map(|i| e[i].map(|x| x / cnt[i].unwrap_or(1).max(1) as i128))
         .collect();
     let prev: Vec<Option<i128>> = (0..t.rows())
         .map(|i| {
-            let key = (
-                k[i].clone().unwrap_or_default(),
-                s[i].clone().unwrap_or_default(),
-                prev_month(mo[i].as_deref().unwrap_or("0000-01"), 1),
-            );
-            idx.get(&key).and_then(|j| per_acct[*j])
+            let this = m.months[code(&mo[i]) as usize];
+            let before = m.months.binary_search(&add_months(this, -1)).ok()?;
+            idx.get(&(code(&k[i]), code(&s[i]), before as i64))
+                .and_then(|j| per_acct[*j])
         })
         .collect();
     let mom: Vec<Option<f64>> = (0..t.rows())
         .map(|i| per_acct[i].and_then(|x| pct_change(x, prev[i])))
         .collect();
-    out = t
+    let rows = t.rows();
+    Ok(Table::new()
+        .with(
+            "segment_kind",
+            Col::Str(
+                (0..rows)
+                    .map(|i| Some(SEGMENTS[code(&k[i]) as usize].0.to_string()))
+                    .collect(),
+            ),
+        )
+        .with(
+            "segment",
+            Col::Str(
+                (0..rows)
+                    .map(|i| Some(names[code(&k[i]) as usize][code(&s[i]) as usize].clone()))
+                    .collect(),
+            ),
+        )
+        .with(
+            "month",
+            Col::Str(
+                (0..rows)
+                    .map(|i| Some(month_of(m.months[code(&mo[i]) as usize])))
+                    .collect(),
+            ),
+        )
+        .with("accounts", Col::Int(cnt.clone()))
+        .with("kwh", Col::Dec(e.clone(), SCALE))
         .with("avg_kwh_per_account", dec4(per_acct))
         .with("prev_avg_kwh_per_account", dec4(prev))
-        .with("mom_change_pct", Col::Ratio(mom));
-    Ok(out)
+        .with("mom_change_pct", Col::Ratio(mom)))
 }
 
-/// Load by hour of day and day type per district / feeder and customer class,
-/// from 15-minute interval energy (polars group-by).
-fn peak_periods(inp: &Inputs) -> Result<Table, AnalyticsError> {
-    let off = inp.utc_offset_secs;
-    let mut area_kind = Vec::new();
-    let mut area = Vec::new();
-    let mut class = Vec::new();
-    let mut day_type = Vec::new();
-    let mut hour = Vec::new();
-    let mut date = Vec::new();
-    let mut e4 = Vec::new();
-    for iv in &inp.scan.intervals {
-        let m = &inp.meters[iv.meter as usize];
-        let Some(a) = inp.meter_account[iv.meter as usize] else {
-            continue;
-        };
-        let acc = &inp.accounts[a];
-        // Interval energy belongs to the interval ending at ts: use its start.
-        let start = iv.ts_ms - 1;
-        let d = local_date(start, off);
-        let dt = if matches!(d.weekday(), Weekday::Sat | Weekday::Sun) {
-            "weekend"
-        } else {
-            "weekday"
-        };
-        for (k, v) in [
-            ("district", acc.district.clone()),
-            ("feeder", m.feeder.clone()),
-        ] {
-            area_kind.push(k);
-            area.push(v);
-            class.push(acc.customer_class.as_str());
-            day_type.push(dt);
-            hour.push(local_hour(start, off) as i64);
-            date.push(d.num_days_from_ce() as i64);
-            e4.push(iv.e4);
-        }
-    }
-    let df = df!("area_kind" => area_kind, "area" => area, "customer_class" => class, "day_type" => day_type, "hour" => hour, "date" => date, "e4" => e4)?;
-    let g = df
-        .lazy()
-        .group_by([
-            col("area_kind"),
-            col("area"),
-            col("customer_class"),
-            col("day_type"),
-            col("hour"),
-        ])
-        .agg([
-            col("e4").sum().alias("e4"),
-            col("date").n_unique().alias("days"),
-        ])
-        .sort(
-            ["area_kind", "area", "customer_class", "day_type", "hour"],
-            Default::default(),
-        )
-        .collect()?;
-    let t = to_table(&g, &[], SCALE)?;
-    let n = t.rows();
-    let (
-        Some(Col::Str(ak)),
-        Some(Col::Str(ar)),
-        Some(Col::Str(cl)),
-        Some(Col::Str(dt)),
-        Some(Col::Int(hr)),
-        Some(Col::Int(e)),
-        Some(Col::Int(days)),
-    ) = (
-        t.col("area_kind"),
-        t.col("area"),
-        t.col("customer_class"),
-        t.col("day_type"),
-        t.col("hour"),
-        t.col("e4"),
-        t.col("days"),
-    )
-    else {
-        return Ok(Table::new());
-    };
-    // Average energy in the hour = average load in kW over that hour.
-    let avg: Vec<i128> = (0..n)
-        .map(|i| e[i].unwrap_or(0) as i128 / days[i].unwrap_or(1).max(1) as i128)
+/// Load by hour of day and day type per district / feeder and customer
+/// class, from 15-minute interval energy summed during the scan.
+fn peak_periods(inp: &Inputs) -> Table {
+    let mut rows: Vec<(
+        &(&'static str, String, String),
+        usize,
+        &super::scan::HourLoad,
+    )> = inp
+        .scan
+        .peak
+        .iter()
+        .map(|((g, dt), l)| (&inp.peak_groups[*g as usize], *dt as usize, l))
         .collect();
-    let mut groups: BTreeMap<(String, String, String, String), Vec<usize>> = BTreeMap::new();
-    for i in 0..n {
-        groups
-            .entry((
-                ak[i].clone().unwrap_or_default(),
-                ar[i].clone().unwrap_or_default(),
-                cl[i].clone().unwrap_or_default(),
-                dt[i].clone().unwrap_or_default(),
-            ))
-            .or_default()
-            .push(i);
-    }
-    let mut share = vec![None; n];
-    let mut is_peak = vec![None; n];
-    let mut ptv = vec![None; n];
-    let mut peak_hour = vec![None; n];
-    for rows in groups.values() {
-        let total: i128 = rows.iter().map(|i| avg[*i]).sum();
-        let mut by: Vec<usize> = rows.clone();
-        by.sort_by_key(|i| std::cmp::Reverse(avg[*i]));
-        let max = avg[by[0]];
-        let min = avg[*by.last().expect("non-empty group")];
-        for (rank, i) in by.iter().enumerate() {
-            share[*i] = ratio(avg[*i], total);
-            is_peak[*i] = Some(rank < 3);
-            ptv[*i] = ratio(max, min);
-            peak_hour[*i] = hr[by[0]];
+    rows.sort_by(|a, b| (a.0, DAY_TYPES[a.1]).cmp(&(b.0, DAY_TYPES[b.1])));
+    let (mut ak, mut ar, mut cl, mut dt, mut hr, mut days) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut avg, mut share, mut is_peak, mut peak_hour, mut ptv) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for (g, t, l) in rows {
+        let n = l.dates.len().max(1) as i128;
+        // Average energy in the hour = average load in kW over that hour.
+        let a: Vec<i128> = l.e4.iter().map(|e| *e as i128 / n).collect();
+        let total: i128 = a.iter().sum();
+        let mut by: Vec<usize> = (0..24).collect();
+        by.sort_by_key(|h| std::cmp::Reverse(a[*h]));
+        let (max, min) = (a[by[0]], a[by[23]]);
+        let rank: Vec<usize> = {
+            let mut r = vec![0; 24];
+            for (k, h) in by.iter().enumerate() {
+                r[*h] = k;
+            }
+            r
+        };
+        for h in 0..24 {
+            ak.push(Some(g.0.to_string()));
+            ar.push(Some(g.1.clone()));
+            cl.push(Some(g.2.clone()));
+            dt.push(Some(DAY_TYPES[t].to_string()));
+            hr.push(Some(h as i64));
+            days.push(Some(l.dates.len() as i64));
+            avg.push(Some(a[h]));
+            share.push(ratio(a[h], total));
+            is_peak.push(Some(rank[h] < 3));
+            peak_hour.push(Some(by[0] as i64));
+            ptv.push(ratio(max, min));
         }
     }
-    Ok(Table::new()
-        .with("area_kind", Col::Str(ak.clone()))
-        .with("area", Col::Str(ar.clone()))
-        .with("customer_class", Col::Str(cl.clone()))
-        .with("day_type", Col::Str(dt.clone()))
-        .with("hour", Col::Int(hr.clone()))
-        .with("days", Col::Int(days.clone()))
-        .with("avg_hour_kwh", dec4(avg.into_iter().map(Some).collect()))
+    Table::new()
+        .with("area_kind", Col::Str(ak))
+        .with("area", Col::Str(ar))
+        .with("customer_class", Col::Str(cl))
+        .with("day_type", Col::Str(dt))
+        .with("hour", Col::Int(hr))
+        .with("days", Col::Int(days))
+        .with("avg_hour_kwh", dec4(avg))
         .with("share_of_day", Col::Ratio(share))
         .with("is_peak_hour", Col::Bool(is_peak))
         .with("peak_hour", Col::Int(peak_hour))
-        .with("peak_to_valley_ratio", Col::Ratio(ptv)))
+        .with("peak_to_valley_ratio", Col::Ratio(ptv))
 }
 
 fn profile_from_shares(night: f64, day: f64, evening: f64) -> &'static str {
@@ -534,162 +474,130 @@ fn profile_from_shares(night: f64, day: f64, evening: f64) -> &'static str {
     }
 }
 
-fn usage_habits(inp: &Inputs, opts: &AnalyzeOptions, days: &[AccountDay], m: &Monthly) -> Table {
-    let off = inp.utc_offset_secs;
-    // Hourly shares from interval data: account -> [night 0-6, day 8-17, evening 18-22, all].
-    let mut hours: HashMap<usize, [i128; 4]> = HashMap::new();
-    for iv in &inp.scan.intervals {
-        let Some(a) = inp.meter_account[iv.meter as usize] else {
-            continue;
-        };
-        let h = local_hour(iv.ts_ms - 1, off);
-        let e = hours.entry(a).or_default();
-        let v = iv.e4 as i128;
-        match h {
-            0..=6 => e[0] += v,
-            8..=17 => e[1] += v,
-            18..=22 => e[2] += v,
-            _ => {}
-        }
-        e[3] += v;
-    }
-    let mut by_acc: BTreeMap<usize, Vec<&AccountDay>> = BTreeMap::new();
-    for d in days {
-        by_acc.entry(d.account).or_default().push(d);
-    }
-    let mut acc = Vec::new();
-    let (mut n, mut avg, mut wd, mut we, mut wratio, mut prof, mut src, mut season, mut trend) = (
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-    );
-    for (a, ds) in &by_acc {
-        let vals: Vec<(NaiveDate, i128)> = ds
-            .iter()
-            .filter_map(|d| d.regs[0].map(|v| (d.date, v as i128)))
-            .collect();
-        if vals.is_empty() {
-            continue;
-        }
-        acc.push(*a);
-        let cnt = vals.len() as i128;
-        let sum: i128 = vals.iter().map(|x| x.1).sum();
-        n.push(Some(cnt as i64));
-        avg.push(Some(sum / cnt));
-        let (w, e): (Vec<_>, Vec<_>) = vals
-            .iter()
-            .partition(|x| !matches!(x.0.weekday(), Weekday::Sat | Weekday::Sun));
-        let mean = |v: &[(NaiveDate, i128)]| {
-            if v.is_empty() {
-                None
-            } else {
-                Some(v.iter().map(|x| x.1).sum::<i128>() / v.len() as i128)
-            }
-        };
-        let (mw, me) = (mean(&w), mean(&e));
-        wd.push(mw);
-        we.push(me);
-        wratio.push(match (mw, me) {
-            (Some(x), Some(y)) => ratio(x, y),
-            _ => None,
-        });
-        if let Some(h) = hours.get(a).filter(|h| h[3] > 0) {
-            let s = |i: usize| ratio(h[i], h[3]).unwrap_or(0.0);
+fn usage_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
+    let m = &inp.scan.monthly;
+    let acc: Vec<usize> = (0..inp.accounts.len())
+        .filter(|a| inp.scan.accounts.get(*a).is_some_and(|s| s.days > 0))
+        .collect();
+    let stats = |a: &usize| &inp.scan.accounts[*a];
+    let mean = |sum: i64, n: u32| (n > 0).then(|| sum as i128 / n as i128);
+    let (mut prof, mut src) = (Vec::with_capacity(acc.len()), Vec::with_capacity(acc.len()));
+    for a in &acc {
+        if let Some(h) = inp.scan.hour_bands.get(&(*a as u32)).filter(|h| h[3] > 0) {
+            let s = |i: usize| ratio(h[i] as i128, h[3] as i128).unwrap_or(0.0);
             prof.push(Some(profile_from_shares(s(0), s(1), s(2)).to_string()));
             src.push(Some("interval".to_string()));
-        } else {
-            let t: [i128; 4] = std::array::from_fn(|r| {
-                ds.iter()
-                    .filter_map(|d| d.regs[r + 1])
-                    .map(i128::from)
-                    .sum()
-            });
-            let all: i128 = t.iter().sum();
-            if all > 0 {
-                let valley = ratio(t[3], all).unwrap_or(0.0);
-                let peak = ratio(t[0] + t[1], all).unwrap_or(0.0);
-                let p = if valley >= 0.4 {
-                    "night"
-                } else if peak >= 0.55 {
-                    "daytime"
-                } else {
-                    "flat"
-                };
-                prof.push(Some(p.to_string()));
-                src.push(Some("tou_registers".to_string()));
-            } else {
-                prof.push(None);
-                src.push(None);
-            }
+            continue;
         }
-        // Seasonality: highest over lowest average daily use across months with 20+ days.
-        let months: Vec<i128> = m
-            .rows
-            .range((*a, String::new())..)
-            .take_while(|((x, _), _)| x == a)
-            .filter(|(_, v)| v.1 >= 20)
-            .map(|(_, v)| v.0 / v.1 as i128)
-            .collect();
-        season.push(if months.len() >= 2 {
-            ratio(
-                *months.iter().max().expect("2+"),
-                *months.iter().min().expect("2+"),
-            )
+        let t = stats(a).tou;
+        let all: i64 = t.iter().sum();
+        if all > 0 {
+            let valley = ratio(t[3] as i128, all as i128).unwrap_or(0.0);
+            let peak = ratio((t[0] + t[1]) as i128, all as i128).unwrap_or(0.0);
+            let p = if valley >= 0.4 {
+                "night"
+            } else if peak >= 0.55 {
+                "daytime"
+            } else {
+                "flat"
+            };
+            prof.push(Some(p.to_string()));
+            src.push(Some("tou_registers".to_string()));
         } else {
-            None
-        });
-        trend.push(trend_pct_per_30_days(&vals));
+            prof.push(None);
+            src.push(None);
+        }
     }
+    // Seasonality: highest over lowest average daily use across months with 20+ days.
+    let season: Vec<Option<f64>> = acc
+        .iter()
+        .map(|a| {
+            let months: Vec<i128> = m
+                .by_month
+                .iter()
+                .map(|v| v[*a])
+                .filter(|x| x.days >= 20)
+                .map(|x| x.e4 as i128 / x.days as i128)
+                .collect();
+            if months.len() >= 2 {
+                ratio(*months.iter().max()?, *months.iter().min()?)
+            } else {
+                None
+            }
+        })
+        .collect();
     Table::new()
         .with("account_key", keys(inp, opts, acc.iter().copied()))
-        .with("days", Col::Int(n))
-        .with("avg_daily_kwh", dec4(avg))
-        .with("weekday_avg_kwh", dec4(wd))
-        .with("weekend_avg_kwh", dec4(we))
-        .with("weekday_weekend_ratio", Col::Ratio(wratio))
+        .with(
+            "days",
+            Col::Int(acc.iter().map(|a| Some(stats(a).days as i64)).collect()),
+        )
+        .with(
+            "avg_daily_kwh",
+            dec4(
+                acc.iter()
+                    .map(|a| mean(stats(a).sum, stats(a).days))
+                    .collect(),
+            ),
+        )
+        .with(
+            "weekday_avg_kwh",
+            dec4(
+                acc.iter()
+                    .map(|a| mean(stats(a).weekday_sum, stats(a).weekday_days))
+                    .collect(),
+            ),
+        )
+        .with(
+            "weekend_avg_kwh",
+            dec4(
+                acc.iter()
+                    .map(|a| mean(stats(a).weekend_sum, stats(a).weekend_days))
+                    .collect(),
+            ),
+        )
+        .with(
+            "weekday_weekend_ratio",
+            Col::Ratio(
+                acc.iter()
+                    .map(|a| {
+                        let s = stats(a);
+                        match (
+                            mean(s.weekday_sum, s.weekday_days),
+                            mean(s.weekend_sum, s.weekend_days),
+                        ) {
+                            (Some(x), Some(y)) => ratio(x, y),
+                            _ => None,
+                        }
+                    })
+                    .collect(),
+            ),
+        )
         .with("profile_class", Col::Str(prof))
         .with("profile_source", Col::Str(src))
         .with("seasonality_ratio", Col::Ratio(season))
-        .with("trend_pct_per_30d", Col::Ratio(trend))
+        .with(
+            "trend_pct_per_30d",
+            Col::Ratio(
+                acc.iter()
+                    .map(|a| stats(a).trend_pct_per_30_days())
+                    .collect(),
+            ),
+        )
 }
 
-/// Least-squares slope of daily use, as percent of the mean per 30 days.
-fn trend_pct_per_30_days(vals: &[(NaiveDate, i128)]) -> Option<f64> {
-    if vals.len() < 7 {
-        return None;
-    }
-    let x0 = vals[0].0;
-    let pts: Vec<(f64, f64)> = vals
-        .iter()
-        .map(|(d, v)| ((*d - x0).num_days() as f64, *v as f64))
-        .collect();
-    let n = pts.len() as f64;
-    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    if sxx == 0.0 || my == 0.0 {
-        return None;
-    }
-    Some(((sxy / sxx) * 30.0 / my * 1000.0).round() / 10.0)
-}
+/// Bills of one account: (bill date, total yuan e2 when known), by date.
+type Bills = Vec<(NaiveDate, Option<i128>)>;
+/// Payments of one account: (local day, yuan e2, channel index in `CHANNELS` or 4).
+type Pays = Vec<(NaiveDate, i128, u8)>;
 
-/// Bill dates per account: from bill runs, else the 1st of every month in the data.
-fn bill_dates(inp: &Inputs) -> BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> {
+/// Bill dates per postpaid account: from bill runs, else the 1st of every month in the data.
+fn bill_dates(inp: &Inputs) -> BTreeMap<usize, Bills> {
     bill_dates_from(inp, !inp.bills.is_empty())
 }
 
-fn bill_dates_from(
-    inp: &Inputs,
-    from_runs: bool,
-) -> BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> {
-    let mut out: BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>> = BTreeMap::new();
+fn bill_dates_from(inp: &Inputs, from_runs: bool) -> BTreeMap<usize, Bills> {
+    let mut out: BTreeMap<usize, Bills> = BTreeMap::new();
     if from_runs {
         for b in &inp.bills {
             let postpaid = |a: &usize| inp.accounts[*a].payment_mode == PaymentMode::Postpaid;
@@ -703,13 +611,12 @@ fn bill_dates_from(
     } else if let (Some(first), Some(last)) = (inp.scan.first_date, inp.scan.last_date) {
         let mut d = first.with_day(1).expect("day 1");
         if d < first {
-            d = NaiveDate::from_ymd_opt(d.year() + (d.month() / 12) as i32, d.month() % 12 + 1, 1)
-                .expect("valid");
+            d = add_months(d, 1);
         }
         let mut months = Vec::new();
         while d <= last {
             months.push(d);
-            d = d + Duration::days(days_in_month(d));
+            d = add_months(d, 1);
         }
         for (i, a) in inp.accounts.iter().enumerate() {
             if a.payment_mode == PaymentMode::Postpaid {
@@ -723,10 +630,11 @@ fn bill_dates_from(
     out
 }
 
-/// (days to pay of each bill paid before `on`, bills unpaid GRACE_DAYS after issue, open yuan e2).
+/// (days to pay of each bill paid by `on`, bills unpaid GRACE_DAYS after
+/// issue, open yuan e2). Only bills issued by `on` and payments made by `on` count.
 fn bill_payment_match(
     bills: &[(NaiveDate, Option<i128>)],
-    pays: &[(NaiveDate, i128)],
+    pays: &[(NaiveDate, i128, u8)],
     on: NaiveDate,
 ) -> (Vec<i64>, u32, i128) {
     let mut days = Vec::new();
@@ -765,28 +673,36 @@ fn bill_payment_match(
     (days, overdue, open)
 }
 
-fn payments_by_account(inp: &Inputs) -> BTreeMap<usize, Vec<(NaiveDate, i128, String)>> {
-    let mut out: BTreeMap<usize, Vec<(NaiveDate, i128, String)>> = BTreeMap::new();
+fn payments_by_account(inp: &Inputs) -> Vec<Pays> {
+    let mut out: Vec<Pays> = vec![Vec::new(); inp.accounts.len()];
     for p in &inp.payments {
         if let Some(a) = inp.account_index.get(&p.account_id) {
             let d = local_date(p.paid_at.timestamp_millis(), inp.utc_offset_secs);
             let e2 = rescale(p.amount.mantissa(), p.amount.scale() as u8, 2);
-            out.entry(*a).or_default().push((d, e2, p.channel.clone()));
+            let ch = CHANNELS
+                .iter()
+                .position(|c| *c == p.channel)
+                .unwrap_or(CHANNELS.len()) as u8;
+            out[*a].push((d, e2, ch));
         }
     }
-    for v in out.values_mut() {
+    for v in &mut out {
         v.sort();
     }
     out
 }
 
 const CHANNELS: [&str; 4] = ["wechat", "alipay", "bank", "counter"];
+const COUNTER: u8 = 3;
 
-fn payment_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
-    let pays = payments_by_account(inp);
-    let bills = bill_dates(inp);
+fn payment_habits(
+    inp: &Inputs,
+    opts: &AnalyzeOptions,
+    pays: &[Pays],
+    bills: &BTreeMap<usize, Bills>,
+) -> Table {
     let on = inp.scan.last_date.unwrap_or(NaiveDate::MAX);
-    let accs: Vec<usize> = pays.keys().copied().collect();
+    let accs: Vec<usize> = (0..pays.len()).filter(|a| !pays[*a].is_empty()).collect();
     let mut count = vec![];
     let mut paid = vec![];
     let mut shares: [Vec<Option<f64>>; 4] = Default::default();
@@ -794,19 +710,18 @@ fn payment_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
     let mut gap = vec![];
     let mut remind = vec![];
     for a in &accs {
-        let p = &pays[a];
+        let p = &pays[*a];
         count.push(Some(p.len() as i64));
         paid.push(Some(p.iter().map(|x| x.1).sum::<i128>()));
-        for (k, ch) in CHANNELS.iter().enumerate() {
-            shares[k].push(ratio(
-                p.iter().filter(|x| x.2 == *ch).count() as i128,
+        for (k, s) in shares.iter_mut().enumerate() {
+            s.push(ratio(
+                p.iter().filter(|x| x.2 == k as u8).count() as i128,
                 p.len() as i128,
             ));
         }
-        let simple: Vec<(NaiveDate, i128)> = p.iter().map(|x| (x.0, x.1)).collect();
         let is_post = inp.accounts[*a].payment_mode == PaymentMode::Postpaid;
         let (mut d, _, _) = if is_post {
-            bill_payment_match(bills.get(a).map_or(&[][..], |v| v), &simple, on)
+            bill_payment_match(bills.get(a).map_or(&[][..], |v| v), p, on)
         } else {
             (vec![], 0, 0)
         };
@@ -851,53 +766,57 @@ fn payment_habits(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
         .with("suggested_reminder_day", Col::Int(remind))
 }
 
-fn usage_ratio(m: &Monthly, a: usize, month: &str) -> Option<f64> {
-    let now = m.rows.get(&(a, month.to_string()))?;
-    let before = m.rows.get(&(a, prev_month(month, 1)))?;
-    ratio(now.0 * before.1 as i128, before.0 * now.1.max(1) as i128)
+/// Daily use of the last complete month before `on` over the month before
+/// it (for the usage-jump factor; only data before `on`).
+fn usage_ratio(m: &Monthly, a: usize, on: NaiveDate) -> Option<f64> {
+    let this = add_months(on.with_day(1)?, -1);
+    let now = m.get(a, this)?;
+    let before = m.get(a, add_months(this, -1))?;
+    ratio(
+        now.e4 as i128 * before.days as i128,
+        before.e4 as i128 * now.days.max(1) as i128,
+    )
 }
 
+/// What is known about a postpaid account on day `on` (strictly before it).
 fn risk_facts(
     inp: &Inputs,
     a: usize,
-    m: &Monthly,
     on: NaiveDate,
     bills: &[(NaiveDate, Option<i128>)],
-    pays: &[(NaiveDate, i128, String)],
+    pays: &[(NaiveDate, i128, u8)],
 ) -> (RiskFacts, i128) {
-    let before: Vec<&(NaiveDate, i128, String)> = pays.iter().filter(|p| p.0 < on).collect();
-    let simple: Vec<(NaiveDate, i128)> = before.iter().map(|p| (p.0, p.1)).collect();
-    let (days, overdue, open) = bill_payment_match(bills, &simple, on);
+    let before: Vec<(NaiveDate, i128, u8)> = pays.iter().filter(|p| p.0 < on).copied().collect();
+    let known: Vec<(NaiveDate, Option<i128>)> =
+        bills.iter().filter(|b| b.0 < on).copied().collect();
+    let (days, overdue, open) = bill_payment_match(&known, &before, on);
     let f = RiskFacts {
         days_to_pay: days,
         overdue_bills: overdue,
         has_payment: !before.is_empty(),
-        counter_only: !before.is_empty() && before.iter().all(|p| p.2 == "counter"),
-        usage_ratio: usage_ratio(m, a, &month_of(on)),
+        counter_only: !before.is_empty() && before.iter().all(|p| p.2 == COUNTER),
+        usage_ratio: usage_ratio(&inp.scan.monthly, a, on),
         opened_on: Some(inp.accounts[a].opened_on),
     };
     (f, open)
 }
 
-fn arrears_risk(inp: &Inputs, opts: &AnalyzeOptions, m: &Monthly, on: Option<NaiveDate>) -> Table {
+fn arrears_risk(
+    inp: &Inputs,
+    opts: &AnalyzeOptions,
+    on: Option<NaiveDate>,
+    pays: &[Pays],
+    bills: &BTreeMap<usize, Bills>,
+) -> Table {
     let Some(on) = on else { return Table::new() };
     let on = on + Duration::days(1);
-    let pays = payments_by_account(inp);
-    let bills = bill_dates(inp);
     let accs: Vec<usize> = (0..inp.accounts.len())
         .filter(|a| inp.accounts[*a].payment_mode == PaymentMode::Postpaid)
         .collect();
     let mut pts: [Vec<Option<i64>>; 6] = Default::default();
     let (mut score, mut band, mut open) = (vec![], vec![], vec![]);
     for a in &accs {
-        let (f, o) = risk_facts(
-            inp,
-            *a,
-            m,
-            on,
-            bills.get(a).map_or(&[][..], |v| v),
-            pays.get(a).map_or(&[][..], |v| v),
-        );
+        let (f, o) = risk_facts(inp, *a, on, bills.get(a).map_or(&[][..], |v| v), &pays[*a]);
         let s = risk::score(&f, on);
         for (col, p) in pts.iter_mut().zip(s.points) {
             col.push(Some(p));
@@ -920,41 +839,80 @@ fn arrears_risk(inp: &Inputs, opts: &AnalyzeOptions, m: &Monthly, on: Option<Nai
         .with("open_bills_total", Col::Dec(open, 2))
 }
 
-/// Scores every postpaid account on each bill date using only what was known
-/// before it, then checks whether that bill was paid within GRACE_DAYS.
-fn arrears_backtest(inp: &Inputs, m: &Monthly, last: Option<NaiveDate>) -> Table {
+/// Backtest at a cut-off day C: every postpaid account with a bill issued on
+/// or after C (and at least GRACE_DAYS before the end of the data) is scored
+/// on C from bills, payments and use before C only; the outcome is whether
+/// any such bill went unpaid for more than GRACE_DAYS. Default C: the
+/// latest bill date that still has an observable outcome and at least one
+/// earlier bill (so there is history to score).
+pub fn backtest_cutoff(bills: &BTreeMap<usize, Bills>, last: NaiveDate) -> Option<NaiveDate> {
+    let dates: BTreeSet<NaiveDate> = bills.values().flatten().map(|b| b.0).collect();
+    let first = *dates.iter().next()?;
+    dates
+        .into_iter()
+        .rfind(|d| *d > first && (last - *d).num_days() >= GRACE_DAYS)
+        .or(Some(first).filter(|d| (last - *d).num_days() >= GRACE_DAYS))
+}
+
+fn arrears_backtest(
+    inp: &Inputs,
+    last: Option<NaiveDate>,
+    cutoff: Option<NaiveDate>,
+    pays: &[Pays],
+) -> Table {
     let Some(last) = last else {
         return Table::new();
     };
-    let pays = payments_by_account(inp);
-    let scorable = |b: &BTreeMap<usize, Vec<(NaiveDate, Option<i128>)>>| {
-        b.values()
-            .flatten()
-            .any(|(bd, _)| (last - *bd).num_days() >= GRACE_DAYS)
-    };
     let mut bills = bill_dates(inp);
-    if !scorable(&bills) {
+    let mut source = if inp.bills.is_empty() {
+        "assumed_1st_of_month"
+    } else {
+        "bill_runs"
+    };
+    if backtest_cutoff(&bills, last).is_none() && cutoff.is_none() {
         // Runs too recent to have an outcome: fall back to bills on the 1st of each month.
         bills = bill_dates_from(inp, false);
+        source = "assumed_1st_of_month";
     }
+    let Some(c) = cutoff.or_else(|| backtest_cutoff(&bills, last)) else {
+        return backtest_table(None, source, &BTreeMap::new());
+    };
     let mut by_band: BTreeMap<&'static str, (i64, i64, i64)> = BTreeMap::new();
     for (a, bs) in &bills {
-        let p = pays.get(a).map_or(&[][..], |v| v);
-        for (k, (bd, _)) in bs.iter().enumerate() {
-            if (last - *bd).num_days() < GRACE_DAYS {
-                continue;
-            }
-            let (f, _) = risk_facts(inp, *a, m, *bd, &bs[..k], p);
-            let s = risk::score(&f, *bd);
-            let bad = !p
-                .iter()
-                .any(|x| x.0 >= *bd && (x.0 - *bd).num_days() <= GRACE_DAYS);
-            let e = by_band.entry(s.band).or_default();
-            e.0 += 1;
-            e.1 += bad as i64;
-            e.2 += s.score;
+        let p = &pays[*a];
+        let outcome_bills: Vec<NaiveDate> = bs
+            .iter()
+            .map(|b| b.0)
+            .filter(|d| *d >= c && (last - *d).num_days() >= GRACE_DAYS)
+            .collect();
+        if outcome_bills.is_empty() {
+            continue;
         }
+        let (f, _) = risk_facts(inp, *a, c, bs, p);
+        let s = risk::score(&f, c);
+        // Behind on bills GRACE_DAYS after an outcome bill: fewer payments
+        // since the first bill than bills issued (a late payment of the bill
+        // before does not count as paying this one).
+        let first = bs[0].0;
+        let bad = outcome_bills.iter().any(|bd| {
+            let issued = bs.iter().filter(|b| b.0 <= *bd).count();
+            let due = *bd + Duration::days(GRACE_DAYS);
+            let paid = p.iter().filter(|x| x.0 >= first && x.0 <= due).count();
+            paid < issued
+        });
+        let e = by_band.entry(s.band).or_default();
+        e.0 += 1;
+        e.1 += bad as i64;
+        e.2 += s.score;
     }
+    backtest_table(Some(c), source, &by_band)
+}
+
+fn backtest_table(
+    cutoff: Option<NaiveDate>,
+    source: &str,
+    by_band: &BTreeMap<&'static str, (i64, i64, i64)>,
+) -> Table {
     let all = by_band
         .values()
         .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
@@ -964,12 +922,17 @@ fn arrears_backtest(inp: &Inputs, m: &Monthly, last: Option<NaiveDate>) -> Table
         .collect();
     rows.push(("all".to_string(), all));
     Table::new()
+        .with("cutoff", Col::Date(rows.iter().map(|_| cutoff).collect()))
+        .with(
+            "bill_dates_from",
+            Col::Str(rows.iter().map(|_| Some(source.to_string())).collect()),
+        )
         .with(
             "band",
             Col::Str(rows.iter().map(|r| Some(r.0.clone())).collect()),
         )
         .with(
-            "bills_scored",
+            "accounts_scored",
             Col::Int(rows.iter().map(|r| Some(r.1 .0)).collect()),
         )
         .with(
@@ -1124,32 +1087,36 @@ fn feeder_events(inp: &Inputs) -> Table {
         )
 }
 
-fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions, days: &[AccountDay], m: &Monthly) -> Table {
+fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
     let Some(on) = as_of(inp, opts) else {
         return Table::new();
     };
+    let m = &inp.scan.monthly;
     let month = month_of(on);
     let month_start = on.with_day(1).expect("day 1");
     let elapsed = (on - month_start).num_days() + 1;
     let dim = days_in_month(on);
-    let mut mtd: BTreeMap<usize, i128> = BTreeMap::new();
-    for d in days
-        .iter()
-        .filter(|d| d.date >= month_start && d.date <= on)
-    {
-        *mtd.entry(d.account).or_default() += d.regs[0].unwrap_or(0) as i128;
-    }
+    // Month to date: summed by the scan for `--as-of`, else the as-of month is the last one.
+    let mtd = |a: usize| -> Option<i128> {
+        if opts.as_of.is_some() && !inp.scan.mtd.is_empty() {
+            let v = inp.scan.mtd[a];
+            m.get(a, month_start).map(|_| v as i128)
+        } else {
+            m.get(a, month_start).map(|x| x.e4 as i128)
+        }
+    };
     let scale = Decimal::from(10_000);
     let mut rows = Vec::new();
-    for (a, e4) in mtd {
+    for a in 0..inp.accounts.len() {
+        let Some(e4) = mtd(a) else { continue };
         let projected = e4 * dim as i128 / elapsed as i128;
         // Usual: mean of earlier full months (20+ days of data).
         let prior: Vec<i128> = m
-            .rows
-            .range((a, String::new())..)
-            .take_while(|((x, _), _)| *x == a)
-            .filter(|((_, mo), v)| *mo < month && v.1 >= 20)
-            .map(|(_, v)| v.0)
+            .months
+            .iter()
+            .zip(&m.by_month)
+            .filter(|(mo, v)| **mo < month_start && v[a].days >= 20)
+            .map(|(_, v)| v[a].e4 as i128)
             .collect();
         let usual = if prior.is_empty() {
             None
@@ -1229,6 +1196,102 @@ fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions, days: &[AccountDay], m: &
             "stage",
             Col::Str(rows.iter().map(|r| Some(r.5.clone())).collect()),
         )
+}
+
+/// Fleet energy per local day (every known meter), and the TOU registers
+/// over all days on a row with no date: what the run report charts.
+fn fleet_daily(inp: &Inputs) -> Table {
+    let s = &inp.scan;
+    let mut date: Vec<Option<NaiveDate>> = s.fleet_daily.keys().map(|d| Some(*d)).collect();
+    let mut kwh: Vec<Option<i128>> = s.fleet_daily.values().map(|v| Some(*v)).collect();
+    let mut tou: [Vec<Option<i128>>; 4] = Default::default();
+    for t in &mut tou {
+        t.extend(date.iter().map(|_| None));
+    }
+    date.push(None);
+    kwh.push(None);
+    for (k, t) in tou.iter_mut().enumerate() {
+        t.push(Some(s.fleet_tou[k]));
+    }
+    let [t1, t2, t3, t4] = tou;
+    Table::new()
+        .with("date", Col::Date(date))
+        .with("kwh", dec4(kwh))
+        .with("sharp_kwh", dec4(t1))
+        .with("peak_kwh", dec4(t2))
+        .with("flat_kwh", dec4(t3))
+        .with("valley_kwh", dec4(t4))
+}
+
+/// The scan as far as the run report needs it, rebuilt from an `analyze`
+/// output folder (collection, fleet_daily, analytics.json): no lake scan.
+pub fn scan_from_analytics(dir: &std::path::Path) -> Result<super::scan::Scan, AnalyticsError> {
+    let mut s = super::scan::Scan::default();
+    let json: serde_json::Value = {
+        let p = dir.join("analytics.json");
+        let b = std::fs::read(&p).map_err(|source| AnalyticsError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&b)
+            .map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))?
+    };
+    let n = |k: &str| json[k].as_u64().unwrap_or(0);
+    s.readings = n("readings");
+    s.unknown_meter_readings = n("unknown_meter_readings");
+    s.backwards_pairs = n("backwards_pairs");
+    s.comm_loss_events = n("comm_loss_events");
+    let c = Table::read_parquet(&dir.join("collection.parquet"))?;
+    let text = |name: &str, i: usize| c.col(name).map(|x| x.text(i)).unwrap_or_default();
+    let int = |name: &str, i: usize| match c.col(name) {
+        Some(Col::Int(v)) => v[i].unwrap_or(0) as u64,
+        _ => 0,
+    };
+    for i in 0..c.rows() {
+        s.collectors.insert(
+            (text("collector", i), text("bus", i)),
+            super::scan::CollectorStats {
+                readings: int("readings", i),
+                ok: int("ok", i),
+                estimated: int("estimated", i),
+                suspect: int("suspect", i),
+                device_error: int("device_error", i),
+                offline: int("offline", i),
+                quarantined: int("quarantined", i),
+                meters: int("meters", i),
+            },
+        );
+    }
+    let f = Table::read_parquet(&dir.join("fleet_daily.parquet"))?;
+    let dec = |name: &str| match f.col(name) {
+        Some(Col::Dec(v, sc)) => v
+            .iter()
+            .map(|x| x.map(|x| rescale(x, *sc, SCALE)))
+            .collect(),
+        _ => vec![None; f.rows()],
+    };
+    let kwh = dec("kwh");
+    let tous = [
+        dec("sharp_kwh"),
+        dec("peak_kwh"),
+        dec("flat_kwh"),
+        dec("valley_kwh"),
+    ];
+    if let Some(Col::Date(d)) = f.col("date") {
+        for i in 0..f.rows() {
+            match (d[i], kwh[i]) {
+                (Some(d), Some(v)) => {
+                    s.fleet_daily.insert(d, v);
+                }
+                _ => {
+                    for (t, col) in s.fleet_tou.iter_mut().zip(&tous) {
+                        *t += col[i].unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(s)
 }
 
 /// Collection success per collector and per bus.

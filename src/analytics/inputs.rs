@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use chrono::NaiveDate;
 
-use super::scan::{scan_lake, Scan};
+use super::scan::{scan_lake, DaySink, Scan, ScanPlan};
 use super::table::{Col, Table};
 use super::AnalyticsError;
 use crate::master::{self, Account, Meter, Payment};
+use crate::tariff::calendar::Calendar;
 
 /// One issued bill, as far as analytics needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,15 +35,41 @@ pub struct Inputs {
     pub meter_account: Vec<Option<usize>>,
     pub account_index: HashMap<String, usize>,
     pub utc_offset_secs: i32,
+    /// Peak groups (`scan.peak` keys): (area kind, area, customer class).
+    pub peak_groups: Vec<(&'static str, String, String)>,
+    /// Account keys (id or pseudonym) by account index; empty: computed per use.
+    pub keys: Vec<String>,
 }
 
 fn master_err(e: impl std::fmt::Display) -> AnalyticsError {
     AnalyticsError::Master(e.to_string())
 }
 
+/// How to scan: local time, calendar, month-to-date day.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub utc_offset_secs: i32,
+    pub calendar: Option<Calendar>,
+    pub mtd_as_of: Option<NaiveDate>,
+}
+
 impl Inputs {
+    /// Loads master data and bill runs, then scans the lake once, handing
+    /// every completed account-day to `sink`.
     pub fn load(
         lake: &Path,
+        master_dir: &Path,
+        runs: Option<&Path>,
+        lo: &LoadOptions,
+        sink: &mut DaySink<'_>,
+    ) -> Result<Inputs, AnalyticsError> {
+        let mut inp = Inputs::load_master(master_dir, runs, lo.utc_offset_secs)?;
+        inp.scan_lake(lake, lo, sink)?;
+        Ok(inp)
+    }
+
+    /// Master data and bill runs, no lake scan yet.
+    pub fn load_master(
         master_dir: &Path,
         runs: Option<&Path>,
         utc_offset_secs: i32,
@@ -59,7 +86,6 @@ impl Inputs {
         } else {
             Vec::new()
         };
-        let scan = scan_lake(lake, &meters, utc_offset_secs)?;
         let bills = match runs {
             Some(r) => load_bill_runs(r)?,
             None => Vec::new(),
@@ -68,10 +94,56 @@ impl Inputs {
             meters,
             accounts,
             payments,
-            scan,
+            Scan::default(),
             bills,
             utc_offset_secs,
         ))
+    }
+
+    /// Runs the lake scan for these meters and accounts into `self.scan`.
+    pub fn scan_lake(
+        &mut self,
+        lake: &Path,
+        lo: &LoadOptions,
+        sink: &mut DaySink<'_>,
+    ) -> Result<(), AnalyticsError> {
+        let mut group_of: HashMap<(&'static str, String, String), u32> = HashMap::new();
+        let mut groups = Vec::new();
+        let peak: Vec<Vec<u32>> = self
+            .meters
+            .iter()
+            .zip(&self.meter_account)
+            .map(|(m, a)| {
+                let Some(a) = a else { return Vec::new() };
+                let acc = &self.accounts[*a];
+                let class = acc.customer_class.as_str().to_string();
+                [
+                    ("district", acc.district.clone()),
+                    ("feeder", m.feeder.clone()),
+                ]
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = (k, v, class.clone());
+                    *group_of.entry(key.clone()).or_insert_with(|| {
+                        groups.push(key);
+                        groups.len() as u32 - 1
+                    })
+                })
+                .collect()
+            })
+            .collect();
+        let plan = ScanPlan {
+            meters: &self.meters,
+            meter_account: &self.meter_account,
+            accounts: self.accounts.len(),
+            utc_offset_secs: lo.utc_offset_secs,
+            calendar: lo.calendar.as_ref(),
+            peak_groups: &peak,
+            mtd_as_of: lo.mtd_as_of,
+        };
+        self.scan = scan_lake(lake, &plan, sink)?;
+        self.peak_groups = groups;
+        Ok(())
     }
 
     pub fn assemble(
@@ -100,6 +172,8 @@ impl Inputs {
             meter_account,
             account_index,
             utc_offset_secs,
+            peak_groups: Vec::new(),
+            keys: Vec::new(),
         }
     }
 }

@@ -60,6 +60,10 @@ pub struct AnalyzeOptions {
     pub tiers_kwh: Vec<Decimal>,
     /// Warn when the projected month exceeds this multiple of usual use.
     pub usual_multiple: Decimal,
+    /// Holiday calendar (tariffs/calendars format) for the peak-period day types.
+    pub calendar: Option<PathBuf>,
+    /// Cut-off day of the arrears backtest; default: see `datasets::backtest_cutoff`.
+    pub backtest_cutoff: Option<NaiveDate>,
 }
 
 impl AnalyzeOptions {
@@ -79,6 +83,8 @@ impl AnalyzeOptions {
             as_of: None,
             tiers_kwh: vec![Decimal::from(240), Decimal::from(400)],
             usual_multiple: Decimal::new(15, 1),
+            calendar: None,
+            backtest_cutoff: None,
         }
     }
 }
@@ -98,24 +104,101 @@ pub struct AnalyzeSummary {
     pub readings: u64,
     pub accounts: usize,
     pub as_of: Option<NaiveDate>,
+    pub calendar: Option<PathBuf>,
+    /// Account-days completed after their day was written (gaps longer than
+    /// `scan::OPEN_DAYS`): extra `daily_usage` rows.
+    pub late_rows: u64,
+    pub unknown_meter_readings: u64,
+    pub backwards_pairs: u64,
+    pub comm_loss_events: u64,
     pub elapsed_ms: u128,
+    /// Lake scan (with `daily_usage` written alongside) and the rest.
+    pub scan_ms: u128,
 }
 
-/// Computes every dataset and writes them to `opts.out` (atomically, one file each).
+/// What the `daily_usage` writer thread receives.
+enum DailyMsg {
+    Batch(arrow::record_batch::RecordBatch),
+    /// Everything sent: commit the file (without it the file is dropped).
+    Commit,
+}
+
+/// Computes every dataset and writes them to `opts.out` (atomically, one
+/// file each). `daily_usage` is encoded on a second thread while the lake
+/// streams by.
 pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> {
     let t0 = std::time::Instant::now();
-    let inputs = Inputs::load(
-        &opts.lake,
-        &opts.master,
-        opts.runs.as_deref(),
-        opts.utc_offset_secs,
-    )?;
-    let tables = datasets::all(&inputs, opts)?;
     std::fs::create_dir_all(&opts.out).map_err(|source| AnalyticsError::Io {
         path: opts.out.clone(),
         source,
     })?;
-    let mut written = Vec::new();
+    let calendar = match &opts.calendar {
+        Some(p) => Some(
+            crate::tariff::load_calendar(p)
+                .map_err(|e| AnalyticsError::Invalid(format!("calendar {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let lo = inputs::LoadOptions {
+        utc_offset_secs: opts.utc_offset_secs,
+        calendar,
+        mtd_as_of: opts.as_of,
+    };
+    let daily_path = opts.out.join("daily_usage.parquet");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<DailyMsg>(2);
+    let writer = std::thread::spawn(move || -> Result<usize, AnalyticsError> {
+        let mut w = crate::store::atomic::ParquetFileWriter::create(
+            &daily_path,
+            datasets::daily_usage_schema(),
+        )?;
+        let mut rows = 0;
+        for m in rx {
+            match m {
+                DailyMsg::Batch(b) => {
+                    rows += b.num_rows();
+                    w.write(&b)?;
+                }
+                DailyMsg::Commit => {
+                    w.commit()?;
+                    return Ok(rows);
+                }
+            }
+        }
+        Err(AnalyticsError::Invalid(
+            "daily_usage: stopped before the end".into(),
+        ))
+    });
+    let mut keys: Vec<String> = Vec::new();
+    let loaded = (|| -> Result<Inputs, AnalyticsError> {
+        let mut inp =
+            Inputs::load_master(&opts.master, opts.runs.as_deref(), opts.utc_offset_secs)?;
+        keys = datasets::account_keys(&inp.accounts, opts);
+        let mut sink = |d: &scan::DayBatch<'_>| -> Result<(), AnalyticsError> {
+            let b = datasets::daily_usage_batch(&keys, d)?;
+            tx.send(DailyMsg::Batch(b))
+                .map_err(|_| AnalyticsError::Invalid("daily_usage writer stopped".into()))
+        };
+        inp.scan_lake(&opts.lake, &lo, &mut sink)?;
+        Ok(inp)
+    })();
+    if loaded.is_ok() {
+        let _ = tx.send(DailyMsg::Commit);
+    }
+    drop(tx);
+    let daily = writer
+        .join()
+        .map_err(|_| AnalyticsError::Invalid("daily_usage writer panicked".into()))?;
+    let mut inputs = loaded?;
+    let daily_rows = daily?;
+    inputs.keys = keys;
+    let scan_ms = t0.elapsed().as_millis();
+    let tables = datasets::all(&inputs, opts)?;
+    let mut written = vec![Written {
+        name: "daily_usage".into(),
+        path: opts.out.join("daily_usage.parquet"),
+        rows: daily_rows,
+        pii: false,
+    }];
     for (name, table, pii) in tables {
         if pii && !opts.pii {
             continue;
@@ -139,7 +222,13 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
         readings: inputs.scan.readings,
         accounts: inputs.accounts.len(),
         as_of: datasets::as_of(&inputs, opts),
+        calendar: opts.calendar.clone(),
+        late_rows: inputs.scan.late_rows,
+        unknown_meter_readings: inputs.scan.unknown_meter_readings,
+        backwards_pairs: inputs.scan.backwards_pairs,
+        comm_loss_events: inputs.scan.comm_loss_events,
         elapsed_ms: t0.elapsed().as_millis(),
+        scan_ms,
     };
     let json =
         serde_json::to_vec_pretty(&summary).map_err(|e| AnalyticsError::Invalid(e.to_string()))?;
@@ -163,6 +252,8 @@ pub fn data_team_files(dir: &Path) -> Result<Vec<PathBuf>, AnalyticsError> {
     out.sort();
     Ok(out)
 }
+
+pub use datasets::scan_from_analytics;
 
 /// Collection success per collector and bus (also used by the run report).
 pub fn datasets_collection(inp: &Inputs) -> Table {

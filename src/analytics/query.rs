@@ -6,7 +6,7 @@ use std::path::Path;
 use chrono::NaiveDate;
 
 use super::inputs::{manifest, run_dirs};
-use super::scan::{scan_lake, SCALE};
+use super::scan::{scan_lake, DayBatch, ScanPlan, SCALE};
 use super::table::{Col, Table};
 use super::AnalyticsError;
 use crate::master;
@@ -32,22 +32,37 @@ pub fn usage(
             "account {account} has no meters in meters.csv"
         )));
     }
-    let scan = scan_lake(lake, &meters, utc_offset_secs)?;
+    // Every meter its own slot: the rows below count meter-days.
+    let per_meter: Vec<Option<usize>> = (0..meters.len()).map(Some).collect();
+    let plan = ScanPlan {
+        meters: &meters,
+        meter_account: &per_meter,
+        accounts: meters.len(),
+        utc_offset_secs,
+        calendar: None,
+        peak_groups: &[],
+        mtd_as_of: None,
+    };
     let mut rows: BTreeMap<String, (i128, i64, bool)> = BTreeMap::new();
-    for d in &scan.daily {
+    let mut sink = |d: &DayBatch<'_>| -> Result<(), AnalyticsError> {
         if from.is_some_and(|f| d.date < f) || to.is_some_and(|t| d.date > t) {
-            continue;
+            return Ok(());
         }
         let key = if monthly {
             d.date.format("%Y-%m").to_string()
         } else {
             d.date.to_string()
         };
-        let e = rows.entry(key).or_default();
-        e.0 += d.regs[0].unwrap_or(0) as i128;
-        e.1 += 1;
-        e.2 |= d.estimated;
-    }
+        for i in 0..d.accounts.len() {
+            let Some(v) = d.regs[i][0] else { continue };
+            let e = rows.entry(key.clone()).or_default();
+            e.0 += v as i128;
+            e.1 += 1;
+            e.2 |= d.estimated[i];
+        }
+        Ok(())
+    };
+    scan_lake(lake, &plan, &mut sink)?;
     let r: Vec<_> = rows.into_iter().collect();
     Ok(Table::new()
         .with(

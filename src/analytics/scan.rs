@@ -1,25 +1,32 @@
-//! One pass over the readings lake: daily consumption per meter from the
-//! cumulative registers, 15-minute interval energy, communication gaps,
-//! zero-voltage readings and per-collector counts. Everything exact: energy
-//! is kept as i64 in units of 0.0001 kWh (the lake's scale).
+//! One streaming pass over the readings lake, partition by partition (the
+//! way the bill run reads it: `store::reader::list_files`, the files of one
+//! date read in parallel, then applied in order). Memory is bounded by the
+//! fleet, not by the days scanned: per (meter, register) only the last
+//! snapshot is kept, and a local day's energy per account is handed to a sink
+//! and folded into per-account and per-month accumulators once the day can
+//! no longer change. Everything exact: energy is i64 in units of 0.0001 kWh
+//! (the lake's scale).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
-use chrono::{Duration, NaiveDate};
+use chrono::{Datelike, Duration, NaiveDate, Weekday};
+use rayon::prelude::*;
 use rust_decimal::Decimal;
 
 use super::AnalyticsError;
+use crate::billing::engine::FxMap;
 use crate::master::Meter;
 use crate::store::reader;
 
 /// Lake values and all energy here: 4 decimals.
 pub const SCALE: u8 = 4;
 const DAY_MS: i64 = 86_400_000;
+const NREG: usize = 5;
 
 /// Registers read for daily use: total, then tariff 1..4 (sharp, peak, flat, valley).
-pub const REGISTERS: [&str; 5] = [
+pub const REGISTERS: [&str; NREG] = [
     "import_active_total",
     "import_active_t1",
     "import_active_t2",
@@ -27,24 +34,13 @@ pub const REGISTERS: [&str; 5] = [
     "import_active_t4",
 ];
 
-/// Energy of one meter on one local day, primary side (x CT x PT).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DayUse {
-    pub meter: u32,
-    pub date: NaiveDate,
-    /// Total and tariff 1..4, units of 0.0001 kWh; None when a register was missing.
-    pub regs: [Option<i64>; 5],
-    /// Spread over a gap of missing snapshots, or read from estimated values.
-    pub estimated: bool,
-}
+/// Day types of the peak-period analysis, by index.
+pub const DAY_TYPES: [&str; 3] = ["weekday", "weekend", "holiday"];
 
-/// Interval energy (15-minute load profile), primary side.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct IntervalUse {
-    pub meter: u32,
-    pub ts_ms: i64,
-    pub e4: i64,
-}
+/// Local days stay open this many days behind the newest partition before
+/// they are handed on: a gap of up to this many missed snapshots is spread
+/// into days that are still open.
+pub const OPEN_DAYS: i64 = 3;
 
 /// A stretch of time a meter was not heard from, or read zero volts.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,32 +67,203 @@ pub struct CollectorStats {
     pub meters: u64,
 }
 
+/// The accounts' energy on one local day, handed to the sink once final.
+/// Rows are sorted by account; `regs[r]` is None when no meter of the
+/// account had register r that day.
+pub struct DayBatch<'a> {
+    pub date: NaiveDate,
+    pub accounts: &'a [u32],
+    pub regs: &'a [[Option<i64>; NREG]],
+    pub estimated: &'a [bool],
+}
+
+/// Per account, over every day with a total.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccountStats {
+    pub days: u32,
+    pub sum: i64,
+    pub weekday_sum: i64,
+    pub weekday_days: u32,
+    pub weekend_sum: i64,
+    pub weekend_days: u32,
+    /// Tariff registers T1..T4 summed.
+    pub tou: [i64; 4],
+    /// Least squares of daily use over the day number (days since 2000-01-01).
+    pub sx: i64,
+    pub sxx: i64,
+    pub sxy: i64,
+}
+
+impl AccountStats {
+    /// Least-squares slope of daily use as percent of the mean per 30 days
+    /// (one decimal); None with fewer than 7 days.
+    pub fn trend_pct_per_30_days(&self) -> Option<f64> {
+        if self.days < 7 {
+            return None;
+        }
+        let n = self.days as i128;
+        let (sx, sxx, sy, sxy) = (
+            self.sx as i128,
+            self.sxx as i128,
+            self.sum as i128,
+            self.sxy as i128,
+        );
+        let den = n * sxx - sx * sx;
+        if den == 0 || sy == 0 {
+            return None;
+        }
+        // slope = (n Sxy - Sx Sy) / den; mean = Sy / n.
+        let pct = (n * sxy - sx * sy) as f64 / den as f64 * 30.0 * n as f64 / sy as f64 * 100.0;
+        Some((pct * 10.0).round() / 10.0)
+    }
+}
+
+/// One account's month.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MonthAcc {
+    pub e4: i64,
+    pub days: u16,
+    pub estimated: bool,
+}
+
+/// Monthly energy per account: `by_month[k][account]` for `months[k]` (first day), ascending.
+#[derive(Debug, Default)]
+pub struct Monthly {
+    pub months: Vec<NaiveDate>,
+    pub by_month: Vec<Vec<MonthAcc>>,
+}
+
+impl Monthly {
+    fn slot(&mut self, month: NaiveDate, accounts: usize) -> usize {
+        match self.months.binary_search(&month) {
+            Ok(k) => k,
+            Err(k) => {
+                self.months.insert(k, month);
+                self.by_month.insert(k, vec![MonthAcc::default(); accounts]);
+                k
+            }
+        }
+    }
+    /// The account's month (None: no day with data).
+    pub fn get(&self, account: usize, month: NaiveDate) -> Option<MonthAcc> {
+        let k = self.months.binary_search(&month).ok()?;
+        Some(self.by_month[k][account]).filter(|m| m.days > 0)
+    }
+}
+
+/// Load by local hour of one peak group and day type.
+#[derive(Debug, Clone, Default)]
+pub struct HourLoad {
+    pub e4: [i64; 24],
+    pub dates: BTreeSet<NaiveDate>,
+}
+
+/// What the scan needs besides the lake.
+pub struct ScanPlan<'a> {
+    pub meters: &'a [Meter],
+    /// Account index of each meter (None: energy counts for the fleet only).
+    pub meter_account: &'a [Option<usize>],
+    pub accounts: usize,
+    pub utc_offset_secs: i32,
+    /// Holidays and adjusted working days for the day type; None: weekends only.
+    pub calendar: Option<&'a crate::tariff::calendar::Calendar>,
+    /// Peak groups of each meter (e.g. district x class, feeder x class); empty: no peak analysis.
+    pub peak_groups: &'a [Vec<u32>],
+    /// Also sum each account's use from the 1st of this day's month to this day.
+    pub mtd_as_of: Option<NaiveDate>,
+}
+
+impl ScanPlan<'_> {
+    /// Index into `DAY_TYPES`: holiday, weekend (unless an adjusted working
+    /// day) or weekday. Years the calendar does not cover: weekends only.
+    pub fn day_type(&self, d: NaiveDate) -> usize {
+        day_type(self.calendar, d)
+    }
+}
+
+/// See `ScanPlan::day_type`.
+pub fn day_type(cal: Option<&crate::tariff::calendar::Calendar>, d: NaiveDate) -> usize {
+    let weekend = matches!(d.weekday(), Weekday::Sat | Weekday::Sun);
+    match cal.filter(|c| c.covers(d)) {
+        Some(c) if c.holidays.contains(&d) => 2,
+        Some(c) if weekend && c.workdays.contains(&d) => 0,
+        _ if weekend => 1,
+        _ => 0,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Scan {
-    pub daily: Vec<DayUse>,
-    pub intervals: Vec<IntervalUse>,
     pub events: Vec<MeterEvent>,
     /// (collector, bus) -> counts; bus "" for the collector as a whole.
     pub collectors: BTreeMap<(String, String), CollectorStats>,
     pub unknown_meter_readings: u64,
     pub backwards_pairs: u64,
+    /// Snapshots older than the last one of their register (arrived late): skipped.
+    pub out_of_order: u64,
+    /// Account-days completed after their day was handed on (a gap longer
+    /// than `OPEN_DAYS`): handed on again at the end, as extra rows.
+    pub late_rows: u64,
     pub readings: u64,
+    /// `comm_loss` events (meters x stretches).
+    pub comm_loss_events: u64,
+    pub files: usize,
     pub first_date: Option<NaiveDate>,
     pub last_date: Option<NaiveDate>,
+    /// Last local day with energy.
+    pub last_day_with_data: Option<NaiveDate>,
+    /// Per account (index as in the plan).
+    pub accounts: Vec<AccountStats>,
+    pub monthly: Monthly,
+    /// Interval energy per account: [0-6 h, 8-17 h, 18-22 h, all day].
+    pub hour_bands: HashMap<u32, [i64; 4]>,
+    /// (peak group, day type) -> load by hour.
+    pub peak: BTreeMap<(u32, u8), HourLoad>,
+    /// Per account, `mtd_as_of`'s month up to that day.
+    pub mtd: Vec<i64>,
+    /// Whole fleet (every known meter) per local day, and T1..T4 over all days.
+    pub fleet_daily: BTreeMap<NaiveDate, i128>,
+    pub fleet_tou: [i128; 4],
 }
-
-/// (meter, register) -> snapshots (ts, raw value, estimated).
-type Snapshots = HashMap<(u32, u8), Vec<(i64, i64, bool)>>;
 
 /// Local calendar date of a UTC instant.
 pub fn local_date(ts_ms: i64, offset_secs: i32) -> NaiveDate {
     let local = ts_ms + offset_secs as i64 * 1000;
-    NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid") + Duration::days(local.div_euclid(DAY_MS))
+    epoch() + Duration::days(local.div_euclid(DAY_MS))
+}
+
+fn epoch() -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")
 }
 
 /// Local hour of day (0..23) of a UTC instant.
 pub fn local_hour(ts_ms: i64, offset_secs: i32) -> u32 {
     ((ts_ms + offset_secs as i64 * 1000).rem_euclid(DAY_MS) / 3_600_000) as u32
+}
+
+/// Multiplier (CT x PT) of a meter: integer fast path, exact decimal otherwise.
+#[derive(Clone, Copy)]
+enum Mult {
+    Int(i64),
+    Dec(Decimal),
+}
+
+impl Mult {
+    fn of(m: &Meter) -> Mult {
+        let d = m.multiplier();
+        if d.fract().is_zero() {
+            if let Ok(i) = i64::try_from(d) {
+                return Mult::Int(i);
+            }
+        }
+        Mult::Dec(d)
+    }
+    fn apply(self, delta_e4: i64) -> i64 {
+        match self {
+            Mult::Int(i) => delta_e4.saturating_mul(i),
+            Mult::Dec(d) => to_primary(delta_e4, d),
+        }
+    }
 }
 
 fn to_primary(delta_e4: i64, multiplier: Decimal) -> i64 {
@@ -106,25 +273,31 @@ fn to_primary(delta_e4: i64, multiplier: Decimal) -> i64 {
     m.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
-/// Reads the lake's `readings` (and `quarantine` counts). `meters` gives
-/// multipliers and register moduli; readings of meters not in it are counted
-/// and skipped.
-pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan, AnalyticsError> {
-    let index: HashMap<&str, u32> = meters
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.meter_id.as_str(), i as u32))
-        .collect();
-    let mut scan = Scan::default();
-    // (meter, register) -> snapshots (ts, raw, estimated)
-    let mut regs: Snapshots = HashMap::new();
-    let mut volts: HashMap<u32, Vec<(i64, bool)>> = HashMap::new();
-    let mut slots: HashMap<(String, String), usize> = HashMap::new();
-    let mut stats: Vec<(CollectorStats, std::collections::HashSet<u32>)> = Vec::new();
-    let mut cache = RowCache::default();
-    let mut last_meter_id = String::new();
-    let mut last_meter: Option<u32> = None;
-    let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
+/// A register snapshot: key = meter x 5 + register.
+#[derive(Clone, Copy)]
+struct RegUpdate {
+    key: u32,
+    ts: i64,
+    raw: i64,
+    est: bool,
+}
+
+/// What one file contributes; files of a date are read in parallel.
+#[derive(Default)]
+struct FileScan {
+    regs: Vec<RegUpdate>,
+    intervals: Vec<(u32, i64, i64)>,
+    volts: Vec<(u32, i64, bool)>,
+    /// (collector, bus), counts and the meters seen (consecutive repeats merged).
+    stats: Vec<((String, String), CollectorStats, Vec<u32>)>,
+    slot_of: HashMap<(String, String), usize>,
+    unknown: u64,
+    rows: u64,
+    min_ts: Option<i64>,
+    max_ts: Option<i64>,
+}
+
+fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, AnalyticsError> {
     let cols = [
         "meter_id",
         "ts",
@@ -134,153 +307,613 @@ pub fn scan_lake(lake: &Path, meters: &[Meter], offset_secs: i32) -> Result<Scan
         "source_collector",
         "source_address",
     ];
-    for (_, path) in &files {
-        for b in reader::read_file_columns(path, Some(&cols))? {
-            let get = |n: &str| {
-                b.column_by_name(n).ok_or_else(|| {
-                    AnalyticsError::Invalid(format!("{}: no column {n}", path.display()))
-                })
-            };
-            let meter_id = get("meter_id")?.as_any().downcast_ref::<StringArray>();
-            let ts = get("ts")?
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>();
-            let channel = get("channel")?.as_any().downcast_ref::<StringArray>();
-            let value = get("value")?.as_any().downcast_ref::<Decimal128Array>();
-            let quality = get("quality")?.as_any().downcast_ref::<StringArray>();
-            let collector = get("source_collector")?
-                .as_any()
-                .downcast_ref::<StringArray>();
-            let address = get("source_address")?
-                .as_any()
-                .downcast_ref::<StringArray>();
-            let (
-                Some(meter_id),
-                Some(ts),
-                Some(channel),
-                Some(value),
-                Some(quality),
-                Some(collector),
-                Some(address),
-            ) = (meter_id, ts, channel, value, quality, collector, address)
-            else {
-                return Err(AnalyticsError::Invalid(format!(
-                    "{}: not a readings file",
-                    path.display()
-                )));
-            };
-            for i in 0..b.num_rows() {
-                scan.readings += 1;
-                let q = quality.value(i);
-                let col = collector.value(i);
-                let bus = address.value(i).split('/').next().unwrap_or("");
-                // Rows come sorted by meter: the collector, bus and meter rarely change.
-                if !cache.ready || col != cache.col || bus != cache.bus {
-                    cache.ready = true;
-                    cache.col = col.to_string();
-                    cache.bus = bus.to_string();
-                    cache.slots = [
-                        slot(&mut slots, &mut stats, (cache.col.clone(), String::new())),
-                        slot(
-                            &mut slots,
-                            &mut stats,
-                            (cache.col.clone(), cache.bus.clone()),
-                        ),
-                    ];
-                    cache.meter = None;
+    let mut out = FileScan::default();
+    for b in reader::read_file_columns(path, Some(&cols))? {
+        let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
+        let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
+        let meter_id = get("meter_id")?.as_any().downcast_ref::<StringArray>();
+        let ts = get("ts")?
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>();
+        let channel = get("channel")?.as_any().downcast_ref::<StringArray>();
+        let value = get("value")?.as_any().downcast_ref::<Decimal128Array>();
+        let quality = get("quality")?.as_any().downcast_ref::<StringArray>();
+        let collector = get("source_collector")?
+            .as_any()
+            .downcast_ref::<StringArray>();
+        let address = get("source_address")?
+            .as_any()
+            .downcast_ref::<StringArray>();
+        let (
+            Some(meter_id),
+            Some(ts),
+            Some(channel),
+            Some(value),
+            Some(quality),
+            Some(collector),
+            Some(address),
+        ) = (meter_id, ts, channel, value, quality, collector, address)
+        else {
+            return Err(bad());
+        };
+        out.rows += b.num_rows() as u64;
+        out.regs.reserve(b.num_rows());
+        // Rows come grouped by meter and source: cache the last lookups.
+        let mut last_mid: Option<&str> = None;
+        let mut m: Option<u32> = None;
+        let mut last_src: Option<(&str, &str)> = None;
+        let mut slots = [0usize; 2];
+        let mut last_ch: Option<&str> = None;
+        // 0..5 register, 5 interval, 6 voltage, 7 other
+        let mut kind = 7u8;
+        for i in 0..b.num_rows() {
+            let mid = meter_id.value(i);
+            if last_mid != Some(mid) {
+                last_mid = Some(mid);
+                m = index.get(mid).copied();
+            }
+            let col = collector.value(i);
+            let bus = address.value(i).split('/').next().unwrap_or("");
+            if last_src != Some((col, bus)) {
+                last_src = Some((col, bus));
+                for (k, key) in [(col, ""), (col, bus)].into_iter().enumerate() {
+                    let key = (key.0.to_string(), key.1.to_string());
+                    slots[k] = *out.slot_of.entry(key.clone()).or_insert_with(|| {
+                        out.stats.push((key, CollectorStats::default(), Vec::new()));
+                        out.stats.len() - 1
+                    });
                 }
-                let mid = meter_id.value(i);
-                if mid != last_meter_id {
-                    last_meter_id.clear();
-                    last_meter_id.push_str(mid);
-                    last_meter = index.get(mid).copied();
-                }
-                let m = last_meter;
-                let flags: [bool; 5] = if q == "ok" {
-                    [true, false, false, false, false]
-                } else {
-                    let has = |f: &str| q.split(',').any(|x| x == f);
-                    [
-                        false,
-                        has("estimated"),
-                        has("suspect"),
-                        has("device_error"),
-                        has("offline"),
-                    ]
-                };
-                for k in cache.slots {
-                    let (s, set) = &mut stats[k];
-                    s.readings += 1;
-                    s.ok += flags[0] as u64;
-                    s.estimated += flags[1] as u64;
-                    s.suspect += flags[2] as u64;
-                    s.device_error += flags[3] as u64;
-                    s.offline += flags[4] as u64;
-                    if let Some(m) = m.filter(|m| cache.meter != Some(*m)) {
-                        set.insert(m);
+            }
+            let q = quality.value(i);
+            let flags: [bool; 5] = if q == "ok" {
+                [true, false, false, false, false]
+            } else {
+                let has = |f: &str| q.split(',').any(|x| x == f);
+                [
+                    false,
+                    has("estimated"),
+                    has("suspect"),
+                    has("device_error"),
+                    has("offline"),
+                ]
+            };
+            for k in slots {
+                let (_, s, seen) = &mut out.stats[k];
+                s.readings += 1;
+                s.ok += flags[0] as u64;
+                s.estimated += flags[1] as u64;
+                s.suspect += flags[2] as u64;
+                s.device_error += flags[3] as u64;
+                s.offline += flags[4] as u64;
+                if let Some(m) = m {
+                    if seen.last() != Some(&m) {
+                        seen.push(m);
                     }
                 }
-                cache.meter = m;
-                let Some(m) = m else {
-                    scan.unknown_meter_readings += 1;
-                    continue;
-                };
-                let t = ts.value(i);
-                let d = local_date(t, offset_secs);
-                scan.first_date = Some(scan.first_date.map_or(d, |x| x.min(d)));
-                scan.last_date = Some(scan.last_date.map_or(d, |x| x.max(d)));
-                let ch = channel.value(i);
-                let raw = value.value(i);
-                let raw = raw.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
-                if let Some(r) = REGISTERS.iter().position(|x| *x == ch) {
-                    let est = q.contains("estimated");
-                    regs.entry((m, r as u8)).or_default().push((t, raw, est));
+            }
+            let Some(m) = m else {
+                out.unknown += 1;
+                continue;
+            };
+            let t = ts.value(i);
+            out.min_ts = Some(out.min_ts.map_or(t, |x| x.min(t)));
+            out.max_ts = Some(out.max_ts.map_or(t, |x| x.max(t)));
+            let ch = channel.value(i);
+            if last_ch != Some(ch) {
+                last_ch = Some(ch);
+                kind = if let Some(r) = REGISTERS.iter().position(|x| *x == ch) {
+                    r as u8
                 } else if ch == "import_active_interval" {
-                    let mult = meters[m as usize].multiplier();
-                    scan.intervals.push(IntervalUse {
-                        meter: m,
-                        ts_ms: t,
-                        e4: to_primary(raw, mult),
-                    });
+                    5
                 } else if ch.starts_with("voltage_") {
-                    volts.entry(m).or_default().push((t, raw == 0));
+                    6
+                } else {
+                    7
+                };
+            }
+            let raw = value.value(i).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+            match kind {
+                0..=4 => out.regs.push(RegUpdate {
+                    key: m * NREG as u32 + kind as u32,
+                    ts: t,
+                    raw,
+                    est: flags[1],
+                }),
+                5 => out.intervals.push((m, t, raw)),
+                6 => out.volts.push((m, t, raw == 0)),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Energy of open local days, dense by account (the last slot: meters without an account).
+struct DayBuf {
+    date: NaiveDate,
+    regs: Vec<[i64; NREG]>,
+    /// bit r: register r present; bit 5: estimated; bit 6: touched.
+    flags: Vec<u8>,
+}
+
+const EST: u8 = 1 << 5;
+const TOUCHED: u8 = 1 << 6;
+
+/// Account-days completed after their day was handed on.
+type LateRows = BTreeMap<(NaiveDate, u32), ([Option<i64>; NREG], bool)>;
+/// Accounts, registers and estimated flags of one day, by account.
+type DayRows = (Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>);
+
+/// Per meter state of the pass.
+struct State<'p> {
+    plan: &'p ScanPlan<'p>,
+    mult: Vec<Mult>,
+    modulus: Vec<i64>,
+    /// Last snapshot per (meter, register): (ts, raw, estimated); ts i64::MIN = none.
+    last: Vec<(i64, i64, bool)>,
+    heard: Vec<bool>,
+    volt_open: HashMap<u32, (i64, i64, i64)>,
+    open: Vec<DayBuf>,
+    pool: Vec<DayBuf>,
+    /// Days before this one were handed on.
+    flushed_before: Option<NaiveDate>,
+    late: LateRows,
+    scan: Scan,
+    /// Reused between flushes.
+    rows: DayRows,
+}
+
+/// Sink of completed account-days (e.g. the `daily_usage` writer).
+pub type DaySink<'s> = dyn FnMut(&DayBatch<'_>) -> Result<(), AnalyticsError> + 's;
+
+/// Reads the lake's `readings` (and `quarantine` counts) in one streaming
+/// pass. Readings of meters not in `plan.meters` are counted and skipped.
+pub fn scan_lake(
+    lake: &Path,
+    plan: &ScanPlan<'_>,
+    sink: &mut DaySink<'_>,
+) -> Result<Scan, AnalyticsError> {
+    let meters = plan.meters;
+    let mut index: FxMap<&str, u32> =
+        FxMap::with_capacity_and_hasher(meters.len(), Default::default());
+    for (i, m) in meters.iter().enumerate() {
+        index.insert(m.meter_id.as_str(), i as u32);
+    }
+    let mut st = State {
+        plan,
+        mult: meters.iter().map(Mult::of).collect(),
+        modulus: meters
+            .iter()
+            .map(|m| {
+                (m.modulus() * Decimal::from(10_000))
+                    .try_into()
+                    .unwrap_or(i64::MAX)
+            })
+            .collect(),
+        last: vec![(i64::MIN, 0, false); meters.len() * NREG],
+        heard: vec![false; meters.len()],
+        volt_open: HashMap::new(),
+        open: Vec::new(),
+        pool: Vec::new(),
+        flushed_before: None,
+        late: BTreeMap::new(),
+        scan: Scan {
+            accounts: vec![AccountStats::default(); plan.accounts],
+            mtd: if plan.mtd_as_of.is_some() {
+                vec![0; plan.accounts]
+            } else {
+                Vec::new()
+            },
+            ..Scan::default()
+        },
+        rows: Default::default(),
+    };
+    // (collector, bus) -> counts, and a bitmap of the meters seen.
+    let mut stats: HashMap<(String, String), (CollectorStats, Vec<u64>)> = HashMap::new();
+    let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
+    st.scan.files = files.len();
+    let mut counts: Vec<u32> = Vec::new();
+    let mut i = 0;
+    while i < files.len() {
+        let date = files[i].0;
+        let j = files[i..]
+            .iter()
+            .position(|(d, _)| *d != date)
+            .map_or(files.len(), |k| i + k);
+        let part: Vec<&PathBuf> = files[i..j].iter().map(|(_, p)| p).collect();
+        let scans: Vec<Result<FileScan, AnalyticsError>> =
+            part.par_iter().map(|p| read_file(p, &index)).collect();
+        let mut regs: Vec<RegUpdate> = Vec::new();
+        let mut volts = Vec::new();
+        for s in scans {
+            let s = s?;
+            st.scan.readings += s.rows;
+            st.scan.unknown_meter_readings += s.unknown;
+            for t in [s.min_ts, s.max_ts].into_iter().flatten() {
+                let d = local_date(t, plan.utc_offset_secs);
+                st.scan.first_date = Some(st.scan.first_date.map_or(d, |x| x.min(d)));
+                st.scan.last_date = Some(st.scan.last_date.map_or(d, |x| x.max(d)));
+            }
+            for (key, cs, seen) in s.stats {
+                let e = stats
+                    .entry(key)
+                    .or_insert_with(|| (CollectorStats::default(), vec![0; meters.len() / 64 + 1]));
+                e.0.readings += cs.readings;
+                e.0.ok += cs.ok;
+                e.0.estimated += cs.estimated;
+                e.0.suspect += cs.suspect;
+                e.0.device_error += cs.device_error;
+                e.0.offline += cs.offline;
+                for m in seen {
+                    e.1[m as usize / 64] |= 1 << (m % 64);
+                }
+            }
+            if regs.is_empty() {
+                regs = s.regs;
+            } else {
+                regs.extend_from_slice(&s.regs);
+            }
+            st.intervals(&s.intervals);
+            volts.extend(s.volts);
+        }
+        st.apply_registers(&regs, &mut counts);
+        drop(regs);
+        st.apply_volts(volts);
+        // Days well behind this partition can no longer change.
+        let before = date - Duration::days(OPEN_DAYS);
+        st.flush(Some(before), sink)?;
+        i = j;
+    }
+    st.flush(None, sink)?;
+    st.flush_late(sink)?;
+    let State {
+        mut scan,
+        volt_open,
+        heard,
+        ..
+    } = st;
+    for (m, (s, l, n)) in volt_open {
+        scan.events.push(MeterEvent {
+            meter: m,
+            kind: "zero_voltage",
+            start_ms: s,
+            end_ms: l,
+            count: n,
+        });
+    }
+    for (key, (mut s, bits)) in stats {
+        s.meters = bits.iter().map(|w| w.count_ones() as u64).sum();
+        scan.collectors.insert(key, s);
+    }
+    count_quarantine(lake, &mut scan)?;
+    silent_meters(meters, &heard, plan.utc_offset_secs, &mut scan);
+    scan.events.sort_by_key(|e| (e.meter, e.start_ms, e.kind));
+    scan.comm_loss_events = scan.events.iter().filter(|e| e.kind == "comm_loss").count() as u64;
+    Ok(scan)
+}
+
+impl State<'_> {
+    /// Applies one partition's register snapshots in (meter, register, time)
+    /// order: a counting sort by key keeps it linear.
+    fn apply_registers(&mut self, regs: &[RegUpdate], counts: &mut Vec<u32>) {
+        let nk = self.last.len();
+        counts.clear();
+        counts.resize(nk + 1, 0);
+        for u in regs {
+            counts[u.key as usize + 1] += 1;
+        }
+        for k in 0..nk {
+            counts[k + 1] += counts[k];
+        }
+        let mut order = vec![0u32; regs.len()];
+        {
+            let mut next = counts.clone();
+            for (n, u) in regs.iter().enumerate() {
+                let p = &mut next[u.key as usize];
+                order[*p as usize] = n as u32;
+                *p += 1;
+            }
+        }
+        let mut k = 0usize;
+        while k < nk {
+            let (a, b) = (counts[k] as usize, counts[k + 1] as usize);
+            if a == b {
+                k += 1;
+                continue;
+            }
+            let bucket = &mut order[a..b];
+            if bucket.len() > 1 {
+                bucket.sort_by_key(|n| regs[*n as usize].ts);
+            }
+            for n in a..b {
+                let u = regs[order[n] as usize];
+                self.snapshot(u);
+            }
+            k += 1;
+        }
+    }
+
+    /// One register snapshot after the previous one of the same register.
+    fn snapshot(&mut self, u: RegUpdate) {
+        let key = u.key as usize;
+        let (tp, vp, ep) = self.last[key];
+        if tp == i64::MIN {
+            self.last[key] = (u.ts, u.raw, u.est);
+            return;
+        }
+        if u.ts == tp {
+            return;
+        }
+        if u.ts < tp {
+            self.scan.out_of_order += 1;
+            return;
+        }
+        self.last[key] = (u.ts, u.raw, u.est);
+        let (m, r) = (key / NREG, key % NREG);
+        let span = ((u.ts - tp) as f64 / DAY_MS as f64).round() as i64;
+        if span < 1 {
+            return;
+        }
+        let mut delta = u.raw - vp;
+        if delta < 0 {
+            let modulus = self.modulus[m];
+            // A wrap near the top of the register is a rollover; anything else went backwards.
+            if vp > modulus / 10 * 9 && u.raw < modulus / 10 {
+                delta += modulus;
+            } else {
+                if r == 0 {
+                    self.scan.backwards_pairs += 1;
+                }
+                return;
+            }
+        }
+        if r == 0 && span > 1 {
+            self.scan.events.push(MeterEvent {
+                meter: m as u32,
+                kind: "comm_loss",
+                start_ms: tp,
+                end_ms: u.ts,
+                count: span - 1,
+            });
+        }
+        self.heard[m] = true;
+        let primary = self.mult[m].apply(delta);
+        let start = local_date(tp, self.plan.utc_offset_secs);
+        let slot = self.plan.meter_account[m].unwrap_or(self.plan.accounts);
+        let est = span > 1 || ep || u.est;
+        // Spread a multi-day gap evenly; the remainder goes to the last day.
+        let each = primary / span;
+        for k in 0..span {
+            let part = if k == span - 1 {
+                primary - each * (span - 1)
+            } else {
+                each
+            };
+            self.add(slot, start + Duration::days(k), r, part, est);
+        }
+    }
+
+    fn add(&mut self, slot: usize, date: NaiveDate, r: usize, v: i64, est: bool) {
+        if self.flushed_before.is_some_and(|f| date < f) {
+            if slot < self.plan.accounts {
+                let e = self
+                    .late
+                    .entry((date, slot as u32))
+                    .or_insert(([None; NREG], false));
+                e.0[r] = Some(e.0[r].unwrap_or(0) + v);
+                e.1 |= est;
+            }
+            return;
+        }
+        let b = match self.open.iter().position(|b| b.date == date) {
+            Some(b) => b,
+            None => {
+                let n = self.plan.accounts + 1;
+                let mut buf = self.pool.pop().unwrap_or_else(|| DayBuf {
+                    date,
+                    regs: vec![[0; NREG]; n],
+                    flags: vec![0; n],
+                });
+                buf.date = date;
+                self.open.push(buf);
+                self.open.len() - 1
+            }
+        };
+        let buf = &mut self.open[b];
+        buf.regs[slot][r] += v;
+        buf.flags[slot] |= TOUCHED | (1 << r) | if est { EST } else { 0 };
+    }
+
+    fn intervals(&mut self, rows: &[(u32, i64, i64)]) {
+        let off = self.plan.utc_offset_secs;
+        for &(m, ts, raw) in rows {
+            let e4 = self.mult[m as usize].apply(raw);
+            // Interval energy belongs to the interval ending at ts: use its start.
+            let start = ts - 1;
+            let h = local_hour(start, off) as usize;
+            if let Some(a) = self.plan.meter_account[m as usize] {
+                let e = self.scan.hour_bands.entry(a as u32).or_default();
+                match h {
+                    0..=6 => e[0] += e4,
+                    8..=17 => e[1] += e4,
+                    18..=22 => e[2] += e4,
+                    _ => {}
+                }
+                e[3] += e4;
+            }
+            if let Some(groups) = self.plan.peak_groups.get(m as usize) {
+                let d = local_date(start, off);
+                let dt = self.plan.day_type(d) as u8;
+                for g in groups {
+                    let l = self.scan.peak.entry((*g, dt)).or_default();
+                    l.e4[h] += e4;
+                    if l.dates.last() != Some(&d) {
+                        l.dates.insert(d);
+                    }
                 }
             }
         }
     }
-    for (key, k) in slots {
-        let (mut s, set) = std::mem::take(&mut stats[k]);
-        s.meters = set.len() as u64;
-        scan.collectors.insert(key, s);
+
+    fn apply_volts(&mut self, mut v: Vec<(u32, i64, bool)>) {
+        v.sort_unstable();
+        for (m, t, zero) in v {
+            let open = self.volt_open.get(&m).copied();
+            match (zero, open) {
+                (true, None) => {
+                    self.volt_open.insert(m, (t, t, 1));
+                }
+                (true, Some((s, _, n))) => {
+                    self.volt_open.insert(m, (s, t, n + 1));
+                }
+                (false, Some((s, _, n))) => {
+                    self.scan.events.push(MeterEvent {
+                        meter: m,
+                        kind: "zero_voltage",
+                        start_ms: s,
+                        end_ms: t,
+                        count: n,
+                    });
+                    self.volt_open.remove(&m);
+                }
+                (false, None) => {}
+            }
+        }
     }
-    count_quarantine(lake, &mut scan)?;
-    daily_from_registers(meters, regs, offset_secs, &mut scan);
-    zero_voltage_events(volts, &mut scan);
-    silent_meters(meters, offset_secs, &mut scan);
-    scan.daily.sort_by_key(|d| (d.meter, d.date));
-    scan.events.sort_by_key(|e| (e.meter, e.start_ms));
-    Ok(scan)
+
+    /// Hands on every open day before `before` (all with None), oldest first.
+    fn flush(
+        &mut self,
+        before: Option<NaiveDate>,
+        sink: &mut DaySink<'_>,
+    ) -> Result<(), AnalyticsError> {
+        self.open.sort_by_key(|b| b.date);
+        while !self.open.is_empty() && before.is_none_or(|b| self.open[0].date < b) {
+            let mut buf = self.open.remove(0);
+            let n = self.plan.accounts;
+            let (accs, regs, ests) = &mut self.rows;
+            accs.clear();
+            regs.clear();
+            ests.clear();
+            for a in 0..=n {
+                let f = buf.flags[a];
+                if f & TOUCHED == 0 {
+                    continue;
+                }
+                let r: [Option<i64>; NREG] =
+                    std::array::from_fn(|k| (f & (1 << k) != 0).then_some(buf.regs[a][k]));
+                if a < n {
+                    accs.push(a as u32);
+                    regs.push(r);
+                    ests.push(f & EST != 0);
+                } else {
+                    fleet(&mut self.scan, buf.date, &r);
+                }
+                buf.regs[a] = [0; NREG];
+                buf.flags[a] = 0;
+            }
+            let rows = std::mem::take(&mut self.rows);
+            self.day(buf.date, &rows, sink)?;
+            self.rows = rows;
+            self.pool.push(buf);
+        }
+        let done = before.unwrap_or(NaiveDate::MAX);
+        self.flushed_before = Some(self.flushed_before.map_or(done, |f| f.max(done)));
+        Ok(())
+    }
+
+    fn flush_late(&mut self, sink: &mut DaySink<'_>) -> Result<(), AnalyticsError> {
+        let late = std::mem::take(&mut self.late);
+        self.scan.late_rows = late.len() as u64;
+        let mut rows: DayRows = Default::default();
+        let mut cur: Option<NaiveDate> = None;
+        for ((d, a), (r, e)) in late {
+            if cur.is_some_and(|c| c != d) {
+                self.day(cur.expect("set"), &rows, sink)?;
+                rows = Default::default();
+            }
+            cur = Some(d);
+            rows.0.push(a);
+            rows.1.push(r);
+            rows.2.push(e);
+        }
+        if let Some(c) = cur {
+            self.day(c, &rows, sink)?;
+        }
+        Ok(())
+    }
+
+    /// A completed day: accumulators, then the sink.
+    fn day(
+        &mut self,
+        date: NaiveDate,
+        rows: &DayRows,
+        sink: &mut DaySink<'_>,
+    ) -> Result<(), AnalyticsError> {
+        let (accs, regs, ests) = rows;
+        if accs.is_empty() {
+            return Ok(());
+        }
+        let n = self.plan.accounts;
+        let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
+        let x = (date - NaiveDate::from_ymd_opt(2000, 1, 1).expect("valid")).num_days();
+        let month = date.with_day(1).expect("day 1");
+        let k = self.scan.monthly.slot(month, n);
+        let mtd = self
+            .plan
+            .mtd_as_of
+            .filter(|a| date <= *a && date.with_day(1) == a.with_day(1));
+        let mut any = false;
+        for (i, a) in accs.iter().enumerate() {
+            let a = *a as usize;
+            let r = &regs[i];
+            fleet(&mut self.scan, date, r);
+            let s = &mut self.scan.accounts[a];
+            for t in 0..4 {
+                s.tou[t] += r[t + 1].unwrap_or(0);
+            }
+            let Some(v) = r[0] else { continue };
+            any = true;
+            s.days += 1;
+            s.sum += v;
+            if weekend {
+                s.weekend_sum += v;
+                s.weekend_days += 1;
+            } else {
+                s.weekday_sum += v;
+                s.weekday_days += 1;
+            }
+            s.sx += x;
+            s.sxx += x * x;
+            s.sxy += x * v;
+            let mo = &mut self.scan.monthly.by_month[k][a];
+            mo.e4 += v;
+            mo.days += 1;
+            mo.estimated |= ests[i];
+            if mtd.is_some() {
+                self.scan.mtd[a] += v;
+            }
+        }
+        if any {
+            self.scan.last_day_with_data =
+                Some(self.scan.last_day_with_data.map_or(date, |d| d.max(date)));
+        }
+        sink(&DayBatch {
+            date,
+            accounts: accs,
+            regs,
+            estimated: ests,
+        })
+    }
 }
 
-/// The collector/bus slots of the previous row.
-#[derive(Default)]
-struct RowCache {
-    ready: bool,
-    col: String,
-    bus: String,
-    slots: [usize; 2],
-    meter: Option<u32>,
-}
-
-fn slot(
-    slots: &mut HashMap<(String, String), usize>,
-    stats: &mut Vec<(CollectorStats, std::collections::HashSet<u32>)>,
-    key: (String, String),
-) -> usize {
-    *slots.entry(key).or_insert_with(|| {
-        stats.push(Default::default());
-        stats.len() - 1
-    })
+fn fleet(scan: &mut Scan, date: NaiveDate, r: &[Option<i64>; NREG]) {
+    if let Some(v) = r[0] {
+        *scan.fleet_daily.entry(date).or_default() += v as i128;
+    }
+    for t in 0..4 {
+        scan.fleet_tou[t] += r[t + 1].unwrap_or(0) as i128;
+    }
 }
 
 fn count_quarantine(lake: &Path, scan: &mut Scan) -> Result<(), AnalyticsError> {
@@ -308,114 +941,16 @@ fn count_quarantine(lake: &Path, scan: &mut Scan) -> Result<(), AnalyticsError> 
     Ok(())
 }
 
-fn daily_from_registers(meters: &[Meter], regs: Snapshots, offset_secs: i32, scan: &mut Scan) {
-    let mut days: BTreeMap<(u32, NaiveDate), DayUse> = BTreeMap::new();
-    for ((m, r), mut snaps) in regs {
-        snaps.sort_by_key(|s| s.0);
-        snaps.dedup_by_key(|s| s.0);
-        let meter = &meters[m as usize];
-        let modulus = (meter.modulus() * Decimal::from(10_000))
-            .try_into()
-            .unwrap_or(i64::MAX);
-        let mult = meter.multiplier();
-        for w in snaps.windows(2) {
-            let ((tp, vp, ep), (t, v, e)) = (w[0], w[1]);
-            let span = ((t - tp) as f64 / DAY_MS as f64).round() as i64;
-            if span < 1 {
-                continue;
-            }
-            let mut delta = v - vp;
-            if delta < 0 {
-                // A wrap near the top of the register is a rollover; anything else went backwards.
-                if vp > modulus / 10 * 9 && v < modulus / 10 {
-                    delta += modulus;
-                } else {
-                    if r == 0 {
-                        scan.backwards_pairs += 1;
-                    }
-                    continue;
-                }
-            }
-            if r == 0 && span > 1 {
-                scan.events.push(MeterEvent {
-                    meter: m,
-                    kind: "comm_loss",
-                    start_ms: tp,
-                    end_ms: t,
-                    count: span - 1,
-                });
-            }
-            let primary = to_primary(delta, mult);
-            let start = local_date(tp, offset_secs);
-            // Spread a multi-day gap evenly; the remainder goes to the last day.
-            let each = primary / span;
-            for k in 0..span {
-                let part = if k == span - 1 {
-                    primary - each * (span - 1)
-                } else {
-                    each
-                };
-                let d = start + Duration::days(k);
-                let du = days.entry((m, d)).or_insert(DayUse {
-                    meter: m,
-                    date: d,
-                    regs: [None; 5],
-                    estimated: false,
-                });
-                du.regs[r as usize] = Some(du.regs[r as usize].unwrap_or(0) + part);
-                du.estimated |= span > 1 || ep || e;
-            }
-        }
-    }
-    scan.daily.extend(days.into_values());
-}
-
-fn zero_voltage_events(volts: HashMap<u32, Vec<(i64, bool)>>, scan: &mut Scan) {
-    for (m, mut v) in volts {
-        v.sort();
-        let mut open: Option<(i64, i64, i64)> = None; // start, last zero, count
-        for (t, zero) in v {
-            match (zero, open) {
-                (true, None) => open = Some((t, t, 1)),
-                (true, Some((s, _, n))) => open = Some((s, t, n + 1)),
-                (false, Some((s, _, n))) => {
-                    scan.events.push(MeterEvent {
-                        meter: m,
-                        kind: "zero_voltage",
-                        start_ms: s,
-                        end_ms: t,
-                        count: n,
-                    });
-                    open = None;
-                }
-                (false, None) => {}
-            }
-        }
-        if let Some((s, l, n)) = open {
-            scan.events.push(MeterEvent {
-                meter: m,
-                kind: "zero_voltage",
-                start_ms: s,
-                end_ms: l,
-                count: n,
-            });
-        }
-    }
-}
-
 /// Meters installed over the whole scanned period that sent no register at all.
-fn silent_meters(meters: &[Meter], offset_secs: i32, scan: &mut Scan) {
+fn silent_meters(meters: &[Meter], heard: &[bool], offset_secs: i32, scan: &mut Scan) {
     let (Some(first), Some(last)) = (scan.first_date, scan.last_date) else {
         return;
     };
-    let heard: std::collections::HashSet<u32> = scan.daily.iter().map(|d| d.meter).collect();
     let off = offset_secs as i64 * 1000;
-    let ms = |d: NaiveDate| {
-        (d - NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days() * DAY_MS - off
-    };
+    let ms = |d: NaiveDate| (d - epoch()).num_days() * DAY_MS - off;
     for (i, m) in meters.iter().enumerate() {
         let active = m.installed_on <= first && m.removed_on.is_none_or(|r| r > last);
-        if active && !heard.contains(&(i as u32)) {
+        if active && !heard[i] {
             let days = (last - first).num_days() + 1;
             scan.events.push(MeterEvent {
                 meter: i as u32,
@@ -463,81 +998,181 @@ mod tests {
         }
     }
 
+    /// Feeds total-register snapshots of one meter (account 0) through the
+    /// state machine; returns the days handed on and the scan.
+    fn feed(digits: u8, snaps: &[(i64, i64)]) -> (Vec<(NaiveDate, i64, bool)>, Scan) {
+        let meters = [meter(digits)];
+        let ma = [Some(0)];
+        let plan = ScanPlan {
+            meters: &meters,
+            meter_account: &ma,
+            accounts: 1,
+            utc_offset_secs: 0,
+            calendar: None,
+            peak_groups: &[],
+            mtd_as_of: None,
+        };
+        let mut st = State {
+            plan: &plan,
+            mult: meters.iter().map(Mult::of).collect(),
+            modulus: vec![10i64.pow(digits as u32) * 10_000],
+            last: vec![(i64::MIN, 0, false); NREG],
+            heard: vec![false],
+            volt_open: HashMap::new(),
+            open: Vec::new(),
+            pool: Vec::new(),
+            flushed_before: None,
+            late: BTreeMap::new(),
+            scan: Scan {
+                accounts: vec![AccountStats::default()],
+                ..Scan::default()
+            },
+            rows: Default::default(),
+        };
+        let mut out = Vec::new();
+        let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
+            for i in 0..b.accounts.len() {
+                out.push((b.date, b.regs[i][0].unwrap(), b.estimated[i]));
+            }
+            Ok(())
+        };
+        let mut counts = Vec::new();
+        for (t, v) in snaps {
+            let u = RegUpdate {
+                key: 0,
+                ts: *t,
+                raw: *v,
+                est: false,
+            };
+            st.apply_registers(&[u], &mut counts);
+        }
+        st.flush(None, &mut sink).unwrap();
+        (out, st.scan)
+    }
+
     #[test]
     fn a_missing_snapshot_is_spread_flagged_and_reported_as_comm_loss() {
-        let mut regs = Snapshots::new();
         // Snapshots on days 0, 1 and 3 (day 2 missing): 10 kWh, then 30 kWh over two days.
-        regs.insert(
-            (0, 0),
-            vec![
-                (0, 0, false),
-                (DAY_MS, 100_000, false),
-                (3 * DAY_MS, 400_000, false),
-            ],
-        );
-        let mut scan = Scan::default();
-        daily_from_registers(&[meter(6)], regs, 0, &mut scan);
-        let days: Vec<(i64, bool)> = scan
-            .daily
-            .iter()
-            .map(|d| (d.regs[0].unwrap(), d.estimated))
-            .collect();
-        assert_eq!(
-            days,
-            vec![(100_000, false), (150_000, true), (150_000, true)]
-        );
+        let (days, scan) = feed(6, &[(0, 0), (DAY_MS, 100_000), (3 * DAY_MS, 400_000)]);
+        let v: Vec<(i64, bool)> = days.iter().map(|d| (d.1, d.2)).collect();
+        assert_eq!(v, vec![(100_000, false), (150_000, true), (150_000, true)]);
         assert_eq!(scan.events.len(), 1);
         assert_eq!(
             (scan.events[0].kind, scan.events[0].count),
             ("comm_loss", 1)
         );
+        assert_eq!(scan.accounts[0].days, 3);
+        assert_eq!(scan.monthly.get(0, epoch()).unwrap().e4, 400_000);
     }
 
     #[test]
     fn a_register_wrapping_at_its_modulus_is_a_rollover_not_a_fall() {
-        let mut regs = Snapshots::new();
         // 4-digit register: 9999.0 -> 0001.0 is 2 kWh.
-        regs.insert(
-            (0, 0),
-            vec![(0, 99_990_000, false), (DAY_MS, 10_000, false)],
-        );
-        let mut scan = Scan::default();
-        daily_from_registers(&[meter(4)], regs, 0, &mut scan);
-        assert_eq!(scan.daily[0].regs[0], Some(20_000));
+        let (days, scan) = feed(4, &[(0, 99_990_000), (DAY_MS, 10_000)]);
+        assert_eq!(days[0].1, 20_000);
         assert_eq!(scan.backwards_pairs, 0);
     }
 
     #[test]
     fn a_register_going_backwards_is_left_out_and_counted() {
-        let mut regs = Snapshots::new();
-        regs.insert((0, 0), vec![(0, 500_000, false), (DAY_MS, 400_000, false)]);
-        let mut scan = Scan::default();
-        daily_from_registers(&[meter(6)], regs, 0, &mut scan);
-        assert!(scan.daily.is_empty());
+        let (days, scan) = feed(6, &[(0, 500_000), (DAY_MS, 400_000)]);
+        assert!(days.is_empty());
         assert_eq!(scan.backwards_pairs, 1);
     }
 
     #[test]
-    fn consecutive_zero_voltage_readings_make_one_event() {
-        let mut volts = HashMap::new();
-        volts.insert(
-            0u32,
-            vec![(0, false), (10, true), (20, true), (30, false), (40, true)],
-        );
-        let mut scan = Scan::default();
-        zero_voltage_events(volts, &mut scan);
-        scan.events.sort_by_key(|e| e.start_ms);
-        let ev: Vec<(i64, i64, i64)> = scan
-            .events
-            .iter()
-            .map(|e| (e.start_ms, e.end_ms, e.count))
-            .collect();
-        assert_eq!(ev, vec![(10, 30, 2), (40, 40, 1)]);
+    fn snapshots_arriving_out_of_order_within_a_partition_are_sorted() {
+        let meters = [meter(6)];
+        let ma = [Some(0)];
+        let plan = ScanPlan {
+            meters: &meters,
+            meter_account: &ma,
+            accounts: 1,
+            utc_offset_secs: 0,
+            calendar: None,
+            peak_groups: &[],
+            mtd_as_of: None,
+        };
+        let (out, _) = {
+            let (days, scan) = feed(6, &[(0, 0), (DAY_MS, 100_000), (2 * DAY_MS, 300_000)]);
+            (days, scan)
+        };
+        // Same snapshots, the last two in one partition in reverse order.
+        let mut st_days = Vec::new();
+        {
+            let mut st = State {
+                plan: &plan,
+                mult: meters.iter().map(Mult::of).collect(),
+                modulus: vec![10i64.pow(6) * 10_000],
+                last: vec![(i64::MIN, 0, false); NREG],
+                heard: vec![false],
+                volt_open: HashMap::new(),
+                open: Vec::new(),
+                pool: Vec::new(),
+                flushed_before: None,
+                late: BTreeMap::new(),
+                scan: Scan {
+                    accounts: vec![AccountStats::default()],
+                    ..Scan::default()
+                },
+                rows: Default::default(),
+            };
+            let u = |ts, raw| RegUpdate {
+                key: 0,
+                ts,
+                raw,
+                est: false,
+            };
+            let mut counts = Vec::new();
+            st.apply_registers(&[u(0, 0)], &mut counts);
+            st.apply_registers(&[u(2 * DAY_MS, 300_000), u(DAY_MS, 100_000)], &mut counts);
+            let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
+                st_days.push((b.date, b.regs[0][0].unwrap(), b.estimated[0]));
+                Ok(())
+            };
+            st.flush(None, &mut sink).unwrap();
+        }
+        assert_eq!(st_days, out);
+    }
+
+    #[test]
+    fn trend_of_a_steady_rise() {
+        // 10 days: 100, 110, ... (10 per day on a mean of 145): 10*30/145 = 206.9%.
+        let mut s = AccountStats::default();
+        for d in 0..10i64 {
+            let v = 100 + 10 * d;
+            s.days += 1;
+            s.sum += v;
+            s.sx += d;
+            s.sxx += d * d;
+            s.sxy += d * v;
+        }
+        assert_eq!(s.trend_pct_per_30_days(), Some(206.9));
+    }
+
+    #[test]
+    fn holidays_and_adjusted_working_days_set_the_day_type() {
+        let mut c = crate::tariff::calendar::Calendar::default();
+        c.years.insert(2026);
+        c.holidays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+        c.workdays
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 10).unwrap());
+        let d = |day| NaiveDate::from_ymd_opt(2026, 10, day).unwrap();
+        assert_eq!(DAY_TYPES[day_type(Some(&c), d(1))], "holiday");
+        assert_eq!(DAY_TYPES[day_type(Some(&c), d(10))], "weekday"); // a Saturday worked
+        assert_eq!(DAY_TYPES[day_type(Some(&c), d(11))], "weekend");
+        assert_eq!(DAY_TYPES[day_type(Some(&c), d(12))], "weekday");
+        assert_eq!(DAY_TYPES[day_type(None, d(1))], "weekday");
+        // A year the calendar does not cover: weekends only.
+        let y = NaiveDate::from_ymd_opt(2030, 1, 1).unwrap();
+        assert_eq!(DAY_TYPES[day_type(Some(&c), y)], "weekday");
     }
 
     #[test]
     fn primary_energy_applies_the_multiplier_exactly() {
         assert_eq!(to_primary(12_345, Decimal::from(4000)), 49_380_000);
         assert_eq!(to_primary(1, Decimal::new(15, 1)), 2);
+        assert_eq!(Mult::Int(4000).apply(12_345), 49_380_000);
     }
 }

@@ -51,6 +51,14 @@ pub struct AnalyzeArgs {
     /// Warn when the projected month exceeds this multiple of the account's usual month.
     #[arg(long, default_value = "1.5")]
     pub usual_multiple: Decimal,
+    /// Holiday calendar for the peak-period day types (tariffs/calendars
+    /// format); default: tariffs/calendars/cn-holidays.toml when present.
+    #[arg(long)]
+    pub calendar: Option<PathBuf>,
+    /// Cut-off day of the arrears backtest (YYYY-MM-DD); default: the latest
+    /// bill date with an observable outcome and earlier history.
+    #[arg(long)]
+    pub backtest_cutoff: Option<chrono::NaiveDate>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +71,11 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
     opts.as_of = a.as_of;
     opts.tiers_kwh = a.tiers.clone();
     opts.usual_multiple = a.usual_multiple;
+    opts.backtest_cutoff = a.backtest_cutoff;
+    opts.calendar = a.calendar.clone().or_else(|| {
+        let d = PathBuf::from("tariffs/calendars/cn-holidays.toml");
+        d.exists().then_some(d)
+    });
     if a.pseudonymize {
         let p = Pseudonymizer::from_file_or_env(a.secret_file.as_deref()).with_context(|| {
             format!("--pseudonymize needs a secret (--secret-file or {SECRET_ENV})")
@@ -88,6 +101,11 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
             d.path.display(),
             if d.pii { "  (RAW PERSONAL DATA)" } else { "" }
         );
+    }
+    // The backtest is small and tells whether the risk bands mean anything.
+    if let Some(d) = s.datasets.iter().find(|d| d.name == "arrears_backtest") {
+        let t = crate::analytics::Table::read_parquet(&d.path)?;
+        println!("arrears backtest:\n{}", t.to_text());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,10 @@ pub struct ReportArgs {
     /// Readings lake root; default: the master folder's parent when it holds `readings/`.
     #[arg(long)]
     pub lake: Option<PathBuf>,
+    /// `meterflow analyze` output folder: collection and fleet figures come
+    /// from it instead of a scan of the lake (fast on large fleets).
+    #[arg(long)]
+    pub analytics: Option<PathBuf>,
     /// Ledger export (Parquet with account_id and amount) for prepaid balances.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
@@ -38,6 +42,7 @@ pub fn run(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let mut opts = ReportOptions::new(&a.run_dir, &a.out);
     opts.master = a.master;
     opts.lake = a.lake;
+    opts.analytics = a.analytics;
     opts.ledger = a.ledger;
     opts.alerts = a.alerts;
     let t0 = std::time::Instant::now();

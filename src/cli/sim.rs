@@ -54,6 +54,10 @@ pub struct FleetArgs {
     /// Local time offset from UTC in hours (snapshots are taken at local midnight).
     #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     pub utc_offset_hours: i32,
+    /// Postpaid accounts pay monthly bills with a steady habit (punctual,
+    /// late, defaulting): payment history for the arrears backtest.
+    #[arg(long)]
+    pub payment_habits: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -77,6 +81,7 @@ fn fleet_cmd(a: FleetArgs) -> anyhow::Result<ExitCode> {
     o.anomaly_per_mille = a.anomaly_per_mille;
     o.prepaid_percent = a.prepaid_percent;
     o.utc_offset_hours = a.utc_offset_hours;
+    o.payment_habits = a.payment_habits;
     let bar = progress::bar(0, "generating fleet");
     let s = fleet::generate(&o, &|done, total| {
         bar.set_length(total);

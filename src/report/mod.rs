@@ -38,6 +38,9 @@ pub struct ReportOptions {
     pub out: PathBuf,
     pub master: Option<PathBuf>,
     pub lake: Option<PathBuf>,
+    /// An `analyze` output folder: collection and fleet figures are taken
+    /// from it instead of scanning the lake (fast on large fleets).
+    pub analytics: Option<PathBuf>,
     /// A ledger export (Parquet with `account_id`, `amount`): prepaid balances.
     pub ledger: Option<PathBuf>,
     /// A folder (or file) of alert Parquet files with a `kind` column.
@@ -52,6 +55,7 @@ impl ReportOptions {
             out: out.into(),
             master: None,
             lake: None,
+            analytics: None,
             ledger: None,
             alerts: None,
             utc_offset_secs: 8 * 3600,
@@ -161,19 +165,32 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         .iter()
         .map(|a| (a.account_id.as_str(), a))
         .collect();
-    let lake_inp = match &lake {
-        Some(l) => {
-            let sc = scan::scan_lake(l, &meters, opts.utc_offset_secs)?;
-            Some(inputs::Inputs::assemble(
+    let lake_inp = match (&opts.analytics, &lake) {
+        (Some(dir), _) => Some(inputs::Inputs::assemble(
+            meters.clone(),
+            accounts.clone(),
+            Vec::new(),
+            crate::analytics::scan_from_analytics(dir)?,
+            Vec::new(),
+            opts.utc_offset_secs,
+        )),
+        (None, Some(l)) => {
+            let mut inp = inputs::Inputs::assemble(
                 meters.clone(),
                 accounts.clone(),
                 Vec::new(),
-                sc,
+                Default::default(),
                 Vec::new(),
                 opts.utc_offset_secs,
-            ))
+            );
+            let lo = inputs::LoadOptions {
+                utc_offset_secs: opts.utc_offset_secs,
+                ..Default::default()
+            };
+            inp.scan_lake(l, &lo, &mut |_: &scan::DayBatch<'_>| Ok(()))?;
+            Some(inp)
         }
-        None => None,
+        (None, None) => None,
     };
 
     let mut p = Page::new(&format!(
@@ -307,10 +324,8 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         if let Some(inp) = &lake_inp {
             // No TOU bill lines (flat or tiered tariffs): the meters' tariff registers still tell the shares.
             let names = ["sharp (T1)", "peak (T2)", "flat (T3)", "valley (T4)"];
-            for d in &inp.scan.daily {
-                for (r, n) in names.iter().enumerate() {
-                    *tous.entry(n.to_string()).or_default() += d.regs[r + 1].unwrap_or(0) as i128;
-                }
+            for (r, n) in names.iter().enumerate() {
+                *tous.entry(n.to_string()).or_default() += inp.scan.fleet_tou[r];
             }
             p.note("No time-of-use bill lines in this run: shares below are from the meters' tariff registers in the lake, all days scanned.");
         }
@@ -462,7 +477,7 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
                 p.svg(&charts::bars("Readings with quality ok per collector (per mille)", "per mille", &labels, &vals)?);
             }
             p.table(&cols.iter().map(String::as_str).collect::<Vec<_>>(), rows);
-            let gaps = inp.scan.events.iter().filter(|e| e.kind == "comm_loss").count();
+            let gaps = inp.scan.comm_loss_events;
             p.kv(&[
                 ("Readings in lake", inp.scan.readings.to_string()),
                 ("Readings of unknown meters", inp.scan.unknown_meter_readings.to_string()),
@@ -499,10 +514,7 @@ fn permille(part: i128, total: i128) -> String {
 }
 
 fn daily_chart(p: &mut Page, inp: &inputs::Inputs) -> Result<(), ReportError> {
-    let mut per_day: BTreeMap<chrono::NaiveDate, i128> = BTreeMap::new();
-    for d in &inp.scan.daily {
-        *per_day.entry(d.date).or_default() += d.regs[0].unwrap_or(0) as i128;
-    }
+    let per_day = &inp.scan.fleet_daily;
     if per_day.len() >= 2 {
         let labels: Vec<String> = per_day
             .keys()

@@ -37,6 +37,9 @@ pub struct FleetOptions {
     pub utc_offset_hours: i32,
     /// Meters per generated file (and per parallel task).
     pub chunk_meters: usize,
+    /// Postpaid accounts pay a bill issued on the 1st of every month in the
+    /// period, each with a steady habit (punctual, late, or defaulting).
+    pub payment_habits: bool,
 }
 
 impl FleetOptions {
@@ -52,6 +55,7 @@ impl FleetOptions {
             prepaid_percent: 30,
             utc_offset_hours: 8,
             chunk_meters: 250_000,
+            payment_habits: false,
         }
     }
 }
@@ -670,6 +674,10 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
         } else {
             vec![r.gen_range(3..20.min(o.days.max(4)))]
         };
+        if o.payment_habits && !p.prepaid {
+            n_pay += habit_payments(o, p, &aid, &mut payments);
+            continue;
+        }
         for (j, d) in pay_days.into_iter().enumerate() {
             let est_month_yuan_fen = p.daily_centi * 30 * 55 / 100; // ~0.55 yuan/kWh, in fen
             let amount_fen = if p.prepaid {
@@ -695,6 +703,64 @@ fn master_files(o: &FleetOptions, plans: &[Plan]) -> (String, String, String, us
         }
     }
     (meters, accounts, payments, n_pay)
+}
+
+/// Payments of a postpaid account with a steady habit, one per bill issued
+/// on the 1st of each month after the start (bills of the month before):
+/// 70% pay 2-10 days after the bill, 20% 16-35 days after, 10% skip half of
+/// their bills and pay the rest 20-40 days late. Payments after the period
+/// are not written. Returns the number written.
+fn habit_payments(o: &FleetOptions, p: &Plan, aid: &str, out: &mut String) -> usize {
+    let mut r = rng_for(o.seed, p.index, 11);
+    let habit = r.gen_range(0..100u32);
+    let channels = ["wechat", "alipay", "bank", "counter"];
+    // Late payers and defaulters use the counter more often.
+    let ch = if habit >= 70 && r.gen_range(0..2) == 0 {
+        "counter"
+    } else {
+        channels[r.gen_range(0..channels.len())]
+    };
+    let end = o.start + Days::days(o.days as i64);
+    let mut bill = o.start.with_day(1).unwrap_or(o.start);
+    let mut n = 0;
+    loop {
+        bill = NaiveDate::from_ymd_opt(
+            bill.year() + (bill.month() / 12) as i32,
+            bill.month() % 12 + 1,
+            1,
+        )
+        .unwrap_or(end);
+        if bill > end {
+            return n;
+        }
+        let delay = match habit {
+            0..=69 => r.gen_range(2..=10),
+            70..=89 => r.gen_range(16..=35),
+            _ if r.gen_range(0..2) == 0 => continue,
+            _ => r.gen_range(20..=40),
+        };
+        let day = bill + Days::days(delay);
+        if day >= end {
+            continue;
+        }
+        let fen = p.daily_centi * 30 * 55 / 100 * p.ct as u64 * p.pt as u64 * r.gen_range(85..115)
+            / 100
+            + 1;
+        let at = day
+            .and_hms_opt(r.gen_range(1..14), r.gen_range(0..60), 0)
+            .unwrap_or_default()
+            .and_utc();
+        let _ = writeln!(
+            out,
+            "{}-{:09}-{n},{ch},{aid},{}.{:02},{}",
+            ch.to_uppercase(),
+            p.index + 1,
+            fen / 100,
+            fen % 100,
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        n += 1;
+    }
 }
 
 /// Elapsed helper for summaries.

@@ -161,6 +161,13 @@ fn analyze_writes_every_dataset_for_a_small_fleet() {
         peak.iter().filter(|b| **b == Some(true)).count() * 8,
         p.rows()
     );
+    // The October holidays of tariffs/calendars/cn-holidays.toml are a day type.
+    let Some(Col::Str(dt)) = p.col("day_type") else {
+        panic!("no day_type")
+    };
+    for t in ["weekday", "weekend", "holiday"] {
+        assert!(dt.iter().any(|d| d.as_deref() == Some(t)), "no {t} rows");
+    }
     // Risk points add up to the score.
     let r = Table::read_parquet(&out.path().join("arrears_risk.parquet")).unwrap();
     let int = |n: &str| match r.col(n) {
@@ -470,4 +477,58 @@ fn report_renders_in_headless_chromium_without_console_errors() {
         dom.contains("<svg") && dom.contains("Run report"),
         "rendered DOM lacks the report"
     );
+}
+
+#[test]
+fn report_from_analyze_output_equals_the_report_from_the_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("analytics");
+    analyze(&out, &[]);
+    let from_lake = report(&runs().join("2026-10"), &dir.path().join("lake.html"));
+    let fast = dir.path().join("fast.html");
+    let run_dir = runs().join("2026-10");
+    run(
+        &[
+            "report",
+            run_dir.to_str().unwrap(),
+            "--analytics",
+            out.to_str().unwrap(),
+            "--out",
+            fast.to_str().unwrap(),
+        ],
+        &[],
+    );
+    // Same elements; plotters may draw histogram bars in another order.
+    let parts = |s: &str| {
+        let mut v: Vec<String> = s.split('>').map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        parts(&std::fs::read_to_string(&fast).unwrap()),
+        parts(&from_lake)
+    );
+}
+
+#[test]
+fn backtest_scores_at_a_cutoff_with_history_before_it() {
+    // Two monthly runs (bills issued 1 Oct and 1 Nov): the default cut-off is
+    // 1 October, the only bill date with an outcome inside the data.
+    let out = tempfile::tempdir().unwrap();
+    analyze(out.path(), &[]);
+    let t = Table::read_parquet(&out.path().join("arrears_backtest.parquet")).unwrap();
+    let Some(Col::Date(c)) = t.col("cutoff") else {
+        panic!("no cutoff")
+    };
+    assert_eq!(c[0], chrono::NaiveDate::from_ymd_opt(2026, 10, 1));
+    let Some(Col::Str(src)) = t.col("bill_dates_from") else {
+        panic!("no bill_dates_from")
+    };
+    assert_eq!(src[0].as_deref(), Some("bill_runs"));
+    let Some(Col::Int(n)) = t.col("accounts_scored") else {
+        panic!("no accounts_scored")
+    };
+    // Band rows add up to the `all` row.
+    assert_eq!(n[0].unwrap() + n[1].unwrap() + n[2].unwrap(), n[3].unwrap());
+    assert!(n[3].unwrap() > 0);
 }
