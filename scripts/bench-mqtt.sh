@@ -56,16 +56,17 @@ allow_anonymous true
 persistence false
 max_queued_messages 0
 max_inflight_messages $INFLIGHT
-log_dest file $work/mosquitto.log
+log_dest stderr
 CONF
-  mosquitto -c "$work/mosquitto.conf" &
+  mosquitto -c "$work/mosquitto.conf" 2> "$work/mosquitto.log" &
   broker_pid=$!
   URL="mqtt://127.0.0.1:$port"
   for _ in $(seq 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
   done
-  limits="private mosquitto $(mosquitto -h 2>&1 | awk 'NR==1 {print $3}'), max_inflight_messages $INFLIGHT, max_queued_messages 0"
+  version=$(mosquitto -h 2>&1 | awk 'NR==1 {print $3}' || true)
+  limits="private mosquitto $version, max_inflight_messages $INFLIGHT, max_queued_messages 0"
 else
   URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
   limits="external broker (its own limits)"

@@ -364,7 +364,7 @@ fn spool_thread(
     let mut open = true;
     while open {
         let wait = flush.every.saturating_sub(last_seal.elapsed());
-        let first = match rt.block_on(tokio::time::timeout(wait, jobs.recv())) {
+        let first = match rt.block_on(async { tokio::time::timeout(wait, jobs.recv()).await }) {
             Ok(Some(job)) => Some(job),
             Ok(None) => {
                 open = false;
@@ -480,7 +480,7 @@ fn decode_batch(
     let mut dead: Vec<QuarantineRecord> = Vec::new();
     let mut rebirths: Vec<(String, Vec<u8>)> = Vec::new();
     let mut per_source = vec![(0u64, 0u64); decoders.len()]; // (readings, rounded)
-    // Consecutive messages mostly share a topic: remember its source.
+                                                             // Consecutive messages mostly share a topic: remember its source.
     let mut last: Option<(String, usize)> = None;
     for p in &batch {
         stats.messages += 1;

@@ -184,12 +184,7 @@ impl Sealed {
 
     /// Writes the entries to Parquet, then removes the spool segment.
     pub fn commit(self) -> Result<FlushStats, StoreError> {
-        let stats = commit_entries(
-            &self.root,
-            &self.writer_id,
-            &self.segment_id,
-            &self.entries,
-        )?;
+        let stats = commit_entries(&self.root, &self.writer_id, &self.segment_id, &self.entries)?;
         std::fs::remove_file(&self.segment_path)
             .map_err(|e| StoreError::io(&self.segment_path, e))?;
         atomic::sync_dir(&self.spool_dir)?;
@@ -344,7 +339,10 @@ mod tests {
             .unwrap();
         let first = lake.seal().unwrap().unwrap();
         assert_eq!(first.len(), 11);
-        assert!(lake.seal().unwrap().is_none(), "nothing pending after a seal");
+        assert!(
+            lake.seal().unwrap().is_none(),
+            "nothing pending after a seal"
+        );
         lake.accept_owned((10..20).map(soak_reading).collect(), vec![])
             .unwrap();
         // The newer segment is sealed and committed first on purpose: file
