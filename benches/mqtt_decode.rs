@@ -55,6 +55,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(d.decode("t/x", black_box(&batch), now).unwrap()))
     });
 
+    // One meter's message: a handful of readings (the common small payload).
+    let small = encode_canonical("sub", &readings(4, ts));
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("canonical_4_readings", |b| {
+        b.iter(|| black_box(d.decode("t/x", black_box(&small), now).unwrap()))
+    });
+
     let values = format!(
         r#"{{"timestamp":{ts},"node":"n7","group":"g","values":{{"EP":12345.678,"EQ":12.5,"P":1500,"UA":230.1,"UB":229.8,"UC":231.4,"IA":1.25,"IB":1.5}},"errors":{{}}}}"#
     );

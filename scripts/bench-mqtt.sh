@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# MQTT ingest throughput: publish N readings at QoS 1 to the broker and
-# measure (1) a subscriber that discards them and (2) `meterflow ingest mqtt`
-# writing them into committed Parquet. Prints both rates and their ratio.
+# MQTT ingest throughput against a discarding subscriber, same broker, same stream.
 #
-# Mosquitto drops QoS 1 messages queued for a subscriber beyond
-# max_queued_messages (default 1000): keep N/PER at or below that, or raise
-# it in mosquitto.conf, or the ingest run stalls (TIMEOUT) short of N.
+# For each message size in PERS (readings per message):
+#   1. two persistent QoS 1 sessions subscribe to one topic filter: the
+#      discarding subscriber's and the ingest's;
+#   2. N readings are published once (canonical JSON, QoS 1): the broker
+#      queues the identical stream for both sessions;
+#   3. `meterflow mqtt discard` drains its queue (rumqttc, PUBACK on receipt);
+#   4. `meterflow ingest mqtt` drains its queue into the lake (PUBACK only
+#      after the fsynced spool write), stopping after the final Parquet commit.
+# Both are timed from the first message received to the last message
+# received (discard) / the final Parquet commit (ingest); the ratio compares
+# them. Publishing is outside both timings, so the publisher's rate does not
+# cap either consumer.
 #
-#   scripts/bench-mqtt.sh                 # N=1000000, 1000 readings per message
-#   N=200000 PER=200 scripts/bench-mqtt.sh
-#   MQTT_URL=mqtt://127.0.0.1:1883 BIN=target/release/meterflow scripts/bench-mqtt.sh
+# By default a private mosquitto runs on a free loopback port with
+# max_queued_messages 0 (unbounded queue: the default of 1000 would drop most
+# of the backlog) and max_inflight_messages INFLIGHT (default 1000; mosquitto's
+# default of 20 allows only 20 unacknowledged messages, which caps any
+# ack-after-fsync consumer at 20 messages per fsync). MQTT_URL=... BROKER=external
+# uses an existing broker instead: its limits then apply.
+#
+#   scripts/bench-mqtt.sh                       # N=1000000, PERS="4 100 1000"
+#   N=200000 PERS=10 scripts/bench-mqtt.sh
+#   BIN=target/release/meterflow INFLIGHT=20 scripts/bench-mqtt.sh
 set -euo pipefail
 
 N=${N:-1000000}
-PER=${PER:-1000}
-TIMEOUT=${TIMEOUT:-120}
+PERS=${PERS:-"4 100 1000"}
 METERS=${METERS:-1000}
-URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
+INFLIGHT=${INFLIGHT:-1000}
+TIMEOUT=${TIMEOUT:-300}
+BROKER=${BROKER:-private}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/meterflow}
 
@@ -26,25 +41,57 @@ if [[ ! -x "$BIN" ]]; then
 fi
 
 work=$(mktemp -d)
-tag="bench-$$-$(date +%s)"
-cleanup() { [[ -n "${ingest_pid:-}" ]] && kill "$ingest_pid" 2>/dev/null || true; rm -rf "$work"; }
+broker_pid=
+cleanup() {
+  [[ -n "$broker_pid" ]] && kill "$broker_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-msgs=$(( (N + PER - 1) / PER ))
-echo "broker $URL: $N readings, $PER per message ($msgs messages), $METERS meters"
+if [[ "$BROKER" == private ]]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat > "$work/mosquitto.conf" <<CONF
+listener $port 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 0
+max_inflight_messages $INFLIGHT
+log_dest stderr
+CONF
+  mosquitto -c "$work/mosquitto.conf" 2> "$work/mosquitto.log" &
+  broker_pid=$!
+  URL="mqtt://127.0.0.1:$port"
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  version=$(mosquitto -h 2>&1 | awk 'NR==1 {print $3}' || true)
+  limits="private mosquitto $version, max_inflight_messages $INFLIGHT, max_queued_messages 0"
+else
+  URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
+  limits="external broker (its own limits)"
+fi
 
-# 1. Baseline: the broker delivering the stream to a subscriber that discards it.
-"$BIN" mqtt discard --url "$URL" --filter "$tag/discard/#" --messages "$msgs" \
-  --client-id "$tag-discard" --idle-secs 10 > "$work/discard.out" &
-discard_pid=$!
-sleep 1
-"$BIN" mqtt publish-sim --url "$URL" --topic "$tag/discard/r" --readings "$N" \
-  --meters "$METERS" --per-message "$PER" --client-id "$tag-pub1" > "$work/pub1.out"
-wait "$discard_pid"
-d_secs=$(awk '/^discarded/ { print $(NF-1) }' "$work/discard.out")
-
-# 2. Ingest into the lake, committed to Parquet (the timer stops after the final commit).
-cat > "$work/ingest.toml" <<TOML
+echo "broker $URL ($limits); $N readings per run, $METERS meters, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+summary=()
+for PER in $PERS; do
+  tag="bench-$$-$PER"
+  msgs=$(( (N + PER - 1) / PER ))
+  # 1. Both sessions exist (and subscribe) before anything is published.
+  "$BIN" mqtt discard --url "$URL" --filter "$tag/#" --client-id "$tag-discard" \
+    --persistent --subscribe-only > /dev/null
+  "$BIN" mqtt discard --url "$URL" --filter "$tag/#" --client-id "$tag-ingest" \
+    --persistent --subscribe-only > /dev/null
+  # 2. One stream, queued for both.
+  "$BIN" mqtt publish-sim --url "$URL" --topic "$tag/r" --readings "$N" \
+    --meters "$METERS" --per-message "$PER" --client-id "$tag-pub" > "$work/pub.out"
+  # 3. The discarding subscriber drains its queue.
+  "$BIN" mqtt discard --url "$URL" --filter "$tag/#" --client-id "$tag-discard" \
+    --persistent --messages "$msgs" --idle-secs 20 > "$work/discard.out"
+  d_secs=$(awk '/^discarded/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/discard.out")
+  bytes=$(awk '/^discarded/ { gsub(/\(/, "", $4); print $4 }' "$work/discard.out")
+  # 4. Ingest drains the same stream into the lake.
+  cat > "$work/ingest.toml" <<TOML
 [mqtt]
 url = "$URL"
 client_id = "$tag-ingest"
@@ -53,28 +100,28 @@ flush_secs = 5
 flush_readings = 500000
 [[source]]
 name = "bench"
-filter = "$tag/ingest/#"
+filter = "$tag/#"
 format = "canonical"
 TOML
-timeout "$TIMEOUT" "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" --out "$work/lake" \
-  --stop-after-readings "$N" > "$work/ingest.out" &
-ingest_pid=$!
-sleep 1
-"$BIN" mqtt publish-sim --url "$URL" --topic "$tag/ingest/r" --readings "$N" \
-  --meters "$METERS" --per-message "$PER" --client-id "$tag-pub2" > "$work/pub2.out"
-if ! wait "$ingest_pid"; then
-  ingest_pid=
-  echo "ingest did not receive all $N readings within ${TIMEOUT}s: did the broker drop" >&2
-  echo "messages (mosquitto max_queued_messages)? Try a larger PER or a smaller N." >&2
-  exit 1
-fi
-ingest_pid=
-i_secs=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/ingest.out")
-files=$(find "$work/lake/readings" -name '*.parquet' | wc -l)
+  if ! timeout "$TIMEOUT" "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" \
+      --out "$work/lake-$PER" --stop-after-readings "$N" > "$work/ingest.out"; then
+    echo "ingest did not receive all $N readings within ${TIMEOUT}s" >&2
+    exit 1
+  fi
+  i_secs=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/ingest.out")
+  committed=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "committed") print $(i-2) }' "$work/ingest.out")
+  files=$(find "$work/lake-$PER/readings" -name '*.parquet' | wc -l)
+  line=$(awk -v n="$N" -v per="$PER" -v m="$msgs" -v b="$bytes" -v d="$d_secs" -v i="$i_secs" -v c="$committed" -v f="$files" 'BEGIN {
+    dr = n / d; ir = n / i;
+    printf "%6d %8d %6.0f %10.0f %10.0f %6.2f   (%d committed, %d files; discard %.3f s, ingest %.3f s)",
+      per, m, b / m, dr, ir, ir / dr, c, f, d, i;
+  }')
+  echo "$(sed 's/^/  /' "$work/pub.out")"
+  summary+=("$line")
+  rm -rf "$work/lake-$PER"
+done
 
-awk -v n="$N" -v d="$d_secs" -v i="$i_secs" -v f="$files" 'BEGIN {
-  dr = n / d; ir = n / i;
-  printf "discarding subscriber: %10.0f readings/s (%.3f s)\n", dr, d;
-  printf "ingest to Parquet:     %10.0f readings/s (%.3f s, %d files)\n", ir, i, f;
-  printf "ratio ingest/discard:  %10.2f\n", ir / dr;
-}'
+echo
+printf "%6s %8s %6s %10s %10s %6s\n" "per" "messages" "bytes" "discard/s" "ingest/s" "ratio"
+printf "%s\n" "${summary[@]}"
+echo "(readings/s, first message received -> last message received / final Parquet commit)"

@@ -52,13 +52,21 @@ pub struct DiscardArgs {
     #[arg(long)]
     pub filter: String,
     /// Stop after this many messages and print the rate.
-    #[arg(long)]
+    #[arg(long, default_value_t = 0)]
     pub messages: u64,
     #[arg(long, default_value = "meterflow-discard")]
     pub client_id: String,
     /// Give up after this many seconds without a message.
     #[arg(long, default_value_t = 30)]
     pub idle_secs: u64,
+    /// Persistent session (clean session off): the broker queues messages
+    /// for this client id while it is away.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Subscribe, wait for the SUBACK and disconnect (with `--persistent`:
+    /// creates the session whose queue a later run drains).
+    #[arg(long)]
+    pub subscribe_only: bool,
 }
 
 pub fn run(cmd: MqttCmd) -> anyhow::Result<ExitCode> {
@@ -119,30 +127,59 @@ async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let (_, host, port) = parse_url(&a.url).map_err(anyhow::Error::msg)?;
     let mut o = MqttOptions::new(a.client_id, host, port);
     o.set_max_packet_size(268_435_455, 268_435_455);
-    o.set_clean_session(true);
+    o.set_clean_session(!a.persistent);
     let (client, mut ev) = AsyncClient::new(o, 1024);
     client.subscribe(a.filter.clone(), QoS::AtLeastOnce).await?;
     let mut n = 0u64;
     let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
     let mut bytes = 0u64;
-    while n < a.messages {
-        match tokio::time::timeout(Duration::from_secs(a.idle_secs), ev.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => println!("subscribed"),
+    let idle = Duration::from_secs(a.idle_secs);
+    while a.subscribe_only || n < a.messages {
+        match tokio::time::timeout(idle, ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                println!("subscribed");
+                if a.subscribe_only {
+                    client.disconnect().await?;
+                }
+            }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 first.get_or_insert_with(Instant::now);
                 n += 1;
                 bytes += p.payload.len() as u64;
+                if n == a.messages {
+                    last = Some(Instant::now());
+                }
             }
+            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => break,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => anyhow::bail!("connection: {e}"),
             Err(_) => break,
         }
     }
-    let secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);
+    if a.subscribe_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Let the last PUBACKs go out, so a persistent session is left empty.
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let secs = match (first, last) {
+        (Some(f), Some(l)) => (l - f).as_secs_f64(),
+        (Some(f), None) => f.elapsed().as_secs_f64(),
+        _ => 0.0,
+    };
     println!("discarded {n} messages ({bytes} bytes) in {secs:.3} s");
     Ok(if n == a.messages {
         ExitCode::SUCCESS

@@ -7,6 +7,7 @@
 //! message that is partly readable returns its good readings plus `problems`
 //! (the payload is dead-lettered with those reasons as well).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -185,26 +186,42 @@ impl Decoder {
         now: i64,
         out: &mut Decoded,
     ) -> Result<(), DecodeError> {
-        let env: Canonical = parse_json(payload)?;
-        let collector = env.collector.as_deref().unwrap_or(&self.limits.collector);
-        let one;
-        let list: &[CanonicalReading] = match (&env.readings, &env.meter_id) {
-            (Some(r), _) => r,
-            (None, Some(_)) => {
-                one = [CanonicalReading {
-                    meter_id: env.meter_id.clone(),
-                    ts: env.ts.clone(),
-                    channel: env.channel.clone(),
-                    value: env.value.clone(),
-                    unit: env.unit.clone(),
-                    quality: env.quality.clone(),
-                    address: env.address.clone(),
-                    protocol: env.protocol.clone(),
-                }];
-                &one
-            }
-            (None, None) => return Err(DecodeError::MissingField("readings".into())),
+        let Canonical {
+            collector,
+            readings,
+            meter_id,
+            ts,
+            channel,
+            value,
+            unit,
+            quality,
+            address,
+            protocol,
+            ..
+        } = parse_json(payload)?;
+        let collector: &str = match &collector {
+            Some(c) => &c.0,
+            None => &self.limits.collector,
         };
+        let one;
+        let list: &[CanonicalReading] = if let Some(r) = &readings {
+            r
+        } else if meter_id.is_some() {
+            one = [CanonicalReading {
+                meter_id,
+                ts,
+                channel,
+                value,
+                unit,
+                quality,
+                address,
+                protocol,
+            }];
+            &one
+        } else {
+            return Err(DecodeError::MissingField("readings".into()));
+        };
+        out.readings.reserve(list.len());
         for r in list {
             match self.canonical_one(r, topic, collector, now) {
                 Ok((reading, rounded)) => {
@@ -226,20 +243,21 @@ impl Decoder {
     ) -> Result<(Reading, bool), DecodeError> {
         let meter = r
             .meter_id
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| DecodeError::MissingField("meter_id".into()))?;
-        let meter = self.meter_for(&[meter])?;
-        let ch_name = r
+        let meter = self.meter_for(&[meter.0.as_ref()])?;
+        let ch_name: &str = &r
             .channel
-            .as_deref()
-            .ok_or_else(|| DecodeError::MissingField("channel".into()))?;
+            .as_ref()
+            .ok_or_else(|| DecodeError::MissingField("channel".into()))?
+            .0;
         let channel: Channel = ch_name
             .parse()
             .map_err(|_| DecodeError::UnknownChannel(ch_name.to_string()))?;
         if let Some(u) = &r.unit {
-            if u != channel.unit() {
+            if u.0 != channel.unit() {
                 return Err(DecodeError::WrongUnit {
-                    unit: u.clone(),
+                    unit: u.0.to_string(),
                     channel: ch_name.to_string(),
                     want: channel.unit().to_string(),
                 });
@@ -248,20 +266,20 @@ impl Decoder {
         let ts =
             r.ts.as_ref()
                 .ok_or_else(|| DecodeError::MissingField("ts".into()))?;
-        let ts_ms = self.check_ts(ts_from(ts, TsFormat::Auto, 0, "ts")?, now)?;
+        let ts_ms = self.check_ts(ts.timestamp(TsFormat::Auto, 0, "ts")?, now)?;
         let value = r
             .value
             .as_ref()
             .ok_or_else(|| DecodeError::MissingField("value".into()))?;
-        let (value, rounded) = self.fit(number(value, "value")?)?;
+        let (value, rounded) = self.fit(value.number("value")?)?;
         let quality = match &r.quality {
             None => Quality::OK,
-            Some(q) => Quality::parse(q).map_err(DecodeError::WrongType)?,
+            Some(q) => Quality::parse(&q.0).map_err(DecodeError::WrongType)?,
         };
         let protocol = match &r.protocol {
             None => Protocol::Mqtt,
-            Some(p) => Protocol::parse(p)
-                .ok_or_else(|| DecodeError::WrongType(format!("protocol '{p}'")))?,
+            Some(p) => Protocol::parse(&p.0)
+                .ok_or_else(|| DecodeError::WrongType(format!("protocol '{}'", p.0)))?,
         };
         Ok((
             Reading {
@@ -273,7 +291,10 @@ impl Decoder {
                 source: Source {
                     protocol,
                     collector: collector.to_string(),
-                    address: r.address.clone().unwrap_or_else(|| topic.to_string()),
+                    address: match &r.address {
+                        Some(a) => a.0.to_string(),
+                        None => topic.to_string(),
+                    },
                 },
                 received_ms: now,
             },
@@ -712,34 +733,176 @@ impl Decoder {
 }
 
 /// meterflow's canonical JSON: `{"v":1,"collector":..,"readings":[..]}` or one reading object.
+/// Read without building a `Value`: strings borrow from the payload where
+/// they have no escapes, numbers keep their text (the hot path of ingest).
 #[derive(Debug, Deserialize)]
-struct Canonical {
+struct Canonical<'a> {
     #[allow(dead_code)]
     v: Option<u32>,
-    collector: Option<String>,
-    readings: Option<Vec<CanonicalReading>>,
+    #[serde(borrow)]
+    collector: Option<JStr<'a>>,
+    #[serde(borrow)]
+    readings: Option<Vec<CanonicalReading<'a>>>,
     // A single reading may be sent bare (no serde flatten: it mangles
     // arbitrary-precision numbers).
-    meter_id: Option<String>,
-    ts: Option<Value>,
-    channel: Option<String>,
-    value: Option<Value>,
-    unit: Option<String>,
-    quality: Option<String>,
-    address: Option<String>,
-    protocol: Option<String>,
+    #[serde(borrow)]
+    meter_id: Option<JStr<'a>>,
+    #[serde(borrow)]
+    ts: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    channel: Option<JStr<'a>>,
+    #[serde(borrow)]
+    value: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    unit: Option<JStr<'a>>,
+    #[serde(borrow)]
+    quality: Option<JStr<'a>>,
+    #[serde(borrow)]
+    address: Option<JStr<'a>>,
+    #[serde(borrow)]
+    protocol: Option<JStr<'a>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-struct CanonicalReading {
-    meter_id: Option<String>,
-    ts: Option<Value>,
-    channel: Option<String>,
-    value: Option<Value>,
-    unit: Option<String>,
-    quality: Option<String>,
-    address: Option<String>,
-    protocol: Option<String>,
+#[derive(Debug, Default, Deserialize)]
+struct CanonicalReading<'a> {
+    #[serde(borrow)]
+    meter_id: Option<JStr<'a>>,
+    #[serde(borrow)]
+    ts: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    channel: Option<JStr<'a>>,
+    #[serde(borrow)]
+    value: Option<Scalar<'a>>,
+    #[serde(borrow)]
+    unit: Option<JStr<'a>>,
+    #[serde(borrow)]
+    quality: Option<JStr<'a>>,
+    #[serde(borrow)]
+    address: Option<JStr<'a>>,
+    #[serde(borrow)]
+    protocol: Option<JStr<'a>>,
+}
+
+/// A JSON string, borrowed from the payload unless it had escapes.
+#[derive(Debug)]
+struct JStr<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for JStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = JStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<JStr<'a>, E> {
+                Ok(JStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<JStr<'a>, E> {
+                Ok(JStr(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<JStr<'a>, E> {
+                Ok(JStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// A JSON scalar without a `Value` tree: numbers keep their exact text.
+#[derive(Debug)]
+enum Scalar<'a> {
+    Number(String),
+    Str(Cow<'a, str>),
+    Bool(bool),
+    /// An array or object (null is `None` of the `Option` around it).
+    Other,
+}
+
+/// serde_json's `arbitrary_precision` hands a number over as a one-entry
+/// map under this key, its value the number's text.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess};
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Scalar<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Number(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Number(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Number(v.to_string()))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar<'a>, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Scalar<'a>, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Scalar<'a>, A::Error> {
+                let Some(k) = a.next_key::<JStr<'_>>()? else {
+                    return Ok(Scalar::Other);
+                };
+                if k.0 == NUMBER_TOKEN {
+                    return Ok(Scalar::Number(a.next_value::<String>()?));
+                }
+                a.next_value::<IgnoredAny>()?;
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl Scalar<'_> {
+    /// Same rules as [`number`].
+    fn number(&self, field: &str) -> Result<Decimal, DecodeError> {
+        let text = match self {
+            Scalar::Number(n) => n.as_str(),
+            Scalar::Str(s) => s.trim(),
+            Scalar::Bool(b) => return Ok(Decimal::from(*b as u8)),
+            Scalar::Other => {
+                return Err(DecodeError::WrongType(format!("{field} is not a number")))
+            }
+        };
+        parse_decimal(text).ok_or_else(|| DecodeError::BadNumber {
+            field: field.to_string(),
+            text: text.chars().take(64).collect(),
+        })
+    }
+
+    /// Same rules as [`ts_from`].
+    fn timestamp(
+        &self,
+        fmt: TsFormat,
+        tz_offset_minutes: i32,
+        field: &str,
+    ) -> Result<i64, DecodeError> {
+        match self {
+            Scalar::Number(n) => ts_from_number_text(n, fmt, field),
+            Scalar::Str(s) => ts_from_str(s, fmt, tz_offset_minutes, field),
+            _ => Err(DecodeError::BadTimestamp(field.to_string())),
+        }
+    }
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, DecodeError> {
@@ -801,37 +964,51 @@ pub fn ts_from(
     tz_offset_minutes: i32,
     field: &str,
 ) -> Result<i64, DecodeError> {
-    let bad = || DecodeError::BadTimestamp(field.to_string());
-    let from_number = |d: Decimal| -> Result<i64, DecodeError> {
-        let secs = match fmt {
-            TsFormat::Ms => false,
-            TsFormat::S => true,
-            TsFormat::Auto => d.abs() < Decimal::from(100_000_000_000i64),
-            TsFormat::Rfc3339 => return Err(bad()),
-        };
-        let ms = if secs {
-            d.checked_mul(Decimal::ONE_THOUSAND).ok_or_else(bad)?
-        } else {
-            d
-        };
-        ms.trunc().to_i64().ok_or_else(bad)
-    };
     match v {
-        Value::Number(n) => from_number(parse_decimal(n.as_str()).ok_or_else(bad)?),
-        Value::String(s) => {
-            if let Some(d) = parse_decimal(s.trim()) {
-                return from_number(d);
-            }
-            if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-                return Ok(t.timestamp_millis());
-            }
-            let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-                .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
-                .map_err(|_| bad())?;
-            Ok(naive.and_utc().timestamp_millis() - i64::from(tz_offset_minutes) * 60_000)
-        }
-        _ => Err(bad()),
+        Value::Number(n) => ts_from_number_text(n.as_str(), fmt, field),
+        Value::String(s) => ts_from_str(s, fmt, tz_offset_minutes, field),
+        _ => Err(DecodeError::BadTimestamp(field.to_string())),
     }
+}
+
+fn ts_from_number_text(text: &str, fmt: TsFormat, field: &str) -> Result<i64, DecodeError> {
+    let d = parse_decimal(text).ok_or_else(|| DecodeError::BadTimestamp(field.to_string()))?;
+    ts_from_decimal(d, fmt, field)
+}
+
+fn ts_from_decimal(d: Decimal, fmt: TsFormat, field: &str) -> Result<i64, DecodeError> {
+    let bad = || DecodeError::BadTimestamp(field.to_string());
+    let secs = match fmt {
+        TsFormat::Ms => false,
+        TsFormat::S => true,
+        TsFormat::Auto => d.abs() < Decimal::from(100_000_000_000i64),
+        TsFormat::Rfc3339 => return Err(bad()),
+    };
+    let ms = if secs {
+        d.checked_mul(Decimal::ONE_THOUSAND).ok_or_else(bad)?
+    } else {
+        d
+    };
+    ms.trunc().to_i64().ok_or_else(bad)
+}
+
+fn ts_from_str(
+    s: &str,
+    fmt: TsFormat,
+    tz_offset_minutes: i32,
+    field: &str,
+) -> Result<i64, DecodeError> {
+    let bad = || DecodeError::BadTimestamp(field.to_string());
+    if let Some(d) = parse_decimal(s.trim()) {
+        return ts_from_decimal(d, fmt, field);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f"))
+        .map_err(|_| bad())?;
+    Ok(naive.and_utc().timestamp_millis() - i64::from(tz_offset_minutes) * 60_000)
 }
 
 /// Built-in field -> channel maps (config entries override them).

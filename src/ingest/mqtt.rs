@@ -21,7 +21,7 @@ use super::config::{IngestConfig, MqttConfig};
 use super::decode::{encode_canonical, Decoder, Limits};
 use crate::metrics;
 use crate::model::{now_ms, Protocol, Reading};
-use crate::store::{Lake, LakeOptions, QuarantineRecord, StoreError};
+use crate::store::{FlushStats, Lake, LakeOptions, QuarantineRecord, Sealed, StoreError};
 
 /// Largest packet rumqttc accepts (MQTT's own maximum): bigger limits are ours
 /// to enforce with a dead letter, not rumqttc's to enforce with a disconnect
@@ -199,11 +199,32 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
-enum FromConn {
-    Publish(Publish),
+/// Most messages decoded into one spool job.
+const MAX_BATCH: usize = 4096;
+/// Decoded jobs waiting for the spool thread; beyond this decoding waits.
+const JOBS_QUEUED: usize = 4;
+
+/// Decoded messages on their way to the spool, with what to send once durable.
+struct Job {
+    readings: Vec<Reading>,
+    dead: Vec<QuarantineRecord>,
+    durable: Durable,
 }
 
-/// Runs until `shutdown` resolves (then flushes the lake) or the lake fails.
+/// What to send once a job's spool write returned Ok.
+#[derive(Default)]
+struct Durable {
+    acks: Vec<Publish>,
+    rebirths: Vec<(String, Vec<u8>)>,
+}
+
+/// Runs until `shutdown` resolves (then commits the spool) or the lake fails.
+///
+/// Pipeline: the connection task reads publishes; this task decodes them in
+/// batches; the spool thread makes every job queued meanwhile durable with one
+/// write and one fsync (group commit) and only then hands its PUBACKs to the
+/// ack task; Parquet commits of sealed spool segments run on their own thread
+/// while the next segment fills.
 pub async fn run_ingest(
     opts: IngestOptions,
     shutdown: impl std::future::Future<Output = ()>,
@@ -228,7 +249,7 @@ pub async fn run_ingest(
         .writer_id
         .clone()
         .unwrap_or_else(|| sanitize(&client_id));
-    let mut lake = Lake::open(&opts.lake, LakeOptions::new(writer))?;
+    let lake = Lake::open(&opts.lake, LakeOptions::new(writer))?;
     let filters: Vec<String> = cfg
         .sources
         .iter()
@@ -239,6 +260,8 @@ pub async fn run_ingest(
         .collect();
 
     let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &client_id)?, 4096);
+    // Unbounded, yet bounded in practice: the broker sends at most its
+    // inflight window of unacknowledged QoS 1 messages.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let conn = tokio::spawn(connection_task(
         eventloop,
@@ -249,69 +272,68 @@ pub async fn run_ingest(
     ));
     describe_metrics();
 
+    let (job_tx, job_rx) = mpsc::channel::<Job>(JOBS_QUEUED);
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel::<Durable>();
+    let acker = tokio::spawn(ack_task(client.clone(), durable_rx));
+    let flush = FlushPolicy {
+        every: Duration::from_secs(cfg.ingest.flush_secs.max(1)),
+        readings: cfg.ingest.flush_readings.max(1),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let spool = std::thread::Builder::new()
+        .name("mqtt-spool".into())
+        .spawn(move || spool_thread(lake, job_rx, durable_tx, flush, handle))
+        .map_err(|e| IngestError::Client(format!("spool thread: {e}")))?;
+
     let mut stats = IngestStats::default();
-    let flush_every = Duration::from_secs(cfg.ingest.flush_secs.max(1));
-    let mut last_flush = Instant::now();
     let mut first_message: Option<Instant> = None;
+    let names: Vec<String> = cfg.sources.iter().map(|s| s.name.clone()).collect();
     tokio::pin!(shutdown);
-    let result = loop {
+    loop {
         let first = tokio::select! {
             m = rx.recv() => m,
-            _ = &mut shutdown => break Ok(()),
-            _ = tokio::time::sleep(flush_every) => None,
+            _ = &mut shutdown => break,
         };
-        let mut batch: Vec<Publish> = Vec::new();
-        if let Some(FromConn::Publish(p)) = first {
-            batch.push(p);
-            while batch.len() < 2000 {
-                match rx.try_recv() {
-                    Ok(FromConn::Publish(p)) => batch.push(p),
-                    Err(_) => break,
-                }
+        let Some(first) = first else { break };
+        first_message.get_or_insert_with(Instant::now);
+        let mut batch = Vec::with_capacity(64);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
             }
         }
-        if !batch.is_empty() {
-            first_message.get_or_insert_with(Instant::now);
-            if let Err(e) =
-                process_batch(&batch, &mut decoders, &mut lake, &client, &mut stats).await
-            {
-                break Err(e);
-            }
-            if opts
-                .stop_after_readings
-                .is_some_and(|n| stats.readings >= n)
-            {
-                break Ok(());
-            }
+        let job = decode_batch(batch, &mut decoders, &names, &mut stats);
+        if job_tx.send(job).await.is_err() {
+            break; // the spool thread failed: its error is returned below
         }
-        if lake.pending() >= cfg.ingest.flush_readings
-            || (lake.pending() > 0 && last_flush.elapsed() >= flush_every)
+        if opts
+            .stop_after_readings
+            .is_some_and(|n| stats.readings >= n)
         {
-            let t = Instant::now();
-            match lake.flush() {
-                Ok(s) => {
-                    stats.committed += s.readings as u64;
-                    metrics::histogram_observe(
-                        "meterflow_mqtt_flush_seconds",
-                        &[],
-                        t.elapsed().as_secs_f64(),
-                    );
-                }
-                Err(e) => break Err(e.into()),
-            }
-            last_flush = Instant::now();
+            break;
         }
-    };
-    // Everything acked is already durable in the spool; committing it now
-    // just saves the next start a replay.
-    let flushed = lake.flush();
+    }
+    // Everything acked is already durable in the spool; the spool thread
+    // commits it now, which just saves the next start a replay.
+    drop(job_tx);
+    let spooled = tokio::task::spawn_blocking(move || spool.join())
+        .await
+        .map_err(|e| IngestError::Client(e.to_string()))?
+        .unwrap_or_else(|_| Err(IngestError::Client("spool thread panicked".into())));
+    let busy = first_message.map(|t| t.elapsed());
+    // The last PUBACKs are queued before the DISCONNECT.
+    let acked = acker.await;
     let _ = client.disconnect().await;
-    conn.abort();
-    result?;
-    stats.committed += flushed?.readings as u64;
-    stats.busy_ms = first_message
-        .map(|t| t.elapsed().as_millis() as u64)
-        .unwrap_or(0);
+    let stop_conn = conn.abort_handle();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    stop_conn.abort();
+    stats.committed = spooled?;
+    acked
+        .map_err(|e| IngestError::Client(e.to_string()))?
+        .map_err(|e| IngestError::Client(e.to_string()))?;
+    stats.busy_ms = busy.map(|d| d.as_millis() as u64).unwrap_or(0);
     tracing::info!(
         messages = stats.messages,
         readings = stats.readings,
@@ -321,24 +343,161 @@ pub async fn run_ingest(
     Ok(stats)
 }
 
-async fn process_batch(
-    batch: &[Publish],
+#[derive(Debug, Clone, Copy)]
+struct FlushPolicy {
+    every: Duration,
+    readings: usize,
+}
+
+/// Owns the lake: appends every job queued meanwhile with one fsync, then
+/// releases their acks; seals the segment for a Parquet commit on another
+/// thread (one at a time, in order) by size or age. Returns readings committed.
+fn spool_thread(
+    mut lake: Lake,
+    mut jobs: mpsc::Receiver<Job>,
+    durable: mpsc::UnboundedSender<Durable>,
+    flush: FlushPolicy,
+    rt: tokio::runtime::Handle,
+) -> Result<u64, IngestError> {
+    let mut committer = Committer::default();
+    let mut last_seal = Instant::now();
+    let mut open = true;
+    while open {
+        let wait = flush.every.saturating_sub(last_seal.elapsed());
+        let first = match rt.block_on(async { tokio::time::timeout(wait, jobs.recv()).await }) {
+            Ok(Some(job)) => Some(job),
+            Ok(None) => {
+                open = false;
+                None
+            }
+            Err(_) => None,
+        };
+        if let Some(mut job) = first {
+            // Group commit: everything decoded while the last fsync ran.
+            while let Ok(more) = jobs.try_recv() {
+                job.readings.extend(more.readings);
+                job.dead.extend(more.dead);
+                job.durable.acks.extend(more.durable.acks);
+                job.durable.rebirths.extend(more.durable.rebirths);
+            }
+            lake.accept_owned(job.readings, job.dead)?;
+            // Durable: now (and only now) the broker may forget these messages.
+            let _ = durable.send(job.durable);
+        }
+        if lake.pending() >= flush.readings
+            || (lake.pending() > 0 && last_seal.elapsed() >= flush.every)
+        {
+            if let Some(sealed) = lake.seal()? {
+                committer.start(sealed)?;
+            }
+            last_seal = Instant::now();
+        } else if lake.pending() == 0 {
+            last_seal = Instant::now();
+        }
+    }
+    if let Some(sealed) = lake.seal()? {
+        committer.start(sealed)?;
+    }
+    committer.finish()
+}
+
+/// At most one Parquet commit in flight, on its own thread.
+#[derive(Default)]
+struct Committer {
+    running: Option<std::thread::JoinHandle<Result<FlushStats, StoreError>>>,
+    committed: u64,
+}
+
+impl Committer {
+    /// Waits for the previous commit (segments commit in order), then starts this one.
+    fn start(&mut self, sealed: Sealed) -> Result<(), IngestError> {
+        self.wait()?;
+        let h = std::thread::Builder::new()
+            .name("mqtt-commit".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let r = sealed.commit();
+                metrics::histogram_observe(
+                    "meterflow_mqtt_flush_seconds",
+                    &[],
+                    t.elapsed().as_secs_f64(),
+                );
+                r
+            })
+            .map_err(|e| IngestError::Client(format!("commit thread: {e}")))?;
+        self.running = Some(h);
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<(), IngestError> {
+        if let Some(h) = self.running.take() {
+            let s = h
+                .join()
+                .map_err(|_| IngestError::Client("commit thread panicked".into()))??;
+            self.committed += s.readings as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64, IngestError> {
+        self.wait()?;
+        Ok(self.committed)
+    }
+}
+
+/// Sends the PUBACKs (and Sparkplug rebirth requests) of durable jobs, in order.
+async fn ack_task(
+    client: AsyncClient,
+    mut durable: mpsc::UnboundedReceiver<Durable>,
+) -> Result<(), rumqttc::ClientError> {
+    while let Some(d) = durable.recv().await {
+        for p in &d.acks {
+            client.ack(p).await?;
+        }
+        let mut asked = HashSet::new();
+        for (topic, payload) in d.rebirths {
+            if asked.insert(topic.clone()) {
+                tracing::info!(%topic, "sparkplug seq gap or unknown alias: requesting rebirth");
+                metrics::counter_add("meterflow_mqtt_rebirth_requests_total", &[], 1);
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a batch of publishes into one spool job (counters per batch, not per message).
+fn decode_batch(
+    batch: Vec<Publish>,
     decoders: &mut [Decoder],
-    lake: &mut Lake,
-    client: &AsyncClient,
+    names: &[String],
     stats: &mut IngestStats,
-) -> Result<(), IngestError> {
+) -> Job {
     let now = now_ms();
     let mut readings: Vec<Reading> = Vec::new();
     let mut dead: Vec<QuarantineRecord> = Vec::new();
     let mut rebirths: Vec<(String, Vec<u8>)> = Vec::new();
-    for p in batch {
+    let mut per_source = vec![(0u64, 0u64); decoders.len()]; // (readings, rounded)
+                                                             // Consecutive messages mostly share a topic: remember its source.
+    let mut last: Option<(String, usize)> = None;
+    for p in &batch {
         stats.messages += 1;
         let topic = p.topic.as_str();
-        let Some(dec) = decoders
-            .iter_mut()
-            .find(|d| topic_matches(&d.source().filter, topic))
-        else {
+        let idx = match &last {
+            Some((t, i)) if t == topic => Some(*i),
+            _ => {
+                let i = decoders
+                    .iter()
+                    .position(|d| topic_matches(&d.source().filter, topic));
+                if let Some(i) = i {
+                    last = Some((topic.to_string(), i));
+                }
+                i
+            }
+        };
+        let Some(idx) = idx else {
             dead.push(dead_letter(
                 now,
                 "",
@@ -353,32 +512,25 @@ async fn process_batch(
             );
             continue;
         };
-        let name = dec.source().name.clone();
-        let collector = dec.source().name.clone();
-        match dec.decode(topic, &p.payload, now) {
+        let name = &names[idx];
+        match decoders[idx].decode(topic, &p.payload, now) {
             Ok(d) => {
-                metrics::counter_add(
-                    "meterflow_mqtt_readings_total",
-                    &[("source", &name)],
-                    d.readings.len() as u64,
-                );
-                if d.rounded > 0 {
-                    metrics::counter_add(
-                        "meterflow_mqtt_values_rounded_total",
-                        &[("source", &name)],
-                        d.rounded as u64,
-                    );
-                }
+                per_source[idx].0 += d.readings.len() as u64;
+                per_source[idx].1 += d.rounded as u64;
                 for o in &d.offline {
                     tracing::warn!(source = %name, device = %o, "sparkplug device offline");
                     metrics::counter_add(
                         "meterflow_mqtt_sparkplug_offline_total",
-                        &[("source", &name)],
+                        &[("source", name)],
                         1,
                     );
                 }
                 stats.readings += d.readings.len() as u64;
-                readings.extend(d.readings);
+                if readings.is_empty() {
+                    readings = d.readings;
+                } else {
+                    readings.extend(d.readings);
+                }
                 if !d.problems.is_empty() {
                     let reason = d
                         .problems
@@ -389,12 +541,12 @@ async fn process_batch(
                     for e in &d.problems {
                         metrics::counter_add(
                             "meterflow_mqtt_dead_letters_total",
-                            &[("source", &name), ("reason", e.kind())],
+                            &[("source", name), ("reason", e.kind())],
                             1,
                         );
                     }
                     tracing::warn!(source = %name, topic, %reason, "partly unusable message dead-lettered");
-                    dead.push(dead_letter(now, &collector, topic, reason, &p.payload));
+                    dead.push(dead_letter(now, name, topic, reason, &p.payload));
                 }
                 if let Some(r) = d.rebirth {
                     rebirths.push(r);
@@ -404,43 +556,39 @@ async fn process_batch(
                 tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
                 metrics::counter_add(
                     "meterflow_mqtt_dead_letters_total",
-                    &[("source", &name), ("reason", e.kind())],
+                    &[("source", name), ("reason", e.kind())],
                     1,
                 );
-                dead.push(dead_letter(
-                    now,
-                    &collector,
-                    topic,
-                    e.to_string(),
-                    &p.payload,
-                ));
+                dead.push(dead_letter(now, name, topic, e.to_string(), &p.payload));
             }
+        }
+    }
+    for (i, (n, rounded)) in per_source.iter().enumerate() {
+        if *n > 0 {
+            metrics::counter_add(
+                "meterflow_mqtt_readings_total",
+                &[("source", &names[i])],
+                *n,
+            );
+        }
+        if *rounded > 0 {
+            metrics::counter_add(
+                "meterflow_mqtt_values_rounded_total",
+                &[("source", &names[i])],
+                *rounded,
+            );
         }
     }
     stats.dead_letters += dead.len() as u64;
     metrics::counter_add("meterflow_mqtt_messages_total", &[], batch.len() as u64);
-    // Durable first ...
-    lake.accept(&readings)?;
-    lake.quarantine(&dead)?;
-    // ... then acknowledged.
-    for p in batch {
-        client
-            .ack(p)
-            .await
-            .map_err(|e| IngestError::Client(e.to_string()))?;
+    Job {
+        readings,
+        dead,
+        durable: Durable {
+            acks: batch,
+            rebirths,
+        },
     }
-    let mut asked = HashSet::new();
-    for (topic, payload) in rebirths {
-        if asked.insert(topic.clone()) {
-            tracing::info!(%topic, "sparkplug seq gap or unknown alias: requesting rebirth");
-            metrics::counter_add("meterflow_mqtt_rebirth_requests_total", &[], 1);
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(|e| IngestError::Client(e.to_string()))?;
-        }
-    }
-    Ok(())
 }
 
 fn dead_letter(
@@ -477,7 +625,7 @@ async fn connection_task(
     mut eventloop: EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    tx: mpsc::UnboundedSender<FromConn>,
+    tx: mpsc::UnboundedSender<Publish>,
     subscribed: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -485,7 +633,7 @@ async fn connection_task(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(FromConn::Publish(p)).is_err() {
+                if tx.send(p).is_err() {
                     return;
                 }
             }
@@ -517,6 +665,7 @@ async fn connection_task(
                     n.notify_one();
                 }
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
                 metrics::gauge_set("meterflow_mqtt_connected", &[], 0.0);

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
-pub use lake::{FlushStats, Lake, LakeOptions};
+pub use lake::{FlushStats, Lake, LakeOptions, Sealed};
 pub use spool::QuarantineRecord;
 
 #[derive(Debug, thiserror::Error)]
