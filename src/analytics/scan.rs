@@ -16,9 +16,9 @@ use rayon::prelude::*;
 use rust_decimal::Decimal;
 
 use super::AnalyticsError;
-use crate::billing::engine::FxMap;
 use crate::master::Meter;
 use crate::store::reader;
+use crate::store::scan::FxMap;
 
 /// Lake values and all energy here: 4 decimals.
 pub const SCALE: u8 = 4;
@@ -855,7 +855,9 @@ impl State<'_> {
             return Ok(());
         }
         let n = self.plan.accounts;
-        let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
+        // Rest days: weekends and calendar holidays; an adjusted working
+        // Saturday counts as a weekday, as people live it.
+        let weekend = self.plan.day_type(date) != 0;
         let x = (date - NaiveDate::from_ymd_opt(2000, 1, 1).expect("valid")).num_days();
         let month = date.with_day(1).expect("day 1");
         let k = self.scan.monthly.slot(month, n);

@@ -184,6 +184,7 @@ pub fn bill_account(
     meters: &[(&Meter, &MeterState)],
     period: &BillPeriod,
     cfg: &VeeConfig,
+    carried_ytd: Option<(NaiveDate, Decimal)>,
 ) -> Result<AccountBill, Exception> {
     let tariff = plan.tariff;
     let nb = plan.dates.len();
@@ -397,7 +398,18 @@ pub fn bill_account(
     let end_version = tariff
         .version_on(plan.dates[nb - 2])
         .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
-    if let Some(from) = plan.ytd_from {
+    let carried = match (plan.ytd_from, carried_ytd) {
+        // Only a bill that started inside this tier year carries its position.
+        (Some(from), Some((prev_start, c))) if prev_start >= from => Some(c),
+        _ => None,
+    };
+    if let Some(c) = carried {
+        // The previous bill of this tier year says where the account stands:
+        // billing continues from what was billed, not from a re-measurement.
+        ytd = c;
+        ytd_known = Some(ytd);
+        flags |= Flags::YTD_CARRIED;
+    } else if let Some(from) = plan.ytd_from {
         let mut known = true;
         let mut sum = Decimal::ZERO;
         for mi in 0..meters.len() {

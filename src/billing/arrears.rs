@@ -45,18 +45,8 @@ pub fn read_prior_bills(dirs: &[PathBuf]) -> Result<PriorBills, BillingError> {
     let mut out: PriorBills = BTreeMap::new();
     for dir in dirs {
         let mut latest: BTreeMap<String, PriorBill> = BTreeMap::new();
-        read_bills_file(&dir.join("bills.parquet"), &mut latest)?;
-        let mut n = 1;
-        while dir
-            .join(format!("revision-{n}"))
-            .join("bills.parquet")
-            .exists()
-        {
-            read_bills_file(
-                &dir.join(format!("revision-{n}")).join("bills.parquet"),
-                &mut latest,
-            )?;
-            n += 1;
+        for f in bills_files(dir) {
+            read_bills_file(&f, &mut latest)?;
         }
         for (account, b) in latest {
             out.entry(account).or_default().push(b);
@@ -65,6 +55,73 @@ pub fn read_prior_bills(dirs: &[PathBuf]) -> Result<PriorBills, BillingError> {
     for bills in out.values_mut() {
         bills.sort_by(|a, b| (a.due, &a.period).cmp(&(b.due, &b.period)));
         bills.dedup_by(|a, b| a.period == b.period);
+    }
+    Ok(out)
+}
+
+/// `bills.parquet` of a run directory, then of its revisions in order.
+fn bills_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v = vec![dir.join("bills.parquet")];
+    let mut n = 1;
+    while dir
+        .join(format!("revision-{n}"))
+        .join("bills.parquet")
+        .exists()
+    {
+        v.push(dir.join(format!("revision-{n}")).join("bills.parquet"));
+        n += 1;
+    }
+    v
+}
+
+/// Year-to-date positions to carry into a period starting on `start`: for
+/// every account whose bill in `dirs` ends on `start`, (that bill's start,
+/// its `ytd_kwh_after`). Revisions replace the values of the accounts they adjust.
+pub fn read_carried_ytd(
+    dirs: &[PathBuf],
+    start: NaiveDate,
+) -> Result<std::collections::HashMap<String, (NaiveDate, Decimal)>, BillingError> {
+    let mut out = std::collections::HashMap::new();
+    for f in dirs.iter().flat_map(|d| bills_files(d)) {
+        let bad = |what: String| BillingError::Invalid(format!("{}: {what}", f.display()));
+        let file = File::open(&f).map_err(|source| BillingError::Io {
+            path: f.clone(),
+            source,
+        })?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| bad(e.to_string()))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("no column {name}")))
+            };
+            let (acc, per, ytd) = (col("account_id")?, col("period")?, col("ytd_kwh_after")?);
+            let acc = acc.as_any().downcast_ref::<StringArray>();
+            let per = per.as_any().downcast_ref::<StringArray>();
+            let ytd = ytd.as_any().downcast_ref::<Decimal128Array>();
+            let (Some(acc), Some(per), Some(ytd)) = (acc, per, ytd) else {
+                return Err(bad("unexpected bills schema".into()));
+            };
+            for i in 0..batch.num_rows() {
+                if ytd.is_null(i) {
+                    continue;
+                }
+                let p = BillPeriod::parse(per.value(i)).map_err(bad)?;
+                if p.end == start {
+                    out.insert(
+                        acc.value(i).to_string(),
+                        (
+                            p.start,
+                            Decimal::from_i128_with_scale(ytd.value(i), ytd.scale() as u32),
+                        ),
+                    );
+                }
+            }
+        }
     }
     Ok(out)
 }

@@ -2,7 +2,6 @@
 //! meter states, then bill every account in parallel. IO lives in `run`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use rayon::prelude::*;
 
@@ -15,26 +14,11 @@ use crate::master::{Account, Meter};
 use crate::model::{Channel, Quality, Reading};
 use crate::tariff::TariffSet;
 
-/// A small fast hasher for meter-id lookups on the hot path (FxHash-style;
-/// ids come from our own master data, so no adversarial keys).
-#[derive(Default, Clone, Copy)]
-pub struct Fx(u64);
+pub use crate::store::scan::{Fx, FxMap};
 
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+/// Meter shards for parallel routing. Fixed (not the core count) so that which
+/// routing error an account reports first never depends on the machine.
+pub const SHARDS: usize = 16;
 
 /// An account that cannot be billed, or a reading that belongs to no account.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,6 +47,9 @@ pub struct Engine<'a> {
     orphan_meters: Vec<&'a Meter>,
     /// First error raised while routing readings, per account.
     route_errors: HashMap<u32, Exception>,
+    /// Year-to-date kWh at the period start carried from the previous run:
+    /// (start of the bill ending where this period starts, its `ytd_kwh_after`).
+    pub carried_ytd: HashMap<String, (chrono::NaiveDate, rust_decimal::Decimal)>,
 }
 
 impl<'a> Engine<'a> {
@@ -91,7 +78,11 @@ impl<'a> Engine<'a> {
         let mut ms = Vec::with_capacity(meters.len());
         let mut meter_account = Vec::with_capacity(meters.len());
         let mut orphan_meters = Vec::new();
-        for m in meters {
+        // Dense indexes in meter-id order: lake files are sorted by meter, so
+        // routing then walks the states front to back.
+        let mut sorted: Vec<&Meter> = meters.iter().collect();
+        sorted.sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
+        for m in sorted {
             match account_index.get(m.account_id.as_str()) {
                 Some(ai) => {
                     meter_index.insert(m.meter_id.as_str(), ms.len() as u32);
@@ -122,6 +113,7 @@ impl<'a> Engine<'a> {
             readings_seen: 0,
             orphan_meters,
             route_errors: HashMap::new(),
+            carried_ytd: HashMap::new(),
         }
     }
 
@@ -183,6 +175,56 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Meters per routing shard (see [`SHARDS`]).
+    pub fn shard_len(&self) -> u32 {
+        crate::store::scan::shard_len(self.states.len(), SHARDS)
+    }
+
+    /// Routes decoded lake chunks (in file order), shards in parallel.
+    pub fn apply_chunks(&mut self, chunks: &[crate::store::scan::Chunk]) {
+        let shard_len = self.shard_len() as usize;
+        let (plans, meter_account, cfg) = (&self.plans, &self.meter_account, &self.cfg);
+        let routed: Vec<(u64, Vec<(u32, Exception)>)> = self
+            .states
+            .par_chunks_mut(shard_len)
+            .enumerate()
+            .map(|(s, states)| {
+                let base = s * shard_len;
+                let (mut n, mut errors) = (0u64, Vec::new());
+                for rows in chunks.iter().filter_map(|c| c.shards.get(s)) {
+                    n += rows.len() as u64;
+                    for r in rows {
+                        let m = r.meter as usize;
+                        let Some(st) = states[m - base].as_mut() else {
+                            continue;
+                        };
+                        let ai = meter_account[m];
+                        let Ok(plan) = &plans[ai as usize] else {
+                            continue;
+                        };
+                        if let Err(e) =
+                            apply_reading(st, plan, r.channel, r.ts, r.value, r.quality, cfg)
+                        {
+                            errors.push((ai, e));
+                        }
+                    }
+                }
+                (n, errors)
+            })
+            .collect();
+        for (n, errors) in routed {
+            self.readings_seen += n;
+            for (ai, e) in errors {
+                self.route_errors.entry(ai).or_insert(e);
+            }
+        }
+        for c in chunks {
+            for (id, n) in &c.unknown {
+                self.apply_unknown(id, *n);
+            }
+        }
+    }
+
     /// Counts `n` readings of a meter id that meters.csv does not list.
     pub fn apply_unknown(&mut self, meter_id: &str, n: u64) {
         self.readings_seen += n;
@@ -229,7 +271,14 @@ impl<'a> Engine<'a> {
                 ms.sort_by(|a, b| {
                     (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id))
                 });
-                bill_account(self.accounts[ai], plan, &ms, &self.period, &self.cfg)
+                bill_account(
+                    self.accounts[ai],
+                    plan,
+                    &ms,
+                    &self.period,
+                    &self.cfg,
+                    self.carried_ytd.get(&self.accounts[ai].account_id).copied(),
+                )
             })
             .collect();
         let mut bills = Vec::with_capacity(results.len());

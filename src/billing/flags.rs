@@ -35,6 +35,7 @@ bill_flags! {
     ADJUSTED = 16, "adjusted";
     MINIMUM_CHARGE = 17, "minimum_charge";
     PF_MISSING = 18, "pf_missing";
+    YTD_CARRIED = 19, "ytd_carried";
 }
 
 impl Flags {

@@ -9,10 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray};
 use chrono::DateTime;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
@@ -23,7 +21,7 @@ use super::flags::Flags;
 use super::output::{self, OutBill, OutLine};
 use super::period::BillPeriod;
 use super::vee::VeeConfig;
-use crate::model::{Channel, Quality};
+use crate::model::Channel;
 use crate::tariff::price::LineKind;
 
 /// Errors that stop a bill run (nothing is committed then).
@@ -133,112 +131,13 @@ fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
     Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
 }
 
-/// Reads one lake file's relevant rows into compact updates.
-type Update = (u32, Channel, i64, i64, Quality);
-
-struct FileScan {
-    updates: Vec<Update>,
-    /// Unknown meter ids with their reading counts (consecutive rows merged).
-    unknown: Vec<(String, u64)>,
-    rows: u64,
-}
-
-fn scan_file(
-    path: &Path,
-    index: &super::engine::FxMap<&str, u32>,
-    lo: i64,
-    hi: i64,
-) -> Result<FileScan, BillingError> {
-    let perr = |e: parquet::errors::ParquetError| crate::store::StoreError::parquet(path, e);
-    let file = File::open(path).map_err(io(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(perr)?
-        .with_batch_size(64 * 1024);
-    let mask = ProjectionMask::columns(
-        builder.parquet_schema(),
-        ["meter_id", "ts", "channel", "value", "quality"],
-    );
-    let reader = builder.with_projection(mask).build().map_err(perr)?;
-    let mut out = FileScan {
-        updates: Vec::new(),
-        unknown: Vec::new(),
-        rows: 0,
-    };
-    for batch in reader {
-        let batch = batch.map_err(|e| crate::store::StoreError::parquet(path, e))?;
-        let col = |name: &str| batch.column_by_name(name).cloned();
-        let bad = || {
-            crate::store::StoreError::Schema(format!(
-                "{}: unexpected readings schema",
-                path.display()
-            ))
-        };
-        let (Some(mid), Some(ts), Some(ch), Some(val), Some(q)) = (
-            col("meter_id"),
-            col("ts"),
-            col("channel"),
-            col("value"),
-            col("quality"),
-        ) else {
-            return Err(bad().into());
-        };
-        let mid = mid.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
-        let ts = ts
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .ok_or_else(bad)?;
-        let ch = ch.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
-        let val = val
-            .as_any()
-            .downcast_ref::<Decimal128Array>()
-            .ok_or_else(bad)?;
-        let q = q.as_any().downcast_ref::<StringArray>().ok_or_else(bad)?;
-        if val.scale() != crate::store::schema::VALUE_SCALE {
-            return Err(bad().into());
-        }
-        out.rows += batch.num_rows() as u64;
-        out.updates.reserve(batch.num_rows());
-        let (mut last_ch, mut last_channel): (&str, Option<Channel>) = ("", None);
-        for i in 0..batch.num_rows() {
-            let t = ts.value(i);
-            if t < lo || t > hi {
-                continue;
-            }
-            let c = ch.value(i);
-            if c != last_ch {
-                last_ch = c;
-                last_channel = c.parse::<Channel>().ok().filter(|c| {
-                    super::vee::register_index(*c).is_some()
-                        || matches!(
-                            c,
-                            Channel::MaxDemandImport
-                                | Channel::ImportActiveInterval
-                                | Channel::ClockSkew
-                        )
-                });
-            }
-            let Some(channel) = last_channel else {
-                continue;
-            };
-            let id = mid.value(i);
-            let Some(&m) = index.get(id) else {
-                match out.unknown.last_mut() {
-                    Some((last, n)) if last == id => *n += 1,
-                    _ => out.unknown.push((id.to_string(), 1)),
-                }
-                continue;
-            };
-            let qs = q.value(i);
-            let quality = if qs == "ok" {
-                Quality::OK
-            } else {
-                Quality::parse(qs).unwrap_or(Quality::SUSPECT)
-            };
-            out.updates
-                .push((m, channel, t, val.value(i) as i64, quality));
-        }
-    }
-    Ok(out)
+/// Channels the bill run routes: registers, max demand, intervals, clock skew.
+fn billed_channel(c: Channel) -> bool {
+    super::vee::register_index(c).is_some()
+        || matches!(
+            c,
+            Channel::MaxDemandImport | Channel::ImportActiveInterval | Channel::ClockSkew
+        )
 }
 
 /// Aggregation key of a line for comparing runs.
@@ -409,36 +308,38 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         .into_iter()
         .filter(|(d, _)| wanted.iter().any(|(a, b)| d >= a && d <= b))
         .collect();
-        let total = lake_files.len() as u64;
+        // Row groups are decoded a window at a time in parallel, then routed
+        // to meter shards in parallel; windows keep file (date) order.
+        let units = crate::store::scan::units(&lake_files)?;
+        let total = units.len() as u64;
+        let index = std::mem::take(&mut engine.meter_index);
+        let scanner = crate::store::scan::Scanner {
+            index: &index,
+            shard_len: engine.shard_len(),
+            shards: super::engine::SHARDS,
+            lo,
+            hi,
+            keep: billed_channel,
+        };
+        let window = (2 * rayon::current_num_threads()).max(4);
         let mut done = 0u64;
-        let mut i = 0;
-        while i < lake_files.len() {
-            let date = lake_files[i].0;
-            let j = lake_files[i..]
-                .iter()
-                .position(|(d, _)| *d != date)
-                .map_or(lake_files.len(), |k| i + k);
-            let scans: Vec<Result<FileScan, BillingError>> = lake_files[i..j]
+        for w in units.chunks(window) {
+            let chunks = w
                 .par_iter()
-                .map(|(_, p)| scan_file(p, &engine.meter_index, lo, hi))
-                .collect();
-            for s in scans {
-                let s = s?;
-                for (m, c, t, v, q) in s.updates {
-                    engine.apply(m, c, t, v, q);
-                }
-                for (id, n) in s.unknown {
-                    engine.apply_unknown(&id, n);
-                }
-                done += 1;
-                if let Some(p) = &opts.progress {
-                    p(done, total);
-                }
+                .map(|u| scanner.decode(u))
+                .collect::<Result<Vec<_>, _>>()?;
+            engine.apply_chunks(&chunks);
+            done += w.len() as u64;
+            if let Some(p) = &opts.progress {
+                p(done, total);
             }
-            i = j;
         }
+        engine.meter_index = index;
     }
     let readings = engine.readings_seen;
+    if !opts.previous.is_empty() {
+        engine.carried_ytd = super::arrears::read_carried_ytd(&opts.previous, period.start)?;
+    }
     let t_scan = t0.elapsed();
     let accounts_n = accounts.rows.len();
     let (mut bills, mut exceptions) = engine.finish();

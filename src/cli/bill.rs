@@ -35,7 +35,8 @@ pub struct BillArgs {
     pub preview: bool,
     /// An earlier run directory (repeatable): its postpaid bills still unpaid
     /// after their due date, net of `payments.csv` in --master, bear late-payment
-    /// fees on this bill (the tariff's `[version.late_fee]` rule).
+    /// fees on this bill (the tariff's `[version.late_fee]` rule); its bills
+    /// ending where this period starts carry annual-tier positions forward.
     #[arg(long, value_name = "RUN_DIR")]
     pub previous: Vec<PathBuf>,
     /// Print the summary as JSON.

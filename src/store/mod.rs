@@ -7,6 +7,7 @@ pub mod compact;
 pub mod inspect;
 mod lake;
 pub mod reader;
+pub mod scan;
 pub mod schema;
 pub mod spool;
 

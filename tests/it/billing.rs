@@ -506,6 +506,101 @@ mod end_to_end {
         assert!(run.total_amount > Decimal::ZERO);
     }
 
+    /// Reads (account, flags, ytd before, ytd after) of every bill.
+    fn ytd(run: &std::path::Path) -> BTreeMap<String, (String, Option<Decimal>, Option<Decimal>)> {
+        use arrow::array::{Array, Decimal128Array, StringArray};
+        let f = std::fs::File::open(run.join("bills.parquet")).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for b in r {
+            let b = b.unwrap();
+            let s = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let d = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<Decimal128Array>()
+                    .unwrap()
+                    .clone()
+            };
+            let (acc, flags, yb, ya) = (
+                s("account_id"),
+                s("flags"),
+                d("ytd_kwh_before"),
+                d("ytd_kwh_after"),
+            );
+            let get = |a: &Decimal128Array, i: usize| {
+                (!a.is_null(i)).then(|| Decimal::from_i128_with_scale(a.value(i), a.scale() as u32))
+            };
+            for i in 0..b.num_rows() {
+                out.insert(
+                    acc.value(i).to_string(),
+                    (flags.value(i).to_string(), get(&yb, i), get(&ya, i)),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn annual_tier_positions_carry_forward_from_the_previous_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        let mut o = FleetOptions::new(&lake);
+        o.meters = 200;
+        o.start = "2026-09-01".parse().unwrap();
+        o.days = 61;
+        generate(&o, &|_, _| {}).unwrap();
+        let sep = tmp.path().join("sep");
+        let mut s = opts(&lake, &sep);
+        s.period = "2026-09".into();
+        bill_run(&s).unwrap();
+        let sep_bills = ytd(&sep);
+        // The lake starts in September: no reading at the tier-year start.
+        let annual: Vec<&String> = sep_bills
+            .iter()
+            .filter(|(_, b)| b.1.is_some())
+            .map(|(a, _)| a)
+            .collect();
+        assert!(!annual.is_empty(), "the fleet has annual-tier accounts");
+        for a in &annual {
+            assert!(
+                sep_bills[*a].0.contains("ytd_estimated"),
+                "{a}: {:?}",
+                sep_bills[*a]
+            );
+        }
+        let oct = tmp.path().join("oct");
+        let mut o2 = opts(&lake, &oct);
+        o2.previous = vec![sep.clone()];
+        bill_run(&o2).unwrap();
+        let oct_bills = ytd(&oct);
+        for a in &annual {
+            let (flags, before, _) = &oct_bills[*a];
+            assert!(flags.contains("ytd_carried"), "{a}: {flags}");
+            assert!(!flags.contains("ytd_estimated"), "{a}: {flags}");
+            assert_eq!(
+                *before, sep_bills[*a].2,
+                "{a}: October starts where September ended"
+            );
+        }
+        // Without --previous the same run estimates again.
+        let alone = tmp.path().join("alone");
+        bill_run(&opts(&lake, &alone)).unwrap();
+        let alone_bills = ytd(&alone);
+        assert!(alone_bills[annual[0]].0.contains("ytd_estimated"));
+    }
+
     #[test]
     fn a_run_directory_with_foreign_content_is_refused() {
         let tmp = tempfile::tempdir().unwrap();

@@ -1406,23 +1406,26 @@ fn a_hold_makes_a_stale_writer_recompute_on_postgres() {
     a_hold_makes_a_stale_writer_recompute(l.as_mut());
 }
 
+/// The `low_days` (days-of-credit forecast) alerts in a ledger's outbox.
+fn low_days_alerts(url: &str) -> Vec<meterflow::prepay::alerts::Alert> {
+    ledger::open(url)
+        .unwrap()
+        .outbox_all()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.kind == "alert")
+        .map(|m| serde_json::from_str::<meterflow::prepay::alerts::Alert>(&m.payload).unwrap())
+        .filter(|a| a.kind == "low_days")
+        .collect()
+}
+
 #[test]
 fn days_of_credit_forecast_raises_one_low_days_alert_per_account_in_the_batch_run() {
     let f = fixture(5, 2);
     let url = sqlite_url(&f.root);
     run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 10 * DAY);
     run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 20 * DAY);
-    let low = |url: &str| -> Vec<meterflow::prepay::alerts::Alert> {
-        ledger::open(url)
-            .unwrap()
-            .outbox_all()
-            .unwrap()
-            .into_iter()
-            .filter(|m| m.kind == "alert")
-            .map(|m| serde_json::from_str::<meterflow::prepay::alerts::Alert>(&m.payload).unwrap())
-            .filter(|a| a.kind == "low_days")
-            .collect()
-    };
+    let low = low_days_alerts;
     let a = low(&url);
     // No top-ups: every account is at or below zero, so 0 days of credit at its recent use.
     assert_eq!(a.len(), 5, "{a:?}");
@@ -1432,4 +1435,30 @@ fn days_of_credit_forecast_raises_one_low_days_alert_per_account_in_the_batch_ru
     // The state is kept: more runs raise no new forecast alert.
     run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
     assert_eq!(low(&url).len(), 5);
+}
+
+#[test]
+fn stream_raises_one_low_days_forecast_alert_per_account() {
+    let Some(mqtt) = mqtt_url("stream forecast") else {
+        return;
+    };
+    let f = fixture(5, 2);
+    let url = sqlite_url(&f.root);
+    let client = unique("forecast");
+    let topic = format!("meterflow-test/{client}");
+    let cfg = write_stream_config(&f, &url, &mqtt, &client, &topic, None);
+    let mut c = spawn_stream(&cfg, Some(3));
+    let _h = wait_subscribed(&mut c);
+    publish_fixture(&mqtt, &topic, &f);
+    assert!(c.wait().unwrap().success());
+    // No top-ups: every account ends at or below zero, 0 days of credit at its recent use.
+    let a = low_days_alerts(&url);
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert!(a
+        .iter()
+        .all(|x| x.days_left == Some(Decimal::ZERO) && x.threshold == dec!(3)));
+    // A restart with nothing new raises nothing again.
+    let c = spawn_stream(&cfg, Some(2));
+    assert!(c.wait_with_output().unwrap().status.success());
+    assert_eq!(low_days_alerts(&url).len(), 5);
 }
