@@ -126,6 +126,32 @@ pub struct BillRunSummary {
     pub elapsed_ms: u128,
 }
 
+/// Resident set size in MB (Linux; 0 elsewhere), for the phase log.
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096 / (1 << 20))
+}
+
+/// CRC32 and length of a file, read in blocks (lake files can be large).
+fn crc32_file(path: &Path) -> Result<(u32, u64), BillingError> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((h.finalize(), len))
+}
+
 fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
@@ -222,10 +248,12 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let tariffs = crate::tariff::load_dir(&opts.tariffs)?;
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
-    let meters = crate::master::load_meters(&meters_path)
-        .map_err(|e| BillingError::Master(e.to_string()))?;
-    let accounts = crate::master::load_accounts(&accounts_path)
-        .map_err(|e| BillingError::Master(e.to_string()))?;
+    let (meters, accounts) = rayon::join(
+        || crate::master::load_meters(&meters_path),
+        || crate::master::load_accounts(&accounts_path),
+    );
+    let meters = meters.map_err(|e| BillingError::Master(e.to_string()))?;
+    let accounts = accounts.map_err(|e| BillingError::Master(e.to_string()))?;
     let mut master_exceptions: Vec<ExceptionRow> = Vec::new();
     for e in meters.errors.iter().chain(accounts.errors.iter()) {
         master_exceptions.push(ExceptionRow {
@@ -236,6 +264,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         });
     }
     let t_load = t0.elapsed();
+    tracing::debug!(phase = "load", rss_mb = rss_mb(), "bill run");
 
     // Revision? An issued run in `out` makes this a re-run with adjustments.
     let mut issued_dirs = Vec::new();
@@ -323,12 +352,16 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         };
         let window = (2 * rayon::current_num_threads()).max(4);
         let mut done = 0u64;
+        let mut chunks: Vec<crate::store::scan::Chunk> =
+            (0..window).map(|_| Default::default()).collect();
         for w in units.chunks(window) {
-            let chunks = w
-                .par_iter()
-                .map(|u| scanner.decode(u))
-                .collect::<Result<Vec<_>, _>>()?;
-            engine.apply_chunks(&chunks);
+            let chunks = &mut chunks[..w.len()];
+            chunks
+                .par_iter_mut()
+                .zip(w)
+                .map(|(c, u)| scanner.decode_into(u, c))
+                .collect::<Result<Vec<()>, _>>()?;
+            engine.apply_chunks(chunks);
             done += w.len() as u64;
             if let Some(p) = &opts.progress {
                 p(done, total);
@@ -341,6 +374,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         engine.carried_ytd = super::arrears::read_carried_ytd(&opts.previous, period.start)?;
     }
     let t_scan = t0.elapsed();
+    tracing::debug!(phase = "scan", rss_mb = rss_mb(), "bill run");
     let accounts_n = accounts.rows.len();
     let (mut bills, mut exceptions) = engine.finish();
     let (due_dates, inputs_history) = late_fees(
@@ -354,6 +388,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     exceptions.extend(master_exceptions);
     exceptions.sort();
     let t_rate = t0.elapsed();
+    tracing::debug!(phase = "rate", rss_mb = rss_mb(), "bill run");
 
     // Input hashes: SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
     let mut inputs_master = Vec::new();
@@ -371,8 +406,8 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let lake_hashes: Vec<Result<serde_json::Value, BillingError>> = lake_files
         .par_iter()
         .map(|(_, p)| {
-            let bytes = std::fs::read(p).map_err(io(p))?;
-            Ok(serde_json::json!({"path": p.strip_prefix(&opts.lake).unwrap_or(p).display().to_string(), "crc32": format!("{:08x}", crc32fast::hash(&bytes)), "bytes": bytes.len()}))
+            let (crc, len) = crc32_file(p)?;
+            Ok(serde_json::json!({"path": p.strip_prefix(&opts.lake).unwrap_or(p).display().to_string(), "crc32": format!("{crc:08x}"), "bytes": len}))
         })
         .collect();
     let inputs_lake: Vec<serde_json::Value> = lake_hashes.into_iter().collect::<Result<_, _>>()?;
@@ -388,112 +423,139 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         id_hash.update(v.to_string().as_bytes());
     }
     let run_id = hex::encode(&id_hash.finalize()[..8]);
+    let t_hash = t0.elapsed();
+    tracing::debug!(phase = "hash", rss_mb = rss_mb(), "bill run");
 
-    // Outputs.
-    let mut lb = output::LinesBuilder::new(bills.len() * 6);
-    let mut out_bills: Vec<OutBill<'_>> = Vec::with_capacity(bills.len());
-    let mut adjusted = 0usize;
-    let mut adjustment_amount = Decimal::ZERO;
+    // Outputs. Bills are turned into lines in fixed runs of 8,192 (so the
+    // bytes never depend on the thread count), a group of runs at a time in
+    // parallel, while a writer thread encodes the finished batches: lines are
+    // never all in memory at once.
+    const RUN: usize = 8192;
+    let group = RUN * 2 * rayon::current_num_threads().max(1);
     let issued = if revision > 0 {
         Some(read_issued(&issued_dirs)?)
     } else {
         None
     };
+    // Per bill: None = not in this output (a revision without adjustment),
+    // else (line count, issued total, adjustment).
+    type Emitted = Option<(usize, Option<Decimal>, Option<Decimal>)>;
+    let mut emitted: Vec<Emitted> = Vec::with_capacity(bills.len());
+    let (lines_bytes, lines_n) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<arrow::record_batch::RecordBatch>(8);
+        let writer = scope.spawn(move || -> Result<(Vec<u8>, usize), BillingError> {
+            let mut w = parquet::arrow::ArrowWriter::try_new(
+                Vec::new(),
+                output::lines_schema(),
+                Some(crate::store::atomic::writer_properties()),
+            )?;
+            let mut n = 0;
+            for batch in rx {
+                n += batch.num_rows();
+                w.write(&batch)?;
+            }
+            Ok((w.into_inner()?, n))
+        });
+        for g in bills.chunks(group) {
+            let parts: Vec<(arrow::record_batch::RecordBatch, Vec<Emitted>)> = g
+                .par_chunks(RUN)
+                .map(|c| {
+                    let mut lb = output::LinesBuilder::new(c.len() * 7);
+                    let mut info = Vec::with_capacity(c.len());
+                    for b in c {
+                        let lines = output::out_lines(b, &tariffs);
+                        let (out, e) = match &issued {
+                            None => {
+                                let n = lines.len();
+                                (lines, Some((n, None, None)))
+                            }
+                            Some(is) => {
+                                let adj = adjustments(b, &lines, is);
+                                if adj.is_empty() {
+                                    (adj, None)
+                                } else {
+                                    let issued_total =
+                                        is.totals.get(&b.account_id).copied().unwrap_or_default();
+                                    let diff: Decimal = adj.iter().map(|l| l.amount).sum();
+                                    let n = adj.len();
+                                    (adj, Some((n, Some(issued_total), Some(diff))))
+                                }
+                            }
+                        };
+                        for (n, l) in out.iter().enumerate() {
+                            lb.push(
+                                &run_id,
+                                &period.label,
+                                &b.account_id,
+                                &b.tariff_id,
+                                n + 1,
+                                l,
+                            );
+                        }
+                        info.push(e);
+                    }
+                    (lb.finish(), info)
+                })
+                .collect();
+            for (batch, info) in parts {
+                emitted.extend(info);
+                if batch.num_rows() > 0 && tx.send(batch).is_err() {
+                    break; // the writer failed: its error is returned below
+                }
+            }
+        }
+        drop(tx);
+        writer
+            .join()
+            .unwrap_or_else(|_| Err(BillingError::Invalid("bill lines writer panicked".into())))
+    })?;
+    let mut out_bills: Vec<OutBill<'_>> = Vec::with_capacity(bills.len());
+    let mut adjusted = 0usize;
+    let mut adjustment_amount = Decimal::ZERO;
     let mut total_amount = Decimal::ZERO;
     let mut total_kwh = Decimal::ZERO;
     let mut by_tariff: BTreeMap<&str, (usize, Decimal)> = BTreeMap::new();
     let mut versions_used: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for b in &bills {
-        let lines = output::out_lines(b, &tariffs);
+    for (b, e) in bills.iter().zip(&emitted) {
         total_amount += b.total;
         total_kwh += b.kwh;
-        let e = by_tariff.entry(b.tariff_id.as_str()).or_default();
-        e.0 += 1;
-        e.1 += b.total;
+        let t = by_tariff.entry(b.tariff_id.as_str()).or_default();
+        t.0 += 1;
+        t.1 += b.total;
         let vu = versions_used.entry(b.tariff_id.as_str()).or_default();
         for v in b.versions.split('+') {
             if !vu.contains(&v) {
                 vu.push(v);
             }
         }
-        match &issued {
-            None => {
-                for (n, l) in lines.iter().enumerate() {
-                    lb.push(
-                        &run_id,
-                        &period.label,
-                        &b.account_id,
-                        &b.tariff_id,
-                        n + 1,
-                        l,
-                    );
-                }
-                out_bills.push(OutBill {
-                    bill: b,
-                    total: b.total,
-                    line_count: lines.len(),
-                    issued_total: None,
-                    adjustment: None,
-                    due_date: due_dates.get(b.account_id.as_str()).copied(),
-                });
-            }
-            Some(is) => {
-                let adj = adjustments(b, &lines, is);
-                if adj.is_empty() {
-                    continue;
-                }
-                let issued_total = is.totals.get(&b.account_id).copied().unwrap_or_default();
-                let diff: Decimal = adj.iter().map(|l| l.amount).sum();
-                for (n, l) in adj.iter().enumerate() {
-                    lb.push(
-                        &run_id,
-                        &period.label,
-                        &b.account_id,
-                        &b.tariff_id,
-                        n + 1,
-                        l,
-                    );
-                }
-                adjusted += 1;
-                adjustment_amount += diff;
-                out_bills.push(OutBill {
-                    bill: b,
-                    total: b.total,
-                    line_count: adj.len(),
-                    issued_total: Some(issued_total),
-                    adjustment: Some(diff),
-                    due_date: due_dates.get(b.account_id.as_str()).copied(),
-                });
-            }
+        let Some((line_count, issued_total, adjustment)) = *e else {
+            continue;
+        };
+        if let Some(d) = adjustment {
+            adjusted += 1;
+            adjustment_amount += d;
         }
+        out_bills.push(OutBill {
+            bill: b,
+            total: b.total,
+            line_count,
+            issued_total,
+            adjustment,
+            due_date: due_dates.get(b.account_id.as_str()).copied(),
+        });
     }
-    let lines_n = lb.rows;
+    let t_lines = t0.elapsed();
+    tracing::debug!(phase = "lines", rss_mb = rss_mb(), "bill run");
+    let exceptions_batch = output::exceptions_batch(&run_id, &period.label, &exceptions);
+    let bills_batch = output::bills_batch(&run_id, &period.label, &out_bills);
+    let (bills_bytes, exceptions_bytes) = rayon::join(
+        || output::parquet_bytes(output::bills_schema(), &[bills_batch]),
+        || output::parquet_bytes(output::exceptions_schema(), &[exceptions_batch]),
+    );
     let files = vec![
-        (
-            "bills.parquet",
-            out_bills.len(),
-            output::parquet_bytes(
-                output::bills_schema(),
-                &[output::bills_batch(&run_id, &period.label, &out_bills)],
-            )?,
-        ),
-        (
-            "bill_lines.parquet",
-            lines_n,
-            output::parquet_bytes(output::lines_schema(), &[lb.finish()])?,
-        ),
-        (
-            "exceptions.parquet",
-            exceptions.len(),
-            output::parquet_bytes(
-                output::exceptions_schema(),
-                &[output::exceptions_batch(
-                    &run_id,
-                    &period.label,
-                    &exceptions,
-                )],
-            )?,
-        ),
+        ("bills.parquet", out_bills.len(), bills_bytes?),
+        ("bill_lines.parquet", lines_n, lines_bytes),
+        ("exceptions.parquet", exceptions.len(), exceptions_bytes?),
     ];
     let outputs: Vec<OutputFile> = files
         .iter()
@@ -509,6 +571,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         .filter(|b| b.flags.contains(Flags::ESTIMATED))
         .count();
     let t_encode = t0.elapsed();
+    tracing::debug!(phase = "encode", rss_mb = rss_mb(), "bill run");
     let manifest = serde_json::json!({
         "run_id": run_id,
         "period": period.label,
@@ -524,7 +587,8 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "sums": {"total_amount": total_amount.to_string(), "total_kwh": total_kwh.to_string(), "adjustment_amount": adjustment_amount.to_string(),
                  "by_tariff": by_tariff.iter().map(|(k, (n, a))| (k.to_string(), serde_json::json!({"bills": n, "total_amount": a.to_string()}))).collect::<BTreeMap<_, _>>()},
         "outputs": outputs,
-        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "rate": (t_rate - t_scan).as_millis(), "encode": (t_encode - t_rate).as_millis()},
+        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "rate": (t_rate - t_scan).as_millis(),
+                       "hash": (t_hash - t_rate).as_millis(), "lines": (t_lines - t_hash).as_millis(), "encode": (t_encode - t_lines).as_millis()},
     });
     let mut dir = None;
     if !opts.preview {

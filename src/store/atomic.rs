@@ -29,6 +29,9 @@ pub fn writer_properties() -> WriterProperties {
         // Ids are sorted: prefix (delta) encoding beats a dictionary that overflows.
         .set_column_dictionary_enabled(ColumnPath::from("meter_id"), false)
         .set_column_encoding(ColumnPath::from("meter_id"), Encoding::DELTA_BYTE_ARRAY)
+        // Same for account ids (bills, lines, ledger exports are sorted by account).
+        .set_column_dictionary_enabled(ColumnPath::from("account_id"), false)
+        .set_column_encoding(ColumnPath::from("account_id"), Encoding::DELTA_BYTE_ARRAY)
         .set_created_by(format!("meterflow {}", env!("CARGO_PKG_VERSION")))
         .build()
 }
