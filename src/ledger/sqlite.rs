@@ -67,6 +67,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE cursors ADD COLUMN held_value TEXT;",
     // 3: tariff-register state of time-of-use cursors (JSON), see `ledger::TouCursor`.
     "ALTER TABLE cursors ADD COLUMN tou TEXT;",
+    // 4: pending outbox messages by a partial index: delivery must not walk
+    // every delivered message first (quadratic on a large fleet).
+    "CREATE INDEX outbox_pending ON outbox(n) WHERE delivered_ms IS NULL;
+     CREATE INDEX outbox_pending_kind ON outbox(kind, n) WHERE delivered_ms IS NULL;",
 ];
 
 pub struct SqliteLedger {
