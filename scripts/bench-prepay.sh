@@ -7,19 +7,35 @@
 #    over one day, printed beside the bill run (`bill`) time for the same
 #    fleet (goal: no more than 1.5x).
 # usage: scripts/bench-prepay.sh [ACCOUNTS] [STREAM_READINGS]   (default 1000000 200000)
-# env: MF_BIN, BENCH_DIR, MQTT_URL (mqtt://127.0.0.1:1883), DATABASE_URL (postgres://postgres@127.0.0.1:5432/test)
+# env: MF_BIN, BENCH_DIR, BROKER (private: own mosquitto; external: MQTT_URL), DATABASE_URL (postgres://postgres@127.0.0.1:5432/test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ACCOUNTS=${1:-1000000}
 READINGS=${2:-200000}
 METERS=1000
-MQTT_URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
+BROKER=${BROKER:-private}
 DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 WORK=${BENCH_DIR:-/var/tmp/meterflow-bench}/prepay
 # MF_BIN=path/to/meterflow skips the release build (e.g. a quick check with a debug binary).
 if [ -z "${MF_BIN:-}" ]; then cargo build --release --quiet; fi
 BIN=${MF_BIN:-${CARGO_TARGET_DIR:-/var/tmp/meterflow-target}/release/meterflow}
 rm -rf "$WORK"; mkdir -p "$WORK/master"
+
+# A private mosquitto with an unbounded queue (the default max_queued_messages
+# 1000 drops a QoS 1 backlog the stream has not drained yet); BROKER=external
+# uses MQTT_URL with that broker's own limits.
+broker_pid=
+trap '[[ -n "$broker_pid" ]] && kill "$broker_pid" 2>/dev/null || true' EXIT
+if [[ "$BROKER" == private ]]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\n' "$port" > "$WORK/mosquitto.conf"
+  mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
+  broker_pid=$!
+  MQTT_URL="mqtt://127.0.0.1:$port"
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+else
+  MQTT_URL=${MQTT_URL:-mqtt://127.0.0.1:1883}
+fi
 
 # ---------- streaming ----------
 {
@@ -68,11 +84,11 @@ fi
 # ---------- batch: one day of a prepaid fleet, beside the bill run ----------
 "$BIN" sim fleet --meters "$ACCOUNTS" --days 1 --prepaid-percent 100 --out "$WORK/fleet" > /dev/null
 t0=$(date +%s.%N)
-"$BIN" bill --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
+"$BIN" --log error bill --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
   --period 2026-10-01..2026-10-02 --out "$WORK/bills" > /dev/null
 t1=$(date +%s.%N)
-"$BIN" prepay run --ledger "$WORK/batch.sqlite" --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
-  --through 2026-10-01T24:00 --chunk 5000 > "$WORK/prepay-run.out"
+"$BIN" --log error prepay run --ledger "$WORK/batch.sqlite" --lake "$WORK/fleet" --master "$WORK/fleet/master" --tariffs tariffs \
+  --through 2026-10-01T24:00 --chunk 5000 > "$WORK/prepay-run.out" 2>&1
 t2=$(date +%s.%N)
 BILL=$(echo "$t1 - $t0" | bc); PREPAY=$(echo "$t2 - $t1" | bc)
 echo "batch: $ACCOUNTS accounts, one day"

@@ -308,54 +308,85 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
         "source_address",
     ];
     let mut out = FileScan::default();
-    for b in reader::read_file_columns(path, Some(&cols))? {
+    // Text columns come as dictionaries: each distinct channel, quality,
+    // collector and address is interpreted once per batch, not once per row.
+    for b in crate::store::scan::read_dictionary_columns(path, &cols)? {
         let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
         let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
-        let meter_id = get("meter_id")?.as_any().downcast_ref::<StringArray>();
+        let dict = |n: &str| {
+            get(n).and_then(|a| crate::store::scan::dictionary_text(a.as_ref()).ok_or_else(bad))
+        };
+        let meter_id = get("meter_id")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(bad)?;
         let ts = get("ts")?
             .as_any()
-            .downcast_ref::<TimestampMillisecondArray>();
-        let channel = get("channel")?.as_any().downcast_ref::<StringArray>();
-        let value = get("value")?.as_any().downcast_ref::<Decimal128Array>();
-        let quality = get("quality")?.as_any().downcast_ref::<StringArray>();
-        let collector = get("source_collector")?
+            .downcast_ref::<TimestampMillisecondArray>()
+            .ok_or_else(bad)?;
+        let value = get("value")?
             .as_any()
-            .downcast_ref::<StringArray>();
-        let address = get("source_address")?
-            .as_any()
-            .downcast_ref::<StringArray>();
-        let (
-            Some(meter_id),
-            Some(ts),
-            Some(channel),
-            Some(value),
-            Some(quality),
-            Some(collector),
-            Some(address),
-        ) = (meter_id, ts, channel, value, quality, collector, address)
-        else {
-            return Err(bad());
-        };
+            .downcast_ref::<Decimal128Array>()
+            .ok_or_else(bad)?;
+        let (ch_keys, ch_vals) = dict("channel")?;
+        let (q_keys, q_vals) = dict("quality")?;
+        let (c_keys, c_vals) = dict("source_collector")?;
+        let (a_keys, a_vals) = dict("source_address")?;
+        // 0..5 register, 5 interval, 6 voltage, 7 other
+        let kinds: Vec<u8> = (0..ch_vals.len())
+            .map(|k| {
+                let ch = ch_vals.value(k);
+                if let Some(r) = REGISTERS.iter().position(|x| *x == ch) {
+                    r as u8
+                } else if ch == "import_active_interval" {
+                    5
+                } else if ch.starts_with("voltage_") {
+                    6
+                } else {
+                    7
+                }
+            })
+            .collect();
+        let qflags: Vec<[bool; 5]> = (0..q_vals.len())
+            .map(|k| {
+                let q = q_vals.value(k);
+                if q == "ok" {
+                    [true, false, false, false, false]
+                } else {
+                    let has = |f: &str| q.split(',').any(|x| x == f);
+                    [
+                        false,
+                        has("estimated"),
+                        has("suspect"),
+                        has("device_error"),
+                        has("offline"),
+                    ]
+                }
+            })
+            .collect();
+        let buses: Vec<&str> = (0..a_vals.len())
+            .map(|k| a_vals.value(k).split('/').next().unwrap_or(""))
+            .collect();
+        let (ts, value) = (ts.values(), value.values());
         out.rows += b.num_rows() as u64;
         out.regs.reserve(b.num_rows());
         // Rows come grouped by meter and source: cache the last lookups.
         let mut last_mid: Option<&str> = None;
         let mut m: Option<u32> = None;
-        let mut last_src: Option<(&str, &str)> = None;
+        let mut last_src: Option<(i32, &str)> = None;
         let mut slots = [0usize; 2];
-        let mut last_ch: Option<&str> = None;
-        // 0..5 register, 5 interval, 6 voltage, 7 other
-        let mut kind = 7u8;
         for i in 0..b.num_rows() {
             let mid = meter_id.value(i);
-            if last_mid != Some(mid) {
+            if !last_mid.is_some_and(|l| crate::store::scan::same_id(l.as_bytes(), mid.as_bytes()))
+            {
                 last_mid = Some(mid);
                 m = index.get(mid).copied();
             }
-            let col = collector.value(i);
-            let bus = address.value(i).split('/').next().unwrap_or("");
-            if last_src != Some((col, bus)) {
-                last_src = Some((col, bus));
+            let ck = c_keys[i];
+            let bus = buses[a_keys[i] as usize];
+            if last_src != Some((ck, bus)) {
+                last_src = Some((ck, bus));
+                let col = c_vals.value(ck as usize);
                 for (k, key) in [(col, ""), (col, bus)].into_iter().enumerate() {
                     let key = (key.0.to_string(), key.1.to_string());
                     slots[k] = *out.slot_of.entry(key.clone()).or_insert_with(|| {
@@ -364,19 +395,7 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
                     });
                 }
             }
-            let q = quality.value(i);
-            let flags: [bool; 5] = if q == "ok" {
-                [true, false, false, false, false]
-            } else {
-                let has = |f: &str| q.split(',').any(|x| x == f);
-                [
-                    false,
-                    has("estimated"),
-                    has("suspect"),
-                    has("device_error"),
-                    has("offline"),
-                ]
-            };
+            let flags = qflags[q_keys[i] as usize];
             for k in slots {
                 let (_, s, seen) = &mut out.stats[k];
                 s.readings += 1;
@@ -395,23 +414,11 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
                 out.unknown += 1;
                 continue;
             };
-            let t = ts.value(i);
+            let t = ts[i];
             out.min_ts = Some(out.min_ts.map_or(t, |x| x.min(t)));
             out.max_ts = Some(out.max_ts.map_or(t, |x| x.max(t)));
-            let ch = channel.value(i);
-            if last_ch != Some(ch) {
-                last_ch = Some(ch);
-                kind = if let Some(r) = REGISTERS.iter().position(|x| *x == ch) {
-                    r as u8
-                } else if ch == "import_active_interval" {
-                    5
-                } else if ch.starts_with("voltage_") {
-                    6
-                } else {
-                    7
-                };
-            }
-            let raw = value.value(i).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+            let kind = kinds[ch_keys[i] as usize];
+            let raw = value[i].clamp(i64::MIN as i128, i64::MAX as i128) as i64;
             match kind {
                 0..=4 => out.regs.push(RegUpdate {
                     key: m * NREG as u32 + kind as u32,

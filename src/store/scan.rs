@@ -76,19 +76,54 @@ pub struct Chunk {
     pub rows: u64,
 }
 
-/// The readings schema with `channel` and `quality` as dictionaries, so the
-/// reader hands back the file's dictionary pages instead of one string per row.
+/// The readings schema with every low-cardinality text column (all but
+/// `meter_id`) as a dictionary, so the reader hands back the file's
+/// dictionary pages instead of one string per row.
 fn scan_schema() -> SchemaRef {
     let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let fields: Vec<Field> = readings_schema()
         .fields()
         .iter()
-        .map(|f| match f.name().as_str() {
-            "channel" | "quality" => Field::new(f.name(), dict.clone(), f.is_nullable()),
+        .map(|f| match f.data_type() {
+            DataType::Utf8 if f.name() != "meter_id" => {
+                Field::new(f.name(), dict.clone(), f.is_nullable())
+            }
             _ => f.as_ref().clone(),
         })
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+/// Reads `columns` of one readings file, text columns other than `meter_id`
+/// as `Dictionary(Int32, Utf8)` arrays.
+pub fn read_dictionary_columns(
+    path: &Path,
+    columns: &[&str],
+) -> Result<Vec<arrow::record_batch::RecordBatch>, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(
+        file,
+        ArrowReaderOptions::new().with_schema(scan_schema()),
+    )
+    .map_err(perr(path))?
+    .with_batch_size(64 * 1024);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let reader = builder.with_projection(mask).build().map_err(perr(path))?;
+    reader
+        .map(|b| {
+            b.map_err(|e| StoreError::Parquet {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The text values of a dictionary column (see [`read_dictionary_columns`]).
+pub fn dictionary_text(a: &dyn Array) -> Option<(&[i32], &StringArray)> {
+    let d = a.as_any().downcast_ref::<DictionaryArray<Int32Type>>()?;
+    let v = d.values().as_any().downcast_ref::<StringArray>()?;
+    Some((d.keys().values(), v))
 }
 
 fn perr(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> StoreError + '_ {
@@ -132,7 +167,7 @@ pub struct Scanner<'a> {
 
 /// Equality of two short ids without a libc `memcmp` call per row.
 #[inline]
-fn same_id(a: &[u8], b: &[u8]) -> bool {
+pub fn same_id(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
