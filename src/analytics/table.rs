@@ -151,7 +151,20 @@ impl Table {
     /// Reads any Parquet file whose columns are of the types above (other
     /// types are rendered as text).
     pub fn read_parquet(path: &Path) -> Result<Table, AnalyticsError> {
-        let batches = crate::store::reader::read_file(path)?;
+        Self::from_batches(crate::store::reader::read_file(path)?)
+    }
+
+    /// Only `columns` (those the file has) of a Parquet file.
+    pub fn read_parquet_columns(path: &Path, columns: &[&str]) -> Result<Table, AnalyticsError> {
+        Self::from_batches(crate::store::reader::read_file_columns(
+            path,
+            Some(columns),
+        )?)
+    }
+
+    fn from_batches(
+        batches: Vec<arrow::record_batch::RecordBatch>,
+    ) -> Result<Table, AnalyticsError> {
         let mut t = Table::new();
         let Some(first) = batches.first() else {
             return Ok(t);

@@ -71,13 +71,21 @@ pub fn bars(
             .y_desc(y_desc)
             .draw()
             .map_err(perr)?;
+        // Plain rectangles, not plotters' Histogram: that one collects bars
+        // in a HashMap, so the SVG's element order changed from run to run.
         chart
-            .draw_series(
-                Histogram::vertical(&chart)
-                    .style(RGBColor(52, 101, 164).filled())
-                    .margin(4)
-                    .data(values.iter().enumerate().map(|(i, v)| (i as u32, *v))),
-            )
+            .draw_series(values.iter().enumerate().map(|(i, v)| {
+                let i = i as u32;
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), 0),
+                        (SegmentValue::Exact(i + 1), *v),
+                    ],
+                    RGBColor(52, 101, 164).filled(),
+                );
+                bar.set_margin(0, 0, 4, 4);
+                bar
+            }))
             .map_err(perr)?;
         Ok(())
     })

@@ -129,7 +129,24 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     let run = &opts.run_dir;
     let m = manifest(run)?;
     let bills = read_opt(&run.join("bills.parquet"))?.unwrap_or_default();
-    let lines = read_opt(&run.join("bill_lines.parquet"))?.unwrap_or_default();
+    // Only the columns the tier and TOU sections use: the lines file is the
+    // run's largest (about six rows per bill).
+    let lines_path = run.join("bill_lines.parquet");
+    let lines = if lines_path.exists() {
+        Table::read_parquet_columns(
+            &lines_path,
+            &[
+                "tier",
+                "tou_period",
+                "unit",
+                "quantity",
+                "amount",
+                "is_adjustment",
+            ],
+        )?
+    } else {
+        Table::default()
+    };
     let exceptions = read_opt(&run.join("exceptions.parquet"))?.unwrap_or_default();
     let master = master_dir(opts, &m);
     let accounts = match &master {

@@ -342,6 +342,8 @@ fn report_is_one_self_contained_html_file() {
     let dir = tempfile::tempdir().unwrap();
     let html = report(&runs().join("2026-10"), &dir.path().join("report.html"));
     assert!(html.starts_with("<!DOCTYPE html>"));
+    let again = report(&runs().join("2026-10"), &dir.path().join("again.html"));
+    assert!(html == again, "the same run gives the same bytes");
     assert!(html.matches("<svg").count() >= 4, "charts inline");
     for external in [
         "<script",
