@@ -383,10 +383,14 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
                 m = index.get(mid).copied();
             }
             let ck = c_keys[i];
-            let bus = buses[a_keys[i] as usize];
+            let bus = buses.get(a_keys[i] as usize).copied().unwrap_or("");
             if last_src != Some((ck, bus)) {
                 last_src = Some((ck, bus));
-                let col = c_vals.value(ck as usize);
+                let col = if (ck as usize) < c_vals.len() {
+                    c_vals.value(ck as usize)
+                } else {
+                    ""
+                };
                 for (k, key) in [(col, ""), (col, bus)].into_iter().enumerate() {
                     let key = (key.0.to_string(), key.1.to_string());
                     slots[k] = *out.slot_of.entry(key.clone()).or_insert_with(|| {
@@ -395,7 +399,10 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
                     });
                 }
             }
-            let flags = qflags[q_keys[i] as usize];
+            let flags = qflags
+                .get(q_keys[i] as usize)
+                .copied()
+                .unwrap_or([false, false, true, false, false]);
             for k in slots {
                 let (_, s, seen) = &mut out.stats[k];
                 s.readings += 1;
@@ -417,7 +424,7 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
             let t = ts[i];
             out.min_ts = Some(out.min_ts.map_or(t, |x| x.min(t)));
             out.max_ts = Some(out.max_ts.map_or(t, |x| x.max(t)));
-            let kind = kinds[ch_keys[i] as usize];
+            let kind = kinds.get(ch_keys[i] as usize).copied().unwrap_or(7);
             let raw = value[i].clamp(i64::MIN as i128, i64::MAX as i128) as i64;
             match kind {
                 0..=4 => out.regs.push(RegUpdate {
