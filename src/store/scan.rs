@@ -234,29 +234,26 @@ impl Scanner<'_> {
                 .as_any()
                 .downcast_ref::<TimestampMillisecondArray>()
                 .ok_or_else(|| bad("ts"))?;
-            let ch = col("channel")?
-                .as_any()
-                .downcast_ref::<DictionaryArray<Int32Type>>()
-                .ok_or_else(|| bad("channel"))?;
+            let dict = |name: &str| -> Result<(&[i32], &StringArray), StoreError> {
+                dictionary_text(col(name)?.as_ref()).ok_or_else(|| bad(name))
+            };
+            let (ck, ch_vals) = dict("channel")?;
+            let (qk, q_vals) = dict("quality")?;
             let val = col("value")?
                 .as_any()
                 .downcast_ref::<Decimal128Array>()
                 .ok_or_else(|| bad("value"))?;
-            let q = col("quality")?
-                .as_any()
-                .downcast_ref::<DictionaryArray<Int32Type>>()
-                .ok_or_else(|| bad("quality"))?;
             if val.scale() != VALUE_SCALE {
                 return Err(bad("value scale"));
             }
-            let ch_map: Vec<Option<Channel>> = dict_strings(ch, path)?
+            let ch_map: Vec<Option<Channel>> = ch_vals
                 .iter()
                 .map(|s| {
                     s.and_then(|s| s.parse::<Channel>().ok())
                         .filter(|c| (self.keep)(*c))
                 })
                 .collect();
-            let q_map: Vec<Quality> = dict_strings(q, path)?
+            let q_map: Vec<Quality> = q_vals
                 .iter()
                 .map(|s| match s {
                     Some("ok") => Quality::OK,
@@ -267,7 +264,6 @@ impl Scanner<'_> {
             let n = batch.num_rows();
             out.rows += n as u64;
             let (ts, val) = (ts.values(), val.values());
-            let (ck, qk) = (ch.keys().values(), q.keys().values());
             // The id of the previous row and its index (None = unknown meter).
             let mut last: Option<(&str, Option<u32>)> = None;
             // The shard of the previous row's meter and its index range.
@@ -316,16 +312,6 @@ impl Scanner<'_> {
         }
         Ok(())
     }
-}
-
-fn dict_strings<'a>(
-    d: &'a DictionaryArray<Int32Type>,
-    path: &Path,
-) -> Result<&'a StringArray, StoreError> {
-    d.values()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .ok_or_else(|| StoreError::Schema(format!("{}: dictionary is not text", path.display())))
 }
 
 /// Meters per shard for `meters` meters over `shards` shards (at least 1).
