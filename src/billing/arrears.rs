@@ -83,50 +83,53 @@ pub fn read_carried_ytd(
 ) -> Result<std::collections::HashMap<String, (NaiveDate, Decimal)>, BillingError> {
     let mut out = std::collections::HashMap::new();
     for f in dirs.iter().flat_map(|d| bills_files(d)) {
-        let bad = |what: String| BillingError::Invalid(format!("{}: {what}", f.display()));
-        let file = File::open(&f).map_err(|source| BillingError::Io {
-            path: f.clone(),
-            source,
-        })?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| bad(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| bad(e.to_string()))?;
-            let col = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .cloned()
-                    .ok_or_else(|| bad(format!("no column {name}")))
+        for_each_bill(&f, |r, bad| {
+            let Some(ytd) = r.ytd_after else {
+                return Ok(());
             };
-            let (acc, per, ytd) = (col("account_id")?, col("period")?, col("ytd_kwh_after")?);
-            let acc = acc.as_any().downcast_ref::<StringArray>();
-            let per = per.as_any().downcast_ref::<StringArray>();
-            let ytd = ytd.as_any().downcast_ref::<Decimal128Array>();
-            let (Some(acc), Some(per), Some(ytd)) = (acc, per, ytd) else {
-                return Err(bad("unexpected bills schema".into()));
-            };
-            for i in 0..batch.num_rows() {
-                if ytd.is_null(i) {
-                    continue;
-                }
-                let p = BillPeriod::parse(per.value(i)).map_err(bad)?;
-                if p.end == start {
-                    out.insert(
-                        acc.value(i).to_string(),
-                        (
-                            p.start,
-                            Decimal::from_i128_with_scale(ytd.value(i), ytd.scale() as u32),
-                        ),
-                    );
-                }
+            let p = BillPeriod::parse(r.period).map_err(bad)?;
+            if p.end == start {
+                out.insert(r.account.to_string(), (p.start, ytd));
             }
-        }
+            Ok(())
+        })?;
     }
     Ok(out)
 }
 
 fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result<(), BillingError> {
+    for_each_bill(path, |r, bad| {
+        // Bills without a due date (or runs written before due dates existed): nothing to charge on.
+        let Some(due) = r.due else { return Ok(()) };
+        let d: NaiveDate = due
+            .parse()
+            .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
+        out.insert(
+            r.account.to_string(),
+            PriorBill {
+                period: r.period.to_string(),
+                due: d,
+                amount: r.total,
+            },
+        );
+        Ok(())
+    })
+}
+
+/// One row of an issued `bills.parquet`, as late fees and tier carry-over read it.
+struct BillRow<'a> {
+    account: &'a str,
+    period: &'a str,
+    total: Decimal,
+    due: Option<&'a str>,
+    ytd_after: Option<Decimal>,
+}
+
+/// Calls `f` for every row of a bills file; `f` gets an error builder naming the file.
+fn for_each_bill(
+    path: &Path,
+    mut f: impl FnMut(BillRow<'_>, &dyn Fn(String) -> BillingError) -> Result<(), BillingError>,
+) -> Result<(), BillingError> {
     let bad = |what: String| BillingError::Invalid(format!("{}: {what}", path.display()));
     let file = File::open(path).map_err(|source| BillingError::Io {
         path: path.to_path_buf(),
@@ -135,41 +138,32 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| bad(e.to_string()))?;
+    let dec = |a: &Decimal128Array, i: usize| {
+        (!a.is_null(i)).then(|| Decimal::from_i128_with_scale(a.value(i), a.scale() as u32))
+    };
     for batch in reader {
         let batch = batch.map_err(|e| bad(e.to_string()))?;
-        let Some(due) = batch.column_by_name("due_date") else {
-            return Ok(()); // a run written before due dates existed: nothing to charge on
-        };
-        let col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .cloned()
-                .ok_or_else(|| bad(format!("no column {name}")))
-        };
-        let (acc, per, total) = (col("account_id")?, col("period")?, col("total")?);
-        let acc = acc.as_any().downcast_ref::<StringArray>();
-        let per = per.as_any().downcast_ref::<StringArray>();
-        let due = due.as_any().downcast_ref::<StringArray>();
-        let total = total.as_any().downcast_ref::<Decimal128Array>();
-        let (Some(acc), Some(per), Some(due), Some(total)) = (acc, per, due, total) else {
+        let col = |name: &str| batch.column_by_name(name).map(|c| c.as_any());
+        let text = |name: &str| col(name).and_then(|c| c.downcast_ref::<StringArray>());
+        let decimal = |name: &str| col(name).and_then(|c| c.downcast_ref::<Decimal128Array>());
+        let (Some(acc), Some(per), Some(total)) =
+            (text("account_id"), text("period"), decimal("total"))
+        else {
             return Err(bad("unexpected bills schema".into()));
         };
+        // Optional: runs written before these columns existed.
+        let (due, ytd) = (text("due_date"), decimal("ytd_kwh_after"));
         for i in 0..batch.num_rows() {
-            if due.is_null(i) {
-                continue;
-            }
-            let d: NaiveDate = due
-                .value(i)
-                .parse()
-                .map_err(|e| bad(format!("due_date '{}': {e}", due.value(i))))?;
-            out.insert(
-                acc.value(i).to_string(),
-                PriorBill {
-                    period: per.value(i).to_string(),
-                    due: d,
-                    amount: Decimal::from_i128_with_scale(total.value(i), total.scale() as u32),
+            f(
+                BillRow {
+                    account: acc.value(i),
+                    period: per.value(i),
+                    total: dec(total, i).unwrap_or_default(),
+                    due: due.filter(|d| !d.is_null(i)).map(|d| d.value(i)),
+                    ytd_after: ytd.and_then(|y| dec(y, i)),
                 },
-            );
+                &bad,
+            )?;
         }
     }
     Ok(())
