@@ -432,21 +432,31 @@ mod end_to_end {
         out
     }
 
+    /// A fleet of September and October 2026 under `dir`, and its committed
+    /// September run: (lake, run directory).
+    fn september_run(
+        dir: &std::path::Path,
+        meters: usize,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let lake = dir.join("fleet");
+        let mut o = FleetOptions::new(&lake);
+        o.meters = meters as _;
+        o.start = "2026-09-01".parse().unwrap();
+        o.days = 61;
+        generate(&o, &|_, _| {}).unwrap();
+        let sep = dir.join("sep");
+        let mut s = opts(&lake, &sep);
+        s.period = "2026-09".into();
+        bill_run(&s).unwrap();
+        (lake, sep)
+    }
+
     #[test]
     fn unpaid_bills_of_an_earlier_run_bear_late_fees_net_of_payments() {
         use meterflow::billing::arrears::read_prior_bills;
         use rust_decimal_macros::dec;
         let tmp = tempfile::tempdir().unwrap();
-        let lake = tmp.path().join("fleet");
-        let mut o = FleetOptions::new(&lake);
-        o.meters = 120;
-        o.start = "2026-09-01".parse().unwrap();
-        o.days = 61;
-        generate(&o, &|_, _| {}).unwrap();
-        let sep = tmp.path().join("sep");
-        let mut s = opts(&lake, &sep);
-        s.period = "2026-09".into();
-        bill_run(&s).unwrap();
+        let (lake, sep) = september_run(tmp.path(), 120);
         let prior = read_prior_bills(std::slice::from_ref(&sep)).unwrap();
         // Three postpaid residential accounts on a monthly tariff with a bill over 10 yuan.
         let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
@@ -555,16 +565,7 @@ mod end_to_end {
     #[test]
     fn annual_tier_positions_carry_forward_from_the_previous_run() {
         let tmp = tempfile::tempdir().unwrap();
-        let lake = tmp.path().join("fleet");
-        let mut o = FleetOptions::new(&lake);
-        o.meters = 200;
-        o.start = "2026-09-01".parse().unwrap();
-        o.days = 61;
-        generate(&o, &|_, _| {}).unwrap();
-        let sep = tmp.path().join("sep");
-        let mut s = opts(&lake, &sep);
-        s.period = "2026-09".into();
-        bill_run(&s).unwrap();
+        let (lake, sep) = september_run(tmp.path(), 200);
         let sep_bills = ytd(&sep);
         // The lake starts in September: no reading at the tier-year start.
         let annual: Vec<&String> = sep_bills
