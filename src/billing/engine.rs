@@ -29,6 +29,20 @@ pub struct ExceptionRow {
     pub detail: String,
 }
 
+/// Applies one reading to its meter's state; meters without a state and
+/// accounts that could not be planned take nothing.
+fn route(
+    st: Option<&mut MeterState>,
+    plan: &Result<AccountPlan<'_>, Exception>,
+    r: &crate::store::scan::Row,
+    cfg: &VeeConfig,
+) -> Result<(), Exception> {
+    match (st, plan) {
+        (Some(st), Ok(plan)) => apply_reading(st, plan, r.channel, r.ts, r.value, r.quality, cfg),
+        _ => Ok(()),
+    }
+}
+
 /// Accounts, meters and their states for one period.
 pub struct Engine<'a> {
     pub period: BillPeriod,
@@ -163,14 +177,20 @@ impl<'a> Engine<'a> {
     pub fn apply(&mut self, meter: u32, channel: Channel, ts: i64, value: i64, q: Quality) {
         self.readings_seen += 1;
         let m = meter as usize;
-        let Some(st) = self.states[m].as_mut() else {
-            return;
+        let row = crate::store::scan::Row {
+            meter,
+            channel,
+            quality: q,
+            ts,
+            value,
         };
         let ai = self.meter_account[m];
-        let Ok(plan) = &self.plans[ai as usize] else {
-            return;
-        };
-        if let Err(e) = apply_reading(st, plan, channel, ts, value, q, &self.cfg) {
+        if let Err(e) = route(
+            self.states[m].as_mut(),
+            &self.plans[ai as usize],
+            &row,
+            &self.cfg,
+        ) {
             self.route_errors.entry(ai).or_insert(e);
         }
     }
@@ -195,15 +215,9 @@ impl<'a> Engine<'a> {
                     n += rows.len() as u64;
                     for r in rows {
                         let m = r.meter as usize;
-                        let Some(st) = states[m - base].as_mut() else {
-                            continue;
-                        };
                         let ai = meter_account[m];
-                        let Ok(plan) = &plans[ai as usize] else {
-                            continue;
-                        };
                         if let Err(e) =
-                            apply_reading(st, plan, r.channel, r.ts, r.value, r.quality, cfg)
+                            route(states[m - base].as_mut(), &plans[ai as usize], r, cfg)
                         {
                             errors.push((ai, e));
                         }
