@@ -120,6 +120,11 @@ pub struct IngestSettings {
     pub flush_readings: usize,
     /// Optional `meters.csv` (first column meter_id): readings for other meters are refused.
     pub known_meters_csv: Option<PathBuf>,
+    /// Sparkplug data that waits for a birth (after an ingest restart) is
+    /// dead-lettered when no birth comes within this time.
+    pub sparkplug_park_secs: u64,
+    /// At most this many Sparkplug messages wait for births; more are dead-lettered.
+    pub sparkplug_park_max: usize,
 }
 
 impl Default for IngestSettings {
@@ -131,6 +136,8 @@ impl Default for IngestSettings {
             flush_secs: 5,
             flush_readings: 200_000,
             known_meters_csv: None,
+            sparkplug_park_secs: 300,
+            sparkplug_park_max: 100_000,
         }
     }
 }

@@ -114,6 +114,13 @@ pub struct Decoded {
     pub offline: Vec<String>,
     /// Values rounded to 4 decimals (not `exact`).
     pub rounded: usize,
+    /// Sparkplug: data that needs a birth the ingest has not seen (it
+    /// restarted); park it until `birth_of` names its node.
+    pub park: bool,
+    /// Sparkplug: a birth of this node (`group/edge`) arrived.
+    pub birth_of: Option<String>,
+    /// Sparkplug: this node (`group/edge`) died.
+    pub death_of: Option<String>,
 }
 
 /// Decoder for one configured source (keeps Sparkplug state between messages).
@@ -474,6 +481,48 @@ impl Decoder {
                 sparkplug::rebirth_request(now.max(0) as u64),
             ));
         }
+        match t.kind {
+            sparkplug::MessageType::NBirth | sparkplug::MessageType::DBirth => {
+                out.birth_of = Some(t.node_key())
+            }
+            sparkplug::MessageType::NDeath => out.death_of = Some(t.node_key()),
+            _ => {}
+        }
+        if o.needs_birth {
+            out.park = true;
+            return Ok(());
+        }
+        self.sparkplug_values(o, topic, now, out);
+        Ok(())
+    }
+
+    /// Decodes a parked Sparkplug message again with the aliases known now;
+    /// `park` stays set while its birth is still missing.
+    pub fn replay_parked(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: i64,
+    ) -> Result<Decoded, DecodeError> {
+        let t = sparkplug::Topic::parse(topic)?;
+        let p = sparkplug::decode_payload(payload)?;
+        let o = self.sparkplug.replay(&t, &p);
+        let mut out = Decoded::default();
+        if o.needs_birth {
+            out.park = true;
+        } else {
+            self.sparkplug_values(o, topic, now, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn sparkplug_values(
+        &mut self,
+        o: sparkplug::Outcome,
+        topic: &str,
+        now: i64,
+        out: &mut Decoded,
+    ) {
         for (edge, dev) in &o.offline {
             out.offline.push(match dev {
                 Some(d) => format!("{edge}/{d}"),
@@ -536,7 +585,6 @@ impl Decoder {
             }
             self.push(out, &meter, &nv.name, ts, value, topic, q, now);
         }
-        Ok(())
     }
 
     fn json_map(

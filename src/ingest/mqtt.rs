@@ -17,18 +17,18 @@ use rumqttc::{
 };
 use tokio::sync::mpsc;
 
+use super::batch::{Decoding, Durable, Job};
 use super::config::{IngestConfig, MqttConfig};
 use super::decode::{encode_canonical, Decoder, Limits};
+use super::park::ParkDir;
 use crate::metrics;
-use crate::model::{now_ms, Protocol, Reading};
-use crate::store::{FlushStats, Lake, LakeOptions, QuarantineRecord, Sealed, StoreError};
+use crate::model::{now_ms, Reading};
+use crate::store::{FlushStats, Lake, LakeOptions, Sealed, StoreError};
 
 /// Largest packet rumqttc accepts (MQTT's own maximum): bigger limits are ours
 /// to enforce with a dead letter, not rumqttc's to enforce with a disconnect
 /// that would make the broker redeliver the same packet forever.
 const MAX_PACKET: usize = 268_435_455;
-/// Dead-lettered payloads keep at most this many bytes.
-const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -61,6 +61,8 @@ pub struct IngestStats {
     pub messages: u64,
     pub readings: u64,
     pub dead_letters: u64,
+    /// Sparkplug messages parked to wait for a birth.
+    pub parked: u64,
     pub committed: u64,
     /// Milliseconds from the first message to the final commit.
     pub busy_ms: u64,
@@ -204,20 +206,6 @@ const MAX_BATCH: usize = 4096;
 /// Decoded jobs waiting for the spool thread; beyond this decoding waits.
 const JOBS_QUEUED: usize = 4;
 
-/// Decoded messages on their way to the spool, with what to send once durable.
-struct Job {
-    readings: Vec<Reading>,
-    dead: Vec<QuarantineRecord>,
-    durable: Durable,
-}
-
-/// What to send once a job's spool write returned Ok.
-#[derive(Default)]
-struct Durable {
-    acks: Vec<Publish>,
-    rebirths: Vec<(String, Vec<u8>)>,
-}
-
 /// Runs until `shutdown` resolves (then commits the spool) or the lake fails.
 ///
 /// Pipeline: the connection task reads publishes; this task decodes them in
@@ -250,6 +238,13 @@ pub async fn run_ingest(
         .clone()
         .unwrap_or_else(|| sanitize(&client_id));
     let lake = Lake::open(&opts.lake, LakeOptions::new(writer))?;
+    let (park, parked, unreadable) = ParkDir::open(&lake.spool_dir().join("parked"))?;
+    let mut decoding = Decoding::new(
+        decoders,
+        cfg.ingest.sparkplug_park_secs,
+        cfg.ingest.sparkplug_park_max,
+    );
+    let restored = decoding.restore(parked, unreadable, now_ms());
     let filters: Vec<String> = cfg
         .sources
         .iter()
@@ -282,17 +277,33 @@ pub async fn run_ingest(
     let handle = tokio::runtime::Handle::current();
     let spool = std::thread::Builder::new()
         .name("mqtt-spool".into())
-        .spawn(move || spool_thread(lake, job_rx, durable_tx, flush, handle))
+        .spawn(move || spool_thread(lake, park, job_rx, durable_tx, flush, handle))
         .map_err(|e| IngestError::Client(format!("spool thread: {e}")))?;
 
     let mut stats = IngestStats::default();
     let mut first_message: Option<Instant> = None;
-    let names: Vec<String> = cfg.sources.iter().map(|s| s.name.clone()).collect();
+    if !restored.is_empty() && job_tx.send(restored).await.is_err() {
+        tracing::error!("the spool thread stopped before the first job");
+    }
     tokio::pin!(shutdown);
     loop {
+        // While messages are parked, wake up now and then to expire them.
+        let tick = if decoding.parked() > 0 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(3600)
+        };
         let first = tokio::select! {
             m = rx.recv() => m,
             _ = &mut shutdown => break,
+            _ = tokio::time::sleep(tick) => {
+                let mut job = Job::default();
+                decoding.expire(now_ms(), &mut job);
+                if !job.is_empty() && job_tx.send(job).await.is_err() {
+                    break;
+                }
+                continue;
+            }
         };
         let Some(first) = first else { break };
         first_message.get_or_insert_with(Instant::now);
@@ -304,7 +315,7 @@ pub async fn run_ingest(
                 Err(_) => break,
             }
         }
-        let job = decode_batch(batch, &mut decoders, &names, &mut stats);
+        let job = decoding.batch(batch, now_ms(), &mut stats);
         if job_tx.send(job).await.is_err() {
             break; // the spool thread failed: its error is returned below
         }
@@ -354,6 +365,7 @@ struct FlushPolicy {
 /// thread (one at a time, in order) by size or age. Returns readings committed.
 fn spool_thread(
     mut lake: Lake,
+    park: ParkDir,
     mut jobs: mpsc::Receiver<Job>,
     durable: mpsc::UnboundedSender<Durable>,
     flush: FlushPolicy,
@@ -375,12 +387,13 @@ fn spool_thread(
         if let Some(mut job) = first {
             // Group commit: everything decoded while the last fsync ran.
             while let Ok(more) = jobs.try_recv() {
-                job.readings.extend(more.readings);
-                job.dead.extend(more.dead);
-                job.durable.acks.extend(more.durable.acks);
-                job.durable.rebirths.extend(more.durable.rebirths);
+                job.extend(more);
             }
+            // Parked messages are durable before their acks; a released one
+            // is forgotten only after its readings or dead letter are durable.
+            park.write(&job.park)?;
             lake.accept_owned(job.readings, job.dead)?;
+            park.remove(&job.release)?;
             // Durable: now (and only now) the broker may forget these messages.
             let _ = durable.send(job.durable);
         }
@@ -468,157 +481,6 @@ async fn ack_task(
     Ok(())
 }
 
-/// Decodes a batch of publishes into one spool job (counters per batch, not per message).
-fn decode_batch(
-    batch: Vec<Publish>,
-    decoders: &mut [Decoder],
-    names: &[String],
-    stats: &mut IngestStats,
-) -> Job {
-    let now = now_ms();
-    let mut readings: Vec<Reading> = Vec::new();
-    let mut dead: Vec<QuarantineRecord> = Vec::new();
-    let mut rebirths: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut per_source = vec![(0u64, 0u64); decoders.len()]; // (readings, rounded)
-                                                             // Consecutive messages mostly share a topic: remember its source.
-    let mut last: Option<(String, usize)> = None;
-    for p in &batch {
-        stats.messages += 1;
-        let topic = p.topic.as_str();
-        let idx = match &last {
-            Some((t, i)) if t == topic => Some(*i),
-            _ => {
-                let i = decoders
-                    .iter()
-                    .position(|d| topic_matches(&d.source().filter, topic));
-                if let Some(i) = i {
-                    last = Some((topic.to_string(), i));
-                }
-                i
-            }
-        };
-        let Some(idx) = idx else {
-            dead.push(dead_letter(
-                now,
-                "",
-                topic,
-                "no source matches the topic".into(),
-                &p.payload,
-            ));
-            metrics::counter_add(
-                "meterflow_mqtt_dead_letters_total",
-                &[("source", ""), ("reason", "no_source")],
-                1,
-            );
-            continue;
-        };
-        let name = &names[idx];
-        match decoders[idx].decode(topic, &p.payload, now) {
-            Ok(d) => {
-                per_source[idx].0 += d.readings.len() as u64;
-                per_source[idx].1 += d.rounded as u64;
-                for o in &d.offline {
-                    tracing::warn!(source = %name, device = %o, "sparkplug device offline");
-                    metrics::counter_add(
-                        "meterflow_mqtt_sparkplug_offline_total",
-                        &[("source", name)],
-                        1,
-                    );
-                }
-                stats.readings += d.readings.len() as u64;
-                if readings.is_empty() {
-                    readings = d.readings;
-                } else {
-                    readings.extend(d.readings);
-                }
-                if !d.problems.is_empty() {
-                    let reason = d
-                        .problems
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    for e in &d.problems {
-                        metrics::counter_add(
-                            "meterflow_mqtt_dead_letters_total",
-                            &[("source", name), ("reason", e.kind())],
-                            1,
-                        );
-                    }
-                    tracing::warn!(source = %name, topic, %reason, "partly unusable message dead-lettered");
-                    dead.push(dead_letter(now, name, topic, reason, &p.payload));
-                }
-                if let Some(r) = d.rebirth {
-                    rebirths.push(r);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
-                metrics::counter_add(
-                    "meterflow_mqtt_dead_letters_total",
-                    &[("source", name), ("reason", e.kind())],
-                    1,
-                );
-                dead.push(dead_letter(now, name, topic, e.to_string(), &p.payload));
-            }
-        }
-    }
-    for (i, (n, rounded)) in per_source.iter().enumerate() {
-        if *n > 0 {
-            metrics::counter_add(
-                "meterflow_mqtt_readings_total",
-                &[("source", &names[i])],
-                *n,
-            );
-        }
-        if *rounded > 0 {
-            metrics::counter_add(
-                "meterflow_mqtt_values_rounded_total",
-                &[("source", &names[i])],
-                *rounded,
-            );
-        }
-    }
-    stats.dead_letters += dead.len() as u64;
-    metrics::counter_add("meterflow_mqtt_messages_total", &[], batch.len() as u64);
-    Job {
-        readings,
-        dead,
-        durable: Durable {
-            acks: batch,
-            rebirths,
-        },
-    }
-}
-
-fn dead_letter(
-    now: i64,
-    collector: &str,
-    topic: &str,
-    reason: String,
-    payload: &[u8],
-) -> QuarantineRecord {
-    let (payload, reason) = if payload.len() > MAX_KEPT_PAYLOAD {
-        (
-            payload[..MAX_KEPT_PAYLOAD].to_vec(),
-            format!(
-                "{reason} (payload truncated to {MAX_KEPT_PAYLOAD} of {} bytes)",
-                payload.len()
-            ),
-        )
-    } else {
-        (payload.to_vec(), reason)
-    };
-    QuarantineRecord {
-        received_ms: now,
-        protocol: Protocol::Mqtt,
-        collector: collector.to_string(),
-        address: topic.to_string(),
-        reason,
-        payload,
-    }
-}
-
 /// Polls the connection forever: forwards publishes, resubscribes when the
 /// broker has no session for us, reconnects with backoff after errors.
 async fn connection_task(
@@ -699,6 +561,14 @@ fn describe_metrics() {
     metrics::describe(
         "meterflow_mqtt_connected",
         "1 while connected to the broker",
+    );
+    metrics::describe(
+        "meterflow_mqtt_sparkplug_parked_total",
+        "Sparkplug messages parked until a birth declares their aliases",
+    );
+    metrics::describe(
+        "meterflow_mqtt_sparkplug_parked",
+        "Sparkplug messages waiting for a birth now",
     );
 }
 

@@ -310,6 +310,11 @@ impl Topic {
         })
     }
 
+    /// `group/edge`: the edge node a message belongs to.
+    pub fn node_key(&self) -> String {
+        format!("{}/{}", self.group, self.edge)
+    }
+
     /// Topic of the node command that asks this edge node for a rebirth.
     pub fn rebirth_topic(&self) -> String {
         format!("{NAMESPACE}/{}/NCMD/{}", self.group, self.edge)
@@ -399,6 +404,9 @@ pub struct Outcome {
     pub offline: Vec<(String, Option<String>)>,
     /// A seq gap or unknown alias: publish `rebirth_request` to `topic.rebirth_topic()`.
     pub rebirth_needed: bool,
+    /// Data named only by aliases that no birth on record declares (a
+    /// central restart lost them): keep the message until the birth comes.
+    pub needs_birth: bool,
     /// Problems that did not stop the rest of the message.
     pub problems: Vec<SparkplugError>,
 }
@@ -514,7 +522,8 @@ impl State {
         match topic.kind {
             MessageType::NBirth | MessageType::NData => {
                 let birth = topic.kind == MessageType::NBirth;
-                if !birth && !node.born {
+                let unborn = !birth && !node.born;
+                if unborn {
                     out.problems
                         .push(SparkplugError::NoBirth(topic.edge.clone()));
                 }
@@ -528,6 +537,7 @@ impl State {
                     node_after_death,
                     &mut out,
                 );
+                out.needs_birth = unborn && has_unknown_alias(&out);
             }
             MessageType::DBirth | MessageType::DData | MessageType::DDeath => {
                 let dev_id = topic.device.clone().unwrap_or_default();
@@ -549,7 +559,8 @@ impl State {
                     }
                     MessageType::DData => {
                         let after_death = !dev.alive || node_after_death;
-                        if dev.aliases.is_empty() && !dev.alive {
+                        let unborn = dev.aliases.is_empty() && !dev.alive;
+                        if unborn {
                             out.problems.push(SparkplugError::NoBirth(format!(
                                 "{}/{}",
                                 topic.edge, dev_id
@@ -566,6 +577,7 @@ impl State {
                             after_death,
                             &mut out,
                         );
+                        out.needs_birth = unborn && has_unknown_alias(&out);
                     }
                     _ => {
                         dev.alive = false;
@@ -575,15 +587,44 @@ impl State {
             }
             _ => {}
         }
-        if out
-            .problems
-            .iter()
-            .any(|e| matches!(e, SparkplugError::UnknownAlias(_)))
-        {
+        if has_unknown_alias(&out) {
             out.rebirth_needed = true;
         }
         out
     }
+
+    /// Resolves a parked NDATA/DDATA with the alias tables known now,
+    /// changing no state (its seq is long past). `needs_birth` stays set
+    /// while the birth it waits for has not arrived.
+    pub fn replay(&self, topic: &Topic, p: &Payload) -> Outcome {
+        let mut out = Outcome::default();
+        let node = self.nodes.get(&(topic.group.clone(), topic.edge.clone()));
+        let payload_ts = p.timestamp.and_then(|t| i64::try_from(t).ok());
+        let empty = AliasTable::new();
+        let (table, fallback) = match (node, topic.kind, topic.device.as_deref()) {
+            (Some(n), MessageType::NData, _) if n.born => (&n.aliases, None),
+            (Some(n), MessageType::DData, Some(d)) => match n.devices.get(d) {
+                Some(dev) if !dev.aliases.is_empty() || dev.alive => {
+                    (&dev.aliases, Some(&n.aliases))
+                }
+                _ => (&empty, None),
+            },
+            _ => (&empty, None),
+        };
+        // `resolve` learns aliases only from births; a copy keeps `self` untouched.
+        let mut table = table.clone();
+        resolve(
+            &mut table, fallback, false, topic, p, payload_ts, false, &mut out,
+        );
+        out.needs_birth = has_unknown_alias(&out);
+        out
+    }
+}
+
+fn has_unknown_alias(out: &Outcome) -> bool {
+    out.problems
+        .iter()
+        .any(|e| matches!(e, SparkplugError::UnknownAlias(_)))
 }
 
 /// Resolves names through the alias table (learning it on births) and
@@ -781,6 +822,64 @@ mod tests {
         assert_eq!(o.values[0].name, "Energy/Import");
         assert_eq!(o.values[0].device.as_deref(), Some("m1"));
         assert_eq!(o.values[0].value, Value::Number(dec!(10.5)));
+    }
+
+    #[test]
+    fn data_by_alias_before_any_birth_waits_for_the_birth_then_replays() {
+        // A central restart: the node's aliases are unknown until it rebirths.
+        let mut s = State::new();
+        let data = payload(
+            41,
+            vec![metric(None, Some(7), 0, MetricValue::DoubleValue(10.5))],
+        );
+        let topic = t("spBv1.0/g/DDATA/e/m1");
+        let o = s.handle(&topic, &data);
+        assert!(o.needs_birth && o.rebirth_needed, "{o:?}");
+        assert!(o.values.is_empty());
+        assert!(s.replay(&topic, &data).needs_birth, "no birth yet");
+
+        s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![]));
+        assert!(
+            s.replay(&topic, &data).needs_birth,
+            "the device birth is still missing"
+        );
+        let birth = payload(
+            1,
+            vec![metric(
+                Some("Energy/Import"),
+                Some(7),
+                datatype::DOUBLE,
+                MetricValue::DoubleValue(10.25),
+            )],
+        );
+        s.handle(&t("spBv1.0/g/DBIRTH/e/m1"), &birth);
+        let o = s.replay(&topic, &data);
+        assert!(!o.needs_birth && !o.rebirth_needed, "{o:?}");
+        assert_eq!(o.values[0].name, "Energy/Import");
+        assert_eq!(o.values[0].value, Value::Number(dec!(10.5)));
+        // Replay changes no state: the next live message is still in sequence.
+        let next = payload(
+            2,
+            vec![metric(None, Some(7), 0, MetricValue::DoubleValue(10.75))],
+        );
+        assert!(!s.handle(&topic, &next).rebirth_needed);
+    }
+
+    #[test]
+    fn named_data_before_a_birth_is_not_held_back() {
+        let mut s = State::new();
+        let data = payload(
+            3,
+            vec![metric(
+                Some("E"),
+                None,
+                datatype::DOUBLE,
+                MetricValue::DoubleValue(1.5),
+            )],
+        );
+        let o = s.handle(&t("spBv1.0/g/NDATA/e"), &data);
+        assert!(!o.needs_birth);
+        assert_eq!(o.values.len(), 1);
     }
 
     #[test]

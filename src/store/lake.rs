@@ -88,6 +88,11 @@ impl Lake {
         &self.root
     }
 
+    /// This writer's spool directory (other durable state of the writer may live beside it).
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool_dir
+    }
+
     /// Number of accepted entries not yet committed to Parquet.
     pub fn pending(&self) -> usize {
         self.pending.len()

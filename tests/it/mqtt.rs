@@ -437,6 +437,72 @@ fn spb(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
     })
 }
 
+/// Topic of edge node `gw1` (or its device) in `group`.
+fn spb_topic(group: &str, kind: &str, device: Option<&str>) -> String {
+    match device {
+        Some(d) => format!("spBv1.0/{group}/{kind}/gw1/{d}"),
+        None => format!("spBv1.0/{group}/{kind}/gw1"),
+    }
+}
+
+/// One Sparkplug source for `group`: device `gw1/m1` is meter SPB1.
+fn spb_sources(group: &str) -> String {
+    format!(
+        r#"
+[[source]]
+name = "spb"
+filter = "spBv1.0/{group}/#"
+format = "sparkplug"
+unmapped = "ignore"
+channels = {{ "Energy/Import" = "import_active_total" }}
+meters = {{ "gw1/m1" = "SPB1" }}
+"#
+    )
+}
+
+type Commands = tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>;
+
+/// Subscribes to `spBv1.0/<group>/NCMD/gw1`, where rebirth requests go.
+async fn watch_node_commands(url: &str, group: &str) -> (tokio::task::JoinHandle<()>, Commands) {
+    let (_, host, port) = parse_url(url).unwrap();
+    let (watch, mut wev) = AsyncClient::new(MqttOptions::new(uniq("watch"), host, port), 16);
+    watch
+        .subscribe(format!("spBv1.0/{group}/NCMD/gw1"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let _keep = watch;
+        loop {
+            match wev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = seen_tx.send(p.payload.to_vec());
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    ready_rx.await.expect("watcher subscribed");
+    (watcher, seen_rx)
+}
+
+async fn expect_rebirth_request(seen: &mut Commands) {
+    let cmd = tokio::time::timeout(Duration::from_secs(15), seen.recv())
+        .await
+        .expect("no rebirth request")
+        .unwrap();
+    let cmd = sparkplug::decode_payload(&cmd).unwrap();
+    assert_eq!(cmd.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
+}
+
 fn spm(name: Option<&str>, alias: u64, v: f64) -> Metric {
     Metric {
         name: name.map(String::from),
@@ -452,46 +518,12 @@ async fn sparkplug_aliases_resolve_and_a_seq_gap_requests_a_rebirth() {
     let url = broker_url();
     let group = uniq("grp");
     let lake = tempfile::tempdir().unwrap();
-    let sources = format!(
-        r#"
-[[source]]
-name = "spb"
-filter = "spBv1.0/{group}/#"
-format = "sparkplug"
-unmapped = "ignore"
-channels = {{ "Energy/Import" = "import_active_total" }}
-meters = {{ "gw1/m1" = "SPB1" }}
-"#
-    );
+    let sources = spb_sources(&group);
     // Watch for the rebirth command the ingest should send.
-    let (_, host, port) = parse_url(&url).unwrap();
-    let (watch, mut wev) = AsyncClient::new(MqttOptions::new(uniq("watch"), host, port), 16);
-    watch
-        .subscribe(format!("spBv1.0/{group}/NCMD/gw1"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = tokio::spawn(async move {
-        loop {
-            match wev.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = seen_tx.send(None);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = seen_tx.send(Some(p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    assert_eq!(seen_rx.recv().await.unwrap(), None, "watcher subscribed");
+    let (watcher, mut seen_rx) = watch_node_commands(&url, &group).await;
 
     let run = start_ingest(config(&url, &uniq("ingest-spb"), &sources), lake.path()).await;
-    let t = |kind: &str, dev: Option<&str>| match dev {
-        Some(d) => format!("spBv1.0/{group}/{kind}/gw1/{d}"),
-        None => format!("spBv1.0/{group}/{kind}/gw1"),
-    };
+    let t = |kind: &str, dev: Option<&str>| spb_topic(&group, kind, dev);
     publish_all(
         &url,
         vec![
@@ -523,13 +555,7 @@ meters = {{ "gw1/m1" = "SPB1" }}
         Duration::ZERO,
     )
     .await;
-    let cmd = tokio::time::timeout(Duration::from_secs(15), seen_rx.recv())
-        .await
-        .expect("no rebirth request")
-        .unwrap()
-        .unwrap();
-    let cmd = sparkplug::decode_payload(&cmd).unwrap();
-    assert_eq!(cmd.metrics[0].name.as_deref(), Some("Node Control/Rebirth"));
+    expect_rebirth_request(&mut seen_rx).await;
 
     // A device death marks later data offline.
     publish_all(
@@ -549,6 +575,78 @@ meters = {{ "gw1/m1" = "SPB1" }}
         .expect("data after death is kept");
     assert!(late.quality.contains(Quality::OFFLINE));
     run.stop(&url).await;
+    watcher.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_data_before_the_rebirth_waits_for_it_even_across_an_ingest_restart() {
+    let url = broker_url();
+    let group = uniq("grp");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let sources = spb_sources(&group);
+    let client_id = uniq("ingest-park");
+    let (watcher, mut commands) = watch_node_commands(&url, &group).await;
+    let t = |kind: &str, dev: Option<&str>| spb_topic(&group, kind, dev);
+    let births = |seq: u64| {
+        vec![
+            (t("NBIRTH", None), spb(seq, vec![])),
+            (
+                t("DBIRTH", Some("m1")),
+                spb(seq + 1, vec![spm(Some("Energy/Import"), 5, 100.25)]),
+            ),
+        ]
+    };
+
+    // The first ingest learns the aliases.
+    let a = start_ingest(config(&url, &client_id, &sources), &lake).await;
+    let mut msgs = births(0);
+    msgs.push((t("DDATA", Some("m1")), spb(2, vec![spm(None, 5, 100.5)])));
+    publish_all(&url, msgs, 0, Duration::ZERO).await;
+    wait_for_readings(&lake, 2, 20).await;
+    a.stop(&url).await;
+
+    // A restarted ingest knows no aliases: the data waits, the node is asked to rebirth.
+    let b = start_ingest(config(&url, &client_id, &sources), &lake).await;
+    publish_all(
+        &url,
+        vec![(t("DDATA", Some("m1")), spb(3, vec![spm(None, 5, 100.75)]))],
+        0,
+        Duration::ZERO,
+    )
+    .await;
+    expect_rebirth_request(&mut commands).await;
+    let stats = b.stop(&url).await;
+    assert_eq!(stats.parked, 1);
+    let parked = |lake: &Path| {
+        std::fs::read_dir(lake.join("_spool"))
+            .unwrap()
+            .flat_map(|w| std::fs::read_dir(w.unwrap().path().join("parked")).unwrap())
+            .count()
+    };
+    assert_eq!(parked(&lake), 1, "the parked message is on disk");
+
+    // Restarted again, it asks for the birth itself; once the birth comes the data lands.
+    let c = start_ingest(config(&url, &client_id, &sources), &lake).await;
+    expect_rebirth_request(&mut commands).await;
+    publish_all(&url, births(0), 0, Duration::ZERO).await;
+    let t0 = Instant::now();
+    let late = loop {
+        let rs = reader::read_all_readings(&lake).unwrap_or_default();
+        if let Some(r) = rs.iter().find(|r| r.value == dec!(100.75)) {
+            break r.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "parked data never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(late.meter_id, "SPB1");
+    assert_eq!(late.channel, Channel::ImportActiveTotal);
+    c.stop(&url).await;
+    assert_eq!(parked(&lake), 0, "released once its reading was durable");
+    assert!(dead_letters(&lake).is_empty(), "{:?}", dead_letters(&lake));
     watcher.abort();
 }
 

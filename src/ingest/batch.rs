@@ -1,0 +1,534 @@
+//! Decoding a batch of publishes into one spool job.
+//!
+//! The publishes become readings and dead letters. Sparkplug data that waits
+//! for a birth is parked (see `park`), then replayed or dead-lettered later.
+//! Everything here is pure except the metrics counters.
+
+use rumqttc::Publish;
+
+use super::decode::{DecodeError, Decoded, Decoder};
+use super::mqtt::{topic_matches, IngestStats};
+use super::park::{ParkedMsg, Parking, Unreadable};
+use crate::metrics;
+use crate::model::{Protocol, Reading};
+use crate::protocol::sparkplug;
+use crate::store::QuarantineRecord;
+
+/// Dead-lettered payloads keep at most this many bytes.
+const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
+
+/// Decoded messages on their way to the spool, with what to send once durable.
+#[derive(Default)]
+pub struct Job {
+    pub readings: Vec<Reading>,
+    pub dead: Vec<QuarantineRecord>,
+    /// Messages to park: written durably before the acks.
+    pub park: Vec<ParkedMsg>,
+    /// Parked messages whose readings or dead letters are in this job:
+    /// forgotten once the job is durable.
+    pub release: Vec<String>,
+    pub durable: Durable,
+}
+
+/// What to send once a job's spool write returned Ok.
+#[derive(Default)]
+pub struct Durable {
+    pub acks: Vec<Publish>,
+    pub rebirths: Vec<(String, Vec<u8>)>,
+}
+
+impl Job {
+    pub fn is_empty(&self) -> bool {
+        self.readings.is_empty()
+            && self.dead.is_empty()
+            && self.park.is_empty()
+            && self.release.is_empty()
+            && self.durable.acks.is_empty()
+            && self.durable.rebirths.is_empty()
+    }
+
+    /// Appends a later job (group commit keeps the order).
+    pub fn extend(&mut self, more: Job) {
+        self.readings.extend(more.readings);
+        self.dead.extend(more.dead);
+        self.park.extend(more.park);
+        self.release.extend(more.release);
+        self.durable.acks.extend(more.durable.acks);
+        self.durable.rebirths.extend(more.durable.rebirths);
+    }
+}
+
+/// The decoders of every source and the Sparkplug messages waiting for births.
+pub struct Decoding {
+    decoders: Vec<Decoder>,
+    names: Vec<String>,
+    parking: Parking,
+    park_ms: i64,
+    park_max: usize,
+}
+
+impl Decoding {
+    pub fn new(decoders: Vec<Decoder>, park_secs: u64, park_max: usize) -> Decoding {
+        let names = decoders.iter().map(|d| d.source().name.clone()).collect();
+        Decoding {
+            decoders,
+            names,
+            parking: Parking::default(),
+            park_ms: park_secs.saturating_mul(1000).min(i64::MAX as u64) as i64,
+            park_max,
+        }
+    }
+
+    /// Takes back what a previous run left parked. Returns the first job:
+    /// rebirth requests for those nodes, and dead letters for what cannot wait.
+    pub fn restore(
+        &mut self,
+        parked: Vec<ParkedMsg>,
+        unreadable: Vec<Unreadable>,
+        now: i64,
+    ) -> Job {
+        let mut job = Job::default();
+        for u in unreadable {
+            job.dead.push(dead_letter(
+                now,
+                "",
+                &format!("parked/{}", u.id),
+                format!("unreadable parked-message file: {}", u.reason),
+                &u.bytes,
+            ));
+            job.release.push(u.id);
+        }
+        for m in parked {
+            let known = self.names.iter().position(|n| *n == m.source);
+            match (known, sparkplug::Topic::parse(&m.topic)) {
+                (Some(_), Ok(t)) => {
+                    let (topic, payload) = (
+                        t.rebirth_topic(),
+                        sparkplug::rebirth_request(now.max(0) as u64),
+                    );
+                    if !job.durable.rebirths.iter().any(|(have, _)| *have == topic) {
+                        job.durable.rebirths.push((topic, payload));
+                    }
+                    self.parking.hold(t.node_key(), m);
+                }
+                _ => {
+                    job.dead.push(dead_letter(
+                        m.received_ms,
+                        &m.source,
+                        &m.topic,
+                        "parked message of a source no longer configured".into(),
+                        &m.payload,
+                    ));
+                    job.release.push(m.id);
+                }
+            }
+        }
+        if !self.parking.is_empty() {
+            tracing::info!(
+                parked = self.parking.len(),
+                nodes = self.parking.nodes().len(),
+                "sparkplug messages still wait for births; asking their nodes to rebirth"
+            );
+        }
+        job
+    }
+
+    /// Messages waiting for a birth.
+    pub fn parked(&self) -> usize {
+        self.parking.len()
+    }
+
+    /// Decodes a batch (counters per batch, not per message).
+    pub fn batch(&mut self, batch: Vec<Publish>, now: i64, stats: &mut IngestStats) -> Job {
+        let mut job = Job::default();
+        let mut per_source = vec![(0u64, 0u64); self.decoders.len()]; // (readings, rounded)
+                                                                      // Consecutive messages mostly share a topic: remember its source.
+        let mut last: Option<(String, usize)> = None;
+        for p in &batch {
+            stats.messages += 1;
+            let topic = p.topic.as_str();
+            let idx = match &last {
+                Some((t, i)) if t == topic => Some(*i),
+                _ => {
+                    let i = self
+                        .decoders
+                        .iter()
+                        .position(|d| topic_matches(&d.source().filter, topic));
+                    if let Some(i) = i {
+                        last = Some((topic.to_string(), i));
+                    }
+                    i
+                }
+            };
+            let Some(idx) = idx else {
+                job.dead.push(dead_letter(
+                    now,
+                    "",
+                    topic,
+                    "no source matches the topic".into(),
+                    &p.payload,
+                ));
+                count_dead("", "no_source");
+                continue;
+            };
+            match self.decoders[idx].decode(topic, &p.payload, now) {
+                Ok(d) => {
+                    per_source[idx].0 += d.readings.len() as u64;
+                    per_source[idx].1 += d.rounded as u64;
+                    self.sparkplug_events(idx, topic, &p.payload, &d, now, &mut job);
+                    self.take(idx, topic, &p.payload, d, now, &mut job);
+                }
+                Err(e) => {
+                    let name = &self.names[idx];
+                    tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
+                    count_dead(name, e.kind());
+                    job.dead
+                        .push(dead_letter(now, name, topic, e.to_string(), &p.payload));
+                }
+            }
+        }
+        self.expire(now, &mut job);
+        for (i, (n, rounded)) in per_source.iter().enumerate() {
+            if *n > 0 {
+                metrics::counter_add(
+                    "meterflow_mqtt_readings_total",
+                    &[("source", &self.names[i])],
+                    *n,
+                );
+            }
+            if *rounded > 0 {
+                metrics::counter_add(
+                    "meterflow_mqtt_values_rounded_total",
+                    &[("source", &self.names[i])],
+                    *rounded,
+                );
+            }
+        }
+        stats.readings += job.readings.len() as u64;
+        stats.dead_letters += job.dead.len() as u64;
+        stats.parked += job.park.len() as u64;
+        metrics::counter_add("meterflow_mqtt_messages_total", &[], batch.len() as u64);
+        metrics::gauge_set(
+            "meterflow_mqtt_sparkplug_parked",
+            &[],
+            self.parking.len() as f64,
+        );
+        job.durable.acks = batch;
+        job
+    }
+
+    /// Dead-letters parked messages that waited longer than allowed.
+    pub fn expire(&mut self, now: i64, job: &mut Job) {
+        if self.parking.is_empty() {
+            return;
+        }
+        let secs = self.park_ms / 1000;
+        for m in self
+            .parking
+            .take_older_than(now.saturating_sub(self.park_ms))
+        {
+            let reason =
+                format!("sparkplug: no birth within {secs} s declared the aliases this data uses");
+            self.unpark_dead(m, reason, now, job);
+        }
+    }
+
+    /// Readings, problems and rebirth requests of one decoded message.
+    fn take(
+        &mut self,
+        idx: usize,
+        topic: &str,
+        payload: &[u8],
+        d: Decoded,
+        now: i64,
+        job: &mut Job,
+    ) {
+        let name = &self.names[idx];
+        if job.readings.is_empty() {
+            job.readings = d.readings;
+        } else {
+            job.readings.extend(d.readings);
+        }
+        if !d.problems.is_empty() {
+            let reason = reasons(&d.problems);
+            for e in &d.problems {
+                count_dead(name, e.kind());
+            }
+            tracing::warn!(source = %name, topic, %reason, "partly unusable message dead-lettered");
+            job.dead
+                .push(dead_letter(now, name, topic, reason, payload));
+        }
+        if let Some(r) = d.rebirth {
+            job.durable.rebirths.push(r);
+        }
+    }
+
+    /// Parking, replay after a birth, and dead letters after a death.
+    fn sparkplug_events(
+        &mut self,
+        idx: usize,
+        topic: &str,
+        payload: &[u8],
+        d: &Decoded,
+        now: i64,
+        job: &mut Job,
+    ) {
+        let name = self.names[idx].clone();
+        for o in &d.offline {
+            tracing::warn!(source = %name, device = %o, "sparkplug device offline");
+            metrics::counter_add(
+                "meterflow_mqtt_sparkplug_offline_total",
+                &[("source", &name)],
+                1,
+            );
+        }
+        if d.park {
+            let node = sparkplug::Topic::parse(topic)
+                .map(|t| t.node_key())
+                .unwrap_or_default();
+            if self.parking.len() >= self.park_max {
+                let reason = format!(
+                    "sparkplug: no birth declared the aliases this data uses, and {} messages already wait for births",
+                    self.park_max
+                );
+                count_dead(&name, "park_full");
+                tracing::warn!(source = %name, topic, %reason, "message dead-lettered");
+                job.dead
+                    .push(dead_letter(now, &name, topic, reason, payload));
+            } else {
+                tracing::info!(source = %name, topic, "sparkplug data before its birth: parked until the birth arrives");
+                metrics::counter_add(
+                    "meterflow_mqtt_sparkplug_parked_total",
+                    &[("source", &name)],
+                    1,
+                );
+                let m = ParkedMsg::new(&name, topic, payload, now);
+                job.park.push(m.clone());
+                self.parking.hold(node, m);
+            }
+        }
+        if let Some(node) = &d.birth_of {
+            for m in self.parking.take_node(&name, node) {
+                match self.decoders[idx].replay_parked(&m.topic, &m.payload, now) {
+                    Ok(r) if r.park => self.parking.hold(node.clone(), m),
+                    Ok(r) => {
+                        tracing::info!(source = %name, topic = %m.topic, readings = r.readings.len(), "parked sparkplug data decoded after the birth");
+                        job.release.push(m.id.clone());
+                        self.take(idx, &m.topic, &m.payload, r, m.received_ms, job);
+                    }
+                    Err(e) => self.unpark_dead(m, e.to_string(), now, job),
+                }
+            }
+        }
+        if let Some(node) = &d.death_of {
+            for m in self.parking.take_node(&name, node) {
+                let reason =
+                    "sparkplug: the node died before a birth declared the aliases this data uses";
+                self.unpark_dead(m, reason.into(), now, job);
+            }
+        }
+    }
+
+    fn unpark_dead(&mut self, m: ParkedMsg, reason: String, now: i64, job: &mut Job) {
+        count_dead(&m.source, "unborn");
+        tracing::warn!(source = %m.source, topic = %m.topic, %reason, "parked message dead-lettered");
+        job.dead
+            .push(dead_letter(now, &m.source, &m.topic, reason, &m.payload));
+        job.release.push(m.id);
+    }
+}
+
+fn reasons(problems: &[DecodeError]) -> String {
+    problems
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn count_dead(source: &str, reason: &str) {
+    metrics::counter_add(
+        "meterflow_mqtt_dead_letters_total",
+        &[("source", source), ("reason", reason)],
+        1,
+    );
+}
+
+pub fn dead_letter(
+    now: i64,
+    collector: &str,
+    topic: &str,
+    reason: String,
+    payload: &[u8],
+) -> QuarantineRecord {
+    let (payload, reason) = if payload.len() > MAX_KEPT_PAYLOAD {
+        (
+            payload[..MAX_KEPT_PAYLOAD].to_vec(),
+            format!(
+                "{reason} (payload truncated to {MAX_KEPT_PAYLOAD} of {} bytes)",
+                payload.len()
+            ),
+        )
+    } else {
+        (payload.to_vec(), reason)
+    };
+    QuarantineRecord {
+        received_ms: now,
+        protocol: Protocol::Mqtt,
+        collector: collector.to_string(),
+        address: topic.to_string(),
+        reason,
+        payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::config::{ChannelSpec, Format, SourceConfig, TsFormat, Unmapped};
+    use crate::ingest::decode::Limits;
+    use crate::protocol::sparkplug::{datatype, encode_payload, Metric, MetricValue, Payload};
+    use rumqttc::QoS;
+    use rust_decimal_macros::dec;
+    use std::collections::HashMap;
+
+    const NOW: i64 = 1_763_800_000_000;
+
+    fn decoding(park_secs: u64, park_max: usize) -> Decoding {
+        let src = SourceConfig {
+            name: "spb".into(),
+            filter: "spBv1.0/#".into(),
+            format: Format::Sparkplug,
+            unmapped: Some(Unmapped::Ignore),
+            meters: HashMap::from([("gw1/m1".to_string(), "M1".to_string())]),
+            strict_meters: false,
+            channels: HashMap::from([(
+                "Energy/Import".to_string(),
+                ChannelSpec::Name("import_active_total".into()),
+            )]),
+            exact: false,
+            ts_format: TsFormat::Auto,
+            tz_offset_minutes: 0,
+            map: None,
+        };
+        let d = Decoder::new(&src, Limits::default()).unwrap();
+        Decoding::new(vec![d], park_secs, park_max)
+    }
+
+    fn publish(topic: &str, seq: u64, metrics: Vec<Metric>) -> Publish {
+        let p = encode_payload(&Payload {
+            timestamp: Some((NOW - 60_000) as u64),
+            metrics,
+            seq: Some(seq),
+            uuid: None,
+            body: None,
+        });
+        Publish::new(topic, QoS::AtLeastOnce, p)
+    }
+
+    fn energy(name: Option<&str>, v: f64) -> Metric {
+        Metric {
+            name: name.map(String::from),
+            alias: Some(3),
+            datatype: Some(datatype::DOUBLE),
+            value: Some(MetricValue::DoubleValue(v)),
+            ..Default::default()
+        }
+    }
+
+    fn data_before_birth(d: &mut Decoding) -> Job {
+        let mut stats = IngestStats::default();
+        d.batch(
+            vec![publish(
+                "spBv1.0/g/DDATA/gw1/m1",
+                17,
+                vec![energy(None, 100.5)],
+            )],
+            NOW,
+            &mut stats,
+        )
+    }
+
+    #[test]
+    fn data_before_its_birth_is_parked_then_decoded_when_the_birth_arrives() {
+        let mut d = decoding(300, 10);
+        let job = data_before_birth(&mut d);
+        assert!(job.readings.is_empty() && job.dead.is_empty());
+        assert_eq!(job.park.len(), 1, "parked, durable before its ack");
+        assert_eq!(job.durable.acks.len(), 1);
+        assert_eq!(job.durable.rebirths[0].0, "spBv1.0/g/NCMD/gw1");
+        let parked_id = job.park[0].id.clone();
+
+        let mut stats = IngestStats::default();
+        let births = vec![
+            publish("spBv1.0/g/NBIRTH/gw1", 0, vec![]),
+            publish(
+                "spBv1.0/g/DBIRTH/gw1/m1",
+                1,
+                vec![energy(Some("Energy/Import"), 100.25)],
+            ),
+        ];
+        let job = d.batch(births, NOW + 1000, &mut stats);
+        let values: Vec<_> = job.readings.iter().map(|r| r.value).collect();
+        // The parked (older) data comes first, then the birth's own values.
+        assert_eq!(values, vec![dec!(100.5), dec!(100.25)]);
+        assert_eq!(job.release, vec![parked_id]);
+        assert!(job.dead.is_empty());
+        assert_eq!(d.parked(), 0);
+    }
+
+    #[test]
+    fn parked_data_is_dead_lettered_when_the_node_dies_first() {
+        let mut d = decoding(300, 10);
+        let id = data_before_birth(&mut d).park[0].id.clone();
+        let mut stats = IngestStats::default();
+        let job = d.batch(
+            vec![publish("spBv1.0/g/NDEATH/gw1", 0, vec![])],
+            NOW + 1000,
+            &mut stats,
+        );
+        assert_eq!(job.release, vec![id]);
+        assert_eq!(job.dead.len(), 1);
+        assert!(
+            job.dead[0].reason.contains("node died"),
+            "{}",
+            job.dead[0].reason
+        );
+        assert_eq!(job.dead[0].address, "spBv1.0/g/DDATA/gw1/m1");
+    }
+
+    #[test]
+    fn parked_data_is_dead_lettered_when_no_birth_comes_in_time() {
+        let mut d = decoding(5, 10);
+        data_before_birth(&mut d);
+        let mut job = Job::default();
+        d.expire(NOW + 4_000, &mut job);
+        assert!(job.is_empty(), "still waiting");
+        d.expire(NOW + 6_000, &mut job);
+        assert_eq!(job.dead.len(), 1);
+        assert!(job.dead[0].reason.contains("no birth within 5 s"));
+        assert_eq!(job.release.len(), 1);
+    }
+
+    #[test]
+    fn a_full_park_dead_letters_instead_of_growing() {
+        let mut d = decoding(300, 1);
+        data_before_birth(&mut d);
+        let job = data_before_birth(&mut d);
+        assert!(job.park.is_empty());
+        assert!(job.dead[0].reason.contains("1 messages already wait"));
+    }
+
+    #[test]
+    fn a_restart_asks_parked_nodes_to_rebirth_and_drops_unknown_sources() {
+        let mut d = decoding(300, 10);
+        let keep = ParkedMsg::new("spb", "spBv1.0/g/DDATA/gw1/m1", b"x", NOW);
+        let gone = ParkedMsg::new("old", "spBv1.0/g/DDATA/gw2/m1", b"y", NOW);
+        let job = d.restore(vec![keep, gone.clone()], vec![], NOW);
+        assert_eq!(d.parked(), 1);
+        assert_eq!(job.durable.rebirths.len(), 1);
+        assert_eq!(job.durable.rebirths[0].0, "spBv1.0/g/NCMD/gw1");
+        assert_eq!(job.release, vec![gone.id]);
+        assert!(job.dead[0].reason.contains("no longer configured"));
+    }
+}
