@@ -491,9 +491,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// How a test broker authenticates clients.
+enum ClientAuth<'a> {
+    /// Username and password over TLS.
+    Password { user: &'a str, password: &'a str },
+    /// A client certificate signed by the test CA (`client.pem`, `client.key`).
+    Certificate,
+}
+
 /// Starts the broker, or None (skip) when mosquitto / openssl are missing
 /// and MQTT_URL is not set; with MQTT_URL set (CI) missing tools fail.
-fn tls_broker(dir: &Path, user: &str, password: &str) -> Option<TlsBroker> {
+fn tls_broker(dir: &Path, auth: ClientAuth) -> Option<TlsBroker> {
     for bin in ["mosquitto", "mosquitto_passwd", "openssl"] {
         if !have(bin) {
             assert!(
@@ -559,19 +567,69 @@ fn tls_broker(dir: &Path, user: &str, password: &str) -> Option<TlsBroker> {
         "-out",
         "server.pem",
     ]));
-    run(Command::new("mosquitto_passwd").args([
-        "-b",
-        "-c",
-        p("passwd").to_str().unwrap(),
-        user,
-        password,
-    ]));
+    let client_auth = match auth {
+        ClientAuth::Password { user, password } => {
+            run(Command::new("mosquitto_passwd").args([
+                "-b",
+                "-c",
+                p("passwd").to_str().unwrap(),
+                user,
+                password,
+            ]));
+            format!(
+                "allow_anonymous false\npassword_file {}\n",
+                p("passwd").display()
+            )
+        }
+        ClientAuth::Certificate => {
+            run(ossl().args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=meterflow-client",
+                "-keyout",
+                "client.key",
+                "-out",
+                "client.csr",
+            ]));
+            std::fs::write(
+                p("client.cnf"),
+                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+            )
+            .unwrap();
+            run(ossl().args([
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "client.cnf",
+                "-out",
+                "client.pem",
+            ]));
+            "allow_anonymous false\n".to_string()
+        }
+    };
+    // Listener options follow their `listener` line; before it they would open port 1883.
+    let listener_auth = match auth {
+        // The certificate is the only credential: its CN becomes the username.
+        ClientAuth::Certificate => "require_certificate true\nuse_identity_as_username true\n",
+        ClientAuth::Password { .. } => "",
+    };
     let port = free_port();
     std::fs::write(
         p("mosquitto.conf"),
         format!(
-            "user root\npersistence false\nper_listener_settings false\nallow_anonymous false\npassword_file {}\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            p("passwd").display(),
+            "user root\npersistence false\nper_listener_settings false\n{client_auth}listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{listener_auth}",
             p("ca.pem").display(),
             p("server.pem").display(),
             p("server.key").display()
@@ -603,11 +661,38 @@ fn tls_broker(dir: &Path, user: &str, password: &str) -> Option<TlsBroker> {
     Some(broker)
 }
 
+/// Sends `rs` through a new uplink; true when the broker acknowledged all of it within `secs`.
+async fn uplink_delivers(
+    mqtt: MqttConfig,
+    topic: &str,
+    spool: &Path,
+    rs: &[Reading],
+    secs: u64,
+) -> bool {
+    let uplink = Uplink::start(UplinkConfig::new(
+        mqtt,
+        topic,
+        "sub-tls",
+        spool.to_path_buf(),
+    ))
+    .unwrap();
+    uplink.send(rs.to_vec()).unwrap();
+    let drained = uplink.drain(Duration::from_secs(secs)).await;
+    uplink.shutdown().await;
+    drained
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_and_uplink_over_tls_with_password_auth() {
     let dir = tempfile::tempdir().unwrap();
     let password = "s3cret-for-the-test";
-    let Some(broker) = tls_broker(dir.path(), "mf", password) else {
+    let Some(broker) = tls_broker(
+        dir.path(),
+        ClientAuth::Password {
+            user: "mf",
+            password,
+        },
+    ) else {
         return;
     };
     let url = format!("mqtts://127.0.0.1:{}", broker.port);
@@ -627,13 +712,6 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     mqtt.username = Some("mf".into());
     mqtt.password_env = Some(env.into());
     mqtt.ca_file = Some(broker.ca.clone());
-    let cfg = UplinkConfig::new(
-        mqtt.clone(),
-        "secure/readings",
-        "sub-tls",
-        dir.path().join("spool"),
-    );
-    let uplink = Uplink::start(cfg).unwrap();
     let rs = vec![
         reading(
             "TLS1",
@@ -648,14 +726,19 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
             dec!(0.0001),
         ),
     ];
-    uplink.send(rs.clone()).unwrap();
     assert!(
-        uplink.drain(Duration::from_secs(30)).await,
+        uplink_delivers(
+            mqtt.clone(),
+            "secure/readings",
+            &dir.path().join("spool"),
+            &rs,
+            30
+        )
+        .await,
         "uplink over TLS did not drain"
     );
     let got = wait_for_readings(&lake, rs.len(), 30).await;
     assert_eq!(values(&got), values(&rs));
-    uplink.shutdown().await;
 
     // A wrong password is refused by the broker: nothing is acknowledged.
     std::fs::write(dir.path().join("wrong"), "nope\n").unwrap();
@@ -663,16 +746,65 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     bad.client_id = "tls-uplink-bad".into();
     bad.password_env = None;
     bad.password_file = Some(dir.path().join("wrong"));
-    let uplink = Uplink::start(UplinkConfig::new(
-        bad,
-        "secure/readings",
-        "sub-tls",
-        dir.path().join("spool-bad"),
-    ))
-    .unwrap();
-    uplink.send(rs[..1].to_vec()).unwrap();
-    assert!(!uplink.drain(Duration::from_secs(2)).await);
-    uplink.shutdown().await;
+    assert!(
+        !uplink_delivers(
+            bad,
+            "secure/readings",
+            &dir.path().join("spool-bad"),
+            &rs[..1],
+            2
+        )
+        .await
+    );
+    ingest.stop().await;
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_and_uplink_over_mutual_tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(broker) = tls_broker(dir.path(), ClientAuth::Certificate) else {
+        return;
+    };
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    // Relative paths resolve against the config file's directory.
+    let lake = dir.path().join("lake");
+    let text = format!(
+        "[mqtt]\nurl = \"{url}\"\nclient_id = \"mtls-ingest\"\nkeepalive_secs = 5\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n[ingest]\nflush_secs = 1\n[[source]]\nname = \"c\"\nfilter = \"mtls/#\"\nformat = \"canonical\"\n"
+    );
+    let ingest = start_ingest(&text, dir.path(), &lake).await;
+
+    let mut mqtt = MqttConfig::new(&url, "mtls-uplink");
+    mqtt.ca_file = Some(broker.ca.clone());
+    mqtt.client_cert_file = Some(dir.path().join("client.pem"));
+    mqtt.client_key_file = Some(dir.path().join("client.key"));
+    let rs = vec![reading(
+        "MTLS1",
+        Channel::ImportActiveTotal,
+        now_ms() - 5000,
+        dec!(7.0007),
+    )];
+    assert!(
+        uplink_delivers(
+            mqtt.clone(),
+            "mtls/readings",
+            &dir.path().join("spool"),
+            &rs,
+            30
+        )
+        .await,
+        "uplink over mutual TLS did not drain"
+    );
+    let got = wait_for_readings(&lake, rs.len(), 30).await;
+    assert_eq!(values(&got), values(&rs));
+
+    // Without a client certificate the broker refuses the handshake.
+    let mut anonymous = mqtt;
+    anonymous.client_id = "mtls-uplink-anonymous".into();
+    anonymous.client_cert_file = None;
+    anonymous.client_key_file = None;
+    let spool = dir.path().join("spool-anonymous");
+    assert!(!uplink_delivers(anonymous, "mtls/readings", &spool, &rs, 2).await);
     ingest.stop().await;
     drop(broker);
 }
