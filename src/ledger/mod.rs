@@ -171,6 +171,11 @@ pub struct TouCursor {
     /// T1..T4 of the held jump (with `Cursor::held`).
     #[serde(default)]
     pub held: Option<[Decimal; 4]>,
+    /// Interval cursors (`import_active_interval`): the 15-minute slots of
+    /// the window already charged, as sorted disjoint ranges `[from, to)`
+    /// of slot numbers since `window_start_ms`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intervals: Vec<(u32, u32)>,
 }
 
 impl TouCursor {

@@ -27,7 +27,7 @@
 
 use rust_decimal::Decimal;
 
-use super::pricing::{PriceError, Pricer};
+use super::pricing::{Charge, PriceError, Pricer};
 use crate::ledger::{Cursor, EntryKind, NewEntry, TouCursor};
 use crate::master::{Account, Meter};
 use crate::tariff::price::Usage;
@@ -144,7 +144,7 @@ pub fn step(
     if tou && regs.is_none() {
         return Ok(Step::Incomplete);
     }
-    let Some(c) = cursor.filter(|c| !tou || c.tou.is_some()) else {
+    let Some(c) = cursor.filter(|c| c.channel == CHANNEL && (!tou || c.tou.is_some())) else {
         // First reading (or the first with registers after a change to a
         // time-of-use tariff): the base of the next step.
         let w = pricer.window(account, ts_ms)?;
@@ -163,6 +163,7 @@ pub fn step(
                 first: r,
                 periods: vec![Decimal::ZERO; MAX_PERIODS],
                 held: None,
+                intervals: Vec::new(),
             }),
         }));
     };
@@ -244,6 +245,26 @@ fn period_deltas(
     Some(out)
 }
 
+/// The ledger entry of a priced step; None for a zero charge.
+pub(crate) fn deduction(
+    account: &Account,
+    key: String,
+    ts_ms: i64,
+    charge: &Charge,
+    source: &str,
+    detail: impl FnOnce() -> String,
+) -> Option<NewEntry> {
+    (!charge.amount.is_zero()).then(|| NewEntry {
+        key,
+        account_id: account.account_id.clone(),
+        kind: EntryKind::Deduction,
+        amount: -charge.amount,
+        ts_ms,
+        source: source.to_string(),
+        detail: detail(),
+    })
+}
+
 fn entry_detail(
     meter: &Meter,
     kwh: Decimal,
@@ -321,24 +342,23 @@ fn advance(
             first: if same_window { t.first } else { t.last },
             periods: after.periods.to_vec(),
             held: None,
+            intervals: Vec::new(),
         }
     });
     let charge = pricer.charge(account, &w, ts_ms, &before, &after)?;
-    let entry: Vec<NewEntry> = (!charge.amount.is_zero())
-        .then(|| NewEntry {
-            key: format!(
-                "ded:{}:{}:{}:{}:{}",
-                account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version
-            ),
-            account_id: account.account_id.clone(),
-            kind: EntryKind::Deduction,
-            amount: -charge.amount,
-            ts_ms,
-            source: source.to_string(),
-            detail: entry_detail(meter, kwh, &before, &after, &charge.version, None),
-        })
-        .into_iter()
-        .collect();
+    let entry: Vec<NewEntry> = deduction(
+        account,
+        format!(
+            "ded:{}:{}:{}:{}:{}",
+            account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version
+        ),
+        ts_ms,
+        &charge,
+        source,
+        || entry_detail(meter, kwh, &before, &after, &charge.version, None),
+    )
+    .into_iter()
+    .collect();
     let next = Cursor {
         meter_id: meter.meter_id.clone(),
         channel: CHANNEL.into(),
@@ -400,18 +420,17 @@ fn prepend(
         _ => c.tou.clone(),
     };
     let charge = pricer.charge(account, &w, c.first_ts_ms, &before, &after)?;
-    let entry = (!charge.amount.is_zero()).then(|| NewEntry {
-        key: format!(
+    let entry = deduction(
+        account,
+        format!(
             "ded:{}:{}:{}:{}:from:{}:{}",
             account.account_id, meter.meter_id, CHANNEL, c.first_ts_ms, ts_ms, charge.version
         ),
-        account_id: account.account_id.clone(),
-        kind: EntryKind::Deduction,
-        amount: -charge.amount,
-        ts_ms: c.first_ts_ms,
-        source: source.to_string(),
-        detail: entry_detail(meter, kwh, &before, &after, &charge.version, Some(ts_ms)),
-    });
+        c.first_ts_ms,
+        &charge,
+        source,
+        || entry_detail(meter, kwh, &before, &after, &charge.version, Some(ts_ms)),
+    );
     let next = Cursor {
         position: after.total,
         first_ts_ms: ts_ms,
@@ -423,7 +442,7 @@ fn prepend(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::prepay::pricing::{Charge, Window};
     use rust_decimal_macros::dec;
@@ -454,7 +473,7 @@ mod tests {
         }
     }
 
-    fn meter() -> Meter {
+    pub(crate) fn meter() -> Meter {
         Meter {
             meter_id: "M1".into(),
             account_id: "A1".into(),

@@ -23,8 +23,10 @@ pub enum PriceError {
     UnknownTariff(String),
     #[error("tariff '{tariff}' has no version on {date}")]
     NoVersion { tariff: String, date: NaiveDate },
-    #[error("tariff '{0}' is time-of-use without a tariff-register map: prepaid deductions price TOU from the meter's registers T1..T4")]
+    #[error("tariff '{0}' is time-of-use without a tariff-register map: its prepaid deductions come from 15-minute interval readings (import_active_interval), not from register T1..T4 snapshots")]
     Unsupported(String),
+    #[error("tariff '{tariff}': {reason}")]
+    Calendar { tariff: String, reason: String },
 }
 
 /// An accumulation window `[start_ms, end_ms)` and its effective tier limits.
@@ -66,6 +68,16 @@ pub trait Pricer {
         _end_ms: i64,
     ) -> Result<Option<[Option<u8>; 4]>, PriceError> {
         Ok(None)
+    }
+    /// True when the tariff in effect for the interval ending at `end_ms`
+    /// prices by time of use but maps no tariff registers: deductions then
+    /// come from interval readings, each assigned to its TOU period.
+    fn intervals(&self, _account: &Account, _end_ms: i64) -> Result<bool, PriceError> {
+        Ok(false)
+    }
+    /// The TOU period index of the instant `start_ms` (an interval's start).
+    fn period_at(&self, _account: &Account, _start_ms: i64) -> Result<usize, PriceError> {
+        Ok(0)
     }
 }
 
@@ -195,6 +207,32 @@ impl Pricer for TariffPricer {
         end_ms: i64,
     ) -> Result<Option<[Option<u8>; 4]>, PriceError> {
         self.tou_registers(account, end_ms)
+    }
+
+    fn intervals(&self, account: &Account, end_ms: i64) -> Result<bool, PriceError> {
+        match self.tou_registers(account, end_ms) {
+            Err(PriceError::Unsupported(_)) => Ok(true),
+            other => other.map(|_| false),
+        }
+    }
+
+    fn period_at(&self, account: &Account, start_ms: i64) -> Result<usize, PriceError> {
+        let t = self.tariff(&account.tariff_id)?;
+        let (date, minute) = local_date_minute(start_ms, t.utc_offset_secs);
+        let v = t.version_on(date).map_err(|_| PriceError::NoVersion {
+            tariff: t.id.clone(),
+            date,
+        })?;
+        match &v.tou {
+            Some(tou) => tou
+                .period_at(date, minute)
+                .map(usize::from)
+                .map_err(|reason| PriceError::Calendar {
+                    tariff: t.id.clone(),
+                    reason,
+                }),
+            None => Ok(0),
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use rust_decimal::Decimal;
 use super::alerts::{self, Thresholds};
 use super::control::Control;
 use super::deduct::{self, Regs, Step, CHANNEL};
+use super::interval;
 use super::pricing::{local_date_minute, Pricer};
 use super::PrepayError;
 use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
@@ -185,21 +186,39 @@ impl RunStats {
 /// (only for meters on time-of-use tariffs, when all four were read then).
 pub type RegisterReading = (i64, Decimal, Option<Regs>);
 
-/// Meters whose account's tariff prices by time of use at `ts_ms`.
+/// Meters whose account's tariff prices by time of use at `ts_ms` from
+/// tariff registers T1..T4.
 pub fn tou_meters(pricer: &dyn Pricer, fleet: &Fleet, ts_ms: i64) -> HashSet<String> {
+    meters_where(fleet, |a| {
+        pricer
+            .registers(a, ts_ms)
+            .map(|r| r.is_some())
+            .unwrap_or(false)
+    })
+}
+
+/// Meters whose account's tariff prices by time of use at `ts_ms` without
+/// a register map: they are deducted from interval readings.
+pub fn interval_meters(pricer: &dyn Pricer, fleet: &Fleet, ts_ms: i64) -> HashSet<String> {
+    meters_where(fleet, |a| pricer.intervals(a, ts_ms).unwrap_or(false))
+}
+
+fn meters_where(fleet: &Fleet, pick: impl Fn(&Account) -> bool) -> HashSet<String> {
     fleet
         .meters
         .values()
-        .filter(|m| {
-            fleet.accounts.get(&m.account_id).is_some_and(|a| {
-                pricer
-                    .registers(a, ts_ms)
-                    .map(|r| r.is_some())
-                    .unwrap_or(false)
-            })
-        })
+        .filter(|m| fleet.accounts.get(&m.account_id).is_some_and(&pick))
         .map(|m| m.meter_id.clone())
         .collect()
+}
+
+/// The channel whose readings deduct for this meter, and its cursor's channel.
+pub fn deduct_channel(intervals: &HashSet<String>, meter_id: &str) -> &'static str {
+    if intervals.contains(meter_id) {
+        interval::CHANNEL
+    } else {
+        CHANNEL
+    }
 }
 
 /// Tariff register index (0..4) of a channel.
@@ -229,11 +248,13 @@ pub fn join_registers(
         .collect()
 }
 
-/// Register readings per prepaid meter, sorted by time, from the lake.
+/// Register readings per prepaid meter, sorted by time, from the lake; for
+/// the meters in `intervals`, their interval readings instead (value = kWh).
 pub fn load_register_readings(
     lake: &Path,
     fleet: &Fleet,
     pricer: &dyn Pricer,
+    intervals: &HashSet<String>,
     from: NaiveDate,
     through_ms: i64,
 ) -> Result<HashMap<String, Vec<RegisterReading>>, PrepayError> {
@@ -243,6 +264,7 @@ pub fn load_register_readings(
     let (to, _) = local_date_minute(through_ms, 0);
     let mut out: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
     let want = Channel::ImportActiveTotal.as_str();
+    let want_interval = Channel::ImportActiveInterval.as_str();
     for (_, path) in crate::store::reader::list_files(lake, "readings", from, to)? {
         let cols = [
             "meter_id",
@@ -259,7 +281,16 @@ pub fn load_register_readings(
             let v = ReadingsView::new(&batch)?;
             for i in 0..v.len() {
                 let channel = v.channel.value(i);
+                let by_interval = !intervals.is_empty() && intervals.contains(v.meter_id.value(i));
                 let reg = if channel == want {
+                    if by_interval {
+                        continue;
+                    }
+                    None
+                } else if channel == want_interval {
+                    if !by_interval {
+                        continue;
+                    }
                     None
                 } else if tou.is_empty() {
                     continue;
@@ -311,13 +342,17 @@ pub fn load_register_readings(
         .collect())
 }
 
-/// Steps one meter's readings from `cursor`; returns entries and the last cursor.
+/// Steps one meter's readings from `cursor`; returns entries and the last
+/// cursor. `by_interval`: the readings are interval readings (see
+/// [`interval_meters`]), else register readings.
+#[allow(clippy::too_many_arguments)]
 pub fn deduct_meter(
     pricer: &dyn Pricer,
     fleet: &Fleet,
     meter_id: &str,
     cursor: Option<Cursor>,
     readings: &[RegisterReading],
+    by_interval: bool,
     source: &str,
     stats: &mut RunStats,
 ) -> (Vec<crate::ledger::NewEntry>, Option<Cursor>) {
@@ -331,16 +366,21 @@ pub fn deduct_meter(
     let mut entries = Vec::new();
     for (ts, value, regs) in readings {
         stats.readings += 1;
-        match deduct::step(
-            pricer,
-            account,
-            meter,
-            cur.as_ref(),
-            *ts,
-            *value,
-            *regs,
-            source,
-        ) {
+        let step = if by_interval {
+            interval::step(pricer, account, meter, cur.as_ref(), *ts, *value, source)
+        } else {
+            deduct::step(
+                pricer,
+                account,
+                meter,
+                cur.as_ref(),
+                *ts,
+                *value,
+                *regs,
+                source,
+            )
+        };
+        match step {
             Ok(Step::Baseline(c)) => cur = Some(c),
             Ok(Step::Deduct(e, c)) => {
                 entries.extend(e);
@@ -471,11 +511,19 @@ pub fn run_batch(
     opts: &RunOptions<'_>,
 ) -> Result<RunStats, PrepayError> {
     let mut stats = RunStats::default();
-    let readings = load_register_readings(opts.lake, fleet, pricer, opts.from, opts.through_ms)?;
+    let intervals = interval_meters(pricer, fleet, opts.through_ms);
+    let readings = load_register_readings(
+        opts.lake,
+        fleet,
+        pricer,
+        &intervals,
+        opts.from,
+        opts.through_ms,
+    )?;
     let mut cursors: HashMap<String, Cursor> = ledger
         .cursors()?
         .into_iter()
-        .filter(|c| c.channel == CHANNEL)
+        .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
         .map(|c| (c.meter_id.clone(), c))
         .collect();
     let mut meters: Vec<&String> = readings.keys().collect();
@@ -491,7 +539,7 @@ pub fn run_batch(
                 let before = cursors.get(*m).cloned();
                 batch.expect.push((
                     (*m).clone(),
-                    CHANNEL.into(),
+                    deduct_channel(&intervals, m).into(),
                     before.as_ref().map(Cursor::stamp),
                 ));
                 let (entries, cur) = deduct_meter(
@@ -500,6 +548,7 @@ pub fn run_batch(
                     m,
                     before.clone(),
                     &readings[*m],
+                    intervals.contains(*m),
                     "prepay-run",
                     &mut local,
                 );
@@ -527,7 +576,7 @@ pub fn run_batch(
                     ));
                 }
                 for m in chunk {
-                    match ledger.cursor(m, CHANNEL)? {
+                    match ledger.cursor(m, deduct_channel(&intervals, m))? {
                         Some(c) => cursors.insert((*m).clone(), c),
                         None => cursors.remove(*m),
                     };

@@ -21,11 +21,10 @@ use serde::Deserialize;
 
 use super::alerts::Thresholds;
 use super::control::{dispatch, Control, RelayDispatch};
-use super::deduct::CHANNEL;
 use super::pricing::{Pricer, TariffPricer};
 use super::run::{
-    deduct_meter, join_registers, note_spend, tariff_register, tou_meters, Fleet, PrepayHook,
-    RegisterReading, RunStats,
+    deduct_channel, deduct_meter, interval_meters, join_registers, note_spend, tariff_register,
+    tou_meters, Fleet, PrepayHook, RegisterReading, RunStats,
 };
 use super::sinks::{deliver, Sinks};
 use super::{line_of, PrepayError};
@@ -243,15 +242,16 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     }
     let mut relay_orders_seen = 0;
 
+    let tou = tou_meters(&pricer, &fleet, crate::model::now_ms());
+    let intervals = interval_meters(&pricer, &fleet, crate::model::now_ms());
     let mut cursors: HashMap<String, Cursor> = ledger
         .cursors()?
         .into_iter()
-        .filter(|c| c.channel == CHANNEL)
+        .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
         .map(|c| (c.meter_id.clone(), c))
         .collect();
     let mut stats = RunStats::default();
     let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
-    let tou = tou_meters(&pricer, &fleet, crate::model::now_ms());
     let mut last_message = Instant::now();
     let mut pending: Vec<Publish> = Vec::new();
     let mut batch_started = Instant::now();
@@ -294,7 +294,10 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 lake.as_mut(),
                 &mut cursors,
                 &mut meter_spend,
-                &tou,
+                &Routing {
+                    tou: &tou,
+                    intervals: &intervals,
+                },
                 &mut stats,
             )?;
             // Acknowledge only now: the ledger transaction has committed.
@@ -340,6 +343,12 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     }
 }
 
+/// Which meters deduct from tariff registers T1..T4 and which from intervals.
+struct Routing<'a> {
+    tou: &'a HashSet<String>,
+    intervals: &'a HashSet<String>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn process(
     pending: &mut [Publish],
@@ -351,9 +360,10 @@ fn process(
     lake: Option<&mut crate::store::Lake>,
     cursors: &mut HashMap<String, Cursor>,
     meter_spend: &mut HashMap<String, Decimal>,
-    tou: &HashSet<String>,
+    routing: &Routing<'_>,
     stats: &mut RunStats,
 ) -> Result<(), PrepayError> {
+    let (tou, intervals) = (routing.tou, routing.intervals);
     let now = crate::model::now_ms();
     let mut by_meter: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
     let mut regs: HashMap<String, HashMap<i64, [Option<Decimal>; 4]>> = HashMap::new();
@@ -366,7 +376,13 @@ fn process(
                     if !fleet.meters.contains_key(&r.meter_id) {
                         continue;
                     }
-                    if r.channel == Channel::ImportActiveTotal {
+                    // Interval-priced meters deduct from intervals, the others from the total register.
+                    let wanted = if intervals.contains(&r.meter_id) {
+                        Channel::ImportActiveInterval
+                    } else {
+                        Channel::ImportActiveTotal
+                    };
+                    if r.channel == wanted {
                         by_meter
                             .entry(r.meter_id)
                             .or_default()
@@ -428,7 +444,7 @@ fn process(
             let before = cursors.get(m).cloned();
             batch.expect.push((
                 m.clone(),
-                CHANNEL.into(),
+                deduct_channel(intervals, m).into(),
                 before.as_ref().map(Cursor::stamp),
             ));
             let (entries, cur) = deduct_meter(
@@ -437,6 +453,7 @@ fn process(
                 m,
                 before.clone(),
                 &by_meter[m],
+                intervals.contains(m),
                 "stream",
                 &mut local,
             );
@@ -463,7 +480,7 @@ fn process(
                 ));
             }
             for m in &meters {
-                match ledger.cursor(m, CHANNEL)? {
+                match ledger.cursor(m, deduct_channel(intervals, m))? {
                     Some(c) => cursors.insert(m.clone(), c),
                     None => cursors.remove(m),
                 };

@@ -1190,13 +1190,13 @@ fn execute_needs_the_collectors_config_and_leaves_unanswered_orders_pending() {
 
 // ---------- time-of-use prepaid accounts ----------
 
-#[test]
-fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+// ---------- time of use ----------
+
+/// Two prepaid commercial accounts on the Guangdong TOU tariff; the second
+/// meter is behind a 2:1 current transformer.
+fn tou_master(root: &Path) -> PathBuf {
     let master = root.join("master");
     std::fs::create_dir_all(&master).unwrap();
-    // Two prepaid commercial accounts on the Guangdong TOU tariff (funds per kWh on the total).
     std::fs::write(
         master.join("accounts.csv"),
         "account_id,customer_class,tariff_id,payment_mode\nT00000,commercial,gd-tou-commercial,prepaid\nT00001,commercial,gd-tou-commercial,prepaid\n",
@@ -1211,6 +1211,92 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
         ),
     )
     .unwrap();
+    master
+}
+
+/// A simulated reading of meter `i`, value in hundredths.
+fn sim_reading(i: usize, ts: i64, channel: Channel, hundredths: i64) -> Reading {
+    Reading {
+        meter_id: meter_id(i),
+        ts_ms: ts,
+        channel,
+        value: Decimal::new(hundredths, 2),
+        quality: Quality::OK,
+        source: Source {
+            protocol: Protocol::Sim,
+            collector: "t".into(),
+            address: "t".into(),
+        },
+        received_ms: ts,
+    }
+}
+
+fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
+    let lake = root.join("lake");
+    let mut l =
+        meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions::new("t")).unwrap();
+    l.accept(readings).unwrap();
+    l.flush().unwrap();
+    lake
+}
+
+/// One `prepay run` through `through_ms` over the TOU fixture, one meter per transaction.
+fn tou_run(
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    url: &str,
+    through_ms: i64,
+) -> meterflow::prepay::run::RunStats {
+    let mut l = ledger::open_migrated(url).unwrap();
+    let fleet = Fleet::load(master).unwrap();
+    let pricer = TariffPricer::new(meterflow::tariff::load_dir(tariffs).unwrap());
+    let th = Thresholds::builtin();
+    let mut hook = PrepayHook {
+        thresholds: &th,
+        control: None,
+        fleet: &fleet,
+        daily_spend: HashMap::new(),
+        now_ms: None,
+    };
+    let opts = RunOptions {
+        lake,
+        from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
+        through_ms,
+        chunk: 1,
+        evaluate_all: false,
+    };
+    run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
+}
+
+/// The October bill run of the fixture; each account's balance must be minus its bill.
+fn bill_october(
+    root: &Path,
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    url: &str,
+) -> BTreeMap<String, Decimal> {
+    let summary = meterflow::billing::run::bill_run(&meterflow::billing::run::BillRunOptions::new(
+        lake,
+        master,
+        tariffs,
+        "2026-10",
+        root.join("bills"),
+    ))
+    .unwrap();
+    assert_eq!((summary.bills, summary.exceptions), (2, 0), "{summary:?}");
+    let balances = ledger_balances(url);
+    let deducted: Decimal = balances.values().map(|b| -*b).sum();
+    assert_eq!(deducted, summary.total_amount);
+    balances
+}
+
+#[test]
+fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let master = tou_master(root);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut all = Vec::new();
     for i in 0..2 {
@@ -1223,21 +1309,7 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
             }
             let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
             let total: i64 = regs.iter().sum();
-            let mut push = |channel, v: i64| {
-                all.push(Reading {
-                    meter_id: meter_id(i),
-                    ts_ms: ts,
-                    channel,
-                    value: Decimal::new(v, 2),
-                    quality: Quality::OK,
-                    source: Source {
-                        protocol: Protocol::Sim,
-                        collector: "t".into(),
-                        address: "t".into(),
-                    },
-                    received_ms: ts,
-                })
-            };
+            let mut push = |channel, v: i64| all.push(sim_reading(i, ts, channel, v));
             push(Channel::ImportActiveTotal, total);
             push(Channel::ImportActiveT1, regs[0]);
             push(Channel::ImportActiveT2, regs[1]);
@@ -1245,41 +1317,11 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
             push(Channel::ImportActiveT4, regs[3]);
         }
     }
-    let lake = root.join("lake");
-    let mut l = meterflow::store::Lake::open(
-        &lake,
-        meterflow::store::LakeOptions {
-            writer_id: "t".into(),
-            spool_dir: None,
-        },
-    )
-    .unwrap();
-    l.accept(&all).unwrap();
-    l.flush().unwrap();
+    let lake = write_lake(root, &all);
     let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
 
     let url = sqlite_url(root);
-    let run = |through_ms: i64| {
-        let mut l = ledger::open_migrated(&url).unwrap();
-        let fleet = Fleet::load(&master).unwrap();
-        let pricer = TariffPricer::new(meterflow::tariff::load_dir(&tariffs).unwrap());
-        let th = Thresholds::builtin();
-        let mut hook = PrepayHook {
-            thresholds: &th,
-            control: None,
-            fleet: &fleet,
-            daily_spend: HashMap::new(),
-            now_ms: None,
-        };
-        let opts = RunOptions {
-            lake: &lake,
-            from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
-            through_ms,
-            chunk: 1,
-            evaluate_all: false,
-        };
-        run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
-    };
+    let run = |through_ms| tou_run(&lake, &master, &tariffs, &url, through_ms);
     // Mid-month, then month end: daily deductions priced per TOU period.
     let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY);
     assert_eq!(
@@ -1292,15 +1334,7 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
     assert_eq!(run(OCT1_LOCAL_MIDNIGHT + 31 * DAY).deductions, 0);
 
     // The bill run of October over the same lake: each account's deductions sum to its bill, to the fen.
-    let out = root.join("bills");
-    let summary = meterflow::billing::run::bill_run(&meterflow::billing::run::BillRunOptions::new(
-        &lake, &master, &tariffs, "2026-10", &out,
-    ))
-    .unwrap();
-    assert_eq!((summary.bills, summary.exceptions), (2, 0), "{summary:?}");
-    let balances = ledger_balances(&url);
-    let deducted: Decimal = balances.values().map(|b| -*b).sum();
-    assert_eq!(deducted, summary.total_amount);
+    let balances = bill_october(root, &lake, &master, &tariffs, &url);
     // Per account, against the tariff engine on the month's register deltas.
     let set = meterflow::tariff::load_dir(&tariffs).unwrap();
     let v = set
@@ -1336,6 +1370,74 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
         let bill = total(&energy_charge(v, &[], &Usage::default(), &u));
         assert_eq!(balances[&format!("T0000{i}")], -bill, "account T0000{i}");
     }
+}
+
+#[test]
+fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The Guangdong TOU tariff without its register map: these meters have no T1..T4.
+    let tariffs = root.join("tariffs");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
+    std::fs::create_dir_all(tariffs.join("calendars")).unwrap();
+    for f in std::fs::read_dir(sample.join("calendars")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tariffs.join("calendars").join(f.file_name().unwrap())).unwrap();
+    }
+    let gd = std::fs::read_to_string(sample.join("gd-tou-commercial.toml")).unwrap();
+    let gd: String = gd
+        .lines()
+        .filter(|l| !l.starts_with("registers"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(tariffs.join("gd-tou-commercial.toml"), gd).unwrap();
+
+    let master = tou_master(root);
+    // 15-minute intervals for October, and the daily total register they add up to.
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut all = Vec::new();
+    let quarter = 900_000;
+    for i in 0..2 {
+        let mut register = rng.gen_range(0..1_000_000i64);
+        all.push(sim_reading(
+            i,
+            OCT1_LOCAL_MIDNIGHT,
+            Channel::ImportActiveTotal,
+            register,
+        ));
+        for q in 1..=31 * 96 {
+            let kwh = rng.gen_range(0..60); // 0..0.6 kWh a quarter hour
+            register += kwh;
+            let ts = OCT1_LOCAL_MIDNIGHT + q * quarter;
+            all.push(sim_reading(i, ts, Channel::ImportActiveInterval, kwh));
+            if q % 96 == 0 {
+                all.push(sim_reading(i, ts, Channel::ImportActiveTotal, register));
+            }
+        }
+    }
+    let lake = write_lake(root, &all);
+
+    let url = sqlite_url(root);
+    let run = |through_ms| tou_run(&lake, &master, &tariffs, &url, through_ms);
+    let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY + 7 * quarter);
+    assert_eq!((s1.unpriced, s1.incomplete), (0, 0), "{s1:?}");
+    assert!(s1.deductions > 2000, "{s1:?}");
+    let s2 = run(OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    assert_eq!((s2.unpriced, s2.incomplete), (0, 0), "{s2:?}");
+    assert_eq!(
+        run(OCT1_LOCAL_MIDNIGHT + 31 * DAY).deductions,
+        0,
+        "a re-run changes nothing"
+    );
+    // Every deduction names its interval and TOU period.
+    let mut l = ledger::open_migrated(&url).unwrap();
+    let first = l.entries(Some("T00000"), 0, 1).unwrap();
+    assert!(first[0].entry.key.contains(":import_active_interval:"));
+    assert!(first[0].entry.detail.contains("\"period\":"));
+
+    // The bill run prices the same intervals into the same periods: equal to the fen.
+    let balances = bill_october(root, &lake, &master, &tariffs, &url);
+    assert!(balances.values().all(|b| *b < Decimal::ZERO));
 }
 
 // ---------- two writers and a held jump ----------
