@@ -402,25 +402,7 @@ fn prepay_run_args(f: &Fixture, url: &str, through: &str, chunk: usize) -> Vec<S
 }
 
 fn run_lib(f: &Fixture, url: &str, through_ms: i64) -> meterflow::prepay::run::RunStats {
-    let mut l = ledger::open_migrated(url).unwrap();
-    let fleet = Fleet::load(&f.master).unwrap();
-    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
-    let th = Thresholds::builtin();
-    let mut hook = PrepayHook {
-        thresholds: &th,
-        control: None,
-        fleet: &fleet,
-        daily_spend: HashMap::new(),
-        now_ms: None,
-    };
-    let opts = RunOptions {
-        lake: &f.lake,
-        from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
-        through_ms,
-        chunk: 7,
-        evaluate_all: true,
-    };
-    run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
+    batch_run(&f.lake, &f.master, &f.tariffs, url, through_ms, 7, true)
 }
 
 #[test]
@@ -1240,13 +1222,16 @@ fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
     lake
 }
 
-/// One `prepay run` through `through_ms` over the TOU fixture, one meter per transaction.
-fn tou_run(
+/// One `prepay run` (the library call) through `through_ms`, `chunk` meters
+/// per transaction; `evaluate_all` re-checks every account's alerts at the end.
+fn batch_run(
     lake: &Path,
     master: &Path,
     tariffs: &Path,
     url: &str,
     through_ms: i64,
+    chunk: usize,
+    evaluate_all: bool,
 ) -> meterflow::prepay::run::RunStats {
     let mut l = ledger::open_migrated(url).unwrap();
     let fleet = Fleet::load(master).unwrap();
@@ -1263,8 +1248,8 @@ fn tou_run(
         lake,
         from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
         through_ms,
-        chunk: 1,
-        evaluate_all: false,
+        chunk,
+        evaluate_all,
     };
     run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
 }
@@ -1321,7 +1306,7 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
     let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
 
     let url = sqlite_url(root);
-    let run = |through_ms| tou_run(&lake, &master, &tariffs, &url, through_ms);
+    let run = |through_ms| batch_run(&lake, &master, &tariffs, &url, through_ms, 1, false);
     // Mid-month, then month end: daily deductions priced per TOU period.
     let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY);
     assert_eq!(
@@ -1418,7 +1403,7 @@ fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run()
     let lake = write_lake(root, &all);
 
     let url = sqlite_url(root);
-    let run = |through_ms| tou_run(&lake, &master, &tariffs, &url, through_ms);
+    let run = |through_ms| batch_run(&lake, &master, &tariffs, &url, through_ms, 1, false);
     let s1 = run(OCT1_LOCAL_MIDNIGHT + 12 * DAY + 7 * quarter);
     assert_eq!((s1.unpriced, s1.incomplete), (0, 0), "{s1:?}");
     assert!(s1.deductions > 2000, "{s1:?}");

@@ -661,6 +661,18 @@ fn tls_broker(dir: &Path, auth: ClientAuth) -> Option<TlsBroker> {
     Some(broker)
 }
 
+/// Sends `rs` through a new uplink (spool in `dir/spool`) and checks that
+/// ingest wrote exactly them into `lake`.
+async fn delivers_exactly(mqtt: MqttConfig, topic: &str, dir: &Path, lake: &Path, rs: &[Reading]) {
+    let url = mqtt.url.clone();
+    assert!(
+        uplink_delivers(mqtt, topic, &dir.join("spool"), rs, 30).await,
+        "uplink to {url} did not drain"
+    );
+    let got = wait_for_readings(lake, rs.len(), 30).await;
+    assert_eq!(values(&got), values(rs));
+}
+
 /// Sends `rs` through a new uplink; true when the broker acknowledged all of it within `secs`.
 async fn uplink_delivers(
     mqtt: MqttConfig,
@@ -726,19 +738,7 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
             dec!(0.0001),
         ),
     ];
-    assert!(
-        uplink_delivers(
-            mqtt.clone(),
-            "secure/readings",
-            &dir.path().join("spool"),
-            &rs,
-            30
-        )
-        .await,
-        "uplink over TLS did not drain"
-    );
-    let got = wait_for_readings(&lake, rs.len(), 30).await;
-    assert_eq!(values(&got), values(&rs));
+    delivers_exactly(mqtt.clone(), "secure/readings", dir.path(), &lake, &rs).await;
 
     // A wrong password is refused by the broker: nothing is acknowledged.
     std::fs::write(dir.path().join("wrong"), "nope\n").unwrap();
@@ -784,19 +784,7 @@ async fn ingest_and_uplink_over_mutual_tls_with_client_certificates() {
         now_ms() - 5000,
         dec!(7.0007),
     )];
-    assert!(
-        uplink_delivers(
-            mqtt.clone(),
-            "mtls/readings",
-            &dir.path().join("spool"),
-            &rs,
-            30
-        )
-        .await,
-        "uplink over mutual TLS did not drain"
-    );
-    let got = wait_for_readings(&lake, rs.len(), 30).await;
-    assert_eq!(values(&got), values(&rs));
+    delivers_exactly(mqtt.clone(), "mtls/readings", dir.path(), &lake, &rs).await;
 
     // Without a client certificate the broker refuses the handshake.
     let mut anonymous = mqtt;
