@@ -8,7 +8,7 @@
 //! (the lake's scale).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
 use chrono::{Datelike, Duration, NaiveDate, Weekday};
@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use super::AnalyticsError;
 use crate::master::Meter;
 use crate::store::reader;
-use crate::store::scan::FxMap;
+use crate::store::scan::{FxMap, Unit};
 
 /// Lake values and all energy here: 4 decimals.
 pub const SCALE: u8 = 4;
@@ -297,7 +297,9 @@ struct FileScan {
     max_ts: Option<i64>,
 }
 
-fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, AnalyticsError> {
+/// Reads one row group of a readings file.
+fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, AnalyticsError> {
+    let path = unit.path.as_path();
     let cols = [
         "meter_id",
         "ts",
@@ -310,7 +312,8 @@ fn read_file(path: &Path, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
     let mut out = FileScan::default();
     // Text columns come as dictionaries: each distinct channel, quality,
     // collector and address is interpreted once per batch, not once per row.
-    for b in crate::store::scan::read_dictionary_columns(path, &cols)? {
+    for b in crate::store::scan::unit_batches(unit, &cols)? {
+        let b = b?;
         let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
         let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
         let dict = |n: &str| {
@@ -526,57 +529,26 @@ pub fn scan_lake(
     let mut stats: HashMap<(String, String), (CollectorStats, Vec<u64>)> = HashMap::new();
     let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
     st.scan.files = files.len();
+    // Row groups of one date are read in parallel, and the next date is read
+    // while this one is applied. Results merge in file and row-group order.
+    let units = crate::store::scan::units(&files)?;
+    let mut dates: Vec<&[Unit]> = units.chunk_by(|a, b| a.date == b.date).collect();
+    dates.reverse();
+    let read = |part: &[Unit]| -> Vec<Result<FileScan, AnalyticsError>> {
+        part.par_iter().map(|u| read_unit(u, &index)).collect()
+    };
     let mut counts: Vec<u32> = Vec::new();
-    let mut i = 0;
-    while i < files.len() {
-        let date = files[i].0;
-        let j = files[i..]
-            .iter()
-            .position(|(d, _)| *d != date)
-            .map_or(files.len(), |k| i + k);
-        let part: Vec<&PathBuf> = files[i..j].iter().map(|(_, p)| p).collect();
-        let scans: Vec<Result<FileScan, AnalyticsError>> =
-            part.par_iter().map(|p| read_file(p, &index)).collect();
-        let mut regs: Vec<RegUpdate> = Vec::new();
-        let mut volts = Vec::new();
-        for s in scans {
-            let s = s?;
-            st.scan.readings += s.rows;
-            st.scan.unknown_meter_readings += s.unknown;
-            for t in [s.min_ts, s.max_ts].into_iter().flatten() {
-                let d = local_date(t, plan.utc_offset_secs);
-                st.scan.first_date = Some(st.scan.first_date.map_or(d, |x| x.min(d)));
-                st.scan.last_date = Some(st.scan.last_date.map_or(d, |x| x.max(d)));
-            }
-            for (key, cs, seen) in s.stats {
-                let e = stats
-                    .entry(key)
-                    .or_insert_with(|| (CollectorStats::default(), vec![0; meters.len() / 64 + 1]));
-                e.0.readings += cs.readings;
-                e.0.ok += cs.ok;
-                e.0.estimated += cs.estimated;
-                e.0.suspect += cs.suspect;
-                e.0.device_error += cs.device_error;
-                e.0.offline += cs.offline;
-                for m in seen {
-                    e.1[m as usize / 64] |= 1 << (m % 64);
-                }
-            }
-            if regs.is_empty() {
-                regs = s.regs;
-            } else {
-                regs.extend_from_slice(&s.regs);
-            }
-            st.intervals(&s.intervals);
-            volts.extend(s.volts);
-        }
-        st.apply_registers(&regs, &mut counts);
-        drop(regs);
-        st.apply_volts(volts);
-        // Days well behind this partition can no longer change.
-        let before = date - Duration::days(OPEN_DAYS);
-        st.flush(Some(before), sink)?;
-        i = j;
+    let mut next = dates.pop().map(|part| (part[0].date, read(part)));
+    while let Some((date, scans)) = next.take() {
+        let following = dates.pop();
+        let (applied, read_ahead) = std::thread::scope(|sc| {
+            let ahead = sc.spawn(|| following.map(|part| (part[0].date, read(part))));
+            let applied = st.apply_date(date, scans, &mut stats, &mut counts, meters.len(), sink);
+            (applied, ahead.join())
+        });
+        applied?;
+        next = read_ahead
+            .map_err(|_| AnalyticsError::Invalid("lake reader thread panicked".into()))?;
     }
     st.flush(None, sink)?;
     st.flush_late(sink)?;
@@ -607,6 +579,57 @@ pub fn scan_lake(
 }
 
 impl State<'_> {
+    /// Merges one date's unit scans (in order) and applies them.
+    fn apply_date(
+        &mut self,
+        date: NaiveDate,
+        scans: Vec<Result<FileScan, AnalyticsError>>,
+        stats: &mut HashMap<(String, String), (CollectorStats, Vec<u64>)>,
+        counts: &mut Vec<u32>,
+        meters: usize,
+        sink: &mut DaySink<'_>,
+    ) -> Result<(), AnalyticsError> {
+        let mut regs: Vec<RegUpdate> = Vec::new();
+        let mut volts = Vec::new();
+        for s in scans {
+            let s = s?;
+            self.scan.readings += s.rows;
+            self.scan.unknown_meter_readings += s.unknown;
+            for t in [s.min_ts, s.max_ts].into_iter().flatten() {
+                let d = local_date(t, self.plan.utc_offset_secs);
+                self.scan.first_date = Some(self.scan.first_date.map_or(d, |x| x.min(d)));
+                self.scan.last_date = Some(self.scan.last_date.map_or(d, |x| x.max(d)));
+            }
+            for (key, cs, seen) in s.stats {
+                let e = stats
+                    .entry(key)
+                    .or_insert_with(|| (CollectorStats::default(), vec![0; meters / 64 + 1]));
+                e.0.readings += cs.readings;
+                e.0.ok += cs.ok;
+                e.0.estimated += cs.estimated;
+                e.0.suspect += cs.suspect;
+                e.0.device_error += cs.device_error;
+                e.0.offline += cs.offline;
+                for m in seen {
+                    e.1[m as usize / 64] |= 1 << (m % 64);
+                }
+            }
+            if regs.is_empty() {
+                regs = s.regs;
+            } else {
+                regs.extend_from_slice(&s.regs);
+            }
+            self.intervals(&s.intervals);
+            volts.extend(s.volts);
+        }
+        self.apply_registers(&regs, counts);
+        drop(regs);
+        self.apply_volts(volts);
+        // Days well behind this partition can no longer change.
+        let before = date - Duration::days(OPEN_DAYS);
+        self.flush(Some(before), sink)
+    }
+
     /// Applies one partition's register snapshots in (meter, register, time)
     /// order: a counting sort by key keeps it linear.
     fn apply_registers(&mut self, regs: &[RegUpdate], counts: &mut Vec<u32>) {

@@ -94,32 +94,31 @@ fn scan_schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Reads `columns` of one readings file, text columns other than `meter_id`
-/// as `Dictionary(Int32, Utf8)` arrays.
-pub fn read_dictionary_columns(
-    path: &Path,
+/// The batches of one unit (row group), `columns` only, text columns as
+/// dictionaries (see [`scan_schema`]); read lazily, 64k rows at a time.
+pub fn unit_batches<'a>(
+    unit: &'a Unit,
     columns: &[&str],
-) -> Result<Vec<arrow::record_batch::RecordBatch>, StoreError> {
+) -> Result<
+    impl Iterator<Item = Result<arrow::record_batch::RecordBatch, StoreError>> + 'a,
+    StoreError,
+> {
+    let path = unit.path.as_path();
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(
-        file,
-        ArrowReaderOptions::new().with_schema(scan_schema()),
-    )
-    .map_err(perr(path))?
-    .with_batch_size(64 * 1024);
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, unit.meta.clone())
+        .with_batch_size(64 * 1024)
+        .with_row_groups(vec![unit.row_group]);
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
     let reader = builder.with_projection(mask).build().map_err(perr(path))?;
-    reader
-        .map(|b| {
-            b.map_err(|e| StoreError::Parquet {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })
+    Ok(reader.map(move |b| {
+        b.map_err(|e| StoreError::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
         })
-        .collect()
+    }))
 }
 
-/// The text values of a dictionary column (see [`read_dictionary_columns`]).
+/// The text values of a dictionary column (see [`unit_batches`]).
 pub fn dictionary_text(a: &dyn Array) -> Option<(&[i32], &StringArray)> {
     let d = a.as_any().downcast_ref::<DictionaryArray<Int32Type>>()?;
     let v = d.values().as_any().downcast_ref::<StringArray>()?;
