@@ -376,7 +376,7 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
         // Rows come grouped by meter and source: cache the last lookups.
         let mut last_mid: Option<&str> = None;
         let mut m: Option<u32> = None;
-        let mut last_src: Option<(i32, &str)> = None;
+        let mut last_src: Option<(i32, i32, &str)> = None;
         let mut slots = [0usize; 2];
         for i in 0..b.num_rows() {
             let mid = meter_id.value(i);
@@ -385,10 +385,19 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
                 last_mid = Some(mid);
                 m = index.get(mid).copied();
             }
-            let ck = c_keys[i];
-            let bus = buses.get(a_keys[i] as usize).copied().unwrap_or("");
-            if last_src != Some((ck, bus)) {
-                last_src = Some((ck, bus));
+            // Rows of one meter share collector and address keys: compare
+            // keys per row, the bus text only when they change.
+            let (ck, ak) = (c_keys[i], a_keys[i]);
+            let same_keys = last_src.is_some_and(|(c, a, _)| c == ck && a == ak);
+            let bus = if same_keys {
+                None
+            } else {
+                let bus = buses.get(ak as usize).copied().unwrap_or("");
+                let same_slots = last_src.is_some_and(|(c, _, b)| c == ck && b == bus);
+                last_src = Some((ck, ak, bus));
+                (!same_slots).then_some(bus)
+            };
+            if let Some(bus) = bus {
                 let col = if (ck as usize) < c_vals.len() {
                     c_vals.value(ck as usize)
                 } else {
@@ -589,7 +598,11 @@ impl State<'_> {
         meters: usize,
         sink: &mut DaySink<'_>,
     ) -> Result<(), AnalyticsError> {
-        let mut regs: Vec<RegUpdate> = Vec::new();
+        let total = scans
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.regs.len()))
+            .sum();
+        let mut regs: Vec<RegUpdate> = Vec::with_capacity(total);
         let mut volts = Vec::new();
         for s in scans {
             let s = s?;
@@ -614,11 +627,7 @@ impl State<'_> {
                     e.1[m as usize / 64] |= 1 << (m % 64);
                 }
             }
-            if regs.is_empty() {
-                regs = s.regs;
-            } else {
-                regs.extend_from_slice(&s.regs);
-            }
+            regs.extend_from_slice(&s.regs);
             self.intervals(&s.intervals);
             volts.extend(s.volts);
         }
