@@ -250,7 +250,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
     let (meters, accounts) = rayon::join(
         || crate::master::load_meters(&meters_path),
-        || crate::master::load_accounts(&accounts_path),
+        || crate::master::load_accounts_for_billing(&accounts_path),
     );
     let meters = meters.map_err(|e| BillingError::Master(e.to_string()))?;
     let accounts = accounts.map_err(|e| BillingError::Master(e.to_string()))?;

@@ -6,7 +6,9 @@
 
 mod load;
 
-pub use load::{load_accounts, load_meters, load_payments, Loaded, RowError};
+pub use load::{
+    load_accounts, load_accounts_for_billing, load_meters, load_payments, Loaded, RowError,
+};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
