@@ -76,6 +76,13 @@ pub fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
         let d = PathBuf::from("tariffs/calendars/cn-holidays.toml");
         d.exists().then_some(d)
     });
+    if opts.calendar.is_none() {
+        // The default is relative to the working directory: say so, or a
+        // run from elsewhere silently counts holidays as working days.
+        tracing::warn!(
+            "no holiday calendar (no --calendar, and no tariffs/calendars/cn-holidays.toml here): rest days are weekends only"
+        );
+    }
     if a.pseudonymize {
         let p = Pseudonymizer::from_file_or_env(a.secret_file.as_deref()).with_context(|| {
             format!("--pseudonymize needs a secret (--secret-file or {SECRET_ENV})")
