@@ -226,6 +226,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         d - chrono::Duration::days(40)
     });
     let mut led = crate::ledger::open_migrated(&a.l.ledger)?;
+    led.prepare_for_batch()?;
     let fleet = Fleet::load(&a.master)?;
     let set = crate::tariff::load_dir(&a.tariffs)?;
     let pricer = TariffPricer::new(set);

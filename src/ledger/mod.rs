@@ -342,6 +342,11 @@ pub trait Ledger: Send {
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;
     /// Backend name for logs (`sqlite:PATH`, `postgres:HOST/schema`).
     fn describe(&self) -> String;
+    /// Tunes the connection for a large batch (`prepay run`); a no-op where
+    /// the server owns its caches.
+    fn prepare_for_batch(&mut self) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }
 
 /// Opens a ledger by URL: a path or `sqlite:PATH` (SQLite), or

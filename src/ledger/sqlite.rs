@@ -89,10 +89,6 @@ impl SqliteLedger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed transaction survives power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // A batch run writes millions of index entries in random key order:
-        // with SQLite's 2 MB default cache it re-reads and spills pages all
-        // the time. Negative = KiB.
-        conn.pragma_update(None, "cache_size", -262_144)?;
         Ok(SqliteLedger {
             path: path.to_path_buf(),
             conn,
@@ -483,6 +479,14 @@ impl Ledger for SqliteLedger {
 
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path.display())
+    }
+
+    fn prepare_for_batch(&mut self) -> Result<(), LedgerError> {
+        // A batch run writes millions of index entries in random key order:
+        // with SQLite's 2 MB default cache it re-reads and spills pages all
+        // the time. Negative = KiB.
+        self.conn.pragma_update(None, "cache_size", -262_144)?;
+        Ok(())
     }
 }
 

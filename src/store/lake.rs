@@ -306,7 +306,7 @@ fn sort_rows(rows: &mut [&Reading]) {
         .iter()
         .map(|r| (rank[r.meter_id.as_str()], *r))
         .collect();
-    keyed.sort_by(|a, b| (a.0, a.1.channel, a.1.ts_ms).cmp(&(b.0, b.1.channel, b.1.ts_ms)));
+    keyed.sort_by_key(|(rank, r)| (*rank, r.channel, r.ts_ms));
     for (slot, (_, r)) in rows.iter_mut().zip(keyed) {
         *slot = r;
     }
@@ -359,7 +359,7 @@ mod tests {
             all.push(Reading {
                 meter_id: format!("M{:03}", x % 37),
                 ts_ms: (x >> 8) as i64 % 50,
-                channel: if x % 3 == 0 {
+                channel: if x.is_multiple_of(3) {
                     Channel::ImportActiveTotal
                 } else {
                     Channel::ImportActiveT1

@@ -248,6 +248,32 @@ fn meter_id(i: usize) -> String {
 
 /// `n` prepaid accounts (one meter each) on bj-residential-monthly, daily
 /// snapshots at local midnight from 1 Oct through 1 Nov 2026 (32 readings).
+/// A simulated reading of meter `i`.
+fn sim_reading(i: usize, ts: i64, channel: Channel, value: Decimal) -> Reading {
+    Reading {
+        meter_id: meter_id(i),
+        ts_ms: ts,
+        channel,
+        value,
+        quality: Quality::OK,
+        source: Source {
+            protocol: Protocol::Sim,
+            collector: "t".into(),
+            address: "t".into(),
+        },
+        received_ms: ts,
+    }
+}
+
+fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
+    let lake = root.join("lake");
+    let mut l =
+        meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions::new("t")).unwrap();
+    l.accept(readings).unwrap();
+    l.flush().unwrap();
+    lake
+}
+
 fn fixture(n: usize, seed: u64) -> Fixture {
     fixture_with_spike(n, seed, None)
 }
@@ -291,33 +317,11 @@ fn fixture_with_spike(n: usize, seed: u64, spike: Option<(usize, i64)>) -> Fixtu
                 v
             };
             snaps.push((ts, shown));
-            all.push(Reading {
-                meter_id: meter_id(i),
-                ts_ms: ts,
-                channel: Channel::ImportActiveTotal,
-                value: shown,
-                quality: Quality::OK,
-                source: Source {
-                    protocol: Protocol::Sim,
-                    collector: "t".into(),
-                    address: "t".into(),
-                },
-                received_ms: ts,
-            });
+            all.push(sim_reading(i, ts, Channel::ImportActiveTotal, shown));
         }
         readings.insert(meter_id(i), snaps);
     }
-    let lake = root.join("lake");
-    let mut l = meterflow::store::Lake::open(
-        &lake,
-        meterflow::store::LakeOptions {
-            writer_id: "t".into(),
-            spool_dir: None,
-        },
-    )
-    .unwrap();
-    l.accept(&all).unwrap();
-    l.flush().unwrap();
+    let lake = write_lake(&root, &all);
     let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
     Fixture {
         _dir: dir,
@@ -1196,32 +1200,6 @@ fn tou_master(root: &Path) -> PathBuf {
     master
 }
 
-/// A simulated reading of meter `i`, value in hundredths.
-fn sim_reading(i: usize, ts: i64, channel: Channel, hundredths: i64) -> Reading {
-    Reading {
-        meter_id: meter_id(i),
-        ts_ms: ts,
-        channel,
-        value: Decimal::new(hundredths, 2),
-        quality: Quality::OK,
-        source: Source {
-            protocol: Protocol::Sim,
-            collector: "t".into(),
-            address: "t".into(),
-        },
-        received_ms: ts,
-    }
-}
-
-fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
-    let lake = root.join("lake");
-    let mut l =
-        meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions::new("t")).unwrap();
-    l.accept(readings).unwrap();
-    l.flush().unwrap();
-    lake
-}
-
 /// One `prepay run` (the library call) through `through_ms`, `chunk` meters
 /// per transaction; `evaluate_all` re-checks every account's alerts at the end.
 fn batch_run(
@@ -1294,7 +1272,8 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
             }
             let ts = OCT1_LOCAL_MIDNIGHT + d * DAY;
             let total: i64 = regs.iter().sum();
-            let mut push = |channel, v: i64| all.push(sim_reading(i, ts, channel, v));
+            let mut push =
+                |channel, v: i64| all.push(sim_reading(i, ts, channel, Decimal::new(v, 2)));
             push(Channel::ImportActiveTotal, total);
             push(Channel::ImportActiveT1, regs[0]);
             push(Channel::ImportActiveT2, regs[1]);
@@ -1388,15 +1367,25 @@ fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run()
             i,
             OCT1_LOCAL_MIDNIGHT,
             Channel::ImportActiveTotal,
-            register,
+            Decimal::new(register, 2),
         ));
         for q in 1..=31 * 96 {
             let kwh = rng.gen_range(0..60); // 0..0.6 kWh a quarter hour
             register += kwh;
             let ts = OCT1_LOCAL_MIDNIGHT + q * quarter;
-            all.push(sim_reading(i, ts, Channel::ImportActiveInterval, kwh));
+            all.push(sim_reading(
+                i,
+                ts,
+                Channel::ImportActiveInterval,
+                Decimal::new(kwh, 2),
+            ));
             if q % 96 == 0 {
-                all.push(sim_reading(i, ts, Channel::ImportActiveTotal, register));
+                all.push(sim_reading(
+                    i,
+                    ts,
+                    Channel::ImportActiveTotal,
+                    Decimal::new(register, 2),
+                ));
             }
         }
     }

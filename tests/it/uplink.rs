@@ -491,6 +491,43 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Makes `NAME.key` and `NAME.pem` in `dir`: a key and a certificate for
+/// `subject` with the extensions `ext`, signed by the test CA (`ca.pem`).
+fn sign(dir: &Path, name: &str, subject: &str, ext: &str) {
+    let ossl = || {
+        let mut c = Command::new("openssl");
+        c.current_dir(dir);
+        c
+    };
+    let (key, csr, cnf, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.cnf"),
+        format!("{name}.pem"),
+    );
+    run(ossl().args([
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
+    ]));
+    std::fs::write(dir.join(&cnf), ext).unwrap();
+    run(ossl().args([
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &cnf,
+        "-out",
+        &pem,
+    ]));
+}
+
 /// How a test broker authenticates clients.
 enum ClientAuth<'a> {
     /// Username and password over TLS.
@@ -533,40 +570,12 @@ fn tls_broker(dir: &Path, auth: ClientAuth) -> Option<TlsBroker> {
         "-out",
         "ca.pem",
     ]));
-    run(ossl().args([
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    sign(
+        dir,
+        "server",
         "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]));
-    std::fs::write(
-        p("ext.cnf"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(ossl().args([
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]));
+    );
     let client_auth = match auth {
         ClientAuth::Password { user, password } => {
             run(Command::new("mosquitto_passwd").args([
@@ -582,40 +591,12 @@ fn tls_broker(dir: &Path, auth: ClientAuth) -> Option<TlsBroker> {
             )
         }
         ClientAuth::Certificate => {
-            run(ossl().args([
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
+            sign(
+                dir,
+                "client",
                 "/CN=meterflow-client",
-                "-keyout",
-                "client.key",
-                "-out",
-                "client.csr",
-            ]));
-            std::fs::write(
-                p("client.cnf"),
                 "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
-            )
-            .unwrap();
-            run(ossl().args([
-                "x509",
-                "-req",
-                "-in",
-                "client.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "client.cnf",
-                "-out",
-                "client.pem",
-            ]));
+            );
             "allow_anonymous false\n".to_string()
         }
     };
