@@ -201,6 +201,11 @@ pub fn post_json(url: &str, body: &[u8], id: &str) -> Result<(), String> {
 /// Sends one MQTT message (topic, payload).
 pub type Publisher<'a> = dyn FnMut(&str, &[u8]) -> Result<(), String> + 'a;
 
+/// Alerts delivered per round: one `alerts` file and one ledger
+/// transaction marking them delivered. A nightly run raises millions of
+/// alerts, and each round costs an fsync.
+const DELIVER_BATCH: usize = 50_000;
+
 /// Delivers pending outbox messages. `publish(topic, payload)` sends to MQTT
 /// (QoS 1) when an alerts topic is configured.
 pub fn deliver(
@@ -210,7 +215,7 @@ pub fn deliver(
 ) -> Result<DeliverStats, PrepayError> {
     let mut stats = DeliverStats::default();
     loop {
-        let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", 1000)?;
+        let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", DELIVER_BATCH)?;
         if pending.is_empty() {
             break;
         }
