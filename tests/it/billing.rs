@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::common::reading;
 use chrono::{NaiveDate, NaiveDateTime};
 use meterflow::billing::engine::bill_readings;
 use meterflow::billing::period::BillPeriod;
 use meterflow::master::{Account, CustomerClass, Meter, PaymentMode};
-use meterflow::model::{Channel, Protocol, Quality, Reading, Source};
+use meterflow::model::{Channel, Reading};
 use meterflow::tariff::power_factor::{monthly_pf_hundredths, PfStandard};
 use meterflow::tariff::price::{energy_charge, incremental_charge, Usage};
 use meterflow::tariff::{self, TariffSet};
@@ -41,22 +42,6 @@ fn dec(s: &str) -> Decimal {
 fn local_ms(s: &str) -> i64 {
     let t = NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap();
     t.and_utc().timestamp_millis() - 8 * 3_600_000
-}
-
-fn reading(meter: &str, ts: i64, channel: Channel, value: Decimal) -> Reading {
-    Reading {
-        meter_id: meter.into(),
-        ts_ms: ts,
-        channel,
-        value,
-        quality: Quality::OK,
-        source: Source {
-            protocol: Protocol::Sim,
-            collector: "golden".into(),
-            address: meter.into(),
-        },
-        received_ms: ts,
-    }
 }
 
 fn account(id: &str, tariff: &str, kva: &str, opened: &str) -> Account {

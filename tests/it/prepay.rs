@@ -246,23 +246,9 @@ fn meter_id(i: usize) -> String {
     format!("{:012}", 500_000_000_000u64 + i as u64)
 }
 
-/// `n` prepaid accounts (one meter each) on bj-residential-monthly, daily
-/// snapshots at local midnight from 1 Oct through 1 Nov 2026 (32 readings).
 /// A simulated reading of meter `i`.
 fn sim_reading(i: usize, ts: i64, channel: Channel, value: Decimal) -> Reading {
-    Reading {
-        meter_id: meter_id(i),
-        ts_ms: ts,
-        channel,
-        value,
-        quality: Quality::OK,
-        source: Source {
-            protocol: Protocol::Sim,
-            collector: "t".into(),
-            address: "t".into(),
-        },
-        received_ms: ts,
-    }
+    super::common::reading(&meter_id(i), ts, channel, value)
 }
 
 fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
@@ -274,6 +260,8 @@ fn write_lake(root: &Path, readings: &[Reading]) -> PathBuf {
     lake
 }
 
+/// `n` prepaid accounts (one meter each) on bj-residential-monthly, daily
+/// snapshots at local midnight from 1 Oct through 1 Nov 2026 (32 readings).
 fn fixture(n: usize, seed: u64) -> Fixture {
     fixture_with_spike(n, seed, None)
 }

@@ -13,7 +13,7 @@ use meterflow::collector::config::CollectorConfig;
 use meterflow::collector::run::collect_once;
 use meterflow::ingest::config::{IngestConfig, MqttConfig};
 use meterflow::ingest::mqtt::{forget_session, parse_url, run_ingest, IngestOptions, IngestStats};
-use meterflow::model::{Channel, Protocol, Quality, Reading, Source};
+use meterflow::model::{Channel, Quality, Reading};
 use meterflow::protocol::sparkplug::{
     decode_payload, rebirth_request, MessageType, MetricValue, Topic,
 };
@@ -23,6 +23,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
+use super::common::reading;
 use super::mqtt::broker_url;
 
 fn uniq(name: &str) -> String {
@@ -112,22 +113,6 @@ async fn wait_for_readings(lake: &Path, want: usize, secs: u64) -> Vec<Reading> 
     }
 }
 
-fn reading(meter: &str, channel: Channel, ts: i64, value: Decimal) -> Reading {
-    Reading {
-        meter_id: meter.into(),
-        ts_ms: ts,
-        channel,
-        value,
-        quality: Quality::OK,
-        source: Source {
-            protocol: Protocol::Sim,
-            collector: "t".into(),
-            address: "a".into(),
-        },
-        received_ms: ts,
-    }
-}
-
 /// Values chosen to break anything that goes through a binary float.
 fn awkward_readings(start: i64) -> Vec<Reading> {
     let vals = [
@@ -150,8 +135,8 @@ fn awkward_readings(start: i64) -> Vec<Reading> {
         ][k % 3];
         let mut r = reading(
             &format!("SP{:02}", k % 7),
-            ch,
             start + k as i64 * 1000,
+            ch,
             vals[k % vals.len()],
         );
         if k % 5 == 0 {
@@ -306,8 +291,8 @@ async fn sparkplug_uplink_is_read_back_by_ingest_with_exact_values_and_answers_r
     // Data after the rebirth still lands (the aliases were re-declared).
     let more = vec![reading(
         "SP00",
-        Channel::ImportActiveTotal,
         now_ms() - 1000,
+        Channel::ImportActiveTotal,
         dec!(7.0007),
     )];
     uplink.send(more.clone()).unwrap();
@@ -708,14 +693,14 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     let rs = vec![
         reading(
             "TLS1",
-            Channel::ImportActiveTotal,
             now_ms() - 5000,
+            Channel::ImportActiveTotal,
             dec!(42.4242),
         ),
         reading(
             "TLS2",
-            Channel::ImportActiveTotal,
             now_ms() - 5000,
+            Channel::ImportActiveTotal,
             dec!(0.0001),
         ),
     ];
@@ -761,8 +746,8 @@ async fn ingest_and_uplink_over_mutual_tls_with_client_certificates() {
     mqtt.client_key_file = Some(dir.path().join("client.key"));
     let rs = vec![reading(
         "MTLS1",
-        Channel::ImportActiveTotal,
         now_ms() - 5000,
+        Channel::ImportActiveTotal,
         dec!(7.0007),
     )];
     delivers_exactly(mqtt.clone(), "mtls/readings", dir.path(), &lake, &rs).await;
