@@ -245,6 +245,21 @@ fn period_deltas(
     Some(out)
 }
 
+/// Idempotency key of a deduction: `ded:ACCOUNT:METER:CHANNEL:AT:TARIFF@VERSION`,
+/// `AT` being the interval end (or `first:from:late` for a late reading).
+pub(crate) fn deduction_key(
+    account: &Account,
+    meter: &Meter,
+    channel: &str,
+    at: impl std::fmt::Display,
+    version: &str,
+) -> String {
+    format!(
+        "ded:{}:{}:{channel}:{at}:{version}",
+        account.account_id, meter.meter_id
+    )
+}
+
 /// The ledger entry of a priced step; None for a zero charge.
 pub(crate) fn deduction(
     account: &Account,
@@ -348,10 +363,7 @@ fn advance(
     let charge = pricer.charge(account, &w, ts_ms, &before, &after)?;
     let entry: Vec<NewEntry> = deduction(
         account,
-        format!(
-            "ded:{}:{}:{}:{}:{}",
-            account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version
-        ),
+        deduction_key(account, meter, CHANNEL, ts_ms, &charge.version),
         ts_ms,
         &charge,
         source,
@@ -422,9 +434,12 @@ fn prepend(
     let charge = pricer.charge(account, &w, c.first_ts_ms, &before, &after)?;
     let entry = deduction(
         account,
-        format!(
-            "ded:{}:{}:{}:{}:from:{}:{}",
-            account.account_id, meter.meter_id, CHANNEL, c.first_ts_ms, ts_ms, charge.version
+        deduction_key(
+            account,
+            meter,
+            CHANNEL,
+            format_args!("{}:from:{ts_ms}", c.first_ts_ms),
+            &charge.version,
         ),
         c.first_ts_ms,
         &charge,

@@ -17,7 +17,7 @@
 
 use rust_decimal::Decimal;
 
-use super::deduct::{deduction, usage_of, Step};
+use super::deduct::{deduction, deduction_key, usage_of, Step};
 use super::pricing::{PriceError, Pricer};
 use crate::ledger::{Cursor, NewEntry, TouCursor};
 use crate::master::{Account, Meter};
@@ -76,10 +76,7 @@ pub fn step(
     let charge = pricer.charge(account, &w, ts_ms, &before, &after)?;
     let entries: Vec<NewEntry> = deduction(
         account,
-        format!(
-            "ded:{}:{}:{}:{}:{}",
-            account.account_id, meter.meter_id, CHANNEL, ts_ms, charge.version
-        ),
+        deduction_key(account, meter, CHANNEL, ts_ms, &charge.version),
         ts_ms,
         &charge,
         source,
