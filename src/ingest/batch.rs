@@ -282,10 +282,7 @@ impl Decoding {
                 1,
             );
         }
-        if d.park {
-            let node = sparkplug::Topic::parse(topic)
-                .map(|t| t.node_key())
-                .unwrap_or_default();
+        if let Some(node) = &d.park {
             if self.parking.len() >= self.park_max {
                 let reason = format!(
                     "sparkplug: no birth declared the aliases this data uses, and {} messages already wait for births",
@@ -304,13 +301,13 @@ impl Decoding {
                 );
                 let m = ParkedMsg::new(&name, topic, payload, now);
                 job.park.push(m.clone());
-                self.parking.hold(node, m);
+                self.parking.hold(node.clone(), m);
             }
         }
         if let Some(node) = &d.birth_of {
             for m in self.parking.take_node(&name, node) {
                 match self.decoders[idx].replay_parked(&m.topic, &m.payload, now) {
-                    Ok(r) if r.park => self.parking.hold(node.clone(), m),
+                    Ok(r) if r.park.is_some() => self.parking.hold(node.clone(), m),
                     Ok(r) => {
                         tracing::info!(source = %name, topic = %m.topic, readings = r.readings.len(), "parked sparkplug data decoded after the birth");
                         job.release.push(m.id.clone());

@@ -115,8 +115,9 @@ pub struct Decoded {
     /// Values rounded to 4 decimals (not `exact`).
     pub rounded: usize,
     /// Sparkplug: data that needs a birth the ingest has not seen (it
-    /// restarted); park it until `birth_of` names its node.
-    pub park: bool,
+    /// restarted): park it under this node (`group/edge`) until `birth_of`
+    /// names the node.
+    pub park: Option<String>,
     /// Sparkplug: a birth of this node (`group/edge`) arrived.
     pub birth_of: Option<String>,
     /// Sparkplug: this node (`group/edge`) died.
@@ -489,7 +490,7 @@ impl Decoder {
             _ => {}
         }
         if o.needs_birth {
-            out.park = true;
+            out.park = Some(t.node_key());
             return Ok(());
         }
         self.sparkplug_values(o, topic, now, out);
@@ -509,7 +510,7 @@ impl Decoder {
         let o = self.sparkplug.replay(&t, &p);
         let mut out = Decoded::default();
         if o.needs_birth {
-            out.park = true;
+            out.park = Some(t.node_key());
         } else {
             self.sparkplug_values(o, topic, now, &mut out);
         }
