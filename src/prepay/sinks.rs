@@ -213,9 +213,19 @@ pub fn deliver(
     sinks: &Sinks,
     publish: &mut Publisher<'_>,
 ) -> Result<DeliverStats, PrepayError> {
+    deliver_in_rounds(ledger, sinks, publish, DELIVER_BATCH)
+}
+
+/// [`deliver`], `round` alerts at a time.
+fn deliver_in_rounds(
+    ledger: &mut dyn Ledger,
+    sinks: &Sinks,
+    publish: &mut Publisher<'_>,
+    round: usize,
+) -> Result<DeliverStats, PrepayError> {
     let mut stats = DeliverStats::default();
     loop {
-        let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", DELIVER_BATCH)?;
+        let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", round)?;
         if pending.is_empty() {
             break;
         }
@@ -297,4 +307,82 @@ pub fn publish_qos1(
     }
     let _ = client.disconnect();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Batch, CommitHook, HookOut};
+    use rust_decimal::Decimal;
+    use std::collections::BTreeSet;
+
+    /// Raises one alert for every account it is asked about.
+    struct OneAlertEach;
+
+    impl CommitHook for OneAlertEach {
+        fn after(
+            &self,
+            account: &str,
+            _: Decimal,
+            _: i64,
+            _: &BTreeSet<String>,
+            now: i64,
+        ) -> HookOut {
+            let a = Alert {
+                id: format!("alert-{account}"),
+                account_id: account.into(),
+                kind: "zero".into(),
+                threshold: Decimal::ZERO,
+                balance: Decimal::ZERO,
+                days_left: None,
+                ts_ms: now,
+            };
+            HookOut {
+                outbox: vec![OutboxMsg {
+                    id: a.id.clone(),
+                    kind: "alert".into(),
+                    account_id: account.into(),
+                    created_ms: now,
+                    payload: serde_json::to_string(&a).expect("serializes"),
+                }],
+                ..Default::default()
+            }
+        }
+    }
+
+    #[test]
+    fn alerts_are_delivered_in_rounds_each_alert_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("l.sqlite").display().to_string();
+        let mut ledger = crate::ledger::open_migrated(&url).unwrap();
+        let batch = Batch {
+            evaluate: (0..5).map(|i| format!("A{i}")).collect(),
+            ..Default::default()
+        };
+        ledger.commit(&batch, &OneAlertEach).unwrap();
+        let sinks = Sinks {
+            alerts_root: Some(dir.path().join("out")),
+            ..Default::default()
+        };
+        let stats = deliver_in_rounds(ledger.as_mut(), &sinks, &mut |_, _| Ok(()), 2).unwrap();
+        assert_eq!(stats.alerts, 5);
+        assert!(ledger.pending_outbox_of("alert", 10).unwrap().is_empty());
+        // Three rounds of at most two: five rows, no alert twice.
+        let mut ids: Vec<String> = read_alerts_dataset(&dir.path().join("out"))
+            .unwrap()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            (0..5).map(|i| format!("alert-A{i}")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            deliver_in_rounds(ledger.as_mut(), &sinks, &mut |_, _| Ok(()), 2)
+                .unwrap()
+                .alerts,
+            0
+        );
+    }
 }
