@@ -227,7 +227,14 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let mut led = crate::ledger::open_migrated(&a.l.ledger)?;
     led.prepare_for_batch()?;
+    let loading = std::time::Instant::now();
     let fleet = Fleet::load(&a.master)?;
+    tracing::info!(
+        accounts = fleet.accounts.len(),
+        meters = fleet.meters.len(),
+        secs = loading.elapsed().as_secs_f64(),
+        "prepaid fleet loaded"
+    );
     let set = crate::tariff::load_dir(&a.tariffs)?;
     let pricer = TariffPricer::new(set);
     let th = match &a.thresholds {

@@ -22,24 +22,29 @@ use super::PrepayError;
 use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
 use crate::master::{Account, Meter, PaymentMode};
 use crate::model::{Channel, Quality};
+use crate::store::scan::FxMap;
 
 /// Prepaid accounts and their meters.
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
-    pub accounts: HashMap<String, Account>,
+    pub accounts: FxMap<String, Account>,
     /// meter id -> meter (of a prepaid account).
-    pub meters: HashMap<String, Meter>,
-    pub meters_of: HashMap<String, Vec<String>>,
+    pub meters: FxMap<String, Meter>,
+    pub meters_of: FxMap<String, Vec<String>>,
 }
 
 impl Fleet {
     /// Loads `accounts.csv` and `meters.csv` from `dir`, keeping prepaid accounts.
-    /// Bad rows are logged and skipped.
+    /// Bad rows are logged and skipped. Personal fields are not loaded:
+    /// deductions, alerts and relay rules never read them.
     pub fn load(dir: &Path) -> Result<Fleet, PrepayError> {
-        let accounts = crate::master::load_accounts(&dir.join(crate::master::ACCOUNTS_FILE))
-            .map_err(|e| PrepayError::Input(e.to_string()))?;
-        let meters = crate::master::load_meters(&dir.join(crate::master::METERS_FILE))
-            .map_err(|e| PrepayError::Input(e.to_string()))?;
+        // The two files are parsed side by side.
+        let (accounts, meters) = rayon::join(
+            || crate::master::load_accounts_for_billing(&dir.join(crate::master::ACCOUNTS_FILE)),
+            || crate::master::load_meters(&dir.join(crate::master::METERS_FILE)),
+        );
+        let accounts = accounts.map_err(|e| PrepayError::Input(e.to_string()))?;
+        let meters = meters.map_err(|e| PrepayError::Input(e.to_string()))?;
         for e in accounts.errors.iter().chain(meters.errors.iter()) {
             tracing::warn!("{e}");
         }
@@ -250,6 +255,9 @@ pub fn join_registers(
 
 /// Register readings per prepaid meter, sorted by time, from the lake; for
 /// the meters in `intervals`, their interval readings instead (value = kWh).
+///
+/// Row groups are read in parallel (five columns, text as dictionaries) and
+/// merged in file and row-group order.
 pub fn load_register_readings(
     lake: &Path,
     fleet: &Fleet,
@@ -257,78 +265,28 @@ pub fn load_register_readings(
     intervals: &HashSet<String>,
     from: NaiveDate,
     through_ms: i64,
-) -> Result<HashMap<String, Vec<RegisterReading>>, PrepayError> {
+) -> Result<FxMap<String, Vec<RegisterReading>>, PrepayError> {
+    use rayon::prelude::*;
     let tou = tou_meters(pricer, fleet, through_ms);
-    let mut regs: HashMap<String, HashMap<i64, [Option<Decimal>; 4]>> = HashMap::new();
-    use crate::store::columns::{from_scaled, ReadingsView};
     let (to, _) = local_date_minute(through_ms, 0);
-    let mut out: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
-    let want = Channel::ImportActiveTotal.as_str();
-    let want_interval = Channel::ImportActiveInterval.as_str();
-    for (_, path) in crate::store::reader::list_files(lake, "readings", from, to)? {
-        let cols = [
-            "meter_id",
-            "ts",
-            "channel",
-            "value",
-            "quality",
-            "source_protocol",
-            "source_collector",
-            "source_address",
-            "received_at",
-        ];
-        for batch in crate::store::reader::read_file_columns(&path, Some(&cols))? {
-            let v = ReadingsView::new(&batch)?;
-            for i in 0..v.len() {
-                let channel = v.channel.value(i);
-                let by_interval = !intervals.is_empty() && intervals.contains(v.meter_id.value(i));
-                let reg = if channel == want {
-                    if by_interval {
-                        continue;
-                    }
-                    None
-                } else if channel == want_interval {
-                    if !by_interval {
-                        continue;
-                    }
-                    None
-                } else if tou.is_empty() {
-                    continue;
-                } else {
-                    match channel.parse::<Channel>().ok().and_then(tariff_register) {
-                        Some(r) if tou.contains(v.meter_id.value(i)) => Some(r),
-                        _ => continue,
-                    }
-                };
-                let ts = v.ts.value(i);
-                if ts > through_ms || !fleet.meters.contains_key(v.meter_id.value(i)) {
-                    continue;
-                }
-                let q = v.quality.value(i);
-                if q != "ok" {
-                    // Suspect, conflicting or device-error values are not charged; estimates are.
-                    let q = Quality::parse(q).unwrap_or(Quality::SUSPECT);
-                    if q.contains(Quality::SUSPECT)
-                        || q.contains(Quality::CONFLICT)
-                        || q.contains(Quality::DEVICE_ERROR)
-                    {
-                        continue;
-                    }
-                }
-                let value = from_scaled(v.value.value(i));
-                match reg {
-                    None => out
-                        .entry(v.meter_id.value(i).to_string())
-                        .or_default()
-                        .push((ts, value)),
-                    Some(r) => {
-                        regs.entry(v.meter_id.value(i).to_string())
-                            .or_default()
-                            .entry(ts)
-                            .or_default()[r] = Some(value)
-                    }
-                }
-            }
+    let files = crate::store::reader::list_files(lake, "readings", from, to)?;
+    let units = crate::store::scan::units(&files)?;
+    let want = Wanted {
+        fleet,
+        tou: &tou,
+        intervals,
+        through_ms,
+    };
+    let parts: Vec<Vec<WantedRow>> = units
+        .par_iter()
+        .map(|u| want.read_unit(u))
+        .collect::<Result<_, _>>()?;
+    let mut regs: FxMap<String, HashMap<i64, [Option<Decimal>; 4]>> = FxMap::default();
+    let mut out: FxMap<String, Vec<(i64, Decimal)>> = FxMap::default();
+    for (meter, ts, value, reg) in parts.into_iter().flatten() {
+        match reg {
+            None => out.entry(meter).or_default().push((ts, value)),
+            Some(r) => regs.entry(meter).or_default().entry(ts).or_default()[r] = Some(value),
         }
     }
     Ok(out
@@ -340,6 +298,103 @@ pub fn load_register_readings(
             (m, joined)
         })
         .collect())
+}
+
+/// One wanted reading: meter, time, value, tariff register (None: the
+/// total or interval channel).
+type WantedRow = (String, i64, Decimal, Option<usize>);
+
+/// Which readings deduct: see [`load_register_readings`].
+struct Wanted<'a> {
+    fleet: &'a Fleet,
+    tou: &'a HashSet<String>,
+    intervals: &'a HashSet<String>,
+    through_ms: i64,
+}
+
+/// What a channel is to the deduction.
+#[derive(Clone, Copy)]
+enum Use {
+    Total,
+    Interval,
+    Register(usize),
+    Skip,
+}
+
+impl Wanted<'_> {
+    fn read_unit(&self, unit: &crate::store::scan::Unit) -> Result<Vec<WantedRow>, PrepayError> {
+        use crate::store::columns::from_scaled;
+        use crate::store::scan::{dictionary_text, unit_batches};
+        use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
+        let path = unit.path.as_path();
+        let cols = ["meter_id", "ts", "channel", "value", "quality"];
+        let mut out = Vec::new();
+        for b in unit_batches(unit, &cols)? {
+            let b = b?;
+            let bad = || PrepayError::Input(format!("{}: not a readings file", path.display()));
+            let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
+            let dict = |n: &str| get(n).and_then(|a| dictionary_text(a.as_ref()).ok_or_else(bad));
+            let meter_id = get("meter_id")?
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(bad)?;
+            let ts = get("ts")?
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .ok_or_else(bad)?;
+            let value = get("value")?
+                .as_any()
+                .downcast_ref::<Decimal128Array>()
+                .ok_or_else(bad)?;
+            let (ch_keys, ch_vals) = dict("channel")?;
+            let (q_keys, q_vals) = dict("quality")?;
+            let uses: Vec<Use> = (0..ch_vals.len())
+                .map(|k| match ch_vals.value(k).parse::<Channel>() {
+                    Ok(Channel::ImportActiveTotal) => Use::Total,
+                    Ok(Channel::ImportActiveInterval) => Use::Interval,
+                    Ok(c) if !self.tou.is_empty() => {
+                        tariff_register(c).map_or(Use::Skip, Use::Register)
+                    }
+                    _ => Use::Skip,
+                })
+                .collect();
+            // Suspect, conflicting or device-error values are not charged; estimates are.
+            let chargeable: Vec<bool> = (0..q_vals.len())
+                .map(|k| match q_vals.value(k) {
+                    "ok" => true,
+                    q => {
+                        let q = Quality::parse(q).unwrap_or(Quality::SUSPECT);
+                        !(q.contains(Quality::SUSPECT)
+                            || q.contains(Quality::CONFLICT)
+                            || q.contains(Quality::DEVICE_ERROR))
+                    }
+                })
+                .collect();
+            for i in 0..b.num_rows() {
+                let u = uses[ch_keys[i] as usize];
+                if matches!(u, Use::Skip) || !chargeable[q_keys[i] as usize] {
+                    continue;
+                }
+                let t = ts.value(i);
+                if t > self.through_ms {
+                    continue;
+                }
+                let m = meter_id.value(i);
+                let by_interval = !self.intervals.is_empty() && self.intervals.contains(m);
+                let reg = match u {
+                    Use::Total if !by_interval => None,
+                    Use::Interval if by_interval => None,
+                    Use::Register(r) if self.tou.contains(m) => Some(r),
+                    _ => continue,
+                };
+                if !self.fleet.meters.contains_key(m) {
+                    continue;
+                }
+                out.push((m.to_string(), t, from_scaled(value.value(i)), reg));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Steps one meter's readings from `cursor`; returns entries and the last
@@ -463,28 +518,58 @@ pub fn note_spend(
     daily: &mut HashMap<String, Decimal>,
     cursors: &[Cursor],
 ) {
-    let mut accounts = BTreeSet::new();
-    for c in cursors {
-        match meter_daily_spend(pricer, fleet, c) {
-            Some(s) => per_meter.insert(c.meter_id.clone(), s),
-            None => per_meter.remove(&c.meter_id),
-        };
-        if let Some(m) = fleet.meters.get(&c.meter_id) {
-            accounts.insert(m.account_id.as_str());
+    let spends = meter_spends(pricer, fleet, cursors);
+    apply_spends(fleet, per_meter, daily, spends);
+}
+
+/// [`meter_daily_spend`] of each cursor's meter (the pure, costly half of
+/// [`note_spend`]).
+pub fn meter_spends(
+    pricer: &dyn Pricer,
+    fleet: &Fleet,
+    cursors: &[Cursor],
+) -> Vec<(String, Option<Decimal>)> {
+    cursors
+        .iter()
+        .map(|c| (c.meter_id.clone(), meter_daily_spend(pricer, fleet, c)))
+        .collect()
+}
+
+/// Stores meter spends and re-sums the daily spend of their accounts.
+pub fn apply_spends(
+    fleet: &Fleet,
+    per_meter: &mut HashMap<String, Decimal>,
+    daily: &mut HashMap<String, Decimal>,
+    spends: Vec<(String, Option<Decimal>)>,
+) {
+    let mut accounts = Vec::with_capacity(spends.len());
+    for (meter_id, spend) in spends {
+        if let Some(m) = fleet.meters.get(&meter_id) {
+            accounts.push(m.account_id.as_str());
         }
+        match spend {
+            Some(s) => per_meter.insert(meter_id, s),
+            None => per_meter.remove(&meter_id),
+        };
     }
+    accounts.sort_unstable();
+    accounts.dedup();
     for a in accounts {
-        let spends: Vec<Decimal> = fleet
+        let sum = fleet
             .meters_of
             .get(a)
             .into_iter()
             .flatten()
             .filter_map(|m| per_meter.get(m).copied())
-            .collect();
-        if spends.is_empty() {
-            daily.remove(a);
-        } else {
-            daily.insert(a.to_string(), spends.into_iter().sum());
+            .reduce(|x, y| x + y);
+        match (sum, daily.get_mut(a)) {
+            (Some(s), Some(d)) => *d = s,
+            (Some(s), None) => {
+                daily.insert(a.to_string(), s);
+            }
+            (None, _) => {
+                daily.remove(a);
+            }
         }
     }
 }
@@ -498,19 +583,77 @@ pub struct RunOptions<'a> {
     pub through_ms: i64,
     /// Meters per transaction.
     pub chunk: usize,
-    /// Re-evaluate every prepaid account's alerts and relay rules at the end.
+    /// Re-evaluate the alerts and relay rules of every prepaid account this
+    /// run did not charge at the end (the time-based rules: grace periods,
+    /// protected windows).
     pub evaluate_all: bool,
 }
 
+/// One chunk of meters stepped from given cursors: the batch to commit,
+/// its stepping counters and its meters' daily spends.
+struct Stepped {
+    batch: Batch,
+    local: RunStats,
+    spends: Vec<(String, Option<Decimal>)>,
+}
+
+/// What stepping a chunk reads; shared with the thread that steps the next
+/// chunk while this one commits.
+struct Stepper<'a> {
+    pricer: &'a (dyn Pricer + Sync),
+    fleet: &'a Fleet,
+    readings: &'a FxMap<String, Vec<RegisterReading>>,
+    intervals: &'a HashSet<String>,
+}
+
+impl Stepper<'_> {
+    /// Steps `chunk`'s meters from `before` (their stored cursors, in order).
+    fn step(&self, chunk: &[&String], before: Vec<Option<Cursor>>) -> Stepped {
+        let mut batch = Batch::default();
+        let mut local = RunStats::default();
+        for (m, before) in chunk.iter().zip(before) {
+            batch.expect.push((
+                (*m).clone(),
+                deduct_channel(self.intervals, m).into(),
+                before.as_ref().map(Cursor::stamp),
+            ));
+            let (entries, cur) = deduct_meter(
+                self.pricer,
+                self.fleet,
+                m,
+                before.clone(),
+                &self.readings[*m],
+                self.intervals.contains(*m),
+                "prepay-run",
+                &mut local,
+            );
+            if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
+                batch.cursors.push(c);
+            }
+            batch.entries.extend(entries);
+        }
+        let spends = meter_spends(self.pricer, self.fleet, &batch.cursors);
+        Stepped {
+            batch,
+            local,
+            spends,
+        }
+    }
+}
+
 /// Deducts everything in the lake not yet deducted, through `through_ms`.
+///
+/// Chunk k + 1 is stepped on a second thread while chunk k commits: chunks
+/// hold different meters, so stepping one never needs the other's cursors.
 pub fn run_batch(
     ledger: &mut dyn Ledger,
-    pricer: &dyn Pricer,
+    pricer: &(dyn Pricer + Sync),
     fleet: &Fleet,
     hook: &mut PrepayHook<'_>,
     opts: &RunOptions<'_>,
 ) -> Result<RunStats, PrepayError> {
     let mut stats = RunStats::default();
+    let t0 = std::time::Instant::now();
     let intervals = interval_meters(pricer, fleet, opts.through_ms);
     let readings = load_register_readings(
         opts.lake,
@@ -520,7 +663,7 @@ pub fn run_batch(
         opts.from,
         opts.through_ms,
     )?;
-    let mut cursors: HashMap<String, Cursor> = ledger
+    let mut cursors: FxMap<String, Cursor> = ledger
         .cursors()?
         .into_iter()
         .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
@@ -529,72 +672,88 @@ pub fn run_batch(
     let mut meters: Vec<&String> = readings.keys().collect();
     meters.sort();
     stats.meters = meters.len();
+    let t_read = t0.elapsed();
+    let stepper = Stepper {
+        pricer,
+        fleet,
+        readings: &readings,
+        intervals: &intervals,
+    };
     let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
-    for chunk in meters.chunks(opts.chunk.max(1)) {
-        let mut attempt = 0;
-        loop {
-            let mut batch = Batch::default();
-            let mut local = RunStats::default();
-            for m in chunk {
-                let before = cursors.get(*m).cloned();
-                batch.expect.push((
-                    (*m).clone(),
-                    deduct_channel(&intervals, m).into(),
-                    before.as_ref().map(Cursor::stamp),
-                ));
-                let (entries, cur) = deduct_meter(
-                    pricer,
-                    fleet,
-                    m,
-                    before.clone(),
-                    &readings[*m],
-                    intervals.contains(*m),
-                    "prepay-run",
-                    &mut local,
-                );
-                if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
-                    batch.cursors.push(c);
-                }
-                batch.entries.extend(entries);
+    let mut charged: HashSet<String> = HashSet::new();
+    let chunks: Vec<&[&String]> = meters.chunks(opts.chunk.max(1)).collect();
+    let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
+        chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
+    };
+    std::thread::scope(|scope| -> Result<(), PrepayError> {
+        let mut next = chunks.first().map(|c| {
+            let before = befores(&cursors, c);
+            let stepper = &stepper;
+            scope.spawn(move || stepper.step(c, before))
+        });
+        for (k, chunk) in chunks.iter().enumerate() {
+            let mut stepped = next
+                .take()
+                .expect("spawned for every chunk")
+                .join()
+                .map_err(|_| PrepayError::Input("stepping a chunk panicked".into()))?;
+            if let Some(c) = chunks.get(k + 1) {
+                let before = befores(&cursors, c);
+                let stepper = &stepper;
+                next = Some(scope.spawn(move || stepper.step(c, before)));
             }
-            note_spend(
-                pricer,
-                fleet,
-                &mut meter_spend,
-                &mut hook.daily_spend,
-                &batch.cursors,
-            );
-            let report = ledger.commit(&batch, hook)?;
-            if report.stale {
-                // Another run moved these cursors: re-read them and recompute the chunk.
-                attempt += 1;
-                stats.retries += 1;
-                if attempt > 20 {
-                    return Err(PrepayError::Input(
-                        "cursors keep moving under this run; is another run stuck in a loop?"
-                            .into(),
-                    ));
+            let mut attempt = 0;
+            loop {
+                let Stepped {
+                    batch,
+                    local,
+                    spends,
+                } = stepped;
+                apply_spends(fleet, &mut meter_spend, &mut hook.daily_spend, spends);
+                let report = ledger.commit(&batch, hook)?;
+                if report.stale {
+                    // Another run moved these cursors: re-read them and recompute the chunk.
+                    attempt += 1;
+                    stats.retries += 1;
+                    if attempt > 20 {
+                        return Err(PrepayError::Input(
+                            "cursors keep moving under this run; is another run stuck in a loop?"
+                                .into(),
+                        ));
+                    }
+                    for m in chunk.iter() {
+                        match ledger.cursor(m, deduct_channel(&intervals, m))? {
+                            Some(c) => cursors.insert((*m).clone(), c),
+                            None => cursors.remove(*m),
+                        };
+                    }
+                    stepped = stepper.step(chunk, befores(&cursors, chunk));
+                    continue;
                 }
-                for m in chunk {
-                    match ledger.cursor(m, deduct_channel(&intervals, m))? {
-                        Some(c) => cursors.insert((*m).clone(), c),
-                        None => cursors.remove(*m),
-                    };
+                stats.chunks += 1;
+                stats.absorb(&local, &batch, &report);
+                if opts.evaluate_all {
+                    charged.extend(batch.entries.iter().map(|e| e.account_id.clone()));
                 }
-                continue;
+                for c in batch.cursors {
+                    cursors.insert(c.meter_id.clone(), c);
+                }
+                break;
             }
-            stats.chunks += 1;
-            stats.absorb(&local, &batch, &report);
-            for c in batch.cursors {
-                cursors.insert(c.meter_id.clone(), c);
-            }
-            break;
         }
-    }
+        Ok(())
+    })?;
+    let t_deduct = t0.elapsed();
     if opts.evaluate_all {
-        let mut accounts: Vec<String> = fleet.accounts.keys().cloned().collect();
+        // Accounts a chunk already charged were evaluated inside its commit.
+        let mut accounts: Vec<String> = fleet
+            .accounts
+            .keys()
+            .filter(|a| !charged.contains(a.as_str()))
+            .cloned()
+            .collect();
         accounts.sort();
-        for chunk in accounts.chunks(1000) {
+        for chunk in accounts.chunks(opts.chunk.max(1)) {
             let batch = Batch {
                 evaluate: chunk.to_vec(),
                 ..Default::default()
@@ -603,5 +762,11 @@ pub fn run_batch(
             stats.count_outbox(&report.outbox);
         }
     }
+    tracing::info!(
+        read_s = t_read.as_secs_f64(),
+        deduct_s = (t_deduct - t_read).as_secs_f64(),
+        evaluate_s = (t0.elapsed() - t_deduct).as_secs_f64(),
+        "prepay run phases"
+    );
     Ok(stats)
 }
