@@ -1,7 +1,6 @@
 //! `meterflow ledger ...`: the prepayment ledger (migrate, balances, history,
 //! Parquet export, payment-file import).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -166,7 +165,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 thresholds: &th,
                 control: None,
                 fleet: &fleet,
-                daily_spend: HashMap::new(),
+                daily_spend: Default::default(),
                 now_ms: None,
             };
             let mut conflicts = 0;

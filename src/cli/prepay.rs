@@ -1,6 +1,5 @@
 //! `meterflow prepay ...`: deduction runs over the readings lake.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -252,7 +251,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         thresholds: &th,
         control: control.as_ref(),
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms,
     };
     let opts = RunOptions {

@@ -89,7 +89,7 @@ pub fn run(
         thresholds: &thresholds,
         control: None,
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms: None,
     };
     let payments = master.join(crate::master::PAYMENTS_FILE);

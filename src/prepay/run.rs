@@ -24,6 +24,8 @@ use crate::master::{Account, Meter, PaymentMode};
 use crate::model::{Channel, Quality};
 use crate::store::scan::FxMap;
 
+type FxSet<T> = HashSet<T, std::hash::BuildHasherDefault<crate::store::scan::Fx>>;
+
 /// Prepaid accounts and their meters.
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
@@ -52,22 +54,39 @@ impl Fleet {
     }
 
     pub fn from_rows(accounts: Vec<Account>, meters: Vec<Meter>) -> Fleet {
-        let mut f = Fleet::default();
-        for a in accounts {
-            if a.payment_mode == PaymentMode::Prepaid {
-                f.accounts.insert(a.account_id.clone(), a);
-            }
+        let prepaid: FxSet<String> = accounts
+            .iter()
+            .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+            .map(|a| a.account_id.clone())
+            .collect();
+        // The account map and the meter maps are built side by side.
+        let (accounts, (meters, meters_of)) = rayon::join(
+            || {
+                accounts
+                    .into_iter()
+                    .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+                    .map(|a| (a.account_id.clone(), a))
+                    .collect::<FxMap<_, _>>()
+            },
+            || {
+                let mut by_id = FxMap::default();
+                let mut of: FxMap<String, Vec<String>> = FxMap::default();
+                for m in meters {
+                    if prepaid.contains(&m.account_id) {
+                        of.entry(m.account_id.clone())
+                            .or_default()
+                            .push(m.meter_id.clone());
+                        by_id.insert(m.meter_id.clone(), m);
+                    }
+                }
+                (by_id, of)
+            },
+        );
+        Fleet {
+            accounts,
+            meters,
+            meters_of,
         }
-        for m in meters {
-            if f.accounts.contains_key(&m.account_id) {
-                f.meters_of
-                    .entry(m.account_id.clone())
-                    .or_default()
-                    .push(m.meter_id.clone());
-                f.meters.insert(m.meter_id.clone(), m);
-            }
-        }
-        f
     }
 }
 
@@ -77,7 +96,7 @@ pub struct PrepayHook<'a> {
     pub control: Option<&'a Control>,
     pub fleet: &'a Fleet,
     /// Recent daily spend per account (yuan/day) for the days-of-credit forecast.
-    pub daily_spend: HashMap<String, Decimal>,
+    pub daily_spend: FxMap<String, Decimal>,
     /// Clock override (tests, demo); wall clock otherwise.
     pub now_ms: Option<i64>,
 }
@@ -514,8 +533,8 @@ pub fn meter_daily_spend(pricer: &dyn Pricer, fleet: &Fleet, c: &Cursor) -> Opti
 pub fn note_spend(
     pricer: &dyn Pricer,
     fleet: &Fleet,
-    per_meter: &mut HashMap<String, Decimal>,
-    daily: &mut HashMap<String, Decimal>,
+    per_meter: &mut FxMap<String, Decimal>,
+    daily: &mut FxMap<String, Decimal>,
     cursors: &[Cursor],
 ) {
     let spends = meter_spends(pricer, fleet, cursors);
@@ -538,8 +557,8 @@ pub fn meter_spends(
 /// Stores meter spends and re-sums the daily spend of their accounts.
 pub fn apply_spends(
     fleet: &Fleet,
-    per_meter: &mut HashMap<String, Decimal>,
-    daily: &mut HashMap<String, Decimal>,
+    per_meter: &mut FxMap<String, Decimal>,
+    daily: &mut FxMap<String, Decimal>,
     spends: Vec<(String, Option<Decimal>)>,
 ) {
     let mut accounts = Vec::with_capacity(spends.len());
@@ -670,7 +689,7 @@ pub fn run_batch(
         .map(|c| (c.meter_id.clone(), c))
         .collect();
     let mut meters: Vec<&String> = readings.keys().collect();
-    meters.sort();
+    meters.sort_unstable();
     stats.meters = meters.len();
     let t_read = t0.elapsed();
     let stepper = Stepper {
@@ -679,8 +698,8 @@ pub fn run_batch(
         readings: &readings,
         intervals: &intervals,
     };
-    let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
-    let mut charged: HashSet<String> = HashSet::new();
+    let mut meter_spend: FxMap<String, Decimal> = FxMap::default();
+    let mut charged: FxSet<&str> = FxSet::default();
     let chunks: Vec<&[&String]> = meters.chunks(opts.chunk.max(1)).collect();
     let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
         chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
@@ -733,11 +752,16 @@ pub fn run_batch(
                 stats.chunks += 1;
                 stats.absorb(&local, &batch, &report);
                 if opts.evaluate_all {
-                    charged.extend(batch.entries.iter().map(|e| e.account_id.clone()));
+                    charged.extend(
+                        batch
+                            .entries
+                            .iter()
+                            .filter_map(|e| fleet.accounts.get_key_value(&e.account_id))
+                            .map(|(a, _)| a.as_str()),
+                    );
                 }
-                for c in batch.cursors {
-                    cursors.insert(c.meter_id.clone(), c);
-                }
+                // No chunk after this one steps these meters: their new
+                // cursors are not kept here.
                 break;
             }
         }

@@ -165,7 +165,7 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         thresholds: &thresholds,
         control: control.as_ref(),
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms: None,
     };
     let sinks = Sinks {
@@ -251,7 +251,7 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         .map(|c| (c.meter_id.clone(), c))
         .collect();
     let mut stats = RunStats::default();
-    let mut meter_spend: HashMap<String, Decimal> = HashMap::new();
+    let mut meter_spend: crate::store::scan::FxMap<String, Decimal> = Default::default();
     let mut last_message = Instant::now();
     let mut pending: Vec<Publish> = Vec::new();
     let mut batch_started = Instant::now();
@@ -359,7 +359,7 @@ fn process(
     decoder: &mut crate::ingest::decode::Decoder,
     lake: Option<&mut crate::store::Lake>,
     cursors: &mut HashMap<String, Cursor>,
-    meter_spend: &mut HashMap<String, Decimal>,
+    meter_spend: &mut crate::store::scan::FxMap<String, Decimal>,
     routing: &Routing<'_>,
     stats: &mut RunStats,
 ) -> Result<(), PrepayError> {

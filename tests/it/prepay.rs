@@ -6,7 +6,7 @@
 //! 127.0.0.1:5432, skipped with a printed reason when nothing answers.
 //! Mosquitto: `MQTT_URL` likewise (127.0.0.1:1883).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -712,7 +712,7 @@ fn alerts_fire_once_per_level_crossing_are_rearmed_by_a_top_up_and_land_in_the_d
         thresholds: &th,
         control: None,
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms: Some(1_790_000_000_000),
     };
     {
@@ -791,7 +791,7 @@ fn webhook_alerts_are_retried_until_the_receiver_answers() {
         thresholds: &th,
         control: None,
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms: None,
     };
     l.commit(
@@ -1207,7 +1207,7 @@ fn batch_run(
         thresholds: &th,
         control: None,
         fleet: &fleet,
-        daily_spend: HashMap::new(),
+        daily_spend: Default::default(),
         now_ms: None,
     };
     let opts = RunOptions {
