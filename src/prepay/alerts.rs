@@ -34,17 +34,6 @@ pub struct Levels {
     pub forecast_days: Option<Decimal>,
 }
 
-impl Levels {
-    fn or(&self, wider: &Levels) -> Levels {
-        Levels {
-            levels: self.levels.clone().or_else(|| wider.levels.clone()),
-            zero: self.zero.or(wider.zero),
-            overdraft_limit: self.overdraft_limit.or(wider.overdraft_limit),
-            forecast_days: self.forecast_days.or(wider.forecast_days),
-        }
-    }
-}
-
 /// Remote fee control settings (see `control`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,13 +160,20 @@ impl Thresholds {
 
     /// Effective levels: account, then tariff, then class, then default.
     pub fn for_account(&self, account_id: &str, tariff_id: &str, class: &str) -> Levels {
-        let none = Levels::default();
-        self.account
-            .get(account_id)
-            .unwrap_or(&none)
-            .or(self.tariff.get(tariff_id).unwrap_or(&none))
-            .or(self.class.get(class).unwrap_or(&none))
-            .or(&self.default)
+        let scopes = [
+            self.account.get(account_id),
+            self.tariff.get(tariff_id),
+            self.class.get(class),
+            Some(&self.default),
+        ];
+        let scopes = scopes.iter().flatten();
+        // Field by field, most specific first; only the chosen list is cloned.
+        Levels {
+            levels: scopes.clone().find_map(|l| l.levels.as_ref()).cloned(),
+            zero: scopes.clone().find_map(|l| l.zero),
+            overdraft_limit: scopes.clone().find_map(|l| l.overdraft_limit),
+            forecast_days: scopes.clone().find_map(|l| l.forecast_days),
+        }
     }
 }
 
@@ -240,6 +236,9 @@ pub fn evaluate(
         checks.push(("low_days", f, d <= f));
     }
     for (kind, threshold, below) in checks {
+        if !below && flags.is_empty() {
+            continue; // above the level and never alerted: nothing to raise or re-arm
+        }
         let flag = format!("alert:{kind}:{}", threshold.normalize());
         let was = flags.contains(&flag);
         if below && !was {

@@ -59,18 +59,24 @@ impl Fleet {
             .filter(|a| a.payment_mode == PaymentMode::Prepaid)
             .map(|a| a.account_id.clone())
             .collect();
+        // Sized up front: growing a map of ~300-byte accounts moves them at every doubling.
+        let n_prepaid = prepaid.len();
         // The account map and the meter maps are built side by side.
         let (accounts, (meters, meters_of)) = rayon::join(
             || {
-                accounts
-                    .into_iter()
-                    .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-                    .map(|a| (a.account_id.clone(), a))
-                    .collect::<FxMap<_, _>>()
+                let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
+                by_id.extend(
+                    accounts
+                        .into_iter()
+                        .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+                        .map(|a| (a.account_id.clone(), a)),
+                );
+                by_id
             },
             || {
-                let mut by_id = FxMap::default();
-                let mut of: FxMap<String, Vec<String>> = FxMap::default();
+                let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
+                let mut of: FxMap<String, Vec<String>> =
+                    FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
                 for m in meters {
                     if prepaid.contains(&m.account_id) {
                         of.entry(m.account_id.clone())
