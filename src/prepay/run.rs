@@ -22,9 +22,7 @@ use super::PrepayError;
 use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
 use crate::master::{Account, Meter, PaymentMode};
 use crate::model::{Channel, Quality};
-use crate::store::scan::FxMap;
-
-type FxSet<T> = HashSet<T, std::hash::BuildHasherDefault<crate::store::scan::Fx>>;
+use crate::store::scan::{FxMap, FxSet};
 
 /// Prepaid accounts and their meters.
 #[derive(Debug, Clone, Default)]

@@ -45,6 +45,7 @@ impl Hasher for Fx {
 }
 
 pub type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+pub type FxSet<T> = std::collections::HashSet<T, BuildHasherDefault<Fx>>;
 
 /// One reading of a known meter, compact: value scaled by 10^4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
