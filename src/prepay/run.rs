@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
+use std::time::Duration;
 
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
@@ -565,19 +566,34 @@ pub fn apply_spends(
     daily: &mut FxMap<String, Decimal>,
     spends: Vec<(String, Option<Decimal>)>,
 ) {
-    let mut accounts = Vec::with_capacity(spends.len());
+    let mut shared: Vec<&str> = Vec::new();
     for (meter_id, spend) in spends {
-        if let Some(m) = fleet.meters.get(&meter_id) {
-            accounts.push(m.account_id.as_str());
-        }
-        match spend {
-            Some(s) => per_meter.insert(meter_id, s),
-            None => per_meter.remove(&meter_id),
+        let Some(a) = fleet.meters.get(&meter_id).map(|m| m.account_id.as_str()) else {
+            continue;
         };
+        let single = fleet.meters_of.get(a).is_some_and(|ms| ms.len() == 1);
+        match spend {
+            Some(s) => {
+                if single {
+                    set_daily(daily, a, Some(s)); // the account's one meter: its sum
+                }
+                per_meter.insert(meter_id, s);
+            }
+            None => {
+                if single {
+                    set_daily(daily, a, None);
+                }
+                per_meter.remove(&meter_id);
+            }
+        }
+        if !single {
+            shared.push(a);
+        }
     }
-    accounts.sort_unstable();
-    accounts.dedup();
-    for a in accounts {
+    // Accounts with several meters: summed once all their spends are in.
+    shared.sort_unstable();
+    shared.dedup();
+    for a in shared {
         let sum = fleet
             .meters_of
             .get(a)
@@ -585,14 +601,18 @@ pub fn apply_spends(
             .flatten()
             .filter_map(|m| per_meter.get(m).copied())
             .reduce(|x, y| x + y);
-        match (sum, daily.get_mut(a)) {
-            (Some(s), Some(d)) => *d = s,
-            (Some(s), None) => {
-                daily.insert(a.to_string(), s);
-            }
-            (None, _) => {
-                daily.remove(a);
-            }
+        set_daily(daily, a, sum);
+    }
+}
+
+fn set_daily(daily: &mut FxMap<String, Decimal>, account: &str, spend: Option<Decimal>) {
+    match (spend, daily.get_mut(account)) {
+        (Some(s), Some(d)) => *d = s,
+        (Some(s), None) => {
+            daily.insert(account.to_string(), s);
+        }
+        (None, _) => {
+            daily.remove(account);
         }
     }
 }
@@ -708,6 +728,8 @@ pub fn run_batch(
     let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
         chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
     };
+    // Where the deduction phase's time goes: waiting for a stepped chunk, committing.
+    let (mut waited, mut committed) = (Duration::ZERO, Duration::ZERO);
     std::thread::scope(|scope| -> Result<(), PrepayError> {
         let mut next = chunks.first().map(|c| {
             let before = befores(&cursors, c);
@@ -715,11 +737,13 @@ pub fn run_batch(
             scope.spawn(move || stepper.step(c, before))
         });
         for (k, chunk) in chunks.iter().enumerate() {
+            let waiting = std::time::Instant::now();
             let mut stepped = next
                 .take()
                 .expect("spawned for every chunk")
                 .join()
                 .map_err(|_| PrepayError::Input("stepping a chunk panicked".into()))?;
+            waited += waiting.elapsed();
             if let Some(c) = chunks.get(k + 1) {
                 let before = befores(&cursors, c);
                 let stepper = &stepper;
@@ -733,7 +757,9 @@ pub fn run_batch(
                     spends,
                 } = stepped;
                 apply_spends(fleet, &mut meter_spend, &mut hook.daily_spend, spends);
+                let committing = std::time::Instant::now();
                 let report = ledger.commit(&batch, hook)?;
+                committed += committing.elapsed();
                 if report.stale {
                     // Another run moved these cursors: re-read them and recompute the chunk.
                     attempt += 1;
@@ -793,8 +819,75 @@ pub fn run_batch(
     tracing::info!(
         read_s = t_read.as_secs_f64(),
         deduct_s = (t_deduct - t_read).as_secs_f64(),
+        waiting_for_steps_s = waited.as_secs_f64(),
+        committing_s = committed.as_secs_f64(),
         evaluate_s = (t0.elapsed() - t_deduct).as_secs_f64(),
         "prepay run phases"
     );
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    /// A1 has one meter (M1), A2 two (M2, M3).
+    fn fleet() -> Fleet {
+        let account = |id: &str| Account {
+            account_id: id.into(),
+            payment_mode: PaymentMode::Prepaid,
+            ..crate::prepay::pricing::tests::account("flat")
+        };
+        let meter = |id: &str, account: &str| Meter {
+            meter_id: id.into(),
+            account_id: account.into(),
+            ..crate::prepay::deduct::tests::meter()
+        };
+        Fleet::from_rows(
+            vec![account("A1"), account("A2")],
+            vec![meter("M1", "A1"), meter("M2", "A2"), meter("M3", "A2")],
+        )
+    }
+
+    #[test]
+    fn daily_spend_sums_every_meter_of_an_account_across_chunks() {
+        let f = fleet();
+        let (mut per_meter, mut daily) = (FxMap::default(), FxMap::default());
+        let spend = |m: &str, s: Option<Decimal>| (m.to_string(), s);
+        apply_spends(
+            &f,
+            &mut per_meter,
+            &mut daily,
+            vec![spend("M1", Some(dec!(1.5))), spend("M2", Some(dec!(2)))],
+        );
+        assert_eq!(daily.get("A1"), Some(&dec!(1.5)));
+        assert_eq!(daily.get("A2"), Some(&dec!(2)));
+        // M3 arrives in the next chunk: A2 is the sum of both meters.
+        apply_spends(
+            &f,
+            &mut per_meter,
+            &mut daily,
+            vec![spend("M3", Some(dec!(0.25)))],
+        );
+        assert_eq!(daily.get("A2"), Some(&dec!(2.25)));
+        // A meter without a forecast drops out of its account's sum; an
+        // account with none left has no daily spend.
+        apply_spends(
+            &f,
+            &mut per_meter,
+            &mut daily,
+            vec![spend("M2", None), spend("M1", None)],
+        );
+        assert_eq!(daily.get("A2"), Some(&dec!(0.25)));
+        assert_eq!(daily.get("A1"), None);
+        // Unknown meters are ignored.
+        apply_spends(
+            &f,
+            &mut per_meter,
+            &mut daily,
+            vec![spend("X9", Some(dec!(9)))],
+        );
+        assert_eq!(daily.len(), 1);
+    }
 }
