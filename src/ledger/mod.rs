@@ -337,7 +337,8 @@ pub trait Ledger: Send {
         kind: &str,
         limit: usize,
     ) -> Result<Vec<OutboxMsg>, LedgerError>;
-    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError>;
+    /// Marks outbox messages delivered, each named by its account and id.
+    fn mark_delivered(&mut self, delivered: &[(&str, &str)]) -> Result<(), LedgerError>;
     /// Every outbox message ever written (delivered or not), oldest first.
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;
     /// Backend name for logs (`sqlite:PATH`, `postgres:HOST/schema`).

@@ -513,8 +513,8 @@ impl Ledger for PgLedger {
         Ok(outbox_from(rows))
     }
 
-    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    fn mark_delivered(&mut self, delivered: &[(&str, &str)]) -> Result<(), LedgerError> {
+        let ids: Vec<&str> = delivered.iter().map(|(_, id)| *id).collect();
         self.client.execute(
             "UPDATE outbox SET delivered_ms = $2 WHERE id = ANY($1)",
             &[&ids, &now_ms()],

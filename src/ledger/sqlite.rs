@@ -109,6 +109,27 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO flags5 SELECT account_id, flag, set_ms FROM flags;
      DROP TABLE flags;
      ALTER TABLE flags5 RENAME TO flags;",
+    // 6: the outbox unique by (account, id), not by id alone. Alert ids are
+    // hashes: a unique index on them alone puts every new message on a
+    // random page, so a commit that raises alerts for thousands of accounts
+    // rewrites most of that index. Keyed by account first, a commit's
+    // messages (raised in account order) land side by side. Ids stay
+    // unique: each is derived from its account.
+    "CREATE TABLE outbox6 (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        account_id TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        delivered_ms INTEGER,
+        UNIQUE (account_id, id)
+     );
+     INSERT INTO outbox6 SELECT n, id, kind, account_id, created_ms, payload, delivered_ms FROM outbox;
+     DROP TABLE outbox;
+     ALTER TABLE outbox6 RENAME TO outbox;
+     CREATE INDEX outbox_pending ON outbox(n) WHERE delivered_ms IS NULL;
+     CREATE INDEX outbox_pending_kind ON outbox(kind, n) WHERE delivered_ms IS NULL;",
 ];
 
 pub struct SqliteLedger {
@@ -492,15 +513,17 @@ impl Ledger for SqliteLedger {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn mark_delivered(&mut self, ids: &[String]) -> Result<(), LedgerError> {
+    fn mark_delivered(&mut self, delivered: &[(&str, &str)]) -> Result<(), LedgerError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut st = tx.prepare_cached("UPDATE outbox SET delivered_ms = ?2 WHERE id = ?1")?;
+            let mut st = tx.prepare_cached(
+                "UPDATE outbox SET delivered_ms = ?3 WHERE account_id = ?1 AND id = ?2",
+            )?;
             let now = now_ms();
-            for id in ids {
-                st.execute(params![id, now])?;
+            for (account, id) in delivered {
+                st.execute(params![account, id, now])?;
             }
         }
         tx.commit()?;
@@ -648,5 +671,46 @@ mod tests {
         // Migrating again changes nothing.
         l.migrate().unwrap();
         assert_eq!(l.balance("A1").unwrap(), Decimal::new(125, 1));
+    }
+
+    #[test]
+    fn the_outbox_keyed_by_account_keeps_its_messages_order_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let conn = at_version(&path, 5);
+        conn.execute_batch(
+            "INSERT INTO outbox(n, id, kind, account_id, created_ms, payload, delivered_ms)
+             VALUES (7, 'x1', 'alert', 'A1', 1, '{}', 2), (9, 'x2', 'alert', 'A2', 1, '{}', NULL);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut l = SqliteLedger::open(&path).unwrap();
+        l.migrate().unwrap();
+        let ids = |msgs: Vec<OutboxMsg>| msgs.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        assert_eq!(ids(l.pending_outbox(10).unwrap()), ["x2"]);
+        let msg = |id: &str, account: &str| OutboxMsg {
+            id: id.into(),
+            kind: "alert".into(),
+            account_id: account.into(),
+            created_ms: 3,
+            payload: "{}".into(),
+        };
+        let tx = l.conn.transaction().unwrap();
+        let mut t = SqlTx { tx: &tx };
+        assert!(t.insert_outbox(&msg("x3", "A3")).unwrap());
+        assert!(
+            !t.insert_outbox(&msg("x2", "A2")).unwrap(),
+            "a replay is ignored"
+        );
+        tx.commit().unwrap();
+        let n: i64 = l
+            .conn
+            .query_row("SELECT n FROM outbox WHERE id = 'x3'", [], |r| r.get(0))
+            .unwrap();
+        assert!(n > 9, "numbering goes on after the copied messages: {n}");
+        assert_eq!(ids(l.pending_outbox(10).unwrap()), ["x2", "x3"]);
+        l.mark_delivered(&[("A2", "x2")]).unwrap();
+        assert_eq!(ids(l.pending_outbox(10).unwrap()), ["x3"]);
+        assert_eq!(ids(l.outbox_all().unwrap()), ["x1", "x2", "x3"]);
     }
 }

@@ -618,10 +618,10 @@ pub fn dispatch(ledger: &mut dyn Ledger, d: &RelayDispatch) -> Result<RelayStats
         if superseded {
             stats.superseded += 1;
             if d.execute {
-                done.push(m.id.clone());
+                done.push((m.account_id.as_str(), m.id.as_str()));
             }
         } else if all_acknowledged {
-            done.push(m.id.clone());
+            done.push((m.account_id.as_str(), m.id.as_str()));
         }
     }
     ledger.mark_delivered(&done)?;

@@ -258,7 +258,7 @@ fn deliver_in_rounds(
             }
             alerts.push(a);
             stats.alerts += 1;
-            done.push(m.id.clone());
+            done.push((m.account_id.as_str(), m.id.as_str()));
         }
         if let Some(root) = &sinks.alerts_root {
             write_alerts_dataset(root, &alerts)?;
