@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{Array, StringArray};
 use chrono::{Datelike, Duration, NaiveDate, Weekday};
 use rayon::prelude::*;
 use rust_decimal::Decimal;
@@ -314,25 +314,15 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
     // collector and address is interpreted once per batch, not once per row.
     for b in crate::store::scan::unit_batches(unit, &cols)? {
         let b = b?;
+        let v = crate::store::scan::ScanView::new(&b, path)?;
         let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
-        let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
         let dict = |n: &str| {
-            get(n).and_then(|a| crate::store::scan::dictionary_text(a.as_ref()).ok_or_else(bad))
+            b.column_by_name(n)
+                .and_then(|a| crate::store::scan::dictionary_text(a.as_ref()))
+                .ok_or_else(bad)
         };
-        let meter_id = get("meter_id")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(bad)?;
-        let ts = get("ts")?
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .ok_or_else(bad)?;
-        let value = get("value")?
-            .as_any()
-            .downcast_ref::<Decimal128Array>()
-            .ok_or_else(bad)?;
-        let (ch_keys, ch_vals) = dict("channel")?;
-        let (q_keys, q_vals) = dict("quality")?;
+        let meter_id = v.meter_id;
+        let ((ch_keys, ch_vals), (q_keys, q_vals)) = (v.channel, v.quality);
         let (c_keys, c_vals) = dict("source_collector")?;
         let (a_keys, a_vals) = dict("source_address")?;
         // 0..5 register, 5 interval, 6 voltage, 7 other
@@ -370,7 +360,7 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
         let buses: Vec<&str> = (0..a_vals.len())
             .map(|k| a_vals.value(k).split('/').next().unwrap_or(""))
             .collect();
-        let (ts, value) = (ts.values(), value.values());
+        let (ts, value) = (v.ts, v.value);
         out.rows += b.num_rows() as u64;
         out.regs.reserve(b.num_rows());
         // Rows come grouped by meter and source: cache the last lookups.

@@ -348,50 +348,33 @@ enum Use {
 impl Wanted<'_> {
     fn read_unit(&self, unit: &crate::store::scan::Unit) -> Result<Vec<WantedRow>, PrepayError> {
         use crate::store::columns::from_scaled;
-        use crate::store::scan::{dictionary_text, unit_batches};
-        use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
-        let path = unit.path.as_path();
-        let cols = ["meter_id", "ts", "channel", "value", "quality"];
+        use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
         let mut out = Vec::new();
-        for b in unit_batches(unit, &cols)? {
+        for b in unit_batches(unit, &SCAN_COLUMNS)? {
             let b = b?;
-            let bad = || PrepayError::Input(format!("{}: not a readings file", path.display()));
-            let get = |n: &str| b.column_by_name(n).ok_or_else(bad);
-            let dict = |n: &str| get(n).and_then(|a| dictionary_text(a.as_ref()).ok_or_else(bad));
-            let meter_id = get("meter_id")?
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(bad)?;
-            let ts = get("ts")?
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>()
-                .ok_or_else(bad)?;
-            let value = get("value")?
-                .as_any()
-                .downcast_ref::<Decimal128Array>()
-                .ok_or_else(bad)?;
-            let (ch_keys, ch_vals) = dict("channel")?;
-            let (q_keys, q_vals) = dict("quality")?;
-            let uses: Vec<Use> = (0..ch_vals.len())
-                .map(|k| match ch_vals.value(k).parse::<Channel>() {
-                    Ok(Channel::ImportActiveTotal) => Use::Total,
-                    Ok(Channel::ImportActiveInterval) => Use::Interval,
-                    Ok(c) if !self.tou.is_empty() => {
+            let v = ScanView::new(&b, &unit.path)?;
+            let (meter_id, ts, value) = (v.meter_id, v.ts, v.value);
+            let (ch_keys, q_keys) = (v.channel.0, v.quality.0);
+            let uses: Vec<Use> = v
+                .channels()
+                .into_iter()
+                .map(|c| match c {
+                    Some(Channel::ImportActiveTotal) => Use::Total,
+                    Some(Channel::ImportActiveInterval) => Use::Interval,
+                    Some(c) if !self.tou.is_empty() => {
                         tariff_register(c).map_or(Use::Skip, Use::Register)
                     }
                     _ => Use::Skip,
                 })
                 .collect();
             // Suspect, conflicting or device-error values are not charged; estimates are.
-            let chargeable: Vec<bool> = (0..q_vals.len())
-                .map(|k| match q_vals.value(k) {
-                    "ok" => true,
-                    q => {
-                        let q = Quality::parse(q).unwrap_or(Quality::SUSPECT);
-                        !(q.contains(Quality::SUSPECT)
-                            || q.contains(Quality::CONFLICT)
-                            || q.contains(Quality::DEVICE_ERROR))
-                    }
+            let chargeable: Vec<bool> = v
+                .qualities()
+                .into_iter()
+                .map(|q| {
+                    !(q.contains(Quality::SUSPECT)
+                        || q.contains(Quality::CONFLICT)
+                        || q.contains(Quality::DEVICE_ERROR))
                 })
                 .collect();
             for i in 0..b.num_rows() {
@@ -399,7 +382,7 @@ impl Wanted<'_> {
                 if matches!(u, Use::Skip) || !chargeable[q_keys[i] as usize] {
                     continue;
                 }
-                let t = ts.value(i);
+                let t = ts[i];
                 if t > self.through_ms {
                     continue;
                 }
@@ -414,7 +397,7 @@ impl Wanted<'_> {
                 if !self.fleet.meters.contains_key(m) {
                     continue;
                 }
-                out.push((m.to_string(), t, from_scaled(value.value(i)), reg));
+                out.push((m.to_string(), t, from_scaled(value[i]), reg));
             }
         }
         Ok(out)

@@ -119,6 +119,81 @@ pub fn unit_batches<'a>(
     }))
 }
 
+/// The columns every scan reads (see [`unit_batches`]).
+pub const SCAN_COLUMNS: [&str; 5] = ["meter_id", "ts", "channel", "value", "quality"];
+
+/// The [`SCAN_COLUMNS`] of one scanned batch, checked once: times and
+/// scaled values as slices, `channel` and `quality` as dictionaries (keys
+/// per row, text per distinct value).
+pub struct ScanView<'a> {
+    pub meter_id: &'a StringArray,
+    pub ts: &'a [i64],
+    /// Scaled by 10^[`VALUE_SCALE`].
+    pub value: &'a [i128],
+    pub channel: (&'a [i32], &'a StringArray),
+    pub quality: (&'a [i32], &'a StringArray),
+}
+
+impl<'a> ScanView<'a> {
+    pub fn new(
+        batch: &'a arrow::record_batch::RecordBatch,
+        path: &Path,
+    ) -> Result<ScanView<'a>, StoreError> {
+        let bad = |what: &str| {
+            StoreError::Schema(format!(
+                "{}: unexpected readings schema ({what})",
+                path.display()
+            ))
+        };
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(name));
+        let dict = |name: &str| dictionary_text(col(name)?.as_ref()).ok_or_else(|| bad(name));
+        let meter_id = col("meter_id")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| bad("meter_id"))?;
+        let ts = col("ts")?
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .ok_or_else(|| bad("ts"))?;
+        let value = col("value")?
+            .as_any()
+            .downcast_ref::<Decimal128Array>()
+            .ok_or_else(|| bad("value"))?;
+        if value.scale() != VALUE_SCALE {
+            return Err(bad("value scale"));
+        }
+        Ok(ScanView {
+            meter_id,
+            ts: ts.values(),
+            value: value.values(),
+            channel: dict("channel")?,
+            quality: dict("quality")?,
+        })
+    }
+
+    /// Each distinct channel parsed once (index by `channel.0[row]`); None
+    /// for a channel this build does not know.
+    pub fn channels(&self) -> Vec<Option<Channel>> {
+        let v = self.channel.1;
+        (0..v.len())
+            .map(|k| v.is_valid(k).then(|| v.value(k).parse().ok()).flatten())
+            .collect()
+    }
+
+    /// Each distinct quality parsed once (index by `quality.0[row]`);
+    /// missing or unreadable is suspect.
+    pub fn qualities(&self) -> Vec<Quality> {
+        let v = self.quality.1;
+        (0..v.len())
+            .map(|k| match v.is_valid(k).then(|| v.value(k)) {
+                Some("ok") => Quality::OK,
+                Some(q) => Quality::parse(q).unwrap_or(Quality::SUSPECT),
+                None => Quality::SUSPECT,
+            })
+            .collect()
+    }
+}
+
 /// The text values of a dictionary column (see [`unit_batches`]).
 pub fn dictionary_text(a: &dyn Array) -> Option<(&[i32], &StringArray)> {
     let d = a.as_any().downcast_ref::<DictionaryArray<Int32Type>>()?;
@@ -191,27 +266,12 @@ impl Scanner<'_> {
     /// Like [`Scanner::decode`], reusing `out`'s buffers (no fresh pages per unit).
     pub fn decode_into(&self, unit: &Unit, out: &mut Chunk) -> Result<(), StoreError> {
         let path = unit.path.as_path();
-        let bad = |what: &str| {
-            StoreError::Schema(format!(
-                "{}: unexpected readings schema ({what})",
-                path.display()
-            ))
-        };
-        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, unit.meta.clone())
-            .with_batch_size(64 * 1024)
-            .with_row_groups(vec![unit.row_group]);
-        let mask = ProjectionMask::columns(
-            builder.parquet_schema(),
-            ["meter_id", "ts", "channel", "value", "quality"],
-        );
         let rows = unit
             .meta
             .metadata()
             .row_group(unit.row_group)
             .num_rows()
             .max(0) as usize;
-        let reader = builder.with_projection(mask).build().map_err(perr(path))?;
         out.shards.resize_with(self.shards, Vec::new);
         for s in &mut out.shards {
             s.clear();
@@ -220,50 +280,18 @@ impl Scanner<'_> {
         }
         out.unknown.clear();
         out.rows = 0;
-        for batch in reader {
-            let batch = batch.map_err(|e| StoreError::Parquet {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
-            let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(name));
-            let mid = col("meter_id")?
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| bad("meter_id"))?;
-            let ts = col("ts")?
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>()
-                .ok_or_else(|| bad("ts"))?;
-            let dict = |name: &str| -> Result<(&[i32], &StringArray), StoreError> {
-                dictionary_text(col(name)?.as_ref()).ok_or_else(|| bad(name))
-            };
-            let (ck, ch_vals) = dict("channel")?;
-            let (qk, q_vals) = dict("quality")?;
-            let val = col("value")?
-                .as_any()
-                .downcast_ref::<Decimal128Array>()
-                .ok_or_else(|| bad("value"))?;
-            if val.scale() != VALUE_SCALE {
-                return Err(bad("value scale"));
-            }
-            let ch_map: Vec<Option<Channel>> = ch_vals
-                .iter()
-                .map(|s| {
-                    s.and_then(|s| s.parse::<Channel>().ok())
-                        .filter(|c| (self.keep)(*c))
-                })
+        for batch in unit_batches(unit, &SCAN_COLUMNS)? {
+            let batch = batch?;
+            let v = ScanView::new(&batch, path)?;
+            let (mid, ts, val, ck, qk) = (v.meter_id, v.ts, v.value, v.channel.0, v.quality.0);
+            let ch_map: Vec<Option<Channel>> = v
+                .channels()
+                .into_iter()
+                .map(|c| c.filter(|c| (self.keep)(*c)))
                 .collect();
-            let q_map: Vec<Quality> = q_vals
-                .iter()
-                .map(|s| match s {
-                    Some("ok") => Quality::OK,
-                    Some(s) => Quality::parse(s).unwrap_or(Quality::SUSPECT),
-                    None => Quality::SUSPECT,
-                })
-                .collect();
+            let q_map = v.qualities();
             let n = batch.num_rows();
             out.rows += n as u64;
-            let (ts, val) = (ts.values(), val.values());
             // The id of the previous row and its index (None = unknown meter).
             let mut last: Option<(&str, Option<u32>)> = None;
             // The shard of the previous row's meter and its index range.
@@ -406,6 +434,74 @@ mod tests {
                 ts: day + 1,
                 value: 7
             }
+        );
+    }
+
+    #[test]
+    fn a_scan_view_interprets_each_distinct_channel_and_quality_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let day = 1_790_000_000_000i64;
+        let suspect = Quality::SUSPECT | Quality::ESTIMATED;
+        lake.accept(&[
+            reading("A", day, Channel::ImportActiveTotal, 12_345, Quality::OK),
+            reading("A", day + 1, Channel::ImportActiveTotal, 12_346, suspect),
+            reading("B", day, Channel::VoltageA, 2200, Quality::OK),
+        ])
+        .unwrap();
+        lake.flush().unwrap();
+        let files = crate::store::reader::list_files(
+            dir.path(),
+            crate::store::schema::READINGS,
+            NaiveDate::MIN,
+            NaiveDate::MAX,
+        )
+        .unwrap();
+        let mut rows = Vec::new();
+        for u in units(&files).unwrap() {
+            for b in unit_batches(&u, &SCAN_COLUMNS).unwrap() {
+                let b = b.unwrap();
+                let v = ScanView::new(&b, &u.path).unwrap();
+                let (channels, qualities) = (v.channels(), v.qualities());
+                assert!(
+                    channels.len() <= 2 && qualities.len() <= 2,
+                    "one entry per distinct value"
+                );
+                for i in 0..b.num_rows() {
+                    rows.push((
+                        v.meter_id.value(i).to_string(),
+                        v.ts[i],
+                        v.value[i],
+                        channels[v.channel.0[i] as usize],
+                        qualities[v.quality.0[i] as usize],
+                    ));
+                }
+                // A batch without the columns of a scan is refused, naming the column.
+                let bare = b.project(&[0]).unwrap();
+                let e = ScanView::new(&bare, &u.path).err().unwrap().to_string();
+                assert!(e.contains("ts"), "{e}");
+            }
+        }
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                (
+                    "A".into(),
+                    day,
+                    12_345,
+                    Some(Channel::ImportActiveTotal),
+                    Quality::OK
+                ),
+                (
+                    "A".into(),
+                    day + 1,
+                    12_346,
+                    Some(Channel::ImportActiveTotal),
+                    suspect
+                ),
+                ("B".into(), day, 2200, Some(Channel::VoltageA), Quality::OK),
+            ]
         );
     }
 }
