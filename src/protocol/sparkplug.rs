@@ -798,11 +798,9 @@ mod tests {
         assert!(decode_payload(&[0x12, 0xff, 0x01]).is_err());
     }
 
-    #[test]
-    fn device_data_by_alias_resolves_names_from_birth() {
-        let mut s = State::new();
-        s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![]));
-        let birth = payload(
+    /// A DBIRTH (seq 1) naming metric alias 7 `Energy/Import`, at 10.25.
+    fn energy_birth() -> Payload {
+        payload(
             1,
             vec![metric(
                 Some("Energy/Import"),
@@ -810,7 +808,14 @@ mod tests {
                 datatype::DOUBLE,
                 MetricValue::DoubleValue(10.25),
             )],
-        );
+        )
+    }
+
+    #[test]
+    fn device_data_by_alias_resolves_names_from_birth() {
+        let mut s = State::new();
+        s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![]));
+        let birth = energy_birth();
         let o = s.handle(&t("spBv1.0/g/DBIRTH/e/m1"), &birth);
         assert_eq!(o.values[0].value, Value::Number(dec!(10.25)));
         let data = payload(
@@ -843,15 +848,7 @@ mod tests {
             s.replay(&topic, &data).needs_birth,
             "the device birth is still missing"
         );
-        let birth = payload(
-            1,
-            vec![metric(
-                Some("Energy/Import"),
-                Some(7),
-                datatype::DOUBLE,
-                MetricValue::DoubleValue(10.25),
-            )],
-        );
+        let birth = energy_birth();
         s.handle(&t("spBv1.0/g/DBIRTH/e/m1"), &birth);
         let o = s.replay(&topic, &data);
         assert!(!o.needs_birth && !o.rebirth_needed, "{o:?}");
