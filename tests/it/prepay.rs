@@ -1526,3 +1526,111 @@ fn stream_raises_one_low_days_forecast_alert_per_account() {
     assert!(c.wait_with_output().unwrap().status.success());
     assert_eq!(low_days_alerts(&url).len(), 5);
 }
+
+/// A ledger where another writer commits the same chunk just before this
+/// run's `nth` commit (an overlapping run that got there first).
+struct OvertakenAt {
+    inner: Box<dyn Ledger>,
+    nth: usize,
+    commits: usize,
+}
+
+impl Ledger for OvertakenAt {
+    fn migrate(&mut self) -> Result<(), ledger::LedgerError> {
+        self.inner.migrate()
+    }
+    fn commit(
+        &mut self,
+        batch: &Batch,
+        hook: &dyn ledger::CommitHook,
+    ) -> Result<ledger::CommitReport, ledger::LedgerError> {
+        self.commits += 1;
+        if self.commits == self.nth {
+            assert!(!self.inner.commit(batch, hook)?.stale);
+        }
+        self.inner.commit(batch, hook)
+    }
+    fn balance(&mut self, a: &str) -> Result<Decimal, ledger::LedgerError> {
+        self.inner.balance(a)
+    }
+    fn balances(&mut self) -> Result<Vec<(String, Decimal)>, ledger::LedgerError> {
+        self.inner.balances()
+    }
+    fn check(&mut self) -> Result<Vec<ledger::BalanceCheck>, ledger::LedgerError> {
+        self.inner.check()
+    }
+    fn entries(
+        &mut self,
+        a: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ledger::Entry>, ledger::LedgerError> {
+        self.inner.entries(a, after, limit)
+    }
+    fn cursor(&mut self, m: &str, c: &str) -> Result<Option<ledger::Cursor>, ledger::LedgerError> {
+        self.inner.cursor(m, c)
+    }
+    fn cursors(&mut self) -> Result<Vec<ledger::Cursor>, ledger::LedgerError> {
+        self.inner.cursors()
+    }
+    fn flags(
+        &mut self,
+        a: &str,
+    ) -> Result<std::collections::BTreeSet<String>, ledger::LedgerError> {
+        self.inner.flags(a)
+    }
+    fn pending_outbox(&mut self, n: usize) -> Result<Vec<ledger::OutboxMsg>, ledger::LedgerError> {
+        self.inner.pending_outbox(n)
+    }
+    fn pending_outbox_of(
+        &mut self,
+        kind: &str,
+        n: usize,
+    ) -> Result<Vec<ledger::OutboxMsg>, ledger::LedgerError> {
+        self.inner.pending_outbox_of(kind, n)
+    }
+    fn mark_delivered(&mut self, d: &[(&str, &str)]) -> Result<(), ledger::LedgerError> {
+        self.inner.mark_delivered(d)
+    }
+    fn outbox_all(&mut self) -> Result<Vec<ledger::OutboxMsg>, ledger::LedgerError> {
+        self.inner.outbox_all()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_chunk_overtaken_while_the_next_one_is_stepped_is_recomputed_and_charged_once() {
+    let f = fixture(12, 21);
+    let url = sqlite_url(&f.root);
+    let mut l = OvertakenAt {
+        inner: ledger::open_migrated(&url).unwrap(),
+        nth: 2,
+        commits: 0,
+    };
+    let fleet = Fleet::load(&f.master).unwrap();
+    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
+    let th = Thresholds::builtin();
+    let mut hook = PrepayHook {
+        thresholds: &th,
+        control: None,
+        fleet: &fleet,
+        daily_spend: Default::default(),
+        now_ms: None,
+    };
+    let opts = RunOptions {
+        lake: &f.lake,
+        from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
+        through_ms: 1_793_462_400_000, // 2026-11-01T00:00+08:00
+        chunk: 3,
+        evaluate_all: true,
+    };
+    let stats = run_batch(&mut l, &pricer, &fleet, &mut hook, &opts).unwrap();
+    // Chunk 2 was committed by the other writer first: this run found its
+    // cursors moved, re-read them, and its recomputed chunk charged nothing new.
+    assert_eq!(stats.retries, 1);
+    assert_eq!(stats.chunks, 4);
+    drop(l);
+    assert_matches_recomputation(&url, &f);
+}
