@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use rust_decimal::Decimal;
 
 use super::{
-    Batch, CommitHook, CommitReport, Cursor, CursorStamp, LedgerError, NewEntry, OutboxMsg, Outcome,
+    Batch, CommitHook, CommitReport, Cursor, CursorStamp, Expect, LedgerError, NewEntry, OutboxMsg,
+    Outcome,
 };
 
 /// Primitive operations inside one open transaction.
 pub trait Tx {
     /// Locks (creating at zero if missing) the balance rows of `accounts`, in the given (sorted) order.
-    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError>;
+    fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError>;
     /// Balance and entry count.
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError>;
     fn set_balance(
@@ -56,22 +57,26 @@ pub fn commit_batch(
 ) -> Result<CommitReport, LedgerError> {
     let mut report = CommitReport::default();
     // Lock order: balances (sorted), then cursors (sorted): no deadlocks between writers.
-    let mut accounts: BTreeSet<String> =
-        batch.entries.iter().map(|e| e.account_id.clone()).collect();
-    accounts.extend(batch.evaluate.iter().cloned());
-    let accounts: Vec<String> = accounts.into_iter().collect();
+    let mut accounts: Vec<&str> = batch
+        .entries
+        .iter()
+        .map(|e| e.account_id.as_str())
+        .chain(batch.evaluate.iter().map(String::as_str))
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
     tx.lock_balances(&accounts)?;
-    let mut expect = batch.expect.clone();
-    expect.sort();
-    // Cursors checked here are locked and known: no second lookup below.
-    let mut known: BTreeMap<(&str, &str), Option<CursorStamp>> = BTreeMap::new();
-    for (meter, channel, want) in &expect {
+    let mut expect: Vec<&Expect> = batch.expect.iter().collect();
+    expect.sort_unstable();
+    // Cursors checked here are locked and known (sorted by key): no second lookup below.
+    let mut known: Vec<((&str, &str), Option<CursorStamp>)> = Vec::with_capacity(expect.len());
+    for (meter, channel, want) in expect {
         let got = tx.cursor_ts_for_update(meter, channel)?;
         if got != *want {
             report.stale = true;
             return Ok(report);
         }
-        known.insert((meter.as_str(), channel.as_str()), got);
+        known.push(((meter.as_str(), channel.as_str()), got));
     }
     let mut delta: BTreeMap<&str, (Decimal, i64)> = BTreeMap::new();
     let stored = tx.insert_entries(&batch.entries, now_ms)?;
@@ -91,17 +96,18 @@ pub fn commit_batch(
     let mut cursors: Vec<&Cursor> = batch.cursors.iter().collect();
     cursors.sort_by(|a, b| (&a.meter_id, &a.channel).cmp(&(&b.meter_id, &b.channel)));
     for c in cursors {
-        let stored = match known.get(&(c.meter_id.as_str(), c.channel.as_str())) {
-            Some(s) => *s,
-            None => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
+        let key = (c.meter_id.as_str(), c.channel.as_str());
+        let stored = match known.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => known[i].1,
+            Err(_) => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
         };
         if stored.is_none_or(|(ts, _, _)| ts <= c.last_ts_ms) {
             tx.upsert_cursor(c)?;
         }
     }
-    for account in &accounts {
+    for &account in &accounts {
         let (mut bal, mut count) = tx.balance(account)?;
-        if let Some((d, n)) = delta.get(account.as_str()) {
+        if let Some((d, n)) = delta.get(account) {
             bal += *d;
             count += *n;
             tx.set_balance(account, bal, *n)?;

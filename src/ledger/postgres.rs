@@ -154,7 +154,7 @@ impl PgTx<'_, '_> {
 }
 
 impl Tx for PgTx<'_, '_> {
-    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
+    fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError> {
         // Two round trips for the whole batch; rows are locked in sorted order
         // (LockRows runs above the sort), like the per-row loop it replaces.
         self.tx.execute(

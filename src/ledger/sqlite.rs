@@ -206,7 +206,7 @@ struct SqlTx<'a> {
 }
 
 impl Tx for SqlTx<'_> {
-    fn lock_balances(&mut self, accounts: &[String]) -> Result<(), LedgerError> {
+    fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError> {
         // BEGIN IMMEDIATE already holds the write lock; just make the rows exist.
         let mut st = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)",
@@ -712,5 +712,73 @@ mod tests {
         l.mark_delivered(&[("A2", "x2")]).unwrap();
         assert_eq!(ids(l.pending_outbox(10).unwrap()), ["x3"]);
         assert_eq!(ids(l.outbox_all().unwrap()), ["x1", "x2", "x3"]);
+    }
+
+    #[test]
+    fn a_batch_reports_each_entry_as_inserted_duplicate_or_conflict() {
+        use crate::ledger::Outcome;
+        use rust_decimal_macros::dec;
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("ledger.sqlite")).unwrap();
+        l.migrate().unwrap();
+        let entry = |k: usize, amount: Decimal| NewEntry {
+            key: format!("k{k:04}"),
+            account_id: format!("A{}", k % 7),
+            kind: EntryKind::Deduction,
+            amount,
+            ts_ms: k as i64,
+            source: "test".into(),
+            detail: String::new(),
+        };
+        let first = Batch {
+            entries: (0..10).map(|k| entry(k, dec!(-1))).collect(),
+            ..Default::default()
+        };
+        l.commit(&first, &crate::ledger::NoHook).unwrap();
+        // k0003 is stored already, k0005 stored with another amount, k0200
+        // comes twice in one batch.
+        let mut entries: Vec<NewEntry> = (3..300).map(|k| entry(k, dec!(-1))).collect();
+        entries[2] = entry(5, dec!(-2));
+        entries.insert(150, entry(200, dec!(-1)));
+        let report = l
+            .commit(
+                &Batch {
+                    entries: entries.clone(),
+                    ..Default::default()
+                },
+                &crate::ledger::NoHook,
+            )
+            .unwrap();
+        assert_eq!(report.outcomes.len(), entries.len());
+        for (e, o) in entries.iter().zip(&report.outcomes) {
+            let k: usize = e.key[1..].parse().unwrap();
+            let want = match k {
+                5 => "conflict",
+                _ if k < 10 => "duplicate",
+                _ => "inserted",
+            };
+            let got = match o {
+                Outcome::Inserted => "inserted",
+                Outcome::Duplicate => "duplicate",
+                Outcome::Conflict { .. } => "conflict",
+            };
+            if k == 200 && got == "duplicate" {
+                continue; // the second k0200
+            }
+            assert_eq!(got, want, "{}", e.key);
+        }
+        let dups_of_200 = entries
+            .iter()
+            .zip(&report.outcomes)
+            .filter(|(e, o)| e.key == "k0200" && **o == Outcome::Duplicate)
+            .count();
+        assert_eq!(
+            dups_of_200, 1,
+            "the second k0200 is the first one's duplicate"
+        );
+        // Balances add up to the stored entries: k0000..k0299 once each at -1.
+        let total: Decimal = l.balances().unwrap().into_iter().map(|(_, b)| b).sum();
+        assert_eq!(total, dec!(-300));
+        assert!(l.check().unwrap().iter().all(BalanceCheck::ok));
     }
 }

@@ -616,11 +616,13 @@ pub struct RunOptions<'a> {
 }
 
 /// One chunk of meters stepped from given cursors: the batch to commit,
-/// its stepping counters and its meters' daily spends.
-struct Stepped {
+/// its stepping counters, the daily spend of its accounts and the accounts
+/// it charges nothing.
+struct Stepped<'a> {
     batch: Batch,
     local: RunStats,
-    spends: Vec<(String, Option<Decimal>)>,
+    daily: FxMap<String, Decimal>,
+    uncharged: Vec<&'a str>,
 }
 
 /// What stepping a chunk reads; shared with the thread that steps the next
@@ -632,9 +634,10 @@ struct Stepper<'a> {
     intervals: &'a HashSet<String>,
 }
 
-impl Stepper<'_> {
-    /// Steps `chunk`'s meters from `before` (their stored cursors, in order).
-    fn step(&self, chunk: &[&String], before: Vec<Option<Cursor>>) -> Stepped {
+impl<'a> Stepper<'a> {
+    /// Steps `chunk`'s meters (whole accounts) from `before` (their stored
+    /// cursors, in order).
+    fn step(&self, chunk: &[&'a String], before: Vec<Option<Cursor>>) -> Stepped<'a> {
         let mut batch = Batch::default();
         let mut local = RunStats::default();
         for (m, before) in chunk.iter().zip(before) {
@@ -658,19 +661,62 @@ impl Stepper<'_> {
             }
             batch.entries.extend(entries);
         }
-        let spends = meter_spends(self.pricer, self.fleet, &batch.cursors);
+        // A chunk holds every stepped meter of its accounts: an account's
+        // daily spend is the sum over its meters here.
+        let mut daily: FxMap<String, Decimal> = FxMap::default();
+        for (meter, spend) in meter_spends(self.pricer, self.fleet, &batch.cursors) {
+            if let (Some(s), Some(m)) = (spend, self.fleet.meters.get(&meter)) {
+                *daily.entry(m.account_id.clone()).or_default() += s;
+            }
+        }
+        let charged: FxSet<&str> = batch
+            .entries
+            .iter()
+            .map(|e| e.account_id.as_str())
+            .collect();
+        let mut uncharged: Vec<&'a str> = chunk
+            .iter()
+            .filter_map(|m| self.fleet.meters.get(m.as_str()))
+            .filter_map(|m| self.fleet.accounts.get_key_value(&m.account_id))
+            .map(|(a, _)| a.as_str())
+            .filter(|a| !charged.contains(a))
+            .collect();
+        uncharged.dedup();
         Stepped {
             batch,
             local,
-            spends,
+            daily,
+            uncharged,
         }
     }
 }
 
+/// Cuts meters (sorted by account) into chunks of about `size` meters,
+/// never splitting an account: its daily spend is summed within a chunk.
+fn account_chunks<'m>(
+    meters: &'m [&'m String],
+    fleet: &Fleet,
+    size: usize,
+) -> Vec<&'m [&'m String]> {
+    let account = |m: &String| fleet.meters.get(m).map(|m| m.account_id.as_str());
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < meters.len() {
+        let mut end = (start + size.max(1)).min(meters.len());
+        while end < meters.len() && account(meters[end]) == account(meters[end - 1]) {
+            end += 1;
+        }
+        out.push(&meters[start..end]);
+        start = end;
+    }
+    out
+}
+
 /// Deducts everything in the lake not yet deducted, through `through_ms`.
 ///
-/// Chunk k + 1 is stepped on a second thread while chunk k commits: chunks
-/// hold different meters, so stepping one never needs the other's cursors.
+/// Meters go in account order, in chunks of whole accounts. Chunk k + 1 is
+/// stepped on a second thread while chunk k commits: chunks hold different
+/// meters, so stepping one never needs the other's cursors.
 pub fn run_batch(
     ledger: &mut dyn Ledger,
     pricer: &(dyn Pricer + Sync),
@@ -695,8 +741,12 @@ pub fn run_batch(
         .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
         .map(|c| (c.meter_id.clone(), c))
         .collect();
-    let mut meters: Vec<&String> = readings.keys().collect();
+    let mut meters: Vec<(&str, &String)> = readings
+        .keys()
+        .map(|m| (fleet.meters.get(m).map_or("", |m| m.account_id.as_str()), m))
+        .collect();
     meters.sort_unstable();
+    let meters: Vec<&String> = meters.into_iter().map(|(_, m)| m).collect();
     stats.meters = meters.len();
     let t_read = t0.elapsed();
     let stepper = Stepper {
@@ -705,20 +755,40 @@ pub fn run_batch(
         readings: &readings,
         intervals: &intervals,
     };
-    let mut meter_spend: FxMap<String, Decimal> = FxMap::default();
-    let mut charged: FxSet<&str> = FxSet::default();
-    let chunks: Vec<&[&String]> = meters.chunks(opts.chunk.max(1)).collect();
+    // Accounts the run charges nothing (re-evaluated at the end), with the
+    // daily spends of those it stepped.
+    let mut uncharged: Vec<&str> = Vec::new();
+    let mut uncharged_spend: FxMap<String, Decimal> = FxMap::default();
+    let chunks = account_chunks(&meters, fleet, opts.chunk);
     let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
         chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
     };
     // Where the deduction phase's time goes: waiting for a stepped chunk, committing.
     let (mut waited, mut committed) = (Duration::ZERO, Duration::ZERO);
-    std::thread::scope(|scope| -> Result<(), PrepayError> {
+    let unstepped = std::thread::scope(|scope| -> Result<Vec<&str>, PrepayError> {
+        // Accounts with no meter read: found on the second core meanwhile.
+        let unstepped = opts.evaluate_all.then(|| {
+            scope.spawn(|| {
+                fleet
+                    .accounts
+                    .keys()
+                    .filter(|a| {
+                        !fleet
+                            .meters_of
+                            .get(*a)
+                            .is_some_and(|ms| ms.iter().any(|m| readings.contains_key(m)))
+                    })
+                    .map(String::as_str)
+                    .collect::<Vec<&str>>()
+            })
+        });
         let mut next = chunks.first().map(|c| {
             let before = befores(&cursors, c);
             let stepper = &stepper;
             scope.spawn(move || stepper.step(c, before))
         });
+        // The batch committed last, dropped on the stepping thread.
+        let mut spent: Option<Batch> = None;
         for (k, chunk) in chunks.iter().enumerate() {
             let waiting = std::time::Instant::now();
             let mut stepped = next
@@ -730,16 +800,21 @@ pub fn run_batch(
             if let Some(c) = chunks.get(k + 1) {
                 let before = befores(&cursors, c);
                 let stepper = &stepper;
-                next = Some(scope.spawn(move || stepper.step(c, before)));
+                let spent = spent.take();
+                next = Some(scope.spawn(move || {
+                    drop(spent);
+                    stepper.step(c, before)
+                }));
             }
             let mut attempt = 0;
             loop {
                 let Stepped {
                     batch,
                     local,
-                    spends,
+                    daily,
+                    uncharged: none,
                 } = stepped;
-                apply_spends(fleet, &mut meter_spend, &mut hook.daily_spend, spends);
+                hook.daily_spend = daily;
                 let committing = std::time::Instant::now();
                 let report = ledger.commit(&batch, hook)?;
                 committed += committing.elapsed();
@@ -764,32 +839,36 @@ pub fn run_batch(
                 }
                 stats.chunks += 1;
                 stats.absorb(&local, &batch, &report);
-                if opts.evaluate_all {
-                    charged.extend(
-                        batch
-                            .entries
-                            .iter()
-                            .filter_map(|e| fleet.accounts.get_key_value(&e.account_id))
-                            .map(|(a, _)| a.as_str()),
-                    );
+                for a in &none {
+                    if let Some(s) = hook.daily_spend.get(*a) {
+                        uncharged_spend.insert(a.to_string(), *s);
+                    }
                 }
+                uncharged.extend(none);
+                spent = Some(batch);
                 // No chunk after this one steps these meters: their new
                 // cursors are not kept here.
                 break;
             }
         }
-        Ok(())
+        Ok(match unstepped {
+            Some(h) => h
+                .join()
+                .map_err(|_| PrepayError::Input("listing unread accounts panicked".into()))?,
+            None => Vec::new(),
+        })
     })?;
     let t_deduct = t0.elapsed();
     if opts.evaluate_all {
-        // Accounts a chunk already charged were evaluated inside its commit.
-        let mut accounts: Vec<String> = fleet
-            .accounts
-            .keys()
-            .filter(|a| !charged.contains(a.as_str()))
-            .cloned()
+        // Accounts a chunk charged were evaluated inside its commit.
+        let mut accounts: Vec<String> = uncharged
+            .into_iter()
+            .chain(unstepped)
+            .map(str::to_string)
             .collect();
-        accounts.sort();
+        accounts.sort_unstable();
+        accounts.dedup();
+        hook.daily_spend = uncharged_spend;
         for chunk in accounts.chunks(opts.chunk.max(1)) {
             let batch = Batch {
                 evaluate: chunk.to_vec(),
@@ -872,5 +951,31 @@ mod tests {
             vec![spend("X9", Some(dec!(9)))],
         );
         assert_eq!(daily.len(), 1);
+    }
+
+    #[test]
+    fn chunks_never_split_an_account() {
+        let f = fleet();
+        let ids: Vec<String> = ["M1", "M2", "M3"].map(String::from).to_vec();
+        let meters: Vec<&String> = ids.iter().collect();
+        let names = |cs: Vec<&[&String]>| -> Vec<Vec<String>> {
+            cs.iter()
+                .map(|c| c.iter().map(|m| m.to_string()).collect())
+                .collect()
+        };
+        // M2 and M3 are A2's: a chunk of one meter grows to hold both.
+        assert_eq!(
+            names(account_chunks(&meters, &f, 1)),
+            [vec!["M1"], vec!["M2", "M3"]]
+        );
+        assert_eq!(
+            names(account_chunks(&meters, &f, 2)),
+            [vec!["M1", "M2", "M3"]]
+        );
+        assert_eq!(
+            names(account_chunks(&meters, &f, 3)),
+            [vec!["M1", "M2", "M3"]]
+        );
+        assert!(account_chunks(&[], &f, 5).is_empty());
     }
 }
