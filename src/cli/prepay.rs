@@ -100,8 +100,9 @@ pub struct RunArgs {
     /// POST each alert as JSON to this webhook (retried 5 times).
     #[arg(long)]
     pub webhook: Option<String>,
-    /// Meters per ledger transaction.
-    #[arg(long, default_value_t = 500)]
+    /// Meters per ledger transaction (whole accounts: a chunk grows to hold
+    /// every meter of its last account). A killed run redoes at most one.
+    #[arg(long, default_value_t = 5000)]
     pub chunk: usize,
     /// Clock for alerts and relay rules (RFC 3339); default now.
     #[arg(long)]
