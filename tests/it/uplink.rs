@@ -389,21 +389,9 @@ timeout_ms = 300
     );
     let got = wait_for_readings(&central, stats.readings as usize, 30).await;
     assert_eq!(got.len() as u64, stats.readings);
-
-    // `lake = true`: the same cycle lands in both places.
-    std::fs::write(&file, toml.replace("lake = false", "lake = true")).unwrap();
-    let both = collect_once(CollectorConfig::load(&file).unwrap(), &local)
-        .await
-        .unwrap();
-    assert_eq!(both.uplinked, both.readings);
-    let local_rs = reader::read_all_readings(&local).unwrap();
-    assert_eq!(local_rs.len() as u64, both.readings);
-    let central_rs = wait_for_readings(&central, 2 * stats.readings as usize, 30).await;
-    ingest.stop().await;
-    let local_keys: std::collections::BTreeSet<_> = values(&local_rs).into_keys().collect();
-    let central_keys: std::collections::BTreeSet<_> = values(&central_rs).into_keys().collect();
-    assert!(local_keys.is_subset(&central_keys));
-    // Every simulated register arrived with its exact value.
+    // Every simulated register arrived with its exact value: the values the
+    // meter served in this first cycle (the second cycle reads the drifting
+    // power registers again).
     let want: BTreeMap<(String, Channel), Decimal> = sim
         .handle
         .served()
@@ -426,6 +414,20 @@ timeout_ms = 300
         })
         .flatten()
         .collect();
+
+    // `lake = true`: the same cycle lands in both places.
+    std::fs::write(&file, toml.replace("lake = false", "lake = true")).unwrap();
+    let both = collect_once(CollectorConfig::load(&file).unwrap(), &local)
+        .await
+        .unwrap();
+    assert_eq!(both.uplinked, both.readings);
+    let local_rs = reader::read_all_readings(&local).unwrap();
+    assert_eq!(local_rs.len() as u64, both.readings);
+    let central_rs = wait_for_readings(&central, 2 * stats.readings as usize, 30).await;
+    ingest.stop().await;
+    let local_keys: std::collections::BTreeSet<_> = values(&local_rs).into_keys().collect();
+    let central_keys: std::collections::BTreeSet<_> = values(&central_rs).into_keys().collect();
+    assert!(local_keys.is_subset(&central_keys));
     let got: BTreeMap<(String, Channel), Decimal> = got
         .iter()
         .filter(|r| r.channel != Channel::ClockSkew)
