@@ -101,7 +101,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub webhook: Option<String>,
     /// Meters per ledger transaction (whole accounts: a chunk grows to hold
-    /// every meter of its last account). A killed run redoes at most one.
+    /// every meter of its last account). A killed run redoes at most one chunk.
     #[arg(long, default_value_t = 5000)]
     pub chunk: usize,
     /// Clock for alerts and relay rules (RFC 3339); default now.
