@@ -350,8 +350,20 @@ pub fn shard_len(meters: usize, shards: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::model::{Protocol, Reading, Source};
     use crate::store::{Lake, LakeOptions};
+
+    /// Every readings file of a test lake.
+    fn all_readings_files(root: &std::path::Path) -> Vec<(NaiveDate, std::path::PathBuf)> {
+        crate::store::reader::list_files(
+            root,
+            crate::store::schema::READINGS,
+            NaiveDate::MIN,
+            NaiveDate::MAX,
+        )
+        .unwrap()
+    }
 
     fn reading(meter: &str, ts: i64, ch: Channel, v: i64, q: Quality) -> Reading {
         Reading {
@@ -394,13 +406,7 @@ mod tests {
         }
         lake.accept(&rs).unwrap();
         lake.flush().unwrap();
-        let files = crate::store::reader::list_files(
-            dir.path(),
-            crate::store::schema::READINGS,
-            NaiveDate::MIN,
-            NaiveDate::MAX,
-        )
-        .unwrap();
+        let files = all_readings_files(dir.path());
         let index: FxMap<&str, u32> = [("A", 0u32), ("B", 1), ("C", 2)].into_iter().collect();
         let sc = Scanner {
             index: &index,
@@ -450,13 +456,7 @@ mod tests {
         ])
         .unwrap();
         lake.flush().unwrap();
-        let files = crate::store::reader::list_files(
-            dir.path(),
-            crate::store::schema::READINGS,
-            NaiveDate::MIN,
-            NaiveDate::MAX,
-        )
-        .unwrap();
+        let files = all_readings_files(dir.path());
         let mut rows = Vec::new();
         for u in units(&files).unwrap() {
             for b in unit_batches(&u, &SCAN_COLUMNS).unwrap() {

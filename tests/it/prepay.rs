@@ -1200,6 +1200,27 @@ fn batch_run(
     evaluate_all: bool,
 ) -> meterflow::prepay::run::RunStats {
     let mut l = ledger::open_migrated(url).unwrap();
+    batch_run_on(
+        l.as_mut(),
+        lake,
+        master,
+        tariffs,
+        through_ms,
+        chunk,
+        evaluate_all,
+    )
+}
+
+/// [`batch_run`] on a ledger the caller opened (or wrapped).
+fn batch_run_on(
+    l: &mut dyn ledger::Ledger,
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    through_ms: i64,
+    chunk: usize,
+    evaluate_all: bool,
+) -> meterflow::prepay::run::RunStats {
     let fleet = Fleet::load(master).unwrap();
     let pricer = TariffPricer::new(meterflow::tariff::load_dir(tariffs).unwrap());
     let th = Thresholds::builtin();
@@ -1217,7 +1238,7 @@ fn batch_run(
         chunk,
         evaluate_all,
     };
-    run_batch(l.as_mut(), &pricer, &fleet, &mut hook, &opts).unwrap()
+    run_batch(l, &pricer, &fleet, &mut hook, &opts).unwrap()
 }
 
 /// The October bill run of the fixture; each account's balance must be minus its bill.
@@ -1609,24 +1630,15 @@ fn a_chunk_overtaken_while_the_next_one_is_stepped_is_recomputed_and_charged_onc
         nth: 2,
         commits: 0,
     };
-    let fleet = Fleet::load(&f.master).unwrap();
-    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
-    let th = Thresholds::builtin();
-    let mut hook = PrepayHook {
-        thresholds: &th,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
-    };
-    let opts = RunOptions {
-        lake: &f.lake,
-        from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
-        through_ms: 1_793_462_400_000, // 2026-11-01T00:00+08:00
-        chunk: 3,
-        evaluate_all: true,
-    };
-    let stats = run_batch(&mut l, &pricer, &fleet, &mut hook, &opts).unwrap();
+    let stats = batch_run_on(
+        &mut l,
+        &f.lake,
+        &f.master,
+        &f.tariffs,
+        1_793_462_400_000, // 2026-11-01T00:00+08:00
+        3,
+        true,
+    );
     // Chunk 2 was committed by the other writer first: this run found its
     // cursors moved, re-read them, and its recomputed chunk charged nothing new.
     assert_eq!(stats.retries, 1);
