@@ -264,6 +264,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let started = std::time::Instant::now();
     let stats = run_batch(led.as_mut(), &pricer, &fleet, &mut hook, &opts)?;
+    led.finish_batch()?;
     let sinks = Sinks {
         alerts_root: a.alerts_out.clone(),
         webhook: a.webhook.clone(),
@@ -308,6 +309,10 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
         print_relay(&delivered.relay);
     }
+    // The process exits next: freeing a million accounts one by one would
+    // only delay it.
+    std::mem::forget(hook);
+    std::mem::forget(fleet);
     Ok(
         if stats.conflicts > 0 || delivered.relay.refused + delivered.relay.failed > 0 {
             ExitCode::from(2)

@@ -343,9 +343,18 @@ pub trait Ledger: Send {
     fn outbox_all(&mut self) -> Result<Vec<OutboxMsg>, LedgerError>;
     /// Backend name for logs (`sqlite:PATH`, `postgres:HOST/schema`).
     fn describe(&self) -> String;
-    /// Tunes the connection for a large batch (`prepay run`); a no-op where
-    /// the server owns its caches.
+    /// Tunes the connection for a large batch (`prepay run`). A commit made
+    /// in batch mode survives a crash of the process but may roll back on a
+    /// power loss or an operating-system crash; the rollback leaves a prefix
+    /// of whole commits, which a re-run redoes (every entry has its
+    /// idempotency key). [`Ledger::finish_batch`] makes them durable.
     fn prepare_for_batch(&mut self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+    /// Makes every commit of the batch durable and leaves batch mode. Call it
+    /// before anything leaves the process (alerts, relay commands, the run's
+    /// report).
+    fn finish_batch(&mut self) -> Result<(), LedgerError> {
         Ok(())
     }
 }

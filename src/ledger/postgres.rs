@@ -533,6 +533,24 @@ impl Ledger for PgLedger {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn prepare_for_batch(&mut self) -> Result<(), LedgerError> {
+        // Commits return before the server flushes its WAL. A server crash
+        // can undo the last commits, never part of one: a re-run redoes
+        // them, and `finish_batch` waits for the flush.
+        self.client.batch_execute("SET synchronous_commit = off")?;
+        Ok(())
+    }
+
+    fn finish_batch(&mut self) -> Result<(), LedgerError> {
+        self.client.batch_execute("SET synchronous_commit = on")?;
+        // A synchronous commit that writes a WAL record (the transaction id)
+        // returns once the WAL is flushed up to it: every earlier commit
+        // of this batch is then durable too.
+        self.client
+            .batch_execute("BEGIN; SELECT txid_current(); COMMIT")?;
+        Ok(())
+    }
 }
 
 fn is_retryable(e: &postgres::Error) -> bool {

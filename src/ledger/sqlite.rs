@@ -135,6 +135,56 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteLedger {
     path: PathBuf,
     conn: Connection,
+    /// Running while in batch mode (see [`Ledger::prepare_for_batch`]).
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Copies the WAL into the database file on its own thread and connection
+/// while a batch commits. Without it, the commit that crosses
+/// `wal_autocheckpoint` copies the WAL and waits for two fsyncs (the WAL,
+/// then the database) before the next chunk can commit; here that work
+/// overlaps the commits.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), LedgerError>>,
+}
+
+impl Checkpointer {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    fn start(path: &Path) -> Result<Checkpointer, LedgerError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(60))?;
+        // FULL: the WAL is synced before its pages are copied into the
+        // database, and the database after.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || loop {
+                if stopped.recv_timeout(Self::EVERY)
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return Ok(());
+                }
+                // PASSIVE: copies what no reader still needs, never waits.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Ok(()) => {}
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::DatabaseBusy => {}
+                    Err(e) => return Err(e.into()),
+                }
+            })
+            .map_err(|e| LedgerError::Db(format!("checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) -> Result<(), LedgerError> {
+        drop(self.stop);
+        self.thread
+            .join()
+            .map_err(|_| LedgerError::Db("checkpoint thread panicked".into()))?
+    }
 }
 
 impl SqliteLedger {
@@ -151,6 +201,7 @@ impl SqliteLedger {
         Ok(SqliteLedger {
             path: path.to_path_buf(),
             conn,
+            checkpointer: None,
         })
     }
 }
@@ -201,16 +252,93 @@ pub(crate) fn build_entry(raw: RawEntry) -> Result<Entry, LedgerError> {
     })
 }
 
+/// The statements of a commit, prepared once per transaction: a batch
+/// runs each of them thousands of times, and looking a statement up in the
+/// connection's cache (hashing its text) on every call cost more than some
+/// of the statements themselves.
+#[derive(Clone, Copy)]
+enum Stmt {
+    CreateBalance,
+    Balance,
+    SetBalance,
+    InsertEntry,
+    EntryByKey,
+    CursorStamp,
+    UpsertCursor,
+    Flags,
+    SetFlag,
+    ClearFlag,
+    InsertOutbox,
+}
+
+impl Stmt {
+    const COUNT: usize = 11;
+
+    fn sql(self) -> &'static str {
+        match self {
+            Stmt::CreateBalance => {
+                "INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)"
+            }
+            Stmt::Balance => "SELECT balance, entries FROM balances WHERE account_id = ?1",
+            Stmt::SetBalance => {
+                "UPDATE balances SET balance = ?2, entries = entries + ?3 WHERE account_id = ?1"
+            }
+            Stmt::InsertEntry => {
+                "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING"
+            }
+            Stmt::EntryByKey => {
+                "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1"
+            }
+            Stmt::CursorStamp => {
+                "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2"
+            }
+            Stmt::UpsertCursor => {
+                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
+                   position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
+                   first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
+                   held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value, tou = excluded.tou"
+            }
+            Stmt::Flags => "SELECT flag FROM flags WHERE account_id = ?1",
+            Stmt::SetFlag => {
+                "INSERT OR IGNORE INTO flags(account_id, flag, set_ms) VALUES (?1, ?2, ?3)"
+            }
+            Stmt::ClearFlag => "DELETE FROM flags WHERE account_id = ?1 AND flag = ?2",
+            Stmt::InsertOutbox => {
+                "INSERT OR IGNORE INTO outbox(id, kind, account_id, created_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)"
+            }
+        }
+    }
+}
+
 struct SqlTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
+    stmts: [Option<rusqlite::CachedStatement<'a>>; Stmt::COUNT],
+}
+
+impl<'a> SqlTx<'a> {
+    fn new(tx: &'a rusqlite::Transaction<'a>) -> SqlTx<'a> {
+        SqlTx {
+            tx,
+            stmts: Default::default(),
+        }
+    }
+
+    fn st(&mut self, which: Stmt) -> Result<&mut rusqlite::CachedStatement<'a>, LedgerError> {
+        let slot = &mut self.stmts[which as usize];
+        if slot.is_none() {
+            *slot = Some(self.tx.prepare_cached(which.sql())?);
+        }
+        Ok(slot.as_mut().expect("prepared above"))
+    }
 }
 
 impl Tx for SqlTx<'_> {
     fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError> {
         // BEGIN IMMEDIATE already holds the write lock; just make the rows exist.
-        let mut st = self.tx.prepare_cached(
-            "INSERT OR IGNORE INTO balances(account_id, balance, entries) VALUES (?1, '0', 0)",
-        )?;
+        let st = self.st(Stmt::CreateBalance)?;
         for a in accounts {
             st.execute(params![a])?;
         }
@@ -218,8 +346,7 @@ impl Tx for SqlTx<'_> {
     }
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
         let s: Option<(String, i64)> = self
-            .tx
-            .prepare_cached("SELECT balance, entries FROM balances WHERE account_id = ?1")?
+            .st(Stmt::Balance)?
             .query_row(params![account], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         s.map_or(Ok((Decimal::ZERO, 0)), |(s, n)| Ok((parse_amount(&s)?, n)))
@@ -230,38 +357,29 @@ impl Tx for SqlTx<'_> {
         balance: Decimal,
         added: i64,
     ) -> Result<(), LedgerError> {
-        self.tx
-            .prepare_cached(
-                "UPDATE balances SET balance = ?2, entries = entries + ?3 WHERE account_id = ?1",
-            )?
-            .execute(params![account, balance.normalize().to_string(), added])?;
+        self.st(Stmt::SetBalance)?.execute(params![
+            account,
+            balance.normalize().to_string(),
+            added
+        ])?;
         Ok(())
     }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
-        let n = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key) DO NOTHING",
-            )?
-            .execute(params![
-                e.key,
-                e.account_id,
-                e.kind.as_str(),
-                e.amount.normalize().to_string(),
-                e.ts_ms,
-                e.source,
-                e.detail,
-                now
-            ])?;
+        let n = self.st(Stmt::InsertEntry)?.execute(params![
+            e.key,
+            e.account_id,
+            e.kind.as_str(),
+            e.amount.normalize().to_string(),
+            e.ts_ms,
+            e.source,
+            e.detail,
+            now
+        ])?;
         if n == 1 {
             return Ok(None);
         }
         let raw = self
-            .tx
-            .prepare_cached(
-                "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1",
-            )?
+            .st(Stmt::EntryByKey)?
             .query_row(params![e.key], entry_from_row)?;
         Ok(Some(build_entry(raw)?.entry.identity()))
     }
@@ -271,66 +389,50 @@ impl Tx for SqlTx<'_> {
         channel: &str,
     ) -> Result<Option<CursorStamp>, LedgerError> {
         Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2",
-            )?
-            .query_row(params![meter, channel], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .st(Stmt::CursorStamp)?
+            .query_row(params![meter, channel], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?)
     }
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT(meter_id, channel) DO UPDATE SET window_start_ms = excluded.window_start_ms,
-                   position = excluded.position, last_ts_ms = excluded.last_ts_ms, last_value = excluded.last_value,
-                   first_ts_ms = excluded.first_ts_ms, first_value = excluded.first_value,
-                   held_ts_ms = excluded.held_ts_ms, held_value = excluded.held_value, tou = excluded.tou",
-            )?
-            .execute(params![
-                c.meter_id,
-                c.channel,
-                c.window_start_ms,
-                c.position.normalize().to_string(),
-                c.last_ts_ms,
-                c.last_value.normalize().to_string(),
-                c.first_ts_ms,
-                c.first_value.normalize().to_string(),
-                c.held.map(|h| h.0),
-                c.held.map(|h| h.1.normalize().to_string()),
-                c.tou.as_ref().map(|t| t.to_json())
-            ])?;
+        self.st(Stmt::UpsertCursor)?.execute(params![
+            c.meter_id,
+            c.channel,
+            c.window_start_ms,
+            c.position.normalize().to_string(),
+            c.last_ts_ms,
+            c.last_value.normalize().to_string(),
+            c.first_ts_ms,
+            c.first_value.normalize().to_string(),
+            c.held.map(|h| h.0),
+            c.held.map(|h| h.1.normalize().to_string()),
+            c.tou.as_ref().map(|t| t.to_json())
+        ])?;
         Ok(())
     }
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
-        let mut st = self
-            .tx
-            .prepare_cached("SELECT flag FROM flags WHERE account_id = ?1")?;
+        let st = self.st(Stmt::Flags)?;
         let rows = st.query_map(params![account], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
     fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
-        self.tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO flags(account_id, flag, set_ms) VALUES (?1, ?2, ?3)",
-            )?
+        self.st(Stmt::SetFlag)?
             .execute(params![account, flag, now])?;
         Ok(())
     }
     fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError> {
-        self.tx
-            .prepare_cached("DELETE FROM flags WHERE account_id = ?1 AND flag = ?2")?
-            .execute(params![account, flag])?;
+        self.st(Stmt::ClearFlag)?.execute(params![account, flag])?;
         Ok(())
     }
     fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError> {
-        let n = self
-            .tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO outbox(id, kind, account_id, created_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![m.id, m.kind, m.account_id, m.created_ms, m.payload])?;
+        let n = self.st(Stmt::InsertOutbox)?.execute(params![
+            m.id,
+            m.kind,
+            m.account_id,
+            m.created_ms,
+            m.payload
+        ])?;
         Ok(n == 1)
     }
 }
@@ -377,7 +479,7 @@ impl Ledger for SqliteLedger {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let report = commit_batch(&mut SqlTx { tx: &tx }, batch, hook, now_ms())?;
+        let report = commit_batch(&mut SqlTx::new(&tx), batch, hook, now_ms())?;
         if report.stale {
             tx.rollback()?;
         } else {
@@ -481,7 +583,7 @@ impl Ledger for SqliteLedger {
 
     fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError> {
         let tx = self.conn.transaction()?;
-        let f = SqlTx { tx: &tx }.flags(account_id)?;
+        let f = SqlTx::new(&tx).flags(account_id)?;
         Ok(f)
     }
 
@@ -547,12 +649,49 @@ impl Ledger for SqliteLedger {
         // with SQLite's 2 MB default cache it re-reads and spills pages all
         // the time. Negative = KiB.
         self.conn.pragma_update(None, "cache_size", -262_144)?;
-        // Checkpoint every ~64 MB of WAL, not every 4 MB: pages the run
-        // rewrites chunk after chunk (balances, cursors, index interiors)
-        // are copied into the database once per checkpoint, not each time.
-        self.conn
-            .pragma_update(None, "wal_autocheckpoint", 16_384)?;
+        // Commits write the WAL without waiting for the disk; the database
+        // file gets the WAL's pages on another thread. A power loss can undo
+        // the last commits, never part of one: a re-run redoes them, and
+        // `finish_batch` syncs before anything leaves the process.
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        if self.checkpointer.is_none() {
+            self.checkpointer = Some(Checkpointer::start(&self.path)?);
+        }
         Ok(())
+    }
+
+    fn finish_batch(&mut self) -> Result<(), LedgerError> {
+        if let Some(c) = self.checkpointer.take() {
+            c.stop()?;
+        }
+        // Every commit is in the WAL: syncing it makes them all durable,
+        // whatever the checkpoint below manages to copy.
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        match std::fs::File::open(&wal) {
+            Ok(f) => f
+                .sync_all()
+                .map_err(|e| LedgerError::Db(format!("{}: {e}", wal.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LedgerError::Db(format!("{}: {e}", wal.display()))),
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
+        // Copy the rest and empty the WAL, unless readers hold it (then the
+        // next checkpoint does).
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        if let Some(c) = self.checkpointer.take() {
+            if let Err(e) = c.stop() {
+                tracing::warn!("ledger checkpoint: {e}");
+            }
+        }
     }
 }
 
@@ -696,12 +835,13 @@ mod tests {
             payload: "{}".into(),
         };
         let tx = l.conn.transaction().unwrap();
-        let mut t = SqlTx { tx: &tx };
+        let mut t = SqlTx::new(&tx);
         assert!(t.insert_outbox(&msg("x3", "A3")).unwrap());
         assert!(
             !t.insert_outbox(&msg("x2", "A2")).unwrap(),
             "a replay is ignored"
         );
+        drop(t);
         tx.commit().unwrap();
         let n: i64 = l
             .conn
@@ -780,5 +920,50 @@ mod tests {
         let total: Decimal = l.balances().unwrap().into_iter().map(|(_, b)| b).sum();
         assert_eq!(total, dec!(-300));
         assert!(l.check().unwrap().iter().all(BalanceCheck::ok));
+    }
+
+    #[test]
+    fn batch_mode_commits_are_seen_by_other_connections_and_finish_empties_the_wal() {
+        use rust_decimal_macros::dec;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let mut l = SqliteLedger::open(&path).unwrap();
+        l.migrate().unwrap();
+        l.prepare_for_batch().unwrap();
+        for chunk in 0..20 {
+            let entries = (0..50)
+                .map(|k| NewEntry {
+                    key: format!("c{chunk}:k{k}"),
+                    account_id: format!("A{k}"),
+                    kind: EntryKind::Deduction,
+                    amount: dec!(-0.5),
+                    ts_ms: k,
+                    source: "test".into(),
+                    detail: String::new(),
+                })
+                .collect();
+            let batch = Batch {
+                entries,
+                ..Default::default()
+            };
+            l.commit(&batch, &crate::ledger::NoHook).unwrap();
+        }
+        // Another process sees every commit while the batch runs.
+        let mut other = SqliteLedger::open(&path).unwrap();
+        assert_eq!(other.balance("A7").unwrap(), dec!(-10));
+        drop(other);
+        l.finish_batch().unwrap();
+        let wal = std::fs::metadata(format!("{}-wal", path.display())).unwrap();
+        assert_eq!(wal.len(), 0, "every page is in the database file");
+        // Back to per-commit durability, and the ledger adds up.
+        let sync: i64 = l
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+        drop(l);
+        let mut again = SqliteLedger::open(&path).unwrap();
+        assert_eq!(again.balance("A49").unwrap(), dec!(-10));
+        assert!(again.check().unwrap().iter().all(BalanceCheck::ok));
     }
 }

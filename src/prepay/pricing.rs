@@ -61,7 +61,9 @@ pub trait Pricer {
     ) -> Result<Charge, PriceError>;
     /// For a time-of-use tariff in effect for the interval ending at
     /// `end_ms`: the TOU period of each tariff register T1..T4. None when
-    /// prices do not depend on the time of use.
+    /// prices do not depend on the time of use. Like [`Pricer::intervals`],
+    /// it answers from the account's tariff and the time alone (the run asks
+    /// once per tariff).
     fn registers(
         &self,
         _account: &Account,

@@ -232,11 +232,27 @@ pub fn interval_meters(pricer: &dyn Pricer, fleet: &Fleet, ts_ms: i64) -> HashSe
     meters_where(fleet, |a| pricer.intervals(a, ts_ms).unwrap_or(false))
 }
 
+/// `pick` is asked once per tariff, not once per account: a pricer answers
+/// these questions from the account's tariff and the time alone.
 fn meters_where(fleet: &Fleet, pick: impl Fn(&Account) -> bool) -> HashSet<String> {
+    let mut by_tariff: FxMap<&str, bool> = FxMap::default();
+    for a in fleet.accounts.values() {
+        by_tariff
+            .entry(a.tariff_id.as_str())
+            .or_insert_with(|| pick(a));
+    }
+    if !by_tariff.values().any(|&p| p) {
+        return HashSet::new();
+    }
     fleet
         .meters
         .values()
-        .filter(|m| fleet.accounts.get(&m.account_id).is_some_and(&pick))
+        .filter(|m| {
+            fleet
+                .accounts
+                .get(&m.account_id)
+                .is_some_and(|a| by_tariff[a.tariff_id.as_str()])
+        })
         .map(|m| m.meter_id.clone())
         .collect()
 }
@@ -301,20 +317,31 @@ pub fn load_register_readings(
         intervals,
         through_ms,
     };
-    let parts: Vec<Vec<WantedRow>> = units
+    let parts: Vec<Vec<WantedRun>> = units
         .par_iter()
         .map(|u| want.read_unit(u))
         .collect::<Result<_, _>>()?;
     let mut regs: FxMap<String, HashMap<i64, [Option<Decimal>; 4]>> = FxMap::default();
     let mut out: FxMap<String, Vec<(i64, Decimal)>> = FxMap::default();
-    for (meter, ts, value, reg) in parts.into_iter().flatten() {
-        match reg {
-            None => out.entry(meter).or_default().push((ts, value)),
-            Some(r) => regs.entry(meter).or_default().entry(ts).or_default()[r] = Some(value),
+    for (meter, rows) in parts.into_iter().flatten() {
+        for &(ts, value, reg) in &rows {
+            if let Some(r) = reg {
+                regs.entry(meter.clone())
+                    .or_default()
+                    .entry(ts)
+                    .or_default()[r] = Some(value);
+            }
+        }
+        let totals = rows.iter().filter(|r| r.2.is_none()).map(|r| (r.0, r.1));
+        match out.get_mut(&meter) {
+            Some(v) => v.extend(totals),
+            None => {
+                out.insert(meter, totals.collect());
+            }
         }
     }
     Ok(out
-        .into_iter()
+        .into_par_iter()
         .map(|(m, mut r)| {
             r.sort_by_key(|x| x.0);
             r.dedup_by_key(|x| x.0);
@@ -324,9 +351,9 @@ pub fn load_register_readings(
         .collect())
 }
 
-/// One wanted reading: meter, time, value, tariff register (None: the
-/// total or interval channel).
-type WantedRow = (String, i64, Decimal, Option<usize>);
+/// The wanted readings of one meter in one row group (files are sorted by
+/// meter): time, value, tariff register (None: the total or interval channel).
+type WantedRun = (String, Vec<(i64, Decimal, Option<usize>)>);
 
 /// Which readings deduct: see [`load_register_readings`].
 struct Wanted<'a> {
@@ -334,6 +361,24 @@ struct Wanted<'a> {
     tou: &'a HashSet<String>,
     intervals: &'a HashSet<String>,
     through_ms: i64,
+}
+
+/// What the fleet says of one meter.
+#[derive(Clone, Copy)]
+struct MeterUse {
+    prepaid: bool,
+    by_interval: bool,
+    tou: bool,
+}
+
+impl Wanted<'_> {
+    fn meter_use(&self, m: &str) -> MeterUse {
+        MeterUse {
+            prepaid: self.fleet.meters.contains_key(m),
+            by_interval: !self.intervals.is_empty() && self.intervals.contains(m),
+            tou: !self.tou.is_empty() && self.tou.contains(m),
+        }
+    }
 }
 
 /// What a channel is to the deduction.
@@ -346,10 +391,10 @@ enum Use {
 }
 
 impl Wanted<'_> {
-    fn read_unit(&self, unit: &crate::store::scan::Unit) -> Result<Vec<WantedRow>, PrepayError> {
+    fn read_unit(&self, unit: &crate::store::scan::Unit) -> Result<Vec<WantedRun>, PrepayError> {
         use crate::store::columns::from_scaled;
         use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
-        let mut out = Vec::new();
+        let mut out: Vec<WantedRun> = Vec::new();
         for b in unit_batches(unit, &SCAN_COLUMNS)? {
             let b = b?;
             let v = ScanView::new(&b, &unit.path)?;
@@ -377,6 +422,9 @@ impl Wanted<'_> {
                         || q.contains(Quality::DEVICE_ERROR))
                 })
                 .collect();
+            // What the fleet says of the current meter (rows come in meter
+            // order): looked up once per run of its rows.
+            let mut meter: Option<(&str, MeterUse)> = None;
             for i in 0..b.num_rows() {
                 let u = uses[ch_keys[i] as usize];
                 if matches!(u, Use::Skip) || !chargeable[q_keys[i] as usize] {
@@ -387,17 +435,28 @@ impl Wanted<'_> {
                     continue;
                 }
                 let m = meter_id.value(i);
-                let by_interval = !self.intervals.is_empty() && self.intervals.contains(m);
-                let reg = match u {
-                    Use::Total if !by_interval => None,
-                    Use::Interval if by_interval => None,
-                    Use::Register(r) if self.tou.contains(m) => Some(r),
-                    _ => continue,
+                let mu = match meter {
+                    Some((last, mu)) if last == m => mu,
+                    _ => {
+                        let mu = self.meter_use(m);
+                        meter = Some((m, mu));
+                        mu
+                    }
                 };
-                if !self.fleet.meters.contains_key(m) {
+                if !mu.prepaid {
                     continue;
                 }
-                out.push((m.to_string(), t, from_scaled(value[i]), reg));
+                let reg = match u {
+                    Use::Total if !mu.by_interval => None,
+                    Use::Interval if mu.by_interval => None,
+                    Use::Register(r) if mu.tou => Some(r),
+                    _ => continue,
+                };
+                let row = (t, from_scaled(value[i]), reg);
+                match out.last_mut() {
+                    Some((last, rows)) if last.as_str() == m => rows.push(row),
+                    _ => out.push((m.to_string(), vec![row])),
+                }
             }
         }
         Ok(out)
@@ -424,6 +483,31 @@ pub fn deduct_meter(
     let Some(account) = fleet.accounts.get(&meter.account_id) else {
         return (Vec::new(), cursor);
     };
+    step_meter(
+        pricer,
+        account,
+        meter,
+        cursor,
+        readings,
+        by_interval,
+        source,
+        stats,
+    )
+}
+
+/// [`deduct_meter`] of a meter already looked up in the fleet.
+#[allow(clippy::too_many_arguments)]
+fn step_meter(
+    pricer: &dyn Pricer,
+    account: &Account,
+    meter: &Meter,
+    cursor: Option<Cursor>,
+    readings: &[RegisterReading],
+    by_interval: bool,
+    source: &str,
+    stats: &mut RunStats,
+) -> (Vec<crate::ledger::NewEntry>, Option<Cursor>) {
+    let meter_id = meter.meter_id.as_str();
     let mut cur = cursor;
     let mut entries = Vec::new();
     for (ts, value, regs) in readings {
@@ -495,6 +579,11 @@ const DAY_MS: i64 = 86_400_000;
 pub fn meter_daily_spend(pricer: &dyn Pricer, fleet: &Fleet, c: &Cursor) -> Option<Decimal> {
     let meter = fleet.meters.get(&c.meter_id)?;
     let account = fleet.accounts.get(&meter.account_id)?;
+    daily_spend_of(pricer, account, c)
+}
+
+/// [`meter_daily_spend`] of a cursor whose account is known.
+fn daily_spend_of(pricer: &dyn Pricer, account: &Account, c: &Cursor) -> Option<Decimal> {
     let span = c.last_ts_ms - c.first_ts_ms;
     if span < DAY_MS {
         return None;
@@ -640,48 +729,53 @@ impl<'a> Stepper<'a> {
     fn step(&self, chunk: &[&'a String], before: Vec<Option<Cursor>>) -> Stepped<'a> {
         let mut batch = Batch::default();
         let mut local = RunStats::default();
+        // A chunk holds every stepped meter of its accounts, in account
+        // order: an account's daily spend is the sum over its meters here.
+        let mut daily: FxMap<String, Decimal> = FxMap::default();
+        // Each account of the chunk once, and whether it was charged.
+        let mut accounts: Vec<(&'a str, bool)> = Vec::new();
         for (m, before) in chunk.iter().zip(before) {
             batch.expect.push((
                 (*m).clone(),
                 deduct_channel(self.intervals, m).into(),
                 before.as_ref().map(Cursor::stamp),
             ));
-            let (entries, cur) = deduct_meter(
+            // The meter and its account, looked up once for all of the below.
+            let found = self.fleet.meters.get(m.as_str()).and_then(|meter| {
+                let (id, account) = self.fleet.accounts.get_key_value(&meter.account_id)?;
+                Some((meter, id.as_str(), account))
+            });
+            let Some((meter, account_id, account)) = found else {
+                continue; // not a prepaid meter: nothing to step
+            };
+            let (entries, cur) = step_meter(
                 self.pricer,
-                self.fleet,
-                m,
+                account,
+                meter,
                 before.clone(),
                 &self.readings[*m],
                 self.intervals.contains(*m),
                 "prepay-run",
                 &mut local,
             );
+            let charged = !entries.is_empty();
+            match accounts.last_mut() {
+                Some((a, c)) if *a == account_id => *c |= charged,
+                _ => accounts.push((account_id, charged)),
+            }
             if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
+                if let Some(s) = daily_spend_of(self.pricer, account, &c) {
+                    *daily.entry(account_id.to_string()).or_default() += s;
+                }
                 batch.cursors.push(c);
             }
             batch.entries.extend(entries);
         }
-        // A chunk holds every stepped meter of its accounts: an account's
-        // daily spend is the sum over its meters here.
-        let mut daily: FxMap<String, Decimal> = FxMap::default();
-        for (meter, spend) in meter_spends(self.pricer, self.fleet, &batch.cursors) {
-            if let (Some(s), Some(m)) = (spend, self.fleet.meters.get(&meter)) {
-                *daily.entry(m.account_id.clone()).or_default() += s;
-            }
-        }
-        let charged: FxSet<&str> = batch
-            .entries
-            .iter()
-            .map(|e| e.account_id.as_str())
+        let uncharged = accounts
+            .into_iter()
+            .filter(|(_, charged)| !charged)
+            .map(|(a, _)| a)
             .collect();
-        let mut uncharged: Vec<&'a str> = chunk
-            .iter()
-            .filter_map(|m| self.fleet.meters.get(m.as_str()))
-            .filter_map(|m| self.fleet.accounts.get_key_value(&m.account_id))
-            .map(|(a, _)| a.as_str())
-            .filter(|a| !charged.contains(a))
-            .collect();
-        uncharged.dedup();
         Stepped {
             batch,
             local,
@@ -886,6 +980,8 @@ pub fn run_batch(
         evaluate_s = (t0.elapsed() - t_deduct).as_secs_f64(),
         "prepay run phases"
     );
+    // A million meters' readings: freed on another thread, not in the run's time.
+    std::thread::spawn(move || drop(readings));
     Ok(stats)
 }
 
