@@ -12,7 +12,9 @@ use super::{
 
 /// Primitive operations inside one open transaction.
 pub trait Tx {
-    /// Locks (creating at zero if missing) the balance rows of `accounts`, in the given (sorted) order.
+    /// Locks the balance rows of `accounts`, in the given (sorted) order. By
+    /// the end of the commit each of them has a row (created at zero if
+    /// missing, here or by [`Tx::balance`]).
     fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError>;
     /// Balance and entry count.
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError>;

@@ -336,12 +336,9 @@ impl<'a> SqlTx<'a> {
 }
 
 impl Tx for SqlTx<'_> {
-    fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError> {
-        // BEGIN IMMEDIATE already holds the write lock; just make the rows exist.
-        let st = self.st(Stmt::CreateBalance)?;
-        for a in accounts {
-            st.execute(params![a])?;
-        }
+    fn lock_balances(&mut self, _accounts: &[&str]) -> Result<(), LedgerError> {
+        // BEGIN IMMEDIATE already holds the write lock. A missing row is
+        // created when `balance` reads it (one statement per account, not two).
         Ok(())
     }
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
@@ -349,7 +346,13 @@ impl Tx for SqlTx<'_> {
             .st(Stmt::Balance)?
             .query_row(params![account], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        s.map_or(Ok((Decimal::ZERO, 0)), |(s, n)| Ok((parse_amount(&s)?, n)))
+        match s {
+            Some((s, n)) => Ok((parse_amount(&s)?, n)),
+            None => {
+                self.st(Stmt::CreateBalance)?.execute(params![account])?;
+                Ok((Decimal::ZERO, 0))
+            }
+        }
     }
     fn set_balance(
         &mut self,

@@ -220,24 +220,9 @@ pub fn evaluate(
     out: &mut HookOut,
 ) {
     let days = days_left(balance, daily_spend);
-    let mut checks: Vec<(&str, Decimal, bool)> = Vec::new();
-    for l in levels.levels.iter().flatten() {
-        checks.push(("below_level", *l, balance < *l));
-    }
-    if levels.zero.unwrap_or(false) {
-        checks.push(("zero", Decimal::ZERO, balance <= Decimal::ZERO));
-    }
-    if let Some(o) = levels.overdraft_limit {
-        checks.push(("overdraft", o, balance <= o));
-    }
-    // Without a forecast (no recent use known, e.g. a new meter) the state
-    // is kept: neither raised nor re-armed, so a restart cannot repeat it.
-    if let (Some(f), Some(d)) = (levels.forecast_days, days) {
-        checks.push(("low_days", f, d <= f));
-    }
-    for (kind, threshold, below) in checks {
+    let mut check = |kind: &str, threshold: Decimal, below: bool| {
         if !below && flags.is_empty() {
-            continue; // above the level and never alerted: nothing to raise or re-arm
+            return; // above the level and never alerted: nothing to raise or re-arm
         }
         let flag = format!("alert:{kind}:{}", threshold.normalize());
         let was = flags.contains(&flag);
@@ -268,6 +253,20 @@ pub fn evaluate(
         } else if !below && was {
             out.clear_flags.push(flag);
         }
+    };
+    for l in levels.levels.iter().flatten() {
+        check("below_level", *l, balance < *l);
+    }
+    if levels.zero.unwrap_or(false) {
+        check("zero", Decimal::ZERO, balance <= Decimal::ZERO);
+    }
+    if let Some(o) = levels.overdraft_limit {
+        check("overdraft", o, balance <= o);
+    }
+    // Without a forecast (no recent use known, e.g. a new meter) the state
+    // is kept: neither raised nor re-armed, so a restart cannot repeat it.
+    if let (Some(f), Some(d)) = (levels.forecast_days, days) {
+        check("low_days", f, d <= f);
     }
 }
 

@@ -117,9 +117,13 @@ impl CommitHook for PrepayHook<'_> {
     ) -> HookOut {
         let now = self.now_ms.unwrap_or(now);
         let mut out = HookOut::default();
-        let (tariff, class) = self.fleet.accounts.get(account_id).map_or(("", ""), |a| {
-            (a.tariff_id.as_str(), a.customer_class.as_str())
-        });
+        // Only per-tariff or per-class thresholds need the account's record:
+        // otherwise a lookup in the fleet's million accounts is saved.
+        let scoped = !self.thresholds.tariff.is_empty() || !self.thresholds.class.is_empty();
+        let (tariff, class) = match self.fleet.accounts.get(account_id).filter(|_| scoped) {
+            Some(a) => (a.tariff_id.as_str(), a.customer_class.as_str()),
+            None => ("", ""),
+        };
         let levels = self.thresholds.for_account(account_id, tariff, class);
         alerts::evaluate(
             account_id,
