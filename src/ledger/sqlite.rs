@@ -272,7 +272,7 @@ enum Stmt {
 }
 
 impl Stmt {
-    const COUNT: usize = 11;
+    const COUNT: usize = Stmt::InsertOutbox as usize + 1;
 
     fn sql(self) -> &'static str {
         match self {

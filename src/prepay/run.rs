@@ -336,7 +336,14 @@ pub fn load_register_readings(
                     .or_default()[r] = Some(value);
             }
         }
-        let totals = rows.iter().filter(|r| r.2.is_none()).map(|r| (r.0, r.1));
+        let mut totals = rows
+            .iter()
+            .filter(|r| r.2.is_none())
+            .map(|r| (r.0, r.1))
+            .peekable();
+        if totals.peek().is_none() {
+            continue; // tariff registers alone: they only join a total's reading
+        }
         match out.get_mut(&meter) {
             Some(v) => v.extend(totals),
             None => {
