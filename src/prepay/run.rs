@@ -288,12 +288,7 @@ pub fn join_registers(
 ) -> Vec<RegisterReading> {
     totals
         .into_iter()
-        .map(|(ts, v)| {
-            let r = regs
-                .and_then(|m| m.get(&ts))
-                .and_then(|r| Some([r[0]?, r[1]?, r[2]?, r[3]?]));
-            (ts, v, r)
-        })
+        .map(|(ts, v)| (ts, v, regs.and_then(|m| registers_at(m, ts))))
         .collect()
 }
 
@@ -326,7 +321,10 @@ pub fn load_register_readings(
         .map(|u| want.read_unit(u))
         .collect::<Result<_, _>>()?;
     let mut regs: FxMap<String, HashMap<i64, [Option<Decimal>; 4]>> = FxMap::default();
-    let mut out: FxMap<String, Vec<(i64, Decimal)>> = FxMap::default();
+    // Sized up front: this merge runs on one core, before any chunk can be
+    // stepped, and growing a map of a million meters rehashes them all.
+    let mut out: FxMap<String, Vec<(i64, Decimal)>> =
+        FxMap::with_capacity_and_hasher(fleet.meters.len(), Default::default());
     for (meter, rows) in parts.into_iter().flatten() {
         for &(ts, value, reg) in &rows {
             if let Some(r) = reg {
@@ -360,6 +358,12 @@ pub fn load_register_readings(
             (m, joined)
         })
         .collect())
+}
+
+/// The tariff registers T1..T4 read at `ts`, when all four were.
+fn registers_at(regs: &HashMap<i64, [Option<Decimal>; 4]>, ts: i64) -> Option<Regs> {
+    let r = regs.get(&ts)?;
+    Some([r[0]?, r[1]?, r[2]?, r[3]?])
 }
 
 /// The wanted readings of one meter in one row group (files are sorted by
@@ -850,7 +854,10 @@ pub fn run_batch(
         .keys()
         .map(|m| (fleet.meters.get(m).map_or("", |m| m.account_id.as_str()), m))
         .collect();
-    meters.sort_unstable();
+    {
+        use rayon::slice::ParallelSliceMut;
+        meters.par_sort_unstable();
+    }
     let meters: Vec<&String> = meters.into_iter().map(|(_, m)| m).collect();
     stats.meters = meters.len();
     let t_read = t0.elapsed();
