@@ -484,36 +484,6 @@ impl Wanted<'_> {
 #[allow(clippy::too_many_arguments)]
 pub fn deduct_meter(
     pricer: &dyn Pricer,
-    fleet: &Fleet,
-    meter_id: &str,
-    cursor: Option<Cursor>,
-    readings: &[RegisterReading],
-    by_interval: bool,
-    source: &str,
-    stats: &mut RunStats,
-) -> (Vec<crate::ledger::NewEntry>, Option<Cursor>) {
-    let Some(meter) = fleet.meters.get(meter_id) else {
-        return (Vec::new(), cursor);
-    };
-    let Some(account) = fleet.accounts.get(&meter.account_id) else {
-        return (Vec::new(), cursor);
-    };
-    step_meter(
-        pricer,
-        account,
-        meter,
-        cursor,
-        readings,
-        by_interval,
-        source,
-        stats,
-    )
-}
-
-/// [`deduct_meter`] of a meter already looked up in the fleet.
-#[allow(clippy::too_many_arguments)]
-fn step_meter(
-    pricer: &dyn Pricer,
     account: &Account,
     meter: &Meter,
     cursor: Option<Cursor>,
@@ -763,7 +733,7 @@ impl<'a> Stepper<'a> {
             let Some((meter, account_id, account)) = found else {
                 continue; // not a prepaid meter: nothing to step
             };
-            let (entries, cur) = step_meter(
+            let (entries, cur) = deduct_meter(
                 self.pricer,
                 account,
                 meter,

@@ -447,16 +447,23 @@ fn process(
                 deduct_channel(intervals, m).into(),
                 before.as_ref().map(Cursor::stamp),
             ));
-            let (entries, cur) = deduct_meter(
-                pricer,
-                fleet,
-                m,
-                before.clone(),
-                &by_meter[m],
-                intervals.contains(m),
-                "stream",
-                &mut local,
-            );
+            let found = fleet
+                .meters
+                .get(m.as_str())
+                .and_then(|meter| Some((fleet.accounts.get(&meter.account_id)?, meter)));
+            let (entries, cur) = match found {
+                Some((account, meter)) => deduct_meter(
+                    pricer,
+                    account,
+                    meter,
+                    before.clone(),
+                    &by_meter[m],
+                    intervals.contains(m),
+                    "stream",
+                    &mut local,
+                ),
+                None => (Vec::new(), before.clone()), // not a prepaid meter
+            };
             if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
                 batch.cursors.push(c);
             }
