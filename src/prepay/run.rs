@@ -52,6 +52,14 @@ impl Fleet {
         Ok(Fleet::from_rows(accounts.rows, meters.rows))
     }
 
+    /// A prepaid meter with its account: the account's id (the fleet's own
+    /// string, to borrow) and its record.
+    pub fn meter_account(&self, meter_id: &str) -> Option<(&Meter, &str, &Account)> {
+        let meter = self.meters.get(meter_id)?;
+        let (id, account) = self.accounts.get_key_value(&meter.account_id)?;
+        Some((meter, id.as_str(), account))
+    }
+
     pub fn from_rows(accounts: Vec<Account>, meters: Vec<Meter>) -> Fleet {
         let prepaid: FxSet<String> = accounts
             .iter()
@@ -120,7 +128,10 @@ impl CommitHook for PrepayHook<'_> {
         // Only per-tariff or per-class thresholds need the account's record:
         // otherwise a lookup in the fleet's million accounts is saved.
         let scoped = !self.thresholds.tariff.is_empty() || !self.thresholds.class.is_empty();
-        let (tariff, class) = match self.fleet.accounts.get(account_id).filter(|_| scoped) {
+        let (tariff, class) = match scoped
+            .then(|| self.fleet.accounts.get(account_id))
+            .flatten()
+        {
             Some(a) => (a.tariff_id.as_str(), a.customer_class.as_str()),
             None => ("", ""),
         };
@@ -562,8 +573,7 @@ const DAY_MS: i64 = 86_400_000;
 /// consumption covers (`first_ts_ms..last_ts_ms` of the cursor). None when
 /// the cursor covers less than a day (too little to forecast from).
 pub fn meter_daily_spend(pricer: &dyn Pricer, fleet: &Fleet, c: &Cursor) -> Option<Decimal> {
-    let meter = fleet.meters.get(&c.meter_id)?;
-    let account = fleet.accounts.get(&meter.account_id)?;
+    let (_, _, account) = fleet.meter_account(&c.meter_id)?;
     daily_spend_of(pricer, account, c)
 }
 
@@ -726,11 +736,7 @@ impl<'a> Stepper<'a> {
                 before.as_ref().map(Cursor::stamp),
             ));
             // The meter and its account, looked up once for all of the below.
-            let found = self.fleet.meters.get(m.as_str()).and_then(|meter| {
-                let (id, account) = self.fleet.accounts.get_key_value(&meter.account_id)?;
-                Some((meter, id.as_str(), account))
-            });
-            let Some((meter, account_id, account)) = found else {
+            let Some((meter, account_id, account)) = self.fleet.meter_account(m) else {
                 continue; // not a prepaid meter: nothing to step
             };
             let (entries, cur) = deduct_meter(
@@ -770,19 +776,19 @@ impl<'a> Stepper<'a> {
     }
 }
 
-/// Cuts meters (sorted by account) into chunks of about `size` meters,
-/// never splitting an account: its daily spend is summed within a chunk.
+/// Cuts meters (sorted by account; `accounts[i]` is the account of
+/// `meters[i]`) into chunks of about `size` meters, never splitting an
+/// account: its daily spend is summed within a chunk.
 fn account_chunks<'m>(
     meters: &'m [&'m String],
-    fleet: &Fleet,
+    accounts: &[&str],
     size: usize,
 ) -> Vec<&'m [&'m String]> {
-    let account = |m: &String| fleet.meters.get(m).map(|m| m.account_id.as_str());
     let mut out = Vec::new();
     let mut start = 0;
     while start < meters.len() {
         let mut end = (start + size.max(1)).min(meters.len());
-        while end < meters.len() && account(meters[end]) == account(meters[end - 1]) {
+        while end < meters.len() && accounts[end] == accounts[end - 1] {
             end += 1;
         }
         out.push(&meters[start..end]);
@@ -828,7 +834,7 @@ pub fn run_batch(
         use rayon::slice::ParallelSliceMut;
         meters.par_sort_unstable();
     }
-    let meters: Vec<&String> = meters.into_iter().map(|(_, m)| m).collect();
+    let (accounts, meters): (Vec<&str>, Vec<&String>) = meters.into_iter().unzip();
     stats.meters = meters.len();
     let t_read = t0.elapsed();
     let stepper = Stepper {
@@ -841,7 +847,7 @@ pub fn run_batch(
     // daily spends of those it stepped.
     let mut uncharged: Vec<&str> = Vec::new();
     let mut uncharged_spend: FxMap<String, Decimal> = FxMap::default();
-    let chunks = account_chunks(&meters, fleet, opts.chunk);
+    let chunks = account_chunks(&meters, &accounts, opts.chunk);
     let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
         chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
     };
@@ -1038,8 +1044,33 @@ mod tests {
     }
 
     #[test]
-    fn chunks_never_split_an_account() {
+    fn the_hook_applies_thresholds_set_per_class_and_per_tariff() {
         let f = fleet();
+        let class = f.accounts["A1"].customer_class.as_str();
+        let tariff = f.accounts["A1"].tariff_id.clone();
+        let text = format!(
+            "[default]\nlevels=[\"20\"]\n[class.{class}]\nlevels=[\"500\"]\n[tariff.{tariff}]\nzero=true\n"
+        );
+        let th = Thresholds::parse(&text, Path::new("thresholds.toml")).unwrap();
+        let hook = PrepayHook {
+            thresholds: &th,
+            control: None,
+            fleet: &f,
+            daily_spend: FxMap::default(),
+            now_ms: Some(0),
+        };
+        // The class sets the levels, the tariff the zero alert.
+        let out = hook.after("A1", dec!(-1), 3, &BTreeSet::new(), 0);
+        assert_eq!(out.set_flags, ["alert:below_level:500", "alert:zero:0"]);
+        assert_eq!(out.outbox.len(), 2);
+        // Above both: nothing raised.
+        let out = hook.after("A1", dec!(600), 4, &BTreeSet::new(), 0);
+        assert!(out.set_flags.is_empty() && out.outbox.is_empty());
+    }
+
+    #[test]
+    fn chunks_never_split_an_account() {
+        let f = ["A1", "A2", "A2"];
         let ids: Vec<String> = ["M1", "M2", "M3"].map(String::from).to_vec();
         let meters: Vec<&String> = ids.iter().collect();
         let names = |cs: Vec<&[&String]>| -> Vec<Vec<String>> {
@@ -1060,6 +1091,6 @@ mod tests {
             names(account_chunks(&meters, &f, 3)),
             [vec!["M1", "M2", "M3"]]
         );
-        assert!(account_chunks(&[], &f, 5).is_empty());
+        assert!(account_chunks(&[], &[], 5).is_empty());
     }
 }

@@ -447,12 +447,8 @@ fn process(
                 deduct_channel(intervals, m).into(),
                 before.as_ref().map(Cursor::stamp),
             ));
-            let found = fleet
-                .meters
-                .get(m.as_str())
-                .and_then(|meter| Some((fleet.accounts.get(&meter.account_id)?, meter)));
-            let (entries, cur) = match found {
-                Some((account, meter)) => deduct_meter(
+            let (entries, cur) = match fleet.meter_account(m) {
+                Some((meter, _, account)) => deduct_meter(
                     pricer,
                     account,
                     meter,
