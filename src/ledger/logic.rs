@@ -42,6 +42,12 @@ pub trait Tx {
         channel: &str,
     ) -> Result<Option<CursorStamp>, LedgerError>;
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError>;
+    /// Before a run of [`Tx::cursor_ts_for_update`] calls over `keys`
+    /// (sorted): a backend may read their stamps in one pass and answer
+    /// from it.
+    fn read_cursors_ahead(&mut self, _keys: &[(&str, &str)]) -> Result<(), LedgerError> {
+        Ok(())
+    }
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError>;
     fn set_flag(&mut self, account: &str, flag: &str, now_ms: i64) -> Result<(), LedgerError>;
     fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError>;
@@ -70,6 +76,12 @@ pub fn commit_batch(
     tx.lock_balances(&accounts)?;
     let mut expect: Vec<&Expect> = batch.expect.iter().collect();
     expect.sort_unstable();
+    let mut keys: Vec<(&str, &str)> = expect
+        .iter()
+        .map(|(m, c, _)| (m.as_str(), c.as_str()))
+        .collect();
+    keys.dedup();
+    tx.read_cursors_ahead(&keys)?;
     // Cursors checked here are locked and known (sorted by key): no second lookup below.
     let mut known: Vec<((&str, &str), Option<CursorStamp>)> = Vec::with_capacity(expect.len());
     for (meter, channel, want) in expect {
@@ -97,11 +109,16 @@ pub fn commit_batch(
     }
     let mut cursors: Vec<&Cursor> = batch.cursors.iter().collect();
     cursors.sort_by(|a, b| (&a.meter_id, &a.channel).cmp(&(&b.meter_id, &b.channel)));
+    // Both lists are sorted: walk them together.
+    let mut k = 0;
     for c in cursors {
         let key = (c.meter_id.as_str(), c.channel.as_str());
-        let stored = match known.binary_search_by(|(k, _)| k.cmp(&key)) {
-            Ok(i) => known[i].1,
-            Err(_) => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
+        while k < known.len() && known[k].0 < key {
+            k += 1;
+        }
+        let stored = match known.get(k) {
+            Some((at, stamp)) if *at == key => *stamp,
+            _ => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
         };
         if stored.is_none_or(|(ts, _, _)| ts <= c.last_ts_ms) {
             tx.upsert_cursor(c)?;

@@ -11,6 +11,7 @@
 //! Signs: credits (top-up, refund to the account, positive adjustment) are
 //! positive amounts, debits (deduction, fee) negative.
 
+mod ahead;
 pub mod export;
 mod logic;
 pub mod postgres;

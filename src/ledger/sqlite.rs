@@ -9,6 +9,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 
+use super::ahead::Ahead;
 use super::logic::{commit_batch, Tx};
 use super::{
     parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, CursorStamp, Entry,
@@ -269,10 +270,13 @@ enum Stmt {
     SetFlag,
     ClearFlag,
     InsertOutbox,
+    BalancesAhead,
+    FlagsAhead,
+    CursorsAhead,
 }
 
 impl Stmt {
-    const COUNT: usize = Stmt::InsertOutbox as usize + 1;
+    const COUNT: usize = Stmt::CursorsAhead as usize + 1;
 
     fn sql(self) -> &'static str {
         match self {
@@ -309,6 +313,18 @@ impl Stmt {
             Stmt::InsertOutbox => {
                 "INSERT OR IGNORE INTO outbox(id, kind, account_id, created_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)"
             }
+            Stmt::BalancesAhead => {
+                "SELECT account_id, balance, entries FROM balances
+                 WHERE account_id >= ?1 AND account_id <= ?2 ORDER BY account_id"
+            }
+            Stmt::FlagsAhead => {
+                "SELECT account_id, flag FROM flags
+                 WHERE account_id >= ?1 AND account_id <= ?2 ORDER BY account_id, flag"
+            }
+            Stmt::CursorsAhead => {
+                "SELECT meter_id, channel, last_ts_ms, first_ts_ms, held_ts_ms FROM cursors
+                 WHERE meter_id >= ?1 AND meter_id <= ?2 ORDER BY meter_id, channel"
+            }
         }
     }
 }
@@ -316,6 +332,10 @@ impl Stmt {
 struct SqlTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     stmts: [Option<rusqlite::CachedStatement<'a>>; Stmt::COUNT],
+    /// Balance (as stored) and entry count of the commit's accounts.
+    balances: Ahead<(String, i64)>,
+    flags: Ahead<String>,
+    cursors: Ahead<CursorStamp>,
 }
 
 impl<'a> SqlTx<'a> {
@@ -323,6 +343,9 @@ impl<'a> SqlTx<'a> {
         SqlTx {
             tx,
             stmts: Default::default(),
+            balances: Ahead::default(),
+            flags: Ahead::default(),
+            cursors: Ahead::default(),
         }
     }
 
@@ -336,20 +359,33 @@ impl<'a> SqlTx<'a> {
 }
 
 impl Tx for SqlTx<'_> {
-    fn lock_balances(&mut self, _accounts: &[&str]) -> Result<(), LedgerError> {
+    fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError> {
         // BEGIN IMMEDIATE already holds the write lock. A missing row is
-        // created when `balance` reads it (one statement per account, not two).
+        // created when `balance` reads it (one statement per account, not
+        // two). The accounts' balances and flags are read ahead in one pass.
+        let keys: Vec<(&str, &str)> = accounts.iter().map(|a| (*a, "")).collect();
+        self.balances = Ahead::read(self.st(Stmt::BalancesAhead)?, &keys, |r| {
+            Ok(((r.get(0)?, String::new()), (r.get(1)?, r.get(2)?)))
+        })?;
+        self.flags = Ahead::read(self.st(Stmt::FlagsAhead)?, &keys, |r| {
+            Ok(((r.get(0)?, String::new()), r.get(1)?))
+        })?;
         Ok(())
     }
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError> {
-        let s: Option<(String, i64)> = self
-            .st(Stmt::Balance)?
-            .query_row(params![account], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        let s: Option<(String, i64)> = match self.balances.get((account, "")) {
+            Some([(s, n), ..]) => return Ok((parse_amount(s)?, *n)),
+            Some([]) => None,
+            None => self
+                .st(Stmt::Balance)?
+                .query_row(params![account], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?,
+        };
         match s {
             Some((s, n)) => Ok((parse_amount(&s)?, n)),
             None => {
                 self.st(Stmt::CreateBalance)?.execute(params![account])?;
+                self.balances.forget((account, ""));
                 Ok((Decimal::ZERO, 0))
             }
         }
@@ -365,6 +401,7 @@ impl Tx for SqlTx<'_> {
             balance.normalize().to_string(),
             added
         ])?;
+        self.balances.forget((account, ""));
         Ok(())
     }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
@@ -391,6 +428,9 @@ impl Tx for SqlTx<'_> {
         meter: &str,
         channel: &str,
     ) -> Result<Option<CursorStamp>, LedgerError> {
+        if let Some(rows) = self.cursors.get((meter, channel)) {
+            return Ok(rows.first().copied());
+        }
         Ok(self
             .st(Stmt::CursorStamp)?
             .query_row(params![meter, channel], |r| {
@@ -412,9 +452,19 @@ impl Tx for SqlTx<'_> {
             c.held.map(|h| h.1.normalize().to_string()),
             c.tou.as_ref().map(|t| t.to_json())
         ])?;
+        self.cursors.forget((&c.meter_id, &c.channel));
+        Ok(())
+    }
+    fn read_cursors_ahead(&mut self, keys: &[(&str, &str)]) -> Result<(), LedgerError> {
+        self.cursors = Ahead::read(self.st(Stmt::CursorsAhead)?, keys, |r| {
+            Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?, r.get(4)?)))
+        })?;
         Ok(())
     }
     fn flags(&mut self, account: &str) -> Result<BTreeSet<String>, LedgerError> {
+        if let Some(rows) = self.flags.get((account, "")) {
+            return Ok(rows.iter().cloned().collect());
+        }
         let st = self.st(Stmt::Flags)?;
         let rows = st.query_map(params![account], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -422,10 +472,12 @@ impl Tx for SqlTx<'_> {
     fn set_flag(&mut self, account: &str, flag: &str, now: i64) -> Result<(), LedgerError> {
         self.st(Stmt::SetFlag)?
             .execute(params![account, flag, now])?;
+        self.flags.forget((account, ""));
         Ok(())
     }
     fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError> {
         self.st(Stmt::ClearFlag)?.execute(params![account, flag])?;
+        self.flags.forget((account, ""));
         Ok(())
     }
     fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError> {
