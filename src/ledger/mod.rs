@@ -384,8 +384,80 @@ pub fn open_migrated(url: &str) -> Result<Box<dyn Ledger>, LedgerError> {
     Ok(l)
 }
 
+/// The stored text of an amount: `d.normalize().to_string()`, written
+/// without the formatting machinery (a batch commit renders five amounts
+/// per account).
+pub(crate) fn amount_text(d: Decimal) -> String {
+    let d = d.normalize();
+    let scale = d.scale() as usize;
+    let m = d.mantissa();
+    let Ok(mut u) = u64::try_from(m.unsigned_abs()) else {
+        return d.to_string(); // beyond 19 digits: rare
+    };
+    if u == 0 {
+        return d.to_string();
+    }
+    // Digits from the right: `scale` of them after the point, then at
+    // least one before it. At most 29 digits (scale <= 28), a point and a
+    // sign.
+    let mut buf = [0u8; 32];
+    let mut at = buf.len();
+    let mut push = |b: u8| {
+        at -= 1;
+        buf[at] = b;
+    };
+    let mut k = 0;
+    loop {
+        if k == scale && scale > 0 {
+            push(b'.');
+        }
+        push(b'0' + (u % 10) as u8);
+        u /= 10;
+        k += 1;
+        if u == 0 && k > scale {
+            break;
+        }
+    }
+    if m < 0 {
+        push(b'-');
+    }
+    String::from_utf8_lossy(&buf[at..]).into_owned()
+}
+
 pub(crate) fn parse_amount(s: &str) -> Result<Decimal, LedgerError> {
     s.trim()
         .parse::<Decimal>()
         .map_err(|_| LedgerError::Corrupt(format!("amount '{s}' is not a decimal")))
+}
+
+#[cfg(test)]
+mod amount_text_tests {
+    use super::amount_text;
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+
+    #[test]
+    fn amounts_are_written_as_normalized_decimals() {
+        for (m, scale, text) in [
+            (337, 2, "3.37"),
+            (-337, 2, "-3.37"),
+            (5, 2, "0.05"),
+            (-5, 4, "-0.0005"),
+            (1000, 2, "10"),
+            (0, 3, "0"),
+            (12, 0, "12"),
+        ] {
+            assert_eq!(amount_text(Decimal::new(m, scale)), text);
+        }
+        let big = Decimal::from_i128_with_scale(123_456_789_012_345_678_901_234, 4);
+        assert_eq!(amount_text(big), big.normalize().to_string());
+    }
+
+    proptest! {
+        #[test]
+        fn amount_text_equals_normalize_then_display(m in any::<i64>(), scale in 0u32..=28) {
+            let d = Decimal::new(m, scale);
+            prop_assert_eq!(amount_text(d), d.normalize().to_string());
+        }
+    }
 }

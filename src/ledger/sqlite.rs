@@ -12,8 +12,8 @@ use rust_decimal::Decimal;
 use super::ahead::Ahead;
 use super::logic::{commit_batch, Tx};
 use super::{
-    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, CursorStamp, Entry,
-    EntryKind, Ledger, LedgerError, NewEntry, OutboxMsg, TouCursor,
+    amount_text, parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, CursorStamp,
+    Entry, EntryKind, Ledger, LedgerError, NewEntry, OutboxMsg, TouCursor,
 };
 use crate::model::now_ms;
 
@@ -396,11 +396,8 @@ impl Tx for SqlTx<'_> {
         balance: Decimal,
         added: i64,
     ) -> Result<(), LedgerError> {
-        self.st(Stmt::SetBalance)?.execute(params![
-            account,
-            balance.normalize().to_string(),
-            added
-        ])?;
+        self.st(Stmt::SetBalance)?
+            .execute(params![account, amount_text(balance), added])?;
         self.balances.forget((account, ""));
         Ok(())
     }
@@ -409,7 +406,7 @@ impl Tx for SqlTx<'_> {
             e.key,
             e.account_id,
             e.kind.as_str(),
-            e.amount.normalize().to_string(),
+            amount_text(e.amount),
             e.ts_ms,
             e.source,
             e.detail,
@@ -443,13 +440,13 @@ impl Tx for SqlTx<'_> {
             c.meter_id,
             c.channel,
             c.window_start_ms,
-            c.position.normalize().to_string(),
+            amount_text(c.position),
             c.last_ts_ms,
-            c.last_value.normalize().to_string(),
+            amount_text(c.last_value),
             c.first_ts_ms,
-            c.first_value.normalize().to_string(),
+            amount_text(c.first_value),
             c.held.map(|h| h.0),
-            c.held.map(|h| h.1.normalize().to_string()),
+            c.held.map(|h| amount_text(h.1)),
             c.tou.as_ref().map(|t| t.to_json())
         ])?;
         self.cursors.forget((&c.meter_id, &c.channel));
@@ -700,10 +697,12 @@ impl Ledger for SqliteLedger {
     }
 
     fn prepare_for_batch(&mut self) -> Result<(), LedgerError> {
-        // A batch run writes millions of index entries in random key order:
-        // with SQLite's 2 MB default cache it re-reads and spills pages all
-        // the time. Negative = KiB.
-        self.conn.pragma_update(None, "cache_size", -262_144)?;
+        // A batch commit touches a few thousand pages (rows go in key
+        // order): a 32 MiB cache holds them and the B-trees' inner pages,
+        // where SQLite's 2 MB default re-reads and spills. A larger cache
+        // cost time: every commit walks the whole cache to drop pages past
+        // the end of the file. Negative = KiB.
+        self.conn.pragma_update(None, "cache_size", -32_768)?;
         // Commits write the WAL without waiting for the disk; the database
         // file gets the WAL's pages on another thread. A power loss can undo
         // the last commits, never part of one: a re-run redoes them, and
