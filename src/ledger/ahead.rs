@@ -79,6 +79,9 @@ impl<V> Ahead<V> {
         row: impl Fn(&Row<'_>) -> rusqlite::Result<(Key, V)>,
     ) -> Result<Ahead<V>, LedgerError> {
         let n = wanted.len();
+        if n < MIN_KEYS {
+            return Ok(Ahead::default());
+        }
         let mut ahead = Ahead {
             keys: wanted
                 .iter()
@@ -87,9 +90,6 @@ impl<V> Ahead<V> {
             rows: (0..n).map(|_| None).collect(),
             last: 0,
         };
-        if n < MIN_KEYS {
-            return Ok(ahead);
-        }
         let budget = 4 * n + 64;
         let (mut next, mut skipped) = (0, 0);
         let mut q = st.query(params![wanted[0].0, wanted[n - 1].0])?;

@@ -14,7 +14,8 @@ use super::{
 pub trait Tx {
     /// Locks the balance rows of `accounts`, in the given (sorted) order. By
     /// the end of the commit each of them has a row (created at zero if
-    /// missing, here or by [`Tx::balance`]).
+    /// missing, here or by [`Tx::balance`]). A backend may read their
+    /// balances and flags here in one pass and answer from it.
     fn lock_balances(&mut self, accounts: &[&str]) -> Result<(), LedgerError>;
     /// Balance and entry count.
     fn balance(&mut self, account: &str) -> Result<(Decimal, i64), LedgerError>;

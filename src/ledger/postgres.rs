@@ -12,8 +12,8 @@ use rust_decimal::Decimal;
 use super::logic::{commit_batch, Tx};
 use super::sqlite::build_entry;
 use super::{
-    parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry, Ledger,
-    LedgerError, NewEntry, OutboxMsg,
+    amount_text, parse_amount, BalanceCheck, Batch, CommitHook, CommitReport, Cursor, Entry,
+    Ledger, LedgerError, NewEntry, OutboxMsg,
 };
 use crate::model::now_ms;
 
@@ -193,7 +193,7 @@ impl Tx for PgTx<'_, '_> {
     ) -> Result<(), LedgerError> {
         self.tx.execute(
             "UPDATE balances SET balance = CAST($2::text AS NUMERIC), entries = entries + $3 WHERE account_id = $1",
-            &[&account, &balance.normalize().to_string(), &added],
+            &[&account, &amount_text(balance), &added],
         )?;
         if let Some(b) = self.balances.get_mut(account) {
             *b = (balance, b.1 + added);
@@ -208,7 +208,7 @@ impl Tx for PgTx<'_, '_> {
                 &e.key,
                 &e.account_id,
                 &e.kind.as_str(),
-                &e.amount.normalize().to_string(),
+                &amount_text(e.amount),
                 &e.ts_ms,
                 &e.source,
                 &e.detail,
@@ -233,10 +233,7 @@ impl Tx for PgTx<'_, '_> {
         let keys: Vec<&str> = es.iter().map(|e| e.key.as_str()).collect();
         let accounts: Vec<&str> = es.iter().map(|e| e.account_id.as_str()).collect();
         let kinds: Vec<&str> = es.iter().map(|e| e.kind.as_str()).collect();
-        let amounts: Vec<String> = es
-            .iter()
-            .map(|e| e.amount.normalize().to_string())
-            .collect();
+        let amounts: Vec<String> = es.iter().map(|e| amount_text(e.amount)).collect();
         let ts: Vec<i64> = es.iter().map(|e| e.ts_ms).collect();
         let sources: Vec<&str> = es.iter().map(|e| e.source.as_str()).collect();
         let details: Vec<&str> = es.iter().map(|e| e.detail.as_str()).collect();
@@ -287,13 +284,13 @@ impl Tx for PgTx<'_, '_> {
                 &c.meter_id,
                 &c.channel,
                 &c.window_start_ms,
-                &c.position.normalize().to_string(),
+                &amount_text(c.position),
                 &c.last_ts_ms,
-                &c.last_value.normalize().to_string(),
+                &amount_text(c.last_value),
                 &c.first_ts_ms,
-                &c.first_value.normalize().to_string(),
+                &amount_text(c.first_value),
                 &c.held.map(|h| h.0),
-                &c.held.map(|h| h.1.normalize().to_string()),
+                &c.held.map(|h| amount_text(h.1)),
                 &c.tou.as_ref().map(|t| t.to_json()),
             ],
         )?;
