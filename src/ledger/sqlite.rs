@@ -811,6 +811,19 @@ impl SqliteLedger {
 mod tests {
     use super::*;
 
+    /// A deduction entry for commit tests.
+    fn deduction(key: String, account: String, amount: Decimal, ts_ms: i64) -> NewEntry {
+        NewEntry {
+            key,
+            account_id: account,
+            kind: EntryKind::Deduction,
+            amount,
+            ts_ms,
+            source: "test".into(),
+            detail: String::new(),
+        }
+    }
+
     /// A ledger file at schema version `v` (the migrations before it applied).
     fn at_version(path: &Path, v: usize) -> Connection {
         let conn = Connection::open(path).unwrap();
@@ -915,14 +928,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut l = SqliteLedger::open(&dir.path().join("ledger.sqlite")).unwrap();
         l.migrate().unwrap();
-        let entry = |k: usize, amount: Decimal| NewEntry {
-            key: format!("k{k:04}"),
-            account_id: format!("A{}", k % 7),
-            kind: EntryKind::Deduction,
-            amount,
-            ts_ms: k as i64,
-            source: "test".into(),
-            detail: String::new(),
+        let entry = |k: usize, amount: Decimal| {
+            deduction(format!("k{k:04}"), format!("A{}", k % 7), amount, k as i64)
         };
         let first = Batch {
             entries: (0..10).map(|k| entry(k, dec!(-1))).collect(),
@@ -1010,15 +1017,7 @@ mod tests {
         // 40 meters (past the read-ahead's minimum), one account each.
         let batch = |ts: i64, expect: &dyn Fn(usize) -> Option<CursorStamp>| Batch {
             entries: (0..40)
-                .map(|k| NewEntry {
-                    key: format!("d{ts}:{k}"),
-                    account_id: format!("A{k:03}"),
-                    kind: EntryKind::Deduction,
-                    amount: dec!(-1),
-                    ts_ms: ts,
-                    source: "test".into(),
-                    detail: String::new(),
-                })
+                .map(|k| deduction(format!("d{ts}:{k}"), format!("A{k:03}"), dec!(-1), ts))
                 .collect(),
             cursors: (0..40).map(|k| cursor(k, ts)).collect(),
             expect: (0..40)
@@ -1066,15 +1065,7 @@ mod tests {
         l.prepare_for_batch().unwrap();
         for chunk in 0..20 {
             let entries = (0..50)
-                .map(|k| NewEntry {
-                    key: format!("c{chunk}:k{k}"),
-                    account_id: format!("A{k}"),
-                    kind: EntryKind::Deduction,
-                    amount: dec!(-0.5),
-                    ts_ms: k,
-                    source: "test".into(),
-                    detail: String::new(),
-                })
+                .map(|k| deduction(format!("c{chunk}:k{k}"), format!("A{k}"), dec!(-0.5), k))
                 .collect();
             let batch = Batch {
                 entries,
