@@ -32,6 +32,9 @@ pub struct Fleet {
     /// meter id -> meter (of a prepaid account).
     pub meters: FxMap<String, Meter>,
     pub meters_of: FxMap<String, Vec<String>>,
+    /// Each tariff of the fleet with one account on it (the questions a
+    /// pricer answers per tariff are asked of that account).
+    pub tariffs: FxMap<String, String>,
 }
 
 impl Fleet {
@@ -61,24 +64,35 @@ impl Fleet {
     }
 
     pub fn from_rows(accounts: Vec<Account>, meters: Vec<Meter>) -> Fleet {
-        let prepaid: FxSet<String> = accounts
-            .iter()
-            .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-            .map(|a| a.account_id.clone())
-            .collect();
-        // Sized up front: growing a map of ~300-byte accounts moves them at every doubling.
+        // Sized up front, as the maps below: growing a set of a million
+        // rehashes it at every doubling.
+        let mut prepaid: FxSet<String> =
+            FxSet::with_capacity_and_hasher(accounts.len(), Default::default());
+        prepaid.extend(
+            accounts
+                .iter()
+                .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+                .map(|a| a.account_id.clone()),
+        );
+        // Growing a map of ~300-byte accounts moves them at every doubling.
         let n_prepaid = prepaid.len();
         // The account map and the meter maps are built side by side.
-        let (accounts, (meters, meters_of)) = rayon::join(
+        let ((accounts, tariffs), (meters, meters_of)) = rayon::join(
             || {
                 let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
+                let mut tariffs: FxMap<String, String> = FxMap::default();
                 by_id.extend(
                     accounts
                         .into_iter()
                         .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-                        .map(|a| (a.account_id.clone(), a)),
+                        .map(|a| {
+                            if !tariffs.contains_key(&a.tariff_id) {
+                                tariffs.insert(a.tariff_id.clone(), a.account_id.clone());
+                            }
+                            (a.account_id.clone(), a)
+                        }),
                 );
-                by_id
+                (by_id, tariffs)
             },
             || {
                 let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
@@ -99,6 +113,7 @@ impl Fleet {
             accounts,
             meters,
             meters_of,
+            tariffs,
         }
     }
 }
@@ -250,12 +265,11 @@ pub fn interval_meters(pricer: &dyn Pricer, fleet: &Fleet, ts_ms: i64) -> HashSe
 /// `pick` is asked once per tariff, not once per account: a pricer answers
 /// these questions from the account's tariff and the time alone.
 fn meters_where(fleet: &Fleet, pick: impl Fn(&Account) -> bool) -> HashSet<String> {
-    let mut by_tariff: FxMap<&str, bool> = FxMap::default();
-    for a in fleet.accounts.values() {
-        by_tariff
-            .entry(a.tariff_id.as_str())
-            .or_insert_with(|| pick(a));
-    }
+    let by_tariff: FxMap<&str, bool> = fleet
+        .tariffs
+        .iter()
+        .map(|(t, a)| (t.as_str(), fleet.accounts.get(a).is_some_and(&pick)))
+        .collect();
     if !by_tariff.values().any(|&p| p) {
         return HashSet::new();
     }
@@ -303,19 +317,23 @@ pub fn join_registers(
         .collect()
 }
 
-/// Register readings per prepaid meter, sorted by time, from the lake; for
-/// the meters in `intervals`, their interval readings instead (value = kWh).
+/// Register readings of the prepaid meters, sorted by time, from the lake;
+/// for the meters in `intervals`, their interval readings instead (value =
+/// kWh). Meters come in account order (then meter order), the order a run
+/// deducts them in.
 ///
-/// Row groups are read in parallel (five columns, text as dictionaries) and
-/// merged in file and row-group order.
-pub fn load_register_readings(
+/// Row groups are read in parallel (five columns, text as dictionaries);
+/// their runs of rows are then sorted by account and meter, keeping lake
+/// order within a meter (the first of two readings of one instant wins),
+/// and each meter's runs are merged on either core.
+pub fn load_register_readings<'a>(
     lake: &Path,
-    fleet: &Fleet,
+    fleet: &'a Fleet,
     pricer: &dyn Pricer,
     intervals: &HashSet<String>,
     from: NaiveDate,
     through_ms: i64,
-) -> Result<FxMap<String, Vec<RegisterReading>>, PrepayError> {
+) -> Result<Vec<MeterReadings<'a>>, PrepayError> {
     use rayon::prelude::*;
     let tou = tou_meters(pricer, fleet, through_ms);
     let (to, _) = local_date_minute(through_ms, 0);
@@ -327,48 +345,46 @@ pub fn load_register_readings(
         intervals,
         through_ms,
     };
-    let parts: Vec<Vec<WantedRun>> = units
+    let parts: Vec<Vec<WantedRun<'a>>> = units
         .par_iter()
         .map(|u| want.read_unit(u))
         .collect::<Result<_, _>>()?;
-    let mut regs: FxMap<String, HashMap<i64, [Option<Decimal>; 4]>> = FxMap::default();
-    // Sized up front: this merge runs on one core, before any chunk can be
-    // stepped, and growing a map of a million meters rehashes them all.
-    let mut out: FxMap<String, Vec<(i64, Decimal)>> =
-        FxMap::with_capacity_and_hasher(fleet.meters.len(), Default::default());
-    for (meter, rows) in parts.into_iter().flatten() {
-        for &(ts, value, reg) in &rows {
-            if let Some(r) = reg {
-                regs.entry(meter.clone())
-                    .or_default()
-                    .entry(ts)
-                    .or_default()[r] = Some(value);
+    let mut runs: Vec<WantedRun<'a>> = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for p in parts {
+        runs.extend(p);
+    }
+    // Stable: a meter's runs stay in lake order.
+    runs.par_sort_by(|a, b| {
+        (a.meter.account_id, a.meter.meter_id).cmp(&(b.meter.account_id, b.meter.meter_id))
+    });
+    Ok(runs
+        .par_chunk_by(|a, b| a.meter.meter_id == b.meter.meter_id)
+        .filter_map(merge_runs)
+        .collect())
+}
+
+/// One meter's runs (in lake order) as its readings; None when they hold
+/// tariff registers alone (those only join a total's reading).
+fn merge_runs<'a>(runs: &[WantedRun<'a>]) -> Option<MeterReadings<'a>> {
+    let mut regs: Option<HashMap<i64, [Option<Decimal>; 4]>> = None;
+    let mut totals: Vec<(i64, Decimal)> = Vec::new();
+    for &(ts, value, reg) in runs.iter().flat_map(|r| &r.rows) {
+        match reg {
+            Some(r) => {
+                regs.get_or_insert_with(HashMap::new).entry(ts).or_default()[r] = Some(value)
             }
-        }
-        let mut totals = rows
-            .iter()
-            .filter(|r| r.2.is_none())
-            .map(|r| (r.0, r.1))
-            .peekable();
-        if totals.peek().is_none() {
-            continue; // tariff registers alone: they only join a total's reading
-        }
-        match out.get_mut(&meter) {
-            Some(v) => v.extend(totals),
-            None => {
-                out.insert(meter, totals.collect());
-            }
+            None => totals.push((ts, value)),
         }
     }
-    Ok(out
-        .into_par_iter()
-        .map(|(m, mut r)| {
-            r.sort_by_key(|x| x.0);
-            r.dedup_by_key(|x| x.0);
-            let joined = join_registers(r, regs.get(&m));
-            (m, joined)
-        })
-        .collect())
+    if totals.is_empty() {
+        return None;
+    }
+    totals.sort_by_key(|x| x.0);
+    totals.dedup_by_key(|x| x.0);
+    Some(MeterReadings {
+        meter: runs[0].meter,
+        readings: join_registers(totals, regs.as_ref()),
+    })
 }
 
 /// The tariff registers T1..T4 read at `ts`, when all four were.
@@ -378,30 +394,73 @@ fn registers_at(regs: &HashMap<i64, [Option<Decimal>; 4]>, ts: i64) -> Option<Re
 }
 
 /// The wanted readings of one meter in one row group (files are sorted by
-/// meter): time, value, tariff register (None: the total or interval channel).
-type WantedRun = (String, Vec<(i64, Decimal, Option<usize>)>);
+/// meter): the meter with its account (borrowed from the fleet) and
+/// time, value, tariff register (None: the total or interval channel).
+struct WantedRun<'a> {
+    meter: Prepaid<'a>,
+    rows: Vec<(i64, Decimal, Option<usize>)>,
+}
+
+/// A prepaid meter as the run sees it: ids, record and how it deducts.
+/// (Its account's record is looked up when it is stepped, on the second
+/// core, not while the lake is read.)
+#[derive(Clone, Copy)]
+pub struct Prepaid<'a> {
+    pub account_id: &'a str,
+    pub meter_id: &'a str,
+    pub meter: &'a Meter,
+    /// Deducted from interval readings (see [`interval_meters`]).
+    pub by_interval: bool,
+}
+
+impl<'a> Prepaid<'a> {
+    /// The meter `m` of `fleet`; None when it is not prepaid.
+    pub fn of(fleet: &'a Fleet, m: &str, by_interval: bool) -> Option<Prepaid<'a>> {
+        let (meter_id, meter) = fleet.meters.get_key_value(m)?;
+        Some(Prepaid {
+            account_id: &meter.account_id,
+            meter_id,
+            meter,
+            by_interval,
+        })
+    }
+
+    /// The channel of its cursor.
+    pub fn channel(&self) -> &'static str {
+        if self.by_interval {
+            interval::CHANNEL
+        } else {
+            CHANNEL
+        }
+    }
+}
+
+/// The readings of one prepaid meter, sorted by time.
+pub struct MeterReadings<'a> {
+    pub meter: Prepaid<'a>,
+    pub readings: Vec<RegisterReading>,
+}
 
 /// Which readings deduct: see [`load_register_readings`].
-struct Wanted<'a> {
+struct Wanted<'a, 's> {
     fleet: &'a Fleet,
-    tou: &'a HashSet<String>,
-    intervals: &'a HashSet<String>,
+    tou: &'s HashSet<String>,
+    intervals: &'s HashSet<String>,
     through_ms: i64,
 }
 
-/// What the fleet says of one meter.
+/// What the fleet says of one meter: None when it is not prepaid.
 #[derive(Clone, Copy)]
-struct MeterUse {
-    prepaid: bool,
-    by_interval: bool,
+struct MeterUse<'a> {
+    meter: Option<Prepaid<'a>>,
     tou: bool,
 }
 
-impl Wanted<'_> {
-    fn meter_use(&self, m: &str) -> MeterUse {
+impl<'a> Wanted<'a, '_> {
+    fn meter_use(&self, m: &str) -> MeterUse<'a> {
+        let by_interval = !self.intervals.is_empty() && self.intervals.contains(m);
         MeterUse {
-            prepaid: self.fleet.meters.contains_key(m),
-            by_interval: !self.intervals.is_empty() && self.intervals.contains(m),
+            meter: Prepaid::of(self.fleet, m, by_interval),
             tou: !self.tou.is_empty() && self.tou.contains(m),
         }
     }
@@ -416,11 +475,14 @@ enum Use {
     Skip,
 }
 
-impl Wanted<'_> {
-    fn read_unit(&self, unit: &crate::store::scan::Unit) -> Result<Vec<WantedRun>, PrepayError> {
+impl<'a> Wanted<'a, '_> {
+    fn read_unit(
+        &self,
+        unit: &crate::store::scan::Unit,
+    ) -> Result<Vec<WantedRun<'a>>, PrepayError> {
         use crate::store::columns::from_scaled;
         use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
-        let mut out: Vec<WantedRun> = Vec::new();
+        let mut out: Vec<WantedRun<'a>> = Vec::new();
         for b in unit_batches(unit, &SCAN_COLUMNS)? {
             let b = b?;
             let v = ScanView::new(&b, &unit.path)?;
@@ -450,7 +512,7 @@ impl Wanted<'_> {
                 .collect();
             // What the fleet says of the current meter (rows come in meter
             // order): looked up once per run of its rows.
-            let mut meter: Option<(&str, MeterUse)> = None;
+            let mut meter: Option<(&str, MeterUse<'a>)> = None;
             for i in 0..b.num_rows() {
                 let u = uses[ch_keys[i] as usize];
                 if matches!(u, Use::Skip) || !chargeable[q_keys[i] as usize] {
@@ -469,19 +531,22 @@ impl Wanted<'_> {
                         mu
                     }
                 };
-                if !mu.prepaid {
-                    continue;
-                }
+                let Some(p) = mu.meter else {
+                    continue; // not prepaid
+                };
                 let reg = match u {
-                    Use::Total if !mu.by_interval => None,
-                    Use::Interval if mu.by_interval => None,
+                    Use::Total if !p.by_interval => None,
+                    Use::Interval if p.by_interval => None,
                     Use::Register(r) if mu.tou => Some(r),
                     _ => continue,
                 };
                 let row = (t, from_scaled(value[i]), reg);
                 match out.last_mut() {
-                    Some((last, rows)) if last.as_str() == m => rows.push(row),
-                    _ => out.push((m.to_string(), vec![row])),
+                    Some(run) if run.meter.meter_id == m => run.rows.push(row),
+                    _ => out.push(WantedRun {
+                        meter: p,
+                        rows: vec![row],
+                    }),
                 }
             }
         }
@@ -711,17 +776,15 @@ struct Stepped<'a> {
 
 /// What stepping a chunk reads; shared with the thread that steps the next
 /// chunk while this one commits.
-struct Stepper<'a> {
-    pricer: &'a (dyn Pricer + Sync),
-    fleet: &'a Fleet,
-    readings: &'a FxMap<String, Vec<RegisterReading>>,
-    intervals: &'a HashSet<String>,
+struct Stepper<'p> {
+    pricer: &'p (dyn Pricer + Sync),
+    fleet: &'p Fleet,
 }
 
-impl<'a> Stepper<'a> {
+impl Stepper<'_> {
     /// Steps `chunk`'s meters (whole accounts) from `before` (their stored
     /// cursors, in order).
-    fn step(&self, chunk: &[&'a String], before: Vec<Option<Cursor>>) -> Stepped<'a> {
+    fn step<'a>(&self, chunk: &[MeterReadings<'a>], before: Vec<Option<Cursor>>) -> Stepped<'a> {
         let mut batch = Batch::default();
         let mut local = RunStats::default();
         // A chunk holds every stepped meter of its accounts, in account
@@ -730,33 +793,34 @@ impl<'a> Stepper<'a> {
         // Each account of the chunk once, and whether it was charged.
         let mut accounts: Vec<(&'a str, bool)> = Vec::new();
         for (m, before) in chunk.iter().zip(before) {
+            let p = m.meter;
             batch.expect.push((
-                (*m).clone(),
-                deduct_channel(self.intervals, m).into(),
+                p.meter_id.to_string(),
+                p.channel().into(),
                 before.as_ref().map(Cursor::stamp),
             ));
-            // The meter and its account, looked up once for all of the below.
-            let Some((meter, account_id, account)) = self.fleet.meter_account(m) else {
-                continue; // not a prepaid meter: nothing to step
+            // The fleet holds every prepaid meter's account (`Fleet::from_rows`).
+            let Some(account) = self.fleet.accounts.get(p.account_id) else {
+                continue;
             };
             let (entries, cur) = deduct_meter(
                 self.pricer,
                 account,
-                meter,
+                p.meter,
                 before.clone(),
-                &self.readings[*m],
-                self.intervals.contains(*m),
+                &m.readings,
+                p.by_interval,
                 "prepay-run",
                 &mut local,
             );
             let charged = !entries.is_empty();
             match accounts.last_mut() {
-                Some((a, c)) if *a == account_id => *c |= charged,
-                _ => accounts.push((account_id, charged)),
+                Some((a, c)) if *a == p.account_id => *c |= charged,
+                _ => accounts.push((p.account_id, charged)),
             }
             if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
                 if let Some(s) = daily_spend_of(self.pricer, account, &c) {
-                    *daily.entry(account_id.to_string()).or_default() += s;
+                    *daily.entry(p.account_id.to_string()).or_default() += s;
                 }
                 batch.cursors.push(c);
             }
@@ -776,19 +840,18 @@ impl<'a> Stepper<'a> {
     }
 }
 
-/// Cuts meters (sorted by account; `accounts[i]` is the account of
-/// `meters[i]`) into chunks of about `size` meters, never splitting an
-/// account: its daily spend is summed within a chunk.
-fn account_chunks<'m>(
-    meters: &'m [&'m String],
-    accounts: &[&str],
+/// Cuts meters (sorted by account) into chunks of about `size` meters,
+/// never splitting an account: its daily spend is summed within a chunk.
+fn account_chunks<'m, 'a>(
+    meters: &'m [MeterReadings<'a>],
     size: usize,
-) -> Vec<&'m [&'m String]> {
+) -> Vec<&'m [MeterReadings<'a>]> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < meters.len() {
         let mut end = (start + size.max(1)).min(meters.len());
-        while end < meters.len() && accounts[end] == accounts[end - 1] {
+        while end < meters.len() && meters[end].meter.account_id == meters[end - 1].meter.account_id
+        {
             end += 1;
         }
         out.push(&meters[start..end]);
@@ -826,46 +889,37 @@ pub fn run_batch(
         .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
         .map(|c| (c.meter_id.clone(), c))
         .collect();
-    let mut meters: Vec<(&str, &String)> = readings
-        .keys()
-        .map(|m| (fleet.meters.get(m).map_or("", |m| m.account_id.as_str()), m))
-        .collect();
-    {
-        use rayon::slice::ParallelSliceMut;
-        meters.par_sort_unstable();
-    }
-    let (accounts, meters): (Vec<&str>, Vec<&String>) = meters.into_iter().unzip();
-    stats.meters = meters.len();
+    stats.meters = readings.len();
     let t_read = t0.elapsed();
-    let stepper = Stepper {
-        pricer,
-        fleet,
-        readings: &readings,
-        intervals: &intervals,
-    };
+    let stepper = Stepper { pricer, fleet };
     // Accounts the run charges nothing (re-evaluated at the end), with the
     // daily spends of those it stepped.
     let mut uncharged: Vec<&str> = Vec::new();
     let mut uncharged_spend: FxMap<String, Decimal> = FxMap::default();
-    let chunks = account_chunks(&meters, &accounts, opts.chunk);
-    let befores = |cursors: &FxMap<String, Cursor>, chunk: &[&String]| -> Vec<Option<Cursor>> {
-        chunk.iter().map(|m| cursors.get(*m).cloned()).collect()
-    };
+    let chunks = account_chunks(&readings, opts.chunk);
+    let befores =
+        |cursors: &FxMap<String, Cursor>, chunk: &[MeterReadings<'_>]| -> Vec<Option<Cursor>> {
+            chunk
+                .iter()
+                .map(|m| cursors.get(m.meter.meter_id).cloned())
+                .collect()
+        };
     // Where the deduction phase's time goes: waiting for a stepped chunk, committing.
     let (mut waited, mut committed) = (Duration::ZERO, Duration::ZERO);
     let unstepped = std::thread::scope(|scope| -> Result<Vec<&str>, PrepayError> {
-        // Accounts with no meter read: found on the second core meanwhile.
+        // Accounts with no meter read: found on the second core meanwhile
+        // (the readings come in account order).
         let unstepped = opts.evaluate_all.then(|| {
-            scope.spawn(|| {
+            let readings = &readings;
+            scope.spawn(move || {
+                let read: Vec<&str> = readings
+                    .chunk_by(|a, b| a.meter.account_id == b.meter.account_id)
+                    .map(|ms| ms[0].meter.account_id)
+                    .collect();
                 fleet
                     .accounts
                     .keys()
-                    .filter(|a| {
-                        !fleet
-                            .meters_of
-                            .get(*a)
-                            .is_some_and(|ms| ms.iter().any(|m| readings.contains_key(m)))
-                    })
+                    .filter(|a| read.binary_search(&a.as_str()).is_err())
                     .map(String::as_str)
                     .collect::<Vec<&str>>()
             })
@@ -917,9 +971,10 @@ pub fn run_batch(
                         ));
                     }
                     for m in chunk.iter() {
-                        match ledger.cursor(m, deduct_channel(&intervals, m))? {
-                            Some(c) => cursors.insert((*m).clone(), c),
-                            None => cursors.remove(*m),
+                        let p = m.meter;
+                        match ledger.cursor(p.meter_id, p.channel())? {
+                            Some(c) => cursors.insert(p.meter_id.to_string(), c),
+                            None => cursors.remove(p.meter_id),
                         };
                     }
                     stepped = stepper.step(chunk, befores(&cursors, chunk));
@@ -974,8 +1029,10 @@ pub fn run_batch(
         evaluate_s = (t0.elapsed() - t_deduct).as_secs_f64(),
         "prepay run phases"
     );
-    // A million meters' readings: freed on another thread, not in the run's time.
-    std::thread::spawn(move || drop(readings));
+    // A million meters' readings: freed on another thread, not in the run's
+    // time (what they borrow from the fleet stays here).
+    let owned: Vec<Vec<RegisterReading>> = readings.into_iter().map(|m| m.readings).collect();
+    std::thread::spawn(move || drop(owned));
     Ok(stats)
 }
 
@@ -1070,27 +1127,26 @@ mod tests {
 
     #[test]
     fn chunks_never_split_an_account() {
-        let f = ["A1", "A2", "A2"];
-        let ids: Vec<String> = ["M1", "M2", "M3"].map(String::from).to_vec();
-        let meters: Vec<&String> = ids.iter().collect();
-        let names = |cs: Vec<&[&String]>| -> Vec<Vec<String>> {
+        let f = fleet();
+        let meters: Vec<MeterReadings> = ["M1", "M2", "M3"]
+            .iter()
+            .map(|m| MeterReadings {
+                meter: Prepaid::of(&f, m, false).unwrap(),
+                readings: Vec::new(),
+            })
+            .collect();
+        let names = |cs: Vec<&[MeterReadings]>| -> Vec<Vec<String>> {
             cs.iter()
-                .map(|c| c.iter().map(|m| m.to_string()).collect())
+                .map(|c| c.iter().map(|m| m.meter.meter_id.to_string()).collect())
                 .collect()
         };
         // M2 and M3 are A2's: a chunk of one meter grows to hold both.
         assert_eq!(
-            names(account_chunks(&meters, &f, 1)),
+            names(account_chunks(&meters, 1)),
             [vec!["M1"], vec!["M2", "M3"]]
         );
-        assert_eq!(
-            names(account_chunks(&meters, &f, 2)),
-            [vec!["M1", "M2", "M3"]]
-        );
-        assert_eq!(
-            names(account_chunks(&meters, &f, 3)),
-            [vec!["M1", "M2", "M3"]]
-        );
-        assert!(account_chunks(&[], &[], 5).is_empty());
+        assert_eq!(names(account_chunks(&meters, 2)), [vec!["M1", "M2", "M3"]]);
+        assert_eq!(names(account_chunks(&meters, 3)), [vec!["M1", "M2", "M3"]]);
+        assert!(account_chunks(&[], 5).is_empty());
     }
 }
