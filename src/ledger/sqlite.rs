@@ -131,7 +131,30 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE outbox6 RENAME TO outbox;
      CREATE INDEX outbox_pending ON outbox(n) WHERE delivered_ms IS NULL;
      CREATE INDEX outbox_pending_kind ON outbox(kind, n) WHERE delivered_ms IS NULL;",
+    // 7: entries numbered without AUTOINCREMENT, which reads and writes
+    // `sqlite_sequence` at every insert. Entries are never deleted, so the
+    // next number (the largest + 1) is the same; measured 0.2-0.3 s off the
+    // 1 M-account day's 7 s of commits. The rows are copied in order.
+    "CREATE TABLE entries7 (
+        seq INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        account_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        recorded_ms INTEGER NOT NULL
+     );
+     INSERT INTO entries7 SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms
+        FROM entries ORDER BY seq;
+     DROP TABLE entries;
+     ALTER TABLE entries7 RENAME TO entries;
+     CREATE INDEX entries_account ON entries(account_id, seq);",
 ];
+
+/// Page size of a new ledger file; must be set before its first table.
+const PAGE_SIZE: i64 = 16_384;
 
 pub struct SqliteLedger {
     path: PathBuf,
@@ -196,6 +219,11 @@ impl SqliteLedger {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(60))?;
+        // A new ledger gets 16 KiB pages (an existing one keeps its own):
+        // a batch commit writes a quarter as many WAL frames and splits
+        // fewer B-tree pages. Measured on the 1 M-account day: 0.5-1 s off
+        // 7.5 s of commits against 4 KiB (8 KiB was in between).
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed transaction survives power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -1090,5 +1118,81 @@ mod tests {
         let mut again = SqliteLedger::open(&path).unwrap();
         assert_eq!(again.balance("A49").unwrap(), dec!(-10));
         assert!(again.check().unwrap().iter().all(BalanceCheck::ok));
+    }
+
+    #[test]
+    fn a_new_ledger_gets_16_kib_pages_and_an_old_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let page_size = |l: &SqliteLedger| -> i64 {
+            l.conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap()
+        };
+        let new = dir.path().join("new.sqlite");
+        let mut l = SqliteLedger::open(&new).unwrap();
+        l.migrate().unwrap();
+        assert_eq!(page_size(&l), 16_384);
+        // A ledger created with SQLite's default 4 KiB pages stays so.
+        let old = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&old).unwrap();
+            c.pragma_update(None, "journal_mode", "WAL").unwrap();
+            c.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        }
+        let l = SqliteLedger::open(&old).unwrap();
+        assert_eq!(page_size(&l), 4_096);
+    }
+
+    #[test]
+    fn entries_renumbered_without_autoincrement_keep_their_numbers_and_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let conn = at_version(&path, 6);
+        conn.execute_batch(
+            "INSERT INTO entries (key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
+                VALUES ('pay:a', 'A1', 'top_up', '100', 1, 'import', '{}', 1),
+                       ('pay:b', 'A1', 'top_up', '50', 2, 'import', '{}', 2);
+             INSERT INTO balances VALUES ('A1', '150', 2);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut l = SqliteLedger::open(&path).unwrap();
+        l.migrate().unwrap();
+        let autoincrement: i64 = l
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'entries' AND sql LIKE '%AUTOINCREMENT%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(autoincrement, 0);
+        let numbered = |l: &mut SqliteLedger| -> Vec<(i64, String)> {
+            l.entries(Some("A1"), 0, 10)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.seq, e.entry.key))
+                .collect()
+        };
+        assert_eq!(
+            numbered(&mut l),
+            [(1, "pay:a".to_string()), (2, "pay:b".to_string())]
+        );
+        // The next entry takes the next number; its key is still unique.
+        let batch = Batch {
+            entries: vec![deduction(
+                "ded:x".into(),
+                "A1".into(),
+                Decimal::NEGATIVE_ONE,
+                3,
+            )],
+            ..Default::default()
+        };
+        l.commit(&batch, &crate::ledger::NoHook).unwrap();
+        let again = l.commit(&batch, &crate::ledger::NoHook).unwrap();
+        assert_eq!(again.outcomes, [crate::ledger::Outcome::Duplicate]);
+        assert_eq!(numbered(&mut l)[2], (3, "ded:x".to_string()));
+        assert_eq!(l.balance("A1").unwrap(), Decimal::new(149, 0));
+        assert!(l.check().unwrap().iter().all(BalanceCheck::ok));
     }
 }

@@ -347,15 +347,21 @@ pub fn load_register_readings<'a>(
     };
     let parts: Vec<Vec<WantedRun<'a>>> = units
         .par_iter()
-        .map(|u| want.read_unit(u))
+        .enumerate()
+        .map(|(k, u)| want.read_unit(u, k as u32))
         .collect::<Result<_, _>>()?;
     let mut runs: Vec<WantedRun<'a>> = Vec::with_capacity(parts.iter().map(Vec::len).sum());
     for p in parts {
         runs.extend(p);
     }
-    // Stable: a meter's runs stay in lake order.
-    runs.par_sort_by(|a, b| {
-        (a.meter.account_id, a.meter.meter_id).cmp(&(b.meter.account_id, b.meter.meter_id))
+    // In place (a stable sort would allocate a copy of the runs); a
+    // meter's runs stay in lake order by their position.
+    runs.par_sort_unstable_by(|a, b| {
+        (a.meter.account_id, a.meter.meter_id, a.at).cmp(&(
+            b.meter.account_id,
+            b.meter.meter_id,
+            b.at,
+        ))
     });
     Ok(runs
         .par_chunk_by(|a, b| a.meter.meter_id == b.meter.meter_id)
@@ -398,6 +404,8 @@ fn registers_at(regs: &HashMap<i64, [Option<Decimal>; 4]>, ts: i64) -> Option<Re
 /// time, value, tariff register (None: the total or interval channel).
 struct WantedRun<'a> {
     meter: Prepaid<'a>,
+    /// Lake order: (unit index, run index within the unit).
+    at: (u32, u32),
     rows: Vec<(i64, Decimal, Option<usize>)>,
 }
 
@@ -476,9 +484,11 @@ enum Use {
 }
 
 impl<'a> Wanted<'a, '_> {
+    /// The wanted runs of `unit`, the `index`-th of the lake's units.
     fn read_unit(
         &self,
         unit: &crate::store::scan::Unit,
+        index: u32,
     ) -> Result<Vec<WantedRun<'a>>, PrepayError> {
         use crate::store::columns::from_scaled;
         use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
@@ -545,6 +555,7 @@ impl<'a> Wanted<'a, '_> {
                     Some(run) if run.meter.meter_id == m => run.rows.push(row),
                     _ => out.push(WantedRun {
                         meter: p,
+                        at: (index, out.len() as u32),
                         rows: vec![row],
                     }),
                 }
