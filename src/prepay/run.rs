@@ -851,6 +851,9 @@ impl Stepper<'_> {
     }
 }
 
+/// Chunks stepped ahead of the one committing.
+const AHEAD: usize = 3;
+
 /// Cuts meters (sorted by account) into chunks of about `size` meters,
 /// never splitting an account: its daily spend is summed within a chunk.
 fn account_chunks<'m, 'a>(
@@ -873,9 +876,9 @@ fn account_chunks<'m, 'a>(
 
 /// Deducts everything in the lake not yet deducted, through `through_ms`.
 ///
-/// Meters go in account order, in chunks of whole accounts. Chunk k + 1 is
-/// stepped on a second thread while chunk k commits: chunks hold different
-/// meters, so stepping one never needs the other's cursors.
+/// Meters go in account order, in chunks of whole accounts. A second thread
+/// steps the chunks up to [`AHEAD`] of the one committing: chunks hold
+/// different meters, so stepping one never needs another's cursors.
 pub fn run_batch(
     ledger: &mut dyn Ledger,
     pricer: &(dyn Pricer + Sync),
@@ -894,7 +897,7 @@ pub fn run_batch(
         opts.from,
         opts.through_ms,
     )?;
-    let mut cursors: FxMap<String, Cursor> = ledger
+    let cursors: FxMap<String, Cursor> = ledger
         .cursors()?
         .into_iter()
         .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
@@ -935,30 +938,36 @@ pub fn run_batch(
                     .collect::<Vec<&str>>()
             })
         });
-        let mut next = chunks.first().map(|c| {
-            let before = befores(&cursors, c);
-            let stepper = &stepper;
-            scope.spawn(move || stepper.step(c, before))
+        // One thread steps the chunks in order, up to AHEAD of the commits:
+        // when a commit runs long (a checkpoint, a page split) the stepping
+        // gets ahead, and the next commits need not wait for it. Chunks
+        // hold different meters, so no chunk needs another's cursors. It
+        // also frees the committed batches.
+        let (ready, stepped_rx) = std::sync::mpsc::sync_channel::<Stepped<'_>>(AHEAD);
+        let (spent_tx, spent) = std::sync::mpsc::channel::<Batch>();
+        let mut stepping = Some({
+            let (stepper, chunks, cursors) = (&stepper, &chunks, &cursors);
+            scope.spawn(move || {
+                for c in chunks {
+                    while let Ok(done) = spent.try_recv() {
+                        drop(done);
+                    }
+                    // The committing side stopped (an error): stop too.
+                    if ready.send(stepper.step(c, befores(cursors, c))).is_err() {
+                        return;
+                    }
+                }
+            })
         });
-        // The batch committed last, dropped on the stepping thread.
-        let mut spent: Option<Batch> = None;
-        for (k, chunk) in chunks.iter().enumerate() {
+        for chunk in chunks.iter() {
             let waiting = std::time::Instant::now();
-            let mut stepped = next
-                .take()
-                .expect("spawned for every chunk")
-                .join()
-                .map_err(|_| PrepayError::Input("stepping a chunk panicked".into()))?;
+            let Ok(mut stepped) = stepped_rx.recv() else {
+                // The stepping thread ended before its last chunk: it panicked
+                // (joined here, so that the panic becomes this error).
+                let _ = stepping.take().map(|h| h.join());
+                return Err(PrepayError::Input("stepping a chunk panicked".into()));
+            };
             waited += waiting.elapsed();
-            if let Some(c) = chunks.get(k + 1) {
-                let before = befores(&cursors, c);
-                let stepper = &stepper;
-                let spent = spent.take();
-                next = Some(scope.spawn(move || {
-                    drop(spent);
-                    stepper.step(c, before)
-                }));
-            }
             let mut attempt = 0;
             loop {
                 let Stepped {
@@ -981,14 +990,11 @@ pub fn run_batch(
                                 .into(),
                         ));
                     }
-                    for m in chunk.iter() {
-                        let p = m.meter;
-                        match ledger.cursor(p.meter_id, p.channel())? {
-                            Some(c) => cursors.insert(p.meter_id.to_string(), c),
-                            None => cursors.remove(p.meter_id),
-                        };
-                    }
-                    stepped = stepper.step(chunk, befores(&cursors, chunk));
+                    let before = chunk
+                        .iter()
+                        .map(|m| ledger.cursor(m.meter.meter_id, m.meter.channel()))
+                        .collect::<Result<_, _>>()?;
+                    stepped = stepper.step(chunk, before);
                     continue;
                 }
                 stats.chunks += 1;
@@ -999,11 +1005,16 @@ pub fn run_batch(
                     }
                 }
                 uncharged.extend(none);
-                spent = Some(batch);
+                // Freed on the stepping thread (gone when it has finished).
+                let _ = spent_tx.send(batch);
                 // No chunk after this one steps these meters: their new
                 // cursors are not kept here.
                 break;
             }
+        }
+        if let Some(h) = stepping.take() {
+            h.join()
+                .map_err(|_| PrepayError::Input("stepping a chunk panicked".into()))?;
         }
         Ok(match unstepped {
             Some(h) => h
