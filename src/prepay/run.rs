@@ -33,7 +33,8 @@ pub struct Fleet {
     pub meters: FxMap<String, Meter>,
     pub meters_of: FxMap<String, Vec<String>>,
     /// Each tariff of the fleet with one account on it (the questions a
-    /// pricer answers per tariff are asked of that account).
+    /// pricer answers per tariff are asked of that account). Filled by
+    /// [`Fleet::from_rows`], with the maps above.
     pub tariffs: FxMap<String, String>,
 }
 
@@ -400,8 +401,9 @@ fn registers_at(regs: &HashMap<i64, [Option<Decimal>; 4]>, ts: i64) -> Option<Re
 }
 
 /// The wanted readings of one meter in one row group (files are sorted by
-/// meter): the meter with its account (borrowed from the fleet) and
-/// time, value, tariff register (None: the total or interval channel).
+/// meter): the meter (borrowed from the fleet), where the run is in the
+/// lake, and time, value, tariff register (None: the total or interval
+/// channel) of each row.
 struct WantedRun<'a> {
     meter: Prepaid<'a>,
     /// Lake order: (unit index, run index within the unit).
@@ -785,8 +787,8 @@ struct Stepped<'a> {
     uncharged: Vec<&'a str>,
 }
 
-/// What stepping a chunk reads; shared with the thread that steps the next
-/// chunk while this one commits.
+/// What stepping a chunk reads; shared by the stepping thread and the
+/// committing one (which re-steps a chunk whose cursors moved).
 struct Stepper<'p> {
     pricer: &'p (dyn Pricer + Sync),
     fleet: &'p Fleet,
