@@ -852,6 +852,17 @@ mod tests {
         }
     }
 
+    /// How many schema objects match `condition` (SQL over `sqlite_schema`).
+    fn tables_where(l: &SqliteLedger, condition: &str) -> i64 {
+        l.conn
+            .query_row(
+                &format!("SELECT count(*) FROM sqlite_schema WHERE {condition}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
     /// A ledger file at schema version `v` (the migrations before it applied).
     fn at_version(path: &Path, v: usize) -> Connection {
         let conn = Connection::open(path).unwrap();
@@ -893,14 +904,10 @@ mod tests {
             l.flags("A1").unwrap().into_iter().collect::<Vec<_>>(),
             vec!["alert:below_level:50".to_string()]
         );
-        let without_rowid: i64 = l
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name IN ('balances', 'cursors', 'flags') AND sql LIKE '%WITHOUT ROWID%'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let without_rowid = tables_where(
+            &l,
+            "name IN ('balances', 'cursors', 'flags') AND sql LIKE '%WITHOUT ROWID%'",
+        );
         assert_eq!(without_rowid, 3);
         // Migrating again changes nothing.
         l.migrate().unwrap();
@@ -1158,14 +1165,7 @@ mod tests {
         drop(conn);
         let mut l = SqliteLedger::open(&path).unwrap();
         l.migrate().unwrap();
-        let autoincrement: i64 = l
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name = 'entries' AND sql LIKE '%AUTOINCREMENT%'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let autoincrement = tables_where(&l, "name = 'entries' AND sql LIKE '%AUTOINCREMENT%'");
         assert_eq!(autoincrement, 0);
         let numbered = |l: &mut SqliteLedger| -> Vec<(i64, String)> {
             l.entries(Some("A1"), 0, 10)
