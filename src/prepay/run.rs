@@ -289,7 +289,12 @@ fn meters_where(fleet: &Fleet, pick: impl Fn(&Account) -> bool) -> HashSet<Strin
 
 /// The channel whose readings deduct for this meter, and its cursor's channel.
 pub fn deduct_channel(intervals: &HashSet<String>, meter_id: &str) -> &'static str {
-    if intervals.contains(meter_id) {
+    channel_by(intervals.contains(meter_id))
+}
+
+/// The cursor channel of a meter deducted from interval readings or not.
+fn channel_by(by_interval: bool) -> &'static str {
+    if by_interval {
         interval::CHANNEL
     } else {
         CHANNEL
@@ -437,11 +442,7 @@ impl<'a> Prepaid<'a> {
 
     /// The channel of its cursor.
     pub fn channel(&self) -> &'static str {
-        if self.by_interval {
-            interval::CHANNEL
-        } else {
-            CHANNEL
-        }
+        channel_by(self.by_interval)
     }
 }
 
@@ -1172,5 +1173,113 @@ mod tests {
         assert_eq!(names(account_chunks(&meters, 2)), [vec!["M1", "M2", "M3"]]);
         assert_eq!(names(account_chunks(&meters, 3)), [vec!["M1", "M2", "M3"]]);
         assert!(account_chunks(&[], 5).is_empty());
+    }
+
+    fn run<'a>(
+        fleet: &'a Fleet,
+        m: &str,
+        at: (u32, u32),
+        rows: &[(i64, i64, Option<usize>)],
+    ) -> WantedRun<'a> {
+        WantedRun {
+            meter: Prepaid::of(fleet, m, false).unwrap(),
+            at,
+            rows: rows
+                .iter()
+                .map(|&(ts, v, r)| (ts, Decimal::from(v), r))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn merged_runs_keep_the_first_reading_of_an_instant_and_join_tariff_registers() {
+        let f = fleet();
+        // Two row groups of M1, in lake order: both read the total at 2000.
+        let runs = [
+            run(&f, "M1", (0, 0), &[(1000, 10, None), (2000, 20, None)]),
+            run(
+                &f,
+                "M1",
+                (1, 0),
+                &[(2000, 99, None), (3000, 30, None), (3000, 1, Some(0))],
+            ),
+        ];
+        let m = merge_runs(&runs).unwrap();
+        assert_eq!(m.meter.meter_id, "M1");
+        let got: Vec<(i64, Decimal)> = m.readings.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            got,
+            [(1000, dec!(10)), (2000, dec!(20)), (3000, dec!(30))],
+            "sorted by time, the first of two readings at 2000 kept"
+        );
+        // T1 alone at 3000 is not all four registers: nothing joins.
+        assert!(m.readings.iter().all(|r| r.2.is_none()));
+        let four = run(
+            &f,
+            "M1",
+            (0, 0),
+            &[
+                (5000, 50, None),
+                (5000, 1, Some(0)),
+                (5000, 2, Some(1)),
+                (5000, 3, Some(2)),
+                (5000, 4, Some(3)),
+            ],
+        );
+        let m = merge_runs(std::slice::from_ref(&four)).unwrap();
+        assert_eq!(m.readings[0].2, Some([dec!(1), dec!(2), dec!(3), dec!(4)]));
+        // Tariff registers alone only join a total: no readings.
+        let regs = run(&f, "M1", (0, 0), &[(5000, 1, Some(0))]);
+        assert!(merge_runs(std::slice::from_ref(&regs)).is_none());
+    }
+
+    #[test]
+    fn lake_readings_come_in_account_order_whatever_the_meter_order() {
+        use crate::store::{Lake, LakeOptions};
+        // Z1 (account A1) sorts after M2 and M3 (account A2) by meter id.
+        let account = |id: &str| Account {
+            account_id: id.into(),
+            ..crate::prepay::pricing::tests::account("bj-residential-monthly")
+        };
+        let meter = |id: &str, account: &str| Meter {
+            meter_id: id.into(),
+            account_id: account.into(),
+            ..crate::prepay::deduct::tests::meter()
+        };
+        let f = Fleet::from_rows(
+            vec![account("A1"), account("A2")],
+            vec![meter("Z1", "A1"), meter("M2", "A2"), meter("M3", "A2")],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let day = 1_790_784_000_000i64; // 2026-10-01 local midnight
+        let total = |m: &str, ts: i64, v: i64| {
+            crate::store::scan::tests::reading(m, ts, Channel::ImportActiveTotal, v, Quality::OK)
+        };
+        // Two commits: two files, each meter's readings in both.
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        for (k, ts) in [day, day + 3_600_000].into_iter().enumerate() {
+            let v = 1000 * (k as i64 + 1);
+            lake.accept(&[total("Z1", ts, v), total("M2", ts, v), total("M3", ts, v)])
+                .unwrap();
+            lake.flush().unwrap();
+        }
+        let pricer = crate::prepay::pricing::TariffPricer::new(
+            crate::tariff::load_dir(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs"),
+            )
+            .unwrap(),
+        );
+        let from = chrono::NaiveDate::from_ymd_opt(2026, 9, 30).unwrap();
+        let got =
+            load_register_readings(dir.path(), &f, &pricer, &HashSet::new(), from, day + DAY_MS)
+                .unwrap();
+        let order: Vec<(&str, &str, usize)> = got
+            .iter()
+            .map(|m| (m.meter.account_id, m.meter.meter_id, m.readings.len()))
+            .collect();
+        assert_eq!(order, [("A1", "Z1", 2), ("A2", "M2", 2), ("A2", "M3", 2)]);
+        assert!(got
+            .iter()
+            .all(|m| m.readings.windows(2).all(|w| w[0].0 < w[1].0)));
     }
 }

@@ -348,7 +348,7 @@ pub fn shard_len(meters: usize, shards: usize) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use crate::model::{Protocol, Reading, Source};
@@ -365,7 +365,7 @@ mod tests {
         .unwrap()
     }
 
-    fn reading(meter: &str, ts: i64, ch: Channel, v: i64, q: Quality) -> Reading {
+    pub(crate) fn reading(meter: &str, ts: i64, ch: Channel, v: i64, q: Quality) -> Reading {
         Reading {
             meter_id: meter.into(),
             ts_ms: ts,
