@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod control;
 pub mod deduct;
 pub mod demo;
+pub mod fleet;
 pub mod interval;
 pub mod payments;
 pub mod pricing;

@@ -17,107 +17,14 @@ use rust_decimal::Decimal;
 use super::alerts::{self, Thresholds};
 use super::control::Control;
 use super::deduct::{self, Regs, Step, CHANNEL};
+pub use super::fleet::Fleet;
 use super::interval;
 use super::pricing::{local_date_minute, Pricer};
 use super::PrepayError;
 use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
-use crate::master::{Account, Meter, PaymentMode};
+use crate::master::{Account, Meter};
 use crate::model::{Channel, Quality};
-use crate::store::scan::{FxMap, FxSet};
-
-/// Prepaid accounts and their meters.
-#[derive(Debug, Clone, Default)]
-pub struct Fleet {
-    pub accounts: FxMap<String, Account>,
-    /// meter id -> meter (of a prepaid account).
-    pub meters: FxMap<String, Meter>,
-    pub meters_of: FxMap<String, Vec<String>>,
-    /// Each tariff of the fleet with one account on it (the questions a
-    /// pricer answers per tariff are asked of that account). Filled by
-    /// [`Fleet::from_rows`], with the maps above.
-    pub tariffs: FxMap<String, String>,
-}
-
-impl Fleet {
-    /// Loads `accounts.csv` and `meters.csv` from `dir`, keeping prepaid accounts.
-    /// Bad rows are logged and skipped. Personal fields are not loaded:
-    /// deductions, alerts and relay rules never read them.
-    pub fn load(dir: &Path) -> Result<Fleet, PrepayError> {
-        // The two files are parsed side by side.
-        let (accounts, meters) = rayon::join(
-            || crate::master::load_accounts_for_billing(&dir.join(crate::master::ACCOUNTS_FILE)),
-            || crate::master::load_meters(&dir.join(crate::master::METERS_FILE)),
-        );
-        let accounts = accounts.map_err(|e| PrepayError::Input(e.to_string()))?;
-        let meters = meters.map_err(|e| PrepayError::Input(e.to_string()))?;
-        for e in accounts.errors.iter().chain(meters.errors.iter()) {
-            tracing::warn!("{e}");
-        }
-        Ok(Fleet::from_rows(accounts.rows, meters.rows))
-    }
-
-    /// A prepaid meter with its account: the account's id (the fleet's own
-    /// string, to borrow) and its record.
-    pub fn meter_account(&self, meter_id: &str) -> Option<(&Meter, &str, &Account)> {
-        let meter = self.meters.get(meter_id)?;
-        let (id, account) = self.accounts.get_key_value(&meter.account_id)?;
-        Some((meter, id.as_str(), account))
-    }
-
-    pub fn from_rows(accounts: Vec<Account>, meters: Vec<Meter>) -> Fleet {
-        // Sized up front, as the maps below: growing a set of a million
-        // rehashes it at every doubling.
-        let mut prepaid: FxSet<String> =
-            FxSet::with_capacity_and_hasher(accounts.len(), Default::default());
-        prepaid.extend(
-            accounts
-                .iter()
-                .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-                .map(|a| a.account_id.clone()),
-        );
-        // Growing a map of ~300-byte accounts moves them at every doubling.
-        let n_prepaid = prepaid.len();
-        // The account map and the meter maps are built side by side.
-        let ((accounts, tariffs), (meters, meters_of)) = rayon::join(
-            || {
-                let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
-                let mut tariffs: FxMap<String, String> = FxMap::default();
-                by_id.extend(
-                    accounts
-                        .into_iter()
-                        .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-                        .map(|a| {
-                            if !tariffs.contains_key(&a.tariff_id) {
-                                tariffs.insert(a.tariff_id.clone(), a.account_id.clone());
-                            }
-                            (a.account_id.clone(), a)
-                        }),
-                );
-                (by_id, tariffs)
-            },
-            || {
-                let mut by_id = FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
-                let mut of: FxMap<String, Vec<String>> =
-                    FxMap::with_capacity_and_hasher(n_prepaid, Default::default());
-                for m in meters {
-                    if prepaid.contains(&m.account_id) {
-                        of.entry(m.account_id.clone())
-                            .or_default()
-                            .push(m.meter_id.clone());
-                        by_id.insert(m.meter_id.clone(), m);
-                    }
-                }
-                (by_id, of)
-            },
-        );
-        Fleet {
-            accounts,
-            meters,
-            meters_of,
-            tariffs,
-        }
-    }
-}
+use crate::store::scan::FxMap;
 
 /// Alerts and relay rules, evaluated inside every ledger commit.
 pub struct PrepayHook<'a> {
@@ -163,12 +70,11 @@ impl CommitHook for PrepayHook<'_> {
             &mut out,
         );
         if let Some(c) = self.control {
-            let meters = self
+            let meters: Vec<String> = self
                 .fleet
-                .meters_of
-                .get(account_id)
-                .cloned()
-                .unwrap_or_default();
+                .meters_of(account_id)
+                .map(|m| m.meter_id.clone())
+                .collect();
             let limit = levels.overdraft_limit.unwrap_or(Decimal::ZERO);
             c.evaluate(
                 account_id, &meters, limit, balance, entries, flags, now, &mut out,
@@ -276,7 +182,8 @@ fn meters_where(fleet: &Fleet, pick: impl Fn(&Account) -> bool) -> HashSet<Strin
     }
     fleet
         .meters
-        .values()
+        .rows()
+        .iter()
         .filter(|m| {
             fleet
                 .accounts
@@ -431,10 +338,10 @@ pub struct Prepaid<'a> {
 impl<'a> Prepaid<'a> {
     /// The meter `m` of `fleet`; None when it is not prepaid.
     pub fn of(fleet: &'a Fleet, m: &str, by_interval: bool) -> Option<Prepaid<'a>> {
-        let (meter_id, meter) = fleet.meters.get_key_value(m)?;
+        let meter = fleet.meters.get(m)?;
         Some(Prepaid {
             account_id: &meter.account_id,
-            meter_id,
+            meter_id: &meter.meter_id,
             meter,
             by_interval,
         })
@@ -717,7 +624,7 @@ pub fn apply_spends(
         let Some(a) = fleet.meters.get(&meter_id).map(|m| m.account_id.as_str()) else {
             continue;
         };
-        let single = fleet.meters_of.get(a).is_some_and(|ms| ms.len() == 1);
+        let single = fleet.meters_of(a).count() == 1;
         match spend {
             Some(s) => {
                 if single {
@@ -741,11 +648,8 @@ pub fn apply_spends(
     shared.dedup();
     for a in shared {
         let sum = fleet
-            .meters_of
-            .get(a)
-            .into_iter()
-            .flatten()
-            .filter_map(|m| per_meter.get(m).copied())
+            .meters_of(a)
+            .filter_map(|m| per_meter.get(&m.meter_id).copied())
             .reduce(|x, y| x + y);
         set_daily(daily, a, sum);
     }
@@ -935,9 +839,10 @@ pub fn run_batch(
                     .collect();
                 fleet
                     .accounts
-                    .keys()
-                    .filter(|a| read.binary_search(&a.as_str()).is_err())
-                    .map(String::as_str)
+                    .rows()
+                    .iter()
+                    .map(|a| a.account_id.as_str())
+                    .filter(|a| read.binary_search(a).is_err())
                     .collect::<Vec<&str>>()
             })
         });
@@ -1064,6 +969,7 @@ pub fn run_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::master::PaymentMode;
     use rust_decimal_macros::dec;
 
     /// A1 has one meter (M1), A2 two (M2, M3).
@@ -1128,8 +1034,8 @@ mod tests {
     #[test]
     fn the_hook_applies_thresholds_set_per_class_and_per_tariff() {
         let f = fleet();
-        let class = f.accounts["A1"].customer_class.as_str();
-        let tariff = f.accounts["A1"].tariff_id.clone();
+        let class = f.accounts.get("A1").unwrap().customer_class.as_str();
+        let tariff = f.accounts.get("A1").unwrap().tariff_id.clone();
         let text = format!(
             "[default]\nlevels=[\"20\"]\n[class.{class}]\nlevels=[\"500\"]\n[tariff.{tariff}]\nzero=true\n"
         );
