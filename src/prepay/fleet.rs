@@ -13,6 +13,7 @@ use std::path::Path;
 use hashbrown::HashTable;
 
 use super::PrepayError;
+use crate::ledger::Cursor;
 use crate::master::{Account, Meter, PaymentMode};
 use crate::store::scan::{Fx, FxMap};
 
@@ -28,6 +29,13 @@ impl Keyed for Account {
 }
 
 impl Keyed for Meter {
+    fn key(&self) -> &str {
+        &self.meter_id
+    }
+}
+
+/// By meter: a run keeps the cursors of one channel per meter.
+impl Keyed for Cursor {
     fn key(&self) -> &str {
         &self.meter_id
     }

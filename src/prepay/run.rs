@@ -17,6 +17,7 @@ use rust_decimal::Decimal;
 use super::alerts::{self, Thresholds};
 use super::control::Control;
 use super::deduct::{self, Regs, Step, CHANNEL};
+use super::fleet::ById;
 pub use super::fleet::Fleet;
 use super::interval;
 use super::pricing::{local_date_minute, Pricer};
@@ -796,20 +797,30 @@ pub fn run_batch(
     let mut stats = RunStats::default();
     let t0 = std::time::Instant::now();
     let intervals = interval_meters(pricer, fleet, opts.through_ms);
-    let readings = load_register_readings(
-        opts.lake,
-        fleet,
-        pricer,
-        &intervals,
-        opts.from,
-        opts.through_ms,
-    )?;
-    let cursors: FxMap<String, Cursor> = ledger
-        .cursors()?
-        .into_iter()
-        .filter(|c| c.channel == deduct_channel(&intervals, &c.meter_id))
-        .map(|c| (c.meter_id.clone(), c))
-        .collect();
+    // The lake is read on the pool's threads while this one reads the
+    // stored cursors (a second day's run has one per meter).
+    let (readings, cursors) = std::thread::scope(|scope| {
+        let lake = scope.spawn(|| {
+            load_register_readings(
+                opts.lake,
+                fleet,
+                pricer,
+                &intervals,
+                opts.from,
+                opts.through_ms,
+            )
+        });
+        // Kept in the vector the ledger returned, found through an index
+        // (see `prepay::fleet`): a map would copy them into fresh pages.
+        let cursors = ledger.cursors().map(|mut cs| {
+            cs.retain(|c| c.channel == deduct_channel(&intervals, &c.meter_id));
+            ById::new(cs)
+        });
+        let readings = lake
+            .join()
+            .map_err(|_| PrepayError::Input("reading the lake panicked".into()))?;
+        Ok::<_, PrepayError>((readings?, cursors?))
+    })?;
     stats.meters = readings.len();
     let t_read = t0.elapsed();
     let stepper = Stepper { pricer, fleet };
@@ -818,13 +829,12 @@ pub fn run_batch(
     let mut uncharged: Vec<&str> = Vec::new();
     let mut uncharged_spend: FxMap<String, Decimal> = FxMap::default();
     let chunks = account_chunks(&readings, opts.chunk);
-    let befores =
-        |cursors: &FxMap<String, Cursor>, chunk: &[MeterReadings<'_>]| -> Vec<Option<Cursor>> {
-            chunk
-                .iter()
-                .map(|m| cursors.get(m.meter.meter_id).cloned())
-                .collect()
-        };
+    let befores = |cursors: &ById<Cursor>, chunk: &[MeterReadings<'_>]| -> Vec<Option<Cursor>> {
+        chunk
+            .iter()
+            .map(|m| cursors.get(m.meter.meter_id).cloned())
+            .collect()
+    };
     // Where the deduction phase's time goes: waiting for a stepped chunk, committing.
     let (mut waited, mut committed) = (Duration::ZERO, Duration::ZERO);
     let unstepped = std::thread::scope(|scope| -> Result<Vec<&str>, PrepayError> {
