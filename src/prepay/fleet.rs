@@ -42,7 +42,8 @@ impl Keyed for Cursor {
 }
 
 /// Records found by id. Of rows with one id the last is kept (as a map
-/// that inserts every row in turn would keep it).
+/// that inserts every row in turn would keep it). Positions are `u32`: up
+/// to 4,294,967,295 records, far beyond what one process loads.
 #[derive(Debug, Clone)]
 pub struct ById<T> {
     rows: Vec<T>,
