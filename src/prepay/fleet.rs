@@ -11,6 +11,7 @@ use std::hash::BuildHasher;
 use std::path::Path;
 
 use hashbrown::HashTable;
+use rayon::prelude::*;
 
 use super::PrepayError;
 use crate::ledger::Cursor;
@@ -170,10 +171,11 @@ impl Fleet {
                 tariffs.insert(a.tariff_id.clone(), a.account_id.clone());
             }
         }
-        // Each meter's account position (None: not prepaid).
+        // Each meter's account position (None: not prepaid), on both cores:
+        // a million lookups, each a few cache misses.
         let owner: Vec<Option<u32>> = meters
             .rows()
-            .iter()
+            .par_iter()
             .map(|m| accounts.position(&m.account_id).map(|p| p as u32))
             .collect();
         let meters = if owner.iter().all(Option::is_some) {
