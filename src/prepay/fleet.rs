@@ -210,12 +210,10 @@ impl Fleet {
         }
     }
 
-    /// A prepaid meter with its account: the account's id (the fleet's own
-    /// string, to borrow) and its record.
-    pub fn meter_account(&self, meter_id: &str) -> Option<(&Meter, &str, &Account)> {
+    /// A prepaid meter with its account's record.
+    pub fn meter_account(&self, meter_id: &str) -> Option<(&Meter, &Account)> {
         let meter = self.meters.get(meter_id)?;
-        let account = self.accounts.get(&meter.account_id)?;
-        Some((meter, account.account_id.as_str(), account))
+        Some((meter, self.accounts.get(&meter.account_id)?))
     }
 
     /// The meters of prepaid account `account_id`, in load order.
@@ -278,9 +276,13 @@ mod tests {
         assert_eq!(ids(f.meters_of("A2")), ["M3", "M2"]);
         assert_eq!(ids(f.meters_of("A1")), ["M1"]);
         assert!(f.meters_of("P1").next().is_none());
-        let (m, a, rec) = f.meter_account("M2").unwrap();
+        let (m, rec) = f.meter_account("M2").unwrap();
         assert_eq!(
-            (m.meter_id.as_str(), a, rec.tariff_id.as_str()),
+            (
+                m.meter_id.as_str(),
+                rec.account_id.as_str(),
+                rec.tariff_id.as_str()
+            ),
             ("M2", "A2", "t2")
         );
         assert_eq!(f.tariffs["t1"], "A1");

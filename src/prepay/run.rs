@@ -271,14 +271,14 @@ pub fn load_register_readings<'a>(
     // In place (a stable sort would allocate a copy of the runs); a
     // meter's runs stay in lake order by their position.
     runs.par_sort_unstable_by(|a, b| {
-        (a.meter.account_id, a.meter.meter_id, a.at).cmp(&(
-            b.meter.account_id,
-            b.meter.meter_id,
+        (a.meter.account_id(), a.meter.meter_id(), a.at).cmp(&(
+            b.meter.account_id(),
+            b.meter.meter_id(),
             b.at,
         ))
     });
     Ok(runs
-        .par_chunk_by(|a, b| a.meter.meter_id == b.meter.meter_id)
+        .par_chunk_by(|a, b| a.meter.meter_id() == b.meter.meter_id())
         .filter_map(merge_runs)
         .collect())
 }
@@ -329,8 +329,6 @@ struct WantedRun<'a> {
 /// core, not while the lake is read.)
 #[derive(Clone, Copy)]
 pub struct Prepaid<'a> {
-    pub account_id: &'a str,
-    pub meter_id: &'a str,
     pub meter: &'a Meter,
     /// Deducted from interval readings (see [`interval_meters`]).
     pub by_interval: bool,
@@ -340,12 +338,15 @@ impl<'a> Prepaid<'a> {
     /// The meter `m` of `fleet`; None when it is not prepaid.
     pub fn of(fleet: &'a Fleet, m: &str, by_interval: bool) -> Option<Prepaid<'a>> {
         let meter = fleet.meters.get(m)?;
-        Some(Prepaid {
-            account_id: &meter.account_id,
-            meter_id: &meter.meter_id,
-            meter,
-            by_interval,
-        })
+        Some(Prepaid { meter, by_interval })
+    }
+
+    pub fn meter_id(&self) -> &'a str {
+        &self.meter.meter_id
+    }
+
+    pub fn account_id(&self) -> &'a str {
+        &self.meter.account_id
     }
 
     /// The channel of its cursor.
@@ -463,7 +464,7 @@ impl<'a> Wanted<'a, '_> {
                 };
                 let row = (t, from_scaled(value[i]), reg);
                 match out.last_mut() {
-                    Some(run) if run.meter.meter_id == m => run.rows.push(row),
+                    Some(run) if run.meter.meter_id() == m => run.rows.push(row),
                     _ => out.push(WantedRun {
                         meter: p,
                         at: (index, out.len() as u32),
@@ -560,7 +561,7 @@ const DAY_MS: i64 = 86_400_000;
 /// consumption covers (`first_ts_ms..last_ts_ms` of the cursor). None when
 /// the cursor covers less than a day (too little to forecast from).
 pub fn meter_daily_spend(pricer: &dyn Pricer, fleet: &Fleet, c: &Cursor) -> Option<Decimal> {
-    let (_, _, account) = fleet.meter_account(&c.meter_id)?;
+    let (_, account) = fleet.meter_account(&c.meter_id)?;
     daily_spend_of(pricer, account, c)
 }
 
@@ -714,12 +715,12 @@ impl Stepper<'_> {
         for (m, before) in chunk.iter().zip(before) {
             let p = m.meter;
             batch.expect.push((
-                p.meter_id.to_string(),
+                p.meter_id().to_string(),
                 p.channel().into(),
                 before.as_ref().map(Cursor::stamp),
             ));
             // The fleet holds every prepaid meter's account (`Fleet::from_rows`).
-            let Some(account) = self.fleet.accounts.get(p.account_id) else {
+            let Some(account) = self.fleet.accounts.get(p.account_id()) else {
                 continue;
             };
             let (entries, cur) = deduct_meter(
@@ -734,12 +735,12 @@ impl Stepper<'_> {
             );
             let charged = !entries.is_empty();
             match accounts.last_mut() {
-                Some((a, c)) if *a == p.account_id => *c |= charged,
-                _ => accounts.push((p.account_id, charged)),
+                Some((a, c)) if *a == p.account_id() => *c |= charged,
+                _ => accounts.push((p.account_id(), charged)),
             }
             if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
                 if let Some(s) = daily_spend_of(self.pricer, account, &c) {
-                    *daily.entry(p.account_id.to_string()).or_default() += s;
+                    *daily.entry(p.account_id().to_string()).or_default() += s;
                 }
                 batch.cursors.push(c);
             }
@@ -772,7 +773,8 @@ fn account_chunks<'m, 'a>(
     let mut start = 0;
     while start < meters.len() {
         let mut end = (start + size.max(1)).min(meters.len());
-        while end < meters.len() && meters[end].meter.account_id == meters[end - 1].meter.account_id
+        while end < meters.len()
+            && meters[end].meter.account_id() == meters[end - 1].meter.account_id()
         {
             end += 1;
         }
@@ -832,7 +834,7 @@ pub fn run_batch(
     let befores = |cursors: &ById<Cursor>, chunk: &[MeterReadings<'_>]| -> Vec<Option<Cursor>> {
         chunk
             .iter()
-            .map(|m| cursors.get(m.meter.meter_id).cloned())
+            .map(|m| cursors.get(m.meter.meter_id()).cloned())
             .collect()
     };
     // Where the deduction phase's time goes: waiting for a stepped chunk, committing.
@@ -844,8 +846,8 @@ pub fn run_batch(
             let readings = &readings;
             scope.spawn(move || {
                 let read: Vec<&str> = readings
-                    .chunk_by(|a, b| a.meter.account_id == b.meter.account_id)
-                    .map(|ms| ms[0].meter.account_id)
+                    .chunk_by(|a, b| a.meter.account_id() == b.meter.account_id())
+                    .map(|ms| ms[0].meter.account_id())
                     .collect();
                 fleet
                     .accounts
@@ -910,7 +912,7 @@ pub fn run_batch(
                     }
                     let before = chunk
                         .iter()
-                        .map(|m| ledger.cursor(m.meter.meter_id, m.meter.channel()))
+                        .map(|m| ledger.cursor(m.meter.meter_id(), m.meter.channel()))
                         .collect::<Result<_, _>>()?;
                     stepped = stepper.step(chunk, before);
                     continue;
@@ -1078,7 +1080,7 @@ mod tests {
             .collect();
         let names = |cs: Vec<&[MeterReadings]>| -> Vec<Vec<String>> {
             cs.iter()
-                .map(|c| c.iter().map(|m| m.meter.meter_id.to_string()).collect())
+                .map(|c| c.iter().map(|m| m.meter.meter_id().to_string()).collect())
                 .collect()
         };
         // M2 and M3 are A2's: a chunk of one meter grows to hold both.
@@ -1121,7 +1123,7 @@ mod tests {
             ),
         ];
         let m = merge_runs(&runs).unwrap();
-        assert_eq!(m.meter.meter_id, "M1");
+        assert_eq!(m.meter.meter_id(), "M1");
         let got: Vec<(i64, Decimal)> = m.readings.iter().map(|r| (r.0, r.1)).collect();
         assert_eq!(
             got,
@@ -1191,7 +1193,7 @@ mod tests {
                 .unwrap();
         let order: Vec<(&str, &str, usize)> = got
             .iter()
-            .map(|m| (m.meter.account_id, m.meter.meter_id, m.readings.len()))
+            .map(|m| (m.meter.account_id(), m.meter.meter_id(), m.readings.len()))
             .collect();
         assert_eq!(order, [("A1", "Z1", 2), ("A2", "M2", 2), ("A2", "M3", 2)]);
         assert!(got

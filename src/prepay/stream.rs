@@ -448,7 +448,7 @@ fn process(
                 before.as_ref().map(Cursor::stamp),
             ));
             let (entries, cur) = match fleet.meter_account(m) {
-                Some((meter, _, account)) => deduct_meter(
+                Some((meter, account)) => deduct_meter(
                     pricer,
                     account,
                     meter,
