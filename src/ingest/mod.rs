@@ -9,5 +9,6 @@ pub mod config;
 pub mod decode;
 pub mod mqtt;
 pub mod park;
+pub mod session;
 
 pub use mqtt::{demo_publish_and_ingest, run_ingest, IngestOptions};

@@ -11,16 +11,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode,
-    Transport,
-};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::mpsc;
 
 use super::batch::{Decoding, Durable, Job};
 use super::config::{IngestConfig, MqttConfig};
 use super::decode::{encode_canonical, Decoder, Limits};
 use super::park::ParkDir;
+use super::session::{self, Outgoing, SessionConfig};
 use crate::metrics;
 use crate::model::{now_ms, Reading};
 use crate::store::{FlushStats, Lake, LakeOptions, Sealed, StoreError};
@@ -100,13 +98,39 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.to_string(), port))
 }
 
-/// Builds rumqttc options for ingest: fixed client id, persistent session,
-/// manual acks, plus the connection settings of `connect_options`.
-pub fn mqtt_options(cfg: &IngestConfig, client_id: &str) -> Result<MqttOptions, IngestError> {
-    let mut o = connect_options(&cfg.mqtt, &cfg.base_dir, client_id)?;
-    o.set_clean_session(false);
-    o.set_manual_acks(true);
-    Ok(o)
+/// Ingest's connection settings: fixed client id (persistent session),
+/// keepalive, credentials (password from file or environment) and TLS.
+pub fn session_config(
+    cfg: &IngestConfig,
+    client_id: &str,
+    filters: Vec<String>,
+) -> Result<SessionConfig, IngestError> {
+    let m = &cfg.mqtt;
+    let (tls, host, port) = parse_url(&m.url).map_err(IngestError::Config)?;
+    let login = match &m.username {
+        Some(user) => Some((
+            user.clone(),
+            m.password(&cfg.base_dir)
+                .map_err(IngestError::Config)?
+                .unwrap_or_default(),
+        )),
+        None => None,
+    };
+    let tls = if tls {
+        Some(Arc::new(tls_config(m, &cfg.base_dir)?))
+    } else {
+        None
+    };
+    Ok(SessionConfig {
+        host,
+        port,
+        tls,
+        client_id: client_id.to_string(),
+        keepalive: Duration::from_secs(m.keepalive_secs.max(5)),
+        login,
+        filters,
+        max_packet: MAX_PACKET,
+    })
 }
 
 /// Broker address, keepalive, packet limits, credentials (password from
@@ -254,22 +278,16 @@ pub async fn run_ingest(
         })
         .collect();
 
-    let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &client_id)?, 4096);
+    let session = session_config(cfg, &client_id, filters)?;
     // Unbounded, yet bounded in practice: the broker sends at most its
     // inflight window of unacknowledged QoS 1 messages.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let conn = tokio::spawn(connection_task(
-        eventloop,
-        client.clone(),
-        filters,
-        tx,
-        opts.subscribed.clone(),
-    ));
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let conn = tokio::spawn(session::run(session, tx, out_rx, opts.subscribed.clone()));
     describe_metrics();
 
     let (job_tx, job_rx) = mpsc::channel::<Job>(JOBS_QUEUED);
-    let (durable_tx, durable_rx) = mpsc::unbounded_channel::<Durable>();
-    let acker = tokio::spawn(ack_task(client.clone(), durable_rx));
+    let durable_tx = out_tx.clone();
     let flush = FlushPolicy {
         every: Duration::from_secs(cfg.ingest.flush_secs.max(1)),
         readings: cfg.ingest.flush_readings.max(1),
@@ -335,15 +353,11 @@ pub async fn run_ingest(
         .unwrap_or_else(|_| Err(IngestError::Client("spool thread panicked".into())));
     let busy = first_message.map(|t| t.elapsed());
     // The last PUBACKs are queued before the DISCONNECT.
-    let acked = acker.await;
-    let _ = client.disconnect().await;
+    let _ = out_tx.send(Outgoing::Disconnect);
     let stop_conn = conn.abort_handle();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
     stop_conn.abort();
     stats.committed = spooled?;
-    acked
-        .map_err(|e| IngestError::Client(e.to_string()))?
-        .map_err(|e| IngestError::Client(e.to_string()))?;
     stats.busy_ms = busy.map(|d| d.as_millis() as u64).unwrap_or(0);
     tracing::info!(
         messages = stats.messages,
@@ -367,7 +381,7 @@ fn spool_thread(
     mut lake: Lake,
     park: ParkDir,
     mut jobs: mpsc::Receiver<Job>,
-    durable: mpsc::UnboundedSender<Durable>,
+    durable: mpsc::UnboundedSender<Outgoing>,
     flush: FlushPolicy,
     rt: tokio::runtime::Handle,
 ) -> Result<u64, IngestError> {
@@ -395,7 +409,7 @@ fn spool_thread(
             lake.accept_owned(job.readings, job.dead)?;
             park.remove(&job.release)?;
             // Durable: now (and only now) the broker may forget these messages.
-            let _ = durable.send(job.durable);
+            release(&durable, job.durable);
         }
         if lake.pending() >= flush.readings
             || (lake.pending() > 0 && last_seal.elapsed() >= flush.every)
@@ -458,84 +472,19 @@ impl Committer {
     }
 }
 
-/// Sends the PUBACKs (and Sparkplug rebirth requests) of durable jobs, in order.
-async fn ack_task(
-    client: AsyncClient,
-    mut durable: mpsc::UnboundedReceiver<Durable>,
-) -> Result<(), rumqttc::ClientError> {
-    while let Some(d) = durable.recv().await {
-        for p in &d.acks {
-            client.ack(p).await?;
-        }
-        let mut asked = HashSet::new();
-        for (topic, payload) in d.rebirths {
-            if asked.insert(topic.clone()) {
-                tracing::info!(%topic, "sparkplug seq gap or unknown alias: requesting rebirth");
-                metrics::counter_add("meterflow_mqtt_rebirth_requests_total", &[], 1);
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await?;
-            }
-        }
+/// Hands the PUBACKs (and Sparkplug rebirth requests) of a durable job to
+/// the connection, in order. A closed connection means shutdown: whatever
+/// is not acknowledged is redelivered to the next run.
+fn release(out: &mpsc::UnboundedSender<Outgoing>, d: Durable) {
+    if !d.acks.is_empty() {
+        let _ = out.send(Outgoing::Acks(d.acks));
     }
-    Ok(())
-}
-
-/// Polls the connection forever: forwards publishes, resubscribes when the
-/// broker has no session for us, reconnects with backoff after errors.
-async fn connection_task(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    filters: Vec<String>,
-    tx: mpsc::UnboundedSender<Publish>,
-    subscribed: Option<Arc<tokio::sync::Notify>>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut subscribed_once = false;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(p).is_err() {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = Duration::from_millis(100);
-                metrics::gauge_set("meterflow_mqtt_connected", &[], 1.0);
-                tracing::info!(session_present = ack.session_present, "mqtt connected");
-                // rumqttc does not restore subscriptions on a new session.
-                if !ack.session_present || !subscribed_once {
-                    let subs = filters
-                        .iter()
-                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                    if let Err(e) = client.try_subscribe_many(subs) {
-                        tracing::error!(error = %e, "could not queue the subscription");
-                    }
-                    subscribed_once = true;
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::error!(?filters, "broker refused a subscription");
-                } else {
-                    tracing::info!(?filters, "subscribed");
-                }
-                if let Some(n) = &subscribed {
-                    n.notify_one();
-                }
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                metrics::gauge_set("meterflow_mqtt_connected", &[], 0.0);
-                metrics::counter_add("meterflow_mqtt_reconnects_total", &[], 1);
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection lost; reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+    let mut asked = HashSet::new();
+    for (topic, payload) in d.rebirths {
+        if asked.insert(topic.clone()) {
+            tracing::info!(%topic, "sparkplug seq gap or unknown alias: requesting rebirth");
+            metrics::counter_add("meterflow_mqtt_rebirth_requests_total", &[], 1);
+            let _ = out.send(Outgoing::Publish { topic, payload });
         }
     }
 }
