@@ -206,7 +206,10 @@ impl Decoder {
             address,
             protocol,
             ..
-        } = parse_json(payload)?;
+        } = match fast::canonical(payload) {
+            Some(c) => c,
+            None => parse_json(payload)?,
+        };
         let collector: &str = match &collector {
             Some(c) => &c.0,
             None => &self.limits.collector,
@@ -861,7 +864,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for JStr<'a> {
 /// A JSON scalar without a `Value` tree: numbers keep their exact text.
 #[derive(Debug)]
 enum Scalar<'a> {
-    Number(String),
+    Number(Cow<'a, str>),
     Str(Cow<'a, str>),
     Bool(bool),
     /// An array or object (null is `None` of the `Option` around it).
@@ -885,13 +888,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
                 Ok(Scalar::Bool(v))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Scalar<'a>, E> {
-                Ok(Scalar::Number(v.to_string()))
+                Ok(Scalar::Number(Cow::Owned(v.to_string())))
             }
             fn visit_u64<E>(self, v: u64) -> Result<Scalar<'a>, E> {
-                Ok(Scalar::Number(v.to_string()))
+                Ok(Scalar::Number(Cow::Owned(v.to_string())))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Scalar<'a>, E> {
-                Ok(Scalar::Number(v.to_string()))
+                Ok(Scalar::Number(Cow::Owned(v.to_string())))
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'a>, E> {
                 Ok(Scalar::Str(Cow::Borrowed(v)))
@@ -911,7 +914,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
                     return Ok(Scalar::Other);
                 };
                 if k.0 == NUMBER_TOKEN {
-                    return Ok(Scalar::Number(a.next_value::<String>()?));
+                    return Ok(Scalar::Number(Cow::Owned(a.next_value::<String>()?)));
                 }
                 a.next_value::<IgnoredAny>()?;
                 while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
@@ -926,7 +929,7 @@ impl Scalar<'_> {
     /// Same rules as [`number`].
     fn number(&self, field: &str) -> Result<Decimal, DecodeError> {
         let text = match self {
-            Scalar::Number(n) => n.as_str(),
+            Scalar::Number(n) => n,
             Scalar::Str(s) => s.trim(),
             Scalar::Bool(b) => return Ok(Decimal::from(*b as u8)),
             Scalar::Other => {
@@ -1119,6 +1122,7 @@ fn default_channels(format: Format) -> Vec<(String, ChannelSpec)> {
     }
 }
 
+mod fast;
 #[cfg(test)]
 mod tests;
 
