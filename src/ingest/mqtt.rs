@@ -1,10 +1,11 @@
 //! The ingest event loop: subscribe, decode, make durable, then acknowledge.
 //!
-//! Two tasks. The connection task polls rumqttc forever (reconnecting with
-//! backoff) and forwards publishes; the worker task decodes a batch, writes
-//! it with `Lake::accept` / `Lake::quarantine` (fsynced spool) and only then
-//! sends the PUBACKs. A crash before the acks means the broker redelivers:
-//! duplicates are possible (the lake's compaction removes them), loss is not.
+//! The connection task (`session`) keeps the broker connection up
+//! (reconnecting with backoff) and forwards publishes; the decode task turns
+//! them into readings; the spool thread makes them durable (fsynced spool)
+//! and only then hands their PUBACKs back to the connection. A crash before
+//! the acks means the broker redelivers: duplicates are possible (the lake's
+//! compaction removes them), loss is not.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -235,7 +236,7 @@ const JOBS_QUEUED: usize = 4;
 /// Pipeline: the connection task reads publishes; this task decodes them in
 /// batches; the spool thread makes every job queued meanwhile durable with one
 /// write and one fsync (group commit) and only then hands its PUBACKs to the
-/// ack task; Parquet commits of sealed spool segments run on their own thread
+/// connection, which sends them in one write; Parquet commits of sealed spool segments run on their own thread
 /// while the next segment fills.
 pub async fn run_ingest(
     opts: IngestOptions,

@@ -245,17 +245,10 @@ async fn open(cfg: &SessionConfig) -> Result<(Box<dyn Stream>, BytesMut, bool), 
     Ok((stream, buf, present))
 }
 
-/// Why `serve` returned without an error.
-enum Stop {
-    /// Disconnect was asked for (or nobody is left to ask).
-    Asked,
-    /// The receiver of publishes is gone.
-    Unwanted,
-}
-
-/// Keeps a connection up until `Outgoing::Disconnect`: forwards publishes to
-/// `tx`, sends what `rx` asks, subscribes when the broker has no session for
-/// us, reconnects with backoff (100 ms doubling to 30 s) after any error.
+/// Keeps a connection up until `Outgoing::Disconnect` (or until nobody takes
+/// the publishes any more): forwards publishes to `tx`, sends what `rx` asks,
+/// subscribes when the broker has no session for us, reconnects with backoff
+/// (100 ms doubling to 30 s) after any error.
 pub async fn run(
     cfg: SessionConfig,
     tx: mpsc::UnboundedSender<Publish>,
@@ -270,8 +263,8 @@ pub async fn run(
                 backoff = Duration::from_millis(100);
                 metrics::gauge_set("meterflow_mqtt_connected", &[], 1.0);
                 tracing::info!(session_present = present, "mqtt connected");
-                // A new session has no subscriptions (and the first run
-                // always confirms its own).
+                // A new session has no subscriptions; the first connection
+                // of a process subscribes anyway (the config may have changed).
                 let subscribe = !present || !subscribed_once;
                 subscribed_once = true;
                 match serve(&cfg, stream, buf, subscribe, &tx, &mut rx, &subscribed).await {
@@ -301,7 +294,7 @@ async fn serve(
     tx: &mpsc::UnboundedSender<Publish>,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     subscribed: &Option<Arc<tokio::sync::Notify>>,
-) -> Result<Stop, SessionError> {
+) -> Result<(), SessionError> {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut wire = Wire::new(cfg.max_packet);
     if subscribe {
@@ -315,7 +308,7 @@ async fn serve(
             match ev {
                 Event::Publish(p) => {
                     if tx.send(p).is_err() {
-                        return Ok(Stop::Unwanted);
+                        return Ok(()); // nobody decodes any more: stopping
                     }
                 }
                 Event::SubAck { refused } => {
@@ -355,7 +348,7 @@ async fn serve(
                         writer.write_all(&wire.out).await?;
                         writer.flush().await?;
                         let _ = writer.shutdown().await;
-                        return Ok(Stop::Asked);
+                        return Ok(());
                     }
                     // Whatever else is queued joins this write.
                     match rx.try_recv() {
