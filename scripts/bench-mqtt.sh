@@ -23,11 +23,11 @@
 #
 #   scripts/bench-mqtt.sh                       # N=1000000, PERS="4 100 1000"
 #   N=200000 PERS=10 REPEAT=1 scripts/bench-mqtt.sh
+#   BIN=target/release/meterflow INFLIGHT=20 scripts/bench-mqtt.sh
 #
 # Each size runs REPEAT times (default 3; each run a fresh pair of sessions)
 # and the median ratio is printed last: on a shared 2-core machine single
 # runs of the same binary vary by up to 1.8x.
-#   BIN=target/release/meterflow INFLIGHT=20 scripts/bench-mqtt.sh
 set -euo pipefail
 
 N=${N:-1000000}
