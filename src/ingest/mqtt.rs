@@ -99,26 +99,28 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.to_string(), port))
 }
 
-/// Ingest's connection settings: fixed client id (persistent session),
-/// keepalive, credentials (password from file or environment) and TLS.
+/// Broker address, keepalive, credentials (password from file or
+/// environment) and TLS (rustls, ring) from an `[mqtt]` table: ingest's
+/// connection settings, and through `connect_options` rumqttc's.
+/// Relative file paths resolve against `base_dir`.
 pub fn session_config(
-    cfg: &IngestConfig,
+    m: &MqttConfig,
+    base_dir: &std::path::Path,
     client_id: &str,
     filters: Vec<String>,
 ) -> Result<SessionConfig, IngestError> {
-    let m = &cfg.mqtt;
     let (tls, host, port) = parse_url(&m.url).map_err(IngestError::Config)?;
     let login = match &m.username {
         Some(user) => Some((
             user.clone(),
-            m.password(&cfg.base_dir)
+            m.password(base_dir)
                 .map_err(IngestError::Config)?
                 .unwrap_or_default(),
         )),
         None => None,
     };
     let tls = if tls {
-        Some(Arc::new(tls_config(m, &cfg.base_dir)?))
+        Some(Arc::new(tls_config(m, base_dir)?))
     } else {
         None
     };
@@ -134,30 +136,24 @@ pub fn session_config(
     })
 }
 
-/// Broker address, keepalive, packet limits, credentials (password from
-/// file or environment) and TLS (rustls, ring) from an `[mqtt]` table.
-/// Relative file paths resolve against `base_dir`.
+/// rumqttc options (uplink, helpers) with the settings of `session_config`.
 pub fn connect_options(
     m: &MqttConfig,
     base_dir: &std::path::Path,
     client_id: &str,
 ) -> Result<MqttOptions, IngestError> {
-    let (tls, host, port) = parse_url(&m.url).map_err(IngestError::Config)?;
-    let mut o = MqttOptions::new(client_id, host, port);
-    o.set_keep_alive(Duration::from_secs(m.keepalive_secs.max(5)));
-    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    let s = session_config(m, base_dir, client_id, Vec::new())?;
+    let mut o = MqttOptions::new(client_id, s.host, s.port);
+    o.set_keep_alive(s.keepalive);
+    o.set_max_packet_size(s.max_packet, s.max_packet);
     o.set_request_channel_capacity(4096);
     o.set_inflight(200);
-    if let Some(user) = &m.username {
-        let pw = m
-            .password(base_dir)
-            .map_err(IngestError::Config)?
-            .unwrap_or_default();
-        o.set_credentials(user.clone(), pw);
+    if let Some((user, pw)) = s.login {
+        o.set_credentials(user, pw);
     }
-    if tls {
+    if let Some(tls) = s.tls {
         o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(m, base_dir)?)),
+            rumqttc::TlsConfiguration::Rustls(tls),
         ));
     }
     Ok(o)
@@ -279,7 +275,7 @@ pub async fn run_ingest(
         })
         .collect();
 
-    let session = session_config(cfg, &client_id, filters)?;
+    let session = session_config(&cfg.mqtt, &cfg.base_dir, &client_id, filters)?;
     // Unbounded, yet bounded in practice: the broker sends at most its
     // inflight window of unacknowledged QoS 1 messages.
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -57,8 +57,8 @@ pub enum SessionError {
     Codec(CodecError),
     #[error("broker refused the connection: {0:?}")]
     Refused(v4::ConnectReturnCode),
-    #[error("expected CONNACK, got {0}")]
-    NoConnAck(&'static str),
+    #[error("expected CONNACK, got another packet")]
+    NoConnAck,
     #[error("no PINGRESP within the keepalive interval")]
     PingTimeout,
     #[error("timed out connecting")]
@@ -158,6 +158,20 @@ impl Wire {
         Ok(())
     }
 
+    /// The broker's answer to CONNECT, off `buf`: whether it kept our
+    /// session; None until the CONNACK is complete.
+    pub fn connack(&mut self, buf: &mut BytesMut) -> Result<Option<bool>, SessionError> {
+        match Packet::read(buf, self.max_packet) {
+            Ok(Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => {
+                Ok(Some(a.session_present))
+            }
+            Ok(Packet::ConnAck(a)) => Err(SessionError::Refused(a.code)),
+            Ok(_) => Err(SessionError::NoConnAck),
+            Err(CodecError::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(SessionError::Codec(e)),
+        }
+    }
+
     /// Takes the next whole packet off `buf`; None until one is complete.
     pub fn parse(&mut self, buf: &mut BytesMut) -> Result<Option<Event>, SessionError> {
         let packet = match Packet::read(buf, self.max_packet) {
@@ -186,25 +200,21 @@ impl Wire {
     }
 }
 
-/// The connection's answer to CONNECT.
-fn connack(buf: &mut BytesMut, max: usize) -> Result<Option<bool>, SessionError> {
-    match Packet::read(buf, max) {
-        Ok(Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => {
-            Ok(Some(a.session_present))
-        }
-        Ok(Packet::ConnAck(a)) => Err(SessionError::Refused(a.code)),
-        Ok(_) => Err(SessionError::NoConnAck("another packet")),
-        Err(CodecError::InsufficientBytes(_)) => Ok(None),
-        Err(e) => Err(SessionError::Codec(e)),
-    }
-}
-
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
+/// A connection after its CONNACK.
+struct Connected {
+    stream: Box<dyn Stream>,
+    /// Bytes read after the CONNACK.
+    buf: BytesMut,
+    wire: Wire,
+    /// The broker kept our session (and so our subscriptions).
+    session_present: bool,
+}
+
 /// Opens the socket (and TLS), sends CONNECT, waits for CONNACK.
-/// Returns the stream, unread bytes and whether the broker kept our session.
-async fn open(cfg: &SessionConfig) -> Result<(Box<dyn Stream>, BytesMut, bool), SessionError> {
+async fn open(cfg: &SessionConfig) -> Result<Connected, SessionError> {
     let limit = Duration::from_secs(10);
     let tcp = tokio::time::timeout(
         limit,
@@ -229,10 +239,11 @@ async fn open(cfg: &SessionConfig) -> Result<(Box<dyn Stream>, BytesMut, bool), 
     let mut wire = Wire::new(cfg.max_packet);
     wire.connect(cfg).map_err(SessionError::Codec)?;
     stream.write_all(&wire.out).await?;
+    wire.out.clear();
     let mut buf = BytesMut::with_capacity(64 << 10);
-    let present = tokio::time::timeout(limit, async {
+    let session_present = tokio::time::timeout(limit, async {
         loop {
-            if let Some(p) = connack(&mut buf, cfg.max_packet)? {
+            if let Some(p) = wire.connack(&mut buf)? {
                 return Ok::<bool, SessionError>(p);
             }
             if stream.read_buf(&mut buf).await? == 0 {
@@ -242,7 +253,12 @@ async fn open(cfg: &SessionConfig) -> Result<(Box<dyn Stream>, BytesMut, bool), 
     })
     .await
     .map_err(|_| SessionError::Timeout)??;
-    Ok((stream, buf, present))
+    Ok(Connected {
+        stream,
+        buf,
+        wire,
+        session_present,
+    })
 }
 
 /// Keeps a connection up until `Outgoing::Disconnect` (or until nobody takes
@@ -259,15 +275,15 @@ pub async fn run(
     let mut subscribed_once = false;
     loop {
         let error = match open(&cfg).await {
-            Ok((stream, buf, present)) => {
+            Ok(c) => {
                 backoff = Duration::from_millis(100);
                 metrics::gauge_set("meterflow_mqtt_connected", &[], 1.0);
-                tracing::info!(session_present = present, "mqtt connected");
+                tracing::info!(session_present = c.session_present, "mqtt connected");
                 // A new session has no subscriptions; the first connection
                 // of a process subscribes anyway (the config may have changed).
-                let subscribe = !present || !subscribed_once;
+                let subscribe = !c.session_present || !subscribed_once;
                 subscribed_once = true;
-                match serve(&cfg, stream, buf, subscribe, &tx, &mut rx, &subscribed).await {
+                match serve(&cfg, c, subscribe, &tx, &mut rx, &subscribed).await {
                     Ok(_) => return,
                     Err(e) => e,
                 }
@@ -288,15 +304,19 @@ pub async fn run(
 
 async fn serve(
     cfg: &SessionConfig,
-    stream: Box<dyn Stream>,
-    mut buf: BytesMut,
+    c: Connected,
     subscribe: bool,
     tx: &mpsc::UnboundedSender<Publish>,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     subscribed: &Option<Arc<tokio::sync::Notify>>,
 ) -> Result<(), SessionError> {
+    let Connected {
+        stream,
+        mut buf,
+        mut wire,
+        ..
+    } = c;
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut wire = Wire::new(cfg.max_packet);
     if subscribe {
         wire.subscribe(&cfg.filters).map_err(SessionError::Codec)?;
     }
@@ -442,6 +462,34 @@ mod tests {
         v4::PingResp.write(&mut incoming).unwrap();
         w.parse(&mut incoming).unwrap();
         w.keepalive().unwrap();
+    }
+
+    #[test]
+    fn connack_tells_whether_the_broker_kept_our_session() {
+        let mut w = Wire::new(1 << 20);
+        let mut full = BytesMut::new();
+        v4::ConnAck::new(v4::ConnectReturnCode::Success, true)
+            .write(&mut full)
+            .unwrap();
+        let mut buf = BytesMut::from(&full[..1]);
+        assert_eq!(w.connack(&mut buf).unwrap(), None, "incomplete");
+        buf.extend_from_slice(&full[1..]);
+        assert_eq!(w.connack(&mut buf).unwrap(), Some(true));
+    }
+
+    #[test]
+    fn a_refused_connection_or_another_packet_first_is_an_error() {
+        let mut w = Wire::new(1 << 20);
+        let mut buf = BytesMut::new();
+        v4::ConnAck::new(v4::ConnectReturnCode::NotAuthorized, false)
+            .write(&mut buf)
+            .unwrap();
+        let e = w.connack(&mut buf).unwrap_err();
+        assert!(matches!(e, SessionError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("NotAuthorized"), "{e}");
+        let mut buf = BytesMut::new();
+        v4::PingResp.write(&mut buf).unwrap();
+        assert!(matches!(w.connack(&mut buf), Err(SessionError::NoConnAck)));
     }
 
     #[test]

@@ -21,34 +21,22 @@ pub(super) fn canonical(payload: &[u8]) -> Option<Canonical<'_>> {
         b: payload,
         i: 0,
     };
-    let mut c = Canonical {
-        v: None,
-        collector: None,
-        readings: None,
-        meter_id: None,
-        ts: None,
-        channel: None,
-        value: None,
-        unit: None,
-        quality: None,
-        address: None,
-        protocol: None,
-    };
+    let (mut v, mut collector, mut readings) = (None, None, None);
     let mut one = CanonicalReading::default();
     let mut seen = 0u32;
     p.object(|p, key| {
         match key {
             "v" => {
                 once(&mut seen, 1)?;
-                c.v = p.nullable(|p| p.small_uint())?;
+                v = p.nullable(|p| p.small_uint())?;
             }
             "collector" => {
                 once(&mut seen, 2)?;
-                c.collector = p.nullable(|p| p.string().map(JStr))?;
+                collector = p.nullable(|p| p.string().map(JStr))?;
             }
             "readings" => {
                 once(&mut seen, 4)?;
-                c.readings = p.nullable(|p| p.readings())?;
+                readings = p.nullable(|p| p.readings())?;
             }
             _ => p.reading_field(key, &mut one, &mut seen)?,
         }
@@ -58,15 +46,29 @@ pub(super) fn canonical(payload: &[u8]) -> Option<Canonical<'_>> {
     if p.i != p.b.len() {
         return None;
     }
-    c.meter_id = one.meter_id;
-    c.ts = one.ts;
-    c.channel = one.channel;
-    c.value = one.value;
-    c.unit = one.unit;
-    c.quality = one.quality;
-    c.address = one.address;
-    c.protocol = one.protocol;
-    Some(c)
+    let CanonicalReading {
+        meter_id,
+        ts,
+        channel,
+        value,
+        unit,
+        quality,
+        address,
+        protocol,
+    } = one;
+    Some(Canonical {
+        v,
+        collector,
+        readings,
+        meter_id,
+        ts,
+        channel,
+        value,
+        unit,
+        quality,
+        address,
+        protocol,
+    })
 }
 
 /// A repeated key is serde's error to report.
@@ -237,45 +239,31 @@ impl<'a> Parser<'a> {
         r: &mut CanonicalReading<'a>,
         seen: &mut u32,
     ) -> Option<()> {
-        let text = |p: &mut Self| p.nullable(|p| p.string().map(JStr));
-        match key {
-            "meter_id" => {
-                once(seen, 1 << 8)?;
-                r.meter_id = text(self)?;
-            }
-            "ts" => {
-                once(seen, 1 << 9)?;
-                r.ts = self.nullable(|p| p.scalar())?;
-            }
-            "channel" => {
-                once(seen, 1 << 10)?;
-                r.channel = text(self)?;
-            }
-            "value" => {
-                once(seen, 1 << 11)?;
-                r.value = self.nullable(|p| p.scalar())?;
-            }
-            "unit" => {
-                once(seen, 1 << 12)?;
-                r.unit = text(self)?;
-            }
-            "quality" => {
-                once(seen, 1 << 13)?;
-                r.quality = text(self)?;
-            }
-            "address" => {
-                once(seen, 1 << 14)?;
-                r.address = text(self)?;
-            }
-            "protocol" => {
-                once(seen, 1 << 15)?;
-                r.protocol = text(self)?;
-            }
+        let (bit, slot) = match key {
+            "meter_id" => (8, Slot::Text(&mut r.meter_id)),
+            "ts" => (9, Slot::Scalar(&mut r.ts)),
+            "channel" => (10, Slot::Text(&mut r.channel)),
+            "value" => (11, Slot::Scalar(&mut r.value)),
+            "unit" => (12, Slot::Text(&mut r.unit)),
+            "quality" => (13, Slot::Text(&mut r.quality)),
+            "address" => (14, Slot::Text(&mut r.address)),
+            "protocol" => (15, Slot::Text(&mut r.protocol)),
             // Unknown keys are skipped by serde; that is its job too.
             _ => return None,
+        };
+        once(seen, 1 << bit)?;
+        match slot {
+            Slot::Text(t) => *t = self.nullable(|p| p.string().map(JStr))?,
+            Slot::Scalar(v) => *v = self.nullable(|p| p.scalar())?,
         }
         Some(())
     }
+}
+
+/// Where a reading's field goes: a string field or a number-like one.
+enum Slot<'r, 'a> {
+    Text(&'r mut Option<JStr<'a>>),
+    Scalar(&'r mut Option<Scalar<'a>>),
 }
 
 #[cfg(test)]
@@ -358,20 +346,25 @@ mod tests {
         prop_oneof![4 => own, 1 => value()].boxed()
     }
 
+    /// Every key canonical JSON knows.
+    const KEYS: [&str; 10] = [
+        "v",
+        "collector",
+        "meter_id",
+        "ts",
+        "channel",
+        "value",
+        "unit",
+        "quality",
+        "address",
+        "protocol",
+    ];
+
+    /// A known key or an unknown one.
     fn key() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(vec![
-            "v",
-            "collector",
-            "meter_id",
-            "ts",
-            "channel",
-            "value",
-            "unit",
-            "quality",
-            "address",
-            "protocol",
-            "other",
-        ])
+        let mut keys = KEYS.to_vec();
+        keys.push("other");
+        prop::sample::select(keys)
     }
 
     fn ws() -> impl Strategy<Value = &'static str> {
@@ -381,33 +374,19 @@ mod tests {
     /// Mostly distinct known keys (what the fast path takes), sometimes
     /// repeated or unknown ones (what it must leave to serde).
     fn object() -> impl Strategy<Value = String> {
-        let distinct = prop::sample::subsequence(
-            vec![
-                "v",
-                "collector",
-                "meter_id",
-                "ts",
-                "channel",
-                "value",
-                "unit",
-                "quality",
-                "address",
-                "protocol",
-            ],
-            0..8,
-        )
-        .prop_shuffle()
-        .prop_flat_map(|keys| {
-            let n = keys.len();
-            let values: Vec<_> = keys.iter().map(|k| value_for(k)).collect();
-            (Just(keys), values, prop::collection::vec(ws(), n))
-        })
-        .prop_map(|(k, v, w)| {
-            let body: Vec<String> = (0..k.len())
-                .map(|i| format!("{w}\"{k}\"{w}:{w}{v}{w}", k = k[i], v = v[i], w = w[i]))
-                .collect();
-            format!("{{{}}}", body.join(","))
-        });
+        let distinct = prop::sample::subsequence(KEYS.to_vec(), 0..8)
+            .prop_shuffle()
+            .prop_flat_map(|keys| {
+                let n = keys.len();
+                let values: Vec<_> = keys.iter().map(|k| value_for(k)).collect();
+                (Just(keys), values, prop::collection::vec(ws(), n))
+            })
+            .prop_map(|(k, v, w)| {
+                let body: Vec<String> = (0..k.len())
+                    .map(|i| format!("{w}\"{k}\"{w}:{w}{v}{w}", k = k[i], v = v[i], w = w[i]))
+                    .collect();
+                format!("{{{}}}", body.join(","))
+            });
         prop_oneof![3 => distinct, 1 => any_keys()]
     }
 
