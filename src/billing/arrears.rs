@@ -6,7 +6,7 @@
 //! applied to the oldest bill first (a payment made on a day stops that day's
 //! fee). The rule's minimum applies to the fee of one bill.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -15,11 +15,15 @@ use chrono::{Datelike, NaiveDate};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rust_decimal::Decimal;
 
+use super::account::{AccountBill, BillLine};
+use super::flags::Flags;
 use super::period::BillPeriod;
 use super::run::BillingError;
+use crate::master::{Account, CustomerClass, PaymentMode};
 use crate::tariff::late_fee::LateFeeRule;
 use crate::tariff::price::{ChargeLine, LineKind};
 use crate::tariff::rounding::Rounding;
+use crate::tariff::TariffSet;
 
 /// Line index of late-fee lines (see `ChargeLine::label`).
 pub const RESIDENTIAL: u8 = 0;
@@ -167,6 +171,115 @@ fn for_each_bill(
         }
     }
     Ok(())
+}
+
+/// What a bill run needs to charge late fees: the issued bills of earlier
+/// runs (`--previous`) and the payments made since, by account.
+pub struct LateFees<'a> {
+    last_day: NaiveDate,
+    prior: PriorBills,
+    payments: BTreeMap<&'a str, Vec<(NaiveDate, Decimal)>>,
+    /// Files read, with SHA-256 (hashed into the run id and manifest).
+    pub inputs: Vec<serde_json::Value>,
+    /// Rows of payments.csv that could not be read.
+    pub errors: Vec<String>,
+}
+
+impl<'a> LateFees<'a> {
+    /// Reads `previous` runs' bills and, when there are any, `payments`.
+    pub fn load(
+        previous: &[PathBuf],
+        payments_path: &Path,
+        period: &BillPeriod,
+        accounts: &'a [Account],
+        tariffs: &TariffSet,
+    ) -> Result<LateFees<'a>, BillingError> {
+        let mut inputs = Vec::new();
+        let mut errors = Vec::new();
+        let mut prior = PriorBills::new();
+        if !previous.is_empty() {
+            for dir in previous {
+                inputs.push(hashed_input(&dir.join("bills.parquet"))?);
+            }
+            prior = read_prior_bills(previous)?;
+        }
+        let mut payments: BTreeMap<&'a str, Vec<(NaiveDate, Decimal)>> = BTreeMap::new();
+        if !prior.is_empty() && payments_path.exists() {
+            inputs.push(hashed_input(payments_path)?);
+            let loaded = crate::master::load_payments(payments_path)
+                .map_err(|e| BillingError::Master(e.to_string()))?;
+            errors.extend(loaded.errors.iter().map(|e| e.to_string()));
+            let by_id: HashMap<&str, &'a Account> = accounts
+                .iter()
+                .map(|a| (a.account_id.as_str(), a))
+                .collect();
+            for p in &loaded.rows {
+                let Some(a) = by_id.get(p.account_id.as_str()) else {
+                    continue;
+                };
+                let offset = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
+                let (date, _) =
+                    super::period::local_date_minute(p.paid_at.timestamp_millis(), offset);
+                payments
+                    .entry(a.account_id.as_str())
+                    .or_default()
+                    .push((date, p.amount));
+            }
+        }
+        Ok(LateFees {
+            last_day: period.end.pred_opt().unwrap_or(period.end),
+            prior,
+            payments,
+            inputs,
+            errors,
+        })
+    }
+
+    /// Adds late-fee lines to the bill of a postpaid account whose tariff
+    /// has a late-fee rule; returns the due date of this bill (None for
+    /// other accounts).
+    pub fn apply(
+        &self,
+        a: &Account,
+        b: &mut AccountBill,
+        tariffs: &TariffSet,
+        period: &BillPeriod,
+    ) -> Option<NaiveDate> {
+        if a.payment_mode != PaymentMode::Postpaid {
+            return None;
+        }
+        let t = tariffs.get(&b.tariff_id).ok()?;
+        let (vi, v) = t
+            .versions
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.applies_on(self.last_day))?;
+        let rule = v.late_fee.as_ref()?;
+        let due = due_date(period, rule);
+        let Some(prior) = self.prior.get(&b.account_id) else {
+            return Some(due);
+        };
+        let pays = self
+            .payments
+            .get(a.account_id.as_str())
+            .map_or(&[][..], |v| v.as_slice());
+        let residential = a.customer_class == CustomerClass::Residential;
+        for line in late_fee_lines(rule, residential, prior, pays, period, &v.rounding) {
+            b.total += line.amount;
+            b.lines.push(BillLine {
+                version_index: vi,
+                line,
+                flags: Flags::NONE,
+            });
+        }
+        Some(due)
+    }
+}
+
+/// A file's path, SHA-256 and size, for the manifest's inputs.
+pub fn hashed_input(p: &Path) -> Result<serde_json::Value, BillingError> {
+    let (h, n) = super::run::sha256_file(p)?;
+    Ok(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
 }
 
 /// The due date of a bill for `period`: `due_days` after the day the period ends.

@@ -64,6 +64,8 @@ pub struct Engine<'a> {
     /// Year-to-date kWh at the period start carried from the previous run:
     /// (start of the bill ending where this period starts, its `ytd_kwh_after`).
     pub carried_ytd: HashMap<String, (chrono::NaiveDate, rust_decimal::Decimal)>,
+    /// Built when billing starts.
+    account_meters: AccountMeters,
 }
 
 impl<'a> Engine<'a> {
@@ -128,6 +130,7 @@ impl<'a> Engine<'a> {
             orphan_meters,
             route_errors: HashMap::new(),
             carried_ytd: HashMap::new(),
+            account_meters: AccountMeters::default(),
         }
     }
 
@@ -258,56 +261,65 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Bills every account in parallel; results sorted by account id.
-    pub fn finish(self) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
-        let mut by_account: Vec<Vec<u32>> = vec![Vec::new(); self.accounts.len()];
-        for (m, ai) in self.meter_account.iter().enumerate() {
-            if self.states[m].is_some() {
-                by_account[*ai as usize].push(m as u32);
-            }
+    /// Number of accounts, in account-id order (the order bills come out).
+    pub fn accounts_len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Bills accounts `range` (positions in account-id order) in parallel.
+    /// Their meter states are moved out and freed, so billing the accounts
+    /// range by range never holds every bill and every state at once.
+    pub fn bill_range(
+        &mut self,
+        range: std::ops::Range<usize>,
+    ) -> Vec<(&'a Account, Result<AccountBill, Exception>)> {
+        if self.account_meters.is_empty() && !self.accounts.is_empty() {
+            self.account_meters = AccountMeters::new(&self.meter_account, self.accounts.len());
         }
-        let results: Vec<Result<AccountBill, Exception>> = (0..self.accounts.len())
+        let mut taken: Vec<Vec<(&'a Meter, MeterState)>> = Vec::with_capacity(range.len());
+        for ai in range.clone() {
+            let mut ms: Vec<(&'a Meter, MeterState)> = self
+                .account_meters
+                .of(ai)
+                .iter()
+                .filter_map(|&m| Some((self.meters[m as usize], self.states[m as usize].take()?)))
+                .collect();
+            ms.sort_by(|a, b| {
+                (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id))
+            });
+            taken.push(ms);
+        }
+        let this = &*self;
+        range
             .into_par_iter()
-            .map(|ai| {
-                let plan = self.plans[ai].as_ref().map_err(|e| e.clone())?;
-                if let Some(e) = self.route_errors.get(&(ai as u32)) {
-                    return Err(e.clone());
-                }
-                let mut ms: Vec<(&Meter, &MeterState)> = by_account[ai]
-                    .iter()
-                    .map(|&m| {
-                        (
-                            self.meters[m as usize],
-                            self.states[m as usize].as_ref().expect("filtered"),
-                        )
-                    })
-                    .collect();
-                ms.sort_by(|a, b| {
-                    (a.0.installed_on, &a.0.meter_id).cmp(&(b.0.installed_on, &b.0.meter_id))
-                });
-                bill_account(
-                    self.accounts[ai],
-                    plan,
-                    &ms,
-                    &self.period,
-                    &self.cfg,
-                    self.carried_ytd.get(&self.accounts[ai].account_id).copied(),
-                )
+            .zip(taken)
+            .map(|(ai, ms)| {
+                let account = this.accounts[ai];
+                let bill = (|| {
+                    let plan = this.plans[ai].as_ref().map_err(|e| e.clone())?;
+                    if let Some(e) = this.route_errors.get(&(ai as u32)) {
+                        return Err(e.clone());
+                    }
+                    let refs: Vec<(&Meter, &MeterState)> =
+                        ms.iter().map(|(m, s)| (*m, s)).collect();
+                    bill_account(
+                        account,
+                        plan,
+                        &refs,
+                        &this.period,
+                        &this.cfg,
+                        this.carried_ytd.get(&account.account_id).copied(),
+                    )
+                })();
+                (account, bill)
             })
-            .collect();
-        let mut bills = Vec::with_capacity(results.len());
+            .collect()
+    }
+
+    /// Exceptions that belong to no billed account: meters of unknown
+    /// accounts and readings of unknown meters, sorted.
+    pub fn unattached_exceptions(&self) -> Vec<ExceptionRow> {
         let mut exceptions = Vec::new();
-        for (ai, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(b) => bills.push(b),
-                Err(e) => exceptions.push(ExceptionRow {
-                    account_id: self.accounts[ai].account_id.clone(),
-                    meter_id: String::new(),
-                    code: e.code.to_string(),
-                    detail: e.detail,
-                }),
-            }
-        }
         for m in &self.orphan_meters {
             exceptions.push(ExceptionRow {
                 account_id: m.account_id.clone(),
@@ -319,18 +331,79 @@ impl<'a> Engine<'a> {
                 ),
             });
         }
-        let mut unknown: Vec<(String, u64)> = self.unknown_meters.into_iter().collect();
+        let mut unknown: Vec<(&String, &u64)> = self.unknown_meters.iter().collect();
         unknown.sort();
         for (id, n) in unknown {
             exceptions.push(ExceptionRow {
                 account_id: String::new(),
-                meter_id: id,
+                meter_id: id.clone(),
                 code: "unknown_meter".into(),
                 detail: format!("{n} reading(s) for a meter that meters.csv does not list"),
             });
         }
         exceptions.sort();
+        exceptions
+    }
+
+    /// Bills every account; results sorted by account id.
+    pub fn finish(mut self) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
+        let mut bills = Vec::with_capacity(self.accounts.len());
+        let mut exceptions = self.unattached_exceptions();
+        for (account, r) in self.bill_range(0..self.accounts.len()) {
+            match r {
+                Ok(b) => bills.push(b),
+                Err(e) => exceptions.push(ExceptionRow::account(account, e)),
+            }
+        }
+        exceptions.sort();
         (bills, exceptions)
+    }
+}
+
+impl ExceptionRow {
+    /// An account that could not be billed.
+    pub fn account(a: &Account, e: Exception) -> ExceptionRow {
+        ExceptionRow {
+            account_id: a.account_id.clone(),
+            meter_id: String::new(),
+            code: e.code.to_string(),
+            detail: e.detail,
+        }
+    }
+}
+
+/// The meters of each account (dense meter indexes, ascending), as one
+/// offsets array over one list: two allocations, not one per account.
+#[derive(Default)]
+struct AccountMeters {
+    offsets: Vec<u32>,
+    meters: Vec<u32>,
+}
+
+impl AccountMeters {
+    fn new(meter_account: &[u32], accounts: usize) -> AccountMeters {
+        let mut offsets = vec![0u32; accounts + 1];
+        for &a in meter_account {
+            offsets[a as usize + 1] += 1;
+        }
+        for i in 0..accounts {
+            offsets[i + 1] += offsets[i];
+        }
+        let mut next = offsets.clone();
+        let mut meters = vec![0u32; meter_account.len()];
+        for (m, &a) in meter_account.iter().enumerate() {
+            meters[next[a as usize] as usize] = m as u32;
+            next[a as usize] += 1;
+        }
+        AccountMeters { offsets, meters }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    fn of(&self, account: usize) -> &[u32] {
+        &self.meters[self.offsets[account] as usize..self.offsets[account + 1] as usize]
     }
 }
 

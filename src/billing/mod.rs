@@ -4,9 +4,11 @@
 
 pub mod account;
 pub mod arrears;
+pub mod commit;
 pub mod engine;
 pub mod flags;
 pub mod output;
 pub mod period;
+pub mod revision;
 pub mod run;
 pub mod vee;

@@ -5,24 +5,25 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray};
+use arrow::record_batch::RecordBatch;
 use chrono::DateTime;
 use rayon::prelude::*;
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
 use super::account::AccountBill;
+use super::arrears::LateFees;
+use super::commit::{HashedFile, Staging};
 use super::engine::{Engine, ExceptionRow};
 use super::flags::Flags;
-use super::output::{self, OutBill, OutLine};
+use super::output::{self, OutBill};
 use super::period::BillPeriod;
+use super::revision::{adjustments, read_issued, Issued};
 use super::vee::VeeConfig;
 use crate::model::Channel;
-use crate::tariff::price::LineKind;
 
 /// Errors that stop a bill run (nothing is committed then).
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
 }
 
 /// Options of a bill run (`meterflow bill`).
+/// Progress callback: (phase, done, total).
+pub type Progress = Box<dyn Fn(&'static str, u64, u64) + Sync>;
+
 pub struct BillRunOptions {
     pub lake: PathBuf,
     /// Folder with meters.csv and accounts.csv.
@@ -64,8 +68,9 @@ pub struct BillRunOptions {
     /// Compute everything, commit nothing; the summary matches the real run.
     pub preview: bool,
     pub vee: VeeConfig,
-    /// Called as files are read: (done, total).
-    pub progress: Option<Box<dyn Fn(u64, u64) + Sync>>,
+    /// Called as the run advances: (phase, done, total); the phases are
+    /// "reading lake" (row groups) and "billing" (accounts).
+    pub progress: Option<Progress>,
     /// Earlier runs whose unpaid bills (with `master/payments.csv`) bear late fees.
     pub previous: Vec<PathBuf>,
 }
@@ -92,14 +97,7 @@ impl BillRunOptions {
     }
 }
 
-/// One output file: name, rows, bytes, SHA-256.
-#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
-pub struct OutputFile {
-    pub name: String,
-    pub rows: usize,
-    pub bytes: usize,
-    pub sha256: String,
-}
+pub use super::commit::OutputFile;
 
 /// What a bill run did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -152,7 +150,7 @@ fn crc32_file(path: &Path) -> Result<(u32, u64), BillingError> {
     Ok((h.finalize(), len))
 }
 
-fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
+pub(super) fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
 }
@@ -164,81 +162,6 @@ fn billed_channel(c: Channel) -> bool {
             c,
             Channel::MaxDemandImport | Channel::ImportActiveInterval | Channel::ClockSkew
         )
-}
-
-/// Aggregation key of a line for comparing runs.
-type LineKey = (String, String, String, String);
-
-struct Issued {
-    /// (account, kind, label, version) -> (quantity, amount, tariff id)
-    lines: BTreeMap<LineKey, (Decimal, Decimal, String)>,
-    totals: BTreeMap<String, Decimal>,
-    run_id: String,
-}
-
-fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
-    let mut is = Issued {
-        lines: BTreeMap::new(),
-        totals: BTreeMap::new(),
-        run_id: String::new(),
-    };
-    for (n, dir) in dirs.iter().enumerate() {
-        if n == 0 {
-            let m: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
-                    .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
-            is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
-        }
-        for batch in crate::store::reader::read_file(&dir.join("bill_lines.parquet"))? {
-            let s = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-            };
-            let d = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned())
-            };
-            let bad = || {
-                BillingError::Invalid(format!("{}: unexpected bill_lines schema", dir.display()))
-            };
-            let (acc, kind, label, ver, tar) = (
-                s("account_id").ok_or_else(bad)?,
-                s("kind").ok_or_else(bad)?,
-                s("label").ok_or_else(bad)?,
-                s("tariff_version").ok_or_else(bad)?,
-                s("tariff_id").ok_or_else(bad)?,
-            );
-            let (qty, amt) = (d("quantity").ok_or_else(bad)?, d("amount").ok_or_else(bad)?);
-            let adj = batch
-                .column_by_name("is_adjustment")
-                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned())
-                .ok_or_else(bad)?;
-            for i in 0..batch.num_rows() {
-                if n > 0 && !adj.value(i) {
-                    continue;
-                }
-                let key = (
-                    acc.value(i).to_string(),
-                    kind.value(i).to_string(),
-                    label.value(i).to_string(),
-                    ver.value(i).to_string(),
-                );
-                let q = Decimal::from_i128_with_scale(qty.value(i), output::QTY.1 as u32);
-                let a = Decimal::from_i128_with_scale(amt.value(i), output::AMOUNT.1 as u32);
-                *is.totals.entry(key.0.clone()).or_default() += a;
-                let e = is.lines.entry(key).or_insert((
-                    Decimal::ZERO,
-                    Decimal::ZERO,
-                    tar.value(i).to_string(),
-                ));
-                e.0 += q;
-                e.1 += a;
-            }
-        }
-    }
-    Ok(is)
 }
 
 /// Runs a bill run. See docs/billing.md.
@@ -364,7 +287,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             engine.apply_chunks(chunks);
             done += w.len() as u64;
             if let Some(p) = &opts.progress {
-                p(done, total);
+                p("reading lake", done, total);
             }
         }
         engine.meter_index = index;
@@ -376,32 +299,29 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let t_scan = t0.elapsed();
     tracing::debug!(phase = "scan", rss_mb = rss_mb(), "bill run");
     let accounts_n = accounts.rows.len();
-    let (mut bills, mut exceptions) = engine.finish();
-    let (due_dates, inputs_history) = late_fees(
-        opts,
+    let late = LateFees::load(
+        &opts.previous,
+        &opts.master.join(crate::master::PAYMENTS_FILE),
         &period,
         &accounts.rows,
         &tariffs,
-        &mut bills,
-        &mut master_exceptions,
     )?;
-    exceptions.extend(master_exceptions);
-    exceptions.sort();
-    let t_rate = t0.elapsed();
-    tracing::debug!(phase = "rate", rss_mb = rss_mb(), "bill run");
+    master_exceptions.extend(late.errors.iter().map(|e| ExceptionRow {
+        account_id: String::new(),
+        meter_id: String::new(),
+        code: "master_row".into(),
+        detail: e.clone(),
+    }));
 
-    // Input hashes: SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
+    // Inputs are hashed before billing: the run id is in every output row.
+    // SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
     let mut inputs_master = Vec::new();
     for p in [&meters_path, &accounts_path] {
-        let (h, n) = sha256_file(p)?;
-        inputs_master
-            .push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+        inputs_master.push(super::arrears::hashed_input(p)?);
     }
     let mut inputs_tariffs = Vec::new();
     for p in tariffs.files() {
-        let (h, n) = sha256_file(&p)?;
-        inputs_tariffs
-            .push(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}));
+        inputs_tariffs.push(super::arrears::hashed_input(&p)?);
     }
     let lake_hashes: Vec<Result<serde_json::Value, BillingError>> = lake_files
         .par_iter()
@@ -411,6 +331,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         })
         .collect();
     let inputs_lake: Vec<serde_json::Value> = lake_hashes.into_iter().collect::<Result<_, _>>()?;
+    let inputs_history = &late.inputs;
     let mut id_hash = Sha256::new();
     id_hash.update(period.label.as_bytes());
     id_hash.update(revision.to_le_bytes());
@@ -418,7 +339,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         .iter()
         .chain(&inputs_tariffs)
         .chain(&inputs_lake)
-        .chain(&inputs_history)
+        .chain(inputs_history)
     {
         id_hash.update(v.to_string().as_bytes());
     }
@@ -426,10 +347,12 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let t_hash = t0.elapsed();
     tracing::debug!(phase = "hash", rss_mb = rss_mb(), "bill run");
 
-    // Outputs. Bills are turned into lines in fixed runs of 8,192 (so the
-    // bytes never depend on the thread count), a group of runs at a time in
-    // parallel, while a writer thread encodes the finished batches: lines are
-    // never all in memory at once.
+    // Bill, price lines and encode, a group of accounts at a time: bills
+    // are turned into output rows in fixed runs of 8,192 accounts (so the
+    // bytes never depend on the thread count), the runs of a group in
+    // parallel, while two writer threads encode the finished batches
+    // straight into the staging directory. Neither bills nor lines are ever
+    // all in memory at once.
     const RUN: usize = 8192;
     let group = RUN * 2 * rayon::current_num_threads().max(1);
     let issued = if revision > 0 {
@@ -437,141 +360,85 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     } else {
         None
     };
-    // Per bill: None = not in this output (a revision without adjustment),
-    // else (line count, issued total, adjustment).
-    type Emitted = Option<(usize, Option<Decimal>, Option<Decimal>)>;
-    let mut emitted: Vec<Emitted> = Vec::with_capacity(bills.len());
-    let (lines_bytes, lines_n) = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<arrow::record_batch::RecordBatch>(8);
-        let writer = scope.spawn(move || -> Result<(Vec<u8>, usize), BillingError> {
-            let mut w = parquet::arrow::ArrowWriter::try_new(
-                Vec::new(),
-                output::lines_schema(),
-                Some(crate::store::atomic::writer_properties()),
-            )?;
-            let mut n = 0;
-            for batch in rx {
-                n += batch.num_rows();
-                w.write(&batch)?;
-            }
-            Ok((w.into_inner()?, n))
-        });
-        for g in bills.chunks(group) {
-            let parts: Vec<(arrow::record_batch::RecordBatch, Vec<Emitted>)> = g
-                .par_chunks(RUN)
-                .map(|c| {
-                    let mut lb = output::LinesBuilder::new(c.len() * 7);
-                    let mut info = Vec::with_capacity(c.len());
-                    for b in c {
-                        let lines = output::out_lines(b, &tariffs);
-                        let (out, e) = match &issued {
-                            None => {
-                                let n = lines.len();
-                                (lines, Some((n, None, None)))
-                            }
-                            Some(is) => {
-                                let adj = adjustments(b, &lines, is);
-                                if adj.is_empty() {
-                                    (adj, None)
-                                } else {
-                                    let issued_total =
-                                        is.totals.get(&b.account_id).copied().unwrap_or_default();
-                                    let diff: Decimal = adj.iter().map(|l| l.amount).sum();
-                                    let n = adj.len();
-                                    (adj, Some((n, Some(issued_total), Some(diff))))
-                                }
-                            }
-                        };
-                        for (n, l) in out.iter().enumerate() {
-                            lb.push(
-                                &run_id,
-                                &period.label,
-                                &b.account_id,
-                                &b.tariff_id,
-                                n + 1,
-                                l,
-                            );
-                        }
-                        info.push(e);
-                    }
-                    (lb.finish(), info)
-                })
-                .collect();
-            for (batch, info) in parts {
-                emitted.extend(info);
-                if batch.num_rows() > 0 && tx.send(batch).is_err() {
-                    break; // the writer failed: its error is returned below
+    let target = if revision == 0 {
+        opts.out.clone()
+    } else {
+        opts.out.join(format!("revision-{revision}"))
+    };
+    let staging = Staging::new(&target, opts.preview)?;
+    let mut exceptions = engine.unattached_exceptions();
+    exceptions.extend(master_exceptions);
+    let mut totals = Totals::default();
+    let ctx = Emit {
+        run_id: &run_id,
+        period: &period,
+        tariffs: &tariffs,
+        late: &late,
+        issued: issued.as_ref(),
+    };
+    let (bills_file, lines_file) = std::thread::scope(|scope| {
+        let (bills_tx, bills_w) = spawn_writer(
+            scope,
+            output::bills_schema(),
+            staging.create("bills.parquet")?,
+        );
+        let (lines_tx, lines_w) = spawn_writer(
+            scope,
+            output::lines_schema(),
+            staging.create("bill_lines.parquet")?,
+        );
+        let n = engine.accounts_len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + group).min(n);
+            let mut billed = engine.bill_range(start..end);
+            let parts: Vec<Emitted> = billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect();
+            drop(billed);
+            for p in parts {
+                totals.add(p.totals);
+                exceptions.extend(p.exceptions);
+                // A closed channel means that writer failed: its error is returned below.
+                if p.bills.num_rows() > 0 {
+                    let _ = bills_tx.send(p.bills);
+                }
+                if p.lines.num_rows() > 0 {
+                    let _ = lines_tx.send(p.lines);
                 }
             }
-        }
-        drop(tx);
-        writer
-            .join()
-            .unwrap_or_else(|_| Err(BillingError::Invalid("bill lines writer panicked".into())))
-    })?;
-    let mut out_bills: Vec<OutBill<'_>> = Vec::with_capacity(bills.len());
-    let mut adjusted = 0usize;
-    let mut adjustment_amount = Decimal::ZERO;
-    let mut total_amount = Decimal::ZERO;
-    let mut total_kwh = Decimal::ZERO;
-    let mut by_tariff: BTreeMap<&str, (usize, Decimal)> = BTreeMap::new();
-    let mut versions_used: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (b, e) in bills.iter().zip(&emitted) {
-        total_amount += b.total;
-        total_kwh += b.kwh;
-        let t = by_tariff.entry(b.tariff_id.as_str()).or_default();
-        t.0 += 1;
-        t.1 += b.total;
-        let vu = versions_used.entry(b.tariff_id.as_str()).or_default();
-        for v in b.versions.split('+') {
-            if !vu.contains(&v) {
-                vu.push(v);
+            if let Some(p) = &opts.progress {
+                p("billing", end as u64, n as u64);
             }
+            start = end;
         }
-        let Some((line_count, issued_total, adjustment)) = *e else {
-            continue;
+        drop((bills_tx, lines_tx));
+        let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
+            h.join()
+                .unwrap_or_else(|_| Err(BillingError::Invalid("output writer panicked".into())))
         };
-        if let Some(d) = adjustment {
-            adjusted += 1;
-            adjustment_amount += d;
-        }
-        out_bills.push(OutBill {
-            bill: b,
-            total: b.total,
-            line_count,
-            issued_total,
-            adjustment,
-            due_date: due_dates.get(b.account_id.as_str()).copied(),
-        });
+        Ok::<_, BillingError>((join(bills_w)?, join(lines_w)?))
+    })?;
+    drop(engine);
+    exceptions.sort();
+    let t_bill = t0.elapsed();
+    tracing::debug!(phase = "bill", rss_mb = rss_mb(), "bill run");
+
+    let mut exceptions_file = staging.create("exceptions.parquet")?;
+    {
+        let batch = output::exceptions_batch(&run_id, &period.label, &exceptions);
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            &mut exceptions_file,
+            output::exceptions_schema(),
+            Some(crate::store::atomic::writer_properties()),
+        )?;
+        w.write(&batch)?;
+        w.close()?;
     }
-    let t_lines = t0.elapsed();
-    tracing::debug!(phase = "lines", rss_mb = rss_mb(), "bill run");
-    let exceptions_batch = output::exceptions_batch(&run_id, &period.label, &exceptions);
-    let bills_batch = output::bills_batch(&run_id, &period.label, &out_bills);
-    let (bills_bytes, exceptions_bytes) = rayon::join(
-        || output::parquet_bytes(output::bills_schema(), &[bills_batch]),
-        || output::parquet_bytes(output::exceptions_schema(), &[exceptions_batch]),
-    );
-    let files = vec![
-        ("bills.parquet", out_bills.len(), bills_bytes?),
-        ("bill_lines.parquet", lines_n, lines_bytes),
-        ("exceptions.parquet", exceptions.len(), exceptions_bytes?),
+    let outputs = vec![
+        bills_file.0.finish(bills_file.1)?,
+        lines_file.0.finish(lines_file.1)?,
+        exceptions_file.finish(exceptions.len())?,
     ];
-    let outputs: Vec<OutputFile> = files
-        .iter()
-        .map(|(name, rows, bytes)| OutputFile {
-            name: name.to_string(),
-            rows: *rows,
-            bytes: bytes.len(),
-            sha256: hex::encode(Sha256::digest(bytes)),
-        })
-        .collect();
-    let estimated = bills
-        .iter()
-        .filter(|b| b.flags.contains(Flags::ESTIMATED))
-        .count();
-    let t_encode = t0.elapsed();
-    tracing::debug!(phase = "encode", rss_mb = rss_mb(), "bill run");
+    let t = &totals;
     let manifest = serde_json::json!({
         "run_id": run_id,
         "period": period.label,
@@ -581,25 +448,17 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "adjusts_run": issued.as_ref().map(|i| i.run_id.clone()),
         "created_by": format!("meterflow {}", env!("CARGO_PKG_VERSION")),
         "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake, "history": inputs_history},
-        "tariff_versions": versions_used,
-        "counts": {"accounts": accounts_n, "bills": bills.len(), "estimated_bills": estimated, "exceptions": exceptions.len(),
-                   "lines": lines_n, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": adjusted},
-        "sums": {"total_amount": total_amount.to_string(), "total_kwh": total_kwh.to_string(), "adjustment_amount": adjustment_amount.to_string(),
-                 "by_tariff": by_tariff.iter().map(|(k, (n, a))| (k.to_string(), serde_json::json!({"bills": n, "total_amount": a.to_string()}))).collect::<BTreeMap<_, _>>()},
+        "tariff_versions": t.versions_used,
+        "counts": {"accounts": accounts_n, "bills": t.bills, "estimated_bills": t.estimated, "exceptions": exceptions.len(),
+                   "lines": t.lines, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": t.adjusted},
+        "sums": {"total_amount": t.amount.to_string(), "total_kwh": t.kwh.to_string(), "adjustment_amount": t.adjustment.to_string(),
+                 "by_tariff": t.by_tariff.iter().map(|(k, (n, a))| (k.clone(), serde_json::json!({"bills": n, "total_amount": a.to_string()}))).collect::<BTreeMap<_, _>>()},
         "outputs": outputs,
-        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "rate": (t_rate - t_scan).as_millis(),
-                       "hash": (t_hash - t_rate).as_millis(), "lines": (t_lines - t_hash).as_millis(), "encode": (t_encode - t_lines).as_millis()},
+        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "hash": (t_hash - t_scan).as_millis(),
+                       "bill": (t_bill - t_hash).as_millis(), "commit": (t0.elapsed() - t_bill).as_millis()},
     });
-    let mut dir = None;
-    if !opts.preview {
-        let target = if revision == 0 {
-            opts.out.clone()
-        } else {
-            opts.out.join(format!("revision-{revision}"))
-        };
-        commit_dir(&target, &files, &manifest)?;
-        dir = Some(target);
-    }
+    let dir = staging.commit(&manifest)?;
+    tracing::debug!(phase = "commit", rss_mb = rss_mb(), "bill run");
     Ok(BillRunSummary {
         run_id,
         period: period.label,
@@ -607,14 +466,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         dir,
         revision,
         accounts: accounts_n,
-        bills: bills.len(),
-        estimated_bills: estimated,
+        bills: totals.bills,
+        estimated_bills: totals.estimated,
         exceptions: exceptions.len(),
-        lines: lines_n,
-        total_amount,
-        total_kwh,
-        adjusted_accounts: adjusted,
-        adjustment_amount,
+        lines: totals.lines,
+        total_amount: totals.amount,
+        total_kwh: totals.kwh,
+        adjusted_accounts: totals.adjusted,
+        adjustment_amount: totals.adjustment,
         readings,
         files_read: lake_files.len(),
         outputs,
@@ -622,218 +481,168 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     })
 }
 
-/// Late fees of postpaid accounts on the unpaid bills of `opts.previous`
-/// runs, added to `bills` as lines. Returns each such account's due date for
-/// this bill and the history inputs (hashed into the manifest).
-#[allow(clippy::type_complexity)]
-fn late_fees<'a>(
-    opts: &BillRunOptions,
-    period: &BillPeriod,
-    accounts: &'a [crate::master::Account],
-    tariffs: &crate::tariff::TariffSet,
-    bills: &mut [AccountBill],
-    exceptions: &mut Vec<ExceptionRow>,
-) -> Result<(BTreeMap<&'a str, chrono::NaiveDate>, Vec<serde_json::Value>), BillingError> {
-    use crate::master::{CustomerClass, PaymentMode};
-    let by_id: std::collections::HashMap<&str, &crate::master::Account> = accounts
-        .iter()
-        .map(|a| (a.account_id.as_str(), a))
-        .collect();
-    let last_day = period.end.pred_opt().unwrap_or(period.end);
-    let mut inputs = Vec::new();
-    let prior = if opts.previous.is_empty() {
-        Default::default()
-    } else {
-        for dir in &opts.previous {
-            let p = dir.join("bills.parquet");
-            let (h, n) = sha256_file(&p)?;
-            inputs.push(
-                serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}),
-            );
+type Writer<'scope> = (
+    std::sync::mpsc::SyncSender<RecordBatch>,
+    std::thread::ScopedJoinHandle<'scope, Result<(HashedFile, usize), BillingError>>,
+);
+
+/// A thread encoding batches into `file` as Parquet; returns the file and its row count.
+fn spawn_writer<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    schema: arrow::datatypes::SchemaRef,
+    file: HashedFile,
+) -> Writer<'scope> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(4);
+    let h = scope.spawn(move || {
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            file,
+            schema,
+            Some(crate::store::atomic::writer_properties()),
+        )?;
+        let mut n = 0;
+        for batch in rx {
+            n += batch.num_rows();
+            w.write(&batch)?;
         }
-        super::arrears::read_prior_bills(&opts.previous)?
-    };
-    let mut payments: BTreeMap<&str, Vec<(chrono::NaiveDate, Decimal)>> = BTreeMap::new();
-    let payments_path = opts.master.join(crate::master::PAYMENTS_FILE);
-    let loaded;
-    if !prior.is_empty() && payments_path.exists() {
-        let (h, n) = sha256_file(&payments_path)?;
-        inputs.push(serde_json::json!({"path": payments_path.display().to_string(), "sha256": h, "bytes": n}));
-        loaded = crate::master::load_payments(&payments_path)
-            .map_err(|e| BillingError::Master(e.to_string()))?;
-        for e in &loaded.errors {
-            exceptions.push(ExceptionRow {
-                account_id: String::new(),
-                meter_id: String::new(),
-                code: "master_row".into(),
-                detail: e.to_string(),
-            });
+        Ok((w.into_inner()?, n))
+    });
+    (tx, h)
+}
+
+/// Run-wide counts and sums, added up run by run in account order.
+#[derive(Default)]
+struct Totals {
+    bills: usize,
+    estimated: usize,
+    lines: usize,
+    adjusted: usize,
+    amount: Decimal,
+    kwh: Decimal,
+    adjustment: Decimal,
+    by_tariff: BTreeMap<String, (usize, Decimal)>,
+    /// Versions per tariff, in order of first use.
+    versions_used: BTreeMap<String, Vec<String>>,
+}
+
+impl Totals {
+    fn add(&mut self, o: Totals) {
+        self.bills += o.bills;
+        self.estimated += o.estimated;
+        self.lines += o.lines;
+        self.adjusted += o.adjusted;
+        self.amount += o.amount;
+        self.kwh += o.kwh;
+        self.adjustment += o.adjustment;
+        for (k, (n, a)) in o.by_tariff {
+            let t = self.by_tariff.entry(k).or_default();
+            t.0 += n;
+            t.1 += a;
         }
-        for p in &loaded.rows {
-            let Some(a) = by_id.get(p.account_id.as_str()) else {
-                continue;
+        for (k, vs) in o.versions_used {
+            let mine = self.versions_used.entry(k).or_default();
+            for v in vs {
+                if !mine.contains(&v) {
+                    mine.push(v);
+                }
+            }
+        }
+    }
+}
+
+/// One run of accounts, ready for the writers.
+struct Emitted {
+    bills: RecordBatch,
+    lines: RecordBatch,
+    exceptions: Vec<ExceptionRow>,
+    totals: Totals,
+}
+
+/// What turning bills into output rows needs.
+struct Emit<'a> {
+    run_id: &'a str,
+    period: &'a BillPeriod,
+    tariffs: &'a crate::tariff::TariffSet,
+    late: &'a LateFees<'a>,
+    issued: Option<&'a Issued>,
+}
+
+impl Emit<'_> {
+    /// Late fees, lines (or, in a revision, adjustment lines) and bill rows
+    /// of one run of accounts, in account order.
+    fn emit(
+        &self,
+        billed: &mut [(
+            &crate::master::Account,
+            Result<AccountBill, super::account::Exception>,
+        )],
+    ) -> Emitted {
+        let mut t = Totals::default();
+        let mut exceptions = Vec::new();
+        let mut lb = output::LinesBuilder::new(billed.len() * 7);
+        let mut rows: Vec<OutBill<'_>> = Vec::with_capacity(billed.len());
+        for (a, r) in billed.iter_mut() {
+            let b = match r {
+                Ok(b) => b,
+                Err(e) => {
+                    exceptions.push(ExceptionRow::account(a, e.clone()));
+                    continue;
+                }
             };
-            let offset = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
-            let (date, _) = super::period::local_date_minute(p.paid_at.timestamp_millis(), offset);
-            payments
-                .entry(a.account_id.as_str())
-                .or_default()
-                .push((date, p.amount));
-        }
-    }
-    let mut due = BTreeMap::new();
-    for b in bills.iter_mut() {
-        let Some(a) = by_id.get(b.account_id.as_str()) else {
-            continue;
-        };
-        if a.payment_mode != PaymentMode::Postpaid {
-            continue;
-        }
-        let Ok(t) = tariffs.get(&b.tariff_id) else {
-            continue;
-        };
-        let Some((vi, v)) = t
-            .versions
-            .iter()
-            .enumerate()
-            .find(|(_, v)| v.applies_on(last_day))
-        else {
-            continue;
-        };
-        let Some(rule) = &v.late_fee else { continue };
-        due.insert(
-            a.account_id.as_str(),
-            super::arrears::due_date(period, rule),
-        );
-        let Some(prior) = prior.get(&b.account_id) else {
-            continue;
-        };
-        let pays = payments
-            .get(a.account_id.as_str())
-            .map_or(&[][..], |v| v.as_slice());
-        let residential = a.customer_class == CustomerClass::Residential;
-        for line in
-            super::arrears::late_fee_lines(rule, residential, prior, pays, period, &v.rounding)
-        {
-            b.total += line.amount;
-            b.lines.push(super::account::BillLine {
-                version_index: vi,
-                line,
-                flags: Flags::NONE,
+            let due_date = self.late.apply(a, b, self.tariffs, self.period);
+            let b: &AccountBill = b;
+            t.bills += 1;
+            t.estimated += usize::from(b.flags.contains(Flags::ESTIMATED));
+            t.amount += b.total;
+            t.kwh += b.kwh;
+            let bt = t.by_tariff.entry(b.tariff_id.clone()).or_default();
+            bt.0 += 1;
+            bt.1 += b.total;
+            let vu = t.versions_used.entry(b.tariff_id.clone()).or_default();
+            for v in b.versions.split('+') {
+                if !vu.iter().any(|x| x == v) {
+                    vu.push(v.to_string());
+                }
+            }
+            let lines = output::out_lines(b, self.tariffs);
+            let (out, issued_total, adjustment) = match self.issued {
+                None => (lines, None, None),
+                Some(is) => {
+                    let adj = adjustments(b, &lines, is);
+                    if adj.is_empty() {
+                        continue; // unchanged: not in the revision
+                    }
+                    let issued_total = is.totals.get(&b.account_id).copied().unwrap_or_default();
+                    let diff: Decimal = adj.iter().map(|l| l.amount).sum();
+                    t.adjusted += 1;
+                    t.adjustment += diff;
+                    (adj, Some(issued_total), Some(diff))
+                }
+            };
+            for (n, l) in out.iter().enumerate() {
+                lb.push(
+                    self.run_id,
+                    &self.period.label,
+                    &b.account_id,
+                    &b.tariff_id,
+                    n + 1,
+                    l,
+                );
+            }
+            t.lines += out.len();
+            rows.push(OutBill {
+                bill: b,
+                total: b.total,
+                line_count: out.len(),
+                issued_total,
+                adjustment,
+                due_date,
             });
         }
-    }
-    Ok((due, inputs))
-}
-
-/// Adjustment lines of a re-rated bill against what was issued: per line key,
-/// the difference in quantity and amount. Empty when nothing changed.
-fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> {
-    let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine)> = BTreeMap::new();
-    for l in lines {
-        let e = now
-            .entry((
-                l.kind.as_str().to_string(),
-                l.label.clone(),
-                l.tariff_version.clone(),
-            ))
-            .or_insert((Decimal::ZERO, Decimal::ZERO, l));
-        e.0 += l.quantity;
-        e.1 += l.amount;
-    }
-    let mut out = Vec::new();
-    let prefix = (
-        b.account_id.clone(),
-        String::new(),
-        String::new(),
-        String::new(),
-    );
-    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> = is
-        .lines
-        .range(prefix..)
-        .take_while(|(k, _)| k.0 == b.account_id)
-        .collect();
-    for ((kind, label, ver), (q, a, l)) in &now {
-        let key = (
-            b.account_id.clone(),
-            kind.clone(),
-            label.clone(),
-            ver.clone(),
-        );
-        let (iq, ia) = is
-            .lines
-            .get(&key)
-            .map_or((Decimal::ZERO, Decimal::ZERO), |x| (x.0, x.1));
-        if *q != iq || *a != ia {
-            out.push(OutLine {
-                quantity: *q - iq,
-                amount: *a - ia,
-                is_adjustment: true,
-                flags: l.flags | Flags::ADJUSTED,
-                ..(*l).clone()
-            });
+        Emitted {
+            bills: output::bills_batch(self.run_id, &self.period.label, &rows),
+            lines: lb.finish(),
+            exceptions,
+            totals: t,
         }
     }
-    for (k, (iq, ia, _)) in issued {
-        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone()))
-            && (!iq.is_zero() || !ia.is_zero())
-        {
-            out.push(OutLine {
-                kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
-                label: k.2.clone(),
-                tier: None,
-                tou_period: None,
-                quantity: -*iq,
-                unit: "",
-                unit_price: Decimal::ZERO,
-                amount: -*ia,
-                tariff_version: k.3.clone(),
-                flags: Flags::ADJUSTED,
-                is_adjustment: true,
-            });
-        }
-    }
-    out
-}
-
-/// Writes every file into a hidden temporary sibling directory, fsyncs, then
-/// renames it into place: readers see the whole run or nothing.
-fn commit_dir(
-    target: &Path,
-    files: &[(&str, usize, Vec<u8>)],
-    manifest: &serde_json::Value,
-) -> Result<(), BillingError> {
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let write = |p: PathBuf, bytes: &[u8]| -> Result<(), BillingError> {
-        let mut f = File::create(&p).map_err(io(&p))?;
-        f.write_all(bytes).map_err(io(&p))?;
-        f.sync_all().map_err(io(&p))
-    };
-    for (n, _, bytes) in files {
-        write(tmp.join(n), bytes)?;
-    }
-    let text =
-        serde_json::to_vec_pretty(manifest).map_err(|e| BillingError::Invalid(e.to_string()))?;
-    write(tmp.join("manifest.json"), &text)?;
-    crate::store::atomic::sync_dir(&tmp)?;
-    if target.exists() {
-        // An empty directory made by the user: replace it.
-        std::fs::remove_dir(target).map_err(io(target))?;
-    }
-    std::fs::rename(&tmp, target).map_err(io(target))?;
-    crate::store::atomic::sync_dir(parent)?;
-    Ok(())
 }

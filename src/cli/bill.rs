@@ -50,7 +50,8 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
     let mut opts = BillRunOptions::new(&a.lake, &a.master, &a.tariffs, &a.period, &a.out);
     opts.preview = a.preview;
     opts.previous = a.previous.clone();
-    opts.progress = Some(Box::new(move |done, total| {
+    opts.progress = Some(Box::new(move |phase, done, total| {
+        pb.set_message(phase);
         pb.set_length(total);
         pb.set_position(done);
     }));

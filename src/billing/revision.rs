@@ -1,0 +1,165 @@
+//! Re-runs of an issued period: what was issued (read back from the run
+//! directory and its revisions) and the adjustment lines of a re-rated bill.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray};
+use rust_decimal::Decimal;
+
+use super::account::AccountBill;
+use super::flags::Flags;
+use super::output::{self, OutLine};
+use super::run::BillingError;
+use crate::tariff::price::LineKind;
+
+/// Aggregation key of a line for comparing runs.
+type LineKey = (String, String, String, String);
+
+pub struct Issued {
+    /// (account, kind, label, version) -> (quantity, amount, tariff id)
+    pub lines: BTreeMap<LineKey, (Decimal, Decimal, String)>,
+    pub totals: BTreeMap<String, Decimal>,
+    pub run_id: String,
+}
+
+/// Reads the lines of the issued run in `dirs[0]` and the adjustment lines
+/// of its revisions `dirs[1..]`.
+pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
+    let mut is = Issued {
+        lines: BTreeMap::new(),
+        totals: BTreeMap::new(),
+        run_id: String::new(),
+    };
+    for (n, dir) in dirs.iter().enumerate() {
+        if n == 0 {
+            let m: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.join("manifest.json")).map_err(|source| BillingError::Io {
+                    path: dir.clone(),
+                    source,
+                })?,
+            )
+            .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
+            is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
+        }
+        for batch in crate::store::reader::read_file(&dir.join("bill_lines.parquet"))? {
+            let s = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+            };
+            let d = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<Decimal128Array>().cloned())
+            };
+            let bad = || {
+                BillingError::Invalid(format!("{}: unexpected bill_lines schema", dir.display()))
+            };
+            let (acc, kind, label, ver, tar) = (
+                s("account_id").ok_or_else(bad)?,
+                s("kind").ok_or_else(bad)?,
+                s("label").ok_or_else(bad)?,
+                s("tariff_version").ok_or_else(bad)?,
+                s("tariff_id").ok_or_else(bad)?,
+            );
+            let (qty, amt) = (d("quantity").ok_or_else(bad)?, d("amount").ok_or_else(bad)?);
+            let adj = batch
+                .column_by_name("is_adjustment")
+                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned())
+                .ok_or_else(bad)?;
+            for i in 0..batch.num_rows() {
+                if n > 0 && !adj.value(i) {
+                    continue;
+                }
+                let key = (
+                    acc.value(i).to_string(),
+                    kind.value(i).to_string(),
+                    label.value(i).to_string(),
+                    ver.value(i).to_string(),
+                );
+                let q = Decimal::from_i128_with_scale(qty.value(i), output::QTY.1 as u32);
+                let a = Decimal::from_i128_with_scale(amt.value(i), output::AMOUNT.1 as u32);
+                *is.totals.entry(key.0.clone()).or_default() += a;
+                let e = is.lines.entry(key).or_insert((
+                    Decimal::ZERO,
+                    Decimal::ZERO,
+                    tar.value(i).to_string(),
+                ));
+                e.0 += q;
+                e.1 += a;
+            }
+        }
+    }
+    Ok(is)
+}
+
+/// Adjustment lines of a re-rated bill against what was issued: per line key,
+/// the difference in quantity and amount. Empty when nothing changed.
+pub fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> {
+    let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine)> = BTreeMap::new();
+    for l in lines {
+        let e = now
+            .entry((
+                l.kind.as_str().to_string(),
+                l.label.clone(),
+                l.tariff_version.clone(),
+            ))
+            .or_insert((Decimal::ZERO, Decimal::ZERO, l));
+        e.0 += l.quantity;
+        e.1 += l.amount;
+    }
+    let mut out = Vec::new();
+    let prefix = (
+        b.account_id.clone(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> = is
+        .lines
+        .range(prefix..)
+        .take_while(|(k, _)| k.0 == b.account_id)
+        .collect();
+    for ((kind, label, ver), (q, a, l)) in &now {
+        let key = (
+            b.account_id.clone(),
+            kind.clone(),
+            label.clone(),
+            ver.clone(),
+        );
+        let (iq, ia) = is
+            .lines
+            .get(&key)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |x| (x.0, x.1));
+        if *q != iq || *a != ia {
+            out.push(OutLine {
+                quantity: *q - iq,
+                amount: *a - ia,
+                is_adjustment: true,
+                flags: l.flags | Flags::ADJUSTED,
+                ..(*l).clone()
+            });
+        }
+    }
+    for (k, (iq, ia, _)) in issued {
+        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone()))
+            && (!iq.is_zero() || !ia.is_zero())
+        {
+            out.push(OutLine {
+                kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
+                label: k.2.clone(),
+                tier: None,
+                tou_period: None,
+                quantity: -*iq,
+                unit: "",
+                unit_price: Decimal::ZERO,
+                amount: -*ia,
+                tariff_version: k.3.clone(),
+                flags: Flags::ADJUSTED,
+                is_adjustment: true,
+            });
+        }
+    }
+    out
+}
