@@ -8,12 +8,12 @@ use chrono::NaiveDate;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use meterflow::billing::engine::bill_readings;
 use meterflow::billing::period::BillPeriod;
-use meterflow::master::{Account, CustomerClass, Meter, PaymentMode};
+use meterflow::master::{BillingAccount, CustomerClass, Meter, PaymentMode};
 use meterflow::model::{Channel, Protocol, Quality, Reading, Source};
 use meterflow::tariff::price::{incremental_charge, Usage};
 use rust_decimal::Decimal;
 
-fn setup(n: usize) -> (Vec<Account>, Vec<Meter>, Vec<Reading>) {
+fn setup(n: usize) -> (Vec<BillingAccount>, Vec<Meter>, Vec<Reading>) {
     let d = |s: &str| s.parse::<NaiveDate>().unwrap();
     let mut accounts = Vec::new();
     let mut meters = Vec::new();
@@ -21,16 +21,8 @@ fn setup(n: usize) -> (Vec<Account>, Vec<Meter>, Vec<Reading>) {
     for i in 0..n {
         let id = format!("A{i:09}");
         let mid = format!("{:012}", 300_000_000_000u64 + i as u64);
-        accounts.push(Account {
+        accounts.push(BillingAccount {
             account_id: id.clone(),
-            name: String::new(),
-            phone: String::new(),
-            id_number: String::new(),
-            address: String::new(),
-            district: String::new(),
-            age_band: String::new(),
-            occupation: String::new(),
-            gender: String::new(),
             customer_class: CustomerClass::Residential,
             tariff_id: if i % 10 == 0 {
                 "gd-tou-commercial"
@@ -40,7 +32,6 @@ fn setup(n: usize) -> (Vec<Account>, Vec<Meter>, Vec<Reading>) {
             .into(),
             payment_mode: PaymentMode::Postpaid,
             contracted_kva: Decimal::ZERO,
-            household_size: 3,
             opened_on: d("2020-01-01"),
         });
         meters.push(Meter {

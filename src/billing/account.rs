@@ -11,7 +11,7 @@ use super::vee::{
     register_delta, MeterState, Source, VeeConfig, REG_REACTIVE_EXPORT, REG_REACTIVE_IMPORT,
     REG_T1, REG_TOTAL,
 };
-use crate::master::{Account, Meter};
+use crate::master::{BillingAccount, Meter};
 use crate::model::Quality;
 use crate::tariff::price::{rate_bill, BillQuantities, ChargeLine, LineKind, Segment, Usage};
 use crate::tariff::tiered::{Accumulation, Tiers};
@@ -51,7 +51,7 @@ pub struct AccountPlan<'t> {
 
 pub fn plan_account<'t>(
     tariff: &'t Tariff,
-    account: &Account,
+    account: &BillingAccount,
     period: &BillPeriod,
 ) -> Result<AccountPlan<'t>, Exception> {
     let mut dates = vec![period.start];
@@ -179,7 +179,7 @@ struct MeterValues {
 
 /// Bills one account from its meters' states.
 pub fn bill_account(
-    account: &Account,
+    account: &BillingAccount,
     plan: &AccountPlan<'_>,
     meters: &[(&Meter, &MeterState)],
     period: &BillPeriod,

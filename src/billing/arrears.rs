@@ -19,7 +19,7 @@ use super::account::{AccountBill, BillLine};
 use super::flags::Flags;
 use super::period::BillPeriod;
 use super::run::BillingError;
-use crate::master::{Account, CustomerClass, PaymentMode};
+use crate::master::{BillingAccount, CustomerClass, PaymentMode};
 use crate::tariff::late_fee::LateFeeRule;
 use crate::tariff::price::{ChargeLine, LineKind};
 use crate::tariff::rounding::Rounding;
@@ -191,7 +191,7 @@ impl<'a> LateFees<'a> {
         previous: &[PathBuf],
         payments_path: &Path,
         period: &BillPeriod,
-        accounts: &'a [Account],
+        accounts: &'a [BillingAccount],
         tariffs: &TariffSet,
     ) -> Result<LateFees<'a>, BillingError> {
         let mut inputs = Vec::new();
@@ -209,7 +209,7 @@ impl<'a> LateFees<'a> {
             let loaded = crate::master::load_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
-            let by_id: HashMap<&str, &'a Account> = accounts
+            let by_id: HashMap<&str, &'a BillingAccount> = accounts
                 .iter()
                 .map(|a| (a.account_id.as_str(), a))
                 .collect();
@@ -240,7 +240,7 @@ impl<'a> LateFees<'a> {
     /// other accounts).
     pub fn apply(
         &self,
-        a: &Account,
+        a: &BillingAccount,
         b: &mut AccountBill,
         tariffs: &TariffSet,
         period: &BillPeriod,

@@ -10,7 +10,7 @@ use super::account::{
 };
 use super::period::BillPeriod;
 use super::vee::{MeterState, VeeConfig};
-use crate::master::{Account, Meter};
+use crate::master::{BillingAccount, Meter};
 use crate::model::{Channel, Quality, Reading};
 use crate::tariff::TariffSet;
 
@@ -47,7 +47,7 @@ fn route(
 pub struct Engine<'a> {
     pub period: BillPeriod,
     pub cfg: VeeConfig,
-    accounts: Vec<&'a Account>,
+    accounts: Vec<&'a BillingAccount>,
     plans: Vec<Result<AccountPlan<'a>, Exception>>,
     /// Meter id -> dense index.
     pub meter_index: FxMap<&'a str, u32>,
@@ -70,13 +70,13 @@ pub struct Engine<'a> {
 
 impl<'a> Engine<'a> {
     pub fn new(
-        accounts: &'a [Account],
+        accounts: &'a [BillingAccount],
         meters: &'a [Meter],
         tariffs: &'a TariffSet,
         period: BillPeriod,
         cfg: VeeConfig,
     ) -> Engine<'a> {
-        let mut accs: Vec<&Account> = accounts.iter().collect();
+        let mut accs: Vec<&BillingAccount> = accounts.iter().collect();
         accs.sort_by(|a, b| a.account_id.cmp(&b.account_id));
         let account_index: HashMap<&str, u32> = accs
             .iter()
@@ -272,7 +272,7 @@ impl<'a> Engine<'a> {
     pub fn bill_range(
         &mut self,
         range: std::ops::Range<usize>,
-    ) -> Vec<(&'a Account, Result<AccountBill, Exception>)> {
+    ) -> Vec<(&'a BillingAccount, Result<AccountBill, Exception>)> {
         if self.account_meters.is_empty() && !self.accounts.is_empty() {
             self.account_meters = AccountMeters::new(&self.meter_account, self.accounts.len());
         }
@@ -362,7 +362,7 @@ impl<'a> Engine<'a> {
 
 impl ExceptionRow {
     /// An account that could not be billed.
-    pub fn account(a: &Account, e: Exception) -> ExceptionRow {
+    pub fn account(a: &BillingAccount, e: Exception) -> ExceptionRow {
         ExceptionRow {
             account_id: a.account_id.clone(),
             meter_id: String::new(),
@@ -409,7 +409,7 @@ impl AccountMeters {
 
 /// Bills accounts from readings held in memory (tests, golden vectors, small runs).
 pub fn bill_readings(
-    accounts: &[Account],
+    accounts: &[BillingAccount],
     meters: &[Meter],
     tariffs: &TariffSet,
     period: BillPeriod,

@@ -150,9 +150,13 @@ fn crc32_file(path: &Path) -> Result<(u32, u64), BillingError> {
     Ok((h.finalize(), len))
 }
 
+/// SHA-256 and length of a file, read in blocks (accounts.csv of a large
+/// fleet is hundreds of MB).
 pub(super) fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok((hex::encode(Sha256::digest(&bytes)), bytes.len() as u64))
+    let mut f = File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    Ok((hex::encode(h.finalize()), n))
 }
 
 /// Channels the bill run routes: registers, max demand, intervals, clock skew.
@@ -172,7 +176,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
     let (meters, accounts) = rayon::join(
-        || crate::master::load_meters(&meters_path),
+        || crate::master::load_meters_for_billing(&meters_path),
         || crate::master::load_accounts_for_billing(&accounts_path),
     );
     let meters = meters.map_err(|e| BillingError::Master(e.to_string()))?;
@@ -572,7 +576,7 @@ impl Emit<'_> {
     fn emit(
         &self,
         billed: &mut [(
-            &crate::master::Account,
+            &crate::master::BillingAccount,
             Result<AccountBill, super::account::Exception>,
         )],
     ) -> Emitted {

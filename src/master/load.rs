@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
-use super::{Account, CustomerClass, Meter, Payment, PaymentMode};
+use super::{Account, BillingAccount, CustomerClass, Meter, Payment, PaymentMode};
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +190,24 @@ fn load<T>(
 }
 
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
+    load_meters_with(path, true)
+}
+
+/// Meters with `meter_type` and `feeder` left empty: billing and
+/// prepayment never read them, and two short strings per meter count at
+/// millions of meters. Rows are validated exactly as by [`load_meters`].
+pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
+    load_meters_with(path, false)
+}
+
+fn load_meters_with(path: &Path, descriptive: bool) -> Result<Loaded<Meter>, RowError> {
+    let text = |r: &Row<'_>, field: &str| -> Result<String, RowError> {
+        if descriptive {
+            r.opt_text(field)
+        } else {
+            Ok(String::new())
+        }
+    };
     load(
         path,
         &[
@@ -224,31 +242,42 @@ pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
             Ok(Meter {
                 meter_id: r.text("meter_id")?,
                 account_id: r.text("account_id")?,
-                meter_type: r.opt_text("meter_type")?,
+                meter_type: text(r, "meter_type")?,
                 ct_ratio: ct,
                 pt_ratio: pt,
                 register_digits: digits,
                 installed_on,
                 removed_on,
-                feeder: r.opt_text("feeder")?,
+                feeder: text(r, "feeder")?,
             })
         },
     )
 }
 
 pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, true)
+    load_accounts_with(path, true, |a| a)
 }
 
-/// Accounts without the personal and demographic fields (name, phone, ID
-/// number, address, district, age band, occupation, gender), which billing
-/// never reads: left empty, they take no memory on a large fleet. Rows are
-/// validated exactly as by [`load_accounts`].
-pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, false)
+/// Accounts with the personal and demographic fields (name, phone, ID
+/// number, address, district, age band, occupation, gender) left empty:
+/// prepayment never reads them, and empty strings take no heap memory.
+/// Rows are validated exactly as by [`load_accounts`].
+pub fn load_accounts_without_personal(path: &Path) -> Result<Loaded<Account>, RowError> {
+    load_accounts_with(path, false, |a| a)
 }
 
-fn load_accounts_with(path: &Path, personal: bool) -> Result<Loaded<Account>, RowError> {
+/// Accounts as billing reads them (see [`BillingAccount`]): the personal and
+/// demographic fields are not kept at all. Rows are validated exactly as by
+/// [`load_accounts`].
+pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<BillingAccount>, RowError> {
+    load_accounts_with(path, false, BillingAccount::from)
+}
+
+fn load_accounts_with<T>(
+    path: &Path,
+    personal: bool,
+    into: impl Fn(Account) -> T,
+) -> Result<Loaded<T>, RowError> {
     let text = |r: &Row<'_>, field: &str| -> Result<String, RowError> {
         if personal {
             r.opt_text(field)
@@ -290,7 +319,7 @@ fn load_accounts_with(path: &Path, personal: bool) -> Result<Loaded<Account>, Ro
                     r.err("household_size", format!("'{v}' is not a small integer"))
                 })?,
             };
-            Ok(Account {
+            Ok(into(Account {
                 account_id: r.text("account_id")?,
                 name: text(r, "name")?,
                 phone: text(r, "phone")?,
@@ -306,7 +335,7 @@ fn load_accounts_with(path: &Path, personal: bool) -> Result<Loaded<Account>, Ro
                 contracted_kva: kva,
                 household_size,
                 opened_on: r.opt_date("opened_on")?.unwrap_or(NaiveDate::MIN),
-            })
+            }))
         },
     )
 }
@@ -406,6 +435,27 @@ mod tests {
     }
 
     #[test]
+    fn billing_loads_the_same_meters_without_type_and_feeder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meters.csv");
+        std::fs::write(
+            &p,
+            "meter_id,account_id,meter_type,ct_ratio,pt_ratio,installed_on,feeder\n\
+             M1,A1,residential_1p,1,1,2024-01-01,F-07\n\
+             M2,A1,residential_1p,0,1,2024-01-01,F-07\n",
+        )
+        .unwrap();
+        let all = load_meters(&p).unwrap();
+        let billing = load_meters_for_billing(&p).unwrap();
+        assert_eq!(all.errors, billing.errors, "same validation");
+        assert_eq!(all.rows[0].feeder, "F-07");
+        let mut without = all.rows[0].clone();
+        without.meter_type.clear();
+        without.feeder.clear();
+        assert_eq!(billing.rows, vec![without]);
+    }
+
+    #[test]
     fn billing_loads_the_same_accounts_without_personal_fields() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("accounts.csv");
@@ -418,11 +468,14 @@ mod tests {
         .unwrap();
         let all = load_accounts(&p).unwrap();
         let billing = load_accounts_for_billing(&p).unwrap();
+        let prepay = load_accounts_without_personal(&p).unwrap();
         assert_eq!(all.errors, billing.errors, "same validation");
+        assert_eq!(all.errors, prepay.errors, "same validation");
         assert_eq!(billing.rows.len(), 1);
         assert_eq!(all.rows[0].name, "Wang Fang");
-        let b = &billing.rows[0];
-        assert!(b.name.is_empty() && b.phone.is_empty() && b.address.is_empty());
+        assert_eq!(billing.rows[0], BillingAccount::from(&all.rows[0]));
+        let p = &prepay.rows[0];
+        assert!(p.name.is_empty() && p.phone.is_empty() && p.address.is_empty());
         let mut without = all.rows[0].clone();
         for f in [
             &mut without.name,
@@ -433,6 +486,6 @@ mod tests {
         ] {
             f.clear();
         }
-        assert_eq!(*b, without);
+        assert_eq!(*p, without);
     }
 }

@@ -148,8 +148,12 @@ impl Fleet {
     pub fn load(dir: &Path) -> Result<Fleet, PrepayError> {
         // The two files are parsed side by side.
         let (accounts, meters) = rayon::join(
-            || crate::master::load_accounts_for_billing(&dir.join(crate::master::ACCOUNTS_FILE)),
-            || crate::master::load_meters(&dir.join(crate::master::METERS_FILE)),
+            || {
+                crate::master::load_accounts_without_personal(
+                    &dir.join(crate::master::ACCOUNTS_FILE),
+                )
+            },
+            || crate::master::load_meters_for_billing(&dir.join(crate::master::METERS_FILE)),
         );
         let accounts = accounts.map_err(|e| PrepayError::Input(e.to_string()))?;
         let meters = meters.map_err(|e| PrepayError::Input(e.to_string()))?;

@@ -8,7 +8,7 @@ use super::common::reading;
 use chrono::{NaiveDate, NaiveDateTime};
 use meterflow::billing::engine::bill_readings;
 use meterflow::billing::period::BillPeriod;
-use meterflow::master::{Account, CustomerClass, Meter, PaymentMode};
+use meterflow::master::{BillingAccount, CustomerClass, Meter, PaymentMode};
 use meterflow::model::{Channel, Reading};
 use meterflow::tariff::power_factor::{monthly_pf_hundredths, PfStandard};
 use meterflow::tariff::price::{energy_charge, incremental_charge, Usage};
@@ -44,22 +44,13 @@ fn local_ms(s: &str) -> i64 {
     t.and_utc().timestamp_millis() - 8 * 3_600_000
 }
 
-fn account(id: &str, tariff: &str, kva: &str, opened: &str) -> Account {
-    Account {
+fn account(id: &str, tariff: &str, kva: &str, opened: &str) -> BillingAccount {
+    BillingAccount {
         account_id: id.into(),
-        name: String::new(),
-        phone: String::new(),
-        id_number: String::new(),
-        address: String::new(),
-        district: String::new(),
-        age_band: String::new(),
-        occupation: String::new(),
-        gender: String::new(),
         customer_class: CustomerClass::Residential,
         tariff_id: tariff.into(),
         payment_mode: PaymentMode::Postpaid,
         contracted_kva: dec(kva),
-        household_size: 3,
         opened_on: d(opened),
     }
 }
@@ -67,7 +58,7 @@ fn account(id: &str, tariff: &str, kva: &str, opened: &str) -> Account {
 #[derive(Default)]
 struct Case {
     period: String,
-    accounts: Vec<Account>,
+    accounts: Vec<BillingAccount>,
     meters: Vec<Meter>,
     readings: Vec<Reading>,
     lines: Vec<(String, Decimal, Decimal, Decimal)>,
