@@ -199,13 +199,13 @@ impl<'a> LateFees<'a> {
         let mut prior = PriorBills::new();
         if !previous.is_empty() {
             for dir in previous {
-                inputs.push(hashed_input(&dir.join("bills.parquet"))?);
+                inputs.push(super::run::hashed_input(&dir.join("bills.parquet"))?);
             }
             prior = read_prior_bills(previous)?;
         }
         let mut payments: BTreeMap<&'a str, Vec<(NaiveDate, Decimal)>> = BTreeMap::new();
         if !prior.is_empty() && payments_path.exists() {
-            inputs.push(hashed_input(payments_path)?);
+            inputs.push(super::run::hashed_input(payments_path)?);
             let loaded = crate::master::load_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
@@ -274,12 +274,6 @@ impl<'a> LateFees<'a> {
         }
         Some(due)
     }
-}
-
-/// A file's path, SHA-256 and size, for the manifest's inputs.
-pub fn hashed_input(p: &Path) -> Result<serde_json::Value, BillingError> {
-    let (h, n) = super::run::sha256_file(p)?;
-    Ok(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
 }
 
 /// The due date of a bill for `period`: `due_days` after the day the period ends.

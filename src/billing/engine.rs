@@ -268,7 +268,8 @@ impl<'a> Engine<'a> {
 
     /// Bills accounts `range` (positions in account-id order) in parallel.
     /// Their meter states are moved out and freed, so billing the accounts
-    /// range by range never holds every bill and every state at once.
+    /// range by range never holds every bill and every state at once; each
+    /// account is billed once (a second call finds no meter states).
     pub fn bill_range(
         &mut self,
         range: std::ops::Range<usize>,
@@ -293,27 +294,25 @@ impl<'a> Engine<'a> {
         range
             .into_par_iter()
             .zip(taken)
-            .map(|(ai, ms)| {
-                let account = this.accounts[ai];
-                let bill = (|| {
-                    let plan = this.plans[ai].as_ref().map_err(|e| e.clone())?;
-                    if let Some(e) = this.route_errors.get(&(ai as u32)) {
-                        return Err(e.clone());
-                    }
-                    let refs: Vec<(&Meter, &MeterState)> =
-                        ms.iter().map(|(m, s)| (*m, s)).collect();
-                    bill_account(
-                        account,
-                        plan,
-                        &refs,
-                        &this.period,
-                        &this.cfg,
-                        this.carried_ytd.get(&account.account_id).copied(),
-                    )
-                })();
-                (account, bill)
-            })
+            .map(|(ai, ms)| (this.accounts[ai], this.bill_one(ai, &ms)))
             .collect()
+    }
+
+    fn bill_one(&self, ai: usize, ms: &[(&Meter, MeterState)]) -> Result<AccountBill, Exception> {
+        let plan = self.plans[ai].as_ref().map_err(|e| e.clone())?;
+        if let Some(e) = self.route_errors.get(&(ai as u32)) {
+            return Err(e.clone());
+        }
+        let account = self.accounts[ai];
+        let refs: Vec<(&Meter, &MeterState)> = ms.iter().map(|(m, s)| (*m, s)).collect();
+        bill_account(
+            account,
+            plan,
+            &refs,
+            &self.period,
+            &self.cfg,
+            self.carried_ytd.get(&account.account_id).copied(),
+        )
     }
 
     /// Exceptions that belong to no billed account: meters of unknown

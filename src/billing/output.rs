@@ -7,7 +7,6 @@ use arrow::array::{
     ArrayRef, BooleanBuilder, Decimal128Builder, Int32Builder, RecordBatch, StringBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
 use rust_decimal::Decimal;
 
 use super::account::AccountBill;
@@ -335,22 +334,4 @@ pub fn exceptions_batch(run_id: &str, period: &str, rows: &[ExceptionRow]) -> Re
         .map(|x| Arc::new(x.finish()) as ArrayRef)
         .collect();
     RecordBatch::try_new(exceptions_schema(), cols).expect("columns match schema")
-}
-
-/// Encodes batches as one Parquet file in memory (deterministic bytes).
-pub fn parquet_bytes(
-    schema: SchemaRef,
-    batches: &[RecordBatch],
-) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let mut buf = Vec::new();
-    let mut w = ArrowWriter::try_new(
-        &mut buf,
-        schema,
-        Some(crate::store::atomic::writer_properties()),
-    )?;
-    for b in batches {
-        w.write(b)?;
-    }
-    w.close()?;
-    Ok(buf)
 }

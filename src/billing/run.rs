@@ -152,11 +152,17 @@ fn crc32_file(path: &Path) -> Result<(u32, u64), BillingError> {
 
 /// SHA-256 and length of a file, read in blocks (accounts.csv of a large
 /// fleet is hundreds of MB).
-pub(super) fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
+fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
     let mut f = File::open(path).map_err(io(path))?;
     let mut h = Sha256::new();
     let n = std::io::copy(&mut f, &mut h).map_err(io(path))?;
     Ok((hex::encode(h.finalize()), n))
+}
+
+/// A file's path, SHA-256 and size, for the manifest's inputs.
+pub(super) fn hashed_input(p: &Path) -> Result<serde_json::Value, BillingError> {
+    let (h, n) = sha256_file(p)?;
+    Ok(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
 }
 
 /// Channels the bill run routes: registers, max demand, intervals, clock skew.
@@ -321,11 +327,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     // SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
     let mut inputs_master = Vec::new();
     for p in [&meters_path, &accounts_path] {
-        inputs_master.push(super::arrears::hashed_input(p)?);
+        inputs_master.push(hashed_input(p)?);
     }
     let mut inputs_tariffs = Vec::new();
     for p in tariffs.files() {
-        inputs_tariffs.push(super::arrears::hashed_input(&p)?);
+        inputs_tariffs.push(hashed_input(&p)?);
     }
     let lake_hashes: Vec<Result<serde_json::Value, BillingError>> = lake_files
         .par_iter()
@@ -393,7 +399,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         );
         let n = engine.accounts_len();
         let mut start = 0;
-        while start < n {
+        'groups: while start < n {
             let end = (start + group).min(n);
             let mut billed = engine.bill_range(start..end);
             let parts: Vec<Emitted> = billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect();
@@ -402,11 +408,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 totals.add(p.totals);
                 exceptions.extend(p.exceptions);
                 // A closed channel means that writer failed: its error is returned below.
-                if p.bills.num_rows() > 0 {
-                    let _ = bills_tx.send(p.bills);
-                }
-                if p.lines.num_rows() > 0 {
-                    let _ = lines_tx.send(p.lines);
+                if (p.bills.num_rows() > 0 && bills_tx.send(p.bills).is_err())
+                    || (p.lines.num_rows() > 0 && lines_tx.send(p.lines).is_err())
+                {
+                    break 'groups;
                 }
             }
             if let Some(p) = &opts.progress {
