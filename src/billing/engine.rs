@@ -59,6 +59,8 @@ pub struct Engine<'a> {
     pub readings_seen: u64,
     /// Meters attached to no known account (master data problem).
     orphan_meters: Vec<&'a Meter>,
+    /// Earlier rows of meter ids that meters.csv lists more than once.
+    duplicate_meters: Vec<&'a Meter>,
     /// First error raised while routing readings, per account.
     route_errors: HashMap<u32, Exception>,
     /// Year-to-date kWh at the period start carried from the previous run:
@@ -98,7 +100,13 @@ impl<'a> Engine<'a> {
         // routing then walks the states front to back.
         let mut sorted: Vec<&Meter> = meters.iter().collect();
         sorted.sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
-        for m in sorted {
+        let mut duplicate_meters = Vec::new();
+        for (i, &m) in sorted.iter().enumerate() {
+            // The last row of a repeated meter id is used (the sort is stable).
+            if sorted.get(i + 1).is_some_and(|n| n.meter_id == m.meter_id) {
+                duplicate_meters.push(m);
+                continue;
+            }
             match account_index.get(m.account_id.as_str()) {
                 Some(ai) => {
                     meter_index.insert(m.meter_id.as_str(), ms.len() as u32);
@@ -128,6 +136,7 @@ impl<'a> Engine<'a> {
             unknown_meters: HashMap::new(),
             readings_seen: 0,
             orphan_meters,
+            duplicate_meters,
             route_errors: HashMap::new(),
             carried_ytd: HashMap::new(),
             account_meters: AccountMeters::default(),
@@ -196,6 +205,22 @@ impl<'a> Engine<'a> {
         ) {
             self.route_errors.entry(ai).or_insert(e);
         }
+    }
+
+    /// Lends the id -> index map and the meters in index order to a lake
+    /// scan, which reads them while the engine updates the states.
+    #[allow(clippy::type_complexity)]
+    pub fn lend_index(&mut self) -> (FxMap<&'a str, u32>, Vec<&'a Meter>) {
+        (
+            std::mem::take(&mut self.meter_index),
+            std::mem::take(&mut self.meters),
+        )
+    }
+
+    /// Takes back what [`Engine::lend_index`] lent.
+    pub fn return_index(&mut self, index: FxMap<&'a str, u32>, meters: Vec<&'a Meter>) {
+        self.meter_index = index;
+        self.meters = meters;
     }
 
     /// Meters per routing shard (see [`SHARDS`]).
@@ -327,6 +352,17 @@ impl<'a> Engine<'a> {
                 detail: format!(
                     "meters.csv names account '{}', which accounts.csv does not have",
                     m.account_id
+                ),
+            });
+        }
+        for m in &self.duplicate_meters {
+            exceptions.push(ExceptionRow {
+                account_id: m.account_id.clone(),
+                meter_id: m.meter_id.clone(),
+                code: "duplicate_meter".into(),
+                detail: format!(
+                    "meters.csv lists meter '{}' more than once: its last row is used",
+                    m.meter_id
                 ),
             });
         }

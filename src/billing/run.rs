@@ -274,9 +274,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         // to meter shards in parallel; windows keep file (date) order.
         let units = crate::store::scan::units(&lake_files)?;
         let total = units.len() as u64;
-        let index = std::mem::take(&mut engine.meter_index);
+        let (index, meters) = engine.lend_index();
+        let id_of = |i: u32| meters.get(i as usize).map(|m| m.meter_id.as_str());
         let scanner = crate::store::scan::Scanner {
             index: &index,
+            id_of: &id_of,
             shard_len: engine.shard_len(),
             shards: super::engine::SHARDS,
             lo,
@@ -300,7 +302,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 p("reading lake", done, total);
             }
         }
-        engine.meter_index = index;
+        engine.return_index(index, meters);
     }
     let readings = engine.readings_seen;
     if !opts.previous.is_empty() {

@@ -230,6 +230,11 @@ pub fn units(files: &[(NaiveDate, PathBuf)]) -> Result<Vec<Unit>, StoreError> {
 pub struct Scanner<'a> {
     /// Meter id -> dense index.
     pub index: &'a FxMap<&'a str, u32>,
+    /// Dense index -> meter id (None past the last). Indexes follow meter-id
+    /// order and files are sorted by meter, so the meter after the previous
+    /// one is checked first: a hash lookup per meter at random places in a
+    /// map of millions costs more than the rest of the row.
+    pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
     /// Meters per shard; shard of meter `m` is `m / shard_len`.
     pub shard_len: u32,
     pub shards: usize,
@@ -294,6 +299,8 @@ impl Scanner<'_> {
             out.rows += n as u64;
             // The id of the previous row and its index (None = unknown meter).
             let mut last: Option<(&str, Option<u32>)> = None;
+            // The index of the last known meter seen.
+            let mut prev: Option<u32> = None;
             // The shard of the previous row's meter and its index range.
             let (mut shard, mut shard_lo, mut shard_hi) = (0usize, 1u32, 0u32);
             for i in 0..n {
@@ -308,8 +315,12 @@ impl Scanner<'_> {
                 let m = match last {
                     Some((l, m)) if same_id(l.as_bytes(), id.as_bytes()) => m,
                     _ => {
-                        let m = self.index.get(id).copied();
+                        let next = prev.map(|p| p + 1).filter(|&n| {
+                            (self.id_of)(n).is_some_and(|x| same_id(x.as_bytes(), id.as_bytes()))
+                        });
+                        let m = next.or_else(|| self.index.get(id).copied());
                         last = Some((id, m));
+                        prev = m.or(prev);
                         m
                     }
                 };
@@ -408,8 +419,11 @@ pub(crate) mod tests {
         lake.flush().unwrap();
         let files = all_readings_files(dir.path());
         let index: FxMap<&str, u32> = [("A", 0u32), ("B", 1), ("C", 2)].into_iter().collect();
+        let ids = ["A", "B", "C"];
+        let id_of = |i: u32| ids.get(i as usize).copied();
         let sc = Scanner {
             index: &index,
+            id_of: &id_of,
             shard_len: shard_len(3, 2),
             shards: 2,
             lo: day,
@@ -441,6 +455,47 @@ pub(crate) mod tests {
                 value: 7
             }
         );
+    }
+
+    #[test]
+    fn the_next_meter_is_found_without_the_map_and_gaps_fall_back_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let day = 1_790_000_000_000i64;
+        let rs: Vec<Reading> = ["A", "C", "Cz", "D", "E"]
+            .iter()
+            .enumerate()
+            .map(|(v, id)| reading(id, day, Channel::ImportActiveTotal, v as i64, Quality::OK))
+            .collect();
+        lake.accept(&rs).unwrap();
+        lake.flush().unwrap();
+        let files = all_readings_files(dir.path());
+        let ids = ["A", "B", "C", "D", "E"];
+        let index: FxMap<&str, u32> = ids.iter().zip(0u32..).map(|(i, n)| (*i, n)).collect();
+        // A map that only knows where the sequence breaks: the others must
+        // be found as the next meter.
+        let sparse: FxMap<&str, u32> = [("A", 0u32), ("C", 2)].into_iter().collect();
+        let id_of = |i: u32| ids.get(i as usize).copied();
+        for (map, name) in [(&index, "full map"), (&sparse, "sparse map")] {
+            let sc = Scanner {
+                index: map,
+                id_of: &id_of,
+                shard_len: shard_len(5, 1),
+                shards: 1,
+                lo: day,
+                hi: day,
+                keep: |_| true,
+            };
+            let mut got = Vec::new();
+            let mut unknown = Vec::new();
+            for u in units(&files).unwrap() {
+                let c = sc.decode(&u).unwrap();
+                got.extend(c.shards[0].iter().map(|r| (r.meter, r.value)));
+                unknown.extend(c.unknown);
+            }
+            assert_eq!(got, vec![(0, 0), (2, 1), (3, 3), (4, 4)], "{name}");
+            assert_eq!(unknown, vec![("Cz".to_string(), 1)], "{name}");
+        }
     }
 
     #[test]

@@ -141,6 +141,53 @@ fn load_cases(file: &str) -> BTreeMap<String, Case> {
 }
 
 #[test]
+fn a_meter_listed_twice_is_billed_once_on_its_last_row_and_reported() {
+    let set = tariffs();
+    let meter = |account: &str| Meter {
+        meter_id: "M1".into(),
+        account_id: account.into(),
+        meter_type: String::new(),
+        ct_ratio: Decimal::ONE,
+        pt_ratio: Decimal::ONE,
+        register_digits: 6,
+        installed_on: d("2020-01-01"),
+        removed_on: None,
+        feeder: String::new(),
+    };
+    let accounts = vec![
+        account("A1", "bj-residential-monthly", "0", "2020-01-01"),
+        account("A2", "bj-residential-monthly", "0", "2020-01-01"),
+    ];
+    let meters = vec![meter("A1"), meter("A2")];
+    let readings = vec![
+        reading(
+            "M1",
+            local_ms("2026-10-01 00:00"),
+            Channel::ImportActiveTotal,
+            dec("100"),
+        ),
+        reading(
+            "M1",
+            local_ms("2026-11-01 00:00"),
+            Channel::ImportActiveTotal,
+            dec("300"),
+        ),
+    ];
+    let period = BillPeriod::parse("2026-10").unwrap();
+    let (bills, exceptions) = bill_readings(&accounts, &meters, &set, period, &readings);
+    assert_eq!(bills.len(), 1, "{exceptions:?}");
+    assert_eq!(
+        (bills[0].account_id.as_str(), bills[0].kwh),
+        ("A2", dec("200"))
+    );
+    let codes: Vec<(&str, &str)> = exceptions
+        .iter()
+        .map(|e| (e.account_id.as_str(), e.code.as_str()))
+        .collect();
+    assert_eq!(codes, vec![("A1", "no_meter"), ("A1", "duplicate_meter")]);
+}
+
+#[test]
 fn golden_bills_match_the_hand_computed_vectors() {
     let set = tariffs();
     let cases = load_cases("billing.csv");
