@@ -297,8 +297,29 @@ struct FileScan {
     max_ts: Option<i64>,
 }
 
+/// Meter id -> index, and the meters in index order when their ids are
+/// unique (then the meter after the previous one is checked first: files are
+/// sorted by meter, and a hash lookup at a random place in a map of millions
+/// costs more than the rest of the row).
+struct MeterIndex<'a> {
+    map: FxMap<&'a str, u32>,
+    in_order: Option<&'a [Meter]>,
+}
+
+impl MeterIndex<'_> {
+    /// The index of `id`, trying `prev + 1` before the map.
+    fn find(&self, id: &str, prev: Option<u32>) -> Option<u32> {
+        let next = prev.map(|p| p + 1).filter(|&n| {
+            self.in_order
+                .and_then(|ms| ms.get(n as usize))
+                .is_some_and(|m| crate::store::scan::same_id(m.meter_id.as_bytes(), id.as_bytes()))
+        });
+        next.or_else(|| self.map.get(id).copied())
+    }
+}
+
 /// Reads one row group of a readings file.
-fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, AnalyticsError> {
+fn read_unit(unit: &Unit, index: &MeterIndex<'_>) -> Result<FileScan, AnalyticsError> {
     let path = unit.path.as_path();
     let cols = [
         "meter_id",
@@ -366,6 +387,7 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
         // Rows come grouped by meter and source: cache the last lookups.
         let mut last_mid: Option<&str> = None;
         let mut m: Option<u32> = None;
+        let mut prev: Option<u32> = None;
         let mut last_src: Option<(i32, i32, &str)> = None;
         let mut slots = [0usize; 2];
         for i in 0..b.num_rows() {
@@ -373,7 +395,8 @@ fn read_unit(unit: &Unit, index: &FxMap<&str, u32>) -> Result<FileScan, Analytic
             if !last_mid.is_some_and(|l| crate::store::scan::same_id(l.as_bytes(), mid.as_bytes()))
             {
                 last_mid = Some(mid);
-                m = index.get(mid).copied();
+                m = index.find(mid, prev);
+                prev = m.or(prev);
             }
             // Rows of one meter share collector and address keys: compare
             // keys per row, the bus text only when they change.
@@ -490,11 +513,16 @@ pub fn scan_lake(
     sink: &mut DaySink<'_>,
 ) -> Result<Scan, AnalyticsError> {
     let meters = plan.meters;
-    let mut index: FxMap<&str, u32> =
+    let mut map: FxMap<&str, u32> =
         FxMap::with_capacity_and_hasher(meters.len(), Default::default());
+    let mut unique = true;
     for (i, m) in meters.iter().enumerate() {
-        index.insert(m.meter_id.as_str(), i as u32);
+        unique &= map.insert(m.meter_id.as_str(), i as u32).is_none();
     }
+    let index = MeterIndex {
+        map,
+        in_order: unique.then_some(meters),
+    };
     let mut st = State {
         plan,
         mult: meters.iter().map(Mult::of).collect(),
@@ -1004,6 +1032,47 @@ fn silent_meters(meters: &[Meter], heard: &[bool], offset_secs: i32, scan: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meters_are_found_as_the_next_one_or_through_the_map() {
+        let meter = |id: &str| Meter {
+            meter_id: id.into(),
+            account_id: "A".into(),
+            meter_type: String::new(),
+            ct_ratio: Decimal::ONE,
+            pt_ratio: Decimal::ONE,
+            register_digits: 6,
+            installed_on: NaiveDate::MIN,
+            removed_on: None,
+            feeder: String::new(),
+        };
+        let meters = vec![meter("A"), meter("B"), meter("C")];
+        let map: FxMap<&str, u32> = [("A", 0u32), ("B", 1), ("C", 2)].into_iter().collect();
+        for in_order in [Some(&meters[..]), None] {
+            let ix = MeterIndex {
+                map: map.clone(),
+                in_order,
+            };
+            assert_eq!(ix.find("B", Some(0)), Some(1));
+            assert_eq!(
+                ix.find("C", Some(0)),
+                Some(2),
+                "a gap falls back to the map"
+            );
+            assert_eq!(ix.find("A", None), Some(0));
+            assert_eq!(ix.find("X", Some(1)), None);
+            assert_eq!(ix.find("A", Some(2)), Some(0), "past the last meter");
+        }
+        // Without the map, only the next meter is found: the map is what decides.
+        let ix = MeterIndex {
+            map: FxMap::default(),
+            in_order: Some(&meters),
+        };
+        assert_eq!(
+            (ix.find("B", Some(0)), ix.find("C", Some(0))),
+            (Some(1), None)
+        );
+    }
 
     #[test]
     fn local_dates_follow_the_offset() {
