@@ -407,8 +407,7 @@ impl ExceptionRow {
     }
 }
 
-/// The meters of each account (dense meter indexes, ascending), as one
-/// offsets array over one list: two allocations, not one per account.
+/// The meters of each account (dense meter indexes, ascending).
 #[derive(Default)]
 struct AccountMeters {
     offsets: Vec<u32>,
@@ -417,19 +416,7 @@ struct AccountMeters {
 
 impl AccountMeters {
     fn new(meter_account: &[u32], accounts: usize) -> AccountMeters {
-        let mut offsets = vec![0u32; accounts + 1];
-        for &a in meter_account {
-            offsets[a as usize + 1] += 1;
-        }
-        for i in 0..accounts {
-            offsets[i + 1] += offsets[i];
-        }
-        let mut next = offsets.clone();
-        let mut meters = vec![0u32; meter_account.len()];
-        for (m, &a) in meter_account.iter().enumerate() {
-            meters[next[a as usize] as usize] = m as u32;
-            next[a as usize] += 1;
-        }
+        let (offsets, meters) = crate::master::group_by_account(meter_account, accounts);
         AccountMeters { offsets, meters }
     }
 

@@ -191,20 +191,7 @@ impl Fleet {
             ById::new(rows)
         };
         let owner: Vec<u32> = owner.into_iter().flatten().collect();
-        // Counting sort of meter positions by account position.
-        let mut starts = vec![0u32; accounts.len() + 1];
-        for &a in &owner {
-            starts[a as usize + 1] += 1;
-        }
-        for a in 0..accounts.len() {
-            starts[a + 1] += starts[a];
-        }
-        let mut next = starts.clone();
-        let mut grouped = vec![0u32; owner.len()];
-        for (m, &a) in owner.iter().enumerate() {
-            grouped[next[a as usize] as usize] = m as u32;
-            next[a as usize] += 1;
-        }
+        let (starts, grouped) = crate::master::group_by_account(&owner, accounts.len());
         Fleet {
             accounts,
             meters,
