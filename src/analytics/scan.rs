@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use super::AnalyticsError;
 use crate::master::Meter;
 use crate::store::reader;
-use crate::store::scan::{FxMap, Unit};
+use crate::store::scan::{FxMap, MeterLookup, Unit};
 
 /// Lake values and all energy here: 4 decimals.
 pub const SCALE: u8 = 4;
@@ -297,29 +297,8 @@ struct FileScan {
     max_ts: Option<i64>,
 }
 
-/// Meter id -> index, and the meters in index order when their ids are
-/// unique (then the meter after the previous one is checked first: files are
-/// sorted by meter, and a hash lookup at a random place in a map of millions
-/// costs more than the rest of the row).
-struct MeterIndex<'a> {
-    map: FxMap<&'a str, u32>,
-    in_order: Option<&'a [Meter]>,
-}
-
-impl MeterIndex<'_> {
-    /// The index of `id`, trying `prev + 1` before the map.
-    fn find(&self, id: &str, prev: Option<u32>) -> Option<u32> {
-        let next = prev.map(|p| p + 1).filter(|&n| {
-            self.in_order
-                .and_then(|ms| ms.get(n as usize))
-                .is_some_and(|m| crate::store::scan::same_id(m.meter_id.as_bytes(), id.as_bytes()))
-        });
-        next.or_else(|| self.map.get(id).copied())
-    }
-}
-
 /// Reads one row group of a readings file.
-fn read_unit(unit: &Unit, index: &MeterIndex<'_>) -> Result<FileScan, AnalyticsError> {
+fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, AnalyticsError> {
     let path = unit.path.as_path();
     let cols = [
         "meter_id",
@@ -519,9 +498,16 @@ pub fn scan_lake(
     for (i, m) in meters.iter().enumerate() {
         unique &= map.insert(m.meter_id.as_str(), i as u32).is_none();
     }
-    let index = MeterIndex {
-        map,
-        in_order: unique.then_some(meters),
+    // The next-meter check is exact only when ids are unique.
+    let id_of = |i: u32| {
+        unique
+            .then(|| meters.get(i as usize))
+            .flatten()
+            .map(|m| m.meter_id.as_str())
+    };
+    let index = MeterLookup {
+        map: &map,
+        id_of: &id_of,
     };
     let mut st = State {
         plan,
@@ -1046,12 +1032,15 @@ mod tests {
             removed_on: None,
             feeder: String::new(),
         };
-        let meters = vec![meter("A"), meter("B"), meter("C")];
+        let meters = [meter("A"), meter("B"), meter("C")];
         let map: FxMap<&str, u32> = [("A", 0u32), ("B", 1), ("C", 2)].into_iter().collect();
-        for in_order in [Some(&meters[..]), None] {
-            let ix = MeterIndex {
-                map: map.clone(),
-                in_order,
+        let in_order = |i: u32| meters.get(i as usize).map(|m| m.meter_id.as_str());
+        // With the meters in order (unique ids), and without (only the map).
+        for ordered in [true, false] {
+            let id_of = |i: u32| in_order(i).filter(|_| ordered);
+            let ix = MeterLookup {
+                map: &map,
+                id_of: &id_of,
             };
             assert_eq!(ix.find("B", Some(0)), Some(1));
             assert_eq!(
@@ -1064,9 +1053,10 @@ mod tests {
             assert_eq!(ix.find("A", Some(2)), Some(0), "past the last meter");
         }
         // Without the map, only the next meter is found: the map is what decides.
-        let ix = MeterIndex {
-            map: FxMap::default(),
-            in_order: Some(&meters),
+        let empty = FxMap::default();
+        let ix = MeterLookup {
+            map: &empty,
+            id_of: &in_order,
         };
         assert_eq!(
             (ix.find("B", Some(0)), ix.find("C", Some(0))),

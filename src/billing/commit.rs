@@ -10,14 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::run::BillingError;
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
-    move |source| BillingError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use super::run::{io, BillingError};
 
 /// The staging directory of one run (none for a preview).
 pub struct Staging {

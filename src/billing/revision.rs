@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use super::account::AccountBill;
 use super::flags::Flags;
 use super::output::{self, OutLine};
-use super::run::BillingError;
+use super::run::{io, BillingError};
 use crate::tariff::price::LineKind;
 
 /// Aggregation key of a line for comparing runs.
@@ -33,13 +33,9 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
     };
     for (n, dir) in dirs.iter().enumerate() {
         if n == 0 {
-            let m: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(dir.join("manifest.json")).map_err(|source| BillingError::Io {
-                    path: dir.clone(),
-                    source,
-                })?,
-            )
-            .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
+                    .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
             is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
         }
         for batch in crate::store::reader::read_file(&dir.join("bill_lines.parquet"))? {

@@ -45,7 +45,8 @@ pub enum BillingError {
     Parquet(#[from] parquet::errors::ParquetError),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
+/// Maps an IO error to [`BillingError::Io`] naming `path`.
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BillingError + '_ {
     move |source| BillingError::Io {
         path: path.to_path_buf(),
         source,
@@ -277,8 +278,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         let (index, meters) = engine.lend_index();
         let id_of = |i: u32| meters.get(i as usize).map(|m| m.meter_id.as_str());
         let scanner = crate::store::scan::Scanner {
-            index: &index,
-            id_of: &id_of,
+            meters: crate::store::scan::MeterLookup {
+                map: &index,
+                id_of: &id_of,
+            },
             shard_len: engine.shard_len(),
             shards: super::engine::SHARDS,
             lo,
@@ -435,13 +438,12 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
 
     let mut exceptions_file = staging.create("exceptions.parquet")?;
     {
-        let batch = output::exceptions_batch(&run_id, &period.label, &exceptions);
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            &mut exceptions_file,
-            output::exceptions_schema(),
-            Some(crate::store::atomic::writer_properties()),
-        )?;
-        w.write(&batch)?;
+        let mut w = parquet_writer(&mut exceptions_file, output::exceptions_schema())?;
+        w.write(&output::exceptions_batch(
+            &run_id,
+            &period.label,
+            &exceptions,
+        ))?;
         w.close()?;
     }
     let outputs = vec![
@@ -497,6 +499,18 @@ type Writer<'scope> = (
     std::thread::ScopedJoinHandle<'scope, Result<(HashedFile, usize), BillingError>>,
 );
 
+/// A Parquet writer with the lake's fixed settings (deterministic bytes).
+fn parquet_writer<W: std::io::Write + Send>(
+    w: W,
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<parquet::arrow::ArrowWriter<W>, BillingError> {
+    Ok(parquet::arrow::ArrowWriter::try_new(
+        w,
+        schema,
+        Some(crate::store::atomic::writer_properties()),
+    )?)
+}
+
 /// A thread encoding batches into `file` as Parquet; returns the file and its row count.
 fn spawn_writer<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
@@ -505,11 +519,7 @@ fn spawn_writer<'scope>(
 ) -> Writer<'scope> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(4);
     let h = scope.spawn(move || {
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            file,
-            schema,
-            Some(crate::store::atomic::writer_properties()),
-        )?;
+        let mut w = parquet_writer(file, schema)?;
         let mut n = 0;
         for batch in rx {
             n += batch.num_rows();
@@ -536,6 +546,27 @@ struct Totals {
 }
 
 impl Totals {
+    /// Counts a bill under its tariff and the versions it used (a tariff id
+    /// is copied once per run of accounts, not once per bill).
+    fn count_tariff(&mut self, b: &AccountBill) {
+        if !self.by_tariff.contains_key(&b.tariff_id) {
+            self.by_tariff
+                .insert(b.tariff_id.clone(), Default::default());
+            self.versions_used.insert(b.tariff_id.clone(), Vec::new());
+        }
+        if let Some(bt) = self.by_tariff.get_mut(&b.tariff_id) {
+            bt.0 += 1;
+            bt.1 += b.total;
+        }
+        if let Some(vu) = self.versions_used.get_mut(&b.tariff_id) {
+            for v in b.versions.split('+') {
+                if !vu.iter().any(|x| x == v) {
+                    vu.push(v.to_string());
+                }
+            }
+        }
+    }
+
     fn add(&mut self, o: Totals) {
         self.bills += o.bills;
         self.estimated += o.estimated;
@@ -605,15 +636,7 @@ impl Emit<'_> {
             t.estimated += usize::from(b.flags.contains(Flags::ESTIMATED));
             t.amount += b.total;
             t.kwh += b.kwh;
-            let bt = t.by_tariff.entry(b.tariff_id.clone()).or_default();
-            bt.0 += 1;
-            bt.1 += b.total;
-            let vu = t.versions_used.entry(b.tariff_id.clone()).or_default();
-            for v in b.versions.split('+') {
-                if !vu.iter().any(|x| x == v) {
-                    vu.push(v.to_string());
-                }
-            }
+            t.count_tariff(b);
             let lines = output::out_lines(b, self.tariffs);
             let (out, issued_total, adjustment) = match self.issued {
                 None => (lines, None, None),

@@ -229,12 +229,7 @@ pub fn units(files: &[(NaiveDate, PathBuf)]) -> Result<Vec<Unit>, StoreError> {
 /// What to keep and where to put it.
 pub struct Scanner<'a> {
     /// Meter id -> dense index.
-    pub index: &'a FxMap<&'a str, u32>,
-    /// Dense index -> meter id (None past the last). Indexes follow meter-id
-    /// order and files are sorted by meter, so the meter after the previous
-    /// one is checked first: a hash lookup per meter at random places in a
-    /// map of millions costs more than the rest of the row.
-    pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
+    pub meters: MeterLookup<'a>,
     /// Meters per shard; shard of meter `m` is `m / shard_len`.
     pub shard_len: u32,
     pub shards: usize,
@@ -243,6 +238,27 @@ pub struct Scanner<'a> {
     pub hi: i64,
     /// Channels kept.
     pub keep: fn(Channel) -> bool,
+}
+
+/// Meter id -> dense index. Files are sorted by meter and indexes follow
+/// meter-id order, so [`MeterLookup::find`] checks the meter after the
+/// previous one first: a hash lookup at a random place in a map of millions
+/// costs more than the rest of the row.
+pub struct MeterLookup<'a> {
+    pub map: &'a FxMap<&'a str, u32>,
+    /// Dense index -> meter id; None past the last meter, and for every
+    /// index when ids may repeat (then only the map answers).
+    pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
+}
+
+impl MeterLookup<'_> {
+    /// The index of `id`; `prev` is the index of the last known meter seen.
+    pub fn find(&self, id: &str, prev: Option<u32>) -> Option<u32> {
+        let next = prev
+            .map(|p| p + 1)
+            .filter(|&n| (self.id_of)(n).is_some_and(|x| same_id(x.as_bytes(), id.as_bytes())));
+        next.or_else(|| self.map.get(id).copied())
+    }
 }
 
 /// Equality of two short ids without a libc `memcmp` call per row.
@@ -315,10 +331,7 @@ impl Scanner<'_> {
                 let m = match last {
                     Some((l, m)) if same_id(l.as_bytes(), id.as_bytes()) => m,
                     _ => {
-                        let next = prev.map(|p| p + 1).filter(|&n| {
-                            (self.id_of)(n).is_some_and(|x| same_id(x.as_bytes(), id.as_bytes()))
-                        });
-                        let m = next.or_else(|| self.index.get(id).copied());
+                        let m = self.meters.find(id, prev);
                         last = Some((id, m));
                         prev = m.or(prev);
                         m
@@ -422,8 +435,10 @@ pub(crate) mod tests {
         let ids = ["A", "B", "C"];
         let id_of = |i: u32| ids.get(i as usize).copied();
         let sc = Scanner {
-            index: &index,
-            id_of: &id_of,
+            meters: MeterLookup {
+                map: &index,
+                id_of: &id_of,
+            },
             shard_len: shard_len(3, 2),
             shards: 2,
             lo: day,
@@ -478,8 +493,7 @@ pub(crate) mod tests {
         let id_of = |i: u32| ids.get(i as usize).copied();
         for (map, name) in [(&index, "full map"), (&sparse, "sparse map")] {
             let sc = Scanner {
-                index: map,
-                id_of: &id_of,
+                meters: MeterLookup { map, id_of: &id_of },
                 shard_len: shard_len(5, 1),
                 shards: 1,
                 lo: day,
