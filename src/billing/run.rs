@@ -292,20 +292,30 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         let mut done = 0u64;
         let mut chunks: Vec<crate::store::scan::Chunk> =
             (0..window).map(|_| Default::default()).collect();
+        let (mut td, mut ta) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for w in units.chunks(window) {
             let chunks = &mut chunks[..w.len()];
+            let t = Instant::now();
             chunks
                 .par_iter_mut()
                 .zip(w)
                 .map(|(c, u)| scanner.decode_into(u, c))
                 .collect::<Result<Vec<()>, _>>()?;
+            td += t.elapsed();
+            let t = Instant::now();
             engine.apply_chunks(chunks);
+            ta += t.elapsed();
             done += w.len() as u64;
             if let Some(p) = &opts.progress {
                 p("reading lake", done, total);
             }
         }
         engine.return_index(index, meters);
+        tracing::debug!(
+            decode_ms = td.as_millis() as u64,
+            route_ms = ta.as_millis() as u64,
+            "scan: time decoding row groups and routing rows to meters"
+        );
     }
     let readings = engine.readings_seen;
     if !opts.previous.is_empty() {
@@ -396,19 +406,24 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             scope,
             output::bills_schema(),
             staging.create("bills.parquet")?,
-        );
+        )?;
         let (lines_tx, lines_w) = spawn_writer(
             scope,
             output::lines_schema(),
             staging.create("bill_lines.parquet")?,
-        );
+        )?;
         let n = engine.accounts_len();
+        let (mut tb, mut te) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let mut start = 0;
         'groups: while start < n {
             let end = (start + group).min(n);
+            let t = Instant::now();
             let mut billed = engine.bill_range(start..end);
+            tb += t.elapsed();
+            let t = Instant::now();
             let parts: Vec<Emitted> = billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect();
             drop(billed);
+            te += t.elapsed();
             for p in parts {
                 totals.add(p.totals);
                 exceptions.extend(p.exceptions);
@@ -424,6 +439,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             }
             start = end;
         }
+        tracing::debug!(
+            rate_ms = tb.as_millis() as u64,
+            emit_ms = te.as_millis() as u64,
+            "bill: time rating accounts and building output batches"
+        );
         drop((bills_tx, lines_tx));
         let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
             h.join()
@@ -504,10 +524,11 @@ fn parquet_writer<W: std::io::Write + Send>(
     w: W,
     schema: arrow::datatypes::SchemaRef,
 ) -> Result<parquet::arrow::ArrowWriter<W>, BillingError> {
+    let props = output::writer_properties(&schema);
     Ok(parquet::arrow::ArrowWriter::try_new(
         w,
         schema,
-        Some(crate::store::atomic::writer_properties()),
+        Some(props),
     )?)
 }
 
@@ -516,18 +537,33 @@ fn spawn_writer<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     schema: arrow::datatypes::SchemaRef,
     file: HashedFile,
-) -> Writer<'scope> {
+) -> Result<Writer<'scope>, BillingError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(4);
-    let h = scope.spawn(move || {
-        let mut w = parquet_writer(file, schema)?;
-        let mut n = 0;
-        for batch in rx {
-            n += batch.num_rows();
-            w.write(&batch)?;
-        }
-        Ok((w.into_inner()?, n))
-    });
-    (tx, h)
+    let file_name = file.name().to_string();
+    // Named, so a profile or a debugger shows which output a thread encodes.
+    let name = format!("write-{file_name}");
+    let h = std::thread::Builder::new()
+        .name(name)
+        .spawn_scoped(scope, move || {
+            let mut w = parquet_writer(file, schema)?;
+            let mut n = 0;
+            let mut busy = std::time::Duration::ZERO;
+            for batch in rx {
+                n += batch.num_rows();
+                let t = Instant::now();
+                w.write(&batch)?;
+                busy += t.elapsed();
+            }
+            tracing::debug!(
+                busy_ms = busy.as_millis() as u64,
+                rows = n,
+                "{} encoded",
+                file_name
+            );
+            Ok((w.into_inner()?, n))
+        });
+    let h = h.map_err(|e| BillingError::Invalid(format!("cannot start an output writer: {e}")))?;
+    Ok((tx, h))
 }
 
 /// Run-wide counts and sums, added up run by run in account order.

@@ -390,6 +390,49 @@ mod end_to_end {
     }
 
     #[test]
+    fn outputs_do_not_depend_on_the_number_of_threads() {
+        // More accounts than one group of runs on one thread (2 x 8,192), so
+        // one thread bills in two groups and three threads in one group of
+        // three parallel runs: the bytes must not change.
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        let mut o = FleetOptions::new(&lake);
+        o.meters = 20_000;
+        o.anomaly_per_mille = 20;
+        generate(&o, &|_, _| {}).unwrap();
+        let run = |threads: usize| {
+            let out = tmp.path().join(format!("run-{threads}"));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| bill_run(&opts(&lake, &out))).unwrap();
+            out
+        };
+        let (one, three) = (run(1), run(3));
+        for f in [
+            "bills.parquet",
+            "bill_lines.parquet",
+            "exceptions.parquet",
+            "manifest.json",
+        ] {
+            let x = std::fs::read(one.join(f)).unwrap();
+            let y = std::fs::read(three.join(f)).unwrap();
+            if f == "manifest.json" {
+                // Timings differ; everything else must not.
+                let strip = |b: &[u8]| {
+                    let mut v: serde_json::Value = serde_json::from_slice(b).unwrap();
+                    v.as_object_mut().unwrap().remove("timings_ms");
+                    v
+                };
+                assert_eq!(strip(&x), strip(&y));
+            } else {
+                assert_eq!(x, y, "{f} differs between 1 and 3 threads");
+            }
+        }
+    }
+
+    #[test]
     fn late_data_gives_adjustment_lines_against_the_issued_run() {
         let tmp = tempfile::tempdir().unwrap();
         let lake = tmp.path().join("fleet");
