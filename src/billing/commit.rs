@@ -122,12 +122,12 @@ pub struct OutputFile {
 }
 
 impl HashedFile {
-    /// Flushes and fsyncs the file.
     /// The file's name in the run directory.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Flushes and fsyncs the file.
     pub fn finish(self, rows: usize) -> Result<OutputFile, BillingError> {
         if let Some((p, w)) = self.file {
             let f = w.into_inner().map_err(|e| BillingError::Io {

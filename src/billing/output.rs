@@ -26,11 +26,10 @@ fn dec_t(p: (u8, i8)) -> DataType {
 
 /// Writer settings of the run's outputs: the store's, without min/max
 /// statistics on the text columns other than `account_id` and `meter_id`.
-/// Those are constant
-/// (`run_id`, `period`) or take a handful of values in every row group
-/// (`kind`, `tariff_id`, ...), so their statistics never prune a row group,
-/// and computing them compared every value: a sixth of the time of the
-/// `bill_lines` writer, the slowest thread of the bill phase.
+/// Those are constant (`run_id`, `period`) or take a handful of values in
+/// every row group (`kind`, `tariff_id`, ...), so their statistics never
+/// prune a row group, and computing them compared every value in the
+/// `bill_lines` writer, the thread that paces the bill phase.
 pub fn writer_properties(schema: &Schema) -> parquet::file::properties::WriterProperties {
     let mut b = crate::store::atomic::base_properties();
     for f in schema.fields() {

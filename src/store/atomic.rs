@@ -18,14 +18,9 @@ use super::StoreError;
 /// Rows per row group: large enough for fast scans, small enough to bound writer memory.
 pub const ROW_GROUP_ROWS: usize = 1 << 20;
 
-/// Writer settings shared by every Parquet dataset meterflow produces.
-pub fn writer_properties() -> WriterProperties {
-    base_properties().build()
-}
-
-/// [`writer_properties`] plus what depends on `schema`: a `value` column
-/// stored as INT64 (a decimal of up to 18 digits, the readings' register
-/// values) is delta-encoded without a dictionary and without zstd. Register
+/// Writer settings of a dataset with `schema`: [`base_properties`], and a
+/// `value` column stored as an integer (a decimal of up to 18 digits, the
+/// readings' register values) is delta-encoded without a dictionary and without zstd. Register
 /// values are nearly all distinct, so the dictionary overflows anyway; the
 /// packed deltas are smaller than zstd over plain values, and decoding them
 /// is about 4x faster (the bill run's scan reads every value).
@@ -44,7 +39,8 @@ pub fn writer_properties_for(schema: &arrow::datatypes::Schema) -> WriterPropert
     b.build()
 }
 
-/// The builder behind [`writer_properties`], for datasets that add settings.
+/// Settings shared by every Parquet dataset meterflow produces (datasets add
+/// their own: [`writer_properties_for`], `billing::output::writer_properties`).
 pub fn base_properties() -> parquet::file::properties::WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
