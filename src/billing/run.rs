@@ -295,16 +295,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         let (mut td, mut ta) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for w in units.chunks(window) {
             let chunks = &mut chunks[..w.len()];
-            let t = Instant::now();
-            chunks
-                .par_iter_mut()
-                .zip(w)
-                .map(|(c, u)| scanner.decode_into(u, c))
-                .collect::<Result<Vec<()>, _>>()?;
-            td += t.elapsed();
-            let t = Instant::now();
-            engine.apply_chunks(chunks);
-            ta += t.elapsed();
+            timed(&mut td, || {
+                chunks
+                    .par_iter_mut()
+                    .zip(w)
+                    .map(|(c, u)| scanner.decode_into(u, c))
+                    .collect::<Result<Vec<()>, _>>()
+            })?;
+            timed(&mut ta, || engine.apply_chunks(chunks));
             done += w.len() as u64;
             if let Some(p) = &opts.progress {
                 p("reading lake", done, total);
@@ -417,13 +415,11 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         let mut start = 0;
         'groups: while start < n {
             let end = (start + group).min(n);
-            let t = Instant::now();
-            let mut billed = engine.bill_range(start..end);
-            tb += t.elapsed();
-            let t = Instant::now();
-            let parts: Vec<Emitted> = billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect();
+            let mut billed = timed(&mut tb, || engine.bill_range(start..end));
+            let parts: Vec<Emitted> = timed(&mut te, || {
+                billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect()
+            });
             drop(billed);
-            te += t.elapsed();
             for p in parts {
                 totals.add(p.totals);
                 exceptions.extend(p.exceptions);
@@ -514,6 +510,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     })
 }
 
+/// Runs `f`, adding its wall time to `total` (the debug-log splits of a run).
+fn timed<R>(total: &mut std::time::Duration, f: impl FnOnce() -> R) -> R {
+    let t = Instant::now();
+    let r = f();
+    *total += t.elapsed();
+    r
+}
+
 type Writer<'scope> = (
     std::sync::mpsc::SyncSender<RecordBatch>,
     std::thread::ScopedJoinHandle<'scope, Result<(HashedFile, usize), BillingError>>,
@@ -550,9 +554,7 @@ fn spawn_writer<'scope>(
             let mut busy = std::time::Duration::ZERO;
             for batch in rx {
                 n += batch.num_rows();
-                let t = Instant::now();
-                w.write(&batch)?;
-                busy += t.elapsed();
+                timed(&mut busy, || w.write(&batch))?;
             }
             tracing::debug!(
                 busy_ms = busy.as_millis() as u64,

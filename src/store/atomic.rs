@@ -232,6 +232,41 @@ mod tests {
     }
 
     #[test]
+    fn the_lake_writes_register_values_delta_packed() {
+        use crate::model::{Channel, Quality};
+        use crate::store::{Lake, LakeOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let day = 1_790_000_000_000i64;
+        let rs: Vec<_> = (0..50)
+            .map(|i| {
+                let id = format!("{:012}", i / 5);
+                crate::store::scan::tests::reading(
+                    &id,
+                    day,
+                    Channel::ImportActiveTotal,
+                    i,
+                    Quality::OK,
+                )
+            })
+            .collect();
+        lake.accept(&rs).unwrap();
+        lake.flush().unwrap();
+        let files = crate::store::reader::list_files(
+            dir.path(),
+            crate::store::schema::READINGS,
+            chrono::NaiveDate::MIN,
+            chrono::NaiveDate::MAX,
+        )
+        .unwrap();
+        assert!(!files.is_empty());
+        for (_, path) in files {
+            let enc = encodings_of(&path, crate::store::schema::col::VALUE);
+            assert!(enc.contains(&Encoding::DELTA_BINARY_PACKED), "{enc:?}");
+        }
+    }
+
+    #[test]
     fn a_value_column_of_another_type_keeps_the_default_encoding() {
         // Wide decimals are fixed-length bytes: delta packing does not apply.
         let schema = Schema::new(vec![Field::new(
