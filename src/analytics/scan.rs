@@ -429,7 +429,7 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
             out.min_ts = Some(out.min_ts.map_or(t, |x| x.min(t)));
             out.max_ts = Some(out.max_ts.map_or(t, |x| x.max(t)));
             let kind = kinds.get(ch_keys[i] as usize).copied().unwrap_or(7);
-            let raw = value[i].clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+            let raw = value[i];
             match kind {
                 0..=4 => out.regs.push(RegUpdate {
                     key: m * NREG as u32 + kind as u32,

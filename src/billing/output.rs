@@ -102,6 +102,16 @@ pub fn exceptions_schema() -> SchemaRef {
 
 /// Decimal to a scaled i128 at `scale`, rounding half away from zero beyond it.
 pub fn to_i128(d: Decimal, scale: i8) -> i128 {
+    // Most values already fit the scale: widen the mantissa, no rounding.
+    let (have, want) = (d.scale(), scale as u32);
+    if have <= want {
+        if let Some(m) = 10i128
+            .checked_pow(want - have)
+            .and_then(|f| d.mantissa().checked_mul(f))
+        {
+            return m;
+        }
+    }
     let mut r = d.round_dp_with_strategy(
         scale as u32,
         rust_decimal::RoundingStrategy::MidpointAwayFromZero,
@@ -376,6 +386,23 @@ mod tests {
         assert_ne!(
             e.statistics_enabled(&ColumnPath::from("meter_id")),
             EnabledStatistics::None
+        );
+    }
+
+    #[test]
+    fn decimals_widen_exactly_and_round_half_away_from_zero_beyond_the_scale() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(to_i128(d("12.5"), 2), 1250);
+        assert_eq!(to_i128(d("-0.5"), 6), -500_000);
+        assert_eq!(to_i128(d("7"), 0), 7);
+        assert_eq!(to_i128(d("1.005"), 2), 101);
+        assert_eq!(to_i128(d("-1.005"), 2), -101);
+        assert_eq!(to_i128(d("1.004"), 2), 100);
+        assert_eq!(to_i128(d("0.000"), 2), 0);
+        // The widest Decimal at scale 0 times 10^6 still fits an i128.
+        assert_eq!(
+            to_i128(Decimal::MAX, 6),
+            Decimal::MAX.mantissa() * 1_000_000
         );
     }
 }

@@ -24,6 +24,7 @@ use super::period::BillPeriod;
 use super::revision::{adjustments, read_issued, Issued};
 use super::vee::VeeConfig;
 use crate::model::Channel;
+use crate::store::encode::ColumnWriter;
 
 /// Errors that stop a bill run (nothing is committed then).
 #[derive(Debug, thiserror::Error)]
@@ -460,7 +461,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             &period.label,
             &exceptions,
         ))?;
-        w.close()?;
+        w.into_inner()?;
     }
     let outputs = vec![
         bills_file.0.finish(bills_file.1)?,
@@ -527,13 +528,9 @@ type Writer<'scope> = (
 fn parquet_writer<W: std::io::Write + Send>(
     w: W,
     schema: arrow::datatypes::SchemaRef,
-) -> Result<parquet::arrow::ArrowWriter<W>, BillingError> {
+) -> Result<ColumnWriter<W>, BillingError> {
     let props = output::writer_properties(&schema);
-    Ok(parquet::arrow::ArrowWriter::try_new(
-        w,
-        schema,
-        Some(props),
-    )?)
+    Ok(ColumnWriter::try_new(w, schema, props)?)
 }
 
 /// A thread encoding batches into `file` as Parquet; returns the file and its row count.

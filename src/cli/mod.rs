@@ -135,10 +135,25 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, `: `-separated like `{:#}`, except a cause
+/// whose text the message already ends with (most of our errors print their
+/// IO cause themselves and also expose it as the source).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.ends_with(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn init_logging(format: &str, filter: &str) {
@@ -160,5 +175,27 @@ fn reset_sigpipe() {
     // SAFETY: restoring the default disposition before any thread starts.
     unsafe {
         let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn a_cause_the_message_already_prints_is_not_repeated() {
+        let io = std::io::Error::other("File too large");
+        let e = anyhow::Error::new(crate::billing::run::BillingError::Io {
+            path: "run/bills.parquet".into(),
+            source: io,
+        });
+        assert_eq!(error_text(&e), "run/bills.parquet: File too large");
+        let e = e.context("bill run 2026-10");
+        assert_eq!(
+            error_text(&e),
+            "bill run 2026-10: run/bills.parquet: File too large"
+        );
+        let e = anyhow::anyhow!("no such tariff").context("tariffs/x.toml");
+        assert_eq!(error_text(&e), "tariffs/x.toml: no such tariff");
     }
 }

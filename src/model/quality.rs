@@ -61,6 +61,18 @@ impl Quality {
         Ok(q)
     }
 
+    /// The `Display` text, borrowed when it is `ok` or a single flag (the
+    /// Parquet writers take one per reading).
+    pub fn text(self) -> std::borrow::Cow<'static, str> {
+        if self.is_ok() {
+            return "ok".into();
+        }
+        match Quality::NAMES.iter().find(|(f, _)| *f == self) {
+            Some((_, name)) => (*name).into(),
+            None => self.to_string().into(),
+        }
+    }
+
     pub fn flag_names() -> impl Iterator<Item = &'static str> {
         Quality::NAMES.iter().map(|(_, n)| *n)
     }
@@ -117,5 +129,26 @@ mod tests {
         assert_eq!(Quality::OK.to_string(), "ok");
         assert_eq!(Quality::parse("ok").unwrap(), Quality::OK);
         assert!(Quality::parse("shiny").is_err());
+    }
+
+    #[test]
+    fn text_is_the_display_text_borrowed_when_it_can_be() {
+        let cases = [
+            Quality::OK,
+            Quality::ESTIMATED,
+            Quality::ROLLOVER,
+            Quality::ESTIMATED | Quality::ROLLOVER,
+        ];
+        for q in cases {
+            assert_eq!(q.text(), q.to_string());
+        }
+        assert!(matches!(
+            Quality::ESTIMATED.text(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            (Quality::ESTIMATED | Quality::ROLLOVER).text(),
+            std::borrow::Cow::Owned(_)
+        ));
     }
 }

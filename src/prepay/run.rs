@@ -462,7 +462,7 @@ impl<'a> Wanted<'a, '_> {
                     Use::Register(r) if mu.tou => Some(r),
                     _ => continue,
                 };
-                let row = (t, from_scaled(value[i]), reg);
+                let row = (t, from_scaled(i128::from(value[i])), reg);
                 match out.last_mut() {
                     Some(run) if run.meter.meter_id() == m => run.rows.push(row),
                     _ => out.push(WantedRun {

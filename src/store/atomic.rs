@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{WriterProperties, WriterVersion};
 use parquet::schema::types::ColumnPath;
 
+use super::encode::ColumnWriter;
 use super::StoreError;
 
 /// Rows per row group: large enough for fast scans, small enough to bound writer memory.
@@ -116,7 +116,7 @@ pub fn write_parquet_atomic(
 pub struct ParquetFileWriter {
     path: PathBuf,
     tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
+    writer: Option<ColumnWriter<File>>,
 }
 
 impl ParquetFileWriter {
@@ -127,8 +127,8 @@ impl ParquetFileWriter {
         let tmp = temp_path(path);
         let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
         let props = writer_properties_for(&schema);
-        let writer = ArrowWriter::try_new(file, schema, Some(props))
-            .map_err(|e| StoreError::parquet(&tmp, e))?;
+        let writer =
+            ColumnWriter::try_new(file, schema, props).map_err(|e| StoreError::parquet(&tmp, e))?;
         Ok(ParquetFileWriter {
             path: path.to_path_buf(),
             tmp,

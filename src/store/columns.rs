@@ -75,7 +75,7 @@ impl ReadingsBuilder {
 
     pub fn push(&mut self, r: &Reading) -> Result<(), StoreError> {
         let scaled = to_scaled(r.value)?;
-        let q = r.quality.to_string();
+        let q = r.quality.text();
         self.push_scaled(
             &r.meter_id,
             r.ts_ms,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::TimestampMillisecondArray;
-use arrow::array::{Array, Decimal128Array, DictionaryArray, StringArray};
+use arrow::array::{Array, Decimal64Array, DictionaryArray, StringArray};
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::{
@@ -21,7 +21,7 @@ use parquet::arrow::arrow_reader::{
 };
 use parquet::arrow::ProjectionMask;
 
-use super::schema::{readings_schema, VALUE_SCALE};
+use super::schema::{readings_schema, VALUE_PRECISION, VALUE_SCALE};
 use super::StoreError;
 use crate::model::{Channel, Quality};
 
@@ -89,6 +89,11 @@ fn scan_schema() -> SchemaRef {
             DataType::Utf8 if f.name() != "meter_id" => {
                 Field::new(f.name(), dict.clone(), f.is_nullable())
             }
+            // Stored as INT64: read as 64-bit decimals, the stored integers
+            // themselves, instead of widening every value to 128 bits.
+            DataType::Decimal128(p, s) => {
+                Field::new(f.name(), DataType::Decimal64(*p, *s), f.is_nullable())
+            }
             _ => f.as_ref().clone(),
         })
         .collect();
@@ -129,7 +134,7 @@ pub struct ScanView<'a> {
     pub meter_id: &'a StringArray,
     pub ts: &'a [i64],
     /// Scaled by 10^[`VALUE_SCALE`].
-    pub value: &'a [i128],
+    pub value: &'a [i64],
     pub channel: (&'a [i32], &'a StringArray),
     pub quality: (&'a [i32], &'a StringArray),
 }
@@ -157,7 +162,7 @@ impl<'a> ScanView<'a> {
             .ok_or_else(|| bad("ts"))?;
         let value = col("value")?
             .as_any()
-            .downcast_ref::<Decimal128Array>()
+            .downcast_ref::<Decimal64Array>()
             .ok_or_else(|| bad("value"))?;
         if value.scale() != VALUE_SCALE {
             return Err(bad("value scale"));
@@ -214,6 +219,18 @@ pub fn units(files: &[(NaiveDate, PathBuf)]) -> Result<Vec<Unit>, StoreError> {
         let meta =
             ArrowReaderMetadata::load(&file, ArrowReaderOptions::new().with_schema(schema.clone()))
                 .map_err(perr(path))?;
+        // Values are read as 64-bit decimals: a wider column is not the lake's.
+        let descr = meta.metadata().file_metadata().schema_descr();
+        if let Some(c) = descr.columns().iter().find(|c| c.name() == "value") {
+            if c.type_precision() > i32::from(VALUE_PRECISION) {
+                return Err(StoreError::Schema(format!(
+                    "{}: unexpected readings schema (value has precision {}, the lake's is {})",
+                    path.display(),
+                    c.type_precision(),
+                    VALUE_PRECISION
+                )));
+            }
+        }
         for rg in 0..meta.metadata().num_row_groups() {
             out.push(Unit {
                 date: *date,
@@ -358,7 +375,7 @@ impl Scanner<'_> {
                     channel,
                     quality,
                     ts: t,
-                    value: val[i] as i64,
+                    value: val[i],
                 });
             }
         }
@@ -470,6 +487,90 @@ pub(crate) mod tests {
                 value: 7
             }
         );
+    }
+
+    #[test]
+    fn register_values_scan_as_the_stored_integers_to_the_extremes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let day = 1_790_000_000_000i64;
+        let max = 999_999_999_999_999_999i64; // 18 digits at scale 4
+        let values = [max, -max, 0, 1, -1, 123_456_789];
+        let rs: Vec<Reading> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                reading(
+                    "A",
+                    day + i as i64,
+                    Channel::ImportActiveTotal,
+                    *v,
+                    Quality::OK,
+                )
+            })
+            .collect();
+        lake.accept(&rs).unwrap();
+        lake.flush().unwrap();
+        let index: FxMap<&str, u32> = [("A", 0u32)].into_iter().collect();
+        let id_of = |i: u32| (i == 0).then_some("A");
+        let sc = Scanner {
+            meters: MeterLookup {
+                map: &index,
+                id_of: &id_of,
+            },
+            shard_len: shard_len(1, 1),
+            shards: 1,
+            lo: day,
+            hi: day + 10,
+            keep: |_| true,
+        };
+        let mut got = Vec::new();
+        for u in units(&all_readings_files(dir.path())).unwrap() {
+            got.extend(sc.decode(&u).unwrap().shards.remove(0));
+        }
+        let got: Vec<i64> = got.iter().map(|r| r.value).collect();
+        assert_eq!(got, values);
+    }
+
+    #[test]
+    fn a_file_with_wider_values_than_the_lake_is_refused_not_truncated() {
+        use arrow::array::{ArrayRef, Decimal128Array};
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        lake.accept(&[reading(
+            "A",
+            1_790_000_000_000,
+            Channel::ImportActiveTotal,
+            5,
+            Quality::OK,
+        )])
+        .unwrap();
+        lake.flush().unwrap();
+        let (date, good) = all_readings_files(dir.path()).remove(0);
+        // The same rows with `value` as DECIMAL(20, 4) (fixed-length bytes).
+        let batch = crate::store::reader::read_file(&good).unwrap().remove(0);
+        let wide = DataType::Decimal128(20, VALUE_SCALE);
+        let fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "value" => Field::new("value", wide.clone(), false),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols[crate::store::schema::col::VALUE] = Arc::new(
+            Decimal128Array::from(vec![10i128.pow(19)])
+                .with_precision_and_scale(20, VALUE_SCALE)
+                .unwrap(),
+        );
+        let batch =
+            arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+        let bad = good.with_file_name("wide.parquet");
+        crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
+        let err = units(&[(date, bad)]).err().expect("refused").to_string();
+        assert!(err.contains("precision 20"), "{err}");
     }
 
     #[test]

@@ -678,4 +678,47 @@ mod end_to_end {
         std::fs::write(out.join("notes.txt"), "x").unwrap();
         assert!(bill_run(&opts(&lake, &out)).is_err());
     }
+
+    #[test]
+    fn an_output_that_cannot_be_written_fails_the_run_and_leaves_nothing() {
+        // The bill run as a process whose files may not grow past 4 KiB
+        // (`ulimit -f`, with SIGXFSZ ignored so a write fails with EFBIG
+        // instead of killing the process): its outputs cannot be written, so
+        // the run must fail naming the output and leave no run directory and
+        // no staging directory behind.
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        fleet(&lake);
+        let out = tmp.path().join("run");
+        let r = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(r#"trap '' XFSZ; ulimit -f 4; exec "$0" "$@""#)
+            .arg(crate::common::bin())
+            .args(["--log", "warn", "bill", "--lake"])
+            .arg(&lake)
+            .arg("--master")
+            .arg(lake.join("master"))
+            .arg("--tariffs")
+            .arg(root().join("tariffs"))
+            .args(["--period", "2026-10", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "the run succeeded: {stderr}");
+        assert!(
+            stderr.contains("bills.parquet") || stderr.contains("bill_lines.parquet"),
+            "{stderr}"
+        );
+        assert!(!out.exists(), "a failed run left {}", out.display());
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "fleet")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // With room to write, the same run succeeds.
+        assert!(bill_run(&opts(&lake, &out)).is_ok());
+    }
 }

@@ -1,0 +1,233 @@
+//! A Parquet writer that encodes the columns of every batch in parallel.
+//!
+//! `ArrowWriter` encodes a batch's columns one after the other on the
+//! calling thread, so one big output (a lake segment, `bill_lines`) keeps a
+//! single core busy while the others wait. [`ColumnWriter`] hands each
+//! column's chunk of the batch to its own rayon task. It makes the same calls
+//! per column, in the same order, with the same row-group splits as
+//! `ArrowWriter`, so the file is byte-for-byte the one `ArrowWriter` writes
+//! (tested below), whatever the number of threads. Called from inside the
+//! thread pool it encodes in line (see [`in_pool`]).
+
+use std::io::Write;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_writer::{
+    compute_leaves, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
+};
+use parquet::arrow::ArrowWriter;
+use parquet::errors::{ParquetError, Result};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use rayon::prelude::*;
+
+pub struct ColumnWriter<W: Write + Send> {
+    file: SerializedFileWriter<W>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    /// The open row group's column writers and its rows so far.
+    open: Option<(Vec<ArrowColumnWriter>, usize)>,
+    max_rows: Option<usize>,
+}
+
+impl<W: Write + Send> ColumnWriter<W> {
+    pub fn try_new(w: W, schema: SchemaRef, props: WriterProperties) -> Result<Self> {
+        if props.max_row_group_bytes().is_some() {
+            // ArrowWriter would split by estimated size too; nothing here sets it.
+            return Err(ParquetError::General(
+                "ColumnWriter splits row groups by row count only".into(),
+            ));
+        }
+        let max_rows = props.max_row_group_row_count();
+        // ArrowWriter builds the Parquet schema and the embedded Arrow schema;
+        // taking its parts keeps the file header and footer identical.
+        let (file, factory) =
+            ArrowWriter::try_new(w, schema.clone(), Some(props))?.into_serialized_writer()?;
+        Ok(ColumnWriter {
+            file,
+            factory,
+            schema,
+            open: None,
+            max_rows,
+        })
+    }
+
+    /// Encodes `batch`, starting a new row group whenever the open one is full.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let mut rest = batch.clone();
+        while rest.num_rows() > 0 {
+            if self.open.is_none() {
+                let index = self.file.flushed_row_groups().len();
+                self.open = Some((self.factory.create_column_writers(index)?, 0));
+            }
+            let (writers, rows) = self.open.as_mut().expect("opened above");
+            let room = self.max_rows.map_or(usize::MAX, |m| m - *rows);
+            let take = rest.num_rows().min(room);
+            let part = rest.slice(0, take);
+            rest = rest.slice(take, rest.num_rows() - take);
+            let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(writers.len());
+            for (field, column) in self.schema.fields().iter().zip(part.columns()) {
+                leaves.extend(compute_leaves(field, column)?);
+            }
+            if in_pool() {
+                for (w, leaf) in writers.iter_mut().zip(&leaves) {
+                    w.write(leaf)?;
+                }
+            } else {
+                writers
+                    .par_iter_mut()
+                    .zip(leaves.par_iter())
+                    .try_for_each(|(w, leaf)| w.write(leaf))?;
+            }
+            *rows += take;
+            if self.max_rows.is_some_and(|m| *rows >= m) {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open row group (its column chunks close in parallel) and
+    /// appends it to the file.
+    pub fn flush(&mut self) -> Result<()> {
+        let Some((writers, _)) = self.open.take() else {
+            return Ok(());
+        };
+        let chunks = if in_pool() {
+            writers
+                .into_iter()
+                .map(|w| w.close())
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            writers
+                .into_par_iter()
+                .map(|w| w.close())
+                .collect::<Result<Vec<_>>>()?
+        };
+        let mut rg = self.file.next_row_group()?;
+        for chunk in chunks {
+            chunk.append_to_row_group(&mut rg)?;
+        }
+        rg.close()?;
+        Ok(())
+    }
+
+    /// Writes the footer and returns the inner writer.
+    pub fn into_inner(mut self) -> Result<W> {
+        self.flush()?;
+        self.file.into_inner()
+    }
+}
+
+/// Called from a task of the thread pool, the caller is already one of many
+/// parallel tasks (a day of `sim fleet`): its columns are encoded in line.
+/// Waiting for column tasks there would let the thread start another outer
+/// task meanwhile (work stealing), holding more of them in memory at once.
+fn in_pool() -> bool {
+    rayon::current_thread_index().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Decimal128Array, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::basic::{Compression, ZstdLevel};
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("meter_id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+            Field::new("value", DataType::Decimal128(18, 4), false),
+            Field::new("channel", DataType::Utf8, false),
+        ]))
+    }
+
+    fn batch(start: usize, rows: usize) -> RecordBatch {
+        let ids: Vec<String> = (start..start + rows)
+            .map(|i| format!("M{:08}", i / 3))
+            .collect();
+        let n: Vec<Option<i64>> = (start..start + rows)
+            .map(|i| (i % 7 != 0).then_some(i as i64 * 31))
+            .collect();
+        let v: Vec<i128> = (start..start + rows).map(|i| i as i128 * 12_345).collect();
+        let ch: Vec<&str> = (start..start + rows)
+            .map(|i| ["energy_import", "peak", "valley"][i % 3])
+            .collect();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(Int64Array::from(n)),
+            Arc::new(
+                Decimal128Array::from(v)
+                    .with_precision_and_scale(18, 4)
+                    .unwrap(),
+            ),
+            Arc::new(StringArray::from(ch)),
+        ];
+        RecordBatch::try_new(schema(), cols).unwrap()
+    }
+
+    fn props(max_rows: usize) -> WriterProperties {
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+            .set_max_row_group_row_count(Some(max_rows))
+            .set_data_page_row_count_limit(1000)
+            .build()
+    }
+
+    #[test]
+    fn files_are_byte_identical_to_the_arrow_writers_across_row_group_splits() {
+        // Batch sizes that end row groups mid-batch, exactly at a batch end,
+        // and span several row groups at once.
+        let sizes = [1, 2_500, 7_499, 10_000, 3, 25_000, 0, 4_997];
+        for max_rows in [10_000, 2_500, 1_000_000] {
+            let mut theirs =
+                ArrowWriter::try_new(Vec::new(), schema(), Some(props(max_rows))).unwrap();
+            let mut ours = ColumnWriter::try_new(Vec::new(), schema(), props(max_rows)).unwrap();
+            let mut start = 0;
+            for rows in sizes {
+                let b = batch(start, rows);
+                start += rows;
+                theirs.write(&b).unwrap();
+                ours.write(&b).unwrap();
+            }
+            let theirs = theirs.into_inner().unwrap();
+            let ours = ours.into_inner().unwrap();
+            assert!(theirs.len() > 1000);
+            assert_eq!(ours, theirs, "max {max_rows} rows per row group");
+        }
+    }
+
+    #[test]
+    fn columns_encoded_in_line_inside_the_pool_give_the_same_bytes() {
+        let write = || {
+            let mut w = ColumnWriter::try_new(Vec::new(), schema(), props(4_000)).unwrap();
+            w.write(&batch(0, 9_000)).unwrap();
+            w.write(&batch(9_000, 1_234)).unwrap();
+            w.into_inner().unwrap()
+        };
+        assert!(!in_pool());
+        let parallel = write();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let in_line = pool.install(|| {
+            assert!(in_pool());
+            write()
+        });
+        assert_eq!(parallel, in_line);
+    }
+
+    #[test]
+    fn a_byte_limit_on_row_groups_is_refused_not_ignored() {
+        let p = WriterProperties::builder()
+            .set_max_row_group_bytes(Some(1 << 20))
+            .build();
+        assert!(ColumnWriter::try_new(Vec::new(), schema(), p).is_err());
+    }
+}
