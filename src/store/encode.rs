@@ -40,6 +40,9 @@ impl<W: Write + Send> ColumnWriter<W> {
             ));
         }
         let max_rows = props.max_row_group_row_count();
+        if max_rows == Some(0) {
+            return Err(ParquetError::General("row groups of 0 rows".into()));
+        }
         // ArrowWriter builds the Parquet schema and the embedded Arrow schema;
         // taking its parts keeps the file header and footer identical.
         let (file, factory) =
@@ -69,6 +72,11 @@ impl<W: Write + Send> ColumnWriter<W> {
             let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(writers.len());
             for (field, column) in self.schema.fields().iter().zip(part.columns()) {
                 leaves.extend(compute_leaves(field, column)?);
+            }
+            if part.num_columns() != self.schema.fields().len() || leaves.len() != writers.len() {
+                return Err(ParquetError::General(
+                    "batch does not match the writer's schema".into(),
+                ));
             }
             if in_pool() {
                 for (w, leaf) in writers.iter_mut().zip(&leaves) {
@@ -221,6 +229,14 @@ mod tests {
             write()
         });
         assert_eq!(parallel, in_line);
+    }
+
+    #[test]
+    fn a_batch_of_another_shape_is_an_error() {
+        let mut w = ColumnWriter::try_new(Vec::new(), schema(), props(100)).unwrap();
+        let b = batch(0, 10);
+        let fewer = b.project(&[0, 1]).unwrap();
+        assert!(w.write(&fewer).is_err());
     }
 
     #[test]
