@@ -47,6 +47,18 @@ impl Flags {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+
+    /// The `Display` text, borrowed when there is at most one flag (every
+    /// bill line carries one: most have none or one).
+    pub fn text(self) -> std::borrow::Cow<'static, str> {
+        if self.is_empty() {
+            return "".into();
+        }
+        match Flags::NAMES.iter().find(|(f, _)| *f == self) {
+            Some((_, name)) => (*name).into(),
+            None => self.to_string().into(),
+        }
+    }
 }
 
 impl std::ops::BitOr for Flags {
@@ -75,5 +87,25 @@ impl fmt::Display for Flags {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_the_display_text_borrowed_for_none_or_one_flag() {
+        for f in [
+            Flags::NONE,
+            Flags::ESTIMATED,
+            Flags::YTD_CARRIED,
+            Flags::ESTIMATED | Flags::SPIKE | Flags::GAP,
+        ] {
+            assert_eq!(f.text(), f.to_string());
+        }
+        assert_eq!(Flags::NONE.text(), "");
+        assert!(matches!(Flags::SPIKE.text(), std::borrow::Cow::Borrowed(_)));
+        assert_eq!((Flags::ESTIMATED | Flags::GAP).text(), "estimated,gap");
     }
 }

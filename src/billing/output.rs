@@ -1,6 +1,7 @@
 //! Arrow schemas and Parquet encoding of the bill run's outputs:
 //! `bills`, `bill_lines`, `exceptions` (docs/billing.md).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -128,22 +129,23 @@ fn dec_builder(cap: usize, p: (u8, i8)) -> Decimal128Builder {
 
 /// One output line (a priced line, or an adjustment against an issued one).
 #[derive(Debug, Clone, PartialEq)]
-pub struct OutLine {
+pub struct OutLine<'a> {
     pub kind: LineKind,
-    pub label: String,
+    pub label: Cow<'a, str>,
     pub tier: Option<i32>,
-    pub tou_period: Option<String>,
+    pub tou_period: Option<Cow<'a, str>>,
     pub quantity: Decimal,
     pub unit: &'static str,
     pub unit_price: Decimal,
     pub amount: Decimal,
-    pub tariff_version: String,
+    pub tariff_version: Cow<'a, str>,
     pub flags: Flags,
     pub is_adjustment: bool,
 }
 
 /// The lines of a bill in output form.
-pub fn out_lines(b: &AccountBill, tariffs: &TariffSet) -> Vec<OutLine> {
+/// Labels and versions are borrowed from `tariffs`.
+pub fn out_lines<'a>(b: &AccountBill, tariffs: &'a TariffSet) -> Vec<OutLine<'a>> {
     let t = tariffs.get(&b.tariff_id).expect("billed with this tariff");
     b.lines
         .iter()
@@ -161,7 +163,7 @@ pub fn out_lines(b: &AccountBill, tariffs: &TariffSet) -> Vec<OutLine> {
                 unit: l.line.unit(v),
                 unit_price: l.line.unit_price,
                 amount: l.line.amount,
-                tariff_version: v.id.clone(),
+                tariff_version: v.id.as_str().into(),
                 flags: l.flags,
                 is_adjustment: false,
             }
@@ -212,7 +214,7 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
         total.append_value(to_i128(r.total, AMOUNT.1));
         lc.append_value(r.line_count as i32);
         est.append_value(b.flags.contains(Flags::ESTIMATED));
-        flags.append_value(b.flags.to_string());
+        flags.append_value(b.flags.text());
         yb.append_option(b.ytd_before.map(|x| to_i128(x, KWH.1)));
         ya.append_option(b.ytd_after.map(|x| to_i128(x, KWH.1)));
         pf.append_option(b.power_factor.map(|x| to_i128(x, 2)));
@@ -295,7 +297,7 @@ impl LinesBuilder {
         account: &str,
         tariff: &str,
         no: usize,
-        l: &OutLine,
+        l: &OutLine<'_>,
     ) {
         self.run.append_value(run_id);
         self.per.append_value(period);
@@ -311,7 +313,7 @@ impl LinesBuilder {
         self.amount.append_value(to_i128(l.amount, AMOUNT.1));
         self.tariff.append_value(tariff);
         self.version.append_value(&l.tariff_version);
-        self.flags.append_value(l.flags.to_string());
+        self.flags.append_value(l.flags.text());
         self.adj.append_value(l.is_adjustment);
         self.rows += 1;
     }

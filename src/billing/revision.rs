@@ -92,14 +92,15 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
 
 /// Adjustment lines of a re-rated bill against what was issued: per line key,
 /// the difference in quantity and amount. Empty when nothing changed.
-pub fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLine> {
-    let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine)> = BTreeMap::new();
+pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> Vec<OutLine<'a>> {
+    let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine<'a>)> =
+        BTreeMap::new();
     for l in lines {
         let e = now
             .entry((
                 l.kind.as_str().to_string(),
-                l.label.clone(),
-                l.tariff_version.clone(),
+                l.label.to_string(),
+                l.tariff_version.to_string(),
             ))
             .or_insert((Decimal::ZERO, Decimal::ZERO, l));
         e.0 += l.quantity;
@@ -144,14 +145,14 @@ pub fn adjustments(b: &AccountBill, lines: &[OutLine], is: &Issued) -> Vec<OutLi
         {
             out.push(OutLine {
                 kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
-                label: k.2.clone(),
+                label: k.2.clone().into(),
                 tier: None,
                 tou_period: None,
                 quantity: -*iq,
                 unit: "",
                 unit_price: Decimal::ZERO,
                 amount: -*ia,
-                tariff_version: k.3.clone(),
+                tariff_version: k.3.clone().into(),
                 flags: Flags::ADJUSTED,
                 is_adjustment: true,
             });

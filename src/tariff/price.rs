@@ -19,6 +19,8 @@
 //! the middle of a day. A price change inside the period starts a new
 //! segment whose `start` is the position at the change.
 
+use std::borrow::Cow;
+
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
@@ -125,32 +127,51 @@ pub struct ChargeLine {
 }
 
 impl ChargeLine {
-    /// Human label, resolved against the version the line was priced with.
-    pub fn label(&self, v: &TariffVersion) -> String {
+    /// Human label, resolved against the version the line was priced with
+    /// (borrowed from it, or static: a bill run labels millions of lines).
+    pub fn label<'v>(&self, v: &'v TariffVersion) -> Cow<'v, str> {
+        const TIERS: [&str; 8] = [
+            "tier 1", "tier 2", "tier 3", "tier 4", "tier 5", "tier 6", "tier 7", "tier 8",
+        ];
+        const SURCHARGES: [&str; 8] = [
+            "tier 1 surcharge",
+            "tier 2 surcharge",
+            "tier 3 surcharge",
+            "tier 4 surcharge",
+            "tier 5 surcharge",
+            "tier 6 surcharge",
+            "tier 7 surcharge",
+            "tier 8 surcharge",
+        ];
         let i = self.index as usize;
         match self.kind {
-            LineKind::Energy if v.tiers.is_some() => format!("tier {}", i + 1),
+            LineKind::Energy if v.tiers.is_some() => TIERS
+                .get(i)
+                .map_or_else(|| format!("tier {}", i + 1).into(), |t| (*t).into()),
             LineKind::Energy => "energy".into(),
             LineKind::Period => v
                 .tou
                 .as_ref()
                 .and_then(|t| t.periods.get(i))
-                .map_or_else(|| format!("period {i}"), |p| p.name.clone()),
-            LineKind::TierSurcharge => format!("tier {} surcharge", i + 1),
+                .map_or_else(|| format!("period {i}").into(), |p| p.name.as_str().into()),
+            LineKind::TierSurcharge => SURCHARGES.get(i).map_or_else(
+                || format!("tier {} surcharge", i + 1).into(),
+                |t| (*t).into(),
+            ),
             LineKind::Fund => v
                 .funds
                 .get(i)
-                .map_or_else(|| format!("fund {i}"), |f| f.name.clone()),
+                .map_or_else(|| format!("fund {i}").into(), |f| f.name.as_str().into()),
             LineKind::Fixed => v
                 .fixed
                 .get(i)
-                .map_or_else(|| format!("fixed {i}"), |f| f.name.clone()),
+                .map_or_else(|| format!("fixed {i}").into(), |f| f.name.as_str().into()),
             LineKind::Basic => match &v.demand {
-                Some(d) => format!("basic charge ({})", d.basis),
+                Some(d) => format!("basic charge ({})", d.basis).into(),
                 None => "basic charge".into(),
             },
             LineKind::PowerFactor => match &v.power_factor {
-                Some(p) => format!("power factor adjustment (standard {})", p.standard),
+                Some(p) => format!("power factor adjustment (standard {})", p.standard).into(),
                 None => "power factor adjustment".into(),
             },
             LineKind::Minimum => "minimum charge top-up".into(),

@@ -220,7 +220,7 @@ fn golden_bills_match_the_hand_computed_vectors() {
             .map(|l| {
                 let v = &t.versions[l.version_index];
                 (
-                    l.line.label(v),
+                    l.line.label(v).into_owned(),
                     l.line.quantity.normalize(),
                     l.line.unit_price.normalize(),
                     l.line.amount,
