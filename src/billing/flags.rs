@@ -48,8 +48,8 @@ impl Flags {
         self.0 == 0
     }
 
-    /// The `Display` text, borrowed when there is at most one flag (every
-    /// bill line carries one: most have none or one).
+    /// The `Display` text, borrowed when there is at most one flag (written
+    /// for every bill line, and most lines have none or one).
     pub fn text(self) -> std::borrow::Cow<'static, str> {
         if self.is_empty() {
             return "".into();
