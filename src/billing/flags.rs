@@ -51,13 +51,7 @@ impl Flags {
     /// The `Display` text, borrowed when there is at most one flag (written
     /// for every bill line, and most lines have none or one).
     pub fn text(self) -> std::borrow::Cow<'static, str> {
-        if self.is_empty() {
-            return "".into();
-        }
-        match Flags::NAMES.iter().find(|(f, _)| *f == self) {
-            Some((_, name)) => (*name).into(),
-            None => self.to_string().into(),
-        }
+        crate::model::flag_text(self, Flags::NONE, Flags::NAMES, "")
     }
 }
 

@@ -4,7 +4,7 @@ mod channel;
 mod quality;
 
 pub use channel::{Channel, UnknownChannel, IMPORT_TARIFF_REGISTERS};
-pub use quality::Quality;
+pub use quality::{flag_text, Quality};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,6 @@
 //! Quality flags carried by every reading, stored as a comma-separated list.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Bit set of quality flags. Empty means `ok`.
@@ -63,18 +64,30 @@ impl Quality {
 
     /// The `Display` text, borrowed when it is `ok` or a single flag (the
     /// Parquet writers take one per reading).
-    pub fn text(self) -> std::borrow::Cow<'static, str> {
-        if self.is_ok() {
-            return "ok".into();
-        }
-        match Quality::NAMES.iter().find(|(f, _)| *f == self) {
-            Some((_, name)) => (*name).into(),
-            None => self.to_string().into(),
-        }
+    pub fn text(self) -> Cow<'static, str> {
+        flag_text(self, Quality::OK, Quality::NAMES, "ok")
     }
 
     pub fn flag_names() -> impl Iterator<Item = &'static str> {
         Quality::NAMES.iter().map(|(_, n)| *n)
+    }
+}
+
+/// The `Display` text of a set of named flags, without building a string
+/// for no flag (`none_text`) or a single one: the text columns of the lake
+/// and of the bill outputs take one per row.
+pub fn flag_text<F: Copy + PartialEq + fmt::Display>(
+    set: F,
+    none: F,
+    names: &'static [(F, &'static str)],
+    none_text: &'static str,
+) -> Cow<'static, str> {
+    if set == none {
+        return none_text.into();
+    }
+    match names.iter().find(|(f, _)| *f == set) {
+        Some((_, name)) => (*name).into(),
+        None => set.to_string().into(),
     }
 }
 

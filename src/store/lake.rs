@@ -419,6 +419,37 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_of_several_build_chunks_commits_every_row_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("w")).unwrap();
+        let n = 2 * BUILD_CHUNK_ROWS + 5;
+        let bad = BUILD_CHUNK_ROWS + 3;
+        // One day, 97 meters: one file of three chunks, one value too precise.
+        let rs: Vec<Reading> = (0..n)
+            .map(|i| {
+                let mut r = soak_reading(i);
+                r.ts_ms = 1_790_000_000_000 + i as i64;
+                if i == bad {
+                    r.value = rust_decimal::Decimal::new(100_001, 5);
+                }
+                r
+            })
+            .collect();
+        lake.accept(&rs).unwrap();
+        let s = lake.flush().unwrap();
+        assert_eq!((s.readings, s.rejected, s.quarantined), (n - 1, 1, 1));
+        let back = reader::read_all_readings(dir.path()).unwrap();
+        let mut want: Vec<Reading> = rs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != bad)
+            .map(|(_, r)| r)
+            .collect();
+        want.sort_by(|a, b| (&a.meter_id, a.ts_ms).cmp(&(&b.meter_id, b.ts_ms)));
+        assert_eq!(back, want);
+    }
+
+    #[test]
     fn sealed_segments_commit_later_or_replay_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
