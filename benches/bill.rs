@@ -22,7 +22,7 @@ fn setup(n: usize) -> (Vec<BillingAccount>, Vec<Meter>, Vec<Reading>) {
         let id = format!("A{i:09}");
         let mid = format!("{:012}", 300_000_000_000u64 + i as u64);
         accounts.push(BillingAccount {
-            account_id: id.clone(),
+            account_id: id.clone().into(),
             customer_class: CustomerClass::Residential,
             tariff_id: if i % 10 == 0 {
                 "gd-tou-commercial"

@@ -312,7 +312,7 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
     let mut out = FileScan::default();
     // Text columns come as dictionaries: each distinct channel, quality,
     // collector and address is interpreted once per batch, not once per row.
-    for b in crate::store::scan::unit_batches(unit, &cols)? {
+    for b in crate::store::scan::unit_batches(unit, &cols, None)? {
         let b = b?;
         let v = crate::store::scan::ScanView::new(&b, path)?;
         let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
@@ -508,6 +508,7 @@ pub fn scan_lake(
     let index = MeterLookup {
         map: &map,
         id_of: &id_of,
+        elsewhere: None,
     };
     let mut st = State {
         plan,
@@ -1041,6 +1042,7 @@ mod tests {
             let ix = MeterLookup {
                 map: &map,
                 id_of: &id_of,
+                elsewhere: None,
             };
             assert_eq!(ix.find("B", Some(0)), Some(1));
             assert_eq!(
@@ -1057,6 +1059,7 @@ mod tests {
         let ix = MeterLookup {
             map: &empty,
             id_of: &in_order,
+            elsewhere: None,
         };
         assert_eq!(
             (ix.find("B", Some(0)), ix.find("C", Some(0))),

@@ -11,7 +11,7 @@ use super::vee::{
     register_delta, MeterState, Source, VeeConfig, REG_REACTIVE_EXPORT, REG_REACTIVE_IMPORT,
     REG_T1, REG_TOTAL,
 };
-use crate::master::{BillingAccount, Meter};
+use crate::master::{BillingAccount, BillingMeter};
 use crate::model::Quality;
 use crate::tariff::price::{rate_bill, BillQuantities, ChargeLine, LineKind, Segment, Usage};
 use crate::tariff::tiered::{Accumulation, Tiers};
@@ -118,7 +118,7 @@ pub fn plan_account<'t>(
 impl AccountPlan<'_> {
     /// Boundary timestamps for one meter, clamped to its installation window.
     /// `None` when the meter was not installed during the period.
-    pub fn meter_bounds(&self, m: &Meter) -> Option<Vec<i64>> {
+    pub fn meter_bounds(&self, m: &BillingMeter) -> Option<Vec<i64>> {
         let off = self.tariff.utc_offset_secs;
         let inst = local_midnight_ms(m.installed_on, off);
         let rem = m.removed_on.map_or(i64::MAX, |d| local_midnight_ms(d, off));
@@ -135,7 +135,7 @@ impl AccountPlan<'_> {
         )
     }
 
-    pub fn meter_state(&self, m: &Meter) -> Option<MeterState> {
+    pub fn meter_state(&self, m: &BillingMeter) -> Option<MeterState> {
         self.meter_bounds(m)
             .map(|b| MeterState::new(b, self.first, m.register_digits, self.mask))
     }
@@ -181,7 +181,7 @@ struct MeterValues {
 pub fn bill_account(
     account: &BillingAccount,
     plan: &AccountPlan<'_>,
-    meters: &[(&Meter, &MeterState)],
+    meters: &[(&BillingMeter, &MeterState)],
     period: &BillPeriod,
     cfg: &VeeConfig,
     carried_ytd: Option<(NaiveDate, Decimal)>,
@@ -565,7 +565,7 @@ pub fn bill_account(
     }
     let total = lines.iter().map(|l| l.line.amount).sum();
     Ok(AccountBill {
-        account_id: account.account_id.clone(),
+        account_id: account.account_id.to_string(),
         tariff_id: tariff.id.clone(),
         versions: version_ids.join("+"),
         lines,

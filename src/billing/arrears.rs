@@ -209,10 +209,8 @@ impl<'a> LateFees<'a> {
             let loaded = crate::master::load_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
-            let by_id: HashMap<&str, &'a BillingAccount> = accounts
-                .iter()
-                .map(|a| (a.account_id.as_str(), a))
-                .collect();
+            let by_id: HashMap<&str, &'a BillingAccount> =
+                accounts.iter().map(|a| (&*a.account_id, a)).collect();
             for p in &loaded.rows {
                 let Some(a) = by_id.get(p.account_id.as_str()) else {
                     continue;
@@ -221,7 +219,7 @@ impl<'a> LateFees<'a> {
                 let (date, _) =
                     super::period::local_date_minute(p.paid_at.timestamp_millis(), offset);
                 payments
-                    .entry(a.account_id.as_str())
+                    .entry(&*a.account_id)
                     .or_default()
                     .push((date, p.amount));
             }
@@ -261,7 +259,7 @@ impl<'a> LateFees<'a> {
         };
         let pays = self
             .payments
-            .get(a.account_id.as_str())
+            .get(&*a.account_id)
             .map_or(&[][..], |v| v.as_slice());
         let residential = a.customer_class == CustomerClass::Residential;
         for line in late_fee_lines(rule, residential, prior, pays, period, &v.rounding) {

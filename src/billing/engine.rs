@@ -10,7 +10,7 @@ use super::account::{
 };
 use super::period::BillPeriod;
 use super::vee::{MeterState, VeeConfig};
-use crate::master::{BillingAccount, Meter};
+use crate::master::{BillingAccount, BillingMeter, Meter};
 use crate::model::{Channel, Quality, Reading};
 use crate::tariff::TariffSet;
 
@@ -43,7 +43,231 @@ fn route(
     }
 }
 
-/// Accounts, meters and their states for one period.
+/// Who is billed: accounts in id order, each with its meters, and the
+/// meters that cannot be billed (no such account, or listed twice). Built
+/// once per run; the run bills it in passes of accounts
+/// ([`Roster::passes`]), each with its own [`Engine`].
+pub struct Roster<'a> {
+    accounts: Vec<&'a BillingAccount>,
+    /// The meters of account `i` are `meters[starts[i]..starts[i + 1]]`, by id.
+    starts: Vec<u32>,
+    meters: Vec<&'a BillingMeter>,
+    /// Meters attached to no known account (master data problem).
+    orphan_meters: Vec<&'a BillingMeter>,
+    /// Earlier rows of meter ids that meters.csv lists more than once.
+    duplicate_meters: Vec<&'a BillingMeter>,
+}
+
+/// The readings every account of a roster needs (UTC ms): what to read
+/// from the lake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanWindow {
+    /// All bounds of all meters, widened by the estimation margin.
+    pub lo: i64,
+    pub hi: i64,
+    /// The bill period as the meters see it (without earlier bounds such
+    /// as tier-year starts).
+    pub period: (i64, i64),
+    /// Every boundary instant, ascending, deduplicated.
+    pub bounds: Vec<i64>,
+}
+
+impl<'a> Roster<'a> {
+    pub fn new(accounts: &'a [BillingAccount], meters: &'a [BillingMeter]) -> Roster<'a> {
+        let mut accs: Vec<&BillingAccount> = accounts.iter().collect();
+        accs.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let mut sorted: Vec<&BillingMeter> = meters.iter().collect();
+        sorted.par_sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
+        let mut duplicate_meters = Vec::new();
+        let mut unique = Vec::with_capacity(sorted.len());
+        for (i, &m) in sorted.iter().enumerate() {
+            // The last row of a repeated meter id is used (the sort is stable).
+            if sorted.get(i + 1).is_some_and(|n| n.meter_id == m.meter_id) {
+                duplicate_meters.push(m);
+            } else {
+                unique.push(m);
+            }
+        }
+        drop(sorted);
+        // Meters in account order (meter-id order within an account), matched
+        // to the sorted accounts in one walk: a hash map of millions of
+        // account ids costs a cache miss per insert and per lookup.
+        unique.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let mut starts = Vec::with_capacity(accs.len() + 1);
+        let mut grouped = Vec::with_capacity(unique.len());
+        let mut orphan_meters = Vec::new();
+        let mut next = 0;
+        for (i, a) in accs.iter().enumerate() {
+            starts.push(grouped.len() as u32);
+            // An account id listed twice: its last row takes the meters.
+            if accs
+                .get(i + 1)
+                .is_some_and(|n| n.account_id == a.account_id)
+            {
+                continue;
+            }
+            while let Some(m) = unique.get(next) {
+                match m.account_id.cmp(&a.account_id) {
+                    std::cmp::Ordering::Less => orphan_meters.push(*m),
+                    std::cmp::Ordering::Equal => grouped.push(*m),
+                    std::cmp::Ordering::Greater => break,
+                }
+                next += 1;
+            }
+        }
+        starts.push(grouped.len() as u32);
+        orphan_meters.extend_from_slice(&unique[next..]);
+        Roster {
+            accounts: accs,
+            starts,
+            meters: grouped,
+            orphan_meters,
+            duplicate_meters,
+        }
+    }
+
+    pub fn accounts_len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Meters attached to an account (the ones a bill run routes readings to).
+    pub fn meters_len(&self) -> usize {
+        self.meters.len()
+    }
+
+    /// The ids of every attached meter, ascending: a meter that is not in
+    /// one pass's index but is here belongs to another pass.
+    pub fn meter_ids(&self) -> Vec<&'a str> {
+        let mut ids: Vec<&str> = self.meters.iter().map(|m| &*m.meter_id).collect();
+        ids.par_sort_unstable();
+        ids
+    }
+
+    fn meters_of(&self, account: usize) -> &[&'a BillingMeter] {
+        &self.meters[self.starts[account] as usize..self.starts[account + 1] as usize]
+    }
+
+    /// Splits the accounts (in id order) into passes of whole blocks of
+    /// `block` accounts, each with at most `max_meters` meters unless one
+    /// block alone has more. Passes on block boundaries keep the output
+    /// batches, and so the bytes, the same for any pass size. Always at
+    /// least one pass (an empty one for no accounts).
+    pub fn passes(&self, max_meters: usize, block: usize) -> Vec<std::ops::Range<usize>> {
+        let n = self.accounts.len();
+        let block = block.max(1);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let mut end = (start + block).min(n);
+            while end < n {
+                let next = (end + block).min(n);
+                if (self.starts[next] - self.starts[start]) as usize > max_meters {
+                    break;
+                }
+                end = next;
+            }
+            out.push(start..end);
+            start = end;
+        }
+        if out.is_empty() {
+            out.push(0..0);
+        }
+        out
+    }
+
+    /// What the lake scan must cover for every account (plans are made and
+    /// dropped here, so this holds no per-meter state).
+    pub fn scan_window(
+        &self,
+        tariffs: &TariffSet,
+        period: &BillPeriod,
+        cfg: &VeeConfig,
+    ) -> Option<ScanWindow> {
+        #[derive(Clone)]
+        struct Acc {
+            lo: i64,
+            hi: i64,
+            plo: i64,
+            phi: i64,
+            bounds: std::collections::BTreeSet<i64>,
+        }
+        let empty = || Acc {
+            lo: i64::MAX,
+            hi: i64::MIN,
+            plo: i64::MAX,
+            phi: i64::MIN,
+            bounds: Default::default(),
+        };
+        let acc = (0..self.accounts.len())
+            .into_par_iter()
+            .fold(empty, |mut acc, ai| {
+                let a = self.accounts[ai];
+                let Ok(t) = tariffs.get(&a.tariff_id) else {
+                    return acc;
+                };
+                let Ok(plan) = plan_account(t, a, period) else {
+                    return acc;
+                };
+                for m in self.meters_of(ai) {
+                    let Some(b) = plan.meter_bounds(m) else {
+                        continue;
+                    };
+                    let last = *b.last().expect("bounds");
+                    acc.lo = acc.lo.min(b[0]);
+                    acc.hi = acc.hi.max(last);
+                    acc.plo = acc.plo.min(b[plan.first]);
+                    acc.phi = acc.phi.max(last);
+                    acc.bounds.extend(b);
+                }
+                acc
+            })
+            .reduce(empty, |mut a, mut b| {
+                a.lo = a.lo.min(b.lo);
+                a.hi = a.hi.max(b.hi);
+                a.plo = a.plo.min(b.plo);
+                a.phi = a.phi.max(b.phi);
+                a.bounds.append(&mut b.bounds);
+                a
+            });
+        (acc.lo <= acc.hi).then(|| ScanWindow {
+            lo: acc.lo - cfg.max_interpolation_gap_ms,
+            hi: acc.hi + cfg.max_interpolation_gap_ms,
+            period: (acc.plo, acc.phi),
+            bounds: acc.bounds.into_iter().collect(),
+        })
+    }
+
+    /// Exceptions of meters that cannot be billed: of unknown accounts, and
+    /// the earlier rows of repeated ids.
+    pub fn exceptions(&self) -> Vec<ExceptionRow> {
+        let mut exceptions = Vec::new();
+        for m in &self.orphan_meters {
+            exceptions.push(ExceptionRow {
+                account_id: m.account_id.to_string(),
+                meter_id: m.meter_id.to_string(),
+                code: "unknown_account".into(),
+                detail: format!(
+                    "meters.csv names account '{}', which accounts.csv does not have",
+                    m.account_id
+                ),
+            });
+        }
+        for m in &self.duplicate_meters {
+            exceptions.push(ExceptionRow {
+                account_id: m.account_id.to_string(),
+                meter_id: m.meter_id.to_string(),
+                code: "duplicate_meter".into(),
+                detail: format!(
+                    "meters.csv lists meter '{}' more than once: its last row is used",
+                    m.meter_id
+                ),
+            });
+        }
+        exceptions
+    }
+}
+
+/// One pass of a bill run: its accounts, their meters and meter states.
 pub struct Engine<'a> {
     pub period: BillPeriod,
     pub cfg: VeeConfig,
@@ -51,16 +275,12 @@ pub struct Engine<'a> {
     plans: Vec<Result<AccountPlan<'a>, Exception>>,
     /// Meter id -> dense index.
     pub meter_index: FxMap<&'a str, u32>,
-    meters: Vec<&'a Meter>,
+    meters: Vec<&'a BillingMeter>,
     meter_account: Vec<u32>,
     states: Vec<Option<MeterState>>,
     /// Unknown meter ids seen in readings, with counts.
     pub unknown_meters: HashMap<String, u64>,
     pub readings_seen: u64,
-    /// Meters attached to no known account (master data problem).
-    orphan_meters: Vec<&'a Meter>,
-    /// Earlier rows of meter ids that meters.csv lists more than once.
-    duplicate_meters: Vec<&'a Meter>,
     /// First error raised while routing readings, per account.
     route_errors: HashMap<u32, Exception>,
     /// Year-to-date kWh at the period start carried from the previous run:
@@ -71,20 +291,16 @@ pub struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
+    /// The engine of accounts `range` of `roster` (positions in account-id
+    /// order): plans, the meter index and a state per meter.
     pub fn new(
-        accounts: &'a [BillingAccount],
-        meters: &'a [Meter],
+        roster: &Roster<'a>,
+        range: std::ops::Range<usize>,
         tariffs: &'a TariffSet,
         period: BillPeriod,
         cfg: VeeConfig,
     ) -> Engine<'a> {
-        let mut accs: Vec<&BillingAccount> = accounts.iter().collect();
-        accs.sort_by(|a, b| a.account_id.cmp(&b.account_id));
-        let account_index: HashMap<&str, u32> = accs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.account_id.as_str(), i as u32))
-            .collect();
+        let accs: Vec<&BillingAccount> = roster.accounts[range.clone()].to_vec();
         let plans: Vec<Result<AccountPlan<'a>, Exception>> = accs
             .par_iter()
             .map(|a| match tariffs.get(&a.tariff_id) {
@@ -92,29 +308,23 @@ impl<'a> Engine<'a> {
                 Err(e) => Err(Exception::new("unknown_tariff", e.to_string())),
             })
             .collect();
-        let mut meter_index = FxMap::with_capacity_and_hasher(meters.len(), Default::default());
-        let mut ms = Vec::with_capacity(meters.len());
-        let mut meter_account = Vec::with_capacity(meters.len());
-        let mut orphan_meters = Vec::new();
         // Dense indexes in meter-id order: lake files are sorted by meter, so
         // routing then walks the states front to back.
-        let mut sorted: Vec<&Meter> = meters.iter().collect();
-        sorted.sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
-        let mut duplicate_meters = Vec::new();
-        for (i, &m) in sorted.iter().enumerate() {
-            // The last row of a repeated meter id is used (the sort is stable).
-            if sorted.get(i + 1).is_some_and(|n| n.meter_id == m.meter_id) {
-                duplicate_meters.push(m);
-                continue;
-            }
-            match account_index.get(m.account_id.as_str()) {
-                Some(ai) => {
-                    meter_index.insert(m.meter_id.as_str(), ms.len() as u32);
-                    ms.push(m);
-                    meter_account.push(*ai);
-                }
-                None => orphan_meters.push(m),
-            }
+        let mut owned: Vec<(&BillingMeter, u32)> = range
+            .clone()
+            .flat_map(|ai| {
+                let local = (ai - range.start) as u32;
+                roster.meters_of(ai).iter().map(move |m| (*m, local))
+            })
+            .collect();
+        owned.par_sort_unstable_by(|a, b| a.0.meter_id.cmp(&b.0.meter_id));
+        let mut meter_index = FxMap::with_capacity_and_hasher(owned.len(), Default::default());
+        let mut ms = Vec::with_capacity(owned.len());
+        let mut meter_account = Vec::with_capacity(owned.len());
+        for (m, ai) in owned {
+            meter_index.insert(&*m.meter_id, ms.len() as u32);
+            ms.push(m);
+            meter_account.push(ai);
         }
         let states: Vec<Option<MeterState>> = ms
             .par_iter()
@@ -135,54 +345,15 @@ impl<'a> Engine<'a> {
             states,
             unknown_meters: HashMap::new(),
             readings_seen: 0,
-            orphan_meters,
-            duplicate_meters,
             route_errors: HashMap::new(),
             carried_ytd: HashMap::new(),
             account_meters: AccountMeters::default(),
         }
     }
 
-    /// UTC ms range of readings any meter needs (all bounds, with the
-    /// estimation margin), for choosing lake partitions.
-    pub fn needed_range(&self) -> Option<(i64, i64)> {
-        let mut lo = i64::MAX;
-        let mut hi = i64::MIN;
-        for s in self.states.iter().flatten() {
-            lo = lo.min(s.bounds[0]);
-            hi = hi.max(*s.bounds.last().expect("bounds"));
-        }
-        (lo <= hi).then_some((
-            lo - self.cfg.max_interpolation_gap_ms,
-            hi + self.cfg.max_interpolation_gap_ms,
-        ))
-    }
-
-    /// UTC ms range covered by the bill period of any meter (without the
-    /// bounds before it, such as tier-year starts).
-    pub fn period_window(&self) -> Option<(i64, i64)> {
-        let mut lo = i64::MAX;
-        let mut hi = i64::MIN;
-        for s in self.states.iter().flatten() {
-            let (a, b) = s.window();
-            lo = lo.min(a);
-            hi = hi.max(b);
-        }
-        (lo <= hi).then_some((lo, hi))
-    }
-
-    /// All boundary instants of all meters (UTC ms, deduplicated), for reading
-    /// only the partitions around them when intermediate days are not needed.
-    pub fn bound_instants(&self) -> Vec<i64> {
-        let mut v: Vec<i64> = self
-            .states
-            .iter()
-            .flatten()
-            .flat_map(|s| s.bounds.iter().copied())
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+    /// The ids of this pass's meters, ascending.
+    pub fn meter_ids(&self) -> Vec<&'a str> {
+        self.meters.iter().map(|m| &*m.meter_id).collect()
     }
 
     /// Routes one reading (value scaled by 10^4) to its meter.
@@ -210,7 +381,7 @@ impl<'a> Engine<'a> {
     /// Lends the id -> index map and the meters in index order to a lake
     /// scan, which reads them while the engine updates the states.
     #[allow(clippy::type_complexity)]
-    pub fn lend_index(&mut self) -> (FxMap<&'a str, u32>, Vec<&'a Meter>) {
+    pub fn lend_index(&mut self) -> (FxMap<&'a str, u32>, Vec<&'a BillingMeter>) {
         (
             std::mem::take(&mut self.meter_index),
             std::mem::take(&mut self.meters),
@@ -218,7 +389,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Takes back what [`Engine::lend_index`] lent.
-    pub fn return_index(&mut self, index: FxMap<&'a str, u32>, meters: Vec<&'a Meter>) {
+    pub fn return_index(&mut self, index: FxMap<&'a str, u32>, meters: Vec<&'a BillingMeter>) {
         self.meter_index = index;
         self.meters = meters;
     }
@@ -302,9 +473,9 @@ impl<'a> Engine<'a> {
         if self.account_meters.is_empty() && !self.accounts.is_empty() {
             self.account_meters = AccountMeters::new(&self.meter_account, self.accounts.len());
         }
-        let mut taken: Vec<Vec<(&'a Meter, MeterState)>> = Vec::with_capacity(range.len());
+        let mut taken: Vec<Vec<(&'a BillingMeter, MeterState)>> = Vec::with_capacity(range.len());
         for ai in range.clone() {
-            let mut ms: Vec<(&'a Meter, MeterState)> = self
+            let mut ms: Vec<(&'a BillingMeter, MeterState)> = self
                 .account_meters
                 .of(ai)
                 .iter()
@@ -323,67 +494,31 @@ impl<'a> Engine<'a> {
             .collect()
     }
 
-    fn bill_one(&self, ai: usize, ms: &[(&Meter, MeterState)]) -> Result<AccountBill, Exception> {
+    fn bill_one(
+        &self,
+        ai: usize,
+        ms: &[(&BillingMeter, MeterState)],
+    ) -> Result<AccountBill, Exception> {
         let plan = self.plans[ai].as_ref().map_err(|e| e.clone())?;
         if let Some(e) = self.route_errors.get(&(ai as u32)) {
             return Err(e.clone());
         }
         let account = self.accounts[ai];
-        let refs: Vec<(&Meter, &MeterState)> = ms.iter().map(|(m, s)| (*m, s)).collect();
+        let refs: Vec<(&BillingMeter, &MeterState)> = ms.iter().map(|(m, s)| (*m, s)).collect();
         bill_account(
             account,
             plan,
             &refs,
             &self.period,
             &self.cfg,
-            self.carried_ytd.get(&account.account_id).copied(),
+            self.carried_ytd.get(&*account.account_id).copied(),
         )
-    }
-
-    /// Exceptions that belong to no billed account: meters of unknown
-    /// accounts and readings of unknown meters, sorted.
-    pub fn unattached_exceptions(&self) -> Vec<ExceptionRow> {
-        let mut exceptions = Vec::new();
-        for m in &self.orphan_meters {
-            exceptions.push(ExceptionRow {
-                account_id: m.account_id.clone(),
-                meter_id: m.meter_id.clone(),
-                code: "unknown_account".into(),
-                detail: format!(
-                    "meters.csv names account '{}', which accounts.csv does not have",
-                    m.account_id
-                ),
-            });
-        }
-        for m in &self.duplicate_meters {
-            exceptions.push(ExceptionRow {
-                account_id: m.account_id.clone(),
-                meter_id: m.meter_id.clone(),
-                code: "duplicate_meter".into(),
-                detail: format!(
-                    "meters.csv lists meter '{}' more than once: its last row is used",
-                    m.meter_id
-                ),
-            });
-        }
-        let mut unknown: Vec<(&String, &u64)> = self.unknown_meters.iter().collect();
-        unknown.sort();
-        for (id, n) in unknown {
-            exceptions.push(ExceptionRow {
-                account_id: String::new(),
-                meter_id: id.clone(),
-                code: "unknown_meter".into(),
-                detail: format!("{n} reading(s) for a meter that meters.csv does not list"),
-            });
-        }
-        exceptions.sort();
-        exceptions
     }
 
     /// Bills every account; results sorted by account id.
     pub fn finish(mut self) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
         let mut bills = Vec::with_capacity(self.accounts.len());
-        let mut exceptions = self.unattached_exceptions();
+        let mut exceptions = unknown_meter_exceptions(&self.unknown_meters);
         for (account, r) in self.bill_range(0..self.accounts.len()) {
             match r {
                 Ok(b) => bills.push(b),
@@ -395,11 +530,26 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// Readings of meters that meters.csv does not list (id -> count), sorted by meter id.
+pub fn unknown_meter_exceptions(unknown: &HashMap<String, u64>) -> Vec<ExceptionRow> {
+    let mut unknown: Vec<(&String, &u64)> = unknown.iter().collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|(id, n)| ExceptionRow {
+            account_id: String::new(),
+            meter_id: id.clone(),
+            code: "unknown_meter".into(),
+            detail: format!("{n} reading(s) for a meter that meters.csv does not list"),
+        })
+        .collect()
+}
+
 impl ExceptionRow {
     /// An account that could not be billed.
     pub fn account(a: &BillingAccount, e: Exception) -> ExceptionRow {
         ExceptionRow {
-            account_id: a.account_id.clone(),
+            account_id: a.account_id.to_string(),
             meter_id: String::new(),
             code: e.code.to_string(),
             detail: e.detail,
@@ -437,11 +587,109 @@ pub fn bill_readings(
     period: BillPeriod,
     readings: &[Reading],
 ) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
-    let mut e = Engine::new(accounts, meters, tariffs, period, VeeConfig::default());
+    let meters: Vec<BillingMeter> = meters.iter().map(BillingMeter::from).collect();
+    let roster = Roster::new(accounts, &meters);
+    let all = 0..roster.accounts_len();
+    let mut e = Engine::new(&roster, all, tariffs, period, VeeConfig::default());
     let mut order: Vec<&Reading> = readings.iter().collect();
     order.sort_by_key(|r| r.ts_ms);
     for r in order {
         e.apply_reading(r);
     }
-    e.finish()
+    let (bills, mut exceptions) = e.finish();
+    exceptions.extend(roster.exceptions());
+    exceptions.sort();
+    (bills, exceptions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master::{CustomerClass, PaymentMode};
+    use rust_decimal::Decimal;
+
+    fn account(id: &str) -> BillingAccount {
+        BillingAccount {
+            account_id: id.into(),
+            tariff_id: "t".into(),
+            contracted_kva: Decimal::ZERO,
+            opened_on: chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
+            customer_class: CustomerClass::Residential,
+            payment_mode: PaymentMode::Postpaid,
+        }
+    }
+
+    fn meter(id: &str, account: &str) -> BillingMeter {
+        BillingMeter {
+            meter_id: id.into(),
+            account_id: account.into(),
+            ct_ratio: Decimal::ONE,
+            pt_ratio: Decimal::ONE,
+            register_digits: 6,
+            installed_on: chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
+            removed_on: None,
+        }
+    }
+
+    /// Ten accounts a0..a9; account i has i % 3 + 1 meters.
+    fn roster_parts() -> (Vec<BillingAccount>, Vec<BillingMeter>) {
+        let accounts: Vec<BillingAccount> =
+            (0..10).rev().map(|i| account(&format!("a{i}"))).collect();
+        let mut meters = Vec::new();
+        for i in 0..10 {
+            for k in 0..(i % 3 + 1) {
+                meters.push(meter(&format!("m{i}-{k}"), &format!("a{i}")));
+            }
+        }
+        (accounts, meters)
+    }
+
+    #[test]
+    fn passes_cover_every_account_once_in_whole_blocks_within_the_meter_budget() {
+        let (accounts, meters) = roster_parts();
+        let r = Roster::new(&accounts, &meters);
+        // Meters per account: 1 2 3 1 2 3 1 2 3 1 (19 in all).
+        assert_eq!(r.passes(usize::MAX, 2), vec![0..10]);
+        // Blocks of two accounts: 3, 4, 5, 3, 4 meters.
+        assert_eq!(r.passes(7, 2), vec![0..4, 4..6, 6..10]);
+        // A block larger than the budget is a pass of its own.
+        assert_eq!(r.passes(1, 2), vec![0..2, 2..4, 4..6, 6..8, 8..10]);
+        assert_eq!(r.passes(1, 4), vec![0..4, 4..8, 8..10]);
+        let none = Roster::new(&[], &[]);
+        assert_eq!(none.passes(5, 2), vec![0..0], "one empty pass");
+    }
+
+    #[test]
+    fn a_pass_engine_holds_only_the_meters_of_its_accounts_in_id_order() {
+        let (accounts, mut meters) = roster_parts();
+        meters.push(meter("m-orphan", "nobody"));
+        meters.push(meter("m1-0", "a2")); // a repeated id: this last row wins
+        let r = Roster::new(&accounts, &meters);
+        assert_eq!(
+            r.meters_len(),
+            19,
+            "the orphan and the earlier m1-0 are out"
+        );
+        let codes: Vec<(String, String)> = r
+            .exceptions()
+            .into_iter()
+            .map(|e| (e.meter_id, e.code))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("m-orphan".to_string(), "unknown_account".to_string()),
+                ("m1-0".to_string(), "duplicate_meter".to_string())
+            ]
+        );
+        let tariffs = TariffSet::default();
+        let period = BillPeriod::parse("2026-10").unwrap();
+        let e = Engine::new(&r, 2..4, &tariffs, period, VeeConfig::default());
+        // a2 has m2-0..m2-2 and now m1-0; a3 has m3-0.
+        assert_eq!(e.meter_ids(), vec!["m1-0", "m2-0", "m2-1", "m2-2", "m3-0"]);
+        assert_eq!(e.accounts_len(), 2);
+        let ids = r.meter_ids();
+        assert_eq!(ids.len(), 19);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
 }

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::account::AccountBill;
 use super::arrears::LateFees;
 use super::commit::{HashedFile, Staging};
-use super::engine::{Engine, ExceptionRow};
+use super::engine::{unknown_meter_exceptions, Engine, ExceptionRow, Roster, ScanWindow};
 use super::flags::Flags;
 use super::output::{self, OutBill};
 use super::period::BillPeriod;
@@ -25,6 +25,7 @@ use super::revision::{adjustments, read_issued, Issued};
 use super::vee::VeeConfig;
 use crate::model::Channel;
 use crate::store::encode::ColumnWriter;
+use crate::store::scan::{any_within, select_pages, Selection};
 
 /// Errors that stop a bill run (nothing is committed then).
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,19 @@ pub struct BillRunOptions {
     pub progress: Option<Progress>,
     /// Earlier runs whose unpaid bills (with `master/payments.csv`) bear late fees.
     pub previous: Vec<PathBuf>,
+    /// At most this many meters' states in memory at once: accounts (in id
+    /// order) are billed in passes of whole runs of 8,192 accounts, each
+    /// reading only the lake pages that hold its meters. Outputs do not
+    /// depend on it.
+    pub pass_meters: usize,
 }
+
+/// Default of [`BillRunOptions::pass_meters`]: about 1.1 GB of meter states.
+pub const DEFAULT_PASS_METERS: usize = 2_000_000;
+
+/// Accounts per output run: batches of bills and lines are cut at multiples
+/// of it, whatever the thread count or the passes.
+const RUN: usize = 8192;
 
 impl BillRunOptions {
     pub fn new(
@@ -95,6 +108,7 @@ impl BillRunOptions {
             vee: VeeConfig::default(),
             progress: None,
             previous: Vec::new(),
+            pass_meters: DEFAULT_PASS_METERS,
         }
     }
 }
@@ -122,6 +136,8 @@ pub struct BillRunSummary {
     pub adjustment_amount: Decimal,
     pub readings: u64,
     pub files_read: usize,
+    /// Passes over the lake (see [`BillRunOptions::pass_meters`]).
+    pub passes: usize,
     pub outputs: Vec<OutputFile>,
     pub elapsed_ms: u128,
 }
@@ -184,7 +200,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
     let (meters, accounts) = rayon::join(
-        || crate::master::load_meters_for_billing(&meters_path),
+        || crate::master::load_billing_meters(&meters_path),
         || crate::master::load_accounts_for_billing(&accounts_path),
     );
     let meters = meters.map_err(|e| BillingError::Master(e.to_string()))?;
@@ -240,16 +256,15 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     }
     let revision = issued_dirs.len() as u32;
 
-    // Plan, then stream the lake day by day.
-    let mut engine = Engine::new(
-        &accounts.rows,
-        &meters.rows,
-        &tariffs,
-        period.clone(),
-        opts.vee.clone(),
-    );
+    // Which lake partitions and row groups the accounts need.
+    let roster = Roster::new(&accounts.rows, &meters.rows);
+    let passes = roster.passes(opts.pass_meters, RUN);
+    let multi = passes.len() > 1;
+    let t_roster = t0.elapsed();
     let mut lake_files: Vec<(chrono::NaiveDate, PathBuf)> = Vec::new();
-    if let Some((lo, hi)) = engine.needed_range() {
+    let window = roster.scan_window(&tariffs, &period, &opts.vee);
+    let t_window = t0.elapsed();
+    if let Some(w) = &window {
         let day = |ms: i64| {
             DateTime::from_timestamp_millis(ms)
                 .map(|t| t.date_naive())
@@ -258,70 +273,45 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         // Partitions inside the period, plus a margin around every boundary (a
         // tier-year start months earlier reads a few days, not the months between).
         let margin = opts.vee.max_interpolation_gap_ms;
-        let (p_lo, p_hi) = engine.period_window().unwrap_or((lo, hi));
+        let (p_lo, p_hi) = w.period;
         let mut wanted = vec![(day(p_lo - margin), day(p_hi + margin))];
-        for b in engine.bound_instants() {
+        for &b in &w.bounds {
             wanted.push((day(b - margin), day(b + margin)));
         }
         lake_files = crate::store::reader::list_files(
             &opts.lake,
             crate::store::schema::READINGS,
-            day(lo),
-            day(hi),
+            day(w.lo),
+            day(w.hi),
         )?
         .into_iter()
         .filter(|(d, _)| wanted.iter().any(|(a, b)| d >= a && d <= b))
         .collect();
-        // Row groups are decoded a window at a time in parallel, then routed
-        // to meter shards in parallel; windows keep file (date) order.
-        let units = crate::store::scan::units(&lake_files)?;
-        let total = units.len() as u64;
-        let (index, meters) = engine.lend_index();
-        let id_of = |i: u32| meters.get(i as usize).map(|m| m.meter_id.as_str());
-        let scanner = crate::store::scan::Scanner {
-            meters: crate::store::scan::MeterLookup {
-                map: &index,
-                id_of: &id_of,
-            },
-            shard_len: engine.shard_len(),
-            shards: super::engine::SHARDS,
-            lo,
-            hi,
-            keep: billed_channel,
-        };
-        let window = (2 * rayon::current_num_threads()).max(4);
-        let mut done = 0u64;
-        let mut chunks: Vec<crate::store::scan::Chunk> =
-            (0..window).map(|_| Default::default()).collect();
-        let (mut td, mut ta) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        for w in units.chunks(window) {
-            let chunks = &mut chunks[..w.len()];
-            timed(&mut td, || {
-                chunks
-                    .par_iter_mut()
-                    .zip(w)
-                    .map(|(c, u)| scanner.decode_into(u, c))
-                    .collect::<Result<Vec<()>, _>>()
-            })?;
-            timed(&mut ta, || engine.apply_chunks(chunks));
-            done += w.len() as u64;
-            if let Some(p) = &opts.progress {
-                p("reading lake", done, total);
-            }
-        }
-        engine.return_index(index, meters);
-        tracing::debug!(
-            decode_ms = td.as_millis() as u64,
-            route_ms = ta.as_millis() as u64,
-            "scan: time decoding row groups and routing rows to meters"
-        );
     }
-    let readings = engine.readings_seen;
-    if !opts.previous.is_empty() {
-        engine.carried_ytd = super::arrears::read_carried_ytd(&opts.previous, period.start)?;
-    }
-    let t_scan = t0.elapsed();
-    tracing::debug!(phase = "scan", rss_mb = rss_mb(), "bill run");
+    // Several passes read only the pages of their own meters: that needs the
+    // page indexes.
+    let units = if multi {
+        crate::store::scan::units_with_page_index(&lake_files)?
+    } else {
+        crate::store::scan::units(&lake_files)?
+    };
+    let t_plan = t0.elapsed();
+    tracing::debug!(
+        phase = "plan",
+        roster_ms = (t_roster - t_load).as_millis() as u64,
+        window_ms = (t_window - t_roster).as_millis() as u64,
+        units_ms = (t_plan - t_window).as_millis() as u64,
+        passes = passes.len(),
+        row_groups = units.len(),
+        rss_mb = rss_mb(),
+        "bill run"
+    );
+
+    let carried_ytd = if opts.previous.is_empty() {
+        Default::default()
+    } else {
+        super::arrears::read_carried_ytd(&opts.previous, period.start)?
+    };
     let accounts_n = accounts.rows.len();
     let late = LateFees::load(
         &opts.previous,
@@ -339,10 +329,13 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
 
     // Inputs are hashed before billing: the run id is in every output row.
     // SHA-256 for master data and tariffs, CRC32 for lake files (fast, in parallel).
-    let mut inputs_master = Vec::new();
-    for p in [&meters_path, &accounts_path] {
-        inputs_master.push(hashed_input(p)?);
-    }
+    let inputs_master: Vec<serde_json::Value> = [
+        (&meters_path, &meters.sha256, meters.bytes),
+        (&accounts_path, &accounts.sha256, accounts.bytes),
+    ]
+    .into_iter()
+    .map(|(p, h, n)| serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
+    .collect();
     let mut inputs_tariffs = Vec::new();
     for p in tariffs.files() {
         inputs_tariffs.push(hashed_input(&p)?);
@@ -371,13 +364,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let t_hash = t0.elapsed();
     tracing::debug!(phase = "hash", rss_mb = rss_mb(), "bill run");
 
-    // Bill, price lines and encode, a group of accounts at a time: bills
-    // are turned into output rows in fixed runs of 8,192 accounts (so the
-    // bytes never depend on the thread count), the runs of a group in
-    // parallel, while two writer threads encode the finished batches
-    // straight into the staging directory. Neither bills nor lines are ever
-    // all in memory at once.
-    const RUN: usize = 8192;
+    // Pass by pass (one, unless the accounts have more meters than
+    // `pass_meters`): build the meter states of the pass's accounts, route
+    // the lake's rows to them, then bill, price lines and encode a group of
+    // accounts at a time: bills are turned into output rows in fixed runs
+    // of 8,192 accounts (so the bytes never depend on the thread count; passes
+    // start on run boundaries), the runs of a group in parallel, while two
+    // writer threads encode the finished batches straight into the staging
+    // directory. Neither bills nor lines are ever all in memory at once.
     let group = RUN * 2 * rayon::current_num_threads().max(1);
     let issued = if revision > 0 {
         Some(read_issued(&issued_dirs)?)
@@ -390,7 +384,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         opts.out.join(format!("revision-{revision}"))
     };
     let staging = Staging::new(&target, opts.preview)?;
-    let mut exceptions = engine.unattached_exceptions();
+    let mut exceptions = roster.exceptions();
     exceptions.extend(master_exceptions);
     let mut totals = Totals::default();
     let ctx = Emit {
@@ -400,6 +394,26 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         late: &late,
         issued: issued.as_ref(),
     };
+    // Only for several passes: the ids of all meters (to tell a meter of
+    // another pass from an unknown one), each unit's `meter_id` pages and
+    // which of them an earlier pass read.
+    let known: Vec<&str> = if multi {
+        roster.meter_ids()
+    } else {
+        Vec::new()
+    };
+    let elsewhere = |id: &str| known.binary_search(&id).is_ok();
+    let elsewhere: Option<&(dyn Fn(&str) -> bool + Sync)> = multi.then_some(&elsewhere);
+    let pages: Vec<Vec<crate::store::scan::IdPage>> = if multi {
+        units.par_iter().map(|u| u.id_pages()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
+    let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
+    let mut readings = 0u64;
+    let mut carried_ytd = Some(carried_ytd);
+    let (mut t_scan, mut t_bill) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let (bills_file, lines_file) = std::thread::scope(|scope| {
         let (bills_tx, bills_w) = spawn_writer(
             scope,
@@ -411,30 +425,89 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             output::lines_schema(),
             staging.create("bill_lines.parquet")?,
         )?;
-        let n = engine.accounts_len();
         let (mut tb, mut te) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        let mut start = 0;
-        'groups: while start < n {
-            let end = (start + group).min(n);
-            let mut billed = timed(&mut tb, || engine.bill_range(start..end));
-            let parts: Vec<Emitted> = timed(&mut te, || {
-                billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect()
-            });
-            drop(billed);
-            for p in parts {
-                totals.add(p.totals);
-                exceptions.extend(p.exceptions);
-                // A closed channel means that writer failed: its error is returned below.
-                if (p.bills.num_rows() > 0 && bills_tx.send(p.bills).is_err())
-                    || (p.lines.num_rows() > 0 && lines_tx.send(p.lines).is_err())
-                {
-                    break 'groups;
+        'passes: for (k, range) in passes.iter().enumerate() {
+            let ts = Instant::now();
+            let mut engine = Engine::new(
+                &roster,
+                range.clone(),
+                &tariffs,
+                period.clone(),
+                opts.vee.clone(),
+            );
+            if let Some(w) = &window {
+                // Each pass reads only the pages of its meters; the last one
+                // also reads pages no pass wanted (readings of unknown meters).
+                let ids = engine.meter_ids();
+                let last = k + 1 == passes.len();
+                let work: Vec<(&crate::store::scan::Unit, Option<Selection>)> = if multi {
+                    units
+                        .iter()
+                        .zip(&pages)
+                        .zip(seen.iter_mut())
+                        .filter_map(|((u, p), seen)| {
+                            let wanted = |lo: &[u8], hi: &[u8]| any_within(&ids, lo, hi);
+                            select_pages(p, wanted, seen, last).map(|s| (u, Some(s)))
+                        })
+                        .collect()
+                } else {
+                    units.iter().map(|u| (u, None)).collect()
+                };
+                drop(ids);
+                scan_pass(&mut engine, &work, w, elsewhere, |done| {
+                    if let Some(p) = &opts.progress {
+                        let per = units.len() as u64;
+                        let of = work.len().max(1) as u64;
+                        p(
+                            "reading lake",
+                            k as u64 * per + done * per / of,
+                            per * passes.len() as u64,
+                        );
+                    }
+                })?;
+            }
+            readings += engine.readings_seen;
+            for (id, n) in std::mem::take(&mut engine.unknown_meters) {
+                *unknown_meters.entry(id).or_insert(0) += n;
+            }
+            engine.carried_ytd = carried_ytd.take().unwrap_or_default();
+            t_scan += ts.elapsed();
+            tracing::debug!(
+                pass = k + 1,
+                of = passes.len(),
+                accounts = range.len(),
+                rss_mb = rss_mb(),
+                "scanned"
+            );
+
+            let tb0 = Instant::now();
+            let n = engine.accounts_len();
+            let mut start = 0;
+            while start < n {
+                let end = (start + group).min(n);
+                let mut billed = timed(&mut tb, || engine.bill_range(start..end));
+                let parts: Vec<Emitted> = timed(&mut te, || {
+                    billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect()
+                });
+                drop(billed);
+                for p in parts {
+                    totals.add(p.totals);
+                    exceptions.extend(p.exceptions);
+                    // A closed channel means that writer failed: its error is returned below.
+                    if (p.bills.num_rows() > 0 && bills_tx.send(p.bills).is_err())
+                        || (p.lines.num_rows() > 0 && lines_tx.send(p.lines).is_err())
+                    {
+                        break 'passes;
+                    }
                 }
+                if let Some(p) = &opts.progress {
+                    p("billing", (range.start + end) as u64, accounts_n as u64);
+                }
+                start = end;
             }
-            if let Some(p) = &opts.progress {
-                p("billing", end as u64, n as u64);
-            }
-            start = end;
+            carried_ytd = Some(std::mem::take(&mut engine.carried_ytd));
+            drop(engine);
+            t_bill += tb0.elapsed();
         }
         tracing::debug!(
             rate_ms = tb.as_millis() as u64,
@@ -448,9 +521,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         };
         Ok::<_, BillingError>((join(bills_w)?, join(lines_w)?))
     })?;
-    drop(engine);
+    exceptions.extend(unknown_meter_exceptions(&unknown_meters));
     exceptions.sort();
-    let t_bill = t0.elapsed();
+    let t_bill_end = t0.elapsed();
     tracing::debug!(phase = "bill", rss_mb = rss_mb(), "bill run");
 
     let mut exceptions_file = staging.create("exceptions.parquet")?;
@@ -480,12 +553,13 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake, "history": inputs_history},
         "tariff_versions": t.versions_used,
         "counts": {"accounts": accounts_n, "bills": t.bills, "estimated_bills": t.estimated, "exceptions": exceptions.len(),
-                   "lines": t.lines, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": t.adjusted},
+                   "lines": t.lines, "readings": readings, "lake_files": lake_files.len(), "adjusted_accounts": t.adjusted,
+                   "passes": passes.len()},
         "sums": {"total_amount": t.amount.to_string(), "total_kwh": t.kwh.to_string(), "adjustment_amount": t.adjustment.to_string(),
                  "by_tariff": t.by_tariff.iter().map(|(k, (n, a))| (k.clone(), serde_json::json!({"bills": n, "total_amount": a.to_string()}))).collect::<BTreeMap<_, _>>()},
         "outputs": outputs,
-        "timings_ms": {"load": t_load.as_millis(), "scan": (t_scan - t_load).as_millis(), "hash": (t_hash - t_scan).as_millis(),
-                       "bill": (t_bill - t_hash).as_millis(), "commit": (t0.elapsed() - t_bill).as_millis()},
+        "timings_ms": {"load": t_load.as_millis(), "scan": ((t_plan - t_load) + t_scan).as_millis(), "hash": (t_hash - t_plan).as_millis(),
+                       "bill": t_bill.as_millis(), "commit": (t0.elapsed() - t_bill_end).as_millis()},
     });
     let dir = staging.commit(&manifest)?;
     tracing::debug!(phase = "commit", rss_mb = rss_mb(), "bill run");
@@ -506,9 +580,64 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         adjustment_amount: totals.adjustment,
         readings,
         files_read: lake_files.len(),
+        passes: passes.len(),
         outputs,
         elapsed_ms: t0.elapsed().as_millis(),
     })
+}
+
+/// Decodes `work` a window of units at a time in parallel and routes the
+/// rows to `engine`'s meter states, shards in parallel; windows keep file
+/// (date) order. `tick(done)` reports units done.
+fn scan_pass(
+    engine: &mut Engine<'_>,
+    work: &[(&crate::store::scan::Unit, Option<Selection>)],
+    w: &ScanWindow,
+    elsewhere: Option<&(dyn Fn(&str) -> bool + Sync)>,
+    tick: impl Fn(u64),
+) -> Result<(), BillingError> {
+    use crate::store::scan::{Chunk, MeterLookup, Scanner};
+    let (index, meters) = engine.lend_index();
+    let id_of = |i: u32| meters.get(i as usize).map(|m| &*m.meter_id);
+    let scanner = Scanner {
+        meters: MeterLookup {
+            map: &index,
+            id_of: &id_of,
+            elsewhere,
+        },
+        shard_len: engine.shard_len(),
+        shards: super::engine::SHARDS,
+        lo: w.lo,
+        hi: w.hi,
+        keep: billed_channel,
+    };
+    let window = (2 * rayon::current_num_threads()).max(4);
+    let (mut done, mut read) = (0u64, 0u64);
+    let mut chunks: Vec<Chunk> = (0..window).map(|_| Default::default()).collect();
+    let (mut td, mut ta) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    for ws in work.chunks(window) {
+        let chunks = &mut chunks[..ws.len()];
+        timed(&mut td, || {
+            chunks
+                .par_iter_mut()
+                .zip(ws)
+                .map(|(c, (u, sel))| scanner.decode_into(u, sel.as_ref(), c))
+                .collect::<Result<Vec<()>, _>>()
+        })?;
+        timed(&mut ta, || engine.apply_chunks(chunks));
+        read += chunks.iter().map(|c| c.rows).sum::<u64>();
+        done += ws.len() as u64;
+        tick(done);
+    }
+    engine.return_index(index, meters);
+    tracing::debug!(
+        decode_ms = td.as_millis() as u64,
+        route_ms = ta.as_millis() as u64,
+        row_groups = work.len(),
+        rows_read = read,
+        "scan: time decoding row groups and routing rows to meters"
+    );
+    Ok(())
 }
 
 /// Runs `f`, adding its wall time to `total` (the debug-log splits of a run).

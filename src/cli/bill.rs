@@ -39,6 +39,13 @@ pub struct BillArgs {
     /// ending where this period starts carry annual-tier positions forward.
     #[arg(long, value_name = "RUN_DIR")]
     pub previous: Vec<PathBuf>,
+    /// Bound memory: hold the meter states of at most N meters at once.
+    /// Accounts (in id order) are billed in passes of whole runs of 8,192
+    /// accounts, each pass reading only the lake pages that hold its meters;
+    /// about 550 bytes per meter. The outputs are the same for any N.
+    #[arg(long, value_name = "N", default_value_t = crate::billing::run::DEFAULT_PASS_METERS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub pass_meters: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -49,6 +56,7 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
     let pb = bar.clone();
     let mut opts = BillRunOptions::new(&a.lake, &a.master, &a.tariffs, &a.period, &a.out);
     opts.preview = a.preview;
+    opts.pass_meters = a.pass_meters;
     opts.previous = a.previous.clone();
     opts.progress = Some(Box::new(move |phase, done, total| {
         pb.set_message(phase);

@@ -2,11 +2,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
-use super::{Account, BillingAccount, CustomerClass, Meter, Payment, PaymentMode};
+use super::{Account, BillingAccount, BillingMeter, CustomerClass, Meter, Payment, PaymentMode};
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,27 @@ impl fmt::Display for RowError {
 pub struct Loaded<T> {
     pub rows: Vec<T>,
     pub errors: Vec<RowError>,
+    /// SHA-256 (hex) and length of the file as read: hashed while parsing,
+    /// so a manifest's input hash costs no second read.
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Passes what the CSV reader reads through SHA-256.
+struct Hashing<R> {
+    inner: R,
+    hash: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
 }
 
 struct Row<'a> {
@@ -117,11 +139,16 @@ fn load<T>(
         field: String::new(),
         message,
     };
+    let file = std::fs::File::open(path).map_err(|e| whole(format!("cannot open: {e}")))?;
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(true)
         .comment(Some(b'#'))
-        .from_path(path)
-        .map_err(|e| whole(format!("cannot open: {e}")))?;
+        .buffer_capacity(1 << 20)
+        .from_reader(Hashing {
+            inner: file,
+            hash: Default::default(),
+            bytes: 0,
+        });
     let headers = rdr
         .headers()
         .map_err(|e| whole(format!("cannot read header: {e}")))?
@@ -139,6 +166,8 @@ fn load<T>(
     let mut out = Loaded {
         rows: Vec::new(),
         errors: Vec::new(),
+        sha256: String::new(),
+        bytes: 0,
     };
     // Sized from the first rows' length: growing a vector of a million
     // rows by doubling copies them over and over.
@@ -186,21 +215,37 @@ fn load<T>(
     for e in &out.errors {
         tracing::warn!(error = %e, "master data row rejected");
     }
+    // A malformed file stops the parse early: hash the rest too.
+    let mut rest = rdr.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink())
+        .map_err(|e| whole(format!("cannot read: {e}")))?;
+    out.sha256 = hex::encode(sha2::Digest::finalize(rest.hash));
+    out.bytes = rest.bytes;
     Ok(out)
 }
 
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, true)
+    load_meters_with(path, true, |m| m)
 }
 
 /// Meters with `meter_type` and `feeder` left empty: billing and
 /// prepayment never read them, and two short strings per meter count at
 /// millions of meters. Rows are validated exactly as by [`load_meters`].
 pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, false)
+    load_meters_with(path, false, |m| m)
 }
 
-fn load_meters_with(path: &Path, descriptive: bool) -> Result<Loaded<Meter>, RowError> {
+/// Meters as the bill run holds them ([`BillingMeter`]: no type or feeder,
+/// ids boxed), converted row by row, so the full [`Meter`]s never all exist.
+pub fn load_billing_meters(path: &Path) -> Result<Loaded<BillingMeter>, RowError> {
+    load_meters_with(path, false, BillingMeter::from)
+}
+
+fn load_meters_with<T>(
+    path: &Path,
+    descriptive: bool,
+    into: impl Fn(Meter) -> T,
+) -> Result<Loaded<T>, RowError> {
     let text = |r: &Row<'_>, field: &str| -> Result<String, RowError> {
         if descriptive {
             r.opt_text(field)
@@ -239,7 +284,7 @@ fn load_meters_with(path: &Path, descriptive: bool) -> Result<Loaded<Meter>, Row
             if removed_on.is_some_and(|d| d < installed_on) {
                 return Err(r.err("removed_on", "is before installed_on"));
             }
-            Ok(Meter {
+            Ok(into(Meter {
                 meter_id: r.text("meter_id")?,
                 account_id: r.text("account_id")?,
                 meter_type: text(r, "meter_type")?,
@@ -249,7 +294,7 @@ fn load_meters_with(path: &Path, descriptive: bool) -> Result<Loaded<Meter>, Row
                 installed_on,
                 removed_on,
                 feeder: text(r, "feeder")?,
-            })
+            }))
         },
     )
 }
@@ -270,7 +315,27 @@ pub fn load_accounts_without_personal(path: &Path) -> Result<Loaded<Account>, Ro
 /// demographic fields are not kept at all. Rows are validated exactly as by
 /// [`load_accounts`].
 pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<BillingAccount>, RowError> {
-    load_accounts_with(path, false, BillingAccount::from)
+    // One shared copy of each tariff id: a fleet has a handful of tariffs.
+    let tariffs = std::cell::RefCell::new(std::collections::HashMap::<String, Arc<str>>::new());
+    load_accounts_with(path, false, |a| {
+        let mut t = tariffs.borrow_mut();
+        let tariff_id = match t.get(&a.tariff_id) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<str> = a.tariff_id.as_str().into();
+                t.insert(a.tariff_id.clone(), shared.clone());
+                shared
+            }
+        };
+        BillingAccount {
+            account_id: a.account_id.into_boxed_str(),
+            tariff_id,
+            contracted_kva: a.contracted_kva,
+            opened_on: a.opened_on,
+            customer_class: a.customer_class,
+            payment_mode: a.payment_mode,
+        }
+    })
 }
 
 fn load_accounts_with<T>(
@@ -487,5 +552,37 @@ mod tests {
             f.clear();
         }
         assert_eq!(*p, without);
+    }
+
+    #[test]
+    fn accounts_of_one_tariff_share_one_tariff_id_and_files_carry_their_hash() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("accounts.csv");
+        // A row that is not UTF-8 is rejected and the rows after it still read.
+        let mut text = b"account_id,customer_class,tariff_id,payment_mode\n\
+            A1,residential,bj,prepaid\n\
+            A2,residential,gd,prepaid\n\
+            A\xff3,residential,bj,prepaid\n\
+            A4,residential,bj,postpaid\n"
+            .to_vec();
+        text.extend_from_slice(b"# a comment at the end\n");
+        std::fs::write(&p, &text).unwrap();
+        let l = load_accounts_for_billing(&p).unwrap();
+        let ids: Vec<&str> = l.rows.iter().map(|a| &*a.account_id).collect();
+        assert_eq!(ids, ["A1", "A2", "A4"]);
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert!(Arc::ptr_eq(&l.rows[0].tariff_id, &l.rows[2].tariff_id));
+        assert_eq!(&*l.rows[1].tariff_id, "gd");
+        assert_eq!(l.sha256, hex::encode(sha2::Sha256::digest(&text)));
+        assert_eq!(l.bytes, text.len() as u64);
+        let m = dir.path().join("meters.csv");
+        std::fs::write(&m, "meter_id,account_id,ct_ratio,pt_ratio,installed_on\n").unwrap();
+        let meters = load_billing_meters(&m).unwrap();
+        assert!(meters.rows.is_empty());
+        assert_eq!(
+            meters.sha256,
+            hex::encode(sha2::Sha256::digest(std::fs::read(&m).unwrap()))
+        );
     }
 }

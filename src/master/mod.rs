@@ -7,8 +7,8 @@
 mod load;
 
 pub use load::{
-    load_accounts, load_accounts_for_billing, load_accounts_without_personal, load_meters,
-    load_meters_for_billing, load_payments, Loaded, RowError,
+    load_accounts, load_accounts_for_billing, load_accounts_without_personal, load_billing_meters,
+    load_meters, load_meters_for_billing, load_payments, Loaded, RowError,
 };
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -46,6 +46,47 @@ impl Meter {
     /// Register modulus (10^digits).
     pub fn modulus(&self) -> Decimal {
         Decimal::from(10u64.pow(self.register_digits as u32))
+    }
+}
+
+/// The terms of a meter that billing reads: meters.csv without type and
+/// feeder, ids boxed (no spare capacity). 112 bytes against a [`Meter`]'s
+/// 176 with its heap ids: 640 MB less at 10 million meters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingMeter {
+    pub meter_id: Box<str>,
+    pub account_id: Box<str>,
+    pub ct_ratio: Decimal,
+    pub pt_ratio: Decimal,
+    pub register_digits: u8,
+    pub installed_on: NaiveDate,
+    pub removed_on: Option<NaiveDate>,
+}
+
+impl BillingMeter {
+    /// CT x PT: consumption = register delta x multiplier.
+    pub fn multiplier(&self) -> Decimal {
+        self.ct_ratio * self.pt_ratio
+    }
+}
+
+impl From<Meter> for BillingMeter {
+    fn from(m: Meter) -> BillingMeter {
+        BillingMeter {
+            meter_id: m.meter_id.into_boxed_str(),
+            account_id: m.account_id.into_boxed_str(),
+            ct_ratio: m.ct_ratio,
+            pt_ratio: m.pt_ratio,
+            register_digits: m.register_digits,
+            installed_on: m.installed_on,
+            removed_on: m.removed_on,
+        }
+    }
+}
+
+impl From<&Meter> for BillingMeter {
+    fn from(m: &Meter) -> BillingMeter {
+        BillingMeter::from(m.clone())
     }
 }
 
@@ -100,10 +141,14 @@ pub struct Account {
 /// The terms of an account that billing reads: accounts.csv without the
 /// personal and demographic columns (a quarter of an [`Account`]'s size,
 /// which counts at millions of accounts).
+///
+/// The id is boxed (no spare capacity) and the tariff id shared between
+/// the accounts of a tariff ([`load_accounts_for_billing`] interns it): 80
+/// bytes an account instead of 120, 400 MB less at 10 million accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BillingAccount {
-    pub account_id: String,
-    pub tariff_id: String,
+    pub account_id: Box<str>,
+    pub tariff_id: std::sync::Arc<str>,
     /// Contracted (transformer) capacity, kVA; 0 when not applicable.
     pub contracted_kva: Decimal,
     pub opened_on: NaiveDate,
@@ -114,8 +159,8 @@ pub struct BillingAccount {
 impl From<&Account> for BillingAccount {
     fn from(a: &Account) -> BillingAccount {
         BillingAccount {
-            account_id: a.account_id.clone(),
-            tariff_id: a.tariff_id.clone(),
+            account_id: a.account_id.as_str().into(),
+            tariff_id: a.tariff_id.as_str().into(),
             contracted_kva: a.contracted_kva,
             opened_on: a.opened_on,
             customer_class: a.customer_class,
@@ -127,8 +172,8 @@ impl From<&Account> for BillingAccount {
 impl From<Account> for BillingAccount {
     fn from(a: Account) -> BillingAccount {
         BillingAccount {
-            account_id: a.account_id,
-            tariff_id: a.tariff_id,
+            account_id: a.account_id.into_boxed_str(),
+            tariff_id: a.tariff_id.into(),
             contracted_kva: a.contracted_kva,
             opened_on: a.opened_on,
             customer_class: a.customer_class,

@@ -405,7 +405,7 @@ impl<'a> Wanted<'a, '_> {
         use crate::store::columns::from_scaled;
         use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
         let mut out: Vec<WantedRun<'a>> = Vec::new();
-        for b in unit_batches(unit, &SCAN_COLUMNS)? {
+        for b in unit_batches(unit, &SCAN_COLUMNS, None)? {
             let b = b?;
             let v = ScanView::new(&b, &unit.path)?;
             let (meter_id, ts, value) = (v.meter_id, v.ts, v.value);

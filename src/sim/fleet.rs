@@ -326,6 +326,10 @@ fn write_chunk(
         let ts = crate::billing::period::local_midnight_ms(date, o.utc_offset_hours * 3600);
         let per_meter = if o.interval { 5 + 96 } else { 5 };
         let mut b = ReadingsBuilder::with_capacity(plans.len() * per_meter + 64);
+        // Replacement meters' ids sort after every original id: their rows
+        // go after the others, so the file is sorted by meter id like the
+        // files the lake writes (scans rely on it to skip pages by id).
+        let mut replaced = ReadingsBuilder::with_capacity(64);
         for (k, p) in plans.iter().enumerate() {
             if day > 0 {
                 advance(p, &mut state[k], date - Days::days(1), &mut rng);
@@ -364,12 +368,15 @@ fn write_chunk(
             } else {
                 *st
             };
-            push_registers(&mut b, id, ts, &shown, p, day, received, &feeders[k], true);
+            let to = if exchanged { &mut replaced } else { &mut b };
+            push_registers(to, id, ts, &shown, p, day, received, &feeders[k], true);
             if o.interval && day < o.days {
-                push_intervals(&mut b, id, ts, p, date, &feeders[k]);
+                push_intervals(to, id, ts, p, date, &feeders[k]);
             }
         }
-        let batch = b.finish();
+        let batch =
+            arrow::compute::concat_batches(&readings_schema(), &[b.finish(), replaced.finish()])
+                .map_err(|e| StoreError::Schema(format!("simulated readings: {e}")))?;
         rows += batch.num_rows() as u64;
         if batch.num_rows() > 0 {
             let utc_date = chrono::DateTime::from_timestamp_millis(ts)

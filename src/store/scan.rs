@@ -16,10 +16,13 @@ use arrow::array::TimestampMillisecondArray;
 use arrow::array::{Array, Decimal64Array, DictionaryArray, StringArray};
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
 use chrono::NaiveDate;
+use parquet::arrow::arrow_reader::RowSelection;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
+use parquet::file::metadata::PageIndexPolicy;
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 
 use super::schema::{readings_schema, VALUE_PRECISION, VALUE_SCALE};
 use super::StoreError;
@@ -40,7 +43,12 @@ impl Hasher for Fx {
         }
     }
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply leaves the high bits well mixed and the low ones not
+        // (they follow the last bytes only), and the table indexes by the low
+        // bits: ids differing in their middle digits collided in long probe
+        // runs (building a 10M-account map took seconds). Rotate the mixed
+        // bits down, as rustc-hash 2 does.
+        self.0.rotate_left(26)
     }
 }
 
@@ -64,6 +72,133 @@ pub struct Unit {
     pub path: PathBuf,
     pub row_group: usize,
     meta: ArrowReaderMetadata,
+}
+
+impl Unit {
+    pub fn num_rows(&self) -> usize {
+        let rg = self.meta.metadata().row_group(self.row_group);
+        rg.num_rows().max(0) as usize
+    }
+
+    /// The pages of the `meter_id` column: their rows and min / max ids (None
+    /// when the file has no page statistics). Without a page index the whole
+    /// row group is one page.
+    pub fn id_pages(&self) -> Vec<IdPage> {
+        let n = self.num_rows();
+        let whole = || {
+            vec![IdPage {
+                rows: 0..n,
+                min: None,
+                max: None,
+            }]
+        };
+        let meta = self.meta.metadata();
+        let descr = meta.file_metadata().schema_descr();
+        let Some(col) = descr.columns().iter().position(|c| c.name() == "meter_id") else {
+            return whole();
+        };
+        let index = meta.page_index_for_row_group(self.row_group);
+        let (Some(ColumnIndexMetaData::BYTE_ARRAY(ci)), Some(oi)) =
+            (index.column_index(col), index.offset_index(col))
+        else {
+            return whole();
+        };
+        let locs = oi.page_locations();
+        if locs.is_empty() || ci.num_pages() as usize != locs.len() {
+            return whole();
+        }
+        (0..locs.len())
+            .map(|p| {
+                let start = locs[p].first_row_index.max(0) as usize;
+                let end = locs
+                    .get(p + 1)
+                    .map_or(n, |l| l.first_row_index.max(0) as usize);
+                IdPage {
+                    rows: start.min(n)..end.min(n),
+                    min: ci.min_value(p).map(<[u8]>::to_vec),
+                    max: ci.max_value(p).map(<[u8]>::to_vec),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One page of a unit's `meter_id` column: rows `rows` hold ids within
+/// `min ..= max` (None: unknown, so any id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdPage {
+    pub rows: std::ops::Range<usize>,
+    pub min: Option<Vec<u8>>,
+    pub max: Option<Vec<u8>>,
+}
+
+/// The rows of a unit that one pass of a scan decodes (whole `meter_id`
+/// pages, ascending), and among them the rows where it counts readings of
+/// unknown meters: every page is counted by exactly one pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub rows: Vec<std::ops::Range<usize>>,
+    pub count_unknown: Vec<std::ops::Range<usize>>,
+}
+
+impl Selection {
+    /// Whether unit row `row` is in a range where unknown ids are counted.
+    fn counts_unknown(&self, row: usize) -> bool {
+        let i = self.count_unknown.partition_point(|r| r.end <= row);
+        self.count_unknown.get(i).is_some_and(|r| r.contains(&row))
+    }
+
+    /// The unit row of the `k`-th selected row.
+    fn unit_row(&self, mut k: usize) -> usize {
+        for r in &self.rows {
+            if k < r.len() {
+                return r.start + k;
+            }
+            k -= r.len();
+        }
+        usize::MAX
+    }
+}
+
+/// Plans one pass over a unit's pages: a page is read when `wanted(min,
+/// max)` says the pass has a meter id within it; `seen[p]` marks pages an
+/// earlier pass read (the first reader of a page counts its unknown ids);
+/// the `last` pass also reads every page no pass wanted, so readings of
+/// unknown meters are counted however the passes fall. None: nothing to read.
+pub fn select_pages(
+    pages: &[IdPage],
+    wanted: impl Fn(&[u8], &[u8]) -> bool,
+    seen: &mut [bool],
+    last: bool,
+) -> Option<Selection> {
+    let mut sel = Selection::default();
+    let push = |v: &mut Vec<std::ops::Range<usize>>, r: &std::ops::Range<usize>| match v.last_mut()
+    {
+        Some(l) if l.end == r.start => l.end = r.end,
+        _ => v.push(r.clone()),
+    };
+    for (p, page) in pages.iter().enumerate() {
+        let want = match (&page.min, &page.max) {
+            (Some(lo), Some(hi)) => wanted(lo, hi),
+            _ => true,
+        };
+        let first = !seen[p];
+        if want || (last && first) {
+            push(&mut sel.rows, &page.rows);
+            if first {
+                push(&mut sel.count_unknown, &page.rows);
+                seen[p] = true;
+            }
+        }
+    }
+    (!sel.rows.is_empty()).then_some(sel)
+}
+
+/// Whether sorted `ids` hold one within `lo ..= hi` (byte order, as
+/// Parquet orders statistics).
+pub fn any_within(ids: &[&str], lo: &[u8], hi: &[u8]) -> bool {
+    let i = ids.partition_point(|x| x.as_bytes() < lo);
+    ids.get(i).is_some_and(|x| x.as_bytes() <= hi)
 }
 
 /// The decoded rows of one unit.
@@ -105,6 +240,7 @@ fn scan_schema() -> SchemaRef {
 pub fn unit_batches<'a>(
     unit: &'a Unit,
     columns: &[&str],
+    selection: Option<&Selection>,
 ) -> Result<
     impl Iterator<Item = Result<arrow::record_batch::RecordBatch, StoreError>> + 'a,
     StoreError,
@@ -115,6 +251,13 @@ pub fn unit_batches<'a>(
         .with_batch_size(64 * 1024)
         .with_row_groups(vec![unit.row_group]);
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let builder = match selection {
+        Some(sel) => builder.with_row_selection(RowSelection::from_consecutive_ranges(
+            sel.rows.iter().cloned(),
+            unit.num_rows(),
+        )),
+        None => builder,
+    };
     let reader = builder.with_projection(mask).build().map_err(perr(path))?;
     Ok(reader.map(move |b| {
         b.map_err(|e| StoreError::Parquet {
@@ -212,13 +355,28 @@ fn perr(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> StoreError + '
 
 /// Reads the footers of `files` and lists their row groups, in file order.
 pub fn units(files: &[(NaiveDate, PathBuf)]) -> Result<Vec<Unit>, StoreError> {
+    units_with(files, PageIndexPolicy::Skip)
+}
+
+/// Like [`units`], with the files' page indexes (where they have one), so
+/// a scan can read only some pages of a row group ([`Unit::id_pages`],
+/// [`Selection`]).
+pub fn units_with_page_index(files: &[(NaiveDate, PathBuf)]) -> Result<Vec<Unit>, StoreError> {
+    units_with(files, PageIndexPolicy::Optional)
+}
+
+fn units_with(
+    files: &[(NaiveDate, PathBuf)],
+    pages: PageIndexPolicy,
+) -> Result<Vec<Unit>, StoreError> {
     let schema = scan_schema();
     let mut out = Vec::new();
     for (date, path) in files {
         let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-        let meta =
-            ArrowReaderMetadata::load(&file, ArrowReaderOptions::new().with_schema(schema.clone()))
-                .map_err(perr(path))?;
+        let options = ArrowReaderOptions::new()
+            .with_schema(schema.clone())
+            .with_page_index_policy(pages);
+        let meta = ArrowReaderMetadata::load(&file, options).map_err(perr(path))?;
         // Values are read as 64-bit decimals: a wider column is not the lake's.
         let descr = meta.metadata().file_metadata().schema_descr();
         if let Some(c) = descr.columns().iter().find(|c| c.name() == "value") {
@@ -266,6 +424,9 @@ pub struct MeterLookup<'a> {
     /// Dense index -> meter id; None past the last meter, and for every
     /// index when ids may repeat (then only the map answers).
     pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
+    /// Meters billed in another pass: their rows are skipped, not counted
+    /// as unknown (None: a single pass, every meter is in `map`).
+    pub elsewhere: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
 }
 
 impl MeterLookup<'_> {
@@ -294,22 +455,35 @@ pub fn same_id(a: &[u8], b: &[u8]) -> bool {
     a == b
 }
 
+/// What a row's meter id resolved to.
+#[derive(Clone, Copy)]
+enum Hit {
+    Meter(u32),
+    /// A meter billed in another pass.
+    Elsewhere,
+    Unknown,
+}
+
 impl Scanner<'_> {
     pub fn decode(&self, unit: &Unit) -> Result<Chunk, StoreError> {
         let mut c = Chunk::default();
-        self.decode_into(unit, &mut c)?;
+        self.decode_into(unit, None, &mut c)?;
         Ok(c)
     }
 
-    /// Like [`Scanner::decode`], reusing `out`'s buffers (no fresh pages per unit).
-    pub fn decode_into(&self, unit: &Unit, out: &mut Chunk) -> Result<(), StoreError> {
+    /// Like [`Scanner::decode`], reusing `out`'s buffers (no fresh pages per
+    /// unit), reading only the rows of `sel` when given.
+    pub fn decode_into(
+        &self,
+        unit: &Unit,
+        sel: Option<&Selection>,
+        out: &mut Chunk,
+    ) -> Result<(), StoreError> {
         let path = unit.path.as_path();
-        let rows = unit
-            .meta
-            .metadata()
-            .row_group(unit.row_group)
-            .num_rows()
-            .max(0) as usize;
+        let rows = match sel {
+            Some(s) => s.rows.iter().map(|r| r.len()).sum(),
+            None => unit.num_rows(),
+        };
         out.shards.resize_with(self.shards, Vec::new);
         for s in &mut out.shards {
             s.clear();
@@ -318,7 +492,9 @@ impl Scanner<'_> {
         }
         out.unknown.clear();
         out.rows = 0;
-        for batch in unit_batches(unit, &SCAN_COLUMNS)? {
+        // Selected rows before the current batch.
+        let mut base = 0usize;
+        for batch in unit_batches(unit, &SCAN_COLUMNS, sel)? {
             let batch = batch?;
             let v = ScanView::new(&batch, path)?;
             let (mid, ts, val, ck, qk) = (v.meter_id, v.ts, v.value, v.channel.0, v.quality.0);
@@ -330,8 +506,8 @@ impl Scanner<'_> {
             let q_map = v.qualities();
             let n = batch.num_rows();
             out.rows += n as u64;
-            // The id of the previous row and its index (None = unknown meter).
-            let mut last: Option<(&str, Option<u32>)> = None;
+            // The id of the previous row and what it resolved to.
+            let mut last: Option<(&str, Hit)> = None;
             // The index of the last known meter seen.
             let mut prev: Option<u32> = None;
             // The shard of the previous row's meter and its index range.
@@ -345,21 +521,33 @@ impl Scanner<'_> {
                     continue;
                 };
                 let id = mid.value(i);
-                let m = match last {
-                    Some((l, m)) if same_id(l.as_bytes(), id.as_bytes()) => m,
+                let hit = match last {
+                    Some((l, h)) if same_id(l.as_bytes(), id.as_bytes()) => h,
                     _ => {
-                        let m = self.meters.find(id, prev);
-                        last = Some((id, m));
-                        prev = m.or(prev);
-                        m
+                        let h = match self.meters.find(id, prev) {
+                            Some(m) => {
+                                prev = Some(m);
+                                Hit::Meter(m)
+                            }
+                            None if self.meters.elsewhere.is_some_and(|f| f(id)) => Hit::Elsewhere,
+                            None => Hit::Unknown,
+                        };
+                        last = Some((id, h));
+                        h
                     }
                 };
-                let Some(m) = m else {
-                    match out.unknown.last_mut() {
-                        Some((u, c)) if u == id => *c += 1,
-                        _ => out.unknown.push((id.to_string(), 1)),
+                let m = match hit {
+                    Hit::Meter(m) => m,
+                    Hit::Elsewhere => continue,
+                    Hit::Unknown => {
+                        if sel.is_none_or(|s| s.counts_unknown(s.unit_row(base + i))) {
+                            match out.unknown.last_mut() {
+                                Some((u, c)) if u == id => *c += 1,
+                                _ => out.unknown.push((id.to_string(), 1)),
+                            }
+                        }
+                        continue;
                     }
-                    continue;
                 };
                 let quality = q_map
                     .get(qk[i] as usize)
@@ -378,6 +566,7 @@ impl Scanner<'_> {
                     value: val[i],
                 });
             }
+            base += n;
         }
         Ok(())
     }
@@ -455,6 +644,7 @@ pub(crate) mod tests {
             meters: MeterLookup {
                 map: &index,
                 id_of: &id_of,
+                elsewhere: None,
             },
             shard_len: shard_len(3, 2),
             shards: 2,
@@ -517,6 +707,7 @@ pub(crate) mod tests {
             meters: MeterLookup {
                 map: &index,
                 id_of: &id_of,
+                elsewhere: None,
             },
             shard_len: shard_len(1, 1),
             shards: 1,
@@ -594,7 +785,11 @@ pub(crate) mod tests {
         let id_of = |i: u32| ids.get(i as usize).copied();
         for (map, name) in [(&index, "full map"), (&sparse, "sparse map")] {
             let sc = Scanner {
-                meters: MeterLookup { map, id_of: &id_of },
+                meters: MeterLookup {
+                    map,
+                    id_of: &id_of,
+                    elsewhere: None,
+                },
                 shard_len: shard_len(5, 1),
                 shards: 1,
                 lo: day,
@@ -653,7 +848,7 @@ pub(crate) mod tests {
         let files = all_readings_files(dir.path());
         let mut rows = Vec::new();
         for u in units(&files).unwrap() {
-            for b in unit_batches(&u, &SCAN_COLUMNS).unwrap() {
+            for b in unit_batches(&u, &SCAN_COLUMNS, None).unwrap() {
                 let b = b.unwrap();
                 let v = ScanView::new(&b, &u.path).unwrap();
                 let (channels, qualities) = (v.channels(), v.qualities());
@@ -695,6 +890,142 @@ pub(crate) mod tests {
                     suspect
                 ),
                 ("B".into(), day, 2200, Some(Channel::VoltageA), Quality::OK),
+            ]
+        );
+    }
+
+    fn page(rows: std::ops::Range<usize>, lo: &str, hi: &str) -> IdPage {
+        IdPage {
+            rows,
+            min: Some(lo.as_bytes().to_vec()),
+            max: Some(hi.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_pass_reads_only_the_pages_that_can_hold_its_meters_and_the_last_reads_the_rest() {
+        let pages = vec![
+            page(0..10, "a", "c"),
+            page(10..20, "c", "f"),
+            page(20..30, "g", "h"),
+            page(30..40, "x", "z"),
+        ];
+        let mut seen = vec![false; 4];
+        const FIRST: [&str; 2] = ["b", "e"];
+        let wanted =
+            |ids: &'static [&'static str]| move |lo: &[u8], hi: &[u8]| any_within(ids, lo, hi);
+        let s = select_pages(&pages, wanted(&FIRST), &mut seen, false).unwrap();
+        assert_eq!(s.rows, vec![0..20], "adjacent pages merge");
+        assert_eq!(s.count_unknown, vec![0..20]);
+        // The second pass shares page 1 with the first: it reads it, but the
+        // first pass counted its unknown ids.
+        const SECOND: [&str; 2] = ["d", "g"];
+        let s = select_pages(&pages, wanted(&SECOND), &mut seen, false).unwrap();
+        assert_eq!(s.rows, vec![10..30]);
+        assert_eq!(s.count_unknown, vec![20..30]);
+        // The last pass wants nothing, but takes the page nobody read.
+        let s = select_pages(&pages, wanted(&[]), &mut seen, true).unwrap();
+        assert_eq!(s.rows, vec![30..40]);
+        assert_eq!(s.count_unknown, vec![30..40]);
+        assert!(seen.iter().all(|s| *s));
+        // A pass with nothing to read gets nothing.
+        assert_eq!(select_pages(&pages, wanted(&["q"]), &mut seen, true), None);
+        // A page without statistics is read by every pass.
+        let bare = vec![IdPage {
+            rows: 0..5,
+            min: None,
+            max: None,
+        }];
+        let mut seen = vec![false];
+        let whole = &[std::ops::Range { start: 0, end: 5 }][..];
+        for (last, counts) in [(false, whole), (true, &[][..])] {
+            let s = select_pages(&bare, wanted(&[]), &mut seen, last).unwrap();
+            assert_eq!((&s.rows[..], &s.count_unknown[..]), (whole, counts));
+        }
+    }
+
+    #[test]
+    fn passes_over_a_multi_page_file_read_each_meter_once_and_count_unknown_meters_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let day = 1_790_000_000_000i64;
+        // 30,000 meters, two readings each: the writer cuts `meter_id` pages
+        // at 20,000 rows, so the file has several pages.
+        let id = |m: usize| format!("{:06}", m * 2);
+        let mut rs = Vec::new();
+        for m in 0..30_000 {
+            for k in 0..2 {
+                rs.push(reading(
+                    &id(m),
+                    day + k,
+                    Channel::ImportActiveTotal,
+                    m as i64,
+                    Quality::OK,
+                ));
+            }
+        }
+        // Unknown ids (odd) in the first page, the middle and the last page.
+        for u in ["000001", "030001", "059999"] {
+            rs.push(reading(u, day, Channel::ImportActiveTotal, 1, Quality::OK));
+        }
+        lake.accept(&rs).unwrap();
+        lake.flush().unwrap();
+        let units = units_with_page_index(&all_readings_files(dir.path())).unwrap();
+        let pages: Vec<Vec<IdPage>> = units.iter().map(Unit::id_pages).collect();
+        assert!(pages.iter().map(Vec::len).sum::<usize>() >= 3, "{pages:?}");
+        let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
+        let all: Vec<String> = (0..30_000).map(id).collect();
+        let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let elsewhere = |x: &str| all_refs.binary_search(&x).is_ok();
+        // Three passes of 10,000 meters each.
+        let mut per_meter = vec![0u32; 30_000];
+        let mut unknown: Vec<(String, u64)> = Vec::new();
+        for pass in 0..3 {
+            let ids: Vec<&str> = all_refs[pass * 10_000..(pass + 1) * 10_000].to_vec();
+            let index: FxMap<&str, u32> = ids.iter().zip(0u32..).map(|(i, n)| (*i, n)).collect();
+            let id_of = |i: u32| ids.get(i as usize).copied();
+            let sc = Scanner {
+                meters: MeterLookup {
+                    map: &index,
+                    id_of: &id_of,
+                    elsewhere: Some(&elsewhere),
+                },
+                shard_len: shard_len(ids.len(), 1),
+                shards: 1,
+                lo: day,
+                hi: day + 10,
+                keep: |_| true,
+            };
+            let mut read = 0;
+            for (u, unit) in units.iter().enumerate() {
+                let wanted = |lo: &[u8], hi: &[u8]| any_within(&ids, lo, hi);
+                let Some(sel) = select_pages(&pages[u], wanted, &mut seen[u], pass == 2) else {
+                    continue;
+                };
+                let mut c = Chunk::default();
+                sc.decode_into(unit, Some(&sel), &mut c).unwrap();
+                read += c.rows;
+                for r in &c.shards[0] {
+                    per_meter[pass * 10_000 + r.meter as usize] += 1;
+                }
+                unknown.extend(c.unknown);
+            }
+            assert!(
+                read < 60_003,
+                "pass {pass} read only some pages ({read} rows)"
+            );
+        }
+        assert!(
+            per_meter.iter().all(|n| *n == 2),
+            "every reading routed once"
+        );
+        unknown.sort();
+        assert_eq!(
+            unknown,
+            vec![
+                ("000001".to_string(), 1),
+                ("030001".to_string(), 1),
+                ("059999".to_string(), 1)
             ]
         );
     }

@@ -390,46 +390,87 @@ mod end_to_end {
     }
 
     #[test]
-    fn outputs_do_not_depend_on_the_number_of_threads() {
+    fn outputs_do_not_depend_on_the_number_of_threads_or_passes() {
         // More accounts than one group of runs on one thread (2 x 8,192), so
         // one thread bills in two groups and three threads in one group of
-        // three parallel runs: the bytes must not change.
+        // three parallel runs; with a budget of one meter per pass, the
+        // accounts are billed in three passes of 8,192 (whole runs). The
+        // bytes must not change.
         let tmp = tempfile::tempdir().unwrap();
         let lake = tmp.path().join("fleet");
         let mut o = FleetOptions::new(&lake);
         o.meters = 20_000;
         o.anomaly_per_mille = 20;
         generate(&o, &|_, _| {}).unwrap();
-        let run = |threads: usize| {
-            let out = tmp.path().join(format!("run-{threads}"));
+        // Readings of 25,000 unknown meters whose ids fall between the
+        // fleet's (pages that several passes read): each must be counted once.
+        let mut unknown_lake =
+            meterflow::store::Lake::open(&lake, meterflow::store::LakeOptions::new("t")).unwrap();
+        let ts = chrono::DateTime::parse_from_rfc3339("2026-10-14T16:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        let unknown: Vec<meterflow::model::Reading> = (0..25_000)
+            .map(|i| {
+                let id = format!("{}u", meterflow::sim::fleet::meter_id(i));
+                super::reading(
+                    &id,
+                    ts,
+                    meterflow::model::Channel::ImportActiveTotal,
+                    Decimal::ONE,
+                )
+            })
+            .collect();
+        unknown_lake.accept(&unknown).unwrap();
+        unknown_lake.flush().unwrap();
+        let run = |threads: usize, pass_meters: usize| {
+            let out = tmp.path().join(format!("run-{threads}-{pass_meters}"));
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| bill_run(&opts(&lake, &out))).unwrap();
-            out
+            let mut o = opts(&lake, &out);
+            o.pass_meters = pass_meters;
+            let s = pool.install(|| bill_run(&o)).unwrap();
+            (out, s.passes)
         };
-        let (one, three) = (run(1), run(3));
-        for f in [
-            "bills.parquet",
-            "bill_lines.parquet",
-            "exceptions.parquet",
-            "manifest.json",
-        ] {
-            let x = std::fs::read(one.join(f)).unwrap();
-            let y = std::fs::read(three.join(f)).unwrap();
-            if f == "manifest.json" {
-                // Timings differ; everything else must not.
-                let strip = |b: &[u8]| {
-                    let mut v: serde_json::Value = serde_json::from_slice(b).unwrap();
-                    v.as_object_mut().unwrap().remove("timings_ms");
-                    v
-                };
-                assert_eq!(strip(&x), strip(&y));
-            } else {
-                assert_eq!(x, y, "{f} differs between 1 and 3 threads");
+        let (one, passes) = run(1, usize::MAX);
+        assert_eq!(passes, 1);
+        let (three, passes) = run(3, usize::MAX);
+        assert_eq!(passes, 1);
+        let (passed, passes) = run(3, 1);
+        assert_eq!(passes, 3);
+        for other in [&three, &passed] {
+            for f in [
+                "bills.parquet",
+                "bill_lines.parquet",
+                "exceptions.parquet",
+                "manifest.json",
+            ] {
+                let x = std::fs::read(one.join(f)).unwrap();
+                let y = std::fs::read(other.join(f)).unwrap();
+                if f == "manifest.json" {
+                    // Timings and the pass count differ; everything else must not.
+                    let strip = |b: &[u8]| {
+                        let mut v: serde_json::Value = serde_json::from_slice(b).unwrap();
+                        v.as_object_mut().unwrap().remove("timings_ms");
+                        v["counts"].as_object_mut().unwrap().remove("passes");
+                        v
+                    };
+                    assert_eq!(strip(&x), strip(&y));
+                } else {
+                    assert_eq!(x, y, "{f} differs in {}", other.display());
+                }
             }
         }
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(passed.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["counts"]["passes"], 3);
+        let e = meterflow::store::reader::read_file(&passed.join("exceptions.parquet")).unwrap();
+        let rows: usize = e.iter().map(|b| b.num_rows()).sum();
+        assert!(
+            rows >= 25_000,
+            "every unknown meter reported ({rows} exceptions)"
+        );
     }
 
     #[test]
