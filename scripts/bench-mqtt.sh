@@ -24,6 +24,7 @@
 #   scripts/bench-mqtt.sh                       # N=1000000, PERS="4 100 1000"
 #   N=200000 PERS=10 REPEAT=1 scripts/bench-mqtt.sh
 #   BIN=target/release/meterflow INFLIGHT=20 scripts/bench-mqtt.sh
+#   FLUSH=500000 scripts/bench-mqtt.sh          # larger lake segments
 #
 # Each size runs REPEAT times (default 3; each run a fresh pair of sessions)
 # and the median ratio is printed last: on a shared 2-core machine single
@@ -36,6 +37,8 @@ METERS=${METERS:-1000}
 INFLIGHT=${INFLIGHT:-1000}
 REPEAT=${REPEAT:-3}
 TIMEOUT=${TIMEOUT:-300}
+# Readings per lake segment (ingest's `flush_readings`; its default is 200000).
+FLUSH=${FLUSH:-200000}
 BROKER=${BROKER:-private}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/meterflow}
@@ -105,7 +108,7 @@ url = "$URL"
 client_id = "$tag-ingest"
 [ingest]
 flush_secs = 5
-flush_readings = 500000
+flush_readings = $FLUSH
 [[source]]
 name = "bench"
 filter = "$tag/#"
