@@ -228,9 +228,10 @@ pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
     load_meters_with(path, true, |m| m)
 }
 
-/// Meters with `meter_type` and `feeder` left empty: billing and
-/// prepayment never read them, and two short strings per meter count at
-/// millions of meters. Rows are validated exactly as by [`load_meters`].
+/// Meters with `meter_type` and `feeder` left empty: prepayment never reads
+/// them, and two short strings per meter count at millions of meters (the
+/// bill run goes further: [`load_billing_meters`]). Rows are validated
+/// exactly as by [`load_meters`].
 pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
     load_meters_with(path, false, |m| m)
 }
