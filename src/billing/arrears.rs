@@ -78,13 +78,15 @@ fn bills_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Year-to-date kWh at the period start carried from the previous run, by
+/// account: (start of the bill ending where this period starts, its
+/// `ytd_kwh_after`).
+pub type CarriedYtd = std::collections::HashMap<String, (NaiveDate, Decimal)>;
+
 /// Year-to-date positions to carry into a period starting on `start`: for
 /// every account whose bill in `dirs` ends on `start`, (that bill's start,
 /// its `ytd_kwh_after`). Revisions replace the values of the accounts they adjust.
-pub fn read_carried_ytd(
-    dirs: &[PathBuf],
-    start: NaiveDate,
-) -> Result<std::collections::HashMap<String, (NaiveDate, Decimal)>, BillingError> {
+pub fn read_carried_ytd(dirs: &[PathBuf], start: NaiveDate) -> Result<CarriedYtd, BillingError> {
     let mut out = std::collections::HashMap::new();
     for f in dirs.iter().flat_map(|d| bills_files(d)) {
         for_each_bill(&f, |r, bad| {

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::account::{
     apply_reading, bill_account, plan_account, AccountBill, AccountPlan, Exception,
 };
+use super::arrears::CarriedYtd;
 use super::period::BillPeriod;
 use super::vee::{MeterState, VeeConfig};
 use crate::master::{BillingAccount, BillingMeter, Meter};
@@ -283,9 +284,6 @@ pub struct Engine<'a> {
     pub readings_seen: u64,
     /// First error raised while routing readings, per account.
     route_errors: HashMap<u32, Exception>,
-    /// Year-to-date kWh at the period start carried from the previous run:
-    /// (start of the bill ending where this period starts, its `ytd_kwh_after`).
-    pub carried_ytd: HashMap<String, (chrono::NaiveDate, rust_decimal::Decimal)>,
     /// Built when billing starts.
     account_meters: AccountMeters,
 }
@@ -346,7 +344,6 @@ impl<'a> Engine<'a> {
             unknown_meters: HashMap::new(),
             readings_seen: 0,
             route_errors: HashMap::new(),
-            carried_ytd: HashMap::new(),
             account_meters: AccountMeters::default(),
         }
     }
@@ -466,9 +463,11 @@ impl<'a> Engine<'a> {
     /// Their meter states are moved out and freed, so billing the accounts
     /// range by range never holds every bill and every state at once; each
     /// account is billed once (a second call finds no meter states).
+    /// `carried`: annual-tier positions carried from the previous run.
     pub fn bill_range(
         &mut self,
         range: std::ops::Range<usize>,
+        carried: &CarriedYtd,
     ) -> Vec<(&'a BillingAccount, Result<AccountBill, Exception>)> {
         if self.account_meters.is_empty() && !self.accounts.is_empty() {
             self.account_meters = AccountMeters::new(&self.meter_account, self.accounts.len());
@@ -490,7 +489,7 @@ impl<'a> Engine<'a> {
         range
             .into_par_iter()
             .zip(taken)
-            .map(|(ai, ms)| (this.accounts[ai], this.bill_one(ai, &ms)))
+            .map(|(ai, ms)| (this.accounts[ai], this.bill_one(ai, &ms, carried)))
             .collect()
     }
 
@@ -498,6 +497,7 @@ impl<'a> Engine<'a> {
         &self,
         ai: usize,
         ms: &[(&BillingMeter, MeterState)],
+        carried: &CarriedYtd,
     ) -> Result<AccountBill, Exception> {
         let plan = self.plans[ai].as_ref().map_err(|e| e.clone())?;
         if let Some(e) = self.route_errors.get(&(ai as u32)) {
@@ -511,7 +511,7 @@ impl<'a> Engine<'a> {
             &refs,
             &self.period,
             &self.cfg,
-            self.carried_ytd.get(&*account.account_id).copied(),
+            carried.get(&*account.account_id).copied(),
         )
     }
 
@@ -519,7 +519,7 @@ impl<'a> Engine<'a> {
     pub fn finish(mut self) -> (Vec<AccountBill>, Vec<ExceptionRow>) {
         let mut bills = Vec::with_capacity(self.accounts.len());
         let mut exceptions = unknown_meter_exceptions(&self.unknown_meters);
-        for (account, r) in self.bill_range(0..self.accounts.len()) {
+        for (account, r) in self.bill_range(0..self.accounts.len(), &CarriedYtd::new()) {
             match r {
                 Ok(b) => bills.push(b),
                 Err(e) => exceptions.push(ExceptionRow::account(account, e)),

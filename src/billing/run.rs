@@ -413,7 +413,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
     let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
     let mut readings = 0u64;
-    let mut carried_ytd = Some(carried_ytd);
     let (mut t_scan, mut t_bill) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let (bills_file, lines_file) = std::thread::scope(|scope| {
         let (bills_tx, bills_w) = spawn_writer(
@@ -471,7 +470,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             for (id, n) in std::mem::take(&mut engine.unknown_meters) {
                 *unknown_meters.entry(id).or_insert(0) += n;
             }
-            engine.carried_ytd = carried_ytd.take().unwrap_or_default();
             t_scan += ts.elapsed();
             tracing::debug!(
                 pass = k + 1,
@@ -486,7 +484,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             let mut start = 0;
             while start < n {
                 let end = (start + group).min(n);
-                let mut billed = timed(&mut tb, || engine.bill_range(start..end));
+                let mut billed = timed(&mut tb, || engine.bill_range(start..end, &carried_ytd));
                 let parts: Vec<Emitted> = timed(&mut te, || {
                     billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect()
                 });
@@ -506,7 +504,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 }
                 start = end;
             }
-            carried_ytd = Some(std::mem::take(&mut engine.carried_ytd));
             drop(engine);
             t_bill += tb0.elapsed();
         }

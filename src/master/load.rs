@@ -215,7 +215,8 @@ fn load<T>(
     for e in &out.errors {
         tracing::warn!(error = %e, "master data row rejected");
     }
-    // A malformed file stops the parse early: hash the rest too.
+    // A read error stops the parse early: hash the rest too (or fail the
+    // file, if it still cannot be read).
     let mut rest = rdr.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink())
         .map_err(|e| whole(format!("cannot read: {e}")))?;

@@ -1029,4 +1029,17 @@ pub(crate) mod tests {
             ]
         );
     }
+
+    #[test]
+    fn ids_that_differ_only_in_their_middle_digits_spread_over_the_low_hash_bits() {
+        // Hash tables index by the low bits. Before the final rotation these
+        // followed only the ids' last bytes, and such ids fell into a few
+        // dozen buckets.
+        use std::hash::BuildHasher;
+        let b = BuildHasherDefault::<Fx>::default();
+        let low: FxSet<u64> = (0..100_000u64)
+            .map(|i| b.hash_one(format!("A{:09}", i * 1000).as_str()) & 0xffff)
+            .collect();
+        assert!(low.len() > 40_000, "{} distinct low 16 bits", low.len());
+    }
 }
