@@ -59,10 +59,59 @@ impl<R: std::io::Read> std::io::Read for Hashing<R> {
     }
 }
 
+/// A header's column positions by name (the first of repeated names), so a
+/// field is found without comparing it with every column name on every row.
+struct Columns(crate::store::scan::FxMap<Box<str>, usize>);
+
+impl Columns {
+    fn new(header: &csv::StringRecord) -> Columns {
+        let mut m = crate::store::scan::FxMap::default();
+        for (i, h) in header.iter().enumerate() {
+            m.entry(h.into()).or_insert(i);
+        }
+        Columns(m)
+    }
+}
+
+/// Column positions a parse has asked for, in the order it asked, by the
+/// address and length of the field name it passed (a `'static` name, so
+/// an address never comes to hold another name; parsers ask in the same
+/// order on every row): one pointer compare per lookup instead of hashing
+/// the name on every row.
+#[derive(Default)]
+struct Seen(std::cell::RefCell<Vec<(usize, usize, Option<usize>)>>);
+
+impl Seen {
+    /// The position of `field`, expected at `*next` in the order of asking.
+    fn position(
+        &self,
+        field: &'static str,
+        headers: &Columns,
+        next: &std::cell::Cell<usize>,
+    ) -> Option<usize> {
+        let key = (field.as_ptr() as usize, field.len());
+        let mut seen = self.0.borrow_mut();
+        let n = next.get();
+        let at = match seen.get(n) {
+            Some(e) if (e.0, e.1) == key => Some(n),
+            _ => seen.iter().position(|e| (e.0, e.1) == key),
+        };
+        let at = at.unwrap_or_else(|| {
+            seen.push((key.0, key.1, headers.0.get(field).copied()));
+            seen.len() - 1
+        });
+        next.set(at + 1);
+        seen[at].2
+    }
+}
+
 struct Row<'a> {
     file: &'a Path,
     line: u64,
-    headers: &'a csv::StringRecord,
+    headers: &'a Columns,
+    seen: &'a Seen,
+    /// Where this row's next lookup is expected in `seen`.
+    next: std::cell::Cell<usize>,
     rec: &'a csv::StringRecord,
 }
 
@@ -75,37 +124,36 @@ impl Row<'_> {
             message: message.into(),
         }
     }
-    fn raw(&self, field: &str) -> Result<&str, RowError> {
+    fn raw(&self, field: &'static str) -> Result<&str, RowError> {
         let i = self
-            .headers
-            .iter()
-            .position(|h| h == field)
+            .seen
+            .position(field, self.headers, &self.next)
             .ok_or_else(|| self.err(field, "column missing from the header"))?;
         Ok(self.rec.get(i).unwrap_or("").trim())
     }
-    fn text(&self, field: &str) -> Result<String, RowError> {
+    fn text(&self, field: &'static str) -> Result<String, RowError> {
         let v = self.raw(field)?;
         if v.is_empty() {
             return Err(self.err(field, "must not be empty"));
         }
         Ok(v.to_string())
     }
-    fn opt_text(&self, field: &str) -> Result<String, RowError> {
+    fn opt_text(&self, field: &'static str) -> Result<String, RowError> {
         // Optional columns may be absent from the header altogether.
         Ok(self.raw(field).map(str::to_string).unwrap_or_default())
     }
-    fn decimal(&self, field: &str) -> Result<Decimal, RowError> {
+    fn decimal(&self, field: &'static str) -> Result<Decimal, RowError> {
         let v = self.raw(field)?;
         v.parse::<Decimal>()
             .map_err(|e| self.err(field, format!("'{v}' is not a decimal number: {e}")))
     }
-    fn date(&self, field: &str) -> Result<NaiveDate, RowError> {
+    fn date(&self, field: &'static str) -> Result<NaiveDate, RowError> {
         let v = self.raw(field)?;
         ymd(v)
             .or_else(|| NaiveDate::parse_from_str(v, "%Y-%m-%d").ok())
             .ok_or_else(|| self.err(field, format!("'{v}' is not a date (YYYY-MM-DD)")))
     }
-    fn opt_date(&self, field: &str) -> Result<Option<NaiveDate>, RowError> {
+    fn opt_date(&self, field: &'static str) -> Result<Option<NaiveDate>, RowError> {
         match self.raw(field) {
             Ok("") | Err(_) => Ok(None),
             Ok(_) => self.date(field).map(Some),
@@ -128,33 +176,26 @@ fn ymd(v: &str) -> Option<NaiveDate> {
     NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)
 }
 
-fn load<T>(
+/// Files at least this large are parsed in chunks on every core.
+const PARALLEL_MIN_BYTES: u64 = 32 << 20;
+/// Bytes per chunk of a parallel parse (cut at the next line start).
+const CHUNK_BYTES: u64 = 16 << 20;
+
+fn load<T: Send>(
     path: &Path,
     required: &[&str],
-    parse: impl Fn(&Row) -> Result<T, RowError>,
+    parse: impl Fn(&Row) -> Result<T, RowError> + Sync,
 ) -> Result<Loaded<T>, RowError> {
-    let whole = |message: String| RowError {
-        file: path.to_path_buf(),
-        line: 1,
-        field: String::new(),
-        message,
-    };
+    let whole = |message: String| whole_file(path, message);
     let file = std::fs::File::open(path).map_err(|e| whole(format!("cannot open: {e}")))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .flexible(true)
-        .comment(Some(b'#'))
-        .buffer_capacity(1 << 20)
-        .from_reader(Hashing {
-            inner: file,
-            hash: Default::default(),
-            bytes: 0,
-        });
-    let headers = rdr
-        .headers()
-        .map_err(|e| whole(format!("cannot read header: {e}")))?
-        .clone();
+    let file_len = file.metadata().map_or(0, |m| m.len());
+    let mut rdr = reader(true).from_reader(file);
+    let headers = Columns::new(
+        rdr.headers()
+            .map_err(|e| whole(format!("cannot read header: {e}")))?,
+    );
     for r in required {
-        if !headers.iter().any(|h| h == *r) {
+        if !headers.0.contains_key(*r) {
             return Err(RowError {
                 file: path.to_path_buf(),
                 line: 1,
@@ -163,58 +204,64 @@ fn load<T>(
             });
         }
     }
+    // Where the records start (after comments and the header).
+    let body = rdr.position().byte();
+    drop(rdr);
+    let chunked = if file_len >= PARALLEL_MIN_BYTES {
+        load_parallel(path, file_len, body, &headers, &parse, CHUNK_BYTES)?
+    } else {
+        None
+    };
+    let parsed = match chunked {
+        Some(out) => out,
+        None => load_sequential(path, &headers, &parse)?,
+    };
+    for e in &parsed.errors {
+        tracing::warn!(error = %e, "master data row rejected");
+    }
+    Ok(parsed)
+}
+
+fn whole_file(path: &Path, message: String) -> RowError {
+    RowError {
+        file: path.to_path_buf(),
+        line: 1,
+        field: String::new(),
+        message,
+    }
+}
+
+fn reader(has_headers: bool) -> csv::ReaderBuilder {
+    let mut b = csv::ReaderBuilder::new();
+    b.flexible(true)
+        .comment(Some(b'#'))
+        .has_headers(has_headers)
+        .buffer_capacity(1 << 20);
+    b
+}
+
+/// The whole file on one thread: a small file, or one with quoted fields
+/// (where a chunk boundary could fall inside a field).
+fn load_sequential<T>(
+    path: &Path,
+    headers: &Columns,
+    parse: &(impl Fn(&Row) -> Result<T, RowError> + Sync),
+) -> Result<Loaded<T>, RowError> {
+    let whole = |message: String| whole_file(path, message);
+    let file = std::fs::File::open(path).map_err(|e| whole(format!("cannot open: {e}")))?;
+    let file_len = file.metadata().map_or(0, |m| m.len());
+    let mut rdr = reader(true).from_reader(Hashing {
+        inner: file,
+        hash: Default::default(),
+        bytes: 0,
+    });
     let mut out = Loaded {
         rows: Vec::new(),
         errors: Vec::new(),
         sha256: String::new(),
         bytes: 0,
     };
-    // Sized from the first rows' length: growing a vector of a million
-    // rows by doubling copies them over and over.
-    let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
-    const SAMPLE: usize = 1024;
-    let mut rec = csv::StringRecord::new();
-    loop {
-        match rdr.read_record(&mut rec) {
-            Ok(false) => break,
-            Ok(true) => {
-                if out.rows.len() == SAMPLE {
-                    let read = rec.position().map_or(0, |p| p.byte()).max(1);
-                    let estimate = file_len.saturating_mul(SAMPLE as u64) / read;
-                    // No CSV row here is shorter than 16 bytes: a bound
-                    // for first rows much shorter than the rest.
-                    let rows = (estimate * 11 / 10).min(file_len / 16);
-                    out.rows.reserve(rows as usize);
-                }
-                let line = rec.position().map(|p| p.line()).unwrap_or(0);
-                let row = Row {
-                    file: path,
-                    line,
-                    headers: &headers,
-                    rec: &rec,
-                };
-                match parse(&row) {
-                    Ok(v) => out.rows.push(v),
-                    Err(e) => out.errors.push(e),
-                }
-            }
-            Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(0);
-                out.errors.push(RowError {
-                    file: path.to_path_buf(),
-                    line,
-                    field: String::new(),
-                    message: format!("malformed CSV: {e}"),
-                });
-                if !matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) {
-                    break;
-                }
-            }
-        }
-    }
-    for e in &out.errors {
-        tracing::warn!(error = %e, "master data row rejected");
-    }
+    parse_records(&mut rdr, path, headers, file_len, 0, parse, &mut out);
     // A read error stops the parse early: hash the rest too (or fail the
     // file, if it still cannot be read).
     let mut rest = rdr.into_inner();
@@ -223,6 +270,242 @@ fn load<T>(
     out.sha256 = hex::encode(sha2::Digest::finalize(rest.hash));
     out.bytes = rest.bytes;
     Ok(out)
+}
+
+/// Reads every record of `rdr` (`len` bytes, lines numbered from
+/// `line_offset + 1`) into `out`.
+fn parse_records<R: std::io::Read, T>(
+    rdr: &mut csv::Reader<R>,
+    path: &Path,
+    headers: &Columns,
+    len: u64,
+    line_offset: u64,
+    parse: &impl Fn(&Row) -> Result<T, RowError>,
+    out: &mut Loaded<T>,
+) {
+    // Sized from the first rows' length: growing a vector of a million
+    // rows by doubling copies them over and over.
+    const SAMPLE: usize = 1024;
+    let mut rec = csv::StringRecord::new();
+    let seen = Seen::default();
+    let first = out.rows.len();
+    loop {
+        match rdr.read_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {
+                if out.rows.len() - first == SAMPLE {
+                    let read = rec.position().map_or(0, |p| p.byte()).max(1);
+                    let estimate = len.saturating_mul(SAMPLE as u64) / read;
+                    // No CSV row here is shorter than 16 bytes: a bound
+                    // for first rows much shorter than the rest.
+                    let rows = (estimate * 11 / 10).min(len / 16);
+                    out.rows.reserve(rows as usize);
+                }
+                let line = line_offset + rec.position().map(|p| p.line()).unwrap_or(0);
+                let row = Row {
+                    file: path,
+                    line,
+                    headers,
+                    seen: &seen,
+                    next: Default::default(),
+                    rec: &rec,
+                };
+                match parse(&row) {
+                    Ok(v) => out.rows.push(v),
+                    Err(e) => out.errors.push(e),
+                }
+            }
+            Err(e) => {
+                let line = line_offset + e.position().map(|p| p.line()).unwrap_or(0);
+                out.errors.push(RowError {
+                    file: path.to_path_buf(),
+                    line,
+                    field: String::new(),
+                    message: malformed(&e),
+                });
+                if !matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A CSV error's message without the reader's own position: the row error
+/// carries the line, and a chunk's reader counts from the chunk's start.
+fn malformed(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => format!("malformed CSV: invalid UTF-8: {err}"),
+        _ => format!("malformed CSV: {e}"),
+    }
+}
+
+/// A large file parsed in chunks cut at line starts, on every core, while
+/// one task hashes it. Rows and errors come out in file order, with the
+/// lines a single parse gives. None when the file has a double quote
+/// anywhere: a quoted field may span lines, so only a single parse knows
+/// where records start.
+fn load_parallel<T: Send>(
+    path: &Path,
+    len: u64,
+    body: u64,
+    headers: &Columns,
+    parse: &(impl Fn(&Row) -> Result<T, RowError> + Sync),
+    chunk_bytes: u64,
+) -> Result<Option<Loaded<T>>, RowError> {
+    use rayon::prelude::*;
+    use std::io::{Read, Seek};
+    let whole = |message: String| whole_file(path, message);
+    let bounds = line_starts(path, len, body, chunk_bytes)
+        .map_err(|e| whole(format!("cannot read: {e}")))?;
+    let chunk = |k: usize| -> std::io::Result<Loaded<T>> {
+        let (start, end) = (bounds[k], bounds[k + 1]);
+        let mut f = std::fs::File::open(path)?;
+        f.seek(std::io::SeekFrom::Start(start))?;
+        let mut rdr = reader(k == 0).from_reader(f.take(end - start));
+        let mut out = Loaded {
+            rows: Vec::new(),
+            errors: Vec::new(),
+            sha256: String::new(),
+            bytes: 0,
+        };
+        parse_records(&mut rdr, path, headers, end - start, 0, parse, &mut out);
+        // A read error stops a parse early: make it the file's.
+        std::io::copy(&mut rdr.into_inner(), &mut std::io::sink())?;
+        Ok(out)
+    };
+    let (hash, parts) = rayon::join(
+        || hash_file(path),
+        || {
+            (0..bounds.len() - 1)
+                .into_par_iter()
+                .map(chunk)
+                .collect::<std::io::Result<Vec<_>>>()
+        },
+    );
+    let (sha256, bytes, quotes) = hash.map_err(|e| whole(format!("cannot read: {e}")))?;
+    let parts = parts.map_err(|e| whole(format!("cannot read: {e}")))?;
+    if quotes {
+        return Ok(None);
+    }
+    let mut out = Loaded {
+        rows: Vec::with_capacity(parts.iter().map(|p| p.rows.len()).sum()),
+        errors: Vec::new(),
+        sha256,
+        bytes,
+    };
+    // Errors of later chunks carry lines counted from their chunk's start:
+    // the newlines before it are counted only when there are such errors.
+    let mut lines = LinesBefore::new(path);
+    for (k, mut part) in parts.into_iter().enumerate() {
+        out.rows.append(&mut part.rows);
+        if !part.errors.is_empty() {
+            let before = lines
+                .at(bounds[k])
+                .map_err(|e| whole(format!("cannot read: {e}")))?;
+            out.errors.extend(part.errors.into_iter().map(|mut e| {
+                e.line += before;
+                e
+            }));
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Newlines before an offset of a file, counted forward as asked.
+struct LinesBefore<'a> {
+    path: &'a Path,
+    file: Option<std::fs::File>,
+    offset: u64,
+    lines: u64,
+}
+
+impl<'a> LinesBefore<'a> {
+    fn new(path: &'a Path) -> Self {
+        LinesBefore {
+            path,
+            file: None,
+            offset: 0,
+            lines: 0,
+        }
+    }
+
+    /// Newlines in the first `offset` bytes (offsets asked in order).
+    fn at(&mut self, offset: u64) -> std::io::Result<u64> {
+        use std::io::Read;
+        if self.file.is_none() {
+            self.file = Some(std::fs::File::open(self.path)?);
+        }
+        let f = self.file.as_mut().expect("opened above");
+        let mut buf = vec![0u8; 1 << 20];
+        while self.offset < offset {
+            let want = (offset - self.offset).min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            self.lines += buf[..n].iter().filter(|&&c| c == b'\n').count() as u64;
+            self.offset += n as u64;
+        }
+        Ok(self.lines)
+    }
+}
+
+/// Offsets that cut `path` into chunks of about `chunk` bytes at line
+/// starts: 0, then the start of the first line at or after `body + chunk`,
+/// and so on every `chunk` bytes, then `len`. The first chunk holds the
+/// header (which ends at `body`).
+fn line_starts(path: &Path, len: u64, body: u64, chunk: u64) -> std::io::Result<Vec<u64>> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(path)?;
+    let mut out = vec![0];
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = body.max(1) + chunk;
+    while at < len {
+        // The line start at or after `at`: just after the first newline at
+        // or after `at - 1`.
+        let mut pos = at - 1;
+        let start = loop {
+            f.seek(std::io::SeekFrom::Start(pos))?;
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break len;
+            }
+            if let Some(i) = buf[..n].iter().position(|&c| c == b'\n') {
+                break pos + i as u64 + 1;
+            }
+            pos += n as u64;
+        };
+        if start >= len {
+            break;
+        }
+        if start > *out.last().unwrap_or(&0) {
+            out.push(start);
+        }
+        at = start.max(at) + chunk;
+    }
+    out.push(len);
+    Ok(out)
+}
+
+/// SHA-256 (hex) and length of a file, and whether it holds a double quote.
+fn hash_file(path: &Path) -> std::io::Result<(String, u64, bool)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut bytes, mut quotes) = (0u64, false);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        quotes = quotes || buf[..n].contains(&b'"');
+        bytes += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), bytes, quotes))
 }
 
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
@@ -243,12 +526,12 @@ pub fn load_billing_meters(path: &Path) -> Result<Loaded<BillingMeter>, RowError
     load_meters_with(path, false, BillingMeter::from)
 }
 
-fn load_meters_with<T>(
+fn load_meters_with<T: Send>(
     path: &Path,
     descriptive: bool,
-    into: impl Fn(Meter) -> T,
+    into: impl Fn(Meter) -> T + Sync,
 ) -> Result<Loaded<T>, RowError> {
-    let text = |r: &Row<'_>, field: &str| -> Result<String, RowError> {
+    let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
         if descriptive {
             r.opt_text(field)
         } else {
@@ -318,9 +601,11 @@ pub fn load_accounts_without_personal(path: &Path) -> Result<Loaded<Account>, Ro
 /// [`load_accounts`].
 pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<BillingAccount>, RowError> {
     // One shared copy of each tariff id: a fleet has a handful of tariffs.
-    let tariffs = std::cell::RefCell::new(std::collections::HashMap::<String, Arc<str>>::new());
+    // Large files are parsed on every core, hence the lock (uncontended
+    // nearly always: a lookup is a small part of a row's parse).
+    let tariffs = std::sync::Mutex::new(std::collections::HashMap::<String, Arc<str>>::new());
     load_accounts_with(path, false, |a| {
-        let mut t = tariffs.borrow_mut();
+        let mut t = tariffs.lock().unwrap_or_else(|e| e.into_inner());
         let tariff_id = match t.get(&a.tariff_id) {
             Some(shared) => shared.clone(),
             None => {
@@ -340,12 +625,12 @@ pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<BillingAccount>, 
     })
 }
 
-fn load_accounts_with<T>(
+fn load_accounts_with<T: Send>(
     path: &Path,
     personal: bool,
-    into: impl Fn(Account) -> T,
+    into: impl Fn(Account) -> T + Sync,
 ) -> Result<Loaded<T>, RowError> {
-    let text = |r: &Row<'_>, field: &str| -> Result<String, RowError> {
+    let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
         if personal {
             r.opt_text(field)
         } else {
@@ -452,13 +737,15 @@ mod tests {
         assert_eq!(ymd("20a5-01-31"), None);
         assert_eq!(ymd("2015/01/31"), None);
         let path = Path::new("meters.csv");
-        let headers = csv::StringRecord::from(vec!["installed_on"]);
+        let headers = Columns::new(&csv::StringRecord::from(vec!["installed_on"]));
         let row = |v: &str| {
             let rec = csv::StringRecord::from(vec![v]);
             let r = Row {
                 file: path,
                 line: 2,
                 headers: &headers,
+                seen: &Seen::default(),
+                next: Default::default(),
                 rec: &rec,
             };
             r.date("installed_on").ok()
@@ -490,6 +777,62 @@ mod tests {
         assert!(l.errors[0]
             .to_string()
             .contains("meters.csv:3: field 'ct_ratio'"));
+    }
+
+    /// A parse of the meter fields a test file uses.
+    fn meter_row(r: &Row) -> Result<(String, Decimal, NaiveDate), RowError> {
+        Ok((
+            r.text("meter_id")?,
+            r.decimal("ct_ratio")?,
+            r.date("installed_on")?,
+        ))
+    }
+
+    #[test]
+    fn a_file_parsed_in_chunks_gives_the_rows_errors_lines_and_hash_of_one_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meters.csv");
+        let mut text = b"# exported 2026-12-06\nmeter_id,ct_ratio,installed_on\n".to_vec();
+        for i in 0..200 {
+            let row = match i % 37 {
+                5 => format!("M{i},x,2026-01-01\n"),
+                9 => "# a comment line\n".to_string(),
+                11 => format!("M{i},1,2026-13-01\r\n"),
+                _ => format!("M{i},{},2026-01-01\n", i % 4 + 1),
+            };
+            text.extend_from_slice(row.as_bytes());
+            if i == 77 {
+                text.extend_from_slice(b"M\xff77,1,2026-01-01\n");
+            }
+        }
+        text.extend_from_slice(b"M_last,1,2026-01-01"); // no newline at the end
+        std::fs::write(&p, &text).unwrap();
+        let mut rdr = reader(true).from_path(&p).unwrap();
+        let headers = Columns::new(rdr.headers().unwrap());
+        let body = rdr.position().byte();
+        assert_eq!(&text[body as usize..body as usize + 3], b"M0,");
+        let one = load_sequential(&p, &headers, &meter_row).unwrap();
+        assert_eq!(one.rows.len(), 200 - 18 + 1, "{:?}", one.errors);
+        assert_eq!(one.errors.len(), 6 + 6 + 1);
+        let utf8 = one
+            .errors
+            .iter()
+            .find(|e| e.message.contains("malformed"))
+            .unwrap();
+        assert_eq!(utf8.line, 2 + 78 + 1, "header on line 2, then M0..M77");
+        for chunk in [1, 7, 64, 300, 1 << 20] {
+            let many = load_parallel(&p, text.len() as u64, body, &headers, &meter_row, chunk)
+                .unwrap()
+                .unwrap();
+            assert_eq!(many.rows, one.rows, "chunk {chunk}");
+            assert_eq!(many.errors, one.errors, "chunk {chunk}");
+            assert_eq!((&many.sha256, many.bytes), (&one.sha256, one.bytes));
+        }
+        // A quoted field may span lines: such a file is parsed in one piece.
+        text.extend_from_slice(b"\n\"M9\n99\",1,2026-01-01\n");
+        std::fs::write(&p, &text).unwrap();
+        let quoted = load_parallel(&p, text.len() as u64, body, &headers, &meter_row, 64);
+        assert!(quoted.unwrap().is_none());
     }
 
     #[test]

@@ -212,16 +212,18 @@ pub struct Chunk {
     pub rows: u64,
 }
 
-/// The readings schema with every low-cardinality text column (all but
-/// `meter_id`) as a dictionary, so the reader hands back the file's
-/// dictionary pages instead of one string per row.
-fn scan_schema() -> SchemaRef {
+/// The readings schema with every low-cardinality text column as a
+/// dictionary, so the reader hands back the file's dictionary pages instead
+/// of one string per row; `meter_id` too when `ids_as_dictionary` (a row
+/// group whose `meter_id` pages are all dictionary-encoded: read otherwise,
+/// the reader would build a dictionary by hashing every id).
+fn scan_schema(ids_as_dictionary: bool) -> SchemaRef {
     let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
     let fields: Vec<Field> = readings_schema()
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            DataType::Utf8 if f.name() != "meter_id" => {
+            DataType::Utf8 if ids_as_dictionary || f.name() != "meter_id" => {
                 Field::new(f.name(), dict.clone(), f.is_nullable())
             }
             // Stored as INT64: read as 64-bit decimals, the stored integers
@@ -274,7 +276,7 @@ pub const SCAN_COLUMNS: [&str; 5] = ["meter_id", "ts", "channel", "value", "qual
 /// scaled values as slices, `channel` and `quality` as dictionaries (keys
 /// per row, text per distinct value).
 pub struct ScanView<'a> {
-    pub meter_id: &'a StringArray,
+    pub meter_id: MeterIds<'a>,
     pub ts: &'a [i64],
     /// Scaled by 10^[`VALUE_SCALE`].
     pub value: &'a [i64],
@@ -295,10 +297,15 @@ impl<'a> ScanView<'a> {
         };
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(name));
         let dict = |name: &str| dictionary_text(col(name)?.as_ref()).ok_or_else(|| bad(name));
-        let meter_id = col("meter_id")?
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| bad("meter_id"))?;
+        let ids = col("meter_id")?;
+        let meter_id = match ids.as_any().downcast_ref::<StringArray>() {
+            Some(text) => MeterIds::Text(text),
+            None => {
+                let (keys, values) =
+                    dictionary_text(ids.as_ref()).ok_or_else(|| bad("meter_id"))?;
+                MeterIds::Dict(keys, values)
+            }
+        };
         let ts = col("ts")?
             .as_any()
             .downcast_ref::<TimestampMillisecondArray>()
@@ -342,6 +349,43 @@ impl<'a> ScanView<'a> {
     }
 }
 
+/// The `meter_id` column of a batch: text per row, or, from row groups
+/// written with a dictionary, keys per row into the distinct ids.
+#[derive(Clone, Copy)]
+pub enum MeterIds<'a> {
+    Text(&'a StringArray),
+    Dict(&'a [i32], &'a StringArray),
+}
+
+impl<'a> MeterIds<'a> {
+    /// The id of row `i` (an empty id for a key outside the dictionary,
+    /// which only a corrupt file could hold; no meter has it).
+    #[inline]
+    pub fn value(&self, i: usize) -> &'a str {
+        match *self {
+            MeterIds::Text(a) => a.value(i),
+            MeterIds::Dict(keys, values) => {
+                let k = keys[i] as usize;
+                if k < values.len() {
+                    values.value(k)
+                } else {
+                    ""
+                }
+            }
+        }
+    }
+
+    /// Whether rows `i` and `j` hold the same id: a key compare for a
+    /// dictionary (a file's dictionary holds each id once).
+    #[inline]
+    pub fn same(&self, i: usize, j: usize) -> bool {
+        match *self {
+            MeterIds::Text(a) => same_id(a.value(i).as_bytes(), a.value(j).as_bytes()),
+            MeterIds::Dict(keys, _) => keys[i] == keys[j],
+        }
+    }
+}
+
 /// The text values of a dictionary column (see [`unit_batches`]).
 pub fn dictionary_text(a: &dyn Array) -> Option<(&[i32], &StringArray)> {
     let d = a.as_any().downcast_ref::<DictionaryArray<Int32Type>>()?;
@@ -369,14 +413,14 @@ fn units_with(
     files: &[(NaiveDate, PathBuf)],
     pages: PageIndexPolicy,
 ) -> Result<Vec<Unit>, StoreError> {
-    let schema = scan_schema();
+    let (text_ids, dict_ids) = (scan_schema(false), scan_schema(true));
     let mut out = Vec::new();
     for (date, path) in files {
         let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
         let options = ArrowReaderOptions::new()
-            .with_schema(schema.clone())
+            .with_schema(text_ids.clone())
             .with_page_index_policy(pages);
-        let meta = ArrowReaderMetadata::load(&file, options).map_err(perr(path))?;
+        let meta = ArrowReaderMetadata::load(&file, options.clone()).map_err(perr(path))?;
         // Values are read as 64-bit decimals: a wider column is not the lake's.
         let descr = meta.metadata().file_metadata().schema_descr();
         if let Some(c) = descr.columns().iter().find(|c| c.name() == "value") {
@@ -389,16 +433,43 @@ fn units_with(
                 )));
             }
         }
+        let id_col = descr.columns().iter().position(|c| c.name() == "meter_id");
+        let dict_rg = |rg: usize| {
+            id_col.is_some_and(|c| all_dictionary(meta.metadata().row_group(rg).column(c)))
+        };
+        let dict_meta = if (0..meta.metadata().num_row_groups()).any(dict_rg) {
+            let options = options.with_schema(dict_ids.clone());
+            Some(
+                ArrowReaderMetadata::try_new(meta.metadata().clone(), options)
+                    .map_err(perr(path))?,
+            )
+        } else {
+            None
+        };
         for rg in 0..meta.metadata().num_row_groups() {
+            let meta = match &dict_meta {
+                Some(d) if dict_rg(rg) => d.clone(),
+                _ => meta.clone(),
+            };
             out.push(Unit {
                 date: *date,
                 path: path.clone(),
                 row_group: rg,
-                meta: meta.clone(),
+                meta,
             });
         }
     }
     Ok(out)
+}
+
+/// Whether every data page of a column chunk is dictionary-encoded (from
+/// the chunk's page encoding statistics; without them, no).
+fn all_dictionary(c: &parquet::file::metadata::ColumnChunkMetaData) -> bool {
+    use parquet::basic::Encoding;
+    c.dictionary_page_offset().is_some()
+        && c.page_encoding_stats_mask().is_some_and(|m| {
+            m.is_only(Encoding::PLAIN_DICTIONARY) || m.is_only(Encoding::RLE_DICTIONARY)
+        })
 }
 
 /// What to keep and where to put it.
@@ -506,8 +577,8 @@ impl Scanner<'_> {
             let q_map = v.qualities();
             let n = batch.num_rows();
             out.rows += n as u64;
-            // The id of the previous row and what it resolved to.
-            let mut last: Option<(&str, Hit)> = None;
+            // The previous resolved row and what its id resolved to.
+            let mut last: Option<(usize, Hit)> = None;
             // The index of the last known meter seen.
             let mut prev: Option<u32> = None;
             // The shard of the previous row's meter and its index range.
@@ -520,10 +591,10 @@ impl Scanner<'_> {
                 let Some(Some(channel)) = ch_map.get(ck[i] as usize).copied() else {
                     continue;
                 };
-                let id = mid.value(i);
                 let hit = match last {
-                    Some((l, h)) if same_id(l.as_bytes(), id.as_bytes()) => h,
+                    Some((j, h)) if mid.same(j, i) => h,
                     _ => {
+                        let id = mid.value(i);
                         let h = match self.meters.find(id, prev) {
                             Some(m) => {
                                 prev = Some(m);
@@ -532,7 +603,7 @@ impl Scanner<'_> {
                             None if self.meters.elsewhere.is_some_and(|f| f(id)) => Hit::Elsewhere,
                             None => Hit::Unknown,
                         };
-                        last = Some((id, h));
+                        last = Some((i, h));
                         h
                     }
                 };
@@ -540,6 +611,7 @@ impl Scanner<'_> {
                     Hit::Meter(m) => m,
                     Hit::Elsewhere => continue,
                     Hit::Unknown => {
+                        let id = mid.value(i);
                         if sel.is_none_or(|s| s.counts_unknown(s.unit_row(base + i))) {
                             match out.unknown.last_mut() {
                                 Some((u, c)) if u == id => *c += 1,
@@ -762,6 +834,143 @@ pub(crate) mod tests {
         crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
         let err = units(&[(date, bad)]).err().expect("refused").to_string();
         assert!(err.contains("precision 20"), "{err}");
+    }
+
+    /// Whether a unit's reader hands `meter_id` back as a dictionary.
+    fn reads_ids_as_keys(u: &Unit) -> bool {
+        matches!(
+            u.meta
+                .schema()
+                .field_with_name("meter_id")
+                .unwrap()
+                .data_type(),
+            DataType::Dictionary(..)
+        )
+    }
+
+    #[test]
+    fn ids_are_read_as_keys_only_from_row_groups_whose_pages_are_all_dictionary_encoded() {
+        use crate::store::columns::ReadingsBuilder;
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::properties::WriterProperties;
+        use parquet::schema::types::ColumnPath;
+        let dir = tempfile::tempdir().unwrap();
+        let day = 1_790_000_000_000i64;
+        let date = NaiveDate::from_ymd_opt(2026, 9, 21).unwrap();
+        // 3,000 meters, two registers each, sorted as the lake sorts; ids
+        // of odd meters are unknown to the index below.
+        let mut b = ReadingsBuilder::with_capacity(6000);
+        for m in 0..3000 {
+            for ch in [Channel::ImportActiveTotal, Channel::ImportActiveT1] {
+                let r = reading(&format!("{m:012}"), day, ch, m, Quality::OK);
+                b.push(&r).unwrap();
+            }
+        }
+        let batch = b.finish();
+        let id = ColumnPath::from("meter_id");
+        // meterflow's lake: prefix-encoded ids.
+        let prefix = crate::store::atomic::writer_properties_for(&batch.schema());
+        // Another writer's (pyarrow's, DuckDB's default): a dictionary.
+        let dictionary = WriterProperties::builder()
+            .set_column_dictionary_enabled(id.clone(), true)
+            .set_data_page_row_count_limit(500)
+            .build();
+        // A dictionary that overflows after a few hundred ids: later pages
+        // fall back to plain encoding.
+        let overflowing = WriterProperties::builder()
+            .set_column_dictionary_page_size_limit(id, 4096)
+            .set_data_page_row_count_limit(500)
+            .build();
+        let write = |name: &str, props: WriterProperties| {
+            let path = dir.path().join(name);
+            let file = File::create(&path).unwrap();
+            let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            units_with_page_index(&[(date, path)]).unwrap()
+        };
+        let lake = write("lake.parquet", prefix);
+        let dict = write("dict.parquet", dictionary);
+        let mixed = write("mixed.parquet", overflowing);
+        assert!(dict.iter().all(reads_ids_as_keys));
+        assert!(!lake.iter().any(reads_ids_as_keys));
+        assert!(
+            !mixed.iter().any(reads_ids_as_keys),
+            "some pages are not dictionary-encoded"
+        );
+        let ids: Vec<String> = (0..3000).step_by(2).map(|m| format!("{m:012}")).collect();
+        let index: FxMap<&str, u32> = ids
+            .iter()
+            .zip(0u32..)
+            .map(|(i, n)| (i.as_str(), n))
+            .collect();
+        let id_of = |i: u32| ids.get(i as usize).map(String::as_str);
+        let sc = Scanner {
+            meters: MeterLookup {
+                map: &index,
+                id_of: &id_of,
+                elsewhere: None,
+            },
+            shard_len: shard_len(ids.len(), 4),
+            shards: 4,
+            lo: day,
+            hi: day,
+            keep: |_| true,
+        };
+        let scan = |units: &[Unit]| {
+            let mut all = Chunk::default();
+            for u in units {
+                let c = sc.decode(u).unwrap();
+                all.rows += c.rows;
+                all.unknown.extend(c.unknown);
+                all.shards.resize_with(c.shards.len(), Vec::new);
+                for (s, v) in c.shards.into_iter().enumerate() {
+                    all.shards[s].extend(v);
+                }
+            }
+            all
+        };
+        let (a, b, c) = (scan(&dict), scan(&lake), scan(&mixed));
+        assert_eq!(a.rows, 6000);
+        assert_eq!(a.unknown.len(), 1500);
+        assert_eq!(a.unknown[0], ("000000000001".to_string(), 2));
+        assert_eq!(a.shards.iter().map(Vec::len).sum::<usize>(), 3000);
+        assert_eq!(a.shards[1][0].meter, shard_len(ids.len(), 4));
+        assert_eq!(a.shards[1][0].value, 2 * i64::from(shard_len(ids.len(), 4)));
+        for other in [&b, &c] {
+            assert_eq!(a.rows, other.rows);
+            assert_eq!(a.unknown, other.unknown);
+            assert_eq!(a.shards, other.shards);
+        }
+        // And a pass reading some pages only reads the same rows either way.
+        let some = |units: &[Unit]| {
+            let mut rows = Vec::new();
+            for u in units {
+                let pages = u.id_pages();
+                let mut seen = vec![false; pages.len()];
+                let wanted = ["000000001000", "000000001002"];
+                let sel = select_pages(
+                    &pages,
+                    |lo, hi| any_within(&wanted, lo, hi),
+                    &mut seen,
+                    false,
+                );
+                let mut c = Chunk::default();
+                sc.decode_into(u, sel.as_ref(), &mut c).unwrap();
+                rows.extend(c.shards.into_iter().flatten());
+            }
+            rows
+        };
+        let (a, b) = (some(&dict), some(&mixed));
+        assert!(a.len() < 3000, "only some pages: {} rows", a.len());
+        let wanted = |v: Vec<Row>| -> Vec<Row> {
+            v.into_iter()
+                .filter(|r| r.meter == 500 || r.meter == 501)
+                .collect()
+        };
+        let (a, b) = (wanted(a), wanted(b));
+        assert_eq!(a.len(), 4);
+        assert_eq!(a, b);
     }
 
     #[test]
