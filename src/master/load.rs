@@ -176,15 +176,33 @@ fn ymd(v: &str) -> Option<NaiveDate> {
     NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)
 }
 
-/// Files at least this large are parsed in chunks on every core.
-const PARALLEL_MIN_BYTES: u64 = 32 << 20;
-/// Bytes per chunk of a parallel parse (cut at the next line start).
-const CHUNK_BYTES: u64 = 16 << 20;
+/// When a file is parsed in chunks on every core, and how large they are.
+#[derive(Clone, Copy)]
+struct Chunking {
+    /// Files at least this large are parsed in chunks.
+    min_bytes: u64,
+    /// Bytes per chunk (cut at the next line start).
+    chunk_bytes: u64,
+}
+
+const CHUNKING: Chunking = Chunking {
+    min_bytes: 32 << 20,
+    chunk_bytes: 16 << 20,
+};
 
 fn load<T: Send>(
     path: &Path,
     required: &[&str],
     parse: impl Fn(&Row) -> Result<T, RowError> + Sync,
+) -> Result<Loaded<T>, RowError> {
+    load_in(path, required, parse, CHUNKING)
+}
+
+fn load_in<T: Send>(
+    path: &Path,
+    required: &[&str],
+    parse: impl Fn(&Row) -> Result<T, RowError> + Sync,
+    chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
     let whole = |message: String| whole_file(path, message);
     let file = std::fs::File::open(path).map_err(|e| whole(format!("cannot open: {e}")))?;
@@ -207,8 +225,8 @@ fn load<T: Send>(
     // Where the records start (after comments and the header).
     let body = rdr.position().byte();
     drop(rdr);
-    let chunked = if file_len >= PARALLEL_MIN_BYTES {
-        load_parallel(path, file_len, body, &headers, &parse, CHUNK_BYTES)?
+    let chunked = if file_len >= chunking.min_bytes {
+        load_parallel(path, file_len, body, &headers, &parse, chunking.chunk_bytes)?
     } else {
         None
     };
@@ -509,7 +527,7 @@ fn hash_file(path: &Path) -> std::io::Result<(String, u64, bool)> {
 }
 
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, true, |m| m)
+    load_meters_with(path, true, |m| m, CHUNKING)
 }
 
 /// Meters with `meter_type` and `feeder` left empty: prepayment never reads
@@ -517,19 +535,20 @@ pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
 /// bill run goes further: [`load_billing_meters`]). Rows are validated
 /// exactly as by [`load_meters`].
 pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, false, |m| m)
+    load_meters_with(path, false, |m| m, CHUNKING)
 }
 
 /// Meters as the bill run holds them ([`BillingMeter`]: no type or feeder,
 /// ids boxed), converted row by row, so the full [`Meter`]s never all exist.
 pub fn load_billing_meters(path: &Path) -> Result<Loaded<BillingMeter>, RowError> {
-    load_meters_with(path, false, BillingMeter::from)
+    load_meters_with(path, false, BillingMeter::from, CHUNKING)
 }
 
 fn load_meters_with<T: Send>(
     path: &Path,
     descriptive: bool,
     into: impl Fn(Meter) -> T + Sync,
+    chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
     let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
         if descriptive {
@@ -538,7 +557,7 @@ fn load_meters_with<T: Send>(
             Ok(String::new())
         }
     };
-    load(
+    load_in(
         path,
         &[
             "meter_id",
@@ -581,11 +600,12 @@ fn load_meters_with<T: Send>(
                 feeder: text(r, "feeder")?,
             }))
         },
+        chunking,
     )
 }
 
 pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, true, |a| a)
+    load_accounts_with(path, true, |a| a, CHUNKING)
 }
 
 /// Accounts with the personal and demographic fields (name, phone, ID
@@ -593,42 +613,55 @@ pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
 /// prepayment never reads them, and empty strings take no heap memory.
 /// Rows are validated exactly as by [`load_accounts`].
 pub fn load_accounts_without_personal(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, false, |a| a)
+    load_accounts_with(path, false, |a| a, CHUNKING)
 }
 
 /// Accounts as billing reads them (see [`BillingAccount`]): the personal and
 /// demographic fields are not kept at all. Rows are validated exactly as by
 /// [`load_accounts`].
 pub fn load_accounts_for_billing(path: &Path) -> Result<Loaded<BillingAccount>, RowError> {
+    load_billing_accounts_in(path, CHUNKING)
+}
+
+fn load_billing_accounts_in(
+    path: &Path,
+    chunking: Chunking,
+) -> Result<Loaded<BillingAccount>, RowError> {
     // One shared copy of each tariff id: a fleet has a handful of tariffs.
     // Large files are parsed on every core, hence the lock (uncontended
     // nearly always: a lookup is a small part of a row's parse).
     let tariffs = std::sync::Mutex::new(std::collections::HashMap::<String, Arc<str>>::new());
-    load_accounts_with(path, false, |a| {
-        let mut t = tariffs.lock().unwrap_or_else(|e| e.into_inner());
-        let tariff_id = match t.get(&a.tariff_id) {
-            Some(shared) => shared.clone(),
-            None => {
-                let shared: Arc<str> = a.tariff_id.as_str().into();
-                t.insert(a.tariff_id.clone(), shared.clone());
-                shared
+    load_accounts_with(
+        path,
+        false,
+        |a| {
+            let mut t = tariffs.lock().unwrap_or_else(|e| e.into_inner());
+            let tariff_id = match t.get(&a.tariff_id) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared: Arc<str> = a.tariff_id.as_str().into();
+                    t.insert(a.tariff_id.clone(), shared.clone());
+                    shared
+                }
+            };
+            BillingAccount {
+                account_id: a.account_id.into_boxed_str(),
+                tariff_id,
+                contracted_kva: a.contracted_kva,
+                opened_on: a.opened_on,
+                customer_class: a.customer_class,
+                payment_mode: a.payment_mode,
             }
-        };
-        BillingAccount {
-            account_id: a.account_id.into_boxed_str(),
-            tariff_id,
-            contracted_kva: a.contracted_kva,
-            opened_on: a.opened_on,
-            customer_class: a.customer_class,
-            payment_mode: a.payment_mode,
-        }
-    })
+        },
+        chunking,
+    )
 }
 
 fn load_accounts_with<T: Send>(
     path: &Path,
     personal: bool,
     into: impl Fn(Account) -> T + Sync,
+    chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
     let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
         if personal {
@@ -637,7 +670,7 @@ fn load_accounts_with<T: Send>(
             Ok(String::new())
         }
     };
-    load(
+    load_in(
         path,
         &["account_id", "customer_class", "tariff_id", "payment_mode"],
         |r| {
@@ -689,6 +722,7 @@ fn load_accounts_with<T: Send>(
                 opened_on: r.opt_date("opened_on")?.unwrap_or(NaiveDate::MIN),
             }))
         },
+        chunking,
     )
 }
 
@@ -833,6 +867,60 @@ mod tests {
         std::fs::write(&p, &text).unwrap();
         let quoted = load_parallel(&p, text.len() as u64, body, &headers, &meter_row, 64);
         assert!(quoted.unwrap().is_none());
+    }
+
+    #[test]
+    fn billing_loads_the_same_accounts_and_meters_in_chunks_as_in_one_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, m) = (
+            dir.path().join("accounts.csv"),
+            dir.path().join("meters.csv"),
+        );
+        let mut accounts =
+            String::from("account_id,name,customer_class,tariff_id,payment_mode,opened_on\n");
+        let mut meters = String::from("meter_id,account_id,ct_ratio,pt_ratio,installed_on\n");
+        for i in 0..400 {
+            let class = if i % 53 == 7 { "retail" } else { "residential" };
+            let tariff = ["bj", "gd", "ind"][i % 3];
+            accounts.push_str(&format!(
+                "A{i:04},王{i},{class},{tariff},prepaid,2020-01-0{}\n",
+                i % 9 + 1
+            ));
+            let ct = if i % 61 == 5 { "0" } else { "40" };
+            meters.push_str(&format!("M{i:04},A{i:04},{ct},1,2024-01-01\n"));
+        }
+        std::fs::write(&a, &accounts).unwrap();
+        std::fs::write(&m, &meters).unwrap();
+        let one = Chunking {
+            min_bytes: u64::MAX,
+            chunk_bytes: 0,
+        };
+        let many = Chunking {
+            min_bytes: 0,
+            chunk_bytes: 256,
+        };
+        let (a1, an) = (
+            load_billing_accounts_in(&a, one).unwrap(),
+            load_billing_accounts_in(&a, many).unwrap(),
+        );
+        assert_eq!(a1.rows, an.rows);
+        assert_eq!(a1.errors, an.errors);
+        assert_eq!(an.errors.len(), 8);
+        assert_eq!((&a1.sha256, a1.bytes), (&an.sha256, an.bytes));
+        // One shared tariff id per tariff, across chunks.
+        let bj: Vec<_> = an.rows.iter().filter(|r| &*r.tariff_id == "bj").collect();
+        assert!(bj.len() > 100);
+        assert!(bj
+            .iter()
+            .all(|r| Arc::ptr_eq(&r.tariff_id, &bj[0].tariff_id)));
+        let (m1, mn) = (
+            load_meters_with(&m, false, BillingMeter::from, one).unwrap(),
+            load_meters_with(&m, false, BillingMeter::from, many).unwrap(),
+        );
+        assert_eq!(m1.rows, mn.rows);
+        assert_eq!(m1.errors, mn.errors);
+        assert_eq!(mn.errors.len(), 7);
+        assert_eq!(mn.errors[1].line, 5 + 61 + 2, "meter 66 on line 68");
     }
 
     #[test]
