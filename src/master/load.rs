@@ -279,7 +279,7 @@ fn load_sequential<T>(
         sha256: String::new(),
         bytes: 0,
     };
-    parse_records(&mut rdr, path, headers, file_len, 0, parse, &mut out);
+    parse_records(&mut rdr, path, headers, file_len, parse, &mut out);
     // A read error stops the parse early: hash the rest too (or fail the
     // file, if it still cannot be read).
     let mut rest = rdr.into_inner();
@@ -290,14 +290,13 @@ fn load_sequential<T>(
     Ok(out)
 }
 
-/// Reads every record of `rdr` (`len` bytes, lines numbered from
-/// `line_offset + 1`) into `out`.
+/// Reads every record of `rdr` (`len` bytes; lines numbered from 1 at its
+/// start) into `out`.
 fn parse_records<R: std::io::Read, T>(
     rdr: &mut csv::Reader<R>,
     path: &Path,
     headers: &Columns,
     len: u64,
-    line_offset: u64,
     parse: &impl Fn(&Row) -> Result<T, RowError>,
     out: &mut Loaded<T>,
 ) {
@@ -306,12 +305,11 @@ fn parse_records<R: std::io::Read, T>(
     const SAMPLE: usize = 1024;
     let mut rec = csv::StringRecord::new();
     let seen = Seen::default();
-    let first = out.rows.len();
     loop {
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {
-                if out.rows.len() - first == SAMPLE {
+                if out.rows.len() == SAMPLE {
                     let read = rec.position().map_or(0, |p| p.byte()).max(1);
                     let estimate = len.saturating_mul(SAMPLE as u64) / read;
                     // No CSV row here is shorter than 16 bytes: a bound
@@ -319,7 +317,7 @@ fn parse_records<R: std::io::Read, T>(
                     let rows = (estimate * 11 / 10).min(len / 16);
                     out.rows.reserve(rows as usize);
                 }
-                let line = line_offset + rec.position().map(|p| p.line()).unwrap_or(0);
+                let line = rec.position().map(|p| p.line()).unwrap_or(0);
                 let row = Row {
                     file: path,
                     line,
@@ -334,7 +332,7 @@ fn parse_records<R: std::io::Read, T>(
                 }
             }
             Err(e) => {
-                let line = line_offset + e.position().map(|p| p.line()).unwrap_or(0);
+                let line = e.position().map(|p| p.line()).unwrap_or(0);
                 out.errors.push(RowError {
                     file: path.to_path_buf(),
                     line,
@@ -387,7 +385,7 @@ fn load_parallel<T: Send>(
             sha256: String::new(),
             bytes: 0,
         };
-        parse_records(&mut rdr, path, headers, end - start, 0, parse, &mut out);
+        parse_records(&mut rdr, path, headers, end - start, parse, &mut out);
         // A read error stops a parse early: make it the file's.
         std::io::copy(&mut rdr.into_inner(), &mut std::io::sink())?;
         Ok(out)

@@ -376,7 +376,8 @@ impl<'a> MeterIds<'a> {
     }
 
     /// Whether rows `i` and `j` hold the same id: a key compare for a
-    /// dictionary (a file's dictionary holds each id once).
+    /// dictionary (equal keys are equal ids; a writer that repeated an id
+    /// in its dictionary would only cost the scan another lookup).
     #[inline]
     pub fn same(&self, i: usize, j: usize) -> bool {
         match *self {
