@@ -53,6 +53,8 @@ pub struct Roster<'a> {
     /// The meters of account `i` are `meters[starts[i]..starts[i + 1]]`, by id.
     starts: Vec<u32>,
     meters: Vec<&'a BillingMeter>,
+    /// The meters of `meters`, in meter-id order.
+    by_id: Vec<&'a BillingMeter>,
     /// Meters attached to no known account (master data problem).
     orphan_meters: Vec<&'a BillingMeter>,
     /// Earlier rows of meter ids that meters.csv lists more than once.
@@ -93,6 +95,8 @@ impl<'a> Roster<'a> {
         // Meters in account order (meter-id order within an account), matched
         // to the sorted accounts in one walk: a hash map of millions of
         // account ids costs a cache miss per insert and per lookup.
+        let mut by_id = unique;
+        let mut unique = by_id.clone();
         unique.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
         let mut starts = Vec::with_capacity(accs.len() + 1);
         let mut grouped = Vec::with_capacity(unique.len());
@@ -118,10 +122,16 @@ impl<'a> Roster<'a> {
         }
         starts.push(grouped.len() as u32);
         orphan_meters.extend_from_slice(&unique[next..]);
+        if !orphan_meters.is_empty() {
+            let orphans: std::collections::HashSet<*const BillingMeter> =
+                orphan_meters.iter().map(|m| *m as *const _).collect();
+            by_id.retain(|m| !orphans.contains(&(*m as *const _)));
+        }
         Roster {
             accounts: accs,
             starts,
             meters: grouped,
+            by_id,
             orphan_meters,
             duplicate_meters,
         }
@@ -136,12 +146,18 @@ impl<'a> Roster<'a> {
         self.meters.len()
     }
 
-    /// The ids of every attached meter, ascending: a meter that is not in
-    /// one pass's index but is here belongs to another pass.
+    /// The ids of every attached meter, ascending.
     pub fn meter_ids(&self) -> Vec<&'a str> {
-        let mut ids: Vec<&str> = self.meters.iter().map(|m| &*m.meter_id).collect();
-        ids.par_sort_unstable();
-        ids
+        self.by_id.iter().map(|m| &*m.meter_id).collect()
+    }
+
+    /// Whether `id` is an attached meter's: one that is not in a pass's
+    /// index but is attached belongs to another pass. (Readings of meters of
+    /// unknown accounts count as unknown meters, in one pass as in several.)
+    pub fn has_meter(&self, id: &str) -> bool {
+        self.by_id
+            .binary_search_by(|m| (*m.meter_id).cmp(id))
+            .is_ok()
     }
 
     fn meters_of(&self, account: usize) -> &[&'a BillingMeter] {
@@ -691,5 +707,9 @@ mod tests {
         let ids = r.meter_ids();
         assert_eq!(ids.len(), 19);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        // Another pass's meter is known; an orphan's readings stay unknown
+        // meters' however the passes fall.
+        assert!(r.has_meter("m1-0") && r.has_meter("m9-0"));
+        assert!(!r.has_meter("m-orphan") && !r.has_meter("m9-9"));
     }
 }

@@ -290,11 +290,16 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         .collect();
     }
     // Several passes read only the pages of their own meters: that needs the
-    // page indexes.
+    // page indexes, and each unit's `meter_id` pages.
     let units = if multi {
         crate::store::scan::units_with_page_index(&lake_files)?
     } else {
         crate::store::scan::units(&lake_files)?
+    };
+    let pages: Vec<Vec<crate::store::scan::IdPage>> = if multi {
+        units.par_iter().map(|u| u.id_pages()).collect()
+    } else {
+        Vec::new()
     };
     let t_plan = t0.elapsed();
     tracing::debug!(
@@ -395,21 +400,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         late: &late,
         issued: issued.as_ref(),
     };
-    // Only for several passes: the ids of all meters (to tell a meter of
-    // another pass from an unknown one), each unit's `meter_id` pages and
-    // which of them an earlier pass read.
-    let known: Vec<&str> = if multi {
-        roster.meter_ids()
-    } else {
-        Vec::new()
-    };
-    let elsewhere = |id: &str| known.binary_search(&id).is_ok();
+    // Only for several passes: an attached meter outside a pass's index is
+    // another pass's, not an unknown one; and which pages an earlier pass read.
+    let elsewhere = |id: &str| roster.has_meter(id);
     let elsewhere: Option<&(dyn Fn(&str) -> bool + Sync)> = multi.then_some(&elsewhere);
-    let pages: Vec<Vec<crate::store::scan::IdPage>> = if multi {
-        units.par_iter().map(|u| u.id_pages()).collect()
-    } else {
-        Vec::new()
-    };
     let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
     let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
     let mut readings = 0u64;

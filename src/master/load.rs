@@ -142,6 +142,14 @@ impl Row<'_> {
         // Optional columns may be absent from the header altogether.
         Ok(self.raw(field).map(str::to_string).unwrap_or_default())
     }
+    /// [`Row::opt_text`] when `keep`, else empty (a column a loader drops).
+    fn kept_text(&self, keep: bool, field: &'static str) -> Result<String, RowError> {
+        if keep {
+            self.opt_text(field)
+        } else {
+            Ok(String::new())
+        }
+    }
     fn decimal(&self, field: &'static str) -> Result<Decimal, RowError> {
         let v = self.raw(field)?;
         v.parse::<Decimal>()
@@ -548,13 +556,6 @@ fn load_meters_with<T: Send>(
     into: impl Fn(Meter) -> T + Sync,
     chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
-    let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
-        if descriptive {
-            r.opt_text(field)
-        } else {
-            Ok(String::new())
-        }
-    };
     load_in(
         path,
         &[
@@ -589,13 +590,13 @@ fn load_meters_with<T: Send>(
             Ok(into(Meter {
                 meter_id: r.text("meter_id")?,
                 account_id: r.text("account_id")?,
-                meter_type: text(r, "meter_type")?,
+                meter_type: r.kept_text(descriptive, "meter_type")?,
                 ct_ratio: ct,
                 pt_ratio: pt,
                 register_digits: digits,
                 installed_on,
                 removed_on,
-                feeder: text(r, "feeder")?,
+                feeder: r.kept_text(descriptive, "feeder")?,
             }))
         },
         chunking,
@@ -661,13 +662,6 @@ fn load_accounts_with<T: Send>(
     into: impl Fn(Account) -> T + Sync,
     chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
-    let text = |r: &Row<'_>, field: &'static str| -> Result<String, RowError> {
-        if personal {
-            r.opt_text(field)
-        } else {
-            Ok(String::new())
-        }
-    };
     load_in(
         path,
         &["account_id", "customer_class", "tariff_id", "payment_mode"],
@@ -704,14 +698,14 @@ fn load_accounts_with<T: Send>(
             };
             Ok(into(Account {
                 account_id: r.text("account_id")?,
-                name: text(r, "name")?,
-                phone: text(r, "phone")?,
-                id_number: text(r, "id_number")?,
-                address: text(r, "address")?,
-                district: text(r, "district")?,
-                age_band: text(r, "age_band")?,
-                occupation: text(r, "occupation")?,
-                gender: text(r, "gender")?,
+                name: r.kept_text(personal, "name")?,
+                phone: r.kept_text(personal, "phone")?,
+                id_number: r.kept_text(personal, "id_number")?,
+                address: r.kept_text(personal, "address")?,
+                district: r.kept_text(personal, "district")?,
+                age_band: r.kept_text(personal, "age_band")?,
+                occupation: r.kept_text(personal, "occupation")?,
+                gender: r.kept_text(personal, "gender")?,
                 customer_class: class,
                 tariff_id: r.text("tariff_id")?,
                 payment_mode: mode,
