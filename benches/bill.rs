@@ -73,7 +73,7 @@ fn setup(n: usize) -> (Vec<BillingAccount>, Vec<Meter>, Vec<Reading>) {
                     source: Source {
                         protocol: Protocol::Sim,
                         collector: "bench".into(),
-                        address: String::new(),
+                        address: "".into(),
                     },
                     received_ms: ts,
                 });

@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use super::account::AccountBill;
 use super::engine::ExceptionRow;
 use super::flags::Flags;
+use crate::store::dict::DictText;
 use crate::tariff::price::LineKind;
 use crate::tariff::TariffSet;
 
@@ -182,19 +183,19 @@ pub struct OutBill<'a> {
     pub due_date: Option<chrono::NaiveDate>,
 }
 
-pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBatch {
+pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -> RecordBatch {
     let n = rows.len();
-    let mut run = StringBuilder::with_capacity(n, n * run_id.len());
-    let mut per = StringBuilder::with_capacity(n, n * period.len());
+    let mut run = DictText::with_capacity(n);
+    let mut per = DictText::with_capacity(n);
     let mut acc = StringBuilder::with_capacity(n, n * 12);
-    let mut tar = StringBuilder::with_capacity(n, n * 20);
-    let mut ver = StringBuilder::with_capacity(n, n * 8);
+    let mut tar = DictText::with_capacity(n);
+    let mut ver = DictText::with_capacity(n);
     let mut days = Int32Builder::with_capacity(n);
     let mut kwh = dec_builder(n, KWH);
     let mut total = dec_builder(n, AMOUNT);
     let mut lc = Int32Builder::with_capacity(n);
     let mut est = BooleanBuilder::with_capacity(n);
-    let mut flags = StringBuilder::with_capacity(n, n * 4);
+    let mut flags = DictText::with_capacity(n);
     let mut yb = dec_builder(n, KWH);
     let mut ya = dec_builder(n, KWH);
     let mut pf = dec_builder(n, (5, 2));
@@ -204,17 +205,17 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
     let mut due = StringBuilder::with_capacity(n, n * 10);
     for r in rows {
         let b = r.bill;
-        run.append_value(run_id);
-        per.append_value(period);
+        run.push(run_id);
+        per.push(period);
         acc.append_value(&b.account_id);
-        tar.append_value(&b.tariff_id);
-        ver.append_value(&b.versions);
+        tar.push(&b.tariff_id);
+        ver.push(&b.versions);
         days.append_value(b.days as i32);
         kwh.append_value(to_i128(b.kwh, KWH.1));
         total.append_value(to_i128(r.total, AMOUNT.1));
         lc.append_value(r.line_count as i32);
         est.append_value(b.flags.contains(Flags::ESTIMATED));
-        flags.append_value(b.flags.text());
+        flags.push_cow(b.flags.text());
         yb.append_option(b.ytd_before.map(|x| to_i128(x, KWH.1)));
         ya.append_option(b.ytd_after.map(|x| to_i128(x, KWH.1)));
         pf.append_option(b.power_factor.map(|x| to_i128(x, 2)));
@@ -224,17 +225,17 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
         due.append_option(r.due_date.map(|d| d.to_string()));
     }
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(run.finish()),
-        Arc::new(per.finish()),
+        run.finish(),
+        per.finish(),
         Arc::new(acc.finish()),
-        Arc::new(tar.finish()),
-        Arc::new(ver.finish()),
+        tar.finish(),
+        ver.finish(),
         Arc::new(days.finish()),
         Arc::new(kwh.finish()),
         Arc::new(total.finish()),
         Arc::new(lc.finish()),
         Arc::new(est.finish()),
-        Arc::new(flags.finish()),
+        flags.finish(),
         Arc::new(yb.finish()),
         Arc::new(ya.finish()),
         Arc::new(pf.finish()),
@@ -243,48 +244,50 @@ pub fn bills_batch(run_id: &str, period: &str, rows: &[OutBill<'_>]) -> RecordBa
         Arc::new(adj.finish()),
         Arc::new(due.finish()),
     ];
-    RecordBatch::try_new(bills_schema(), cols).expect("columns match schema")
+    RecordBatch::try_new(bills_batch_schema(), cols).expect("columns match schema")
 }
 
-/// Builder of `bill_lines` batches.
-pub struct LinesBuilder {
-    run: StringBuilder,
-    per: StringBuilder,
+/// Builder of `bill_lines` batches. The repeating text columns are built as
+/// dictionary keys (`store::dict`): labels, versions and units are borrowed
+/// from the tariffs for `'a`, so most rows find their key by address.
+pub struct LinesBuilder<'a> {
+    run: DictText<'a>,
+    per: DictText<'a>,
     acc: StringBuilder,
     no: Int32Builder,
-    kind: StringBuilder,
-    label: StringBuilder,
+    kind: DictText<'a>,
+    label: DictText<'a>,
     tier: Int32Builder,
     period: StringBuilder,
     qty: Decimal128Builder,
-    unit: StringBuilder,
+    unit: DictText<'a>,
     price: Decimal128Builder,
     amount: Decimal128Builder,
-    tariff: StringBuilder,
-    version: StringBuilder,
-    flags: StringBuilder,
+    tariff: DictText<'a>,
+    version: DictText<'a>,
+    flags: DictText<'a>,
     adj: BooleanBuilder,
     pub rows: usize,
 }
 
-impl LinesBuilder {
-    pub fn new(cap: usize) -> LinesBuilder {
+impl<'a> LinesBuilder<'a> {
+    pub fn new(cap: usize) -> LinesBuilder<'a> {
         LinesBuilder {
-            run: StringBuilder::with_capacity(cap, cap * 16),
-            per: StringBuilder::with_capacity(cap, cap * 7),
+            run: DictText::with_capacity(cap),
+            per: DictText::with_capacity(cap),
             acc: StringBuilder::with_capacity(cap, cap * 10),
             no: Int32Builder::with_capacity(cap),
-            kind: StringBuilder::with_capacity(cap, cap * 8),
-            label: StringBuilder::with_capacity(cap, cap * 16),
+            kind: DictText::with_capacity(cap),
+            label: DictText::with_capacity(cap),
             tier: Int32Builder::with_capacity(cap),
             period: StringBuilder::with_capacity(cap, cap * 2),
             qty: dec_builder(cap, QTY),
-            unit: StringBuilder::with_capacity(cap, cap * 3),
+            unit: DictText::with_capacity(cap),
             price: dec_builder(cap, PRICE),
             amount: dec_builder(cap, AMOUNT),
-            tariff: StringBuilder::with_capacity(cap, cap * 20),
-            version: StringBuilder::with_capacity(cap, cap * 8),
-            flags: StringBuilder::with_capacity(cap, cap * 2),
+            tariff: DictText::with_capacity(cap),
+            version: DictText::with_capacity(cap),
+            flags: DictText::with_capacity(cap),
             adj: BooleanBuilder::with_capacity(cap),
             rows: 0,
         }
@@ -292,54 +295,104 @@ impl LinesBuilder {
 
     pub fn push(
         &mut self,
-        run_id: &str,
-        period: &str,
+        run_id: &'a str,
+        period: &'a str,
         account: &str,
-        tariff: &str,
+        tariff: &'a str,
         no: usize,
-        l: &OutLine<'_>,
+        l: &OutLine<'a>,
     ) {
-        self.run.append_value(run_id);
-        self.per.append_value(period);
+        self.run.push(run_id);
+        self.per.push(period);
         self.acc.append_value(account);
         self.no.append_value(no as i32);
-        self.kind.append_value(l.kind.as_str());
-        self.label.append_value(&l.label);
+        self.kind.push(l.kind.as_str());
+        self.label.push_cow(l.label.clone());
         self.tier.append_option(l.tier);
         self.period.append_option(l.tou_period.as_deref());
         self.qty.append_value(to_i128(l.quantity, QTY.1));
-        self.unit.append_value(l.unit);
+        self.unit.push(l.unit);
         self.price.append_value(to_i128(l.unit_price, PRICE.1));
         self.amount.append_value(to_i128(l.amount, AMOUNT.1));
-        self.tariff.append_value(tariff);
-        self.version.append_value(&l.tariff_version);
-        self.flags.append_value(l.flags.text());
+        self.tariff.push(tariff);
+        self.version.push_cow(l.tariff_version.clone());
+        self.flags.push_cow(l.flags.text());
         self.adj.append_value(l.is_adjustment);
         self.rows += 1;
     }
 
-    pub fn finish(&mut self) -> RecordBatch {
+    pub fn finish(self) -> RecordBatch {
         let cols: Vec<ArrayRef> = vec![
-            Arc::new(self.run.finish()),
-            Arc::new(self.per.finish()),
-            Arc::new(self.acc.finish()),
-            Arc::new(self.no.finish()),
-            Arc::new(self.kind.finish()),
-            Arc::new(self.label.finish()),
-            Arc::new(self.tier.finish()),
-            Arc::new(self.period.finish()),
-            Arc::new(self.qty.finish()),
-            Arc::new(self.unit.finish()),
-            Arc::new(self.price.finish()),
-            Arc::new(self.amount.finish()),
-            Arc::new(self.tariff.finish()),
-            Arc::new(self.version.finish()),
-            Arc::new(self.flags.finish()),
-            Arc::new(self.adj.finish()),
+            self.run.finish(),
+            self.per.finish(),
+            Arc::new({ self.acc }.finish()),
+            Arc::new({ self.no }.finish()),
+            self.kind.finish(),
+            self.label.finish(),
+            Arc::new({ self.tier }.finish()),
+            Arc::new({ self.period }.finish()),
+            Arc::new({ self.qty }.finish()),
+            self.unit.finish(),
+            Arc::new({ self.price }.finish()),
+            Arc::new({ self.amount }.finish()),
+            self.tariff.finish(),
+            self.version.finish(),
+            self.flags.finish(),
+            Arc::new({ self.adj }.finish()),
         ];
-        self.rows = 0;
-        RecordBatch::try_new(lines_schema(), cols).expect("columns match schema")
+        RecordBatch::try_new(lines_batch_schema(), cols).expect("columns match schema")
     }
+}
+
+/// [`bills_schema`] with the text columns [`bills_batch`] builds as keys
+/// typed as dictionaries (the file holds `bills_schema`).
+pub fn bills_batch_schema() -> SchemaRef {
+    static S: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        with_dictionaries(
+            &bills_schema(),
+            &["run_id", "period", "tariff_id", "tariff_versions", "flags"],
+        )
+    })
+    .clone()
+}
+
+/// [`lines_schema`] with the text columns [`LinesBuilder`] builds as keys
+/// typed as dictionaries (the file holds `lines_schema`).
+pub fn lines_batch_schema() -> SchemaRef {
+    static S: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        with_dictionaries(
+            &lines_schema(),
+            &[
+                "run_id",
+                "period",
+                "kind",
+                "label",
+                "unit",
+                "tariff_id",
+                "tariff_version",
+                "flags",
+            ],
+        )
+    })
+    .clone()
+}
+
+fn with_dictionaries(plain: &Schema, names: &[&str]) -> SchemaRef {
+    Arc::new(Schema::new(
+        plain
+            .fields()
+            .iter()
+            .map(|f| {
+                if names.contains(&f.name().as_str()) {
+                    Field::new(f.name(), crate::store::dict::dict_type(), false)
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect::<Vec<_>>(),
+    ))
 }
 
 pub fn exceptions_batch(run_id: &str, period: &str, rows: &[ExceptionRow]) -> RecordBatch {

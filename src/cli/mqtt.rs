@@ -94,7 +94,7 @@ pub fn sim_readings(n: usize, meters: usize, start_ms: i64) -> Vec<Reading> {
                 source: Source {
                     protocol: Protocol::Sim,
                     collector: "publish-sim".into(),
-                    address: format!("sim/{m}"),
+                    address: format!("sim/{m}").into(),
                 },
                 received_ms: start_ms,
             }

@@ -65,6 +65,9 @@ pub struct Decoding {
     parking: Parking,
     park_ms: i64,
     park_max: usize,
+    /// Readings per message in the last batch: sizes the next batch's
+    /// readings at once instead of growing (and copying) them as they come.
+    per_message: usize,
 }
 
 impl Decoding {
@@ -76,6 +79,7 @@ impl Decoding {
             parking: Parking::default(),
             park_ms: park_secs.saturating_mul(1000).min(i64::MAX as u64) as i64,
             park_max,
+            per_message: 1,
         }
     }
 
@@ -141,6 +145,8 @@ impl Decoding {
     /// Decodes a batch (counters per batch, not per message).
     pub fn batch(&mut self, batch: Vec<Publish>, now: i64, stats: &mut IngestStats) -> Job {
         let mut job = Job::default();
+        job.readings
+            .reserve(batch.len().saturating_mul(self.per_message));
         let mut per_source = vec![(0u64, 0u64); self.decoders.len()]; // (readings, rounded)
                                                                       // Consecutive messages mostly share a topic: remember its source.
         let mut last: Option<(String, usize)> = None;
@@ -204,6 +210,9 @@ impl Decoding {
                 );
             }
         }
+        if !batch.is_empty() {
+            self.per_message = (job.readings.len() / batch.len()).clamp(1, 1024);
+        }
         stats.readings += job.readings.len() as u64;
         stats.dead_letters += job.dead.len() as u64;
         stats.parked += job.park.len() as u64;
@@ -244,11 +253,7 @@ impl Decoding {
         job: &mut Job,
     ) {
         let name = &self.names[idx];
-        if job.readings.is_empty() {
-            job.readings = d.readings;
-        } else {
-            job.readings.extend(d.readings);
-        }
+        job.readings.extend(d.readings);
         if !d.problems.is_empty() {
             let reason = reasons(&d.problems);
             for e in &d.problems {

@@ -8,6 +8,7 @@
 //! (the payload is dead-lettered with those reasons as well).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -131,6 +132,27 @@ pub struct Decoder {
     channels: HashMap<String, ChannelMap>,
     limits: Limits,
     sparkplug: sparkplug::State,
+    texts: Texts,
+}
+
+/// The last collector and address a reading named, shared by the readings
+/// after it that name the same (every reading of a message, mostly).
+#[derive(Default)]
+struct Texts {
+    collector: RefCell<Option<Arc<str>>>,
+    address: RefCell<Option<Arc<str>>>,
+}
+
+fn shared(slot: &RefCell<Option<Arc<str>>>, text: &str) -> Arc<str> {
+    let mut slot = slot.borrow_mut();
+    match &*slot {
+        Some(t) if **t == *text => t.clone(),
+        _ => {
+            let t: Arc<str> = text.into();
+            *slot = Some(t.clone());
+            t
+        }
+    }
 }
 
 impl Decoder {
@@ -151,6 +173,7 @@ impl Decoder {
             channels,
             limits,
             sparkplug: sparkplug::State::new(),
+            texts: Texts::default(),
         })
     }
 
@@ -301,11 +324,14 @@ impl Decoder {
                 quality,
                 source: Source {
                     protocol,
-                    collector: collector.to_string(),
-                    address: match &r.address {
-                        Some(a) => a.0.to_string(),
-                        None => topic.to_string(),
-                    },
+                    collector: shared(&self.texts.collector, collector),
+                    address: shared(
+                        &self.texts.address,
+                        match &r.address {
+                            Some(a) => &a.0,
+                            None => topic,
+                        },
+                    ),
                 },
                 received_ms: now,
             },
@@ -731,8 +757,8 @@ impl Decoder {
                     quality,
                     source: Source {
                         protocol: Protocol::Mqtt,
-                        collector: self.limits.collector.clone(),
-                        address: topic.to_string(),
+                        collector: shared(&self.texts.collector, &self.limits.collector),
+                        address: shared(&self.texts.address, topic),
                     },
                     received_ms: now,
                 });

@@ -5,8 +5,12 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, Decimal128Array, StringArray, StringBuilder, TimestampMillisecondArray,
 };
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use rust_decimal::Decimal;
+use std::sync::OnceLock;
+
+use super::dict::{dict_type, DictText};
 
 use super::schema::{col, readings_schema, VALUE_PRECISION, VALUE_SCALE};
 use super::StoreError;
@@ -17,6 +21,16 @@ const MAX_SCALED: i128 = 10i128.pow(VALUE_PRECISION as u32);
 /// Converts a decimal to the lake's scaled integer (scale 4), refusing to
 /// round: a value that needs more digits is an error, never silently changed.
 pub fn to_scaled(value: Decimal) -> Result<i128, StoreError> {
+    // Most values have 4 decimals or fewer as they come: no normalizing
+    // (trailing zeros change the scale, not the scaled integer).
+    if value.scale() <= VALUE_SCALE as u32 {
+        let s = value.mantissa() * 10i128.pow(VALUE_SCALE as u32 - value.scale());
+        return if s.abs() < MAX_SCALED {
+            Ok(s)
+        } else {
+            Err(StoreError::ValueOutOfRange(value))
+        };
+    }
     let v = value.normalize();
     let scale = v.scale() as i8;
     let m = v.mantissa();
@@ -33,6 +47,93 @@ pub fn to_scaled(value: Decimal) -> Result<i128, StoreError> {
 
 pub fn from_scaled(raw: i128) -> Decimal {
     Decimal::from_i128_with_scale(raw, VALUE_SCALE as u32)
+}
+
+/// The readings schema with its repeating text columns (channel, unit,
+/// quality, source) as dictionary arrays: the lake writer encodes those from
+/// their keys (`store::dict`); the files hold the plain readings schema.
+pub fn segment_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        let plain = readings_schema();
+        let fields: Vec<Field> = plain
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| match i {
+                col::CHANNEL
+                | col::UNIT
+                | col::QUALITY
+                | col::SOURCE_PROTOCOL
+                | col::SOURCE_COLLECTOR
+                | col::SOURCE_ADDRESS => Field::new(f.name(), dict_type(), false),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        Arc::new(Schema::new(fields))
+    })
+    .clone()
+}
+
+/// One batch of `rows` in [`segment_schema`], and the rows whose value does
+/// not fit the lake's decimal (left out, for quarantine).
+pub fn segment_batch<'a>(rows: &[&'a Reading]) -> (RecordBatch, Vec<(&'a Reading, StoreError)>) {
+    let n = rows.len();
+    let mut bad = Vec::new();
+    let mut kept = Vec::with_capacity(n);
+    let mut value = Vec::with_capacity(n);
+    for r in rows {
+        match to_scaled(r.value) {
+            Ok(v) => {
+                kept.push(*r);
+                value.push(v);
+            }
+            Err(e) => bad.push((*r, e)),
+        }
+    }
+    let n = kept.len();
+    let mut meter_id = StringBuilder::with_capacity(n, kept.iter().map(|r| r.meter_id.len()).sum());
+    let mut channel = DictText::with_capacity(n);
+    let mut unit = DictText::with_capacity(n);
+    let mut quality = DictText::with_capacity(n);
+    let mut protocol = DictText::with_capacity(n);
+    let mut collector = DictText::with_capacity(n);
+    let mut address = DictText::with_capacity(n);
+    let ok = Quality::OK.text();
+    for r in &kept {
+        meter_id.append_value(&r.meter_id);
+        channel.push(r.channel.as_str());
+        unit.push(r.channel.unit());
+        if r.quality == Quality::OK {
+            quality.push_cow(ok.clone());
+        } else {
+            quality.push_cow(r.quality.text());
+        }
+        protocol.push(r.source.protocol.as_str());
+        collector.push(&r.source.collector);
+        address.push(&r.source.address);
+    }
+    let ts = TimestampMillisecondArray::from_iter_values(kept.iter().map(|r| r.ts_ms))
+        .with_timezone("UTC");
+    let received = TimestampMillisecondArray::from_iter_values(kept.iter().map(|r| r.received_ms))
+        .with_timezone("UTC");
+    let value = Decimal128Array::from(value)
+        .with_precision_and_scale(VALUE_PRECISION, VALUE_SCALE)
+        .expect("valid decimal type");
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(meter_id.finish()),
+        Arc::new(ts),
+        channel.finish(),
+        Arc::new(value),
+        unit.finish(),
+        quality.finish(),
+        protocol.finish(),
+        collector.finish(),
+        address.finish(),
+        Arc::new(received),
+    ];
+    let batch = RecordBatch::try_new(segment_schema(), cols).expect("columns match schema");
+    (batch, bad)
 }
 
 /// Accumulates readings column by column and emits Arrow record batches.
@@ -210,8 +311,8 @@ impl<'a> ReadingsView<'a> {
             quality,
             source: Source {
                 protocol,
-                collector: self.collector.value(i).to_string(),
-                address: self.address.value(i).to_string(),
+                collector: self.collector.value(i).into(),
+                address: self.address.value(i).into(),
             },
             received_ms: self.received.value(i),
         })

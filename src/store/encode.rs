@@ -11,24 +11,51 @@
 
 use std::io::Write;
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::ArrayRef;
+use arrow::datatypes::{DataType, FieldRef, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_writer::{
-    compute_leaves, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
-};
+use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnWriter, ArrowRowGroupWriterFactory};
 use parquet::arrow::ArrowWriter;
 use parquet::errors::{ParquetError, Result};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
 
+use super::dict::{dict_type, DictChunk};
+
 pub struct ColumnWriter<W: Write + Send> {
     file: SerializedFileWriter<W>,
     factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
+    props: WriterProperties,
     /// The open row group's column writers and its rows so far.
-    open: Option<(Vec<ArrowColumnWriter>, usize)>,
+    open: Option<(Vec<Chunk>, usize)>,
     max_rows: Option<usize>,
+}
+
+/// One column of the open row group: arrow-rs's writer, or for a text
+/// column handed over as a dictionary array, [`DictChunk`].
+enum Chunk {
+    Arrow(Box<ArrowColumnWriter>),
+    Dict(DictChunk),
+}
+
+impl Chunk {
+    fn write(&mut self, field: &FieldRef, column: &ArrayRef) -> Result<()> {
+        match self {
+            Chunk::Arrow(w) => {
+                let mut leaves = compute_leaves(field, column)?;
+                match (leaves.pop(), leaves.is_empty()) {
+                    (Some(leaf), true) => w.write(&leaf),
+                    _ => Err(ParquetError::General(format!(
+                        "column {} is not flat",
+                        field.name()
+                    ))),
+                }
+            }
+            Chunk::Dict(d) => d.write(column.as_ref()),
+        }
+    }
 }
 
 impl<W: Write + Send> ColumnWriter<W> {
@@ -45,48 +72,59 @@ impl<W: Write + Send> ColumnWriter<W> {
         }
         // ArrowWriter builds the Parquet schema and the embedded Arrow schema;
         // taking its parts keeps the file header and footer identical.
-        let (file, factory) =
-            ArrowWriter::try_new(w, schema.clone(), Some(props))?.into_serialized_writer()?;
+        let (file, factory) = ArrowWriter::try_new(w, schema.clone(), Some(props.clone()))?
+            .into_serialized_writer()?;
+        if file.schema_descr().num_columns() != schema.fields().len() {
+            return Err(ParquetError::General(
+                "ColumnWriter writes flat schemas only".into(),
+            ));
+        }
         Ok(ColumnWriter {
             file,
             factory,
             schema,
+            props,
             open: None,
             max_rows,
         })
     }
 
     /// Encodes `batch`, starting a new row group whenever the open one is full.
+    /// A text column of the schema may come as a `Dictionary(UInt32, Utf8)`
+    /// array ([`super::dict::dict_type`]): it is written from its keys, and
+    /// read back as the schema's text column.
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let schema = self.schema.clone();
+        let fields = schema.fields();
+        if batch.num_columns() != fields.len()
+            || fields.iter().zip(batch.columns()).any(|(f, c)| {
+                f.data_type() != c.data_type()
+                    && !(f.data_type() == &DataType::Utf8 && c.data_type() == &dict_type())
+            })
+        {
+            return Err(ParquetError::General(
+                "batch does not match the writer's schema".into(),
+            ));
+        }
         let mut rest = batch.clone();
         while rest.num_rows() > 0 {
             if self.open.is_none() {
-                let index = self.file.flushed_row_groups().len();
-                self.open = Some((self.factory.create_column_writers(index)?, 0));
+                self.open = Some((self.open_row_group(&rest)?, 0));
             }
-            let (writers, rows) = self.open.as_mut().expect("opened above");
+            let (chunks, rows) = self.open.as_mut().expect("opened above");
             let room = self.max_rows.map_or(usize::MAX, |m| m - *rows);
             let take = rest.num_rows().min(room);
             let part = rest.slice(0, take);
             rest = rest.slice(take, rest.num_rows() - take);
-            let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(writers.len());
-            for (field, column) in self.schema.fields().iter().zip(part.columns()) {
-                leaves.extend(compute_leaves(field, column)?);
-            }
-            if part.num_columns() != self.schema.fields().len() || leaves.len() != writers.len() {
-                return Err(ParquetError::General(
-                    "batch does not match the writer's schema".into(),
-                ));
-            }
+            let work = chunks.iter_mut().zip(fields.iter().zip(part.columns()));
             if in_pool() {
-                for (w, leaf) in writers.iter_mut().zip(&leaves) {
-                    w.write(leaf)?;
+                for (c, (f, col)) in work {
+                    c.write(f, col)?;
                 }
             } else {
-                writers
-                    .par_iter_mut()
-                    .zip(leaves.par_iter())
-                    .try_for_each(|(w, leaf)| w.write(leaf))?;
+                work.collect::<Vec<_>>()
+                    .into_par_iter()
+                    .try_for_each(|(c, (f, col))| c.write(f, col))?;
             }
             *rows += take;
             if self.max_rows.is_some_and(|m| *rows >= m) {
@@ -96,26 +134,52 @@ impl<W: Write + Send> ColumnWriter<W> {
         Ok(())
     }
 
+    /// Writers for a new row group: dictionary columns where `batch` has
+    /// dictionary arrays (every batch of a row group must agree).
+    fn open_row_group(&mut self, batch: &RecordBatch) -> Result<Vec<Chunk>> {
+        let index = self.file.flushed_row_groups().len();
+        let arrow = self.factory.create_column_writers(index)?;
+        arrow
+            .into_iter()
+            .zip(batch.columns())
+            .enumerate()
+            .map(|(i, (w, c))| {
+                Ok(if c.data_type() == &dict_type() {
+                    Chunk::Dict(DictChunk::new(
+                        self.file.schema_descr().column(i),
+                        &self.props,
+                    )?)
+                } else {
+                    Chunk::Arrow(Box::new(w))
+                })
+            })
+            .collect()
+    }
+
     /// Closes the open row group (its column chunks close in parallel) and
     /// appends it to the file.
     pub fn flush(&mut self) -> Result<()> {
-        let Some((writers, _)) = self.open.take() else {
+        let Some((chunks, _)) = self.open.take() else {
             return Ok(());
         };
-        let chunks = if in_pool() {
-            writers
-                .into_iter()
-                .map(|w| w.close())
-                .collect::<Result<Vec<_>>>()?
+        let close = |c: Chunk| match c {
+            Chunk::Arrow(w) => w.close().map(Closed::Arrow),
+            Chunk::Dict(d) => d.close().map(Closed::Dict),
+        };
+        let closed = if in_pool() {
+            chunks.into_iter().map(close).collect::<Result<Vec<_>>>()?
         } else {
-            writers
+            chunks
                 .into_par_iter()
-                .map(|w| w.close())
+                .map(close)
                 .collect::<Result<Vec<_>>>()?
         };
         let mut rg = self.file.next_row_group()?;
-        for chunk in chunks {
-            chunk.append_to_row_group(&mut rg)?;
+        for c in closed {
+            match c {
+                Closed::Arrow(chunk) => chunk.append_to_row_group(&mut rg)?,
+                Closed::Dict((bytes, result)) => rg.append_column(&bytes, result)?,
+            }
         }
         rg.close()?;
         Ok(())
@@ -126,6 +190,11 @@ impl<W: Write + Send> ColumnWriter<W> {
         self.flush()?;
         self.file.into_inner()
     }
+}
+
+enum Closed {
+    Arrow(parquet::arrow::arrow_writer::ArrowColumnChunk),
+    Dict((bytes::Bytes, parquet::column::writer::ColumnCloseResult)),
 }
 
 /// Called from a task of the thread pool, the caller is already one of many
@@ -229,6 +298,78 @@ mod tests {
             write()
         });
         assert_eq!(parallel, in_line);
+    }
+
+    #[test]
+    fn text_columns_given_as_dictionaries_read_back_as_the_same_text_columns() {
+        use crate::store::dict::DictText;
+        use arrow::array::AsArray;
+        use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+
+        let plain = |b: &RecordBatch| -> RecordBatch {
+            let ch: Vec<String> = (0..b.num_rows())
+                .map(|i| ["energy_import", "peak", "valley", "a\u{e9}"][(i / 5) % 4].to_string())
+                .collect();
+            let mut cols = b.columns().to_vec();
+            cols[3] = Arc::new(StringArray::from(ch));
+            RecordBatch::try_new(schema(), cols).unwrap()
+        };
+        let dict_schema = Arc::new(Schema::new(vec![
+            Field::new("meter_id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+            Field::new("value", DataType::Decimal128(18, 4), false),
+            Field::new("channel", crate::store::dict::dict_type(), false),
+        ]));
+        let keyed = |b: &RecordBatch| -> RecordBatch {
+            let p = plain(b);
+            let texts = p.column(3).as_string::<i32>();
+            let mut t = DictText::with_capacity(p.num_rows());
+            for v in texts.iter() {
+                t.push(v.unwrap());
+            }
+            let mut cols = p.columns().to_vec();
+            cols[3] = t.finish();
+            RecordBatch::try_new(dict_schema.clone(), cols).unwrap()
+        };
+        // Row groups of 2,500 rows, pages of 1,000: batches split across both.
+        let sizes = [1, 2_500, 7_499, 3, 4_997];
+        let mut theirs = ArrowWriter::try_new(Vec::new(), schema(), Some(props(2_500))).unwrap();
+        let mut ours = ColumnWriter::try_new(Vec::new(), schema(), props(2_500)).unwrap();
+        let mut start = 0;
+        for rows in sizes {
+            let b = batch(start, rows);
+            start += rows;
+            theirs.write(&plain(&b)).unwrap();
+            ours.write(&keyed(&b)).unwrap();
+        }
+        let theirs = bytes::Bytes::from(theirs.into_inner().unwrap());
+        let ours = bytes::Bytes::from(ours.into_inner().unwrap());
+        let read = |f: bytes::Bytes| {
+            let opts = ArrowReaderOptions::new()
+                .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
+            let r = ParquetRecordBatchReaderBuilder::try_new_with_options(f, opts).unwrap();
+            let meta = r.metadata().clone();
+            let batches: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
+            (
+                arrow::compute::concat_batches(&schema(), &batches).unwrap(),
+                meta,
+            )
+        };
+        let (want, _) = read(theirs);
+        let (got, meta) = read(ours);
+        assert_eq!(got, want);
+        assert_eq!(meta.num_row_groups(), 6);
+        let rg = meta.row_group(0);
+        let ch = rg.column(3);
+        assert!(ch.dictionary_page_offset().is_some());
+        let stats = ch.statistics().unwrap();
+        assert_eq!(stats.min_bytes_opt(), Some(&b"a\xc3\xa9"[..]));
+        assert_eq!(stats.max_bytes_opt(), Some(&b"valley"[..]));
+        // Pages are split by the row limit, and the offset index says where.
+        let index = meta.page_index_for_row_group(0);
+        let pages = index.offset_index(3).unwrap().page_locations();
+        assert_eq!(pages.len(), 3);
+        assert_eq!(pages[1].first_row_index, 1_000);
     }
 
     #[test]

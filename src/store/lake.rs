@@ -13,7 +13,6 @@ use chrono::NaiveDate;
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::columns::ReadingsBuilder;
 use super::schema::{quarantine_schema, QUARANTINE, READINGS};
 use super::spool::{self, Entry, QuarantineRecord, Segment};
 use super::{atomic, partition_dir, StoreError};
@@ -132,11 +131,18 @@ impl Lake {
         if readings.is_empty() && quarantined.is_empty() {
             return Ok(());
         }
-        let mut entries = Vec::with_capacity(readings.len() + quarantined.len());
-        entries.extend(readings.into_iter().map(Entry::Reading));
-        entries.extend(quarantined.into_iter().map(Entry::Quarantine));
-        self.segment.append(&entries)?;
-        self.pending.extend(entries);
+        // Moved once, straight into `pending`, and written from there.
+        let start = self.pending.len();
+        self.pending.reserve(readings.len() + quarantined.len());
+        self.pending
+            .extend(readings.into_iter().map(Entry::Reading));
+        self.pending
+            .extend(quarantined.into_iter().map(Entry::Quarantine));
+        if let Err(e) = self.segment.append(&self.pending[start..]) {
+            // Not durable, so never committed: the source was not acknowledged.
+            self.pending.truncate(start);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -157,13 +163,18 @@ impl Lake {
         }
         let next = Segment::create(&self.spool_dir, spool::new_segment_id())?;
         let sealed = std::mem::replace(&mut self.segment, next);
+        // The next segment will likely be as long: growing `pending` from
+        // empty reallocated and copied it (and faulted in fresh pages) at
+        // every doubling, a large part of MQTT ingest's spool thread.
+        let room = self.pending.len().min(1 << 20);
+        let entries = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
         Ok(Some(Sealed {
             root: self.root.clone(),
             writer_id: self.writer_id.clone(),
             spool_dir: self.spool_dir.clone(),
             segment_id: sealed.id.clone(),
             segment_path: sealed.path.clone(),
-            entries: std::mem::take(&mut self.pending),
+            entries,
         }))
     }
 }
@@ -257,16 +268,7 @@ fn commit_entries(
         // so pages split where they would for one batch.
         let built: Vec<(RecordBatch, Vec<(&Reading, StoreError)>)> = rows
             .par_chunks(BUILD_CHUNK_ROWS)
-            .map(|chunk| {
-                let mut b = ReadingsBuilder::with_capacity(chunk.len());
-                let mut bad = Vec::new();
-                for r in chunk {
-                    if let Err(e) = b.push(r) {
-                        bad.push((*r, e));
-                    }
-                }
-                (b.finish(), bad)
-            })
+            .map(super::columns::segment_batch)
             .collect();
         let mut batches = Vec::with_capacity(built.len());
         let mut accepted = 0;
@@ -281,8 +283,8 @@ fn commit_entries(
                     .push(QuarantineRecord {
                         received_ms: r.received_ms,
                         protocol: r.source.protocol,
-                        collector: r.source.collector.clone(),
-                        address: r.source.address.clone(),
+                        collector: r.source.collector.to_string(),
+                        address: r.source.address.to_string(),
                         reason: e.to_string(),
                         payload: serde_json::to_vec(r).unwrap_or_default(),
                     });

@@ -678,7 +678,7 @@ pub(crate) mod tests {
             source: Source {
                 protocol: Protocol::Sim,
                 collector: "t".into(),
-                address: String::new(),
+                address: "".into(),
             },
             received_ms: ts,
         }

@@ -251,8 +251,8 @@ fn decode(payload: &[u8]) -> Option<Entry> {
                 quality,
                 source: Source {
                     protocol,
-                    collector,
-                    address,
+                    collector: collector.into(),
+                    address: address.into(),
                 },
                 received_ms,
             })

@@ -286,8 +286,8 @@ fn decode_entry(payload: &[u8]) -> Result<Vec<Reading>, String> {
                 quality,
                 source: Source {
                     protocol: Protocol::Mqtt,
-                    collector: env.collector.clone().unwrap_or_default(),
-                    address: o.address.unwrap_or_default(),
+                    collector: env.collector.as_deref().unwrap_or_default().into(),
+                    address: o.address.unwrap_or_default().into(),
                 },
                 received_ms: o.ts,
             })

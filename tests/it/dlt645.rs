@@ -164,8 +164,8 @@ async fn collect_once_over_tcp_writes_exactly_the_simulated_values() {
     assert!(got.contains_key(&("M-000000001003".to_string(), Channel::ImportActiveT4)));
     for r in &readings {
         assert_eq!(r.source.protocol, meterflow::model::Protocol::Dlt645);
-        assert_eq!(r.source.collector, "it-dlt645");
-        assert_eq!(r.source.address, format!("gw1/{}", &r.meter_id[2..]));
+        assert_eq!(&*r.source.collector, "it-dlt645");
+        assert_eq!(*r.source.address, format!("gw1/{}", &r.meter_id[2..]));
     }
     // The fast clock is flagged on that meter's readings and nowhere else.
     for r in &readings {

@@ -117,7 +117,7 @@ async fn every_profile_is_read_exactly_over_modbus_tcp() {
     for (i, prof) in PROFILES.iter().enumerate() {
         assert_exact(&sim, &readings, i as u8 + 1, prof);
     }
-    assert_eq!(readings[0].source.address, "tcp/unit 1");
+    assert_eq!(&*readings[0].source.address, "tcp/unit 1");
 }
 
 #[tokio::test]
@@ -174,7 +174,9 @@ async fn collect_once_writes_the_simulated_values_exactly_into_the_lake() {
     for (i, prof) in PROFILES.iter().enumerate() {
         assert_exact(&sim, &stored, i as u8 + 1, prof);
     }
-    assert!(stored.iter().all(|r| r.source.collector == "it-collector"));
+    assert!(stored
+        .iter()
+        .all(|r| &*r.source.collector == "it-collector"));
 }
 
 #[tokio::test]

@@ -405,7 +405,7 @@ values = {{ "e" = "/data/energy" }}
     );
     let c1 = find("C1", Channel::ImportActiveTotal).unwrap();
     assert_eq!(c1.source.protocol, Protocol::Mqtt);
-    assert_eq!(c1.source.address, format!("{p}/canonical/a"));
+    assert_eq!(*c1.source.address, format!("{p}/canonical/a"));
     assert_eq!(dl.len(), 3, "{dl:?}");
     assert!(
         dl.iter()
@@ -932,5 +932,5 @@ async fn uplink_spools_while_the_broker_is_unreachable_and_delivers_everything_w
     central.stop(&url).await;
     let keys: BTreeSet<_> = got.iter().map(key).collect();
     assert_eq!(keys, want);
-    assert!(got.iter().all(|r| r.source.collector == "sub-9"));
+    assert!(got.iter().all(|r| &*r.source.collector == "sub-9"));
 }

@@ -122,8 +122,8 @@ pub async fn poll_meter(
     }
     let source = Source {
         protocol: Protocol::Dlt645,
-        collector: s.collector_id.clone(),
-        address: label.clone(),
+        collector: s.collector_id.as_str().into(),
+        address: label.as_str().into(),
     };
     let mut quality = Quality::OK;
     let mut dead = false;

@@ -37,8 +37,8 @@ fn keep(out: &mut DeviceOutcome, source: &Source, reason: String, payload: Vec<u
     out.quarantine.push(QuarantineRecord {
         received_ms: now_ms(),
         protocol: Protocol::Modbus,
-        collector: source.collector.clone(),
-        address: source.address.clone(),
+        collector: source.collector.to_string(),
+        address: source.address.to_string(),
         reason,
         payload,
     });
@@ -120,8 +120,8 @@ pub async fn poll_device(
     };
     let source = Source {
         protocol: Protocol::Modbus,
-        collector: collector.to_string(),
-        address: format!("{connection}/unit {}", dev.unit_id),
+        collector: collector.into(),
+        address: format!("{connection}/unit {}", dev.unit_id).into(),
     };
     let mut out = DeviceOutcome::default();
     let mut answered = false;

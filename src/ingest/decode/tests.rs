@@ -34,10 +34,10 @@ fn canonical_envelope_keeps_every_digit_of_the_value() {
         .unwrap();
     assert!(d.problems.is_empty(), "{:?}", d.problems);
     assert_eq!(d.readings[0].value, dec!(12345678901234.1234));
-    assert_eq!(d.readings[0].source.collector, "sub-7");
+    assert_eq!(&*d.readings[0].source.collector, "sub-7");
     assert_eq!(d.readings[1].ts_ms, 1_763_798_400_000);
     assert_eq!(d.readings[1].quality, Quality::ESTIMATED);
-    assert_eq!(d.readings[1].source.address, "t/x");
+    assert_eq!(&*d.readings[1].source.address, "t/x");
 }
 
 #[test]

@@ -1,0 +1,502 @@
+//! Text columns written from dictionary keys.
+//!
+//! arrow-rs's Parquet writer interns every value of a text column (a hash
+//! and a compare per row), even when it is handed a dictionary array. For
+//! the columns whose values repeat row after row (a reading's channel, unit,
+//! quality and source; a bill line's kind, label and tariff) the builders
+//! already know each row's key, so [`DictChunk`] writes the column chunk
+//! itself: one PLAIN dictionary page, then RLE_DICTIONARY data pages of the
+//! keys, compressed like the rest of the file. It is what arrow-rs writes
+//! for such a column (same page types and encodings; pages split by the
+//! writer's row limit; chunk statistics, no page statistics), so every
+//! reader sees an ordinary dictionary-encoded string column.
+//!
+//! [`DictText`] builds such a column: a key per row, found by pointer when
+//! the text is the one of the row before (shared `Arc<str>`s, `'static`
+//! names), else by one lookup in a map of borrowed texts.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, UInt32Type};
+use bytes::Bytes;
+use parquet::basic::{Compression, Encoding, EncodingMask, PageType};
+use parquet::column::page::{CompressedPage, Page, PageWriter};
+use parquet::column::writer::ColumnCloseResult;
+use parquet::data_type::ByteArray;
+use parquet::errors::{ParquetError, Result};
+use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder, PageEncodingStats};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::statistics::Statistics;
+use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
+use parquet::schema::types::ColumnDescPtr;
+
+use super::scan::FxMap;
+
+/// The Arrow type of a column [`DictChunk`] writes.
+pub fn dict_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8))
+}
+
+/// Places remembered by [`DictText`] (tariff labels and versions, names).
+const MAX_PLACES: usize = 1024;
+
+/// Keys of a text column, and its distinct texts in order of first use.
+pub struct DictText<'a> {
+    values: Vec<Cow<'a, str>>,
+    /// Texts seen, by where they are: a text borrowed for `'a` stays put, so
+    /// its address and length name it without reading it.
+    by_place: FxMap<(usize, usize), u32>,
+    by_text: FxMap<Cow<'a, str>, u32>,
+    keys: Vec<u32>,
+    last: Option<(&'a str, u32)>,
+}
+
+impl<'a> DictText<'a> {
+    pub fn with_capacity(rows: usize) -> Self {
+        DictText {
+            values: Vec::new(),
+            by_place: FxMap::default(),
+            by_text: FxMap::default(),
+            keys: Vec::with_capacity(rows),
+            last: None,
+        }
+    }
+
+    pub fn push(&mut self, text: &'a str) {
+        let place = (text.as_ptr() as usize, text.len());
+        if let Some((t, k)) = self.last {
+            // The text of the row before: the same object, or equal.
+            if (t.as_ptr() as usize, t.len()) == place || t == text {
+                self.keys.push(k);
+                return;
+            }
+        }
+        let k = match self.by_place.get(&place) {
+            Some(&k) => k,
+            None => {
+                let k = self.key(Cow::Borrowed(text));
+                // Texts built per message (a reading's shared address) would
+                // fill the map with places never seen again.
+                if self.by_place.len() < MAX_PLACES {
+                    self.by_place.insert(place, k);
+                }
+                k
+            }
+        };
+        self.keys.push(k);
+        self.last = Some((text, k));
+    }
+
+    /// A text that may be owned (built for this row): found by its content.
+    pub fn push_cow(&mut self, text: Cow<'a, str>) {
+        match text {
+            Cow::Borrowed(t) => self.push(t),
+            owned => {
+                let k = self.key(owned);
+                self.keys.push(k);
+            }
+        }
+    }
+
+    fn key(&mut self, text: Cow<'a, str>) -> u32 {
+        if let Some(&k) = self.by_text.get(text.as_ref()) {
+            return k;
+        }
+        let k = self.values.len() as u32;
+        self.values.push(text.clone());
+        self.by_text.insert(text, k);
+        k
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn finish(self) -> ArrayRef {
+        let values = StringArray::from_iter_values(self.values.iter());
+        Arc::new(DictionaryArray::<UInt32Type>::new(
+            UInt32Array::from(self.keys),
+            Arc::new(values),
+        ))
+    }
+}
+
+/// One column chunk of a text column, written from dictionary arrays.
+pub struct DictChunk {
+    descr: ColumnDescPtr,
+    compression: Compression,
+    statistics: bool,
+    page_rows: usize,
+    /// The chunk's dictionary, in order of first use.
+    values: Vec<Box<[u8]>>,
+    index: FxMap<Box<[u8]>, u32>,
+    keys: Vec<u32>,
+}
+
+impl DictChunk {
+    pub fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
+        let path = descr.path();
+        let compression = props.compression(path);
+        if !matches!(
+            compression,
+            Compression::UNCOMPRESSED | Compression::ZSTD(_)
+        ) {
+            return Err(ParquetError::General(format!(
+                "dictionary column {path}: only zstd or no compression is supported"
+            )));
+        }
+        if descr.max_def_level() != 0 || descr.max_rep_level() != 0 {
+            return Err(ParquetError::General(format!(
+                "dictionary column {path}: only required, flat columns are supported"
+            )));
+        }
+        Ok(DictChunk {
+            statistics: props.statistics_enabled(path) != EnabledStatistics::None,
+            page_rows: props.data_page_row_count_limit().max(1),
+            compression,
+            descr,
+            values: Vec::new(),
+            index: FxMap::default(),
+            keys: Vec::new(),
+        })
+    }
+
+    /// Appends the rows of a `Dictionary(UInt32, Utf8)` array without nulls.
+    pub fn write(&mut self, array: &dyn Array) -> Result<()> {
+        let Some(dict) = array.as_dictionary_opt::<UInt32Type>() else {
+            return Err(ParquetError::General(format!(
+                "dictionary column {}: expected Dictionary(UInt32, Utf8), got {}",
+                self.descr.path(),
+                array.data_type()
+            )));
+        };
+        if dict.null_count() > 0 {
+            return Err(ParquetError::General(format!(
+                "dictionary column {} holds nulls",
+                self.descr.path()
+            )));
+        }
+        let texts = dict.values().as_string_opt::<i32>().ok_or_else(|| {
+            ParquetError::General(format!(
+                "dictionary column {}: values are not Utf8",
+                self.descr.path()
+            ))
+        })?;
+        // Batch keys -> chunk keys, each text interned on its first use only
+        // (a sliced batch may not use every value).
+        let mut map = vec![u32::MAX; texts.len()];
+        self.keys.reserve(dict.len());
+        for &k in dict.keys().values() {
+            let slot = map.get_mut(k as usize).ok_or_else(|| {
+                ParquetError::General(format!(
+                    "dictionary column {}: key {k} out of range",
+                    self.descr.path()
+                ))
+            })?;
+            if *slot == u32::MAX {
+                let text = texts.value(k as usize).as_bytes();
+                let next = self.values.len() as u32;
+                *slot = *self.index.entry(text.into()).or_insert(next);
+                if *slot == next {
+                    self.values.push(text.into());
+                }
+            }
+            self.keys.push(*slot);
+        }
+        Ok(())
+    }
+
+    /// Encodes the chunk: its bytes (offsets relative to their start) and
+    /// what `SerializedRowGroupWriter::append_column` needs to splice it in.
+    pub fn close(self) -> Result<(Bytes, ColumnCloseResult)> {
+        let mut sink = TrackedWrite::new(Vec::new());
+        let mut pages = SerializedPageWriter::new(&mut sink);
+        let mut offsets = OffsetIndexBuilder::new();
+        let (mut compressed, mut uncompressed) = (0i64, 0i64);
+
+        let mut plain = Vec::new();
+        for v in &self.values {
+            plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            plain.extend_from_slice(v);
+        }
+        let dict_len = plain.len();
+        let spec = pages.write_page(CompressedPage::new(
+            Page::DictionaryPage {
+                buf: compress(self.compression, plain)?,
+                num_values: self.values.len() as u32,
+                encoding: Encoding::PLAIN,
+                is_sorted: false,
+            },
+            dict_len,
+        ))?;
+        let dict_offset = spec.offset as i64;
+        compressed += spec.compressed_size as i64;
+        uncompressed += spec.uncompressed_size as i64;
+
+        let bit_width = bits(self.values.len().saturating_sub(1) as u32);
+        let mut data_offset = None;
+        let mut data_pages = 0;
+        for page in self.keys.chunks(self.page_rows) {
+            let mut buf = vec![bit_width];
+            put_hybrid(page, bit_width, &mut buf);
+            let len = buf.len();
+            let spec = pages.write_page(CompressedPage::new(
+                Page::DataPage {
+                    buf: compress(self.compression, buf)?,
+                    num_values: page.len() as u32,
+                    encoding: Encoding::RLE_DICTIONARY,
+                    def_level_encoding: Encoding::RLE,
+                    rep_level_encoding: Encoding::RLE,
+                    statistics: None,
+                },
+                len,
+            ))?;
+            data_offset.get_or_insert(spec.offset as i64);
+            offsets.append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
+            offsets.append_row_count(page.len() as i64);
+            compressed += spec.compressed_size as i64;
+            uncompressed += spec.uncompressed_size as i64;
+            data_pages += 1;
+        }
+        pages.close()?;
+        let bytes = Bytes::from(sink.into_inner()?);
+
+        let encodings = [Encoding::PLAIN, Encoding::RLE, Encoding::RLE_DICTIONARY];
+        let mut stats = vec![PageEncodingStats {
+            page_type: PageType::DICTIONARY_PAGE,
+            encoding: Encoding::PLAIN,
+            count: 1,
+        }];
+        if data_pages > 0 {
+            stats.push(PageEncodingStats {
+                page_type: PageType::DATA_PAGE,
+                encoding: Encoding::RLE_DICTIONARY,
+                count: data_pages,
+            });
+        }
+        let text_bytes: i64 = {
+            let mut per_key = vec![0i64; self.values.len()];
+            for &k in &self.keys {
+                per_key[k as usize] += 1;
+            }
+            per_key
+                .iter()
+                .zip(&self.values)
+                .map(|(n, v)| n * v.len() as i64)
+                .sum()
+        };
+        let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
+            .set_compression(self.compression)
+            .set_encodings_mask(EncodingMask::new_from_encodings(encodings.iter()))
+            .set_page_encoding_stats(stats)
+            .set_total_compressed_size(compressed)
+            .set_total_uncompressed_size(uncompressed)
+            .set_num_values(self.keys.len() as i64)
+            .set_data_page_offset(data_offset.unwrap_or(dict_offset))
+            .set_dictionary_page_offset(Some(dict_offset));
+        if self.statistics {
+            // Min and max over the texts in use (all of them: the chunk's
+            // dictionary holds only used texts), compared as bytes.
+            let min = self
+                .values
+                .iter()
+                .min()
+                .map(|v| ByteArray::from(v.to_vec()));
+            let max = self
+                .values
+                .iter()
+                .max()
+                .map(|v| ByteArray::from(v.to_vec()));
+            meta = meta
+                .set_statistics(Statistics::new(min, max, None, Some(0), false))
+                .set_unencoded_byte_array_data_bytes(Some(text_bytes));
+        }
+        let close = ColumnCloseResult {
+            bytes_written: bytes.len() as u64,
+            rows_written: self.keys.len() as u64,
+            metadata: meta.build()?,
+            bloom_filter: None,
+            column_index: None,
+            offset_index: Some(offsets.build()),
+        };
+        Ok((bytes, close))
+    }
+}
+
+fn compress(c: Compression, buf: Vec<u8>) -> Result<Bytes> {
+    match c {
+        Compression::ZSTD(level) => zstd::bulk::compress(&buf, level.compression_level())
+            .map(Bytes::from)
+            .map_err(|e| ParquetError::External(Box::new(e))),
+        _ => Ok(Bytes::from(buf)),
+    }
+}
+
+/// Bits needed for `max`.
+fn bits(max: u32) -> u8 {
+    (32 - max.leading_zeros()) as u8
+}
+
+/// Parquet's RLE / bit-packed hybrid encoding of `keys` (without the length
+/// prefix): runs of 8 or more equal keys as RLE runs, the rest bit-packed in
+/// groups of 8. Only the last group is padded (readers stop at the page's
+/// value count).
+pub fn put_hybrid(keys: &[u32], bit_width: u8, out: &mut Vec<u8>) {
+    let mut literal: Vec<u32> = Vec::new();
+    let mut i = 0;
+    while i < keys.len() {
+        let v = keys[i];
+        let mut run = keys[i..].iter().take_while(|&&k| k == v).count();
+        if run >= 8 {
+            // Literals must end on a group of 8 before a run starts: top
+            // them up from the run while 8 or more of it remain.
+            let fill = (8 - literal.len() % 8) % 8;
+            if run - fill >= 8 {
+                literal.extend(std::iter::repeat_n(v, fill));
+                i += fill;
+                run -= fill;
+                put_literal(&literal, bit_width, out);
+                literal.clear();
+                put_varint((run as u64) << 1, out);
+                let width = (bit_width as usize).div_ceil(8);
+                out.extend_from_slice(&v.to_le_bytes()[..width]);
+                i += run;
+                continue;
+            }
+        }
+        literal.extend(std::iter::repeat_n(v, run));
+        i += run;
+    }
+    put_literal(&literal, bit_width, out);
+}
+
+/// Bit-packed runs of at most 63 groups (what arrow-rs writes).
+fn put_literal(values: &[u32], bit_width: u8, out: &mut Vec<u8>) {
+    for run in values.chunks(63 * 8) {
+        let groups = run.len().div_ceil(8);
+        put_varint(((groups as u64) << 1) | 1, out);
+        let (mut acc, mut have) = (0u64, 0u32);
+        let padded = run.iter().copied().chain(std::iter::repeat(0));
+        for v in padded.take(groups * 8) {
+            acc |= (v as u64) << have;
+            have += bit_width as u32;
+            while have >= 8 {
+                out.push(acc as u8);
+                acc >>= 8;
+                have -= 8;
+            }
+        }
+    }
+}
+
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes the hybrid encoding (the reader's side, for the tests).
+    fn get_hybrid(mut b: &[u8], bit_width: u8, n: usize) -> Vec<u32> {
+        let varint = |b: &mut &[u8]| {
+            let (mut v, mut shift) = (0u64, 0);
+            loop {
+                let byte = b[0];
+                *b = &b[1..];
+                v |= ((byte & 0x7f) as u64) << shift;
+                shift += 7;
+                if byte < 0x80 {
+                    return v;
+                }
+            }
+        };
+        let mut out = Vec::new();
+        while out.len() < n {
+            let h = varint(&mut b);
+            if h & 1 == 0 {
+                let width = (bit_width as usize).div_ceil(8);
+                let mut v = [0u8; 4];
+                v[..width].copy_from_slice(&b[..width]);
+                b = &b[width..];
+                out.extend(std::iter::repeat_n(
+                    u32::from_le_bytes(v),
+                    (h >> 1) as usize,
+                ));
+            } else {
+                let count = (h >> 1) as usize * 8;
+                let (mut acc, mut have) = (0u64, 0u32);
+                for _ in 0..count {
+                    while have < bit_width as u32 {
+                        acc |= (b[0] as u64) << have;
+                        b = &b[1..];
+                        have += 8;
+                    }
+                    out.push((acc & ((1u64 << bit_width) - 1)) as u32);
+                    acc >>= bit_width;
+                    have -= bit_width as u32;
+                }
+            }
+        }
+        assert!(b.is_empty(), "{} bytes left over", b.len());
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn keys_round_trip_through_runs_and_bit_packed_groups() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for case in 0..3_000 {
+            let n = (next() % 700) as usize;
+            let distinct = 1 + (next() % [1, 2, 3, 9, 300, 70_000][case % 6]) as u32;
+            let mut keys = Vec::with_capacity(n);
+            while keys.len() < n {
+                let v = (next() % distinct as u64) as u32;
+                let run = 1 + (next() % [1, 3, 8, 20][case % 4]) as usize;
+                keys.extend(std::iter::repeat_n(v, run.min(n - keys.len())));
+            }
+            let width = bits(distinct - 1);
+            let mut buf = Vec::new();
+            put_hybrid(&keys, width, &mut buf);
+            assert_eq!(get_hybrid(&buf, width, keys.len()), keys, "case {case}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_text_object_takes_its_key_without_a_lookup() {
+        let shared: Arc<str> = "gw-1".into();
+        let other = String::from("gw-1");
+        let mut t = DictText::with_capacity(4);
+        t.push(&shared);
+        t.push(&shared);
+        t.push(&other); // equal text, another object: the map finds it
+        t.push("x");
+        t.push(&shared); // after another text: found by its place
+        t.push_cow(Cow::Owned("x".to_string()));
+        t.push_cow(Cow::Owned("new".to_string()));
+        let a = t.finish();
+        let d = a.as_dictionary::<UInt32Type>();
+        assert_eq!(d.keys().values().to_vec(), vec![0, 0, 0, 1, 0, 1, 2]);
+        let texts = d.values().as_string::<i32>();
+        assert_eq!(
+            texts.iter().flatten().collect::<Vec<_>>(),
+            ["gw-1", "x", "new"]
+        );
+    }
+}
