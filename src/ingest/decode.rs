@@ -23,6 +23,7 @@ use super::config::{
 };
 use crate::model::{Channel, Protocol, Quality, Reading, Source};
 use crate::protocol::sparkplug;
+use crate::store::scan::FxSet;
 
 /// 2000-01-01T00:00:00Z: older timestamps are a device clock that was never set.
 pub const MIN_TS_MS: i64 = 946_684_800_000;
@@ -135,24 +136,46 @@ pub struct Decoder {
     texts: Texts,
 }
 
-/// The last collector and address a reading named, shared by the readings
-/// after it that name the same (every reading of a message, mostly).
+/// Collector and address texts, one `Arc` per distinct text: every reading
+/// that names a text shares it. The lake writer then tells equal texts apart
+/// from different ones by address, without reading them (each message's own
+/// copy cost a compare that missed the cache at commit).
 #[derive(Default)]
 struct Texts {
-    collector: RefCell<Option<Arc<str>>>,
-    address: RefCell<Option<Arc<str>>>,
+    collector: RefCell<Shared>,
+    address: RefCell<Shared>,
 }
 
-fn shared(slot: &RefCell<Option<Arc<str>>>, text: &str) -> Arc<str> {
+#[derive(Default)]
+struct Shared {
+    last: Option<Arc<str>>,
+    known: FxSet<Arc<str>>,
+}
+
+/// Distinct texts kept per field; past this the set starts again (topics
+/// with a device id each can be many).
+const MAX_SHARED: usize = 4096;
+
+fn shared(slot: &RefCell<Shared>, text: &str) -> Arc<str> {
     let mut slot = slot.borrow_mut();
-    match &*slot {
-        Some(t) if **t == *text => t.clone(),
-        _ => {
-            let t: Arc<str> = text.into();
-            *slot = Some(t.clone());
-            t
+    if let Some(t) = &slot.last {
+        if **t == *text {
+            return t.clone();
         }
     }
+    let t = match slot.known.get(text) {
+        Some(t) => t.clone(),
+        None => {
+            if slot.known.len() >= MAX_SHARED {
+                slot.known.clear();
+            }
+            let t: Arc<str> = text.into();
+            slot.known.insert(t.clone());
+            t
+        }
+    };
+    slot.last = Some(t.clone());
+    t
 }
 
 impl Decoder {

@@ -41,6 +41,28 @@ fn canonical_envelope_keeps_every_digit_of_the_value() {
 }
 
 #[test]
+fn readings_naming_the_same_source_text_share_one_copy_across_messages() {
+    let mut d = decoder(source(Format::Canonical));
+    let msg = |addr: &str| {
+        format!(
+            r#"{{"collector":"sub-1","readings":[{{"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":1,"address":"{addr}"}}]}}"#
+        )
+    };
+    let a = d.decode("t/1", msg("bus1/7").as_bytes(), NOW).unwrap();
+    let b = d.decode("t/2", msg("bus1/8").as_bytes(), NOW).unwrap();
+    let c = d.decode("t/3", msg("bus1/7").as_bytes(), NOW).unwrap();
+    let (a, b, c) = (
+        &a.readings[0].source,
+        &b.readings[0].source,
+        &c.readings[0].source,
+    );
+    assert!(Arc::ptr_eq(&a.address, &c.address), "same text, one copy");
+    assert!(!Arc::ptr_eq(&a.address, &b.address));
+    assert_eq!(&*b.address, "bus1/8");
+    assert!(Arc::ptr_eq(&a.collector, &c.collector));
+}
+
+#[test]
 fn canonical_single_reading_is_accepted() {
     let p = br#"{"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":1.5}"#;
     let d = decoder(source(Format::Canonical))
