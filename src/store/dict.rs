@@ -11,9 +11,10 @@
 //! writer's row limit; chunk statistics, no page statistics), so every
 //! reader sees an ordinary dictionary-encoded string column.
 //!
-//! [`DictText`] builds such a column: a key per row, found by pointer when
-//! the text is the one of the row before (shared `Arc<str>`s, `'static`
-//! names), else by one lookup in a map of borrowed texts.
+//! [`DictText`] builds such a column: a key per row, taken from the row
+//! before when the text is the same object or equal (sorted rows, shared
+//! `Arc<str>`s, `'static` names), else found by the text's address (texts
+//! borrowed for the builder's life: tariff labels), else by its content.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -108,14 +109,6 @@ impl<'a> DictText<'a> {
         self.values.push(text.clone());
         self.by_text.insert(text, k);
         k
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     pub fn finish(self) -> ArrayRef {

@@ -8,6 +8,11 @@
 //! `ArrowWriter`, so the file is byte-for-byte the one `ArrowWriter` writes
 //! (tested below), whatever the number of threads. Called from inside the
 //! thread pool it encodes in line (see [`in_pool`]).
+//!
+//! A text column may also come as dictionary keys: that column is written by
+//! `store::dict` instead (same page types, read back as the same text
+//! column; the rest of the file is still what `ArrowWriter` writes). Schemas
+//! are flat (one Parquet column per field), as every meterflow dataset is.
 
 use std::io::Write;
 
