@@ -139,11 +139,14 @@ pub struct Decoder {
 /// Collector and address texts, one `Arc` per distinct text: every reading
 /// that names a text shares it. The lake writer then tells equal texts apart
 /// from different ones by address, without reading them (each message's own
-/// copy cost a compare that missed the cache at commit).
+/// copy cost a compare that missed the cache at commit). And the channel the
+/// last reading named.
 #[derive(Default)]
 struct Texts {
     collector: RefCell<Shared>,
     address: RefCell<Shared>,
+    /// The channel the last reading named.
+    channel: std::cell::Cell<Option<Channel>>,
 }
 
 #[derive(Default)]
@@ -308,9 +311,18 @@ impl Decoder {
             .as_ref()
             .ok_or_else(|| DecodeError::MissingField("channel".into()))?
             .0;
-        let channel: Channel = ch_name
-            .parse()
-            .map_err(|_| DecodeError::UnknownChannel(ch_name.to_string()))?;
+        // Readings in a row mostly name one channel: one compare, not a
+        // match over every channel name.
+        let channel = match self.texts.channel.get() {
+            Some(c) if c.as_str() == ch_name => c,
+            _ => {
+                let c: Channel = ch_name
+                    .parse()
+                    .map_err(|_| DecodeError::UnknownChannel(ch_name.to_string()))?;
+                self.texts.channel.set(Some(c));
+                c
+            }
+        };
         if let Some(u) = &r.unit {
             if u.0 != channel.unit() {
                 return Err(DecodeError::WrongUnit {
