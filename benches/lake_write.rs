@@ -43,6 +43,46 @@ fn write_committed_parquet(c: &mut Criterion) {
             std::fs::remove_file(&p).unwrap();
         })
     });
+    // The same rows with the repeating text columns handed over as keys, as
+    // collectors and MQTT ingest commit them (store::dict writes those
+    // columns; arrow-rs hashes every value of the plain ones).
+    let keyed: Vec<arrow::record_batch::RecordBatch> = batches
+        .iter()
+        .map(|b| {
+            let cols = b
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let f = schema::readings_schema().field(i).clone();
+                    let dict = meterflow::store::columns::segment_schema()
+                        .field(i)
+                        .data_type()
+                        .clone();
+                    if f.data_type() == &dict {
+                        c.clone()
+                    } else {
+                        arrow::compute::cast(c, &dict).unwrap()
+                    }
+                })
+                .collect();
+            arrow::record_batch::RecordBatch::try_new(
+                meterflow::store::columns::segment_schema(),
+                cols,
+            )
+            .unwrap()
+        })
+        .collect();
+    g.bench_function("committed_parquet_file_text_keys", |b| {
+        b.iter(|| {
+            n += 1;
+            let p = out
+                .path()
+                .join(format!("readings/date=2026-10-01/bench-{n}.parquet"));
+            atomic::write_parquet_atomic(&p, schema::readings_schema(), &keyed).unwrap();
+            std::fs::remove_file(&p).unwrap();
+        })
+    });
     g.finish();
 }
 
