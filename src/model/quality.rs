@@ -64,6 +64,7 @@ impl Quality {
 
     /// The `Display` text, borrowed when it is `ok` or a single flag (the
     /// Parquet writers take one per reading).
+    #[inline]
     pub fn text(self) -> Cow<'static, str> {
         flag_text(self, Quality::OK, Quality::NAMES, "ok")
     }
@@ -75,7 +76,9 @@ impl Quality {
 
 /// The `Display` text of a set of named flags, without building a string
 /// for no flag (`none_text`) or a single one: the text columns of the lake
-/// and of the bill outputs take one per row.
+/// and of the bill outputs take one per row (inlined there, so the common
+/// no-flag case is a compare).
+#[inline]
 pub fn flag_text<F: Copy + PartialEq + fmt::Display>(
     set: F,
     none: F,

@@ -99,16 +99,11 @@ pub fn segment_batch<'a>(rows: &[&'a Reading]) -> (RecordBatch, Vec<(&'a Reading
     let mut protocol = DictText::with_capacity(n);
     let mut collector = DictText::with_capacity(n);
     let mut address = DictText::with_capacity(n);
-    let ok = Quality::OK.text();
     for r in &kept {
         meter_id.append_value(&r.meter_id);
         channel.push(r.channel.as_str());
         unit.push(r.channel.unit());
-        if r.quality == Quality::OK {
-            quality.push_cow(ok.clone());
-        } else {
-            quality.push_cow(r.quality.text());
-        }
+        quality.push_cow(r.quality.text());
         protocol.push(r.source.protocol.as_str());
         collector.push(&r.source.collector);
         address.push(&r.source.address);

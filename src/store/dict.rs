@@ -472,6 +472,24 @@ mod tests {
     }
 
     #[test]
+    fn texts_past_the_remembered_places_still_get_their_keys() {
+        // Twice as many objects as places kept, two texts, alternating so
+        // the row before never matches: later objects are found by content.
+        let objects: Vec<String> = (0..2 * MAX_PLACES)
+            .map(|i| ["a", "b"][i % 2].to_string())
+            .collect();
+        let mut t = DictText::with_capacity(objects.len());
+        for o in &objects {
+            t.push(o);
+        }
+        let a = t.finish();
+        let d = a.as_dictionary::<UInt32Type>();
+        let want: Vec<u32> = (0..objects.len()).map(|i| (i % 2) as u32).collect();
+        assert_eq!(d.keys().values().to_vec(), want);
+        assert_eq!(d.values().len(), 2);
+    }
+
+    #[test]
     fn a_repeated_text_object_takes_its_key_without_a_lookup() {
         let shared: Arc<str> = "gw-1".into();
         let other = String::from("gw-1");

@@ -100,24 +100,12 @@ impl Lake {
 
     /// Makes readings durable in the spool. When this returns Ok the source may be acknowledged.
     pub fn accept(&mut self, readings: &[Reading]) -> Result<(), StoreError> {
-        if readings.is_empty() {
-            return Ok(());
-        }
-        let entries: Vec<Entry> = readings.iter().cloned().map(Entry::Reading).collect();
-        self.segment.append(&entries)?;
-        self.pending.extend(entries);
-        Ok(())
+        self.accept_owned(readings.to_vec(), Vec::new())
     }
 
     /// Makes quarantined input durable; it lands in the `quarantine` dataset at the next flush.
     pub fn quarantine(&mut self, recs: &[QuarantineRecord]) -> Result<(), StoreError> {
-        if recs.is_empty() {
-            return Ok(());
-        }
-        let entries: Vec<Entry> = recs.iter().cloned().map(Entry::Quarantine).collect();
-        self.segment.append(&entries)?;
-        self.pending.extend(entries);
-        Ok(())
+        self.accept_owned(Vec::new(), recs.to_vec())
     }
 
     /// Makes readings and quarantined input durable with one spool write and

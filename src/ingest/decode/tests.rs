@@ -63,6 +63,19 @@ fn readings_naming_the_same_source_text_share_one_copy_across_messages() {
 }
 
 #[test]
+fn source_texts_stay_right_after_the_shared_set_starts_again() {
+    let mut d = decoder(source(Format::Canonical));
+    // More distinct addresses than the set keeps, then the first again.
+    for i in (0..MAX_SHARED + 10).chain([0, 1]) {
+        let p = format!(
+            r#"{{"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":1,"address":"dev/{i}"}}"#
+        );
+        let r = d.decode("t", p.as_bytes(), NOW).unwrap();
+        assert_eq!(*r.readings[0].source.address, format!("dev/{i}"));
+    }
+}
+
+#[test]
 fn canonical_single_reading_is_accepted() {
     let p = br#"{"meter_id":"M1","ts":1763799000000,"channel":"import_active_total","value":1.5}"#;
     let d = decoder(source(Format::Canonical))
