@@ -29,6 +29,13 @@
 # Each size runs REPEAT times (default 3; each run a fresh pair of sessions)
 # and the median ratio is printed last: on a shared 2-core machine single
 # runs of the same binary vary by up to 1.8x.
+#
+# CPU seconds are printed too: the broker's while each consumer drains (private
+# broker only, from /proc) and each consumer's own (user + system). When the
+# cores are saturated, ingest's wall time is at least (broker CPU + ingest CPU)
+# / cores, so the ingest CPU that a 0.8 ratio allows is
+#   cores x discard_s / 0.8 - broker CPU while ingesting
+# ("budget" below): the figure to compare ingest's CPU with.
 set -euo pipefail
 
 N=${N:-1000000}
@@ -82,7 +89,14 @@ fi
 
 echo "broker $URL ($limits); $N readings per run, $METERS meters, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 summary=()
+cpus=()
 medians=()
+cores=$(nproc)
+# Broker CPU seconds so far (user + system), or empty for an external broker.
+broker_cpu() {
+  [[ -n "$broker_pid" ]] || return 0
+  awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$broker_pid/stat"
+}
 for PER in $PERS; do
  ratios=()
  for rep in $(seq "$REPEAT"); do
@@ -97,8 +111,10 @@ for PER in $PERS; do
   "$BIN" mqtt publish-sim --url "$URL" --topic "$tag/r" --readings "$N" \
     --meters "$METERS" --per-message "$PER" --client-id "$tag-pub" > "$work/pub.out"
   # 3. The discarding subscriber drains its queue.
-  "$BIN" mqtt discard --url "$URL" --filter "$tag/#" --client-id "$tag-discard" \
+  b0=$(broker_cpu)
+  /usr/bin/time -f "%U %S" -o "$work/discard.cpu" "$BIN" mqtt discard --url "$URL" --filter "$tag/#" --client-id "$tag-discard" \
     --persistent --messages "$msgs" --idle-secs 20 > "$work/discard.out"
+  b1=$(broker_cpu)
   d_secs=$(awk '/^discarded/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/discard.out")
   bytes=$(awk '/^discarded/ { gsub(/\(/, "", $4); print $4 }' "$work/discard.out")
   # 4. Ingest drains the same stream into the lake.
@@ -114,11 +130,13 @@ name = "bench"
 filter = "$tag/#"
 format = "canonical"
 TOML
-  if ! timeout "$TIMEOUT" "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" \
+  if ! timeout "$TIMEOUT" /usr/bin/time -f "%U %S" -o "$work/ingest.cpu" \
+      "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" \
       --out "$work/lake-$PER" --stop-after-readings "$N" > "$work/ingest.out"; then
     echo "ingest did not receive all $N readings within ${TIMEOUT}s" >&2
     exit 1
   fi
+  b2=$(broker_cpu)
   i_secs=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "s") print $(i-1) }' "$work/ingest.out")
   committed=$(awk '/^mqtt ingest/ { for (i = 1; i <= NF; i++) if ($i == "committed") print $(i-2) }' "$work/ingest.out")
   files=$(find "$work/lake-$PER/readings" -name '*.parquet' | wc -l)
@@ -127,6 +145,16 @@ TOML
     printf "%6d %8d %6.0f %10.0f %10.0f %6.2f   (%d committed, %d files; discard %.3f s, ingest %.3f s)",
       per, m, b / m, dr, ir, ir / dr, c, f, d, i;
   }')
+  cpu=$(awk -v per="$PER" -v cores="$cores" -v d="$d_secs" -v b0="$b0" -v b1="$b1" -v b2="$b2" \
+    -v dc="$(awk '{ print $1 + $2 }' "$work/discard.cpu")" \
+    -v ic="$(awk '{ print $1 + $2 }' "$work/ingest.cpu")" 'BEGIN {
+    if (b0 == "") {
+      printf "%6d %10s %10.2f %10s %10.2f %10s", per, "-", dc, "-", ic, "-";
+    } else {
+      printf "%6d %10.2f %10.2f %10.2f %10.2f %10.2f", per, b1 - b0, dc, b2 - b1, ic, cores * d / 0.8 - (b2 - b1);
+    }
+  }')
+  cpus+=("$cpu")
   echo "$(sed 's/^/  /' "$work/pub.out")"
   summary+=("$line")
   ratios+=("$(awk -v d="$d_secs" -v i="$i_secs" 'BEGIN { printf "%.2f", d / i }')")
@@ -140,6 +168,11 @@ echo
 printf "%6s %8s %6s %10s %10s %6s\n" "per" "messages" "bytes" "discard/s" "ingest/s" "ratio"
 printf "%s\n" "${summary[@]}"
 echo "(readings/s, first message received -> last message received / final Parquet commit)"
+echo
+echo "CPU seconds (user + system) while each consumer drains its queue:"
+printf "%6s %10s %10s %10s %10s %10s\n" "per" "broker(d)" "discard" "broker(i)" "ingest" "budget"
+printf "%s\n" "${cpus[@]}"
+echo "(budget: the ingest CPU a 0.8 ratio allows on $cores cores, $cores x discard_s / 0.8 - broker(i); '-': external broker)"
 if [[ "$REPEAT" -gt 1 ]]; then
   printf "%s\n" "${medians[@]}"
 fi
