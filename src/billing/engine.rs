@@ -169,19 +169,28 @@ impl<'a> Roster<'a> {
     /// block alone has more. Passes on block boundaries keep the output
     /// batches, and so the bytes, the same for any pass size. Always at
     /// least one pass (an empty one for no accounts).
+    ///
+    /// What would be left for a last pass of at most an eighth of the budget
+    /// joins the pass before instead: every pass reads some pages of every
+    /// lake file, so a small pass costs nearly what a full one costs to scan.
     pub fn passes(&self, max_meters: usize, block: usize) -> Vec<std::ops::Range<usize>> {
         let n = self.accounts.len();
         let block = block.max(1);
+        let meters =
+            |r: std::ops::Range<usize>| (self.starts[r.end] - self.starts[r.start]) as usize;
         let mut out = Vec::new();
         let mut start = 0;
         while start < n {
             let mut end = (start + block).min(n);
             while end < n {
                 let next = (end + block).min(n);
-                if (self.starts[next] - self.starts[start]) as usize > max_meters {
+                if meters(start..next) > max_meters {
                     break;
                 }
                 end = next;
+            }
+            if meters(end..n) <= max_meters / 8 {
+                end = n;
             }
             out.push(start..end);
             start = end;
@@ -661,7 +670,8 @@ mod tests {
     }
 
     #[test]
-    fn passes_cover_every_account_once_in_whole_blocks_within_the_meter_budget() {
+    fn passes_cover_every_account_once_in_whole_blocks_within_the_meter_budget_and_a_small_rest_joins_the_last(
+    ) {
         let (accounts, meters) = roster_parts();
         let r = Roster::new(&accounts, &meters);
         // Meters per account: 1 2 3 1 2 3 1 2 3 1 (19 in all).
@@ -671,6 +681,10 @@ mod tests {
         // A block larger than the budget is a pass of its own.
         assert_eq!(r.passes(1, 2), vec![0..2, 2..4, 4..6, 6..8, 8..10]);
         assert_eq!(r.passes(1, 4), vec![0..4, 4..8, 8..10]);
+        // Accounts one by one: 15 meters, then 4 left (more than 16 / 8).
+        assert_eq!(r.passes(16, 1), vec![0..8, 8..10]);
+        // 18 meters, then 1 left: at most 18 / 8, so it joins the pass.
+        assert_eq!(r.passes(18, 1), vec![0..10]);
         let none = Roster::new(&[], &[]);
         assert_eq!(none.passes(5, 2), vec![0..0], "one empty pass");
     }

@@ -78,8 +78,8 @@ pub struct BillRunOptions {
     pub previous: Vec<PathBuf>,
     /// At most this many meters' states in memory at once: accounts (in id
     /// order) are billed in passes of whole runs of 8,192 accounts, each
-    /// reading only the lake pages that hold its meters. Outputs do not
-    /// depend on it.
+    /// reading only the lake pages that hold its meters (a rest of at most
+    /// an eighth of this joins the last pass). Outputs do not depend on it.
     pub pass_meters: usize,
 }
 

@@ -42,7 +42,9 @@ pub struct BillArgs {
     /// Bound memory: hold the meter states of at most N meters at once.
     /// Accounts (in id order) are billed in passes of whole runs of 8,192
     /// accounts, each pass reading only the lake pages that hold its meters;
-    /// 600-800 bytes per meter. The outputs are the same for any N.
+    /// 600-800 bytes per meter. A rest of at most N/8 meters joins the last
+    /// pass rather than making one of its own. The outputs are the same for
+    /// any N.
     #[arg(long, value_name = "N", default_value_t = crate::billing::run::DEFAULT_PASS_METERS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub pass_meters: usize,
