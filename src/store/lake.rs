@@ -440,6 +440,33 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_spool_write_leaves_nothing_pending_and_hides_no_later_batch_from_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        lake.accept(&(0..10).map(soak_reading).collect::<Vec<_>>())
+            .unwrap();
+        // The disk fills part-way through the second batch's third record.
+        lake.segment.fail_after = Some(250);
+        let refused: Vec<Reading> = (10..20).map(soak_reading).collect();
+        assert!(lake.accept(&refused).is_err());
+        assert_eq!(lake.pending(), 10, "the refused batch is not pending");
+        // The source was not acknowledged; the next batch is.
+        lake.accept(&(20..30).map(soak_reading).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(lake.pending(), 20);
+        // A crash now: the replay finds both accepted batches, and none of
+        // the refused one.
+        drop(lake);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.replayed.readings, 20);
+        let mut got = reader::read_all_readings(root).unwrap();
+        got.sort_by_key(|r| r.ts_ms);
+        let want: Vec<_> = (0..10).chain(20..30).map(soak_reading).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn sealed_segments_commit_later_or_replay_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

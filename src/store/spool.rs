@@ -41,6 +41,15 @@ pub struct Segment {
     pub path: PathBuf,
     file: File,
     buf: Vec<u8>,
+    /// Bytes of whole records durable in the file.
+    len: u64,
+    /// A failed append could not be cut off the file: nothing more may be
+    /// appended after it (a replay would stop at the torn record).
+    torn: bool,
+    /// Tests: the next append writes this many bytes, then fails as a full
+    /// disk does.
+    #[cfg(test)]
+    pub(super) fail_after: Option<usize>,
 }
 
 impl Segment {
@@ -53,16 +62,32 @@ impl Segment {
             .open(&path)
             .map_err(|e| StoreError::io(&path, e))?;
         super::atomic::sync_dir(dir)?;
+        let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
         Ok(Segment {
             id,
             path,
             file,
             buf: Vec::with_capacity(64 << 10),
+            len,
+            torn: false,
+            #[cfg(test)]
+            fail_after: None,
         })
     }
 
-    /// Appends entries with one write and one fsync (group commit).
+    /// Appends entries with one write and one fsync (group commit). On
+    /// failure the file is cut back to its last whole record, so records
+    /// appended later are not hidden behind a torn one at replay; if even
+    /// that fails, the segment refuses further appends.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        if self.torn {
+            return Err(StoreError::io(
+                &self.path,
+                std::io::Error::other(
+                    "an earlier failed write could not be cut off this spool segment; reopen the lake to replay it",
+                ),
+            ));
+        }
         self.buf.clear();
         for e in entries {
             let start = self.buf.len();
@@ -74,10 +99,29 @@ impl Segment {
             self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
             self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         }
-        self.file
-            .write_all(&self.buf)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| StoreError::io(&self.path, e))
+        match self.write_durable() {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = self.file.set_len(self.len) {
+                    tracing::error!(file = %self.path.display(), error = %cut, "spool: cannot cut a failed write off the segment");
+                    self.torn = true;
+                }
+                Err(StoreError::io(&self.path, e))
+            }
+        }
+    }
+
+    fn write_durable(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.fail_after.take() {
+            self.file.write_all(&self.buf[..n.min(self.buf.len())])?;
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
+        self.file.write_all(&self.buf)?;
+        self.file.sync_data()
     }
 }
 
@@ -326,6 +370,24 @@ mod tests {
             assert_eq!(replay.entries, vec![reading(1), reading(2)], "cut {cut}");
             assert!(replay.torn_bytes > 0);
         }
+    }
+
+    #[test]
+    fn a_segment_whose_failed_write_cannot_be_cut_off_refuses_further_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), "a".into()).unwrap();
+        seg.append(&[reading(1)]).unwrap();
+        // Writes to /dev/full fail, and it cannot be truncated.
+        let real = std::mem::replace(
+            &mut seg.file,
+            OpenOptions::new().write(true).open("/dev/full").unwrap(),
+        );
+        assert!(seg.append(&[reading(2)]).is_err());
+        seg.file = real;
+        let e = seg.append(&[reading(3)]).unwrap_err().to_string();
+        assert!(e.contains("reopen the lake"), "{e}");
+        let replay = read_segment(&seg.path).unwrap();
+        assert_eq!(replay.entries, vec![reading(1)]);
     }
 
     #[test]

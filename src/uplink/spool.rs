@@ -66,9 +66,31 @@ pub struct Spool {
     bytes: u64,
     /// Bytes dropped from torn tails at open.
     pub torn_bytes: u64,
+    /// A failed append could not be cut off its segment: nothing more is
+    /// appended until the spool is reopened (which cuts it).
+    torn: bool,
+    /// Tests: the next append writes this many bytes, then fails as a full
+    /// disk does.
+    #[cfg(test)]
+    fail_after: Option<usize>,
 }
 
 impl Spool {
+    /// Writes `buf` at the end of the current segment and syncs it.
+    fn write_current(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let (f, _, _) = self
+            .current
+            .as_mut()
+            .expect("segment opened before writing");
+        #[cfg(test)]
+        if let Some(n) = self.fail_after.take() {
+            f.write_all(&buf[..n.min(buf.len())])?;
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
+        f.write_all(buf)?;
+        f.sync_data()
+    }
+
     /// Opens (creating) a spool directory, cutting off any torn tail.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -94,6 +116,9 @@ impl Spool {
             current: None,
             bytes: 0,
             torn_bytes: 0,
+            torn: false,
+            #[cfg(test)]
+            fail_after: None,
         };
         for path in names {
             let (entries, good_len, file_len) = read_segment(&path)?;
@@ -126,7 +151,18 @@ impl Spool {
     }
 
     /// Appends messages durably (one fsync); returns their seqs.
+    /// On failure nothing is appended: the segment is cut back to its last
+    /// whole record (a torn record would hide every later one at reopen)
+    /// and the seqs are given out again.
     pub fn append(&mut self, payloads: &[Vec<u8>]) -> Result<Vec<u64>, SpoolError> {
+        if self.torn {
+            return Err(SpoolError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(
+                    "an earlier failed write could not be cut off the spool; reopen it",
+                ),
+            });
+        }
         if self.current.as_ref().is_none_or(|c| c.2 >= SEGMENT_BYTES) {
             let path = self.dir.join(format!("{:020}.seg", self.next_seq));
             let f = OpenOptions::new()
@@ -158,9 +194,18 @@ impl Spool {
             buf.extend_from_slice(p);
             seqs.push(seq);
         }
-        let (f, path, len) = self.current.as_mut().expect("segment opened above");
-        f.write_all(&buf).map_err(io(path))?;
-        f.sync_data().map_err(io(path))?;
+        if let Err(e) = self.write_current(&buf) {
+            let (f, path, len) = self.current.as_mut().expect("segment opened above");
+            match f.set_len(*len) {
+                Ok(()) => self.next_seq = seqs.first().copied().unwrap_or(self.next_seq),
+                Err(cut) => {
+                    tracing::error!(file = %path.display(), error = %cut, "uplink spool: cannot cut a failed write off the segment");
+                    self.torn = true;
+                }
+            }
+            return Err(io(path)(e));
+        }
+        let (_, _, len) = self.current.as_mut().expect("segment opened above");
         *len += buf.len() as u64;
         if let (Some(seg), Some(last)) = (self.segments.last_mut(), seqs.last()) {
             seg.last_seq = *last;
@@ -335,6 +380,43 @@ mod tests {
         s.ack(0);
         assert_eq!(s.first_unacked(), 2);
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_off_so_later_entries_survive_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path()).unwrap();
+        s.append(&[p("a")]).unwrap();
+        // The disk fills part-way through the second record of the batch.
+        s.fail_after = Some(30);
+        assert!(s.append(&[p("refused-1"), p("refused-2")]).is_err());
+        assert_eq!(
+            s.append(&[p("b")]).unwrap(),
+            vec![1],
+            "seqs given out again"
+        );
+        drop(s);
+        let s = Spool::open(d.path()).unwrap();
+        assert_eq!(s.torn_bytes, 0);
+        let left: Vec<_> = s.unacked_from(0).map(|e| e.payload.clone()).collect();
+        assert_eq!(left, vec![p("a"), p("b")]);
+    }
+
+    #[test]
+    fn a_failed_write_that_cannot_be_cut_off_stops_appends_until_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path()).unwrap();
+        s.append(&[p("a")]).unwrap();
+        // Writes to /dev/full fail, and it cannot be truncated.
+        let (f, _, _) = s.current.as_mut().unwrap();
+        let real = std::mem::replace(f, OpenOptions::new().write(true).open("/dev/full").unwrap());
+        assert!(s.append(&[p("refused")]).is_err());
+        s.current.as_mut().unwrap().0 = real;
+        let e = s.append(&[p("b")]).unwrap_err().to_string();
+        assert!(e.contains("reopen"), "{e}");
+        drop(s);
+        let mut s = Spool::open(d.path()).unwrap();
+        assert_eq!(s.append(&[p("b")]).unwrap(), vec![1]);
     }
 
     #[test]
