@@ -50,6 +50,8 @@ BROKER=${BROKER:-private}
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/meterflow}
 
+command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (apt-get install time)"; exit 1; }
+
 if [[ ! -x "$BIN" ]]; then
   echo "building $BIN (release)..." >&2
   cargo build --release --bin meterflow >&2
@@ -130,7 +132,7 @@ name = "bench"
 filter = "$tag/#"
 format = "canonical"
 TOML
-  if ! timeout "$TIMEOUT" /usr/bin/time -f "%U %S" -o "$work/ingest.cpu" \
+  if ! /usr/bin/time -f "%U %S" -o "$work/ingest.cpu" timeout "$TIMEOUT" \
       "$BIN" --log warn ingest mqtt --config "$work/ingest.toml" \
       --out "$work/lake-$PER" --stop-after-readings "$N" > "$work/ingest.out"; then
     echo "ingest did not receive all $N readings within ${TIMEOUT}s" >&2

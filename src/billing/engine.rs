@@ -670,8 +670,7 @@ mod tests {
     }
 
     #[test]
-    fn passes_cover_every_account_once_in_whole_blocks_within_the_meter_budget_and_a_small_rest_joins_the_last(
-    ) {
+    fn passes_are_whole_blocks_within_the_meter_budget_and_a_small_rest_joins_the_last() {
         let (accounts, meters) = roster_parts();
         let r = Roster::new(&accounts, &meters);
         // Meters per account: 1 2 3 1 2 3 1 2 3 1 (19 in all).
