@@ -365,12 +365,14 @@ struct AuditState {
 
 fn read_audit(path: &Path) -> Result<AuditState, PrepayError> {
     let mut st = AuditState::default();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(st),
         Err(e) => return Err(PrepayError::io(path, e)),
     };
-    // A torn last line (crash mid-append) does not parse and is skipped.
+    // A torn line (a crash or a full disk mid-append) does not parse and is
+    // skipped; cut inside a character, it must not make the whole log unreadable.
+    let text = String::from_utf8_lossy(&bytes);
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -633,6 +635,25 @@ mod tests {
     use super::*;
     use chrono::NaiveDate;
     use rust_decimal_macros::dec;
+
+    #[test]
+    fn torn_audit_lines_are_skipped_even_when_cut_inside_a_character() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let line = |id: &str, ev: &str| format!("{{\"command_id\":\"{id}\",\"event\":\"{ev}\"}}\n");
+        let mut log = line("c1", "accepted").into_bytes();
+        // Half of a record whose operator name is "张三": cut inside "张".
+        log.extend_from_slice(&"{\"command_id\":\"c2\",\"user\":\"张三".as_bytes()[..28]);
+        log.push(b'\n');
+        log.extend_from_slice(line("c3", "accepted").as_bytes());
+        log.extend_from_slice(line("c4", "dry_run").as_bytes());
+        std::fs::write(&path, log).unwrap();
+        let st = read_audit(&path).unwrap();
+        let mut acked: Vec<_> = st.acknowledged.into_iter().collect();
+        acked.sort();
+        assert_eq!(acked, vec!["c1", "c3"]);
+        assert!(st.dry_run.contains("c4"));
+    }
 
     fn control() -> Control {
         let cfg = ControlConfig {

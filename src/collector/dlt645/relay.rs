@@ -51,16 +51,30 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends one record and syncs it to disk before returning.
+    /// Appends one record and syncs it to disk before returning. A line
+    /// left unfinished by a write that failed part-way is ended first, so
+    /// this record gets a line of its own (the torn one stays, unreadable,
+    /// rather than swallowing the record).
     pub fn append(&self, rec: &AuditRecord) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.path)?;
-        let mut line = serde_json::to_string(rec).map_err(std::io::Error::other)?;
+        let mut line = String::new();
+        let len = f.metadata()?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1)?;
+            if last[0] != b'\n' {
+                line.push('\n');
+            }
+        }
+        line.push_str(&serde_json::to_string(rec).map_err(std::io::Error::other)?);
         line.push('\n');
         f.write_all(line.as_bytes())?;
         f.sync_data()
@@ -198,4 +212,52 @@ pub async fn relay_control_keyed(
     };
     audit.append(&rec).map_err(RelayError::Audit)?;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(event: &str) -> AuditRecord {
+        AuditRecord {
+            ts: "2026-12-06T00:00:00Z".into(),
+            event: event.into(),
+            meter: "000000000001".into(),
+            endpoint: "tcp://127.0.0.1:1".into(),
+            command: "trip".into(),
+            operator: "00000000".into(),
+            expiry: "2026-12-06 08:10:00".into(),
+            request_hex: "68".into(),
+            response: None,
+            user: "test".into(),
+            command_id: None,
+        }
+    }
+
+    #[test]
+    fn a_record_after_a_torn_line_gets_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path().join("audit.jsonl"));
+        log.append(&record("sent")).unwrap();
+        // A write that failed part-way left half a record.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap();
+        f.write_all(br#"{"ts":"2026-12-06T00:00:01Z","ev"#).unwrap();
+        log.append(&record("accepted")).unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let events: Vec<Option<String>> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .map(|v| v["event"].as_str().unwrap().to_string())
+            })
+            .collect();
+        assert_eq!(
+            events,
+            vec![Some("sent".into()), None, Some("accepted".into())]
+        );
+    }
 }
