@@ -146,11 +146,6 @@ impl<'a> Roster<'a> {
         self.meters.len()
     }
 
-    /// The ids of every attached meter, ascending.
-    pub fn meter_ids(&self) -> Vec<&'a str> {
-        self.by_id.iter().map(|m| &*m.meter_id).collect()
-    }
-
     /// Whether `id` is an attached meter's: one that is not in a pass's
     /// index but is attached belongs to another pass. (Readings of meters of
     /// unknown accounts count as unknown meters, in one pass as in several.)
@@ -717,7 +712,7 @@ mod tests {
         // a2 has m2-0..m2-2 and now m1-0; a3 has m3-0.
         assert_eq!(e.meter_ids(), vec!["m1-0", "m2-0", "m2-1", "m2-2", "m3-0"]);
         assert_eq!(e.accounts_len(), 2);
-        let ids = r.meter_ids();
+        let ids: Vec<&str> = r.by_id.iter().map(|m| &*m.meter_id).collect();
         assert_eq!(ids.len(), 19);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         // Another pass's meter is known; an orphan's readings stay unknown

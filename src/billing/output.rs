@@ -215,7 +215,7 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
         total.append_value(to_i128(r.total, AMOUNT.1));
         lc.append_value(r.line_count as i32);
         est.append_value(b.flags.contains(Flags::ESTIMATED));
-        flags.push_cow(b.flags.text());
+        flags.push_cow(&b.flags.text());
         yb.append_option(b.ytd_before.map(|x| to_i128(x, KWH.1)));
         ya.append_option(b.ytd_after.map(|x| to_i128(x, KWH.1)));
         pf.append_option(b.power_factor.map(|x| to_i128(x, 2)));
@@ -307,7 +307,7 @@ impl<'a> LinesBuilder<'a> {
         self.acc.append_value(account);
         self.no.append_value(no as i32);
         self.kind.push(l.kind.as_str());
-        self.label.push_cow(l.label.clone());
+        self.label.push_cow(&l.label);
         self.tier.append_option(l.tier);
         self.period.append_option(l.tou_period.as_deref());
         self.qty.append_value(to_i128(l.quantity, QTY.1));
@@ -315,8 +315,8 @@ impl<'a> LinesBuilder<'a> {
         self.price.append_value(to_i128(l.unit_price, PRICE.1));
         self.amount.append_value(to_i128(l.amount, AMOUNT.1));
         self.tariff.push(tariff);
-        self.version.push_cow(l.tariff_version.clone());
-        self.flags.push_cow(l.flags.text());
+        self.version.push_cow(&l.tariff_version);
+        self.flags.push_cow(&l.flags.text());
         self.adj.append_value(l.is_adjustment);
         self.rows += 1;
     }

@@ -103,7 +103,7 @@ pub fn segment_batch<'a>(rows: &[&'a Reading]) -> (RecordBatch, Vec<(&'a Reading
         meter_id.append_value(&r.meter_id);
         channel.push(r.channel.as_str());
         unit.push(r.channel.unit());
-        quality.push_cow(r.quality.text());
+        quality.push_cow(&r.quality.text());
         protocol.push(r.source.protocol.as_str());
         collector.push(&r.source.collector);
         address.push(&r.source.address);

@@ -90,12 +90,18 @@ impl<'a> DictText<'a> {
         self.last = Some((text, k));
     }
 
-    /// A text that may be owned (built for this row): found by its content.
-    pub fn push_cow(&mut self, text: Cow<'a, str>) {
+    /// A text that may be owned (built for this row): found by its content,
+    /// and copied only the first time.
+    // A `&str` would lose which texts are borrowed for `'a` (kept by place).
+    #[allow(clippy::ptr_arg)]
+    pub fn push_cow(&mut self, text: &Cow<'a, str>) {
         match text {
             Cow::Borrowed(t) => self.push(t),
-            owned => {
-                let k = self.key(owned);
+            Cow::Owned(t) => {
+                let k = match self.by_text.get(t.as_str()) {
+                    Some(&k) => k,
+                    None => self.key(Cow::Owned(t.clone())),
+                };
                 self.keys.push(k);
             }
         }
@@ -194,11 +200,15 @@ impl DictChunk {
             })?;
             if *slot == u32::MAX {
                 let text = texts.value(k as usize).as_bytes();
-                let next = self.values.len() as u32;
-                *slot = *self.index.entry(text.into()).or_insert(next);
-                if *slot == next {
-                    self.values.push(text.into());
-                }
+                *slot = match self.index.get(text) {
+                    Some(&known) => known,
+                    None => {
+                        let next = self.values.len() as u32;
+                        self.index.insert(text.into(), next);
+                        self.values.push(text.into());
+                        next
+                    }
+                };
             }
             self.keys.push(*slot);
         }
@@ -273,17 +283,6 @@ impl DictChunk {
                 count: data_pages,
             });
         }
-        let text_bytes: i64 = {
-            let mut per_key = vec![0i64; self.values.len()];
-            for &k in &self.keys {
-                per_key[k as usize] += 1;
-            }
-            per_key
-                .iter()
-                .zip(&self.values)
-                .map(|(n, v)| n * v.len() as i64)
-                .sum()
-        };
         let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
             .set_compression(self.compression)
             .set_encodings_mask(EncodingMask::new_from_encodings(encodings.iter()))
@@ -294,6 +293,16 @@ impl DictChunk {
             .set_data_page_offset(data_offset.unwrap_or(dict_offset))
             .set_dictionary_page_offset(Some(dict_offset));
         if self.statistics {
+            // The text bytes of every row, counted only for the statistics.
+            let mut per_key = vec![0i64; self.values.len()];
+            for &k in &self.keys {
+                per_key[k as usize] += 1;
+            }
+            let text_bytes: i64 = per_key
+                .iter()
+                .zip(&self.values)
+                .map(|(n, v)| n * v.len() as i64)
+                .sum();
             // Min and max over the texts in use (all of them: the chunk's
             // dictionary holds only used texts), compared as bytes.
             let min = self
@@ -499,8 +508,8 @@ mod tests {
         t.push(&other); // equal text, another object: the map finds it
         t.push("x");
         t.push(&shared); // after another text: found by its place
-        t.push_cow(Cow::Owned("x".to_string()));
-        t.push_cow(Cow::Owned("new".to_string()));
+        t.push_cow(&Cow::Owned("x".to_string()));
+        t.push_cow(&Cow::Owned("new".to_string()));
         let a = t.finish();
         let d = a.as_dictionary::<UInt32Type>();
         assert_eq!(d.keys().values().to_vec(), vec![0, 0, 0, 1, 0, 1, 2]);
