@@ -96,9 +96,16 @@ pub fn plan_account<'t>(
             ..
         }) = &v.tiers
         {
-            let ys = Tiers::tier_year_start(*start_month, period.start).max(account.opened_on);
+            let year = Tiers::tier_year_start(*start_month, period.start);
+            let ys = year.max(account.opened_on);
             if ys < period.start {
                 ytd_from = Some(ys);
+            }
+            // A new tier year inside the period starts its own segment.
+            let next = NaiveDate::from_ymd_opt(year.year() + 1, year.month(), 1).expect("valid");
+            if next < period.end && !dates.contains(&next) {
+                dates.push(next);
+                dates.sort();
             }
         }
     }
@@ -117,12 +124,14 @@ pub fn plan_account<'t>(
 
 impl AccountPlan<'_> {
     /// Boundary timestamps for one meter, clamped to its installation window.
-    /// `None` when the meter was not installed during the period.
+    /// `None` when the meter was not installed during the period (nor, for
+    /// annual tiers, earlier in the tier year: a meter exchanged out since the
+    /// tier-year start still counts towards the position).
     pub fn meter_bounds(&self, m: &BillingMeter) -> Option<Vec<i64>> {
         let off = self.tariff.utc_offset_secs;
         let inst = local_midnight_ms(m.installed_on, off);
         let rem = m.removed_on.map_or(i64::MAX, |d| local_midnight_ms(d, off));
-        let start = local_midnight_ms(self.dates[self.first], off);
+        let start = local_midnight_ms(self.dates[0], off);
         let end = local_midnight_ms(*self.dates.last().expect("two dates"), off);
         if inst >= end || rem <= start || rem <= inst {
             return None;
@@ -189,25 +198,53 @@ pub fn bill_account(
     let tariff = plan.tariff;
     let nb = plan.dates.len();
     let nseg = nb - 1 - plan.first;
-    if meters.is_empty() {
+    // Meters installed during the period; the others were exchanged out
+    // earlier in the tier year and count only towards its position.
+    let active: Vec<bool> = meters
+        .iter()
+        .map(|(_, st)| {
+            let (from, to) = st.window();
+            from < to
+        })
+        .collect();
+    let n_active = active.iter().filter(|a| **a).count();
+    if n_active == 0 {
         return Err(Exception::new(
             "no_meter",
             "no meter installed for the account during the period",
         ));
     }
     let mut flags = Flags::NONE;
-    if meters.len() > 1 {
+    if n_active > 1 {
         flags |= Flags::METER_EXCHANGE;
-    }
-    if nseg > 1 {
-        flags |= Flags::PRICE_CHANGE;
     }
     // 1. Register values at every bound, per meter.
     let mut mv: Vec<MeterValues> = Vec::with_capacity(meters.len());
     let mut tou_registers_ok = true;
-    for (m, st) in meters {
-        flags |= st.step_flags();
+    // Flags of tier-year-start values that are not measurements: they count
+    // only when the position is measured rather than carried.
+    let mut ytd_bound_flags = Flags::NONE;
+    for (mi, (m, st)) in meters.iter().enumerate() {
         let mut vals = vec![[None; super::vee::NREG]; nb];
+        if !active[mi] {
+            // Only its total register up to its removal (the period start's
+            // bound is clamped onto it), for the tier-year position.
+            for (b, slot) in vals.iter_mut().enumerate().take(plan.first + 1) {
+                if let Some((v, src, q)) = st.value_at(REG_TOTAL, b, cfg) {
+                    if src != Source::Measured {
+                        ytd_bound_flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
+                    }
+                    if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) {
+                        ytd_bound_flags |=
+                            Flags::YTD_ESTIMATED | Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                    }
+                    slot[REG_TOTAL] = Some(v);
+                }
+            }
+            mv.push(MeterValues { vals });
+            continue;
+        }
+        flags |= st.step_flags();
         for reg in 0..super::vee::NREG {
             if plan.mask & (1 << reg) == 0 {
                 continue;
@@ -217,11 +254,23 @@ pub fn bill_account(
                 // when the meter contributes nothing there; still read it if present.
                 match st.value_at(reg, b, cfg) {
                     Some((v, src, q)) => {
-                        if src != Source::Measured && b >= plan.first {
-                            flags |= Flags::ESTIMATED;
-                        }
-                        if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) {
-                            flags |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                        let source_estimated =
+                            q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED);
+                        if b < plan.first {
+                            if src != Source::Measured {
+                                ytd_bound_flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
+                            }
+                            if source_estimated {
+                                ytd_bound_flags |=
+                                    Flags::YTD_ESTIMATED | Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                            }
+                        } else {
+                            if src != Source::Measured {
+                                flags |= Flags::ESTIMATED;
+                            }
+                            if source_estimated {
+                                flags |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                            }
                         }
                         slot[reg] = Some(v);
                     }
@@ -297,14 +346,15 @@ pub fn bill_account(
             .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
         if let Some(tou) = &version.tou {
             let mut periods = [Decimal::ZERO; MAX_PERIODS];
-            let all_intervals = meters.iter().all(|(_, st)| {
-                st.interval.as_ref().is_some_and(|acc| {
-                    let (from, to) = st.window();
-                    acc.count as i64 >= (to - from) / 900_000
-                })
+            let all_intervals = meters.iter().zip(&active).all(|((_, st), active)| {
+                !active
+                    || st.interval.as_ref().is_some_and(|acc| {
+                        let (from, to) = st.window();
+                        acc.count as i64 >= (to - from) / 900_000
+                    })
             });
             if all_intervals {
-                for (m, st) in meters {
+                for ((m, st), _) in meters.iter().zip(&active).filter(|(_, a)| **a) {
                     let acc = st.interval.as_ref().expect("checked");
                     if let Some(seg) = acc.per_segment.get(k) {
                         for (p, v) in seg.iter().enumerate() {
@@ -356,7 +406,7 @@ pub fn bill_account(
                 ));
             }
             let sum: Decimal = periods.iter().copied().sum();
-            let tolerance = Decimal::new(cfg.interval_tolerance * meters.len() as i64, 4)
+            let tolerance = Decimal::new(cfg.interval_tolerance * n_active as i64, 4)
                 * meters
                     .iter()
                     .map(|(m, _)| m.multiplier())
@@ -375,19 +425,24 @@ pub fn bill_account(
         seg_usage.push(u);
     }
     // 3. Tier positions and limits.
-    let cover_from = meters
-        .iter()
-        .map(|(m, _)| m.installed_on)
+    let in_period = || {
+        meters
+            .iter()
+            .zip(&active)
+            .filter(|(_, a)| **a)
+            .map(|(m, _)| m.0)
+    };
+    let cover_from = in_period()
+        .map(|m| m.installed_on)
         .min()
         .unwrap_or(period.start)
         .max(period.start)
         .max(account.opened_on);
-    let cover_to = if meters.iter().any(|(m, _)| m.removed_on.is_none()) {
+    let cover_to = if in_period().any(|m| m.removed_on.is_none()) {
         period.end
     } else {
-        meters
-            .iter()
-            .filter_map(|(m, _)| m.removed_on)
+        in_period()
+            .filter_map(|m| m.removed_on)
             .max()
             .unwrap_or(period.end)
             .min(period.end)
@@ -420,6 +475,7 @@ pub fn bill_account(
         }
         if known {
             ytd = sum;
+            flags |= ytd_bound_flags;
         } else {
             // Historical average: the period's daily use over the days since the tier-year start.
             let period_kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
@@ -433,6 +489,8 @@ pub fn bill_account(
     let mut segments: Vec<Segment<'_>> = Vec::with_capacity(nseg);
     let mut pos = Usage::total(ytd);
     let mut version_ids: Vec<&str> = Vec::new();
+    // Tier year of the position, when annual tiers apply.
+    let mut pos_year: Option<NaiveDate> = None;
     for (k, u) in seg_usage.iter().enumerate() {
         let from = plan.dates[plan.first + k];
         let to = plan.dates[plan.first + k + 1];
@@ -457,7 +515,12 @@ pub fn bill_account(
                     }
                 }
                 Accumulation::Annual { start_month } => {
-                    let ys = Tiers::tier_year_start(start_month, period.start);
+                    let ys = Tiers::tier_year_start(start_month, from);
+                    if pos_year.is_some_and(|y| y != ys) {
+                        // The period crossed into a new tier year.
+                        pos = Usage::default();
+                    }
+                    pos_year = Some(ys);
                     let ye = NaiveDate::from_ymd_opt(ys.year() + 1, ys.month(), 1).expect("valid");
                     let opened = account.opened_on.max(
                         meters
@@ -486,6 +549,9 @@ pub fn bill_account(
             upto,
         });
         pos = upto;
+    }
+    if version_ids.len() > 1 {
+        flags |= Flags::PRICE_CHANGE;
     }
     let kwh: Decimal = seg_usage.iter().map(|u| u.total).sum();
     // 4. Demand, reactive energy.
@@ -528,6 +594,7 @@ pub fn bill_account(
         capacity_kva: account.contracted_kva,
         max_demand_kw: max_demand.unwrap_or_default(),
         kvarh,
+        covered: Some((cover_from, cover_to)),
     };
     let rated = rate_bill(&segments, &q);
     let usage_flags = Flags(
@@ -574,7 +641,8 @@ pub fn bill_account(
         flags,
         days,
         ytd_before: ytd_known,
-        ytd_after: ytd_known.map(|y| y + kwh),
+        // In the tier year the period ends in.
+        ytd_after: ytd_known.map(|_| pos.total),
         power_factor: pf_value,
         max_demand_kw: max_demand,
     })

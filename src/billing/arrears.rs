@@ -35,6 +35,8 @@ pub const MINIMUM: u8 = 3;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorBill {
     pub period: String,
+    /// The day after the bill's period: no payment before it can be for this bill.
+    pub issued: NaiveDate,
     pub due: NaiveDate,
     pub amount: Decimal,
 }
@@ -110,10 +112,12 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
         let d: NaiveDate = due
             .parse()
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
+        let issued = BillPeriod::parse(r.period).map_err(bad)?.end;
         out.insert(
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
+                issued,
                 due: d,
                 amount: r.total,
             },
@@ -276,9 +280,11 @@ impl<'a> LateFees<'a> {
     }
 }
 
-/// The due date of a bill for `period`: `due_days` after the day the period ends.
+/// The due date of a bill for `period`: `due_days` after the period's last
+/// day (`period.end` is the day after it).
 pub fn due_date(period: &BillPeriod, rule: &LateFeeRule) -> NaiveDate {
-    period.end + chrono::Days::new(u64::from(rule.due_days))
+    let last_day = period.end.pred_opt().expect("date in range");
+    last_day + chrono::Days::new(u64::from(rule.due_days))
 }
 
 /// Late-fee lines for this period's bill (empty when nothing is overdue).
@@ -296,7 +302,11 @@ pub fn late_fee_lines(
     if bills.is_empty() {
         return vec![];
     }
-    let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
+    // `payments` is the account's whole history: what was paid before the
+    // oldest of these bills was issued settled bills not given here.
+    let since = bills.iter().map(|b| b.issued).min().expect("not empty");
+    let mut pays: Vec<(NaiveDate, Decimal)> =
+        payments.iter().filter(|p| p.0 >= since).copied().collect();
     pays.sort();
     // yuan-days per rate class
     let mut yuan_days = [Decimal::ZERO; 3];
@@ -373,6 +383,7 @@ mod tests {
     fn sept_bill(amount: Decimal) -> PriorBill {
         PriorBill {
             period: "2026-09".into(),
+            issued: d("2026-10-01"),
             due: d("2026-10-15"),
             amount,
         }
@@ -407,10 +418,38 @@ mod tests {
     }
 
     #[test]
+    fn a_bill_is_due_the_rule_s_days_after_its_period_s_last_day() {
+        let sept = BillPeriod::parse("2026-09").unwrap();
+        assert_eq!(due_date(&sept, &LateFeeRule::default()), d("2026-10-15"));
+        assert_eq!(sept_bill(dec!(1)).due, d("2026-10-15"));
+        let range = BillPeriod::parse("2026-09-05..2026-10-05").unwrap();
+        assert_eq!(due_date(&range, &LateFeeRule::default()), d("2026-10-19"));
+    }
+
+    #[test]
+    fn payments_made_before_the_oldest_bill_was_issued_paid_earlier_bills() {
+        let p = BillPeriod::parse("2026-10").unwrap();
+        // 180 paid on 10 September settled August's bill, which is not given.
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(200))],
+            &[(d("2026-09-10"), dec!(180))],
+            &p,
+            &fen(),
+        );
+        // 16..31 October: 16 days x 200 x 1 per mille = 3.20, as if unpaid.
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].quantity, dec!(3200));
+        assert_eq!(lines[0].amount, dec!(3.20));
+    }
+
+    #[test]
     fn a_payment_stops_the_fee_on_the_day_it_is_made_and_pays_the_oldest_bill_first() {
         let p = BillPeriod::parse("2026-10").unwrap();
         let aug = PriorBill {
             period: "2026-08".into(),
+            issued: d("2026-09-01"),
             due: d("2026-09-15"),
             amount: dec!(100),
         };
@@ -461,7 +500,8 @@ mod tests {
         let p = BillPeriod::parse("2027-01").unwrap();
         let dec_bill = PriorBill {
             period: "2026-11".into(),
-            due: d("2026-12-16"),
+            issued: d("2026-12-01"),
+            due: d("2026-12-15"),
             amount: dec!(1000),
         };
         let lines = late_fee_lines(&LateFeeRule::default(), false, &[dec_bill], &[], &p, &fen());

@@ -236,8 +236,12 @@ impl<'a> Roster<'a> {
                     let last = *b.last().expect("bounds");
                     acc.lo = acc.lo.min(b[0]);
                     acc.hi = acc.hi.max(last);
-                    acc.plo = acc.plo.min(b[plan.first]);
-                    acc.phi = acc.phi.max(last);
+                    // A meter exchanged out before the period reads only
+                    // near its bounds, not the period's days.
+                    if b[plan.first] < last {
+                        acc.plo = acc.plo.min(b[plan.first]);
+                        acc.phi = acc.phi.max(last);
+                    }
                     acc.bounds.extend(b);
                 }
                 acc
@@ -464,12 +468,27 @@ impl<'a> Engine<'a> {
     /// Looks a meter up and applies; unknown meters are counted for the exceptions output.
     pub fn apply_reading(&mut self, r: &Reading) {
         match self.meter_index.get(r.meter_id.as_str()) {
-            Some(&i) => {
-                let v = crate::store::columns::to_scaled(r.value)
-                    .map(|x| x as i64)
-                    .unwrap_or(0);
-                self.apply(i, r.channel, r.ts_ms, v, r.quality)
-            }
+            Some(&i) => match crate::store::columns::to_scaled(r.value)
+                .ok()
+                .and_then(|x| i64::try_from(x).ok())
+            {
+                Some(v) => self.apply(i, r.channel, r.ts_ms, v, r.quality),
+                // The lake refuses such values; held in memory they would
+                // otherwise be billed as 0.
+                None => {
+                    self.readings_seen += 1;
+                    let ai = self.meter_account[i as usize];
+                    self.route_errors.entry(ai).or_insert_with(|| {
+                        Exception::new(
+                            "bad_reading",
+                            format!(
+                                "meter {}: value {} of {} does not fit the lake's DECIMAL(18, 4)",
+                                r.meter_id, r.value, r.channel
+                            ),
+                        )
+                    });
+                }
+            },
             None => self.apply_unknown(&r.meter_id, 1),
         }
     }

@@ -99,6 +99,9 @@ impl Default for Near {
 /// Running checks on the total register within the meter's window.
 #[derive(Debug, Clone, Copy, Default)]
 struct Steps {
+    /// First reading in the window: the rate's span starts here, not at the
+    /// window's start (a missing start reading must not dilute the rate).
+    first_ts: i64,
     prev_ts: i64,
     prev_v: i64,
     points: u32,
@@ -263,6 +266,9 @@ impl MeterState {
                 }
             }
         }
+        if s.points == 0 {
+            s.first_ts = ts;
+        }
         s.prev_ts = ts;
         s.prev_v = v;
         s.points += 1;
@@ -310,7 +316,7 @@ impl MeterState {
         if s.points < 2 {
             return None;
         }
-        Some((s.sum, s.prev_ts - self.window().0))
+        Some((s.sum, s.prev_ts - s.first_ts))
     }
 
     /// Register value at boundary `b`, measured or estimated.

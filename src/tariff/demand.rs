@@ -61,12 +61,15 @@ pub struct BasicCharge {
 }
 
 impl Demand {
-    /// `month_fraction` is days billed / days in the month (1 for a whole month).
+    /// `month_fraction` is the days this charge covers / days in the month
+    /// (1 for a whole month); `period_kwh` and `period_fraction` are the whole
+    /// bill period's, for the high-use test (its threshold is prorated the same way).
     pub fn basic_charge(
         &self,
         capacity_kva: Decimal,
         max_demand_kw: Decimal,
-        kwh: Decimal,
+        period_kwh: Decimal,
+        period_fraction: Decimal,
         month_fraction: Decimal,
     ) -> BasicCharge {
         match self.basis {
@@ -79,7 +82,9 @@ impl Demand {
             DemandBasis::MaxDemand => {
                 let mut price = self.demand_price;
                 if let Some((per_kva, factor)) = self.high_use_discount {
-                    if capacity_kva > Decimal::ZERO && kwh >= per_kva * capacity_kva {
+                    if capacity_kva > Decimal::ZERO
+                        && period_kwh >= per_kva * capacity_kva * period_fraction
+                    {
                         price *= factor;
                     }
                 }
@@ -107,9 +112,26 @@ mod tests {
             demand_price: dec!(38),
             high_use_discount: Some((dec!(260), dec!(0.9))),
         };
-        let light = d.basic_charge(dec!(400), dec!(300), dec!(100000), Decimal::ONE);
+        let one = Decimal::ONE;
+        let light = d.basic_charge(dec!(400), dec!(300), dec!(100000), one, one);
         assert_eq!(light.exact, dec!(11400));
-        let heavy = d.basic_charge(dec!(400), dec!(300), dec!(104000), Decimal::ONE);
+        let heavy = d.basic_charge(dec!(400), dec!(300), dec!(104000), one, one);
         assert_eq!(heavy.exact, dec!(10260.0));
+    }
+
+    #[test]
+    fn the_high_use_threshold_of_a_half_month_is_half_a_month_s() {
+        let d = Demand {
+            basis: DemandBasis::MaxDemand,
+            capacity_price: dec!(26),
+            demand_price: dec!(38),
+            high_use_discount: Some((dec!(260), dec!(0.9))),
+        };
+        let half = dec!(0.5);
+        // 52,000 kWh is 260 kWh per kVA of 400 kVA over half a month.
+        let heavy = d.basic_charge(dec!(400), dec!(300), dec!(52000), half, half);
+        assert_eq!(heavy.unit_price, dec!(34.2));
+        let light = d.basic_charge(dec!(400), dec!(300), dec!(51999), half, half);
+        assert_eq!(light.unit_price, dec!(38));
     }
 }

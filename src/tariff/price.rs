@@ -317,6 +317,10 @@ pub struct BillQuantities {
     pub max_demand_kw: Decimal,
     /// Reactive energy of the period; `None` when not measured (no PF adjustment then).
     pub kvarh: Option<Decimal>,
+    /// Days the account was supplied (opened, meter installed / removed),
+    /// `[from, to)`; `None`: every day of the segments. Day-prorated charges
+    /// count only these days.
+    pub covered: Option<(NaiveDate, NaiveDate)>,
 }
 
 /// A priced line with the version it was priced under.
@@ -336,13 +340,22 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
         return out;
     };
     let basis = Decimal::from(q.month_basis_days.max(1));
-    let mut kwh = Decimal::ZERO;
-    let mut month_fraction_total = Decimal::ZERO;
+    let days = |s: &Segment<'_>| {
+        let (from, to) = q
+            .covered
+            .map_or((s.from, s.to), |(f, t)| (s.from.max(f), s.to.min(t)));
+        (to - from).num_days().max(0)
+    };
+    // The high-use test of a demand price looks at the whole period, not at
+    // the segment a price change cut off.
+    let kwh: Decimal = segments.iter().map(|s| s.upto.total - s.start.total).sum();
+    let month_fraction_total: Decimal = segments
+        .iter()
+        .map(|s| Decimal::from(days(s)) / basis)
+        .sum();
     for s in segments {
         let v = s.version;
-        let frac = Decimal::from((s.to - s.from).num_days()) / basis;
-        month_fraction_total += frac;
-        kwh += s.upto.total - s.start.total;
+        let frac = Decimal::from(days(s)) / basis;
         for l in energy_charge(v, &s.limits, &s.start, &s.upto) {
             if !(l.quantity.is_zero() && l.amount.is_zero()) {
                 out.push(RatedLine {
@@ -352,7 +365,13 @@ pub fn rate_bill(segments: &[Segment<'_>], q: &BillQuantities) -> Vec<RatedLine>
             }
         }
         if let Some(d) = &v.demand {
-            let b = d.basic_charge(q.capacity_kva, q.max_demand_kw, kwh, frac);
+            let b = d.basic_charge(
+                q.capacity_kva,
+                q.max_demand_kw,
+                kwh,
+                month_fraction_total,
+                frac,
+            );
             let l = ChargeLine {
                 kind: LineKind::Basic,
                 index: 0,
