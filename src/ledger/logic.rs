@@ -99,7 +99,9 @@ pub fn commit_batch(
         let outcome = match stored {
             None => {
                 let d = delta.entry(e.account_id.as_str()).or_default();
-                d.0 += e.amount;
+                d.0 = d.0.checked_add(e.amount).ok_or_else(|| {
+                    LedgerError::Range(format!("account {}: batch sum overflows", e.account_id))
+                })?;
                 d.1 += 1;
                 Outcome::Inserted
             }
@@ -121,14 +123,16 @@ pub fn commit_batch(
             Some((at, stamp)) if *at == key => *stamp,
             _ => tx.cursor_ts_for_update(&c.meter_id, &c.channel)?,
         };
-        if stored.is_none_or(|(ts, _, _)| ts <= c.last_ts_ms) {
+        if stored.is_none_or(|(ts, ..)| ts <= c.last_ts_ms) {
             tx.upsert_cursor(c)?;
         }
     }
     for &account in &accounts {
         let (mut bal, mut count) = tx.balance(account)?;
         if let Some((d, n)) = delta.get(account) {
-            bal += *d;
+            bal = bal.checked_add(*d).ok_or_else(|| {
+                LedgerError::Range(format!("account {account}: balance overflows"))
+            })?;
             count += *n;
             tx.set_balance(account, bal, *n)?;
         }

@@ -39,6 +39,8 @@ pub enum LedgerError {
     BadUrl(String),
     #[error("corrupt ledger row: {0}")]
     Corrupt(String),
+    #[error("amount out of range: {0}")]
+    Range(String),
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -235,15 +237,21 @@ impl CommitHook for NoHook {
     }
 }
 
-/// What a cursor precondition compares: `(last_ts_ms, first_ts_ms, held ts)`.
-/// The held jump is part of it, so a process that did not see another's
-/// hold (two `stream`s splitting one meter's readings) recomputes instead of
-/// overwriting it.
-pub type CursorStamp = (i64, i64, Option<i64>);
+/// What a cursor precondition compares: `(last_ts_ms, first_ts_ms, held ts,
+/// position)`. The held jump is part of it, so a process that did not see
+/// another's hold (two `stream`s splitting one meter's readings) recomputes
+/// instead of overwriting it; so is the position, which a late interval
+/// changes without moving either time.
+pub type CursorStamp = (i64, i64, Option<i64>, Decimal);
 
 impl Cursor {
     pub fn stamp(&self) -> CursorStamp {
-        (self.last_ts_ms, self.first_ts_ms, self.held.map(|h| h.0))
+        (
+            self.last_ts_ms,
+            self.first_ts_ms,
+            self.held.map(|h| h.0),
+            self.position,
+        )
     }
 }
 

@@ -267,10 +267,12 @@ impl Tx for PgTx<'_, '_> {
             &[&lock_key(meter, channel)],
         )?;
         let rows = self.tx.query(
-            "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = $1 AND channel = $2",
+            "SELECT last_ts_ms, first_ts_ms, held_ts_ms, position::text FROM cursors WHERE meter_id = $1 AND channel = $2",
             &[&meter, &channel],
         )?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1), r.get(2))))
+        rows.first()
+            .map(|r| Ok((r.get(0), r.get(1), r.get(2), parse_amount(r.get(3))?)))
+            .transpose()
     }
     fn upsert_cursor(&mut self, c: &Cursor) -> Result<(), LedgerError> {
         self.tx.execute(

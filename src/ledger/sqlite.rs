@@ -323,7 +323,7 @@ impl Stmt {
                 "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1"
             }
             Stmt::CursorStamp => {
-                "SELECT last_ts_ms, first_ts_ms, held_ts_ms FROM cursors WHERE meter_id = ?1 AND channel = ?2"
+                "SELECT last_ts_ms, first_ts_ms, held_ts_ms, position FROM cursors WHERE meter_id = ?1 AND channel = ?2"
             }
             Stmt::UpsertCursor => {
                 "INSERT INTO cursors(meter_id, channel, window_start_ms, position, last_ts_ms, last_value, first_ts_ms, first_value, held_ts_ms, held_value, tou)
@@ -350,11 +350,19 @@ impl Stmt {
                  WHERE account_id >= ?1 AND account_id <= ?2 ORDER BY account_id, flag"
             }
             Stmt::CursorsAhead => {
-                "SELECT meter_id, channel, last_ts_ms, first_ts_ms, held_ts_ms FROM cursors
+                "SELECT meter_id, channel, last_ts_ms, first_ts_ms, held_ts_ms, position FROM cursors
                  WHERE meter_id >= ?1 AND meter_id <= ?2 ORDER BY meter_id, channel"
             }
         }
     }
+}
+
+/// A cursor's stored position (text) inside a row mapping.
+fn position_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Decimal> {
+    let text: String = r.get(i)?;
+    text.parse::<Decimal>().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 struct SqlTx<'a> {
@@ -459,7 +467,7 @@ impl Tx for SqlTx<'_> {
         Ok(self
             .st(Stmt::CursorStamp)?
             .query_row(params![meter, channel], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, position_at(r, 3)?))
             })
             .optional()?)
     }
@@ -482,7 +490,10 @@ impl Tx for SqlTx<'_> {
     }
     fn read_cursors_ahead(&mut self, keys: &[(&str, &str)]) -> Result<(), LedgerError> {
         self.cursors = Ahead::read(self.st(Stmt::CursorsAhead)?, keys, |r| {
-            Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?, r.get(4)?)))
+            Ok((
+                (r.get(0)?, r.get(1)?),
+                (r.get(2)?, r.get(3)?, r.get(4)?, position_at(r, 5)?),
+            ))
         })?;
         Ok(())
     }
@@ -957,6 +968,34 @@ mod tests {
     }
 
     #[test]
+    fn a_balance_that_would_overflow_is_an_error_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("ledger.sqlite")).unwrap();
+        l.migrate().unwrap();
+        let big = |k: &str| deduction(k.into(), "A1".into(), Decimal::MAX, 1);
+        let batch = Batch {
+            entries: vec![big("k1"), big("k2")],
+            ..Default::default()
+        };
+        let err = l.commit(&batch, &crate::ledger::NoHook).unwrap_err();
+        assert!(matches!(err, LedgerError::Range(_)), "{err}");
+        assert_eq!(l.balance("A1").unwrap(), Decimal::ZERO);
+        // One such entry fits; the next one is refused the same way.
+        let one = Batch {
+            entries: vec![big("k1")],
+            ..Default::default()
+        };
+        l.commit(&one, &crate::ledger::NoHook).unwrap();
+        let next = Batch {
+            entries: vec![big("k2")],
+            ..Default::default()
+        };
+        let err = l.commit(&next, &crate::ledger::NoHook).unwrap_err();
+        assert!(matches!(err, LedgerError::Range(_)), "{err}");
+        assert_eq!(l.balance("A1").unwrap(), Decimal::MAX);
+    }
+
+    #[test]
     fn a_batch_reports_each_entry_as_inserted_duplicate_or_conflict() {
         use crate::ledger::Outcome;
         use rust_decimal_macros::dec;
@@ -1070,12 +1109,14 @@ mod tests {
         assert!(!l.commit(&batch(100, &|_| None), &hook).unwrap().stale);
         assert!(hook.0.borrow().iter().all(|n| *n == 0));
         // One stamp off: nothing is written.
-        let wrong = batch(200, &|k| Some((if k == 17 { 99 } else { 100 }, 0, None)));
+        let wrong = batch(200, &|k| {
+            Some((if k == 17 { 99 } else { 100 }, 0, None, dec!(1.5)))
+        });
         assert!(l.commit(&wrong, &hook).unwrap().stale);
         // The stamps as stored: applied, and every account shows its flag.
         hook.0.borrow_mut().clear();
         assert!(
-            !l.commit(&batch(200, &|_| Some((100, 0, None))), &hook)
+            !l.commit(&batch(200, &|_| Some((100, 0, None, dec!(1.5)))), &hook)
                 .unwrap()
                 .stale
         );
@@ -1088,6 +1129,53 @@ mod tests {
                 .last_ts_ms,
             200
         );
+    }
+
+    #[test]
+    fn a_writer_that_missed_another_s_late_interval_is_stale_not_overwriting_it() {
+        use rust_decimal_macros::dec;
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("ledger.sqlite")).unwrap();
+        l.migrate().unwrap();
+        let c0 = Cursor {
+            meter_id: "M1".into(),
+            channel: "import_active_interval".into(),
+            window_start_ms: 0,
+            position: dec!(10),
+            last_ts_ms: 9_000,
+            last_value: dec!(1),
+            first_ts_ms: 0,
+            first_value: dec!(0),
+            held: None,
+            tou: None,
+        };
+        let commit = |l: &mut SqliteLedger, c: &Cursor, expect: &Cursor| {
+            let batch = Batch {
+                cursors: vec![c.clone()],
+                expect: vec![(c.meter_id.clone(), c.channel.clone(), Some(expect.stamp()))],
+                ..Default::default()
+            };
+            l.commit(&batch, &crate::ledger::NoHook).unwrap().stale
+        };
+        let setup = Batch {
+            cursors: vec![c0.clone()],
+            ..Default::default()
+        };
+        l.commit(&setup, &crate::ledger::NoHook).unwrap();
+        // Writer A charges a late interval: the position moves, neither time does.
+        let mut late = c0.clone();
+        late.position = dec!(12);
+        assert!(!commit(&mut l, &late, &c0));
+        // Writer B still holds c0 and charges a later interval.
+        let mut next = c0.clone();
+        next.position = dec!(11);
+        next.last_ts_ms = 10_000;
+        assert!(
+            commit(&mut l, &next, &c0),
+            "B must recompute, not overwrite A's interval"
+        );
+        let kept = l.cursor("M1", "import_active_interval").unwrap().unwrap();
+        assert_eq!((kept.position, kept.last_ts_ms), (dec!(12), 9_000));
     }
 
     #[test]

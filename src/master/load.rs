@@ -718,6 +718,9 @@ fn load_accounts_with<T: Send>(
     )
 }
 
+/// The largest payment `load_payments` accepts, in yuan.
+pub const MAX_PAYMENT: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+
 pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
     load(
         path,
@@ -726,6 +729,17 @@ pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
             let amount = r.decimal("amount")?;
             if amount <= Decimal::ZERO {
                 return Err(r.err("amount", "must be positive"));
+            }
+            // Payments are in fen; the bound keeps any sum of them far from
+            // Decimal's range (a typo of many digits is a bad row, not a crash).
+            if amount.normalize().scale() > 2 {
+                return Err(r.err(
+                    "amount",
+                    format!("'{amount}' has more than 2 decimals (fen)"),
+                ));
+            }
+            if amount > MAX_PAYMENT {
+                return Err(r.err("amount", format!("'{amount}' is over {MAX_PAYMENT} yuan")));
             }
             let channel = r.text("channel")?;
             if !["wechat", "alipay", "bank", "counter"].contains(&channel.as_str()) {
@@ -752,6 +766,31 @@ pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payments_of_more_than_fen_precision_or_absurd_size_are_bad_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("payments.csv");
+        std::fs::write(
+            &path,
+            "txn_id,channel,account_id,amount,paid_at\n\
+             T1,bank,A1,100.50,2026-10-01T00:00:00Z\n\
+             T2,bank,A1,10.00001,2026-10-01T00:00:00Z\n\
+             T3,bank,A1,79228162514264337593543950335,2026-10-01T00:00:00Z\n\
+             T4,bank,A1,1000000000,2026-10-01T00:00:00Z\n\
+             T5,bank,A1,1000000000.01,2026-10-01T00:00:00Z\n",
+        )
+        .unwrap();
+        let l = load_payments(&path).unwrap();
+        let ids: Vec<&str> = l.rows.iter().map(|p| p.txn_id.as_str()).collect();
+        assert_eq!(ids, ["T1", "T4"]);
+        let bad: Vec<(u64, &str)> = l
+            .errors
+            .iter()
+            .map(|e| (e.line, e.field.as_str()))
+            .collect();
+        assert_eq!(bad, [(3, "amount"), (4, "amount"), (6, "amount")]);
+    }
 
     #[test]
     fn dates_are_read_as_yyyy_mm_dd_with_or_without_the_fast_path() {

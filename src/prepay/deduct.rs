@@ -74,10 +74,25 @@ pub fn suspicious(c: &Cursor, ts_ms: i64, kwh: Decimal, kva: Decimal) -> bool {
         DEFAULT_CAPACITY_KVA
     };
     let span = c.last_ts_ms - c.first_ts_ms;
-    if span <= 0 || kwh <= SPIKE_FLOOR_KWH || kwh * Decimal::from(3_600_000) <= kva * dt {
+    // Products that overflow a Decimal come from absurd jumps (a corrupt
+    // register): such a jump is suspicious, never a panic.
+    let possible = match (
+        kwh.checked_mul(Decimal::from(3_600_000)),
+        kva.checked_mul(dt),
+    ) {
+        (Some(energy), Some(capacity)) => energy <= capacity,
+        (None, _) => false,
+        (Some(_), None) => true,
+    };
+    if span <= 0 || kwh <= SPIKE_FLOOR_KWH || possible {
         return false; // no history to judge by, small, or physically possible
     }
-    kwh * Decimal::from(span) > Decimal::from(SPIKE_FACTOR) * c.position * dt
+    let usual = (Decimal::from(SPIKE_FACTOR) * c.position).checked_mul(dt);
+    match (kwh.checked_mul(Decimal::from(span)), usual) {
+        (Some(jump), Some(usual)) => jump > usual,
+        (None, _) => true,
+        (Some(_), None) => false,
+    }
 }
 
 /// Register delta with rollover at `modulus`; None for a backwards reading.
