@@ -131,8 +131,8 @@ pub struct ReadArgs {
 pub struct RelayArgs {
     #[command(flatten)]
     pub bus: BusArgs,
-    /// Meter address.
-    #[arg(long)]
+    /// Meter address: one meter (no AA wildcard, not the 99..99 broadcast).
+    #[arg(long, value_parser = one_meter)]
     pub meter: Address,
     /// trip | allow-close | direct-close | alarm-on | alarm-off | protect-on | protect-off
     pub command: RelayCommand,
@@ -159,6 +159,19 @@ pub struct RelayArgs {
     /// Really send the command; without it only the frame is shown and the dry run audited.
     #[arg(long)]
     pub execute: bool,
+}
+
+/// A control command must reach exactly one meter: a wildcard or broadcast
+/// would switch every meter it selects.
+fn one_meter(s: &str) -> Result<Address, String> {
+    let a = s.parse::<Address>().map_err(|e| e.to_string())?;
+    // The same test as meter addresses in the collectors config.
+    if a.has_wildcard() || a.is_broadcast() {
+        return Err(format!(
+            "{a} is a wildcard/broadcast address, not a meter: relay commands go to one meter"
+        ));
+    }
+    Ok(a)
 }
 
 pub fn run(c: Dlt645Cmd) -> anyhow::Result<ExitCode> {
@@ -255,7 +268,19 @@ async fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
             a.bus.bus_config().map(|c| Endpoint::of(&c).to_string())?,
         )
     };
-    let out = relay_control(bus.as_mut(), &ep, &order, &audit, a.execute).await?;
+    let out = match relay_control(bus.as_mut(), &ep, &order, &audit, a.execute).await {
+        Ok(o) => o,
+        Err(e) if e.outcome_unknown() => {
+            eprintln!(
+                "{}: {} {e} (audited in {})",
+                a.meter,
+                a.command,
+                audit.path().display()
+            );
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
     match out {
         RelayOutcome::DryRun { request_hex } => {
             println!("dry run: would send {} to {} via {ep}", a.command, a.meter);

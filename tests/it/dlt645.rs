@@ -13,7 +13,7 @@ use meterflow::collector::dlt645::relay::{relay_control, AuditLog, RelayOrder, R
 use meterflow::collector::dlt645::{link, scan, Bus, BusTiming, Endpoint};
 use meterflow::collector::run::{collect_once, run, CollectOptions, CollectStats};
 use meterflow::model::{Channel, Quality, Reading};
-use meterflow::protocol::dlt645::{lookup, Address, Di, Edition, RelayCommand, Value};
+use meterflow::protocol::dlt645::{lookup, Address, Di, Edition, Frame, RelayCommand, Value};
 use meterflow::sim::dlt645::{spawn_pty, spawn_tcp, Faults, Served, SimFile, SimMeterConfig};
 
 fn addr(s: &str) -> Address {
@@ -1003,4 +1003,242 @@ async fn garbage_and_corrupt_frames_are_quarantined_in_the_lake_with_their_bytes
         );
         assert_eq!((payload[0], *payload.last().unwrap()), (0x68, 0x16));
     }
+}
+
+/// A bus on an in-memory line whose far end is a scripted meter: `before` is
+/// already on the line, and every request it receives is answered with
+/// `reply` (if any). The task returns the requests seen once the bus is dropped.
+fn scripted_line(
+    before: Vec<u8>,
+    reply: Option<Vec<u8>>,
+) -> (Bus, tokio::task::JoinHandle<Vec<Frame>>) {
+    use meterflow::protocol::dlt645::{decode, Decoded};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, mut peer) = tokio::io::duplex(4096);
+    let timing = BusTiming {
+        timeout: Duration::from_millis(200),
+        retries: 2,
+        retry_backoff: Duration::from_millis(10),
+        silent_gap: Duration::ZERO,
+        drain: Duration::from_millis(20),
+        preamble: 0,
+    };
+    let bus = Bus::new("line", Box::new(ours), timing);
+    let task = tokio::spawn(async move {
+        peer.write_all(&before).await.unwrap();
+        let (mut buf, mut seen, mut chunk) = (Vec::new(), Vec::new(), [0u8; 256]);
+        loop {
+            let n = peer.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return seen;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while let Decoded::Frame {
+                frame, consumed, ..
+            } = decode(&buf)
+            {
+                let frame = frame.to_frame();
+                buf.drain(..consumed);
+                seen.push(frame);
+                if let Some(r) = &reply {
+                    let _ = peer.write_all(r).await;
+                }
+            }
+        }
+    });
+    (bus, task)
+}
+
+fn audit_events(audit: &AuditLog) -> Vec<String> {
+    std::fs::read_to_string(audit.path())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_command_is_sent_once_and_without_a_clean_answer_its_outcome_is_unknown() {
+    // The meter's acknowledgement with a wrong checksum (F3, should be F2):
+    // it most likely executed the command.
+    let corrupt_ack = vec![
+        0x68, 0x37, 0x03, 0x00, 0x92, 0x81, 0x39, 0x68, 0x9C, 0x00, 0xF3, 0x16,
+    ];
+    for reply in [Some(corrupt_ack), None] {
+        let corrupt = reply.is_some();
+        let (mut bus, meter) = scripted_line(vec![], reply);
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::new(dir.path().join("audit.jsonl"));
+        let order = RelayOrder::expiring_in(
+            addr("398192000337"),
+            RelayCommand::Trip,
+            "02123456".parse().unwrap(),
+            "00000001".parse().unwrap(),
+            10,
+            meterflow::collector::config::parse_offset("+08:00").unwrap(),
+        );
+
+        let e = relay_control(Some(&mut bus), "line", &order, &audit, true)
+            .await
+            .unwrap_err();
+
+        assert!(e.outcome_unknown(), "{e}");
+        assert!(e.to_string().contains("outcome unknown"), "{e}");
+        drop(bus);
+        let sent = meter.await.unwrap();
+        assert_eq!(
+            sent.len(),
+            1,
+            "corrupt reply: {corrupt}; the bus retries reads twice, never commands"
+        );
+        assert_eq!(sent[0].control, 0x1C);
+        assert_eq!(audit_events(&audit), vec!["sent", "unknown"]);
+    }
+}
+
+#[test]
+fn the_relay_command_refuses_wildcard_and_broadcast_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    for meter in ["AAAAAAAAAAAA", "999999999999", "3981920003AA"] {
+        let out = std::process::Command::new(crate::common::bin())
+            .args([
+                "dlt645",
+                "relay",
+                "--tcp",
+                "127.0.0.1:1",
+                "--meter",
+                meter,
+                "trip",
+            ])
+            .arg("--audit-log")
+            .arg(&audit)
+            .arg("--execute")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{meter}: {err}");
+        assert!(
+            err.contains(meter) && err.contains("wildcard/broadcast address, not a meter"),
+            "{err}"
+        );
+    }
+    assert!(!audit.exists(), "nothing was sent or audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reply_already_on_the_line_is_not_taken_as_the_refusal_of_the_next_read() {
+    let a = addr("398192000337");
+    // A refusal of an earlier read, later than the drain after its timeout.
+    let late_refusal = Frame::new(a, 0xD1, vec![0x02]).encode(0).unwrap();
+    // The standard's test vector: forward active total = 000000.04 kWh.
+    let answer = vec![
+        0x68, 0x37, 0x03, 0x00, 0x92, 0x81, 0x39, 0x68, 0x91, 0x08, 0x33, 0x33, 0x34, 0x33, 0x37,
+        0x33, 0x33, 0x33, 0x8C, 0x16,
+    ];
+    let (mut bus, meter) = scripted_line(late_refusal, Some(answer));
+    let di: Di = "00010000".parse().unwrap();
+    let m = meterflow::collector::config::ResolvedMeter {
+        address: a,
+        meter_id: "M".into(),
+        edition: Edition::V2007,
+        schedules: vec![],
+    };
+
+    let v = meterflow::collector::dlt645::poll::read_value(&mut bus, &m, di, "line")
+        .await
+        .unwrap();
+
+    assert_eq!(v, Value::Number(Decimal::new(4, 2)));
+    assert_eq!(bus.counters.late_replies, 1);
+    assert_eq!(bus.counters.refused, 0);
+    drop(bus);
+    assert_eq!(meter.await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_daily_read_is_tried_again_the_same_day() {
+    use meterflow::collector::config::{ResolvedMeter, Schedule, When};
+    use meterflow::collector::dlt645::poll::{poll_meter, MeterState, PollSettings};
+    let a = addr("000000007101");
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("000000007101", 5000)],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let mut st = MeterState::new(ResolvedMeter {
+        address: a,
+        meter_id: "M-daily".into(),
+        edition: Edition::V2007,
+        schedules: vec![Schedule {
+            name: "daily".into(),
+            when: When::DailyAt(chrono::NaiveTime::MIN),
+            dis: vec!["05060101".parse().unwrap()],
+            read_clock: false,
+        }],
+    });
+    let s = PollSettings {
+        collector_id: "it".into(),
+        offset: meterflow::collector::config::parse_offset("+08:00").unwrap(),
+        skew_threshold: Duration::from_secs(60),
+        time_sync: false,
+        degrade_after_cycles: 10,
+        degraded_interval: Duration::from_millis(400),
+    };
+    let mut bus = connect(sim.addr).await;
+    let retry_pause = || tokio::time::sleep(Duration::from_millis(450));
+
+    // Silent at the daily time, then refusing: nothing stored either time.
+    sim.handle.set_faults(
+        a,
+        Faults {
+            no_reply: true,
+            ..Default::default()
+        },
+    );
+    let silent = poll_meter(&mut bus, &mut st, &s, false).await.unwrap();
+    assert!(silent.unwrap().readings.is_empty());
+    let asked = sim.handle.requests(a);
+    assert!(asked > 0);
+    assert!(
+        poll_meter(&mut bus, &mut st, &s, false)
+            .await
+            .unwrap()
+            .is_none(),
+        "not asked again at once"
+    );
+    assert_eq!(sim.handle.requests(a), asked);
+    sim.handle.set_faults(
+        a,
+        Faults {
+            error_reply: true,
+            ..Default::default()
+        },
+    );
+    retry_pause().await;
+    let refused = poll_meter(&mut bus, &mut st, &s, false).await.unwrap();
+    assert!(refused.unwrap().readings.is_empty());
+    assert!(sim.handle.requests(a) > asked, "asked again the same day");
+
+    // Answering at last: the frozen block is stored and the day is done.
+    sim.handle.set_faults(a, Faults::default());
+    retry_pause().await;
+    let read = poll_meter(&mut bus, &mut st, &s, false).await.unwrap();
+    assert_eq!(read.unwrap().readings.len(), 5);
+    let done = sim.handle.requests(a);
+    retry_pause().await;
+    assert!(poll_meter(&mut bus, &mut st, &s, false)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(sim.handle.requests(a), done);
 }

@@ -556,3 +556,72 @@ async fn undecodable_registers_are_quarantined_in_the_lake_with_their_words() {
         assert_eq!(payload, &vec![0x7F, 0xC0, 0x00, 0x00], "{reason}");
     }
 }
+
+#[tokio::test]
+async fn a_unit_the_gateway_cannot_reach_is_abandoned_for_the_cycle_and_marked_silent() {
+    use meterflow::collector::modbus::poll::{poll_device, RetryPolicy};
+    use meterflow::collector::modbus::transport::{Link, LinkSettings};
+    // The simulator, as a TCP gateway, answers units it does not have with
+    // exception 0x0B (gateway target device failed to respond).
+    let sim = Simulator::new(sims()).unwrap();
+    let (addr, _h) = sim.spawn_tcp(localhost()).await.unwrap();
+    let mut cfg = connection("gw-0b", Transport::Tcp, Some(addr.to_string()), None);
+    cfg.devices = vec![device(9, PROFILES[0]), device(1, PROFILES[0])];
+    let p = Poller::new(cfg.clone(), "it".into()).unwrap();
+    let (gone, there) = (&p.devices()[0], &p.devices()[1]);
+    assert!(gone.requests.len() > 1, "a plan of several requests");
+    let mut link = Link::new(LinkSettings::from_config(&cfg));
+    let policy = RetryPolicy {
+        retries: cfg.retries,
+        backoff: Duration::from_millis(cfg.retry_backoff_ms),
+        pause_between_requests: Duration::ZERO,
+    };
+
+    let out = poll_device(&mut link, gone, &policy, "gw-0b", "it").await;
+
+    assert!(out.silent);
+    assert_eq!(
+        out.errors.len(),
+        1,
+        "asked once, then abandoned: {:?}",
+        out.errors
+    );
+    assert!(out.errors[0].1.contains("0x0b"), "{:?}", out.errors);
+    assert_eq!(out.requests_failed as usize, gone.requests.len());
+    let ok = poll_device(&mut link, there, &policy, "gw-0b", "it").await;
+    assert!(!ok.silent && ok.errors.is_empty(), "{:?}", ok.errors);
+    assert_exact(&sim, &ok.readings, 1, PROFILES[0]);
+}
+
+#[tokio::test]
+async fn a_reply_with_the_wrong_register_count_is_a_short_reply_not_a_panic() {
+    use meterflow::collector::modbus::transport::{Link, LinkSettings, ReadError};
+    use meterflow::protocol::modbus::{pdu, Area, ReadRequest};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(localhost()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let line = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut req = [0u8; 8];
+        s.read_exact(&mut req).await.unwrap();
+        // One register (a stale reply) to a two-register read.
+        let mut reply = vec![0x01, 0x03, 0x02, 0x00, 0x01];
+        reply.extend_from_slice(&pdu::crc16(&reply).to_le_bytes());
+        s.write_all(&reply).await.unwrap();
+        (req, s)
+    });
+    let cfg = connection("stale", Transport::RtuOverTcp, Some(addr.to_string()), None);
+    let mut link = Link::new(LinkSettings::from_config(&cfg));
+    let req = ReadRequest {
+        area: Area::Holding,
+        start: 0,
+        count: 2,
+        fields: vec![],
+    };
+
+    let got = link.read(1, &req).await;
+
+    assert_eq!(got, Err(ReadError::ShortReply { want: 2, got: 1 }));
+    let (sent, _s) = line.await.unwrap();
+    assert_eq!(sent[..6], [0x01, 0x03, 0x00, 0x00, 0x00, 0x02]);
+}

@@ -193,8 +193,16 @@ impl Bus {
         self.timing
     }
 
+    /// Sends a command that must not be repeated (relay control, writes)
+    /// exactly once and waits for its answer. A timeout or a corrupt reply
+    /// leaves the outcome unknown: the meter may have executed it.
+    pub async fn command(&mut self, req: &Frame, label: &str) -> Result<Frame, TxError> {
+        self.exchange(req, label).await
+    }
+
     /// Sends `req` and waits for its answer, retrying timeouts and corrupt
-    /// replies. `label` names the meter in logs and metrics.
+    /// replies. Only for requests that are safe to repeat (reads); commands
+    /// go through [`Bus::command`]. `label` names the meter in logs and metrics.
     pub async fn transact(&mut self, req: &Frame, label: &str) -> Result<Frame, TxError> {
         let mut attempt = 0;
         loop {
@@ -248,7 +256,9 @@ impl Bus {
 
     async fn exchange_inner(&mut self, req: &Frame, label: &str) -> Result<Frame, TxError> {
         self.wait_silent_gap().await;
-        // Anything already buffered arrived unasked: account for it, then drop it.
+        // Anything that arrived before the request goes out cannot answer it
+        // (a reply later than the drain): account for it, then drop it.
+        self.take_waiting()?;
         if !self.buf.is_empty() {
             self.account_unasked(label);
         }
@@ -400,6 +410,27 @@ impl Bus {
         count("meterflow_dlt645_stray_frames_total", &self.name, label, 1);
         let wire = f.encode(0).unwrap_or_default();
         tracing::warn!(bus = %self.name, meter = label, %reason, from = %f.address, hex = %hex(&wire), "discarding frame that does not answer the request");
+    }
+
+    /// Moves what is already waiting on the link into `buf`, without waiting.
+    fn take_waiting(&mut self) -> Result<(), TxError> {
+        use futures::FutureExt;
+        let mut chunk = [0u8; 512];
+        // Bounded: a chattering line cannot hold the request back forever.
+        for _ in 0..16 {
+            match self.link.read(&mut chunk).now_or_never() {
+                Some(Ok(0)) => {
+                    return Err(TxError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )))
+                }
+                Some(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Some(Err(e)) => return Err(TxError::Io(e)),
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Something arrived while no request was in flight (a late reply): log, count, drop.

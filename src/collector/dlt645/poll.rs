@@ -31,9 +31,12 @@ pub struct PollSettings {
 #[derive(Debug, Clone)]
 pub struct MeterState {
     pub meter: ResolvedMeter,
-    /// Per schedule: when it last ran (monotonic) and on which meter-local day.
+    /// Per schedule: when it last ran (monotonic) and the meter-local day of
+    /// its last complete run (daily schedules are due until one completes).
     last_run: Vec<Option<Instant>>,
     last_day: Vec<Option<NaiveDate>>,
+    /// Per daily schedule that failed: not tried again before this.
+    retry_at: Vec<Option<Instant>>,
     pub failed_cycles: u32,
     pub degraded: bool,
     next_try: Option<Instant>,
@@ -46,6 +49,7 @@ impl MeterState {
             meter,
             last_run: vec![None; n],
             last_day: vec![None; n],
+            retry_at: vec![None; n],
             failed_cycles: 0,
             degraded: false,
             next_try: None,
@@ -55,7 +59,11 @@ impl MeterState {
     fn due(&self, i: usize, now: Instant, today: NaiveDate, local_time: chrono::NaiveTime) -> bool {
         match self.meter.schedules[i].when {
             When::Every(d) => self.last_run[i].is_none_or(|t| now >= t + d),
-            When::DailyAt(at) => local_time >= at && self.last_day[i] != Some(today),
+            When::DailyAt(at) => {
+                local_time >= at
+                    && self.last_day[i] != Some(today)
+                    && self.retry_at[i].is_none_or(|t| now >= t)
+            }
         }
     }
 
@@ -127,11 +135,15 @@ pub async fn poll_meter(
     };
     let mut quality = Quality::OK;
     let mut dead = false;
+    // What succeeded, to tell which due schedules are complete.
+    let mut clock_ok = false;
+    let mut read_ok: Vec<Di> = vec![];
 
     if read_clock {
         match read_clock_skew(bus, &st.meter, s, &label).await {
             Ok(Some(skew_ms)) => {
                 out.answered = true;
+                clock_ok = true;
                 let skewed = skew_ms.unsigned_abs() > s.skew_threshold.as_millis() as u64;
                 if skewed {
                     quality = Quality::CLOCK_SKEW;
@@ -154,7 +166,10 @@ pub async fn poll_meter(
                     received_ms: t,
                 });
             }
-            Ok(None) => out.answered = true,
+            Ok(None) => {
+                out.answered = true;
+                out.errors.push("clock: not a valid date and time".into());
+            }
             Err(TxError::Io(e)) => return Err(LinkLost(e)),
             Err(e @ TxError::Timeout(_)) => {
                 out.errors.push(format!("clock: {e}"));
@@ -177,25 +192,39 @@ pub async fn poll_meter(
             TimeRef::ReadTime => now_ms(),
             TimeRef::FrozenAt(time_di) => {
                 if frozen_at.is_none() {
-                    frozen_at = Some(match read_value(bus, &st.meter, time_di, &label).await {
-                        Ok(Value::DateTime(t)) => meter_time_to_ms(t, s.offset),
-                        Ok(_) => None,
+                    let t = match read_value(bus, &st.meter, time_di, &label).await {
+                        Ok(v) => {
+                            out.answered = true;
+                            match v {
+                                Value::DateTime(t) => meter_time_to_ms(t, s.offset),
+                                _ => None,
+                            }
+                        }
                         Err(TxError::Io(e)) => return Err(LinkLost(e)),
                         Err(e) => {
+                            out.answered |= matches!(e, TxError::Refused(_));
+                            dead |= matches!(e, TxError::Timeout(_));
                             out.errors.push(format!("{time_di}: {e}"));
                             None
                         }
-                    });
+                    };
+                    frozen_at = Some(t);
                 }
                 match frozen_at.flatten() {
                     Some(t) => t,
-                    None => continue,
+                    // Without the freeze time the values cannot be placed:
+                    // not stored, so their schedule stays due.
+                    None => {
+                        out.errors.push(format!("{di}: no valid freeze time"));
+                        continue;
+                    }
                 }
             }
         };
         match read_value(bus, &st.meter, di, &label).await {
             Ok(v) => {
                 out.answered = true;
+                read_ok.push(di);
                 let received = now_ms();
                 for (channel, value, at) in values_of(&v, info.channels) {
                     out.readings.push(Reading {
@@ -225,7 +254,18 @@ pub async fn poll_meter(
 
     for &i in &due {
         st.last_run[i] = Some(now);
-        st.last_day[i] = Some(local.date());
+        let sch = &st.meter.schedules[i];
+        let complete =
+            (!sch.read_clock || clock_ok) && sch.dis.iter().all(|di| read_ok.contains(di));
+        if complete || matches!(sch.when, When::Every(_)) {
+            st.last_day[i] = Some(local.date());
+            st.retry_at[i] = None;
+        } else {
+            // Daily values missed now are lost for the day unless asked again.
+            tracing::info!(meter = %st.meter.meter_id, bus = %bus.name, schedule = %sch.name,
+                retry_in_s = s.degraded_interval.as_secs(), "daily read incomplete; trying again later today");
+            st.retry_at[i] = Some(Instant::now() + s.degraded_interval);
+        }
     }
     if out.answered {
         if st.degraded {

@@ -1,7 +1,9 @@
 //! Relay control (0x1C) for remote fee control: trip, allow close, alarm,
 //! protect supply. Dry-run unless `execute`; every command and every answer
 //! goes to an append-only audit log (JSON lines, fsynced) before and after
-//! the meter is asked. Passwords are never logged.
+//! the meter is asked. Passwords are never logged. A command is sent once:
+//! without a clean answer its outcome is unknown, and whoever ordered it
+//! decides whether to send it again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,8 @@ pub struct AuditLog {
 pub struct AuditRecord {
     /// UTC, RFC 3339.
     pub ts: String,
-    /// `dry_run`, `sent`, `accepted`, `refused`, `failed`.
+    /// `dry_run`, `sent`, `accepted`, `refused`, `unknown` (no clean answer:
+    /// the meter may have executed it), `failed`.
     pub event: String,
     pub meter: String,
     pub endpoint: String,
@@ -96,8 +99,32 @@ pub enum RelayOutcome {
 pub enum RelayError {
     #[error("cannot write the audit log: {0}")]
     Audit(std::io::Error),
-    #[error("relay command not answered: {0}")]
+    #[error("{summary}: {0}", summary = tx_summary(.0))]
     Tx(TxError),
+}
+
+impl RelayError {
+    /// The command went out but no clean answer came back.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, RelayError::Tx(e) if tx_outcome_unknown(e))
+    }
+}
+
+/// A timeout, a corrupt reply or a link lost after sending: the meter may
+/// have executed the command.
+fn tx_outcome_unknown(e: &TxError) -> bool {
+    matches!(
+        e,
+        TxError::Timeout(_) | TxError::Corrupt(_) | TxError::Io(_)
+    )
+}
+
+fn tx_summary(e: &TxError) -> &'static str {
+    if tx_outcome_unknown(e) {
+        "relay command outcome unknown (the meter may have executed it; check its relay state before sending it again)"
+    } else {
+        "relay command failed"
+    }
 }
 
 /// A relay command ready to go.
@@ -191,7 +218,8 @@ pub async fn relay_control_keyed(
     rec.event = "sent".into();
     audit.append(&rec).map_err(RelayError::Audit)?;
     let label = format!("{}/{}", bus.name, order.address);
-    let result = bus.transact(&frame, &label).await;
+    // Never resent here: a corrupt reply usually means the meter executed it.
+    let result = bus.command(&frame, &label).await;
     rec.ts = Utc::now().to_rfc3339();
     let outcome = match result {
         Ok(reply) => {
@@ -203,6 +231,11 @@ pub async fn relay_control_keyed(
             rec.event = "refused".into();
             rec.response = Some(status.to_string());
             Ok(RelayOutcome::Refused(status))
+        }
+        Err(other) if tx_outcome_unknown(&other) => {
+            rec.event = "unknown".into();
+            rec.response = Some(other.to_string());
+            Err(RelayError::Tx(other))
         }
         Err(other) => {
             rec.event = "failed".into();

@@ -95,6 +95,21 @@ async fn read_with_retries(
     }
 }
 
+/// The device is not answering: a timeout, no connection, or a gateway
+/// reporting that it cannot reach the unit (exceptions 0x0A and 0x0B, which
+/// cost the gateway's own timeout each time).
+fn not_answering(e: &ReadError) -> bool {
+    matches!(
+        e,
+        ReadError::Timeout(_)
+            | ReadError::Connect(_)
+            | ReadError::Exception(GATEWAY_PATH_UNAVAILABLE | GATEWAY_TARGET_FAILED)
+    )
+}
+
+const GATEWAY_PATH_UNAVAILABLE: u8 = 0x0A;
+const GATEWAY_TARGET_FAILED: u8 = 0x0B;
+
 fn field_names(dev: &ResolvedDevice, fields: &[Field]) -> String {
     fields
         .iter()
@@ -104,8 +119,9 @@ fn field_names(dev: &ResolvedDevice, fields: &[Field]) -> String {
 }
 
 /// Polls every planned request of a device. A timeout that survives its
-/// retries abandons the device for this cycle (it is not answering) so the
-/// others on the line are not held up; an exception only loses its request.
+/// retries, or a gateway saying the unit cannot be reached, abandons the
+/// device for this cycle (it is not answering) so the others on the line are
+/// not held up; any other exception only loses its request.
 pub async fn poll_device(
     link: &mut Link,
     dev: &ResolvedDevice,
@@ -125,7 +141,7 @@ pub async fn poll_device(
     };
     let mut out = DeviceOutcome::default();
     let mut answered = false;
-    for (ri, req) in dev.requests.iter().enumerate() {
+    'requests: for (ri, req) in dev.requests.iter().enumerate() {
         if ri > 0 && !policy.pause_between_requests.is_zero() {
             tokio::time::sleep(policy.pause_between_requests).await;
         }
@@ -154,6 +170,12 @@ pub async fn poll_device(
                         }],
                     };
                     match read_with_retries(link, dev.unit_id, &single, policy, &labels).await {
+                        Err(e) if not_answering(&e) => {
+                            out.requests_failed += 1;
+                            record_error(dev, &single, &e, &labels, &source, &mut out);
+                            out.requests_failed += skip_rest(dev, ri, connection);
+                            break 'requests;
+                        }
                         Ok(words) => {
                             out.requests_ok += 1;
                             decode_fields(
@@ -175,18 +197,14 @@ pub async fn poll_device(
             }
             Err(e) => {
                 out.requests_failed += 1;
-                let give_up = matches!(e, ReadError::Timeout(_) | ReadError::Connect(_));
-                // exceptions and garbage still prove something is there
+                let give_up = not_answering(&e);
+                // other exceptions and garbage still prove something is there
                 if !give_up && !matches!(e, ReadError::Io(_)) {
                     answered = true;
                 }
                 record_error(dev, req, &e, &labels, &source, &mut out);
                 if give_up {
-                    let rest = dev.requests.len() - ri - 1;
-                    out.requests_failed += rest as u32;
-                    if rest > 0 {
-                        tracing::debug!(connection, meter = %dev.meter_id, skipped = rest, "device not answering; skipping its other requests this cycle");
-                    }
+                    out.requests_failed += skip_rest(dev, ri, connection);
                     break;
                 }
             }
@@ -194,6 +212,15 @@ pub async fn poll_device(
     }
     out.silent = !answered;
     out
+}
+
+/// Requests after `ri` not sent this cycle (counted as failed).
+fn skip_rest(dev: &ResolvedDevice, ri: usize, connection: &str) -> u32 {
+    let rest = dev.requests.len() - ri - 1;
+    if rest > 0 {
+        tracing::debug!(connection, meter = %dev.meter_id, skipped = rest, "device not answering; skipping its other requests this cycle");
+    }
+    rest as u32
 }
 
 fn record_error(

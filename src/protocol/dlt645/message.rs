@@ -121,7 +121,9 @@ impl fmt::Display for StrayReason {
 
 /// Decides whether `reply` answers `request`: same function, same (or
 /// wildcard-selected) address and, for reads, the same DI. Order alone never
-/// decides: a late reply from the previous meter is `Stray`.
+/// decides: a late reply from the previous meter is `Stray`. Error replies
+/// carry no DI, so a late refusal from the same meter would match: the bus
+/// discards whatever arrived before a request was sent.
 pub fn classify(request: &Frame, reply: &FrameRef<'_>) -> Match {
     if !control::is_reply(reply.control) {
         return Match::Stray(StrayReason::NotAReply);

@@ -406,6 +406,12 @@ pub fn resolve_register(
 /// Rejects duplicate names, overlapping registers and two registers on one channel.
 /// `paths[i]` is where register `i` was declared.
 pub fn validate(regs: &[Register], paths: &[FieldPath]) -> Result<(), FieldError> {
+    // Every register, not just those followed by another (the last one too).
+    for (r, p) in regs.iter().zip(paths) {
+        if r.end() > 65536 {
+            return Err(err(p, "address", "register runs past address 65535"));
+        }
+    }
     let mut idx: Vec<usize> = (0..regs.len()).collect();
     idx.sort_by_key(|&i| (regs[i].area, regs[i].address));
     for w in idx.windows(2) {
@@ -425,13 +431,6 @@ pub fn validate(regs: &[Register], paths: &[FieldPath]) -> Result<(), FieldError
                     a.end()
                 ),
             });
-        }
-        if a.end() > 65536 {
-            return Err(err(
-                &paths[w[0]],
-                "address",
-                "register runs past address 65535",
-            ));
         }
     }
     for i in 0..regs.len() {
@@ -655,6 +654,30 @@ channel = "import_active_total"
         let text = GOOD.replace("scale = \"0.01\"", "unit = \"Wh\"");
         let e = load_map_str("t.toml", &text).unwrap_err();
         assert_eq!(e.field, "register[1].unit");
+    }
+
+    #[test]
+    fn a_register_running_past_65535_is_rejected_even_when_it_sorts_last() {
+        let spec = |name: &str, address: u32, data_type: &str| RegisterSpec {
+            name: name.into(),
+            area: Some("holding".into()),
+            address: Some(address),
+            data_type: Some(data_type.into()),
+            numbering: Some("zero_based".into()),
+            ..Default::default()
+        };
+        let path = FieldPath::default().key("registers");
+        for specs in [
+            vec![spec("e", 65535, "u32")],
+            vec![spec("v", 0, "u16"), spec("e", 65535, "u32")],
+        ] {
+            let e = apply_overrides(&[], &specs, None, &path).unwrap_err();
+            let last = specs.len() - 1;
+            assert_eq!(e.path.to_string(), format!("registers[{last}].address"));
+            assert!(e.message.contains("past address 65535"), "{}", e.message);
+        }
+        let fits = [spec("e", 65534, "u32")];
+        assert!(apply_overrides(&[], &fits, None, &path).is_ok());
     }
 
     #[test]
