@@ -29,7 +29,8 @@ impl Staging {
             });
         }
         let parent = parent(target);
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        // New ancestors must survive a power loss with the committed run.
+        crate::store::atomic::create_dir_durable(parent)?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -9,6 +9,7 @@ use rumqttc::Publish;
 use super::decode::{DecodeError, Decoded, Decoder};
 use super::mqtt::{topic_matches, IngestStats};
 use super::park::{ParkedMsg, Parking, Unreadable};
+use super::session::ConnId;
 use crate::metrics;
 use crate::model::{Protocol, Reading};
 use crate::protocol::sparkplug;
@@ -16,6 +17,11 @@ use crate::store::QuarantineRecord;
 
 /// Dead-lettered payloads keep at most this many bytes.
 const MAX_KEPT_PAYLOAD: usize = 64 * 1024;
+/// Dead-letter reasons keep at most this many bytes: a message can have a
+/// problem per metric, and its spool record must stay small enough to replay.
+const MAX_REASON_BYTES: usize = 4 * 1024;
+/// Problems named in one reason; the rest are only counted.
+const MAX_REASON_PROBLEMS: usize = 20;
 
 /// Decoded messages on their way to the spool, with what to send once durable.
 #[derive(Default)]
@@ -33,8 +39,19 @@ pub struct Job {
 /// What to send once a job's spool write returned Ok.
 #[derive(Default)]
 pub struct Durable {
-    pub acks: Vec<Publish>,
+    /// Messages to acknowledge, in order, grouped by the connection they came on.
+    pub acks: Vec<(ConnId, Vec<Publish>)>,
     pub rebirths: Vec<(String, Vec<u8>)>,
+}
+
+impl Durable {
+    /// Queues acks after those already queued.
+    fn ack(&mut self, conn: ConnId, publishes: Vec<Publish>) {
+        match self.acks.last_mut() {
+            Some((c, ps)) if *c == conn => ps.extend(publishes),
+            _ => self.acks.push((conn, publishes)),
+        }
+    }
 }
 
 impl Job {
@@ -53,7 +70,9 @@ impl Job {
         self.dead.extend(more.dead);
         self.park.extend(more.park);
         self.release.extend(more.release);
-        self.durable.acks.extend(more.durable.acks);
+        for (conn, ps) in more.durable.acks {
+            self.durable.ack(conn, ps);
+        }
         self.durable.rebirths.extend(more.durable.rebirths);
     }
 }
@@ -113,6 +132,11 @@ impl Decoding {
                     if !job.durable.rebirths.iter().any(|(have, _)| *have == topic) {
                         job.durable.rebirths.push((topic, payload));
                     }
+                    // Nodes can answer only now: the wait starts again.
+                    let m = ParkedMsg {
+                        waiting_since_ms: now,
+                        ..m
+                    };
                     self.parking.hold(t.node_key(), m);
                 }
                 _ => {
@@ -142,15 +166,21 @@ impl Decoding {
         self.parking.len()
     }
 
-    /// Decodes a batch (counters per batch, not per message).
-    pub fn batch(&mut self, batch: Vec<Publish>, now: i64, stats: &mut IngestStats) -> Job {
+    /// Decodes a batch of publishes, each with the connection it came on
+    /// (counters per batch, not per message).
+    pub fn batch(
+        &mut self,
+        batch: Vec<(ConnId, Publish)>,
+        now: i64,
+        stats: &mut IngestStats,
+    ) -> Job {
         let mut job = Job::default();
         job.readings
             .reserve(batch.len().saturating_mul(self.per_message));
         let mut per_source = vec![(0u64, 0u64); self.decoders.len()]; // (readings, rounded)
                                                                       // Consecutive messages mostly share a topic: remember its source.
         let mut last: Option<(String, usize)> = None;
-        for p in &batch {
+        for (_, p) in &batch {
             stats.messages += 1;
             let topic = p.topic.as_str();
             let idx = match &last {
@@ -222,7 +252,9 @@ impl Decoding {
             &[],
             self.parking.len() as f64,
         );
-        job.durable.acks = batch;
+        for (conn, p) in batch {
+            job.durable.ack(conn, vec![p]);
+        }
         job
     }
 
@@ -311,7 +343,9 @@ impl Decoding {
         }
         if let Some(node) = &d.birth_of {
             for m in self.parking.take_node(&name, node) {
-                match self.decoders[idx].replay_parked(&m.topic, &m.payload, now) {
+                // Received time, not now: readings without timestamps get the
+                // same time whenever (and however often) they are replayed.
+                match self.decoders[idx].replay_parked(&m.topic, &m.payload, m.received_ms) {
                     Ok(r) if r.park.is_some() => self.parking.hold(node.clone(), m),
                     Ok(r) => {
                         tracing::info!(source = %name, topic = %m.topic, readings = r.readings.len(), "parked sparkplug data decoded after the birth");
@@ -340,12 +374,34 @@ impl Decoding {
     }
 }
 
+/// The first problems of a message, and how many more there were.
 fn reasons(problems: &[DecodeError]) -> String {
-    problems
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
+    let mut out = String::new();
+    for (i, e) in problems.iter().enumerate() {
+        if i == MAX_REASON_PROBLEMS || out.len() >= MAX_REASON_BYTES / 2 {
+            out.push_str(&format!("; ... and {} more", problems.len() - i));
+            break;
+        }
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&e.to_string());
+    }
+    out
+}
+
+/// Cuts a reason to `MAX_REASON_BYTES`, saying so.
+fn bounded(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let total = reason.len();
+        let mut end = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str(&format!("... (reason cut to {end} of {total} bytes)"));
+    }
+    reason
 }
 
 fn count_dead(source: &str, reason: &str) {
@@ -363,6 +419,7 @@ pub fn dead_letter(
     reason: String,
     payload: &[u8],
 ) -> QuarantineRecord {
+    let reason = bounded(reason);
     let (payload, reason) = if payload.len() > MAX_KEPT_PAYLOAD {
         (
             payload[..MAX_KEPT_PAYLOAD].to_vec(),
@@ -417,15 +474,25 @@ mod tests {
         Decoding::new(vec![d], park_secs, park_max)
     }
 
-    fn publish(topic: &str, seq: u64, metrics: Vec<Metric>) -> Publish {
+    fn publish(topic: &str, seq: u64, metrics: Vec<Metric>) -> (ConnId, Publish) {
+        publish_at(topic, seq, Some(NOW - 60_000), metrics)
+    }
+
+    /// A publish received on connection 1.
+    fn publish_at(
+        topic: &str,
+        seq: u64,
+        timestamp: Option<i64>,
+        metrics: Vec<Metric>,
+    ) -> (ConnId, Publish) {
         let p = encode_payload(&Payload {
-            timestamp: Some((NOW - 60_000) as u64),
+            timestamp: timestamp.map(|t| t as u64),
             metrics,
             seq: Some(seq),
             uuid: None,
             body: None,
         });
-        Publish::new(topic, QoS::AtLeastOnce, p)
+        (1, Publish::new(topic, QoS::AtLeastOnce, p))
     }
 
     fn energy(name: Option<&str>, v: f64) -> Metric {
@@ -457,7 +524,7 @@ mod tests {
         let job = data_before_birth(&mut d);
         assert!(job.readings.is_empty() && job.dead.is_empty());
         assert_eq!(job.park.len(), 1, "parked, durable before its ack");
-        assert_eq!(job.durable.acks.len(), 1);
+        assert_eq!(job.durable.acks[0].1.len(), 1);
         assert_eq!(job.durable.rebirths[0].0, "spBv1.0/g/NCMD/gw1");
         let parked_id = job.park[0].id.clone();
 
@@ -532,5 +599,95 @@ mod tests {
         assert_eq!(job.durable.rebirths[0].0, "spBv1.0/g/NCMD/gw1");
         assert_eq!(job.release, vec![gone.id]);
         assert!(job.dead[0].reason.contains("no longer configured"));
+    }
+
+    #[test]
+    fn parked_data_without_timestamps_gets_its_receive_time_not_the_births() {
+        let mut d = decoding(300, 10);
+        let mut stats = IngestStats::default();
+        let data = publish_at(
+            "spBv1.0/g/DDATA/gw1/m1",
+            17,
+            None,
+            vec![energy(None, 100.5)],
+        );
+        assert_eq!(d.batch(vec![data], NOW, &mut stats).park.len(), 1);
+        let births = vec![
+            publish("spBv1.0/g/NBIRTH/gw1", 0, vec![]),
+            publish(
+                "spBv1.0/g/DBIRTH/gw1/m1",
+                1,
+                vec![energy(Some("Energy/Import"), 100.25)],
+            ),
+        ];
+        let job = d.batch(births, NOW + 120_000, &mut stats);
+        let parked = &job.readings[0];
+        assert_eq!(parked.value, dec!(100.5));
+        assert_eq!((parked.ts_ms, parked.received_ms), (NOW, NOW));
+    }
+
+    #[test]
+    fn a_message_restored_after_a_long_outage_waits_the_full_park_time_again() {
+        let mut d = decoding(300, 10);
+        let old = ParkedMsg::new("spb", "spBv1.0/g/DDATA/gw1/m1", b"x", NOW - 3_600_000);
+        d.restore(vec![old], vec![], NOW);
+        let mut job = Job::default();
+        d.expire(NOW + 1_000, &mut job);
+        assert!(job.is_empty(), "its node has had no time to answer yet");
+        d.expire(NOW + 301_000, &mut job);
+        assert_eq!(job.dead.len(), 1);
+        assert!(job.dead[0].reason.contains("no birth within 300 s"));
+    }
+
+    #[test]
+    fn a_message_with_countless_problems_gets_a_short_reason() {
+        let mut d = decoding(300, 10);
+        let mut stats = IngestStats::default();
+        // Metrics with neither name nor alias: one problem each.
+        let empty = vec![Metric::default(); 100_000];
+        let job = d.batch(
+            vec![publish("spBv1.0/g/NDATA/gw1", 0, empty)],
+            NOW,
+            &mut stats,
+        );
+        assert_eq!(job.dead.len(), 1);
+        let reason = &job.dead[0].reason;
+        assert!(
+            reason.len() <= MAX_REASON_BYTES + 100,
+            "{} bytes",
+            reason.len()
+        );
+        assert!(reason.contains(" more"), "{reason}");
+        assert!(reason.contains("payload truncated"), "{reason}");
+    }
+
+    #[test]
+    fn a_reason_is_cut_on_a_character_boundary() {
+        let r = bounded("é".repeat(MAX_REASON_BYTES));
+        assert!(r.len() < MAX_REASON_BYTES + 60);
+        assert!(
+            r.ends_with(&format!("of {} bytes)", 2 * MAX_REASON_BYTES)),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn group_commit_keeps_each_ack_with_its_connection() {
+        let mut d = decoding(300, 10);
+        let mut stats = IngestStats::default();
+        let m = |conn| {
+            let (_, p) = publish("spBv1.0/g/NBIRTH/gw1", 0, vec![]);
+            (conn, p)
+        };
+        let mut job = d.batch(vec![m(1), m(1)], NOW, &mut stats);
+        job.extend(d.batch(vec![m(1), m(2)], NOW, &mut stats));
+        job.extend(d.batch(vec![m(2)], NOW, &mut stats));
+        let groups: Vec<_> = job
+            .durable
+            .acks
+            .iter()
+            .map(|(c, ps)| (*c, ps.len()))
+            .collect();
+        assert_eq!(groups, vec![(1, 3), (2, 2)]);
     }
 }

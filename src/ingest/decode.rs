@@ -550,7 +550,8 @@ impl Decoder {
             sparkplug::MessageType::NBirth | sparkplug::MessageType::DBirth => {
                 out.birth_of = Some(t.node_key())
             }
-            sparkplug::MessageType::NDeath => out.death_of = Some(t.node_key()),
+            // A stale death (earlier session) must not dead-letter parked data.
+            sparkplug::MessageType::NDeath if !o.stale_death => out.death_of = Some(t.node_key()),
             _ => {}
         }
         if o.needs_birth {
@@ -561,13 +562,14 @@ impl Decoder {
         Ok(())
     }
 
-    /// Decodes a parked Sparkplug message again with the aliases known now;
-    /// `park` stays set while its birth is still missing.
+    /// Decodes a parked Sparkplug message again with the aliases known now,
+    /// as if at `received_ms` (its original receipt); `park` stays set while
+    /// its birth is still missing.
     pub fn replay_parked(
         &mut self,
         topic: &str,
         payload: &[u8],
-        now: i64,
+        received_ms: i64,
     ) -> Result<Decoded, DecodeError> {
         let t = sparkplug::Topic::parse(topic)?;
         let p = sparkplug::decode_payload(payload)?;
@@ -576,7 +578,7 @@ impl Decoder {
         if o.needs_birth {
             out.park = Some(t.node_key());
         } else {
-            self.sparkplug_values(o, topic, now, &mut out);
+            self.sparkplug_values(o, topic, received_ms, &mut out);
         }
         Ok(out)
     }

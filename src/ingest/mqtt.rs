@@ -473,8 +473,8 @@ impl Committer {
 /// the connection, in order. A closed connection means shutdown: whatever
 /// is not acknowledged is redelivered to the next run.
 fn release(out: &mpsc::UnboundedSender<Outgoing>, d: Durable) {
-    if !d.acks.is_empty() {
-        let _ = out.send(Outgoing::Acks(d.acks));
+    for (conn, publishes) in d.acks {
+        let _ = out.send(Outgoing::Acks { conn, publishes });
     }
     let mut asked = HashSet::new();
     for (topic, payload) in d.rebirths {

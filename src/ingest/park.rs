@@ -26,7 +26,12 @@ pub struct ParkedMsg {
     pub source: String,
     pub topic: String,
     pub payload: Vec<u8>,
+    /// When the broker delivered it: the time of readings that carry none.
     pub received_ms: i64,
+    /// When its wait for a birth began, for the park deadline: its receipt,
+    /// or the restart that restored it (not stored: nodes can answer a
+    /// rebirth request only once ingest is back).
+    pub waiting_since_ms: i64,
 }
 
 impl ParkedMsg {
@@ -42,6 +47,7 @@ impl ParkedMsg {
             topic: topic.to_string(),
             payload: payload.to_vec(),
             received_ms,
+            waiting_since_ms: received_ms,
         }
     }
 
@@ -78,6 +84,7 @@ impl ParkedMsg {
             topic,
             payload: rest.to_vec(),
             received_ms,
+            waiting_since_ms: received_ms,
         })
     }
 }
@@ -99,7 +106,7 @@ pub struct Unreadable {
 impl ParkDir {
     /// Opens (creating) `dir` and reads what a previous run left parked, oldest first.
     pub fn open(dir: &Path) -> Result<(ParkDir, Vec<ParkedMsg>, Vec<Unreadable>), StoreError> {
-        fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        atomic::create_dir_durable(dir)?;
         let mut names = Vec::new();
         for ent in fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
             let ent = ent.map_err(|e| StoreError::io(dir, e))?;
@@ -189,9 +196,9 @@ impl Parking {
         self.take(|n, m| n == node && m.source == source)
     }
 
-    /// Takes every message received before `cutoff_ms`.
+    /// Takes every message that began waiting before `cutoff_ms`.
     pub fn take_older_than(&mut self, cutoff_ms: i64) -> Vec<ParkedMsg> {
-        self.take(|_, m| m.received_ms < cutoff_ms)
+        self.take(|_, m| m.waiting_since_ms < cutoff_ms)
     }
 
     /// Distinct nodes with parked messages, with the source they came from.

@@ -38,11 +38,20 @@ pub struct SessionConfig {
     pub max_packet: usize,
 }
 
+/// Numbers the connections of one `run` (1, 2, ...): a publish is
+/// forwarded with the number of the connection it came on, and its ack
+/// must go back on that connection or nowhere.
+pub type ConnId = u64;
+
 /// What the rest of ingest asks of the connection, in order.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// These messages are durable: acknowledge them (QoS 0 needs nothing).
-    Acks(Vec<Publish>),
+    /// These messages, received on connection `conn`, are durable:
+    /// acknowledge them (QoS 0 needs nothing).
+    Acks {
+        conn: ConnId,
+        publishes: Vec<Publish>,
+    },
     /// Publish at QoS 0 (Sparkplug NCMD rebirth requests must be QoS 0).
     Publish { topic: String, payload: Vec<u8> },
     /// Send DISCONNECT (after everything queued before it) and stop.
@@ -86,15 +95,22 @@ pub struct Wire {
     pub out: BytesMut,
     max_packet: usize,
     ping_outstanding: bool,
+    conn: ConnId,
 }
 
 impl Wire {
-    pub fn new(max_packet: usize) -> Wire {
+    /// The protocol state of connection number `conn`.
+    pub fn new(max_packet: usize, conn: ConnId) -> Wire {
         Wire {
             out: BytesMut::with_capacity(16 << 10),
             max_packet,
             ping_outstanding: false,
+            conn,
         }
+    }
+
+    pub fn conn(&self) -> ConnId {
+        self.conn
     }
 
     /// CONNECT with a persistent session (clean session off).
@@ -118,11 +134,22 @@ impl Wire {
         s.write(&mut self.out).map(drop)
     }
 
-    /// Encodes one outgoing request; false for `Disconnect`.
+    /// Encodes one outgoing request; false for `Disconnect`. Acks of an
+    /// earlier connection are dropped: a broker that kept the session
+    /// redelivers those messages, one that did not forgot them, and either
+    /// way their packet ids may now name other, not yet durable, messages.
     pub fn push(&mut self, o: Outgoing) -> Result<bool, CodecError> {
         match o {
-            Outgoing::Acks(ps) => {
-                for p in ps {
+            Outgoing::Acks { conn, publishes } if conn != self.conn => {
+                tracing::debug!(
+                    acks = publishes.len(),
+                    of = conn,
+                    now = self.conn,
+                    "dropping acks of a lost connection"
+                );
+            }
+            Outgoing::Acks { publishes, .. } => {
+                for p in publishes {
                     match p.qos {
                         QoS::AtMostOnce => {}
                         QoS::AtLeastOnce => {
@@ -214,7 +241,7 @@ struct Connected {
 }
 
 /// Opens the socket (and TLS), sends CONNECT, waits for CONNACK.
-async fn open(cfg: &SessionConfig) -> Result<Connected, SessionError> {
+async fn open(cfg: &SessionConfig, conn: ConnId) -> Result<Connected, SessionError> {
     let limit = Duration::from_secs(10);
     let tcp = tokio::time::timeout(
         limit,
@@ -236,7 +263,7 @@ async fn open(cfg: &SessionConfig) -> Result<Connected, SessionError> {
             )
         }
     };
-    let mut wire = Wire::new(cfg.max_packet);
+    let mut wire = Wire::new(cfg.max_packet, conn);
     wire.connect(cfg).map_err(SessionError::Codec)?;
     stream.write_all(&wire.out).await?;
     wire.out.clear();
@@ -262,19 +289,22 @@ async fn open(cfg: &SessionConfig) -> Result<Connected, SessionError> {
 }
 
 /// Keeps a connection up until `Outgoing::Disconnect` (or until nobody takes
-/// the publishes any more): forwards publishes to `tx`, sends what `rx` asks,
+/// the publishes any more): forwards publishes to `tx` with their connection's
+/// number, sends what `rx` asks,
 /// subscribes when the broker has no session for us, reconnects with backoff
 /// (100 ms doubling to 30 s) after any error.
 pub async fn run(
     cfg: SessionConfig,
-    tx: mpsc::UnboundedSender<Publish>,
+    tx: mpsc::UnboundedSender<(ConnId, Publish)>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     subscribed: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut subscribed_once = false;
+    let mut conn: ConnId = 0;
     loop {
-        let error = match open(&cfg).await {
+        conn += 1;
+        let error = match open(&cfg, conn).await {
             Ok(c) => {
                 backoff = Duration::from_millis(100);
                 metrics::gauge_set("meterflow_mqtt_connected", &[], 1.0);
@@ -293,10 +323,9 @@ pub async fn run(
         metrics::gauge_set("meterflow_mqtt_connected", &[], 0.0);
         metrics::counter_add("meterflow_mqtt_reconnects_total", &[], 1);
         tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection lost; reconnecting");
-        // Requests wait in `rx` meanwhile: acks queued for the lost connection
-        // go out on the next one (the broker resends unacknowledged messages
-        // with the same packet ids), as rumqttc did. A stop asked for while
-        // down is the caller's to time out.
+        // Requests wait in `rx` meanwhile; acks of the lost connection are
+        // dropped when they reach the next one (see `Wire::push`). A stop
+        // asked for while down is the caller's to time out.
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
@@ -306,7 +335,7 @@ async fn serve(
     cfg: &SessionConfig,
     c: Connected,
     subscribe: bool,
-    tx: &mpsc::UnboundedSender<Publish>,
+    tx: &mpsc::UnboundedSender<(ConnId, Publish)>,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
     subscribed: &Option<Arc<tokio::sync::Notify>>,
 ) -> Result<(), SessionError> {
@@ -327,7 +356,7 @@ async fn serve(
         while let Some(ev) = wire.parse(&mut buf)? {
             match ev {
                 Event::Publish(p) => {
-                    if tx.send(p).is_err() {
+                    if tx.send((wire.conn(), p)).is_err() {
                         return Ok(()); // nobody decodes any more: stopping
                     }
                 }
@@ -402,9 +431,14 @@ mod tests {
 
     #[test]
     fn acks_of_one_durable_batch_are_encoded_together_in_order() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let batch = (1..=3).map(|i| publish(i, QoS::AtLeastOnce)).collect();
-        assert!(w.push(Outgoing::Acks(batch)).unwrap());
+        assert!(w
+            .push(Outgoing::Acks {
+                conn: 1,
+                publishes: batch
+            })
+            .unwrap());
         let got = packets(w.out.split());
         assert_eq!(
             got,
@@ -417,10 +451,32 @@ mod tests {
     }
 
     #[test]
+    fn acks_of_a_lost_connection_are_not_sent_on_the_next_one() {
+        // The broker kept no session: packet id 5 now names a new message.
+        let mut w = Wire::new(1 << 20, 2);
+        let stale = Outgoing::Acks {
+            conn: 1,
+            publishes: vec![publish(5, QoS::AtLeastOnce), publish(6, QoS::ExactlyOnce)],
+        };
+        assert!(w.push(stale).unwrap());
+        assert!(w.out.is_empty(), "nothing acknowledged");
+        let current = Outgoing::Acks {
+            conn: 2,
+            publishes: vec![publish(5, QoS::AtLeastOnce)],
+        };
+        w.push(current).unwrap();
+        assert_eq!(packets(w.out.split()), vec![Packet::PubAck(PubAck::new(5))]);
+    }
+
+    #[test]
     fn qos0_messages_need_no_ack_and_qos2_get_pubrec_then_pubcomp() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let batch = vec![publish(0, QoS::AtMostOnce), publish(9, QoS::ExactlyOnce)];
-        w.push(Outgoing::Acks(batch)).unwrap();
+        w.push(Outgoing::Acks {
+            conn: 1,
+            publishes: batch,
+        })
+        .unwrap();
         assert_eq!(packets(w.out.split()), vec![Packet::PubRec(PubRec::new(9))]);
         let mut incoming = BytesMut::new();
         v4::PubRel::new(9).write(&mut incoming).unwrap();
@@ -433,7 +489,7 @@ mod tests {
 
     #[test]
     fn a_publish_split_across_reads_comes_out_whole_once_complete() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let mut full = BytesMut::new();
         publish(7, QoS::AtLeastOnce).write(&mut full).unwrap();
         let mut buf = BytesMut::from(&full[..5]);
@@ -448,7 +504,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_ping_at_the_next_tick_ends_the_connection() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         w.keepalive().unwrap();
         assert_eq!(packets(w.out.split()), vec![Packet::PingReq]);
         assert!(matches!(w.keepalive(), Err(SessionError::PingTimeout)));
@@ -456,7 +512,7 @@ mod tests {
 
     #[test]
     fn any_packet_from_the_broker_answers_the_ping() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         w.keepalive().unwrap();
         let mut incoming = BytesMut::new();
         v4::PingResp.write(&mut incoming).unwrap();
@@ -466,7 +522,7 @@ mod tests {
 
     #[test]
     fn connack_tells_whether_the_broker_kept_our_session() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let mut full = BytesMut::new();
         v4::ConnAck::new(v4::ConnectReturnCode::Success, true)
             .write(&mut full)
@@ -479,7 +535,7 @@ mod tests {
 
     #[test]
     fn a_refused_connection_or_another_packet_first_is_an_error() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let mut buf = BytesMut::new();
         v4::ConnAck::new(v4::ConnectReturnCode::NotAuthorized, false)
             .write(&mut buf)
@@ -494,7 +550,7 @@ mod tests {
 
     #[test]
     fn a_refused_subscription_is_reported() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         let mut incoming = BytesMut::new();
         v4::SubAck::new(1, vec![SubscribeReasonCode::Failure])
             .write(&mut incoming)
@@ -507,7 +563,7 @@ mod tests {
 
     #[test]
     fn rebirth_requests_go_out_at_qos0_and_disconnect_stops() {
-        let mut w = Wire::new(1 << 20);
+        let mut w = Wire::new(1 << 20, 1);
         assert!(w
             .push(Outgoing::Publish {
                 topic: "spBv1.0/g/NCMD/n".into(),
@@ -528,13 +584,13 @@ mod tests {
 
     #[test]
     fn oversized_and_garbage_packets_are_errors_not_panics() {
-        let mut w = Wire::new(16);
+        let mut w = Wire::new(16, 1);
         let mut buf = BytesMut::new();
         let mut big = Publish::new("t", QoS::AtLeastOnce, vec![0u8; 100]);
         big.pkid = 1;
         big.write(&mut buf).unwrap();
         assert!(w.parse(&mut buf).is_err());
         let mut junk = BytesMut::from(&[0xf0u8, 0x00][..]);
-        assert!(Wire::new(1 << 20).parse(&mut junk).is_err());
+        assert!(Wire::new(1 << 20, 1).parse(&mut junk).is_err());
     }
 }

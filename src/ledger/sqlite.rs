@@ -214,8 +214,8 @@ impl Checkpointer {
 impl SqliteLedger {
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| LedgerError::Db(format!("{}: {e}", dir.display())))?;
+            crate::store::atomic::create_dir_durable(dir)
+                .map_err(|e| LedgerError::Db(e.to_string()))?;
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(60))?;

@@ -409,6 +409,9 @@ pub struct Outcome {
     pub needs_birth: bool,
     /// Problems that did not stop the rest of the message.
     pub problems: Vec<SparkplugError>,
+    /// An NDEATH of an earlier session (its bdSeq is not the current
+    /// NBIRTH's, e.g. a will the broker sent late): ignored.
+    pub stale_death: bool,
 }
 
 /// What a birth declared about one metric.
@@ -425,6 +428,9 @@ type AliasTable = HashMap<u64, Declared>;
 struct Device {
     aliases: AliasTable,
     alive: bool,
+    /// A death was seen and no birth since (a device never born, e.g.
+    /// after an ingest restart, is not dead).
+    dead: bool,
 }
 
 #[derive(Debug, Default)]
@@ -434,6 +440,8 @@ struct Node {
     alive: bool,
     /// Seq expected on the next message from this node.
     next_seq: Option<u8>,
+    /// bdSeq of the current NBIRTH: only an NDEATH with the same one ends it.
+    bd_seq: Option<u64>,
     devices: HashMap<String, Device>,
 }
 
@@ -472,13 +480,23 @@ impl State {
         let node = self.nodes.entry(key).or_default();
 
         if topic.kind == MessageType::NDeath {
-            // NDEATH carries bdSeq, not seq: the node and all its devices are gone.
+            // NDEATH carries bdSeq, not seq. One that does not match the
+            // current birth ends an earlier session; unknown on either side
+            // (no birth seen since a restart), the death counts.
+            if let (Some(born), Some(died)) = (node.bd_seq, bd_seq(p)) {
+                if born != died {
+                    out.stale_death = true;
+                    return out;
+                }
+            }
+            // The node and all its devices are gone.
             node.alive = false;
             node.next_seq = None;
             out.offline.push((topic.edge.clone(), None));
             for (id, d) in node.devices.iter_mut() {
                 if d.alive {
                     d.alive = false;
+                    d.dead = true;
                     out.offline.push((topic.edge.clone(), Some(id.clone())));
                 }
             }
@@ -503,6 +521,7 @@ impl State {
             node.devices.clear();
             node.born = true;
             node.alive = true;
+            node.bd_seq = bd_seq(p);
         } else {
             // Data from a node we have no live birth for, or a seq gap: the
             // alias tables may be stale, so ask the node to rebirth.
@@ -546,6 +565,7 @@ impl State {
                     MessageType::DBirth => {
                         dev.aliases.clear();
                         dev.alive = true;
+                        dev.dead = false;
                         resolve(
                             &mut dev.aliases,
                             Some(&node.aliases),
@@ -558,7 +578,7 @@ impl State {
                         );
                     }
                     MessageType::DData => {
-                        let after_death = !dev.alive || node_after_death;
+                        let after_death = dev.dead || node_after_death;
                         let unborn = dev.aliases.is_empty() && !dev.alive;
                         if unborn {
                             out.problems.push(SparkplugError::NoBirth(format!(
@@ -581,6 +601,7 @@ impl State {
                     }
                     _ => {
                         dev.alive = false;
+                        dev.dead = true;
                         out.offline.push((topic.edge.clone(), Some(dev_id)));
                     }
                 }
@@ -619,6 +640,18 @@ impl State {
         out.needs_birth = has_unknown_alias(&out);
         out
     }
+}
+
+/// The `bdSeq` metric of an NBIRTH or NDEATH, if any.
+fn bd_seq(p: &Payload) -> Option<u64> {
+    p.metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some("bdSeq"))
+        .and_then(|m| match m.value {
+            Some(MetricValue::LongValue(v)) => Some(v),
+            Some(MetricValue::IntValue(v)) => Some(u64::from(v)),
+            _ => None,
+        })
 }
 
 fn has_unknown_alias(out: &Outcome) -> bool {
@@ -977,5 +1010,77 @@ mod tests {
             exact_value(datatype::DOUBLE, &MetricValue::DoubleValue(f64::NAN)),
             Value::Null
         );
+    }
+
+    fn bd(n: u64) -> Metric {
+        metric(
+            Some("bdSeq"),
+            None,
+            datatype::UINT64,
+            MetricValue::LongValue(n),
+        )
+    }
+
+    #[test]
+    fn an_ndeath_of_an_earlier_session_leaves_the_node_online() {
+        let mut s = State::new();
+        s.handle(&t("spBv1.0/g/NBIRTH/e"), &payload(0, vec![bd(5)]));
+        let stale = Payload {
+            metrics: vec![bd(4)],
+            ..Default::default()
+        };
+        let o = s.handle(&t("spBv1.0/g/NDEATH/e"), &stale);
+        assert!(o.stale_death && o.offline.is_empty(), "{o:?}");
+        assert!(s.is_online("g", "e", None));
+        // The session goes on in sequence.
+        assert!(
+            !s.handle(&t("spBv1.0/g/NDATA/e"), &payload(1, vec![]))
+                .rebirth_needed
+        );
+        let current = Payload {
+            metrics: vec![bd(5)],
+            ..Default::default()
+        };
+        let o = s.handle(&t("spBv1.0/g/NDEATH/e"), &current);
+        assert!(!o.stale_death);
+        assert_eq!(o.offline, vec![("e".to_string(), None)]);
+        assert!(!s.is_online("g", "e", None));
+    }
+
+    #[test]
+    fn an_ndeath_after_a_restart_counts_without_a_birth_to_compare() {
+        let mut s = State::new();
+        let death = Payload {
+            metrics: vec![bd(4)],
+            ..Default::default()
+        };
+        let o = s.handle(&t("spBv1.0/g/NDEATH/e"), &death);
+        assert!(!o.stale_death);
+        assert_eq!(o.offline, vec![("e".to_string(), None)]);
+    }
+
+    #[test]
+    fn data_of_a_device_never_born_here_is_not_flagged_offline() {
+        // An ingest restart forgot the births; no death was seen.
+        let mut s = State::new();
+        let named = payload(
+            9,
+            vec![metric(
+                Some("P"),
+                None,
+                datatype::FLOAT,
+                MetricValue::FloatValue(0.5),
+            )],
+        );
+        let o = s.handle(&t("spBv1.0/g/DDATA/e/m1"), &named);
+        assert_eq!(o.values.len(), 1);
+        assert!(!o.values[0].after_death, "{o:?}");
+        // A later death does flag the data that follows it.
+        s.handle(&t("spBv1.0/g/DDEATH/e/m1"), &payload(10, vec![]));
+        let o = s.handle(
+            &t("spBv1.0/g/DDATA/e/m1"),
+            &payload(11, named.metrics.clone()),
+        );
+        assert!(o.values[0].after_death);
     }
 }

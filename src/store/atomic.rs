@@ -68,9 +68,48 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// fsync a directory so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(test)]
+    DIR_SYNCS.with(|s| s.borrow_mut().push(dir.to_path_buf()));
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: directories this thread fsynced, in order.
+    pub(crate) static DIR_SYNCS: std::cell::RefCell<Vec<PathBuf>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Creates `dir` and any missing ancestors, one at a time, fsyncing the
+/// parent of each new directory: otherwise a power loss can forget a new
+/// directory (and every file committed in it) while a deletion that relied
+/// on them persists.
+pub fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            // Another thread made it meanwhile: sync its parent all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(StoreError::io(d, e)),
+        }
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// Renames a fully written and fsynced temp file into place and fsyncs the directory.
@@ -82,7 +121,7 @@ pub fn commit(tmp: &Path, path: &Path) -> Result<(), StoreError> {
 /// Writes `bytes` to `path` atomically.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        create_dir_durable(dir)?;
     }
     let tmp = temp_path(path);
     let result = (|| {
@@ -122,7 +161,7 @@ pub struct ParquetFileWriter {
 impl ParquetFileWriter {
     pub fn create(path: &Path, schema: SchemaRef) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+            create_dir_durable(dir)?;
         }
         let tmp = temp_path(path);
         let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
@@ -181,6 +220,43 @@ mod tests {
             .column(column)
             .encodings()
             .collect()
+    }
+
+    fn dir_syncs() -> Vec<PathBuf> {
+        DIR_SYNCS.with(|s| s.take())
+    }
+
+    #[test]
+    fn missing_directories_are_created_one_by_one_each_with_its_parent_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let leaf = root.join("readings").join("date=2026-01-01");
+        dir_syncs();
+        create_dir_durable(&leaf).unwrap();
+        assert!(leaf.is_dir());
+        assert_eq!(dir_syncs(), vec![root.to_path_buf(), root.join("readings")]);
+        create_dir_durable(&leaf).unwrap();
+        assert!(dir_syncs().is_empty(), "existing directories need no sync");
+    }
+
+    #[test]
+    fn a_file_committed_into_a_new_partition_syncs_every_directory_it_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let part = root.join("quarantine").join("date=2026-01-01");
+        dir_syncs();
+        write_file_atomic(&part.join("f.bin"), b"x").unwrap();
+        assert_eq!(
+            dir_syncs(),
+            vec![root.to_path_buf(), root.join("quarantine"), part]
+        );
+    }
+
+    #[test]
+    fn a_file_where_a_directory_belongs_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"x").unwrap();
+        assert!(create_dir_durable(&dir.path().join("f").join("sub")).is_err());
     }
 
     #[test]

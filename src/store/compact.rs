@@ -2,6 +2,7 @@
 //! and keep conflicting duplicates (same meter, channel, ts; different value)
 //! in both the readings (flagged `conflict`) and the `conflicts` dataset.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -82,8 +83,21 @@ fn compact_partition(root: &Path, date: NaiveDate, dir: &Path) -> Result<Compact
     stats.rows_out = out.num_rows();
     let out_path = dir.join(format!("part-compacted-{tag}.parquet"));
     atomic::write_parquet_atomic(&out_path, readings_schema(), &[out])?;
-    if !plan.conflicts.is_empty() {
-        let c = conflicts_batch(&all, &plan.conflicts)?;
+    // A conflict compacted before is found again (its rows are kept, flagged):
+    // the conflicts dataset gets only pairs it does not hold yet.
+    let new = if plan.conflicts.is_empty() {
+        Vec::new()
+    } else {
+        let known = recorded_conflicts(root, date)?;
+        let v = ReadingsView::new(&all)?;
+        plan.conflicts
+            .iter()
+            .copied()
+            .filter(|&(a, b)| !known.contains(&conflict_key(&v, a as usize, b as usize)))
+            .collect()
+    };
+    if !new.is_empty() {
+        let c = conflicts_batch(&all, &new)?;
         let p = partition_dir(root, CONFLICTS, date).join(format!("conflicts-{tag}.parquet"));
         atomic::write_parquet_atomic(&p, conflicts_schema(), &[c])?;
     }
@@ -98,6 +112,74 @@ fn compact_partition(root: &Path, date: NaiveDate, dir: &Path) -> Result<Compact
     stats.files_out = 1;
     stats.partitions_rewritten = 1;
     Ok(stats)
+}
+
+/// (meter, ts, channel, lower value, higher value): one conflict, whichever
+/// value came first.
+type ConflictKey = (String, i64, String, i128, i128);
+
+fn conflict_key(v: &ReadingsView, a: usize, b: usize) -> ConflictKey {
+    let (x, y) = (v.value.value(a), v.value.value(b));
+    (
+        v.meter_id.value(a).to_string(),
+        v.ts.value(a),
+        v.channel.value(a).to_string(),
+        x.min(y),
+        x.max(y),
+    )
+}
+
+/// Conflicts the dataset already holds for `date`.
+fn recorded_conflicts(root: &Path, date: NaiveDate) -> Result<HashSet<ConflictKey>, StoreError> {
+    let mut known = HashSet::new();
+    let dir = partition_dir(root, CONFLICTS, date);
+    if !dir.is_dir() {
+        return Ok(known);
+    }
+    for f in reader::partition_files(&dir)? {
+        for b in reader::read_file(&f)? {
+            let column = |name: &str| {
+                b.column_by_name(name).ok_or_else(|| {
+                    StoreError::Schema(format!("{}: no column '{name}'", f.display()))
+                })
+            };
+            let wrong = |name: &str| {
+                StoreError::Schema(format!("{}: '{name}' has the wrong type", f.display()))
+            };
+            let string = |name: &str| -> Result<StringArray, StoreError> {
+                column(name)?
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .ok_or_else(|| wrong(name))
+            };
+            let value = |name: &str| -> Result<Decimal128Array, StoreError> {
+                column(name)?
+                    .as_any()
+                    .downcast_ref::<Decimal128Array>()
+                    .cloned()
+                    .ok_or_else(|| wrong(name))
+            };
+            let (meter, channel) = (string("meter_id")?, string("channel")?);
+            let (first, other) = (value("value_kept_first")?, value("value_other")?);
+            let ts = column("ts")?
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .cloned()
+                .ok_or_else(|| wrong("ts"))?;
+            for i in 0..b.num_rows() {
+                let (x, y) = (first.value(i), other.value(i));
+                known.insert((
+                    meter.value(i).to_string(),
+                    ts.value(i),
+                    channel.value(i).to_string(),
+                    x.min(y),
+                    x.max(y),
+                ));
+            }
+        }
+    }
+    Ok(known)
 }
 
 fn inputs_tag(files: &[PathBuf]) -> String {

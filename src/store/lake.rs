@@ -57,7 +57,7 @@ impl Lake {
     /// Opens (creating if needed) a lake and replays any spool a crash left behind.
     pub fn open(root: &Path, opts: LakeOptions) -> Result<Lake, StoreError> {
         validate_writer_id(&opts.writer_id)?;
-        std::fs::create_dir_all(root).map_err(|e| StoreError::io(root, e))?;
+        atomic::create_dir_durable(root)?;
         let spool_dir = opts
             .spool_dir
             .unwrap_or_else(|| root.join("_spool").join(&opts.writer_id));
@@ -464,6 +464,31 @@ mod tests {
         got.sort_by_key(|r| r.ts_ms);
         let want: Vec<_> = (0..10).chain(20..30).map(soak_reading).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_dead_letter_too_big_for_the_spool_is_refused_and_later_readings_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        let q = QuarantineRecord {
+            received_ms: 1_790_000_000_000,
+            protocol: crate::model::Protocol::Mqtt,
+            collector: "c".into(),
+            address: "t".into(),
+            reason: "x".repeat(17 << 20),
+            payload: vec![],
+        };
+        assert!(lake.quarantine(&[q]).is_err());
+        assert_eq!(lake.pending(), 0);
+        lake.accept(&[soak_reading(1)]).unwrap();
+        drop(lake);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.replayed.readings, 1);
+        assert_eq!(
+            reader::read_all_readings(root).unwrap(),
+            vec![soak_reading(1)]
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct Segment {
 
 impl Segment {
     pub fn create(dir: &Path, id: String) -> Result<Segment, StoreError> {
-        fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        super::atomic::create_dir_durable(dir)?;
         let path = dir.join(format!("seg-{id}.log"));
         let file = OpenOptions::new()
             .create(true)
@@ -78,7 +78,8 @@ impl Segment {
     /// Appends entries with one write and one fsync (group commit). On
     /// failure the file is cut back to its last whole record, so records
     /// appended later are not hidden behind a torn one at replay; if even
-    /// that fails, the segment refuses further appends.
+    /// that fails, the segment refuses further appends. A record too big for
+    /// a replay to accept fails the whole append before anything is written.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         if self.torn {
             return Err(StoreError::io(
@@ -94,6 +95,19 @@ impl Segment {
             self.buf.extend_from_slice(&[0u8; 8]);
             encode(e, &mut self.buf);
             let payload = &self.buf[start + 8..];
+            if payload.len() > MAX_RECORD as usize {
+                // A replay would take it for a torn tail and drop it and
+                // every record after it, acknowledged ones included.
+                let n = payload.len();
+                self.buf.clear();
+                return Err(StoreError::io(
+                    &self.path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("a spool record of {n} bytes exceeds the {MAX_RECORD}-byte limit; nothing was written"),
+                    ),
+                ));
+            }
             let len = payload.len() as u32;
             let crc = crc32fast::hash(payload);
             self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -388,6 +402,27 @@ mod tests {
         assert!(e.contains("reopen the lake"), "{e}");
         let replay = read_segment(&seg.path).unwrap();
         assert_eq!(replay.entries, vec![reading(1)]);
+    }
+
+    #[test]
+    fn a_record_too_big_to_read_back_is_refused_and_later_records_still_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), "a".into()).unwrap();
+        seg.append(&[reading(1)]).unwrap();
+        let huge = Entry::Quarantine(QuarantineRecord {
+            received_ms: 5,
+            protocol: Protocol::Mqtt,
+            collector: "ing".into(),
+            address: "t/x".into(),
+            reason: "x".repeat(17 << 20),
+            payload: vec![],
+        });
+        let e = seg.append(&[reading(2), huge]).unwrap_err().to_string();
+        assert!(e.contains("nothing was written"), "{e}");
+        seg.append(&[reading(3)]).unwrap();
+        let replay = read_segment(&seg.path).unwrap();
+        assert_eq!(replay.entries, vec![reading(1), reading(3)]);
+        assert_eq!(replay.torn_bytes, 0);
     }
 
     #[test]

@@ -93,7 +93,13 @@ impl Spool {
 
     /// Opens (creating) a spool directory, cutting off any torn tail.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        crate::store::atomic::create_dir_durable(dir).map_err(|e| match e {
+            crate::store::StoreError::Io { path, source } => SpoolError::Io { path, source },
+            other => SpoolError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        })?;
         let cursor_path = dir.join("acked");
         let cursor = match std::fs::read_to_string(&cursor_path) {
             Ok(s) => s.trim().parse::<u64>().unwrap_or(0),

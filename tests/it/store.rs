@@ -249,6 +249,54 @@ fn compaction_removes_exact_duplicates_and_keeps_conflicts_with_both_values() {
 }
 
 #[test]
+fn compacting_again_after_new_readings_records_each_conflict_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let t = 1_790_000_000_000;
+    let write = |w: &str, rs: Vec<Reading>| {
+        let mut lake = Lake::open(root, LakeOptions::new(w)).unwrap();
+        lake.accept(&rs).unwrap();
+        lake.flush().unwrap();
+    };
+    let compact =
+        || store::compact::compact(root, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    let conflict_rows = || -> usize {
+        reader::list_files(
+            root,
+            "conflicts",
+            chrono::NaiveDate::MIN,
+            chrono::NaiveDate::MAX,
+        )
+        .unwrap()
+        .iter()
+        .flat_map(|(_, f)| reader::read_file(f).unwrap())
+        .map(|b| b.num_rows())
+        .sum()
+    };
+    let m1 = |value, received_after: i64| Reading {
+        received_ms: t + received_after,
+        ..reading("m1", t, value)
+    };
+    write("a", vec![m1(dec!(5), 1_000)]);
+    write("b", vec![m1(dec!(6), 2_000)]);
+    compact();
+    assert_eq!(conflict_rows(), 1);
+    // An unrelated reading the same day makes the partition compact again.
+    write("c", vec![reading("m2", t, dec!(7))]);
+    let s = compact();
+    assert_eq!(s.partitions_rewritten, 1);
+    assert_eq!(
+        conflict_rows(),
+        1,
+        "the known conflict is not recorded twice"
+    );
+    // A third value for the same key is a new conflict.
+    write("d", vec![m1(dec!(8), 3_000)]);
+    compact();
+    assert_eq!(conflict_rows(), 2);
+}
+
+#[test]
 fn inspect_reports_a_corrupt_file_by_name_and_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = Lake::open(dir.path(), LakeOptions::new("w")).unwrap();
