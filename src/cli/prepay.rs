@@ -11,7 +11,7 @@ use crate::prepay::alerts::Thresholds;
 use crate::prepay::control::{dispatch, Control, RelayDispatch, RelayStats};
 use crate::prepay::pricing::TariffPricer;
 use crate::prepay::run::{run_batch, Fleet, PrepayHook, RunOptions};
-use crate::prepay::sinks::{deliver, publish_qos1, Sinks};
+use crate::prepay::sinks::{deliver, mqtt_publisher, Sinks};
 
 // Parsed once per process: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -24,7 +24,11 @@ pub enum PrepayCmd {
     /// month's energy bill. Safe to re-run, to kill at any point and to run
     /// twice at once: each chunk of meters commits with its cursors.
     /// Alerts and relay orders are written to the ledger outbox in the same
-    /// transaction and then delivered to the configured sinks.
+    /// transaction and then delivered to the configured sinks; an alert a
+    /// sink did not take stays pending for the next run.
+    ///
+    /// Exit 2: conflicting entries, relay commands refused or unanswered, or
+    /// alerts left pending.
     Run(RunArgs),
     /// Send (or dry-run) the pending relay orders of the ledger outbox, e.g.
     /// those a `stream` process ordered. Same rules and audit as `prepay run`.
@@ -195,10 +199,7 @@ fn print_relay(r: &RelayStats) {
 
 fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
     let th = Thresholds::load(&a.thresholds)?;
-    let control = match &th.control {
-        Some(c) => Some(Control::new(c.clone(), &th.base_dir)?),
-        None => None,
-    };
+    let control = Control::of_thresholds(&th, &a.thresholds)?;
     let now_ms = parse_now(&a.now)?;
     let Some(d) = relay_dispatch(&th, control.as_ref(), &a.x, now_ms)? else {
         bail!("{}: no [control] section", a.thresholds.display());
@@ -241,12 +242,17 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Thresholds::load(p)?,
         None => Thresholds::builtin(),
     };
-    let control = match &th.control {
-        Some(c) => Some(Control::new(c.clone(), &th.base_dir)?),
+    let control = match &a.thresholds {
+        Some(p) => Control::of_thresholds(&th, p)?,
         None => None,
     };
     let now_ms = parse_now(&a.now)?;
-    // Checked before deducting: a bad collectors config fails fast.
+    // Checked before deducting: a bad collectors config or broker URL fails fast.
+    if let Some(u) = &a.mqtt_url {
+        crate::ingest::mqtt::parse_url(u)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--mqtt-url '{u}'"))?;
+    }
     let relay = relay_dispatch(&th, control.as_ref(), &a.x, now_ms)?;
     let mut hook = PrepayHook {
         thresholds: &th,
@@ -272,18 +278,12 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         relay,
         alerts_topic: a.mqtt_url.as_ref().map(|_| a.alerts_topic.clone()),
     };
-    let mut outgoing = Vec::new();
-    let delivered = deliver(led.as_mut(), &sinks, &mut |t, p| {
-        outgoing.push((t.to_string(), p.to_vec()));
-        Ok(())
-    })?;
-    if let Some(url) = &a.mqtt_url {
-        publish_qos1(
-            url,
-            &format!("meterflow-prepay-{}", std::process::id()),
-            &outgoing,
-        )?;
-    }
+    let client_id = format!("meterflow-prepay-{}", std::process::id());
+    let delivered = deliver(
+        led.as_mut(),
+        &sinks,
+        &mut mqtt_publisher(a.mqtt_url.as_deref().unwrap_or_default(), &client_id),
+    )?;
     if a.json {
         println!(
             "{}",
@@ -291,7 +291,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} held jumps, {} spikes dropped, {} not priced, {} conflicts; {} alerts, {} relay orders in {:.2}s",
+            "{} meters, {} readings: {} deductions ({} yuan), {} already deducted, {} stale, {} backwards, {} held jumps, {} spikes dropped, {} not priced, {} conflicts; {} alerts delivered, {} left pending (a sink failed), {} relay orders in {:.2}s",
             stats.meters,
             stats.readings,
             stats.deductions,
@@ -304,6 +304,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
             stats.unpriced,
             stats.conflicts,
             delivered.alerts,
+            delivered.undelivered,
             stats.relay_orders,
             started.elapsed().as_secs_f64()
         );
@@ -314,7 +315,10 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     std::mem::forget(hook);
     std::mem::forget(fleet);
     Ok(
-        if stats.conflicts > 0 || delivered.relay.refused + delivered.relay.failed > 0 {
+        if stats.conflicts > 0
+            || delivered.undelivered > 0
+            || delivered.relay.refused + delivered.relay.failed > 0
+        {
             ExitCode::from(2)
         } else {
             ExitCode::SUCCESS

@@ -5,6 +5,8 @@
 //!   (flag `control:below_since:MS`); once `grace_hours` have passed, a trip is
 //!   ordered, unless the moment is protected.
 //! * Tripped and the balance back at or above `reconnect_amount`: allow-close.
+//!   `reconnect_amount` must be above every overdraft limit
+//!   ([`Control::of_thresholds`]), or one balance would do both in turn.
 //! * Protected (never trip): the account's protect flag, friendly hours,
 //!   weekends, holidays of the calendar files. Allow-close is never held back.
 //! * Orders go to the ledger outbox in the same transaction; [`dispatch`]
@@ -20,9 +22,9 @@ use chrono::{Datelike, FixedOffset, Weekday};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::alerts::{stable_id, ControlConfig};
+use super::alerts::{stable_id, ControlConfig, Thresholds};
 use super::pricing::local_date_minute;
-use super::PrepayError;
+use super::{line_of, PrepayError};
 use crate::collector::config::{BusConfig, CollectorConfig};
 use crate::collector::dlt645::relay::{
     relay_control_keyed, AuditLog, AuditRecord, RelayError, RelayOrder, RelayOutcome,
@@ -50,6 +52,47 @@ fn parse_hhmm(s: &str) -> Option<u16> {
 }
 
 impl Control {
+    /// The control of the thresholds `th` loaded from `file` (None without
+    /// `[control]`). An enabled control whose `reconnect_amount` is at or
+    /// below an overdraft limit is refused: a balance between the two would
+    /// trip and allow-close in turn at every evaluation.
+    pub fn of_thresholds(th: &Thresholds, file: &Path) -> Result<Option<Control>, PrepayError> {
+        let Some(cfg) = &th.control else {
+            return Ok(None);
+        };
+        let scopes = std::iter::once(("default".to_string(), &th.default))
+            .chain(th.class.iter().map(|(k, v)| (format!("class.{k}"), v)))
+            .chain(th.tariff.iter().map(|(k, v)| (format!("tariff.{k}"), v)))
+            .chain(th.account.iter().map(|(k, v)| (format!("account.{k}"), v)));
+        let mut limits: Vec<(String, Decimal)> = scopes
+            .filter_map(|(scope, l)| l.overdraft_limit.map(|o| (scope, o)))
+            .collect();
+        if th.default.overdraft_limit.is_none() {
+            // What the relay rules use for an account no scope gives a limit.
+            limits.push(("default (unset)".into(), Decimal::ZERO));
+        }
+        let highest = limits.into_iter().max_by_key(|(_, o)| *o);
+        if let Some((scope, limit)) =
+            highest.filter(|(_, o)| cfg.enabled && cfg.reconnect_amount <= *o)
+        {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let at = text
+                .find("reconnect_amount")
+                .or_else(|| text.find("[control]"));
+            return Err(PrepayError::Config {
+                file: file.display().to_string(),
+                line: at.map_or(0, |o| line_of(&text, o)),
+                field: "control.reconnect_amount".into(),
+                message: format!(
+                    "{} must be above the overdraft limit {} of {scope}, or relays trip and reconnect in turn",
+                    cfg.reconnect_amount.normalize(),
+                    limit.normalize()
+                ),
+            });
+        }
+        Control::new(cfg.clone(), &th.base_dir).map(Some)
+    }
+
     pub fn new(cfg: ControlConfig, base_dir: &std::path::Path) -> Result<Control, PrepayError> {
         let mut calendar = Calendar::default();
         for c in &cfg.calendars {
@@ -180,7 +223,8 @@ impl Control {
         } else if let Some(s) = since {
             out.clear_flags.push(format!("control:below_since:{s}"));
         }
-        if tripped && balance >= self.cfg.reconnect_amount {
+        // Never at a balance that trips again (a config not checked by `of_thresholds`).
+        if tripped && balance >= self.cfg.reconnect_amount && balance > overdraft_limit {
             order(
                 "allow_close",
                 format!(
@@ -779,6 +823,52 @@ mod tests {
             ],
         );
         assert!(cmds.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_amount_at_or_below_an_overdraft_limit_is_refused_naming_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("th.toml");
+        let check = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let th = Thresholds::load(&path).unwrap();
+            Control::of_thresholds(&th, &path).map(|c| c.is_some())
+        };
+        let control = "[control]\nenabled = true\nreconnect_amount = \"-50\"\n";
+        let err = check(&format!("[default]\noverdraft_limit = \"-30\"\n{control}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}:5: control.reconnect_amount: -50 must be above the overdraft limit -30 of default, or relays trip and reconnect in turn",
+                path.display()
+            )
+        );
+        // The default reconnect amount 0 with no limit set (0): refused too.
+        let err = check("[control]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("control.reconnect_amount"), "{err}");
+        // A class whose limit is above the reconnect amount.
+        let err = check(&format!(
+            "[default]\noverdraft_limit = \"-100\"\n[class.x]\noverdraft_limit = \"-40\"\n{control}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("of class.x"), "{err}");
+        assert!(check(&format!("[default]\noverdraft_limit = \"-60\"\n{control}")).unwrap());
+        // A disabled control is not checked.
+        assert!(check("[control]\nenabled = false\n").unwrap());
+    }
+
+    #[test]
+    fn a_balance_that_trips_never_allows_close_whatever_the_reconnect_amount() {
+        let mut c = control();
+        c.cfg.reconnect_amount = dec!(-40);
+        let t = local(2026, 10, 12, 10);
+        let steps: Vec<(Decimal, i64)> = (0..5).map(|i| (dec!(-35), t + i * 86_400_000)).collect();
+        assert_eq!(run(&c, "A1", &steps), vec!["trip"]);
     }
 
     #[test]

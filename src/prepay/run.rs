@@ -209,6 +209,14 @@ fn channel_by(by_interval: bool) -> &'static str {
     }
 }
 
+/// Whether a reading of this quality is charged: suspect, conflicting or
+/// device-error values are not; estimates are. `prepay run` and `stream`.
+pub fn chargeable(q: Quality) -> bool {
+    !(q.contains(Quality::SUSPECT)
+        || q.contains(Quality::CONFLICT)
+        || q.contains(Quality::DEVICE_ERROR))
+}
+
 /// Tariff register index (0..4) of a channel.
 pub fn tariff_register(c: Channel) -> Option<usize> {
     match c {
@@ -422,22 +430,13 @@ impl<'a> Wanted<'a, '_> {
                     _ => Use::Skip,
                 })
                 .collect();
-            // Suspect, conflicting or device-error values are not charged; estimates are.
-            let chargeable: Vec<bool> = v
-                .qualities()
-                .into_iter()
-                .map(|q| {
-                    !(q.contains(Quality::SUSPECT)
-                        || q.contains(Quality::CONFLICT)
-                        || q.contains(Quality::DEVICE_ERROR))
-                })
-                .collect();
+            let charged: Vec<bool> = v.qualities().into_iter().map(chargeable).collect();
             // What the fleet says of the current meter (rows come in meter
             // order): looked up once per run of its rows.
             let mut meter: Option<(&str, MeterUse<'a>)> = None;
             for i in 0..b.num_rows() {
                 let u = uses[ch_keys[i] as usize];
-                if matches!(u, Use::Skip) || !chargeable[q_keys[i] as usize] {
+                if matches!(u, Use::Skip) || !charged[q_keys[i] as usize] {
                     continue;
                 }
                 let t = ts[i];

@@ -23,10 +23,10 @@ use super::alerts::Thresholds;
 use super::control::{dispatch, Control, RelayDispatch};
 use super::pricing::{Pricer, TariffPricer};
 use super::run::{
-    deduct_channel, deduct_meter, interval_meters, join_registers, note_spend, tariff_register,
-    tou_meters, Fleet, PrepayHook, RegisterReading, RunStats,
+    chargeable, deduct_channel, deduct_meter, interval_meters, join_registers, note_spend,
+    tariff_register, tou_meters, Fleet, PrepayHook, RegisterReading, RunStats,
 };
-use super::sinks::{deliver, Sinks};
+use super::sinks::{deliver, mqtt_publisher, DeliverStats, Sinks};
 use super::{line_of, PrepayError};
 use crate::ledger::{Batch, Cursor, Ledger};
 use crate::model::Channel;
@@ -157,8 +157,8 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         Some(t) => Thresholds::load(&cfg.resolve(t))?,
         None => Thresholds::builtin(),
     };
-    let control = match &thresholds.control {
-        Some(c) => Some(Control::new(c.clone(), &thresholds.base_dir)?),
+    let control = match &cfg.thresholds {
+        Some(t) => Control::of_thresholds(&thresholds, &cfg.resolve(t))?,
         None => None,
     };
     let mut hook = PrepayHook {
@@ -231,16 +231,17 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     )
     .map_err(PrepayError::Input)?;
 
+    // Alerts go out over their own connection: waiting for their PUBACKs
+    // must not take readings off this one.
+    let alerts_client = format!("{}-alerts", cfg.mqtt.client_id);
+    let mut publish = mqtt_publisher(&cfg.mqtt.url, &alerts_client);
     // Alerts left undelivered by a previous crash go out first.
-    let mut outgoing: Vec<(String, Vec<u8>)> = Vec::new();
-    deliver(ledger.as_mut(), &sinks, &mut |t, p| {
-        outgoing.push((t.to_string(), p.to_vec()));
-        Ok(())
-    })?;
+    let mut retry_sinks_at = after_delivery(&deliver(ledger.as_mut(), &sinks, &mut publish)?);
     if let Some(r) = &relay {
         dispatch(ledger.as_mut(), r)?;
     }
     let mut relay_orders_seen = 0;
+    let mut alerts_due = false;
 
     let tou = tou_meters(&pricer, &fleet, crate::model::now_ms());
     let intervals = interval_meters(&pricer, &fleet, crate::model::now_ms());
@@ -257,11 +258,6 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     let mut batch_started = Instant::now();
     let stop = opts.stop.clone().unwrap_or_default();
     loop {
-        for (t, p) in outgoing.drain(..) {
-            client
-                .publish(t, QoS::AtLeastOnce, false, p)
-                .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
-        }
         let wait = Duration::from_millis(cfg.batch.max_wait_ms.max(1));
         match conn.recv_timeout(wait) {
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
@@ -306,10 +302,7 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                     .ack(&p)
                     .map_err(|e| PrepayError::Mqtt(e.to_string()))?;
             }
-            deliver(ledger.as_mut(), &sinks, &mut |t, p| {
-                outgoing.push((t.to_string(), p.to_vec()));
-                Ok(())
-            })?;
+            alerts_due = true;
             if let Some(r) = relay
                 .as_ref()
                 .filter(|_| stats.relay_orders > relay_orders_seen)
@@ -317,6 +310,13 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 dispatch(ledger.as_mut(), r)?;
                 relay_orders_seen = stats.relay_orders;
             }
+        }
+        // After a commit, and while a sink that failed is due for a retry.
+        if (alerts_due || retry_sinks_at.is_some())
+            && retry_sinks_at.is_none_or(|t| Instant::now() >= t)
+        {
+            alerts_due = false;
+            retry_sinks_at = after_delivery(&deliver(ledger.as_mut(), &sinks, &mut publish)?);
         }
         let done = opts
             .stop_after_deductions
@@ -326,10 +326,7 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
                 .is_some_and(|d| pending.is_empty() && last_message.elapsed() >= d)
             || stop.load(Ordering::Relaxed);
         if done && pending.is_empty() {
-            // Let the acks and alert publishes leave before disconnecting.
-            for (t, p) in outgoing.drain(..) {
-                let _ = client.publish(t, QoS::AtLeastOnce, false, p);
-            }
+            // Let the acks leave before disconnecting.
             let until = Instant::now() + Duration::from_millis(300);
             while Instant::now() < until {
                 let _ = conn.recv_timeout(Duration::from_millis(50));
@@ -341,6 +338,15 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
             return Ok(stats);
         }
     }
+}
+
+/// How long alerts wait after a sink refused some.
+const SINK_RETRY: Duration = Duration::from_secs(5);
+
+/// When to deliver again after `d` if a sink failed: delivering after every
+/// batch would stall the stream on a dead webhook's retries.
+fn after_delivery(d: &DeliverStats) -> Option<Instant> {
+    (d.undelivered > 0).then(|| Instant::now() + SINK_RETRY)
 }
 
 /// Which meters deduct from tariff registers T1..T4 and which from intervals.
@@ -368,12 +374,17 @@ fn process(
     let mut by_meter: HashMap<String, Vec<(i64, Decimal)>> = HashMap::new();
     let mut regs: HashMap<String, HashMap<i64, [Option<Decimal>; 4]>> = HashMap::new();
     let mut dead = Vec::new();
+    let mut not_chargeable = 0;
     for p in pending.iter() {
         let topic = p.topic.to_string();
         match decoder.decode(&topic, &p.payload, now) {
             Ok(d) => {
                 for r in d.readings {
                     if !fleet.meters.contains_key(&r.meter_id) {
+                        continue;
+                    }
+                    if !chargeable(r.quality) {
+                        not_chargeable += 1;
                         continue;
                     }
                     // Interval-priced meters deduct from intervals, the others from the total register.
@@ -404,6 +415,7 @@ fn process(
             Err(e) => dead.push((topic.clone(), e.to_string(), p.payload.to_vec())),
         }
     }
+    stats.skipped_quality += not_chargeable;
     if !dead.is_empty() {
         stats.skipped_quality += dead.len();
         for (t, why, _) in &dead {

@@ -699,6 +699,48 @@ fn two_stream_processes_share_one_subscription_and_one_postgres_ledger() {
     assert_matches_recomputation(&url, &f);
 }
 
+#[test]
+fn a_suspect_reading_after_a_baseline_inserts_no_entry_and_does_not_move_the_cursor() {
+    let Some(mqtt) = mqtt_url("stream suspect") else {
+        return;
+    };
+    let f = fixture(1, 41);
+    let url = sqlite_url(&f.root);
+    let client = unique("suspect");
+    let topic = format!("meterflow-test/{client}");
+    let cfg = write_stream_config(&f, &url, &mqtt, &client, &topic, None);
+    let mut c = spawn_stream(&cfg, Some(3));
+    let _h = wait_subscribed(&mut c);
+    let m = meter_id(0);
+    let (base_ts, base) = f.readings[&m][0];
+    let msg = |ts: i64, value: Decimal, quality: Quality| {
+        let mut r = sim_reading(0, ts, Channel::ImportActiveTotal, value);
+        r.quality = quality;
+        (
+            format!("{topic}/{m}"),
+            meterflow::ingest::decode::encode_canonical("t", &[r]),
+        )
+    };
+    meterflow::prepay::sinks::publish_qos1(
+        &mqtt,
+        &unique("pub"),
+        &[
+            msg(base_ts, base, Quality::OK),
+            msg(base_ts + DAY, base + dec!(10), Quality::SUSPECT),
+        ],
+    )
+    .unwrap();
+    assert!(c.wait().unwrap().success());
+    let mut l = ledger::open(&url).unwrap();
+    assert!(l.entries(None, 0, 100).unwrap().is_empty());
+    let cursors = l.cursors().unwrap();
+    assert_eq!(cursors.len(), 1);
+    assert_eq!(
+        (cursors[0].last_ts_ms, cursors[0].last_value),
+        (base_ts, base)
+    );
+}
+
 // ---------- alerts ----------
 
 #[test]
@@ -761,28 +803,44 @@ fn alerts_fire_once_per_level_crossing_are_rearmed_by_a_top_up_and_land_in_the_d
     assert_eq!((rows.len(), ids.len()), (2, 2));
 }
 
-#[test]
-fn webhook_alerts_are_retried_until_the_receiver_answers() {
+/// A webhook receiver answering one request per status, then gone: the
+/// port and, from a thread, the requests it got.
+fn webhook_receiver(statuses: &[&str]) -> (u16, std::thread::JoinHandle<Vec<String>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
     let server = std::thread::spawn(move || {
         let mut bodies = Vec::new();
-        for (i, s) in listener.incoming().take(3).enumerate() {
+        // Statuses first: zip stops before accepting one connection too many.
+        for (status, s) in statuses.iter().zip(listener.incoming()) {
             let mut s = s.unwrap();
             let mut buf = vec![0u8; 8192];
             let n = s.read(&mut buf).unwrap();
             bodies.push(String::from_utf8_lossy(&buf[..n]).to_string());
-            let status = if i < 2 {
-                "503 Service Unavailable"
-            } else {
-                "200 OK"
-            };
             let _ =
                 s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
         }
         bodies
     });
+    (port, server)
+}
+
+fn pending_alert_ids(l: &mut dyn Ledger) -> Vec<String> {
+    let mut ids: Vec<String> = l
+        .pending_outbox_of("alert", 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn an_alert_the_webhook_refused_stays_pending_until_it_answers() {
+    let unavailable = "503 Service Unavailable";
+    let (port, server) = webhook_receiver(&[unavailable, unavailable, "200 OK"]);
     let d = tempfile::tempdir().unwrap();
     let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
     let th = Thresholds::builtin();
@@ -805,19 +863,162 @@ fn webhook_alerts_are_retried_until_the_receiver_answers() {
     let sinks = meterflow::prepay::sinks::Sinks {
         webhook: Some(format!("http://127.0.0.1:{port}/alerts")),
         webhook_attempts: 5,
+        alerts_topic: Some("alerts".into()),
         ..Default::default()
     };
-    // 10 yuan: below 50 and 20 -> two alerts; the first needs three attempts.
+    let outbox = l.pending_outbox_of("alert", 10).unwrap();
+    assert_eq!(outbox.len(), 2);
+    let (first, second) = (outbox[0].id.clone(), outbox[1].id.clone());
+    // 10 yuan: below 50 and 20 -> two alerts; the first needs three attempts,
+    // the second finds no receiver any more.
     let h = std::thread::spawn(move || {
-        meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap()
+        let mut published = Vec::new();
+        let stats = meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, p| {
+            published.extend(p.iter().map(|p| p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        (stats, published.len(), l, sinks)
     });
     let bodies = server.join().unwrap();
     assert!(bodies
         .iter()
         .all(|b| b.starts_with("POST /alerts HTTP/1.1") && b.contains("Idempotency-Key")));
-    let stats = h.join().unwrap();
-    // Both alerts delivered to the other sinks; the second found no receiver any more.
-    assert_eq!((stats.alerts, stats.webhook_failures), (2, 1));
+    let (stats, published, mut l, mut sinks) = h.join().unwrap();
+    // Only the alert the webhook took went on to MQTT and is marked delivered.
+    assert_eq!(
+        (
+            stats.alerts,
+            stats.webhook_failures,
+            stats.undelivered,
+            published
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(pending_alert_ids(l.as_mut()), std::slice::from_ref(&second));
+    // The receiver is back: the next delivery sends the one left, and only it.
+    let (port, server) = webhook_receiver(&["200 OK"]);
+    sinks.webhook = Some(format!("http://127.0.0.1:{port}/alerts"));
+    let stats = meterflow::prepay::sinks::deliver(l.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap();
+    assert_eq!((stats.alerts, stats.undelivered), (1, 0));
+    let bodies = server.join().unwrap();
+    assert!(bodies[0].contains(&format!("Idempotency-Key: {second}")));
+    assert!(!bodies[0].contains(&first));
+    assert!(pending_alert_ids(l.as_mut()).is_empty());
+}
+
+/// Subscribes to `topic` (confirmed before returning) and collects, from a
+/// thread, the ids of the alerts published there until `n` came or 30 s passed.
+fn receive_alert_ids(url: &str, topic: &str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let (_, host, port) = meterflow::ingest::mqtt::parse_url(url).unwrap();
+    let mut o = MqttOptions::new(unique("sub"), host, port);
+    o.set_keep_alive(Duration::from_secs(10));
+    let (client, mut conn) = Client::new(o, 10);
+    client.subscribe(topic, QoS::AtLeastOnce).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(Instant::now() < deadline, "no SUBACK from {url}");
+        if let Ok(Ok(Event::Incoming(Packet::SubAck(_)))) =
+            conn.recv_timeout(Duration::from_millis(500))
+        {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let mut ids = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ids.len() < n && Instant::now() < deadline {
+            if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+                conn.recv_timeout(Duration::from_millis(500))
+            {
+                let a: meterflow::prepay::alerts::Alert =
+                    serde_json::from_slice(&p.payload).unwrap();
+                ids.push(a.id);
+            }
+        }
+        drop(client);
+        ids.sort();
+        ids
+    })
+}
+
+#[test]
+fn alerts_the_broker_did_not_acknowledge_stay_pending_for_the_next_run() {
+    let Some(mqtt) = mqtt_url("alerts broker down") else {
+        return;
+    };
+    let f = fixture(3, 31);
+    let url = sqlite_url(&f.root);
+    let topic = format!("meterflow-test/{}", unique("alerts"));
+    let out = f.root.join("alerts-out");
+    let run = |broker: &str| {
+        Command::new(bin())
+            .args(prepay_run_args(&f, &url, "2026-10-31T24:00", 10))
+            .args([
+                "--mqtt-url",
+                broker,
+                "--alerts-topic",
+                &topic,
+                "--alerts-out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    // Nothing listens on port 1: no PUBACK, so no alert is marked delivered
+    // (nor written to the dataset, which comes after MQTT).
+    let o = run("mqtt://127.0.0.1:1");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pending = pending_alert_ids(ledger::open(&url).unwrap().as_mut());
+    assert!(!pending.is_empty());
+    assert!(meterflow::prepay::sinks::read_alerts_dataset(&out)
+        .unwrap()
+        .is_empty());
+    // The broker is up for the next run: it publishes exactly those, once.
+    let received = receive_alert_ids(&mqtt, &topic, pending.len());
+    let o = run(&mqtt);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(received.join().unwrap(), pending);
+    assert!(pending_alert_ids(ledger::open(&url).unwrap().as_mut()).is_empty());
+    let mut rows: Vec<String> = meterflow::prepay::sinks::read_alerts_dataset(&out)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    rows.sort();
+    assert_eq!(rows, pending);
+}
+
+#[test]
+fn a_thresholds_file_whose_relay_rules_would_flip_flop_is_refused_before_deducting() {
+    let f = fixture(1, 51);
+    let url = sqlite_url(&f.root);
+    let th = f.root.join("th.toml");
+    // A balance of -30 would trip and allow-close in turn.
+    std::fs::write(
+        &th,
+        "[default]\noverdraft_limit = \"-30\"\n[control]\nenabled = true\nreconnect_amount = \"-30\"\n",
+    )
+    .unwrap();
+    let o = Command::new(bin())
+        .args(prepay_run_args(&f, &url, "2026-10-31T24:00", 10))
+        .arg("--thresholds")
+        .arg(&th)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("{}:5: control.reconnect_amount", th.display())),
+        "{err}"
+    );
+    assert!(ledger_balances(&url).is_empty());
 }
 
 #[test]
