@@ -47,6 +47,8 @@ pub struct AccountPlan<'t> {
     pub mask: u8,
     /// Start of this account's annual tier window when it precedes the period.
     pub ytd_from: Option<NaiveDate>,
+    /// Index in `dates` of a new tier year's start inside the period.
+    pub year_split: Option<usize>,
 }
 
 pub fn plan_account<'t>(
@@ -76,6 +78,7 @@ pub fn plan_account<'t>(
     }
     let mut mask = 1u8 << REG_TOTAL;
     let mut ytd_from = None;
+    let mut split = None;
     for v in &tariff.versions {
         if !(v.effective_from < period.end && v.effective_to.is_none_or(|t| t > period.start)) {
             continue;
@@ -103,9 +106,12 @@ pub fn plan_account<'t>(
             }
             // A new tier year inside the period starts its own segment.
             let next = NaiveDate::from_ymd_opt(year.year() + 1, year.month(), 1).expect("valid");
-            if next < period.end && !dates.contains(&next) {
-                dates.push(next);
-                dates.sort();
+            if next < period.end {
+                if !dates.contains(&next) {
+                    dates.push(next);
+                    dates.sort();
+                }
+                split = Some(next);
             }
         }
     }
@@ -113,12 +119,18 @@ pub fn plan_account<'t>(
     if let Some(y) = ytd_from {
         dates.insert(0, y);
     }
+    // Only a split between two other bounds can be estimated from them (a
+    // price change on the same day leaves it a bound of its own anyway).
+    let year_split = split
+        .and_then(|d| dates.iter().position(|x| *x == d))
+        .filter(|&i| i > first && i + 1 < dates.len());
     Ok(AccountPlan {
         tariff,
         dates,
         first,
         mask,
         ytd_from,
+        year_split,
     })
 }
 
@@ -267,6 +279,9 @@ pub fn bill_account(
                         } else {
                             if src != Source::Measured {
                                 flags |= Flags::ESTIMATED;
+                                if reg == REG_TOTAL && Some(b) == plan.year_split {
+                                    flags |= Flags::YTD_ESTIMATED;
+                                }
                             }
                             if source_estimated {
                                 flags |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
@@ -275,6 +290,8 @@ pub fn bill_account(
                         slot[reg] = Some(v);
                     }
                     None if b < plan.first => {}
+                    // Filled in below from the bounds around it.
+                    None if Some(b) == plan.year_split => {}
                     None => {
                         let degenerate =
                             st.bounds[b] == st.bounds[if b > plan.first { b - 1 } else { b + 1 }];
@@ -291,6 +308,35 @@ pub fn bill_account(
                             tou_registers_ok = false;
                         }
                     }
+                }
+            }
+        }
+        if let Some(b) = plan.year_split {
+            // No reading near the new tier year's start: share the registers'
+            // advance between the bounds around it by time (the bill would
+            // otherwise fail where one without the split succeeds).
+            for reg in (0..super::vee::NREG).filter(|r| plan.mask & (1 << r) != 0) {
+                if vals[b][reg].is_some() {
+                    continue;
+                }
+                let (Some(a), Some(c)) = (vals[b - 1][reg], vals[b + 1][reg]) else {
+                    if (REG_T1..REG_T1 + 4).contains(&reg) {
+                        tou_registers_ok = false;
+                    }
+                    continue;
+                };
+                let (ta, tb, tc) = (st.bounds[b - 1], st.bounds[b], st.bounds[b + 1]);
+                let v = match register_delta(a, c, st.modulus) {
+                    Some((d, _)) if tc > ta => {
+                        a + super::vee::div_round(d as i128 * (tb - ta) as i128, (tc - ta) as i128)
+                    }
+                    _ => a,
+                };
+                vals[b][reg] = Some(v.rem_euclid(st.modulus));
+                flags |= Flags::ESTIMATED;
+                if reg == REG_TOTAL {
+                    // It starts the new tier year's position.
+                    flags |= Flags::YTD_ESTIMATED;
                 }
             }
         }

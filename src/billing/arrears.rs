@@ -35,8 +35,6 @@ pub const MINIMUM: u8 = 3;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorBill {
     pub period: String,
-    /// The day after the bill's period: no payment before it can be for this bill.
-    pub issued: NaiveDate,
     pub due: NaiveDate,
     pub amount: Decimal,
 }
@@ -112,12 +110,10 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
         let d: NaiveDate = due
             .parse()
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
-        let issued = BillPeriod::parse(r.period).map_err(bad)?.end;
         out.insert(
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
-                issued,
                 due: d,
                 amount: r.total,
             },
@@ -302,11 +298,10 @@ pub fn late_fee_lines(
     if bills.is_empty() {
         return vec![];
     }
-    // `payments` is the account's whole history: what was paid before the
-    // oldest of these bills was issued settled bills not given here.
-    let since = bills.iter().map(|b| b.issued).min().expect("not empty");
-    let mut pays: Vec<(NaiveDate, Decimal)> =
-        payments.iter().filter(|p| p.0 >= since).copied().collect();
+    // `payments` is the account's whole history, advance payments included:
+    // it settles the given bills oldest first (docs/billing.md says why every
+    // unsettled run must be given).
+    let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
     pays.sort();
     // yuan-days per rate class
     let mut yuan_days = [Decimal::ZERO; 3];
@@ -383,7 +378,6 @@ mod tests {
     fn sept_bill(amount: Decimal) -> PriorBill {
         PriorBill {
             period: "2026-09".into(),
-            issued: d("2026-10-01"),
             due: d("2026-10-15"),
             amount,
         }
@@ -427,21 +421,18 @@ mod tests {
     }
 
     #[test]
-    fn payments_made_before_the_oldest_bill_was_issued_paid_earlier_bills() {
+    fn a_payment_made_in_advance_counts_against_the_bill_it_was_made_for() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        // 180 paid on 10 September settled August's bill, which is not given.
+        // 200 paid on 25 September, before September's bill was issued.
         let lines = late_fee_lines(
             &LateFeeRule::default(),
             true,
             &[sept_bill(dec!(200))],
-            &[(d("2026-09-10"), dec!(180))],
+            &[(d("2026-09-25"), dec!(200))],
             &p,
             &fen(),
         );
-        // 16..31 October: 16 days x 200 x 1 per mille = 3.20, as if unpaid.
-        assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].quantity, dec!(3200));
-        assert_eq!(lines[0].amount, dec!(3.20));
+        assert!(lines.is_empty(), "{lines:?}");
     }
 
     #[test]
@@ -449,7 +440,6 @@ mod tests {
         let p = BillPeriod::parse("2026-10").unwrap();
         let aug = PriorBill {
             period: "2026-08".into(),
-            issued: d("2026-09-01"),
             due: d("2026-09-15"),
             amount: dec!(100),
         };
@@ -500,7 +490,6 @@ mod tests {
         let p = BillPeriod::parse("2027-01").unwrap();
         let dec_bill = PriorBill {
             period: "2026-11".into(),
-            issued: d("2026-12-01"),
             due: d("2026-12-15"),
             amount: dec!(1000),
         };

@@ -90,6 +90,11 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
     Ok(is)
 }
 
+/// `d` as a column of `scale` stores it.
+fn as_written(d: Decimal, scale: i8) -> Decimal {
+    Decimal::from_i128_with_scale(output::to_i128(d, scale), scale as u32)
+}
+
 /// Adjustment lines of a re-rated bill against what was issued: per line key,
 /// the difference in quantity and amount. Empty when nothing changed.
 pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> Vec<OutLine<'a>> {
@@ -103,8 +108,10 @@ pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> V
                 l.tariff_version.to_string(),
             ))
             .or_insert((Decimal::ZERO, Decimal::ZERO, l));
-        e.0 += l.quantity;
-        e.1 += l.amount;
+        // As written: the issued side was read back at the columns' scales,
+        // and an exact 12/31 must not differ from its written 0.387097.
+        e.0 += as_written(l.quantity, output::QTY.1);
+        e.1 += as_written(l.amount, output::AMOUNT.1);
     }
     let mut out = Vec::new();
     let prefix = (
@@ -159,4 +166,78 @@ pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> V
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+    use std::borrow::Cow;
+
+    fn bill() -> AccountBill {
+        AccountBill {
+            account_id: "A1".into(),
+            tariff_id: "t".into(),
+            versions: "v1".into(),
+            lines: vec![],
+            kwh: dec!(12),
+            total: dec!(10),
+            flags: Flags::NONE,
+            days: 12,
+            ytd_before: None,
+            ytd_after: None,
+            power_factor: None,
+            max_demand_kw: None,
+        }
+    }
+
+    fn line(kind: LineKind, quantity: Decimal, amount: Decimal) -> OutLine<'static> {
+        OutLine {
+            kind,
+            label: Cow::Borrowed("x"),
+            tier: None,
+            tou_period: None,
+            quantity,
+            unit: "month",
+            unit_price: dec!(10),
+            amount,
+            tariff_version: Cow::Borrowed("v1"),
+            flags: Flags::NONE,
+            is_adjustment: false,
+        }
+    }
+
+    #[test]
+    fn a_fraction_the_issued_run_stored_rounded_is_not_an_adjustment() {
+        // 12 of 31 days: the bill line holds the exact fraction, the issued
+        // file DECIMAL(28, 6) holds 0.387097.
+        let exact = Decimal::from(12) / Decimal::from(31);
+        let mut is = Issued {
+            lines: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            run_id: "r".into(),
+        };
+        let key = |k: LineKind| {
+            (
+                "A1".to_string(),
+                k.as_str().to_string(),
+                "x".to_string(),
+                "v1".to_string(),
+            )
+        };
+        is.lines.insert(
+            key(LineKind::Minimum),
+            (dec!(0.387097), dec!(3.87), "t".into()),
+        );
+        let now = [line(LineKind::Minimum, exact, dec!(3.87))];
+        assert!(adjustments(&bill(), &now, &is).is_empty());
+        // A real change still is one, by what the files will hold.
+        let changed = [line(LineKind::Minimum, exact * dec!(2), dec!(7.74))];
+        let adj = adjustments(&bill(), &changed, &is);
+        assert_eq!(adj.len(), 1);
+        assert_eq!(
+            (adj[0].quantity, adj[0].amount),
+            (dec!(0.387097), dec!(3.87))
+        );
+    }
 }
