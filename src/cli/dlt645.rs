@@ -136,14 +136,11 @@ pub struct RelayArgs {
     pub meter: Address,
     /// trip | allow-close | direct-close | alarm-on | alarm-off | protect-on | protect-off
     pub command: RelayCommand,
-    /// Password: level PA then the 6-digit code (8 hex digits). Prefer the environment variable.
-    #[arg(
-        long,
-        env = "METERFLOW_DLT645_PASSWORD",
-        hide_env_values = true,
-        default_value = "02000000"
-    )]
-    pub password: Password,
+    /// File whose first line is the password: level PA then the 6-digit
+    /// code (8 hex digits). Without it, METERFLOW_DLT645_PASSWORD, else
+    /// 02000000. Never an argument: it would show in `ps` and shell history.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
     /// Operator code, 8 hex digits.
     #[arg(long, default_value = "00000000")]
     pub operator: Operator,
@@ -247,13 +244,40 @@ async fn read_cmd(a: ReadArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The relay password from `--password-file`, else the environment, else
+/// the factory default.
+fn relay_password(file: Option<&std::path::Path>) -> anyhow::Result<Password> {
+    let (text, from) = match file {
+        Some(p) => {
+            let s = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", p.display()))?;
+            (
+                s.lines().next().unwrap_or("").trim().to_string(),
+                p.display().to_string(),
+            )
+        }
+        None => match std::env::var("METERFLOW_DLT645_PASSWORD") {
+            Ok(v) => (
+                v.trim().to_string(),
+                "METERFLOW_DLT645_PASSWORD".to_string(),
+            ),
+            Err(_) => ("02000000".to_string(), "the default".to_string()),
+        },
+    };
+    // The value itself is never echoed.
+    text.parse::<Password>().map_err(|_| {
+        anyhow::anyhow!("password from {from}: not 8 hex digits (level PA + 6-digit code)")
+    })
+}
+
 async fn relay_cmd(a: RelayArgs) -> anyhow::Result<ExitCode> {
     let offset =
         crate::collector::config::parse_offset(&a.utc_offset).map_err(anyhow::Error::msg)?;
+    let password = relay_password(a.password_file.as_deref())?;
     let order = RelayOrder::expiring_in(
         a.meter,
         a.command,
-        a.password,
+        password,
         a.operator,
         a.expiry_minutes,
         offset,

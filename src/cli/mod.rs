@@ -183,6 +183,28 @@ mod tests {
     use super::error_text;
 
     #[test]
+    fn the_relay_password_is_never_a_command_line_argument() {
+        use clap::Parser;
+        let args = |extra: &[&str]| {
+            let mut v = vec![
+                "meterflow",
+                "dlt645",
+                "relay",
+                "--tcp",
+                "127.0.0.1:6450",
+                "--meter",
+                "398192000337",
+                "trip",
+            ];
+            v.extend_from_slice(extra);
+            super::Cli::try_parse_from(v)
+        };
+        assert!(args(&[]).is_ok());
+        assert!(args(&["--password-file", "/etc/meterflow/relay-password"]).is_ok());
+        assert!(args(&["--password", "02123456"]).is_err());
+    }
+
+    #[test]
     fn a_cause_the_message_already_prints_is_not_repeated() {
         let io = std::io::Error::other("File too large");
         let e = anyhow::Error::new(crate::billing::run::BillingError::Io {

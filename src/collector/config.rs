@@ -281,6 +281,10 @@ fn d_alarm_ratio() -> f64 {
 fn d_true() -> bool {
     true
 }
+/// Readings per uplink message at most: about 200 bytes each as canonical
+/// JSON, well inside the uplink spool's 64 MiB record.
+pub const MAX_PER_MESSAGE: usize = 50_000;
+
 fn d_per_message() -> usize {
     500
 }
@@ -705,8 +709,13 @@ impl UplinkSection {
                 format!("alarm_ratio {} is not in (0, 1]", self.alarm_ratio),
             );
         }
-        if self.per_message == 0 {
-            return fe(p.key("per_message"), "per_message must be > 0".into());
+        if !(1..=MAX_PER_MESSAGE).contains(&self.per_message) {
+            return fe(
+                p.key("per_message"),
+                format!(
+                    "per_message must be 1..={MAX_PER_MESSAGE} (a message must fit one spool record)"
+                ),
+            );
         }
         if !(1..=u16::MAX as usize).contains(&self.window) {
             return fe(p.key("window"), "window must be 1..65535".into());
@@ -773,8 +782,42 @@ impl CollectorConfig {
         if let Some(u) = &cfg.uplink {
             u.validate(&FieldPath::default().key("uplink"), &cfg.base_dir)
                 .map_err(|e| ConfigError::at(&f, text, &e))?;
+            if matches!(u.format, UplinkFormatName::Sparkplug) {
+                cfg.sparkplug_meter_ids()
+                    .map_err(|e| ConfigError::at(&f, text, &e))?;
+            }
         }
         Ok(cfg)
+    }
+
+    /// Every meter id must be a Sparkplug device id (no '/', '+', '#'): the
+    /// uplink refuses a whole batch for one that is not, every cycle.
+    fn sparkplug_meter_ids(&self) -> Result<(), FieldError> {
+        let bad = |path: FieldPath, id: &str| {
+            FieldError {
+            path,
+            message: format!(
+                "meter id '{id}' cannot be a Sparkplug device id (uplink format = \"sparkplug\"): no '/', '+' or '#'"
+            ),
+        }
+        };
+        for (bi, b) in self.dlt645.buses.iter().enumerate() {
+            for (mi, m) in b.meters.iter().enumerate() {
+                if let Some(id) = m.meter_id.as_deref().filter(|id| !valid_id(id)) {
+                    let p = FieldPath::default().key("dlt645").key("bus").index(bi);
+                    return Err(bad(p.key("meter").index(mi).key("meter_id"), id));
+                }
+            }
+        }
+        for (ci, c) in self.modbus.iter().enumerate() {
+            for (di, d) in c.devices.iter().enumerate() {
+                if !valid_id(&d.meter_id) {
+                    let p = FieldPath::default().key("modbus").index(ci);
+                    return Err(bad(p.key("devices").index(di).key("meter_id"), &d.meter_id));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Readings go to the local lake (no uplink, or `[uplink] lake = true`).
@@ -1012,6 +1055,35 @@ client_id = "sub-7-uplink"
         );
         let e = err(&UPLINK.replace("spool_dir = \"spool\"\n", ""));
         assert!(e.to_string().contains("spool_dir"), "{e}");
+    }
+
+    #[test]
+    fn a_meter_id_sparkplug_cannot_carry_is_a_config_error_naming_its_line() {
+        let dlt = format!(
+            "{UPLINK}\n[[dlt645.bus]]\nname = \"bus1\"\ntcp = \"127.0.0.1:9001\"\n\
+             [[dlt645.bus.meter]]\naddress = \"398192000337\"\nmeter_id = \"feeder/7\"\n"
+        );
+        let e = err(&dlt);
+        assert_eq!(e.field, "dlt645.bus[0].meter[0].meter_id");
+        assert_eq!(e.line, Some(21), "{e}");
+        assert!(e.message.contains("feeder/7"), "{e}");
+        let modbus = format!(
+            "{UPLINK}\n[[modbus]]\nname = \"gw\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:5020\"\n\
+             [[modbus.devices]]\nmeter_id = \"MB+1\"\nunit_id = 1\nprofile = \"chint_dtsu666\"\n"
+        );
+        let e = err(&modbus);
+        assert_eq!(e.field, "modbus[0].devices[0].meter_id");
+        // The same ids are fine when the uplink speaks canonical JSON.
+        let canonical = dlt.replace(
+            "format = \"sparkplug\"\ngroup_id = \"plant\"\n",
+            "format = \"canonical\"\n",
+        );
+        CollectorConfig::parse(Path::new("collectors.toml"), &canonical).unwrap();
+        let e = err(&UPLINK.replace(
+            "alarm_ratio = 0.5",
+            "alarm_ratio = 0.5\nper_message = 60000",
+        ));
+        assert_eq!(e.field, "uplink.per_message");
     }
 
     #[test]

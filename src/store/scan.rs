@@ -433,6 +433,16 @@ fn units_with(
                     VALUE_PRECISION
                 )));
             }
+            // The reader takes the hint's scale for the stored integers
+            // whatever the file says: another scale would be read 10^k off.
+            if c.type_scale() != i32::from(VALUE_SCALE) {
+                return Err(StoreError::Schema(format!(
+                    "{}: unexpected readings schema (value has scale {}, the lake's is {})",
+                    path.display(),
+                    c.type_scale(),
+                    VALUE_SCALE
+                )));
+            }
         }
         let id_col = descr.columns().iter().position(|c| c.name() == "meter_id");
         let dict_rg = |rg: usize| {
@@ -835,6 +845,54 @@ pub(crate) mod tests {
         crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
         let err = units(&[(date, bad)]).err().expect("refused").to_string();
         assert!(err.contains("precision 20"), "{err}");
+    }
+
+    #[test]
+    fn a_file_whose_values_have_another_scale_is_refused_not_read_off_by_powers_of_ten() {
+        use arrow::array::{ArrayRef, Decimal128Array};
+        let dir = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        lake.accept(&[reading(
+            "A",
+            1_790_000_000_000,
+            Channel::ImportActiveTotal,
+            5,
+            Quality::OK,
+        )])
+        .unwrap();
+        lake.flush().unwrap();
+        let (date, good) = all_readings_files(dir.path()).remove(0);
+        // The same row with `value` as DECIMAL(12, 2), as another tool may write it:
+        // 1234.56 kWh stored as the integer 123456.
+        let batch = crate::store::reader::read_file(&good).unwrap().remove(0);
+        let cents = DataType::Decimal128(12, 2);
+        let fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "value" => Field::new("value", cents.clone(), false),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols[crate::store::schema::col::VALUE] = Arc::new(
+            Decimal128Array::from(vec![123_456i128])
+                .with_precision_and_scale(12, 2)
+                .unwrap(),
+        );
+        let batch =
+            arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+        let bad = good.with_file_name("cents.parquet");
+        crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
+        let err = units(&[(date, bad.clone())])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("scale 2") && err.contains("cents.parquet"),
+            "{err}"
+        );
     }
 
     /// Whether a unit's reader hands `meter_id` back as a dictionary.

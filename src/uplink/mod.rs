@@ -142,7 +142,12 @@ impl Uplink {
             "1 while the uplink spool is above its alarm level",
         );
         let task = tokio::spawn(publisher(shared.clone(), cfg.clone()));
-        Ok(Uplink { shared, cfg, task })
+        let u = Uplink { shared, cfg, task };
+        // A spool left near its cap by the last run (link still down)
+        // raises the alarm now, not at the first append that fits.
+        let bytes = lock(&u.shared.spool).bytes();
+        u.check_alarm(bytes);
+        Ok(u)
     }
 
     /// Spools readings durably (fsync; blocking: call from a blocking
@@ -355,6 +360,21 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
         };
         let ncmd = node.as_ref().map(|n| n.ncmd_topic());
         let (client, mut ev) = AsyncClient::new(opts, cfg.window + 16);
+        // `poll` runs in a task of its own, never dropped mid-write by the
+        // select below (rumqttc does not promise it is cancel safe: a
+        // PUBLISH cut off mid-write would wait for a PUBACK that never comes).
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        // Aborted with this task too (shutdown drops the connection, without
+        // DISCONNECT, so a Sparkplug NDEATH will goes out).
+        let poller = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let e = ev.poll().await;
+                let last = e.is_err();
+                if events_tx.send(e).is_err() || last {
+                    return;
+                }
+            }
+        }));
         let mut connected = false;
         // Encoded, in order, not yet handed to rumqttc ...
         let mut outq: VecDeque<Out> = VecDeque::new();
@@ -368,8 +388,17 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
         let mut last_checkpoint = Instant::now();
         let err = loop {
             let mut acked: Vec<u64> = Vec::new();
-            tokio::select! {
-                e = ev.poll() => match e {
+            let event = tokio::select! {
+                e = events.recv() => Some(e),
+                _ = shared.wake.notified() => None,
+            };
+            if let Some(e) = event {
+                let Some(e) = e else {
+                    break rumqttc::ConnectionError::Io(std::io::Error::other(
+                        "the MQTT event loop stopped",
+                    ));
+                };
+                match e {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
                         backoff = Duration::from_millis(100);
@@ -378,9 +407,16 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
                             if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
                                 tracing::warn!(error = %e, "uplink cannot subscribe to its NCMD topic");
                             }
-                            outq.extend(n.births(now()).into_iter().map(|m| Out { topic: m.topic, payload: m.payload, entry: None }));
+                            outq.extend(n.births(now()).into_iter().map(|m| Out {
+                                topic: m.topic,
+                                payload: m.payload,
+                                entry: None,
+                            }));
                         }
-                        tracing::info!(pending = lock(&shared.spool).len(), "uplink connected; draining spool");
+                        tracing::info!(
+                            pending = lock(&shared.spool).len(),
+                            "uplink connected; draining spool"
+                        );
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(tag) = awaiting_pkid.pop_front() {
@@ -400,17 +436,23 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let (Some(n), Some(t)) = (node.as_mut(), &ncmd) {
-                            if connected && &p.topic == t && sparkplug::is_rebirth_request(&p.payload) {
+                            if connected
+                                && &p.topic == t
+                                && sparkplug::is_rebirth_request(&p.payload)
+                            {
                                 tracing::info!("Sparkplug rebirth requested; publishing births");
                                 metrics::counter_add("meterflow_uplink_rebirths_total", &[], 1);
-                                outq.extend(n.births(now()).into_iter().map(|m| Out { topic: m.topic, payload: m.payload, entry: None }));
+                                outq.extend(n.births(now()).into_iter().map(|m| Out {
+                                    topic: m.topic,
+                                    payload: m.payload,
+                                    entry: None,
+                                }));
                             }
                         }
                     }
                     Ok(_) => {}
                     Err(e) => break e,
-                },
-                _ = shared.wake.notified() => {}
+                }
             }
             if !acked.is_empty() {
                 let mut s = lock(&shared.spool);
@@ -512,10 +554,20 @@ async fn publisher(shared: Arc<Shared>, cfg: UplinkConfig) {
                 }
             }
         };
+        drop(poller);
         metrics::counter_add("meterflow_uplink_reconnects_total", &[], 1);
         tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, pending = lock(&shared.spool).len(), "uplink link down; spooling and retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

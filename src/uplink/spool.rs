@@ -30,6 +30,10 @@ pub enum SpoolError {
     },
     #[error("uplink spool is full ({bytes} bytes pending, cap {cap}): link down too long")]
     Full { bytes: u64, cap: u64 },
+    /// A replay would take a longer record for a torn length and cut it,
+    /// and every later record, off: refused before anything is written.
+    #[error("a message of {bytes} bytes is over the uplink spool's record limit of {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -161,6 +165,12 @@ impl Spool {
     /// whole record (a torn record would hide every later one at reopen)
     /// and the seqs are given out again.
     pub fn append(&mut self, payloads: &[Vec<u8>]) -> Result<Vec<u64>, SpoolError> {
+        if let Some(p) = payloads.iter().find(|p| p.len() > MAX_RECORD) {
+            return Err(SpoolError::TooLarge {
+                bytes: p.len(),
+                max: MAX_RECORD,
+            });
+        }
         if self.torn {
             return Err(SpoolError::Io {
                 path: self.dir.clone(),
@@ -345,6 +355,24 @@ mod tests {
         let left: Vec<_> = s.unacked_from(0).map(|e| e.payload.clone()).collect();
         assert_eq!(left, vec![p("b"), p("c")]);
         assert_eq!(s.first_unacked(), 1);
+    }
+
+    #[test]
+    fn a_message_too_big_to_read_back_is_refused_and_later_ones_survive_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path()).unwrap();
+        s.append(&[p("before")]).unwrap();
+        let huge = vec![b'x'; MAX_RECORD + 1];
+        assert!(matches!(
+            s.append(&[p("with it"), huge]),
+            Err(SpoolError::TooLarge { .. })
+        ));
+        s.append(&[p("after")]).unwrap();
+        drop(s);
+        let s = Spool::open(d.path()).unwrap();
+        assert_eq!(s.torn_bytes, 0);
+        let left: Vec<_> = s.unacked_from(0).map(|e| e.payload.clone()).collect();
+        assert_eq!(left, vec![p("before"), p("after")]);
     }
 
     #[test]

@@ -1008,7 +1008,7 @@ async fn garbage_and_corrupt_frames_are_quarantined_in_the_lake_with_their_bytes
 /// A bus on an in-memory line whose far end is a scripted meter: `before` is
 /// already on the line, and every request it receives is answered with
 /// `reply` (if any). The task returns the requests seen once the bus is dropped.
-fn scripted_line(
+async fn scripted_line(
     before: Vec<u8>,
     reply: Option<Vec<u8>>,
 ) -> (Bus, tokio::task::JoinHandle<Vec<Frame>>) {
@@ -1024,8 +1024,10 @@ fn scripted_line(
         preamble: 0,
     };
     let bus = Bus::new("line", Box::new(ours), timing);
+    // On the line before the bus is used (written from the task, it could
+    // come after the request).
+    peer.write_all(&before).await.unwrap();
     let task = tokio::spawn(async move {
-        peer.write_all(&before).await.unwrap();
         let (mut buf, mut seen, mut chunk) = (Vec::new(), Vec::new(), [0u8; 256]);
         loop {
             let n = peer.read(&mut chunk).await.unwrap_or(0);
@@ -1071,7 +1073,7 @@ async fn a_relay_command_is_sent_once_and_without_a_clean_answer_its_outcome_is_
     ];
     for reply in [Some(corrupt_ack), None] {
         let corrupt = reply.is_some();
-        let (mut bus, meter) = scripted_line(vec![], reply);
+        let (mut bus, meter) = scripted_line(vec![], reply).await;
         let dir = tempfile::tempdir().unwrap();
         let audit = AuditLog::new(dir.path().join("audit.jsonl"));
         let order = RelayOrder::expiring_in(
@@ -1141,7 +1143,7 @@ async fn an_error_reply_already_on_the_line_is_not_taken_as_the_refusal_of_the_n
         0x68, 0x37, 0x03, 0x00, 0x92, 0x81, 0x39, 0x68, 0x91, 0x08, 0x33, 0x33, 0x34, 0x33, 0x37,
         0x33, 0x33, 0x33, 0x8C, 0x16,
     ];
-    let (mut bus, meter) = scripted_line(late_refusal, Some(answer));
+    let (mut bus, meter) = scripted_line(late_refusal, Some(answer)).await;
     let di: Di = "00010000".parse().unwrap();
     let m = meterflow::collector::config::ResolvedMeter {
         address: a,

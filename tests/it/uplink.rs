@@ -798,3 +798,32 @@ async fn collector_counts_nothing_as_collected_when_the_uplink_spool_is_full() {
     assert_eq!(stats.readings, 0, "refused readings are not collected");
     assert_eq!(stats.uplink_pending, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_left_above_its_alarm_level_raises_the_alarm_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody listens on port 1: the link stays down.
+    let cfg = || {
+        let mut c = UplinkConfig::new(
+            MqttConfig::new("mqtt://127.0.0.1:1", &uniq("uplink-alarm")),
+            "meterflow/sub-alarm/readings",
+            "sub-alarm",
+            dir.path().join("spool"),
+        );
+        c.cap_bytes = 1 << 20;
+        c.alarm_ratio = 0.000_1;
+        c
+    };
+    let uplink = Uplink::start(cfg()).unwrap();
+    assert!(!uplink.alarm());
+    uplink.send(awkward_readings(now_ms() - 3_600_000)).unwrap();
+    assert!(uplink.alarm());
+    uplink.shutdown().await;
+    let again = Uplink::start(cfg()).unwrap();
+    assert!(again.pending() > 0);
+    assert!(
+        again.alarm(),
+        "the spool is as full as when the last run stopped"
+    );
+    again.shutdown().await;
+}
