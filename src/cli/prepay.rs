@@ -277,6 +277,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
         webhook_attempts: 5,
         relay,
         alerts_topic: a.mqtt_url.as_ref().map(|_| a.alerts_topic.clone()),
+        skip_when_busy: false,
     };
     let client_id = format!("meterflow-prepay-{}", std::process::id());
     let delivered = deliver(

@@ -46,6 +46,14 @@ pub struct Durable {
 
 impl Durable {
     /// Queues acks after those already queued.
+    /// One message (no vector per message on the hot path).
+    fn ack_one(&mut self, conn: ConnId, p: Publish) {
+        match self.acks.last_mut() {
+            Some((c, ps)) if *c == conn => ps.push(p),
+            _ => self.acks.push((conn, vec![p])),
+        }
+    }
+
     fn ack(&mut self, conn: ConnId, publishes: Vec<Publish>) {
         match self.acks.last_mut() {
             Some((c, ps)) if *c == conn => ps.extend(publishes),
@@ -253,7 +261,7 @@ impl Decoding {
             self.parking.len() as f64,
         );
         for (conn, p) in batch {
-            job.durable.ack(conn, vec![p]);
+            job.durable.ack_one(conn, p);
         }
         job
     }

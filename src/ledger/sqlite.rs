@@ -359,7 +359,7 @@ impl Stmt {
 
 /// A cursor's stored position (text) inside a row mapping.
 fn position_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Decimal> {
-    let text: String = r.get(i)?;
+    let text = r.get_ref(i)?.as_str()?;
     text.parse::<Decimal>().map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
     })

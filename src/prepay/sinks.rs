@@ -36,6 +36,10 @@ pub struct Sinks {
     pub relay: Option<RelayDispatch>,
     /// MQTT topic for alerts (with a publisher passed to `deliver`).
     pub alerts_topic: Option<String>,
+    /// When another process is delivering into the same alerts dataset,
+    /// leave the alerts pending (`DeliverStats::busy`) instead of waiting:
+    /// `stream` must keep polling its broker connection.
+    pub skip_when_busy: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -49,6 +53,9 @@ pub struct DeliverStats {
     /// Alerts of the round a sink failed in, left pending for the next
     /// round or run (more may wait behind them).
     pub undelivered: usize,
+    /// Another process held the alerts dataset (`skip_when_busy`): what was
+    /// pending stays pending.
+    pub busy: bool,
     pub relay: RelayStats,
 }
 
@@ -135,7 +142,10 @@ pub fn write_alerts_dataset(
 /// Holds the dataset's delivery lock: one process at a time fetches, writes
 /// and marks a round, so two never write the same first alert's file with
 /// different rows (one would replace the other's delivered rows).
-fn lock_dataset(root: &std::path::Path) -> Result<std::fs::File, PrepayError> {
+fn lock_dataset(
+    root: &std::path::Path,
+    skip_when_busy: bool,
+) -> Result<Option<std::fs::File>, PrepayError> {
     let dir = root.join(ALERTS);
     crate::store::atomic::create_dir_durable(&dir)?;
     let path = dir.join("_deliver.lock");
@@ -145,8 +155,15 @@ fn lock_dataset(root: &std::path::Path) -> Result<std::fs::File, PrepayError> {
         .write(true)
         .open(&path)
         .map_err(|e| PrepayError::io(&path, e))?;
-    f.lock().map_err(|e| PrepayError::io(&path, e))?;
-    Ok(f)
+    if !skip_when_busy {
+        f.lock().map_err(|e| PrepayError::io(&path, e))?;
+        return Ok(Some(f));
+    }
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(PrepayError::io(&path, e)),
+    }
 }
 
 /// Reads every alert of the dataset (tests, demo).
@@ -256,7 +273,17 @@ fn deliver_in_rounds(
 ) -> Result<DeliverStats, PrepayError> {
     let mut stats = DeliverStats::default();
     loop {
-        let _lock = sinks.alerts_root.as_deref().map(lock_dataset).transpose()?;
+        let _lock = match &sinks.alerts_root {
+            Some(root) => match lock_dataset(root, sinks.skip_when_busy)? {
+                Some(f) => Some(f),
+                None => {
+                    tracing::info!("another process is delivering alerts: they stay pending");
+                    stats.busy = true;
+                    break;
+                }
+            },
+            None => None,
+        };
         let pending: Vec<OutboxMsg> = ledger.pending_outbox_of("alert", round)?;
         if pending.is_empty() {
             break;
@@ -485,6 +512,28 @@ mod tests {
             .collect();
         ids.sort();
         ids
+    }
+
+    #[test]
+    fn a_delivery_that_must_not_wait_leaves_alerts_pending_while_another_holds_the_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = ledger_with_alerts(dir.path(), &["A0"]);
+        let root = dir.path().join("out");
+        let other = lock_dataset(&root, false).unwrap().expect("locked");
+        let sinks = Sinks {
+            alerts_root: Some(root.clone()),
+            skip_when_busy: true,
+            ..Default::default()
+        };
+        let stats = deliver(ledger.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap();
+        assert!(stats.busy);
+        assert_eq!((stats.alerts, stats.undelivered), (0, 0));
+        assert_eq!(pending_ids(ledger.as_mut()), ["alert-A0"]);
+        drop(other);
+        let stats = deliver(ledger.as_mut(), &sinks, &mut |_, _| Ok(())).unwrap();
+        assert!(!stats.busy);
+        assert_eq!(stats.alerts, 1);
+        assert_eq!(dataset_ids(&root), ["alert-A0"]);
     }
 
     #[test]

@@ -175,6 +175,8 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         // Dispatched below, only when a commit ordered something.
         relay: None,
         alerts_topic: cfg.mqtt.alerts_topic.clone(),
+        // Blocking here would starve the readings connection's keepalive.
+        skip_when_busy: true,
     };
     // Dry run: orders stay pending for `prepay relay --execute` (docs/prepay.md).
     let relay = match &thresholds.control {
@@ -346,7 +348,7 @@ const SINK_RETRY: Duration = Duration::from_secs(5);
 /// When to deliver again after `d` if a sink failed: delivering after every
 /// batch would stall the stream on a dead webhook's retries.
 fn after_delivery(d: &DeliverStats) -> Option<Instant> {
-    (d.undelivered > 0).then(|| Instant::now() + SINK_RETRY)
+    (d.undelivered > 0 || d.busy).then(|| Instant::now() + SINK_RETRY)
 }
 
 /// Which meters deduct from tariff registers T1..T4 and which from intervals.
