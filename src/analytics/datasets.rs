@@ -808,11 +808,11 @@ fn arrears_risk(
     pays: &[Pays],
     bills: &BTreeMap<usize, Bills>,
 ) -> Table {
-    let Some(on) = on else { return Table::new() };
-    let on = on + Duration::days(1);
+    // No data: nobody is scored, the columns stay.
     let accs: Vec<usize> = (0..inp.accounts.len())
-        .filter(|a| inp.accounts[*a].payment_mode == PaymentMode::Postpaid)
+        .filter(|a| on.is_some() && inp.accounts[*a].payment_mode == PaymentMode::Postpaid)
         .collect();
+    let on = on.unwrap_or_default() + Duration::days(1);
     let mut pts: [Vec<Option<i64>>; 6] = Default::default();
     let (mut score, mut band, mut open) = (vec![], vec![], vec![]);
     for a in &accs {
@@ -861,7 +861,8 @@ fn arrears_backtest(
     pays: &[Pays],
 ) -> Table {
     let Some(last) = last else {
-        return Table::new();
+        // No data: no rows, the same columns.
+        return backtest_table(None, "", &BTreeMap::new()).take(&[]);
     };
     let mut bills = bill_dates(inp);
     let mut source = if inp.bills.is_empty() {
@@ -1088,8 +1089,10 @@ fn feeder_events(inp: &Inputs) -> Table {
 }
 
 fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
-    let Some(on) = as_of(inp, opts) else {
-        return Table::new();
+    // No data: no rows, the columns stay.
+    let (on, accounts) = match as_of(inp, opts) {
+        Some(on) => (on, inp.accounts.len()),
+        None => (NaiveDate::default(), 0),
     };
     let m = &inp.scan.monthly;
     let month = month_of(on);
@@ -1107,7 +1110,7 @@ fn usage_warnings(inp: &Inputs, opts: &AnalyzeOptions) -> Table {
     };
     let scale = Decimal::from(10_000);
     let mut rows = Vec::new();
-    for a in 0..inp.accounts.len() {
+    for a in 0..accounts {
         let Some(e4) = mtd(a) else { continue };
         let projected = e4 * dim as i128 / elapsed as i128;
         // Usual: mean of earlier full months (20+ days of data).

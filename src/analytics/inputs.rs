@@ -178,10 +178,13 @@ impl Inputs {
     }
 }
 
-/// Bill run directories under `runs` (or `runs` itself), newest revision of each period.
+/// Bill run directories: `runs` itself when it holds a run, and every
+/// folder under it that does. A run's `revision-N/` folders are part of the
+/// run (see `revisions`), never runs of their own.
 pub fn run_dirs(runs: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    if runs.join("manifest.json").exists() {
+    let is_run = runs.join("manifest.json").exists();
+    if is_run {
         out.push(runs.to_path_buf());
     }
     if let Ok(rd) = std::fs::read_dir(runs) {
@@ -189,11 +192,31 @@ pub fn run_dirs(runs: &Path) -> Vec<PathBuf> {
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.join("manifest.json").exists())
+            .filter(|p| !(is_run && revision_number(p).is_some()))
             .collect();
         subs.sort();
         out.extend(subs);
     }
     out
+}
+
+/// N of a `revision-N` folder.
+fn revision_number(dir: &Path) -> Option<u32> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("revision-")?
+        .parse()
+        .ok()
+}
+
+/// The committed revisions of a run (`revision-1/`, `revision-2/`, ... as
+/// long as each has a manifest), oldest first: what `meterflow bill` counts
+/// when it writes the next one.
+pub fn revisions(run: &Path) -> Vec<PathBuf> {
+    (1..)
+        .map(|n| run.join(format!("revision-{n}")))
+        .take_while(|d| d.join("manifest.json").exists())
+        .collect()
 }
 
 /// The manifest of a run directory as JSON.
@@ -216,7 +239,9 @@ pub fn load_bill_runs(runs: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
     Ok(out)
 }
 
-/// Bills of one run directory (`bills.parquet` + `manifest.json`).
+/// Bills of one run: its `bills.parquet`, each revision's rows replacing
+/// the bills of the accounts it adjusts (docs/billing.md, "Re-runs and
+/// adjustments"). One bill per account, dated the end of the run's period.
 pub fn load_bills(dir: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
     let m = manifest(dir)?;
     let bill_date = m["period_end_exclusive"]
@@ -228,11 +253,32 @@ pub fn load_bills(dir: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
                 dir.display()
             ))
         })?;
-    let path = dir.join("bills.parquet");
+    let mut out: Vec<BillRow> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for d in std::iter::once(dir.to_path_buf()).chain(revisions(dir)) {
+        for b in read_bills_file(&d.join("bills.parquet"), bill_date)? {
+            match at.get(&b.account_id) {
+                Some(i) => out[*i] = b,
+                None => {
+                    at.insert(b.account_id.clone(), out.len());
+                    out.push(b);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of one `bills.parquet` (none when the file is missing).
+fn read_bills_file(path: &Path, bill_date: NaiveDate) -> Result<Vec<BillRow>, AnalyticsError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let t = Table::read_parquet(&path)?;
+    let t = Table::read_parquet(path)?;
+    if t.rows() == 0 {
+        // A revision that changed no bill.
+        return Ok(Vec::new());
+    }
     let (Some(Col::Str(acc)), Some(Col::Str(period))) = (t.col("account_id"), t.col("period"))
     else {
         return Err(AnalyticsError::Invalid(format!(
@@ -271,5 +317,63 @@ pub fn rescale(raw: i128, from: u8, to: u8) -> i128 {
     } else {
         let d = rust_decimal::Decimal::from_i128_with_scale(raw, from as u32).round_dp(to as u32);
         d.mantissa() * 10i128.pow(to as u32 - d.scale().min(to as u32))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run (or revision) folder: manifest and bills of (account, total yuan e2).
+    fn write_run(dir: &Path, revision: i64, bills: &[(&str, i128)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let m = serde_json::json!({
+            "period": "2026-10",
+            "period_end_exclusive": "2026-11-01",
+            "revision": revision,
+        });
+        std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+        let text =
+            |f: &dyn Fn(&str) -> String| Col::Str(bills.iter().map(|b| Some(f(b.0))).collect());
+        Table::new()
+            .with("account_id", text(&|a| a.to_string()))
+            .with("period", text(&|_| "2026-10".to_string()))
+            .with(
+                "kwh",
+                Col::Dec(bills.iter().map(|_| Some(1_000_000)).collect(), 4),
+            )
+            .with(
+                "total",
+                Col::Dec(bills.iter().map(|b| Some(b.1)).collect(), 2),
+            )
+            .write_parquet(&dir.join("bills.parquet"))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_revision_replaces_the_bills_of_the_accounts_it_adjusts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("2026-10");
+        write_run(&run, 0, &[("A1", 10_000), ("A2", 5_000)]);
+        write_run(&run.join("revision-1"), 1, &[("A2", 6_000)]);
+        write_run(&run.join("revision-2"), 2, &[]);
+        // The run folder itself, or the folder of runs: one bill per account either way.
+        for runs in [&run, &tmp.path().to_path_buf()] {
+            assert_eq!(run_dirs(runs), vec![run.clone()]);
+            let bills = load_bill_runs(runs).unwrap();
+            let totals: Vec<(&str, i128)> = bills
+                .iter()
+                .map(|b| (b.account_id.as_str(), b.total_e2))
+                .collect();
+            assert_eq!(totals, vec![("A1", 10_000), ("A2", 6_000)]);
+            assert!(bills
+                .iter()
+                .all(|b| b.bill_date == NaiveDate::from_ymd_opt(2026, 11, 1).unwrap()));
+        }
+        // The operator query shows the bill as last revised, once.
+        let q = super::super::query::bills(tmp.path(), "A2").unwrap();
+        assert_eq!(q.rows(), 1);
+        assert_eq!(q.col("total"), Some(&Col::Dec(vec![Some(6_000)], 2)));
+        assert_eq!(q.col("revision"), Some(&Col::Int(vec![Some(1)])));
     }
 }

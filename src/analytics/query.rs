@@ -5,7 +5,7 @@ use std::path::Path;
 
 use chrono::NaiveDate;
 
-use super::inputs::{manifest, run_dirs};
+use super::inputs::{manifest, revisions, run_dirs};
 use super::scan::{scan_lake, DayBatch, ScanPlan, SCALE};
 use super::table::{Col, Table};
 use super::AnalyticsError;
@@ -83,39 +83,18 @@ pub fn usage(
         ))
 }
 
-/// Bills of one account in every run directory under `runs`.
+/// Bills of one account in every run directory under `runs`: per run the
+/// bill as issued or, when a revision adjusted it, as last revised.
 pub fn bills(runs: &Path, account: &str) -> Result<Table, AnalyticsError> {
     let mut out: Option<Table> = None;
-    for dir in run_dirs(runs) {
-        let path = dir.join("bills.parquet");
-        if !path.exists() {
-            continue;
+    for run in run_dirs(runs) {
+        let mut latest: Option<Table> = None;
+        for dir in std::iter::once(run.clone()).chain(revisions(&run)) {
+            if let Some(part) = account_bill(&dir, account)? {
+                latest = Some(part);
+            }
         }
-        let m = manifest(&dir)?;
-        let t = Table::read_parquet(&path)?;
-        let Some(Col::Str(acc)) = t.col("account_id") else {
-            continue;
-        };
-        let keep: Vec<usize> = (0..t.rows())
-            .filter(|i| acc[*i].as_deref() == Some(account))
-            .collect();
-        let mut part = t.take(&keep);
-        let want = [
-            "run_id",
-            "period",
-            "tariff_id",
-            "days",
-            "kwh",
-            "total",
-            "estimated",
-            "flags",
-            "adjustment",
-        ];
-        part.columns.retain(|(n, _)| want.contains(&n.as_str()));
-        part.columns.push((
-            "revision".into(),
-            Col::Int(keep.iter().map(|_| m["revision"].as_i64()).collect()),
-        ));
+        let Some(part) = latest else { continue };
         out = Some(match out {
             None => part,
             Some(mut o) => {
@@ -129,6 +108,43 @@ pub fn bills(runs: &Path, account: &str) -> Result<Table, AnalyticsError> {
         });
     }
     Ok(out.unwrap_or_default())
+}
+
+/// The account's rows of one run or revision folder, with its revision number.
+fn account_bill(dir: &Path, account: &str) -> Result<Option<Table>, AnalyticsError> {
+    let path = dir.join("bills.parquet");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let t = Table::read_parquet(&path)?;
+    let Some(Col::Str(acc)) = t.col("account_id") else {
+        return Ok(None);
+    };
+    let keep: Vec<usize> = (0..t.rows())
+        .filter(|i| acc[*i].as_deref() == Some(account))
+        .collect();
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    let m = manifest(dir)?;
+    let mut part = t.take(&keep);
+    let want = [
+        "run_id",
+        "period",
+        "tariff_id",
+        "days",
+        "kwh",
+        "total",
+        "estimated",
+        "flags",
+        "adjustment",
+    ];
+    part.columns.retain(|(n, _)| want.contains(&n.as_str()));
+    part.columns.push((
+        "revision".into(),
+        Col::Int(keep.iter().map(|_| m["revision"].as_i64()).collect()),
+    ));
+    Ok(Some(part))
 }
 
 fn append_col(a: &mut Col, b: Col) {

@@ -49,17 +49,13 @@ pub fn band(score: i64) -> &'static str {
 }
 
 pub fn score(f: &RiskFacts, on: NaiveDate) -> RiskScore {
-    let late = if f.days_to_pay.is_empty() {
-        0
-    } else {
-        let mean = f.days_to_pay.iter().sum::<i64>() / f.days_to_pay.len() as i64;
-        match mean {
-            m if m > 30 => 30,
-            m if m > 20 => 20,
-            m if m > 10 => 10,
-            _ => 0,
-        }
-    };
+    // Mean > t compared as sum > t x n: exact (a mean of 10.5 is over 10).
+    let n = f.days_to_pay.len() as i128;
+    let sum: i128 = f.days_to_pay.iter().map(|d| *d as i128).sum();
+    let late = [30, 20, 10]
+        .into_iter()
+        .find(|t| n > 0 && sum > t * n)
+        .unwrap_or(0) as i64;
     let overdue = (25 * f.overdue_bills as i64).min(50);
     let no_payment = if f.has_payment { 0 } else { 15 };
     let jump = match f.usage_ratio {
@@ -112,6 +108,23 @@ mod tests {
         let s = score(&f, day("2026-10-31"));
         assert_eq!(s.points, [20, 25, 0, 0, 0, 0]);
         assert_eq!(s.band, "high");
+    }
+
+    #[test]
+    fn a_mean_delay_just_over_a_threshold_earns_its_points() {
+        let late = |days: Vec<i64>| {
+            let f = RiskFacts {
+                days_to_pay: days,
+                has_payment: true,
+                ..Default::default()
+            };
+            score(&f, day("2026-10-31")).points[0]
+        };
+        assert_eq!(late(vec![10, 11]), 10, "mean 10.5 is over 10");
+        assert_eq!(late(vec![10, 10]), 0, "mean 10 is not");
+        assert_eq!(late(vec![20, 21]), 20);
+        assert_eq!(late(vec![30, 31]), 30);
+        assert_eq!(late(vec![]), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! no longer change. Everything exact: energy is i64 in units of 0.0001 kWh
 //! (the lake's scale).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use arrow::array::{Array, StringArray};
@@ -476,9 +476,62 @@ struct State<'p> {
     /// Days before this one were handed on.
     flushed_before: Option<NaiveDate>,
     late: LateRows,
+    /// Accounts with several meters, and their meters.
+    siblings: Vec<(u32, Vec<u32>)>,
+    /// Account-days already counted (days, day-type and month counts,
+    /// trend) when handed on while another meter of the account was still
+    /// in a gap: a late row for them adds energy only.
+    counted: HashSet<(NaiveDate, u32)>,
     scan: Scan,
     /// Reused between flushes.
     rows: DayRows,
+}
+
+impl<'p> State<'p> {
+    fn new(plan: &'p ScanPlan<'p>) -> State<'p> {
+        let meters = plan.meters;
+        let mut of_account: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for (m, a) in plan.meter_account.iter().enumerate() {
+            if let Some(a) = a {
+                of_account.entry(*a).or_default().push(m as u32);
+            }
+        }
+        State {
+            plan,
+            mult: meters.iter().map(Mult::of).collect(),
+            modulus: meters
+                .iter()
+                .map(|m| {
+                    (m.modulus() * Decimal::from(10_000))
+                        .try_into()
+                        .unwrap_or(i64::MAX)
+                })
+                .collect(),
+            last: vec![(i64::MIN, 0, false); meters.len() * NREG],
+            heard: vec![false; meters.len()],
+            volt_open: HashMap::new(),
+            open: Vec::new(),
+            pool: Vec::new(),
+            flushed_before: None,
+            late: BTreeMap::new(),
+            siblings: of_account
+                .into_iter()
+                .filter(|(_, ms)| ms.len() > 1)
+                .map(|(a, ms)| (a as u32, ms))
+                .collect(),
+            counted: HashSet::new(),
+            scan: Scan {
+                accounts: vec![AccountStats::default(); plan.accounts],
+                mtd: if plan.mtd_as_of.is_some() {
+                    vec![0; plan.accounts]
+                } else {
+                    Vec::new()
+                },
+                ..Scan::default()
+            },
+            rows: Default::default(),
+        }
+    }
 }
 
 /// Sink of completed account-days (e.g. the `daily_usage` writer).
@@ -510,35 +563,7 @@ pub fn scan_lake(
         id_of: &id_of,
         elsewhere: None,
     };
-    let mut st = State {
-        plan,
-        mult: meters.iter().map(Mult::of).collect(),
-        modulus: meters
-            .iter()
-            .map(|m| {
-                (m.modulus() * Decimal::from(10_000))
-                    .try_into()
-                    .unwrap_or(i64::MAX)
-            })
-            .collect(),
-        last: vec![(i64::MIN, 0, false); meters.len() * NREG],
-        heard: vec![false; meters.len()],
-        volt_open: HashMap::new(),
-        open: Vec::new(),
-        pool: Vec::new(),
-        flushed_before: None,
-        late: BTreeMap::new(),
-        scan: Scan {
-            accounts: vec![AccountStats::default(); plan.accounts],
-            mtd: if plan.mtd_as_of.is_some() {
-                vec![0; plan.accounts]
-            } else {
-                Vec::new()
-            },
-            ..Scan::default()
-        },
-        rows: Default::default(),
-    };
+    let mut st = State::new(plan);
     // (collector, bus) -> counts, and a bitmap of the meters seen.
     let mut stats: HashMap<(String, String), (CollectorStats, Vec<u64>)> = HashMap::new();
     let files = reader::list_files(lake, "readings", NaiveDate::MIN, NaiveDate::MAX)?;
@@ -603,11 +628,11 @@ impl State<'_> {
         meters: usize,
         sink: &mut DaySink<'_>,
     ) -> Result<(), AnalyticsError> {
-        let total = scans
-            .iter()
-            .map(|s| s.as_ref().map_or(0, |s| s.regs.len()))
-            .sum();
-        let mut regs: Vec<RegUpdate> = Vec::with_capacity(total);
+        let count = |f: fn(&FileScan) -> usize| {
+            scans.iter().map(|s| s.as_ref().map_or(0, f)).sum::<usize>()
+        };
+        let mut regs: Vec<RegUpdate> = Vec::with_capacity(count(|s| s.regs.len()));
+        let mut intervals = Vec::with_capacity(count(|s| s.intervals.len()));
         let mut volts = Vec::new();
         for s in scans {
             let s = s?;
@@ -633,11 +658,12 @@ impl State<'_> {
                 }
             }
             regs.extend_from_slice(&s.regs);
-            self.intervals(&s.intervals);
+            intervals.extend_from_slice(&s.intervals);
             volts.extend(s.volts);
         }
         self.apply_registers(&regs, counts);
         drop(regs);
+        self.intervals(intervals);
         self.apply_volts(volts);
         // Days well behind this partition can no longer change.
         let before = date - Duration::days(OPEN_DAYS);
@@ -701,10 +727,11 @@ impl State<'_> {
         }
         self.last[key] = (u.ts, u.raw, u.est);
         let (m, r) = (key / NREG, key % NREG);
-        let span = ((u.ts - tp) as f64 / DAY_MS as f64).round() as i64;
-        if span < 1 {
-            return;
-        }
+        // Whole days between the snapshots, rounded: a daily snapshot a little
+        // early or late is still the next day's. Snapshots less than half a
+        // day apart (collectors read every 15 minutes) give 0: their energy
+        // accumulates into the day of the earlier one.
+        let span = u.ts.saturating_sub(tp).saturating_add(DAY_MS / 2) / DAY_MS;
         let mut delta = u.raw - vp;
         if delta < 0 {
             let modulus = self.modulus[m];
@@ -732,6 +759,7 @@ impl State<'_> {
         let start = local_date(tp, self.plan.utc_offset_secs);
         let slot = self.plan.meter_account[m].unwrap_or(self.plan.accounts);
         let est = span > 1 || ep || u.est;
+        let span = span.max(1);
         // Spread a multi-day gap evenly; the remainder goes to the last day.
         let each = primary / span;
         for k in 0..span {
@@ -775,9 +803,19 @@ impl State<'_> {
         buf.flags[slot] |= TOUCHED | (1 << r) | if est { EST } else { 0 };
     }
 
-    fn intervals(&mut self, rows: &[(u32, i64, i64)]) {
+    /// One partition's interval rows. A row repeated under the same (meter,
+    /// ts), e.g. a compaction that crashed before removing its inputs, counts
+    /// once: the first in file order.
+    fn intervals(&mut self, mut rows: Vec<(u32, i64, i64)>) {
+        if rows
+            .windows(2)
+            .any(|w| (w[0].0, w[0].1) >= (w[1].0, w[1].1))
+        {
+            rows.sort_by_key(|r| (r.0, r.1));
+            rows.dedup_by_key(|r| (r.0, r.1));
+        }
         let off = self.plan.utc_offset_secs;
-        for &(m, ts, raw) in rows {
+        for (m, ts, raw) in rows {
             let e4 = self.mult[m as usize].apply(raw);
             // Interval energy belongs to the interval ending at ts: use its start.
             let start = ts - 1;
@@ -842,6 +880,15 @@ impl State<'_> {
         while !self.open.is_empty() && before.is_none_or(|b| self.open[0].date < b) {
             let mut buf = self.open.remove(0);
             let n = self.plan.accounts;
+            // Once the pass is over no gap can close into this day any more.
+            if before.is_some() {
+                for (a, ms) in &self.siblings {
+                    let total = buf.flags[*a as usize] & 1 != 0;
+                    if total && ms.iter().any(|m| self.in_gap(*m as usize, buf.date)) {
+                        self.counted.insert((buf.date, *a));
+                    }
+                }
+            }
             let (accs, regs, ests) = &mut self.rows;
             accs.clear();
             regs.clear();
@@ -864,13 +911,22 @@ impl State<'_> {
                 buf.flags[a] = 0;
             }
             let rows = std::mem::take(&mut self.rows);
-            self.day(buf.date, &rows, sink)?;
+            self.day(buf.date, &rows, false, sink)?;
             self.rows = rows;
             self.pool.push(buf);
         }
         let done = before.unwrap_or(NaiveDate::MAX);
         self.flushed_before = Some(self.flushed_before.map_or(done, |f| f.max(done)));
         Ok(())
+    }
+
+    /// Whether meter `m` may still add energy to day `d` once its next
+    /// snapshot comes: its last one is on or before `d`, and it was not
+    /// removed before `d`.
+    fn in_gap(&self, m: usize, d: NaiveDate) -> bool {
+        let tp = self.last[m * NREG].0;
+        let removed = self.plan.meters[m].removed_on.is_some_and(|r| r < d);
+        tp != i64::MIN && !removed && local_date(tp, self.plan.utc_offset_secs) <= d
     }
 
     fn flush_late(&mut self, sink: &mut DaySink<'_>) -> Result<(), AnalyticsError> {
@@ -880,7 +936,7 @@ impl State<'_> {
         let mut cur: Option<NaiveDate> = None;
         for ((d, a), (r, e)) in late {
             if cur.is_some_and(|c| c != d) {
-                self.day(cur.expect("set"), &rows, sink)?;
+                self.day(cur.expect("set"), &rows, true, sink)?;
                 rows = Default::default();
             }
             cur = Some(d);
@@ -889,16 +945,19 @@ impl State<'_> {
             rows.2.push(e);
         }
         if let Some(c) = cur {
-            self.day(c, &rows, sink)?;
+            self.day(c, &rows, true, sink)?;
         }
         Ok(())
     }
 
-    /// A completed day: accumulators, then the sink.
+    /// A completed day: accumulators, then the sink. `late`: rows completed
+    /// after the day was handed on; an account-day already counted then
+    /// adds its energy, not another day.
     fn day(
         &mut self,
         date: NaiveDate,
         rows: &DayRows,
+        late: bool,
         sink: &mut DaySink<'_>,
     ) -> Result<(), AnalyticsError> {
         let (accs, regs, ests) = rows;
@@ -927,21 +986,23 @@ impl State<'_> {
             }
             let Some(v) = r[0] else { continue };
             any = true;
-            s.days += 1;
+            let new_day = u32::from(!(late && self.counted.contains(&(date, a as u32))));
+            s.days += new_day;
             s.sum += v;
             if weekend {
                 s.weekend_sum += v;
-                s.weekend_days += 1;
+                s.weekend_days += new_day;
             } else {
                 s.weekday_sum += v;
-                s.weekday_days += 1;
+                s.weekday_days += new_day;
             }
-            s.sx += x;
-            s.sxx += x * x;
+            // One point per day: a late part moves the day's value, sxy is linear in it.
+            s.sx += x * new_day as i64;
+            s.sxx += x * x * new_day as i64;
             s.sxy += x * v;
             let mo = &mut self.scan.monthly.by_month[k][a];
             mo.e4 += v;
-            mo.days += 1;
+            mo.days += new_day as u16;
             mo.estimated |= ests[i];
             if mtd.is_some() {
                 self.scan.mtd[a] += v;
@@ -1112,23 +1173,7 @@ mod tests {
             peak_groups: &[],
             mtd_as_of: None,
         };
-        let mut st = State {
-            plan: &plan,
-            mult: meters.iter().map(Mult::of).collect(),
-            modulus: vec![10i64.pow(digits as u32) * 10_000],
-            last: vec![(i64::MIN, 0, false); NREG],
-            heard: vec![false],
-            volt_open: HashMap::new(),
-            open: Vec::new(),
-            pool: Vec::new(),
-            flushed_before: None,
-            late: BTreeMap::new(),
-            scan: Scan {
-                accounts: vec![AccountStats::default()],
-                ..Scan::default()
-            },
-            rows: Default::default(),
-        };
+        let mut st = State::new(&plan);
         let mut out = Vec::new();
         let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
             for i in 0..b.accounts.len() {
@@ -1166,6 +1211,22 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_every_15_minutes_add_up_to_their_day() {
+        // Two days read every 15 minutes (and midnight after), 1 kWh per interval.
+        let snaps: Vec<(i64, i64)> = (0..=192).map(|k| (k * 900_000, k * 10_000)).collect();
+        let (days, scan) = feed(6, &snaps);
+        assert_eq!(
+            days,
+            vec![
+                (epoch(), 960_000, false),
+                (epoch().succ_opt().unwrap(), 960_000, false)
+            ]
+        );
+        assert!(scan.events.is_empty(), "no gap: {:?}", scan.events);
+        assert_eq!(scan.accounts[0].days, 2);
+    }
+
+    #[test]
     fn a_register_wrapping_at_its_modulus_is_a_rollover_not_a_fall() {
         // 4-digit register: 9999.0 -> 0001.0 is 2 kWh.
         let (days, scan) = feed(4, &[(0, 99_990_000), (DAY_MS, 10_000)]);
@@ -1200,23 +1261,7 @@ mod tests {
         // Same snapshots, the last two in one partition in reverse order.
         let mut st_days = Vec::new();
         {
-            let mut st = State {
-                plan: &plan,
-                mult: meters.iter().map(Mult::of).collect(),
-                modulus: vec![10i64.pow(6) * 10_000],
-                last: vec![(i64::MIN, 0, false); NREG],
-                heard: vec![false],
-                volt_open: HashMap::new(),
-                open: Vec::new(),
-                pool: Vec::new(),
-                flushed_before: None,
-                late: BTreeMap::new(),
-                scan: Scan {
-                    accounts: vec![AccountStats::default()],
-                    ..Scan::default()
-                },
-                rows: Default::default(),
-            };
+            let mut st = State::new(&plan);
             let u = |ts, raw| RegUpdate {
                 key: 0,
                 ts,

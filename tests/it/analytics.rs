@@ -534,3 +534,257 @@ fn backtest_scores_at_a_cutoff_with_history_before_it() {
     assert_eq!(n[0].unwrap() + n[1].unwrap() + n[2].unwrap(), n[3].unwrap());
     assert!(n[3].unwrap() > 0);
 }
+
+/// Local midnight (UTC+8) of a day in 2026, in UTC milliseconds.
+fn midnight(month: u32, day: u32) -> i64 {
+    chrono::NaiveDate::from_ymd_opt(2026, month, day)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis()
+        - 8 * 3_600_000
+}
+
+/// A lake folder with master data in `master/` (meters as (meter, account),
+/// each account postpaid residential) and `readings` committed to the lake.
+fn small_lake(
+    meters: &[(&str, &str)],
+    readings: &[meterflow::model::Reading],
+) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let master = d.path().join("master");
+    std::fs::create_dir_all(&master).unwrap();
+    let mut accounts = String::from(
+        "account_id,name,phone,id_number,address,district,age_band,occupation,gender,\
+         customer_class,tariff_id,payment_mode,contracted_kva,household_size,opened_on\n",
+    );
+    let mut meter_rows = String::from(
+        "meter_id,account_id,meter_type,ct_ratio,pt_ratio,register_digits,installed_on,removed_on,feeder\n",
+    );
+    let mut seen = BTreeSet::new();
+    for (m, a) in meters {
+        if seen.insert(*a) {
+            accounts.push_str(&format!(
+                "{a},王伟,13800000000,110101199001011234,北京市海淀区学院路1号,海淀区,30-44,\
+                 teacher,male,residential,bj-residential-monthly,postpaid,0,2,2015-01-01\n"
+            ));
+        }
+        meter_rows.push_str(&format!("{m},{a},residential_1p,1,1,6,2015-01-01,,F001\n"));
+    }
+    std::fs::write(master.join("accounts.csv"), accounts).unwrap();
+    std::fs::write(master.join("meters.csv"), meter_rows).unwrap();
+    std::fs::create_dir_all(d.path().join("readings")).unwrap();
+    if !readings.is_empty() {
+        let mut lake =
+            meterflow::store::Lake::open(d.path(), meterflow::store::LakeOptions::new("t"))
+                .unwrap();
+        lake.accept(readings).unwrap();
+        lake.flush().unwrap();
+    }
+    d
+}
+
+/// `meterflow analyze` of a lake made by `small_lake`.
+fn analyze_lake(lake: &Path, out: &Path) {
+    run(
+        &[
+            "analyze",
+            "--lake",
+            lake.to_str().unwrap(),
+            "--master",
+            lake.join("master").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+}
+
+fn table(dir: &Path, name: &str) -> Table {
+    Table::read_parquet(&dir.join(format!("{name}.parquet"))).unwrap()
+}
+
+fn ints(t: &Table, name: &str) -> Vec<Option<i64>> {
+    match t.col(name) {
+        Some(Col::Int(v)) => v.clone(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+fn kwh_e4(t: &Table, name: &str) -> Vec<Option<i128>> {
+    match t.col(name) {
+        Some(Col::Dec(v, 4)) => v.clone(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+fn comm_losses(out: &Path) -> usize {
+    let t = table(out, "outage_events");
+    (0..t.rows())
+        .filter(|i| t.col("kind").unwrap().text(*i) == "comm_loss")
+        .count()
+}
+
+/// One meter read every 15 minutes from local midnight 1 October to local
+/// midnight 3 October, its register rising 1 kWh per interval.
+fn quarter_hourly_lake() -> tempfile::TempDir {
+    use meterflow::model::Channel;
+    let readings: Vec<_> = (0..=192i64)
+        .map(|k| {
+            super::common::reading(
+                "M1",
+                midnight(10, 1) + k * 900_000,
+                Channel::ImportActiveTotal,
+                rust_decimal::Decimal::from(k),
+            )
+        })
+        .collect();
+    small_lake(&[("M1", "A1")], &readings)
+}
+
+#[test]
+fn registers_read_every_15_minutes_give_each_day_its_energy() {
+    let lake = quarter_hourly_lake();
+    let out = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), out.path());
+    let daily = table(out.path(), "daily_usage");
+    assert_eq!(kwh_e4(&daily, "kwh"), vec![Some(960_000), Some(960_000)]);
+    assert_eq!(
+        daily.col("estimated"),
+        Some(&Col::Bool(vec![Some(false), Some(false)]))
+    );
+    assert_eq!(comm_losses(out.path()), 0, "the meter was heard");
+    let habits = table(out.path(), "usage_habits");
+    assert_eq!(ints(&habits, "days"), vec![Some(2)]);
+    assert_eq!(kwh_e4(&habits, "avg_daily_kwh"), vec![Some(960_000)]);
+    let fleet = table(out.path(), "fleet_daily");
+    assert_eq!(kwh_e4(&fleet, "kwh")[..2], [Some(960_000), Some(960_000)]);
+}
+
+#[test]
+fn a_day_of_an_account_with_two_meters_counts_once_after_a_long_gap() {
+    // Meters M1 (10 kWh a day) and M2 (5 kWh a day) of one account, read at
+    // local midnight 1 October to 1 November; M2 misses 10..14 October.
+    use meterflow::model::Channel;
+    let mut readings = Vec::new();
+    for day in 0..=31i64 {
+        let ts = midnight(10, 1) + day * 86_400_000;
+        let reg = |m: &str, per_day: i64| {
+            super::common::reading(
+                m,
+                ts,
+                Channel::ImportActiveTotal,
+                rust_decimal::Decimal::from(per_day * day),
+            )
+        };
+        readings.push(reg("M1", 10));
+        if !(9..=13).contains(&day) {
+            readings.push(reg("M2", 5));
+        }
+    }
+    let lake = small_lake(&[("M1", "A1"), ("M2", "A1")], &readings);
+    let out = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), out.path());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("analytics.json")).unwrap()).unwrap();
+    assert!(
+        summary["late_rows"].as_u64().unwrap() > 0,
+        "the gap closes after some of its days were written"
+    );
+    let habits = table(out.path(), "usage_habits");
+    assert_eq!(ints(&habits, "days"), vec![Some(31)]);
+    assert_eq!(kwh_e4(&habits, "avg_daily_kwh"), vec![Some(150_000)]);
+    let history = table(out.path(), "history_change");
+    assert_eq!(ints(&history, "days"), vec![Some(31)]);
+    assert_eq!(kwh_e4(&history, "kwh"), vec![Some(31 * 150_000)]);
+}
+
+#[test]
+fn a_readings_file_copied_under_a_second_name_changes_nothing() {
+    // One day of 15-minute interval energy (more in the evening) and the
+    // register snapshots around it.
+    use meterflow::model::Channel;
+    let mut readings = Vec::new();
+    for k in 1..=96i64 {
+        let hour = (k - 1) / 4;
+        readings.push(super::common::reading(
+            "M1",
+            midnight(10, 12) + k * 900_000,
+            Channel::ImportActiveInterval,
+            rust_decimal::Decimal::new(if hour >= 18 { 50 } else { 10 }, 2),
+        ));
+    }
+    for (day, v) in [(12, 0), (13, 16)] {
+        readings.push(super::common::reading(
+            "M1",
+            midnight(10, day),
+            Channel::ImportActiveTotal,
+            rust_decimal::Decimal::from(v),
+        ));
+    }
+    let lake = small_lake(&[("M1", "A1")], &readings);
+    let once = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), once.path());
+    let files = meterflow::store::reader::list_files(
+        lake.path(),
+        "readings",
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap();
+    assert!(!files.is_empty());
+    for (_, f) in files {
+        let stem = f.file_stem().unwrap().to_str().unwrap().to_string();
+        std::fs::copy(&f, f.with_file_name(format!("{stem}-copy.parquet"))).unwrap();
+    }
+    let twice = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), twice.path());
+    let peak = table(once.path(), "peak_periods");
+    assert!(peak.rows() > 0);
+    assert_eq!(table(twice.path(), "peak_periods"), peak);
+    assert_eq!(
+        table(twice.path(), "daily_usage"),
+        table(once.path(), "daily_usage")
+    );
+}
+
+/// Column names and types of a Parquet file (also of one with no rows).
+fn parquet_schema(path: &Path) -> Vec<(String, String)> {
+    let f = std::fs::File::open(path).unwrap();
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    r.schema()
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .collect()
+}
+
+#[test]
+fn an_empty_lake_gives_every_dataset_with_its_columns_and_no_rows() {
+    let empty = small_lake(&[("M1", "A1")], &[]);
+    let out = tempfile::tempdir().unwrap();
+    analyze_lake(empty.path(), out.path());
+    let full_lake = quarter_hourly_lake();
+    let full = tempfile::tempdir().unwrap();
+    analyze_lake(full_lake.path(), full.path());
+    let files = data_team_files(full.path()).unwrap();
+    assert!(files.len() >= 14, "{files:?}");
+    for f in files {
+        let name = f.file_name().unwrap();
+        let got = out.path().join(name);
+        assert!(got.exists(), "{name:?} missing");
+        assert_eq!(parquet_schema(&got), parquet_schema(&f), "{name:?}");
+    }
+    for name in [
+        "daily_usage",
+        "arrears_risk",
+        "arrears_backtest",
+        "usage_warnings",
+    ] {
+        let f = std::fs::File::open(out.path().join(format!("{name}.parquet"))).unwrap();
+        let r = parquet::file::reader::SerializedFileReader::new(f).unwrap();
+        use parquet::file::reader::FileReader;
+        assert_eq!(r.metadata().file_metadata().num_rows(), 0, "{name}");
+    }
+}
