@@ -320,6 +320,20 @@ pub fn bill_account(
                     continue;
                 }
                 let (Some(a), Some(c)) = (vals[b - 1][reg], vals[b + 1][reg]) else {
+                    // A neighbour clamped onto the split (a meter removed or
+                    // installed there) makes it degenerate; otherwise the
+                    // total is as unknown as at any other bound.
+                    let degenerate =
+                        st.bounds[b] == st.bounds[b - 1] || st.bounds[b] == st.bounds[b + 1];
+                    if reg == REG_TOTAL && !degenerate {
+                        return Err(Exception::new(
+                            "no_reading",
+                            format!(
+                                "meter {}: no import_active_total reading near {} (UTC ms {}) nor around it to share by time",
+                                m.meter_id, plan.dates[b], st.bounds[b]
+                            ),
+                        ));
+                    }
                     if (REG_T1..REG_T1 + 4).contains(&reg) {
                         tou_registers_ok = false;
                     }

@@ -35,6 +35,8 @@ pub const MINIMUM: u8 = 3;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorBill {
     pub period: String,
+    /// The day after the bill's period, when it could first be paid.
+    pub issued: NaiveDate,
     pub due: NaiveDate,
     pub amount: Decimal,
 }
@@ -110,10 +112,12 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
         let d: NaiveDate = due
             .parse()
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
+        let issued = BillPeriod::parse(r.period).map_err(bad)?.end;
         out.insert(
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
+                issued,
                 due: d,
                 amount: r.total,
             },
@@ -298,10 +302,11 @@ pub fn late_fee_lines(
     if bills.is_empty() {
         return vec![];
     }
-    // `payments` is the account's whole history, advance payments included:
-    // it settles the given bills oldest first (docs/billing.md says why every
-    // unsettled run must be given).
-    let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
+    // `payments` is the account's whole history: what was paid before the
+    // oldest given bill was issued paid earlier bills (docs/billing.md).
+    let since = bills.iter().map(|b| b.issued).min().expect("not empty");
+    let mut pays: Vec<(NaiveDate, Decimal)> =
+        payments.iter().filter(|p| p.0 >= since).copied().collect();
     pays.sort();
     // yuan-days per rate class
     let mut yuan_days = [Decimal::ZERO; 3];
@@ -378,6 +383,7 @@ mod tests {
     fn sept_bill(amount: Decimal) -> PriorBill {
         PriorBill {
             period: "2026-09".into(),
+            issued: d("2026-10-01"),
             due: d("2026-10-15"),
             amount,
         }
@@ -421,14 +427,39 @@ mod tests {
     }
 
     #[test]
-    fn a_payment_made_in_advance_counts_against_the_bill_it_was_made_for() {
+    fn payments_made_before_the_oldest_given_bill_was_issued_paid_earlier_bills() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        // 200 paid on 25 September, before September's bill was issued.
+        // A customer who always paid on time (August's bill on 10 September,
+        // and every month before) and has not paid September's.
+        let history = [
+            (d("2026-07-10"), dec!(180)),
+            (d("2026-08-10"), dec!(190)),
+            (d("2026-09-10"), dec!(200)),
+        ];
         let lines = late_fee_lines(
             &LateFeeRule::default(),
             true,
             &[sept_bill(dec!(200))],
-            &[(d("2026-09-25"), dec!(200))],
+            &history,
+            &p,
+            &fen(),
+        );
+        // 16..31 October: 16 days x 200 x 1 per mille = 3.20, as unpaid.
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].amount, dec!(3.20));
+        // Given August's run too, a payment in advance of September's bill
+        // (25 September, after August's was settled) counts.
+        let aug = PriorBill {
+            period: "2026-08".into(),
+            issued: d("2026-09-01"),
+            due: d("2026-09-15"),
+            amount: dec!(200),
+        };
+        let lines = late_fee_lines(
+            &LateFeeRule::default(),
+            true,
+            &[sept_bill(dec!(200)), aug],
+            &[(d("2026-09-10"), dec!(200)), (d("2026-09-25"), dec!(200))],
             &p,
             &fen(),
         );
@@ -440,6 +471,7 @@ mod tests {
         let p = BillPeriod::parse("2026-10").unwrap();
         let aug = PriorBill {
             period: "2026-08".into(),
+            issued: d("2026-09-01"),
             due: d("2026-09-15"),
             amount: dec!(100),
         };
@@ -490,6 +522,7 @@ mod tests {
         let p = BillPeriod::parse("2027-01").unwrap();
         let dec_bill = PriorBill {
             period: "2026-11".into(),
+            issued: d("2026-12-01"),
             due: d("2026-12-15"),
             amount: dec!(1000),
         };
