@@ -11,6 +11,9 @@ use crate::collector::config::CollectorConfig;
 use crate::collector::run::{self, CollectOptions};
 
 /// Poll meters and write readings into the lake.
+///
+/// Exit code 3 when a bus or Modbus connection could not be used, or the
+/// uplink refused readings (spool full): an operator must look.
 #[derive(Debug, clap::Args)]
 pub struct CollectArgs {
     /// collectors.toml (format in docs/collectors.md, example in sample-data/collectors.toml).

@@ -261,7 +261,10 @@ fn relay_password(file: Option<&std::path::Path>) -> anyhow::Result<Password> {
                 v.trim().to_string(),
                 "METERFLOW_DLT645_PASSWORD".to_string(),
             ),
-            Err(_) => ("02000000".to_string(), "the default".to_string()),
+            Err(std::env::VarError::NotPresent) => {
+                ("02000000".to_string(), "the default".to_string())
+            }
+            Err(e) => anyhow::bail!("METERFLOW_DLT645_PASSWORD: {e}"),
         },
     };
     // The value itself is never echoed.

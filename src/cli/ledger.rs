@@ -14,7 +14,8 @@ use crate::prepay::run::{Fleet, PrepayHook};
 #[derive(Debug, clap::Args)]
 pub struct LedgerArg {
     /// Ledger: a SQLite file (`prepay.sqlite`, `sqlite:PATH`) or PostgreSQL
-    /// (`postgres://user@host:5432/db?schema=NAME`; the schema is created on migrate).
+    /// (`postgres://user@host:5432/db?schema=NAME`; the schema is created on migrate;
+    /// the password from PGPASSWORD, never in the URL).
     #[arg(long, env = "METERFLOW_LEDGER", default_value = "prepay-ledger.sqlite")]
     pub ledger: String,
 }
@@ -56,8 +57,9 @@ pub enum LedgerCmd {
     ///
     /// The channel's transaction id is the idempotency key: importing a file
     /// twice or overlapping files credits each payment once. A transaction id
-    /// re-used with different content is rejected and reported (exit code 2);
-    /// the other rows are imported.
+    /// re-used with different content is rejected and reported, as is a bad
+    /// row (file, line, field); the other rows are imported, and the exit
+    /// code is 2 when any row was rejected.
     ImportPayments {
         #[command(flatten)]
         l: LedgerArg,
@@ -188,7 +190,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 for (k, why) in &r.conflicts {
                     eprintln!("conflict: {k}: {why}");
                 }
-                conflicts += r.conflicts.len();
+                conflicts += r.conflicts.len() + r.bad_rows.len();
             }
             Ok(if conflicts > 0 {
                 ExitCode::from(2)

@@ -54,6 +54,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole chain on simulated meters and print where everything went.
+    ///
+    /// Exit code 2 when the chain ran but the collector reported a problem
+    /// (a simulated meter or connection that did not answer).
     Demo(demo::DemoArgs),
     /// Simulators: a synthetic fleet written to a lake, or simulated meters on the network.
     #[command(subcommand)]

@@ -104,10 +104,34 @@ pub fn split_schema(url: &str) -> Result<(String, String), LedgerError> {
     Ok((base, schema))
 }
 
+/// `url` with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
 impl PgLedger {
+    /// `url` without a password takes it from `PGPASSWORD` (as libpq
+    /// does), so it need not be on a command line or in a config file.
     pub fn connect(url: &str) -> Result<PgLedger, LedgerError> {
-        let (base, schema) = split_schema(url)?;
-        let mut client = Client::connect(&base, NoTls)?;
+        let (base, schema) = split_schema(url).map_err(|_| LedgerError::BadUrl(redact(url)))?;
+        let mut config: postgres::Config = base
+            .parse()
+            .map_err(|e| LedgerError::Db(format!("{}: {e}", redact(url))))?;
+        if config.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                config.password(p);
+            }
+        }
+        let mut client = config.connect(NoTls)?;
         // Concurrent CREATE SCHEMA IF NOT EXISTS can race on the catalog; ignore that error.
         let _ = client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
         client.batch_execute(&format!("SET search_path TO {schema}"))?;
@@ -587,5 +611,20 @@ impl PgLedger {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_password_in_a_ledger_url_is_never_printed() {
+        assert_eq!(
+            redact("postgres://mf:s3cret@db:5432/test?schema=x"),
+            "postgres://mf:***@db:5432/test?schema=x"
+        );
+        assert_eq!(redact("postgres://mf@db/test"), "postgres://mf@db/test");
+        assert_eq!(redact("ledger.sqlite"), "ledger.sqlite");
     }
 }
