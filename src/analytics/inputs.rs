@@ -253,19 +253,44 @@ pub fn load_bills(dir: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
                 dir.display()
             ))
         })?;
-    let mut out: Vec<BillRow> = Vec::new();
+    let mut out = read_bills_file(&dir.join("bills.parquet"), bill_date)?;
+    let revs = revisions(dir);
+    if revs.is_empty() {
+        return Ok(out);
+    }
+    // The last revision of each adjusted account, in order of first
+    // adjustment; only these accounts are looked up in the run's bills.
+    let mut newer: Vec<BillRow> = Vec::new();
     let mut at: HashMap<String, usize> = HashMap::new();
-    for d in std::iter::once(dir.to_path_buf()).chain(revisions(dir)) {
+    for d in revs {
         for b in read_bills_file(&d.join("bills.parquet"), bill_date)? {
             match at.get(&b.account_id) {
-                Some(i) => out[*i] = b,
+                Some(i) => newer[*i] = b,
                 None => {
-                    at.insert(b.account_id.clone(), out.len());
-                    out.push(b);
+                    at.insert(b.account_id.clone(), newer.len());
+                    newer.push(b);
                 }
             }
         }
     }
+    if newer.is_empty() {
+        return Ok(out);
+    }
+    let mut placed = vec![false; newer.len()];
+    for row in &mut out {
+        if let Some(i) = at.get(&row.account_id) {
+            *row = newer[*i].clone();
+            placed[*i] = true;
+        }
+    }
+    // Accounts billed only by a revision come after the run's bills.
+    out.extend(
+        newer
+            .into_iter()
+            .zip(placed)
+            .filter(|(_, p)| !p)
+            .map(|(b, _)| b),
+    );
     Ok(out)
 }
 
@@ -348,6 +373,32 @@ mod tests {
             )
             .write_parquet(&dir.join("bills.parquet"))
             .unwrap();
+    }
+
+    #[test]
+    fn revisions_replace_in_place_and_add_accounts_after_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("2026-10");
+        write_run(&run, 0, &[("A1", 100), ("A2", 200), ("A3", 300)]);
+        let totals = |bills: Vec<BillRow>| -> Vec<(String, i128)> {
+            bills
+                .into_iter()
+                .map(|b| (b.account_id, b.total_e2))
+                .collect()
+        };
+        let own = |v: &[(&str, i128)]| -> Vec<(String, i128)> {
+            v.iter().map(|(a, t)| (a.to_string(), *t)).collect()
+        };
+        assert_eq!(
+            totals(load_bills(&run).unwrap()),
+            own(&[("A1", 100), ("A2", 200), ("A3", 300)])
+        );
+        write_run(&run.join("revision-1"), 1, &[("A3", 310), ("A4", 400)]);
+        write_run(&run.join("revision-2"), 2, &[("A4", 410), ("A1", 110)]);
+        assert_eq!(
+            totals(load_bills(&run).unwrap()),
+            own(&[("A1", 110), ("A2", 200), ("A3", 310), ("A4", 410)])
+        );
     }
 
     #[test]

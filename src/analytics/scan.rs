@@ -7,7 +7,7 @@
 //! no longer change. Everything exact: energy is i64 in units of 0.0001 kWh
 //! (the lake's scale).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use arrow::array::{Array, StringArray};
@@ -202,7 +202,8 @@ pub struct Scan {
     /// Snapshots older than the last one of their register (arrived late): skipped.
     pub out_of_order: u64,
     /// Account-days completed after their day was handed on (a gap longer
-    /// than `OPEN_DAYS`): handed on again at the end, as extra rows.
+    /// than `OPEN_DAYS`), or held back while the account's only meter was
+    /// in a gap: handed on at the end.
     pub late_rows: u64,
     pub readings: u64,
     /// `comm_loss` events (meters x stretches).
@@ -230,6 +231,13 @@ pub struct Scan {
 pub fn local_date(ts_ms: i64, offset_secs: i32) -> NaiveDate {
     let local = ts_ms + offset_secs as i64 * 1000;
     epoch() + Duration::days(local.div_euclid(DAY_MS))
+}
+
+/// The first UTC millisecond after local day `d`: a snapshot before it is
+/// on or before `d`.
+fn gap_end_ms(d: NaiveDate, offset_secs: i32) -> i64 {
+    let days = (d - epoch()).num_days() + 1;
+    days.saturating_mul(DAY_MS) - offset_secs as i64 * 1000
 }
 
 fn epoch() -> NaiveDate {
@@ -457,8 +465,10 @@ struct DayBuf {
 const EST: u8 = 1 << 5;
 const TOUCHED: u8 = 1 << 6;
 
-/// Account-days completed after their day was handed on.
-type LateRows = BTreeMap<(NaiveDate, u32), ([Option<i64>; NREG], bool)>;
+/// Account-days completed after their day was handed on, or held back
+/// while the account's only meter was in a gap: registers, estimated, and
+/// whether the day was already counted when handed on.
+type LateRows = BTreeMap<(NaiveDate, u32), ([Option<i64>; NREG], bool, bool)>;
 /// Accounts, registers and estimated flags of one day, by account.
 type DayRows = (Vec<u32>, Vec<[Option<i64>; NREG]>, Vec<bool>);
 
@@ -476,12 +486,16 @@ struct State<'p> {
     /// Days before this one were handed on.
     flushed_before: Option<NaiveDate>,
     late: LateRows,
-    /// Accounts with several meters, and their meters.
+    /// Accounts with several meters, and their meters, by account.
     siblings: Vec<(u32, Vec<u32>)>,
-    /// Account-days already counted (days, day-type and month counts,
-    /// trend) when handed on while another meter of the account was still
-    /// in a gap: a late row for them adds energy only.
-    counted: HashSet<(NaiveDate, u32)>,
+    /// Per account: its meter when it has exactly one, else `u32::MAX`.
+    sole: Vec<u32>,
+    /// Accounts with several meters: runs of days (first, last) counted
+    /// (days, day-type and month counts, trend) when handed on while a
+    /// meter of the account was in a gap, so a late part of them adds
+    /// energy only. Runs no meter of the account can reach any more are
+    /// dropped when a gap closes: one run per open gap, not one per day.
+    counted: HashMap<u32, Vec<(NaiveDate, NaiveDate)>>,
     scan: Scan,
     /// Reused between flushes.
     rows: DayRows,
@@ -514,12 +528,21 @@ impl<'p> State<'p> {
             pool: Vec::new(),
             flushed_before: None,
             late: BTreeMap::new(),
+            sole: {
+                let mut sole = vec![u32::MAX; plan.accounts];
+                for (a, ms) in &of_account {
+                    if let ([m], Some(s)) = (ms.as_slice(), sole.get_mut(*a)) {
+                        *s = *m;
+                    }
+                }
+                sole
+            },
             siblings: of_account
                 .into_iter()
                 .filter(|(_, ms)| ms.len() > 1)
                 .map(|(a, ms)| (a as u32, ms))
                 .collect(),
-            counted: HashSet::new(),
+            counted: HashMap::new(),
             scan: Scan {
                 accounts: vec![AccountStats::default(); plan.accounts],
                 mtd: if plan.mtd_as_of.is_some() {
@@ -663,7 +686,7 @@ impl State<'_> {
         }
         self.apply_registers(&regs, counts);
         drop(regs);
-        self.intervals(intervals);
+        self.intervals(intervals, counts);
         self.apply_volts(volts);
         // Days well behind this partition can no longer change.
         let before = date - Duration::days(OPEN_DAYS);
@@ -770,15 +793,59 @@ impl State<'_> {
             };
             self.add(slot, start + Duration::days(k), r, part, est);
         }
+        // The gap closed: days before it can no longer get energy from it.
+        if r == 0 && self.flushed_before.is_some_and(|f| start < f) {
+            self.forget_counted(slot);
+        }
+    }
+
+    /// Drops the counted days of account `a` that none of its meters can
+    /// add energy to any more (before the day of each one's last snapshot).
+    fn forget_counted(&mut self, a: usize) {
+        let Some(runs) = self.counted.get_mut(&(a as u32)) else {
+            return;
+        };
+        let Ok(i) = self.siblings.binary_search_by_key(&(a as u32), |s| s.0) else {
+            return;
+        };
+        let off = self.plan.utc_offset_secs;
+        let reach = self.siblings[i]
+            .1
+            .iter()
+            .filter_map(|m| {
+                let tp = self.last[*m as usize * NREG].0;
+                let d = (tp != i64::MIN).then(|| local_date(tp, off))?;
+                let removed = self.plan.meters[*m as usize]
+                    .removed_on
+                    .is_some_and(|r| r < d);
+                (!removed).then_some(d)
+            })
+            .min();
+        match reach {
+            Some(from) => {
+                runs.retain_mut(|r| {
+                    r.0 = r.0.max(from);
+                    r.0 <= r.1
+                });
+                if runs.is_empty() {
+                    self.counted.remove(&(a as u32));
+                }
+            }
+            None => {
+                self.counted.remove(&(a as u32));
+            }
+        }
     }
 
     fn add(&mut self, slot: usize, date: NaiveDate, r: usize, v: i64, est: bool) {
         if self.flushed_before.is_some_and(|f| date < f) {
             if slot < self.plan.accounts {
-                let e = self
-                    .late
-                    .entry((date, slot as u32))
-                    .or_insert(([None; NREG], false));
+                let counted = &self.counted;
+                let e = self.late.entry((date, slot as u32)).or_insert_with(|| {
+                    let runs = counted.get(&(slot as u32));
+                    let done = runs.is_some_and(|v| v.iter().any(|r| r.0 <= date && date <= r.1));
+                    ([None; NREG], false, done)
+                });
                 e.0[r] = Some(e.0[r].unwrap_or(0) + v);
                 e.1 |= est;
             }
@@ -805,40 +872,75 @@ impl State<'_> {
 
     /// One partition's interval rows. A row repeated under the same (meter,
     /// ts), e.g. a compaction that crashed before removing its inputs, counts
-    /// once: the first in file order.
-    fn intervals(&mut self, mut rows: Vec<(u32, i64, i64)>) {
-        if rows
-            .windows(2)
-            .any(|w| (w[0].0, w[0].1) >= (w[1].0, w[1].1))
-        {
-            rows.sort_by_key(|r| (r.0, r.1));
-            rows.dedup_by_key(|r| (r.0, r.1));
-        }
-        let off = self.plan.utc_offset_secs;
-        for (m, ts, raw) in rows {
-            let e4 = self.mult[m as usize].apply(raw);
-            // Interval energy belongs to the interval ending at ts: use its start.
-            let start = ts - 1;
-            let h = local_hour(start, off) as usize;
-            if let Some(a) = self.plan.meter_account[m as usize] {
-                let e = self.scan.hour_bands.entry(a as u32).or_default();
-                match h {
-                    0..=6 => e[0] += e4,
-                    8..=17 => e[1] += e4,
-                    18..=22 => e[2] += e4,
-                    _ => {}
-                }
-                e[3] += e4;
+    /// once: the first in file order. Rows out of (meter, ts) order are
+    /// bucketed by meter with a counting sort (linear, like the registers),
+    /// then each meter's few rows are put in time order.
+    fn intervals(&mut self, rows: Vec<(u32, i64, i64)>, counts: &mut Vec<u32>) {
+        if rows.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)) {
+            for (m, ts, raw) in rows {
+                self.interval(m, ts, raw);
             }
-            if let Some(groups) = self.plan.peak_groups.get(m as usize) {
-                let d = local_date(start, off);
-                let dt = self.plan.day_type(d) as u8;
-                for g in groups {
-                    let l = self.scan.peak.entry((*g, dt)).or_default();
-                    l.e4[h] += e4;
-                    if l.dates.last() != Some(&d) {
-                        l.dates.insert(d);
-                    }
+            return;
+        }
+        let nm = self.plan.meters.len();
+        counts.clear();
+        counts.resize(nm + 1, 0);
+        for r in &rows {
+            counts[r.0 as usize + 1] += 1;
+        }
+        for m in 0..nm {
+            counts[m + 1] += counts[m];
+        }
+        let mut order = vec![0u32; rows.len()];
+        for (n, r) in rows.iter().enumerate() {
+            let p = &mut counts[r.0 as usize];
+            order[*p as usize] = n as u32;
+            *p += 1;
+        }
+        // counts[m] is now the end of meter m's bucket.
+        let mut a = 0usize;
+        for end in &counts[..nm] {
+            let b = *end as usize;
+            let bucket = &mut order[a..b];
+            // Stable: the first row in file order stays first among equal ts.
+            bucket.sort_by_key(|n| rows[*n as usize].1);
+            let mut prev = None;
+            for n in bucket.iter() {
+                let (m, ts, raw) = rows[*n as usize];
+                if prev != Some(ts) {
+                    self.interval(m, ts, raw);
+                }
+                prev = Some(ts);
+            }
+            a = b;
+        }
+    }
+
+    /// One interval row: hourly bands and peak profiles.
+    fn interval(&mut self, m: u32, ts: i64, raw: i64) {
+        let off = self.plan.utc_offset_secs;
+        let e4 = self.mult[m as usize].apply(raw);
+        // Interval energy belongs to the interval ending at ts: use its start.
+        let start = ts - 1;
+        let h = local_hour(start, off) as usize;
+        if let Some(a) = self.plan.meter_account[m as usize] {
+            let e = self.scan.hour_bands.entry(a as u32).or_default();
+            match h {
+                0..=6 => e[0] += e4,
+                8..=17 => e[1] += e4,
+                18..=22 => e[2] += e4,
+                _ => {}
+            }
+            e[3] += e4;
+        }
+        if let Some(groups) = self.plan.peak_groups.get(m as usize) {
+            let d = local_date(start, off);
+            let dt = self.plan.day_type(d) as u8;
+            for g in groups {
+                let l = self.scan.peak.entry((*g, dt)).or_default();
+                l.e4[h] += e4;
+                if l.dates.last() != Some(&d) {
+                    l.dates.insert(d);
                 }
             }
         }
@@ -881,15 +983,22 @@ impl State<'_> {
             let mut buf = self.open.remove(0);
             let n = self.plan.accounts;
             // Once the pass is over no gap can close into this day any more.
-            if before.is_some() {
+            let gaps = before.is_some();
+            let end = gap_end_ms(buf.date, self.plan.utc_offset_secs);
+            if gaps {
                 for (a, ms) in &self.siblings {
                     let total = buf.flags[*a as usize] & 1 != 0;
-                    if total && ms.iter().any(|m| self.in_gap(*m as usize, buf.date)) {
-                        self.counted.insert((buf.date, *a));
+                    if total && ms.iter().any(|m| self.in_gap(*m as usize, buf.date, end)) {
+                        let runs = self.counted.entry(*a).or_default();
+                        match runs.last_mut() {
+                            Some(r) if r.1.succ_opt() == Some(buf.date) => r.1 = buf.date,
+                            _ => runs.push((buf.date, buf.date)),
+                        }
                     }
                 }
             }
-            let (accs, regs, ests) = &mut self.rows;
+            let mut rows = std::mem::take(&mut self.rows);
+            let (accs, regs, ests) = &mut rows;
             accs.clear();
             regs.clear();
             ests.clear();
@@ -900,7 +1009,23 @@ impl State<'_> {
                 }
                 let r: [Option<i64>; NREG] =
                     std::array::from_fn(|k| (f & (1 << k) != 0).then_some(buf.regs[a][k]));
-                if a < n {
+                let sole = self.sole.get(a).copied().unwrap_or(u32::MAX);
+                if a < n && gaps && sole != u32::MAX && self.in_gap(sole as usize, buf.date, end) {
+                    // The account's only meter may still add to this day when
+                    // its gap closes: hold the day back, to be handed on once,
+                    // whole, with the late rows.
+                    let e = self.late.entry((buf.date, a as u32)).or_insert((
+                        [None; NREG],
+                        false,
+                        false,
+                    ));
+                    for (sum, v) in e.0.iter_mut().zip(r) {
+                        if let Some(v) = v {
+                            *sum = Some(sum.unwrap_or(0) + v);
+                        }
+                    }
+                    e.1 |= f & EST != 0;
+                } else if a < n {
                     accs.push(a as u32);
                     regs.push(r);
                     ests.push(f & EST != 0);
@@ -910,8 +1035,7 @@ impl State<'_> {
                 buf.regs[a] = [0; NREG];
                 buf.flags[a] = 0;
             }
-            let rows = std::mem::take(&mut self.rows);
-            self.day(buf.date, &rows, false, sink)?;
+            self.day(buf.date, &rows, None, sink)?;
             self.rows = rows;
             self.pool.push(buf);
         }
@@ -921,43 +1045,45 @@ impl State<'_> {
     }
 
     /// Whether meter `m` may still add energy to day `d` once its next
-    /// snapshot comes: its last one is on or before `d`, and it was not
-    /// removed before `d`.
-    fn in_gap(&self, m: usize, d: NaiveDate) -> bool {
+    /// snapshot comes: its last one is on or before `d` (before `end`, from
+    /// `gap_end_ms`), and it was not removed before `d`.
+    fn in_gap(&self, m: usize, d: NaiveDate, end: i64) -> bool {
         let tp = self.last[m * NREG].0;
-        let removed = self.plan.meters[m].removed_on.is_some_and(|r| r < d);
-        tp != i64::MIN && !removed && local_date(tp, self.plan.utc_offset_secs) <= d
+        tp != i64::MIN && tp < end && self.plan.meters[m].removed_on.is_none_or(|r| r >= d)
     }
 
     fn flush_late(&mut self, sink: &mut DaySink<'_>) -> Result<(), AnalyticsError> {
         let late = std::mem::take(&mut self.late);
         self.scan.late_rows = late.len() as u64;
         let mut rows: DayRows = Default::default();
+        let mut counted: Vec<bool> = Vec::new();
         let mut cur: Option<NaiveDate> = None;
-        for ((d, a), (r, e)) in late {
+        for ((d, a), (r, e, c)) in late {
             if cur.is_some_and(|c| c != d) {
-                self.day(cur.expect("set"), &rows, true, sink)?;
+                self.day(cur.expect("set"), &rows, Some(&counted), sink)?;
                 rows = Default::default();
+                counted.clear();
             }
             cur = Some(d);
             rows.0.push(a);
             rows.1.push(r);
             rows.2.push(e);
+            counted.push(c);
         }
         if let Some(c) = cur {
-            self.day(c, &rows, true, sink)?;
+            self.day(c, &rows, Some(&counted), sink)?;
         }
         Ok(())
     }
 
-    /// A completed day: accumulators, then the sink. `late`: rows completed
-    /// after the day was handed on; an account-day already counted then
-    /// adds its energy, not another day.
+    /// A completed day: accumulators, then the sink. `counted`: per row, for
+    /// rows completed after the day was handed on, whether the account-day
+    /// was already counted then: it adds its energy, not another day.
     fn day(
         &mut self,
         date: NaiveDate,
         rows: &DayRows,
-        late: bool,
+        counted: Option<&[bool]>,
         sink: &mut DaySink<'_>,
     ) -> Result<(), AnalyticsError> {
         let (accs, regs, ests) = rows;
@@ -986,7 +1112,7 @@ impl State<'_> {
             }
             let Some(v) = r[0] else { continue };
             any = true;
-            let new_day = u32::from(!(late && self.counted.contains(&(date, a as u32))));
+            let new_day = u32::from(!counted.is_some_and(|c| c[i]));
             s.days += new_day;
             s.sum += v;
             if weekend {
@@ -1208,6 +1334,72 @@ mod tests {
         );
         assert_eq!(scan.accounts[0].days, 3);
         assert_eq!(scan.monthly.get(0, epoch()).unwrap().e4, 400_000);
+    }
+
+    #[test]
+    fn a_day_counts_once_per_account_and_gap_bookkeeping_stays_bounded() {
+        // Account 0: meters 0 (10 kWh a day) and 1 (5 kWh a day, silent on
+        // days 6..29). Account 1: meter 2 (10 kWh a day), read at midnight and
+        // 03:00 on day 5, then silent until day 12. Snapshots at midnight.
+        let meters = [meter(6), meter(6), meter(6)];
+        let ma = [Some(0), Some(0), Some(1)];
+        let plan = ScanPlan {
+            meters: &meters,
+            meter_account: &ma,
+            accounts: 2,
+            utc_offset_secs: 0,
+            calendar: None,
+            peak_groups: &[],
+            mtd_as_of: None,
+        };
+        let mut st = State::new(&plan);
+        let mut rows: Vec<(NaiveDate, u32)> = Vec::new();
+        let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
+            rows.extend(b.accounts.iter().map(|a| (b.date, *a)));
+            Ok(())
+        };
+        let snap = |m: u32, ts: i64, raw: i64| RegUpdate {
+            key: m * NREG as u32,
+            ts,
+            raw,
+            est: false,
+        };
+        let mut counts = Vec::new();
+        for d in 0..=40i64 {
+            let mut u = vec![snap(0, d * DAY_MS, d * 100_000)];
+            if !(6..30).contains(&d) {
+                u.push(snap(1, d * DAY_MS, d * 50_000));
+            }
+            if !(6..12).contains(&d) {
+                u.push(snap(2, d * DAY_MS, d * 100_000));
+            }
+            if d == 5 {
+                u.push(snap(2, d * DAY_MS + DAY_MS / 8, d * 100_000 + 12_500));
+            }
+            st.apply_registers(&u, &mut counts);
+            st.flush(Some(epoch() + Duration::days(d - 3)), &mut sink)
+                .unwrap();
+            if d == 29 {
+                assert_eq!(st.counted[&0].len(), 1, "one run for the open gap");
+            }
+        }
+        assert!(st.counted.is_empty(), "the gap closed");
+        st.flush(None, &mut sink).unwrap();
+        st.flush_late(&mut sink).unwrap();
+        let scan = st.scan;
+        assert_eq!(
+            (scan.accounts[0].days, scan.accounts[0].sum),
+            (40, 6_000_000)
+        );
+        assert_eq!(
+            (scan.accounts[1].days, scan.accounts[1].sum),
+            (40, 4_000_000)
+        );
+        let month = |a: usize| scan.monthly.get(a, epoch()).unwrap().days;
+        assert_eq!((month(0), month(1)), (31, 31));
+        let one: Vec<_> = rows.iter().filter(|r| r.1 == 1).collect();
+        let days: BTreeSet<_> = one.iter().map(|r| r.0).collect();
+        assert_eq!((one.len(), days.len()), (40, 40), "one row per day");
     }
 
     #[test]

@@ -701,6 +701,51 @@ fn a_day_of_an_account_with_two_meters_counts_once_after_a_long_gap() {
 }
 
 #[test]
+fn a_day_of_a_single_meter_read_before_a_long_gap_counts_once() {
+    // M1 (10 kWh a day) read at local midnight 1 to 10 October, at 03:00 on
+    // 10 October, then silent until midnight 17 October and daily again to
+    // 20 October. M9 (not in the master data) keeps the days coming, so the
+    // gap closes after some of its days were written.
+    use meterflow::model::Channel;
+    let reg = |m: &str, ts: i64, v: rust_decimal::Decimal| {
+        super::common::reading(m, ts, Channel::ImportActiveTotal, v)
+    };
+    let mut readings = Vec::new();
+    for day in 0..=19i64 {
+        let ts = midnight(10, 1) + day * 86_400_000;
+        if !(10..=15).contains(&day) {
+            readings.push(reg("M1", ts, rust_decimal::Decimal::from(10 * day)));
+        }
+        readings.push(reg("M9", ts, rust_decimal::Decimal::from(day)));
+    }
+    readings.push(reg(
+        "M1",
+        midnight(10, 10) + 3 * 3_600_000,
+        rust_decimal::Decimal::new(9125, 2),
+    ));
+    let lake = small_lake(&[("M1", "A1")], &readings);
+    let out = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), out.path());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("analytics.json")).unwrap()).unwrap();
+    assert!(summary["late_rows"].as_u64().unwrap() > 0);
+    let daily = table(out.path(), "daily_usage");
+    assert_eq!(daily.rows(), 19, "one row per day, 1 to 19 October");
+    let dates: BTreeSet<String> = (0..daily.rows())
+        .map(|i| daily.col("date").unwrap().text(i))
+        .collect();
+    assert_eq!(dates.len(), 19);
+    let kwh: i128 = kwh_e4(&daily, "kwh").iter().map(|v| v.unwrap()).sum();
+    assert_eq!(kwh, 1_900_000);
+    let habits = table(out.path(), "usage_habits");
+    assert_eq!(ints(&habits, "days"), vec![Some(19)]);
+    assert_eq!(kwh_e4(&habits, "avg_daily_kwh"), vec![Some(100_000)]);
+    let history = table(out.path(), "history_change");
+    assert_eq!(ints(&history, "days"), vec![Some(19)]);
+    assert_eq!(kwh_e4(&history, "kwh"), vec![Some(1_900_000)]);
+}
+
+#[test]
 fn a_readings_file_copied_under_a_second_name_changes_nothing() {
     // One day of 15-minute interval energy (more in the evening) and the
     // register snapshots around it.
