@@ -46,6 +46,7 @@ pub struct PublishSimArgs {
 
 #[derive(Debug, Args)]
 pub struct DiscardArgs {
+    /// Broker URL, `mqtt://HOST[:PORT]` (port 1883 by default); also read from MQTT_URL.
     #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     pub url: String,
     /// Topic filter to subscribe to.
@@ -54,6 +55,10 @@ pub struct DiscardArgs {
     /// Stop after this many messages and print the rate.
     #[arg(long, default_value_t = 0)]
     pub messages: u64,
+    /// Client id of the subscriber. With `--persistent` the broker keeps the
+    /// session (and queues messages) under this id: reuse it to drain that queue,
+    /// and give concurrent subscribers different ids (the broker disconnects
+    /// the older client on a duplicate id).
     #[arg(long, default_value = "meterflow-discard")]
     pub client_id: String,
     /// Give up after this many seconds without a message.

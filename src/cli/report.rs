@@ -13,6 +13,12 @@ use crate::report::{write_report_with, ReportOptions};
 /// movers (earlier runs next to RUN_DIR), estimated bills and exceptions by
 /// reason, collection success per collector and bus (from the lake), prepaid
 /// balances and alerts (from --ledger / --alerts), arrears.
+///
+/// Master data (classes, prepaid accounts, arrears) comes from --master or
+/// the folder named in the run's manifest. When none is found there, those
+/// sections say so and name the path tried; a master file that exists but
+/// cannot be read stops the report with an error naming the file (bad rows
+/// are left out and counted in a note, as in the bill run).
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
     /// Bill run directory (holds manifest.json, bills.parquet, ...).
@@ -20,7 +26,9 @@ pub struct ReportArgs {
     /// Where to write the HTML file.
     #[arg(long, default_value = "report.html")]
     pub out: PathBuf,
-    /// Master data folder; default: the one named in the run's manifest.
+    /// Master data folder (accounts.csv, meters.csv, optional payments.csv);
+    /// default: the folder named in the run's manifest, which is stored as
+    /// given to `bill` (a relative path resolves against the current folder).
     #[arg(long)]
     pub master: Option<PathBuf>,
     /// Readings lake root; default: the master folder's parent when it holds `readings/`.

@@ -34,6 +34,9 @@ pub enum StoreCmd {
         /// Last partition date to compact, inclusive (default: all).
         #[arg(long)]
         to: Option<NaiveDate>,
+        /// Print the counts as JSON (partitions, partitions_rewritten, files_in,
+        /// files_out, rows_in, rows_out, exact_duplicates_removed, conflicts)
+        /// instead of one summary line: for scripts and monitoring.
         #[arg(long)]
         json: bool,
     },

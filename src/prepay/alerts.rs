@@ -140,17 +140,26 @@ impl Thresholds {
             control: f.control,
             base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        for (scope, l) in std::iter::once(("default".to_string(), &t.default))
-            .chain(t.class.iter().map(|(k, v)| (format!("class.{k}"), v)))
-            .chain(t.tariff.iter().map(|(k, v)| (format!("tariff.{k}"), v)))
-            .chain(t.account.iter().map(|(k, v)| (format!("account.{k}"), v)))
+        for (table, l) in std::iter::once((vec!["default"], &t.default))
+            .chain(t.class.iter().map(|(k, v)| (vec!["class", k.as_str()], v)))
+            .chain(
+                t.tariff
+                    .iter()
+                    .map(|(k, v)| (vec!["tariff", k.as_str()], v)),
+            )
+            .chain(
+                t.account
+                    .iter()
+                    .map(|(k, v)| (vec!["account", k.as_str()], v)),
+            )
         {
             if l.overdraft_limit.is_some_and(|o| o > Decimal::ZERO) {
-                let line = text.find("overdraft_limit").map_or(0, |o| line_of(text, o));
+                let mut key = table.clone();
+                key.push("overdraft_limit");
                 return Err(PrepayError::Config {
                     file: path.display().to_string(),
-                    line,
-                    field: format!("{scope}.overdraft_limit"),
+                    line: key_line(text, &key),
+                    field: format!("{}.overdraft_limit", table.join(".")),
                     message: "must be zero or negative (the lowest balance allowed)".into(),
                 });
             }
@@ -175,6 +184,25 @@ impl Thresholds {
             forecast_days: scopes.clone().find_map(|l| l.forecast_days),
         }
     }
+}
+
+/// 1-based line of the key at `path` (table names, then the key) in a TOML
+/// text, wherever it is written (`[class.x]` table, dotted key, inline
+/// table); the first line naming the last key when the path is not found.
+pub(crate) fn key_line(text: &str, path: &[&str]) -> usize {
+    let found = (|| {
+        let doc = toml_edit::ImDocument::parse(text).ok()?;
+        let (last, tables) = path.split_last()?;
+        let mut t: &dyn toml_edit::TableLike = doc.as_table();
+        for name in tables {
+            t = t.get(name)?.as_table_like()?;
+        }
+        let (k, v) = t.get_key_value(last)?;
+        k.span().or_else(|| v.span()).map(|s| s.start)
+    })();
+    found
+        .or_else(|| path.last().and_then(|k| text.find(k)))
+        .map_or(0, |o| line_of(text, o))
 }
 
 /// One alert as published (MQTT JSON, webhook body, `alerts` dataset row).
@@ -357,6 +385,53 @@ mod tests {
         assert_eq!(l.levels, Some(vec![dec!(500)]));
         assert_eq!(l.overdraft_limit, Some(dec!(-100)));
         assert_eq!(l.zero, Some(true));
+    }
+
+    fn config_error_line(text: &str) -> (usize, String) {
+        match Thresholds::parse(text, Path::new("t.toml")).unwrap_err() {
+            PrepayError::Config { line, field, .. } => (line, field),
+            e => panic!("not a config error: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_overdraft_limit_is_reported_at_its_own_table() {
+        // [default] has a valid limit first: the error must not point there.
+        let text = "[default]\noverdraft_limit = \"-30\"\n\n[class.commercial]\nlevels = [\"500\"]\noverdraft_limit = \"5\"\n";
+        assert_eq!(
+            config_error_line(text),
+            (6, "class.commercial.overdraft_limit".into())
+        );
+        // A comment naming the key and a dotted key / inline table.
+        let text = "# overdraft_limit: <= 0\n[default]\noverdraft_limit = \"-30\"\n[tariff]\nt1 = { zero = true }\nt2 = { overdraft_limit = \"1\" }\n";
+        assert_eq!(
+            config_error_line(text),
+            (6, "tariff.t2.overdraft_limit".into())
+        );
+        let text = "account.A1.overdraft_limit = \"2\"\n[default]\noverdraft_limit = \"-30\"\n";
+        assert_eq!(
+            config_error_line(text),
+            (1, "account.A1.overdraft_limit".into())
+        );
+        let text = "[default]\nzero = true\noverdraft_limit = \"3\"\n";
+        assert_eq!(
+            config_error_line(text),
+            (3, "default.overdraft_limit".into())
+        );
+    }
+
+    #[test]
+    fn the_sample_thresholds_load_and_audit_outside_the_repository() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let t = Thresholds::load(&root.join("sample-data/thresholds.toml")).unwrap();
+        assert_eq!(t.class["commercial"].overdraft_limit, Some(dec!(-300)));
+        let c = t.control.expect("sample has [control]");
+        let audit = t.base_dir.join(c.audit_log.expect("sample sets audit_log"));
+        assert!(
+            !audit.starts_with(root),
+            "{} is inside the repository",
+            audit.display()
+        );
     }
 
     #[test]

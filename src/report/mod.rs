@@ -28,6 +28,10 @@ pub enum ReportError {
     Plot(String),
     #[error("{0}")]
     Invalid(String),
+    /// A master data file that exists but cannot be read: a report without
+    /// it would show every class unknown and no arrears, so it is an error.
+    #[error("master data: {0}")]
+    Master(master::RowError),
 }
 
 /// Where the report reads from. Only `run_dir` is required: master data is
@@ -87,16 +91,64 @@ fn read_opt(path: &Path) -> Result<Option<Table>, ReportError> {
     }
 }
 
-fn master_dir(opts: &ReportOptions, m: &serde_json::Value) -> Option<PathBuf> {
+/// The master data folder: `--master`, else the folder of the master files
+/// named in the run's manifest. `Err(note)` when there is none: the note
+/// names the path tried and is shown in every section that needs master
+/// data. A `--master` folder without `accounts.csv` is an error (the operator
+/// named it).
+fn master_dir(
+    opts: &ReportOptions,
+    m: &serde_json::Value,
+) -> Result<Result<PathBuf, String>, ReportError> {
     if let Some(d) = &opts.master {
-        return Some(d.clone());
+        let accounts = d.join(master::ACCOUNTS_FILE);
+        if !accounts.is_file() {
+            return Err(ReportError::Invalid(format!(
+                "--master {}: no {} there",
+                d.display(),
+                master::ACCOUNTS_FILE
+            )));
+        }
+        return Ok(Ok(d.clone()));
     }
-    let from_manifest = m["inputs"]["master"]
+    let stored = m["inputs"]["master"]
         .as_array()
         .and_then(|a| a.first())
-        .and_then(|x| x["path"].as_str())
-        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf));
-    from_manifest.filter(|d| d.join(master::ACCOUNTS_FILE).exists())
+        .and_then(|x| x["path"].as_str());
+    let Some(dir) = stored.and_then(|p| Path::new(p).parent()) else {
+        return Ok(Err(
+            "Master data not found: the run's manifest names no master files (pass --master DIR)."
+                .into(),
+        ));
+    };
+    let accounts = dir.join(master::ACCOUNTS_FILE);
+    if accounts.is_file() {
+        return Ok(Ok(dir.to_path_buf()));
+    }
+    let relative = if dir.is_relative() {
+        " (the manifest's path, relative to the folder the report runs in)"
+    } else {
+        " (the manifest's path)"
+    };
+    Ok(Err(format!(
+        "Master data not found: tried {}{relative}; pass --master DIR.",
+        accounts.display()
+    )))
+}
+
+/// The rows of a master file; bad rows are collected for a note.
+fn rows<T>(
+    loaded: Result<master::Loaded<T>, master::RowError>,
+    bad_rows: &mut Vec<master::RowError>,
+) -> Result<Vec<T>, ReportError> {
+    let l = loaded.map_err(ReportError::Master)?;
+    bad_rows.extend(l.errors);
+    Ok(l.rows)
+}
+
+/// The note shown where master data is missing.
+fn no_master_note(why: &str, what: &str) -> String {
+    format!("{why} {what} not shown.")
 }
 
 fn dec_text(raw: i128, scale: u8) -> String {
@@ -148,35 +200,36 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         Table::default()
     };
     let exceptions = read_opt(&run.join("exceptions.parquet"))?.unwrap_or_default();
-    let master = master_dir(opts, &m);
-    let accounts = match &master {
-        Some(d) => master::load_accounts(&d.join(master::ACCOUNTS_FILE))
-            .map(|l| l.rows)
-            .unwrap_or_default(),
+    let master_found = master_dir(opts, &m)?;
+    let master = master_found.as_ref().ok();
+    // Bad rows are skipped (as the bill run skips them) and counted in a
+    // note; a file that cannot be read at all fails the report.
+    let mut bad_rows: Vec<master::RowError> = Vec::new();
+    let accounts = match master {
+        Some(d) => rows(
+            master::load_accounts(&d.join(master::ACCOUNTS_FILE)),
+            &mut bad_rows,
+        )?,
         None => Vec::new(),
     };
-    let payments = match &master {
-        Some(d) if d.join(master::PAYMENTS_FILE).exists() => {
-            master::load_payments(&d.join(master::PAYMENTS_FILE))
-                .map(|l| l.rows)
-                .unwrap_or_default()
-        }
+    let payments = match master {
+        Some(d) if d.join(master::PAYMENTS_FILE).exists() => rows(
+            master::load_payments(&d.join(master::PAYMENTS_FILE)),
+            &mut bad_rows,
+        )?,
         _ => Vec::new(),
     };
-    let meters = match &master {
-        Some(d) => master::load_meters(&d.join(master::METERS_FILE))
-            .map(|l| l.rows)
-            .unwrap_or_default(),
+    let meters = match master {
+        Some(d) => rows(
+            master::load_meters(&d.join(master::METERS_FILE)),
+            &mut bad_rows,
+        )?,
         None => Vec::new(),
     };
     let lake = opts
         .lake
         .clone()
-        .or_else(|| {
-            master
-                .as_ref()
-                .and_then(|d| d.parent().map(Path::to_path_buf))
-        })
+        .or_else(|| master.and_then(|d| d.parent().map(Path::to_path_buf)))
         .filter(|l| l.join("readings").exists());
     let acc_by_id: BTreeMap<&str, &master::Account> = accounts
         .iter()
@@ -246,7 +299,23 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
             "Created by",
             m["created_by"].as_str().unwrap_or("").to_string(),
         ),
+        (
+            "Master data",
+            match master {
+                Some(d) => d.display().to_string(),
+                None => "not found".into(),
+            },
+        ),
     ]);
+    match &master_found {
+        Err(why) => p.note(why),
+        Ok(_) if !bad_rows.is_empty() => p.note(&format!(
+            "{} master data rows could not be read and are left out (first: {}).",
+            bad_rows.len(),
+            bad_rows[0]
+        )),
+        Ok(_) => {}
+    }
 
     // Consumption distribution.
     let kwh = dec_col(&bills, "kwh", SCALE);
@@ -370,6 +439,7 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
     let acc = str_col(&bills, "account_id");
     let total = dec_col(&bills, "total", 2);
     p.h2("Bills by customer class");
+    let missing_master = master_found.as_ref().err();
     let mut by_class: BTreeMap<String, (u64, i128, i128)> = BTreeMap::new();
     for i in 0..bills.rows() {
         let class = acc_by_id.get(acc[i]).map_or("unknown".to_string(), |a| {
@@ -380,7 +450,9 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         e.1 += kwh[i];
         e.2 += total[i];
     }
-    if by_class.is_empty() {
+    if let Some(why) = missing_master {
+        p.note(&no_master_note(why, "Customer classes are"));
+    } else if by_class.is_empty() {
         p.note("No bills.");
     } else {
         let labels: Vec<String> = by_class.keys().cloned().collect();
@@ -506,9 +578,10 @@ pub fn render(opts: &ReportOptions) -> Result<String, ReportError> {
         None => p.note("No readings lake found next to the master data (pass --lake): collection figures not shown."),
     }
 
-    prepaid(&mut p, opts, &accounts)?;
+    prepaid(&mut p, opts, &accounts, missing_master)?;
     arrears(
         &mut p,
+        missing_master,
         &m,
         &acc,
         &total,
@@ -626,13 +699,19 @@ fn prepaid(
     p: &mut Page,
     opts: &ReportOptions,
     accounts: &[master::Account],
+    missing_master: Option<&String>,
 ) -> Result<(), ReportError> {
     p.h2("Prepaid balances and alerts");
-    let prepaid_n = accounts
-        .iter()
-        .filter(|a| a.payment_mode == PaymentMode::Prepaid)
-        .count();
-    p.kv(&[("Prepaid accounts", prepaid_n.to_string())]);
+    match missing_master {
+        Some(why) => p.note(&no_master_note(why, "The number of prepaid accounts is")),
+        None => {
+            let prepaid_n = accounts
+                .iter()
+                .filter(|a| a.payment_mode == PaymentMode::Prepaid)
+                .count();
+            p.kv(&[("Prepaid accounts", prepaid_n.to_string())]);
+        }
+    }
     let ledger = opts
         .ledger
         .clone()
@@ -652,7 +731,7 @@ fn prepaid(
             let labels: Vec<String> = bands.iter().map(|b| b.0.to_string()).collect();
             p.svg(&charts::bars("Accounts by prepaid balance (CNY)", "accounts", &labels, &counts)?);
             let sum: i128 = bal.values().sum();
-            p.kv(&[("Ledger", esc(&l.display().to_string())), ("Accounts in ledger", bal.len().to_string()), ("Sum of balances (CNY)", dec_text(sum, 2))]);
+            p.kv(&[("Ledger", l.display().to_string()), ("Accounts in ledger", bal.len().to_string()), ("Sum of balances (CNY)", dec_text(sum, 2))]);
         }
         None => p.note("No ledger export found (pass --ledger FILE, a Parquet export with account_id and amount): balances not shown."),
     }
@@ -702,8 +781,10 @@ fn walk_parquet(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn arrears(
     p: &mut Page,
+    missing_master: Option<&String>,
     m: &serde_json::Value,
     acc: &[&str],
     total: &[i128],
@@ -712,6 +793,11 @@ fn arrears(
     off: i32,
 ) {
     p.h2("Arrears");
+    if let Some(why) = missing_master {
+        // Which bills are postpaid and what was paid are master data.
+        p.note(&no_master_note(why, "Arrears are"));
+        return;
+    }
     let Some(bill_date) = m["period_end_exclusive"]
         .as_str()
         .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
@@ -764,5 +850,119 @@ fn arrears(
                 })
                 .collect(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACCOUNTS: &str = "account_id,name,phone,id_number,address,district,age_band,occupation,gender,customer_class,tariff_id,payment_mode,contracted_kva,household_size,opened_on\n\
+A1,张三,13800000000,110101199001011234,北京市,东城区,30-44,worker,male,residential,t1,postpaid,0,2,2015-01-01\n\
+A2,李四,13800000001,110101199001011235,北京市,东城区,30-44,worker,male,commercial,t1,prepaid,0,2,2015-01-01\n";
+    const METERS: &str = "meter_id,account_id,meter_type,ct_ratio,pt_ratio,register_digits,installed_on,removed_on,feeder\n\
+M1,A1,residential_1p,1,1,6,2015-01-01,,F000\n\
+M2,A2,residential_1p,1,1,6,2015-01-01,,F000\n";
+
+    /// A run directory with two bills whose manifest names `master_path`.
+    fn run_dir(root: &Path, master_path: &str) -> PathBuf {
+        let run = root.join("runs/2026-10");
+        std::fs::create_dir_all(&run).unwrap();
+        let manifest = serde_json::json!({
+            "run_id": "r1", "period": "2026-10", "period_start": "2026-10-01",
+            "period_end_exclusive": "2026-11-01", "revision": 0,
+            "counts": {"bills": 2}, "sums": {},
+            "inputs": {"master": [{"path": master_path}]},
+        });
+        std::fs::write(run.join("manifest.json"), manifest.to_string()).unwrap();
+        Table::new()
+            .with(
+                "account_id",
+                Col::Str(vec![Some("A1".into()), Some("A2".into())]),
+            )
+            .with(
+                "kwh",
+                Col::Dec(vec![Some(1_000_000), Some(2_000_000)], SCALE),
+            )
+            .with("total", Col::Dec(vec![Some(5_000), Some(9_000)], 2))
+            .write_parquet(&run.join("bills.parquet"))
+            .unwrap();
+        run
+    }
+
+    fn master(root: &Path) -> PathBuf {
+        let d = root.join("master");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(master::ACCOUNTS_FILE), ACCOUNTS).unwrap();
+        std::fs::write(d.join(master::METERS_FILE), METERS).unwrap();
+        d
+    }
+
+    #[test]
+    fn master_data_from_the_manifest_fills_classes_and_arrears() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master(dir.path());
+        let run = run_dir(dir.path(), m.join("meters.csv").to_str().unwrap());
+        let html = render(&ReportOptions::new(&run, dir.path().join("r.html"))).unwrap();
+        assert!(html.contains("<td>commercial</td>") && html.contains("<td>residential</td>"));
+        assert!(!html.contains("<td>unknown</td>"));
+        assert!(
+            html.contains("<td>Open amount (CNY)</td><td>50.00</td>"),
+            "{html}"
+        );
+        assert!(!html.contains("Master data not found"));
+    }
+
+    #[test]
+    fn missing_master_data_is_a_visible_note_naming_the_path_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run_dir(dir.path(), "no/such/master/meters.csv");
+        let html = render(&ReportOptions::new(&run, dir.path().join("r.html"))).unwrap();
+        let tried = "Master data not found: tried no/such/master/accounts.csv";
+        // Summary, classes, prepaid and arrears each say so.
+        assert_eq!(html.matches(tried).count(), 4, "{html}");
+        assert!(html.contains("Customer classes are not shown."));
+        assert!(html.contains("Arrears are not shown."));
+        assert!(!html.contains("<td>unknown</td>"));
+        assert!(!html.contains("Open amount"));
+        assert!(!html.contains("<td>Prepaid accounts</td>"));
+    }
+
+    #[test]
+    fn an_unreadable_master_file_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master(dir.path());
+        std::fs::remove_file(m.join(master::METERS_FILE)).unwrap();
+        let run = run_dir(dir.path(), "elsewhere/meters.csv");
+        let mut opts = ReportOptions::new(&run, dir.path().join("r.html"));
+        opts.master = Some(m.clone());
+        let e = render(&opts).unwrap_err().to_string();
+        assert!(
+            e.contains(&m.join(master::METERS_FILE).display().to_string()),
+            "{e}"
+        );
+        // A --master folder without accounts.csv is refused, not ignored.
+        opts.master = Some(dir.path().join("nothing"));
+        let e = render(&opts).unwrap_err().to_string();
+        assert!(e.contains("--master") && e.contains("accounts.csv"), "{e}");
+    }
+
+    #[test]
+    fn the_ledger_path_is_escaped_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = master(dir.path());
+        let run = run_dir(dir.path(), m.join("meters.csv").to_str().unwrap());
+        let ledger = dir.path().join("a&b").join("ledger.parquet");
+        std::fs::create_dir_all(ledger.parent().unwrap()).unwrap();
+        Table::new()
+            .with("account_id", Col::Str(vec![Some("A2".into())]))
+            .with("amount", Col::Dec(vec![Some(1234)], 2))
+            .write_parquet(&ledger)
+            .unwrap();
+        let mut opts = ReportOptions::new(&run, dir.path().join("r.html"));
+        opts.ledger = Some(ledger);
+        let html = render(&opts).unwrap();
+        assert!(html.contains("a&amp;b"), "{html}");
+        assert!(!html.contains("&amp;amp;"));
     }
 }
