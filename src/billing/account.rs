@@ -293,9 +293,11 @@ pub fn bill_account(
                     // Filled in below from the bounds around it.
                     None if Some(b) == plan.year_split => {}
                     None => {
-                        let degenerate =
-                            st.bounds[b] == st.bounds[if b > plan.first { b - 1 } else { b + 1 }];
-                        if reg == REG_TOTAL && !degenerate {
+                        // Needed unless every segment it bounds has no length
+                        // (the meter's window clamps them onto one instant).
+                        let needed = (b > plan.first && st.bounds[b] != st.bounds[b - 1])
+                            || (b + 1 < nb && st.bounds[b] != st.bounds[b + 1]);
+                        if reg == REG_TOTAL && needed {
                             return Err(Exception::new(
                                 "no_reading",
                                 format!(
@@ -320,12 +322,11 @@ pub fn bill_account(
                     continue;
                 }
                 let (Some(a), Some(c)) = (vals[b - 1][reg], vals[b + 1][reg]) else {
-                    // A neighbour clamped onto the split (a meter removed or
-                    // installed there) makes it degenerate; otherwise the
-                    // total is as unknown as at any other bound.
-                    let degenerate =
-                        st.bounds[b] == st.bounds[b - 1] || st.bounds[b] == st.bounds[b + 1];
-                    if reg == REG_TOTAL && !degenerate {
+                    // Not needed only when both segments it bounds have no
+                    // length; otherwise as unknown as at any other bound.
+                    let needed =
+                        st.bounds[b] != st.bounds[b - 1] || st.bounds[b] != st.bounds[b + 1];
+                    if reg == REG_TOTAL && needed {
                         return Err(Exception::new(
                             "no_reading",
                             format!(

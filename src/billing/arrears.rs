@@ -35,8 +35,6 @@ pub const MINIMUM: u8 = 3;
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorBill {
     pub period: String,
-    /// The day after the bill's period, when it could first be paid.
-    pub issued: NaiveDate,
     pub due: NaiveDate,
     pub amount: Decimal,
 }
@@ -112,12 +110,10 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
         let d: NaiveDate = due
             .parse()
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
-        let issued = BillPeriod::parse(r.period).map_err(bad)?.end;
         out.insert(
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
-                issued,
                 due: d,
                 amount: r.total,
             },
@@ -302,11 +298,11 @@ pub fn late_fee_lines(
     if bills.is_empty() {
         return vec![];
     }
-    // `payments` is the account's whole history: what was paid before the
-    // oldest given bill was issued paid earlier bills (docs/billing.md).
-    let since = bills.iter().map(|b| b.issued).min().expect("not empty");
-    let mut pays: Vec<(NaiveDate, Decimal)> =
-        payments.iter().filter(|p| p.0 >= since).copied().collect();
+    // `payments` is the account's whole history, paid in advance or late:
+    // it settles the given bills oldest first, exactly when every bill it
+    // could have paid is given (docs/billing.md). A payment date cannot tell
+    // "paid an earlier bill" from "paid in advance".
+    let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
     pays.sort();
     // yuan-days per rate class
     let mut yuan_days = [Decimal::ZERO; 3];
@@ -383,7 +379,6 @@ mod tests {
     fn sept_bill(amount: Decimal) -> PriorBill {
         PriorBill {
             period: "2026-09".into(),
-            issued: d("2026-10-01"),
             due: d("2026-10-15"),
             amount,
         }
@@ -427,43 +422,33 @@ mod tests {
     }
 
     #[test]
-    fn payments_made_before_the_oldest_given_bill_was_issued_paid_earlier_bills() {
+    fn with_every_bill_given_payments_late_or_in_advance_settle_the_right_ones() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        // A customer who always paid on time (August's bill on 10 September,
-        // and every month before) and has not paid September's.
-        let history = [
-            (d("2026-07-10"), dec!(180)),
-            (d("2026-08-10"), dec!(190)),
-            (d("2026-09-10"), dec!(200)),
-        ];
-        let lines = late_fee_lines(
-            &LateFeeRule::default(),
-            true,
-            &[sept_bill(dec!(200))],
-            &history,
-            &p,
-            &fen(),
-        );
-        // 16..31 October: 16 days x 200 x 1 per mille = 3.20, as unpaid.
-        assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].amount, dec!(3.20));
-        // Given August's run too, a payment in advance of September's bill
-        // (25 September, after August's was settled) counts.
-        let aug = PriorBill {
-            period: "2026-08".into(),
-            issued: d("2026-09-01"),
-            due: d("2026-09-15"),
-            amount: dec!(200),
+        let bill = |period: &str, due: &str, amount| PriorBill {
+            period: period.into(),
+            due: d(due),
+            amount,
         };
-        let lines = late_fee_lines(
-            &LateFeeRule::default(),
-            true,
-            &[sept_bill(dec!(200)), aug],
-            &[(d("2026-09-10"), dec!(200)), (d("2026-09-25"), dec!(200))],
-            &p,
-            &fen(),
-        );
-        assert!(lines.is_empty(), "{lines:?}");
+        let bills = [
+            bill("2026-07", "2026-08-15", dec!(180)),
+            bill("2026-08", "2026-09-15", dec!(190)),
+            sept_bill(dec!(200)),
+        ];
+        let fee = |pays: &[(NaiveDate, Decimal)]| {
+            late_fee_lines(&LateFeeRule::default(), true, &bills, pays, &p, &fen())
+        };
+        // Paid July's and August's after they were issued, not September's:
+        // 16..31 October x 200 x 1 per mille = 3.20.
+        let late = fee(&[(d("2026-08-10"), dec!(180)), (d("2026-09-10"), dec!(190))]);
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].amount, dec!(3.20));
+        // Paid each bill on the 25th of its own month, before it was issued.
+        let early = fee(&[
+            (d("2026-07-25"), dec!(180)),
+            (d("2026-08-25"), dec!(190)),
+            (d("2026-09-25"), dec!(200)),
+        ]);
+        assert!(early.is_empty(), "{early:?}");
     }
 
     #[test]
@@ -471,7 +456,6 @@ mod tests {
         let p = BillPeriod::parse("2026-10").unwrap();
         let aug = PriorBill {
             period: "2026-08".into(),
-            issued: d("2026-09-01"),
             due: d("2026-09-15"),
             amount: dec!(100),
         };
@@ -522,7 +506,6 @@ mod tests {
         let p = BillPeriod::parse("2027-01").unwrap();
         let dec_bill = PriorBill {
             period: "2026-11".into(),
-            issued: d("2026-12-01"),
             due: d("2026-12-15"),
             amount: dec!(1000),
         };
