@@ -104,17 +104,33 @@ pub fn split_schema(url: &str) -> Result<(String, String), LedgerError> {
     Ok((base, schema))
 }
 
-/// `url` with any password replaced by `***`, for messages.
+/// `url` with any password (`user:PW@`, `?password=PW`) replaced by `***`,
+/// for messages.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_string();
+    let head = match head.split_once("://").and_then(|(scheme, rest)| {
+        let (userinfo, host) = rest.split_once('@')?;
+        let (user, _) = userinfo.split_once(':')?;
+        Some(format!("{scheme}://{user}:***@{host}"))
+    }) {
+        Some(h) => h,
+        None => head.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+    match query {
+        None => head,
+        Some(q) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{head}?{}", q.join("&"))
+        }
     }
 }
 
@@ -135,7 +151,8 @@ impl PgLedger {
         // Concurrent CREATE SCHEMA IF NOT EXISTS can race on the catalog; ignore that error.
         let _ = client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
         client.batch_execute(&format!("SET search_path TO {schema}"))?;
-        let host = base.rsplit('@').next().unwrap_or(&base).to_string();
+        let host = redact(&base);
+        let host = host.rsplit('@').next().unwrap_or(&host).to_string();
         Ok(PgLedger {
             client,
             describe: format!("postgres:{host}/{schema}"),
@@ -625,6 +642,10 @@ mod tests {
             "postgres://mf:***@db:5432/test?schema=x"
         );
         assert_eq!(redact("postgres://mf@db/test"), "postgres://mf@db/test");
+        assert_eq!(
+            redact("postgres://mf@db/x?password=s3cret&schema=a"),
+            "postgres://mf@db/x?password=***&schema=a"
+        );
         assert_eq!(redact("ledger.sqlite"), "ledger.sqlite");
     }
 }

@@ -806,11 +806,17 @@ pub(crate) mod tests {
         assert_eq!(got, values);
     }
 
-    #[test]
-    fn a_file_with_wider_values_than_the_lake_is_refused_not_truncated() {
+    /// A lake file of one reading, rewritten as `name` with `value` as
+    /// DECIMAL(`precision`, `scale`) holding the integer `stored`.
+    fn file_with_value_column(
+        dir: &Path,
+        name: &str,
+        precision: u8,
+        scale: i8,
+        stored: i128,
+    ) -> (NaiveDate, PathBuf) {
         use arrow::array::{ArrayRef, Decimal128Array};
-        let dir = tempfile::tempdir().unwrap();
-        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
+        let mut lake = Lake::open(dir, LakeOptions::new("t")).unwrap();
         lake.accept(&[reading(
             "A",
             1_790_000_000_000,
@@ -820,75 +826,48 @@ pub(crate) mod tests {
         )])
         .unwrap();
         lake.flush().unwrap();
-        let (date, good) = all_readings_files(dir.path()).remove(0);
-        // The same rows with `value` as DECIMAL(20, 4) (fixed-length bytes).
+        let (date, good) = all_readings_files(dir).remove(0);
         let batch = crate::store::reader::read_file(&good).unwrap().remove(0);
-        let wide = DataType::Decimal128(20, VALUE_SCALE);
+        let ty = DataType::Decimal128(precision, scale);
         let fields: Vec<Field> = batch
             .schema()
             .fields()
             .iter()
             .map(|f| match f.name().as_str() {
-                "value" => Field::new("value", wide.clone(), false),
+                "value" => Field::new("value", ty.clone(), false),
                 _ => f.as_ref().clone(),
             })
             .collect();
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         cols[crate::store::schema::col::VALUE] = Arc::new(
-            Decimal128Array::from(vec![10i128.pow(19)])
-                .with_precision_and_scale(20, VALUE_SCALE)
+            Decimal128Array::from(vec![stored])
+                .with_precision_and_scale(precision, scale)
                 .unwrap(),
         );
         let batch =
             arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
-        let bad = good.with_file_name("wide.parquet");
-        crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
-        let err = units(&[(date, bad)]).err().expect("refused").to_string();
+        let path = good.with_file_name(name);
+        crate::store::atomic::write_parquet_atomic(&path, batch.schema(), &[batch]).unwrap();
+        (date, path)
+    }
+
+    #[test]
+    fn a_file_with_wider_values_than_the_lake_is_refused_not_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        // DECIMAL(20, 4) is stored as fixed-length bytes.
+        let bad =
+            file_with_value_column(dir.path(), "wide.parquet", 20, VALUE_SCALE, 10i128.pow(19));
+        let err = units(&[bad]).err().expect("refused").to_string();
         assert!(err.contains("precision 20"), "{err}");
     }
 
     #[test]
     fn a_file_whose_values_have_another_scale_is_refused_not_read_off_by_powers_of_ten() {
-        use arrow::array::{ArrayRef, Decimal128Array};
         let dir = tempfile::tempdir().unwrap();
-        let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
-        lake.accept(&[reading(
-            "A",
-            1_790_000_000_000,
-            Channel::ImportActiveTotal,
-            5,
-            Quality::OK,
-        )])
-        .unwrap();
-        lake.flush().unwrap();
-        let (date, good) = all_readings_files(dir.path()).remove(0);
-        // The same row with `value` as DECIMAL(12, 2), as another tool may write it:
-        // 1234.56 kWh stored as the integer 123456.
-        let batch = crate::store::reader::read_file(&good).unwrap().remove(0);
-        let cents = DataType::Decimal128(12, 2);
-        let fields: Vec<Field> = batch
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| match f.name().as_str() {
-                "value" => Field::new("value", cents.clone(), false),
-                _ => f.as_ref().clone(),
-            })
-            .collect();
-        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-        cols[crate::store::schema::col::VALUE] = Arc::new(
-            Decimal128Array::from(vec![123_456i128])
-                .with_precision_and_scale(12, 2)
-                .unwrap(),
-        );
-        let batch =
-            arrow::record_batch::RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
-        let bad = good.with_file_name("cents.parquet");
-        crate::store::atomic::write_parquet_atomic(&bad, batch.schema(), &[batch]).unwrap();
-        let err = units(&[(date, bad.clone())])
-            .err()
-            .expect("refused")
-            .to_string();
+        // DECIMAL(12, 2), as another tool may write it: 1234.56 kWh stored
+        // as the integer 123456.
+        let bad = file_with_value_column(dir.path(), "cents.parquet", 12, 2, 123_456);
+        let err = units(&[bad]).err().expect("refused").to_string();
         assert!(
             err.contains("scale 2") && err.contains("cents.parquet"),
             "{err}"

@@ -140,10 +140,9 @@ fn load_cases(file: &str) -> BTreeMap<String, Case> {
     cases
 }
 
-#[test]
-fn a_meter_listed_twice_is_billed_once_on_its_last_row_and_reported() {
-    let set = tariffs();
-    let meter = |account: &str| Meter {
+/// Meter M1 of `account`: 6 digits, no CT or PT, installed in 2020.
+fn meter_m1(account: &str) -> Meter {
+    Meter {
         meter_id: "M1".into(),
         account_id: account.into(),
         meter_type: String::new(),
@@ -153,7 +152,13 @@ fn a_meter_listed_twice_is_billed_once_on_its_last_row_and_reported() {
         installed_on: d("2020-01-01"),
         removed_on: None,
         feeder: String::new(),
-    };
+    }
+}
+
+#[test]
+fn a_meter_listed_twice_is_billed_once_on_its_last_row_and_reported() {
+    let set = tariffs();
+    let meter = meter_m1;
     let accounts = vec![
         account("A1", "bj-residential-monthly", "0", "2020-01-01"),
         account("A2", "bj-residential-monthly", "0", "2020-01-01"),
@@ -191,17 +196,7 @@ fn a_meter_listed_twice_is_billed_once_on_its_last_row_and_reported() {
 fn a_reading_held_in_memory_that_the_lake_could_not_store_is_an_exception_not_zero() {
     let set = tariffs();
     let accounts = vec![account("A1", "bj-residential-monthly", "0", "2020-01-01")];
-    let meters = vec![Meter {
-        meter_id: "M1".into(),
-        account_id: "A1".into(),
-        meter_type: String::new(),
-        ct_ratio: Decimal::ONE,
-        pt_ratio: Decimal::ONE,
-        register_digits: 6,
-        installed_on: d("2020-01-01"),
-        removed_on: None,
-        feeder: String::new(),
-    }];
+    let meters = vec![meter_m1("A1")];
     let at = |t: &str, v: &str| reading("M1", local_ms(t), Channel::ImportActiveTotal, dec(v));
     let readings = vec![
         at("2026-10-01 00:00", "100"),
