@@ -76,12 +76,15 @@ impl Control {
             highest.filter(|(_, o)| cfg.enabled && cfg.reconnect_amount <= *o)
         {
             let text = std::fs::read_to_string(file).unwrap_or_default();
-            let at = text
-                .find("reconnect_amount")
-                .or_else(|| text.find("[control]"));
+            // The key in `[control]`, not its first mention (a comment);
+            // the table's header when the key is left at its default.
+            let line = match super::alerts::key_line(&text, &["control", "reconnect_amount"]) {
+                0 => text.find("[control]").map_or(0, |o| line_of(&text, o)),
+                n => n,
+            };
             return Err(PrepayError::Config {
                 file: file.display().to_string(),
-                line: at.map_or(0, |o| line_of(&text, o)),
+                line,
                 field: "control.reconnect_amount".into(),
                 message: format!(
                     "{} must be above the overdraft limit {} of {scope}, or relays trip and reconnect in turn",
@@ -845,11 +848,20 @@ mod tests {
                 path.display()
             )
         );
-        // The default reconnect amount 0 with no limit set (0): refused too.
+        // A comment naming the key before the table does not move the line.
+        let err = check(&format!(
+            "# reconnect_amount: see docs\n[default]\noverdraft_limit = \"-30\"\n{control}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("th.toml:6:"), "{err}");
+        // The default reconnect amount 0 with no limit set (0): refused too,
+        // at the table's header.
         let err = check("[control]\nenabled = true\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("control.reconnect_amount"), "{err}");
+        assert!(err.contains("th.toml:1:"), "{err}");
         // A class whose limit is above the reconnect amount.
         let err = check(&format!(
             "[default]\noverdraft_limit = \"-100\"\n[class.x]\noverdraft_limit = \"-40\"\n{control}"
