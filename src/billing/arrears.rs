@@ -201,7 +201,10 @@ impl<'a> LateFees<'a> {
         let mut prior = PriorBills::new();
         if !previous.is_empty() {
             for dir in previous {
-                inputs.push(super::run::hashed_input(&dir.join("bills.parquet"))?);
+                // Revisions replace totals and positions: they are inputs too.
+                for f in bills_files(dir) {
+                    inputs.push(super::run::hashed_input(&f)?);
+                }
             }
             prior = read_prior_bills(previous)?;
         }

@@ -67,7 +67,9 @@ impl Staging {
     /// Writes `manifest.json` and renames the staging directory to the
     /// target. Returns the target (None for a preview).
     pub fn commit(mut self, manifest: &serde_json::Value) -> Result<Option<PathBuf>, BillingError> {
-        let Some(tmp) = self.tmp.take() else {
+        // Kept in `self.tmp` until the rename: a failure before it (full
+        // disk, a run that committed the same target first) removes it.
+        let Some(tmp) = self.tmp.clone() else {
             return Ok(None);
         };
         let text = serde_json::to_vec_pretty(manifest)
@@ -83,6 +85,7 @@ impl Staging {
             std::fs::remove_dir(target).map_err(io(target))?;
         }
         std::fs::rename(&tmp, target).map_err(io(target))?;
+        self.tmp = None;
         crate::store::atomic::sync_dir(parent(target))?;
         Ok(Some(target.clone()))
     }
@@ -213,6 +216,25 @@ mod tests {
         assert_eq!(out.sha256, hex::encode(Sha256::digest(b"hello")));
         assert_eq!(s.commit(&manifest()).unwrap(), None);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_commit_that_fails_leaves_no_staging_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("run");
+        // Another run committed the same target first.
+        let first = Staging::new(&target, false).unwrap();
+        first.create("a.bin").unwrap().finish(0).unwrap();
+        first.commit(&manifest()).unwrap();
+        let second = Staging::new(&target, false).unwrap();
+        second.create("b.bin").unwrap().finish(0).unwrap();
+        assert!(second.commit(&manifest()).is_err());
+        let names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["run"], "the loser's staging directory is gone");
+        assert!(target.join("a.bin").exists());
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Roster<'a> {
     orphan_meters: Vec<&'a BillingMeter>,
     /// Earlier rows of meter ids that meters.csv lists more than once.
     duplicate_meters: Vec<&'a BillingMeter>,
+    /// Earlier rows of account ids that accounts.csv lists more than once.
+    duplicate_accounts: Vec<&'a BillingAccount>,
 }
 
 /// The readings every account of a roster needs (UTC ms): what to read
@@ -77,8 +79,20 @@ pub struct ScanWindow {
 
 impl<'a> Roster<'a> {
     pub fn new(accounts: &'a [BillingAccount], meters: &'a [BillingMeter]) -> Roster<'a> {
-        let mut accs: Vec<&BillingAccount> = accounts.iter().collect();
-        accs.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let mut all: Vec<&BillingAccount> = accounts.iter().collect();
+        all.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        // An account id listed twice: its last row is billed (the sort is
+        // stable), the earlier ones are reported, not billed without meters.
+        let mut duplicate_accounts = Vec::new();
+        let mut accs = Vec::with_capacity(all.len());
+        for (i, &a) in all.iter().enumerate() {
+            if all.get(i + 1).is_some_and(|n| n.account_id == a.account_id) {
+                duplicate_accounts.push(a);
+            } else {
+                accs.push(a);
+            }
+        }
+        drop(all);
         let mut sorted: Vec<&BillingMeter> = meters.iter().collect();
         sorted.par_sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
         let mut duplicate_meters = Vec::new();
@@ -102,15 +116,8 @@ impl<'a> Roster<'a> {
         let mut grouped = Vec::with_capacity(unique.len());
         let mut orphan_meters = Vec::new();
         let mut next = 0;
-        for (i, a) in accs.iter().enumerate() {
+        for a in &accs {
             starts.push(grouped.len() as u32);
-            // An account id listed twice: its last row takes the meters.
-            if accs
-                .get(i + 1)
-                .is_some_and(|n| n.account_id == a.account_id)
-            {
-                continue;
-            }
             while let Some(m) = unique.get(next) {
                 match m.account_id.cmp(&a.account_id) {
                     std::cmp::Ordering::Less => orphan_meters.push(*m),
@@ -134,6 +141,7 @@ impl<'a> Roster<'a> {
             by_id,
             orphan_meters,
             duplicate_meters,
+            duplicate_accounts,
         }
     }
 
@@ -274,6 +282,17 @@ impl<'a> Roster<'a> {
                 detail: format!(
                     "meters.csv names account '{}', which accounts.csv does not have",
                     m.account_id
+                ),
+            });
+        }
+        for a in &self.duplicate_accounts {
+            exceptions.push(ExceptionRow {
+                account_id: a.account_id.to_string(),
+                meter_id: String::new(),
+                code: "duplicate_account".into(),
+                detail: format!(
+                    "accounts.csv lists account '{}' more than once: its last row is billed",
+                    a.account_id
                 ),
             });
         }

@@ -358,11 +358,23 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut id_hash = Sha256::new();
     id_hash.update(period.label.as_bytes());
     id_hash.update(revision.to_le_bytes());
+    // Contents and file names, not where the folders are: the same inputs
+    // given as `tariffs` or `./tariffs`, or from another directory, give the
+    // same id (lake paths are relative to the lake already).
+    let named = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(p) = v.get("path").and_then(|p| p.as_str()).map(PathBuf::from) {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            v["path"] = serde_json::Value::from(name.unwrap_or_default());
+        }
+        v
+    };
     for v in inputs_master
         .iter()
         .chain(&inputs_tariffs)
-        .chain(&inputs_lake)
         .chain(inputs_history)
+        .map(named)
+        .chain(inputs_lake.iter().cloned())
     {
         id_hash.update(v.to_string().as_bytes());
     }
