@@ -140,6 +140,9 @@ pub struct OutLine<'a> {
     pub unit_price: Decimal,
     pub amount: Decimal,
     pub tariff_version: Cow<'a, str>,
+    /// The tariff of a line reversed by a revision when it is not the
+    /// bill's own (the account moved to another tariff); None: the bill's.
+    pub tariff: Option<&'a str>,
     pub flags: Flags,
     pub is_adjustment: bool,
 }
@@ -165,6 +168,7 @@ pub fn out_lines<'a>(b: &AccountBill, tariffs: &'a TariffSet) -> Vec<OutLine<'a>
                 unit_price: l.line.unit_price,
                 amount: l.line.amount,
                 tariff_version: v.id.as_str().into(),
+                tariff: None,
                 flags: l.flags,
                 is_adjustment: false,
             }

@@ -13,12 +13,13 @@ use super::output::{self, OutLine};
 use super::run::{io, BillingError};
 use crate::tariff::price::LineKind;
 
-/// Aggregation key of a line for comparing runs.
-type LineKey = (String, String, String, String);
+/// Aggregation key of a line for comparing runs: account, tariff, kind,
+/// label, version (two tariffs may share version ids and labels).
+type LineKey = (String, String, String, String, String);
 
 pub struct Issued {
-    /// (account, kind, label, version) -> (quantity, amount, tariff id)
-    pub lines: BTreeMap<LineKey, (Decimal, Decimal, String)>,
+    /// (account, tariff, kind, label, version) -> (quantity, amount)
+    pub lines: BTreeMap<LineKey, (Decimal, Decimal)>,
     pub totals: BTreeMap<String, Decimal>,
     pub run_id: String,
 }
@@ -70,6 +71,7 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
                 }
                 let key = (
                     acc.value(i).to_string(),
+                    tar.value(i).to_string(),
                     kind.value(i).to_string(),
                     label.value(i).to_string(),
                     ver.value(i).to_string(),
@@ -77,11 +79,7 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
                 let q = Decimal::from_i128_with_scale(qty.value(i), output::QTY.1 as u32);
                 let a = Decimal::from_i128_with_scale(amt.value(i), output::AMOUNT.1 as u32);
                 *is.totals.entry(key.0.clone()).or_default() += a;
-                let e = is.lines.entry(key).or_insert((
-                    Decimal::ZERO,
-                    Decimal::ZERO,
-                    tar.value(i).to_string(),
-                ));
+                let e = is.lines.entry(key).or_default();
                 e.0 += q;
                 e.1 += a;
             }
@@ -97,7 +95,7 @@ fn as_written(d: Decimal, scale: i8) -> Decimal {
 
 /// Adjustment lines of a re-rated bill against what was issued: per line key,
 /// the difference in quantity and amount. Empty when nothing changed.
-pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> Vec<OutLine<'a>> {
+pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &'a Issued) -> Vec<OutLine<'a>> {
     let mut now: BTreeMap<(String, String, String), (Decimal, Decimal, &OutLine<'a>)> =
         BTreeMap::new();
     for l in lines {
@@ -119,8 +117,9 @@ pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> V
         String::new(),
         String::new(),
         String::new(),
+        String::new(),
     );
-    let issued: Vec<(&LineKey, &(Decimal, Decimal, String))> = is
+    let issued: Vec<(&LineKey, &(Decimal, Decimal))> = is
         .lines
         .range(prefix..)
         .take_while(|(k, _)| k.0 == b.account_id)
@@ -128,6 +127,7 @@ pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> V
     for ((kind, label, ver), (q, a, l)) in &now {
         let key = (
             b.account_id.clone(),
+            b.tariff_id.clone(),
             kind.clone(),
             label.clone(),
             ver.clone(),
@@ -146,20 +146,22 @@ pub fn adjustments<'a>(b: &AccountBill, lines: &[OutLine<'a>], is: &Issued) -> V
             });
         }
     }
-    for (k, (iq, ia, _)) in issued {
-        if !now.contains_key(&(k.1.clone(), k.2.clone(), k.3.clone()))
-            && (!iq.is_zero() || !ia.is_zero())
-        {
+    for (k, (iq, ia)) in issued {
+        let still =
+            k.1 == b.tariff_id && now.contains_key(&(k.2.clone(), k.3.clone(), k.4.clone()));
+        if !still && (!iq.is_zero() || !ia.is_zero()) {
             out.push(OutLine {
-                kind: LineKind::parse(&k.1).unwrap_or(LineKind::Adjustment),
-                label: k.2.clone().into(),
+                kind: LineKind::parse(&k.2).unwrap_or(LineKind::Adjustment),
+                label: k.3.as_str().into(),
                 tier: None,
                 tou_period: None,
                 quantity: -*iq,
                 unit: "",
                 unit_price: Decimal::ZERO,
                 amount: -*ia,
-                tariff_version: k.3.clone().into(),
+                tariff_version: k.4.as_str().into(),
+                // Reversed under the tariff it was issued with.
+                tariff: (k.1 != b.tariff_id).then_some(k.1.as_str()),
                 flags: Flags::ADJUSTED,
                 is_adjustment: true,
             });
@@ -202,9 +204,41 @@ mod tests {
             unit_price: dec!(10),
             amount,
             tariff_version: Cow::Borrowed("v1"),
+            tariff: None,
             flags: Flags::NONE,
             is_adjustment: false,
         }
+    }
+
+    #[test]
+    fn lines_of_a_tariff_the_account_left_are_reversed_under_it_not_netted() {
+        let mut is = Issued {
+            lines: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            run_id: "r".into(),
+        };
+        // Issued under tariff "old", which has a version "v1" and a line "x" too.
+        let k = (
+            "A1".to_string(),
+            "old".to_string(),
+            LineKind::Energy.as_str().to_string(),
+            "x".to_string(),
+            "v1".to_string(),
+        );
+        is.lines.insert(k, (dec!(100), dec!(50)));
+        let now = [line(LineKind::Energy, dec!(100), dec!(60))];
+        let adj = adjustments(&bill(), &now, &is);
+        let got: Vec<(Option<&str>, Decimal, Decimal)> = adj
+            .iter()
+            .map(|l| (l.tariff, l.quantity, l.amount))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (None, dec!(100), dec!(60)),
+                (Some("old"), dec!(-100), dec!(-50))
+            ]
+        );
     }
 
     #[test]
@@ -220,15 +254,14 @@ mod tests {
         let key = |k: LineKind| {
             (
                 "A1".to_string(),
+                "t".to_string(),
                 k.as_str().to_string(),
                 "x".to_string(),
                 "v1".to_string(),
             )
         };
-        is.lines.insert(
-            key(LineKind::Minimum),
-            (dec!(0.387097), dec!(3.87), "t".into()),
-        );
+        is.lines
+            .insert(key(LineKind::Minimum), (dec!(0.387097), dec!(3.87)));
         let now = [line(LineKind::Minimum, exact, dec!(3.87))];
         assert!(adjustments(&bill(), &now, &is).is_empty());
         // A real change still is one, by what the files will hold.

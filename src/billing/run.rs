@@ -825,7 +825,7 @@ impl Emit<'_> {
                     self.run_id,
                     &self.period.label,
                     &b.account_id,
-                    &b.tariff_id,
+                    l.tariff.unwrap_or(&b.tariff_id),
                     n + 1,
                     l,
                 );
