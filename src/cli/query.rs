@@ -46,6 +46,10 @@ pub struct UsageArgs {
     /// Sum per month instead of per day.
     #[arg(long)]
     pub monthly: bool,
+    /// Offset of the local day from UTC (the days the bills use), e.g.
+    /// +08:00 (China), -05:00.
+    #[arg(long, default_value = "+08:00", allow_hyphen_values = true)]
+    pub utc_offset: String,
     #[command(flatten)]
     pub out: Output,
 }
@@ -88,6 +92,8 @@ fn print(t: &Table, o: &Output) -> anyhow::Result<ExitCode> {
 pub fn run(c: QueryCmd) -> anyhow::Result<ExitCode> {
     match c {
         QueryCmd::Usage(a) => {
+            let offset = crate::collector::config::parse_offset(&a.utc_offset)
+                .map_err(|e| anyhow::anyhow!("--utc-offset: {e}"))?;
             let t = query::usage(
                 &a.lake,
                 &a.master,
@@ -95,7 +101,7 @@ pub fn run(c: QueryCmd) -> anyhow::Result<ExitCode> {
                 a.from,
                 a.to,
                 a.monthly,
-                8 * 3600,
+                offset.local_minus_utc(),
             )?;
             print(&t, &a.out)
         }

@@ -726,6 +726,12 @@ impl SimBus {
                 } else {
                     Edition::V1997
                 };
+                // A meter does not understand the other edition's read: it
+                // stays silent, as real ones do (a collector set to the wrong
+                // edition must see timeouts here, not answers).
+                if edition != m.cfg.edition {
+                    return vec![];
+                }
                 match Di::read(edition, &req.data) {
                     _ if active && faults.error_reply => {
                         message::error_reply(addr, req.control, ErrorStatus(0x02))
@@ -1244,6 +1250,22 @@ mod tests {
             out[0].bytes,
             parse_hex("68 37 03 00 92 81 39 68 91 08 33 33 34 33 37 33 33 33 8C 16").unwrap()
         );
+    }
+
+    #[test]
+    fn a_meter_is_silent_to_the_other_edition_s_read() {
+        let a: Address = "398192000337".parse().unwrap();
+        let mut old = SimMeterConfig::new(a, dec!(0.04));
+        old.edition = Edition::V1997;
+        let mut b = bus(vec![old]);
+        let t = 1_700_000_000_000;
+        let read_2007 = crate::protocol::dlt645::message::read_request(a, Di::v2007(0x0001_0000));
+        assert!(
+            b.handle(&read_2007, t).is_empty(),
+            "a 1997 meter ignores 0x11"
+        );
+        let read_1997 = crate::protocol::dlt645::message::read_request(a, Di::v1997(0x9010));
+        assert_eq!(b.handle(&read_1997, t).len(), 1);
     }
 
     #[test]
