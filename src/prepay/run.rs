@@ -22,7 +22,9 @@ pub use super::fleet::Fleet;
 use super::interval;
 use super::pricing::{local_date_minute, Pricer};
 use super::PrepayError;
-use crate::ledger::{Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, Outcome};
+use crate::ledger::{
+    Batch, CommitHook, CommitReport, Cursor, HookOut, Ledger, LedgerError, Outcome,
+};
 use crate::master::{Account, Meter};
 use crate::model::{Channel, Quality};
 use crate::store::scan::FxMap;
@@ -588,16 +590,54 @@ fn daily_spend_of(pricer: &dyn Pricer, account: &Account, c: &Cursor) -> Option<
 }
 
 /// Updates the per-account daily spend (the sum over the account's meters)
-/// for the meters whose cursors are about to be committed.
+/// for the meters whose cursors are about to be committed. The other meters
+/// of an account with several meters that `per_meter` does not hold (none
+/// after a restart) count with their stored cursors: `stored` reads one
+/// (the ledger's), once per such meter.
 pub fn note_spend(
     pricer: &dyn Pricer,
     fleet: &Fleet,
     per_meter: &mut FxMap<String, Decimal>,
     daily: &mut FxMap<String, Decimal>,
     cursors: &[Cursor],
-) {
-    let spends = meter_spends(pricer, fleet, cursors);
+    stored: &mut dyn FnMut(&str) -> Result<Option<Cursor>, LedgerError>,
+) -> Result<(), LedgerError> {
+    let mut spends = meter_spends(pricer, fleet, cursors);
+    for m in unknown_meters(fleet, per_meter, cursors) {
+        let spend = stored(m)?.and_then(|c| meter_daily_spend(pricer, fleet, &c));
+        spends.push((m.to_string(), spend));
+    }
     apply_spends(fleet, per_meter, daily, spends);
+    Ok(())
+}
+
+/// The meters of the accounts of `cursors` with several meters that have
+/// neither a cursor in `cursors` nor a spend in `per_meter`, in fleet order.
+fn unknown_meters<'f>(
+    fleet: &'f Fleet,
+    per_meter: &FxMap<String, Decimal>,
+    cursors: &[Cursor],
+) -> Vec<&'f str> {
+    let mut accounts: Vec<&str> = cursors
+        .iter()
+        .filter_map(|c| fleet.meters.get(&c.meter_id))
+        .map(|m| m.account_id.as_str())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let mut out = Vec::new();
+    for a in accounts {
+        if fleet.meters_of(a).nth(1).is_none() {
+            continue; // one meter: its cursor is in `cursors`
+        }
+        for m in fleet.meters_of(a) {
+            let id = m.meter_id.as_str();
+            if !per_meter.contains_key(id) && !cursors.iter().any(|c| c.meter_id == id) {
+                out.push(id);
+            }
+        }
+    }
+    out
 }
 
 /// [`meter_daily_spend`] of each cursor's meter (the pure, costly half of
@@ -700,17 +740,21 @@ struct Stepper<'p> {
     fleet: &'p Fleet,
 }
 
-impl Stepper<'_> {
+impl<'p> Stepper<'p> {
     /// Steps `chunk`'s meters (whole accounts) from `before` (their stored
-    /// cursors, in order).
-    fn step<'a>(&self, chunk: &[MeterReadings<'a>], before: Vec<Option<Cursor>>) -> Stepped<'a> {
+    /// cursors, in order). `stored` gives the stored cursor of a meter the
+    /// chunk does not step (read for accounts with several meters only).
+    fn step<'a>(
+        &self,
+        chunk: &[MeterReadings<'a>],
+        before: Vec<Option<Cursor>>,
+        stored: &dyn Fn(&str) -> Option<Cursor>,
+    ) -> Stepped<'a> {
         let mut batch = Batch::default();
         let mut local = RunStats::default();
-        // A chunk holds every stepped meter of its accounts, in account
-        // order: an account's daily spend is the sum over its meters here.
-        let mut daily: FxMap<String, Decimal> = FxMap::default();
-        // Each account of the chunk once, and whether it was charged.
-        let mut accounts: Vec<(&'a str, bool)> = Vec::new();
+        // Each account of the chunk once (a chunk holds every stepped meter
+        // of its accounts, in account order).
+        let mut accounts: Vec<ChunkAccount<'a, 'p>> = Vec::new();
         for (m, before) in chunk.iter().zip(before) {
             let p = m.meter;
             batch.expect.push((
@@ -732,29 +776,106 @@ impl Stepper<'_> {
                 "prepay-run",
                 &mut local,
             );
-            let charged = !entries.is_empty();
-            match accounts.last_mut() {
-                Some((a, c)) if *a == p.account_id() => *c |= charged,
-                _ => accounts.push((p.account_id(), charged)),
+            if !matches!(accounts.last(), Some(a) if a.id == p.account_id()) {
+                accounts.push(ChunkAccount {
+                    id: p.account_id(),
+                    account,
+                    shared: self.fleet.meters_of(p.account_id()).nth(1).is_some(),
+                    charged: false,
+                    moved: false,
+                    spend: None,
+                    stepped: Vec::new(),
+                });
             }
-            if let Some(c) = cur.filter(|c| Some(c) != before.as_ref()) {
-                if let Some(s) = daily_spend_of(self.pricer, account, &c) {
-                    *daily.entry(p.account_id().to_string()).or_default() += s;
+            let a = accounts.last_mut().expect("pushed above");
+            a.charged |= !entries.is_empty();
+            a.stepped.push(p.meter_id());
+            match cur.filter(|c| Some(c) != before.as_ref()) {
+                Some(c) => {
+                    a.moved = true;
+                    a.add(daily_spend_of(self.pricer, account, &c));
+                    batch.cursors.push(c);
                 }
-                batch.cursors.push(c);
+                // A meter of a shared account that stays where it was still
+                // spends: its stored cursor counts in the sum.
+                None if a.shared => {
+                    a.add(
+                        before
+                            .as_ref()
+                            .and_then(|c| daily_spend_of(self.pricer, account, c)),
+                    );
+                }
+                None => {}
             }
             batch.entries.extend(entries);
         }
+        // The daily spend of an account whose cursors this commit moves is
+        // the sum over all its meters: those the chunk does not step (no
+        // readings in this run) count with their stored cursors.
+        let mut daily: FxMap<String, Decimal> = FxMap::default();
+        for a in accounts.iter_mut().filter(|a| a.moved) {
+            if a.shared {
+                for m in self.fleet.meters_of(a.id) {
+                    if a.stepped.contains(&m.meter_id.as_str()) {
+                        continue;
+                    }
+                    let c = stored(&m.meter_id);
+                    let s = c.and_then(|c| daily_spend_of(self.pricer, a.account, &c));
+                    a.add(s);
+                }
+            }
+            if let Some(s) = a.spend {
+                daily.insert(a.id.to_string(), s);
+            }
+        }
         let uncharged = accounts
             .into_iter()
-            .filter(|(_, charged)| !charged)
-            .map(|(a, _)| a)
+            .filter(|a| !a.charged)
+            .map(|a| a.id)
             .collect();
         Stepped {
             batch,
             local,
             daily,
             uncharged,
+        }
+    }
+
+    /// The meters of `chunk`'s accounts with several meters that the chunk
+    /// does not step: the ones whose stored cursors [`Stepper::step`] reads.
+    fn unstepped<'f>(&'f self, chunk: &[MeterReadings<'_>]) -> Vec<&'f str> {
+        let mut out = Vec::new();
+        for ms in chunk.chunk_by(|a, b| a.meter.account_id() == b.meter.account_id()) {
+            for m in self.fleet.meters_of(ms[0].meter.account_id()) {
+                if !ms.iter().any(|r| r.meter.meter_id() == m.meter_id) {
+                    out.push(m.meter_id.as_str());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One account of a chunk as it is stepped.
+struct ChunkAccount<'a, 'f> {
+    id: &'a str,
+    account: &'f Account,
+    /// It has several meters.
+    shared: bool,
+    /// A deduction of this chunk charges it.
+    charged: bool,
+    /// The chunk moves one of its cursors (the commit evaluates it).
+    moved: bool,
+    /// Sum of its meters' daily spends (None: no meter has one).
+    spend: Option<Decimal>,
+    /// Its meters this chunk steps.
+    stepped: Vec<&'a str>,
+}
+
+impl ChunkAccount<'_, '_> {
+    fn add(&mut self, s: Option<Decimal>) {
+        if let Some(s) = s {
+            *self.spend.get_or_insert(Decimal::ZERO) += s;
         }
     }
 }
@@ -872,7 +993,11 @@ pub fn run_batch(
                         drop(done);
                     }
                     // The committing side stopped (an error): stop too.
-                    if ready.send(stepper.step(c, befores(cursors, c))).is_err() {
+                    let stored = |m: &str| cursors.get(m).cloned();
+                    if ready
+                        .send(stepper.step(c, befores(cursors, c), &stored))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -913,7 +1038,15 @@ pub fn run_batch(
                         .iter()
                         .map(|m| ledger.cursor(m.meter.meter_id(), m.meter.channel()))
                         .collect::<Result<_, _>>()?;
-                    stepped = stepper.step(chunk, before);
+                    // The other meters of its accounts: read again too.
+                    let mut others: FxMap<String, Cursor> = FxMap::default();
+                    for m in stepper.unstepped(chunk) {
+                        if let Some(c) = ledger.cursor(m, deduct_channel(&intervals, m))? {
+                            others.insert(m.to_string(), c);
+                        }
+                    }
+                    let stored = |m: &str| others.get(m).cloned();
+                    stepped = stepper.step(chunk, before, &stored);
                     continue;
                 }
                 stats.chunks += 1;
@@ -1040,6 +1173,86 @@ mod tests {
             vec![spend("X9", Some(dec!(9)))],
         );
         assert_eq!(daily.len(), 1);
+    }
+
+    #[test]
+    fn a_chunk_sums_the_stored_cursors_of_the_meters_it_does_not_step() {
+        let account = |id: &str| Account {
+            account_id: id.into(),
+            ..crate::prepay::pricing::tests::account("bj-residential-monthly")
+        };
+        let meter = |id: &str, account: &str| Meter {
+            meter_id: id.into(),
+            account_id: account.into(),
+            ..crate::prepay::deduct::tests::meter()
+        };
+        // A1 has one meter (M1), A2 two (M2, M3).
+        let f = Fleet::from_rows(
+            vec![account("A1"), account("A2")],
+            vec![meter("M1", "A1"), meter("M2", "A2"), meter("M3", "A2")],
+        );
+        let pricer = crate::prepay::pricing::TariffPricer::new(
+            crate::tariff::load_dir(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs"),
+            )
+            .unwrap(),
+        );
+        let day = 1_790_784_000_000i64; // 2026-10-01 local midnight
+        let days = |per_day: i64, from: i64, to: i64| -> Vec<RegisterReading> {
+            (from..to)
+                .map(|d| (day + d * DAY_MS, Decimal::from(1000 + per_day * d), None))
+                .collect()
+        };
+        let stored = |m: &str, per_day: i64| {
+            let (meter, account) = f.meter_account(m).unwrap();
+            let readings = days(per_day, 0, 10);
+            let mut stats = RunStats::default();
+            deduct_meter(
+                &pricer, account, meter, None, &readings, false, "t", &mut stats,
+            )
+            .1
+            .unwrap()
+        };
+        let (m1, m2, m3) = (stored("M1", 5), stored("M2", 10), stored("M3", 20));
+        // Only M1 and M2 have readings in this run: M3 is not in the chunk.
+        let chunk: Vec<MeterReadings> = [("M1", 5), ("M2", 10)]
+            .into_iter()
+            .map(|(m, per_day)| MeterReadings {
+                meter: Prepaid::of(&f, m, false).unwrap(),
+                readings: days(per_day, 10, 15),
+            })
+            .collect();
+        let stepper = Stepper {
+            pricer: &pricer,
+            fleet: &f,
+        };
+        let m3_stored = m3.clone();
+        let others = move |m: &str| (m == "M3").then(|| m3_stored.clone());
+        assert_eq!(stepper.unstepped(&chunk), ["M3"]);
+        let s = stepper.step(&chunk, vec![Some(m1), Some(m2)], &others);
+        let spend = |c: &Cursor| meter_daily_spend(&pricer, &f, c).unwrap();
+        let (new1, new2) = (&s.batch.cursors[0], &s.batch.cursors[1]);
+        assert_eq!(new2.meter_id, "M2");
+        assert_eq!(s.daily.get("A1"), Some(&spend(new1)));
+        assert_eq!(s.daily.get("A2"), Some(&(spend(new2) + spend(&m3))));
+        // Streaming after a restart (no spends in memory): the same sum,
+        // M3's stored cursor read once.
+        let (mut per_meter, mut daily) = (FxMap::default(), FxMap::default());
+        let mut reads = Vec::new();
+        note_spend(
+            &pricer,
+            &f,
+            &mut per_meter,
+            &mut daily,
+            &s.batch.cursors,
+            &mut |m| {
+                reads.push(m.to_string());
+                Ok(others(m))
+            },
+        )
+        .unwrap();
+        assert_eq!(reads, ["M3"]);
+        assert_eq!(daily, s.daily);
     }
 
     #[test]

@@ -479,14 +479,16 @@ fn process(
             }
             batch.entries.extend(entries);
         }
-        // The forecast uses the cursors this commit stores.
+        // The forecast uses the cursors this commit stores, and the stored
+        // cursors of their accounts' other meters not yet seen here.
         note_spend(
             pricer,
             fleet,
             meter_spend,
             &mut hook.daily_spend,
             &batch.cursors,
-        );
+            &mut |m| ledger.cursor(m, deduct_channel(intervals, m)),
+        )?;
         let report = ledger.commit(&batch, hook)?;
         if report.stale {
             attempt += 1;

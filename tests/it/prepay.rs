@@ -1847,3 +1847,178 @@ fn a_chunk_overtaken_while_the_next_one_is_stepped_is_recomputed_and_charged_onc
     drop(l);
     assert_matches_recomputation(&url, &f);
 }
+
+// ---------- forecast of an account with several meters ----------
+
+/// Account A2 (bj-residential-monthly) with meters `meter_id(2)` (10 kWh a
+/// day) and `meter_id(3)` (20 kWh a day). `lake` holds both meters from
+/// 1 to 10 October; `lake_m2` only `meter_id(2)`, from 10 to 15 October.
+struct TwoMeters {
+    f: Fixture,
+    lake_m2: PathBuf,
+}
+
+fn two_meter_account() -> TwoMeters {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let master = root.join("master");
+    std::fs::create_dir_all(&master).unwrap();
+    std::fs::write(
+        master.join("accounts.csv"),
+        "account_id,customer_class,tariff_id,payment_mode\nA2,residential,bj-residential-monthly,prepaid\n",
+    )
+    .unwrap();
+    std::fs::write(
+        master.join("meters.csv"),
+        format!(
+            "meter_id,account_id,ct_ratio,pt_ratio,installed_on\n{},A2,1,1,2015-01-01\n{},A2,1,1,2015-01-01\n",
+            meter_id(2),
+            meter_id(3)
+        ),
+    )
+    .unwrap();
+    let snap = |i: usize, d: i64| {
+        let per_day = if i == 2 { 10 } else { 20 };
+        (
+            OCT1_LOCAL_MIDNIGHT + d * DAY,
+            Decimal::from(1000 + per_day * d),
+        )
+    };
+    let mut readings = BTreeMap::new();
+    let mut first = Vec::new();
+    for i in [2, 3] {
+        let snaps: Vec<(i64, Decimal)> = (0..10).map(|d| snap(i, d)).collect();
+        for &(ts, v) in &snaps {
+            first.push(sim_reading(i, ts, Channel::ImportActiveTotal, v));
+        }
+        readings.insert(meter_id(i), snaps);
+    }
+    let lake = write_lake(&root, &first);
+    let later: Vec<Reading> = (9..15)
+        .map(|d| snap(2, d))
+        .map(|(ts, v)| sim_reading(2, ts, Channel::ImportActiveTotal, v))
+        .collect();
+    let lake_m2 = write_lake(&root.join("later"), &later);
+    let tariffs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs");
+    TwoMeters {
+        f: Fixture {
+            _dir: dir,
+            root,
+            lake,
+            master,
+            tariffs,
+            readings,
+        },
+        lake_m2,
+    }
+}
+
+/// Top-up of A2 such that, once `meter_id(2)` is charged through 15
+/// October, its balance is 30: 2.0 days at both meters' daily spend (at
+/// or below the built-in 3), 6.1 days at `meter_id(2)`'s alone.
+fn top_up_a2(url: &str) {
+    let mut l = ledger::open_migrated(url).unwrap();
+    let b = Batch {
+        entries: vec![entry("top-up-a2", "A2", dec!(186.25))],
+        ..Default::default()
+    };
+    l.commit(&b, &NoHook).unwrap();
+}
+
+/// Both meters' daily spends from the stored cursors, A2's balance, and
+/// A2's `low_days` alerts.
+fn a2_forecast(t: &TwoMeters, url: &str) -> (Decimal, Decimal, Decimal) {
+    let fleet = Fleet::load(&t.f.master).unwrap();
+    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&t.f.tariffs).unwrap());
+    let mut l = ledger::open(url).unwrap();
+    let spend = |l: &mut Box<dyn Ledger>, i: usize| {
+        let c = l
+            .cursor(&meter_id(i), "import_active_total")
+            .unwrap()
+            .expect("stored cursor");
+        meterflow::prepay::run::meter_daily_spend(&pricer, &fleet, &c).expect("a day or more")
+    };
+    let (s2, s3) = (spend(&mut l, 2), spend(&mut l, 3));
+    (s2, s3, l.balance("A2").unwrap())
+}
+
+fn assert_forecast_sums_both_meters(t: &TwoMeters, url: &str) {
+    let (s2, s3, balance) = a2_forecast(t, url);
+    assert_eq!(balance, dec!(30), "A2 after both runs");
+    let days = |spend| meterflow::prepay::alerts::days_left(balance, Some(spend)).unwrap();
+    // Above the 3 days on meter_id(2) alone: the alert needs both meters.
+    assert!(days(s2) > dec!(3) && days(s2 + s3) <= dec!(3), "{s2} {s3}");
+    let a = low_days_alerts(url);
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(a[0].account_id, "A2");
+    assert_eq!(a[0].days_left, Some(days(s2 + s3)));
+    assert_eq!(a[0].balance, balance);
+}
+
+#[test]
+fn the_batch_run_forecasts_an_account_from_all_its_meters_when_only_one_has_readings() {
+    let t = two_meter_account();
+    let url = sqlite_url(&t.f.root);
+    top_up_a2(&url);
+    let (f, through) = (&t.f, OCT1_LOCAL_MIDNIGHT + 9 * DAY);
+    batch_run(&f.lake, &f.master, &f.tariffs, &url, through, 7, true);
+    assert!(
+        low_days_alerts(&url).is_empty(),
+        "3.7 days after the first run"
+    );
+    // Only meter_id(2) has readings in the second run.
+    let through = OCT1_LOCAL_MIDNIGHT + 14 * DAY;
+    batch_run(&t.lake_m2, &f.master, &f.tariffs, &url, through, 7, true);
+    assert_forecast_sums_both_meters(&t, &url);
+}
+
+#[test]
+fn stream_after_a_restart_forecasts_an_account_from_all_its_meters() {
+    let Some(mqtt) = mqtt_url("stream forecast of two meters") else {
+        return;
+    };
+    let t = two_meter_account();
+    let url = sqlite_url(&t.f.root);
+    top_up_a2(&url);
+    let f = &t.f;
+    batch_run(
+        &f.lake,
+        &f.master,
+        &f.tariffs,
+        &url,
+        OCT1_LOCAL_MIDNIGHT + 9 * DAY,
+        7,
+        true,
+    );
+    assert!(low_days_alerts(&url).is_empty());
+    // A fresh stream process (no spends in memory) sees meter_id(2) only.
+    let client = unique("forecast2");
+    let topic = format!("meterflow-test/{client}");
+    let cfg = write_stream_config(f, &url, &mqtt, &client, &topic, None);
+    let mut c = spawn_stream(&cfg, Some(3));
+    let _h = wait_subscribed(&mut c);
+    let m2 = meter_id(2);
+    let readings: Vec<Reading> = (10..15)
+        .map(|d| Reading {
+            meter_id: m2.clone(),
+            ts_ms: OCT1_LOCAL_MIDNIGHT + d * DAY,
+            channel: Channel::ImportActiveTotal,
+            value: Decimal::from(1000 + 10 * d),
+            quality: Quality::OK,
+            source: Source {
+                protocol: Protocol::Mqtt,
+                collector: "t".into(),
+                address: topic.as_str().into(),
+            },
+            received_ms: OCT1_LOCAL_MIDNIGHT + d * DAY,
+        })
+        .collect();
+    // One message: one commit, as the batch run's one chunk.
+    let msgs = [(
+        format!("{topic}/{m2}"),
+        meterflow::ingest::decode::encode_canonical("t", &readings),
+    )];
+    meterflow::prepay::sinks::publish_qos1(&mqtt, &unique("pub"), &msgs).unwrap();
+    assert!(c.wait().unwrap().success());
+    assert_forecast_sums_both_meters(&t, &url);
+}
