@@ -16,7 +16,11 @@ use crate::protocol::dlt645::{Address, Di, Edition, Operator, Password, RelayCom
 pub enum Dlt645Cmd {
     /// Find meters: the address of the only meter on a bus (AA wildcard), or probe candidate addresses.
     ///
-    /// Example: meterflow dlt645 scan --tcp 127.0.0.1:6450 --candidates 398192000337,000000000414
+    /// Candidates are probed in one edition (`--edition`, 2007 by default): a
+    /// meter of the other edition stays silent and shows as absent.
+    ///
+    /// Example: meterflow dlt645 scan --tcp 127.0.0.1:6450 --candidates 398192000337
+    /// Example: meterflow dlt645 scan --tcp 127.0.0.1:6450 --edition 1997 --candidates 000000000414
     Scan(ScanArgs),
     /// Read data identifiers from one meter and print their decoded values.
     ///

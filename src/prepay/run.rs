@@ -626,13 +626,16 @@ fn unknown_meters<'f>(
     accounts.sort_unstable();
     accounts.dedup();
     let mut out = Vec::new();
+    let mut stepped: Option<std::collections::HashSet<&str>> = None;
     for a in accounts {
         if fleet.meters_of(a).nth(1).is_none() {
             continue; // one meter: its cursor is in `cursors`
         }
+        let stepped =
+            stepped.get_or_insert_with(|| cursors.iter().map(|c| c.meter_id.as_str()).collect());
         for m in fleet.meters_of(a) {
             let id = m.meter_id.as_str();
-            if !per_meter.contains_key(id) && !cursors.iter().any(|c| c.meter_id == id) {
+            if !per_meter.contains_key(id) && !stepped.contains(id) {
                 out.push(id);
             }
         }

@@ -480,14 +480,15 @@ fn process(
             batch.entries.extend(entries);
         }
         // The forecast uses the cursors this commit stores, and the stored
-        // cursors of their accounts' other meters not yet seen here.
+        // cursors of their accounts' other meters not yet seen here (held
+        // in memory since the start; a stale commit reloads them).
         note_spend(
             pricer,
             fleet,
             meter_spend,
             &mut hook.daily_spend,
             &batch.cursors,
-            &mut |m| ledger.cursor(m, deduct_channel(intervals, m)),
+            &mut |m| Ok(cursors.get(m).cloned()),
         )?;
         let report = ledger.commit(&batch, hook)?;
         if report.stale {
