@@ -162,6 +162,18 @@ impl AccountPlan<'_> {
     }
 }
 
+/// Flags of a boundary value: estimated by VEE, or flagged so by its source.
+fn value_flags(src: Source, q: Quality) -> Flags {
+    let mut f = Flags::NONE;
+    if src != Source::Measured {
+        f |= Flags::ESTIMATED;
+    }
+    if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) {
+        f |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+    }
+    f
+}
+
 /// One priced line with the version it was priced under and its flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BillLine {
@@ -212,14 +224,7 @@ pub fn bill_account(
     let nseg = nb - 1 - plan.first;
     // Meters installed during the period; the others were exchanged out
     // earlier in the tier year and count only towards its position.
-    let active: Vec<bool> = meters
-        .iter()
-        .map(|(_, st)| {
-            let (from, to) = st.window();
-            from < to
-        })
-        .collect();
-    let n_active = active.iter().filter(|a| **a).count();
+    let n_active = meters.iter().filter(|(_, st)| st.in_period()).count();
     if n_active == 0 {
         return Err(Exception::new(
             "no_meter",
@@ -236,20 +241,27 @@ pub fn bill_account(
     // Flags of tier-year-start values that are not measurements: they count
     // only when the position is measured rather than carried.
     let mut ytd_bound_flags = Flags::NONE;
-    for (mi, (m, st)) in meters.iter().enumerate() {
+    let ytd_flags = |f: Flags| {
+        if f == Flags::NONE {
+            f
+        } else {
+            f | Flags::YTD_ESTIMATED
+        }
+    };
+    // Needed unless every segment the bound closes or opens has no length
+    // (the meter's window clamps them onto one instant).
+    let needed = |st: &MeterState, b: usize| {
+        (b > plan.first && st.bounds[b] != st.bounds[b - 1])
+            || (b + 1 < nb && st.bounds[b] != st.bounds[b + 1])
+    };
+    for (m, st) in meters {
         let mut vals = vec![[None; super::vee::NREG]; nb];
-        if !active[mi] {
+        if !st.in_period() {
             // Only its total register up to its removal (the period start's
             // bound is clamped onto it), for the tier-year position.
             for (b, slot) in vals.iter_mut().enumerate().take(plan.first + 1) {
                 if let Some((v, src, q)) = st.value_at(REG_TOTAL, b, cfg) {
-                    if src != Source::Measured {
-                        ytd_bound_flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
-                    }
-                    if q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED) {
-                        ytd_bound_flags |=
-                            Flags::YTD_ESTIMATED | Flags::ESTIMATED | Flags::SOURCE_QUALITY;
-                    }
+                    ytd_bound_flags |= ytd_flags(value_flags(src, q));
                     slot[REG_TOTAL] = Some(v);
                 }
             }
@@ -266,25 +278,16 @@ pub fn bill_account(
                 // when the meter contributes nothing there; still read it if present.
                 match st.value_at(reg, b, cfg) {
                     Some((v, src, q)) => {
-                        let source_estimated =
-                            q.contains(Quality::ESTIMATED) || q.contains(Quality::EDITED);
                         if b < plan.first {
-                            if src != Source::Measured {
-                                ytd_bound_flags |= Flags::YTD_ESTIMATED | Flags::ESTIMATED;
-                            }
-                            if source_estimated {
-                                ytd_bound_flags |=
-                                    Flags::YTD_ESTIMATED | Flags::ESTIMATED | Flags::SOURCE_QUALITY;
-                            }
+                            ytd_bound_flags |= ytd_flags(value_flags(src, q));
                         } else {
-                            if src != Source::Measured {
-                                flags |= Flags::ESTIMATED;
-                                if reg == REG_TOTAL && Some(b) == plan.year_split {
-                                    flags |= Flags::YTD_ESTIMATED;
-                                }
-                            }
-                            if source_estimated {
-                                flags |= Flags::ESTIMATED | Flags::SOURCE_QUALITY;
+                            flags |= value_flags(src, q);
+                            // The split's value starts the new tier year's position.
+                            if reg == REG_TOTAL
+                                && Some(b) == plan.year_split
+                                && src != Source::Measured
+                            {
+                                flags |= Flags::YTD_ESTIMATED;
                             }
                         }
                         slot[reg] = Some(v);
@@ -293,11 +296,7 @@ pub fn bill_account(
                     // Filled in below from the bounds around it.
                     None if Some(b) == plan.year_split => {}
                     None => {
-                        // Needed unless every segment it bounds has no length
-                        // (the meter's window clamps them onto one instant).
-                        let needed = (b > plan.first && st.bounds[b] != st.bounds[b - 1])
-                            || (b + 1 < nb && st.bounds[b] != st.bounds[b + 1]);
-                        if reg == REG_TOTAL && needed {
+                        if reg == REG_TOTAL && needed(st, b) {
                             return Err(Exception::new(
                                 "no_reading",
                                 format!(
@@ -322,11 +321,8 @@ pub fn bill_account(
                     continue;
                 }
                 let (Some(a), Some(c)) = (vals[b - 1][reg], vals[b + 1][reg]) else {
-                    // Not needed only when both segments it bounds have no
-                    // length; otherwise as unknown as at any other bound.
-                    let needed =
-                        st.bounds[b] != st.bounds[b - 1] || st.bounds[b] != st.bounds[b + 1];
-                    if reg == REG_TOTAL && needed {
+                    // As unknown as at any other bound.
+                    if reg == REG_TOTAL && needed(st, b) {
                         return Err(Exception::new(
                             "no_reading",
                             format!(
@@ -407,15 +403,15 @@ pub fn bill_account(
             .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
         if let Some(tou) = &version.tou {
             let mut periods = [Decimal::ZERO; MAX_PERIODS];
-            let all_intervals = meters.iter().zip(&active).all(|((_, st), active)| {
-                !active
+            let all_intervals = meters.iter().all(|(_, st)| {
+                !st.in_period()
                     || st.interval.as_ref().is_some_and(|acc| {
                         let (from, to) = st.window();
                         acc.count as i64 >= (to - from) / 900_000
                     })
             });
             if all_intervals {
-                for ((m, st), _) in meters.iter().zip(&active).filter(|(_, a)| **a) {
+                for (m, st) in meters.iter().filter(|(_, st)| st.in_period()) {
                     let acc = st.interval.as_ref().expect("checked");
                     if let Some(seg) = acc.per_segment.get(k) {
                         for (p, v) in seg.iter().enumerate() {
@@ -489,9 +485,8 @@ pub fn bill_account(
     let in_period = || {
         meters
             .iter()
-            .zip(&active)
-            .filter(|(_, a)| **a)
-            .map(|(m, _)| m.0)
+            .filter(|(_, st)| st.in_period())
+            .map(|(m, _)| *m)
     };
     let cover_from = in_period()
         .map(|m| m.installed_on)

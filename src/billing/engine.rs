@@ -77,35 +77,29 @@ pub struct ScanWindow {
     pub bounds: Vec<i64>,
 }
 
+/// `rows` sorted by `id` (stably: rows of one id keep their file order),
+/// split into the last row of each id and the earlier rows of repeated ids.
+fn last_of_each<T: Sync>(rows: &[T], id: impl Fn(&T) -> &str + Sync) -> (Vec<&T>, Vec<&T>) {
+    let mut sorted: Vec<&T> = rows.iter().collect();
+    sorted.par_sort_by(|a, b| id(a).cmp(id(b)));
+    let mut last = Vec::with_capacity(sorted.len());
+    let mut earlier = Vec::new();
+    for (i, &r) in sorted.iter().enumerate() {
+        if sorted.get(i + 1).is_some_and(|n| id(n) == id(r)) {
+            earlier.push(r);
+        } else {
+            last.push(r);
+        }
+    }
+    (last, earlier)
+}
+
 impl<'a> Roster<'a> {
     pub fn new(accounts: &'a [BillingAccount], meters: &'a [BillingMeter]) -> Roster<'a> {
-        let mut all: Vec<&BillingAccount> = accounts.iter().collect();
-        all.par_sort_by(|a, b| a.account_id.cmp(&b.account_id));
-        // An account id listed twice: its last row is billed (the sort is
-        // stable), the earlier ones are reported, not billed without meters.
-        let mut duplicate_accounts = Vec::new();
-        let mut accs = Vec::with_capacity(all.len());
-        for (i, &a) in all.iter().enumerate() {
-            if all.get(i + 1).is_some_and(|n| n.account_id == a.account_id) {
-                duplicate_accounts.push(a);
-            } else {
-                accs.push(a);
-            }
-        }
-        drop(all);
-        let mut sorted: Vec<&BillingMeter> = meters.iter().collect();
-        sorted.par_sort_by(|a, b| a.meter_id.cmp(&b.meter_id));
-        let mut duplicate_meters = Vec::new();
-        let mut unique = Vec::with_capacity(sorted.len());
-        for (i, &m) in sorted.iter().enumerate() {
-            // The last row of a repeated meter id is used (the sort is stable).
-            if sorted.get(i + 1).is_some_and(|n| n.meter_id == m.meter_id) {
-                duplicate_meters.push(m);
-            } else {
-                unique.push(m);
-            }
-        }
-        drop(sorted);
+        // An account or meter id listed twice: its last row is used, the
+        // earlier ones are reported (an account is not billed without meters).
+        let (accs, duplicate_accounts) = last_of_each(accounts, |a| &a.account_id);
+        let (unique, duplicate_meters) = last_of_each(meters, |m| &m.meter_id);
         // Meters in account order (meter-id order within an account), matched
         // to the sorted accounts in one walk: a hash map of millions of
         // account ids costs a cache miss per insert and per lookup.

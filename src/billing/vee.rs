@@ -183,6 +183,12 @@ impl MeterState {
         (self.bounds[self.first], self.bounds[self.bounds.len() - 1])
     }
 
+    /// Installed for some of the period (not only earlier in the tier year).
+    pub fn in_period(&self) -> bool {
+        let (from, to) = self.window();
+        from < to
+    }
+
     /// Bill segment containing `ts` (within the window).
     pub fn segment_of(&self, ts: i64) -> usize {
         let inner = &self.bounds[self.first + 1..];

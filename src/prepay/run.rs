@@ -758,7 +758,7 @@ impl<'p> Stepper<'p> {
         // Each account of the chunk once (a chunk holds every stepped meter
         // of its accounts, in account order).
         let mut accounts: Vec<ChunkAccount<'a, 'p>> = Vec::new();
-        for (m, before) in chunk.iter().zip(before) {
+        for (i, (m, before)) in chunk.iter().zip(before).enumerate() {
             let p = m.meter;
             batch.expect.push((
                 p.meter_id().to_string(),
@@ -787,12 +787,12 @@ impl<'p> Stepper<'p> {
                     charged: false,
                     moved: false,
                     spend: None,
-                    stepped: Vec::new(),
+                    meters: i..i,
                 });
             }
             let a = accounts.last_mut().expect("pushed above");
             a.charged |= !entries.is_empty();
-            a.stepped.push(p.meter_id());
+            a.meters.end = i + 1;
             match cur.filter(|c| Some(c) != before.as_ref()) {
                 Some(c) => {
                     a.moved = true;
@@ -818,8 +818,9 @@ impl<'p> Stepper<'p> {
         let mut daily: FxMap<String, Decimal> = FxMap::default();
         for a in accounts.iter_mut().filter(|a| a.moved) {
             if a.shared {
+                let stepped = &chunk[a.meters.clone()];
                 for m in self.fleet.meters_of(a.id) {
-                    if a.stepped.contains(&m.meter_id.as_str()) {
+                    if stepped.iter().any(|r| r.meter.meter_id() == m.meter_id) {
                         continue;
                     }
                     let c = stored(&m.meter_id);
@@ -871,8 +872,8 @@ struct ChunkAccount<'a, 'f> {
     moved: bool,
     /// Sum of its meters' daily spends (None: no meter has one).
     spend: Option<Decimal>,
-    /// Its meters this chunk steps.
-    stepped: Vec<&'a str>,
+    /// Its meters this chunk steps: `chunk[meters]` (no copy per account).
+    meters: std::ops::Range<usize>,
 }
 
 impl ChunkAccount<'_, '_> {
@@ -1178,8 +1179,9 @@ mod tests {
         assert_eq!(daily.len(), 1);
     }
 
-    #[test]
-    fn a_chunk_sums_the_stored_cursors_of_the_meters_it_does_not_step() {
+    /// Accounts A1 (one meter, `a1_meter`) and A2 (meters M2 and M3) on the
+    /// Beijing monthly tariff.
+    fn two_accounts(a1_meter: &str) -> Fleet {
         let account = |id: &str| Account {
             account_id: id.into(),
             ..crate::prepay::pricing::tests::account("bj-residential-monthly")
@@ -1189,11 +1191,16 @@ mod tests {
             account_id: account.into(),
             ..crate::prepay::deduct::tests::meter()
         };
-        // A1 has one meter (M1), A2 two (M2, M3).
-        let f = Fleet::from_rows(
+        Fleet::from_rows(
             vec![account("A1"), account("A2")],
-            vec![meter("M1", "A1"), meter("M2", "A2"), meter("M3", "A2")],
-        );
+            vec![meter(a1_meter, "A1"), meter("M2", "A2"), meter("M3", "A2")],
+        )
+    }
+
+    #[test]
+    fn a_chunk_sums_the_stored_cursors_of_the_meters_it_does_not_step() {
+        // A1 has one meter (M1), A2 two (M2, M3).
+        let f = two_accounts("M1");
         let pricer = crate::prepay::pricing::TariffPricer::new(
             crate::tariff::load_dir(
                 &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs"),
@@ -1370,19 +1377,7 @@ mod tests {
     fn lake_readings_come_in_account_order_whatever_the_meter_order() {
         use crate::store::{Lake, LakeOptions};
         // Z1 (account A1) sorts after M2 and M3 (account A2) by meter id.
-        let account = |id: &str| Account {
-            account_id: id.into(),
-            ..crate::prepay::pricing::tests::account("bj-residential-monthly")
-        };
-        let meter = |id: &str, account: &str| Meter {
-            meter_id: id.into(),
-            account_id: account.into(),
-            ..crate::prepay::deduct::tests::meter()
-        };
-        let f = Fleet::from_rows(
-            vec![account("A1"), account("A2")],
-            vec![meter("Z1", "A1"), meter("M2", "A2"), meter("M3", "A2")],
-        );
+        let f = two_accounts("Z1");
         let dir = tempfile::tempdir().unwrap();
         let day = 1_790_784_000_000i64; // 2026-10-01 local midnight
         let total = |m: &str, ts: i64, v: i64| {

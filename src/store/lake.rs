@@ -466,19 +466,24 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// A dead-lettered MQTT message.
+    fn dead_letter(reason: String, payload: Vec<u8>) -> QuarantineRecord {
+        QuarantineRecord {
+            received_ms: 1_790_000_000_000,
+            protocol: crate::model::Protocol::Mqtt,
+            collector: "c".into(),
+            address: "t".into(),
+            reason,
+            payload,
+        }
+    }
+
     #[test]
     fn a_dead_letter_too_big_for_the_spool_is_refused_and_later_readings_replay() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
-        let q = QuarantineRecord {
-            received_ms: 1_790_000_000_000,
-            protocol: crate::model::Protocol::Mqtt,
-            collector: "c".into(),
-            address: "t".into(),
-            reason: "x".repeat(17 << 20),
-            payload: vec![],
-        };
+        let q = dead_letter("x".repeat(17 << 20), vec![]);
         assert!(lake.quarantine(&[q]).is_err());
         assert_eq!(lake.pending(), 0);
         lake.accept(&[soak_reading(1)]).unwrap();
@@ -496,14 +501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
-        let q = QuarantineRecord {
-            received_ms: 1_790_000_000_000,
-            protocol: crate::model::Protocol::Mqtt,
-            collector: "c".into(),
-            address: "t".into(),
-            reason: "bad".into(),
-            payload: vec![1, 2],
-        };
+        let q = dead_letter("bad".into(), vec![1, 2]);
         lake.accept_owned((0..10).map(soak_reading).collect(), vec![q])
             .unwrap();
         let first = lake.seal().unwrap().unwrap();
