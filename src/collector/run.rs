@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::CollectorConfig;
 use super::dlt645::{self, BusReport};
@@ -26,6 +26,13 @@ use crate::uplink::{SpoolError, Uplink, UplinkError};
 #[derive(Debug)]
 pub enum LakeMsg {
     Readings(Vec<Reading>),
+    /// Readings whose sender must know whether they became durable in every
+    /// configured sink (lake and/or uplink spool): a daily frozen read stays
+    /// due until they are. `false` (or a dropped sender) means not stored.
+    ReadingsAcked {
+        readings: Vec<Reading>,
+        durable: oneshot::Sender<bool>,
+    },
     /// Malformed frames, noise and undecodable values, with their reason.
     Quarantine(Vec<QuarantineRecord>),
 }
@@ -226,6 +233,12 @@ struct WriterStats {
     uplink_refused: u64,
 }
 
+/// A message as the writer handles it (acknowledgement taken apart).
+enum Batch {
+    Readings(Vec<Reading>),
+    Quarantine(Vec<QuarantineRecord>),
+}
+
 /// Where readings go.
 struct Sinks {
     lake: bool,
@@ -261,9 +274,16 @@ async fn lake_writer(
             }
         };
         let Some(msg) = batch else { break };
+        let (msg, ack) = match msg {
+            LakeMsg::Readings(b) => (Batch::Readings(b), None),
+            LakeMsg::ReadingsAcked { readings, durable } => {
+                (Batch::Readings(readings), Some(durable))
+            }
+            LakeMsg::Quarantine(q) => (Batch::Quarantine(q), None),
+        };
         // Uplink first: once this returns the readings are durable in its spool.
         let mut in_uplink = false;
-        if let (LakeMsg::Readings(b), Some(u)) = (&msg, &sinks.uplink) {
+        if let (Batch::Readings(b), Some(u)) = (&msg, &sinks.uplink) {
             let (u, b) = (u.clone(), b.clone());
             let n = b.len() as u64;
             match tokio::task::spawn_blocking(move || u.send(b))
@@ -280,29 +300,34 @@ async fn lake_writer(
                 }
                 Err(e) => {
                     // Spool full (alarm raised long before) or a meter id Sparkplug
-                    // cannot carry: not collected; the next cycle reads the meters again.
+                    // cannot carry: not collected; the next cycle reads the meters
+                    // again, and a daily read stays due (its ack says not durable).
                     uplink_refused += n;
                     tracing::error!(error = %e, readings = n, "uplink refused a batch");
                 }
             }
         }
+        let uplink_ok = sinks.uplink.is_none() || in_uplink;
         if !sinks.lake {
-            if let LakeMsg::Readings(b) = &msg {
+            if let Batch::Readings(b) = &msg {
                 if in_uplink {
                     accepted += b.len() as u64;
+                }
+                if let Some(a) = ack {
+                    let _ = a.send(uplink_ok);
                 }
                 continue;
             }
         }
         let (n, is_readings) = match &msg {
-            LakeMsg::Readings(b) => (b.len(), true),
-            LakeMsg::Quarantine(q) => (q.len(), false),
+            Batch::Readings(b) => (b.len(), true),
+            Batch::Quarantine(q) => (q.len(), false),
         };
         let mut l = lake.take().expect("lake is put back after every use");
         let (l, r) = tokio::task::spawn_blocking(move || {
             let r = match &msg {
-                LakeMsg::Readings(b) => l.accept(b),
-                LakeMsg::Quarantine(q) => l.quarantine(q),
+                Batch::Readings(b) => l.accept(b),
+                Batch::Quarantine(q) => l.quarantine(q),
             };
             (l, r)
         })
@@ -316,6 +341,9 @@ async fn lake_writer(
         }
         if is_readings {
             accepted += n as u64;
+            if let Some(a) = ack {
+                let _ = a.send(uplink_ok);
+            }
         } else {
             quarantined += n as u64;
         }

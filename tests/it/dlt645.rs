@@ -418,6 +418,114 @@ async fn scan_finds_the_single_meter_and_probes_candidates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_asks_a_silent_candidate_in_the_other_edition_and_says_which_answered() {
+    let mut old = sim_meter("000000000414", 1);
+    old.edition = Edition::V1997;
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![sim_meter("398192000337", 1), old],
+            ..Default::default()
+        },
+        localhost(),
+    )
+    .await
+    .unwrap();
+    let candidates = [
+        addr("398192000337"),
+        addr("000000000414"),
+        addr("000000000999"),
+    ];
+    let mut bus = connect(sim.addr).await;
+    let seen = |found: &[scan::Probe]| -> Vec<(bool, Edition, Option<Edition>)> {
+        found
+            .iter()
+            .map(|p| (p.present(), p.edition, p.silent_to))
+            .collect()
+    };
+
+    // 2007 first: the 1997 meter is silent to it and found in 1997.
+    let found = scan::probe_editions(&mut bus, &candidates, Edition::V2007, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(&found),
+        vec![
+            (true, Edition::V2007, None),
+            (true, Edition::V1997, Some(Edition::V2007)),
+            (false, Edition::V1997, Some(Edition::V2007)),
+        ]
+    );
+    // The wrong edition picked: the 2007 meter is still found, as 2007.
+    let found = scan::probe_editions(&mut bus, &candidates, Edition::V1997, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(&found),
+        vec![
+            (true, Edition::V2007, Some(Edition::V1997)),
+            (true, Edition::V1997, None),
+            (false, Edition::V2007, Some(Edition::V1997)),
+        ]
+    );
+    // One edition only: the other edition's meter is absent.
+    let found = scan::probe_editions(&mut bus, &candidates, Edition::V2007, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(&found),
+        vec![
+            (true, Edition::V2007, None),
+            (false, Edition::V2007, None),
+            (false, Edition::V2007, None),
+        ]
+    );
+
+    // The command says it, and --no-fallback keeps the single edition.
+    let scan_cmd = |extra: &[&str]| {
+        let out = std::process::Command::new(crate::common::bin())
+            .args(["dlt645", "scan", "--tcp", &sim.addr.to_string()])
+            .args(["--timeout-ms", "300", "--retries", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = scan_cmd(&[
+        "--edition",
+        "1997",
+        "--candidates",
+        "398192000337,000000000414,000000000999",
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "398192000337 present (2007; silent to 1997)",
+            "000000000414 present (1997)",
+            "000000000999 absent (no reply in 1997 or 2007)",
+        ],
+        "{out}"
+    );
+    assert!(err.contains("edition = \"2007\""), "{err}");
+    let (code, out, err) = scan_cmd(&[
+        "--edition",
+        "1997",
+        "--no-fallback",
+        "--candidates",
+        "398192000337",
+    ]);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        out.starts_with("398192000337 absent (1997: no reply within"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_trip_is_dry_run_unless_executed_and_always_audited() {
     let mut m = sim_meter("398192000337", 1);
     m.password = "02123456".into();
@@ -1231,11 +1339,38 @@ async fn a_failed_daily_read_is_tried_again_the_same_day() {
     assert!(refused.unwrap().readings.is_empty());
     assert!(sim.handle.requests(a) > asked, "asked again the same day");
 
-    // Answering at last: the frozen block is stored and the day is done.
+    // Answering at last, but a sink refuses the readings (uplink spool
+    // full): the day is not done, the block is read again.
     sim.handle.set_faults(a, Faults::default());
     retry_pause().await;
-    let read = poll_meter(&mut bus, &mut st, &s, false).await.unwrap();
-    assert_eq!(read.unwrap().readings.len(), 5);
+    let read = poll_meter(&mut bus, &mut st, &s, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.readings.len(), 5);
+    let daily = read.daily.expect("a complete daily read awaits its sinks");
+    st.settle_daily(&daily, false, &s, "gw");
+    let refused_at = sim.handle.requests(a);
+    assert!(
+        poll_meter(&mut bus, &mut st, &s, false)
+            .await
+            .unwrap()
+            .is_none(),
+        "retried after the pause, not at once"
+    );
+    retry_pause().await;
+    let again = poll_meter(&mut bus, &mut st, &s, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.readings.len(), 5);
+    assert!(
+        sim.handle.requests(a) > refused_at,
+        "read again the same day"
+    );
+
+    // Stored this time: the day is done.
+    st.settle_daily(&again.daily.unwrap(), true, &s, "gw");
     let done = sim.handle.requests(a);
     retry_pause().await;
     assert!(poll_meter(&mut bus, &mut st, &s, false)

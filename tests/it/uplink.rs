@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meterflow::collector::config::CollectorConfig;
-use meterflow::collector::run::collect_once;
+use meterflow::collector::run::{collect_once, CollectOptions, CollectStats};
 use meterflow::ingest::config::{IngestConfig, MqttConfig};
 use meterflow::ingest::mqtt::{forget_session, parse_url, run_ingest, IngestOptions, IngestStats};
 use meterflow::model::{Channel, Quality, Reading};
+use meterflow::protocol::dlt645::Di;
 use meterflow::protocol::sparkplug::{
     decode_payload, rebirth_request, MessageType, MetricValue, Topic,
 };
@@ -826,4 +827,95 @@ async fn a_spool_left_above_its_alarm_level_raises_the_alarm_at_the_next_start()
         "the spool is as full as when the last run stopped"
     );
     again.shutdown().await;
+}
+
+/// Runs an uplink-only collector with one meter's daily frozen read for
+/// `secs` against a broker that is down; returns the stats and how often the
+/// frozen block was read.
+async fn daily_read_with_spool_cap(cap_bytes: u64, secs: u64) -> (CollectStats, usize) {
+    use meterflow::sim::dlt645::{spawn_tcp, SimFile, SimMeterConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let a = "000000003101";
+    let sim = spawn_tcp(
+        SimFile {
+            meters: vec![SimMeterConfig::new(a.parse().unwrap(), Decimal::new(5, 0))],
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        r#"collector_id = "sub-daily"
+[[dlt645.group]]
+name = "daily"
+[[dlt645.group.schedule]]
+daily_at = "00:00"
+dis = ["05060101"]
+
+[[dlt645.bus]]
+name = "gw"
+tcp = "{}"
+timeout_ms = 300
+degraded_poll_interval_s = 1
+[[dlt645.bus.meter]]
+address = "{a}"
+group = "daily"
+
+[uplink]
+spool_dir = "spool"
+lake = false
+cap_bytes = {cap_bytes}
+drain_on_exit_s = 0
+[uplink.mqtt]
+url = "mqtt://127.0.0.1:{}"
+client_id = "{}"
+"#,
+        sim.addr,
+        free_port(),
+        uniq("sub-daily")
+    );
+    let file = dir.path().join("collectors.toml");
+    std::fs::write(&file, toml).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let opts = CollectOptions {
+        lake_dir: dir.path().join("local"),
+        once: false,
+        metrics_addr: None,
+    };
+    let task = tokio::spawn(meterflow::collector::run::run(
+        CollectorConfig::load(&file).unwrap(),
+        opts,
+        rx,
+    ));
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.send(true).unwrap();
+    let stats = task.await.unwrap().unwrap();
+    let frozen: Di = "05060101".parse().unwrap();
+    let reads = sim
+        .handle
+        .served()
+        .iter()
+        .filter(|s| s.di == frozen)
+        .count();
+    (stats, reads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_frozen_read_the_full_spool_refused_is_read_again_the_same_day() {
+    // The spool refuses everything: the day's frozen values were read but
+    // not kept, so the read stays due and is tried again.
+    let (stats, reads) = daily_read_with_spool_cap(10, 4).await;
+    assert!(stats.uplink_refused > 0);
+    assert_eq!(stats.readings, 0, "refused readings are not collected");
+    assert!(
+        reads >= 2,
+        "read {reads} time(s): a refused daily read must be read again"
+    );
+
+    // The spool takes them (durable, broker still down): done for the day.
+    let (stats, reads) = daily_read_with_spool_cap(1 << 20, 3).await;
+    assert_eq!(stats.uplink_refused, 0);
+    assert_eq!(stats.readings, 5);
+    assert_eq!(reads, 1, "a stored daily read is not read again that day");
 }

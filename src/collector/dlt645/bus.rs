@@ -169,6 +169,10 @@ pub fn describe_metrics() {
         "1 while the meter is degraded (polled less often)",
     );
     metrics::describe(
+        "meterflow_dlt645_daily_not_stored_total",
+        "Daily reads whose readings a sink refused (uplink spool full): read again later that day",
+    );
+    metrics::describe(
         "meterflow_dlt645_clock_skew_seconds",
         "Meter clock minus collector clock at the last clock read",
     );

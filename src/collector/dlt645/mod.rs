@@ -12,7 +12,7 @@ pub mod scan;
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 pub use bus::{Bus, BusCounters, BusTiming, TxError};
@@ -110,6 +110,38 @@ fn report_quarantine(bus: &str, recs: &[crate::store::QuarantineRecord]) {
     }
 }
 
+/// Hands a meter's readings to the lake writer. Daily reads among them are
+/// done for the day only once the writer says they are durable in every sink.
+async fn send_readings(
+    st: &mut MeterState,
+    out: poll::MeterOutcome,
+    settings: &PollSettings,
+    bus: &str,
+    tx: &LakeTx,
+) -> Result<(), BusError> {
+    let Some(daily) = out.daily else {
+        if !out.readings.is_empty() && tx.send(LakeMsg::Readings(out.readings)).await.is_err() {
+            return Err(BusError::ChannelClosed);
+        }
+        return Ok(());
+    };
+    if out.readings.is_empty() {
+        st.settle_daily(&daily, true, settings, bus);
+        return Ok(());
+    }
+    let (done, durable) = oneshot::channel();
+    tx.send(LakeMsg::ReadingsAcked {
+        readings: out.readings,
+        durable: done,
+    })
+    .await
+    .map_err(|_| BusError::ChannelClosed)?;
+    // A writer that stopped without answering did not store them.
+    let durable = durable.await.unwrap_or(false);
+    st.settle_daily(&daily, durable, settings, bus);
+    Ok(())
+}
+
 /// Polls one bus until `shutdown` (or for one cycle with `once`), sending
 /// each meter's readings on `tx` as soon as its turn is over.
 pub async fn run_bus(
@@ -190,11 +222,7 @@ pub async fn run_bus(
                         }
                         needs_sync |= out.skewed;
                         report.readings += out.readings.len() as u64;
-                        if !out.readings.is_empty()
-                            && tx.send(LakeMsg::Readings(out.readings)).await.is_err()
-                        {
-                            return Err(BusError::ChannelClosed);
-                        }
+                        send_readings(st, out, &settings, &cfg.name, &tx).await?;
                     }
                     Err(poll::LinkLost(e)) => {
                         lost = Some(e);

@@ -67,6 +67,32 @@ impl MeterState {
         }
     }
 
+    /// Closes the daily reads of a turn: done for the day if their readings
+    /// are `durable` in every sink, else due again after the retry pause.
+    pub fn settle_daily(&mut self, d: &DailyRead, durable: bool, s: &PollSettings, bus: &str) {
+        for &i in &d.schedules {
+            if i >= self.meter.schedules.len() {
+                continue;
+            }
+            if durable {
+                self.last_day[i] = Some(d.day);
+                self.retry_at[i] = None;
+            } else {
+                // The values were read but a sink refused them (uplink spool
+                // full): read them again rather than lose the day.
+                tracing::warn!(meter = %self.meter.meter_id, bus, schedule = %self.meter.schedules[i].name,
+                    retry_in_s = s.degraded_interval.as_secs(), "daily read not stored (a sink refused it); trying again later today");
+                let label = format!("{bus}/{}", self.meter.address);
+                metrics::counter_add(
+                    "meterflow_dlt645_daily_not_stored_total",
+                    &[("bus", bus), ("meter", &label)],
+                    1,
+                );
+                self.retry_at[i] = Some(Instant::now() + s.degraded_interval);
+            }
+        }
+    }
+
     /// When this meter next has something due (for sleeping between cycles;
     /// at most a second ahead so daily schedules are noticed).
     pub fn next_due(&self, now: Instant) -> Instant {
@@ -84,6 +110,14 @@ impl MeterState {
     }
 }
 
+/// Daily schedules whose reads all succeeded in a meter's turn: done for
+/// `day` only once their readings are durable ([`MeterState::settle_daily`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyRead {
+    pub day: NaiveDate,
+    pub schedules: Vec<usize>,
+}
+
 /// What one meter's turn produced.
 #[derive(Debug, Default)]
 pub struct MeterOutcome {
@@ -91,6 +125,9 @@ pub struct MeterOutcome {
     pub answered: bool,
     pub skewed: bool,
     pub errors: Vec<String>,
+    /// Set when the turn completed daily schedules: hand it back to
+    /// [`MeterState::settle_daily`] once the sinks have answered.
+    pub daily: Option<DailyRead>,
 }
 
 /// A lost link: the cycle stops and the bus reconnects.
@@ -252,20 +289,33 @@ pub async fn poll_meter(
         }
     }
 
+    let mut daily_read = vec![];
     for &i in &due {
         st.last_run[i] = Some(now);
         let sch = &st.meter.schedules[i];
         let complete =
             (!sch.read_clock || clock_ok) && sch.dis.iter().all(|di| read_ok.contains(di));
-        if complete || matches!(sch.when, When::Every(_)) {
+        if matches!(sch.when, When::Every(_)) {
             st.last_day[i] = Some(local.date());
             st.retry_at[i] = None;
+        } else if complete {
+            // Not done until the readings are durable (`settle_daily`); until
+            // then it is held back like a failed read, so a caller that never
+            // settles reads it again instead of losing the day.
+            daily_read.push(i);
+            st.retry_at[i] = Some(Instant::now() + s.degraded_interval);
         } else {
             // Daily values missed now are lost for the day unless asked again.
             tracing::info!(meter = %st.meter.meter_id, bus = %bus.name, schedule = %sch.name,
                 retry_in_s = s.degraded_interval.as_secs(), "daily read incomplete; trying again later today");
             st.retry_at[i] = Some(Instant::now() + s.degraded_interval);
         }
+    }
+    if !daily_read.is_empty() {
+        out.daily = Some(DailyRead {
+            day: local.date(),
+            schedules: daily_read,
+        });
     }
     if out.answered {
         if st.degraded {

@@ -26,6 +26,10 @@ pub async fn read_single_address(bus: &mut Bus) -> Result<Address, TxError> {
 #[derive(Debug)]
 pub struct Probe {
     pub address: Address,
+    /// The edition of the last read sent: the one that answered when present.
+    pub edition: Edition,
+    /// The first edition tried, when it stayed silent and the other was tried.
+    pub silent_to: Option<Edition>,
     /// `Ok` if a meter answered (an error reply also proves it is there).
     pub result: Result<(), TxError>,
 }
@@ -36,20 +40,63 @@ impl Probe {
     }
 }
 
-/// Probes each candidate with a read of forward active energy.
+/// The edition that is not `e`.
+pub fn other_edition(e: Edition) -> Edition {
+    match e {
+        Edition::V2007 => Edition::V1997,
+        Edition::V1997 => Edition::V2007,
+    }
+}
+
+/// Probes each candidate with a read of forward active energy in `edition`
+/// only (a meter of the other edition stays silent: absent).
 pub async fn probe(
     bus: &mut Bus,
     candidates: &[Address],
     edition: Edition,
 ) -> Result<Vec<Probe>, std::io::Error> {
+    probe_editions(bus, candidates, edition, false).await
+}
+
+/// Probes each candidate in `first`; with `fallback`, an address that stays
+/// silent (timeout) is asked once more in the other edition, because a meter
+/// ignores the other edition's read and an engineer may have picked the
+/// wrong one. Only a timeout falls back: any answer, even a refusal or a
+/// garbled one, is from something speaking `first` at that address.
+pub async fn probe_editions(
+    bus: &mut Bus,
+    candidates: &[Address],
+    first: Edition,
+    fallback: bool,
+) -> Result<Vec<Probe>, std::io::Error> {
     let mut out = vec![];
     for &address in candidates {
-        let req = read_request(address, probe_di(edition));
-        let result = bus.transact(&req, &address.to_string()).await.map(|_| ());
-        if let Err(TxError::Io(e)) = result {
-            return Err(e);
+        let mut p = probe_one(bus, address, first).await?;
+        if fallback && matches!(p.result, Err(TxError::Timeout(_))) {
+            let second = other_edition(first);
+            tracing::debug!(bus = %bus.name, meter = %address, %first, %second, "silent; trying the other edition");
+            p = probe_one(bus, address, second).await?;
+            p.silent_to = Some(first);
         }
-        out.push(Probe { address, result });
+        out.push(p);
     }
     Ok(out)
+}
+
+async fn probe_one(
+    bus: &mut Bus,
+    address: Address,
+    edition: Edition,
+) -> Result<Probe, std::io::Error> {
+    let req = read_request(address, probe_di(edition));
+    let result = bus.transact(&req, &address.to_string()).await.map(|_| ());
+    if let Err(TxError::Io(e)) = result {
+        return Err(e);
+    }
+    Ok(Probe {
+        address,
+        edition,
+        silent_to: None,
+        result,
+    })
 }
