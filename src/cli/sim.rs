@@ -43,6 +43,11 @@ pub struct FleetArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Also write 15-minute interval profiles (96 rows per meter-day; use for small fleets).
+    ///
+    /// A local day's intervals add up exactly to its import_active_total
+    /// advance, and t1..t4 then take the energy of their TOU hours (the
+    /// gd-tou-commercial table), so intervals and tariff registers agree.
+    /// Each row is filed under the UTC date of its own timestamp.
     #[arg(long)]
     pub interval: bool,
     /// Meters with an anomaly, per mille.

@@ -59,7 +59,9 @@ pub struct SimBusSettings {
     /// FE bytes the meters send before each reply.
     #[serde(default = "d_preamble")]
     pub preamble: usize,
-    /// Simulated seconds per real second for energy accumulation (clocks stay real).
+    /// Simulated seconds per real second for energy accumulation (clocks stay
+    /// real: the clock, the daily freeze at local midnight and the time of
+    /// maximum demand follow the meter's real-time clock, not simulated time).
     #[serde(default = "d_scale")]
     pub time_scale: u32,
     /// Offset of the meters' clocks from UTC.
@@ -313,6 +315,33 @@ fn parse_tou(v: &[String]) -> Result<Vec<(u32, usize)>, String> {
     Ok(out)
 }
 
+const DAY_MS: i64 = 86_400_000;
+
+/// Real time (ms) <-> simulated time (ms): simulated time starts at the real
+/// start and runs `scale` times as fast.
+#[derive(Debug, Clone, Copy)]
+struct TimeMap {
+    start_ms: i64,
+    scale: i64,
+}
+
+impl TimeMap {
+    fn sim(self, real_ms: i64) -> i64 {
+        self.start_ms + (real_ms - self.start_ms) * self.scale
+    }
+
+    /// The real time at which simulated time was `sim_ms` (rounded down).
+    fn real(self, sim_ms: i64) -> i64 {
+        self.start_ms + (sim_ms - self.start_ms).div_euclid(self.scale.max(1))
+    }
+}
+
+/// The first local midnight strictly after `ms` (UTC ms) at offset `off`.
+fn next_midnight(ms: i64, off: FixedOffset) -> i64 {
+    let shift = off.local_minus_utc() as i64 * 1000;
+    ((ms + shift).div_euclid(DAY_MS) + 1) * DAY_MS - shift
+}
+
 /// Energy is kept in millijoules; 1 kWh = 3.6e9 mJ, 0.01 kWh = 3.6e7 mJ.
 const MJ_PER_CENTI_KWH: i128 = 36_000_000;
 /// Registers roll over at 1 000 000 kWh = 1e8 centi-kWh.
@@ -351,7 +380,10 @@ struct SimMeter {
     /// Simulated time of the last advance, ms.
     sim_ms: i64,
     power_w: i64,
+    /// Maximum demand (W) and the real time it was reached (ms).
     max_demand: (i64, i64),
+    /// Registers at the last daily freeze and the freeze time on the meter's
+    /// own clock (ms of the local midnight it froze at, in the clock's frame).
     frozen: ([i128; 4], [i128; 4], i64),
     clock_offset_ms: i64,
     requests: u64,
@@ -425,9 +457,24 @@ impl SimMeter {
     }
 
     /// Advances registers to simulated time `sim_now` (ms), local offset `off`.
-    fn advance(&mut self, sim_now: i64, off: FixedOffset, tou: &[(u32, usize)]) {
+    ///
+    /// Energy, its daily profile and the tariff register it lands in follow
+    /// simulated time; the meter's clock runs in real time (`tm` maps one to
+    /// the other), so the daily freeze happens when that clock passes local
+    /// midnight, with the registers of that instant, and the maximum demand
+    /// is stamped with the real time it was reached: no time the meter
+    /// reports is ever ahead of its clock, whatever the time scale.
+    fn advance(&mut self, sim_now: i64, off: FixedOffset, tou: &[(u32, usize)], tm: TimeMap) {
         while self.sim_ms < sim_now {
-            let step = (sim_now - self.sim_ms).min(60_000);
+            let mut step = (sim_now - self.sim_ms).min(60_000);
+            let real_ms = tm.real(self.sim_ms);
+            // Next local midnight on the meter's clock, as simulated time.
+            let freeze_at = next_midnight(real_ms + self.clock_offset_ms, off);
+            let freeze_sim = tm.sim(freeze_at - self.clock_offset_ms);
+            let freeze = freeze_sim > self.sim_ms && freeze_sim <= self.sim_ms + step;
+            if freeze {
+                step = freeze_sim - self.sim_ms;
+            }
             let local = off
                 .timestamp_millis_opt(self.sim_ms)
                 .single()
@@ -445,7 +492,7 @@ impl SimMeter {
                 / 1000;
             self.power_w = w;
             if w > self.max_demand.0 {
-                self.max_demand = (w, self.sim_ms);
+                self.max_demand = (w, real_ms);
             }
             self.import[tariff] += (w as i128) * step as i128;
             if self.cfg.export_w > 0 {
@@ -454,24 +501,11 @@ impl SimMeter {
                     self.export[tariff] += self.cfg.export_w as i128 * step as i128;
                 }
             }
-            let next = self.sim_ms + step;
-            // Daily freeze at local midnight.
-            let next_local = off
-                .timestamp_millis_opt(next)
-                .single()
-                .map(|d| d.naive_local())
-                .unwrap_or_default();
-            if next_local.date() != local.date() {
-                let midnight = off
-                    .from_local_datetime(&next_local.date().and_hms_opt(0, 0, 0).expect("midnight"))
-                    .single();
-                self.frozen = (
-                    self.import,
-                    self.export,
-                    midnight.map(|d| d.timestamp_millis()).unwrap_or(next),
-                );
+            self.sim_ms += step;
+            if freeze {
+                // Daily freeze at local midnight by the meter's clock.
+                self.frozen = (self.import, self.export, freeze_at);
             }
-            self.sim_ms = next;
         }
     }
 
@@ -566,7 +600,12 @@ impl SimMeter {
                     .ok()
                 }
                 0x0506_0001 => {
-                    let t = self.clock(self.frozen.2 - self.clock_offset_ms, off);
+                    // `frozen.2` is already a reading of the meter's clock.
+                    let t = off
+                        .timestamp_millis_opt(self.frozen.2)
+                        .single()
+                        .map(|d| d.naive_local())
+                        .unwrap_or_default();
                     Some(Value::DateTime(MeterTime::from_naive(t)))
                 }
                 0x0506_0101 => Some(block(&self.frozen.0)),
@@ -633,23 +672,15 @@ impl SimBus {
         file.validate()?;
         let offset = parse_offset(&file.bus.utc_offset)?;
         let tou = parse_tou(&file.bus.tou)?;
-        // The registers at start are what the last daily freeze (local midnight) saw.
-        let local = offset
-            .timestamp_millis_opt(now_ms)
-            .single()
-            .map(|d| d.naive_local())
-            .unwrap_or_default();
-        let midnight = offset
-            .from_local_datetime(&local.date().and_hms_opt(0, 0, 0).expect("midnight"))
-            .single()
-            .map_or(now_ms, |d| d.timestamp_millis());
+        // The registers at start are what the last daily freeze (local
+        // midnight on the meter's clock) saw.
         Ok(SimBus {
             meters: file
                 .meters
                 .into_iter()
                 .map(|m| {
                     let mut m = SimMeter::new(m, now_ms);
-                    m.frozen.2 = midnight;
+                    m.frozen.2 = next_midnight(now_ms + m.clock_offset_ms, offset) - DAY_MS;
                     m
                 })
                 .collect(),
@@ -663,7 +694,14 @@ impl SimBus {
     }
 
     fn sim_now(&self, now_ms: i64) -> i64 {
-        self.start_real_ms + (now_ms - self.start_real_ms) * self.settings.time_scale as i64
+        self.time_map().sim(now_ms)
+    }
+
+    fn time_map(&self) -> TimeMap {
+        TimeMap {
+            start_ms: self.start_real_ms,
+            scale: self.settings.time_scale as i64,
+        }
     }
 
     fn encode(&self, f: &Frame) -> Vec<u8> {
@@ -706,10 +744,10 @@ impl SimBus {
     }
 
     fn answer(&mut self, i: usize, req: &Frame, now_ms: i64) -> Vec<Outgoing> {
-        let sim_now = self.sim_now(now_ms);
+        let (sim_now, tm) = (self.sim_now(now_ms), self.time_map());
         let (off, tou) = (self.offset, self.tou.clone());
         let m = &mut self.meters[i];
-        m.advance(sim_now, off, &tou);
+        m.advance(sim_now, off, &tou, tm);
         m.requests += 1;
         let faults = m.cfg.faults.clone();
         let active = faults.every_nth <= 1 || m.requests.is_multiple_of(faults.every_nth as u64);
@@ -1282,8 +1320,8 @@ mod tests {
         let t0 = 1_700_000_000_000;
         let di = Di::v2007(0x0001_FF00);
         let read = |b: &mut SimBus, t| {
-            let (now, off, tou) = (b.sim_now(t), b.offset, b.tou.clone());
-            b.meters[0].advance(now, off, &tou)
+            let (now, off, tou, tm) = (b.sim_now(t), b.offset, b.tou.clone(), b.time_map());
+            b.meters[0].advance(now, off, &tou, tm)
         };
         read(&mut b, t0);
         let v0 = b.meters[0].value(di, t0, b.offset).unwrap();
@@ -1302,6 +1340,82 @@ mod tests {
         // More than one tariff register moved over 10 hours.
         let moved = v1[1..].iter().zip(&v0[1..]).filter(|(a, b)| a > b).count();
         assert!(moved >= 2, "{v0:?} -> {v1:?}");
+    }
+
+    #[test]
+    fn freeze_and_demand_times_follow_the_meter_clock_when_time_runs_fast() {
+        // One real minute = 60 simulated hours: simulated midnights pass
+        // every 24 real seconds, but the meter's clock (and so its daily
+        // freeze) runs in real time. Start at 23:59:00 local.
+        let off = FixedOffset::east_opt(8 * 3600).unwrap();
+        let t0 = off
+            .with_ymd_and_hms(2026, 10, 1, 23, 59, 0)
+            .unwrap()
+            .timestamp_millis();
+        let a: Address = "000000000001".parse().unwrap();
+        let mut m = SimMeterConfig::new(a, dec!(1000));
+        m.load_w = 3000;
+        let mut s = SimFile {
+            meters: vec![m],
+            ..Default::default()
+        };
+        s.bus.time_scale = 3600;
+        let fresh = |s: &SimFile| SimBus::new(s.clone(), t0).unwrap();
+        let at = |b: &mut SimBus, t: i64| {
+            let (now, tm, tou) = (b.sim_now(t), b.time_map(), b.tou.clone());
+            b.meters[0].advance(now, off, &tou, tm);
+            let clock = b.meters[0].clock(t, off);
+            let Some(Value::DateTime(frozen)) = b.meters[0].value(Di::v2007(0x0506_0001), t, off)
+            else {
+                panic!("no freeze time")
+            };
+            let Some(Value::NumberAt { at: demand, .. }) =
+                b.meters[0].value(Di::v2007(0x0101_0000), t, off)
+            else {
+                panic!("no max demand")
+            };
+            (
+                clock,
+                frozen.to_naive().unwrap(),
+                demand.to_naive().unwrap(),
+            )
+        };
+        let day1 = chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap();
+        let day2 = day1.succ_opt().unwrap();
+        let mut b = fresh(&s);
+        // 30 real seconds later: 30 simulated hours passed, the clock says 23:59:30.
+        let (clock, frozen, demand) = at(&mut b, t0 + 30_000);
+        assert_eq!(clock, day1.and_hms_opt(23, 59, 30).unwrap());
+        assert_eq!(
+            frozen,
+            day1.and_hms_opt(0, 0, 0).unwrap(),
+            "no freeze before the clock's midnight"
+        );
+        assert!(demand <= clock, "max demand at {demand}, clock {clock}");
+        // 90 real seconds later the clock passed midnight once: one freeze, at 00:00 of day 2.
+        let (clock, frozen, demand) = at(&mut b, t0 + 90_000);
+        assert_eq!(clock, day2.and_hms_opt(0, 0, 30).unwrap());
+        assert_eq!(frozen, day2.and_hms_opt(0, 0, 0).unwrap());
+        assert!(demand <= clock, "max demand at {demand}, clock {clock}");
+        // The frozen registers are the ones of that instant: what a meter read
+        // exactly at the clock's midnight shows.
+        let mut c = fresh(&s);
+        at(&mut c, t0 + 60_000);
+        let block = |b: &SimBus, di: u32| b.meters[0].value(Di::v2007(di), t0, off).unwrap();
+        assert_eq!(block(&b, 0x0506_0101), block(&c, 0x0001_FF00));
+        assert_ne!(block(&b, 0x0001_FF00), block(&c, 0x0001_FF00));
+
+        // A meter whose clock is 5 minutes slow freezes when its own clock
+        // passes midnight (00:05 real) and says 00:00.
+        s.meters[0].clock_offset_s = -300;
+        let mut d = fresh(&s);
+        let (clock, frozen, _) = at(&mut d, t0 + 4 * 60_000);
+        assert_eq!(clock, day1.and_hms_opt(23, 58, 0).unwrap());
+        assert_eq!(frozen, day1.and_hms_opt(0, 0, 0).unwrap());
+        let (clock, frozen, demand) = at(&mut d, t0 + 6 * 60_000 + 1_000);
+        assert_eq!(clock, day2.and_hms_opt(0, 0, 1).unwrap());
+        assert_eq!(frozen, day2.and_hms_opt(0, 0, 0).unwrap());
+        assert!(demand <= clock, "max demand at {demand}, clock {clock}");
     }
 
     #[test]

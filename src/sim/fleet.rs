@@ -27,7 +27,11 @@ pub struct FleetOptions {
     pub start: NaiveDate,
     pub seed: u64,
     pub out: PathBuf,
-    /// Also write 15-minute `import_active_interval` profiles (96 rows per meter-day).
+    /// Also write 15-minute `import_active_interval` profiles (96 rows per
+    /// meter-day, each under the partition of its own UTC date). A day's
+    /// intervals add up exactly to its total-register advance, and T1..T4
+    /// then take the energy of their hours by the meters' TOU table instead
+    /// of fixed shares (see `split_by_profile`).
     pub interval: bool,
     /// Share of meters (per mille) with an anomaly: gap, backwards reading, spike, rollover, exchange.
     pub anomaly_per_mille: u32,
@@ -318,12 +322,34 @@ fn write_chunk(
             exchange_base: [0; 4],
         })
         .collect();
+    // Interval mode: each meter's tariff-register advance over the previous
+    // local day, whose last intervals are filed with this day's snapshot.
+    let mut prev_parts: Vec<[u64; 4]> = if o.interval {
+        vec![[0; 4]; plans.len()]
+    } else {
+        Vec::new()
+    };
     let (mut rows, mut files, mut bytes) = (0u64, 0usize, 0u64);
     let name = format!("part-sim-c{chunk_index:04}.parquet");
     let mut rng = rng_for(o.seed, chunk_index, 7);
+    let offset_secs = o.utc_offset_hours * 3600;
     for day in 0..=o.days {
         let date = o.start + Days::days(day as i64);
-        let ts = crate::billing::period::local_midnight_ms(date, o.utc_offset_hours * 3600);
+        let ts = crate::billing::period::local_midnight_ms(date, offset_secs);
+        // The partition of this snapshot: the UTC date of its `ts`, as the
+        // lake files every row. An interval row goes to the partition of its
+        // own `ts`: a local day's 96 intervals, in (ts, ts + 24 h], fall on
+        // this snapshot's UTC date and the next one's, so each iteration
+        // writes the previous local day's intervals from this UTC midnight on
+        // and this local day's up to the next UTC midnight.
+        let utc_date = chrono::DateTime::from_timestamp_millis(ts)
+            .map(|t| t.date_naive())
+            .unwrap_or(date);
+        let utc_from = utc_date
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc()
+            .timestamp_millis();
+        let utc_to = utc_from + DAY_MS;
         let per_meter = if o.interval { 5 + 96 } else { 5 };
         let mut b = ReadingsBuilder::with_capacity(plans.len() * per_meter + 64);
         // Replacement meters' ids sort after every original id: their rows
@@ -331,12 +357,12 @@ fn write_chunk(
         // files the lake writes (scans rely on it to skip pages by id).
         let mut replaced = ReadingsBuilder::with_capacity(64);
         for (k, p) in plans.iter().enumerate() {
-            if day > 0 {
-                advance(p, &mut state[k], date - Days::days(1), &mut rng);
-            }
-            let st = &state[k];
             let received = ts + 300_000 + (p.index as i64 % 600) * 1000;
-            let exchanged = matches!(p.anomaly, Anomaly::Exchange(d) if day >= d);
+            // Whether local day `j` (0 = the start) is metered by the replacement meter.
+            let exchanged_on = |j: u32| matches!(p.anomaly, Anomaly::Exchange(d) if j >= d);
+            // A gap day has neither the snapshot nor the day's intervals.
+            let gap_on = |j: u32| matches!(p.anomaly, Anomaly::Gap(d) if d == j);
+            let exchanged = exchanged_on(day);
             let id = if exchanged { &new_ids[k] } else { &ids[k] };
             if let Anomaly::Exchange(d) = p.anomaly {
                 if day == d {
@@ -345,7 +371,7 @@ fn write_chunk(
                         &mut b,
                         &ids[k],
                         ts,
-                        st,
+                        &state[k],
                         p,
                         day,
                         received,
@@ -355,23 +381,65 @@ fn write_chunk(
                     state[k].exchange_base = state[k].t;
                 }
             }
-            let st = &state[k];
-            if matches!(p.anomaly, Anomaly::Gap(d) if d == day) {
-                continue;
+            let st = state[k];
+            if !gap_on(day) {
+                // A replacement meter starts from its own near-zero registers.
+                let shown = if exchanged {
+                    State {
+                        t: [0, 1, 2, 3].map(|i| st.t[i] - st.exchange_base[i]),
+                        ..st
+                    }
+                } else {
+                    st
+                };
+                let to = if exchanged { &mut replaced } else { &mut b };
+                push_registers(to, id, ts, &shown, p, day, received, &feeders[k], true);
             }
-            // A replacement meter starts from its own near-zero registers.
-            let shown = if exchanged {
-                State {
-                    t: [0, 1, 2, 3].map(|i| st.t[i] - st.exchange_base[i]),
-                    ..*st
-                }
-            } else {
-                *st
-            };
-            let to = if exchanged { &mut replaced } else { &mut b };
-            push_registers(to, id, ts, &shown, p, day, received, &feeders[k], true);
-            if o.interval && day < o.days {
-                push_intervals(to, id, ts, p, date, &feeders[k]);
+            if o.interval && day > 0 && !gap_on(day - 1) {
+                // The previous local day's intervals from this UTC midnight on.
+                let j = day - 1;
+                let to = if exchanged_on(j) {
+                    &mut replaced
+                } else {
+                    &mut b
+                };
+                let jid = if exchanged_on(j) {
+                    &new_ids[k]
+                } else {
+                    &ids[k]
+                };
+                let prev = date - Days::days(1);
+                let values = interval_values(&day_weights(o, p, prev), prev, &prev_parts[k]);
+                push_intervals(
+                    to,
+                    jid,
+                    ts - DAY_MS,
+                    &values,
+                    (utc_from, utc_to),
+                    &feeders[k],
+                );
+            }
+            if day < o.days {
+                // The day's consumption: one noise draw per meter and day, in
+                // the order the generator has always drawn them (day by day,
+                // meter by meter), so the total registers are the same with
+                // and without `--interval`, and as before intervals existed.
+                let use_centi = day_use(p, date, &mut rng);
+                let parts = if o.interval {
+                    let weights = day_weights(o, p, date);
+                    let parts = split_by_profile(use_centi, &weights, date);
+                    if !gap_on(day) {
+                        // This local day's intervals up to the next UTC midnight.
+                        let to = if exchanged { &mut replaced } else { &mut b };
+                        let values = interval_values(&weights, date, &parts);
+                        push_intervals(to, id, ts, &values, (utc_from, utc_to), &feeders[k]);
+                    }
+                    prev_parts[k] = parts;
+                    parts
+                } else {
+                    split_by_plan(p, use_centi)
+                };
+                advance(p, &mut state[k], date, use_centi, parts);
             }
         }
         let batch =
@@ -379,9 +447,6 @@ fn write_chunk(
                 .map_err(|e| StoreError::Schema(format!("simulated readings: {e}")))?;
         rows += batch.num_rows() as u64;
         if batch.num_rows() > 0 {
-            let utc_date = chrono::DateTime::from_timestamp_millis(ts)
-                .map(|t| t.date_naive())
-                .unwrap_or(date);
             let path = partition_dir(lake, READINGS, utc_date).join(&name);
             bytes += atomic::write_parquet_atomic(&path, readings_schema(), &[batch])?;
             files += 1;
@@ -391,7 +456,11 @@ fn write_chunk(
     Ok((rows, files, bytes))
 }
 
-fn advance(p: &Plan, st: &mut State, date: NaiveDate, rng: &mut SmallRng) {
+const DAY_MS: i64 = 86_400_000;
+
+/// Consumption of local day `date` in 0.01 kWh of the register: the plan's
+/// mean, the season, the weekend and the day's noise (one draw from `rng`).
+fn day_use(p: &Plan, date: NaiveDate, rng: &mut SmallRng) -> u64 {
     let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
     let mut use_centi = p.daily_centi * season_factor(date) / 100;
     if weekend && p.class == Class::Residential {
@@ -401,15 +470,29 @@ fn advance(p: &Plan, st: &mut State, date: NaiveDate, rng: &mut SmallRng) {
         use_centi = use_centi * 60 / 100;
     }
     let noise = rng.gen_range(70..=130u64);
-    use_centi = use_centi * noise / 100;
+    use_centi * noise / 100
+}
+
+/// Without a load profile: the day's use shared over T1..T4 by the plan's
+/// fixed split.
+fn split_by_plan(p: &Plan, use_centi: u64) -> [u64; 4] {
     let sum: u32 = p.split.iter().sum();
+    let mut parts = [0u64; 4];
     let mut given = 0;
-    for i in 0..3 {
-        let part = use_centi * p.split[i] as u64 / sum as u64;
-        st.t[i] += part;
-        given += part;
+    for (part, share) in parts.iter_mut().zip(p.split).take(3) {
+        *part = use_centi * share as u64 / sum as u64;
+        given += *part;
     }
-    st.t[3] += use_centi - given;
+    parts[3] = use_centi - given;
+    parts
+}
+
+/// Adds a day's use (`parts` per tariff register, summing to `use_centi`)
+/// to the registers, with reactive energy and demand.
+fn advance(p: &Plan, st: &mut State, date: NaiveDate, use_centi: u64, parts: [u64; 4]) {
+    for (t, part) in st.t.iter_mut().zip(parts) {
+        *t += part;
+    }
     // tan(phi) from the plan's power factor, in per mille
     let pf = p.pf_per_mille as u64;
     let tan_pm = (1_000_000 - pf * pf).isqrt() * 1000 / pf.max(1);
@@ -420,7 +503,6 @@ fn advance(p: &Plan, st: &mut State, date: NaiveDate, rng: &mut SmallRng) {
     }
     st.demand_centi = st.demand_centi.max(peak_kw_centi);
 }
-
 #[allow(clippy::too_many_arguments)]
 fn push_registers(
     b: &mut ReadingsBuilder,
@@ -469,39 +551,156 @@ fn push_registers(
     }
 }
 
-/// 15-minute profile of the day starting at `ts` (local midnight); sums to the
-/// plan's mean daily use exactly. Interval rows are stamped at interval end.
+/// Tariff register (0..3 = T1 sharp, T2 peak, T3 flat, T4 valley) of each
+/// local hour: the meters' programmed time-of-use table, the one of
+/// `tariffs/gd-tou-commercial.toml` (critical-peak hours in July-September).
+const TOU_SUMMER: [u8; 24] = [
+    3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 1, 0, 2, 2, 1, 0, 0, 1, 1, 2, 2, 2, 2, 2,
+];
+const TOU_REST: [u8; 24] = [
+    3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
+];
+
+fn tou_table(date: NaiveDate) -> &'static [u8; 24] {
+    if (7..=9).contains(&date.month()) {
+        &TOU_SUMMER
+    } else {
+        &TOU_REST
+    }
+}
+
+/// Relative load by local hour, per class and weekday / weekend.
+fn hourly_shape(class: Class, weekend: bool) -> &'static [u64; 24] {
+    const RESIDENTIAL: [u64; 24] = [
+        3, 2, 2, 2, 2, 3, 5, 7, 6, 5, 5, 6, 6, 5, 5, 5, 6, 8, 10, 11, 10, 8, 6, 4,
+    ];
+    const RESIDENTIAL_WEEKEND: [u64; 24] = [
+        3, 3, 2, 2, 2, 2, 3, 5, 7, 7, 7, 7, 7, 6, 6, 6, 7, 8, 10, 11, 10, 8, 6, 4,
+    ];
+    const COMMERCIAL: [u64; 24] = [
+        2, 2, 2, 2, 2, 2, 3, 5, 8, 10, 11, 11, 10, 11, 11, 11, 10, 9, 8, 6, 4, 3, 2, 2,
+    ];
+    const COMMERCIAL_WEEKEND: [u64; 24] = [
+        2, 2, 2, 2, 2, 2, 3, 4, 6, 8, 9, 9, 9, 9, 9, 8, 7, 6, 5, 4, 3, 3, 2, 2,
+    ];
+    const INDUSTRIAL: [u64; 24] = [
+        6, 6, 6, 6, 6, 6, 7, 8, 10, 10, 10, 10, 9, 10, 10, 10, 10, 9, 8, 7, 7, 7, 6, 6,
+    ];
+    const INDUSTRIAL_WEEKEND: [u64; 24] = [
+        6, 6, 6, 6, 6, 6, 6, 7, 8, 8, 8, 8, 8, 8, 8, 8, 8, 7, 7, 6, 6, 6, 6, 6,
+    ];
+    const AGRICULTURAL: [u64; 24] = [
+        4, 4, 4, 4, 4, 5, 7, 9, 10, 10, 10, 9, 8, 9, 10, 10, 9, 7, 5, 4, 4, 4, 4, 4,
+    ];
+    match (class, weekend) {
+        (Class::Residential, false) => &RESIDENTIAL,
+        (Class::Residential, true) => &RESIDENTIAL_WEEKEND,
+        (Class::Commercial, false) => &COMMERCIAL,
+        (Class::Commercial, true) => &COMMERCIAL_WEEKEND,
+        (Class::Industrial, false) => &INDUSTRIAL,
+        (Class::Industrial, true) => &INDUSTRIAL_WEEKEND,
+        (Class::Agricultural, _) => &AGRICULTURAL,
+    }
+}
+
+/// Weights of the 96 quarter hours of a meter's local day: its class's
+/// hourly shape (weekday or weekend) with +-15% noise per quarter hour,
+/// derived from (seed, meter, date) alone so a day's profile can be drawn
+/// again when its last intervals are written with the next day's files.
+fn day_weights(o: &FleetOptions, p: &Plan, date: NaiveDate) -> [u64; 96] {
+    let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
+    let shape = hourly_shape(p.class, weekend);
+    let mut r = rng_for(
+        o.seed,
+        p.index,
+        0x5EED_0000_0000 ^ date.num_days_from_ce() as u64,
+    );
+    let mut w = [0u64; 96];
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = shape[i / 4] * r.gen_range(85..=115u64);
+    }
+    w
+}
+
+/// `total` shared over `weights` exactly: item i gets
+/// floor(total x W_i / W) - floor(total x W_(i-1) / W) with W_i the running
+/// sum of the weights, so the parts add up to `total` and each is within one
+/// unit of its exact share. `None` weights are skipped (get nothing).
+fn share(total: u64, weights: impl Iterator<Item = Option<u64>> + Clone) -> Vec<u64> {
+    let sum: u64 = weights.clone().flatten().sum();
+    let mut out = Vec::with_capacity(96);
+    let (mut run, mut given) = (0u64, 0u64);
+    for w in weights {
+        match w {
+            Some(w) if sum > 0 => {
+                run += w;
+                let upto = (total as u128 * run as u128 / sum as u128) as u64;
+                out.push(upto - given);
+                given = upto;
+            }
+            _ => out.push(0),
+        }
+    }
+    out
+}
+
+/// The day's use (0.01 kWh) shared over T1..T4 as the meter's TOU table
+/// sees the day's profile: each register gets the energy of its hours.
+fn split_by_profile(use_centi: u64, weights: &[u64; 96], date: NaiveDate) -> [u64; 4] {
+    let table = tou_table(date);
+    let mut per_register = [0u64; 4];
+    for (i, w) in weights.iter().enumerate() {
+        per_register[table[i / 4] as usize] += w;
+    }
+    let s = share(use_centi, per_register.iter().map(|w| Some(*w)));
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// The 96 interval values of a day in the lake's scaled units (0.0001 kWh):
+/// each tariff register's advance `parts` (0.01 kWh) spread over its own
+/// quarter hours by the weights, so the intervals of every TOU period add up
+/// exactly to its register's advance and all 96 to the total register's.
+fn interval_values(weights: &[u64; 96], date: NaiveDate, parts: &[u64; 4]) -> [i64; 96] {
+    let table = tou_table(date);
+    let mut v = [0i64; 96];
+    for (r, part) in parts.iter().enumerate() {
+        let mine = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (table[i / 4] as usize == r).then_some(*w));
+        for (x, s) in v.iter_mut().zip(share(part * 100, mine)) {
+            *x += s as i64;
+        }
+    }
+    v
+}
+
+/// The intervals of the local day starting at `day_start` whose `ts`
+/// (interval end) lies in `[from, to)`, i.e. in one UTC date partition.
+/// Stamped at interval end, received at the end of the day.
 fn push_intervals(
     b: &mut ReadingsBuilder,
     id: &str,
-    ts: i64,
-    p: &Plan,
-    date: NaiveDate,
+    day_start: i64,
+    values: &[i64; 96],
+    (from, to): (i64, i64),
     feeder: &str,
 ) {
-    const SHAPE: [u64; 24] = [
-        3, 2, 2, 2, 2, 3, 5, 7, 6, 5, 5, 6, 6, 5, 5, 5, 6, 8, 10, 11, 10, 8, 6, 4,
-    ];
-    let daily = p.daily_centi * season_factor(date) / 100;
-    let shape_sum: u64 = SHAPE.iter().sum::<u64>() * 4;
-    let mut given = 0u64;
-    for i in 0..96usize {
-        let v = if i == 95 {
-            daily - given
-        } else {
-            daily * SHAPE[i / 4] / shape_sum
-        };
-        given += v;
+    for (i, v) in values.iter().enumerate() {
+        let ts = day_start + (i as i64 + 1) * 900_000;
+        if ts < from || ts >= to {
+            continue;
+        }
         b.push_scaled(
             id,
-            ts + (i as i64 + 1) * 900_000,
+            ts,
             Channel::ImportActiveInterval,
-            v as i128 * 100,
+            *v as i128,
             "ok",
             "sim",
             "fleet",
             feeder,
-            ts + 86_400_000,
+            day_start + DAY_MS,
         );
     }
 }
@@ -773,4 +972,145 @@ fn habit_payments(o: &FleetOptions, p: &Plan, aid: &str, out: &mut String) -> us
 /// Elapsed helper for summaries.
 pub fn fmt_duration(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_exactly_and_stay_within_one_unit() {
+        let w = [3u64, 0, 7, 11, 1];
+        for total in [0u64, 1, 2, 21, 22, 1_000_003] {
+            let s = share(total, w.iter().map(|x| Some(*x)));
+            assert_eq!(s.iter().sum::<u64>(), total);
+            for (x, wi) in s.iter().zip(w) {
+                let exact = total as f64 * wi as f64 / 22.0;
+                assert!((*x as f64 - exact).abs() < 1.0, "{s:?}");
+            }
+        }
+        // Skipped items get nothing; the others share the whole total.
+        let s = share(10, [Some(1), None, Some(1)].into_iter());
+        assert_eq!(s, vec![5, 0, 5]);
+    }
+
+    #[test]
+    fn a_day_s_intervals_add_up_to_its_register_advances_period_by_period() {
+        let o = FleetOptions::new("unused");
+        let mut rng = rng_for(1, 2, 3);
+        for index in 0..200 {
+            let p = plan(&o, index);
+            // A weekday and a weekend day, in and out of the critical-peak months.
+            for date in ["2026-10-14", "2026-10-17", "2026-08-05", "2026-07-12"] {
+                let date: NaiveDate = date.parse().unwrap();
+                let use_centi = day_use(&p, date, &mut rng);
+                let w = day_weights(&o, &p, date);
+                assert_eq!(w, day_weights(&o, &p, date), "drawn again the same");
+                let parts = split_by_profile(use_centi, &w, date);
+                assert_eq!(parts.iter().sum::<u64>(), use_centi);
+                let v = interval_values(&w, date, &parts);
+                assert!(v.iter().all(|x| *x >= 0));
+                assert_eq!(v.iter().sum::<i64>(), use_centi as i64 * 100);
+                let table = tou_table(date);
+                for (r, part) in parts.iter().enumerate() {
+                    let sum: i64 = (0..96)
+                        .filter(|i| table[i / 4] as usize == r)
+                        .map(|i| v[i])
+                        .sum();
+                    assert_eq!(sum, *part as i64 * 100, "register T{}", r + 1);
+                }
+                if date.month() == 10 {
+                    assert_eq!(parts[0], 0, "no sharp hours outside July-September");
+                }
+            }
+        }
+    }
+
+    /// (meter, ts, channel, value) of every row of a fleet's lake.
+    fn lake_rows(dir: &Path) -> Vec<(String, i64, String, i128)> {
+        use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
+        let mut out = vec![];
+        let mut dirs = vec![dir.join(READINGS)];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                for b in crate::store::reader::read_file(&path).unwrap() {
+                    let col = |n: &str| b.column_by_name(n).unwrap().clone();
+                    let (id, ts, ch, v) =
+                        (col("meter_id"), col("ts"), col("channel"), col("value"));
+                    let id = id.as_any().downcast_ref::<StringArray>().unwrap();
+                    let ts = ts
+                        .as_any()
+                        .downcast_ref::<TimestampMillisecondArray>()
+                        .unwrap();
+                    let ch = ch.as_any().downcast_ref::<StringArray>().unwrap();
+                    let v = v.as_any().downcast_ref::<Decimal128Array>().unwrap();
+                    for i in 0..b.num_rows() {
+                        out.push((
+                            id.value(i).to_string(),
+                            ts.value(i),
+                            ch.value(i).to_string(),
+                            v.value(i),
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn intervals_leave_the_total_registers_as_they_are_without_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = |interval: bool| {
+            let mut o = FleetOptions::new(tmp.path().join(format!("i{interval}")));
+            o.meters = 120;
+            o.days = 9;
+            o.anomaly_per_mille = 300;
+            o.chunk_meters = 50;
+            o.interval = interval;
+            generate(&o, &|_, _| {}).unwrap();
+            lake_rows(&o.out)
+        };
+        let (plain, with) = (run(false), run(true));
+        let tariff = |c: &str| c.starts_with("import_active_t");
+        let keep = |rows: &[(String, i64, String, i128)], interval: bool| {
+            rows.iter()
+                .filter(|r| !tariff(&r.2) && (r.2 == "import_active_interval") == interval)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keep(&plain, false), keep(&with, false));
+        assert!(keep(&plain, true).is_empty());
+        // 96 intervals for every meter-day but the gap days.
+        let n = keep(&with, true).len();
+        assert!(n > 115 * 9 * 96 && n <= 120 * 9 * 96, "{n}");
+        // Same rows again from the same options.
+        assert_eq!(with, run(true));
+    }
+
+    #[test]
+    fn profiles_have_their_class_s_shape() {
+        let o = FleetOptions::new("unused");
+        let date: NaiveDate = "2026-10-14".parse().unwrap();
+        let share_of = |p: &Plan, hours: std::ops::Range<usize>| {
+            let w = day_weights(&o, p, date);
+            let part: u64 = w[hours.start * 4..hours.end * 4].iter().sum();
+            part * 100 / w.iter().sum::<u64>()
+        };
+        let find = |c: Class| {
+            (0..1000)
+                .map(|i| plan(&o, i))
+                .find(|p| p.class == c)
+                .unwrap()
+        };
+        // Households peak in the evening, shops and offices by day.
+        assert!(share_of(&find(Class::Residential), 18..22) >= 25);
+        assert!(share_of(&find(Class::Commercial), 8..18) >= 55);
+    }
 }
