@@ -3,8 +3,17 @@
 //! The publishes become readings and dead letters. Sparkplug data that waits
 //! for a birth is parked (see `park`), then replayed or dead-lettered later.
 //! Everything here is pure except the metrics counters.
+//!
+//! Receive stamps: a message whose readings (some of them) carry no
+//! timestamp gets the receive time, and its (hash of topic and payload ->
+//! that time) goes to the spool with the readings. A copy the broker
+//! redelivers (DUP set) whose hash is remembered is decoded as if received
+//! then, so it yields the same rows, which compaction merges. Messages
+//! without DUP are never matched: the same payload twice from a meter that
+//! did not move is two readings.
 
-use rumqttc::Publish;
+use rumqttc::{Publish, QoS};
+use sha2::{Digest, Sha256};
 
 use super::decode::{DecodeError, Decoded, Decoder};
 use super::mqtt::{topic_matches, IngestStats};
@@ -13,6 +22,7 @@ use super::session::ConnId;
 use crate::metrics;
 use crate::model::{Protocol, Reading};
 use crate::protocol::sparkplug;
+use crate::store::spool::{Stamp, Stamps, STAMP_WINDOW};
 use crate::store::QuarantineRecord;
 
 /// Dead-lettered payloads keep at most this many bytes.
@@ -33,6 +43,8 @@ pub struct Job {
     /// Parked messages whose readings or dead letters are in this job:
     /// forgotten once the job is durable.
     pub release: Vec<String>,
+    /// Receive stamps of this job's messages: durable with its readings.
+    pub stamps: Vec<Stamp>,
     pub durable: Durable,
 }
 
@@ -68,6 +80,7 @@ impl Job {
             && self.dead.is_empty()
             && self.park.is_empty()
             && self.release.is_empty()
+            && self.stamps.is_empty()
             && self.durable.acks.is_empty()
             && self.durable.rebirths.is_empty()
     }
@@ -78,6 +91,7 @@ impl Job {
         self.dead.extend(more.dead);
         self.park.extend(more.park);
         self.release.extend(more.release);
+        self.stamps.extend(more.stamps);
         for (conn, ps) in more.durable.acks {
             self.durable.ack(conn, ps);
         }
@@ -95,6 +109,8 @@ pub struct Decoding {
     /// Readings per message in the last batch: sizes the next batch's
     /// readings at once instead of growing (and copying) them as they come.
     per_message: usize,
+    /// Receive stamps of the last stamped messages (as the lake keeps them).
+    stamps: Stamps,
 }
 
 impl Decoding {
@@ -107,6 +123,14 @@ impl Decoding {
             park_ms: park_secs.saturating_mul(1000).min(i64::MAX as u64) as i64,
             park_max,
             per_message: 1,
+            stamps: Stamps::new(STAMP_WINDOW),
+        }
+    }
+
+    /// Takes the receive stamps the lake kept (`Lake::stamps`), oldest first.
+    pub fn remember(&mut self, stamps: impl IntoIterator<Item = Stamp>) {
+        for s in stamps {
+            self.stamps.insert(s);
         }
     }
 
@@ -188,6 +212,7 @@ impl Decoding {
         let mut per_source = vec![(0u64, 0u64); self.decoders.len()]; // (readings, rounded)
                                                                       // Consecutive messages mostly share a topic: remember its source.
         let mut last: Option<(String, usize)> = None;
+        let mut restamped = 0u64;
         for (_, p) in &batch {
             stats.messages += 1;
             let topic = p.topic.as_str();
@@ -215,21 +240,52 @@ impl Decoding {
                 count_dead("", "no_source");
                 continue;
             };
-            match self.decoders[idx].decode(topic, &p.payload, now) {
+            // A redelivered copy of a message stamped before is decoded
+            // as if received then (only DUP copies pay for the hash).
+            let (mut at, mut key, mut hit) = (now, None, false);
+            if p.dup && p.qos != QoS::AtMostOnce && !self.stamps.is_empty() {
+                let k = stamp_key(topic, &p.payload);
+                if let Some(t) = self.stamps.get(k) {
+                    (at, hit) = (t, true);
+                    restamped += 1;
+                }
+                key = Some(k);
+            }
+            match self.decoders[idx].decode(topic, &p.payload, at) {
                 Ok(d) => {
                     per_source[idx].0 += d.readings.len() as u64;
                     per_source[idx].1 += d.rounded as u64;
-                    self.sparkplug_events(idx, topic, &p.payload, &d, now, &mut job);
-                    self.take(idx, topic, &p.payload, d, now, &mut job);
+                    // Parked data may turn out to have no timestamps.
+                    if (d.stamped || d.park.is_some()) && p.qos != QoS::AtMostOnce && !hit {
+                        let s = Stamp {
+                            key: key.unwrap_or_else(|| stamp_key(topic, &p.payload)),
+                            received_ms: at,
+                        };
+                        self.stamps.insert(s);
+                        job.stamps.push(s);
+                    }
+                    self.sparkplug_events(idx, topic, &p.payload, &d, (at, now), &mut job);
+                    self.take(idx, topic, &p.payload, d, at, &mut job);
                 }
                 Err(e) => {
                     let name = &self.names[idx];
                     tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
                     count_dead(name, e.kind());
                     job.dead
-                        .push(dead_letter(now, name, topic, e.to_string(), &p.payload));
+                        .push(dead_letter(at, name, topic, e.to_string(), &p.payload));
                 }
             }
+        }
+        if restamped > 0 {
+            tracing::info!(
+                messages = restamped,
+                "redelivered messages given the receive time of their first copy"
+            );
+            metrics::counter_add(
+                "meterflow_mqtt_redeliveries_restamped_total",
+                &[],
+                restamped,
+            );
         }
         self.expire(now, &mut job);
         for (i, (n, rounded)) in per_source.iter().enumerate() {
@@ -308,14 +364,15 @@ impl Decoding {
         }
     }
 
-    /// Parking, replay after a birth, and dead letters after a death.
+    /// Parking, replay after a birth, and dead letters after a death, for a
+    /// message received at `received` (its first copy's time) and handled `now`.
     fn sparkplug_events(
         &mut self,
         idx: usize,
         topic: &str,
         payload: &[u8],
         d: &Decoded,
-        now: i64,
+        (received, now): (i64, i64),
         job: &mut Job,
     ) {
         let name = self.names[idx].clone();
@@ -344,7 +401,11 @@ impl Decoding {
                     &[("source", &name)],
                     1,
                 );
-                let m = ParkedMsg::new(&name, topic, payload, now);
+                // Its readings will be stamped `received`; its wait starts now.
+                let m = ParkedMsg {
+                    waiting_since_ms: now,
+                    ..ParkedMsg::new(&name, topic, payload, received)
+                };
                 job.park.push(m.clone());
                 self.parking.hold(node.clone(), m);
             }
@@ -380,6 +441,19 @@ impl Decoding {
             .push(dead_letter(now, &m.source, &m.topic, reason, &m.payload));
         job.release.push(m.id);
     }
+}
+
+/// Names a message for its receive stamp: the first 8 bytes of
+/// SHA-256(topic length, topic, payload). Stable across runs and builds (it
+/// is kept in the spool); a false match needs a 64-bit collision within the
+/// remembered window, on a redelivered message.
+pub fn stamp_key(topic: &str, payload: &[u8]) -> u64 {
+    let mut h = Sha256::new();
+    h.update((topic.len() as u64).to_le_bytes());
+    h.update(topic.as_bytes());
+    h.update(payload);
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 of 32 bytes"))
 }
 
 /// The first problems of a message, and how many more there were.
@@ -677,6 +751,132 @@ mod tests {
             r.ends_with(&format!("of {} bytes)", 2 * MAX_REASON_BYTES)),
             "{r}"
         );
+    }
+
+    /// A Tasmota source: `Time` is optional, so its readings may be stamped.
+    fn tasmota() -> Decoding {
+        let text = "[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"t\"\n\
+                    [[source]]\nname = \"tas\"\nfilter = \"tele/+/SENSOR\"\nformat = \"tasmota\"\n";
+        let cfg = crate::ingest::config::IngestConfig::parse(text, std::path::Path::new("t.toml"))
+            .unwrap();
+        let d = Decoder::new(&cfg.sources[0], Limits::default()).unwrap();
+        Decoding::new(vec![d], 300, 10)
+    }
+
+    fn sensor(payload: &str, qos: QoS, dup: bool) -> (ConnId, Publish) {
+        let mut p = Publish::new("tele/m1/SENSOR", qos, payload.as_bytes().to_vec());
+        p.dup = dup;
+        (1, p)
+    }
+
+    const NO_TIME: &str = r#"{"ENERGY":{"Total":123.456}}"#;
+
+    fn ts_of(job: &Job) -> Vec<(i64, i64)> {
+        job.readings
+            .iter()
+            .map(|r| (r.ts_ms, r.received_ms))
+            .collect()
+    }
+
+    #[test]
+    fn a_redelivered_copy_of_a_stamped_message_gets_its_first_receive_time() {
+        let mut d = tasmota();
+        let mut stats = IngestStats::default();
+        let first = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, false)],
+            NOW,
+            &mut stats,
+        );
+        assert_eq!(ts_of(&first), vec![(NOW, NOW)]);
+        let key = stamp_key("tele/m1/SENSOR", NO_TIME.as_bytes());
+        assert_eq!(
+            first.stamps,
+            vec![Stamp {
+                key,
+                received_ms: NOW
+            }],
+            "the stamp goes to the spool with the readings"
+        );
+        // The broker redelivers it (its PUBACK was lost): same rows.
+        let again = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, true)],
+            NOW + 90_000,
+            &mut stats,
+        );
+        assert_eq!(again.readings, first.readings);
+        assert!(again.stamps.is_empty(), "nothing new to remember");
+        // The same payload again without DUP is a new reading.
+        let later = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, false)],
+            NOW + 120_000,
+            &mut stats,
+        );
+        assert_eq!(ts_of(&later), vec![(NOW + 120_000, NOW + 120_000)]);
+        assert_eq!(later.stamps.len(), 1);
+    }
+
+    #[test]
+    fn a_restarted_ingest_restamps_from_the_stamps_the_lake_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stats = IngestStats::default();
+        let mut lake =
+            crate::store::Lake::open(dir.path(), crate::store::LakeOptions::new("w")).unwrap();
+        let mut d = tasmota();
+        let job = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, false)],
+            NOW,
+            &mut stats,
+        );
+        let first = job.readings.clone();
+        lake.accept_stamped(job.readings, job.dead, job.stamps)
+            .unwrap();
+        // Killed before the PUBACK; the first segment is committed at open.
+        std::mem::forget(lake);
+        let lake =
+            crate::store::Lake::open(dir.path(), crate::store::LakeOptions::new("w")).unwrap();
+        let mut d = tasmota();
+        d.remember(lake.stamps().live());
+        let again = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, true)],
+            NOW + 3_600_000,
+            &mut stats,
+        );
+        assert_eq!(again.readings, first);
+    }
+
+    #[test]
+    fn only_stamped_acknowledged_messages_are_remembered() {
+        let mut d = tasmota();
+        let mut stats = IngestStats::default();
+        let timed = r#"{"Time":"2025-11-22T09:00:00","ENERGY":{"Total":1}}"#;
+        let job = d.batch(
+            vec![
+                sensor(timed, QoS::AtLeastOnce, false),
+                // QoS 0 is never redelivered.
+                sensor(NO_TIME, QoS::AtMostOnce, false),
+            ],
+            NOW,
+            &mut stats,
+        );
+        assert_eq!(job.readings.len(), 2);
+        assert!(job.stamps.is_empty());
+        // With nothing remembered, a DUP copy is decoded as received now.
+        let job = d.batch(
+            vec![sensor(NO_TIME, QoS::AtLeastOnce, true)],
+            NOW + 5,
+            &mut stats,
+        );
+        assert_eq!(ts_of(&job), vec![(NOW + 5, NOW + 5)]);
+        assert_eq!(job.stamps.len(), 1, "its first durable copy is this one");
+    }
+
+    #[test]
+    fn stamp_keys_tell_topic_and_payload_apart() {
+        let k = stamp_key("a/b", b"{}");
+        assert_eq!(k, stamp_key("a/b", b"{}"));
+        assert_ne!(k, stamp_key("a/c", b"{}"));
+        assert_ne!(k, stamp_key("a/b", b"{ }"));
+        assert_ne!(stamp_key("a", b"b/c"), stamp_key("ab", b"/c"));
     }
 
     #[test]

@@ -124,6 +124,9 @@ pub struct Decoded {
     pub birth_of: Option<String>,
     /// Sparkplug: this node (`group/edge`) died.
     pub death_of: Option<String>,
+    /// Some value had no timestamp of its own and was given the receive
+    /// time: a redelivered copy must be given the same (see `ingest::batch`).
+    pub stamped: bool,
 }
 
 /// Decoder for one configured source (keeps Sparkplug state between messages).
@@ -399,7 +402,10 @@ impl Decoder {
                 )?,
                 now,
             )?,
-            None => now,
+            None => {
+                out.stamped = true;
+                now
+            }
         };
         let values = obj
             .get("values")
@@ -456,7 +462,10 @@ impl Decoder {
                 ts_from(t, self.src.ts_format, self.src.tz_offset_minutes, "Time")?,
                 now,
             )?,
-            None => now,
+            None => {
+                out.stamped = true;
+                now
+            }
         };
         let mut fields = Vec::new();
         for (k, val) in obj {
@@ -503,7 +512,10 @@ impl Decoder {
             .ok_or_else(|| DecodeError::MissingField("params".into()))?;
         let ts = match params.get("ts") {
             Some(t) => self.check_ts(ts_from(t, TsFormat::S, 0, "params.ts")?, now)?,
-            None => now,
+            None => {
+                out.stamped = true;
+                now
+            }
         };
         let mut fields = Vec::new();
         for (k, val) in params {
@@ -637,7 +649,10 @@ impl Decoder {
                         continue;
                     }
                 },
-                None => now,
+                None => {
+                    out.stamped = true;
+                    now
+                }
             };
             let mut q = if nv.after_death {
                 Quality::OFFLINE
@@ -710,7 +725,10 @@ impl Decoder {
                 }
             };
             let ts = match &map.ts {
-                None => now,
+                None => {
+                    out.stamped = true;
+                    now
+                }
                 Some(p) => {
                     let t = rec
                         .pointer(p)

@@ -5,7 +5,9 @@
 //! them into readings; the spool thread makes them durable (fsynced spool)
 //! and only then hands their PUBACKs back to the connection. A crash before
 //! the acks means the broker redelivers: duplicates are possible (the lake's
-//! compaction removes them), loss is not.
+//! compaction removes them), loss is not. A redelivered copy of a message
+//! whose readings were stamped with the receive time gets the same time
+//! (receive stamps, see `batch`), so its rows are exact duplicates too.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -265,6 +267,9 @@ pub async fn run_ingest(
         cfg.ingest.sparkplug_park_secs,
         cfg.ingest.sparkplug_park_max,
     );
+    // Stamps of messages made durable before (this run or an earlier one):
+    // a redelivered copy gets its first receive time.
+    decoding.remember(lake.stamps().live());
     let restored = decoding.restore(parked, unreadable, now_ms());
     let filters: Vec<String> = cfg
         .sources
@@ -403,7 +408,7 @@ fn spool_thread(
             // Parked messages are durable before their acks; a released one
             // is forgotten only after its readings or dead letter are durable.
             park.write(&job.park)?;
-            lake.accept_owned(job.readings, job.dead)?;
+            lake.accept_stamped(job.readings, job.dead, job.stamps)?;
             park.remove(&job.release)?;
             // Durable: now (and only now) the broker may forget these messages.
             release(&durable, job.durable);
@@ -515,6 +520,10 @@ fn describe_metrics() {
     metrics::describe(
         "meterflow_mqtt_sparkplug_parked",
         "Sparkplug messages waiting for a birth now",
+    );
+    metrics::describe(
+        "meterflow_mqtt_redeliveries_restamped_total",
+        "Redelivered messages given the receive time of their first, durable copy",
     );
 }
 

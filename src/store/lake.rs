@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::schema::{quarantine_schema, QUARANTINE, READINGS};
-use super::spool::{self, Entry, QuarantineRecord, Segment};
+use super::spool::{self, Entry, QuarantineRecord, Segment, Stamp, Stamps, STAMP_WINDOW};
 use super::{atomic, partition_dir, StoreError};
 use crate::model::Reading;
 
@@ -49,6 +49,10 @@ pub struct Lake {
     spool_dir: PathBuf,
     segment: Segment,
     pending: Vec<Entry>,
+    /// The last receive stamps accepted (`accept_stamped`), also found in
+    /// the current segment: it is written into each new segment before an
+    /// older one may be removed, so it outlives the Parquet commits.
+    stamps: Stamps,
     /// Flush statistics of the spool replay done at open.
     pub replayed: FlushStats,
 }
@@ -62,6 +66,8 @@ impl Lake {
             .spool_dir
             .unwrap_or_else(|| root.join("_spool").join(&opts.writer_id));
         let mut replayed = FlushStats::default();
+        let mut stamps = Stamps::new(STAMP_WINDOW);
+        let mut done = Vec::new();
         for (id, path) in spool::list_segments(&spool_dir)? {
             let replay = spool::read_segment(&path)?;
             tracing::info!(segment = %path.display(), entries = replay.entries.len(), "replaying spool segment");
@@ -70,18 +76,36 @@ impl Lake {
             replayed.quarantined += stats.quarantined;
             replayed.files += stats.files;
             replayed.rejected += stats.rejected;
-            std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            for s in replay.stamps {
+                stamps.insert(s);
+            }
+            done.push(path);
+        }
+        let mut segment = Segment::create(&spool_dir, spool::new_segment_id())?;
+        // The stamps move to the new segment before the old ones go: a
+        // crash in between leaves copies, which the next replay merges.
+        carry(&mut segment, &stamps)?;
+        for path in &done {
+            std::fs::remove_file(path).map_err(|e| StoreError::io(path, e))?;
+        }
+        if !done.is_empty() {
             atomic::sync_dir(&spool_dir)?;
         }
-        let segment = Segment::create(&spool_dir, spool::new_segment_id())?;
         Ok(Lake {
             root: root.to_path_buf(),
             writer_id: opts.writer_id,
             spool_dir,
             segment,
             pending: Vec::new(),
+            stamps,
             replayed,
         })
+    }
+
+    /// Receive stamps this writer accepted lately (including before a
+    /// restart): at most the last `STAMP_WINDOW`.
+    pub fn stamps(&self) -> &Stamps {
+        &self.stamps
     }
 
     pub fn root(&self) -> &Path {
@@ -116,7 +140,20 @@ impl Lake {
         readings: Vec<Reading>,
         quarantined: Vec<QuarantineRecord>,
     ) -> Result<(), StoreError> {
-        if readings.is_empty() && quarantined.is_empty() {
+        self.accept_stamped(readings, quarantined, Vec::new())
+    }
+
+    /// `accept_owned`, and receive stamps in the same spool write and fsync
+    /// (stamps may come without entries). The stamps stay in the spool
+    /// while they are among the last `STAMP_WINDOW` accepted, across seals,
+    /// commits and restarts.
+    pub fn accept_stamped(
+        &mut self,
+        readings: Vec<Reading>,
+        quarantined: Vec<QuarantineRecord>,
+        stamps: Vec<Stamp>,
+    ) -> Result<(), StoreError> {
+        if readings.is_empty() && quarantined.is_empty() && stamps.is_empty() {
             return Ok(());
         }
         // Moved once, straight into `pending`, and written from there.
@@ -126,10 +163,13 @@ impl Lake {
             .extend(readings.into_iter().map(Entry::Reading));
         self.pending
             .extend(quarantined.into_iter().map(Entry::Quarantine));
-        if let Err(e) = self.segment.append(&self.pending[start..]) {
+        if let Err(e) = self.segment.append_stamped(&stamps, &self.pending[start..]) {
             // Not durable, so never committed: the source was not acknowledged.
             self.pending.truncate(start);
             return Err(e);
+        }
+        for s in stamps {
+            self.stamps.insert(s);
         }
         Ok(())
     }
@@ -149,7 +189,9 @@ impl Lake {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let next = Segment::create(&self.spool_dir, spool::new_segment_id())?;
+        let mut next = Segment::create(&self.spool_dir, spool::new_segment_id())?;
+        // Durable in the next segment before the sealed one can be removed.
+        carry(&mut next, &self.stamps)?;
         let sealed = std::mem::replace(&mut self.segment, next);
         // The next segment will likely be as long: growing `pending` from
         // empty reallocated and copied it (and faulted in fresh pages) at
@@ -197,10 +239,21 @@ impl Sealed {
     }
 }
 
+/// Writes the live stamps into a new segment (nothing, and no fsync, if
+/// there are none).
+fn carry(segment: &mut Segment, stamps: &Stamps) -> Result<(), StoreError> {
+    if stamps.is_empty() {
+        return Ok(());
+    }
+    let live: Vec<Stamp> = stamps.live().collect();
+    segment.append_stamped(&live, &[])
+}
+
 impl Drop for Lake {
     fn drop(&mut self) {
-        // An empty segment carries nothing: remove it so idle restarts leave no litter.
-        if self.pending.is_empty() {
+        // An empty segment carries nothing: remove it so idle restarts leave
+        // no litter. One holding stamps keeps them for the next run.
+        if self.pending.is_empty() && self.stamps.is_empty() {
             let _ = std::fs::remove_file(&self.segment.path);
         }
     }
@@ -464,6 +517,92 @@ mod tests {
         got.sort_by_key(|r| r.ts_ms);
         let want: Vec<_> = (0..10).chain(20..30).map(soak_reading).collect();
         assert_eq!(got, want);
+    }
+
+    fn stamp(key: u64, received_ms: i64) -> Stamp {
+        Stamp { key, received_ms }
+    }
+
+    fn segments(root: &Path) -> usize {
+        spool::list_segments(&root.join("_spool").join("w"))
+            .unwrap()
+            .len()
+    }
+
+    #[test]
+    fn stamps_outlive_a_crash_the_parquet_commit_of_their_segment_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        lake.accept_stamped(vec![soak_reading(1)], vec![], vec![stamp(1, 10)])
+            .unwrap();
+        // SIGKILL after the fsync: the replay finds the stamp.
+        std::mem::forget(lake);
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.replayed.readings, 1);
+        assert_eq!(lake.stamps().get(1), Some(10));
+        // Its segment is in Parquet and gone; the stamp lives on in the next.
+        lake.accept_stamped(vec![soak_reading(2)], vec![], vec![stamp(2, 20)])
+            .unwrap();
+        lake.flush().unwrap();
+        assert_eq!(reader::read_all_readings(root).unwrap().len(), 2);
+        // A clean stop keeps the segment that holds them, and only it.
+        drop(lake);
+        assert_eq!(segments(root), 1);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        let live: Vec<_> = lake.stamps().live().collect();
+        assert_eq!(live, vec![stamp(1, 10), stamp(2, 20)]);
+        assert_eq!(lake.replayed.readings, 0, "nothing committed twice");
+        drop(lake);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.stamps().len(), 2, "idle restarts keep them too");
+        drop(lake);
+        assert_eq!(segments(root), 1);
+    }
+
+    #[test]
+    fn a_crash_between_carrying_the_stamps_and_removing_the_old_segment_only_copies_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        lake.accept_stamped(vec![soak_reading(1)], vec![], vec![stamp(1, 10)])
+            .unwrap();
+        std::mem::forget(lake);
+        let spool = root.join("_spool").join("w");
+        let (_, old) = spool::list_segments(&spool).unwrap().pop().unwrap();
+        let kept = std::fs::read(&old).unwrap();
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        std::mem::forget(lake);
+        // As if the old segment's removal had not happened.
+        std::fs::write(&old, kept).unwrap();
+        assert_eq!(segments(root), 2);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.stamps().live().collect::<Vec<_>>(), vec![stamp(1, 10)]);
+        assert_eq!(
+            reader::read_all_readings(root).unwrap(),
+            vec![soak_reading(1)]
+        );
+    }
+
+    #[test]
+    fn stamps_alone_are_durable_and_a_writer_without_stamps_leaves_no_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        lake.accept_stamped(vec![], vec![], vec![stamp(5, 50)])
+            .unwrap();
+        assert_eq!(lake.pending(), 0);
+        std::mem::forget(lake);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.stamps().get(5), Some(50));
+        drop(lake);
+
+        let other = tempfile::tempdir().unwrap();
+        let mut lake = Lake::open(other.path(), LakeOptions::new("w")).unwrap();
+        lake.accept(&[soak_reading(1)]).unwrap();
+        lake.flush().unwrap();
+        drop(lake);
+        assert_eq!(segments(other.path()), 0);
     }
 
     /// A dead-lettered MQTT message.

@@ -745,10 +745,12 @@ async fn ingest_killed_mid_stream_then_restarted_loses_nothing_and_compacts_to_n
     assert_eq!(after_keys, want);
 }
 
-/// A loopback TCP proxy whose connections can be cut and refused on demand.
+/// A loopback TCP proxy whose connections can be cut and refused on demand,
+/// and whose client-to-broker direction can be muted (bytes dropped).
 struct Proxy {
     port: u16,
     down: Arc<AtomicBool>,
+    muted: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -757,26 +759,39 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
+        let muted = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (d, c) = (down.clone(), conns.clone());
+        let (d, m, c) = (down.clone(), muted.clone(), conns.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
                 let up = upstream.clone();
+                let m = m.clone();
                 let h = tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    if let Ok(out) = tokio::net::TcpStream::connect(up).await {
+                        pump(inbound, out, m).await;
                     }
                 });
                 c.lock().unwrap().push(h.abort_handle());
             }
         });
-        Proxy { port, down, conns }
+        Proxy {
+            port,
+            down,
+            muted,
+            conns,
+        }
+    }
+
+    /// From now on what clients send is dropped (set it between packets:
+    /// while the client is idle).
+    fn mute(&self) {
+        self.muted.store(true, Ordering::SeqCst);
     }
 
     fn cut(&self) {
@@ -789,6 +804,184 @@ impl Proxy {
     fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
+}
+
+/// Copies both ways until either side closes; client bytes are dropped
+/// while `muted`.
+async fn pump(
+    mut client: tokio::net::TcpStream,
+    mut broker: tokio::net::TcpStream,
+    muted: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut up, mut down) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    loop {
+        tokio::select! {
+            r = client.read(&mut up) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if !muted.load(Ordering::SeqCst) && broker.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            r = broker.read(&mut down) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if client.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A Tasmota source under `p`: `Time` is optional, so readings may carry
+/// no timestamp and get their receive time.
+fn tasmota_source(p: &str) -> String {
+    format!("[[source]]\nname = \"tas\"\nfilter = \"{p}/tele/+/SENSOR\"\nformat = \"tasmota\"\n")
+}
+
+/// A Tasmota message without `Time`.
+fn untimed(p: &str) -> Vec<(String, Vec<u8>)> {
+    vec![(
+        format!("{p}/tele/m1/SENSOR"),
+        br#"{"ENERGY":{"Total":12.5}}"#.to_vec(),
+    )]
+}
+
+/// Waits until the lake holds at least `n` rows (duplicates counted).
+async fn wait_for_rows(lake: &Path, n: usize, secs: u64, what: &str) -> Vec<Reading> {
+    let t = Instant::now();
+    loop {
+        let rs = reader::read_all_readings(lake).unwrap_or_default();
+        if rs.len() >= n {
+            return rs;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what}: {} of {n} rows after {secs} s",
+            rs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Compacts the lake and returns its rows.
+fn compacted(lake: &Path) -> Vec<Reading> {
+    compact::compact(lake, chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap();
+    reader::read_all_readings(lake).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_without_timestamps_keeps_its_first_receive_time_across_a_restart() {
+    let url = broker_url();
+    let (_, host, port) = parse_url(&url).unwrap();
+    let proxy = Proxy::start(format!("{host}:{port}")).await;
+    let via_proxy = format!("mqtt://127.0.0.1:{}", proxy.port);
+    let p = uniq("restamp");
+    let lake = tempfile::tempdir().unwrap();
+    let client_id = uniq("ingest-restamp");
+    let sources = tasmota_source(&p);
+
+    // The first run makes the message durable (and commits it to Parquet),
+    // but its PUBACK never reaches the broker.
+    let a = start_ingest(config(&via_proxy, &client_id, &sources), lake.path()).await;
+    proxy.mute();
+    publish_all(&url, untimed(&p), 0, Duration::ZERO).await;
+    let first = wait_for_rows(lake.path(), 1, 20, "first copy").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = a.stop.send(());
+    a.handle.await.unwrap().expect("first run");
+    proxy.cut();
+
+    // The broker redelivers it to the next run (DUP set).
+    let b = start_ingest(config(&url, &client_id, &sources), lake.path()).await;
+    let both = wait_for_rows(lake.path(), 2, 20, "redelivered copy").await;
+    let stats = b.stop(&url).await;
+    assert_eq!(stats.messages, 1, "the redelivered copy");
+    assert_eq!(both[0], both[1], "the same row twice: {both:?}");
+    let after = compacted(lake.path());
+    assert_eq!(after, first, "one row, with the first receive time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_between_the_spool_fsync_and_the_puback_of_an_untimed_message_keeps_one_row()
+{
+    let url = broker_url();
+    let (_, host, port) = parse_url(&url).unwrap();
+    let proxy = Proxy::start(format!("{host}:{port}")).await;
+    let p = uniq("restamp-kill");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let client_id = uniq("ingest-restamp-kill");
+    let cfg = |url: &str, flush_secs: u64| {
+        let path = dir.path().join(format!("ingest-{flush_secs}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\n[ingest]\nflush_secs = {flush_secs}\n{}",
+                tasmota_source(&p)
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let spooled = || {
+        let Ok(writers) = std::fs::read_dir(lake.join("_spool")) else {
+            return false;
+        };
+        writers.flatten().any(|w| {
+            std::fs::read_dir(w.path()).is_ok_and(|segs| {
+                segs.flatten().any(|s| {
+                    s.file_name().to_string_lossy().starts_with("seg-")
+                        && s.metadata().is_ok_and(|m| m.len() > 0)
+                })
+            })
+        })
+    };
+
+    // Spooled (fsynced), never committed (flush in an hour), never acked.
+    let (mut a, a_log) = spawn_ingest_binary(
+        &cfg(&format!("mqtt://127.0.0.1:{}", proxy.port), 3600),
+        &lake,
+    );
+    wait_for_line(&a_log, "subscribed");
+    proxy.mute();
+    publish_all(&url, untimed(&p), 0, Duration::ZERO).await;
+    let t = Instant::now();
+    while !spooled() {
+        assert!(t.elapsed() < Duration::from_secs(20), "never spooled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    a.wait().unwrap();
+    proxy.cut();
+    assert!(reader::read_all_readings(&lake)
+        .unwrap_or_default()
+        .is_empty());
+
+    // The restart replays the spool into Parquet, then gets the redelivery.
+    let (mut b, b_log) = spawn_ingest_binary(&cfg(&url, 1), &lake);
+    wait_for_line(&b_log, "mqtt connected");
+    wait_for_line(&b_log, "receive time of their first copy");
+    let both = wait_for_rows(&lake, 2, 30, "replayed and redelivered copies").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(b.wait().unwrap().success());
+    forget_session(&url, &client_id).await;
+    assert_eq!(both[0], both[1], "the same row twice: {both:?}");
+    let after = compacted(&lake);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0], both[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
