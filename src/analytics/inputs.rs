@@ -230,10 +230,58 @@ pub fn manifest(dir: &Path) -> Result<serde_json::Value, AnalyticsError> {
         .map_err(|e| AnalyticsError::Invalid(format!("{}: {e}", p.display())))
 }
 
-/// Bills of every run directory found under `runs`.
+/// The run a `revision-N` folder belongs to, with N: its parent folder,
+/// when that holds a run (a `manifest.json`). None for any other folder.
+pub fn revision_of(dir: &Path) -> Option<(u32, PathBuf)> {
+    // `runs/2026-10/revision-2` as written; `.` or `..` (no name) resolved.
+    let named = dir.file_name().is_some() && dir.parent().is_some_and(|p| p != Path::new(""));
+    let dir = if named {
+        dir.to_path_buf()
+    } else {
+        std::fs::canonicalize(dir).ok()?
+    };
+    let n = revision_number(&dir)?;
+    let run = dir.parent()?;
+    run.join("manifest.json")
+        .exists()
+        .then(|| (n, run.to_path_buf()))
+}
+
+/// Checks a folder given as bill runs (`analyze --runs`): it exists, and it
+/// is a run or a folder of runs, not a `revision-N` folder inside a run. A
+/// revision holds only the bills it adjusts: read alone it would pass for a
+/// run of its own, so it is refused with the run folder to give instead.
+pub fn check_runs(runs: &Path) -> Result<(), AnalyticsError> {
+    if !runs.is_dir() {
+        return Err(AnalyticsError::Invalid(format!(
+            "bill runs {}: not a folder (give a bill run folder or a folder of runs)",
+            runs.display()
+        )));
+    }
+    if let Some((n, run)) = revision_of(runs) {
+        return Err(AnalyticsError::Invalid(format!(
+            "bill runs {}: this is revision {n} of the bill run {}, not a run: give the run \
+             folder {} (its revisions are applied on top of its bills) or the folder of runs",
+            runs.display(),
+            run.display(),
+            run.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Bills of every run directory found under `runs` (checked by `check_runs`).
 pub fn load_bill_runs(runs: &Path) -> Result<Vec<BillRow>, AnalyticsError> {
+    check_runs(runs)?;
+    let dirs = run_dirs(runs);
+    if dirs.is_empty() {
+        tracing::warn!(
+            "no bill run in {} (no manifest.json in it or in its folders): bill dates are assumed",
+            runs.display()
+        );
+    }
     let mut out = Vec::new();
-    for dir in run_dirs(runs) {
+    for dir in dirs {
         out.extend(load_bills(&dir)?);
     }
     Ok(out)
@@ -399,6 +447,47 @@ mod tests {
             totals(load_bills(&run).unwrap()),
             own(&[("A1", 110), ("A2", 200), ("A3", 310), ("A4", 410)])
         );
+    }
+
+    #[test]
+    fn a_revision_folder_given_as_runs_is_refused_with_its_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("2026-10");
+        write_run(&run, 0, &[("A1", 10_000), ("A2", 5_000)]);
+        let rev = run.join("revision-1");
+        write_run(&rev, 1, &[("A2", 6_000)]);
+        assert_eq!(revision_of(&rev), Some((1, run.clone())));
+        assert_eq!(revision_of(&run), None);
+        assert_eq!(revision_of(tmp.path()), None);
+        // A path without a folder name (`.`, `..`) is resolved first.
+        std::fs::create_dir_all(rev.join("sub")).unwrap();
+        assert_eq!(
+            revision_of(&rev.join("sub").join("..")),
+            Some((1, std::fs::canonicalize(&run).unwrap()))
+        );
+        let e = load_bill_runs(&rev).unwrap_err().to_string();
+        assert!(e.contains("revision 1"), "{e}");
+        assert!(
+            e.contains(&format!("give the run folder {}", run.display())),
+            "{e}"
+        );
+        // A folder named like a revision but not inside a run is a run.
+        let lone = tmp.path().join("revision-3");
+        write_run(&lone, 0, &[("A9", 1)]);
+        assert_eq!(revision_of(&lone), None);
+        assert_eq!(load_bill_runs(&lone).unwrap().len(), 1);
+        // A missing folder is an error, not "no bills".
+        let e = load_bill_runs(&tmp.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        // The run itself and its folder still read, revision applied.
+        for runs in [&run, &tmp.path().to_path_buf()] {
+            let bills = load_bill_runs(runs).unwrap();
+            assert!(bills
+                .iter()
+                .any(|b| b.account_id == "A2" && b.total_e2 == 6_000));
+        }
     }
 
     #[test]

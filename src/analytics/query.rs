@@ -5,7 +5,7 @@ use std::path::Path;
 
 use chrono::NaiveDate;
 
-use super::inputs::{manifest, revisions, run_dirs};
+use super::inputs::{check_runs, manifest, revisions, run_dirs};
 use super::scan::{scan_lake, DayBatch, ScanPlan, SCALE};
 use super::table::{Col, Table};
 use super::AnalyticsError;
@@ -86,6 +86,7 @@ pub fn usage(
 /// Bills of one account in every run directory under `runs`: per run the
 /// bill as issued or, when a revision adjusted it, as last revised.
 pub fn bills(runs: &Path, account: &str) -> Result<Table, AnalyticsError> {
+    check_runs(runs)?;
     let mut out: Option<Table> = None;
     for run in run_dirs(runs) {
         let mut latest: Option<Table> = None;

@@ -28,6 +28,8 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub master: PathBuf,
     /// Folder of bill run directories (or one run directory); gives bill dates and amounts.
+    /// A run's `revision-N/` folders are read with the run: give the run folder,
+    /// not a revision folder (refused).
     #[arg(long)]
     pub runs: Option<PathBuf>,
     /// Output folder for the datasets (created if missing).
@@ -65,6 +67,10 @@ pub struct AnalyzeArgs {
 }
 
 pub fn run(a: AnalyzeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(r) = &a.runs {
+        // Before anything is written to --out.
+        crate::analytics::inputs::check_runs(r).context("--runs")?;
+    }
     let mut opts = AnalyzeOptions::new(&a.lake, &a.master, &a.out);
     opts.runs = a.runs.clone();
     opts.pii = a.pii;

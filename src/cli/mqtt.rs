@@ -1,13 +1,15 @@
 //! `meterflow mqtt ...`: helpers around a broker (simulated publishers, a
 //! discarding subscriber for benchmarks).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use rust_decimal::Decimal;
 
-use crate::ingest::mqtt::{parse_url, publish_canonical};
+use crate::ingest::config::MqttConfig;
+use crate::ingest::mqtt::{connect_options, parse_url, publish_canonical};
 use crate::model::{now_ms, Channel, Protocol, Quality, Reading, Source};
 
 #[derive(Debug, Subcommand)]
@@ -46,15 +48,18 @@ pub struct PublishSimArgs {
 
 #[derive(Debug, Args)]
 pub struct DiscardArgs {
-    /// Broker URL, `mqtt://HOST[:PORT]` (port 1883 by default); also read from MQTT_URL.
+    /// Broker URL: `mqtt://HOST[:PORT]` (port 1883 by default) or
+    /// `mqtts://HOST[:PORT]` (TLS, port 8883 by default; needs --ca-file).
     #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     pub url: String,
     /// Topic filter to subscribe to.
     #[arg(long)]
     pub filter: String,
-    /// Stop after this many messages and print the rate.
-    #[arg(long, default_value_t = 0)]
-    pub messages: u64,
+    /// Stop after this many messages and print the rate (exit status 2 when
+    /// fewer arrive before --idle-secs passes without one). Without it: run
+    /// until --idle-secs pass without a message, then print the count and rate.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: Option<u64>,
     /// Client id of the subscriber. With `--persistent` the broker keeps the
     /// session (and queues messages) under this id: reuse it to drain that queue,
     /// and give concurrent subscribers different ids (the broker disconnects
@@ -72,6 +77,16 @@ pub struct DiscardArgs {
     /// creates the session whose queue a later run drains).
     #[arg(long)]
     pub subscribe_only: bool,
+    /// PEM CA bundle that signs the broker's certificate, for `mqtts://`
+    /// (as `ca_file` in ingest.toml: the only trust anchor, no system roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --client-key-file).
+    #[arg(long, value_name = "FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of --client-cert-file.
+    #[arg(long, value_name = "FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 pub fn run(cmd: MqttCmd) -> anyhow::Result<ExitCode> {
@@ -108,6 +123,14 @@ pub fn sim_readings(n: usize, meters: usize, start_ms: i64) -> Vec<Reading> {
 }
 
 async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
+    if parse_url(&a.url).map_err(anyhow::Error::msg)?.0 {
+        // publish_canonical connects in plain TCP: refuse rather than talk
+        // plain MQTT to a TLS port.
+        anyhow::bail!(
+            "publish-sim does not support TLS: give an mqtt:// URL, not {}",
+            a.url
+        );
+    }
     let steps = a.readings.div_ceil(a.meters.max(1)) as i64;
     let start = a.start_ms.unwrap_or_else(|| now_ms() - steps * 60_000);
     let readings = sim_readings(a.readings, a.meters, start);
@@ -131,12 +154,37 @@ async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-    let (_, host, port) = parse_url(&a.url).map_err(anyhow::Error::msg)?;
-    let mut o = MqttOptions::new(a.client_id, host, port);
-    o.set_max_packet_size(268_435_455, 268_435_455);
+/// Connection options of `mqtt discard`: TLS for `mqtts://` exactly as ingest
+/// builds it (rustls, ring, the CA file as the only root, optional client
+/// certificate); TLS files with a plain `mqtt://` URL are refused.
+/// Relative file paths are relative to the working directory.
+fn discard_options(a: &DiscardArgs) -> anyhow::Result<rumqttc::MqttOptions> {
+    let (tls, _, _) = parse_url(&a.url).map_err(anyhow::Error::msg)?;
+    let tls_files = a.ca_file.is_some() || a.client_cert_file.is_some();
+    if tls && a.ca_file.is_none() {
+        anyhow::bail!(
+            "{} is TLS: give --ca-file with the PEM CA that signs the broker's certificate",
+            a.url
+        );
+    }
+    if !tls && tls_files {
+        anyhow::bail!(
+            "--ca-file / --client-cert-file are for mqtts:// URLs, not {}",
+            a.url
+        );
+    }
+    let mut m = MqttConfig::new(&a.url, &a.client_id);
+    m.ca_file = a.ca_file.clone();
+    m.client_cert_file = a.client_cert_file.clone();
+    m.client_key_file = a.client_key_file.clone();
+    let mut o = connect_options(&m, Path::new("."), &a.client_id)?;
     o.set_clean_session(!a.persistent);
+    Ok(o)
+}
+
+async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
+    use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+    let o = discard_options(&a)?;
     let (client, mut ev) = AsyncClient::new(o, 1024);
     client.subscribe(a.filter.clone(), QoS::AtLeastOnce).await?;
     let mut n = 0u64;
@@ -144,7 +192,8 @@ async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
     let mut last: Option<Instant> = None;
     let mut bytes = 0u64;
     let idle = Duration::from_secs(a.idle_secs);
-    while a.subscribe_only || n < a.messages {
+    let done = |n: u64| !a.subscribe_only && a.messages.is_some_and(|m| n >= m);
+    while !done(n) {
         match tokio::time::timeout(idle, ev.poll()).await {
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
                 println!("subscribed");
@@ -154,15 +203,13 @@ async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 first.get_or_insert_with(Instant::now);
+                last = Some(Instant::now());
                 n += 1;
                 bytes += p.payload.len() as u64;
-                if n == a.messages {
-                    last = Some(Instant::now());
-                }
             }
             Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => break,
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => anyhow::bail!("connection: {e}"),
+            Ok(Err(e)) => anyhow::bail!("connection to {}: {e}", a.url),
             Err(_) => break,
         }
     }
@@ -180,15 +227,93 @@ async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
         }
     })
     .await;
+    // First message to last message (not to the end of the idle wait).
     let secs = match (first, last) {
         (Some(f), Some(l)) => (l - f).as_secs_f64(),
-        (Some(f), None) => f.elapsed().as_secs_f64(),
         _ => 0.0,
     };
     println!("discarded {n} messages ({bytes} bytes) in {secs:.3} s");
-    Ok(if n == a.messages {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+    Ok(match a.messages {
+        Some(m) if n < m => ExitCode::from(2),
+        _ => ExitCode::SUCCESS,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: MqttCmd,
+    }
+
+    fn discard_args(args: &[&str]) -> Result<DiscardArgs, clap::Error> {
+        let argv = ["mqtt", "discard", "--filter", "t/#"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.cmd {
+            MqttCmd::Discard(a) => Ok(a),
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn discard_connects_with_tls_for_mqtts_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        // No certificate in it: an empty trust store, enough to build the config.
+        std::fs::write(&ca, "").unwrap();
+        let ca = ca.to_str().unwrap();
+
+        let a = discard_args(&["--url", "mqtts://broker.example", "--ca-file", ca]).unwrap();
+        let o = discard_options(&a).unwrap();
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 8883));
+        assert!(matches!(o.transport(), rumqttc::Transport::Tls(_)));
+
+        let a = discard_args(&["--url", "mqtt://broker.example"]).unwrap();
+        let o = discard_options(&a).unwrap();
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 1883));
+        assert!(matches!(o.transport(), rumqttc::Transport::Tcp));
+        assert!(o.clean_session());
+    }
+
+    #[test]
+    fn discard_refuses_tls_without_a_ca_and_tls_files_without_tls() {
+        let a = discard_args(&["--url", "mqtts://broker.example:8884"]).unwrap();
+        let e = discard_options(&a).unwrap_err().to_string();
+        assert!(e.contains("--ca-file"), "{e}");
+
+        let a = discard_args(&["--url", "mqtt://broker.example", "--ca-file", "ca.pem"]).unwrap();
+        let e = discard_options(&a).unwrap_err().to_string();
+        assert!(e.contains("mqtts://"), "{e}");
+
+        let a = discard_args(&[
+            "--url",
+            "mqtts://broker.example",
+            "--ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        let e = discard_options(&a).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+
+        let a = discard_args(&["--url", "http://broker.example"]).unwrap();
+        assert!(discard_options(&a).is_err());
+
+        // A client certificate needs its key.
+        assert!(discard_args(&["--client-cert-file", "c.pem"]).is_err());
+    }
+
+    #[test]
+    fn discard_runs_until_idle_unless_given_a_message_count() {
+        let a = discard_args(&["--url", "mqtt://127.0.0.1", "--persistent"]).unwrap();
+        assert_eq!(a.messages, None);
+        assert!(!discard_options(&a).unwrap().clean_session());
+        assert_eq!(
+            discard_args(&["--messages", "5"]).unwrap().messages,
+            Some(5)
+        );
+        assert!(discard_args(&["--messages", "0"]).is_err());
+    }
 }

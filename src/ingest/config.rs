@@ -252,77 +252,114 @@ impl IngestConfig {
     }
 
     /// Parses and validates; `path` is only used in error messages.
+    ///
+    /// Every error names the line of the offending key in its own table:
+    /// with several `[[source]]` tables, the line inside the source at fault.
     pub fn parse(text: &str, path: &Path) -> Result<IngestConfig, ConfigError> {
         let cfg: IngestConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             let msg = e.message().to_string();
+            let (line, field) = match e.span() {
+                Some(s) => (line_of(text, s.start), serde_field(text, s.start, &msg)),
+                None => (0, field_in(&msg)),
+            };
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line,
-                field: field_in(&msg).unwrap_or_else(|| key_at(text, line)),
+                // A syntax error: no document to find keys in.
+                field: field.unwrap_or_else(|| key_at(text, line)),
                 message: msg,
             }
         })?;
-        let invalid = |needle: &str, field: &str, message: String| ConfigError::Invalid {
+        let invalid = |at: &[Seg<'_>], field: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: find_line(text, needle),
+            line: line_at(text, at),
             field: field.to_string(),
             message,
         };
+        use Seg::{Index, Key};
         if cfg.mqtt.password_file.is_some() && cfg.mqtt.password_env.is_some() {
             return Err(invalid(
-                "password_",
+                &[Key("mqtt"), Key("password_file")],
                 "mqtt.password_file",
                 "give password_file or password_env, not both".into(),
             ));
         }
         if cfg.mqtt.client_cert_file.is_some() != cfg.mqtt.client_key_file.is_some() {
+            let given = if cfg.mqtt.client_cert_file.is_some() {
+                "client_cert_file"
+            } else {
+                "client_key_file"
+            };
             return Err(invalid(
-                "client_",
-                "mqtt.client_cert_file",
+                &[Key("mqtt"), Key(given)],
+                &format!("mqtt.{given}"),
                 "client_cert_file and client_key_file go together".into(),
             ));
         }
-        crate::ingest::mqtt::parse_url(&cfg.mqtt.url).map_err(|m| invalid("url", "mqtt.url", m))?;
+        crate::ingest::mqtt::parse_url(&cfg.mqtt.url)
+            .map_err(|m| invalid(&[Key("mqtt"), Key("url")], "mqtt.url", m))?;
         if cfg.sources.is_empty() {
+            // An empty `source = []`, else the [mqtt] table the sources go with.
+            let at: &[Seg<'_>] = if line_at(text, &[Key("source")]) > 0 {
+                &[Key("source")]
+            } else {
+                &[Key("mqtt")]
+            };
             return Err(invalid(
-                "[mqtt]",
+                at,
                 "source",
                 "at least one [[source]] is needed".into(),
             ));
         }
         let mut names = HashSet::new();
-        for s in &cfg.sources {
+        for (i, s) in cfg.sources.iter().enumerate() {
+            let src = |rest: &[Seg<'static>]| -> Vec<Seg<'static>> {
+                [Key("source"), Index(i)]
+                    .iter()
+                    .chain(rest)
+                    .copied()
+                    .collect()
+            };
             if !names.insert(s.name.clone()) {
                 return Err(invalid(
-                    &s.name,
+                    &src(&[Key("name")]),
                     "source.name",
                     format!("duplicate source name '{}'", s.name),
                 ));
             }
             if s.filter.is_empty() || s.filter.starts_with("$share/") {
                 return Err(invalid(
-                    &s.filter,
+                    &src(&[Key("filter")]),
                     "source.filter",
                     "a plain topic filter is needed (use --shared-group for $share)".into(),
                 ));
             }
-            for (field, spec) in &s.channels {
-                resolve_channel(spec)
-                    .map_err(|m| invalid(field, &format!("source.channels.{field}"), m))?;
+            // Sorted: with several bad channels, the same one is named every time.
+            let mut channels: Vec<_> = s.channels.iter().collect();
+            channels.sort_by(|a, b| a.0.cmp(b.0));
+            for (field, spec) in channels {
+                resolve_channel(spec).map_err(|m| {
+                    let mut at: Vec<Seg<'_>> = src(&[Key("channels")]);
+                    at.push(Key(field));
+                    invalid(&at, &format!("source.channels.{field}"), m)
+                })?;
             }
             if s.format == Format::JsonMap && s.map.is_none() {
                 return Err(invalid(
-                    &s.name,
+                    &src(&[Key("format")]),
                     "source.map",
                     "format json_map needs a [source.map] table".into(),
                 ));
             }
             if let Some(m) = &s.map {
-                for (field, p) in &m.values {
+                let mut values: Vec<_> = m.values.keys().collect();
+                values.sort();
+                for field in values {
                     if !s.channels.contains_key(field) && field.parse::<Channel>().is_err() {
+                        let mut at: Vec<Seg<'_>> = src(&[Key("map"), Key("values")]);
+                        at.push(Key(field));
                         return Err(invalid(
-                            p,
+                            &at,
                             &format!("source.map.values.{field}"),
                             format!(
                                 "'{field}' is neither a channel nor listed in [source.channels]"
@@ -441,9 +478,119 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// First line containing `needle` (1-based), 0 if none.
-fn find_line(text: &str, needle: &str) -> usize {
-    text.find(needle).map(|o| line_of(text, o)).unwrap_or(0)
+/// One step of a path into the TOML document: a key of a table, or an
+/// element of an array of tables (`[[source]]` number N, 0-based).
+#[derive(Debug, Clone, Copy)]
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// 1-based line of the key at `path`, however it is written (`[table]`,
+/// `[[array]]` element, dotted key, inline table). When only the start of
+/// the path is in the text (e.g. a table whose needed key is missing), the
+/// line of the deepest part found: the key's table or `[[array]]` header.
+/// 0 when not even the first key is written.
+fn line_at(text: &str, path: &[Seg<'_>]) -> usize {
+    use toml_edit::{Item, TableLike, Value};
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return 0;
+    };
+    let mut best: Option<usize> = None;
+    let mut table: Option<&dyn TableLike> = Some(doc.as_table());
+    let mut item: Option<&Item> = None;
+    for seg in path {
+        match *seg {
+            Seg::Key(k) => {
+                let Some((key, it)) = table.and_then(|t| t.get_key_value(k)) else {
+                    break;
+                };
+                if let Some(s) = key.span().or_else(|| it.span()) {
+                    best = Some(s.start);
+                }
+                table = it.as_table_like();
+                item = Some(it);
+            }
+            Seg::Index(i) => {
+                let (span, t) = match item {
+                    Some(Item::ArrayOfTables(a)) => match a.get(i) {
+                        Some(t) => (t.span(), t as &dyn TableLike),
+                        None => break,
+                    },
+                    Some(Item::Value(Value::Array(a))) => {
+                        match a
+                            .get(i)
+                            .and_then(|v| Some((v.span(), v.as_inline_table()?)))
+                        {
+                            Some((span, t)) => (span, t as &dyn TableLike),
+                            None => break,
+                        }
+                    }
+                    _ => break,
+                };
+                if let Some(s) = span {
+                    best = Some(s.start);
+                }
+                table = Some(t);
+                item = None;
+            }
+        }
+    }
+    best.map_or(0, |o| line_of(text, o))
+}
+
+/// The field of a serde error at byte `offset`: the dotted path of the
+/// innermost key written there (`source.format`), plus the key a message
+/// names as unknown or missing (`missing field `x``).
+fn serde_field(text: &str, offset: usize, msg: &str) -> Option<String> {
+    let named = field_in(msg)
+        .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"));
+    let mut at = toml_edit::ImDocument::parse(text)
+        .ok()
+        .and_then(|doc| {
+            let mut path = Vec::new();
+            key_path_at(doc.as_table(), offset, &mut path).then(|| path.join("."))
+        })
+        .filter(|p| !p.is_empty());
+    if let (Some(p), Some(n)) = (&at, &named) {
+        // An unknown key's own span ends the path with its name already.
+        if !(p == n || p.ends_with(&format!(".{n}"))) {
+            at = Some(format!("{p}.{n}"));
+        }
+    }
+    at.or(named)
+}
+
+/// Pushes onto `path` the keys leading to the innermost key whose name or
+/// value holds `offset` (a table's header counts as its key); false if none.
+fn key_path_at(t: &dyn toml_edit::TableLike, offset: usize, path: &mut Vec<String>) -> bool {
+    use toml_edit::{Item, Value};
+    let holds = |s: Option<std::ops::Range<usize>>| s.is_some_and(|s| s.contains(&offset));
+    for (name, it) in t.iter() {
+        let Some((key, _)) = t.get_key_value(name) else {
+            continue;
+        };
+        path.push(name.to_string());
+        // Children first: a table's keys are written after its header.
+        let inner = match it {
+            Item::Table(_) | Item::Value(Value::InlineTable(_)) => it
+                .as_table_like()
+                .is_some_and(|c| key_path_at(c, offset, path)),
+            Item::ArrayOfTables(a) => a
+                .iter()
+                .any(|c| key_path_at(c, offset, path) || holds(c.span())),
+            Item::Value(Value::Array(a)) => a.iter().any(|v| {
+                v.as_inline_table()
+                    .is_some_and(|c| key_path_at(c, offset, path))
+            }),
+            _ => false,
+        };
+        if inner || holds(key.span()) || holds(it.span()) {
+            return true;
+        }
+        path.pop();
+    }
+    false
 }
 
 /// Field named in a serde message (`unknown field `x``, `missing field `y``).
@@ -510,6 +657,163 @@ channels = { "ENERGY.Power" = { channel = "active_power_total", unit = "W" } }
             .to_string();
         assert!(e.starts_with("x.toml:10:"), "{e}");
         assert!(e.contains("source.channels.ENERGY.Power"), "{e}");
+    }
+
+    /// Three sources with the same keys, so only the right table gives the right line.
+    const THREE: &str = r#"[mqtt]
+url = "mqtt://127.0.0.1:1883"
+client_id = "ingest-1"
+
+[[source]]
+name = "one"
+filter = "one/#"
+format = "canonical"
+channels = { x = "import_active_total" }
+
+[[source]]
+name = "two"
+filter = "two/#"
+format = "canonical"
+channels = { x = "import_active_total" }
+
+[[source]]
+name = "three"
+filter = "three/#"
+format = "canonical"
+[source.channels]
+x = "import_active_total"
+"#;
+
+    /// 1-based line of the `n`-th (0-based) occurrence of `needle`.
+    fn nth_line(text: &str, needle: &str, n: usize) -> usize {
+        let (o, _) = text.match_indices(needle).nth(n).unwrap();
+        line_of(text, o)
+    }
+
+    /// `THREE` with the `n`-th occurrence of `from` replaced by `to`.
+    fn edit(from: &str, n: usize, to: &str) -> String {
+        let (o, _) = THREE.match_indices(from).nth(n).unwrap();
+        format!("{}{to}{}", &THREE[..o], &THREE[o + from.len()..])
+    }
+
+    fn error(text: &str) -> (usize, String, String) {
+        match IngestConfig::parse(text, Path::new("ingest.toml")).unwrap_err() {
+            ConfigError::Invalid {
+                path,
+                line,
+                field,
+                message,
+            } => {
+                assert_eq!(path, Path::new("ingest.toml"));
+                (line, field, message)
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn errors_in_the_second_and_third_source_name_their_own_line() {
+        IngestConfig::parse(THREE, Path::new("ingest.toml")).unwrap();
+        for n in [1, 2] {
+            // Checks after parsing: each names the key inside source n.
+            let text = edit("import_active_total", n, "import_active_totl");
+            let (line, field, msg) = error(&text);
+            assert_eq!(line, nth_line(&text, "x = ", n), "{msg}");
+            assert_eq!(field, "source.channels.x");
+
+            let text = edit("format = \"canonical\"", n, "format = \"json_map\"");
+            let (line, field, _) = error(&text);
+            assert_eq!(
+                (line, field.as_str()),
+                (nth_line(&text, "format", n), "source.map")
+            );
+
+            let text = edit("filter = ", n, "filter = \"$share/g/x\"\n#");
+            let (line, field, _) = error(&text);
+            assert_eq!(
+                (line, field.as_str()),
+                (nth_line(&text, "filter", n), "source.filter")
+            );
+
+            let text = edit(
+                &format!("name = \"{}\"", ["one", "two", "three"][n]),
+                0,
+                "name = \"one\"",
+            );
+            let (line, field, msg) = error(&text);
+            assert_eq!(line, nth_line(&text, "name", n), "{msg}");
+            assert_eq!(field, "source.name");
+
+            let text = edit(
+                "format = \"canonical\"",
+                n,
+                "format = \"json_map\"\nmap = { meter_id = \"/id\", values = { y = \"/v\" } }",
+            );
+            let (line, field, _) = error(&text);
+            assert_eq!(line, nth_line(&text, "map = ", 0));
+            assert_eq!(field, "source.map.values.y");
+
+            // Errors of the TOML parse itself.
+            let text = edit("format = \"canonical\"", n, "format = \"tasmot\"");
+            let (line, field, msg) = error(&text);
+            assert_eq!(line, nth_line(&text, "format", n), "{msg}");
+            assert_eq!(field, "source.format", "{msg}");
+
+            let text = edit("filter", n, "filtr");
+            let (line, field, msg) = error(&text);
+            assert_eq!(line, nth_line(&text, "filtr", 0), "{msg}");
+            assert_eq!(field, "source.filtr", "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line_and_key() {
+        let text = edit("filter = \"three/#\"", 0, "filter = three/#");
+        let (line, field, msg) = error(&text);
+        assert_eq!(line, nth_line(&text, "filter", 2), "{msg}");
+        assert_eq!(field, "filter", "{msg}");
+    }
+
+    #[test]
+    fn a_missing_key_names_its_source() {
+        let text = edit("filter = \"three/#\"\n", 0, "");
+        let (line, field, msg) = error(&text);
+        assert!(msg.contains("filter"), "{msg}");
+        assert_eq!(field, "source.filter", "{msg}");
+        // The header of the source that lacks it.
+        assert_eq!(line, nth_line(&text, "[[source]]", 2), "{msg}");
+    }
+
+    #[test]
+    fn tls_and_password_errors_name_the_key_given() {
+        let text = THREE.replace(
+            "client_id = \"ingest-1\"",
+            "client_id = \"ingest-1\"\nusername = \"u\"\nclient_key_file = \"k.pem\"",
+        );
+        let (line, field, _) = error(&text);
+        assert_eq!((line, field.as_str()), (5, "mqtt.client_key_file"));
+        let text = THREE.replace(
+            "client_id = \"ingest-1\"",
+            "password_env = \"P\"\nclient_id = \"ingest-1\"\npassword_file = \"p\"",
+        );
+        let (line, field, _) = error(&text);
+        assert_eq!((line, field.as_str()), (5, "mqtt.password_file"));
+        let text = THREE.replace("mqtt://127", "http://127");
+        let (line, field, _) = error(&text);
+        assert_eq!((line, field.as_str()), (2, "mqtt.url"));
+    }
+
+    #[test]
+    fn no_source_names_the_mqtt_table_or_the_empty_array() {
+        let head = &THREE[..THREE.find("[[source]]").unwrap()];
+        let (line, field, _) = error(head);
+        assert_eq!((line, field.as_str()), (1, "source"));
+        let text = format!("source = []\n{head}");
+        let (line, _, _) = error(&text);
+        assert_eq!(line, 1);
+        let text = format!("{head}\n# none yet\n").replace("[mqtt]", "\n[mqtt]");
+        let (line, _, _) = error(&text);
+        assert_eq!(line, 2);
     }
 
     #[test]

@@ -833,3 +833,67 @@ fn an_empty_lake_gives_every_dataset_with_its_columns_and_no_rows() {
         assert_eq!(r.metadata().file_metadata().num_rows(), 0, "{name}");
     }
 }
+
+#[test]
+fn a_revision_folder_given_as_runs_is_refused_and_its_run_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("2026-10");
+    let lake = fleet().to_str().unwrap().to_string();
+    let master = fleet().join("master").to_str().unwrap().to_string();
+    let tariffs = root().join("tariffs").to_str().unwrap().to_string();
+    // Billing into an issued run again writes its revision-1/.
+    for _ in 0..2 {
+        run(
+            &[
+                "bill",
+                "--lake",
+                &lake,
+                "--master",
+                &master,
+                "--tariffs",
+                &tariffs,
+                "--period",
+                "2026-10",
+                "--out",
+                run_dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+    }
+    let rev = run_dir.join("revision-1");
+    assert!(rev.join("manifest.json").exists());
+
+    let out = tmp.path().join("out");
+    let o = Command::new(bin())
+        .args(["analyze", "--lake", &lake, "--master", &master])
+        .args(["--runs", rev.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("revision 1 of the bill run"), "{err}");
+    assert!(
+        err.contains(&format!("give the run folder {}", run_dir.display())),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written on a refused --runs");
+
+    // The run folder itself: its revision is read with it.
+    run(
+        &[
+            "analyze",
+            "--lake",
+            &lake,
+            "--master",
+            &master,
+            "--runs",
+            run_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.join("accounts.parquet").exists());
+}
