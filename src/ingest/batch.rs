@@ -22,7 +22,7 @@ use super::session::ConnId;
 use crate::metrics;
 use crate::model::{Protocol, Reading};
 use crate::protocol::sparkplug;
-use crate::store::spool::{Stamp, Stamps, STAMP_WINDOW};
+use crate::store::spool::{Stamp, Stamps};
 use crate::store::QuarantineRecord;
 
 /// Dead-lettered payloads keep at most this many bytes.
@@ -109,12 +109,20 @@ pub struct Decoding {
     /// Readings per message in the last batch: sizes the next batch's
     /// readings at once instead of growing (and copying) them as they come.
     per_message: usize,
-    /// Receive stamps of the last stamped messages (as the lake keeps them).
+    /// Receive stamps of the last `redelivery_window` stamped messages (as
+    /// the lake keeps them).
     stamps: Stamps,
 }
 
 impl Decoding {
-    pub fn new(decoders: Vec<Decoder>, park_secs: u64, park_max: usize) -> Decoding {
+    /// `redelivery_window`: how many stamped messages are remembered
+    /// (`[ingest] redelivery_window`, the same as the lake's window).
+    pub fn new(
+        decoders: Vec<Decoder>,
+        park_secs: u64,
+        park_max: usize,
+        redelivery_window: usize,
+    ) -> Decoding {
         let names = decoders.iter().map(|d| d.source().name.clone()).collect();
         Decoding {
             decoders,
@@ -123,7 +131,7 @@ impl Decoding {
             park_ms: park_secs.saturating_mul(1000).min(i64::MAX as u64) as i64,
             park_max,
             per_message: 1,
-            stamps: Stamps::new(STAMP_WINDOW),
+            stamps: Stamps::new(redelivery_window),
         }
     }
 
@@ -334,7 +342,7 @@ impl Decoding {
         {
             let reason =
                 format!("sparkplug: no birth within {secs} s declared the aliases this data uses");
-            self.unpark_dead(m, reason, now, job);
+            self.unpark_dead(m, reason, job);
         }
     }
 
@@ -392,8 +400,10 @@ impl Decoding {
                 );
                 count_dead(&name, "park_full");
                 tracing::warn!(source = %name, topic, %reason, "message dead-lettered");
+                // Its first copy's time: a redelivered copy is dead-lettered
+                // with the same.
                 job.dead
-                    .push(dead_letter(now, &name, topic, reason, payload));
+                    .push(dead_letter(received, &name, topic, reason, payload));
             } else {
                 tracing::info!(source = %name, topic, "sparkplug data before its birth: parked until the birth arrives");
                 metrics::counter_add(
@@ -421,7 +431,7 @@ impl Decoding {
                         job.release.push(m.id.clone());
                         self.take(idx, &m.topic, &m.payload, r, m.received_ms, job);
                     }
-                    Err(e) => self.unpark_dead(m, e.to_string(), now, job),
+                    Err(e) => self.unpark_dead(m, e.to_string(), job),
                 }
             }
         }
@@ -429,16 +439,23 @@ impl Decoding {
             for m in self.parking.take_node(&name, node) {
                 let reason =
                     "sparkplug: the node died before a birth declared the aliases this data uses";
-                self.unpark_dead(m, reason.into(), now, job);
+                self.unpark_dead(m, reason.into(), job);
             }
         }
     }
 
-    fn unpark_dead(&mut self, m: ParkedMsg, reason: String, now: i64, job: &mut Job) {
+    /// Dead-letters a parked message as received when it was first received
+    /// (as its readings would have been), not when it gave up waiting.
+    fn unpark_dead(&mut self, m: ParkedMsg, reason: String, job: &mut Job) {
         count_dead(&m.source, "unborn");
         tracing::warn!(source = %m.source, topic = %m.topic, %reason, "parked message dead-lettered");
-        job.dead
-            .push(dead_letter(now, &m.source, &m.topic, reason, &m.payload));
+        job.dead.push(dead_letter(
+            m.received_ms,
+            &m.source,
+            &m.topic,
+            reason,
+            &m.payload,
+        ));
         job.release.push(m.id);
     }
 }
@@ -529,6 +546,7 @@ mod tests {
     use crate::ingest::config::{ChannelSpec, Format, SourceConfig, TsFormat, Unmapped};
     use crate::ingest::decode::Limits;
     use crate::protocol::sparkplug::{datatype, encode_payload, Metric, MetricValue, Payload};
+    use crate::store::spool::DEFAULT_STAMP_WINDOW;
     use rumqttc::QoS;
     use rust_decimal_macros::dec;
     use std::collections::HashMap;
@@ -553,7 +571,7 @@ mod tests {
             map: None,
         };
         let d = Decoder::new(&src, Limits::default()).unwrap();
-        Decoding::new(vec![d], park_secs, park_max)
+        Decoding::new(vec![d], park_secs, park_max, DEFAULT_STAMP_WINDOW)
     }
 
     fn publish(topic: &str, seq: u64, metrics: Vec<Metric>) -> (ConnId, Publish) {
@@ -722,6 +740,37 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_of_a_message_carry_its_first_receive_time() {
+        // No room to park: dead-lettered at once, a DUP copy the same.
+        let mut d = decoding(300, 0);
+        let mut stats = IngestStats::default();
+        let data = || {
+            publish_at(
+                "spBv1.0/g/DDATA/gw1/m1",
+                17,
+                None,
+                vec![energy(None, 100.5)],
+            )
+        };
+        let first = d.batch(vec![data()], NOW, &mut stats);
+        assert_eq!(first.dead.len(), 1, "park full");
+        assert_eq!(first.stamps.len(), 1);
+        let (conn, mut again) = data();
+        again.dup = true;
+        let again = d.batch(vec![(conn, again)], NOW + 90_000, &mut stats);
+        assert_eq!(again.dead, first.dead);
+        assert_eq!(again.dead[0].received_ms, NOW);
+
+        // Parked, then given up: the dead letter is of when it arrived.
+        let mut d = decoding(300, 10);
+        data_before_birth(&mut d);
+        let mut job = Job::default();
+        d.expire(NOW + 301_000, &mut job);
+        assert_eq!(job.dead.len(), 1);
+        assert_eq!(job.dead[0].received_ms, NOW);
+    }
+
+    #[test]
     fn a_message_with_countless_problems_gets_a_short_reason() {
         let mut d = decoding(300, 10);
         let mut stats = IngestStats::default();
@@ -760,7 +809,7 @@ mod tests {
         let cfg = crate::ingest::config::IngestConfig::parse(text, std::path::Path::new("t.toml"))
             .unwrap();
         let d = Decoder::new(&cfg.sources[0], Limits::default()).unwrap();
-        Decoding::new(vec![d], 300, 10)
+        Decoding::new(vec![d], 300, 10, DEFAULT_STAMP_WINDOW)
     }
 
     fn sensor(payload: &str, qos: QoS, dup: bool) -> (ConnId, Publish) {

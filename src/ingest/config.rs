@@ -125,6 +125,10 @@ pub struct IngestSettings {
     pub sparkplug_park_secs: u64,
     /// At most this many Sparkplug messages wait for births; more are dead-lettered.
     pub sparkplug_park_max: usize,
+    /// Receive stamps of the last this many stamped messages are kept, so a
+    /// redelivered copy gets its first receive time: at least the broker's
+    /// inflight window (1..=65535).
+    pub redelivery_window: usize,
 }
 
 impl Default for IngestSettings {
@@ -138,6 +142,7 @@ impl Default for IngestSettings {
             known_meters_csv: None,
             sparkplug_park_secs: 300,
             sparkplug_park_max: 100_000,
+            redelivery_window: crate::store::spool::DEFAULT_STAMP_WINDOW,
         }
     }
 }
@@ -298,6 +303,17 @@ impl IngestConfig {
         }
         crate::ingest::mqtt::parse_url(&cfg.mqtt.url)
             .map_err(|m| invalid(&[Key("mqtt"), Key("url")], "mqtt.url", m))?;
+        let window = cfg.ingest.redelivery_window;
+        if window == 0 || window > crate::store::spool::MAX_STAMP_WINDOW {
+            return Err(invalid(
+                &[Key("ingest"), Key("redelivery_window")],
+                "ingest.redelivery_window",
+                format!(
+                    "{window} is not in 1..={} (at least the broker's inflight window; MQTT packet ids are 16 bits)",
+                    crate::store::spool::MAX_STAMP_WINDOW
+                ),
+            ));
+        }
         if cfg.sources.is_empty() {
             // An empty `source = []`, else the [mqtt] table the sources go with.
             let at: &[Seg<'_>] = if line_at(text, &[Key("source")]) > 0 {
@@ -772,6 +788,27 @@ x = "import_active_total"
         let (line, field, msg) = error(&text);
         assert_eq!(line, nth_line(&text, "filter", 2), "{msg}");
         assert_eq!(field, "filter", "{msg}");
+    }
+
+    #[test]
+    fn a_redelivery_window_outside_1_to_65535_names_its_line() {
+        let cfg = IngestConfig::parse(THREE, Path::new("ingest.toml")).unwrap();
+        assert_eq!(cfg.ingest.redelivery_window, 16_384);
+        for (n, ok) in [(0, false), (1, true), (65_535, true), (65_536, false)] {
+            let text = THREE.replace(
+                "\n\n[[source]]\nname = \"one\"",
+                &format!("\n[ingest]\nflush_secs = 2\nredelivery_window = {n}\n\n[[source]]\nname = \"one\""),
+            );
+            if ok {
+                let cfg = IngestConfig::parse(&text, Path::new("ingest.toml")).unwrap();
+                assert_eq!(cfg.ingest.redelivery_window, n);
+                continue;
+            }
+            let (line, field, msg) = error(&text);
+            assert_eq!(line, nth_line(&text, "redelivery_window", 0), "{msg}");
+            assert_eq!(field, "ingest.redelivery_window");
+            assert!(msg.contains("1..=65535"), "{msg}");
+        }
     }
 
     #[test]

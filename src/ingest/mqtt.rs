@@ -260,12 +260,17 @@ pub async fn run_ingest(
         .writer_id
         .clone()
         .unwrap_or_else(|| sanitize(&client_id));
-    let lake = Lake::open(&opts.lake, LakeOptions::new(writer))?;
+    let lake = Lake::open_with_stamp_window(
+        &opts.lake,
+        LakeOptions::new(writer),
+        cfg.ingest.redelivery_window,
+    )?;
     let (park, parked, unreadable) = ParkDir::open(&lake.spool_dir().join("parked"))?;
     let mut decoding = Decoding::new(
         decoders,
         cfg.ingest.sparkplug_park_secs,
         cfg.ingest.sparkplug_park_max,
+        cfg.ingest.redelivery_window,
     );
     // Stamps of messages made durable before (this run or an earlier one):
     // a redelivered copy gets its first receive time.

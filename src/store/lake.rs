@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::schema::{quarantine_schema, QUARANTINE, READINGS};
-use super::spool::{self, Entry, QuarantineRecord, Segment, Stamp, Stamps, STAMP_WINDOW};
+use super::spool::{self, Entry, QuarantineRecord, Segment, Stamp, Stamps, MAX_STAMP_WINDOW};
 use super::{atomic, partition_dir, StoreError};
 use crate::model::Reading;
 
@@ -58,19 +58,39 @@ pub struct Lake {
 }
 
 impl Lake {
-    /// Opens (creating if needed) a lake and replays any spool a crash left behind.
+    /// Opens (creating if needed) a lake and replays any spool a crash left
+    /// behind. Receive stamps found in the spool are kept (up to
+    /// `MAX_STAMP_WINDOW`): writers other than MQTT ingest have none.
     pub fn open(root: &Path, opts: LakeOptions) -> Result<Lake, StoreError> {
+        Lake::open_with_stamp_window(root, opts, MAX_STAMP_WINDOW)
+    }
+
+    /// `open` for a writer that keeps receive stamps (MQTT ingest): the
+    /// stamps of the last `window` stamped messages (`[ingest]
+    /// redelivery_window`, 1..=`MAX_STAMP_WINDOW`) are kept and carried into
+    /// each new segment, 16 bytes each per seal.
+    pub fn open_with_stamp_window(
+        root: &Path,
+        opts: LakeOptions,
+        window: usize,
+    ) -> Result<Lake, StoreError> {
         validate_writer_id(&opts.writer_id)?;
         atomic::create_dir_durable(root)?;
         let spool_dir = opts
             .spool_dir
             .unwrap_or_else(|| root.join("_spool").join(&opts.writer_id));
         let mut replayed = FlushStats::default();
-        let mut stamps = Stamps::new(STAMP_WINDOW);
+        let mut stamps = Stamps::new(window.clamp(1, MAX_STAMP_WINDOW));
         let mut done = Vec::new();
         for (id, path) in spool::list_segments(&spool_dir)? {
             let replay = spool::read_segment(&path)?;
-            tracing::info!(segment = %path.display(), entries = replay.entries.len(), "replaying spool segment");
+            if replay.entries.is_empty() {
+                // A clean stop leaves one segment holding only stamps: no
+                // recovery, so not worth an info line at every start.
+                tracing::debug!(segment = %path.display(), stamps = replay.stamps.len(), "spool segment without entries (receive stamps only)");
+            } else {
+                tracing::info!(segment = %path.display(), entries = replay.entries.len(), "replaying spool segment");
+            }
             let stats = commit_entries(root, &opts.writer_id, &id, &replay.entries)?;
             replayed.readings += stats.readings;
             replayed.quarantined += stats.quarantined;
@@ -81,10 +101,16 @@ impl Lake {
             }
             done.push(path);
         }
-        let mut segment = Segment::create(&spool_dir, spool::new_segment_id())?;
         // The stamps move to the new segment before the old ones go: a
-        // crash in between leaves copies, which the next replay merges.
-        carry(&mut segment, &stamps)?;
+        // crash in between leaves copies, which the next replay merges; a
+        // failed carry leaves the old segments for the next open.
+        let segment = new_segment(&spool_dir, &stamps)?;
+        if !stamps.is_empty() {
+            tracing::info!(
+                stamps = stamps.len(),
+                "carried receive stamps into the new spool segment"
+            );
+        }
         for path in &done {
             std::fs::remove_file(path).map_err(|e| StoreError::io(path, e))?;
         }
@@ -103,7 +129,7 @@ impl Lake {
     }
 
     /// Receive stamps this writer accepted lately (including before a
-    /// restart): at most the last `STAMP_WINDOW`.
+    /// restart): at most the last `window` (`open_with_stamp_window`).
     pub fn stamps(&self) -> &Stamps {
         &self.stamps
     }
@@ -145,7 +171,7 @@ impl Lake {
 
     /// `accept_owned`, and receive stamps in the same spool write and fsync
     /// (stamps may come without entries). The stamps stay in the spool
-    /// while they are among the last `STAMP_WINDOW` accepted, across seals,
+    /// while they are among the last `window` accepted, across seals,
     /// commits and restarts.
     pub fn accept_stamped(
         &mut self,
@@ -189,9 +215,8 @@ impl Lake {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let mut next = Segment::create(&self.spool_dir, spool::new_segment_id())?;
         // Durable in the next segment before the sealed one can be removed.
-        carry(&mut next, &self.stamps)?;
+        let next = new_segment(&self.spool_dir, &self.stamps)?;
         let sealed = std::mem::replace(&mut self.segment, next);
         // The next segment will likely be as long: growing `pending` from
         // empty reallocated and copied it (and faulted in fresh pages) at
@@ -239,14 +264,23 @@ impl Sealed {
     }
 }
 
-/// Writes the live stamps into a new segment (nothing, and no fsync, if
-/// there are none).
-fn carry(segment: &mut Segment, stamps: &Stamps) -> Result<(), StoreError> {
+/// A new segment holding a copy of the live stamps (written and fsynced;
+/// nothing, and no fsync, if there are none). If the copy fails, the new
+/// segment is removed and the error returned: the caller keeps (and must
+/// not remove) the segment that holds the stamps now.
+fn new_segment(dir: &Path, stamps: &Stamps) -> Result<Segment, StoreError> {
+    let mut segment = Segment::create(dir, spool::new_segment_id())?;
     if stamps.is_empty() {
-        return Ok(());
+        return Ok(segment);
     }
     let live: Vec<Stamp> = stamps.live().collect();
-    segment.append_stamped(&live, &[])
+    if let Err(e) = segment.append_stamped(&live, &[]) {
+        let path = segment.path.clone();
+        drop(segment);
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(segment)
 }
 
 impl Drop for Lake {
@@ -561,7 +595,7 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_between_carrying_the_stamps_and_removing_the_old_segment_only_copies_them() {
+    fn a_failed_carry_keeps_the_old_segment_and_its_stamps_for_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
@@ -570,18 +604,63 @@ mod tests {
         std::mem::forget(lake);
         let spool = root.join("_spool").join("w");
         let (_, old) = spool::list_segments(&spool).unwrap().pop().unwrap();
-        let kept = std::fs::read(&old).unwrap();
-        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
-        std::mem::forget(lake);
-        // As if the old segment's removal had not happened.
-        std::fs::write(&old, kept).unwrap();
-        assert_eq!(segments(root), 2);
-        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        // The disk fills while open copies the stamps into the new segment:
+        // the old segment, which holds them, must not be gone.
+        spool::fail_next_created_after(20);
+        assert!(Lake::open(root, LakeOptions::new("w")).is_err());
+        assert_eq!(
+            spool::read_segment(&old).unwrap().stamps,
+            vec![stamp(1, 10)],
+            "the old segment and its stamps survive a failed carry"
+        );
+        assert_eq!(segments(root), 1, "the failed new segment is gone");
+        let mut lake = Lake::open(root, LakeOptions::new("w")).unwrap();
         assert_eq!(lake.stamps().live().collect::<Vec<_>>(), vec![stamp(1, 10)]);
+        assert!(!old.exists(), "carried now, so removed");
+        // Its readings were committed before the failure, and only once.
         assert_eq!(
             reader::read_all_readings(root).unwrap(),
             vec![soak_reading(1)]
         );
+        // The same at a seal: the segment holding the stamps stays current.
+        lake.accept_stamped(vec![soak_reading(2)], vec![], vec![stamp(2, 20)])
+            .unwrap();
+        spool::fail_next_created_after(20);
+        assert!(lake.flush().is_err());
+        assert_eq!(lake.pending(), 1);
+        std::mem::forget(lake);
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(
+            lake.stamps().live().collect::<Vec<_>>(),
+            vec![stamp(1, 10), stamp(2, 20)]
+        );
+        assert_eq!(reader::read_all_readings(root).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_smaller_window_keeps_only_the_last_stamps_and_carries_only_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut lake = Lake::open_with_stamp_window(root, LakeOptions::new("w"), 2).unwrap();
+        let all: Vec<Stamp> = (1..=5).map(|k| stamp(k, k as i64 * 10)).collect();
+        lake.accept_stamped(vec![soak_reading(1)], vec![], all)
+            .unwrap();
+        assert_eq!(
+            lake.stamps().live().collect::<Vec<_>>(),
+            vec![stamp(4, 40), stamp(5, 50)]
+        );
+        lake.flush().unwrap();
+        drop(lake);
+        let spool = root.join("_spool").join("w");
+        let (_, kept) = spool::list_segments(&spool).unwrap().pop().unwrap();
+        assert_eq!(
+            spool::read_segment(&kept).unwrap().stamps,
+            vec![stamp(4, 40), stamp(5, 50)],
+            "a seal carries the window, not every stamp seen"
+        );
+        // A writer opened without a window keeps what is there.
+        let lake = Lake::open(root, LakeOptions::new("w")).unwrap();
+        assert_eq!(lake.stamps().len(), 2);
     }
 
     #[test]

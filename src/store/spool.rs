@@ -24,10 +24,17 @@ const MAX_RECORD: u32 = 16 << 20;
 /// Stamps per spool record (16 bytes each: a record stays near 1 MiB).
 const STAMPS_PER_RECORD: usize = 1 << 16;
 
-/// Receive stamps a lake writer keeps (`Lake::stamps`): those of the last
-/// 65,536 stamped messages, more than one MQTT session can have
-/// unacknowledged at once (its packet ids are 16 bits, 0 unused).
-pub const STAMP_WINDOW: usize = 1 << 16;
+/// Receive stamps MQTT ingest keeps by default (`[ingest]
+/// redelivery_window`): those of the last 16,384 stamped messages. A copy is
+/// redelivered only while unacknowledged, so the window must cover the
+/// broker's inflight window (Mosquitto's `max_inflight_messages`).
+pub const DEFAULT_STAMP_WINDOW: usize = 16_384;
+
+/// The largest window worth keeping: more than one MQTT session can have
+/// unacknowledged at once (its packet ids are 16 bits, 0 unused). A lake
+/// opened without a window of its own (`Lake::open`) keeps up to this many,
+/// so a writer that is not ingest never shortens ingest's list.
+pub const MAX_STAMP_WINDOW: usize = 65_535;
 
 /// A message's receive stamp: its readings that carried no timestamp of
 /// their own were stamped `received_ms`. `key` names the message (ingest
@@ -145,6 +152,19 @@ pub struct Segment {
     pub(super) fail_after: Option<usize>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: `fail_after` of the next segment this thread creates.
+    static FAIL_NEXT_CREATED: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Tests: the first append to the next segment this thread creates (one a
+/// `Lake` creates inside `open` or a seal) writes `n` bytes, then fails.
+#[cfg(test)]
+pub(super) fn fail_next_created_after(n: usize) {
+    FAIL_NEXT_CREATED.with(|c| c.set(Some(n)));
+}
+
 impl Segment {
     pub fn create(dir: &Path, id: String) -> Result<Segment, StoreError> {
         super::atomic::create_dir_durable(dir)?;
@@ -164,7 +184,7 @@ impl Segment {
             len,
             torn: false,
             #[cfg(test)]
-            fail_after: None,
+            fail_after: FAIL_NEXT_CREATED.with(|c| c.take()),
         })
     }
 

@@ -884,10 +884,17 @@ async fn a_redelivered_message_without_timestamps_keeps_its_first_receive_time_a
     let lake = tempfile::tempdir().unwrap();
     let client_id = uniq("ingest-restamp");
     let sources = tasmota_source(&p);
+    // The muted proxy swallows PINGREQs too: a keepalive long enough that
+    // the broker does not drop the connection on a loaded machine.
+    let config = |url: &str| {
+        let mut cfg = config(url, &client_id, &sources);
+        cfg.mqtt.keepalive_secs = 60;
+        cfg
+    };
 
     // The first run makes the message durable (and commits it to Parquet),
     // but its PUBACK never reaches the broker.
-    let a = start_ingest(config(&via_proxy, &client_id, &sources), lake.path()).await;
+    let a = start_ingest(config(&via_proxy), lake.path()).await;
     proxy.mute();
     publish_all(&url, untimed(&p), 0, Duration::ZERO).await;
     let first = wait_for_rows(lake.path(), 1, 20, "first copy").await;
@@ -897,7 +904,7 @@ async fn a_redelivered_message_without_timestamps_keeps_its_first_receive_time_a
     proxy.cut();
 
     // The broker redelivers it to the next run (DUP set).
-    let b = start_ingest(config(&url, &client_id, &sources), lake.path()).await;
+    let b = start_ingest(config(&url), lake.path()).await;
     let both = wait_for_rows(lake.path(), 2, 20, "redelivered copy").await;
     let stats = b.stop(&url).await;
     assert_eq!(stats.messages, 1, "the redelivered copy");
@@ -916,12 +923,13 @@ async fn ingest_killed_between_the_spool_fsync_and_the_puback_of_an_untimed_mess
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let client_id = uniq("ingest-restamp-kill");
+    // keepalive 60 s: the muted proxy swallows PINGREQs too.
     let cfg = |url: &str, flush_secs: u64| {
         let path = dir.path().join(format!("ingest-{flush_secs}.toml"));
         std::fs::write(
             &path,
             format!(
-                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\n[ingest]\nflush_secs = {flush_secs}\n{}",
+                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\nkeepalive_secs = 60\n[ingest]\nflush_secs = {flush_secs}\n{}",
                 tasmota_source(&p)
             ),
         )
