@@ -21,9 +21,13 @@ pub enum Dlt645Cmd {
     /// once more in the other edition, and the line says which edition
     /// answered ("present (1997; silent to 2007)"). `--no-fallback` probes
     /// only `--edition` (a meter of the other edition then shows as absent);
-    /// it halves the time an absent address costs.
+    /// it halves the time an absent address costs. Any answer counts as
+    /// present and is not asked again; a garbled one (bad checksum after the
+    /// retries) shows as "present? (2007: corrupt reply: ...)": something is
+    /// there, check the line or for a duplicate address.
     ///
-    /// Exit code 0 when at least one candidate is present, 2 when none is.
+    /// Exit code 0 when at least one candidate is present (or present?), 2
+    /// when none is.
     ///
     /// Example: meterflow dlt645 scan --tcp 127.0.0.1:6450 --candidates 398192000337,000000000414
     ///
@@ -243,6 +247,8 @@ fn probe_line(p: &scan::Probe) -> String {
     };
     match &p.result {
         Ok(()) => format!("{} present ({tried})", p.address),
+        // Something answered, but the reply could not be trusted.
+        Err(e) if p.garbled() => format!("{} present? ({tried}: {e})", p.address),
         Err(e) if p.present() => format!("{} present ({tried}: {e})", p.address),
         Err(e) => match p.silent_to {
             Some(first) if matches!(e, TxError::Timeout(_)) => {

@@ -57,7 +57,8 @@ pub struct DiscardArgs {
     pub filter: String,
     /// Stop after this many messages and print the rate (exit status 2 when
     /// fewer arrive before --idle-secs passes without one). Without it: run
-    /// until --idle-secs pass without a message, then print the count and rate.
+    /// until --idle-secs pass without a message, then print the count and rate
+    /// (from the first to the last message; "rate n/a" with fewer than two).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
     /// Client id of the subscriber. With `--persistent` the broker keeps the
@@ -228,15 +229,27 @@ async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
     })
     .await;
     // First message to last message (not to the end of the idle wait).
-    let secs = match (first, last) {
-        (Some(f), Some(l)) => (l - f).as_secs_f64(),
-        _ => 0.0,
-    };
-    println!("discarded {n} messages ({bytes} bytes) in {secs:.3} s");
+    let span = first.zip(last).map(|(f, l)| l - f);
+    println!("{}", discard_summary(n, bytes, span));
     Ok(match a.messages {
         Some(m) if n < m => ExitCode::from(2),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// The last line of `mqtt discard`: count, bytes, the time from the first to
+/// the last message and the rate over it (`n/a` with fewer than two messages
+/// or no measurable time between them). scripts/bench-mqtt.sh reads the
+/// number before the lone `s` and the bytes from the fourth field: keep them.
+fn discard_summary(n: u64, bytes: u64, span: Option<Duration>) -> String {
+    let secs = span.map_or(0.0, |d| d.as_secs_f64());
+    // The n - 1 arrivals after the first, over the time they took.
+    let rate = if n >= 2 && secs > 0.0 {
+        format!("{:.0} msg/s", (n - 1) as f64 / secs)
+    } else {
+        "rate n/a".to_string()
+    };
+    format!("discarded {n} messages ({bytes} bytes) in {secs:.3} s ({rate})")
 }
 
 #[cfg(test)]
@@ -256,6 +269,27 @@ mod tests {
             MqttCmd::Discard(a) => Ok(a),
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn discard_prints_a_rate_only_from_two_messages_on() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            discard_summary(0, 0, None),
+            "discarded 0 messages (0 bytes) in 0.000 s (rate n/a)"
+        );
+        assert_eq!(
+            discard_summary(1, 42, Some(ms(0))),
+            "discarded 1 messages (42 bytes) in 0.000 s (rate n/a)"
+        );
+        assert_eq!(
+            discard_summary(2, 84, Some(ms(0))),
+            "discarded 2 messages (84 bytes) in 0.000 s (rate n/a)"
+        );
+        assert_eq!(
+            discard_summary(1001, 9, Some(ms(2000))),
+            "discarded 1001 messages (9 bytes) in 2.000 s (500 msg/s)"
+        );
     }
 
     #[test]

@@ -56,8 +56,11 @@ pub struct FleetArgs {
     /// Residential accounts on prepayment, percent.
     #[arg(long, default_value_t = 30)]
     pub prepaid_percent: u32,
-    /// Local time offset from UTC in hours (snapshots are taken at local midnight).
-    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
+    /// Local time offset from UTC in hours, -12 to 14 (snapshots are taken at
+    /// local midnight). Interval profiles match TOU tariffs in Asia/Shanghai
+    /// period by period only at 8.
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-12..=14))]
     pub utc_offset_hours: i32,
     /// Postpaid accounts pay monthly bills with a steady habit (punctual,
     /// late, defaulting): payment history for the arrears backtest.

@@ -37,7 +37,8 @@ pub struct FleetOptions {
     pub anomaly_per_mille: u32,
     /// Share of residential accounts (percent) on prepayment.
     pub prepaid_percent: u32,
-    /// Offset of local time from UTC, hours (+8 for China); snapshots are at local midnight.
+    /// Offset of local time from UTC, hours (+8 for China), -12..=14;
+    /// snapshots are at local midnight.
     pub utc_offset_hours: i32,
     /// Meters per generated file (and per parallel task).
     pub chunk_meters: usize,
@@ -233,6 +234,12 @@ pub fn generate(
     }
     if o.chunk_meters == 0 {
         return Err(SimError::Invalid("chunk size must be positive".into()));
+    }
+    if !(-12..=14).contains(&o.utc_offset_hours) {
+        return Err(SimError::Invalid(format!(
+            "UTC offset {} h is outside -12..=14",
+            o.utc_offset_hours
+        )));
     }
     let t0 = Instant::now();
     let master = o.out.join("master");
@@ -1028,6 +1035,13 @@ mod tests {
 
     /// (meter, ts, channel, value) of every row of a fleet's lake.
     fn lake_rows(dir: &Path) -> Vec<(String, i64, String, i128)> {
+        let mut out: Vec<_> = lake_rows_filed(dir).into_iter().map(|(_, r)| r).collect();
+        out.sort();
+        out
+    }
+
+    /// Every row of a fleet's lake with the `date=` partition it is filed under.
+    fn lake_rows_filed(dir: &Path) -> Vec<(NaiveDate, (String, i64, String, i128))> {
         use arrow::array::{Array, Decimal128Array, StringArray, TimestampMillisecondArray};
         let mut out = vec![];
         let mut dirs = vec![dir.join(READINGS)];
@@ -1038,6 +1052,12 @@ mod tests {
                     dirs.push(path);
                     continue;
                 }
+                let filed: NaiveDate = path
+                    .parent()
+                    .and_then(|d| d.file_name()?.to_str()?.strip_prefix("date="))
+                    .expect("a date= partition")
+                    .parse()
+                    .unwrap();
                 for b in crate::store::reader::read_file(&path).unwrap() {
                     let col = |n: &str| b.column_by_name(n).unwrap().clone();
                     let (id, ts, ch, v) =
@@ -1051,17 +1071,70 @@ mod tests {
                     let v = v.as_any().downcast_ref::<Decimal128Array>().unwrap();
                     for i in 0..b.num_rows() {
                         out.push((
-                            id.value(i).to_string(),
-                            ts.value(i),
-                            ch.value(i).to_string(),
-                            v.value(i),
+                            filed,
+                            (
+                                id.value(i).to_string(),
+                                ts.value(i),
+                                ch.value(i).to_string(),
+                                v.value(i),
+                            ),
                         ));
                     }
                 }
             }
         }
-        out.sort();
         out
+    }
+
+    #[test]
+    fn interval_rows_are_filed_under_their_own_utc_date_at_any_offset() {
+        use std::collections::BTreeSet;
+        let tmp = tempfile::tempdir().unwrap();
+        for hours in [-5, 0, 14] {
+            let mut o = FleetOptions::new(tmp.path().join(format!("o{hours}")));
+            o.meters = 6;
+            o.days = 3;
+            o.anomaly_per_mille = 0;
+            o.interval = true;
+            o.utc_offset_hours = hours;
+            generate(&o, &|_, _| {}).unwrap();
+            let utc_date = |ts: i64| {
+                chrono::DateTime::from_timestamp_millis(ts)
+                    .unwrap()
+                    .date_naive()
+            };
+            // Intervals per (meter, local day): ts is the interval's end.
+            let mut per_day: std::collections::BTreeMap<(String, NaiveDate), BTreeSet<i64>> =
+                Default::default();
+            let mut rows = 0;
+            for (filed, (id, ts, ch, _)) in lake_rows_filed(&o.out) {
+                assert_eq!(filed, utc_date(ts), "{hours:+} h: {id} {ch} at {ts}");
+                if ch == "import_active_interval" {
+                    rows += 1;
+                    let local = utc_date(ts - 900_000 + hours as i64 * 3_600_000);
+                    per_day.entry((id, local)).or_default().insert(ts);
+                }
+            }
+            let days: Vec<NaiveDate> = (0..o.days)
+                .map(|d| o.start + Days::days(d as i64))
+                .collect();
+            for k in 0..o.meters {
+                for d in &days {
+                    let n = per_day.get(&(meter_id(k), *d)).map_or(0, |t| t.len());
+                    assert_eq!(n, 96, "{hours:+} h: {} on {d}", meter_id(k));
+                }
+            }
+            assert_eq!(
+                per_day.len(),
+                o.meters * days.len(),
+                "{hours:+} h: other days"
+            );
+            assert_eq!(
+                rows,
+                o.meters * days.len() * 96,
+                "{hours:+} h: no duplicates"
+            );
+        }
     }
 
     #[test]

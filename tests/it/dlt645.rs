@@ -421,9 +421,15 @@ async fn scan_finds_the_single_meter_and_probes_candidates() {
 async fn scan_asks_a_silent_candidate_in_the_other_edition_and_says_which_answered() {
     let mut old = sim_meter("000000000414", 1);
     old.edition = Edition::V1997;
+    // A 2007 meter whose every reply has a bad checksum: it answers, garbled.
+    let mut garbled = sim_meter("000000000777", 1);
+    garbled.faults = Faults {
+        bad_checksum: true,
+        ..Default::default()
+    };
     let sim = spawn_tcp(
         SimFile {
-            meters: vec![sim_meter("398192000337", 1), old],
+            meters: vec![sim_meter("398192000337", 1), old, garbled],
             ..Default::default()
         },
         localhost(),
@@ -521,6 +527,20 @@ async fn scan_asks_a_silent_candidate_in_the_other_edition_and_says_which_answer
     assert_eq!(code, Some(2), "{out}\n{err}");
     assert!(
         out.starts_with("398192000337 absent (1997: no reply within"),
+        "{out}"
+    );
+
+    // A garbled answer is something speaking the edition asked: present, not
+    // asked in the other edition, and the line says the reply was corrupt.
+    let found = scan::probe_editions(&mut bus, &[addr("000000000777")], Edition::V2007, true)
+        .await
+        .unwrap();
+    assert_eq!(seen(&found), vec![(true, Edition::V2007, None)]);
+    assert!(found[0].garbled(), "{:?}", found[0].result);
+    let (code, out, err) = scan_cmd(&["--candidates", "000000000777"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("000000000777 present? (2007: corrupt reply:"),
         "{out}"
     );
 }

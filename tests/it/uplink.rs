@@ -829,24 +829,36 @@ async fn a_spool_left_above_its_alarm_level_raises_the_alarm_at_the_next_start()
     again.shutdown().await;
 }
 
+/// A UTC offset ("+09:00", "-08:00") at which the local time is now between
+/// 12:00 and 13:00: a `daily_at = "00:00"` passed hours ago and the next
+/// local midnight is hours away, whatever the wall clock.
+fn offset_at_local_noon() -> String {
+    let utc_hour = now_ms().div_euclid(3_600_000) % 24;
+    let h = 12 - utc_hour; // -11..=12
+    format!("{}{:02}:00", if h < 0 { '-' } else { '+' }, h.abs())
+}
+
 /// Runs an uplink-only collector with one meter's daily frozen read for
 /// `secs` against a broker that is down; returns the stats and how often the
-/// frozen block was read.
+/// frozen block was read. Meters and collector keep a clock at local noon,
+/// so no day boundary falls within the run.
 async fn daily_read_with_spool_cap(cap_bytes: u64, secs: u64) -> (CollectStats, usize) {
     use meterflow::sim::dlt645::{spawn_tcp, SimFile, SimMeterConfig};
     let dir = tempfile::tempdir().unwrap();
     let a = "000000003101";
-    let sim = spawn_tcp(
-        SimFile {
-            meters: vec![SimMeterConfig::new(a.parse().unwrap(), Decimal::new(5, 0))],
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let offset = offset_at_local_noon();
+    let mut file = SimFile {
+        meters: vec![SimMeterConfig::new(a.parse().unwrap(), Decimal::new(5, 0))],
+        ..Default::default()
+    };
+    file.bus.utc_offset = offset.clone();
+    let sim = spawn_tcp(file, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let toml = format!(
         r#"collector_id = "sub-daily"
+[dlt645]
+utc_offset = "{offset}"
 [[dlt645.group]]
 name = "daily"
 [[dlt645.group.schedule]]

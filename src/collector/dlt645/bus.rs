@@ -170,7 +170,7 @@ pub fn describe_metrics() {
     );
     metrics::describe(
         "meterflow_dlt645_daily_not_stored_total",
-        "Daily reads whose readings a sink refused (uplink spool full): read again later that day",
+        "Refused batches holding a meter's daily read (uplink spool full), one per batch however many daily schedules it held: read again later that day",
     );
     metrics::describe(
         "meterflow_dlt645_clock_skew_seconds",

@@ -68,8 +68,12 @@ impl MeterState {
     }
 
     /// Closes the daily reads of a turn: done for the day if their readings
-    /// are `durable` in every sink, else due again after the retry pause.
+    /// are `durable` in every sink, else due again after the retry pause. A
+    /// refused batch is logged and counted once
+    /// (`meterflow_dlt645_daily_not_stored_total`), however many daily
+    /// schedules it completed.
     pub fn settle_daily(&mut self, d: &DailyRead, durable: bool, s: &PollSettings, bus: &str) {
+        let mut refused: Vec<&str> = vec![];
         for &i in &d.schedules {
             if i >= self.meter.schedules.len() {
                 continue;
@@ -80,16 +84,19 @@ impl MeterState {
             } else {
                 // The values were read but a sink refused them (uplink spool
                 // full): read them again rather than lose the day.
-                tracing::warn!(meter = %self.meter.meter_id, bus, schedule = %self.meter.schedules[i].name,
-                    retry_in_s = s.degraded_interval.as_secs(), "daily read not stored (a sink refused it); trying again later today");
-                let label = format!("{bus}/{}", self.meter.address);
-                metrics::counter_add(
-                    "meterflow_dlt645_daily_not_stored_total",
-                    &[("bus", bus), ("meter", &label)],
-                    1,
-                );
                 self.retry_at[i] = Some(Instant::now() + s.degraded_interval);
+                refused.push(&self.meter.schedules[i].name);
             }
+        }
+        if !refused.is_empty() {
+            tracing::warn!(meter = %self.meter.meter_id, bus, schedules = %refused.join(","),
+                retry_in_s = s.degraded_interval.as_secs(), "daily read not stored (a sink refused it); trying again later today");
+            let label = format!("{bus}/{}", self.meter.address);
+            metrics::counter_add(
+                "meterflow_dlt645_daily_not_stored_total",
+                &[("bus", bus), ("meter", &label)],
+                1,
+            );
         }
     }
 

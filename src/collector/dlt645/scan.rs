@@ -30,13 +30,23 @@ pub struct Probe {
     pub edition: Edition,
     /// The first edition tried, when it stayed silent and the other was tried.
     pub silent_to: Option<Edition>,
-    /// `Ok` if a meter answered (an error reply also proves it is there).
+    /// `Ok` if a meter answered; an error reply or a garbled answer also
+    /// proves something is there. Only a timeout means absent.
     pub result: Result<(), TxError>,
 }
 
 impl Probe {
+    /// Something answered at this address in `edition`: a reply, an error
+    /// reply, or a garbled answer ([`Probe::garbled`]). Only silence is absent.
     pub fn present(&self) -> bool {
-        matches!(self.result, Ok(()) | Err(TxError::Refused(_)))
+        !matches!(self.result, Err(TxError::Timeout(_)))
+    }
+
+    /// The answer was garbled (bad checksum after the retries): something
+    /// speaks this edition there (a meter on a noisy line, two meters with
+    /// one address), but the reply itself could not be trusted.
+    pub fn garbled(&self) -> bool {
+        matches!(self.result, Err(TxError::Corrupt(_)))
     }
 }
 
@@ -62,7 +72,8 @@ pub async fn probe(
 /// silent (timeout) is asked once more in the other edition, because a meter
 /// ignores the other edition's read and an engineer may have picked the
 /// wrong one. Only a timeout falls back: any answer, even a refusal or a
-/// garbled one, is from something speaking `first` at that address.
+/// garbled one, is from something speaking `first` at that address, and
+/// counts as present ([`Probe::present`]).
 pub async fn probe_editions(
     bus: &mut Bus,
     candidates: &[Address],
