@@ -368,6 +368,16 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
         let buses: Vec<&str> = (0..a_vals.len())
             .map(|k| a_vals.value(k).split('/').next().unwrap_or(""))
             .collect();
+        // One number per distinct bus of the batch: addresses are mostly one
+        // per meter (`bus/address`), buses are shared by many meters.
+        let mut bus_index: FxMap<&str, u32> = FxMap::default();
+        let bus_ids: Vec<u32> = buses
+            .iter()
+            .map(|b| {
+                let next = bus_index.len() as u32;
+                *bus_index.entry(*b).or_insert(next)
+            })
+            .collect();
         let (ts, value) = (v.ts, v.value);
         out.rows += b.num_rows() as u64;
         out.regs.reserve(b.num_rows());
@@ -376,9 +386,9 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
         let mut m: Option<u32> = None;
         let mut prev: Option<u32> = None;
         let mut last_src: Option<(i32, i32)> = None;
-        // (collector key, address key) -> stats slots: meters of one feeder
-        // alternate with others', and keys are cheaper than the texts.
-        let mut slot_cache: FxMap<(i32, i32), [usize; 2]> = FxMap::default();
+        // (collector key, bus number) -> stats slots: numbers are cheaper
+        // than the texts, which are looked up once per pair.
+        let mut slot_cache: FxMap<(i32, u32), [usize; 2]> = FxMap::default();
         let mut slots = [0usize; 2];
         for i in 0..b.num_rows() {
             let mid = meter_id.value(i);
@@ -392,7 +402,8 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
             let (ck, ak) = (c_keys[i], a_keys[i]);
             if last_src != Some((ck, ak)) {
                 last_src = Some((ck, ak));
-                slots = match slot_cache.get(&(ck, ak)) {
+                let bus_id = bus_ids.get(ak as usize).copied().unwrap_or(u32::MAX);
+                slots = match slot_cache.get(&(ck, bus_id)) {
                     Some(s) => *s,
                     None => {
                         let bus = buses.get(ak as usize).copied().unwrap_or("");
@@ -409,7 +420,7 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
                                 out.stats.len() - 1
                             });
                         }
-                        slot_cache.insert((ck, ak), s);
+                        slot_cache.insert((ck, bus_id), s);
                         s
                     }
                 };
@@ -1366,8 +1377,9 @@ mod tests {
     #[test]
     fn updates_in_file_order_and_in_any_order_give_the_same_days() {
         // Two meters of one account, five registers each read twice a day,
-        // three partitions: in file order (meters ascending, registers by
-        // channel name: the per-meter path) and reversed (the counting sort).
+        // three partitions, with repeats: in file order (meters ascending,
+        // registers by channel name: the per-meter path) and with the meters
+        // swapped (the counting sort).
         let meters = [meter(6), meter(6)];
         let ma = [Some(0), Some(0)];
         let plan = ScanPlan {
@@ -1379,7 +1391,7 @@ mod tests {
             peak_groups: &[],
             mtd_as_of: None,
         };
-        let run = |reverse: bool| {
+        let run = |meters_down: bool| {
             let mut st = State::new(&plan);
             let mut out = Vec::new();
             let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
@@ -1388,8 +1400,9 @@ mod tests {
             };
             let mut counts = Vec::new();
             for d in 0..3i64 {
-                let mut u = Vec::new();
+                let mut per_meter = Vec::new();
                 for m in 0..2u32 {
+                    let mut u = Vec::new();
                     for r in [1, 2, 3, 4, 0] {
                         for (k, ts) in [d * DAY_MS, d * DAY_MS + DAY_MS / 8]
                             .into_iter()
@@ -1403,13 +1416,24 @@ mod tests {
                                 raw,
                                 est: r == 2 && d == 1,
                             });
+                            if k == 1 {
+                                // A repeat at the same time: the first in file order wins.
+                                u.push(RegUpdate {
+                                    key,
+                                    ts,
+                                    raw: raw + 7,
+                                    est: true,
+                                });
+                            }
                         }
                     }
+                    per_meter.push(u);
                 }
-                if reverse {
-                    u.reverse();
+                // Meter 1 before meter 0: the counting sort, same order within each.
+                if meters_down {
+                    per_meter.reverse();
                 }
-                st.apply_registers(&u, &mut counts);
+                st.apply_registers(&per_meter.concat(), &mut counts);
             }
             st.flush(None, &mut sink).unwrap();
             (out, st.last.clone(), st.scan.out_of_order)
