@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use rust_decimal::Decimal;
 
 use crate::ingest::config::MqttConfig;
-use crate::ingest::mqtt::{connect_options, parse_url, publish_canonical};
+use crate::ingest::mqtt::{connect_options, parse_url, publish_canonical_with};
 use crate::model::{now_ms, Channel, Protocol, Quality, Reading, Source};
 
 #[derive(Debug, Subcommand)]
@@ -23,7 +23,8 @@ pub enum MqttCmd {
 
 #[derive(Debug, Args)]
 pub struct PublishSimArgs {
-    /// Broker URL.
+    /// Broker URL: `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]` (TLS, port
+    /// 8883 by default; needs --ca-file).
     #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     pub url: String,
     /// Topic to publish to.
@@ -44,6 +45,24 @@ pub struct PublishSimArgs {
     /// First timestamp, UTC ms (default: now minus the span of the run).
     #[arg(long)]
     pub start_ms: Option<i64>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS files for `mqtts://` URLs (as `ca_file`, `client_cert_file` and
+/// `client_key_file` in ingest.toml).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// PEM CA bundle that signs the broker's certificate, for `mqtts://`
+    /// (as `ca_file` in ingest.toml: the only trust anchor, no system roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --client-key-file).
+    #[arg(long, value_name = "FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of --client-cert-file.
+    #[arg(long, value_name = "FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -78,16 +97,8 @@ pub struct DiscardArgs {
     /// creates the session whose queue a later run drains).
     #[arg(long)]
     pub subscribe_only: bool,
-    /// PEM CA bundle that signs the broker's certificate, for `mqtts://`
-    /// (as `ca_file` in ingest.toml: the only trust anchor, no system roots).
-    #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (with --client-key-file).
-    #[arg(long, value_name = "FILE", requires = "client_key_file")]
-    pub client_cert_file: Option<PathBuf>,
-    /// PEM private key of --client-cert-file.
-    #[arg(long, value_name = "FILE", requires = "client_cert_file")]
-    pub client_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub fn run(cmd: MqttCmd) -> anyhow::Result<ExitCode> {
@@ -124,27 +135,12 @@ pub fn sim_readings(n: usize, meters: usize, start_ms: i64) -> Vec<Reading> {
 }
 
 async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
-    if parse_url(&a.url).map_err(anyhow::Error::msg)?.0 {
-        // publish_canonical connects in plain TCP: refuse rather than talk
-        // plain MQTT to a TLS port.
-        anyhow::bail!(
-            "publish-sim does not support TLS: give an mqtt:// URL, not {}",
-            a.url
-        );
-    }
+    let o = client_options(&a.url, &a.client_id, &a.tls)?;
     let steps = a.readings.div_ceil(a.meters.max(1)) as i64;
     let start = a.start_ms.unwrap_or_else(|| now_ms() - steps * 60_000);
     let readings = sim_readings(a.readings, a.meters, start);
     let t = Instant::now();
-    let msgs = publish_canonical(
-        &a.url,
-        &a.client_id,
-        &a.topic,
-        "publish-sim",
-        &readings,
-        a.per_message,
-    )
-    .await?;
+    let msgs = publish_canonical_with(o, &a.topic, "publish-sim", &readings, a.per_message).await?;
     let secs = t.elapsed().as_secs_f64();
     println!(
         "published {} readings in {msgs} messages to {} in {secs:.2} s ({:.0} readings/s)",
@@ -155,30 +151,31 @@ async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Connection options of `mqtt discard`: TLS for `mqtts://` exactly as ingest
+/// Connection options of the helpers: TLS for `mqtts://` exactly as ingest
 /// builds it (rustls, ring, the CA file as the only root, optional client
 /// certificate); TLS files with a plain `mqtt://` URL are refused.
 /// Relative file paths are relative to the working directory.
-fn discard_options(a: &DiscardArgs) -> anyhow::Result<rumqttc::MqttOptions> {
-    let (tls, _, _) = parse_url(&a.url).map_err(anyhow::Error::msg)?;
-    let tls_files = a.ca_file.is_some() || a.client_cert_file.is_some();
-    if tls && a.ca_file.is_none() {
+fn client_options(url: &str, client_id: &str, t: &TlsArgs) -> anyhow::Result<rumqttc::MqttOptions> {
+    let (tls, _, _) = parse_url(url).map_err(anyhow::Error::msg)?;
+    let tls_files = t.ca_file.is_some() || t.client_cert_file.is_some();
+    if tls && t.ca_file.is_none() {
         anyhow::bail!(
-            "{} is TLS: give --ca-file with the PEM CA that signs the broker's certificate",
-            a.url
+            "{url} is TLS: give --ca-file with the PEM CA that signs the broker's certificate"
         );
     }
     if !tls && tls_files {
-        anyhow::bail!(
-            "--ca-file / --client-cert-file are for mqtts:// URLs, not {}",
-            a.url
-        );
+        anyhow::bail!("--ca-file / --client-cert-file are for mqtts:// URLs, not {url}");
     }
-    let mut m = MqttConfig::new(&a.url, &a.client_id);
-    m.ca_file = a.ca_file.clone();
-    m.client_cert_file = a.client_cert_file.clone();
-    m.client_key_file = a.client_key_file.clone();
-    let mut o = connect_options(&m, Path::new("."), &a.client_id)?;
+    let mut m = MqttConfig::new(url, client_id);
+    m.ca_file = t.ca_file.clone();
+    m.client_cert_file = t.client_cert_file.clone();
+    m.client_key_file = t.client_key_file.clone();
+    Ok(connect_options(&m, Path::new("."), client_id)?)
+}
+
+/// Connection options of `mqtt discard` ([`client_options`], and the session kind).
+fn discard_options(a: &DiscardArgs) -> anyhow::Result<rumqttc::MqttOptions> {
+    let mut o = client_options(&a.url, &a.client_id, &a.tls)?;
     o.set_clean_session(!a.persistent);
     Ok(o)
 }
@@ -269,6 +266,28 @@ mod tests {
             MqttCmd::Discard(a) => Ok(a),
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn publish_sim_connects_with_tls_for_mqtts_urls_and_refuses_it_without_a_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let ca = ca.to_str().unwrap();
+        let args = |extra: &[&str]| {
+            let argv = ["mqtt", "publish-sim"].iter().chain(extra);
+            match Cli::try_parse_from(argv).unwrap().cmd {
+                MqttCmd::PublishSim(a) => a,
+                c => panic!("{c:?}"),
+            }
+        };
+        let a = args(&["--url", "mqtts://broker.example:8884", "--ca-file", ca]);
+        let o = client_options(&a.url, &a.client_id, &a.tls).unwrap();
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 8884));
+        assert!(matches!(o.transport(), rumqttc::Transport::Tls(_)));
+        let a = args(&["--url", "mqtts://broker.example"]);
+        let e = client_options(&a.url, &a.client_id, &a.tls).unwrap_err();
+        assert!(e.to_string().contains("--ca-file"), "{e}");
     }
 
     #[test]

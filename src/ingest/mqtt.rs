@@ -559,7 +559,8 @@ pub async fn broker_reachable(url: &str) -> bool {
     )
 }
 
-/// Publishes readings as canonical JSON at QoS 1, `per_message` readings per message.
+/// Publishes readings as canonical JSON at QoS 1, `per_message` readings per
+/// message, to a plain `mqtt://` broker (see [`publish_canonical_with`] for TLS).
 pub async fn publish_canonical(
     url: &str,
     client_id: &str,
@@ -571,6 +572,18 @@ pub async fn publish_canonical(
     let (_, host, port) = parse_url(url).map_err(IngestError::Config)?;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    publish_canonical_with(o, topic, collector, readings, per_message).await
+}
+
+/// [`publish_canonical`] over a connection set up by the caller (e.g.
+/// [`connect_options`], which gives TLS for `mqtts://`).
+pub async fn publish_canonical_with(
+    mut o: MqttOptions,
+    topic: &str,
+    collector: &str,
+    readings: &[Reading],
+    per_message: usize,
+) -> Result<usize, IngestError> {
     o.set_inflight(100);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     let chunks: Vec<Vec<u8>> = readings
