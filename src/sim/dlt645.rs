@@ -505,6 +505,15 @@ impl SimMeter {
             if freeze {
                 // Daily freeze at local midnight by the meter's clock.
                 self.frozen = (self.import, self.export, freeze_at);
+                // The 1st at 00:00 is the default settlement day (04000B01 =
+                // 01 00): the month's maximum demand starts again from 0.
+                let day = off
+                    .timestamp_millis_opt(freeze_at)
+                    .single()
+                    .map(|d| chrono::Datelike::day(&d));
+                if day == Some(1) {
+                    self.max_demand = (0, freeze_at - self.clock_offset_ms);
+                }
             }
         }
     }
@@ -1340,6 +1349,50 @@ mod tests {
         // More than one tariff register moved over 10 hours.
         let moved = v1[1..].iter().zip(&v0[1..]).filter(|(a, b)| a > b).count();
         assert!(moved >= 2, "{v0:?} -> {v1:?}");
+    }
+
+    #[test]
+    fn maximum_demand_starts_again_at_the_settlement_day() {
+        // Fast time from 31 October 23:59:30 local; the 1 November freeze
+        // (the default settlement day, the 1st at 00:00) clears the month's
+        // maximum demand, a daily freeze does not.
+        let off = FixedOffset::east_opt(8 * 3600).unwrap();
+        let start = |d: u32, m: u32| {
+            off.with_ymd_and_hms(2026, m, d, 23, 59, 30)
+                .unwrap()
+                .timestamp_millis()
+        };
+        let a: Address = "000000000001".parse().unwrap();
+        let mut m = SimMeterConfig::new(a, dec!(1000));
+        m.load_w = 3000;
+        let mut s = SimFile {
+            meters: vec![m],
+            ..Default::default()
+        };
+        s.bus.time_scale = 3600;
+        let demand_after_midnight = |t0: i64| {
+            let mut b = SimBus::new(s.clone(), t0).unwrap();
+            // 20 real seconds before the clock's midnight: 20 simulated hours,
+            // the evening peak among them.
+            let (now, tm, tou) = (b.sim_now(t0 + 20_000), b.time_map(), b.tou.clone());
+            b.meters[0].advance(now, off, &tou, tm);
+            let before = b.meters[0].max_demand;
+            // 1 real second after it: one simulated hour past midnight (night load).
+            let (now, tm, tou) = (b.sim_now(t0 + 31_000), b.time_map(), b.tou.clone());
+            b.meters[0].advance(now, off, &tou, tm);
+            (before, b.meters[0].max_demand)
+        };
+        let midnight = |d: u32, m: u32| {
+            off.with_ymd_and_hms(2026, m, d, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        };
+        let (before, after) = demand_after_midnight(start(31, 10));
+        assert!(before.0 > 0);
+        assert!(after.0 < before.0, "{before:?} -> {after:?}");
+        assert!(after.1 >= midnight(1, 11), "{after:?}");
+        let (before, after) = demand_after_midnight(start(30, 10));
+        assert_eq!(after, before, "a daily freeze keeps the month's maximum");
     }
 
     #[test]
