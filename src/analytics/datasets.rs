@@ -25,40 +25,72 @@ type Named = (&'static str, Table, bool);
 
 /// Every dataset but `daily_usage`: (name, table, holds raw personal data).
 pub fn all(inp: &Inputs, opts: &AnalyzeOptions) -> Result<Vec<Named>, AnalyticsError> {
+    use rayon::prelude::*;
+    type Make<'a> = Box<dyn Fn() -> Result<Table, AnalyticsError> + Send + Sync + 'a>;
     let on = as_of(inp, opts);
-    let pays = payments_by_account(inp);
-    let bills = bill_dates(inp);
-    let mut out = vec![("accounts", accounts(inp, opts, false), false)];
+    let (pays, bills) = rayon::join(|| payments_by_account(inp), || bill_dates(inp));
+    let (pays, bills) = (&pays, &bills);
+    let mut jobs: Vec<(&'static str, bool, Make<'_>)> = vec![(
+        "accounts",
+        false,
+        Box::new(|| Ok(accounts(inp, opts, false))),
+    )];
     if opts.pii {
-        out.push(("accounts", accounts(inp, opts, true), true));
+        jobs.push(("accounts", true, Box::new(|| Ok(accounts(inp, opts, true)))));
     }
-    out.extend([
-        ("peak_periods", peak_periods(inp), false),
-        ("usage_habits", usage_habits(inp, opts), false),
-        ("history_change", history_change(inp, opts), false),
-        ("segment_change", segment_change(inp)?, false),
+    jobs.extend([
+        (
+            "peak_periods",
+            false,
+            Box::new(|| Ok(peak_periods(inp))) as Make<'_>,
+        ),
+        (
+            "usage_habits",
+            false,
+            Box::new(|| Ok(usage_habits(inp, opts))),
+        ),
+        (
+            "history_change",
+            false,
+            Box::new(|| Ok(history_change(inp, opts))),
+        ),
+        ("segment_change", false, Box::new(|| segment_change(inp))),
         (
             "payment_habits",
-            payment_habits(inp, opts, &pays, &bills),
             false,
+            Box::new(|| Ok(payment_habits(inp, opts, pays, bills))),
         ),
         (
             "arrears_risk",
-            arrears_risk(inp, opts, on, &pays, &bills),
             false,
+            Box::new(move || Ok(arrears_risk(inp, opts, on, pays, bills))),
         ),
         (
             "arrears_backtest",
-            arrears_backtest(inp, on, opts.backtest_cutoff, &pays),
             false,
+            Box::new(move || Ok(arrears_backtest(inp, on, opts.backtest_cutoff, pays))),
         ),
-        ("outage_events", outage_events(inp, opts), false),
-        ("feeder_events", feeder_events(inp), false),
-        ("usage_warnings", usage_warnings(inp, opts), false),
-        ("collection", collection(inp), false),
-        ("fleet_daily", fleet_daily(inp), false),
+        (
+            "outage_events",
+            false,
+            Box::new(|| Ok(outage_events(inp, opts))),
+        ),
+        ("feeder_events", false, Box::new(|| Ok(feeder_events(inp)))),
+        (
+            "usage_warnings",
+            false,
+            Box::new(|| Ok(usage_warnings(inp, opts))),
+        ),
+        ("collection", false, Box::new(|| Ok(collection(inp)))),
+        ("fleet_daily", false, Box::new(|| Ok(fleet_daily(inp)))),
     ]);
-    Ok(out)
+    // The datasets depend only on the inputs: computed on every core, kept
+    // in this order.
+    let tables: Vec<Result<Table, AnalyticsError>> = jobs.par_iter().map(|j| (j.2)()).collect();
+    jobs.iter()
+        .zip(tables)
+        .map(|((name, pii, _), t)| Ok((*name, t?, *pii)))
+        .collect()
 }
 
 /// The as-of day: `--as-of`, else the last local day with energy.

@@ -199,23 +199,31 @@ pub fn analyze(opts: &AnalyzeOptions) -> Result<AnalyzeSummary, AnalyticsError> 
         rows: daily_rows,
         pii: false,
     }];
-    for (name, table, pii) in tables {
-        if pii && !opts.pii {
-            continue;
-        }
-        let file = if pii {
-            format!("{name}.pii.parquet")
-        } else {
-            format!("{name}.parquet")
-        };
-        let path = opts.out.join(file);
-        table.write_parquet(&path)?;
-        written.push(Written {
-            name: name.to_string(),
-            path,
-            rows: table.rows(),
-            pii,
-        });
+    // One file each, written in parallel, listed in dataset order.
+    let files: Vec<Result<Written, AnalyticsError>> = {
+        use rayon::prelude::*;
+        tables
+            .par_iter()
+            .filter(|(_, _, pii)| !pii || opts.pii)
+            .map(|(name, table, pii)| {
+                let file = if *pii {
+                    format!("{name}.pii.parquet")
+                } else {
+                    format!("{name}.parquet")
+                };
+                let path = opts.out.join(file);
+                table.write_parquet(&path)?;
+                Ok(Written {
+                    name: name.to_string(),
+                    path,
+                    rows: table.rows(),
+                    pii: *pii,
+                })
+            })
+            .collect()
+    };
+    for w in files {
+        written.push(w?);
     }
     let summary = AnalyzeSummary {
         datasets: written,
