@@ -1439,6 +1439,9 @@ mod tests {
             (out, st.last.clone(), st.scan.out_of_order)
         };
         let (fast, sorted) = (run(false), run(true));
+        // Meter 0's total register ends on day 2's second reading, the first
+        // of the repeated pair (file order), not the repeat.
+        assert_eq!(fast.1[0], (2 * DAY_MS + DAY_MS / 8, 50_000, false));
         assert_eq!(fast.0.len(), 3);
         assert_eq!(fast.0, sorted.0);
         assert_eq!(fast.1, sorted.1);

@@ -569,7 +569,13 @@ pub async fn publish_canonical(
     readings: &[Reading],
     per_message: usize,
 ) -> Result<usize, IngestError> {
-    let (_, host, port) = parse_url(url).map_err(IngestError::Config)?;
+    let (tls, host, port) = parse_url(url).map_err(IngestError::Config)?;
+    if tls {
+        // Plain MQTT to a TLS port would fail obscurely: TLS needs its files.
+        return Err(IngestError::Config(format!(
+            "{url}: TLS needs a CA file; use publish_canonical_with and connect_options"
+        )));
+    }
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     publish_canonical_with(o, topic, collector, readings, per_message).await
