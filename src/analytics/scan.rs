@@ -1324,6 +1324,23 @@ mod tests {
         assert_eq!(local_hour(t, 8 * 3600), 0);
     }
 
+    /// A plan at UTC for `meters` of `accounts` accounts, no calendar.
+    fn plan_of<'a>(
+        meters: &'a [Meter],
+        meter_account: &'a [Option<usize>],
+        accounts: usize,
+    ) -> ScanPlan<'a> {
+        ScanPlan {
+            meters,
+            meter_account,
+            accounts,
+            utc_offset_secs: 0,
+            calendar: None,
+            peak_groups: &[],
+            mtd_as_of: None,
+        }
+    }
+
     fn meter(digits: u8) -> Meter {
         Meter {
             meter_id: "m1".into(),
@@ -1343,15 +1360,7 @@ mod tests {
     fn feed(digits: u8, snaps: &[(i64, i64)]) -> (Vec<(NaiveDate, i64, bool)>, Scan) {
         let meters = [meter(digits)];
         let ma = [Some(0)];
-        let plan = ScanPlan {
-            meters: &meters,
-            meter_account: &ma,
-            accounts: 1,
-            utc_offset_secs: 0,
-            calendar: None,
-            peak_groups: &[],
-            mtd_as_of: None,
-        };
+        let plan = plan_of(&meters, &ma, 1);
         let mut st = State::new(&plan);
         let mut out = Vec::new();
         let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
@@ -1382,15 +1391,7 @@ mod tests {
         // swapped (the counting sort).
         let meters = [meter(6), meter(6)];
         let ma = [Some(0), Some(0)];
-        let plan = ScanPlan {
-            meters: &meters,
-            meter_account: &ma,
-            accounts: 1,
-            utc_offset_secs: 0,
-            calendar: None,
-            peak_groups: &[],
-            mtd_as_of: None,
-        };
+        let plan = plan_of(&meters, &ma, 1);
         let run = |meters_down: bool| {
             let mut st = State::new(&plan);
             let mut out = Vec::new();
@@ -1470,15 +1471,7 @@ mod tests {
         // 03:00 on day 5, then silent until day 12. Snapshots at midnight.
         let meters = [meter(6), meter(6), meter(6)];
         let ma = [Some(0), Some(0), Some(1)];
-        let plan = ScanPlan {
-            meters: &meters,
-            meter_account: &ma,
-            accounts: 2,
-            utc_offset_secs: 0,
-            calendar: None,
-            peak_groups: &[],
-            mtd_as_of: None,
-        };
+        let plan = plan_of(&meters, &ma, 2);
         let mut st = State::new(&plan);
         let mut rows: Vec<(NaiveDate, u32)> = Vec::new();
         let mut sink = |b: &DayBatch<'_>| -> Result<(), AnalyticsError> {
@@ -1564,15 +1557,7 @@ mod tests {
     fn snapshots_arriving_out_of_order_within_a_partition_are_sorted() {
         let meters = [meter(6)];
         let ma = [Some(0)];
-        let plan = ScanPlan {
-            meters: &meters,
-            meter_account: &ma,
-            accounts: 1,
-            utc_offset_secs: 0,
-            calendar: None,
-            peak_groups: &[],
-            mtd_as_of: None,
-        };
+        let plan = plan_of(&meters, &ma, 1);
         let (out, _) = {
             let (days, scan) = feed(6, &[(0, 0), (DAY_MS, 100_000), (2 * DAY_MS, 300_000)]);
             (days, scan)

@@ -1315,8 +1315,8 @@ mod tests {
         assert_eq!(b.handle(&read_1997, t).len(), 1);
     }
 
-    #[test]
-    fn registers_advance_and_tariffs_sum_to_total() {
+    /// One 3 kW meter on a bus whose energy runs 3600 times as fast.
+    fn fast_meter() -> SimFile {
         let a: Address = "000000000001".parse().unwrap();
         let mut m = SimMeterConfig::new(a, dec!(1000));
         m.load_w = 3000;
@@ -1325,6 +1325,12 @@ mod tests {
             ..Default::default()
         };
         s.bus.time_scale = 3600;
+        s
+    }
+
+    #[test]
+    fn registers_advance_and_tariffs_sum_to_total() {
+        let s = fast_meter();
         let mut b = SimBus::new(s, 1_700_000_000_000).unwrap();
         let t0 = 1_700_000_000_000;
         let di = Di::v2007(0x0001_FF00);
@@ -1362,14 +1368,7 @@ mod tests {
                 .unwrap()
                 .timestamp_millis()
         };
-        let a: Address = "000000000001".parse().unwrap();
-        let mut m = SimMeterConfig::new(a, dec!(1000));
-        m.load_w = 3000;
-        let mut s = SimFile {
-            meters: vec![m],
-            ..Default::default()
-        };
-        s.bus.time_scale = 3600;
+        let s = fast_meter();
         let demand_after_midnight = |t0: i64| {
             let mut b = SimBus::new(s.clone(), t0).unwrap();
             // 20 real seconds before the clock's midnight: 20 simulated hours,
@@ -1405,14 +1404,7 @@ mod tests {
             .with_ymd_and_hms(2026, 10, 1, 23, 59, 0)
             .unwrap()
             .timestamp_millis();
-        let a: Address = "000000000001".parse().unwrap();
-        let mut m = SimMeterConfig::new(a, dec!(1000));
-        m.load_w = 3000;
-        let mut s = SimFile {
-            meters: vec![m],
-            ..Default::default()
-        };
-        s.bus.time_scale = 3600;
+        let mut s = fast_meter();
         let fresh = |s: &SimFile| SimBus::new(s.clone(), t0).unwrap();
         let at = |b: &mut SimBus, t: i64| {
             let (now, tm, tou) = (b.sim_now(t), b.time_map(), b.tou.clone());

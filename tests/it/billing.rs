@@ -554,26 +554,33 @@ mod end_to_end {
         assert_eq!((again.revision, again.adjusted_accounts), (2, 0));
     }
 
-    /// Reads (account, kind, label, amount) of every bill line.
-    fn lines(run: &std::path::Path) -> Vec<(String, String, String, Decimal)> {
-        use arrow::array::{Array, Decimal128Array, StringArray};
-        let f = std::fs::File::open(run.join("bill_lines.parquet")).unwrap();
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+    /// Every record batch of a Parquet file.
+    fn batches(path: &std::path::Path) -> Vec<arrow::record_batch::RecordBatch> {
+        let f = std::fs::File::open(path).unwrap();
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
             .unwrap()
             .build()
-            .unwrap();
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect()
+    }
+
+    /// A text column of a batch.
+    fn text(b: &arrow::record_batch::RecordBatch, name: &str) -> arrow::array::StringArray {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone()
+    }
+
+    /// Reads (account, kind, label, amount) of every bill line.
+    fn lines(run: &std::path::Path) -> Vec<(String, String, String, Decimal)> {
+        use arrow::array::{Array, Decimal128Array};
         let mut out = vec![];
-        for b in r {
-            let b = b.unwrap();
-            let s = |n: &str| {
-                b.column_by_name(n)
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone()
-            };
-            let (acc, kind, label) = (s("account_id"), s("kind"), s("label"));
+        for b in batches(&run.join("bill_lines.parquet")) {
+            let (acc, kind, label) = (text(&b, "account_id"), text(&b, "kind"), text(&b, "label"));
             let amt = b.column_by_name("amount").unwrap();
             let amt = amt.as_any().downcast_ref::<Decimal128Array>().unwrap();
             for i in 0..b.num_rows() {
@@ -991,24 +998,10 @@ mod end_to_end {
 
     /// Reads (account, code, detail) of every exception.
     fn exceptions(run: &std::path::Path) -> Vec<(String, String, String)> {
-        use arrow::array::StringArray;
-        let f = std::fs::File::open(run.join("exceptions.parquet")).unwrap();
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap();
         let mut out = vec![];
-        for b in r {
-            let b = b.unwrap();
-            let s = |n: &str| {
-                b.column_by_name(n)
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone()
-            };
-            let (acc, code, detail) = (s("account_id"), s("code"), s("detail"));
+        for b in batches(&run.join("exceptions.parquet")) {
+            let (acc, code, detail) =
+                (text(&b, "account_id"), text(&b, "code"), text(&b, "detail"));
             for i in 0..b.num_rows() {
                 out.push((
                     acc.value(i).to_string(),

@@ -449,42 +449,49 @@ async fn scan_asks_a_silent_candidate_in_the_other_edition_and_says_which_answer
             .collect()
     };
 
-    // 2007 first: the 1997 meter is silent to it and found in 1997.
-    let found = scan::probe_editions(&mut bus, &candidates, Edition::V2007, true)
-        .await
-        .unwrap();
-    assert_eq!(
-        seen(&found),
-        vec![
-            (true, Edition::V2007, None),
-            (true, Edition::V1997, Some(Edition::V2007)),
-            (false, Edition::V1997, Some(Edition::V2007)),
-        ]
-    );
-    // The wrong edition picked: the 2007 meter is still found, as 2007.
-    let found = scan::probe_editions(&mut bus, &candidates, Edition::V1997, true)
-        .await
-        .unwrap();
-    assert_eq!(
-        seen(&found),
-        vec![
-            (true, Edition::V2007, Some(Edition::V1997)),
-            (true, Edition::V1997, None),
-            (false, Edition::V2007, Some(Edition::V1997)),
-        ]
-    );
-    // One edition only: the other edition's meter is absent.
-    let found = scan::probe_editions(&mut bus, &candidates, Edition::V2007, false)
-        .await
-        .unwrap();
-    assert_eq!(
-        seen(&found),
-        vec![
-            (true, Edition::V2007, None),
-            (false, Edition::V2007, None),
-            (false, Edition::V2007, None),
-        ]
-    );
+    use Edition::{V1997, V2007};
+    let cases = [
+        // 2007 first: the 1997 meter is silent to it and found in 1997.
+        (
+            V2007,
+            true,
+            [
+                (true, V2007, None),
+                (true, V1997, Some(V2007)),
+                (false, V1997, Some(V2007)),
+            ],
+        ),
+        // The wrong edition picked: the 2007 meter is still found, as 2007.
+        (
+            V1997,
+            true,
+            [
+                (true, V2007, Some(V1997)),
+                (true, V1997, None),
+                (false, V2007, Some(V1997)),
+            ],
+        ),
+        // One edition only: the other edition's meter is absent.
+        (
+            V2007,
+            false,
+            [
+                (true, V2007, None),
+                (false, V2007, None),
+                (false, V2007, None),
+            ],
+        ),
+    ];
+    for (first, fallback, want) in cases {
+        let found = scan::probe_editions(&mut bus, &candidates, first, fallback)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen(&found),
+            want.to_vec(),
+            "{first} first, fallback {fallback}"
+        );
+    }
 
     // The command says it, and --no-fallback keeps the single edition.
     let scan_cmd = |extra: &[&str]| {
