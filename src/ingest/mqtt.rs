@@ -260,10 +260,12 @@ pub async fn run_ingest(
         .writer_id
         .clone()
         .unwrap_or_else(|| sanitize(&client_id));
-    let lake = Lake::open_with_stamp_window(
+    let lake = Lake::open(
         &opts.lake,
-        LakeOptions::new(writer),
-        cfg.ingest.redelivery_window,
+        LakeOptions {
+            stamp_window: cfg.ingest.redelivery_window,
+            ..LakeOptions::new(writer)
+        },
     )?;
     let (park, parked, unreadable) = ParkDir::open(&lake.spool_dir().join("parked"))?;
     let mut decoding = Decoding::new(

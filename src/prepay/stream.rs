@@ -193,10 +193,7 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
     let mut lake = match &cfg.dead_letter_lake {
         Some(l) => Some(crate::store::Lake::open(
             &cfg.resolve(l),
-            crate::store::LakeOptions {
-                writer_id: cfg.mqtt.client_id.clone(),
-                spool_dir: None,
-            },
+            crate::store::LakeOptions::new(cfg.mqtt.client_id.clone()),
         )?),
         None => None,
     };

@@ -24,6 +24,11 @@ pub struct LakeOptions {
     pub writer_id: String,
     /// Where the spool lives; default `<lake>/_spool/<writer_id>`.
     pub spool_dir: Option<PathBuf>,
+    /// Receive stamps kept (MQTT ingest's `[ingest] redelivery_window`,
+    /// 1..=`MAX_STAMP_WINDOW`): the stamps of the last this many stamped
+    /// messages are carried into each new segment, 16 bytes each per seal.
+    /// Writers that record none keep whatever a spool holds (none).
+    pub stamp_window: usize,
 }
 
 impl LakeOptions {
@@ -31,6 +36,7 @@ impl LakeOptions {
         LakeOptions {
             writer_id: writer_id.into(),
             spool_dir: None,
+            stamp_window: MAX_STAMP_WINDOW,
         }
     }
 }
@@ -59,21 +65,10 @@ pub struct Lake {
 
 impl Lake {
     /// Opens (creating if needed) a lake and replays any spool a crash left
-    /// behind. Receive stamps found in the spool are kept (up to
-    /// `MAX_STAMP_WINDOW`): writers other than MQTT ingest have none.
+    /// behind. Receive stamps found in the spool are kept (the last
+    /// `opts.stamp_window`).
     pub fn open(root: &Path, opts: LakeOptions) -> Result<Lake, StoreError> {
-        Lake::open_with_stamp_window(root, opts, MAX_STAMP_WINDOW)
-    }
-
-    /// `open` for a writer that keeps receive stamps (MQTT ingest): the
-    /// stamps of the last `window` stamped messages (`[ingest]
-    /// redelivery_window`, 1..=`MAX_STAMP_WINDOW`) are kept and carried into
-    /// each new segment, 16 bytes each per seal.
-    pub fn open_with_stamp_window(
-        root: &Path,
-        opts: LakeOptions,
-        window: usize,
-    ) -> Result<Lake, StoreError> {
+        let window = opts.stamp_window;
         validate_writer_id(&opts.writer_id)?;
         atomic::create_dir_durable(root)?;
         let spool_dir = opts
@@ -129,7 +124,7 @@ impl Lake {
     }
 
     /// Receive stamps this writer accepted lately (including before a
-    /// restart): at most the last `window` (`open_with_stamp_window`).
+    /// restart): at most the last `LakeOptions::stamp_window`.
     pub fn stamps(&self) -> &Stamps {
         &self.stamps
     }
@@ -641,7 +636,14 @@ mod tests {
     fn a_smaller_window_keeps_only_the_last_stamps_and_carries_only_them() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let mut lake = Lake::open_with_stamp_window(root, LakeOptions::new("w"), 2).unwrap();
+        let mut lake = Lake::open(
+            root,
+            LakeOptions {
+                stamp_window: 2,
+                ..LakeOptions::new("w")
+            },
+        )
+        .unwrap();
         let all: Vec<Stamp> = (1..=5).map(|k| stamp(k, k as i64 * 10)).collect();
         lake.accept_stamped(vec![soak_reading(1)], vec![], all)
             .unwrap();
