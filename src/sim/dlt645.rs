@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{FixedOffset, NaiveTime, TimeZone, Timelike};
+use chrono::{Datelike, FixedOffset, NaiveTime, TimeZone, Timelike};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -518,6 +518,32 @@ impl SimMeter {
         }
     }
 
+    /// A time sync sets the clock. A jump forward past local midnight
+    /// freezes then, as a meter makes up a missed daily freeze: the
+    /// registers of the jump, stamped with the last midnight passed; past
+    /// the 1st it also starts the month's maximum demand again. A jump back
+    /// freezes nothing (the next midnight on the clock does).
+    fn set_clock(&mut self, offset_ms: i64, now_ms: i64, off: FixedOffset) {
+        let day = |ms: i64| {
+            off.timestamp_millis_opt(ms)
+                .single()
+                .map(|d| d.date_naive())
+        };
+        let before = day(now_ms + self.clock_offset_ms);
+        self.clock_offset_ms = offset_ms;
+        let clock_ms = now_ms + offset_ms;
+        let after = day(clock_ms);
+        if let (Some(b), Some(a)) = (before, after) {
+            if a > b {
+                let midnight = next_midnight(clock_ms, off) - DAY_MS;
+                self.frozen = (self.import, self.export, midnight);
+                if (a.year(), a.month()) != (b.year(), b.month()) {
+                    self.max_demand = (0, now_ms);
+                }
+            }
+        }
+    }
+
     fn clock(&self, now_ms: i64, off: FixedOffset) -> chrono::NaiveDateTime {
         off.timestamp_millis_opt(now_ms + self.clock_offset_ms)
             .single()
@@ -640,7 +666,6 @@ impl SimMeter {
 }
 
 fn date_value(t: chrono::NaiveDateTime) -> Value {
-    use chrono::Datelike;
     Value::Date {
         year: t.year() as u16,
         month: t.month() as u8,
@@ -728,8 +753,13 @@ impl SimBus {
             if f == control::TIME_SYNC && req.data.len() >= 6 {
                 if let Some(t) = parse_sync(&req.data) {
                     if let Some(sent) = self.offset.from_local_datetime(&t).single() {
+                        let (sim_now, tm) = (self.sim_now(now_ms), self.time_map());
+                        let (off, tou) = (self.offset, self.tou.clone());
                         for m in &mut self.meters {
-                            m.clock_offset_ms = sent.timestamp_millis() - now_ms;
+                            // Registers up to the old clock first: the jump
+                            // must not move energy across a freeze.
+                            m.advance(sim_now, off, &tou, tm);
+                            m.set_clock(sent.timestamp_millis() - now_ms, now_ms, off);
                         }
                     }
                 }
@@ -1461,6 +1491,58 @@ mod tests {
         assert_eq!(clock, day2.and_hms_opt(0, 0, 1).unwrap());
         assert_eq!(frozen, day2.and_hms_opt(0, 0, 0).unwrap());
         assert!(demand <= clock, "max demand at {demand}, clock {clock}");
+    }
+
+    #[test]
+    fn a_time_sync_past_midnight_makes_up_the_missed_freeze() {
+        // Real time 31 October 23:00 local, time running fast; the collector
+        // sets the clock to 1 November 00:30, past midnight and the 1st.
+        let off = FixedOffset::east_opt(8 * 3600).unwrap();
+        let t0 = off
+            .with_ymd_and_hms(2026, 10, 31, 23, 0, 0)
+            .unwrap()
+            .timestamp_millis();
+        let mut b = SimBus::new(fast_meter(), t0).unwrap();
+        let now = t0 + 10_000;
+        let (sim_now, tm, tou) = (b.sim_now(now), b.time_map(), b.tou.clone());
+        b.meters[0].advance(sim_now, off, &tou, tm);
+        let demand_before = b.meters[0].max_demand;
+        assert!(demand_before.0 > 0);
+        let registers = b.meters[0].value(Di::v2007(0x0001_FF00), now, off);
+        let frozen_time = |b: &SimBus| match b.meters[0].value(Di::v2007(0x0506_0001), now, off) {
+            Some(Value::DateTime(t)) => t.to_naive().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let sync = |b: &mut SimBus, t: chrono::NaiveDateTime| {
+            let req = crate::protocol::dlt645::message::time_sync_request(MeterTime::from_naive(t));
+            assert!(
+                b.handle(&req, now).is_empty(),
+                "a broadcast is not answered"
+            );
+        };
+        let nov1 = chrono::NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
+        sync(&mut b, nov1.and_hms_opt(0, 30, 0).unwrap());
+        assert_eq!(frozen_time(&b), nov1.and_hms_opt(0, 0, 0).unwrap());
+        assert_eq!(
+            b.meters[0].value(Di::v2007(0x0506_0101), now, off),
+            registers,
+            "the freeze holds the registers of the jump"
+        );
+        assert_eq!(b.meters[0].max_demand, (0, now), "the month starts again");
+        // Back to 31 October: nothing is frozen again, nor cleared.
+        sync(
+            &mut b,
+            nov1.pred_opt().unwrap().and_hms_opt(23, 50, 0).unwrap(),
+        );
+        assert_eq!(frozen_time(&b), nov1.and_hms_opt(0, 0, 0).unwrap());
+        // A jump within the day freezes nothing either.
+        let mut c = SimBus::new(fast_meter(), t0).unwrap();
+        let frozen = frozen_time(&c);
+        sync(
+            &mut c,
+            nov1.pred_opt().unwrap().and_hms_opt(23, 40, 0).unwrap(),
+        );
+        assert_eq!(frozen_time(&c), frozen);
     }
 
     #[test]
