@@ -897,3 +897,60 @@ fn a_revision_folder_given_as_runs_is_refused_and_its_run_is_read() {
     );
     assert!(out.join("accounts.parquet").exists());
 }
+
+#[test]
+fn collection_counts_each_bus_of_each_collector_once_per_meter() {
+    use meterflow::model::{Channel, Quality};
+    // Two meters on one bus of c1, one on its second bus, and one on a bus of
+    // c2 that has the same name as c1's first: buses are counted per collector.
+    let at = [("M1", "c1", "bus1/001"), ("M2", "c1", "bus1/002")];
+    let at = [
+        at[0],
+        at[1],
+        ("M3", "c1", "bus2/003"),
+        ("M4", "c2", "bus1/004"),
+    ];
+    let mut readings = Vec::new();
+    for (m, collector, address) in at {
+        for (k, day) in [1u32, 2].into_iter().enumerate() {
+            let mut r = super::common::reading(
+                m,
+                midnight(10, day),
+                Channel::ImportActiveTotal,
+                rust_decimal::Decimal::from(10 * k as i64),
+            );
+            r.source.collector = collector.into();
+            r.source.address = address.into();
+            if m == "M2" {
+                r.quality = Quality::SUSPECT;
+            }
+            readings.push(r);
+        }
+    }
+    let meters: Vec<(&str, &str)> = at.iter().map(|(m, ..)| (*m, "A1")).collect();
+    let lake = small_lake(&meters, &readings);
+    let out = tempfile::tempdir().unwrap();
+    analyze_lake(lake.path(), out.path());
+    let t = table(out.path(), "collection");
+    let text = |c: &str| -> Vec<String> {
+        (0..t.rows())
+            .map(|i| t.col(c).unwrap().text(i).to_string())
+            .collect()
+    };
+    let key: Vec<(String, String)> = text("collector").into_iter().zip(text("bus")).collect();
+    let pair = |c: &str, b: &str| (c.to_string(), b.to_string());
+    assert_eq!(
+        key,
+        vec![
+            pair("c1", ""),
+            pair("c1", "bus1"),
+            pair("c1", "bus2"),
+            pair("c2", ""),
+            pair("c2", "bus1"),
+        ]
+    );
+    assert_eq!(ints(&t, "meters"), [3, 2, 1, 1, 1].map(Some).to_vec());
+    assert_eq!(ints(&t, "readings"), [6, 4, 2, 2, 2].map(Some).to_vec());
+    assert_eq!(ints(&t, "suspect"), [2, 2, 0, 0, 0].map(Some).to_vec());
+    assert_eq!(ints(&t, "ok"), [4, 2, 2, 2, 2].map(Some).to_vec());
+}
