@@ -47,6 +47,8 @@ pub struct PublishSimArgs {
     pub start_ms: Option<i64>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// TLS files for `mqtts://` URLs (as `ca_file`, `client_cert_file` and
@@ -63,6 +65,27 @@ pub struct TlsArgs {
     /// PEM private key of --client-cert-file.
     #[arg(long, value_name = "FILE", requires = "client_cert_file")]
     pub client_key_file: Option<PathBuf>,
+}
+
+/// Broker login (as `username`, `password_file` and `password_env` in
+/// ingest.toml). The password itself is never a command-line argument.
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// Username to log in with; the password comes from --password-file or
+    /// --password-env (neither: an empty password).
+    #[arg(long, value_name = "NAME")]
+    pub username: Option<String>,
+    /// File whose first line is the password.
+    #[arg(long, value_name = "FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[arg(
+        long,
+        value_name = "VAR",
+        requires = "username",
+        conflicts_with = "password_file"
+    )]
+    pub password_env: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +122,8 @@ pub struct DiscardArgs {
     pub subscribe_only: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 pub fn run(cmd: MqttCmd) -> anyhow::Result<ExitCode> {
@@ -135,7 +160,7 @@ pub fn sim_readings(n: usize, meters: usize, start_ms: i64) -> Vec<Reading> {
 }
 
 async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
-    let o = client_options(&a.url, &a.client_id, &a.tls)?;
+    let o = client_options(&a.url, &a.client_id, &a.tls, &a.auth)?;
     let steps = a.readings.div_ceil(a.meters.max(1)) as i64;
     let start = a.start_ms.unwrap_or_else(|| now_ms() - steps * 60_000);
     let readings = sim_readings(a.readings, a.meters, start);
@@ -153,9 +178,15 @@ async fn publish_sim(a: PublishSimArgs) -> anyhow::Result<ExitCode> {
 
 /// Connection options of the helpers: TLS for `mqtts://` exactly as ingest
 /// builds it (rustls, ring, the CA file as the only root, optional client
-/// certificate); TLS files with a plain `mqtt://` URL are refused.
-/// Relative file paths are relative to the working directory.
-fn client_options(url: &str, client_id: &str, t: &TlsArgs) -> anyhow::Result<rumqttc::MqttOptions> {
+/// certificate), and its login (the password read as ingest reads
+/// `password_file` / `password_env`); TLS files with a plain `mqtt://` URL
+/// are refused. Relative file paths are relative to the working directory.
+fn client_options(
+    url: &str,
+    client_id: &str,
+    t: &TlsArgs,
+    a: &AuthArgs,
+) -> anyhow::Result<rumqttc::MqttOptions> {
     let (tls, _, _) = parse_url(url).map_err(anyhow::Error::msg)?;
     let tls_files = t.ca_file.is_some() || t.client_cert_file.is_some();
     if tls && t.ca_file.is_none() {
@@ -170,12 +201,23 @@ fn client_options(url: &str, client_id: &str, t: &TlsArgs) -> anyhow::Result<rum
     m.ca_file = t.ca_file.clone();
     m.client_cert_file = t.client_cert_file.clone();
     m.client_key_file = t.client_key_file.clone();
+    m.username = a.username.clone();
+    m.password_file = a.password_file.clone();
+    m.password_env = a.password_env.clone();
+    // Checked here to name the flag rather than the ingest.toml key.
+    if let Err(e) = m.password(Path::new(".")) {
+        let flag = match m.password_file {
+            Some(_) => "--password-file",
+            None => "--password-env",
+        };
+        anyhow::bail!("{flag}: {e}");
+    }
     Ok(connect_options(&m, Path::new("."), client_id)?)
 }
 
 /// Connection options of `mqtt discard` ([`client_options`], and the session kind).
 fn discard_options(a: &DiscardArgs) -> anyhow::Result<rumqttc::MqttOptions> {
-    let mut o = client_options(&a.url, &a.client_id, &a.tls)?;
+    let mut o = client_options(&a.url, &a.client_id, &a.tls, &a.auth)?;
     o.set_clean_session(!a.persistent);
     Ok(o)
 }
@@ -282,11 +324,11 @@ mod tests {
             }
         };
         let a = args(&["--url", "mqtts://broker.example:8884", "--ca-file", ca]);
-        let o = client_options(&a.url, &a.client_id, &a.tls).unwrap();
+        let o = client_options(&a.url, &a.client_id, &a.tls, &a.auth).unwrap();
         assert_eq!(o.broker_address(), ("broker.example".to_string(), 8884));
         assert!(matches!(o.transport(), rumqttc::Transport::Tls(_)));
         let a = args(&["--url", "mqtts://broker.example"]);
-        let e = client_options(&a.url, &a.client_id, &a.tls).unwrap_err();
+        let e = client_options(&a.url, &a.client_id, &a.tls, &a.auth).unwrap_err();
         assert!(e.to_string().contains("--ca-file"), "{e}");
     }
 
@@ -356,6 +398,78 @@ mod tests {
 
         // A client certificate needs its key.
         assert!(discard_args(&["--client-cert-file", "c.pem"]).is_err());
+    }
+
+    #[test]
+    fn the_helpers_log_in_with_a_password_from_a_file_or_the_environment_never_an_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let pw = pw.to_str().unwrap();
+        let login = |a: &DiscardArgs| {
+            discard_options(a)
+                .unwrap()
+                .credentials()
+                .map(|l| (l.username, l.password))
+        };
+        let a = discard_args(&["--username", "mf", "--password-file", pw]).unwrap();
+        assert_eq!(login(&a), Some(("mf".into(), "s3cret".into())));
+        std::env::set_var("METERFLOW_TEST_DISCARD_PASSWORD", "from-env");
+        let a = discard_args(&[
+            "--username",
+            "mf",
+            "--password-env",
+            "METERFLOW_TEST_DISCARD_PASSWORD",
+        ])
+        .unwrap();
+        assert_eq!(login(&a), Some(("mf".into(), "from-env".into())));
+        let a = discard_args(&["--username", "mf"]).unwrap();
+        assert_eq!(login(&a), Some(("mf".into(), String::new())));
+        assert_eq!(login(&discard_args(&[]).unwrap()), None);
+
+        // Errors name the file or the variable.
+        let a = discard_args(&["--username", "mf", "--password-file", "/nonexistent/pw"]).unwrap();
+        let e = discard_options(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("--password-file") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
+        let a = discard_args(&[
+            "--username",
+            "u",
+            "--password-env",
+            "METERFLOW_TEST_UNSET_PW",
+        ]);
+        let e = discard_options(&a.unwrap()).unwrap_err().to_string();
+        assert!(e.contains("METERFLOW_TEST_UNSET_PW"), "{e}");
+
+        // No password argument; a password source needs a username; one source.
+        assert!(discard_args(&["--username", "mf", "--password", "s3cret"]).is_err());
+        assert!(discard_args(&["--password-file", pw]).is_err());
+        assert!(discard_args(&[
+            "--username",
+            "mf",
+            "--password-file",
+            pw,
+            "--password-env",
+            "P"
+        ])
+        .is_err());
+        let argv = [
+            "mqtt",
+            "publish-sim",
+            "--username",
+            "mf",
+            "--password-file",
+            pw,
+        ];
+        match Cli::try_parse_from(argv).unwrap().cmd {
+            MqttCmd::PublishSim(a) => {
+                let o = client_options(&a.url, &a.client_id, &a.tls, &a.auth).unwrap();
+                assert_eq!(o.credentials().unwrap().password, "s3cret");
+            }
+            c => panic!("{c:?}"),
+        }
     }
 
     #[test]

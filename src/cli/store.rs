@@ -24,7 +24,9 @@ pub enum StoreCmd {
     /// Exact duplicates (same meter, channel, ts and value) are dropped. A
     /// conflicting duplicate (same meter, channel, ts; different value) is never
     /// resolved silently: both rows stay, flagged `conflict`, and the pair is
-    /// written to DIR/conflicts/date=.../.
+    /// written to DIR/conflicts/date=.../. Quarantine partitions are merged
+    /// the same way, keeping one of rows equal in every column (a dead letter
+    /// written again after a redelivery).
     Compact {
         /// Lake root.
         dir: PathBuf,
@@ -35,8 +37,10 @@ pub enum StoreCmd {
         #[arg(long)]
         to: Option<NaiveDate>,
         /// Print the counts as JSON (partitions, partitions_rewritten, files_in,
-        /// files_out, rows_in, rows_out, exact_duplicates_removed, conflicts)
-        /// instead of one summary line: for scripts and monitoring.
+        /// files_out, rows_in, rows_out, exact_duplicates_removed, conflicts,
+        /// quarantine_files_in, quarantine_files_out,
+        /// quarantine_duplicates_removed) instead of a summary: for scripts
+        /// and monitoring.
         #[arg(long)]
         json: bool,
     },
@@ -93,6 +97,14 @@ pub fn run(c: StoreCmd) -> anyhow::Result<ExitCode> {
                     s.partitions, s.partitions_rewritten, s.files_in, s.files_out, s.rows_in, s.rows_out,
                     s.exact_duplicates_removed, s.conflicts
                 );
+                if s.quarantine_files_in > 0 {
+                    println!(
+                        "  quarantine: {} files -> {}, {} exact duplicates removed",
+                        s.quarantine_files_in,
+                        s.quarantine_files_out,
+                        s.quarantine_duplicates_removed
+                    );
+                }
                 if s.conflicts > 0 {
                     println!(
                         "  conflicting readings are listed in {}/conflicts/",

@@ -5,8 +5,9 @@
 //! Everything here is pure except the metrics counters.
 //!
 //! Receive stamps: a message whose readings (some of them) carry no
-//! timestamp gets the receive time, and its (hash of topic and payload ->
-//! that time) goes to the spool with the readings. A copy the broker
+//! timestamp gets the receive time, and so does a message dead-lettered in
+//! whole or part (a dead letter's `received_at`); its (hash of topic and
+//! payload -> that time) goes to the spool with its rows. A copy the broker
 //! redelivers (DUP set) whose hash is remembered is decoded as if received
 //! then, so it yields the same rows, which compaction merges. Messages
 //! without DUP are never matched: the same payload twice from a meter that
@@ -237,21 +238,11 @@ impl Decoding {
                     i
                 }
             };
-            let Some(idx) = idx else {
-                job.dead.push(dead_letter(
-                    now,
-                    "",
-                    topic,
-                    "no source matches the topic".into(),
-                    &p.payload,
-                ));
-                count_dead("", "no_source");
-                continue;
-            };
-            // A redelivered copy of a message stamped before is decoded
-            // as if received then (only DUP copies pay for the hash).
+            // A redelivered copy of a message stamped before is decoded (or
+            // dead-lettered) as if received then (only DUP copies pay for the hash).
+            let redeliverable = p.qos != QoS::AtMostOnce;
             let (mut at, mut key, mut hit) = (now, None, false);
-            if p.dup && p.qos != QoS::AtMostOnce && !self.stamps.is_empty() {
+            if p.dup && redeliverable && !self.stamps.is_empty() {
                 let k = stamp_key(topic, &p.payload);
                 if let Some(t) = self.stamps.get(k) {
                     (at, hit) = (t, true);
@@ -259,29 +250,47 @@ impl Decoding {
                 }
                 key = Some(k);
             }
-            match self.decoders[idx].decode(topic, &p.payload, at) {
-                Ok(d) => {
-                    per_source[idx].0 += d.readings.len() as u64;
-                    per_source[idx].1 += d.rounded as u64;
-                    // Parked data may turn out to have no timestamps.
-                    if (d.stamped || d.park.is_some()) && p.qos != QoS::AtMostOnce && !hit {
-                        let s = Stamp {
-                            key: key.unwrap_or_else(|| stamp_key(topic, &p.payload)),
-                            received_ms: at,
-                        };
-                        self.stamps.insert(s);
-                        job.stamps.push(s);
+            // Whether the rows of this message depend on `at`: untimed
+            // readings, parked data, or a dead letter of its own.
+            let stamp = match idx {
+                None => {
+                    job.dead.push(dead_letter(
+                        at,
+                        "",
+                        topic,
+                        "no source matches the topic".into(),
+                        &p.payload,
+                    ));
+                    count_dead("", "no_source");
+                    true
+                }
+                Some(idx) => match self.decoders[idx].decode(topic, &p.payload, at) {
+                    Ok(d) => {
+                        per_source[idx].0 += d.readings.len() as u64;
+                        per_source[idx].1 += d.rounded as u64;
+                        // Parked data may turn out to have no timestamps.
+                        let stamp = d.stamped || d.park.is_some() || !d.problems.is_empty();
+                        self.sparkplug_events(idx, topic, &p.payload, &d, (at, now), &mut job);
+                        self.take(idx, topic, &p.payload, d, at, &mut job);
+                        stamp
                     }
-                    self.sparkplug_events(idx, topic, &p.payload, &d, (at, now), &mut job);
-                    self.take(idx, topic, &p.payload, d, at, &mut job);
-                }
-                Err(e) => {
-                    let name = &self.names[idx];
-                    tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
-                    count_dead(name, e.kind());
-                    job.dead
-                        .push(dead_letter(at, name, topic, e.to_string(), &p.payload));
-                }
+                    Err(e) => {
+                        let name = &self.names[idx];
+                        tracing::warn!(source = %name, topic, error = %e, "message dead-lettered");
+                        count_dead(name, e.kind());
+                        job.dead
+                            .push(dead_letter(at, name, topic, e.to_string(), &p.payload));
+                        true
+                    }
+                },
+            };
+            if stamp && redeliverable && !hit {
+                let s = Stamp {
+                    key: key.unwrap_or_else(|| stamp_key(topic, &p.payload)),
+                    received_ms: at,
+                };
+                self.stamps.insert(s);
+                job.stamps.push(s);
             }
         }
         if restamped > 0 {
@@ -804,9 +813,16 @@ mod tests {
 
     /// A Tasmota source: `Time` is optional, so its readings may be stamped.
     fn tasmota() -> Decoding {
-        let text = "[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"t\"\n\
-                    [[source]]\nname = \"tas\"\nfilter = \"tele/+/SENSOR\"\nformat = \"tasmota\"\n";
-        let cfg = crate::ingest::config::IngestConfig::parse(text, std::path::Path::new("t.toml"))
+        tasmota_with("")
+    }
+
+    /// `tasmota()` with more keys in its `[[source]]`.
+    fn tasmota_with(keys: &str) -> Decoding {
+        let text = format!(
+            "[mqtt]\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"t\"\n\
+             [[source]]\nname = \"tas\"\nfilter = \"tele/+/SENSOR\"\nformat = \"tasmota\"\n{keys}"
+        );
+        let cfg = crate::ingest::config::IngestConfig::parse(&text, std::path::Path::new("t.toml"))
             .unwrap();
         let d = Decoder::new(&cfg.sources[0], Limits::default()).unwrap();
         Decoding::new(vec![d], 300, 10, DEFAULT_STAMP_WINDOW)
@@ -917,6 +933,76 @@ mod tests {
         );
         assert_eq!(ts_of(&job), vec![(NOW + 5, NOW + 5)]);
         assert_eq!(job.stamps.len(), 1, "its first durable copy is this one");
+    }
+
+    /// Three messages that are dead-lettered (with DUP set or not): one
+    /// undecodable, one with timestamps and an unmapped field, one on a
+    /// topic no source matches.
+    fn bad_messages(dup: bool) -> Vec<(ConnId, Publish)> {
+        let mut other = Publish::new("tele/m1/STATE", QoS::AtLeastOnce, b"{}".to_vec());
+        other.dup = dup;
+        vec![
+            sensor("not json", QoS::AtLeastOnce, dup),
+            sensor(PARTLY_BAD, QoS::ExactlyOnce, dup),
+            (1, other),
+        ]
+    }
+
+    const PARTLY_BAD: &str = r#"{"Time":"2025-11-22T09:00:00","ENERGY":{"Total":1},"Odd":2}"#;
+
+    #[test]
+    fn a_redelivered_copy_of_a_dead_lettered_message_gets_its_first_receive_time() {
+        let mut d = tasmota_with("unmapped = \"dead_letter\"\n");
+        let mut stats = IngestStats::default();
+        let first = d.batch(bad_messages(false), NOW, &mut stats);
+        assert_eq!(first.dead.len(), 3);
+        assert_eq!(first.readings.len(), 1, "the good part is kept");
+        assert!(first.dead.iter().all(|q| q.received_ms == NOW));
+        assert_eq!(first.stamps.len(), 3, "each with its dead letter");
+        // The broker redelivers them: the same dead letters and reading.
+        let again = d.batch(bad_messages(true), NOW + 90_000, &mut stats);
+        assert_eq!(again.dead, first.dead);
+        assert_eq!(again.readings, first.readings);
+        assert!(again.stamps.is_empty(), "nothing new to remember");
+        // Sent again without DUP: new messages, dead-lettered as received now.
+        let later = d.batch(bad_messages(false), NOW + 120_000, &mut stats);
+        assert!(later.dead.iter().all(|q| q.received_ms == NOW + 120_000));
+        // QoS 0 is never redelivered: no stamp.
+        let job = d.batch(
+            vec![sensor("not json", QoS::AtMostOnce, false)],
+            NOW,
+            &mut stats,
+        );
+        assert_eq!((job.dead.len(), job.stamps.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_restarted_ingest_dead_letters_a_redelivered_copy_as_its_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stats = IngestStats::default();
+        let open =
+            || crate::store::Lake::open(dir.path(), crate::store::LakeOptions::new("w")).unwrap();
+        let mut lake = open();
+        let mut d = tasmota();
+        let job = d.batch(
+            vec![sensor("not json", QoS::AtLeastOnce, false)],
+            NOW,
+            &mut stats,
+        );
+        let first = job.dead.clone();
+        lake.accept_stamped(job.readings, job.dead, job.stamps)
+            .unwrap();
+        // Killed before the PUBACK; the first segment is committed at open.
+        std::mem::forget(lake);
+        let lake = open();
+        let mut d = tasmota();
+        d.remember(lake.stamps().live());
+        let again = d.batch(
+            vec![sensor("not json", QoS::AtLeastOnce, true)],
+            NOW + 3_600_000,
+            &mut stats,
+        );
+        assert_eq!(again.dead, first);
     }
 
     #[test]

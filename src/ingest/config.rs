@@ -80,7 +80,9 @@ impl MqttConfig {
         }
     }
 
-    /// The password, from its file (first line; relative to `base_dir`) or environment variable.
+    /// The password, from its file (first line; relative to `base_dir`) or
+    /// environment variable. Errors name the file or variable, not the key:
+    /// callers add theirs (a config key, a command-line flag).
     pub fn password(&self, base_dir: &Path) -> Result<Option<String>, String> {
         if let Some(f) = &self.password_file {
             let f = if f.is_absolute() {
@@ -94,7 +96,7 @@ impl MqttConfig {
         if let Some(v) = &self.password_env {
             return std::env::var(v)
                 .map(Some)
-                .map_err(|_| format!("environment variable {v} (mqtt.password_env) is not set"));
+                .map_err(|_| format!("environment variable {v} is not set"));
         }
         Ok(None)
     }

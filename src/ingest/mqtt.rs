@@ -113,12 +113,16 @@ pub fn session_config(
 ) -> Result<SessionConfig, IngestError> {
     let (tls, host, port) = parse_url(&m.url).map_err(IngestError::Config)?;
     let login = match &m.username {
-        Some(user) => Some((
-            user.clone(),
-            m.password(base_dir)
-                .map_err(IngestError::Config)?
-                .unwrap_or_default(),
-        )),
+        Some(user) => {
+            let pw = m.password(base_dir).map_err(|e| {
+                let key = match m.password_file {
+                    Some(_) => "password_file",
+                    None => "password_env",
+                };
+                IngestError::Config(format!("mqtt.{key}: {e}"))
+            })?;
+            Some((user.clone(), pw.unwrap_or_default()))
+        }
         None => None,
     };
     let tls = if tls {

@@ -1,6 +1,8 @@
 //! Compaction: merge a partition's files into one, drop exact duplicates,
 //! and keep conflicting duplicates (same meter, channel, ts; different value)
 //! in both the readings (flagged `conflict`) and the `conflicts` dataset.
+//! Quarantine partitions are merged too, without rows repeated exactly (a
+//! message redelivered after its dead letter was durable).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,10 @@ use chrono::NaiveDate;
 use sha2::{Digest, Sha256};
 
 use super::columns::ReadingsView;
-use super::schema::{col, conflicts_schema, readings_schema, value_type, CONFLICTS, READINGS};
+use super::schema::{
+    col, conflicts_schema, quarantine_schema, readings_schema, value_type, CONFLICTS, QUARANTINE,
+    READINGS,
+};
 use super::{atomic, partition_dir, reader, StoreError};
 use crate::model::Quality;
 
@@ -30,6 +35,10 @@ pub struct CompactStats {
     pub rows_out: usize,
     pub exact_duplicates_removed: usize,
     pub conflicts: usize,
+    /// Quarantine partitions: files merged, and rows equal in every column dropped.
+    pub quarantine_files_in: usize,
+    pub quarantine_files_out: usize,
+    pub quarantine_duplicates_removed: usize,
 }
 
 /// Compacts every readings partition with dates in `from..=to`.
@@ -49,7 +58,70 @@ pub fn compact(root: &Path, from: NaiveDate, to: NaiveDate) -> Result<CompactSta
         total.exact_duplicates_removed += s.exact_duplicates_removed;
         total.conflicts += s.conflicts;
     }
+    for (date, dir) in reader::list_partitions(root, QUARANTINE)? {
+        if date < from || date > to {
+            continue;
+        }
+        let (files_in, files_out, removed) = compact_quarantine(&dir)?;
+        total.quarantine_files_in += files_in;
+        total.quarantine_files_out += files_out;
+        total.quarantine_duplicates_removed += removed;
+    }
     Ok(total)
+}
+
+/// Merges one quarantine partition's files into one, keeping the first of
+/// rows equal in every column, in file order. Returns (files in, files out,
+/// rows dropped).
+fn compact_quarantine(dir: &Path) -> Result<(usize, usize, usize), StoreError> {
+    let files = reader::partition_files(dir)?;
+    let mut batches = Vec::new();
+    for f in &files {
+        batches.extend(reader::read_file(f)?);
+    }
+    let all = concat_batches(&quarantine_schema(), &batches)
+        .map_err(|e| StoreError::Schema(e.to_string()))?;
+    let rows = arrow::row::RowConverter::new(
+        all.schema()
+            .fields()
+            .iter()
+            .map(|f| arrow::row::SortField::new(f.data_type().clone()))
+            .collect(),
+    )
+    .and_then(|c| c.convert_columns(all.columns()))
+    .map_err(|e| StoreError::Schema(e.to_string()))?;
+    let mut seen = HashSet::with_capacity(all.num_rows());
+    let keep: Vec<u32> = (0..all.num_rows())
+        .filter(|&i| seen.insert(rows.row(i)))
+        .map(|i| i as u32)
+        .collect();
+    let removed = all.num_rows() - keep.len();
+    let compacted = |f: &PathBuf| {
+        f.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("part-compacted-"))
+    };
+    if files.is_empty() || (files.len() == 1 && removed == 0 && compacted(&files[0])) {
+        return Ok((files.len(), files.len(), 0));
+    }
+    let keep = UInt32Array::from(keep);
+    let columns = all
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &keep, None))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Schema(e.to_string()))?;
+    let out = RecordBatch::try_new(quarantine_schema(), columns)
+        .map_err(|e| StoreError::Schema(e.to_string()))?;
+    let out_path = dir.join(format!("part-compacted-{}.parquet", inputs_tag(&files)));
+    atomic::write_parquet_atomic(&out_path, quarantine_schema(), &[out])?;
+    // As for readings: inputs go only once the merged file is durable.
+    for f in &files {
+        if f != &out_path {
+            std::fs::remove_file(f).map_err(|e| StoreError::io(f, e))?;
+        }
+    }
+    atomic::sync_dir(dir)?;
+    Ok((files.len(), 1, removed))
 }
 
 fn compact_partition(root: &Path, date: NaiveDate, dir: &Path) -> Result<CompactStats, StoreError> {

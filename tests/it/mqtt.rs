@@ -992,6 +992,151 @@ async fn ingest_killed_between_the_spool_fsync_and_the_puback_of_an_untimed_mess
     assert_eq!(after[0], both[0]);
 }
 
+/// Every dead letter in the lake, all columns as text (`received_at` first,
+/// in ms), sorted.
+fn dead_letter_rows(lake: &Path) -> Vec<Vec<String>> {
+    use arrow::array::{Array, TimestampMillisecondArray};
+    use arrow::util::display::array_value_to_string;
+    let text =
+        |c: &dyn Array, i: usize| match c.as_any().downcast_ref::<TimestampMillisecondArray>() {
+            // Displaying a timestamp with a named zone needs chrono-tz.
+            Some(ts) => ts.value(i).to_string(),
+            None => array_value_to_string(c, i).unwrap(),
+        };
+    let mut out = Vec::new();
+    let files = reader::list_files(
+        lake,
+        "quarantine",
+        chrono::NaiveDate::MIN,
+        chrono::NaiveDate::MAX,
+    )
+    .unwrap_or_default();
+    for (_, f) in files {
+        for b in reader::read_file(&f).unwrap() {
+            for i in 0..b.num_rows() {
+                let row = b.columns().iter();
+                out.push(row.map(|c| text(c.as_ref(), i)).collect());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_a_message_redelivered_after_a_kill_keep_their_first_receive_time() {
+    let url = broker_url();
+    let (_, host, port) = parse_url(&url).unwrap();
+    let proxy = Proxy::start(format!("{host}:{port}")).await;
+    let p = uniq("restamp-dead");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let client_id = uniq("ingest-restamp-dead");
+    // keepalive 60 s: the muted proxy swallows PINGREQs too.
+    let cfg = |url: &str, flush_secs: u64| {
+        let path = dir.path().join(format!("ingest-{flush_secs}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\nkeepalive_secs = 60\n[ingest]\nflush_secs = {flush_secs}\n{}unmapped = \"dead_letter\"\n",
+                tasmota_source(&p)
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // Undecodable; and with timestamps, one good value and one unmapped field.
+    let msgs = vec![
+        (format!("{p}/tele/m1/SENSOR"), b"not json".to_vec()),
+        (
+            format!("{p}/tele/m2/SENSOR"),
+            br#"{"Time":"2025-11-22T09:00:00","ENERGY":{"Total":7.25},"Odd":1}"#.to_vec(),
+        ),
+    ];
+    // (entries, stamps) in the spool segments.
+    let spooled = || {
+        let mut n = (0, 0);
+        for w in std::fs::read_dir(lake.join("_spool"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for s in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
+                if s.file_name().to_string_lossy().starts_with("seg-") {
+                    if let Ok(r) = meterflow::store::spool::read_segment(&s.path()) {
+                        n.0 += r.entries.len();
+                        n.1 += r.stamps.len();
+                    }
+                }
+            }
+        }
+        n
+    };
+
+    // Spooled (fsynced) with their stamps, never committed, never acked.
+    let (mut a, a_log) = spawn_ingest_binary(
+        &cfg(&format!("mqtt://127.0.0.1:{}", proxy.port), 3600),
+        &lake,
+    );
+    wait_for_line(&a_log, "subscribed");
+    proxy.mute();
+    publish_all(&url, msgs, 0, Duration::ZERO).await;
+    let t = Instant::now();
+    // Two dead letters and a reading; a stamp per message.
+    while spooled() != (3, 2) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "spooled {:?}",
+            spooled()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    a.wait().unwrap();
+    proxy.cut();
+    assert!(dead_letter_rows(&lake).is_empty());
+
+    // The restart replays the spool into Parquet, then gets the redeliveries.
+    let (mut b, b_log) = spawn_ingest_binary(&cfg(&url, 1), &lake);
+    wait_for_line(&b_log, "mqtt connected");
+    wait_for_line(&b_log, "receive time of their first copy");
+    let both = wait_for_rows(&lake, 2, 30, "replayed and redelivered reading").await;
+    let t = Instant::now();
+    while dead_letter_rows(&lake).len() < 4 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "dead letters: {:?}",
+            dead_letter_rows(&lake)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(b.wait().unwrap().success());
+    forget_session(&url, &client_id).await;
+
+    // Each dead letter twice, identical in every column (`received_at` too),
+    // until compaction keeps one of each.
+    let dead = dead_letter_rows(&lake);
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert_eq!(dead[0], dead[1], "{dead:?}");
+    assert_eq!(dead[2], dead[3], "{dead:?}");
+    assert_ne!(dead[0], dead[2]);
+    assert_eq!(both[0], both[1], "the same reading twice: {both:?}");
+    assert_eq!(compacted(&lake), vec![both[0].clone()]);
+    assert_eq!(
+        dead_letter_rows(&lake),
+        vec![dead[0].clone(), dead[2].clone()]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_dropped_mid_stream_loses_nothing() {
     let url = broker_url();

@@ -297,6 +297,85 @@ fn compacting_again_after_new_readings_records_each_conflict_once() {
 }
 
 #[test]
+fn compaction_merges_quarantine_files_and_drops_rows_repeated_exactly() {
+    use meterflow::store::QuarantineRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let t = 1_790_000_000_000;
+    let dead = |reason: &str, received_ms: i64| QuarantineRecord {
+        received_ms,
+        protocol: Protocol::Mqtt,
+        collector: "ingest".into(),
+        address: "meters/7/state".into(),
+        reason: reason.into(),
+        payload: b"{not json".to_vec(),
+    };
+    // A message dead-lettered, then redelivered after a crash with its first
+    // receive time (an exact copy), and two that differ in one column each.
+    for (w, recs) in [
+        ("a", vec![dead("bad json", t), dead("bad json", t + 1)]),
+        ("b", vec![dead("bad json", t), dead("unknown meter", t)]),
+    ] {
+        let mut lake = Lake::open(dir.path(), LakeOptions::new(w)).unwrap();
+        lake.quarantine(&recs).unwrap();
+        lake.flush().unwrap();
+    }
+    let rows = || -> Vec<(i64, String)> {
+        reader::list_files(
+            dir.path(),
+            "quarantine",
+            chrono::NaiveDate::MIN,
+            chrono::NaiveDate::MAX,
+        )
+        .unwrap()
+        .iter()
+        .flat_map(|(_, f)| reader::read_file(f).unwrap())
+        .flat_map(|b| {
+            let ts = b
+                .column_by_name("received_at")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                .unwrap()
+                .clone();
+            let reason = b
+                .column_by_name("reason")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap()
+                .clone();
+            (0..b.num_rows())
+                .map(|i| (ts.value(i), reason.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+    };
+    assert_eq!(rows().len(), 4);
+    let compact = || {
+        store::compact::compact(dir.path(), chrono::NaiveDate::MIN, chrono::NaiveDate::MAX).unwrap()
+    };
+    let s = compact();
+    assert_eq!((s.quarantine_files_in, s.quarantine_files_out), (2, 1));
+    assert_eq!(s.quarantine_duplicates_removed, 1);
+    assert_eq!(
+        rows(),
+        vec![
+            (t, "bad json".to_string()),
+            (t + 1, "bad json".to_string()),
+            (t, "unknown meter".to_string()),
+        ],
+        "the first of each, in file order"
+    );
+    let again = compact();
+    assert_eq!(
+        (again.quarantine_files_in, again.quarantine_files_out),
+        (1, 1)
+    );
+    assert_eq!(again.quarantine_duplicates_removed, 0);
+    assert_eq!(rows().len(), 3);
+}
+
+#[test]
 fn inspect_reports_a_corrupt_file_by_name_and_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let mut lake = Lake::open(dir.path(), LakeOptions::new("w")).unwrap();

@@ -729,6 +729,105 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
     drop(broker);
 }
 
+/// `meterflow mqtt publish-sim` and `mqtt discard` (the real binary) log in
+/// to a broker that requires a password, read from a file or an environment
+/// variable; a wrong password fails with the broker's refusal, a missing
+/// password file with its name.
+#[test]
+fn mqtt_helpers_log_in_with_a_password_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = "helpers-s3cret";
+    let Some(broker) = tls_broker(
+        dir.path(),
+        ClientAuth::Password {
+            user: "mf",
+            password,
+        },
+    ) else {
+        return;
+    };
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    std::fs::write(dir.path().join("password"), format!("{password}\n")).unwrap();
+    std::fs::write(dir.path().join("wrong"), "nope\n").unwrap();
+    let env = "MF_IT_HELPERS_PASSWORD";
+    // Paths relative to the working directory, as a user types them.
+    let helper = |args: &[&str]| {
+        let out = Command::new(super::common::bin())
+            .current_dir(dir.path())
+            .args(["mqtt"])
+            .args(args)
+            .args(["--url", &url, "--ca-file", "ca.pem", "--username", "mf"])
+            .env(env, password)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let discard = |login: &[&str], more: &[&str]| {
+        let mut a = vec![
+            "discard",
+            "--filter",
+            "helpers/#",
+            "--client-id",
+            "helpers-discard",
+            "--persistent",
+            "--idle-secs",
+            "10",
+        ];
+        a.extend(login);
+        a.extend(more);
+        helper(&a)
+    };
+    let publish = |login: &[&str]| {
+        let mut a = vec![
+            "publish-sim",
+            "--topic",
+            "helpers/readings",
+            "--readings",
+            "20",
+            "--meters",
+            "2",
+            "--per-message",
+            "5",
+            "--client-id",
+            "helpers-publish",
+        ];
+        a.extend(login);
+        helper(&a)
+    };
+    let from_file = ["--password-file", "password"];
+    let from_env = ["--password-env", env];
+
+    // A persistent session queues what publish-sim sends; discard drains it.
+    let (code, out, err) = discard(&from_file, &["--subscribe-only"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("subscribed"), "{out}");
+    let (code, out, err) = publish(&from_env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("published 20 readings in 4 messages"), "{out}");
+    let (code, out, err) = discard(&from_file, &["--messages", "4"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("discarded 4 messages"), "{out}");
+
+    // A wrong password: the broker refuses the login.
+    let wrong = ["--password-file", "wrong"];
+    for (what, (code, out, err)) in [
+        ("publish-sim", publish(&wrong)),
+        ("discard", discard(&wrong, &["--messages", "1"])),
+    ] {
+        assert_eq!(code, Some(1), "{what}: {out}{err}");
+        assert!(err.to_lowercase().contains("refused"), "{what}: {err}");
+    }
+    // A missing password file is named.
+    let (code, _, err) = publish(&["--password-file", "no-such-password"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--password-file") && err.contains("no-such-password"),
+        "{err}"
+    );
+    drop(broker);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_and_uplink_over_mutual_tls_with_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
