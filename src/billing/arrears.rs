@@ -1,16 +1,24 @@
-//! Late-payment fees on a postpaid account's overdue bills.
+//! Late-payment fees on a postpaid account's overdue bills, and the arrears
+//! state a run carries forward (`arrears.parquet`).
 //!
 //! Each overdue day is charged once, on the bill of the period the day falls
 //! in: the fee on this period's bill covers the days of this period after a
 //! prior bill's due date on which part of it was still unpaid. Payments are
 //! applied to the oldest bill first (a payment made on a day stops that day's
 //! fee). The rule's minimum applies to the fee of one bill.
+//!
+//! Payments settle bills as a waterfall (oldest due first), so applying the
+//! payments up to a day and then the later ones gives what applying them all
+//! at once gives. A run therefore writes, per account, what is still owed at
+//! its last day, the credit left and the payments it counted; the next run
+//! continues from that instead of the whole history (docs/billing.md).
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, Decimal128Array, StringArray};
+use arrow::array::{Array, Decimal128Array, Int64Array, StringArray};
 use chrono::{Datelike, NaiveDate};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rust_decimal::Decimal;
@@ -20,10 +28,11 @@ use super::flags::Flags;
 use super::period::BillPeriod;
 use super::run::BillingError;
 use crate::master::{BillingAccount, CustomerClass, PaymentMode};
+use crate::store::scan::FxMap;
 use crate::tariff::late_fee::LateFeeRule;
 use crate::tariff::price::{ChargeLine, LineKind};
 use crate::tariff::rounding::Rounding;
-use crate::tariff::TariffSet;
+use crate::tariff::{TariffSet, TariffVersion};
 
 /// Line index of late-fee lines (see `ChargeLine::label`).
 pub const RESIDENTIAL: u8 = 0;
@@ -31,10 +40,22 @@ pub const CURRENT_YEAR: u8 = 1;
 pub const EARLIER_YEARS: u8 = 2;
 pub const MINIMUM: u8 = 3;
 
+/// The arrears state in a run directory (and in each `revision-N/`).
+pub const STATE_FILE: &str = "arrears.parquet";
+/// Parquet key-value metadata of the state: the run ids of the revisions
+/// whose amounts it reflects, sorted, comma-separated.
+pub const SEEN_KEY: &str = "meterflow.revisions_seen";
+/// Parquet key-value metadata of the state: the run directories whose bills
+/// it counted (canonical paths) with the number of revisions seen in each,
+/// a JSON object `{"dir": n, ...}`.
+pub const RUNS_KEY: &str = "meterflow.runs_counted";
+
 /// An issued bill of an earlier period.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorBill {
     pub period: String,
+    /// First day of `period`.
+    pub start: NaiveDate,
     pub due: NaiveDate,
     pub amount: Decimal,
 }
@@ -110,10 +131,12 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
         let d: NaiveDate = due
             .parse()
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
+        let p = BillPeriod::parse(r.period).map_err(bad)?;
         out.insert(
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
+                start: p.start,
                 due: d,
                 amount: r.total,
             },
@@ -123,30 +146,33 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
 }
 
 /// One row of an issued `bills.parquet`, as late fees and tier carry-over read it.
-struct BillRow<'a> {
-    account: &'a str,
-    period: &'a str,
-    total: Decimal,
-    due: Option<&'a str>,
-    ytd_after: Option<Decimal>,
+pub(super) struct BillRow<'a> {
+    pub run_id: &'a str,
+    pub account: &'a str,
+    pub period: &'a str,
+    pub total: Decimal,
+    pub due: Option<&'a str>,
+    pub ytd_after: Option<Decimal>,
+}
+
+/// A decimal cell (None when null or out of `Decimal`'s range).
+fn dec_at(a: &Decimal128Array, i: usize) -> Option<Decimal> {
+    if a.is_null(i) {
+        return None;
+    }
+    Decimal::try_from_i128_with_scale(a.value(i), a.scale().max(0) as u32).ok()
 }
 
 /// Calls `f` for every row of a bills file; `f` gets an error builder naming the file.
-fn for_each_bill(
+pub(super) fn for_each_bill(
     path: &Path,
     mut f: impl FnMut(BillRow<'_>, &dyn Fn(String) -> BillingError) -> Result<(), BillingError>,
 ) -> Result<(), BillingError> {
     let bad = |what: String| BillingError::Invalid(format!("{}: {what}", path.display()));
-    let file = File::open(path).map_err(|source| BillingError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(super::run::io(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(|e| bad(e.to_string()))?;
-    let dec = |a: &Decimal128Array, i: usize| {
-        (!a.is_null(i)).then(|| Decimal::from_i128_with_scale(a.value(i), a.scale() as u32))
-    };
     for batch in reader {
         let batch = batch.map_err(|e| bad(e.to_string()))?;
         let col = |name: &str| batch.column_by_name(name).map(|c| c.as_any());
@@ -158,15 +184,16 @@ fn for_each_bill(
             return Err(bad("unexpected bills schema".into()));
         };
         // Optional: runs written before these columns existed.
-        let (due, ytd) = (text("due_date"), decimal("ytd_kwh_after"));
+        let (due, ytd, run) = (text("due_date"), decimal("ytd_kwh_after"), text("run_id"));
         for i in 0..batch.num_rows() {
             f(
                 BillRow {
+                    run_id: run.map_or("", |r| r.value(i)),
                     account: acc.value(i),
                     period: per.value(i),
-                    total: dec(total, i).unwrap_or_default(),
+                    total: dec_at(total, i).unwrap_or_default(),
                     due: due.filter(|d| !d.is_null(i)).map(|d| d.value(i)),
-                    ytd_after: ytd.and_then(|y| dec(y, i)),
+                    ytd_after: ytd.and_then(|y| dec_at(y, i)),
                 },
                 &bad,
             )?;
@@ -175,20 +202,949 @@ fn for_each_bill(
     Ok(())
 }
 
-/// What a bill run needs to charge late fees: the issued bills of earlier
-/// runs (`--previous`) and the payments made since, by account.
+/// A bill and what is still unpaid of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenBill {
+    pub bill: PriorBill,
+    pub unpaid: Decimal,
+}
+
+/// The payments a state counted: those dated on or before its day.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counted {
+    pub count: u64,
+    pub sum: Decimal,
+    /// Day of the last one.
+    pub last: Option<NaiveDate>,
+}
+
+impl Counted {
+    fn add(&mut self, day: NaiveDate, amount: Decimal) {
+        self.count += 1;
+        self.sum += amount;
+        self.last = self.last.max(Some(day));
+    }
+
+    /// The payments dated on or before `day` (`payments` sorted by day).
+    fn through(payments: &[(NaiveDate, Decimal)], day: NaiveDate) -> Counted {
+        let mut c = Counted::default();
+        for &(d, x) in payments.iter().take_while(|p| p.0 <= day) {
+            c.add(d, x);
+        }
+        c
+    }
+}
+
+/// One account's arrears at the end of a day (its rows of `arrears.parquet`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccountArrears {
+    /// Bills still (partly) unpaid, oldest due first.
+    pub open: Vec<OpenBill>,
+    /// Paid beyond every bill counted: it pays the next ones.
+    pub credit: Decimal,
+    pub counted: Counted,
+    /// First day of the earliest bill counted: a whole history starts there.
+    pub history_from: Option<NaiveDate>,
+    /// Latest due date of any bill counted, paid or not (credit notes aside).
+    pub last_due: Option<NaiveDate>,
+    /// Set for an account carried unchanged from an earlier state (it was
+    /// not in accounts.csv): the day that state was written. None: the
+    /// state's own day.
+    pub as_of: Option<NaiveDate>,
+}
+
+/// Where an account's fees start in this run: a carried state (`after` is
+/// its day) with the bills of the later `--previous` runs added, or the
+/// whole history of the given runs (`after` None).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Start {
+    pub after: Option<NaiveDate>,
+    pub from: AccountArrears,
+}
+
+/// The waterfall shared by the fees and the carried state: `paid` (payments
+/// and credit) settles the bills oldest due first (`bills` in that order); a
+/// negative bill (a credit note) is credit too. Calls `f` with each positive
+/// bill and what is still unpaid of it; returns the credit left.
+pub fn settle<B>(
+    bills: &[B],
+    amount: impl Fn(&B) -> Decimal,
+    paid: Decimal,
+    mut f: impl FnMut(&B, Decimal),
+) -> Decimal {
+    let notes: Decimal = bills
+        .iter()
+        .map(&amount)
+        .filter(|x| *x < Decimal::ZERO)
+        .sum();
+    let mut pool = paid - notes;
+    for b in bills {
+        let x = amount(b);
+        if x <= Decimal::ZERO {
+            continue;
+        }
+        let take = pool.min(x).max(Decimal::ZERO);
+        pool -= take;
+        f(b, x - take);
+    }
+    pool
+}
+
+fn by_due(a: &OpenBill, b: &OpenBill) -> Ordering {
+    (a.bill.due, &a.bill.period).cmp(&(b.bill.due, &b.bill.period))
+}
+
+impl Start {
+    /// The whole history: every given bill owed in full, every payment counts.
+    pub fn whole_history(bills: &[PriorBill]) -> Start {
+        let mut open: Vec<OpenBill> = bills
+            .iter()
+            .map(|b| OpenBill {
+                unpaid: b.amount,
+                bill: b.clone(),
+            })
+            .collect();
+        open.sort_by(by_due);
+        Start {
+            after: None,
+            from: AccountArrears {
+                open,
+                history_from: bills.iter().map(|b| b.start).min(),
+                last_due: bills
+                    .iter()
+                    .filter(|b| b.amount >= Decimal::ZERO)
+                    .map(|b| b.due)
+                    .max(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Continues `state`, an account's arrears at the end of `as_of`, with
+    /// its `bills` in the given runs (those after `as_of` are added) and its
+    /// `payments` (sorted). `own`: this run's bill (period, due date).
+    /// Refuses when that would not give the whole history's fees.
+    pub fn continue_state(
+        state: &AccountArrears,
+        as_of: NaiveDate,
+        bills: &[PriorBill],
+        payments: &[(NaiveDate, Decimal)],
+        own: Option<(&str, NaiveDate)>,
+    ) -> Result<Start, Problem> {
+        let now = Counted::through(payments, as_of);
+        if (now.count, now.sum) != (state.counted.count, state.counted.sum) {
+            return Err(Problem::BackDated {
+                as_of,
+                counted: state.counted,
+                now,
+                first: first_uncounted(payments, as_of, &state.counted, &now),
+            });
+        }
+        // A later bill due before one already settled would have taken the
+        // payments first in the whole history.
+        let in_order = |period: &str, due: NaiveDate| match state.last_due {
+            Some(last) if due < last => Err(Problem::Order {
+                period: period.to_string(),
+                due,
+                last_due: last,
+            }),
+            _ => Ok(()),
+        };
+        let mut from = state.clone();
+        for b in bills {
+            if b.start <= as_of {
+                // Counted in the state: a bill it still holds must agree.
+                if let Some(o) = state.open.iter().find(|o| o.bill.period == b.period) {
+                    if o.bill.amount != b.amount {
+                        return Err(Problem::Amount {
+                            period: b.period.clone(),
+                            state: o.bill.amount,
+                            runs: b.amount,
+                        });
+                    }
+                }
+                continue;
+            }
+            from.history_from = from.history_from.or(Some(b.start));
+            // A credit note is credit, whenever it falls due.
+            if b.amount >= Decimal::ZERO {
+                in_order(&b.period, b.due)?;
+                from.last_due = from.last_due.max(Some(b.due));
+            }
+            from.open.push(OpenBill {
+                unpaid: b.amount,
+                bill: b.clone(),
+            });
+        }
+        if let Some((period, due)) = own {
+            in_order(period, due)?;
+        }
+        from.open.sort_by(by_due);
+        Ok(Start {
+            after: Some(as_of),
+            from,
+        })
+    }
+
+    /// What the fee sees: what is owed of each bill, and the payments (a
+    /// carried credit as one made on the state's day).
+    pub fn fee_inputs(
+        &self,
+        payments: &[(NaiveDate, Decimal)],
+    ) -> (Vec<PriorBill>, Vec<(NaiveDate, Decimal)>) {
+        let owed = self
+            .from
+            .open
+            .iter()
+            .map(|o| PriorBill {
+                amount: o.unpaid,
+                ..o.bill.clone()
+            })
+            .collect();
+        let mut pays = Vec::with_capacity(payments.len() + 1);
+        if let Some(day) = self.after.filter(|_| self.from.credit > Decimal::ZERO) {
+            pays.push((day, self.from.credit));
+        }
+        pays.extend(self.new_payments(payments));
+        (owed, pays)
+    }
+
+    fn new_payments<'p>(
+        &self,
+        payments: &'p [(NaiveDate, Decimal)],
+    ) -> impl Iterator<Item = (NaiveDate, Decimal)> + 'p {
+        let after = self.after;
+        payments
+            .iter()
+            .filter(move |p| after.is_none_or(|d| p.0 > d))
+            .copied()
+    }
+
+    /// The arrears at the end of `last_day`, this run's own bill included:
+    /// the payments up to then settle the bills oldest due first.
+    pub fn carry(
+        &self,
+        own: Option<PriorBill>,
+        payments: &[(NaiveDate, Decimal)],
+        last_day: NaiveDate,
+    ) -> AccountArrears {
+        let mut bills = self.from.open.clone();
+        let (mut history_from, mut last_due) = (self.from.history_from, self.from.last_due);
+        if let Some(b) = own {
+            history_from = history_from.or(Some(b.start));
+            if b.amount >= Decimal::ZERO {
+                last_due = last_due.max(Some(b.due));
+            }
+            bills.push(OpenBill {
+                unpaid: b.amount,
+                bill: b,
+            });
+            bills.sort_by(by_due);
+        }
+        let mut counted = self.from.counted;
+        let mut paid = self.from.credit;
+        for (d, x) in self.new_payments(payments).filter(|p| p.0 <= last_day) {
+            counted.add(d, x);
+            paid += x;
+        }
+        let mut open = Vec::new();
+        let credit = settle(
+            &bills,
+            |o| o.unpaid,
+            paid,
+            |o, unpaid| {
+                if unpaid > Decimal::ZERO {
+                    open.push(OpenBill {
+                        bill: o.bill.clone(),
+                        unpaid,
+                    });
+                }
+            },
+        );
+        AccountArrears {
+            open,
+            credit,
+            counted,
+            history_from,
+            last_due,
+            as_of: None,
+        }
+    }
+}
+
+/// Why an account cannot continue from a carried state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Problem {
+    /// The payments dated up to the state's day are not those it counted.
+    BackDated {
+        as_of: NaiveDate,
+        counted: Counted,
+        now: Counted,
+        /// Date of the first payment the state did not count, when it can be told.
+        first: Option<NaiveDate>,
+    },
+    /// The state holds a bill at another amount than the runs given.
+    Amount {
+        period: String,
+        state: Decimal,
+        runs: Decimal,
+    },
+    /// A revision changed the account's bill after the state was written;
+    /// `add`: its run, when it is not among the given ones.
+    Revised {
+        revision: PathBuf,
+        add: Option<PathBuf>,
+    },
+    /// A later bill falls due before one the state counted.
+    Order {
+        period: String,
+        due: NaiveDate,
+        last_due: NaiveDate,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::BackDated {
+                as_of,
+                counted,
+                now,
+                first,
+            } => {
+                write!(
+                    f,
+                    "payments.csv has {} payment(s) of {} dated up to {as_of}, the state counted {} of {} \
+                     (a payment was back-dated, changed or removed)",
+                    now.count, now.sum, counted.count, counted.sum
+                )?;
+                match first {
+                    Some(d) => write!(
+                        f,
+                        "; the first payment it did not count is dated {d}: give runs since one that ends before {d}"
+                    ),
+                    None => Ok(()),
+                }
+            }
+            Problem::Amount { period, state, runs } => write!(
+                f,
+                "the state holds its bill of {period} at {state}, the --previous runs at {runs} \
+                 (revised after the state was written)"
+            ),
+            Problem::Revised { revision, add } => {
+                write!(
+                    f,
+                    "{} changed its bill after the state was written",
+                    revision.display()
+                )?;
+                match add {
+                    Some(run) => write!(
+                        f,
+                        "; add --previous {} (and every run after it)",
+                        run.display()
+                    ),
+                    None => Ok(()),
+                }
+            }
+            Problem::Order {
+                period,
+                due,
+                last_due,
+            } => write!(
+                f,
+                "its bill of {period} falls due on {due}, before a bill the state counted (due {last_due}): \
+                 only the whole history bills it exactly"
+            ),
+        }
+    }
+}
+
+/// The date of the first payment dated up to `as_of` that a state which
+/// counted `counted` did not, when it can be told: one payment more than
+/// counted, the earliest whose amount is the difference.
+fn first_uncounted(
+    payments: &[(NaiveDate, Decimal)],
+    as_of: NaiveDate,
+    counted: &Counted,
+    now: &Counted,
+) -> Option<NaiveDate> {
+    if now.count != counted.count + 1 {
+        return None;
+    }
+    let added = now.sum - counted.sum;
+    payments
+        .iter()
+        .take_while(|p| p.0 <= as_of)
+        .find(|p| p.1 == added)
+        .map(|p| p.0)
+}
+
+/// A run's arrears state, as read back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArrearsState {
+    /// The last day of the run's period.
+    pub as_of: NaiveDate,
+    pub accounts: BTreeMap<String, AccountArrears>,
+    /// Revisions (run ids) whose amounts the state reflects.
+    pub seen: BTreeSet<String>,
+    /// Run directories whose bills the state counted (canonical paths),
+    /// with the number of revisions seen in each.
+    pub runs: BTreeMap<PathBuf, usize>,
+}
+
+fn parse_date(s: &str) -> Result<NaiveDate, String> {
+    s.parse().map_err(|e| format!("'{s}' is not a date: {e}"))
+}
+
+/// `runs` as the state's `meterflow.runs_counted` metadata holds it.
+pub fn runs_metadata(runs: &BTreeMap<PathBuf, usize>) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = runs
+        .iter()
+        .map(|(d, n)| (d.display().to_string(), serde_json::Value::from(*n)))
+        .collect();
+    serde_json::Value::Object(m).to_string()
+}
+
+/// Reads `arrears.parquet` of a run whose last day is `as_of`.
+pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, BillingError> {
+    let bad = |what: String| BillingError::Invalid(format!("{}: {what}", path.display()));
+    let file = File::open(path).map_err(super::run::io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(e.to_string()))?;
+    let kv = |key: &str| {
+        builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|k| k.key == key))
+            .and_then(|k| k.value.clone())
+    };
+    let seen = kv(SEEN_KEY)
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut runs = BTreeMap::new();
+    if let Some(v) = kv(RUNS_KEY) {
+        let m: BTreeMap<String, usize> =
+            serde_json::from_str(&v).map_err(|e| bad(format!("{RUNS_KEY}: {e}")))?;
+        runs = m.into_iter().map(|(d, n)| (PathBuf::from(d), n)).collect();
+    }
+    let reader = builder.build().map_err(|e| bad(e.to_string()))?;
+    let mut accounts: BTreeMap<String, AccountArrears> = BTreeMap::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(e.to_string()))?;
+        let col = |name: &str| batch.column_by_name(name).map(|c| c.as_any());
+        let text = |name: &str| {
+            col(name)
+                .and_then(|c| c.downcast_ref::<StringArray>())
+                .ok_or_else(|| bad(format!("no text column {name}")))
+        };
+        let decimal = |name: &str| {
+            col(name)
+                .and_then(|c| c.downcast_ref::<Decimal128Array>())
+                .ok_or_else(|| bad(format!("no decimal column {name}")))
+        };
+        let (acc, run_period, day, per, due) = (
+            text("account_id")?,
+            text("period")?,
+            text("as_of")?,
+            text("bill_period")?,
+            text("due_date")?,
+        );
+        let (amount, unpaid, credit, paid_sum) = (
+            decimal("amount")?,
+            decimal("unpaid")?,
+            decimal("credit")?,
+            decimal("paid_sum")?,
+        );
+        let (last_paid, from, last_due) = (
+            text("last_paid_on")?,
+            text("history_from")?,
+            text("last_due")?,
+        );
+        let paid_count = col("paid_count")
+            .and_then(|c| c.downcast_ref::<Int64Array>())
+            .ok_or_else(|| bad("no integer column paid_count".into()))?;
+        let opt_date = |a: &StringArray, i: usize| -> Result<Option<NaiveDate>, BillingError> {
+            (!a.is_null(i))
+                .then(|| parse_date(a.value(i)).map_err(bad))
+                .transpose()
+        };
+        for i in 0..batch.num_rows() {
+            let row = |what: &str| bad(format!("row of {}: {what}", acc.value(i)));
+            // The run's own day; an account carried unchanged keeps the day
+            // of the state it was carried from.
+            let run_day = BillPeriod::parse(run_period.value(i))
+                .map_err(bad)?
+                .end
+                .pred_opt();
+            if run_day != Some(as_of) {
+                return Err(row(&format!(
+                    "the state of {} is not one of {as_of}",
+                    run_period.value(i)
+                )));
+            }
+            let row_day = parse_date(day.value(i)).map_err(bad)?;
+            if row_day > as_of {
+                return Err(row(&format!("as_of {row_day} is after {as_of}")));
+            }
+            let carried_day = (row_day < as_of).then_some(row_day);
+            let a = accounts
+                .entry(acc.value(i).to_string())
+                .or_insert(AccountArrears {
+                    open: Vec::new(),
+                    credit: dec_at(credit, i).ok_or_else(|| row("no credit"))?,
+                    counted: Counted {
+                        count: u64::try_from(paid_count.value(i))
+                            .map_err(|_| row("negative paid_count"))?,
+                        sum: dec_at(paid_sum, i).ok_or_else(|| row("no paid_sum"))?,
+                        last: opt_date(last_paid, i)?,
+                    },
+                    history_from: opt_date(from, i)?,
+                    last_due: opt_date(last_due, i)?,
+                    as_of: carried_day,
+                });
+            if a.as_of != carried_day {
+                return Err(row("rows of one account with different as_of"));
+            }
+            if per.is_null(i) {
+                continue;
+            }
+            let period = BillPeriod::parse(per.value(i)).map_err(bad)?;
+            let (Some(due), Some(amount), Some(unpaid)) =
+                (opt_date(due, i)?, dec_at(amount, i), dec_at(unpaid, i))
+            else {
+                return Err(row("a bill without due_date, amount or unpaid"));
+            };
+            a.open.push(OpenBill {
+                bill: PriorBill {
+                    period: period.label,
+                    start: period.start,
+                    due,
+                    amount,
+                },
+                unpaid,
+            });
+        }
+    }
+    Ok(ArrearsState {
+        as_of,
+        accounts,
+        seen,
+        runs,
+    })
+}
+
+/// A revision of an earlier run: its run id and the accounts it changed.
+struct Revision {
+    dir: PathBuf,
+    run_id: String,
+    accounts: HashSet<String>,
+}
+
+impl Revision {
+    /// Reads the revision whose `bills.parquet` is `bills`.
+    fn read(bills: &Path) -> Result<Revision, BillingError> {
+        let mut rev = Revision {
+            dir: bills.parent().unwrap_or(bills).to_path_buf(),
+            run_id: String::new(),
+            accounts: HashSet::new(),
+        };
+        for_each_bill(bills, |r, _| {
+            rev.run_id = r.run_id.to_string();
+            rev.accounts.insert(r.account.to_string());
+            Ok(())
+        })?;
+        Ok(rev)
+    }
+}
+
+/// An earlier run given with `--previous`.
+struct GivenRun {
+    dir: PathBuf,
+    /// `dir` resolved, to tell a run given twice.
+    key: PathBuf,
+    period: BillPeriod,
+    revisions: Vec<Revision>,
+    /// The state of its latest revision that has one (or its own).
+    state: Option<ArrearsState>,
+    state_path: PathBuf,
+    /// Revisions its state has not seen of runs it counted that are not
+    /// given (run directory, revision).
+    outside: Vec<(PathBuf, Revision)>,
+}
+
+impl GivenRun {
+    /// Reads a run directory's period, revisions and state; hashes its
+    /// bills files and the state into `inputs`.
+    fn read(dir: &Path, inputs: &mut Vec<serde_json::Value>) -> Result<GivenRun, BillingError> {
+        let bad = |what: String| BillingError::Invalid(format!("{}: {what}", dir.display()));
+        let manifest = dir.join("manifest.json");
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).map_err(super::run::io(&manifest))?)
+                .map_err(|e| bad(e.to_string()))?;
+        let label = m["period"]
+            .as_str()
+            .ok_or_else(|| bad("no period".into()))?;
+        let period = BillPeriod::parse(label).map_err(bad)?;
+        let files = bills_files(dir);
+        for f in &files {
+            inputs.push(super::run::hashed_input(f)?);
+        }
+        let revisions = files[1..]
+            .iter()
+            .map(|f| Revision::read(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut state = None;
+        let mut state_path = PathBuf::new();
+        for (k, f) in files.iter().enumerate().rev() {
+            let p = f.parent().unwrap_or(dir).join(STATE_FILE);
+            if !p.exists() {
+                continue;
+            }
+            inputs.push(super::run::hashed_input(&p)?);
+            let as_of = period.end.pred_opt().unwrap_or(period.end);
+            let mut s = read_state(&p, as_of)?;
+            // A revision's state reflects that revision and the ones before it.
+            s.seen.extend(
+                revisions[..k]
+                    .iter()
+                    .filter(|r| !r.run_id.is_empty())
+                    .map(|r| r.run_id.clone()),
+            );
+            state = Some(s);
+            state_path = p;
+            break;
+        }
+        Ok(GivenRun {
+            dir: dir.to_path_buf(),
+            key: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            period,
+            revisions,
+            state,
+            state_path,
+            outside: Vec::new(),
+        })
+    }
+
+    /// A revision of this run that changed `account` after `state` (whose
+    /// day for the account is `as_of`) was written.
+    fn unseen_revision(
+        &self,
+        state: &ArrearsState,
+        as_of: NaiveDate,
+        account: &str,
+    ) -> Option<&Revision> {
+        if self.period.end > as_of.succ_opt()? {
+            return None;
+        }
+        self.revisions
+            .iter()
+            .find(|r| !state.seen.contains(&r.run_id) && r.accounts.contains(account))
+    }
+}
+
+/// For each given state, the revisions written since of the runs it counted
+/// that are not given (`meterflow.runs_counted`): a directory that no
+/// longer exists is skipped with a warning.
+fn find_outside_revisions(runs: &mut [GivenRun]) -> Result<(), BillingError> {
+    let given: HashSet<PathBuf> = runs.iter().map(|r| r.key.clone()).collect();
+    for run in runs.iter_mut() {
+        let Some(s) = &run.state else { continue };
+        let mut outside = Vec::new();
+        for (dir, &seen) in &s.runs {
+            if given.contains(dir) {
+                continue; // its revisions are checked by run id
+            }
+            if !dir.exists() {
+                tracing::warn!(
+                    run = %dir.display(),
+                    state = %run.state_path.display(),
+                    "a run the arrears state counted no longer exists: its revisions cannot be checked"
+                );
+                continue;
+            }
+            for f in bills_files(dir).iter().skip(1 + seen) {
+                outside.push((dir.clone(), Revision::read(f)?));
+            }
+        }
+        run.outside = outside;
+    }
+    Ok(())
+}
+
+/// With carried states, `--previous` must be consecutive runs, one per
+/// period, ending the day before `period` starts. Sorts `runs` by period.
+fn check_chain(runs: &mut Vec<GivenRun>, period: &BillPeriod) -> Result<(), BillingError> {
+    runs.sort_by_key(|r| (r.period.start, r.period.end, r.key.clone()));
+    runs.dedup_by(|a, b| a.key == b.key);
+    let refuse = |what: String| {
+        BillingError::Arrears(format!(
+            "{what}: with arrears states, --previous takes consecutive runs, one per period, \
+             the last one ending the day before {} (the period billed)",
+            period.start
+        ))
+    };
+    let name = |r: &GivenRun| format!("{} ({})", r.dir.display(), r.period.label);
+    for w in runs.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        match a.period.end.cmp(&b.period.start) {
+            Ordering::Greater => {
+                return Err(refuse(format!("{} and {} overlap", name(a), name(b))));
+            }
+            Ordering::Less => {
+                return Err(refuse(format!(
+                    "no run given for {}..{} (between {} and {})",
+                    a.period.end,
+                    b.period.start,
+                    name(a),
+                    name(b)
+                )));
+            }
+            Ordering::Equal => {}
+        }
+    }
+    if let Some(last) = runs.last() {
+        match last.period.end.cmp(&period.start) {
+            Ordering::Greater => {
+                return Err(refuse(format!("{} reaches into this period", name(last))));
+            }
+            Ordering::Less => {
+                return Err(refuse(format!(
+                    "no run given for {}..{} (after {})",
+                    last.period.end,
+                    period.start,
+                    name(last)
+                )));
+            }
+            Ordering::Equal => {}
+        }
+    }
+    Ok(())
+}
+
+/// The late-fee rule of a postpaid account on `day`, with its tariff version.
+fn rule_of<'t>(
+    a: &BillingAccount,
+    tariffs: &'t TariffSet,
+    day: NaiveDate,
+) -> Option<(usize, &'t TariffVersion, &'t LateFeeRule)> {
+    if a.payment_mode != PaymentMode::Postpaid {
+        return None;
+    }
+    let t = tariffs.get(&a.tariff_id).ok()?;
+    let (vi, v) = t
+        .versions
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.applies_on(day))?;
+    Some((vi, v, v.late_fee.as_ref()?))
+}
+
+/// Payments of known accounts by local day, sorted per account by (day,
+/// amount), file order among equals.
+#[derive(Default)]
+struct Payments<'a> {
+    all: Vec<(NaiveDate, Decimal)>,
+    of: FxMap<&'a str, std::ops::Range<usize>>,
+}
+
+impl<'a> Payments<'a> {
+    fn new(
+        rows: &[crate::master::BillingPayment],
+        accounts: &'a [BillingAccount],
+        by_id: &FxMap<&str, u32>,
+        tariffs: &TariffSet,
+    ) -> Payments<'a> {
+        use rayon::prelude::*;
+        // Accounts of one tariff share its id (interned): its offset is
+        // looked up once per run of equal ids, not once per payment.
+        let mut keyed: Vec<(u32, NaiveDate, Decimal)> = rows
+            .par_chunks(64 * 1024)
+            .flat_map_iter(|chunk| {
+                let mut last: Option<(*const u8, i32)> = None;
+                chunk.iter().filter_map(move |p| {
+                    let &i = by_id.get(&*p.account_id)?;
+                    let a = &accounts[i as usize];
+                    let id = a.tariff_id.as_ptr();
+                    let offset = match last {
+                        Some((t, o)) if t == id => o,
+                        _ => {
+                            let o = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
+                            last = Some((id, o));
+                            o
+                        }
+                    };
+                    let ms = p.paid_at.timestamp_millis();
+                    let (date, _) = super::period::local_date_minute(ms, offset);
+                    Some((i, date, p.amount))
+                })
+            })
+            .collect();
+        // Stable: equal amounts keep their order in the file.
+        keyed.par_sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+        let mut of = FxMap::default();
+        let mut all = Vec::with_capacity(keyed.len());
+        for run in keyed.chunk_by(|x, y| x.0 == y.0) {
+            let from = all.len();
+            all.extend(run.iter().map(|&(_, d, x)| (d, x)));
+            of.insert(&*accounts[run[0].0 as usize].account_id, from..all.len());
+        }
+        Payments { all, of }
+    }
+
+    fn of(&self, account: &str) -> &[(NaiveDate, Decimal)] {
+        self.of
+            .get(account)
+            .map_or(&[][..], |r| &self.all[r.clone()])
+    }
+}
+
+/// What a bill run needs to charge late fees and write its arrears state:
+/// where each account starts (a carried state or the given runs' bills)
+/// and its payments.
 pub struct LateFees<'a> {
     last_day: NaiveDate,
-    prior: PriorBills,
-    payments: BTreeMap<&'a str, Vec<(NaiveDate, Decimal)>>,
+    /// Accounts with a carried state or earlier bills.
+    starts: HashMap<&'a str, Start>,
+    payments: Payments<'a>,
+    /// With a state given: the latest state's day. An account in no given
+    /// state (new, or until now prepaid) counts only the payments after it.
+    fresh_after: Option<NaiveDate>,
+    /// Accounts of the given states that are not in accounts.csv, carried
+    /// forward unchanged, in id order.
+    pub carried: Vec<(String, AccountArrears)>,
+    /// Revisions (run ids) the state this run writes reflects.
+    pub seen: BTreeSet<String>,
+    /// Run directories whose bills the state this run writes counted, with
+    /// the number of revisions seen in each (`meterflow.runs_counted`).
+    pub runs: BTreeMap<PathBuf, usize>,
     /// Files read, with SHA-256 (hashed into the run id and manifest).
     pub inputs: Vec<serde_json::Value>,
     /// Rows of payments.csv that could not be read.
     pub errors: Vec<String>,
 }
 
+/// An account whose carried state cannot be continued.
+struct Refusal {
+    account: String,
+    /// The state refused.
+    state: PathBuf,
+    problem: Problem,
+    /// First day of the account's earliest bill in any given state.
+    history_from: Option<NaiveDate>,
+}
+
+/// Where `name`'s fees start: the earliest given state that can be
+/// continued exactly (marked in `used`), else the whole history of the
+/// given runs when they reach back to its first bill, else a refusal.
+fn choose_start(
+    runs: &[GivenRun],
+    name: &str,
+    bills: &[PriorBill],
+    pays: &[(NaiveDate, Decimal)],
+    own: Option<(&str, NaiveDate)>,
+    used: &mut [bool],
+) -> Result<Start, Box<Refusal>> {
+    let chain_start = runs.first().map(|r| r.period.start);
+    let mut refused: Option<(&Path, Problem)> = None;
+    let mut history_from: Option<NaiveDate> = None;
+    // A run that is not given changed one of its bills: its whole history
+    // is not in the given runs.
+    let mut outside_changed = false;
+    for (i, run) in runs.iter().enumerate() {
+        let Some(s) = &run.state else { continue };
+        let Some(acc) = s.accounts.get(name) else {
+            continue;
+        };
+        history_from = match (history_from, acc.history_from) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        let as_of = acc.as_of.unwrap_or(s.as_of);
+        let outside = run.outside.iter().find(|(_, r)| r.accounts.contains(name));
+        outside_changed |= outside.is_some();
+        let revised = match outside {
+            Some((run_dir, r)) => Some(Problem::Revised {
+                revision: r.dir.clone(),
+                add: Some(run_dir.clone()),
+            }),
+            None => runs
+                .iter()
+                .find_map(|r| r.unseen_revision(s, as_of, name))
+                .map(|r| Problem::Revised {
+                    revision: r.dir.clone(),
+                    add: None,
+                }),
+        };
+        let r = match revised {
+            Some(p) => Err(p),
+            None => Start::continue_state(acc, as_of, bills, pays, own),
+        };
+        match r {
+            Ok(start) => {
+                used[i] = true;
+                return Ok(start);
+            }
+            Err(p) => {
+                refused.get_or_insert((&run.state_path, p));
+            }
+        }
+    }
+    let Some((path, problem)) = refused else {
+        // In no state: as before states existed.
+        return Ok(Start::whole_history(bills));
+    };
+    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h));
+    if whole && !outside_changed {
+        return Ok(Start::whole_history(bills));
+    }
+    Err(Box::new(Refusal {
+        account: name.to_string(),
+        state: path.to_path_buf(),
+        problem,
+        history_from,
+    }))
+}
+
+/// An account of the given states that is not in accounts.csv: its latest
+/// state, carried unchanged (with the day it was written).
+fn carry_unchanged(runs: &[GivenRun], name: &str) -> Option<(String, AccountArrears)> {
+    runs.iter()
+        .rev()
+        .filter_map(|r| r.state.as_ref())
+        .find_map(|s| {
+            let mut a = s.accounts.get(name)?.clone();
+            a.as_of = Some(a.as_of.unwrap_or(s.as_of));
+            Some((name.to_string(), a))
+        })
+}
+
+/// Refuses a missing payments.csv when a given state counted payments.
+fn check_payments_file(runs: &[GivenRun], path: &Path) -> Result<(), BillingError> {
+    for r in runs {
+        let Some(s) = &r.state else { continue };
+        if let Some((a, acc)) = s.accounts.iter().find(|(_, a)| a.counted.count > 0) {
+            return Err(BillingError::Arrears(format!(
+                "{} is missing, but the arrears state {} counted payments ({a}: {} of {}): \
+                 restore the file",
+                path.display(),
+                r.state_path.display(),
+                acc.counted.count,
+                acc.counted.sum
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl<'a> LateFees<'a> {
-    /// Reads `previous` runs' bills and, when there are any, `payments`.
+    /// Reads the `previous` runs (bills, revisions, arrears states) and
+    /// `payments`, and decides where each account's fees start. Fails,
+    /// naming the accounts, when a carried state cannot be continued exactly.
     pub fn load(
         previous: &[PathBuf],
         payments_path: &Path,
@@ -196,87 +1152,246 @@ impl<'a> LateFees<'a> {
         accounts: &'a [BillingAccount],
         tariffs: &TariffSet,
     ) -> Result<LateFees<'a>, BillingError> {
+        let last_day = period.end.pred_opt().unwrap_or(period.end);
         let mut inputs = Vec::new();
-        let mut errors = Vec::new();
-        let mut prior = PriorBills::new();
-        if !previous.is_empty() {
-            for dir in previous {
-                // Revisions replace totals and positions: they are inputs too.
-                for f in bills_files(dir) {
-                    inputs.push(super::run::hashed_input(&f)?);
-                }
-            }
-            prior = read_prior_bills(previous)?;
+        let mut runs = Vec::new();
+        for dir in previous {
+            runs.push(GivenRun::read(dir, &mut inputs)?);
         }
-        let mut payments: BTreeMap<&'a str, Vec<(NaiveDate, Decimal)>> = BTreeMap::new();
-        if !prior.is_empty() && payments_path.exists() {
-            inputs.push(super::run::hashed_input(payments_path)?);
-            let loaded = crate::master::load_payments(payments_path)
+        let prior = if previous.is_empty() {
+            PriorBills::new()
+        } else {
+            read_prior_bills(previous)?
+        };
+        let carried = runs.iter().any(|r| r.state.is_some());
+        if carried {
+            check_chain(&mut runs, period)?;
+            find_outside_revisions(&mut runs)?;
+        }
+        let by_id: FxMap<&str, u32> = accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (&*a.account_id, i as u32))
+            .collect();
+        let tracked = accounts
+            .iter()
+            .any(|a| rule_of(a, tariffs, last_day).is_some());
+        let mut errors = Vec::new();
+        let mut payments = Payments::default();
+        if !payments_path.exists() {
+            check_payments_file(&runs, payments_path)?;
+        } else if tracked || carried || !prior.is_empty() {
+            let loaded = crate::master::load_billing_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
+            inputs.push(
+                serde_json::json!({"path": payments_path.display().to_string(),
+                "sha256": loaded.sha256, "bytes": loaded.bytes}),
+            );
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
-            let by_id: HashMap<&str, &'a BillingAccount> =
-                accounts.iter().map(|a| (&*a.account_id, a)).collect();
-            for p in &loaded.rows {
-                let Some(a) = by_id.get(p.account_id.as_str()) else {
-                    continue;
-                };
-                let offset = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
-                let (date, _) =
-                    super::period::local_date_minute(p.paid_at.timestamp_millis(), offset);
-                payments
-                    .entry(&*a.account_id)
-                    .or_default()
-                    .push((date, p.amount));
+            payments = Payments::new(&loaded.rows, accounts, &by_id, tariffs);
+        }
+        // Each account continues from the earliest given state that gives
+        // the whole history's fees (later ones are then not needed), else
+        // from the given runs' bills when they reach back to its first bill.
+        let names: BTreeSet<&str> = runs
+            .iter()
+            .filter_map(|r| r.state.as_ref())
+            .flat_map(|s| s.accounts.keys().map(String::as_str))
+            .chain(prior.keys().map(String::as_str))
+            .collect();
+        let mut used = vec![false; runs.len()];
+        let mut starts = HashMap::new();
+        let mut kept = Vec::new();
+        let mut problems = Vec::new();
+        for name in names {
+            let Some(a) = by_id.get(name).map(|&i| &accounts[i as usize]) else {
+                // Not in accounts.csv: its state is carried unchanged, so
+                // it comes back intact.
+                kept.extend(carry_unchanged(&runs, name));
+                continue;
+            };
+            let bills = prior.get(name).map_or(&[][..], Vec::as_slice);
+            let pays = payments.of(name);
+            let own =
+                rule_of(a, tariffs, last_day).map(|r| (&*period.label, due_date(period, r.2)));
+            match choose_start(&runs, name, bills, pays, own, &mut used) {
+                Ok(start) if start != Start::default() => {
+                    starts.insert(&*a.account_id, start);
+                }
+                Ok(_) => {}
+                Err(r) => problems.push(*r),
             }
+        }
+        if !problems.is_empty() {
+            return Err(refuse(&problems));
+        }
+        // Revisions every used state reflects, and those of the given runs
+        // (their amounts were read, or checked not to concern an account).
+        let used_states: Vec<&ArrearsState> = runs
+            .iter()
+            .zip(&used)
+            .filter(|(_, u)| **u)
+            .filter_map(|(r, _)| r.state.as_ref())
+            .collect();
+        let mut seen: Option<BTreeSet<String>> = None;
+        for s in &used_states {
+            seen = Some(match seen {
+                None => s.seen.clone(),
+                Some(x) => x.intersection(&s.seen).cloned().collect(),
+            });
+        }
+        let mut seen = seen.unwrap_or_default();
+        seen.extend(
+            runs.iter()
+                .flat_map(|r| &r.revisions)
+                .filter(|r| !r.run_id.is_empty())
+                .map(|r| r.run_id.clone()),
+        );
+        // Runs counted: those the used states counted (each account of a
+        // state was checked against their revisions since), and the given ones.
+        let mut counted_runs = BTreeMap::new();
+        for s in &used_states {
+            for (dir, &n) in &s.runs {
+                let now = if dir.exists() {
+                    bills_files(dir).len() - 1
+                } else {
+                    n
+                };
+                let e = counted_runs.entry(dir.clone()).or_insert(now);
+                *e = (*e).max(now);
+            }
+        }
+        for r in &runs {
+            counted_runs.insert(r.key.clone(), r.revisions.len());
         }
         Ok(LateFees {
-            last_day: period.end.pred_opt().unwrap_or(period.end),
-            prior,
+            last_day,
+            starts,
             payments,
+            fresh_after: runs
+                .iter()
+                .filter_map(|r| r.state.as_ref())
+                .map(|s| s.as_of)
+                .max(),
+            carried: kept,
+            seen,
+            runs: counted_runs,
             inputs,
             errors,
         })
     }
 
-    /// Adds late-fee lines to the bill of a postpaid account whose tariff
-    /// has a late-fee rule; returns the due date of this bill (None for
-    /// other accounts).
+    /// The accounts of `carried` whose ids are in `first..=last`, as a range of indexes.
+    pub fn carried_within(&self, first: &str, last: &str) -> std::ops::Range<usize> {
+        let lo = self.carried.partition_point(|c| c.0.as_str() < first);
+        let hi = self.carried.partition_point(|c| c.0.as_str() <= last);
+        lo..hi.max(lo)
+    }
+
+    /// Adds late-fee lines to the bill `b` of a postpaid account whose
+    /// tariff has a late-fee rule; returns the bill's due date (None for
+    /// other accounts) and the account's arrears at the period's last day
+    /// (None for accounts late fees do not concern). `b` is None for an
+    /// account that could not be billed: its arrears are still carried,
+    /// with `issued`, its bill issued earlier for this period (a revision
+    /// never unissues a bill).
     pub fn apply(
         &self,
         a: &BillingAccount,
-        b: &mut AccountBill,
+        b: Option<&mut AccountBill>,
+        issued: Option<PriorBill>,
         tariffs: &TariffSet,
         period: &BillPeriod,
-    ) -> Option<NaiveDate> {
-        if a.payment_mode != PaymentMode::Postpaid {
-            return None;
+    ) -> (Option<NaiveDate>, Option<AccountArrears>) {
+        let rule = rule_of(a, tariffs, self.last_day);
+        let start = self.starts.get(&*a.account_id);
+        if rule.is_none() && start.is_none() && issued.is_none() {
+            return (None, None);
         }
-        let t = tariffs.get(&b.tariff_id).ok()?;
-        let (vi, v) = t
-            .versions
-            .iter()
-            .enumerate()
-            .find(|(_, v)| v.applies_on(self.last_day))?;
-        let rule = v.late_fee.as_ref()?;
-        let due = due_date(period, rule);
-        let Some(prior) = self.prior.get(&b.account_id) else {
-            return Some(due);
+        let pays = self.payments.of(&a.account_id);
+        let fresh;
+        let start = match start {
+            Some(s) => s,
+            None => {
+                fresh = self.fresh_start(pays);
+                &fresh
+            }
         };
-        let pays = self
-            .payments
-            .get(&*a.account_id)
-            .map_or(&[][..], |v| v.as_slice());
-        let residential = a.customer_class == CustomerClass::Residential;
-        for line in late_fee_lines(rule, residential, prior, pays, period, &v.rounding) {
-            b.total += line.amount;
-            b.lines.push(BillLine {
-                version_index: vi,
-                line,
-                flags: Flags::NONE,
-            });
+        let mut own = None;
+        match (rule, b) {
+            (Some((vi, v, rule)), Some(b)) => {
+                let due = due_date(period, rule);
+                let (owed, fee_pays) = start.fee_inputs(pays);
+                let residential = a.customer_class == CustomerClass::Residential;
+                for line in late_fee_lines(rule, residential, &owed, &fee_pays, period, &v.rounding)
+                {
+                    b.total += line.amount;
+                    b.lines.push(BillLine {
+                        version_index: vi,
+                        line,
+                        flags: Flags::NONE,
+                    });
+                }
+                own = Some(PriorBill {
+                    period: period.label.clone(),
+                    start: period.start,
+                    due,
+                    amount: super::output::as_written(b.total, super::output::AMOUNT.1),
+                });
+            }
+            (_, None) => own = issued,
+            (None, Some(_)) => {}
         }
-        Some(due)
+        let due = own.as_ref().map(|o| o.due);
+        (due, Some(start.carry(own, pays, self.last_day)))
     }
+
+    /// The start of an account in no given state: with a state given, as of
+    /// its day, counting the payments up to then without crediting them
+    /// (made while late fees did not concern the account, e.g. prepaid
+    /// top-ups); else the whole history.
+    fn fresh_start(&self, pays: &[(NaiveDate, Decimal)]) -> Start {
+        match self.fresh_after {
+            None => Start::default(),
+            Some(day) => Start {
+                after: Some(day),
+                from: AccountArrears {
+                    counted: Counted::through(pays, day),
+                    ..Default::default()
+                },
+            },
+        }
+    }
+}
+
+/// The error for accounts whose carried state cannot be continued.
+fn refuse(problems: &[Refusal]) -> BillingError {
+    let mut msg = format!(
+        "the arrears state of the --previous runs cannot be continued exactly for {} account(s):",
+        problems.len()
+    );
+    for r in problems.iter().take(5) {
+        msg += &format!("\n  {}: {} ({})", r.account, r.problem, r.state.display());
+    }
+    if problems.len() > 5 {
+        msg += &format!("\n  ... and {} more", problems.len() - 5);
+    }
+    let first = problems.iter().filter_map(|r| r.history_from).min();
+    if problems
+        .iter()
+        .all(|r| matches!(r.problem, Problem::Order { .. }))
+    {
+        msg += "\nonly the whole history helps: give --previous every run since the accounts' first bills";
+        if let Some(d) = first {
+            msg += &format!(" (every run since {d})");
+        }
+    } else {
+        msg += "\ngive --previous every run since one that ends before the change";
+        if let Some(d) = first {
+            msg += &format!(" (at the latest, every run since {d}: these accounts' first bills)");
+        }
+    }
+    BillingError::Arrears(msg)
 }
 
 /// The due date of a bill for `period`: `due_days` after the period's last
@@ -287,7 +1402,8 @@ pub fn due_date(period: &BillPeriod, rule: &LateFeeRule) -> NaiveDate {
 }
 
 /// Late-fee lines for this period's bill (empty when nothing is overdue).
-/// `payments`: (local date, amount), any order.
+/// `payments`: (local date, amount), any order. A negative prior bill (a
+/// credit note) is credit from the period's first day.
 pub fn late_fee_lines(
     rule: &LateFeeRule,
     residential: bool,
@@ -296,15 +1412,18 @@ pub fn late_fee_lines(
     period: &BillPeriod,
     rounding: &Rounding,
 ) -> Vec<ChargeLine> {
-    let mut bills: Vec<&PriorBill> = prior.iter().filter(|b| b.due < period.end).collect();
+    let mut bills: Vec<&PriorBill> = prior
+        .iter()
+        .filter(|b| b.due < period.end || b.amount < Decimal::ZERO)
+        .collect();
     bills.sort_by_key(|b| b.due);
-    if bills.is_empty() {
+    if !bills.iter().any(|b| b.amount > Decimal::ZERO) {
         return vec![];
     }
-    // `payments` is the account's whole history, paid in advance or late:
-    // it settles the given bills oldest first, exactly when every bill it
-    // could have paid is given (docs/billing.md). A payment date cannot tell
-    // "paid an earlier bill" from "paid in advance".
+    // Payments settle the given bills oldest first: exact when the bills are
+    // every one they could have paid, or what a carried state still holds
+    // (docs/billing.md). A payment date cannot tell "paid an earlier bill"
+    // from "paid in advance".
     let mut pays: Vec<(NaiveDate, Decimal)> = payments.to_vec();
     pays.sort();
     // yuan-days per rate class
@@ -318,22 +1437,23 @@ pub fn late_fee_lines(
             paid += pays[next_pay].1;
             next_pay += 1;
         }
-        let mut covered = paid;
-        for b in &bills {
-            let from_payments = covered.min(b.amount).max(Decimal::ZERO);
-            covered -= from_payments;
-            let open = b.amount - from_payments;
-            if day > b.due && open > Decimal::ZERO {
-                let class = if residential {
-                    RESIDENTIAL
-                } else if b.due.year() == day.year() {
-                    CURRENT_YEAR
-                } else {
-                    EARLIER_YEARS
-                };
-                yuan_days[class as usize] += open;
-            }
-        }
+        settle(
+            &bills,
+            |b| b.amount,
+            paid,
+            |b, open| {
+                if day > b.due && open > Decimal::ZERO {
+                    let class = if residential {
+                        RESIDENTIAL
+                    } else if b.due.year() == day.year() {
+                        CURRENT_YEAR
+                    } else {
+                        EARLIER_YEARS
+                    };
+                    yuan_days[class as usize] += open;
+                }
+            },
+        );
         day = day.succ_opt().expect("date in range");
     }
     let rates = [
@@ -380,9 +1500,15 @@ mod tests {
     }
 
     fn sept_bill(amount: Decimal) -> PriorBill {
+        bill("2026-09", "2026-10-15", amount)
+    }
+
+    /// The bill of a calendar month.
+    fn bill(period: &str, due: &str, amount: Decimal) -> PriorBill {
         PriorBill {
-            period: "2026-09".into(),
-            due: d("2026-10-15"),
+            period: period.into(),
+            start: d(&format!("{period}-01")),
+            due: d(due),
             amount,
         }
     }
@@ -427,11 +1553,6 @@ mod tests {
     #[test]
     fn with_every_bill_given_payments_late_or_in_advance_settle_the_right_ones() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        let bill = |period: &str, due: &str, amount| PriorBill {
-            period: period.into(),
-            due: d(due),
-            amount,
-        };
         let bills = [
             bill("2026-07", "2026-08-15", dec!(180)),
             bill("2026-08", "2026-09-15", dec!(190)),
@@ -457,11 +1578,7 @@ mod tests {
     #[test]
     fn a_payment_stops_the_fee_on_the_day_it_is_made_and_pays_the_oldest_bill_first() {
         let p = BillPeriod::parse("2026-10").unwrap();
-        let aug = PriorBill {
-            period: "2026-08".into(),
-            due: d("2026-09-15"),
-            amount: dec!(100),
-        };
+        let aug = bill("2026-08", "2026-09-15", dec!(100));
         // 150 paid on 21 Oct: August (100) is settled first, then 50 of September's 200.
         let lines = late_fee_lines(
             &LateFeeRule::default(),
@@ -507,15 +1624,509 @@ mod tests {
     #[test]
     fn arrears_of_earlier_years_cost_more_for_non_residential_accounts() {
         let p = BillPeriod::parse("2027-01").unwrap();
-        let dec_bill = PriorBill {
-            period: "2026-11".into(),
-            due: d("2026-12-15"),
-            amount: dec!(1000),
-        };
+        let dec_bill = bill("2026-11", "2026-12-15", dec!(1000));
         let lines = late_fee_lines(&LateFeeRule::default(), false, &[dec_bill], &[], &p, &fen());
         // 31 January days, arrear of 2026: 3 per mille -> 31 x 1000 x 0.003 = 93.00
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0].index, EARLIER_YEARS);
         assert_eq!(lines[0].amount, dec!(93.00));
+    }
+
+    fn last_day(period: &str) -> NaiveDate {
+        BillPeriod::parse(period).unwrap().end.pred_opt().unwrap()
+    }
+
+    /// Bills of July..November (one per month, due on the 15th of the next)
+    /// and payments of every kind: in advance, partial, late, over, none in
+    /// September.
+    fn year() -> (Vec<PriorBill>, Vec<(NaiveDate, Decimal)>) {
+        let bills = vec![
+            bill("2026-07", "2026-08-15", dec!(180)),
+            bill("2026-08", "2026-09-15", dec!(190)),
+            bill("2026-09", "2026-10-15", dec!(200)),
+            bill("2026-10", "2026-11-15", dec!(210)),
+            bill("2026-11", "2026-12-15", dec!(220)),
+        ];
+        let pays = vec![
+            (d("2026-07-20"), dec!(50)),
+            (d("2026-08-20"), dec!(100)),
+            (d("2026-10-18"), dec!(400)),
+            (d("2026-10-25"), dec!(30)),
+            (d("2026-11-10"), dec!(75)),
+            (d("2026-12-02"), dec!(500)),
+        ];
+        (bills, pays)
+    }
+
+    #[test]
+    fn continuing_each_month_from_the_last_state_gives_the_whole_history_s_fees() {
+        let (bills, pays) = year();
+        let rule = LateFeeRule::default();
+        let mut start = Start::default();
+        let mut charged = 0;
+        for (n, month) in [
+            "2026-07", "2026-08", "2026-09", "2026-10", "2026-11", "2026-12",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let p = BillPeriod::parse(month).unwrap();
+            let whole = late_fee_lines(&rule, false, &bills[..n], &pays, &p, &fen());
+            let (owed, fee_pays) = start.fee_inputs(&pays);
+            let carried = late_fee_lines(&rule, false, &owed, &fee_pays, &p, &fen());
+            assert_eq!(carried, whole, "{month}");
+            charged += whole.len();
+            let own = bills.get(n).cloned();
+            let state = start.carry(own.clone(), &pays, last_day(month));
+            let own = own.as_ref().map(|b| (b.period.as_str(), b.due));
+            start = Start::continue_state(&state, last_day(month), &[], &pays, own).unwrap();
+        }
+        assert!(charged >= 3, "the history has overdue days");
+    }
+
+    #[test]
+    fn a_state_continued_with_the_bills_of_later_runs_gives_the_whole_history_s_fees() {
+        let (bills, pays) = year();
+        let rule = LateFeeRule::default();
+        // The state of August, then the bills of September..November replayed.
+        let aug = Start::whole_history(&bills[..1]).carry(
+            Some(bills[1].clone()),
+            &pays,
+            last_day("2026-08"),
+        );
+        let start = Start::continue_state(&aug, last_day("2026-08"), &bills, &pays, None).unwrap();
+        let dec = BillPeriod::parse("2026-12").unwrap();
+        let (owed, fee_pays) = start.fee_inputs(&pays);
+        assert_eq!(
+            late_fee_lines(&rule, true, &owed, &fee_pays, &dec, &fen()),
+            late_fee_lines(&rule, true, &bills, &pays, &dec, &fen())
+        );
+    }
+
+    #[test]
+    fn a_payment_made_before_any_bill_is_carried_as_credit_and_pays_the_next_bill() {
+        let pays = [(d("2026-07-10"), dec!(300))];
+        let jul = Start::default().carry(
+            Some(bill("2026-07", "2026-08-15", dec!(180))),
+            &pays,
+            last_day("2026-07"),
+        );
+        assert!(jul.open.is_empty());
+        assert_eq!(jul.credit, dec!(120));
+        assert_eq!(jul.counted.count, 1);
+        assert_eq!(jul.history_from, Some(d("2026-07-01")));
+        let start = Start::continue_state(&jul, last_day("2026-07"), &[], &pays, None).unwrap();
+        let aug = start.carry(
+            Some(bill("2026-08", "2026-09-15", dec!(190))),
+            &pays,
+            last_day("2026-08"),
+        );
+        assert_eq!(aug.credit, Decimal::ZERO);
+        assert_eq!(aug.open.len(), 1);
+        assert_eq!(aug.open[0].unpaid, dec!(70));
+        assert_eq!(aug.open[0].bill.amount, dec!(190));
+        assert_eq!(aug.counted.sum, dec!(300), "a payment is counted once");
+    }
+
+    #[test]
+    fn a_payment_dated_on_or_before_the_state_s_day_that_it_did_not_count_is_refused() {
+        let pays = vec![(d("2026-10-20"), dec!(100))];
+        let oct = Start::default().carry(Some(sept_bill(dec!(200))), &pays, last_day("2026-10"));
+        let as_of = last_day("2026-10");
+        assert!(Start::continue_state(&oct, as_of, &[], &pays, None).is_ok());
+        let later = [pays[0], (d("2026-11-02"), dec!(5))];
+        assert!(Start::continue_state(&oct, as_of, &[], &later, None).is_ok());
+        let back_dated = [(d("2026-10-05"), dec!(5)), pays[0]];
+        match Start::continue_state(&oct, as_of, &[], &back_dated, None) {
+            Err(p @ Problem::BackDated { counted, now, .. }) => {
+                assert_eq!((counted.count, counted.sum), (1, dec!(100)));
+                assert_eq!((now.count, now.sum), (2, dec!(105)));
+                assert!(p.to_string().contains("dated 2026-10-05"), "{p}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A removed payment is refused too.
+        assert!(Start::continue_state(&oct, as_of, &[], &[], None).is_err());
+    }
+
+    #[test]
+    fn a_bill_the_state_holds_at_another_amount_than_the_runs_is_refused() {
+        let oct = Start::default().carry(Some(sept_bill(dec!(200))), &[], last_day("2026-10"));
+        let as_of = last_day("2026-10");
+        let same = [sept_bill(dec!(200))];
+        assert!(Start::continue_state(&oct, as_of, &same, &[], None).is_ok());
+        let revised = [sept_bill(dec!(230))];
+        assert_eq!(
+            Start::continue_state(&oct, as_of, &revised, &[], None),
+            Err(Problem::Amount {
+                period: "2026-09".into(),
+                state: dec!(200),
+                runs: dec!(230)
+            })
+        );
+    }
+
+    #[test]
+    fn a_later_bill_falling_due_before_one_the_state_counted_is_refused() {
+        let sep = Start::default().carry(
+            Some(bill("2026-09", "2026-11-30", dec!(10))),
+            &[(d("2026-09-02"), dec!(10))],
+            last_day("2026-09"),
+        );
+        assert!(sep.open.is_empty(), "paid");
+        let pays = [(d("2026-09-02"), dec!(10))];
+        let as_of = last_day("2026-09");
+        let r = Start::continue_state(&sep, as_of, &[], &pays, Some(("2026-10", d("2026-11-15"))));
+        assert!(matches!(r, Err(Problem::Order { .. })), "{r:?}");
+        let msg = refuse(&[Refusal {
+            account: "A1".into(),
+            state: "sep".into(),
+            problem: r.unwrap_err(),
+            history_from: Some(d("2026-09-01")),
+        }])
+        .to_string();
+        assert!(msg.contains("only the whole history"), "{msg}");
+        assert!(!msg.contains("ends before the change"), "{msg}");
+        let r = Start::continue_state(&sep, as_of, &[], &pays, Some(("2026-10", d("2026-12-15"))));
+        assert!(r.is_ok());
+    }
+
+    #[test]
+    fn the_state_written_reads_back_the_same_with_the_revisions_it_reflects() {
+        let (bills, pays) = year();
+        let as_of = last_day("2026-09");
+        let a1 = Start::whole_history(&bills[..2]).carry(Some(bills[2].clone()), &pays, as_of);
+        let a2 = Start::default().carry(None, &[(d("2026-09-01"), dec!(12.5))], as_of);
+        assert!(!a1.open.is_empty() && a2.open.is_empty());
+        let seen: BTreeSet<String> = ["r2".to_string(), "r1".to_string()].into();
+        let batch = super::super::output::arrears_batch(
+            "run",
+            "2026-09",
+            as_of,
+            &[("A1", &a1), ("A2", &a2)],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let runs: BTreeMap<PathBuf, usize> = [(PathBuf::from("/runs/2026-08"), 2)].into();
+        let props = super::super::output::arrears_properties(&seen, &runs);
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            File::create(&path).unwrap(),
+            super::super::output::arrears_schema(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let back = read_state(&path, as_of).unwrap();
+        assert_eq!(back.accounts["A1"], a1);
+        assert_eq!(back.accounts["A2"], a2);
+        assert_eq!(back.seen, seen);
+        assert_eq!(back.runs, runs);
+        // A state of another day is not this run's.
+        assert!(read_state(&path, last_day("2026-10")).is_err());
+    }
+
+    fn given(dir: &str, period: &str) -> GivenRun {
+        GivenRun {
+            dir: dir.into(),
+            key: dir.into(),
+            period: BillPeriod::parse(period).unwrap(),
+            revisions: vec![],
+            state: None,
+            state_path: PathBuf::new(),
+            outside: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn consecutive_runs_ending_before_the_period_pass_and_gaps_or_overlaps_are_refused() {
+        let nov = BillPeriod::parse("2026-11").unwrap();
+        let mut ok = vec![
+            given("oct", "2026-10"),
+            given("sep", "2026-09"),
+            given("sep", "2026-09"),
+        ];
+        check_chain(&mut ok, &nov).unwrap();
+        assert_eq!(ok.len(), 2, "a run given twice counts once");
+        assert_eq!(ok[0].dir, PathBuf::from("sep"));
+        let err = |mut runs: Vec<GivenRun>| check_chain(&mut runs, &nov).unwrap_err().to_string();
+        let gap = err(vec![given("aug", "2026-08"), given("oct", "2026-10")]);
+        assert!(
+            gap.contains("no run given for 2026-09-01..2026-10-01"),
+            "{gap}"
+        );
+        let late = err(vec![given("sep", "2026-09")]);
+        assert!(
+            late.contains("no run given for 2026-10-01..2026-11-01"),
+            "{late}"
+        );
+        let twice = err(vec![given("oct", "2026-10"), given("oct-again", "2026-10")]);
+        assert!(twice.contains("overlap"), "{twice}");
+        let into = err(vec![given("x", "2026-10-15..2026-11-15")]);
+        assert!(into.contains("reaches into this period"), "{into}");
+    }
+
+    #[test]
+    fn a_revision_the_state_has_not_seen_is_found_for_the_accounts_it_changed() {
+        let mut sep = given("sep", "2026-09");
+        sep.revisions.push(Revision {
+            dir: "sep/revision-1".into(),
+            run_id: "rev1".into(),
+            accounts: ["A1".to_string()].into(),
+        });
+        let oct_state = ArrearsState {
+            as_of: last_day("2026-10"),
+            ..Default::default()
+        };
+        assert!(sep
+            .unseen_revision(&oct_state, oct_state.as_of, "A1")
+            .is_some());
+        assert!(
+            sep.unseen_revision(&oct_state, oct_state.as_of, "A2")
+                .is_none(),
+            "not changed"
+        );
+        let mut seen = oct_state.clone();
+        seen.seen.insert("rev1".into());
+        assert!(
+            sep.unseen_revision(&seen, seen.as_of, "A1").is_none(),
+            "seen"
+        );
+        // A state before the run does not hold its bills.
+        let aug_state = ArrearsState {
+            as_of: last_day("2026-08"),
+            ..Default::default()
+        };
+        assert!(sep
+            .unseen_revision(&aug_state, aug_state.as_of, "A1")
+            .is_none());
+    }
+
+    #[test]
+    fn a_credit_note_pays_the_oldest_bills_like_a_payment_in_the_fees_and_the_state() {
+        let rule = LateFeeRule::default();
+        let oct = BillPeriod::parse("2026-10").unwrap();
+        let aug = bill("2026-08", "2026-09-15", dec!(100));
+        let note = bill("2026-09", "2026-10-15", dec!(-60));
+        // October: 31 days x (100 - 60) x 1 per mille = 1.24.
+        let lines = late_fee_lines(&rule, true, &[aug.clone(), note.clone()], &[], &oct, &fen());
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].quantity, dec!(1240));
+        // The state at the end of September owes 40 of August's bill.
+        let sep = Start::whole_history(std::slice::from_ref(&aug)).carry(
+            Some(note.clone()),
+            &[],
+            last_day("2026-09"),
+        );
+        assert_eq!(sep.open.len(), 1);
+        assert_eq!(sep.open[0].unpaid, dec!(40));
+        assert_eq!(sep.credit, Decimal::ZERO);
+        assert_eq!(sep.last_due, Some(d("2026-09-15")), "a note is not due");
+        // A note larger than what is owed leaves credit; month by month
+        // gives the whole history's fees.
+        let (mut bills, pays) = year();
+        bills[2].amount = dec!(-500);
+        let mut start = Start::default();
+        for (n, month) in [
+            "2026-07", "2026-08", "2026-09", "2026-10", "2026-11", "2026-12",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let p = BillPeriod::parse(month).unwrap();
+            let whole = late_fee_lines(&rule, false, &bills[..n], &pays, &p, &fen());
+            let (owed, fee_pays) = start.fee_inputs(&pays);
+            let carried = late_fee_lines(&rule, false, &owed, &fee_pays, &p, &fen());
+            assert_eq!(carried, whole, "{month}");
+            let own = bills.get(n).cloned();
+            let state = start.carry(own.clone(), &pays, last_day(month));
+            if *month == "2026-09" {
+                // 180 + 190 - 50 - 100 owed, less the note's 500: 280 of credit.
+                assert!(state.open.is_empty());
+                assert_eq!(state.credit, dec!(280));
+            }
+            let own = own.as_ref().map(|b| (b.period.as_str(), b.due));
+            start = Start::continue_state(&state, last_day(month), &[], &pays, own).unwrap();
+        }
+    }
+
+    /// A run directory of `period` with no bills and the arrears state `rows`.
+    fn state_run(dir: &Path, period: &str, rows: &[(&str, &AccountArrears)]) {
+        use super::super::output;
+        std::fs::create_dir_all(dir).unwrap();
+        let manifest = format!("{{\"period\": \"{period}\"}}");
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        let f = File::create(dir.join("bills.parquet")).unwrap();
+        let w = parquet::arrow::ArrowWriter::try_new(f, output::bills_schema(), None).unwrap();
+        w.close().unwrap();
+        let batch = output::arrears_batch("run", period, last_day(period), rows);
+        let props = output::arrears_properties(&BTreeSet::new(), &BTreeMap::new());
+        let f = File::create(dir.join(STATE_FILE)).unwrap();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    fn postpaid(id: &str) -> BillingAccount {
+        BillingAccount {
+            account_id: id.into(),
+            tariff_id: "bj-residential-monthly".into(),
+            contracted_kva: Decimal::ZERO,
+            opened_on: d("2020-01-01"),
+            customer_class: CustomerClass::Residential,
+            payment_mode: PaymentMode::Postpaid,
+        }
+    }
+
+    fn shipped_tariffs() -> TariffSet {
+        crate::tariff::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tariffs")).unwrap()
+    }
+
+    #[test]
+    fn an_account_missing_from_accounts_csv_is_carried_unchanged_and_a_new_one_starts_at_the_state_s_day(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let tariffs = shipped_tariffs();
+        let oct = tmp.path().join("oct");
+        let gone = Start::default().carry(
+            Some(sept_bill(dec!(200))),
+            &[(d("2026-10-20"), dec!(50))],
+            last_day("2026-10"),
+        );
+        state_run(&oct, "2026-10", &[("GONE", &gone)]);
+        let pays = tmp.path().join("payments.csv");
+        std::fs::write(
+            &pays,
+            "txn_id,channel,account_id,amount,paid_at\n\
+             T1,bank,GONE,50.00,2026-10-20T02:00:00Z\n\
+             T2,bank,NEW,100.00,2026-09-10T02:00:00Z\n\
+             T3,bank,NEW,20.00,2026-11-05T02:00:00Z\n",
+        )
+        .unwrap();
+        // November: GONE is not in accounts.csv, NEW was prepaid until now.
+        let accounts = vec![postpaid("NEW")];
+        let nov = BillPeriod::parse("2026-11").unwrap();
+        let late =
+            LateFees::load(std::slice::from_ref(&oct), &pays, &nov, &accounts, &tariffs).unwrap();
+        let mut kept = gone.clone();
+        kept.as_of = Some(last_day("2026-10"));
+        assert_eq!(late.carried, vec![("GONE".to_string(), kept.clone())]);
+        let (_, new) = late.apply(&accounts[0], None, None, &tariffs, &nov);
+        let new = new.unwrap();
+        assert_eq!(
+            new.credit,
+            dec!(20),
+            "a top-up before the state's day is no credit"
+        );
+        assert_eq!((new.counted.count, new.counted.sum), (2, dec!(120)));
+        // November's state holds GONE as it was; December, with GONE back,
+        // continues it from 31 October.
+        let novdir = tmp.path().join("nov");
+        state_run(&novdir, "2026-11", &[("GONE", &kept), ("NEW", &new)]);
+        let back = read_state(&novdir.join(STATE_FILE), last_day("2026-11")).unwrap();
+        assert_eq!(back.accounts["GONE"], kept);
+        let accounts = vec![postpaid("GONE"), postpaid("NEW")];
+        let dec_p = BillPeriod::parse("2026-12").unwrap();
+        let late = LateFees::load(&[novdir], &pays, &dec_p, &accounts, &tariffs).unwrap();
+        let (_, g) = late.apply(&accounts[0], None, None, &tariffs, &dec_p);
+        let g = g.unwrap();
+        assert_eq!(g.open.len(), 1);
+        assert_eq!(g.open[0].unpaid, dec!(150));
+        assert_eq!(g.counted.count, 1);
+        let (_, n) = late.apply(&accounts[1], None, None, &tariffs, &dec_p);
+        assert_eq!(n.unwrap().credit, dec!(20));
+    }
+
+    #[test]
+    fn a_missing_payments_file_is_named_when_the_state_counted_payments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let oct = tmp.path().join("oct");
+        let a = Start::default().carry(
+            Some(sept_bill(dec!(200))),
+            &[(d("2026-10-20"), dec!(50))],
+            last_day("2026-10"),
+        );
+        state_run(&oct, "2026-10", &[("A1", &a)]);
+        let accounts = vec![postpaid("A1")];
+        let nov = BillPeriod::parse("2026-11").unwrap();
+        let missing = tmp.path().join("payments.csv");
+        let err = LateFees::load(&[oct], &missing, &nov, &accounts, &shipped_tariffs())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is missing"), "{err}");
+        assert!(!err.contains("back-dated"), "{err}");
+    }
+
+    #[test]
+    fn a_revision_of_a_run_the_state_counted_that_is_not_given_is_refused_naming_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tariffs = shipped_tariffs();
+        // September's run, revised after October's state was written.
+        let sep = tmp.path().join("sep");
+        state_run(&sep, "2026-09", &[]);
+        let sep = std::fs::canonicalize(&sep).unwrap();
+        let oct = tmp.path().join("oct");
+        let a = Start::whole_history(&[sept_bill(dec!(200))]).carry(None, &[], last_day("2026-10"));
+        {
+            use super::super::output;
+            state_run(&oct, "2026-10", &[]);
+            let runs: BTreeMap<PathBuf, usize> = [(sep.clone(), 0)].into();
+            let batch = output::arrears_batch("run", "2026-10", last_day("2026-10"), &[("A1", &a)]);
+            let props = output::arrears_properties(&BTreeSet::new(), &runs);
+            let f = File::create(oct.join(STATE_FILE)).unwrap();
+            let mut w =
+                parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props))
+                    .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        }
+        let accounts = vec![postpaid("A1")];
+        let nov = BillPeriod::parse("2026-11").unwrap();
+        let pays = tmp.path().join("payments.csv");
+        let load = |runs: &[PathBuf]| LateFees::load(runs, &pays, &nov, &accounts, &tariffs);
+        let late = load(std::slice::from_ref(&oct)).unwrap();
+        assert_eq!(late.runs.get(&sep), Some(&0), "the runs counted carry on");
+        // A revision of September changing A1.
+        let rev = sep.join("revision-1");
+        std::fs::create_dir_all(&rev).unwrap();
+        {
+            use arrow::array::{ArrayRef, RecordBatch};
+            let schema = super::super::output::bills_schema();
+            let cols: Vec<ArrayRef> = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let v: ArrayRef = match f.name().as_str() {
+                        "account_id" => std::sync::Arc::new(StringArray::from(vec!["A1"])),
+                        "period" => std::sync::Arc::new(StringArray::from(vec!["2026-09"])),
+                        _ => arrow::array::new_null_array(f.data_type(), 1),
+                    };
+                    v
+                })
+                .collect();
+            let relaxed = arrow::datatypes::Schema::new(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone().with_nullable(true))
+                    .collect::<Vec<_>>(),
+            );
+            let batch = RecordBatch::try_new(std::sync::Arc::new(relaxed), cols).unwrap();
+            let f = File::create(rev.join("bills.parquet")).unwrap();
+            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        }
+        let err = load(std::slice::from_ref(&oct)).err().unwrap().to_string();
+        assert!(err.contains("A1"), "{err}");
+        assert!(
+            err.contains(&format!("add --previous {}", sep.display())),
+            "{err}"
+        );
+        // Gone: a warning, and the state is continued.
+        std::fs::remove_dir_all(&sep).unwrap();
+        assert!(load(&[oct]).is_ok());
     }
 }

@@ -1,16 +1,18 @@
 //! Arrow schemas and Parquet encoding of the bill run's outputs:
-//! `bills`, `bill_lines`, `exceptions` (docs/billing.md).
+//! `bills`, `bill_lines`, `exceptions`, `arrears` (docs/billing.md).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Decimal128Builder, Int32Builder, RecordBatch, StringBuilder,
+    ArrayRef, BooleanBuilder, Decimal128Builder, Int32Builder, Int64Builder, RecordBatch,
+    StringBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rust_decimal::Decimal;
 
 use super::account::AccountBill;
+use super::arrears::AccountArrears;
 use super::engine::ExceptionRow;
 use super::flags::Flags;
 use crate::store::dict::DictText;
@@ -21,6 +23,8 @@ pub const AMOUNT: (u8, i8) = (18, 2);
 pub const QTY: (u8, i8) = (28, 6);
 pub const PRICE: (u8, i8) = (18, 6);
 pub const KWH: (u8, i8) = (28, 4);
+/// Sums of payments (and the credit left of them): wider than one amount.
+pub const SUM: (u8, i8) = (28, 2);
 
 fn dec_t(p: (u8, i8)) -> DataType {
     DataType::Decimal128(p.0, p.1)
@@ -100,6 +104,116 @@ pub fn exceptions_schema() -> SchemaRef {
         Field::new("code", DataType::Utf8, false),
         Field::new("detail", DataType::Utf8, false),
     ]))
+}
+
+/// `arrears`: one row per bill still (partly) unpaid at `as_of`, or one row
+/// with null bill columns for an account that owes nothing; the account's
+/// columns repeat on each of its rows (docs/billing.md).
+pub fn arrears_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("period", DataType::Utf8, false),
+        Field::new("as_of", DataType::Utf8, false),
+        Field::new("account_id", DataType::Utf8, false),
+        Field::new("bill_period", DataType::Utf8, true),
+        Field::new("due_date", DataType::Utf8, true),
+        Field::new("amount", dec_t(AMOUNT), true),
+        Field::new("unpaid", dec_t(AMOUNT), true),
+        Field::new("credit", dec_t(SUM), false),
+        Field::new("paid_count", DataType::Int64, false),
+        Field::new("paid_sum", dec_t(SUM), false),
+        Field::new("last_paid_on", DataType::Utf8, true),
+        Field::new("history_from", DataType::Utf8, true),
+        Field::new("last_due", DataType::Utf8, true),
+    ]))
+}
+
+/// Writer settings of `arrears`: the outputs', with the revisions the state
+/// reflects in the file's key-value metadata.
+pub fn arrears_properties(
+    seen: &std::collections::BTreeSet<String>,
+    runs: &std::collections::BTreeMap<std::path::PathBuf, usize>,
+) -> parquet::file::properties::WriterProperties {
+    use parquet::file::metadata::KeyValue;
+    let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
+    writer_properties(&arrears_schema())
+        .into_builder()
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(super::arrears::SEEN_KEY.to_string(), seen.join(",")),
+            KeyValue::new(
+                super::arrears::RUNS_KEY.to_string(),
+                super::arrears::runs_metadata(runs),
+            ),
+        ]))
+        .build()
+}
+
+/// Rows of `arrears` for accounts in id order (an account carried unchanged
+/// keeps its own `as_of`).
+pub fn arrears_batch(
+    run_id: &str,
+    period: &str,
+    as_of: chrono::NaiveDate,
+    rows: &[(&str, &AccountArrears)],
+) -> RecordBatch {
+    let n = rows.iter().map(|(_, a)| a.open.len().max(1)).sum();
+    let text = |per: usize| StringBuilder::with_capacity(n, n * per);
+    let (mut run, mut per, mut day, mut acc) = (text(16), text(7), text(10), text(12));
+    let (mut bp, mut due, mut last_paid, mut from, mut last_due) =
+        (text(7), text(10), text(10), text(10), text(10));
+    let (mut amount, mut unpaid) = (dec_builder(n, AMOUNT), dec_builder(n, AMOUNT));
+    let (mut credit, mut paid_sum) = (dec_builder(n, SUM), dec_builder(n, SUM));
+    let mut paid_count = Int64Builder::with_capacity(n);
+    let day_text = as_of.to_string();
+    let date = |d: Option<chrono::NaiveDate>| d.map(|d| d.to_string());
+    for (account, a) in rows {
+        let bills: Vec<Option<&super::arrears::OpenBill>> = if a.open.is_empty() {
+            vec![None]
+        } else {
+            a.open.iter().map(Some).collect()
+        };
+        for b in bills {
+            run.append_value(run_id);
+            per.append_value(period);
+            match a.as_of {
+                Some(d) => day.append_value(d.to_string()),
+                None => day.append_value(&day_text),
+            }
+            acc.append_value(account);
+            bp.append_option(b.map(|b| &b.bill.period));
+            due.append_option(b.map(|b| b.bill.due.to_string()));
+            amount.append_option(b.map(|b| to_i128(b.bill.amount, AMOUNT.1)));
+            unpaid.append_option(b.map(|b| to_i128(b.unpaid, AMOUNT.1)));
+            credit.append_value(to_i128(a.credit, SUM.1));
+            paid_count.append_value(i64::try_from(a.counted.count).unwrap_or(i64::MAX));
+            paid_sum.append_value(to_i128(a.counted.sum, SUM.1));
+            last_paid.append_option(date(a.counted.last));
+            from.append_option(date(a.history_from));
+            last_due.append_option(date(a.last_due));
+        }
+    }
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(run.finish()),
+        Arc::new(per.finish()),
+        Arc::new(day.finish()),
+        Arc::new(acc.finish()),
+        Arc::new(bp.finish()),
+        Arc::new(due.finish()),
+        Arc::new(amount.finish()),
+        Arc::new(unpaid.finish()),
+        Arc::new(credit.finish()),
+        Arc::new(paid_count.finish()),
+        Arc::new(paid_sum.finish()),
+        Arc::new(last_paid.finish()),
+        Arc::new(from.finish()),
+        Arc::new(last_due.finish()),
+    ];
+    RecordBatch::try_new(arrears_schema(), cols).expect("columns match schema")
+}
+
+/// `d` as a column of `scale` stores it.
+pub fn as_written(d: Decimal, scale: i8) -> Decimal {
+    Decimal::try_from_i128_with_scale(to_i128(d, scale), scale.max(0) as u32).unwrap_or(d)
 }
 
 /// Decimal to a scaled i128 at `scale`, rounding half away from zero beyond it.

@@ -5,11 +5,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use arrow::array::{Array, BooleanArray, Decimal128Array, StringArray};
+use chrono::NaiveDate;
 use rust_decimal::Decimal;
+
+use super::arrears::{for_each_bill, PriorBill};
+use super::period::BillPeriod;
 
 use super::account::AccountBill;
 use super::flags::Flags;
-use super::output::{self, OutLine};
+use super::output::{self, as_written, OutLine};
 use super::run::{io, BillingError};
 use crate::tariff::price::LineKind;
 
@@ -21,7 +25,22 @@ pub struct Issued {
     /// (account, tariff, kind, label, version) -> (quantity, amount)
     pub lines: BTreeMap<LineKey, (Decimal, Decimal)>,
     pub totals: BTreeMap<String, Decimal>,
+    /// Due dates of the issued bills (as last revised) that have one.
+    pub dues: BTreeMap<String, NaiveDate>,
     pub run_id: String,
+}
+
+impl Issued {
+    /// The bill issued to `account` for `period` (as last revised), when it
+    /// has a due date: late fees still count it.
+    pub fn bill(&self, account: &str, period: &BillPeriod) -> Option<PriorBill> {
+        Some(PriorBill {
+            period: period.label.clone(),
+            start: period.start,
+            due: *self.dues.get(account)?,
+            amount: self.totals.get(account).copied().unwrap_or_default(),
+        })
+    }
 }
 
 /// Reads the lines of the issued run in `dirs[0]` and the adjustment lines
@@ -30,9 +49,23 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
     let mut is = Issued {
         lines: BTreeMap::new(),
         totals: BTreeMap::new(),
+        dues: BTreeMap::new(),
         run_id: String::new(),
     };
     for (n, dir) in dirs.iter().enumerate() {
+        // A revision lists only the accounts it changed: later dates replace.
+        let bills = dir.join("bills.parquet");
+        if bills.exists() {
+            for_each_bill(&bills, |r, bad| {
+                if let Some(due) = r.due {
+                    let d: NaiveDate = due
+                        .parse()
+                        .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
+                    is.dues.insert(r.account.to_string(), d);
+                }
+                Ok(())
+            })?;
+        }
         if n == 0 {
             let m: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
@@ -86,11 +119,6 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<Issued, BillingError> {
         }
     }
     Ok(is)
-}
-
-/// `d` as a column of `scale` stores it.
-fn as_written(d: Decimal, scale: i8) -> Decimal {
-    Decimal::from_i128_with_scale(output::to_i128(d, scale), scale as u32)
 }
 
 /// Adjustment lines of a re-rated bill against what was issued: per line key,
@@ -215,6 +243,7 @@ mod tests {
         let mut is = Issued {
             lines: BTreeMap::new(),
             totals: BTreeMap::new(),
+            dues: BTreeMap::new(),
             run_id: "r".into(),
         };
         // Issued under tariff "old", which has a version "v1" and a line "x" too.
@@ -249,6 +278,7 @@ mod tests {
         let mut is = Issued {
             lines: BTreeMap::new(),
             totals: BTreeMap::new(),
+            dues: BTreeMap::new(),
             run_id: "r".into(),
         };
         let key = |k: LineKind| {

@@ -1,6 +1,6 @@
 //! The bill run: master data + tariffs + the readings lake in, `bills`,
-//! `bill_lines`, `exceptions` Parquet and `manifest.json` out, committed
-//! atomically as one directory. Re-running a period whose run directory
+//! `bill_lines`, `exceptions`, `arrears` Parquet and `manifest.json` out,
+//! committed atomically as one directory. Re-running a period whose run directory
 //! already holds an issued run writes a revision with adjustment lines.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
 use super::account::AccountBill;
-use super::arrears::LateFees;
+use super::arrears::{AccountArrears, LateFees, STATE_FILE};
 use super::commit::{HashedFile, Staging};
 use super::engine::{unknown_meter_exceptions, Engine, ExceptionRow, Roster, ScanWindow};
 use super::flags::Flags;
@@ -43,6 +43,9 @@ pub enum BillingError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Late fees cannot continue from the carried arrears states.
+    #[error("late fees: {0}")]
+    Arrears(String),
     #[error("writing Parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
 }
@@ -74,7 +77,9 @@ pub struct BillRunOptions {
     /// Called as the run advances: (phase, done, total); the phases are
     /// "reading lake" (row groups) and "billing" (accounts).
     pub progress: Option<Progress>,
-    /// Earlier runs whose unpaid bills (with `master/payments.csv`) bear late fees.
+    /// Earlier runs whose unpaid bills (with `master/payments.csv`) bear late
+    /// fees: the last one's arrears state, or every run since the accounts'
+    /// first bills for runs without one (docs/billing.md).
     pub previous: Vec<PathBuf>,
     /// At most this many meters' states in memory at once: accounts (in id
     /// order) are billed in passes of whole runs of 8,192 accounts, each
@@ -387,8 +392,8 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     // the lake's rows to them, then bill, price lines and encode a group of
     // accounts at a time: bills are turned into output rows in fixed runs
     // of 8,192 accounts (so the bytes never depend on the thread count; passes
-    // start on run boundaries), the runs of a group in parallel, while two
-    // writer threads encode the finished batches straight into the staging
+    // start on run boundaries), the runs of a group in parallel, while three
+    // writer threads (bills, lines, arrears) encode the finished batches straight into the staging
     // directory. Neither bills nor lines are ever all in memory at once.
     let group = RUN * 2 * rayon::current_num_threads().max(1);
     let issued = if revision > 0 {
@@ -420,18 +425,40 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
     let mut readings = 0u64;
     let (mut t_scan, mut t_bill) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    let (bills_file, lines_file) = std::thread::scope(|scope| {
+    let (bills_file, lines_file, arrears_file) = std::thread::scope(|scope| {
+        let schema = output::bills_schema();
         let (bills_tx, bills_w) = spawn_writer(
             scope,
-            output::bills_schema(),
+            schema.clone(),
+            output::writer_properties(&schema),
             staging.create("bills.parquet")?,
         )?;
+        let schema = output::lines_schema();
         let (lines_tx, lines_w) = spawn_writer(
             scope,
-            output::lines_schema(),
+            schema.clone(),
+            output::writer_properties(&schema),
             staging.create("bill_lines.parquet")?,
         )?;
+        // Small (a row or two per postpaid account): written as the bills are.
+        let (arrears_tx, arrears_w) = spawn_writer(
+            scope,
+            output::arrears_schema(),
+            output::arrears_properties(&late.seen, &late.runs),
+            staging.create(STATE_FILE)?,
+        )?;
         let (mut tb, mut te) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        // Accounts of the given states not in accounts.csv are written
+        // unchanged, in id order among the others (`Emitted::carried`).
+        let mut carried_sent = 0;
+        let as_of = period.end.pred_opt().unwrap_or(period.end);
+        let carried_batch = |r: std::ops::Range<usize>| {
+            let rows: Vec<(&str, &AccountArrears)> = late.carried[r]
+                .iter()
+                .map(|(a, s)| (a.as_str(), s))
+                .collect();
+            output::arrears_batch(&run_id, &period.label, as_of, &rows)
+        };
         'passes: for (k, range) in passes.iter().enumerate() {
             let ts = Instant::now();
             let mut engine = Engine::new(
@@ -498,9 +525,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 for p in parts {
                     totals.add(p.totals);
                     exceptions.extend(p.exceptions);
+                    // Accounts carried unchanged whose ids fall before this run's.
+                    let before = carried_batch(carried_sent..p.carried.start.max(carried_sent));
+                    carried_sent = carried_sent.max(p.carried.end);
                     // A closed channel means that writer failed: its error is returned below.
                     if (p.bills.num_rows() > 0 && bills_tx.send(p.bills).is_err())
                         || (p.lines.num_rows() > 0 && lines_tx.send(p.lines).is_err())
+                        || (before.num_rows() > 0 && arrears_tx.send(before).is_err())
+                        || (p.arrears.num_rows() > 0 && arrears_tx.send(p.arrears).is_err())
                     {
                         break 'passes;
                     }
@@ -518,12 +550,18 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             emit_ms = te.as_millis() as u64,
             "bill: time rating accounts and building output batches"
         );
-        drop((bills_tx, lines_tx));
+        // Accounts carried unchanged after the last one billed.
+        let rest = carried_batch(carried_sent..late.carried.len());
+        if rest.num_rows() > 0 {
+            // A closed channel means that writer failed: its error is returned below.
+            let _ = arrears_tx.send(rest);
+        }
+        drop((bills_tx, lines_tx, arrears_tx));
         let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
             h.join()
                 .unwrap_or_else(|_| Err(BillingError::Invalid("output writer panicked".into())))
         };
-        Ok::<_, BillingError>((join(bills_w)?, join(lines_w)?))
+        Ok::<_, BillingError>((join(bills_w)?, join(lines_w)?, join(arrears_w)?))
     })?;
     exceptions.extend(unknown_meter_exceptions(&unknown_meters));
     exceptions.sort();
@@ -544,6 +582,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         bills_file.0.finish(bills_file.1)?,
         lines_file.0.finish(lines_file.1)?,
         exceptions_file.finish(exceptions.len())?,
+        arrears_file.0.finish(arrears_file.1)?,
     ];
     let t = &totals;
     let manifest = serde_json::json!({
@@ -666,10 +705,12 @@ fn parquet_writer<W: std::io::Write + Send>(
     Ok(ColumnWriter::try_new(w, schema, props)?)
 }
 
-/// A thread encoding batches into `file` as Parquet; returns the file and its row count.
+/// A thread encoding batches into `file` as Parquet with `props`; returns
+/// the file and its row count.
 fn spawn_writer<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     schema: arrow::datatypes::SchemaRef,
+    props: parquet::file::properties::WriterProperties,
     file: HashedFile,
 ) -> Result<Writer<'scope>, BillingError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(4);
@@ -679,7 +720,7 @@ fn spawn_writer<'scope>(
     let h = std::thread::Builder::new()
         .name(name)
         .spawn_scoped(scope, move || {
-            let mut w = parquet_writer(file, schema)?;
+            let mut w = ColumnWriter::try_new(file, schema, props)?;
             let mut n = 0;
             let mut busy = std::time::Duration::ZERO;
             for batch in rx {
@@ -763,6 +804,10 @@ impl Totals {
 struct Emitted {
     bills: RecordBatch,
     lines: RecordBatch,
+    arrears: RecordBatch,
+    /// The accounts of `LateFees::carried` written in `arrears` (those
+    /// whose ids fall between this run's first and last account).
+    carried: std::ops::Range<usize>,
     exceptions: Vec<ExceptionRow>,
     totals: Totals,
 }
@@ -790,15 +835,34 @@ impl Emit<'_> {
         let mut exceptions = Vec::new();
         let mut lb = output::LinesBuilder::new(billed.len() * 7);
         let mut rows: Vec<OutBill<'_>> = Vec::with_capacity(billed.len());
+        let mut arrears: Vec<(&str, AccountArrears)> = Vec::new();
+        let carried = match (billed.first(), billed.last()) {
+            (Some(f), Some(l)) => self.late.carried_within(&f.0.account_id, &l.0.account_id),
+            _ => 0..0,
+        };
         for (a, r) in billed.iter_mut() {
+            let acct: &crate::master::BillingAccount = a;
             let b = match r {
                 Ok(b) => b,
                 Err(e) => {
                     exceptions.push(ExceptionRow::account(a, e.clone()));
+                    // Not billed, but its arrears and payments carry on, with
+                    // the bill issued earlier in a revision (it still stands).
+                    let issued = self
+                        .issued
+                        .and_then(|is| is.bill(&a.account_id, self.period));
+                    if let (_, Some(s)) =
+                        self.late.apply(a, None, issued, self.tariffs, self.period)
+                    {
+                        arrears.push((&acct.account_id, s));
+                    }
                     continue;
                 }
             };
-            let due_date = self.late.apply(a, b, self.tariffs, self.period);
+            let (due_date, state) = self.late.apply(a, Some(b), None, self.tariffs, self.period);
+            if let Some(s) = state {
+                arrears.push((&acct.account_id, s));
+            }
             let b: &AccountBill = b;
             t.bills += 1;
             t.estimated += usize::from(b.flags.contains(Flags::ESTIMATED));
@@ -840,9 +904,22 @@ impl Emit<'_> {
                 due_date,
             });
         }
+        let mut arrears: Vec<(&str, &AccountArrears)> =
+            arrears.iter().map(|(a, s)| (*a, s)).collect();
+        if !carried.is_empty() {
+            arrears.extend(
+                self.late.carried[carried.clone()]
+                    .iter()
+                    .map(|(a, s)| (a.as_str(), s)),
+            );
+            arrears.sort_by(|x, y| x.0.cmp(y.0));
+        }
+        let as_of = self.period.end.pred_opt().unwrap_or(self.period.end);
         Emitted {
             bills: output::bills_batch(self.run_id, &self.period.label, &rows),
             lines: lb.finish(),
+            arrears: output::arrears_batch(self.run_id, &self.period.label, as_of, &arrears),
+            carried,
             exceptions,
             totals: t,
         }

@@ -7,8 +7,10 @@ use crate::billing::run::{bill_run, BillRunOptions};
 
 /// Bill every account for one period from the readings lake.
 ///
-/// Writes `bills.parquet`, `bill_lines.parquet`, `exceptions.parquet` and
-/// `manifest.json` into RUN_DIR, committed atomically (the directory appears
+/// Writes `bills.parquet`, `bill_lines.parquet`, `exceptions.parquet`,
+/// `arrears.parquet` (postpaid accounts' unpaid bills and payments at the
+/// period's last day, for the next run's late fees) and `manifest.json` into
+/// RUN_DIR, committed atomically (the directory appears
 /// whole or not at all). Running again into a RUN_DIR that holds an issued run
 /// writes `RUN_DIR/revision-N/` with adjustment lines against the issued bills;
 /// the issued run is never rewritten. Same inputs give byte-identical Parquet.
@@ -37,6 +39,12 @@ pub struct BillArgs {
     /// after their due date, net of `payments.csv` in --master, bear late-payment
     /// fees on this bill (the tariff's `[version.late_fee]` rule); its bills
     /// ending where this period starts carry annual-tier positions forward.
+    /// Each month, the previous month's run is enough: its `arrears.parquet`
+    /// carries the unpaid bills forward (e.g. `--previous runs/2026-09` for
+    /// 2026-10). Several runs must be consecutive; runs written before
+    /// `arrears.parquet` existed need every run since the accounts' first
+    /// bills. A payment back-dated before the carried state, or a revision
+    /// after it, stops the run with the accounts named and the runs to give.
     #[arg(long, value_name = "RUN_DIR")]
     pub previous: Vec<PathBuf>,
     /// Bound memory: hold the meter states of at most N meters at once.

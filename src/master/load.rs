@@ -7,7 +7,10 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
-use super::{Account, BillingAccount, BillingMeter, CustomerClass, Meter, Payment, PaymentMode};
+use super::{
+    Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Meter, Payment,
+    PaymentMode,
+};
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,11 +135,14 @@ impl Row<'_> {
         Ok(self.rec.get(i).unwrap_or("").trim())
     }
     fn text(&self, field: &'static str) -> Result<String, RowError> {
+        Ok(self.nonempty(field)?.to_string())
+    }
+    fn nonempty(&self, field: &'static str) -> Result<&str, RowError> {
         let v = self.raw(field)?;
         if v.is_empty() {
             return Err(self.err(field, "must not be empty"));
         }
-        Ok(v.to_string())
+        Ok(v)
     }
     fn opt_text(&self, field: &'static str) -> Result<String, RowError> {
         // Optional columns may be absent from the header altogether.
@@ -722,6 +728,36 @@ fn load_accounts_with<T: Send>(
 pub const MAX_PAYMENT: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
 
 pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
+    load_payments_with(path, |r, channel, amount, paid_at| {
+        Ok(Payment {
+            txn_id: r.text("txn_id")?,
+            channel: channel.to_string(),
+            account_id: r.text("account_id")?,
+            amount,
+            paid_at,
+        })
+    })
+}
+
+/// `payments.csv` as the bill run's late fees read it: the same checks as
+/// `load_payments`, without keeping transaction ids and channels (a
+/// million-account file holds over a million rows).
+pub fn load_billing_payments(path: &Path) -> Result<Loaded<BillingPayment>, RowError> {
+    load_payments_with(path, |r, _, amount, paid_at| {
+        r.nonempty("txn_id")?;
+        Ok(BillingPayment {
+            account_id: r.nonempty("account_id")?.into(),
+            amount,
+            paid_at,
+        })
+    })
+}
+
+/// Checks a payment row's amount, channel and time, then `make`s it.
+fn load_payments_with<T: Send>(
+    path: &Path,
+    make: impl Fn(&Row, &str, Decimal, DateTime<Utc>) -> Result<T, RowError> + Sync,
+) -> Result<Loaded<T>, RowError> {
     load(
         path,
         &["txn_id", "channel", "account_id", "amount", "paid_at"],
@@ -741,8 +777,8 @@ pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
             if amount > MAX_PAYMENT {
                 return Err(r.err("amount", format!("'{amount}' is over {MAX_PAYMENT} yuan")));
             }
-            let channel = r.text("channel")?;
-            if !["wechat", "alipay", "bank", "counter"].contains(&channel.as_str()) {
+            let channel = r.nonempty("channel")?;
+            if !["wechat", "alipay", "bank", "counter"].contains(&channel) {
                 return Err(r.err(
                     "channel",
                     format!("'{channel}' is not wechat|alipay|bank|counter"),
@@ -752,13 +788,7 @@ pub fn load_payments(path: &Path) -> Result<Loaded<Payment>, RowError> {
             let paid_at = DateTime::parse_from_rfc3339(paid)
                 .map_err(|_| r.err("paid_at", format!("'{paid}' is not an RFC 3339 time")))?
                 .with_timezone(&Utc);
-            Ok(Payment {
-                txn_id: r.text("txn_id")?,
-                channel,
-                account_id: r.text("account_id")?,
-                amount,
-                paid_at,
-            })
+            make(r, channel, amount, paid_at)
         },
     )
 }

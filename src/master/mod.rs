@@ -8,7 +8,7 @@ mod load;
 
 pub use load::{
     load_accounts, load_accounts_for_billing, load_accounts_without_personal, load_billing_meters,
-    load_meters, load_meters_for_billing, load_payments, Loaded, RowError,
+    load_billing_payments, load_meters, load_meters_for_billing, load_payments, Loaded, RowError,
 };
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -211,6 +211,15 @@ pub struct Payment {
     /// wechat, alipay, bank or counter.
     pub channel: String,
     pub account_id: String,
+    /// Yuan, exact decimal, positive.
+    pub amount: Decimal,
+    pub paid_at: DateTime<Utc>,
+}
+
+/// A payment as the bill run reads it for late fees (`load_billing_payments`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingPayment {
+    pub account_id: Box<str>,
     /// Yuan, exact decimal, positive.
     pub amount: Decimal,
     pub paid_at: DateTime<Utc>,

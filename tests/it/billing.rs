@@ -416,7 +416,12 @@ mod end_to_end {
         assert_eq!(preview.outputs, a.outputs);
         assert_eq!(a.bills + a.exceptions, 300);
         assert!(a.total_amount > Decimal::ZERO);
-        for f in ["bills.parquet", "bill_lines.parquet", "exceptions.parquet"] {
+        for f in [
+            "bills.parquet",
+            "bill_lines.parquet",
+            "exceptions.parquet",
+            "arrears.parquet",
+        ] {
             let x = std::fs::read(tmp.path().join("a").join(f)).unwrap();
             let y = std::fs::read(tmp.path().join("b").join(f)).unwrap();
             assert_eq!(x, y, "{f} differs between identical runs");
@@ -493,6 +498,7 @@ mod end_to_end {
                 "bills.parquet",
                 "bill_lines.parquet",
                 "exceptions.parquet",
+                "arrears.parquet",
                 "manifest.json",
             ] {
                 let x = std::fs::read(one.join(f)).unwrap();
@@ -620,6 +626,9 @@ mod end_to_end {
         use rust_decimal_macros::dec;
         let tmp = tempfile::tempdir().unwrap();
         let (lake, sep) = september_run(tmp.path(), 120);
+        // A run written before arrears states: October's fees come from the
+        // given runs' bills and the whole of payments.csv (rewritten below).
+        std::fs::remove_file(sep.join("arrears.parquet")).unwrap();
         let prior = read_prior_bills(std::slice::from_ref(&sep)).unwrap();
         // Three postpaid residential accounts on a monthly tariff with a bill over 10 yuan.
         let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
@@ -763,6 +772,294 @@ mod end_to_end {
         bill_run(&opts(&lake, &alone)).unwrap();
         let alone_bills = ytd(&alone);
         assert!(alone_bills[annual[0]].0.contains("ytd_estimated"));
+    }
+
+    /// Reads (account, total) of every bill.
+    fn totals(run: &std::path::Path) -> BTreeMap<String, Decimal> {
+        use arrow::array::{Array, Decimal128Array};
+        let mut out = BTreeMap::new();
+        for b in batches(&run.join("bills.parquet")) {
+            let acc = text(&b, "account_id");
+            let t = b.column_by_name("total").unwrap();
+            let t = t.as_any().downcast_ref::<Decimal128Array>().unwrap();
+            for i in 0..b.num_rows() {
+                let v = Decimal::from_i128_with_scale(t.value(i), t.scale() as u32);
+                out.insert(acc.value(i).to_string(), v);
+            }
+        }
+        out
+    }
+
+    /// The late-fee lines of a run, in order.
+    fn late_fees(run: &std::path::Path) -> Vec<(String, String, String, Decimal)> {
+        lines(run)
+            .into_iter()
+            .filter(|l| l.1 == "late_fee")
+            .collect()
+    }
+
+    const MONTHS: [&str; 4] = ["2026-08", "2026-09", "2026-10", "2026-11"];
+
+    /// Bills `MONTHS` into `dir/<month>`, each month given the earlier runs
+    /// `previous` picks; `legacy` removes each run's arrears state, as runs
+    /// written before it existed.
+    fn bill_months(
+        lake: &std::path::Path,
+        dir: &std::path::Path,
+        previous: impl Fn(&[std::path::PathBuf]) -> Vec<std::path::PathBuf>,
+        legacy: bool,
+    ) -> Vec<std::path::PathBuf> {
+        let mut done: Vec<std::path::PathBuf> = vec![];
+        for m in MONTHS {
+            let out = dir.join(m);
+            let mut o = opts(lake, &out);
+            o.period = m.into();
+            o.previous = previous(&done);
+            bill_run(&o).unwrap();
+            if legacy {
+                std::fs::remove_file(out.join("arrears.parquet")).unwrap();
+            }
+            done.push(out);
+        }
+        done
+    }
+
+    #[test]
+    fn the_previous_month_s_arrears_state_gives_the_fees_of_the_whole_history() {
+        use meterflow::billing::arrears::read_state;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        let mut f = FleetOptions::new(&lake);
+        f.meters = 150;
+        f.start = "2026-08-01".parse().unwrap();
+        f.days = 122;
+        // Postpaid accounts pay each bill on time, late, partly, over, or skip it.
+        f.payment_habits = true;
+        generate(&f, &|_, _| {}).unwrap();
+        // And some pay in advance, before any bill.
+        let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
+        let postpaid: Vec<String> = accounts
+            .lines()
+            .filter(|l| l.contains(",postpaid,"))
+            .map(|l| l.split(',').next().unwrap().to_string())
+            .collect();
+        let pays = lake.join("master/payments.csv");
+        let mut csv = std::fs::read_to_string(&pays).unwrap();
+        for (i, a) in postpaid.iter().take(4).enumerate() {
+            csv += &format!("ADV-{i},bank,{a},150.00,2026-08-05T02:00:00Z\n");
+        }
+        std::fs::write(&pays, &csv).unwrap();
+
+        let monthly = bill_months(
+            &lake,
+            &tmp.path().join("monthly"),
+            |d| d.last().into_iter().cloned().collect(),
+            false,
+        );
+        let all = bill_months(&lake, &tmp.path().join("all"), |d| d.to_vec(), false);
+        let legacy = bill_months(&lake, &tmp.path().join("legacy"), |d| d.to_vec(), true);
+        let mut charged = BTreeMap::new();
+        for (k, m) in MONTHS.iter().enumerate() {
+            let fees = late_fees(&monthly[k]);
+            assert_eq!(fees, late_fees(&all[k]), "{m}: monthly vs all runs");
+            assert_eq!(
+                fees,
+                late_fees(&legacy[k]),
+                "{m}: monthly vs runs without state"
+            );
+            assert_eq!(totals(&monthly[k]), totals(&all[k]), "{m}");
+            assert_eq!(totals(&monthly[k]), totals(&legacy[k]), "{m}");
+            for l in fees {
+                charged.insert(l.0, l.2);
+            }
+        }
+        assert!(charged.len() >= 5, "overdue accounts: {charged:?}");
+        let as_of = "2026-11-30".parse().unwrap();
+        let state =
+            |run: &std::path::Path| read_state(&run.join("arrears.parquet"), as_of).unwrap();
+        let nov = state(&monthly[3]);
+        assert_eq!(nov.accounts, state(&all[3]).accounts);
+        assert!(nov.accounts.values().any(|a| !a.open.is_empty()));
+        assert!(
+            nov.accounts.values().any(|a| a.credit > Decimal::ZERO),
+            "paid in advance"
+        );
+        // The state is what makes the previous run enough: October's run
+        // without it gives other fees.
+        let stateless = tmp.path().join("oct-without-state");
+        std::fs::create_dir_all(&stateless).unwrap();
+        for e in std::fs::read_dir(&monthly[2]).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != "arrears.parquet" {
+                std::fs::copy(e.path(), stateless.join(e.file_name())).unwrap();
+            }
+        }
+        let mut o = opts(&lake, &tmp.path().join("nov-without-state"));
+        o.period = "2026-11".into();
+        o.previous = vec![stateless];
+        bill_run(&o).unwrap();
+        assert_ne!(
+            late_fees(&tmp.path().join("nov-without-state")),
+            late_fees(&monthly[3]),
+            "October's state is used"
+        );
+
+        // A payment back-dated to 20 September, after the October state was
+        // written: the state did not count it, so November given only October
+        // stops and names the account; given the runs since August (whose
+        // state ends before that day) it bills what the whole history gives.
+        let august = "2026-08-01".parse().ok();
+        let late_payer = postpaid
+            .iter()
+            .find(|a| {
+                let s = nov.accounts.get(*a);
+                s.is_some_and(|s| !s.open.is_empty() && s.history_from == august)
+            })
+            .unwrap();
+        csv += &format!("LATE-1,counter,{late_payer},20.00,2026-09-20T02:00:00Z\n");
+        std::fs::write(&pays, &csv).unwrap();
+        let rerun = |name: &str, previous: &[std::path::PathBuf]| {
+            let mut o = opts(&lake, &tmp.path().join(name));
+            o.period = "2026-11".into();
+            o.previous = previous.to_vec();
+            bill_run(&o).map(|_| tmp.path().join(name))
+        };
+        let err = rerun("nov-oct", &monthly[2..3]).unwrap_err().to_string();
+        assert!(
+            err.contains(late_payer.as_str()) && err.contains("back-dated"),
+            "{err}"
+        );
+        assert!(err.contains("every run since 2026-08-01"), "{err}");
+        let err = rerun("nov-sep", &monthly[1..3]).unwrap_err().to_string();
+        assert!(
+            err.contains(late_payer.as_str()),
+            "September's state counted no such payment"
+        );
+        let exact = rerun("nov-aug", &monthly[..3]).unwrap();
+        let whole = rerun("nov-legacy", &legacy[..3]).unwrap();
+        assert_eq!(late_fees(&exact), late_fees(&whole));
+        assert_eq!(totals(&exact), totals(&whole));
+        let paid = |run: &std::path::Path| state(run).accounts[late_payer].counted.sum;
+        assert_eq!(
+            paid(&exact),
+            paid(&monthly[3]) + Decimal::from(20),
+            "the payment counts"
+        );
+    }
+
+    /// A fleet of August..November 2026 whose postpaid accounts pay on
+    /// time, late, partly, over, or skip bills.
+    fn paying_fleet(lake: &std::path::Path) {
+        let mut f = FleetOptions::new(lake);
+        f.meters = 150;
+        f.start = "2026-08-01".parse().unwrap();
+        f.days = 122;
+        f.payment_habits = true;
+        generate(&f, &|_, _| {}).unwrap();
+    }
+
+    /// Bills `period` into `out` given `previous`.
+    fn bill_month(
+        lake: &std::path::Path,
+        out: &std::path::Path,
+        period: &str,
+        previous: &[&std::path::Path],
+    ) -> Result<meterflow::billing::run::BillRunSummary, meterflow::billing::run::BillingError>
+    {
+        let mut o = opts(lake, out);
+        o.period = period.into();
+        o.previous = previous.iter().map(|p| p.to_path_buf()).collect();
+        bill_run(&o)
+    }
+
+    #[test]
+    fn revisions_of_earlier_runs_are_followed_or_the_run_to_give_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        paying_fleet(&lake);
+        // The end-of-month snapshots of September and October arrive late:
+        // their first runs estimate, re-runs with them write revisions.
+        let held = tmp.path().join("held");
+        std::fs::create_dir_all(&held).unwrap();
+        for day in ["2026-09-30", "2026-10-31"] {
+            let part = lake.join(format!("readings/date={day}"));
+            std::fs::rename(&part, held.join(day)).unwrap();
+        }
+        let run = |m: &str| tmp.path().join(m);
+        let (aug, sep, oct) = (run("aug"), run("sep"), run("oct"));
+        bill_month(&lake, &aug, "2026-08", &[]).unwrap();
+        bill_month(&lake, &sep, "2026-09", &[&aug]).unwrap();
+        bill_month(&lake, &oct, "2026-10", &[&sep]).unwrap();
+        for day in ["2026-09-30", "2026-10-31"] {
+            let part = lake.join(format!("readings/date={day}"));
+            std::fs::rename(held.join(day), &part).unwrap();
+        }
+        // October re-run before November is billed: November given October
+        // continues from the revision's state, as the whole history does.
+        let r = bill_month(&lake, &oct, "2026-10", &[&sep]).unwrap();
+        assert!(r.revision == 1 && r.adjusted_accounts > 0);
+        let nov = bill_month(&lake, &run("nov"), "2026-11", &[&oct]).unwrap();
+        let all = bill_month(&lake, &run("nov-all"), "2026-11", &[&aug, &sep, &oct]).unwrap();
+        assert_eq!(late_fees(&run("nov")), late_fees(&run("nov-all")));
+        assert_eq!(totals(&run("nov")), totals(&run("nov-all")));
+        assert_eq!(nov.total_amount, all.total_amount);
+        // September re-run after October was: November given October alone
+        // would miss it, and stops naming September's run.
+        let r = bill_month(&lake, &sep, "2026-09", &[&aug]).unwrap();
+        assert!(r.revision == 1 && r.adjusted_accounts > 0);
+        let err = bill_month(&lake, &run("nov-2"), "2026-11", &[&oct])
+            .unwrap_err()
+            .to_string();
+        let sep_dir = std::fs::canonicalize(&sep).unwrap();
+        assert!(
+            err.contains(&format!("add --previous {}", sep_dir.display())),
+            "{err}"
+        );
+        assert!(!run("nov-2").exists());
+        // Given September too, it bills what every run since August gives.
+        bill_month(&lake, &run("nov-3"), "2026-11", &[&sep, &oct]).unwrap();
+        bill_month(&lake, &run("nov-4"), "2026-11", &[&aug, &sep, &oct]).unwrap();
+        assert_eq!(late_fees(&run("nov-3")), late_fees(&run("nov-4")));
+        assert_eq!(totals(&run("nov-3")), totals(&run("nov-4")));
+        assert_ne!(
+            totals(&run("nov-3")),
+            totals(&run("nov")),
+            "September's revision changed fees"
+        );
+    }
+
+    #[test]
+    fn an_account_failing_in_a_revision_keeps_its_issued_bill_in_the_state() {
+        use meterflow::billing::arrears::read_state;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        paying_fleet(&lake);
+        let (sep, oct) = (tmp.path().join("sep"), tmp.path().join("oct"));
+        bill_month(&lake, &sep, "2026-09", &[]).unwrap();
+        bill_month(&lake, &oct, "2026-10", &[&sep]).unwrap();
+        let as_of = "2026-10-31".parse().unwrap();
+        let issued = read_state(&oct.join("arrears.parquet"), as_of).unwrap();
+        // A billed postpaid account loses its meters: the re-run cannot bill it.
+        let billed = totals(&oct);
+        let (account, was) = issued
+            .accounts
+            .iter()
+            .find(|(a, s)| billed.contains_key(*a) && s.last_due == "2026-11-15".parse().ok())
+            .unwrap();
+        let meters = lake.join("master/meters.csv");
+        let csv = std::fs::read_to_string(&meters).unwrap();
+        let kept: String = csv
+            .lines()
+            .filter(|l| l.split(',').nth(1) != Some(account.as_str()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(kept.len() < csv.len());
+        std::fs::write(&meters, kept).unwrap();
+        let r = bill_month(&lake, &oct, "2026-10", &[&sep]).unwrap();
+        assert_eq!(r.revision, 1);
+        let revised = read_state(&oct.join("revision-1/arrears.parquet"), as_of).unwrap();
+        // Its October bill still stands: the state is the issued one's.
+        assert_eq!(&revised.accounts[account], was);
     }
 
     #[test]
@@ -1066,7 +1363,9 @@ mod end_to_end {
         let stderr = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success(), "the run succeeded: {stderr}");
         assert!(
-            stderr.contains("bills.parquet") || stderr.contains("bill_lines.parquet"),
+            ["bills.parquet", "bill_lines.parquet", "arrears.parquet"]
+                .iter()
+                .any(|f| stderr.contains(f)),
             "{stderr}"
         );
         assert!(!out.exists(), "a failed run left {}", out.display());
