@@ -157,15 +157,31 @@ pub fn arrears_batch(
     rows: &[(&str, &AccountArrears)],
 ) -> RecordBatch {
     let n = rows.iter().map(|(_, a)| a.open.len().max(1)).sum();
+    // Dates take a few dozen values: each is formatted once, not per row.
+    let mut days: std::collections::BTreeMap<chrono::NaiveDate, String> = Default::default();
+    for (_, a) in rows {
+        let bills = a.open.iter().map(|b| b.bill.due);
+        for d in [a.as_of, a.counted.last, a.history_from, a.last_due]
+            .into_iter()
+            .flatten()
+            .chain(bills)
+            .chain([as_of])
+        {
+            days.entry(d).or_insert_with(|| d.to_string());
+        }
+    }
+    let date = |d: Option<chrono::NaiveDate>| d.and_then(|d| days.get(&d)).map(String::as_str);
     let text = |per: usize| StringBuilder::with_capacity(n, n * per);
-    let (mut run, mut per, mut day, mut acc) = (text(16), text(7), text(10), text(12));
-    let (mut bp, mut due, mut last_paid, mut from, mut last_due) =
-        (text(7), text(10), text(10), text(10), text(10));
+    let (mut run, mut per, mut day) = (
+        DictText::with_capacity(n),
+        DictText::with_capacity(n),
+        DictText::with_capacity(n),
+    );
+    let (mut acc, mut bp, mut due) = (text(12), text(7), text(10));
+    let (mut last_paid, mut from, mut last_due) = (text(10), text(10), text(10));
     let (mut amount, mut unpaid) = (dec_builder(n, AMOUNT), dec_builder(n, AMOUNT));
     let (mut credit, mut paid_sum) = (dec_builder(n, SUM), dec_builder(n, SUM));
     let mut paid_count = Int64Builder::with_capacity(n);
-    let day_text = as_of.to_string();
-    let date = |d: Option<chrono::NaiveDate>| d.map(|d| d.to_string());
     for (account, a) in rows {
         let bills: Vec<Option<&super::arrears::OpenBill>> = if a.open.is_empty() {
             vec![None]
@@ -173,15 +189,12 @@ pub fn arrears_batch(
             a.open.iter().map(Some).collect()
         };
         for b in bills {
-            run.append_value(run_id);
-            per.append_value(period);
-            match a.as_of {
-                Some(d) => day.append_value(d.to_string()),
-                None => day.append_value(&day_text),
-            }
+            run.push(run_id);
+            per.push(period);
+            day.push(date(Some(a.as_of.unwrap_or(as_of))).unwrap_or_default());
             acc.append_value(account);
             bp.append_option(b.map(|b| &b.bill.period));
-            due.append_option(b.map(|b| b.bill.due.to_string()));
+            due.append_option(date(b.map(|b| b.bill.due)));
             amount.append_option(b.map(|b| to_i128(b.bill.amount, AMOUNT.1)));
             unpaid.append_option(b.map(|b| to_i128(b.unpaid, AMOUNT.1)));
             credit.append_value(to_i128(a.credit, SUM.1));
@@ -193,9 +206,9 @@ pub fn arrears_batch(
         }
     }
     let cols: Vec<ArrayRef> = vec![
-        Arc::new(run.finish()),
-        Arc::new(per.finish()),
-        Arc::new(day.finish()),
+        run.finish(),
+        per.finish(),
+        day.finish(),
         Arc::new(acc.finish()),
         Arc::new(bp.finish()),
         Arc::new(due.finish()),
@@ -208,7 +221,15 @@ pub fn arrears_batch(
         Arc::new(from.finish()),
         Arc::new(last_due.finish()),
     ];
-    RecordBatch::try_new(arrears_schema(), cols).expect("columns match schema")
+    RecordBatch::try_new(arrears_batch_schema(), cols).expect("columns match schema")
+}
+
+/// [`arrears_schema`] with the text columns [`arrears_batch`] builds as keys
+/// typed as dictionaries (the file holds `arrears_schema`).
+pub fn arrears_batch_schema() -> SchemaRef {
+    static S: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    S.get_or_init(|| with_dictionaries(&arrears_schema(), &["run_id", "period", "as_of"]))
+        .clone()
 }
 
 /// `d` as a column of `scale` stores it.
