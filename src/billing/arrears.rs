@@ -17,6 +17,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use arrow::array::{Array, Decimal128Array, Int64Array, StringArray};
 use chrono::{Datelike, NaiveDate};
@@ -27,7 +28,7 @@ use super::account::{AccountBill, BillLine};
 use super::flags::Flags;
 use super::period::BillPeriod;
 use super::run::BillingError;
-use crate::master::{BillingAccount, CustomerClass, PaymentMode};
+use crate::master::{BillingAccount, BillingPayment, CustomerClass, Loaded, PaymentMode, RowError};
 use crate::store::scan::FxMap;
 use crate::tariff::late_fee::LateFeeRule;
 use crate::tariff::price::{ChargeLine, LineKind};
@@ -596,13 +597,46 @@ fn parse_date(s: &str) -> Result<NaiveDate, String> {
     s.parse().map_err(|e| format!("'{s}' is not a date: {e}"))
 }
 
-/// `runs` as the state's `meterflow.runs_counted` metadata holds it.
-pub fn runs_metadata(runs: &BTreeMap<PathBuf, usize>) -> String {
+/// `runs` as the state's `meterflow.runs_counted` metadata holds it: each
+/// directory relative to `base`, the directory of the run writing the state,
+/// so a tree of runs moved or billed elsewhere gives the same bytes (and
+/// the next run the same id).
+pub fn runs_metadata(runs: &BTreeMap<PathBuf, usize>, base: &Path) -> String {
     let m: serde_json::Map<String, serde_json::Value> = runs
         .iter()
-        .map(|(d, n)| (d.display().to_string(), serde_json::Value::from(*n)))
+        .map(|(d, n)| {
+            let d = relative(d, base);
+            (d.display().to_string(), serde_json::Value::from(*n))
+        })
         .collect();
     serde_json::Value::Object(m).to_string()
+}
+
+/// `path` from `base` (both absolute and canonical), with `..` as needed.
+fn relative(path: &Path, base: &Path) -> PathBuf {
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    if common == 0 {
+        return path.to_path_buf();
+    }
+    let mut out: PathBuf = b[common..].iter().map(|_| "..").collect();
+    out.extend(&p[common..]);
+    out
+}
+
+/// `rel` (as [`runs_metadata`] writes it) from `base`, without `..`.
+fn resolve(rel: &Path, base: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Reads `arrears.parquet` of a run whose last day is `as_of`.
@@ -790,6 +824,7 @@ impl GivenRun {
             .as_str()
             .ok_or_else(|| bad("no period".into()))?;
         let period = BillPeriod::parse(label).map_err(bad)?;
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         let files = bills_files(dir);
         for f in &files {
             inputs.push(super::run::hashed_input(f)?);
@@ -808,6 +843,10 @@ impl GivenRun {
             inputs.push(super::run::hashed_input(&p)?);
             let as_of = period.end.pred_opt().unwrap_or(period.end);
             let mut s = read_state(&p, as_of)?;
+            s.runs = std::mem::take(&mut s.runs)
+                .into_iter()
+                .map(|(d, n)| (resolve(&d, &key), n))
+                .collect();
             // A revision's state reflects that revision and the ones before it.
             s.seen.extend(
                 revisions[..k]
@@ -821,7 +860,7 @@ impl GivenRun {
         }
         Ok(GivenRun {
             dir: dir.to_path_buf(),
-            key: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            key,
             period,
             revisions,
             state,
@@ -944,6 +983,48 @@ fn rule_of<'t>(
     Some((vi, v, v.late_fee.as_ref()?))
 }
 
+/// `payments.csv` read on its own thread while the master data loads and
+/// the scan is planned (its parse is a second or more at a million accounts).
+#[derive(Default)]
+pub struct PaymentsPrefetch(Option<JoinHandle<Result<Loaded<BillingPayment>, RowError>>>);
+
+impl PaymentsPrefetch {
+    /// Starts reading `path` when late fees may need it: a tariff has a
+    /// late-fee rule, or earlier runs are given.
+    pub fn start(path: &Path, tariffs: &TariffSet, previous: &[PathBuf]) -> PaymentsPrefetch {
+        let rule = tariffs
+            .tariffs
+            .values()
+            .any(|t| t.versions.iter().any(|v| v.late_fee.is_some()));
+        if !path.exists() || (!rule && previous.is_empty()) {
+            return PaymentsPrefetch(None);
+        }
+        let path = path.to_path_buf();
+        let h = std::thread::Builder::new()
+            .name("payments".into())
+            .spawn(move || crate::master::load_billing_payments(&path));
+        PaymentsPrefetch(h.ok())
+    }
+
+    /// What was read, or a read now when nothing was started.
+    fn take(&mut self, path: &Path) -> Result<Loaded<BillingPayment>, RowError> {
+        match self.0.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            // Not started, or its thread died: read here (an error names the file).
+            Some(Err(_)) | None => crate::master::load_billing_payments(path),
+        }
+    }
+}
+
+impl Drop for PaymentsPrefetch {
+    /// A read late fees did not need still finishes before the run returns.
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Payments of known accounts by local day, sorted per account by (day,
 /// amount), file order among equals.
 #[derive(Default)]
@@ -1011,9 +1092,10 @@ pub struct LateFees<'a> {
     /// Accounts with a carried state or earlier bills.
     starts: HashMap<&'a str, Start>,
     payments: Payments<'a>,
-    /// With a state given: the latest state's day. An account in no given
-    /// state (new, or until now prepaid) counts only the payments after it.
-    fresh_after: Option<NaiveDate>,
+    /// With a state given: the latest state's period (first and last day).
+    /// An account in no given state that was opened before that period
+    /// (until now prepaid, say) counts only the payments after it.
+    fresh_after: Option<(NaiveDate, NaiveDate)>,
     /// Accounts of the given states that are not in accounts.csv, carried
     /// forward unchanged, in id order.
     pub carried: Vec<(String, AccountArrears)>,
@@ -1152,6 +1234,27 @@ impl<'a> LateFees<'a> {
         accounts: &'a [BillingAccount],
         tariffs: &TariffSet,
     ) -> Result<LateFees<'a>, BillingError> {
+        let mut none = PaymentsPrefetch::default();
+        Self::load_with(
+            previous,
+            payments_path,
+            &mut none,
+            period,
+            accounts,
+            tariffs,
+        )
+    }
+
+    /// [`LateFees::load`], taking `payments_path` from `prefetch` when it
+    /// was started.
+    pub fn load_with(
+        previous: &[PathBuf],
+        payments_path: &Path,
+        prefetch: &mut PaymentsPrefetch,
+        period: &BillPeriod,
+        accounts: &'a [BillingAccount],
+        tariffs: &TariffSet,
+    ) -> Result<LateFees<'a>, BillingError> {
         let last_day = period.end.pred_opt().unwrap_or(period.end);
         let mut inputs = Vec::new();
         let mut runs = Vec::new();
@@ -1181,7 +1284,8 @@ impl<'a> LateFees<'a> {
         if !payments_path.exists() {
             check_payments_file(&runs, payments_path)?;
         } else if tracked || carried || !prior.is_empty() {
-            let loaded = crate::master::load_billing_payments(payments_path)
+            let loaded = prefetch
+                .take(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
             inputs.push(
                 serde_json::json!({"path": payments_path.display().to_string(),
@@ -1270,9 +1374,8 @@ impl<'a> LateFees<'a> {
             payments,
             fresh_after: runs
                 .iter()
-                .filter_map(|r| r.state.as_ref())
-                .map(|s| s.as_of)
-                .max(),
+                .filter_map(|r| r.state.as_ref().map(|s| (r.period.start, s.as_of)))
+                .max_by_key(|p| p.1),
             carried: kept,
             seen,
             runs: counted_runs,
@@ -1313,7 +1416,7 @@ impl<'a> LateFees<'a> {
         let start = match start {
             Some(s) => s,
             None => {
-                fresh = self.fresh_start(pays);
+                fresh = self.fresh_start(pays, a.opened_on);
                 &fresh
             }
         };
@@ -1349,17 +1452,25 @@ impl<'a> LateFees<'a> {
     /// The start of an account in no given state: with a state given, as of
     /// its day, counting the payments up to then without crediting them
     /// (made while late fees did not concern the account, e.g. prepaid
-    /// top-ups); else the whole history.
-    fn fresh_start(&self, pays: &[(NaiveDate, Decimal)]) -> Start {
+    /// top-ups); an account opened in or after the state's period (added
+    /// after that run) from its opening, crediting what it paid in advance;
+    /// else the whole history.
+    fn fresh_start(&self, pays: &[(NaiveDate, Decimal)], opened_on: NaiveDate) -> Start {
         match self.fresh_after {
             None => Start::default(),
-            Some(day) => Start {
-                after: Some(day),
-                from: AccountArrears {
-                    counted: Counted::through(pays, day),
-                    ..Default::default()
-                },
-            },
+            Some((first, last)) => {
+                let day = match opened_on.pred_opt() {
+                    Some(d) if opened_on >= first => d.min(last),
+                    _ => last,
+                };
+                Start {
+                    after: Some(day),
+                    from: AccountArrears {
+                        counted: Counted::through(pays, day),
+                        ..Default::default()
+                    },
+                }
+            }
         }
     }
 }
@@ -1808,7 +1919,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STATE_FILE);
         let runs: BTreeMap<PathBuf, usize> = [(PathBuf::from("/runs/2026-08"), 2)].into();
-        let props = super::super::output::arrears_properties(&seen, &runs);
+        let props =
+            super::super::output::arrears_properties(&seen, &runs, Path::new("/runs/2026-09"));
         let mut w = parquet::arrow::ArrowWriter::try_new(
             File::create(&path).unwrap(),
             super::super::output::arrears_schema(),
@@ -1821,7 +1933,9 @@ mod tests {
         assert_eq!(back.accounts["A1"], a1);
         assert_eq!(back.accounts["A2"], a2);
         assert_eq!(back.seen, seen);
-        assert_eq!(back.runs, runs);
+        // Written relative to the run's own directory.
+        let relative: BTreeMap<PathBuf, usize> = [(PathBuf::from("../2026-08"), 2)].into();
+        assert_eq!(back.runs, relative);
         // A state of another day is not this run's.
         assert!(read_state(&path, last_day("2026-10")).is_err());
     }
@@ -1836,6 +1950,28 @@ mod tests {
             state_path: PathBuf::new(),
             outside: Vec::new(),
         }
+    }
+
+    #[test]
+    fn runs_counted_are_kept_relative_to_the_run_and_resolved_from_where_it_is_read() {
+        let base = Path::new("/data/runs/2026-10");
+        for (dir, rel) in [
+            ("/data/runs/2026-09", "../2026-09"),
+            ("/data/runs/2026-10/revision-1", "revision-1"),
+            ("/data/old/runs/2026-08", "../../old/runs/2026-08"),
+        ] {
+            assert_eq!(relative(Path::new(dir), base), PathBuf::from(rel));
+            assert_eq!(resolve(Path::new(rel), base), PathBuf::from(dir));
+            // The same tree moved elsewhere resolves to the moved run.
+            let moved = Path::new("/mnt/copy/runs/2026-10");
+            let there = resolve(Path::new(rel), moved);
+            assert_eq!(relative(&there, moved), PathBuf::from(rel));
+        }
+        // A state written before paths were relative: absolute stays absolute.
+        assert_eq!(
+            resolve(Path::new("/data/runs/2026-09"), base),
+            PathBuf::from("/data/runs/2026-09")
+        );
     }
 
     #[test]
@@ -1960,7 +2096,7 @@ mod tests {
         let w = parquet::arrow::ArrowWriter::try_new(f, output::bills_schema(), None).unwrap();
         w.close().unwrap();
         let batch = output::arrears_batch("run", period, last_day(period), rows);
-        let props = output::arrears_properties(&BTreeSet::new(), &BTreeMap::new());
+        let props = output::arrears_properties(&BTreeSet::new(), &BTreeMap::new(), Path::new("/"));
         let f = File::create(dir.join(STATE_FILE)).unwrap();
         let mut w =
             parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props)).unwrap();
@@ -1977,6 +2113,10 @@ mod tests {
             customer_class: CustomerClass::Residential,
             payment_mode: PaymentMode::Postpaid,
         }
+    }
+
+    fn nov_period() -> BillPeriod {
+        BillPeriod::parse("2026-11").unwrap()
     }
 
     fn shipped_tariffs() -> TariffSet {
@@ -2001,10 +2141,28 @@ mod tests {
             "txn_id,channel,account_id,amount,paid_at\n\
              T1,bank,GONE,50.00,2026-10-20T02:00:00Z\n\
              T2,bank,NEW,100.00,2026-09-10T02:00:00Z\n\
-             T3,bank,NEW,20.00,2026-11-05T02:00:00Z\n",
+             T3,bank,NEW,20.00,2026-11-05T02:00:00Z\n\
+             T4,bank,OPENED,100.00,2026-10-25T02:00:00Z\n",
         )
         .unwrap();
-        // November: GONE is not in accounts.csv, NEW was prepaid until now.
+        // November: GONE is not in accounts.csv, NEW was prepaid until now,
+        // OPENED opened on 20 October, after October's run, and paid in advance.
+        let opened = BillingAccount {
+            opened_on: d("2026-10-20"),
+            ..postpaid("OPENED")
+        };
+        let (_, o) = LateFees::load(
+            std::slice::from_ref(&oct),
+            &pays,
+            &nov_period(),
+            std::slice::from_ref(&opened),
+            &tariffs,
+        )
+        .unwrap()
+        .apply(&opened, None, None, &tariffs, &nov_period());
+        let o = o.unwrap();
+        assert_eq!(o.credit, dec!(100), "paid since it was opened: credit");
+        assert_eq!((o.counted.count, o.counted.sum), (1, dec!(100)));
         let accounts = vec![postpaid("NEW")];
         let nov = BillPeriod::parse("2026-11").unwrap();
         let late =
@@ -2074,7 +2232,8 @@ mod tests {
             state_run(&oct, "2026-10", &[]);
             let runs: BTreeMap<PathBuf, usize> = [(sep.clone(), 0)].into();
             let batch = output::arrears_batch("run", "2026-10", last_day("2026-10"), &[("A1", &a)]);
-            let props = output::arrears_properties(&BTreeSet::new(), &runs);
+            let base = std::fs::canonicalize(&oct).unwrap();
+            let props = output::arrears_properties(&BTreeSet::new(), &runs, &base);
             let f = File::create(oct.join(STATE_FILE)).unwrap();
             let mut w =
                 parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props))

@@ -133,6 +133,7 @@ pub fn arrears_schema() -> SchemaRef {
 pub fn arrears_properties(
     seen: &std::collections::BTreeSet<String>,
     runs: &std::collections::BTreeMap<std::path::PathBuf, usize>,
+    run_dir: &std::path::Path,
 ) -> parquet::file::properties::WriterProperties {
     use parquet::file::metadata::KeyValue;
     let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
@@ -142,7 +143,7 @@ pub fn arrears_properties(
             KeyValue::new(super::arrears::SEEN_KEY.to_string(), seen.join(",")),
             KeyValue::new(
                 super::arrears::RUNS_KEY.to_string(),
-                super::arrears::runs_metadata(runs),
+                super::arrears::runs_metadata(runs, run_dir),
             ),
         ]))
         .build()

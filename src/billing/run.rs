@@ -203,6 +203,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let t0 = Instant::now();
     let period = BillPeriod::parse(&opts.period).map_err(BillingError::Invalid)?;
     let tariffs = crate::tariff::load_dir(&opts.tariffs)?;
+    let payments_path = opts.master.join(crate::master::PAYMENTS_FILE);
+    let mut payments =
+        super::arrears::PaymentsPrefetch::start(&payments_path, &tariffs, &opts.previous);
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
     let (meters, accounts) = rayon::join(
@@ -324,9 +327,10 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         super::arrears::read_carried_ytd(&opts.previous, period.start)?
     };
     let accounts_n = accounts.rows.len();
-    let late = LateFees::load(
+    let late = LateFees::load_with(
         &opts.previous,
-        &opts.master.join(crate::master::PAYMENTS_FILE),
+        &payments_path,
+        &mut payments,
         &period,
         &accounts.rows,
         &tariffs,
@@ -444,7 +448,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         let (arrears_tx, arrears_w) = spawn_writer(
             scope,
             output::arrears_schema(),
-            output::arrears_properties(&late.seen, &late.runs),
+            output::arrears_properties(&late.seen, &late.runs, &canonical_run_dir(&opts.out)),
             staging.create(STATE_FILE)?,
         )?;
         let (mut tb, mut te) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
@@ -703,6 +707,21 @@ fn parquet_writer<W: std::io::Write + Send>(
 ) -> Result<ColumnWriter<W>, BillingError> {
     let props = output::writer_properties(&schema);
     Ok(ColumnWriter::try_new(w, schema, props)?)
+}
+
+/// `out` as a canonical path, also before the run directory exists (its
+/// parent does: the run is committed by a rename into it).
+fn canonical_run_dir(out: &Path) -> PathBuf {
+    std::fs::canonicalize(out).unwrap_or_else(|_| {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+        match (
+            std::fs::canonicalize(parent.unwrap_or(Path::new("."))),
+            out.file_name(),
+        ) {
+            (Ok(p), Some(n)) => p.join(n),
+            _ => out.to_path_buf(),
+        }
+    })
 }
 
 /// A thread encoding batches into `file` as Parquet with `props`; returns

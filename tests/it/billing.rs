@@ -858,6 +858,30 @@ mod end_to_end {
         );
         let all = bill_months(&lake, &tmp.path().join("all"), |d| d.to_vec(), false);
         let legacy = bill_months(&lake, &tmp.path().join("legacy"), |d| d.to_vec(), true);
+        // The same chain billed in another folder: the same states and run
+        // ids (the runs a state counted are kept relative to its own run).
+        let deeper = tmp.path().join("b/deeper");
+        std::fs::create_dir_all(&deeper).unwrap();
+        let elsewhere = bill_months(
+            &lake,
+            &deeper.join("monthly"),
+            |d| d.last().into_iter().cloned().collect(),
+            false,
+        );
+        let run_id = |run: &std::path::Path| {
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
+            m["run_id"].as_str().unwrap().to_string()
+        };
+        for (a, b) in monthly.iter().zip(&elsewhere) {
+            let state = |r: &std::path::Path| std::fs::read(r.join("arrears.parquet")).unwrap();
+            assert!(
+                state(a) == state(b),
+                "{}: arrears.parquet differs",
+                b.display()
+            );
+            assert_eq!(run_id(a), run_id(b), "{}", b.display());
+        }
         let mut charged = BTreeMap::new();
         for (k, m) in MONTHS.iter().enumerate() {
             let fees = late_fees(&monthly[k]);
