@@ -187,12 +187,14 @@ pub(super) fn for_each_bill(
         // Optional: runs written before these columns existed.
         let (due, ytd, run) = (text("due_date"), decimal("ytd_kwh_after"), text("run_id"));
         for i in 0..batch.num_rows() {
+            // A bill without a total would forgive a debt: a broken file.
+            let no_total = || bad(format!("the bill of {} has no total", acc.value(i)));
             f(
                 BillRow {
                     run_id: run.map_or("", |r| r.value(i)),
                     account: acc.value(i),
                     period: per.value(i),
-                    total: dec_at(total, i).unwrap_or_default(),
+                    total: dec_at(total, i).ok_or_else(no_total)?,
                     due: due.filter(|d| !d.is_null(i)).map(|d| d.value(i)),
                     ytd_after: ytd.and_then(|y| dec_at(y, i)),
                 },
@@ -744,6 +746,14 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
             if a.as_of != carried_day {
                 return Err(row("rows of one account with different as_of"));
             }
+            // What the writer can write: sums of these never overflow.
+            let limit = Decimal::from_i128_with_scale(10i128.pow(26), 0);
+            if a.credit < Decimal::ZERO || a.counted.sum < Decimal::ZERO {
+                return Err(row("negative credit or paid_sum"));
+            }
+            if a.credit >= limit || a.counted.sum >= limit {
+                return Err(row("credit or paid_sum beyond DECIMAL(28, 2)"));
+            }
             if per.is_null(i) {
                 continue;
             }
@@ -753,6 +763,15 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
             else {
                 return Err(row("a bill without due_date, amount or unpaid"));
             };
+            if unpaid <= Decimal::ZERO || unpaid > amount || amount >= limit {
+                return Err(row(&format!(
+                    "bill {}: unpaid {unpaid} is not within (0, amount {amount}]",
+                    period.label
+                )));
+            }
+            if a.open.iter().any(|o| o.bill.period == period.label) {
+                return Err(row(&format!("bill {} listed twice", period.label)));
+            }
             a.open.push(OpenBill {
                 bill: PriorBill {
                     period: period.label,
@@ -2104,6 +2123,61 @@ mod tests {
         w.close().unwrap();
     }
 
+    #[test]
+    fn a_state_with_impossible_amounts_is_refused_naming_the_account() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = |unpaid| OpenBill {
+            bill: sept_bill(dec!(10)),
+            unpaid,
+        };
+        let cases = [
+            (
+                AccountArrears {
+                    credit: dec!(-1),
+                    ..Default::default()
+                },
+                "negative credit",
+            ),
+            (
+                AccountArrears {
+                    open: vec![open(dec!(11))],
+                    ..Default::default()
+                },
+                "is not within",
+            ),
+            (
+                AccountArrears {
+                    open: vec![open(dec!(0))],
+                    ..Default::default()
+                },
+                "is not within",
+            ),
+            (
+                AccountArrears {
+                    open: vec![open(dec!(5)), open(dec!(5))],
+                    ..Default::default()
+                },
+                "listed twice",
+            ),
+            (
+                AccountArrears {
+                    credit: Decimal::MAX,
+                    ..Default::default()
+                },
+                // Past what the column holds: refused, whichever check sees it.
+                "credit",
+            ),
+        ];
+        for (k, (a, why)) in cases.iter().enumerate() {
+            let dir = tmp.path().join(format!("oct{k}"));
+            state_run(&dir, "2026-10", &[("BAD", a)]);
+            let e = read_state(&dir.join(STATE_FILE), last_day("2026-10"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("BAD") && e.contains(why), "{e}");
+        }
+    }
+
     fn postpaid(id: &str) -> BillingAccount {
         BillingAccount {
             account_id: id.into(),
@@ -2260,6 +2334,10 @@ mod tests {
                     let v: ArrayRef = match f.name().as_str() {
                         "account_id" => std::sync::Arc::new(StringArray::from(vec!["A1"])),
                         "period" => std::sync::Arc::new(StringArray::from(vec!["2026-09"])),
+                        "total" => std::sync::Arc::new(
+                            Decimal128Array::from(vec![21_000i128])
+                                .with_data_type(f.data_type().clone()),
+                        ),
                         _ => arrow::array::new_null_array(f.data_type(), 1),
                     };
                     v
