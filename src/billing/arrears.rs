@@ -17,7 +17,6 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 
 use arrow::array::{Array, Decimal128Array, Int64Array, StringArray};
 use chrono::{Datelike, NaiveDate};
@@ -28,7 +27,7 @@ use super::account::{AccountBill, BillLine};
 use super::flags::Flags;
 use super::period::BillPeriod;
 use super::run::BillingError;
-use crate::master::{BillingAccount, BillingPayment, CustomerClass, Loaded, PaymentMode, RowError};
+use crate::master::{BillingAccount, CustomerClass, PaymentMode};
 use crate::store::scan::FxMap;
 use crate::tariff::late_fee::LateFeeRule;
 use crate::tariff::price::{ChargeLine, LineKind};
@@ -1002,48 +1001,6 @@ fn rule_of<'t>(
     Some((vi, v, v.late_fee.as_ref()?))
 }
 
-/// `payments.csv` read on its own thread while the master data loads and
-/// the scan is planned (its parse is a second or more at a million accounts).
-#[derive(Default)]
-pub struct PaymentsPrefetch(Option<JoinHandle<Result<Loaded<BillingPayment>, RowError>>>);
-
-impl PaymentsPrefetch {
-    /// Starts reading `path` when late fees may need it: a tariff has a
-    /// late-fee rule, or earlier runs are given.
-    pub fn start(path: &Path, tariffs: &TariffSet, previous: &[PathBuf]) -> PaymentsPrefetch {
-        let rule = tariffs
-            .tariffs
-            .values()
-            .any(|t| t.versions.iter().any(|v| v.late_fee.is_some()));
-        if !path.exists() || (!rule && previous.is_empty()) {
-            return PaymentsPrefetch(None);
-        }
-        let path = path.to_path_buf();
-        let h = std::thread::Builder::new()
-            .name("payments".into())
-            .spawn(move || crate::master::load_billing_payments(&path));
-        PaymentsPrefetch(h.ok())
-    }
-
-    /// What was read, or a read now when nothing was started.
-    fn take(&mut self, path: &Path) -> Result<Loaded<BillingPayment>, RowError> {
-        match self.0.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            // Not started, or its thread died: read here (an error names the file).
-            Some(Err(_)) | None => crate::master::load_billing_payments(path),
-        }
-    }
-}
-
-impl Drop for PaymentsPrefetch {
-    /// A read late fees did not need still finishes before the run returns.
-    fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// Payments of known accounts by local day, sorted per account by (day,
 /// amount), file order among equals.
 #[derive(Default)]
@@ -1253,27 +1210,6 @@ impl<'a> LateFees<'a> {
         accounts: &'a [BillingAccount],
         tariffs: &TariffSet,
     ) -> Result<LateFees<'a>, BillingError> {
-        let mut none = PaymentsPrefetch::default();
-        Self::load_with(
-            previous,
-            payments_path,
-            &mut none,
-            period,
-            accounts,
-            tariffs,
-        )
-    }
-
-    /// [`LateFees::load`], taking `payments_path` from `prefetch` when it
-    /// was started.
-    pub fn load_with(
-        previous: &[PathBuf],
-        payments_path: &Path,
-        prefetch: &mut PaymentsPrefetch,
-        period: &BillPeriod,
-        accounts: &'a [BillingAccount],
-        tariffs: &TariffSet,
-    ) -> Result<LateFees<'a>, BillingError> {
         let last_day = period.end.pred_opt().unwrap_or(period.end);
         let mut inputs = Vec::new();
         let mut runs = Vec::new();
@@ -1303,8 +1239,7 @@ impl<'a> LateFees<'a> {
         if !payments_path.exists() {
             check_payments_file(&runs, payments_path)?;
         } else if tracked || carried || !prior.is_empty() {
-            let loaded = prefetch
-                .take(payments_path)
+            let loaded = crate::master::load_billing_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
             inputs.push(
                 serde_json::json!({"path": payments_path.display().to_string(),

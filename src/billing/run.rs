@@ -203,9 +203,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let t0 = Instant::now();
     let period = BillPeriod::parse(&opts.period).map_err(BillingError::Invalid)?;
     let tariffs = crate::tariff::load_dir(&opts.tariffs)?;
-    let payments_path = opts.master.join(crate::master::PAYMENTS_FILE);
-    let mut payments =
-        super::arrears::PaymentsPrefetch::start(&payments_path, &tariffs, &opts.previous);
     let meters_path = opts.master.join(crate::master::METERS_FILE);
     let accounts_path = opts.master.join(crate::master::ACCOUNTS_FILE);
     let (meters, accounts) = rayon::join(
@@ -327,10 +324,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         super::arrears::read_carried_ytd(&opts.previous, period.start)?
     };
     let accounts_n = accounts.rows.len();
-    let late = LateFees::load_with(
+    let late = LateFees::load(
         &opts.previous,
-        &payments_path,
-        &mut payments,
+        &opts.master.join(crate::master::PAYMENTS_FILE),
         &period,
         &accounts.rows,
         &tariffs,
