@@ -1723,29 +1723,39 @@ mod tests {
         (bills, pays)
     }
 
-    #[test]
-    fn continuing_each_month_from_the_last_state_gives_the_whole_history_s_fees() {
-        let (bills, pays) = year();
+    /// Bills July..December one month at a time, each continuing the state
+    /// of the month before, checks each month's fees against the whole
+    /// history's, and returns how many fee lines were charged and the
+    /// state at the end of each month.
+    fn month_by_month(
+        bills: &[PriorBill],
+        pays: &[(NaiveDate, Decimal)],
+    ) -> (usize, Vec<AccountArrears>) {
         let rule = LateFeeRule::default();
-        let mut start = Start::default();
-        let mut charged = 0;
-        for (n, month) in [
+        let (mut start, mut charged, mut states) = (Start::default(), 0, Vec::new());
+        let months = [
             "2026-07", "2026-08", "2026-09", "2026-10", "2026-11", "2026-12",
-        ]
-        .iter()
-        .enumerate()
-        {
+        ];
+        for (n, month) in months.iter().enumerate() {
             let p = BillPeriod::parse(month).unwrap();
-            let whole = late_fee_lines(&rule, false, &bills[..n], &pays, &p, &fen());
-            let (owed, fee_pays) = start.fee_inputs(&pays);
+            let whole = late_fee_lines(&rule, false, &bills[..n], pays, &p, &fen());
+            let (owed, fee_pays) = start.fee_inputs(pays);
             let carried = late_fee_lines(&rule, false, &owed, &fee_pays, &p, &fen());
             assert_eq!(carried, whole, "{month}");
             charged += whole.len();
             let own = bills.get(n).cloned();
-            let state = start.carry(own.clone(), &pays, last_day(month));
+            let state = start.carry(own.clone(), pays, last_day(month));
             let own = own.as_ref().map(|b| (b.period.as_str(), b.due));
-            start = Start::continue_state(&state, last_day(month), &[], &pays, own).unwrap();
+            start = Start::continue_state(&state, last_day(month), &[], pays, own).unwrap();
+            states.push(state);
         }
+        (charged, states)
+    }
+
+    #[test]
+    fn continuing_each_month_from_the_last_state_gives_the_whole_history_s_fees() {
+        let (bills, pays) = year();
+        let (charged, _) = month_by_month(&bills, &pays);
         assert!(charged >= 3, "the history has overdue days");
     }
 
@@ -2016,28 +2026,10 @@ mod tests {
         // gives the whole history's fees.
         let (mut bills, pays) = year();
         bills[2].amount = dec!(-500);
-        let mut start = Start::default();
-        for (n, month) in [
-            "2026-07", "2026-08", "2026-09", "2026-10", "2026-11", "2026-12",
-        ]
-        .iter()
-        .enumerate()
-        {
-            let p = BillPeriod::parse(month).unwrap();
-            let whole = late_fee_lines(&rule, false, &bills[..n], &pays, &p, &fen());
-            let (owed, fee_pays) = start.fee_inputs(&pays);
-            let carried = late_fee_lines(&rule, false, &owed, &fee_pays, &p, &fen());
-            assert_eq!(carried, whole, "{month}");
-            let own = bills.get(n).cloned();
-            let state = start.carry(own.clone(), &pays, last_day(month));
-            if *month == "2026-09" {
-                // 180 + 190 - 50 - 100 owed, less the note's 500: 280 of credit.
-                assert!(state.open.is_empty());
-                assert_eq!(state.credit, dec!(280));
-            }
-            let own = own.as_ref().map(|b| (b.period.as_str(), b.due));
-            start = Start::continue_state(&state, last_day(month), &[], &pays, own).unwrap();
-        }
+        let (_, states) = month_by_month(&bills, &pays);
+        // September: 180 + 190 - 50 - 100 owed, less the note's 500: 280 of credit.
+        assert!(states[2].open.is_empty());
+        assert_eq!(states[2].credit, dec!(280));
     }
 
     /// A run directory of `period` with no bills and the arrears state `rows`.
