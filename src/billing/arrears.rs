@@ -561,9 +561,10 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// The date of the first payment dated up to `as_of` that a state which
-/// counted `counted` did not, when it can be told: one payment more than
-/// counted, the earliest whose amount is the difference.
+/// The date of the payment dated up to `as_of` that a state which counted
+/// `counted` did not, when it can be told: one payment more than counted,
+/// and only one day with a payment of the difference (fixed monthly
+/// payments would otherwise name an earlier one).
 fn first_uncounted(
     payments: &[(NaiveDate, Decimal)],
     as_of: NaiveDate,
@@ -574,11 +575,13 @@ fn first_uncounted(
         return None;
     }
     let added = now.sum - counted.sum;
-    payments
+    let mut days = payments
         .iter()
         .take_while(|p| p.0 <= as_of)
-        .find(|p| p.1 == added)
-        .map(|p| p.0)
+        .filter(|p| p.1 == added)
+        .map(|p| p.0);
+    let first = days.next()?;
+    days.all(|d| d == first).then_some(first)
 }
 
 /// A run's arrears state, as read back.
@@ -589,8 +592,9 @@ pub struct ArrearsState {
     pub accounts: BTreeMap<String, AccountArrears>,
     /// Revisions (run ids) whose amounts the state reflects.
     pub seen: BTreeSet<String>,
-    /// Run directories whose bills the state counted (canonical paths),
-    /// with the number of revisions seen in each.
+    /// Run directories whose bills the state counted (as written, relative
+    /// to the state's run; `GivenRun::read` resolves them), with the number
+    /// of revisions seen in each.
     pub runs: BTreeMap<PathBuf, usize>,
 }
 
@@ -1818,6 +1822,13 @@ mod tests {
                 assert_eq!((now.count, now.sum), (2, dec!(105)));
                 assert!(p.to_string().contains("dated 2026-10-05"), "{p}");
             }
+            other => panic!("{other:?}"),
+        }
+        // A back-dated 100 beside the counted 100: which one is new cannot
+        // be told, so no date is named (naming the earlier would mislead).
+        let twice = [(d("2026-10-02"), dec!(100)), pays[0]];
+        match Start::continue_state(&oct, as_of, &[], &twice, None) {
+            Err(Problem::BackDated { first, .. }) => assert_eq!(first, None),
             other => panic!("{other:?}"),
         }
         // A removed payment is refused too.
