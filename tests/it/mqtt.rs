@@ -913,79 +913,134 @@ async fn a_redelivered_message_without_timestamps_keeps_its_first_receive_time_a
     assert_eq!(after, first, "one row, with the first receive time");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_killed_between_the_spool_fsync_and_the_puback_of_an_untimed_message_keeps_one_row()
-{
-    let url = broker_url();
-    let (_, host, port) = parse_url(&url).unwrap();
-    let proxy = Proxy::start(format!("{host}:{port}")).await;
-    let p = uniq("restamp-kill");
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let client_id = uniq("ingest-restamp-kill");
-    // keepalive 60 s: the muted proxy swallows PINGREQs too.
-    let cfg = |url: &str, flush_secs: u64| {
-        let path = dir.path().join(format!("ingest-{flush_secs}.toml"));
+/// (entries, stamps) in a lake's spool segments.
+fn spooled(lake: &Path) -> (usize, usize) {
+    let mut n = (0, 0);
+    for w in std::fs::read_dir(lake.join("_spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for s in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
+            if s.file_name().to_string_lossy().starts_with("seg-") {
+                if let Ok(r) = meterflow::store::spool::read_segment(&s.path()) {
+                    n.0 += r.entries.len();
+                    n.1 += r.stamps.len();
+                }
+            }
+        }
+    }
+    n
+}
+
+/// The real ingest binary killed between the spool fsync and the PUBACKs,
+/// then restarted to get the broker's redeliveries (DUP set).
+struct KillBeforePuback {
+    url: String,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+    lake: std::path::PathBuf,
+    client_id: String,
+    /// `[[source]]` tables of the config.
+    sources: String,
+}
+
+impl KillBeforePuback {
+    async fn new(name: &str, sources: impl Fn(&str) -> String) -> (KillBeforePuback, String) {
+        let url = broker_url();
+        let (_, host, port) = parse_url(&url).unwrap();
+        let proxy = Proxy::start(format!("{host}:{port}")).await;
+        let p = uniq(name);
+        let dir = tempfile::tempdir().unwrap();
+        let lake = dir.path().join("lake");
+        let k = KillBeforePuback {
+            url,
+            proxy,
+            lake,
+            client_id: uniq(&format!("ingest-{name}")),
+            sources: sources(&p),
+            dir,
+        };
+        (k, p)
+    }
+
+    /// keepalive 60 s: the muted proxy swallows PINGREQs too.
+    fn config(&self, url: &str, flush_secs: u64) -> std::path::PathBuf {
+        let path = self.dir.path().join(format!("ingest-{flush_secs}.toml"));
         std::fs::write(
             &path,
             format!(
-                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\nkeepalive_secs = 60\n[ingest]\nflush_secs = {flush_secs}\n{}",
-                tasmota_source(&p)
+                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{}\"\nkeepalive_secs = 60\n[ingest]\nflush_secs = {flush_secs}\n{}",
+                self.client_id, self.sources
             ),
         )
         .unwrap();
         path
-    };
-    let spooled = || {
-        let Ok(writers) = std::fs::read_dir(lake.join("_spool")) else {
-            return false;
-        };
-        writers.flatten().any(|w| {
-            std::fs::read_dir(w.path()).is_ok_and(|segs| {
-                segs.flatten().any(|s| {
-                    s.file_name().to_string_lossy().starts_with("seg-")
-                        && s.metadata().is_ok_and(|m| m.len() > 0)
-                })
-            })
-        })
-    };
-
-    // Spooled (fsynced), never committed (flush in an hour), never acked.
-    let (mut a, a_log) = spawn_ingest_binary(
-        &cfg(&format!("mqtt://127.0.0.1:{}", proxy.port), 3600),
-        &lake,
-    );
-    wait_for_line(&a_log, "subscribed");
-    proxy.mute();
-    publish_all(&url, untimed(&p), 0, Duration::ZERO).await;
-    let t = Instant::now();
-    while !spooled() {
-        assert!(t.elapsed() < Duration::from_secs(20), "never spooled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    a.wait().unwrap();
-    proxy.cut();
+
+    /// Publishes `msgs` to an ingest that spools them (fsynced) and never
+    /// commits (flush in an hour) nor acks (muted proxy); SIGKILLs it once
+    /// `done` says they are spooled.
+    async fn spool_then_kill(&self, msgs: Vec<(String, Vec<u8>)>, done: impl Fn() -> bool) {
+        let via_proxy = format!("mqtt://127.0.0.1:{}", self.proxy.port);
+        let (mut a, a_log) = spawn_ingest_binary(&self.config(&via_proxy, 3600), &self.lake);
+        wait_for_line(&a_log, "subscribed");
+        self.proxy.mute();
+        publish_all(&self.url, msgs, 0, Duration::ZERO).await;
+        let t = Instant::now();
+        while !done() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "never spooled: {:?}",
+                spooled(&self.lake)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(a.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        a.wait().unwrap();
+        self.proxy.cut();
+    }
+
+    /// Restarts ingest straight to the broker: it replays the spool into
+    /// Parquet, then gets the redeliveries; `until` waits for their rows.
+    async fn restart<T>(&self, until: impl std::future::Future<Output = T>) -> T {
+        let (mut b, b_log) = spawn_ingest_binary(&self.config(&self.url, 1), &self.lake);
+        wait_for_line(&b_log, "mqtt connected");
+        wait_for_line(&b_log, "receive time of their first copy");
+        let out = until.await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(b.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(b.wait().unwrap().success());
+        forget_session(&self.url, &self.client_id).await;
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_between_the_spool_fsync_and_the_puback_of_an_untimed_message_keeps_one_row()
+{
+    let (k, p) = KillBeforePuback::new("restamp-kill", tasmota_source).await;
+    let lake = k.lake.clone();
+    k.spool_then_kill(untimed(&p), || spooled(&lake).0 > 0)
+        .await;
     assert!(reader::read_all_readings(&lake)
         .unwrap_or_default()
         .is_empty());
-
-    // The restart replays the spool into Parquet, then gets the redelivery.
-    let (mut b, b_log) = spawn_ingest_binary(&cfg(&url, 1), &lake);
-    wait_for_line(&b_log, "mqtt connected");
-    wait_for_line(&b_log, "receive time of their first copy");
-    let both = wait_for_rows(&lake, 2, 30, "replayed and redelivered copies").await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(b.wait().unwrap().success());
-    forget_session(&url, &client_id).await;
+    let both = k
+        .restart(wait_for_rows(
+            &lake,
+            2,
+            30,
+            "replayed and redelivered copies",
+        ))
+        .await;
     assert_eq!(both[0], both[1], "the same row twice: {both:?}");
     let after = compacted(&lake);
     assert_eq!(after.len(), 1, "{after:?}");
@@ -1025,26 +1080,11 @@ fn dead_letter_rows(lake: &Path) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_of_a_message_redelivered_after_a_kill_keep_their_first_receive_time() {
-    let url = broker_url();
-    let (_, host, port) = parse_url(&url).unwrap();
-    let proxy = Proxy::start(format!("{host}:{port}")).await;
-    let p = uniq("restamp-dead");
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let client_id = uniq("ingest-restamp-dead");
-    // keepalive 60 s: the muted proxy swallows PINGREQs too.
-    let cfg = |url: &str, flush_secs: u64| {
-        let path = dir.path().join(format!("ingest-{flush_secs}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "[mqtt]\nurl = \"{url}\"\nclient_id = \"{client_id}\"\nkeepalive_secs = 60\n[ingest]\nflush_secs = {flush_secs}\n{}unmapped = \"dead_letter\"\n",
-                tasmota_source(&p)
-            ),
-        )
-        .unwrap();
-        path
-    };
+    let (k, p) = KillBeforePuback::new("restamp-dead", |p| {
+        format!("{}unmapped = \"dead_letter\"\n", tasmota_source(p))
+    })
+    .await;
+    let lake = k.lake.clone();
     // Undecodable; and with timestamps, one good value and one unmapped field.
     let msgs = vec![
         (format!("{p}/tele/m1/SENSOR"), b"not json".to_vec()),
@@ -1053,74 +1093,24 @@ async fn dead_letters_of_a_message_redelivered_after_a_kill_keep_their_first_rec
             br#"{"Time":"2025-11-22T09:00:00","ENERGY":{"Total":7.25},"Odd":1}"#.to_vec(),
         ),
     ];
-    // (entries, stamps) in the spool segments.
-    let spooled = || {
-        let mut n = (0, 0);
-        for w in std::fs::read_dir(lake.join("_spool"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for s in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
-                if s.file_name().to_string_lossy().starts_with("seg-") {
-                    if let Ok(r) = meterflow::store::spool::read_segment(&s.path()) {
-                        n.0 += r.entries.len();
-                        n.1 += r.stamps.len();
-                    }
-                }
-            }
-        }
-        n
-    };
-
-    // Spooled (fsynced) with their stamps, never committed, never acked.
-    let (mut a, a_log) = spawn_ingest_binary(
-        &cfg(&format!("mqtt://127.0.0.1:{}", proxy.port), 3600),
-        &lake,
-    );
-    wait_for_line(&a_log, "subscribed");
-    proxy.mute();
-    publish_all(&url, msgs, 0, Duration::ZERO).await;
-    let t = Instant::now();
-    // Two dead letters and a reading; a stamp per message.
-    while spooled() != (3, 2) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "spooled {:?}",
-            spooled()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    a.wait().unwrap();
-    proxy.cut();
+    // Two dead letters and a reading spooled, with a stamp per message.
+    k.spool_then_kill(msgs, || spooled(&lake) == (3, 2)).await;
     assert!(dead_letter_rows(&lake).is_empty());
-
-    // The restart replays the spool into Parquet, then gets the redeliveries.
-    let (mut b, b_log) = spawn_ingest_binary(&cfg(&url, 1), &lake);
-    wait_for_line(&b_log, "mqtt connected");
-    wait_for_line(&b_log, "receive time of their first copy");
-    let both = wait_for_rows(&lake, 2, 30, "replayed and redelivered reading").await;
-    let t = Instant::now();
-    while dead_letter_rows(&lake).len() < 4 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "dead letters: {:?}",
-            dead_letter_rows(&lake)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(b.wait().unwrap().success());
-    forget_session(&url, &client_id).await;
+    let both = k
+        .restart(async {
+            let both = wait_for_rows(&lake, 2, 30, "replayed and redelivered reading").await;
+            let t = Instant::now();
+            while dead_letter_rows(&lake).len() < 4 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "dead letters: {:?}",
+                    dead_letter_rows(&lake)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            both
+        })
+        .await;
 
     // Each dead letter twice, identical in every column (`received_at` too),
     // until compaction keeps one of each.
