@@ -25,6 +25,7 @@ use rust_decimal::Decimal;
 
 use super::account::{AccountBill, BillLine};
 use super::flags::Flags;
+use super::payments::Payments;
 use super::period::BillPeriod;
 use super::run::BillingError;
 use crate::master::{BillingAccount, CustomerClass, PaymentMode};
@@ -342,6 +343,18 @@ impl Start {
                 first: first_uncounted(payments, as_of, &state.counted, &now),
             });
         }
+        Start::add_bills(state, as_of, bills, own)
+    }
+
+    /// `state`, an account's arrears at the end of `as_of`, with its `bills`
+    /// after that day added. Refuses a bill the state holds at another
+    /// amount, and bills falling due out of order.
+    fn add_bills(
+        state: &AccountArrears,
+        as_of: NaiveDate,
+        bills: &[PriorBill],
+        own: Option<(&str, NaiveDate)>,
+    ) -> Result<Start, Problem> {
         // A later bill due before one already settled would have taken the
         // payments first in the whole history.
         let in_order = |period: &str, due: NaiveDate| match state.last_due {
@@ -471,6 +484,17 @@ impl Start {
             last_due,
             as_of: None,
         }
+    }
+
+    /// The arrears at the end of `day` of an account whose payments are not
+    /// read (it is not in accounts.csv): `since`, paid after the start,
+    /// settles its bills; `counted` is what its latest state counted.
+    fn carry_paid(mut self, since: Decimal, counted: Counted, day: NaiveDate) -> AccountArrears {
+        self.from.credit += since;
+        self.from.counted = counted;
+        let mut a = self.carry(None, &[], day);
+        a.as_of = Some(day);
+        a
     }
 }
 
@@ -835,8 +859,12 @@ struct GivenRun {
 
 impl GivenRun {
     /// Reads a run directory's period, revisions and state; hashes its
-    /// bills files and the state into `inputs`.
-    fn read(dir: &Path, inputs: &mut Vec<serde_json::Value>) -> Result<GivenRun, BillingError> {
+    /// bills files and the state into `inputs` (None: the run being revised,
+    /// which, like the bills it issued, is not hashed).
+    fn read(
+        dir: &Path,
+        mut inputs: Option<&mut Vec<serde_json::Value>>,
+    ) -> Result<GivenRun, BillingError> {
         let bad = |what: String| BillingError::Invalid(format!("{}: {what}", dir.display()));
         let manifest = dir.join("manifest.json");
         let m: serde_json::Value =
@@ -848,8 +876,10 @@ impl GivenRun {
         let period = BillPeriod::parse(label).map_err(bad)?;
         let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         let files = bills_files(dir);
-        for f in &files {
-            inputs.push(super::run::hashed_input(f)?);
+        if let Some(inputs) = inputs.as_deref_mut() {
+            for f in &files {
+                inputs.push(super::run::hashed_input(f)?);
+            }
         }
         let revisions = files[1..]
             .iter()
@@ -862,7 +892,9 @@ impl GivenRun {
             if !p.exists() {
                 continue;
             }
-            inputs.push(super::run::hashed_input(&p)?);
+            if let Some(inputs) = inputs.as_deref_mut() {
+                inputs.push(super::run::hashed_input(&p)?);
+            }
             let as_of = period.end.pred_opt().unwrap_or(period.end);
             let mut s = read_state(&p, as_of)?;
             s.runs = std::mem::take(&mut s.runs)
@@ -908,12 +940,16 @@ impl GivenRun {
     }
 }
 
-/// For each given state, the revisions written since of the runs it counted
-/// that are not given (`meterflow.runs_counted`): a directory that no
-/// longer exists is skipped with a warning.
-fn find_outside_revisions(runs: &mut [GivenRun]) -> Result<(), BillingError> {
+/// For each given state (and the issued run's, in a revision), the
+/// revisions written since of the runs it counted that are not given
+/// (`meterflow.runs_counted`): a directory that no longer exists is skipped
+/// with a warning.
+fn find_outside_revisions(
+    runs: &mut [GivenRun],
+    issued: Option<&mut GivenRun>,
+) -> Result<(), BillingError> {
     let given: HashSet<PathBuf> = runs.iter().map(|r| r.key.clone()).collect();
-    for run in runs.iter_mut() {
+    for run in runs.iter_mut().chain(issued) {
         let Some(s) = &run.state else { continue };
         let mut outside = Vec::new();
         for (dir, &seen) in &s.runs {
@@ -1005,65 +1041,6 @@ fn rule_of<'t>(
     Some((vi, v, v.late_fee.as_ref()?))
 }
 
-/// Payments of known accounts by local day, sorted per account by (day,
-/// amount), file order among equals.
-#[derive(Default)]
-struct Payments<'a> {
-    all: Vec<(NaiveDate, Decimal)>,
-    of: FxMap<&'a str, std::ops::Range<usize>>,
-}
-
-impl<'a> Payments<'a> {
-    fn new(
-        rows: &[crate::master::BillingPayment],
-        accounts: &'a [BillingAccount],
-        by_id: &FxMap<&str, u32>,
-        tariffs: &TariffSet,
-    ) -> Payments<'a> {
-        use rayon::prelude::*;
-        // Accounts of one tariff share its id (interned): its offset is
-        // looked up once per run of equal ids, not once per payment.
-        let mut keyed: Vec<(u32, NaiveDate, Decimal)> = rows
-            .par_chunks(64 * 1024)
-            .flat_map_iter(|chunk| {
-                let mut last: Option<(*const u8, i32)> = None;
-                chunk.iter().filter_map(move |p| {
-                    let &i = by_id.get(&*p.account_id)?;
-                    let a = &accounts[i as usize];
-                    let id = a.tariff_id.as_ptr();
-                    let offset = match last {
-                        Some((t, o)) if t == id => o,
-                        _ => {
-                            let o = tariffs.get(&a.tariff_id).map_or(0, |t| t.utc_offset_secs);
-                            last = Some((id, o));
-                            o
-                        }
-                    };
-                    let ms = p.paid_at.timestamp_millis();
-                    let (date, _) = super::period::local_date_minute(ms, offset);
-                    Some((i, date, p.amount))
-                })
-            })
-            .collect();
-        // Stable: equal amounts keep their order in the file.
-        keyed.par_sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
-        let mut of = FxMap::default();
-        let mut all = Vec::with_capacity(keyed.len());
-        for run in keyed.chunk_by(|x, y| x.0 == y.0) {
-            let from = all.len();
-            all.extend(run.iter().map(|&(_, d, x)| (d, x)));
-            of.insert(&*accounts[run[0].0 as usize].account_id, from..all.len());
-        }
-        Payments { all, of }
-    }
-
-    fn of(&self, account: &str) -> &[(NaiveDate, Decimal)] {
-        self.of
-            .get(account)
-            .map_or(&[][..], |r| &self.all[r.clone()])
-    }
-}
-
 /// What a bill run needs to charge late fees and write its arrears state:
 /// where each account starts (a carried state or the given runs' bills)
 /// and its payments.
@@ -1076,8 +1053,9 @@ pub struct LateFees<'a> {
     /// An account in no given state that was opened before that period
     /// (until now prepaid, say) counts only the payments after it.
     fresh_after: Option<(NaiveDate, NaiveDate)>,
-    /// Accounts of the given states that are not in accounts.csv, carried
-    /// forward unchanged, in id order.
+    /// Accounts of the given states (in a revision, of the issued run's
+    /// too) that are not in accounts.csv, carried forward (see
+    /// `carry_unchanged`), in id order.
     pub carried: Vec<(String, AccountArrears)>,
     /// Revisions (run ids) the state this run writes reflects.
     pub seen: BTreeSet<String>,
@@ -1098,6 +1076,33 @@ struct Refusal {
     problem: Problem,
     /// First day of the account's earliest bill in any given state.
     history_from: Option<NaiveDate>,
+}
+
+/// A revision that changed `name`'s bill after `s`, the state of `run`
+/// (`as_of`: its day for the account), was written: of a run it counted
+/// that is not given (then true), or of one of the `checked` runs.
+fn revised<'r>(
+    checked: impl IntoIterator<Item = &'r GivenRun>,
+    run: &GivenRun,
+    s: &ArrearsState,
+    as_of: NaiveDate,
+    name: &str,
+) -> Option<(Problem, bool)> {
+    if let Some((dir, r)) = run.outside.iter().find(|(_, r)| r.accounts.contains(name)) {
+        let p = Problem::Revised {
+            revision: r.dir.clone(),
+            add: Some(dir.clone()),
+        };
+        return Some((p, true));
+    }
+    let r = checked
+        .into_iter()
+        .find_map(|r| r.unseen_revision(s, as_of, name))?;
+    let p = Problem::Revised {
+        revision: r.dir.clone(),
+        add: None,
+    };
+    Some((p, false))
 }
 
 /// Where `name`'s fees start: the earliest given state that can be
@@ -1127,23 +1132,11 @@ fn choose_start(
             (x, y) => x.or(y),
         };
         let as_of = acc.as_of.unwrap_or(s.as_of);
-        let outside = run.outside.iter().find(|(_, r)| r.accounts.contains(name));
-        outside_changed |= outside.is_some();
-        let revised = match outside {
-            Some((run_dir, r)) => Some(Problem::Revised {
-                revision: r.dir.clone(),
-                add: Some(run_dir.clone()),
-            }),
-            None => runs
-                .iter()
-                .find_map(|r| r.unseen_revision(s, as_of, name))
-                .map(|r| Problem::Revised {
-                    revision: r.dir.clone(),
-                    add: None,
-                }),
-        };
-        let r = match revised {
-            Some(p) => Err(p),
+        let r = match revised(runs, run, s, as_of, name) {
+            Some((p, outside)) => {
+                outside_changed |= outside;
+                Err(p)
+            }
             None => Start::continue_state(acc, as_of, bills, pays, own),
         };
         match r {
@@ -1172,17 +1165,90 @@ fn choose_start(
     }))
 }
 
-/// An account of the given states that is not in accounts.csv: its latest
-/// state, carried unchanged (with the day it was written).
-fn carry_unchanged(runs: &[GivenRun], name: &str) -> Option<(String, AccountArrears)> {
-    runs.iter()
-        .rev()
-        .filter_map(|r| r.state.as_ref())
-        .find_map(|s| {
-            let mut a = s.accounts.get(name)?.clone();
-            a.as_of = Some(a.as_of.unwrap_or(s.as_of));
-            Some((name.to_string(), a))
+/// An account of the given states (in a revision, of the issued run's too)
+/// that is not in accounts.csv: its latest state, carried unchanged with the
+/// day it was written. In a revision that is the issued run's, which holds
+/// its bill of this period (the bill stands). `bills`: its bills in the
+/// given runs and the issued one; `used` marks the state its amounts come
+/// from (the issued run's last).
+///
+/// The state written lists one set of revisions and runs for all its rows,
+/// so a carried account is checked against them like a billed one (a
+/// per-account record would change the file): after a revision its latest
+/// state has not seen, it continues, as in `choose_start`, from an earlier
+/// state that saw it, else from the whole history when the given runs
+/// reach back to its first bill, else it is refused. payments.csv is not
+/// read for it: its payments since are what the latest state counted
+/// beyond the earlier one's.
+fn carry_unchanged(
+    runs: &[GivenRun],
+    issued: Option<&GivenRun>,
+    name: &str,
+    bills: &[PriorBill],
+    used: &mut [bool],
+) -> Result<Option<AccountArrears>, Box<Refusal>> {
+    let held: Vec<(usize, &GivenRun, &ArrearsState, &AccountArrears)> = runs
+        .iter()
+        .chain(issued)
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let s = r.state.as_ref()?;
+            Some((i, r, s, s.accounts.get(name)?))
         })
+        .collect();
+    let Some((&(i, run, s, latest), earlier)) = held.split_last() else {
+        return Ok(None);
+    };
+    let day = latest.as_of.unwrap_or(s.as_of);
+    let checked = || runs.iter().chain(issued);
+    let (problem, mut outside_changed) = match revised(checked(), run, s, day, name) {
+        None => {
+            used[i] = true;
+            return Ok(Some(AccountArrears {
+                as_of: Some(day),
+                ..latest.clone()
+            }));
+        }
+        Some(p) => p,
+    };
+    let bills: Vec<PriorBill> = bills.iter().filter(|b| b.start <= day).cloned().collect();
+    for &(k, run, s, acc) in earlier.iter().rev() {
+        let as_of = acc.as_of.unwrap_or(s.as_of);
+        if let Some((_, outside)) = revised(checked(), run, s, as_of, name) {
+            outside_changed |= outside;
+            continue;
+        }
+        let Ok(start) = Start::add_bills(acc, as_of, &bills, None) else {
+            continue;
+        };
+        if as_of > day {
+            continue; // states that disagree on its day
+        }
+        // Exact unless a payment it counted was removed since.
+        let since = latest.counted.sum - acc.counted.sum;
+        if start.from.credit + since < Decimal::ZERO {
+            continue;
+        }
+        used[k] = true;
+        return Ok(Some(start.carry_paid(since, latest.counted, day)));
+    }
+    let history_from = held.iter().filter_map(|h| h.3.history_from).min();
+    let chain_start = runs.first().map(|r| r.period.start);
+    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h));
+    if whole && !outside_changed {
+        let start = Start::whole_history(&bills);
+        return Ok(Some(start.carry_paid(
+            latest.counted.sum,
+            latest.counted,
+            day,
+        )));
+    }
+    Err(Box::new(Refusal {
+        account: name.to_string(),
+        state: run.state_path.clone(),
+        problem,
+        history_from,
+    }))
 }
 
 /// Refuses a missing payments.csv when a given state counted payments.
@@ -1205,10 +1271,13 @@ fn check_payments_file(runs: &[GivenRun], path: &Path) -> Result<(), BillingErro
 
 impl<'a> LateFees<'a> {
     /// Reads the `previous` runs (bills, revisions, arrears states) and
-    /// `payments`, and decides where each account's fees start. Fails,
-    /// naming the accounts, when a carried state cannot be continued exactly.
+    /// `payments`, and decides where each account's fees start. `issued`:
+    /// in a revision, the run directory being revised, whose state carries
+    /// the accounts no longer in accounts.csv. Fails, naming the accounts,
+    /// when a carried state cannot be continued exactly.
     pub fn load(
         previous: &[PathBuf],
+        issued: Option<&Path>,
         payments_path: &Path,
         period: &BillPeriod,
         accounts: &'a [BillingAccount],
@@ -1218,8 +1287,9 @@ impl<'a> LateFees<'a> {
         let mut inputs = Vec::new();
         let mut runs = Vec::new();
         for dir in previous {
-            runs.push(GivenRun::read(dir, &mut inputs)?);
+            runs.push(GivenRun::read(dir, Some(&mut inputs))?);
         }
+        let mut issued = issued.map(|d| GivenRun::read(d, None)).transpose()?;
         let prior = if previous.is_empty() {
             PriorBills::new()
         } else {
@@ -1228,8 +1298,8 @@ impl<'a> LateFees<'a> {
         let carried = runs.iter().any(|r| r.state.is_some());
         if carried {
             check_chain(&mut runs, period)?;
-            find_outside_revisions(&mut runs)?;
         }
+        find_outside_revisions(&mut runs, issued.as_mut())?;
         let by_id: FxMap<&str, u32> = accounts
             .iter()
             .enumerate()
@@ -1257,26 +1327,46 @@ impl<'a> LateFees<'a> {
         // from the given runs' bills when they reach back to its first bill.
         let names: BTreeSet<&str> = runs
             .iter()
+            .chain(&issued)
             .filter_map(|r| r.state.as_ref())
             .flat_map(|s| s.accounts.keys().map(String::as_str))
             .chain(prior.keys().map(String::as_str))
             .collect();
-        let mut used = vec![false; runs.len()];
+        // The issued run's state is the last.
+        let mut used = vec![false; runs.len() + 1];
+        let mut issued_bills: Option<PriorBills> = None;
         let mut starts = HashMap::new();
         let mut kept = Vec::new();
         let mut problems = Vec::new();
         for name in names {
             let Some(a) = by_id.get(name).map(|&i| &accounts[i as usize]) else {
-                // Not in accounts.csv: its state is carried unchanged, so
-                // it comes back intact.
-                kept.extend(carry_unchanged(&runs, name));
+                // Not in accounts.csv: its state is carried, so it comes
+                // back intact.
+                let mut bills = prior.get(name).cloned().unwrap_or_default();
+                // Its bill of this period, read only when needed.
+                let holds = |s: &ArrearsState| s.accounts.contains_key(name);
+                if let Some(is) = issued
+                    .as_ref()
+                    .filter(|r| r.state.as_ref().is_some_and(holds))
+                {
+                    if issued_bills.is_none() {
+                        issued_bills = Some(read_prior_bills(std::slice::from_ref(&is.dir))?);
+                    }
+                    let b = issued_bills.as_ref().and_then(|b| b.get(name));
+                    bills.extend(b.into_iter().flatten().cloned());
+                }
+                match carry_unchanged(&runs, issued.as_ref(), name, &bills, &mut used) {
+                    Ok(Some(s)) => kept.push((name.to_string(), s)),
+                    Ok(None) => {}
+                    Err(r) => problems.push(*r),
+                }
                 continue;
             };
             let bills = prior.get(name).map_or(&[][..], Vec::as_slice);
             let pays = payments.of(name);
             let own =
                 rule_of(a, tariffs, last_day).map(|r| (&*period.label, due_date(period, r.2)));
-            match choose_start(&runs, name, bills, pays, own, &mut used) {
+            match choose_start(&runs, name, bills, pays, own, &mut used[..runs.len()]) {
                 Ok(start) if start != Start::default() => {
                     starts.insert(&*a.account_id, start);
                 }
@@ -1291,6 +1381,7 @@ impl<'a> LateFees<'a> {
         // (their amounts were read, or checked not to concern an account).
         let used_states: Vec<&ArrearsState> = runs
             .iter()
+            .chain(&issued)
             .zip(&used)
             .filter(|(_, u)| **u)
             .filter_map(|(r, _)| r.state.as_ref())
@@ -2045,15 +2136,83 @@ mod tests {
 
     /// A run directory of `period` with no bills and the arrears state `rows`.
     fn state_run(dir: &Path, period: &str, rows: &[(&str, &AccountArrears)]) {
-        use super::super::output;
+        run_dir(dir, period, &[]);
+        state_file(dir, period, rows, &[], &[]);
+    }
+
+    /// A run directory of `period` (its manifest) with the bills `rows`.
+    fn run_dir(dir: &Path, period: &str, rows: &[(&str, &PriorBill)]) {
         std::fs::create_dir_all(dir).unwrap();
         let manifest = format!("{{\"period\": \"{period}\"}}");
         std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        bills_file(dir, period, rows);
+    }
+
+    /// `dir/bills.parquet` of the run `run_id` with the bills `rows`, only
+    /// the columns late fees read filled.
+    fn bills_file(dir: &Path, run_id: &str, rows: &[(&str, &PriorBill)]) {
+        use arrow::array::{ArrayRef, RecordBatch};
+        use std::sync::Arc;
+        std::fs::create_dir_all(dir).unwrap();
+        let schema = super::super::output::bills_schema();
+        let text = |f: &dyn Fn(&(&str, &PriorBill)) -> String| -> ArrayRef {
+            Arc::new(StringArray::from(rows.iter().map(f).collect::<Vec<_>>()))
+        };
+        let cols: Vec<ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "run_id" => text(&|_| run_id.to_string()),
+                "account_id" => text(&|r| r.0.to_string()),
+                "period" => text(&|r| r.1.period.clone()),
+                "due_date" => text(&|r| r.1.due.to_string()),
+                "total" => {
+                    let cents = rows.iter().map(|r| {
+                        let mut x = r.1.amount;
+                        x.rescale(2);
+                        x.mantissa()
+                    });
+                    Arc::new(
+                        Decimal128Array::from(cents.collect::<Vec<_>>())
+                            .with_data_type(f.data_type().clone()),
+                    ) as ArrayRef
+                }
+                _ => arrow::array::new_null_array(f.data_type(), rows.len()),
+            })
+            .collect();
+        let relaxed = arrow::datatypes::Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        );
+        let batch = RecordBatch::try_new(Arc::new(relaxed), cols).unwrap();
         let f = File::create(dir.join("bills.parquet")).unwrap();
-        let w = parquet::arrow::ArrowWriter::try_new(f, output::bills_schema(), None).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
         w.close().unwrap();
+    }
+
+    /// `dir/arrears.parquet`: the state `rows` of `period`, reflecting the
+    /// revisions `seen` and having counted the runs `runs` (no revision).
+    fn state_file(
+        dir: &Path,
+        period: &str,
+        rows: &[(&str, &AccountArrears)],
+        seen: &[&str],
+        runs: &[&Path],
+    ) {
+        use super::super::output;
+        std::fs::create_dir_all(dir).unwrap();
+        let base = std::fs::canonicalize(dir).unwrap();
+        let seen: BTreeSet<String> = seen.iter().map(|s| s.to_string()).collect();
+        let runs: BTreeMap<PathBuf, usize> = runs
+            .iter()
+            .map(|r| (std::fs::canonicalize(r).unwrap(), 0))
+            .collect();
         let batch = output::arrears_batch("run", period, last_day(period), rows);
-        let props = output::arrears_properties(&BTreeSet::new(), &BTreeMap::new(), Path::new("/"));
+        let props = output::arrears_properties(&seen, &runs, &base);
         let f = File::create(dir.join(STATE_FILE)).unwrap();
         let mut w =
             parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props)).unwrap();
@@ -2165,6 +2324,7 @@ mod tests {
         };
         let (_, o) = LateFees::load(
             std::slice::from_ref(&oct),
+            None,
             &pays,
             &nov_period(),
             std::slice::from_ref(&opened),
@@ -2177,8 +2337,15 @@ mod tests {
         assert_eq!((o.counted.count, o.counted.sum), (1, dec!(100)));
         let accounts = vec![postpaid("NEW")];
         let nov = BillPeriod::parse("2026-11").unwrap();
-        let late =
-            LateFees::load(std::slice::from_ref(&oct), &pays, &nov, &accounts, &tariffs).unwrap();
+        let late = LateFees::load(
+            std::slice::from_ref(&oct),
+            None,
+            &pays,
+            &nov,
+            &accounts,
+            &tariffs,
+        )
+        .unwrap();
         let mut kept = gone.clone();
         kept.as_of = Some(last_day("2026-10"));
         assert_eq!(late.carried, vec![("GONE".to_string(), kept.clone())]);
@@ -2198,7 +2365,7 @@ mod tests {
         assert_eq!(back.accounts["GONE"], kept);
         let accounts = vec![postpaid("GONE"), postpaid("NEW")];
         let dec_p = BillPeriod::parse("2026-12").unwrap();
-        let late = LateFees::load(&[novdir], &pays, &dec_p, &accounts, &tariffs).unwrap();
+        let late = LateFees::load(&[novdir], None, &pays, &dec_p, &accounts, &tariffs).unwrap();
         let (_, g) = late.apply(&accounts[0], None, None, &tariffs, &dec_p);
         let g = g.unwrap();
         assert_eq!(g.open.len(), 1);
@@ -2221,7 +2388,7 @@ mod tests {
         let accounts = vec![postpaid("A1")];
         let nov = BillPeriod::parse("2026-11").unwrap();
         let missing = tmp.path().join("payments.csv");
-        let err = LateFees::load(&[oct], &missing, &nov, &accounts, &shipped_tariffs())
+        let err = LateFees::load(&[oct], None, &missing, &nov, &accounts, &shipped_tariffs())
             .err()
             .unwrap()
             .to_string();
@@ -2239,61 +2406,20 @@ mod tests {
         let sep = std::fs::canonicalize(&sep).unwrap();
         let oct = tmp.path().join("oct");
         let a = Start::whole_history(&[sept_bill(dec!(200))]).carry(None, &[], last_day("2026-10"));
-        {
-            use super::super::output;
-            state_run(&oct, "2026-10", &[]);
-            let runs: BTreeMap<PathBuf, usize> = [(sep.clone(), 0)].into();
-            let batch = output::arrears_batch("run", "2026-10", last_day("2026-10"), &[("A1", &a)]);
-            let base = std::fs::canonicalize(&oct).unwrap();
-            let props = output::arrears_properties(&BTreeSet::new(), &runs, &base);
-            let f = File::create(oct.join(STATE_FILE)).unwrap();
-            let mut w =
-                parquet::arrow::ArrowWriter::try_new(f, output::arrears_schema(), Some(props))
-                    .unwrap();
-            w.write(&batch).unwrap();
-            w.close().unwrap();
-        }
+        run_dir(&oct, "2026-10", &[]);
+        state_file(&oct, "2026-10", &[("A1", &a)], &[], &[&sep]);
         let accounts = vec![postpaid("A1")];
         let nov = BillPeriod::parse("2026-11").unwrap();
         let pays = tmp.path().join("payments.csv");
-        let load = |runs: &[PathBuf]| LateFees::load(runs, &pays, &nov, &accounts, &tariffs);
+        let load = |runs: &[PathBuf]| LateFees::load(runs, None, &pays, &nov, &accounts, &tariffs);
         let late = load(std::slice::from_ref(&oct)).unwrap();
         assert_eq!(late.runs.get(&sep), Some(&0), "the runs counted carry on");
         // A revision of September changing A1.
-        let rev = sep.join("revision-1");
-        std::fs::create_dir_all(&rev).unwrap();
-        {
-            use arrow::array::{ArrayRef, RecordBatch};
-            let schema = super::super::output::bills_schema();
-            let cols: Vec<ArrayRef> = schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    let v: ArrayRef = match f.name().as_str() {
-                        "account_id" => std::sync::Arc::new(StringArray::from(vec!["A1"])),
-                        "period" => std::sync::Arc::new(StringArray::from(vec!["2026-09"])),
-                        "total" => std::sync::Arc::new(
-                            Decimal128Array::from(vec![21_000i128])
-                                .with_data_type(f.data_type().clone()),
-                        ),
-                        _ => arrow::array::new_null_array(f.data_type(), 1),
-                    };
-                    v
-                })
-                .collect();
-            let relaxed = arrow::datatypes::Schema::new(
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.as_ref().clone().with_nullable(true))
-                    .collect::<Vec<_>>(),
-            );
-            let batch = RecordBatch::try_new(std::sync::Arc::new(relaxed), cols).unwrap();
-            let f = File::create(rev.join("bills.parquet")).unwrap();
-            let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-            w.write(&batch).unwrap();
-            w.close().unwrap();
-        }
+        bills_file(
+            &sep.join("revision-1"),
+            "rev1",
+            &[("A1", &sept_bill(dec!(210)))],
+        );
         let err = load(std::slice::from_ref(&oct)).err().unwrap().to_string();
         assert!(err.contains("A1"), "{err}");
         assert!(
@@ -2303,5 +2429,158 @@ mod tests {
         // Gone: a warning, and the state is continued.
         std::fs::remove_dir_all(&sep).unwrap();
         assert!(load(&[oct]).is_ok());
+    }
+
+    /// GONE, no longer in accounts.csv: billed 100 for August (paid on 20
+    /// August), 200 for September and 210 for October (50 paid on 20
+    /// October). August's run has no state; September's and October's hold
+    /// GONE's. Returns the run directories, payments.csv and the payments.
+    struct Gone {
+        aug: PathBuf,
+        sep: PathBuf,
+        oct: PathBuf,
+        pays: PathBuf,
+        paid: Vec<(NaiveDate, Decimal)>,
+    }
+
+    fn oct_bill() -> PriorBill {
+        bill("2026-10", "2026-11-15", dec!(210))
+    }
+
+    fn aug_bill() -> PriorBill {
+        bill("2026-08", "2026-09-15", dec!(100))
+    }
+
+    fn gone(tmp: &Path) -> Gone {
+        let paid = vec![(d("2026-08-20"), dec!(100)), (d("2026-10-20"), dec!(50))];
+        let (aug, sep, oct) = (tmp.join("aug"), tmp.join("sep"), tmp.join("oct"));
+        run_dir(&aug, "2026-08", &[("GONE", &aug_bill())]);
+        let sep_state = Start::whole_history(&[aug_bill()]).carry(
+            Some(sept_bill(dec!(200))),
+            &paid,
+            last_day("2026-09"),
+        );
+        run_dir(&sep, "2026-09", &[("GONE", &sept_bill(dec!(200)))]);
+        state_file(&sep, "2026-09", &[("GONE", &sep_state)], &[], &[&aug]);
+        let oct_state = Start::continue_state(&sep_state, last_day("2026-09"), &[], &paid, None)
+            .unwrap()
+            .carry(Some(oct_bill()), &paid, last_day("2026-10"));
+        run_dir(&oct, "2026-10", &[("GONE", &oct_bill())]);
+        state_file(&oct, "2026-10", &[("GONE", &oct_state)], &[], &[&aug, &sep]);
+        let pays = tmp.join("payments.csv");
+        std::fs::write(
+            &pays,
+            "txn_id,channel,account_id,amount,paid_at\n\
+             T1,bank,GONE,100.00,2026-08-20T02:00:00Z\n\
+             T2,bank,GONE,50.00,2026-10-20T02:00:00Z\n",
+        )
+        .unwrap();
+        Gone {
+            aug,
+            sep,
+            oct,
+            pays,
+            paid,
+        }
+    }
+
+    impl Gone {
+        /// September's revision-1, written after October's state, raises
+        /// GONE's bill to 230; with `state`, it writes its own.
+        fn revise_september(&self, state: bool) {
+            let rev = self.sep.join("revision-1");
+            bills_file(&rev, "rev1", &[("GONE", &sept_bill(dec!(230)))]);
+            if state {
+                let s = Start::whole_history(&[aug_bill()]).carry(
+                    Some(sept_bill(dec!(230))),
+                    &self.paid,
+                    last_day("2026-09"),
+                );
+                state_file(&rev, "2026-09", &[("GONE", &s)], &[], &[&self.aug]);
+            }
+        }
+
+        /// GONE at the end of October as the whole history with the revised
+        /// bill gives it, carried (as of 31 October).
+        fn whole(&self) -> AccountArrears {
+            let bills = [aug_bill(), sept_bill(dec!(230)), oct_bill()];
+            let mut a = Start::whole_history(&bills).carry(None, &self.paid, last_day("2026-10"));
+            a.as_of = Some(last_day("2026-10"));
+            a
+        }
+    }
+
+    #[test]
+    fn a_carried_account_a_revision_changed_after_its_latest_state_continues_from_a_state_that_saw_it(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = gone(tmp.path());
+        g.revise_september(true);
+        let late = LateFees::load(
+            &[g.sep.clone(), g.oct.clone()],
+            None,
+            &g.pays,
+            &nov_period(),
+            &[],
+            &shipped_tariffs(),
+        )
+        .unwrap();
+        // September's revised state, with October's bill and the 50 paid
+        // since (counted by October's state): the whole history's.
+        let whole = g.whole();
+        assert_eq!(whole.open[0].unpaid, dec!(180));
+        assert_eq!(late.carried, vec![("GONE".to_string(), whole)]);
+        assert!(late.seen.contains("rev1"));
+    }
+
+    #[test]
+    fn a_carried_account_a_revision_changed_unseen_by_every_state_is_refused_or_recomputed_from_its_whole_history(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = gone(tmp.path());
+        g.revise_september(false);
+        let load = |runs: &[&PathBuf]| {
+            let runs: Vec<PathBuf> = runs.iter().map(|r| r.to_path_buf()).collect();
+            LateFees::load(&runs, None, &g.pays, &nov_period(), &[], &shipped_tariffs())
+        };
+        // October's state counted September's run, which is not given.
+        let err = load(&[&g.oct]).err().unwrap().to_string();
+        let sep = std::fs::canonicalize(&g.sep).unwrap();
+        assert!(err.contains("GONE"), "{err}");
+        assert!(
+            err.contains(&format!("add --previous {}", sep.display())),
+            "{err}"
+        );
+        // Given, no state saw the revision, and GONE's first bill is August's.
+        let err = load(&[&g.sep, &g.oct]).err().unwrap().to_string();
+        assert!(err.contains("GONE") && err.contains("revision-1"), "{err}");
+        assert!(err.contains("every run since 2026-08-01"), "{err}");
+        // From August on: the whole history, with the payments the latest
+        // state counted.
+        let late = load(&[&g.aug, &g.sep, &g.oct]).unwrap();
+        assert_eq!(late.carried, vec![("GONE".to_string(), g.whole())]);
+    }
+
+    #[test]
+    fn in_a_revision_an_account_gone_from_accounts_csv_keeps_the_bill_its_issued_run_issued() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = gone(tmp.path());
+        let oct = BillPeriod::parse("2026-10").unwrap();
+        let tariffs = shipped_tariffs();
+        let load = || {
+            let sep = std::slice::from_ref(&g.sep);
+            LateFees::load(sep, Some(&g.oct), &g.pays, &oct, &[], &tariffs).unwrap()
+        };
+        // October re-run given September: GONE as October's state holds it,
+        // not September's.
+        let issued = read_state(&g.oct.join(STATE_FILE), last_day("2026-10")).unwrap();
+        let mut kept = issued.accounts["GONE"].clone();
+        assert_eq!(kept.last_due, Some(d("2026-11-15")), "October's bill");
+        kept.as_of = Some(last_day("2026-10"));
+        assert_eq!(load().carried, vec![("GONE".to_string(), kept)]);
+        // September revised since: its revision's state, with the issued
+        // October bill and the payment since, each counted once.
+        g.revise_september(true);
+        assert_eq!(load().carried, vec![("GONE".to_string(), g.whole())]);
     }
 }

@@ -8,6 +8,7 @@ pub mod commit;
 pub mod engine;
 pub mod flags;
 pub mod output;
+pub mod payments;
 pub mod period;
 pub mod revision;
 pub mod run;

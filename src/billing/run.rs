@@ -326,6 +326,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let accounts_n = accounts.rows.len();
     let late = LateFees::load(
         &opts.previous,
+        issued_dirs.first().map(PathBuf::as_path),
         &opts.master.join(crate::master::PAYMENTS_FILE),
         &period,
         &accounts.rows,
