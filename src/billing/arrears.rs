@@ -1300,11 +1300,6 @@ impl<'a> LateFees<'a> {
             check_chain(&mut runs, period)?;
         }
         find_outside_revisions(&mut runs, issued.as_mut())?;
-        let by_id: FxMap<&str, u32> = accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (&*a.account_id, i as u32))
-            .collect();
         let tracked = accounts
             .iter()
             .any(|a| rule_of(a, tariffs, last_day).is_some());
@@ -1320,7 +1315,7 @@ impl<'a> LateFees<'a> {
                 "sha256": loaded.sha256, "bytes": loaded.bytes}),
             );
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
-            payments = Payments::new(&loaded.rows, accounts, &by_id, tariffs);
+            payments = Payments::new(&loaded.rows, accounts, tariffs);
         }
         // Each account continues from the earliest given state that gives
         // the whole history's fees (later ones are then not needed), else
@@ -1332,6 +1327,16 @@ impl<'a> LateFees<'a> {
             .flat_map(|s| s.accounts.keys().map(String::as_str))
             .chain(prior.keys().map(String::as_str))
             .collect();
+        // Only the accounts of given states and runs are looked up by id.
+        let by_id: FxMap<&str, u32> = if names.is_empty() {
+            FxMap::default()
+        } else {
+            accounts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (&*a.account_id, i as u32))
+                .collect()
+        };
         // The issued run's state is the last.
         let mut used = vec![false; runs.len() + 1];
         let mut issued_bills: Option<PriorBills> = None;
@@ -1363,7 +1368,7 @@ impl<'a> LateFees<'a> {
                 continue;
             };
             let bills = prior.get(name).map_or(&[][..], Vec::as_slice);
-            let pays = payments.of(name);
+            let pays = payments.of(a);
             let own =
                 rule_of(a, tariffs, last_day).map(|r| (&*period.label, due_date(period, r.2)));
             match choose_start(&runs, name, bills, pays, own, &mut used[..runs.len()]) {
@@ -1460,7 +1465,7 @@ impl<'a> LateFees<'a> {
         if rule.is_none() && start.is_none() && issued.is_none() {
             return (None, None);
         }
-        let pays = self.payments.of(&a.account_id);
+        let pays = self.payments.of(a);
         let fresh;
         let start = match start {
             Some(s) => s,
