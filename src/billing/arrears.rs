@@ -521,6 +521,9 @@ pub enum Problem {
         revision: PathBuf,
         add: Option<PathBuf>,
     },
+    /// A given run billed an account carried unchanged (not in
+    /// accounts.csv) for a period after the day of its latest state.
+    Unseen { period: String, as_of: NaiveDate },
     /// A later bill falls due before one the state counted.
     Order {
         period: String,
@@ -580,6 +583,11 @@ impl std::fmt::Display for Problem {
                 f,
                 "its bill of {period} falls due on {due}, before a bill the state counted (due {last_due}): \
                  only the whole history bills it exactly"
+            ),
+            Problem::Unseen { period, as_of } => write!(
+                f,
+                "it is not in accounts.csv, and a given run billed it for {period}, after its \
+                 latest state's day ({as_of}): put it back in accounts.csv to bill it from the runs"
             ),
         }
     }
@@ -1196,19 +1204,48 @@ fn carry_unchanged(
             Some((i, r, s, s.accounts.get(name)?))
         })
         .collect();
-    let Some((&(i, run, s, latest), earlier)) = held.split_last() else {
+    // The latest is the one of the latest day (of the later run among
+    // equals): a state carried unchanged keeps its old day, while a
+    // revision of an earlier run may have billed the account since.
+    let day_of = |h: &(usize, &GivenRun, &ArrearsState, &AccountArrears)| {
+        (h.3.as_of.unwrap_or(h.2.as_of), h.0)
+    };
+    let Some(at) = (0..held.len()).max_by_key(|&k| day_of(&held[k])) else {
         return Ok(None);
     };
+    let mut earlier = held.clone();
+    let (i, run, s, latest) = earlier.remove(at);
     let day = latest.as_of.unwrap_or(s.as_of);
     let checked = || runs.iter().chain(issued);
     let (problem, mut outside_changed) = match revised(checked(), run, s, day, name) {
-        None => {
-            used[i] = true;
-            return Ok(Some(AccountArrears {
-                as_of: Some(day),
-                ..latest.clone()
-            }));
-        }
+        // Its given bills must agree with the state, and none may start
+        // after its day: carried unchanged, the row would keep that day and
+        // the next run would count such a bill a second time.
+        None => match Start::add_bills(latest, day, bills, None) {
+            Ok(_) if bills.iter().all(|b| b.start <= day) => {
+                used[i] = true;
+                return Ok(Some(AccountArrears {
+                    as_of: Some(day),
+                    ..latest.clone()
+                }));
+            }
+            Ok(_) => {
+                let later = bills
+                    .iter()
+                    .find(|b| b.start > day)
+                    .map(|b| b.period.clone());
+                return Err(Box::new(Refusal {
+                    account: name.to_string(),
+                    state: run.state_path.clone(),
+                    problem: Problem::Unseen {
+                        period: later.unwrap_or_default(),
+                        as_of: day,
+                    },
+                    history_from: None,
+                }));
+            }
+            Err(p) => (p, false),
+        },
         Some(p) => p,
     };
     let bills: Vec<PriorBill> = bills.iter().filter(|b| b.start <= day).cloned().collect();
@@ -1277,7 +1314,7 @@ impl<'a> LateFees<'a> {
     /// when a carried state cannot be continued exactly.
     pub fn load(
         previous: &[PathBuf],
-        issued: Option<&Path>,
+        issued: Option<(&Path, &super::revision::Issued)>,
         payments_path: &Path,
         period: &BillPeriod,
         accounts: &'a [BillingAccount],
@@ -1289,7 +1326,8 @@ impl<'a> LateFees<'a> {
         for dir in previous {
             runs.push(GivenRun::read(dir, Some(&mut inputs))?);
         }
-        let mut issued = issued.map(|d| GivenRun::read(d, None)).transpose()?;
+        let issued_bills = issued.map(|i| i.1);
+        let mut issued = issued.map(|i| GivenRun::read(i.0, None)).transpose()?;
         let prior = if previous.is_empty() {
             PriorBills::new()
         } else {
@@ -1339,7 +1377,6 @@ impl<'a> LateFees<'a> {
         };
         // The issued run's state is the last.
         let mut used = vec![false; runs.len() + 1];
-        let mut issued_bills: Option<PriorBills> = None;
         let mut starts = HashMap::new();
         let mut kept = Vec::new();
         let mut problems = Vec::new();
@@ -1348,18 +1385,11 @@ impl<'a> LateFees<'a> {
                 // Not in accounts.csv: its state is carried, so it comes
                 // back intact.
                 let mut bills = prior.get(name).cloned().unwrap_or_default();
-                // Its bill of this period, read only when needed.
-                let holds = |s: &ArrearsState| s.accounts.contains_key(name);
-                if let Some(is) = issued
-                    .as_ref()
-                    .filter(|r| r.state.as_ref().is_some_and(holds))
-                {
-                    if issued_bills.is_none() {
-                        issued_bills = Some(read_prior_bills(std::slice::from_ref(&is.dir))?);
-                    }
-                    let b = issued_bills.as_ref().and_then(|b| b.get(name));
-                    bills.extend(b.into_iter().flatten().cloned());
-                }
+                // In a revision, its bill of this period (as last revised,
+                // from the lines the revision already read): the issued
+                // state holds it, and without one (a run older than states)
+                // it must not be dropped (`carry_unchanged` refuses).
+                bills.extend(issued_bills.and_then(|is| is.bill(name, period)));
                 match carry_unchanged(&runs, issued.as_ref(), name, &bills, &mut used) {
                     Ok(Some(s)) => kept.push((name.to_string(), s)),
                     Ok(None) => {}
@@ -2572,9 +2602,24 @@ mod tests {
         let g = gone(tmp.path());
         let oct = BillPeriod::parse("2026-10").unwrap();
         let tariffs = shipped_tariffs();
+        // October's issued bill, as the revision reads it from its lines.
+        let issued_bills = crate::billing::revision::Issued {
+            lines: Default::default(),
+            totals: [("GONE".to_string(), oct_bill().amount)].into(),
+            dues: [("GONE".to_string(), oct_bill().due)].into(),
+            run_id: String::new(),
+        };
         let load = || {
             let sep = std::slice::from_ref(&g.sep);
-            LateFees::load(sep, Some(&g.oct), &g.pays, &oct, &[], &tariffs).unwrap()
+            LateFees::load(
+                sep,
+                Some((&g.oct, &issued_bills)),
+                &g.pays,
+                &oct,
+                &[],
+                &tariffs,
+            )
+            .unwrap()
         };
         // October re-run given September: GONE as October's state holds it,
         // not September's.
@@ -2587,5 +2632,97 @@ mod tests {
         // October bill and the payment since, each counted once.
         g.revise_september(true);
         assert_eq!(load().carried, vec![("GONE".to_string(), g.whole())]);
+        // An issued run written before states: September's state lacks the
+        // October bill, so GONE is refused rather than carried without it.
+        std::fs::remove_file(g.oct.join(STATE_FILE)).unwrap();
+        let sep = std::slice::from_ref(&g.sep);
+        let err = LateFees::load(
+            sep,
+            Some((&g.oct, &issued_bills)),
+            &g.pays,
+            &oct,
+            &[],
+            &tariffs,
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            err.contains("GONE") && err.contains("billed it for 2026-10"),
+            "{err}"
+        );
+    }
+    #[test]
+    fn a_carried_account_comes_from_the_state_of_its_latest_day_and_is_checked_against_the_given_bills(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |n: &str| tmp.path().join(n);
+        let (aug, sep, oct, sepb) = (dir("aug"), dir("sep"), dir("oct"), dir("sepb"));
+        let pays = dir("payments.csv");
+        let tariffs = shipped_tariffs();
+        let load = |runs: &[&PathBuf]| {
+            let runs: Vec<PathBuf> = runs.iter().map(|p| p.to_path_buf()).collect();
+            LateFees::load(&runs, None, &pays, &nov_period(), &[], &tariffs)
+        };
+        // GONE carried as of 31 August by September's and October's states;
+        // September's revision-1 (GONE back in accounts.csv then) bills it
+        // 200 and writes its own state, as of 30 September.
+        run_dir(&aug, "2026-08", &[("GONE", &aug_bill())]);
+        let mut g = Start::whole_history(&[aug_bill()]).carry(None, &[], last_day("2026-08"));
+        g.as_of = Some(last_day("2026-08"));
+        run_dir(&sep, "2026-09", &[]);
+        state_file(&sep, "2026-09", &[("GONE", &g)], &[], &[&aug]);
+        run_dir(&oct, "2026-10", &[]);
+        state_file(&oct, "2026-10", &[("GONE", &g)], &[], &[&aug, &sep]);
+        let rev = sep.join("revision-1");
+        bills_file(&rev, "rev1", &[("GONE", &sept_bill(dec!(200)))]);
+        let revised = Start::whole_history(&[aug_bill(), sept_bill(dec!(200))]).carry(
+            None,
+            &[],
+            last_day("2026-09"),
+        );
+        state_file(&rev, "2026-09", &[("GONE", &revised)], &[], &[&aug]);
+        let mut want = revised.clone();
+        want.as_of = Some(last_day("2026-09"));
+        let late = load(&[&sep, &oct]).unwrap();
+        assert_eq!(
+            late.carried,
+            vec![("GONE".to_string(), want)],
+            "August's 100 and the 200"
+        );
+        // A given September run holding GONE's bill at another amount than
+        // October's state counted: continued from that run's state.
+        std::fs::remove_dir_all(&rev).unwrap();
+        let s200 =
+            Start::whole_history(&[sept_bill(dec!(200))]).carry(None, &[], last_day("2026-09"));
+        let s250 =
+            Start::whole_history(&[sept_bill(dec!(250))]).carry(None, &[], last_day("2026-09"));
+        run_dir(&sepb, "2026-09", &[("GONE", &sept_bill(dec!(250)))]);
+        state_file(&sepb, "2026-09", &[("GONE", &s250)], &[], &[]);
+        let mut carried = s200.clone();
+        carried.as_of = Some(last_day("2026-09"));
+        std::fs::remove_dir_all(&oct).unwrap();
+        run_dir(&oct, "2026-10", &[]);
+        state_file(&oct, "2026-10", &[("GONE", &carried)], &[], &[&sep]);
+        let mut want = s250.clone();
+        want.as_of = Some(last_day("2026-09"));
+        let late = load(&[&sepb, &oct]).unwrap();
+        assert_eq!(
+            late.carried,
+            vec![("GONE".to_string(), want)],
+            "the 250 of the run given"
+        );
+        // A given run billing it after its latest state's day, with no state
+        // holding that bill: refused, not carried without it.
+        run_dir(&sepb, "2026-09", &[("GONE", &sept_bill(dec!(250)))]);
+        state_file(&sepb, "2026-09", &[], &[], &[]);
+        std::fs::remove_dir_all(&oct).unwrap();
+        run_dir(&oct, "2026-10", &[]);
+        state_file(&oct, "2026-10", &[("GONE", &g)], &[], &[&aug]);
+        let err = load(&[&sepb, &oct]).err().expect("refused").to_string();
+        assert!(
+            err.contains("GONE") && err.contains("billed it for 2026-09"),
+            "{err}"
+        );
     }
 }

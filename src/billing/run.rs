@@ -324,9 +324,18 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         super::arrears::read_carried_ytd(&opts.previous, period.start)?
     };
     let accounts_n = accounts.rows.len();
+    // In a revision: the issued bills and lines (as last revised).
+    let issued = if revision > 0 {
+        Some(read_issued(&issued_dirs)?)
+    } else {
+        None
+    };
     let late = LateFees::load(
         &opts.previous,
-        issued_dirs.first().map(PathBuf::as_path),
+        issued_dirs
+            .first()
+            .map(PathBuf::as_path)
+            .zip(issued.as_ref()),
         &opts.master.join(crate::master::PAYMENTS_FILE),
         &period,
         &accounts.rows,
@@ -397,11 +406,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     // writer threads (bills, lines, arrears) encode the finished batches straight into the staging
     // directory. Neither bills nor lines are ever all in memory at once.
     let group = RUN * 2 * rayon::current_num_threads().max(1);
-    let issued = if revision > 0 {
-        Some(read_issued(&issued_dirs)?)
-    } else {
-        None
-    };
     let target = if revision == 0 {
         opts.out.clone()
     } else {
