@@ -2609,7 +2609,7 @@ mod tests {
             dues: [("GONE".to_string(), oct_bill().due)].into(),
             run_id: String::new(),
         };
-        let load = || {
+        let try_load = || {
             let sep = std::slice::from_ref(&g.sep);
             LateFees::load(
                 sep,
@@ -2619,8 +2619,8 @@ mod tests {
                 &[],
                 &tariffs,
             )
-            .unwrap()
         };
+        let load = || try_load().unwrap();
         // October re-run given September: GONE as October's state holds it,
         // not September's.
         let issued = read_state(&g.oct.join(STATE_FILE), last_day("2026-10")).unwrap();
@@ -2635,18 +2635,7 @@ mod tests {
         // An issued run written before states: September's state lacks the
         // October bill, so GONE is refused rather than carried without it.
         std::fs::remove_file(g.oct.join(STATE_FILE)).unwrap();
-        let sep = std::slice::from_ref(&g.sep);
-        let err = LateFees::load(
-            sep,
-            Some((&g.oct, &issued_bills)),
-            &g.pays,
-            &oct,
-            &[],
-            &tariffs,
-        )
-        .err()
-        .expect("refused")
-        .to_string();
+        let err = try_load().err().expect("refused").to_string();
         assert!(
             err.contains("GONE") && err.contains("billed it for 2026-10"),
             "{err}"
@@ -2664,61 +2653,56 @@ mod tests {
             let runs: Vec<PathBuf> = runs.iter().map(|p| p.to_path_buf()).collect();
             LateFees::load(&runs, None, &pays, &nov_period(), &[], &tariffs)
         };
+        // October's state, holding GONE as `row`.
+        let october = |row: &AccountArrears, counted: &[&Path]| {
+            let _ = std::fs::remove_dir_all(&oct);
+            run_dir(&oct, "2026-10", &[]);
+            state_file(&oct, "2026-10", &[("GONE", row)], &[], counted);
+        };
+        // `a` carried as of the last day of `period`.
+        let as_of = |a: &AccountArrears, period: &str| {
+            let mut a = a.clone();
+            a.as_of = Some(last_day(period));
+            vec![("GONE".to_string(), a)]
+        };
         // GONE carried as of 31 August by September's and October's states;
         // September's revision-1 (GONE back in accounts.csv then) bills it
         // 200 and writes its own state, as of 30 September.
         run_dir(&aug, "2026-08", &[("GONE", &aug_bill())]);
-        let mut g = Start::whole_history(&[aug_bill()]).carry(None, &[], last_day("2026-08"));
-        g.as_of = Some(last_day("2026-08"));
+        let g = &as_of(
+            &Start::whole_history(&[aug_bill()]).carry(None, &[], last_day("2026-08")),
+            "2026-08",
+        )[0]
+        .1;
         run_dir(&sep, "2026-09", &[]);
-        state_file(&sep, "2026-09", &[("GONE", &g)], &[], &[&aug]);
-        run_dir(&oct, "2026-10", &[]);
-        state_file(&oct, "2026-10", &[("GONE", &g)], &[], &[&aug, &sep]);
+        state_file(&sep, "2026-09", &[("GONE", g)], &[], &[&aug]);
+        october(g, &[&aug, &sep]);
         let rev = sep.join("revision-1");
         bills_file(&rev, "rev1", &[("GONE", &sept_bill(dec!(200)))]);
-        let revised = Start::whole_history(&[aug_bill(), sept_bill(dec!(200))]).carry(
-            None,
-            &[],
-            last_day("2026-09"),
-        );
-        state_file(&rev, "2026-09", &[("GONE", &revised)], &[], &[&aug]);
-        let mut want = revised.clone();
-        want.as_of = Some(last_day("2026-09"));
+        let sept = |amount| {
+            Start::whole_history(&[aug_bill(), sept_bill(amount)]).carry(
+                None,
+                &[],
+                last_day("2026-09"),
+            )
+        };
+        state_file(&rev, "2026-09", &[("GONE", &sept(dec!(200)))], &[], &[&aug]);
         let late = load(&[&sep, &oct]).unwrap();
-        assert_eq!(
-            late.carried,
-            vec![("GONE".to_string(), want)],
-            "August's 100 and the 200"
-        );
+        let want = as_of(&sept(dec!(200)), "2026-09");
+        assert_eq!(late.carried, want, "August's 100 and the 200");
         // A given September run holding GONE's bill at another amount than
         // October's state counted: continued from that run's state.
         std::fs::remove_dir_all(&rev).unwrap();
-        let s200 =
-            Start::whole_history(&[sept_bill(dec!(200))]).carry(None, &[], last_day("2026-09"));
-        let s250 =
-            Start::whole_history(&[sept_bill(dec!(250))]).carry(None, &[], last_day("2026-09"));
         run_dir(&sepb, "2026-09", &[("GONE", &sept_bill(dec!(250)))]);
-        state_file(&sepb, "2026-09", &[("GONE", &s250)], &[], &[]);
-        let mut carried = s200.clone();
-        carried.as_of = Some(last_day("2026-09"));
-        std::fs::remove_dir_all(&oct).unwrap();
-        run_dir(&oct, "2026-10", &[]);
-        state_file(&oct, "2026-10", &[("GONE", &carried)], &[], &[&sep]);
-        let mut want = s250.clone();
-        want.as_of = Some(last_day("2026-09"));
+        state_file(&sepb, "2026-09", &[("GONE", &sept(dec!(250)))], &[], &[]);
+        october(&as_of(&sept(dec!(200)), "2026-09")[0].1, &[&sep]);
         let late = load(&[&sepb, &oct]).unwrap();
-        assert_eq!(
-            late.carried,
-            vec![("GONE".to_string(), want)],
-            "the 250 of the run given"
-        );
+        let want = as_of(&sept(dec!(250)), "2026-09");
+        assert_eq!(late.carried, want, "the 250 of the run given");
         // A given run billing it after its latest state's day, with no state
         // holding that bill: refused, not carried without it.
-        run_dir(&sepb, "2026-09", &[("GONE", &sept_bill(dec!(250)))]);
         state_file(&sepb, "2026-09", &[], &[], &[]);
-        std::fs::remove_dir_all(&oct).unwrap();
-        run_dir(&oct, "2026-10", &[]);
-        state_file(&oct, "2026-10", &[("GONE", &g)], &[], &[&aug]);
+        october(g, &[&aug]);
         let err = load(&[&sepb, &oct]).err().expect("refused").to_string();
         assert!(
             err.contains("GONE") && err.contains("billed it for 2026-09"),
