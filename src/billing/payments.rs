@@ -146,7 +146,7 @@ impl<'a> Payments<'a> {
     }
 
     /// The payments of the account at `index` of the accounts grouped for.
-    pub fn of_index(&self, index: usize) -> &[(NaiveDate, Decimal)] {
+    fn of_index(&self, index: usize) -> &[(NaiveDate, Decimal)] {
         match (self.at.get(index), self.at.get(index + 1)) {
             (Some(&s), Some(&e)) => &self.all[s as usize..e as usize],
             _ => &[],

@@ -222,22 +222,13 @@ fn key(r: &Reading) -> (String, &'static str, i64) {
 fn dead_letters(lake: &Path) -> Vec<(String, String)> {
     use arrow::array::{Array, StringArray};
     let mut out = Vec::new();
-    let files = reader::list_files(
-        lake,
-        "quarantine",
-        chrono::NaiveDate::MIN,
-        chrono::NaiveDate::MAX,
-    )
-    .unwrap_or_default();
-    for (_, f) in files {
-        for b in reader::read_file(&f).unwrap() {
-            let addr = b.column_by_name("source_address").unwrap();
-            let addr = addr.as_any().downcast_ref::<StringArray>().unwrap();
-            let reason = b.column_by_name("reason").unwrap();
-            let reason = reason.as_any().downcast_ref::<StringArray>().unwrap();
-            for i in 0..b.num_rows() {
-                out.push((addr.value(i).to_string(), reason.value(i).to_string()));
-            }
+    for b in quarantine_batches(lake) {
+        let addr = b.column_by_name("source_address").unwrap();
+        let addr = addr.as_any().downcast_ref::<StringArray>().unwrap();
+        let reason = b.column_by_name("reason").unwrap();
+        let reason = reason.as_any().downcast_ref::<StringArray>().unwrap();
+        for i in 0..b.num_rows() {
+            out.push((addr.value(i).to_string(), reason.value(i).to_string()));
         }
     }
     out
@@ -1059,6 +1050,18 @@ fn dead_letter_rows(lake: &Path) -> Vec<Vec<String>> {
             None => array_value_to_string(c, i).unwrap(),
         };
     let mut out = Vec::new();
+    for b in quarantine_batches(lake) {
+        for i in 0..b.num_rows() {
+            let row = b.columns().iter();
+            out.push(row.map(|c| text(c.as_ref(), i)).collect());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every record batch of the lake's dead letters.
+fn quarantine_batches(lake: &Path) -> Vec<arrow::record_batch::RecordBatch> {
     let files = reader::list_files(
         lake,
         "quarantine",
@@ -1066,16 +1069,10 @@ fn dead_letter_rows(lake: &Path) -> Vec<Vec<String>> {
         chrono::NaiveDate::MAX,
     )
     .unwrap_or_default();
-    for (_, f) in files {
-        for b in reader::read_file(&f).unwrap() {
-            for i in 0..b.num_rows() {
-                let row = b.columns().iter();
-                out.push(row.map(|c| text(c.as_ref(), i)).collect());
-            }
-        }
-    }
-    out.sort();
-    out
+    files
+        .iter()
+        .flat_map(|(_, f)| reader::read_file(f).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

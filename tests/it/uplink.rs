@@ -526,6 +526,19 @@ enum ClientAuth<'a> {
 
 /// Starts the broker, or None (skip) when mosquitto / openssl are missing
 /// and MQTT_URL is not set; with MQTT_URL set (CI) missing tools fail.
+/// A TLS broker that requires user `mf` with `password`, and its URL.
+fn password_broker(dir: &Path, password: &str) -> Option<(TlsBroker, String)> {
+    let broker = tls_broker(
+        dir,
+        ClientAuth::Password {
+            user: "mf",
+            password,
+        },
+    )?;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    Some((broker, url))
+}
+
 fn tls_broker(dir: &Path, auth: ClientAuth) -> Option<TlsBroker> {
     for bin in ["mosquitto", "mosquitto_passwd", "openssl"] {
         if !have(bin) {
@@ -667,16 +680,9 @@ async fn uplink_delivers(
 async fn ingest_and_uplink_over_tls_with_password_auth() {
     let dir = tempfile::tempdir().unwrap();
     let password = "s3cret-for-the-test";
-    let Some(broker) = tls_broker(
-        dir.path(),
-        ClientAuth::Password {
-            user: "mf",
-            password,
-        },
-    ) else {
+    let Some((broker, url)) = password_broker(dir.path(), password) else {
         return;
     };
-    let url = format!("mqtts://127.0.0.1:{}", broker.port);
     // Secrets only from files and environment variables.
     std::fs::write(dir.path().join("ingest-password"), format!("{password}\n")).unwrap();
     let env = "MF_IT_UPLINK_TLS_PASSWORD";
@@ -737,16 +743,9 @@ async fn ingest_and_uplink_over_tls_with_password_auth() {
 fn mqtt_helpers_log_in_with_a_password_from_a_file_or_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let password = "helpers-s3cret";
-    let Some(broker) = tls_broker(
-        dir.path(),
-        ClientAuth::Password {
-            user: "mf",
-            password,
-        },
-    ) else {
+    let Some((broker, url)) = password_broker(dir.path(), password) else {
         return;
     };
-    let url = format!("mqtts://127.0.0.1:{}", broker.port);
     std::fs::write(dir.path().join("password"), format!("{password}\n")).unwrap();
     std::fs::write(dir.path().join("wrong"), "nope\n").unwrap();
     let env = "MF_IT_HELPERS_PASSWORD";
