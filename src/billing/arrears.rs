@@ -2603,11 +2603,16 @@ mod tests {
         let g = gone(tmp.path());
         let oct = BillPeriod::parse("2026-10").unwrap();
         let tariffs = shipped_tariffs();
-        // October's issued bill, as the revision reads it from its lines.
+        // October's issued bill, as the revision reads it from its bills.
         let issued_bills = crate::billing::revision::Issued {
-            lines: Default::default(),
-            totals: [("GONE".to_string(), oct_bill().amount)].into(),
-            dues: [("GONE".to_string(), oct_bill().due)].into(),
+            bills: [(
+                "GONE".to_string(),
+                crate::billing::revision::IssuedBill {
+                    total: oct_bill().amount,
+                    due: Some(oct_bill().due),
+                },
+            )]
+            .into(),
             run_id: String::new(),
         };
         let try_load = || {

@@ -511,6 +511,11 @@ impl<'a> Engine<'a> {
         self.accounts.len()
     }
 
+    /// Accounts `range`, in the order `bill_range` bills them.
+    pub fn accounts(&self, range: std::ops::Range<usize>) -> &[&'a BillingAccount] {
+        &self.accounts[range]
+    }
+
     /// Bills accounts `range` (positions in account-id order) in parallel.
     /// Their meter states are moved out and freed, so billing the accounts
     /// range by range never holds every bill and every state at once; each

@@ -21,7 +21,7 @@ use super::engine::{unknown_meter_exceptions, Engine, ExceptionRow, Roster, Scan
 use super::flags::Flags;
 use super::output::{self, OutBill};
 use super::period::BillPeriod;
-use super::revision::{adjustments, read_issued, Issued};
+use super::revision::{adjustments, read_issued, Issued, IssuedLine};
 use super::vee::VeeConfig;
 use crate::model::Channel;
 use crate::store::encode::ColumnWriter;
@@ -324,11 +324,13 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         super::arrears::read_carried_ytd(&opts.previous, period.start)?
     };
     let accounts_n = accounts.rows.len();
-    // In a revision: the issued bills and lines (as last revised).
-    let issued = if revision > 0 {
-        Some(read_issued(&issued_dirs)?)
+    // In a revision: the issued bills (as last revised), and their lines,
+    // read as the accounts are re-rated.
+    let (issued, mut issued_lines) = if revision > 0 {
+        let (b, l) = read_issued(&issued_dirs)?;
+        (Some(b), Some(l))
     } else {
-        None
+        (None, None)
     };
     let late = LateFees::load(
         &opts.previous,
@@ -452,7 +454,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             output::arrears_properties(&late.seen, &late.runs, &canonical_run_dir(&opts.out)),
             staging.create(STATE_FILE)?,
         )?;
-        let (mut tb, mut te) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let zero = std::time::Duration::ZERO;
+        // Rating, building output batches, and in a revision reading the issued lines.
+        let (mut tb, mut te, mut ti) = (zero, zero, zero);
         // Accounts of the given states not in accounts.csv are written
         // unchanged, in id order among the others (`Emitted::carried`).
         let mut carried_sent = 0;
@@ -522,11 +526,30 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             let mut start = 0;
             while start < n {
                 let end = (start + group).min(n);
-                let mut billed = timed(&mut tb, || engine.bill_range(start..end, &carried_ytd));
+                // In a revision, what was issued to these accounts, read
+                // while they are rated.
+                let group_accounts = engine.accounts(start..end).to_vec();
+                let (mut billed, prior) = rayon::join(
+                    || timed(&mut tb, || engine.bill_range(start..end, &carried_ytd)),
+                    || match &mut issued_lines {
+                        Some(l) => timed(&mut ti, || {
+                            l.take(group_accounts.iter().map(|a| &*a.account_id))
+                        }),
+                        None => Ok(Vec::new()),
+                    },
+                );
+                let prior: Vec<Vec<IssuedLine>> = prior?;
                 let parts: Vec<Emitted> = timed(&mut te, || {
-                    billed.par_chunks_mut(RUN).map(|c| ctx.emit(c)).collect()
+                    billed
+                        .par_chunks_mut(RUN)
+                        .enumerate()
+                        .map(|(k, c)| {
+                            let at = k * RUN;
+                            ctx.emit(c, prior.get(at..at + c.len()).unwrap_or_default())
+                        })
+                        .collect()
                 });
-                drop(billed);
+                drop((billed, prior));
                 for p in parts {
                     totals.add(p.totals);
                     exceptions.extend(p.exceptions);
@@ -553,6 +576,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         tracing::debug!(
             rate_ms = tb.as_millis() as u64,
             emit_ms = te.as_millis() as u64,
+            issued_ms = ti.as_millis() as u64,
             "bill: time rating accounts and building output batches"
         );
         // Accounts carried unchanged after the last one billed.
@@ -844,12 +868,14 @@ struct Emit<'a> {
 impl Emit<'_> {
     /// Late fees, lines (or, in a revision, adjustment lines) and bill rows
     /// of one run of accounts, in account order.
+    /// `prior`: in a revision, the lines issued to each of `billed`.
     fn emit(
         &self,
         billed: &mut [(
             &crate::master::BillingAccount,
             Result<AccountBill, super::account::Exception>,
         )],
+        prior: &[Vec<IssuedLine>],
     ) -> Emitted {
         let mut t = Totals::default();
         let mut exceptions = Vec::new();
@@ -860,7 +886,7 @@ impl Emit<'_> {
             (Some(f), Some(l)) => self.late.carried_within(&f.0.account_id, &l.0.account_id),
             _ => 0..0,
         };
-        for (a, r) in billed.iter_mut() {
+        for (i, (a, r)) in billed.iter_mut().enumerate() {
             let acct: &crate::master::BillingAccount = a;
             let b = match r {
                 Ok(b) => b,
@@ -893,11 +919,11 @@ impl Emit<'_> {
             let (out, issued_total, adjustment) = match self.issued {
                 None => (lines, None, None),
                 Some(is) => {
-                    let adj = adjustments(b, &lines, is);
+                    let adj = adjustments(b, &lines, prior.get(i).map_or(&[], Vec::as_slice));
                     if adj.is_empty() {
                         continue; // unchanged: not in the revision
                     }
-                    let issued_total = is.totals.get(&b.account_id).copied().unwrap_or_default();
+                    let issued_total = is.total(&b.account_id).unwrap_or_default();
                     let diff: Decimal = adj.iter().map(|l| l.amount).sum();
                     t.adjusted += 1;
                     t.adjustment += diff;
