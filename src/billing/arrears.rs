@@ -1255,12 +1255,10 @@ fn carry_unchanged(
             outside_changed |= outside;
             continue;
         }
+        // Never after `day`: the latest was chosen by day.
         let Ok(start) = Start::add_bills(acc, as_of, &bills, None) else {
             continue;
         };
-        if as_of > day {
-            continue; // states that disagree on its day
-        }
         // Exact unless a payment it counted was removed since.
         let since = latest.counted.sum - acc.counted.sum;
         if start.from.credit + since < Decimal::ZERO {
@@ -2238,9 +2236,22 @@ mod tests {
         seen: &[&str],
         runs: &[&Path],
     ) {
+        state_file_of(dir, dir, period, rows, seen, runs);
+    }
+
+    /// `state_file` in `dir` with the runs counted relative to `run`, as a
+    /// run writes them (`run/revision-N/` is `dir` in a revision).
+    fn state_file_of(
+        dir: &Path,
+        run: &Path,
+        period: &str,
+        rows: &[(&str, &AccountArrears)],
+        seen: &[&str],
+        runs: &[&Path],
+    ) {
         use super::super::output;
         std::fs::create_dir_all(dir).unwrap();
-        let base = std::fs::canonicalize(dir).unwrap();
+        let base = std::fs::canonicalize(run).unwrap();
         let seen: BTreeSet<String> = seen.iter().map(|s| s.to_string()).collect();
         let runs: BTreeMap<PathBuf, usize> = runs
             .iter()
@@ -2714,5 +2725,107 @@ mod tests {
             err.contains("GONE") && err.contains("billed it for 2026-09"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_carried_account_does_not_continue_from_a_state_that_counted_a_payment_removed_since() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = gone(tmp.path());
+        // September's revision-1, written after October's state, raises
+        // GONE's bill to 230 and counted 300 paid on 25 September, which
+        // payments.csv no longer holds (October's state, the latest,
+        // counted 150 in all): 70 of credit, 400 counted.
+        let rev = g.sep.join("revision-1");
+        bills_file(&rev, "rev1", &[("GONE", &sept_bill(dec!(230)))]);
+        let removed = [(d("2026-08-20"), dec!(100)), (d("2026-09-25"), dec!(300))];
+        let s = Start::whole_history(&[aug_bill()]).carry(
+            Some(sept_bill(dec!(230))),
+            &removed,
+            last_day("2026-09"),
+        );
+        assert_eq!((s.credit, s.counted.sum), (dec!(70), dec!(400)));
+        state_file_of(&rev, &g.sep, "2026-09", &[("GONE", &s)], &[], &[&g.aug]);
+        let load = |runs: &[&PathBuf]| {
+            let runs: Vec<PathBuf> = runs.iter().map(|r| r.to_path_buf()).collect();
+            LateFees::load(&runs, None, &g.pays, &nov_period(), &[], &shipped_tariffs())
+        };
+        // It saw the revision, but continued with the 250 less counted
+        // since, GONE would owe its October bill in full and have 180 of
+        // negative credit: not used. Nothing else given reaches back to
+        // GONE's first bill (August's).
+        let err = load(&[&g.sep, &g.oct]).err().expect("refused").to_string();
+        assert!(err.contains("GONE") && err.contains("revision-1"), "{err}");
+        assert!(err.contains("every run since 2026-08-01"), "{err}");
+        // From August on: the whole history, with the payments October's
+        // state counted.
+        let late = load(&[&g.aug, &g.sep, &g.oct]).unwrap();
+        let whole = g.whole();
+        assert_eq!(whole.open[0].unpaid, dec!(180));
+        assert_eq!(whole.credit, Decimal::ZERO);
+        assert_eq!(late.carried, vec![("GONE".to_string(), whole)]);
+    }
+
+    #[test]
+    fn a_revision_of_a_revision_carries_an_account_gone_from_accounts_csv_from_the_last_revision_s_state(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = gone(tmp.path());
+        let oct = BillPeriod::parse("2026-10").unwrap();
+        let tariffs = shipped_tariffs();
+        // October's revision-1 (GONE still in accounts.csv then) raised its
+        // October bill to 220 and wrote its state.
+        let oct220 = bill("2026-10", "2026-11-15", dec!(220));
+        let rev = g.oct.join("revision-1");
+        bills_file(&rev, "oct-rev1", &[("GONE", &oct220)]);
+        let s = Start::whole_history(&[aug_bill(), sept_bill(dec!(200))]).carry(
+            Some(oct220.clone()),
+            &g.paid,
+            last_day("2026-10"),
+        );
+        let runs = [g.aug.as_path(), g.sep.as_path()];
+        state_file_of(&rev, &g.oct, "2026-10", &[("GONE", &s)], &[], &runs);
+        // Revision-2, GONE gone: its October bill as last revised.
+        let issued_bills = crate::billing::revision::Issued {
+            bills: [(
+                "GONE".to_string(),
+                crate::billing::revision::IssuedBill {
+                    total: oct220.amount,
+                    due: Some(oct220.due),
+                },
+            )]
+            .into(),
+            run_id: String::new(),
+        };
+        let load = || {
+            LateFees::load(
+                std::slice::from_ref(&g.sep),
+                Some((&g.oct, &issued_bills)),
+                &g.pays,
+                &oct,
+                &[],
+                &tariffs,
+            )
+            .unwrap()
+        };
+        // Carried from revision-1's state (not October's own, at 210),
+        // which reflects revision-1.
+        let late = load();
+        let mut kept = s.clone();
+        kept.as_of = Some(last_day("2026-10"));
+        assert_eq!(kept.open[1].unpaid, dec!(220));
+        assert_eq!(late.carried, vec![("GONE".to_string(), kept)]);
+        assert_eq!(late.seen, BTreeSet::from(["oct-rev1".to_string()]));
+        // September revised since (230), unseen by revision-1's state: from
+        // September's revised state, with the October bill as last revised
+        // and the 50 paid since.
+        g.revise_september(true);
+        let bills = [aug_bill(), sept_bill(dec!(230)), oct220];
+        let mut want = Start::whole_history(&bills).carry(None, &g.paid, last_day("2026-10"));
+        want.as_of = Some(last_day("2026-10"));
+        assert_eq!(
+            (want.open[0].unpaid, want.open[1].unpaid),
+            (dec!(180), dec!(220))
+        );
+        assert_eq!(load().carried, vec![("GONE".to_string(), want)]);
     }
 }
