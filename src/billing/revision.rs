@@ -169,6 +169,21 @@ impl IssuedLines {
         }
         Ok(out)
     }
+
+    /// Reads what is left of each file read in step, so that lines out of
+    /// account order stop the run even when no account after them was
+    /// re-rated.
+    pub fn finish(mut self) -> Result<(), BillingError> {
+        for f in &mut self.files {
+            if f.all.is_none() && f.sorted {
+                while f.next_row()?.is_some() {
+                    f.check_order()?;
+                    f.row += 1;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One `bill_lines.parquet`, read forward.
@@ -310,6 +325,31 @@ impl LineFile {
         }
     }
 
+    /// Checks the current row's account against the last one read.
+    fn check_order(&mut self) -> Result<(), BillingError> {
+        let Some(b) = &self.batch else { return Ok(()) };
+        let acc = b.account.value(self.row);
+        if self.last.as_deref() == Some(acc) {
+            return Ok(());
+        }
+        // The bills were in order: lines that are not were not written by
+        // a bill run.
+        if let Some(l) = self.last.as_deref().filter(|l| acc < *l) {
+            return Err(BillingError::Invalid(format!(
+                "{}: lines of account '{acc}' after those of '{l}', not in the account order of its bills",
+                self.path.display(),
+            )));
+        }
+        match &mut self.last {
+            Some(l) => {
+                l.clear();
+                l.push_str(acc);
+            }
+            None => self.last = Some(acc.to_string()),
+        }
+        Ok(())
+    }
+
     /// Adds the lines of `account` to `lines`.
     fn take(
         &mut self,
@@ -333,26 +373,9 @@ impl LineFile {
             None => self.asked = Some(account.to_string()),
         }
         while let Some(i) = self.next_row()? {
+            self.check_order()?;
             let Some(b) = &self.batch else { break };
             let acc = b.account.value(i);
-            if self.last.as_deref() != Some(acc) {
-                // The bills were in order: lines that are not were not
-                // written by a bill run.
-                if self.last.as_deref().is_some_and(|l| acc < l) {
-                    return Err(BillingError::Invalid(format!(
-                        "{}: lines of account '{acc}' after those of '{}', not in the account order of its bills",
-                        self.path.display(),
-                        self.last.as_deref().unwrap_or_default()
-                    )));
-                }
-                match &mut self.last {
-                    Some(l) => {
-                        l.clear();
-                        l.push_str(acc);
-                    }
-                    None => self.last = Some(acc.to_string()),
-                }
-            }
             if acc > account {
                 break;
             }
@@ -653,12 +676,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (run, rev) = (tmp.path().join("run"), tmp.path().join("run/revision-1"));
         std::fs::create_dir_all(&rev).unwrap();
-        // 10,000 accounts of two lines each: more than one batch of 8,192 rows.
+        // 10,000 accounts of three lines each: batches of 8,192 rows end
+        // inside an account's lines (A02730 has rows 8,190 to 8,192).
         let ids: Vec<String> = (0..10_000).map(|n| format!("A{n:05}")).collect();
         let accounts: Vec<&str> = ids.iter().map(String::as_str).collect();
         let lines: Vec<(&str, &str, i128, bool)> = accounts
             .iter()
-            .flat_map(|a| [(*a, "a", 100, false), (*a, "b", 250, false)])
+            .flat_map(|a| {
+                [
+                    (*a, "a", 100, false),
+                    (*a, "b", 250, false),
+                    (*a, "a", 0, false),
+                ]
+            })
             .collect();
         run_dir(&run, &accounts, &lines);
         // The revision changed A04100 (a line "b" of +0.50, a not-adjustment
@@ -675,32 +705,36 @@ mod tests {
         let (issued, mut l) = read_issued(&[run, rev]).unwrap();
         assert_eq!(issued.run_id, "r1");
         assert_eq!(issued.bills.len(), 10_000);
+        // Totals are the bill rows' (not the lines'), the last revision's
+        // where it has one.
+        let due = NaiveDate::from_ymd_opt(2026, 11, 20);
+        let bill = |total| Some(IssuedBill { total, due });
+        assert_eq!(issued.bills.get("A00000").copied(), bill(dec!(1.00)));
+        assert_eq!(issued.total("A04100"), Some(dec!(1.00)));
         // A group, then the next one: accounts gone from accounts.csv are
         // skipped, a new one (A04100x) has nothing issued.
         let one = dec!(1);
         let (a, b) = (
-            ("a".to_string(), one, dec!(1.00)),
+            ("a".to_string(), dec!(2), dec!(1.00)),
             ("b".to_string(), one, dec!(2.50)),
         );
         assert_eq!(
             taken(&mut l, &["A00000", "A00002"]),
             vec![vec![a.clone(), b.clone()], vec![a.clone(), b.clone()]]
         );
+        let c = ("c".to_string(), one, dec!(-0.30));
         assert_eq!(
-            taken(&mut l, &["A04100", "A04100x", "A08191", "A09999"]),
+            taken(&mut l, &["A02730", "A04100", "A04100x", "A09999"]),
             vec![
+                vec![a.clone(), b.clone()],
                 vec![a.clone(), ("b".to_string(), dec!(2), dec!(3.00))],
                 vec![],
-                vec![a.clone(), b.clone()],
-                vec![
-                    a.clone(),
-                    b.clone(),
-                    ("c".to_string(), dec!(1), dec!(-0.30))
-                ],
+                vec![a.clone(), b.clone(), c],
             ]
         );
         // Past the end: nothing.
         assert_eq!(taken(&mut l, &["B"]), vec![Vec::new()]);
+        l.finish().unwrap();
     }
 
     #[test]
@@ -717,13 +751,31 @@ mod tests {
         let got = taken(&mut l, &["A", "B"]);
         assert_eq!(got[0].iter().map(|x| x.2).sum::<Decimal>(), dec!(5.00));
         assert_eq!(got[1].iter().map(|x| x.2).sum::<Decimal>(), dec!(1.00));
-        // Accounts asked out of order: the same.
+        // Bills and lines in id order, accounts asked out of order (after
+        // the cursor has passed B): read whole, nothing lost.
+        let sorted = [
+            ("A", "a", 200, false),
+            ("A", "b", 300, false),
+            ("B", "a", 100, false),
+        ];
+        run_dir(tmp.path(), &["A", "B"], &sorted);
         let (_, mut l) = read_issued(&[tmp.path().to_path_buf()]).unwrap();
-        assert_eq!(taken(&mut l, &["B", "A"]).concat().len(), 3);
-        // Bills in order but lines not: not written by a bill run.
+        let got = taken(&mut l, &["B", "A"]);
+        assert_eq!(got[0].iter().map(|x| x.2).sum::<Decimal>(), dec!(1.00));
+        assert_eq!(got[1].iter().map(|x| x.2).sum::<Decimal>(), dec!(5.00));
+        l.finish().unwrap();
+        // Bills in order but lines not: not written by a bill run. Refused
+        // when a later account is read, or at the end when none is.
         run_dir(tmp.path(), &["A", "B"], &lines);
         let (_, mut l) = read_issued(&[tmp.path().to_path_buf()]).unwrap();
         let err = l.take(["A", "B"].into_iter()).unwrap_err().to_string();
+        assert!(
+            err.contains("not in the account order of its bills"),
+            "{err}"
+        );
+        let (_, mut l) = read_issued(&[tmp.path().to_path_buf()]).unwrap();
+        assert!(l.take(["A"].into_iter()).is_ok());
+        let err = l.finish().unwrap_err().to_string();
         assert!(
             err.contains("not in the account order of its bills"),
             "{err}"

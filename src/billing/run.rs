@@ -318,11 +318,17 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "bill run"
     );
 
+    let t_ytd = Instant::now();
     let carried_ytd = if opts.previous.is_empty() {
         Default::default()
     } else {
         super::arrears::read_carried_ytd(&opts.previous, period.start)?
     };
+    tracing::debug!(
+        ms = t_ytd.elapsed().as_millis() as u64,
+        accounts = carried_ytd.len(),
+        "annual positions of the previous runs read"
+    );
     let accounts_n = accounts.rows.len();
     // In a revision: the issued bills (as last revised), and their lines,
     // read as the accounts are re-rated.
@@ -572,6 +578,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             }
             drop(engine);
             t_bill += tb0.elapsed();
+        }
+        if let Some(l) = issued_lines.take() {
+            timed(&mut ti, || l.finish())?;
         }
         tracing::debug!(
             rate_ms = tb.as_millis() as u64,
