@@ -110,12 +110,13 @@ pub type CarriedYtd = std::collections::HashMap<String, (NaiveDate, Decimal)>;
 /// its `ytd_kwh_after`). Revisions replace the values of the accounts they adjust.
 pub fn read_carried_ytd(dirs: &[PathBuf], start: NaiveDate) -> Result<CarriedYtd, BillingError> {
     let mut out = std::collections::HashMap::new();
+    let mut periods = Memo::new();
     for f in dirs.iter().flat_map(|d| bills_files(d)) {
         for_each_bill(&f, |r, bad| {
             let Some(ytd) = r.ytd_after else {
                 return Ok(());
             };
-            let p = BillPeriod::parse(r.period).map_err(bad)?;
+            let p = periods.get(r.period, BillPeriod::parse).map_err(bad)?;
             if p.end == start {
                 out.insert(r.account.to_string(), (p.start, ytd));
             }
@@ -126,13 +127,14 @@ pub fn read_carried_ytd(dirs: &[PathBuf], start: NaiveDate) -> Result<CarriedYtd
 }
 
 fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result<(), BillingError> {
+    let (mut dues, mut periods) = (Memo::new(), Memo::new());
     for_each_bill(path, |r, bad| {
         // Bills without a due date (or runs written before due dates existed): nothing to charge on.
         let Some(due) = r.due else { return Ok(()) };
-        let d: NaiveDate = due
-            .parse()
+        let d: NaiveDate = dues
+            .get(due, str::parse)
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
-        let p = BillPeriod::parse(r.period).map_err(bad)?;
+        let p = periods.get(r.period, BillPeriod::parse).map_err(bad)?;
         out.insert(
             r.account.to_string(),
             PriorBill {
@@ -634,6 +636,36 @@ fn parse_date(s: &str) -> Result<NaiveDate, String> {
     s.parse().map_err(|e| format!("'{s}' is not a date: {e}"))
 }
 
+/// The last text parsed and its value: the periods and dates of a run's
+/// files repeat a few values row after row (parsing each was a third of
+/// reading a 1M run's state).
+struct Memo<T> {
+    text: String,
+    value: Option<T>,
+}
+
+impl<T: Clone> Memo<T> {
+    fn new() -> Self {
+        Memo {
+            text: String::new(),
+            value: None,
+        }
+    }
+
+    fn get<E>(&mut self, s: &str, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, E> {
+        if let Some(v) = &self.value {
+            if self.text == s {
+                return Ok(v.clone());
+            }
+        }
+        let v = parse(s)?;
+        self.text.clear();
+        self.text.push_str(s);
+        self.value = Some(v.clone());
+        Ok(v)
+    }
+}
+
 /// `runs` as the state's `meterflow.runs_counted` metadata holds it: each
 /// directory relative to `base`, the directory of the run writing the state,
 /// so a tree of runs moved or billed elsewhere gives the same bytes (and
@@ -705,6 +737,14 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
     }
     let reader = builder.build().map_err(|e| bad(e.to_string()))?;
     let mut accounts: BTreeMap<String, AccountArrears> = BTreeMap::new();
+    let (mut run_periods, mut periods) = (Memo::new(), Memo::new());
+    let (mut days, mut dues, mut paid_days, mut from_days, mut last_dues) = (
+        Memo::new(),
+        Memo::new(),
+        Memo::new(),
+        Memo::new(),
+        Memo::new(),
+    );
     for batch in reader {
         let batch = batch.map_err(|e| bad(e.to_string()))?;
         let col = |name: &str| batch.column_by_name(name).map(|c| c.as_any());
@@ -739,16 +779,20 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
         let paid_count = col("paid_count")
             .and_then(|c| c.downcast_ref::<Int64Array>())
             .ok_or_else(|| bad("no integer column paid_count".into()))?;
-        let opt_date = |a: &StringArray, i: usize| -> Result<Option<NaiveDate>, BillingError> {
+        let opt_date = |m: &mut Memo<NaiveDate>,
+                        a: &StringArray,
+                        i: usize|
+         -> Result<Option<NaiveDate>, BillingError> {
             (!a.is_null(i))
-                .then(|| parse_date(a.value(i)).map_err(bad))
+                .then(|| m.get(a.value(i), parse_date).map_err(bad))
                 .transpose()
         };
         for i in 0..batch.num_rows() {
             let row = |what: &str| bad(format!("row of {}: {what}", acc.value(i)));
             // The run's own day; an account carried unchanged keeps the day
             // of the state it was carried from.
-            let run_day = BillPeriod::parse(run_period.value(i))
+            let run_day = run_periods
+                .get(run_period.value(i), BillPeriod::parse)
                 .map_err(bad)?
                 .end
                 .pred_opt();
@@ -758,7 +802,7 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
                     run_period.value(i)
                 )));
             }
-            let row_day = parse_date(day.value(i)).map_err(bad)?;
+            let row_day = days.get(day.value(i), parse_date).map_err(bad)?;
             if row_day > as_of {
                 return Err(row(&format!("as_of {row_day} is after {as_of}")));
             }
@@ -772,10 +816,10 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
                         count: u64::try_from(paid_count.value(i))
                             .map_err(|_| row("negative paid_count"))?,
                         sum: dec_at(paid_sum, i).ok_or_else(|| row("no paid_sum"))?,
-                        last: opt_date(last_paid, i)?,
+                        last: opt_date(&mut paid_days, last_paid, i)?,
                     },
-                    history_from: opt_date(from, i)?,
-                    last_due: opt_date(last_due, i)?,
+                    history_from: opt_date(&mut from_days, from, i)?,
+                    last_due: opt_date(&mut last_dues, last_due, i)?,
                     as_of: carried_day,
                 });
             if a.as_of != carried_day {
@@ -792,10 +836,12 @@ pub fn read_state(path: &Path, as_of: NaiveDate) -> Result<ArrearsState, Billing
             if per.is_null(i) {
                 continue;
             }
-            let period = BillPeriod::parse(per.value(i)).map_err(bad)?;
-            let (Some(due), Some(amount), Some(unpaid)) =
-                (opt_date(due, i)?, dec_at(amount, i), dec_at(unpaid, i))
-            else {
+            let period = periods.get(per.value(i), BillPeriod::parse).map_err(bad)?;
+            let (Some(due), Some(amount), Some(unpaid)) = (
+                opt_date(&mut dues, due, i)?,
+                dec_at(amount, i),
+                dec_at(unpaid, i),
+            ) else {
                 return Err(row("a bill without due_date, amount or unpaid"));
             };
             if unpaid <= Decimal::ZERO || unpaid > amount || amount >= limit {
@@ -1319,6 +1365,7 @@ impl<'a> LateFees<'a> {
         tariffs: &TariffSet,
     ) -> Result<LateFees<'a>, BillingError> {
         let last_day = period.end.pred_opt().unwrap_or(period.end);
+        let t0 = std::time::Instant::now();
         let mut inputs = Vec::new();
         let mut runs = Vec::new();
         for dir in previous {
@@ -1326,11 +1373,13 @@ impl<'a> LateFees<'a> {
         }
         let issued_bills = issued.map(|i| i.1);
         let mut issued = issued.map(|i| GivenRun::read(i.0, None)).transpose()?;
+        let t_runs = t0.elapsed();
         let prior = if previous.is_empty() {
             PriorBills::new()
         } else {
             read_prior_bills(previous)?
         };
+        let t_prior = t0.elapsed();
         let carried = runs.iter().any(|r| r.state.is_some());
         if carried {
             check_chain(&mut runs, period)?;
@@ -1353,6 +1402,7 @@ impl<'a> LateFees<'a> {
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
             payments = Payments::new(&loaded.rows, accounts, tariffs);
         }
+        let t_payments = t0.elapsed();
         // Each account continues from the earliest given state that gives
         // the whole history's fees (later ones are then not needed), else
         // from the given runs' bills when they reach back to its first bill.
@@ -1410,6 +1460,13 @@ impl<'a> LateFees<'a> {
         if !problems.is_empty() {
             return Err(refuse(&problems));
         }
+        tracing::debug!(
+            runs_ms = t_runs.as_millis() as u64,
+            prior_bills_ms = (t_prior - t_runs).as_millis() as u64,
+            payments_ms = (t_payments - t_prior).as_millis() as u64,
+            starts_ms = (t0.elapsed() - t_payments).as_millis() as u64,
+            "late fees: given runs, their bills, payments, where each account starts"
+        );
         // Revisions every used state reflects, and those of the given runs
         // (their amounts were read, or checked not to concern an account).
         let used_states: Vec<&ArrearsState> = runs
