@@ -14,13 +14,14 @@
 //! continues from that instead of the whole history (docs/billing.md).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, Decimal128Array, Int64Array, StringArray};
 use chrono::{Datelike, NaiveDate};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
 use rust_decimal::Decimal;
 
 use super::account::{AccountBill, BillLine};
@@ -73,6 +74,10 @@ pub fn read_prior_bills(dirs: &[PathBuf]) -> Result<PriorBills, BillingError> {
         let mut latest: BTreeMap<String, PriorBill> = BTreeMap::new();
         for f in bills_files(dir) {
             read_bills_file(&f, &mut latest)?;
+        }
+        if out.is_empty() {
+            out = latest.into_iter().map(|(a, b)| (a, vec![b])).collect();
+            continue;
         }
         for (account, b) in latest {
             out.entry(account).or_default().push(b);
@@ -128,6 +133,7 @@ pub fn read_carried_ytd(dirs: &[PathBuf], start: NaiveDate) -> Result<CarriedYtd
 
 fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result<(), BillingError> {
     let (mut dues, mut periods) = (Memo::new(), Memo::new());
+    let mut rows = Vec::new();
     for_each_bill(path, |r, bad| {
         // Bills without a due date (or runs written before due dates existed): nothing to charge on.
         let Some(due) = r.due else { return Ok(()) };
@@ -135,7 +141,7 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
             .get(due, str::parse)
             .map_err(|e| bad(format!("due_date '{due}': {e}")))?;
         let p = periods.get(r.period, BillPeriod::parse).map_err(bad)?;
-        out.insert(
+        rows.push((
             r.account.to_string(),
             PriorBill {
                 period: r.period.to_string(),
@@ -143,9 +149,17 @@ fn read_bills_file(path: &Path, out: &mut BTreeMap<String, PriorBill>) -> Result
                 due: d,
                 amount: r.total,
             },
-        );
+        ));
         Ok(())
-    })
+    })?;
+    // Later rows replace earlier ones either way; built from a list (sorted
+    // once, in account order already) instead of a million inserts.
+    if out.is_empty() {
+        *out = rows.into_iter().collect();
+    } else {
+        out.extend(rows);
+    }
+    Ok(())
 }
 
 /// One row of an issued `bills.parquet`, as late fees and tier carry-over read it.
@@ -1101,7 +1115,7 @@ fn rule_of<'t>(
 pub struct LateFees<'a> {
     last_day: NaiveDate,
     /// Accounts with a carried state or earlier bills.
-    starts: HashMap<&'a str, Start>,
+    starts: FxMap<&'a str, Start>,
     payments: Payments<'a>,
     /// With a state given: the latest state's period (first and last day).
     /// An account in no given state that was opened before that period
@@ -1423,38 +1437,66 @@ impl<'a> LateFees<'a> {
                 .map(|(i, a)| (&*a.account_id, i as u32))
                 .collect()
         };
-        // The issued run's state is the last.
+        // Where each account starts, in parallel over runs of names (each
+        // with its own marks of the states used), gathered in name order.
+        enum Found<'n> {
+            Start(&'n str, Start),
+            Carried(String, AccountArrears),
+            Refused(Box<Refusal>),
+        }
+        let names: Vec<&str> = names.into_iter().collect();
+        let find = |names: &[&str]| -> (Vec<Found<'a>>, Vec<bool>) {
+            // The issued run's state is the last.
+            let mut used = vec![false; runs.len() + 1];
+            let mut found = Vec::new();
+            for &name in names {
+                let Some(a) = by_id.get(name).map(|&i| &accounts[i as usize]) else {
+                    // Not in accounts.csv: its state is carried, so it comes
+                    // back intact.
+                    let mut bills = prior.get(name).cloned().unwrap_or_default();
+                    // In a revision, its bill of this period (as last revised,
+                    // from the issued bills): the issued state holds it, and
+                    // without one (a run older than states) it must not be
+                    // dropped (`carry_unchanged` refuses).
+                    bills.extend(issued_bills.and_then(|is| is.bill(name, period)));
+                    match carry_unchanged(&runs, issued.as_ref(), name, &bills, &mut used) {
+                        Ok(Some(s)) => found.push(Found::Carried(name.to_string(), s)),
+                        Ok(None) => {}
+                        Err(r) => found.push(Found::Refused(r)),
+                    }
+                    continue;
+                };
+                let bills = prior.get(name).map_or(&[][..], Vec::as_slice);
+                let pays = payments.of(a);
+                let own =
+                    rule_of(a, tariffs, last_day).map(|r| (&*period.label, due_date(period, r.2)));
+                match choose_start(&runs, name, bills, pays, own, &mut used[..runs.len()]) {
+                    Ok(start) if start != Start::default() => {
+                        found.push(Found::Start(&a.account_id, start))
+                    }
+                    Ok(_) => {}
+                    Err(r) => found.push(Found::Refused(r)),
+                }
+            }
+            (found, used)
+        };
+        let parts: Vec<(Vec<Found>, Vec<bool>)> = names.par_chunks(4096).map(find).collect();
         let mut used = vec![false; runs.len() + 1];
-        let mut starts = HashMap::new();
+        let mut starts = FxMap::default();
         let mut kept = Vec::new();
         let mut problems = Vec::new();
-        for name in names {
-            let Some(a) = by_id.get(name).map(|&i| &accounts[i as usize]) else {
-                // Not in accounts.csv: its state is carried, so it comes
-                // back intact.
-                let mut bills = prior.get(name).cloned().unwrap_or_default();
-                // In a revision, its bill of this period (as last revised,
-                // from the lines the revision already read): the issued
-                // state holds it, and without one (a run older than states)
-                // it must not be dropped (`carry_unchanged` refuses).
-                bills.extend(issued_bills.and_then(|is| is.bill(name, period)));
-                match carry_unchanged(&runs, issued.as_ref(), name, &bills, &mut used) {
-                    Ok(Some(s)) => kept.push((name.to_string(), s)),
-                    Ok(None) => {}
-                    Err(r) => problems.push(*r),
+        for (found, u) in parts {
+            for (all, one) in used.iter_mut().zip(u) {
+                *all |= one;
+            }
+            for f in found {
+                match f {
+                    Found::Start(id, start) => {
+                        starts.insert(id, start);
+                    }
+                    Found::Carried(name, s) => kept.push((name, s)),
+                    Found::Refused(r) => problems.push(*r),
                 }
-                continue;
-            };
-            let bills = prior.get(name).map_or(&[][..], Vec::as_slice);
-            let pays = payments.of(a);
-            let own =
-                rule_of(a, tariffs, last_day).map(|r| (&*period.label, due_date(period, r.2)));
-            match choose_start(&runs, name, bills, pays, own, &mut used[..runs.len()]) {
-                Ok(start) if start != Start::default() => {
-                    starts.insert(&*a.account_id, start);
-                }
-                Ok(_) => {}
-                Err(r) => problems.push(*r),
             }
         }
         if !problems.is_empty() {
