@@ -200,11 +200,14 @@ impl<'a> Roster<'a> {
 
     /// What the lake scan must cover for every account (plans are made and
     /// dropped here, so this holds no per-meter state).
+    /// `carried`: annual positions carried from the previous run; an
+    /// account that has one needs no reading near its tier-year start.
     pub fn scan_window(
         &self,
         tariffs: &TariffSet,
         period: &BillPeriod,
         cfg: &VeeConfig,
+        carried: &super::arrears::CarriedYtd,
     ) -> Option<ScanWindow> {
         #[derive(Clone)]
         struct Acc {
@@ -231,17 +234,27 @@ impl<'a> Roster<'a> {
                 let Ok(plan) = plan_account(t, a, period) else {
                     return acc;
                 };
+                // As `account::bill` decides: a position carried from a bill
+                // of this tier year replaces the one measured from its start.
+                let skip = match (plan.ytd_from, carried.get(&*a.account_id)) {
+                    (Some(from), Some((prev_start, _))) if *prev_start >= from => plan.first,
+                    _ => 0,
+                };
                 for m in self.meters_of(ai) {
-                    let Some(b) = plan.meter_bounds(m) else {
+                    let Some(mut b) = plan.meter_bounds(m) else {
                         continue;
                     };
+                    b.drain(..skip);
                     let last = *b.last().expect("bounds");
+                    if skip > 0 && b[0] >= last {
+                        continue; // it counted only towards the carried position
+                    }
                     acc.lo = acc.lo.min(b[0]);
                     acc.hi = acc.hi.max(last);
                     // A meter exchanged out before the period reads only
                     // near its bounds, not the period's days.
-                    if b[plan.first] < last {
-                        acc.plo = acc.plo.min(b[plan.first]);
+                    if b[plan.first - skip] < last {
+                        acc.plo = acc.plo.min(b[plan.first - skip]);
                         acc.phi = acc.phi.max(last);
                     }
                     acc.bounds.extend(b);

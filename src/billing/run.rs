@@ -268,7 +268,20 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let multi = passes.len() > 1;
     let t_roster = t0.elapsed();
     let mut lake_files: Vec<(chrono::NaiveDate, PathBuf)> = Vec::new();
-    let window = roster.scan_window(&tariffs, &period, &opts.vee);
+    // Accounts whose annual position is carried read nothing near their
+    // tier-year start.
+    let t_ytd = Instant::now();
+    let carried_ytd = if opts.previous.is_empty() {
+        Default::default()
+    } else {
+        super::arrears::read_carried_ytd(&opts.previous, period.start)?
+    };
+    tracing::debug!(
+        ms = t_ytd.elapsed().as_millis() as u64,
+        accounts = carried_ytd.len(),
+        "annual positions of the previous runs read"
+    );
+    let window = roster.scan_window(&tariffs, &period, &opts.vee, &carried_ytd);
     let t_window = t0.elapsed();
     if let Some(w) = &window {
         let day = |ms: i64| {
@@ -318,17 +331,6 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "bill run"
     );
 
-    let t_ytd = Instant::now();
-    let carried_ytd = if opts.previous.is_empty() {
-        Default::default()
-    } else {
-        super::arrears::read_carried_ytd(&opts.previous, period.start)?
-    };
-    tracing::debug!(
-        ms = t_ytd.elapsed().as_millis() as u64,
-        accounts = carried_ytd.len(),
-        "annual positions of the previous runs read"
-    );
     let accounts_n = accounts.rows.len();
     // In a revision: the issued bills (as last revised), and their lines,
     // read as the accounts are re-rated.

@@ -774,6 +774,61 @@ mod end_to_end {
         assert!(alone_bills[annual[0]].0.contains("ytd_estimated"));
     }
 
+    #[test]
+    fn a_carried_annual_position_reads_no_partition_near_the_tier_year_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        let mut o = FleetOptions::new(&lake);
+        o.meters = 60;
+        o.start = "2026-09-01".parse().unwrap();
+        o.days = 61;
+        generate(&o, &|_, _| {}).unwrap();
+        // An annual-tier account whose meter was installed on 10 September:
+        // its tier-year position starts at that meter's first reading.
+        let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
+        let annual = accounts
+            .lines()
+            .find(|l| l.contains(",bj-residential-annual,"))
+            .and_then(|l| l.split(',').next())
+            .expect("the fleet has an annual-tier account")
+            .to_string();
+        let meters_csv = lake.join("master/meters.csv");
+        let meters = std::fs::read_to_string(&meters_csv).unwrap();
+        let moved: Vec<String> = meters
+            .lines()
+            .map(|l| {
+                let mut f: Vec<&str> = l.split(',').collect();
+                if f[1] == annual {
+                    f[6] = "2026-09-10";
+                }
+                f.join(",")
+            })
+            .collect();
+        std::fs::write(&meters_csv, moved.join("\n") + "\n").unwrap();
+        let run = |name: &str, period: &str, previous: Option<&std::path::Path>| {
+            let out = tmp.path().join(name);
+            let mut r = opts(&lake, &out);
+            r.period = period.into();
+            r.previous = previous.map(|p| vec![p.to_path_buf()]).unwrap_or_default();
+            bill_run(&r).unwrap();
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+            (out, m["counts"]["lake_files"].as_u64().unwrap())
+        };
+        let (sep, _) = run("sep", "2026-09", None);
+        let (alone, alone_files) = run("alone", "2026-10", None);
+        let (oct, oct_files) = run("oct", "2026-10", Some(&sep));
+        // Measured, October reads the partitions around 10 September; carried
+        // from September's bill, it needs none of them.
+        let (alone_ytd, oct_ytd) = (&ytd(&alone)[&annual], &ytd(&oct)[&annual]);
+        assert!(!alone_ytd.0.contains("ytd_carried"), "{alone_ytd:?}");
+        assert!(oct_ytd.0.contains("ytd_carried"), "{oct_ytd:?}");
+        assert!(
+            oct_files < alone_files,
+            "{oct_files} files with --previous, {alone_files} without"
+        );
+    }
+
     /// Reads (account, total) of every bill.
     fn totals(run: &std::path::Path) -> BTreeMap<String, Decimal> {
         use arrow::array::{Array, Decimal128Array};
