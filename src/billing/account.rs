@@ -723,7 +723,7 @@ pub fn apply_reading(
     }
     match channel {
         Channel::MaxDemandImport => st.demand(ts, value),
-        Channel::ClockSkew => st.clock_skew(value, cfg),
+        Channel::ClockSkew => st.clock_skew(ts, value, cfg),
         Channel::ImportActiveInterval => {
             let (from, to) = st.window();
             if ts <= from || ts > to {

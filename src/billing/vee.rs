@@ -287,8 +287,12 @@ impl MeterState {
         }
     }
 
-    pub fn clock_skew(&mut self, seconds_scaled: i64, cfg: &VeeConfig) {
-        if seconds_scaled.abs() > cfg.max_clock_skew_s * 10_000 {
+    /// A clock-skew reading at `ts`: counts inside the meter's window only,
+    /// as register readings do (else a bill's flags would depend on which
+    /// other partitions the run happened to read).
+    pub fn clock_skew(&mut self, ts: i64, seconds_scaled: i64, cfg: &VeeConfig) {
+        let (from, to) = self.window();
+        if ts >= from && ts <= to && seconds_scaled.abs() > cfg.max_clock_skew_s * 10_000 {
             self.flags |= Flags::CLOCK_SKEW;
         }
     }
@@ -430,6 +434,20 @@ mod tests {
         for (t, v) in vals {
             s.register(REG_TOTAL, *t, *v, Quality::OK, &cfg);
         }
+    }
+
+    #[test]
+    fn a_clock_skew_reading_flags_the_meter_only_inside_its_period() {
+        let cfg = VeeConfig::default();
+        // A tier-year start before the period: bounds (ytd, start, end).
+        let mut s = MeterState::new(vec![0, 100 * DAY, 130 * DAY], 1, 6, 1);
+        s.clock_skew(50 * DAY, 400 * 10_000, &cfg);
+        s.clock_skew(131 * DAY, -400 * 10_000, &cfg);
+        assert!(s.step_flags().is_empty());
+        s.clock_skew(110 * DAY, 200 * 10_000, &cfg);
+        assert!(s.step_flags().is_empty(), "within the 300 s allowed");
+        s.clock_skew(110 * DAY, -400 * 10_000, &cfg);
+        assert_eq!(s.step_flags(), Flags::CLOCK_SKEW);
     }
 
     #[test]
