@@ -737,6 +737,12 @@ mod tests {
         l.finish().unwrap();
     }
 
+    /// Each account's issued amount.
+    fn sums(lines: &mut IssuedLines, accounts: &[&str]) -> Vec<Decimal> {
+        let got = taken(lines, accounts);
+        got.iter().map(|ls| ls.iter().map(|x| x.2).sum()).collect()
+    }
+
     #[test]
     fn issued_lines_not_in_account_order_are_read_whole_or_refused() {
         let tmp = tempfile::tempdir().unwrap();
@@ -748,9 +754,7 @@ mod tests {
         // Bills (and lines) in file order, not id order: read whole.
         run_dir(tmp.path(), &["B", "A"], &lines);
         let (_, mut l) = read_issued(&[tmp.path().to_path_buf()]).unwrap();
-        let got = taken(&mut l, &["A", "B"]);
-        assert_eq!(got[0].iter().map(|x| x.2).sum::<Decimal>(), dec!(5.00));
-        assert_eq!(got[1].iter().map(|x| x.2).sum::<Decimal>(), dec!(1.00));
+        assert_eq!(sums(&mut l, &["A", "B"]), [dec!(5.00), dec!(1.00)]);
         // Bills and lines in id order, accounts asked out of order (after
         // the cursor has passed B): read whole, nothing lost.
         let sorted = [
@@ -760,9 +764,7 @@ mod tests {
         ];
         run_dir(tmp.path(), &["A", "B"], &sorted);
         let (_, mut l) = read_issued(&[tmp.path().to_path_buf()]).unwrap();
-        let got = taken(&mut l, &["B", "A"]);
-        assert_eq!(got[0].iter().map(|x| x.2).sum::<Decimal>(), dec!(1.00));
-        assert_eq!(got[1].iter().map(|x| x.2).sum::<Decimal>(), dec!(5.00));
+        assert_eq!(sums(&mut l, &["B", "A"]), [dec!(1.00), dec!(5.00)]);
         l.finish().unwrap();
         // Bills in order but lines not: not written by a bill run. Refused
         // when a later account is read, or at the end when none is.
