@@ -1630,6 +1630,16 @@ impl<'a> LateFees<'a> {
         (due, Some(start.carry(own, pays, self.last_day)))
     }
 
+    /// A fleet's first run: payments dated on or before `day` settled bills
+    /// issued before meterflow, so an account in no state starts as of that
+    /// day, as under a state of that day: its payments up to then counted,
+    /// not credited.
+    pub fn settled_through(&mut self, day: NaiveDate) {
+        if self.fresh_after.is_none() {
+            self.fresh_after = Some((day.succ_opt().unwrap_or(day), day));
+        }
+    }
+
     /// The start of an account in no given state: with a state given, as of
     /// its day, counting the payments up to then without crediting them
     /// (made while late fees did not concern the account, e.g. prepaid
@@ -2724,6 +2734,7 @@ mod tests {
             )]
             .into(),
             run_id: String::new(),
+            settled_through: None,
         };
         let try_load = || {
             let sep = std::slice::from_ref(&g.sep);
@@ -2894,6 +2905,7 @@ mod tests {
             )]
             .into(),
             run_id: String::new(),
+            settled_through: None,
         };
         let load = || {
             LateFees::load(

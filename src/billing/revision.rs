@@ -45,6 +45,8 @@ impl IssuedLine {
 pub struct Issued {
     pub bills: BTreeMap<String, IssuedBill>,
     pub run_id: String,
+    /// The issued run's `--settled-through`.
+    pub settled_through: Option<NaiveDate>,
 }
 
 /// An account's bill as last revised: the `total` of its latest bill row
@@ -80,6 +82,7 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
     let mut is = Issued {
         bills: BTreeMap::new(),
         run_id: String::new(),
+        settled_through: None,
     };
     let mut files = Vec::new();
     for (n, dir) in dirs.iter().enumerate() {
@@ -118,6 +121,11 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
                 serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
                     .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
             is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
+            if let Some(d) = m["settled_through"].as_str() {
+                is.settled_through = Some(d.parse().map_err(|e| {
+                    BillingError::Invalid(format!("{}: settled_through '{d}': {e}", dir.display()))
+                })?);
+            }
         }
         files.push(LineFile {
             path: dir.join("bill_lines.parquet"),

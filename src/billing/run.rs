@@ -86,6 +86,11 @@ pub struct BillRunOptions {
     /// reading only the lake pages that hold its meters (a rest of at most
     /// an eighth of this joins the last pass). Outputs do not depend on it.
     pub pass_meters: usize,
+    /// A fleet's first run (no `--previous`): payments dated on or before
+    /// this day settled bills issued before meterflow. They are counted in
+    /// the arrears state, not credited to this run's bills. A re-run takes
+    /// the issued run's.
+    pub settled_through: Option<chrono::NaiveDate>,
 }
 
 /// Default of [`BillRunOptions::pass_meters`]: 1.2-1.6 GB of meter states,
@@ -115,6 +120,7 @@ impl BillRunOptions {
             progress: None,
             previous: Vec::new(),
             pass_meters: DEFAULT_PASS_METERS,
+            settled_through: None,
         }
     }
 }
@@ -340,7 +346,33 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     } else {
         (None, None)
     };
-    let late = LateFees::load(
+    // Payments settled before meterflow: given to a fleet's first run, and
+    // kept by its re-runs.
+    let settled_through =
+        match &issued {
+            Some(is)
+                if opts
+                    .settled_through
+                    .is_some_and(|d| is.settled_through != Some(d)) =>
+            {
+                return Err(BillingError::Invalid(format!(
+                "--settled-through {}: the issued run in {} was billed with {}; a re-run keeps it",
+                opts.settled_through.map(|d| d.to_string()).unwrap_or_default(),
+                opts.out.display(),
+                is.settled_through.map_or("none".to_string(), |d| d.to_string())
+            )))
+            }
+            Some(is) => is.settled_through,
+            None => opts.settled_through,
+        };
+    if settled_through.is_some() && !opts.previous.is_empty() {
+        return Err(BillingError::Invalid(
+            "--settled-through is for a fleet's first run: with --previous, the arrears state \
+             already says which payments were counted"
+                .into(),
+        ));
+    }
+    let mut late = LateFees::load(
         &opts.previous,
         issued_dirs
             .first()
@@ -351,6 +383,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         &accounts.rows,
         &tariffs,
     )?;
+    if let Some(day) = settled_through {
+        late.settled_through(day);
+    }
     master_exceptions.extend(late.errors.iter().map(|e| ExceptionRow {
         account_id: String::new(),
         meter_id: String::new(),
@@ -383,6 +418,9 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     let mut id_hash = Sha256::new();
     id_hash.update(period.label.as_bytes());
     id_hash.update(revision.to_le_bytes());
+    if let Some(d) = settled_through {
+        id_hash.update(format!("settled_through={d}").as_bytes());
+    }
     // Contents and file names, not where the folders are: the same inputs
     // given as `tariffs` or `./tariffs`, or from another directory, give the
     // same id (lake paths are relative to the lake already).
@@ -632,6 +670,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "period_end_exclusive": period.end.to_string(),
         "revision": revision,
         "adjusts_run": issued.as_ref().map(|i| i.run_id.clone()),
+        "settled_through": settled_through.map(|d| d.to_string()),
         "created_by": format!("meterflow {}", env!("CARGO_PKG_VERSION")),
         "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake, "history": inputs_history},
         "tariff_versions": t.versions_used,

@@ -56,6 +56,14 @@ pub struct BillArgs {
     #[arg(long, value_name = "N", default_value_t = crate::billing::run::DEFAULT_PASS_METERS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub pass_meters: usize,
+    /// A fleet's first run, switching from another billing system: payments
+    /// in payments.csv dated on or before DATE (YYYY-MM-DD) settled bills
+    /// issued before meterflow. They are counted in the arrears state, not
+    /// credited to this run's bills (without it, every payment in the file
+    /// counts as credit). Not with --previous; a re-run keeps the issued
+    /// run's value (giving another is refused).
+    #[arg(long, value_name = "DATE")]
+    pub settled_through: Option<chrono::NaiveDate>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +76,7 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
     opts.preview = a.preview;
     opts.pass_meters = a.pass_meters;
     opts.previous = a.previous.clone();
+    opts.settled_through = a.settled_through;
     opts.progress = Some(Box::new(move |phase, done, total| {
         pb.set_message(phase);
         pb.set_length(total);

@@ -1139,6 +1139,69 @@ mod end_to_end {
         (was.clone(), revised.accounts.get(account).cloned())
     }
 
+    #[test]
+    fn payments_settled_before_the_first_run_are_counted_not_credited() {
+        use meterflow::billing::arrears::read_state;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        paying_fleet(&lake);
+        // October as the fleet's first run: the August and September
+        // payments settled bills of the system before.
+        let first = |name: &str, settled: Option<&str>| {
+            let out = tmp.path().join(name);
+            let mut o = opts(&lake, &out);
+            o.settled_through = settled.map(|d| d.parse().unwrap());
+            bill_run(&o).map(|_| out)
+        };
+        let credited = first("credited", None).unwrap();
+        let settled = first("settled", Some("2026-09-30")).unwrap();
+        let as_of = "2026-10-31".parse().unwrap();
+        let state =
+            |run: &std::path::Path| read_state(&run.join("arrears.parquet"), as_of).unwrap();
+        let (c, s) = (state(&credited), state(&settled));
+        let credit = |st: &meterflow::billing::arrears::ArrearsState| -> Decimal {
+            st.accounts.values().map(|a| a.credit).sum()
+        };
+        let unpaid = |st: &meterflow::billing::arrears::ArrearsState| -> Decimal {
+            st.accounts
+                .values()
+                .flat_map(|a| &a.open)
+                .map(|o| o.unpaid)
+                .sum()
+        };
+        assert!(credit(&s) < credit(&c), "{} !< {}", credit(&s), credit(&c));
+        assert!(unpaid(&s) > unpaid(&c), "{} !> {}", unpaid(&s), unpaid(&c));
+        // Every payment through October is counted either way.
+        let counted = |st: &meterflow::billing::arrears::ArrearsState| -> u64 {
+            st.accounts.values().map(|a| a.counted.count).sum()
+        };
+        assert_eq!(counted(&s), counted(&c));
+        let manifest = |run: &std::path::Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap()
+        };
+        assert_eq!(manifest(&settled)["settled_through"], "2026-09-30");
+        assert_ne!(manifest(&settled)["run_id"], manifest(&credited)["run_id"]);
+        // A re-run keeps it; another day is refused.
+        let r = bill_month(&lake, &settled, "2026-10", &[]).unwrap();
+        assert_eq!(r.revision, 1);
+        assert_eq!(
+            manifest(&settled.join("revision-1"))["settled_through"],
+            "2026-09-30"
+        );
+        assert_eq!(state(&settled.join("revision-1")).accounts, s.accounts);
+        let err = first("settled", Some("2026-08-31"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a re-run keeps it"), "{err}");
+        // November continues from October's state: the option is refused.
+        let mut nov = opts(&lake, &tmp.path().join("nov"));
+        nov.period = "2026-11".into();
+        nov.previous = vec![settled.clone()];
+        nov.settled_through = "2026-09-30".parse().ok();
+        let err = bill_run(&nov).unwrap_err().to_string();
+        assert!(err.contains("for a fleet's first run"), "{err}");
+    }
+
     /// Removes the rows of `path` whose column `col` is `account`.
     fn drop_rows(path: &std::path::Path, col: usize, account: &str) {
         let csv = std::fs::read_to_string(path).unwrap();
