@@ -923,6 +923,9 @@ struct GivenRun {
     /// Revisions its state has not seen of runs it counted that are not
     /// given (run directory, revision).
     outside: Vec<(PathBuf, Revision)>,
+    /// Billed with `--settled-through`: payments before its day settled
+    /// bills that are in no run, so its whole history is not in the runs.
+    settled: bool,
 }
 
 impl GivenRun {
@@ -988,6 +991,7 @@ impl GivenRun {
             state,
             state_path,
             outside: Vec::new(),
+            settled: m["settled_through"].is_string(),
         })
     }
 
@@ -1221,7 +1225,9 @@ fn choose_start(
         // In no state: as before states existed.
         return Ok(Start::whole_history(bills));
     };
-    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h));
+    // Not after a first run whose earlier payments settled bills of no run.
+    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h))
+        && !runs.iter().any(|r| r.settled);
     if whole && !outside_changed {
         return Ok(Start::whole_history(bills));
     }
@@ -1329,7 +1335,9 @@ fn carry_unchanged(
     }
     let history_from = held.iter().filter_map(|h| h.3.history_from).min();
     let chain_start = runs.first().map(|r| r.period.start);
-    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h));
+    // Not after a first run whose earlier payments settled bills of no run.
+    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h))
+        && !runs.iter().any(|r| r.settled);
     if whole && !outside_changed {
         let start = Start::whole_history(&bills);
         return Ok(Some(start.carry_paid(
@@ -2157,6 +2165,7 @@ mod tests {
             state: None,
             state_path: PathBuf::new(),
             outside: Vec::new(),
+            settled: false,
         }
     }
 

@@ -365,6 +365,12 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             Some(is) => is.settled_through,
             None => opts.settled_through,
         };
+    if let Some(d) = settled_through.filter(|d| *d >= period.end) {
+        return Err(BillingError::Invalid(format!(
+            "--settled-through {d}: must be before the period's end ({})",
+            period.end
+        )));
+    }
     if settled_through.is_some() && !opts.previous.is_empty() {
         return Err(BillingError::Invalid(
             "--settled-through is for a fleet's first run: with --previous, the arrears state \

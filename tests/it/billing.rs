@@ -1200,6 +1200,25 @@ mod end_to_end {
         nov.settled_through = "2026-09-30".parse().ok();
         let err = bill_run(&nov).unwrap_err().to_string();
         assert!(err.contains("for a fleet's first run"), "{err}");
+        // A day after the period is refused.
+        let err = first("late", Some("2026-11-01")).unwrap_err().to_string();
+        assert!(err.contains("before the period's end"), "{err}");
+        // Without it, November continues from October's state.
+        bill_month(&lake, &tmp.path().join("nov"), "2026-11", &[&settled]).unwrap();
+        // A payment back-dated into October after it was billed: the state
+        // cannot be continued, and its whole history is not in the runs
+        // (the settled payments would become credit): refused.
+        let account = s.accounts.keys().next().unwrap().clone();
+        let payments = lake.join("master/payments.csv");
+        let mut csv = std::fs::read_to_string(&payments).unwrap();
+        csv.push_str(&format!(
+            "BACK-1,counter,{account},10.00,2026-10-20T10:00:00Z\n"
+        ));
+        std::fs::write(&payments, csv).unwrap();
+        let err = bill_month(&lake, &tmp.path().join("nov2"), "2026-11", &[&settled])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&account), "{err}");
     }
 
     /// Removes the rows of `path` whose column `col` is `account`.
