@@ -393,6 +393,11 @@ mod end_to_end {
         )
     }
 
+    /// A run directory's manifest.json.
+    fn manifest(run: &std::path::Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap()
+    }
+
     #[test]
     fn same_inputs_give_byte_identical_outputs_and_preview_matches() {
         let tmp = tempfile::tempdir().unwrap();
@@ -426,9 +431,7 @@ mod end_to_end {
             let y = std::fs::read(tmp.path().join("b").join(f)).unwrap();
             assert_eq!(x, y, "{f} differs between identical runs");
         }
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(tmp.path().join("a/manifest.json")).unwrap())
-                .unwrap();
+        let m = manifest(&tmp.path().join("a"));
         assert_eq!(
             m["sums"]["total_amount"].as_str().unwrap(),
             a.total_amount.to_string()
@@ -517,8 +520,7 @@ mod end_to_end {
                 }
             }
         }
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(passed.join("manifest.json")).unwrap()).unwrap();
+        let m = manifest(&passed);
         assert_eq!(m["counts"]["passes"], 3);
         let e = meterflow::store::reader::read_file(&passed.join("exceptions.parquet")).unwrap();
         let rows: usize = e.iter().map(|b| b.num_rows()).sum();
@@ -603,16 +605,22 @@ mod end_to_end {
 
     /// A fleet of September and October 2026 under `dir`, and its committed
     /// September run: (lake, run directory).
-    fn september_run(
-        dir: &std::path::Path,
-        meters: usize,
-    ) -> (std::path::PathBuf, std::path::PathBuf) {
+    /// A fleet of September and October in `dir/fleet`.
+    fn september_fleet(dir: &std::path::Path, meters: usize) -> std::path::PathBuf {
         let lake = dir.join("fleet");
         let mut o = FleetOptions::new(&lake);
         o.meters = meters as _;
         o.start = "2026-09-01".parse().unwrap();
         o.days = 61;
         generate(&o, &|_, _| {}).unwrap();
+        lake
+    }
+
+    fn september_run(
+        dir: &std::path::Path,
+        meters: usize,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let lake = september_fleet(dir, meters);
         let sep = dir.join("sep");
         let mut s = opts(&lake, &sep);
         s.period = "2026-09".into();
@@ -682,8 +690,7 @@ mod end_to_end {
         assert_eq!(fees.get(&half.0), Some(&want_half));
         let want_unpaid = floor(fen(unpaid.1 * dec!(16) * dec!(0.001)));
         assert_eq!(fees.get(&unpaid.0), Some(&want_unpaid));
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(oct.join("manifest.json")).unwrap()).unwrap();
+        let m = manifest(&oct);
         assert_eq!(m["inputs"]["history"].as_array().unwrap().len(), 2, "{m}");
         assert!(run.total_amount > Decimal::ZERO);
     }
@@ -777,12 +784,7 @@ mod end_to_end {
     #[test]
     fn a_carried_annual_position_reads_no_partition_near_the_tier_year_start() {
         let tmp = tempfile::tempdir().unwrap();
-        let lake = tmp.path().join("fleet");
-        let mut o = FleetOptions::new(&lake);
-        o.meters = 60;
-        o.start = "2026-09-01".parse().unwrap();
-        o.days = 61;
-        generate(&o, &|_, _| {}).unwrap();
+        let lake = september_fleet(tmp.path(), 60);
         // An annual-tier account whose meter was installed on 10 September:
         // its tier-year position starts at that meter's first reading.
         let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
@@ -811,9 +813,8 @@ mod end_to_end {
             r.period = period.into();
             r.previous = previous.map(|p| vec![p.to_path_buf()]).unwrap_or_default();
             bill_run(&r).unwrap();
-            let m: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-            (out, m["counts"]["lake_files"].as_u64().unwrap())
+            let files = manifest(&out)["counts"]["lake_files"].as_u64().unwrap();
+            (out, files)
         };
         let (sep, _) = run("sep", "2026-09", None);
         let (alone, alone_files) = run("alone", "2026-10", None);
@@ -923,11 +924,7 @@ mod end_to_end {
             |d| d.last().into_iter().cloned().collect(),
             false,
         );
-        let run_id = |run: &std::path::Path| {
-            let m: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
-            m["run_id"].as_str().unwrap().to_string()
-        };
+        let run_id = |run: &std::path::Path| manifest(run)["run_id"].as_str().unwrap().to_string();
         for (a, b) in monthly.iter().zip(&elsewhere) {
             let state = |r: &std::path::Path| std::fs::read(r.join("arrears.parquet")).unwrap();
             assert!(
@@ -1176,9 +1173,6 @@ mod end_to_end {
             st.accounts.values().map(|a| a.counted.count).sum()
         };
         assert_eq!(counted(&s), counted(&c));
-        let manifest = |run: &std::path::Path| -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap()
-        };
         assert_eq!(manifest(&settled)["settled_through"], "2026-09-30");
         assert_ne!(manifest(&settled)["run_id"], manifest(&credited)["run_id"]);
         // A re-run keeps it; another day is refused.
