@@ -135,6 +135,17 @@ pub fn plan_account<'t>(
 }
 
 impl AccountPlan<'_> {
+    /// The annual position `carried` (the previous bill's start and its
+    /// year-to-date kWh) when it replaces the one measured from the
+    /// tier-year start: only a bill that started inside this tier year
+    /// carries its position.
+    pub fn carried_ytd(&self, carried: Option<(NaiveDate, Decimal)>) -> Option<Decimal> {
+        match (self.ytd_from, carried) {
+            (Some(from), Some((prev_start, c))) if prev_start >= from => Some(c),
+            _ => None,
+        }
+    }
+
     /// Boundary timestamps for one meter, clamped to its installation window.
     /// `None` when the meter was not installed during the period (nor, for
     /// annual tiers, earlier in the tier year: a meter exchanged out since the
@@ -509,12 +520,7 @@ pub fn bill_account(
     let end_version = tariff
         .version_on(plan.dates[nb - 2])
         .map_err(|e| Exception::new("no_tariff_version", e.to_string()))?;
-    let carried = match (plan.ytd_from, carried_ytd) {
-        // Only a bill that started inside this tier year carries its position.
-        (Some(from), Some((prev_start, c))) if prev_start >= from => Some(c),
-        _ => None,
-    };
-    if let Some(c) = carried {
+    if let Some(c) = plan.carried_ytd(carried_ytd) {
         // The previous bill of this tier year says where the account stands:
         // billing continues from what was billed, not from a re-measurement.
         ytd = c;

@@ -653,20 +653,24 @@ fn parse_date(s: &str) -> Result<NaiveDate, String> {
 /// The last text parsed and its value: the periods and dates of a run's
 /// files repeat a few values row after row (parsing each was a third of
 /// reading a 1M run's state).
-struct Memo<T> {
+pub(super) struct Memo<T> {
     text: String,
     value: Option<T>,
 }
 
 impl<T: Clone> Memo<T> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Memo {
             text: String::new(),
             value: None,
         }
     }
 
-    fn get<E>(&mut self, s: &str, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, E> {
+    pub(super) fn get<E>(
+        &mut self,
+        s: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<T, E> {
         if let Some(v) = &self.value {
             if self.text == s {
                 return Ok(v.clone());
@@ -1188,7 +1192,6 @@ fn choose_start(
     own: Option<(&str, NaiveDate)>,
     used: &mut [bool],
 ) -> Result<Start, Box<Refusal>> {
-    let chain_start = runs.first().map(|r| r.period.start);
     let mut refused: Option<(&Path, Problem)> = None;
     let mut history_from: Option<NaiveDate> = None;
     // A run that is not given changed one of its bills: its whole history
@@ -1225,10 +1228,7 @@ fn choose_start(
         // In no state: as before states existed.
         return Ok(Start::whole_history(bills));
     };
-    // Not after a first run whose earlier payments settled bills of no run.
-    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h))
-        && !runs.iter().any(|r| r.settled);
-    if whole && !outside_changed {
+    if whole_history_given(runs, history_from) && !outside_changed {
         return Ok(Start::whole_history(bills));
     }
     Err(Box::new(Refusal {
@@ -1237,6 +1237,15 @@ fn choose_start(
         problem,
         history_from,
     }))
+}
+
+/// Whether the given runs hold an account's whole history: they reach back
+/// to its first bill (`history_from`), and none was a first run whose
+/// earlier payments settled bills of no run (`--settled-through`).
+fn whole_history_given(runs: &[GivenRun], history_from: Option<NaiveDate>) -> bool {
+    let chain_start = runs.first().map(|r| r.period.start);
+    history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h))
+        && !runs.iter().any(|r| r.settled)
 }
 
 /// An account of the given states (in a revision, of the issued run's too)
@@ -1334,11 +1343,7 @@ fn carry_unchanged(
         return Ok(Some(start.carry_paid(since, latest.counted, day)));
     }
     let history_from = held.iter().filter_map(|h| h.3.history_from).min();
-    let chain_start = runs.first().map(|r| r.period.start);
-    // Not after a first run whose earlier payments settled bills of no run.
-    let whole = history_from.is_none_or(|h| chain_start.is_some_and(|c| c <= h))
-        && !runs.iter().any(|r| r.settled);
-    if whole && !outside_changed {
+    if whole_history_given(runs, history_from) && !outside_changed {
         let start = Start::whole_history(&bills);
         return Ok(Some(start.carry_paid(
             latest.counted.sum,

@@ -234,11 +234,14 @@ impl<'a> Roster<'a> {
                 let Ok(plan) = plan_account(t, a, period) else {
                     return acc;
                 };
-                // As `account::bill` decides: a position carried from a bill
-                // of this tier year replaces the one measured from its start.
-                let skip = match (plan.ytd_from, carried.get(&*a.account_id)) {
-                    (Some(from), Some((prev_start, _))) if *prev_start >= from => plan.first,
-                    _ => 0,
+                // A carried position needs no reading near the tier-year start.
+                let skip = if plan
+                    .carried_ytd(carried.get(&*a.account_id).copied())
+                    .is_some()
+                {
+                    plan.first
+                } else {
+                    0
                 };
                 for m in self.meters_of(ai) {
                     let Some(mut b) = plan.meter_bounds(m) else {

@@ -11,7 +11,7 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::arrow::ProjectionMask;
 use rust_decimal::Decimal;
 
-use super::arrears::{for_each_bill, PriorBill};
+use super::arrears::{for_each_bill, Memo, PriorBill};
 use super::period::BillPeriod;
 
 use super::account::AccountBill;
@@ -90,11 +90,12 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
         let bills = dir.join("bills.parquet");
         let mut last: Option<String> = None;
         let mut sorted = bills.exists();
+        let mut dues = Memo::new();
         if bills.exists() {
             for_each_bill(&bills, |r, bad| {
                 let due = match r.due {
                     Some(due) => Some(
-                        due.parse()
+                        dues.get(due, str::parse::<NaiveDate>)
                             .map_err(|e| bad(format!("due_date '{due}': {e}")))?,
                     ),
                     None => None,
@@ -105,14 +106,8 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
                 });
                 b.total = r.total;
                 b.due = due.or(b.due);
-                match &mut last {
-                    Some(l) if sorted && r.account > l.as_str() => {
-                        l.clear();
-                        l.push_str(r.account);
-                    }
-                    Some(_) => sorted = false,
-                    None => last = Some(r.account.to_string()),
-                }
+                sorted &= last.as_deref().is_none_or(|l| r.account > l);
+                set(&mut last, r.account);
                 Ok(())
             })?;
         }
@@ -348,13 +343,7 @@ impl LineFile {
                 self.path.display(),
             )));
         }
-        match &mut self.last {
-            Some(l) => {
-                l.clear();
-                l.push_str(acc);
-            }
-            None => self.last = Some(acc.to_string()),
-        }
+        set(&mut self.last, acc);
         Ok(())
     }
 
@@ -373,13 +362,7 @@ impl LineFile {
             lines.extend(all.remove(account).unwrap_or_default());
             return Ok(());
         }
-        match &mut self.asked {
-            Some(a) => {
-                a.clear();
-                a.push_str(account);
-            }
-            None => self.asked = Some(account.to_string()),
-        }
+        set(&mut self.asked, account);
         while let Some(i) = self.next_row()? {
             self.check_order()?;
             let Some(b) = &self.batch else { break };
@@ -418,6 +401,17 @@ impl LineFile {
             }
         }
         Ok(all)
+    }
+}
+
+/// Sets `slot` to `s`, reusing its buffer.
+fn set(slot: &mut Option<String>, s: &str) {
+    match slot {
+        Some(t) => {
+            t.clear();
+            t.push_str(s);
+        }
+        None => *slot = Some(s.to_string()),
     }
 }
 

@@ -580,14 +580,16 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 let end = (start + group).min(n);
                 // In a revision, what was issued to these accounts, read
                 // while they are rated.
-                let group_accounts = engine.accounts(start..end).to_vec();
+                let group_accounts = issued_lines
+                    .is_some()
+                    .then(|| engine.accounts(start..end).to_vec());
                 let (mut billed, prior) = rayon::join(
                     || timed(&mut tb, || engine.bill_range(start..end, &carried_ytd)),
-                    || match &mut issued_lines {
-                        Some(l) => timed(&mut ti, || {
-                            l.take(group_accounts.iter().map(|a| &*a.account_id))
-                        }),
-                        None => Ok(Vec::new()),
+                    || match (&mut issued_lines, &group_accounts) {
+                        (Some(l), Some(g)) => {
+                            timed(&mut ti, || l.take(g.iter().map(|a| &*a.account_id)))
+                        }
+                        _ => Ok(Vec::new()),
                     },
                 );
                 let prior: Vec<Vec<IssuedLine>> = prior?;
