@@ -309,7 +309,7 @@ pub fn settle<B>(
     pool
 }
 
-fn by_due(a: &OpenBill, b: &OpenBill) -> Ordering {
+pub(super) fn by_due(a: &OpenBill, b: &OpenBill) -> Ordering {
     (a.bill.due, &a.bill.period).cmp(&(b.bill.due, &b.bill.period))
 }
 
@@ -1100,7 +1100,7 @@ fn check_chain(runs: &mut Vec<GivenRun>, period: &BillPeriod) -> Result<(), Bill
 }
 
 /// The late-fee rule of a postpaid account on `day`, with its tariff version.
-fn rule_of<'t>(
+pub(super) fn rule_of<'t>(
     a: &BillingAccount,
     tariffs: &'t TariffSet,
     day: NaiveDate,
@@ -1152,6 +1152,9 @@ struct Refusal {
     problem: Problem,
     /// First day of the account's earliest bill in any given state.
     history_from: Option<NaiveDate>,
+    /// A given run is a fleet's first, settled through a day: no run holds
+    /// what came before it.
+    settled: bool,
 }
 
 /// A revision that changed `name`'s bill after `s`, the state of `run`
@@ -1236,6 +1239,7 @@ fn choose_start(
         state: path.to_path_buf(),
         problem,
         history_from,
+        settled: runs.iter().any(|r| r.settled),
     }))
 }
 
@@ -1317,6 +1321,7 @@ fn carry_unchanged(
                         as_of: day,
                     },
                     history_from: None,
+                    settled: false,
                 }));
             }
             Err(p) => (p, false),
@@ -1356,6 +1361,7 @@ fn carry_unchanged(
         state: run.state_path.clone(),
         problem,
         history_from,
+        settled: runs.iter().any(|r| r.settled),
     }))
 }
 
@@ -1653,6 +1659,23 @@ impl<'a> LateFees<'a> {
         }
     }
 
+    /// A settled first run's opening balances (`opening::read`, as of the
+    /// settled-through `day`): each of those accounts starts from its
+    /// balance, with its payments up to `day` counted, not credited, as
+    /// any account of that run.
+    pub fn opening(&mut self, balances: Vec<(&'a BillingAccount, AccountArrears)>, day: NaiveDate) {
+        for (a, mut from) in balances {
+            from.counted = Counted::through(self.payments.of(a), day);
+            self.starts.insert(
+                &a.account_id,
+                Start {
+                    after: Some(day),
+                    from,
+                },
+            );
+        }
+    }
+
     /// The start of an account in no given state: with a state given, as of
     /// its day, counting the payments up to then without crediting them
     /// (made while late fees did not concern the account, e.g. prepaid
@@ -1692,17 +1715,35 @@ fn refuse(problems: &[Refusal]) -> BillingError {
         msg += &format!("\n  ... and {} more", problems.len() - 5);
     }
     let first = problems.iter().filter_map(|r| r.history_from).min();
+    // The runs start with a fleet's first run billed with --settled-through:
+    // nothing before it can be given, nor an account's history rebuilt.
+    let settled = problems.iter().any(|r| r.settled);
+    let settled_note = "the fleet's first run was billed with --settled-through: a change \
+                        before its end cannot be billed from the runs";
     if problems
         .iter()
         .all(|r| matches!(r.problem, Problem::Order { .. }))
     {
-        msg += "\nonly the whole history helps: give --previous every run since the accounts' first bills";
-        if let Some(d) = first {
-            msg += &format!(" (every run since {d})");
+        if settled {
+            msg += &format!("\n{settled_note}, nor bills due out of order");
+        } else {
+            msg += "\nonly the whole history helps: give --previous every run since the accounts' first bills";
+            if let Some(d) = first {
+                msg += &format!(" (every run since {d})");
+            }
         }
     } else {
         msg += "\ngive --previous every run since one that ends before the change";
-        if let Some(d) = first {
+        if settled {
+            msg += &format!(" ({settled_note}");
+            if problems
+                .iter()
+                .any(|r| matches!(r.problem, Problem::BackDated { .. }))
+            {
+                msg += "; restore payments.csv as its state counted it";
+            }
+            msg += ")";
+        } else if let Some(d) = first {
             msg += &format!(" (at the latest, every run since {d}: these accounts' first bills)");
         }
     }
@@ -2115,6 +2156,7 @@ mod tests {
             state: "sep".into(),
             problem: r.unwrap_err(),
             history_from: Some(d("2026-09-01")),
+            settled: false,
         }])
         .to_string();
         assert!(msg.contains("only the whole history"), "{msg}");
@@ -2749,6 +2791,7 @@ mod tests {
             .into(),
             run_id: String::new(),
             settled_through: None,
+            opening: None,
         };
         let try_load = || {
             let sep = std::slice::from_ref(&g.sep);
@@ -2920,6 +2963,7 @@ mod tests {
             .into(),
             run_id: String::new(),
             settled_through: None,
+            opening: None,
         };
         let load = || {
             LateFees::load(

@@ -7,6 +7,7 @@ pub mod arrears;
 pub mod commit;
 pub mod engine;
 pub mod flags;
+pub mod opening;
 pub mod output;
 pub mod payments;
 pub mod period;

@@ -47,6 +47,10 @@ pub struct Issued {
     pub run_id: String,
     /// The issued run's `--settled-through`.
     pub settled_through: Option<NaiveDate>,
+    /// SHA-256 of the opening balances the issued run or its latest
+    /// revision imported (manifest `opening_balances`, file in
+    /// `inputs.history`): its re-runs must import them too.
+    pub opening: Option<String>,
 }
 
 /// An account's bill as last revised: the `total` of its latest bill row
@@ -83,6 +87,7 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
         bills: BTreeMap::new(),
         run_id: String::new(),
         settled_through: None,
+        opening: None,
     };
     let mut files = Vec::new();
     for (n, dir) in dirs.iter().enumerate() {
@@ -111,10 +116,24 @@ pub fn read_issued(dirs: &[PathBuf]) -> Result<(Issued, IssuedLines), BillingErr
                 Ok(())
             })?;
         }
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
+                .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
+        if m["opening_balances"].is_object() {
+            let file = m["inputs"]["history"].as_array().and_then(|h| {
+                h.iter().find(|i| {
+                    i["path"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with(crate::master::OPENING_FILE))
+                })
+            });
+            is.opening = Some(
+                file.and_then(|f| f["sha256"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
         if n == 0 {
-            let m: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).map_err(io(dir))?)
-                    .map_err(|e| BillingError::Invalid(format!("{}: {e}", dir.display())))?;
             is.run_id = m["run_id"].as_str().unwrap_or_default().to_string();
             if let Some(d) = m["settled_through"].as_str() {
                 is.settled_through = Some(d.parse().map_err(|e| {

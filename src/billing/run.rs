@@ -392,6 +392,18 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     if let Some(day) = settled_through {
         late.settled_through(day);
     }
+    // What accounts owed in the system before: read by the settled first
+    // run (and its re-runs); later runs carry it in their states.
+    let opening_sums = super::opening::import(
+        &opts.master,
+        settled_through,
+        !opts.previous.is_empty(),
+        issued.as_ref(),
+        &period,
+        &accounts.rows,
+        &tariffs,
+        &mut late,
+    )?;
     master_exceptions.extend(late.errors.iter().map(|e| ExceptionRow {
         account_id: String::new(),
         meter_id: String::new(),
@@ -679,6 +691,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         "revision": revision,
         "adjusts_run": issued.as_ref().map(|i| i.run_id.clone()),
         "settled_through": settled_through.map(|d| d.to_string()),
+        "opening_balances": opening_sums,
         "created_by": format!("meterflow {}", env!("CARGO_PKG_VERSION")),
         "inputs": {"master": inputs_master, "tariffs": inputs_tariffs, "lake": inputs_lake, "history": inputs_history},
         "tariff_versions": t.versions_used,

@@ -60,8 +60,12 @@ pub struct BillArgs {
     /// in payments.csv dated on or before DATE (YYYY-MM-DD) settled bills
     /// issued before meterflow. They are counted in the arrears state, not
     /// credited to this run's bills (without it, every payment in the file
-    /// counts as credit). Not with --previous; a re-run keeps the issued
-    /// run's value (giving another is refused).
+    /// counts as credit). What accounts still owed at the switch, or had in
+    /// credit, is read from MASTER/opening_balances.csv when present (unpaid
+    /// bills of the system before, with their due dates: they bear late fees
+    /// and are paid oldest first); DATE must then be the day before the
+    /// period. Not with --previous; a re-run keeps the issued run's value
+    /// (giving another is refused).
     #[arg(long, value_name = "DATE")]
     pub settled_through: Option<chrono::NaiveDate>,
     /// Print the summary as JSON.

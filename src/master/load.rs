@@ -8,8 +8,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
 use super::{
-    Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Meter, Payment,
-    PaymentMode,
+    Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Meter, OpeningBalance,
+    Payment, PaymentMode,
 };
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
@@ -813,6 +813,57 @@ fn load_payments_with<T: Send>(
     )
 }
 
+/// Loads `opening_balances.csv` (docs/data-model.md) in one parse, so every
+/// row's `line` is exact (the bill run names it in errors it finds later).
+/// Row checks here: an unpaid bill has a positive `owed`, a period and a due
+/// date; a credit a negative `owed` and neither; amounts in fen, bounded.
+pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowError> {
+    let one_parse = Chunking {
+        min_bytes: u64::MAX,
+        chunk_bytes: u64::MAX,
+    };
+    load_in(
+        path,
+        &["account_id", "period", "owed", "due_date"],
+        |r| {
+            let owed = r.decimal("owed")?;
+            if owed.scale() > 2 && owed.normalize().scale() > 2 {
+                return Err(r.err("owed", format!("'{owed}' has more than 2 decimals (fen)")));
+            }
+            if owed.abs() > MAX_PAYMENT {
+                return Err(r.err("owed", format!("'{owed}' is over {MAX_PAYMENT} yuan")));
+            }
+            let period = r.raw("period")?.to_string();
+            let due_date = r.opt_date("due_date")?;
+            if owed > Decimal::ZERO {
+                if period.is_empty() {
+                    return Err(r.err("period", "an unpaid bill (owed > 0) names its period"));
+                }
+                if due_date.is_none() {
+                    return Err(r.err("due_date", "an unpaid bill (owed > 0) has a due date"));
+                }
+            } else if owed < Decimal::ZERO {
+                if !period.is_empty() {
+                    return Err(r.err("period", "a credit (owed < 0) has no period"));
+                }
+                if due_date.is_some() {
+                    return Err(r.err("due_date", "a credit (owed < 0) has no due date"));
+                }
+            } else {
+                return Err(r.err("owed", "0 owes nothing: leave the row out"));
+            }
+            Ok(OpeningBalance {
+                account_id: r.nonempty("account_id")?.into(),
+                period,
+                owed,
+                due_date,
+                line: r.line,
+            })
+        },
+        one_parse,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,6 +1076,46 @@ mod tests {
         assert_eq!(m1.errors, mn.errors);
         assert_eq!(mn.errors.len(), 7);
         assert_eq!(mn.errors[1].line, 5 + 61 + 2, "meter 66 on line 68");
+    }
+
+    #[test]
+    fn opening_balances_are_bills_or_credits_and_bad_rows_name_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opening_balances.csv");
+        std::fs::write(
+            &path,
+            "account_id,period,owed,due_date\n\
+             A1,2026-08,120.50,2026-09-15\n\
+             A1,,-30,\n\
+             A2,2026-08,-5,\n\
+             A3,,12.00,2026-09-15\n\
+             A4,2026-08,12.00,\n\
+             A5,2026-08,0,2026-09-15\n\
+             A6,2026-08,1.005,2026-09-15\n\
+             A7,,-5,2026-09-15\n",
+        )
+        .unwrap();
+        let l = load_opening_balances(&path).unwrap();
+        assert_eq!(l.rows.len(), 2);
+        assert_eq!(l.rows[0].owed, Decimal::new(12050, 2));
+        assert_eq!(l.rows[0].line, 2);
+        assert_eq!((l.rows[1].period.as_str(), l.rows[1].line), ("", 3));
+        let errs: Vec<(u64, &str)> = l
+            .errors
+            .iter()
+            .map(|e| (e.line, e.field.as_str()))
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                (4, "period"),
+                (5, "period"),
+                (6, "due_date"),
+                (7, "owed"),
+                (8, "owed"),
+                (9, "due_date")
+            ]
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@ mod load;
 
 pub use load::{
     load_accounts, load_accounts_for_billing, load_accounts_without_personal, load_billing_meters,
-    load_billing_payments, load_meters, load_meters_for_billing, load_payments, Loaded, RowError,
+    load_billing_payments, load_meters, load_meters_for_billing, load_opening_balances,
+    load_payments, Loaded, RowError,
 };
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -18,6 +19,9 @@ use serde::{Deserialize, Serialize};
 pub const METERS_FILE: &str = "meters.csv";
 pub const ACCOUNTS_FILE: &str = "accounts.csv";
 pub const PAYMENTS_FILE: &str = "payments.csv";
+/// What accounts owed (or had in credit) in the billing system before
+/// meterflow: read by a fleet's first run with `--settled-through`.
+pub const OPENING_FILE: &str = "opening_balances.csv";
 
 /// One physical meter installed for an account. A meter exchange is two rows
 /// for one account: the old meter with `removed_on`, the new one with `installed_on`.
@@ -223,4 +227,20 @@ pub struct BillingPayment {
     /// Yuan, exact decimal, positive.
     pub amount: Decimal,
     pub paid_at: DateTime<Utc>,
+}
+
+/// A row of `opening_balances.csv`: an unpaid bill of the system before
+/// meterflow (`owed` > 0, with its period and due date), or a credit
+/// (`owed` < 0, neither). Periods are checked by the bill run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpeningBalance {
+    pub account_id: Box<str>,
+    /// The bill's period label (`YYYY-MM` or `YYYY-MM-DD..YYYY-MM-DD`);
+    /// empty for a credit.
+    pub period: String,
+    /// Yuan owed; negative for a credit.
+    pub owed: Decimal,
+    pub due_date: Option<NaiveDate>,
+    /// Line in the file, for errors found later.
+    pub line: u64,
 }

@@ -1213,6 +1213,189 @@ mod end_to_end {
             .unwrap_err()
             .to_string();
         assert!(err.contains(&account), "{err}");
+        // No earlier run exists to give: the message says what helps.
+        assert!(err.contains("restore payments.csv"), "{err}");
+        assert!(!err.contains("at the latest"), "{err}");
+    }
+
+    /// What a history left unpaid, imported as opening balances, bills the
+    /// next months exactly as that history does: the same late fees and
+    /// totals in October (the first run, settled through 30 September) and
+    /// November, and the same unpaid bills and credit carried.
+    #[test]
+    fn opening_balances_taken_from_a_history_bill_the_next_months_as_that_history_does() {
+        use super::d;
+        use meterflow::billing::arrears::read_state;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        paying_fleet(&lake);
+        // Annual tier positions are carried by --previous runs and measured
+        // from the lake by a first run: monthly tiers keep the totals
+        // comparable.
+        let accounts_path = lake.join("master/accounts.csv");
+        let accounts_csv = std::fs::read_to_string(&accounts_path)
+            .unwrap()
+            .replace("bj-residential-annual", "bj-residential-monthly");
+        std::fs::write(&accounts_path, &accounts_csv).unwrap();
+        // Some pay well in advance: credit at the switch.
+        let pays = lake.join("master/payments.csv");
+        let mut csv = std::fs::read_to_string(&pays).unwrap();
+        for (i, l) in accounts_csv
+            .lines()
+            .filter(|l| l.contains(",postpaid,"))
+            .take(3)
+            .enumerate()
+        {
+            let a = l.split(',').next().unwrap();
+            csv += &format!("ADV-{i},bank,{a},2000.00,2026-08-05T02:00:00Z\n");
+        }
+        std::fs::write(&pays, &csv).unwrap();
+        let run = |m: &str| tmp.path().join(m);
+        let (aug, sep, oct) = (run("aug"), run("sep"), run("oct"));
+        bill_month(&lake, &aug, "2026-08", &[]).unwrap();
+        bill_month(&lake, &sep, "2026-09", &[&aug]).unwrap();
+        bill_month(&lake, &oct, "2026-10", &[&sep]).unwrap();
+        bill_month(&lake, &run("nov"), "2026-11", &[&oct]).unwrap();
+        // The system before meterflow: August and September, as September's
+        // state leaves them.
+        let sep_state = read_state(&sep.join("arrears.parquet"), d("2026-09-30")).unwrap();
+        let mut csv = String::from("account_id,period,owed,due_date\n");
+        let (mut bills, mut credits) = (0, 0);
+        for (acc, a) in &sep_state.accounts {
+            for o in &a.open {
+                csv += &format!("{acc},{},{},{}\n", o.bill.period, o.unpaid, o.bill.due);
+                bills += 1;
+            }
+            if a.credit > Decimal::ZERO {
+                csv += &format!("{acc},,-{},\n", a.credit);
+                credits += 1;
+            }
+        }
+        assert!(
+            bills > 0 && credits > 0,
+            "{bills} unpaid bills, {credits} credits"
+        );
+        let opening = lake.join("master/opening_balances.csv");
+        std::fs::write(&opening, &csv).unwrap();
+        let first = |name: &str| {
+            let out = tmp.path().join(name);
+            let mut o = opts(&lake, &out);
+            o.settled_through = Some(d("2026-09-30"));
+            bill_run(&o).map(|_| out)
+        };
+        let oct2 = first("oct-opening").unwrap();
+        let m = manifest(&oct2);
+        assert_eq!(
+            m["opening_balances"]["accounts"],
+            sep_state
+                .accounts
+                .iter()
+                .filter(|(_, a)| !a.open.is_empty() || a.credit > Decimal::ZERO)
+                .count()
+        );
+        let history = &m["inputs"]["history"];
+        assert!(
+            history.as_array().unwrap().iter().any(|i| i["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("opening_balances.csv")),
+            "{history}"
+        );
+        assert!(!late_fees(&oct).is_empty());
+        assert_eq!(late_fees(&oct2), late_fees(&oct));
+        assert_eq!(totals(&oct2), totals(&oct));
+        // The same unpaid amounts, credit and payments counted at 31 October.
+        // Per account: (period, unpaid) of each open bill, credit, count.
+        type Carried = BTreeMap<String, (Vec<(String, Decimal)>, Decimal, u64)>;
+        let carried = |r: &std::path::Path| -> Carried {
+            read_state(&r.join("arrears.parquet"), d("2026-10-31"))
+                .unwrap()
+                .accounts
+                .into_iter()
+                .map(|(k, a)| {
+                    let open = a
+                        .open
+                        .iter()
+                        .map(|o| (o.bill.period.clone(), o.unpaid))
+                        .collect();
+                    (k, (open, a.credit, a.counted.count))
+                })
+                .collect()
+        };
+        assert_eq!(carried(&oct2), carried(&oct));
+        let nov2 = run("nov-opening");
+        bill_month(&lake, &nov2, "2026-11", &[&oct2]).unwrap();
+        assert_eq!(late_fees(&nov2), late_fees(&run("nov")));
+        assert_eq!(totals(&nov2), totals(&run("nov")));
+        // A re-run reads them again: nothing to adjust, the same state.
+        // Without the file it is refused.
+        first("oct-opening").unwrap();
+        let rerun = oct2.join("revision-1");
+        assert_eq!(manifest(&rerun)["counts"]["adjusted_accounts"], 0);
+        assert_eq!(manifest(&rerun)["opening_balances"], m["opening_balances"]);
+        assert_eq!(carried(&rerun), carried(&oct2));
+        std::fs::rename(&opening, tmp.path().join("kept.csv")).unwrap();
+        let err = first("oct-opening").unwrap_err().to_string();
+        assert!(err.contains("a re-run needs them too"), "{err}");
+        std::fs::rename(tmp.path().join("kept.csv"), &opening).unwrap();
+        // With them, the first run is settled through the day before it.
+        let mut o = opts(&lake, &run("mid"));
+        o.settled_through = Some(d("2026-10-10"));
+        let err = bill_run(&o).unwrap_err().to_string();
+        assert!(
+            err.contains("--settled-through must be 2026-09-30"),
+            "{err}"
+        );
+        // Without --settled-through a first run refuses the file; a run
+        // continuing a state ignores it.
+        let err = bill_month(&lake, &run("plain"), "2026-10", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--settled-through"), "{err}");
+        bill_month(&lake, &run("nov3"), "2026-11", &[&oct]).unwrap();
+        assert_eq!(totals(&run("nov3")), totals(&run("nov")));
+        // Bad rows stop the run, each named by line and field.
+        let (acc, _) = sep_state.accounts.iter().next().unwrap();
+        let prepaid = accounts_csv
+            .lines()
+            .find(|l| l.contains(",prepaid,"))
+            .and_then(|l| l.split(',').next())
+            .unwrap();
+        std::fs::write(
+            &opening,
+            format!(
+                "account_id,period,owed,due_date\n\
+                 NOPE,2026-09,10.00,2026-10-15\n\
+                 {acc},2026-10,10.00,2026-11-15\n\
+                 {acc},2026-09,10.00,2026-10-15\n\
+                 {acc},2026-09-01..2026-10-01,12.00,2026-10-15\n\
+                 {acc},,-1.00,\n\
+                 {acc},,-2.00,\n\
+                 {acc},2026-13,10.00,2026-10-15\n\
+                 {prepaid},2026-09,10.00,2026-10-15\n\
+                 {acc},2026-08,10.00,2026-08-20\n\
+                 {acc},2026-07,10.00,2027-01-15\n"
+            ),
+        )
+        .unwrap();
+        let err = first("bad").unwrap_err().to_string();
+        for (line, field) in [
+            (2, "account_id"),
+            (3, "period"),
+            (5, "period"),
+            (7, "owed"),
+            (8, "period"),
+            (9, "account_id"),
+            (10, "due_date"),
+            (11, "due_date"),
+        ] {
+            assert!(
+                err.contains(&format!("opening_balances.csv:{line}: field '{field}'")),
+                "{line}: {err}"
+            );
+        }
+        assert!(err.contains("8 bad row(s)"), "{err}");
+        assert!(!tmp.path().join("bad").exists());
     }
 
     /// Removes the rows of `path` whose column `col` is `account`.
