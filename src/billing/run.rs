@@ -371,12 +371,18 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
             period.end
         )));
     }
-    if settled_through.is_some() && !opts.previous.is_empty() {
-        return Err(BillingError::Invalid(
-            "--settled-through is for a fleet's first run: with --previous, the arrears state \
-             already says which payments were counted"
+    if let Some(d) = settled_through.filter(|_| !opts.previous.is_empty()) {
+        return Err(BillingError::Invalid(match opts.settled_through {
+            Some(_) => "--settled-through is for a fleet's first run: with --previous, the \
+                        arrears state already says which payments were counted"
                 .into(),
-        ));
+            // Inherited: the user re-runs a settled first run.
+            None => format!(
+                "the issued run in {} is its fleet's first run (settled through {d}): a re-run \
+                 of it takes no --previous",
+                opts.out.display()
+            ),
+        }));
     }
     let mut late = LateFees::load(
         &opts.previous,

@@ -1194,6 +1194,12 @@ mod end_to_end {
         nov.settled_through = "2026-09-30".parse().ok();
         let err = bill_run(&nov).unwrap_err().to_string();
         assert!(err.contains("for a fleet's first run"), "{err}");
+        // A re-run of the settled run keeps its day: --previous is refused
+        // as such.
+        let mut again = opts(&lake, &settled);
+        again.previous = vec![credited.clone()];
+        let err = bill_run(&again).unwrap_err().to_string();
+        assert!(err.contains("a re-run of it takes no --previous"), "{err}");
         // A day after the period is refused.
         let err = first("late", Some("2026-11-01")).unwrap_err().to_string();
         assert!(err.contains("before the period's end"), "{err}");
