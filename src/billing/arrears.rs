@@ -564,10 +564,7 @@ impl std::fmt::Display for Problem {
                     now.count, now.sum, counted.count, counted.sum
                 )?;
                 match first {
-                    Some(d) => write!(
-                        f,
-                        "; the first payment it did not count is dated {d}: give runs since one that ends before {d}"
-                    ),
+                    Some(d) => write!(f, "; the first payment it did not count is dated {d}"),
                     None => Ok(()),
                 }
             }
@@ -1129,6 +1126,11 @@ pub struct LateFees<'a> {
     /// An account in no given state that was opened before that period
     /// (until now prepaid, say) counts only the payments after it.
     fresh_after: Option<(NaiveDate, NaiveDate)>,
+    /// A fleet's first run settled through a day (`settled_through`): its
+    /// period's first day, where every account's history in the runs starts
+    /// (so no later run rebuilds one from the runs' whole history, which
+    /// would credit the settled payments).
+    settled_from: Option<NaiveDate>,
     /// Accounts of the given states (in a revision, of the issued run's
     /// too) that are not in accounts.csv, carried forward (see
     /// `carry_unchanged`), in id order.
@@ -1576,6 +1578,7 @@ impl<'a> LateFees<'a> {
                 .iter()
                 .filter_map(|r| r.state.as_ref().map(|s| (r.period.start, s.as_of)))
                 .max_by_key(|p| p.1),
+            settled_from: None,
             carried: kept,
             seen,
             runs: counted_runs,
@@ -1653,9 +1656,10 @@ impl<'a> LateFees<'a> {
     /// issued before meterflow, so an account in no state starts as of that
     /// day, as under a state of that day: its payments up to then counted,
     /// not credited.
-    pub fn settled_through(&mut self, day: NaiveDate) {
+    pub fn settled_through(&mut self, day: NaiveDate, period_start: NaiveDate) {
         if self.fresh_after.is_none() {
             self.fresh_after = Some((day.succ_opt().unwrap_or(day), day));
+            self.settled_from = Some(period_start);
         }
     }
 
@@ -1694,6 +1698,7 @@ impl<'a> LateFees<'a> {
                     after: Some(day),
                     from: AccountArrears {
                         counted: Counted::through(pays, day),
+                        history_from: self.settled_from,
                         ..Default::default()
                     },
                 }
@@ -1715,35 +1720,40 @@ fn refuse(problems: &[Refusal]) -> BillingError {
         msg += &format!("\n  ... and {} more", problems.len() - 5);
     }
     let first = problems.iter().filter_map(|r| r.history_from).min();
-    // The runs start with a fleet's first run billed with --settled-through:
-    // nothing before it can be given, nor an account's history rebuilt.
-    let settled = problems.iter().any(|r| r.settled);
-    let settled_note = "the fleet's first run was billed with --settled-through: a change \
-                        before its end cannot be billed from the runs";
-    if problems
+    if problems.iter().any(|r| r.settled) {
+        // A fleet's first run billed with --settled-through is given, and
+        // no state passed: the change is before its end, and nothing before
+        // it can be given, nor an account's history rebuilt.
+        msg += "\nthe fleet's first run (billed with --settled-through) is among the given runs, \
+                and nothing before it can be given";
+        if problems
+            .iter()
+            .any(|r| matches!(r.problem, Problem::BackDated { .. }))
+        {
+            msg += ": restore payments.csv as its state counted the payments up to its day";
+        }
+    } else if problems
         .iter()
         .all(|r| matches!(r.problem, Problem::Order { .. }))
     {
-        if settled {
-            msg += &format!("\n{settled_note}, nor bills due out of order");
-        } else {
-            msg += "\nonly the whole history helps: give --previous every run since the accounts' first bills";
-            if let Some(d) = first {
-                msg += &format!(" (every run since {d})");
-            }
+        msg += "\nonly the whole history helps: give --previous every run since the accounts' first bills";
+        if let Some(d) = first {
+            msg += &format!(" (every run since {d})");
         }
     } else {
         msg += "\ngive --previous every run since one that ends before the change";
-        if settled {
-            msg += &format!(" ({settled_note}");
-            if problems
-                .iter()
-                .any(|r| matches!(r.problem, Problem::BackDated { .. }))
-            {
-                msg += "; restore payments.csv as its state counted it";
-            }
-            msg += ")";
-        } else if let Some(d) = first {
+        // The earliest payment a state did not count, when it can be told.
+        let back = problems
+            .iter()
+            .filter_map(|r| match r.problem {
+                Problem::BackDated { first, .. } => first,
+                _ => None,
+            })
+            .min();
+        if let Some(d) = back {
+            msg += &format!(" (before {d} for the payment named)");
+        }
+        if let Some(d) = first {
             msg += &format!(" (at the latest, every run since {d}: these accounts' first bills)");
         }
     }

@@ -73,25 +73,27 @@ pub fn import<'a>(
         );
         return Ok(None);
     }
+    if issued.is_some() && issued_sha.is_none() {
+        // Its bills and state stand without them; adding them now would
+        // change what was issued behind the operator's back.
+        return invalid(
+            "the issued run imported no opening balances, and a re-run cannot add them: \
+             move the file away"
+                .into(),
+        );
+    }
+    let switch_day = period.start.pred_opt().unwrap_or(period.start);
     let Some(day) = settled_through else {
-        return match issued {
-            Some(_) => invalid(
-                "the issued run was billed without --settled-through, so it imported no \
-                 opening balances, and a re-run cannot add them: move the file away"
-                    .into(),
-            ),
-            None => invalid(format!(
-                "opening balances are as of the day the system before billed through: give \
-                 the fleet's first run --settled-through {}",
-                period.start.pred_opt().unwrap_or(period.start)
-            )),
-        };
+        return invalid(format!(
+            "opening balances are for a fleet's first run, settled through the day before its \
+             period (--settled-through {switch_day}); a later run gives --previous instead (the \
+             states carry the balances)"
+        ));
     };
-    if day.succ_opt() != Some(period.start) {
+    if day != switch_day {
         return invalid(format!(
             "opening balances are as of the day before the first period: with them, \
-             --settled-through must be {}, not {day}",
-            period.start.pred_opt().unwrap_or(period.start)
+             --settled-through must be {switch_day}, not {day}"
         ));
     }
     let o = read(&path, period, accounts, tariffs, issued.is_some())?;
@@ -251,6 +253,18 @@ fn check(
     rerun: bool,
 ) -> Result<(u32, Option<(PriorBill, NaiveDate)>), Fault> {
     let id = &*row.account_id;
+    let switch_day = period.start.pred_opt().unwrap_or(period.start);
+    if row.as_of != switch_day {
+        // Balances of another day: another fleet's first run, or this one
+        // billed again without --previous.
+        return Err((
+            "as_of",
+            format!(
+                "balances as of {} cannot open a run settled through {switch_day}",
+                row.as_of
+            ),
+        ));
+    }
     let Some(&i) = by_id.get(id) else {
         let hint = if rerun {
             " (an account closed since the issued run: delete its rows, the issued run's state carries it)"
@@ -294,15 +308,17 @@ fn check(
             ),
         ));
     }
-    // A bill falls due after its period; and before this run's own bill,
-    // or the next runs would refuse its bills as due out of order.
+    // A bill falls due on or after its period's last day; and by this
+    // run's own bill, or the next runs would refuse its bills as due out of
+    // order.
     let own = due_date(period, rule);
-    if due < p.end || due > own {
+    let last = p.end.pred_opt().unwrap_or(p.end);
+    if due < last || due > own {
         return Err((
             "due_date",
             format!(
-                "{due} is not between the end of its period '{}' and this run's own bill's due \
-                 date {own}",
+                "{due} is not between the last day of its period '{}' ({last}) and this run's \
+                 own bill's due date {own}",
                 row.period
             ),
         ));

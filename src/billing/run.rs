@@ -396,7 +396,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         &tariffs,
     )?;
     if let Some(day) = settled_through {
-        late.settled_through(day);
+        late.settled_through(day, period.start);
     }
     // What accounts owed in the system before: read by the settled first
     // run (and its re-runs); later runs carry it in their states.

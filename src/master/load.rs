@@ -824,7 +824,7 @@ pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowE
     };
     load_in(
         path,
-        &["account_id", "period", "owed", "due_date"],
+        &["account_id", "as_of", "period", "owed", "due_date"],
         |r| {
             let owed = r.decimal("owed")?;
             if owed.scale() > 2 && owed.normalize().scale() > 2 {
@@ -854,6 +854,7 @@ pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowE
             }
             Ok(OpeningBalance {
                 account_id: r.nonempty("account_id")?.into(),
+                as_of: r.date("as_of")?,
                 period,
                 owed,
                 due_date,
@@ -1084,20 +1085,25 @@ mod tests {
         let path = dir.path().join("opening_balances.csv");
         std::fs::write(
             &path,
-            "account_id,period,owed,due_date\n\
-             A1,2026-08,120.50,2026-09-15\n\
-             A1,,-30,\n\
-             A2,2026-08,-5,\n\
-             A3,,12.00,2026-09-15\n\
-             A4,2026-08,12.00,\n\
-             A5,2026-08,0,2026-09-15\n\
-             A6,2026-08,1.005,2026-09-15\n\
-             A7,,-5,2026-09-15\n",
+            "account_id,as_of,period,owed,due_date\n\
+             A1,2026-09-30,2026-08,120.50,2026-09-15\n\
+             A1,2026-09-30,,-30,\n\
+             A2,2026-09-30,2026-08,-5,\n\
+             A3,2026-09-30,,12.00,2026-09-15\n\
+             A4,2026-09-30,2026-08,12.00,\n\
+             A5,2026-09-30,2026-08,0,2026-09-15\n\
+             A6,2026-09-30,2026-08,1.005,2026-09-15\n\
+             A7,2026-09-30,,-5,2026-09-15\n\
+             A8,,2026-08,5,2026-09-15\n",
         )
         .unwrap();
         let l = load_opening_balances(&path).unwrap();
         assert_eq!(l.rows.len(), 2);
         assert_eq!(l.rows[0].owed, Decimal::new(12050, 2));
+        assert_eq!(
+            l.rows[0].as_of,
+            NaiveDate::from_ymd_opt(2026, 9, 30).unwrap()
+        );
         assert_eq!(l.rows[0].line, 2);
         assert_eq!((l.rows[1].period.as_str(), l.rows[1].line), ("", 3));
         let errs: Vec<(u64, &str)> = l
@@ -1113,7 +1119,8 @@ mod tests {
                 (6, "due_date"),
                 (7, "owed"),
                 (8, "owed"),
-                (9, "due_date")
+                (9, "due_date"),
+                (10, "as_of")
             ]
         );
     }

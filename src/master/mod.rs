@@ -235,6 +235,8 @@ pub struct BillingPayment {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpeningBalance {
     pub account_id: Box<str>,
+    /// The day the balance is as of: the last day the system before billed.
+    pub as_of: NaiveDate,
     /// The bill's period label (`YYYY-MM` or `YYYY-MM-DD..YYYY-MM-DD`);
     /// empty for a credit.
     pub period: String,

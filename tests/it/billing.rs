@@ -1142,6 +1142,15 @@ mod end_to_end {
         let tmp = tempfile::tempdir().unwrap();
         let lake = tmp.path().join("fleet");
         paying_fleet(&lake);
+        // One postpaid account cannot be billed (no meters).
+        let accounts = std::fs::read_to_string(lake.join("master/accounts.csv")).unwrap();
+        let unbilled = accounts
+            .lines()
+            .filter(|l| l.contains(",postpaid,"))
+            .map(|l| l.split(',').next().unwrap().to_string())
+            .next_back()
+            .unwrap();
+        drop_rows(&lake.join("master/meters.csv"), 1, &unbilled);
         // October as the fleet's first run: the August and September
         // payments settled bills of the system before.
         let first = |name: &str, settled: Option<&str>| {
@@ -1173,6 +1182,13 @@ mod end_to_end {
             st.accounts.values().map(|a| a.counted.count).sum()
         };
         assert_eq!(counted(&s), counted(&c));
+        // Its history in the runs starts with the settled run, billed or
+        // not: no later run rebuilds it from the runs' whole history.
+        assert_eq!(
+            s.accounts[&unbilled].history_from,
+            "2026-10-01".parse().ok()
+        );
+        assert_eq!(c.accounts[&unbilled].history_from, None);
         assert_eq!(manifest(&settled)["settled_through"], "2026-09-30");
         assert_ne!(manifest(&settled)["run_id"], manifest(&credited)["run_id"]);
         // A re-run keeps it; another day is refused.
@@ -1222,6 +1238,7 @@ mod end_to_end {
         // No earlier run exists to give: the message says what helps.
         assert!(err.contains("restore payments.csv"), "{err}");
         assert!(!err.contains("at the latest"), "{err}");
+        assert!(!err.contains("ends before"), "{err}");
     }
 
     /// What a history left unpaid, imported as opening balances, bills the
@@ -1265,15 +1282,18 @@ mod end_to_end {
         // The system before meterflow: August and September, as September's
         // state leaves them.
         let sep_state = read_state(&sep.join("arrears.parquet"), d("2026-09-30")).unwrap();
-        let mut csv = String::from("account_id,period,owed,due_date\n");
+        let mut csv = String::from("account_id,as_of,period,owed,due_date\n");
         let (mut bills, mut credits) = (0, 0);
         for (acc, a) in &sep_state.accounts {
             for o in &a.open {
-                csv += &format!("{acc},{},{},{}\n", o.bill.period, o.unpaid, o.bill.due);
+                csv += &format!(
+                    "{acc},2026-09-30,{},{},{}\n",
+                    o.bill.period, o.unpaid, o.bill.due
+                );
                 bills += 1;
             }
             if a.credit > Decimal::ZERO {
-                csv += &format!("{acc},,-{},\n", a.credit);
+                csv += &format!("{acc},2026-09-30,,-{},\n", a.credit);
                 credits += 1;
             }
         }
@@ -1357,9 +1377,26 @@ mod end_to_end {
         let err = bill_month(&lake, &run("plain"), "2026-10", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--settled-through"), "{err}");
+        assert!(err.contains("--settled-through 2026-09-30"), "{err}");
         bill_month(&lake, &run("nov3"), "2026-11", &[&oct]).unwrap();
         assert_eq!(totals(&run("nov3")), totals(&run("nov")));
+        // November billed as a first run again (--previous forgotten): the
+        // balances are of 30 September, refused row by row.
+        let mut o = opts(&lake, &run("nov4"));
+        o.period = "2026-11".into();
+        o.settled_through = Some(d("2026-10-31"));
+        let err = bill_run(&o).unwrap_err().to_string();
+        assert!(
+            err.contains("opening_balances.csv:2: field 'as_of'"),
+            "{err}"
+        );
+        // A first run billed without them cannot add them in a re-run.
+        std::fs::rename(&opening, tmp.path().join("kept.csv")).unwrap();
+        let without = first("oct-without").unwrap();
+        std::fs::rename(tmp.path().join("kept.csv"), &opening).unwrap();
+        let err = first("oct-without").unwrap_err().to_string();
+        assert!(err.contains("a re-run cannot add them"), "{err}");
+        assert!(!without.join("revision-1").exists());
         // Bad rows stop the run, each named by line and field.
         let (acc, _) = sep_state.accounts.iter().next().unwrap();
         let prepaid = accounts_csv
@@ -1370,17 +1407,19 @@ mod end_to_end {
         std::fs::write(
             &opening,
             format!(
-                "account_id,period,owed,due_date\n\
-                 NOPE,2026-09,10.00,2026-10-15\n\
-                 {acc},2026-10,10.00,2026-11-15\n\
-                 {acc},2026-09,10.00,2026-10-15\n\
-                 {acc},2026-09-01..2026-10-01,12.00,2026-10-15\n\
-                 {acc},,-1.00,\n\
-                 {acc},,-2.00,\n\
-                 {acc},2026-13,10.00,2026-10-15\n\
-                 {prepaid},2026-09,10.00,2026-10-15\n\
-                 {acc},2026-08,10.00,2026-08-20\n\
-                 {acc},2026-07,10.00,2027-01-15\n"
+                "account_id,as_of,period,owed,due_date\n\
+                 NOPE,2026-09-30,2026-09,10.00,2026-10-15\n\
+                 {acc},2026-09-30,2026-10,10.00,2026-11-15\n\
+                 {acc},2026-09-30,2026-09,10.00,2026-10-15\n\
+                 {acc},2026-09-30,2026-09-01..2026-10-01,12.00,2026-10-15\n\
+                 {acc},2026-09-30,,-1.00,\n\
+                 {acc},2026-09-30,,-2.00,\n\
+                 {acc},2026-09-30,2026-13,10.00,2026-10-15\n\
+                 {prepaid},2026-09-30,2026-09,10.00,2026-10-15\n\
+                 {acc},2026-09-30,2026-08,10.00,2026-08-30\n\
+                 {acc},2026-09-30,2026-07,10.00,2027-01-15\n\
+                 {acc},2026-08-31,2026-05,10.00,2026-06-15\n\
+                 {acc},2026-09-30,2026-06,10.00,2026-06-30\n"
             ),
         )
         .unwrap();
@@ -1394,13 +1433,15 @@ mod end_to_end {
             (9, "account_id"),
             (10, "due_date"),
             (11, "due_date"),
+            (12, "as_of"),
         ] {
             assert!(
                 err.contains(&format!("opening_balances.csv:{line}: field '{field}'")),
                 "{line}: {err}"
             );
         }
-        assert!(err.contains("8 bad row(s)"), "{err}");
+        // Line 13, due on its period's last day, is good.
+        assert!(err.contains("9 bad row(s)"), "{err}");
         assert!(!tmp.path().join("bad").exists());
     }
 
