@@ -1445,6 +1445,41 @@ mod end_to_end {
         assert!(!tmp.path().join("bad").exists());
     }
 
+    /// The README's switching example: the sample lake's October as a first
+    /// run with `sample-data/opening_balances.csv`.
+    #[test]
+    fn the_sample_opening_balances_open_the_sample_lake_s_first_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let master = tmp.path().join("switch");
+        std::fs::create_dir_all(&master).unwrap();
+        for f in ["accounts.csv", "meters.csv", "payments.csv"] {
+            std::fs::copy(root().join("sample-data/master").join(f), master.join(f)).unwrap();
+        }
+        std::fs::copy(
+            root().join("sample-data/opening_balances.csv"),
+            master.join("opening_balances.csv"),
+        )
+        .unwrap();
+        let out = tmp.path().join("2026-10");
+        let mut o = BillRunOptions::new(
+            root().join("sample-data"),
+            &master,
+            root().join("tariffs"),
+            "2026-10",
+            &out,
+        );
+        o.settled_through = "2026-09-30".parse().ok();
+        bill_run(&o).unwrap();
+        let m = manifest(&out);
+        assert_eq!(m["opening_balances"]["accounts"], 4);
+        assert_eq!(m["opening_balances"]["owed"], "2112.85");
+        assert_eq!(m["opening_balances"]["credit"], "50.00");
+        // The overdue opening bills bear late fees.
+        let fees: Vec<String> = late_fees(&out).into_iter().map(|l| l.0).collect();
+        assert!(fees.contains(&"A000000002".to_string()), "{fees:?}");
+        assert!(fees.contains(&"A000000005".to_string()), "{fees:?}");
+    }
+
     /// Removes the rows of `path` whose column `col` is `account`.
     fn drop_rows(path: &std::path::Path, col: usize, account: &str) {
         let csv = std::fs::read_to_string(path).unwrap();
