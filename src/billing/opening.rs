@@ -11,7 +11,9 @@ use std::path::Path;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
-use super::arrears::{by_due, due_date, rule_of, AccountArrears, LateFees, OpenBill, PriorBill};
+use super::arrears::{
+    by_due, due_date, positions, rule_of, AccountArrears, LateFees, OpenBill, PriorBill,
+};
 use super::period::BillPeriod;
 use super::revision::Issued;
 use super::run::BillingError;
@@ -135,15 +137,7 @@ pub fn read<'a>(
     let loaded = crate::master::load_opening_balances(path)
         .map_err(|e| BillingError::Master(e.to_string()))?;
     let mut errors = loaded.errors;
-    let by_id: FxMap<&str, u32> = if loaded.rows.is_empty() {
-        FxMap::default()
-    } else {
-        accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (&*a.account_id, i as u32))
-            .collect()
-    };
+    let by_id = positions(accounts, !loaded.rows.is_empty());
     let mut found: BTreeMap<u32, Rows> = BTreeMap::new();
     for row in &loaded.rows {
         let err = |field: &str, message: String| RowError {
@@ -288,9 +282,8 @@ fn check(
         return Err((
             "account_id",
             format!(
-                "'{id}' was opened on {}, after the system before billed (through {})",
-                a.opened_on,
-                period.start.pred_opt().unwrap_or(period.start)
+                "'{id}' was opened on {}, after the system before billed (through {switch_day})",
+                a.opened_on
             ),
         ));
     }
@@ -302,9 +295,9 @@ fn check(
         return Err((
             "period",
             format!(
-                "'{}' ends after {}: the system before billed the days before this run's period",
-                row.period,
-                period.start.pred_opt().unwrap_or(period.start)
+                "'{}' ends after {switch_day}: the system before billed the days before this \
+                 run's period",
+                row.period
             ),
         ));
     }
