@@ -36,6 +36,18 @@ pub struct Opening<'a> {
     pub credit: Decimal,
 }
 
+/// What a run imported (the manifest's `opening_balances`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Imported {
+    pub accounts: usize,
+    /// Sum of the unpaid bills, yuan.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub owed: Decimal,
+    /// Sum of the credits, yuan.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credit: Decimal,
+}
+
 /// Starts the accounts of `MASTER/opening_balances.csv` from their balances
 /// when this run imports them: a fleet's first run settled through the day
 /// before its period (`settled_through`), or a re-run of one. Returns the
@@ -53,7 +65,7 @@ pub fn import<'a>(
     accounts: &'a [BillingAccount],
     tariffs: &TariffSet,
     late: &mut LateFees<'a>,
-) -> Result<Option<serde_json::Value>, BillingError> {
+) -> Result<Option<Imported>, BillingError> {
     let path = master.join(OPENING_FILE);
     let invalid = |why: String| Err(BillingError::Invalid(format!("{}: {why}", path.display())));
     let issued_sha = issued.and_then(|is| is.opening.as_deref());
@@ -107,8 +119,11 @@ pub fn import<'a>(
              bills with the file as it is now"
         );
     }
-    let sums = serde_json::json!({"accounts": o.accounts.len(),
-        "owed": o.owed.to_string(), "credit": o.credit.to_string()});
+    let sums = Imported {
+        accounts: o.accounts.len(),
+        owed: o.owed,
+        credit: o.credit,
+    };
     late.inputs.push(o.input);
     late.opening(o.accounts, day);
     Ok(Some(sums))

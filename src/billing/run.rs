@@ -150,6 +150,8 @@ pub struct BillRunSummary {
     pub files_read: usize,
     /// Passes over the lake (see [`BillRunOptions::pass_meters`]).
     pub passes: usize,
+    /// Opening balances imported (a fleet's first run switching systems).
+    pub opening_balances: Option<super::opening::Imported>,
     pub outputs: Vec<OutputFile>,
     pub elapsed_ms: u128,
 }
@@ -727,6 +729,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         total_kwh: totals.kwh,
         adjusted_accounts: totals.adjusted,
         adjustment_amount: totals.adjustment,
+        opening_balances: opening_sums.clone(),
         readings,
         files_read: lake_files.len(),
         passes: passes.len(),

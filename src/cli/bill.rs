@@ -111,6 +111,12 @@ pub fn run(a: BillArgs) -> anyhow::Result<ExitCode> {
         "  total         {} CNY for {} kWh",
         s.total_amount, s.total_kwh
     );
+    if let Some(o) = &s.opening_balances {
+        println!(
+            "  opening       {} account(s): {} CNY owed, {} CNY credit at the switch",
+            o.accounts, o.owed, o.credit
+        );
+    }
     if s.revision > 0 {
         println!(
             "  adjusted      {} account(s), {} CNY against the issued run",

@@ -1469,7 +1469,12 @@ mod end_to_end {
             &out,
         );
         o.settled_through = "2026-09-30".parse().ok();
-        bill_run(&o).unwrap();
+        let summary = bill_run(&o).unwrap();
+        let imported = summary.opening_balances.unwrap();
+        assert_eq!(
+            (imported.accounts, imported.owed),
+            (4, "2112.85".parse().unwrap())
+        );
         let m = manifest(&out);
         assert_eq!(m["opening_balances"]["accounts"], 4);
         assert_eq!(m["opening_balances"]["owed"], "2112.85");
