@@ -1756,7 +1756,7 @@ fn refuse(problems: &[Refusal]) -> BillingError {
             })
             .min();
         if let Some(d) = back {
-            msg += &format!(" (before {d} for the payment named)");
+            msg += &format!(" (for the first payment not counted: one that ends before {d})");
         }
         if let Some(d) = first {
             msg += &format!(" (at the latest, every run since {d}: these accounts' first bills)");

@@ -1006,6 +1006,7 @@ mod end_to_end {
             "{err}"
         );
         assert!(err.contains("every run since 2026-08-01"), "{err}");
+        assert!(err.contains("one that ends before 2026-09-20"), "{err}");
         let err = rerun("nov-sep", &monthly[1..3]).unwrap_err().to_string();
         assert!(
             err.contains(late_payer.as_str()),
