@@ -1479,11 +1479,41 @@ mod end_to_end {
         let m = manifest(&out);
         assert_eq!(m["opening_balances"]["accounts"], 4);
         assert_eq!(m["opening_balances"]["owed"], "2112.85");
-        assert_eq!(m["opening_balances"]["credit"], "50.00");
+        assert_eq!(m["opening_balances"]["credit"], "60.00");
         // The overdue opening bills bear late fees.
         let fees: Vec<String> = late_fees(&out).into_iter().map(|l| l.0).collect();
         assert!(fees.contains(&"A000000002".to_string()), "{fees:?}");
         assert!(fees.contains(&"A000000005".to_string()), "{fees:?}");
+        // A000000003 owed a bill and had 10.00 in credit: the credit pays
+        // like a payment, so it owes 10.00 less at the end of October than
+        // without it (net of any change in its own bill).
+        let path = master.join("opening_balances.csv");
+        let csv = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, csv.replace("A000000003,2026-09-30,,-10.00,\n", "")).unwrap();
+        let without = tmp.path().join("without");
+        let mut o2 = BillRunOptions::new(
+            root().join("sample-data"),
+            &master,
+            root().join("tariffs"),
+            "2026-10",
+            &without,
+        );
+        o2.settled_through = o.settled_through;
+        bill_run(&o2).unwrap();
+        let owes = |run: &std::path::Path| -> (Decimal, Decimal) {
+            let st = meterflow::billing::arrears::read_state(
+                &run.join("arrears.parquet"),
+                "2026-10-31".parse().unwrap(),
+            )
+            .unwrap();
+            let a = &st.accounts["A000000003"];
+            (a.open.iter().map(|o| o.unpaid).sum(), a.credit)
+        };
+        let ((with, c1), (wo, c2)) = (owes(&out), owes(&without));
+        assert!(wo >= Decimal::from(10), "{wo}");
+        assert_eq!((c1, c2), (Decimal::ZERO, Decimal::ZERO));
+        let bill = |run: &std::path::Path| totals(run)["A000000003"];
+        assert_eq!(wo - with, Decimal::from(10) - (bill(&out) - bill(&without)));
     }
 
     /// Removes the rows of `path` whose column `col` is `account`.
