@@ -1443,10 +1443,11 @@ impl<'a> LateFees<'a> {
         } else if tracked || carried || !prior.is_empty() {
             let loaded = crate::master::load_billing_payments(payments_path)
                 .map_err(|e| BillingError::Master(e.to_string()))?;
-            inputs.push(
-                serde_json::json!({"path": payments_path.display().to_string(),
-                "sha256": loaded.sha256, "bytes": loaded.bytes}),
-            );
+            inputs.push(super::run::input_entry(
+                payments_path,
+                &loaded.sha256,
+                loaded.bytes,
+            ));
             errors.extend(loaded.errors.iter().map(|e| e.to_string()));
             payments = Payments::new(&loaded.rows, accounts, tariffs);
         }
@@ -1675,6 +1676,8 @@ impl<'a> LateFees<'a> {
     pub fn opening(&mut self, balances: Vec<(&'a BillingAccount, AccountArrears)>, day: NaiveDate) {
         for (a, mut from) in balances {
             from.counted = Counted::through(self.payments.of(a), day);
+            // As for the run's other accounts (`fresh_start`).
+            from.history_from = self.settled_from;
             self.starts.insert(
                 &a.account_id,
                 Start {

@@ -233,9 +233,6 @@ pub fn read<'a>(
                 last_due: open.iter().map(|o| o.bill.due).max(),
                 open,
                 credit: c,
-                // As for an account this run bills: the runs' history starts
-                // here, and the settled run stops any rebuild from it.
-                history_from: Some(period.start),
                 ..Default::default()
             };
             (&accounts[i as usize], state)
@@ -243,8 +240,7 @@ pub fn read<'a>(
         .collect();
     Ok(Opening {
         accounts,
-        input: serde_json::json!({"path": path.display().to_string(),
-            "sha256": loaded.sha256, "bytes": loaded.bytes}),
+        input: super::run::input_entry(path, &loaded.sha256, loaded.bytes),
         owed,
         credit,
     })

@@ -194,7 +194,13 @@ fn sha256_file(path: &Path) -> Result<(String, u64), BillingError> {
 /// A file's path, SHA-256 and size, for the manifest's inputs.
 pub(super) fn hashed_input(p: &Path) -> Result<serde_json::Value, BillingError> {
     let (h, n) = sha256_file(p)?;
-    Ok(serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
+    Ok(input_entry(p, &h, n))
+}
+
+/// An input of the manifest (`inputs.master`, `.tariffs`, `.history`): the
+/// file, its SHA-256 and length.
+pub(super) fn input_entry(p: &Path, sha256: &str, bytes: u64) -> serde_json::Value {
+    serde_json::json!({"path": p.display().to_string(), "sha256": sha256, "bytes": bytes})
 }
 
 /// Channels the bill run routes: registers, max demand, intervals, clock skew.
@@ -426,7 +432,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
         (&accounts_path, &accounts.sha256, accounts.bytes),
     ]
     .into_iter()
-    .map(|(p, h, n)| serde_json::json!({"path": p.display().to_string(), "sha256": h, "bytes": n}))
+    .map(|(p, h, n)| input_entry(p, h, n))
     .collect();
     let mut inputs_tariffs = Vec::new();
     for p in tariffs.files() {

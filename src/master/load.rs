@@ -161,6 +161,19 @@ impl Row<'_> {
         v.parse::<Decimal>()
             .map_err(|e| self.err(field, format!("'{v}' is not a decimal number: {e}")))
     }
+    /// Yuan in fen: at most 2 decimals, and at most [`MAX_PAYMENT`] either
+    /// way, which keeps any sum of them far from Decimal's range (a typo of
+    /// many digits is a bad row, not a crash).
+    fn fen(&self, field: &'static str) -> Result<Decimal, RowError> {
+        let x = self.decimal(field)?;
+        if x.scale() > 2 && x.normalize().scale() > 2 {
+            return Err(self.err(field, format!("'{x}' has more than 2 decimals (fen)")));
+        }
+        if x.abs() > MAX_PAYMENT {
+            return Err(self.err(field, format!("'{x}' is over {MAX_PAYMENT} yuan")));
+        }
+        Ok(x)
+    }
     fn date(&self, field: &'static str) -> Result<NaiveDate, RowError> {
         let v = self.raw(field)?;
         ymd(v)
@@ -778,20 +791,9 @@ fn load_payments_with<T: Send>(
         path,
         &["txn_id", "channel", "account_id", "amount", "paid_at"],
         |r| {
-            let amount = r.decimal("amount")?;
+            let amount = r.fen("amount")?;
             if amount <= Decimal::ZERO {
                 return Err(r.err("amount", "must be positive"));
-            }
-            // Payments are in fen; the bound keeps any sum of them far from
-            // Decimal's range (a typo of many digits is a bad row, not a crash).
-            if amount.scale() > 2 && amount.normalize().scale() > 2 {
-                return Err(r.err(
-                    "amount",
-                    format!("'{amount}' has more than 2 decimals (fen)"),
-                ));
-            }
-            if amount > MAX_PAYMENT {
-                return Err(r.err("amount", format!("'{amount}' is over {MAX_PAYMENT} yuan")));
             }
             let channel = r.nonempty("channel")?;
             if !["wechat", "alipay", "bank", "counter"].contains(&channel) {
@@ -816,7 +818,8 @@ fn load_payments_with<T: Send>(
 /// Loads `opening_balances.csv` (docs/data-model.md) in one parse, so every
 /// row's `line` is exact (the bill run names it in errors it finds later).
 /// Row checks here: an unpaid bill has a positive `owed`, a period and a due
-/// date; a credit a negative `owed` and neither; amounts in fen, bounded.
+/// date; a credit a negative `owed` and neither; amounts in fen, bounded
+/// like payments.
 pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowError> {
     let one_parse = Chunking {
         min_bytes: u64::MAX,
@@ -826,13 +829,7 @@ pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowE
         path,
         &["account_id", "as_of", "period", "owed", "due_date"],
         |r| {
-            let owed = r.decimal("owed")?;
-            if owed.scale() > 2 && owed.normalize().scale() > 2 {
-                return Err(r.err("owed", format!("'{owed}' has more than 2 decimals (fen)")));
-            }
-            if owed.abs() > MAX_PAYMENT {
-                return Err(r.err("owed", format!("'{owed}' is over {MAX_PAYMENT} yuan")));
-            }
+            let owed = r.fen("owed")?;
             let period = r.raw("period")?.to_string();
             let due_date = r.opt_date("due_date")?;
             if owed > Decimal::ZERO {

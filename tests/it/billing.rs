@@ -1461,16 +1461,20 @@ mod end_to_end {
             master.join("opening_balances.csv"),
         )
         .unwrap();
+        // October of the sample lake as the switching first run.
+        let first = |out: &std::path::Path| {
+            let mut o = BillRunOptions::new(
+                root().join("sample-data"),
+                &master,
+                root().join("tariffs"),
+                "2026-10",
+                out,
+            );
+            o.settled_through = "2026-09-30".parse().ok();
+            bill_run(&o).unwrap()
+        };
         let out = tmp.path().join("2026-10");
-        let mut o = BillRunOptions::new(
-            root().join("sample-data"),
-            &master,
-            root().join("tariffs"),
-            "2026-10",
-            &out,
-        );
-        o.settled_through = "2026-09-30".parse().ok();
-        let summary = bill_run(&o).unwrap();
+        let summary = first(&out);
         let imported = summary.opening_balances.unwrap();
         assert_eq!(
             (imported.accounts, imported.owed),
@@ -1491,15 +1495,7 @@ mod end_to_end {
         let csv = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, csv.replace("A000000003,2026-09-30,,-10.00,\n", "")).unwrap();
         let without = tmp.path().join("without");
-        let mut o2 = BillRunOptions::new(
-            root().join("sample-data"),
-            &master,
-            root().join("tariffs"),
-            "2026-10",
-            &without,
-        );
-        o2.settled_through = o.settled_through;
-        bill_run(&o2).unwrap();
+        first(&without);
         let owes = |run: &std::path::Path| -> (Decimal, Decimal) {
             let st = meterflow::billing::arrears::read_state(
                 &run.join("arrears.parquet"),
