@@ -73,6 +73,42 @@ pub enum LedgerCmd {
         #[arg(long)]
         master: Option<PathBuf>,
     },
+    /// Open prepaid accounts switching from another system: their balances and tier positions at the switch.
+    ///
+    /// FILE is CSV `account_id,switched_at,balance[,position_kwh]`
+    /// (docs/data-model.md): the balance (yuan, negative when overdrawn) the
+    /// old system held at `switched_at` (RFC 3339, on a quarter hour), the
+    /// instant of the last reading it deducted, and the kWh of the account's
+    /// tier month or year consumed before it. Each account gets one
+    /// `adjustment` entry (key `open:ACCOUNT`) and a cursor per meter at the
+    /// switch, from the meter's reading at that instant in the lake, in one
+    /// transaction: `prepay run` and `stream` then deduct only what comes
+    /// after, and `import-payments` does not credit the account's payments
+    /// made at or before the switch. Run it once before the first
+    /// `prepay run`; running it again changes nothing. Refused rows (with
+    /// the reason) and bad rows make the exit code 2; the others are
+    /// imported.
+    ImportBalances {
+        #[command(flatten)]
+        l: LedgerArg,
+        /// The opening-balances CSV.
+        file: PathBuf,
+        /// Readings lake (the meters' readings at the switch).
+        #[arg(long)]
+        lake: PathBuf,
+        /// Master data folder (accounts.csv, meters.csv).
+        #[arg(long)]
+        master: PathBuf,
+        /// Tariffs folder (accumulation windows, time-of-use registers).
+        #[arg(long, default_value = "tariffs")]
+        tariffs: PathBuf,
+        /// Accounts per ledger transaction.
+        #[arg(long, default_value_t = 1000)]
+        chunk: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
@@ -190,12 +226,70 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 for (k, why) in &r.conflicts {
                     eprintln!("conflict: {k}: {why}");
                 }
+                if !r.before_switch.is_empty() {
+                    println!(
+                        "{}: {} payments made before their account's switch to meterflow, not credited (its opening balance holds them)",
+                        f.display(),
+                        r.before_switch.len()
+                    );
+                }
+                for b in &r.before_switch {
+                    eprintln!("not credited: {b}");
+                }
                 conflicts += r.conflicts.len() + r.bad_rows.len();
             }
             Ok(if conflicts > 0 {
                 ExitCode::from(2)
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        LedgerCmd::ImportBalances {
+            l,
+            file,
+            lake,
+            master,
+            tariffs,
+            chunk,
+            json,
+        } => {
+            let mut led = ledger::open_migrated(&l.ledger)?;
+            let fleet = Fleet::load(&master)?;
+            let pricer =
+                crate::prepay::pricing::TariffPricer::new(crate::tariff::load_dir(&tariffs)?);
+            let r = crate::prepay::opening::import_file(
+                led.as_mut(),
+                &file,
+                &fleet,
+                &pricer,
+                &lake,
+                chunk,
+            )
+            .with_context(|| format!("importing {}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: {} rows, {} accounts opened (balances {} yuan), {} already opened (ignored), {} refused, {} bad rows",
+                    file.display(),
+                    r.rows,
+                    r.imported,
+                    r.balance,
+                    r.already,
+                    r.refused.len(),
+                    r.bad_rows.len()
+                );
+            }
+            for b in &r.bad_rows {
+                eprintln!("bad row: {b}");
+            }
+            for why in &r.refused {
+                eprintln!("refused: {why}");
+            }
+            Ok(if r.refused.is_empty() && r.bad_rows.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
             })
         }
     }

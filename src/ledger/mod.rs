@@ -334,6 +334,21 @@ pub trait Ledger: Send {
         after_seq: i64,
         limit: usize,
     ) -> Result<Vec<Entry>, LedgerError>;
+    /// Entries whose key starts with `prefix` (ASCII), in seq order: e.g.
+    /// every prepaid opening balance (`open:`). This default pages through
+    /// all entries; the backends ask their key index.
+    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.entries(None, after, 10_000)?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            after = last.seq;
+            out.extend(page.into_iter().filter(|e| e.entry.key.starts_with(prefix)));
+        }
+    }
     fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError>;
     fn cursors(&mut self) -> Result<Vec<Cursor>, LedgerError>;
     fn flags(&mut self, account_id: &str) -> Result<BTreeSet<String>, LedgerError>;

@@ -500,21 +500,17 @@ impl Ledger for PgLedger {
              WHERE seq > $1 AND ($2::text IS NULL OR account_id = $2) ORDER BY seq LIMIT $3",
             &[&after_seq, &account_id, &(limit.min(i64::MAX as usize) as i64)],
         )?;
-        rows.iter()
-            .map(|r| {
-                build_entry((
-                    r.get(0),
-                    r.get(1),
-                    r.get(2),
-                    r.get(3),
-                    r.get(4),
-                    r.get(5),
-                    r.get(6),
-                    r.get(7),
-                    r.get(8),
-                ))
-            })
-            .collect()
+        rows.iter().map(entry_of_row).collect()
+    }
+
+    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
+        // starts_with compares bytes whatever the database's collation.
+        let rows = self.client.query(
+            "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries
+             WHERE starts_with(key, $1) ORDER BY seq",
+            &[&prefix],
+        )?;
+        rows.iter().map(entry_of_row).collect()
     }
 
     fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError> {
@@ -629,6 +625,22 @@ impl PgLedger {
             })
             .collect()
     }
+}
+
+/// An entry from a row of `SELECT seq, key, account_id, kind, amount::text,
+/// ts_ms, source, detail, recorded_ms`.
+fn entry_of_row(r: &::postgres::Row) -> Result<Entry, LedgerError> {
+    build_entry((
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+    ))
 }
 
 #[cfg(test)]

@@ -664,6 +664,28 @@ impl Ledger for SqliteLedger {
         Ok(out)
     }
 
+    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
+        // A range of the key index: keys compare as bytes (BINARY), so the
+        // keys with the prefix are those from it up to its last byte + 1.
+        let Some((&last, head)) = prefix.as_bytes().split_last().filter(|(l, _)| **l < 0x7f) else {
+            return Err(LedgerError::Db(format!(
+                "key prefix '{prefix}' is not ASCII"
+            )));
+        };
+        let mut end = head.to_vec();
+        end.push(last + 1);
+        let end = String::from_utf8(end).map_err(|e| LedgerError::Db(e.to_string()))?;
+        let sql = "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries
+                   WHERE key >= ?1 AND key < ?2 ORDER BY seq";
+        let mut st = self.conn.prepare_cached(sql)?;
+        let rows = st.query_map(params![prefix, end], entry_from_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(build_entry(r?)?);
+        }
+        Ok(out)
+    }
+
     fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError> {
         Ok(self.cursors_where(Some((meter_id, channel)))?.pop())
     }

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 
 use super::{
     Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Meter, OpeningBalance,
-    Payment, PaymentMode,
+    Payment, PaymentMode, PrepaidOpening,
 };
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
@@ -231,6 +231,13 @@ struct Chunking {
 const CHUNKING: Chunking = Chunking {
     min_bytes: 32 << 20,
     chunk_bytes: 16 << 20,
+};
+
+/// One parse whatever the size: every row's `line` is exact (files whose
+/// rows are named again in errors found later).
+const ONE_PARSE: Chunking = Chunking {
+    min_bytes: u64::MAX,
+    chunk_bytes: u64::MAX,
 };
 
 fn load<T: Send>(
@@ -821,10 +828,6 @@ fn load_payments_with<T: Send>(
 /// date; a credit a negative `owed` and neither; amounts in fen, bounded
 /// like payments.
 pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowError> {
-    let one_parse = Chunking {
-        min_bytes: u64::MAX,
-        chunk_bytes: u64::MAX,
-    };
     load_in(
         path,
         &["account_id", "as_of", "period", "owed", "due_date"],
@@ -858,7 +861,64 @@ pub fn load_opening_balances(path: &Path) -> Result<Loaded<OpeningBalance>, RowE
                 line: r.line,
             })
         },
-        one_parse,
+        ONE_PARSE,
+    )
+}
+
+/// The most kWh a prepaid opening's `position_kwh` may hold (a typo of
+/// many digits is a bad row, not a tier position far beyond any tariff).
+pub const MAX_POSITION_KWH: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
+
+/// Loads a prepaid fleet's opening balances (`ledger import-balances`,
+/// docs/data-model.md): `account_id, switched_at, balance[, position_kwh]`.
+/// One parse, so every row's `line` is exact. Row checks here: the switch
+/// is an RFC 3339 instant on a quarter hour (interval deductions are whole
+/// quarter hours), the balance is in fen (either sign), the position is
+/// kWh >= 0 (0 when the column is absent or empty).
+pub fn load_prepaid_openings(path: &Path) -> Result<Loaded<PrepaidOpening>, RowError> {
+    load_in(
+        path,
+        &["account_id", "switched_at", "balance"],
+        |r| {
+            let at = r.nonempty("switched_at")?;
+            let switched_at = DateTime::parse_from_rfc3339(at)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    r.err(
+                        "switched_at",
+                        format!("'{at}' is not an RFC 3339 time with its offset"),
+                    )
+                })?;
+            if switched_at.timestamp_millis() % 900_000 != 0 {
+                return Err(r.err(
+                    "switched_at",
+                    format!(
+                        "'{at}' is not on a quarter hour (00, 15, 30 or 45 minutes, 0 seconds)"
+                    ),
+                ));
+            }
+            let position_kwh = match r.raw("position_kwh") {
+                Ok("") | Err(_) => Decimal::ZERO,
+                Ok(_) => r.decimal("position_kwh")?,
+            };
+            if position_kwh.is_sign_negative() && !position_kwh.is_zero() {
+                return Err(r.err("position_kwh", "must not be negative"));
+            }
+            if position_kwh > MAX_POSITION_KWH {
+                return Err(r.err(
+                    "position_kwh",
+                    format!("'{position_kwh}' is over {MAX_POSITION_KWH} kWh"),
+                ));
+            }
+            Ok(PrepaidOpening {
+                account_id: r.text("account_id")?,
+                switched_at,
+                balance: r.fen("balance")?,
+                position_kwh,
+                line: r.line,
+            })
+        },
+        ONE_PARSE,
     )
 }
 
@@ -1118,6 +1178,51 @@ mod tests {
                 (8, "owed"),
                 (9, "due_date"),
                 (10, "as_of")
+            ]
+        );
+    }
+
+    #[test]
+    fn prepaid_openings_switch_on_a_quarter_hour_and_bad_rows_name_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prepaid_balances.csv");
+        std::fs::write(
+            &path,
+            "account_id,switched_at,balance,position_kwh\n\
+             P1,2026-11-01T00:00:00+08:00,120.50,\n\
+             P2,2026-10-16T00:00:00+08:00,-3.20,187.5\n\
+             P3,2026-10-16T00:07:00+08:00,1,0\n\
+             P4,2026-10-16,1,0\n\
+             P5,2026-10-16T00:00:00+08:00,1.005,0\n\
+             P6,2026-10-16T00:00:00+08:00,1,-2\n\
+             ,2026-10-16T00:00:00+08:00,1,0\n",
+        )
+        .unwrap();
+        let l = load_prepaid_openings(&path).unwrap();
+        assert_eq!(l.rows.len(), 2);
+        assert_eq!(
+            l.rows[0].switched_at,
+            "2026-10-31T16:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(l.rows[0].position_kwh, Decimal::ZERO);
+        assert_eq!(l.rows[1].balance, Decimal::new(-320, 2));
+        assert_eq!(
+            (l.rows[1].position_kwh, l.rows[1].line),
+            (Decimal::new(1875, 1), 3)
+        );
+        let errs: Vec<(u64, &str)> = l
+            .errors
+            .iter()
+            .map(|e| (e.line, e.field.as_str()))
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                (4, "switched_at"),
+                (5, "switched_at"),
+                (6, "balance"),
+                (7, "position_kwh"),
+                (8, "account_id")
             ]
         );
     }

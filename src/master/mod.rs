@@ -9,7 +9,7 @@ mod load;
 pub use load::{
     load_accounts, load_accounts_for_billing, load_accounts_without_personal, load_billing_meters,
     load_billing_payments, load_meters, load_meters_for_billing, load_opening_balances,
-    load_payments, Loaded, RowError,
+    load_payments, load_prepaid_openings, Loaded, RowError,
 };
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -244,5 +244,21 @@ pub struct OpeningBalance {
     pub owed: Decimal,
     pub due_date: Option<NaiveDate>,
     /// Line in the file, for errors found later.
+    pub line: u64,
+}
+
+/// A row of a prepaid fleet's opening-balances file (`ledger
+/// import-balances`): what a prepaid account held in the system before
+/// meterflow at the instant meterflow takes over its deductions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrepaidOpening {
+    pub account_id: String,
+    /// The switch instant: the old system deducted every reading up to it.
+    pub switched_at: DateTime<Utc>,
+    /// Yuan, signed (negative: overdrawn).
+    pub balance: Decimal,
+    /// kWh the account consumed in its accumulation window (month or tier
+    /// year) before the switch: where its tier position starts.
+    pub position_kwh: Decimal,
     pub line: u64,
 }

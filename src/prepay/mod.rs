@@ -8,6 +8,7 @@ pub mod deduct;
 pub mod demo;
 pub mod fleet;
 pub mod interval;
+pub mod opening;
 pub mod payments;
 pub mod pricing;
 pub mod run;

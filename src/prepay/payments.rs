@@ -5,7 +5,9 @@
 //! idempotency key is `pay:CHANNEL:TXN_ID`: importing a file twice, or files
 //! that overlap, credits each payment once; a transaction id re-used with a
 //! different account, amount or time is rejected and reported (the rest of
-//! the file is imported).
+//! the file is imported). A payment made at or before its account's switch
+//! to meterflow (`ledger import-balances`) is not credited: the opening
+//! balance holds it. It is reported in `before_switch`.
 
 use std::path::Path;
 
@@ -22,6 +24,9 @@ pub struct ImportReport {
     pub conflicts: Vec<(String, String)>,
     /// Bad rows, `FILE:LINE: field 'F': reason`.
     pub bad_rows: Vec<String>,
+    /// Payments not credited because the account's opening balance, taken
+    /// at its switch to meterflow, already holds them: `KEY: why`.
+    pub before_switch: Vec<String>,
     pub alerts: usize,
 }
 
@@ -58,7 +63,26 @@ pub fn import_file(
         .file_name()
         .map(|f| f.to_string_lossy().to_string())
         .unwrap_or_default();
-    for rows in loaded.rows.chunks(chunk.max(1)) {
+    let opened = super::opening::openings(ledger)?;
+    let mut rows = loaded.rows;
+    if !opened.is_empty() {
+        rows.retain(|p| match opened.get(&p.account_id) {
+            Some(&at) if p.paid_at.timestamp_millis() <= at => {
+                report.before_switch.push(format!(
+                    "pay:{}:{}: {} yuan paid at {} to {}, at or before its switch to meterflow at {}: its opening balance holds it",
+                    p.channel,
+                    p.txn_id,
+                    p.amount,
+                    p.paid_at.to_rfc3339(),
+                    p.account_id,
+                    super::opening::rfc3339(at)
+                ));
+                false
+            }
+            _ => true,
+        });
+    }
+    for rows in rows.chunks(chunk.max(1)) {
         let batch = Batch {
             entries: rows.iter().map(|p| entry_for(p, &file)).collect(),
             ..Default::default()

@@ -81,6 +81,11 @@ pub trait Pricer {
     fn period_at(&self, _account: &Account, _start_ms: i64) -> Result<usize, PriceError> {
         Ok(0)
     }
+    /// The local time of the account's tariff, as seconds east of UTC
+    /// (local dates: whether a meter was in service at an instant).
+    fn utc_offset_secs(&self, _account: &Account) -> Result<i32, PriceError> {
+        Ok(0)
+    }
 }
 
 /// The adapter over the tariff engine.
@@ -216,6 +221,10 @@ impl Pricer for TariffPricer {
             Err(PriceError::Unsupported(_)) => Ok(true),
             other => other.map(|_| false),
         }
+    }
+
+    fn utc_offset_secs(&self, account: &Account) -> Result<i32, PriceError> {
+        Ok(self.tariff(&account.tariff_id)?.utc_offset_secs)
     }
 
     fn period_at(&self, account: &Account, start_ms: i64) -> Result<usize, PriceError> {

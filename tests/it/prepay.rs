@@ -1544,6 +1544,64 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
         let bill = total(&energy_charge(v, &[], &Usage::default(), &u));
         assert_eq!(balances[&format!("T0000{i}")], -bill, "account T0000{i}");
     }
+
+    // Opened mid-month in another ledger from the first run's state: the
+    // cursors take T1..T4 at the switch, the days after are deducted once;
+    // only the period lines' rounding restarts (0.01 yuan a period).
+    let switch = OCT1_LOCAL_MIDNIGHT + 12 * DAY;
+    let mut l = ledger::open(&url).unwrap();
+    let mut opening = String::from("account_id,switched_at,balance,position_kwh\n");
+    for i in 0..2usize {
+        let a = format!("T0000{i}");
+        let upto: Decimal = l
+            .entries(Some(&a), 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter(|e| e.entry.ts_ms <= switch)
+            .map(|e| e.entry.amount)
+            .sum();
+        let total_at = |ts| {
+            all.iter()
+                .find(|r| {
+                    r.meter_id == meter_id(i)
+                        && r.ts_ms == ts
+                        && r.channel == Channel::ImportActiveTotal
+                })
+                .unwrap()
+                .value
+        };
+        let kwh = (total_at(switch) - total_at(OCT1_LOCAL_MIDNIGHT)) * Decimal::from(i as i64 + 1);
+        opening.push_str(&format!("{a},{},{upto},{kwh}\n", switch_rfc3339(switch)));
+    }
+    let file = root.join("prepaid_balances.csv");
+    std::fs::write(&file, opening).unwrap();
+    let switched = root.join("switched.sqlite").display().to_string();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: root.to_path_buf(),
+        lake: lake.clone(),
+        master: master.clone(),
+        tariffs: tariffs.to_path_buf(),
+        readings: BTreeMap::new(),
+    };
+    let (code, out, err) = import_balances(&f, &switched, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s = batch_run(
+        &lake,
+        &master,
+        &tariffs,
+        &switched,
+        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
+        1,
+        false,
+    );
+    assert_eq!((s.deductions, s.incomplete), (38, 0), "{s:?}");
+    let mut sl = ledger::open(&switched).unwrap();
+    for i in 0..2usize {
+        let a = format!("T0000{i}");
+        let diff = (sl.balance(&a).unwrap() - l.balance(&a).unwrap()).abs();
+        assert!(diff <= dec!(0.04), "{a}: {diff}");
+    }
 }
 
 #[test]
@@ -1622,6 +1680,73 @@ fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run()
     // The bill run prices the same intervals into the same periods: equal to the fen.
     let balances = bill_october(root, &lake, &master, &tariffs, &url);
     assert!(balances.values().all(|b| *b < Decimal::ZERO));
+
+    // Opened at the first run's end (a quarter hour, no register reading
+    // needed) in another ledger: the intervals up to it are the old
+    // system's, the rest are charged once. Only the rounding of the period
+    // lines, which restart at the switch, can differ (0.01 yuan a period).
+    let switch = OCT1_LOCAL_MIDNIGHT + 12 * DAY + 7 * quarter;
+    let mut opening = String::from("account_id,switched_at,balance,position_kwh\n");
+    for (a, m) in [("T00000", meter_id(0)), ("T00001", meter_id(1))] {
+        let upto: Decimal = l
+            .entries(Some(a), 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter(|e| e.entry.ts_ms <= switch)
+            .map(|e| e.entry.amount)
+            .sum();
+        let kwh: Decimal = all
+            .iter()
+            .filter(|r| r.meter_id == m && r.channel == Channel::ImportActiveInterval)
+            .filter(|r| r.ts_ms <= switch)
+            .map(|r| r.value)
+            .sum();
+        let ct = if a == "T00001" { dec!(2) } else { dec!(1) };
+        opening.push_str(&format!(
+            "{a},{},{upto},{}\n",
+            switch_rfc3339(switch),
+            kwh * ct
+        ));
+    }
+    let file = root.join("prepaid_balances.csv");
+    std::fs::write(&file, opening).unwrap();
+    let switched = root.join("switched.sqlite").display().to_string();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: root.to_path_buf(),
+        lake: lake.clone(),
+        master: master.clone(),
+        tariffs: tariffs.clone(),
+        readings: BTreeMap::new(),
+    };
+    let (code, out, err) = import_balances(&f, &switched, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s = batch_run(
+        &lake,
+        &master,
+        &tariffs,
+        &switched,
+        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
+        1,
+        false,
+    );
+    let mut sl = ledger::open(&switched).unwrap();
+    for a in ["T00000", "T00001"] {
+        let ours: Vec<i64> = sl
+            .entries(Some(a), 0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.entry.kind == EntryKind::Deduction)
+            .map(|e| e.entry.ts_ms)
+            .collect();
+        assert!(ours.len() > 1000, "{a}: {s:?}");
+        assert!(
+            ours.iter().all(|&t| t > switch),
+            "{a}: an interval up to the switch was charged"
+        );
+        let diff = (sl.balance(a).unwrap() - l.balance(a).unwrap()).abs();
+        assert!(diff <= dec!(0.04), "{a}: {diff} {s:?}");
+    }
 }
 
 // ---------- two writers and a held jump ----------
@@ -2021,4 +2146,322 @@ fn stream_after_a_restart_forecasts_an_account_from_all_its_meters() {
     meterflow::prepay::sinks::publish_qos1(&mqtt, &unique("pub"), &msgs).unwrap();
     assert!(c.wait().unwrap().success());
     assert_forecast_sums_both_meters(&t, &url);
+}
+
+// ---------- prepaid accounts switching to meterflow ----------
+
+/// `ledger import-balances` with FILE into `url`; (exit code, stdout, stderr).
+fn import_balances(f: &Fixture, url: &str, file: &Path) -> (Option<i32>, String, String) {
+    let o = Command::new(bin())
+        .args(["ledger", "import-balances", "--ledger", url, "--lake"])
+        .arg(&f.lake)
+        .arg("--master")
+        .arg(&f.master)
+        .arg("--tariffs")
+        .arg(&f.tariffs)
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn switch_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap())
+        .to_rfc3339()
+}
+
+/// What `url`'s ledger held at `switch`: each account's balance (its
+/// entries up to then) and its meter's tier position, as an opening file.
+fn openings_at(url: &str, switch: i64, accounts: usize) -> String {
+    let mut l = ledger::open(url).unwrap();
+    let cursors: BTreeMap<String, Decimal> = l
+        .cursors()
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            assert_eq!(c.last_ts_ms, switch, "history deducted through the switch");
+            (c.meter_id, c.position)
+        })
+        .collect();
+    let mut out = String::from("account_id,switched_at,balance,position_kwh\n");
+    for i in 0..accounts {
+        let a = format!("P{i:05}");
+        let balance: Decimal = l
+            .entries(Some(&a), 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter(|e| e.entry.ts_ms <= switch)
+            .map(|e| e.entry.amount)
+            .sum();
+        out.push_str(&format!(
+            "{a},{},{balance},{}\n",
+            switch_rfc3339(switch),
+            cursors[&meter_id(i)]
+        ));
+    }
+    out
+}
+
+fn payments_around_the_switch(path: &Path) {
+    std::fs::write(
+        path,
+        "txn_id,channel,account_id,amount,paid_at\n\
+         W1,wechat,P00000,100.00,2026-10-10T02:00:00Z\n\
+         W2,alipay,P00001,50.00,2026-10-20T02:00:00Z\n\
+         W3,bank,P00002,20.00,2026-10-15T16:00:00Z\n",
+    )
+    .unwrap();
+}
+
+fn switching_fleet_deducts_as_its_history(history: &str, switched: &str, spare: &str) {
+    let n = 24;
+    let f = fixture(n, 11);
+    let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY; // 16 October, local midnight
+    let pay = f.root.join("pay-1020.csv");
+    payments_around_the_switch(&pay);
+    let import_payments = |url: &str| {
+        let o = Command::new(bin())
+            .args(["ledger", "import-payments", "--ledger", url])
+            .arg(&pay)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // The history: meterflow itself deducting the first half of October.
+    import_payments(history);
+    run_lib(&f, history, switch);
+    let file = f.root.join("prepaid_balances.csv");
+    let opening = openings_at(history, switch, n);
+    std::fs::write(&file, &opening).unwrap();
+    let positions: Vec<&str> = opening
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    assert!(
+        positions
+            .iter()
+            .all(|p| p.parse::<Decimal>().unwrap() > dec!(0)),
+        "{opening}"
+    );
+
+    // The switch: a fresh ledger opened from that state.
+    let (code, out, err) = import_balances(&f, switched, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("{n} accounts opened")), "{out}");
+    // The same payments file: the payments up to the switch are in the balances.
+    let (out, err) = import_payments(switched);
+    assert!(
+        out.contains("2 payments made before their account's switch"),
+        "{out}"
+    );
+    assert!(
+        err.contains("not credited: pay:wechat:W1") && err.contains("pay:bank:W3"),
+        "{err}"
+    );
+    assert!(!err.contains("W2"), "{err}");
+
+    // Both deduct the rest of October (a default --from reaching back
+    // before the switch): the same balances, to the fen.
+    run_lib(&f, history, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    run_lib(&f, switched, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    let want = ledger_balances(history);
+    assert_eq!(ledger_balances(switched), want);
+    // (and the month adds up to each account's bill, less and plus its payments)
+    let mut bills = expected_bills(&f);
+    *bills.get_mut("P00000").unwrap() += dec!(100);
+    *bills.get_mut("P00001").unwrap() += dec!(50);
+    *bills.get_mut("P00002").unwrap() += dec!(20);
+    bills.retain(|_, b| !b.is_zero());
+    assert_eq!(want, bills);
+
+    // The tier position matters: opened at 0 kWh, the heavy users pay
+    // the first tier's price again for the second half of the month.
+    let at_zero: String = opening
+        .lines()
+        .map(|l| match l.rsplit_once(',') {
+            Some((head, _)) if !l.starts_with("account_id") => format!("{head},0\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let zero_file = f.root.join("at_zero.csv");
+    std::fs::write(&zero_file, at_zero).unwrap();
+    assert_eq!(import_balances(&f, spare, &zero_file).0, Some(0));
+    run_lib(&f, spare, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    let cheaper = ledger_balances(spare);
+    assert!(
+        cheaper
+            .iter()
+            .any(|(a, b)| *b > want.get(a).copied().unwrap_or_default()),
+        "a position of 0 changes nothing? {cheaper:?}"
+    );
+
+    // Again: nothing changes. A different balance is refused, and so is
+    // an account meterflow already deducts.
+    let (code, out, _) = import_balances(&f, switched, &file);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(&format!(
+            "0 accounts opened (balances 0 yuan), {n} already opened"
+        )),
+        "{out}"
+    );
+    let changed = f.root.join("changed.csv");
+    let first = opening.lines().nth(1).unwrap();
+    let (head, pos) = first.rsplit_once(',').unwrap();
+    let (head, _) = head.rsplit_once(',').unwrap();
+    std::fs::write(
+        &changed,
+        format!("account_id,switched_at,balance,position_kwh\n{head},999.99,{pos}\n"),
+    )
+    .unwrap();
+    let (code, _, err) = import_balances(&f, switched, &changed);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("changed.csv:2: account P00000: already opened as"),
+        "{err}"
+    );
+    assert_eq!(ledger_balances(switched), want);
+}
+
+#[test]
+fn prepaid_balances_taken_from_a_history_deduct_the_rest_of_the_month_as_that_history_does() {
+    let d = tempfile::tempdir().unwrap();
+    let url = |name: &str| d.path().join(name).display().to_string();
+    switching_fleet_deducts_as_its_history(
+        &url("history.sqlite"),
+        &url("switched.sqlite"),
+        &url("spare.sqlite"),
+    );
+}
+
+#[test]
+fn prepaid_balances_taken_from_a_history_deduct_as_that_history_does_on_postgres() {
+    let Some(history) = pg_url("open_history") else {
+        return;
+    };
+    let switched = pg_url("open_switched").unwrap();
+    let spare = pg_url("open_spare").unwrap();
+    switching_fleet_deducts_as_its_history(&history, &switched, &spare);
+}
+
+#[test]
+fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
+    let f = fixture(4, 5);
+    let url = sqlite_url(&f.root);
+    let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
+    let at = switch_rfc3339(switch);
+    let no_reading = switch_rfc3339(switch + 900_000);
+    let month_start = switch_rfc3339(OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    // P00003 already has a top-up before the switch in the ledger.
+    let mut l = ledger::open_migrated(&url).unwrap();
+    let mut early = entry("pay:wechat:E1", "P00003", dec!(10));
+    early.ts_ms = switch - DAY;
+    l.commit(
+        &Batch {
+            entries: vec![early],
+            ..Default::default()
+        },
+        &NoHook,
+    )
+    .unwrap();
+    let file = f.root.join("prepaid_balances.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "account_id,switched_at,balance,position_kwh\n\
+             Q00000,{at},10,0\n\
+             P00000,{at},10,0\n\
+             P00000,{at},12,0\n\
+             P00001,{no_reading},10,0\n\
+             P00002,{month_start},10,5\n\
+             P00003,{at},10,0\n\
+             P00004,{at},10.001,0\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = import_balances(&f, &url, &file);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.contains("7 rows, 0 accounts opened"), "{out}");
+    for want in [
+        "prepaid_balances.csv:2: account Q00000: not a prepaid account",
+        "prepaid_balances.csv:3: account P00000: the account has rows on lines [3, 4]",
+        "prepaid_balances.csv:4: account P00000: the account has rows on lines [3, 4]",
+        "prepaid_balances.csv:5: account P00001: meter 500000000001 has no chargeable import_active_total reading at the switch",
+        "prepaid_balances.csv:6: account P00002: position_kwh 5: the switch starts a new accumulation window",
+        "prepaid_balances.csv:7: account P00003: the ledger already holds 1 entries of it at or before the switch (first: pay:wechat:E1)",
+        "prepaid_balances.csv:8: field 'balance'",
+    ] {
+        assert!(err.contains(want), "missing '{want}' in:\n{err}");
+    }
+    // Nothing was written for them; after a prepay run, an opening is too late.
+    assert_eq!(l.cursors().unwrap().len(), 0);
+    run_lib(&f, &url, switch);
+    std::fs::write(
+        &file,
+        format!("account_id,switched_at,balance,position_kwh\nP00001,{at},10,0\n"),
+    )
+    .unwrap();
+    let (code, _, err) = import_balances(&f, &url, &file);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("meter 500000000001 is already deducted by meterflow"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_sample_prepaid_balances_open_the_sample_fleet_mid_october() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let d = tempfile::tempdir().unwrap();
+    let url = sqlite_url(d.path());
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: d.path().to_path_buf(),
+        lake: root.join("sample-data"),
+        master: root.join("sample-data/master"),
+        tariffs: root.join("tariffs"),
+        readings: BTreeMap::new(),
+    };
+    let file = root.join("sample-data/prepaid_balances.csv");
+    let (code, out, err) = import_balances(&f, &url, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("3 accounts opened (balances 73.90 yuan)"),
+        "{out}"
+    );
+    let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
+    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    let mut l = ledger::open(&url).unwrap();
+    for a in ["A000000001", "A000000004", "A000000008"] {
+        let entries = l.entries(Some(a), 0, usize::MAX).unwrap();
+        assert_eq!(entries[0].entry.key, format!("open:{a}"));
+        let deducted: Vec<i64> = entries
+            .iter()
+            .filter(|e| e.entry.kind == EntryKind::Deduction)
+            .map(|e| e.entry.ts_ms)
+            .collect();
+        assert_eq!(deducted.len(), 16, "{a}: the days after the switch");
+        assert!(deducted.iter().all(|&t| t > switch), "{a}");
+    }
+    // A000000001 opened beyond the first tier (257.52 kWh): its first
+    // day after the switch is priced at the second tier's price.
+    let first = &l.entries(Some("A000000001"), 0, 2).unwrap()[1];
+    assert!(
+        first
+            .entry
+            .detail
+            .contains("\"position_before\":\"257.52\""),
+        "{first:?}"
+    );
 }

@@ -1,0 +1,413 @@
+//! Prepaid accounts switching to meterflow from another system
+//! (`meterflow ledger import-balances`, docs/prepay.md).
+//!
+//! Each row gives an account's balance at its switch instant (the old
+//! system deducted every reading up to it) and its tier position (kWh of
+//! its accumulation window consumed before the switch). One transaction per
+//! group of accounts writes, for each: one `adjustment` entry (key
+//! `open:ACCOUNT`, at the switch) and a cursor for each of its meters at the
+//! switch. `prepay run` and `stream` then find every reading at or before
+//! the switch stale, and charge the next ones from the meter's reading at
+//! the switch at the imported position: nothing the old system deducted is
+//! deducted again, and nothing after it is missed. `ledger import-payments`
+//! does not credit an opened account's payments made at or before its
+//! switch ([`openings`]): the opening balance holds them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use rust_decimal::Decimal;
+
+use super::pricing::{local_date_minute, Pricer};
+use super::run::{interval_meters, load_register_readings, tou_meters, Fleet, RegisterReading};
+use super::{deduct, interval, PrepayError};
+use crate::ledger::{Batch, Cursor, EntryKind, Ledger, NewEntry, NoHook, Outcome, TouCursor};
+use crate::master::{Account, Meter, PrepaidOpening};
+use crate::tariff::tou::MAX_PERIODS;
+
+/// Key prefix of opening entries: `open:ACCOUNT`.
+pub const KEY_PREFIX: &str = "open:";
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpeningReport {
+    pub rows: usize,
+    /// Accounts opened by this import.
+    pub imported: usize,
+    /// Accounts already opened with the same balance, instant and cursors.
+    pub already: usize,
+    /// Sum of the balances this import entered.
+    pub balance: Decimal,
+    /// Rows not imported: `FILE:LINE: account A: reason`.
+    pub refused: Vec<String>,
+    /// Rows that did not parse: `FILE:LINE: field 'F': reason`.
+    pub bad_rows: Vec<String>,
+}
+
+/// Every opened account's switch instant (UTC ms), from its opening entry.
+pub fn openings(ledger: &mut dyn Ledger) -> Result<HashMap<String, i64>, PrepayError> {
+    Ok(ledger
+        .entries_keyed(KEY_PREFIX)?
+        .into_iter()
+        .map(|e| (e.entry.account_id, e.entry.ts_ms))
+        .collect())
+}
+
+pub(crate) fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339())
+}
+
+/// The opening entry of `row`.
+fn entry_of(row: &PrepaidOpening, file: &str) -> NewEntry {
+    NewEntry {
+        key: format!("{KEY_PREFIX}{}", row.account_id),
+        account_id: row.account_id.clone(),
+        kind: EntryKind::Adjustment,
+        amount: row.balance,
+        ts_ms: row.switched_at.timestamp_millis(),
+        source: "opening".into(),
+        detail: serde_json::json!({
+            "file": file,
+            "line": row.line,
+            "position_kwh": row.position_kwh.normalize().to_string(),
+        })
+        .to_string(),
+    }
+}
+
+/// One account's opening, ready to commit.
+struct Planned {
+    entry: NewEntry,
+    cursors: Vec<Cursor>,
+}
+
+/// What the fleet, the tariffs and the lake say of the switch instants.
+struct Context<'a> {
+    fleet: &'a Fleet,
+    pricer: &'a dyn Pricer,
+    /// Register readings of the prepaid meters around the switch instants.
+    readings: HashMap<&'a str, Vec<RegisterReading>>,
+    /// Per switch instant: meters deducted from intervals, and meters on
+    /// time-of-use registers.
+    kinds: HashMap<i64, (HashSet<String>, HashSet<String>)>,
+}
+
+impl Context<'_> {
+    /// The cursors that start `account`'s deductions at `row`'s switch.
+    fn cursors(&self, account: &Account, row: &PrepaidOpening) -> Result<Vec<Cursor>, String> {
+        let at = row.switched_at.timestamp_millis();
+        let price = |e: super::pricing::PriceError| e.to_string();
+        let off = self.pricer.utc_offset_secs(account).map_err(price)?;
+        // The last local day before the switch: a meter installed on it
+        // was in service at the switch, one removed on it was not.
+        let (day, _) = local_date_minute(at - 1, off);
+        if account.opened_on > day {
+            return Err(format!("opened on {}, after the switch", account.opened_on));
+        }
+        let w = self.pricer.window(account, at).map_err(price)?;
+        if w.start_ms == at && !row.position_kwh.is_zero() {
+            return Err(format!(
+                "position_kwh {}: the switch starts a new accumulation window (tier month or year), whose position is 0",
+                row.position_kwh
+            ));
+        }
+        let (by_interval, tou) = &self.kinds[&at];
+        let meters: Vec<&Meter> = self.fleet.meters_of(&account.account_id).collect();
+        let serving = |m: &Meter| m.installed_on <= day && m.removed_on.is_none_or(|r| r > day);
+        let in_service = meters.iter().filter(|m| serving(m)).count();
+        if in_service > 1 && !row.position_kwh.is_zero() {
+            return Err(format!(
+                "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch",
+                row.position_kwh
+            ));
+        }
+        let mut out = Vec::new();
+        for m in meters {
+            if m.installed_on > day {
+                continue; // all its readings are the new system's
+            }
+            let mut c = Cursor {
+                meter_id: m.meter_id.clone(),
+                channel: deduct::CHANNEL.into(),
+                window_start_ms: w.start_ms,
+                position: row.position_kwh,
+                last_ts_ms: at,
+                last_value: Decimal::ZERO,
+                // The window's start, not the switch: a reading between the
+                // two is stale, never charged "in front" of the position.
+                first_ts_ms: w.start_ms,
+                first_value: Decimal::ZERO,
+                held: None,
+                tou: None,
+            };
+            let readings = self.readings.get(m.meter_id.as_str());
+            if !serving(m) {
+                // Removed before the switch: every reading it has is the
+                // old system's, and the cursor keeps them stale.
+                c.position = Decimal::ZERO;
+            }
+            if by_interval.contains(&m.meter_id) {
+                // The window's quarter hours up to the switch are charged.
+                let slots = u32::try_from((at - w.start_ms) / interval::INTERVAL_MS)
+                    .map_err(|_| "the switch is too far from its window's start".to_string())?;
+                c.channel = interval::CHANNEL.into();
+                c.tou = Some(TouCursor {
+                    periods: vec![Decimal::ZERO; MAX_PERIODS],
+                    intervals: if slots > 0 {
+                        vec![(0, slots)]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Default::default()
+                });
+                out.push(c);
+                continue;
+            }
+            if !serving(m) {
+                if let Some(&(_, v, _)) = readings.and_then(|r| r.iter().rev().find(|r| r.0 <= at))
+                {
+                    (c.last_value, c.first_value) = (v, v);
+                }
+                out.push(c);
+                continue;
+            }
+            let Some(&(_, v, regs)) =
+                readings.and_then(|r| r.binary_search_by_key(&at, |r| r.0).ok().map(|i| &r[i]))
+            else {
+                return Err(format!(
+                    "meter {} has no chargeable {} reading at the switch ({}) in the lake: the switch is the instant of a reading the old system deducted through",
+                    m.meter_id,
+                    deduct::CHANNEL,
+                    rfc3339(at)
+                ));
+            };
+            (c.last_value, c.first_value) = (v, v);
+            if tou.contains(&m.meter_id) {
+                let Some(r) = regs else {
+                    return Err(format!(
+                        "meter {} is on time-of-use registers and has no T1..T4 reading at the switch ({})",
+                        m.meter_id,
+                        rfc3339(at)
+                    ));
+                };
+                // Per-period kWh restart at the switch (the file gives the
+                // total position only).
+                c.tou = Some(TouCursor {
+                    last: r,
+                    first: r,
+                    periods: vec![Decimal::ZERO; MAX_PERIODS],
+                    held: None,
+                    intervals: Vec::new(),
+                });
+            }
+            out.push(c);
+        }
+        Ok(out)
+    }
+}
+
+/// Imports a prepaid fleet's opening balances (`prepaid_balances.csv`,
+/// docs/data-model.md) into the ledger, in transactions of about `chunk`
+/// accounts. Idempotent: an account already opened the same way is
+/// counted in `already`; one opened differently, or with entries or
+/// cursors the opening would contradict, is refused with the reason.
+pub fn import_file(
+    ledger: &mut dyn Ledger,
+    path: &Path,
+    fleet: &Fleet,
+    pricer: &(dyn Pricer + Sync),
+    lake: &Path,
+    chunk: usize,
+) -> Result<OpeningReport, PrepayError> {
+    let loaded = crate::master::load_prepaid_openings(path)
+        .map_err(|e| PrepayError::Input(e.to_string()))?;
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut report = OpeningReport {
+        rows: loaded.rows.len() + loaded.errors.len(),
+        bad_rows: loaded.errors.iter().map(|e| e.to_string()).collect(),
+        ..Default::default()
+    };
+    let refusal = |row: &PrepaidOpening, why: &str| {
+        format!(
+            "{}:{}: account {}: {why}",
+            path.display(),
+            row.line,
+            row.account_id
+        )
+    };
+    let mut lines: HashMap<&str, Vec<u64>> = HashMap::new();
+    for r in &loaded.rows {
+        lines.entry(&r.account_id).or_default().push(r.line);
+    }
+    let mut rows: Vec<(&PrepaidOpening, &Account)> = Vec::new();
+    for r in &loaded.rows {
+        let Some(a) = fleet.accounts.get(&r.account_id) else {
+            report.refused.push(refusal(
+                r,
+                "not a prepaid account of accounts.csv (postpaid accounts open in opening_balances.csv)",
+            ));
+            continue;
+        };
+        match &lines[r.account_id.as_str()][..] {
+            [_] => rows.push((r, a)),
+            all => report.refused.push(refusal(
+                r,
+                &format!("the account has rows on lines {all:?}: one balance per account"),
+            )),
+        }
+    }
+    let Some(first) = rows.iter().map(|r| r.0.switched_at).min() else {
+        return Ok(report);
+    };
+    let last = rows
+        .iter()
+        .map(|r| r.0.switched_at.timestamp_millis())
+        .max();
+    let last = last.unwrap_or_default();
+    let mut kinds = HashMap::new();
+    for (r, _) in &rows {
+        let at = r.switched_at.timestamp_millis();
+        kinds.entry(at).or_insert_with(|| {
+            (
+                interval_meters(pricer, fleet, at),
+                tou_meters(pricer, fleet, at),
+            )
+        });
+    }
+    // The readings at the switches (partitions are UTC days).
+    let loaded_readings = load_register_readings(
+        lake,
+        fleet,
+        pricer,
+        &HashSet::new(),
+        first.date_naive() - chrono::Duration::days(1),
+        last,
+    )?;
+    let ctx = Context {
+        fleet,
+        pricer,
+        readings: loaded_readings
+            .into_iter()
+            .map(|m| (m.meter.meter_id(), m.readings))
+            .collect(),
+        kinds,
+    };
+    // What the ledger already holds of these accounts.
+    let mut stored: HashMap<String, Vec<Cursor>> = HashMap::new();
+    for c in ledger.cursors()? {
+        if let Some((m, _)) = fleet.meter_account(&c.meter_id) {
+            stored.entry(m.account_id.clone()).or_default().push(c);
+        }
+    }
+    let with_entries: HashSet<String> = ledger.balances()?.into_iter().map(|b| b.0).collect();
+    let mut planned: Vec<Planned> = Vec::new();
+    for (row, account) in rows {
+        let cursors = match ctx.cursors(account, row) {
+            Ok(c) => c,
+            Err(why) => {
+                report.refused.push(refusal(row, &why));
+                continue;
+            }
+        };
+        let entry = entry_of(row, &file);
+        let at = entry.ts_ms;
+        let held = stored.remove(&account.account_id).unwrap_or_default();
+        let (opened, earlier) = if with_entries.contains(&account.account_id) {
+            let entries = ledger.entries(Some(&account.account_id), 0, usize::MAX)?;
+            let opened = entries
+                .iter()
+                .find(|e| e.entry.key == entry.key)
+                .map(|e| e.entry.identity());
+            let earlier: Vec<String> = entries
+                .into_iter()
+                .filter(|e| e.entry.key != entry.key && e.entry.ts_ms <= at)
+                .map(|e| e.entry.key)
+                .collect();
+            (opened, earlier)
+        } else {
+            (None, Vec::new())
+        };
+        let why = match (opened, held.first(), earlier.first()) {
+            // Entry and cursors were committed together (the cursors may
+            // have moved on since).
+            (Some(o), _, _) if o == entry.identity() => {
+                report.already += 1;
+                continue;
+            }
+            (Some(o), _, _) => format!(
+                "already opened as [{o}]; this file says [{}]",
+                entry.identity()
+            ),
+            (None, Some(c), _) => format!(
+                "meter {} is already deducted by meterflow (its {} cursor is at {}): opening balances go in before the first prepay run or stream",
+                c.meter_id,
+                c.channel,
+                rfc3339(c.last_ts_ms)
+            ),
+            (None, None, Some(first)) => format!(
+                "the ledger already holds {} entries of it at or before the switch (first: {first}), which its opening balance would count twice",
+                earlier.len()
+            ),
+            (None, None, None) => {
+                planned.push(Planned { entry, cursors });
+                continue;
+            }
+        };
+        report.refused.push(refusal(row, &why));
+    }
+    for group in planned.chunks(chunk.max(1)) {
+        commit(ledger, group, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Commits a group of openings in one transaction, or one at a time when
+/// a cursor appeared meanwhile (a run or stream started): those are refused.
+fn commit(
+    ledger: &mut dyn Ledger,
+    group: &[Planned],
+    report: &mut OpeningReport,
+) -> Result<(), PrepayError> {
+    let batch = |g: &[Planned]| Batch {
+        entries: g.iter().map(|p| p.entry.clone()).collect(),
+        cursors: g.iter().flat_map(|p| p.cursors.iter().cloned()).collect(),
+        evaluate: Vec::new(),
+        expect: g
+            .iter()
+            .flat_map(|p| &p.cursors)
+            .map(|c| (c.meter_id.clone(), c.channel.clone(), None))
+            .collect(),
+    };
+    let r = ledger.commit(&batch(group), &NoHook)?;
+    if !r.stale {
+        for (o, p) in r.outcomes.iter().zip(group) {
+            match o {
+                Outcome::Inserted => {
+                    report.imported += 1;
+                    report.balance += p.entry.amount;
+                }
+                Outcome::Duplicate => report.already += 1,
+                Outcome::Conflict { stored } => report.refused.push(format!(
+                    "account {}: already opened as [{stored}] (written meanwhile)",
+                    p.entry.account_id
+                )),
+            }
+        }
+        return Ok(());
+    }
+    if group.len() > 1 {
+        for p in group {
+            commit(ledger, std::slice::from_ref(p), report)?;
+        }
+        return Ok(());
+    }
+    report.refused.push(format!(
+        "account {}: a meter's cursor was written while importing (a prepay run or stream is deducting it): not opened",
+        group[0].entry.account_id
+    ));
+    Ok(())
+}
