@@ -179,18 +179,7 @@ impl PgTx<'_, '_> {
             "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries WHERE key = $1",
             &[&key],
         )?;
-        let raw = (
-            r.get(0),
-            r.get(1),
-            r.get(2),
-            r.get(3),
-            r.get(4),
-            r.get(5),
-            r.get(6),
-            r.get(7),
-            r.get(8),
-        );
-        Ok(build_entry(raw)?.entry.identity())
+        Ok(entry_of_row(&r)?.entry.identity())
     }
 }
 

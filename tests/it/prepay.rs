@@ -1553,13 +1553,7 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
     let mut opening = String::from("account_id,switched_at,balance,position_kwh\n");
     for i in 0..2usize {
         let a = format!("T0000{i}");
-        let upto: Decimal = l
-            .entries(Some(&a), 0, usize::MAX)
-            .unwrap()
-            .iter()
-            .filter(|e| e.entry.ts_ms <= switch)
-            .map(|e| e.entry.amount)
-            .sum();
+        let upto = balance_at(l.as_mut(), &a, switch);
         let total_at = |ts| {
             all.iter()
                 .find(|r| {
@@ -1573,28 +1567,7 @@ fn tou_prepaid_deductions_of_a_month_add_up_to_the_bill_run_of_the_same_lake() {
         let kwh = (total_at(switch) - total_at(OCT1_LOCAL_MIDNIGHT)) * Decimal::from(i as i64 + 1);
         opening.push_str(&format!("{a},{},{upto},{kwh}\n", switch_rfc3339(switch)));
     }
-    let file = root.join("prepaid_balances.csv");
-    std::fs::write(&file, opening).unwrap();
-    let switched = root.join("switched.sqlite").display().to_string();
-    let f = Fixture {
-        _dir: tempfile::tempdir().unwrap(),
-        root: root.to_path_buf(),
-        lake: lake.clone(),
-        master: master.clone(),
-        tariffs: tariffs.to_path_buf(),
-        readings: BTreeMap::new(),
-    };
-    let (code, out, err) = import_balances(&f, &switched, &file);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let s = batch_run(
-        &lake,
-        &master,
-        &tariffs,
-        &switched,
-        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
-        1,
-        false,
-    );
+    let (switched, s) = switch_and_run_october(root, &lake, &master, &tariffs, &opening);
     assert_eq!((s.deductions, s.incomplete), (38, 0), "{s:?}");
     let mut sl = ledger::open(&switched).unwrap();
     for i in 0..2usize {
@@ -1688,13 +1661,7 @@ fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run()
     let switch = OCT1_LOCAL_MIDNIGHT + 12 * DAY + 7 * quarter;
     let mut opening = String::from("account_id,switched_at,balance,position_kwh\n");
     for (a, m) in [("T00000", meter_id(0)), ("T00001", meter_id(1))] {
-        let upto: Decimal = l
-            .entries(Some(a), 0, usize::MAX)
-            .unwrap()
-            .iter()
-            .filter(|e| e.entry.ts_ms <= switch)
-            .map(|e| e.entry.amount)
-            .sum();
+        let upto = balance_at(l.as_mut(), a, switch);
         let kwh: Decimal = all
             .iter()
             .filter(|r| r.meter_id == m && r.channel == Channel::ImportActiveInterval)
@@ -1708,28 +1675,7 @@ fn interval_only_tou_meters_are_deducted_per_period_and_add_up_to_the_bill_run()
             kwh * ct
         ));
     }
-    let file = root.join("prepaid_balances.csv");
-    std::fs::write(&file, opening).unwrap();
-    let switched = root.join("switched.sqlite").display().to_string();
-    let f = Fixture {
-        _dir: tempfile::tempdir().unwrap(),
-        root: root.to_path_buf(),
-        lake: lake.clone(),
-        master: master.clone(),
-        tariffs: tariffs.clone(),
-        readings: BTreeMap::new(),
-    };
-    let (code, out, err) = import_balances(&f, &switched, &file);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let s = batch_run(
-        &lake,
-        &master,
-        &tariffs,
-        &switched,
-        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
-        1,
-        false,
-    );
+    let (switched, s) = switch_and_run_october(root, &lake, &master, &tariffs, &opening);
     let mut sl = ledger::open(&switched).unwrap();
     for a in ["T00000", "T00001"] {
         let ours: Vec<i64> = sl
@@ -2150,6 +2096,50 @@ fn stream_after_a_restart_forecasts_an_account_from_all_its_meters() {
 
 // ---------- prepaid accounts switching to meterflow ----------
 
+/// An account's balance at `ts`: the sum of its entries up to then.
+fn balance_at(l: &mut dyn Ledger, account: &str, ts: i64) -> Decimal {
+    l.entries(Some(account), 0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|e| e.entry.ts_ms <= ts)
+        .map(|e| e.entry.amount)
+        .sum()
+}
+
+/// A fresh ledger in `root` opened with `opening` (the CSV text) and
+/// deducted through October; its URL and the run's counters.
+fn switch_and_run_october(
+    root: &Path,
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    opening: &str,
+) -> (String, meterflow::prepay::run::RunStats) {
+    let file = root.join("prepaid_balances.csv");
+    std::fs::write(&file, opening).unwrap();
+    let switched = root.join("switched.sqlite").display().to_string();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: root.to_path_buf(),
+        lake: lake.to_path_buf(),
+        master: master.to_path_buf(),
+        tariffs: tariffs.to_path_buf(),
+        readings: BTreeMap::new(),
+    };
+    let (code, out, err) = import_balances(&f, &switched, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s = batch_run(
+        lake,
+        master,
+        tariffs,
+        &switched,
+        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
+        1,
+        false,
+    );
+    (switched, s)
+}
+
 /// `ledger import-balances` with FILE into `url`; (exit code, stdout, stderr).
 fn import_balances(f: &Fixture, url: &str, file: &Path) -> (Option<i32>, String, String) {
     let o = Command::new(bin())
@@ -2192,13 +2182,7 @@ fn openings_at(url: &str, switch: i64, accounts: usize) -> String {
     let mut out = String::from("account_id,switched_at,balance,position_kwh\n");
     for i in 0..accounts {
         let a = format!("P{i:05}");
-        let balance: Decimal = l
-            .entries(Some(&a), 0, usize::MAX)
-            .unwrap()
-            .iter()
-            .filter(|e| e.entry.ts_ms <= switch)
-            .map(|e| e.entry.amount)
-            .sum();
+        let balance = balance_at(l.as_mut(), &a, switch);
         out.push_str(&format!(
             "{a},{},{balance},{}\n",
             switch_rfc3339(switch),
