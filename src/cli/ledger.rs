@@ -85,7 +85,8 @@ pub enum LedgerCmd {
     /// transaction: `prepay run` and `stream` then deduct only what comes
     /// after, and `import-payments` does not credit the account's payments
     /// made at or before the switch. Run it once before the first
-    /// `prepay run`; running it again changes nothing. Refused rows (with
+    /// `prepay run`; running it again changes nothing (but gives meters
+    /// added to meters.csv since their cursor). Refused rows (with
     /// the reason) and bad rows make the exit code 2; the others are
     /// imported.
     ImportBalances {
@@ -270,12 +271,13 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{}: {} rows, {} accounts opened (balances {} yuan), {} already opened (ignored), {} refused, {} bad rows",
+                    "{}: {} rows, {} accounts opened (balances {} yuan), {} already opened (ignored), {} meters added, {} refused, {} bad rows",
                     file.display(),
                     r.rows,
                     r.imported,
                     r.balance,
                     r.already,
+                    r.meters_added,
                     r.refused.len(),
                     r.bad_rows.len()
                 );

@@ -54,6 +54,8 @@ pub trait Tx {
     fn clear_flag(&mut self, account: &str, flag: &str) -> Result<(), LedgerError>;
     /// Inserts unless the id exists.
     fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError>;
+    /// Whether an entry with this key is stored.
+    fn entry_exists(&mut self, key: &str) -> Result<bool, LedgerError>;
 }
 
 /// Applies `batch` through `tx`. Returns the report; the caller commits
@@ -75,6 +77,20 @@ pub fn commit_batch(
     accounts.sort_unstable();
     accounts.dedup();
     tx.lock_balances(&accounts)?;
+    // Checked with the balance rows locked: a writer that changes them
+    // commits before or after this one, never in between.
+    for (account, want) in &batch.entry_counts {
+        if tx.balance(account)?.1 != *want {
+            report.stale = true;
+            return Ok(report);
+        }
+    }
+    for key in &batch.absent_keys {
+        if tx.entry_exists(key)? {
+            report.stale = true;
+            return Ok(report);
+        }
+    }
     let mut expect: Vec<&Expect> = batch.expect.iter().collect();
     expect.sort_unstable();
     let mut keys: Vec<(&str, &str)> = expect

@@ -271,6 +271,15 @@ pub struct Batch {
     /// still has this stamp (None = must not exist).
     /// Otherwise the commit returns `stale = true` and changes nothing.
     pub expect: Vec<Expect>,
+    /// Entry-count preconditions: each account (one of the batch's entries'
+    /// accounts, so its balance row is locked) still holds exactly this
+    /// many entries; otherwise `stale`. An opening balance is written only
+    /// if no payment arrived since it was checked.
+    pub entry_counts: Vec<(String, i64)>,
+    /// Keys that must not be stored yet, each `open:ACCOUNT` of an account
+    /// with an entry in the batch (so the check and the opening's commit
+    /// are serialized on its balance row); otherwise `stale`.
+    pub absent_keys: Vec<String>,
 }
 
 /// The outcome of one entry.
@@ -334,10 +343,11 @@ pub trait Ledger: Send {
         after_seq: i64,
         limit: usize,
     ) -> Result<Vec<Entry>, LedgerError>;
-    /// Entries whose key starts with `prefix` (ASCII), in seq order: e.g.
-    /// every prepaid opening balance (`open:`). This default pages through
-    /// all entries; the backends ask their key index.
-    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
+    /// The stored entries with these keys (those that exist), in seq
+    /// order: one lookup of the key index each. This default pages through
+    /// all entries.
+    fn entries_by_keys(&mut self, keys: &[String]) -> Result<Vec<Entry>, LedgerError> {
+        let want: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
         let mut out = Vec::new();
         let mut after = 0;
         loop {
@@ -346,7 +356,10 @@ pub trait Ledger: Send {
                 return Ok(out);
             };
             after = last.seq;
-            out.extend(page.into_iter().filter(|e| e.entry.key.starts_with(prefix)));
+            out.extend(
+                page.into_iter()
+                    .filter(|e| want.contains(e.entry.key.as_str())),
+            );
         }
     }
     fn cursor(&mut self, meter_id: &str, channel: &str) -> Result<Option<Cursor>, LedgerError>;

@@ -230,6 +230,12 @@ impl Tx for PgTx<'_, '_> {
         }
         Ok(())
     }
+    fn entry_exists(&mut self, key: &str) -> Result<bool, LedgerError> {
+        Ok(self
+            .tx
+            .query_opt("SELECT 1 FROM entries WHERE key = $1", &[&key])?
+            .is_some())
+    }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
         let n = self.tx.execute(
             "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)
@@ -492,12 +498,12 @@ impl Ledger for PgLedger {
         rows.iter().map(entry_of_row).collect()
     }
 
-    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
-        // starts_with compares bytes whatever the database's collation.
+    fn entries_by_keys(&mut self, keys: &[String]) -> Result<Vec<Entry>, LedgerError> {
+        // Equality on the unique key index, whatever the collation.
         let rows = self.client.query(
             "SELECT seq, key, account_id, kind, amount::text, ts_ms, source, detail, recorded_ms FROM entries
-             WHERE starts_with(key, $1) ORDER BY seq",
-            &[&prefix],
+             WHERE key = ANY($1) ORDER BY seq",
+            &[&keys],
         )?;
         rows.iter().map(entry_of_row).collect()
     }

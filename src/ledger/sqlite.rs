@@ -437,6 +437,13 @@ impl Tx for SqlTx<'_> {
         self.balances.forget((account, ""));
         Ok(())
     }
+    fn entry_exists(&mut self, key: &str) -> Result<bool, LedgerError> {
+        Ok(self
+            .st(Stmt::EntryByKey)?
+            .query_row(params![key], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
         let n = self.st(Stmt::InsertEntry)?.execute(params![
             e.key,
@@ -664,25 +671,17 @@ impl Ledger for SqliteLedger {
         Ok(out)
     }
 
-    fn entries_keyed(&mut self, prefix: &str) -> Result<Vec<Entry>, LedgerError> {
-        // A range of the key index: keys compare as bytes (BINARY), so the
-        // keys with the prefix are those from it up to its last byte + 1.
-        let Some((&last, head)) = prefix.as_bytes().split_last().filter(|(l, _)| **l < 0x7f) else {
-            return Err(LedgerError::Db(format!(
-                "key prefix '{prefix}' is not ASCII"
-            )));
-        };
-        let mut end = head.to_vec();
-        end.push(last + 1);
-        let end = String::from_utf8(end).map_err(|e| LedgerError::Db(e.to_string()))?;
-        let sql = "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries
-                   WHERE key >= ?1 AND key < ?2 ORDER BY seq";
-        let mut st = self.conn.prepare_cached(sql)?;
-        let rows = st.query_map(params![prefix, end], entry_from_row)?;
+    fn entries_by_keys(&mut self, keys: &[String]) -> Result<Vec<Entry>, LedgerError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1",
+        )?;
         let mut out = Vec::new();
-        for r in rows {
-            out.push(build_entry(r?)?);
+        for k in keys {
+            if let Some(raw) = st.query_row(params![k], entry_from_row).optional()? {
+                out.push(build_entry(raw)?);
+            }
         }
+        out.sort_by_key(|e| e.seq);
         Ok(out)
     }
 

@@ -11,15 +11,20 @@
 //! the switch at the imported position: nothing the old system deducted is
 //! deducted again, and nothing after it is missed. `ledger import-payments`
 //! does not credit an opened account's payments made at or before its
-//! switch ([`openings`]): the opening balance holds them.
+//! switch: the opening balance holds them. Both check the other inside
+//! their transactions (on the account's balance row), so running them at
+//! the same time neither credits a payment twice nor opens an account over
+//! one.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rust_decimal::Decimal;
 
+use chrono::NaiveDate;
+
 use super::pricing::{local_date_minute, Pricer};
-use super::run::{interval_meters, load_register_readings, tou_meters, Fleet, RegisterReading};
+use super::run::{interval_meters, load_readings_with, tou_meters, Fleet, RegisterReading};
 use super::{deduct, interval, PrepayError};
 use crate::ledger::{Batch, Cursor, EntryKind, Ledger, NewEntry, NoHook, Outcome, TouCursor};
 use crate::master::{Account, Meter, PrepaidOpening};
@@ -34,8 +39,11 @@ pub struct OpeningReport {
     pub rows: usize,
     /// Accounts opened by this import.
     pub imported: usize,
-    /// Accounts already opened with the same balance, instant and cursors.
+    /// Accounts already opened with the same balance, instant and position.
     pub already: usize,
+    /// Meters of accounts opened earlier that had no cursor yet (added to
+    /// `meters.csv` since): given their cursor at the switch.
+    pub meters_added: usize,
     /// Sum of the balances this import entered.
     pub balance: Decimal,
     /// Rows not imported: `FILE:LINE: account A: reason`.
@@ -44,24 +52,30 @@ pub struct OpeningReport {
     pub bad_rows: Vec<String>,
 }
 
-/// Every opened account's switch instant (UTC ms), from its opening entry.
-pub fn openings(ledger: &mut dyn Ledger) -> Result<HashMap<String, i64>, PrepayError> {
-    Ok(ledger
-        .entries_keyed(KEY_PREFIX)?
-        .into_iter()
-        .map(|e| (e.entry.account_id, e.entry.ts_ms))
-        .collect())
+/// The key of `account`'s opening entry.
+pub fn key(account: &str) -> String {
+    format!("{KEY_PREFIX}{account}")
 }
 
+/// An instant as RFC 3339 in UTC (messages).
 pub(crate) fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339())
+    local_time(ms, 0)
+}
+
+/// An instant as RFC 3339 at `offset_secs` east of UTC (messages).
+fn local_time(ms: i64, offset_secs: i32) -> String {
+    let off = chrono::FixedOffset::east_opt(offset_secs)
+        .unwrap_or(chrono::FixedOffset::east_opt(0).expect("0"));
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || format!("{ms} ms"),
+        |t| t.with_timezone(&off).to_rfc3339(),
+    )
 }
 
 /// The opening entry of `row`.
 fn entry_of(row: &PrepaidOpening, file: &str) -> NewEntry {
     NewEntry {
-        key: format!("{KEY_PREFIX}{}", row.account_id),
+        key: key(&row.account_id),
         account_id: row.account_id.clone(),
         kind: EntryKind::Adjustment,
         amount: row.balance,
@@ -76,9 +90,13 @@ fn entry_of(row: &PrepaidOpening, file: &str) -> NewEntry {
     }
 }
 
-/// One account's opening, ready to commit.
+/// One account's opening (or, for one opened earlier, the cursors of its
+/// meters added since), ready to commit.
 struct Planned {
-    entry: NewEntry,
+    account_id: String,
+    entry: Option<NewEntry>,
+    /// Entries the account held when planned: the commit's precondition.
+    entries_before: i64,
     cursors: Vec<Cursor>,
 }
 
@@ -89,20 +107,29 @@ struct Context<'a> {
     /// Register readings of the prepaid meters around the switch instants.
     readings: HashMap<&'a str, Vec<RegisterReading>>,
     /// Per switch instant: meters deducted from intervals, and meters on
-    /// time-of-use registers.
+    /// time-of-use registers, as the tariff of the first quarter hour after
+    /// the switch has them (what meterflow deducts).
     kinds: HashMap<i64, (HashSet<String>, HashSet<String>)>,
 }
 
 impl Context<'_> {
+    /// The account's UTC offset, and the last local day before `at`: a
+    /// meter installed on it was in service at the switch, one removed on
+    /// it was not.
+    fn local(&self, account: &Account, at: i64) -> Result<(i32, NaiveDate), String> {
+        let off = self
+            .pricer
+            .utc_offset_secs(account)
+            .map_err(|e| e.to_string())?;
+        Ok((off, local_date_minute(at - 1, off).0))
+    }
+
     /// The cursors that start `account`'s deductions at `row`'s switch.
     fn cursors(&self, account: &Account, row: &PrepaidOpening) -> Result<Vec<Cursor>, String> {
         let at = row.switched_at.timestamp_millis();
         let price = |e: super::pricing::PriceError| e.to_string();
-        let off = self.pricer.utc_offset_secs(account).map_err(price)?;
-        // The last local day before the switch: a meter installed on it
-        // was in service at the switch, one removed on it was not.
-        let (day, _) = local_date_minute(at - 1, off);
-        if account.opened_on > day {
+        let (off, day) = self.local(account, at)?;
+        if account.opened_on > local_date_minute(at, off).0 {
             return Err(format!("opened on {}, after the switch", account.opened_on));
         }
         let w = self.pricer.window(account, at).map_err(price)?;
@@ -179,7 +206,7 @@ impl Context<'_> {
                     "meter {} has no chargeable {} reading at the switch ({}) in the lake: the switch is the instant of a reading the old system deducted through",
                     m.meter_id,
                     deduct::CHANNEL,
-                    rfc3339(at)
+                    local_time(at, off)
                 ));
             };
             (c.last_value, c.first_value) = (v, v);
@@ -188,7 +215,7 @@ impl Context<'_> {
                     return Err(format!(
                         "meter {} is on time-of-use registers and has no T1..T4 reading at the switch ({})",
                         m.meter_id,
-                        rfc3339(at)
+                        local_time(at, off)
                     ));
                 };
                 // Per-period kWh restart at the switch (the file gives the
@@ -268,21 +295,24 @@ pub fn import_file(
         .map(|r| r.0.switched_at.timestamp_millis())
         .max();
     let last = last.unwrap_or_default();
+    // What meterflow deducts from the switch on: the tariff of the first
+    // quarter hour after it (a new version may start at the switch).
     let mut kinds = HashMap::new();
+    let mut tou_any: HashSet<String> = HashSet::new();
     for (r, _) in &rows {
         let at = r.switched_at.timestamp_millis();
         kinds.entry(at).or_insert_with(|| {
-            (
-                interval_meters(pricer, fleet, at),
-                tou_meters(pricer, fleet, at),
-            )
+            let after = at + interval::INTERVAL_MS;
+            let tou = tou_meters(pricer, fleet, after);
+            tou_any.extend(tou.iter().cloned());
+            (interval_meters(pricer, fleet, after), tou)
         });
     }
     // The readings at the switches (partitions are UTC days).
-    let loaded_readings = load_register_readings(
+    let loaded_readings = load_readings_with(
         lake,
         fleet,
-        pricer,
+        &tou_any,
         &HashSet::new(),
         first.date_naive() - chrono::Duration::days(1),
         last,
@@ -306,6 +336,29 @@ pub fn import_file(
     let with_entries: HashSet<String> = ledger.balances()?.into_iter().map(|b| b.0).collect();
     let mut planned: Vec<Planned> = Vec::new();
     for (row, account) in rows {
+        let entry = entry_of(row, &file);
+        let at = entry.ts_ms;
+        let held = stored.remove(&account.account_id).unwrap_or_default();
+        let entries = if with_entries.contains(&account.account_id) {
+            ledger.entries(Some(&account.account_id), 0, usize::MAX)?
+        } else {
+            Vec::new()
+        };
+        if let Some(o) = entries.iter().find(|e| e.entry.key == entry.key) {
+            // Opened earlier: its entry and cursors were committed together
+            // (the cursors may have moved on since).
+            match reopen(&ctx, account, row, &o.entry, &entry, &held) {
+                Ok(None) => report.already += 1,
+                Ok(Some(cursors)) => planned.push(Planned {
+                    account_id: account.account_id.clone(),
+                    entry: None,
+                    entries_before: 0,
+                    cursors,
+                }),
+                Err(why) => report.refused.push(refusal(row, &why)),
+            }
+            continue;
+        }
         let cursors = match ctx.cursors(account, row) {
             Ok(c) => c,
             Err(why) => {
@@ -313,49 +366,32 @@ pub fn import_file(
                 continue;
             }
         };
-        let entry = entry_of(row, &file);
-        let at = entry.ts_ms;
-        let held = stored.remove(&account.account_id).unwrap_or_default();
-        let (opened, earlier) = if with_entries.contains(&account.account_id) {
-            let entries = ledger.entries(Some(&account.account_id), 0, usize::MAX)?;
-            let opened = entries
-                .iter()
-                .find(|e| e.entry.key == entry.key)
-                .map(|e| e.entry.identity());
-            let earlier: Vec<String> = entries
-                .into_iter()
-                .filter(|e| e.entry.key != entry.key && e.entry.ts_ms <= at)
-                .map(|e| e.entry.key)
-                .collect();
-            (opened, earlier)
-        } else {
-            (None, Vec::new())
-        };
-        let why = match (opened, held.first(), earlier.first()) {
-            // Entry and cursors were committed together (the cursors may
-            // have moved on since).
-            (Some(o), _, _) if o == entry.identity() => {
-                report.already += 1;
-                continue;
-            }
-            (Some(o), _, _) => format!(
-                "already opened as [{o}]; this file says [{}]",
-                entry.identity()
-            ),
-            (None, Some(c), _) => format!(
+        let earlier: Vec<&str> = entries
+            .iter()
+            .filter(|e| e.entry.ts_ms <= at)
+            .map(|e| e.entry.key.as_str())
+            .collect();
+        let why = if let Some(c) = held.first() {
+            let off = ctx.local(account, at).map_or(0, |l| l.0);
+            format!(
                 "meter {} is already deducted by meterflow (its {} cursor is at {}): opening balances go in before the first prepay run or stream",
                 c.meter_id,
                 c.channel,
-                rfc3339(c.last_ts_ms)
-            ),
-            (None, None, Some(first)) => format!(
+                local_time(c.last_ts_ms, off)
+            )
+        } else if let Some(first) = earlier.first() {
+            format!(
                 "the ledger already holds {} entries of it at or before the switch (first: {first}), which its opening balance would count twice",
                 earlier.len()
-            ),
-            (None, None, None) => {
-                planned.push(Planned { entry, cursors });
-                continue;
-            }
+            )
+        } else {
+            planned.push(Planned {
+                account_id: account.account_id.clone(),
+                entry: Some(entry),
+                entries_before: entries.len() as i64,
+                cursors,
+            });
+            continue;
         };
         report.refused.push(refusal(row, &why));
     }
@@ -365,38 +401,98 @@ pub fn import_file(
     Ok(report)
 }
 
+/// An account opened earlier, given again: the same balance, instant and
+/// position change nothing (None), except that meters added to
+/// `meters.csv` since, without a cursor yet, get theirs at the switch
+/// (Some). Another balance, instant or position is refused.
+fn reopen(
+    ctx: &Context<'_>,
+    account: &Account,
+    row: &PrepaidOpening,
+    stored: &NewEntry,
+    entry: &NewEntry,
+    held: &[Cursor],
+) -> Result<Option<Vec<Cursor>>, String> {
+    let position = |e: &NewEntry| {
+        serde_json::from_str::<serde_json::Value>(&e.detail)
+            .ok()
+            .and_then(|d| d["position_kwh"].as_str().map(str::to_string))
+    };
+    if stored.identity() != entry.identity() || position(stored) != position(entry) {
+        return Err(format!(
+            "already opened as [{}, position_kwh {}]; this file says [{}, position_kwh {}]",
+            stored.identity(),
+            position(stored).unwrap_or_default(),
+            entry.identity(),
+            position(entry).unwrap_or_default()
+        ));
+    }
+    let (_, day) = ctx.local(account, entry.ts_ms)?;
+    let missing = |m: &str| !held.iter().any(|c| c.meter_id == m);
+    let added = ctx
+        .fleet
+        .meters_of(&account.account_id)
+        .any(|m| m.installed_on <= day && missing(&m.meter_id));
+    if !added {
+        return Ok(None);
+    }
+    let cursors: Vec<Cursor> = ctx
+        .cursors(account, row)?
+        .into_iter()
+        .filter(|c| missing(&c.meter_id))
+        .collect();
+    Ok(Some(cursors))
+}
+
 /// Commits a group of openings in one transaction, or one at a time when
-/// a cursor appeared meanwhile (a run or stream started): those are refused.
+/// the ledger changed meanwhile (a cursor written by a run or stream, a
+/// payment credited): those are refused.
 fn commit(
     ledger: &mut dyn Ledger,
     group: &[Planned],
     report: &mut OpeningReport,
 ) -> Result<(), PrepayError> {
-    let batch = |g: &[Planned]| Batch {
-        entries: g.iter().map(|p| p.entry.clone()).collect(),
-        cursors: g.iter().flat_map(|p| p.cursors.iter().cloned()).collect(),
+    let opening = group
+        .iter()
+        .filter_map(|p| p.entry.as_ref().map(|e| (p, e)));
+    let batch = Batch {
+        entries: opening.clone().map(|(_, e)| e.clone()).collect(),
+        cursors: group
+            .iter()
+            .flat_map(|p| p.cursors.iter().cloned())
+            .collect(),
         evaluate: Vec::new(),
-        expect: g
+        expect: group
             .iter()
             .flat_map(|p| &p.cursors)
             .map(|c| (c.meter_id.clone(), c.channel.clone(), None))
             .collect(),
+        entry_counts: opening
+            .clone()
+            .map(|(p, e)| (e.account_id.clone(), p.entries_before))
+            .collect(),
+        absent_keys: Vec::new(),
     };
-    let r = ledger.commit(&batch(group), &NoHook)?;
+    let r = ledger.commit(&batch, &NoHook)?;
     if !r.stale {
-        for (o, p) in r.outcomes.iter().zip(group) {
+        for (o, (_, e)) in r.outcomes.iter().zip(opening) {
             match o {
                 Outcome::Inserted => {
                     report.imported += 1;
-                    report.balance += p.entry.amount;
+                    report.balance += e.amount;
                 }
                 Outcome::Duplicate => report.already += 1,
                 Outcome::Conflict { stored } => report.refused.push(format!(
                     "account {}: already opened as [{stored}] (written meanwhile)",
-                    p.entry.account_id
+                    e.account_id
                 )),
             }
         }
+        report.meters_added += group
+            .iter()
+            .filter(|p| p.entry.is_none())
+            .map(|p| p.cursors.len())
+            .sum::<usize>();
         return Ok(());
     }
     if group.len() > 1 {
@@ -406,8 +502,8 @@ fn commit(
         return Ok(());
     }
     report.refused.push(format!(
-        "account {}: a meter's cursor was written while importing (a prepay run or stream is deducting it): not opened",
-        group[0].entry.account_id
+        "account {}: the ledger changed while importing (a prepay run or stream wrote a meter's cursor, or a payment was credited): not opened; import again",
+        group[0].account_id
     ));
     Ok(())
 }

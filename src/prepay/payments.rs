@@ -9,6 +9,7 @@
 //! to meterflow (`ledger import-balances`) is not credited: the opening
 //! balance holds it. It is reported in `before_switch`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::PrepayError;
@@ -63,31 +64,51 @@ pub fn import_file(
         .file_name()
         .map(|f| f.to_string_lossy().to_string())
         .unwrap_or_default();
-    let opened = super::opening::openings(ledger)?;
-    let mut rows = loaded.rows;
-    if !opened.is_empty() {
-        rows.retain(|p| match opened.get(&p.account_id) {
-            Some(&at) if p.paid_at.timestamp_millis() <= at => {
-                report.before_switch.push(format!(
-                    "pay:{}:{}: {} yuan paid at {} to {}, at or before its switch to meterflow at {}: its opening balance holds it",
-                    p.channel,
-                    p.txn_id,
-                    p.amount,
-                    p.paid_at.to_rfc3339(),
-                    p.account_id,
-                    super::opening::rfc3339(at)
-                ));
-                false
+    for rows in loaded.rows.chunks(chunk.max(1)) {
+        // The chunk's accounts that switched to meterflow, asked again
+        // whenever the commit finds one opened meanwhile.
+        let (batch, r) = loop {
+            let mut keys: Vec<String> = rows
+                .iter()
+                .map(|p| super::opening::key(&p.account_id))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let opened: HashMap<String, i64> = ledger
+                .entries_by_keys(&keys)?
+                .into_iter()
+                .map(|e| (e.entry.account_id, e.entry.ts_ms))
+                .collect();
+            let mut before = Vec::new();
+            let mut entries = Vec::new();
+            for p in rows {
+                match opened.get(&p.account_id) {
+                    Some(&at) if p.paid_at.timestamp_millis() <= at => before.push(format!(
+                        "pay:{}:{}: {} yuan paid at {} to {}, at or before its switch to meterflow at {}: its opening balance holds it",
+                        p.channel,
+                        p.txn_id,
+                        p.amount,
+                        p.paid_at.to_rfc3339(),
+                        p.account_id,
+                        super::opening::rfc3339(at)
+                    )),
+                    _ => entries.push(entry_for(p, &file)),
+                }
             }
-            _ => true,
-        });
-    }
-    for rows in rows.chunks(chunk.max(1)) {
-        let batch = Batch {
-            entries: rows.iter().map(|p| entry_for(p, &file)).collect(),
-            ..Default::default()
+            let batch = Batch {
+                absent_keys: keys
+                    .into_iter()
+                    .filter(|k| !opened.contains_key(&k[super::opening::KEY_PREFIX.len()..]))
+                    .collect(),
+                entries,
+                ..Default::default()
+            };
+            let r = ledger.commit(&batch, hook)?;
+            if !r.stale {
+                report.before_switch.extend(before);
+                break (batch, r);
+            }
         };
-        let r = ledger.commit(&batch, hook)?;
         for (o, e) in r.outcomes.iter().zip(&batch.entries) {
             match o {
                 Outcome::Inserted => report.credited += 1,

@@ -258,14 +258,27 @@ pub fn load_register_readings<'a>(
     from: NaiveDate,
     through_ms: i64,
 ) -> Result<Vec<MeterReadings<'a>>, PrepayError> {
-    use rayon::prelude::*;
     let tou = tou_meters(pricer, fleet, through_ms);
+    load_readings_with(lake, fleet, &tou, intervals, from, through_ms)
+}
+
+/// [`load_register_readings`] joining T1..T4 to the totals of the meters
+/// in `tou` (decided by the caller, e.g. at several instants).
+pub fn load_readings_with<'a>(
+    lake: &Path,
+    fleet: &'a Fleet,
+    tou: &HashSet<String>,
+    intervals: &HashSet<String>,
+    from: NaiveDate,
+    through_ms: i64,
+) -> Result<Vec<MeterReadings<'a>>, PrepayError> {
+    use rayon::prelude::*;
     let (to, _) = local_date_minute(through_ms, 0);
     let files = crate::store::reader::list_files(lake, "readings", from, to)?;
     let units = crate::store::scan::units(&files)?;
     let want = Wanted {
         fleet,
-        tou: &tou,
+        tou,
         intervals,
         through_ms,
     };

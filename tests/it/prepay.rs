@@ -1826,6 +1826,8 @@ struct OvertakenAt {
     inner: Box<dyn Ledger>,
     nth: usize,
     commits: usize,
+    /// What the other writer commits (None: the same batch).
+    other: Option<Batch>,
 }
 
 impl Ledger for OvertakenAt {
@@ -1839,7 +1841,8 @@ impl Ledger for OvertakenAt {
     ) -> Result<ledger::CommitReport, ledger::LedgerError> {
         self.commits += 1;
         if self.commits == self.nth {
-            assert!(!self.inner.commit(batch, hook)?.stale);
+            let other = self.other.take().unwrap_or_else(|| batch.clone());
+            assert!(!self.inner.commit(&other, hook)?.stale);
         }
         self.inner.commit(batch, hook)
     }
@@ -1901,6 +1904,7 @@ fn a_chunk_overtaken_while_the_next_one_is_stepped_is_recomputed_and_charged_onc
         inner: ledger::open_migrated(&url).unwrap(),
         nth: 2,
         commits: 0,
+        other: None,
     };
     let stats = batch_run_on(
         &mut l,
@@ -2296,7 +2300,7 @@ fn switching_fleet_deducts_as_its_history(history: &str, switched: &str, spare: 
     assert_eq!(code, Some(0));
     assert!(
         out.contains(&format!(
-            "0 accounts opened (balances 0 yuan), {n} already opened"
+            "0 accounts opened (balances 0 yuan), {n} already opened (ignored), 0 meters added"
         )),
         "{out}"
     );
@@ -2341,8 +2345,20 @@ fn prepaid_balances_taken_from_a_history_deduct_as_that_history_does_on_postgres
 
 #[test]
 fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
-    let f = fixture(4, 5);
+    let f = fixture(7, 5);
     let url = sqlite_url(&f.root);
+    // P00005 opened on the switch's day (accepted), P00006 the day after.
+    let accounts = std::fs::read_to_string(f.master.join("accounts.csv")).unwrap();
+    let accounts: String = accounts
+        .lines()
+        .map(|l| match l.split(',').next() {
+            Some("account_id") => format!("{l},opened_on\n"),
+            Some("P00005") => format!("{l},2026-10-16\n"),
+            Some("P00006") => format!("{l},2026-10-17\n"),
+            _ => format!("{l},2015-01-01\n"),
+        })
+        .collect();
+    std::fs::write(f.master.join("accounts.csv"), accounts).unwrap();
     let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
     let at = switch_rfc3339(switch);
     let no_reading = switch_rfc3339(switch + 900_000);
@@ -2370,13 +2386,15 @@ fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
              P00001,{no_reading},10,0\n\
              P00002,{month_start},10,5\n\
              P00003,{at},10,0\n\
-             P00004,{at},10.001,0\n"
+             P00004,{at},10.001,0\n\
+             P00005,{at},10,0\n\
+             P00006,{at},10,0\n"
         ),
     )
     .unwrap();
     let (code, out, err) = import_balances(&f, &url, &file);
     assert_eq!(code, Some(2), "{out}{err}");
-    assert!(out.contains("7 rows, 0 accounts opened"), "{out}");
+    assert!(out.contains("9 rows, 1 accounts opened"), "{out}");
     for want in [
         "prepaid_balances.csv:2: account Q00000: not a prepaid account",
         "prepaid_balances.csv:3: account P00000: the account has rows on lines [3, 4]",
@@ -2385,11 +2403,13 @@ fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
         "prepaid_balances.csv:6: account P00002: position_kwh 5: the switch starts a new accumulation window",
         "prepaid_balances.csv:7: account P00003: the ledger already holds 1 entries of it at or before the switch (first: pay:wechat:E1)",
         "prepaid_balances.csv:8: field 'balance'",
+        "prepaid_balances.csv:10: account P00006: opened on 2026-10-17, after the switch",
     ] {
         assert!(err.contains(want), "missing '{want}' in:\n{err}");
     }
-    // Nothing was written for them; after a prepay run, an opening is too late.
-    assert_eq!(l.cursors().unwrap().len(), 0);
+    assert!(!err.contains("P00005"), "{err}");
+    // Nothing was written for the others; after a prepay run, an opening is too late.
+    assert_eq!(l.cursors().unwrap().len(), 1);
     run_lib(&f, &url, switch);
     std::fs::write(
         &file,
@@ -2448,4 +2468,168 @@ fn the_sample_prepaid_balances_open_the_sample_fleet_mid_october() {
             .contains("\"position_before\":\"257.52\""),
         "{first:?}"
     );
+}
+
+/// Opening entry of `account` at `ts` (what `import-balances` writes).
+fn opening_entry(account: &str, ts: i64, amount: Decimal) -> NewEntry {
+    NewEntry {
+        key: format!("open:{account}"),
+        account_id: account.into(),
+        kind: EntryKind::Adjustment,
+        amount,
+        ts_ms: ts,
+        source: "opening".into(),
+        detail: "{}".into(),
+    }
+}
+
+#[test]
+fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_twice() {
+    let f = fixture(3, 9);
+    let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
+    let pay = f.root.join("pay.csv");
+    payments_around_the_switch(&pay);
+    let fleet = Fleet::load(&f.master).unwrap();
+    let pricer = TariffPricer::new(meterflow::tariff::load_dir(&f.tariffs).unwrap());
+
+    // P00000 is opened while the payments import is under way: its
+    // 10 October payment, credited in the old system, is not credited.
+    let url = f.root.join("a.sqlite").display().to_string();
+    let mut l = OvertakenAt {
+        inner: ledger::open_migrated(&url).unwrap(),
+        nth: 1,
+        commits: 0,
+        other: Some(Batch {
+            entries: vec![opening_entry("P00000", switch, dec!(80))],
+            ..Default::default()
+        }),
+    };
+    let r = meterflow::prepay::payments::import_file(&mut l, &pay, &NoHook, 100).unwrap();
+    assert_eq!((r.credited, r.before_switch.len()), (2, 1), "{r:?}");
+    assert!(r.before_switch[0].starts_with("pay:wechat:W1:"), "{r:?}");
+    assert_eq!(l.inner.balance("P00000").unwrap(), dec!(80));
+
+    // A payment before the switch credited while the opening is under
+    // way: that account is refused (its balance would hold the payment
+    // twice), the others are opened; again, it is refused for the payment.
+    let url = f.root.join("b.sqlite").display().to_string();
+    let mut early = entry("pay:wechat:E1", "P00001", dec!(10));
+    early.ts_ms = switch - DAY;
+    let mut l = OvertakenAt {
+        inner: ledger::open_migrated(&url).unwrap(),
+        nth: 1,
+        commits: 0,
+        other: Some(Batch {
+            entries: vec![early],
+            ..Default::default()
+        }),
+    };
+    let file = f.root.join("prepaid_balances.csv");
+    let at = switch_rfc3339(switch);
+    std::fs::write(
+        &file,
+        format!("account_id,switched_at,balance\nP00000,{at},1\nP00001,{at},2\nP00002,{at},3\n"),
+    )
+    .unwrap();
+    let import = |l: &mut dyn Ledger| {
+        meterflow::prepay::opening::import_file(l, &file, &fleet, &pricer, &f.lake, 10).unwrap()
+    };
+    let r = import(&mut l);
+    assert_eq!((r.imported, r.balance), (2, dec!(4)), "{r:?}");
+    assert_eq!(r.refused.len(), 1, "{r:?}");
+    assert!(
+        r.refused[0].starts_with("account P00001: the ledger changed while importing"),
+        "{r:?}"
+    );
+    let r = import(&mut l);
+    assert_eq!((r.imported, r.already), (0, 2), "{r:?}");
+    assert!(r.refused[0].contains("account P00001: the ledger already holds 1 entries of it at or before the switch (first: pay:wechat:E1)"), "{r:?}");
+    assert_eq!(l.inner.balance("P00001").unwrap(), dec!(10));
+    assert!(l
+        .inner
+        .cursor(&meter_id(1), "import_active_total")
+        .unwrap()
+        .is_none());
+
+    // A corrected position is refused, not ignored; a meter added to
+    // meters.csv since (removed before the switch) gets its cursor.
+    std::fs::write(
+        &file,
+        format!("account_id,switched_at,balance,position_kwh\nP00000,{at},1,7\nP00002,{at},3,\n"),
+    )
+    .unwrap();
+    let mut meters = std::fs::read_to_string(f.master.join("meters.csv")).unwrap();
+    meters.push_str("OLD-P00002,P00002,1,1,2015-01-01\n");
+    std::fs::write(
+        f.master.join("meters.csv"),
+        meters.replace("installed_on\n", "installed_on,removed_on\n"),
+    )
+    .unwrap();
+    let meters = std::fs::read_to_string(f.master.join("meters.csv")).unwrap();
+    let meters: String = meters
+        .lines()
+        .map(|l| {
+            if l.starts_with("OLD-") {
+                format!("{l},2020-06-30\n")
+            } else if l.starts_with("meter_id") {
+                format!("{l}\n")
+            } else {
+                format!("{l},\n")
+            }
+        })
+        .collect();
+    std::fs::write(f.master.join("meters.csv"), meters).unwrap();
+    let fleet = Fleet::load(&f.master).unwrap();
+    let r = meterflow::prepay::opening::import_file(&mut l, &file, &fleet, &pricer, &f.lake, 10)
+        .unwrap();
+    assert_eq!((r.imported, r.already, r.meters_added), (0, 0, 1), "{r:?}");
+    assert!(
+        r.refused[0].contains("account P00000: already opened as [")
+            && r.refused[0].contains("position_kwh 0]; this file says ["),
+        "{r:?}"
+    );
+    let c = l
+        .inner
+        .cursor("OLD-P00002", "import_active_total")
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.last_ts_ms, switch);
+    let r = meterflow::prepay::opening::import_file(&mut l, &file, &fleet, &pricer, &f.lake, 10)
+        .unwrap();
+    assert_eq!((r.already, r.meters_added), (1, 0), "{r:?}");
+}
+
+#[test]
+fn entry_count_and_absent_key_preconditions_leave_a_changed_ledger_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let mut backends: Vec<Box<dyn Ledger>> =
+        vec![ledger::open_migrated(&sqlite_url(d.path())).unwrap()];
+    if let Some(url) = pg_url("preconditions") {
+        backends.push(ledger::open_migrated(&url).unwrap());
+    }
+    for mut l in backends {
+        let one = |key: &str| Batch {
+            entries: vec![entry(key, "A1", dec!(5))],
+            ..Default::default()
+        };
+        assert!(!l.commit(&one("pay:wechat:X1"), &NoHook).unwrap().stale);
+        let mut b = one("pay:wechat:X2");
+        b.entry_counts = vec![("A1".into(), 0)];
+        assert!(l.commit(&b, &NoHook).unwrap().stale, "{}", l.describe());
+        b.entry_counts = vec![("A1".into(), 1)];
+        b.absent_keys = vec!["pay:wechat:X1".into()];
+        assert!(l.commit(&b, &NoHook).unwrap().stale, "{}", l.describe());
+        b.absent_keys = vec!["open:A1".into()];
+        assert!(!l.commit(&b, &NoHook).unwrap().stale, "{}", l.describe());
+        assert_eq!(l.balance("A1").unwrap(), dec!(10));
+        let found = l
+            .entries_by_keys(&[
+                "pay:wechat:X2".into(),
+                "nope".into(),
+                "pay:wechat:X1".into(),
+            ])
+            .unwrap();
+        let keys: Vec<&str> = found.iter().map(|e| e.entry.key.as_str()).collect();
+        assert_eq!(keys, ["pay:wechat:X1", "pay:wechat:X2"]);
+    }
 }
