@@ -80,6 +80,11 @@ pub fn commit_batch(
     // Checked with the balance rows locked: a writer that changes them
     // commits before or after this one, never in between.
     for (account, want) in &batch.entry_counts {
+        if accounts.binary_search(&account.as_str()).is_err() {
+            return Err(LedgerError::Db(format!(
+                "entry-count precondition on account {account}, whose balance row the batch does not lock"
+            )));
+        }
         if tx.balance(account)?.1 != *want {
             report.stale = true;
             return Ok(report);

@@ -675,6 +675,9 @@ impl Ledger for SqliteLedger {
         let mut st = self.conn.prepare_cached(
             "SELECT seq, key, account_id, kind, amount, ts_ms, source, detail, recorded_ms FROM entries WHERE key = ?1",
         )?;
+        let mut keys: Vec<&String> = keys.iter().collect();
+        keys.sort_unstable();
+        keys.dedup();
         let mut out = Vec::new();
         for k in keys {
             if let Some(raw) = st.query_row(params![k], entry_from_row).optional()? {

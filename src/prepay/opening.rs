@@ -93,7 +93,8 @@ fn entry_of(row: &PrepaidOpening, file: &str) -> NewEntry {
 /// One account's opening (or, for one opened earlier, the cursors of its
 /// meters added since), ready to commit.
 struct Planned {
-    account_id: String,
+    /// `FILE:LINE: account A`, for a refusal at commit.
+    row: String,
     entry: Option<NewEntry>,
     /// Entries the account held when planned: the commit's precondition.
     entries_before: i64,
@@ -125,30 +126,47 @@ impl Context<'_> {
     }
 
     /// The cursors that start `account`'s deductions at `row`'s switch.
-    fn cursors(&self, account: &Account, row: &PrepaidOpening) -> Result<Vec<Cursor>, String> {
+    /// With `added` (an account opened earlier), only those of the meters
+    /// it picks, at position 0 (the account's position is its first
+    /// meters'), and without the account's own checks, passed then.
+    fn cursors(
+        &self,
+        account: &Account,
+        row: &PrepaidOpening,
+        added: Option<&dyn Fn(&Meter) -> bool>,
+    ) -> Result<Vec<Cursor>, String> {
         let at = row.switched_at.timestamp_millis();
         let price = |e: super::pricing::PriceError| e.to_string();
         let (off, day) = self.local(account, at)?;
-        if account.opened_on > local_date_minute(at, off).0 {
-            return Err(format!("opened on {}, after the switch", account.opened_on));
-        }
         let w = self.pricer.window(account, at).map_err(price)?;
-        if w.start_ms == at && !row.position_kwh.is_zero() {
-            return Err(format!(
-                "position_kwh {}: the switch starts a new accumulation window (tier month or year), whose position is 0",
-                row.position_kwh
-            ));
-        }
         let (by_interval, tou) = &self.kinds[&at];
-        let meters: Vec<&Meter> = self.fleet.meters_of(&account.account_id).collect();
         let serving = |m: &Meter| m.installed_on <= day && m.removed_on.is_none_or(|r| r > day);
-        let in_service = meters.iter().filter(|m| serving(m)).count();
-        if in_service > 1 && !row.position_kwh.is_zero() {
-            return Err(format!(
-                "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch",
-                row.position_kwh
-            ));
-        }
+        let meters: Vec<&Meter> = self.fleet.meters_of(&account.account_id).collect();
+        let (meters, position) = match added {
+            Some(pick) => (
+                meters.into_iter().filter(|m| pick(m)).collect(),
+                Decimal::ZERO,
+            ),
+            None => {
+                if account.opened_on > local_date_minute(at, off).0 {
+                    return Err(format!("opened on {}, after the switch", account.opened_on));
+                }
+                if w.start_ms == at && !row.position_kwh.is_zero() {
+                    return Err(format!(
+                        "position_kwh {}: the switch starts a new accumulation window (tier month or year), whose position is 0",
+                        row.position_kwh
+                    ));
+                }
+                let in_service = meters.iter().filter(|m| serving(m)).count();
+                if in_service > 1 && !row.position_kwh.is_zero() {
+                    return Err(format!(
+                        "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch",
+                        row.position_kwh
+                    ));
+                }
+                (meters, row.position_kwh)
+            }
+        };
         let mut out = Vec::new();
         for m in meters {
             if m.installed_on > day {
@@ -158,7 +176,7 @@ impl Context<'_> {
                 meter_id: m.meter_id.clone(),
                 channel: deduct::CHANNEL.into(),
                 window_start_ms: w.start_ms,
-                position: row.position_kwh,
+                position,
                 last_ts_ms: at,
                 last_value: Decimal::ZERO,
                 // The window's start, not the switch: a reading between the
@@ -350,7 +368,7 @@ pub fn import_file(
             match reopen(&ctx, account, row, &o.entry, &entry, &held) {
                 Ok(None) => report.already += 1,
                 Ok(Some(cursors)) => planned.push(Planned {
-                    account_id: account.account_id.clone(),
+                    row: refusal(row, "").trim_end_matches(": ").to_string(),
                     entry: None,
                     entries_before: 0,
                     cursors,
@@ -359,7 +377,7 @@ pub fn import_file(
             }
             continue;
         }
-        let cursors = match ctx.cursors(account, row) {
+        let cursors = match ctx.cursors(account, row, None) {
             Ok(c) => c,
             Err(why) => {
                 report.refused.push(refusal(row, &why));
@@ -386,7 +404,7 @@ pub fn import_file(
             )
         } else {
             planned.push(Planned {
-                account_id: account.account_id.clone(),
+                row: refusal(row, "").trim_end_matches(": ").to_string(),
                 entry: Some(entry),
                 entries_before: entries.len() as i64,
                 cursors,
@@ -419,34 +437,34 @@ fn reopen(
             .and_then(|d| d["position_kwh"].as_str().map(str::to_string))
     };
     if stored.identity() != entry.identity() || position(stored) != position(entry) {
+        let terms = |e: &NewEntry, off: i32| {
+            format!(
+                "balance {} at {}, position_kwh {}",
+                e.amount,
+                local_time(e.ts_ms, off),
+                position(e).unwrap_or_default()
+            )
+        };
+        let off = ctx.local(account, entry.ts_ms).map_or(0, |l| l.0);
         return Err(format!(
-            "already opened as [{}, position_kwh {}]; this file says [{}, position_kwh {}]",
-            stored.identity(),
-            position(stored).unwrap_or_default(),
-            entry.identity(),
-            position(entry).unwrap_or_default()
+            "already opened with {}; this file says {}",
+            terms(stored, off),
+            terms(entry, off)
         ));
     }
     let (_, day) = ctx.local(account, entry.ts_ms)?;
-    let missing = |m: &str| !held.iter().any(|c| c.meter_id == m);
-    let added = ctx
-        .fleet
-        .meters_of(&account.account_id)
-        .any(|m| m.installed_on <= day && missing(&m.meter_id));
-    if !added {
+    let missing =
+        |m: &Meter| m.installed_on <= day && !held.iter().any(|c| c.meter_id == m.meter_id);
+    if !ctx.fleet.meters_of(&account.account_id).any(missing) {
         return Ok(None);
     }
-    let cursors: Vec<Cursor> = ctx
-        .cursors(account, row)?
-        .into_iter()
-        .filter(|c| missing(&c.meter_id))
-        .collect();
-    Ok(Some(cursors))
+    ctx.cursors(account, row, Some(&missing)).map(Some)
 }
 
 /// Commits a group of openings in one transaction, or one at a time when
 /// the ledger changed meanwhile (a cursor written by a run or stream, a
-/// payment credited): those are refused.
+/// payment credited, another import): those are refused, or counted as
+/// already opened when another import opened them the same way.
 fn commit(
     ledger: &mut dyn Ledger,
     group: &[Planned],
@@ -475,24 +493,22 @@ fn commit(
     };
     let r = ledger.commit(&batch, &NoHook)?;
     if !r.stale {
-        for (o, (_, e)) in r.outcomes.iter().zip(opening) {
+        for (o, (p, e)) in r.outcomes.iter().zip(opening) {
             match o {
                 Outcome::Inserted => {
                     report.imported += 1;
                     report.balance += e.amount;
                 }
                 Outcome::Duplicate => report.already += 1,
-                Outcome::Conflict { stored } => report.refused.push(format!(
-                    "account {}: already opened as [{stored}] (written meanwhile)",
-                    e.account_id
-                )),
+                Outcome::Conflict { stored } => report
+                    .refused
+                    .push(format!("{}: opened meanwhile as [{stored}]", p.row)),
             }
         }
-        report.meters_added += group
-            .iter()
-            .filter(|p| p.entry.is_none())
-            .map(|p| p.cursors.len())
-            .sum::<usize>();
+        for p in group.iter().filter(|p| p.entry.is_none()) {
+            report.already += 1;
+            report.meters_added += p.cursors.len();
+        }
         return Ok(());
     }
     if group.len() > 1 {
@@ -501,9 +517,20 @@ fn commit(
         }
         return Ok(());
     }
-    report.refused.push(format!(
-        "account {}: the ledger changed while importing (a prepay run or stream wrote a meter's cursor, or a payment was credited): not opened; import again",
-        group[0].account_id
-    ));
+    let p = &group[0];
+    let Some(e) = &p.entry else {
+        report.refused.push(format!(
+            "{}: a cursor of a meter added since was written while importing (a prepay run or stream deducts it): import again",
+            p.row
+        ));
+        return Ok(());
+    };
+    match ledger.entries_by_keys(std::slice::from_ref(&e.key))?.first() {
+        Some(o) if o.entry.identity() == e.identity() => report.already += 1,
+        _ => report.refused.push(format!(
+            "{}: the ledger changed while importing (a prepay run or stream wrote a meter's cursor, a payment was credited, or another import opened it otherwise): not opened; import again",
+            p.row
+        )),
+    }
     Ok(())
 }

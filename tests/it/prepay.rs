@@ -2316,7 +2316,7 @@ fn switching_fleet_deducts_as_its_history(history: &str, switched: &str, spare: 
     let (code, _, err) = import_balances(&f, switched, &changed);
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("changed.csv:2: account P00000: already opened as"),
+        err.contains("changed.csv:2: account P00000: already opened with balance"),
         "{err}"
     );
     assert_eq!(ledger_balances(switched), want);
@@ -2538,7 +2538,7 @@ fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_t
     assert_eq!((r.imported, r.balance), (2, dec!(4)), "{r:?}");
     assert_eq!(r.refused.len(), 1, "{r:?}");
     assert!(
-        r.refused[0].starts_with("account P00001: the ledger changed while importing"),
+        r.refused[0].ends_with("prepaid_balances.csv:3: account P00001: the ledger changed while importing (a prepay run or stream wrote a meter's cursor, a payment was credited, or another import opened it otherwise): not opened; import again"),
         "{r:?}"
     );
     let r = import(&mut l);
@@ -2550,6 +2550,21 @@ fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_t
         .cursor(&meter_id(1), "import_active_total")
         .unwrap()
         .is_none());
+
+    // Another import of the same file opening P00000 first: counted as
+    // already opened, not refused.
+    let url = f.root.join("c.sqlite").display().to_string();
+    let mut l2 = OvertakenAt {
+        inner: ledger::open_migrated(&url).unwrap(),
+        nth: 1,
+        commits: 0,
+        other: Some(Batch {
+            entries: vec![opening_entry("P00000", switch, dec!(1))],
+            ..Default::default()
+        }),
+    };
+    let r = import(&mut l2);
+    assert_eq!((r.imported, r.already, r.refused.len()), (2, 1, 0), "{r:?}");
 
     // A corrected position is refused, not ignored; a meter added to
     // meters.csv since (removed before the switch) gets its cursor.
@@ -2582,10 +2597,11 @@ fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_t
     let fleet = Fleet::load(&f.master).unwrap();
     let r = meterflow::prepay::opening::import_file(&mut l, &file, &fleet, &pricer, &f.lake, 10)
         .unwrap();
-    assert_eq!((r.imported, r.already, r.meters_added), (0, 0, 1), "{r:?}");
+    assert_eq!((r.imported, r.already, r.meters_added), (0, 1, 1), "{r:?}");
     assert!(
-        r.refused[0].contains("account P00000: already opened as [")
-            && r.refused[0].contains("position_kwh 0]; this file says ["),
+        r.refused[0].ends_with(&format!(
+            "account P00000: already opened with balance 1 at {at}, position_kwh 0; this file says balance 1 at {at}, position_kwh 7"
+        )),
         "{r:?}"
     );
     let c = l
