@@ -19,9 +19,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use rust_decimal::Decimal;
-
 use chrono::NaiveDate;
+use rust_decimal::Decimal;
 
 use super::pricing::{local_date_minute, Pricer};
 use super::run::{interval_meters, load_readings_with, tou_meters, Fleet, RegisterReading};
@@ -276,14 +275,15 @@ pub fn import_file(
         bad_rows: loaded.errors.iter().map(|e| e.to_string()).collect(),
         ..Default::default()
     };
-    let refusal = |row: &PrepaidOpening, why: &str| {
+    let place = |row: &PrepaidOpening| {
         format!(
-            "{}:{}: account {}: {why}",
+            "{}:{}: account {}",
             path.display(),
             row.line,
             row.account_id
         )
     };
+    let refusal = |row: &PrepaidOpening, why: &str| format!("{}: {why}", place(row));
     let mut lines: HashMap<&str, Vec<u64>> = HashMap::new();
     for r in &loaded.rows {
         lines.entry(&r.account_id).or_default().push(r.line);
@@ -308,11 +308,7 @@ pub fn import_file(
     let Some(first) = rows.iter().map(|r| r.0.switched_at).min() else {
         return Ok(report);
     };
-    let last = rows
-        .iter()
-        .map(|r| r.0.switched_at.timestamp_millis())
-        .max();
-    let last = last.unwrap_or_default();
+    let last = rows.iter().map(|r| r.0.switched_at).max().unwrap_or(first);
     // What meterflow deducts from the switch on: the tariff of the first
     // quarter hour after it (a new version may start at the switch).
     let mut kinds = HashMap::new();
@@ -333,7 +329,7 @@ pub fn import_file(
         &tou_any,
         &HashSet::new(),
         first.date_naive() - chrono::Duration::days(1),
-        last,
+        last.timestamp_millis(),
     )?;
     let ctx = Context {
         fleet,
@@ -368,7 +364,7 @@ pub fn import_file(
             match reopen(&ctx, account, row, &o.entry, &entry, &held) {
                 Ok(None) => report.already += 1,
                 Ok(Some(cursors)) => planned.push(Planned {
-                    row: refusal(row, "").trim_end_matches(": ").to_string(),
+                    row: place(row),
                     entry: None,
                     entries_before: 0,
                     cursors,
@@ -404,7 +400,7 @@ pub fn import_file(
             )
         } else {
             planned.push(Planned {
-                row: refusal(row, "").trim_end_matches(": ").to_string(),
+                row: place(row),
                 entry: Some(entry),
                 entries_before: entries.len() as i64,
                 cursors,
