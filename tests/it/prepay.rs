@@ -2122,15 +2122,7 @@ fn switch_and_run_october(
     let file = root.join("prepaid_balances.csv");
     std::fs::write(&file, opening).unwrap();
     let switched = root.join("switched.sqlite").display().to_string();
-    let f = Fixture {
-        _dir: tempfile::tempdir().unwrap(),
-        root: root.to_path_buf(),
-        lake: lake.to_path_buf(),
-        master: master.to_path_buf(),
-        tariffs: tariffs.to_path_buf(),
-        readings: BTreeMap::new(),
-    };
-    let (code, out, err) = import_balances(&f, &switched, &file);
+    let (code, out, err) = import_balances_in([lake, master, tariffs], &switched, &file);
     assert_eq!(code, Some(0), "{out}{err}");
     let s = batch_run(
         lake,
@@ -2144,15 +2136,21 @@ fn switch_and_run_october(
     (switched, s)
 }
 
-/// `ledger import-balances` with FILE into `url`; (exit code, stdout, stderr).
+/// `ledger import-balances` with FILE into `url`, on the fixture's lake,
+/// master data and tariffs; (exit code, stdout, stderr).
 fn import_balances(f: &Fixture, url: &str, file: &Path) -> (Option<i32>, String, String) {
+    import_balances_in([&f.lake, &f.master, &f.tariffs], url, file)
+}
+
+/// [`import_balances`] on `[lake, master, tariffs]`.
+fn import_balances_in(dirs: [&Path; 3], url: &str, file: &Path) -> (Option<i32>, String, String) {
     let o = Command::new(bin())
         .args(["ledger", "import-balances", "--ledger", url, "--lake"])
-        .arg(&f.lake)
+        .arg(dirs[0])
         .arg("--master")
-        .arg(&f.master)
+        .arg(dirs[1])
         .arg("--tariffs")
-        .arg(&f.tariffs)
+        .arg(dirs[2])
         .arg(file)
         .output()
         .unwrap();
@@ -2429,23 +2427,28 @@ fn the_sample_prepaid_balances_open_the_sample_fleet_mid_october() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let d = tempfile::tempdir().unwrap();
     let url = sqlite_url(d.path());
-    let f = Fixture {
-        _dir: tempfile::tempdir().unwrap(),
-        root: d.path().to_path_buf(),
-        lake: root.join("sample-data"),
-        master: root.join("sample-data/master"),
-        tariffs: root.join("tariffs"),
-        readings: BTreeMap::new(),
-    };
+    let (lake, master, tariffs) = (
+        root.join("sample-data"),
+        root.join("sample-data/master"),
+        root.join("tariffs"),
+    );
     let file = root.join("sample-data/prepaid_balances.csv");
-    let (code, out, err) = import_balances(&f, &url, &file);
+    let (code, out, err) = import_balances_in([&lake, &master, &tariffs], &url, &file);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.contains("3 accounts opened (balances 73.90 yuan)"),
         "{out}"
     );
     let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
-    run_lib(&f, &url, OCT1_LOCAL_MIDNIGHT + 31 * DAY);
+    batch_run(
+        &lake,
+        &master,
+        &tariffs,
+        &url,
+        OCT1_LOCAL_MIDNIGHT + 31 * DAY,
+        7,
+        true,
+    );
     let mut l = ledger::open(&url).unwrap();
     for a in ["A000000001", "A000000004", "A000000008"] {
         let entries = l.entries(Some(a), 0, usize::MAX).unwrap();
