@@ -1,5 +1,6 @@
 //! `meterflow ledger ...`: the prepayment ledger (migrate, balances, history,
-//! Parquet export, payment-file import).
+//! Parquet export, payment-file import, opening balances of a fleet
+//! switching to meterflow).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,7 +60,9 @@ pub enum LedgerCmd {
     /// twice or overlapping files credits each payment once. A transaction id
     /// re-used with different content is rejected and reported, as is a bad
     /// row (file, line, field); the other rows are imported, and the exit
-    /// code is 2 when any row was rejected.
+    /// code is 2 when any row was rejected. A payment made at or before its
+    /// account's switch to meterflow (`import-balances`) is not credited:
+    /// its opening balance holds it (printed, exit code unchanged).
     ImportPayments {
         #[command(flatten)]
         l: LedgerArg,
@@ -81,8 +84,8 @@ pub enum LedgerCmd {
     /// instant of the last reading it deducted, and the kWh of the account's
     /// tier month or year consumed before it. Each account gets one
     /// `adjustment` entry (key `open:ACCOUNT`) and a cursor per meter at the
-    /// switch, from the meter's reading at that instant in the lake, in one
-    /// transaction: `prepay run` and `stream` then deduct only what comes
+    /// switch (a register-priced meter's from its reading at that instant
+    /// in the lake), in one transaction: `prepay run` and `stream` then deduct only what comes
     /// after, and `import-payments` does not credit the account's payments
     /// made at or before the switch. Run it once before the first
     /// `prepay run`; running it again changes nothing (but gives meters
@@ -271,7 +274,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{}: {} rows, {} accounts opened (balances {} yuan), {} already opened (ignored), {} meters added, {} refused, {} bad rows",
+                    "{}: {} rows, {} accounts opened (balances {} yuan), {} already opened ({} meters added to them), {} refused, {} bad rows",
                     file.display(),
                     r.rows,
                     r.imported,

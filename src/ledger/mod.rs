@@ -276,9 +276,10 @@ pub struct Batch {
     /// many entries; otherwise `stale`. An opening balance is written only
     /// if no payment arrived since it was checked.
     pub entry_counts: Vec<(String, i64)>,
-    /// Keys that must not be stored yet, each `open:ACCOUNT` of an account
-    /// with an entry in the batch (so the check and the opening's commit
-    /// are serialized on its balance row); otherwise `stale`.
+    /// Keys that must not be stored yet; otherwise `stale`. The check is
+    /// serialized with a writer storing such a key only when both lock a
+    /// common balance row: e.g. `open:ACCOUNT` with an entry of ACCOUNT in
+    /// the batch (payments against openings).
     pub absent_keys: Vec<String>,
 }
 

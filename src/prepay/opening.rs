@@ -19,13 +19,13 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use chrono::NaiveDate;
+use chrono::{NaiveDate, Offset};
 use rust_decimal::Decimal;
 
 use super::pricing::{local_date_minute, Pricer};
 use super::run::{interval_meters, load_readings_with, tou_meters, Fleet, RegisterReading};
 use super::{deduct, interval, PrepayError};
-use crate::ledger::{Batch, Cursor, EntryKind, Ledger, NewEntry, NoHook, Outcome, TouCursor};
+use crate::ledger::{Batch, Cursor, EntryKind, Ledger, NewEntry, NoHook, TouCursor};
 use crate::master::{Account, Meter, PrepaidOpening};
 use crate::tariff::tou::MAX_PERIODS;
 
@@ -63,8 +63,7 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 
 /// An instant as RFC 3339 at `offset_secs` east of UTC (messages).
 fn local_time(ms: i64, offset_secs: i32) -> String {
-    let off = chrono::FixedOffset::east_opt(offset_secs)
-        .unwrap_or(chrono::FixedOffset::east_opt(0).expect("0"));
+    let off = chrono::FixedOffset::east_opt(offset_secs).unwrap_or(chrono::Utc.fix());
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(
         || format!("{ms} ms"),
         |t| t.with_timezone(&off).to_rfc3339(),
@@ -94,9 +93,9 @@ fn entry_of(row: &PrepaidOpening, file: &str) -> NewEntry {
 struct Planned {
     /// `FILE:LINE: account A`, for a refusal at commit.
     row: String,
-    entry: Option<NewEntry>,
-    /// Entries the account held when planned: the commit's precondition.
-    entries_before: i64,
+    /// The opening entry, and how many entries the account held when it
+    /// was checked (the commit's precondition); None: cursors only.
+    entry: Option<(NewEntry, i64)>,
     cursors: Vec<Cursor>,
 }
 
@@ -157,9 +156,9 @@ impl Context<'_> {
                     ));
                 }
                 let in_service = meters.iter().filter(|m| serving(m)).count();
-                if in_service > 1 && !row.position_kwh.is_zero() {
+                if in_service != 1 && !row.position_kwh.is_zero() {
                     return Err(format!(
-                        "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch",
+                        "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch (a position needs exactly one)",
                         row.position_kwh
                     ));
                 }
@@ -293,7 +292,7 @@ pub fn import_file(
         let Some(a) = fleet.accounts.get(&r.account_id) else {
             report.refused.push(refusal(
                 r,
-                "not a prepaid account of accounts.csv (postpaid accounts open in opening_balances.csv)",
+                "not a prepaid account of accounts.csv (unknown, or postpaid: postpaid accounts open in opening_balances.csv)",
             ));
             continue;
         };
@@ -316,10 +315,10 @@ pub fn import_file(
     for (r, _) in &rows {
         let at = r.switched_at.timestamp_millis();
         kinds.entry(at).or_insert_with(|| {
-            let after = at + interval::INTERVAL_MS;
-            let tou = tou_meters(pricer, fleet, after);
+            let first_quarter = at + interval::INTERVAL_MS;
+            let tou = tou_meters(pricer, fleet, first_quarter);
             tou_any.extend(tou.iter().cloned());
-            (interval_meters(pricer, fleet, after), tou)
+            (interval_meters(pricer, fleet, first_quarter), tou)
         });
     }
     // The readings at the switches (partitions are UTC days).
@@ -347,13 +346,14 @@ pub fn import_file(
             stored.entry(m.account_id.clone()).or_default().push(c);
         }
     }
-    let with_entries: HashSet<String> = ledger.balances()?.into_iter().map(|b| b.0).collect();
+    // Accounts with a balance row (any with entries has one).
+    let with_row: HashSet<String> = ledger.balances()?.into_iter().map(|b| b.0).collect();
     let mut planned: Vec<Planned> = Vec::new();
     for (row, account) in rows {
         let entry = entry_of(row, &file);
         let at = entry.ts_ms;
         let held = stored.remove(&account.account_id).unwrap_or_default();
-        let entries = if with_entries.contains(&account.account_id) {
+        let entries = if with_row.contains(&account.account_id) {
             ledger.entries(Some(&account.account_id), 0, usize::MAX)?
         } else {
             Vec::new()
@@ -366,7 +366,6 @@ pub fn import_file(
                 Ok(Some(cursors)) => planned.push(Planned {
                     row: place(row),
                     entry: None,
-                    entries_before: 0,
                     cursors,
                 }),
                 Err(why) => report.refused.push(refusal(row, &why)),
@@ -401,8 +400,7 @@ pub fn import_file(
         } else {
             planned.push(Planned {
                 row: place(row),
-                entry: Some(entry),
-                entries_before: entries.len() as i64,
+                entry: Some((entry, entries.len() as i64)),
                 cursors,
             });
             continue;
@@ -427,18 +425,13 @@ fn reopen(
     entry: &NewEntry,
     held: &[Cursor],
 ) -> Result<Option<Vec<Cursor>>, String> {
-    let position = |e: &NewEntry| {
-        serde_json::from_str::<serde_json::Value>(&e.detail)
-            .ok()
-            .and_then(|d| d["position_kwh"].as_str().map(str::to_string))
-    };
-    if stored.identity() != entry.identity() || position(stored) != position(entry) {
+    if !same_opening(stored, entry) {
         let terms = |e: &NewEntry, off: i32| {
             format!(
                 "balance {} at {}, position_kwh {}",
                 e.amount,
                 local_time(e.ts_ms, off),
-                position(e).unwrap_or_default()
+                position_of(e).unwrap_or_default()
             )
         };
         let off = ctx.local(account, entry.ts_ms).map_or(0, |l| l.0);
@@ -468,9 +461,9 @@ fn commit(
 ) -> Result<(), PrepayError> {
     let opening = group
         .iter()
-        .filter_map(|p| p.entry.as_ref().map(|e| (p, e)));
+        .filter_map(|p| p.entry.as_ref().map(|(e, n)| (p, e, *n)));
     let batch = Batch {
-        entries: opening.clone().map(|(_, e)| e.clone()).collect(),
+        entries: opening.clone().map(|(_, e, _)| e.clone()).collect(),
         cursors: group
             .iter()
             .flat_map(|p| p.cursors.iter().cloned())
@@ -483,23 +476,17 @@ fn commit(
             .collect(),
         entry_counts: opening
             .clone()
-            .map(|(p, e)| (e.account_id.clone(), p.entries_before))
+            .map(|(_, e, n)| (e.account_id.clone(), n))
             .collect(),
         absent_keys: Vec::new(),
     };
     let r = ledger.commit(&batch, &NoHook)?;
     if !r.stale {
-        for (o, (p, e)) in r.outcomes.iter().zip(opening) {
-            match o {
-                Outcome::Inserted => {
-                    report.imported += 1;
-                    report.balance += e.amount;
-                }
-                Outcome::Duplicate => report.already += 1,
-                Outcome::Conflict { stored } => report
-                    .refused
-                    .push(format!("{}: opened meanwhile as [{stored}]", p.row)),
-            }
+        // The entry-count precondition held, so no opening entry existed:
+        // every one is inserted.
+        for (_, e, _) in opening {
+            report.imported += 1;
+            report.balance += e.amount;
         }
         for p in group.iter().filter(|p| p.entry.is_none()) {
             report.already += 1;
@@ -514,7 +501,7 @@ fn commit(
         return Ok(());
     }
     let p = &group[0];
-    let Some(e) = &p.entry else {
+    let Some((e, _)) = &p.entry else {
         report.refused.push(format!(
             "{}: a cursor of a meter added since was written while importing (a prepay run or stream deducts it): import again",
             p.row
@@ -522,11 +509,24 @@ fn commit(
         return Ok(());
     };
     match ledger.entries_by_keys(std::slice::from_ref(&e.key))?.first() {
-        Some(o) if o.entry.identity() == e.identity() => report.already += 1,
+        Some(o) if same_opening(&o.entry, e) => report.already += 1,
         _ => report.refused.push(format!(
             "{}: the ledger changed while importing (a prepay run or stream wrote a meter's cursor, a payment was credited, or another import opened it otherwise): not opened; import again",
             p.row
         )),
     }
     Ok(())
+}
+
+/// The position an opening entry carries (in its detail, which is not part
+/// of an entry's identity).
+fn position_of(e: &NewEntry) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(&e.detail)
+        .ok()
+        .and_then(|d| d["position_kwh"].as_str().map(str::to_string))
+}
+
+/// Two opening entries open the same way: balance, instant and position.
+fn same_opening(a: &NewEntry, b: &NewEntry) -> bool {
+    a.identity() == b.identity() && position_of(a) == position_of(b)
 }

@@ -1863,6 +1863,12 @@ impl Ledger for OvertakenAt {
     ) -> Result<Vec<ledger::Entry>, ledger::LedgerError> {
         self.inner.entries(a, after, limit)
     }
+    fn entries_by_keys(
+        &mut self,
+        keys: &[String],
+    ) -> Result<Vec<ledger::Entry>, ledger::LedgerError> {
+        self.inner.entries_by_keys(keys)
+    }
     fn cursor(&mut self, m: &str, c: &str) -> Result<Option<ledger::Cursor>, ledger::LedgerError> {
         self.inner.cursor(m, c)
     }
@@ -2292,13 +2298,12 @@ fn switching_fleet_deducts_as_its_history(history: &str, switched: &str, spare: 
         "a position of 0 changes nothing? {cheaper:?}"
     );
 
-    // Again: nothing changes. A different balance is refused, and so is
-    // an account meterflow already deducts.
+    // Again: nothing changes. A different balance is refused.
     let (code, out, _) = import_balances(&f, switched, &file);
     assert_eq!(code, Some(0));
     assert!(
         out.contains(&format!(
-            "0 accounts opened (balances 0 yuan), {n} already opened (ignored), 0 meters added"
+            "0 accounts opened (balances 0 yuan), {n} already opened (0 meters added to them)"
         )),
         "{out}"
     );
@@ -2473,7 +2478,8 @@ fn the_sample_prepaid_balances_open_the_sample_fleet_mid_october() {
     );
 }
 
-/// Opening entry of `account` at `ts` (what `import-balances` writes).
+/// Opening entry of `account` at `ts`, position 0 (what `import-balances`
+/// writes).
 fn opening_entry(account: &str, ts: i64, amount: Decimal) -> NewEntry {
     NewEntry {
         key: format!("open:{account}"),
@@ -2482,7 +2488,7 @@ fn opening_entry(account: &str, ts: i64, amount: Decimal) -> NewEntry {
         amount,
         ts_ms: ts,
         source: "opening".into(),
-        detail: "{}".into(),
+        detail: r#"{"position_kwh":"0"}"#.into(),
     }
 }
 
@@ -2568,6 +2574,21 @@ fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_t
     };
     let r = import(&mut l2);
     assert_eq!((r.imported, r.already, r.refused.len()), (2, 1, 0), "{r:?}");
+    // ... but opening it at another position is not the same opening.
+    let url = f.root.join("d.sqlite").display().to_string();
+    let mut elsewhere = opening_entry("P00000", switch, dec!(1));
+    elsewhere.detail = r#"{"position_kwh":"5"}"#.into();
+    let mut l3 = OvertakenAt {
+        inner: ledger::open_migrated(&url).unwrap(),
+        nth: 1,
+        commits: 0,
+        other: Some(Batch {
+            entries: vec![elsewhere],
+            ..Default::default()
+        }),
+    };
+    let r = import(&mut l3);
+    assert_eq!((r.imported, r.already, r.refused.len()), (2, 0, 1), "{r:?}");
 
     // A corrected position is refused, not ignored; a meter added to
     // meters.csv since (removed before the switch) gets its cursor.
@@ -2576,26 +2597,16 @@ fn a_payment_and_an_opening_committed_at_the_same_time_never_count_one_payment_t
         format!("account_id,switched_at,balance,position_kwh\nP00000,{at},1,7\nP00002,{at},3,\n"),
     )
     .unwrap();
-    let mut meters = std::fs::read_to_string(f.master.join("meters.csv")).unwrap();
-    meters.push_str("OLD-P00002,P00002,1,1,2015-01-01\n");
-    std::fs::write(
-        f.master.join("meters.csv"),
-        meters.replace("installed_on\n", "installed_on,removed_on\n"),
-    )
-    .unwrap();
+    // A removed_on column, and the old meter of P00002 removed in 2020.
     let meters = std::fs::read_to_string(f.master.join("meters.csv")).unwrap();
-    let meters: String = meters
+    let mut meters: String = meters
         .lines()
-        .map(|l| {
-            if l.starts_with("OLD-") {
-                format!("{l},2020-06-30\n")
-            } else if l.starts_with("meter_id") {
-                format!("{l}\n")
-            } else {
-                format!("{l},\n")
-            }
+        .map(|l| match l.starts_with("meter_id") {
+            true => format!("{l},removed_on\n"),
+            false => format!("{l},\n"),
         })
         .collect();
+    meters.push_str("OLD-P00002,P00002,1,1,2015-01-01,2020-06-30\n");
     std::fs::write(f.master.join("meters.csv"), meters).unwrap();
     let fleet = Fleet::load(&f.master).unwrap();
     let r = meterflow::prepay::opening::import_file(&mut l, &file, &fleet, &pricer, &f.lake, 10)
