@@ -22,7 +22,7 @@ use std::path::Path;
 use chrono::{NaiveDate, Offset};
 use rust_decimal::Decimal;
 
-use super::pricing::{local_date_minute, Pricer};
+use super::pricing::{local_date_minute, Pricer, Window};
 use super::run::{interval_meters, load_readings_with, tou_meters, Fleet, RegisterReading};
 use super::{deduct, interval, PrepayError};
 use crate::ledger::{Batch, Cursor, EntryKind, Ledger, NewEntry, NoHook, TouCursor};
@@ -134,10 +134,8 @@ impl Context<'_> {
         added: Option<&dyn Fn(&Meter) -> bool>,
     ) -> Result<Vec<Cursor>, String> {
         let at = row.switched_at.timestamp_millis();
-        let price = |e: super::pricing::PriceError| e.to_string();
         let (off, day) = self.local(account, at)?;
-        let w = self.pricer.window(account, at).map_err(price)?;
-        let (by_interval, tou) = &self.kinds[&at];
+        let w = self.pricer.window(account, at).map_err(|e| e.to_string())?;
         let serving = |m: &Meter| m.installed_on <= day && m.removed_on.is_none_or(|r| r > day);
         let meters: Vec<&Meter> = self.fleet.meters_of(&account.account_id).collect();
         let (meters, position) = match added {
@@ -146,108 +144,147 @@ impl Context<'_> {
                 Decimal::ZERO,
             ),
             None => {
-                if account.opened_on > local_date_minute(at, off).0 {
-                    return Err(format!("opened on {}, after the switch", account.opened_on));
-                }
-                if w.start_ms == at && !row.position_kwh.is_zero() {
-                    return Err(format!(
-                        "position_kwh {}: the switch starts a new accumulation window (tier month or year), whose position is 0",
-                        row.position_kwh
-                    ));
-                }
                 let in_service = meters.iter().filter(|m| serving(m)).count();
-                if in_service != 1 && !row.position_kwh.is_zero() {
-                    return Err(format!(
-                        "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch (a position needs exactly one)",
-                        row.position_kwh
-                    ));
-                }
+                check_account(account, row, &w, off, in_service)?;
                 (meters, row.position_kwh)
             }
         };
-        let mut out = Vec::new();
-        for m in meters {
-            if m.installed_on > day {
-                continue; // all its readings are the new system's
+        let at_switch = AtSwitch {
+            at,
+            off,
+            window_start_ms: w.start_ms,
+        };
+        meters
+            .into_iter()
+            // A meter installed after the switch: all its readings are the
+            // new system's, and its first reading is its baseline.
+            .filter(|m| m.installed_on <= day)
+            .map(|m| {
+                let position = if serving(m) { position } else { Decimal::ZERO };
+                self.cursor_for(m, &at_switch, position, serving(m))
+            })
+            .collect()
+    }
+
+    /// The cursor of meter `m` at the switch; `serving`: in service then
+    /// (else removed before it).
+    fn cursor_for(
+        &self,
+        m: &Meter,
+        s: &AtSwitch,
+        position: Decimal,
+        serving: bool,
+    ) -> Result<Cursor, String> {
+        let (by_interval, tou) = &self.kinds[&s.at];
+        let mut c = Cursor {
+            meter_id: m.meter_id.clone(),
+            channel: deduct::CHANNEL.into(),
+            window_start_ms: s.window_start_ms,
+            position,
+            last_ts_ms: s.at,
+            last_value: Decimal::ZERO,
+            // The window's start, not the switch: a reading between the
+            // two is stale, never charged "in front" of the position.
+            first_ts_ms: s.window_start_ms,
+            first_value: Decimal::ZERO,
+            held: None,
+            tou: None,
+        };
+        if by_interval.contains(&m.meter_id) {
+            // The window's quarter hours up to the switch are charged.
+            let slots = u32::try_from((s.at - s.window_start_ms) / interval::INTERVAL_MS)
+                .map_err(|_| "the switch is too far from its window's start".to_string())?;
+            c.channel = interval::CHANNEL.into();
+            c.tou = Some(TouCursor {
+                periods: vec![Decimal::ZERO; MAX_PERIODS],
+                intervals: if slots > 0 {
+                    vec![(0, slots)]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            });
+            return Ok(c);
+        }
+        let readings = self.readings.get(m.meter_id.as_str());
+        if !serving {
+            // Removed before the switch: its readings are the old system's,
+            // and the cursor keeps them stale.
+            if let Some(&(_, v, _)) = readings.and_then(|r| r.iter().rev().find(|r| r.0 <= s.at)) {
+                (c.last_value, c.first_value) = (v, v);
             }
-            let mut c = Cursor {
-                meter_id: m.meter_id.clone(),
-                channel: deduct::CHANNEL.into(),
-                window_start_ms: w.start_ms,
-                position,
-                last_ts_ms: at,
-                last_value: Decimal::ZERO,
-                // The window's start, not the switch: a reading between the
-                // two is stale, never charged "in front" of the position.
-                first_ts_ms: w.start_ms,
-                first_value: Decimal::ZERO,
-                held: None,
-                tou: None,
-            };
-            let readings = self.readings.get(m.meter_id.as_str());
-            if !serving(m) {
-                // Removed before the switch: every reading it has is the
-                // old system's, and the cursor keeps them stale.
-                c.position = Decimal::ZERO;
-            }
-            if by_interval.contains(&m.meter_id) {
-                // The window's quarter hours up to the switch are charged.
-                let slots = u32::try_from((at - w.start_ms) / interval::INTERVAL_MS)
-                    .map_err(|_| "the switch is too far from its window's start".to_string())?;
-                c.channel = interval::CHANNEL.into();
-                c.tou = Some(TouCursor {
-                    periods: vec![Decimal::ZERO; MAX_PERIODS],
-                    intervals: if slots > 0 {
-                        vec![(0, slots)]
-                    } else {
-                        Vec::new()
-                    },
-                    ..Default::default()
-                });
-                out.push(c);
-                continue;
-            }
-            if !serving(m) {
-                if let Some(&(_, v, _)) = readings.and_then(|r| r.iter().rev().find(|r| r.0 <= at))
-                {
-                    (c.last_value, c.first_value) = (v, v);
-                }
-                out.push(c);
-                continue;
-            }
-            let Some(&(_, v, regs)) =
-                readings.and_then(|r| r.binary_search_by_key(&at, |r| r.0).ok().map(|i| &r[i]))
-            else {
+            return Ok(c);
+        }
+        let Some(&(_, v, regs)) =
+            readings.and_then(|r| r.binary_search_by_key(&s.at, |r| r.0).ok().map(|i| &r[i]))
+        else {
+            return Err(format!(
+                "meter {} has no chargeable {} reading at the switch ({}) in the lake: the switch is the instant of a reading the old system deducted through",
+                m.meter_id,
+                deduct::CHANNEL,
+                local_time(s.at, s.off)
+            ));
+        };
+        (c.last_value, c.first_value) = (v, v);
+        if tou.contains(&m.meter_id) {
+            let Some(r) = regs else {
                 return Err(format!(
-                    "meter {} has no chargeable {} reading at the switch ({}) in the lake: the switch is the instant of a reading the old system deducted through",
+                    "meter {} is on time-of-use registers and has no T1..T4 reading at the switch ({})",
                     m.meter_id,
-                    deduct::CHANNEL,
-                    local_time(at, off)
+                    local_time(s.at, s.off)
                 ));
             };
-            (c.last_value, c.first_value) = (v, v);
-            if tou.contains(&m.meter_id) {
-                let Some(r) = regs else {
-                    return Err(format!(
-                        "meter {} is on time-of-use registers and has no T1..T4 reading at the switch ({})",
-                        m.meter_id,
-                        local_time(at, off)
-                    ));
-                };
-                // Per-period kWh restart at the switch (the file gives the
-                // total position only).
-                c.tou = Some(TouCursor {
-                    last: r,
-                    first: r,
-                    periods: vec![Decimal::ZERO; MAX_PERIODS],
-                    held: None,
-                    intervals: Vec::new(),
-                });
-            }
-            out.push(c);
+            // Per-period kWh restart at the switch (the file gives the
+            // total position only).
+            c.tou = Some(TouCursor {
+                last: r,
+                first: r,
+                periods: vec![Decimal::ZERO; MAX_PERIODS],
+                held: None,
+                intervals: Vec::new(),
+            });
         }
-        Ok(out)
+        Ok(c)
     }
+}
+
+/// The switch instant as a meter's cursor needs it.
+struct AtSwitch {
+    at: i64,
+    /// The account's UTC offset (messages).
+    off: i32,
+    window_start_ms: i64,
+}
+
+/// What an account must be to open at `row`'s switch: opened by its local
+/// day, and a position only where one meter carries it inside a window.
+fn check_account(
+    account: &Account,
+    row: &PrepaidOpening,
+    w: &Window,
+    off: i32,
+    in_service: usize,
+) -> Result<(), String> {
+    let at = row.switched_at.timestamp_millis();
+    if account.opened_on > local_date_minute(at, off).0 {
+        return Err(format!("opened on {}, after the switch", account.opened_on));
+    }
+    if row.position_kwh.is_zero() {
+        return Ok(());
+    }
+    if w.start_ms == at {
+        return Err(format!(
+            "position_kwh {}: the switch starts a new accumulation window (tier month or year), whose position is 0",
+            row.position_kwh
+        ));
+    }
+    if in_service != 1 {
+        return Err(format!(
+            "position_kwh {}: deductions keep a tier position per meter, and {in_service} meters of the account were in service at the switch (a position needs exactly one)",
+            row.position_kwh
+        ));
+    }
+    Ok(())
 }
 
 /// Imports a prepaid fleet's opening balances (`prepaid_balances.csv`,

@@ -2348,7 +2348,11 @@ fn prepaid_balances_taken_from_a_history_deduct_as_that_history_does_on_postgres
 
 #[test]
 fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
-    let f = fixture(7, 5);
+    let f = fixture(8, 5);
+    // P00007 has a second meter in service.
+    let mut meters = std::fs::read_to_string(f.master.join("meters.csv")).unwrap();
+    meters.push_str("EXTRA-P00007,P00007,1,1,2015-01-01\n");
+    std::fs::write(f.master.join("meters.csv"), meters).unwrap();
     let url = sqlite_url(&f.root);
     // P00005 opened on the switch's day (accepted), P00006 the day after.
     let accounts = std::fs::read_to_string(f.master.join("accounts.csv")).unwrap();
@@ -2391,13 +2395,14 @@ fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
              P00003,{at},10,0\n\
              P00004,{at},10.001,0\n\
              P00005,{at},10,0\n\
-             P00006,{at},10,0\n"
+             P00006,{at},10,0\n\
+             P00007,{at},10,5\n"
         ),
     )
     .unwrap();
     let (code, out, err) = import_balances(&f, &url, &file);
     assert_eq!(code, Some(2), "{out}{err}");
-    assert!(out.contains("9 rows, 1 accounts opened"), "{out}");
+    assert!(out.contains("10 rows, 1 accounts opened"), "{out}");
     for want in [
         "prepaid_balances.csv:2: account Q00000: not a prepaid account",
         "prepaid_balances.csv:3: account P00000: the account has rows on lines [3, 4]",
@@ -2407,6 +2412,7 @@ fn prepaid_balances_that_cannot_open_an_account_are_refused_with_the_reason() {
         "prepaid_balances.csv:7: account P00003: the ledger already holds 1 entries of it at or before the switch (first: pay:wechat:E1)",
         "prepaid_balances.csv:8: field 'balance'",
         "prepaid_balances.csv:10: account P00006: opened on 2026-10-17, after the switch",
+        "prepaid_balances.csv:11: account P00007: position_kwh 5: deductions keep a tier position per meter, and 2 meters of the account were in service at the switch",
     ] {
         assert!(err.contains(want), "missing '{want}' in:\n{err}");
     }
