@@ -2669,3 +2669,40 @@ fn entry_count_and_absent_key_preconditions_leave_a_changed_ledger_untouched() {
         assert_eq!(keys, ["pay:wechat:X1", "pay:wechat:X2"]);
     }
 }
+
+#[test]
+fn stream_deducts_an_opened_fleet_only_after_its_switch() {
+    let Some(mqtt) = mqtt_url("stream opening") else {
+        return;
+    };
+    let n = 10;
+    let f = fixture(n, 31);
+    let switch = OCT1_LOCAL_MIDNIGHT + 15 * DAY;
+    // The old system: deducted through 16 October.
+    let history = f.root.join("history.sqlite").display().to_string();
+    run_lib(&f, &history, switch);
+    let file = f.root.join("prepaid_balances.csv");
+    std::fs::write(&file, openings_at(&history, switch, n)).unwrap();
+    let url = sqlite_url(&f.root);
+    let (code, out, err) = import_balances(&f, &url, &file);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // The whole month arrives over MQTT, the days before the switch too.
+    let client = unique("open");
+    let topic = format!("meterflow-test/{client}");
+    let cfg = write_stream_config(&f, &url, &mqtt, &client, &topic, None);
+    let mut c = spawn_stream(&cfg, Some(3));
+    let h = wait_subscribed(&mut c);
+    publish_fixture(&mqtt, &topic, &f);
+    assert!(c.wait().unwrap().success());
+    let _ = h.join();
+    // Opening balance plus what followed the switch: the month's bill.
+    assert_matches_recomputation(&url, &f);
+    let mut l = ledger::open(&url).unwrap();
+    let early: Vec<_> = l
+        .entries(None, 0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.entry.kind == EntryKind::Deduction && e.entry.ts_ms <= switch)
+        .collect();
+    assert!(early.is_empty(), "{early:?}");
+}
