@@ -141,6 +141,19 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     for line in p.to_string().lines() {
         println!("  [prepay]  {line}");
     }
+    // 4b. The same prepaid fleet switching to meterflow mid-month.
+    let sw = crate::prepay::demo::switch(
+        &fleet_dir,
+        &fleet_dir.join("master"),
+        &tariffs_dir(),
+        &prepay_out.join("switch"),
+        o.start + chrono::Duration::days(15),
+        &p.ledger,
+    )
+    .context("prepaid switch demo")?;
+    for line in sw.to_string().lines() {
+        println!("  [switch]  {line}");
+    }
 
     // 5. The run report: one self-contained HTML file.
     let run_dir = bill.dir.clone().unwrap_or_else(|| runs.join("2026-10"));

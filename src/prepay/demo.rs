@@ -11,10 +11,11 @@ use rust_decimal::Decimal;
 
 use super::alerts::{Alert, Thresholds};
 use super::payments::import_file;
-use super::pricing::TariffPricer;
+use super::pricing::{Pricer, TariffPricer};
 use super::run::{run_batch, Fleet, PrepayHook, RunOptions, RunStats};
 use super::sinks::{deliver, DeliverStats, Sinks};
 use super::PrepayError;
+use crate::ledger::{Cursor, Ledger, NoHook};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DemoSummary {
@@ -142,5 +143,179 @@ pub fn run(
         example_account: example,
         example_balance,
         example_alerts,
+    })
+}
+
+/// The demo's switch: the same prepaid fleet, deducted by "the system
+/// before" (a ledger of its own) up to a switch, opens in a second ledger
+/// from that state (`ledger import-balances`), takes the same payments
+/// (those up to the switch are not credited again) and is deducted to the
+/// end of the lake. Each opened account's balance then equals the demo
+/// ledger's, where meterflow deducted the whole month.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchSummary {
+    pub ledger: PathBuf,
+    pub file: PathBuf,
+    pub switched_at: String,
+    pub opened: usize,
+    pub refused: usize,
+    pub not_credited: usize,
+    /// Opened accounts whose balance equals the demo ledger's.
+    pub equal: usize,
+    pub differing: Vec<String>,
+}
+
+impl std::fmt::Display for SwitchSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "switch: {} accounts opened at {} from {} ({} refused) -> ledger {}",
+            self.opened,
+            self.switched_at,
+            self.file.display(),
+            self.refused,
+            self.ledger.display()
+        )?;
+        writeln!(
+            f,
+            "  {} payments made before the switch not credited again; balances at the end equal the ledger above: {} of {}{}",
+            self.not_credited,
+            self.equal,
+            self.opened,
+            if self.differing.is_empty() {
+                String::new()
+            } else {
+                format!(" (differ: {})", self.differing.join(", "))
+            }
+        )
+    }
+}
+
+/// A fresh SQLite ledger at `path` (an earlier one removed).
+fn fresh_ledger(path: &Path) -> Result<Box<dyn Ledger>, PrepayError> {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    Ok(crate::ledger::open_migrated(&path.display().to_string())?)
+}
+
+/// Runs the switch at local midnight starting `day` (see [`SwitchSummary`]),
+/// comparing with the demo ledger at `demo_ledger`.
+pub fn switch(
+    lake: &Path,
+    master: &Path,
+    tariffs: &Path,
+    out: &Path,
+    day: NaiveDate,
+    demo_ledger: &Path,
+) -> Result<SwitchSummary, PrepayError> {
+    std::fs::create_dir_all(out).map_err(|e| PrepayError::io(out, e))?;
+    let fleet = Fleet::load(master)?;
+    let set = crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
+    let pricer = TariffPricer::new(set);
+    let off = match fleet.accounts.rows().first() {
+        Some(a) => pricer.utc_offset_secs(a)?,
+        None => 0,
+    };
+    let at = super::pricing::local_midnight_ms(day, off);
+    let thresholds = Thresholds::builtin();
+    let mut hook = PrepayHook {
+        thresholds: &thresholds,
+        control: None,
+        fleet: &fleet,
+        daily_spend: Default::default(),
+        now_ms: None,
+    };
+    let payments = master.join(crate::master::PAYMENTS_FILE);
+    let run = |l: &mut dyn Ledger, hook: &mut PrepayHook<'_>, through_ms| {
+        let opts = RunOptions {
+            lake,
+            from: NaiveDate::MIN,
+            through_ms,
+            chunk: 500,
+            evaluate_all: false,
+        };
+        run_batch(l, &pricer, &fleet, hook, &opts)
+    };
+    // The system before: top-ups, and deductions up to the switch.
+    let mut before = fresh_ledger(&out.join("switch-system-before.sqlite"))?;
+    if payments.exists() {
+        import_file(before.as_mut(), &payments, &NoHook, 1000)?;
+    }
+    run(before.as_mut(), &mut hook, at)?;
+    // Its state at the switch: each account whose one meter's cursor
+    // stands on the switch reading (not on a held jump).
+    let mut cursors: HashMap<String, Vec<Cursor>> = HashMap::new();
+    for c in before.cursors()? {
+        if let Some((m, _)) = fleet.meter_account(&c.meter_id) {
+            cursors.entry(m.account_id.clone()).or_default().push(c);
+        }
+    }
+    let mut csv = String::from("account_id,switched_at,balance,position_kwh\n");
+    let switched_at = chrono::DateTime::from_timestamp_millis(at)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    for a in fleet.accounts.rows() {
+        let id = &a.account_id;
+        let Some([c]) = cursors.get(id).map(Vec::as_slice) else {
+            continue;
+        };
+        if c.last_ts_ms != at || c.held.is_some() || fleet.meters_of(id).count() != 1 {
+            continue;
+        }
+        let balance: Decimal = before
+            .entries(Some(id), 0, usize::MAX)?
+            .iter()
+            .filter(|e| e.entry.ts_ms <= at)
+            .map(|e| e.entry.amount)
+            .sum();
+        csv.push_str(&format!(
+            "{id},{switched_at},{balance},{}\n",
+            c.position.normalize()
+        ));
+    }
+    let file = out.join("prepaid_balances.csv");
+    crate::store::atomic::write_file_atomic(&file, csv.as_bytes())?;
+    // meterflow from the switch on.
+    let ledger_path = out.join("switch-ledger.sqlite");
+    let mut after = fresh_ledger(&ledger_path)?;
+    let opened = super::opening::import_file(after.as_mut(), &file, &fleet, &pricer, lake, 1000)?;
+    let mut not_credited = 0;
+    if payments.exists() {
+        not_credited = import_file(after.as_mut(), &payments, &NoHook, 1000)?
+            .before_switch
+            .len();
+    }
+    let end = NaiveDate::from_ymd_opt(2100, 1, 1).expect("valid");
+    run(
+        after.as_mut(),
+        &mut hook,
+        super::pricing::local_midnight_ms(end, 0),
+    )?;
+    let mut demo = crate::ledger::open(&demo_ledger.display().to_string())?;
+    let keys: Vec<String> = fleet
+        .accounts
+        .rows()
+        .iter()
+        .map(|a| super::opening::key(&a.account_id))
+        .collect();
+    let (mut equal, mut differing) = (0, Vec::new());
+    for e in after.entries_by_keys(&keys)? {
+        let a = &e.entry.account_id;
+        if after.balance(a)? == demo.balance(a)? {
+            equal += 1;
+        } else {
+            differing.push(a.clone());
+        }
+    }
+    Ok(SwitchSummary {
+        ledger: ledger_path,
+        file,
+        switched_at,
+        opened: opened.imported + opened.already,
+        refused: opened.refused.len(),
+        not_credited,
+        equal,
+        differing,
     })
 }

@@ -1097,6 +1097,22 @@ fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample
     .unwrap();
     assert_eq!(again.run.amount, s.run.amount);
     println!("{s}");
+
+    // The demo's switch: the fleet opened mid-October in another ledger
+    // from the state of the system before ends on the same balances.
+    let sw = meterflow::prepay::demo::switch(
+        &root.join("sample-data"),
+        &root.join("sample-data/master"),
+        &root.join("tariffs"),
+        &out.path().join("switch"),
+        chrono::NaiveDate::from_ymd_opt(2026, 10, 16).unwrap(),
+        &s.ledger,
+    )
+    .unwrap();
+    assert!(sw.opened > 50 && sw.refused == 0, "{sw}");
+    assert!(sw.not_credited > 0, "{sw}");
+    assert_eq!((sw.equal, sw.differing.len()), (sw.opened, 0), "{sw}");
+    println!("{sw}");
 }
 
 // ---------- remote fee control: --execute against a simulated DL/T 645 meter ----------
