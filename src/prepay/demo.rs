@@ -219,15 +219,16 @@ pub fn switch(
     };
     let at = super::pricing::local_midnight_ms(day, off);
     let thresholds = Thresholds::builtin();
-    let mut hook = PrepayHook {
-        thresholds: &thresholds,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
-    };
     let payments = master.join(crate::master::PAYMENTS_FILE);
-    let run = |l: &mut dyn Ledger, hook: &mut PrepayHook<'_>, through_ms| {
+    // Each ledger with its own hook (its daily spends are its own).
+    let run = |l: &mut dyn Ledger, through_ms| {
+        let mut hook = PrepayHook {
+            thresholds: &thresholds,
+            control: None,
+            fleet: &fleet,
+            daily_spend: Default::default(),
+            now_ms: None,
+        };
         let opts = RunOptions {
             lake,
             from: NaiveDate::MIN,
@@ -235,14 +236,14 @@ pub fn switch(
             chunk: 500,
             evaluate_all: false,
         };
-        run_batch(l, &pricer, &fleet, hook, &opts)
+        run_batch(l, &pricer, &fleet, &mut hook, &opts)
     };
     // The system before: top-ups, and deductions up to the switch.
     let mut before = fresh_ledger(&out.join("switch-system-before.sqlite"))?;
     if payments.exists() {
         import_file(before.as_mut(), &payments, &NoHook, 1000)?;
     }
-    run(before.as_mut(), &mut hook, at)?;
+    run(before.as_mut(), at)?;
     // Its state at the switch: each account whose one meter's cursor
     // stands on the switch reading (not on a held jump).
     let mut cursors: HashMap<String, Vec<Cursor>> = HashMap::new();
@@ -287,11 +288,7 @@ pub fn switch(
             .len();
     }
     let end = NaiveDate::from_ymd_opt(2100, 1, 1).expect("valid");
-    run(
-        after.as_mut(),
-        &mut hook,
-        super::pricing::local_midnight_ms(end, 0),
-    )?;
+    run(after.as_mut(), super::pricing::local_midnight_ms(end, 0))?;
     let mut demo = crate::ledger::open(&demo_ledger.display().to_string())?;
     let keys: Vec<String> = fleet
         .accounts
