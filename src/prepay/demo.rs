@@ -78,10 +78,7 @@ pub fn run(
 ) -> Result<DemoSummary, PrepayError> {
     std::fs::create_dir_all(out).map_err(|e| PrepayError::io(out, e))?;
     let ledger_path = out.join("prepay-ledger.sqlite");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", ledger_path.display()));
-    }
-    let mut ledger = crate::ledger::open_migrated(&ledger_path.display().to_string())?;
+    let mut ledger = fresh_ledger(&ledger_path)?;
     let fleet = Fleet::load(master)?;
     let set = crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
     let pricer = TariffPricer::new(set);
