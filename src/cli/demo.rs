@@ -131,21 +131,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // 4. Prepayment: top-ups, daily deductions through month end, alerts.
     let prepay_out = out.join("prepay");
-    let p = crate::prepay::demo::run(
-        &fleet_dir,
-        &fleet_dir.join("master"),
-        &tariffs_dir(),
-        &prepay_out,
-    )
-    .context("prepayment demo")?;
+    let master = fleet_dir.join("master");
+    let tariffs = tariffs_dir();
+    let inputs = crate::prepay::demo::Inputs::load(&fleet_dir, &master, &tariffs)
+        .context("prepayment demo inputs")?;
+    let p = crate::prepay::demo::run(&inputs, &prepay_out).context("prepayment demo")?;
     for line in p.to_string().lines() {
         println!("  [prepay]  {line}");
     }
     // 4b. The same prepaid fleet switching to meterflow mid-month.
     let sw = crate::prepay::demo::switch(
-        &fleet_dir,
-        &fleet_dir.join("master"),
-        &tariffs_dir(),
+        &inputs,
         &prepay_out.join("switch"),
         o.start + chrono::Duration::days(15),
         &p.ledger,

@@ -203,13 +203,7 @@ pub fn run(cmd: LedgerCmd) -> anyhow::Result<ExitCode> {
                 Some(m) => Fleet::load(m)?,
                 None => Fleet::default(),
             };
-            let hook = PrepayHook {
-                thresholds: &th,
-                control: None,
-                fleet: &fleet,
-                daily_spend: Default::default(),
-                now_ms: None,
-            };
+            let hook = PrepayHook::new(&th, &fleet);
             let mut conflicts = 0;
             for f in &files {
                 let r = crate::prepay::payments::import_file(led.as_mut(), f, &hook, 1000)

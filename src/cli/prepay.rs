@@ -255,11 +255,9 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let relay = relay_dispatch(&th, control.as_ref(), &a.x, now_ms)?;
     let mut hook = PrepayHook {
-        thresholds: &th,
         control: control.as_ref(),
-        fleet: &fleet,
-        daily_spend: Default::default(),
         now_ms,
+        ..PrepayHook::new(&th, &fleet)
     };
     let opts = RunOptions {
         lake: &a.lake,

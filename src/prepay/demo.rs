@@ -10,12 +10,12 @@ use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
 use super::alerts::{Alert, Thresholds};
-use super::payments::import_file;
+use super::payments::{import_file, ImportReport};
 use super::pricing::{Pricer, TariffPricer};
 use super::run::{run_batch, Fleet, PrepayHook, RunOptions, RunStats};
 use super::sinks::{deliver, DeliverStats, Sinks};
 use super::PrepayError;
-use crate::ledger::{Cursor, Ledger, NoHook};
+use crate::ledger::{Cursor, Ledger};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DemoSummary {
@@ -69,44 +69,67 @@ impl std::fmt::Display for DemoSummary {
     }
 }
 
-/// Runs the prepayment chain on a lake and master data; writes under `out`.
-pub fn run(
-    lake: &Path,
-    master: &Path,
-    tariffs: &Path,
-    out: &Path,
-) -> Result<DemoSummary, PrepayError> {
+/// What both parts of the demo read, loaded once.
+pub struct Inputs<'a> {
+    pub lake: &'a Path,
+    pub fleet: Fleet,
+    pub pricer: TariffPricer,
+    /// `payments.csv` of the master data, when there is one.
+    pub payments: Option<PathBuf>,
+}
+
+impl<'a> Inputs<'a> {
+    pub fn load(lake: &'a Path, master: &Path, tariffs: &Path) -> Result<Inputs<'a>, PrepayError> {
+        let set =
+            crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
+        let payments = master.join(crate::master::PAYMENTS_FILE);
+        Ok(Inputs {
+            lake,
+            fleet: Fleet::load(master)?,
+            pricer: TariffPricer::new(set),
+            payments: payments.exists().then_some(payments),
+        })
+    }
+
+    /// Credits the payments to `ledger`, then deducts the lake through
+    /// `through_ms` with the built-in thresholds (a hook of its own: its
+    /// daily spends are this ledger's); the import's and the run's reports.
+    fn deduct(
+        &self,
+        ledger: &mut dyn Ledger,
+        through_ms: i64,
+        evaluate_all: bool,
+    ) -> Result<(ImportReport, RunStats), PrepayError> {
+        let thresholds = Thresholds::builtin();
+        let mut hook = PrepayHook::new(&thresholds, &self.fleet);
+        let paid = match &self.payments {
+            Some(p) => import_file(ledger, p, &hook, 1000)?,
+            None => ImportReport::default(),
+        };
+        let opts = RunOptions {
+            lake: self.lake,
+            from: NaiveDate::MIN,
+            through_ms,
+            chunk: 500,
+            evaluate_all,
+        };
+        let run = run_batch(ledger, &self.pricer, &self.fleet, &mut hook, &opts)?;
+        Ok((paid, run))
+    }
+}
+
+/// Past the end of any demo lake: "deduct everything".
+fn end_of_lake_ms() -> i64 {
+    let end = NaiveDate::from_ymd_opt(2100, 1, 1).expect("valid");
+    super::pricing::local_midnight_ms(end, 0)
+}
+
+/// Runs the prepayment chain on the inputs; writes under `out`.
+pub fn run(inputs: &Inputs<'_>, out: &Path) -> Result<DemoSummary, PrepayError> {
     std::fs::create_dir_all(out).map_err(|e| PrepayError::io(out, e))?;
     let ledger_path = out.join("prepay-ledger.sqlite");
     let mut ledger = fresh_ledger(&ledger_path)?;
-    let fleet = Fleet::load(master)?;
-    let set = crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
-    let pricer = TariffPricer::new(set);
-    let thresholds = Thresholds::builtin();
-    let mut hook = PrepayHook {
-        thresholds: &thresholds,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
-    };
-    let payments = master.join(crate::master::PAYMENTS_FILE);
-    let mut top_ups = 0;
-    if payments.exists() {
-        top_ups = import_file(ledger.as_mut(), &payments, &hook, 1000)?.credited;
-    }
-    let through = NaiveDate::from_ymd_opt(2100, 1, 1)
-        .expect("valid")
-        .and_hms_opt(0, 0, 0)
-        .expect("valid");
-    let opts = RunOptions {
-        lake,
-        from: NaiveDate::MIN,
-        through_ms: through.and_utc().timestamp_millis(),
-        chunk: 500,
-        evaluate_all: true,
-    };
-    let run = run_batch(ledger.as_mut(), &pricer, &fleet, &mut hook, &opts)?;
+    let (paid, run) = inputs.deduct(ledger.as_mut(), end_of_lake_ms(), true)?;
     let sinks = Sinks {
         alerts_root: Some(out.to_path_buf()),
         ..Default::default()
@@ -132,8 +155,8 @@ pub fn run(
     Ok(DemoSummary {
         ledger: ledger_path,
         alerts_dir: out.join(super::sinks::ALERTS),
-        prepaid_accounts: fleet.accounts.len(),
-        top_ups,
+        prepaid_accounts: inputs.fleet.accounts.len(),
+        top_ups: paid.credited,
         run,
         delivered,
         balances_check_ok,
@@ -199,48 +222,21 @@ fn fresh_ledger(path: &Path) -> Result<Box<dyn Ledger>, PrepayError> {
 /// Runs the switch at local midnight starting `day` (see [`SwitchSummary`]),
 /// comparing with the demo ledger at `demo_ledger`.
 pub fn switch(
-    lake: &Path,
-    master: &Path,
-    tariffs: &Path,
+    inputs: &Inputs<'_>,
     out: &Path,
     day: NaiveDate,
     demo_ledger: &Path,
 ) -> Result<SwitchSummary, PrepayError> {
     std::fs::create_dir_all(out).map_err(|e| PrepayError::io(out, e))?;
-    let fleet = Fleet::load(master)?;
-    let set = crate::tariff::load_dir(tariffs).map_err(|e| PrepayError::Input(e.to_string()))?;
-    let pricer = TariffPricer::new(set);
+    let (fleet, pricer) = (&inputs.fleet, &inputs.pricer);
     let off = match fleet.accounts.rows().first() {
         Some(a) => pricer.utc_offset_secs(a)?,
         None => 0,
     };
     let at = super::pricing::local_midnight_ms(day, off);
-    let thresholds = Thresholds::builtin();
-    let payments = master.join(crate::master::PAYMENTS_FILE);
-    // Each ledger with its own hook (its daily spends are its own).
-    let run = |l: &mut dyn Ledger, through_ms| {
-        let mut hook = PrepayHook {
-            thresholds: &thresholds,
-            control: None,
-            fleet: &fleet,
-            daily_spend: Default::default(),
-            now_ms: None,
-        };
-        let opts = RunOptions {
-            lake,
-            from: NaiveDate::MIN,
-            through_ms,
-            chunk: 500,
-            evaluate_all: false,
-        };
-        run_batch(l, &pricer, &fleet, &mut hook, &opts)
-    };
     // The system before: top-ups, and deductions up to the switch.
     let mut before = fresh_ledger(&out.join("switch-system-before.sqlite"))?;
-    if payments.exists() {
-        import_file(before.as_mut(), &payments, &NoHook, 1000)?;
-    }
-    run(before.as_mut(), at)?;
+    inputs.deduct(before.as_mut(), at, false)?;
     // Its state at the switch: each account whose one meter's cursor
     // stands on the switch reading (not on a held jump).
     let mut cursors: HashMap<String, Vec<Cursor>> = HashMap::new();
@@ -277,15 +273,10 @@ pub fn switch(
     // meterflow from the switch on.
     let ledger_path = out.join("switch-ledger.sqlite");
     let mut after = fresh_ledger(&ledger_path)?;
-    let opened = super::opening::import_file(after.as_mut(), &file, &fleet, &pricer, lake, 1000)?;
-    let mut not_credited = 0;
-    if payments.exists() {
-        not_credited = import_file(after.as_mut(), &payments, &NoHook, 1000)?
-            .before_switch
-            .len();
-    }
-    let end = NaiveDate::from_ymd_opt(2100, 1, 1).expect("valid");
-    run(after.as_mut(), super::pricing::local_midnight_ms(end, 0))?;
+    let opened =
+        super::opening::import_file(after.as_mut(), &file, fleet, pricer, inputs.lake, 1000)?;
+    // The same payments (those up to the switch are not credited again).
+    let (paid, _) = inputs.deduct(after.as_mut(), end_of_lake_ms(), false)?;
     let mut demo = crate::ledger::open(&demo_ledger.display().to_string())?;
     let keys: Vec<String> = fleet
         .accounts
@@ -308,7 +299,7 @@ pub fn switch(
         switched_at,
         opened: opened.imported + opened.already,
         refused: opened.refused.len(),
-        not_credited,
+        not_credited: paid.before_switch.len(),
         equal,
         differing,
     })

@@ -40,6 +40,20 @@ pub struct PrepayHook<'a> {
     pub now_ms: Option<i64>,
 }
 
+impl<'a> PrepayHook<'a> {
+    /// A hook with `thresholds` over `fleet`: no remote fee control, no
+    /// daily spends yet, the wall clock.
+    pub fn new(thresholds: &'a Thresholds, fleet: &'a Fleet) -> PrepayHook<'a> {
+        PrepayHook {
+            thresholds,
+            control: None,
+            fleet,
+            daily_spend: FxMap::default(),
+            now_ms: None,
+        }
+    }
+}
+
 impl CommitHook for PrepayHook<'_> {
     fn after(
         &self,
@@ -1288,11 +1302,8 @@ mod tests {
         );
         let th = Thresholds::parse(&text, Path::new("thresholds.toml")).unwrap();
         let hook = PrepayHook {
-            thresholds: &th,
-            control: None,
-            fleet: &f,
-            daily_spend: FxMap::default(),
             now_ms: Some(0),
+            ..PrepayHook::new(&th, &f)
         };
         // The class sets the levels, the tariff the zero alert.
         let out = hook.after("A1", dec!(-1), 3, &BTreeSet::new(), 0);

@@ -162,11 +162,8 @@ pub fn run_stream(cfg: &StreamConfig, opts: &StreamOptions) -> Result<RunStats, 
         None => None,
     };
     let mut hook = PrepayHook {
-        thresholds: &thresholds,
         control: control.as_ref(),
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
+        ..PrepayHook::new(&thresholds, &fleet)
     };
     let sinks = Sinks {
         alerts_root: cfg.alerts_dataset.as_ref().map(|p| cfg.resolve(p)),

@@ -751,11 +751,8 @@ fn alerts_fire_once_per_level_crossing_are_rearmed_by_a_top_up_and_land_in_the_d
     let fleet = Fleet::load(&f.master).unwrap();
     let th = Thresholds::builtin();
     let hook = PrepayHook {
-        thresholds: &th,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
         now_ms: Some(1_790_000_000_000),
+        ..PrepayHook::new(&th, &fleet)
     };
     {
         let mut commit = |key: &str, amount: Decimal| {
@@ -845,13 +842,7 @@ fn an_alert_the_webhook_refused_stays_pending_until_it_answers() {
     let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
     let th = Thresholds::builtin();
     let fleet = Fleet::default();
-    let hook = PrepayHook {
-        thresholds: &th,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
-    };
+    let hook = PrepayHook::new(&th, &fleet);
     l.commit(
         &Batch {
             entries: vec![entry("x", "A1", dec!(10))],
@@ -1077,33 +1068,26 @@ fn no_trip_in_protected_windows_from_the_holiday_calendar() {
 fn the_demo_hook_shows_a_prepaid_account_crossing_its_alert_levels_on_the_sample_fleet() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
-    let s = meterflow::prepay::demo::run(
-        &root.join("sample-data"),
+    let lake = root.join("sample-data");
+    let inputs = meterflow::prepay::demo::Inputs::load(
+        &lake,
         &root.join("sample-data/master"),
         &root.join("tariffs"),
-        out.path(),
     )
     .unwrap();
+    let s = meterflow::prepay::demo::run(&inputs, out.path()).unwrap();
     assert!(s.balances_check_ok);
     assert!(s.run.deductions > 0 && s.top_ups > 0, "{s}");
     assert!(!s.example_alerts.is_empty(), "{s}");
     // The same run again deducts nothing more.
-    let again = meterflow::prepay::demo::run(
-        &root.join("sample-data"),
-        &root.join("sample-data/master"),
-        &root.join("tariffs"),
-        out.path(),
-    )
-    .unwrap();
+    let again = meterflow::prepay::demo::run(&inputs, out.path()).unwrap();
     assert_eq!(again.run.amount, s.run.amount);
     println!("{s}");
 
     // The demo's switch: the fleet opened mid-October in another ledger
     // from the state of the system before ends on the same balances.
     let sw = meterflow::prepay::demo::switch(
-        &root.join("sample-data"),
-        &root.join("sample-data/master"),
-        &root.join("tariffs"),
+        &inputs,
         &out.path().join("switch"),
         chrono::NaiveDate::from_ymd_opt(2026, 10, 16).unwrap(),
         &s.ledger,
@@ -1441,13 +1425,7 @@ fn batch_run_on(
     let fleet = Fleet::load(master).unwrap();
     let pricer = TariffPricer::new(meterflow::tariff::load_dir(tariffs).unwrap());
     let th = Thresholds::builtin();
-    let mut hook = PrepayHook {
-        thresholds: &th,
-        control: None,
-        fleet: &fleet,
-        daily_spend: Default::default(),
-        now_ms: None,
-    };
+    let mut hook = PrepayHook::new(&th, &fleet);
     let opts = RunOptions {
         lake,
         from: chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap(),
