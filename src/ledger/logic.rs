@@ -56,6 +56,17 @@ pub trait Tx {
     fn insert_outbox(&mut self, m: &OutboxMsg) -> Result<bool, LedgerError>;
     /// Whether an entry with this key is stored.
     fn entry_exists(&mut self, key: &str) -> Result<bool, LedgerError>;
+    /// Whether an entry with any of these keys is stored. A backend may
+    /// answer a batch of keys at once (SQLite: one seek over their common
+    /// prefix when no stored key has it).
+    fn any_entry_exists(&mut self, keys: &[String]) -> Result<bool, LedgerError> {
+        for k in keys {
+            if self.entry_exists(k)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// Applies `batch` through `tx`. Returns the report; the caller commits
@@ -90,11 +101,9 @@ pub fn commit_batch(
             return Ok(report);
         }
     }
-    for key in &batch.absent_keys {
-        if tx.entry_exists(key)? {
-            report.stale = true;
-            return Ok(report);
-        }
+    if tx.any_entry_exists(&batch.absent_keys)? {
+        report.stale = true;
+        return Ok(report);
     }
     let mut expect: Vec<&Expect> = batch.expect.iter().collect();
     expect.sort_unstable();

@@ -437,6 +437,28 @@ impl Tx for SqlTx<'_> {
         self.balances.forget((account, ""));
         Ok(())
     }
+    fn any_entry_exists(&mut self, keys: &[String]) -> Result<bool, LedgerError> {
+        // Keys compare as bytes (BINARY): when no stored key starts with
+        // the keys' common prefix (every `open:` key of a payments chunk on
+        // a ledger without openings), one seek answers for all of them.
+        if let Some(end) = prefix_end(common_prefix(keys)) {
+            let none = self
+                .tx
+                .prepare_cached("SELECT 1 FROM entries WHERE key >= ?1 AND key < ?2 LIMIT 1")?
+                .query_row(params![common_prefix(keys), end], |_| Ok(()))
+                .optional()?
+                .is_none();
+            if none {
+                return Ok(false);
+            }
+        }
+        for k in keys {
+            if self.entry_exists(k)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
     fn entry_exists(&mut self, key: &str) -> Result<bool, LedgerError> {
         Ok(self
             .st(Stmt::EntryByKey)?
@@ -870,6 +892,39 @@ impl SqliteLedger {
     }
 }
 
+/// The longest prefix every key shares ("" for none or one key).
+fn common_prefix(keys: &[String]) -> &str {
+    let (Some(first), true) = (keys.first(), keys.len() > 1) else {
+        return "";
+    };
+    let mut n = first.len();
+    for k in &keys[1..] {
+        n = first
+            .bytes()
+            .zip(k.bytes())
+            .take(n)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    // On a character boundary.
+    while !first.is_char_boundary(n) {
+        n -= 1;
+    }
+    &first[..n]
+}
+
+/// The first string after every string that starts with `prefix`: its last
+/// byte + 1 (None when empty or that byte is not below 0x7f).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let (&last, head) = prefix.as_bytes().split_last()?;
+    if last >= 0x7f {
+        return None;
+    }
+    let mut end = head.to_vec();
+    end.push(last + 1);
+    String::from_utf8(end).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -885,6 +940,52 @@ mod tests {
             source: "test".into(),
             detail: String::new(),
         }
+    }
+
+    #[test]
+    fn keys_share_a_prefix_that_bounds_a_range_of_the_key_index() {
+        let k = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            common_prefix(&k(&["open:A1", "open:A2", "open:B"])),
+            "open:"
+        );
+        assert_eq!(common_prefix(&k(&["open:A1", "open:A12"])), "open:A1");
+        assert_eq!(common_prefix(&k(&["open:A1"])), "");
+        assert_eq!(common_prefix(&k(&["x", "y"])), "");
+        assert_eq!(common_prefix(&k(&["电表1", "电表2"])), "电表");
+        assert_eq!(common_prefix(&k(&["电a", "电b", "甲"])), "");
+        assert_eq!(prefix_end("open:").as_deref(), Some("open;"));
+        assert_eq!(prefix_end(""), None);
+        assert_eq!(prefix_end("a\u{7f}"), None);
+    }
+
+    #[test]
+    fn a_batch_of_absent_keys_is_checked_by_one_seek_or_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap();
+        l.migrate().unwrap();
+        let put = |l: &mut SqliteLedger, key: &str| {
+            let b = Batch {
+                entries: vec![deduction(key.into(), "A".into(), Decimal::ONE, 1)],
+                ..Default::default()
+            };
+            assert!(!l.commit(&b, &crate::ledger::NoHook).unwrap().stale);
+        };
+        let stale = |l: &mut SqliteLedger, keys: &[&str]| {
+            let b = Batch {
+                entries: vec![deduction("pay:x".into(), "A".into(), Decimal::ONE, 1)],
+                absent_keys: keys.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            };
+            l.commit(&b, &crate::ledger::NoHook).unwrap().stale
+        };
+        put(&mut l, "open:B");
+        // No stored key starts with "open:A": one seek says none exists.
+        assert!(!stale(&mut l, &["open:A1", "open:A3"]));
+        // Some key has the prefix "open:", but not these: key by key.
+        assert!(!stale(&mut l, &["open:A1", "open:C"]));
+        assert!(stale(&mut l, &["open:A1", "open:B"]));
+        assert!(stale(&mut l, &["open:B"]));
     }
 
     /// How many schema objects match `condition` (SQL over `sqlite_schema`).

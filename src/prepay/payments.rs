@@ -64,21 +64,19 @@ pub fn import_file(
         .file_name()
         .map(|f| f.to_string_lossy().to_string())
         .unwrap_or_default();
+    // Accounts known to have switched to meterflow, with their switch.
+    // Learned only when a commit finds an opening among its accounts: a
+    // ledger without openings pays one key check per account, inside the
+    // transaction, and none outside it.
+    let mut opened: HashMap<String, i64> = HashMap::new();
     for rows in loaded.rows.chunks(chunk.max(1)) {
-        // The chunk's accounts that switched to meterflow, asked again
-        // whenever the commit finds one opened meanwhile.
+        let mut keys: Vec<String> = rows
+            .iter()
+            .map(|p| super::opening::key(&p.account_id))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
         let (batch, r) = loop {
-            let mut keys: Vec<String> = rows
-                .iter()
-                .map(|p| super::opening::key(&p.account_id))
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let opened: HashMap<String, i64> = ledger
-                .entries_by_keys(&keys)?
-                .into_iter()
-                .map(|e| (e.entry.account_id, e.entry.ts_ms))
-                .collect();
             let mut before = Vec::new();
             let mut entries = Vec::new();
             for p in rows {
@@ -97,8 +95,9 @@ pub fn import_file(
             }
             let batch = Batch {
                 absent_keys: keys
-                    .into_iter()
+                    .iter()
                     .filter(|k| !opened.contains_key(&k[super::opening::KEY_PREFIX.len()..]))
+                    .cloned()
                     .collect(),
                 entries,
                 ..Default::default()
@@ -108,6 +107,13 @@ pub fn import_file(
                 report.before_switch.extend(before);
                 break (batch, r);
             }
+            // An account of the chunk is opened (maybe meanwhile): learn them.
+            opened.extend(
+                ledger
+                    .entries_by_keys(&keys)?
+                    .into_iter()
+                    .map(|e| (e.entry.account_id, e.entry.ts_ms)),
+            );
         };
         for (o, e) in r.outcomes.iter().zip(&batch.entries) {
             match o {
