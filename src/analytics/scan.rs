@@ -320,9 +320,7 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
     let mut out = FileScan::default();
     // Text columns come as dictionaries: each distinct channel, quality,
     // collector and address is interpreted once per batch, not once per row.
-    for b in crate::store::scan::unit_batches(unit, &cols, None)? {
-        let b = b?;
-        let v = crate::store::scan::ScanView::new(&b, path)?;
+    crate::store::scan::for_each_view(unit, &cols, None, |b, v| {
         let bad = || AnalyticsError::Invalid(format!("{}: not a readings file", path.display()));
         let dict = |n: &str| {
             b.column_by_name(n)
@@ -464,7 +462,8 @@ fn read_unit(unit: &Unit, index: &MeterLookup<'_>) -> Result<FileScan, Analytics
                 _ => {}
             }
         }
-    }
+        Ok::<(), AnalyticsError>(())
+    })?;
     Ok(out)
 }
 

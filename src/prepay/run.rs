@@ -440,11 +440,9 @@ impl<'a> Wanted<'a, '_> {
         index: u32,
     ) -> Result<Vec<WantedRun<'a>>, PrepayError> {
         use crate::store::columns::from_scaled;
-        use crate::store::scan::{unit_batches, ScanView, SCAN_COLUMNS};
+        use crate::store::scan::{for_each_view, SCAN_COLUMNS};
         let mut out: Vec<WantedRun<'a>> = Vec::new();
-        for b in unit_batches(unit, &SCAN_COLUMNS, None)? {
-            let b = b?;
-            let v = ScanView::new(&b, &unit.path)?;
+        for_each_view(unit, &SCAN_COLUMNS, None, |b, v| {
             let (meter_id, ts, value) = (v.meter_id, v.ts, v.value);
             let (ch_keys, q_keys) = (v.channel.0, v.quality.0);
             let uses: Vec<Use> = v
@@ -500,7 +498,8 @@ impl<'a> Wanted<'a, '_> {
                     }),
                 }
             }
-        }
+            Ok::<(), PrepayError>(())
+        })?;
         Ok(out)
     }
 }

@@ -6,6 +6,7 @@ pub mod columns;
 pub mod compact;
 pub mod dict;
 pub mod encode;
+pub mod idruns;
 pub mod inspect;
 mod lake;
 pub mod reader;

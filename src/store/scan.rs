@@ -269,6 +269,125 @@ pub fn unit_batches<'a>(
     }))
 }
 
+/// Calls `f` with each batch of one unit (see [`unit_batches`]) and its
+/// [`ScanView`]. A whole unit whose `meter_id` pages are all prefix-encoded
+/// (the lake's own files) has its ids read from the pages as runs of equal
+/// ids ([`super::idruns`]), one text per run, and its batches come without a
+/// `meter_id` column; any other unit reads `meter_id` as a column.
+pub fn for_each_view<E: From<StoreError>>(
+    unit: &Unit,
+    columns: &[&str],
+    selection: Option<&Selection>,
+    mut f: impl FnMut(&arrow::record_batch::RecordBatch, &ScanView<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let runs = match selection {
+        None if columns.contains(&"meter_id") => id_runs(unit)?,
+        _ => None,
+    };
+    let columns: Vec<&str> = match runs {
+        Some(_) => columns
+            .iter()
+            .copied()
+            .filter(|c| *c != "meter_id")
+            .collect(),
+        None => columns.to_vec(),
+    };
+    let mut base = 0usize;
+    for batch in unit_batches(unit, &columns, selection)? {
+        let batch = batch?;
+        let n = batch.num_rows();
+        let ids = match &runs {
+            Some((keys, texts)) => Some(MeterIds::Dict(
+                keys.get(base..base + n).ok_or_else(|| {
+                    StoreError::Schema(format!(
+                        "{}: more rows than meter ids in row group {}",
+                        unit.path.display(),
+                        unit.row_group
+                    ))
+                })?,
+                texts,
+            )),
+            None => None,
+        };
+        let view = ScanView::with_ids(&batch, &unit.path, ids)?;
+        f(&batch, &view)?;
+        base += n;
+    }
+    Ok(())
+}
+
+/// Per row the index of its run of equal ids, and each run's id, read from
+/// the unit's `meter_id` pages; None when the column is not a required one
+/// whose data pages are all `DELTA_BYTE_ARRAY`, or a page's values cannot be
+/// decoded here (then it is read as text, and the column reader reports any
+/// damage; a page that cannot be read or decompressed is an error here).
+fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
+    use parquet::basic::Encoding;
+    use parquet::column::page::{Page, PageReader};
+    use parquet::file::serialized_reader::SerializedPageReader;
+    let meta = unit.meta.metadata();
+    let descr = meta.file_metadata().schema_descr();
+    let Some(c) = descr.columns().iter().position(|c| c.name() == "meter_id") else {
+        return Ok(None);
+    };
+    let cd = descr.column(c);
+    let chunk = meta.row_group(unit.row_group).column(c);
+    let prefix_encoded = match chunk.page_encoding_stats_mask() {
+        Some(m) => m.is_only(Encoding::DELTA_BYTE_ARRAY),
+        None => chunk.encodings().any(|e| e == Encoding::DELTA_BYTE_ARRAY),
+    };
+    if cd.max_def_level() != 0
+        || cd.max_rep_level() != 0
+        || chunk.dictionary_page_offset().is_some()
+        || !prefix_encoded
+    {
+        return Ok(None);
+    }
+    let path = unit.path.as_path();
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let rows = unit.num_rows();
+    let mut pages =
+        SerializedPageReader::new(Arc::new(file), chunk, rows, None).map_err(perr(path))?;
+    let mut runs = super::idruns::IdRuns::with_capacity(rows);
+    while let Some(page) = pages.get_next_page().map_err(perr(path))? {
+        let (values, n) = match &page {
+            Page::DataPage {
+                buf,
+                num_values,
+                encoding: Encoding::DELTA_BYTE_ARRAY,
+                ..
+            } => (&buf[..], *num_values),
+            Page::DataPageV2 {
+                buf,
+                num_values,
+                encoding: Encoding::DELTA_BYTE_ARRAY,
+                num_nulls: 0,
+                def_levels_byte_len,
+                rep_levels_byte_len,
+                ..
+            } => {
+                let levels = (*def_levels_byte_len + *rep_levels_byte_len) as usize;
+                match buf.get(levels..) {
+                    Some(v) => (v, *num_values),
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+        // A page claiming more values than the row group has left is damage
+        // the column reader reports (and nothing is allocated for it here).
+        if n as usize > rows - runs.rows() {
+            return Ok(None);
+        }
+        if let Err(e) = runs.push_page(values, n as usize) {
+            tracing::debug!(file = %path.display(), row_group = unit.row_group, error = %e, "meter ids read as a column");
+            return Ok(None);
+        }
+    }
+    let (keys, texts) = runs.finish();
+    Ok((keys.len() == rows).then_some((keys, texts)))
+}
+
 /// The columns every scan reads (see [`unit_batches`]).
 pub const SCAN_COLUMNS: [&str; 5] = ["meter_id", "ts", "channel", "value", "quality"];
 
@@ -289,6 +408,16 @@ impl<'a> ScanView<'a> {
         batch: &'a arrow::record_batch::RecordBatch,
         path: &Path,
     ) -> Result<ScanView<'a>, StoreError> {
+        ScanView::with_ids(batch, path, None)
+    }
+
+    /// Like [`ScanView::new`], with the batch's meter ids given (read from
+    /// the pages, [`for_each_view`]) instead of from its `meter_id` column.
+    fn with_ids(
+        batch: &'a arrow::record_batch::RecordBatch,
+        path: &Path,
+        ids: Option<MeterIds<'a>>,
+    ) -> Result<ScanView<'a>, StoreError> {
         let bad = |what: &str| {
             StoreError::Schema(format!(
                 "{}: unexpected readings schema ({what})",
@@ -297,13 +426,18 @@ impl<'a> ScanView<'a> {
         };
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(name));
         let dict = |name: &str| dictionary_text(col(name)?.as_ref()).ok_or_else(|| bad(name));
-        let ids = col("meter_id")?;
-        let meter_id = match ids.as_any().downcast_ref::<StringArray>() {
-            Some(text) => MeterIds::Text(text),
+        let meter_id = match ids {
+            Some(ids) => ids,
             None => {
-                let (keys, values) =
-                    dictionary_text(ids.as_ref()).ok_or_else(|| bad("meter_id"))?;
-                MeterIds::Dict(keys, values)
+                let ids = col("meter_id")?;
+                match ids.as_any().downcast_ref::<StringArray>() {
+                    Some(text) => MeterIds::Text(text),
+                    None => {
+                        let (keys, values) =
+                            dictionary_text(ids.as_ref()).ok_or_else(|| bad("meter_id"))?;
+                        MeterIds::Dict(keys, values)
+                    }
+                }
             }
         };
         let ts = col("ts")?
@@ -561,7 +695,6 @@ impl Scanner<'_> {
         sel: Option<&Selection>,
         out: &mut Chunk,
     ) -> Result<(), StoreError> {
-        let path = unit.path.as_path();
         let rows = match sel {
             Some(s) => s.rows.iter().map(|r| r.len()).sum(),
             None => unit.num_rows(),
@@ -576,9 +709,7 @@ impl Scanner<'_> {
         out.rows = 0;
         // Selected rows before the current batch.
         let mut base = 0usize;
-        for batch in unit_batches(unit, &SCAN_COLUMNS, sel)? {
-            let batch = batch?;
-            let v = ScanView::new(&batch, path)?;
+        for_each_view(unit, &SCAN_COLUMNS, sel, |batch, v| {
             let (mid, ts, val, ck, qk) = (v.meter_id, v.ts, v.value, v.channel.0, v.quality.0);
             let ch_map: Vec<Option<Channel>> = v
                 .channels()
@@ -650,8 +781,8 @@ impl Scanner<'_> {
                 });
             }
             base += n;
-        }
-        Ok(())
+            Ok::<(), StoreError>(())
+        })
     }
 }
 
@@ -666,6 +797,50 @@ pub(crate) mod tests {
 
     use crate::model::{Protocol, Reading, Source};
     use crate::store::{Lake, LakeOptions};
+
+    /// The `meter_id` data pages of an in-memory Parquet file (first row
+    /// group): values section, value count and encoding, and the ids as
+    /// arrow reads them.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn raw_id_pages(
+        file: &[u8],
+    ) -> (Vec<(Vec<u8>, usize, parquet::basic::Encoding)>, Vec<String>) {
+        use parquet::column::page::Page;
+        use parquet::file::reader::FileReader;
+        use parquet::file::serialized_reader::SerializedFileReader;
+        let bytes = bytes::Bytes::copy_from_slice(file);
+        let reader = SerializedFileReader::new(bytes.clone()).unwrap();
+        let rg = reader.get_row_group(0).unwrap();
+        let mut pages = rg.get_column_page_reader(0).unwrap();
+        let mut out = Vec::new();
+        while let Some(p) = pages.get_next_page().unwrap() {
+            match p {
+                Page::DataPage {
+                    buf,
+                    num_values,
+                    encoding,
+                    ..
+                } => out.push((buf.to_vec(), num_values as usize, encoding)),
+                Page::DataPageV2 {
+                    buf,
+                    num_values,
+                    encoding,
+                    ..
+                } => out.push((buf.to_vec(), num_values as usize, encoding)),
+                Page::DictionaryPage { .. } => {}
+            }
+        }
+        let mut ids = Vec::new();
+        let batches =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1 << 20)
+                .unwrap();
+        for b in batches {
+            let b = b.unwrap();
+            let a = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            ids.extend((0..a.len()).map(|i| a.value(i).to_string()));
+        }
+        (out, ids)
+    }
 
     /// Every readings file of a test lake.
     fn all_readings_files(root: &std::path::Path) -> Vec<(NaiveDate, std::path::PathBuf)> {
@@ -936,6 +1111,11 @@ pub(crate) mod tests {
             !mixed.iter().any(reads_ids_as_keys),
             "some pages are not dictionary-encoded"
         );
+        assert!(lake.iter().all(|u| id_runs(u).unwrap().is_some()));
+        assert!(dict
+            .iter()
+            .chain(&mixed)
+            .all(|u| id_runs(u).unwrap().is_none()));
         let ids: Vec<String> = (0..3000).step_by(2).map(|m| format!("{m:012}")).collect();
         let index: FxMap<&str, u32> = ids
             .iter()
@@ -1009,6 +1189,81 @@ pub(crate) mod tests {
         let (a, b) = (wanted(a), wanted(b));
         assert_eq!(a.len(), 4);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn prefix_encoded_ids_are_read_from_the_pages_as_runs_whatever_the_page_layout() {
+        use parquet::arrow::ArrowWriter;
+        use parquet::basic::Encoding;
+        use parquet::file::properties::{WriterProperties, WriterVersion};
+        let dir = tempfile::tempdir().unwrap();
+        let date = NaiveDate::from_ymd_opt(2026, 9, 21).unwrap();
+        // Runs of 1 to 5 equal ids of varied lengths, cut by pages of 7 rows.
+        let mut ids: Vec<String> = Vec::new();
+        for m in 0..400u32 {
+            let id = format!("{}{m:05}", "9".repeat((m % 4) as usize));
+            ids.extend(std::iter::repeat_n(id, 1 + (m % 5) as usize));
+        }
+        // One long run past the reader's first 65,536-row batch.
+        ids.extend(std::iter::repeat_n("8".to_string(), 70_000));
+        ids.sort();
+        let write = |name: &str, encoding: Encoding, version: WriterVersion| {
+            let mut b = crate::store::columns::ReadingsBuilder::with_capacity(ids.len());
+            for (k, id) in ids.iter().enumerate() {
+                let r = reading(id, k as i64, Channel::ImportActiveTotal, 1, Quality::OK);
+                b.push(&r).unwrap();
+            }
+            let batch = b.finish();
+            let schema = batch.schema();
+            let props = WriterProperties::builder()
+                .set_writer_version(version)
+                .set_dictionary_enabled(false)
+                .set_column_encoding("meter_id".into(), encoding)
+                .set_data_page_row_count_limit(7)
+                .set_write_batch_size(7)
+                .build();
+            let path = dir.path().join(name);
+            let mut w =
+                ArrowWriter::try_new(File::create(&path).unwrap(), schema, Some(props)).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            units(&[(date, path)]).unwrap()
+        };
+        let delta = Encoding::DELTA_BYTE_ARRAY;
+        for (name, encoding, version, runs) in [
+            ("v1.parquet", delta, WriterVersion::PARQUET_1_0, true),
+            ("v2.parquet", delta, WriterVersion::PARQUET_2_0, true),
+            (
+                "plain.parquet",
+                Encoding::PLAIN,
+                WriterVersion::PARQUET_1_0,
+                false,
+            ),
+        ] {
+            let us = write(name, encoding, version);
+            assert_eq!(us.len(), 1);
+            let got = id_runs(&us[0]).unwrap();
+            assert_eq!(got.is_some(), runs, "{name}");
+            if let Some((keys, texts)) = &got {
+                // One run per distinct id, though pages cut runs.
+                assert_eq!(texts.len(), 401, "{name}");
+                assert_eq!(keys.len(), ids.len());
+            }
+            let mut seen: Vec<String> = Vec::new();
+            let mut same = 0;
+            for_each_view(&us[0], &SCAN_COLUMNS, None, |b, v| {
+                assert_eq!(b.column_by_name("meter_id").is_none(), runs, "{name}");
+                for i in 0..b.num_rows() {
+                    same += usize::from(i > 0 && v.meter_id.same(i - 1, i));
+                    seen.push(v.meter_id.value(i).to_string());
+                }
+                Ok::<(), StoreError>(())
+            })
+            .unwrap();
+            assert_eq!(seen, ids, "{name}");
+            // Neighbours in one batch; the 70,000-row run spans two.
+            assert_eq!(same, ids.len() - 401 - 1, "{name}");
+        }
     }
 
     #[test]

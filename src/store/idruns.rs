@@ -1,0 +1,476 @@
+//! Runs of equal meter ids straight from `DELTA_BYTE_ARRAY` pages.
+//!
+//! The lake writes `meter_id` prefix-encoded and sorted, so a row whose id
+//! equals the previous row's is a prefix length equal to that id's length
+//! and an empty suffix. Decoding the pages here gives, per row, the index of
+//! its run of equal ids, and one text per run: the id is built once per run
+//! instead of once per row (arrow's reader copies every row's bytes into a
+//! string array and checks them as UTF-8). Pure codec: bytes in, runs out,
+//! no IO; `store::scan` reads the pages.
+
+use arrow::array::{StringArray, StringBuilder};
+
+/// Why a page could not be decoded (the scan then reads the column as text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("DELTA_BYTE_ARRAY page: {0}")]
+pub struct PageError(pub &'static str);
+
+/// The ids of a column chunk, one entry per run of equal consecutive ids.
+pub struct IdRuns {
+    /// Per row, the index of its run in `ids`.
+    pub keys: Vec<i32>,
+    /// The previous row's id.
+    last: String,
+    /// A page's prefix and suffix lengths (kept for the next page).
+    prefix: Vec<i32>,
+    suffix: Vec<i32>,
+    texts: StringBuilder,
+    /// Bytes of all run texts (bounded: arrow's offsets are 32-bit).
+    text_bytes: usize,
+    runs: usize,
+}
+
+/// Longest id decoded here: meter ids are short, and a page whose ids grow
+/// row by row would otherwise copy quadratically. Longer ids are read by the
+/// column reader.
+const MAX_ID: usize = 4096;
+
+impl IdRuns {
+    /// `rows` is a hint (capped: it comes from a file's footer).
+    pub fn with_capacity(rows: usize) -> IdRuns {
+        let rows = rows.min(1 << 21);
+        IdRuns {
+            keys: Vec::with_capacity(rows),
+            last: String::new(),
+            prefix: Vec::new(),
+            suffix: Vec::new(),
+            texts: StringBuilder::with_capacity(rows / 4 + 1, rows * 3 + 16),
+            text_bytes: 0,
+            runs: 0,
+        }
+    }
+
+    /// Rows decoded so far.
+    pub fn rows(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Appends the `num_values` ids of one `DELTA_BYTE_ARRAY` page (its
+    /// values section, decompressed, no levels). A run may continue across
+    /// pages.
+    pub fn push_page(&mut self, page: &[u8], num_values: usize) -> Result<(), PageError> {
+        let (mut prefix, mut suffix) = (
+            std::mem::take(&mut self.prefix),
+            std::mem::take(&mut self.suffix),
+        );
+        prefix.clear();
+        suffix.clear();
+        let r = self.push_lengths(page, num_values, &mut prefix, &mut suffix);
+        (self.prefix, self.suffix) = (prefix, suffix);
+        r
+    }
+
+    fn push_lengths(
+        &mut self,
+        page: &[u8],
+        num_values: usize,
+        prefix: &mut Vec<i32>,
+        suffix: &mut Vec<i32>,
+    ) -> Result<(), PageError> {
+        let rest = unpack_deltas(page, num_values, prefix)?;
+        let mut bytes = unpack_deltas(rest, num_values, suffix)?;
+        let mut i = 0;
+        while i < num_values {
+            if i > 0 && self.runs > 0 {
+                // Rows repeating the id before (its whole length as prefix,
+                // no suffix) continue the run: found in one pass over both
+                // length arrays, filled in one go.
+                let len = self.last.len() as i32;
+                let same = prefix[i..]
+                    .iter()
+                    .zip(&suffix[i..])
+                    .take_while(|&(&p, &s)| p == len && s == 0)
+                    .count();
+                let key = self.runs as i32 - 1;
+                self.keys.extend(std::iter::repeat_n(key, same));
+                i += same;
+                if i == num_values {
+                    break;
+                }
+            }
+            let (p, s) = (usize::try_from(prefix[i]), usize::try_from(suffix[i]));
+            let (Ok(p), Ok(s)) = (p, s) else {
+                return Err(PageError("negative length"));
+            };
+            // A page's first value has no value before it to share a prefix with.
+            let base = if i == 0 { 0 } else { self.last.len() };
+            if p > base || s > bytes.len() || p + s > MAX_ID {
+                return Err(PageError("length past the data"));
+            }
+            let (tail, rest) = bytes.split_at(s);
+            bytes = rest;
+            i += 1;
+            // A page's first id (or another writer's shorter prefix) spells
+            // out what may still be the id before: compared byte by byte.
+            if self.runs > 0
+                && p + s == self.last.len()
+                && same_tail(tail, &self.last.as_bytes()[p..])
+            {
+                self.keys.push(self.runs as i32 - 1);
+                continue;
+            }
+            // Only the suffix is checked as UTF-8 when the prefix ends on a
+            // character boundary (the id before it was valid).
+            if self.last.is_char_boundary(p) {
+                let tail = std::str::from_utf8(tail).map_err(|_| PageError("id not UTF-8"))?;
+                self.last.truncate(p);
+                self.last.push_str(tail);
+            } else {
+                let mut id = self.last.as_bytes()[..p].to_vec();
+                id.extend_from_slice(tail);
+                self.last = String::from_utf8(id).map_err(|_| PageError("id not UTF-8"))?;
+            }
+            self.text_bytes += self.last.len();
+            if self.last.len() > MAX_ID || self.text_bytes > i32::MAX as usize {
+                return Err(PageError("ids too long"));
+            }
+            self.texts.append_value(&self.last);
+            self.keys.push(self.runs as i32);
+            self.runs += 1;
+        }
+        Ok(())
+    }
+
+    /// The run texts, indexed by [`IdRuns::keys`].
+    pub fn finish(mut self) -> (Vec<i32>, StringArray) {
+        (self.keys, self.texts.finish())
+    }
+}
+
+/// Whether `a` equals `b`: the first bytes decide without a `memcmp`
+/// call, since a prefix-encoded suffix differs from the id before it at its
+/// first byte.
+#[inline]
+fn same_tail(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && (a.is_empty() || (a[0] == b[0] && a == b))
+}
+
+/// Reads an unsigned LEB128 integer.
+fn uleb(b: &mut &[u8]) -> Result<u64, PageError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = b.split_first().ok_or(PageError("truncated header"))?;
+        *b = rest;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(PageError("integer too long"))
+}
+
+fn zigzag(b: &mut &[u8]) -> Result<i64, PageError> {
+    let v = uleb(b)?;
+    Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+}
+
+/// Decodes `n` `DELTA_BINARY_PACKED` 32-bit values into `out` and returns
+/// the bytes after them. Widths above 32 bits are refused (lengths are
+/// INT32; the deltas of an INT32 column wrap to 32 bits).
+pub fn unpack_deltas<'a>(
+    mut b: &'a [u8],
+    n: usize,
+    out: &mut Vec<i32>,
+) -> Result<&'a [u8], PageError> {
+    let block = uleb(&mut b)? as usize;
+    let minis = uleb(&mut b)? as usize;
+    let total = uleb(&mut b)? as usize;
+    let first = zigzag(&mut b)?;
+    if total != n {
+        return Err(PageError("value count differs from the page's"));
+    }
+    if minis == 0
+        || block == 0
+        || block > 1 << 16
+        || !block.is_multiple_of(minis)
+        || !(block / minis).is_multiple_of(32)
+    {
+        return Err(PageError("bad block layout"));
+    }
+    // Every block takes a min delta and its widths: a count the bytes
+    // cannot hold is damage, refused before anything is allocated for it.
+    if n.saturating_sub(1)
+        .div_ceil(block)
+        .saturating_mul(1 + minis)
+        > b.len()
+    {
+        return Err(PageError("truncated block"));
+    }
+    let per_mini = block / minis;
+    if n == 0 {
+        return Ok(b);
+    }
+    let start = out.len();
+    out.resize(start + n, 0);
+    let dst = &mut out[start..];
+    let mut last = first as i32;
+    dst[0] = last;
+    let mut at = 1;
+    while at < n {
+        let min_delta = zigzag(&mut b)? as i32;
+        if b.len() < minis {
+            return Err(PageError("truncated block"));
+        }
+        let (widths, rest) = b.split_at(minis);
+        b = rest;
+        for &w in widths {
+            if at == n {
+                break; // widths of unneeded miniblocks, no bodies
+            }
+            let w = w as usize;
+            if w > 32 {
+                return Err(PageError("bit width over 32"));
+            }
+            let len = per_mini * w / 8;
+            if b.len() < len {
+                return Err(PageError("truncated miniblock"));
+            }
+            let (body, rest) = b.split_at(len);
+            b = rest;
+            let take = per_mini.min(n - at);
+            let dst = &mut dst[at..at + take];
+            at += take;
+            if w == 0 {
+                for v in dst {
+                    last = last.wrapping_add(min_delta);
+                    *v = last;
+                }
+                continue;
+            }
+            // 8 bytes of slack so every value is one unaligned load.
+            let mut padded = [0u8; 32 * 32 / 8 * 2 + 8];
+            if len + 8 > padded.len() {
+                unpack_wide(body, w, min_delta, &mut last, dst)?;
+                continue;
+            }
+            padded[..len].copy_from_slice(body);
+            let mask = (1u64 << w) - 1;
+            for (k, v) in dst.iter_mut().enumerate() {
+                let bit = k * w;
+                let word = u64::from_le_bytes(padded[bit / 8..bit / 8 + 8].try_into().unwrap());
+                let d = ((word >> (bit % 8)) & mask) as u32;
+                last = last.wrapping_add(min_delta).wrapping_add(d as i32);
+                *v = last;
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// Miniblocks of more than 64 values (a layout other writers may choose):
+/// bit by bit, slower, same result.
+#[cold]
+fn unpack_wide(
+    body: &[u8],
+    w: usize,
+    min_delta: i32,
+    last: &mut i32,
+    dst: &mut [i32],
+) -> Result<(), PageError> {
+    for (k, v) in dst.iter_mut().enumerate() {
+        let mut d = 0u32;
+        for j in 0..w {
+            let bit = k * w + j;
+            let byte = *body.get(bit / 8).ok_or(PageError("truncated miniblock"))?;
+            d |= u32::from((byte >> (bit % 8)) & 1) << j;
+        }
+        *last = last.wrapping_add(min_delta).wrapping_add(d as i32);
+        *v = *last;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Array;
+
+    fn runs_of(pages: &[(Vec<u8>, usize)]) -> Result<Vec<String>, PageError> {
+        let mut r = IdRuns::with_capacity(16);
+        for (p, n) in pages {
+            r.push_page(p, *n)?;
+        }
+        let (keys, texts) = r.finish();
+        Ok(keys
+            .iter()
+            .map(|&k| texts.value(k as usize).to_string())
+            .collect())
+    }
+
+    /// A page by parquet's own encoder.
+    fn encoded(ids: &[&str]) -> Vec<u8> {
+        use parquet::basic::Encoding;
+        let file = delta_file(ids, 1 << 20);
+        let (pages, _) = crate::store::scan::tests::raw_id_pages(&file);
+        assert_eq!(pages.len(), 1);
+        assert_eq!(pages[0].2, Encoding::DELTA_BYTE_ARRAY);
+        pages[0].0.clone()
+    }
+
+    /// A Parquet file of one required `meter_id` column written by arrow-rs
+    /// with DELTA_BYTE_ARRAY, `page_rows` rows per page.
+    pub(crate) fn delta_file(ids: &[&str], page_rows: usize) -> Vec<u8> {
+        use arrow::datatypes::{DataType, Field, Schema};
+        use parquet::arrow::ArrowWriter;
+        use parquet::basic::{Compression, Encoding};
+        use parquet::file::properties::WriterProperties;
+        let schema = std::sync::Arc::new(Schema::new(vec![Field::new(
+            "meter_id",
+            DataType::Utf8,
+            false,
+        )]));
+        let props = WriterProperties::builder()
+            .set_dictionary_enabled(false)
+            .set_encoding(Encoding::DELTA_BYTE_ARRAY)
+            .set_compression(Compression::ZSTD(Default::default()))
+            .set_data_page_row_count_limit(page_rows)
+            .set_write_batch_size(page_rows.min(1024))
+            .build();
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            schema.clone(),
+            vec![std::sync::Arc::new(StringArray::from(ids.to_vec()))],
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, schema, Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        out
+    }
+
+    #[test]
+    fn equal_neighbours_share_a_run_and_each_run_has_its_text() {
+        let ids = [
+            "398192000337",
+            "398192000337",
+            "398192000338",
+            "4",
+            "4",
+            "40",
+            "é1",
+            "é1",
+        ];
+        let page = encoded(&ids);
+        assert_eq!(runs_of(&[(page.clone(), ids.len())]).unwrap(), ids);
+        let mut r = IdRuns::with_capacity(8);
+        r.push_page(&page, ids.len()).unwrap();
+        let (keys, texts) = r.finish();
+        assert_eq!(keys, [0, 0, 1, 2, 2, 3, 4, 4]);
+        assert_eq!(texts.len(), 5);
+    }
+
+    #[test]
+    fn an_empty_id_and_a_single_row_decode() {
+        // "aé" then "aè" share the bytes "a\xc3": the prefix ends inside a character.
+        for ids in [
+            vec![""],
+            vec!["", "", "a"],
+            vec!["M1"],
+            vec!["aé", "aè", "aè"],
+        ] {
+            let page = encoded(&ids);
+            assert_eq!(runs_of(&[(page, ids.len())]).unwrap(), ids);
+        }
+    }
+
+    #[test]
+    fn deltas_of_every_width_decode_as_written() {
+        // Lengths from 0 to 300 in a scrambled order give deltas of many
+        // widths, negative ones and miniblocks of width 0.
+        let texts: Vec<String> = (0..5000u32)
+            .map(|i| {
+                let len = ((i * 7919) % 301) as usize;
+                let len = if i % 97 < 40 { 12 } else { len };
+                "x".repeat(len) + &i.to_string()
+            })
+            .collect();
+        let ids: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let page = encoded(&ids);
+        assert_eq!(runs_of(&[(page, ids.len())]).unwrap(), ids);
+    }
+
+    #[test]
+    fn a_run_continues_across_pages() {
+        let ids = ["A1", "A1", "A1", "A2", "A2", "A2", "A2"];
+        let file = delta_file(&ids, 2);
+        let (pages, _) = crate::store::scan::tests::raw_id_pages(&file);
+        assert!(pages.len() >= 3);
+        let pages: Vec<(Vec<u8>, usize)> = pages.into_iter().map(|(b, n, _)| (b, n)).collect();
+        let mut r = IdRuns::with_capacity(8);
+        for (p, n) in &pages {
+            r.push_page(p, *n).unwrap();
+        }
+        let (keys, texts) = r.finish();
+        assert_eq!(keys, [0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(texts.len(), 2);
+    }
+
+    #[test]
+    fn damaged_pages_are_errors_not_panics() {
+        let ids = ["398192000337", "398192000338", "398192000339"];
+        let page = encoded(&ids);
+        for cut in 0..page.len() {
+            let _ = runs_of(&[(page[..cut].to_vec(), ids.len())]);
+        }
+        assert!(
+            runs_of(&[(page.clone(), 4)]).is_err(),
+            "a wrong value count"
+        );
+        let mut flipped = page.clone();
+        for i in 0..flipped.len() {
+            flipped[i] ^= 0xff;
+            let _ = runs_of(&[(flipped.clone(), ids.len())]);
+            flipped[i] ^= 0xff;
+        }
+        assert!(runs_of(&[(vec![], 1)]).is_err());
+    }
+
+    #[test]
+    fn ids_growing_row_by_row_are_refused_not_copied_without_end() {
+        let texts: Vec<String> = (1..6000).map(|n| "7".repeat(n)).collect();
+        let ids: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let page = encoded(&ids);
+        assert_eq!(
+            runs_of(&[(page, ids.len())]),
+            Err(PageError("length past the data"))
+        );
+    }
+
+    #[test]
+    fn miniblock_bodies_of_a_hand_made_header_decode() {
+        // block 128, 4 miniblocks, 3 values, first 5; min delta -1; widths
+        // 2,0,0,0; packed deltas 0 and 2 (-1 and +1) -> 5, 4, 5.
+        let page = [
+            0x80, 0x01, 0x04, 0x03, 0x0a, 0x01, 2, 0, 0, 0, 0x08, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let mut out = Vec::new();
+        let rest = unpack_deltas(&page, 3, &mut out).unwrap();
+        assert_eq!(out, [5, 4, 5]);
+        assert_eq!(rest, &[] as &[u8]);
+    }
+
+    #[test]
+    fn miniblocks_of_more_than_64_values_decode_bit_by_bit() {
+        // block 256, 1 miniblock of 256 values, 3 values, first 0; min delta
+        // 0; width 9 (a 288-byte body); deltas 1 and 300 -> 0, 1, 301.
+        let mut page = vec![0x80, 0x02, 0x01, 0x03, 0x00, 0x00, 9];
+        let mut body = vec![0u8; 256 * 9 / 8];
+        let bits = 1u32 | (300 << 9);
+        body[..3].copy_from_slice(&bits.to_le_bytes()[..3]);
+        page.extend_from_slice(&body);
+        let mut out = Vec::new();
+        let rest = unpack_deltas(&page, 3, &mut out).unwrap();
+        assert_eq!(out, [0, 1, 301]);
+        assert!(rest.is_empty());
+    }
+}
