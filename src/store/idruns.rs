@@ -17,7 +17,7 @@ pub struct PageError(pub &'static str);
 
 /// The ids of a column chunk, one entry per run of equal consecutive ids.
 pub struct IdRuns {
-    /// Per row, the index of its run in `ids`.
+    /// Per row, the index of its run in the texts [`IdRuns::finish`] returns.
     pub keys: Vec<i32>,
     /// The previous row's id.
     last: String,
