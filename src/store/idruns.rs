@@ -8,7 +8,7 @@
 //! string array and checks them as UTF-8). Pure codec: bytes in, runs out,
 //! no IO; `store::scan` reads the pages.
 
-use arrow::array::{StringArray, StringBuilder};
+use arrow::array::StringArray;
 
 /// Why a page could not be decoded (the scan then reads the column as text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,40 +19,50 @@ pub struct PageError(pub &'static str);
 pub struct IdRuns {
     /// Per row, the index of its run in the texts [`IdRuns::finish`] returns.
     pub keys: Vec<i32>,
-    /// The previous row's id.
-    last: String,
+    /// The previous row's id: `values[prev..prev + len]`.
+    prev: usize,
+    len: usize,
     /// A page's prefix and suffix lengths (kept for the next page).
     prefix: Vec<i32>,
     suffix: Vec<i32>,
-    texts: StringBuilder,
-    /// Bytes of all run texts (bounded: arrow's offsets are 32-bit).
-    text_bytes: usize,
-    runs: usize,
+    /// The run texts, end to end, up to `end`, and where each ends
+    /// (checked as UTF-8 once, by [`IdRuns::finish`]). At least `MAX_ID`
+    /// bytes follow `end`, so a new id is made by copying the previous id's
+    /// whole window (a fixed size: no `memcpy` call) and writing its suffix.
+    values: Vec<u8>,
+    end: usize,
+    offsets: Vec<i32>,
 }
 
-/// Longest id decoded here: meter ids are short, and a page whose ids grow
-/// row by row would otherwise copy quadratically. Longer ids are read by the
-/// column reader.
-const MAX_ID: usize = 4096;
+/// Longest id decoded here. Meter ids are short (DL/T 645 addresses are 12
+/// digits); a column with longer ids is read by the column reader.
+const MAX_ID: usize = 64;
 
 impl IdRuns {
     /// `rows` is a hint (capped: it comes from a file's footer).
     pub fn with_capacity(rows: usize) -> IdRuns {
         let rows = rows.min(1 << 21);
+        let mut offsets = Vec::with_capacity(rows / 4 + 2);
+        offsets.push(0);
         IdRuns {
             keys: Vec::with_capacity(rows),
-            last: String::new(),
+            prev: 0,
+            len: 0,
             prefix: Vec::new(),
             suffix: Vec::new(),
-            texts: StringBuilder::with_capacity(rows / 4 + 1, rows * 3 + 16),
-            text_bytes: 0,
-            runs: 0,
+            values: vec![0; rows * 3 + 2 * MAX_ID],
+            end: 0,
+            offsets,
         }
     }
 
     /// Rows decoded so far.
     pub fn rows(&self) -> usize {
         self.keys.len()
+    }
+
+    fn runs(&self) -> usize {
+        self.offsets.len() - 1
     }
 
     /// Appends the `num_values` ids of one `DELTA_BYTE_ARRAY` page (its
@@ -81,17 +91,17 @@ impl IdRuns {
         let mut bytes = unpack_deltas(rest, num_values, suffix)?;
         let mut i = 0;
         while i < num_values {
-            if i > 0 && self.runs > 0 {
+            if i > 0 && self.runs() > 0 {
                 // Rows repeating the id before (its whole length as prefix,
                 // no suffix) continue the run: found in one pass over both
                 // length arrays, filled in one go.
-                let len = self.last.len() as i32;
+                let len = self.len as i32;
                 let same = prefix[i..]
                     .iter()
                     .zip(&suffix[i..])
                     .take_while(|&(&p, &s)| p == len && s == 0)
                     .count();
-                let key = self.runs as i32 - 1;
+                let key = self.runs() as i32 - 1;
                 self.keys.extend(std::iter::repeat_n(key, same));
                 i += same;
                 if i == num_values {
@@ -103,47 +113,52 @@ impl IdRuns {
                 return Err(PageError("negative length"));
             };
             // A page's first value has no value before it to share a prefix with.
-            let base = if i == 0 { 0 } else { self.last.len() };
-            if p > base || s > bytes.len() || p + s > MAX_ID {
+            let base = if i == 0 { 0 } else { self.len };
+            if p > base || s > bytes.len() {
                 return Err(PageError("length past the data"));
+            }
+            if p + s > MAX_ID {
+                return Err(PageError("id longer than this decoder reads"));
             }
             let (tail, rest) = bytes.split_at(s);
             bytes = rest;
             i += 1;
             // A page's first id (or another writer's shorter prefix) spells
             // out what may still be the id before: compared byte by byte.
-            if self.runs > 0
-                && p + s == self.last.len()
-                && same_tail(tail, &self.last.as_bytes()[p..])
-            {
-                self.keys.push(self.runs as i32 - 1);
+            let prev = &self.values[self.prev..self.prev + self.len];
+            if self.runs() > 0 && p + s == self.len && same_tail(tail, &prev[p..]) {
+                self.keys.push(self.runs() as i32 - 1);
                 continue;
             }
-            // Only the suffix is checked as UTF-8 when the prefix ends on a
-            // character boundary (the id before it was valid).
-            if self.last.is_char_boundary(p) {
-                let tail = std::str::from_utf8(tail).map_err(|_| PageError("id not UTF-8"))?;
-                self.last.truncate(p);
-                self.last.push_str(tail);
-            } else {
-                let mut id = self.last.as_bytes()[..p].to_vec();
-                id.extend_from_slice(tail);
-                self.last = String::from_utf8(id).map_err(|_| PageError("id not UTF-8"))?;
+            let at = self.end;
+            let end = i32::try_from(at + p + s).map_err(|_| PageError("ids too long"))?;
+            if self.values.len() < at + 2 * MAX_ID {
+                self.values.resize(self.values.len() * 2 + 2 * MAX_ID, 0);
             }
-            self.text_bytes += self.last.len();
-            if self.last.len() > MAX_ID || self.text_bytes > i32::MAX as usize {
-                return Err(PageError("ids too long"));
+            // The previous id's window, then the suffix over it, a few bytes
+            // copied one by one (no call; the window is read only at the
+            // next new id, after these stores are done).
+            self.values.copy_within(self.prev..self.prev + MAX_ID, at);
+            for (d, &c) in self.values[at + p..at + p + s].iter_mut().zip(tail) {
+                *d = c;
             }
-            self.texts.append_value(&self.last);
-            self.keys.push(self.runs as i32);
-            self.runs += 1;
+            (self.prev, self.len, self.end) = (at, p + s, at + p + s);
+            self.keys.push(self.runs() as i32);
+            self.offsets.push(end);
         }
         Ok(())
     }
 
-    /// The run texts, indexed by [`IdRuns::keys`].
-    pub fn finish(mut self) -> (Vec<i32>, StringArray) {
-        (self.keys, self.texts.finish())
+    /// The run texts, indexed by [`IdRuns::keys`]; an error if they are not
+    /// UTF-8 (checked here, once for all of them).
+    pub fn finish(self) -> Result<(Vec<i32>, StringArray), PageError> {
+        use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
+        let mut values = self.values;
+        values.truncate(self.end);
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
+        let texts = StringArray::try_new(offsets, Buffer::from_vec(values), None)
+            .map_err(|_| PageError("id not UTF-8"))?;
+        Ok((self.keys, texts))
     }
 }
 
@@ -216,6 +231,7 @@ pub fn unpack_deltas<'a>(
     let mut last = first as i32;
     dst[0] = last;
     let mut at = 1;
+    let mut padded = [0u8; 32 * 32 / 8 * 2 + 8];
     while at < n {
         let min_delta = zigzag(&mut b)? as i32;
         if b.len() < minis {
@@ -235,6 +251,9 @@ pub fn unpack_deltas<'a>(
             if b.len() < len {
                 return Err(PageError("truncated miniblock"));
             }
+            // The miniblock and what follows it: values are read as 8-byte
+            // loads, which may run past the body (the extra bits are masked).
+            let from = b;
             let (body, rest) = b.split_at(len);
             b = rest;
             let take = per_mini.min(n - at);
@@ -247,17 +266,20 @@ pub fn unpack_deltas<'a>(
                 }
                 continue;
             }
-            // 8 bytes of slack so every value is one unaligned load.
-            let mut padded = [0u8; 32 * 32 / 8 * 2 + 8];
-            if len + 8 > padded.len() {
+            let src = if from.len() >= len + 8 {
+                from
+            } else if len + 8 <= padded.len() {
+                // The page's last bytes: copied where 8 bytes of slack follow.
+                padded[..len].copy_from_slice(body);
+                &padded[..]
+            } else {
                 unpack_wide(body, w, min_delta, &mut last, dst)?;
                 continue;
-            }
-            padded[..len].copy_from_slice(body);
+            };
             let mask = (1u64 << w) - 1;
             for (k, v) in dst.iter_mut().enumerate() {
                 let bit = k * w;
-                let word = u64::from_le_bytes(padded[bit / 8..bit / 8 + 8].try_into().unwrap());
+                let word = u64::from_le_bytes(src[bit / 8..bit / 8 + 8].try_into().unwrap());
                 let d = ((word >> (bit % 8)) & mask) as u32;
                 last = last.wrapping_add(min_delta).wrapping_add(d as i32);
                 *v = last;
@@ -267,8 +289,9 @@ pub fn unpack_deltas<'a>(
     Ok(b)
 }
 
-/// Miniblocks of more than 64 values (a layout other writers may choose):
-/// bit by bit, slower, same result.
+/// A page's last miniblock when its body is over 256 bytes (miniblocks of
+/// more than 64 values, a layout other writers may choose), with no 8 bytes
+/// after it to load past: bit by bit, slower, same result.
 #[cold]
 fn unpack_wide(
     body: &[u8],
@@ -300,7 +323,7 @@ mod tests {
         for (p, n) in pages {
             r.push_page(p, *n)?;
         }
-        let (keys, texts) = r.finish();
+        let (keys, texts) = r.finish()?;
         Ok(keys
             .iter()
             .map(|&k| texts.value(k as usize).to_string())
@@ -364,7 +387,7 @@ mod tests {
         assert_eq!(runs_of(&[(page.clone(), ids.len())]).unwrap(), ids);
         let mut r = IdRuns::with_capacity(8);
         r.push_page(&page, ids.len()).unwrap();
-        let (keys, texts) = r.finish();
+        let (keys, texts) = r.finish().unwrap();
         assert_eq!(keys, [0, 0, 1, 2, 2, 3, 4, 4]);
         assert_eq!(texts.len(), 5);
     }
@@ -385,11 +408,11 @@ mod tests {
 
     #[test]
     fn deltas_of_every_width_decode_as_written() {
-        // Lengths from 0 to 300 in a scrambled order give deltas of many
+        // Lengths from 0 to 60 in a scrambled order give deltas of several
         // widths, negative ones and miniblocks of width 0.
         let texts: Vec<String> = (0..5000u32)
             .map(|i| {
-                let len = ((i * 7919) % 301) as usize;
+                let len = ((i * 7919) % 61) as usize;
                 let len = if i % 97 < 40 { 12 } else { len };
                 "x".repeat(len) + &i.to_string()
             })
@@ -397,6 +420,70 @@ mod tests {
         let ids: Vec<&str> = texts.iter().map(String::as_str).collect();
         let page = encoded(&ids);
         assert_eq!(runs_of(&[(page, ids.len())]).unwrap(), ids);
+    }
+
+    #[test]
+    fn int32_deltas_of_every_width_decode_as_parquet_wrote_them() {
+        use arrow::array::Int32Array;
+        use arrow::datatypes::{DataType, Field, Schema};
+        use parquet::arrow::ArrowWriter;
+        use parquet::basic::Encoding;
+        use parquet::column::page::Page;
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::reader::FileReader;
+        use parquet::file::serialized_reader::SerializedFileReader;
+        // Steps of every size up to the whole i32 range, wrapping.
+        let mut x = 0x1234_5678u32;
+        let values: Vec<i32> = (0..20_000u32)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let width = i % 33;
+                if width == 0 {
+                    7
+                } else {
+                    (x & (u32::MAX >> (32 - width))) as i32
+                }
+            })
+            .collect();
+        let schema =
+            std::sync::Arc::new(Schema::new(vec![Field::new("v", DataType::Int32, false)]));
+        let props = WriterProperties::builder()
+            .set_dictionary_enabled(false)
+            .set_encoding(Encoding::DELTA_BINARY_PACKED)
+            .set_data_page_row_count_limit(3000)
+            .set_write_batch_size(1000)
+            .build();
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            schema.clone(),
+            vec![std::sync::Arc::new(Int32Array::from(values.clone()))],
+        )
+        .unwrap();
+        let mut file = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut file, schema, Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let reader = SerializedFileReader::new(bytes::Bytes::from(file)).unwrap();
+        let mut pages = reader
+            .get_row_group(0)
+            .unwrap()
+            .get_column_page_reader(0)
+            .unwrap();
+        let mut got = Vec::new();
+        let mut n_pages = 0;
+        while let Some(p) = pages.get_next_page().unwrap() {
+            if let Page::DataPage {
+                buf, num_values, ..
+            } = p
+            {
+                let rest = unpack_deltas(&buf, num_values as usize, &mut got).unwrap();
+                assert!(rest.is_empty());
+                n_pages += 1;
+            }
+        }
+        assert!(n_pages > 1);
+        assert_eq!(got, values);
     }
 
     #[test]
@@ -410,7 +497,7 @@ mod tests {
         for (p, n) in &pages {
             r.push_page(p, *n).unwrap();
         }
-        let (keys, texts) = r.finish();
+        let (keys, texts) = r.finish().unwrap();
         assert_eq!(keys, [0, 0, 0, 1, 1, 1, 1]);
         assert_eq!(texts.len(), 2);
     }
@@ -442,8 +529,12 @@ mod tests {
         let page = encoded(&ids);
         assert_eq!(
             runs_of(&[(page, ids.len())]),
-            Err(PageError("length past the data"))
+            Err(PageError("id longer than this decoder reads"))
         );
+        // 64 bytes is still read here.
+        let long = "8".repeat(64);
+        let ids = [long.as_str(), long.as_str(), "9"];
+        assert_eq!(runs_of(&[(encoded(&ids), 3)]).unwrap(), ids);
     }
 
     #[test]

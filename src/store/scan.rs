@@ -384,8 +384,16 @@ fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
             return Ok(None);
         }
     }
-    let (keys, texts) = runs.finish();
-    Ok((keys.len() == rows).then_some((keys, texts)))
+    if runs.rows() != rows {
+        return Ok(None);
+    }
+    match runs.finish() {
+        Ok(keys_texts) => Ok(Some(keys_texts)),
+        Err(e) => {
+            tracing::debug!(file = %path.display(), row_group = unit.row_group, error = %e, "meter ids read as a column");
+            Ok(None)
+        }
+    }
 }
 
 /// The columns every scan reads (see [`unit_batches`]).
