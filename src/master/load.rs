@@ -161,6 +161,13 @@ impl Row<'_> {
         v.parse::<Decimal>()
             .map_err(|e| self.err(field, format!("'{v}' is not a decimal number: {e}")))
     }
+    /// An optional decimal column: absent or empty is zero.
+    fn decimal_or_zero(&self, field: &'static str) -> Result<Decimal, RowError> {
+        match self.raw(field) {
+            Ok("") | Err(_) => Ok(Decimal::ZERO),
+            Ok(_) => self.decimal(field),
+        }
+    }
     /// Yuan in fen: at most 2 decimals, and at most [`MAX_PAYMENT`] either
     /// way, which keeps any sum of them far from Decimal's range (a typo of
     /// many digits is a bad row, not a crash).
@@ -725,10 +732,7 @@ fn load_accounts_with<T: Send>(
                 "postpaid" => PaymentMode::Postpaid,
                 v => return Err(r.err("payment_mode", format!("'{v}' is not prepaid|postpaid"))),
             };
-            let kva = match r.raw("contracted_kva") {
-                Ok("") | Err(_) => Decimal::ZERO,
-                Ok(_) => r.decimal("contracted_kva")?,
-            };
+            let kva = r.decimal_or_zero("contracted_kva")?;
             if kva < Decimal::ZERO {
                 return Err(r.err("contracted_kva", "must not be negative"));
             }
@@ -897,11 +901,8 @@ pub fn load_prepaid_openings(path: &Path) -> Result<Loaded<PrepaidOpening>, RowE
                     ),
                 ));
             }
-            let position_kwh = match r.raw("position_kwh") {
-                Ok("") | Err(_) => Decimal::ZERO,
-                Ok(_) => r.decimal("position_kwh")?,
-            };
-            if position_kwh.is_sign_negative() && !position_kwh.is_zero() {
+            let position_kwh = r.decimal_or_zero("position_kwh")?;
+            if position_kwh < Decimal::ZERO {
                 return Err(r.err("position_kwh", "must not be negative"));
             }
             if position_kwh > MAX_POSITION_KWH {
@@ -925,6 +926,11 @@ pub fn load_prepaid_openings(path: &Path) -> Result<Loaded<PrepaidOpening>, RowE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each bad row's line and field, in file order.
+    fn lines_and_fields(errors: &[RowError]) -> Vec<(u64, &str)> {
+        errors.iter().map(|e| (e.line, e.field.as_str())).collect()
+    }
 
     #[test]
     fn payment_times_read_without_chrono_equal_chrono_s_and_other_spellings_go_to_it() {
@@ -966,11 +972,7 @@ mod tests {
         let l = load_payments(&path).unwrap();
         let ids: Vec<&str> = l.rows.iter().map(|p| p.txn_id.as_str()).collect();
         assert_eq!(ids, ["T1", "T4"]);
-        let bad: Vec<(u64, &str)> = l
-            .errors
-            .iter()
-            .map(|e| (e.line, e.field.as_str()))
-            .collect();
+        let bad = lines_and_fields(&l.errors);
         assert_eq!(bad, [(3, "amount"), (4, "amount"), (6, "amount")]);
     }
 
@@ -1163,11 +1165,7 @@ mod tests {
         );
         assert_eq!(l.rows[0].line, 2);
         assert_eq!((l.rows[1].period.as_str(), l.rows[1].line), ("", 3));
-        let errs: Vec<(u64, &str)> = l
-            .errors
-            .iter()
-            .map(|e| (e.line, e.field.as_str()))
-            .collect();
+        let errs = lines_and_fields(&l.errors);
         assert_eq!(
             errs,
             [
@@ -1210,11 +1208,7 @@ mod tests {
             (l.rows[1].position_kwh, l.rows[1].line),
             (Decimal::new(1875, 1), 3)
         );
-        let errs: Vec<(u64, &str)> = l
-            .errors
-            .iter()
-            .map(|e| (e.line, e.field.as_str()))
-            .collect();
+        let errs = lines_and_fields(&l.errors);
         assert_eq!(
             errs,
             [
