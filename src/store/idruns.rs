@@ -18,19 +18,19 @@ pub struct PageError(pub &'static str);
 /// The ids of a column chunk, one entry per run of equal consecutive ids.
 pub struct IdRuns {
     /// Per row, the index of its run in the texts [`IdRuns::finish`] returns.
-    pub keys: Vec<i32>,
-    /// The previous row's id: `values[prev..prev + len]`.
+    keys: Vec<i32>,
+    /// The previous row's id, `values[prev..prev + len]`: the last text,
+    /// so the texts end at `prev + len`.
     prev: usize,
     len: usize,
     /// A page's prefix and suffix lengths (kept for the next page).
     prefix: Vec<i32>,
     suffix: Vec<i32>,
-    /// The run texts, end to end, up to `end`, and where each ends
-    /// (checked as UTF-8 once, by [`IdRuns::finish`]). At least `MAX_ID`
-    /// bytes follow `end`, so a new id is made by copying the previous id's
+    /// The run texts, end to end, and where each ends (checked as UTF-8
+    /// once, by [`IdRuns::finish`]). At least `MAX_ID` bytes follow the
+    /// last, so a new id is made by copying the previous id's
     /// whole window (a fixed size: no `memcpy` call) and writing its suffix.
     values: Vec<u8>,
-    end: usize,
     offsets: Vec<i32>,
 }
 
@@ -51,7 +51,6 @@ impl IdRuns {
             prefix: Vec::new(),
             suffix: Vec::new(),
             values: vec![0; rows * 3 + 2 * MAX_ID],
-            end: 0,
             offsets,
         }
     }
@@ -130,7 +129,7 @@ impl IdRuns {
                 self.keys.push(self.runs() as i32 - 1);
                 continue;
             }
-            let at = self.end;
+            let at = self.prev + self.len;
             let end = i32::try_from(at + p + s).map_err(|_| PageError("ids too long"))?;
             if self.values.len() < at + 2 * MAX_ID {
                 self.values.resize(self.values.len() * 2 + 2 * MAX_ID, 0);
@@ -142,7 +141,7 @@ impl IdRuns {
             for (d, &c) in self.values[at + p..at + p + s].iter_mut().zip(tail) {
                 *d = c;
             }
-            (self.prev, self.len, self.end) = (at, p + s, at + p + s);
+            (self.prev, self.len) = (at, p + s);
             self.keys.push(self.runs() as i32);
             self.offsets.push(end);
         }
@@ -154,7 +153,7 @@ impl IdRuns {
     pub fn finish(self) -> Result<(Vec<i32>, StringArray), PageError> {
         use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
         let mut values = self.values;
-        values.truncate(self.end);
+        values.truncate(self.prev + self.len);
         let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
         let texts = StringArray::try_new(offsets, Buffer::from_vec(values), None)
             .map_err(|_| PageError("id not UTF-8"))?;
@@ -191,7 +190,9 @@ fn zigzag(b: &mut &[u8]) -> Result<i64, PageError> {
 
 /// Decodes `n` `DELTA_BINARY_PACKED` 32-bit values into `out` and returns
 /// the bytes after them. Widths above 32 bits are refused (lengths are
-/// INT32; the deltas of an INT32 column wrap to 32 bits).
+/// INT32; the deltas of an INT32 column wrap to 32 bits). Written here
+/// because parquet's own decoder is public only under its `experimental`
+/// feature, which pulls in crates this build does not have.
 pub fn unpack_deltas<'a>(
     mut b: &'a [u8],
     n: usize,
@@ -330,44 +331,80 @@ mod tests {
             .collect())
     }
 
-    /// A page by parquet's own encoder.
+    /// The one page of `ids` by parquet's own encoder.
     fn encoded(ids: &[&str]) -> Vec<u8> {
         use parquet::basic::Encoding;
-        let file = delta_file(ids, 1 << 20);
-        let (pages, _) = crate::store::scan::tests::raw_id_pages(&file);
+        let pages = raw_pages(&delta_file(ids, 1 << 20));
         assert_eq!(pages.len(), 1);
         assert_eq!(pages[0].2, Encoding::DELTA_BYTE_ARRAY);
         pages[0].0.clone()
     }
 
     /// A Parquet file of one required `meter_id` column written by arrow-rs
-    /// with DELTA_BYTE_ARRAY, `page_rows` rows per page.
-    pub(crate) fn delta_file(ids: &[&str], page_rows: usize) -> Vec<u8> {
-        use arrow::datatypes::{DataType, Field, Schema};
-        use parquet::arrow::ArrowWriter;
+    /// with DELTA_BYTE_ARRAY, `page_rows` rows per page, zstd.
+    fn delta_file(ids: &[&str], page_rows: usize) -> Vec<u8> {
         use parquet::basic::{Compression, Encoding};
+        let ids = std::sync::Arc::new(StringArray::from(ids.to_vec()));
+        let zstd = Compression::ZSTD(Default::default());
+        one_column_file(ids, Encoding::DELTA_BYTE_ARRAY, zstd, page_rows)
+    }
+
+    /// A Parquet file of one required column, `encoding` without a
+    /// dictionary, `page_rows` rows per page.
+    fn one_column_file(
+        values: arrow::array::ArrayRef,
+        encoding: parquet::basic::Encoding,
+        compression: parquet::basic::Compression,
+        page_rows: usize,
+    ) -> Vec<u8> {
+        use arrow::datatypes::{Field, Schema};
+        use parquet::arrow::ArrowWriter;
         use parquet::file::properties::WriterProperties;
-        let schema = std::sync::Arc::new(Schema::new(vec![Field::new(
-            "meter_id",
-            DataType::Utf8,
-            false,
-        )]));
+        let field = Field::new("meter_id", values.data_type().clone(), false);
+        let schema = std::sync::Arc::new(Schema::new(vec![field]));
         let props = WriterProperties::builder()
             .set_dictionary_enabled(false)
-            .set_encoding(Encoding::DELTA_BYTE_ARRAY)
-            .set_compression(Compression::ZSTD(Default::default()))
+            .set_encoding(encoding)
+            .set_compression(compression)
             .set_data_page_row_count_limit(page_rows)
             .set_write_batch_size(page_rows.min(1024))
             .build();
-        let batch = arrow::record_batch::RecordBatch::try_new(
-            schema.clone(),
-            vec![std::sync::Arc::new(StringArray::from(ids.to_vec()))],
-        )
-        .unwrap();
+        let batch =
+            arrow::record_batch::RecordBatch::try_new(schema.clone(), vec![values]).unwrap();
         let mut out = Vec::new();
         let mut w = ArrowWriter::try_new(&mut out, schema, Some(props)).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
+        out
+    }
+
+    /// The data pages of an in-memory Parquet file's first column (first
+    /// row group): values section (decompressed), value count, encoding.
+    fn raw_pages(file: &[u8]) -> Vec<(Vec<u8>, usize, parquet::basic::Encoding)> {
+        use parquet::column::page::Page;
+        use parquet::file::reader::FileReader;
+        use parquet::file::serialized_reader::SerializedFileReader;
+        let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(file)).unwrap();
+        let rg = reader.get_row_group(0).unwrap();
+        let mut pages = rg.get_column_page_reader(0).unwrap();
+        let mut out = Vec::new();
+        while let Some(p) = pages.get_next_page().unwrap() {
+            match p {
+                Page::DataPage {
+                    buf,
+                    num_values,
+                    encoding,
+                    ..
+                }
+                | Page::DataPageV2 {
+                    buf,
+                    num_values,
+                    encoding,
+                    ..
+                } => out.push((buf.to_vec(), num_values as usize, encoding)),
+                Page::DictionaryPage { .. } => {}
+            }
+        }
         out
     }
 
@@ -425,13 +462,7 @@ mod tests {
     #[test]
     fn int32_deltas_of_every_width_decode_as_parquet_wrote_them() {
         use arrow::array::Int32Array;
-        use arrow::datatypes::{DataType, Field, Schema};
-        use parquet::arrow::ArrowWriter;
-        use parquet::basic::Encoding;
-        use parquet::column::page::Page;
-        use parquet::file::properties::WriterProperties;
-        use parquet::file::reader::FileReader;
-        use parquet::file::serialized_reader::SerializedFileReader;
+        use parquet::basic::{Compression, Encoding};
         // Steps of every size up to the whole i32 range, wrapping.
         let mut x = 0x1234_5678u32;
         let values: Vec<i32> = (0..20_000u32)
@@ -447,40 +478,18 @@ mod tests {
                 }
             })
             .collect();
-        let schema =
-            std::sync::Arc::new(Schema::new(vec![Field::new("v", DataType::Int32, false)]));
-        let props = WriterProperties::builder()
-            .set_dictionary_enabled(false)
-            .set_encoding(Encoding::DELTA_BINARY_PACKED)
-            .set_data_page_row_count_limit(3000)
-            .set_write_batch_size(1000)
-            .build();
-        let batch = arrow::record_batch::RecordBatch::try_new(
-            schema.clone(),
-            vec![std::sync::Arc::new(Int32Array::from(values.clone()))],
-        )
-        .unwrap();
-        let mut file = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut file, schema, Some(props)).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
-        let reader = SerializedFileReader::new(bytes::Bytes::from(file)).unwrap();
-        let mut pages = reader
-            .get_row_group(0)
-            .unwrap()
-            .get_column_page_reader(0)
-            .unwrap();
+        let file = one_column_file(
+            std::sync::Arc::new(Int32Array::from(values.clone())),
+            Encoding::DELTA_BINARY_PACKED,
+            Compression::UNCOMPRESSED,
+            3000,
+        );
         let mut got = Vec::new();
         let mut n_pages = 0;
-        while let Some(p) = pages.get_next_page().unwrap() {
-            if let Page::DataPage {
-                buf, num_values, ..
-            } = p
-            {
-                let rest = unpack_deltas(&buf, num_values as usize, &mut got).unwrap();
-                assert!(rest.is_empty());
-                n_pages += 1;
-            }
+        for (buf, num_values, _) in raw_pages(&file) {
+            let rest = unpack_deltas(&buf, num_values, &mut got).unwrap();
+            assert!(rest.is_empty());
+            n_pages += 1;
         }
         assert!(n_pages > 1);
         assert_eq!(got, values);
@@ -490,7 +499,7 @@ mod tests {
     fn a_run_continues_across_pages() {
         let ids = ["A1", "A1", "A1", "A2", "A2", "A2", "A2"];
         let file = delta_file(&ids, 2);
-        let (pages, _) = crate::store::scan::tests::raw_id_pages(&file);
+        let pages = raw_pages(&file);
         assert!(pages.len() >= 3);
         let pages: Vec<(Vec<u8>, usize)> = pages.into_iter().map(|(b, n, _)| (b, n)).collect();
         let mut r = IdRuns::with_capacity(8);

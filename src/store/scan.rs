@@ -806,50 +806,6 @@ pub(crate) mod tests {
     use crate::model::{Protocol, Reading, Source};
     use crate::store::{Lake, LakeOptions};
 
-    /// The `meter_id` data pages of an in-memory Parquet file (first row
-    /// group): values section, value count and encoding, and the ids as
-    /// arrow reads them.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn raw_id_pages(
-        file: &[u8],
-    ) -> (Vec<(Vec<u8>, usize, parquet::basic::Encoding)>, Vec<String>) {
-        use parquet::column::page::Page;
-        use parquet::file::reader::FileReader;
-        use parquet::file::serialized_reader::SerializedFileReader;
-        let bytes = bytes::Bytes::copy_from_slice(file);
-        let reader = SerializedFileReader::new(bytes.clone()).unwrap();
-        let rg = reader.get_row_group(0).unwrap();
-        let mut pages = rg.get_column_page_reader(0).unwrap();
-        let mut out = Vec::new();
-        while let Some(p) = pages.get_next_page().unwrap() {
-            match p {
-                Page::DataPage {
-                    buf,
-                    num_values,
-                    encoding,
-                    ..
-                } => out.push((buf.to_vec(), num_values as usize, encoding)),
-                Page::DataPageV2 {
-                    buf,
-                    num_values,
-                    encoding,
-                    ..
-                } => out.push((buf.to_vec(), num_values as usize, encoding)),
-                Page::DictionaryPage { .. } => {}
-            }
-        }
-        let mut ids = Vec::new();
-        let batches =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1 << 20)
-                .unwrap();
-        for b in batches {
-            let b = b.unwrap();
-            let a = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-            ids.extend((0..a.len()).map(|i| a.value(i).to_string()));
-        }
-        (out, ids)
-    }
-
     /// Every readings file of a test lake.
     fn all_readings_files(root: &std::path::Path) -> Vec<(NaiveDate, std::path::PathBuf)> {
         crate::store::reader::list_files(
