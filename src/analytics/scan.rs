@@ -597,11 +597,7 @@ pub fn scan_lake(
             .flatten()
             .map(|m| m.meter_id.as_str())
     };
-    let index = MeterLookup {
-        map: &map,
-        id_of: &id_of,
-        elsewhere: None,
-    };
+    let index = MeterLookup::with_map(&map, &id_of);
     let mut st = State::new(plan);
     // (collector, bus) -> counts, and a bitmap of the meters seen.
     let mut stats: HashMap<(String, String), (CollectorStats, Vec<u64>)> = HashMap::new();
@@ -1278,11 +1274,7 @@ mod tests {
         // With the meters in order (unique ids), and without (only the map).
         for ordered in [true, false] {
             let id_of = |i: u32| in_order(i).filter(|_| ordered);
-            let ix = MeterLookup {
-                map: &map,
-                id_of: &id_of,
-                elsewhere: None,
-            };
+            let ix = MeterLookup::with_map(&map, &id_of);
             assert_eq!(ix.find("B", Some(0)), Some(1));
             assert_eq!(
                 ix.find("C", Some(0)),
@@ -1295,11 +1287,7 @@ mod tests {
         }
         // Without the map, only the next meter is found: the map is what decides.
         let empty = FxMap::default();
-        let ix = MeterLookup {
-            map: &empty,
-            id_of: &in_order,
-            elsewhere: None,
-        };
+        let ix = MeterLookup::with_map(&empty, &in_order);
         assert_eq!(
             (ix.find("B", Some(0)), ix.find("C", Some(0))),
             (Some(1), None)

@@ -98,8 +98,10 @@ impl<'a> Roster<'a> {
     pub fn new(accounts: &'a [BillingAccount], meters: &'a [BillingMeter]) -> Roster<'a> {
         // An account or meter id listed twice: its last row is used, the
         // earlier ones are reported (an account is not billed without meters).
-        let (accs, duplicate_accounts) = last_of_each(accounts, |a| &a.account_id);
-        let (unique, duplicate_meters) = last_of_each(meters, |m| &m.meter_id);
+        let ((accs, duplicate_accounts), (unique, duplicate_meters)) = rayon::join(
+            || last_of_each(accounts, |a| &a.account_id),
+            || last_of_each(meters, |m| &m.meter_id),
+        );
         // Meters in account order (meter-id order within an account), matched
         // to the sorted accounts in one walk: a hash map of millions of
         // account ids costs a cache miss per insert and per lookup.
@@ -327,8 +329,8 @@ pub struct Engine<'a> {
     pub cfg: VeeConfig,
     accounts: Vec<&'a BillingAccount>,
     plans: Vec<Result<AccountPlan<'a>, Exception>>,
-    /// Meter id -> dense index.
-    pub meter_index: FxMap<&'a str, u32>,
+    /// Dense index -> meter, ascending by meter id (unique: the roster
+    /// keeps one row per id), so an id's index is found by a search.
     meters: Vec<&'a BillingMeter>,
     meter_account: Vec<u32>,
     states: Vec<Option<MeterState>>,
@@ -369,14 +371,8 @@ impl<'a> Engine<'a> {
             })
             .collect();
         owned.par_sort_unstable_by(|a, b| a.0.meter_id.cmp(&b.0.meter_id));
-        let mut meter_index = FxMap::with_capacity_and_hasher(owned.len(), Default::default());
-        let mut ms = Vec::with_capacity(owned.len());
-        let mut meter_account = Vec::with_capacity(owned.len());
-        for (m, ai) in owned {
-            meter_index.insert(&*m.meter_id, ms.len() as u32);
-            ms.push(m);
-            meter_account.push(ai);
-        }
+        debug_assert!(owned.windows(2).all(|w| w[0].0.meter_id < w[1].0.meter_id));
+        let (ms, meter_account): (Vec<&BillingMeter>, Vec<u32>) = owned.into_iter().unzip();
         let states: Vec<Option<MeterState>> = ms
             .par_iter()
             .zip(meter_account.par_iter())
@@ -390,7 +386,6 @@ impl<'a> Engine<'a> {
             cfg,
             accounts: accs,
             plans,
-            meter_index,
             meters: ms,
             meter_account,
             states,
@@ -428,20 +423,25 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Lends the id -> index map and the meters in index order to a lake
-    /// scan, which reads them while the engine updates the states.
-    #[allow(clippy::type_complexity)]
-    pub fn lend_index(&mut self) -> (FxMap<&'a str, u32>, Vec<&'a BillingMeter>) {
-        (
-            std::mem::take(&mut self.meter_index),
-            std::mem::take(&mut self.meters),
-        )
+    /// Lends the meters in index order (ascending ids, see
+    /// [`crate::store::scan::Others::Sorted`]) to a lake scan, which reads
+    /// them while the engine updates the states.
+    pub fn lend_index(&mut self) -> Vec<&'a BillingMeter> {
+        std::mem::take(&mut self.meters)
     }
 
     /// Takes back what [`Engine::lend_index`] lent.
-    pub fn return_index(&mut self, index: FxMap<&'a str, u32>, meters: Vec<&'a BillingMeter>) {
-        self.meter_index = index;
+    pub fn return_index(&mut self, meters: Vec<&'a BillingMeter>) {
         self.meters = meters;
+    }
+
+    /// The dense index of meter `id`.
+    fn index_of(&self, id: &str) -> Option<u32> {
+        let i = self
+            .meters
+            .binary_search_by(|m| (*m.meter_id).cmp(id))
+            .ok()?;
+        Some(i as u32)
     }
 
     /// Meters per routing shard (see [`SHARDS`]).
@@ -496,8 +496,8 @@ impl<'a> Engine<'a> {
 
     /// Looks a meter up and applies; unknown meters are counted for the exceptions output.
     pub fn apply_reading(&mut self, r: &Reading) {
-        match self.meter_index.get(r.meter_id.as_str()) {
-            Some(&i) => match crate::store::columns::to_scaled(r.value)
+        match self.index_of(&r.meter_id) {
+            Some(i) => match crate::store::columns::to_scaled(r.value)
                 .ok()
                 .and_then(|x| i64::try_from(x).ok())
             {
