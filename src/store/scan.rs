@@ -647,7 +647,8 @@ pub struct MeterLookup<'a> {
     /// Where an id that is not the next meter's is found.
     pub others: Others<'a>,
     /// Dense index -> meter id; None past the last meter, and for every
-    /// index when ids may repeat (then only the map answers).
+    /// index when ids may repeat (then only the map answers; with
+    /// [`Others::Sorted`] it answers for every index below the count).
     pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
     /// Meters billed in another pass: their rows are skipped, not counted
     /// as unknown (None: a single pass, every meter is in the index).
@@ -693,7 +694,8 @@ impl<'a> MeterLookup<'a> {
 
     /// `id` among `n` ascending ids: galloping on from `prev` (the usual
     /// miss is a meter a few places on, after meters without readings in
-    /// the file), else a binary search below it.
+    /// the file), then a binary search of the range that leaves (all ids
+    /// before `prev` when `id` sorts before it).
     fn search(&self, id: &str, prev: Option<u32>, n: u32) -> Option<u32> {
         let key = id.as_bytes();
         let below = |i: u32| (self.id_of)(i).is_some_and(|x| x.as_bytes() < key);
