@@ -77,6 +77,11 @@ pub struct ScanWindow {
     pub bounds: Vec<i64>,
 }
 
+/// Where meter `id` is in `meters`, sorted by id with no repeats.
+fn position_by_id(meters: &[&BillingMeter], id: &str) -> Option<usize> {
+    meters.binary_search_by(|m| (*m.meter_id).cmp(id)).ok()
+}
+
 /// `rows` sorted by `id` (stably: rows of one id keep their file order),
 /// split into the last row of each id and the earlier rows of repeated ids.
 fn last_of_each<T: Sync>(rows: &[T], id: impl Fn(&T) -> &str + Sync) -> (Vec<&T>, Vec<&T>) {
@@ -154,9 +159,7 @@ impl<'a> Roster<'a> {
     /// index but is attached belongs to another pass. (Readings of meters of
     /// unknown accounts count as unknown meters, in one pass as in several.)
     pub fn has_meter(&self, id: &str) -> bool {
-        self.by_id
-            .binary_search_by(|m| (*m.meter_id).cmp(id))
-            .is_ok()
+        position_by_id(&self.by_id, id).is_some()
     }
 
     fn meters_of(&self, account: usize) -> &[&'a BillingMeter] {
@@ -437,11 +440,7 @@ impl<'a> Engine<'a> {
 
     /// The dense index of meter `id`.
     fn index_of(&self, id: &str) -> Option<u32> {
-        let i = self
-            .meters
-            .binary_search_by(|m| (*m.meter_id).cmp(id))
-            .ok()?;
-        Some(i as u32)
+        position_by_id(&self.meters, id).map(|i| i as u32)
     }
 
     /// Meters per routing shard (see [`SHARDS`]).
