@@ -856,7 +856,8 @@ fn spawn_writer<'scope>(
     let h = std::thread::Builder::new()
         .name(name)
         .spawn_scoped(scope, move || {
-            let mut w = ColumnWriter::try_new(file, schema, props)?;
+            // Quantities and kWh are DECIMAL(28, _): written from their i128s.
+            let mut w = ColumnWriter::try_new(file, schema, props)?.wide_decimals_plain();
             let mut n = 0;
             let mut busy = std::time::Duration::ZERO;
             for batch in rx {

@@ -331,7 +331,7 @@ impl DictChunk {
     }
 }
 
-fn compress(c: Compression, buf: Vec<u8>) -> Result<Bytes> {
+pub(super) fn compress(c: Compression, buf: Vec<u8>) -> Result<Bytes> {
     match c {
         Compression::ZSTD(level) => zstd::bulk::compress(&buf, level.compression_level())
             .map(Bytes::from)

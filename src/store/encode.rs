@@ -26,6 +26,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
 
+use super::decimal::{is_wide_decimal, DecChunk};
 use super::dict::{dict_type, DictChunk};
 
 pub struct ColumnWriter<W: Write + Send> {
@@ -36,6 +37,8 @@ pub struct ColumnWriter<W: Write + Send> {
     /// The open row group's column writers and its rows so far.
     open: Option<(Vec<Chunk>, usize)>,
     max_rows: Option<usize>,
+    /// Wide decimal columns go to [`DecChunk`].
+    wide_decimals_plain: bool,
 }
 
 /// One column of the open row group: arrow-rs's writer, or for a text
@@ -43,6 +46,7 @@ pub struct ColumnWriter<W: Write + Send> {
 enum Chunk {
     Arrow(Box<ArrowColumnWriter>),
     Dict(DictChunk),
+    Dec(DecChunk),
 }
 
 impl Chunk {
@@ -59,6 +63,7 @@ impl Chunk {
                 }
             }
             Chunk::Dict(d) => d.write(column.as_ref()),
+            Chunk::Dec(d) => d.write(column.as_ref()),
         }
     }
 }
@@ -91,7 +96,16 @@ impl<W: Write + Send> ColumnWriter<W> {
             props,
             open: None,
             max_rows,
+            wide_decimals_plain: false,
         })
+    }
+
+    /// Writes decimals of more than 18 digits (fixed-length bytes) with
+    /// [`DecChunk`]: PLAIN pages without a dictionary, built from the `i128`
+    /// values (the file is then no longer byte-for-byte `ArrowWriter`'s).
+    pub fn wide_decimals_plain(mut self) -> Self {
+        self.wide_decimals_plain = true;
+        self
     }
 
     /// Encodes `batch`, starting a new row group whenever the open one is full.
@@ -149,11 +163,11 @@ impl<W: Write + Send> ColumnWriter<W> {
             .zip(batch.columns())
             .enumerate()
             .map(|(i, (w, c))| {
+                let descr = self.file.schema_descr().column(i);
                 Ok(if c.data_type() == &dict_type() {
-                    Chunk::Dict(DictChunk::new(
-                        self.file.schema_descr().column(i),
-                        &self.props,
-                    )?)
+                    Chunk::Dict(DictChunk::new(descr, &self.props)?)
+                } else if self.wide_decimals_plain && is_wide_decimal(&descr) {
+                    Chunk::Dec(DecChunk::new(descr, &self.props)?)
                 } else {
                     Chunk::Arrow(Box::new(w))
                 })
@@ -170,6 +184,7 @@ impl<W: Write + Send> ColumnWriter<W> {
         let close = |c: Chunk| match c {
             Chunk::Arrow(w) => w.close().map(Closed::Arrow),
             Chunk::Dict(d) => d.close().map(Closed::Dict),
+            Chunk::Dec(d) => d.close().map(Closed::Dict),
         };
         let closed = if in_pool() {
             chunks.into_iter().map(close).collect::<Result<Vec<_>>>()?
@@ -199,6 +214,7 @@ impl<W: Write + Send> ColumnWriter<W> {
 
 enum Closed {
     Arrow(parquet::arrow::arrow_writer::ArrowColumnChunk),
+    /// A chunk meterflow encoded itself (text from keys, wide decimals).
     Dict((bytes::Bytes, parquet::column::writer::ColumnCloseResult)),
 }
 

@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod columns;
 pub mod compact;
+pub mod decimal;
 pub mod dict;
 pub mod encode;
 pub mod idruns;

@@ -447,6 +447,78 @@ mod end_to_end {
     }
 
     #[test]
+    fn duckdb_pyarrow_and_polars_read_the_decimal_columns_meterflow_writes_itself() {
+        use arrow::array::AsArray;
+        use arrow::datatypes::Decimal128Type;
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = tmp.path().join("fleet");
+        fleet(&lake);
+        let run = tmp.path().join("run");
+        bill_run(&opts(&lake, &run)).unwrap();
+        // Wide decimals (store::decimal), nullable ones among them: the sum
+        // and count of values meterflow reads back.
+        let columns = [
+            ("bills", "kwh"),
+            ("bills", "ytd_kwh_before"),
+            ("bills", "max_demand_kw"),
+            ("bill_lines", "quantity"),
+            ("arrears", "credit"),
+            ("arrears", "paid_sum"),
+        ];
+        let mut want = Vec::new();
+        for (f, c) in columns {
+            let path = run.join(format!("{f}.parquet"));
+            let batches = meterflow::store::reader::read_file(&path).unwrap();
+            let (mut sum, mut n, mut rows, mut scale) = (0i128, 0usize, 0usize, 0);
+            for b in &batches {
+                let a = b
+                    .column_by_name(c)
+                    .unwrap()
+                    .as_primitive::<Decimal128Type>();
+                scale = a.scale();
+                rows += a.len();
+                for v in a.iter().flatten() {
+                    sum += v;
+                    n += 1;
+                }
+            }
+            assert!(n > 0, "{f}.{c} has values");
+            if matches!(c, "ytd_kwh_before" | "max_demand_kw") {
+                assert!(n < rows, "{f}.{c} has nulls too");
+            }
+            let sum = Decimal::from_i128_with_scale(sum, scale as u32);
+            want.push((format!("{f}.{c}"), sum, n));
+        }
+        let script = root().join("scripts/outputs_check.py");
+        let out = std::process::Command::new(crate::common::python())
+            .arg(script)
+            .arg(&run)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for engine in ["duckdb", "pyarrow", "polars"] {
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("{engine} ")))
+                .unwrap_or_else(|| panic!("no {engine} line in {stdout}"));
+            let got: Vec<&str> = line.split_whitespace().skip(1).collect();
+            assert_eq!(got.len(), want.len(), "{line}");
+            for (tok, (name, sum, n)) in got.iter().zip(&want) {
+                let (k, v) = tok.split_once('=').unwrap();
+                let (s, c) = v.split_once('/').unwrap();
+                assert_eq!(k, name, "{line}");
+                assert_eq!(s.parse::<Decimal>().unwrap(), *sum, "{engine} {k}");
+                assert_eq!(c.parse::<usize>().unwrap(), *n, "{engine} {k}");
+            }
+        }
+    }
+
+    #[test]
     fn outputs_do_not_depend_on_the_number_of_threads_or_passes() {
         // More accounts than one group of runs on one thread (2 x 8,192), so
         // one thread bills in two groups and three threads in one group of

@@ -11,6 +11,18 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meterflow"))
 }
 
+/// The Python venv with duckdb, pyarrow and polars (made by scripts/venv.sh).
+pub fn python() -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let py = root.join(".venv/bin/python");
+    assert!(
+        py.exists(),
+        "missing {}: run scripts/venv.sh (scripts/test.sh does it)",
+        py.display()
+    );
+    py
+}
+
 /// A good simulated reading of `meter`, received when taken.
 pub fn reading(meter: &str, ts: i64, channel: Channel, value: Decimal) -> Reading {
     Reading {

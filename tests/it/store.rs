@@ -12,7 +12,7 @@ use meterflow::store::{self, reader, Lake, LakeOptions};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
-use crate::common::bin;
+use crate::common::{bin, python};
 
 fn reading(meter: &str, ts_ms: i64, value: Decimal) -> Reading {
     Reading {
@@ -446,18 +446,6 @@ fn sim_fleet_is_deterministic_and_inspectable() {
     assert_eq!(accounts.rows.len(), 300);
     let payments = meterflow::master::load_payments(&a.path().join("master/payments.csv")).unwrap();
     assert!(payments.errors.is_empty());
-}
-
-/// The Python venv with duckdb, pyarrow and polars (made by scripts/venv.sh).
-fn python() -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let py = root.join(".venv/bin/python");
-    assert!(
-        py.exists(),
-        "missing {}: run scripts/venv.sh (scripts/test.sh does it)",
-        py.display()
-    );
-    py
 }
 
 #[test]
