@@ -15,19 +15,16 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::Decimal128Type;
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding, EncodingMask, PageType, Type};
-use parquet::column::page::{CompressedPage, Page, PageWriter};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::data_type::FixedLenByteArray;
 use parquet::errors::{ParquetError, Result};
-use parquet::file::metadata::{
-    ColumnChunkMetaData, ColumnIndexBuilder, OffsetIndexBuilder, PageEncodingStats,
-};
+use parquet::file::metadata::{ColumnChunkMetaData, ColumnIndexBuilder, PageEncodingStats};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::statistics::Statistics;
-use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 
-use super::dict::{compress, put_hybrid};
+use super::chunk::{self, Pages};
+use super::dict::put_hybrid;
 
 /// Whether [`DecChunk`] can write the column `descr`: a flat decimal stored
 /// as fixed-length bytes (more than 18 digits in arrow-rs's mapping).
@@ -58,15 +55,7 @@ pub struct DecChunk {
 impl DecChunk {
     pub fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
         let path = descr.path();
-        let compression = props.compression(path);
-        if !matches!(
-            compression,
-            Compression::UNCOMPRESSED | Compression::ZSTD(_)
-        ) {
-            return Err(ParquetError::General(format!(
-                "decimal column {path}: only zstd or no compression is supported"
-            )));
-        }
+        let compression = chunk::compression(&descr, props, "decimal")?;
         if !is_wide_decimal(&descr) {
             return Err(ParquetError::General(format!(
                 "decimal column {path}: not a flat fixed-length decimal"
@@ -137,22 +126,17 @@ impl DecChunk {
     /// Encodes the chunk: its bytes (offsets relative to their start) and
     /// what `SerializedRowGroupWriter::append_column` needs to splice it in.
     pub fn close(self) -> Result<(Bytes, ColumnCloseResult)> {
-        let mut sink = TrackedWrite::new(Vec::new());
-        let mut pages = SerializedPageWriter::new(&mut sink);
-        let mut offsets = OffsetIndexBuilder::new();
+        let mut pages = Pages::new(self.compression);
         let mut index = ColumnIndexBuilder::new(Type::FIXED_LEN_BYTE_ARRAY);
-        let (mut compressed, mut uncompressed) = (0i64, 0i64);
-        let (mut first_offset, mut data_pages) = (None, 0);
         let (mut min, mut max, mut nulls) = (None::<i128>, None::<i128>, 0u64);
-
         let rows = self.rows();
-        let mut next_value = 0usize;
-        let mut start = 0usize;
+        let (mut start, mut next_value) = (0usize, 0usize);
         while start < rows {
             let end = (start + self.page_rows).min(rows);
             let mut buf = Vec::with_capacity(8 + (end - start) * self.width);
             let present = match &self.valid {
                 Some(valid) => {
+                    // Definition levels (v1 page: length-prefixed), 1 = a value.
                     let levels: Vec<u32> = valid[start..end].iter().map(|&b| b as u32).collect();
                     let mut rle = Vec::new();
                     put_hybrid(&levels, 1, &mut rle);
@@ -167,52 +151,29 @@ impl DecChunk {
             for &v in page {
                 buf.extend_from_slice(&v.to_be_bytes()[16 - self.width..]);
             }
-            let (lo, hi) = (page.iter().min().copied(), page.iter().max().copied());
             let page_nulls = (end - start - present) as i64;
-            if let (Some(lo), Some(hi)) = (lo, hi) {
-                min = Some(min.map_or(lo, |m| m.min(lo)));
-                max = Some(max.map_or(hi, |m| m.max(hi)));
-                index.append(false, self.bytes(lo), self.bytes(hi), page_nulls, None);
-            } else {
-                index.append(true, Vec::new(), Vec::new(), page_nulls, None);
-            }
             nulls += page_nulls as u64;
-            let len = buf.len();
-            let spec = pages.write_page(CompressedPage::new(
-                Page::DataPage {
-                    buf: compress(self.compression, buf)?,
-                    num_values: (end - start) as u32,
-                    encoding: Encoding::PLAIN,
-                    def_level_encoding: Encoding::RLE,
-                    rep_level_encoding: Encoding::RLE,
-                    statistics: None,
-                },
-                len,
-            ))?;
-            first_offset.get_or_insert(spec.offset as i64);
-            offsets.append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
-            offsets.append_row_count((end - start) as i64);
-            compressed += spec.compressed_size as i64;
-            uncompressed += spec.uncompressed_size as i64;
-            data_pages += 1;
+            match (page.iter().min().copied(), page.iter().max().copied()) {
+                (Some(lo), Some(hi)) => {
+                    min = Some(min.map_or(lo, |m| m.min(lo)));
+                    max = Some(max.map_or(hi, |m| m.max(hi)));
+                    index.append(false, self.bytes(lo), self.bytes(hi), page_nulls, None);
+                }
+                _ => index.append(true, Vec::new(), Vec::new(), page_nulls, None),
+            }
+            pages.data(buf, end - start, Encoding::PLAIN)?;
             start = end;
         }
-        pages.close()?;
-        let bytes = Bytes::from(sink.into_inner()?);
 
         let encodings = [Encoding::PLAIN, Encoding::RLE];
         let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
-            .set_compression(self.compression)
             .set_encodings_mask(EncodingMask::new_from_encodings(encodings.iter()))
             .set_page_encoding_stats(vec![PageEncodingStats {
                 page_type: PageType::DATA_PAGE,
                 encoding: Encoding::PLAIN,
-                count: data_pages,
+                count: pages.data_pages,
             }])
-            .set_total_compressed_size(compressed)
-            .set_total_uncompressed_size(uncompressed)
-            .set_num_values(rows as i64)
-            .set_data_page_offset(first_offset.unwrap_or(0));
+            .set_data_page_offset(pages.first_data.unwrap_or(0));
         if self.statistics != EnabledStatistics::None {
             let flba = |v: Option<i128>| v.map(|v| FixedLenByteArray::from(self.bytes(v)));
             meta = meta.set_statistics(Statistics::new(
@@ -224,18 +185,10 @@ impl DecChunk {
             ));
         }
         let column_index = match self.statistics {
-            EnabledStatistics::Page if data_pages > 0 => Some(index.build()?),
+            EnabledStatistics::Page if pages.data_pages > 0 => Some(index.build()?),
             _ => None,
         };
-        let close = ColumnCloseResult {
-            bytes_written: bytes.len() as u64,
-            rows_written: rows as u64,
-            metadata: meta.build()?,
-            bloom_filter: None,
-            column_index,
-            offset_index: Some(offsets.build()),
-        };
-        Ok((bytes, close))
+        pages.finish(meta, rows, column_index)
     }
 }
 

@@ -23,16 +23,15 @@ use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, StringArray, UInt3
 use arrow::datatypes::{DataType, UInt32Type};
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding, EncodingMask, PageType};
-use parquet::column::page::{CompressedPage, Page, PageWriter};
 use parquet::column::writer::ColumnCloseResult;
 use parquet::data_type::ByteArray;
 use parquet::errors::{ParquetError, Result};
-use parquet::file::metadata::{ColumnChunkMetaData, OffsetIndexBuilder, PageEncodingStats};
+use parquet::file::metadata::{ColumnChunkMetaData, PageEncodingStats};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::statistics::Statistics;
-use parquet::file::writer::{SerializedPageWriter, TrackedWrite};
 use parquet::schema::types::ColumnDescPtr;
 
+use super::chunk::{self, Pages};
 use super::scan::FxMap;
 
 /// The Arrow type of a column [`DictChunk`] writes.
@@ -141,15 +140,7 @@ pub struct DictChunk {
 impl DictChunk {
     pub fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
         let path = descr.path();
-        let compression = props.compression(path);
-        if !matches!(
-            compression,
-            Compression::UNCOMPRESSED | Compression::ZSTD(_)
-        ) {
-            return Err(ParquetError::General(format!(
-                "dictionary column {path}: only zstd or no compression is supported"
-            )));
-        }
+        let compression = chunk::compression(&descr, props, "dictionary")?;
         if descr.max_def_level() != 0 || descr.max_rep_level() != 0 {
             return Err(ParquetError::General(format!(
                 "dictionary column {path}: only required, flat columns are supported"
@@ -218,57 +209,19 @@ impl DictChunk {
     /// Encodes the chunk: its bytes (offsets relative to their start) and
     /// what `SerializedRowGroupWriter::append_column` needs to splice it in.
     pub fn close(self) -> Result<(Bytes, ColumnCloseResult)> {
-        let mut sink = TrackedWrite::new(Vec::new());
-        let mut pages = SerializedPageWriter::new(&mut sink);
-        let mut offsets = OffsetIndexBuilder::new();
-        let (mut compressed, mut uncompressed) = (0i64, 0i64);
-
+        let mut pages = Pages::new(self.compression);
         let mut plain = Vec::new();
         for v in &self.values {
             plain.extend_from_slice(&(v.len() as u32).to_le_bytes());
             plain.extend_from_slice(v);
         }
-        let dict_len = plain.len();
-        let spec = pages.write_page(CompressedPage::new(
-            Page::DictionaryPage {
-                buf: compress(self.compression, plain)?,
-                num_values: self.values.len() as u32,
-                encoding: Encoding::PLAIN,
-                is_sorted: false,
-            },
-            dict_len,
-        ))?;
-        let dict_offset = spec.offset as i64;
-        compressed += spec.compressed_size as i64;
-        uncompressed += spec.uncompressed_size as i64;
-
+        let dict_offset = pages.dictionary(plain, self.values.len())?;
         let bit_width = bits(self.values.len().saturating_sub(1) as u32);
-        let mut data_offset = None;
-        let mut data_pages = 0;
         for page in self.keys.chunks(self.page_rows) {
             let mut buf = vec![bit_width];
             put_hybrid(page, bit_width, &mut buf);
-            let len = buf.len();
-            let spec = pages.write_page(CompressedPage::new(
-                Page::DataPage {
-                    buf: compress(self.compression, buf)?,
-                    num_values: page.len() as u32,
-                    encoding: Encoding::RLE_DICTIONARY,
-                    def_level_encoding: Encoding::RLE,
-                    rep_level_encoding: Encoding::RLE,
-                    statistics: None,
-                },
-                len,
-            ))?;
-            data_offset.get_or_insert(spec.offset as i64);
-            offsets.append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
-            offsets.append_row_count(page.len() as i64);
-            compressed += spec.compressed_size as i64;
-            uncompressed += spec.uncompressed_size as i64;
-            data_pages += 1;
+            pages.data(buf, page.len(), Encoding::RLE_DICTIONARY)?;
         }
-        pages.close()?;
-        let bytes = Bytes::from(sink.into_inner()?);
 
         let encodings = [Encoding::PLAIN, Encoding::RLE, Encoding::RLE_DICTIONARY];
         let mut stats = vec![PageEncodingStats {
@@ -276,21 +229,17 @@ impl DictChunk {
             encoding: Encoding::PLAIN,
             count: 1,
         }];
-        if data_pages > 0 {
+        if pages.data_pages > 0 {
             stats.push(PageEncodingStats {
                 page_type: PageType::DATA_PAGE,
                 encoding: Encoding::RLE_DICTIONARY,
-                count: data_pages,
+                count: pages.data_pages,
             });
         }
         let mut meta = ColumnChunkMetaData::builder(self.descr.clone())
-            .set_compression(self.compression)
             .set_encodings_mask(EncodingMask::new_from_encodings(encodings.iter()))
             .set_page_encoding_stats(stats)
-            .set_total_compressed_size(compressed)
-            .set_total_uncompressed_size(uncompressed)
-            .set_num_values(self.keys.len() as i64)
-            .set_data_page_offset(data_offset.unwrap_or(dict_offset))
+            .set_data_page_offset(pages.first_data.unwrap_or(dict_offset))
             .set_dictionary_page_offset(Some(dict_offset));
         if self.statistics {
             // The text bytes of every row, counted only for the statistics.
@@ -319,24 +268,7 @@ impl DictChunk {
                 .set_statistics(Statistics::new(min, max, None, Some(0), false))
                 .set_unencoded_byte_array_data_bytes(Some(text_bytes));
         }
-        let close = ColumnCloseResult {
-            bytes_written: bytes.len() as u64,
-            rows_written: self.keys.len() as u64,
-            metadata: meta.build()?,
-            bloom_filter: None,
-            column_index: None,
-            offset_index: Some(offsets.build()),
-        };
-        Ok((bytes, close))
-    }
-}
-
-pub(super) fn compress(c: Compression, buf: Vec<u8>) -> Result<Bytes> {
-    match c {
-        Compression::ZSTD(level) => zstd::bulk::compress(&buf, level.compression_level())
-            .map(Bytes::from)
-            .map_err(|e| ParquetError::External(Box::new(e))),
-        _ => Ok(Bytes::from(buf)),
+        pages.finish(meta, self.keys.len(), None)
     }
 }
 

@@ -2,6 +2,7 @@
 //! with atomic file commits and a crash-safe spool in front.
 
 pub mod atomic;
+mod chunk;
 pub mod columns;
 pub mod compact;
 pub mod decimal;
