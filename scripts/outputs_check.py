@@ -1,8 +1,9 @@
-"""Reads a bill run's outputs with DuckDB, pyarrow and polars and prints, per
-engine, the sum and the count of values of each decimal column meterflow
-writes itself (docs/data-model.md): the test compares them with its own.
+"""Reads a bill run's decimal columns with DuckDB, pyarrow and polars and
+prints, per engine, each column's sum and count of values (the test compares
+them with meterflow's own reading).
 
-    .venv/bin/python scripts/outputs_check.py RUN_DIR
+    .venv/bin/python scripts/outputs_check.py RUN_DIR FILE.COLUMN...
+    e.g. ... runs/2026-10 bills.kwh bill_lines.quantity
 """
 import sys
 
@@ -11,16 +12,8 @@ import polars as pl
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-COLUMNS = [
-    ("bills", "kwh"),
-    ("bills", "ytd_kwh_before"),
-    ("bills", "max_demand_kw"),
-    ("bill_lines", "quantity"),
-    ("arrears", "credit"),
-    ("arrears", "paid_sum"),
-]
-
 run = sys.argv[1]
+COLUMNS = [a.split(".", 1) for a in sys.argv[2:]]
 for engine in ["duckdb", "pyarrow", "polars"]:
     out = []
     for f, c in COLUMNS:

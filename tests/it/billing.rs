@@ -493,6 +493,7 @@ mod end_to_end {
         let out = std::process::Command::new(crate::common::python())
             .arg(script)
             .arg(&run)
+            .args(columns.iter().map(|(f, c)| format!("{f}.{c}")))
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
