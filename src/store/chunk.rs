@@ -65,16 +65,13 @@ impl Pages {
         }
     }
 
-    fn write(&mut self, page: Page, len: usize) -> Result<i64> {
+    /// Writes `page` (`len` bytes before compression); its offset and size.
+    fn write(&mut self, page: Page, len: usize) -> Result<(i64, i32)> {
         let spec =
             SerializedPageWriter::new(&mut self.sink).write_page(CompressedPage::new(page, len))?;
         self.compressed += spec.compressed_size as i64;
         self.uncompressed += spec.uncompressed_size as i64;
-        if matches!(spec.page_type, parquet::basic::PageType::DATA_PAGE) {
-            self.offsets
-                .append_offset_and_size(spec.offset as i64, spec.compressed_size as i32);
-        }
-        Ok(spec.offset as i64)
+        Ok((spec.offset as i64, spec.compressed_size as i32))
     }
 
     /// The PLAIN dictionary page of `values` values; returns its offset.
@@ -86,7 +83,7 @@ impl Pages {
             encoding: Encoding::PLAIN,
             is_sorted: false,
         };
-        self.write(page, len)
+        Ok(self.write(page, len)?.0)
     }
 
     /// A (v1) data page of `rows` rows: `buf` holds its levels, then its values.
@@ -100,8 +97,9 @@ impl Pages {
             rep_level_encoding: Encoding::RLE,
             statistics: None,
         };
-        let offset = self.write(page, len)?;
+        let (offset, size) = self.write(page, len)?;
         self.first_data.get_or_insert(offset);
+        self.offsets.append_offset_and_size(offset, size);
         self.offsets.append_row_count(rows as i64);
         self.data_pages += 1;
         Ok(())
