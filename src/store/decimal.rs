@@ -254,6 +254,13 @@ mod tests {
             .build()
     }
 
+    /// The writer under test: wide decimals by [`DecChunk`].
+    fn ours_writer(out: &mut Vec<u8>) -> ColumnWriter<&mut Vec<u8>> {
+        ColumnWriter::try_new(out, schema(), props())
+            .unwrap()
+            .wide_decimals_plain()
+    }
+
     fn batches() -> Vec<RecordBatch> {
         [(0, 1_500), (1_500, 3_001), (4_501, 3_700)]
             .into_iter()
@@ -276,9 +283,7 @@ mod tests {
         let mut arrow = Vec::new();
         let mut w = ArrowWriter::try_new(&mut arrow, schema(), Some(props())).unwrap();
         let mut ours = Vec::new();
-        let mut c = ColumnWriter::try_new(&mut ours, schema(), props())
-            .unwrap()
-            .wide_decimals_plain();
+        let mut c = ours_writer(&mut ours);
         for b in batches() {
             w.write(&b).unwrap();
             c.write(&b).unwrap();
@@ -303,9 +308,7 @@ mod tests {
     #[test]
     fn each_page_of_a_wide_decimal_is_in_the_column_index_with_its_min_max_and_nulls() {
         let mut ours = Vec::new();
-        let mut c = ColumnWriter::try_new(&mut ours, schema(), props())
-            .unwrap()
-            .wide_decimals_plain();
+        let mut c = ours_writer(&mut ours);
         let all = batches();
         for b in &all {
             c.write(b).unwrap();
@@ -360,9 +363,7 @@ mod tests {
     #[test]
     fn nulls_in_a_required_wide_decimal_are_refused() {
         let mut ours = Vec::new();
-        let mut c = ColumnWriter::try_new(&mut ours, schema(), props())
-            .unwrap()
-            .wide_decimals_plain();
+        let mut c = ours_writer(&mut ours);
         let b = batch(0, 10);
         let q: ArrayRef = Arc::new(
             Decimal128Array::from(vec![Some(1), None])
