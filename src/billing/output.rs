@@ -35,9 +35,15 @@ fn dec_t(p: (u8, i8)) -> DataType {
 /// Those are constant (`run_id`, `period`) or take a handful of values in
 /// every row group (`kind`, `tariff_id`, ...), so their statistics never
 /// prune a row group, and computing them compared every value in the
-/// `bill_lines` writer, the thread that paces the bill phase.
+/// `bill_lines` writer, the thread that paces the bill phase. And zstd at
+/// level 1, not the store's 3: on the 1M run's outputs it took about 1.5%
+/// less CPU for files within 1% of the size (arrears and bills smaller,
+/// lines larger).
 pub fn writer_properties(schema: &Schema) -> parquet::file::properties::WriterProperties {
-    let mut b = crate::store::atomic::base_properties();
+    let mut b =
+        crate::store::atomic::base_properties().set_compression(parquet::basic::Compression::ZSTD(
+            parquet::basic::ZstdLevel::try_new(1).expect("valid zstd level"),
+        ));
     for f in schema.fields() {
         if f.data_type() == &DataType::Utf8
             && !matches!(f.name().as_str(), "account_id" | "meter_id")

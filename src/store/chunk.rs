@@ -3,6 +3,8 @@
 //! pages written into memory with the offset index and sizes its metadata
 //! needs, to be spliced into the row group by `append_column`.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding};
 use parquet::column::page::{CompressedPage, Page, PageWriter};
@@ -31,11 +33,29 @@ pub(super) fn compression(
     }
 }
 
+thread_local! {
+    /// A zstd context per thread and level, reused page after page: a new
+    /// one per page (`zstd::bulk::compress`) allocated and cleared its
+    /// tables each time. Same bytes either way.
+    static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+}
+
 fn compress(c: Compression, buf: Vec<u8>) -> Result<Bytes> {
+    let external = |e: std::io::Error| ParquetError::External(Box::new(e));
     match c {
-        Compression::ZSTD(level) => zstd::bulk::compress(&buf, level.compression_level())
-            .map(Bytes::from)
-            .map_err(|e| ParquetError::External(Box::new(e))),
+        Compression::ZSTD(level) => ZSTD.with(|z| {
+            let level = level.compression_level();
+            let mut z = z.borrow_mut();
+            let ctx = match &mut *z {
+                Some((l, ctx)) if *l == level => ctx,
+                slot => {
+                    let ctx = zstd::bulk::Compressor::new(level).map_err(external)?;
+                    &mut slot.insert((level, ctx)).1
+                }
+            };
+            ctx.compress(&buf).map(Bytes::from).map_err(external)
+        }),
         _ => Ok(Bytes::from(buf)),
     }
 }
@@ -130,5 +150,27 @@ impl Pages {
             offset_index: Some(self.offsets.build()),
         };
         Ok((bytes, close))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::basic::ZstdLevel;
+
+    #[test]
+    fn a_reused_zstd_context_gives_the_bytes_of_a_fresh_one_at_each_level() {
+        let page: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i / 7).to_le_bytes())
+            .collect();
+        // Levels alternate on one thread, so the context is rebuilt and reused.
+        for level in [1, 3, 1, 1, 3] {
+            let c = Compression::ZSTD(ZstdLevel::try_new(level).unwrap());
+            let got = compress(c, page.clone()).unwrap();
+            assert_eq!(&got[..], &zstd::bulk::compress(&page, level).unwrap()[..]);
+            assert_eq!(zstd::bulk::decompress(&got, page.len()).unwrap(), page);
+        }
+        let plain = compress(Compression::UNCOMPRESSED, page.clone()).unwrap();
+        assert_eq!(&plain[..], &page[..]);
     }
 }
