@@ -591,6 +591,20 @@ mod tests {
     }
 
     #[test]
+    fn the_outputs_are_zstd_level_1_where_the_lake_is_level_3() {
+        use parquet::basic::{Compression, ZstdLevel};
+        let zstd = |l| Compression::ZSTD(ZstdLevel::try_new(l).unwrap());
+        for schema in [bills_schema(), lines_schema(), arrears_schema()] {
+            let p = writer_properties(&schema);
+            for f in schema.fields() {
+                assert_eq!(p.compression(&ColumnPath::from(f.name().as_str())), zstd(1));
+            }
+        }
+        let lake = crate::store::atomic::base_properties().build();
+        assert_eq!(lake.compression(&ColumnPath::from("meter_id")), zstd(3));
+    }
+
+    #[test]
     fn decimals_widen_exactly_and_round_half_away_from_zero_beyond_the_scale() {
         let d = |s: &str| s.parse::<Decimal>().unwrap();
         assert_eq!(to_i128(d("12.5"), 2), 1250);

@@ -817,7 +817,7 @@ type Writer<'scope> = (
     std::thread::ScopedJoinHandle<'scope, Result<(HashedFile, usize), BillingError>>,
 );
 
-/// A Parquet writer with the lake's fixed settings (deterministic bytes).
+/// A Parquet writer with the outputs' fixed settings (deterministic bytes).
 fn parquet_writer<W: std::io::Write + Send>(
     w: W,
     schema: arrow::datatypes::SchemaRef,
