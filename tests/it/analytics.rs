@@ -23,13 +23,7 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> String {
         c.env(k, v);
     }
     let out = c.output().expect("meterflow runs");
-    assert!(
-        out.status.success(),
-        "meterflow {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::common::stdout_of(&out, format_args!("meterflow {args:?}"))
 }
 
 /// A 40-meter fleet over two months with 15-minute intervals, built once.

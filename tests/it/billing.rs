@@ -496,12 +496,7 @@ mod end_to_end {
             .args(columns.iter().map(|(f, c)| format!("{f}.{c}")))
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = crate::common::stdout_of(&out, "outputs_check.py");
         for engine in ["duckdb", "pyarrow", "polars"] {
             let line = stdout
                 .lines()

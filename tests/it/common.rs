@@ -23,6 +23,19 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// The stdout of a finished command, after asserting that it succeeded
+/// (else the panic shows `what`, its stdout and its stderr).
+pub fn stdout_of(out: &std::process::Output, what: impl std::fmt::Display) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A good simulated reading of `meter`, received when taken.
 pub fn reading(meter: &str, ts: i64, channel: Channel, value: Decimal) -> Reading {
     Reading {

@@ -766,12 +766,7 @@ async fn collect_command_once_against_the_simulator() {
         .output()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = crate::common::stdout_of(&out, "meterflow collect --once");
     // Default group: register block (5) + clock skew (1) per meter.
     assert!(
         stdout.contains("18 readings made durable, 18 committed to Parquet"),

@@ -461,12 +461,7 @@ fn modbus_plan_prints_requests_against_one_per_register() {
         ))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = crate::common::stdout_of(&out, "meterflow modbus plan");
     assert!(
         text.contains("unit   1 meter MB-0001: 2 request(s) instead of 15"),
         "{text}"

@@ -493,13 +493,7 @@ fn duckdb_pyarrow_and_polars_read_the_lake_exactly_as_written() {
         .arg(&exp)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "interop check failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = crate::common::stdout_of(&out, "interop check");
     for engine in ["duckdb", "pyarrow", "polars"] {
         assert!(stdout.contains(&format!("{engine}: ok")), "{stdout}");
     }

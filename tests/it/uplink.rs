@@ -455,11 +455,7 @@ impl Drop for TlsBroker {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::stdout_of(&out, format_args!("{cmd:?}"));
 }
 
 fn have(bin: &str) -> bool {
