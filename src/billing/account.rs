@@ -378,7 +378,7 @@ pub fn bill_account(
             return Ok(None);
         };
         match register_delta(a, b, st.modulus) {
-            Some((d, _)) => Ok(Some(scaled(d) * m.multiplier())),
+            Some((d, _)) => Ok(Some(scaled(d) * m.multiplier)),
             None => Err(Exception::new(
                 "register_backwards",
                 format!(
@@ -426,7 +426,7 @@ pub fn bill_account(
                     let acc = st.interval.as_ref().expect("checked");
                     if let Some(seg) = acc.per_segment.get(k) {
                         for (p, v) in seg.iter().enumerate() {
-                            periods[p] += scaled(*v) * m.multiplier();
+                            periods[p] += scaled(*v) * m.multiplier;
                         }
                     }
                 }
@@ -445,7 +445,7 @@ pub fn bill_account(
                 for (m, st) in meters {
                     if let Some(seg) = st.interval.as_ref().and_then(|a| a.per_segment.get(k)) {
                         for (p, v) in seg.iter().enumerate() {
-                            seen[p] += scaled(*v) * m.multiplier();
+                            seen[p] += scaled(*v) * m.multiplier;
                         }
                     }
                 }
@@ -477,7 +477,7 @@ pub fn bill_account(
             let tolerance = Decimal::new(cfg.interval_tolerance * n_active as i64, 4)
                 * meters
                     .iter()
-                    .map(|(m, _)| m.multiplier())
+                    .map(|(m, _)| m.multiplier)
                     .max()
                     .unwrap_or(Decimal::ONE);
             if (sum - u.total).abs() > tolerance {
@@ -620,7 +620,7 @@ pub fn bill_account(
     let mut max_demand = None;
     for (m, st) in meters {
         if let Some(d) = st.max_demand {
-            let kw = scaled(d) * m.multiplier();
+            let kw = scaled(d) * m.multiplier;
             max_demand = Some(max_demand.map_or(kw, |x: Decimal| x.max(kw)));
         }
     }

@@ -695,8 +695,7 @@ mod tests {
         BillingMeter {
             meter_id: id.into(),
             account_id: account.into(),
-            ct_ratio: Decimal::ONE,
-            pt_ratio: Decimal::ONE,
+            multiplier: Decimal::ONE,
             register_digits: 6,
             installed_on: chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap(),
             removed_on: None,

@@ -8,8 +8,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
 use super::{
-    Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Meter, OpeningBalance,
-    Payment, PaymentMode, PrepaidOpening,
+    Account, BillingAccount, BillingMeter, BillingPayment, CustomerClass, Id, Meter,
+    OpeningBalance, Payment, PaymentMode, PrepaidOpening,
 };
 
 /// A bad row: where and why. Good rows of the same file are still loaded.
@@ -582,7 +582,7 @@ fn hash_file(path: &Path) -> std::io::Result<(String, u64, bool)> {
 }
 
 pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, true, |m| m, CHUNKING)
+    load_meters_with(path, |r, t| t.meter(r, true), CHUNKING)
 }
 
 /// Meters with `meter_type` and `feeder` left empty: prepayment never reads
@@ -590,19 +590,55 @@ pub fn load_meters(path: &Path) -> Result<Loaded<Meter>, RowError> {
 /// bill run goes further: [`load_billing_meters`]). Rows are validated
 /// exactly as by [`load_meters`].
 pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
-    load_meters_with(path, false, |m| m, CHUNKING)
+    load_meters_with(path, |r, t| t.meter(r, false), CHUNKING)
 }
 
 /// Meters as the bill run holds them ([`BillingMeter`]: no type or feeder,
-/// ids boxed), converted row by row, so the full [`Meter`]s never all exist.
+/// ids inline), built straight from each row: no [`Meter`] and no heap
+/// block is made for them. Rows are validated exactly as by [`load_meters`].
 pub fn load_billing_meters(path: &Path) -> Result<Loaded<BillingMeter>, RowError> {
-    load_meters_with(path, false, BillingMeter::from, CHUNKING)
+    load_meters_with(path, MeterTerms::billing, CHUNKING)
+}
+
+/// A meters.csv row's checked numbers and dates, before its text is taken.
+struct MeterTerms {
+    ct: Decimal,
+    pt: Decimal,
+    digits: u8,
+    installed_on: NaiveDate,
+    removed_on: Option<NaiveDate>,
+}
+
+impl MeterTerms {
+    fn meter(self, r: &Row, descriptive: bool) -> Result<Meter, RowError> {
+        Ok(Meter {
+            meter_id: r.text("meter_id")?,
+            account_id: r.text("account_id")?,
+            meter_type: r.kept_text(descriptive, "meter_type")?,
+            ct_ratio: self.ct,
+            pt_ratio: self.pt,
+            register_digits: self.digits,
+            installed_on: self.installed_on,
+            removed_on: self.removed_on,
+            feeder: r.kept_text(descriptive, "feeder")?,
+        })
+    }
+
+    fn billing(r: &Row, t: MeterTerms) -> Result<BillingMeter, RowError> {
+        Ok(BillingMeter {
+            meter_id: Id::new(r.nonempty("meter_id")?),
+            account_id: Id::new(r.nonempty("account_id")?),
+            multiplier: t.ct * t.pt,
+            register_digits: t.digits,
+            installed_on: t.installed_on,
+            removed_on: t.removed_on,
+        })
+    }
 }
 
 fn load_meters_with<T: Send>(
     path: &Path,
-    descriptive: bool,
-    into: impl Fn(Meter) -> T + Sync,
+    make: impl Fn(&Row, MeterTerms) -> Result<T, RowError> + Sync,
     chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
     load_in(
@@ -636,24 +672,21 @@ fn load_meters_with<T: Send>(
             if removed_on.is_some_and(|d| d < installed_on) {
                 return Err(r.err("removed_on", "is before installed_on"));
             }
-            Ok(into(Meter {
-                meter_id: r.text("meter_id")?,
-                account_id: r.text("account_id")?,
-                meter_type: r.kept_text(descriptive, "meter_type")?,
-                ct_ratio: ct,
-                pt_ratio: pt,
-                register_digits: digits,
+            let terms = MeterTerms {
+                ct,
+                pt,
+                digits,
                 installed_on,
                 removed_on,
-                feeder: r.kept_text(descriptive, "feeder")?,
-            }))
+            };
+            make(r, terms)
         },
         chunking,
     )
 }
 
 pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, true, |a| a, CHUNKING)
+    load_accounts_with(path, |r, t| t.account(r, true), CHUNKING)
 }
 
 /// Accounts with the personal and demographic fields (name, phone, ID
@@ -661,7 +694,7 @@ pub fn load_accounts(path: &Path) -> Result<Loaded<Account>, RowError> {
 /// prepayment never reads them, and empty strings take no heap memory.
 /// Rows are validated exactly as by [`load_accounts`].
 pub fn load_accounts_without_personal(path: &Path) -> Result<Loaded<Account>, RowError> {
-    load_accounts_with(path, false, |a| a, CHUNKING)
+    load_accounts_with(path, |r, t| t.account(r, false), CHUNKING)
 }
 
 /// Accounts as billing reads them (see [`BillingAccount`]): the personal and
@@ -678,37 +711,70 @@ fn load_billing_accounts_in(
     // One shared copy of each tariff id: a fleet has a handful of tariffs.
     // Large files are parsed on every core, hence the lock (uncontended
     // nearly always: a lookup is a small part of a row's parse).
-    let tariffs = std::sync::Mutex::new(std::collections::HashMap::<String, Arc<str>>::new());
+    let tariffs = std::sync::Mutex::new(std::collections::HashMap::<Arc<str>, ()>::new());
     load_accounts_with(
         path,
-        false,
-        |a| {
-            let mut t = tariffs.lock().unwrap_or_else(|e| e.into_inner());
-            let tariff_id = match t.get(&a.tariff_id) {
-                Some(shared) => shared.clone(),
-                None => {
-                    let shared: Arc<str> = a.tariff_id.as_str().into();
-                    t.insert(a.tariff_id.clone(), shared.clone());
-                    shared
+        |r, t| {
+            let id = r.nonempty("account_id")?;
+            let tariff = r.nonempty("tariff_id")?;
+            let tariff_id = {
+                let mut shared = tariffs.lock().unwrap_or_else(|e| e.into_inner());
+                match shared.get_key_value(tariff) {
+                    Some((k, ())) => k.clone(),
+                    None => {
+                        let k: Arc<str> = tariff.into();
+                        shared.insert(k.clone(), ());
+                        k
+                    }
                 }
             };
-            BillingAccount {
-                account_id: a.account_id.into_boxed_str(),
+            Ok(BillingAccount {
+                account_id: Id::new(id),
                 tariff_id,
-                contracted_kva: a.contracted_kva,
-                opened_on: a.opened_on,
-                customer_class: a.customer_class,
-                payment_mode: a.payment_mode,
-            }
+                contracted_kva: t.kva,
+                opened_on: t.opened_on,
+                customer_class: t.class,
+                payment_mode: t.mode,
+            })
         },
         chunking,
     )
 }
 
+/// An accounts.csv row's checked terms, before its text is taken.
+struct AccountTerms {
+    class: CustomerClass,
+    mode: PaymentMode,
+    kva: Decimal,
+    household_size: u8,
+    opened_on: NaiveDate,
+}
+
+impl AccountTerms {
+    fn account(self, r: &Row, personal: bool) -> Result<Account, RowError> {
+        Ok(Account {
+            account_id: r.text("account_id")?,
+            name: r.kept_text(personal, "name")?,
+            phone: r.kept_text(personal, "phone")?,
+            id_number: r.kept_text(personal, "id_number")?,
+            address: r.kept_text(personal, "address")?,
+            district: r.kept_text(personal, "district")?,
+            age_band: r.kept_text(personal, "age_band")?,
+            occupation: r.kept_text(personal, "occupation")?,
+            gender: r.kept_text(personal, "gender")?,
+            customer_class: self.class,
+            tariff_id: r.text("tariff_id")?,
+            payment_mode: self.mode,
+            contracted_kva: self.kva,
+            household_size: self.household_size,
+            opened_on: self.opened_on,
+        })
+    }
+}
+
 fn load_accounts_with<T: Send>(
     path: &Path,
-    personal: bool,
-    into: impl Fn(Account) -> T + Sync,
+    make: impl Fn(&Row, AccountTerms) -> Result<T, RowError> + Sync,
     chunking: Chunking,
 ) -> Result<Loaded<T>, RowError> {
     load_in(
@@ -742,23 +808,15 @@ fn load_accounts_with<T: Send>(
                     r.err("household_size", format!("'{v}' is not a small integer"))
                 })?,
             };
-            Ok(into(Account {
-                account_id: r.text("account_id")?,
-                name: r.kept_text(personal, "name")?,
-                phone: r.kept_text(personal, "phone")?,
-                id_number: r.kept_text(personal, "id_number")?,
-                address: r.kept_text(personal, "address")?,
-                district: r.kept_text(personal, "district")?,
-                age_band: r.kept_text(personal, "age_band")?,
-                occupation: r.kept_text(personal, "occupation")?,
-                gender: r.kept_text(personal, "gender")?,
-                customer_class: class,
-                tariff_id: r.text("tariff_id")?,
-                payment_mode: mode,
-                contracted_kva: kva,
+            let opened_on = r.opt_date("opened_on")?.unwrap_or(NaiveDate::MIN);
+            let terms = AccountTerms {
+                class,
+                mode,
+                kva,
                 household_size,
-                opened_on: r.opt_date("opened_on")?.unwrap_or(NaiveDate::MIN),
-            }))
+                opened_on,
+            };
+            make(r, terms)
         },
         chunking,
     )
@@ -786,7 +844,7 @@ pub fn load_billing_payments(path: &Path) -> Result<Loaded<BillingPayment>, RowE
     load_payments_with(path, |r, _, amount, paid_at| {
         r.nonempty("txn_id")?;
         Ok(BillingPayment {
-            account_id: r.nonempty("account_id")?.into(),
+            account_id: Id::new(r.nonempty("account_id")?),
             amount,
             paid_at,
         })
@@ -1129,8 +1187,8 @@ mod tests {
             .iter()
             .all(|r| Arc::ptr_eq(&r.tariff_id, &bj[0].tariff_id)));
         let (m1, mn) = (
-            load_meters_with(&m, false, BillingMeter::from, one).unwrap(),
-            load_meters_with(&m, false, BillingMeter::from, many).unwrap(),
+            load_meters_with(&m, MeterTerms::billing, one).unwrap(),
+            load_meters_with(&m, MeterTerms::billing, many).unwrap(),
         );
         assert_eq!(m1.rows, mn.rows);
         assert_eq!(m1.errors, mn.errors);
