@@ -148,6 +148,17 @@ impl Selection {
         self.count_unknown.get(i).is_some_and(|r| r.contains(&row))
     }
 
+    /// Whether the selection holds all of `rows` (Some(true)), none of them
+    /// (Some(false)), or only some (None).
+    fn covers(&self, rows: std::ops::Range<usize>) -> Option<bool> {
+        let i = self.rows.partition_point(|r| r.end <= rows.start);
+        match self.rows.get(i) {
+            Some(r) if r.start <= rows.start && r.end >= rows.end => Some(true),
+            Some(r) if r.start < rows.end => None,
+            _ => Some(false),
+        }
+    }
+
     /// The unit row of the `k`-th selected row.
     fn unit_row(&self, mut k: usize) -> usize {
         for r in &self.rows {
@@ -280,9 +291,9 @@ pub fn for_each_view<E: From<StoreError>>(
     selection: Option<&Selection>,
     mut f: impl FnMut(&arrow::record_batch::RecordBatch, &ScanView<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let runs = match selection {
-        None if columns.contains(&"meter_id") => id_runs(unit)?,
-        _ => None,
+    let runs = match columns.contains(&"meter_id") {
+        true => id_runs(unit, selection)?,
+        false => None,
     };
     let columns: Vec<&str> = match runs {
         Some(_) => columns
@@ -321,7 +332,13 @@ pub fn for_each_view<E: From<StoreError>>(
 /// whose data pages are all `DELTA_BYTE_ARRAY`, or a page's values cannot be
 /// decoded here (then it is read as text, and the column reader reports any
 /// damage; a page that cannot be read or decompressed is an error here).
-fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
+/// With a `selection` (whole `meter_id` pages, [`select_pages`]), the rows
+/// of the selected pages only, in order, as the batches hold them; the other
+/// pages are skipped unread, by the file's offset index (None without one).
+fn id_runs(
+    unit: &Unit,
+    selection: Option<&Selection>,
+) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
     use parquet::basic::Encoding;
     use parquet::column::page::{Page, PageReader};
     use parquet::file::serialized_reader::SerializedPageReader;
@@ -344,12 +361,49 @@ fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
         return Ok(None);
     }
     let path = unit.path.as_path();
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let rows = unit.num_rows();
-    let mut pages =
-        SerializedPageReader::new(Arc::new(file), chunk, rows, None).map_err(perr(path))?;
-    let mut runs = super::idruns::IdRuns::with_capacity(rows);
-    while let Some(page) = pages.get_next_page().map_err(perr(path))? {
+    // Each page's rows, when only some pages are wanted.
+    let (locations, wanted) = match selection {
+        None => (None, rows),
+        Some(sel) => {
+            let index = meta.page_index_for_row_group(unit.row_group);
+            let Some(oi) = index.offset_index(c) else {
+                return Ok(None);
+            };
+            let locs = oi.page_locations().clone();
+            (Some(locs), sel.rows.iter().map(|r| r.len()).sum())
+        }
+    };
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut pages = SerializedPageReader::new(Arc::new(file), chunk, rows, locations.clone())
+        .map_err(perr(path))?;
+    let mut runs = super::idruns::IdRuns::with_capacity(wanted);
+    let mut page_no = 0;
+    loop {
+        // A selected page's rows, by the offset index.
+        let mut expect = None;
+        if let (Some(sel), Some(locs)) = (selection, &locations) {
+            let Some(loc) = locs.get(page_no) else {
+                break;
+            };
+            let start = loc.first_row_index.max(0) as usize;
+            let end = locs
+                .get(page_no + 1)
+                .map_or(rows, |l| l.first_row_index.max(0) as usize);
+            page_no += 1;
+            match sel.covers(start..end) {
+                Some(true) => expect = Some(end - start),
+                Some(false) => {
+                    pages.skip_next_page().map_err(perr(path))?;
+                    continue;
+                }
+                // Part of a page: not a selection of whole pages.
+                None => return Ok(None),
+            }
+        }
+        let Some(page) = pages.get_next_page().map_err(perr(path))? else {
+            break;
+        };
         let (values, n) = match &page {
             Page::DataPage {
                 buf,
@@ -374,9 +428,10 @@ fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
             }
             _ => return Ok(None),
         };
-        // A page claiming more values than the row group has left is damage
-        // the column reader reports (and nothing is allocated for it here).
-        if n as usize > rows - runs.rows() {
+        // A page claiming more values than the row group (or the selection)
+        // has left is damage the column reader reports (and nothing is
+        // allocated for it here).
+        if n as usize > wanted - runs.rows() || expect.is_some_and(|e| e != n as usize) {
             return Ok(None);
         }
         if let Err(e) = runs.push_page(values, n as usize) {
@@ -384,7 +439,7 @@ fn id_runs(unit: &Unit) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
             return Ok(None);
         }
     }
-    if runs.rows() != rows {
+    if runs.rows() != wanted {
         return Ok(None);
     }
     match runs.finish() {
@@ -1135,11 +1190,11 @@ pub(crate) mod tests {
             !mixed.iter().any(reads_ids_as_keys),
             "some pages are not dictionary-encoded"
         );
-        assert!(lake.iter().all(|u| id_runs(u).unwrap().is_some()));
+        assert!(lake.iter().all(|u| id_runs(u, None).unwrap().is_some()));
         assert!(dict
             .iter()
             .chain(&mixed)
-            .all(|u| id_runs(u).unwrap().is_none()));
+            .all(|u| id_runs(u, None).unwrap().is_none()));
         let ids: Vec<String> = (0..3000).step_by(2).map(|m| format!("{m:012}")).collect();
         let index: FxMap<&str, u32> = ids
             .iter()
@@ -1262,7 +1317,7 @@ pub(crate) mod tests {
         ] {
             let us = write(name, encoding, version);
             assert_eq!(us.len(), 1);
-            let got = id_runs(&us[0]).unwrap();
+            let got = id_runs(&us[0], None).unwrap();
             assert_eq!(got.is_some(), runs, "{name}");
             if let Some((keys, texts)) = &got {
                 // One run per distinct id, though pages cut runs.
@@ -1494,6 +1549,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_selection_covers_a_page_wholly_not_at_all_or_in_part() {
+        let s = Selection {
+            rows: vec![10..20, 30..40],
+            count_unknown: vec![],
+        };
+        assert_eq!(s.covers(10..20), Some(true));
+        assert_eq!(s.covers(12..15), Some(true));
+        assert_eq!(s.covers(0..10), Some(false));
+        assert_eq!(s.covers(20..30), Some(false));
+        assert_eq!(s.covers(40..50), Some(false));
+        assert_eq!(s.covers(15..25), None);
+        assert_eq!(s.covers(25..35), None);
+    }
+
+    #[test]
     fn passes_over_a_multi_page_file_read_each_meter_once_and_count_unknown_meters_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut lake = Lake::open(dir.path(), LakeOptions::new("t")).unwrap();
@@ -1551,6 +1621,18 @@ pub(crate) mod tests {
                 let Some(sel) = select_pages(&pages[u], wanted, &mut seen[u], pass == 2) else {
                     continue;
                 };
+                // The selected pages' ids are read from the pages as runs
+                // (the others skipped unread), and equal the ids arrow-rs's
+                // column reader gives for the same selection.
+                let (keys, texts) = id_runs(unit, Some(&sel)).unwrap().expect("runs");
+                let from_runs: Vec<&str> = keys.iter().map(|&k| texts.value(k as usize)).collect();
+                let mut column = Vec::new();
+                for b in unit_batches(unit, &["meter_id"], Some(&sel)).unwrap() {
+                    let b = b.unwrap();
+                    let a = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                    column.extend((0..a.len()).map(|i| a.value(i).to_string()));
+                }
+                assert_eq!(from_runs, column, "pass {pass}, unit {u}");
                 let mut c = Chunk::default();
                 sc.decode_into(unit, Some(&sel), &mut c).unwrap();
                 read += c.rows;
