@@ -236,6 +236,20 @@ impl Tx for PgTx<'_, '_> {
             .query_opt("SELECT 1 FROM entries WHERE key = $1", &[&key])?
             .is_some())
     }
+    /// One round trip for the whole batch (an index probe per key on the
+    /// server), not one per key.
+    fn any_entry_exists(&mut self, keys: &[String]) -> Result<bool, LedgerError> {
+        if keys.is_empty() {
+            return Ok(false);
+        }
+        Ok(self
+            .tx
+            .query_opt(
+                "SELECT 1 FROM entries WHERE key = ANY($1) LIMIT 1",
+                &[&keys],
+            )?
+            .is_some())
+    }
     fn insert_entry(&mut self, e: &NewEntry, now: i64) -> Result<Option<String>, LedgerError> {
         let n = self.tx.execute(
             "INSERT INTO entries(key, account_id, kind, amount, ts_ms, source, detail, recorded_ms)

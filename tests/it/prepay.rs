@@ -124,6 +124,61 @@ fn duplicate_ignored_conflict_rejected(l: &mut dyn Ledger) {
     assert_eq!(l.entries(Some("A1"), 0, 10).unwrap().len(), 2);
 }
 
+/// A batch that names keys that must be absent is stale, and writes
+/// nothing, when any one of them is stored.
+fn a_batch_is_stale_when_any_key_it_needs_absent_is_stored(l: &mut dyn Ledger) {
+    let put = Batch {
+        entries: vec![entry("open:B", "B", dec!(1))],
+        ..Default::default()
+    };
+    assert!(!l.commit(&put, &NoHook).unwrap().stale);
+    let with_absent = |keys: &[&str]| Batch {
+        entries: vec![entry("pay:x", "A", dec!(2))],
+        absent_keys: keys.iter().map(|k| k.to_string()).collect(),
+        ..Default::default()
+    };
+    for keys in [
+        &["open:A1", "open:B"][..],
+        &["open:B"],
+        &["open:C", "open:B", "open:D"],
+    ] {
+        assert!(
+            l.commit(&with_absent(keys), &NoHook).unwrap().stale,
+            "{keys:?}"
+        );
+    }
+    assert_eq!(
+        l.balance("A").unwrap(),
+        dec!(0),
+        "a stale batch writes nothing"
+    );
+    assert!(!l.commit(&with_absent(&[]), &NoHook).unwrap().stale);
+    assert!(
+        !l.commit(&with_absent(&["open:A1", "open:C"]), &NoHook)
+            .unwrap()
+            .stale
+    );
+    assert_eq!(
+        l.balance("A").unwrap(),
+        dec!(2),
+        "once: the second is a duplicate"
+    );
+}
+
+#[test]
+fn absent_keys_are_checked_as_a_batch_on_sqlite() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = ledger::open_migrated(&sqlite_url(d.path())).unwrap();
+    a_batch_is_stale_when_any_key_it_needs_absent_is_stored(l.as_mut());
+}
+
+#[test]
+fn absent_keys_are_checked_as_a_batch_on_postgres() {
+    let Some(url) = pg_url("absent") else { return };
+    let mut l = ledger::open_migrated(&url).unwrap();
+    a_batch_is_stale_when_any_key_it_needs_absent_is_stored(l.as_mut());
+}
+
 #[test]
 fn sqlite_ledger_ignores_duplicate_keys_and_rejects_conflicting_ones() {
     let d = tempfile::tempdir().unwrap();
