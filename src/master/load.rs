@@ -711,7 +711,7 @@ fn load_billing_accounts_in(
     // One shared copy of each tariff id: a fleet has a handful of tariffs.
     // Large files are parsed on every core, hence the lock (uncontended
     // nearly always: a lookup is a small part of a row's parse).
-    let tariffs = std::sync::Mutex::new(std::collections::HashMap::<Arc<str>, ()>::new());
+    let tariffs = std::sync::Mutex::new(std::collections::HashSet::<Arc<str>>::new());
     load_accounts_with(
         path,
         |r, t| {
@@ -719,11 +719,11 @@ fn load_billing_accounts_in(
             let tariff = r.nonempty("tariff_id")?;
             let tariff_id = {
                 let mut shared = tariffs.lock().unwrap_or_else(|e| e.into_inner());
-                match shared.get_key_value(tariff) {
-                    Some((k, ())) => k.clone(),
+                match shared.get(tariff) {
+                    Some(k) => k.clone(),
                     None => {
                         let k: Arc<str> = tariff.into();
-                        shared.insert(k.clone(), ());
+                        shared.insert(k.clone());
                         k
                     }
                 }

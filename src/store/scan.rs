@@ -291,9 +291,10 @@ pub fn for_each_view<E: From<StoreError>>(
     selection: Option<&Selection>,
     mut f: impl FnMut(&arrow::record_batch::RecordBatch, &ScanView<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let runs = match columns.contains(&"meter_id") {
-        true => id_runs(unit, selection)?,
-        false => None,
+    let runs = if columns.contains(&"meter_id") {
+        id_runs(unit, selection)?
+    } else {
+        None
     };
     let columns: Vec<&str> = match runs {
         Some(_) => columns
