@@ -1296,17 +1296,34 @@ mod tests {
             &p,
             "meter_id,account_id,meter_type,ct_ratio,pt_ratio,installed_on,feeder\n\
              M1,A1,residential_1p,1,1,2024-01-01,F-07\n\
-             M2,A1,residential_1p,0,1,2024-01-01,F-07\n",
+             M2,A1,residential_1p,0,1,2024-01-01,F-07\n\
+             高压计量点-0000000001,户号-A000000000000000002,industrial_ct,40,100,2024-01-01,F-08\n\
+             ,A3,residential_1p,1,1,2024-01-01,F-07\n",
         )
         .unwrap();
         let all = load_meters(&p).unwrap();
         let billing = load_meters_for_billing(&p).unwrap();
         assert_eq!(all.errors, billing.errors, "same validation");
         assert_eq!(all.rows[0].feeder, "F-07");
-        let mut without = all.rows[0].clone();
-        without.meter_type.clear();
-        without.feeder.clear();
-        assert_eq!(billing.rows, vec![without]);
+        let without: Vec<Meter> = all
+            .rows
+            .iter()
+            .map(|m| Meter {
+                meter_type: String::new(),
+                feeder: String::new(),
+                ..m.clone()
+            })
+            .collect();
+        assert_eq!(billing.rows, without);
+        // The bill run's rows, built straight from the CSV, hold the same
+        // terms, ids longer than an inline id and not ASCII included.
+        let rows = load_billing_meters(&p).unwrap();
+        assert_eq!(rows.errors, all.errors, "same validation");
+        let converted: Vec<BillingMeter> = all.rows.iter().map(BillingMeter::from).collect();
+        assert_eq!(rows.rows, converted);
+        assert_eq!(&*rows.rows[1].meter_id, "高压计量点-0000000001");
+        assert_eq!(&*rows.rows[1].account_id, "户号-A000000000000000002");
+        assert_eq!(rows.rows[1].multiplier, Decimal::from(4000));
     }
 
     #[test]
@@ -1317,7 +1334,8 @@ mod tests {
             &p,
             "account_id,name,phone,id_number,address,district,customer_class,tariff_id,payment_mode\n\
              A1,Wang Fang,13800138000,110101199003071234,1 Chang'an Ave,Dongcheng,residential,t,prepaid\n\
-             A2,Li Lei,13900139000,110101199104081234,2 Jinrong St,Xicheng,retail,t,prepaid\n",
+             A2,Li Lei,13900139000,110101199104081234,2 Jinrong St,Xicheng,retail,t,prepaid\n\
+             户号-A000000000000000003,Zhao Min,,,,,residential,t,postpaid\n",
         )
         .unwrap();
         let all = load_accounts(&p).unwrap();
@@ -1325,9 +1343,11 @@ mod tests {
         let prepay = load_accounts_without_personal(&p).unwrap();
         assert_eq!(all.errors, billing.errors, "same validation");
         assert_eq!(all.errors, prepay.errors, "same validation");
-        assert_eq!(billing.rows.len(), 1);
+        assert_eq!(billing.rows.len(), 2);
         assert_eq!(all.rows[0].name, "Wang Fang");
-        assert_eq!(billing.rows[0], BillingAccount::from(&all.rows[0]));
+        let converted: Vec<BillingAccount> = all.rows.iter().map(BillingAccount::from).collect();
+        assert_eq!(billing.rows, converted);
+        assert_eq!(&*billing.rows[1].account_id, "户号-A000000000000000003");
         let p = &prepay.rows[0];
         assert!(p.name.is_empty() && p.phone.is_empty() && p.address.is_empty());
         let mut without = all.rows[0].clone();
