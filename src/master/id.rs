@@ -57,12 +57,6 @@ impl Deref for Id {
     }
 }
 
-impl AsRef<str> for Id {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl std::borrow::Borrow<str> for Id {
     fn borrow(&self) -> &str {
         self.as_str()
@@ -88,18 +82,6 @@ impl PartialEq for Id {
 }
 
 impl Eq for Id {}
-
-impl PartialEq<str> for Id {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
-impl PartialEq<&str> for Id {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
 
 impl PartialOrd for Id {
     fn partial_cmp(&self, other: &Id) -> Option<Ordering> {

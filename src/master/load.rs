@@ -597,7 +597,7 @@ pub fn load_meters_for_billing(path: &Path) -> Result<Loaded<Meter>, RowError> {
 /// ids inline), built straight from each row: no [`Meter`] and no heap
 /// block is made for them. Rows are validated exactly as by [`load_meters`].
 pub fn load_billing_meters(path: &Path) -> Result<Loaded<BillingMeter>, RowError> {
-    load_meters_with(path, MeterTerms::billing, CHUNKING)
+    load_meters_with(path, |r, t| t.billing(r), CHUNKING)
 }
 
 /// A meters.csv row's checked numbers and dates, before its text is taken.
@@ -624,14 +624,14 @@ impl MeterTerms {
         })
     }
 
-    fn billing(r: &Row, t: MeterTerms) -> Result<BillingMeter, RowError> {
+    fn billing(self, r: &Row) -> Result<BillingMeter, RowError> {
         Ok(BillingMeter {
             meter_id: Id::new(r.nonempty("meter_id")?),
             account_id: Id::new(r.nonempty("account_id")?),
-            multiplier: t.ct * t.pt,
-            register_digits: t.digits,
-            installed_on: t.installed_on,
-            removed_on: t.removed_on,
+            multiplier: self.ct * self.pt,
+            register_digits: self.digits,
+            installed_on: self.installed_on,
+            removed_on: self.removed_on,
         })
     }
 }
@@ -1187,8 +1187,8 @@ mod tests {
             .iter()
             .all(|r| Arc::ptr_eq(&r.tariff_id, &bj[0].tariff_id)));
         let (m1, mn) = (
-            load_meters_with(&m, MeterTerms::billing, one).unwrap(),
-            load_meters_with(&m, MeterTerms::billing, many).unwrap(),
+            load_meters_with(&m, |r, t| t.billing(r), one).unwrap(),
+            load_meters_with(&m, |r, t| t.billing(r), many).unwrap(),
         );
         assert_eq!(m1.rows, mn.rows);
         assert_eq!(m1.errors, mn.errors);

@@ -72,12 +72,6 @@ pub struct BillingMeter {
     pub removed_on: Option<NaiveDate>,
 }
 
-impl From<Meter> for BillingMeter {
-    fn from(m: Meter) -> BillingMeter {
-        BillingMeter::from(&m)
-    }
-}
-
 impl From<&Meter> for BillingMeter {
     fn from(m: &Meter) -> BillingMeter {
         BillingMeter {
@@ -140,8 +134,7 @@ pub struct Account {
 }
 
 /// The terms of an account that billing reads: accounts.csv without the
-/// personal and demographic columns (a quarter of an [`Account`]'s size,
-/// which counts at millions of accounts).
+/// personal and demographic columns, which count at millions of accounts.
 ///
 /// The id is inline ([`Id`]) and the tariff id shared between the accounts
 /// of a tariff ([`load_accounts_for_billing`] interns it): 56 bytes an

@@ -108,19 +108,26 @@ impl Unit {
             return whole();
         }
         (0..locs.len())
-            .map(|p| {
-                let start = locs[p].first_row_index.max(0) as usize;
-                let end = locs
-                    .get(p + 1)
-                    .map_or(n, |l| l.first_row_index.max(0) as usize);
-                IdPage {
-                    rows: start.min(n)..end.min(n),
-                    min: ci.min_value(p).map(<[u8]>::to_vec),
-                    max: ci.max_value(p).map(<[u8]>::to_vec),
-                }
+            .map(|p| IdPage {
+                rows: page_rows(locs, p, n),
+                min: ci.min_value(p).map(<[u8]>::to_vec),
+                max: ci.max_value(p).map(<[u8]>::to_vec),
             })
             .collect()
     }
+}
+
+/// The rows of page `p` of a column chunk of `n` rows, by its offset index.
+fn page_rows(
+    locs: &[parquet::file::page_index::offset_index::PageLocation],
+    p: usize,
+    n: usize,
+) -> std::ops::Range<usize> {
+    let start = locs.get(p).map_or(n, |l| l.first_row_index.max(0) as usize);
+    let end = locs
+        .get(p + 1)
+        .map_or(n, |l| l.first_row_index.max(0) as usize);
+    start.min(n)..end.min(n)
 }
 
 /// One page of a unit's `meter_id` column: rows `rows` hold ids within
@@ -384,16 +391,13 @@ fn id_runs(
         // A selected page's rows, by the offset index.
         let mut expect = None;
         if let (Some(sel), Some(locs)) = (selection, &locations) {
-            let Some(loc) = locs.get(page_no) else {
+            if page_no == locs.len() {
                 break;
-            };
-            let start = loc.first_row_index.max(0) as usize;
-            let end = locs
-                .get(page_no + 1)
-                .map_or(rows, |l| l.first_row_index.max(0) as usize);
+            }
+            let page = page_rows(locs, page_no, rows);
             page_no += 1;
-            match sel.covers(start..end) {
-                Some(true) => expect = Some(end - start),
+            match sel.covers(page.clone()) {
+                Some(true) => expect = Some(page.len()),
                 Some(false) => {
                     pages.skip_next_page().map_err(perr(path))?;
                     continue;
