@@ -371,26 +371,27 @@ fn id_runs(
     let path = unit.path.as_path();
     let rows = unit.num_rows();
     // Each page's rows, when only some pages are wanted.
+    let index = meta.page_index_for_row_group(unit.row_group);
     let (locations, wanted) = match selection {
         None => (None, rows),
         Some(sel) => {
-            let index = meta.page_index_for_row_group(unit.row_group);
             let Some(oi) = index.offset_index(c) else {
                 return Ok(None);
             };
-            let locs = oi.page_locations().clone();
+            let locs = oi.page_locations().as_slice();
             (Some(locs), sel.rows.iter().map(|r| r.len()).sum())
         }
     };
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let mut pages = SerializedPageReader::new(Arc::new(file), chunk, rows, locations.clone())
-        .map_err(perr(path))?;
+    let mut pages =
+        SerializedPageReader::new(Arc::new(file), chunk, rows, locations.map(<[_]>::to_vec))
+            .map_err(perr(path))?;
     let mut runs = super::idruns::IdRuns::with_capacity(wanted);
     let mut page_no = 0;
     loop {
         // A selected page's rows, by the offset index.
         let mut expect = None;
-        if let (Some(sel), Some(locs)) = (selection, &locations) {
+        if let (Some(sel), Some(locs)) = (selection, locations) {
             if page_no == locs.len() {
                 break;
             }
