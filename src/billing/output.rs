@@ -178,14 +178,11 @@ pub fn arrears_batch(
         }
     }
     let date = |d: Option<chrono::NaiveDate>| d.and_then(|d| days.get(&d)).map(String::as_str);
-    let text = |per: usize| StringBuilder::with_capacity(n, n * per);
-    let (mut run, mut per, mut day) = (
-        DictText::with_capacity(n),
-        DictText::with_capacity(n),
-        DictText::with_capacity(n),
-    );
-    let (mut acc, mut bp, mut due) = (text(12), text(7), text(10));
-    let (mut last_paid, mut from, mut last_due) = (text(10), text(10), text(10));
+    let text = || DictText::with_capacity(n);
+    let (mut run, mut per, mut day) = (text(), text(), text());
+    let mut acc = StringBuilder::with_capacity(n, n * 12);
+    let (mut bp, mut due) = (text(), text());
+    let (mut last_paid, mut from, mut last_due) = (text(), text(), text());
     let (mut amount, mut unpaid) = (dec_builder(n, AMOUNT), dec_builder(n, AMOUNT));
     let (mut credit, mut paid_sum) = (dec_builder(n, SUM), dec_builder(n, SUM));
     let mut paid_count = Int64Builder::with_capacity(n);
@@ -200,16 +197,16 @@ pub fn arrears_batch(
             per.push(period);
             day.push(date(Some(a.as_of.unwrap_or(as_of))).unwrap_or_default());
             acc.append_value(account);
-            bp.append_option(b.map(|b| &b.bill.period));
-            due.append_option(date(b.map(|b| b.bill.due)));
+            bp.push_opt(b.map(|b| b.bill.period.as_str()));
+            due.push_opt(date(b.map(|b| b.bill.due)));
             amount.append_option(b.map(|b| to_i128(b.bill.amount, AMOUNT.1)));
             unpaid.append_option(b.map(|b| to_i128(b.unpaid, AMOUNT.1)));
             credit.append_value(to_i128(a.credit, SUM.1));
             paid_count.append_value(i64::try_from(a.counted.count).unwrap_or(i64::MAX));
             paid_sum.append_value(to_i128(a.counted.sum, SUM.1));
-            last_paid.append_option(date(a.counted.last));
-            from.append_option(date(a.history_from));
-            last_due.append_option(date(a.last_due));
+            last_paid.push_opt(date(a.counted.last));
+            from.push_opt(date(a.history_from));
+            last_due.push_opt(date(a.last_due));
         }
     }
     let cols: Vec<ArrayRef> = vec![
@@ -217,16 +214,16 @@ pub fn arrears_batch(
         per.finish(),
         day.finish(),
         Arc::new(acc.finish()),
-        Arc::new(bp.finish()),
-        Arc::new(due.finish()),
+        bp.finish(),
+        due.finish(),
         Arc::new(amount.finish()),
         Arc::new(unpaid.finish()),
         Arc::new(credit.finish()),
         Arc::new(paid_count.finish()),
         Arc::new(paid_sum.finish()),
-        Arc::new(last_paid.finish()),
-        Arc::new(from.finish()),
-        Arc::new(last_due.finish()),
+        last_paid.finish(),
+        from.finish(),
+        last_due.finish(),
     ];
     RecordBatch::try_new(arrears_batch_schema(), cols).expect("columns match schema")
 }
@@ -235,8 +232,22 @@ pub fn arrears_batch(
 /// typed as dictionaries (the file holds `arrears_schema`).
 pub fn arrears_batch_schema() -> SchemaRef {
     static S: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    S.get_or_init(|| with_dictionaries(&arrears_schema(), &["run_id", "period", "as_of"]))
-        .clone()
+    S.get_or_init(|| {
+        with_dictionaries(
+            &arrears_schema(),
+            &[
+                "run_id",
+                "period",
+                "as_of",
+                "bill_period",
+                "due_date",
+                "last_paid_on",
+                "history_from",
+                "last_due",
+            ],
+        )
+    })
+    .clone()
 }
 
 /// `d` as a column of `scale` stores it.
@@ -348,7 +359,13 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
     let mut md = dec_builder(n, KWH);
     let mut it = dec_builder(n, AMOUNT);
     let mut adj = dec_builder(n, AMOUNT);
-    let mut due = StringBuilder::with_capacity(n, n * 10);
+    // Due dates take a few values: each is formatted once, not per row.
+    let dues: std::collections::BTreeMap<chrono::NaiveDate, String> = rows
+        .iter()
+        .filter_map(|r| r.due_date)
+        .map(|d| (d, d.to_string()))
+        .collect();
+    let mut due = DictText::with_capacity(n);
     for r in rows {
         let b = r.bill;
         run.push(run_id);
@@ -368,7 +385,7 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
         md.append_option(b.max_demand_kw.map(|x| to_i128(x, KWH.1)));
         it.append_option(r.issued_total.map(|x| to_i128(x, AMOUNT.1)));
         adj.append_option(r.adjustment.map(|x| to_i128(x, AMOUNT.1)));
-        due.append_option(r.due_date.map(|d| d.to_string()));
+        due.push_opt(r.due_date.and_then(|d| dues.get(&d)).map(String::as_str));
     }
     let cols: Vec<ArrayRef> = vec![
         run.finish(),
@@ -388,7 +405,7 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
         Arc::new(md.finish()),
         Arc::new(it.finish()),
         Arc::new(adj.finish()),
-        Arc::new(due.finish()),
+        due.finish(),
     ];
     RecordBatch::try_new(bills_batch_schema(), cols).expect("columns match schema")
 }
@@ -404,7 +421,7 @@ pub struct LinesBuilder<'a> {
     kind: DictText<'a>,
     label: DictText<'a>,
     tier: Int32Builder,
-    period: StringBuilder,
+    period: DictText<'a>,
     qty: Decimal128Builder,
     unit: DictText<'a>,
     price: Decimal128Builder,
@@ -426,7 +443,7 @@ impl<'a> LinesBuilder<'a> {
             kind: DictText::with_capacity(cap),
             label: DictText::with_capacity(cap),
             tier: Int32Builder::with_capacity(cap),
-            period: StringBuilder::with_capacity(cap, cap * 2),
+            period: DictText::with_capacity(cap),
             qty: dec_builder(cap, QTY),
             unit: DictText::with_capacity(cap),
             price: dec_builder(cap, PRICE),
@@ -455,7 +472,10 @@ impl<'a> LinesBuilder<'a> {
         self.kind.push(l.kind.as_str());
         self.label.push_cow(&l.label);
         self.tier.append_option(l.tier);
-        self.period.append_option(l.tou_period.as_deref());
+        match &l.tou_period {
+            Some(p) => self.period.push_cow(p),
+            None => self.period.push_null(),
+        }
         self.qty.append_value(to_i128(l.quantity, QTY.1));
         self.unit.push(l.unit);
         self.price.append_value(to_i128(l.unit_price, PRICE.1));
@@ -476,7 +496,7 @@ impl<'a> LinesBuilder<'a> {
             self.kind.finish(),
             self.label.finish(),
             Arc::new({ self.tier }.finish()),
-            Arc::new({ self.period }.finish()),
+            self.period.finish(),
             Arc::new({ self.qty }.finish()),
             self.unit.finish(),
             Arc::new({ self.price }.finish()),
@@ -497,7 +517,14 @@ pub fn bills_batch_schema() -> SchemaRef {
     S.get_or_init(|| {
         with_dictionaries(
             &bills_schema(),
-            &["run_id", "period", "tariff_id", "tariff_versions", "flags"],
+            &[
+                "run_id",
+                "period",
+                "tariff_id",
+                "tariff_versions",
+                "flags",
+                "due_date",
+            ],
         )
     })
     .clone()
@@ -515,6 +542,7 @@ pub fn lines_batch_schema() -> SchemaRef {
                 "period",
                 "kind",
                 "label",
+                "tou_period",
                 "unit",
                 "tariff_id",
                 "tariff_version",
@@ -532,7 +560,7 @@ fn with_dictionaries(plain: &Schema, names: &[&str]) -> SchemaRef {
             .iter()
             .map(|f| {
                 if names.contains(&f.name().as_str()) {
-                    Field::new(f.name(), crate::store::dict::dict_type(), false)
+                    Field::new(f.name(), crate::store::dict::dict_type(), f.is_nullable())
                 } else {
                     f.as_ref().clone()
                 }

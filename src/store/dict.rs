@@ -7,9 +7,11 @@
 //! already know each row's key, so [`DictChunk`] writes the column chunk
 //! itself: one PLAIN dictionary page, then RLE_DICTIONARY data pages of the
 //! keys, compressed like the rest of the file. It is what arrow-rs writes
-//! for such a column (same page types and encodings; pages split by the
-//! writer's row limit; chunk statistics, no page statistics), so every
-//! reader sees an ordinary dictionary-encoded string column.
+//! for such a column (same page types and encodings; in a nullable column,
+//! v1 pages whose definition levels come before the keys of the rows that
+//! hold a text; pages split by the writer's row limit; chunk statistics, no
+//! page statistics), so every reader sees an ordinary dictionary-encoded
+//! string column.
 //!
 //! [`DictText`] builds such a column: a key per row, taken from the row
 //! before when the text is the same object or equal (sorted rows, shared
@@ -19,7 +21,10 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, StringArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBufferBuilder, DictionaryArray, StringArray, UInt32Array,
+};
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, UInt32Type};
 use bytes::Bytes;
 use parquet::basic::{Compression, Encoding, EncodingMask, PageType};
@@ -50,6 +55,8 @@ pub struct DictText<'a> {
     by_place: FxMap<(usize, usize), u32>,
     by_text: FxMap<Cow<'a, str>, u32>,
     keys: Vec<u32>,
+    /// Which rows hold a text, kept from the first null on.
+    valid: Option<BooleanBufferBuilder>,
     last: Option<(&'a str, u32)>,
 }
 
@@ -60,8 +67,35 @@ impl<'a> DictText<'a> {
             by_place: FxMap::default(),
             by_text: FxMap::default(),
             keys: Vec::with_capacity(rows),
+            valid: None,
             last: None,
         }
+    }
+
+    fn push_key(&mut self, k: u32) {
+        self.keys.push(k);
+        if let Some(v) = &mut self.valid {
+            v.append(true);
+        }
+    }
+
+    pub fn push_opt(&mut self, text: Option<&'a str>) {
+        match text {
+            Some(t) => self.push(t),
+            None => self.push_null(),
+        }
+    }
+
+    /// A row without a text (a nullable column).
+    pub fn push_null(&mut self) {
+        let rows = self.keys.len();
+        let valid = self.valid.get_or_insert_with(|| {
+            let mut v = BooleanBufferBuilder::new(self.keys.capacity().max(rows + 1));
+            v.append_n(rows, true);
+            v
+        });
+        valid.append(false);
+        self.keys.push(0);
     }
 
     pub fn push(&mut self, text: &'a str) {
@@ -69,7 +103,7 @@ impl<'a> DictText<'a> {
         if let Some((t, k)) = self.last {
             // The text of the row before: the same object, or equal.
             if (t.as_ptr() as usize, t.len()) == place || t == text {
-                self.keys.push(k);
+                self.push_key(k);
                 return;
             }
         }
@@ -85,7 +119,7 @@ impl<'a> DictText<'a> {
                 k
             }
         };
-        self.keys.push(k);
+        self.push_key(k);
         self.last = Some((text, k));
     }
 
@@ -101,7 +135,7 @@ impl<'a> DictText<'a> {
                     Some(&k) => k,
                     None => self.key(Cow::Owned(t.clone())),
                 };
-                self.keys.push(k);
+                self.push_key(k);
             }
         }
     }
@@ -118,8 +152,9 @@ impl<'a> DictText<'a> {
 
     pub fn finish(self) -> ArrayRef {
         let values = StringArray::from_iter_values(self.values.iter());
+        let nulls = self.valid.map(|mut v| NullBuffer::new(v.finish()));
         Arc::new(DictionaryArray::<UInt32Type>::new(
-            UInt32Array::from(self.keys),
+            UInt32Array::new(self.keys.into(), nulls),
             Arc::new(values),
         ))
     }
@@ -134,19 +169,23 @@ pub struct DictChunk {
     /// The chunk's dictionary, in order of first use.
     values: Vec<Box<[u8]>>,
     index: FxMap<Box<[u8]>, u32>,
+    /// The keys of the rows holding a text.
     keys: Vec<u32>,
+    /// An optional column's definition level per row (0: null, 1: a text).
+    levels: Option<Vec<u8>>,
 }
 
 impl DictChunk {
     pub fn new(descr: ColumnDescPtr, props: &WriterProperties) -> Result<Self> {
         let path = descr.path();
         let compression = chunk::compression(&descr, props, "dictionary")?;
-        if descr.max_def_level() != 0 || descr.max_rep_level() != 0 {
+        if descr.max_def_level() > 1 || descr.max_rep_level() != 0 {
             return Err(ParquetError::General(format!(
-                "dictionary column {path}: only required, flat columns are supported"
+                "dictionary column {path}: only flat columns are supported"
             )));
         }
         Ok(DictChunk {
+            levels: (descr.max_def_level() == 1).then(Vec::new),
             statistics: props.statistics_enabled(path) != EnabledStatistics::None,
             page_rows: props.data_page_row_count_limit().max(1),
             compression,
@@ -157,7 +196,8 @@ impl DictChunk {
         })
     }
 
-    /// Appends the rows of a `Dictionary(UInt32, Utf8)` array without nulls.
+    /// Appends the rows of a `Dictionary(UInt32, Utf8)` array (nulls only
+    /// in an optional column).
     pub fn write(&mut self, array: &dyn Array) -> Result<()> {
         let Some(dict) = array.as_dictionary_opt::<UInt32Type>() else {
             return Err(ParquetError::General(format!(
@@ -166,9 +206,10 @@ impl DictChunk {
                 array.data_type()
             )));
         };
-        if dict.null_count() > 0 {
+        let nulls = dict.logical_nulls().filter(|n| n.null_count() > 0);
+        if nulls.is_some() && self.levels.is_none() {
             return Err(ParquetError::General(format!(
-                "dictionary column {} holds nulls",
+                "dictionary column {} holds nulls but is required",
                 self.descr.path()
             )));
         }
@@ -182,7 +223,14 @@ impl DictChunk {
         // (a sliced batch may not use every value).
         let mut map = vec![u32::MAX; texts.len()];
         self.keys.reserve(dict.len());
-        for &k in dict.keys().values() {
+        for (row, &k) in dict.keys().values().iter().enumerate() {
+            if let Some(levels) = &mut self.levels {
+                let valid = nulls.as_ref().is_none_or(|n| n.is_valid(row));
+                levels.push(valid as u8);
+                if !valid {
+                    continue;
+                }
+            }
             let slot = map.get_mut(k as usize).ok_or_else(|| {
                 ParquetError::General(format!(
                     "dictionary column {}: key {k} out of range",
@@ -217,11 +265,31 @@ impl DictChunk {
         }
         let dict_offset = pages.dictionary(plain, self.values.len())?;
         let bit_width = bits(self.values.len().saturating_sub(1) as u32);
-        for page in self.keys.chunks(self.page_rows) {
-            let mut buf = vec![bit_width];
+        let rows = self.levels.as_ref().map_or(self.keys.len(), Vec::len);
+        let mut keys = &self.keys[..];
+        for start in (0..rows).step_by(self.page_rows) {
+            let page_rows = self.page_rows.min(rows - start);
+            let mut buf = Vec::new();
+            let texts = match &self.levels {
+                // A v1 page: the definition levels (bit width 1) behind
+                // their length, then the keys of the rows holding a text.
+                Some(levels) => {
+                    let levels = &levels[start..start + page_rows];
+                    buf.extend_from_slice(&[0; 4]);
+                    put_hybrid(levels, 1, &mut buf);
+                    let len = (buf.len() - 4) as u32;
+                    buf[..4].copy_from_slice(&len.to_le_bytes());
+                    levels.iter().filter(|&&l| l == 1).count()
+                }
+                None => page_rows,
+            };
+            let (page, rest) = keys.split_at(texts);
+            keys = rest;
+            buf.push(bit_width);
             put_hybrid(page, bit_width, &mut buf);
-            pages.data(buf, page.len(), Encoding::RLE_DICTIONARY)?;
+            pages.data(buf, page_rows, Encoding::RLE_DICTIONARY)?;
         }
+        let nulls = (rows - self.keys.len()) as u64;
 
         let encodings = [Encoding::PLAIN, Encoding::RLE, Encoding::RLE_DICTIONARY];
         let mut stats = vec![PageEncodingStats {
@@ -265,10 +333,10 @@ impl DictChunk {
                 .max()
                 .map(|v| ByteArray::from(v.to_vec()));
             meta = meta
-                .set_statistics(Statistics::new(min, max, None, Some(0), false))
+                .set_statistics(Statistics::new(min, max, None, Some(nulls), false))
                 .set_unencoded_byte_array_data_bytes(Some(text_bytes));
         }
-        pages.finish(meta, self.keys.len(), None)
+        pages.finish(meta, rows, None)
     }
 }
 
@@ -281,12 +349,13 @@ fn bits(max: u32) -> u8 {
 /// prefix): runs of 8 or more equal keys as RLE runs, the rest bit-packed in
 /// groups of 8. Only the last group is padded (readers stop at the page's
 /// value count).
-pub fn put_hybrid(keys: &[u32], bit_width: u8, out: &mut Vec<u8>) {
+pub fn put_hybrid<K: Copy + PartialEq + Into<u32>>(keys: &[K], bit_width: u8, out: &mut Vec<u8>) {
     let mut literal: Vec<u32> = Vec::new();
     let mut i = 0;
     while i < keys.len() {
-        let v = keys[i];
-        let mut run = keys[i..].iter().take_while(|&&k| k == v).count();
+        let k = keys[i];
+        let v: u32 = k.into();
+        let mut run = keys[i..].iter().take_while(|&&x| x == k).count();
         if run >= 8 {
             // Literals must end on a group of 8 before a run starts: top
             // them up from the run while 8 or more of it remain.

@@ -394,6 +394,89 @@ mod tests {
     }
 
     #[test]
+    fn optional_text_columns_given_as_dictionaries_keep_their_nulls() {
+        use crate::store::dict::DictText;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+        let field = |t: DataType| {
+            Arc::new(Schema::new(vec![
+                Field::new("n", DataType::Int64, false),
+                Field::new("period", t, true),
+            ]))
+        };
+        let (plain_schema, dict_schema) = (field(DataType::Utf8), field(dict_type()));
+        // Nulls scattered, a page of nulls only (rows 3,000..4,000) and a row
+        // group of nulls only (rows 5,000..7,500: a chunk with no dictionary
+        // entry).
+        let text = |i: usize| -> Option<&'static str> {
+            let none =
+                i.is_multiple_of(3) || (3_000..4_000).contains(&i) || (5_000..7_500).contains(&i);
+            (!none).then(|| ["peak", "valley", "a\u{e9}"][(i / 4) % 3])
+        };
+        let sizes = [1, 2_500, 7_499, 3, 4_997];
+        let mut theirs =
+            ArrowWriter::try_new(Vec::new(), plain_schema.clone(), Some(props(2_500))).unwrap();
+        let mut ours =
+            ColumnWriter::try_new(Vec::new(), plain_schema.clone(), props(2_500)).unwrap();
+        let mut start = 0;
+        for rows in sizes {
+            let range = start..start + rows;
+            start += rows;
+            let n: ArrayRef = Arc::new(Int64Array::from_iter_values(
+                range.clone().map(|i| i as i64),
+            ));
+            let plain: ArrayRef = Arc::new(StringArray::from_iter(range.clone().map(text)));
+            let mut keyed = DictText::with_capacity(rows);
+            for i in range {
+                keyed.push_opt(text(i));
+            }
+            let b = RecordBatch::try_new(plain_schema.clone(), vec![n.clone(), plain]).unwrap();
+            theirs.write(&b).unwrap();
+            let b = RecordBatch::try_new(dict_schema.clone(), vec![n, keyed.finish()]).unwrap();
+            ours.write(&b).unwrap();
+        }
+        let read = |f: Vec<u8>| {
+            let r = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(f)).unwrap();
+            let meta = r.metadata().clone();
+            let batches: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
+            (
+                arrow::compute::concat_batches(&plain_schema, &batches).unwrap(),
+                meta,
+            )
+        };
+        let (want, _) = read(theirs.into_inner().unwrap());
+        let (got, meta) = read(ours.into_inner().unwrap());
+        assert_eq!(got, want);
+        assert_eq!(
+            got.column(1).null_count(),
+            (0..start).filter(|&i| text(i).is_none()).count()
+        );
+        let nulls_in = |rows: std::ops::Range<usize>| rows.filter(|&i| text(i).is_none()).count();
+        let stats = |rg: usize| meta.row_group(rg).column(1).statistics().unwrap().clone();
+        assert_eq!(stats(0).null_count_opt(), Some(nulls_in(0..2_500) as u64));
+        assert_eq!(stats(0).max_bytes_opt(), Some(&b"valley"[..]));
+        assert_eq!(stats(2).null_count_opt(), Some(2_500));
+        assert_eq!(stats(2).min_bytes_opt(), None);
+    }
+
+    #[test]
+    fn nulls_in_a_required_text_column_are_an_error() {
+        use crate::store::dict::DictText;
+        let s = Arc::new(Schema::new(vec![Field::new(
+            "period",
+            DataType::Utf8,
+            false,
+        )]));
+        let d = Arc::new(Schema::new(vec![Field::new("period", dict_type(), true)]));
+        let mut keyed = DictText::with_capacity(2);
+        keyed.push("peak");
+        keyed.push_null();
+        let b = RecordBatch::try_new(d, vec![keyed.finish()]).unwrap();
+        let mut w = ColumnWriter::try_new(Vec::new(), s, props(100)).unwrap();
+        assert!(w.write(&b).is_err());
+    }
+
+    #[test]
     fn a_batch_of_another_shape_is_an_error() {
         let mut w = ColumnWriter::try_new(Vec::new(), schema(), props(100)).unwrap();
         let b = batch(0, 10);

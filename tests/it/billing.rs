@@ -447,7 +447,7 @@ mod end_to_end {
     }
 
     #[test]
-    fn duckdb_pyarrow_and_polars_read_the_decimal_columns_meterflow_writes_itself() {
+    fn duckdb_pyarrow_and_polars_read_the_columns_meterflow_writes_itself() {
         use arrow::array::AsArray;
         use arrow::datatypes::Decimal128Type;
         let tmp = tempfile::tempdir().unwrap();
@@ -455,9 +455,17 @@ mod end_to_end {
         fleet(&lake);
         let run = tmp.path().join("run");
         bill_run(&opts(&lake, &run)).unwrap();
+        let column = |f: &str, c: &str| -> Vec<arrow::array::ArrayRef> {
+            let path = run.join(format!("{f}.parquet"));
+            let batches = meterflow::store::reader::read_file(&path).unwrap();
+            batches
+                .iter()
+                .map(|b| b.column_by_name(c).unwrap().clone())
+                .collect()
+        };
         // Wide decimals (store::decimal), nullable ones among them: the sum
         // and count of values meterflow reads back.
-        let columns = [
+        let decimals = [
             ("bills", "kwh"),
             ("bills", "ytd_kwh_before"),
             ("bills", "max_demand_kw"),
@@ -466,15 +474,10 @@ mod end_to_end {
             ("arrears", "paid_sum"),
         ];
         let mut want = Vec::new();
-        for (f, c) in columns {
-            let path = run.join(format!("{f}.parquet"));
-            let batches = meterflow::store::reader::read_file(&path).unwrap();
+        for (f, c) in decimals {
             let (mut sum, mut n, mut rows, mut scale) = (0i128, 0usize, 0usize, 0);
-            for b in &batches {
-                let a = b
-                    .column_by_name(c)
-                    .unwrap()
-                    .as_primitive::<Decimal128Type>();
+            for a in column(f, c) {
+                let a = a.as_primitive::<Decimal128Type>();
                 scale = a.scale();
                 rows += a.len();
                 for v in a.iter().flatten() {
@@ -487,13 +490,46 @@ mod end_to_end {
                 assert!(n < rows, "{f}.{c} has nulls too");
             }
             let sum = Decimal::from_i128_with_scale(sum, scale as u32);
-            want.push((format!("{f}.{c}"), sum, n));
+            want.push(format!("{f}.{c}={sum}/{n}"));
+        }
+        // Nullable text columns written from dictionary keys (store::dict):
+        // count, distinct values, least and greatest.
+        let texts = [
+            ("bills", "due_date"),
+            ("bill_lines", "tou_period"),
+            ("arrears", "bill_period"),
+            ("arrears", "due_date"),
+            ("arrears", "last_paid_on"),
+            ("arrears", "last_due"),
+        ];
+        for (f, c) in texts {
+            let (mut values, mut rows) = (Vec::new(), 0);
+            for a in column(f, c) {
+                rows += a.len();
+                values.extend(a.as_string::<i32>().iter().flatten().map(str::to_string));
+            }
+            assert!(!values.is_empty(), "{f}.{c} has values");
+            if matches!(c, "tou_period" | "bill_period") {
+                assert!(values.len() < rows, "{f}.{c} has nulls too");
+            }
+            let distinct: std::collections::BTreeSet<&String> = values.iter().collect();
+            let (lo, hi) = (distinct.first().unwrap(), distinct.last().unwrap());
+            want.push(format!(
+                "{f}.{c}={}/{}/{lo}/{hi}",
+                values.len(),
+                distinct.len()
+            ));
         }
         let script = root().join("scripts/outputs_check.py");
         let out = std::process::Command::new(crate::common::python())
             .arg(script)
             .arg(&run)
-            .args(columns.iter().map(|(f, c)| format!("{f}.{c}")))
+            .args(
+                decimals
+                    .iter()
+                    .chain(&texts)
+                    .map(|(f, c)| format!("{f}.{c}")),
+            )
             .output()
             .unwrap();
         let stdout = crate::common::stdout_of(&out, "outputs_check.py");
@@ -504,12 +540,22 @@ mod end_to_end {
                 .unwrap_or_else(|| panic!("no {engine} line in {stdout}"));
             let got: Vec<&str> = line.split_whitespace().skip(1).collect();
             assert_eq!(got.len(), want.len(), "{line}");
-            for (tok, (name, sum, n)) in got.iter().zip(&want) {
+            for (tok, want) in got.iter().zip(&want) {
+                // Decimal sums compare as numbers (engines print 1.50 or 1.5).
                 let (k, v) = tok.split_once('=').unwrap();
-                let (s, c) = v.split_once('/').unwrap();
-                assert_eq!(k, name, "{line}");
-                assert_eq!(s.parse::<Decimal>().unwrap(), *sum, "{engine} {k}");
-                assert_eq!(c.parse::<usize>().unwrap(), *n, "{engine} {k}");
+                let (wk, wv) = want.split_once('=').unwrap();
+                assert_eq!(k, wk, "{line}");
+                match (v.split_once('/'), wv.split_once('/')) {
+                    (Some((s, c)), Some((ws, wc))) if !wc.contains('/') => {
+                        assert_eq!(
+                            s.parse::<Decimal>().unwrap(),
+                            ws.parse::<Decimal>().unwrap(),
+                            "{engine} {k}"
+                        );
+                        assert_eq!(c, wc, "{engine} {k}");
+                    }
+                    _ => assert_eq!(v, wv, "{engine} {k}"),
+                }
             }
         }
     }
