@@ -504,8 +504,8 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     };
     // Only for several passes: an attached meter outside a pass's index is
     // another pass's, not an unknown one; and which pages an earlier pass read.
-    let elsewhere = |id: &str| roster.has_meter(id);
-    let elsewhere: Option<&(dyn Fn(&str) -> bool + Sync)> = multi.then_some(&elsewhere);
+    let elsewhere = |id: &str, at: &mut u32| roster.has_meter(id, at);
+    let elsewhere: Option<&crate::store::scan::Elsewhere<'_>> = multi.then_some(&elsewhere);
     let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
     let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
     let mut readings = 0u64;
@@ -757,7 +757,7 @@ fn scan_pass(
     engine: &mut Engine<'_>,
     work: &[(&crate::store::scan::Unit, Option<Selection>)],
     w: &ScanWindow,
-    elsewhere: Option<&(dyn Fn(&str) -> bool + Sync)>,
+    elsewhere: Option<&crate::store::scan::Elsewhere<'_>>,
     tick: impl Fn(u64),
 ) -> Result<(), BillingError> {
     use crate::store::scan::{Chunk, MeterLookup, Others, Scanner};

@@ -712,9 +712,15 @@ pub struct MeterLookup<'a> {
     /// [`Others::Sorted`] it answers for every index below the count).
     pub id_of: &'a (dyn Fn(u32) -> Option<&'a str> + Sync),
     /// Meters billed in another pass: their rows are skipped, not counted
-    /// as unknown (None: a single pass, every meter is in the index).
-    pub elsewhere: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    /// as unknown (None: a single pass, every meter is in the index). The
+    /// `u32` is where the search for the previous id of the batch ended
+    /// (ids ascend within a row group, so the next search starts there).
+    pub elsewhere: Option<&'a Elsewhere<'a>>,
 }
+
+/// Whether a meter id not in a pass is another pass's (see
+/// [`MeterLookup::elsewhere`]); the `u32` is the search's start and end.
+pub type Elsewhere<'a> = dyn Fn(&str, &mut u32) -> bool + Sync + 'a;
 
 /// How [`MeterLookup::find`] finds an id that is not the next meter's.
 #[derive(Clone, Copy)]
@@ -744,52 +750,71 @@ impl<'a> MeterLookup<'a> {
 
     /// The index of `id`; `prev` is the index of the last known meter seen.
     pub fn find(&self, id: &str, prev: Option<u32>) -> Option<u32> {
+        let mut at = prev;
+        self.find_from(id, &mut at)
+    }
+
+    /// [`MeterLookup::find`], leaving in `prev` an index at or below `id`
+    /// for the next, larger id of a sorted file: the meter found, or after
+    /// a miss the last meter below `id` (so a run of absent ids, such as
+    /// another pass's meters, is searched from where the last one was).
+    pub fn find_from(&self, id: &str, prev: &mut Option<u32>) -> Option<u32> {
         let next = prev
             .map(|p| p + 1)
             .filter(|&n| (self.id_of)(n).is_some_and(|x| same_id(x.as_bytes(), id.as_bytes())));
-        next.or_else(|| match self.others {
+        let found = next.or_else(|| match self.others {
             Others::Map(map) => map.get(id).copied(),
-            Others::Sorted(n) => self.search(id, prev, n),
-        })
-    }
-
-    /// `id` among `n` ascending ids: galloping on from `prev` (the usual
-    /// miss is a meter a few places on, after meters without readings in
-    /// the file), then a binary search of the range that leaves (all ids
-    /// before `prev` when `id` sorts before it).
-    fn search(&self, id: &str, prev: Option<u32>, n: u32) -> Option<u32> {
-        let key = id.as_bytes();
-        let below = |i: u32| (self.id_of)(i).is_some_and(|x| x.as_bytes() < key);
-        // Every index before `lo` is below `id`, none from `hi` on.
-        let (mut lo, mut hi) = (0u32, n);
-        if let Some(p) = prev.filter(|&p| p < n) {
-            if below(p) {
-                lo = p + 1;
-                let mut step = 1u32;
-                while let Some(probe) = lo.checked_add(step - 1).filter(|&x| x < hi) {
-                    if !below(probe) {
-                        hi = probe;
-                        break;
-                    }
-                    lo = probe + 1;
-                    step = step.saturating_mul(2);
+            Others::Sorted(n) => {
+                let key = id.as_bytes();
+                let below = |i: u32| (self.id_of)(i).is_some_and(|x| x.as_bytes() < key);
+                let at = partition_from(n, *prev, below);
+                let hit = (self.id_of)(at).is_some_and(|x| x.as_bytes() == key);
+                if !hit {
+                    *prev = at.checked_sub(1);
                 }
-            } else {
-                hi = p;
+                hit.then_some(at)
             }
+        });
+        if found.is_some() {
+            *prev = found;
         }
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if below(mid) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        (self.id_of)(lo)
-            .is_some_and(|x| x.as_bytes() == key)
-            .then_some(lo)
+        found
     }
+}
+
+/// The first of `n` indexes whose item is not `below` the key (items
+/// ascending, so `below` holds for a prefix): galloping on from `from` (the
+/// usual search is for an item a few places on), then a binary search of
+/// the range that leaves (all indexes before `from` when the key sorts
+/// before its item).
+pub fn partition_from(n: u32, from: Option<u32>, below: impl Fn(u32) -> bool) -> u32 {
+    // Every index before `lo` is below the key, none from `hi` on.
+    let (mut lo, mut hi) = (0u32, n);
+    if let Some(p) = from.filter(|&p| p < n) {
+        if below(p) {
+            lo = p + 1;
+            let mut step = 1u32;
+            while let Some(probe) = lo.checked_add(step - 1).filter(|&x| x < hi) {
+                if !below(probe) {
+                    hi = probe;
+                    break;
+                }
+                lo = probe + 1;
+                step = step.saturating_mul(2);
+            }
+        } else {
+            hi = p;
+        }
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if below(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// Equality of two short ids without a libc `memcmp` or `memcpy` call per
@@ -858,8 +883,9 @@ impl Scanner<'_> {
             out.rows += n as u64;
             // The previous resolved row and what its id resolved to.
             let mut last: Option<(usize, Hit)> = None;
-            // The index of the last known meter seen.
+            // Where the last meter search ended (see `MeterLookup::find_from`).
             let mut prev: Option<u32> = None;
+            let mut elsewhere_at = 0u32;
             // The shard of the previous row's meter and its index range.
             let (mut shard, mut shard_lo, mut shard_hi) = (0usize, 1u32, 0u32);
             for i in 0..n {
@@ -874,12 +900,15 @@ impl Scanner<'_> {
                     Some((j, h)) if mid.same(j, i) => h,
                     _ => {
                         let id = mid.value(i);
-                        let h = match self.meters.find(id, prev) {
-                            Some(m) => {
-                                prev = Some(m);
-                                Hit::Meter(m)
+                        let h = match self.meters.find_from(id, &mut prev) {
+                            Some(m) => Hit::Meter(m),
+                            None if self
+                                .meters
+                                .elsewhere
+                                .is_some_and(|f| f(id, &mut elsewhere_at)) =>
+                            {
+                                Hit::Elsewhere
                             }
-                            None if self.meters.elsewhere.is_some_and(|f| f(id)) => Hit::Elsewhere,
                             None => Hit::Unknown,
                         };
                         last = Some((i, h));
@@ -1419,6 +1448,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn partition_points_are_found_from_any_start() {
+        for n in [0u32, 1, 2, 5, 64, 100] {
+            let items: Vec<u32> = (0..n).map(|i| 2 * i + 2).collect();
+            for key in 0..2 * n + 4 {
+                let want = items.partition_point(|&x| x < key) as u32;
+                let starts = std::iter::once(None).chain((0..n + 2).map(Some));
+                for from in starts {
+                    let got = partition_from(n, from, |i| items[i as usize] < key);
+                    assert_eq!(got, want, "n {n}, key {key}, from {from:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_of_absent_ids_is_searched_on_from_the_last_miss() {
+        // 100,000 ids in the index; a run of 20,000 absent ids between them
+        // in file order, as another pass's meters come. Each is found absent
+        // a few probes on from the one before, not by a search from the
+        // last meter found (thousands of places back) or of all of them.
+        let ids: Vec<String> = (0..100_000).map(|i| format!("{:08}", 10 * i)).collect();
+        let probes = std::sync::atomic::AtomicUsize::new(0);
+        let id_of = |i: u32| {
+            probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ids.get(i as usize).map(String::as_str)
+        };
+        let ix = MeterLookup {
+            others: Others::Sorted(ids.len() as u32),
+            id_of: &id_of,
+            elsewhere: None,
+        };
+        let mut prev = Some(4_000);
+        assert_eq!(ix.find_from("00040000", &mut prev), Some(4_000));
+        for q in 40_000..60_000u32 {
+            let id = format!("{:08}", 10 * q + 5);
+            assert_eq!(ix.find_from(&id, &mut prev), None, "{id}");
+            assert_eq!(prev, Some(q), "{id}: the last meter below it");
+        }
+        // The next meter's check, the gallop's two probes and the equality
+        // check: about 6 (searched from the last meter found: 34).
+        let per = probes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 20_000.0;
+        assert!(per < 8.0, "{per} probes per id");
+        // And the meter after the run is found from there.
+        assert_eq!(ix.find_from("00600000", &mut prev), Some(60_000));
+    }
+
+    #[test]
     fn ids_compare_equal_exactly_when_their_bytes_do() {
         let ids: Vec<Vec<u8>> = (0..=20usize)
             .flat_map(|n| {
@@ -1601,7 +1677,7 @@ pub(crate) mod tests {
         let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
         let all: Vec<String> = (0..30_000).map(id).collect();
         let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let elsewhere = |x: &str| all_refs.binary_search(&x).is_ok();
+        let elsewhere = |x: &str, _: &mut u32| all_refs.binary_search(&x).is_ok();
         // Three passes of 10,000 meters each.
         let mut per_meter = vec![0u32; 30_000];
         let mut unknown: Vec<(String, u64)> = Vec::new();
