@@ -164,20 +164,15 @@ pub fn arrears_batch(
     rows: &[(&str, &AccountArrears)],
 ) -> RecordBatch {
     let n = rows.iter().map(|(_, a)| a.open.len().max(1)).sum();
-    // Dates take a few dozen values: each is formatted once, not per row.
-    let mut days: std::collections::BTreeMap<chrono::NaiveDate, String> = Default::default();
-    for (_, a) in rows {
+    let days = DayTexts::new(rows.iter().flat_map(|(_, a)| {
         let bills = a.open.iter().map(|b| b.bill.due);
-        for d in [a.as_of, a.counted.last, a.history_from, a.last_due]
+        [a.as_of, a.counted.last, a.history_from, a.last_due]
             .into_iter()
             .flatten()
             .chain(bills)
             .chain([as_of])
-        {
-            days.entry(d).or_insert_with(|| d.to_string());
-        }
-    }
-    let date = |d: Option<chrono::NaiveDate>| d.and_then(|d| days.get(&d)).map(String::as_str);
+    }));
+    let date = |d| days.get(d);
     let text = || DictText::with_capacity(n);
     let (mut run, mut per, mut day) = (text(), text(), text());
     let mut acc = StringBuilder::with_capacity(n, n * 12);
@@ -226,6 +221,24 @@ pub fn arrears_batch(
         last_due.finish(),
     ];
     RecordBatch::try_new(arrears_batch_schema(), cols).expect("columns match schema")
+}
+
+/// The texts of the days a batch's date columns hold: they take a few
+/// dozen values, so each is formatted once, not per row.
+struct DayTexts(std::collections::BTreeMap<chrono::NaiveDate, String>);
+
+impl DayTexts {
+    fn new(days: impl IntoIterator<Item = chrono::NaiveDate>) -> DayTexts {
+        let mut texts = std::collections::BTreeMap::new();
+        for d in days {
+            texts.entry(d).or_insert_with(|| d.to_string());
+        }
+        DayTexts(texts)
+    }
+
+    fn get(&self, day: Option<chrono::NaiveDate>) -> Option<&str> {
+        day.and_then(|d| self.0.get(&d)).map(String::as_str)
+    }
 }
 
 /// [`arrears_schema`] with the text columns [`arrears_batch`] builds as keys
@@ -359,12 +372,7 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
     let mut md = dec_builder(n, KWH);
     let mut it = dec_builder(n, AMOUNT);
     let mut adj = dec_builder(n, AMOUNT);
-    // Due dates take a few values: each is formatted once, not per row.
-    let dues: std::collections::BTreeMap<chrono::NaiveDate, String> = rows
-        .iter()
-        .filter_map(|r| r.due_date)
-        .map(|d| (d, d.to_string()))
-        .collect();
+    let dues = DayTexts::new(rows.iter().filter_map(|r| r.due_date));
     let mut due = DictText::with_capacity(n);
     for r in rows {
         let b = r.bill;
@@ -385,7 +393,7 @@ pub fn bills_batch<'a>(run_id: &'a str, period: &'a str, rows: &[OutBill<'a>]) -
         md.append_option(b.max_demand_kw.map(|x| to_i128(x, KWH.1)));
         it.append_option(r.issued_total.map(|x| to_i128(x, AMOUNT.1)));
         adj.append_option(r.adjustment.map(|x| to_i128(x, AMOUNT.1)));
-        due.push_opt(r.due_date.and_then(|d| dues.get(&d)).map(String::as_str));
+        due.push_opt(dues.get(r.due_date));
     }
     let cols: Vec<ArrayRef> = vec![
         run.finish(),
