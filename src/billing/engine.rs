@@ -162,12 +162,10 @@ impl<'a> Roster<'a> {
     /// one (a file's ids ascend: the next search gallops on from there
     /// instead of searching all meters again).
     pub fn has_meter(&self, id: &str, at: &mut u32) -> bool {
-        let key = id.as_bytes();
-        let below = |i: u32| self.by_id[i as usize].meter_id.as_bytes() < key;
-        *at = crate::store::scan::partition_from(self.by_id.len() as u32, Some(*at), below);
-        self.by_id
-            .get(*at as usize)
-            .is_some_and(|m| m.meter_id.as_bytes() == key)
+        let id_of = |i: u32| self.by_id.get(i as usize).map(|m| &*m.meter_id);
+        let found = crate::store::scan::search_from(self.by_id.len() as u32, Some(*at), id, id_of);
+        *at = found.unwrap_or_else(|at| at);
+        found.is_ok()
     }
 
     fn meters_of(&self, account: usize) -> &[&'a BillingMeter] {

@@ -764,21 +764,34 @@ impl<'a> MeterLookup<'a> {
             .filter(|&n| (self.id_of)(n).is_some_and(|x| same_id(x.as_bytes(), id.as_bytes())));
         let found = next.or_else(|| match self.others {
             Others::Map(map) => map.get(id).copied(),
-            Others::Sorted(n) => {
-                let key = id.as_bytes();
-                let below = |i: u32| (self.id_of)(i).is_some_and(|x| x.as_bytes() < key);
-                let at = partition_from(n, *prev, below);
-                let hit = (self.id_of)(at).is_some_and(|x| x.as_bytes() == key);
-                if !hit {
+            Others::Sorted(n) => match search_from(n, *prev, id, self.id_of) {
+                Ok(at) => Some(at),
+                Err(at) => {
                     *prev = at.checked_sub(1);
+                    None
                 }
-                hit.then_some(at)
-            }
+            },
         });
         if found.is_some() {
             *prev = found;
         }
         found
+    }
+}
+
+/// `id` among `n` ascending ids, as `slice::binary_search` answers (Ok: its
+/// index; Err: where it would be), searched from `from` ([`partition_from`]).
+pub fn search_from<'a>(
+    n: u32,
+    from: Option<u32>,
+    id: &str,
+    id_of: impl Fn(u32) -> Option<&'a str>,
+) -> Result<u32, u32> {
+    let key = id.as_bytes();
+    let at = partition_from(n, from, |i| id_of(i).is_some_and(|x| x.as_bytes() < key));
+    match id_of(at) {
+        Some(x) if x.as_bytes() == key => Ok(at),
+        _ => Err(at),
     }
 }
 
