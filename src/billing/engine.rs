@@ -61,6 +61,8 @@ pub struct Roster<'a> {
     duplicate_meters: Vec<&'a BillingMeter>,
     /// Earlier rows of account ids that accounts.csv lists more than once.
     duplicate_accounts: Vec<&'a BillingAccount>,
+    /// meters.csv's rows, which every meter above is one of.
+    all_meters: &'a [BillingMeter],
 }
 
 /// The readings every account of a roster needs (UTC ms): what to read
@@ -75,6 +77,70 @@ pub struct ScanWindow {
     pub period: (i64, i64),
     /// Every boundary instant, ascending, deduplicated.
     pub bounds: Vec<i64>,
+}
+
+/// The pass that bills each attached meter, by meter id: runs of meters,
+/// in id order, that one pass bills.
+pub struct IdPasses<'r, 'a> {
+    roster: &'r Roster<'a>,
+    /// Where each run starts in `Roster::by_id`, and its pass.
+    runs: Vec<(u32, u32)>,
+    passes: usize,
+}
+
+/// The passes that bill the meters within a stretch of ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassSpan {
+    /// No attached meter has an id there.
+    None,
+    /// Only this pass's meters have.
+    One(usize),
+    /// Meters of several passes have.
+    Several,
+}
+
+impl IdPasses<'_, '_> {
+    pub fn passes(&self) -> usize {
+        self.passes
+    }
+
+    /// The run holding the meter at `by_id[at]`.
+    fn run_at(&self, at: usize) -> usize {
+        self.runs.partition_point(|r| r.0 as usize <= at) - 1
+    }
+
+    /// Which passes bill a meter whose id lies within `lo ..= hi` (byte
+    /// order, as Parquet's page statistics). `at`: where the search for the
+    /// stretch before ended, and then for this one (a file's pages ascend:
+    /// each search gallops on from the last).
+    pub fn within(&self, lo: &[u8], hi: &[u8], at: &mut u32) -> PassSpan {
+        use crate::store::scan::partition_from;
+        let by_id = &self.roster.by_id;
+        let n = by_id.len() as u32;
+        let id = |i: u32| by_id[i as usize].meter_id.as_bytes();
+        let a = partition_from(n, Some(*at), |i| id(i) < lo);
+        let b = partition_from(n, Some(a), |i| id(i) <= hi);
+        *at = b;
+        let (a, b) = (a as usize, b as usize);
+        if a >= b {
+            return PassSpan::None;
+        }
+        let r = self.run_at(a);
+        let end = self.runs.get(r + 1).map_or(by_id.len(), |n| n.0 as usize);
+        if b <= end {
+            PassSpan::One(self.runs[r].1 as usize)
+        } else {
+            PassSpan::Several
+        }
+    }
+
+    /// The pass that bills meter `id`, if it is an attached meter; `at`
+    /// as in [`Roster::has_meter`] (ids searched in ascending order).
+    pub fn pass_of(&self, id: &str, at: &mut u32) -> Option<usize> {
+        self.roster
+            .has_meter(id, at)
+            .then(|| self.runs[self.run_at(*at as usize)].1 as usize)
+    }
 }
 
 /// Where meter `id` is in `meters`, sorted by id with no repeats.
@@ -143,6 +209,7 @@ impl<'a> Roster<'a> {
             orphan_meters,
             duplicate_meters,
             duplicate_accounts,
+            all_meters: meters,
         }
     }
 
@@ -168,6 +235,37 @@ impl<'a> Roster<'a> {
         found.is_ok()
     }
 
+    /// Which of `passes` bills each meter, for the meters in id order: a
+    /// pass's pages are then planned by which passes' meters a page holds
+    /// (see [`IdPasses`]).
+    pub fn id_passes(&self, passes: &[std::ops::Range<usize>]) -> IdPasses<'_, 'a> {
+        // Meters are rows of `all_meters`: a meter's row number is its
+        // offset there.
+        let size = std::mem::size_of::<BillingMeter>().max(1);
+        let base = self.all_meters.as_ptr() as usize;
+        let row = |m: &BillingMeter| (m as *const BillingMeter as usize - base) / size;
+        let mut pass_of = vec![u32::MAX; self.all_meters.len()];
+        for (k, r) in passes.iter().enumerate() {
+            for a in r.clone() {
+                for m in self.meters_of(a) {
+                    pass_of[row(m)] = k as u32;
+                }
+            }
+        }
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for (i, m) in self.by_id.iter().enumerate() {
+            let k = pass_of[row(m)];
+            if runs.last().is_none_or(|r| r.1 != k) {
+                runs.push((i as u32, k));
+            }
+        }
+        IdPasses {
+            roster: self,
+            runs,
+            passes: passes.len(),
+        }
+    }
+
     fn meters_of(&self, account: usize) -> &[&'a BillingMeter] {
         &self.meters[self.starts[account] as usize..self.starts[account + 1] as usize]
     }
@@ -179,8 +277,9 @@ impl<'a> Roster<'a> {
     /// least one pass (an empty one for no accounts).
     ///
     /// What would be left for a last pass of at most an eighth of the budget
-    /// joins the pass before instead: every pass reads some pages of every
-    /// lake file, so a small pass costs nearly what a full one costs to scan.
+    /// joins the pass before instead: a pass has costs whatever its size
+    /// (its states and plans, the row groups at its edges; in a lake not
+    /// sorted by meter id, some pages of every file).
     pub fn passes(&self, max_meters: usize, block: usize) -> Vec<std::ops::Range<usize>> {
         let n = self.accounts.len();
         let block = block.max(1);
@@ -465,7 +564,7 @@ impl<'a> Engine<'a> {
             .map(|(s, states)| {
                 let base = s * shard_len;
                 let (mut n, mut errors) = (0u64, Vec::new());
-                for rows in chunks.iter().filter_map(|c| c.shards.get(s)) {
+                for rows in chunks.iter().map(|c| c.shard(s)) {
                     n += rows.len() as u64;
                     for r in rows {
                         let m = r.meter as usize;
@@ -681,12 +780,12 @@ pub fn bill_readings(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::master::{CustomerClass, PaymentMode};
     use rust_decimal::Decimal;
 
-    fn account(id: &str) -> BillingAccount {
+    pub(crate) fn account(id: &str) -> BillingAccount {
         BillingAccount {
             account_id: id.into(),
             tariff_id: "t".into(),
@@ -697,7 +796,7 @@ mod tests {
         }
     }
 
-    fn meter(id: &str, account: &str) -> BillingMeter {
+    pub(crate) fn meter(id: &str, account: &str) -> BillingMeter {
         BillingMeter {
             meter_id: id.into(),
             account_id: account.into(),
@@ -789,5 +888,39 @@ mod tests {
             }
         }
         assert!(known("m1-0") && known("m9-0") && !known("m-orphan") && !known("m9-9"));
+    }
+
+    #[test]
+    fn a_stretch_of_ids_names_the_one_pass_that_bills_its_meters_or_says_several() {
+        let (accounts, mut meters) = roster_parts();
+        // a1's meter exchanged for one whose id sorts after every other.
+        meters.push(meter("z1", "a1"));
+        let r = Roster::new(&accounts, &meters);
+        let passes = vec![0..4, 4..6, 6..10];
+        let p = r.id_passes(&passes);
+        assert_eq!(p.passes(), 3);
+        let within = |lo: &str, hi: &str| {
+            let exact = p.within(lo.as_bytes(), hi.as_bytes(), &mut 0);
+            // The same from wherever the search before ended.
+            for start in [0, 5, 19, 20, 99] {
+                let from = p.within(lo.as_bytes(), hi.as_bytes(), &mut { start });
+                assert_eq!(from, exact, "{lo}..={hi} from {start}");
+            }
+            exact
+        };
+        assert_eq!(within("m0-0", "m3-0"), PassSpan::One(0));
+        assert_eq!(within("m4-0", "m5-2"), PassSpan::One(1));
+        assert_eq!(within("m5-9", "m5-99"), PassSpan::None, "no meter between");
+        assert_eq!(within("m3-0", "m4-0"), PassSpan::Several);
+        // A stretch ending past the last ids: a1's z1 is pass 0's, the rest
+        // between them pass 2's.
+        assert_eq!(within("m9-0", "z1"), PassSpan::Several);
+        assert_eq!(within("z", "zz"), PassSpan::One(0));
+        let mut at = 0;
+        let found: Vec<Option<usize>> = ["m0-0", "m4-1", "m5", "m9-0", "z1", "zz"]
+            .into_iter()
+            .map(|id| p.pass_of(id, &mut at))
+            .collect();
+        assert_eq!(found, vec![Some(0), Some(1), None, Some(2), Some(0), None]);
     }
 }

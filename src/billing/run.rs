@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 use super::account::AccountBill;
 use super::arrears::{AccountArrears, LateFees, STATE_FILE};
 use super::commit::{HashedFile, Staging};
-use super::engine::{unknown_meter_exceptions, Engine, ExceptionRow, Roster, ScanWindow};
+use super::engine::{
+    unknown_meter_exceptions, Engine, ExceptionRow, IdPasses, PassSpan, Roster, ScanWindow,
+};
 use super::flags::Flags;
 use super::output::{self, OutBill};
 use super::period::BillPeriod;
@@ -25,7 +27,8 @@ use super::revision::{adjustments, read_issued, Issued, IssuedLine};
 use super::vee::VeeConfig;
 use crate::model::Channel;
 use crate::store::encode::ColumnWriter;
-use crate::store::scan::{any_within, select_pages, Selection};
+use crate::store::scan::{select_pages, IdPage, Selection, Unit};
+use crate::store::StoreError;
 
 /// Errors that stop a bill run (nothing is committed then).
 #[derive(Debug, thiserror::Error)]
@@ -328,8 +331,19 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     } else {
         crate::store::scan::units(&lake_files)?
     };
-    let pages: Vec<Vec<crate::store::scan::IdPage>> = if multi {
-        units.par_iter().map(|u| u.id_pages()).collect()
+    // And which passes bill a meter in each page (exactly, where min and
+    // max span several passes' meters: such a page, at the end of a file
+    // whose last ids jump, would otherwise be read by every pass).
+    let planned: Vec<(Vec<IdPage>, Vec<Option<u64>>)> = if multi {
+        let by_pass = roster.id_passes(&passes);
+        units
+            .par_iter()
+            .map(|u| {
+                let pages = u.id_pages();
+                let masks = page_passes(u, &pages, &by_pass)?;
+                Ok((pages, masks))
+            })
+            .collect::<Result<_, StoreError>>()?
     } else {
         Vec::new()
     };
@@ -506,7 +520,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
     // another pass's, not an unknown one; and which pages an earlier pass read.
     let elsewhere = |id: &str, at: &mut u32| roster.has_meter(id, at);
     let elsewhere: Option<&crate::store::scan::Elsewhere<'_>> = multi.then_some(&elsewhere);
-    let mut seen: Vec<Vec<bool>> = pages.iter().map(|p| vec![false; p.len()]).collect();
+    let mut seen: Vec<Vec<bool>> = planned.iter().map(|p| vec![false; p.0.len()]).collect();
     let mut unknown_meters: std::collections::HashMap<String, u64> = Default::default();
     let mut readings = 0u64;
     let (mut t_scan, mut t_bill) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
@@ -564,11 +578,14 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 let work: Vec<(&crate::store::scan::Unit, Option<Selection>)> = if multi {
                     units
                         .iter()
-                        .zip(&pages)
+                        .zip(&planned)
                         .zip(seen.iter_mut())
-                        .filter_map(|((u, p), seen)| {
-                            let wanted = |lo: &[u8], hi: &[u8]| any_within(&ids, lo, hi);
-                            select_pages(p, wanted, seen, last).map(|s| (u, Some(s)))
+                        .filter_map(|((u, (pages, masks)), seen)| {
+                            let wanted = |p: usize, page: &IdPage| match masks[p] {
+                                Some(m) => m >> k & 1 == 1,
+                                None => page.may_hold(&ids),
+                            };
+                            select_pages(pages, wanted, seen, last).map(|s| (u, Some(s)))
                         })
                         .collect()
                 } else {
@@ -802,6 +819,59 @@ fn scan_pass(
         "scan: time decoding row groups and routing rows to meters"
     );
     Ok(())
+}
+
+/// For each page of `unit`, the passes (bit k: pass k) that bill a meter
+/// among its ids, where known: by min / max when they hold one pass's
+/// meters or none, else by the page's own ids. None where neither tells
+/// (more than 64 passes, no statistics, ids not read here): that page is
+/// judged by min / max alone, as before.
+fn page_passes(
+    unit: &Unit,
+    pages: &[IdPage],
+    by_pass: &IdPasses<'_, '_>,
+) -> Result<Vec<Option<u64>>, StoreError> {
+    let mut out = vec![None; pages.len()];
+    if by_pass.passes() > 64 {
+        return Ok(out);
+    }
+    // (A meter no pass bills, which a full set of passes never leaves, wants
+    // no page.)
+    let bit = |k: usize| {
+        u32::try_from(k)
+            .ok()
+            .and_then(|k| 1u64.checked_shl(k))
+            .unwrap_or(0)
+    };
+    let (mut mixed, mut at) = (Vec::new(), 0);
+    for (p, page) in pages.iter().enumerate() {
+        let (Some(lo), Some(hi)) = (&page.min, &page.max) else {
+            continue;
+        };
+        out[p] = match by_pass.within(lo, hi, &mut at) {
+            PassSpan::None => Some(0),
+            PassSpan::One(k) => Some(bit(k)),
+            PassSpan::Several => {
+                mixed.push(p);
+                None
+            }
+        };
+    }
+    if mixed.is_empty() {
+        return Ok(out);
+    }
+    for (&p, ids) in mixed.iter().zip(unit.page_ids(&mixed)?) {
+        if let Some(ids) = ids {
+            let mut at = 0;
+            let mask = ids
+                .iter()
+                .flatten()
+                .filter_map(|id| by_pass.pass_of(id, &mut at))
+                .fold(0u64, |m, k| m | bit(k));
+            out[p] = Some(mask);
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `f`, adding its wall time to `total` (the debug-log splits of a run).
@@ -1062,5 +1132,53 @@ impl Emit<'_> {
             exceptions,
             totals: t,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::engine::tests::{account, meter};
+    use crate::store::scan::tests::file_of;
+
+    #[test]
+    fn a_page_whose_ids_jump_is_read_only_by_the_passes_whose_meters_it_holds() {
+        // Accounts a0..a9 with meters 3000..3009; a0's meter was exchanged
+        // for 9000 and a9's for 9009, ids that sort after all the others.
+        let accounts: Vec<_> = (0..10).map(|i| account(&format!("a{i}"))).collect();
+        let mut meters: Vec<_> = (0..10)
+            .map(|i| meter(&format!("300{i}"), &format!("a{i}")))
+            .collect();
+        meters.push(meter("9000", "a0"));
+        meters.push(meter("9009", "a9"));
+        let roster = Roster::new(&accounts, &meters);
+        let passes = vec![0..5, 5..10];
+        let by_pass = roster.id_passes(&passes);
+        // One file with two readings of each meter but 9000 (in another
+        // file): pages of 8 rows.
+        let mut ids: Vec<String> = (0..10)
+            .flat_map(|i| [format!("300{i}"), format!("300{i}")])
+            .collect();
+        ids.extend(["9009".to_string(), "9009".to_string()]);
+        let dir = tempfile::tempdir().unwrap();
+        let units = file_of(dir.path(), &ids, 8, false);
+        let pages = units[0].id_pages();
+        assert_eq!(pages.len(), 3);
+        // Page 0 (3000..3003) is the first pass's by its min and max; page
+        // 1 (3004..3007) both passes'; page 2 (3008..9009) could hold 9000
+        // by its min and max, but its ids are the second pass's only.
+        let masks = page_passes(&units[0], &pages, &by_pass).unwrap();
+        assert_eq!(masks, vec![Some(0b01), Some(0b11), Some(0b10)]);
+        // Ids a page cannot be read for here: min / max decide.
+        let dict = file_of(dir.path(), &ids, 8, true);
+        let pages = dict[0].id_pages();
+        let masks = page_passes(&dict[0], &pages, &by_pass).unwrap();
+        assert_eq!(masks, vec![Some(0b01), None, None]);
+        // More passes than a mask holds: min / max for every page.
+        let mut many = vec![0..0; 65];
+        many.push(0..10);
+        let by_many = roster.id_passes(&many);
+        let masks = page_passes(&units[0], &units[0].id_pages(), &by_many).unwrap();
+        assert_eq!(masks, vec![None, None, None]);
     }
 }

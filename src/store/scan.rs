@@ -3,7 +3,7 @@
 //! Work is split by row group so both cores decode; meter ids are resolved to
 //! dense indexes once per run of equal ids (files are sorted by meter), and
 //! `channel` / `quality` are read as dictionaries, so no string is built per
-//! row. Rows come out bucketed by meter shard: a consumer applies the shards
+//! row. Rows come out grouped by meter shard: a consumer applies the shards
 //! in parallel without locks, and within a shard rows keep file order.
 
 use std::collections::HashMap;
@@ -117,6 +117,60 @@ impl Unit {
     }
 }
 
+impl Unit {
+    /// The ids in each of the `meter_id` pages numbered `wanted`
+    /// (ascending), one text per run of equal ids, read from the pages
+    /// themselves (the others are skipped unread, by the offset index).
+    /// None for a page not read here: ids not prefix-encoded, no offset
+    /// index, or a page that does not decode (its min / max then stand for
+    /// it; the scan's column reader reports damage). An error only when the
+    /// file cannot be read.
+    pub fn page_ids(&self, wanted: &[usize]) -> Result<Vec<Option<StringArray>>, StoreError> {
+        use parquet::column::page::PageReader;
+        use parquet::file::serialized_reader::SerializedPageReader;
+        let mut out: Vec<Option<StringArray>> = vec![None; wanted.len()];
+        let Some(c) = prefix_encoded_ids(self) else {
+            return Ok(out);
+        };
+        let meta = self.meta.metadata();
+        let index = meta.page_index_for_row_group(self.row_group);
+        let Some(oi) = index.offset_index(c) else {
+            return Ok(out);
+        };
+        let locs = oi.page_locations();
+        let path = self.path.as_path();
+        let rows = self.num_rows();
+        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        let chunk = meta.row_group(self.row_group).column(c);
+        let mut pages = SerializedPageReader::new(Arc::new(file), chunk, rows, Some(locs.to_vec()))
+            .map_err(perr(path))?;
+        let mut next = wanted.iter().copied().enumerate().peekable();
+        for p in 0..locs.len() {
+            let slot = match next.peek() {
+                None => break,
+                Some(&(slot, w)) if w == p => slot,
+                Some(_) => {
+                    pages.skip_next_page().map_err(perr(path))?;
+                    continue;
+                }
+            };
+            next.next();
+            let Some(page) = pages.get_next_page().map_err(perr(path))? else {
+                break;
+            };
+            let n = page_rows(locs, p, rows).len();
+            out[slot] = delta_values(&page)
+                .filter(|(_, values)| *values as usize == n)
+                .and_then(|(bytes, _)| {
+                    let mut runs = super::idruns::IdRuns::with_capacity(n);
+                    runs.push_page(bytes, n).ok()?;
+                    runs.finish().ok().map(|(_, texts)| texts)
+                });
+        }
+        Ok(out)
+    }
+}
+
 /// The rows of page `p` of a column chunk of `n` rows, by its offset index.
 fn page_rows(
     locs: &[parquet::file::page_index::offset_index::PageLocation],
@@ -137,6 +191,17 @@ pub struct IdPage {
     pub rows: std::ops::Range<usize>,
     pub min: Option<Vec<u8>>,
     pub max: Option<Vec<u8>>,
+}
+
+impl IdPage {
+    /// Whether the page can hold one of the sorted `ids`, by its min / max
+    /// (any id, without them).
+    pub fn may_hold(&self, ids: &[&str]) -> bool {
+        match (&self.min, &self.max) {
+            (Some(lo), Some(hi)) => any_within(ids, lo, hi),
+            _ => true,
+        }
+    }
 }
 
 /// The rows of a unit that one pass of a scan decodes (whole `meter_id`
@@ -178,14 +243,15 @@ impl Selection {
     }
 }
 
-/// Plans one pass over a unit's pages: a page is read when `wanted(min,
-/// max)` says the pass has a meter id within it; `seen[p]` marks pages an
-/// earlier pass read (the first reader of a page counts its unknown ids);
-/// the `last` pass also reads every page no pass wanted, so readings of
-/// unknown meters are counted however the passes fall. None: nothing to read.
+/// Plans one pass over a unit's pages: page `p` is read when `wanted(p,
+/// page)` says the pass has a meter id in it (see [`IdPage::may_hold`]);
+/// `seen[p]` marks pages an earlier pass read (the first reader of a page
+/// counts its unknown ids); the `last` pass also reads every page no pass
+/// wanted, so readings of unknown meters are counted however the passes
+/// fall. None: nothing to read.
 pub fn select_pages(
     pages: &[IdPage],
-    wanted: impl Fn(&[u8], &[u8]) -> bool,
+    wanted: impl Fn(usize, &IdPage) -> bool,
     seen: &mut [bool],
     last: bool,
 ) -> Option<Selection> {
@@ -196,12 +262,8 @@ pub fn select_pages(
         _ => v.push(r.clone()),
     };
     for (p, page) in pages.iter().enumerate() {
-        let want = match (&page.min, &page.max) {
-            (Some(lo), Some(hi)) => wanted(lo, hi),
-            _ => true,
-        };
         let first = !seen[p];
-        if want || (last && first) {
+        if wanted(p, page) || (last && first) {
             push(&mut sel.rows, &page.rows);
             if first {
                 push(&mut sel.count_unknown, &page.rows);
@@ -222,12 +284,32 @@ pub fn any_within(ids: &[&str], lo: &[u8], hi: &[u8]) -> bool {
 /// The decoded rows of one unit.
 #[derive(Default)]
 pub struct Chunk {
-    /// `shards[s]` holds the rows of meters `s * shard_len ..`.
-    pub shards: Vec<Vec<Row>>,
+    /// The rows of known meters, in shard order (file order within a
+    /// shard): shard `s` holds meters `s * shard_len ..` ([`Chunk::shard`]).
+    routed: Vec<Row>,
+    /// Where each shard's rows end in `routed`.
+    ends: Vec<usize>,
     /// Meter ids not in the index, with their row counts (runs merged).
     pub unknown: Vec<(String, u64)>,
     /// Rows read (all of them, before any filter).
     pub rows: u64,
+}
+
+impl Chunk {
+    /// The rows of shard `s` (none past the last shard).
+    pub fn shard(&self, s: usize) -> &[Row] {
+        let start = match s {
+            0 => 0,
+            _ => self.ends.get(s - 1).copied().unwrap_or(self.routed.len()),
+        };
+        let end = self.ends.get(s).copied().unwrap_or(self.routed.len());
+        &self.routed[start..end]
+    }
+
+    /// Every shard's rows, in shard order.
+    pub fn shards(&self) -> impl Iterator<Item = &[Row]> {
+        (0..self.ends.len()).map(|s| self.shard(s))
+    }
 }
 
 /// The readings schema with every low-cardinality text column as a
@@ -347,27 +429,13 @@ fn id_runs(
     unit: &Unit,
     selection: Option<&Selection>,
 ) -> Result<Option<(Vec<i32>, StringArray)>, StoreError> {
-    use parquet::basic::Encoding;
-    use parquet::column::page::{Page, PageReader};
+    use parquet::column::page::PageReader;
     use parquet::file::serialized_reader::SerializedPageReader;
+    let Some(c) = prefix_encoded_ids(unit) else {
+        return Ok(None);
+    };
     let meta = unit.meta.metadata();
-    let descr = meta.file_metadata().schema_descr();
-    let Some(c) = descr.columns().iter().position(|c| c.name() == "meter_id") else {
-        return Ok(None);
-    };
-    let cd = descr.column(c);
     let chunk = meta.row_group(unit.row_group).column(c);
-    let prefix_encoded = match chunk.page_encoding_stats_mask() {
-        Some(m) => m.is_only(Encoding::DELTA_BYTE_ARRAY),
-        None => chunk.encodings().any(|e| e == Encoding::DELTA_BYTE_ARRAY),
-    };
-    if cd.max_def_level() != 0
-        || cd.max_rep_level() != 0
-        || chunk.dictionary_page_offset().is_some()
-        || !prefix_encoded
-    {
-        return Ok(None);
-    }
     let path = unit.path.as_path();
     let rows = unit.num_rows();
     // Each page's rows, when only some pages are wanted.
@@ -410,29 +478,8 @@ fn id_runs(
         let Some(page) = pages.get_next_page().map_err(perr(path))? else {
             break;
         };
-        let (values, n) = match &page {
-            Page::DataPage {
-                buf,
-                num_values,
-                encoding: Encoding::DELTA_BYTE_ARRAY,
-                ..
-            } => (&buf[..], *num_values),
-            Page::DataPageV2 {
-                buf,
-                num_values,
-                encoding: Encoding::DELTA_BYTE_ARRAY,
-                num_nulls: 0,
-                def_levels_byte_len,
-                rep_levels_byte_len,
-                ..
-            } => {
-                let levels = (*def_levels_byte_len + *rep_levels_byte_len) as usize;
-                match buf.get(levels..) {
-                    Some(v) => (v, *num_values),
-                    None => return Ok(None),
-                }
-            }
-            _ => return Ok(None),
+        let Some((values, n)) = delta_values(&page) else {
+            return Ok(None);
         };
         // A page claiming more values than the row group (or the selection)
         // has left is damage the column reader reports (and nothing is
@@ -454,6 +501,57 @@ fn id_runs(
             tracing::debug!(file = %path.display(), row_group = unit.row_group, error = %e, "meter ids read as a column");
             Ok(None)
         }
+    }
+}
+
+/// The `meter_id` column's index when a unit's ids can be read from its
+/// pages here: a required column whose data pages are all `DELTA_BYTE_ARRAY`.
+fn prefix_encoded_ids(unit: &Unit) -> Option<usize> {
+    use parquet::basic::Encoding;
+    let meta = unit.meta.metadata();
+    let descr = meta.file_metadata().schema_descr();
+    let c = descr
+        .columns()
+        .iter()
+        .position(|c| c.name() == "meter_id")?;
+    let cd = descr.column(c);
+    let chunk = meta.row_group(unit.row_group).column(c);
+    let prefix_encoded = match chunk.page_encoding_stats_mask() {
+        Some(m) => m.is_only(Encoding::DELTA_BYTE_ARRAY),
+        None => chunk.encodings().any(|e| e == Encoding::DELTA_BYTE_ARRAY),
+    };
+    (cd.max_def_level() == 0
+        && cd.max_rep_level() == 0
+        && chunk.dictionary_page_offset().is_none()
+        && prefix_encoded)
+        .then_some(c)
+}
+
+/// A `DELTA_BYTE_ARRAY` data page's values section (after any levels) and
+/// its value count; None for any other page.
+fn delta_values(page: &parquet::column::page::Page) -> Option<(&[u8], u32)> {
+    use parquet::basic::Encoding;
+    use parquet::column::page::Page;
+    match page {
+        Page::DataPage {
+            buf,
+            num_values,
+            encoding: Encoding::DELTA_BYTE_ARRAY,
+            ..
+        } => Some((&buf[..], *num_values)),
+        Page::DataPageV2 {
+            buf,
+            num_values,
+            encoding: Encoding::DELTA_BYTE_ARRAY,
+            num_nulls: 0,
+            def_levels_byte_len,
+            rep_levels_byte_len,
+            ..
+        } => {
+            let levels = (*def_levels_byte_len + *rep_levels_byte_len) as usize;
+            Some((buf.get(levels..)?, *num_values))
+        }
+        _ => None,
     }
 }
 
@@ -874,12 +972,14 @@ impl Scanner<'_> {
             Some(s) => s.rows.iter().map(|r| r.len()).sum(),
             None => unit.num_rows(),
         };
-        out.shards.resize_with(self.shards, Vec::new);
-        for s in &mut out.shards {
-            s.clear();
-            // Files are sorted by meter, so a row group spreads evenly over the shards.
-            s.reserve(rows / self.shards + rows / (4 * self.shards) + 16);
-        }
+        // One buffer in file order: a file sorted by meter (the lake's
+        // own) gives its rows in shard order already, however few shards a
+        // row group's meters fall in; any other is sorted by shard below.
+        out.routed.clear();
+        // (Capped: the count comes from a file's footer.)
+        out.routed.reserve(rows.min(1 << 22));
+        // Whether shards never went down so far, and the last row's shard.
+        let (mut in_order, mut top) = (true, 0usize);
         out.unknown.clear();
         out.rows = 0;
         // Selected rows before the current batch.
@@ -899,8 +999,8 @@ impl Scanner<'_> {
             // Where the last meter search ended (see `MeterLookup::find_from`).
             let mut prev: Option<u32> = None;
             let mut elsewhere_at = 0u32;
-            // The shard of the previous row's meter and its index range.
-            let (mut shard, mut shard_lo, mut shard_hi) = (0usize, 1u32, 0u32);
+            // The index range of the previous row's shard.
+            let (mut shard_lo, mut shard_hi) = (1u32, 0u32);
             for i in 0..n {
                 let t = ts[i];
                 if t < self.lo || t > self.hi {
@@ -947,11 +1047,13 @@ impl Scanner<'_> {
                     .copied()
                     .unwrap_or(Quality::SUSPECT);
                 if m < shard_lo || m > shard_hi {
-                    shard = (m / self.shard_len) as usize;
+                    let shard = (m / self.shard_len) as usize;
+                    in_order &= shard >= top;
+                    top = shard;
                     shard_lo = shard as u32 * self.shard_len;
                     shard_hi = shard_lo + (self.shard_len - 1);
                 }
-                out.shards[shard].push(Row {
+                out.routed.push(Row {
                     meter: m,
                     channel,
                     quality,
@@ -961,7 +1063,16 @@ impl Scanner<'_> {
             }
             base += n;
             Ok::<(), StoreError>(())
-        })
+        })?;
+        let shard_of = |r: &Row| (r.meter / self.shard_len) as usize;
+        if !in_order {
+            // Stable: rows of a shard keep their file order.
+            out.routed.sort_by_key(shard_of);
+        }
+        out.ends.clear();
+        out.ends
+            .extend((0..self.shards).map(|s| out.routed.partition_point(|r| shard_of(r) <= s)));
+        Ok(())
     }
 }
 
@@ -1047,8 +1158,8 @@ pub(crate) mod tests {
         for u in units(&files).unwrap() {
             let c = sc.decode(&u).unwrap();
             rows += c.rows;
-            for (s, v) in c.shards.into_iter().enumerate() {
-                shards[s].extend(v);
+            for (s, v) in c.shards().enumerate() {
+                shards[s].extend_from_slice(v);
             }
             unknown.extend(c.unknown);
         }
@@ -1102,7 +1213,7 @@ pub(crate) mod tests {
         };
         let mut got = Vec::new();
         for u in units(&all_readings_files(dir.path())).unwrap() {
-            got.extend(sc.decode(&u).unwrap().shards.remove(0));
+            got.extend_from_slice(sc.decode(&u).unwrap().shard(0));
         }
         let got: Vec<i64> = got.iter().map(|r| r.value).collect();
         assert_eq!(got, values);
@@ -1258,16 +1369,22 @@ pub(crate) mod tests {
             hi: day,
             keep: |_| true,
         };
+        #[derive(Default)]
+        struct All {
+            rows: u64,
+            unknown: Vec<(String, u64)>,
+            shards: Vec<Vec<Row>>,
+        }
         let scan = |units: &[Unit]| {
-            let mut all = Chunk::default();
+            let mut all = All::default();
             for u in units {
                 let c = sc.decode(u).unwrap();
                 all.rows += c.rows;
-                all.unknown.extend(c.unknown);
-                all.shards.resize_with(c.shards.len(), Vec::new);
-                for (s, v) in c.shards.into_iter().enumerate() {
-                    all.shards[s].extend(v);
+                all.shards.resize_with(c.ends.len(), Vec::new);
+                for (s, v) in c.shards().enumerate() {
+                    all.shards[s].extend_from_slice(v);
                 }
+                all.unknown.extend(c.unknown);
             }
             all
         };
@@ -1292,13 +1409,13 @@ pub(crate) mod tests {
                 let wanted = ["000000001000", "000000001002"];
                 let sel = select_pages(
                     &pages,
-                    |lo, hi| any_within(&wanted, lo, hi),
+                    |_, p: &IdPage| p.may_hold(&wanted),
                     &mut seen,
                     false,
                 );
                 let mut c = Chunk::default();
                 sc.decode_into(u, sel.as_ref(), &mut c).unwrap();
-                rows.extend(c.shards.into_iter().flatten());
+                rows.extend(c.shards().flatten().copied());
             }
             rows
         };
@@ -1429,7 +1546,7 @@ pub(crate) mod tests {
             let mut unknown = Vec::new();
             for u in units(&files).unwrap() {
                 let c = sc.decode(&u).unwrap();
-                got.extend(c.shards[0].iter().map(|r| (r.meter, r.value)));
+                got.extend(c.shard(0).iter().map(|r| (r.meter, r.value)));
                 unknown.extend(c.unknown);
             }
             assert_eq!(got, vec![(0, 0), (2, 1), (3, 3), (4, 4)], "{name}");
@@ -1611,8 +1728,7 @@ pub(crate) mod tests {
         ];
         let mut seen = vec![false; 4];
         const FIRST: [&str; 2] = ["b", "e"];
-        let wanted =
-            |ids: &'static [&'static str]| move |lo: &[u8], hi: &[u8]| any_within(ids, lo, hi);
+        let wanted = |ids: &'static [&'static str]| move |_, p: &IdPage| p.may_hold(ids);
         let s = select_pages(&pages, wanted(&FIRST), &mut seen, false).unwrap();
         assert_eq!(s.rows, vec![0..20], "adjacent pages merge");
         assert_eq!(s.count_unknown, vec![0..20]);
@@ -1712,7 +1828,7 @@ pub(crate) mod tests {
             };
             let mut read = 0;
             for (u, unit) in units.iter().enumerate() {
-                let wanted = |lo: &[u8], hi: &[u8]| any_within(&ids, lo, hi);
+                let wanted = |_, p: &IdPage| p.may_hold(&ids);
                 let Some(sel) = select_pages(&pages[u], wanted, &mut seen[u], pass == 2) else {
                     continue;
                 };
@@ -1731,7 +1847,7 @@ pub(crate) mod tests {
                 let mut c = Chunk::default();
                 sc.decode_into(unit, Some(&sel), &mut c).unwrap();
                 read += c.rows;
-                for r in &c.shards[0] {
+                for r in c.shard(0) {
                     per_meter[pass * 10_000 + r.meter as usize] += 1;
                 }
                 unknown.extend(c.unknown);
@@ -1754,6 +1870,105 @@ pub(crate) mod tests {
                 ("059999".to_string(), 1)
             ]
         );
+    }
+
+    /// Writes `ids` (one reading each, in this order) as one file with
+    /// `meter_id` pages of `page_rows` rows, prefix-encoded unless
+    /// `dictionary`; its units.
+    pub(crate) fn file_of(
+        dir: &std::path::Path,
+        ids: &[String],
+        page_rows: usize,
+        dictionary: bool,
+    ) -> Vec<Unit> {
+        use crate::store::columns::ReadingsBuilder;
+        use parquet::arrow::ArrowWriter;
+        let day = 1_790_000_000_000i64;
+        let mut b = ReadingsBuilder::with_capacity(ids.len());
+        for (k, id) in ids.iter().enumerate() {
+            let r = reading(id, day, Channel::ImportActiveTotal, k as i64, Quality::OK);
+            b.push(&r).unwrap();
+        }
+        let batch = b.finish();
+        let mut props = crate::store::atomic::base_properties()
+            .set_data_page_row_count_limit(page_rows)
+            .set_write_batch_size(page_rows);
+        if dictionary {
+            let id = parquet::schema::types::ColumnPath::from("meter_id");
+            props = props
+                .set_column_dictionary_enabled(id.clone(), true)
+                .set_column_encoding(id, parquet::basic::Encoding::PLAIN);
+        }
+        let path = dir.join(format!("f{dictionary}.parquet"));
+        let mut w = ArrowWriter::try_new(
+            File::create(&path).unwrap(),
+            batch.schema(),
+            Some(props.build()),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let date = NaiveDate::from_ymd_opt(2026, 9, 21).unwrap();
+        units_with_page_index(&[(date, path)]).unwrap()
+    }
+
+    #[test]
+    fn a_page_s_ids_are_read_from_the_page_alone_one_per_run() {
+        let dir = tempfile::tempdir().unwrap();
+        // 105 ids, each twice, then ids that jump far: pages of 50 rows.
+        let mut ids: Vec<String> = (0..105)
+            .flat_map(|m| [format!("3{m:05}"), format!("3{m:05}")])
+            .collect();
+        ids.extend((0..30).map(|m| format!("9{:05}", m * 7)));
+        let units = file_of(dir.path(), &ids, 50, false);
+        let pages = units[0].id_pages();
+        assert_eq!(pages.len(), 5, "{pages:?}");
+        let got = units[0].page_ids(&[1, 4]).unwrap();
+        for (slot, p) in [1usize, 4].into_iter().enumerate() {
+            let mut want: Vec<&str> = ids[pages[p].rows.clone()]
+                .iter()
+                .map(String::as_str)
+                .collect();
+            want.dedup();
+            let texts = got[slot].as_ref().expect("prefix-encoded page");
+            let read: Vec<&str> = texts.iter().flatten().collect();
+            assert_eq!(read, want, "page {p}");
+        }
+        // The last page spans the jump: 300100.. and the 9.. ids.
+        assert_eq!(pages[4].min.as_deref(), Some(&b"300100"[..]));
+        assert_eq!(pages[4].max.as_deref(), Some(&b"900203"[..]));
+        // Ids not prefix-encoded are left to min / max.
+        let dict = file_of(dir.path(), &ids, 50, true);
+        assert_eq!(dict[0].page_ids(&[0, 1]).unwrap(), vec![None, None]);
+    }
+
+    #[test]
+    fn rows_of_a_file_out_of_meter_order_come_out_by_shard_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["m0", "m1", "m2", "m3"];
+        // Not sorted: shard 1 (m2, m3), then shard 0, then shard 1 again.
+        let order = ["m3", "m2", "m0", "m1", "m0", "m2"];
+        let ids: Vec<String> = order.iter().map(|s| s.to_string()).collect();
+        let units = file_of(dir.path(), &ids, 1000, false);
+        let id_of = |i: u32| names.get(i as usize).copied();
+        let index: FxMap<&str, u32> = names.iter().copied().zip(0u32..).collect();
+        let sc = Scanner {
+            meters: MeterLookup::with_map(&index, &id_of),
+            shard_len: 2,
+            shards: 2,
+            lo: i64::MIN,
+            hi: i64::MAX,
+            keep: |_| true,
+        };
+        let c = sc.decode(&units[0]).unwrap();
+        let got = |s: usize| -> Vec<(u32, i64)> {
+            c.shard(s).iter().map(|r| (r.meter, r.value)).collect()
+        };
+        // `value` is the row's place in the file.
+        assert_eq!(got(0), vec![(0, 2), (1, 3), (0, 4)]);
+        assert_eq!(got(1), vec![(3, 0), (2, 1), (2, 5)]);
+        assert_eq!(c.shards().count(), 2);
+        assert!(c.shard(2).is_empty());
     }
 
     #[test]
