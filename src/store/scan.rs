@@ -115,16 +115,14 @@ impl Unit {
             })
             .collect()
     }
-}
 
-impl Unit {
     /// The ids in each of the `meter_id` pages numbered `wanted`
     /// (ascending), one text per run of equal ids, read from the pages
     /// themselves (the others are skipped unread, by the offset index).
     /// None for a page not read here: ids not prefix-encoded, no offset
-    /// index, or a page that does not decode (its min / max then stand for
-    /// it; the scan's column reader reports damage). An error only when the
-    /// file cannot be read.
+    /// index, or page values that do not decode (its min / max then stand
+    /// for it; the scan's column reader reports damage). An error when the
+    /// file, or a page of it, cannot be read or decompressed (as in the scan).
     pub fn page_ids(&self, wanted: &[usize]) -> Result<Vec<Option<StringArray>>, StoreError> {
         use parquet::column::page::PageReader;
         use parquet::file::serialized_reader::SerializedPageReader;
