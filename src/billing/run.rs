@@ -575,7 +575,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
                 // also reads pages no pass wanted (readings of unknown meters).
                 let ids = engine.meter_ids();
                 let last = k + 1 == passes.len();
-                let work: Vec<(&crate::store::scan::Unit, Option<Selection>)> = if multi {
+                let work: Vec<(&Unit, Option<Selection>)> = if multi {
                     units
                         .iter()
                         .zip(&planned)
@@ -772,7 +772,7 @@ pub fn bill_run(opts: &BillRunOptions) -> Result<BillRunSummary, BillingError> {
 /// (date) order. `tick(done)` reports units done.
 fn scan_pass(
     engine: &mut Engine<'_>,
-    work: &[(&crate::store::scan::Unit, Option<Selection>)],
+    work: &[(&Unit, Option<Selection>)],
     w: &ScanWindow,
     elsewhere: Option<&crate::store::scan::Elsewhere<'_>>,
     tick: impl Fn(u64),

@@ -24,7 +24,7 @@ use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnDescPtr;
 
 use super::chunk::{self, Pages};
-use super::dict::put_hybrid;
+use super::dict::put_def_levels;
 
 /// Whether [`DecChunk`] can write the column `descr`: a flat decimal stored
 /// as fixed-length bytes (more than 18 digits in arrow-rs's mapping).
@@ -136,12 +136,7 @@ impl DecChunk {
             let mut buf = Vec::with_capacity(8 + (end - start) * self.width);
             let present = match &self.valid {
                 Some(valid) => {
-                    // Definition levels (v1 page: length-prefixed), 1 = a value.
-                    let levels: Vec<u32> = valid[start..end].iter().map(|&b| b as u32).collect();
-                    let mut rle = Vec::new();
-                    put_hybrid(&levels, 1, &mut rle);
-                    buf.extend_from_slice(&(rle.len() as u32).to_le_bytes());
-                    buf.extend_from_slice(&rle);
+                    put_def_levels(&valid[start..end], &mut buf);
                     valid[start..end].iter().filter(|&&b| b).count()
                 }
                 None => end - start,

@@ -275,10 +275,7 @@ impl DictChunk {
                 // their length, then the keys of the rows holding a text.
                 Some(levels) => {
                     let levels = &levels[start..start + page_rows];
-                    buf.extend_from_slice(&[0; 4]);
-                    put_hybrid(levels, 1, &mut buf);
-                    let len = (buf.len() - 4) as u32;
-                    buf[..4].copy_from_slice(&len.to_le_bytes());
+                    put_def_levels(levels, &mut buf);
                     levels.iter().filter(|&&l| l == 1).count()
                 }
                 None => page_rows,
@@ -343,6 +340,16 @@ impl DictChunk {
 /// Bits needed for `max`.
 fn bits(max: u32) -> u8 {
     (32 - max.leading_zeros()) as u8
+}
+
+/// A v1 data page's definition levels of a flat optional column (bit
+/// width 1: 1 = a value, 0 = null), RLE / bit-packed behind their length.
+pub fn put_def_levels<L: Copy + PartialEq + Into<u32>>(levels: &[L], out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    put_hybrid(levels, 1, out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Parquet's RLE / bit-packed hybrid encoding of `keys` (without the length

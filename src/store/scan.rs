@@ -274,7 +274,7 @@ pub fn select_pages(
 
 /// Whether sorted `ids` hold one within `lo ..= hi` (byte order, as
 /// Parquet orders statistics).
-pub fn any_within(ids: &[&str], lo: &[u8], hi: &[u8]) -> bool {
+fn any_within(ids: &[&str], lo: &[u8], hi: &[u8]) -> bool {
     let i = ids.partition_point(|x| x.as_bytes() < lo);
     ids.get(i).is_some_and(|x| x.as_bytes() <= hi)
 }
